@@ -1,0 +1,189 @@
+//! Site and service names. A service is `<name>.<namespace>`: namespace sameness as in
+//! the Kubernetes Multi-Cluster Services API, so the same name in two sites is one
+//! service.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    #[error("{what} {value:?} is empty")]
+    Empty { what: &'static str, value: String },
+    #[error("{what} {value:?} is longer than 63 bytes")]
+    TooLong { what: &'static str, value: String },
+    #[error(
+        "{what} {value:?} must be a DNS label: lowercase a-z, 0-9 and '-', starting and ending with a letter or digit"
+    )]
+    NotALabel { what: &'static str, value: String },
+    #[error("service {0:?} must be <name>.<namespace>")]
+    NotQualified(String),
+}
+
+/// A site: one place that runs a gateway. A DNS label (RFC 1123).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteName(String);
+
+/// A service, `<name>.<namespace>`; both parts DNS labels.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
+    name: String,
+    namespace: String,
+}
+
+fn label(what: &'static str, s: &str) -> Result<(), NameError> {
+    let err = |f: fn(&'static str, String) -> NameError| Err(f(what, s.to_owned()));
+    if s.is_empty() {
+        return err(|what, value| NameError::Empty { what, value });
+    }
+    if s.len() > 63 {
+        return err(|what, value| NameError::TooLong { what, value });
+    }
+    let ok_char = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-';
+    let b = s.as_bytes();
+    if !b.iter().all(|&c| ok_char(c)) || b[0] == b'-' || b[b.len() - 1] == b'-' {
+        return err(|what, value| NameError::NotALabel { what, value });
+    }
+    Ok(())
+}
+
+// === impl SiteName ===
+
+impl SiteName {
+    pub fn new(s: &str) -> Result<Self, NameError> {
+        label("site name", s)?;
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SiteName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for SiteName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SiteName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SiteName({})", self.0)
+    }
+}
+
+// === impl ServiceName ===
+
+impl ServiceName {
+    pub fn new(name: &str, namespace: &str) -> Result<Self, NameError> {
+        label("service name", name)?;
+        label("namespace", namespace)?;
+        Ok(Self {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    /// Parses `name.namespace`.
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        match s.split_once('.') {
+            Some((n, ns)) if !ns.contains('.') => Self::new(n, ns),
+            _ => Err(NameError::NotQualified(s.to_owned())),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+impl fmt::Debug for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceName({self})")
+    }
+}
+
+macro_rules! serde_via_str {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_via_str!(SiteName);
+serde_via_str!(ServiceName);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn sites() {
+        assert!(SiteName::new("west").is_ok());
+        assert!(SiteName::new("us-east-1").is_ok());
+        for bad in ["", "West", "-a", "a-", "a.b", "a_b", &"a".repeat(64)] {
+            assert!(SiteName::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn services() {
+        let s = ServiceName::parse("orders.shop").unwrap();
+        assert_eq!((s.name(), s.namespace()), ("orders", "shop"));
+        assert_eq!(s.to_string(), "orders.shop");
+        assert_eq!(
+            ServiceName::parse("orders").unwrap_err(),
+            NameError::NotQualified("orders".into())
+        );
+        assert!(ServiceName::parse("a.b.c").is_err());
+        assert!(ServiceName::parse("Orders.shop").is_err());
+        assert!(ServiceName::parse(".shop").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn service_round_trip(n in "[a-z][a-z0-9-]{0,20}[a-z0-9]", ns in "[a-z0-9]{1,20}") {
+            let s = ServiceName::new(&n, &ns).unwrap();
+            prop_assert_eq!(ServiceName::parse(&s.to_string()).unwrap(), s);
+        }
+
+        #[test]
+        fn never_panics(s in "\\PC{0,70}") {
+            let _ = ServiceName::parse(&s);
+            let _ = SiteName::new(&s);
+        }
+    }
+}

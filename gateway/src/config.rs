@@ -1,0 +1,448 @@
+//! Static gateway configuration: a raw serde form that mirrors the YAML file
+//! (`deny_unknown_fields`), validated into [`GatewayConfig`]. Every error names the file
+//! and the field.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshfed_federation::{ServiceName, SiteName};
+use meshfed_identity::{SpiffeId, TrustDomain};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {detail}")]
+    Parse { file: PathBuf, detail: String },
+    #[error("{file}: field `{field}`: {reason}")]
+    Field {
+        file: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+// --- raw form ---
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site: String,
+    trust_domain: String,
+    tls: RawTls,
+    listen: String,
+    #[serde(default)]
+    admin: Option<String>,
+    #[serde(default)]
+    drain_grace: Option<String>,
+    #[serde(default)]
+    connect_timeout: Option<String>,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+    #[serde(default)]
+    exports: Vec<RawExport>,
+    #[serde(default)]
+    imports: Vec<RawImport>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    bundles: Vec<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    site: String,
+    #[serde(default)]
+    address: Option<String>,
+    spiffe_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExport {
+    service: String,
+    ports: Vec<RawExportPort>,
+    #[serde(default)]
+    allowed_peers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExportPort {
+    port: u16,
+    endpoints: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImport {
+    service: String,
+    port: u16,
+    site: String,
+    listen: String,
+}
+
+// --- validated form ---
+
+/// Defaults, documented where they are set.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub site: SiteName,
+    pub trust_domain: TrustDomain,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundles: Vec<PathBuf>,
+    pub listen: SocketAddr,
+    /// Admin HTTP (`/metrics`, `/ready`); default 127.0.0.1:15000.
+    pub admin: SocketAddr,
+    /// How long in-flight streams may run after SIGTERM; default 10 s.
+    pub drain_grace: Duration,
+    /// Ingress connect timeout to a local endpoint; default 1 s.
+    pub connect_timeout: Duration,
+    pub peers: Vec<Peer>,
+    pub exports: BTreeMap<ServiceName, Export>,
+    pub imports: Vec<Import>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub site: SiteName,
+    /// Where to dial; `None` for a peer that only dials us.
+    pub address: Option<SocketAddr>,
+    pub spiffe_id: SpiffeId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Export {
+    pub service: ServiceName,
+    pub ports: BTreeMap<u16, Vec<SocketAddr>>,
+    /// `None`: any federated trust domain may connect.
+    pub allowed_peers: Option<BTreeSet<SpiffeId>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Import {
+    pub service: ServiceName,
+    pub port: u16,
+    pub site: SiteName,
+    pub listen: SocketAddr,
+}
+
+// === impl GatewayConfig ===
+
+impl GatewayConfig {
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, file)
+    }
+
+    /// Parses YAML text; `file` names the source in errors and anchors relative paths.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let v = Validator { file };
+        raw.validate(&v, base)
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, field: impl Into<String>, reason: impl ToString) -> ConfigError {
+        ConfigError::Field {
+            file: self.file.to_owned(),
+            field: field.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn addr(&self, field: impl Into<String>, s: &str) -> Result<SocketAddr, ConfigError> {
+        s.parse()
+            .map_err(|_| self.err(field, format!("{s:?} is not an IP:port socket address")))
+    }
+
+    fn duration(
+        &self,
+        field: &str,
+        s: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match s {
+            None => Ok(default),
+            Some(s) => {
+                humantime::parse_duration(s).map_err(|e| self.err(field, format!("{s:?}: {e}")))
+            }
+        }
+    }
+}
+
+fn rel(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { base.join(p) }
+}
+
+impl RawConfig {
+    fn validate(self, v: &Validator<'_>, base: &Path) -> Result<GatewayConfig, ConfigError> {
+        let site = SiteName::new(&self.site).map_err(|e| v.err("site", e))?;
+        let trust_domain =
+            TrustDomain::new(&self.trust_domain).map_err(|e| v.err("trust_domain", e))?;
+        if self.tls.bundles.is_empty() {
+            return Err(v.err("tls.bundles", "at least one trust bundle is required"));
+        }
+        let listen = v.addr("listen", &self.listen)?;
+        let admin = v.addr("admin", self.admin.as_deref().unwrap_or(DEFAULT_ADMIN))?;
+        let drain_grace = v.duration(
+            "drain_grace",
+            self.drain_grace.as_deref(),
+            DEFAULT_DRAIN_GRACE,
+        )?;
+        let connect_timeout = v.duration(
+            "connect_timeout",
+            self.connect_timeout.as_deref(),
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+
+        let mut peers = Vec::new();
+        let mut peer_sites = BTreeSet::new();
+        for (i, p) in self.peers.into_iter().enumerate() {
+            let f = |name: &str| format!("peers[{i}].{name}");
+            let psite = SiteName::new(&p.site).map_err(|e| v.err(f("site"), e))?;
+            if psite == site {
+                return Err(v.err(f("site"), "a gateway cannot peer with its own site"));
+            }
+            if !peer_sites.insert(psite.clone()) {
+                return Err(v.err(f("site"), format!("peer {psite} is listed twice")));
+            }
+            let address = p
+                .address
+                .as_deref()
+                .map(|a| v.addr(f("address"), a))
+                .transpose()?;
+            let spiffe_id = SpiffeId::new(&p.spiffe_id)
+                .map_err(|e| v.err(f("spiffe_id"), format!("{:?}: {e}", p.spiffe_id)))?;
+            peers.push(Peer {
+                site: psite,
+                address,
+                spiffe_id,
+            });
+        }
+
+        let mut exports = BTreeMap::new();
+        for (i, e) in self.exports.into_iter().enumerate() {
+            let f = |name: &str| format!("exports[{i}].{name}");
+            let service = ServiceName::parse(&e.service).map_err(|err| v.err(f("service"), err))?;
+            if e.ports.is_empty() {
+                return Err(v.err(f("ports"), "an export needs at least one port"));
+            }
+            let mut ports = BTreeMap::new();
+            for (j, p) in e.ports.into_iter().enumerate() {
+                if p.port == 0 {
+                    return Err(v.err(f(&format!("ports[{j}].port")), "port 0"));
+                }
+                let eps = p
+                    .endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(k, a)| v.addr(f(&format!("ports[{j}].endpoints[{k}]")), a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if ports.insert(p.port, eps).is_some() {
+                    return Err(v.err(
+                        f(&format!("ports[{j}].port")),
+                        format!("port {} is listed twice", p.port),
+                    ));
+                }
+            }
+            let allowed_peers = e
+                .allowed_peers
+                .map(|ids| {
+                    ids.iter()
+                        .enumerate()
+                        .map(|(k, s)| {
+                            SpiffeId::new(s).map_err(|err| {
+                                v.err(f(&format!("allowed_peers[{k}]")), format!("{s:?}: {err}"))
+                            })
+                        })
+                        .collect::<Result<BTreeSet<_>, _>>()
+                })
+                .transpose()?;
+            if exports.contains_key(&service) {
+                return Err(v.err(f("service"), format!("{service} is exported twice")));
+            }
+            exports.insert(
+                service.clone(),
+                Export {
+                    service,
+                    ports,
+                    allowed_peers,
+                },
+            );
+        }
+
+        let mut imports = Vec::new();
+        let mut listens = BTreeSet::new();
+        for (i, im) in self.imports.into_iter().enumerate() {
+            let f = |name: &str| format!("imports[{i}].{name}");
+            let service = ServiceName::parse(&im.service).map_err(|e| v.err(f("service"), e))?;
+            let isite = SiteName::new(&im.site).map_err(|e| v.err(f("site"), e))?;
+            match peers.iter().find(|p| p.site == isite) {
+                None => return Err(v.err(f("site"), format!("{isite} is not in `peers`"))),
+                Some(p) if p.address.is_none() => {
+                    return Err(v.err(f("site"), format!("peer {isite} has no address to dial")));
+                }
+                Some(_) => {}
+            }
+            if im.port == 0 {
+                return Err(v.err(f("port"), "port 0"));
+            }
+            let listen = v.addr(f("listen"), &im.listen)?;
+            if listen.port() != 0 && !listens.insert(listen) {
+                return Err(v.err(f("listen"), format!("{listen} is used by another import")));
+            }
+            imports.push(Import {
+                service,
+                port: im.port,
+                site: isite,
+                listen,
+            });
+        }
+
+        Ok(GatewayConfig {
+            site,
+            trust_domain,
+            cert: rel(base, self.tls.cert),
+            key: rel(base, self.tls.key),
+            bundles: self.tls.bundles.into_iter().map(|b| rel(base, b)).collect(),
+            listen,
+            admin,
+            drain_grace,
+            connect_timeout,
+            peers,
+            exports,
+            imports,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+site: west
+trust_domain: west.example.org
+tls:
+  cert: certs/svid.pem
+  key: certs/svid.key
+  bundles: [west.json, /etc/meshfed/east.json]
+listen: 0.0.0.0:15443
+drain_grace: 3s
+peers:
+  - site: east
+    address: 10.0.0.2:15443
+    spiffe_id: spiffe://east.example.org/meshfed/site/east/gateway
+exports:
+  - service: echo.demo
+    ports:
+      - port: 7000
+        endpoints: [127.0.0.1:9000, 127.0.0.1:9001]
+imports:
+  - service: orders.shop
+    port: 8080
+    site: east
+    listen: 127.0.0.1:18080
+"#;
+
+    fn parse(s: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::parse(s, Path::new("/etc/meshfed/west.yaml"))
+    }
+
+    #[test]
+    fn parses_good_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.site.as_str(), "west");
+        assert_eq!(c.cert, Path::new("/etc/meshfed/certs/svid.pem"));
+        assert_eq!(c.bundles[1], Path::new("/etc/meshfed/east.json"));
+        assert_eq!(c.drain_grace, Duration::from_secs(3));
+        assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
+        let e = &c.exports[&ServiceName::parse("echo.demo").unwrap()];
+        assert_eq!(e.ports[&7000].len(), 2);
+        assert_eq!(e.allowed_peers, None);
+        assert_eq!(c.imports[0].site.as_str(), "east");
+    }
+
+    fn field_err(yaml: &str) -> (String, String) {
+        match parse(yaml).unwrap_err() {
+            ConfigError::Field {
+                field,
+                reason,
+                file,
+            } => {
+                assert_eq!(file, Path::new("/etc/meshfed/west.yaml"));
+                (field, reason)
+            }
+            other => panic!("expected a field error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let (f, _) = field_err(&GOOD.replace("site: west", "site: West"));
+        assert_eq!(f, "site");
+        let (f, r) = field_err(&GOOD.replace(
+            "spiffe://east.example.org/meshfed",
+            "spiffe://east.example.org//meshfed",
+        ));
+        assert_eq!(f, "peers[0].spiffe_id");
+        assert!(r.contains("empty segment"), "{r}");
+        let (f, _) = field_err(&GOOD.replace("127.0.0.1:9001", "localhost"));
+        assert_eq!(f, "exports[0].ports[0].endpoints[1]");
+        let (f, r) = field_err(&GOOD.replace("site: east\n    listen", "site: north\n    listen"));
+        assert_eq!(f, "imports[0].site");
+        assert!(r.contains("not in `peers`"), "{r}");
+        let (f, _) = field_err(&GOOD.replace("drain_grace: 3s", "drain_grace: soon"));
+        assert_eq!(f, "drain_grace");
+        let (f, _) = field_err(&GOOD.replace("service: echo.demo", "service: echo"));
+        assert_eq!(f, "exports[0].service");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_yaml_are_refused() {
+        let e =
+            parse(&GOOD.replace("drain_grace: 3s", "drain_grace: 3s\nlisten_port: 4")).unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("/etc/meshfed/west.yaml") && s.contains("listen_port"),
+            "{s}"
+        );
+        let e = parse("site: [").unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        let e = parse("site: west\n").unwrap_err();
+        assert!(
+            e.to_string().contains("trust_domain") || e.to_string().contains("missing"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,367 @@
+//! Ingress: accepts peer gateways' QUIC connections, answers each stream's open request
+//! with accept or a typed refusal, and splices accepted streams to a local endpoint.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use meshfed_federation::ServiceName;
+use meshfed_identity::SpiffeId;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::Export;
+use crate::metrics::{DirLabels, Metrics};
+use crate::peers::peer_spiffe_id;
+use crate::splice::splice;
+use crate::tunnel::{HeaderReadError, read_header};
+use crate::wire::{self, Open, Refusal, Response, app_code};
+
+/// A peer must send its open request this soon after opening a stream.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DIR: &str = "ingress";
+
+pub struct Ingress {
+    pub exports: BTreeMap<ServiceName, Export>,
+    pub connect_timeout: Duration,
+    pub metrics: Metrics,
+    next: AtomicUsize,
+    /// Verified IDs of the peers connected to us now, with their connection counts.
+    inbound: std::sync::Mutex<BTreeMap<SpiffeId, usize>>,
+}
+
+/// Where an accepted open request goes: the export's endpoints for that port.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub endpoints: &'a [SocketAddr],
+}
+
+/// Decides an open request from an authenticated peer. Pure: no I/O.
+pub fn decide<'a>(
+    exports: &'a BTreeMap<ServiceName, Export>,
+    open: &Open,
+    peer: &SpiffeId,
+) -> Result<Route<'a>, (Refusal, String)> {
+    let export = exports.get(&open.service).ok_or_else(|| {
+        (
+            Refusal::UnknownService,
+            format!("{} is not exported by this site", open.service),
+        )
+    })?;
+    if let Some(allowed) = &export.allowed_peers
+        && !allowed.contains(peer)
+    {
+        return Err((
+            Refusal::NotExportedToPeer,
+            format!("{} is not exported to {peer}", open.service),
+        ));
+    }
+    let endpoints = export.ports.get(&open.port).ok_or_else(|| {
+        (
+            Refusal::UnknownService,
+            format!("{} does not export port {}", open.service, open.port),
+        )
+    })?;
+    if endpoints.is_empty() {
+        return Err((
+            Refusal::NoReadyEndpoint,
+            format!("{}:{} has no ready endpoint", open.service, open.port),
+        ));
+    }
+    Ok(Route { endpoints })
+}
+
+impl Ingress {
+    pub fn new(
+        exports: BTreeMap<ServiceName, Export>,
+        connect_timeout: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            exports,
+            connect_timeout,
+            metrics,
+            next: AtomicUsize::new(0),
+            inbound: Default::default(),
+        }
+    }
+
+    /// The verified IDs of peers connected to us now.
+    pub fn inbound_peers(&self) -> Vec<SpiffeId> {
+        self.inbound_lock().keys().cloned().collect()
+    }
+
+    fn inbound_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SpiffeId, usize>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.inbound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accepts connections until `stop`; streams run on `tasks` so a drain can wait for them.
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) {
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            let this = self.clone();
+            let (stop, tasks) = (stop.clone(), tasks.clone());
+            let remote = incoming.remote_address();
+            // Connection tasks are not tracked: a drain waits for streams, not for
+            // connections, which close when the endpoint does.
+            tokio::spawn(
+                async move {
+                    match incoming.await {
+                        Ok(conn) => this.serve_connection(conn, stop, tasks).await,
+                        // Certificate refusals were counted by the verifier's hook.
+                        Err(e) => info!(error = %e, "inbound handshake failed"),
+                    }
+                }
+                .instrument(info_span!("inbound", %remote)),
+            );
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: Connection,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) {
+        let Some(peer) = peer_spiffe_id(&conn) else {
+            // Unreachable with our verifier; refuse rather than trust an unverified peer.
+            conn.close(VarInt::from_u32(app_code::REFUSED), b"no peer identity");
+            return;
+        };
+        info!(%peer, "peer gateway connected");
+        *self.inbound_lock().entry(peer.clone()).or_default() += 1;
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(e) => {
+                    info!(%peer, reason = %e, "peer gateway connection closed");
+                    let mut m = self.inbound_lock();
+                    if let Some(n) = m.get_mut(&peer) {
+                        *n -= 1;
+                        if *n == 0 {
+                            m.remove(&peer);
+                        }
+                    }
+                    return;
+                }
+            };
+            let this = self.clone();
+            let peer = peer.clone();
+            if stop.is_cancelled() {
+                tokio::spawn(async move {
+                    this.refuse(
+                        send,
+                        recv,
+                        Refusal::Draining,
+                        "gateway is draining".into(),
+                        false,
+                    )
+                    .await;
+                });
+                continue;
+            }
+            tasks.spawn(
+                async move { this.serve_stream(send, recv, peer).await }
+                    .instrument(info_span!("stream", id = %conn.stable_id())),
+            );
+        }
+    }
+
+    async fn serve_stream(&self, send: SendStream, mut recv: RecvStream, peer: SpiffeId) {
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await {
+            Err(_) => {
+                return self
+                    .refuse(
+                        send,
+                        recv,
+                        Refusal::MalformedHeader,
+                        "no open request in time".into(),
+                        true,
+                    )
+                    .await;
+            }
+            Ok(Err(HeaderReadError::Wire(e))) => {
+                return self
+                    .refuse(send, recv, Refusal::from(&e), e.to_string(), true)
+                    .await;
+            }
+            Ok(Err(HeaderReadError::Io(e))) => {
+                debug!(error = %e, "stream closed before its header");
+                return;
+            }
+            Ok(Ok(h)) => h,
+        };
+        let open = match wire::decode_open(&header) {
+            Ok(o) => o,
+            Err(e) => {
+                return self
+                    .refuse(send, recv, Refusal::from(&e), e.to_string(), true)
+                    .await;
+            }
+        };
+        let endpoints = match decide(&self.exports, &open, &peer) {
+            Ok(r) => r.endpoints.to_vec(),
+            Err((r, msg)) => return self.refuse(send, recv, r, msg, false).await,
+        };
+        let Some((tcp, ep)) = self.connect(&endpoints).await else {
+            let msg = format!(
+                "{}:{}: none of {} endpoint(s) accepted a connection within {:?}",
+                open.service,
+                open.port,
+                endpoints.len(),
+                self.connect_timeout
+            );
+            return self
+                .refuse(send, recv, Refusal::EndpointConnectFailed, msg, false)
+                .await;
+        };
+        let mut send = send;
+        if send.write_all(&Response::Accept.encode()).await.is_err() {
+            return;
+        }
+        debug!(service = %open.service, port = open.port, %peer, source = %open.source, endpoint = %ep, "accepted");
+        self.metrics
+            .connections
+            .get_or_create(&DirLabels { direction: DIR })
+            .inc();
+        let active = self
+            .metrics
+            .active_streams
+            .get_or_create(&DirLabels { direction: DIR })
+            .clone();
+        active.inc();
+        let counters = self.metrics.counters(DIR);
+        let end = splice(tcp, send, recv, &counters).await;
+        active.dec();
+        debug!(?end, "stream done");
+    }
+
+    /// Tries each endpoint once, round-robin from a rotating start.
+    async fn connect(&self, endpoints: &[SocketAddr]) -> Option<(TcpStream, SocketAddr)> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..endpoints.len() {
+            let ep = endpoints[(start + i) % endpoints.len()];
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(ep)).await {
+                Ok(Ok(s)) => return Some((s, ep)),
+                Ok(Err(e)) => debug!(endpoint = %ep, error = %e, "endpoint connect failed"),
+                Err(_) => debug!(endpoint = %ep, "endpoint connect timed out"),
+            }
+        }
+        None
+    }
+
+    async fn refuse(
+        &self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        reason: Refusal,
+        message: String,
+        bad_header: bool,
+    ) {
+        warn!(reason = reason.as_str(), %message, "refusing stream");
+        self.metrics.refused(DIR, reason.as_str());
+        let _ = send
+            .write_all(&Response::Refuse { reason, message }.encode())
+            .await;
+        let _ = send.finish();
+        let code = if bad_header {
+            app_code::BAD_HEADER
+        } else {
+            app_code::REFUSED
+        };
+        // Nothing the peer sends on a refused stream is read: tell it to stop.
+        let _ = recv.stop(VarInt::from_u32(code));
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn exports() -> BTreeMap<ServiceName, Export> {
+        let mut m = BTreeMap::new();
+        let svc = ServiceName::parse("echo.demo").unwrap();
+        m.insert(
+            svc.clone(),
+            Export {
+                service: svc,
+                ports: [
+                    (7000, vec!["127.0.0.1:9000".parse().unwrap()]),
+                    (7001, vec![]),
+                ]
+                .into(),
+                allowed_peers: None,
+            },
+        );
+        let svc = ServiceName::parse("db.prod").unwrap();
+        m.insert(
+            svc.clone(),
+            Export {
+                service: svc,
+                ports: [(5432, vec!["127.0.0.1:5432".parse().unwrap()])].into(),
+                allowed_peers: Some(BTreeSet::from([SpiffeId::new(
+                    "spiffe://east/meshfed/site/east/gateway",
+                )
+                .unwrap()])),
+            },
+        );
+        m
+    }
+
+    fn open(svc: &str, port: u16) -> Open {
+        Open {
+            service: ServiceName::parse(svc).unwrap(),
+            port,
+            source: SpiffeId::new("spiffe://east/meshfed/site/east/gateway").unwrap(),
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let ex = exports();
+        let east = SpiffeId::new("spiffe://east/meshfed/site/east/gateway").unwrap();
+        let north = SpiffeId::new("spiffe://north/meshfed/site/north/gateway").unwrap();
+        assert_eq!(
+            decide(&ex, &open("echo.demo", 7000), &north)
+                .unwrap()
+                .endpoints
+                .len(),
+            1
+        );
+        assert_eq!(
+            decide(&ex, &open("nope.demo", 7000), &east).unwrap_err().0,
+            Refusal::UnknownService
+        );
+        assert_eq!(
+            decide(&ex, &open("echo.demo", 7002), &east).unwrap_err().0,
+            Refusal::UnknownService
+        );
+        assert_eq!(
+            decide(&ex, &open("echo.demo", 7001), &east).unwrap_err().0,
+            Refusal::NoReadyEndpoint
+        );
+        assert!(decide(&ex, &open("db.prod", 5432), &east).is_ok());
+        let (r, msg) = decide(&ex, &open("db.prod", 5432), &north).unwrap_err();
+        assert_eq!(r, Refusal::NotExportedToPeer);
+        assert!(msg.contains("north"), "{msg}");
+    }
+}

@@ -1,0 +1,300 @@
+//! The meshfed data plane: one QUIC endpoint per gateway carrying mTLS (SPIFFE) between
+//! sites, egress listeners for imported services, ingress to exported ones, the stream
+//! header protocol (`wire`), and the admin port.
+//!
+//! Decisions (`wire` decoding, `ingress::decide`) are pure; sockets live in `tunnel`,
+//! `peers`, `egress`, `ingress`, `splice` and `admin`. This crate must not talk to etcd or
+//! Kubernetes: catalog data reaches it through `federation` types.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod egress;
+pub mod ingress;
+pub mod lab;
+pub mod metrics;
+pub mod peers;
+pub mod splice;
+pub mod tunnel;
+pub mod wire;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use meshfed_identity::{BundleSet, PeerPolicy, SpiffeId, SpiffeVerifier, Svid};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::{ConfigError, GatewayConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("identity: {0}")]
+    Identity(#[from] meshfed_identity::CaError),
+    #[error("trust bundle {file}: {source}")]
+    Bundle {
+        file: String,
+        #[source]
+        source: meshfed_identity::BundleError,
+    },
+    #[error("certificate {cert}: SPIFFE ID {found} is not this site's gateway ID {expected}")]
+    WrongIdentity {
+        cert: String,
+        found: SpiffeId,
+        expected: SpiffeId,
+    },
+    #[error("no trust bundle for this site's own trust domain {0}")]
+    NoOwnBundle(String),
+    #[error(transparent)]
+    Tunnel(#[from] tunnel::TunnelError),
+    #[error("bind {what} {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway: where it listens, and how to stop it.
+pub struct RunningGateway {
+    pub quic_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// `(service:port, local listen address)` per import.
+    pub imports: Vec<(String, SocketAddr)>,
+    pub local_id: SpiffeId,
+    peers: peers::Peers,
+    ingress: Arc<ingress::Ingress>,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// Starts a drain and waits for it to finish.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+
+    /// Verified identities on both sides: peers we dialed (by site) and peers that dialed us.
+    pub fn connected_peers(
+        &self,
+    ) -> (
+        Vec<(meshfed_federation::SiteName, Option<SpiffeId>)>,
+        Vec<SpiffeId>,
+    ) {
+        (self.peers.status(), self.ingress.inbound_peers())
+    }
+
+    /// Resolves when the gateway has stopped.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+/// Loads identity and bundles, binds every listener, and starts serving. Returns once
+/// all listeners are bound (so `/ready` is true).
+pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
+    let svid = Svid::load(&cfg.cert, &cfg.key)?;
+    let expected = SpiffeId::gateway(&cfg.trust_domain, cfg.site.as_str()).map_err(|e| {
+        ConfigError::Field {
+            file: "<config>".into(),
+            field: "site".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    if svid.id != expected {
+        return Err(GatewayError::WrongIdentity {
+            cert: cfg.cert.display().to_string(),
+            found: svid.id.clone(),
+            expected,
+        });
+    }
+    let mut bundles = BundleSet::new();
+    for file in &cfg.bundles {
+        let b = BundleSet::read_bundle_file(file, None).map_err(|source| GatewayError::Bundle {
+            file: file.display().to_string(),
+            source,
+        })?;
+        bundles.insert(b);
+    }
+    if bundles.get(&cfg.trust_domain).is_none() {
+        return Err(GatewayError::NoOwnBundle(cfg.trust_domain.to_string()));
+    }
+
+    let metrics = metrics::Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let hook_metrics = metrics.clone();
+    let base_verifier = SpiffeVerifier::new(
+        Arc::new(ArcSwap::from_pointee(bundles)),
+        PeerPolicy::AnyFederated,
+    )
+    .with_reject_hook(Arc::new(move |e| {
+        warn!(reason = e.code(), error = %e, "mTLS handshake refused");
+        hook_metrics.handshake_failed(e.code());
+    }));
+
+    // Inbound: only configured peers may connect.
+    let inbound_ids: BTreeSet<SpiffeId> = cfg.peers.iter().map(|p| p.spiffe_id.clone()).collect();
+    let server = tunnel::server_config(
+        &svid,
+        base_verifier
+            .clone()
+            .with_policy(PeerPolicy::Only(inbound_ids)),
+    )?;
+    let endpoint = tunnel::bind_endpoint(cfg.listen, server, &svid)?;
+    let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {
+        what: "quic".into(),
+        addr: cfg.listen,
+        source,
+    })?;
+
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let mut dial = Vec::new();
+    for p in &cfg.peers {
+        if let Some(addr) = p.address {
+            let v = base_verifier
+                .clone()
+                .with_policy(PeerPolicy::Only([p.spiffe_id.clone()].into()));
+            dial.push((
+                p.site.clone(),
+                p.spiffe_id.clone(),
+                addr,
+                tunnel::client_config(&svid, v)?,
+            ));
+        }
+    }
+    // Dialers stop with the endpoint, not with the listeners: in-flight egress streams
+    // need their connection during a drain.
+    let dial_stop = CancellationToken::new();
+    let dial_tasks = TaskTracker::new();
+    let peers = peers::spawn_dialers(
+        &endpoint,
+        dial,
+        metrics.clone(),
+        dial_stop.clone(),
+        &dial_tasks,
+    );
+
+    let mut imports = Vec::new();
+    let mut listeners = Vec::new();
+    for im in &cfg.imports {
+        let l = TcpListener::bind(im.listen)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                what: format!("import {}:{}", im.service, im.port),
+                addr: im.listen,
+                source,
+            })?;
+        let addr = l.local_addr().map_err(|source| GatewayError::Bind {
+            what: "import".into(),
+            addr: im.listen,
+            source,
+        })?;
+        imports.push((format!("{}:{}", im.service, im.port), addr));
+        listeners.push((im.clone(), l));
+    }
+    let admin_l = TcpListener::bind(cfg.admin)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            what: "admin".into(),
+            addr: cfg.admin,
+            source,
+        })?;
+    let admin_addr = admin_l.local_addr().map_err(|source| GatewayError::Bind {
+        what: "admin".into(),
+        addr: cfg.admin,
+        source,
+    })?;
+
+    for (im, l) in listeners {
+        let peer = peers
+            .get(&im.site)
+            .cloned()
+            .expect("config validation guarantees every import's site is a dialable peer");
+        let eg = egress::Egress {
+            import: im,
+            peer,
+            local_id: svid.id.clone(),
+            metrics: metrics.clone(),
+            open_timeout: cfg.connect_timeout + Duration::from_secs(2),
+        };
+        tokio::spawn(eg.serve(l, stop.clone(), tasks.clone()));
+    }
+    let ingress = Arc::new(ingress::Ingress::new(
+        cfg.exports.clone(),
+        cfg.connect_timeout,
+        metrics.clone(),
+    ));
+    tokio::spawn(
+        ingress
+            .clone()
+            .serve(endpoint.clone(), stop.clone(), tasks.clone()),
+    );
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_stop = CancellationToken::new();
+    let admin = admin::Admin {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+    };
+    tokio::spawn(admin.serve(admin_l, admin_stop.clone()));
+    ready.store(true, Ordering::Release);
+    info!(
+        site = %cfg.site, id = %svid.id, quic = %quic_addr, admin = %admin_addr,
+        peers = cfg.peers.len(), exports = cfg.exports.len(), imports = imports.len(),
+        "gateway ready"
+    );
+
+    let grace = cfg.drain_grace;
+    let stop2 = stop.clone();
+    let done = tokio::spawn(async move {
+        stop2.cancelled().await;
+        ready.store(false, Ordering::Release);
+        tasks.close();
+        info!(in_flight = tasks.len(), grace = ?grace, "draining");
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            warn!(
+                in_flight = tasks.len(),
+                "drain grace period over; closing remaining streams"
+            );
+        }
+        dial_stop.cancel();
+        endpoint.close(
+            quinn::VarInt::from_u32(wire::app_code::DRAINING),
+            b"gateway draining",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        dial_tasks.close();
+        dial_tasks.wait().await;
+        admin_stop.cancel();
+        info!("gateway stopped");
+    });
+
+    Ok(RunningGateway {
+        quic_addr,
+        admin_addr,
+        imports,
+        local_id: svid.id,
+        peers,
+        ingress,
+        stop,
+        done,
+    })
+}

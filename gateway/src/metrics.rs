@@ -1,0 +1,106 @@
+//! The gateway's Prometheus metrics. Refusal and handshake-failure labels are the same
+//! stable codes that cross the wire and appear in logs.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    /// `egress` (local client → tunnel) or `ingress` (tunnel → local endpoint).
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: &'static str,
+    /// `to_tunnel` or `from_tunnel`.
+    pub flow: &'static str,
+}
+
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub connections: Family<DirLabels, Counter>,
+    pub active_streams: Family<DirLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub refusals: Family<RefusalLabels, Counter>,
+    pub handshake_failures: Family<ReasonLabels, Counter>,
+    pub peer_connections: Gauge,
+    pub peer_reconnects: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric under the `meshfed_gateway` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("meshfed_gateway");
+        r.register(
+            "connections",
+            "Tunnelled connections accepted",
+            self.connections.clone(),
+        );
+        r.register(
+            "active_streams",
+            "Tunnelled connections in flight",
+            self.active_streams.clone(),
+        );
+        r.register("bytes", "Payload bytes carried", self.bytes.clone());
+        r.register(
+            "refusals",
+            "Streams refused, by stable reason code",
+            self.refusals.clone(),
+        );
+        r.register(
+            "handshake_failures",
+            "mTLS handshakes refused, by stable reason code",
+            self.handshake_failures.clone(),
+        );
+        r.register(
+            "peer_connections",
+            "Live QUIC connections to peer gateways",
+            self.peer_connections.clone(),
+        );
+        r.register(
+            "peer_reconnects",
+            "QUIC connections to peers re-established",
+            self.peer_reconnects.clone(),
+        );
+    }
+
+    pub fn refused(&self, direction: &'static str, reason: &'static str) {
+        self.refusals
+            .get_or_create(&RefusalLabels { direction, reason })
+            .inc();
+    }
+
+    /// Byte counters for one splice on `direction`'s side.
+    pub fn counters(&self, direction: &'static str) -> crate::splice::Counters {
+        let get = |flow| {
+            self.bytes
+                .get_or_create(&BytesLabels { direction, flow })
+                .clone()
+        };
+        crate::splice::Counters {
+            tx: get("to_tunnel"),
+            rx: get("from_tunnel"),
+        }
+    }
+
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+}

@@ -1,0 +1,431 @@
+//! The tunnel's stream header: one open request from the egress, one accept or typed
+//! refusal from the ingress, before any payload byte. Pure encode/decode, no I/O.
+//!
+//! Every frame is `u16 length (big endian) | payload`; a payload is at most
+//! [`MAX_HEADER_LEN`] bytes. Payloads:
+//!
+//! ```text
+//! open    = version:u8 (=1) | kind:u8 (=1) | service_len:u8 | service | port:u16
+//!           | source_len:u16 | source SPIFFE ID
+//! accept  = version:u8 (=1) | kind:u8 (=2)
+//! refuse  = version:u8 (=1) | kind:u8 (=3) | code:u16 | msg_len:u16 | msg (UTF-8)
+//! ```
+
+use meshfed_federation::ServiceName;
+use meshfed_identity::SpiffeId;
+
+/// The ALPN every meshfed gateway speaks; a new incompatible wire bumps it.
+pub const ALPN: &[u8] = b"meshfed/1";
+pub const VERSION: u8 = 1;
+/// Largest header payload accepted. An open request is well under 3 KiB even with a
+/// 2048-byte source ID.
+pub const MAX_HEADER_LEN: usize = 4096;
+
+const KIND_OPEN: u8 = 1;
+const KIND_ACCEPT: u8 = 2;
+const KIND_REFUSE: u8 = 3;
+
+/// QUIC application error codes: stream resets and connection closes.
+pub mod app_code {
+    /// The TCP side of a spliced stream was reset.
+    pub const STREAM_RESET: u32 = 0x1;
+    /// The stream header was malformed or too large.
+    pub const BAD_HEADER: u32 = 0x2;
+    /// The stream was refused (after the refusal frame was sent).
+    pub const REFUSED: u32 = 0x3;
+    /// The gateway is draining (connection close).
+    pub const DRAINING: u32 = 0x10;
+}
+
+/// Why an ingress refused a stream. The numeric code is stable on the wire; the label is
+/// stable in logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    UnknownService,
+    NotExportedToPeer,
+    NoReadyEndpoint,
+    EndpointConnectFailed,
+    MalformedHeader,
+    HeaderTooLarge,
+    UnsupportedVersion,
+    Draining,
+    /// The egress could not reach the peer gateway at all (never on the wire).
+    PeerUnavailable,
+    /// A code this build does not know (a newer peer).
+    Unknown(u16),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Open {
+    pub service: ServiceName,
+    pub port: u16,
+    pub source: SpiffeId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Accept,
+    Refuse { reason: Refusal, message: String },
+}
+
+/// A header that could not be decoded; becomes a [`Refusal`] on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("header length {0} exceeds the maximum of {MAX_HEADER_LEN}")]
+    TooLarge(usize),
+    #[error("header is truncated: {0}")]
+    Truncated(&'static str),
+    #[error("unsupported header version {0}")]
+    Version(u8),
+    #[error("unexpected frame kind {0}")]
+    Kind(u8),
+    #[error("bad {field}: {reason}")]
+    Field { field: &'static str, reason: String },
+    #[error("{0} trailing bytes after the header")]
+    Trailing(usize),
+}
+
+// === impl Refusal ===
+
+impl Refusal {
+    pub fn code(self) -> u16 {
+        match self {
+            Self::UnknownService => 1,
+            Self::NotExportedToPeer => 2,
+            Self::NoReadyEndpoint => 3,
+            Self::EndpointConnectFailed => 4,
+            Self::MalformedHeader => 5,
+            Self::HeaderTooLarge => 6,
+            Self::UnsupportedVersion => 7,
+            Self::Draining => 8,
+            Self::PeerUnavailable => 9,
+            Self::Unknown(c) => c,
+        }
+    }
+
+    pub fn from_code(c: u16) -> Self {
+        match c {
+            1 => Self::UnknownService,
+            2 => Self::NotExportedToPeer,
+            3 => Self::NoReadyEndpoint,
+            4 => Self::EndpointConnectFailed,
+            5 => Self::MalformedHeader,
+            6 => Self::HeaderTooLarge,
+            7 => Self::UnsupportedVersion,
+            8 => Self::Draining,
+            9 => Self::PeerUnavailable,
+            c => Self::Unknown(c),
+        }
+    }
+
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownService => "unknown_service",
+            Self::NotExportedToPeer => "not_exported_to_peer",
+            Self::NoReadyEndpoint => "no_ready_endpoint",
+            Self::EndpointConnectFailed => "endpoint_connect_failed",
+            Self::MalformedHeader => "malformed_header",
+            Self::HeaderTooLarge => "header_too_large",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::Draining => "draining",
+            Self::PeerUnavailable => "peer_unavailable",
+            Self::Unknown(_) => "unknown_code",
+        }
+    }
+
+    /// Whether another site could succeed where this one refused.
+    pub fn retryable_elsewhere(self) -> bool {
+        !matches!(self, Self::MalformedHeader | Self::HeaderTooLarge)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&WireError> for Refusal {
+    fn from(e: &WireError) -> Self {
+        match e {
+            WireError::TooLarge(_) => Refusal::HeaderTooLarge,
+            WireError::Version(_) => Refusal::UnsupportedVersion,
+            _ => Refusal::MalformedHeader,
+        }
+    }
+}
+
+// === encode ===
+
+fn frame(payload: Vec<u8>) -> Vec<u8> {
+    debug_assert!(payload.len() <= MAX_HEADER_LEN);
+    let mut out = Vec::with_capacity(2 + payload.len());
+    out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+impl Open {
+    pub fn encode(&self) -> Vec<u8> {
+        let svc = self.service.to_string();
+        let src = self.source.as_str();
+        let mut p = Vec::with_capacity(8 + svc.len() + src.len());
+        p.extend_from_slice(&[VERSION, KIND_OPEN, svc.len() as u8]);
+        p.extend_from_slice(svc.as_bytes());
+        p.extend_from_slice(&self.port.to_be_bytes());
+        p.extend_from_slice(&(src.len() as u16).to_be_bytes());
+        p.extend_from_slice(src.as_bytes());
+        frame(p)
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Response::Accept => frame(vec![VERSION, KIND_ACCEPT]),
+            Response::Refuse { reason, message } => {
+                // Keep the frame within bounds whatever the message.
+                let mut msg = message.as_str();
+                while msg.len() > 1024 {
+                    let mut cut = 1024;
+                    while !msg.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    msg = &msg[..cut];
+                }
+                let mut p = vec![VERSION, KIND_REFUSE];
+                p.extend_from_slice(&reason.code().to_be_bytes());
+                p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+                p.extend_from_slice(msg.as_bytes());
+                frame(p)
+            }
+        }
+    }
+}
+
+// === decode ===
+
+/// Checks a frame's length prefix before its payload is read.
+pub fn check_len(prefix: [u8; 2]) -> Result<usize, WireError> {
+    let len = u16::from_be_bytes(prefix) as usize;
+    if len > MAX_HEADER_LEN {
+        return Err(WireError::TooLarge(len));
+    }
+    if len < 2 {
+        return Err(WireError::Truncated("version and kind"));
+    }
+    Ok(len)
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated(what));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn str(&mut self, n: usize, field: &'static str) -> Result<&'a str, WireError> {
+        std::str::from_utf8(self.take(n, field)?).map_err(|e| WireError::Field {
+            field,
+            reason: e.to_string(),
+        })
+    }
+    fn finish(self) -> Result<(), WireError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing(self.0.len()))
+        }
+    }
+}
+
+fn head(c: &mut Cursor<'_>) -> Result<u8, WireError> {
+    let v = c.u8("version")?;
+    if v != VERSION {
+        return Err(WireError::Version(v));
+    }
+    c.u8("kind")
+}
+
+/// Decodes an open request payload (without its length prefix).
+pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
+    if payload.len() > MAX_HEADER_LEN {
+        return Err(WireError::TooLarge(payload.len()));
+    }
+    let mut c = Cursor(payload);
+    match head(&mut c)? {
+        KIND_OPEN => {}
+        k => return Err(WireError::Kind(k)),
+    }
+    let n = c.u8("service length")? as usize;
+    let svc = c.str(n, "service")?;
+    let service = ServiceName::parse(svc).map_err(|e| WireError::Field {
+        field: "service",
+        reason: e.to_string(),
+    })?;
+    let port = c.u16("port")?;
+    if port == 0 {
+        return Err(WireError::Field {
+            field: "port",
+            reason: "port 0".into(),
+        });
+    }
+    let n = c.u16("source length")? as usize;
+    let src = c.str(n, "source")?;
+    let source = SpiffeId::new(src).map_err(|e| WireError::Field {
+        field: "source",
+        reason: e.to_string(),
+    })?;
+    c.finish()?;
+    Ok(Open {
+        service,
+        port,
+        source,
+    })
+}
+
+/// Decodes a response payload (without its length prefix).
+pub fn decode_response(payload: &[u8]) -> Result<Response, WireError> {
+    let mut c = Cursor(payload);
+    match head(&mut c)? {
+        KIND_ACCEPT => {
+            c.finish()?;
+            Ok(Response::Accept)
+        }
+        KIND_REFUSE => {
+            let code = c.u16("refusal code")?;
+            let n = c.u16("message length")? as usize;
+            let message = c.str(n, "message")?.to_owned();
+            c.finish()?;
+            Ok(Response::Refuse {
+                reason: Refusal::from_code(code),
+                message,
+            })
+        }
+        k => Err(WireError::Kind(k)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn open() -> Open {
+        Open {
+            service: ServiceName::parse("orders.shop").unwrap(),
+            port: 8080,
+            source: SpiffeId::new("spiffe://east.example.org/meshfed/site/east/gateway").unwrap(),
+        }
+    }
+
+    fn payload(framed: &[u8]) -> &[u8] {
+        let len = check_len([framed[0], framed[1]]).unwrap();
+        assert_eq!(len, framed.len() - 2);
+        &framed[2..]
+    }
+
+    #[test]
+    fn open_round_trip() {
+        let o = open();
+        assert_eq!(decode_open(payload(&o.encode())).unwrap(), o);
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        for r in [
+            Response::Accept,
+            Response::Refuse {
+                reason: Refusal::NoReadyEndpoint,
+                message: "0 of 3 ready".into(),
+            },
+            Response::Refuse {
+                reason: Refusal::Unknown(999),
+                message: String::new(),
+            },
+        ] {
+            assert_eq!(decode_response(payload(&r.encode())).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn codes_are_stable() {
+        // These numbers are on the wire: changing one breaks mixed-version federations.
+        assert_eq!(Refusal::UnknownService.code(), 1);
+        assert_eq!(Refusal::NotExportedToPeer.code(), 2);
+        assert_eq!(Refusal::NoReadyEndpoint.code(), 3);
+        assert_eq!(Refusal::EndpointConnectFailed.code(), 4);
+        for c in 1..=9 {
+            assert_eq!(Refusal::from_code(c).code(), c);
+            assert_ne!(Refusal::from_code(c).as_str(), "unknown_code");
+        }
+    }
+
+    #[test]
+    fn oversized_header_refused() {
+        assert_eq!(check_len([0xff, 0xff]), Err(WireError::TooLarge(0xffff)));
+        assert_eq!(check_len([0x10, 0x01]), Err(WireError::TooLarge(4097)));
+        assert!(check_len([0x10, 0x00]).is_ok());
+        assert_eq!(
+            Refusal::from(&WireError::TooLarge(5000)),
+            Refusal::HeaderTooLarge
+        );
+    }
+
+    #[test]
+    fn malformed_headers_name_the_problem() {
+        let mut p = payload(&open().encode()).to_vec();
+        p[0] = 9;
+        assert_eq!(decode_open(&p), Err(WireError::Version(9)));
+        let mut p = payload(&open().encode()).to_vec();
+        p[1] = KIND_ACCEPT;
+        assert_eq!(decode_open(&p), Err(WireError::Kind(KIND_ACCEPT)));
+        let p = payload(&open().encode()).to_vec();
+        assert!(matches!(
+            decode_open(&p[..p.len() - 1]),
+            Err(WireError::Truncated("source"))
+        ));
+        let mut p2 = p.clone();
+        p2.push(0);
+        assert_eq!(decode_open(&p2), Err(WireError::Trailing(1)));
+        let mut bad_svc = p.clone();
+        bad_svc[3] = b'O';
+        assert!(matches!(
+            decode_open(&bad_svc),
+            Err(WireError::Field {
+                field: "service",
+                ..
+            })
+        ));
+        assert_eq!(decode_open(&[]), Err(WireError::Truncated("version")));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_open(&b);
+            let _ = decode_response(&b);
+        }
+
+        #[test]
+        fn mutated_open_never_panics(i in 0usize..64, v in any::<u8>()) {
+            let mut p = payload(&open().encode()).to_vec();
+            let i = i % p.len();
+            p[i] = v;
+            let _ = decode_open(&p);
+        }
+    }
+}

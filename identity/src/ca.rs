@@ -1,0 +1,323 @@
+//! A certificate authority per trust domain, and the X.509-SVIDs it issues.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use time::OffsetDateTime;
+
+use crate::bundle::TrustBundle;
+use crate::id::{SpiffeId, TrustDomain};
+use crate::verify::check_ca_cert;
+
+/// Default SVID lifetime: short, because rotation is cheap.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Default root lifetime.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Clock skew tolerated between sites: certificates are back-dated by this much.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca.key";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a PEM {what}: {detail}")]
+    Pem {
+        path: PathBuf,
+        what: &'static str,
+        detail: String,
+    },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{path}: not a usable CA certificate: {reason}")]
+    NotACa { path: PathBuf, reason: String },
+    #[error("SPIFFE ID {id} is not in this CA's trust domain {td}")]
+    ForeignId { id: SpiffeId, td: TrustDomain },
+    #[error("TTL must be positive")]
+    ZeroTtl,
+}
+
+/// The signing half of a trust domain.
+pub struct Ca {
+    td: TrustDomain,
+    cert: CertificateDer<'static>,
+    cert_pem: String,
+    key: KeyPair,
+}
+
+/// An X.509-SVID with its private key.
+#[derive(Debug)]
+pub struct Svid {
+    pub id: SpiffeId,
+    /// Leaf first, then any intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+// === impl Ca ===
+
+impl Ca {
+    /// Generates a new self-signed root for `td` (ECDSA P-256).
+    pub fn generate(td: &TrustDomain, ttl: Duration) -> Result<Self, CaError> {
+        if ttl.is_zero() {
+            return Err(CaError::ZeroTtl);
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "meshfed");
+        dn.push(DnType::CommonName, format!("meshfed root {td}"));
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        set_validity(&mut params, ttl);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            td: td.clone(),
+            cert_pem: cert.pem(),
+            cert: cert.der().clone(),
+            key,
+        })
+    }
+
+    /// Loads `ca.pem` and `ca.key` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert_pem = read_string(&cert_path)?;
+        let cert =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Pem {
+                path: cert_path.clone(),
+                what: "certificate",
+                detail: e.to_string(),
+            })?;
+        let td = check_ca_cert(&cert).map_err(|reason| CaError::NotACa {
+            path: cert_path.clone(),
+            reason,
+        })?;
+        let key_pem = read_string(&key_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Pem {
+            path: key_path,
+            what: "private key",
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            td,
+            cert,
+            cert_pem,
+            key,
+        })
+    }
+
+    /// Writes `ca.pem` (0644) and `ca.key` (0600) into `dir`, creating it.
+    pub fn save(&self, dir: &Path) -> Result<(), CaError> {
+        fs::create_dir_all(dir).map_err(|source| CaError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        write_file(&dir.join(CA_CERT_FILE), self.cert_pem.as_bytes(), 0o644)?;
+        write_file(
+            &dir.join(CA_KEY_FILE),
+            self.key.serialize_pem().as_bytes(),
+            0o600,
+        )
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.td
+    }
+
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// This CA as a one-authority trust bundle.
+    pub fn bundle(&self, sequence: u64) -> TrustBundle {
+        TrustBundle::new(self.td.clone(), vec![self.cert.clone()], sequence)
+    }
+
+    /// Issues an X.509-SVID for `id`: one URI SAN, not a CA, digitalSignature (critical),
+    /// serverAuth + clientAuth.
+    pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
+        if id.trust_domain_str() != self.td.as_str() {
+            return Err(CaError::ForeignId {
+                id: id.clone(),
+                td: self.td.clone(),
+            });
+        }
+        if ttl.is_zero() {
+            return Err(CaError::ZeroTtl);
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "meshfed");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        set_validity(&mut params, ttl);
+        let (cert, key) = self.sign(params)?;
+        Ok(Svid {
+            id: id.clone(),
+            chain: vec![cert],
+            key,
+        })
+    }
+
+    /// Signs arbitrary leaf parameters. Only for building deliberately broken
+    /// certificates in tests; production code uses [`Ca::issue`].
+    #[doc(hidden)]
+    pub fn sign(
+        &self,
+        mut params: CertificateParams,
+    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), CaError> {
+        params.use_authority_key_identifier_extension = true;
+        if params.serial_number.is_none() {
+            params.serial_number = Some(random_serial());
+        }
+        let leaf_key = KeyPair::generate()?;
+        let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)?;
+        let cert = params.signed_by(&leaf_key, &issuer)?;
+        let key = PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        Ok((cert.der().clone(), key))
+    }
+}
+
+fn set_validity(params: &mut CertificateParams, ttl: Duration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + ttl;
+}
+
+fn random_serial() -> SerialNumber {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    // SystemRandom only fails when the OS has no entropy source; a zero serial is then
+    // still unique enough together with the key identifier.
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b[0] &= 0x7f; // positive INTEGER
+    SerialNumber::from_slice(&b)
+}
+
+// === impl Svid ===
+
+impl Svid {
+    /// Loads a chain (leaf first) and a private key from PEM files.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
+        let pem = fs::read(cert_path).map_err(|source| CaError::Io {
+            path: cert_path.to_owned(),
+            source,
+        })?;
+        let chain = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CaError::Pem {
+                path: cert_path.to_owned(),
+                what: "certificate",
+                detail: e.to_string(),
+            })?;
+        let leaf = chain.first().ok_or_else(|| CaError::Pem {
+            path: cert_path.to_owned(),
+            what: "certificate",
+            detail: "no CERTIFICATE block".into(),
+        })?;
+        let id = crate::verify::check_svid_leaf(leaf).map_err(|e| CaError::Pem {
+            path: cert_path.to_owned(),
+            what: "X.509-SVID",
+            detail: e.to_string(),
+        })?;
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| CaError::Pem {
+            path: key_path.to_owned(),
+            what: "private key",
+            detail: e.to_string(),
+        })?;
+        Ok(Self { id, chain, key })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.chain
+            .iter()
+            .map(|c| der_to_pem("CERTIFICATE", c))
+            .collect()
+    }
+
+    pub fn key_pem(&self) -> String {
+        der_to_pem("PRIVATE KEY", self.key.secret_der())
+    }
+
+    /// Writes the chain (0644) and key (0600).
+    pub fn save(&self, cert_path: &Path, key_path: &Path) -> Result<(), CaError> {
+        write_file(cert_path, self.cert_pem().as_bytes(), 0o644)?;
+        write_file(key_path, self.key_pem().as_bytes(), 0o600)
+    }
+}
+
+impl Clone for Svid {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+pub fn der_to_pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn read_string(path: &Path) -> Result<String, CaError> {
+    fs::read_to_string(path).map_err(|source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes atomically (temp file + rename) with `mode`, so a key is never readable by
+/// others, not even for a moment.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| CaError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}

@@ -1,0 +1,18 @@
+//! SPIFFE identity for meshfed: SPIFFE IDs and trust domains, a CA per trust domain that
+//! issues X.509-SVIDs, SPIFFE trust bundles (JWKS), and rustls verifiers that check a
+//! peer only against the bundle of its own trust domain.
+//!
+//! This crate knows nothing of catalogs, sites' services or sockets; it must not depend on
+//! `federation`, `gateway` or `dns`.
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod ca;
+pub mod id;
+pub mod tls;
+pub mod verify;
+
+pub use bundle::{BundleError, BundleSet, TrustBundle};
+pub use ca::{Ca, CaError, Svid};
+pub use id::{IdError, SpiffeId, TrustDomain};
+pub use verify::{PeerPolicy, SpiffeVerifier, Usage, VerifyError};

@@ -1,0 +1,285 @@
+//! `meshfed`: the one binary. This file parses the command line and calls into the
+//! crates; the commands' logic lives in `identity`, `gateway` and the `demo` module.
+
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use meshfed_identity::{BundleSet, Ca, SpiffeId, TrustDomain, ca};
+
+#[derive(Parser)]
+#[command(
+    name = "meshfed",
+    version,
+    about = "Multi-cluster mesh gateway and federation service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Certificate authority of a trust domain.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// SPIFFE trust bundles.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+    /// X.509-SVIDs.
+    #[command(subcommand)]
+    Svid(SvidCmd),
+    /// The gateway (data plane).
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
+    /// Runs two sites on loopback and sends traffic between them.
+    Demo {
+        /// Keep certificates and configs here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Creates a root CA: DIR/ca.pem and DIR/ca.key (mode 0600).
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Root lifetime.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Issues an X.509-SVID (one URI SAN, not a CA, digitalSignature, server+client auth).
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Certificate chain output (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Private key output (PEM, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCmd {
+    /// Prints the CA's trust bundle in SPIFFE JWKS form.
+    Export {
+        #[arg(long)]
+        ca: PathBuf,
+        /// spiffe_sequence; raise it whenever the authorities change.
+        #[arg(long, default_value_t = 1)]
+        sequence: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SvidCmd {
+    /// Verifies an X.509-SVID against trust bundles; prints the SPIFFE ID or the exact
+    /// reason it is refused.
+    Verify {
+        /// A SPIFFE JWKS bundle file; repeat for several trust domains.
+        #[arg(long = "bundle", required = true)]
+        bundles: Vec<PathBuf>,
+        /// Check the certificate for server use (default: client use).
+        #[arg(long)]
+        server: bool,
+        cert: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum GatewayCmd {
+    /// Runs a gateway from a static YAML config until SIGTERM/SIGINT, then drains.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write the bound addresses here as JSON once ready.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Parses and validates a config file.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story; its gateways only log warnings unless RUST_LOG says otherwise.
+    init_tracing(if matches!(cli.cmd, Cmd::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    });
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Ca(CaCmd::Init {
+            trust_domain,
+            out,
+            ttl,
+        }) => {
+            let td = TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            let ca = Ca::generate(&td, ttl)?;
+            ca.save(&out)?;
+            println!("created CA for trust domain {td} in {}", out.display());
+        }
+        Cmd::Ca(CaCmd::Issue {
+            ca,
+            spiffe_id,
+            ttl,
+            cert,
+            key,
+        }) => {
+            let id =
+                SpiffeId::new(&spiffe_id).with_context(|| format!("--spiffe-id {spiffe_id:?}"))?;
+            let svid = Ca::load(&ca)?.issue(&id, ttl)?;
+            svid.save(&cert, &key)?;
+            println!(
+                "issued {id} (ttl {}) to {}",
+                humantime::format_duration(ttl),
+                cert.display()
+            );
+        }
+        Cmd::Bundle(BundleCmd::Export { ca, sequence }) => {
+            println!("{}", Ca::load(&ca)?.bundle(sequence).to_jwks()?);
+        }
+        Cmd::Svid(SvidCmd::Verify {
+            bundles,
+            server,
+            cert,
+        }) => {
+            return svid_verify(&bundles, server, &cert);
+        }
+        Cmd::Gateway(GatewayCmd::Check { config }) => {
+            let c = meshfed_gateway::GatewayConfig::load(&config)?;
+            println!(
+                "{}: ok: site {} ({}), {} peers, {} exports, {} imports",
+                config.display(),
+                c.site,
+                c.trust_domain,
+                c.peers.len(),
+                c.exports.len(),
+                c.imports.len()
+            );
+        }
+        Cmd::Gateway(GatewayCmd::Run { config, ready_file }) => {
+            let cfg = meshfed_gateway::GatewayConfig::load(&config)?;
+            tracing::info!(config = ?cfg, "effective configuration");
+            runtime()?.block_on(gateway_run(cfg, ready_file))?;
+        }
+        Cmd::Demo { dir } => runtime()?.block_on(demo::run(dir))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn svid_verify(bundle_files: &[PathBuf], server: bool, cert: &std::path::Path) -> Result<ExitCode> {
+    let mut bundles = BundleSet::new();
+    for f in bundle_files {
+        bundles.insert(
+            BundleSet::read_bundle_file(f, None)
+                .with_context(|| format!("bundle {}", f.display()))?,
+        );
+    }
+    let pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let chain = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("{}: not PEM certificates", cert.display()))?
+    };
+    let Some((leaf, rest)) = chain.split_first() else {
+        bail!("{}: no CERTIFICATE block", cert.display());
+    };
+    let usage = if server {
+        meshfed_identity::Usage::Server
+    } else {
+        meshfed_identity::Usage::Client
+    };
+    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+    match meshfed_identity::verify::verify_svid(
+        &bundles,
+        leaf,
+        rest,
+        rustls::pki_types::UnixTime::now(),
+        usage,
+        &algs,
+    ) {
+        Ok(id) => {
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("refused [{}]: {e}", e.code());
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+async fn gateway_run(
+    cfg: meshfed_gateway::GatewayConfig,
+    ready_file: Option<PathBuf>,
+) -> Result<()> {
+    let gw = meshfed_gateway::start(cfg).await?;
+    if let Some(f) = ready_file {
+        let doc = serde_json::json!({
+            "quic": gw.quic_addr.to_string(),
+            "admin": gw.admin_addr.to_string(),
+            "imports": gw.imports.iter().map(|(k, a)| (k.clone(), a.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+        });
+        ca::write_file(&f, doc.to_string().as_bytes(), 0o644)?;
+    }
+    let stop = gw.stop_token();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("signal received: draining");
+        stop.cancel();
+    });
+    gw.wait().await;
+    Ok(())
+}
