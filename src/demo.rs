@@ -124,20 +124,25 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     );
 
     // A typed refusal: west does not export missing.demo.
-    let mut m = TcpStream::connect(missing).await?;
-    let mut buf = [0u8; 1];
-    let refused = tokio::time::timeout(Duration::from_secs(3), m.read(&mut buf)).await;
-    println!("5. a refusal crosses the wire typed");
-    println!(
-        "   dialing missing.demo:7000 through east: {}",
-        match refused {
-            Ok(Ok(0)) => "closed".to_string(),
-            Ok(Err(e)) => format!("connection reset ({})", e.kind()),
-            Ok(Ok(_)) => "unexpected data".to_string(),
-            Err(_) => "no answer".to_string(),
+    // The refusal can beat the client's own connect() to the finish line, so a reset
+    // may surface from connect itself.
+    let outcome = match TcpStream::connect(missing).await {
+        Err(e) => format!("connection reset ({})", e.kind()),
+        Ok(mut m) => {
+            let mut buf = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(3), m.read(&mut buf)).await {
+                Ok(Ok(0)) => "closed".to_string(),
+                Ok(Err(e)) => format!("connection reset ({})", e.kind()),
+                Ok(Ok(_)) => "unexpected data".to_string(),
+                Err(_) => "no answer".to_string(),
+            }
         }
-    );
-    let metrics = reqwest_metrics(east_gw.admin_addr).await?;
+    };
+    println!("5. a refusal crosses the wire typed");
+    println!("   dialing missing.demo:7000 through east: {outcome}");
+    let (_, metrics) = meshfed_gateway::admin::get(east_gw.admin_addr, "/metrics")
+        .await
+        .map_err(anyhow::Error::msg)?;
     for line in metrics
         .lines()
         .filter(|l| l.starts_with("meshfed_gateway_refusals_total"))
@@ -154,14 +159,4 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         west_cfg.display()
     );
     Ok(())
-}
-
-/// Fetches /metrics with a minimal HTTP/1.0 request (the admin port is plain HTTP).
-async fn reqwest_metrics(admin: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
 }

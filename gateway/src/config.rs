@@ -429,6 +429,20 @@ imports:
     }
 
     #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                GatewayConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "found {n} example configs in {}", dir.display());
+    }
+
+    #[test]
     fn unknown_fields_and_bad_yaml_are_refused() {
         let e =
             parse(&GOOD.replace("drain_grace: 3s", "drain_grace: 3s\nlisten_port: 4")).unwrap_err();

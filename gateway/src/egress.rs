@@ -126,9 +126,13 @@ impl Egress {
         conn: &Connection,
         frame: &[u8],
     ) -> Result<Result<(SendStream, RecvStream), (Refusal, String)>, String> {
+        let lost = |e: &dyn std::fmt::Display| match conn.close_reason() {
+            Some(why) => format!("{e}: {why}"),
+            None => e.to_string(),
+        };
         let work = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            send.write_all(frame).await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+            send.write_all(frame).await.map_err(|e| lost(&e))?;
             let payload = match read_header(&mut recv).await {
                 Ok(p) => p,
                 Err(HeaderReadError::Wire(e)) => {
@@ -137,7 +141,7 @@ impl Egress {
                         format!("bad response from peer: {e}"),
                     )));
                 }
-                Err(HeaderReadError::Io(e)) => return Err(e.to_string()),
+                Err(HeaderReadError::Io(e)) => return Err(lost(&e)),
             };
             Ok(match wire::decode_response(&payload) {
                 Ok(Response::Accept) => Ok((send, recv)),

@@ -34,8 +34,15 @@ pub enum LabError {
 /// Creates `root/<site>/` with a fresh CA for `td`, the gateway SVID and `bundle.json`.
 pub fn make_site(root: &Path, site: &str, td: &str) -> Result<SiteFiles, LabError> {
     let td = TrustDomain::new(td)?;
-    let dir = root.join(site);
     let ca = Ca::generate(&td, meshfed_identity::ca::DEFAULT_CA_TTL)?;
+    site_with_ca(root, site, &ca)
+}
+
+/// Creates `root/<site>/` for a site whose gateway SVID is issued by an existing `ca`
+/// (several sites sharing one trust domain).
+pub fn site_with_ca(root: &Path, site: &str, ca: &Ca) -> Result<SiteFiles, LabError> {
+    let td = ca.trust_domain().clone();
+    let dir = root.join(site);
     ca.save(&dir.join("ca"))?;
     let id = SpiffeId::gateway(&td, site)?;
     let svid = ca.issue(&id, Duration::from_secs(24 * 3600))?;
@@ -55,6 +62,9 @@ pub fn make_site(root: &Path, site: &str, td: &str) -> Result<SiteFiles, LabErro
     })
 }
 
+/// (service, port, endpoints, allowed peers)
+pub type ExportSpec = (String, u16, Vec<SocketAddr>, Option<Vec<SpiffeId>>);
+
 /// A gateway config, written as the YAML an operator would write.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigBuilder {
@@ -64,8 +74,7 @@ pub struct ConfigBuilder {
     pub bundles: Vec<PathBuf>,
     /// (site, address, SPIFFE ID)
     pub peers: Vec<(String, Option<SocketAddr>, SpiffeId)>,
-    /// (service, port, endpoints, allowed peers)
-    pub exports: Vec<(String, u16, Vec<SocketAddr>, Option<Vec<SpiffeId>>)>,
+    pub exports: Vec<ExportSpec>,
     /// (service, port, site, listen)
     pub imports: Vec<(String, u16, String, SocketAddr)>,
 }
@@ -79,6 +88,19 @@ impl ConfigBuilder {
 
     pub fn export(mut self, service: &str, port: u16, endpoints: Vec<SocketAddr>) -> Self {
         self.exports.push((service.into(), port, endpoints, None));
+        self
+    }
+
+    /// Exports to the listed peers only.
+    pub fn export_to(
+        mut self,
+        service: &str,
+        port: u16,
+        endpoints: Vec<SocketAddr>,
+        allowed: Vec<SpiffeId>,
+    ) -> Self {
+        self.exports
+            .push((service.into(), port, endpoints, Some(allowed)));
         self
     }
 

@@ -105,6 +105,22 @@ impl RunningGateway {
     }
 }
 
+/// Accept backlog of egress listeners (the kernel caps it at `net.core.somaxconn`). The
+/// std/mio default of 128 drops SYNs under a connection burst, costing clients a 1 s
+/// retransmit.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(LISTEN_BACKLOG)
+}
+
 /// Loads identity and bundles, binds every listener, and starts serving. Returns once
 /// all listeners are bound (so `/ready` is true).
 pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
@@ -195,13 +211,11 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     let mut imports = Vec::new();
     let mut listeners = Vec::new();
     for im in &cfg.imports {
-        let l = TcpListener::bind(im.listen)
-            .await
-            .map_err(|source| GatewayError::Bind {
-                what: format!("import {}:{}", im.service, im.port),
-                addr: im.listen,
-                source,
-            })?;
+        let l = bind_tcp(im.listen).map_err(|source| GatewayError::Bind {
+            what: format!("import {}:{}", im.service, im.port),
+            addr: im.listen,
+            source,
+        })?;
         let addr = l.local_addr().map_err(|source| GatewayError::Bind {
             what: "import".into(),
             addr: im.listen,

@@ -139,7 +139,6 @@ impl Dialer {
             }
             match self.dial().await {
                 Ok(conn) => {
-                    backoff = BACKOFF_MIN;
                     if ever_connected {
                         self.metrics.peer_reconnects.inc();
                     }
@@ -156,19 +155,26 @@ impl Dialer {
                     };
                     self.metrics.peer_connections.dec();
                     self.tx.send_replace(None);
-                    info!(%reason, "peer connection closed; redialing");
-                }
-                Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "peer dial failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        // Someone needs the peer now: skip the rest of the backoff.
-                        _ = self.kick.notified() => {}
-                        _ = self.stop.cancelled() => return,
+                    // In TLS 1.3 the client finishes first; the server's verdict on our
+                    // certificate arrives as a close right after.
+                    if let Some(why) = refused_by_peer(&reason) {
+                        self.metrics.handshake_failed("refused_by_peer");
+                        warn!(%why, retry_in = ?backoff, "the peer refused our certificate");
+                    } else {
+                        backoff = BACKOFF_MIN;
+                        info!(%reason, "peer connection closed; redialing");
+                        continue;
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
+                Err(e) => warn!(error = %e, retry_in = ?backoff, "peer dial failed"),
             }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                // Someone needs the peer now: skip the rest of the backoff.
+                _ = self.kick.notified() => {}
+                _ = self.stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -192,14 +198,24 @@ impl Dialer {
             // Our verifier refused the server: the reject hook already counted it.
             return format!("we refused the peer's certificate: {}", te.reason);
         }
-        if let ConnectionError::ConnectionClosed(cc) = &e
-            && cc.error_code.to_string().contains("crypto")
-        {
+        if let Some(why) = refused_by_peer(&e) {
             self.metrics.handshake_failed("refused_by_peer");
-            return format!("the peer refused our certificate ({})", cc.error_code);
+            return format!("the peer refused our certificate: {why}");
         }
         debug!(error = ?e, "dial error");
         e.to_string()
+    }
+}
+
+/// The peer's TLS alert and reason, when it closed the connection in the handshake.
+fn refused_by_peer(e: &ConnectionError) -> Option<String> {
+    match e {
+        ConnectionError::ConnectionClosed(cc)
+            if (0x100..0x200).contains(&u64::from(cc.error_code)) =>
+        {
+            Some(cc.to_string())
+        }
+        _ => None,
     }
 }
 

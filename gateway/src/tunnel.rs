@@ -99,23 +99,31 @@ pub fn bind_endpoint(
     let _ = sock.set_recv_buffer_size(SOCKET_BUF);
     let _ = sock.set_send_buffer_size(SOCKET_BUF);
     sock.bind(&addr.into()).map_err(bind_err)?;
+    // Both keys that decide whether a packet for an unknown connection gets a stateless
+    // reset must survive a restart: the reset key (the token) and the CID generator's key
+    // (quinn drops packets whose CID it did not sign).
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"meshfed stateless reset v1")
+        .extract(svid.key.secret_der());
     let reset_key = {
-        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"meshfed stateless reset v1");
-        let prk = salt.extract(svid.key.secret_der());
         let okm = prk
             .expand(&[b"quic reset key"], ring::hmac::HMAC_SHA256)
             .expect("HMAC-SHA256 length is a valid HKDF output length");
         ring::hmac::Key::from(okm)
     };
+    let cid_key = {
+        let mut k = [0u8; 8];
+        prk.expand(&[b"quic cid key"], U64Len)
+            .and_then(|okm| okm.fill(&mut k))
+            .expect("8 bytes is a valid HKDF output length");
+        u64::from_le_bytes(k)
+    };
+    let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind_err(std::io::Error::other("no tokio runtime")))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(reset_key)),
-        Some(server),
-        sock.into(),
-        runtime,
-    )
-    .map_err(bind_err)
+    quinn::Endpoint::new(endpoint_cfg, Some(server), sock.into(), runtime).map_err(bind_err)
 }
 
 /// Reads one length-prefixed header payload, enforcing the size limit before reading
@@ -139,4 +147,13 @@ pub enum HeaderReadError {
     Wire(WireError),
     #[error("stream ended before the header: {0}")]
     Io(quinn::ReadExactError),
+}
+
+/// HKDF output length marker for an 8-byte key.
+struct U64Len;
+
+impl ring::hkdf::KeyType for U64Len {
+    fn len(&self) -> usize {
+        8
+    }
 }

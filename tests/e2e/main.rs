@@ -1,1 +1,6 @@
+//! End-to-end tests: real `meshfed` processes for several sites on loopback. One test
+//! binary for all of `tests/` keeps link time down.
 
+mod cli;
+mod harness;
+mod tunnel;

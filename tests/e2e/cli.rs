@@ -1,0 +1,196 @@
+//! The operator-facing commands, run as processes.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use crate::harness::{BIN, Scratch};
+
+fn meshfed(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run meshfed");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn ca_issue_bundle_and_verify() {
+    let s = Scratch::new("cli");
+    let d = |p: &str| s.0.join(p).display().to_string();
+    let (code, _, err) = meshfed(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "west.example.org",
+        "--out",
+        &d("west"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mode = std::fs::metadata(s.0.join("west/ca.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "CA key must not be readable by others");
+    let (code, _, err) = meshfed(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "east.example.org",
+        "--out",
+        &d("east"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    let id = "spiffe://west.example.org/ns/shop/sa/orders";
+    let (code, _, err) = meshfed(&[
+        "ca",
+        "issue",
+        "--ca",
+        &d("west"),
+        "--spiffe-id",
+        id,
+        "--cert",
+        &d("w.pem"),
+        "--key",
+        &d("w.key"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mode = std::fs::metadata(s.0.join("w.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let (code, west_bundle, _) = meshfed(&["bundle", "export", "--ca", &d("west")]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&west_bundle).unwrap();
+    assert_eq!(v["keys"][0]["use"], "x509-svid");
+    assert!(v["spiffe_sequence"].is_u64() && v["spiffe_refresh_hint"].is_u64());
+    std::fs::write(s.0.join("west.json"), &west_bundle).unwrap();
+    let (_, east_bundle, _) = meshfed(&["bundle", "export", "--ca", &d("east")]);
+    std::fs::write(s.0.join("east.json"), &east_bundle).unwrap();
+
+    let (code, out, _) = meshfed(&[
+        "svid",
+        "verify",
+        "--bundle",
+        &d("west.json"),
+        "--bundle",
+        &d("east.json"),
+        &d("w.pem"),
+    ]);
+    assert_eq!((code, out.trim()), (0, id));
+
+    // Only east's bundle: west's SVID has no bundle to be checked against.
+    let (code, out, _) = meshfed(&["svid", "verify", "--bundle", &d("east.json"), &d("w.pem")]);
+    assert_eq!(code, 2);
+    assert!(
+        out.contains("refused [unknown_trust_domain]") && out.contains("west.example.org"),
+        "{out}"
+    );
+
+    // A foreign ID cannot be issued by this CA.
+    let (code, _, err) = meshfed(&[
+        "ca",
+        "issue",
+        "--ca",
+        &d("west"),
+        "--spiffe-id",
+        "spiffe://east.example.org/x",
+        "--cert",
+        &d("x.pem"),
+        "--key",
+        &d("x.key"),
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not in this CA's trust domain"), "{err}");
+    // A bad ID names the rule it breaks.
+    let (code, _, err) = meshfed(&[
+        "ca",
+        "issue",
+        "--ca",
+        &d("west"),
+        "--spiffe-id",
+        "spiffe://west.example.org/a/",
+        "--cert",
+        &d("x.pem"),
+        "--key",
+        &d("x.key"),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--spiffe-id") && err.contains("must not end with"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_config_names_file_and_field() {
+    let s = Scratch::new("badcfg");
+    let f = s.0.join("gw.yaml");
+    std::fs::write(
+        &f,
+        "site: west\ntrust_domain: west.example.org\nlisten: 127.0.0.1:0\ntls: {cert: a, key: b, bundles: [c]}\npeers:\n  - site: east\n    spiffe_id: spiffe://east.example.org/../gateway\n",
+    )
+    .unwrap();
+    let (code, _, err) = meshfed(&["gateway", "check", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(f.to_str().unwrap()) && err.contains("peers[0].spiffe_id"),
+        "{err}"
+    );
+
+    std::fs::write(&f, "site: west\nsight: typo\n").unwrap();
+    let (code, _, err) = meshfed(&["gateway", "check", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("sight"), "{err}");
+
+    // A certificate that is not this site's gateway identity is refused at start.
+    let site = s.site("west", "west.example.org");
+    std::fs::write(
+        &f,
+        format!(
+            "site: east\ntrust_domain: west.example.org\nlisten: 127.0.0.1:0\nadmin: 127.0.0.1:0\ntls: {{cert: {}, key: {}, bundles: [{}]}}\n",
+            site.cert.display(),
+            site.key.display(),
+            site.bundle.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = meshfed(&["gateway", "run", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "is not this site's gateway ID spiffe://west.example.org/meshfed/site/east/gateway"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn demo_runs_end_to_end() {
+    let s = Scratch::new("demo");
+    let (code, out, err) = meshfed(&["demo", "--dir", s.0.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(
+            "east verified its peer west as spiffe://west.example.org/meshfed/site/west/gateway"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "west verified its client as   spiffe://east.example.org/meshfed/site/east/gateway"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("echoed back intact"), "{out}");
+    assert!(out.contains(r#"reason="unknown_service"} 1"#), "{out}");
+}

@@ -1,0 +1,268 @@
+//! Starts real `meshfed` processes on loopback, with real certificates and configs, and
+//! gives tests the addresses they bound, their logs and their metrics.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use meshfed_gateway::lab::{self, ConfigBuilder, SiteFiles};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_meshfed");
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "meshfed-e2e-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Self(p)
+    }
+
+    pub fn site(&self, site: &str, td: &str) -> SiteFiles {
+        lab::make_site(&self.0, site, td).expect("make site")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A running `meshfed gateway run` process.
+pub struct Gw {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub quic: SocketAddr,
+    pub admin: SocketAddr,
+    pub imports: serde_json::Value,
+}
+
+impl Gw {
+    /// Writes the config and starts the gateway; returns once it is ready.
+    pub fn start(site: &SiteFiles, cfg: &ConfigBuilder) -> Result<Self> {
+        let config = cfg.write(site)?;
+        Self::start_config(&config, &site.dir)
+    }
+
+    pub fn start_config(config: &Path, dir: &Path) -> Result<Self> {
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let log = dir.join(format!(
+            "gateway-{}.log",
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let child = Command::new(BIN)
+            .args(["gateway", "run", "-c"])
+            .arg(config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info,meshfed_gateway=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawning meshfed")?;
+        let mut gw = Self {
+            child: Some(child),
+            log,
+            quic: ([0, 0, 0, 0], 0).into(),
+            admin: ([0, 0, 0, 0], 0).into(),
+            imports: serde_json::Value::Null,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready)
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                gw.quic = v["quic"].as_str().unwrap_or_default().parse()?;
+                gw.admin = v["admin"].as_str().unwrap_or_default().parse()?;
+                gw.imports = v["imports"].clone();
+                return Ok(gw);
+            }
+            if let Some(status) = gw.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("gateway exited with {status} before ready:\n{}", gw.logs());
+            }
+            if Instant::now() > deadline {
+                bail!("gateway not ready in 20s:\n{}", gw.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The local listen address of import `service:port`.
+    pub fn import(&self, key: &str) -> SocketAddr {
+        self.imports[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no import {key} in {}", self.imports))
+            .parse()
+            .expect("import address")
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (graceful drain).
+    pub fn term(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGKILL: a crash, no drain.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Scrapes `/metrics` and returns the value of the first sample whose line starts
+    /// with `prefix` (name and labels), or 0.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = http_get(self.admin, "/metrics").await.unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until `metric(prefix) >= want`.
+    pub async fn wait_metric(&self, prefix: &str, want: f64, limit: Duration) -> f64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.metric(prefix).await;
+            if v >= want || Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    meshfed_gateway::admin::get(addr, path)
+        .await
+        .map(|(_, body)| body)
+        .map_err(anyhow::Error::msg)
+}
+
+/// A TCP echo server; echoes until EOF, then closes its write half.
+/// Binds like a real server does (nginx: 511): the std default backlog of 128 drops SYNs
+/// under a burst of 200.
+pub fn listen() -> TcpListener {
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind(([127, 0, 0, 1], 0).into()).expect("bind");
+    s.listen(1024).expect("listen")
+}
+
+pub async fn echo_server() -> SocketAddr {
+    let l = listen();
+    let addr = l.local_addr().expect("echo addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback address nothing listens on.
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    drop(l);
+    a
+}
+
+/// The standard two-site layout: west exports echo.demo:7000, east imports it.
+pub struct TwoSites {
+    pub scratch: Scratch,
+    pub west: SiteFiles,
+    pub east: SiteFiles,
+    pub west_gw: Gw,
+    pub east_gw: Gw,
+}
+
+impl TwoSites {
+    pub async fn start(
+        name: &str,
+        west_exports: &[(&str, u16, Vec<SocketAddr>)],
+        east_imports: &[(&str, u16)],
+    ) -> Self {
+        let mut wc = ConfigBuilder::default();
+        for (svc, port, eps) in west_exports {
+            wc = wc.export(svc, *port, eps.clone());
+        }
+        Self::start_with(name, wc, east_imports).await
+    }
+
+    /// `west_cfg` gets east added as a peer.
+    pub async fn start_with(
+        name: &str,
+        west_cfg: ConfigBuilder,
+        east_imports: &[(&str, u16)],
+    ) -> Self {
+        let scratch = Scratch::new(name);
+        let west = scratch.site("west", "west.example.org");
+        let east = scratch.site("east", "east.example.org");
+        let west_gw = Gw::start(&west, &west_cfg.peer(&east, None)).expect("west gateway");
+        let mut ec = ConfigBuilder::default().peer(&west, Some(west_gw.quic));
+        for (svc, port) in east_imports {
+            ec = ec.import(svc, *port, "west", ([127, 0, 0, 1], 0).into());
+        }
+        let east_gw = Gw::start(&east, &ec).expect("east gateway");
+        Self {
+            scratch,
+            west,
+            east,
+            west_gw,
+            east_gw,
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! The tunnel end to end: real `meshfed gateway` processes, real QUIC and TLS, real TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshfed_gateway::lab::ConfigBuilder;
+use meshfed_gateway::wire::{self, Refusal, Response};
+use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier, Svid};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::*;
+
+const ECHO: &str = "echo.demo:7000";
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends can check content.
+fn fill(buf: &mut [u8], seed: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let b = seed.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_256_mib_each_way_checksummed() {
+    let echo = echo_server().await;
+    let s = TwoSites::start(
+        "bulk",
+        &[("echo.demo", 7000, vec![echo])],
+        &[("echo.demo", 7000)],
+    )
+    .await;
+    let c = TcpStream::connect(s.east_gw.import(ECHO)).await.unwrap();
+    const TOTAL: usize = 256 << 20;
+    let (mut r, mut w) = c.into_split();
+    let writer = tokio::spawn(async move {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..TOTAL / buf.len() {
+            fill(&mut buf, &mut seed);
+            ctx.update(&buf);
+            w.write_all(&buf).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+        ctx.finish()
+    });
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        got += n;
+    }
+    let sent = writer.await.unwrap();
+    assert_eq!(got, TOTAL, "bytes echoed back");
+    assert_eq!(
+        ctx.finish().as_ref(),
+        sent.as_ref(),
+        "SHA-256 of what came back"
+    );
+    let carried = s
+        .west_gw
+        .metric(r#"meshfed_gateway_bytes_total{direction="ingress",flow="from_tunnel"}"#)
+        .await;
+    assert_eq!(carried as usize, TOTAL, "west's byte counter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections() {
+    let echo = echo_server().await;
+    let s = TwoSites::start(
+        "conc",
+        &[("echo.demo", 7000, vec![echo])],
+        &[("echo.demo", 7000)],
+    )
+    .await;
+    let addr = s.east_gw.import(ECHO);
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut msg = vec![0u8; 64 * 1024];
+                fill(&mut msg, &mut (i + 1));
+                let mut c = TcpStream::connect(addr).await?;
+                let (mut r, mut w) = c.split();
+                let send = async {
+                    w.write_all(&msg).await?;
+                    w.shutdown().await
+                };
+                let mut back = Vec::new();
+                let (a, b) = tokio::join!(send, r.read_to_end(&mut back));
+                a?;
+                b?;
+                anyhow::ensure!(back == msg, "connection {i}: echo differs");
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            failures.push(e.to_string());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 200 failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let n = s
+        .west_gw
+        .metric(r#"meshfed_gateway_connections_total{direction="ingress"}"#)
+        .await;
+    assert_eq!(n, 200.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_propagates_both_ways() {
+    // A server that answers only after the client's FIN, then closes.
+    let answer_after_fin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a_addr = answer_after_fin.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = answer_after_fin.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                s.write_all(b"got:").await.unwrap();
+                s.write_all(&got).await.unwrap();
+                s.shutdown().await.unwrap();
+            });
+        }
+    });
+    // A server that speaks first and half-closes at once, then keeps reading.
+    let speak_first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = speak_first.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let (mut s, _) = speak_first.accept().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        tx.send(got).await.unwrap();
+    });
+    let s = TwoSites::start(
+        "halfclose",
+        &[
+            ("answer.demo", 1, vec![a_addr]),
+            ("speak.demo", 2, vec![b_addr]),
+        ],
+        &[("answer.demo", 1), ("speak.demo", 2)],
+    )
+    .await;
+
+    let mut c = TcpStream::connect(s.east_gw.import("answer.demo:1"))
+        .await
+        .unwrap();
+    c.write_all(b"ping").await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        back, b"got:ping",
+        "client FIN reached the server, and the server's answer and FIN came back"
+    );
+
+    let mut c = TcpStream::connect(s.east_gw.import("speak.demo:2"))
+        .await
+        .unwrap();
+    let mut hello = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut hello))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hello, b"hello", "server's FIN arrived as EOF");
+    c.write_all(b"still sending after your FIN").await.unwrap();
+    c.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"still sending after your FIN");
+}
+
+/// Closes with RST. Linger 0 never blocks: the kernel drops the socket at once.
+#[allow(deprecated)]
+fn rst(s: TcpStream) {
+    s.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_propagate() {
+    // The server resets as soon as it has read something.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<usize>>(4);
+    tokio::spawn(async move {
+        // First connection: the server resets.
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        rst(s);
+        // Second connection: the client resets; report what the server reads.
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        let mut rest = Vec::new();
+        tx.send(s.read_to_end(&mut rest).await).await.unwrap();
+    });
+    let s = TwoSites::start("reset", &[("rst.demo", 9, vec![addr])], &[("rst.demo", 9)]).await;
+    let import = s.east_gw.import("rst.demo:9");
+
+    let mut c = TcpStream::connect(import).await.unwrap();
+    c.write_all(b"boom").await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "server RST must reach the client as RST, not as a clean EOF"
+    );
+
+    let c = TcpStream::connect(import).await.unwrap();
+    let mut c = c;
+    c.write_all(b"boom").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    rst(c);
+    let server_saw = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        server_saw.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "client RST must reach the server as RST"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_trust_domain_gateway_is_refused_at_handshake() {
+    let echo = echo_server().await;
+    let s = TwoSites::start("foreign", &[("echo.demo", 7000, vec![echo])], &[]).await;
+    // north has its own CA that west never federated with. It knows west's bundle, so
+    // only west's side can refuse.
+    let north = s.scratch.site("north", "north.example.org");
+    let cfg = ConfigBuilder::default()
+        .peer(&s.west, Some(s.west_gw.quic))
+        .import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into());
+    let north_gw = Gw::start(&north, &cfg).unwrap();
+    assert_refused(north_gw.import(ECHO)).await;
+    let n = s
+        .west_gw
+        .wait_metric(
+            r#"meshfed_gateway_handshake_failures_total{reason="unknown_trust_domain"}"#,
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(n >= 1.0, "west counts the refusal by reason");
+    let logs = s.west_gw.logs();
+    assert!(
+        logs.contains("mTLS handshake refused")
+            && logs.contains("unknown_trust_domain")
+            && logs.contains("north.example.org"),
+        "west logs the reason:\n{logs}"
+    );
+    assert!(
+        north_gw.logs().contains("the peer refused our certificate"),
+        "north logs why it cannot connect"
+    );
+    assert_eq!(
+        s.west_gw
+            .metric(r#"meshfed_gateway_connections_total{direction="ingress"}"#)
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn right_trust_domain_but_unlisted_spiffe_id_is_refused() {
+    let echo = echo_server().await;
+    let s = TwoSites::start("unlisted", &[("echo.demo", 7000, vec![echo])], &[]).await;
+    // A gateway certificate from east's own CA, for a site west does not list as a peer.
+    let east_ca = meshfed_identity::Ca::load(&s.east.dir.join("ca")).unwrap();
+    let rogue = meshfed_gateway::lab::site_with_ca(&s.scratch.0, "rogue", &east_ca).unwrap();
+    let cfg = ConfigBuilder::default()
+        .peer(&s.west, Some(s.west_gw.quic))
+        .import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into());
+    let rogue_gw = Gw::start(&rogue, &cfg).unwrap();
+    assert_refused(rogue_gw.import(ECHO)).await;
+    let n = s
+        .west_gw
+        .wait_metric(
+            r#"meshfed_gateway_handshake_failures_total{reason="peer_not_allowed"}"#,
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(n >= 1.0);
+    assert!(
+        s.west_gw
+            .logs()
+            .contains("spiffe://east.example.org/meshfed/site/rogue/gateway")
+    );
+}
+
+/// A raw QUIC client with east's identity, to speak the wire protocol directly.
+async fn raw_client(s: &TwoSites) -> quinn::Connection {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let svid = Svid::load(&s.east.cert, &s.east.key).unwrap();
+    let bundles: BundleSet = [BundleSet::read_bundle_file(&s.west.bundle, None).unwrap()]
+        .into_iter()
+        .collect();
+    let v = SpiffeVerifier::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
+        PeerPolicy::Only([s.west.id.clone()].into()),
+    );
+    let cfg = meshfed_gateway::tunnel::client_config(&svid, v).unwrap();
+    let ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    ep.connect_with(cfg, s.west_gw.quic, "west")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+async fn exchange(
+    conn: &quinn::Connection,
+    bytes: &[u8],
+) -> (Result<Response, String>, quinn::SendStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let resp = match meshfed_gateway::tunnel::read_header(&mut recv).await {
+        Ok(p) => wire::decode_response(&p).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    (resp, send)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_refusals_on_the_wire() {
+    let echo = echo_server().await;
+    let only_north = vec![
+        meshfed_identity::SpiffeId::new("spiffe://north.example.org/meshfed/site/north/gateway")
+            .unwrap(),
+    ];
+    let west_cfg = ConfigBuilder::default()
+        .export("echo.demo", 7000, vec![echo])
+        .export("down.demo", 80, vec![closed_port()])
+        .export("empty.demo", 80, vec![])
+        .export_to("private.demo", 80, vec![echo], only_north);
+    let s = TwoSites::start_with("typed", west_cfg, &[("nope.demo", 7000)]).await;
+    let conn = raw_client(&s).await;
+    let open = |svc: &str, port| {
+        wire::Open {
+            service: svc.parse().unwrap(),
+            port,
+            source: s.east.id.clone(),
+        }
+        .encode()
+    };
+
+    let (r, _) = exchange(&conn, &open("nope.demo", 7000)).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::UnknownService,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let (r, _) = exchange(&conn, &open("echo.demo", 7001)).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::UnknownService,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let (r, _) = exchange(&conn, &open("private.demo", 80)).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::NotExportedToPeer,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let (r, _) = exchange(&conn, &open("empty.demo", 80)).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::NoReadyEndpoint,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let (r, _) = exchange(&conn, &open("down.demo", 80)).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::EndpointConnectFailed,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let (r, _) = exchange(&conn, &open("echo.demo", 7000)).await;
+    assert_eq!(r, Ok(Response::Accept));
+
+    // Oversized: a length prefix past the limit gets a typed refusal and a stream reset.
+    let (r, send) = exchange(&conn, &[0xff, 0xff, 1, 1]).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::HeaderTooLarge,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+        .await
+        .unwrap();
+    assert_eq!(
+        stopped.unwrap(),
+        Some(quinn::VarInt::from_u32(wire::app_code::BAD_HEADER))
+    );
+    // Malformed: garbage of a legal length.
+    let (r, _) = exchange(&conn, &[0, 5, 1, 1, 200, b'x', b'y']).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::MalformedHeader,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let (r, _) = exchange(&conn, &[0, 2, 7, 1]).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::UnsupportedVersion,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+
+    // The gateway survived all of it and still serves.
+    let (r, _) = exchange(&conn, &open("echo.demo", 7000)).await;
+    assert_eq!(r, Ok(Response::Accept));
+    assert_eq!(
+        s.west_gw
+            .metric(
+                r#"meshfed_gateway_refusals_total{direction="ingress",reason="header_too_large"}"#
+            )
+            .await,
+        1.0
+    );
+    assert_eq!(
+        s.west_gw
+            .metric(
+                r#"meshfed_gateway_refusals_total{direction="ingress",reason="unknown_service"}"#
+            )
+            .await,
+        2.0
+    );
+
+    // Through the real egress, the refusal closes the client and is counted with its reason.
+    assert_refused(s.east_gw.import("nope.demo:7000")).await;
+    assert_eq!(
+        s.east_gw
+            .metric(
+                r#"meshfed_gateway_refusals_total{direction="egress",reason="unknown_service"}"#
+            )
+            .await,
+        1.0
+    );
+    assert!(s.east_gw.logs().contains("reason=\"unknown_service\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_down_closes_client_within_a_second() {
+    let s = TwoSites::start(
+        "down",
+        &[("down.demo", 80, vec![closed_port()])],
+        &[("down.demo", 80)],
+    )
+    .await;
+    let addr = s.east_gw.import("down.demo:80");
+    // Warm the peer connection so the measurement is the refusal, not the first handshake.
+    let _ = s
+        .east_gw
+        .wait_metric(
+            "meshfed_gateway_peer_connections",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    let started = Instant::now();
+    assert_refused(addr).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "client closed after {took:?}"
+    );
+    assert_eq!(
+        s.east_gw.metric(r#"meshfed_gateway_refusals_total{direction="egress",reason="endpoint_connect_failed"}"#).await,
+        1.0
+    );
+}
+
+/// The client is refused: reset (possibly already in connect) or closed, never data.
+async fn assert_refused(addr: SocketAddr) {
+    let Ok(mut c) = TcpStream::connect(addr).await else {
+        return;
+    };
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "no data may come back: {r:?}");
+}
+
+async fn echo_once(addr: SocketAddr) -> anyhow::Result<()> {
+    let mut c = TcpStream::connect(addr).await?;
+    c.write_all(b"ping").await?;
+    let mut b = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut b)).await??;
+    anyhow::ensure!(&b == b"ping");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_gateway_crash_and_restart_recovers_within_two_seconds() {
+    let echo = echo_server().await;
+    let mut s = TwoSites::start(
+        "restart",
+        &[("echo.demo", 7000, vec![echo])],
+        &[("echo.demo", 7000)],
+    )
+    .await;
+    let addr = s.east_gw.import(ECHO);
+    echo_once(addr).await.unwrap();
+    let port = s.west_gw.quic;
+    s.west_gw.kill();
+    let cfg = ConfigBuilder {
+        listen: Some(port),
+        ..Default::default()
+    }
+    .peer(&s.east, None)
+    .export("echo.demo", 7000, vec![echo]);
+    let new_west = Gw::start(&s.west, &cfg).unwrap();
+    let restarted = Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match echo_once(addr).await {
+            Ok(()) => break,
+            Err(e) if restarted.elapsed() < Duration::from_secs(5) => {
+                eprintln!("attempt {attempts}: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!(
+                "no recovery after {:?}: {e}\n{}",
+                restarted.elapsed(),
+                s.east_gw.logs()
+            ),
+        }
+    }
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "recovered after {took:?} ({attempts} attempts)"
+    );
+    drop(new_west);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_connections() {
+    let echo = echo_server().await;
+    let mut s = TwoSites::start(
+        "drain",
+        &[("echo.demo", 7000, vec![echo])],
+        &[("echo.demo", 7000)],
+    )
+    .await;
+    let mut c = TcpStream::connect(s.east_gw.import(ECHO)).await.unwrap();
+    c.write_all(b"before").await.unwrap();
+    let mut b = [0u8; 6];
+    c.read_exact(&mut b).await.unwrap();
+    s.west_gw.term();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        s.west_gw.wait_exit(Duration::ZERO).is_none(),
+        "west must wait for the in-flight stream"
+    );
+    c.write_all(b"during").await.unwrap();
+    c.read_exact(&mut b).await.unwrap();
+    assert_eq!(
+        &b, b"during",
+        "the in-flight connection keeps working during the drain"
+    );
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    let status = s
+        .west_gw
+        .wait_exit(Duration::from_secs(8))
+        .expect("west exits once drained");
+    assert!(status.success(), "{status}");
+    assert!(s.west_gw.logs().contains("draining"));
+}
