@@ -1,1 +1,601 @@
-fn main() {}
+//! bench/tunnel: meshfed's tunnel beside stunnel4 and haproxy TLS pairs and direct TCP,
+//! on the same path, in the same run.
+//!
+//! Topology: two network namespaces (`mfb-a`: clients and the client-side proxies;
+//! `mfb-b`: the server and the server-side proxies) joined by a veth pair with MTU 1500,
+//! so QUIC cannot profit from loopback's 64 KiB MTU. Without root it falls back to
+//! loopback and says so. Every figure is printed, then the ratios against the better TLS
+//! peer; the last lines are `name: value`.
+
+mod load;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use meshfed_gateway::lab;
+use meshfed_identity::{Ca, SpiffeId, TrustDomain};
+
+#[derive(Parser)]
+#[command(about = "meshfed tunnel vs stunnel4, haproxy and direct TCP")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the whole benchmark (the default).
+    Run(RunArgs),
+    /// Internal: the sink/echo server.
+    Serve { addr: SocketAddr },
+    /// Internal: one measurement against `addr`; prints one JSON line.
+    Load {
+        addr: SocketAddr,
+        kind: String,
+        #[arg(long, default_value_t = 1)]
+        n: usize,
+        #[arg(long, default_value_t = 4.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// Seconds per throughput / connection-rate measurement.
+    #[arg(long, default_value_t = 4.0)]
+    secs: f64,
+    /// Use loopback even when root.
+    #[arg(long)]
+    loopback: bool,
+    /// Paths to measure (comma separated): meshfed,stunnel,haproxy,direct.
+    #[arg(long, default_value = "meshfed,stunnel,haproxy,direct")]
+    paths: String,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.cmd.unwrap_or(Cmd::Run(RunArgs {
+        secs: 4.0,
+        loopback: false,
+        paths: "meshfed,stunnel,haproxy,direct".into(),
+    })) {
+        Cmd::Serve { addr } => rt.block_on(load::serve(addr)),
+        Cmd::Load {
+            addr,
+            kind,
+            n,
+            secs,
+            rate,
+        } => {
+            let v = rt.block_on(async {
+                match kind.as_str() {
+                    "wait" => wait_port(addr).await.map(|_| serde_json::json!({})),
+                    "throughput" => load::throughput(addr, n, secs).await,
+                    "connrate" => load::connrate(addr, n, secs).await,
+                    "capacity" => load::capacity(addr, n, secs).await,
+                    "latency" => load::latency(addr, rate, secs, n).await,
+                    k => bail!("unknown load kind {k}"),
+                }
+            })?;
+            println!("{v}");
+            Ok(())
+        }
+        Cmd::Run(args) => run(args),
+    }
+}
+
+async fn wait_port(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} did not come up in 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// === topology ===
+
+const NS_A: &str = "mfb-a";
+const NS_B: &str = "mfb-b";
+
+struct Topo {
+    netns: bool,
+    /// Address of host B (server side) as seen from A.
+    b: IpAddr,
+    procs: Vec<(String, Child)>,
+    dir: PathBuf,
+}
+
+impl Topo {
+    fn setup(loopback: bool, dir: PathBuf) -> Result<Self> {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        let netns = !loopback && root && Command::new("ip").arg("-V").output().is_ok();
+        if netns {
+            cleanup_netns();
+            let sh = |args: &str| -> Result<()> {
+                let st = Command::new("ip").args(args.split_whitespace()).status()?;
+                if !st.success() {
+                    bail!("ip {args} failed");
+                }
+                Ok(())
+            };
+            sh(&format!("netns add {NS_A}"))?;
+            sh(&format!("netns add {NS_B}"))?;
+            sh("link add mfb-va type veth peer name mfb-vb")?;
+            sh(&format!("link set mfb-va netns {NS_A}"))?;
+            sh(&format!("link set mfb-vb netns {NS_B}"))?;
+            // 198.18.0.0/15 is the benchmarking range (RFC 2544); it exists only on this veth.
+            sh(&format!("-n {NS_A} addr add 198.18.0.1/24 dev mfb-va"))?;
+            sh(&format!("-n {NS_B} addr add 198.18.0.2/24 dev mfb-vb"))?;
+            for (ns, dev) in [(NS_A, "mfb-va"), (NS_B, "mfb-vb")] {
+                sh(&format!("-n {ns} link set {dev} mtu 1500 up"))?;
+                sh(&format!("-n {ns} link set lo up"))?;
+                // Connection-rate runs open tens of thousands of connections.
+                let _ = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-q",
+                        "-w",
+                        "net.ipv4.tcp_tw_reuse=1",
+                        "net.ipv4.ip_local_port_range=1024 65000",
+                    ])
+                    .status();
+            }
+        } else {
+            println!("NOTE: not root (or --loopback): measuring on loopback, not on two hosts");
+        }
+        Ok(Self {
+            netns,
+            b: if netns {
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2))
+            } else {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            },
+            procs: Vec::new(),
+            dir,
+        })
+    }
+
+    fn cmd(&self, ns: &str, program: &Path) -> Command {
+        if self.netns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    fn spawn(&mut self, name: &str, ns: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = self
+            .cmd(ns, program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        self.procs.push((name.into(), child));
+        Ok(())
+    }
+
+    /// Runs one load measurement in A and returns its JSON.
+    fn load(
+        &self,
+        addr: SocketAddr,
+        kind: &str,
+        n: usize,
+        secs: f64,
+        rate: f64,
+    ) -> Result<serde_json::Value> {
+        let me = std::env::current_exe()?;
+        let out = self
+            .cmd(NS_A, &me)
+            .args([
+                "load",
+                &addr.to_string(),
+                kind,
+                "--n",
+                &n.to_string(),
+                "--secs",
+                &secs.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "load {kind} against {addr} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or("{}")).context("load output")
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.netns {
+            cleanup_netns();
+        }
+    }
+}
+
+fn cleanup_netns() {
+    for ns in [NS_A, NS_B] {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn need(program: &str, package: &str) -> Result<PathBuf> {
+    let find = || {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+                .map(|d| d.join(program))
+                .find(|p| p.exists())
+        })
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    println!("installing {package} ...");
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "-qq", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    find().with_context(|| format!("{program} not found; apt-get install {package}"))
+}
+
+// === the run ===
+
+struct Path_ {
+    name: &'static str,
+    addr: SocketAddr,
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("meshfed-bench-tunnel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let me = std::env::current_exe()?;
+    let meshfed = me.with_file_name("meshfed");
+    if !meshfed.exists() {
+        bail!(
+            "{} not found: cargo build --release first",
+            meshfed.display()
+        );
+    }
+    let stunnel = need("stunnel4", "stunnel4")?;
+    let haproxy = need("haproxy", "haproxy")?;
+
+    let mut topo = Topo::setup(args.loopback, dir.clone())?;
+    let b = topo.b;
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let server = SocketAddr::new(
+        if topo.netns {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            lo
+        },
+        5001,
+    );
+    topo.spawn("server", NS_B, &me, &["serve", &server.to_string()])?;
+
+    // --- meshfed: east (A) imports bench.demo:5001 from west (B)
+    let west = lab::make_site(&dir, "west", "west.example.org")?;
+    let east = lab::make_site(&dir, "east", "east.example.org")?;
+    let west_cfg = lab::ConfigBuilder {
+        listen: Some(SocketAddr::new(b, 15443)),
+        ..Default::default()
+    }
+    .peer(&east, None)
+    .export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)])
+    .write(&west)?;
+    let east_cfg = lab::ConfigBuilder {
+        listen: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
+        ..Default::default()
+    }
+    .peer(&west, Some(SocketAddr::new(b, 15443)))
+    .import("bench.demo", 5001, "west", SocketAddr::new(lo, 16000))
+    .write(&east)?;
+    topo.spawn(
+        "meshfed-west",
+        NS_B,
+        &meshfed,
+        &[
+            "gateway",
+            "run",
+            "-c",
+            west_cfg.to_str().unwrap_or_default(),
+        ],
+    )?;
+    topo.spawn(
+        "meshfed-east",
+        NS_A,
+        &meshfed,
+        &[
+            "gateway",
+            "run",
+            "-c",
+            east_cfg.to_str().unwrap_or_default(),
+        ],
+    )?;
+
+    // --- TLS peers: mutual TLS 1.3 with certificates from one bench CA
+    let ca = Ca::generate(
+        &TrustDomain::new("bench.example.org")?,
+        Duration::from_secs(86400),
+    )?;
+    let ca_pem = dir.join("peer-ca.pem");
+    meshfed_identity::ca::write_file(
+        &ca_pem,
+        meshfed_identity::ca::der_to_pem("CERTIFICATE", ca.cert()).as_bytes(),
+        0o644,
+    )?;
+    let mut combined = Vec::new();
+    for who in ["client", "server"] {
+        let svid = ca.issue(
+            &SpiffeId::new(&format!("spiffe://bench.example.org/{who}"))?,
+            Duration::from_secs(86400),
+        )?;
+        let (c, k) = (
+            dir.join(format!("{who}.pem")),
+            dir.join(format!("{who}.key")),
+        );
+        svid.save(&c, &k)?;
+        let both = dir.join(format!("{who}-combined.pem"));
+        meshfed_identity::ca::write_file(
+            &both,
+            format!("{}{}", svid.cert_pem(), svid.key_pem()).as_bytes(),
+            0o600,
+        )?;
+        combined.push((c, k, both));
+    }
+    let (cc, ck, cboth) = &combined[0];
+    let (sc, sk, sboth) = &combined[1];
+    let stunnel_client = format!(
+        "foreground = yes\npid =\ndebug = 3\n[c]\nclient = yes\naccept = 127.0.0.1:16001\nconnect = {b}:16101\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nsslVersionMin = TLSv1.3\n",
+        cc.display(),
+        ck.display(),
+        ca_pem.display()
+    );
+    let stunnel_server = format!(
+        "foreground = yes\npid =\ndebug = 3\n[s]\naccept = {b}:16101\nconnect = 127.0.0.1:5001\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n",
+        sc.display(),
+        sk.display(),
+        ca_pem.display()
+    );
+    let common = "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+    let haproxy_client = format!(
+        "{common}frontend f\n  bind 127.0.0.1:16002\n  default_backend b\nbackend b\n  server s {b}:16102 ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
+        cboth.display(),
+        ca_pem.display()
+    );
+    let haproxy_server = format!(
+        "{common}frontend f\n  bind {b}:16102 ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend b\nbackend b\n  server s 127.0.0.1:5001\n",
+        sboth.display(),
+        ca_pem.display()
+    );
+    for (name, text) in [
+        ("stunnel-a.conf", &stunnel_client),
+        ("stunnel-b.conf", &stunnel_server),
+        ("haproxy-a.cfg", &haproxy_client),
+        ("haproxy-b.cfg", &haproxy_server),
+    ] {
+        std::fs::write(dir.join(name), text)?;
+    }
+    let p = |n: &str| dir.join(n).display().to_string();
+    topo.spawn("stunnel-b", NS_B, &stunnel, &[&p("stunnel-b.conf")])?;
+    topo.spawn("stunnel-a", NS_A, &stunnel, &[&p("stunnel-a.conf")])?;
+    topo.spawn(
+        "haproxy-b",
+        NS_B,
+        &haproxy,
+        &["-db", "-f", &p("haproxy-b.cfg")],
+    )?;
+    topo.spawn(
+        "haproxy-a",
+        NS_A,
+        &haproxy,
+        &["-db", "-f", &p("haproxy-a.cfg")],
+    )?;
+
+    let all = [
+        Path_ {
+            name: "meshfed",
+            addr: SocketAddr::new(lo, 16000),
+        },
+        Path_ {
+            name: "stunnel",
+            addr: SocketAddr::new(lo, 16001),
+        },
+        Path_ {
+            name: "haproxy",
+            addr: SocketAddr::new(lo, 16002),
+        },
+        Path_ {
+            name: "direct",
+            addr: SocketAddr::new(b, 5001),
+        },
+    ];
+    let wanted: Vec<&str> = args.paths.split(',').collect();
+    let paths: Vec<&Path_> = all.iter().filter(|p| wanted.contains(&p.name)).collect();
+    for p in &paths {
+        topo.load(p.addr, "wait", 1, 0.0, 0.0)
+            .with_context(|| format!("{} path not up", p.name))?;
+        // One round trip proves the whole path (meshfed: the QUIC connection is up).
+        topo.load(p.addr, "capacity", 1, 0.2, 0.0)
+            .with_context(|| {
+                format!(
+                    "{} path does not carry data; logs in {}",
+                    p.name,
+                    dir.display()
+                )
+            })?;
+    }
+    println!(
+        "topology: {}",
+        if topo.netns {
+            "two network namespaces, veth MTU 1500 (198.18.0.1 ↔ 198.18.0.2)"
+        } else {
+            "loopback"
+        }
+    );
+    println!(
+        "paths: client → {{meshfed egress→QUIC→ingress | stunnel→TLS→stunnel | haproxy→TLS→haproxy | direct}} → server\n"
+    );
+
+    let secs = args.secs;
+    let mut res = std::collections::BTreeMap::<(&str, &str), f64>::new();
+    let measure = |label: &str,
+                   key: &'static str,
+                   kind: &str,
+                   n: usize,
+                   secs: f64,
+                   rate: f64,
+                   field: &str,
+                   unit: &str,
+                   res: &mut std::collections::BTreeMap<(&str, &'static str), f64>|
+     -> Result<()> {
+        println!("{label}");
+        for p in &paths {
+            let v = topo.load(p.addr, kind, n, secs, rate)?;
+            let x = v[field].as_f64().unwrap_or(f64::NAN);
+            println!("  {:<8} {:>10.2} {unit}   {v}", p.name, x);
+            res.insert((p.name, key), x);
+        }
+        Ok(())
+    };
+    measure(
+        "(a) bulk throughput, 1 stream",
+        "tput1",
+        "throughput",
+        1,
+        secs,
+        0.0,
+        "gbps",
+        "Gbit/s",
+        &mut res,
+    )?;
+    measure(
+        "(a) bulk throughput, 16 streams",
+        "tput16",
+        "throughput",
+        16,
+        secs,
+        0.0,
+        "gbps",
+        "Gbit/s",
+        &mut res,
+    )?;
+    measure(
+        "(b) new connections: connect, 64 B round trip, close (16 workers)",
+        "conn",
+        "connrate",
+        16,
+        secs,
+        0.0,
+        "per_sec",
+        "conn/s",
+        &mut res,
+    )?;
+    measure(
+        "    1 KiB request/response capacity, closed loop, 16 connections",
+        "cap",
+        "capacity",
+        16,
+        secs.min(3.0),
+        0.0,
+        "rps",
+        "req/s",
+        &mut res,
+    )?;
+    let slowest = paths
+        .iter()
+        .filter_map(|p| res.get(&(p.name, "cap")))
+        .fold(f64::INFINITY, |a, &b| a.min(b));
+    let rate = (slowest * 0.6).max(100.0);
+    let lat_secs = (secs + 1.0).max(3.0);
+    println!(
+        "(c) 1 KiB request/response latency at {rate:.0} req/s (60% of the slowest path), open loop, 64 connections"
+    );
+    for p in &paths {
+        let v = topo.load(p.addr, "latency", 64, lat_secs, rate)?;
+        let (p50, p99) = (
+            v["p50_us"].as_f64().unwrap_or(f64::NAN),
+            v["p99_us"].as_f64().unwrap_or(f64::NAN),
+        );
+        println!(
+            "  {:<8} p50 {:>7.0} µs  p99 {:>7.0} µs   {v}",
+            p.name, p50, p99
+        );
+        res.insert((p.name, "p50"), p50);
+        res.insert((p.name, "p99"), p99);
+    }
+
+    let get = |path: &str, key: &str| res.get(&(path, key)).copied().unwrap_or(f64::NAN);
+    let best = |key: &str, higher_better: bool| {
+        let (s, h) = (get("stunnel", key), get("haproxy", key));
+        if higher_better { s.max(h) } else { s.min(h) }
+    };
+    println!();
+    println!("ratios vs the better of stunnel/haproxy (same run):");
+    let lines = [
+        (
+            "tunnel_throughput_ratio_vs_best_peer",
+            get("meshfed", "tput16") / best("tput16", true),
+        ),
+        (
+            "tunnel_single_stream_ratio_vs_best_peer",
+            get("meshfed", "tput1") / best("tput1", true),
+        ),
+        (
+            "tunnel_connrate_ratio_vs_best_peer",
+            get("meshfed", "conn") / best("conn", true),
+        ),
+        (
+            "tunnel_p99_ratio_vs_best_peer",
+            get("meshfed", "p99") / best("p99", false),
+        ),
+        (
+            "tunnel_added_p50_us",
+            get("meshfed", "p50") - get("direct", "p50"),
+        ),
+    ];
+    println!("logs and configs: {}", dir.display());
+    drop(topo);
+    for (k, v) in lines {
+        println!("{k}: {v:.3}");
+    }
+    Ok(())
+}

@@ -241,6 +241,15 @@ impl RawConfig {
                 .as_deref()
                 .map(|a| v.addr(f("address"), a))
                 .transpose()?;
+            if let Some(a) = address
+                && listen.ip().is_loopback()
+                && !a.ip().is_loopback()
+            {
+                return Err(v.err(
+                    f("address"),
+                    format!("{a} is not on loopback, but `listen` {listen} is: the QUIC endpoint could not send to it (listen on 0.0.0.0 or a routable address)"),
+                ));
+            }
             let spiffe_id = SpiffeId::new(&p.spiffe_id)
                 .map_err(|e| v.err(f("spiffe_id"), format!("{:?}: {e}", p.spiffe_id)))?;
             peers.push(Peer {
@@ -422,6 +431,9 @@ imports:
         let (f, r) = field_err(&GOOD.replace("site: east\n    listen", "site: north\n    listen"));
         assert_eq!(f, "imports[0].site");
         assert!(r.contains("not in `peers`"), "{r}");
+        let (f, r) = field_err(&GOOD.replace("listen: 0.0.0.0:15443", "listen: 127.0.0.1:15443"));
+        assert_eq!(f, "peers[0].address");
+        assert!(r.contains("not on loopback"), "{r}");
         let (f, _) = field_err(&GOOD.replace("drain_grace: 3s", "drain_grace: soon"));
         assert_eq!(f, "drain_grace");
         let (f, _) = field_err(&GOOD.replace("service: echo.demo", "service: echo"));
