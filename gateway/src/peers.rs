@@ -76,7 +76,7 @@ impl PeerHandle {
     /// dials again now rather than after the idle timeout.
     pub fn report_dead(&self, conn: &Connection) {
         conn.close(
-            quinn::VarInt::from_u32(crate::wire::app_code::DRAINING + 1),
+            quinn::VarInt::from_u32(crate::wire::app_code::UNRESPONSIVE),
             b"peer unresponsive",
         );
         self.kick.notify_one();

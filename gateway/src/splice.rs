@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -11,10 +13,13 @@ use tokio::net::TcpStream;
 
 use crate::wire::app_code;
 
-/// Read size from TCP: large enough that the QUIC side packs full GSO batches.
-const TCP_READ: usize = 128 * 1024;
-/// Largest chunk taken from QUIC at once.
-const QUIC_READ: usize = 256 * 1024;
+/// Least room offered to one TCP read: large enough that the QUIC side packs full GSO
+/// batches.
+const TCP_READ: usize = 64 * 1024;
+/// Size of the buffer TCP reads are sliced from.
+const TCP_BUF: usize = 1024 * 1024;
+/// Most chunks taken from QUIC for one writev.
+const QUIC_BATCH: usize = 32;
 
 /// Byte counters for the two flows of one splice.
 pub struct Counters {
@@ -43,8 +48,14 @@ pub async fn splice(
     let end = {
         let (mut tr, mut tw) = tcp.split();
         let up = async {
+            // One large buffer, sliced into chunks that quinn keeps until they are
+            // acknowledged; `reserve` reclaims the allocation once they are all dropped,
+            // so a bulk transfer allocates rarely and never page-faults fresh memory.
+            let mut buf = BytesMut::with_capacity(TCP_BUF);
             loop {
-                let mut buf = BytesMut::with_capacity(TCP_READ);
+                if buf.capacity() < TCP_READ {
+                    buf.reserve(TCP_BUF);
+                }
                 match tr.read_buf(&mut buf).await {
                     Ok(0) => {
                         // FIN from the TCP side: finish our half of the stream.
@@ -53,7 +64,7 @@ pub async fn splice(
                     }
                     Ok(n) => {
                         counters.tx.inc_by(n as u64);
-                        if send.write_chunk(buf.freeze()).await.is_err() {
+                        if send.write_chunk(buf.split().freeze()).await.is_err() {
                             return Err("tunnel_send_failed");
                         }
                     }
@@ -62,11 +73,15 @@ pub async fn splice(
             }
         };
         let down = async {
+            // Take every chunk quinn has ready and hand them to one writev, so the
+            // receiving side makes one syscall per batch rather than per packet.
+            let mut chunks: [Bytes; QUIC_BATCH] = Default::default();
             loop {
-                match recv.read_chunk(QUIC_READ, true).await {
-                    Ok(Some(chunk)) => {
-                        counters.rx.inc_by(chunk.bytes.len() as u64);
-                        if tw.write_all(&chunk.bytes).await.is_err() {
+                match recv.read_chunks(&mut chunks).await {
+                    Ok(Some(n)) => {
+                        let bytes: usize = chunks[..n].iter().map(Bytes::len).sum();
+                        counters.rx.inc_by(bytes as u64);
+                        if write_all_chunks(&mut tw, &mut chunks[..n]).await.is_err() {
                             return Err("tcp_write_failed");
                         }
                     }
@@ -112,6 +127,38 @@ pub async fn splice(
         }
     }
     end
+}
+
+/// Writes every chunk, with as few writev calls as the socket allows.
+async fn write_all_chunks<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut [Bytes],
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < chunks.len() {
+        let mut written = {
+            let iov: [IoSlice<'_>; QUIC_BATCH] = std::array::from_fn(|i| {
+                IoSlice::new(chunks.get(first + i).map_or(&[][..], |b| &b[..]))
+            });
+            let n = (chunks.len() - first).min(QUIC_BATCH);
+            w.write_vectored(&iov[..n]).await?
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let len = chunks[first].len();
+            if written >= len {
+                written -= len;
+                chunks[first] = Bytes::new();
+                first += 1;
+            } else {
+                chunks[first].advance(written);
+                written = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Closes with RST rather than FIN, so the client sees an error, not a clean end.

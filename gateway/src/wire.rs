@@ -35,6 +35,8 @@ pub mod app_code {
     pub const REFUSED: u32 = 0x3;
     /// The gateway is draining (connection close).
     pub const DRAINING: u32 = 0x10;
+    /// The dialer gave up on a connection that stopped answering (connection close).
+    pub const UNRESPONSIVE: u32 = 0x11;
 }
 
 /// Why an ingress refused a stream. The numeric code is stable on the wire; the label is
