@@ -45,6 +45,8 @@ struct RawConfig {
     #[serde(default)]
     connect_timeout: Option<String>,
     #[serde(default)]
+    reload_interval: Option<String>,
+    #[serde(default)]
     peers: Vec<RawPeer>,
     #[serde(default)]
     exports: Vec<RawExport>,
@@ -100,6 +102,7 @@ struct RawImport {
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -115,6 +118,8 @@ pub struct GatewayConfig {
     pub drain_grace: Duration,
     /// Ingress connect timeout to a local endpoint; default 1 s.
     pub connect_timeout: Duration,
+    /// How often the SVID and bundle files are checked for changes; default 5 s.
+    pub reload_interval: Duration,
     pub peers: Vec<Peer>,
     pub exports: BTreeMap<ServiceName, Export>,
     pub imports: Vec<Import>,
@@ -224,6 +229,14 @@ impl RawConfig {
             self.connect_timeout.as_deref(),
             DEFAULT_CONNECT_TIMEOUT,
         )?;
+        let reload_interval = v.duration(
+            "reload_interval",
+            self.reload_interval.as_deref(),
+            DEFAULT_RELOAD_INTERVAL,
+        )?;
+        if reload_interval.is_zero() {
+            return Err(v.err("reload_interval", "must be positive"));
+        }
 
         let mut peers = Vec::new();
         let mut peer_sites = BTreeSet::new();
@@ -348,6 +361,7 @@ impl RawConfig {
             admin,
             drain_grace,
             connect_timeout,
+            reload_interval,
             peers,
             exports,
             imports,

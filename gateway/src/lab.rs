@@ -71,6 +71,7 @@ pub struct ConfigBuilder {
     pub listen: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub drain_grace: Option<Duration>,
+    pub reload_interval: Option<Duration>,
     pub bundles: Vec<PathBuf>,
     /// (site, address, SPIFFE ID)
     pub peers: Vec<(String, Option<SocketAddr>, SpiffeId)>,
@@ -119,6 +120,9 @@ impl ConfigBuilder {
         let _ = writeln!(y, "admin: {}", self.admin.unwrap_or(lo));
         if let Some(g) = self.drain_grace {
             let _ = writeln!(y, "drain_grace: {}", humantime::format_duration(g));
+        }
+        if let Some(r) = self.reload_interval {
+            let _ = writeln!(y, "reload_interval: {}", humantime::format_duration(r));
         }
         let _ = writeln!(
             y,

@@ -14,6 +14,7 @@ pub mod ingress;
 pub mod lab;
 pub mod metrics;
 pub mod peers;
+pub mod reload;
 pub mod splice;
 pub mod tunnel;
 pub mod wire;
@@ -25,7 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshfed_identity::{BundleSet, PeerPolicy, SpiffeId, SpiffeVerifier, Svid};
+use meshfed_identity::tls::SvidResolver;
+use meshfed_identity::{PeerPolicy, SpiffeId, SpiffeVerifier, Svid};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -40,22 +42,18 @@ pub enum GatewayError {
     Config(#[from] ConfigError),
     #[error("identity: {0}")]
     Identity(#[from] meshfed_identity::CaError),
-    #[error("trust bundle {file}: {source}")]
-    Bundle {
-        file: String,
-        #[source]
-        source: meshfed_identity::BundleError,
-    },
+    #[error("{0}")]
+    Bundles(String),
     #[error("certificate {cert}: SPIFFE ID {found} is not this site's gateway ID {expected}")]
     WrongIdentity {
         cert: String,
         found: SpiffeId,
         expected: SpiffeId,
     },
-    #[error("no trust bundle for this site's own trust domain {0}")]
-    NoOwnBundle(String),
     #[error(transparent)]
     Tunnel(#[from] tunnel::TunnelError),
+    #[error("SVID: {0}")]
+    Svid(String),
     #[error("bind {what} {addr}: {source}")]
     Bind {
         what: String,
@@ -139,35 +137,29 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             expected,
         });
     }
-    let mut bundles = BundleSet::new();
-    for file in &cfg.bundles {
-        let b = BundleSet::read_bundle_file(file, None).map_err(|source| GatewayError::Bundle {
-            file: file.display().to_string(),
-            source,
-        })?;
-        bundles.insert(b);
-    }
-    if bundles.get(&cfg.trust_domain).is_none() {
-        return Err(GatewayError::NoOwnBundle(cfg.trust_domain.to_string()));
-    }
+    let bundles =
+        reload::load_bundles(&cfg.bundles, &cfg.trust_domain).map_err(GatewayError::Bundles)?;
 
     let metrics = metrics::Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let hook_metrics = metrics.clone();
-    let base_verifier = SpiffeVerifier::new(
-        Arc::new(ArcSwap::from_pointee(bundles)),
-        PeerPolicy::AnyFederated,
-    )
-    .with_reject_hook(Arc::new(move |e| {
-        warn!(reason = e.code(), error = %e, "mTLS handshake refused");
-        hook_metrics.handshake_failed(e.code());
-    }));
+    let bundle_store = Arc::new(ArcSwap::from_pointee(bundles));
+    let base_verifier = SpiffeVerifier::new(bundle_store.clone(), PeerPolicy::AnyFederated)
+        .with_reject_hook(Arc::new(move |e| {
+            warn!(reason = e.code(), error = %e, "mTLS handshake refused");
+            hook_metrics.handshake_failed(e.code());
+        }));
 
     // Inbound: only configured peers may connect.
     let inbound_ids: BTreeSet<SpiffeId> = cfg.peers.iter().map(|p| p.spiffe_id.clone()).collect();
+    let resolver =
+        Arc::new(SvidResolver::new(&svid).map_err(|e| GatewayError::Svid(e.to_string()))?);
+    metrics
+        .svid_not_after
+        .set(svid.not_after_unix().unwrap_or_default());
     let server = tunnel::server_config(
-        &svid,
+        resolver.clone(),
         base_verifier
             .clone()
             .with_policy(PeerPolicy::Only(inbound_ids)),
@@ -192,7 +184,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
                 p.site.clone(),
                 p.spiffe_id.clone(),
                 addr,
-                tunnel::client_config(&svid, v)?,
+                tunnel::client_config(resolver.clone(), v)?,
             ));
         }
     }
@@ -261,6 +253,19 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             .clone()
             .serve(endpoint.clone(), stop.clone(), tasks.clone()),
     );
+
+    let reloader = reload::Reloader {
+        cert: cfg.cert.clone(),
+        key: cfg.key.clone(),
+        bundles: cfg.bundles.clone(),
+        expected_id: svid.id.clone(),
+        own_td: cfg.trust_domain.clone(),
+        resolver,
+        bundle_store,
+        metrics: metrics.clone(),
+        interval: cfg.reload_interval,
+    };
+    tokio::spawn(reloader.run(dial_stop.clone()));
 
     let ready = Arc::new(AtomicBool::new(false));
     let admin_stop = CancellationToken::new();

@@ -25,6 +25,14 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `svid` or `bundles`.
+    pub what: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub direction: &'static str,
     /// `to_tunnel` or `from_tunnel`.
@@ -40,6 +48,9 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub peer_connections: Gauge,
     pub peer_reconnects: Counter,
+    pub identity_reloads: Family<ReloadLabels, Counter>,
+    /// notAfter of the SVID in use, Unix seconds: alert when it nears `time()`.
+    pub svid_not_after: Gauge,
 }
 
 impl Metrics {
@@ -77,6 +88,16 @@ impl Metrics {
             "QUIC connections to peers re-established",
             self.peer_reconnects.clone(),
         );
+        r.register(
+            "identity_reloads",
+            "SVID and trust bundle reloads from disk, by result",
+            self.identity_reloads.clone(),
+        );
+        r.register(
+            "svid_not_after_seconds",
+            "Expiry of the SVID in use (Unix time)",
+            self.svid_not_after.clone(),
+        );
     }
 
     pub fn refused(&self, direction: &'static str, reason: &'static str) {
@@ -96,6 +117,13 @@ impl Metrics {
             tx: get("to_tunnel"),
             rx: get("from_tunnel"),
         }
+    }
+
+    pub fn reloaded(&self, what: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.identity_reloads
+            .get_or_create(&ReloadLabels { what, result })
+            .inc();
     }
 
     pub fn handshake_failed(&self, reason: &'static str) {

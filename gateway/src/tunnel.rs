@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshfed_identity::tls::SvidResolver;
 use meshfed_identity::{SpiffeVerifier, Svid};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, TransportConfig, VarInt};
@@ -63,7 +64,7 @@ pub fn transport_config() -> TransportConfig {
 
 /// The server half: requires a client SVID accepted by `policy`.
 pub fn server_config(
-    svid: &Svid,
+    svid: Arc<SvidResolver>,
     verifier: SpiffeVerifier,
 ) -> Result<quinn::ServerConfig, TunnelError> {
     let tls = meshfed_identity::tls::server_config(svid, verifier, &[ALPN])?;
@@ -77,7 +78,7 @@ pub fn server_config(
 
 /// The client half for dialing one peer, which must present exactly `peer_id`.
 pub fn client_config(
-    svid: &Svid,
+    svid: Arc<SvidResolver>,
     verifier: SpiffeVerifier,
 ) -> Result<quinn::ClientConfig, TunnelError> {
     let tls = meshfed_identity::tls::client_config(svid, verifier, &[ALPN])?;

@@ -254,6 +254,13 @@ impl Svid {
         Ok(Self { id, chain, key })
     }
 
+    /// The leaf's notAfter, as Unix seconds.
+    pub fn not_after_unix(&self) -> Option<i64> {
+        let leaf = self.chain.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
     pub fn cert_pem(&self) -> String {
         self.chain
             .iter()

@@ -220,6 +220,9 @@ pub fn closed_port() -> SocketAddr {
     a
 }
 
+/// Identity file poll interval in tests.
+pub const RELOAD: Duration = Duration::from_millis(100);
+
 /// The standard two-site layout: west exports echo.demo:7000, east imports it.
 pub struct TwoSites {
     pub scratch: Scratch,
@@ -251,8 +254,16 @@ impl TwoSites {
         let scratch = Scratch::new(name);
         let west = scratch.site("west", "west.example.org");
         let east = scratch.site("east", "east.example.org");
+        let west_cfg = ConfigBuilder {
+            reload_interval: west_cfg.reload_interval.or(Some(RELOAD)),
+            ..west_cfg
+        };
         let west_gw = Gw::start(&west, &west_cfg.peer(&east, None)).expect("west gateway");
-        let mut ec = ConfigBuilder::default().peer(&west, Some(west_gw.quic));
+        let mut ec = ConfigBuilder {
+            reload_interval: Some(RELOAD),
+            ..Default::default()
+        }
+        .peer(&west, Some(west_gw.quic));
         for (svc, port) in east_imports {
             ec = ec.import(svc, *port, "west", ([127, 0, 0, 1], 0).into());
         }

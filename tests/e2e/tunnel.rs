@@ -330,7 +330,8 @@ async fn raw_client(s: &TwoSites) -> quinn::Connection {
         Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
         PeerPolicy::Only([s.west.id.clone()].into()),
     );
-    let cfg = meshfed_gateway::tunnel::client_config(&svid, v).unwrap();
+    let resolver = Arc::new(meshfed_identity::tls::SvidResolver::new(&svid).unwrap());
+    let cfg = meshfed_gateway::tunnel::client_config(resolver, v).unwrap();
     let ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
     ep.connect_with(cfg, s.west_gw.quic, "west")
         .unwrap()
