@@ -3,6 +3,11 @@
 
 mod demo;
 
+/// The data plane slices big buffers and frees them as peers acknowledge; glibc returns
+/// those pages to the kernel and faults them back in. mimalloc keeps them.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

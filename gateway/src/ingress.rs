@@ -22,6 +22,15 @@ use crate::splice::splice;
 use crate::tunnel::{HeaderReadError, read_header};
 use crate::wire::{self, Open, Refusal, Response, app_code};
 
+/// TLS alert `certificate_required` (RFC 8446 §6.2).
+const CERTIFICATE_REQUIRED: u8 = 116;
+
+/// Whether a handshake failed with TLS alert `alert` (QUIC CRYPTO_ERROR 0x100 + alert).
+fn is_alert(e: &quinn::ConnectionError, alert: u8) -> bool {
+    matches!(e, quinn::ConnectionError::TransportError(te)
+        if u64::from(te.code) == 0x100 + u64::from(alert))
+}
+
 /// A peer must send its open request this soon after opening a stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DIR: &str = "ingress";
@@ -125,8 +134,19 @@ impl Ingress {
                 async move {
                     match incoming.await {
                         Ok(conn) => this.serve_connection(conn, stop, tasks).await,
-                        // Certificate refusals were counted by the verifier's hook.
-                        Err(e) => info!(error = %e, "inbound handshake failed"),
+                        Err(e) => {
+                            // Certificates we refused were counted by the verifier's hook;
+                            // a client that sent none never reaches it.
+                            if is_alert(&e, CERTIFICATE_REQUIRED) {
+                                this.metrics.handshake_failed("no_certificate");
+                                warn!(
+                                    reason = "no_certificate",
+                                    "mTLS handshake refused: the peer sent no certificate"
+                                );
+                            } else {
+                                info!(error = %e, "inbound handshake failed");
+                            }
+                        }
                     }
                 }
                 .instrument(info_span!("inbound", %remote)),

@@ -212,11 +212,14 @@ pub async fn echo_server() -> SocketAddr {
     addr
 }
 
-/// A loopback address nothing listens on.
+/// A loopback address nothing listens on. Port 1 (tcpmux) is privileged and unused
+/// here; an ephemeral "bind, note, close" port could be taken by a parallel test.
 pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = l.local_addr().expect("addr");
-    drop(l);
+    let a: SocketAddr = ([127, 0, 0, 1], 1).into();
+    assert!(
+        std::net::TcpStream::connect(a).is_err(),
+        "something listens on {a}"
+    );
     a
 }
 

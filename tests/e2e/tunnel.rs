@@ -641,3 +641,55 @@ async fn sigterm_drains_in_flight_connections() {
     assert!(status.success(), "{status}");
     assert!(s.west_gw.logs().contains("draining"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_without_certificate_is_refused_and_counted() {
+    let s = TwoSites::start("nocert", &[], &[]).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bundles: BundleSet = [BundleSet::read_bundle_file(&s.west.bundle, None).unwrap()]
+        .into_iter()
+        .collect();
+    let v = SpiffeVerifier::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
+        PeerPolicy::AnyFederated,
+    );
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(v))
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![wire::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let conn = ep
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(quic)),
+            s.west_gw.quic,
+            "west",
+        )
+        .unwrap()
+        .await;
+    if let Ok(conn) = conn {
+        // TLS 1.3: the refusal arrives right after the client's side completes.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let _ = send.write_all(b"x").await;
+        assert!(
+            meshfed_gateway::tunnel::read_header(&mut recv)
+                .await
+                .is_err(),
+            "no stream may be served"
+        );
+    }
+    let n = s
+        .west_gw
+        .wait_metric(
+            r#"meshfed_gateway_handshake_failures_total{reason="no_certificate"}"#,
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(n, 1.0);
+}
