@@ -4,6 +4,8 @@
 //! its types without pulling in a server or a store.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod names;
 
+pub use catalog::{Catalog, Change, Delta, Export, History, Resume, Revision, SiteRecord};
 pub use names::{NameError, ServiceName, SiteName};

@@ -1,0 +1,474 @@
+//! The federation's catalog as plain data: sites, their exports, revisioned changes, the
+//! diff a publish turns into, the merged view (namespace sameness), and the bounded
+//! history a watcher resumes from. No I/O: the stores and the gRPC service feed it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use meshfed_identity::{SpiffeId, TrustDomain};
+use serde::{Deserialize, Serialize};
+
+use crate::names::{ServiceName, SiteName};
+
+/// A catalog revision. Every committed change gets the next one; revisions never go
+/// back, not even across a restart of the store.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Revision(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedPort {
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One site's export of one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Export {
+    pub service: ServiceName,
+    pub ports: Vec<ExportedPort>,
+    /// Ready endpoints behind this site's gateway; 0 means "known but not serving".
+    pub ready_endpoints: u32,
+    /// Workload identities that serve it (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+    #[serde(default)]
+    pub identities: Vec<SpiffeId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A site as the federation knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub site: SiteName,
+    pub trust_domain: TrustDomain,
+    /// Where its gateways accept QUIC, `host:port`.
+    pub gateway_addresses: Vec<String>,
+    /// False once its lease expired; its exports stay listed but carry no traffic.
+    pub up: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    PutSite(SiteRecord),
+    /// The site left: its record and all its exports go.
+    DeleteSite {
+        site: SiteName,
+    },
+    PutExport {
+        site: SiteName,
+        export: Export,
+    },
+    DeleteExport {
+        site: SiteName,
+        service: ServiceName,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub revision: Revision,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatalogError {
+    #[error("delta at revision {got} does not follow revision {have}")]
+    OutOfOrder { have: u64, got: u64 },
+    #[error("export of {service} by unknown site {site}")]
+    UnknownSite {
+        site: SiteName,
+        service: ServiceName,
+    },
+}
+
+/// The whole catalog at one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub revision: Revision,
+    pub sites: BTreeMap<SiteName, SiteRecord>,
+    /// Keyed by (site, service).
+    #[serde(with = "export_map")]
+    pub exports: BTreeMap<(SiteName, ServiceName), Export>,
+}
+
+/// What a watcher at some revision needs to catch up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Every delta after the watcher's revision, in order.
+    Deltas(Vec<Delta>),
+    /// The history no longer reaches back that far: start from a snapshot.
+    Snapshot,
+}
+
+/// The most recent deltas, for resuming watches without a full resync.
+#[derive(Clone, Debug)]
+pub struct History {
+    deltas: VecDeque<Delta>,
+    cap: usize,
+    /// Revision of the newest change not in `deltas` (0: nothing ever dropped).
+    floor: Revision,
+}
+
+// === impl Catalog ===
+
+impl Catalog {
+    /// Applies a committed delta. Deltas must arrive in revision order.
+    pub fn apply(&mut self, d: &Delta) -> Result<(), CatalogError> {
+        if d.revision <= self.revision {
+            return Err(CatalogError::OutOfOrder {
+                have: self.revision.0,
+                got: d.revision.0,
+            });
+        }
+        match &d.change {
+            Change::PutSite(rec) => {
+                self.sites.insert(rec.site.clone(), rec.clone());
+            }
+            Change::DeleteSite { site } => {
+                self.sites.remove(site);
+                self.exports.retain(|(s, _), _| s != site);
+            }
+            Change::PutExport { site, export } => {
+                if !self.sites.contains_key(site) {
+                    return Err(CatalogError::UnknownSite {
+                        site: site.clone(),
+                        service: export.service.clone(),
+                    });
+                }
+                self.exports
+                    .insert((site.clone(), export.service.clone()), export.clone());
+            }
+            Change::DeleteExport { site, service } => {
+                self.exports.remove(&(site.clone(), service.clone()));
+            }
+        }
+        self.revision = d.revision;
+        Ok(())
+    }
+
+    /// The changes that turn `site`'s current exports into `new` (a publish is the
+    /// site's full export set). Unchanged exports produce nothing.
+    pub fn publish_changes(&self, site: &SiteName, new: &[Export]) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut wanted: BTreeMap<&ServiceName, &Export> = BTreeMap::new();
+        for e in new {
+            wanted.insert(&e.service, e);
+        }
+        for ((s, svc), _) in self.exports.iter().filter(|((s, _), _)| s == site) {
+            if !wanted.contains_key(svc) {
+                changes.push(Change::DeleteExport {
+                    site: s.clone(),
+                    service: svc.clone(),
+                });
+            }
+        }
+        for (svc, e) in wanted {
+            if self.exports.get(&(site.clone(), svc.clone())) != Some(e) {
+                changes.push(Change::PutExport {
+                    site: site.clone(),
+                    export: e.clone(),
+                });
+            }
+        }
+        changes
+    }
+
+    /// Services by name across sites: the same `name.namespace` exported by two sites is
+    /// one service with two backends.
+    pub fn merged(&self) -> BTreeMap<&ServiceName, Vec<(&SiteRecord, &Export)>> {
+        let mut out: BTreeMap<&ServiceName, Vec<(&SiteRecord, &Export)>> = BTreeMap::new();
+        for ((site, svc), e) in &self.exports {
+            if let Some(rec) = self.sites.get(site) {
+                out.entry(svc).or_default().push((rec, e));
+            }
+        }
+        out
+    }
+
+    /// The changes that rebuild this catalog from empty (for a snapshot on the wire).
+    pub fn as_changes(&self) -> Vec<Change> {
+        let sites = self.sites.values().cloned().map(Change::PutSite);
+        let exports = self.exports.iter().map(|((site, _), e)| Change::PutExport {
+            site: site.clone(),
+            export: e.clone(),
+        });
+        sites.chain(exports).collect()
+    }
+}
+
+mod export_map {
+    //! JSON objects need string keys: store the map as a list.
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Entry {
+        site: SiteName,
+        export: Export,
+    }
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<(SiteName, ServiceName), Export>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let v: Vec<Entry> = m
+            .iter()
+            .map(|((site, _), e)| Entry {
+                site: site.clone(),
+                export: e.clone(),
+            })
+            .collect();
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<(SiteName, ServiceName), Export>, D::Error> {
+        let v = Vec::<Entry>::deserialize(d)?;
+        Ok(v.into_iter()
+            .map(|e| ((e.site, e.export.service.clone()), e.export))
+            .collect())
+    }
+}
+
+// === impl History ===
+
+impl History {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            deltas: VecDeque::with_capacity(cap.min(4096)),
+            cap: cap.max(1),
+            floor: Revision(0),
+        }
+    }
+
+    /// A history that starts after `rev` (e.g. a store reopened at `rev`): resuming from
+    /// before it needs a snapshot.
+    pub fn starting_at(cap: usize, rev: Revision) -> Self {
+        let mut h = Self::new(cap);
+        h.floor = rev;
+        h
+    }
+
+    pub fn push(&mut self, d: Delta) {
+        if self.deltas.len() == self.cap
+            && let Some(old) = self.deltas.pop_front()
+        {
+            self.floor = old.revision;
+        }
+        self.deltas.push_back(d);
+    }
+
+    /// What a watcher that has applied everything up to `from` needs.
+    pub fn since(&self, from: Revision) -> Resume {
+        if from < self.floor {
+            return Resume::Snapshot;
+        }
+        Resume::Deltas(
+            self.deltas
+                .iter()
+                .filter(|d| d.revision > from)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(name: &str) -> SiteRecord {
+        SiteRecord {
+            site: SiteName::new(name).unwrap(),
+            trust_domain: TrustDomain::new(&format!("{name}.example.org")).unwrap(),
+            gateway_addresses: vec![format!("{name}.example.org:15443")],
+            up: true,
+        }
+    }
+
+    fn export(svc: &str, ready: u32) -> Export {
+        Export {
+            service: ServiceName::parse(svc).unwrap(),
+            ports: vec![ExportedPort {
+                port: 8080,
+                protocol: Protocol::Tcp,
+                name: Some("http".into()),
+            }],
+            ready_endpoints: ready,
+            identities: vec![],
+            locality: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn commit(cat: &mut Catalog, hist: &mut History, changes: Vec<Change>) {
+        for change in changes {
+            let d = Delta {
+                revision: Revision(cat.revision.0 + 1),
+                change,
+            };
+            cat.apply(&d).unwrap();
+            hist.push(d);
+        }
+    }
+
+    #[test]
+    fn publish_is_a_minimal_diff() {
+        let (mut cat, mut hist) = (Catalog::default(), History::new(100));
+        let west = SiteName::new("west").unwrap();
+        commit(&mut cat, &mut hist, vec![Change::PutSite(site("west"))]);
+        let first = cat.publish_changes(&west, &[export("orders.shop", 2), export("db.prod", 1)]);
+        assert_eq!(first.len(), 2);
+        commit(&mut cat, &mut hist, first);
+        // Same set again: nothing to do.
+        assert!(
+            cat.publish_changes(&west, &[export("db.prod", 1), export("orders.shop", 2)])
+                .is_empty()
+        );
+        // One changed, one gone.
+        let next = cat.publish_changes(&west, &[export("orders.shop", 3)]);
+        assert_eq!(
+            next,
+            vec![
+                Change::DeleteExport {
+                    site: west.clone(),
+                    service: ServiceName::parse("db.prod").unwrap()
+                },
+                Change::PutExport {
+                    site: west.clone(),
+                    export: export("orders.shop", 3)
+                },
+            ]
+        );
+        commit(&mut cat, &mut hist, next);
+        assert_eq!(cat.exports.len(), 1);
+        assert_eq!(cat.revision, Revision(5));
+    }
+
+    #[test]
+    fn namespace_sameness_merges_sites() {
+        let (mut cat, mut hist) = (Catalog::default(), History::new(100));
+        commit(
+            &mut cat,
+            &mut hist,
+            vec![
+                Change::PutSite(site("west")),
+                Change::PutSite(site("north")),
+            ],
+        );
+        for s in ["west", "north"] {
+            let changes =
+                cat.publish_changes(&SiteName::new(s).unwrap(), &[export("orders.shop", 1)]);
+            commit(&mut cat, &mut hist, changes);
+        }
+        let m = cat.merged();
+        let backends = &m[&ServiceName::parse("orders.shop").unwrap()];
+        let sites: Vec<&str> = backends.iter().map(|(r, _)| r.site.as_str()).collect();
+        assert_eq!(sites, vec!["north", "west"]);
+    }
+
+    #[test]
+    fn deleting_a_site_drops_its_exports() {
+        let (mut cat, mut hist) = (Catalog::default(), History::new(100));
+        let west = SiteName::new("west").unwrap();
+        commit(&mut cat, &mut hist, vec![Change::PutSite(site("west"))]);
+        let c = cat.publish_changes(&west, &[export("a.b", 1)]);
+        commit(&mut cat, &mut hist, c);
+        commit(&mut cat, &mut hist, vec![Change::DeleteSite { site: west }]);
+        assert!(cat.exports.is_empty() && cat.sites.is_empty());
+    }
+
+    #[test]
+    fn out_of_order_and_unknown_site_are_refused() {
+        let mut cat = Catalog::default();
+        let d = Delta {
+            revision: Revision(1),
+            change: Change::PutSite(site("west")),
+        };
+        cat.apply(&d).unwrap();
+        assert_eq!(
+            cat.apply(&d),
+            Err(CatalogError::OutOfOrder { have: 1, got: 1 })
+        );
+        let d = Delta {
+            revision: Revision(2),
+            change: Change::PutExport {
+                site: SiteName::new("ghost").unwrap(),
+                export: export("a.b", 1),
+            },
+        };
+        assert!(matches!(
+            cat.apply(&d),
+            Err(CatalogError::UnknownSite { .. })
+        ));
+        assert_eq!(cat.revision, Revision(1), "a refused delta changes nothing");
+    }
+
+    #[test]
+    fn history_resumes_or_asks_for_a_snapshot() {
+        let (mut cat, mut hist) = (Catalog::default(), History::new(3));
+        commit(&mut cat, &mut hist, vec![Change::PutSite(site("west"))]);
+        let west = SiteName::new("west").unwrap();
+        for i in 0..4 {
+            let c = cat.publish_changes(&west, &[export("a.b", i)]);
+            commit(&mut cat, &mut hist, c);
+        }
+        // Revisions 1..=5 committed; history keeps 3..=5.
+        assert_eq!(hist.since(Revision(1)), Resume::Snapshot);
+        match hist.since(Revision(2)) {
+            Resume::Deltas(d) => assert_eq!(
+                d.iter().map(|d| d.revision.0).collect::<Vec<_>>(),
+                vec![3, 4, 5]
+            ),
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(hist.since(Revision(5)), Resume::Deltas(vec![]));
+        let reopened = History::starting_at(10, Revision(5));
+        assert_eq!(reopened.since(Revision(4)), Resume::Snapshot);
+        assert_eq!(reopened.since(Revision(5)), Resume::Deltas(vec![]));
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_rebuilds() {
+        let (mut cat, mut hist) = (Catalog::default(), History::new(10));
+        commit(&mut cat, &mut hist, vec![Change::PutSite(site("west"))]);
+        let c = cat.publish_changes(
+            &SiteName::new("west").unwrap(),
+            &[export("a.b", 1), export("c.d", 0)],
+        );
+        commit(&mut cat, &mut hist, c);
+        let json = serde_json::to_string(&cat).unwrap();
+        let back: Catalog = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cat);
+        let mut rebuilt = Catalog::default();
+        for (i, change) in cat.as_changes().into_iter().enumerate() {
+            rebuilt
+                .apply(&Delta {
+                    revision: Revision(i as u64 + 1),
+                    change,
+                })
+                .unwrap();
+        }
+        assert_eq!((rebuilt.sites, rebuilt.exports), (cat.sites, cat.exports));
+    }
+}
