@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod names;
+pub mod token;
 
 pub use catalog::{Catalog, Change, Delta, Export, History, Resume, Revision, SiteRecord};
 pub use names::{NameError, ServiceName, SiteName};
