@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod names;
+pub mod store;
 pub mod token;
 
 pub use catalog::{Catalog, Change, Delta, Export, History, Resume, Revision, SiteRecord};

@@ -1,0 +1,434 @@
+//! The embedded store: one federation node, the catalog in memory, a snapshot on disk.
+//!
+//! Revisions never go back, even after a crash that loses unflushed commits: the
+//! snapshot records a *reservation* — a revision the store promises not to reach before
+//! the next snapshot. A commit that would reach it flushes first (extending it), and a
+//! reopened store starts at the reservation. Watchers that had seen a lost commit then
+//! resume from a revision below the new history's floor and get a snapshot.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast};
+use tracing::warn;
+
+use crate::catalog::{Catalog, CatalogError, Change, Delta, History, Resume, Revision};
+use crate::token::{JoinToken, TokenError, TokenRecord, redeem};
+
+/// Commits between forced snapshot writes, at the most.
+pub const RESERVATION: u64 = 100_000;
+/// Deltas kept for resuming watches.
+pub const DEFAULT_HISTORY: usize = 100_000;
+/// Debounce for background snapshot writes.
+const FLUSH_DELAY: Duration = Duration::from_millis(50);
+const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("snapshot {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot {path} is not a meshfed snapshot: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// Everything the federation persists.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub catalog: Catalog,
+    /// Issued join tokens by secret hash.
+    pub tokens: BTreeMap<String, TokenRecord>,
+    /// SPIFFE JWKS bundle per trust domain.
+    pub bundles: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    version: u32,
+    reserved: u64,
+    state: State,
+}
+
+/// Where a watch starts: deltas after its revision, or the whole catalog.
+pub enum WatchStart {
+    Deltas(Vec<Delta>),
+    Snapshot(Catalog),
+}
+
+pub struct EmbeddedStore {
+    inner: Mutex<Inner>,
+    path: Option<PathBuf>,
+    events: broadcast::Sender<Delta>,
+    dirty: Notify,
+}
+
+struct Inner {
+    state: State,
+    history: History,
+    reserved: u64,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store; `path: None` keeps it in memory only.
+    pub fn open(path: Option<&Path>, history: usize) -> Result<Arc<Self>, StoreError> {
+        let (state, start) = match path {
+            Some(p) if p.exists() => {
+                let io = |source| StoreError::Io {
+                    path: p.to_owned(),
+                    source,
+                };
+                let bytes = std::fs::read(p).map_err(io)?;
+                let snap: Snapshot =
+                    serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                        path: p.to_owned(),
+                        detail: e.to_string(),
+                    })?;
+                if snap.version != SNAPSHOT_VERSION {
+                    return Err(StoreError::Corrupt {
+                        path: p.to_owned(),
+                        detail: format!(
+                            "version {} (this build reads {SNAPSHOT_VERSION})",
+                            snap.version
+                        ),
+                    });
+                }
+                let start = snap.reserved.max(snap.state.catalog.revision.0);
+                (snap.state, start)
+            }
+            _ => (State::default(), 0),
+        };
+        let mut state = state;
+        state.catalog.revision = Revision(start);
+        let store = Arc::new(Self {
+            inner: Mutex::new(Inner {
+                state,
+                history: History::starting_at(history, Revision(start)),
+                reserved: start,
+            }),
+            path: path.map(Path::to_owned),
+            events: broadcast::channel(4096).0,
+            dirty: Notify::new(),
+        });
+        // Reserve before serving anything.
+        store.flush()?;
+        Ok(store)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every mutation below leaves Inner consistent before it can panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn revision(&self) -> Revision {
+        self.lock().state.catalog.revision
+    }
+
+    pub fn state(&self) -> State {
+        self.lock().state.clone()
+    }
+
+    /// Commits changes in order, each at the next revision. All or nothing.
+    pub fn commit(&self, changes: Vec<Change>) -> Result<Revision, StoreError> {
+        if changes.is_empty() {
+            return Ok(self.revision());
+        }
+        let mut inner = self.lock();
+        let mut next = inner.state.catalog.clone();
+        let mut deltas = Vec::with_capacity(changes.len());
+        for change in changes {
+            let d = Delta {
+                revision: Revision(next.revision.0 + 1),
+                change,
+            };
+            next.apply(&d)?;
+            deltas.push(d);
+        }
+        let rev = next.revision;
+        if rev.0 >= inner.reserved {
+            let reserved = rev.0 + RESERVATION;
+            self.write_snapshot(&Snapshot {
+                version: SNAPSHOT_VERSION,
+                reserved,
+                state: State {
+                    catalog: next.clone(),
+                    ..inner.state.clone()
+                },
+            })?;
+            inner.reserved = reserved;
+        }
+        inner.state.catalog = next;
+        for d in deltas {
+            inner.history.push(d.clone());
+            let _ = self.events.send(d);
+        }
+        drop(inner);
+        self.dirty.notify_one();
+        Ok(rev)
+    }
+
+    /// Atomically: what a watcher at `from` is missing, and a subscription to what follows.
+    pub fn watch(&self, from: Option<Revision>) -> (WatchStart, broadcast::Receiver<Delta>) {
+        let inner = self.lock();
+        let rx = self.events.subscribe();
+        let start = match from.map(|f| inner.history.since(f)) {
+            Some(Resume::Deltas(d)) if from.is_some_and(|f| f <= inner.state.catalog.revision) => {
+                WatchStart::Deltas(d)
+            }
+            _ => WatchStart::Snapshot(inner.state.catalog.clone()),
+        };
+        (start, rx)
+    }
+
+    /// Records a newly issued token; flushed before returning so a printed token works
+    /// even after a crash.
+    pub fn add_token(&self, token: &JoinToken, expires_unix: i64) -> Result<(), StoreError> {
+        self.lock().state.tokens.insert(
+            token.secret_hash(),
+            TokenRecord {
+                site: token.site.clone(),
+                expires_unix,
+                used_unix: None,
+            },
+        );
+        self.flush()
+    }
+
+    /// Redeems a token (one use), flushed before returning.
+    pub fn redeem_token(
+        &self,
+        token: &JoinToken,
+        claimed: &crate::SiteName,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        redeem(&mut self.lock().state.tokens, token, claimed, now)?;
+        self.flush()?;
+        Ok(())
+    }
+
+    pub fn set_bundle(&self, trust_domain: &str, jwks: String) {
+        self.lock()
+            .state
+            .bundles
+            .insert(trust_domain.to_owned(), jwks);
+        self.dirty.notify_one();
+    }
+
+    /// Writes the snapshot now.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let inner = self.lock();
+        let reserved = inner
+            .reserved
+            .max(inner.state.catalog.revision.0 + RESERVATION);
+        let snap = Snapshot {
+            version: SNAPSHOT_VERSION,
+            reserved,
+            state: inner.state.clone(),
+        };
+        drop(inner);
+        self.write_snapshot(&snap)?;
+        let mut inner = self.lock();
+        inner.reserved = inner.reserved.max(reserved);
+        Ok(())
+    }
+
+    fn write_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec(snap).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        meshfed_identity::ca::write_file(path, &bytes, 0o600).map_err(|e| StoreError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    /// Writes snapshots in the background, debounced, until `stop`; then a last one.
+    pub async fn run_flusher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = self.dirty.notified() => {}
+                _ = stop.cancelled() => break,
+            }
+            tokio::time::sleep(FLUSH_DELAY).await;
+            if let Err(e) = self.flush() {
+                warn!(error = %e, "snapshot write failed; will retry");
+            }
+        }
+        if let Err(e) = self.flush() {
+            warn!(error = %e, "final snapshot write failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Export, ExportedPort, Protocol, SiteRecord};
+    use crate::{ServiceName, SiteName};
+    use meshfed_identity::TrustDomain;
+
+    fn tmp(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("meshfed-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    fn put_site(name: &str) -> Change {
+        Change::PutSite(SiteRecord {
+            site: SiteName::new(name).unwrap(),
+            trust_domain: TrustDomain::new(&format!("{name}.example.org")).unwrap(),
+            gateway_addresses: vec![],
+            up: true,
+        })
+    }
+
+    fn put_export(site: &str, svc: &str) -> Change {
+        Change::PutExport {
+            site: SiteName::new(site).unwrap(),
+            export: Export {
+                service: ServiceName::parse(svc).unwrap(),
+                ports: vec![ExportedPort {
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    name: None,
+                }],
+                ready_endpoints: 1,
+                identities: vec![],
+                locality: None,
+                labels: Default::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn revisions_stay_monotonic_across_restarts_even_when_commits_are_lost() {
+        let p = tmp("mono");
+        let s = EmbeddedStore::open(Some(&p), 100).unwrap();
+        let r1 = s
+            .commit(vec![put_site("west"), put_export("west", "a.b")])
+            .unwrap();
+        s.flush().unwrap();
+        // Committed but never flushed: lost in the "crash" below.
+        let lost = s.commit(vec![put_export("west", "c.d")]).unwrap();
+        assert!(lost > r1);
+        drop(s);
+        let s = EmbeddedStore::open(Some(&p), 100).unwrap();
+        assert!(
+            s.revision() > lost,
+            "reopened at {} after handing out {lost}",
+            s.revision()
+        );
+        assert_eq!(
+            s.state().catalog.exports.len(),
+            1,
+            "only flushed state survives"
+        );
+        let r2 = s.commit(vec![put_export("west", "e.f")]).unwrap();
+        assert!(r2 > lost);
+        // A watcher that saw the lost commit must resync from a snapshot.
+        assert!(matches!(s.watch(Some(lost)).0, WatchStart::Snapshot(_)));
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn reaching_the_reservation_flushes_first() {
+        let p = tmp("reserve");
+        let s = EmbeddedStore::open(Some(&p), 10).unwrap();
+        let reserved = s.lock().reserved;
+        {
+            let mut inner = s.lock();
+            inner.state.catalog.revision = Revision(reserved - 1);
+            inner.history = History::starting_at(10, Revision(reserved - 1));
+        }
+        s.commit(vec![put_site("west")]).unwrap();
+        let snap: Snapshot = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert!(
+            snap.reserved > reserved,
+            "the reservation was extended on disk before the commit was visible"
+        );
+        assert_eq!(snap.state.catalog.revision.0, reserved);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn watch_resumes_with_deltas_then_live() {
+        let s = EmbeddedStore::open(None, 100).unwrap();
+        let r = s.commit(vec![put_site("west")]).unwrap();
+        s.commit(vec![put_export("west", "a.b")]).unwrap();
+        let (start, mut rx) = s.watch(Some(r));
+        match start {
+            WatchStart::Deltas(d) => assert_eq!(d.len(), 1),
+            WatchStart::Snapshot(_) => panic!("expected deltas"),
+        }
+        s.commit(vec![put_export("west", "c.d")]).unwrap();
+        assert_eq!(rx.try_recv().unwrap().revision, Revision(r.0 + 2));
+        assert!(matches!(s.watch(None).0, WatchStart::Snapshot(_)));
+        // A revision from the future (another store) also gets a snapshot.
+        assert!(matches!(
+            s.watch(Some(Revision(r.0 + 1000))).0,
+            WatchStart::Snapshot(_)
+        ));
+    }
+
+    #[test]
+    fn a_bad_commit_changes_nothing() {
+        let s = EmbeddedStore::open(None, 100).unwrap();
+        let before = s.revision();
+        assert!(
+            s.commit(vec![put_site("west"), put_export("ghost", "a.b")])
+                .is_err()
+        );
+        assert_eq!(s.revision(), before);
+        assert!(s.state().catalog.sites.is_empty());
+    }
+
+    #[test]
+    fn tokens_persist_and_are_single_use() {
+        let p = tmp("tokens");
+        let west = SiteName::new("west").unwrap();
+        let t = JoinToken::generate(west.clone(), vec!["127.0.0.1:1".into()], "00".repeat(32));
+        {
+            let s = EmbeddedStore::open(Some(&p), 10).unwrap();
+            s.add_token(&t, 2000).unwrap();
+        }
+        let s = EmbeddedStore::open(Some(&p), 10).unwrap();
+        s.redeem_token(&t, &west, 1000).unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(Some(&p), 10).unwrap();
+        let e = s.redeem_token(&t, &west, 1001).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::Token(TokenError::AlreadyUsed { used_at: 1000 })
+            ),
+            "{e}"
+        );
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn corrupt_snapshot_is_named() {
+        let p = tmp("corrupt");
+        std::fs::write(&p, b"{nope").unwrap();
+        let e = EmbeddedStore::open(Some(&p), 10).err().unwrap();
+        assert!(
+            e.to_string().contains(p.to_str().unwrap())
+                && e.to_string().contains("not a meshfed snapshot"),
+            "{e}"
+        );
+        let _ = std::fs::remove_file(&p);
+    }
+}
