@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::config::Import;
-use crate::metrics::{DirLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::peers::PeerHandle;
 use crate::splice::{reset_tcp, splice};
 use crate::tunnel::{HeaderReadError, read_header};
@@ -65,18 +65,8 @@ impl Egress {
         };
         match self.open_stream(&open).await {
             Ok((send, recv)) => {
-                self.metrics
-                    .connections
-                    .get_or_create(&DirLabels { direction: DIR })
-                    .inc();
-                let active = self
-                    .metrics
-                    .active_streams
-                    .get_or_create(&DirLabels { direction: DIR })
-                    .clone();
-                active.inc();
+                let _active = self.metrics.stream_started(DIR);
                 let end = splice(tcp, send, recv, &self.metrics.counters(DIR)).await;
-                active.dec();
                 debug!(?end, "connection done");
             }
             Err((reason, message)) => {

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Export;
-use crate::metrics::{DirLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::peers::peer_spiffe_id;
 use crate::splice::splice;
 use crate::tunnel::{HeaderReadError, read_header};
@@ -257,19 +257,8 @@ impl Ingress {
             return;
         }
         debug!(service = %open.service, port = open.port, %peer, source = %open.source, endpoint = %ep, "accepted");
-        self.metrics
-            .connections
-            .get_or_create(&DirLabels { direction: DIR })
-            .inc();
-        let active = self
-            .metrics
-            .active_streams
-            .get_or_create(&DirLabels { direction: DIR })
-            .clone();
-        active.inc();
-        let counters = self.metrics.counters(DIR);
-        let end = splice(tcp, send, recv, &counters).await;
-        active.dec();
+        let _active = self.metrics.stream_started(DIR);
+        let end = splice(tcp, send, recv, &self.metrics.counters(DIR)).await;
         debug!(?end, "stream done");
     }
 

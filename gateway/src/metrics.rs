@@ -106,6 +106,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a tunnelled connection and holds it in `active_streams` until dropped,
+    /// whether the splice finishes or its task is cancelled.
+    pub fn stream_started(&self, direction: &'static str) -> ActiveStream {
+        let labels = DirLabels { direction };
+        self.connections.get_or_create(&labels).inc();
+        let gauge = self.active_streams.get_or_create(&labels).clone();
+        gauge.inc();
+        ActiveStream(gauge)
+    }
+
     /// Byte counters for one splice on `direction`'s side.
     pub fn counters(&self, direction: &'static str) -> crate::splice::Counters {
         let get = |flow| {
@@ -130,5 +140,14 @@ impl Metrics {
         self.handshake_failures
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+}
+
+/// See [`Metrics::stream_started`].
+pub struct ActiveStream(Gauge);
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

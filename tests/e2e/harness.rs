@@ -280,3 +280,39 @@ impl TwoSites {
         }
     }
 }
+
+/// One round trip through an echo path.
+pub async fn echo_once(addr: SocketAddr) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    c.write_all(b"ping").await?;
+    let mut b = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut b)).await??;
+    anyhow::ensure!(&b == b"ping", "echo returned {b:?}");
+    Ok(())
+}
+
+/// A raw QUIC connection to west with east's SVID, trusting `west_bundle` for west, to
+/// speak the wire protocol directly.
+pub async fn quic_as_east(
+    s: &TwoSites,
+    west_bundle: meshfed_identity::TrustBundle,
+) -> Result<quinn::Connection, String> {
+    use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier, Svid};
+    use std::sync::Arc;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let svid = Svid::load(&s.east.cert, &s.east.key).map_err(|e| e.to_string())?;
+    let bundles: BundleSet = [west_bundle].into_iter().collect();
+    let v = SpiffeVerifier::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
+        PeerPolicy::Only([s.west.id.clone()].into()),
+    );
+    let resolver =
+        Arc::new(meshfed_identity::tls::SvidResolver::new(&svid).map_err(|e| e.to_string())?);
+    let cfg = meshfed_gateway::tunnel::client_config(resolver, v).map_err(|e| e.to_string())?;
+    let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
+    ep.connect_with(cfg, s.west_gw.quic, "west")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())
+}

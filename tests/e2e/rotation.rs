@@ -1,43 +1,17 @@
 //! Trust-anchor and SVID rotation with no restart of the gateway that rotates or of the
 //! gateway that trusts it.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshfed_gateway::lab::ConfigBuilder;
-use meshfed_identity::{BundleSet, Ca, PeerPolicy, SpiffeVerifier, Svid, TrustBundle, TrustDomain};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use meshfed_identity::{Ca, TrustBundle, TrustDomain};
 
 use crate::harness::*;
-
-async fn echo_once(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let mut c = TcpStream::connect(addr).await?;
-    c.write_all(b"ping").await?;
-    let mut b = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut b)).await??;
-    anyhow::ensure!(&b == b"ping");
-    Ok(())
-}
 
 /// A fresh handshake to west with east's identity, trusting only `west_bundle` for
 /// west's trust domain.
 async fn handshake(s: &TwoSites, west_bundle: TrustBundle) -> Result<(), String> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let svid = Svid::load(&s.east.cert, &s.east.key).unwrap();
-    let bundles: BundleSet = [west_bundle].into_iter().collect();
-    let v = SpiffeVerifier::new(
-        Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
-        PeerPolicy::Only([s.west.id.clone()].into()),
-    );
-    let resolver = Arc::new(meshfed_identity::tls::SvidResolver::new(&svid).unwrap());
-    let cfg = meshfed_gateway::tunnel::client_config(resolver, v).unwrap();
-    let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
-    let conn = ep
-        .connect_with(cfg, s.west_gw.quic, "west")
-        .unwrap()
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = quic_as_east(s, west_bundle).await?;
     // TLS 1.3: the server's verdict on our certificate arrives after the client finishes.
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(&[0, 2, 9, 9])

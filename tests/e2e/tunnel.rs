@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use meshfed_gateway::lab::ConfigBuilder;
 use meshfed_gateway::wire::{self, Refusal, Response};
-use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier, Svid};
+use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -321,22 +321,8 @@ async fn right_trust_domain_but_unlisted_spiffe_id_is_refused() {
 
 /// A raw QUIC client with east's identity, to speak the wire protocol directly.
 async fn raw_client(s: &TwoSites) -> quinn::Connection {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let svid = Svid::load(&s.east.cert, &s.east.key).unwrap();
-    let bundles: BundleSet = [BundleSet::read_bundle_file(&s.west.bundle, None).unwrap()]
-        .into_iter()
-        .collect();
-    let v = SpiffeVerifier::new(
-        Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
-        PeerPolicy::Only([s.west.id.clone()].into()),
-    );
-    let resolver = Arc::new(meshfed_identity::tls::SvidResolver::new(&svid).unwrap());
-    let cfg = meshfed_gateway::tunnel::client_config(resolver, v).unwrap();
-    let ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-    ep.connect_with(cfg, s.west_gw.quic, "west")
-        .unwrap()
-        .await
-        .unwrap()
+    let west = BundleSet::read_bundle_file(&s.west.bundle, None).unwrap();
+    quic_as_east(s, west).await.unwrap()
 }
 
 async fn exchange(
@@ -550,15 +536,6 @@ async fn assert_refused(addr: SocketAddr) {
         .await
         .unwrap();
     assert!(matches!(r, Ok(0) | Err(_)), "no data may come back: {r:?}");
-}
-
-async fn echo_once(addr: SocketAddr) -> anyhow::Result<()> {
-    let mut c = TcpStream::connect(addr).await?;
-    c.write_all(b"ping").await?;
-    let mut b = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut b)).await??;
-    anyhow::ensure!(&b == b"ping");
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
