@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v kill >/dev/null || need+=(procps)
+# The proto freshness test regenerates federation.proto with protoc.
+command -v protoc >/dev/null || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

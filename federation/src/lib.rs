@@ -4,6 +4,7 @@
 //! its types without pulling in a server or a store.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod catalog;
 pub mod names;
 pub mod store;

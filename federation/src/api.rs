@@ -1,0 +1,294 @@
+//! The wire form of the federation API (`meshfed.federation.v1`) and its mapping to the
+//! catalog model. Conversions from the wire are fallible and name the bad field.
+
+use std::collections::BTreeMap;
+
+use meshfed_identity::{SpiffeId, TrustDomain};
+
+use crate::catalog::{Change, Delta, Export, ExportedPort, Protocol, Revision, SiteRecord};
+use crate::names::{ServiceName, SiteName};
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod pb {
+    include!("gen/meshfed.federation.v1.rs");
+}
+
+/// gRPC metadata key carrying a refusal's stable code.
+pub const REASON_KEY: &str = "meshfed-reason";
+
+/// A typed refusal: gRPC code, stable reason (metric label) and message.
+pub fn refusal(
+    code: tonic::Code,
+    reason: &'static str,
+    message: impl Into<String>,
+) -> tonic::Status {
+    let mut s = tonic::Status::new(code, format!("[{reason}] {}", message.into()));
+    s.metadata_mut().insert(
+        REASON_KEY,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    s
+}
+
+/// The stable reason of a refusal produced by [`refusal`], if any.
+pub fn reason_of(s: &tonic::Status) -> Option<&str> {
+    s.metadata().get(REASON_KEY).and_then(|v| v.to_str().ok())
+}
+
+fn bad(field: &str, e: impl std::fmt::Display) -> tonic::Status {
+    refusal(
+        tonic::Code::InvalidArgument,
+        "bad_request",
+        format!("{field}: {e}"),
+    )
+}
+
+// === to the wire ===
+
+impl From<&ExportedPort> for pb::Port {
+    fn from(p: &ExportedPort) -> Self {
+        Self {
+            port: u32::from(p.port),
+            protocol: match p.protocol {
+                Protocol::Tcp => "tcp".into(),
+                Protocol::Udp => "udp".into(),
+            },
+            name: p.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&Export> for pb::ServiceExport {
+    fn from(e: &Export) -> Self {
+        Self {
+            service: e.service.to_string(),
+            ports: e.ports.iter().map(Into::into).collect(),
+            ready_endpoints: e.ready_endpoints,
+            identities: e.identities.iter().map(|i| i.to_string()).collect(),
+            locality: e.locality.clone().unwrap_or_default(),
+            labels: e.labels.clone().into_iter().collect(),
+        }
+    }
+}
+
+impl From<&SiteRecord> for pb::Site {
+    fn from(r: &SiteRecord) -> Self {
+        Self {
+            site: r.site.to_string(),
+            trust_domain: r.trust_domain.to_string(),
+            gateway_addresses: r.gateway_addresses.clone(),
+            up: r.up,
+        }
+    }
+}
+
+/// A change on the wire; `revision` 0 inside snapshots.
+pub fn change_to_pb(revision: Revision, c: &Change) -> pb::Change {
+    use pb::change::Op;
+    let op = match c {
+        Change::PutSite(r) => Op::PutSite(r.into()),
+        Change::DeleteSite { site } => Op::DeleteSite(site.to_string()),
+        Change::PutExport { site, export } => Op::PutExport(pb::SiteExport {
+            site: site.to_string(),
+            export: Some(export.into()),
+        }),
+        Change::DeleteExport { site, service } => Op::DeleteExport(pb::SiteService {
+            site: site.to_string(),
+            service: service.to_string(),
+        }),
+    };
+    pb::Change {
+        revision: revision.0,
+        op: Some(op),
+    }
+}
+
+// === from the wire ===
+
+pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, tonic::Status> {
+    let service =
+        ServiceName::parse(&e.service).map_err(|err| bad(&format!("{field}.service"), err))?;
+    let ports = e
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let f = format!("{field}.ports[{i}]");
+            let port = u16::try_from(p.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(&format!("{f}.port"), format!("{} is not a port", p.port)))?;
+            let protocol = match p.protocol.as_str() {
+                "tcp" | "" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                other => {
+                    return Err(bad(
+                        &format!("{f}.protocol"),
+                        format!("{other:?} is not tcp or udp"),
+                    ));
+                }
+            };
+            Ok(ExportedPort {
+                port,
+                protocol,
+                name: (!p.name.is_empty()).then(|| p.name.clone()),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ports.is_empty() {
+        return Err(bad(
+            &format!("{field}.ports"),
+            "an export needs at least one port",
+        ));
+    }
+    let identities = e
+        .identities
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SpiffeId::new(s).map_err(|err| bad(&format!("{field}.identities[{i}]"), err)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Export {
+        service,
+        ports,
+        ready_endpoints: e.ready_endpoints,
+        identities,
+        locality: (!e.locality.is_empty()).then_some(e.locality),
+        labels: e.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
+pub fn site_from_pb(s: pb::Site) -> Result<SiteRecord, tonic::Status> {
+    Ok(SiteRecord {
+        site: SiteName::new(&s.site).map_err(|e| bad("site", e))?,
+        trust_domain: TrustDomain::new(&s.trust_domain).map_err(|e| bad("trust_domain", e))?,
+        gateway_addresses: s.gateway_addresses,
+        up: s.up,
+    })
+}
+
+/// A wire change back into the model (what a watching site applies).
+pub fn change_from_pb(c: pb::Change) -> Result<Delta, tonic::Status> {
+    use pb::change::Op;
+    let change = match c.op.ok_or_else(|| bad("change.op", "missing"))? {
+        Op::PutSite(s) => Change::PutSite(site_from_pb(s)?),
+        Op::DeleteSite(s) => Change::DeleteSite {
+            site: SiteName::new(&s).map_err(|e| bad("delete_site", e))?,
+        },
+        Op::PutExport(pe) => Change::PutExport {
+            site: SiteName::new(&pe.site).map_err(|e| bad("put_export.site", e))?,
+            export: export_from_pb(
+                pe.export
+                    .ok_or_else(|| bad("put_export.export", "missing"))?,
+                "put_export.export",
+            )?,
+        },
+        Op::DeleteExport(d) => Change::DeleteExport {
+            site: SiteName::new(&d.site).map_err(|e| bad("delete_export.site", e))?,
+            service: ServiceName::parse(&d.service).map_err(|e| bad("delete_export.service", e))?,
+        },
+    };
+    Ok(Delta {
+        revision: Revision(c.revision),
+        change,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn generated_code_is_fresh() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = std::env::temp_dir().join(format!("meshfed-proto-{}", std::process::id()));
+        std::fs::create_dir_all(&out).unwrap();
+        tonic_prost_build::configure()
+            .out_dir(&out)
+            .emit_rerun_if_changed(false)
+            .compile_protos(&[root.join("proto/meshfed/federation/v1/federation.proto")], &[root.join("proto")])
+            .expect("protoc must be installed (apt-get install protobuf-compiler; tests/run.sh does it)");
+        let fresh = std::fs::read_to_string(out.join("meshfed.federation.v1.rs")).unwrap();
+        let checked_in = root.join("src/gen/meshfed.federation.v1.rs");
+        if std::env::var_os("MESHFED_BLESS").is_some() {
+            std::fs::write(&checked_in, &fresh).unwrap();
+        }
+        let current = std::fs::read_to_string(&checked_in).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&out);
+        assert!(
+            current == fresh,
+            "src/gen/meshfed.federation.v1.rs is stale: MESHFED_BLESS=1 cargo test -p meshfed-federation generated_code"
+        );
+    }
+
+    #[test]
+    fn export_round_trip_and_field_errors() {
+        let e = Export {
+            service: ServiceName::parse("orders.shop").unwrap(),
+            ports: vec![ExportedPort {
+                port: 53,
+                protocol: Protocol::Udp,
+                name: Some("dns".into()),
+            }],
+            ready_endpoints: 2,
+            identities: vec![SpiffeId::new("spiffe://west/ns/shop/sa/orders").unwrap()],
+            locality: Some("eu-west-1a".into()),
+            labels: [("version".to_string(), "v2".to_string())].into(),
+        };
+        let wire: pb::ServiceExport = (&e).into();
+        assert_eq!(export_from_pb(wire.clone(), "exports[0]").unwrap(), e);
+        let mut bad_port = wire.clone();
+        bad_port.ports[0].port = 70000;
+        let s = export_from_pb(bad_port, "exports[0]").unwrap_err();
+        assert_eq!(reason_of(&s), Some("bad_request"));
+        assert!(
+            s.message().contains("exports[0].ports[0].port"),
+            "{}",
+            s.message()
+        );
+        let mut bad_id = wire;
+        bad_id.identities = vec!["spiffe://west/a/".into()];
+        assert!(
+            export_from_pb(bad_id, "x")
+                .unwrap_err()
+                .message()
+                .contains("x.identities[0]")
+        );
+    }
+
+    #[test]
+    fn changes_round_trip() {
+        let site = SiteRecord {
+            site: SiteName::new("west").unwrap(),
+            trust_domain: TrustDomain::new("west.example.org").unwrap(),
+            gateway_addresses: vec!["192.0.2.1:15443".into()],
+            up: true,
+        };
+        for c in [
+            Change::PutSite(site),
+            Change::DeleteSite {
+                site: SiteName::new("west").unwrap(),
+            },
+            Change::DeleteExport {
+                site: SiteName::new("west").unwrap(),
+                service: ServiceName::parse("a.b").unwrap(),
+            },
+        ] {
+            let d = change_from_pb(change_to_pb(Revision(7), &c)).unwrap();
+            assert_eq!(
+                d,
+                Delta {
+                    revision: Revision(7),
+                    change: c
+                }
+            );
+        }
+        assert!(
+            change_from_pb(pb::Change {
+                revision: 1,
+                op: None
+            })
+            .is_err()
+        );
+    }
+}
