@@ -41,11 +41,70 @@ enum Cmd {
     /// The gateway (data plane).
     #[command(subcommand)]
     Gateway(GatewayCmd),
+    /// The federation service (catalog and trust exchange).
+    #[command(subcommand)]
+    Federation(FederationCmd),
+    /// This site's membership in a federation.
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Runs two sites on loopback and sends traffic between them.
     Demo {
         /// Keep certificates and configs here instead of a temporary directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FederationCmd {
+    /// Creates a federation directory: its CA, its SVID and the operator SVID.
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Serves the federation API from the directory's embedded store.
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15010")]
+        listen: std::net::SocketAddr,
+        /// Address written into join tokens (repeatable); default: the bound address.
+        #[arg(long)]
+        advertise: Vec<String>,
+    },
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Prints a one-time token that lets `--site` join (asks the running federation).
+    Create {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        site: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCmd {
+    /// Joins the federation with a one-time token; writes federation.json and bundles/.
+    Join {
+        /// The site directory (ca/, gateway.pem, gateway.key).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        site: String,
+        /// Where this site's gateways accept QUIC (repeatable).
+        #[arg(long)]
+        gateway_address: Vec<String>,
+        token: String,
     },
 }
 
@@ -208,6 +267,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
             runtime()?.block_on(gateway_run(cfg, ready_file))?;
         }
         Cmd::Demo { dir } => runtime()?.block_on(demo::run(dir))?,
+        Cmd::Federation(FederationCmd::Init { trust_domain, dir }) => {
+            let td = TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            meshfed_federation::node::init(&dir, &td)?;
+            println!("created federation {td} in {}", dir.display());
+        }
+        Cmd::Federation(FederationCmd::Serve {
+            dir,
+            listen,
+            advertise,
+        }) => {
+            runtime()?.block_on(async {
+                let node = meshfed_federation::node::serve(&dir, listen, advertise).await?;
+                wait_for_signal().await;
+                node.shutdown().await;
+                anyhow::Ok(())
+            })?;
+        }
+        Cmd::Federation(FederationCmd::Token(TokenCmd::Create { dir, site, ttl })) => {
+            let (token, expires) =
+                runtime()?.block_on(meshfed_federation::node::create_token(&dir, &site, ttl))?;
+            eprintln!("token for site {site}, valid once until {expires} (unix)");
+            println!("{token}");
+        }
+        Cmd::Site(SiteCmd::Join {
+            dir,
+            site,
+            gateway_address,
+            token,
+        }) => {
+            let m = runtime()?.block_on(meshfed_federation::node::join(
+                &dir,
+                &site,
+                &token,
+                gateway_address,
+            ))?;
+            println!(
+                "site {site} joined federation {} at revision {} ({} bundles in {})",
+                m.federation_trust_domain,
+                m.revision,
+                meshfed_federation::node::bundle_files(&dir).len(),
+                dir.join("bundles").display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -287,4 +390,19 @@ async fn gateway_run(
     });
     gw.wait().await;
     Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

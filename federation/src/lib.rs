@@ -7,8 +7,11 @@
 pub mod api;
 pub mod catalog;
 pub mod names;
+pub mod node;
+pub mod server;
 pub mod store;
 pub mod token;
+pub mod transport;
 
 pub use catalog::{Catalog, Change, Delta, Export, History, Resume, Revision, SiteRecord};
 pub use names::{NameError, ServiceName, SiteName};

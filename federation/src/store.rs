@@ -66,6 +66,9 @@ pub enum WatchStart {
 }
 
 pub struct EmbeddedStore {
+    /// Serializes snapshot writes (they share one temp file, and a later write must not
+    /// be overtaken by an older one). Lock order: `writer`, then `inner`.
+    writer: Mutex<()>,
     inner: Mutex<Inner>,
     path: Option<PathBuf>,
     events: broadcast::Sender<Delta>,
@@ -110,6 +113,7 @@ impl EmbeddedStore {
         let mut state = state;
         state.catalog.revision = Revision(start);
         let store = Arc::new(Self {
+            writer: Mutex::new(()),
             inner: Mutex::new(Inner {
                 state,
                 history: History::starting_at(history, Revision(start)),
@@ -142,6 +146,7 @@ impl EmbeddedStore {
         if changes.is_empty() {
             return Ok(self.revision());
         }
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut inner = self.lock();
         let mut next = inner.state.catalog.clone();
         let mut deltas = Vec::with_capacity(changes.len());
@@ -225,6 +230,7 @@ impl EmbeddedStore {
 
     /// Writes the snapshot now.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let inner = self.lock();
         let reserved = inner
             .reserved
@@ -399,7 +405,12 @@ mod tests {
     fn tokens_persist_and_are_single_use() {
         let p = tmp("tokens");
         let west = SiteName::new("west").unwrap();
-        let t = JoinToken::generate(west.clone(), vec!["127.0.0.1:1".into()], "00".repeat(32));
+        let t = JoinToken::generate(
+            west.clone(),
+            vec!["127.0.0.1:1".into()],
+            TrustDomain::new("fed.example.org").unwrap(),
+            "00".repeat(32),
+        );
         {
             let s = EmbeddedStore::open(Some(&p), 10).unwrap();
             s.add_token(&t, 2000).unwrap();

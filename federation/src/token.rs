@@ -8,6 +8,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
+use meshfed_identity::TrustDomain;
+
 use crate::names::SiteName;
 
 /// Every token starts with this, so a pasted token of another kind is recognised.
@@ -20,6 +22,9 @@ pub struct JoinToken {
     pub site: SiteName,
     /// Federation addresses, `host:port`, tried in order.
     pub addresses: Vec<String>,
+    /// The federation's trust domain: its certificate must carry
+    /// `spiffe://<this>/meshfed/federation`.
+    pub federation_trust_domain: TrustDomain,
     /// SHA-256 (hex) of the federation CA's bundle authorities: pins whom the site talks to.
     pub ca_fingerprint: String,
     /// 32 random bytes, base64url.
@@ -69,7 +74,12 @@ impl TokenError {
 
 impl JoinToken {
     /// A fresh token with a random secret.
-    pub fn generate(site: SiteName, addresses: Vec<String>, ca_fingerprint: String) -> Self {
+    pub fn generate(
+        site: SiteName,
+        addresses: Vec<String>,
+        federation_trust_domain: TrustDomain,
+        ca_fingerprint: String,
+    ) -> Self {
         use ring::rand::SecureRandom;
         let mut secret = [0u8; 32];
         ring::rand::SystemRandom::new()
@@ -78,6 +88,7 @@ impl JoinToken {
         Self {
             site,
             addresses,
+            federation_trust_domain,
             ca_fingerprint,
             secret: URL_SAFE_NO_PAD.encode(secret),
         }
@@ -166,6 +177,7 @@ mod tests {
         JoinToken::generate(
             SiteName::new("west").unwrap(),
             vec!["127.0.0.1:15010".into()],
+            TrustDomain::new("fed.example.org").unwrap(),
             "ab".repeat(32),
         )
     }

@@ -43,6 +43,18 @@ impl Drop for Scratch {
     }
 }
 
+/// Starts `meshfed ARGS` with its log (stderr) in `log`.
+pub fn spawn_meshfed(args: &[&str], log: &Path) -> Result<Child> {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info,meshfed_gateway=debug")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .context("spawning meshfed")
+}
+
 /// A running `meshfed gateway run` process.
 pub struct Gw {
     child: Option<Child>,
@@ -67,17 +79,17 @@ impl Gw {
             "gateway-{}.log",
             STARTS.fetch_add(1, Ordering::Relaxed)
         ));
-        let child = Command::new(BIN)
-            .args(["gateway", "run", "-c"])
-            .arg(config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "info,meshfed_gateway=debug")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("spawning meshfed")?;
+        let child = spawn_meshfed(
+            &[
+                "gateway",
+                "run",
+                "-c",
+                &config.display().to_string(),
+                "--ready-file",
+                &ready.display().to_string(),
+            ],
+            &log,
+        )?;
         let mut gw = Self {
             child: Some(child),
             log,

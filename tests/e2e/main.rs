@@ -2,6 +2,7 @@
 //! binary for all of `tests/` keeps link time down.
 
 mod cli;
+mod federation;
 mod harness;
 mod rotation;
 mod tunnel;

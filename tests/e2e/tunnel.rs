@@ -649,16 +649,14 @@ async fn client_without_certificate_is_refused_and_counted() {
         )
         .unwrap()
         .await;
-    if let Ok(conn) = conn {
-        // TLS 1.3: the refusal arrives right after the client's side completes.
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // TLS 1.3: the refusal may arrive right after the client's side completes, before
+    // or after the stream is opened; either way no stream is served.
+    if let Ok(conn) = conn
+        && let Ok((mut send, mut recv)) = conn.open_bi().await
+    {
         let _ = send.write_all(b"x").await;
-        assert!(
-            meshfed_gateway::tunnel::read_header(&mut recv)
-                .await
-                .is_err(),
-            "no stream may be served"
-        );
+        let served = meshfed_gateway::tunnel::read_header(&mut recv).await;
+        assert!(served.is_err(), "no stream may be served");
     }
     let n = s
         .west_gw

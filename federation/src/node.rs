@@ -1,0 +1,275 @@
+//! Running a federation node and joining one, with their files on disk.
+//!
+//! Federation directory: `ca/` (the federation's CA), `federation.pem|key` (its SVID,
+//! chain ending with the CA so joining sites can check their pin), `admin.pem|key` (the
+//! operator SVID that may create tokens), `store.json` (embedded store), `address` (where
+//! a running node listens).
+//!
+//! Site directory (as `meshfed ca`/`gateway::lab` lay it out): `ca/`, `gateway.pem|key`,
+//! `bundle.json`; joining adds `federation.json` and `bundles/<trust domain>.json`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshfed_identity::ca::write_file;
+use meshfed_identity::tls::SvidResolver;
+use meshfed_identity::{BundleSet, Ca, Svid, TrustBundle, TrustDomain};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::api::pb;
+use crate::server::FederationService;
+use crate::store::{DEFAULT_HISTORY, EmbeddedStore};
+use crate::token::JoinToken;
+use crate::transport::{self, ClientTrust, federation_id};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Identity(#[from] meshfed_identity::CaError),
+    #[error("{0}")]
+    Bundle(#[from] meshfed_identity::BundleError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{what}: {detail}")]
+    Other { what: String, detail: String },
+    #[error("federation refused: {0}")]
+    Refused(String),
+}
+
+fn other(what: impl Into<String>, detail: impl ToString) -> NodeError {
+    NodeError::Other {
+        what: what.into(),
+        detail: detail.to_string(),
+    }
+}
+
+fn status(s: tonic::Status) -> NodeError {
+    NodeError::Refused(s.message().to_owned())
+}
+
+/// Creates a federation directory: CA, the federation's SVID, the operator SVID.
+pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), NodeError> {
+    let ca = Ca::generate(td, meshfed_identity::ca::DEFAULT_CA_TTL)?;
+    ca.save(&dir.join("ca"))?;
+    // Long-lived for now: SVID rotation for the federation comes with its own issue.
+    let ttl = Duration::from_secs(365 * 24 * 3600);
+    let mut fed = ca.issue(&federation_id(td), ttl)?;
+    fed.chain.push(ca.cert().clone());
+    fed.save(&dir.join("federation.pem"), &dir.join("federation.key"))?;
+    let admin = ca.issue(
+        &td.child(&["meshfed", "admin"])
+            .map_err(|e| other("admin id", e))?,
+        ttl,
+    )?;
+    admin.save(&dir.join("admin.pem"), &dir.join("admin.key"))?;
+    Ok(())
+}
+
+/// A running federation node.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub service: Arc<FederationService>,
+    stop: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+}
+
+/// Serves the federation API on `listen` from the directory's store.
+pub async fn serve(
+    dir: &Path,
+    listen: SocketAddr,
+    advertise: Vec<String>,
+) -> Result<Running, NodeError> {
+    let ca = Ca::load(&dir.join("ca"))?;
+    let td = ca.trust_domain().clone();
+    let svid = Svid::load(&dir.join("federation.pem"), &dir.join("federation.key"))?;
+    let store = EmbeddedStore::open(Some(&dir.join("store.json")), DEFAULT_HISTORY)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| other(format!("bind {listen}"), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| other("local address", e))?;
+    let addresses = if advertise.is_empty() {
+        vec![addr.to_string()]
+    } else {
+        advertise
+    };
+    // Sites' bundles (from the store) plus our own, for verifying callers.
+    let mut set = BundleSet::new();
+    for (t, jwks) in &store.state().bundles {
+        if let Ok(t) = TrustDomain::new(t) {
+            set.insert(TrustBundle::from_jwks(t, jwks.as_bytes())?);
+        }
+    }
+    set.insert(ca.bundle(1));
+    let tls_bundles = Arc::new(arc_swap::ArcSwap::from_pointee(set));
+    let resolver = Arc::new(SvidResolver::new(&svid).map_err(|e| other("federation SVID", e))?);
+    let tls = transport::server_tls(resolver, tls_bundles.clone()).map_err(|e| other("TLS", e))?;
+    let service = Arc::new(FederationService::new(
+        store.clone(),
+        td.clone(),
+        ca.bundle(1),
+        addresses,
+        tls_bundles,
+    ));
+    write_file(&dir.join("address"), addr.to_string().as_bytes(), 0o644)?;
+    let stop = CancellationToken::new();
+    let incoming = transport::incoming(listener, tls);
+    let svc = pb::federation_server::FederationServer::from_arc(service.clone());
+    let stop2 = stop.clone();
+    let flusher = tokio::spawn(store.clone().run_flusher(stop.clone()));
+    let done = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop2.cancelled())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "federation server stopped");
+        }
+        let _ = flusher.await;
+    });
+    info!(%addr, trust_domain = %td, revision = store.revision().0, "federation serving");
+    Ok(Running {
+        addr,
+        service,
+        stop,
+        done,
+    })
+}
+
+/// What a site keeps after joining.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Membership {
+    pub federation_trust_domain: TrustDomain,
+    pub addresses: Vec<String>,
+    pub revision: u64,
+}
+
+/// A client of a running node, authenticated with `cert`/`key`.
+pub async fn client(
+    addresses: &[String],
+    federation_bundle: TrustBundle,
+    cert: &Path,
+    key: &Path,
+) -> Result<pb::federation_client::FederationClient<tonic::transport::Channel>, NodeError> {
+    let svid = Svid::load(cert, key)?;
+    let resolver = Arc::new(SvidResolver::new(&svid).map_err(|e| other("SVID", e))?);
+    let ch = transport::connect(
+        addresses,
+        ClientTrust::Mutual {
+            federation_bundle,
+            svid: resolver,
+        },
+    )
+    .await
+    .map_err(|e| other("connect to the federation", e))?;
+    Ok(pb::federation_client::FederationClient::new(ch))
+}
+
+/// `meshfed federation token create`: asks the running node for a token.
+pub async fn create_token(
+    dir: &Path,
+    site: &str,
+    ttl: Duration,
+) -> Result<(String, i64), NodeError> {
+    let ca = Ca::load(&dir.join("ca"))?;
+    let addr = std::fs::read_to_string(dir.join("address")).map_err(|e| {
+        other(
+            format!("{}/address (is the federation running?)", dir.display()),
+            e,
+        )
+    })?;
+    let mut c = client(
+        &[addr.trim().to_owned()],
+        ca.bundle(1),
+        &dir.join("admin.pem"),
+        &dir.join("admin.key"),
+    )
+    .await?;
+    let r = c
+        .create_token(pb::CreateTokenRequest {
+            site: site.to_owned(),
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok((r.token, r.expires_unix))
+}
+
+/// `meshfed site join`: redeems `token` for the site in `site_dir`.
+pub async fn join(
+    site_dir: &Path,
+    site: &str,
+    token: &str,
+    gateway_addresses: Vec<String>,
+) -> Result<Membership, NodeError> {
+    let token = JoinToken::decode(token).map_err(|e| NodeError::Refused(e.to_string()))?;
+    let ca = Ca::load(&site_dir.join("ca"))?;
+    let td = ca.trust_domain().clone();
+    let fed_td = token.federation_trust_domain.clone();
+    let ch = transport::connect(
+        &token.addresses,
+        ClientTrust::Pinned {
+            fingerprint: token.ca_fingerprint.clone(),
+            federation_td: fed_td.clone(),
+        },
+    )
+    .await
+    .map_err(|e| other("connect to the federation", e))?;
+    let mut c = pb::federation_client::FederationClient::new(ch);
+    let r = c
+        .join(pb::JoinRequest {
+            token: token.encode(),
+            site: site.to_owned(),
+            trust_domain: td.to_string(),
+            bundle_jwks: ca.bundle(1).to_jwks()?,
+            gateway_addresses,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let bundles_dir = site_dir.join("bundles");
+    std::fs::create_dir_all(&bundles_dir)
+        .map_err(|e| other(bundles_dir.display().to_string(), e))?;
+    for (t, jwks) in &r.bundles {
+        let t = TrustDomain::new(t).map_err(|e| other("bundle trust domain", e))?;
+        TrustBundle::from_jwks(t.clone(), jwks.as_bytes())?;
+        write_file(
+            &bundles_dir.join(format!("{t}.json")),
+            jwks.as_bytes(),
+            0o644,
+        )?;
+    }
+    let m = Membership {
+        federation_trust_domain: TrustDomain::new(&r.federation_trust_domain)
+            .map_err(|e| other("federation trust domain", e))?,
+        addresses: token.addresses.clone(),
+        revision: r.revision,
+    };
+    let json = serde_json::to_vec_pretty(&m).map_err(|e| other("membership", e))?;
+    write_file(&site_dir.join("federation.json"), &json, 0o644)?;
+    Ok(m)
+}
+
+/// Where a site keeps its copy of every federated bundle.
+pub fn bundle_files(site_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(site_dir.join("bundles"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}

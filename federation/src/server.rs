@@ -1,0 +1,465 @@
+//! The federation service over the embedded store: tokens, join, publish with
+//! authorization, revisioned watches and bundle distribution.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use meshfed_identity::{SpiffeId, TrustBundle, TrustDomain};
+use tokio::sync::{broadcast, watch};
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::api::{self, change_to_pb, pb, refusal};
+use crate::catalog::{Change, Revision, SiteRecord};
+use crate::names::SiteName;
+use crate::store::{EmbeddedStore, StoreError, WatchStart};
+use crate::token::{JoinToken, TokenError};
+use crate::transport::PeerInfo;
+
+/// Longest token lifetime accepted.
+pub const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
+
+pub struct FederationService {
+    pub store: Arc<EmbeddedStore>,
+    pub trust_domain: TrustDomain,
+    /// The federation's own bundle (JWKS) and its fingerprint, as tokens pin it.
+    pub own_bundle: TrustBundle,
+    /// Addresses written into tokens.
+    pub addresses: Vec<String>,
+    /// Refusals by stable reason, for logs and metrics.
+    pub refusals: RefusalCounts,
+    bundles: watch::Sender<BTreeMap<String, String>>,
+    /// Trust bundles as the TLS layer uses them; updated on join.
+    pub tls_bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
+}
+
+/// Refusals by stable reason; the binary exposes them on its metrics endpoint.
+#[derive(Default)]
+pub struct RefusalCounts(std::sync::Mutex<BTreeMap<&'static str, u64>>);
+
+impl RefusalCounts {
+    pub fn inc(&self, reason: &'static str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Token(t) => token_status(&t),
+        StoreError::Catalog(c) => {
+            refusal(Code::FailedPrecondition, "catalog_conflict", c.to_string())
+        }
+        other => refusal(Code::Internal, "store_error", other.to_string()),
+    }
+}
+
+fn token_status(t: &TokenError) -> Status {
+    let code = match t {
+        TokenError::Malformed(_) => Code::InvalidArgument,
+        _ => Code::PermissionDenied,
+    };
+    refusal(code, t.code(), t.to_string())
+}
+
+impl FederationService {
+    pub fn new(
+        store: Arc<EmbeddedStore>,
+        trust_domain: TrustDomain,
+        own_bundle: TrustBundle,
+        addresses: Vec<String>,
+        tls_bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
+    ) -> Self {
+        let mut bundles = store.state().bundles;
+        if let Ok(j) = own_bundle.to_jwks() {
+            bundles.insert(trust_domain.to_string(), j.clone());
+            store.set_bundle(trust_domain.as_str(), j);
+        }
+        Self {
+            store,
+            trust_domain,
+            own_bundle,
+            addresses,
+            refusals: Default::default(),
+            bundles: watch::channel(bundles).0,
+            tls_bundles,
+        }
+    }
+
+    fn refuse(&self, s: Status) -> Status {
+        let reason = api::reason_of(&s).unwrap_or("unknown");
+        // Leak-free: reasons are a small fixed set of static strings.
+        let reason: &'static str = match reason {
+            "publish_foreign_site" => "publish_foreign_site",
+            "unauthenticated" => "unauthenticated",
+            "not_operator" => "not_operator",
+            "unknown_site" => "unknown_site",
+            "bad_request" => "bad_request",
+            "token_malformed" => "token_malformed",
+            "token_unknown" => "token_unknown",
+            "token_expired" => "token_expired",
+            "token_reused" => "token_reused",
+            "token_wrong_site" => "token_wrong_site",
+            "catalog_conflict" => "catalog_conflict",
+            _ => "other",
+        };
+        self.refusals.inc(reason);
+        warn!(reason, message = s.message(), "request refused");
+        s
+    }
+
+    fn caller<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
+        req.extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.id.clone())
+            .ok_or_else(|| {
+                self.refuse(refusal(
+                    Code::Unauthenticated,
+                    "unauthenticated",
+                    "this call needs a client SVID",
+                ))
+            })
+    }
+
+    /// The site a gateway SVID speaks for, checked against the site's registered trust
+    /// domain.
+    fn caller_site<T>(&self, req: &Request<T>) -> Result<SiteRecord, Status> {
+        let id = self.caller(req)?;
+        let site = id
+            .gateway_site()
+            .and_then(|s| SiteName::new(s).ok())
+            .ok_or_else(|| {
+                self.refuse(refusal(
+                    Code::PermissionDenied,
+                    "not_a_gateway",
+                    format!("{id} is not a meshfed gateway ID"),
+                ))
+            })?;
+        let rec = self
+            .store
+            .state()
+            .catalog
+            .sites
+            .get(&site)
+            .cloned()
+            .ok_or_else(|| {
+                self.refuse(refusal(
+                    Code::PermissionDenied,
+                    "unknown_site",
+                    format!("site {site} has not joined"),
+                ))
+            })?;
+        if rec.trust_domain.as_str() != id.trust_domain_str() {
+            return Err(self.refuse(refusal(
+                Code::PermissionDenied,
+                "publish_foreign_site",
+                format!(
+                    "{id} is not in site {site}'s trust domain {}",
+                    rec.trust_domain
+                ),
+            )));
+        }
+        Ok(rec)
+    }
+
+    fn publish_bundles(&self) {
+        let state = self.store.state();
+        let mut set = meshfed_identity::BundleSet::new();
+        for (td, jwks) in &state.bundles {
+            if let Ok(td) = TrustDomain::new(td)
+                && let Ok(b) = TrustBundle::from_jwks(td, jwks.as_bytes())
+            {
+                set.insert(b);
+            }
+        }
+        self.tls_bundles.store(Arc::new(set));
+        self.bundles.send_replace(state.bundles);
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>>;
+
+fn snapshot_event(cat: &crate::Catalog) -> pb::WatchEvent {
+    pb::WatchEvent {
+        snapshot: true,
+        revision: cat.revision.0,
+        changes: cat
+            .as_changes()
+            .iter()
+            .map(|c| change_to_pb(Revision(0), c))
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::federation_server::Federation for FederationService {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let id = self.caller(&req)?;
+        let operator = self
+            .trust_domain
+            .child(&["meshfed", "admin"])
+            .expect("valid");
+        if id != operator {
+            return Err(self.refuse(refusal(
+                Code::PermissionDenied,
+                "not_operator",
+                format!("{id} may not create tokens; use {operator}"),
+            )));
+        }
+        let r = req.into_inner();
+        let site = SiteName::new(&r.site).map_err(|e| {
+            self.refuse(refusal(
+                Code::InvalidArgument,
+                "bad_request",
+                format!("site: {e}"),
+            ))
+        })?;
+        if r.ttl_seconds == 0 || r.ttl_seconds > MAX_TOKEN_TTL_SECS {
+            return Err(self.refuse(refusal(
+                Code::InvalidArgument,
+                "bad_request",
+                format!("ttl_seconds must be 1..={MAX_TOKEN_TTL_SECS}"),
+            )));
+        }
+        let token = JoinToken::generate(
+            site.clone(),
+            self.addresses.clone(),
+            self.trust_domain.clone(),
+            self.own_bundle.fingerprint(),
+        );
+        let expires = now_unix() + r.ttl_seconds as i64;
+        self.store
+            .add_token(&token, expires)
+            .map_err(|e| self.refuse(store_status(e)))?;
+        info!(%site, expires, "join token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: token.encode(),
+            expires_unix: expires,
+        }))
+    }
+
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = req.into_inner();
+        let token = JoinToken::decode(&r.token).map_err(|e| self.refuse(token_status(&e)))?;
+        let site = SiteName::new(&r.site).map_err(|e| {
+            self.refuse(refusal(
+                Code::InvalidArgument,
+                "bad_request",
+                format!("site: {e}"),
+            ))
+        })?;
+        let td = TrustDomain::new(&r.trust_domain).map_err(|e| {
+            self.refuse(refusal(
+                Code::InvalidArgument,
+                "bad_request",
+                format!("trust_domain: {e}"),
+            ))
+        })?;
+        let bundle = TrustBundle::from_jwks(td.clone(), r.bundle_jwks.as_bytes()).map_err(|e| {
+            self.refuse(refusal(
+                Code::InvalidArgument,
+                "bad_request",
+                format!("bundle_jwks: {e}"),
+            ))
+        })?;
+        if td == self.trust_domain {
+            return Err(self.refuse(refusal(
+                Code::InvalidArgument,
+                "bad_request",
+                "a site cannot use the federation's own trust domain",
+            )));
+        }
+        self.store
+            .redeem_token(&token, &site, now_unix())
+            .map_err(|e| self.refuse(store_status(e)))?;
+        let jwks = bundle.to_jwks().map_err(|e| {
+            self.refuse(refusal(Code::InvalidArgument, "bad_request", e.to_string()))
+        })?;
+        self.store.set_bundle(td.as_str(), jwks);
+        let rev = self
+            .store
+            .commit(vec![Change::PutSite(SiteRecord {
+                site: site.clone(),
+                trust_domain: td.clone(),
+                gateway_addresses: r.gateway_addresses,
+                up: true,
+            })])
+            .map_err(|e| self.refuse(store_status(e)))?;
+        self.store
+            .flush()
+            .map_err(|e| self.refuse(store_status(e)))?;
+        self.publish_bundles();
+        info!(%site, trust_domain = %td, revision = rev.0, "site joined");
+        Ok(Response::new(pb::JoinResponse {
+            federation_trust_domain: self.trust_domain.to_string(),
+            bundles: self.store.state().bundles.into_iter().collect(),
+            revision: rev.0,
+        }))
+    }
+
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let rec = self.caller_site(&req)?;
+        let r = req.into_inner();
+        if r.site != rec.site.as_str() {
+            return Err(self.refuse(refusal(
+                Code::PermissionDenied,
+                "publish_foreign_site",
+                format!(
+                    "gateway of site {} may not publish for site {:?}",
+                    rec.site, r.site
+                ),
+            )));
+        }
+        let exports = r
+            .exports
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| api::export_from_pb(e, &format!("exports[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|s| self.refuse(s))?;
+        let cat = self.store.state().catalog;
+        let mut changes = cat.publish_changes(&rec.site, &exports);
+        if !r.gateway_addresses.is_empty() && r.gateway_addresses != rec.gateway_addresses {
+            changes.insert(
+                0,
+                Change::PutSite(SiteRecord {
+                    gateway_addresses: r.gateway_addresses,
+                    ..rec
+                }),
+            );
+        }
+        let n = changes.len() as u32;
+        let rev = self
+            .store
+            .commit(changes)
+            .map_err(|e| self.refuse(store_status(e)))?;
+        Ok(Response::new(pb::PublishResponse {
+            revision: rev.0,
+            changes: n,
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
+        self.caller_site(&req)?;
+        let from = req.into_inner().from_revision.map(Revision);
+        let (start, rx) = self.store.watch(from);
+        let store = self.store.clone();
+        let first = match start {
+            WatchStart::Snapshot(cat) => snapshot_event(&cat),
+            WatchStart::Deltas(ds) => pb::WatchEvent {
+                snapshot: false,
+                revision: ds
+                    .last()
+                    .map(|d| d.revision.0)
+                    .or(from.map(|f| f.0))
+                    .unwrap_or_default(),
+                changes: ds
+                    .iter()
+                    .map(|d| change_to_pb(d.revision, &d.change))
+                    .collect(),
+            },
+        };
+        let stream = futures_free::unfold(Some(first), rx, store);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type BundlesStream = BundleStream;
+
+    async fn bundles(
+        &self,
+        req: Request<pb::BundlesRequest>,
+    ) -> Result<Response<BundleStream>, Status> {
+        self.caller(&req)?;
+        let rx = self.bundles.subscribe();
+        let stream = tokio_stream::wrappers::WatchStream::new(rx).map_ok_bundles();
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let rec = self.caller_site(&req)?;
+        let rev = self
+            .store
+            .commit(vec![Change::DeleteSite {
+                site: rec.site.clone(),
+            }])
+            .map_err(|e| self.refuse(store_status(e)))?;
+        info!(site = %rec.site, "site left");
+        Ok(Response::new(pb::LeaveResponse { revision: rev.0 }))
+    }
+}
+
+/// Stream adapters without pulling in `futures`.
+mod futures_free {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    /// First event, then live deltas; a watcher that falls behind the broadcast buffer
+    /// gets a fresh snapshot instead of a gap.
+    pub fn unfold(
+        first: Option<pb::WatchEvent>,
+        rx: broadcast::Receiver<crate::Delta>,
+        store: Arc<EmbeddedStore>,
+    ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
+        let live = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |r| match r {
+            Ok(d) => Ok(pb::WatchEvent {
+                snapshot: false,
+                revision: d.revision.0,
+                changes: vec![change_to_pb(d.revision, &d.change)],
+            }),
+            Err(_lagged) => Ok(snapshot_event(&store.state().catalog)),
+        });
+        tokio_stream::iter(first.map(Ok)).chain(live)
+    }
+
+    pub trait BundlesExt {
+        fn map_ok_bundles(
+            self,
+        ) -> Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>>;
+    }
+
+    impl BundlesExt for tokio_stream::wrappers::WatchStream<BTreeMap<String, String>> {
+        fn map_ok_bundles(
+            self,
+        ) -> Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>> {
+            Box::pin(self.map(|b| {
+                Ok(pb::BundleSet {
+                    bundles: b.into_iter().collect(),
+                })
+            }))
+        }
+    }
+}
+
+use futures_free::BundlesExt;

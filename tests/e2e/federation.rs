@@ -1,0 +1,379 @@
+//! The federation service as a real process: tokens, join, publish authorization,
+//! revisioned watches, and the embedded store across restarts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use meshfed_federation::api::{pb, reason_of};
+use meshfed_gateway::lab::SiteFiles;
+use meshfed_identity::{BundleSet, TrustDomain};
+use tokio_stream::StreamExt;
+
+use crate::harness::*;
+
+/// A running `meshfed federation serve`.
+struct Fed {
+    dir: PathBuf,
+    child: Option<Child>,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Fed {
+    fn init(scratch: &Scratch) -> PathBuf {
+        let dir = scratch.0.join("fed");
+        let out = Command::new(BIN)
+            .args([
+                "federation",
+                "init",
+                "--trust-domain",
+                "fed.example.org",
+                "--dir",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    }
+
+    fn start(dir: &Path, n: usize) -> Self {
+        let _ = std::fs::remove_file(dir.join("address"));
+        let log = dir.join(format!("serve-{n}.log"));
+        let child = spawn_meshfed(
+            &[
+                "federation",
+                "serve",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &log,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let addr = loop {
+            if let Ok(a) = std::fs::read_to_string(dir.join("address")) {
+                break a.trim().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "federation did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self {
+            dir: dir.to_owned(),
+            child: Some(child),
+            addr,
+            log,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn token(&self, site: &str, ttl: &str) -> String {
+        let out = Command::new(BIN)
+            .args([
+                "federation",
+                "token",
+                "create",
+                "--dir",
+                self.dir.to_str().unwrap(),
+                "--site",
+                site,
+                "--ttl",
+                ttl,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for Fed {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `meshfed site join`; returns (exit code, stderr).
+fn join(site: &SiteFiles, name: &str, token: &str) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args([
+            "site",
+            "join",
+            "--dir",
+            site.dir.to_str().unwrap(),
+            "--site",
+            name,
+            "--gateway-address",
+            "127.0.0.1:15443",
+            token,
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn client(
+    fed: &Fed,
+    site: &SiteFiles,
+    cert: &Path,
+    key: &Path,
+) -> pb::federation_client::FederationClient<tonic::transport::Channel> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let b = BundleSet::read_bundle_file(
+        &site.dir.join("bundles/fed.example.org.json"),
+        Some(&TrustDomain::new("fed.example.org").unwrap()),
+    )
+    .unwrap();
+    meshfed_federation::node::client(std::slice::from_ref(&fed.addr), b, cert, key)
+        .await
+        .unwrap()
+}
+
+fn export(svc: &str) -> pb::ServiceExport {
+    pb::ServiceExport {
+        service: svc.into(),
+        ports: vec![pb::Port {
+            port: 8080,
+            protocol: "tcp".into(),
+            name: "http".into(),
+        }],
+        ready_endpoints: 2,
+        ..Default::default()
+    }
+}
+
+async fn next_event(s: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
+    tokio::time::timeout(Duration::from_secs(5), s.next())
+        .await
+        .expect("watch event in time")
+        .expect("stream open")
+        .expect("event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_publish_watch_and_typed_refusals() {
+    let scratch = Scratch::new("fed");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+
+    // One token per site, each good once.
+    let tw = fed.token("west", "1h");
+    assert_eq!(join(&west, "west", &tw).0, 0);
+    let (code, err) = join(&west, "west", &tw);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("token_reused") && err.contains("already used"),
+        "{err}"
+    );
+    let te = fed.token("east", "1h");
+    let (code, err) = join(&east, "south", &te);
+    assert!(code == 1 && err.contains("token_wrong_site"), "{err}");
+    let te = fed.token("east", "1h");
+    assert_eq!(join(&east, "east", &te).0, 0);
+    let short = fed.token("north", "1s");
+    std::thread::sleep(Duration::from_millis(1500));
+    let north = scratch.site("north", "north.example.org");
+    let (code, err) = join(&north, "north", &short);
+    assert!(
+        code == 1 && err.contains("token_expired") && err.contains("expired"),
+        "{err}"
+    );
+    // East received every bundle known when it joined: west's and the federation's.
+    assert!(east.dir.join("bundles/west.example.org.json").exists());
+
+    let mut wc = client(&fed, &west, &west.cert, &west.key).await;
+    let mut ec = client(&fed, &east, &east.cert, &east.key).await;
+
+    let mut watch = ec
+        .watch(pb::WatchRequest {
+            from_revision: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_event(&mut watch).await;
+    assert!(first.snapshot);
+    assert_eq!(first.changes.len(), 2, "two sites: {first:?}");
+
+    let r = wc
+        .publish(pb::PublishRequest {
+            site: "west".into(),
+            exports: vec![export("orders.shop")],
+            gateway_addresses: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.changes, 1);
+    let ev = next_event(&mut watch).await;
+    assert!(!ev.snapshot);
+    assert_eq!(ev.revision, r.revision);
+    match &ev.changes[0].op {
+        Some(pb::change::Op::PutExport(pe)) => {
+            assert_eq!(pe.site, "west");
+            assert_eq!(pe.export.as_ref().unwrap().service, "orders.shop");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Publishing the same set again changes nothing.
+    let again = wc
+        .publish(pb::PublishRequest {
+            site: "west".into(),
+            exports: vec![export("orders.shop")],
+            gateway_addresses: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.changes, again.revision), (0, r.revision));
+
+    // West may not publish for east.
+    let s = wc
+        .publish(pb::PublishRequest {
+            site: "east".into(),
+            exports: vec![export("evil.shop")],
+            gateway_addresses: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (s.code(), reason_of(&s)),
+        (tonic::Code::PermissionDenied, Some("publish_foreign_site"))
+    );
+    // Nor may a certificate from east's CA that claims to be west's gateway.
+    let east_ca = meshfed_identity::Ca::load(&east.dir.join("ca")).unwrap();
+    let forged = east_ca
+        .issue(
+            &meshfed_identity::SpiffeId::new("spiffe://east.example.org/meshfed/site/west/gateway")
+                .unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let (fc, fk) = (scratch.0.join("forged.pem"), scratch.0.join("forged.key"));
+    forged.save(&fc, &fk).unwrap();
+    let mut forger = client(&fed, &east, &fc, &fk).await;
+    let s = forger
+        .publish(pb::PublishRequest {
+            site: "west".into(),
+            exports: vec![],
+            gateway_addresses: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&s), Some("publish_foreign_site"), "{s:?}");
+    // Bad input names the field.
+    let mut bad = export("orders.shop");
+    bad.ports[0].protocol = "sctp".into();
+    let s = wc
+        .publish(pb::PublishRequest {
+            site: "west".into(),
+            exports: vec![bad],
+            gateway_addresses: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        reason_of(&s) == Some("bad_request")
+            && s.message().contains("exports[0].ports[0].protocol"),
+        "{s:?}"
+    );
+    let logs = std::fs::read_to_string(&fed.log).unwrap();
+    assert!(
+        logs.contains("publish_foreign_site"),
+        "refusals are logged with their reason"
+    );
+
+    // Resume from the publish: only what came after.
+    wc.publish(pb::PublishRequest {
+        site: "west".into(),
+        exports: vec![export("orders.shop"), export("db.prod")],
+        gateway_addresses: vec![],
+    })
+    .await
+    .unwrap();
+    let mut resumed = ec
+        .watch(pb::WatchRequest {
+            from_revision: Some(r.revision),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ev = next_event(&mut resumed).await;
+    assert!(!ev.snapshot, "the federation still has the history");
+    assert_eq!(ev.changes.len(), 1, "{ev:?}");
+    assert!(ev.changes[0].revision > r.revision);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_restart_keeps_revisions_monotonic() {
+    let scratch = Scratch::new("fedrestart");
+    let dir = Fed::init(&scratch);
+    let mut fed = Fed::start(&dir, 0);
+    let west = scratch.site("west", "west.example.org");
+    assert_eq!(join(&west, "west", &fed.token("west", "1h")).0, 0);
+    let mut wc = client(&fed, &west, &west.cert, &west.key).await;
+    let before = wc
+        .publish(pb::PublishRequest {
+            site: "west".into(),
+            exports: vec![export("a.b")],
+            gateway_addresses: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the debounced snapshot land
+    fed.kill();
+    let fed = Fed::start(&dir, 1);
+    let mut wc = client(&fed, &west, &west.cert, &west.key).await;
+    let after = wc
+        .publish(pb::PublishRequest {
+            site: "west".into(),
+            exports: vec![export("a.b"), export("c.d")],
+            gateway_addresses: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    assert!(
+        after > before,
+        "revision went from {before} to {after} across a restart"
+    );
+    // The site and its export survived; a watcher from before the restart resyncs.
+    let mut w = wc
+        .watch(pb::WatchRequest {
+            from_revision: Some(before),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ev = next_event(&mut w).await;
+    assert!(ev.snapshot);
+    assert_eq!(ev.changes.len(), 3, "west + a.b + c.d: {ev:?}");
+}
