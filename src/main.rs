@@ -73,6 +73,9 @@ enum FederationCmd {
         /// Address written into join tokens (repeatable); default: the bound address.
         #[arg(long)]
         advertise: Vec<String>,
+        /// Admin HTTP: /metrics, /ready, /live.
+        #[arg(long, default_value = "127.0.0.1:15011")]
+        admin: std::net::SocketAddr,
     },
     /// Join tokens.
     #[command(subcommand)]
@@ -277,11 +280,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             listen,
             advertise,
+            admin,
         }) => {
             runtime()?.block_on(async {
                 let node = meshfed_federation::node::serve(&dir, listen, advertise).await?;
+                let mut registry = prometheus_client::registry::Registry::default();
+                node.service.metrics.register(&mut registry);
+                let admin_l = tokio::net::TcpListener::bind(admin)
+                    .await
+                    .with_context(|| format!("bind admin {admin}"))?;
+                let admin_addr = admin_l.local_addr()?;
+                ca::write_file(
+                    &dir.join("admin_address"),
+                    admin_addr.to_string().as_bytes(),
+                    0o644,
+                )?;
+                tracing::info!(admin = %admin_addr, "federation admin listening");
+                let admin_stop = tokio_util::sync::CancellationToken::new();
+                let server = meshfed_gateway::admin::Admin {
+                    registry: std::sync::Arc::new(registry),
+                    ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                };
+                tokio::spawn(server.serve(admin_l, admin_stop.clone()));
                 wait_for_signal().await;
                 node.shutdown().await;
+                admin_stop.cancel();
                 anyhow::Ok(())
             })?;
         }

@@ -6,6 +6,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use meshfed_identity::{SpiffeId, TrustBundle, TrustDomain};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{broadcast, watch};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
@@ -29,28 +33,41 @@ pub struct FederationService {
     /// Addresses written into tokens.
     pub addresses: Vec<String>,
     /// Refusals by stable reason, for logs and metrics.
-    pub refusals: RefusalCounts,
+    pub metrics: Metrics,
     bundles: watch::Sender<BTreeMap<String, String>>,
     /// Trust bundles as the TLS layer uses them; updated on join.
     pub tls_bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
 }
 
-/// Refusals by stable reason; the binary exposes them on its metrics endpoint.
-#[derive(Default)]
-pub struct RefusalCounts(std::sync::Mutex<BTreeMap<&'static str, u64>>);
+/// The federation's metrics, registered under `meshfed_federation`.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub refusals: Family<ReasonLabels, Counter>,
+    pub joins: Counter,
+    pub publishes: Counter,
+    pub watchers: Gauge,
+}
 
-impl RefusalCounts {
-    pub fn inc(&self, reason: &'static str) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_default() += 1;
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
 
-    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+impl Metrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let r = registry.sub_registry_with_prefix("meshfed_federation");
+        r.register(
+            "refusals",
+            "Requests refused, by stable reason code",
+            self.refusals.clone(),
+        );
+        r.register("joins", "Sites joined", self.joins.clone());
+        r.register(
+            "publishes",
+            "Publish calls accepted",
+            self.publishes.clone(),
+        );
+        r.register("watchers", "Open Watch streams", self.watchers.clone());
     }
 }
 
@@ -97,7 +114,7 @@ impl FederationService {
             trust_domain,
             own_bundle,
             addresses,
-            refusals: Default::default(),
+            metrics: Metrics::default(),
             bundles: watch::channel(bundles).0,
             tls_bundles,
         }
@@ -110,6 +127,8 @@ impl FederationService {
             "publish_foreign_site" => "publish_foreign_site",
             "unauthenticated" => "unauthenticated",
             "not_operator" => "not_operator",
+            "not_a_gateway" => "not_a_gateway",
+            "store_error" => "store_error",
             "unknown_site" => "unknown_site",
             "bad_request" => "bad_request",
             "token_malformed" => "token_malformed",
@@ -120,7 +139,10 @@ impl FederationService {
             "catalog_conflict" => "catalog_conflict",
             _ => "other",
         };
-        self.refusals.inc(reason);
+        self.metrics
+            .refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
         warn!(reason, message = s.message(), "request refused");
         s
     }
@@ -191,6 +213,15 @@ impl FederationService {
         }
         self.tls_bundles.store(Arc::new(set));
         self.bundles.send_replace(state.bundles);
+    }
+}
+
+/// Decrements the open-watchers gauge when a Watch stream ends.
+pub struct WatcherGuard(Gauge);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -313,6 +344,7 @@ impl pb::federation_server::Federation for FederationService {
             .flush()
             .map_err(|e| self.refuse(store_status(e)))?;
         self.publish_bundles();
+        self.metrics.joins.inc();
         info!(%site, trust_domain = %td, revision = rev.0, "site joined");
         Ok(Response::new(pb::JoinResponse {
             federation_trust_domain: self.trust_domain.to_string(),
@@ -356,6 +388,7 @@ impl pb::federation_server::Federation for FederationService {
             );
         }
         let n = changes.len() as u32;
+        self.metrics.publishes.inc();
         let rev = self
             .store
             .commit(changes)
@@ -388,7 +421,9 @@ impl pb::federation_server::Federation for FederationService {
                     .collect(),
             },
         };
-        let stream = futures_free::unfold(Some(first), rx, store);
+        self.metrics.watchers.inc();
+        let guard = WatcherGuard(self.metrics.watchers.clone());
+        let stream = futures_free::unfold(Some(first), rx, store, guard);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -431,14 +466,19 @@ mod futures_free {
         first: Option<pb::WatchEvent>,
         rx: broadcast::Receiver<crate::Delta>,
         store: Arc<EmbeddedStore>,
+        guard: WatcherGuard,
     ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
-        let live = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |r| match r {
-            Ok(d) => Ok(pb::WatchEvent {
-                snapshot: false,
-                revision: d.revision.0,
-                changes: vec![change_to_pb(d.revision, &d.change)],
-            }),
-            Err(_lagged) => Ok(snapshot_event(&store.state().catalog)),
+        let live = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |r| {
+            // The closure owns the guard, so the watcher gauge drops with the stream.
+            let _owned = &guard;
+            match r {
+                Ok(d) => Ok(pb::WatchEvent {
+                    snapshot: false,
+                    revision: d.revision.0,
+                    changes: vec![change_to_pb(d.revision, &d.change)],
+                }),
+                Err(_lagged) => Ok(snapshot_event(&store.state().catalog)),
+            }
         });
         tokio_stream::iter(first.map(Ok)).chain(live)
     }

@@ -44,6 +44,7 @@ impl Fed {
 
     fn start(dir: &Path, n: usize) -> Self {
         let _ = std::fs::remove_file(dir.join("address"));
+        let _ = std::fs::remove_file(dir.join("admin_address"));
         let log = dir.join(format!("serve-{n}.log"));
         let child = spawn_meshfed(
             &[
@@ -53,13 +54,18 @@ impl Fed {
                 dir.to_str().unwrap(),
                 "--listen",
                 "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
             ],
             &log,
         )
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(15);
         let addr = loop {
-            if let Ok(a) = std::fs::read_to_string(dir.join("address")) {
+            if let (Ok(a), true) = (
+                std::fs::read_to_string(dir.join("address")),
+                dir.join("admin_address").exists(),
+            ) {
                 break a.trim().to_owned();
             }
             assert!(
@@ -75,6 +81,21 @@ impl Fed {
             addr,
             log,
         }
+    }
+
+    /// A sample from the federation's /metrics, or 0.
+    async fn metric(&self, prefix: &str) -> f64 {
+        let admin: std::net::SocketAddr = std::fs::read_to_string(self.dir.join("admin_address"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let text = http_get(admin, "/metrics").await.unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     }
 
     fn kill(&mut self) {
@@ -307,6 +328,12 @@ async fn join_publish_watch_and_typed_refusals() {
         logs.contains("publish_foreign_site"),
         "refusals are logged with their reason"
     );
+    let m = |r: &str| format!("meshfed_federation_refusals_total{{reason=\"{r}\"}}");
+    assert_eq!(fed.metric(&m("publish_foreign_site")).await, 2.0);
+    assert_eq!(fed.metric(&m("token_reused")).await, 1.0);
+    assert_eq!(fed.metric(&m("token_expired")).await, 1.0);
+    assert_eq!(fed.metric(&m("token_wrong_site")).await, 1.0);
+    assert_eq!(fed.metric("meshfed_federation_watchers").await, 1.0);
 
     // Resume from the publish: only what came after.
     wc.publish(pb::PublishRequest {
