@@ -8,6 +8,7 @@ pub mod api;
 pub mod catalog;
 pub mod names;
 pub mod node;
+pub mod routing;
 pub mod server;
 pub mod store;
 pub mod token;
