@@ -3,29 +3,41 @@
 //! — a splice. A refusal closes the client socket with a reset, a log line and a metric
 //! carrying the reason.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use meshfed_federation::{ServiceName, SiteName};
 use meshfed_identity::SpiffeId;
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::config::Import;
 use crate::metrics::Metrics;
-use crate::peers::PeerHandle;
+use crate::peers::{PeerHandle, Peers};
 use crate::splice::{reset_tcp, splice};
 use crate::tunnel::{HeaderReadError, read_header};
 use crate::wire::{self, Open, Refusal, Response};
 
 const DIR: &str = "egress";
-/// How long a client waits for the peer connection to come (back) up.
+/// How long a client waits for the last candidate site's connection to come (back) up.
 const PEER_WAIT: Duration = Duration::from_secs(3);
+/// How long to wait for a candidate that is not the last one before trying the next.
+const FAILOVER_WAIT: Duration = Duration::from_millis(300);
 
+/// The sites serving one import, best first; swapped as the catalog changes.
+pub type Backends = Arc<ArcSwap<Vec<SiteName>>>;
+
+/// One imported service port: its listener's clients go to `backends` in order.
 pub struct Egress {
-    pub import: Import,
-    pub peer: PeerHandle,
+    pub service: ServiceName,
+    pub port: u16,
+    pub backends: Backends,
+    pub peers: Peers,
     pub local_id: SpiffeId,
     pub metrics: Metrics,
     /// How long the far side may take to answer an open request: its endpoint connect
@@ -35,7 +47,7 @@ pub struct Egress {
 
 impl Egress {
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
-        let this = std::sync::Arc::new(self);
+        let this = Arc::new(self);
         loop {
             let (tcp, client) = tokio::select! {
                 r = listener.accept() => match r {
@@ -57,51 +69,84 @@ impl Egress {
         }
     }
 
+    /// Tries the backends in order; a refusal before any payload byte moves on to the
+    /// next site without the client noticing.
     async fn serve_client(&self, tcp: TcpStream) {
         let open = Open {
-            service: self.import.service.clone(),
-            port: self.import.port,
+            service: self.service.clone(),
+            port: self.port,
             source: self.local_id.clone(),
         };
-        match self.open_stream(&open).await {
-            Ok((send, recv)) => {
-                let _active = self.metrics.stream_started(DIR);
-                let end = splice(tcp, send, recv, &self.metrics.counters(DIR)).await;
-                debug!(?end, "connection done");
-            }
-            Err((reason, message)) => {
-                warn!(
-                    service = %open.service, port = open.port, peer = %self.peer.site,
-                    reason = reason.as_str(), %message, "connection refused"
+        let backends = self.backends.load_full();
+        let mut last = (
+            Refusal::NoReadyEndpoint,
+            format!("no site serves {}:{}", self.service, self.port),
+            None,
+        );
+        for (i, site) in backends.iter().enumerate() {
+            let Some(peer) = self.peers.get(site) else {
+                last = (
+                    Refusal::PeerUnavailable,
+                    format!("site {site} is not a peer"),
+                    Some(site),
                 );
-                self.metrics.refused(DIR, reason.as_str());
-                reset_tcp(tcp);
+                continue;
+            };
+            let wait = if i + 1 == backends.len() {
+                PEER_WAIT
+            } else {
+                FAILOVER_WAIT
+            };
+            match self.open_stream(&peer, &open, wait).await {
+                Ok((send, recv)) => {
+                    let _active = self.metrics.stream_started(DIR);
+                    let end = splice(tcp, send, recv, &self.metrics.counters(DIR)).await;
+                    debug!(?end, %site, "connection done");
+                    return;
+                }
+                Err((reason, message)) => {
+                    if i + 1 < backends.len() && reason.retryable_elsewhere() {
+                        debug!(%site, reason = reason.as_str(), %message, "site refused; trying the next one");
+                        self.metrics.failover(reason.as_str());
+                    }
+                    let retry = reason.retryable_elsewhere();
+                    last = (reason, message, Some(site));
+                    if !retry {
+                        break;
+                    }
+                }
             }
         }
+        let (reason, message, site) = last;
+        warn!(
+            service = %open.service, port = open.port, site = ?site.map(|s| s.as_str()),
+            reason = reason.as_str(), %message, "connection refused"
+        );
+        self.metrics.refused(DIR, reason.as_str());
+        reset_tcp(tcp);
     }
 
     /// Opens a stream and waits for accept. A dead connection (open failed or no answer in
     /// time) is reported to the dialer and the open is tried once more on a fresh one.
     async fn open_stream(
         &self,
+        peer: &PeerHandle,
         open: &Open,
+        wait: Duration,
     ) -> Result<(SendStream, RecvStream), (Refusal, String)> {
         let frame = open.encode();
         let mut last = (Refusal::PeerUnavailable, String::new());
         for _attempt in 0..2 {
-            let Some(conn) = self.peer.connection(PEER_WAIT).await else {
+            let Some(conn) = peer.connection(wait).await else {
                 return Err((
                     Refusal::PeerUnavailable,
-                    format!(
-                        "no connection to peer {} within {PEER_WAIT:?}",
-                        self.peer.site
-                    ),
+                    format!("no connection to peer {} within {wait:?}", peer.site),
                 ));
             };
             match self.try_open(&conn, &frame).await {
                 Ok(r) => return r,
                 Err(why) => {
-                    self.peer.report_dead(&conn);
+                    peer.report_dead(&conn);
                     last = (Refusal::PeerUnavailable, why);
                 }
             }
@@ -150,5 +195,112 @@ impl Egress {
                     self.open_timeout
                 )
             })?
+    }
+}
+
+/// The egress listeners, one per imported (service, port); added, re-routed and
+/// removed as the catalog changes.
+pub struct Imports {
+    peers: Peers,
+    local_id: SpiffeId,
+    metrics: Metrics,
+    open_timeout: Duration,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    by_key: Mutex<BTreeMap<(ServiceName, u16), ImportEntry>>,
+}
+
+struct ImportEntry {
+    backends: Backends,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Imports {
+    pub fn new(
+        peers: Peers,
+        local_id: SpiffeId,
+        metrics: Metrics,
+        open_timeout: Duration,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        Self {
+            peers,
+            local_id,
+            metrics,
+            open_timeout,
+            stop,
+            tasks,
+            by_key: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(ServiceName, u16), ImportEntry>> {
+        self.by_key.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a listener for the import, or re-routes an existing one. Returns the
+    /// listener's address.
+    pub fn upsert(
+        &self,
+        service: &ServiceName,
+        port: u16,
+        listen: SocketAddr,
+        backends: Vec<SiteName>,
+    ) -> std::io::Result<SocketAddr> {
+        let mut map = self.lock();
+        let key = (service.clone(), port);
+        if let Some(e) = map.get(&key) {
+            if **e.backends.load() != backends {
+                info!(%service, port, backends = ?backends.iter().map(|s| s.as_str()).collect::<Vec<_>>(), "import re-routed");
+                e.backends.store(Arc::new(backends));
+            }
+            return Ok(e.addr);
+        }
+        let listener = crate::bind_tcp(listen)?;
+        let addr = listener.local_addr()?;
+        let backends = Arc::new(ArcSwap::from_pointee(backends));
+        let stop = self.stop.child_token();
+        let eg = Egress {
+            service: service.clone(),
+            port,
+            backends: backends.clone(),
+            peers: self.peers.clone(),
+            local_id: self.local_id.clone(),
+            metrics: self.metrics.clone(),
+            open_timeout: self.open_timeout,
+        };
+        tokio::spawn(eg.serve(listener, stop.clone(), self.tasks.clone()));
+        info!(%service, port, %addr, "import listening");
+        map.insert(
+            key,
+            ImportEntry {
+                backends,
+                addr,
+                stop,
+            },
+        );
+        Ok(addr)
+    }
+
+    /// Stops the listeners of imports not in `keep` (in-flight connections finish).
+    pub fn retain(&self, keep: &BTreeSet<(ServiceName, u16)>) {
+        self.lock().retain(|(service, port), e| {
+            let kept = keep.contains(&(service.clone(), *port));
+            if !kept {
+                info!(%service, port, "import removed");
+                e.stop.cancel();
+            }
+            kept
+        });
+    }
+
+    /// `service:port` and listen address of every import.
+    pub fn addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.lock()
+            .iter()
+            .map(|((s, p), e)| (format!("{s}:{p}"), e.addr))
+            .collect()
     }
 }

@@ -67,10 +67,11 @@ pub enum GatewayError {
 pub struct RunningGateway {
     pub quic_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    /// `(service:port, local listen address)` per import.
+    /// `(service:port, local listen address)` per import at start.
     pub imports: Vec<(String, SocketAddr)>,
     pub local_id: SpiffeId,
-    peers: peers::Peers,
+    pub peers: peers::Peers,
+    pub import_set: Arc<egress::Imports>,
     ingress: Arc<ingress::Ingress>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
@@ -108,7 +109,7 @@ impl RunningGateway {
 /// retransmit.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -174,47 +175,49 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let mut dial = Vec::new();
-    for p in &cfg.peers {
-        if let Some(addr) = p.address {
-            let v = base_verifier
-                .clone()
-                .with_policy(PeerPolicy::Only([p.spiffe_id.clone()].into()));
-            dial.push((
-                p.site.clone(),
-                p.spiffe_id.clone(),
-                addr,
-                tunnel::client_config(resolver.clone(), v)?,
-            ));
-        }
-    }
     // Dialers stop with the endpoint, not with the listeners: in-flight egress streams
     // need their connection during a drain.
     let dial_stop = CancellationToken::new();
     let dial_tasks = TaskTracker::new();
-    let peers = peers::spawn_dialers(
-        &endpoint,
-        dial,
+    let config_for: peers::ClientConfigFor = {
+        let (resolver, base) = (resolver.clone(), base_verifier.clone());
+        Arc::new(move |id: &SpiffeId| {
+            let v = base
+                .clone()
+                .with_policy(PeerPolicy::Only([id.clone()].into()));
+            tunnel::client_config(resolver.clone(), v)
+                .map_err(|e| warn!(error = %e, "peer TLS config"))
+                .ok()
+        })
+    };
+    let peers = peers::Peers::new(
+        endpoint.clone(),
         metrics.clone(),
+        config_for,
         dial_stop.clone(),
-        &dial_tasks,
+        dial_tasks.clone(),
     );
-
-    let mut imports = Vec::new();
-    let mut listeners = Vec::new();
+    for p in &cfg.peers {
+        if let Some(addr) = p.address {
+            peers.upsert(&p.site, &p.spiffe_id, addr);
+        }
+    }
+    let imports = Arc::new(egress::Imports::new(
+        peers.clone(),
+        svid.id.clone(),
+        metrics.clone(),
+        cfg.connect_timeout + Duration::from_secs(2),
+        stop.clone(),
+        tasks.clone(),
+    ));
     for im in &cfg.imports {
-        let l = bind_tcp(im.listen).map_err(|source| GatewayError::Bind {
-            what: format!("import {}:{}", im.service, im.port),
-            addr: im.listen,
-            source,
-        })?;
-        let addr = l.local_addr().map_err(|source| GatewayError::Bind {
-            what: "import".into(),
-            addr: im.listen,
-            source,
-        })?;
-        imports.push((format!("{}:{}", im.service, im.port), addr));
-        listeners.push((im.clone(), l));
+        imports
+            .upsert(&im.service, im.port, im.listen, vec![im.site.clone()])
+            .map_err(|source| GatewayError::Bind {
+                what: format!("import {}:{}", im.service, im.port),
+                addr: im.listen,
+                source,
+            })?;
     }
     let admin_l = TcpListener::bind(cfg.admin)
         .await
@@ -229,20 +232,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         source,
     })?;
 
-    for (im, l) in listeners {
-        let peer = peers
-            .get(&im.site)
-            .cloned()
-            .expect("config validation guarantees every import's site is a dialable peer");
-        let eg = egress::Egress {
-            import: im,
-            peer,
-            local_id: svid.id.clone(),
-            metrics: metrics.clone(),
-            open_timeout: cfg.connect_timeout + Duration::from_secs(2),
-        };
-        tokio::spawn(eg.serve(l, stop.clone(), tasks.clone()));
-    }
     let ingress = Arc::new(ingress::Ingress::new(
         cfg.exports.clone(),
         cfg.connect_timeout,
@@ -277,7 +266,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     ready.store(true, Ordering::Release);
     info!(
         site = %cfg.site, id = %svid.id, quic = %quic_addr, admin = %admin_addr,
-        peers = cfg.peers.len(), exports = cfg.exports.len(), imports = imports.len(),
+        peers = cfg.peers.len(), exports = cfg.exports.len(), imports = cfg.imports.len(),
         "gateway ready"
     );
 
@@ -309,7 +298,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     Ok(RunningGateway {
         quic_addr,
         admin_addr,
-        imports,
+        imports: imports.addrs(),
+        import_set: imports,
         local_id: svid.id,
         peers,
         ingress,

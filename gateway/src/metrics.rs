@@ -49,6 +49,8 @@ pub struct Metrics {
     pub peer_connections: Gauge,
     pub peer_reconnects: Counter,
     pub identity_reloads: Family<ReloadLabels, Counter>,
+    /// Sites skipped for an import because they refused or were unreachable.
+    pub failovers: Family<ReasonLabels, Counter>,
     /// notAfter of the SVID in use, Unix seconds: alert when it nears `time()`.
     pub svid_not_after: Gauge,
 }
@@ -89,6 +91,11 @@ impl Metrics {
             self.peer_reconnects.clone(),
         );
         r.register(
+            "failovers",
+            "Connections moved to the next site after a refusal, by reason",
+            self.failovers.clone(),
+        );
+        r.register(
             "identity_reloads",
             "SVID and trust bundle reloads from disk, by result",
             self.identity_reloads.clone(),
@@ -127,6 +134,10 @@ impl Metrics {
             tx: get("to_tunnel"),
             rx: get("from_tunnel"),
         }
+    }
+
+    pub fn failover(&self, reason: &'static str) {
+        self.failovers.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn reloaded(&self, what: &'static str, ok: bool) {

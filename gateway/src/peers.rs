@@ -1,9 +1,9 @@
 //! One long-lived QUIC connection per peer gateway, re-established with backoff when it
 //! drops. Egress asks for the current connection; it never dials itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshfed_federation::SiteName;
@@ -11,6 +11,7 @@ use meshfed_identity::SpiffeId;
 use quinn::{Connection, ConnectionError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
@@ -28,26 +29,131 @@ pub struct PeerHandle {
     kick: Arc<tokio::sync::Notify>,
 }
 
-/// All dialable peers, by site.
-#[derive(Clone, Default)]
+/// Builds the QUIC client config for dialing a peer that must present this ID.
+pub type ClientConfigFor = Arc<dyn Fn(&SpiffeId) -> Option<quinn::ClientConfig> + Send + Sync>;
+
+/// All dialable peers, by site. Peers come and go as the catalog changes; each has its
+/// own dialer task, stopped when the peer is removed or replaced.
+#[derive(Clone)]
 pub struct Peers {
-    by_site: BTreeMap<SiteName, PeerHandle>,
+    inner: Arc<PeersInner>,
+}
+
+struct PeersInner {
+    endpoint: quinn::Endpoint,
+    metrics: Metrics,
+    config_for: ClientConfigFor,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    by_site: Mutex<BTreeMap<SiteName, Entry>>,
+}
+
+struct Entry {
+    handle: PeerHandle,
+    addr: SocketAddr,
+    stop: CancellationToken,
 }
 
 impl Peers {
+    /// Dialers are children of `stop` and run on `tasks`.
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        metrics: Metrics,
+        config_for: ClientConfigFor,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Self {
+        Self {
+            inner: Arc::new(PeersInner {
+                endpoint,
+                metrics,
+                config_for,
+                stop,
+                tasks,
+                by_site: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SiteName, Entry>> {
+        self.inner.by_site.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a peer, or replaces it when its address or identity changed.
+    pub fn upsert(&self, site: &SiteName, spiffe_id: &SpiffeId, addr: SocketAddr) {
+        let mut map = self.lock();
+        if let Some(e) = map.get(site)
+            && e.addr == addr
+            && e.handle.spiffe_id == *spiffe_id
+        {
+            return;
+        }
+        let Some(cfg) = (self.inner.config_for)(spiffe_id) else {
+            warn!(%site, %spiffe_id, "no client TLS config for peer");
+            return;
+        };
+        if let Some(old) = map.remove(site) {
+            old.stop.cancel();
+        }
+        let (tx, rx) = watch::channel(None);
+        let kick = Arc::new(tokio::sync::Notify::new());
+        let stop = self.inner.stop.child_token();
+        let handle = PeerHandle {
+            site: site.clone(),
+            spiffe_id: spiffe_id.clone(),
+            conn: rx,
+            kick: kick.clone(),
+        };
+        let dialer = Dialer {
+            endpoint: self.inner.endpoint.clone(),
+            addr,
+            cfg,
+            tx,
+            kick,
+            metrics: self.inner.metrics.clone(),
+            stop: stop.clone(),
+        };
+        let span = info_span!("peer", site = %site, addr = %addr, expect = %spiffe_id);
+        self.inner.tasks.spawn(dialer.run().instrument(span));
+        map.insert(site.clone(), Entry { handle, addr, stop });
+    }
+
+    /// Stops the dialers of every peer not in `keep`.
+    pub fn retain(&self, keep: &BTreeSet<SiteName>) {
+        self.lock().retain(|site, e| {
+            let kept = keep.contains(site);
+            if !kept {
+                info!(%site, "peer removed");
+                e.stop.cancel();
+            }
+            kept
+        });
+    }
+
     /// Each dialable peer with the verified ID of its live connection, if any.
     pub fn status(&self) -> Vec<(SiteName, Option<SpiffeId>)> {
-        self.by_site
+        self.lock()
             .iter()
-            .map(|(site, h)| {
-                let id = h.conn.borrow().as_ref().and_then(peer_spiffe_id);
+            .map(|(site, e)| {
+                let id = e.handle.conn.borrow().as_ref().and_then(peer_spiffe_id);
                 (site.clone(), id)
             })
             .collect()
     }
 
-    pub fn get(&self, site: &SiteName) -> Option<&PeerHandle> {
-        self.by_site.get(site)
+    pub fn get(&self, site: &SiteName) -> Option<PeerHandle> {
+        self.lock().get(site).map(|e| e.handle.clone())
+    }
+
+    /// Whether the peer has a live connection right now.
+    pub fn is_connected(&self, site: &SiteName) -> bool {
+        self.lock().get(site).is_some_and(|e| {
+            e.handle
+                .conn
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| c.close_reason().is_none())
+        })
     }
 }
 
@@ -81,42 +187,6 @@ impl PeerHandle {
         );
         self.kick.notify_one();
     }
-}
-
-/// Spawns one dialer task per peer with an address.
-pub fn spawn_dialers(
-    endpoint: &quinn::Endpoint,
-    peers: Vec<(SiteName, SpiffeId, SocketAddr, quinn::ClientConfig)>,
-    metrics: Metrics,
-    stop: CancellationToken,
-    tasks: &tokio_util::task::TaskTracker,
-) -> Peers {
-    let mut by_site = BTreeMap::new();
-    for (site, spiffe_id, addr, cfg) in peers {
-        let (tx, rx) = watch::channel(None);
-        let kick = Arc::new(tokio::sync::Notify::new());
-        by_site.insert(
-            site.clone(),
-            PeerHandle {
-                site: site.clone(),
-                spiffe_id: spiffe_id.clone(),
-                conn: rx,
-                kick: kick.clone(),
-            },
-        );
-        let dialer = Dialer {
-            endpoint: endpoint.clone(),
-            addr,
-            cfg,
-            tx,
-            kick,
-            metrics: metrics.clone(),
-            stop: stop.clone(),
-        };
-        let span = info_span!("peer", site = %site, addr = %addr, expect = %spiffe_id);
-        tasks.spawn(dialer.run().instrument(span));
-    }
-    Peers { by_site }
 }
 
 struct Dialer {
