@@ -47,6 +47,8 @@ struct RawConfig {
     #[serde(default)]
     reload_interval: Option<String>,
     #[serde(default)]
+    federation: Option<RawFederation>,
+    #[serde(default)]
     peers: Vec<RawPeer>,
     #[serde(default)]
     exports: Vec<RawExport>,
@@ -59,7 +61,20 @@ struct RawConfig {
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
+    #[serde(default)]
     bundles: Vec<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederation {
+    dir: PathBuf,
+    #[serde(default)]
+    import_address: Option<String>,
+    #[serde(default)]
+    advertise: Option<String>,
+    #[serde(default)]
+    locality: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +138,21 @@ pub struct GatewayConfig {
     pub peers: Vec<Peer>,
     pub exports: BTreeMap<ServiceName, Export>,
     pub imports: Vec<Import>,
+    /// Run peers and imports from a federation's catalog.
+    pub federation: Option<Federation>,
+}
+
+/// The `federation` section: the site directory `meshfed site join` wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Federation {
+    /// Holds `federation.json`, `bundles/` and the cached catalog.
+    pub dir: PathBuf,
+    /// Egress listeners for imported services bind here, on the service's port;
+    /// default 127.0.0.1.
+    pub import_address: std::net::IpAddr,
+    /// The QUIC address other gateways dial; default `listen`.
+    pub advertise: Option<String>,
+    pub locality: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,9 +244,29 @@ impl RawConfig {
         let site = SiteName::new(&self.site).map_err(|e| v.err("site", e))?;
         let trust_domain =
             TrustDomain::new(&self.trust_domain).map_err(|e| v.err("trust_domain", e))?;
-        if self.tls.bundles.is_empty() {
-            return Err(v.err("tls.bundles", "at least one trust bundle is required"));
+        if self.tls.bundles.is_empty() && self.federation.is_none() {
+            return Err(v.err(
+                "tls.bundles",
+                "at least one trust bundle is required (or a `federation` section that provides them)",
+            ));
         }
+        let federation = self
+            .federation
+            .map(|f| {
+                let import_address = f
+                    .import_address
+                    .as_deref()
+                    .unwrap_or("127.0.0.1")
+                    .parse()
+                    .map_err(|_| v.err("federation.import_address", "not an IP address"))?;
+                Ok::<_, ConfigError>(Federation {
+                    dir: rel(base, f.dir),
+                    import_address,
+                    advertise: f.advertise,
+                    locality: f.locality,
+                })
+            })
+            .transpose()?;
         let listen = v.addr("listen", &self.listen)?;
         let admin = v.addr("admin", self.admin.as_deref().unwrap_or(DEFAULT_ADMIN))?;
         let drain_grace = v.duration(
@@ -362,6 +412,7 @@ impl RawConfig {
             drain_grace,
             connect_timeout,
             reload_interval,
+            federation,
             peers,
             exports,
             imports,

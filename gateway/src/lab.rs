@@ -72,6 +72,8 @@ pub struct ConfigBuilder {
     pub admin: Option<SocketAddr>,
     pub drain_grace: Option<Duration>,
     pub reload_interval: Option<Duration>,
+    /// (site directory, import address): run peers and imports from the federation.
+    pub federation: Option<(PathBuf, std::net::IpAddr)>,
     pub bundles: Vec<PathBuf>,
     /// (site, address, SPIFFE ID)
     pub peers: Vec<(String, Option<SocketAddr>, SpiffeId)>,
@@ -133,6 +135,13 @@ impl ConfigBuilder {
         let _ = writeln!(y, "    - {}", me.bundle.display());
         for b in &self.bundles {
             let _ = writeln!(y, "    - {}", b.display());
+        }
+        if let Some((dir, ip)) = &self.federation {
+            let _ = writeln!(
+                y,
+                "federation:\n  dir: {}\n  import_address: {ip}",
+                dir.display()
+            );
         }
         if !self.peers.is_empty() {
             y.push_str("peers:\n");

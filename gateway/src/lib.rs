@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod egress;
+pub mod federated;
 pub mod ingress;
 pub mod lab;
 pub mod metrics;
@@ -138,8 +139,12 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             expected,
         });
     }
-    let bundles =
-        reload::load_bundles(&cfg.bundles, &cfg.trust_domain).map_err(GatewayError::Bundles)?;
+    let bundle_dir = cfg.federation.as_ref().map(|f| f.dir.join("bundles"));
+    let bundles = reload::load_bundles(
+        &reload::bundle_files(&cfg.bundles, bundle_dir.as_deref()),
+        &cfg.trust_domain,
+    )
+    .map_err(GatewayError::Bundles)?;
 
     let metrics = metrics::Metrics::default();
     let mut registry = Registry::default();
@@ -152,19 +157,21 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             hook_metrics.handshake_failed(e.code());
         }));
 
-    // Inbound: only configured peers may connect.
+    // Inbound: only configured peers may connect; with a federation, any gateway of a
+    // federated trust domain (the catalog decides whom we serve, per export).
     let inbound_ids: BTreeSet<SpiffeId> = cfg.peers.iter().map(|p| p.spiffe_id.clone()).collect();
+    let inbound = if cfg.federation.is_some() {
+        PeerPolicy::AnyGateway
+    } else {
+        PeerPolicy::Only(inbound_ids)
+    };
     let resolver =
         Arc::new(SvidResolver::new(&svid).map_err(|e| GatewayError::Svid(e.to_string()))?);
     metrics
         .svid_not_after
         .set(svid.not_after_unix().unwrap_or_default());
-    let server = tunnel::server_config(
-        resolver.clone(),
-        base_verifier
-            .clone()
-            .with_policy(PeerPolicy::Only(inbound_ids)),
-    )?;
+    let server =
+        tunnel::server_config(resolver.clone(), base_verifier.clone().with_policy(inbound))?;
     let endpoint = tunnel::bind_endpoint(cfg.listen, server, &svid)?;
     let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {
         what: "quic".into(),
@@ -243,10 +250,36 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             .serve(endpoint.clone(), stop.clone(), tasks.clone()),
     );
 
+    if let Some(fed) = &cfg.federation {
+        let advertise = fed
+            .advertise
+            .clone()
+            .unwrap_or_else(|| quic_addr.to_string());
+        if quic_addr.ip().is_unspecified() && fed.advertise.is_none() {
+            warn!(%quic_addr, "listening on a wildcard address without federation.advertise: peers cannot dial it");
+        }
+        let agent = federated::Agent {
+            fed: fed.clone(),
+            site: cfg.site.clone(),
+            cert: cfg.cert.clone(),
+            key: cfg.key.clone(),
+            exports: cfg.exports.values().cloned().collect(),
+            advertise,
+            static_peers: cfg.peers.clone(),
+            static_imports: cfg.imports.clone(),
+            peers: peers.clone(),
+            imports: imports.clone(),
+            metrics: metrics.clone(),
+            bundle_store: bundle_store.clone(),
+        };
+        tokio::spawn(agent.run(dial_stop.clone()));
+    }
+
     let reloader = reload::Reloader {
         cert: cfg.cert.clone(),
         key: cfg.key.clone(),
         bundles: cfg.bundles.clone(),
+        bundle_dir,
         expected_id: svid.id.clone(),
         own_td: cfg.trust_domain.clone(),
         resolver,

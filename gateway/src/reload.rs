@@ -23,6 +23,9 @@ pub struct Reloader {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub bundles: Vec<PathBuf>,
+    /// A directory whose `*.json` files are bundles too (a federated site's `bundles/`),
+    /// listed again on every tick so new trust domains are picked up.
+    pub bundle_dir: Option<PathBuf>,
     pub expected_id: SpiffeId,
     pub own_td: TrustDomain,
     pub resolver: Arc<SvidResolver>,
@@ -49,7 +52,7 @@ impl Reloader {
     pub async fn run(self, stop: CancellationToken) {
         let svid_files = [self.cert.clone(), self.key.clone()];
         let mut svid_seen = stamp(&svid_files);
-        let mut bundles_seen = stamp(&self.bundles);
+        let mut bundles_seen = stamp(&self.bundle_files());
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
@@ -65,7 +68,7 @@ impl Reloader {
                     }
                 }
             }
-            let now = stamp(&self.bundles);
+            let now = stamp(&self.bundle_files());
             if now != bundles_seen {
                 match self.reload_bundles() {
                     Ok(()) => bundles_seen = now,
@@ -99,8 +102,12 @@ impl Reloader {
         Ok(())
     }
 
+    fn bundle_files(&self) -> Vec<PathBuf> {
+        bundle_files(&self.bundles, self.bundle_dir.as_deref())
+    }
+
     fn reload_bundles(&self) -> Result<(), String> {
-        let set = load_bundles(&self.bundles, &self.own_td)?;
+        let set = load_bundles(&self.bundle_files(), &self.own_td)?;
         let tds: Vec<String> = set.trust_domains().map(|t| t.to_string()).collect();
         self.bundle_store.store(Arc::new(set));
         self.metrics.reloaded("bundles", true);
@@ -123,4 +130,21 @@ pub fn load_bundles(files: &[PathBuf], own_td: &TrustDomain) -> Result<BundleSet
         ));
     }
     Ok(set)
+}
+
+/// The static bundle files plus every `*.json` in `dir`, sorted.
+pub fn bundle_files(files: &[PathBuf], dir: Option<&std::path::Path>) -> Vec<PathBuf> {
+    let mut out = files.to_vec();
+    if let Some(dir) = dir
+        && let Ok(rd) = std::fs::read_dir(dir)
+    {
+        let mut found: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter(|p| !out.contains(p))
+            .collect();
+        found.sort();
+        out.extend(found);
+    }
+    out
 }

@@ -72,6 +72,9 @@ pub enum PeerPolicy {
     AnyFederated,
     /// Exactly these IDs.
     Only(BTreeSet<SpiffeId>),
+    /// Any meshfed gateway ID (`/meshfed/site/<site>/gateway`) of a federated trust
+    /// domain: the inbound policy of a gateway whose peers come from the catalog.
+    AnyGateway,
 }
 
 /// Called with every refusal, for logs and metrics.
@@ -291,6 +294,8 @@ impl SpiffeVerifier {
                 PeerPolicy::AnyFederated => Ok(id),
                 PeerPolicy::Only(set) if set.contains(&id) => Ok(id),
                 PeerPolicy::Only(_) => Err(VerifyError::PeerNotAllowed(id)),
+                PeerPolicy::AnyGateway if id.gateway_site().is_some() => Ok(id),
+                PeerPolicy::AnyGateway => Err(VerifyError::PeerNotAllowed(id)),
             });
         if let (Err(e), Some(hook)) = (&res, &self.on_reject) {
             hook(e);

@@ -404,3 +404,145 @@ async fn embedded_store_restart_keeps_revisions_monotonic() {
     assert!(ev.snapshot);
     assert_eq!(ev.changes.len(), 3, "west + a.b + c.d: {ev:?}");
 }
+
+/// Answers `<name>:` followed by the first 4 bytes it reads, then closes.
+async fn banner_server(name: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = listen();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 4];
+                if s.read_exact(&mut b).await.is_ok() {
+                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
+                    let _ = s.write_all(&b).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Which site answered through `addr`, or the error.
+async fn who_answers(addr: std::net::SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+/// A free port on `ip` for an import listener (the service port is the listen port).
+fn free_port(ip: std::net::IpAddr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
+    let scratch = Scratch::new("fedgw");
+    let mut fed = Fed::start(&Fed::init(&scratch), 0);
+    let east = scratch.site("east", "east.example.org");
+    let west = scratch.site("west", "west.example.org");
+    let north = scratch.site("north", "north.example.org");
+    for (s, n) in [(&east, "east"), (&west, "west"), (&north, "north")] {
+        assert_eq!(join(s, n, &fed.token(n, "1h")).0, 0);
+    }
+    // Each site's imports bind on its own loopback address, as on separate hosts.
+    let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(import_ip);
+    let ip_of = |s: &SiteFiles| -> std::net::IpAddr {
+        match s.site.as_str() {
+            "east" => [127, 0, 0, 2],
+            "west" => [127, 0, 0, 3],
+            _ => [127, 0, 0, 4],
+        }
+        .into()
+    };
+    let fed_cfg = |s: &SiteFiles| meshfed_gateway::lab::ConfigBuilder {
+        federation: Some((s.dir.clone(), ip_of(s))),
+        reload_interval: Some(RELOAD),
+        ..Default::default()
+    };
+    let west_gw = Gw::start(
+        &west,
+        &fed_cfg(&west).export("orders.shop", port, vec![banner_server("west").await]),
+    )
+    .unwrap();
+    let mut north_gw = Gw::start(
+        &north,
+        &fed_cfg(&north).export("orders.shop", port, vec![banner_server("north").await]),
+    )
+    .unwrap();
+    let east_cfg = fed_cfg(&east);
+    let mut east_gw = Gw::start(&east, &east_cfg).unwrap();
+    let import = std::net::SocketAddr::new(import_ip, port);
+
+    // East learns the import and both backends from the catalog.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let first = loop {
+        match who_answers(import).await {
+            Ok(a) if a.ends_with(":ping") => break a,
+            r => {
+                assert!(
+                    Instant::now() < deadline,
+                    "import never worked: {r:?}\n{}",
+                    east_gw.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(first, "north:ping", "equal capacity: ordered by name");
+
+    // North's gateway crashes: clients still get an answer, from west.
+    north_gw.kill();
+    let started = Instant::now();
+    assert_eq!(
+        who_answers(import).await.unwrap(),
+        "west:ping",
+        "failover is invisible to the client"
+    );
+    let first_failover = started.elapsed();
+    let started = Instant::now();
+    assert_eq!(who_answers(import).await.unwrap(), "west:ping");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "later connections fail over fast: {:?}",
+        started.elapsed()
+    );
+    assert!(east_gw.metric("meshfed_gateway_failovers_total").await >= 1.0);
+    eprintln!("first failover took {first_failover:?}");
+
+    // The federation goes away and east restarts: it serves from its cached catalog.
+    fed.kill();
+    east_gw.kill();
+    let east_gw = Gw::start(&east, &east_cfg).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match who_answers(import).await {
+            Ok(a) if a == "west:ping" => break,
+            r => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no service without the federation: {r:?}\n{}",
+                    east_gw.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(east_gw.logs().contains("serving from the cached catalog"));
+    drop(west_gw);
+}

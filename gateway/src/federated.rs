@@ -1,0 +1,294 @@
+//! Runs a gateway from the federation's catalog: publishes this site's exports, watches
+//! the catalog, keeps the federated bundles on disk, and turns every catalog change into
+//! peers and imports (`meshfed_federation::routing::plan`).
+//!
+//! Static stability: the last catalog is cached in the site directory. At start the
+//! gateway serves from the cache before it reaches the federation, and when the
+//! federation is down it keeps serving what it last knew.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshfed_federation::api::{change_from_pb, pb};
+use meshfed_federation::catalog::{Delta, Revision};
+use meshfed_federation::node::Membership;
+use meshfed_federation::routing::plan;
+use meshfed_federation::{Catalog, ServiceName, SiteName};
+use meshfed_identity::ca::write_file;
+use meshfed_identity::{TrustBundle, TrustDomain};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Export, Federation, Import, Peer};
+use crate::egress::Imports;
+use crate::metrics::Metrics;
+use crate::peers::Peers;
+use arc_swap;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+pub struct Agent {
+    pub fed: Federation,
+    pub site: SiteName,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// What this site exports (from its config).
+    pub exports: Vec<Export>,
+    /// Where other gateways dial us.
+    pub advertise: String,
+    /// Statically configured peers and imports stay in place beside the catalog's.
+    pub static_peers: Vec<Peer>,
+    pub static_imports: Vec<Import>,
+    pub peers: Peers,
+    pub imports: Arc<Imports>,
+    pub metrics: Metrics,
+    /// The live bundle set of the verifiers: federated bundles go in here at once, not
+    /// only to disk for the reloader.
+    pub bundle_store: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
+}
+
+/// The catalog a site applies: snapshots reset it, deltas extend it.
+fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), String> {
+    if ev.snapshot {
+        let mut fresh = Catalog::default();
+        for (i, c) in ev.changes.into_iter().enumerate() {
+            let d = change_from_pb(c).map_err(|s| s.message().to_owned())?;
+            fresh
+                .apply(&Delta {
+                    revision: Revision(i as u64 + 1),
+                    change: d.change,
+                })
+                .map_err(|e| e.to_string())?;
+        }
+        fresh.revision = Revision(ev.revision);
+        *catalog = fresh;
+        return Ok(());
+    }
+    for c in ev.changes {
+        let d = change_from_pb(c).map_err(|s| s.message().to_owned())?;
+        if d.revision <= catalog.revision {
+            continue; // already applied (resumed watch)
+        }
+        catalog.apply(&d).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn export_to_pb(e: &Export) -> pb::ServiceExport {
+    let ready: usize = e.ports.values().map(Vec::len).max().unwrap_or(0);
+    pb::ServiceExport {
+        service: e.service.to_string(),
+        ports: e
+            .ports
+            .keys()
+            .map(|p| pb::Port {
+                port: u32::from(*p),
+                protocol: "tcp".into(),
+                name: String::new(),
+            })
+            .collect(),
+        ready_endpoints: u32::try_from(ready).unwrap_or(u32::MAX),
+        ..Default::default()
+    }
+}
+
+impl Agent {
+    fn cache_path(&self) -> PathBuf {
+        self.fed.dir.join("catalog.json")
+    }
+
+    fn load_cache(&self) -> Catalog {
+        std::fs::read(self.cache_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_cache(&self, catalog: &Catalog) {
+        match serde_json::to_vec(catalog) {
+            Ok(b) => {
+                if let Err(e) = write_file(&self.cache_path(), &b, 0o644) {
+                    warn!(error = %e, "catalog cache not written");
+                }
+            }
+            Err(e) => warn!(error = %e, "catalog cache not serialized"),
+        }
+    }
+
+    /// Makes peers and imports match the catalog.
+    fn apply_plan(&self, catalog: &Catalog) {
+        let p = plan(catalog, &self.site, self.fed.locality.as_deref());
+        let mut keep_peers: BTreeSet<SiteName> =
+            self.static_peers.iter().map(|p| p.site.clone()).collect();
+        for peer in &p.peers {
+            let Some(addr) = peer
+                .addresses
+                .iter()
+                .find_map(|a| a.parse::<SocketAddr>().ok())
+            else {
+                warn!(site = %peer.site, addresses = ?peer.addresses, "no IP:port gateway address");
+                continue;
+            };
+            self.peers.upsert(&peer.site, &peer.spiffe_id, addr);
+            keep_peers.insert(peer.site.clone());
+        }
+        self.peers.retain(&keep_peers);
+        let mut keep_imports: BTreeSet<(ServiceName, u16)> = self
+            .static_imports
+            .iter()
+            .map(|i| (i.service.clone(), i.port))
+            .collect();
+        for im in &p.imports {
+            if im.protocol != meshfed_federation::catalog::Protocol::Tcp {
+                continue; // UDP imports arrive with the UDP issue.
+            }
+            let listen = SocketAddr::new(self.fed.import_address, im.port);
+            match self
+                .imports
+                .upsert(&im.service, im.port, listen, im.backends.clone())
+            {
+                Ok(_) => {
+                    keep_imports.insert((im.service.clone(), im.port));
+                }
+                Err(e) => {
+                    warn!(service = %im.service, port = im.port, %listen, error = %e, "import listener not bound")
+                }
+            }
+        }
+        self.imports.retain(&keep_imports);
+    }
+
+    pub async fn run(self, stop: CancellationToken) {
+        let mut catalog = self.load_cache();
+        if catalog.revision.0 > 0 {
+            info!(
+                revision = catalog.revision.0,
+                "serving from the cached catalog until the federation answers"
+            );
+            self.apply_plan(&catalog);
+        }
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let session = self.session(&mut catalog);
+            tokio::select! {
+                r = session => match r {
+                    Ok(()) => backoff = BACKOFF_MIN,
+                    Err(e) => warn!(error = %e, retry_in = ?backoff, "federation session ended"),
+                },
+                _ = stop.cancelled() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection to the federation: publish, then follow bundles and the catalog
+    /// until the stream breaks.
+    async fn session(&self, catalog: &mut Catalog) -> Result<(), String> {
+        let m: Membership = serde_json::from_slice(
+            &std::fs::read(self.fed.dir.join("federation.json"))
+                .map_err(|e| format!("federation.json: {e} (run `meshfed site join` first)"))?,
+        )
+        .map_err(|e| format!("federation.json: {e}"))?;
+        let fed_bundle = self.federation_bundle(&m.federation_trust_domain)?;
+        let mut client =
+            meshfed_federation::node::client(&m.addresses, fed_bundle, &self.cert, &self.key)
+                .await
+                .map_err(|e| e.to_string())?;
+        let r = client
+            .publish(pb::PublishRequest {
+                site: self.site.to_string(),
+                exports: self.exports.iter().map(export_to_pb).collect(),
+                gateway_addresses: vec![self.advertise.clone()],
+            })
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        info!(
+            revision = r.revision,
+            changes = r.changes,
+            "published exports"
+        );
+
+        let mut bundles = client
+            .bundles(pb::BundlesRequest {})
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        // Trust first: peers from the catalog are dialed as soon as it is applied.
+        let first = bundles
+            .next()
+            .await
+            .ok_or("bundle stream ended")?
+            .map_err(|s| s.message().to_owned())?;
+        self.write_bundles(first);
+        let from = (catalog.revision.0 > 0).then_some(catalog.revision.0);
+        let mut watch = client
+            .watch(pb::WatchRequest {
+                from_revision: from,
+            })
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        loop {
+            tokio::select! {
+                ev = watch.next() => {
+                    let ev = ev.ok_or("watch stream ended")?.map_err(|s| s.message().to_owned())?;
+                    let snapshot = ev.snapshot;
+                    apply_event(catalog, ev)?;
+                    debug!(revision = catalog.revision.0, snapshot, "catalog updated");
+                    self.save_cache(catalog);
+                    self.apply_plan(catalog);
+                }
+                b = bundles.next() => {
+                    let b = b.ok_or("bundle stream ended")?.map_err(|s| s.message().to_owned())?;
+                    self.write_bundles(b);
+                }
+            }
+        }
+    }
+
+    fn federation_bundle(&self, td: &TrustDomain) -> Result<TrustBundle, String> {
+        let path = self.fed.dir.join("bundles").join(format!("{td}.json"));
+        let json = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        TrustBundle::from_jwks(td.clone(), &json).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Writes changed bundles into `bundles/`; the reloader swaps them in.
+    fn write_bundles(&self, set: pb::BundleSet) {
+        let dir = self.fed.dir.join("bundles");
+        for (td, jwks) in set.bundles {
+            let Ok(t) = TrustDomain::new(&td) else {
+                warn!(%td, "bundle for an invalid trust domain ignored");
+                continue;
+            };
+            let Ok(bundle) = TrustBundle::from_jwks(t, jwks.as_bytes()) else {
+                warn!(%td, "invalid bundle ignored");
+                continue;
+            };
+            if self.bundle_store.load().get(&bundle.trust_domain) != Some(&bundle) {
+                self.bundle_store.rcu(|set| {
+                    let mut set = (**set).clone();
+                    set.insert(bundle.clone());
+                    set
+                });
+            }
+            let path = dir.join(format!("{td}.json"));
+            if std::fs::read(&path).ok().as_deref() == Some(jwks.as_bytes()) {
+                continue;
+            }
+            match write_file(&path, jwks.as_bytes(), 0o644) {
+                Ok(()) => info!(%td, "federated bundle updated"),
+                Err(e) => warn!(%td, error = %e, "bundle not written"),
+            }
+        }
+    }
+}
