@@ -76,6 +76,9 @@ enum FederationCmd {
         /// Admin HTTP: /metrics, /ready, /live.
         #[arg(long, default_value = "127.0.0.1:15011")]
         admin: std::net::SocketAddr,
+        /// A site whose gateways hold no Watch stream for this long is marked down.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        lease_ttl: Duration,
     },
     /// Join tokens.
     #[command(subcommand)]
@@ -281,9 +284,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             advertise,
             admin,
+            lease_ttl,
         }) => {
             runtime()?.block_on(async {
-                let node = meshfed_federation::node::serve(&dir, listen, advertise).await?;
+                let node =
+                    meshfed_federation::node::serve(&dir, listen, advertise, lease_ttl).await?;
                 let mut registry = prometheus_client::registry::Registry::default();
                 node.service.metrics.register(&mut registry);
                 let admin_l = tokio::net::TcpListener::bind(admin)

@@ -84,11 +84,15 @@ impl Running {
     }
 }
 
+/// Default site lease: how long after its last Watch stream a site is marked down.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+
 /// Serves the federation API on `listen` from the directory's store.
 pub async fn serve(
     dir: &Path,
     listen: SocketAddr,
     advertise: Vec<String>,
+    lease_ttl: Duration,
 ) -> Result<Running, NodeError> {
     let ca = Ca::load(&dir.join("ca"))?;
     let td = ca.trust_domain().clone();
@@ -122,7 +126,9 @@ pub async fn serve(
         ca.bundle(1),
         addresses,
         tls_bundles,
+        lease_ttl,
     ));
+    service.leases.start();
     write_file(&dir.join("address"), addr.to_string().as_bytes(), 0o644)?;
     let stop = CancellationToken::new();
     let incoming = transport::incoming(listener, tls);

@@ -37,6 +37,7 @@ pub struct FederationService {
     bundles: watch::Sender<BTreeMap<String, String>>,
     /// Trust bundles as the TLS layer uses them; updated on join.
     pub tls_bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
+    pub leases: Arc<Leases>,
 }
 
 /// The federation's metrics, registered under `meshfed_federation`.
@@ -103,7 +104,9 @@ impl FederationService {
         own_bundle: TrustBundle,
         addresses: Vec<String>,
         tls_bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
+        lease_ttl: std::time::Duration,
     ) -> Self {
+        let store_for_leases = store.clone();
         let mut bundles = store.state().bundles;
         if let Ok(j) = own_bundle.to_jwks() {
             bundles.insert(trust_domain.to_string(), j.clone());
@@ -117,6 +120,7 @@ impl FederationService {
             metrics: Metrics::default(),
             bundles: watch::channel(bundles).0,
             tls_bundles,
+            leases: Leases::new(store_for_leases, lease_ttl),
         }
     }
 
@@ -216,8 +220,128 @@ impl FederationService {
     }
 }
 
+/// Site liveness. A site holds its lease while one of its gateways keeps a Watch
+/// stream open; `ttl` after its last stream closes (or after the federation starts, for
+/// a site that never reconnects) it is marked down and the catalog says so, so every
+/// other site stops sending it traffic. Its next Watch or Publish marks it up again.
+pub struct Leases {
+    store: Arc<EmbeddedStore>,
+    ttl: std::time::Duration,
+    sites: std::sync::Mutex<BTreeMap<SiteName, (usize, u64)>>,
+}
+
+impl Leases {
+    pub fn new(store: Arc<EmbeddedStore>, ttl: std::time::Duration) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            ttl,
+            sites: Default::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SiteName, (usize, u64)>> {
+        self.sites.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the expiry clock for every site known at start.
+    pub fn start(self: &Arc<Self>) {
+        for site in self.store.state().catalog.sites.keys() {
+            self.arm(site);
+        }
+    }
+
+    /// Starts the expiry clock for a site with no open stream (just joined, or known at
+    /// start): it must connect within the TTL to stay up.
+    pub fn arm(self: &Arc<Self>, site: &SiteName) {
+        let epoch = {
+            let mut m = self.lock();
+            let e = m.entry(site.clone()).or_insert((0, 0));
+            if e.0 > 0 {
+                return;
+            }
+            e.1 += 1;
+            e.1
+        };
+        self.expire_later(site.clone(), epoch);
+    }
+
+    /// A stream of `site` opened: the site is alive.
+    fn acquire(self: &Arc<Self>, site: &SiteName) -> LeaseGuard {
+        {
+            let mut m = self.lock();
+            let e = m.entry(site.clone()).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += 1;
+        }
+        self.set_up(site, true);
+        LeaseGuard {
+            leases: self.clone(),
+            site: site.clone(),
+        }
+    }
+
+    fn release(self: &Arc<Self>, site: &SiteName) {
+        let epoch = {
+            let mut m = self.lock();
+            let Some(e) = m.get_mut(site) else { return };
+            e.0 = e.0.saturating_sub(1);
+            if e.0 > 0 {
+                return;
+            }
+            e.1 += 1;
+            e.1
+        };
+        self.expire_later(site.clone(), epoch);
+    }
+
+    fn expire_later(self: &Arc<Self>, site: SiteName, epoch: u64) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(this.ttl).await;
+            let still_gone = this
+                .lock()
+                .get(&site)
+                .is_some_and(|e| e.0 == 0 && e.1 == epoch);
+            if still_gone {
+                warn!(%site, ttl = ?this.ttl, "lease expired: site marked down");
+                this.set_up(&site, false);
+            }
+        });
+    }
+
+    /// Commits the site's liveness if it changed.
+    pub fn set_up(&self, site: &SiteName, up: bool) {
+        let Some(rec) = self.store.state().catalog.sites.get(site).cloned() else {
+            return;
+        };
+        if rec.up == up {
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .commit(vec![Change::PutSite(SiteRecord { up, ..rec })])
+        {
+            warn!(%site, error = %e, "liveness not recorded");
+        } else if up {
+            info!(%site, "site is up");
+        }
+    }
+}
+
+/// Holds a site's lease for as long as its Watch stream lives.
+pub struct LeaseGuard {
+    leases: Arc<Leases>,
+    site: SiteName,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.leases.release(&self.site);
+    }
+}
+
 /// Decrements the open-watchers gauge when a Watch stream ends.
-pub struct WatcherGuard(Gauge);
+pub struct WatcherGuard(Gauge, #[allow(dead_code)] LeaseGuard);
 
 impl Drop for WatcherGuard {
     fn drop(&mut self) {
@@ -345,6 +469,7 @@ impl pb::federation_server::Federation for FederationService {
             .map_err(|e| self.refuse(store_status(e)))?;
         self.publish_bundles();
         self.metrics.joins.inc();
+        self.leases.arm(&site);
         info!(%site, trust_domain = %td, revision = rev.0, "site joined");
         Ok(Response::new(pb::JoinResponse {
             federation_trust_domain: self.trust_domain.to_string(),
@@ -376,6 +501,15 @@ impl pb::federation_server::Federation for FederationService {
             .map(|(i, e)| api::export_from_pb(e, &format!("exports[{i}]")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|s| self.refuse(s))?;
+        self.leases.set_up(&rec.site, true);
+        let rec = self
+            .store
+            .state()
+            .catalog
+            .sites
+            .get(&rec.site)
+            .cloned()
+            .unwrap_or(rec);
         let cat = self.store.state().catalog;
         let mut changes = cat.publish_changes(&rec.site, &exports);
         if !r.gateway_addresses.is_empty() && r.gateway_addresses != rec.gateway_addresses {
@@ -402,7 +536,8 @@ impl pb::federation_server::Federation for FederationService {
     type WatchStream = EventStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
-        self.caller_site(&req)?;
+        let rec = self.caller_site(&req)?;
+        let lease = self.leases.acquire(&rec.site);
         let from = req.into_inner().from_revision.map(Revision);
         let (start, rx) = self.store.watch(from);
         let store = self.store.clone();
@@ -422,7 +557,7 @@ impl pb::federation_server::Federation for FederationService {
             },
         };
         self.metrics.watchers.inc();
-        let guard = WatcherGuard(self.metrics.watchers.clone());
+        let guard = WatcherGuard(self.metrics.watchers.clone(), lease);
         let stream = futures_free::unfold(Some(first), rx, store, guard);
         Ok(Response::new(Box::pin(stream)))
     }

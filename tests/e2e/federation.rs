@@ -43,6 +43,10 @@ impl Fed {
     }
 
     fn start(dir: &Path, n: usize) -> Self {
+        Self::start_with_lease(dir, n, "10s")
+    }
+
+    fn start_with_lease(dir: &Path, n: usize, lease_ttl: &str) -> Self {
         let _ = std::fs::remove_file(dir.join("address"));
         let _ = std::fs::remove_file(dir.join("admin_address"));
         let log = dir.join(format!("serve-{n}.log"));
@@ -56,6 +60,8 @@ impl Fed {
                 "127.0.0.1:0",
                 "--admin",
                 "127.0.0.1:0",
+                "--lease-ttl",
+                lease_ttl,
             ],
             &log,
         )
@@ -452,7 +458,7 @@ fn free_port(ip: std::net::IpAddr) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
     let scratch = Scratch::new("fedgw");
-    let mut fed = Fed::start(&Fed::init(&scratch), 0);
+    let mut fed = Fed::start_with_lease(&Fed::init(&scratch), 0, "1s");
     let east = scratch.site("east", "east.example.org");
     let west = scratch.site("west", "west.example.org");
     let north = scratch.site("north", "north.example.org");
@@ -524,6 +530,37 @@ async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
     );
     assert!(east_gw.metric("meshfed_gateway_failovers_total").await >= 1.0);
     eprintln!("first failover took {first_failover:?}");
+
+    // North's lease expires: the federation marks it down, east drops it from the
+    // backends, and new connections no longer even try it.
+    let logs_have = |needle: &str| {
+        std::fs::read_to_string(&fed.log)
+            .unwrap_or_default()
+            .contains(needle)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !logs_have("lease expired: site marked down") {
+        assert!(Instant::now() < deadline, "north's lease never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // East re-routes: connections reach west without trying north first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = east_gw.metric("meshfed_gateway_failovers_total").await;
+        let started = Instant::now();
+        assert_eq!(who_answers(import).await.unwrap(), "west:ping");
+        let took = started.elapsed();
+        if east_gw.metric("meshfed_gateway_failovers_total").await == before
+            && took < Duration::from_millis(500)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east kept trying north after its lease expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The federation goes away and east restarts: it serves from its cached catalog.
     fed.kill();
