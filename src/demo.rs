@@ -1,162 +1,215 @@
-//! `meshfed demo`: two sites on loopback, each with its own CA (no shared root), an echo
-//! service at `west`, and a client at `east` that reaches it through both gateways over
-//! one mTLS QUIC connection. Prints the path, the verified identities and the bytes.
+//! `meshfed demo`: a federation and three sites on loopback, each with its own CA (no
+//! shared root). Sites join with one-time tokens; `west` and `north` export the same
+//! service, `east` imports it from the catalog and reaches it through one mTLS QUIC
+//! connection per peer; then `north` stops and traffic fails over live.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use meshfed_gateway::{GatewayConfig, lab};
+use meshfed_identity::TrustDomain;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const PAYLOAD: usize = 8 * 1024 * 1024;
+const LEASE_TTL: Duration = Duration::from_secs(2);
 
-pub async fn run(dir: Option<PathBuf>) -> Result<()> {
-    let tmp;
-    let root = match dir {
-        Some(d) => d,
-        None => {
-            tmp = std::env::temp_dir().join(format!("meshfed-demo-{}", std::process::id()));
-            tmp.clone()
-        }
-    };
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    println!("meshfed demo — files in {}\n", root.display());
-
-    let west = lab::make_site(&root, "west", "west.example.org")?;
-    let east = lab::make_site(&root, "east", "east.example.org")?;
-    println!("1. trust: two CAs, no shared root");
-    println!(
-        "   west  trust domain {:<18} gateway {}",
-        west.trust_domain, west.id
-    );
-    println!(
-        "   east  trust domain {:<18} gateway {}\n",
-        east.trust_domain, east.id
-    );
-
-    // The service at west: a TCP echo server.
-    let echo = TcpListener::bind("127.0.0.1:0").await?;
-    let echo_addr = echo.local_addr()?;
+/// A TCP service that prefixes its echo with the site that served it.
+async fn service(site: &'static str) -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
+        while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
+                let _ = s.write_all(format!("served by {site}\n").as_bytes()).await;
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
                 let _ = w.shutdown().await;
             });
         }
     });
+    Ok(addr)
+}
 
-    let lo: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let west_cfg = lab::ConfigBuilder::default()
-        .peer(&east, None)
-        .export("echo.demo", 7000, vec![echo_addr])
-        .write(&west)?;
-    let west_gw = meshfed_gateway::start(GatewayConfig::load(&west_cfg)?).await?;
-    let east_cfg = lab::ConfigBuilder::default()
-        .peer(&west, Some(west_gw.quic_addr))
-        .import("echo.demo", 7000, "west", lo)
-        .import("missing.demo", 7000, "west", lo)
-        .write(&east)?;
-    let east_gw = meshfed_gateway::start(GatewayConfig::load(&east_cfg)?).await?;
-    let egress = east_gw.imports[0].1;
-    let missing = east_gw.imports[1].1;
-
-    println!("2. path");
-    println!("   client ──tcp──▶ east egress {egress} (echo.demo:7000)");
-    println!(
-        "          ══QUIC mTLS, ALPN meshfed/1══▶ west gateway {}",
-        west_gw.quic_addr
-    );
-    println!("          ──tcp──▶ echo.demo endpoint {echo_addr}\n");
-
-    // Dial through east: a greeting, then a bulk payload, all echoed back.
+/// Sends `payload` through `addr`; returns who served it and whether it came back intact.
+async fn call(addr: SocketAddr, payload: Vec<u8>) -> Result<(String, bool, Duration)> {
     let started = Instant::now();
-    let mut c = TcpStream::connect(egress).await?;
-    let greeting = b"hello west, this is east\n";
-    c.write_all(greeting).await?;
-    let mut back = vec![0u8; greeting.len()];
-    c.read_exact(&mut back).await?;
-    let first_rtt = started.elapsed();
-    let payload: Vec<u8> = (0..PAYLOAD).map(|i| (i * 7 % 251) as u8).collect();
+    let c = TcpStream::connect(addr).await?;
     let (mut r, mut w) = c.into_split();
+    let sent = payload.clone();
     let writer = tokio::spawn(async move {
-        w.write_all(&payload).await?;
-        w.shutdown().await?;
-        Ok::<_, std::io::Error>(payload)
+        w.write_all(&sent).await?;
+        w.shutdown().await
     });
-    let mut echoed = Vec::with_capacity(PAYLOAD);
-    r.read_to_end(&mut echoed).await?;
-    let payload = writer.await??;
-    let elapsed = started.elapsed();
-    if back != greeting || echoed != payload {
-        bail!("echo mismatch: the tunnel corrupted data");
+    let mut back = Vec::with_capacity(payload.len() + 32);
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back))
+        .await
+        .context("no answer in 20 s")??;
+    writer.await??;
+    let nl = back.iter().position(|&b| b == b'\n').context("no banner")?;
+    let who = String::from_utf8_lossy(&back[..nl]).into_owned();
+    Ok((who, back[nl + 1..] == payload[..], started.elapsed()))
+}
+
+fn free_port(ip: IpAddr) -> Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+pub async fn run(dir: Option<PathBuf>) -> Result<()> {
+    let root = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("meshfed-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    println!("meshfed demo — files in {}\n", root.display());
+
+    // 1. Trust: a CA per site and one for the federation; nothing shared.
+    let fed_dir = root.join("federation");
+    let fed_td = TrustDomain::new("fed.example.org")?;
+    meshfed_federation::node::init(&fed_dir, &fed_td)?;
+    let fed =
+        meshfed_federation::node::serve(&fed_dir, ([127, 0, 0, 1], 0).into(), vec![], LEASE_TTL)
+            .await?;
+    let sites = [
+        lab::make_site(&root, "east", "east.example.org")?,
+        lab::make_site(&root, "west", "west.example.org")?,
+        lab::make_site(&root, "north", "north.example.org")?,
+    ];
+    println!("1. trust: four CAs, no shared root");
+    println!("   federation {:<18} {}", fed_td, fed.addr);
+    for s in &sites {
+        println!("   {:<10} {:<18} gateway {}", s.site, s.trust_domain, s.id);
     }
 
-    let (east_out, _) = east_gw.connected_peers();
-    let (_, west_in) = west_gw.connected_peers();
-    println!(
-        "3. verified identities (from the mTLS handshakes, checked against each trust domain's own bundle)"
-    );
-    for (site, id) in east_out {
+    // 2. Join with one-time tokens.
+    println!("\n2. join: one token per site, each good once");
+    let mut last_token = String::new();
+    for s in &sites {
+        let (token, _) =
+            meshfed_federation::node::create_token(&fed_dir, &s.site, Duration::from_secs(600))
+                .await?;
+        let m = meshfed_federation::node::join(&s.dir, &s.site, &token, vec![]).await?;
         println!(
-            "   east verified its peer {site} as {}",
-            id.map_or("-".into(), |i| i.to_string())
+            "   {:<6} joined at revision {:<3} token {}…",
+            s.site,
+            m.revision,
+            &token[..28]
         );
+        last_token = token;
     }
-    for id in west_in {
-        println!("   west verified its client as   {id}");
+    match meshfed_federation::node::join(&sites[2].dir, "north", &last_token, vec![]).await {
+        Err(e) => println!("   north, same token again: refused: {e}"),
+        Ok(_) => bail!("a reused token was accepted"),
     }
-    println!();
-    println!("4. bytes");
-    println!(
-        "   greeting echoed in {:.1} ms (includes the stream open)",
-        first_rtt.as_secs_f64() * 1e3
-    );
-    println!(
-        "   {} MiB sent and {} MiB echoed back intact in {:.0} ms\n",
-        PAYLOAD >> 20,
-        echoed.len() >> 20,
-        elapsed.as_secs_f64() * 1e3
-    );
 
-    // A typed refusal: west does not export missing.demo.
-    // The refusal can beat the client's own connect() to the finish line, so a reset
-    // may surface from connect itself.
-    let outcome = match TcpStream::connect(missing).await {
-        Err(e) => format!("connection reset ({})", e.kind()),
-        Ok(mut m) => {
-            let mut buf = [0u8; 1];
-            match tokio::time::timeout(Duration::from_secs(3), m.read(&mut buf)).await {
-                Ok(Ok(0)) => "closed".to_string(),
-                Ok(Err(e)) => format!("connection reset ({})", e.kind()),
-                Ok(Ok(_)) => "unexpected data".to_string(),
-                Err(_) => "no answer".to_string(),
+    // 3. Gateways from the catalog: west and north export orders.shop; east imports it.
+    let ips: [IpAddr; 3] = [
+        [127, 0, 0, 2].into(),
+        [127, 0, 0, 3].into(),
+        [127, 0, 0, 4].into(),
+    ];
+    let port = free_port(ips[0])?;
+    let mut gateways = Vec::new();
+    for (i, s) in sites.iter().enumerate() {
+        let mut b = lab::ConfigBuilder {
+            federation: Some((s.dir.clone(), ips[i])),
+            reload_interval: Some(Duration::from_millis(500)),
+            ..Default::default()
+        };
+        if i > 0 {
+            let who = if i == 1 { "west" } else { "north" };
+            b = b.export("orders.shop", port, vec![service(who).await?]);
+        }
+        gateways.push(Some(
+            meshfed_gateway::start(GatewayConfig::load(&b.write(s)?)?).await?,
+        ));
+    }
+    let import = SocketAddr::new(ips[0], port);
+    println!("\n3. catalog: west and north export orders.shop:{port}; east imports it");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (who, _, _) = loop {
+        match call(import, b"hello".to_vec()).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "import not ready yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            Err(e) => bail!("east never got the import: {e:#}"),
         }
     };
-    println!("5. a refusal crosses the wire typed");
-    println!("   dialing missing.demo:7000 through east: {outcome}");
-    let (_, metrics) = meshfed_gateway::admin::get(east_gw.admin_addr, "/metrics")
-        .await
-        .map_err(anyhow::Error::msg)?;
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("meshfed_gateway_refusals_total"))
-    {
-        println!("   east {line}");
-    }
-    println!();
-
-    println!("6. drain: SIGTERM-style shutdown of both gateways");
-    east_gw.shutdown().await;
-    west_gw.shutdown().await;
     println!(
-        "   done. Run `meshfed gateway run -c {}` to start a gateway from these files.",
-        west_cfg.display()
+        "   client ──tcp──▶ east egress {import} ══QUIC mTLS (meshfed/1)══▶ a site's gateway ──tcp──▶ orders.shop"
+    );
+    if let Some(east) = &gateways[0] {
+        let (out, _) = east.connected_peers();
+        for (site, id) in out {
+            println!(
+                "   east verified peer {site:<6} as {}",
+                id.map_or("-".into(), |i| i.to_string())
+            );
+        }
+    }
+    println!("   first call: {who}");
+
+    // 4. Bytes.
+    let payload: Vec<u8> = (0..PAYLOAD).map(|i| (i * 7 % 251) as u8).collect();
+    let (who, intact, took) = call(import, payload).await?;
+    if !intact {
+        bail!("the tunnel corrupted data");
+    }
+    println!(
+        "\n4. bytes: {} MiB echoed back intact in {:.0} ms, {who}",
+        PAYLOAD >> 20,
+        took.as_secs_f64() * 1e3
+    );
+
+    // 5. Failover, live.
+    println!("\n5. failover: north's gateway stops");
+    if let Some(north) = gateways[2].take() {
+        north.shutdown().await;
+    }
+    let (who, intact, took) = call(import, b"still there?".to_vec()).await?;
+    println!(
+        "   next call: {who} ({:.0} ms, intact: {intact}); the client saw no error",
+        took.as_secs_f64() * 1e3
+    );
+    tokio::time::sleep(LEASE_TTL + Duration::from_millis(500)).await;
+    let state = fed.service.store.state();
+    for s in state.catalog.sites.values() {
+        println!(
+            "   catalog: site {:<6} {}",
+            s.site,
+            if s.up { "up" } else { "down (lease expired)" }
+        );
+    }
+    let (who, _, took) = call(import, b"and now?".to_vec()).await?;
+    println!(
+        "   after the lease: {who} in {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+
+    if let Some(east) = &gateways[0] {
+        let (_, metrics) = meshfed_gateway::admin::get(east.admin_addr, "/metrics")
+            .await
+            .map_err(anyhow::Error::msg)?;
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("meshfed_gateway_failovers_total"))
+        {
+            println!("   east {line}");
+        }
+    }
+
+    println!("\n6. drain: SIGTERM-style shutdown of every gateway and the federation");
+    for g in gateways.into_iter().flatten() {
+        g.shutdown().await;
+    }
+    fed.shutdown().await;
+    println!(
+        "   done. Configs, certificates and the catalog cache are in {}",
+        root.display()
     );
     Ok(())
 }

@@ -190,9 +190,10 @@ enum GatewayCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own story; its gateways only log warnings unless RUST_LOG says otherwise.
+    // The demo prints its own story; its components only log errors unless RUST_LOG says
+    // otherwise (expected refusals and redials would drown it).
     init_tracing(if matches!(cli.cmd, Cmd::Demo { .. }) {
-        "warn"
+        "error"
     } else {
         "info"
     });

@@ -69,7 +69,8 @@ impl FromStr for SiteName {
 
 impl fmt::Display for SiteName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        // `pad` honours width and alignment, for tables.
+        f.pad(&self.0)
     }
 }
 
