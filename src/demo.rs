@@ -176,13 +176,9 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         took.as_secs_f64() * 1e3
     );
     tokio::time::sleep(LEASE_TTL + Duration::from_millis(500)).await;
-    let state = fed.service.store.state();
-    for s in state.catalog.sites.values() {
-        println!(
-            "   catalog: site {:<6} {}",
-            s.site,
-            if s.up { "up" } else { "down (lease expired)" }
-        );
+    let status = meshfed_federation::node::status(&fed_dir).await?;
+    for line in meshfed_federation::node::status_table(fed_td.as_str(), &status).lines() {
+        println!("   {line}");
     }
     let (who, _, took) = call(import, b"and now?".to_vec()).await?;
     println!(

@@ -47,7 +47,13 @@ enum Cmd {
     /// This site's membership in a federation.
     #[command(subcommand)]
     Site(SiteCmd),
-    /// Runs two sites on loopback and sends traffic between them.
+    /// Prints the federation's sites: trust domains, lease, exports, imports, revisions.
+    Status {
+        /// The federation directory (`meshfed federation init --dir`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Runs a federation and three sites on loopback, with live failover.
     Demo {
         /// Keep certificates and configs here instead of a temporary directory.
         #[arg(long)]
@@ -274,6 +280,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             runtime()?.block_on(gateway_run(cfg, ready_file))?;
         }
         Cmd::Demo { dir } => runtime()?.block_on(demo::run(dir))?,
+        Cmd::Status { dir } => {
+            let st = runtime()?.block_on(meshfed_federation::node::status(&dir))?;
+            let td = Ca::load(&dir.join("ca"))?.trust_domain().to_string();
+            print!("{}", meshfed_federation::node::status_table(&td, &st));
+        }
         Cmd::Federation(FederationCmd::Init { trust_domain, dir }) => {
             let td = TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;

@@ -47,7 +47,7 @@ fn other(what: impl Into<String>, detail: impl ToString) -> NodeError {
     }
 }
 
-fn status(s: tonic::Status) -> NodeError {
+fn refused(s: tonic::Status) -> NodeError {
     NodeError::Refused(s.message().to_owned())
 }
 
@@ -209,9 +209,63 @@ pub async fn create_token(
             ttl_seconds: ttl.as_secs(),
         })
         .await
-        .map_err(status)?
+        .map_err(refused)?
         .into_inner();
     Ok((r.token, r.expires_unix))
+}
+
+/// `meshfed status`: the running node's view of every site.
+pub async fn status(dir: &Path) -> Result<pb::StatusResponse, NodeError> {
+    let ca = Ca::load(&dir.join("ca"))?;
+    let addr = std::fs::read_to_string(dir.join("address")).map_err(|e| {
+        other(
+            format!("{}/address (is the federation running?)", dir.display()),
+            e,
+        )
+    })?;
+    let mut c = client(
+        &[addr.trim().to_owned()],
+        ca.bundle(1),
+        &dir.join("admin.pem"),
+        &dir.join("admin.key"),
+    )
+    .await?;
+    Ok(c.status(pb::StatusRequest {})
+        .await
+        .map_err(refused)?
+        .into_inner())
+}
+
+/// Renders a status as the table `meshfed status` prints.
+pub fn status_table(td: &str, s: &pb::StatusResponse) -> String {
+    use std::fmt::Write;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let mut out = format!("federation {td} at revision {}\n", s.revision);
+    let _ = writeln!(
+        out,
+        "{:<10} {:<22} {:<6} {:>7} {:>6}  {:<28} IMPORTS",
+        "SITE", "TRUST DOMAIN", "LEASE", "STREAMS", "SEEN", "EXPORTS"
+    );
+    for site in &s.sites {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<22} {:<6} {:>7} {:>6}  {:<28} {}",
+            site.site,
+            site.trust_domain,
+            if site.up { "up" } else { "down" },
+            site.watch_streams,
+            site.last_seen_revision,
+            list(&site.exports),
+            list(&site.imports)
+        );
+    }
+    out
 }
 
 /// `meshfed site join`: redeems `token` for the site in `site_dir`.
@@ -244,7 +298,7 @@ pub async fn join(
             gateway_addresses,
         })
         .await
-        .map_err(status)?
+        .map_err(refused)?
         .into_inner();
     let bundles_dir = site_dir.join("bundles");
     std::fs::create_dir_all(&bundles_dir)

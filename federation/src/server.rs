@@ -38,6 +38,17 @@ pub struct FederationService {
     /// Trust bundles as the TLS layer uses them; updated on join.
     pub tls_bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
     pub leases: Arc<Leases>,
+    /// Newest revision delivered to each site's Watch streams.
+    seen: Seen,
+}
+
+/// Per-site newest revision delivered.
+pub type Seen = Arc<std::sync::Mutex<BTreeMap<SiteName, u64>>>;
+
+fn mark_seen(seen: &Seen, site: &SiteName, rev: u64) {
+    let mut m = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let e = m.entry(site.clone()).or_default();
+    *e = (*e).max(rev);
 }
 
 /// The federation's metrics, registered under `meshfed_federation`.
@@ -121,6 +132,7 @@ impl FederationService {
             bundles: watch::channel(bundles).0,
             tls_bundles,
             leases: Leases::new(store_for_leases, lease_ttl),
+            seen: Seen::default(),
         }
     }
 
@@ -162,6 +174,23 @@ impl FederationService {
                     "this call needs a client SVID",
                 ))
             })
+    }
+
+    /// Only the federation's operator identity passes.
+    fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let id = self.caller(req)?;
+        let operator = self
+            .trust_domain
+            .child(&["meshfed", "admin"])
+            .expect("a constant valid path");
+        if id != operator {
+            return Err(self.refuse(refusal(
+                Code::PermissionDenied,
+                "not_operator",
+                format!("{id} is not the operator identity {operator}"),
+            )));
+        }
+        Ok(())
     }
 
     /// The site a gateway SVID speaks for, checked against the site's registered trust
@@ -370,18 +399,7 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let id = self.caller(&req)?;
-        let operator = self
-            .trust_domain
-            .child(&["meshfed", "admin"])
-            .expect("valid");
-        if id != operator {
-            return Err(self.refuse(refusal(
-                Code::PermissionDenied,
-                "not_operator",
-                format!("{id} may not create tokens; use {operator}"),
-            )));
-        }
+        self.operator(&req)?;
         let r = req.into_inner();
         let site = SiteName::new(&r.site).map_err(|e| {
             self.refuse(refusal(
@@ -558,7 +576,14 @@ impl pb::federation_server::Federation for FederationService {
         };
         self.metrics.watchers.inc();
         let guard = WatcherGuard(self.metrics.watchers.clone(), lease);
-        let stream = futures_free::unfold(Some(first), rx, store, guard);
+        mark_seen(&self.seen, &rec.site, first.revision);
+        let stream = futures_free::unfold(
+            Some(first),
+            rx,
+            store,
+            guard,
+            (self.seen.clone(), rec.site.clone()),
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -572,6 +597,51 @@ impl pb::federation_server::Federation for FederationService {
         let rx = self.bundles.subscribe();
         let stream = tokio_stream::wrappers::WatchStream::new(rx).map_ok_bundles();
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.operator(&req)?;
+        let cat = self.store.state().catalog;
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let streams = self.leases.lock().clone();
+        let sites = cat
+            .sites
+            .values()
+            .map(|r| {
+                let exports = cat
+                    .exports
+                    .iter()
+                    .filter(|((s, _), _)| s == &r.site)
+                    .flat_map(|((_, svc), e)| {
+                        e.ports.iter().map(move |p| format!("{svc}:{}", p.port))
+                    })
+                    .collect();
+                let imports = crate::routing::plan(&cat, &r.site, None)
+                    .imports
+                    .iter()
+                    .map(|i| format!("{}:{}", i.service, i.port))
+                    .collect();
+                pb::SiteStatus {
+                    site: r.site.to_string(),
+                    trust_domain: r.trust_domain.to_string(),
+                    up: r.up,
+                    gateway_addresses: r.gateway_addresses.clone(),
+                    exports,
+                    imports,
+                    last_seen_revision: seen.get(&r.site).copied().unwrap_or_default(),
+                    watch_streams: streams
+                        .get(&r.site)
+                        .map_or(0, |e| u32::try_from(e.0).unwrap_or(u32::MAX)),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            revision: cat.revision.0,
+            sites,
+        }))
     }
 
     async fn leave(
@@ -602,18 +672,21 @@ mod futures_free {
         rx: broadcast::Receiver<crate::Delta>,
         store: Arc<EmbeddedStore>,
         guard: WatcherGuard,
+        (seen, site): (Seen, SiteName),
     ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
         let live = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |r| {
             // The closure owns the guard, so the watcher gauge drops with the stream.
             let _owned = &guard;
-            match r {
-                Ok(d) => Ok(pb::WatchEvent {
+            let ev = match r {
+                Ok(d) => pb::WatchEvent {
                     snapshot: false,
                     revision: d.revision.0,
                     changes: vec![change_to_pb(d.revision, &d.change)],
-                }),
-                Err(_lagged) => Ok(snapshot_event(&store.state().catalog)),
-            }
+                },
+                Err(_lagged) => snapshot_event(&store.state().catalog),
+            };
+            mark_seen(&seen, &site, ev.revision);
+            Ok(ev)
         });
         tokio_stream::iter(first.map(Ok)).chain(live)
     }

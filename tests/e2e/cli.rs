@@ -187,7 +187,7 @@ fn demo_runs_end_to_end() {
         "MiB echoed back intact",
         "next call: served by west",
         "the client saw no error",
-        "site north  down (lease expired)",
+        "north      north.example.org      down",
         "after the lease: served by west",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");

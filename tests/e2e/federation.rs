@@ -562,6 +562,41 @@ async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The operator's view.
+    let out = Command::new(BIN)
+        .args(["status", "--dir", fed.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |site: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(site))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(row("north").contains(" down "), "{table}");
+    assert!(
+        row("west").contains(" up ") && row("west").contains(&format!("orders.shop:{port}")),
+        "{table}"
+    );
+    assert!(
+        row("east").ends_with(&format!("orders.shop:{port}")),
+        "east imports it: {table}"
+    );
+    let east_seen: u64 = row("east")
+        .split_whitespace()
+        .nth(4)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(east_seen > 0, "{table}");
+
     // The federation goes away and east restarts: it serves from its cached catalog.
     fed.kill();
     east_gw.kill();

@@ -182,6 +182,40 @@ pub struct LeaveResponse {
     #[prost(uint64, tag = "1")]
     pub revision: u64,
 }
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StatusRequest {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SiteStatus {
+    #[prost(string, tag = "1")]
+    pub site: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub trust_domain: ::prost::alloc::string::String,
+    #[prost(bool, tag = "3")]
+    pub up: bool,
+    #[prost(string, repeated, tag = "4")]
+    pub gateway_addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// "name.namespace:port" exported by this site.
+    #[prost(string, repeated, tag = "5")]
+    pub exports: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// "name.namespace:port" this site imports, from the catalog.
+    #[prost(string, repeated, tag = "6")]
+    pub imports: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The newest revision delivered on this site's Watch streams (0: never watched).
+    #[prost(uint64, tag = "7")]
+    pub last_seen_revision: u64,
+    #[prost(uint32, tag = "8")]
+    pub watch_streams: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StatusResponse {
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub sites: ::prost::alloc::vec::Vec<SiteStatus>,
+}
 /// Generated client implementations.
 pub mod federation_client {
     #![allow(
@@ -420,6 +454,28 @@ pub mod federation_client {
                 .insert(GrpcMethod::new("meshfed.federation.v1.Federation", "Leave"));
             self.inner.unary(req, path, codec).await
         }
+        /// Sites, liveness, exports, imports and what each site has seen (operators only).
+        pub async fn status(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StatusRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatusResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshfed.federation.v1.Federation/Status",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("meshfed.federation.v1.Federation", "Status"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -481,6 +537,11 @@ pub mod federation_server {
             &self,
             request: tonic::Request<super::LeaveRequest>,
         ) -> std::result::Result<tonic::Response<super::LeaveResponse>, tonic::Status>;
+        /// Sites, liveness, exports, imports and what each site has seen (operators only).
+        async fn status(
+            &self,
+            request: tonic::Request<super::StatusRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatusResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct FederationServer<T> {
@@ -811,6 +872,49 @@ pub mod federation_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = LeaveSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshfed.federation.v1.Federation/Status" => {
+                    #[allow(non_camel_case_types)]
+                    struct StatusSvc<T: Federation>(pub Arc<T>);
+                    impl<T: Federation> tonic::server::UnaryService<super::StatusRequest>
+                    for StatusSvc<T> {
+                        type Response = super::StatusResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StatusRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Federation>::status(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StatusSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
