@@ -183,12 +183,10 @@ pub async fn client(
     Ok(pb::federation_client::FederationClient::new(ch))
 }
 
-/// `meshfed federation token create`: asks the running node for a token.
-pub async fn create_token(
+/// A client of the node running from `dir`, as its operator (the admin SVID).
+async fn operator_client(
     dir: &Path,
-    site: &str,
-    ttl: Duration,
-) -> Result<(String, i64), NodeError> {
+) -> Result<pb::federation_client::FederationClient<tonic::transport::Channel>, NodeError> {
     let ca = Ca::load(&dir.join("ca"))?;
     let addr = std::fs::read_to_string(dir.join("address")).map_err(|e| {
         other(
@@ -196,13 +194,22 @@ pub async fn create_token(
             e,
         )
     })?;
-    let mut c = client(
+    client(
         &[addr.trim().to_owned()],
         ca.bundle(1),
         &dir.join("admin.pem"),
         &dir.join("admin.key"),
     )
-    .await?;
+    .await
+}
+
+/// `meshfed federation token create`: asks the running node for a token.
+pub async fn create_token(
+    dir: &Path,
+    site: &str,
+    ttl: Duration,
+) -> Result<(String, i64), NodeError> {
+    let mut c = operator_client(dir).await?;
     let r = c
         .create_token(pb::CreateTokenRequest {
             site: site.to_owned(),
@@ -216,20 +223,7 @@ pub async fn create_token(
 
 /// `meshfed status`: the running node's view of every site.
 pub async fn status(dir: &Path) -> Result<pb::StatusResponse, NodeError> {
-    let ca = Ca::load(&dir.join("ca"))?;
-    let addr = std::fs::read_to_string(dir.join("address")).map_err(|e| {
-        other(
-            format!("{}/address (is the federation running?)", dir.display()),
-            e,
-        )
-    })?;
-    let mut c = client(
-        &[addr.trim().to_owned()],
-        ca.bundle(1),
-        &dir.join("admin.pem"),
-        &dir.join("admin.key"),
-    )
-    .await?;
+    let mut c = operator_client(dir).await?;
     Ok(c.status(pb::StatusRequest {})
         .await
         .map_err(refused)?

@@ -193,6 +193,20 @@ fn export(svc: &str) -> pb::ServiceExport {
     }
 }
 
+async fn publish(
+    c: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+    site: &str,
+    exports: Vec<pb::ServiceExport>,
+) -> Result<pb::PublishResponse, tonic::Status> {
+    c.publish(pb::PublishRequest {
+        site: site.into(),
+        exports,
+        gateway_addresses: vec![],
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
 async fn next_event(s: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
     tokio::time::timeout(Duration::from_secs(5), s.next())
         .await
@@ -247,15 +261,9 @@ async fn join_publish_watch_and_typed_refusals() {
     assert!(first.snapshot);
     assert_eq!(first.changes.len(), 2, "two sites: {first:?}");
 
-    let r = wc
-        .publish(pb::PublishRequest {
-            site: "west".into(),
-            exports: vec![export("orders.shop")],
-            gateway_addresses: vec![],
-        })
+    let r = publish(&mut wc, "west", vec![export("orders.shop")])
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(r.changes, 1);
     let ev = next_event(&mut watch).await;
     assert!(!ev.snapshot);
@@ -268,24 +276,13 @@ async fn join_publish_watch_and_typed_refusals() {
         other => panic!("{other:?}"),
     }
     // Publishing the same set again changes nothing.
-    let again = wc
-        .publish(pb::PublishRequest {
-            site: "west".into(),
-            exports: vec![export("orders.shop")],
-            gateway_addresses: vec![],
-        })
+    let again = publish(&mut wc, "west", vec![export("orders.shop")])
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!((again.changes, again.revision), (0, r.revision));
 
     // West may not publish for east.
-    let s = wc
-        .publish(pb::PublishRequest {
-            site: "east".into(),
-            exports: vec![export("evil.shop")],
-            gateway_addresses: vec![],
-        })
+    let s = publish(&mut wc, "east", vec![export("evil.shop")])
         .await
         .unwrap_err();
     assert_eq!(
@@ -304,26 +301,12 @@ async fn join_publish_watch_and_typed_refusals() {
     let (fc, fk) = (scratch.0.join("forged.pem"), scratch.0.join("forged.key"));
     forged.save(&fc, &fk).unwrap();
     let mut forger = client(&fed, &east, &fc, &fk).await;
-    let s = forger
-        .publish(pb::PublishRequest {
-            site: "west".into(),
-            exports: vec![],
-            gateway_addresses: vec![],
-        })
-        .await
-        .unwrap_err();
+    let s = publish(&mut forger, "west", vec![]).await.unwrap_err();
     assert_eq!(reason_of(&s), Some("publish_foreign_site"), "{s:?}");
     // Bad input names the field.
     let mut bad = export("orders.shop");
     bad.ports[0].protocol = "sctp".into();
-    let s = wc
-        .publish(pb::PublishRequest {
-            site: "west".into(),
-            exports: vec![bad],
-            gateway_addresses: vec![],
-        })
-        .await
-        .unwrap_err();
+    let s = publish(&mut wc, "west", vec![bad]).await.unwrap_err();
     assert!(
         reason_of(&s) == Some("bad_request")
             && s.message().contains("exports[0].ports[0].protocol"),
@@ -342,11 +325,11 @@ async fn join_publish_watch_and_typed_refusals() {
     assert_eq!(fed.metric("meshfed_federation_watchers").await, 1.0);
 
     // Resume from the publish: only what came after.
-    wc.publish(pb::PublishRequest {
-        site: "west".into(),
-        exports: vec![export("orders.shop"), export("db.prod")],
-        gateway_addresses: vec![],
-    })
+    publish(
+        &mut wc,
+        "west",
+        vec![export("orders.shop"), export("db.prod")],
+    )
     .await
     .unwrap();
     let mut resumed = ec
@@ -370,29 +353,17 @@ async fn embedded_store_restart_keeps_revisions_monotonic() {
     let west = scratch.site("west", "west.example.org");
     assert_eq!(join(&west, "west", &fed.token("west", "1h")).0, 0);
     let mut wc = client(&fed, &west, &west.cert, &west.key).await;
-    let before = wc
-        .publish(pb::PublishRequest {
-            site: "west".into(),
-            exports: vec![export("a.b")],
-            gateway_addresses: vec![],
-        })
+    let before = publish(&mut wc, "west", vec![export("a.b")])
         .await
         .unwrap()
-        .into_inner()
         .revision;
     tokio::time::sleep(Duration::from_millis(200)).await; // let the debounced snapshot land
     fed.kill();
     let fed = Fed::start(&dir, 1);
     let mut wc = client(&fed, &west, &west.cert, &west.key).await;
-    let after = wc
-        .publish(pb::PublishRequest {
-            site: "west".into(),
-            exports: vec![export("a.b"), export("c.d")],
-            gateway_addresses: vec![],
-        })
+    let after = publish(&mut wc, "west", vec![export("a.b"), export("c.d")])
         .await
         .unwrap()
-        .into_inner()
         .revision;
     assert!(
         after > before,
