@@ -128,10 +128,13 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     }
     let import = SocketAddr::new(ips[0], port);
     println!("\n3. catalog: west and north export orders.shop:{port}; east imports it");
+    // Wait until east has applied both sites' exports: north (first by name at equal
+    // capacity) then answers.
     let deadline = Instant::now() + Duration::from_secs(15);
     let (who, _, _) = loop {
         match call(import, b"hello".to_vec()).await {
-            Ok(r) => break r,
+            Ok(r) if r.0.ends_with("north") || Instant::now() >= deadline => break r,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "import not ready yet");
                 tokio::time::sleep(Duration::from_millis(100)).await;
