@@ -26,6 +26,9 @@ use crate::wire::{self, Open, Refusal, Response};
 const DIR: &str = "egress";
 /// How long a client waits for the last candidate site's connection to come (back) up.
 const PEER_WAIT: Duration = Duration::from_secs(3);
+/// Taken off the open-request timeout for a candidate that is not the last one: it still
+/// covers the far side's endpoint connect (the timeout is `connect_timeout + 2 s`).
+const FAILOVER_ANSWER_CUT: Duration = Duration::from_millis(1500);
 /// How long to wait for a candidate that is not the last one before trying the next.
 const FAILOVER_WAIT: Duration = Duration::from_millis(300);
 
@@ -92,12 +95,20 @@ impl Egress {
                 );
                 continue;
             };
-            let wait = if i + 1 == backends.len() {
-                PEER_WAIT
+            // Only the last candidate gets the full waits; before it, a slow or dead site
+            // costs little because another one is next.
+            let last_candidate = i + 1 == backends.len();
+            let (wait, answer) = if last_candidate {
+                (PEER_WAIT, self.open_timeout)
             } else {
-                FAILOVER_WAIT
+                (
+                    FAILOVER_WAIT,
+                    self.open_timeout
+                        .saturating_sub(FAILOVER_ANSWER_CUT)
+                        .max(FAILOVER_WAIT),
+                )
             };
-            match self.open_stream(&peer, &open, wait).await {
+            match self.open_stream(&peer, &open, wait, answer).await {
                 Ok((send, recv)) => {
                     let _active = self.metrics.stream_started(DIR);
                     let end = splice(tcp, send, recv, &self.metrics.counters(DIR)).await;
@@ -133,6 +144,7 @@ impl Egress {
         peer: &PeerHandle,
         open: &Open,
         wait: Duration,
+        answer: Duration,
     ) -> Result<(SendStream, RecvStream), (Refusal, String)> {
         let frame = open.encode();
         let mut last = (Refusal::PeerUnavailable, String::new());
@@ -143,7 +155,7 @@ impl Egress {
                     format!("no connection to peer {} within {wait:?}", peer.site),
                 ));
             };
-            match self.try_open(&conn, &frame).await {
+            match self.try_open(&conn, &frame, answer).await {
                 Ok(r) => return r,
                 Err(why) => {
                     peer.report_dead(&conn);
@@ -160,6 +172,7 @@ impl Egress {
         &self,
         conn: &Connection,
         frame: &[u8],
+        answer: Duration,
     ) -> Result<Result<(SendStream, RecvStream), (Refusal, String)>, String> {
         let lost = |e: &dyn std::fmt::Display| match conn.close_reason() {
             Some(why) => format!("{e}: {why}"),
@@ -187,14 +200,9 @@ impl Egress {
                 )),
             })
         };
-        tokio::time::timeout(self.open_timeout, work)
+        tokio::time::timeout(answer, work)
             .await
-            .map_err(|_| {
-                format!(
-                    "peer did not answer the open request within {:?}",
-                    self.open_timeout
-                )
-            })?
+            .map_err(|_| format!("peer did not answer the open request within {answer:?}"))?
     }
 }
 
