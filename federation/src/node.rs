@@ -84,9 +84,6 @@ impl Running {
     }
 }
 
-/// Default site lease: how long after its last Watch stream a site is marked down.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
-
 /// Serves the federation API on `listen` from the directory's store.
 pub async fn serve(
     dir: &Path,
@@ -111,7 +108,7 @@ pub async fn serve(
     };
     // Sites' bundles (from the store) plus our own, for verifying callers.
     let mut set = BundleSet::new();
-    for (t, jwks) in &store.state().bundles {
+    for (t, jwks) in &store.bundles() {
         if let Ok(t) = TrustDomain::new(t) {
             set.insert(TrustBundle::from_jwks(t, jwks.as_bytes())?);
         }

@@ -16,7 +16,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::api::{self, change_to_pb, pb, refusal};
-use crate::catalog::{Change, Revision, SiteRecord};
+use crate::catalog::{Catalog, Change, Revision, SiteRecord};
 use crate::names::SiteName;
 use crate::store::{EmbeddedStore, StoreError, WatchStart};
 use crate::token::{JoinToken, TokenError};
@@ -90,22 +90,40 @@ fn now_unix() -> i64 {
         .unwrap_or_default()
 }
 
-fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::Token(t) => token_status(&t),
-        StoreError::Catalog(c) => {
-            refusal(Code::FailedPrecondition, "catalog_conflict", c.to_string())
+/// A refusal before it is counted and logged: the reason is one of a fixed set of
+/// stable codes, so it can label a metric directly.
+pub struct Refused {
+    code: Code,
+    reason: &'static str,
+    message: String,
+}
+
+impl Refused {
+    fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
         }
-        other => refusal(Code::Internal, "store_error", other.to_string()),
     }
 }
 
-fn token_status(t: &TokenError) -> Status {
+fn store_status(e: StoreError) -> Refused {
+    match e {
+        StoreError::Token(t) => token_status(&t),
+        StoreError::Catalog(c) => {
+            Refused::new(Code::FailedPrecondition, "catalog_conflict", c.to_string())
+        }
+        other => Refused::new(Code::Internal, "store_error", other.to_string()),
+    }
+}
+
+fn token_status(t: &TokenError) -> Refused {
     let code = match t {
         TokenError::Malformed(_) => Code::InvalidArgument,
         _ => Code::PermissionDenied,
     };
-    refusal(code, t.code(), t.to_string())
+    Refused::new(code, t.code(), t.to_string())
 }
 
 impl FederationService {
@@ -118,7 +136,7 @@ impl FederationService {
         lease_ttl: std::time::Duration,
     ) -> Self {
         let store_for_leases = store.clone();
-        let mut bundles = store.state().bundles;
+        let mut bundles = store.bundles();
         if let Ok(j) = own_bundle.to_jwks() {
             bundles.insert(trust_domain.to_string(), j.clone());
             store.set_bundle(trust_domain.as_str(), j);
@@ -136,31 +154,14 @@ impl FederationService {
         }
     }
 
-    fn refuse(&self, s: Status) -> Status {
-        let reason = api::reason_of(&s).unwrap_or("unknown");
-        // Leak-free: reasons are a small fixed set of static strings.
-        let reason: &'static str = match reason {
-            "publish_foreign_site" => "publish_foreign_site",
-            "unauthenticated" => "unauthenticated",
-            "not_operator" => "not_operator",
-            "not_a_gateway" => "not_a_gateway",
-            "store_error" => "store_error",
-            "unknown_site" => "unknown_site",
-            "bad_request" => "bad_request",
-            "token_malformed" => "token_malformed",
-            "token_unknown" => "token_unknown",
-            "token_expired" => "token_expired",
-            "token_reused" => "token_reused",
-            "token_wrong_site" => "token_wrong_site",
-            "catalog_conflict" => "catalog_conflict",
-            _ => "other",
-        };
+    /// Counts and logs a refusal by its stable reason, and turns it into a typed status.
+    fn refuse(&self, r: Refused) -> Status {
         self.metrics
             .refusals
-            .get_or_create(&ReasonLabels { reason })
+            .get_or_create(&ReasonLabels { reason: r.reason })
             .inc();
-        warn!(reason, message = s.message(), "request refused");
-        s
+        warn!(reason = r.reason, message = %r.message, "request refused");
+        refusal(r.code, r.reason, r.message)
     }
 
     fn caller<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
@@ -168,7 +169,7 @@ impl FederationService {
             .get::<PeerInfo>()
             .and_then(|p| p.id.clone())
             .ok_or_else(|| {
-                self.refuse(refusal(
+                self.refuse(Refused::new(
                     Code::Unauthenticated,
                     "unauthenticated",
                     "this call needs a client SVID",
@@ -184,7 +185,7 @@ impl FederationService {
             .child(&["meshfed", "admin"])
             .expect("a constant valid path");
         if id != operator {
-            return Err(self.refuse(refusal(
+            return Err(self.refuse(Refused::new(
                 Code::PermissionDenied,
                 "not_operator",
                 format!("{id} is not the operator identity {operator}"),
@@ -201,28 +202,21 @@ impl FederationService {
             .gateway_site()
             .and_then(|s| SiteName::new(s).ok())
             .ok_or_else(|| {
-                self.refuse(refusal(
+                self.refuse(Refused::new(
                     Code::PermissionDenied,
                     "not_a_gateway",
                     format!("{id} is not a meshfed gateway ID"),
                 ))
             })?;
-        let rec = self
-            .store
-            .state()
-            .catalog
-            .sites
-            .get(&site)
-            .cloned()
-            .ok_or_else(|| {
-                self.refuse(refusal(
-                    Code::PermissionDenied,
-                    "unknown_site",
-                    format!("site {site} has not joined"),
-                ))
-            })?;
+        let rec = self.store.site(&site).ok_or_else(|| {
+            self.refuse(Refused::new(
+                Code::PermissionDenied,
+                "unknown_site",
+                format!("site {site} has not joined"),
+            ))
+        })?;
         if rec.trust_domain.as_str() != id.trust_domain_str() {
-            return Err(self.refuse(refusal(
+            return Err(self.refuse(Refused::new(
                 Code::PermissionDenied,
                 "publish_foreign_site",
                 format!(
@@ -235,9 +229,9 @@ impl FederationService {
     }
 
     fn publish_bundles(&self) {
-        let state = self.store.state();
+        let bundles = self.store.bundles();
         let mut set = meshfed_identity::BundleSet::new();
-        for (td, jwks) in &state.bundles {
+        for (td, jwks) in &bundles {
             if let Ok(td) = TrustDomain::new(td)
                 && let Ok(b) = TrustBundle::from_jwks(td, jwks.as_bytes())
             {
@@ -245,7 +239,7 @@ impl FederationService {
             }
         }
         self.tls_bundles.store(Arc::new(set));
-        self.bundles.send_replace(state.bundles);
+        self.bundles.send_replace(bundles);
     }
 }
 
@@ -274,7 +268,10 @@ impl Leases {
 
     /// Starts the expiry clock for every site known at start.
     pub fn start(self: &Arc<Self>) {
-        for site in self.store.state().catalog.sites.keys() {
+        let sites: Vec<SiteName> = self
+            .store
+            .with_catalog(|c| c.sites.keys().cloned().collect());
+        for site in &sites {
             self.arm(site);
         }
     }
@@ -340,7 +337,7 @@ impl Leases {
 
     /// Commits the site's liveness if it changed.
     pub fn set_up(&self, site: &SiteName, up: bool) {
-        let Some(rec) = self.store.state().catalog.sites.get(site).cloned() else {
+        let Some(rec) = self.store.site(site) else {
             return;
         };
         if rec.up == up {
@@ -402,14 +399,14 @@ impl pb::federation_server::Federation for FederationService {
         self.operator(&req)?;
         let r = req.into_inner();
         let site = SiteName::new(&r.site).map_err(|e| {
-            self.refuse(refusal(
+            self.refuse(Refused::new(
                 Code::InvalidArgument,
                 "bad_request",
                 format!("site: {e}"),
             ))
         })?;
         if r.ttl_seconds == 0 || r.ttl_seconds > MAX_TOKEN_TTL_SECS {
-            return Err(self.refuse(refusal(
+            return Err(self.refuse(Refused::new(
                 Code::InvalidArgument,
                 "bad_request",
                 format!("ttl_seconds must be 1..={MAX_TOKEN_TTL_SECS}"),
@@ -439,28 +436,28 @@ impl pb::federation_server::Federation for FederationService {
         let r = req.into_inner();
         let token = JoinToken::decode(&r.token).map_err(|e| self.refuse(token_status(&e)))?;
         let site = SiteName::new(&r.site).map_err(|e| {
-            self.refuse(refusal(
+            self.refuse(Refused::new(
                 Code::InvalidArgument,
                 "bad_request",
                 format!("site: {e}"),
             ))
         })?;
         let td = TrustDomain::new(&r.trust_domain).map_err(|e| {
-            self.refuse(refusal(
+            self.refuse(Refused::new(
                 Code::InvalidArgument,
                 "bad_request",
                 format!("trust_domain: {e}"),
             ))
         })?;
         let bundle = TrustBundle::from_jwks(td.clone(), r.bundle_jwks.as_bytes()).map_err(|e| {
-            self.refuse(refusal(
+            self.refuse(Refused::new(
                 Code::InvalidArgument,
                 "bad_request",
                 format!("bundle_jwks: {e}"),
             ))
         })?;
         if td == self.trust_domain {
-            return Err(self.refuse(refusal(
+            return Err(self.refuse(Refused::new(
                 Code::InvalidArgument,
                 "bad_request",
                 "a site cannot use the federation's own trust domain",
@@ -470,7 +467,11 @@ impl pb::federation_server::Federation for FederationService {
             .redeem_token(&token, &site, now_unix())
             .map_err(|e| self.refuse(store_status(e)))?;
         let jwks = bundle.to_jwks().map_err(|e| {
-            self.refuse(refusal(Code::InvalidArgument, "bad_request", e.to_string()))
+            self.refuse(Refused::new(
+                Code::InvalidArgument,
+                "bad_request",
+                e.to_string(),
+            ))
         })?;
         self.store.set_bundle(td.as_str(), jwks);
         let rev = self
@@ -491,7 +492,7 @@ impl pb::federation_server::Federation for FederationService {
         info!(%site, trust_domain = %td, revision = rev.0, "site joined");
         Ok(Response::new(pb::JoinResponse {
             federation_trust_domain: self.trust_domain.to_string(),
-            bundles: self.store.state().bundles.into_iter().collect(),
+            bundles: self.store.bundles().into_iter().collect(),
             revision: rev.0,
         }))
     }
@@ -503,7 +504,7 @@ impl pb::federation_server::Federation for FederationService {
         let rec = self.caller_site(&req)?;
         let r = req.into_inner();
         if r.site != rec.site.as_str() {
-            return Err(self.refuse(refusal(
+            return Err(self.refuse(Refused::new(
                 Code::PermissionDenied,
                 "publish_foreign_site",
                 format!(
@@ -518,18 +519,16 @@ impl pb::federation_server::Federation for FederationService {
             .enumerate()
             .map(|(i, e)| api::export_from_pb(e, &format!("exports[{i}]")))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|s| self.refuse(s))?;
+            .map_err(|s| {
+                // The conversion already named the field; count it as a bad request.
+                let message = s.message().trim_start_matches("[bad_request] ").to_owned();
+                self.refuse(Refused::new(s.code(), "bad_request", message))
+            })?;
         self.leases.set_up(&rec.site, true);
-        let rec = self
+        let rec = self.store.site(&rec.site).unwrap_or(rec);
+        let mut changes = self
             .store
-            .state()
-            .catalog
-            .sites
-            .get(&rec.site)
-            .cloned()
-            .unwrap_or(rec);
-        let cat = self.store.state().catalog;
-        let mut changes = cat.publish_changes(&rec.site, &exports);
+            .with_catalog(|c| c.publish_changes(&rec.site, &exports));
         if !r.gateway_addresses.is_empty() && r.gateway_addresses != rec.gateway_addresses {
             changes.insert(
                 0,
@@ -577,7 +576,7 @@ impl pb::federation_server::Federation for FederationService {
         self.metrics.watchers.inc();
         let guard = WatcherGuard(self.metrics.watchers.clone(), lease);
         mark_seen(&self.seen, &rec.site, first.revision);
-        let stream = futures_free::unfold(
+        let stream = streams::unfold(
             Some(first),
             rx,
             store,
@@ -604,7 +603,8 @@ impl pb::federation_server::Federation for FederationService {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.operator(&req)?;
-        let cat = self.store.state().catalog;
+        // Status is an operator call: one copy of the catalog is fine here.
+        let cat = self.store.with_catalog(Catalog::clone);
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let streams = self.leases.lock().clone();
         let sites = cat
@@ -660,8 +660,8 @@ impl pb::federation_server::Federation for FederationService {
     }
 }
 
-/// Stream adapters without pulling in `futures`.
-mod futures_free {
+/// The Watch and Bundles response streams.
+mod streams {
     use super::*;
     use tokio_stream::StreamExt;
 
@@ -683,7 +683,7 @@ mod futures_free {
                     revision: d.revision.0,
                     changes: vec![change_to_pb(d.revision, &d.change)],
                 },
-                Err(_lagged) => snapshot_event(&store.state().catalog),
+                Err(_lagged) => store.with_catalog(snapshot_event),
             };
             mark_seen(&seen, &site, ev.revision);
             Ok(ev)
@@ -710,4 +710,4 @@ mod futures_free {
     }
 }
 
-use futures_free::BundlesExt;
+use streams::BundlesExt;

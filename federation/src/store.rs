@@ -137,8 +137,23 @@ impl EmbeddedStore {
         self.lock().state.catalog.revision
     }
 
+    /// A copy of everything (snapshots, tests). Request paths use the narrower accessors
+    /// below, which do not copy the catalog.
     pub fn state(&self) -> State {
         self.lock().state.clone()
+    }
+
+    pub fn site(&self, site: &crate::SiteName) -> Option<crate::SiteRecord> {
+        self.lock().state.catalog.sites.get(site).cloned()
+    }
+
+    /// Runs `f` on the current catalog under the store's lock (keep `f` short).
+    pub fn with_catalog<R>(&self, f: impl FnOnce(&Catalog) -> R) -> R {
+        f(&self.lock().state.catalog)
+    }
+
+    pub fn bundles(&self) -> BTreeMap<String, String> {
+        self.lock().state.bundles.clone()
     }
 
     /// Commits changes in order, each at the next revision. All or nothing.

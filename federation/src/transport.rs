@@ -182,6 +182,7 @@ pub fn incoming(
 struct PinnedFederation {
     fingerprint: String,
     expected: SpiffeId,
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
 impl ServerCertVerifier for PinnedFederation {
@@ -226,12 +227,7 @@ impl ServerCertVerifier for PinnedFederation {
         c: &CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            m,
-            c,
-            d,
-            &provider().signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.algs)
     }
     fn verify_tls13_signature(
         &self,
@@ -239,17 +235,10 @@ impl ServerCertVerifier for PinnedFederation {
         c: &CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &provider().signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.algs)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algs.supported_schemes()
     }
 }
 
@@ -290,6 +279,7 @@ pub async fn connect(
             .with_custom_certificate_verifier(Arc::new(PinnedFederation {
                 fingerprint,
                 expected: federation_id(&federation_td),
+                algs: rustls::crypto::ring::default_provider().signature_verification_algorithms,
             }))
             .with_no_client_auth(),
         ClientTrust::Mutual {

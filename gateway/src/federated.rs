@@ -27,7 +27,6 @@ use crate::config::{Export, Federation, Import, Peer};
 use crate::egress::Imports;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
-use arc_swap;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);

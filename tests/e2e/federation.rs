@@ -417,6 +417,24 @@ async fn who_answers(addr: std::net::SocketAddr) -> Result<String, String> {
     String::from_utf8(out).map_err(|e| e.to_string())
 }
 
+/// Waits up to 15 s until a call through `addr` is answered with `want`.
+async fn wait_answer(addr: std::net::SocketAddr, want: &str, gw: &Gw) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match who_answers(addr).await {
+            Ok(a) if a == want => return,
+            r => {
+                assert!(
+                    Instant::now() < deadline,
+                    "never answered {want:?}: {r:?}\n{}",
+                    gw.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// A free port on `ip` for an import listener (the service port is the listen port).
 fn free_port(ip: std::net::IpAddr) -> u16 {
     std::net::TcpListener::bind((ip, 0))
@@ -467,22 +485,8 @@ async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
     let import = std::net::SocketAddr::new(import_ip, port);
 
     // East learns the import and both backends from the catalog.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let first = loop {
-        match who_answers(import).await {
-            // North answers once east has both sites (equal capacity: by name).
-            Ok(a) if a == "north:ping" => break a,
-            r => {
-                assert!(
-                    Instant::now() < deadline,
-                    "import never worked: {r:?}\n{}",
-                    east_gw.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    assert_eq!(first, "north:ping", "equal capacity: ordered by name");
+    // North answers once east has both sites (equal capacity: ordered by name).
+    wait_answer(import, "north:ping", &east_gw).await;
 
     // North's gateway crashes: clients still get an answer, from west.
     north_gw.kill();
@@ -573,20 +577,7 @@ async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
     fed.kill();
     east_gw.kill();
     let east_gw = Gw::start(&east, &east_cfg).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match who_answers(import).await {
-            Ok(a) if a == "west:ping" => break,
-            r => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no service without the federation: {r:?}\n{}",
-                    east_gw.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    wait_answer(import, "west:ping", &east_gw).await;
     assert!(east_gw.logs().contains("serving from the cached catalog"));
     drop(west_gw);
 }

@@ -23,6 +23,12 @@ async fn handshake(s: &TwoSites, west_bundle: TrustBundle) -> Result<(), String>
     Ok(())
 }
 
+/// Waits until the gateway has counted `n` reloads of `key`'s kind.
+async fn reloaded(gw: &Gw, key: &str, n: f64) {
+    let got = gw.wait_metric(key, n, Duration::from_secs(5)).await;
+    assert!(got >= n, "{key}: {got} reloads, wanted {n}");
+}
+
 fn write_bundle(path: &std::path::Path, b: &TrustBundle) {
     meshfed_identity::ca::write_file(path, b.to_jwks().unwrap().as_bytes(), 0o644).unwrap();
 }
@@ -57,29 +63,14 @@ async fn trust_anchor_and_svid_rotate_without_restart() {
     );
     write_bundle(&s.west.bundle, &both);
     let key = r#"meshfed_gateway_identity_reloads_total{what="bundles",result="ok"}"#;
-    assert!(
-        s.west_gw
-            .wait_metric(key, 1.0, Duration::from_secs(5))
-            .await
-            >= 1.0
-    );
-    assert!(
-        s.east_gw
-            .wait_metric(key, 1.0, Duration::from_secs(5))
-            .await
-            >= 1.0
-    );
+    reloaded(&s.west_gw, key, 1.0).await;
+    reloaded(&s.east_gw, key, 1.0).await;
 
     // 2. West's gateway SVID is reissued by the new CA.
     let svid = new_ca.issue(&s.west.id, Duration::from_secs(3600)).unwrap();
     svid.save(&s.west.cert, &s.west.key).unwrap();
     let key = r#"meshfed_gateway_identity_reloads_total{what="svid",result="ok"}"#;
-    assert!(
-        s.west_gw
-            .wait_metric(key, 1.0, Duration::from_secs(5))
-            .await
-            >= 1.0
-    );
+    reloaded(&s.west_gw, key, 1.0).await;
     handshake(&s, only_new.clone())
         .await
         .expect("a new handshake gets the new SVID");
@@ -90,18 +81,8 @@ async fn trust_anchor_and_svid_rotate_without_restart() {
     // 3. The old anchor is retired everywhere.
     write_bundle(&s.west.bundle, &new_ca.bundle(3));
     let key = r#"meshfed_gateway_identity_reloads_total{what="bundles",result="ok"}"#;
-    assert!(
-        s.east_gw
-            .wait_metric(key, 2.0, Duration::from_secs(5))
-            .await
-            >= 2.0
-    );
-    assert!(
-        s.west_gw
-            .wait_metric(key, 2.0, Duration::from_secs(5))
-            .await
-            >= 2.0
-    );
+    reloaded(&s.east_gw, key, 2.0).await;
+    reloaded(&s.west_gw, key, 2.0).await;
     let e = handshake(&s, old_ca.bundle(1)).await.unwrap_err();
     assert!(e.contains("UntrustedChain"), "{e}");
 
@@ -153,19 +134,9 @@ async fn a_bad_rotation_keeps_the_working_identity() {
         .unwrap();
     std::fs::write(&s.west.bundle, b"{ not json").unwrap();
     let key = r#"meshfed_gateway_identity_reloads_total{what="svid",result="error"}"#;
-    assert!(
-        s.west_gw
-            .wait_metric(key, 1.0, Duration::from_secs(5))
-            .await
-            >= 1.0
-    );
+    reloaded(&s.west_gw, key, 1.0).await;
     let key = r#"meshfed_gateway_identity_reloads_total{what="bundles",result="error"}"#;
-    assert!(
-        s.west_gw
-            .wait_metric(key, 1.0, Duration::from_secs(5))
-            .await
-            >= 1.0
-    );
+    reloaded(&s.west_gw, key, 1.0).await;
     let logs = s.west_gw.logs();
     assert!(
         logs.contains("is not this gateway's spiffe://west.example.org/meshfed/site/west/gateway"),
