@@ -69,9 +69,14 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     let fed_dir = root.join("federation");
     let fed_td = TrustDomain::new("fed.example.org")?;
     meshfed_federation::node::init(&fed_dir, &fed_td)?;
-    let fed =
-        meshfed_federation::node::serve(&fed_dir, ([127, 0, 0, 1], 0).into(), vec![], LEASE_TTL)
-            .await?;
+    let fed = meshfed_federation::node::serve(
+        &fed_dir,
+        ([127, 0, 0, 1], 0).into(),
+        vec![],
+        LEASE_TTL,
+        Default::default(),
+    )
+    .await?;
     let sites = [
         lab::make_site(&root, "east", "east.example.org")?,
         lab::make_site(&root, "west", "west.example.org")?,

@@ -70,7 +70,8 @@ enum FederationCmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Serves the federation API from the directory's embedded store.
+    /// Serves the federation API: from the directory's embedded store, or as one of any
+    /// number of replicas on etcd (`--etcd`).
     Serve {
         #[arg(long)]
         dir: PathBuf,
@@ -85,6 +86,13 @@ enum FederationCmd {
         /// A site whose gateways hold no Watch stream for this long is marked down.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         lease_ttl: Duration,
+        /// etcd endpoints (comma-separated, e.g. `http://127.0.0.1:2379`): use etcd as the
+        /// store instead of the embedded one.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix in etcd; federations sharing an etcd need different prefixes.
+        #[arg(long, default_value = meshfed_federation::store::mirror::DEFAULT_PREFIX)]
+        etcd_prefix: String,
     },
     /// Join tokens.
     #[command(subcommand)]
@@ -297,10 +305,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             advertise,
             admin,
             lease_ttl,
+            etcd,
+            etcd_prefix,
         }) => {
+            let store = if etcd.is_empty() {
+                meshfed_federation::node::StoreChoice::Embedded
+            } else {
+                meshfed_federation::node::StoreChoice::Etcd {
+                    endpoints: etcd,
+                    prefix: etcd_prefix,
+                }
+            };
             runtime()?.block_on(async {
                 let node =
-                    meshfed_federation::node::serve(&dir, listen, advertise, lease_ttl).await?;
+                    meshfed_federation::node::serve(&dir, listen, advertise, lease_ttl, store)
+                        .await?;
                 let mut registry = prometheus_client::registry::Registry::default();
                 node.service.metrics.register(&mut registry);
                 let admin_l = tokio::net::TcpListener::bind(admin)

@@ -125,9 +125,12 @@ pub struct History {
 // === impl Catalog ===
 
 impl Catalog {
-    /// Applies a committed delta. Deltas must arrive in revision order.
+    /// Applies a committed delta. Deltas must arrive in revision order; several deltas
+    /// may share a revision (one store transaction, e.g. an etcd txn), so a delta at the
+    /// current revision is accepted. Callers that resume skip by the revision they had
+    /// before the event, not after each delta.
     pub fn apply(&mut self, d: &Delta) -> Result<(), CatalogError> {
-        if d.revision <= self.revision {
+        if d.revision < self.revision {
             return Err(CatalogError::OutOfOrder {
                 have: self.revision.0,
                 got: d.revision.0,
@@ -406,9 +409,15 @@ mod tests {
             change: Change::PutSite(site("west")),
         };
         cat.apply(&d).unwrap();
+        // A second change in the same revision (one transaction) is fine; going back is not.
+        cat.apply(&d).unwrap();
+        let old = Delta {
+            revision: Revision(0),
+            ..d.clone()
+        };
         assert_eq!(
-            cat.apply(&d),
-            Err(CatalogError::OutOfOrder { have: 1, got: 1 })
+            cat.apply(&old),
+            Err(CatalogError::OutOfOrder { have: 1, got: 0 })
         );
         let d = Delta {
             revision: Revision(2),

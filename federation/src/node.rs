@@ -22,7 +22,7 @@ use tracing::info;
 
 use crate::api::pb;
 use crate::server::FederationService;
-use crate::store::{DEFAULT_HISTORY, EmbeddedStore};
+use crate::store::{DEFAULT_HISTORY, EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use crate::token::JoinToken;
 use crate::transport::{self, ClientTrust, federation_id};
 
@@ -69,6 +69,19 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Which store a node serves from.
+#[derive(Clone, Debug, Default)]
+pub enum StoreChoice {
+    /// `store.json` in the federation directory (one node).
+    #[default]
+    Embedded,
+    /// An etcd cluster shared by any number of replicas.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
 /// A running federation node.
 pub struct Running {
     pub addr: SocketAddr,
@@ -84,17 +97,17 @@ impl Running {
     }
 }
 
-/// Serves the federation API on `listen` from the directory's store.
+/// Serves the federation API on `listen`, with the identity in `dir`, from `store`.
 pub async fn serve(
     dir: &Path,
     listen: SocketAddr,
     advertise: Vec<String>,
     lease_ttl: Duration,
+    store: StoreChoice,
 ) -> Result<Running, NodeError> {
     let ca = Ca::load(&dir.join("ca"))?;
     let td = ca.trust_domain().clone();
     let svid = Svid::load(&dir.join("federation.pem"), &dir.join("federation.key"))?;
-    let store = EmbeddedStore::open(Some(&dir.join("store.json")), DEFAULT_HISTORY)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| other(format!("bind {listen}"), e))?;
@@ -105,6 +118,21 @@ pub async fn serve(
         vec![addr.to_string()]
     } else {
         advertise
+    };
+    let store = match store {
+        StoreChoice::Embedded => Store::Embedded(EmbeddedStore::open(
+            Some(&dir.join("store.json")),
+            DEFAULT_HISTORY,
+        )?),
+        StoreChoice::Etcd { endpoints, prefix } => Store::Etcd(
+            EtcdStore::open(EtcdOptions {
+                endpoints,
+                prefix,
+                history: DEFAULT_HISTORY,
+                addresses: addresses.clone(),
+            })
+            .await?,
+        ),
     };
     // Sites' bundles (from the store) plus our own, for verifying callers.
     let mut set = BundleSet::new();
@@ -117,21 +145,26 @@ pub async fn serve(
     let tls_bundles = Arc::new(arc_swap::ArcSwap::from_pointee(set));
     let resolver = Arc::new(SvidResolver::new(&svid).map_err(|e| other("federation SVID", e))?);
     let tls = transport::server_tls(resolver, tls_bundles.clone()).map_err(|e| other("TLS", e))?;
-    let service = Arc::new(FederationService::new(
+    let service = FederationService::new(
         store.clone(),
         td.clone(),
         ca.bundle(1),
         addresses,
         tls_bundles,
         lease_ttl,
-    ));
+    )
+    .await?;
     service.leases.start();
     write_file(&dir.join("address"), addr.to_string().as_bytes(), 0o644)?;
     let stop = CancellationToken::new();
     let incoming = transport::incoming(listener, tls);
     let svc = pb::federation_server::FederationServer::from_arc(service.clone());
     let stop2 = stop.clone();
-    let flusher = tokio::spawn(store.clone().run_flusher(stop.clone()));
+    let flusher = match &store {
+        Store::Embedded(s) => Some(tokio::spawn(s.clone().run_flusher(stop.clone()))),
+        Store::Etcd(_) => None,
+    };
+    let store2 = store.clone();
     let done = tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(svc)
@@ -140,9 +173,14 @@ pub async fn serve(
         if let Err(e) = r {
             tracing::error!(error = %e, "federation server stopped");
         }
-        let _ = flusher.await;
+        if let Some(f) = flusher {
+            let _ = f.await;
+        }
+        if let Store::Etcd(s) = store2 {
+            s.shutdown();
+        }
     });
-    info!(%addr, trust_domain = %td, revision = store.revision().0, "federation serving");
+    info!(%addr, trust_domain = %td, store = store.kind(), revision = store.revision().0, "federation serving");
     Ok(Running {
         addr,
         service,

@@ -1,5 +1,5 @@
-//! The federation service over the embedded store: tokens, join, publish with
-//! authorization, revisioned watches and bundle distribution.
+//! The federation service over either store: tokens, join, publish with authorization,
+//! revisioned watches, bundle distribution and site liveness.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::api::{self, change_to_pb, pb, refusal};
 use crate::catalog::{Catalog, Change, Revision, SiteRecord};
 use crate::names::SiteName;
-use crate::store::{EmbeddedStore, StoreError, WatchStart};
+use crate::store::{Store, StoreError, StoreEvent, WatchStart};
 use crate::token::{JoinToken, TokenError};
 use crate::transport::PeerInfo;
 
@@ -26,7 +26,7 @@ use crate::transport::PeerInfo;
 pub const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
 
 pub struct FederationService {
-    pub store: Arc<EmbeddedStore>,
+    pub store: Store,
     pub trust_domain: TrustDomain,
     /// The federation's own bundle (JWKS) and its fingerprint, as tokens pin it.
     pub own_bundle: TrustBundle,
@@ -114,6 +114,9 @@ fn store_status(e: StoreError) -> Refused {
         StoreError::Catalog(c) => {
             Refused::new(Code::FailedPrecondition, "catalog_conflict", c.to_string())
         }
+        StoreError::Etcd { .. } => {
+            Refused::new(Code::Unavailable, "store_unavailable", e.to_string())
+        }
         other => Refused::new(Code::Internal, "store_error", other.to_string()),
     }
 }
@@ -127,30 +130,54 @@ fn token_status(t: &TokenError) -> Refused {
 }
 
 impl FederationService {
-    pub fn new(
-        store: Arc<EmbeddedStore>,
+    /// Builds the service and stores the federation's own bundle. On etcd it also starts
+    /// following bundle changes made by other replicas.
+    pub async fn new(
+        store: Store,
         trust_domain: TrustDomain,
         own_bundle: TrustBundle,
         addresses: Vec<String>,
         tls_bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
         lease_ttl: std::time::Duration,
-    ) -> Self {
-        let store_for_leases = store.clone();
-        let mut bundles = store.bundles();
+    ) -> Result<Arc<Self>, StoreError> {
         if let Ok(j) = own_bundle.to_jwks() {
-            bundles.insert(trust_domain.to_string(), j.clone());
-            store.set_bundle(trust_domain.as_str(), j);
+            store.set_bundle(trust_domain.as_str(), j).await?;
         }
-        Self {
+        let this = Arc::new(Self {
+            leases: Leases::new(store.clone(), lease_ttl),
+            bundles: watch::channel(store.bundles()).0,
             store,
             trust_domain,
             own_bundle,
             addresses,
             metrics: Metrics::default(),
-            bundles: watch::channel(bundles).0,
             tls_bundles,
-            leases: Leases::new(store_for_leases, lease_ttl),
             seen: Seen::default(),
+        });
+        this.publish_bundles();
+        let mut changed = this.store.subscribe_bundles();
+        let weak = Arc::downgrade(&this);
+        tokio::spawn(async move {
+            while changed.changed().await.is_ok() {
+                let Some(this) = weak.upgrade() else { return };
+                this.publish_bundles();
+            }
+        });
+        Ok(this)
+    }
+
+    /// The addresses written into tokens: every live replica's on etcd.
+    fn token_addresses(&self) -> Vec<String> {
+        match &self.store {
+            Store::Etcd(s) => {
+                let a = s.replica_addresses();
+                if a.is_empty() {
+                    self.addresses.clone()
+                } else {
+                    a
+                }
+            }
+            Store::Embedded(_) => self.addresses.clone(),
         }
     }
 
@@ -244,17 +271,31 @@ impl FederationService {
 }
 
 /// Site liveness. A site holds its lease while one of its gateways keeps a Watch
-/// stream open; `ttl` after its last stream closes (or after the federation starts, for
-/// a site that never reconnects) it is marked down and the catalog says so, so every
-/// other site stops sending it traffic. Its next Watch or Publish marks it up again.
+/// stream open; `ttl` after its last stream closes (or after it joined, or after the
+/// federation started, for a site that never connects) it is marked down and the catalog
+/// says so, so every other site stops sending it traffic. Its next Watch or Publish marks
+/// it up again.
+///
+/// On the embedded store the clock runs here. On etcd the lease is an etcd lease on an
+/// `alive/<site>/<replica>` key, renewed while this replica holds a stream of the site;
+/// a replica that dies stops renewing, and every replica's mirror sees the key go.
 pub struct Leases {
-    store: Arc<EmbeddedStore>,
+    store: Store,
     ttl: std::time::Duration,
-    sites: std::sync::Mutex<BTreeMap<SiteName, (usize, u64)>>,
+    sites: std::sync::Mutex<BTreeMap<SiteName, LeaseState>>,
+}
+
+#[derive(Clone, Default)]
+pub struct LeaseState {
+    /// Open Watch streams of the site on this node.
+    pub streams: usize,
+    epoch: u64,
+    /// etcd: renews the site's alive key while set.
+    hold: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Leases {
-    pub fn new(store: Arc<EmbeddedStore>, ttl: std::time::Duration) -> Arc<Self> {
+    pub fn new(store: Store, ttl: std::time::Duration) -> Arc<Self> {
         Arc::new(Self {
             store,
             ttl,
@@ -262,44 +303,82 @@ impl Leases {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SiteName, (usize, u64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SiteName, LeaseState>> {
         self.sites.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the expiry clock for every site known at start.
+    /// Open streams per site on this node.
+    pub fn streams(&self) -> BTreeMap<SiteName, usize> {
+        self.lock()
+            .iter()
+            .map(|(s, l)| (s.clone(), l.streams))
+            .collect()
+    }
+
+    /// Starts the expiry clock for every site known at start (embedded; etcd's leases
+    /// outlive any one replica).
     pub fn start(self: &Arc<Self>) {
-        let sites: Vec<SiteName> = self
-            .store
-            .with_catalog(|c| c.sites.keys().cloned().collect());
-        for site in &sites {
-            self.arm(site);
+        if let Store::Embedded(_) = self.store {
+            let sites: Vec<SiteName> = self
+                .store
+                .with_catalog(|c| c.sites.keys().cloned().collect());
+            for site in &sites {
+                self.arm_embedded(site);
+            }
         }
     }
 
-    /// Starts the expiry clock for a site with no open stream (just joined, or known at
-    /// start): it must connect within the TTL to stay up.
-    pub fn arm(self: &Arc<Self>, site: &SiteName) {
+    /// The site showed life with no stream (it joined, or published): it stays up for
+    /// one `ttl` unless a stream takes over.
+    pub async fn arm(self: &Arc<Self>, site: &SiteName) -> Result<(), StoreError> {
+        match &self.store {
+            Store::Embedded(_) => {
+                self.arm_embedded(site);
+                self.set_up(site, true).await;
+                Ok(())
+            }
+            Store::Etcd(s) => {
+                if self.lock().get(site).is_some_and(|l| l.streams > 0) {
+                    return Ok(());
+                }
+                s.arm_site(site, self.ttl).await
+            }
+        }
+    }
+
+    fn arm_embedded(self: &Arc<Self>, site: &SiteName) {
         let epoch = {
             let mut m = self.lock();
-            let e = m.entry(site.clone()).or_insert((0, 0));
-            if e.0 > 0 {
+            let e = m.entry(site.clone()).or_default();
+            if e.streams > 0 {
                 return;
             }
-            e.1 += 1;
-            e.1
+            e.epoch += 1;
+            e.epoch
         };
         self.expire_later(site.clone(), epoch);
     }
 
-    /// A stream of `site` opened: the site is alive.
-    fn acquire(self: &Arc<Self>, site: &SiteName) -> LeaseGuard {
-        {
+    /// A stream of `site` opened: the site is alive while the guard lives.
+    async fn acquire(self: &Arc<Self>, site: &SiteName) -> LeaseGuard {
+        let first = {
             let mut m = self.lock();
-            let e = m.entry(site.clone()).or_insert((0, 0));
-            e.0 += 1;
-            e.1 += 1;
+            let e = m.entry(site.clone()).or_default();
+            e.streams += 1;
+            e.epoch += 1;
+            if e.streams == 1
+                && let Store::Etcd(s) = &self.store
+            {
+                if let Some(old) = e.hold.take() {
+                    old.cancel();
+                }
+                e.hold = Some(s.hold_site(site, self.ttl));
+            }
+            e.streams == 1
+        };
+        if first && let Store::Embedded(_) = self.store {
+            self.set_up(site, true).await;
         }
-        self.set_up(site, true);
         LeaseGuard {
             leases: self.clone(),
             site: site.clone(),
@@ -310,12 +389,17 @@ impl Leases {
         let epoch = {
             let mut m = self.lock();
             let Some(e) = m.get_mut(site) else { return };
-            e.0 = e.0.saturating_sub(1);
-            if e.0 > 0 {
+            e.streams = e.streams.saturating_sub(1);
+            if e.streams > 0 {
                 return;
             }
-            e.1 += 1;
-            e.1
+            if let Some(hold) = e.hold.take() {
+                // etcd: stop renewing; the lease runs out after its TTL.
+                hold.cancel();
+                return;
+            }
+            e.epoch += 1;
+            e.epoch
         };
         self.expire_later(site.clone(), epoch);
     }
@@ -327,16 +411,16 @@ impl Leases {
             let still_gone = this
                 .lock()
                 .get(&site)
-                .is_some_and(|e| e.0 == 0 && e.1 == epoch);
+                .is_some_and(|e| e.streams == 0 && e.epoch == epoch);
             if still_gone {
                 warn!(%site, ttl = ?this.ttl, "lease expired: site marked down");
-                this.set_up(&site, false);
+                this.set_up(&site, false).await;
             }
         });
     }
 
-    /// Commits the site's liveness if it changed.
-    pub fn set_up(&self, site: &SiteName, up: bool) {
+    /// Commits the site's liveness if it changed (embedded store).
+    async fn set_up(&self, site: &SiteName, up: bool) {
         let Some(rec) = self.store.site(site) else {
             return;
         };
@@ -346,6 +430,7 @@ impl Leases {
         if let Err(e) = self
             .store
             .commit(vec![Change::PutSite(SiteRecord { up, ..rec })])
+            .await
         {
             warn!(%site, error = %e, "liveness not recorded");
         } else if up {
@@ -414,13 +499,14 @@ impl pb::federation_server::Federation for FederationService {
         }
         let token = JoinToken::generate(
             site.clone(),
-            self.addresses.clone(),
+            self.token_addresses(),
             self.trust_domain.clone(),
             self.own_bundle.fingerprint(),
         );
         let expires = now_unix() + r.ttl_seconds as i64;
         self.store
             .add_token(&token, expires)
+            .await
             .map_err(|e| self.refuse(store_status(e)))?;
         info!(%site, expires, "join token created");
         Ok(Response::new(pb::CreateTokenResponse {
@@ -465,6 +551,7 @@ impl pb::federation_server::Federation for FederationService {
         }
         self.store
             .redeem_token(&token, &site, now_unix())
+            .await
             .map_err(|e| self.refuse(store_status(e)))?;
         let jwks = bundle.to_jwks().map_err(|e| {
             self.refuse(Refused::new(
@@ -473,7 +560,15 @@ impl pb::federation_server::Federation for FederationService {
                 e.to_string(),
             ))
         })?;
-        self.store.set_bundle(td.as_str(), jwks);
+        self.store
+            .set_bundle(td.as_str(), jwks)
+            .await
+            .map_err(|e| self.refuse(store_status(e)))?;
+        // Up for one TTL from now: the site's gateway must start watching within it.
+        self.leases
+            .arm(&site)
+            .await
+            .map_err(|e| self.refuse(store_status(e)))?;
         let rev = self
             .store
             .commit(vec![Change::PutSite(SiteRecord {
@@ -482,13 +577,13 @@ impl pb::federation_server::Federation for FederationService {
                 gateway_addresses: r.gateway_addresses,
                 up: true,
             })])
+            .await
             .map_err(|e| self.refuse(store_status(e)))?;
         self.store
             .flush()
             .map_err(|e| self.refuse(store_status(e)))?;
         self.publish_bundles();
         self.metrics.joins.inc();
-        self.leases.arm(&site);
         info!(%site, trust_domain = %td, revision = rev.0, "site joined");
         Ok(Response::new(pb::JoinResponse {
             federation_trust_domain: self.trust_domain.to_string(),
@@ -524,7 +619,12 @@ impl pb::federation_server::Federation for FederationService {
                 let message = s.message().trim_start_matches("[bad_request] ").to_owned();
                 self.refuse(Refused::new(s.code(), "bad_request", message))
             })?;
-        self.leases.set_up(&rec.site, true);
+        if !rec.up {
+            self.leases
+                .arm(&rec.site)
+                .await
+                .map_err(|e| self.refuse(store_status(e)))?;
+        }
         let rec = self.store.site(&rec.site).unwrap_or(rec);
         let mut changes = self
             .store
@@ -543,6 +643,7 @@ impl pb::federation_server::Federation for FederationService {
         let rev = self
             .store
             .commit(changes)
+            .await
             .map_err(|e| self.refuse(store_status(e)))?;
         Ok(Response::new(pb::PublishResponse {
             revision: rev.0,
@@ -554,8 +655,14 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
         let rec = self.caller_site(&req)?;
-        let lease = self.leases.acquire(&rec.site);
+        let lease = self.leases.acquire(&rec.site).await;
         let from = req.into_inner().from_revision.map(Revision);
+        if let (Store::Etcd(s), Some(f)) = (&self.store, from)
+            && let Err(e) = s.caught_up(f).await
+        {
+            // Serve what we have: a revision this replica cannot reach gets a snapshot.
+            warn!(site = %rec.site, from = f.0, error = %e, "watch resumes from a revision this replica has not reached");
+        }
         let (start, rx) = self.store.watch(from);
         let store = self.store.clone();
         let first = match start {
@@ -606,7 +713,7 @@ impl pb::federation_server::Federation for FederationService {
         // Status is an operator call: one copy of the catalog is fine here.
         let cat = self.store.with_catalog(Catalog::clone);
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let streams = self.leases.lock().clone();
+        let streams = self.leases.streams();
         let sites = cat
             .sites
             .values()
@@ -634,7 +741,7 @@ impl pb::federation_server::Federation for FederationService {
                     last_seen_revision: seen.get(&r.site).copied().unwrap_or_default(),
                     watch_streams: streams
                         .get(&r.site)
-                        .map_or(0, |e| u32::try_from(e.0).unwrap_or(u32::MAX)),
+                        .map_or(0, |n| u32::try_from(*n).unwrap_or(u32::MAX)),
                 }
             })
             .collect();
@@ -654,6 +761,7 @@ impl pb::federation_server::Federation for FederationService {
             .commit(vec![Change::DeleteSite {
                 site: rec.site.clone(),
             }])
+            .await
             .map_err(|e| self.refuse(store_status(e)))?;
         info!(site = %rec.site, "site left");
         Ok(Response::new(pb::LeaveResponse { revision: rev.0 }))
@@ -669,8 +777,8 @@ mod streams {
     /// gets a fresh snapshot instead of a gap.
     pub fn unfold(
         first: Option<pb::WatchEvent>,
-        rx: broadcast::Receiver<crate::Delta>,
-        store: Arc<EmbeddedStore>,
+        rx: broadcast::Receiver<StoreEvent>,
+        store: Store,
         guard: WatcherGuard,
         (seen, site): (Seen, SiteName),
     ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
@@ -678,12 +786,16 @@ mod streams {
             // The closure owns the guard, so the watcher gauge drops with the stream.
             let _owned = &guard;
             let ev = match r {
-                Ok(d) => pb::WatchEvent {
+                Ok(StoreEvent::Deltas(ds)) => pb::WatchEvent {
                     snapshot: false,
-                    revision: d.revision.0,
-                    changes: vec![change_to_pb(d.revision, &d.change)],
+                    revision: ds.last().map_or(0, |d| d.revision.0),
+                    changes: ds
+                        .iter()
+                        .map(|d| change_to_pb(d.revision, &d.change))
+                        .collect(),
                 },
-                Err(_lagged) => store.with_catalog(snapshot_event),
+                // Fell behind the broadcast buffer, or the store lost its history.
+                Ok(StoreEvent::Reset) | Err(_) => store.with_catalog(snapshot_event),
             };
             mark_seen(&seen, &site, ev.revision);
             Ok(ev)

@@ -68,9 +68,12 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), String> 
         *catalog = fresh;
         return Ok(());
     }
+    // Several changes may share a revision (one store transaction): skip by the revision
+    // held before this event, so a resumed watch drops what was applied and nothing else.
+    let base = catalog.revision;
     for c in ev.changes {
         let d = change_from_pb(c).map_err(|s| s.message().to_owned())?;
-        if d.revision <= catalog.revision {
+        if d.revision <= base {
             continue; // already applied (resumed watch)
         }
         catalog.apply(&d).map_err(|e| e.to_string())?;

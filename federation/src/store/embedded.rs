@@ -1,4 +1,4 @@
-//! The embedded store: one federation node, the catalog in memory, a snapshot on disk.
+//! The embedded store (the default): one federation node, the catalog in memory, a snapshot on disk.
 //!
 //! Revisions never go back, even after a crash that loses unflushed commits: the
 //! snapshot records a *reservation* — a revision the store promises not to reach before
@@ -12,11 +12,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 use tracing::warn;
 
-use crate::catalog::{Catalog, CatalogError, Change, Delta, History, Resume, Revision};
-use crate::token::{JoinToken, TokenError, TokenRecord, redeem};
+use super::{StoreError, StoreEvent, WatchStart};
+use crate::catalog::{Catalog, Change, Delta, History, Resume, Revision};
+use crate::token::{JoinToken, TokenRecord, redeem};
 
 /// Commits between forced snapshot writes, at the most.
 pub const RESERVATION: u64 = 100_000;
@@ -25,22 +26,6 @@ pub const DEFAULT_HISTORY: usize = 100_000;
 /// Debounce for background snapshot writes.
 const FLUSH_DELAY: Duration = Duration::from_millis(50);
 const SNAPSHOT_VERSION: u32 = 1;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("snapshot {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("snapshot {path} is not a meshfed snapshot: {detail}")]
-    Corrupt { path: PathBuf, detail: String },
-    #[error(transparent)]
-    Catalog(#[from] CatalogError),
-    #[error(transparent)]
-    Token(#[from] TokenError),
-}
 
 /// Everything the federation persists.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -59,19 +44,15 @@ struct Snapshot {
     state: State,
 }
 
-/// Where a watch starts: deltas after its revision, or the whole catalog.
-pub enum WatchStart {
-    Deltas(Vec<Delta>),
-    Snapshot(Catalog),
-}
-
 pub struct EmbeddedStore {
     /// Serializes snapshot writes (they share one temp file, and a later write must not
     /// be overtaken by an older one). Lock order: `writer`, then `inner`.
     writer: Mutex<()>,
     inner: Mutex<Inner>,
     path: Option<PathBuf>,
-    events: broadcast::Sender<Delta>,
+    events: broadcast::Sender<StoreEvent>,
+    /// Bumped whenever a trust bundle changes.
+    bundles_changed: watch::Sender<u64>,
     dirty: Notify,
 }
 
@@ -121,6 +102,7 @@ impl EmbeddedStore {
             }),
             path: path.map(Path::to_owned),
             events: broadcast::channel(4096).0,
+            bundles_changed: watch::channel(0).0,
             dirty: Notify::new(),
         });
         // Reserve before serving anything.
@@ -187,17 +169,17 @@ impl EmbeddedStore {
             inner.reserved = reserved;
         }
         inner.state.catalog = next;
-        for d in deltas {
+        for d in &deltas {
             inner.history.push(d.clone());
-            let _ = self.events.send(d);
         }
+        let _ = self.events.send(StoreEvent::Deltas(Arc::new(deltas)));
         drop(inner);
         self.dirty.notify_one();
         Ok(rev)
     }
 
     /// Atomically: what a watcher at `from` is missing, and a subscription to what follows.
-    pub fn watch(&self, from: Option<Revision>) -> (WatchStart, broadcast::Receiver<Delta>) {
+    pub fn watch(&self, from: Option<Revision>) -> (WatchStart, broadcast::Receiver<StoreEvent>) {
         let inner = self.lock();
         let rx = self.events.subscribe();
         let start = match from.map(|f| inner.history.since(f)) {
@@ -236,11 +218,21 @@ impl EmbeddedStore {
     }
 
     pub fn set_bundle(&self, trust_domain: &str, jwks: String) {
-        self.lock()
+        let changed = self
+            .lock()
             .state
             .bundles
-            .insert(trust_domain.to_owned(), jwks);
+            .insert(trust_domain.to_owned(), jwks.clone())
+            .as_ref()
+            != Some(&jwks);
+        if changed {
+            self.bundles_changed.send_modify(|v| *v += 1);
+        }
         self.dirty.notify_one();
+    }
+
+    pub fn subscribe_bundles(&self) -> watch::Receiver<u64> {
+        self.bundles_changed.subscribe()
     }
 
     /// Writes the snapshot now.
@@ -298,6 +290,7 @@ impl EmbeddedStore {
 mod tests {
     use super::*;
     use crate::catalog::{Export, ExportedPort, Protocol, SiteRecord};
+    use crate::token::{JoinToken, TokenError};
     use crate::{ServiceName, SiteName};
     use meshfed_identity::TrustDomain;
 
@@ -395,7 +388,10 @@ mod tests {
             WatchStart::Snapshot(_) => panic!("expected deltas"),
         }
         s.commit(vec![put_export("west", "c.d")]).unwrap();
-        assert_eq!(rx.try_recv().unwrap().revision, Revision(r.0 + 2));
+        match rx.try_recv().unwrap() {
+            StoreEvent::Deltas(d) => assert_eq!(d[0].revision, Revision(r.0 + 2)),
+            StoreEvent::Reset => panic!("expected deltas"),
+        }
         assert!(matches!(s.watch(None).0, WatchStart::Snapshot(_)));
         // A revision from the future (another store) also gets a snapshot.
         assert!(matches!(

@@ -1,0 +1,164 @@
+//! Where the federation keeps its state. Two stores, one interface:
+//!
+//! - [`EmbeddedStore`] (the default): one node, the catalog in memory, a snapshot on disk.
+//! - [`EtcdStore`]: any number of replicas on one etcd. Each replica mirrors the keys
+//!   with one etcd watch ([`mirror`]); reads come from the mirror, writes are etcd
+//!   transactions, site liveness is etcd leases.
+//!
+//! Both hand out the same revisioned deltas, so the service and gateways do not care
+//! which one runs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, watch};
+
+use crate::catalog::{Catalog, CatalogError, Change, Delta, Revision, SiteRecord};
+use crate::names::SiteName;
+use crate::token::{JoinToken, TokenError};
+
+mod embedded;
+mod etcd;
+pub mod mirror;
+
+pub use embedded::{DEFAULT_HISTORY, EmbeddedStore, RESERVATION, State};
+pub use etcd::{EtcdOptions, EtcdStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("snapshot {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot {path} is not a meshfed snapshot: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("etcd {op}: {detail}")]
+    Etcd { op: &'static str, detail: String },
+}
+
+/// Where a watch starts: deltas after its revision, or the whole catalog.
+pub enum WatchStart {
+    Deltas(Vec<Delta>),
+    Snapshot(Catalog),
+}
+
+/// What a store broadcasts to open watches.
+#[derive(Clone, Debug)]
+pub enum StoreEvent {
+    /// One commit (embedded) or one etcd revision: watchers send it as one event.
+    Deltas(Arc<Vec<Delta>>),
+    /// The store lost its history (etcd compacted past the mirror): send a snapshot.
+    Reset,
+}
+
+/// The store a federation node runs on.
+#[derive(Clone)]
+pub enum Store {
+    Embedded(Arc<EmbeddedStore>),
+    Etcd(Arc<EtcdStore>),
+}
+
+impl Store {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Embedded(_) => "embedded",
+            Store::Etcd(_) => "etcd",
+        }
+    }
+
+    pub fn revision(&self) -> Revision {
+        match self {
+            Store::Embedded(s) => s.revision(),
+            Store::Etcd(s) => s.revision(),
+        }
+    }
+
+    pub fn site(&self, site: &SiteName) -> Option<SiteRecord> {
+        self.with_catalog(|c| c.sites.get(site).cloned())
+    }
+
+    /// Runs `f` on the current catalog under the store's lock (keep `f` short).
+    pub fn with_catalog<R>(&self, f: impl FnOnce(&Catalog) -> R) -> R {
+        match self {
+            Store::Embedded(s) => s.with_catalog(f),
+            Store::Etcd(s) => s.with_catalog(f),
+        }
+    }
+
+    pub fn bundles(&self) -> BTreeMap<String, String> {
+        match self {
+            Store::Embedded(s) => s.bundles(),
+            Store::Etcd(s) => s.bundles(),
+        }
+    }
+
+    /// Ticks whenever a bundle changes (on any replica, for etcd).
+    pub fn subscribe_bundles(&self) -> watch::Receiver<u64> {
+        match self {
+            Store::Embedded(s) => s.subscribe_bundles(),
+            Store::Etcd(s) => s.subscribe_bundles(),
+        }
+    }
+
+    /// Commits changes in order. Once it returns, reads on this node see them.
+    pub async fn commit(&self, changes: Vec<Change>) -> Result<Revision, StoreError> {
+        match self {
+            Store::Embedded(s) => s.commit(changes),
+            Store::Etcd(s) => s.commit(changes).await,
+        }
+    }
+
+    /// Atomically: what a watcher at `from` is missing, and a subscription to what follows.
+    pub fn watch(&self, from: Option<Revision>) -> (WatchStart, broadcast::Receiver<StoreEvent>) {
+        match self {
+            Store::Embedded(s) => s.watch(from),
+            Store::Etcd(s) => s.watch(from),
+        }
+    }
+
+    /// Records a newly issued token durably before returning.
+    pub async fn add_token(&self, token: &JoinToken, expires_unix: i64) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.add_token(token, expires_unix),
+            Store::Etcd(s) => s.add_token(token, expires_unix).await,
+        }
+    }
+
+    /// Redeems a token once, durably; a second redemption (on any replica) is refused.
+    pub async fn redeem_token(
+        &self,
+        token: &JoinToken,
+        claimed: &SiteName,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.redeem_token(token, claimed, now),
+            Store::Etcd(s) => s.redeem_token(token, claimed, now).await,
+        }
+    }
+
+    pub async fn set_bundle(&self, trust_domain: &str, jwks: String) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => {
+                s.set_bundle(trust_domain, jwks);
+                Ok(())
+            }
+            Store::Etcd(s) => s.set_bundle(trust_domain, jwks).await,
+        }
+    }
+
+    /// Makes everything committed so far durable (a no-op on etcd, where it already is).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.flush(),
+            Store::Etcd(_) => Ok(()),
+        }
+    }
+}
