@@ -240,11 +240,15 @@ impl Agent {
             .await
             .map_err(|s| s.message().to_owned())?
             .into_inner();
+        let mut first = true;
         loop {
             tokio::select! {
                 ev = watch.next() => {
                     let ev = ev.ok_or("watch stream ended")?.map_err(|s| s.message().to_owned())?;
                     let snapshot = ev.snapshot;
+                    if std::mem::take(&mut first) {
+                        info!(from = ?from, snapshot, revision = ev.revision, changes = ev.changes.len(), "watching the catalog");
+                    }
                     apply_event(catalog, ev)?;
                     debug!(revision = catalog.revision.0, snapshot, "catalog updated");
                     self.save_cache(catalog);

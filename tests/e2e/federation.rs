@@ -13,15 +13,22 @@ use tokio_stream::StreamExt;
 use crate::harness::*;
 
 /// A running `meshfed federation serve`.
-struct Fed {
-    dir: PathBuf,
+pub(crate) struct Fed {
+    pub dir: PathBuf,
     child: Option<Child>,
-    addr: String,
-    log: PathBuf,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+/// Which store a test federation runs on: embedded, or etcd under a prefix.
+#[derive(Clone, Copy)]
+pub(crate) enum On<'a> {
+    Embedded,
+    Etcd(&'a Etcd, &'a str),
 }
 
 impl Fed {
-    fn init(scratch: &Scratch) -> PathBuf {
+    pub fn init(scratch: &Scratch) -> PathBuf {
         let dir = scratch.0.join("fed");
         let out = Command::new(BIN)
             .args([
@@ -42,30 +49,49 @@ impl Fed {
         dir
     }
 
-    fn start(dir: &Path, n: usize) -> Self {
+    /// A copy of a federation directory (its CA and SVIDs) for another replica, as an
+    /// operator would install one per host.
+    pub fn replica_dir(dir: &Path, name: &str) -> PathBuf {
+        let to = dir.with_file_name(name);
+        let out = Command::new("cp")
+            .arg("-r")
+            .arg(dir)
+            .arg(&to)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let _ = std::fs::remove_file(to.join("store.json"));
+        to
+    }
+
+    pub fn start(dir: &Path, n: usize) -> Self {
         Self::start_with_lease(dir, n, "10s")
     }
 
     fn start_with_lease(dir: &Path, n: usize, lease_ttl: &str) -> Self {
+        Self::start_on(dir, n, lease_ttl, On::Embedded)
+    }
+
+    pub fn start_on(dir: &Path, n: usize, lease_ttl: &str, on: On) -> Self {
         let _ = std::fs::remove_file(dir.join("address"));
         let _ = std::fs::remove_file(dir.join("admin_address"));
         let log = dir.join(format!("serve-{n}.log"));
-        let child = spawn_meshfed(
-            &[
-                "federation",
-                "serve",
-                "--dir",
-                dir.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--lease-ttl",
-                lease_ttl,
-            ],
-            &log,
-        )
-        .unwrap();
+        let mut args = vec![
+            "federation",
+            "serve",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            lease_ttl,
+        ];
+        if let On::Etcd(etcd, prefix) = on {
+            args.extend(["--etcd", etcd.endpoint.as_str(), "--etcd-prefix", prefix]);
+        }
+        let child = spawn_meshfed(&args, &log).unwrap();
         let deadline = Instant::now() + Duration::from_secs(15);
         let addr = loop {
             if let (Ok(a), true) = (
@@ -90,7 +116,7 @@ impl Fed {
     }
 
     /// A sample from the federation's /metrics, or 0.
-    async fn metric(&self, prefix: &str) -> f64 {
+    pub async fn metric(&self, prefix: &str) -> f64 {
         let admin: std::net::SocketAddr = std::fs::read_to_string(self.dir.join("admin_address"))
             .unwrap()
             .trim()
@@ -104,14 +130,14 @@ impl Fed {
             .unwrap_or(0.0)
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    fn token(&self, site: &str, ttl: &str) -> String {
+    pub fn token(&self, site: &str, ttl: &str) -> String {
         let out = Command::new(BIN)
             .args([
                 "federation",
@@ -142,7 +168,7 @@ impl Drop for Fed {
 }
 
 /// `meshfed site join`; returns (exit code, stderr).
-fn join(site: &SiteFiles, name: &str, token: &str) -> (i32, String) {
+pub(crate) fn join(site: &SiteFiles, name: &str, token: &str) -> (i32, String) {
     let out = Command::new(BIN)
         .args([
             "site",
@@ -163,7 +189,7 @@ fn join(site: &SiteFiles, name: &str, token: &str) -> (i32, String) {
     )
 }
 
-async fn client(
+pub(crate) async fn client(
     fed: &Fed,
     site: &SiteFiles,
     cert: &Path,
@@ -180,7 +206,7 @@ async fn client(
         .unwrap()
 }
 
-fn export(svc: &str) -> pb::ServiceExport {
+pub(crate) fn export(svc: &str) -> pb::ServiceExport {
     pb::ServiceExport {
         service: svc.into(),
         ports: vec![pb::Port {
@@ -193,7 +219,7 @@ fn export(svc: &str) -> pb::ServiceExport {
     }
 }
 
-async fn publish(
+pub(crate) async fn publish(
     c: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
     site: &str,
     exports: Vec<pb::ServiceExport>,
@@ -207,7 +233,7 @@ async fn publish(
     .map(|r| r.into_inner())
 }
 
-async fn next_event(s: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
+pub(crate) async fn next_event(s: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
     tokio::time::timeout(Duration::from_secs(5), s.next())
         .await
         .expect("watch event in time")
@@ -444,10 +470,48 @@ fn free_port(ip: std::net::IpAddr) -> u16 {
         .port()
 }
 
+/// `meshfed status` from the replica in `dir`: the table, and one site's row.
+fn status_row(dir: &Path, site: &str) -> (String, String) {
+    let out = Command::new(BIN)
+        .args(["status", "--dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(site))
+        .unwrap_or_default()
+        .to_owned();
+    (table, row)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
+    gateway_scenario(On::Embedded).await;
+}
+
+/// The same on etcd, with two replicas: the one the gateways use dies after the catalog
+/// converged; they move to the other and resume from their revision (no snapshot), and
+/// north's lease — an etcd lease — still expires into a failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_on_etcd_replicas_move_resume_and_fail_over() {
+    let etcd = Etcd::start().await;
+    gateway_scenario(On::Etcd(&etcd, "/gw/")).await;
+}
+
+async fn gateway_scenario(on: On<'_>) {
     let scratch = Scratch::new("fedgw");
-    let mut fed = Fed::start_with_lease(&Fed::init(&scratch), 0, "1s");
+    let dir = Fed::init(&scratch);
+    let mut feds = vec![Fed::start_on(&dir, 0, "1s", on)];
+    if let On::Etcd(..) = on {
+        feds.push(Fed::start_on(&Fed::replica_dir(&dir, "fed-b"), 1, "1s", on));
+    }
+    let fed = &feds[0];
     let east = scratch.site("east", "east.example.org");
     let west = scratch.site("west", "west.example.org");
     let north = scratch.site("north", "north.example.org");
@@ -488,6 +552,40 @@ async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
     // North answers once east has both sites (equal capacity: ordered by name).
     wait_answer(import, "north:ping", &east_gw).await;
 
+    if feds.len() > 1 {
+        // Gateways use the first token address that answers: kill that replica.
+        let first = feds
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, f)| f.addr.clone())
+            .map(|(i, _)| i)
+            .unwrap();
+        feds.remove(first).kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = east_gw.logs();
+            let starts: Vec<&str> = logs
+                .lines()
+                .filter(|l| l.contains("watching the catalog"))
+                .collect();
+            if starts.len() >= 2 {
+                let last = starts.last().unwrap();
+                assert!(
+                    last.contains("snapshot=false") && last.contains("from=Some("),
+                    "east resumed on the other replica with a full resync: {last}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "east never moved to the other replica:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut fed = feds.pop().unwrap();
+    drop(feds);
+
     // North's gateway crashes: clients still get an answer, from west.
     north_gw.kill();
     let started = Instant::now();
@@ -509,15 +607,17 @@ async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
 
     // North's lease expires: the federation marks it down, east drops it from the
     // backends, and new connections no longer even try it.
-    let logs_have = |needle: &str| {
-        std::fs::read_to_string(&fed.log)
-            .unwrap_or_default()
-            .contains(needle)
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !logs_have("lease expired: site marked down") {
-        assert!(Instant::now() < deadline, "north's lease never expired");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let (table, north) = status_row(&fed.dir, "north");
+        if north.contains(" down ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "north's lease never expired:\n{table}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // East re-routes: connections reach west without trying north first.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -539,23 +639,8 @@ async fn gateways_run_from_the_catalog_fail_over_and_survive_the_federation() {
     }
 
     // The operator's view.
-    let out = Command::new(BIN)
-        .args(["status", "--dir", fed.dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let row = |site: &str| {
-        table
-            .lines()
-            .find(|l| l.starts_with(site))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let (table, _) = status_row(&fed.dir, "east");
+    let row = |site: &str| status_row(&fed.dir, site).1;
     assert!(row("north").contains(" down "), "{table}");
     assert!(
         row("west").contains(" up ") && row("west").contains(&format!("orders.shop:{port}")),

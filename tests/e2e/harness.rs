@@ -328,3 +328,86 @@ pub async fn quic_as_east(
         .await
         .map_err(|e| e.to_string())
 }
+
+/// A real `etcd` process on free loopback ports, with its data in a scratch directory;
+/// killed on drop. A missing `etcd` binary fails the test loudly.
+pub struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    _data: Scratch,
+}
+
+impl Etcd {
+    pub async fn start() -> Self {
+        let data = Scratch::new("etcd");
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (client, peer) = (port(), port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = data.0.join("etcd.log");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(data.0.join("data"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("t={peer_url}"),
+                // Faster elections also lower etcd's minimum lease TTL to 1 s.
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start etcd ({e}): these tests need a real etcd; \
+                     install it with `apt-get install -y etcd-server`"
+                )
+            });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Ready when a client request succeeds, not merely when the port is open.
+        loop {
+            let ok = match etcd_client::Client::connect([endpoint.as_str()], None).await {
+                Ok(mut c) => c.get("/", None).await.is_ok(),
+                Err(_) => false,
+            };
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become ready:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            endpoint,
+            _data: data,
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

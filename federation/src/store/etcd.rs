@@ -152,6 +152,17 @@ impl EtcdStore {
                 .clone()
                 .hold_key(key, value, REPLICA_TTL, store.stop.clone()),
         );
+        // Registered before serving, so tokens made right away list this replica.
+        let deadline = tokio::time::Instant::now() + READ_YOUR_WRITES;
+        while !store.lock().replicas.contains_key(&store.replica) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(StoreError::Etcd {
+                    op: "register replica",
+                    detail: format!("not visible after {READ_YOUR_WRITES:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         info!(
             replica = %store.replica,
             revision = current,

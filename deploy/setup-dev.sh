@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that building and testing meshfed need, if missing:
+#   protobuf-compiler  protoc, for etcd-client's build script and the proto freshness test
+#   etcd-server        the real etcd the etcd-store tests and bench/catalog start
+#   procps             kill, used by the end-to-end tests
+# Idempotent and quiet when everything is there. Needs root to install.
+set -euo pipefail
+
+need=()
+command -v kill >/dev/null || need+=(procps)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v etcd >/dev/null || need+=(etcd-server)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing packages: ${need[*]} (run as root, or apt-get install them)" >&2
+    exit 1
+  fi
+fi
+command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked

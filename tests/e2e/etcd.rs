@@ -1,0 +1,191 @@
+//! Federation replicas on a real etcd: one catalog served by several replicas, tokens
+//! single-use across them, and a replica killed mid-watch with nothing lost or repeated.
+
+use std::time::{Duration, Instant};
+
+use meshfed_federation::api::{change_from_pb, pb, reason_of};
+use meshfed_federation::catalog::{Catalog, Delta, Revision};
+use meshfed_federation::token::JoinToken;
+
+use crate::federation::{Fed, On, client, export, join, next_event, publish};
+use crate::harness::*;
+
+/// Applies a watch event; returns the deltas it carried (none for a snapshot).
+fn apply(cat: &mut Catalog, ev: pb::WatchEvent) -> Vec<Delta> {
+    if ev.snapshot {
+        let mut fresh = Catalog::default();
+        for c in ev.changes {
+            let d = change_from_pb(c).unwrap();
+            fresh
+                .apply(&Delta {
+                    revision: Revision(1),
+                    change: d.change,
+                })
+                .unwrap();
+        }
+        fresh.revision = Revision(ev.revision);
+        *cat = fresh;
+        return vec![];
+    }
+    let base = cat.revision;
+    let mut out = vec![];
+    for c in ev.changes {
+        let d = change_from_pb(c).unwrap();
+        assert!(
+            d.revision > base,
+            "a delta at or before {base:?} was resent: {d:?}"
+        );
+        cat.apply(&d).unwrap();
+        out.push(d);
+    }
+    out
+}
+
+/// Reads `s` until `cat` reaches `rev`, collecting the deltas.
+async fn follow_until(
+    s: &mut tonic::Streaming<pb::WatchEvent>,
+    cat: &mut Catalog,
+    rev: Revision,
+    seq: &mut Vec<Delta>,
+) {
+    while cat.revision < rev {
+        seq.extend(apply(cat, next_event(s).await));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
+    let etcd = Etcd::start().await;
+    let scratch = Scratch::new("etcdrep");
+    let dir = Fed::init(&scratch);
+    let on = On::Etcd(&etcd, "/rep/");
+    let mut a = Fed::start_on(&dir, 0, "60s", on);
+    let b = Fed::start_on(&Fed::replica_dir(&dir, "fed-b"), 1, "60s", on);
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+
+    // A token from either replica lists both.
+    let tw = a.token("west", "1h");
+    let decoded = JoinToken::decode(&tw).unwrap();
+    assert!(
+        decoded.addresses.contains(&a.addr) && decoded.addresses.contains(&b.addr),
+        "{:?}",
+        decoded.addresses
+    );
+    assert_eq!(join(&west, "west", &tw).0, 0);
+    // Replayed at the other replica: still one use.
+    let mut at_b = decoded.clone();
+    at_b.addresses = vec![b.addr.clone()];
+    let (code, err) = join(&west, "west", &at_b.encode());
+    assert!(code == 1 && err.contains("token_reused"), "{err}");
+    assert_eq!(join(&east, "east", &b.token("east", "1h")).0, 0);
+
+    let mut west_b = client(&b, &west, &west.cert, &west.key).await;
+    let mut east_a = client(&a, &east, &east.cert, &east.key).await;
+    let mut east_b = client(&b, &east, &east.cert, &east.key).await;
+
+    // A site may not publish for another, on etcd too; refused and counted.
+    let s = publish(&mut west_b, "east", vec![export("evil.shop")])
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&s), Some("publish_foreign_site"), "{s:?}");
+    assert_eq!(
+        b.metric("meshfed_federation_refusals_total{reason=\"publish_foreign_site\"}")
+            .await,
+        1.0
+    );
+
+    // A reference watcher on B, and east watching on A, both from the same revision.
+    let mut reference = Catalog::default();
+    let mut ref_stream = east_b
+        .watch(pb::WatchRequest {
+            from_revision: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    apply(&mut reference, next_event(&mut ref_stream).await);
+    let r0 = reference.revision;
+    assert!(reference.sites.len() == 2, "{reference:?}");
+    let mut east_cat = reference.clone();
+    let mut east_stream = east_a
+        .watch(pb::WatchRequest {
+            from_revision: Some(r0.0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // West publishes a growing export set on B while A dies halfway.
+    let publisher = tokio::spawn(async move {
+        let mut last = 0;
+        for i in 0..40 {
+            let set = (0..=i).map(|j| export(&format!("svc{j}.shop"))).collect();
+            last = publish(&mut west_b, "west", set).await.unwrap().revision;
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        last
+    });
+    let mut east_seq = vec![];
+    let mut ref_seq = vec![];
+    // Follow on A until it dies.
+    let started = Instant::now();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), east_stream.message()).await;
+        match ev {
+            Ok(Ok(Some(ev))) => {
+                east_seq.extend(apply(&mut east_cat, ev));
+                if east_seq.len() == 15 {
+                    a.kill();
+                }
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => break, // A is gone
+            Err(_) => panic!("no event from A in 5 s"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+    assert!(east_seq.len() >= 15);
+    // East moves to B and resumes from its revision: deltas, not a snapshot.
+    let mut east_stream = east_b
+        .watch(pb::WatchRequest {
+            from_revision: Some(east_cat.revision.0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ev = next_event(&mut east_stream).await;
+    assert!(
+        !ev.snapshot,
+        "resuming on another replica needed a full resync"
+    );
+    east_seq.extend(apply(&mut east_cat, ev));
+
+    let last = Revision(publisher.await.unwrap());
+    follow_until(&mut east_stream, &mut east_cat, last, &mut east_seq).await;
+    follow_until(&mut ref_stream, &mut reference, last, &mut ref_seq).await;
+    assert_eq!(
+        east_seq, ref_seq,
+        "east saw exactly the reference's deltas, across the replica's death"
+    );
+    assert_eq!(
+        east_seq
+            .iter()
+            .filter(|d| matches!(d.change, meshfed_federation::Change::PutExport { .. }))
+            .count(),
+        40,
+        "one delta per publish"
+    );
+    // And a fresh snapshot from B is the catalog east built.
+    let mut fresh = Catalog::default();
+    let mut s = east_b
+        .watch(pb::WatchRequest {
+            from_revision: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    apply(&mut fresh, next_event(&mut s).await);
+    assert_eq!(fresh.revision, east_cat.revision);
+    assert_eq!(fresh, east_cat);
+    assert_eq!(east_cat.exports.len(), 40);
+}
