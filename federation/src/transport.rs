@@ -146,6 +146,8 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
+            // gRPC messages are small and latency-bound: no Nagle/delayed-ACK stalls.
+            let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let hs =
@@ -307,6 +309,7 @@ pub async fn connect(
             let (connector, target) = (connector.clone(), target.clone());
             async move {
                 let tcp = TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
                 let tls = connector
                     .connect(
                         ServerName::try_from("meshfed-federation").expect("valid name"),
