@@ -31,7 +31,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     services: usize,
     /// Convergence samples per store.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 1000)]
     samples: usize,
     /// Stores to run: embedded,etcd.
     #[arg(long, default_value = "embedded,etcd")]

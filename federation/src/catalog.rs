@@ -162,6 +162,39 @@ impl Catalog {
         Ok(())
     }
 
+    /// Whether `changes`, applied in order, would all apply: an export needs its site,
+    /// present before or put earlier in the same batch (and not deleted since). Lets a
+    /// store apply a batch in place, all or nothing, without copying the catalog.
+    pub fn check(&self, changes: &[Change]) -> Result<(), CatalogError> {
+        use std::collections::BTreeSet;
+        let mut put: BTreeSet<&SiteName> = BTreeSet::new();
+        let mut deleted: BTreeSet<&SiteName> = BTreeSet::new();
+        for c in changes {
+            match c {
+                Change::PutSite(rec) => {
+                    put.insert(&rec.site);
+                    deleted.remove(&rec.site);
+                }
+                Change::DeleteSite { site } => {
+                    deleted.insert(site);
+                    put.remove(site);
+                }
+                Change::PutExport { site, export } => {
+                    let known = put.contains(site)
+                        || (self.sites.contains_key(site) && !deleted.contains(site));
+                    if !known {
+                        return Err(CatalogError::UnknownSite {
+                            site: site.clone(),
+                            service: export.service.clone(),
+                        });
+                    }
+                }
+                Change::DeleteExport { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The changes that turn `site`'s current exports into `new` (a publish is the
     /// site's full export set). Unchanged exports produce nothing.
     pub fn publish_changes(&self, site: &SiteName, new: &[Export]) -> Vec<Change> {
@@ -399,6 +432,36 @@ mod tests {
         commit(&mut cat, &mut hist, c);
         commit(&mut cat, &mut hist, vec![Change::DeleteSite { site: west }]);
         assert!(cat.exports.is_empty() && cat.sites.is_empty());
+    }
+
+    #[test]
+    fn check_agrees_with_apply() {
+        let mut cat = Catalog::default();
+        let west = SiteName::new("west").unwrap();
+        let put_export = Change::PutExport {
+            site: west.clone(),
+            export: export("a.b", 1),
+        };
+        let del_site = Change::DeleteSite { site: west.clone() };
+        // Unknown, known after a put in the same batch, unknown again after a delete.
+        assert!(cat.check(std::slice::from_ref(&put_export)).is_err());
+        cat.check(&[Change::PutSite(site("west")), put_export.clone()])
+            .unwrap();
+        assert!(
+            cat.check(&[
+                Change::PutSite(site("west")),
+                del_site.clone(),
+                put_export.clone()
+            ])
+            .is_err()
+        );
+        cat.apply(&Delta {
+            revision: Revision(1),
+            change: Change::PutSite(site("west")),
+        })
+        .unwrap();
+        cat.check(std::slice::from_ref(&put_export)).unwrap();
+        assert!(cat.check(&[del_site, put_export]).is_err());
     }
 
     #[test]

@@ -145,6 +145,29 @@ impl EmbeddedStore {
         }
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut inner = self.lock();
+        inner.state.catalog.check(&changes)?;
+        let first = inner.state.catalog.revision.0 + 1;
+        if first + changes.len() as u64 - 1 < inner.reserved {
+            // The common case: checked, so it applies in place, with no catalog copy.
+            let mut deltas = Vec::with_capacity(changes.len());
+            for (i, change) in changes.into_iter().enumerate() {
+                let d = Delta {
+                    revision: Revision(first + i as u64),
+                    change,
+                };
+                inner.state.catalog.apply(&d)?;
+                inner.history.push(d.clone());
+                deltas.push(d);
+            }
+            let rev = inner.state.catalog.revision;
+            // Sent under the lock: `watch` reads history and subscribes under it too, so a
+            // new watcher gets these deltas exactly once.
+            let _ = self.events.send(StoreEvent::Deltas(Arc::new(deltas)));
+            drop(inner);
+            self.dirty.notify_one();
+            return Ok(rev);
+        }
+        // Reaching the reservation: the new state goes to disk before anyone sees it.
         let mut next = inner.state.catalog.clone();
         let mut deltas = Vec::with_capacity(changes.len());
         for change in changes {
@@ -276,8 +299,13 @@ impl EmbeddedStore {
                 _ = stop.cancelled() => break,
             }
             tokio::time::sleep(FLUSH_DELAY).await;
-            if let Err(e) = self.flush() {
-                warn!(error = %e, "snapshot write failed; will retry");
+            // Serializing a large catalog takes milliseconds: not on a runtime worker,
+            // where it would stall every stream scheduled there.
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "snapshot write failed; will retry"),
+                Err(e) => warn!(error = %e, "snapshot task failed; will retry"),
             }
         }
         if let Err(e) = self.flush() {
