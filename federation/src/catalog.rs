@@ -203,7 +203,11 @@ impl Catalog {
         for e in new {
             wanted.insert(&e.service, e);
         }
-        for ((s, svc), _) in self.exports.iter().filter(|((s, _), _)| s == site) {
+        let mine = self
+            .exports
+            .range((site.clone(), ServiceName::lowest())..)
+            .take_while(|((s, _), _)| s == site);
+        for ((s, svc), _) in mine {
             if !wanted.contains_key(svc) {
                 changes.push(Change::DeleteExport {
                     site: s.clone(),
@@ -421,6 +425,16 @@ mod tests {
         let backends = &m[&ServiceName::parse("orders.shop").unwrap()];
         let sites: Vec<&str> = backends.iter().map(|(r, _)| r.site.as_str()).collect();
         assert_eq!(sites, vec!["north", "west"]);
+        // A publish diff touches only the publishing site, before and after it in order.
+        let north = SiteName::new("north").unwrap();
+        let c = cat.publish_changes(&north, &[]);
+        assert_eq!(
+            c,
+            vec![Change::DeleteExport {
+                site: north,
+                service: ServiceName::parse("orders.shop").unwrap()
+            }]
+        );
     }
 
     #[test]

@@ -104,6 +104,14 @@ impl ServiceName {
         &self.name
     }
 
+    /// Sorts before every valid name: a range bound, never a catalog entry.
+    pub(crate) fn lowest() -> Self {
+        Self {
+            name: String::new(),
+            namespace: String::new(),
+        }
+    }
+
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
