@@ -22,6 +22,8 @@ pub struct ImportPlan {
     pub service: ServiceName,
     pub port: u16,
     pub protocol: Protocol,
+    /// The port's name, from the first exporting site that names it (DNS SRV records).
+    pub name: Option<String>,
     /// Sites to try, best first. Empty: known, but nowhere serving right now.
     pub backends: Vec<SiteName>,
 }
@@ -54,7 +56,8 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
 
     // (service, port) -> (protocol, candidates)
     type Candidate<'a> = (bool, u32, &'a SiteName);
-    let mut ports: BTreeMap<(&ServiceName, u16), (Protocol, Vec<Candidate<'_>>)> = BTreeMap::new();
+    type Entry<'a> = (Protocol, Option<&'a String>, Vec<Candidate<'a>>);
+    let mut ports: BTreeMap<(&ServiceName, u16), Entry<'_>> = BTreeMap::new();
     for ((site, service), export) in &catalog.exports {
         if site == me {
             continue;
@@ -64,20 +67,24 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         for p in &export.ports {
             let entry = ports
                 .entry((service, p.port))
-                .or_insert((p.protocol, Vec::new()));
+                .or_insert((p.protocol, None, Vec::new()));
+            if entry.1.is_none() {
+                entry.1 = p.name.as_ref();
+            }
             if usable {
-                entry.1.push((same_locality, export.ready_endpoints, site));
+                entry.2.push((same_locality, export.ready_endpoints, site));
             }
         }
     }
     let imports = ports
         .into_iter()
-        .map(|((service, port), (protocol, mut cands))| {
+        .map(|((service, port), (protocol, name, mut cands))| {
             cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
             ImportPlan {
                 service: service.clone(),
                 port,
                 protocol,
+                name: name.cloned(),
                 backends: cands.into_iter().map(|(_, _, s)| s.clone()).collect(),
             }
         })

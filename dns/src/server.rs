@@ -1,0 +1,409 @@
+//! The sockets. UDP: one thread per core, each with its own `SO_REUSEPORT` socket on the
+//! same address, answering the fast path in place from a reused buffer; the slow path
+//! and forwarding are handed to the tokio runtime. TCP: hickory-server's `Server`, with
+//! a handler that answers from the same table.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::Message;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tracing::{debug, info, warn};
+
+use crate::slow::{self, Slow};
+use crate::wire::{self, Outcome};
+use crate::zone::Table;
+
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+const TCP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Upstream resolver for names outside our zones; `None`: REFUSED.
+    pub forward: Option<SocketAddr>,
+    /// Queries per second per client address (UDP); `None`: unlimited.
+    pub rate_limit: Option<u32>,
+    /// UDP threads; 0: one per core.
+    pub workers: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Labels {
+    pub transport: &'static str,
+    pub result: &'static str,
+}
+
+/// `meshfed_dns_*` metrics.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    /// Answers by transport and result (`fast`, `formerr`, `refused`, ...).
+    pub answers: Family<Labels, Counter>,
+    pub rate_limited: Counter,
+    pub forwarded: Counter,
+    pub forward_failures: Counter,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let r = registry.sub_registry_with_prefix("meshfed_dns");
+        r.register(
+            "answers",
+            "Answers sent, by transport and result",
+            self.answers.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "UDP queries dropped by the per-client rate limit",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "forwarded",
+            "Queries forwarded upstream",
+            self.forwarded.clone(),
+        );
+        r.register(
+            "forward_failures",
+            "Forwarded queries with no upstream answer",
+            self.forward_failures.clone(),
+        );
+    }
+
+    fn count(&self, transport: &'static str, result: &'static str) {
+        self.answers
+            .get_or_create(&Labels { transport, result })
+            .inc();
+    }
+}
+
+/// A running DNS server; stops on drop.
+pub struct Running {
+    pub udp: SocketAddr,
+    pub tcp: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    tcp_task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.tcp_task.abort();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    let _ = s.set_recv_buffer_size(4 << 20);
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.bind(&addr.into())?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok(s.into())
+}
+
+/// Starts UDP workers and the TCP server on `cfg.listen` (port 0: any free port, the
+/// same for UDP and TCP when it can be had). Must be called inside a tokio runtime.
+pub async fn start(
+    cfg: ServerConfig,
+    table: Arc<ArcSwap<Table>>,
+    metrics: Metrics,
+) -> std::io::Result<Running> {
+    // TCP first: its port is then taken for UDP too.
+    let tcp = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let tcp_addr = tcp.local_addr()?;
+    let udp_addr = SocketAddr::new(cfg.listen.ip(), tcp_addr.port());
+    let first = reuseport_socket(udp_addr)?;
+    let workers = if cfg.workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cfg.workers
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Handle::current();
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(reuseport_socket(udp_addr)?);
+    }
+    let mut threads = Vec::new();
+    for (i, sock) in sockets.into_iter().enumerate() {
+        let w = Worker {
+            sock,
+            table: table.clone(),
+            metrics: metrics.clone(),
+            forward: cfg.forward,
+            limiter: cfg.rate_limit.map(RateLimiter::new),
+            rt: rt.clone(),
+            stop: stop.clone(),
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                .spawn(move || w.run())?,
+        );
+    }
+    let handler = TcpHandler {
+        table,
+        metrics,
+        forward: cfg.forward,
+    };
+    let mut server = hickory_server::Server::new(handler);
+    server.register_listener(tcp, TCP_TIMEOUT, 64 * 1024);
+    let tcp_task = tokio::spawn(async move {
+        if let Err(e) = server.block_until_done().await {
+            warn!(error = %e, "DNS TCP server stopped");
+        }
+    });
+    info!(udp = %udp_addr, tcp = %tcp_addr, workers, forward = ?cfg.forward, "DNS serving");
+    Ok(Running {
+        udp: udp_addr,
+        tcp: tcp_addr,
+        stop,
+        threads,
+        tcp_task,
+    })
+}
+
+/// Per-client token buckets of one UDP worker (a client's packets hash to one worker).
+struct RateLimiter {
+    rate: f64,
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl RateLimiter {
+    fn new(qps: u32) -> Self {
+        Self {
+            rate: f64::from(qps.max(1)),
+            buckets: HashMap::new(),
+        }
+    }
+
+    fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.buckets.len() > 100_000 {
+            self.buckets.clear(); // bounded memory under a spoofed-source flood
+        }
+        let rate = self.rate;
+        let (tokens, last) = self.buckets.entry(ip).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Worker {
+    sock: UdpSocket,
+    table: Arc<ArcSwap<Table>>,
+    metrics: Metrics,
+    forward: Option<SocketAddr>,
+    limiter: Option<RateLimiter>,
+    rt: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut buf = vec![0u8; 4096];
+        let mut out = vec![0u8; 4096];
+        let fast = self.metrics.answers.get_or_create(&Labels {
+            transport: "udp",
+            result: "fast",
+        });
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, peer) = match self.sock.recv_from(&mut buf) {
+                Ok(v) => v,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    debug!(error = %e, "DNS recv");
+                    continue;
+                }
+            };
+            if let Some(l) = &mut self.limiter
+                && !l.allow(peer.ip(), Instant::now())
+            {
+                self.metrics.rate_limited.inc();
+                continue;
+            }
+            let q = &buf[..n];
+            let table = self.table.load();
+            match wire::respond(&table, q, &mut out, true, self.forward.is_some()) {
+                Outcome::Reply(len) => {
+                    let _ = self.sock.send_to(&out[..len], peer);
+                    fast.inc();
+                }
+                Outcome::Drop => {}
+                Outcome::Slow => self.slow(q, peer, &table),
+            }
+        }
+    }
+
+    fn slow(&self, q: &[u8], peer: SocketAddr, table: &Table) {
+        let (s, rcode) = slow::respond(table, q, self.forward.is_some());
+        match s {
+            Slow::Reply(bytes) => {
+                let _ = self.sock.send_to(&bytes, peer);
+                self.metrics
+                    .count("udp", rcode.map_or("other", slow::reason));
+            }
+            Slow::Drop => {}
+            Slow::Forward => {
+                let Some(upstream) = self.forward else { return };
+                let Ok(sock) = self.sock.try_clone() else {
+                    return;
+                };
+                let q = q.to_vec();
+                let metrics = self.metrics.clone();
+                self.rt.spawn(async move {
+                    metrics.forwarded.inc();
+                    match forward_udp(&q, upstream).await {
+                        Some(answer) => {
+                            let _ = sock.send_to(&answer, peer);
+                        }
+                        None => {
+                            metrics.forward_failures.inc();
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One UDP exchange with the upstream resolver; the answer must carry the query's id.
+async fn forward_udp(q: &[u8], upstream: SocketAddr) -> Option<Vec<u8>> {
+    let bind: SocketAddr = if upstream.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = tokio::net::UdpSocket::bind(bind).await.ok()?;
+    s.connect(upstream).await.ok()?;
+    s.send(q).await.ok()?;
+    let mut buf = vec![0u8; 65535];
+    let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+    loop {
+        let n = tokio::time::timeout_at(deadline, s.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n >= 2 && buf[..2] == q[..2] {
+            buf.truncate(n);
+            return Some(buf);
+        }
+    }
+}
+
+/// DNS over TCP through hickory-server, answered from the same table.
+struct TcpHandler {
+    table: Arc<ArcSwap<Table>>,
+    metrics: Metrics,
+    forward: Option<SocketAddr>,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for TcpHandler {
+    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let q = request.as_slice();
+        let table = self.table.load_full();
+        let mut out = vec![0u8; wire::MAX_MESSAGE];
+        let (bytes, result) =
+            match wire::respond(&table, q, &mut out, false, self.forward.is_some()) {
+                Outcome::Reply(n) => (Some(out[..n].to_vec()), "fast"),
+                Outcome::Drop => (None, "drop"),
+                Outcome::Slow => match slow::respond(&table, q, self.forward.is_some()) {
+                    (Slow::Reply(b), rcode) => (Some(b), rcode.map_or("other", slow::reason)),
+                    (Slow::Drop, _) => (None, "drop"),
+                    (Slow::Forward, _) => {
+                        self.metrics.forwarded.inc();
+                        match forward_udp(q, self.forward.expect("forwarding is on")).await {
+                            Some(b) => (Some(b), "forwarded"),
+                            None => {
+                                self.metrics.forward_failures.inc();
+                                (None, "forward_failed")
+                            }
+                        }
+                    }
+                },
+            };
+        self.metrics.count("tcp", result);
+        let msg = bytes.and_then(|b| Message::from_vec(&b).ok());
+        let Some(msg) = msg else {
+            // Nothing to say: answer SERVFAIL rather than leave the connection hanging.
+            let resp = MessageResponseBuilder::from_message_request(request)
+                .error_msg(&request.metadata, hickory_proto::op::ResponseCode::ServFail);
+            return match response_handle.send_response(resp).await {
+                Ok(info) => info,
+                Err(_) => servfail_info(request),
+            };
+        };
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(e) = &msg.edns {
+            builder.edns(e);
+        }
+        let resp = builder.build(
+            msg.metadata,
+            msg.answers.iter(),
+            msg.authorities.iter(),
+            std::iter::empty(),
+            msg.additionals.iter(),
+        );
+        match response_handle.send_response(resp).await {
+            Ok(info) => info,
+            Err(e) => {
+                debug!(error = %e, "DNS TCP send");
+                servfail_info(request)
+            }
+        }
+    }
+}
+
+fn servfail_info(request: &Request) -> ResponseInfo {
+    use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, ResponseCode};
+    let mut metadata = Metadata::new(
+        request.metadata.id,
+        MessageType::Response,
+        request.metadata.op_code,
+    );
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
