@@ -3,6 +3,7 @@
 #   protobuf-compiler  protoc, for etcd-client's build script and the proto freshness test
 #   etcd-server        the real etcd the etcd-store tests and bench/catalog start
 #   procps             kill, used by the end-to-end tests
+#   dnsutils           dig, which the DNS tests query meshfed with
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ need=()
 command -v kill >/dev/null || need+=(procps)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
+command -v dig >/dev/null || need+=(dnsutils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -10,6 +10,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -52,6 +53,36 @@ enum Cmd {
         /// The federation directory (`meshfed federation init --dir`).
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Serves federated DNS for a site from its gateway's catalog cache (to run DNS
+    /// outside the gateway; inside it, use the gateway config's `dns` section).
+    Dns {
+        /// The site whose imports are answered.
+        #[arg(long)]
+        site: String,
+        /// The site directory (`meshfed site join --dir`): its `catalog.json` is followed.
+        #[arg(long)]
+        dir: PathBuf,
+        /// UDP and TCP.
+        #[arg(long, default_value = "127.0.0.1:5353")]
+        listen: std::net::SocketAddr,
+        /// The gateway's `federation.import_address`: what A records point at.
+        #[arg(long, default_value = "127.0.0.1")]
+        import_address: std::net::IpAddr,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Extra zones answered like clusterset.local (repeatable).
+        #[arg(long)]
+        zone: Vec<String>,
+        /// Upstream resolver for every other name (off by default: REFUSED).
+        #[arg(long)]
+        forward: Option<std::net::SocketAddr>,
+        /// UDP queries per second per client address.
+        #[arg(long)]
+        rate_limit: Option<u32>,
+        /// UDP worker threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
     },
     /// Runs a federation and three sites on loopback, with live failover.
     Demo {
@@ -288,6 +319,73 @@ fn run(cli: Cli) -> Result<ExitCode> {
             runtime()?.block_on(gateway_run(cfg, ready_file))?;
         }
         Cmd::Demo { dir } => runtime()?.block_on(demo::run(dir))?,
+        Cmd::Dns {
+            site,
+            dir,
+            listen,
+            import_address,
+            ttl,
+            zone,
+            forward,
+            rate_limit,
+            workers,
+        } => {
+            let site = meshfed_federation::SiteName::new(&site)
+                .with_context(|| format!("--site {site:?}"))?;
+            let zones = zone
+                .iter()
+                .map(|z| meshfed_gateway::config::valid_zone(z).map_err(anyhow::Error::msg))
+                .collect::<Result<Vec<_>>>()
+                .context("--zone")?;
+            if rate_limit == Some(0) {
+                bail!("--rate-limit must be positive");
+            }
+            let zone = meshfed_dns::ZoneConfig {
+                ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+                extra_zones: zones,
+                host_zones: vec![],
+            };
+            runtime()?.block_on(async {
+                let table = Arc::new(arc_swap::ArcSwap::from_pointee(meshfed_dns::Table::build(
+                    &zone,
+                    &[],
+                    &[],
+                    0,
+                )));
+                let follow = meshfed_dns::follow::Follow {
+                    catalog: dir.join("catalog.json"),
+                    site,
+                    zone,
+                    import_address,
+                    table: table.clone(),
+                };
+                if let Err(e) = follow.load() {
+                    tracing::warn!(error = %e, "no catalog yet: answering NXDOMAIN until the gateway writes one");
+                }
+                tokio::spawn(follow.run());
+                let running = meshfed_dns::server::start(
+                    meshfed_dns::server::ServerConfig {
+                        listen,
+                        forward,
+                        rate_limit,
+                        workers,
+                    },
+                    table,
+                    meshfed_dns::server::Metrics::default(),
+                )
+                .await
+                .with_context(|| format!("--listen {listen}"))?;
+                println!("dns listening on udp {} tcp {}", running.udp, running.tcp);
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                running.shutdown();
+                Ok::<_, anyhow::Error>(())
+            })?;
+        }
         Cmd::Status { dir } => {
             let st = runtime()?.block_on(meshfed_federation::node::status(&dir))?;
             let td = Ca::load(&dir.join("ca"))?.trust_domain().to_string();
@@ -432,6 +530,7 @@ async fn gateway_run(
         let doc = serde_json::json!({
             "quic": gw.quic_addr.to_string(),
             "admin": gw.admin_addr.to_string(),
+            "dns": gw.dns.map(|(udp, _)| udp.to_string()),
             "imports": gw.imports.iter().map(|(k, a)| (k.clone(), a.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         });
         ca::write_file(&f, doc.to_string().as_bytes(), 0o644)?;

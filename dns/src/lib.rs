@@ -4,8 +4,10 @@
 //! - `zone`: the table of answers, pre-encoded whenever the catalog changes (pure);
 //! - `wire`: the allocation-free fast path for plain queries (pure);
 //! - `slow`: everything else, on hickory's parser (pure);
-//! - `server`: UDP workers and hickory-server for TCP (sockets).
+//! - `server`: UDP workers and hickory-server for TCP (sockets);
+//! - `follow`: standalone mode, answering from a gateway's catalog cache.
 
+pub mod follow;
 pub mod server;
 pub mod slow;
 pub mod wire;

@@ -231,10 +231,16 @@ impl Worker {
     fn run(mut self) {
         let mut buf = vec![0u8; 4096];
         let mut out = vec![0u8; 4096];
-        let fast = self.metrics.answers.get_or_create(&Labels {
-            transport: "udp",
-            result: "fast",
-        });
+        // A clone of the counter, not the family's guard: holding that guard would block
+        // every other label's first use.
+        let fast = self
+            .metrics
+            .answers
+            .get_or_create(&Labels {
+                transport: "udp",
+                result: "fast",
+            })
+            .clone();
         while !self.stop.load(Ordering::Relaxed) {
             let (n, peer) = match self.sock.recv_from(&mut buf) {
                 Ok(v) => v,
@@ -363,6 +369,7 @@ impl RequestHandler for TcpHandler {
                 },
             };
         self.metrics.count("tcp", result);
+        debug!(result, "DNS TCP answer");
         let msg = bytes.and_then(|b| Message::from_vec(&b).ok());
         let Some(msg) = msg else {
             // Nothing to say: answer SERVFAIL rather than leave the connection hanging.

@@ -49,6 +49,8 @@ struct RawConfig {
     #[serde(default)]
     federation: Option<RawFederation>,
     #[serde(default)]
+    dns: Option<RawDns>,
+    #[serde(default)]
     peers: Vec<RawPeer>,
     #[serde(default)]
     exports: Vec<RawExport>,
@@ -63,6 +65,20 @@ struct RawTls {
     key: PathBuf,
     #[serde(default)]
     bundles: Vec<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    listen: String,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    zones: Vec<String>,
+    #[serde(default)]
+    forward: Option<String>,
+    #[serde(default)]
+    rate_limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +156,51 @@ pub struct GatewayConfig {
     pub imports: Vec<Import>,
     /// Run peers and imports from a federation's catalog.
     pub federation: Option<Federation>,
+    /// Serve federated DNS from this gateway (needs `federation`).
+    pub dns: Option<Dns>,
+}
+
+/// The `dns` section: federated DNS inside the gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dns {
+    /// UDP and TCP.
+    pub listen: SocketAddr,
+    /// Answer TTL in seconds; default 5.
+    pub ttl: u32,
+    /// Zones answered like `clusterset.local`.
+    pub zones: Vec<String>,
+    /// Upstream for every other name; default: off (REFUSED).
+    pub forward: Option<SocketAddr>,
+    /// UDP queries per second per client address.
+    pub rate_limit: Option<u32>,
+}
+
+/// A DNS zone name: labels of `[a-z0-9-]`, 1–63 bytes each, at most 253 in all.
+pub fn valid_zone(z: &str) -> Result<String, String> {
+    let z = z.trim_end_matches('.').to_ascii_lowercase();
+    if z.is_empty() || z.len() > 253 {
+        return Err(format!("{z:?}: a zone name is 1–253 bytes"));
+    }
+    for l in z.split('.') {
+        if l.is_empty()
+            || l.len() > 63
+            || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || l.starts_with('-')
+            || l.ends_with('-')
+        {
+            return Err(format!(
+                "{z:?}: label {l:?} is not 1–63 of [a-z0-9-] (no leading or trailing '-')"
+            ));
+        }
+    }
+    if z == "in-addr.arpa"
+        || z == "ip6.arpa"
+        || z.ends_with(".in-addr.arpa")
+        || z.ends_with(".ip6.arpa")
+    {
+        return Err(format!("{z:?}: reverse zones are built from the imports"));
+    }
+    Ok(z)
 }
 
 /// The `federation` section: the site directory `meshfed site join` wrote.
@@ -264,6 +325,38 @@ impl RawConfig {
                     import_address,
                     advertise: f.advertise,
                     locality: f.locality,
+                })
+            })
+            .transpose()?;
+        let dns = self
+            .dns
+            .map(|d| {
+                if federation.is_none() {
+                    return Err(v.err(
+                        "dns",
+                        "needs a `federation` section (answers come from the catalog)",
+                    ));
+                }
+                let ttl = v.duration("dns.ttl", d.ttl.as_deref(), Duration::from_secs(5))?;
+                let zones = d
+                    .zones
+                    .iter()
+                    .enumerate()
+                    .map(|(i, z)| valid_zone(z).map_err(|e| v.err(format!("dns.zones[{i}]"), e)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Dns {
+                    listen: v.addr("dns.listen", &d.listen)?,
+                    ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+                    zones,
+                    forward: d
+                        .forward
+                        .as_deref()
+                        .map(|f| v.addr("dns.forward", f))
+                        .transpose()?,
+                    rate_limit: match d.rate_limit {
+                        Some(0) => return Err(v.err("dns.rate_limit", "must be positive")),
+                        r => r,
+                    },
                 })
             })
             .transpose()?;
@@ -413,6 +506,7 @@ impl RawConfig {
             connect_timeout,
             reload_interval,
             federation,
+            dns,
             peers,
             exports,
             imports,

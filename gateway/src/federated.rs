@@ -49,6 +49,13 @@ pub struct Agent {
     /// The live bundle set of the verifiers: federated bundles go in here at once, not
     /// only to disk for the reloader.
     pub bundle_store: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
+    /// In-gateway DNS: its zone settings, the table it answers from, and the address
+    /// imports listen on (what A records point at).
+    pub dns: Option<(
+        meshfed_dns::ZoneConfig,
+        Arc<arc_swap::ArcSwap<meshfed_dns::Table>>,
+        std::net::IpAddr,
+    )>,
 }
 
 /// The catalog a site applies: snapshots reset it, deltas extend it.
@@ -125,6 +132,24 @@ impl Agent {
     /// Makes peers and imports match the catalog.
     fn apply_plan(&self, catalog: &Catalog) {
         let p = plan(catalog, &self.site, self.fed.locality.as_deref());
+        if let Some((zone, table, addr)) = &self.dns {
+            // Only what this gateway serves: UDP imports get listeners with the UDP issue.
+            let served = meshfed_federation::routing::SitePlan {
+                peers: vec![],
+                imports: p
+                    .imports
+                    .iter()
+                    .filter(|i| i.protocol == meshfed_federation::catalog::Protocol::Tcp)
+                    .cloned()
+                    .collect(),
+            };
+            table.store(Arc::new(meshfed_dns::table_for_plan(
+                zone,
+                &served,
+                *addr,
+                catalog.revision.0,
+            )));
+        }
         let mut keep_peers: BTreeSet<SiteName> =
             self.static_peers.iter().map(|p| p.site.clone()).collect();
         for peer in &p.peers {

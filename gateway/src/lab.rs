@@ -74,6 +74,8 @@ pub struct ConfigBuilder {
     pub reload_interval: Option<Duration>,
     /// (site directory, import address): run peers and imports from the federation.
     pub federation: Option<(PathBuf, std::net::IpAddr)>,
+    /// The `dns` section, as YAML lines under `dns:` (e.g. `listen: 127.0.0.1:0`).
+    pub dns: Option<String>,
     pub bundles: Vec<PathBuf>,
     /// (site, address, SPIFFE ID)
     pub peers: Vec<(String, Option<SocketAddr>, SpiffeId)>,
@@ -142,6 +144,12 @@ impl ConfigBuilder {
                 "federation:\n  dir: {}\n  import_address: {ip}",
                 dir.display()
             );
+        }
+        if let Some(dns) = &self.dns {
+            y.push_str("dns:\n");
+            for l in dns.lines() {
+                let _ = writeln!(y, "  {l}");
+            }
         }
         if !self.peers.is_empty() {
             y.push_str("peers:\n");

@@ -73,6 +73,8 @@ pub struct RunningGateway {
     pub local_id: SpiffeId,
     pub peers: peers::Peers,
     pub import_set: Arc<egress::Imports>,
+    /// Where the in-gateway DNS server answers (UDP, TCP), when configured.
+    pub dns: Option<(SocketAddr, SocketAddr)>,
     ingress: Arc<ingress::Ingress>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
@@ -250,6 +252,42 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             .serve(endpoint.clone(), stop.clone(), tasks.clone()),
     );
 
+    let mut dns_server = None;
+    let mut dns_table = None;
+    if let (Some(d), Some(fed)) = (&cfg.dns, &cfg.federation) {
+        let zone = meshfed_dns::ZoneConfig {
+            ttl: d.ttl,
+            extra_zones: d.zones.clone(),
+            host_zones: vec![],
+        };
+        let table = Arc::new(arc_swap::ArcSwap::from_pointee(meshfed_dns::Table::build(
+            &zone,
+            &[],
+            &[],
+            0,
+        )));
+        let dns_metrics = meshfed_dns::server::Metrics::default();
+        dns_metrics.register(&mut registry);
+        let running = meshfed_dns::server::start(
+            meshfed_dns::server::ServerConfig {
+                listen: d.listen,
+                forward: d.forward,
+                rate_limit: d.rate_limit,
+                workers: 0,
+            },
+            table.clone(),
+            dns_metrics,
+        )
+        .await
+        .map_err(|source| GatewayError::Bind {
+            what: "dns".into(),
+            addr: d.listen,
+            source,
+        })?;
+        dns_table = Some((zone, table, fed.import_address));
+        dns_server = Some(running);
+    }
+
     if let Some(fed) = &cfg.federation {
         let advertise = fed
             .advertise
@@ -271,6 +309,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             imports: imports.clone(),
             metrics: metrics.clone(),
             bundle_store: bundle_store.clone(),
+            dns: dns_table,
         };
         tokio::spawn(agent.run(dial_stop.clone()));
     }
@@ -305,6 +344,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
 
     let grace = cfg.drain_grace;
     let stop2 = stop.clone();
+    let dns_addrs = dns_server.as_ref().map(|r| (r.udp, r.tcp));
     let done = tokio::spawn(async move {
         stop2.cancelled().await;
         ready.store(false, Ordering::Release);
@@ -325,6 +365,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         dial_tasks.close();
         dial_tasks.wait().await;
         admin_stop.cancel();
+        if let Some(d) = dns_server {
+            d.shutdown();
+        }
         info!("gateway stopped");
     });
 
@@ -333,6 +376,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         admin_addr,
         imports: imports.addrs(),
         import_set: imports,
+        dns: dns_addrs,
         local_id: svid.id,
         peers,
         ingress,

@@ -62,6 +62,8 @@ pub struct Gw {
     pub quic: SocketAddr,
     pub admin: SocketAddr,
     pub imports: serde_json::Value,
+    /// The in-gateway DNS server's address, when configured.
+    pub dns: Option<SocketAddr>,
 }
 
 impl Gw {
@@ -96,6 +98,7 @@ impl Gw {
             quic: ([0, 0, 0, 0], 0).into(),
             admin: ([0, 0, 0, 0], 0).into(),
             imports: serde_json::Value::Null,
+            dns: None,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -105,6 +108,7 @@ impl Gw {
                 gw.quic = v["quic"].as_str().unwrap_or_default().parse()?;
                 gw.admin = v["admin"].as_str().unwrap_or_default().parse()?;
                 gw.imports = v["imports"].clone();
+                gw.dns = v["dns"].as_str().and_then(|d| d.parse().ok());
                 return Ok(gw);
             }
             if let Some(status) = gw.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -380,6 +384,12 @@ impl Etcd {
                      install it with `apt-get install -y etcd-server`"
                 )
             });
+        // Owned at once, so a failed wait below still kills it.
+        let etcd = Self {
+            child,
+            endpoint: endpoint.clone(),
+            _data: data,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         // Ready when a client request succeeds, not merely when the port is open.
         loop {
@@ -397,11 +407,7 @@ impl Etcd {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self {
-            child,
-            endpoint,
-            _data: data,
-        }
+        etcd
     }
 }
 

@@ -1,0 +1,73 @@
+//! `meshfed dns` on its own: answers from the catalog cache a site's gateway keeps
+//! (`<site dir>/catalog.json`), reloaded when the file changes. Run beside the gateway
+//! when DNS should not live in the gateway process.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use meshfed_federation::catalog::Protocol;
+use meshfed_federation::routing::{SitePlan, plan};
+use meshfed_federation::{Catalog, SiteName};
+use tracing::{info, warn};
+
+use crate::zone::{Table, ZoneConfig};
+
+const POLL: Duration = Duration::from_millis(100);
+
+pub struct Follow {
+    pub catalog: PathBuf,
+    pub site: SiteName,
+    pub zone: ZoneConfig,
+    /// Where the site's gateway listens for imports (what A records point at).
+    pub import_address: IpAddr,
+    pub table: Arc<ArcSwap<Table>>,
+}
+
+impl Follow {
+    /// Loads the catalog now (an error names the file), then follows it until dropped.
+    pub fn load(&self) -> Result<SystemTime, String> {
+        let meta = std::fs::metadata(&self.catalog)
+            .map_err(|e| format!("{}: {e}", self.catalog.display()))?;
+        let bytes =
+            std::fs::read(&self.catalog).map_err(|e| format!("{}: {e}", self.catalog.display()))?;
+        let cat: Catalog = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not a meshfed catalog: {e}", self.catalog.display()))?;
+        let p = plan(&cat, &self.site, None);
+        let served = SitePlan {
+            peers: vec![],
+            imports: p
+                .imports
+                .into_iter()
+                .filter(|i| i.protocol == Protocol::Tcp)
+                .collect(),
+        };
+        let t = crate::table_for_plan(&self.zone, &served, self.import_address, cat.revision.0);
+        self.table.store(Arc::new(t));
+        info!(
+            revision = cat.revision.0,
+            imports = served.imports.len(),
+            "DNS answers from the catalog"
+        );
+        meta.modified()
+            .map_err(|e| format!("{}: {e}", self.catalog.display()))
+    }
+
+    pub async fn run(self) {
+        let mut seen = None;
+        loop {
+            let m = std::fs::metadata(&self.catalog)
+                .and_then(|m| m.modified())
+                .ok();
+            if m.is_some() && m != seen {
+                match self.load() {
+                    Ok(t) => seen = Some(t),
+                    Err(e) => warn!(error = %e, "catalog not loaded; keeping the last answers"),
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}

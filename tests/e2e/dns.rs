@@ -1,0 +1,248 @@
+//! Federated DNS with real `dig`: a gateway's DNS answers from the live catalog, and
+//! `meshfed dns` answers from a gateway's catalog cache and forwards the rest.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::federation::{Fed, join};
+use crate::harness::*;
+
+/// What `dig` printed, by section.
+#[derive(Debug, Default)]
+struct Dig {
+    status: String,
+    flags: String,
+    answer: Vec<String>,
+    authority: Vec<String>,
+}
+
+fn dig(server: SocketAddr, args: &[&str]) -> Dig {
+    let out = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), "+tries=1", "+time=2"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("dig ({e}): apt-get install -y dnsutils"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut d = Dig::default();
+    let mut section = "";
+    for line in text.lines() {
+        if let Some(rest) = line.split("status: ").nth(1) {
+            d.status = rest.split(',').next().unwrap_or_default().to_owned();
+        }
+        if let Some(rest) = line.strip_prefix(";; flags: ") {
+            d.flags = rest.split(';').next().unwrap_or_default().to_owned();
+        }
+        if line.starts_with(";; ANSWER SECTION") {
+            section = "answer";
+        } else if line.starts_with(";; AUTHORITY SECTION") {
+            section = "authority";
+        } else if line.starts_with(";;") || line.trim().is_empty() {
+            section = "";
+        } else if !line.starts_with(';') {
+            let fields = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            match section {
+                "answer" => d.answer.push(fields),
+                "authority" => d.authority.push(fields),
+                _ => {}
+            }
+        }
+    }
+    assert!(!d.status.is_empty(), "dig {args:?} got no answer:\n{text}");
+    d
+}
+
+/// Waits until `name A` at `server` is `status` (NOERROR with `want` in the answer).
+fn wait_dig(server: SocketAddr, name: &str, status: &str, want: Option<&str>) -> Duration {
+    let started = Instant::now();
+    loop {
+        let d = dig(server, &[name, "A"]);
+        let answered = want.is_none_or(|w| d.answer.iter().any(|l| l.ends_with(w)));
+        if d.status == status && answered {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name}: still {d:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_from_the_live_catalog_with_real_dig() {
+    let scratch = Scratch::new("dns");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let east = scratch.site("east", "east.example.org");
+    let west = scratch.site("west", "west.example.org");
+    let north = scratch.site("north", "north.example.org");
+    for (s, n) in [(&east, "east"), (&west, "west"), (&north, "north")] {
+        assert_eq!(join(s, n, &fed.token(n, "1h")).0, 0);
+    }
+    let import_ip: std::net::IpAddr = [127, 0, 0, 5].into();
+    let port = std::net::TcpListener::bind((import_ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fed_cfg =
+        |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4]| meshfed_gateway::lab::ConfigBuilder {
+            federation: Some((s.dir.clone(), ip.into())),
+            reload_interval: Some(RELOAD),
+            ..Default::default()
+        };
+    let _west_gw = Gw::start(
+        &west,
+        &fed_cfg(&west, [127, 0, 0, 6]).export("orders.shop", port, vec![echo_server().await]),
+    )
+    .unwrap();
+    let mut east_cfg = fed_cfg(&east, [127, 0, 0, 5]);
+    east_cfg.dns = Some("listen: 127.0.0.1:0\nzones: [mesh.internal]\nttl: 7s".into());
+    let east_gw = Gw::start(&east, &east_cfg).unwrap();
+    let dns = east_gw.dns.expect("the gateway reports its DNS address");
+
+    // A, from the catalog, pointing at east's import address.
+    wait_dig(
+        dns,
+        "orders.shop.svc.clusterset.local",
+        "NOERROR",
+        Some("127.0.0.5"),
+    );
+    let a = dig(dns, &["orders.shop.svc.clusterset.local", "A"]);
+    assert_eq!(
+        a.answer,
+        vec!["orders.shop.svc.clusterset.local. 7 IN A 127.0.0.5"]
+    );
+    assert!(a.flags.contains("aa"), "{a:?}");
+    // SRV (an unnamed port is labelled by its number), TXT, PTR, the extra zone.
+    let srv = dig(
+        dns,
+        &[
+            &format!("_{port}._tcp.orders.shop.svc.clusterset.local"),
+            "SRV",
+        ],
+    );
+    assert_eq!(
+        srv.answer,
+        vec![format!(
+            "_{port}._tcp.orders.shop.svc.clusterset.local. 7 IN SRV 0 0 {port} orders.shop.svc.clusterset.local."
+        )]
+    );
+    let txt = dig(dns, &["dns-version.clusterset.local", "TXT"]);
+    assert_eq!(
+        txt.answer,
+        vec!["dns-version.clusterset.local. 7 IN TXT \"1.0.0\""]
+    );
+    let ptr = dig(dns, &["-x", "127.0.0.5"]);
+    assert!(
+        ptr.answer
+            .iter()
+            .any(|l| l.ends_with("PTR orders.shop.svc.clusterset.local.")),
+        "{ptr:?}"
+    );
+    let extra = dig(dns, &["ORDERS.shop.svc.mesh.internal", "A"]);
+    assert_eq!(extra.answer.len(), 1, "{extra:?}");
+    assert!(
+        extra.answer[0].starts_with("ORDERS.shop.svc.mesh.internal."),
+        "the question's case comes back: {extra:?}"
+    );
+    // Negative answers: NXDOMAIN and NODATA, both with the zone's SOA.
+    let nx = dig(dns, &["nope.shop.svc.clusterset.local", "A"]);
+    assert_eq!(nx.status, "NXDOMAIN");
+    assert!(
+        nx.answer.is_empty() && nx.authority[0].starts_with("clusterset.local. 7 IN SOA"),
+        "{nx:?}"
+    );
+    let nodata = dig(dns, &["orders.shop.svc.clusterset.local", "TXT"]);
+    assert_eq!(nodata.status, "NOERROR");
+    assert!(
+        nodata.answer.is_empty() && nodata.authority.len() == 1,
+        "{nodata:?}"
+    );
+    // TCP.
+    let tcp = dig(dns, &["+tcp", "orders.shop.svc.clusterset.local", "A"]);
+    assert_eq!(tcp.answer, a.answer);
+    let tcp_nx = dig(dns, &["+tcp", "nope.shop.svc.clusterset.local", "A"]);
+    assert_eq!(tcp_nx.status, "NXDOMAIN");
+    // Not ours, forwarding off.
+    assert_eq!(dig(dns, &["example.com", "A"]).status, "REFUSED");
+
+    // A malformed packet gets FORMERR and the server keeps answering.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.send_to(&[0xab, 0xcd, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 63, b'x'], dns)
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = sock.recv_from(&mut buf).expect("an answer to garbage");
+    assert!(n >= 12 && buf[..2] == [0xab, 0xcd], "same id");
+    assert_eq!(buf[3] & 0x0f, 1, "FORMERR");
+    assert_eq!(
+        dig(dns, &["orders.shop.svc.clusterset.local", "A"]).answer,
+        a.answer
+    );
+
+    // Live: north exports a new service; it resolves with no restart. Then north
+    // withdraws it (restarted without exports) and the name is NXDOMAIN.
+    let mut north_gw = Gw::start(
+        &north,
+        &fed_cfg(&north, [127, 0, 0, 7]).export("billing.shop", port, vec![echo_server().await]),
+    )
+    .unwrap();
+    let appeared = wait_dig(
+        dns,
+        "billing.shop.svc.clusterset.local",
+        "NOERROR",
+        Some("127.0.0.5"),
+    );
+    north_gw.kill();
+    let north_gw = Gw::start(&north, &fed_cfg(&north, [127, 0, 0, 7])).unwrap();
+    let withdrawn = wait_dig(dns, "billing.shop.svc.clusterset.local", "NXDOMAIN", None);
+    eprintln!("new export resolvable after {appeared:?}; withdrawal NXDOMAIN after {withdrawn:?}");
+    drop(north_gw);
+
+    // `meshfed dns` on its own, from east's catalog cache, forwarding other names to the
+    // gateway's DNS (which knows mesh.internal; the standalone one does not).
+    let mut standalone = Command::new(BIN)
+        .args([
+            "dns",
+            "--site",
+            "east",
+            "--dir",
+            east.dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--import-address",
+            "127.0.0.5",
+            "--forward",
+            &dns.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(standalone.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let d = dig(addr, &["orders.shop.svc.clusterset.local", "A"]);
+    assert_eq!(
+        d.answer[0].split(' ').next_back(),
+        Some("127.0.0.5"),
+        "{d:?}"
+    );
+    let fwd = dig(addr, &["orders.shop.svc.mesh.internal", "A"]);
+    assert_eq!(fwd.status, "NOERROR", "forwarded: {fwd:?}");
+    assert!(
+        fwd.answer.iter().any(|l| l.ends_with("127.0.0.5")),
+        "the upstream's answer, relayed: {fwd:?}"
+    );
+    let _ = standalone.kill();
+    let _ = standalone.wait();
+}
