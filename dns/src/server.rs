@@ -414,3 +414,21 @@ fn servfail_info(request: &Request) -> ResponseInfo {
         counts: HeaderCounts::default(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_is_per_client_and_refills() {
+        let mut l = RateLimiter::new(10);
+        let t0 = Instant::now();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let allowed = (0..25).filter(|_| l.allow(a, t0)).count();
+        assert_eq!(allowed, 10, "a burst of one second's worth");
+        assert!(l.allow(b, t0), "another client has its own bucket");
+        assert!(!l.allow(a, t0 + Duration::from_millis(50)));
+        assert!(l.allow(a, t0 + Duration::from_millis(150)), "refilled");
+    }
+}
