@@ -600,6 +600,35 @@ imports:
     }
 
     #[test]
+    fn dns_section_is_checked() {
+        let fed = "federation:\n  dir: site\n";
+        let dns = |body: &str| format!("{GOOD}{fed}dns:\n{body}");
+        let c = parse(&dns(
+            "  listen: 127.0.0.1:5353\n  zones: [Mesh.Internal.]\n",
+        ))
+        .unwrap();
+        let d = c.dns.unwrap();
+        assert_eq!(
+            (d.ttl, d.zones, d.forward),
+            (5, vec!["mesh.internal".to_string()], None)
+        );
+        let (f, r) = field_err(&format!("{GOOD}dns:\n  listen: 127.0.0.1:5353\n"));
+        assert!(f == "dns" && r.contains("federation"), "{f}: {r}");
+        let (f, r) = field_err(&dns(
+            "  listen: 127.0.0.1:5353\n  zones: [ok.example, \"bad_zone\"]\n",
+        ));
+        assert!(f == "dns.zones[1]" && r.contains("bad_zone"), "{f}: {r}");
+        let (f, _) = field_err(&dns(
+            "  listen: 127.0.0.1:5353\n  zones: [1.0.10.in-addr.arpa]\n",
+        ));
+        assert_eq!(f, "dns.zones[0]");
+        let (f, _) = field_err(&dns("  listen: 127.0.0.1:5353\n  rate_limit: 0\n"));
+        assert_eq!(f, "dns.rate_limit");
+        let (f, _) = field_err(&dns("  listen: nowhere\n"));
+        assert_eq!(f, "dns.listen");
+    }
+
+    #[test]
     fn every_example_config_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
         let mut n = 0;
