@@ -34,6 +34,35 @@ async fn service(site: &'static str) -> Result<SocketAddr> {
 }
 
 /// Sends `payload` through `addr`; returns who served it and whether it came back intact.
+/// The first `nameserver` in /etc/resolv.conf, as the demo's DNS forwarding upstream.
+fn system_resolver() -> Option<SocketAddr> {
+    let conf = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    conf.lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .find_map(|a| a.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+}
+
+/// One UDP query to `server`; the answers' data as text.
+async fn resolve(
+    server: SocketAddr,
+    name: &str,
+    t: hickory_proto::rr::RecordType,
+) -> Result<Vec<String>> {
+    use hickory_proto::op::{Message, Query};
+    let mut q = Message::query();
+    q.metadata.id = 7;
+    q.add_query(Query::query(hickory_proto::rr::Name::from_ascii(name)?, t));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    sock.send_to(&q.to_vec()?, server).await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+        .await
+        .context("DNS timeout")??;
+    let m = Message::from_vec(&buf[..n])?;
+    Ok(m.answers.iter().map(|r| r.data.to_string()).collect())
+}
+
 async fn call(addr: SocketAddr, payload: Vec<u8>) -> Result<(String, bool, Duration)> {
     let started = Instant::now();
     let c = TcpStream::connect(addr).await?;
@@ -126,6 +155,14 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         if i > 0 {
             let who = if i == 1 { "west" } else { "north" };
             b = b.export("orders.shop", port, vec![service(who).await?]);
+        } else {
+            // East answers DNS for its imports, and forwards other names to the
+            // machine's resolver.
+            let mut dns = "listen: 127.0.0.1:0".to_string();
+            if let Some(up) = system_resolver() {
+                dns.push_str(&format!("\nforward: {up}"));
+            }
+            b.dns = Some(dns);
         }
         gateways.push(Some(
             meshfed_gateway::start(GatewayConfig::load(&b.write(s)?)?).await?,
@@ -160,6 +197,28 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         }
     }
     println!("   first call: {who}");
+    if let Some(dns) = gateways[0].as_ref().and_then(|g| g.dns) {
+        let name = "orders.shop.svc.clusterset.local";
+        let a = resolve(dns.0, name, hickory_proto::rr::RecordType::A).await?;
+        let srv = resolve(
+            dns.0,
+            &format!("_{port}._tcp.{name}"),
+            hickory_proto::rr::RecordType::SRV,
+        )
+        .await?;
+        println!(
+            "   east DNS {}: {name} A {}; SRV {}",
+            dns.0,
+            a.join(","),
+            srv.join(",")
+        );
+        let ip: IpAddr = a
+            .first()
+            .and_then(|a| a.parse().ok())
+            .context("no A record")?;
+        let (who, _, _) = call(SocketAddr::new(ip, port), b"by name".to_vec()).await?;
+        println!("   a call by name: {who}");
+    }
 
     // 4. Bytes.
     let payload: Vec<u8> = (0..PAYLOAD).map(|i| (i * 7 % 251) as u8).collect();
