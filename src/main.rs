@@ -84,6 +84,21 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         workers: usize,
     },
+    /// Checks Istio ServiceEntry/WorkloadEntry YAML; prints what it would register and
+    /// a warning for every field meshfed does not support yet.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Registers legacy services (Istio ServiceEntry/WorkloadEntry YAML) for this site:
+    /// its gateway exports them. A file with any error registers nothing.
+    Register {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// The site directory (`meshfed site join --dir`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Runs a federation and three sites on loopback, with live failover.
     Demo {
         /// Keep certificates and configs here instead of a temporary directory.
@@ -319,6 +334,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             runtime()?.block_on(gateway_run(cfg, ready_file))?;
         }
         Cmd::Demo { dir } => runtime()?.block_on(demo::run(dir))?,
+        Cmd::Validate { file } => {
+            let r = read_entries(&file)?;
+            for s in &r.services {
+                println!("{}", describe_entry(s));
+            }
+            println!(
+                "{}: {} service(s) valid, {} warning(s)",
+                file.display(),
+                r.services.len(),
+                r.warnings.len()
+            );
+        }
+        Cmd::Register { file, dir } => {
+            let r = read_entries(&file)?;
+            let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
+            let names: Vec<String> = r.services.iter().map(|s| s.service.to_string()).collect();
+            let replaced = reg.merge(&file.display().to_string(), r.services);
+            reg.save(&dir)?;
+            println!(
+                "registered {} ({} replaced) in {}; {} service(s) registered in all",
+                names.join(", "),
+                replaced.len(),
+                meshfed_federation::sources::Registry::path(&dir).display(),
+                reg.services.len()
+            );
+        }
         Cmd::Dns {
             site,
             dir,
@@ -470,6 +511,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Parses a ServiceEntry file; warnings go to stderr, errors name the file.
+fn read_entries(
+    file: &std::path::Path,
+) -> Result<meshfed_federation::sources::service_entry::Registration> {
+    let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    let r = meshfed_federation::sources::service_entry::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    for w in &r.warnings {
+        eprintln!("warning: {}: {w}", file.display());
+    }
+    Ok(r)
+}
+
+fn describe_entry(s: &meshfed_federation::sources::service_entry::LegacyService) -> String {
+    let ports: Vec<String> = s
+        .ports
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{} ({}) -> {}",
+                p.number,
+                p.app_protocol,
+                p.name,
+                s.endpoints_for(p).join(",")
+            )
+        })
+        .collect();
+    format!(
+        "{} hosts={} {:?} {:?}{} ports: {}",
+        s.service,
+        s.hosts.join(","),
+        s.location,
+        s.resolution,
+        if s.federated() {
+            ""
+        } else {
+            " (this site only)"
+        },
+        ports.join("; ")
+    )
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -1,7 +1,6 @@
-//! The federation's catalog model: the names every other crate uses for sites and
-//! services. The gRPC API and the federation service itself arrive with the federation
-//! issue; this crate must stay free of sockets so that `gateway` and `dns` can depend on
-//! its types without pulling in a server or a store.
+//! The federation: the catalog model and the names every other crate uses for sites and
+//! services (pure), catalog sources (`sources`: ServiceEntry-style registration), the
+//! gRPC API, the service, its stores (embedded, etcd) and the node's files.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -10,6 +9,7 @@ pub mod names;
 pub mod node;
 pub mod routing;
 pub mod server;
+pub mod sources;
 pub mod store;
 pub mod token;
 pub mod transport;

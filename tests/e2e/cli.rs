@@ -193,3 +193,51 @@ fn demo_runs_end_to_end() {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
 }
+
+#[test]
+fn register_is_all_or_nothing_and_keeps_what_was_registered() {
+    let scratch = Scratch::new("register");
+    let dir = scratch.0.to_str().unwrap().to_owned();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/serviceentry/");
+    let (code, out, err) = meshfed(&[
+        "register",
+        "-f",
+        &format!("{data}udp-syslog.yaml"),
+        "--dir",
+        &dir,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("syslog.ops, legacy-dns.ops"), "{out}");
+    let (code, out, err) = meshfed(&[
+        "register",
+        "-f",
+        &format!("{data}unsupported-fields.yaml"),
+        "--dir",
+        &dir,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("spec.subjectAltNames: not supported by meshfed yet"),
+        "warnings name the field: {err}"
+    );
+    assert!(out.contains("3 service(s) registered in all"), "{out}");
+    let before = std::fs::read(scratch.0.join("registry.json")).unwrap();
+    for bad in [
+        "bad-port.yaml",
+        "invalid-yaml.yaml",
+        "static-hostname.yaml",
+        "wrong-kind.yaml",
+    ] {
+        let (code, _, err) =
+            meshfed(&["register", "-f", &format!("{data}bad/{bad}"), "--dir", &dir]);
+        assert_eq!(code, 1, "{bad}");
+        assert!(err.contains(bad), "the error names the file: {err}");
+        assert_eq!(
+            std::fs::read(scratch.0.join("registry.json")).unwrap(),
+            before,
+            "{bad} changed the registry"
+        );
+    }
+    let (_, _, err) = meshfed(&["validate", "-f", &format!("{data}bad/invalid-yaml.yaml")]);
+    assert!(err.contains("line 7, column 8"), "{err}");
+}

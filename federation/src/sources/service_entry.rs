@@ -1,0 +1,890 @@
+//! Istio `ServiceEntry` and `WorkloadEntry` YAML, accepted as Istio documents them
+//! (`networking.istio.io/v1`, `v1beta1`, `v1alpha3`; several documents per file), turned
+//! into legacy services a site can export. Pure: text in, entries and warnings out.
+//!
+//! A field meshfed reads is checked and errors name the document and the field path; a
+//! field meshfed does not support yet is a warning that names it, never silently
+//! dropped; invalid YAML is an error with line and column.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::catalog::Protocol;
+use crate::names::ServiceName;
+
+const API_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Location {
+    MeshExternal,
+    MeshInternal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyPort {
+    pub number: u16,
+    /// Istio's protocol as written (HTTP, HTTPS, TCP, TLS, GRPC, HTTP2, MONGO, UDP, ...).
+    pub app_protocol: String,
+    /// How it travels between sites.
+    pub protocol: Protocol,
+    pub name: String,
+    /// Port on the endpoints; default `number`.
+    pub target_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyEndpoint {
+    /// An IP address, or a hostname for DNS resolution.
+    pub address: String,
+    /// Per port name, the endpoint's port (overrides `targetPort`).
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub locality: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// One ServiceEntry, with its WorkloadEntries resolved into endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyService {
+    /// `metadata.name`.`metadata.namespace` (namespace `default` when absent).
+    pub service: ServiceName,
+    pub hosts: Vec<String>,
+    pub addresses: Vec<String>,
+    pub ports: Vec<LegacyPort>,
+    pub location: Location,
+    pub resolution: Resolution,
+    pub endpoints: Vec<LegacyEndpoint>,
+    /// `exportTo`: `*` (default) federates it; `.` keeps it on this site.
+    pub export_to: Vec<String>,
+}
+
+impl LegacyService {
+    /// Whether other sites may import it.
+    pub fn federated(&self) -> bool {
+        self.export_to.is_empty() || self.export_to.iter().any(|e| e == "*")
+    }
+
+    /// The endpoint addresses (`host:port` for hostnames) behind service port `p`.
+    pub fn endpoints_for(&self, p: &LegacyPort) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .map(|e| {
+                let port = e
+                    .ports
+                    .get(&p.name)
+                    .copied()
+                    .or(p.target_port)
+                    .unwrap_or(p.number);
+                match e.address.parse::<IpAddr>() {
+                    Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+                    _ => format!("{}:{port}", e.address),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A problem with one document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based document index in the file.
+    pub doc: usize,
+    /// `Kind/name` when known.
+    pub object: String,
+    /// Dotted field path, e.g. `spec.ports[1].number`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "document {} ({}): {}: {}",
+            self.doc, self.object, self.field, self.message
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("invalid YAML at line {line}, column {column}: {message}")]
+    Yaml {
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// What a file registers.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Registration {
+    pub services: Vec<LegacyService>,
+    pub warnings: Vec<Problem>,
+}
+
+struct Doc<'a> {
+    index: usize,
+    object: String,
+    problems: &'a mut Vec<Problem>,
+    warnings: &'a mut Vec<Problem>,
+}
+
+impl Doc<'_> {
+    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            doc: self.index,
+            object: self.object.clone(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            doc: self.index,
+            object: self.object.clone(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+    /// Warns about every key of `obj` not in `known`.
+    fn unsupported(&mut self, path: &str, obj: &serde_json::Map<String, Value>, known: &[&str]) {
+        for k in obj.keys() {
+            if !known.contains(&k.as_str()) {
+                let field = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                self.warn(field, "not supported by meshfed yet; ignored");
+            }
+        }
+    }
+    fn str_list(&mut self, v: Option<&Value>, field: &str) -> Vec<String> {
+        match v {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .filter_map(|(i, x)| match x {
+                    Value::String(s) => Some(s.clone()),
+                    _ => {
+                        self.err(format!("{field}[{i}]"), "must be a string");
+                        None
+                    }
+                })
+                .collect(),
+            Some(_) => {
+                self.err(field, "must be a list of strings");
+                vec![]
+            }
+        }
+    }
+    fn string_map(&mut self, v: Option<&Value>, field: &str) -> BTreeMap<String, String> {
+        match v {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Object(m)) => m
+                .iter()
+                .filter_map(|(k, x)| match x {
+                    Value::String(s) => Some((k.clone(), s.clone())),
+                    Value::Number(n) => Some((k.clone(), n.to_string())),
+                    Value::Bool(b) => Some((k.clone(), b.to_string())),
+                    _ => {
+                        self.err(format!("{field}.{k}"), "must be a string");
+                        None
+                    }
+                })
+                .collect(),
+            Some(_) => {
+                self.err(field, "must be a map of strings");
+                BTreeMap::new()
+            }
+        }
+    }
+    fn port_number(&mut self, v: Option<&Value>, field: &str) -> Option<u16> {
+        match v? {
+            Value::Number(n) => match n.as_u64() {
+                Some(p @ 1..=65535) => Some(p as u16),
+                _ => {
+                    self.err(field, format!("{n} is not a port (1–65535)"));
+                    None
+                }
+            },
+            other => {
+                self.err(field, format!("{other} is not a port number"));
+                None
+            }
+        }
+    }
+    fn port_map(&mut self, v: Option<&Value>, field: &str) -> BTreeMap<String, u16> {
+        match v {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Object(m)) => m
+                .iter()
+                .filter_map(|(k, x)| {
+                    self.port_number(Some(x), &format!("{field}.{k}"))
+                        .map(|p| (k.clone(), p))
+                })
+                .collect(),
+            Some(_) => {
+                self.err(field, "must be a map of port name to number");
+                BTreeMap::new()
+            }
+        }
+    }
+}
+
+fn valid_host(h: &str) -> bool {
+    let h = h.strip_prefix("*.").unwrap_or(h);
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// An endpoint (from a ServiceEntry's `endpoints` or a WorkloadEntry's `spec`).
+fn endpoint(d: &mut Doc<'_>, v: &Value, path: &str, is_workload: bool) -> Option<LegacyEndpoint> {
+    let Value::Object(m) = v else {
+        d.err(path, "must be a map");
+        return None;
+    };
+    let mut known = vec!["address", "ports", "labels", "locality", "weight"];
+    if is_workload {
+        known.push("serviceAccount"); // identity; used for labels only today
+    }
+    d.unsupported(path, m, &known);
+    let address = match m.get("address") {
+        Some(Value::String(a)) if !a.is_empty() => a.clone(),
+        Some(_) => {
+            d.err(
+                format!("{}address", prefix(path)),
+                "must be a non-empty string",
+            );
+            return None;
+        }
+        None => {
+            d.err(
+                format!("{}address", prefix(path)),
+                "missing (Unix domain sockets are not supported)",
+            );
+            return None;
+        }
+    };
+    if address.starts_with("unix://") {
+        d.err(
+            format!("{}address", prefix(path)),
+            "Unix domain socket endpoints are not supported",
+        );
+        return None;
+    }
+    if address.parse::<IpAddr>().is_err() && !valid_host(&address) {
+        d.err(
+            format!("{}address", prefix(path)),
+            format!("{address:?} is neither an IP address nor a hostname"),
+        );
+        return None;
+    }
+    let weight = match m.get("weight") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|w| w <= u64::from(u32::MAX)) => {
+            n.as_u64().map(|w| w as u32)
+        }
+        Some(other) => {
+            d.err(
+                format!("{}weight", prefix(path)),
+                format!("{other} is not a weight"),
+            );
+            None
+        }
+    };
+    Some(LegacyEndpoint {
+        address,
+        ports: d.port_map(m.get("ports"), &format!("{}ports", prefix(path))),
+        labels: d.string_map(m.get("labels"), &format!("{}labels", prefix(path))),
+        locality: m.get("locality").and_then(Value::as_str).map(str::to_owned),
+        weight,
+    })
+}
+
+fn prefix(path: &str) -> String {
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}.")
+    }
+}
+
+/// Parses a file of ServiceEntry and WorkloadEntry documents. All or nothing: any error
+/// fails the whole file, so a registration never applies half a file.
+pub fn parse(text: &str) -> Result<Registration, ParseError> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        ParseError::Yaml {
+            line,
+            column,
+            message: {
+                // The parser repeats the position in its message: keep only the reason.
+                let m = e.to_string();
+                let m = m.lines().next().unwrap_or_default();
+                let m = m.strip_prefix("error: ").unwrap_or(m);
+                match m.split_once(": ") {
+                    Some((pos, rest)) if pos.starts_with("line ") => rest.to_owned(),
+                    _ => m.to_owned(),
+                }
+            },
+        }
+    })?;
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    // (doc index, object, spec) of ServiceEntries; WorkloadEntries as endpoints.
+    let mut entries: Vec<(usize, String, String, serde_json::Map<String, Value>)> = Vec::new();
+    let mut workloads: Vec<(String, LegacyEndpoint)> = Vec::new();
+    for (i, v) in docs.iter().enumerate() {
+        let index = i + 1;
+        if v.is_null() {
+            continue; // an empty document (`---` at the end)
+        }
+        let Value::Object(top) = v else {
+            problems.push(Problem {
+                doc: index,
+                object: "?".into(),
+                field: "(document)".into(),
+                message: "must be a map".into(),
+            });
+            continue;
+        };
+        let kind = top.get("kind").and_then(Value::as_str).unwrap_or("");
+        let meta = top.get("metadata").and_then(Value::as_object);
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let mut d = Doc {
+            index,
+            object: format!("{kind}/{name}"),
+            problems: &mut problems,
+            warnings: &mut warnings,
+        };
+        d.unsupported("", top, &["apiVersion", "kind", "metadata", "spec"]);
+        if let Some(m) = meta {
+            d.unsupported(
+                "metadata",
+                m,
+                &["name", "namespace", "labels", "annotations"],
+            );
+        }
+        match top.get("apiVersion").and_then(Value::as_str) {
+            Some(a) if API_VERSIONS.contains(&a) => {}
+            Some(a) => d.err(
+                "apiVersion",
+                format!("{a:?} is not one of {}", API_VERSIONS.join(", ")),
+            ),
+            None => d.err("apiVersion", "missing"),
+        }
+        if name.is_empty() {
+            d.err("metadata.name", "missing");
+        }
+        let Some(Value::Object(spec)) = top.get("spec") else {
+            d.err("spec", "missing or not a map");
+            continue;
+        };
+        match kind {
+            "ServiceEntry" => entries.push((index, name.into(), namespace.into(), spec.clone())),
+            "WorkloadEntry" => {
+                if let Some(ep) = endpoint(&mut d, &Value::Object(spec.clone()), "spec", true) {
+                    workloads.push((namespace.to_owned(), ep));
+                }
+            }
+            "" => d.err("kind", "missing"),
+            other => d.err(
+                "kind",
+                format!("{other:?}: only ServiceEntry and WorkloadEntry are accepted"),
+            ),
+        }
+    }
+
+    let mut services = Vec::new();
+    for (index, name, namespace, spec) in entries {
+        let mut d = Doc {
+            index,
+            object: format!("ServiceEntry/{name}"),
+            problems: &mut problems,
+            warnings: &mut warnings,
+        };
+        d.unsupported(
+            "spec",
+            &spec,
+            &[
+                "hosts",
+                "addresses",
+                "ports",
+                "location",
+                "resolution",
+                "endpoints",
+                "workloadSelector",
+                "exportTo",
+            ],
+        );
+        let service = match ServiceName::new(&name, &namespace) {
+            Ok(s) => s,
+            Err(e) => {
+                d.err(
+                    "metadata",
+                    format!("name.namespace is not a service name: {e}"),
+                );
+                continue;
+            }
+        };
+        let hosts = d.str_list(spec.get("hosts"), "spec.hosts");
+        if hosts.is_empty() {
+            d.err("spec.hosts", "at least one host is required");
+        }
+        for (i, h) in hosts.iter().enumerate() {
+            if !valid_host(h) {
+                d.err(
+                    format!("spec.hosts[{i}]"),
+                    format!("{h:?} is not a DNS name"),
+                );
+            }
+        }
+        let addresses = d.str_list(spec.get("addresses"), "spec.addresses");
+        for (i, a) in addresses.iter().enumerate() {
+            let ip = a.split_once('/').map_or(a.as_str(), |(ip, _)| ip);
+            if ip.parse::<IpAddr>().is_err() {
+                d.err(
+                    format!("spec.addresses[{i}]"),
+                    format!("{a:?} is not an IP or CIDR"),
+                );
+            }
+        }
+        let mut ports = Vec::new();
+        match spec.get("ports") {
+            Some(Value::Array(list)) if !list.is_empty() => {
+                for (i, p) in list.iter().enumerate() {
+                    let path = format!("spec.ports[{i}]");
+                    let Value::Object(pm) = p else {
+                        d.err(&path, "must be a map");
+                        continue;
+                    };
+                    d.unsupported(&path, pm, &["number", "protocol", "name", "targetPort"]);
+                    let Some(number) = d.port_number(pm.get("number"), &format!("{path}.number"))
+                    else {
+                        if pm.get("number").is_none() {
+                            d.err(format!("{path}.number"), "missing");
+                        }
+                        continue;
+                    };
+                    let app = pm
+                        .get("protocol")
+                        .and_then(Value::as_str)
+                        .unwrap_or("TCP")
+                        .to_ascii_uppercase();
+                    let protocol = match app.as_str() {
+                        "UDP" => Protocol::Udp,
+                        "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "TCP" | "TLS" | "MONGO" | "MYSQL"
+                        | "REDIS" => Protocol::Tcp,
+                        other => {
+                            d.err(
+                                format!("{path}.protocol"),
+                                format!("{other:?} is not an Istio protocol meshfed carries"),
+                            );
+                            continue;
+                        }
+                    };
+                    let port_name = match pm.get("name").and_then(Value::as_str) {
+                        Some(n) if !n.is_empty() => n.to_owned(),
+                        _ => {
+                            d.err(
+                                format!("{path}.name"),
+                                "missing (Istio requires a port name)",
+                            );
+                            continue;
+                        }
+                    };
+                    let target_port = pm
+                        .get("targetPort")
+                        .and_then(|t| d.port_number(Some(t), &format!("{path}.targetPort")));
+                    if ports.iter().any(|q: &LegacyPort| q.name == port_name) {
+                        d.err(
+                            format!("{path}.name"),
+                            format!("{port_name:?} is used twice"),
+                        );
+                    }
+                    ports.push(LegacyPort {
+                        number,
+                        app_protocol: app,
+                        protocol,
+                        name: port_name,
+                        target_port,
+                    });
+                }
+            }
+            _ => d.err("spec.ports", "at least one port is required"),
+        }
+        let location = match spec.get("location").and_then(Value::as_str) {
+            None | Some("MESH_EXTERNAL") => Location::MeshExternal,
+            Some("MESH_INTERNAL") => Location::MeshInternal,
+            Some(o) => {
+                d.err(
+                    "spec.location",
+                    format!("{o:?}: MESH_EXTERNAL or MESH_INTERNAL"),
+                );
+                Location::MeshExternal
+            }
+        };
+        let resolution = match spec.get("resolution").and_then(Value::as_str) {
+            None | Some("NONE") => Resolution::None,
+            Some("STATIC") => Resolution::Static,
+            Some("DNS") => Resolution::Dns,
+            Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
+            Some(o) => {
+                d.err(
+                    "spec.resolution",
+                    format!("{o:?}: NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
+                );
+                Resolution::None
+            }
+        };
+        let mut endpoints = Vec::new();
+        if let Some(Value::Array(list)) = spec.get("endpoints") {
+            for (i, e) in list.iter().enumerate() {
+                if let Some(ep) = endpoint(&mut d, e, &format!("spec.endpoints[{i}]"), false) {
+                    for k in ep.ports.keys() {
+                        if !ports.iter().any(|p| &p.name == k) {
+                            d.err(
+                                format!("spec.endpoints[{i}].ports.{k}"),
+                                "names no port of the service",
+                            );
+                        }
+                    }
+                    endpoints.push(ep);
+                }
+            }
+        }
+        if let Some(sel) = spec.get("workloadSelector") {
+            if !endpoints.is_empty() {
+                d.err(
+                    "spec.workloadSelector",
+                    "endpoints and workloadSelector cannot be used together",
+                );
+            }
+            let labels = match sel {
+                Value::Object(m) => {
+                    d.unsupported("spec.workloadSelector", m, &["labels"]);
+                    d.string_map(m.get("labels"), "spec.workloadSelector.labels")
+                }
+                _ => {
+                    d.err("spec.workloadSelector", "must be a map");
+                    BTreeMap::new()
+                }
+            };
+            endpoints.extend(
+                workloads
+                    .iter()
+                    .filter(|(ns, w)| {
+                        ns == &namespace && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                    .map(|(_, w)| w.clone()),
+            );
+        }
+        match resolution {
+            Resolution::Static => {
+                for (i, e) in endpoints.iter().enumerate() {
+                    if e.address.parse::<IpAddr>().is_err() {
+                        d.err(
+                            format!("spec.endpoints[{i}].address"),
+                            format!("{:?}: resolution STATIC needs IP addresses", e.address),
+                        );
+                    }
+                }
+                if endpoints.is_empty() {
+                    d.err("spec.endpoints", "resolution STATIC needs endpoints");
+                }
+            }
+            Resolution::Dns | Resolution::DnsRoundRobin if endpoints.is_empty() => {
+                // Istio resolves the hosts themselves.
+                for (i, h) in hosts.iter().enumerate() {
+                    if h.starts_with("*.") {
+                        d.err(
+                            format!("spec.hosts[{i}]"),
+                            "a wildcard host cannot be resolved; give endpoints",
+                        );
+                    }
+                }
+                endpoints = hosts
+                    .iter()
+                    .filter(|h| !h.starts_with("*."))
+                    .map(|h| LegacyEndpoint {
+                        address: h.clone(),
+                        ports: BTreeMap::new(),
+                        labels: BTreeMap::new(),
+                        locality: None,
+                        weight: None,
+                    })
+                    .collect();
+            }
+            Resolution::None if endpoints.is_empty() => {
+                d.err(
+                    "spec.resolution",
+                    "NONE without endpoints forwards to the original destination, which a \
+                     remote site cannot know; give endpoints or use DNS",
+                );
+            }
+            _ => {}
+        }
+        let export_to = d.str_list(spec.get("exportTo"), "spec.exportTo");
+        for (i, e) in export_to.iter().enumerate() {
+            if e != "*" && e != "." {
+                d.warn(
+                    format!("spec.exportTo[{i}]"),
+                    format!("{e:?}: meshfed exports per site, not per namespace; treated as \"*\""),
+                );
+            }
+        }
+        services.push(LegacyService {
+            service,
+            hosts,
+            addresses,
+            ports,
+            location,
+            resolution,
+            endpoints,
+            export_to,
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &services {
+        if !seen.insert(s.service.clone()) {
+            problems.push(Problem {
+                doc: 0,
+                object: format!("ServiceEntry/{}", s.service.name()),
+                field: "metadata.name".into(),
+                message: format!("{} is defined twice in this file", s.service),
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ParseError::Invalid(problems));
+    }
+    Ok(Registration { services, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(name: &str) -> String {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/serviceentry")
+            .join(name);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn ok(name: &str) -> Registration {
+        parse(&data(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn errors(name: &str) -> Vec<Problem> {
+        match parse(&data(name)) {
+            Err(ParseError::Invalid(p)) => p,
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_good_example_parses() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/serviceentry");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                let r = ok(p.file_name().unwrap().to_str().unwrap());
+                assert!(!r.services.is_empty(), "{}", p.display());
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "{n} examples");
+    }
+
+    #[test]
+    fn external_https_resolves_its_host() {
+        let r = ok("external-https.yaml");
+        let s = &r.services[0];
+        assert_eq!(s.service.to_string(), "google.default");
+        assert_eq!(
+            (s.location, s.resolution),
+            (Location::MeshExternal, Resolution::Dns)
+        );
+        assert_eq!(s.ports[0].app_protocol, "HTTPS");
+        assert_eq!(s.endpoints_for(&s.ports[0]), vec!["www.google.com:443"]);
+        assert!(s.federated() && r.warnings.is_empty());
+    }
+
+    #[test]
+    fn static_endpoints_and_vips() {
+        let s = &ok("mongo-static.yaml").services[0];
+        assert_eq!(s.addresses, vec!["192.192.192.192/24"]);
+        assert_eq!(s.location, Location::MeshInternal);
+        assert_eq!(
+            s.endpoints_for(&s.ports[0]),
+            vec!["2.2.2.2:27018", "3.3.3.3:27018"]
+        );
+    }
+
+    #[test]
+    fn workload_entries_are_selected_by_labels_with_their_ports() {
+        let r = ok("workload-entry.yaml");
+        assert_eq!(r.services.len(), 1);
+        let s = &r.services[0];
+        assert_eq!(s.service.to_string(), "details-svc.bookinfo");
+        // The WorkloadEntry's named port wins over targetPort.
+        assert_eq!(s.endpoints_for(&s.ports[0]), vec!["2.2.2.2:9080"]);
+        assert_eq!(s.endpoints[0].labels["instance-id"], "vm1");
+    }
+
+    #[test]
+    fn dns_endpoints_keep_port_overrides_locality_and_weight() {
+        let s = &ok("dns-round-robin.yaml").services[0];
+        assert_eq!(s.resolution, Resolution::DnsRoundRobin);
+        assert_eq!(
+            s.endpoints_for(&s.ports[0]),
+            vec!["us.foo.bar.com:8080", "uk.foo.bar.com:9080"]
+        );
+        assert_eq!(s.endpoints[0].weight, Some(3));
+        assert_eq!(
+            s.endpoints[0].locality.as_deref(),
+            Some("us-east-1/us-east-1a")
+        );
+    }
+
+    #[test]
+    fn udp_ports_and_export_to() {
+        let r = ok("udp-syslog.yaml");
+        assert_eq!(r.services[0].ports[0].protocol, Protocol::Udp);
+        assert!(r.services[0].federated());
+        assert!(
+            !r.services[1].federated(),
+            "exportTo: [.] stays on this site"
+        );
+        assert_eq!(r.services[1].ports[1].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn unsupported_fields_are_warnings_that_name_them() {
+        let r = ok("unsupported-fields.yaml");
+        let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["spec.subjectAltNames", "spec.endpoints[0].network"],
+            "{:?}",
+            r.warnings
+        );
+        assert!(r.warnings[0].to_string().contains("ServiceEntry/payments"));
+    }
+
+    #[test]
+    fn invalid_yaml_has_line_and_column() {
+        match parse(&data("bad/invalid-yaml.yaml")) {
+            Err(ParseError::Yaml { line, column, .. }) => {
+                assert!(line >= 6, "line {line}");
+                assert!(column > 0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_documents_name_the_field() {
+        let p = errors("bad/bad-port.yaml");
+        assert_eq!(p[0].field, "spec.ports[1].number");
+        assert!(p[0].message.contains("70000"), "{p:?}");
+        let p = errors("bad/static-hostname.yaml");
+        assert_eq!(p[0].field, "spec.endpoints[0].address");
+        assert!(p[0].message.contains("STATIC"), "{p:?}");
+        let p = errors("bad/wrong-kind.yaml");
+        assert_eq!(p[0].field, "kind");
+        assert!(p[0].to_string().contains("VirtualService"), "{p:?}");
+    }
+
+    #[test]
+    fn more_refusals() {
+        let base =
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec:\n";
+        let fail = |spec: &str| match parse(&format!("{base}{spec}")) {
+            Err(ParseError::Invalid(p)) => p[0].field.clone(),
+            other => panic!("{spec}: {other:?}"),
+        };
+        assert_eq!(fail("  ports: [{number: 1, name: a}]\n"), "spec.hosts");
+        assert_eq!(fail("  hosts: [a.example]\n"), "spec.ports");
+        assert_eq!(
+            fail(
+                "  hosts: [a.example]\n  ports: [{number: 1, name: a, protocol: SCTP}]\n  resolution: DNS\n"
+            ),
+            "spec.ports[0].protocol"
+        );
+        assert_eq!(
+            fail("  hosts: [a.example]\n  ports: [{number: 1, name: a}]\n"),
+            "spec.resolution"
+        );
+        assert_eq!(
+            fail("  hosts: ['*.example']\n  ports: [{number: 1, name: a}]\n  resolution: DNS\n"),
+            "spec.hosts[0]"
+        );
+        assert_eq!(
+            fail(
+                "  hosts: [a.example]\n  ports: [{number: 1, name: a}]\n  resolution: STATIC\n  endpoints: [{address: 1.2.3.4, ports: {b: 2}}]\n"
+            ),
+            "spec.endpoints[0].ports.b"
+        );
+        let v = "apiVersion: networking.istio.io/v2\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {}\n";
+        assert!(matches!(parse(v), Err(ParseError::Invalid(p)) if p[0].field == "apiVersion"));
+    }
+
+    #[test]
+    fn never_panics_on_odd_documents() {
+        for text in [
+            "",
+            "---\n---\n",
+            "[1, 2]",
+            "kind: 3",
+            "a: [",
+            "spec: {ports: 7}",
+        ] {
+            let _ = parse(text);
+        }
+    }
+}
