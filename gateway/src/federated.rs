@@ -36,8 +36,9 @@ pub struct Agent {
     pub site: SiteName,
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// What this site exports (from its config).
-    pub exports: Vec<Export>,
+    /// What this site exports: its config's exports and its registered services; a
+    /// change is published at once.
+    pub exports: tokio::sync::watch::Receiver<Vec<Export>>,
     /// Where other gateways dial us.
     pub advertise: String,
     /// Statically configured peers and imports stay in place beside the catalog's.
@@ -230,20 +231,8 @@ impl Agent {
             meshfed_federation::node::client(&m.addresses, fed_bundle, &self.cert, &self.key)
                 .await
                 .map_err(|e| e.to_string())?;
-        let r = client
-            .publish(pb::PublishRequest {
-                site: self.site.to_string(),
-                exports: self.exports.iter().map(export_to_pb).collect(),
-                gateway_addresses: vec![self.advertise.clone()],
-            })
-            .await
-            .map_err(|s| s.message().to_owned())?
-            .into_inner();
-        info!(
-            revision = r.revision,
-            changes = r.changes,
-            "published exports"
-        );
+        let mut exports = self.exports.clone();
+        self.publish(&mut client, &mut exports).await?;
 
         let mut bundles = client
             .bundles(pb::BundlesRequest {})
@@ -283,8 +272,43 @@ impl Agent {
                     let b = b.ok_or("bundle stream ended")?.map_err(|s| s.message().to_owned())?;
                     self.write_bundles(b);
                 }
+                changed = exports.changed() => {
+                    if changed.is_ok() {
+                        self.publish(&mut client, &mut exports).await?;
+                    }
+                }
             }
         }
+    }
+
+    /// Publishes the current export set (marking it seen).
+    async fn publish(
+        &self,
+        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+        exports: &mut tokio::sync::watch::Receiver<Vec<Export>>,
+    ) -> Result<(), String> {
+        let set: Vec<pb::ServiceExport> = exports
+            .borrow_and_update()
+            .iter()
+            .map(export_to_pb)
+            .collect();
+        let n = set.len();
+        let r = client
+            .publish(pb::PublishRequest {
+                site: self.site.to_string(),
+                exports: set,
+                gateway_addresses: vec![self.advertise.clone()],
+            })
+            .await
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        info!(
+            revision = r.revision,
+            changes = r.changes,
+            exports = n,
+            "published exports"
+        );
+        Ok(())
     }
 
     fn federation_bundle(&self, td: &TrustDomain) -> Result<TrustBundle, String> {

@@ -36,7 +36,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DIR: &str = "ingress";
 
 pub struct Ingress {
-    pub exports: BTreeMap<ServiceName, Export>,
+    /// Swapped whole when registered (legacy) services change.
+    pub exports: arc_swap::ArcSwap<BTreeMap<ServiceName, Export>>,
     pub connect_timeout: Duration,
     pub metrics: Metrics,
     next: AtomicUsize,
@@ -92,7 +93,7 @@ impl Ingress {
         metrics: Metrics,
     ) -> Self {
         Self {
-            exports,
+            exports: arc_swap::ArcSwap::from_pointee(exports),
             connect_timeout,
             metrics,
             next: AtomicUsize::new(0),
@@ -236,7 +237,7 @@ impl Ingress {
                     .await;
             }
         };
-        let endpoints = match decide(&self.exports, &open, &peer) {
+        let endpoints = match decide(&self.exports.load(), &open, &peer) {
             Ok(r) => r.endpoints.to_vec(),
             Err((r, msg)) => return self.refuse(send, recv, r, msg, false).await,
         };

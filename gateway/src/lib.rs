@@ -15,6 +15,7 @@ pub mod ingress;
 pub mod lab;
 pub mod metrics;
 pub mod peers;
+pub mod registry;
 pub mod reload;
 pub mod splice;
 pub mod tunnel;
@@ -296,12 +297,21 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         if quic_addr.ip().is_unspecified() && fed.advertise.is_none() {
             warn!(%quic_addr, "listening on a wildcard address without federation.advertise: peers cannot dial it");
         }
+        let (published, exports_rx) =
+            tokio::sync::watch::channel(cfg.exports.values().cloned().collect::<Vec<_>>());
+        let follower = registry::Follower {
+            dir: fed.dir.clone(),
+            config_exports: cfg.exports.clone(),
+            ingress: ingress.clone(),
+            published,
+        };
+        tokio::spawn(follower.run(dial_stop.clone()));
         let agent = federated::Agent {
             fed: fed.clone(),
             site: cfg.site.clone(),
             cert: cfg.cert.clone(),
             key: cfg.key.clone(),
-            exports: cfg.exports.values().cloned().collect(),
+            exports: exports_rx,
             advertise,
             static_peers: cfg.peers.clone(),
             static_imports: cfg.imports.clone(),

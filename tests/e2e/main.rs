@@ -6,5 +6,6 @@ mod dns;
 mod etcd;
 mod federation;
 mod harness;
+mod legacy;
 mod rotation;
 mod tunnel;

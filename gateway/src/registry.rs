@@ -1,0 +1,255 @@
+//! Registered legacy services (`meshfed register`, `<site dir>/registry.json`) become
+//! exports of this gateway: its ingress reaches their endpoints and the agent publishes
+//! them. The file is followed while the gateway runs; endpoints given by hostname are
+//! resolved again periodically.
+//!
+//! `exports` (pure) turns the registry and the resolved addresses into exports;
+//! `Follower` does the file watching and DNS lookups.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshfed_federation::ServiceName;
+use meshfed_federation::catalog::Protocol;
+use meshfed_federation::sources::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Export;
+use crate::ingress::Ingress;
+
+/// How often hostnames of DNS-resolved endpoints are looked up again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(250);
+
+/// Hostnames the registry's endpoints need resolved.
+pub fn hostnames(reg: &Registry) -> BTreeSet<String> {
+    reg.services
+        .values()
+        .flat_map(|r| r.entry.endpoints.iter())
+        .filter(|e| e.address.parse::<IpAddr>().is_err())
+        .map(|e| e.address.clone())
+        .collect()
+}
+
+/// The exports for the federated registered services (`exportTo` `*`), with hostnames
+/// replaced by their resolved addresses. UDP ports wait for the UDP data path. Returns
+/// the exports and what was left out, with the reason.
+pub fn exports(
+    reg: &Registry,
+    resolved: &BTreeMap<String, Vec<IpAddr>>,
+) -> (BTreeMap<ServiceName, Export>, Vec<String>) {
+    let mut out = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for (name, r) in &reg.services {
+        let e = &r.entry;
+        if !e.federated() {
+            continue;
+        }
+        let mut ports = BTreeMap::new();
+        for p in &e.ports {
+            if p.protocol == Protocol::Udp {
+                skipped.push(format!("{name}:{} (UDP is not carried yet)", p.number));
+                continue;
+            }
+            let mut eps = Vec::new();
+            for ep in &e.endpoints {
+                let port = ep
+                    .ports
+                    .get(&p.name)
+                    .copied()
+                    .or(p.target_port)
+                    .unwrap_or(p.number);
+                match ep.address.parse::<IpAddr>() {
+                    Ok(ip) => eps.push(SocketAddr::new(ip, port)),
+                    Err(_) => match resolved.get(&ep.address) {
+                        Some(ips) => eps.extend(ips.iter().map(|ip| SocketAddr::new(*ip, port))),
+                        None => skipped.push(format!("{name}: {} does not resolve", ep.address)),
+                    },
+                }
+            }
+            ports.insert(p.number, eps);
+        }
+        if !ports.is_empty() {
+            out.insert(
+                name.clone(),
+                Export {
+                    service: name.clone(),
+                    ports,
+                    allowed_peers: None,
+                },
+            );
+        }
+    }
+    (out, skipped)
+}
+
+/// Follows the registry file and keeps the ingress and the published export set current.
+pub struct Follower {
+    pub dir: PathBuf,
+    /// The config's own exports; they win over a registered service of the same name.
+    pub config_exports: BTreeMap<ServiceName, Export>,
+    pub ingress: Arc<Ingress>,
+    /// Every export to publish (config + registered), for the federation agent.
+    pub published: watch::Sender<Vec<Export>>,
+}
+
+impl Follower {
+    pub async fn run(self, stop: CancellationToken) {
+        let path = Registry::path(&self.dir);
+        let mut seen: Option<SystemTime> = None;
+        let mut resolved: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        let mut last_resolve = tokio::time::Instant::now();
+        let mut reg = Registry::default();
+        loop {
+            let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            let file_changed = mtime != seen;
+            let resolve_due = last_resolve.elapsed() >= RESOLVE_INTERVAL;
+            if file_changed {
+                match Registry::load(&self.dir) {
+                    Ok(r) => {
+                        reg = r;
+                        seen = mtime;
+                    }
+                    Err(e) => warn!(error = %e, "registry not loaded; keeping the last one"),
+                }
+            }
+            if file_changed || resolve_due {
+                let names = hostnames(&reg);
+                let mut fresh = BTreeMap::new();
+                for h in &names {
+                    match tokio::net::lookup_host((h.as_str(), 0)).await {
+                        Ok(addrs) => {
+                            let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+                            ips.sort();
+                            ips.dedup();
+                            fresh.insert(h.clone(), ips);
+                        }
+                        Err(e) => {
+                            warn!(host = %h, error = %e, "endpoint hostname did not resolve");
+                            // Keep the last answer rather than drop a working endpoint.
+                            if let Some(old) = resolved.get(h) {
+                                fresh.insert(h.clone(), old.clone());
+                            }
+                        }
+                    }
+                }
+                resolved = fresh;
+                last_resolve = tokio::time::Instant::now();
+                self.apply(&reg, &resolved);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    fn apply(&self, reg: &Registry, resolved: &BTreeMap<String, Vec<IpAddr>>) {
+        let (registered, skipped) = exports(reg, resolved);
+        for s in &skipped {
+            warn!(reason = %s, "registered port not exported");
+        }
+        let mut all = self.config_exports.clone();
+        for (name, e) in registered {
+            if all.contains_key(&name) {
+                warn!(service = %name, "registered service shadowed by the config's export of the same name");
+                continue;
+            }
+            all.insert(name, e);
+        }
+        if **self.ingress.exports.load() != all {
+            info!(
+                exports = all.len(),
+                registered = reg.services.len(),
+                "exports updated from the registry"
+            );
+            self.ingress.exports.store(Arc::new(all.clone()));
+        }
+        self.published.send_if_modified(|cur| {
+            let next: Vec<Export> = all.into_values().collect();
+            if *cur == next {
+                false
+            } else {
+                *cur = next;
+                true
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshfed_federation::sources::service_entry::parse;
+
+    fn registry(yaml: &str) -> Registry {
+        let mut r = Registry::default();
+        r.merge("t.yaml", parse(yaml).unwrap().services);
+        r
+    }
+
+    const ENTRIES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: legacy}
+spec:
+  hosts: [db.corp.example]
+  ports:
+  - {number: 5432, name: pg, protocol: TCP, targetPort: 15432}
+  - {number: 514, name: syslog, protocol: UDP}
+  resolution: DNS
+  endpoints:
+  - address: db1.corp.example
+  - address: 10.0.0.7
+    ports: {pg: 6432}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: local-only, namespace: legacy}
+spec:
+  hosts: [l.corp.example]
+  ports: [{number: 80, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 10.0.0.9}]
+  exportTo: ["."]
+"#;
+
+    #[test]
+    fn registered_services_become_exports_with_resolved_endpoints() {
+        let reg = registry(ENTRIES);
+        assert_eq!(
+            hostnames(&reg).into_iter().collect::<Vec<_>>(),
+            vec!["db1.corp.example"]
+        );
+        let resolved = BTreeMap::from([(
+            "db1.corp.example".to_string(),
+            vec!["10.0.0.5".parse().unwrap(), "10.0.0.6".parse().unwrap()],
+        )]);
+        let (ex, skipped) = exports(&reg, &resolved);
+        assert_eq!(ex.len(), 1, "exportTo . stays local");
+        let db = &ex[&ServiceName::parse("db.legacy").unwrap()];
+        let eps: Vec<String> = db.ports[&5432].iter().map(ToString::to_string).collect();
+        assert_eq!(
+            eps,
+            vec!["10.0.0.5:15432", "10.0.0.6:15432", "10.0.0.7:6432"]
+        );
+        assert!(!db.ports.contains_key(&514));
+        assert_eq!(skipped, vec!["db.legacy:514 (UDP is not carried yet)"]);
+        // Unresolved hostnames are left out and said so.
+        let (ex, skipped) = exports(&reg, &BTreeMap::new());
+        assert_eq!(
+            ex[&ServiceName::parse("db.legacy").unwrap()].ports[&5432].len(),
+            1
+        );
+        assert!(
+            skipped
+                .iter()
+                .any(|s| s.contains("db1.corp.example does not resolve"))
+        );
+    }
+}
