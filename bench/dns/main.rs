@@ -114,6 +114,7 @@ fn write_catalog(dir: &Path, n: usize) -> Result<()> {
                 identities: vec![],
                 locality: None,
                 labels: BTreeMap::new(),
+                hosts: vec![],
             },
         );
     }

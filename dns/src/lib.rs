@@ -32,5 +32,18 @@ pub fn table_for_plan(cfg: &ZoneConfig, plan: &SitePlan, address: IpAddr, serial
             address,
         })
         .collect();
-    Table::build(cfg, &imports, &[], serial as u32)
+    let mut hosts: std::collections::BTreeMap<&str, ()> = Default::default();
+    for im in &plan.imports {
+        for h in &im.hosts {
+            hosts.insert(h, ());
+        }
+    }
+    let hosts: Vec<zone::HostRecord> = hosts
+        .into_keys()
+        .map(|h| zone::HostRecord {
+            name: h.to_owned(),
+            addresses: vec![address],
+        })
+        .collect();
+    Table::build(cfg, &imports, &hosts, serial as u32)
 }

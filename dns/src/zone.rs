@@ -186,6 +186,17 @@ impl Table {
         }
         zone_names.push(("in-addr.arpa".into(), false));
         zone_names.push(("ip6.arpa".into(), false));
+        // A host outside every zone answers for itself only: names around it are not
+        // ours (forwarded, or REFUSED).
+        for h in hosts {
+            let name = h.name.trim_end_matches('.').to_ascii_lowercase();
+            let covered = zone_names
+                .iter()
+                .any(|(z, _)| name == *z || name.ends_with(&format!(".{z}")));
+            if !covered && !name.is_empty() {
+                zone_names.push((name, false));
+            }
+        }
         for (name, authoritative) in zone_names {
             let mut rdata = Vec::new();
             encode_name(&format!("ns.{name}"), &mut rdata);
@@ -539,5 +550,28 @@ mod tests {
             t.lookup(b"web.corp.example", TYPE_A),
             Lookup::NxDomain(_)
         ));
+    }
+
+    #[test]
+    fn hosts_outside_every_zone_answer_only_for_themselves() {
+        let t = Table::build(
+            &ZoneConfig::default(),
+            &[],
+            &[HostRecord {
+                name: "mymongodb.somedomain".into(),
+                addresses: vec!["127.0.0.2".parse().unwrap()],
+            }],
+            1,
+        );
+        assert!(matches!(
+            t.lookup(b"mymongodb.somedomain", TYPE_A),
+            Lookup::Answer(_)
+        ));
+        assert!(matches!(
+            t.lookup(b"mymongodb.somedomain", TYPE_TXT),
+            Lookup::NoData(_)
+        ));
+        assert_eq!(t.lookup(b"other.somedomain", TYPE_A), Lookup::NotOurs);
+        assert_eq!(t.lookup(b"x.mymongodb.somedomain", TYPE_A), Lookup::NotOurs);
     }
 }

@@ -67,6 +67,7 @@ impl From<&Export> for pb::ServiceExport {
             identities: e.identities.iter().map(|i| i.to_string()).collect(),
             locality: e.locality.clone().unwrap_or_default(),
             labels: e.labels.clone().into_iter().collect(),
+            hosts: e.hosts.clone(),
         }
     }
 }
@@ -141,6 +142,29 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, tonic
             "an export needs at least one port",
         ));
     }
+    let hosts = e
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let h = h.trim_end_matches('.').to_ascii_lowercase();
+            let ok = !h.is_empty()
+                && h.len() <= 253
+                && h.split('.').all(|l| {
+                    (1..=63).contains(&l.len())
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+                });
+            if ok {
+                Ok(h)
+            } else {
+                Err(bad(
+                    &format!("{field}.hosts[{i}]"),
+                    format!("{h:?} is not a DNS name"),
+                ))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let identities = e
         .identities
         .iter()
@@ -154,6 +178,7 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, tonic
         identities,
         locality: (!e.locality.is_empty()).then_some(e.locality),
         labels: e.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        hosts,
     })
 }
 
@@ -234,6 +259,7 @@ mod tests {
             identities: vec![SpiffeId::new("spiffe://west/ns/shop/sa/orders").unwrap()],
             locality: Some("eu-west-1a".into()),
             labels: [("version".to_string(), "v2".to_string())].into(),
+            hosts: vec!["billing.corp.example".into()],
         };
         let wire: pb::ServiceExport = (&e).into();
         assert_eq!(export_from_pb(wire.clone(), "exports[0]").unwrap(), e);

@@ -46,6 +46,9 @@ pub struct Export {
     pub locality: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// DNS names it also answers to (a registered legacy service's hosts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 /// A site as the federation knows it.
@@ -358,6 +361,7 @@ mod tests {
             identities: vec![],
             locality: None,
             labels: BTreeMap::new(),
+            hosts: vec![],
         }
     }
 

@@ -24,6 +24,9 @@ pub struct ImportPlan {
     pub protocol: Protocol,
     /// The port's name, from the first exporting site that names it (DNS SRV records).
     pub name: Option<String>,
+    /// DNS names of the service (hosts of registered legacy services), from every
+    /// exporting site.
+    pub hosts: Vec<String>,
     /// Sites to try, best first. Empty: known, but nowhere serving right now.
     pub backends: Vec<SiteName>,
 }
@@ -56,7 +59,12 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
 
     // (service, port) -> (protocol, candidates)
     type Candidate<'a> = (bool, u32, &'a SiteName);
-    type Entry<'a> = (Protocol, Option<&'a String>, Vec<Candidate<'a>>);
+    type Entry<'a> = (
+        Protocol,
+        Option<&'a String>,
+        Vec<Candidate<'a>>,
+        std::collections::BTreeSet<&'a String>,
+    );
     let mut ports: BTreeMap<(&ServiceName, u16), Entry<'_>> = BTreeMap::new();
     for ((site, service), export) in &catalog.exports {
         if site == me {
@@ -65,9 +73,13 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         let usable = catalog.sites.get(site).is_some_and(|r| r.up) && export.ready_endpoints > 0;
         let same_locality = locality.is_some() && export.locality.as_deref() == locality;
         for p in &export.ports {
-            let entry = ports
-                .entry((service, p.port))
-                .or_insert((p.protocol, None, Vec::new()));
+            let entry = ports.entry((service, p.port)).or_insert((
+                p.protocol,
+                None,
+                Vec::new(),
+                Default::default(),
+            ));
+            entry.3.extend(export.hosts.iter());
             if entry.1.is_none() {
                 entry.1 = p.name.as_ref();
             }
@@ -78,13 +90,14 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
     }
     let imports = ports
         .into_iter()
-        .map(|((service, port), (protocol, name, mut cands))| {
+        .map(|((service, port), (protocol, name, mut cands, hosts))| {
             cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
             ImportPlan {
                 service: service.clone(),
                 port,
                 protocol,
                 name: name.cloned(),
+                hosts: hosts.into_iter().cloned().collect(),
                 backends: cands.into_iter().map(|(_, _, s)| s.clone()).collect(),
             }
         })
@@ -141,6 +154,7 @@ mod tests {
                     identities: vec![],
                     locality: locality.map(Into::into),
                     labels: Default::default(),
+                    hosts: vec![],
                 },
             })
         }

@@ -230,6 +230,8 @@ pub struct Export {
     pub ports: BTreeMap<u16, Vec<SocketAddr>>,
     /// `None`: any federated trust domain may connect.
     pub allowed_peers: Option<BTreeSet<SpiffeId>>,
+    /// DNS names published with it (a registered legacy service's hosts).
+    pub hosts: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -462,6 +464,7 @@ impl RawConfig {
                     service,
                     ports,
                     allowed_peers,
+                    hosts: vec![],
                 },
             );
         }

@@ -103,6 +103,7 @@ fn export_to_pb(e: &Export) -> pb::ServiceExport {
             })
             .collect(),
         ready_endpoints: u32::try_from(ready).unwrap_or(u32::MAX),
+        hosts: e.hosts.clone(),
         ..Default::default()
     }
 }

@@ -320,6 +320,7 @@ mod tests {
                 ]
                 .into(),
                 allowed_peers: None,
+                hosts: vec![],
             },
         );
         let svc = ServiceName::parse("db.prod").unwrap();
@@ -328,6 +329,7 @@ mod tests {
             Export {
                 service: svc,
                 ports: [(5432, vec!["127.0.0.1:5432".parse().unwrap()])].into(),
+                hosts: vec![],
                 allowed_peers: Some(BTreeSet::from([SpiffeId::new(
                     "spiffe://east/meshfed/site/east/gateway",
                 )

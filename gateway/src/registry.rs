@@ -81,6 +81,13 @@ pub fn exports(
                     service: name.clone(),
                     ports,
                     allowed_peers: None,
+                    // Exact names only: DNS answers no wildcards.
+                    hosts: e
+                        .hosts
+                        .iter()
+                        .filter(|h| !h.starts_with("*."))
+                        .cloned()
+                        .collect(),
                 },
             );
         }

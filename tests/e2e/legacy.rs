@@ -95,6 +95,18 @@ async fn a_registered_legacy_host_is_reachable_from_another_site() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "127.0.0.9");
+    // And so does its ServiceEntry host, at the importing site.
+    let out = Command::new("dig")
+        .args([
+            &format!("@{}", dns.ip()),
+            "-p",
+            &dns.port().to_string(),
+            "+short",
+            "billing.mainframe.example",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "127.0.0.9");
 
     // A bad file is refused and what was registered keeps working.
     let bad = concat!(

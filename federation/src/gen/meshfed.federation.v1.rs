@@ -74,6 +74,9 @@ pub struct ServiceExport {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// DNS names the service also answers to (ServiceEntry hosts), besides its MCS name.
+    #[prost(string, repeated, tag = "7")]
+    pub hosts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -351,6 +351,7 @@ mod tests {
                 identities: vec![],
                 locality: None,
                 labels: Default::default(),
+                hosts: vec![],
             },
         }
     }

@@ -349,6 +349,7 @@ mod tests {
             identities: vec![],
             locality: None,
             labels: Default::default(),
+            hosts: vec![],
         }
     }
 
