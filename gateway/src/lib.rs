@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod egress;
 pub mod federated;
+pub mod health;
 pub mod ingress;
 pub mod lab;
 pub mod metrics;

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Export;
+use crate::health::{Checks, Target};
 use crate::ingress::Ingress;
+use meshfed_federation::sources::service_entry::HealthCheck;
 
 /// How often hostnames of DNS-resolved endpoints are looked up again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -36,12 +38,64 @@ pub fn hostnames(reg: &Registry) -> BTreeSet<String> {
         .collect()
 }
 
+/// The IPs behind an endpoint address (itself, or what its hostname resolved to).
+fn ips(address: &str, resolved: &BTreeMap<String, Vec<IpAddr>>) -> Vec<IpAddr> {
+    match address.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => resolved.get(address).cloned().unwrap_or_default(),
+    }
+}
+
+/// The port a service's health check probes on an endpoint.
+fn check_port(
+    e: &meshfed_federation::sources::service_entry::LegacyService,
+    ep: &meshfed_federation::sources::service_entry::LegacyEndpoint,
+    hc: &HealthCheck,
+) -> Option<u16> {
+    hc.port.or_else(|| {
+        let p = e.ports.iter().find(|p| p.protocol == Protocol::Tcp)?;
+        Some(
+            ep.ports
+                .get(&p.name)
+                .copied()
+                .or(p.target_port)
+                .unwrap_or(p.number),
+        )
+    })
+}
+
+/// What to health-check: every (federated) service with a check, each endpoint IP.
+pub fn targets(
+    reg: &Registry,
+    resolved: &BTreeMap<String, Vec<IpAddr>>,
+) -> BTreeMap<Target, HealthCheck> {
+    let mut out = BTreeMap::new();
+    for (name, r) in &reg.services {
+        let e = &r.entry;
+        let Some(hc) = &e.health else { continue };
+        if !e.federated() {
+            continue;
+        }
+        for ep in &e.endpoints {
+            let Some(port) = check_port(e, ep, hc) else {
+                continue;
+            };
+            for ip in ips(&ep.address, resolved) {
+                out.insert((name.clone(), SocketAddr::new(ip, port)), hc.clone());
+            }
+        }
+    }
+    out
+}
+
 /// The exports for the federated registered services (`exportTo` `*`), with hostnames
-/// replaced by their resolved addresses. UDP ports wait for the UDP data path. Returns
-/// the exports and what was left out, with the reason.
+/// replaced by their resolved addresses and unhealthy endpoints left out (so the ready
+/// count published drops, to 0 when none is healthy). UDP ports wait for the UDP data
+/// path. Returns the exports and what was left out, with the reason.
 pub fn exports(
     reg: &Registry,
     resolved: &BTreeMap<String, Vec<IpAddr>>,
+    unhealthy: &BTreeSet<Target>,
 ) -> (BTreeMap<ServiceName, Export>, Vec<String>) {
     let mut out = BTreeMap::new();
     let mut skipped = Vec::new();
@@ -64,12 +118,18 @@ pub fn exports(
                     .copied()
                     .or(p.target_port)
                     .unwrap_or(p.number);
-                match ep.address.parse::<IpAddr>() {
-                    Ok(ip) => eps.push(SocketAddr::new(ip, port)),
-                    Err(_) => match resolved.get(&ep.address) {
-                        Some(ips) => eps.extend(ips.iter().map(|ip| SocketAddr::new(*ip, port))),
-                        None => skipped.push(format!("{name}: {} does not resolve", ep.address)),
-                    },
+                let found = ips(&ep.address, resolved);
+                if found.is_empty() {
+                    skipped.push(format!("{name}: {} does not resolve", ep.address));
+                }
+                let checked = e.health.as_ref().and_then(|hc| check_port(e, ep, hc));
+                for ip in found {
+                    let sick = checked.is_some_and(|cp| {
+                        unhealthy.contains(&(name.clone(), SocketAddr::new(ip, cp)))
+                    });
+                    if !sick {
+                        eps.push(SocketAddr::new(ip, port));
+                    }
                 }
             }
             ports.insert(p.number, eps);
@@ -112,6 +172,8 @@ impl Follower {
         let mut resolved: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
         let mut last_resolve = tokio::time::Instant::now();
         let mut reg = Registry::default();
+        let mut checks = Checks::default();
+        let health_changed = checks.changed.clone();
         loop {
             let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
             let file_changed = mtime != seen;
@@ -147,17 +209,24 @@ impl Follower {
                 }
                 resolved = fresh;
                 last_resolve = tokio::time::Instant::now();
-                self.apply(&reg, &resolved);
+                checks.set(targets(&reg, &resolved), &stop);
+                self.apply(&reg, &resolved, &checks.unhealthy());
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
+                _ = health_changed.notified() => self.apply(&reg, &resolved, &checks.unhealthy()),
                 _ = stop.cancelled() => return,
             }
         }
     }
 
-    fn apply(&self, reg: &Registry, resolved: &BTreeMap<String, Vec<IpAddr>>) {
-        let (registered, skipped) = exports(reg, resolved);
+    fn apply(
+        &self,
+        reg: &Registry,
+        resolved: &BTreeMap<String, Vec<IpAddr>>,
+        unhealthy: &BTreeSet<Target>,
+    ) {
+        let (registered, skipped) = exports(reg, resolved, unhealthy);
         for s in &skipped {
             warn!(reason = %s, "registered port not exported");
         }
@@ -237,7 +306,7 @@ spec:
             "db1.corp.example".to_string(),
             vec!["10.0.0.5".parse().unwrap(), "10.0.0.6".parse().unwrap()],
         )]);
-        let (ex, skipped) = exports(&reg, &resolved);
+        let (ex, skipped) = exports(&reg, &resolved, &BTreeSet::new());
         assert_eq!(ex.len(), 1, "exportTo . stays local");
         let db = &ex[&ServiceName::parse("db.legacy").unwrap()];
         let eps: Vec<String> = db.ports[&5432].iter().map(ToString::to_string).collect();
@@ -248,7 +317,7 @@ spec:
         assert!(!db.ports.contains_key(&514));
         assert_eq!(skipped, vec!["db.legacy:514 (UDP is not carried yet)"]);
         // Unresolved hostnames are left out and said so.
-        let (ex, skipped) = exports(&reg, &BTreeMap::new());
+        let (ex, skipped) = exports(&reg, &BTreeMap::new(), &BTreeSet::new());
         assert_eq!(
             ex[&ServiceName::parse("db.legacy").unwrap()].ports[&5432].len(),
             1
@@ -258,5 +327,34 @@ spec:
                 .iter()
                 .any(|s| s.contains("db1.corp.example does not resolve"))
         );
+    }
+
+    #[test]
+    fn unhealthy_endpoints_leave_the_export() {
+        let reg = registry(&ENTRIES.replace(
+            "metadata: {name: db, namespace: legacy}",
+            "metadata:\n  name: db\n  namespace: legacy\n  annotations: {health.meshfed.io/check: tcp}",
+        ));
+        let resolved = BTreeMap::from([(
+            "db1.corp.example".to_string(),
+            vec!["10.0.0.5".parse().unwrap()],
+        )]);
+        let t = targets(&reg, &resolved);
+        let keys: Vec<String> = t.keys().map(|(_, a)| a.to_string()).collect();
+        assert_eq!(
+            keys,
+            vec!["10.0.0.5:15432", "10.0.0.7:6432"],
+            "each endpoint's own port"
+        );
+        let db = ServiceName::parse("db.legacy").unwrap();
+        let sick = BTreeSet::from([(db.clone(), "10.0.0.7:6432".parse().unwrap())]);
+        let (ex, _) = exports(&reg, &resolved, &sick);
+        assert_eq!(
+            ex[&db].ports[&5432],
+            vec!["10.0.0.5:15432".parse().unwrap()]
+        );
+        let all: BTreeSet<Target> = t.keys().cloned().collect();
+        let (ex, _) = exports(&reg, &resolved, &all);
+        assert!(ex[&db].ports[&5432].is_empty(), "none healthy: ready 0");
     }
 }

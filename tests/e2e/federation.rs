@@ -409,7 +409,7 @@ async fn embedded_store_restart_keeps_revisions_monotonic() {
 }
 
 /// Answers `<name>:` followed by the first 4 bytes it reads, then closes.
-async fn banner_server(name: &'static str) -> std::net::SocketAddr {
+pub(crate) async fn banner_server(name: &'static str) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = listen();
     let addr = l.local_addr().unwrap();
@@ -429,7 +429,7 @@ async fn banner_server(name: &'static str) -> std::net::SocketAddr {
 }
 
 /// Which site answered through `addr`, or the error.
-async fn who_answers(addr: std::net::SocketAddr) -> Result<String, String> {
+pub(crate) async fn who_answers(addr: std::net::SocketAddr) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut c = tokio::net::TcpStream::connect(addr)
         .await
@@ -444,7 +444,7 @@ async fn who_answers(addr: std::net::SocketAddr) -> Result<String, String> {
 }
 
 /// Waits up to 15 s until a call through `addr` is answered with `want`.
-async fn wait_answer(addr: std::net::SocketAddr, want: &str, gw: &Gw) {
+pub(crate) async fn wait_answer(addr: std::net::SocketAddr, want: &str, gw: &Gw) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         match who_answers(addr).await {

@@ -120,3 +120,135 @@ async fn a_registered_legacy_host_is_reachable_from_another_site() {
         .await
         .expect("still reachable after a refused file");
 }
+
+/// Answers `<name>:` and the first 4 bytes read, on `addr`, until aborted (then the
+/// port is closed).
+fn legacy_server(name: &'static str, addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = std::net::TcpListener::bind(addr).unwrap();
+    l.set_nonblocking(true).unwrap();
+    let l = tokio::net::TcpListener::from_std(l).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 4];
+                if s.read_exact(&mut b).await.is_ok() {
+                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
+                    let _ = s.write_all(&b).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    })
+}
+
+/// West registers a legacy service whose endpoints are health-checked; north exports the
+/// same service. While west's endpoints pass, east is served by west (more ready
+/// endpoints); when they all fail, west publishes 0 ready and east is served by north;
+/// when they come back, west again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_health_check_moves_traffic_between_sites() {
+    use crate::federation::{banner_server, wait_answer, who_answers};
+    let scratch = Scratch::new("health");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let east = scratch.site("east", "east.example.org");
+    let west = scratch.site("west", "west.example.org");
+    let north = scratch.site("north", "north.example.org");
+    for (s, n) in [(&east, "east"), (&west, "west"), (&north, "north")] {
+        assert_eq!(join(s, n, &fed.token(n, "1h")).0, 0);
+    }
+    let import_ip: std::net::IpAddr = [127, 0, 0, 11].into();
+    let svc_port = std::net::TcpListener::bind((import_ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg =
+        |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4]| meshfed_gateway::lab::ConfigBuilder {
+            federation: Some((s.dir.clone(), ip.into())),
+            reload_interval: Some(RELOAD),
+            ..Default::default()
+        };
+    let west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 12])).unwrap();
+    let _north_gw = Gw::start(
+        &north,
+        &cfg(&north, [127, 0, 0, 13]).export(
+            "inventory.legacy",
+            svc_port,
+            vec![banner_server("north").await],
+        ),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 11])).unwrap();
+
+    // Two legacy endpoints on one port number, on two loopback addresses.
+    let legacy_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let eps: [std::net::SocketAddr; 2] = [
+        ([127, 0, 0, 1], legacy_port).into(),
+        ([127, 0, 0, 14], legacy_port).into(),
+    ];
+    let mut servers: Vec<_> = eps.iter().map(|a| legacy_server("legacy", *a)).collect();
+    let entry = scratch.0.join("inventory.yaml");
+    std::fs::write(
+        &entry,
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: inventory\n  namespace: legacy\n  annotations:\n    health.meshfed.io/check: tcp\n    health.meshfed.io/interval: 100ms\n    health.meshfed.io/timeout: 200ms\n    health.meshfed.io/unhealthy-threshold: \"2\"\n    health.meshfed.io/healthy-threshold: \"1\"\nspec:\n  hosts: [inventory.corp.example]\n  ports:\n  - {{number: {svc_port}, name: tcp, protocol: TCP, targetPort: {legacy_port}}}\n  resolution: STATIC\n  endpoints:\n  - address: 127.0.0.1\n  - address: 127.0.0.14\n"
+        ),
+    )
+    .unwrap();
+    let (code, err) = register(&west.dir, &entry);
+    assert_eq!(code, 0, "{err}");
+    let import = std::net::SocketAddr::new(import_ip, svc_port);
+    wait_answer(import, "legacy:ping", &east_gw).await;
+
+    // Both endpoints go down. Calls move to north at once (west refuses before any
+    // payload byte and east retries north); then west's checks fail, it publishes 0
+    // ready, and east stops even trying west.
+    for s in servers.drain(..) {
+        s.abort();
+    }
+    let started = Instant::now();
+    let count = |needle: &str| west_gw.logs().matches(needle).count();
+    while count("endpoint unhealthy") < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{}",
+            west_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "both endpoints unhealthy {:?} after they went down",
+        started.elapsed()
+    );
+    loop {
+        let before = east_gw.metric("meshfed_gateway_failovers_total").await;
+        assert_eq!(who_answers(import).await.unwrap(), "north:ping");
+        if east_gw.metric("meshfed_gateway_failovers_total").await == before {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "east kept trying west after its endpoints were unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "east routes to north without trying west {:?} after",
+        started.elapsed()
+    );
+
+    // They come back: one passing check each and west serves again.
+    servers.extend(eps.iter().map(|a| legacy_server("legacy", *a)));
+    let started = Instant::now();
+    wait_answer(import, "legacy:ping", &east_gw).await;
+    eprintln!(
+        "back to west {:?} after the endpoints came back",
+        started.elapsed()
+    );
+    assert!(count("endpoint healthy") >= 1);
+}

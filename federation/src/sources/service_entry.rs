@@ -78,6 +78,146 @@ pub struct LegacyService {
     pub endpoints: Vec<LegacyEndpoint>,
     /// `exportTo`: `*` (default) federates it; `.` keeps it on this site.
     pub export_to: Vec<String>,
+    /// Active health checking of the endpoints (`health.meshfed.io/*` annotations).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+pub const HEALTH_PREFIX: &str = "health.meshfed.io/";
+
+/// How endpoints are checked. Istio has no active health checks for ServiceEntry
+/// endpoints, so they are set with annotations, which Istio ignores:
+///
+/// ```yaml
+/// metadata:
+///   annotations:
+///     health.meshfed.io/check: http      # tcp (connect) or http (GET)
+///     health.meshfed.io/path: /healthz   # http only; default /
+///     health.meshfed.io/status: "200"    # http only; expected status, default 200
+///     health.meshfed.io/port: "8080"     # default: the first port's target
+///     health.meshfed.io/interval: 5s     # default 5s
+///     health.meshfed.io/timeout: 1s      # default 1s
+///     health.meshfed.io/healthy-threshold: "2"    # passes to become healthy; default 2
+///     health.meshfed.io/unhealthy-threshold: "3"  # failures to become unhealthy; default 3
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// Endpoint port to check; `None`: each endpoint's port for the first service port.
+    pub port: Option<u16>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http { path: String, status: u16 },
+}
+
+/// `250ms`, `5s`, `1m`.
+fn duration_ms(s: &str) -> Option<u64> {
+    let (n, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        return None;
+    };
+    n.parse::<u64>().ok().filter(|v| *v > 0).map(|v| v * mult)
+}
+
+fn health_check(d: &mut Doc<'_>, ann: &BTreeMap<String, String>) -> Option<HealthCheck> {
+    let get = |k: &str| ann.get(&format!("{HEALTH_PREFIX}{k}")).map(String::as_str);
+    for k in ann.keys() {
+        if let Some(rest) = k.strip_prefix(HEALTH_PREFIX)
+            && ![
+                "check",
+                "path",
+                "status",
+                "port",
+                "interval",
+                "timeout",
+                "healthy-threshold",
+                "unhealthy-threshold",
+            ]
+            .contains(&rest)
+        {
+            d.err(
+                format!("metadata.annotations.{k}"),
+                "unknown health check setting",
+            );
+        }
+    }
+    let check = get("check")?;
+    let field = |k: &str| format!("metadata.annotations.{HEALTH_PREFIX}{k}");
+    let kind = match check {
+        "tcp" => HealthKind::Tcp,
+        "http" => {
+            let path = get("path").unwrap_or("/").to_owned();
+            if !path.starts_with('/') {
+                d.err(field("path"), format!("{path:?} must start with /"));
+            }
+            let status = match get("status").map(str::parse::<u16>) {
+                None => 200,
+                Some(Ok(s @ 100..=599)) => s,
+                Some(_) => {
+                    d.err(field("status"), "must be an HTTP status (100–599)");
+                    200
+                }
+            };
+            HealthKind::Http { path, status }
+        }
+        other => {
+            d.err(field("check"), format!("{other:?}: tcp or http"));
+            return None;
+        }
+    };
+    let mut ms = |k: &str, default: u64| match get(k) {
+        None => default,
+        Some(v) => duration_ms(v).unwrap_or_else(|| {
+            d.err(
+                field(k),
+                format!("{v:?} is not a duration like 500ms, 5s or 1m"),
+            );
+            default
+        }),
+    };
+    let interval_ms = ms("interval", 5000);
+    let timeout_ms = ms("timeout", 1000);
+    let mut count = |k: &str, default: u32| match get(k) {
+        None => default,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n @ 1..=100) => n,
+            _ => {
+                d.err(field(k), format!("{v:?} is not a count (1–100)"));
+                default
+            }
+        },
+    };
+    let healthy_threshold = count("healthy-threshold", 2);
+    let unhealthy_threshold = count("unhealthy-threshold", 3);
+    let port = match get("port").map(str::parse::<u16>) {
+        None => None,
+        Some(Ok(p)) if p > 0 => Some(p),
+        Some(_) => {
+            d.err(field("port"), "is not a port (1–65535)");
+            None
+        }
+    };
+    Some(HealthCheck {
+        kind,
+        port,
+        interval_ms,
+        timeout_ms,
+        healthy_threshold,
+        unhealthy_threshold,
+    })
 }
 
 impl LegacyService {
@@ -366,7 +506,14 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
     // (doc index, object, spec) of ServiceEntries; WorkloadEntries as endpoints.
-    let mut entries: Vec<(usize, String, String, serde_json::Map<String, Value>)> = Vec::new();
+    type Entry = (
+        usize,
+        String,
+        String,
+        serde_json::Map<String, Value>,
+        BTreeMap<String, String>,
+    );
+    let mut entries: Vec<Entry> = Vec::new();
     let mut workloads: Vec<(String, LegacyEndpoint)> = Vec::new();
     for (i, v) in docs.iter().enumerate() {
         let index = i + 1;
@@ -422,7 +569,13 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             continue;
         };
         match kind {
-            "ServiceEntry" => entries.push((index, name.into(), namespace.into(), spec.clone())),
+            "ServiceEntry" => {
+                let ann = d.string_map(
+                    meta.and_then(|m| m.get("annotations")),
+                    "metadata.annotations",
+                );
+                entries.push((index, name.into(), namespace.into(), spec.clone(), ann));
+            }
             "WorkloadEntry" => {
                 if let Some(ep) = endpoint(&mut d, &Value::Object(spec.clone()), "spec", true) {
                     workloads.push((namespace.to_owned(), ep));
@@ -437,7 +590,7 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
     }
 
     let mut services = Vec::new();
-    for (index, name, namespace, spec) in entries {
+    for (index, name, namespace, spec, annotations) in entries {
         let mut d = Doc {
             index,
             object: format!("ServiceEntry/{name}"),
@@ -674,6 +827,7 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                 );
             }
         }
+        let health = health_check(&mut d, &annotations);
         services.push(LegacyService {
             service,
             hosts,
@@ -683,6 +837,7 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             resolution,
             endpoints,
             export_to,
+            health,
         });
     }
     let mut seen = std::collections::BTreeSet::new();
@@ -872,6 +1027,54 @@ mod tests {
         );
         let v = "apiVersion: networking.istio.io/v2\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {}\n";
         assert!(matches!(parse(v), Err(ParseError::Invalid(p)) if p[0].field == "apiVersion"));
+    }
+
+    #[test]
+    fn health_checks_come_from_annotations() {
+        let doc = |ann: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: x\n  annotations:\n{ann}spec:\n  hosts: [a.example]\n  ports: [{{number: 80, name: http}}]\n  resolution: STATIC\n  endpoints: [{{address: 10.0.0.1}}]\n"
+            )
+        };
+        let r = parse(&doc("    health.meshfed.io/check: http\n    health.meshfed.io/path: /healthz\n    health.meshfed.io/interval: 250ms\n    health.meshfed.io/unhealthy-threshold: \"2\"\n")).unwrap();
+        assert_eq!(
+            r.services[0].health,
+            Some(HealthCheck {
+                kind: HealthKind::Http {
+                    path: "/healthz".into(),
+                    status: 200
+                },
+                port: None,
+                interval_ms: 250,
+                timeout_ms: 1000,
+                healthy_threshold: 2,
+                unhealthy_threshold: 2,
+            })
+        );
+        let fail = |ann: &str| match parse(&doc(ann)) {
+            Err(ParseError::Invalid(p)) => p[0].field.clone(),
+            other => panic!("{ann}: {other:?}"),
+        };
+        assert_eq!(
+            fail("    health.meshfed.io/check: icmp\n"),
+            "metadata.annotations.health.meshfed.io/check"
+        );
+        assert_eq!(
+            fail("    health.meshfed.io/check: tcp\n    health.meshfed.io/interval: soon\n"),
+            "metadata.annotations.health.meshfed.io/interval"
+        );
+        assert_eq!(
+            fail("    health.meshfed.io/check: tcp\n    health.meshfed.io/retries: \"3\"\n"),
+            "metadata.annotations.health.meshfed.io/retries"
+        );
+        // Other annotations are Istio's business.
+        assert!(
+            parse(&doc("    sidecar.istio.io/inject: \"false\"\n"))
+                .unwrap()
+                .services[0]
+                .health
+                .is_none()
+        );
     }
 
     #[test]
