@@ -518,8 +518,32 @@ fn read_entries(
     file: &std::path::Path,
 ) -> Result<meshfed_federation::sources::service_entry::Registration> {
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
-    let r = meshfed_federation::sources::service_entry::parse(&text)
+    let mut r = meshfed_federation::sources::service_entry::parse(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    // TLS files: relative to the YAML file, and readable now rather than at the gateway.
+    let base = file.parent().unwrap_or(std::path::Path::new("."));
+    for s in &mut r.services {
+        let Some(tls) = &mut s.tls else { continue };
+        let fix = |p: &mut String| {
+            let path = base.join(&*p);
+            *p = path.display().to_string();
+            path
+        };
+        let what = format!("{}: {} TLS origination", file.display(), s.service);
+        let ca = fix(&mut tls.ca_certificates);
+        meshfed_gateway::origination::load_certs(&ca)
+            .map_err(|e| anyhow::anyhow!("{what}: caCertificates: {e}"))?;
+        if let Some(c) = &mut tls.client_certificate {
+            let c = fix(c);
+            meshfed_gateway::origination::load_certs(&c)
+                .map_err(|e| anyhow::anyhow!("{what}: clientCertificate: {e}"))?;
+        }
+        if let Some(k) = &mut tls.private_key {
+            let k = fix(k);
+            meshfed_gateway::origination::load_key(&k)
+                .map_err(|e| anyhow::anyhow!("{what}: privateKey: {e}"))?;
+        }
+    }
     for w in &r.warnings {
         eprintln!("warning: {}: {w}", file.display());
     }

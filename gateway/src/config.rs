@@ -232,6 +232,8 @@ pub struct Export {
     pub allowed_peers: Option<BTreeSet<SpiffeId>>,
     /// DNS names published with it (a registered legacy service's hosts).
     pub hosts: Vec<String>,
+    /// TLS toward the endpoints (a registered service's DestinationRule).
+    pub tls: Option<meshfed_federation::sources::service_entry::TlsOrigination>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -465,6 +467,7 @@ impl RawConfig {
                     ports,
                     allowed_peers,
                     hosts: vec![],
+                    tls: None,
                 },
             );
         }

@@ -18,9 +18,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::Export;
 use crate::metrics::Metrics;
 use crate::peers::peer_spiffe_id;
-use crate::splice::splice;
+use crate::splice::{splice, splice_tls};
 use crate::tunnel::{HeaderReadError, read_header};
 use crate::wire::{self, Open, Refusal, Response, app_code};
+use meshfed_federation::sources::service_entry::TlsOrigination;
 
 /// TLS alert `certificate_required` (RFC 8446 §6.2).
 const CERTIFICATE_REQUIRED: u8 = 116;
@@ -43,6 +44,19 @@ pub struct Ingress {
     next: AtomicUsize,
     /// Verified IDs of the peers connected to us now, with their connection counts.
     inbound: std::sync::Mutex<BTreeMap<SpiffeId, usize>>,
+    /// TLS origination clients, built on first use.
+    tls_clients: std::sync::Mutex<BTreeMap<TlsOrigination, TlsClient>>,
+}
+
+type TlsClient = (
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
+/// The connection to an endpoint: plain TCP, or TLS originated by us.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Where an accepted open request goes: the export's endpoints for that port.
@@ -98,6 +112,7 @@ impl Ingress {
             metrics,
             next: AtomicUsize::new(0),
             inbound: Default::default(),
+            tls_clients: Default::default(),
         }
     }
 
@@ -237,9 +252,15 @@ impl Ingress {
                     .await;
             }
         };
-        let endpoints = match decide(&self.exports.load(), &open, &peer) {
-            Ok(r) => r.endpoints.to_vec(),
-            Err((r, msg)) => return self.refuse(send, recv, r, msg, false).await,
+        let (endpoints, tls) = {
+            let exports = self.exports.load();
+            match decide(&exports, &open, &peer) {
+                Ok(r) => (
+                    r.endpoints.to_vec(),
+                    exports.get(&open.service).and_then(|e| e.tls.clone()),
+                ),
+                Err((r, msg)) => return self.refuse(send, recv, r, msg, false).await,
+            }
         };
         let Some((tcp, ep)) = self.connect(&endpoints).await else {
             let msg = format!(
@@ -253,14 +274,68 @@ impl Ingress {
                 .refuse(send, recv, Refusal::EndpointConnectFailed, msg, false)
                 .await;
         };
+        // TLS origination: the handshake completes before we accept, so a failure is a
+        // refusal the far egress can fail over on.
+        let conn = match tls {
+            None => Conn::Plain(tcp),
+            Some(t) => match self.originate(&t, tcp).await {
+                Ok(s) => Conn::Tls(Box::new(s)),
+                Err(e) => {
+                    let msg = format!("{}:{}: TLS to {ep}: {e}", open.service, open.port);
+                    return self
+                        .refuse(send, recv, Refusal::EndpointConnectFailed, msg, false)
+                        .await;
+                }
+            },
+        };
         let mut send = send;
         if send.write_all(&Response::Accept.encode()).await.is_err() {
             return;
         }
-        debug!(service = %open.service, port = open.port, %peer, source = %open.source, endpoint = %ep, "accepted");
+        debug!(service = %open.service, port = open.port, %peer, source = %open.source, endpoint = %ep, tls = matches!(conn, Conn::Tls(_)), "accepted");
         let _active = self.metrics.stream_started(DIR);
-        let end = splice(tcp, send, recv, &self.metrics.counters(DIR)).await;
+        let counters = self.metrics.counters(DIR);
+        let end = match conn {
+            Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters).await,
+            Conn::Plain(tcp) => splice(tcp, send, recv, &counters).await,
+        };
         debug!(?end, "stream done");
+    }
+
+    /// Speaks TLS to the endpoint over `tcp`, as `t` says.
+    async fn originate(
+        &self,
+        t: &TlsOrigination,
+        tcp: TcpStream,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let client = {
+            let cached = self
+                .tls_clients
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(t)
+                .cloned();
+            match cached {
+                Some(c) => c,
+                None => {
+                    let c = crate::origination::client(t)?;
+                    self.tls_clients
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(t.clone(), c.clone());
+                    c
+                }
+            }
+        };
+        let connector = tokio_rustls::TlsConnector::from(client.0);
+        match tokio::time::timeout(self.connect_timeout, connector.connect(client.1, tcp)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(format!("handshake: {e}")),
+            Err(_) => Err(format!(
+                "handshake timed out after {:?}",
+                self.connect_timeout
+            )),
+        }
     }
 
     /// Tries each endpoint once, round-robin from a rotating start.
@@ -321,6 +396,7 @@ mod tests {
                 .into(),
                 allowed_peers: None,
                 hosts: vec![],
+                tls: None,
             },
         );
         let svc = ServiceName::parse("db.prod").unwrap();
@@ -330,6 +406,7 @@ mod tests {
                 service: svc,
                 ports: [(5432, vec!["127.0.0.1:5432".parse().unwrap()])].into(),
                 hosts: vec![],
+                tls: None,
                 allowed_peers: Some(BTreeSet::from([SpiffeId::new(
                     "spiffe://east/meshfed/site/east/gateway",
                 )

@@ -15,6 +15,7 @@ pub mod health;
 pub mod ingress;
 pub mod lab;
 pub mod metrics;
+pub mod origination;
 pub mod peers;
 pub mod registry;
 pub mod reload;

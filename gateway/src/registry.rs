@@ -148,6 +148,7 @@ pub fn exports(
                         .filter(|h| !h.starts_with("*."))
                         .cloned()
                         .collect(),
+                    tls: e.tls.clone(),
                 },
             );
         }

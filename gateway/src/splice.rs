@@ -47,6 +47,62 @@ pub async fn splice(
     let _ = tcp.set_nodelay(true);
     let end = {
         let (mut tr, mut tw) = tcp.split();
+        pump(&mut tr, &mut tw, &mut send, &mut recv, counters).await
+    };
+    settle(&end, &mut send, &mut recv).await;
+    if let SpliceEnd::Reset(_) = end {
+        reset_tcp(tcp);
+    }
+    end
+}
+
+/// The same over TLS to the endpoint (TLS origination): a clean end sends close_notify,
+/// a reset resets the TCP connection under it.
+pub async fn splice_tls(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    counters: &Counters,
+) -> SpliceEnd {
+    let _ = tls.get_ref().0.set_nodelay(true);
+    let (mut r, mut w) = tokio::io::split(tls);
+    let end = pump(&mut r, &mut w, &mut send, &mut recv, counters).await;
+    settle(&end, &mut send, &mut recv).await;
+    if let SpliceEnd::Reset(_) = end {
+        reset_tcp(r.unsplit(w).into_inner().0);
+    }
+    end
+}
+
+/// After a clean end, waits until the peer has the last bytes (so that a drain or a
+/// dropped connection right after does not lose them); after a reset, resets the stream.
+async fn settle(end: &SpliceEnd, send: &mut SendStream, recv: &mut RecvStream) {
+    match end {
+        SpliceEnd::Closed => {
+            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+        }
+        SpliceEnd::Reset(_) => {
+            let code = VarInt::from_u32(app_code::STREAM_RESET);
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+        }
+    }
+}
+
+/// Copies both ways between a byte stream and a QUIC stream until both are done or
+/// either side resets.
+async fn pump<R, W>(
+    tr: &mut R,
+    tw: &mut W,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    counters: &Counters,
+) -> SpliceEnd
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    {
         let up = async {
             // One large buffer, sliced into chunks that quinn keeps until they are
             // acknowledged; `reserve` reclaims the allocation once they are all dropped,
@@ -81,7 +137,7 @@ pub async fn splice(
                     Ok(Some(n)) => {
                         let bytes: usize = chunks[..n].iter().map(Bytes::len).sum();
                         counters.rx.inc_by(bytes as u64);
-                        if write_all_chunks(&mut tw, &mut chunks[..n]).await.is_err() {
+                        if write_all_chunks(tw, &mut chunks[..n]).await.is_err() {
                             return Err("tcp_write_failed");
                         }
                     }
@@ -112,21 +168,7 @@ pub async fn splice(
                 break SpliceEnd::Closed;
             }
         }
-    };
-    match end {
-        SpliceEnd::Closed => {
-            // Wait until the peer has the last bytes, so that a drain or a dropped
-            // connection right after does not lose them.
-            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
-        }
-        SpliceEnd::Reset(_) => {
-            let code = VarInt::from_u32(app_code::STREAM_RESET);
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
-            reset_tcp(tcp);
-        }
     }
-    end
 }
 
 /// Writes every chunk, with as few writev calls as the socket allows.

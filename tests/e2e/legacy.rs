@@ -252,3 +252,197 @@ async fn a_flapping_health_check_moves_traffic_between_sites() {
     );
     assert!(count("endpoint healthy") >= 1);
 }
+
+/// A test CA with a server certificate for `host` and a client certificate, as PEM files
+/// in `dir`: ca.pem, server.pem/key, client.pem/key.
+fn tls_files(dir: &std::path::Path, host: &str) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "legacy test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    for (name, sans) in [
+        ("server", vec![host.to_string()]),
+        ("client", vec!["client.example".to_string()]),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(sans)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// A TLS echo server for `dir`'s server certificate; with `client_ca`, it requires a
+/// client certificate from that CA. Returns its address.
+async fn tls_echo(dir: &std::path::Path, require_client: bool) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = if require_client {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .unwrap();
+        builder.with_client_cert_verifier(v)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let cfg = builder.with_single_cert(certs, key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut b = [0u8; 4];
+                if tls.read_exact(&mut b).await.is_ok() {
+                    let _ = tls.write_all(b"tls:").await;
+                    let _ = tls.write_all(&b).await;
+                }
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// TLS origination toward a legacy endpoint signed by a test CA: SIMPLE to a server, and
+/// MUTUAL to one that requires a client certificate; a wrong SNI is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_simple_and_mutual() {
+    use crate::federation::who_answers;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let scratch = Scratch::new("tlsorig");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let east = scratch.site("east", "east.example.org");
+    let west = scratch.site("west", "west.example.org");
+    for (s, n) in [(&east, "east"), (&west, "west")] {
+        assert_eq!(join(s, n, &fed.token(n, "1h")).0, 0);
+    }
+    let cfg =
+        |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4]| meshfed_gateway::lab::ConfigBuilder {
+            federation: Some((s.dir.clone(), ip.into())),
+            reload_interval: Some(RELOAD),
+            ..Default::default()
+        };
+    let _west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 15])).unwrap();
+    let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 16])).unwrap();
+    let certs = scratch.0.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    tls_files(&certs, "billing.mainframe.example");
+    let simple = tls_echo(&certs, false).await;
+    let mutual = tls_echo(&certs, true).await;
+    let port = |ip: [u8; 4]| {
+        std::net::TcpListener::bind((std::net::IpAddr::from(ip), 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (p1, p2, p3) = (
+        port([127, 0, 0, 16]),
+        port([127, 0, 0, 16]),
+        port([127, 0, 0, 16]),
+    );
+    let doc = |name: &str, svc_port: u16, ep: std::net::SocketAddr, tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: mainframe}}\nspec:\n  hosts: [{name}.mainframe.example]\n  ports: [{{number: {svc_port}, name: tls, protocol: TLS, targetPort: {}}}]\n  resolution: STATIC\n  endpoints: [{{address: {}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}-tls, namespace: mainframe}}\nspec:\n  host: {name}.mainframe.example\n  trafficPolicy:\n    tls:\n{tls}",
+            ep.port(),
+            ep.ip()
+        )
+    };
+    let file = scratch.0.join("tls.yaml");
+    std::fs::write(
+        &file,
+        [
+            doc(
+                "billing",
+                p1,
+                simple,
+                "      mode: SIMPLE\n      caCertificates: certs/ca.pem\n",
+            ),
+            doc(
+                "ledger",
+                p2,
+                mutual,
+                "      mode: MUTUAL\n      sni: billing.mainframe.example\n      caCertificates: certs/ca.pem\n      clientCertificate: certs/client.pem\n      privateKey: certs/client.key\n",
+            ),
+            doc(
+                "wrongname",
+                p3,
+                simple,
+                "      mode: SIMPLE\n      sni: other.example\n      caCertificates: certs/ca.pem\n",
+            ),
+        ]
+        .join("---\n"),
+    )
+    .unwrap();
+    let (code, err) = register(&west.dir, &file);
+    assert_eq!(code, 0, "{err}");
+    let at = |p: u16| std::net::SocketAddr::new([127, 0, 0, 16].into(), p);
+    for (p, what) in [(p1, "SIMPLE"), (p2, "MUTUAL")] {
+        let started = Instant::now();
+        loop {
+            match who_answers(at(p)).await {
+                Ok(a) if a == "tls:ping" => break,
+                r => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(10),
+                        "{what}: {r:?}\n{}",
+                        east_gw.logs()
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    // A certificate that does not match the SNI: refused at west, the client sees the
+    // connection fail, and west logs why.
+    let r = who_answers(at(p3)).await;
+    assert!(r.as_ref().map_or(true, |a| a.is_empty()), "{r:?}");
+    let logs = _west_gw.logs();
+    assert!(
+        logs.contains("TLS to") && logs.contains("handshake"),
+        "{logs}"
+    );
+    // A bad TLS file is refused by register, naming the field.
+    let bad = scratch.0.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        doc(
+            "x",
+            p3,
+            simple,
+            "      mode: SIMPLE\n      caCertificates: certs/nope.pem\n",
+        ),
+    )
+    .unwrap();
+    let (code, err) = register(&west.dir, &bad);
+    assert!(
+        code == 1 && err.contains("caCertificates") && err.contains("nope.pem"),
+        "{err}"
+    );
+}

@@ -81,6 +81,32 @@ pub struct LegacyService {
     /// Active health checking of the endpoints (`health.meshfed.io/*` annotations).
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// TLS from the gateway to the endpoints, from a `DestinationRule` for one of the
+    /// hosts (`trafficPolicy.tls`), as Istio users configure TLS origination.
+    #[serde(default)]
+    pub tls: Option<TlsOrigination>,
+}
+
+/// Istio `ClientTLSSettings` modes meshfed originates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    /// TLS, the endpoint verified against `ca_certificates` for `sni`.
+    Simple,
+    /// Also presents `client_certificate` and `private_key`.
+    Mutual,
+}
+
+/// How the registering site's gateway speaks TLS to the endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TlsOrigination {
+    pub mode: TlsMode,
+    /// PEM file of the CA(s) the endpoints' certificates chain to.
+    pub ca_certificates: String,
+    /// Server name sent and verified; default: the ServiceEntry's first host.
+    pub sni: String,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
 }
 
 pub const HEALTH_PREFIX: &str = "health.meshfed.io/";
@@ -475,6 +501,117 @@ fn endpoint(d: &mut Doc<'_>, v: &Value, path: &str, is_workload: bool) -> Option
     })
 }
 
+/// `trafficPolicy.tls` of a DestinationRule, before it meets its ServiceEntry.
+struct RawTls {
+    mode: TlsMode,
+    ca: String,
+    sni: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+/// A DestinationRule: its host, and its TLS settings (`None` for mode DISABLE).
+fn destination_rule(
+    d: &mut Doc<'_>,
+    spec: &serde_json::Map<String, Value>,
+) -> Option<(String, Option<RawTls>)> {
+    d.unsupported("spec", spec, &["host", "trafficPolicy", "exportTo"]);
+    let host = match spec.get("host").and_then(Value::as_str) {
+        Some(h) if !h.is_empty() => h.to_owned(),
+        _ => {
+            d.err("spec.host", "missing");
+            return None;
+        }
+    };
+    let Some(Value::Object(tp)) = spec.get("trafficPolicy") else {
+        d.err(
+            "spec.trafficPolicy",
+            "missing: meshfed reads trafficPolicy.tls",
+        );
+        return None;
+    };
+    d.unsupported("spec.trafficPolicy", tp, &["tls"]);
+    let Some(Value::Object(tls)) = tp.get("tls") else {
+        d.err("spec.trafficPolicy.tls", "missing");
+        return None;
+    };
+    d.unsupported(
+        "spec.trafficPolicy.tls",
+        tls,
+        &[
+            "mode",
+            "caCertificates",
+            "clientCertificate",
+            "privateKey",
+            "sni",
+            "subjectAltNames",
+        ],
+    );
+    let field = |k: &str| format!("spec.trafficPolicy.tls.{k}");
+    let s = |k: &str| tls.get(k).and_then(Value::as_str).map(str::to_owned);
+    if tls.contains_key("subjectAltNames") {
+        d.warn(
+            field("subjectAltNames"),
+            "not supported yet: the certificate is verified for sni",
+        );
+    }
+    let mode = match s("mode").as_deref() {
+        Some("DISABLE") => return Some((host, None)),
+        Some("SIMPLE") => TlsMode::Simple,
+        Some("MUTUAL") => TlsMode::Mutual,
+        Some("ISTIO_MUTUAL") => {
+            d.err(
+                field("mode"),
+                "ISTIO_MUTUAL needs an Istio sidecar; use SIMPLE or MUTUAL",
+            );
+            return None;
+        }
+        Some(o) => {
+            d.err(field("mode"), format!("{o:?}: DISABLE, SIMPLE or MUTUAL"));
+            return None;
+        }
+        None => {
+            d.err(field("mode"), "missing");
+            return None;
+        }
+    };
+    let Some(ca) = s("caCertificates") else {
+        d.err(
+            field("caCertificates"),
+            "required: meshfed verifies the endpoint against a CA you give",
+        );
+        return None;
+    };
+    let (cert, key) = (s("clientCertificate"), s("privateKey"));
+    if mode == TlsMode::Mutual && (cert.is_none() || key.is_none()) {
+        d.err(
+            field(if cert.is_none() {
+                "clientCertificate"
+            } else {
+                "privateKey"
+            }),
+            "required for MUTUAL",
+        );
+        return None;
+    }
+    if let Some(sni) = s("sni")
+        && !valid_host(&sni)
+    {
+        d.err(field("sni"), format!("{sni:?} is not a DNS name"));
+        return None;
+    }
+    Some((
+        host,
+        Some(RawTls {
+            mode,
+            ca,
+            sni: s("sni"),
+            cert,
+            key,
+        }),
+    ))
+}
+
 fn prefix(path: &str) -> String {
     if path.is_empty() {
         String::new()
@@ -515,6 +652,9 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
     );
     let mut entries: Vec<Entry> = Vec::new();
     let mut workloads: Vec<(String, LegacyEndpoint)> = Vec::new();
+    // (doc, name, namespace, (host, tls settings)) of DestinationRules.
+    type Rule = (usize, String, String, (String, Option<RawTls>));
+    let mut rules: Vec<Rule> = Vec::new();
     for (i, v) in docs.iter().enumerate() {
         let index = i + 1;
         if v.is_null() {
@@ -569,6 +709,11 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             continue;
         };
         match kind {
+            "DestinationRule" => {
+                if let Some(tls) = destination_rule(&mut d, spec) {
+                    rules.push((index, name.to_owned(), namespace.to_owned(), tls));
+                }
+            }
             "ServiceEntry" => {
                 let ann = d.string_map(
                     meta.and_then(|m| m.get("annotations")),
@@ -584,7 +729,9 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             "" => d.err("kind", "missing"),
             other => d.err(
                 "kind",
-                format!("{other:?}: only ServiceEntry and WorkloadEntry are accepted"),
+                format!(
+                    "{other:?}: only ServiceEntry, WorkloadEntry and DestinationRule are accepted"
+                ),
             ),
         }
     }
@@ -829,6 +976,7 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
         }
         let health = health_check(&mut d, &annotations);
         services.push(LegacyService {
+            tls: None,
             service,
             hosts,
             addresses,
@@ -838,6 +986,40 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             endpoints,
             export_to,
             health,
+        });
+    }
+    // Each DestinationRule applies its TLS settings to the ServiceEntry with its host.
+    for (index, name, namespace, (host, tls)) in rules {
+        let mut d = Doc {
+            index,
+            object: format!("DestinationRule/{name}"),
+            problems: &mut problems,
+            warnings: &mut warnings,
+        };
+        let Some(svc) = services
+            .iter_mut()
+            .find(|s| s.service.namespace() == namespace && s.hosts.contains(&host))
+        else {
+            d.err(
+                "spec.host",
+                format!("{host:?} is not a host of any ServiceEntry in namespace {namespace} in this file"),
+            );
+            continue;
+        };
+        let Some(t) = tls else { continue }; // mode DISABLE
+        if svc.tls.is_some() {
+            d.err(
+                "spec.host",
+                format!("{} already has TLS settings", svc.service),
+            );
+            continue;
+        }
+        svc.tls = Some(TlsOrigination {
+            mode: t.mode,
+            ca_certificates: t.ca,
+            sni: t.sni.unwrap_or_else(|| svc.hosts[0].clone()),
+            client_certificate: t.cert,
+            private_key: t.key,
         });
     }
     let mut seen = std::collections::BTreeSet::new();
@@ -1075,6 +1257,49 @@ mod tests {
                 .health
                 .is_none()
         );
+    }
+
+    #[test]
+    fn destination_rules_set_tls_origination() {
+        let r = ok("tls-origination.yaml");
+        let tls = r.services[0].tls.as_ref().unwrap();
+        assert_eq!(tls.mode, TlsMode::Mutual);
+        assert_eq!(
+            tls.sni, "billing.mainframe.example",
+            "default: the first host"
+        );
+        assert_eq!(tls.client_certificate.as_deref(), Some("certs/client.pem"));
+        assert_eq!(
+            r.warnings
+                .iter()
+                .map(|w| w.field.as_str())
+                .collect::<Vec<_>>(),
+            vec!["spec.trafficPolicy.loadBalancer"]
+        );
+        let base = data("tls-origination.yaml");
+        let fail = |from: &str, to: &str| match parse(&base.replace(from, to)) {
+            Err(ParseError::Invalid(p)) => p[0].field.clone(),
+            other => panic!("{to}: {other:?}"),
+        };
+        assert_eq!(
+            fail("host: billing.mainframe.example", "host: other.example"),
+            "spec.host"
+        );
+        assert_eq!(
+            fail("mode: MUTUAL", "mode: ISTIO_MUTUAL"),
+            "spec.trafficPolicy.tls.mode"
+        );
+        assert_eq!(
+            fail("      clientCertificate: certs/client.pem\n", ""),
+            "spec.trafficPolicy.tls.clientCertificate"
+        );
+        assert_eq!(
+            fail("      caCertificates: certs/ca.pem\n", ""),
+            "spec.trafficPolicy.tls.caCertificates"
+        );
+        // DISABLE: plain TCP.
+        let plain = parse(&base.replace("mode: MUTUAL", "mode: DISABLE")).unwrap();
+        assert!(plain.services[0].tls.is_none());
     }
 
     #[test]
