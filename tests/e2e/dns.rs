@@ -11,14 +11,14 @@ use crate::harness::*;
 
 /// What `dig` printed, by section.
 #[derive(Debug, Default)]
-struct Dig {
-    status: String,
-    flags: String,
-    answer: Vec<String>,
-    authority: Vec<String>,
+pub(crate) struct Dig {
+    pub status: String,
+    pub flags: String,
+    pub answer: Vec<String>,
+    pub authority: Vec<String>,
 }
 
-fn dig(server: SocketAddr, args: &[&str]) -> Dig {
+pub(crate) fn dig(server: SocketAddr, args: &[&str]) -> Dig {
     let out = Command::new("dig")
         .arg(format!("@{}", server.ip()))
         .args(["-p", &server.port().to_string(), "+tries=1", "+time=2"])

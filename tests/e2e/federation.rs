@@ -410,9 +410,18 @@ async fn embedded_store_restart_keeps_revisions_monotonic() {
 
 /// Answers `<name>:` followed by the first 4 bytes it reads, then closes.
 pub(crate) async fn banner_server(name: &'static str) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = listen();
     let addr = l.local_addr().unwrap();
+    banner_on(name, l);
+    addr
+}
+
+/// Serves the banner on `l` until the task is aborted (then the port is closed).
+pub(crate) fn banner_on(
+    name: &'static str,
+    l: tokio::net::TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
@@ -424,8 +433,7 @@ pub(crate) async fn banner_server(name: &'static str) -> std::net::SocketAddr {
                 let _ = s.shutdown().await;
             });
         }
-    });
-    addr
+    })
 }
 
 /// Which site answered through `addr`, or the error.

@@ -82,31 +82,16 @@ async fn a_registered_legacy_host_is_reachable_from_another_site() {
         "registered service reachable from east after {:?}",
         started.elapsed()
     );
-    // Its MCS name resolves at east.
     let dns = east_gw.dns.unwrap();
-    let out = Command::new("dig")
-        .args([
-            &format!("@{}", dns.ip()),
-            "-p",
-            &dns.port().to_string(),
-            "+short",
-            "billing.mainframe.svc.clusterset.local",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "127.0.0.9");
-    // And so does its ServiceEntry host, at the importing site.
-    let out = Command::new("dig")
-        .args([
-            &format!("@{}", dns.ip()),
-            "-p",
-            &dns.port().to_string(),
-            "+short",
-            "billing.mainframe.example",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "127.0.0.9");
+    // Its MCS name and its ServiceEntry host both resolve at the importing site.
+    for name in [
+        "billing.mainframe.svc.clusterset.local",
+        "billing.mainframe.example",
+    ] {
+        let d = crate::dns::dig(dns, &[name, "A"]);
+        assert_eq!(d.answer.len(), 1, "{name}: {d:?}");
+        assert!(d.answer[0].ends_with(" A 127.0.0.9"), "{name}: {d:?}");
+    }
 
     // A bad file is refused and what was registered keeps working.
     let bad = concat!(
@@ -121,25 +106,11 @@ async fn a_registered_legacy_host_is_reachable_from_another_site() {
         .expect("still reachable after a refused file");
 }
 
-/// Answers `<name>:` and the first 4 bytes read, on `addr`, until aborted (then the
-/// port is closed).
+/// The banner server on `addr`, until aborted (then the port is closed).
 fn legacy_server(name: &'static str, addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = std::net::TcpListener::bind(addr).unwrap();
     l.set_nonblocking(true).unwrap();
-    let l = tokio::net::TcpListener::from_std(l).unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut b = [0u8; 4];
-                if s.read_exact(&mut b).await.is_ok() {
-                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
-                    let _ = s.write_all(&b).await;
-                }
-                let _ = s.shutdown().await;
-            });
-        }
-    })
+    crate::federation::banner_on(name, tokio::net::TcpListener::from_std(l).unwrap())
 }
 
 /// West registers a legacy service whose endpoints are health-checked; north exports the
