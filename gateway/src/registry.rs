@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use meshfed_federation::ServiceName;
 use meshfed_federation::catalog::Protocol;
@@ -24,8 +24,90 @@ use crate::health::{Checks, Target};
 use crate::ingress::Ingress;
 use meshfed_federation::sources::service_entry::HealthCheck;
 
-/// How often hostnames of DNS-resolved endpoints are looked up again.
-pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Bounds on when a hostname is looked up again: its answer's TTL, within these.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+pub const MAX_REFRESH: Duration = Duration::from_secs(300);
+/// After a failed lookup (the last answer is kept meanwhile).
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// When to look a name up again, from its answer's expiry (the record TTL).
+pub fn next_refresh(now: Instant, valid_until: Option<Instant>) -> Instant {
+    let ttl = valid_until.map_or(RETRY, |v| v.saturating_duration_since(now));
+    now + ttl.clamp(MIN_REFRESH, MAX_REFRESH)
+}
+
+/// Endpoint hostnames and their addresses, each looked up again when its TTL runs out.
+struct Resolved {
+    resolver: Option<hickory_resolver::TokioResolver>,
+    answers: BTreeMap<String, Vec<IpAddr>>,
+    due: BTreeMap<String, Instant>,
+}
+
+impl Resolved {
+    fn new() -> Self {
+        let resolver = match hickory_resolver::TokioResolver::builder_tokio()
+            .and_then(|b| b.build())
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "no system resolver configuration; endpoint hostnames use getaddrinfo every 30 s");
+                None
+            }
+        };
+        Self {
+            resolver,
+            answers: BTreeMap::new(),
+            due: BTreeMap::new(),
+        }
+    }
+
+    /// Looks up the names that are new or due; true when an answer changed.
+    async fn refresh(&mut self, names: &BTreeSet<String>) -> bool {
+        let now = Instant::now();
+        self.answers.retain(|n, _| names.contains(n));
+        self.due.retain(|n, _| names.contains(n));
+        let mut changed = false;
+        for name in names {
+            if self.due.get(name).is_some_and(|d| *d > now) {
+                continue;
+            }
+            let (ips, next) = match &self.resolver {
+                Some(r) => match r.lookup_ip(name.as_str()).await {
+                    Ok(l) => {
+                        let v: Instant = l.valid_until();
+                        (
+                            Ok(l.iter().collect::<Vec<IpAddr>>()),
+                            next_refresh(now, Some(v)),
+                        )
+                    }
+                    Err(e) => (Err(e.to_string()), now + RETRY),
+                },
+                None => match tokio::net::lookup_host((name.as_str(), 0)).await {
+                    Ok(a) => (
+                        Ok(a.map(|a| a.ip()).collect()),
+                        now + Duration::from_secs(30),
+                    ),
+                    Err(e) => (Err(e.to_string()), now + RETRY),
+                },
+            };
+            self.due.insert(name.clone(), next);
+            match ips {
+                Ok(mut ips) => {
+                    ips.sort();
+                    ips.dedup();
+                    if self.answers.get(name) != Some(&ips) {
+                        info!(host = %name, addresses = ?ips, refresh_in = ?next.saturating_duration_since(now), "endpoint hostname resolved");
+                        self.answers.insert(name.clone(), ips);
+                        changed = true;
+                    }
+                }
+                // Keep the last answer rather than drop a working endpoint.
+                Err(e) => warn!(host = %name, error = %e, "endpoint hostname did not resolve"),
+            }
+        }
+        changed
+    }
+}
 const POLL: Duration = Duration::from_millis(250);
 
 /// Hostnames the registry's endpoints need resolved.
@@ -170,15 +252,13 @@ impl Follower {
     pub async fn run(self, stop: CancellationToken) {
         let path = Registry::path(&self.dir);
         let mut seen: Option<SystemTime> = None;
-        let mut resolved: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-        let mut last_resolve = tokio::time::Instant::now();
+        let mut resolved = Resolved::new();
         let mut reg = Registry::default();
         let mut checks = Checks::default();
         let health_changed = checks.changed.clone();
         loop {
             let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
             let file_changed = mtime != seen;
-            let resolve_due = last_resolve.elapsed() >= RESOLVE_INTERVAL;
             if file_changed {
                 match Registry::load(&self.dir) {
                     Ok(r) => {
@@ -188,34 +268,14 @@ impl Follower {
                     Err(e) => warn!(error = %e, "registry not loaded; keeping the last one"),
                 }
             }
-            if file_changed || resolve_due {
-                let names = hostnames(&reg);
-                let mut fresh = BTreeMap::new();
-                for h in &names {
-                    match tokio::net::lookup_host((h.as_str(), 0)).await {
-                        Ok(addrs) => {
-                            let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
-                            ips.sort();
-                            ips.dedup();
-                            fresh.insert(h.clone(), ips);
-                        }
-                        Err(e) => {
-                            warn!(host = %h, error = %e, "endpoint hostname did not resolve");
-                            // Keep the last answer rather than drop a working endpoint.
-                            if let Some(old) = resolved.get(h) {
-                                fresh.insert(h.clone(), old.clone());
-                            }
-                        }
-                    }
-                }
-                resolved = fresh;
-                last_resolve = tokio::time::Instant::now();
-                checks.set(targets(&reg, &resolved), &stop);
-                self.apply(&reg, &resolved, &checks.unhealthy());
+            let answers_changed = resolved.refresh(&hostnames(&reg)).await;
+            if file_changed || answers_changed {
+                checks.set(targets(&reg, &resolved.answers), &stop);
+                self.apply(&reg, &resolved.answers, &checks.unhealthy());
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
-                _ = health_changed.notified() => self.apply(&reg, &resolved, &checks.unhealthy()),
+                _ = health_changed.notified() => self.apply(&reg, &resolved.answers, &checks.unhealthy()),
                 _ = stop.cancelled() => return,
             }
         }
@@ -328,6 +388,16 @@ spec:
                 .iter()
                 .any(|s| s.contains("db1.corp.example does not resolve"))
         );
+    }
+
+    #[test]
+    fn refresh_follows_the_ttl_within_bounds() {
+        let now = Instant::now();
+        let at = |secs: u64| next_refresh(now, Some(now + Duration::from_secs(secs))) - now;
+        assert_eq!(at(60), Duration::from_secs(60));
+        assert_eq!(at(0), MIN_REFRESH);
+        assert_eq!(at(86_400), MAX_REFRESH);
+        assert_eq!(next_refresh(now, None) - now, RETRY);
     }
 
     #[test]

@@ -44,7 +44,8 @@ async fn a_registered_legacy_host_is_reachable_from_another_site() {
     let _west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 8], false)).unwrap();
     let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 9], true)).unwrap();
 
-    // The legacy host: an echo server no meshfed runs on, registered at west.
+    // The legacy host: an echo server no meshfed runs on, registered at west by
+    // hostname (resolution DNS; `localhost` resolves through the hosts file).
     let legacy = echo_server().await;
     let svc_port = std::net::TcpListener::bind("127.0.0.9:0")
         .unwrap()
@@ -55,9 +56,8 @@ async fn a_registered_legacy_host_is_reachable_from_another_site() {
     std::fs::write(
         &entry,
         format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: billing\n  namespace: mainframe\nspec:\n  hosts: [billing.mainframe.example]\n  location: MESH_INTERNAL\n  ports:\n  - number: {svc_port}\n    name: tcp\n    protocol: TCP\n    targetPort: {}\n  resolution: STATIC\n  endpoints:\n  - address: {}\n",
-            legacy.port(),
-            legacy.ip()
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: billing\n  namespace: mainframe\nspec:\n  hosts: [billing.mainframe.example]\n  location: MESH_INTERNAL\n  ports:\n  - number: {svc_port}\n    name: tcp\n    protocol: TCP\n    targetPort: {}\n  resolution: DNS\n  endpoints:\n  - address: localhost\n",
+            legacy.port()
         ),
     )
     .unwrap();
