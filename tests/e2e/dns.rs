@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::federation::{Fed, join};
+use crate::federation::{Fed, fed_config, free_port, joined};
 use crate::harness::*;
 
 /// What `dig` printed, by section.
@@ -75,24 +75,10 @@ fn wait_dig(server: SocketAddr, name: &str, status: &str, want: Option<&str>) ->
 async fn dns_answers_from_the_live_catalog_with_real_dig() {
     let scratch = Scratch::new("dns");
     let fed = Fed::start(&Fed::init(&scratch), 0);
-    let east = scratch.site("east", "east.example.org");
-    let west = scratch.site("west", "west.example.org");
-    let north = scratch.site("north", "north.example.org");
-    for (s, n) in [(&east, "east"), (&west, "west"), (&north, "north")] {
-        assert_eq!(join(s, n, &fed.token(n, "1h")).0, 0);
-    }
+    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
     let import_ip: std::net::IpAddr = [127, 0, 0, 5].into();
-    let port = std::net::TcpListener::bind((import_ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let fed_cfg =
-        |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4]| meshfed_gateway::lab::ConfigBuilder {
-            federation: Some((s.dir.clone(), ip.into())),
-            reload_interval: Some(RELOAD),
-            ..Default::default()
-        };
+    let port = free_port(import_ip);
+    let fed_cfg = |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4]| fed_config(s, ip);
     let _west_gw = Gw::start(
         &west,
         &fed_cfg(&west, [127, 0, 0, 6]).export("orders.shop", port, vec![echo_server().await]),

@@ -167,6 +167,29 @@ impl Drop for Fed {
     }
 }
 
+/// Sites `names`, each with its own CA (trust domain `<name>.example.org`), joined to
+/// `fed` with a token each.
+pub(crate) fn joined<const N: usize>(
+    scratch: &Scratch,
+    fed: &Fed,
+    names: [&str; N],
+) -> [SiteFiles; N] {
+    names.map(|n| {
+        let s = scratch.site(n, &format!("{n}.example.org"));
+        assert_eq!(join(&s, n, &fed.token(n, "1h")).0, 0, "{n} joins");
+        s
+    })
+}
+
+/// A gateway config that runs from the federation, its imports listening on `ip`.
+pub(crate) fn fed_config(s: &SiteFiles, ip: [u8; 4]) -> meshfed_gateway::lab::ConfigBuilder {
+    meshfed_gateway::lab::ConfigBuilder {
+        federation: Some((s.dir.clone(), ip.into())),
+        reload_interval: Some(RELOAD),
+        ..Default::default()
+    }
+}
+
 /// `meshfed site join`; returns (exit code, stderr).
 pub(crate) fn join(site: &SiteFiles, name: &str, token: &str) -> (i32, String) {
     let out = Command::new(BIN)
@@ -470,7 +493,7 @@ pub(crate) async fn wait_answer(addr: std::net::SocketAddr, want: &str, gw: &Gw)
 }
 
 /// A free port on `ip` for an import listener (the service port is the listen port).
-fn free_port(ip: std::net::IpAddr) -> u16 {
+pub(crate) fn free_port(ip: std::net::IpAddr) -> u16 {
     std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::federation::{Fed, join};
+use crate::federation::{Fed, fed_config, free_port, joined};
 use crate::harness::*;
 
 fn register(dir: &std::path::Path, file: &std::path::Path) -> (i32, String) {
@@ -28,17 +28,11 @@ fn register(dir: &std::path::Path, file: &std::path::Path) -> (i32, String) {
 async fn a_registered_legacy_host_is_reachable_from_another_site() {
     let scratch = Scratch::new("legacy");
     let fed = Fed::start(&Fed::init(&scratch), 0);
-    let east = scratch.site("east", "east.example.org");
-    let west = scratch.site("west", "west.example.org");
-    for (s, n) in [(&east, "east"), (&west, "west")] {
-        assert_eq!(join(s, n, &fed.token(n, "1h")).0, 0);
-    }
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
     let cfg = |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4], dns: bool| {
         meshfed_gateway::lab::ConfigBuilder {
-            federation: Some((s.dir.clone(), ip.into())),
-            reload_interval: Some(RELOAD),
             dns: dns.then(|| "listen: 127.0.0.1:0".to_string()),
-            ..Default::default()
+            ..fed_config(s, ip)
         }
     };
     let _west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 8], false)).unwrap();
@@ -47,11 +41,7 @@ async fn a_registered_legacy_host_is_reachable_from_another_site() {
     // The legacy host: an echo server no meshfed runs on, registered at west by
     // hostname (resolution DNS; `localhost` resolves through the hosts file).
     let legacy = echo_server().await;
-    let svc_port = std::net::TcpListener::bind("127.0.0.9:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let svc_port = free_port([127, 0, 0, 9].into());
     let entry = scratch.0.join("billing.yaml");
     std::fs::write(
         &entry,
@@ -122,24 +112,10 @@ async fn a_flapping_health_check_moves_traffic_between_sites() {
     use crate::federation::{banner_server, wait_answer, who_answers};
     let scratch = Scratch::new("health");
     let fed = Fed::start(&Fed::init(&scratch), 0);
-    let east = scratch.site("east", "east.example.org");
-    let west = scratch.site("west", "west.example.org");
-    let north = scratch.site("north", "north.example.org");
-    for (s, n) in [(&east, "east"), (&west, "west"), (&north, "north")] {
-        assert_eq!(join(s, n, &fed.token(n, "1h")).0, 0);
-    }
+    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
     let import_ip: std::net::IpAddr = [127, 0, 0, 11].into();
-    let svc_port = std::net::TcpListener::bind((import_ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg =
-        |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4]| meshfed_gateway::lab::ConfigBuilder {
-            federation: Some((s.dir.clone(), ip.into())),
-            reload_interval: Some(RELOAD),
-            ..Default::default()
-        };
+    let svc_port = free_port(import_ip);
+    let cfg = fed_config;
     let west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 12])).unwrap();
     let _north_gw = Gw::start(
         &north,
@@ -308,17 +284,8 @@ async fn tls_origination_simple_and_mutual() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let scratch = Scratch::new("tlsorig");
     let fed = Fed::start(&Fed::init(&scratch), 0);
-    let east = scratch.site("east", "east.example.org");
-    let west = scratch.site("west", "west.example.org");
-    for (s, n) in [(&east, "east"), (&west, "west")] {
-        assert_eq!(join(s, n, &fed.token(n, "1h")).0, 0);
-    }
-    let cfg =
-        |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4]| meshfed_gateway::lab::ConfigBuilder {
-            federation: Some((s.dir.clone(), ip.into())),
-            reload_interval: Some(RELOAD),
-            ..Default::default()
-        };
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let cfg = fed_config;
     let _west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 15])).unwrap();
     let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 16])).unwrap();
     let certs = scratch.0.join("certs");
@@ -326,13 +293,7 @@ async fn tls_origination_simple_and_mutual() {
     tls_files(&certs, "billing.mainframe.example");
     let simple = tls_echo(&certs, false).await;
     let mutual = tls_echo(&certs, true).await;
-    let port = |ip: [u8; 4]| {
-        std::net::TcpListener::bind((std::net::IpAddr::from(ip), 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let port = |ip: [u8; 4]| free_port(ip.into());
     let (p1, p2, p3) = (
         port([127, 0, 0, 16]),
         port([127, 0, 0, 16]),
