@@ -69,6 +69,9 @@ enum Cmd {
         /// The gateway's `federation.import_address`: what A records point at.
         #[arg(long, default_value = "127.0.0.1")]
         import_address: std::net::IpAddr,
+        /// The gateway's `federation.vip_range`, if it has one: one address per import.
+        #[arg(long)]
+        vip_range: Option<String>,
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         ttl: Duration,
         /// Extra zones answered like clusterset.local (repeatable).
@@ -365,6 +368,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             listen,
             import_address,
+            vip_range,
             ttl,
             zone,
             forward,
@@ -373,6 +377,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let site = meshfed_federation::SiteName::new(&site)
                 .with_context(|| format!("--site {site:?}"))?;
+            let vip_range = vip_range
+                .as_deref()
+                .map(meshfed_federation::routing::VipRange::parse)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--vip-range: {e}"))?;
             let zones = zone
                 .iter()
                 .map(|z| meshfed_gateway::config::valid_zone(z).map_err(anyhow::Error::msg))
@@ -398,6 +407,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     site,
                     zone,
                     import_address,
+                    vip_range,
                     table: table.clone(),
                 };
                 if let Err(e) = follow.load() {

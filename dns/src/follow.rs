@@ -23,6 +23,8 @@ pub struct Follow {
     pub zone: ZoneConfig,
     /// Where the site's gateway listens for imports (what A records point at).
     pub import_address: IpAddr,
+    /// One address per import from this range, as the gateway's `federation.vip_range`.
+    pub vip_range: Option<meshfed_federation::routing::VipRange>,
     pub table: Arc<ArcSwap<Table>>,
 }
 
@@ -44,7 +46,12 @@ impl Follow {
                 .filter(|i| i.protocol == Protocol::Tcp)
                 .collect(),
         };
-        let t = crate::table_for_plan(&self.zone, &served, self.import_address, cat.revision.0);
+        let addrs = meshfed_federation::routing::import_addresses(
+            &served,
+            self.import_address,
+            self.vip_range,
+        );
+        let t = crate::table_for_plan(&self.zone, &served, &addrs, cat.revision.0);
         self.table.store(Arc::new(t));
         info!(
             revision = cat.revision.0,

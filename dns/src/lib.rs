@@ -15,34 +15,46 @@ pub mod zone;
 
 pub use zone::{ImportRecord, Table, ZoneConfig};
 
+use meshfed_federation::ServiceName;
 use meshfed_federation::routing::SitePlan;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-/// The table for a site's plan: every import answers with `address` (where the site's
-/// gateway listens for imports).
-pub fn table_for_plan(cfg: &ZoneConfig, plan: &SitePlan, address: IpAddr, serial: u64) -> Table {
+/// The table for a site's plan: every import answers with the address the site's
+/// gateway listens on for it (`routing::import_addresses`).
+pub fn table_for_plan(
+    cfg: &ZoneConfig,
+    plan: &SitePlan,
+    addresses: &BTreeMap<ServiceName, IpAddr>,
+    serial: u64,
+) -> Table {
     let imports: Vec<ImportRecord> = plan
         .imports
         .iter()
-        .map(|im| ImportRecord {
-            service: im.service.clone(),
-            port: im.port,
-            protocol: im.protocol,
-            port_name: im.name.clone(),
-            address,
+        .filter_map(|im| {
+            Some(ImportRecord {
+                service: im.service.clone(),
+                port: im.port,
+                protocol: im.protocol,
+                port_name: im.name.clone(),
+                address: *addresses.get(&im.service)?,
+            })
         })
         .collect();
-    let mut hosts: std::collections::BTreeMap<&str, ()> = Default::default();
+    let mut hosts: BTreeMap<&str, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
     for im in &plan.imports {
+        let Some(a) = addresses.get(&im.service) else {
+            continue;
+        };
         for h in &im.hosts {
-            hosts.insert(h, ());
+            hosts.entry(h).or_default().insert(*a);
         }
     }
     let hosts: Vec<zone::HostRecord> = hosts
-        .into_keys()
-        .map(|h| zone::HostRecord {
+        .into_iter()
+        .map(|(h, a)| zone::HostRecord {
             name: h.to_owned(),
-            addresses: vec![address],
+            addresses: a.into_iter().collect(),
         })
         .collect();
     Table::build(cfg, &imports, &hosts, serial as u32)

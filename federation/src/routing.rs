@@ -105,11 +105,126 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
     SitePlan { peers, imports }
 }
 
+/// A range imports get one address each from (`federation.vip_range`), so that services
+/// on the same port do not collide and DNS has one name per address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipRange {
+    base: u32,
+    size: u32,
+}
+
+impl VipRange {
+    /// An IPv4 CIDR with a prefix of /8 to /30, e.g. `127.100.0.0/16`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (ip, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/nn)"))?;
+        let ip: std::net::Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+        let len: u32 = len
+            .parse()
+            .ok()
+            .filter(|l| (8..=30).contains(l))
+            .ok_or_else(|| format!("prefix /{len} is not /8 to /30"))?;
+        let size = 1u32 << (32 - len);
+        let base = u32::from(ip) & !(size - 1);
+        Ok(Self { base, size })
+    }
+}
+
+/// The address each import listens on (and DNS answers with): one per service from
+/// `vips`, else `shared` for all. A service's VIP comes from a hash of its name, so it
+/// stays the same across restarts and catalog changes; a collision takes the next free
+/// address, in name order.
+pub fn import_addresses(
+    plan: &SitePlan,
+    shared: std::net::IpAddr,
+    vips: Option<VipRange>,
+) -> BTreeMap<ServiceName, std::net::IpAddr> {
+    let services: std::collections::BTreeSet<&ServiceName> =
+        plan.imports.iter().map(|i| &i.service).collect();
+    let Some(r) = vips else {
+        return services.into_iter().map(|s| (s.clone(), shared)).collect();
+    };
+    // Usable offsets: not the network or broadcast address.
+    let usable = r.size - 2;
+    let mut taken = std::collections::BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for s in services {
+        // FNV-1a: stable across builds and platforms.
+        let h = s
+            .to_string()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+        let mut off = (h % u64::from(usable)) as u32;
+        if taken.len() as u32 >= usable {
+            break; // the range is full: the rest get no address (logged by the caller)
+        }
+        while !taken.insert(off) {
+            off = (off + 1) % usable;
+        }
+        let ip = std::net::Ipv4Addr::from(r.base + 1 + off);
+        out.insert(s.clone(), std::net::IpAddr::V4(ip));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::catalog::{Change, Delta, Export, ExportedPort, Revision, SiteRecord};
     use meshfed_identity::TrustDomain;
+
+    #[test]
+    fn vips_are_stable_distinct_and_inside_the_range() {
+        let r = VipRange::parse("127.100.7.9/24").unwrap();
+        let shared: std::net::IpAddr = [127, 0, 0, 2].into();
+        let plan = |names: &[&str]| SitePlan {
+            peers: vec![],
+            imports: names
+                .iter()
+                .map(|n| ImportPlan {
+                    service: ServiceName::parse(n).unwrap(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    name: None,
+                    hosts: vec![],
+                    backends: vec![],
+                })
+                .collect(),
+        };
+        let a = import_addresses(&plan(&["a.x", "b.x", "c.x"]), shared, Some(r));
+        let ips: std::collections::BTreeSet<_> = a.values().collect();
+        assert_eq!(ips.len(), 3, "distinct: {a:?}");
+        for ip in a.values() {
+            let o = match ip {
+                std::net::IpAddr::V4(v) => v.octets(),
+                _ => panic!(),
+            };
+            assert!(o[..3] == [127, 100, 7] && o[3] != 0 && o[3] != 255, "{ip}");
+        }
+        // Another service coming or going does not move the others (no collision here).
+        let b = import_addresses(&plan(&["a.x", "c.x"]), shared, Some(r));
+        assert_eq!(
+            b[&ServiceName::parse("c.x").unwrap()],
+            a[&ServiceName::parse("c.x").unwrap()]
+        );
+        // Without a range: all share the import address.
+        let c = import_addresses(&plan(&["a.x", "b.x"]), shared, None);
+        assert!(c.values().all(|ip| *ip == shared));
+        // A full /30 (2 usable) leaves the third out rather than reuse an address.
+        let tiny = VipRange::parse("10.0.0.0/30").unwrap();
+        assert_eq!(
+            import_addresses(&plan(&["a.x", "b.x", "c.x"]), shared, Some(tiny)).len(),
+            2
+        );
+        for bad in ["10.0.0.0", "10.0.0.0/31", "10.0.0.0/4", "fd00::/64", "x/24"] {
+            assert!(VipRange::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     struct Builder(Catalog);
 

@@ -88,6 +88,8 @@ struct RawFederation {
     #[serde(default)]
     import_address: Option<String>,
     #[serde(default)]
+    vip_range: Option<String>,
+    #[serde(default)]
     advertise: Option<String>,
     #[serde(default)]
     locality: Option<String>,
@@ -211,6 +213,9 @@ pub struct Federation {
     /// Egress listeners for imported services bind here, on the service's port;
     /// default 127.0.0.1.
     pub import_address: std::net::IpAddr,
+    /// One address per imported service from this range (listener and DNS answer),
+    /// instead of `import_address` for all.
+    pub vip_range: Option<meshfed_federation::routing::VipRange>,
     /// The QUIC address other gateways dial; default `listen`.
     pub advertise: Option<String>,
     pub locality: Option<String>,
@@ -327,6 +332,12 @@ impl RawConfig {
                 Ok::<_, ConfigError>(Federation {
                     dir: rel(base, f.dir),
                     import_address,
+                    vip_range: f
+                        .vip_range
+                        .as_deref()
+                        .map(meshfed_federation::routing::VipRange::parse)
+                        .transpose()
+                        .map_err(|e| v.err("federation.vip_range", e))?,
                     advertise: f.advertise,
                     locality: f.locality,
                 })
@@ -632,6 +643,10 @@ imports:
         assert_eq!(f, "dns.rate_limit");
         let (f, _) = field_err(&dns("  listen: nowhere\n"));
         assert_eq!(f, "dns.listen");
+        let (f, r) = field_err(&format!(
+            "{GOOD}federation:\n  dir: site\n  vip_range: 10.0.0.0/31\n"
+        ));
+        assert!(f == "federation.vip_range" && r.contains("/31"), "{f}: {r}");
     }
 
     #[test]

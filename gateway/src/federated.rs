@@ -55,7 +55,6 @@ pub struct Agent {
     pub dns: Option<(
         meshfed_dns::ZoneConfig,
         Arc<arc_swap::ArcSwap<meshfed_dns::Table>>,
-        std::net::IpAddr,
     )>,
 }
 
@@ -134,7 +133,12 @@ impl Agent {
     /// Makes peers and imports match the catalog.
     fn apply_plan(&self, catalog: &Catalog) {
         let p = plan(catalog, &self.site, self.fed.locality.as_deref());
-        if let Some((zone, table, addr)) = &self.dns {
+        let addrs = meshfed_federation::routing::import_addresses(
+            &p,
+            self.fed.import_address,
+            self.fed.vip_range,
+        );
+        if let Some((zone, table)) = &self.dns {
             // Only what this gateway serves: UDP imports get listeners with the UDP issue.
             let served = meshfed_federation::routing::SitePlan {
                 peers: vec![],
@@ -148,7 +152,7 @@ impl Agent {
             table.store(Arc::new(meshfed_dns::table_for_plan(
                 zone,
                 &served,
-                *addr,
+                &addrs,
                 catalog.revision.0,
             )));
         }
@@ -176,7 +180,11 @@ impl Agent {
             if im.protocol != meshfed_federation::catalog::Protocol::Tcp {
                 continue; // UDP imports arrive with the UDP issue.
             }
-            let listen = SocketAddr::new(self.fed.import_address, im.port);
+            let Some(ip) = addrs.get(&im.service) else {
+                warn!(service = %im.service, "federation.vip_range is full: import not bound");
+                continue;
+            };
+            let listen = SocketAddr::new(*ip, im.port);
             match self
                 .imports
                 .upsert(&im.service, im.port, listen, im.backends.clone())

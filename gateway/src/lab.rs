@@ -74,6 +74,8 @@ pub struct ConfigBuilder {
     pub reload_interval: Option<Duration>,
     /// (site directory, import address): run peers and imports from the federation.
     pub federation: Option<(PathBuf, std::net::IpAddr)>,
+    /// `federation.vip_range`.
+    pub vip_range: Option<String>,
     /// The `dns` section, as YAML lines under `dns:` (e.g. `listen: 127.0.0.1:0`).
     pub dns: Option<String>,
     pub bundles: Vec<PathBuf>,
@@ -144,6 +146,9 @@ impl ConfigBuilder {
                 "federation:\n  dir: {}\n  import_address: {ip}",
                 dir.display()
             );
+            if let Some(r) = &self.vip_range {
+                let _ = writeln!(y, "  vip_range: {r}");
+            }
         }
         if let Some(dns) = &self.dns {
             y.push_str("dns:\n");

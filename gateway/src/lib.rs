@@ -257,7 +257,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
 
     let mut dns_server = None;
     let mut dns_table = None;
-    if let (Some(d), Some(fed)) = (&cfg.dns, &cfg.federation) {
+    if let (Some(d), Some(_)) = (&cfg.dns, &cfg.federation) {
         let zone = meshfed_dns::ZoneConfig {
             ttl: d.ttl,
             extra_zones: d.zones.clone(),
@@ -287,7 +287,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             addr: d.listen,
             source,
         })?;
-        dns_table = Some((zone, table, fed.import_address));
+        dns_table = Some((zone, table));
         dns_server = Some(running);
     }
 

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::federation::{Fed, fed_config, free_port, joined};
+use crate::harness::echo_once;
 use crate::harness::*;
 
 /// What `dig` printed, by section.
@@ -59,7 +60,7 @@ fn wait_dig(server: SocketAddr, name: &str, status: &str, want: Option<&str>) ->
     let started = Instant::now();
     loop {
         let d = dig(server, &[name, "A"]);
-        let answered = want.is_none_or(|w| d.answer.iter().any(|l| l.ends_with(w)));
+        let answered = want.is_none_or(|w| d.answer.iter().any(|l| l.contains(w)));
         if d.status == status && answered {
             return started.elapsed();
         }
@@ -231,4 +232,48 @@ async fn dns_answers_from_the_live_catalog_with_real_dig() {
     );
     let _ = standalone.kill();
     let _ = standalone.wait();
+}
+
+/// With `federation.vip_range`, every import gets its own address: two services on the
+/// same port both get a listener, DNS answers each with its own VIP, and PTR maps a VIP
+/// back to its one service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vips_give_each_import_its_own_address() {
+    let scratch = Scratch::new("vips");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let port = free_port([127, 0, 0, 1].into());
+    let _west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 21])
+            .export("orders.shop", port, vec![echo_server().await])
+            .export("billing.shop", port, vec![echo_server().await]),
+    )
+    .unwrap();
+    let mut cfg = fed_config(&east, [127, 0, 0, 22]);
+    cfg.vip_range = Some("127.77.0.0/16".into());
+    cfg.dns = Some("listen: 127.0.0.1:0".into());
+    let east_gw = Gw::start(&east, &cfg).unwrap();
+    let dns = east_gw.dns.unwrap();
+    let mut vips = Vec::new();
+    for svc in ["orders", "billing"] {
+        let name = format!("{svc}.shop.svc.clusterset.local");
+        wait_dig(dns, &name, "NOERROR", Some(" A 127.77."));
+        let d = dig(dns, &[&name, "A"]);
+        let ip: std::net::IpAddr = d.answer[0].rsplit(' ').next().unwrap().parse().unwrap();
+        // Reachable at its own address, on the shared port.
+        let started = Instant::now();
+        while echo_once(SocketAddr::new(ip, port)).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{name} at {ip}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let ptr = dig(dns, &["-x", &ip.to_string()]);
+        assert_eq!(ptr.answer.len(), 1, "{ptr:?}");
+        assert!(ptr.answer[0].ends_with(&format!("PTR {name}.")), "{ptr:?}");
+        vips.push(ip);
+    }
+    assert_ne!(vips[0], vips[1]);
 }
