@@ -191,6 +191,11 @@ impl FederationService {
         refusal(r.code, r.reason, r.message)
     }
 
+    /// A `bad_request` refusal (InvalidArgument) naming what was wrong.
+    fn bad_request(&self, message: impl Into<String>) -> Status {
+        self.refuse(Refused::new(Code::InvalidArgument, "bad_request", message))
+    }
+
     fn caller<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
         req.extensions()
             .get::<PeerInfo>()
@@ -483,19 +488,9 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         self.operator(&req)?;
         let r = req.into_inner();
-        let site = SiteName::new(&r.site).map_err(|e| {
-            self.refuse(Refused::new(
-                Code::InvalidArgument,
-                "bad_request",
-                format!("site: {e}"),
-            ))
-        })?;
+        let site = SiteName::new(&r.site).map_err(|e| self.bad_request(format!("site: {e}")))?;
         if r.ttl_seconds == 0 || r.ttl_seconds > MAX_TOKEN_TTL_SECS {
-            return Err(self.refuse(Refused::new(
-                Code::InvalidArgument,
-                "bad_request",
-                format!("ttl_seconds must be 1..={MAX_TOKEN_TTL_SECS}"),
-            )));
+            return Err(self.bad_request(format!("ttl_seconds must be 1..={MAX_TOKEN_TTL_SECS}")));
         }
         let token = JoinToken::generate(
             site.clone(),
@@ -521,45 +516,21 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let r = req.into_inner();
         let token = JoinToken::decode(&r.token).map_err(|e| self.refuse(token_status(&e)))?;
-        let site = SiteName::new(&r.site).map_err(|e| {
-            self.refuse(Refused::new(
-                Code::InvalidArgument,
-                "bad_request",
-                format!("site: {e}"),
-            ))
-        })?;
-        let td = TrustDomain::new(&r.trust_domain).map_err(|e| {
-            self.refuse(Refused::new(
-                Code::InvalidArgument,
-                "bad_request",
-                format!("trust_domain: {e}"),
-            ))
-        })?;
-        let bundle = TrustBundle::from_jwks(td.clone(), r.bundle_jwks.as_bytes()).map_err(|e| {
-            self.refuse(Refused::new(
-                Code::InvalidArgument,
-                "bad_request",
-                format!("bundle_jwks: {e}"),
-            ))
-        })?;
+        let site = SiteName::new(&r.site).map_err(|e| self.bad_request(format!("site: {e}")))?;
+        let td = TrustDomain::new(&r.trust_domain)
+            .map_err(|e| self.bad_request(format!("trust_domain: {e}")))?;
+        let bundle = TrustBundle::from_jwks(td.clone(), r.bundle_jwks.as_bytes())
+            .map_err(|e| self.bad_request(format!("bundle_jwks: {e}")))?;
         if td == self.trust_domain {
-            return Err(self.refuse(Refused::new(
-                Code::InvalidArgument,
-                "bad_request",
-                "a site cannot use the federation's own trust domain",
-            )));
+            return Err(self.bad_request("a site cannot use the federation's own trust domain"));
         }
         self.store
             .redeem_token(&token, &site, now_unix())
             .await
             .map_err(|e| self.refuse(store_status(e)))?;
-        let jwks = bundle.to_jwks().map_err(|e| {
-            self.refuse(Refused::new(
-                Code::InvalidArgument,
-                "bad_request",
-                e.to_string(),
-            ))
-        })?;
+        let jwks = bundle
+            .to_jwks()
+            .map_err(|e| self.bad_request(e.to_string()))?;
         self.store
             .set_bundle(td.as_str(), jwks)
             .await

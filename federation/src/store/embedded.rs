@@ -125,10 +125,6 @@ impl EmbeddedStore {
         self.lock().state.clone()
     }
 
-    pub fn site(&self, site: &crate::SiteName) -> Option<crate::SiteRecord> {
-        self.lock().state.catalog.sites.get(site).cloned()
-    }
-
     /// Runs `f` on the current catalog under the store's lock (keep `f` short).
     pub fn with_catalog<R>(&self, f: impl FnOnce(&Catalog) -> R) -> R {
         f(&self.lock().state.catalog)
