@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use meshfed_federation::catalog::Protocol;
-use meshfed_federation::routing::{SitePlan, plan};
+use meshfed_federation::routing::plan;
 use meshfed_federation::{Catalog, SiteName};
 use tracing::{info, warn};
 
@@ -37,15 +36,7 @@ impl Follow {
             std::fs::read(&self.catalog).map_err(|e| format!("{}: {e}", self.catalog.display()))?;
         let cat: Catalog = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: not a meshfed catalog: {e}", self.catalog.display()))?;
-        let p = plan(&cat, &self.site, None);
-        let served = SitePlan {
-            peers: vec![],
-            imports: p
-                .imports
-                .into_iter()
-                .filter(|i| i.protocol == Protocol::Tcp)
-                .collect(),
-        };
+        let served = plan(&cat, &self.site, None);
         let addrs = meshfed_federation::routing::import_addresses(
             &served,
             self.import_address,

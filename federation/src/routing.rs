@@ -57,15 +57,15 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         })
         .collect();
 
-    // (service, port) -> (protocol, candidates)
+    // (service, port, protocol) -> (port name, candidates, hosts): TCP and UDP on one
+    // port number (DNS on 53) are two imports.
     type Candidate<'a> = (bool, u32, &'a SiteName);
     type Entry<'a> = (
-        Protocol,
         Option<&'a String>,
         Vec<Candidate<'a>>,
         std::collections::BTreeSet<&'a String>,
     );
-    let mut ports: BTreeMap<(&ServiceName, u16), Entry<'_>> = BTreeMap::new();
+    let mut ports: BTreeMap<(&ServiceName, u16, Protocol), Entry<'_>> = BTreeMap::new();
     for ((site, service), export) in &catalog.exports {
         if site == me {
             continue;
@@ -73,24 +73,19 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         let usable = catalog.sites.get(site).is_some_and(|r| r.up) && export.ready_endpoints > 0;
         let same_locality = locality.is_some() && export.locality.as_deref() == locality;
         for p in &export.ports {
-            let entry = ports.entry((service, p.port)).or_insert((
-                p.protocol,
-                None,
-                Vec::new(),
-                Default::default(),
-            ));
-            entry.3.extend(export.hosts.iter());
-            if entry.1.is_none() {
-                entry.1 = p.name.as_ref();
+            let entry = ports.entry((service, p.port, p.protocol)).or_default();
+            entry.2.extend(export.hosts.iter());
+            if entry.0.is_none() {
+                entry.0 = p.name.as_ref();
             }
             if usable {
-                entry.2.push((same_locality, export.ready_endpoints, site));
+                entry.1.push((same_locality, export.ready_endpoints, site));
             }
         }
     }
     let imports = ports
         .into_iter()
-        .map(|((service, port), (protocol, name, mut cands, hosts))| {
+        .map(|((service, port, protocol), (name, mut cands, hosts))| {
             cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
             ImportPlan {
                 service: service.clone(),
@@ -308,6 +303,51 @@ mod tests {
         assert_eq!(p.imports.len(), 1);
         // Own export is not imported; more ready endpoints first.
         assert_eq!(names(&p.imports[0].backends), vec!["north", "west"]);
+    }
+
+    #[test]
+    fn tcp_and_udp_on_one_port_are_two_imports() {
+        let port = |protocol, name: &str| ExportedPort {
+            port: 53,
+            protocol,
+            name: Some(name.into()),
+        };
+        let c = Builder::new()
+            .site("east", true)
+            .site("west", true)
+            .apply(Change::PutExport {
+                site: SiteName::new("west").unwrap(),
+                export: Export {
+                    service: ServiceName::parse("dns.legacy").unwrap(),
+                    ports: vec![port(Protocol::Udp, "dns"), port(Protocol::Tcp, "dns-tcp")],
+                    ready_endpoints: 1,
+                    identities: vec![],
+                    locality: None,
+                    labels: Default::default(),
+                    hosts: vec![],
+                },
+            })
+            .0;
+        let p = plan(&c, &SiteName::new("east").unwrap(), None);
+        let got: Vec<_> = p
+            .imports
+            .iter()
+            .map(|i| {
+                (
+                    i.port,
+                    i.protocol,
+                    i.name.as_deref().unwrap(),
+                    names(&i.backends),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (53, Protocol::Tcp, "dns-tcp", vec!["west"]),
+                (53, Protocol::Udp, "dns", vec!["west"]),
+            ]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use meshfed_federation::catalog::Protocol;
 use meshfed_federation::{ServiceName, SiteName};
 use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::Deserialize;
@@ -46,6 +47,8 @@ struct RawConfig {
     connect_timeout: Option<String>,
     #[serde(default)]
     reload_interval: Option<String>,
+    #[serde(default)]
+    udp_idle_timeout: Option<String>,
     #[serde(default)]
     federation: Option<RawFederation>,
     #[serde(default)]
@@ -117,6 +120,8 @@ struct RawExport {
 #[serde(deny_unknown_fields)]
 struct RawExportPort {
     port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
     endpoints: Vec<String>,
 }
 
@@ -125,6 +130,8 @@ struct RawExportPort {
 struct RawImport {
     service: String,
     port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
     site: String,
     listen: String,
 }
@@ -136,6 +143,9 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// A UDP flow with no datagram either way for this long is closed (Envoy's UDP proxy
+/// uses the same default).
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -153,6 +163,8 @@ pub struct GatewayConfig {
     pub connect_timeout: Duration,
     /// How often the SVID and bundle files are checked for changes; default 5 s.
     pub reload_interval: Duration,
+    /// How long a UDP flow lives without datagrams; default 60 s.
+    pub udp_idle_timeout: Duration,
     pub peers: Vec<Peer>,
     pub exports: BTreeMap<ServiceName, Export>,
     pub imports: Vec<Import>,
@@ -232,7 +244,10 @@ pub struct Peer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Export {
     pub service: ServiceName,
+    /// TCP ports and their endpoints.
     pub ports: BTreeMap<u16, Vec<SocketAddr>>,
+    /// UDP ports and their endpoints, carried as QUIC datagrams.
+    pub udp_ports: BTreeMap<u16, Vec<SocketAddr>>,
     /// `None`: any federated trust domain may connect.
     pub allowed_peers: Option<BTreeSet<SpiffeId>>,
     /// DNS names published with it (a registered legacy service's hosts).
@@ -245,8 +260,18 @@ pub struct Export {
 pub struct Import {
     pub service: ServiceName,
     pub port: u16,
+    pub protocol: Protocol,
     pub site: SiteName,
     pub listen: SocketAddr,
+}
+
+/// `tcp` (the default) or `udp`, in any case.
+fn protocol(p: Option<&str>) -> Result<Protocol, String> {
+    match p.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("tcp") => Ok(Protocol::Tcp),
+        Some("udp") => Ok(Protocol::Udp),
+        Some(other) => Err(format!("{other:?} is not tcp or udp")),
+    }
 }
 
 // === impl GatewayConfig ===
@@ -395,6 +420,14 @@ impl RawConfig {
         if reload_interval.is_zero() {
             return Err(v.err("reload_interval", "must be positive"));
         }
+        let udp_idle_timeout = v.duration(
+            "udp_idle_timeout",
+            self.udp_idle_timeout.as_deref(),
+            DEFAULT_UDP_IDLE_TIMEOUT,
+        )?;
+        if udp_idle_timeout.is_zero() {
+            return Err(v.err("udp_idle_timeout", "must be positive"));
+        }
 
         let mut peers = Vec::new();
         let mut peer_sites = BTreeSet::new();
@@ -438,10 +471,17 @@ impl RawConfig {
                 return Err(v.err(f("ports"), "an export needs at least one port"));
             }
             let mut ports = BTreeMap::new();
+            let mut udp_ports = BTreeMap::new();
             for (j, p) in e.ports.into_iter().enumerate() {
                 if p.port == 0 {
                     return Err(v.err(f(&format!("ports[{j}].port")), "port 0"));
                 }
+                let protocol = protocol(p.protocol.as_deref())
+                    .map_err(|e| v.err(f(&format!("ports[{j}].protocol")), e))?;
+                let ports = match protocol {
+                    Protocol::Tcp => &mut ports,
+                    Protocol::Udp => &mut udp_ports,
+                };
                 let eps = p
                     .endpoints
                     .iter()
@@ -451,7 +491,7 @@ impl RawConfig {
                 if ports.insert(p.port, eps).is_some() {
                     return Err(v.err(
                         f(&format!("ports[{j}].port")),
-                        format!("port {} is listed twice", p.port),
+                        format!("{protocol} port {} is listed twice", p.port),
                     ));
                 }
             }
@@ -476,6 +516,7 @@ impl RawConfig {
                 Export {
                     service,
                     ports,
+                    udp_ports,
                     allowed_peers,
                     hosts: vec![],
                     tls: None,
@@ -499,13 +540,15 @@ impl RawConfig {
             if im.port == 0 {
                 return Err(v.err(f("port"), "port 0"));
             }
+            let protocol = protocol(im.protocol.as_deref()).map_err(|e| v.err(f("protocol"), e))?;
             let listen = v.addr(f("listen"), &im.listen)?;
-            if listen.port() != 0 && !listens.insert(listen) {
+            if listen.port() != 0 && !listens.insert((listen, protocol)) {
                 return Err(v.err(f("listen"), format!("{listen} is used by another import")));
             }
             imports.push(Import {
                 service,
                 port: im.port,
+                protocol,
                 site: isite,
                 listen,
             });
@@ -522,6 +565,7 @@ impl RawConfig {
             drain_grace,
             connect_timeout,
             reload_interval,
+            udp_idle_timeout,
             federation,
             dns,
             peers,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use meshfed_federation::catalog::Protocol;
 use meshfed_federation::{ServiceName, SiteName};
 use meshfed_identity::SpiffeId;
 use quinn::{Connection, RecvStream, SendStream};
@@ -72,14 +73,35 @@ impl Egress {
         }
     }
 
-    /// Tries the backends in order; a refusal before any payload byte moves on to the
-    /// next site without the client noticing.
     async fn serve_client(&self, tcp: TcpStream) {
-        let open = Open {
+        let open = self.open_request(None);
+        match self.open_any(&open).await {
+            Ok(opened) => {
+                let _active = self.metrics.stream_started(DIR);
+                let end = splice(tcp, opened.send, opened.recv, &self.metrics.counters(DIR)).await;
+                debug!(?end, site = %opened.site, "connection done");
+            }
+            Err(refused) => {
+                refused.log(&open, "connection refused");
+                self.metrics.refused(DIR, refused.reason.as_str());
+                reset_tcp(tcp);
+            }
+        }
+    }
+
+    /// The open request for this import: a TCP stream, or the UDP flow `flow`.
+    pub(crate) fn open_request(&self, flow: Option<u32>) -> Open {
+        Open {
             service: self.service.clone(),
             port: self.port,
             source: self.local_id.clone(),
-        };
+            flow,
+        }
+    }
+
+    /// Tries the backends in order; a refusal before any payload byte moves on to the
+    /// next site without the client noticing.
+    pub(crate) async fn open_any(&self, open: &Open) -> Result<Opened, Refused> {
         let backends = self.backends.load_full();
         let mut last = (
             Refusal::NoReadyEndpoint,
@@ -108,12 +130,14 @@ impl Egress {
                         .max(FAILOVER_WAIT),
                 )
             };
-            match self.open_stream(&peer, &open, wait, answer).await {
-                Ok((send, recv)) => {
-                    let _active = self.metrics.stream_started(DIR);
-                    let end = splice(tcp, send, recv, &self.metrics.counters(DIR)).await;
-                    debug!(?end, %site, "connection done");
-                    return;
+            match self.open_stream(&peer, open, wait, answer).await {
+                Ok((conn, send, recv)) => {
+                    return Ok(Opened {
+                        site: site.clone(),
+                        conn,
+                        send,
+                        recv,
+                    });
                 }
                 Err((reason, message)) => {
                     if i + 1 < backends.len() && reason.retryable_elsewhere() {
@@ -129,12 +153,11 @@ impl Egress {
             }
         }
         let (reason, message, site) = last;
-        warn!(
-            service = %open.service, port = open.port, site = ?site.map(|s| s.as_str()),
-            reason = reason.as_str(), %message, "connection refused"
-        );
-        self.metrics.refused(DIR, reason.as_str());
-        reset_tcp(tcp);
+        Err(Refused {
+            reason,
+            message,
+            site: site.cloned(),
+        })
     }
 
     /// Opens a stream and waits for accept. A dead connection (open failed or no answer in
@@ -145,7 +168,7 @@ impl Egress {
         open: &Open,
         wait: Duration,
         answer: Duration,
-    ) -> Result<(SendStream, RecvStream), (Refusal, String)> {
+    ) -> Result<(Connection, SendStream, RecvStream), (Refusal, String)> {
         let frame = open.encode();
         let mut last = (Refusal::PeerUnavailable, String::new());
         for _attempt in 0..2 {
@@ -156,7 +179,7 @@ impl Egress {
                 ));
             };
             match self.try_open(&conn, &frame, answer).await {
-                Ok(r) => return r,
+                Ok(r) => return r.map(|(send, recv)| (conn, send, recv)),
                 Err(why) => {
                     peer.report_dead(&conn);
                     last = (Refusal::PeerUnavailable, why);
@@ -206,6 +229,31 @@ impl Egress {
     }
 }
 
+/// A stream the far side accepted.
+pub(crate) struct Opened {
+    pub site: SiteName,
+    pub conn: Connection,
+    pub send: SendStream,
+    pub recv: RecvStream,
+}
+
+/// Why no site accepted: the last site's answer.
+pub(crate) struct Refused {
+    pub reason: Refusal,
+    pub message: String,
+    pub site: Option<SiteName>,
+}
+
+impl Refused {
+    pub fn log(&self, open: &Open, what: &str) {
+        warn!(
+            service = %open.service, port = open.port, udp = open.flow.is_some(),
+            site = ?self.site.as_ref().map(|s| s.as_str()),
+            reason = self.reason.as_str(), message = %self.message, "{what}"
+        );
+    }
+}
+
 /// The egress listeners, one per imported (service, port); added, re-routed and
 /// removed as the catalog changes.
 pub struct Imports {
@@ -213,10 +261,15 @@ pub struct Imports {
     local_id: SpiffeId,
     metrics: Metrics,
     open_timeout: Duration,
+    udp_idle_timeout: Duration,
+    dispatch: Arc<crate::udp::Dispatch>,
     stop: CancellationToken,
     tasks: TaskTracker,
-    by_key: Mutex<BTreeMap<(ServiceName, u16), ImportEntry>>,
+    by_key: Mutex<BTreeMap<ImportKey, ImportEntry>>,
 }
+
+/// An import's identity: service, port, protocol (TCP and UDP on one port are two).
+pub type ImportKey = (ServiceName, u16, Protocol);
 
 struct ImportEntry {
     backends: Backends,
@@ -230,21 +283,24 @@ impl Imports {
         local_id: SpiffeId,
         metrics: Metrics,
         open_timeout: Duration,
+        udp_idle_timeout: Duration,
         stop: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
         Self {
+            dispatch: crate::udp::Dispatch::new(&metrics),
             peers,
             local_id,
             metrics,
             open_timeout,
+            udp_idle_timeout,
             stop,
             tasks,
             by_key: Mutex::new(BTreeMap::new()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(ServiceName, u16), ImportEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ImportKey, ImportEntry>> {
         self.by_key.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -254,20 +310,19 @@ impl Imports {
         &self,
         service: &ServiceName,
         port: u16,
+        protocol: Protocol,
         listen: SocketAddr,
         backends: Vec<SiteName>,
     ) -> std::io::Result<SocketAddr> {
         let mut map = self.lock();
-        let key = (service.clone(), port);
+        let key = (service.clone(), port, protocol);
         if let Some(e) = map.get(&key) {
             if **e.backends.load() != backends {
-                info!(%service, port, backends = ?backends.iter().map(|s| s.as_str()).collect::<Vec<_>>(), "import re-routed");
+                info!(%service, port, %protocol, backends = ?backends.iter().map(|s| s.as_str()).collect::<Vec<_>>(), "import re-routed");
                 e.backends.store(Arc::new(backends));
             }
             return Ok(e.addr);
         }
-        let listener = crate::bind_tcp(listen)?;
-        let addr = listener.local_addr()?;
         let backends = Arc::new(ArcSwap::from_pointee(backends));
         let stop = self.stop.child_token();
         let eg = Egress {
@@ -279,8 +334,26 @@ impl Imports {
             metrics: self.metrics.clone(),
             open_timeout: self.open_timeout,
         };
-        tokio::spawn(eg.serve(listener, stop.clone(), self.tasks.clone()));
-        info!(%service, port, %addr, "import listening");
+        let addr = match protocol {
+            Protocol::Tcp => {
+                let listener = crate::bind_tcp(listen)?;
+                let addr = listener.local_addr()?;
+                tokio::spawn(eg.serve(listener, stop.clone(), self.tasks.clone()));
+                addr
+            }
+            Protocol::Udp => {
+                let socket = crate::udp::bind_udp(listen)?;
+                let addr = socket.local_addr()?;
+                let udp = crate::udp::UdpEgress {
+                    egress: Arc::new(eg),
+                    idle_timeout: self.udp_idle_timeout,
+                    dispatch: self.dispatch.clone(),
+                };
+                tokio::spawn(udp.serve(socket, stop.clone()));
+                addr
+            }
+        };
+        info!(%service, port, %protocol, %addr, "import listening");
         map.insert(
             key,
             ImportEntry {
@@ -293,22 +366,26 @@ impl Imports {
     }
 
     /// Stops the listeners of imports not in `keep` (in-flight connections finish).
-    pub fn retain(&self, keep: &BTreeSet<(ServiceName, u16)>) {
-        self.lock().retain(|(service, port), e| {
-            let kept = keep.contains(&(service.clone(), *port));
+    pub fn retain(&self, keep: &BTreeSet<ImportKey>) {
+        self.lock().retain(|key, e| {
+            let kept = keep.contains(key);
             if !kept {
-                info!(%service, port, "import removed");
+                let (service, port, protocol) = key;
+                info!(%service, port, %protocol, "import removed");
                 e.stop.cancel();
             }
             kept
         });
     }
 
-    /// `service:port` and listen address of every import.
+    /// `service:port` (`service:port/udp` for UDP) and listen address of every import.
     pub fn addrs(&self) -> Vec<(String, SocketAddr)> {
         self.lock()
             .iter()
-            .map(|((s, p), e)| (format!("{s}:{p}"), e.addr))
+            .map(|((s, p, proto), e)| match proto {
+                Protocol::Tcp => (format!("{s}:{p}"), e.addr),
+                Protocol::Udp => (format!("{s}:{p}/udp"), e.addr),
+            })
             .collect()
     }
 }

@@ -16,7 +16,7 @@ use meshfed_federation::api::{change_from_pb, pb};
 use meshfed_federation::catalog::{Delta, Revision};
 use meshfed_federation::node::Membership;
 use meshfed_federation::routing::plan;
-use meshfed_federation::{Catalog, ServiceName, SiteName};
+use meshfed_federation::{Catalog, SiteName};
 use meshfed_identity::ca::write_file;
 use meshfed_identity::{TrustBundle, TrustDomain};
 use tokio_stream::StreamExt;
@@ -89,17 +89,25 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), String> 
 }
 
 fn export_to_pb(e: &Export) -> pb::ServiceExport {
-    let ready: usize = e.ports.values().map(Vec::len).max().unwrap_or(0);
+    let ready: usize = e
+        .ports
+        .values()
+        .chain(e.udp_ports.values())
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0);
+    let port = |p: &u16, protocol: &str| pb::Port {
+        port: u32::from(*p),
+        protocol: protocol.into(),
+        name: String::new(),
+    };
     pb::ServiceExport {
         service: e.service.to_string(),
         ports: e
             .ports
             .keys()
-            .map(|p| pb::Port {
-                port: u32::from(*p),
-                protocol: "tcp".into(),
-                name: String::new(),
-            })
+            .map(|p| port(p, "tcp"))
+            .chain(e.udp_ports.keys().map(|p| port(p, "udp")))
             .collect(),
         ready_endpoints: u32::try_from(ready).unwrap_or(u32::MAX),
         hosts: e.hosts.clone(),
@@ -139,19 +147,9 @@ impl Agent {
             self.fed.vip_range,
         );
         if let Some((zone, table)) = &self.dns {
-            // Only what this gateway serves: UDP imports get listeners with the UDP issue.
-            let served = meshfed_federation::routing::SitePlan {
-                peers: vec![],
-                imports: p
-                    .imports
-                    .iter()
-                    .filter(|i| i.protocol == meshfed_federation::catalog::Protocol::Tcp)
-                    .cloned()
-                    .collect(),
-            };
             table.store(Arc::new(meshfed_dns::table_for_plan(
                 zone,
-                &served,
+                &p,
                 &addrs,
                 catalog.revision.0,
             )));
@@ -171,26 +169,26 @@ impl Agent {
             keep_peers.insert(peer.site.clone());
         }
         self.peers.retain(&keep_peers);
-        let mut keep_imports: BTreeSet<(ServiceName, u16)> = self
+        let mut keep_imports: BTreeSet<crate::egress::ImportKey> = self
             .static_imports
             .iter()
-            .map(|i| (i.service.clone(), i.port))
+            .map(|i| (i.service.clone(), i.port, i.protocol))
             .collect();
         for im in &p.imports {
-            if im.protocol != meshfed_federation::catalog::Protocol::Tcp {
-                continue; // UDP imports arrive with the UDP issue.
-            }
             let Some(ip) = addrs.get(&im.service) else {
                 warn!(service = %im.service, "federation.vip_range is full: import not bound");
                 continue;
             };
             let listen = SocketAddr::new(*ip, im.port);
-            match self
-                .imports
-                .upsert(&im.service, im.port, listen, im.backends.clone())
-            {
+            match self.imports.upsert(
+                &im.service,
+                im.port,
+                im.protocol,
+                listen,
+                im.backends.clone(),
+            ) {
                 Ok(_) => {
-                    keep_imports.insert((im.service.clone(), im.port));
+                    keep_imports.insert((im.service.clone(), im.port, im.protocol));
                 }
                 Err(e) => {
                     warn!(service = %im.service, port = im.port, %listen, error = %e, "import listener not bound")

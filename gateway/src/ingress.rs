@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::peers::peer_spiffe_id;
 use crate::splice::{splice, splice_tls};
 use crate::tunnel::{HeaderReadError, read_header};
+use crate::udp::IngressFlows;
 use crate::wire::{self, Open, Refusal, Response, app_code};
 use meshfed_federation::sources::service_entry::TlsOrigination;
 
@@ -40,6 +41,8 @@ pub struct Ingress {
     /// Swapped whole when registered (legacy) services change.
     pub exports: arc_swap::ArcSwap<BTreeMap<ServiceName, Export>>,
     pub connect_timeout: Duration,
+    /// How long a UDP flow lives without datagrams.
+    pub udp_idle_timeout: Duration,
     pub metrics: Metrics,
     next: AtomicUsize,
     /// Verified IDs of the peers connected to us now, with their connection counts.
@@ -85,16 +88,26 @@ pub fn decide<'a>(
             format!("{} is not exported to {peer}", open.service),
         ));
     }
-    let endpoints = export.ports.get(&open.port).ok_or_else(|| {
+    let (ports, proto) = match open.flow {
+        None => (&export.ports, "tcp"),
+        Some(_) => (&export.udp_ports, "udp"),
+    };
+    let endpoints = ports.get(&open.port).ok_or_else(|| {
         (
             Refusal::UnknownService,
-            format!("{} does not export port {}", open.service, open.port),
+            format!(
+                "{} does not export {proto} port {}",
+                open.service, open.port
+            ),
         )
     })?;
     if endpoints.is_empty() {
         return Err((
             Refusal::NoReadyEndpoint,
-            format!("{}:{} has no ready endpoint", open.service, open.port),
+            format!(
+                "{}:{}/{proto} has no ready endpoint",
+                open.service, open.port
+            ),
         ));
     }
     Ok(Route { endpoints })
@@ -104,11 +117,13 @@ impl Ingress {
     pub fn new(
         exports: BTreeMap<ServiceName, Export>,
         connect_timeout: Duration,
+        udp_idle_timeout: Duration,
         metrics: Metrics,
     ) -> Self {
         Self {
             exports: arc_swap::ArcSwap::from_pointee(exports),
             connect_timeout,
+            udp_idle_timeout,
             metrics,
             next: AtomicUsize::new(0),
             inbound: Default::default(),
@@ -183,6 +198,7 @@ impl Ingress {
         };
         info!(%peer, "peer gateway connected");
         *self.inbound_lock().entry(peer.clone()).or_default() += 1;
+        let udp = IngressFlows::new(conn.clone(), &self.metrics);
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -213,14 +229,22 @@ impl Ingress {
                 });
                 continue;
             }
+            let (udp, stop) = (udp.clone(), stop.clone());
             tasks.spawn(
-                async move { this.serve_stream(send, recv, peer).await }
+                async move { this.serve_stream(send, recv, peer, udp, stop).await }
                     .instrument(info_span!("stream", id = %conn.stable_id())),
             );
         }
     }
 
-    async fn serve_stream(&self, send: SendStream, mut recv: RecvStream, peer: SpiffeId) {
+    async fn serve_stream(
+        &self,
+        send: SendStream,
+        mut recv: RecvStream,
+        peer: SpiffeId,
+        udp: Arc<IngressFlows>,
+        stop: CancellationToken,
+    ) {
         let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await {
             Err(_) => {
                 return self
@@ -262,6 +286,11 @@ impl Ingress {
                 Err((r, msg)) => return self.refuse(send, recv, r, msg, false).await,
             }
         };
+        if let Some(flow) = open.flow {
+            return self
+                .serve_udp(&open, flow, &endpoints, send, recv, udp, stop)
+                .await;
+        }
         let Some((tcp, ep)) = self.connect(&endpoints).await else {
             let msg = format!(
                 "{}:{}: none of {} endpoint(s) accepted a connection within {:?}",
@@ -300,6 +329,38 @@ impl Ingress {
             Conn::Plain(tcp) => splice(tcp, send, recv, &counters).await,
         };
         debug!(?end, "stream done");
+    }
+
+    /// An accepted UDP flow: a socket toward one endpoint (round-robin), then datagrams
+    /// until the flow ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_udp(
+        &self,
+        open: &Open,
+        flow: u32,
+        endpoints: &[SocketAddr],
+        mut send: SendStream,
+        recv: RecvStream,
+        udp: Arc<IngressFlows>,
+        stop: CancellationToken,
+    ) {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let ep = endpoints[start % endpoints.len()];
+        let handle = match udp.open(flow, ep).await {
+            Ok(h) => h,
+            Err((reason, e)) => {
+                let msg = format!("{}:{}/udp: {e}", open.service, open.port);
+                return self.refuse(send, recv, reason, msg, false).await;
+            }
+        };
+        if send.write_all(&Response::Accept.encode()).await.is_err() {
+            handle.abandon(&udp);
+            return;
+        }
+        debug!(service = %open.service, port = open.port, source = %open.source, flow, endpoint = %ep, "UDP flow accepted");
+        let _active = self.metrics.udp_flow_started(DIR);
+        udp.run(handle, send, recv, self.udp_idle_timeout, stop)
+            .await;
     }
 
     /// Speaks TLS to the endpoint over `tcp`, as `t` says.
@@ -394,6 +455,7 @@ mod tests {
                     (7001, vec![]),
                 ]
                 .into(),
+                udp_ports: [(53, vec!["127.0.0.1:5353".parse().unwrap()])].into(),
                 allowed_peers: None,
                 hosts: vec![],
                 tls: None,
@@ -405,6 +467,7 @@ mod tests {
             Export {
                 service: svc,
                 ports: [(5432, vec!["127.0.0.1:5432".parse().unwrap()])].into(),
+                udp_ports: Default::default(),
                 hosts: vec![],
                 tls: None,
                 allowed_peers: Some(BTreeSet::from([SpiffeId::new(
@@ -421,6 +484,7 @@ mod tests {
             service: ServiceName::parse(svc).unwrap(),
             port,
             source: SpiffeId::new("spiffe://east/meshfed/site/east/gateway").unwrap(),
+            flow: None,
         }
     }
 
@@ -449,6 +513,19 @@ mod tests {
             Refusal::NoReadyEndpoint
         );
         assert!(decide(&ex, &open("db.prod", 5432), &east).is_ok());
+        // UDP opens look at the UDP ports only, and the other way round.
+        let udp = |svc, port| Open {
+            flow: Some(1),
+            ..open(svc, port)
+        };
+        assert!(decide(&ex, &udp("echo.demo", 53), &east).is_ok());
+        let (r, msg) = decide(&ex, &udp("echo.demo", 7000), &east).unwrap_err();
+        assert_eq!(r, Refusal::UnknownService);
+        assert!(msg.contains("udp port 7000"), "{msg}");
+        assert_eq!(
+            decide(&ex, &open("echo.demo", 53), &east).unwrap_err().0,
+            Refusal::UnknownService
+        );
         let (r, msg) = decide(&ex, &open("db.prod", 5432), &north).unwrap_err();
         assert_eq!(r, Refusal::NotExportedToPeer);
         assert!(msg.contains("north"), "{msg}");

@@ -84,6 +84,11 @@ pub struct ConfigBuilder {
     pub exports: Vec<ExportSpec>,
     /// (service, port, site, listen)
     pub imports: Vec<(String, u16, String, SocketAddr)>,
+    /// UDP exports (service, port, endpoints), merged into `exports` of the same service.
+    pub udp_exports: Vec<(String, u16, Vec<SocketAddr>)>,
+    /// UDP imports (service, port, site, listen).
+    pub udp_imports: Vec<(String, u16, String, SocketAddr)>,
+    pub udp_idle_timeout: Option<Duration>,
 }
 
 impl ConfigBuilder {
@@ -117,6 +122,17 @@ impl ConfigBuilder {
         self
     }
 
+    pub fn export_udp(mut self, service: &str, port: u16, endpoints: Vec<SocketAddr>) -> Self {
+        self.udp_exports.push((service.into(), port, endpoints));
+        self
+    }
+
+    pub fn import_udp(mut self, service: &str, port: u16, site: &str, listen: SocketAddr) -> Self {
+        self.udp_imports
+            .push((service.into(), port, site.into(), listen));
+        self
+    }
+
     pub fn yaml(&self, me: &SiteFiles) -> String {
         let mut y = String::new();
         let lo: SocketAddr = ([127, 0, 0, 1], 0).into();
@@ -129,6 +145,9 @@ impl ConfigBuilder {
         }
         if let Some(r) = self.reload_interval {
             let _ = writeln!(y, "reload_interval: {}", humantime::format_duration(r));
+        }
+        if let Some(t) = self.udp_idle_timeout {
+            let _ = writeln!(y, "udp_idle_timeout: {}", humantime::format_duration(t));
         }
         let _ = writeln!(
             y,
@@ -165,28 +184,60 @@ impl ConfigBuilder {
                 let _ = writeln!(y, "    address: {a}");
             }
         }
-        if !self.exports.is_empty() {
+        if !self.exports.is_empty() || !self.udp_exports.is_empty() {
             y.push_str("exports:\n");
         }
+        let list = |eps: &[SocketAddr]| {
+            eps.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let udp_ports = |y: &mut String, svc: &str| {
+            for (_, port, eps) in self.udp_exports.iter().filter(|u| u.0 == svc) {
+                let _ = writeln!(
+                    y,
+                    "      - port: {port}\n        protocol: udp\n        endpoints: [{}]",
+                    list(eps)
+                );
+            }
+        };
         for (svc, port, eps, allowed) in &self.exports {
-            let eps: Vec<String> = eps.iter().map(|e| e.to_string()).collect();
             let _ = writeln!(
                 y,
                 "  - service: {svc}\n    ports:\n      - port: {port}\n        endpoints: [{}]",
-                eps.join(", ")
+                list(eps)
             );
+            udp_ports(&mut y, svc);
             if let Some(a) = allowed {
                 let ids: Vec<String> = a.iter().map(|i| i.to_string()).collect();
                 let _ = writeln!(y, "    allowed_peers: [{}]", ids.join(", "));
             }
         }
-        if !self.imports.is_empty() {
+        let mut udp_only: Vec<&str> = self
+            .udp_exports
+            .iter()
+            .map(|u| u.0.as_str())
+            .filter(|s| !self.exports.iter().any(|e| e.0 == *s))
+            .collect();
+        udp_only.dedup();
+        for svc in udp_only {
+            let _ = writeln!(y, "  - service: {svc}\n    ports:");
+            udp_ports(&mut y, svc);
+        }
+        if !self.imports.is_empty() || !self.udp_imports.is_empty() {
             y.push_str("imports:\n");
         }
         for (svc, port, site, listen) in &self.imports {
             let _ = writeln!(
                 y,
                 "  - service: {svc}\n    port: {port}\n    site: {site}\n    listen: {listen}"
+            );
+        }
+        for (svc, port, site, listen) in &self.udp_imports {
+            let _ = writeln!(
+                y,
+                "  - service: {svc}\n    port: {port}\n    protocol: udp\n    site: {site}\n    listen: {listen}"
             );
         }
         y

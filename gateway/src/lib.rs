@@ -21,6 +21,7 @@ pub mod registry;
 pub mod reload;
 pub mod splice;
 pub mod tunnel;
+pub mod udp;
 pub mod wire;
 
 use std::collections::BTreeSet;
@@ -219,12 +220,19 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         svid.id.clone(),
         metrics.clone(),
         cfg.connect_timeout + Duration::from_secs(2),
+        cfg.udp_idle_timeout,
         stop.clone(),
         tasks.clone(),
     ));
     for im in &cfg.imports {
         imports
-            .upsert(&im.service, im.port, im.listen, vec![im.site.clone()])
+            .upsert(
+                &im.service,
+                im.port,
+                im.protocol,
+                im.listen,
+                vec![im.site.clone()],
+            )
             .map_err(|source| GatewayError::Bind {
                 what: format!("import {}:{}", im.service, im.port),
                 addr: im.listen,
@@ -247,6 +255,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     let ingress = Arc::new(ingress::Ingress::new(
         cfg.exports.clone(),
         cfg.connect_timeout,
+        cfg.udp_idle_timeout,
         metrics.clone(),
     ));
     tokio::spawn(

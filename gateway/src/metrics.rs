@@ -53,6 +53,14 @@ pub struct Metrics {
     pub failovers: Family<ReasonLabels, Counter>,
     /// notAfter of the SVID in use, Unix seconds: alert when it nears `time()`.
     pub svid_not_after: Gauge,
+    /// UDP datagrams and their payload bytes carried, like `bytes`.
+    pub udp_datagrams: Family<BytesLabels, Counter>,
+    pub udp_bytes: Family<BytesLabels, Counter>,
+    /// UDP datagrams dropped by a gateway, by stable reason.
+    pub udp_drops: Family<RefusalLabels, Counter>,
+    /// UDP flows opened, and open now.
+    pub udp_flows: Family<DirLabels, Counter>,
+    pub udp_active_flows: Family<DirLabels, Gauge>,
 }
 
 impl Metrics {
@@ -101,6 +109,27 @@ impl Metrics {
             self.identity_reloads.clone(),
         );
         r.register(
+            "udp_datagrams",
+            "UDP datagrams carried as QUIC datagrams",
+            self.udp_datagrams.clone(),
+        );
+        r.register(
+            "udp_bytes",
+            "UDP payload bytes carried",
+            self.udp_bytes.clone(),
+        );
+        r.register(
+            "udp_drops",
+            "UDP datagrams dropped, by stable reason (oversize, queue_full, tunnel_full, ...)",
+            self.udp_drops.clone(),
+        );
+        r.register("udp_flows", "UDP flows opened", self.udp_flows.clone());
+        r.register(
+            "udp_active_flows",
+            "UDP flows open now",
+            self.udp_active_flows.clone(),
+        );
+        r.register(
             "svid_not_after_seconds",
             "Expiry of the SVID in use (Unix time)",
             self.svid_not_after.clone(),
@@ -136,6 +165,35 @@ impl Metrics {
         }
     }
 
+    /// Per-datagram counters for `direction`, fetched once so the data path does not hash
+    /// labels per packet.
+    pub fn udp(&self, direction: &'static str) -> UdpCounters {
+        let get = |fam: &Family<BytesLabels, Counter>, flow| {
+            fam.get_or_create(&BytesLabels { direction, flow }).clone()
+        };
+        UdpCounters {
+            direction,
+            to_tunnel: (
+                get(&self.udp_datagrams, "to_tunnel"),
+                get(&self.udp_bytes, "to_tunnel"),
+            ),
+            from_tunnel: (
+                get(&self.udp_datagrams, "from_tunnel"),
+                get(&self.udp_bytes, "from_tunnel"),
+            ),
+            drops: self.udp_drops.clone(),
+        }
+    }
+
+    /// Counts a UDP flow and holds it in `udp_active_flows` until dropped.
+    pub fn udp_flow_started(&self, direction: &'static str) -> ActiveStream {
+        let labels = DirLabels { direction };
+        self.udp_flows.get_or_create(&labels).inc();
+        let gauge = self.udp_active_flows.get_or_create(&labels).clone();
+        gauge.inc();
+        ActiveStream(gauge)
+    }
+
     pub fn failover(&self, reason: &'static str) {
         self.failovers.get_or_create(&ReasonLabels { reason }).inc();
     }
@@ -151,6 +209,36 @@ impl Metrics {
         self.handshake_failures
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+}
+
+/// A direction's UDP counters: `(datagrams, bytes)` each way, and drops.
+#[derive(Clone)]
+pub struct UdpCounters {
+    direction: &'static str,
+    pub to_tunnel: (Counter, Counter),
+    pub from_tunnel: (Counter, Counter),
+    drops: Family<RefusalLabels, Counter>,
+}
+
+impl UdpCounters {
+    pub fn sent(&self, len: usize) {
+        self.to_tunnel.0.inc();
+        self.to_tunnel.1.inc_by(len as u64);
+    }
+
+    pub fn received(&self, len: usize) {
+        self.from_tunnel.0.inc();
+        self.from_tunnel.1.inc_by(len as u64);
+    }
+
+    pub fn dropped(&self, reason: &'static str, n: u64) {
+        self.drops
+            .get_or_create(&RefusalLabels {
+                direction: self.direction,
+                reason,
+            })
+            .inc_by(n);
     }
 }
 

@@ -172,8 +172,8 @@ pub fn targets(
 
 /// The exports for the federated registered services (`exportTo` `*`), with hostnames
 /// replaced by their resolved addresses and unhealthy endpoints left out (so the ready
-/// count published drops, to 0 when none is healthy). UDP ports wait for the UDP data
-/// path. Returns the exports and what was left out, with the reason.
+/// count published drops, to 0 when none is healthy). UDP ports are exported as UDP (QUIC
+/// datagrams). Returns the exports and what was left out, with the reason.
 pub fn exports(
     reg: &Registry,
     resolved: &BTreeMap<String, Vec<IpAddr>>,
@@ -187,11 +187,8 @@ pub fn exports(
             continue;
         }
         let mut ports = BTreeMap::new();
+        let mut udp_ports = BTreeMap::new();
         for p in &e.ports {
-            if p.protocol == Protocol::Udp {
-                skipped.push(format!("{name}:{} (UDP is not carried yet)", p.number));
-                continue;
-            }
             let mut eps = Vec::new();
             for ep in &e.endpoints {
                 let port = ep
@@ -214,14 +211,18 @@ pub fn exports(
                     }
                 }
             }
-            ports.insert(p.number, eps);
+            match p.protocol {
+                Protocol::Tcp => ports.insert(p.number, eps),
+                Protocol::Udp => udp_ports.insert(p.number, eps),
+            };
         }
-        if !ports.is_empty() {
+        if !ports.is_empty() || !udp_ports.is_empty() {
             out.insert(
                 name.clone(),
                 Export {
                     service: name.clone(),
                     ports,
+                    udp_ports,
                     allowed_peers: None,
                     // Exact names only: DNS answers no wildcards.
                     hosts: e
@@ -376,7 +377,9 @@ spec:
             vec!["10.0.0.5:15432", "10.0.0.6:15432", "10.0.0.7:6432"]
         );
         assert!(!db.ports.contains_key(&514));
-        assert_eq!(skipped, vec!["db.legacy:514 (UDP is not carried yet)"]);
+        let udp: Vec<String> = db.udp_ports[&514].iter().map(ToString::to_string).collect();
+        assert_eq!(udp, vec!["10.0.0.5:514", "10.0.0.6:514", "10.0.0.7:514"]);
+        assert!(skipped.is_empty(), "{skipped:?}");
         // Unresolved hostnames are left out and said so.
         let (ex, skipped) = exports(&reg, &BTreeMap::new(), &BTreeSet::new());
         assert_eq!(

@@ -7,9 +7,18 @@
 //! ```text
 //! open    = version:u8 (=1) | kind:u8 (=1) | service_len:u8 | service | port:u16
 //!           | source_len:u16 | source SPIFFE ID
+//! open_udp = the same with kind:u8 (=4), followed by flow:u32
 //! accept  = version:u8 (=1) | kind:u8 (=2)
 //! refuse  = version:u8 (=1) | kind:u8 (=3) | code:u16 | msg_len:u16 | msg (UTF-8)
 //! ```
+//!
+//! A TCP connection is one stream: header, then payload both ways. A UDP flow (one
+//! client address and port at the egress) is also one stream, which carries the header
+//! and then nothing: it lives as long as the flow, so closing it ends the flow on the
+//! other side. The flow's datagrams travel as QUIC DATAGRAM frames (RFC 9221) on the same
+//! connection, each `flow:u32 | payload`. The flow ID is chosen by the egress (the
+//! dialing side) and is unique on its connection; datagrams from the dialer are requests,
+//! datagrams from the acceptor are responses.
 
 use meshfed_federation::ServiceName;
 use meshfed_identity::SpiffeId;
@@ -24,6 +33,9 @@ pub const MAX_HEADER_LEN: usize = 4096;
 const KIND_OPEN: u8 = 1;
 const KIND_ACCEPT: u8 = 2;
 const KIND_REFUSE: u8 = 3;
+const KIND_OPEN_UDP: u8 = 4;
+/// Bytes a datagram's flow ID takes in front of the payload.
+pub const DATAGRAM_HEADER_LEN: usize = 4;
 
 /// QUIC application error codes: stream resets and connection closes.
 pub mod app_code {
@@ -37,6 +49,10 @@ pub mod app_code {
     pub const DRAINING: u32 = 0x10;
     /// The dialer gave up on a connection that stopped answering (connection close).
     pub const UNRESPONSIVE: u32 = 0x11;
+    /// A UDP flow saw no datagram for its idle timeout (stream reset).
+    pub const FLOW_IDLE: u32 = 0x4;
+    /// A UDP flow's endpoint became unreachable (ICMP) or its socket failed (stream reset).
+    pub const FLOW_ENDPOINT_ERROR: u32 = 0x5;
 }
 
 /// Why an ingress refused a stream. The numeric code is stable on the wire; the label is
@@ -63,6 +79,8 @@ pub struct Open {
     pub service: ServiceName,
     pub port: u16,
     pub source: SpiffeId,
+    /// `Some(flow ID)`: a UDP flow whose datagrams carry this ID; `None`: a TCP stream.
+    pub flow: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,11 +192,19 @@ impl Open {
         let svc = self.service.to_string();
         let src = self.source.as_str();
         let mut p = Vec::with_capacity(8 + svc.len() + src.len());
-        p.extend_from_slice(&[VERSION, KIND_OPEN, svc.len() as u8]);
+        let kind = if self.flow.is_some() {
+            KIND_OPEN_UDP
+        } else {
+            KIND_OPEN
+        };
+        p.extend_from_slice(&[VERSION, kind, svc.len() as u8]);
         p.extend_from_slice(svc.as_bytes());
         p.extend_from_slice(&self.port.to_be_bytes());
         p.extend_from_slice(&(src.len() as u16).to_be_bytes());
         p.extend_from_slice(src.as_bytes());
+        if let Some(flow) = self.flow {
+            p.extend_from_slice(&flow.to_be_bytes());
+        }
         frame(p)
     }
 }
@@ -239,6 +265,10 @@ impl<'a> Cursor<'a> {
         let b = self.take(2, what)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
+    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
     fn str(&mut self, n: usize, field: &'static str) -> Result<&'a str, WireError> {
         std::str::from_utf8(self.take(n, field)?).map_err(|e| WireError::Field {
             field,
@@ -268,10 +298,11 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
         return Err(WireError::TooLarge(payload.len()));
     }
     let mut c = Cursor(payload);
-    match head(&mut c)? {
-        KIND_OPEN => {}
+    let udp = match head(&mut c)? {
+        KIND_OPEN => false,
+        KIND_OPEN_UDP => true,
         k => return Err(WireError::Kind(k)),
-    }
+    };
     let n = c.u8("service length")? as usize;
     let svc = c.str(n, "service")?;
     let service = ServiceName::parse(svc).map_err(|e| WireError::Field {
@@ -291,12 +322,31 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
         field: "source",
         reason: e.to_string(),
     })?;
+    let flow = if udp { Some(c.u32("flow")?) } else { None };
     c.finish()?;
     Ok(Open {
         service,
         port,
         source,
+        flow,
     })
+}
+
+/// Prefixes a UDP payload with its flow ID: the body of one QUIC datagram.
+pub fn encode_datagram(flow: u32, payload: &[u8]) -> bytes::Bytes {
+    let mut b = bytes::BytesMut::with_capacity(DATAGRAM_HEADER_LEN + payload.len());
+    b.extend_from_slice(&flow.to_be_bytes());
+    b.extend_from_slice(payload);
+    b.freeze()
+}
+
+/// Splits a received QUIC datagram into its flow ID and payload.
+pub fn decode_datagram(d: &[u8]) -> Result<(u32, &[u8]), WireError> {
+    if d.len() < DATAGRAM_HEADER_LEN {
+        return Err(WireError::Truncated("datagram flow id"));
+    }
+    let (id, payload) = d.split_at(DATAGRAM_HEADER_LEN);
+    Ok((u32::from_be_bytes([id[0], id[1], id[2], id[3]]), payload))
 }
 
 /// Decodes a response payload (without its length prefix).
@@ -331,6 +381,7 @@ mod tests {
             service: ServiceName::parse("orders.shop").unwrap(),
             port: 8080,
             source: SpiffeId::new("spiffe://east.example.org/meshfed/site/east/gateway").unwrap(),
+            flow: None,
         }
     }
 
@@ -344,6 +395,31 @@ mod tests {
     fn open_round_trip() {
         let o = open();
         assert_eq!(decode_open(payload(&o.encode())).unwrap(), o);
+        let u = Open {
+            flow: Some(0xdead_beef),
+            ..open()
+        };
+        let framed = u.encode();
+        assert_eq!(framed[3], KIND_OPEN_UDP);
+        assert_eq!(decode_open(payload(&framed)).unwrap(), u);
+        // A UDP open cut before its flow ID names what is missing.
+        let p = payload(&framed);
+        assert_eq!(
+            decode_open(&p[..p.len() - 2]),
+            Err(WireError::Truncated("flow"))
+        );
+    }
+
+    #[test]
+    fn datagrams_round_trip() {
+        let d = encode_datagram(7, b"hello");
+        assert_eq!(d.len(), DATAGRAM_HEADER_LEN + 5);
+        assert_eq!(decode_datagram(&d).unwrap(), (7, &b"hello"[..]));
+        assert_eq!(decode_datagram(&d[..4]).unwrap(), (7, &b""[..]));
+        assert_eq!(
+            decode_datagram(&d[..3]),
+            Err(WireError::Truncated("datagram flow id"))
+        );
     }
 
     #[test]
@@ -420,6 +496,7 @@ mod tests {
         fn decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode_open(&b);
             let _ = decode_response(&b);
+            let _ = decode_datagram(&b);
         }
 
         #[test]

@@ -9,3 +9,4 @@ mod harness;
 mod legacy;
 mod rotation;
 mod tunnel;
+mod udp;

@@ -357,6 +357,7 @@ async fn typed_refusals_on_the_wire() {
             service: svc.parse().unwrap(),
             port,
             source: s.east.id.clone(),
+            flow: None,
         }
         .encode()
     };
