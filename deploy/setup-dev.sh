@@ -4,6 +4,7 @@
 #   etcd-server        the real etcd the etcd-store tests and bench/catalog start
 #   procps             kill, used by the end-to-end tests
 #   dnsutils           dig, which the DNS tests query meshfed with
+#   knot               Knot DNS: the legacy DNS server the UDP test reaches through the tunnel
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ command -v kill >/dev/null || need+=(procps)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v dig >/dev/null || need+=(dnsutils)
+command -v knotd >/dev/null || need+=(knot)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -254,6 +254,8 @@ pub struct Export {
     pub hosts: Vec<String>,
     /// TLS toward the endpoints (a registered service's DestinationRule).
     pub tls: Option<meshfed_federation::sources::service_entry::TlsOrigination>,
+    /// Port names (a registered service's), published for DNS SRV records.
+    pub port_names: BTreeMap<(Protocol, u16), String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -520,6 +522,7 @@ impl RawConfig {
                     allowed_peers,
                     hosts: vec![],
                     tls: None,
+                    port_names: BTreeMap::new(),
                 },
             );
         }

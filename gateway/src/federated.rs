@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshfed_federation::api::{change_from_pb, pb};
+use meshfed_federation::catalog::Protocol;
 use meshfed_federation::catalog::{Delta, Revision};
 use meshfed_federation::node::Membership;
 use meshfed_federation::routing::plan;
@@ -96,18 +97,22 @@ fn export_to_pb(e: &Export) -> pb::ServiceExport {
         .map(Vec::len)
         .max()
         .unwrap_or(0);
-    let port = |p: &u16, protocol: &str| pb::Port {
+    let port = |p: &u16, protocol: Protocol| pb::Port {
         port: u32::from(*p),
-        protocol: protocol.into(),
-        name: String::new(),
+        protocol: protocol.as_str().into(),
+        name: e
+            .port_names
+            .get(&(protocol, *p))
+            .cloned()
+            .unwrap_or_default(),
     };
     pb::ServiceExport {
         service: e.service.to_string(),
         ports: e
             .ports
             .keys()
-            .map(|p| port(p, "tcp"))
-            .chain(e.udp_ports.keys().map(|p| port(p, "udp")))
+            .map(|p| port(p, Protocol::Tcp))
+            .chain(e.udp_ports.keys().map(|p| port(p, Protocol::Udp)))
             .collect(),
         ready_endpoints: u32::try_from(ready).unwrap_or(u32::MAX),
         hosts: e.hosts.clone(),

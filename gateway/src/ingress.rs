@@ -459,6 +459,7 @@ mod tests {
                 allowed_peers: None,
                 hosts: vec![],
                 tls: None,
+                port_names: Default::default(),
             },
         );
         let svc = ServiceName::parse("db.prod").unwrap();
@@ -470,6 +471,7 @@ mod tests {
                 udp_ports: Default::default(),
                 hosts: vec![],
                 tls: None,
+                port_names: Default::default(),
                 allowed_peers: Some(BTreeSet::from([SpiffeId::new(
                     "spiffe://east/meshfed/site/east/gateway",
                 )

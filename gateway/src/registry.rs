@@ -188,7 +188,11 @@ pub fn exports(
         }
         let mut ports = BTreeMap::new();
         let mut udp_ports = BTreeMap::new();
+        let mut port_names = BTreeMap::new();
         for p in &e.ports {
+            if !p.name.is_empty() {
+                port_names.insert((p.protocol, p.number), p.name.clone());
+            }
             let mut eps = Vec::new();
             for ep in &e.endpoints {
                 let port = ep
@@ -232,6 +236,7 @@ pub fn exports(
                         .cloned()
                         .collect(),
                     tls: e.tls.clone(),
+                    port_names,
                 },
             );
         }

@@ -378,3 +378,138 @@ async fn tls_origination_simple_and_mutual() {
         "{err}"
     );
 }
+
+/// A real Knot DNS server on `127.0.0.1:port`, authoritative for `corp.example`, until
+/// dropped. A missing `knotd` fails loudly.
+struct Knot(std::process::Child);
+
+impl Knot {
+    fn start(dir: &std::path::Path, port: u16) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("corp.example.zone"),
+            "$ORIGIN corp.example.\n$TTL 60\n@ SOA ns hostmaster 1 60 10 3600 60\n@ NS ns\nns A 192.0.2.53\nwww A 192.0.2.10\n",
+        )
+        .unwrap();
+        let conf = format!(
+            "server:\n  listen: 127.0.0.1@{port}\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
+             database:\n  storage: {d}\n\
+             log:\n  - target: stderr\n    any: warning\n\
+             template:\n  - id: default\n    storage: {d}\n    file: \"%s.zone\"\n\
+             zone:\n  - domain: corp.example\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("knot.conf"), conf).unwrap();
+        let child = Command::new("knotd")
+            .args(["-c", dir.join("knot.conf").to_str().unwrap()])
+            .stderr(std::fs::File::create(dir.join("knot.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("knotd ({e}): apt-get install -y knot"));
+        let k = Self(child);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let started = Instant::now();
+        while crate::dns::try_dig(addr, &["www.corp.example", "A"]).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "knotd did not answer: {}",
+                std::fs::read_to_string(dir.join("knot.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        k
+    }
+}
+
+impl Drop for Knot {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_from_another_site_reaches_a_legacy_dns_server_through_the_tunnel() {
+    let scratch = Scratch::new("legacy-dns");
+    // The legacy DNS server: Knot, on a host no meshfed runs on, reached only by west.
+    let kport = free_port([127, 0, 0, 1].into());
+    let _knot = Knot::start(&scratch.0.join("knot"), kport);
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let cfg = |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4], dns: bool| {
+        meshfed_gateway::lab::ConfigBuilder {
+            dns: dns.then(|| "listen: 127.0.0.1:0".to_string()),
+            ..fed_config(s, ip)
+        }
+    };
+    let _west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 8], false)).unwrap();
+    let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 9], true)).unwrap();
+
+    // Registered at west as Istio writes it: DNS over UDP and TCP on one port number.
+    let port = free_port([127, 0, 0, 9].into());
+    let entry = scratch.0.join("ns.yaml");
+    std::fs::write(
+        &entry,
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: ns\n  namespace: corp\nspec:\n  hosts: [ns.corp.example]\n  location: MESH_INTERNAL\n  ports:\n  - {{number: {port}, name: dns, protocol: UDP, targetPort: {kport}}}\n  - {{number: {port}, name: dns-tcp, protocol: TCP, targetPort: {kport}}}\n  resolution: STATIC\n  endpoints:\n  - address: 127.0.0.1\n"
+        ),
+    )
+    .unwrap();
+    let (code, err) = register(&west.dir, &entry);
+    assert_eq!(code, 0, "{err}");
+
+    // From east, real dig over UDP (its default) reaches Knot at west.
+    let import = std::net::SocketAddr::new([127, 0, 0, 9].into(), port);
+    let started = Instant::now();
+    let d = loop {
+        let d = crate::dns::try_dig(import, &["www.corp.example", "A"]);
+        if let Ok(d) = d {
+            break d;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never answered: {d:?}\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "dig through the tunnel answered after {:?}: {d:?}",
+        started.elapsed()
+    );
+    assert_eq!(d.status, "NOERROR");
+    assert!(d.flags.contains("aa"), "Knot's authoritative answer: {d:?}");
+    assert_eq!(d.answer, vec!["www.corp.example. 60 IN A 192.0.2.10"]);
+    assert!(
+        east_gw
+            .metric(
+                "meshfed_gateway_udp_datagrams_total{direction=\"egress\",flow=\"from_tunnel\"}"
+            )
+            .await
+            >= 1.0,
+        "the answer came back as a QUIC datagram"
+    );
+    // The same port over TCP is a separate import and reaches the same server.
+    let t = crate::dns::dig(import, &["+tcp", "ns.corp.example", "A"]);
+    assert_eq!(
+        t.answer,
+        vec!["ns.corp.example. 60 IN A 192.0.2.53"],
+        "{t:?}"
+    );
+    // East's federated DNS names the service, with SRV records per protocol and the
+    // ServiceEntry's port names.
+    let dns = east_gw.dns.unwrap();
+    let a = crate::dns::dig(dns, &["ns.corp.example", "A"]);
+    assert_eq!(a.answer.len(), 1, "{a:?}");
+    assert!(a.answer[0].ends_with(" A 127.0.0.9"), "{a:?}");
+    for (name, what) in [
+        ("_dns._udp.ns.corp.svc.clusterset.local", "udp"),
+        ("_dns-tcp._tcp.ns.corp.svc.clusterset.local", "tcp"),
+    ] {
+        let s = crate::dns::dig(dns, &[name, "SRV"]);
+        assert_eq!(s.answer.len(), 1, "{what}: {s:?}");
+        assert!(
+            s.answer[0].ends_with(&format!(" {port} ns.corp.svc.clusterset.local.")),
+            "{what}: {s:?}"
+        );
+    }
+}
