@@ -8,10 +8,10 @@
 //! peer; the last lines are `name: value`.
 
 mod load;
+#[path = "../common/topo.rs"]
+mod topo;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -107,177 +107,31 @@ async fn wait_port(addr: SocketAddr) -> Result<()> {
     }
 }
 
-// === topology ===
+use topo::{NS_A, NS_B, Topo, need};
 
-const NS_A: &str = "mfb-a";
-const NS_B: &str = "mfb-b";
-
-struct Topo {
-    netns: bool,
-    /// Address of host B (server side) as seen from A.
-    b: IpAddr,
-    procs: Vec<(String, Child)>,
-    dir: PathBuf,
+/// One measurement of `kind` against `addr`, run from namespace A.
+fn load(
+    topo: &Topo,
+    addr: SocketAddr,
+    kind: &str,
+    n: usize,
+    secs: f64,
+    rate: f64,
+) -> Result<serde_json::Value> {
+    let args = [
+        "load".to_string(),
+        addr.to_string(),
+        kind.into(),
+        "--n".into(),
+        n.to_string(),
+        "--secs".into(),
+        secs.to_string(),
+        "--rate".into(),
+        rate.to_string(),
+    ];
+    topo.run_a(&args)
+        .with_context(|| format!("load {kind} against {addr}"))
 }
-
-impl Topo {
-    fn setup(loopback: bool, dir: PathBuf) -> Result<Self> {
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| o.stdout == b"0\n")
-            .unwrap_or(false);
-        let netns = !loopback && root && Command::new("ip").arg("-V").output().is_ok();
-        if netns {
-            cleanup_netns();
-            let sh = |args: &str| -> Result<()> {
-                let st = Command::new("ip").args(args.split_whitespace()).status()?;
-                if !st.success() {
-                    bail!("ip {args} failed");
-                }
-                Ok(())
-            };
-            sh(&format!("netns add {NS_A}"))?;
-            sh(&format!("netns add {NS_B}"))?;
-            sh("link add mfb-va type veth peer name mfb-vb")?;
-            sh(&format!("link set mfb-va netns {NS_A}"))?;
-            sh(&format!("link set mfb-vb netns {NS_B}"))?;
-            // 198.18.0.0/15 is the benchmarking range (RFC 2544); it exists only on this veth.
-            sh(&format!("-n {NS_A} addr add 198.18.0.1/24 dev mfb-va"))?;
-            sh(&format!("-n {NS_B} addr add 198.18.0.2/24 dev mfb-vb"))?;
-            for (ns, dev) in [(NS_A, "mfb-va"), (NS_B, "mfb-vb")] {
-                sh(&format!("-n {ns} link set {dev} mtu 1500 up"))?;
-                sh(&format!("-n {ns} link set lo up"))?;
-                // Connection-rate runs open tens of thousands of connections.
-                let _ = Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        ns,
-                        "sysctl",
-                        "-q",
-                        "-w",
-                        "net.ipv4.tcp_tw_reuse=1",
-                        "net.ipv4.ip_local_port_range=1024 65000",
-                    ])
-                    .status();
-            }
-        } else {
-            println!("NOTE: not root (or --loopback): measuring on loopback, not on two hosts");
-        }
-        Ok(Self {
-            netns,
-            b: if netns {
-                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2))
-            } else {
-                IpAddr::V4(Ipv4Addr::LOCALHOST)
-            },
-            procs: Vec::new(),
-            dir,
-        })
-    }
-
-    fn cmd(&self, ns: &str, program: &Path) -> Command {
-        if self.netns {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        }
-    }
-
-    fn spawn(&mut self, name: &str, ns: &str, program: &Path, args: &[&str]) -> Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = self
-            .cmd(ns, program)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {name} ({})", program.display()))?;
-        self.procs.push((name.into(), child));
-        Ok(())
-    }
-
-    /// Runs one load measurement in A and returns its JSON.
-    fn load(
-        &self,
-        addr: SocketAddr,
-        kind: &str,
-        n: usize,
-        secs: f64,
-        rate: f64,
-    ) -> Result<serde_json::Value> {
-        let me = std::env::current_exe()?;
-        let out = self
-            .cmd(NS_A, &me)
-            .args([
-                "load",
-                &addr.to_string(),
-                kind,
-                "--n",
-                &n.to_string(),
-                "--secs",
-                &secs.to_string(),
-                "--rate",
-                &rate.to_string(),
-            ])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "load {kind} against {addr} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(text.lines().last().unwrap_or("{}")).context("load output")
-    }
-}
-
-impl Drop for Topo {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.procs {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if self.netns {
-            cleanup_netns();
-        }
-    }
-}
-
-fn cleanup_netns() {
-    for ns in [NS_A, NS_B] {
-        let _ = Command::new("ip")
-            .args(["netns", "del", ns])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn need(program: &str, package: &str) -> Result<PathBuf> {
-    let find = || {
-        std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-                .map(|d| d.join(program))
-                .find(|p| p.exists())
-        })
-    };
-    if let Some(p) = find() {
-        return Ok(p);
-    }
-    println!("installing {package} ...");
-    let _ = Command::new("apt-get")
-        .args(["install", "-y", "-qq", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status();
-    find().with_context(|| format!("{program} not found; apt-get install {package}"))
-}
-
-// === the run ===
 
 struct Path_ {
     name: &'static str,
@@ -451,17 +305,16 @@ fn run(args: RunArgs) -> Result<()> {
     let wanted: Vec<&str> = args.paths.split(',').collect();
     let paths: Vec<&Path_> = all.iter().filter(|p| wanted.contains(&p.name)).collect();
     for p in &paths {
-        topo.load(p.addr, "wait", 1, 0.0, 0.0)
+        load(&topo, p.addr, "wait", 1, 0.0, 0.0)
             .with_context(|| format!("{} path not up", p.name))?;
         // One round trip proves the whole path (meshfed: the QUIC connection is up).
-        topo.load(p.addr, "capacity", 1, 0.2, 0.0)
-            .with_context(|| {
-                format!(
-                    "{} path does not carry data; logs in {}",
-                    p.name,
-                    dir.display()
-                )
-            })?;
+        load(&topo, p.addr, "capacity", 1, 0.2, 0.0).with_context(|| {
+            format!(
+                "{} path does not carry data; logs in {}",
+                p.name,
+                dir.display()
+            )
+        })?;
     }
     println!(
         "topology: {}",
@@ -489,7 +342,7 @@ fn run(args: RunArgs) -> Result<()> {
      -> Result<()> {
         println!("{label}");
         for p in &paths {
-            let v = topo.load(p.addr, kind, n, secs, rate)?;
+            let v = load(&topo, p.addr, kind, n, secs, rate)?;
             let x = v[field].as_f64().unwrap_or(f64::NAN);
             println!("  {:<8} {:>10.2} {unit}   {v}", p.name, x);
             res.insert((p.name, key), x);
@@ -550,7 +403,7 @@ fn run(args: RunArgs) -> Result<()> {
         "(c) 1 KiB request/response latency at {rate:.0} req/s (60% of the slowest path), open loop, 64 connections"
     );
     for p in &paths {
-        let v = topo.load(p.addr, "latency", 64, lat_secs, rate)?;
+        let v = load(&topo, p.addr, "latency", 64, lat_secs, rate)?;
         let (p50, p99) = (
             v["p50_us"].as_f64().unwrap_or(f64::NAN),
             v["p99_us"].as_f64().unwrap_or(f64::NAN),

@@ -1,0 +1,158 @@
+//! The two-host topology the data-path benchmarks share: two network namespaces
+//! (`mfb-a`: clients and client-side proxies; `mfb-b`: servers and server-side proxies)
+//! joined by a veth pair with MTU 1500. Without root it falls back to loopback and says so.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+pub const NS_A: &str = "mfb-a";
+pub const NS_B: &str = "mfb-b";
+
+pub struct Topo {
+    pub netns: bool,
+    /// Address of host B (server side) as seen from A.
+    pub b: IpAddr,
+    pub procs: Vec<(String, Child)>,
+    pub dir: PathBuf,
+}
+
+impl Topo {
+    pub fn setup(loopback: bool, dir: PathBuf) -> Result<Self> {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        let netns = !loopback && root && Command::new("ip").arg("-V").output().is_ok();
+        if netns {
+            cleanup_netns();
+            let sh = |args: &str| -> Result<()> {
+                let st = Command::new("ip").args(args.split_whitespace()).status()?;
+                if !st.success() {
+                    bail!("ip {args} failed");
+                }
+                Ok(())
+            };
+            sh(&format!("netns add {NS_A}"))?;
+            sh(&format!("netns add {NS_B}"))?;
+            sh("link add mfb-va type veth peer name mfb-vb")?;
+            sh(&format!("link set mfb-va netns {NS_A}"))?;
+            sh(&format!("link set mfb-vb netns {NS_B}"))?;
+            // 198.18.0.0/15 is the benchmarking range (RFC 2544); it exists only on this veth.
+            sh(&format!("-n {NS_A} addr add 198.18.0.1/24 dev mfb-va"))?;
+            sh(&format!("-n {NS_B} addr add 198.18.0.2/24 dev mfb-vb"))?;
+            for (ns, dev) in [(NS_A, "mfb-va"), (NS_B, "mfb-vb")] {
+                sh(&format!("-n {ns} link set {dev} mtu 1500 up"))?;
+                sh(&format!("-n {ns} link set lo up"))?;
+                // Connection-rate runs open tens of thousands of connections.
+                let _ = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-q",
+                        "-w",
+                        "net.ipv4.tcp_tw_reuse=1",
+                        "net.ipv4.ip_local_port_range=1024 65000",
+                    ])
+                    .status();
+            }
+        } else {
+            println!("NOTE: not root (or --loopback): measuring on loopback, not on two hosts");
+        }
+        Ok(Self {
+            netns,
+            b: if netns {
+                IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2))
+            } else {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            },
+            procs: Vec::new(),
+            dir,
+        })
+    }
+
+    pub fn cmd(&self, ns: &str, program: &Path) -> Command {
+        if self.netns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    pub fn spawn(&mut self, name: &str, ns: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = self
+            .cmd(ns, program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        self.procs.push((name.into(), child));
+        Ok(())
+    }
+
+    /// Runs one load measurement in A and returns its JSON.
+    /// Runs this benchmark's own binary with `args` in namespace A (the client side) and
+    /// parses the last line of its output as JSON.
+    pub fn run_a(&self, args: &[String]) -> Result<serde_json::Value> {
+        let me = std::env::current_exe()?;
+        let out = self.cmd(NS_A, &me).args(args).output()?;
+        if !out.status.success() {
+            bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or("{}")).context("load output")
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.netns {
+            cleanup_netns();
+        }
+    }
+}
+
+pub fn cleanup_netns() {
+    for ns in [NS_A, NS_B] {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub fn need(program: &str, package: &str) -> Result<PathBuf> {
+    let find = || {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+                .map(|d| d.join(program))
+                .find(|p| p.exists())
+        })
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    println!("installing {package} ...");
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "-qq", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    find().with_context(|| format!("{program} not found; apt-get install {package}"))
+}
+
+// === the run ===
