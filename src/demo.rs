@@ -1,7 +1,8 @@
 //! `meshfed demo`: a federation and three sites on loopback, each with its own CA (no
 //! shared root). Sites join with one-time tokens; `west` and `north` export the same
 //! service, `east` imports it from the catalog and reaches it through one mTLS QUIC
-//! connection per peer; then `north` stops and traffic fails over live.
+//! connection per peer; `west` also exports a UDP service, which `east` reaches through
+//! QUIC datagrams on the same connection; then `north` stops and traffic fails over live.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -31,6 +32,42 @@ async fn service(site: &'static str) -> Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// A UDP service that answers each datagram with `<site>: <datagram>`.
+async fn udp_service(site: &'static str) -> Result<SocketAddr> {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = s.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let mut out = format!("{site}: ").into_bytes();
+            out.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&out, from).await;
+        }
+    });
+    Ok(addr)
+}
+
+/// Sends `count` datagrams to `addr` one at a time; returns how many were answered by
+/// `site` and the last answer.
+async fn udp_calls(addr: SocketAddr, count: usize, site: &str) -> Result<(usize, String)> {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    s.connect(addr).await?;
+    let mut buf = vec![0u8; 65536];
+    let (mut ok, mut last) = (0, String::new());
+    for i in 0..count {
+        let msg = format!("datagram {i}");
+        s.send(msg.as_bytes()).await?;
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), s.recv(&mut buf)).await
+        {
+            last = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if last == format!("{site}: {msg}") {
+                ok += 1;
+            }
+        }
+    }
+    Ok((ok, last))
 }
 
 /// Sends `payload` through `addr`; returns who served it and whether it came back intact.
@@ -145,6 +182,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         [127, 0, 0, 4].into(),
     ];
     let port = free_port(ips[0])?;
+    let uport = free_port(ips[0])?;
     let mut gateways = Vec::new();
     for (i, s) in sites.iter().enumerate() {
         let mut b = lab::ConfigBuilder {
@@ -155,6 +193,9 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         if i > 0 {
             let who = if i == 1 { "west" } else { "north" };
             b = b.export("orders.shop", port, vec![service(who).await?]);
+            if who == "west" {
+                b = b.export_udp("echo.ops", uport, vec![udp_service(who).await?]);
+            }
         } else {
             // East answers DNS for its imports, and forwards other names to the
             // machine's resolver.
@@ -230,6 +271,19 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         "\n4. bytes: {} MiB echoed back intact in {:.0} ms, {who}",
         PAYLOAD >> 20,
         took.as_secs_f64() * 1e3
+    );
+
+    // UDP: west's echo.ops, carried as QUIC datagrams on the same peer connection.
+    let uimport = SocketAddr::new(ips[0], uport);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while udp_calls(uimport, 1, "west").await?.0 == 0 {
+        if Instant::now() >= deadline {
+            bail!("east never got the UDP import echo.ops:{uport}");
+        }
+    }
+    let (ok, last) = udp_calls(uimport, 100, "west").await?;
+    println!(
+        "   UDP: client ──udp──▶ east {uimport} ══QUIC datagrams══▶ west ──udp──▶ echo.ops: {ok} of 100 datagrams answered (last: {last:?})"
     );
 
     // 5. Failover, live.

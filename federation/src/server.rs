@@ -694,13 +694,15 @@ impl pb::federation_server::Federation for FederationService {
                     .iter()
                     .filter(|((s, _), _)| s == &r.site)
                     .flat_map(|((_, svc), e)| {
-                        e.ports.iter().map(move |p| format!("{svc}:{}", p.port))
+                        e.ports
+                            .iter()
+                            .map(move |p| port_label(&svc.to_string(), p.port, p.protocol))
                     })
                     .collect();
                 let imports = crate::routing::plan(&cat, &r.site, None)
                     .imports
                     .iter()
-                    .map(|i| format!("{}:{}", i.service, i.port))
+                    .map(|i| port_label(&i.service.to_string(), i.port, i.protocol))
                     .collect();
                 pb::SiteStatus {
                     site: r.site.to_string(),
@@ -794,3 +796,11 @@ mod streams {
 }
 
 use streams::BundlesExt;
+
+/// `service:port`, with `/udp` for UDP ports, as `meshfed status` lists them.
+fn port_label(service: &str, port: u16, protocol: crate::catalog::Protocol) -> String {
+    match protocol {
+        crate::catalog::Protocol::Tcp => format!("{service}:{port}"),
+        crate::catalog::Protocol::Udp => format!("{service}:{port}/udp"),
+    }
+}

@@ -1,4 +1,4 @@
-//! Stream headers from an untrusted peer: decoding must never panic, and whatever
+//! Stream headers and flow datagrams from an untrusted peer: decoding must never panic, and whatever
 //! decodes must encode back to the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
@@ -10,6 +10,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(resp) = wire::decode_response(data) {
         assert_eq!(wire::decode_response(&resp.encode()[2..]).as_ref(), Ok(&resp));
+    }
+    if let Ok((flow, payload)) = wire::decode_datagram(data) {
+        assert_eq!(&wire::encode_datagram(flow, payload)[..], data);
     }
     if data.len() >= 2 {
         let _ = wire::check_len([data[0], data[1]]);
