@@ -640,6 +640,44 @@ imports:
     }
 
     #[test]
+    fn udp_ports_and_imports() {
+        let y = GOOD
+            .replace(
+                "        endpoints: [127.0.0.1:9000, 127.0.0.1:9001]\n",
+                "        endpoints: [127.0.0.1:9000, 127.0.0.1:9001]\n      - {port: 7000, protocol: UDP, endpoints: [127.0.0.1:9053]}\n",
+            )
+            .replace(
+                "    listen: 127.0.0.1:18080\n",
+                "    listen: 127.0.0.1:18080\n  - {service: orders.shop, port: 8080, protocol: udp, site: east, listen: 127.0.0.1:18080}\n",
+            )
+            + "udp_idle_timeout: 30s\n";
+        let c = GatewayConfig::parse(&y, Path::new("/etc/meshfed/west.yaml")).unwrap();
+        let e = &c.exports[&ServiceName::parse("echo.demo").unwrap()];
+        assert_eq!(e.ports[&7000].len(), 2, "TCP 7000 stays");
+        assert_eq!(e.udp_ports[&7000], vec!["127.0.0.1:9053".parse().unwrap()]);
+        // The same listen address for TCP and UDP is two sockets, not a clash.
+        assert_eq!(
+            c.imports.iter().map(|i| i.protocol).collect::<Vec<_>>(),
+            vec![Protocol::Tcp, Protocol::Udp]
+        );
+        assert_eq!(c.udp_idle_timeout, Duration::from_secs(30));
+        assert_eq!(
+            GatewayConfig::parse(GOOD, Path::new("x.yaml"))
+                .unwrap()
+                .udp_idle_timeout,
+            DEFAULT_UDP_IDLE_TIMEOUT
+        );
+        let (f, r) = field_err(&y.replace("protocol: UDP", "protocol: SCTP"));
+        assert_eq!(f, "exports[0].ports[1].protocol");
+        assert!(r.contains("\"sctp\" is not tcp or udp"), "{r}");
+        let (f, r) = field_err(&y.replace("protocol: UDP, endpoints: [127.0.0.1:9053]", "protocol: udp, endpoints: []}\n      - {port: 7000, protocol: udp, endpoints: [127.0.0.1:1]"));
+        assert_eq!(f, "exports[0].ports[2].port");
+        assert!(r.contains("udp port 7000 is listed twice"), "{r}");
+        let (f, _) = field_err(&y.replace("udp_idle_timeout: 30s", "udp_idle_timeout: 0s"));
+        assert_eq!(f, "udp_idle_timeout");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let (f, _) = field_err(&GOOD.replace("site: west", "site: West"));
         assert_eq!(f, "site");
