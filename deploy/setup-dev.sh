@@ -5,6 +5,7 @@
 #   procps             kill, used by the end-to-end tests
 #   dnsutils           dig, which the DNS tests query meshfed with
 #   knot               Knot DNS: the legacy DNS server the UDP test reaches through the tunnel
+#   systemd            systemd-analyze, which checks the units in deploy/systemd
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v dig >/dev/null || need+=(dnsutils)
 command -v knotd >/dev/null || need+=(knot)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -2,6 +2,7 @@
 //! binary for all of `tests/` keeps link time down.
 
 mod cli;
+mod deploy;
 mod dns;
 mod etcd;
 mod federation;
