@@ -50,6 +50,8 @@ pub const REFUSED_HOLD: Duration = Duration::from_secs(1);
 /// Receive buffer: large enough for a UDP payload of any size, so an oversized datagram
 /// is seen whole and counted rather than truncated.
 const RECV_BUF: usize = 64 * 1024;
+/// Datagrams read without yielding after one that woke a socket's task.
+const BATCH: usize = 32;
 /// Kernel socket buffers of import listeners and endpoint sockets.
 const SOCKET_BUF: usize = 4 * 1024 * 1024;
 
@@ -257,7 +259,18 @@ impl IngressFlows {
                 r = flow.socket.recv(&mut buf) => match r {
                     Ok(n) => {
                         flow.last.store(now_ms(), Ordering::Relaxed);
-                        if forward(&self.conn, id, &buf[..n], &self.counters).is_err() {
+                        let mut lost = forward(&self.conn, id, &buf[..n], &self.counters).is_err();
+                        // Drain what else is queued (see UdpEgress::serve).
+                        for _ in 0..BATCH {
+                            if lost {
+                                break;
+                            }
+                            let Ok(n) = flow.socket.try_recv(&mut buf) else {
+                                break;
+                            };
+                            lost = forward(&self.conn, id, &buf[..n], &self.counters).is_err();
+                        }
+                        if lost {
                             break None;
                         }
                     }
@@ -447,7 +460,17 @@ impl UdpEgress {
         loop {
             tokio::select! {
                 r = socket.recv_from(&mut buf) => match r {
-                    Ok((n, client)) => this.on_datagram(&buf[..n], client, &mut flows, &socket, &tx, &stop, &counters),
+                    Ok((n, client)) => {
+                        this.on_datagram(&buf[..n], client, &mut flows, &socket, &tx, &stop, &counters);
+                        // Drain what else is queued before yielding: the connection driver
+                        // then packs several datagrams per QUIC packet and GSO batch.
+                        for _ in 0..BATCH {
+                            let Ok((n, client)) = socket.try_recv_from(&mut buf) else {
+                                break;
+                            };
+                            this.on_datagram(&buf[..n], client, &mut flows, &socket, &tx, &stop, &counters);
+                        }
+                    }
                     // ICMP errors from earlier sends to clients surface here; not fatal.
                     Err(e) => debug!(error = %e, "UDP receive error"),
                 },
