@@ -270,6 +270,21 @@ impl TwoSites {
         west_cfg: ConfigBuilder,
         east_imports: &[(&str, u16)],
     ) -> Self {
+        Self::start_pair(name, west_cfg, |mut ec| {
+            for (svc, port) in east_imports {
+                ec = ec.import(svc, *port, "west", ([127, 0, 0, 1], 0).into());
+            }
+            ec
+        })
+    }
+
+    /// `west_cfg` gets east added as a peer; `east_cfg` completes east's config, which
+    /// already has west as a peer.
+    pub fn start_pair(
+        name: &str,
+        west_cfg: ConfigBuilder,
+        east_cfg: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> Self {
         let scratch = Scratch::new(name);
         let west = scratch.site("west", "west.example.org");
         let east = scratch.site("east", "east.example.org");
@@ -278,15 +293,12 @@ impl TwoSites {
             ..west_cfg
         };
         let west_gw = Gw::start(&west, &west_cfg.peer(&east, None)).expect("west gateway");
-        let mut ec = ConfigBuilder {
+        let ec = ConfigBuilder {
             reload_interval: Some(RELOAD),
             ..Default::default()
         }
         .peer(&west, Some(west_gw.quic));
-        for (svc, port) in east_imports {
-            ec = ec.import(svc, *port, "west", ([127, 0, 0, 1], 0).into());
-        }
-        let east_gw = Gw::start(&east, &ec).expect("east gateway");
+        let east_gw = Gw::start(&east, &east_cfg(ec)).expect("east gateway");
         Self {
             scratch,
             west,

@@ -24,19 +24,26 @@ fn register(dir: &std::path::Path, file: &std::path::Path) -> (i32, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registered_legacy_host_is_reachable_from_another_site() {
-    let scratch = Scratch::new("legacy");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+/// A federation with west (gateway on 127.0.0.8) and east (127.0.0.9, with DNS), both
+/// joined and running: returns the federation, west's files and both gateways.
+fn east_and_west(scratch: &Scratch) -> (Fed, meshfed_gateway::lab::SiteFiles, Gw, Gw) {
+    let fed = Fed::start(&Fed::init(scratch), 0);
+    let [east, west] = joined(scratch, &fed, ["east", "west"]);
     let cfg = |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4], dns: bool| {
         meshfed_gateway::lab::ConfigBuilder {
             dns: dns.then(|| "listen: 127.0.0.1:0".to_string()),
             ..fed_config(s, ip)
         }
     };
-    let _west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 8], false)).unwrap();
+    let west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 8], false)).unwrap();
     let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 9], true)).unwrap();
+    (fed, west, west_gw, east_gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_legacy_host_is_reachable_from_another_site() {
+    let scratch = Scratch::new("legacy");
+    let (_fed, west, _west_gw, east_gw) = east_and_west(&scratch);
 
     // The legacy host: an echo server no meshfed runs on, registered at west by
     // hostname (resolution DNS; `localhost` resolves through the hosts file).
@@ -433,16 +440,7 @@ async fn dig_from_another_site_reaches_a_legacy_dns_server_through_the_tunnel() 
     // The legacy DNS server: Knot, on a host no meshfed runs on, reached only by west.
     let kport = free_port([127, 0, 0, 1].into());
     let _knot = Knot::start(&scratch.0.join("knot"), kport);
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let cfg = |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4], dns: bool| {
-        meshfed_gateway::lab::ConfigBuilder {
-            dns: dns.then(|| "listen: 127.0.0.1:0".to_string()),
-            ..fed_config(s, ip)
-        }
-    };
-    let _west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 8], false)).unwrap();
-    let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 9], true)).unwrap();
+    let (_fed, west, _west_gw, east_gw) = east_and_west(&scratch);
 
     // Registered at west as Istio writes it: DNS over UDP and TCP on one port number.
     let port = free_port([127, 0, 0, 9].into());

@@ -44,36 +44,18 @@ pub async fn udp_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 }
 
 /// West exports `west_cfg`'s services; east imports each `(service, port)` over UDP.
-async fn sites(
-    name: &str,
-    west_cfg: ConfigBuilder,
-    imports: &[(&str, u16)],
-    idle: Duration,
-) -> TwoSites {
-    let scratch = Scratch::new(name);
-    let west = scratch.site("west", "west.example.org");
-    let east = scratch.site("east", "east.example.org");
+fn sites(name: &str, west_cfg: ConfigBuilder, imports: &[(&str, u16)], idle: Duration) -> TwoSites {
     let west_cfg = ConfigBuilder {
         udp_idle_timeout: Some(idle),
         ..west_cfg
     };
-    let west_gw = Gw::start(&west, &west_cfg.peer(&east, None)).expect("west gateway");
-    let mut ec = ConfigBuilder {
-        udp_idle_timeout: Some(idle),
-        ..Default::default()
-    }
-    .peer(&west, Some(west_gw.quic));
-    for (svc, port) in imports {
-        ec = ec.import_udp(svc, *port, "west", ([127, 0, 0, 1], 0).into());
-    }
-    let east_gw = Gw::start(&east, &ec).expect("east gateway");
-    TwoSites {
-        scratch,
-        west,
-        east,
-        west_gw,
-        east_gw,
-    }
+    TwoSites::start_pair(name, west_cfg, |mut ec| {
+        ec.udp_idle_timeout = Some(idle);
+        for (svc, port) in imports {
+            ec = ec.import_udp(svc, *port, "west", ([127, 0, 0, 1], 0).into());
+        }
+        ec
+    })
 }
 
 /// Payload `seq` of client `c`: its sequence number, the client, and a pattern, 16 to
@@ -130,8 +112,7 @@ async fn udp_echo_of_ten_thousand_datagrams_with_loss_accounted() {
         ConfigBuilder::default().export_udp("echo.demo", 7000, vec![echo]),
         &[("echo.demo", 7000)],
         Duration::from_secs(60),
-    )
-    .await;
+    );
     let import = s.east_gw.import("echo.demo:7000/udp");
     let kernel_drops = rcvbuf_errors();
     // Two clients at once: two flows, each with its own client address.
@@ -228,8 +209,7 @@ async fn oversize_is_a_counted_drop_idle_flows_close_and_refusals_are_typed() {
         ConfigBuilder::default().export_udp("echo.demo", 7000, vec![echo]),
         &[("echo.demo", 7000), ("nope.demo", 7000)],
         Duration::from_millis(400),
-    )
-    .await;
+    );
     let c = bind();
     c.connect(s.east_gw.import("echo.demo:7000/udp"))
         .await
