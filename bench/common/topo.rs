@@ -7,9 +7,24 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use meshfed_gateway::lab::{self, ConfigBuilder};
 
 pub const NS_A: &str = "mfb-a";
 pub const NS_B: &str = "mfb-b";
+
+/// The benchmark's scratch directory and the release `meshfed` binary beside it.
+pub fn scratch(name: &str) -> Result<(PathBuf, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("meshfed-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let meshfed = std::env::current_exe()?.with_file_name("meshfed");
+    if !meshfed.exists() {
+        bail!(
+            "{} not found: cargo build --release first",
+            meshfed.display()
+        );
+    }
+    Ok((dir, meshfed))
+}
 
 pub struct Topo {
     pub netns: bool,
@@ -101,6 +116,52 @@ impl Topo {
     }
 
     /// Runs one load measurement in A and returns its JSON.
+    /// What the measurements run on, for the output.
+    pub fn describe(&self) -> &'static str {
+        if self.netns {
+            "two network namespaces, veth MTU 1500 (198.18.0.1 ↔ 198.18.0.2)"
+        } else {
+            "loopback"
+        }
+    }
+
+    /// Starts meshfed's west gateway in B (QUIC on B's address, port 15443) and east in
+    /// A, each peering the other; `west` and `east` add exports, imports and settings.
+    pub fn gateways(
+        &mut self,
+        meshfed: &Path,
+        west: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+        east: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> Result<()> {
+        let w = lab::make_site(&self.dir, "west", "west.example.org")?;
+        let e = lab::make_site(&self.dir, "east", "east.example.org")?;
+        let quic = std::net::SocketAddr::new(self.b, 15443);
+        let west_cfg = west(ConfigBuilder {
+            listen: Some(quic),
+            ..Default::default()
+        })
+        .peer(&e, None)
+        .write(&w)?;
+        let east_cfg = east(ConfigBuilder {
+            listen: Some((Ipv4Addr::UNSPECIFIED, 0).into()),
+            ..Default::default()
+        })
+        .peer(&w, Some(quic))
+        .write(&e)?;
+        for (name, ns, cfg) in [
+            ("meshfed-west", NS_B, &west_cfg),
+            ("meshfed-east", NS_A, &east_cfg),
+        ] {
+            self.spawn(
+                name,
+                ns,
+                meshfed,
+                &["gateway", "run", "-c", cfg.to_str().unwrap_or_default()],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Runs this benchmark's own binary with `args` in namespace A (the client side) and
     /// parses the last line of its output as JSON.
     pub fn run_a(&self, args: &[String]) -> Result<serde_json::Value> {

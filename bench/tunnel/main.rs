@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meshfed_gateway::lab;
 use meshfed_identity::{Ca, SpiffeId, TrustDomain};
 
 #[derive(Parser)]
@@ -139,16 +138,8 @@ struct Path_ {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("meshfed-bench-tunnel-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let (dir, meshfed) = topo::scratch("tunnel")?;
     let me = std::env::current_exe()?;
-    let meshfed = me.with_file_name("meshfed");
-    if !meshfed.exists() {
-        bail!(
-            "{} not found: cargo build --release first",
-            meshfed.display()
-        );
-    }
     let stunnel = need("stunnel4", "stunnel4")?;
     let haproxy = need("haproxy", "haproxy")?;
 
@@ -166,43 +157,10 @@ fn run(args: RunArgs) -> Result<()> {
     topo.spawn("server", NS_B, &me, &["serve", &server.to_string()])?;
 
     // --- meshfed: east (A) imports bench.demo:5001 from west (B)
-    let west = lab::make_site(&dir, "west", "west.example.org")?;
-    let east = lab::make_site(&dir, "east", "east.example.org")?;
-    let west_cfg = lab::ConfigBuilder {
-        listen: Some(SocketAddr::new(b, 15443)),
-        ..Default::default()
-    }
-    .peer(&east, None)
-    .export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)])
-    .write(&west)?;
-    let east_cfg = lab::ConfigBuilder {
-        listen: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
-        ..Default::default()
-    }
-    .peer(&west, Some(SocketAddr::new(b, 15443)))
-    .import("bench.demo", 5001, "west", SocketAddr::new(lo, 16000))
-    .write(&east)?;
-    topo.spawn(
-        "meshfed-west",
-        NS_B,
+    topo.gateways(
         &meshfed,
-        &[
-            "gateway",
-            "run",
-            "-c",
-            west_cfg.to_str().unwrap_or_default(),
-        ],
-    )?;
-    topo.spawn(
-        "meshfed-east",
-        NS_A,
-        &meshfed,
-        &[
-            "gateway",
-            "run",
-            "-c",
-            east_cfg.to_str().unwrap_or_default(),
-        ],
+        |w| w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]),
+        |e| e.import("bench.demo", 5001, "west", SocketAddr::new(lo, 16000)),
     )?;
 
     // --- TLS peers: mutual TLS 1.3 with certificates from one bench CA
@@ -316,14 +274,7 @@ fn run(args: RunArgs) -> Result<()> {
             )
         })?;
     }
-    println!(
-        "topology: {}",
-        if topo.netns {
-            "two network namespaces, veth MTU 1500 (198.18.0.1 ↔ 198.18.0.2)"
-        } else {
-            "loopback"
-        }
-    );
+    println!("topology: {}", topo.describe());
     println!(
         "paths: client → {{meshfed egress→QUIC→ingress | stunnel→TLS→stunnel | haproxy→TLS→haproxy | direct}} → server\n"
     );

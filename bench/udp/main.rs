@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meshfed_gateway::lab;
-use topo::{NS_A, NS_B, Topo};
+use meshfed_gateway::lab::ConfigBuilder;
+use topo::{NS_B, Topo};
 
 #[derive(Parser)]
 #[command(about = "UDP through meshfed's QUIC datagram tunnel vs direct UDP")]
@@ -192,16 +192,8 @@ async fn metrics(admin: SocketAddr) -> Result<serde_json::Value> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("meshfed-bench-udp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let (dir, meshfed) = topo::scratch("udp")?;
     let me = std::env::current_exe()?;
-    let meshfed = me.with_file_name("meshfed");
-    if !meshfed.exists() {
-        bail!(
-            "{} not found: cargo build --release first",
-            meshfed.display()
-        );
-    }
     let mut topo = Topo::setup(args.loopback, dir.clone())?;
     let b = topo.b;
     let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -209,46 +201,21 @@ fn run(args: RunArgs) -> Result<()> {
     let server = SocketAddr::new(if topo.netns { any } else { lo }, 5001);
     topo.spawn("server", NS_B, &me, &["serve", &server.to_string()])?;
 
-    let west = lab::make_site(&dir, "west", "west.example.org")?;
-    let east = lab::make_site(&dir, "east", "east.example.org")?;
     let east_admin = SocketAddr::new(lo, 15011);
-    let west_cfg = lab::ConfigBuilder {
-        listen: Some(SocketAddr::new(b, 15443)),
-        admin: Some(SocketAddr::new(lo, 15012)),
-        ..Default::default()
-    }
-    .peer(&east, None)
-    .export_udp("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)])
-    .write(&west)?;
-    let east_cfg = lab::ConfigBuilder {
-        listen: Some(SocketAddr::new(any, 0)),
-        admin: Some(east_admin),
-        ..Default::default()
-    }
-    .peer(&west, Some(SocketAddr::new(b, 15443)))
-    .import_udp("bench.demo", 5001, "west", SocketAddr::new(lo, 16000))
-    .write(&east)?;
-    for (name, ns, cfg) in [
-        ("meshfed-west", NS_B, &west_cfg),
-        ("meshfed-east", NS_A, &east_cfg),
-    ] {
-        topo.spawn(
-            name,
-            ns,
-            &meshfed,
-            &["gateway", "run", "-c", cfg.to_str().unwrap_or_default()],
-        )?;
-    }
+    topo.gateways(
+        &meshfed,
+        |w| ConfigBuilder {
+            admin: Some(SocketAddr::new(lo, 15012)),
+            ..w.export_udp("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)])
+        },
+        |e| ConfigBuilder {
+            admin: Some(east_admin),
+            ..e.import_udp("bench.demo", 5001, "west", SocketAddr::new(lo, 16000))
+        },
+    )?;
     std::thread::sleep(Duration::from_millis(500));
 
-    println!(
-        "topology: {}",
-        if topo.netns {
-            "two network namespaces, veth MTU 1500 (198.18.0.1 ↔ 198.18.0.2)"
-        } else {
-            "loopback"
-        }
-    );
+    println!("topology: {}", topo.describe());
     println!("paths: client → {{meshfed egress→QUIC datagrams→ingress | direct}} → UDP echo\n");
     let paths = [
         ("meshfed", SocketAddr::new(lo, 16000)),
