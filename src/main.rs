@@ -54,6 +54,10 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Kubernetes as a catalog source (MCS ServiceExport), run in the cluster beside the
+    /// gateway; uses the in-cluster service account or the local kubeconfig.
+    #[command(subcommand)]
+    Kubernetes(KubernetesCmd),
     /// Serves federated DNS for a site from its gateway's catalog cache (to run DNS
     /// outside the gateway; inside it, use the gateway config's `dns` section).
     Dns {
@@ -363,6 +367,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 reg.services.len()
             );
         }
+        Cmd::Kubernetes(KubernetesCmd::Export {
+            site,
+            trust_domain,
+            dir,
+        }) => {
+            let site = meshfed_federation::SiteName::new(&site)
+                .with_context(|| format!("--site {site:?}"))?;
+            let trust_domain = meshfed_identity::TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            runtime()?.block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("no Kubernetes API: not in a cluster and no usable kubeconfig")?;
+                let stop = tokio_util::sync::CancellationToken::new();
+                let c = meshfed_federation::sources::kubernetes::controller::ExportController {
+                    client,
+                    site,
+                    trust_domain,
+                    dir,
+                };
+                let task = tokio::spawn(c.run(stop.clone()));
+                wait_for_signal().await;
+                stop.cancel();
+                let _ = task.await;
+                Ok::<_, anyhow::Error>(())
+            })?;
+        }
         Cmd::Dns {
             site,
             dir,
@@ -665,6 +696,23 @@ async fn gateway_run(
     });
     gw.wait().await;
     Ok(())
+}
+
+#[derive(Subcommand)]
+enum KubernetesCmd {
+    /// Watches ServiceExports, Services, EndpointSlices and Pods; writes the site's
+    /// exports to `<dir>/kubernetes.json` (the gateway publishes them) and each
+    /// ServiceExport's Valid/Conflict conditions.
+    Export {
+        #[arg(long)]
+        site: String,
+        /// The site's trust domain: workload identities are spiffe://<td>/ns/<ns>/sa/<sa>.
+        #[arg(long)]
+        trust_domain: String,
+        /// The site directory the gateway uses (`federation.dir`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// SIGTERM or SIGINT.

@@ -256,6 +256,8 @@ pub struct Export {
     pub tls: Option<meshfed_federation::sources::service_entry::TlsOrigination>,
     /// Port names (a registered service's), published for DNS SRV records.
     pub port_names: BTreeMap<(Protocol, u16), String>,
+    /// Workload identities behind it (a Kubernetes export's service accounts).
+    pub identities: Vec<SpiffeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -523,6 +525,7 @@ impl RawConfig {
                     hosts: vec![],
                     tls: None,
                     port_names: BTreeMap::new(),
+                    identities: vec![],
                 },
             );
         }

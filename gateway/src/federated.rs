@@ -116,6 +116,7 @@ fn export_to_pb(e: &Export) -> pb::ServiceExport {
             .collect(),
         ready_endpoints: u32::try_from(ready).unwrap_or(u32::MAX),
         hosts: e.hosts.clone(),
+        identities: e.identities.iter().map(ToString::to_string).collect(),
         ..Default::default()
     }
 }

@@ -460,6 +460,7 @@ mod tests {
                 hosts: vec![],
                 tls: None,
                 port_names: Default::default(),
+                identities: vec![],
             },
         );
         let svc = ServiceName::parse("db.prod").unwrap();
@@ -472,6 +473,7 @@ mod tests {
                 hosts: vec![],
                 tls: None,
                 port_names: Default::default(),
+                identities: vec![],
                 allowed_peers: Some(BTreeSet::from([SpiffeId::new(
                     "spiffe://east/meshfed/site/east/gateway",
                 )

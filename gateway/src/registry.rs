@@ -15,6 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 use meshfed_federation::ServiceName;
 use meshfed_federation::catalog::Protocol;
 use meshfed_federation::sources::Registry;
+use meshfed_federation::sources::kubernetes::controller::{
+    EXPORTS_FILE as KUBE_EXPORTS_FILE, KubeExports,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -237,11 +240,42 @@ pub fn exports(
                         .collect(),
                     tls: e.tls.clone(),
                     port_names,
+                    identities: vec![],
                 },
             );
         }
     }
     (out, skipped)
+}
+
+/// The exports the Kubernetes export controller wrote (`kubernetes.json`): endpoints are
+/// the ready pod addresses, which the gateway (running in the cluster) reaches directly.
+pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
+    k.exports
+        .iter()
+        .map(|e| {
+            let mut ex = Export {
+                service: e.service.clone(),
+                ports: BTreeMap::new(),
+                udp_ports: BTreeMap::new(),
+                allowed_peers: None,
+                hosts: vec![],
+                tls: None,
+                port_names: BTreeMap::new(),
+                identities: e.identities.clone(),
+            };
+            for p in &e.ports {
+                match p.protocol {
+                    Protocol::Tcp => ex.ports.insert(p.port, p.endpoints.clone()),
+                    Protocol::Udp => ex.udp_ports.insert(p.port, p.endpoints.clone()),
+                };
+                if let Some(n) = &p.name {
+                    ex.port_names.insert((p.protocol, p.port), n.clone());
+                }
+            }
+            (e.service.clone(), ex)
+        })
+        .collect()
 }
 
 /// Follows the registry file and keeps the ingress and the published export set current.
@@ -262,9 +296,26 @@ impl Follower {
         let mut reg = Registry::default();
         let mut checks = Checks::default();
         let health_changed = checks.changed.clone();
+        let kube_path = self.dir.join(KUBE_EXPORTS_FILE);
+        let mut kube_seen: Option<SystemTime> = None;
+        let mut kube = KubeExports::default();
         loop {
             let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            let file_changed = mtime != seen;
+            let mut file_changed = mtime != seen;
+            let kube_mtime = std::fs::metadata(&kube_path)
+                .and_then(|m| m.modified())
+                .ok();
+            if kube_mtime != kube_seen {
+                match std::fs::read(&kube_path).map(|b| serde_json::from_slice::<KubeExports>(&b)) {
+                    Ok(Ok(k)) => kube = k,
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "kubernetes.json not loaded; keeping the last one")
+                    }
+                    Err(_) => kube = KubeExports::default(), // gone: nothing exported from Kubernetes
+                }
+                kube_seen = kube_mtime;
+                file_changed = true;
+            }
             if file_changed {
                 match Registry::load(&self.dir) {
                     Ok(r) => {
@@ -277,11 +328,11 @@ impl Follower {
             let answers_changed = resolved.refresh(&hostnames(&reg)).await;
             if file_changed || answers_changed {
                 checks.set(targets(&reg, &resolved.answers), &stop);
-                self.apply(&reg, &resolved.answers, &checks.unhealthy());
+                self.apply(&reg, &kube, &resolved.answers, &checks.unhealthy());
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
-                _ = health_changed.notified() => self.apply(&reg, &resolved.answers, &checks.unhealthy()),
+                _ = health_changed.notified() => self.apply(&reg, &kube, &resolved.answers, &checks.unhealthy()),
                 _ = stop.cancelled() => return,
             }
         }
@@ -290,6 +341,7 @@ impl Follower {
     fn apply(
         &self,
         reg: &Registry,
+        kube: &KubeExports,
         resolved: &BTreeMap<String, Vec<IpAddr>>,
         unhealthy: &BTreeSet<Target>,
     ) {
@@ -298,9 +350,16 @@ impl Follower {
             warn!(reason = %s, "registered port not exported");
         }
         let mut all = self.config_exports.clone();
+        for (name, e) in kube_exports(kube) {
+            if all.contains_key(&name) {
+                warn!(service = %name, "Kubernetes export shadowed by the config's export of the same name");
+                continue;
+            }
+            all.insert(name, e);
+        }
         for (name, e) in registered {
             if all.contains_key(&name) {
-                warn!(service = %name, "registered service shadowed by the config's export of the same name");
+                warn!(service = %name, "registered service shadowed by an export of the same name (config or Kubernetes)");
                 continue;
             }
             all.insert(name, e);
@@ -396,6 +455,42 @@ spec:
                 .iter()
                 .any(|s| s.contains("db1.corp.example does not resolve"))
         );
+    }
+
+    #[test]
+    fn kubernetes_exports_keep_ports_protocols_names_and_identities() {
+        use meshfed_federation::sources::kubernetes::{KubeExport, KubePort};
+        let k = KubeExports {
+            exports: vec![KubeExport {
+                service: ServiceName::parse("dns.kube-system").unwrap(),
+                ports: vec![
+                    KubePort {
+                        port: 53,
+                        protocol: Protocol::Udp,
+                        name: Some("dns".into()),
+                        endpoints: vec!["10.0.0.10:53".parse().unwrap()],
+                    },
+                    KubePort {
+                        port: 53,
+                        protocol: Protocol::Tcp,
+                        name: Some("dns-tcp".into()),
+                        endpoints: vec!["10.0.0.10:53".parse().unwrap()],
+                    },
+                ],
+                ready: 1,
+                identities: vec![
+                    meshfed_identity::SpiffeId::new("spiffe://w/ns/kube-system/sa/coredns")
+                        .unwrap(),
+                ],
+            }],
+        };
+        let ex = kube_exports(&k);
+        let e = &ex[&ServiceName::parse("dns.kube-system").unwrap()];
+        assert_eq!(e.ports[&53].len(), 1);
+        assert_eq!(e.udp_ports[&53].len(), 1);
+        assert_eq!(e.port_names[&(Protocol::Udp, 53)], "dns");
+        assert_eq!(e.port_names[&(Protocol::Tcp, 53)], "dns-tcp");
+        assert_eq!(e.identities.len(), 1);
     }
 
     #[test]

@@ -7,6 +7,8 @@ mod dns;
 mod etcd;
 mod federation;
 mod harness;
+mod kubeapi;
+mod kubernetes;
 mod legacy;
 mod rotation;
 mod tunnel;

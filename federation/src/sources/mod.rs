@@ -1,6 +1,7 @@
 //! Catalog sources other than a gateway's own config: registered legacy services
 //! (ServiceEntry-style). Kubernetes comes with its issue.
 
+pub mod kubernetes;
 pub mod service_entry;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,323 @@
+//! The Kubernetes export controller, run unchanged through the real kube client against
+//! the in-process API server (`kubeapi`): MCS ServiceExports become the site's exports,
+//! with status conditions written back.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{
+    ObjectReference, Pod, PodSpec, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use meshfed_federation::sources::kubernetes::controller::{
+    EXPORTS_FILE, ExportController, KubeExports,
+};
+use meshfed_federation::sources::kubernetes::{SERVICE_NAME_LABEL, ServiceExport};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::Scratch;
+use crate::kubeapi::KubeApi;
+
+fn meta(ns: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(ns.into()),
+        name: Some(name.into()),
+        generation: Some(1),
+        ..Default::default()
+    }
+}
+
+fn service() -> Service {
+    Service {
+        metadata: meta("shop", "orders"),
+        spec: Some(ServiceSpec {
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The Service's EndpointSlice: pods `orders-<i>` at 10.0.0.<i>:8080, ready as given.
+fn slice(ready: &[bool]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            labels: Some([(SERVICE_NAME_LABEL.to_string(), "orders".to_string())].into()),
+            ..meta("shop", "orders-x1")
+        },
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        endpoints: Some(
+            ready
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Endpoint {
+                    addresses: vec![format!("10.0.0.{}", i + 1)],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(*r),
+                        ..Default::default()
+                    }),
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some(format!("orders-{}", i + 1)),
+                        namespace: Some("shop".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn pod(i: usize) -> Pod {
+    Pod {
+        metadata: meta("shop", &format!("orders-{i}")),
+        spec: Some(PodSpec {
+            service_account_name: Some("orders".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn read(dir: &Path) -> KubeExports {
+    std::fs::read(dir.join(EXPORTS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Waits until `kubernetes.json` satisfies `ok`.
+async fn wait_file(dir: &Path, what: &str, ok: impl Fn(&KubeExports) -> bool) -> KubeExports {
+    let started = Instant::now();
+    loop {
+        let e = read(dir);
+        if ok(&e) {
+            return e;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}: {e:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the ServiceExport's condition `type_` has `status`; returns its reason.
+async fn wait_condition(api: &KubeApi, type_: &str, status: &str) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let se = api.get("serviceexports", "shop", "orders");
+        let c = se.as_ref().and_then(|se| {
+            se["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == type_)
+                .cloned()
+        });
+        if let Some(c) = c
+            && c["status"] == status
+        {
+            return c;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{type_} never {status}: {se:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A catalog (as the gateway caches it) where site east exports orders.shop with port
+/// `http` on `port`.
+fn other_site_exports(port: u16) -> meshfed_federation::Catalog {
+    use meshfed_federation::catalog::{
+        Change, Delta, Export, ExportedPort, Protocol, Revision, SiteRecord,
+    };
+    let mut c = meshfed_federation::Catalog::default();
+    let east: meshfed_federation::SiteName = "east".parse().unwrap();
+    let changes = [
+        Change::PutSite(SiteRecord {
+            site: east.clone(),
+            trust_domain: meshfed_identity::TrustDomain::new("east.example.org").unwrap(),
+            gateway_addresses: vec![],
+            up: true,
+        }),
+        Change::PutExport {
+            site: east,
+            export: Export {
+                service: "orders.shop".parse().unwrap(),
+                ports: vec![ExportedPort {
+                    port,
+                    protocol: Protocol::Tcp,
+                    name: Some("http".into()),
+                }],
+                ready_endpoints: 1,
+                identities: vec![],
+                locality: None,
+                labels: Default::default(),
+                hosts: vec![],
+            },
+        },
+    ];
+    for (i, change) in changes.into_iter().enumerate() {
+        c.apply(&Delta {
+            revision: Revision(i as u64 + 1),
+            change,
+        })
+        .unwrap();
+    }
+    c
+}
+
+fn controller(api: &KubeApi, dir: &Path) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let c = ExportController {
+        client: api.client(),
+        site: "west".parse().unwrap(),
+        trust_domain: meshfed_identity::TrustDomain::new("west.example.org").unwrap(),
+        dir: dir.to_owned(),
+    };
+    (stop.clone(), tokio::spawn(c.run(stop)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_exports_become_exports_with_status_through_the_kube_client() {
+    let scratch = Scratch::new("kube-export");
+    let dir = scratch.0.clone();
+    let api = KubeApi::start().await;
+    api.put(&service());
+    api.put(&slice(&[true, true, false]));
+    for i in 1..=3 {
+        api.put(&pod(i));
+    }
+    let (stop, task) = controller(&api, &dir);
+
+    // A Service without a ServiceExport is not exported.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(read(&dir).exports.is_empty(), "{:?}", read(&dir));
+
+    // Export: ports, ready endpoints (2 of 3), identities from the pods' service account.
+    api.put(&ServiceExport {
+        metadata: meta("shop", "orders"),
+        status: None,
+    });
+    let e = wait_file(&dir, "export", |e| e.exports.len() == 1).await;
+    let x = &e.exports[0];
+    assert_eq!(x.service.to_string(), "orders.shop");
+    assert_eq!(
+        (x.ports[0].port, x.ports[0].name.as_deref()),
+        (80, Some("http"))
+    );
+    assert_eq!(
+        x.ports[0].endpoints,
+        vec![
+            "10.0.0.1:8080".parse().unwrap(),
+            "10.0.0.2:8080".parse().unwrap()
+        ]
+    );
+    assert_eq!(x.ready, 2);
+    assert_eq!(
+        x.identities.iter().map(|i| i.as_str()).collect::<Vec<_>>(),
+        vec!["spiffe://west.example.org/ns/shop/sa/orders"]
+    );
+    let valid = wait_condition(&api, "Valid", "True").await;
+    assert_eq!(valid["reason"], "ServiceExported");
+    wait_condition(&api, "Conflict", "False").await;
+
+    // Readiness changes propagate: the third pod becomes ready, then all go unready.
+    api.put(&slice(&[true, true, true]));
+    wait_file(&dir, "3 ready", |e| {
+        e.exports.first().is_some_and(|x| x.ready == 3)
+    })
+    .await;
+    api.put(&slice(&[false, false, false]));
+    let e = wait_file(&dir, "0 ready", |e| {
+        e.exports.first().is_some_and(|x| x.ready == 0)
+    })
+    .await;
+    assert!(e.exports[0].ports[0].endpoints.is_empty());
+
+    // A change whose event was compacted away, then the watches break: the controller's
+    // watchers resume from a resourceVersion that is gone, get 410 Gone, relist, and so
+    // still see the change.
+    let lists_before = api.count("GET", "/apis/discovery.k8s.io/v1/endpointslices");
+    api.put_unseen(&slice(&[true, false, false]));
+    api.break_watches();
+    wait_file(&dir, "after relist", |e| {
+        e.exports.first().is_some_and(|x| x.ready == 1)
+    })
+    .await;
+    assert!(
+        api.count("GET", "/apis/discovery.k8s.io/v1/endpointslices") > lists_before + 1,
+        "the watcher re-watched and relisted"
+    );
+
+    // Conflict: another site exports orders.shop with port "http" on another number.
+    let catalog = other_site_exports(8443);
+    std::fs::write(
+        dir.join("catalog.json"),
+        serde_json::to_vec(&catalog).unwrap(),
+    )
+    .unwrap();
+    let c = wait_condition(&api, "Conflict", "True").await;
+    assert_eq!(c["reason"], "PortConflict");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("8443/tcp at site east"),
+        "{c}"
+    );
+    std::fs::remove_file(dir.join("catalog.json")).unwrap();
+    wait_condition(&api, "Conflict", "False").await;
+
+    // A restart changes nothing: no status write, no rewrite of the exports file.
+    stop.cancel();
+    task.await.unwrap();
+    let patches = api.count("PATCH", "/apis/multicluster.x-k8s.io");
+    let file = std::fs::metadata(dir.join(EXPORTS_FILE))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let (stop, task) = controller(&api, &dir);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        api.count("PATCH", "/apis/multicluster.x-k8s.io"),
+        patches,
+        "status churn on restart"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join(EXPORTS_FILE))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        file,
+        "exports rewritten on restart"
+    );
+
+    // Unexport: the Service stays, the export goes.
+    api.delete("serviceexports", "shop", "orders");
+    wait_file(&dir, "unexport", |e| e.exports.is_empty()).await;
+
+    // A ServiceExport without its Service is invalid, and says why.
+    api.delete("services", "shop", "orders");
+    api.put(&ServiceExport {
+        metadata: meta("shop", "orders"),
+        status: None,
+    });
+    let v = wait_condition(&api, "Valid", "False").await;
+    assert_eq!(v["reason"], "NoService");
+    assert!(read(&dir).exports.is_empty());
+    stop.cancel();
+    task.await.unwrap();
+}
