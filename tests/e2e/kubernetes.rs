@@ -321,3 +321,60 @@ async fn service_exports_become_exports_with_status_through_the_kube_client() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// What the export controller writes is what the site's gateway publishes: another site
+/// imports it and reaches the endpoints through the tunnel, and its identities are in
+/// the federation's catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_exports_are_published_by_the_gateway_and_imported_elsewhere() {
+    use meshfed_federation::sources::kubernetes::{KubeExport, KubePort};
+    let scratch = Scratch::new("kube-publish");
+    let (_fed, west, _west_gw, east_gw) = crate::legacy::east_and_west(&scratch);
+    let echo = crate::harness::echo_server().await;
+    let port = crate::federation::free_port([127, 0, 0, 9].into());
+    let exports = KubeExports {
+        exports: vec![KubeExport {
+            service: "orders.shop".parse().unwrap(),
+            ports: vec![KubePort {
+                port,
+                protocol: meshfed_federation::catalog::Protocol::Tcp,
+                name: Some("http".into()),
+                endpoints: vec![echo],
+            }],
+            ready: 1,
+            identities: vec![
+                meshfed_identity::SpiffeId::new("spiffe://west.example.org/ns/shop/sa/orders")
+                    .unwrap(),
+            ],
+        }],
+    };
+    meshfed_identity::ca::write_file(
+        &west.dir.join(EXPORTS_FILE),
+        &serde_json::to_vec(&exports).unwrap(),
+        0o644,
+    )
+    .unwrap();
+    let import = std::net::SocketAddr::new([127, 0, 0, 9].into(), port);
+    let started = Instant::now();
+    while crate::harness::echo_once(import).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never imported:\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // East's catalog cache carries the workload identity west published.
+    let cache =
+        std::fs::read_to_string(east_gw.log.parent().unwrap().join("catalog.json")).unwrap();
+    assert!(
+        cache.contains("spiffe://west.example.org/ns/shop/sa/orders"),
+        "{cache}"
+    );
+    // SRV carries the Service's port name.
+    let s = crate::dns::dig(
+        east_gw.dns.unwrap(),
+        &["_http._tcp.orders.shop.svc.clusterset.local", "SRV"],
+    );
+    assert_eq!(s.answer.len(), 1, "{s:?}");
+}

@@ -26,7 +26,7 @@ fn register(dir: &std::path::Path, file: &std::path::Path) -> (i32, String) {
 
 /// A federation with west (gateway on 127.0.0.8) and east (127.0.0.9, with DNS), both
 /// joined and running: returns the federation, west's files and both gateways.
-fn east_and_west(scratch: &Scratch) -> (Fed, meshfed_gateway::lab::SiteFiles, Gw, Gw) {
+pub(crate) fn east_and_west(scratch: &Scratch) -> (Fed, meshfed_gateway::lab::SiteFiles, Gw, Gw) {
     let fed = Fed::start(&Fed::init(scratch), 0);
     let [east, west] = joined(scratch, &fed, ["east", "west"]);
     let cfg = |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4], dns: bool| {
