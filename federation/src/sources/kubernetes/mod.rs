@@ -106,34 +106,22 @@ pub struct Observed<'a> {
 /// The outcome for one ServiceExport, by `(namespace, name)`.
 pub type Outcomes = BTreeMap<(String, String), Result<KubeExport, Invalid>>;
 
+/// Objects by `(namespace, name)`.
+fn by_name<K: kube::Resource>(objs: &[K]) -> BTreeMap<(&str, &str), &K> {
+    objs.iter()
+        .filter_map(|o| {
+            Some((
+                (o.meta().namespace.as_deref()?, o.meta().name.as_deref()?),
+                o,
+            ))
+        })
+        .collect()
+}
+
 /// Maps every ServiceExport to its export or the reason it is invalid.
 pub fn exports(td: &TrustDomain, o: Observed<'_>) -> Outcomes {
-    let services: BTreeMap<(&str, &str), &Service> = o
-        .services
-        .iter()
-        .filter_map(|s| {
-            Some((
-                (
-                    s.metadata.namespace.as_deref()?,
-                    s.metadata.name.as_deref()?,
-                ),
-                s,
-            ))
-        })
-        .collect();
-    let pods: BTreeMap<(&str, &str), &Pod> = o
-        .pods
-        .iter()
-        .filter_map(|p| {
-            Some((
-                (
-                    p.metadata.namespace.as_deref()?,
-                    p.metadata.name.as_deref()?,
-                ),
-                p,
-            ))
-        })
-        .collect();
+    let services = by_name(o.services);
+    let pods = by_name(o.pods);
     let mut out = BTreeMap::new();
     for se in o.exports {
         let (Some(ns), Some(name)) = (
