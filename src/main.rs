@@ -367,6 +367,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 reg.services.len()
             );
         }
+        Cmd::Kubernetes(KubernetesCmd::Import {
+            dir,
+            namespace,
+            gateway_selector,
+        }) => {
+            runtime()?.block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("no Kubernetes API: not in a cluster and no usable kubeconfig")?;
+                let stop = tokio_util::sync::CancellationToken::new();
+                let c =
+                    meshfed_federation::sources::kubernetes::import_controller::ImportController {
+                        client,
+                        dir,
+                        gateway_namespace: namespace,
+                        gateway_selector,
+                    };
+                let task = tokio::spawn(c.run(stop.clone()));
+                wait_for_signal().await;
+                stop.cancel();
+                let _ = task.await;
+                Ok::<_, anyhow::Error>(())
+            })?;
+        }
         Cmd::Kubernetes(KubernetesCmd::Export {
             site,
             trust_domain,
@@ -712,6 +736,20 @@ enum KubernetesCmd {
         /// The site directory the gateway uses (`federation.dir`).
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Makes a ServiceImport, a derived Service and EndpointSlices for every service the
+    /// gateway imports (`<dir>/imports.json`), pointing at the ready gateway pods'
+    /// import listeners (`federation.import_ports`); deletes withdrawn ones.
+    Import {
+        /// The site directory the gateway uses (`federation.dir`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The gateway pods' namespace.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "meshfed")]
+        namespace: String,
+        /// Label selector of the gateway pods.
+        #[arg(long, default_value = "app.kubernetes.io/name=meshfed-gateway")]
+        gateway_selector: String,
     },
 }
 

@@ -147,13 +147,7 @@ pub fn import_addresses(
     let mut taken = std::collections::BTreeSet::new();
     let mut out = BTreeMap::new();
     for s in services {
-        // FNV-1a: stable across builds and platforms.
-        let h = s
-            .to_string()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            });
+        let h = fnv(&s.to_string());
         let mut off = (h % u64::from(usable)) as u32;
         if taken.len() as u32 >= usable {
             break; // the range is full: the rest get no address (logged by the caller)
@@ -163,6 +157,97 @@ pub fn import_addresses(
         }
         let ip = std::net::Ipv4Addr::from(r.base + 1 + off);
         out.insert(s.clone(), std::net::IpAddr::V4(ip));
+    }
+    out
+}
+
+/// The file a federated gateway writes into its site directory with what it listens on
+/// for each import (read by the Kubernetes import controller, and by operators).
+pub const IMPORTS_FILE: &str = "imports.json";
+
+/// What `imports.json` holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImportListeners {
+    pub imports: Vec<ImportListener>,
+}
+
+/// One bound import listener.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImportListener {
+    pub service: ServiceName,
+    /// The service's port (what clients of the service dial).
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where the gateway listens for it.
+    pub listen: std::net::SocketAddr,
+    /// Sites serving it, best first.
+    pub backends: Vec<SiteName>,
+}
+
+/// FNV-1a of a name: stable across builds and platforms (VIPs and import ports).
+pub(crate) fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// A range of ports imports listen on (`federation.import_ports`), one per imported
+/// (service, port), all on `import_address`: for a gateway that cannot hold an address
+/// per service, such as a Kubernetes pod, whose derived Services map each service port
+/// to its listener port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// `first-last`, e.g. `20000-29999`, with at least 2 ports and no port 0.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not a port range (first-last)"))?;
+        let port = |x: &str| {
+            x.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{x:?} is not a port (1-65535)"))
+        };
+        let (first, last) = (port(a)?, port(b)?);
+        if last <= first {
+            return Err(format!("{s:?}: the last port must be above the first"));
+        }
+        Ok(Self { first, last })
+    }
+
+    fn len(self) -> u32 {
+        u32::from(self.last - self.first) + 1
+    }
+}
+
+/// The listener port of every imported (service, port) in `range`; TCP and UDP on one
+/// service port share it. Like VIPs, a port comes from a hash of `service:port`, so it
+/// stays the same across restarts, catalog changes and gateway replicas; a collision
+/// takes the next free port, in name order. A full range leaves the rest out.
+pub fn import_ports(plan: &SitePlan, range: PortRange) -> BTreeMap<(ServiceName, u16), u16> {
+    let keys: std::collections::BTreeSet<(&ServiceName, u16)> =
+        plan.imports.iter().map(|i| (&i.service, i.port)).collect();
+    let size = range.len();
+    let mut taken = std::collections::BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for (s, port) in keys {
+        if taken.len() as u32 >= size {
+            break;
+        }
+        let mut off = (fnv(&format!("{s}:{port}")) % u64::from(size)) as u32;
+        while !taken.insert(off) {
+            off = (off + 1) % size;
+        }
+        let p = u16::try_from(u32::from(range.first) + off).unwrap_or(range.last);
+        out.insert((s.clone(), port), p);
     }
     out
 }
@@ -218,6 +303,53 @@ mod tests {
         );
         for bad in ["10.0.0.0", "10.0.0.0/31", "10.0.0.0/4", "fd00::/64", "x/24"] {
             assert!(VipRange::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn import_ports_are_stable_distinct_shared_by_tcp_and_udp_and_inside_the_range() {
+        let r = PortRange::parse("20000-20009").unwrap();
+        let im = |n: &str, port, protocol| ImportPlan {
+            service: ServiceName::parse(n).unwrap(),
+            port,
+            protocol,
+            name: None,
+            hosts: vec![],
+            backends: vec![],
+        };
+        let plan = |v: Vec<ImportPlan>| SitePlan {
+            peers: vec![],
+            imports: v,
+        };
+        let a = import_ports(
+            &plan(vec![
+                im("a.x", 80, Protocol::Tcp),
+                im("b.x", 80, Protocol::Tcp),
+                im("dns.x", 53, Protocol::Udp),
+                im("dns.x", 53, Protocol::Tcp),
+            ]),
+            r,
+        );
+        assert_eq!(a.len(), 3, "TCP and UDP of dns.x:53 share one port: {a:?}");
+        let ports: std::collections::BTreeSet<_> = a.values().collect();
+        assert_eq!(ports.len(), 3, "distinct: {a:?}");
+        assert!(a.values().all(|p| (20000..=20009).contains(p)));
+        let b = import_ports(&plan(vec![im("dns.x", 53, Protocol::Udp)]), r);
+        let key = (ServiceName::parse("dns.x").unwrap(), 53);
+        assert_eq!(b[&key], a[&key], "does not move when others come and go");
+        // Full: two ports for three imports.
+        let tiny = PortRange::parse("30000-30001").unwrap();
+        let c = import_ports(
+            &plan(vec![
+                im("a.x", 1, Protocol::Tcp),
+                im("a.x", 2, Protocol::Tcp),
+                im("a.x", 3, Protocol::Tcp),
+            ]),
+            tiny,
+        );
+        assert_eq!(c.len(), 2);
+        for bad in ["20000", "0-10", "10-10", "20-10", "1-70000", "a-b"] {
+            assert!(PortRange::parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -93,6 +93,8 @@ struct RawFederation {
     #[serde(default)]
     vip_range: Option<String>,
     #[serde(default)]
+    import_ports: Option<String>,
+    #[serde(default)]
     advertise: Option<String>,
     #[serde(default)]
     locality: Option<String>,
@@ -228,6 +230,9 @@ pub struct Federation {
     /// One address per imported service from this range (listener and DNS answer),
     /// instead of `import_address` for all.
     pub vip_range: Option<meshfed_federation::routing::VipRange>,
+    /// Each imported (service, port) listens on its own port from this range instead of
+    /// the service's port (a Kubernetes pod: derived Services map the ports).
+    pub import_ports: Option<meshfed_federation::routing::PortRange>,
     /// The QUIC address other gateways dial; default `listen`.
     pub advertise: Option<String>,
     pub locality: Option<String>,
@@ -367,6 +372,12 @@ impl RawConfig {
                         .map(meshfed_federation::routing::VipRange::parse)
                         .transpose()
                         .map_err(|e| v.err("federation.vip_range", e))?,
+                    import_ports: f
+                        .import_ports
+                        .as_deref()
+                        .map(meshfed_federation::routing::PortRange::parse)
+                        .transpose()
+                        .map_err(|e| v.err("federation.import_ports", e))?,
                     advertise: f.advertise,
                     locality: f.locality,
                 })
@@ -379,6 +390,12 @@ impl RawConfig {
                     return Err(v.err(
                         "dns",
                         "needs a `federation` section (answers come from the catalog)",
+                    ));
+                }
+                if federation.as_ref().is_some_and(|f| f.import_ports.is_some()) {
+                    return Err(v.err(
+                        "dns",
+                        "cannot answer with `federation.import_ports`: clients reach such imports through their derived Services (`meshfed kubernetes controller`), named by the cluster's DNS",
                     ));
                 }
                 let ttl = v.duration("dns.ttl", d.ttl.as_deref(), Duration::from_secs(5))?;
@@ -735,6 +752,25 @@ imports:
             "{GOOD}federation:\n  dir: site\n  vip_range: 10.0.0.0/31\n"
         ));
         assert!(f == "federation.vip_range" && r.contains("/31"), "{f}: {r}");
+        let ported =
+            "federation:\n  dir: site\n  import_address: 0.0.0.0\n  import_ports: 20000-29999\n";
+        let c = parse(&format!("{GOOD}{ported}")).unwrap();
+        assert_eq!(
+            c.federation.unwrap().import_ports,
+            Some(meshfed_federation::routing::PortRange {
+                first: 20000,
+                last: 29999
+            })
+        );
+        let (f, r) = field_err(&format!(
+            "{GOOD}federation:\n  dir: site\n  import_ports: 30000-20000\n"
+        ));
+        assert!(
+            f == "federation.import_ports" && r.contains("above"),
+            "{f}: {r}"
+        );
+        let (f, r) = field_err(&format!("{GOOD}{ported}dns:\n  listen: 127.0.0.1:5353\n"));
+        assert!(f == "dns" && r.contains("import_ports"), "{f}: {r}");
     }
 
     #[test]
@@ -749,6 +785,13 @@ imports:
             }
         }
         assert!(n >= 2, "found {n} example configs in {}", dir.display());
+        // The configs the Kubernetes manifests carry in their ConfigMaps.
+        let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+        for f in ["base/gateway-config.yaml", "overlays/site/gateway.yaml"] {
+            let c = GatewayConfig::load(&k8s.join(f)).unwrap_or_else(|e| panic!("{e}"));
+            let fed = c.federation.expect("federated");
+            assert!(fed.import_ports.is_some(), "{f}: pods listen on import_ports");
+        }
     }
 
     #[test]

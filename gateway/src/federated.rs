@@ -16,7 +16,7 @@ use meshfed_federation::api::{change_from_pb, pb};
 use meshfed_federation::catalog::Protocol;
 use meshfed_federation::catalog::{Delta, Revision};
 use meshfed_federation::node::Membership;
-use meshfed_federation::routing::plan;
+use meshfed_federation::routing::{IMPORTS_FILE, ImportListener, ImportListeners, plan};
 use meshfed_federation::{Catalog, SiteName};
 use meshfed_identity::ca::write_file;
 use meshfed_identity::{TrustBundle, TrustDomain};
@@ -180,12 +180,27 @@ impl Agent {
             .iter()
             .map(|i| (i.service.clone(), i.port, i.protocol))
             .collect();
+        let ports = self
+            .fed
+            .import_ports
+            .map(|r| meshfed_federation::routing::import_ports(&p, r));
+        let mut bound = ImportListeners::default();
         for im in &p.imports {
             let Some(ip) = addrs.get(&im.service) else {
                 warn!(service = %im.service, "federation.vip_range is full: import not bound");
                 continue;
             };
-            let listen = SocketAddr::new(*ip, im.port);
+            let port = match &ports {
+                None => im.port,
+                Some(ports) => match ports.get(&(im.service.clone(), im.port)) {
+                    Some(p) => *p,
+                    None => {
+                        warn!(service = %im.service, port = im.port, "federation.import_ports is full: import not bound");
+                        continue;
+                    }
+                },
+            };
+            let listen = SocketAddr::new(*ip, port);
             match self.imports.upsert(
                 &im.service,
                 im.port,
@@ -195,6 +210,14 @@ impl Agent {
             ) {
                 Ok(_) => {
                     keep_imports.insert((im.service.clone(), im.port, im.protocol));
+                    bound.imports.push(ImportListener {
+                        service: im.service.clone(),
+                        port: im.port,
+                        protocol: im.protocol,
+                        name: im.name.clone(),
+                        listen,
+                        backends: im.backends.clone(),
+                    });
                 }
                 Err(e) => {
                     warn!(service = %im.service, port = im.port, %listen, error = %e, "import listener not bound")
@@ -202,6 +225,26 @@ impl Agent {
             }
         }
         self.imports.retain(&keep_imports);
+        self.write_listeners(&bound);
+    }
+
+    /// Writes `imports.json` when what is bound changed.
+    fn write_listeners(&self, bound: &ImportListeners) {
+        let path = self.fed.dir.join(IMPORTS_FILE);
+        let old: Option<ImportListeners> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if old.as_ref() == Some(bound) {
+            return;
+        }
+        match serde_json::to_vec_pretty(bound) {
+            Ok(b) => {
+                if let Err(e) = write_file(&path, &b, 0o644) {
+                    warn!(error = %e, "imports.json not written");
+                }
+            }
+            Err(e) => warn!(error = %e, "imports.json not serialized"),
+        }
     }
 
     pub async fn run(self, stop: CancellationToken) {

@@ -76,6 +76,8 @@ pub struct ConfigBuilder {
     pub federation: Option<(PathBuf, std::net::IpAddr)>,
     /// `federation.vip_range`.
     pub vip_range: Option<String>,
+    /// `federation.import_ports`.
+    pub import_ports: Option<String>,
     /// The `dns` section, as YAML lines under `dns:` (e.g. `listen: 127.0.0.1:0`).
     pub dns: Option<String>,
     pub bundles: Vec<PathBuf>,
@@ -167,6 +169,9 @@ impl ConfigBuilder {
             );
             if let Some(r) = &self.vip_range {
                 let _ = writeln!(y, "  vip_range: {r}");
+            }
+            if let Some(r) = &self.import_ports {
+                let _ = writeln!(y, "  import_ports: {r}");
             }
         }
         if let Some(dns) = &self.dns {

@@ -10,7 +10,13 @@
 //!   `allowWatchBookmarks=true`; the stream ends at `timeoutSeconds`;
 //! - `410 Gone` (an `ERROR` event with a `Status`, as the real server sends) when N is
 //!   older than the compacted history, after which clients relist;
-//! - merge-patch of `/status` (`application/merge-patch+json`).
+//! - merge-patch of `/status` (`application/merge-patch+json`);
+//! - create (POST; 409 AlreadyExists), get, replace (PUT; 409 Conflict on a stale
+//!   resourceVersion) and delete, with the status subresource's rule that create and
+//!   replace leave `status` alone, a cluster IP allocated to every new Service, and
+//!   `labelSelector` (`k=v`, `k!=v`, `k`, `!k`) on list and watch;
+//! - the garbage collector: deleting an object deletes, in the background, every object
+//!   whose `ownerReferences` name its uid.
 //!
 //! Tests change objects directly (`put`, `delete`) and can `compact` the history and
 //! `break_watches` to force the relist path.
@@ -63,7 +69,16 @@ const KINDS: &[Kind] = &[
         api_version: "multicluster.x-k8s.io/v1alpha1",
         kind: "ServiceExport",
     },
+    Kind {
+        prefix: "apis/multicluster.x-k8s.io/v1alpha1",
+        plural: "serviceimports",
+        api_version: "multicluster.x-k8s.io/v1alpha1",
+        kind: "ServiceImport",
+    },
 ];
+
+/// Kinds whose `status` is a subresource: create and replace ignore it.
+const STATUS_SUBRESOURCE: &[&str] = &["services", "pods", "serviceexports", "serviceimports"];
 
 #[derive(Clone, Debug)]
 struct Event {
@@ -83,6 +98,8 @@ struct State {
     compacted: u64,
     /// Requests by (method, path without query), for tests that count writes.
     requests: Vec<(String, String)>,
+    /// Cluster IPs handed out (10.96.0.0/16).
+    next_ip: u32,
 }
 
 #[derive(Clone)]
@@ -275,12 +292,52 @@ impl KubeApi {
                 &format!("no route for /{path}"),
             );
         };
-        match (req.method(), parts.as_slice()) {
+        let selector = match query
+            .get("labelSelector")
+            .map(|s| Selector::parse(&decode(s)))
+        {
+            None => Selector::default(),
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+        };
+        let method = req.method().clone();
+        match (&method, parts.as_slice()) {
             (&Method::GET, [plural]) if *plural == k.plural => {
                 if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
-                    self.watch(k, ns, &query)
+                    self.watch(k, ns, &query, selector)
                 } else {
-                    self.list(k, ns.as_deref())
+                    self.list(k, ns.as_deref(), &selector)
+                }
+            }
+            (&Method::GET, [plural, name]) if *plural == k.plural => {
+                match self.get(k.plural, ns.as_deref().unwrap_or_default(), name) {
+                    Some(v) => json_response(StatusCode::OK, &v),
+                    None => not_found(k, ns.as_deref().unwrap_or_default(), name),
+                }
+            }
+            (&Method::POST, [plural]) | (&Method::PUT, [plural, _]) if *plural == k.plural => {
+                let Some(ns) = ns else {
+                    return status(StatusCode::NOT_FOUND, "NotFound", "namespace required");
+                };
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                let Ok(Ok(obj)) = body.map(|b| serde_json::from_slice::<Value>(&b)) else {
+                    return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+                };
+                match parts.get(1) {
+                    None => self.create(k, &ns, obj),
+                    Some(name) => self.replace(k, &ns, name, obj),
+                }
+            }
+            (&Method::DELETE, [plural, name]) if *plural == k.plural => {
+                let ns = ns.unwrap_or_default();
+                if self.delete_cascading(k.plural, &ns, name) {
+                    json_response(
+                        StatusCode::OK,
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Success", "details": {"name": name, "kind": k.plural}}),
+                    )
+                } else {
+                    not_found(k, &ns, name)
                 }
             }
             (&Method::PATCH, [plural, name, "status"]) if *plural == k.plural => {
@@ -301,12 +358,14 @@ impl KubeApi {
         }
     }
 
-    fn list(&self, k: Kind, ns: Option<&str>) -> Response<BoxBody> {
+    fn list(&self, k: Kind, ns: Option<&str>, sel: &Selector) -> Response<BoxBody> {
         let st = self.lock();
         let items: Vec<Value> = st
             .objects
             .iter()
-            .filter(|((p, n, _), _)| *p == k.plural && ns.is_none_or(|ns| ns == n))
+            .filter(|((p, n, _), v)| {
+                *p == k.plural && ns.is_none_or(|ns| ns == n) && sel.matches(v)
+            })
             .map(|(_, v)| v.clone())
             .collect();
         json_response(
@@ -325,6 +384,7 @@ impl KubeApi {
         k: Kind,
         ns: Option<String>,
         q: &BTreeMap<String, String>,
+        sel: Selector,
     ) -> Response<BoxBody> {
         let from: u64 = q
             .get("resourceVersion")
@@ -345,6 +405,7 @@ impl KubeApi {
                     && ns
                         .as_deref()
                         .is_none_or(|ns| e.object["metadata"]["namespace"] == ns)
+                    && sel.matches(&e.object)
             }
         };
         let (backlog, mut live, gone, mut rv) = {
@@ -420,6 +481,124 @@ impl KubeApi {
             .unwrap()
     }
 
+    fn create(&self, k: Kind, ns: &str, mut v: Value) -> Response<BoxBody> {
+        let Some(name) = v["metadata"]["name"].as_str().map(str::to_owned) else {
+            return status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "metadata.name: Required value",
+            );
+        };
+        let mut st = self.lock();
+        let key = (k.plural, ns.to_owned(), name.clone());
+        if st.objects.contains_key(&key) {
+            return status(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                &format!("{} {name:?} already exists", k.plural),
+            );
+        }
+        if STATUS_SUBRESOURCE.contains(&k.plural) {
+            v.as_object_mut().unwrap().remove("status");
+        }
+        if k.plural == "services" && v["spec"]["clusterIP"].as_str().is_none_or(str::is_empty) {
+            st.next_ip += 1;
+            let ip = std::net::Ipv4Addr::from(u32::from_be_bytes([10, 96, 0, 0]) + st.next_ip);
+            v["spec"]["clusterIP"] = json!(ip.to_string());
+            v["spec"]["clusterIPs"] = json!([ip.to_string()]);
+        }
+        st.rv += 1;
+        v["apiVersion"] = json!(k.api_version);
+        v["kind"] = json!(k.kind);
+        v["metadata"]["namespace"] = json!(ns);
+        v["metadata"]["uid"] = json!(format!("uid-{}-{}", k.plural, st.rv));
+        v["metadata"]["generation"] = json!(1);
+        v["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert(key, v.clone());
+        self.record(&mut st, k.plural, "ADDED", v.clone());
+        json_response(StatusCode::CREATED, &v)
+    }
+
+    fn replace(&self, k: Kind, ns: &str, name: &str, mut v: Value) -> Response<BoxBody> {
+        let mut st = self.lock();
+        let key = (k.plural, ns.to_owned(), name.to_owned());
+        let Some(old) = st.objects.get(&key).cloned() else {
+            return not_found(k, ns, name);
+        };
+        let sent = v["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default();
+        if !sent.is_empty() && sent != old["metadata"]["resourceVersion"] {
+            return status(
+                StatusCode::CONFLICT,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {} {name:?}: the object has been modified",
+                    k.plural
+                ),
+            );
+        }
+        if STATUS_SUBRESOURCE.contains(&k.plural) {
+            v["status"] = old["status"].clone();
+            if v["status"].is_null() {
+                v.as_object_mut().unwrap().remove("status");
+            }
+        }
+        if k.plural == "services" {
+            v["spec"]["clusterIP"] = old["spec"]["clusterIP"].clone(); // immutable
+            v["spec"]["clusterIPs"] = old["spec"]["clusterIPs"].clone();
+        }
+        let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+        let changed = v.get("spec") != old.get("spec");
+        v["apiVersion"] = json!(k.api_version);
+        v["kind"] = json!(k.kind);
+        v["metadata"]["namespace"] = json!(ns);
+        v["metadata"]["uid"] = old["metadata"]["uid"].clone();
+        v["metadata"]["generation"] = json!(generation + i64::from(changed));
+        st.rv += 1;
+        v["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert(key, v.clone());
+        self.record(&mut st, k.plural, "MODIFIED", v.clone());
+        json_response(StatusCode::OK, &v)
+    }
+
+    /// Deletes an object, then (as the garbage collector does, in the background) every
+    /// object it owns, recursively. False: no such object.
+    fn delete_cascading(&self, plural: &'static str, ns: &str, name: &str) -> bool {
+        let Some(uid) = self
+            .get(plural, ns, name)
+            .and_then(|v| v["metadata"]["uid"].as_str().map(str::to_owned))
+        else {
+            return false;
+        };
+        self.delete(plural, ns, name);
+        let owned: Vec<(&'static str, String, String)> = self
+            .lock()
+            .objects
+            .iter()
+            .filter(|(_, v)| {
+                v["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid.as_str()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (p, n, o) in owned {
+            self.delete_cascading(p, &n, &o);
+        }
+        true
+    }
+
+    /// Stored objects of a kind, as JSON.
+    pub fn all(&self, plural: &'static str) -> Vec<Value> {
+        self.lock()
+            .objects
+            .iter()
+            .filter(|((p, _, _), _)| *p == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     fn patch_status(&self, k: Kind, ns: &str, name: &str, patch: &Value) -> Response<BoxBody> {
         let mut st = self.lock();
         let key = (k.plural, ns.to_owned(), name.to_owned());
@@ -459,6 +638,70 @@ fn merge(target: &mut Value, patch: &Value) {
         }
         v => *target = v.clone(),
     }
+}
+
+/// A label selector of equality and existence terms.
+#[derive(Clone, Debug, Default)]
+struct Selector(Vec<(String, Option<String>, bool)>);
+
+impl Selector {
+    fn parse(s: &str) -> Result<Self, String> {
+        let mut terms = Vec::new();
+        for t in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let term = if let Some((k, v)) = t.split_once("!=") {
+                (k.to_owned(), Some(v.to_owned()), false)
+            } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+                (k.to_owned(), Some(v.to_owned()), true)
+            } else if let Some(k) = t.strip_prefix('!') {
+                (k.to_owned(), None, false)
+            } else if t.contains([' ', '(']) {
+                return Err(format!("unsupported label selector term {t:?}"));
+            } else {
+                (t.to_owned(), None, true)
+            };
+            terms.push(term);
+        }
+        Ok(Self(terms))
+    }
+
+    fn matches(&self, v: &Value) -> bool {
+        let labels = &v["metadata"]["labels"];
+        self.0.iter().all(|(k, want, positive)| {
+            let have = labels[k.as_str()].as_str();
+            match want {
+                Some(w) => (have == Some(w.as_str())) == *positive,
+                None => have.is_some() == *positive,
+            }
+        })
+    }
+}
+
+/// Percent-decoding of a query value.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(x) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(x);
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn not_found(k: Kind, ns: &str, name: &str) -> Response<BoxBody> {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{} {ns}/{name} not found", k.plural),
+    )
 }
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;

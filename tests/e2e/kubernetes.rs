@@ -378,3 +378,242 @@ async fn kubernetes_exports_are_published_by_the_gateway_and_imported_elsewhere(
     );
     assert_eq!(s.answer.len(), 1, "{s:?}");
 }
+
+/// A gateway pod in namespace `meshfed` at `ip`, Ready or not.
+fn gateway_pod(name: &str, ip: &str, ready: bool) -> Pod {
+    use k8s_openapi::api::core::v1::{PodCondition, PodIP, PodStatus};
+    Pod {
+        metadata: ObjectMeta {
+            labels: Some(
+                [(
+                    "app.kubernetes.io/name".to_string(),
+                    "meshfed-gateway".to_string(),
+                )]
+                .into(),
+            ),
+            ..meta("meshfed", name)
+        },
+        spec: Some(PodSpec {
+            node_name: Some("node-1".into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The writes the import controller made so far (creates, replaces, deletes, patches).
+fn import_writes(api: &KubeApi) -> usize {
+    ["POST", "PUT", "DELETE", "PATCH"]
+        .iter()
+        .map(|m| {
+            api.count(
+                m,
+                "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceimports",
+            ) + api.count(m, "/api/v1/namespaces/shop/services")
+                + api.count(
+                    m,
+                    "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+                )
+        })
+        .sum()
+}
+
+async fn wait_api(what: &str, ok: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < Duration::from_secs(15), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn import_controller(
+    api: &KubeApi,
+    dir: &Path,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    use meshfed_federation::sources::kubernetes::import_controller::ImportController;
+    let stop = CancellationToken::new();
+    let c = ImportController {
+        client: api.client(),
+        dir: dir.to_owned(),
+        gateway_namespace: "meshfed".into(),
+        gateway_selector: "app.kubernetes.io/name=meshfed-gateway".into(),
+    };
+    (stop.clone(), tokio::spawn(c.run(stop)))
+}
+
+/// East's gateway runs as a pod would (`federation.import_ports`); the import
+/// controller gives each service it imports a ServiceImport, a derived Service and an
+/// EndpointSlice of the ready gateway pods. Dialled the way kube-proxy forwards (the
+/// slice port named like the Service port), it reaches west's endpoint. A restart
+/// writes nothing; a withdrawn import is garbage-collected through owner references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_become_service_imports_reaching_the_gateway_and_are_collected_when_withdrawn() {
+    use crate::federation::{Fed, fed_config, joined};
+    use meshfed_federation::catalog::Protocol;
+    use meshfed_federation::sources::kubernetes::{KubeExport, KubePort};
+    let scratch = Scratch::new("kube-import");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let _west_gw = crate::harness::Gw::start(&west, &fed_config(&west, [127, 0, 0, 8])).unwrap();
+    let east_gw = crate::harness::Gw::start(
+        &east,
+        &meshfed_gateway::lab::ConfigBuilder {
+            import_ports: Some("21000-21999".into()),
+            ..fed_config(&east, [127, 0, 0, 9])
+        },
+    )
+    .unwrap();
+    let echo = crate::harness::echo_server().await;
+    let port = |port, name: &str| KubePort {
+        port,
+        protocol: Protocol::Tcp,
+        name: Some(name.into()),
+        endpoints: vec![echo],
+    };
+    let exports = |e: Vec<KubeExport>| {
+        meshfed_identity::ca::write_file(
+            &west.dir.join(EXPORTS_FILE),
+            &serde_json::to_vec(&KubeExports { exports: e }).unwrap(),
+            0o644,
+        )
+        .unwrap()
+    };
+    exports(vec![KubeExport {
+        service: "orders.shop".parse().unwrap(),
+        ports: vec![port(80, "http"), port(9090, "metrics")],
+        ready: 1,
+        identities: vec![],
+    }]);
+
+    let api = KubeApi::start().await;
+    api.put(&gateway_pod("gw-a", "127.0.0.9", true));
+    api.put(&gateway_pod("gw-b", "127.0.0.10", false));
+    // Someone else's ServiceImport: never touched.
+    let foreign = meshfed_federation::sources::kubernetes::imports::ServiceImport {
+        metadata: meta("shop", "legacy"),
+        ..Default::default()
+    };
+    api.put(&foreign);
+    let (stop, task) = import_controller(&api, &east.dir);
+    let started = Instant::now();
+    wait_api(
+        "ServiceImport with its clusterset IP and west as cluster",
+        || {
+            api.get("serviceimports", "shop", "orders")
+                .is_some_and(|si| {
+                    si["spec"]["ips"].as_array().is_some_and(|a| a.len() == 1)
+                        && si["status"]["clusters"] == serde_json::json!([{"cluster": "west"}])
+                })
+        },
+    )
+    .await;
+    eprintln!("ServiceImport ready {:?} after start", started.elapsed());
+    let si = api.get("serviceimports", "shop", "orders").unwrap();
+    assert_eq!(si["spec"]["type"], "ClusterSetIP");
+    let svcs = api.all("services");
+    assert_eq!(svcs.len(), 1, "{svcs:?}");
+    let svc = &svcs[0];
+    assert_eq!(si["spec"]["ips"][0], svc["spec"]["clusterIP"]);
+    assert_eq!(
+        svc["metadata"]["ownerReferences"][0]["uid"], si["metadata"]["uid"],
+        "the derived Service is owned by the ServiceImport"
+    );
+    assert_eq!(
+        svc["metadata"]["labels"]["multicluster.kubernetes.io/service-name"],
+        "orders"
+    );
+    let slices = api.all("endpointslices");
+    assert_eq!(slices.len(), 1, "{slices:?}");
+    let slice = &slices[0];
+    assert_eq!(
+        slice["metadata"]["ownerReferences"][0]["uid"],
+        si["metadata"]["uid"]
+    );
+    assert_eq!(
+        slice["metadata"]["labels"]["kubernetes.io/service-name"],
+        svc["metadata"]["name"]
+    );
+    let addrs = |s: &serde_json::Value| -> Vec<String> {
+        s["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["addresses"][0].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(addrs(slice), ["127.0.0.9"], "only the Ready gateway pod");
+
+    // As kube-proxy forwards: clusterIP:80 → the slice port named like Service port 80.
+    for svc_port in [80, 9090] {
+        let sp = svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["port"] == svc_port)
+            .unwrap();
+        let target = slice["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == sp["name"])
+            .unwrap()["port"]
+            .as_u64()
+            .unwrap() as u16;
+        assert!((21000..=21999).contains(&target), "{target}");
+        assert_eq!(sp["targetPort"], target);
+        let dial = std::net::SocketAddr::new([127, 0, 0, 9].into(), target);
+        crate::harness::echo_once(dial)
+            .await
+            .unwrap_or_else(|e| panic!("port {svc_port} via {dial}: {e}\n{}", east_gw.logs()));
+    }
+
+    // A second gateway pod becomes Ready: it joins the slice.
+    api.put(&gateway_pod("gw-b", "127.0.0.10", true));
+    wait_api("the second gateway in the slice", || {
+        api.all("endpointslices")
+            .first()
+            .is_some_and(|s| addrs(s).len() == 2)
+    })
+    .await;
+
+    // A restart: synced again, two recheck periods pass, and nothing is written.
+    stop.cancel();
+    task.await.unwrap();
+    let before = import_writes(&api);
+    let (stop, task) = import_controller(&api, &east.dir);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(import_writes(&api), before, "a restart writes nothing");
+    assert_eq!(api.all("serviceimports").len(), 2);
+    assert_eq!(api.all("services").len(), 1);
+    assert_eq!(api.all("endpointslices").len(), 1);
+
+    // Withdrawn at west: east's gateway drops the import, the controller deletes the
+    // ServiceImport, and the garbage collector the Service and the slice.
+    exports(vec![]);
+    let started = Instant::now();
+    wait_api("the import withdrawn and collected", || {
+        api.get("serviceimports", "shop", "orders").is_none()
+            && api.all("services").is_empty()
+            && api.all("endpointslices").is_empty()
+    })
+    .await;
+    eprintln!(
+        "withdrawn import collected {:?} after unexport",
+        started.elapsed()
+    );
+    assert!(
+        api.get("serviceimports", "shop", "legacy").is_some(),
+        "a ServiceImport meshfed does not manage stays"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}

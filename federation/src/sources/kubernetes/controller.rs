@@ -31,7 +31,7 @@ use crate::names::SiteName;
 /// The file the gateway follows for this site's Kubernetes exports.
 pub const EXPORTS_FILE: &str = "kubernetes.json";
 /// How often conflicts are re-checked against the catalog cache without a cluster change.
-const RECHECK: Duration = Duration::from_secs(2);
+pub(super) const RECHECK: Duration = Duration::from_secs(2);
 
 /// What `kubernetes.json` holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -59,9 +59,27 @@ where
         + Sync
         + 'static,
 {
+    mirror_matching(api, watcher::Config::default(), changed, stop)
+}
+
+/// [`mirror`] of the objects `cfg` selects (e.g. by label).
+pub(super) fn mirror_matching<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    changed: Arc<Notify>,
+    stop: CancellationToken,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (store, writer) = reflector::store();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         loop {
@@ -78,7 +96,7 @@ where
     store
 }
 
-fn items<K>(s: &Store<K>) -> Vec<K>
+pub(super) fn items<K>(s: &Store<K>) -> Vec<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {

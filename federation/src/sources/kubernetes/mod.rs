@@ -8,11 +8,9 @@
 //! The mapping here is pure: objects (the real `k8s-openapi` types) in, exports and
 //! conditions out; `controller` watches a cluster and applies them.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
@@ -23,6 +21,8 @@ use crate::catalog::{Catalog, Protocol};
 use crate::names::{ServiceName, SiteName};
 
 pub mod controller;
+pub mod import_controller;
+pub mod imports;
 
 /// The label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -42,29 +42,37 @@ pub struct ServiceExportStatus {
     pub conditions: Vec<Condition>,
 }
 
-impl kube::Resource for ServiceExport {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
+/// `kube::Resource` for a namespaced MCS type (`multicluster.x-k8s.io/v1alpha1`).
+macro_rules! mcs_resource {
+    ($ty:ty, $kind:literal, $plural:literal) => {
+        impl kube::Resource for $ty {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        "ServiceExport".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "multicluster.x-k8s.io".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1alpha1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "serviceexports".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                $kind.into()
+            }
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                "multicluster.x-k8s.io".into()
+            }
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                "v1alpha1".into()
+            }
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
+pub(crate) use mcs_resource;
+
+mcs_resource!(ServiceExport, "ServiceExport", "serviceexports");
 
 /// One exported port, with the ready endpoints behind it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

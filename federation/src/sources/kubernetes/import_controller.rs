@@ -1,0 +1,418 @@
+//! The import controller: makes the cluster's ServiceImports, derived Services and
+//! EndpointSlices match what the site's gateway imports (`<site dir>/imports.json`) and
+//! which gateway pods are ready ([`super::imports::desired`]).
+//!
+//! - It writes only what differs from what its reflectors show, so a restart writes
+//!   nothing when nothing changed.
+//! - A withdrawn import's ServiceImport is deleted; the Service and slices it owns go
+//!   with it through the cluster's garbage collector (owner references).
+//! - It never touches objects without its `managed-by` label: a ServiceImport someone
+//!   else made is reported and left alone.
+//! - Every gateway replica may run one: they compute the same objects from the same
+//!   catalog, and a create that loses a race is an `AlreadyExists` to ignore.
+//! - After a write it waits for its own watch to show the result (or 5 s) before it
+//!   looks at that object again, as client-go's controller expectations do, so a slow
+//!   watch does not make it write twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::controller::{RECHECK, mirror_matching};
+use super::imports::{
+    Desired, MANAGED_BY, MCS_SERVICE_LABEL, ServiceImport, desired, managed, owner, ready_gateways,
+    update_import, update_service, update_slice,
+};
+use crate::routing::{IMPORTS_FILE, ImportListeners};
+
+/// How long a write may take to show up in the controller's own watch.
+const EXPECT: Duration = Duration::from_secs(5);
+/// How often `imports.json` is looked at for a change.
+const FILE_POLL: Duration = Duration::from_millis(200);
+
+pub struct ImportController {
+    pub client: kube::Client,
+    /// The gateway's site directory: `imports.json` is read from it.
+    pub dir: PathBuf,
+    /// Where the gateway pods run, and the label selector that finds them.
+    pub gateway_namespace: String,
+    pub gateway_selector: String,
+}
+
+/// (plural, namespace, name)
+type Key = (&'static str, String, String);
+
+/// Writes not yet seen in the watch: the resourceVersion written (`None`: deleted).
+#[derive(Default)]
+struct Expectations(BTreeMap<Key, (Option<String>, Instant)>);
+
+impl Expectations {
+    /// Whether the object under `key` may be acted on: no write of ours is in flight.
+    fn settled(&mut self, key: &Key, seen: Option<&str>) -> bool {
+        let Some((want, at)) = self.0.get(key) else {
+            return true;
+        };
+        if want.as_deref() == seen || at.elapsed() > EXPECT {
+            self.0.remove(key);
+            return true;
+        }
+        false
+    }
+
+    fn wrote(&mut self, key: Key, rv: Option<String>) {
+        self.0.insert(key, (rv, Instant::now()));
+    }
+}
+
+fn get<K>(store: &Store<K>, ns: &str, name: &str) -> Option<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .get(&ObjectRef::new(name).within(ns))
+        .map(|o| (*o).clone())
+}
+
+fn rv<K: kube::Resource>(o: &Option<K>) -> Option<&str> {
+    o.as_ref()?.meta().resource_version.as_deref()
+}
+
+fn conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+struct Round<'a> {
+    client: &'a kube::Client,
+    expect: &'a mut Expectations,
+    /// Problems already logged, so that a persistent one is logged once.
+    warned: &'a mut BTreeSet<String>,
+    writes: usize,
+}
+
+impl Round<'_> {
+    fn warn_once(&mut self, what: String) {
+        if self.warned.insert(what.clone()) {
+            warn!("{what}");
+        }
+    }
+
+    /// Creates `want`, or replaces `have` with `update(have)` when that says something
+    /// differs; returns the object as it now is.
+    async fn ensure<K>(
+        &mut self,
+        plural: &'static str,
+        have: Option<K>,
+        want: &K,
+        update: impl Fn(&K, &K) -> Option<K>,
+    ) -> Option<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let ns = want.meta().namespace.clone().unwrap_or_default();
+        let name = want.meta().name.clone().unwrap_or_default();
+        let api = Api::<K>::namespaced(self.client.clone(), &ns);
+        let key = (plural, ns.clone(), name.clone());
+        let result = match &have {
+            None => api.create(&PostParams::default(), want).await,
+            Some(h) => match update(h, want) {
+                None => return have,
+                Some(next) => api.replace(&name, &PostParams::default(), &next).await,
+            },
+        };
+        self.writes += 1;
+        match result {
+            Ok(o) => {
+                debug!(kind = plural, namespace = %ns, %name, created = have.is_none(), "written");
+                self.warned
+                    .retain(|w| !w.contains(&format!(" {ns}/{name} ")));
+                self.expect.wrote(key, o.meta().resource_version.clone());
+                Some(o)
+            }
+            Err(e) if conflict(&e) => {
+                // Another replica (or a stale view): the watch will show the winner.
+                debug!(kind = plural, namespace = %ns, %name, error = %e, "write conflict; waiting for the watch");
+                None
+            }
+            Err(e) => {
+                self.warn_once(format!("{plural} {ns}/{name} not written: {e}"));
+                None
+            }
+        }
+    }
+}
+
+impl ImportController {
+    pub async fn run(self, stop: CancellationToken) {
+        let changed = Arc::new(Notify::new());
+        let c = &self.client;
+        let ours = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        let imports = mirror_matching(
+            Api::<ServiceImport>::all(c.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+            stop.clone(),
+        );
+        let services = mirror_matching(
+            Api::<Service>::all(c.clone()),
+            ours.clone(),
+            changed.clone(),
+            stop.clone(),
+        );
+        let slices = mirror_matching(
+            Api::<EndpointSlice>::all(c.clone()),
+            ours,
+            changed.clone(),
+            stop.clone(),
+        );
+        let gateways = mirror_matching(
+            Api::<Pod>::namespaced(c.clone(), &self.gateway_namespace),
+            watcher::Config::default().labels(&self.gateway_selector),
+            changed.clone(),
+            stop.clone(),
+        );
+        for ready in [
+            imports.wait_until_ready().await.is_ok(),
+            services.wait_until_ready().await.is_ok(),
+            slices.wait_until_ready().await.is_ok(),
+            gateways.wait_until_ready().await.is_ok(),
+        ] {
+            if !ready {
+                return;
+            }
+        }
+        info!(namespace = %self.gateway_namespace, selector = %self.gateway_selector, "kubernetes import controller synced");
+        let mut expect = Expectations::default();
+        let mut warned = BTreeSet::new();
+        let mtime = || {
+            std::fs::metadata(self.dir.join(IMPORTS_FILE))
+                .and_then(|m| m.modified())
+                .ok()
+        };
+        loop {
+            let seen = mtime();
+            // No file yet (the gateway has not applied a catalog): nothing is known, so
+            // nothing is deleted either.
+            match std::fs::read(self.dir.join(IMPORTS_FILE)) {
+                Err(e) => {
+                    if warned.insert("no imports.json".to_string()) {
+                        info!(error = %e, "no imports.json yet; waiting for the gateway");
+                    }
+                }
+                Ok(b) => match serde_json::from_slice::<ImportListeners>(&b) {
+                    Err(e) => {
+                        if warned.insert(format!("bad imports.json {e}")) {
+                            warn!(error = %e, "imports.json unreadable; keeping the cluster as it is");
+                        }
+                    }
+                    Ok(listeners) => {
+                        let gws = ready_gateways(
+                            &gateways
+                                .state()
+                                .iter()
+                                .map(|p| (**p).clone())
+                                .collect::<Vec<_>>(),
+                        );
+                        let want = desired(&listeners, &gws);
+                        let mut round = Round {
+                            client: &self.client,
+                            expect: &mut expect,
+                            warned: &mut warned,
+                            writes: 0,
+                        };
+                        reconcile(&mut round, &want, &imports, &services, &slices).await;
+                        if round.writes > 0 {
+                            debug!(writes = round.writes, "import reconcile wrote");
+                        }
+                    }
+                },
+            }
+            // Wake on a cluster change, on a new imports.json (its modification time,
+            // looked at every 200 ms), and every RECHECK for writes that failed.
+            let deadline = tokio::time::Instant::now() + RECHECK;
+            loop {
+                tokio::select! {
+                    _ = changed.notified() => break,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = tokio::time::sleep(FILE_POLL) => if mtime() != seen { break },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn reconcile(
+    r: &mut Round<'_>,
+    want: &[Desired],
+    imports: &Store<ServiceImport>,
+    services: &Store<Service>,
+    slices: &Store<EndpointSlice>,
+) {
+    let mut keep: BTreeSet<(String, String)> = BTreeSet::new();
+    for d in want {
+        let (ns, name) = (d.namespace().to_owned(), d.name().to_owned());
+        keep.insert((ns.clone(), name.clone()));
+        let svc_name = d.service.metadata.name.clone().unwrap_or_default();
+        let have_si = get(imports, &ns, &name);
+        let have_svc = get(services, &ns, &svc_name);
+        let have_slices: Vec<Option<EndpointSlice>> = d
+            .slices
+            .iter()
+            .map(|s| get(slices, &ns, s.metadata.name.as_deref().unwrap_or_default()))
+            .collect();
+        let mut settled = r
+            .expect
+            .settled(&("serviceimports", ns.clone(), name.clone()), rv(&have_si));
+        settled &= r
+            .expect
+            .settled(&("services", ns.clone(), svc_name.clone()), rv(&have_svc));
+        for (s, h) in d.slices.iter().zip(&have_slices) {
+            let key = (
+                "endpointslices",
+                ns.clone(),
+                s.metadata.name.clone().unwrap_or_default(),
+            );
+            settled &= r.expect.settled(&key, rv(h));
+        }
+        if !settled {
+            continue; // a write of ours is still on its way to the watch
+        }
+        if let Some(h) = &have_si
+            && !managed(&h.metadata)
+        {
+            r.warn_once(format!(
+                "ServiceImport {ns}/{name} exists and is not managed by meshfed: import not materialised"
+            ));
+            continue;
+        }
+        // Created here; updated below, once its clusterset IP is known.
+        let si = match have_si {
+            Some(h) => h,
+            None => match r
+                .ensure("serviceimports", None, &d.import, update_import)
+                .await
+            {
+                Some(si) => si,
+                None => continue,
+            },
+        };
+        let Some(owner) = owner(&si) else { continue };
+        let mut svc = d.service.clone();
+        svc.metadata.owner_references = Some(vec![owner.clone()]);
+        let Some(svc) = r.ensure("services", have_svc, &svc, update_service).await else {
+            continue;
+        };
+        for (s, h) in d.slices.iter().zip(have_slices) {
+            let mut s = s.clone();
+            s.metadata.owner_references = Some(vec![owner.clone()]);
+            r.ensure("endpointslices", h, &s, update_slice).await;
+        }
+        // Slices of this import no longer wanted (an address family gone).
+        let wanted: BTreeSet<&str> = d
+            .slices
+            .iter()
+            .filter_map(|s| s.metadata.name.as_deref())
+            .collect();
+        for stale in slices.state().iter().filter(|s| {
+            s.metadata.namespace.as_deref() == Some(ns.as_str())
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(MCS_SERVICE_LABEL))
+                    == Some(&name)
+                && !wanted.contains(s.metadata.name.as_deref().unwrap_or_default())
+        }) {
+            let sname = stale.metadata.name.clone().unwrap_or_default();
+            let key = ("endpointslices", ns.clone(), sname.clone());
+            if r.expect
+                .settled(&key, stale.metadata.resource_version.as_deref())
+            {
+                let api = Api::<EndpointSlice>::namespaced(r.client.clone(), &ns);
+                r.writes += 1;
+                match api.delete(&sname, &DeleteParams::background()).await {
+                    Ok(_) => r.expect.wrote(key, None),
+                    Err(e) => r.warn_once(format!("endpointslices {ns}/{sname} not deleted: {e}")),
+                }
+            }
+        }
+        // The clusterset IP is the derived Service's cluster IP, known once it exists.
+        let mut si_want = d.import.clone();
+        si_want.spec.ips = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.clone())
+            .filter(|ip| !ip.is_empty() && ip != "None")
+            .into_iter()
+            .collect();
+        let Some(si) = r
+            .ensure("serviceimports", Some(si), &si_want, update_import)
+            .await
+        else {
+            continue;
+        };
+        if si.status != si_want.status {
+            let api = Api::<ServiceImport>::namespaced(r.client.clone(), &ns);
+            let patch = serde_json::json!({ "status": si_want.status });
+            r.writes += 1;
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(o) => {
+                    r.expect.wrote(
+                        ("serviceimports", ns.clone(), name.clone()),
+                        o.metadata.resource_version.clone(),
+                    );
+                    info!(namespace = %ns, %name, ips = ?si_want.spec.ips, clusters = ?si_want.status.as_ref().map(|s| s.clusters.iter().map(|c| c.cluster.clone()).collect::<Vec<_>>()), "ServiceImport ready");
+                }
+                Err(e) => r.warn_once(format!(
+                    "serviceimports {ns}/{name} status not written: {e}"
+                )),
+            }
+        }
+    }
+    // Withdrawn imports: their ServiceImport goes, and the garbage collector takes the
+    // Service and slices it owns.
+    for si in imports.state() {
+        let (Some(ns), Some(name)) = (si.metadata.namespace.clone(), si.metadata.name.clone())
+        else {
+            continue;
+        };
+        if !managed(&si.metadata)
+            || keep.contains(&(ns.clone(), name.clone()))
+            || si.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let key = ("serviceimports", ns.clone(), name.clone());
+        if !r
+            .expect
+            .settled(&key, si.metadata.resource_version.as_deref())
+        {
+            continue;
+        }
+        let api = Api::<ServiceImport>::namespaced(r.client.clone(), &ns);
+        r.writes += 1;
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {
+                info!(namespace = %ns, %name, "import withdrawn: ServiceImport deleted");
+                r.expect.wrote(key, None);
+            }
+            Err(e) => r.warn_once(format!("serviceimports {ns}/{name} not deleted: {e}")),
+        }
+    }
+}
