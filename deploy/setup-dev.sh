@@ -6,6 +6,10 @@
 #   dnsutils           dig, which the DNS tests query meshfed with
 #   knot               Knot DNS: the legacy DNS server the UDP test reaches through the tunnel
 #   systemd            systemd-analyze, which checks the units in deploy/systemd
+#   kubernetes-client  kubectl, whose built-in kustomize renders deploy/kubernetes
+#                      (skipped when a kubectl is already installed)
+#   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
+#                      which checks the rendered manifests against the Kubernetes schemas
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
 
@@ -16,6 +20,9 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v dig >/dev/null || need+=(dnsutils)
 command -v knotd >/dev/null || need+=(knot)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v kubectl >/dev/null || need+=(kubernetes-client)
+tools=/opt/meshfed-tools
+[ -x "$tools/bin/kubernetes-validate" ] || python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
@@ -26,3 +33,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+if [ ! -x "$tools/bin/kubernetes-validate" ]; then
+  python3 -m venv "$tools"
+  "$tools/bin/pip" install -q kubernetes-validate==1.37.0
+fi

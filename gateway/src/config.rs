@@ -790,7 +790,10 @@ imports:
         for f in ["base/gateway-config.yaml", "overlays/site/gateway.yaml"] {
             let c = GatewayConfig::load(&k8s.join(f)).unwrap_or_else(|e| panic!("{e}"));
             let fed = c.federation.expect("federated");
-            assert!(fed.import_ports.is_some(), "{f}: pods listen on import_ports");
+            assert!(
+                fed.import_ports.is_some(),
+                "{f}: pods listen on import_ports"
+            );
         }
     }
 

@@ -69,3 +69,210 @@ fn systemd_units_verify_and_are_hardened() {
         eprintln!("{}", line.trim());
     }
 }
+
+/// `kubectl kustomize DIR` (kubectl's built-in kustomize: Debian's kubernetes-client
+/// 1.20 on a fresh machine, or any newer kubectl).
+fn kustomize(dir: &std::path::Path) -> String {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl ({e}): apt-get install -y kubernetes-client"));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `kubernetes-validate` from PATH or the tools venv deploy/setup-dev.sh makes.
+fn validator() -> std::path::PathBuf {
+    let venv = std::path::Path::new("/opt/meshfed-tools/bin/kubernetes-validate");
+    if venv.exists() {
+        return venv.to_owned();
+    }
+    "kubernetes-validate".into()
+}
+
+fn documents(rendered: &str) -> Vec<serde_json::Value> {
+    rendered
+        .split("\n---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_saphyr::from_str::<serde_json::Value>(d).unwrap())
+        .collect()
+}
+
+fn find<'a>(
+    docs: &'a [serde_json::Value],
+    kind: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+/// Every overlay under deploy/kubernetes renders with kustomize, every object validates
+/// strictly against the Kubernetes schemas (offline), and the manifests keep what they
+/// promise: an HA gateway (≥ 2 replicas, PDB, anti-affinity), restricted containers,
+/// no Secret in any RBAC rule, ConfigMap references that resolve, a gateway config the
+/// gateway accepts, and on etcd three federation replicas that only reach their etcd.
+#[test]
+fn kustomize_overlays_render_validate_and_keep_their_promises() {
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let scratch = Scratch::new("kustomize");
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes"));
+    for overlay in ["site", "federation", "federation-etcd"] {
+        let rendered = kustomize(&root.join("overlays").join(overlay));
+        let file = scratch.0.join(format!("{overlay}.yaml"));
+        std::fs::write(&file, &rendered).unwrap();
+        let out = Command::new(validator())
+            .args(["--strict", "--quiet"])
+            .arg(&file)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("kubernetes-validate ({e}): run deploy/setup-dev.sh (pip install kubernetes-validate)")
+            });
+        assert!(
+            out.status.success(),
+            "{overlay}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let docs = documents(&rendered);
+        assert!(
+            docs.iter().all(|d| d["metadata"]["namespace"] == "meshfed"
+                || [
+                    "Namespace",
+                    "CustomResourceDefinition",
+                    "ClusterRole",
+                    "ClusterRoleBinding"
+                ]
+                .contains(&d["kind"].as_str().unwrap())),
+            "{overlay}: everything namespaced lives in meshfed"
+        );
+
+        // The gateway: HA.
+        let gw: Deployment = serde_json::from_value(
+            find(&docs, "Deployment", "meshfed-gateway")
+                .unwrap()
+                .clone(),
+        )
+        .unwrap();
+        let spec = gw.spec;
+        assert!(spec.replicas.unwrap() >= 2, "{overlay}: gateway replicas");
+        let pod = spec.template.spec.unwrap();
+        assert!(
+            pod.affinity.and_then(|a| a.pod_anti_affinity).is_some(),
+            "{overlay}: gateway anti-affinity"
+        );
+        let pdb: PodDisruptionBudget = serde_json::from_value(
+            find(&docs, "PodDisruptionBudget", "meshfed-gateway")
+                .unwrap()
+                .clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            pdb.spec.unwrap().selector.unwrap().match_labels,
+            spec.selector.match_labels,
+            "{overlay}: the PDB guards the gateway pods"
+        );
+
+        // Restricted containers everywhere.
+        for d in docs
+            .iter()
+            .filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet")
+        {
+            let pod = &d["spec"]["template"]["spec"];
+            assert_eq!(
+                pod["securityContext"]["runAsNonRoot"], true,
+                "{}",
+                d["metadata"]["name"]
+            );
+            for c in pod["containers"].as_array().unwrap() {
+                let sc = &c["securityContext"];
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{}", c["name"]);
+                assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", c["name"]);
+                assert_eq!(
+                    sc["capabilities"]["drop"],
+                    serde_json::json!(["ALL"]),
+                    "{}",
+                    c["name"]
+                );
+            }
+            // Every ConfigMap a pod names is rendered (generated names included).
+            let named = pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["configMap"]["name"].as_str())
+                .chain(
+                    pod["containers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|c| c["envFrom"].as_array().into_iter().flatten())
+                        .filter_map(|e| e["configMapRef"]["name"].as_str()),
+                );
+            for cm in named {
+                assert!(
+                    find(&docs, "ConfigMap", cm).is_some(),
+                    "{overlay}: ConfigMap {cm} missing"
+                );
+            }
+        }
+
+        // Least privilege: no Secrets, no wildcards.
+        for d in docs
+            .iter()
+            .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        {
+            let role: ClusterRole = serde_json::from_value(d.clone()).unwrap();
+            for rule in role.rules.unwrap_or_default() {
+                let resources = rule.resources.unwrap_or_default();
+                assert!(
+                    !resources.iter().any(|r| r == "secrets" || r == "*")
+                        && !rule.verbs.iter().any(|v| v == "*"),
+                    "{overlay}: {} grants {resources:?} {:?}",
+                    d["metadata"]["name"],
+                    rule.verbs
+                );
+            }
+        }
+
+        // The gateway config in its ConfigMap is one the gateway accepts.
+        let cm_name = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find_map(|v| v.config_map.map(|c| c.name))
+            .unwrap();
+        let cm = find(&docs, "ConfigMap", &cm_name).unwrap();
+        let cfg = scratch.0.join(format!("{overlay}-gateway.yaml"));
+        std::fs::write(&cfg, cm["data"]["gateway.yaml"].as_str().unwrap()).unwrap();
+        meshfed_gateway::config::GatewayConfig::load(&cfg)
+            .unwrap_or_else(|e| panic!("{overlay}: {e}"));
+
+        let has_federation = find(&docs, "StatefulSet", "meshfed-federation");
+        assert_eq!(
+            has_federation.is_some(),
+            overlay != "site",
+            "{overlay}: federation"
+        );
+        if overlay == "federation-etcd" {
+            let fed: StatefulSet = serde_json::from_value(has_federation.unwrap().clone()).unwrap();
+            let fspec = fed.spec;
+            assert_eq!(fspec.replicas, Some(3));
+            let args = fspec.template.spec.unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap();
+            assert!(args.iter().any(|a| a == "--etcd"), "{args:?}");
+            assert!(find(&docs, "StatefulSet", "meshfed-etcd").is_some());
+            assert!(find(&docs, "NetworkPolicy", "meshfed-etcd").is_some());
+        }
+    }
+}
