@@ -62,17 +62,22 @@ enum Cmd {
     /// outside the gateway; inside it, use the gateway config's `dns` section).
     Dns {
         /// The site whose imports are answered.
-        #[arg(long)]
-        site: String,
+        #[arg(long, required_unless_present = "kubernetes")]
+        site: Option<String>,
         /// The site directory (`meshfed site join --dir`): its `catalog.json` is followed.
-        #[arg(long)]
-        dir: PathBuf,
+        #[arg(long, required_unless_present = "kubernetes")]
+        dir: Option<PathBuf>,
+        /// In a Kubernetes cluster: answer from its ServiceImports (the clusterset IPs of
+        /// MCS), instead of a gateway's catalog cache.
+        #[arg(long, conflicts_with_all = ["site", "dir", "import_address", "vip_range"])]
+        kubernetes: bool,
         /// UDP and TCP.
         #[arg(long, default_value = "127.0.0.1:5353")]
         listen: std::net::SocketAddr,
-        /// The gateway's `federation.import_address`: what A records point at.
-        #[arg(long, default_value = "127.0.0.1")]
-        import_address: std::net::IpAddr,
+        /// The gateway's `federation.import_address`: what A records point at
+        /// (default 127.0.0.1).
+        #[arg(long)]
+        import_address: Option<std::net::IpAddr>,
         /// The gateway's `federation.vip_range`, if it has one: one address per import.
         #[arg(long)]
         vip_range: Option<String>,
@@ -421,6 +426,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Dns {
             site,
             dir,
+            kubernetes,
             listen,
             import_address,
             vip_range,
@@ -430,8 +436,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rate_limit,
             workers,
         } => {
-            let site = meshfed_federation::SiteName::new(&site)
-                .with_context(|| format!("--site {site:?}"))?;
             let vip_range = vip_range
                 .as_deref()
                 .map(meshfed_federation::routing::VipRange::parse)
@@ -457,18 +461,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     &[],
                     0,
                 )));
-                let follow = meshfed_dns::follow::Follow {
-                    catalog: dir.join("catalog.json"),
-                    site,
-                    zone,
-                    import_address,
-                    vip_range,
-                    table: table.clone(),
-                };
-                if let Err(e) = follow.load() {
-                    tracing::warn!(error = %e, "no catalog yet: answering NXDOMAIN until the gateway writes one");
+                if kubernetes {
+                    let client = kube::Client::try_default()
+                        .await
+                        .context("no Kubernetes API: not in a cluster and no usable kubeconfig")?;
+                    let table = table.clone();
+                    // SOA serials only grow, across restarts too.
+                    let mut serial = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as u32);
+                    tokio::spawn(
+                        meshfed_federation::sources::kubernetes::controller::follow_service_imports(
+                            client,
+                            tokio_util::sync::CancellationToken::new(),
+                            move |imports| {
+                                let records = meshfed_dns::kubernetes::records(&imports);
+                                serial = serial.wrapping_add(1);
+                                tracing::debug!(imports = imports.len(), records = records.len(), "DNS answers from ServiceImports");
+                                table.store(Arc::new(meshfed_dns::Table::build(
+                                    &zone, &records, &[], serial,
+                                )));
+                            },
+                        ),
+                    );
+                } else {
+                    let (Some(site), Some(dir)) = (site, dir) else {
+                        bail!("--site and --dir are required without --kubernetes");
+                    };
+                    let site = meshfed_federation::SiteName::new(&site)
+                        .with_context(|| format!("--site {site:?}"))?;
+                    let follow = meshfed_dns::follow::Follow {
+                        catalog: dir.join("catalog.json"),
+                        site,
+                        zone,
+                        import_address: import_address.unwrap_or([127, 0, 0, 1].into()),
+                        vip_range,
+                        table: table.clone(),
+                    };
+                    if let Err(e) = follow.load() {
+                        tracing::warn!(error = %e, "no catalog yet: answering NXDOMAIN until the gateway writes one");
+                    }
+                    tokio::spawn(follow.run());
                 }
-                tokio::spawn(follow.run());
                 let running = meshfed_dns::server::start(
                     meshfed_dns::server::ServerConfig {
                         listen,

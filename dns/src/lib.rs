@@ -5,9 +5,11 @@
 //! - `wire`: the allocation-free fast path for plain queries (pure);
 //! - `slow`: everything else, on hickory's parser (pure);
 //! - `server`: UDP workers and hickory-server for TCP (sockets);
-//! - `follow`: standalone mode, answering from a gateway's catalog cache.
+//! - `follow`: standalone mode, answering from a gateway's catalog cache;
+//! - `kubernetes`: standalone mode in a cluster, answering from its ServiceImports.
 
 pub mod follow;
+pub mod kubernetes;
 pub mod server;
 pub mod slow;
 pub mod wire;

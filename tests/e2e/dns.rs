@@ -66,7 +66,12 @@ pub(crate) fn try_dig(server: SocketAddr, args: &[&str]) -> Result<Dig, String> 
 }
 
 /// Waits until `name A` at `server` is `status` (NOERROR with `want` in the answer).
-fn wait_dig(server: SocketAddr, name: &str, status: &str, want: Option<&str>) -> Duration {
+pub(crate) fn wait_dig(
+    server: SocketAddr,
+    name: &str,
+    status: &str,
+    want: Option<&str>,
+) -> Duration {
     let started = Instant::now();
     loop {
         let d = dig(server, &[name, "A"]);

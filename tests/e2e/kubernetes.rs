@@ -617,3 +617,105 @@ async fn imports_become_service_imports_reaching_the_gateway_and_are_collected_w
     stop.cancel();
     task.await.unwrap();
 }
+
+/// Kills the child process when dropped (a failed assertion leaves no server behind).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `meshfed dns --kubernetes`, pointed at the API server by a kubeconfig, answers
+/// clusterset.local from the cluster's ServiceImports: their clusterset IP, SRV for
+/// named ports, and NXDOMAIN once the ServiceImport is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_in_a_cluster_answers_from_service_imports() {
+    use crate::dns::{dig, wait_dig};
+    use meshfed_federation::sources::kubernetes::imports::{
+        ServiceImport, ServiceImportPort, ServiceImportSpec,
+    };
+    use std::io::BufRead;
+    let scratch = Scratch::new("kube-dns");
+    let api = KubeApi::start().await;
+    let kubeconfig = scratch.0.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: t\n  cluster:\n    server: http://{}\nusers:\n- name: t\n  user: {{}}\ncontexts:\n- name: t\n  context:\n    cluster: t\n    user: t\ncurrent-context: t\n",
+            api.addr
+        ),
+    )
+    .unwrap();
+    let mut child = Child(
+        std::process::Command::new(crate::harness::BIN)
+            .args([
+                "dns",
+                "--kubernetes",
+                "--listen",
+                "127.0.0.1:0",
+                "--ttl",
+                "3s",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let dns: std::net::SocketAddr = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let name = "orders.shop.svc.clusterset.local";
+    assert_eq!(dig(dns, &[name, "A"]).status, "NXDOMAIN");
+
+    let mut si = ServiceImport {
+        metadata: meta("shop", "orders"),
+        spec: ServiceImportSpec {
+            ports: vec![
+                ServiceImportPort {
+                    name: Some("http".into()),
+                    protocol: Some("TCP".into()),
+                    port: 80,
+                },
+                ServiceImportPort {
+                    name: Some("dns".into()),
+                    protocol: Some("UDP".into()),
+                    port: 53,
+                },
+            ],
+            ips: vec![],
+            type_: "ClusterSetIP".into(),
+        },
+        status: None,
+    };
+    // No clusterset IP yet: not answered.
+    api.put(&si);
+    si.spec.ips = vec!["10.96.0.42".into()];
+    api.put(&si);
+    let took =
+        tokio::task::spawn_blocking(move || wait_dig(dns, name, "NOERROR", Some("10.96.0.42")))
+            .await
+            .unwrap();
+    eprintln!("answered {took:?} after the clusterset IP was set");
+    let a = dig(dns, &[name, "A"]);
+    assert_eq!(a.answer, [format!("{name}. 3 IN A 10.96.0.42")]);
+    let srv = dig(dns, &[&format!("_http._tcp.{name}"), "SRV"]);
+    assert_eq!(srv.answer.len(), 1, "{srv:?}");
+    assert!(srv.answer[0].ends_with(&format!("80 {name}.")), "{srv:?}");
+    let srv = dig(dns, &[&format!("_dns._udp.{name}"), "SRV"]);
+    assert!(srv.answer[0].ends_with(&format!("53 {name}.")), "{srv:?}");
+
+    api.delete("serviceimports", "shop", "orders");
+    tokio::task::spawn_blocking(move || wait_dig(dns, name, "NXDOMAIN", None))
+        .await
+        .unwrap();
+}

@@ -239,3 +239,25 @@ impl ExportController {
         }
     }
 }
+
+/// Calls `on_change` with every ServiceImport in the cluster once the first list is in,
+/// then after every change, until `stop` (for `meshfed dns --kubernetes`).
+pub async fn follow_service_imports(
+    client: kube::Client,
+    stop: CancellationToken,
+    mut on_change: impl FnMut(Vec<super::imports::ServiceImport>),
+) {
+    let changed = Arc::new(Notify::new());
+    let store = mirror(Api::all(client), changed.clone(), stop.clone());
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    info!("following the cluster's ServiceImports");
+    loop {
+        on_change(items(&store));
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
