@@ -30,15 +30,16 @@ use tracing::{debug, info, warn};
 
 use super::controller::{RECHECK, mirror_matching};
 use super::imports::{
-    Desired, MANAGED_BY, MCS_SERVICE_LABEL, ServiceImport, desired, managed, owner, ready_gateways,
-    update_import, update_service, update_slice,
+    Desired, GatewayPod, MANAGED_BY, MCS_SERVICE_LABEL, ServiceImport, desired, managed, owner,
+    ready_gateways, update_import, update_service, update_slice,
 };
 use crate::routing::{IMPORTS_FILE, ImportListeners};
 
 /// How long a write may take to show up in the controller's own watch.
 const EXPECT: Duration = Duration::from_secs(5);
-/// How often `imports.json` is looked at for a change.
-const FILE_POLL: Duration = Duration::from_millis(200);
+/// How often `imports.json` is looked at for a change (inotify wakes the controller at
+/// once where it works; this is the fallback).
+const FILE_POLL: Duration = Duration::from_millis(500);
 
 pub struct ImportController {
     pub client: kube::Client,
@@ -48,6 +49,9 @@ pub struct ImportController {
     pub gateway_namespace: String,
     pub gateway_selector: String,
 }
+
+/// A complete import: what it should be, and its objects' resourceVersions then.
+type Done = (Desired, Vec<Option<String>>);
 
 /// (plural, namespace, name)
 type Key = (&'static str, String, String);
@@ -97,6 +101,9 @@ struct Round<'a> {
     /// Problems already logged, so that a persistent one is logged once.
     warned: &'a mut BTreeSet<String>,
     writes: usize,
+    /// Imports found complete: what they should be and their objects'
+    /// resourceVersions then. An import with neither changed since is skipped.
+    done: &'a mut BTreeMap<(String, String), Done>,
 }
 
 impl Round<'_> {
@@ -194,9 +201,13 @@ impl ImportController {
                 return;
             }
         }
+        super::file_watch::watch(&self.dir, IMPORTS_FILE, changed.clone(), stop.clone());
         info!(namespace = %self.gateway_namespace, selector = %self.gateway_selector, "kubernetes import controller synced");
         let mut expect = Expectations::default();
         let mut warned = BTreeSet::new();
+        let mut inputs: Option<(ImportListeners, Vec<GatewayPod>)> = None;
+        let mut want: Vec<Desired> = Vec::new();
+        let mut done = BTreeMap::new();
         let mtime = || {
             std::fs::metadata(self.dir.join(IMPORTS_FILE))
                 .and_then(|m| m.modified())
@@ -226,22 +237,29 @@ impl ImportController {
                                 .map(|p| (**p).clone())
                                 .collect::<Vec<_>>(),
                         );
-                        let want = desired(&listeners, &gws);
+                        // The objects are rebuilt only when what they come from changed.
+                        if !inputs
+                            .as_ref()
+                            .is_some_and(|(l, g)| *l == listeners && *g == gws)
+                        {
+                            want = desired(&listeners, &gws);
+                            inputs = Some((listeners, gws));
+                        }
                         let mut round = Round {
                             client: &self.client,
                             expect: &mut expect,
                             warned: &mut warned,
                             writes: 0,
+                            done: &mut done,
                         };
+                        let t = std::time::Instant::now();
                         reconcile(&mut round, &want, &imports, &services, &slices).await;
-                        if round.writes > 0 {
-                            debug!(writes = round.writes, "import reconcile wrote");
-                        }
+                        debug!(writes = round.writes, imports = want.len(), took = ?t.elapsed(), "import reconcile");
                     }
                 },
             }
-            // Wake on a cluster change, on a new imports.json (its modification time,
-            // looked at every 200 ms), and every RECHECK for writes that failed.
+            // Wake on a cluster change, on a new imports.json (inotify, or its
+            // modification time every FILE_POLL), and every RECHECK for failed writes.
             let deadline = tokio::time::Instant::now() + RECHECK;
             loop {
                 tokio::select! {
@@ -263,6 +281,20 @@ async fn reconcile(
     slices: &Store<EndpointSlice>,
 ) {
     let mut keep: BTreeSet<(String, String)> = BTreeSet::new();
+    // Our slices by the import they belong to (namespace, MCS service name).
+    let all_slices = slices.state();
+    let mut slices_of: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in &all_slices {
+        if let (Some(ns), Some(svc)) = (
+            s.metadata.namespace.as_deref(),
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MCS_SERVICE_LABEL)),
+        ) {
+            slices_of.entry((ns, svc.as_str())).or_default().push(s);
+        }
+    }
     for d in want {
         let (ns, name) = (d.namespace().to_owned(), d.name().to_owned());
         keep.insert((ns.clone(), name.clone()));
@@ -274,6 +306,19 @@ async fn reconcile(
             .iter()
             .map(|s| get(slices, &ns, s.metadata.name.as_deref().unwrap_or_default()))
             .collect();
+        let seen: Vec<Option<String>> = std::iter::once(rv(&have_si))
+            .chain(std::iter::once(rv(&have_svc)))
+            .chain(have_slices.iter().map(rv))
+            .map(|v| v.map(str::to_owned))
+            .collect();
+        let key = (ns.clone(), name.clone());
+        if r.done
+            .get(&key)
+            .is_some_and(|(was, rvs)| was == d && *rvs == seen)
+        {
+            continue; // complete, and nothing about it changed since
+        }
+        r.done.remove(&key);
         let mut settled = r
             .expect
             .settled(&("serviceimports", ns.clone(), name.clone()), rv(&have_si));
@@ -316,10 +361,15 @@ async fn reconcile(
         let Some(svc) = r.ensure("services", have_svc, &svc, update_service).await else {
             continue;
         };
+        let mut complete = true;
+        let mut rvs = vec![None, svc.metadata.resource_version.clone()];
         for (s, h) in d.slices.iter().zip(have_slices) {
             let mut s = s.clone();
             s.metadata.owner_references = Some(vec![owner.clone()]);
-            r.ensure("endpointslices", h, &s, update_slice).await;
+            match r.ensure("endpointslices", h, &s, update_slice).await {
+                Some(o) => rvs.push(o.metadata.resource_version),
+                None => complete = false,
+            }
         }
         // Slices of this import no longer wanted (an address family gone).
         let wanted: BTreeSet<&str> = d
@@ -327,16 +377,14 @@ async fn reconcile(
             .iter()
             .filter_map(|s| s.metadata.name.as_deref())
             .collect();
-        for stale in slices.state().iter().filter(|s| {
-            s.metadata.namespace.as_deref() == Some(ns.as_str())
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(MCS_SERVICE_LABEL))
-                    == Some(&name)
-                && !wanted.contains(s.metadata.name.as_deref().unwrap_or_default())
-        }) {
+        for stale in slices_of
+            .get(&(ns.as_str(), name.as_str()))
+            .into_iter()
+            .flatten()
+            .filter(|s| !wanted.contains(s.metadata.name.as_deref().unwrap_or_default()))
+        {
             let sname = stale.metadata.name.clone().unwrap_or_default();
+            complete = false; // looked at again once the deletion shows
             let key = ("endpointslices", ns.clone(), sname.clone());
             if r.expect
                 .settled(&key, stale.metadata.resource_version.as_deref())
@@ -364,6 +412,7 @@ async fn reconcile(
         else {
             continue;
         };
+        rvs[0] = si.metadata.resource_version.clone();
         if si.status != si_want.status {
             let api = Api::<ServiceImport>::namespaced(r.client.clone(), &ns);
             let patch = serde_json::json!({ "status": si_want.status });
@@ -373,16 +422,23 @@ async fn reconcile(
                 .await
             {
                 Ok(o) => {
+                    rvs[0] = o.metadata.resource_version.clone();
                     r.expect.wrote(
                         ("serviceimports", ns.clone(), name.clone()),
                         o.metadata.resource_version.clone(),
                     );
                     info!(namespace = %ns, %name, ips = ?si_want.spec.ips, clusters = ?si_want.status.as_ref().map(|s| s.clusters.iter().map(|c| c.cluster.clone()).collect::<Vec<_>>()), "ServiceImport ready");
                 }
-                Err(e) => r.warn_once(format!(
-                    "serviceimports {ns}/{name} status not written: {e}"
-                )),
+                Err(e) => {
+                    complete = false;
+                    r.warn_once(format!(
+                        "serviceimports {ns}/{name} status not written: {e}"
+                    ))
+                }
             }
+        }
+        if complete {
+            r.done.insert(key, (d.clone(), rvs));
         }
     }
     // Withdrawn imports: their ServiceImport goes, and the garbage collector takes the

@@ -21,6 +21,7 @@ use crate::catalog::{Catalog, Protocol};
 use crate::names::{ServiceName, SiteName};
 
 pub mod controller;
+pub mod file_watch;
 pub mod import_controller;
 pub mod imports;
 
