@@ -378,10 +378,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             gateway_selector,
         }) => {
             runtime()?.block_on(async {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("no Kubernetes API: not in a cluster and no usable kubeconfig")?;
-                let stop = tokio_util::sync::CancellationToken::new();
+                let client = kube_client().await?;
                 let c =
                     meshfed_federation::sources::kubernetes::import_controller::ImportController {
                         client,
@@ -389,10 +386,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         gateway_namespace: namespace,
                         gateway_selector,
                     };
-                let task = tokio::spawn(c.run(stop.clone()));
-                wait_for_signal().await;
-                stop.cancel();
-                let _ = task.await;
+                run_until_signal(|stop| c.run(stop)).await;
                 Ok::<_, anyhow::Error>(())
             })?;
         }
@@ -406,20 +400,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let trust_domain = meshfed_identity::TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
             runtime()?.block_on(async {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("no Kubernetes API: not in a cluster and no usable kubeconfig")?;
-                let stop = tokio_util::sync::CancellationToken::new();
+                let client = kube_client().await?;
                 let c = meshfed_federation::sources::kubernetes::controller::ExportController {
                     client,
                     site,
                     trust_domain,
                     dir,
                 };
-                let task = tokio::spawn(c.run(stop.clone()));
-                wait_for_signal().await;
-                stop.cancel();
-                let _ = task.await;
+                run_until_signal(|stop| c.run(stop)).await;
                 Ok::<_, anyhow::Error>(())
             })?;
         }
@@ -462,9 +450,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     0,
                 )));
                 if kubernetes {
-                    let client = kube::Client::try_default()
-                        .await
-                        .context("no Kubernetes API: not in a cluster and no usable kubeconfig")?;
+                    let client = kube_client().await?;
                     let table = table.clone();
                     // SOA serials only grow, across restarts too.
                     let mut serial = std::time::SystemTime::now()
@@ -785,6 +771,25 @@ enum KubernetesCmd {
         #[arg(long, default_value = "app.kubernetes.io/name=meshfed-gateway")]
         gateway_selector: String,
     },
+}
+
+/// The in-cluster service account's client, or the local kubeconfig's.
+async fn kube_client() -> Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("no Kubernetes API: not in a cluster and no usable kubeconfig")
+}
+
+/// Runs a controller until SIGTERM or SIGINT, then stops it and waits for it.
+async fn run_until_signal<F>(run: impl FnOnce(tokio_util::sync::CancellationToken) -> F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(run(stop.clone()));
+    wait_for_signal().await;
+    stop.cancel();
+    let _ = task.await;
 }
 
 /// SIGTERM or SIGINT.

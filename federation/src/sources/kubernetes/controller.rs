@@ -48,36 +48,41 @@ pub struct ExportController {
     pub dir: PathBuf,
 }
 
-/// Keeps one resource type mirrored in a store; pokes `changed` on every event.
-fn mirror<K>(api: Api<K>, changed: Arc<Notify>, stop: CancellationToken) -> Store<K>
-where
+/// A resource type kube's reflectors can mirror.
+pub(super) trait Mirrored:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Mirrored for K where
     K: kube::Resource<DynamicType = ()>
         + Clone
         + DeserializeOwned
         + std::fmt::Debug
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
+}
+
+/// Keeps one resource type mirrored in a store; pokes `changed` on every event.
+fn mirror<K: Mirrored>(api: Api<K>, changed: Arc<Notify>, stop: CancellationToken) -> Store<K> {
     mirror_matching(api, watcher::Config::default(), changed, stop)
 }
 
 /// [`mirror`] of the objects `cfg` selects (e.g. by label).
-pub(super) fn mirror_matching<K>(
+pub(super) fn mirror_matching<K: Mirrored>(
     api: Api<K>,
     cfg: watcher::Config,
     changed: Arc<Notify>,
     stop: CancellationToken,
-) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
+) -> Store<K> {
     let (store, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
     tokio::spawn(async move {

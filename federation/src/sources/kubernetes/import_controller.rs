@@ -441,6 +441,7 @@ async fn reconcile(
             r.done.insert(key, (d.clone(), rvs));
         }
     }
+    r.done.retain(|k, _| keep.contains(k));
     // Withdrawn imports: their ServiceImport goes, and the garbage collector takes the
     // Service and slices it owns.
     for si in imports.state() {
