@@ -78,16 +78,14 @@ impl Expectations {
     }
 }
 
-fn get<K>(store: &Store<K>, ns: &str, name: &str) -> Option<K>
+fn get<K>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>>
 where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
-    store
-        .get(&ObjectRef::new(name).within(ns))
-        .map(|o| (*o).clone())
+    store.get(&ObjectRef::new(name).within(ns))
 }
 
-fn rv<K: kube::Resource>(o: &Option<K>) -> Option<&str> {
+fn rv<K: kube::Resource>(o: &Option<Arc<K>>) -> Option<&str> {
     o.as_ref()?.meta().resource_version.as_deref()
 }
 
@@ -299,16 +297,16 @@ async fn reconcile(
         let (ns, name) = (d.namespace().to_owned(), d.name().to_owned());
         keep.insert((ns.clone(), name.clone()));
         let svc_name = d.service.metadata.name.clone().unwrap_or_default();
-        let have_si = get(imports, &ns, &name);
-        let have_svc = get(services, &ns, &svc_name);
-        let have_slices: Vec<Option<EndpointSlice>> = d
+        let si_ref = get(imports, &ns, &name);
+        let svc_ref = get(services, &ns, &svc_name);
+        let slice_refs: Vec<_> = d
             .slices
             .iter()
             .map(|s| get(slices, &ns, s.metadata.name.as_deref().unwrap_or_default()))
             .collect();
-        let seen: Vec<Option<String>> = std::iter::once(rv(&have_si))
-            .chain(std::iter::once(rv(&have_svc)))
-            .chain(have_slices.iter().map(rv))
+        let seen: Vec<Option<String>> = std::iter::once(rv(&si_ref))
+            .chain(std::iter::once(rv(&svc_ref)))
+            .chain(slice_refs.iter().map(rv))
             .map(|v| v.map(str::to_owned))
             .collect();
         let key = (ns.clone(), name.clone());
@@ -319,19 +317,28 @@ async fn reconcile(
             continue; // complete, and nothing about it changed since
         }
         r.done.remove(&key);
-        let mut settled = r
-            .expect
-            .settled(&("serviceimports", ns.clone(), name.clone()), rv(&have_si));
-        settled &= r
-            .expect
-            .settled(&("services", ns.clone(), svc_name.clone()), rv(&have_svc));
-        for (s, h) in d.slices.iter().zip(&have_slices) {
+        // Copied only now: most imports are skipped above without a copy.
+        let have_si = si_ref.map(|o| (*o).clone());
+        let have_svc = svc_ref.map(|o| (*o).clone());
+        let have_slices: Vec<Option<EndpointSlice>> = slice_refs
+            .into_iter()
+            .map(|o| o.map(|o| (*o).clone()))
+            .collect();
+        let mut settled = r.expect.settled(
+            &("serviceimports", ns.clone(), name.clone()),
+            seen[0].as_deref(),
+        );
+        settled &= r.expect.settled(
+            &("services", ns.clone(), svc_name.clone()),
+            seen[1].as_deref(),
+        );
+        for (s, h) in d.slices.iter().zip(&seen[2..]) {
             let key = (
                 "endpointslices",
                 ns.clone(),
                 s.metadata.name.clone().unwrap_or_default(),
             );
-            settled &= r.expect.settled(&key, rv(h));
+            settled &= r.expect.settled(&key, h.as_deref());
         }
         if !settled {
             continue; // a write of ours is still on its way to the watch
