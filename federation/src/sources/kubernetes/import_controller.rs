@@ -30,10 +30,10 @@ use tracing::{debug, info, warn};
 
 use super::controller::{RECHECK, mirror_matching};
 use super::imports::{
-    Desired, GatewayPod, MANAGED_BY, MCS_SERVICE_LABEL, ServiceImport, desired, managed, owner,
-    ready_gateways, update_import, update_service, update_slice,
+    Desired, GatewayPod, MANAGED_BY, MCS_SERVICE_LABEL, ServiceImport, by_service, desired_one,
+    managed, owner, ready_gateways, update_import, update_service, update_slice,
 };
-use crate::routing::{IMPORTS_FILE, ImportListeners};
+use crate::routing::{IMPORTS_FILE, ImportListener, ImportListeners};
 
 /// How long a write may take to show up in the controller's own watch.
 const EXPECT: Duration = Duration::from_secs(5);
@@ -51,7 +51,7 @@ pub struct ImportController {
 }
 
 /// A complete import: what it should be, and its objects' resourceVersions then.
-type Done = (Desired, Vec<Option<String>>);
+type Done = (Arc<Desired>, Vec<Option<String>>);
 
 /// (plural, namespace, name)
 type Key = (&'static str, String, String);
@@ -204,7 +204,9 @@ impl ImportController {
         let mut expect = Expectations::default();
         let mut warned = BTreeSet::new();
         let mut inputs: Option<(ImportListeners, Vec<GatewayPod>)> = None;
-        let mut want: Vec<Desired> = Vec::new();
+        let mut want: Vec<Arc<Desired>> = Vec::new();
+        let mut built: BTreeMap<(String, String), (Vec<ImportListener>, Arc<Desired>)> =
+            BTreeMap::new();
         let mut done = BTreeMap::new();
         let mtime = || {
             std::fs::metadata(self.dir.join(IMPORTS_FILE))
@@ -235,12 +237,31 @@ impl ImportController {
                                 .map(|p| (**p).clone())
                                 .collect::<Vec<_>>(),
                         );
-                        // The objects are rebuilt only when what they come from changed.
+                        // A service's objects are rebuilt only when what they come from
+                        // changed: its listeners, or the Ready gateway pods.
                         if !inputs
                             .as_ref()
                             .is_some_and(|(l, g)| *l == listeners && *g == gws)
                         {
-                            want = desired(&listeners, &gws);
+                            if inputs.as_ref().is_none_or(|(_, g)| *g != gws) {
+                                built.clear();
+                            }
+                            let mut next = BTreeMap::new();
+                            want = by_service(&listeners)
+                                .into_iter()
+                                .map(|((ns, name), ls)| {
+                                    let key = (ns.to_owned(), name.to_owned());
+                                    let owned: Vec<ImportListener> =
+                                        ls.iter().map(|l| (*l).clone()).collect();
+                                    let d = match built.remove(&key) {
+                                        Some((was, d)) if was == owned => d,
+                                        _ => Arc::new(desired_one(ns, name, &ls, &gws)),
+                                    };
+                                    next.insert(key, (owned, d.clone()));
+                                    d
+                                })
+                                .collect();
+                            built = next;
                             inputs = Some((listeners, gws));
                         }
                         let mut round = Round {
@@ -273,7 +294,7 @@ impl ImportController {
 
 async fn reconcile(
     r: &mut Round<'_>,
-    want: &[Desired],
+    want: &[Arc<Desired>],
     imports: &Store<ServiceImport>,
     services: &Store<Service>,
     slices: &Store<EndpointSlice>,
@@ -312,7 +333,7 @@ async fn reconcile(
         let key = (ns.clone(), name.clone());
         if r.done
             .get(&key)
-            .is_some_and(|(was, rvs)| was == d && *rvs == seen)
+            .is_some_and(|(was, rvs)| Arc::ptr_eq(was, d) && *rvs == seen)
         {
             continue; // complete, and nothing about it changed since
         }

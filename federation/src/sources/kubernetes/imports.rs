@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{SERVICE_NAME_LABEL, mcs_resource};
 use crate::catalog::Protocol;
-use crate::routing::ImportListeners;
+use crate::routing::{ImportListener, ImportListeners};
 
 /// Marks every object the import controller owns; the only ones it updates or deletes.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshfed-import-controller");
@@ -187,19 +187,38 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 /// The objects for every import the gateway listens on, by `(namespace, name)`.
 pub fn desired(listeners: &ImportListeners, gateways: &[GatewayPod]) -> Vec<Desired> {
-    type Port<'a> = (u16, Protocol, Option<&'a String>, u16);
-    // (namespace, name) → (ports, serving sites)
-    type Ports<'a> = (Vec<Port<'a>>, BTreeSet<&'a str>);
-    let mut by_service: BTreeMap<(&str, &str), Ports<'_>> = BTreeMap::new();
+    by_service(listeners)
+        .into_iter()
+        .map(|((ns, name), ls)| desired_one(ns, name, &ls, gateways))
+        .collect()
+}
+
+/// The listeners of each imported service, by `(namespace, name)`.
+pub fn by_service(listeners: &ImportListeners) -> BTreeMap<(&str, &str), Vec<&ImportListener>> {
+    let mut out: BTreeMap<(&str, &str), Vec<&ImportListener>> = BTreeMap::new();
     for l in &listeners.imports {
-        let e = by_service
-            .entry((l.service.namespace(), l.service.name()))
-            .or_default();
-        e.0.push((l.port, l.protocol, l.name.as_ref(), l.listen.port()));
-        e.1.extend(l.backends.iter().map(|s| s.as_str()));
+        out.entry((l.service.namespace(), l.service.name()))
+            .or_default()
+            .push(l);
     }
-    let mut out = Vec::new();
-    for ((ns, name), (mut ports, clusters)) in by_service {
+    out
+}
+
+/// The objects for one imported service, from its listeners.
+pub fn desired_one(
+    ns: &str,
+    name: &str,
+    listeners: &[&ImportListener],
+    gateways: &[GatewayPod],
+) -> Desired {
+    type Port<'a> = (u16, Protocol, Option<&'a String>, u16);
+    let mut ports: Vec<Port<'_>> = Vec::new();
+    let mut clusters: BTreeSet<&str> = BTreeSet::new();
+    for l in listeners {
+        ports.push((l.port, l.protocol, l.name.as_ref(), l.listen.port()));
+        clusters.extend(l.backends.iter().map(|s| s.as_str()));
+    }
+    {
         ports.sort_by_key(|p| (p.0, p.1));
         ports.dedup_by_key(|p| (p.0, p.1));
         // A Service with several ports needs a distinct valid name for each.
@@ -330,13 +349,12 @@ pub fn desired(listeners: &ImportListeners, gateways: &[GatewayPod]) -> Vec<Desi
                 ports: Some(slice_ports.clone()),
             });
         }
-        out.push(Desired {
+        Desired {
             import,
             service,
             slices,
-        });
+        }
     }
-    out
 }
 
 /// Whether `meta` is the import controller's.
