@@ -203,7 +203,8 @@ impl ImportController {
         info!(namespace = %self.gateway_namespace, selector = %self.gateway_selector, "kubernetes import controller synced");
         let mut expect = Expectations::default();
         let mut warned = BTreeSet::new();
-        let mut inputs: Option<(ImportListeners, Vec<GatewayPod>)> = None;
+        // The imports.json bytes and Ready gateway pods `want` was built from.
+        let mut inputs: Option<(Vec<u8>, Vec<GatewayPod>)> = None;
         let mut want: Vec<Arc<Desired>> = Vec::new();
         let mut built: BTreeMap<(String, String), (Vec<ImportListener>, Arc<Desired>)> =
             BTreeMap::new();
@@ -217,32 +218,33 @@ impl ImportController {
             let seen = mtime();
             // No file yet (the gateway has not applied a catalog): nothing is known, so
             // nothing is deleted either.
-            match std::fs::read(self.dir.join(IMPORTS_FILE)) {
+            let bytes = match std::fs::read(self.dir.join(IMPORTS_FILE)) {
+                Ok(b) => Some(b),
                 Err(e) => {
                     if warned.insert("no imports.json".to_string()) {
                         info!(error = %e, "no imports.json yet; waiting for the gateway");
                     }
+                    None
                 }
-                Ok(b) => match serde_json::from_slice::<ImportListeners>(&b) {
-                    Err(e) => {
-                        if warned.insert(format!("bad imports.json {e}")) {
-                            warn!(error = %e, "imports.json unreadable; keeping the cluster as it is");
+            };
+            if let Some(bytes) = bytes {
+                let pods = gateways.state();
+                let gws = ready_gateways(pods.iter().map(|p| &**p));
+                // A service's objects are rebuilt only when what they come from changed:
+                // its listeners, or the Ready gateway pods. An unchanged file is not
+                // parsed again.
+                let fresh = inputs
+                    .as_ref()
+                    .is_none_or(|(b, g)| *b != bytes || *g != gws);
+                let usable = !fresh
+                    || match serde_json::from_slice::<ImportListeners>(&bytes) {
+                        Err(e) => {
+                            if warned.insert(format!("bad imports.json {e}")) {
+                                warn!(error = %e, "imports.json unreadable; keeping the cluster as it is");
+                            }
+                            false
                         }
-                    }
-                    Ok(listeners) => {
-                        let gws = ready_gateways(
-                            &gateways
-                                .state()
-                                .iter()
-                                .map(|p| (**p).clone())
-                                .collect::<Vec<_>>(),
-                        );
-                        // A service's objects are rebuilt only when what they come from
-                        // changed: its listeners, or the Ready gateway pods.
-                        if !inputs
-                            .as_ref()
-                            .is_some_and(|(l, g)| *l == listeners && *g == gws)
-                        {
+                        Ok(listeners) => {
                             if inputs.as_ref().is_none_or(|(_, g)| *g != gws) {
                                 built.clear();
                             }
@@ -262,20 +264,22 @@ impl ImportController {
                                 })
                                 .collect();
                             built = next;
-                            inputs = Some((listeners, gws));
+                            inputs = Some((bytes, gws));
+                            true
                         }
-                        let mut round = Round {
-                            client: &self.client,
-                            expect: &mut expect,
-                            warned: &mut warned,
-                            writes: 0,
-                            done: &mut done,
-                        };
-                        let t = std::time::Instant::now();
-                        reconcile(&mut round, &want, &imports, &services, &slices).await;
-                        debug!(writes = round.writes, imports = want.len(), took = ?t.elapsed(), "import reconcile");
-                    }
-                },
+                    };
+                if usable {
+                    let mut round = Round {
+                        client: &self.client,
+                        expect: &mut expect,
+                        warned: &mut warned,
+                        writes: 0,
+                        done: &mut done,
+                    };
+                    let t = std::time::Instant::now();
+                    reconcile(&mut round, &want, &imports, &services, &slices).await;
+                    debug!(writes = round.writes, imports = want.len(), took = ?t.elapsed(), "import reconcile");
+                }
             }
             // Wake on a cluster change, on a new imports.json (inotify, or its
             // modification time every FILE_POLL), and every RECHECK for failed writes.

@@ -88,9 +88,9 @@ pub struct GatewayPod {
 }
 
 /// The gateway pods that are Ready, not being deleted and have an IP, by name.
-pub fn ready_gateways(pods: &[Pod]) -> Vec<GatewayPod> {
+pub fn ready_gateways<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<GatewayPod> {
     let mut out: Vec<GatewayPod> = pods
-        .iter()
+        .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
             let status = p.status.as_ref()?;
