@@ -24,6 +24,9 @@ const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 /// Packets a peer may receive before it must send an ACK.
 const ACK_THRESHOLD: u32 = 16;
+/// Largest UDP payload PLPMTUD searches for: 1500 − 20 (IPv4) − 8 (UDP). It is also
+/// quinn's default for the largest payload an endpoint accepts.
+const MTU_UPPER_BOUND: u16 = 1472;
 /// UDP socket buffers: large enough that GSO/GRO batches are not dropped in bursts.
 const SOCKET_BUF: usize = 8 * 1024 * 1024;
 
@@ -59,6 +62,12 @@ pub fn transport_config() -> TransportConfig {
     ack.ack_eliciting_threshold(VarInt::from_u32(ACK_THRESHOLD))
         .max_ack_delay(Some(Duration::from_millis(2)));
     t.ack_frequency_config(Some(ack));
+    // Path MTU discovery may climb to the largest payload a 1500-byte IPv4 path carries
+    // (quinn stops at 1452, which also fits IPv6). Probes that do not arrive only end the
+    // search lower, so the bound is safe on any path.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     t
 }
 
