@@ -251,3 +251,32 @@ pub async fn latency(
         "pace_late_p99_us": pct(&late, 0.99),
     }))
 }
+
+/// Reads a gateway's `/metrics` and returns its `meshfed_gateway_quic_*` samples, summed
+/// over labels, as `{name: value}`.
+pub async fn scrape_quic(admin: SocketAddr) -> Result<serde_json::Value> {
+    let mut s = TcpStream::connect(admin).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    let mut out = serde_json::Map::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("meshfed_gateway_quic_") else {
+            continue;
+        };
+        let name = rest.split(['{', ' ']).next().unwrap_or_default();
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("metrics line {line:?}"))?;
+        let sum = out
+            .get(name)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0)
+            + value;
+        out.insert(name.to_string(), json!(sum));
+    }
+    Ok(serde_json::Value::Object(out))
+}

@@ -83,6 +83,7 @@ fn main() -> Result<()> {
                     "connrate" => load::connrate(addr, n, secs).await,
                     "capacity" => load::capacity(addr, n, secs).await,
                     "latency" => load::latency(addr, rate, secs, n).await,
+                    "scrape" => load::scrape_quic(addr).await,
                     k => bail!("unknown load kind {k}"),
                 }
             })?;
@@ -107,6 +108,34 @@ async fn wait_port(addr: SocketAddr) -> Result<()> {
 }
 
 use topo::{NS_A, NS_B, Topo, need};
+
+/// Both gateways' QUIC path samples (east, west); empty when a scrape fails, so a
+/// missing figure never stops the benchmark.
+fn quic_figures(topo: &Topo, east: SocketAddr, west: SocketAddr) -> [serde_json::Value; 2] {
+    // The gateways copy quinn's statistics into their metrics once a second
+    // (`PATH_SAMPLE`): wait one period so that the scrape sees everything sent so far.
+    std::thread::sleep(meshfed_gateway::metrics::PATH_SAMPLE + Duration::from_millis(200));
+    [east, west].map(|a| load(topo, a, "scrape", 1, 0.0, 0.0).unwrap_or_default())
+}
+
+/// What the QUIC connection did during the latency run, each direction from its sender:
+/// packets sent and lost, congestion events, and the path's RTT and MTU at the end. Loss
+/// and congestion are what a tunnel's tail latency follows.
+fn print_quic_path(before: &[serde_json::Value; 2], after: &[serde_json::Value; 2]) {
+    for (i, dir) in ["east → west", "west → east"].iter().enumerate() {
+        let d = |k: &str| {
+            after[i][k].as_f64().unwrap_or(f64::NAN) - before[i][k].as_f64().unwrap_or(f64::NAN)
+        };
+        let (sent, lost) = (d("sent_packets_total"), d("lost_packets_total"));
+        println!(
+            "    meshfed QUIC {dir}: {sent:.0} packets sent, {lost:.0} lost ({:.3} %), {:.0} congestion events, rtt {:.0} µs, mtu {:.0} B",
+            100.0 * lost / sent,
+            d("congestion_events_total"),
+            after[i]["rtt_seconds"].as_f64().unwrap_or(f64::NAN) * 1e6,
+            after[i]["mtu_bytes"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+}
 
 /// One measurement of `kind` against `addr`, run from namespace A.
 fn load(
@@ -157,10 +186,21 @@ fn run(args: RunArgs) -> Result<()> {
     topo.spawn("server", NS_B, &me, &["serve", &server.to_string()])?;
 
     // --- meshfed: east (A) imports bench.demo:5001 from west (B)
+    // Admin ports, scraped from A for the QUIC path figures: west's on B's address, east's
+    // on A's loopback.
+    let (west_admin, east_admin) = (SocketAddr::new(b, 15090), SocketAddr::new(lo, 15091));
     topo.gateways(
         &meshfed,
-        |w| w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]),
-        |e| e.import("bench.demo", 5001, "west", SocketAddr::new(lo, 16000)),
+        |w| {
+            let mut w = w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]);
+            w.admin = Some(west_admin);
+            w
+        },
+        |e| {
+            let mut e = e.import("bench.demo", 5001, "west", SocketAddr::new(lo, 16000));
+            e.admin = Some(east_admin);
+            e
+        },
     )?;
 
     // --- TLS peers: mutual TLS 1.3 with certificates from one bench CA
@@ -354,7 +394,13 @@ fn run(args: RunArgs) -> Result<()> {
         "(c) 1 KiB request/response latency at {rate:.0} req/s (60% of the slowest path), open loop, 64 connections"
     );
     for p in &paths {
+        let quic_before =
+            (p.name == "meshfed").then(|| quic_figures(&topo, east_admin, west_admin));
         let v = load(&topo, p.addr, "latency", 64, lat_secs, rate)?;
+        if let Some(before) = quic_before {
+            let after = quic_figures(&topo, east_admin, west_admin);
+            print_quic_path(&before, &after);
+        }
         let (p50, p99) = (
             v["p50_us"].as_f64().unwrap_or(f64::NAN),
             v["p99_us"].as_f64().unwrap_or(f64::NAN),

@@ -197,6 +197,14 @@ impl Ingress {
             return;
         };
         info!(%peer, "peer gateway connected");
+        tokio::spawn(crate::metrics::watch_path(
+            self.metrics.quic.clone(),
+            conn.clone(),
+            crate::metrics::QuicLabels {
+                peer: peer.to_string(),
+                side: "accepted",
+            },
+        ));
         *self.inbound_lock().entry(peer.clone()).or_default() += 1;
         let udp = IngressFlows::new(conn.clone(), &self.metrics);
         loop {

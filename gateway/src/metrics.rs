@@ -6,6 +6,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirLabels {
@@ -39,6 +41,77 @@ pub struct BytesLabels {
     pub flow: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuicLabels {
+    /// The peer gateway's SPIFFE ID.
+    pub peer: String,
+    /// `dialed` (we connected to the peer) or `accepted` (the peer connected to us).
+    pub side: &'static str,
+}
+
+/// QUIC path figures per peer connection, sampled from quinn's connection statistics
+/// (see [`watch_path`]). Counters carry on across reconnections to the same peer.
+#[derive(Clone, Default)]
+pub struct QuicPath {
+    pub rtt_seconds: Family<QuicLabels, Gauge<f64, AtomicU64>>,
+    pub cwnd_bytes: Family<QuicLabels, Gauge>,
+    pub mtu_bytes: Family<QuicLabels, Gauge>,
+    pub sent_packets: Family<QuicLabels, Counter>,
+    pub lost_packets: Family<QuicLabels, Counter>,
+    pub lost_bytes: Family<QuicLabels, Counter>,
+    pub congestion_events: Family<QuicLabels, Counter>,
+    pub black_holes: Family<QuicLabels, Counter>,
+}
+
+/// How often a live connection's path statistics are copied into the metrics.
+pub const PATH_SAMPLE: Duration = Duration::from_secs(1);
+
+/// Copies `conn`'s path statistics into `m` every [`PATH_SAMPLE`] until it closes, then
+/// once more and drops its gauges. Loss and congestion on the path between two sites are
+/// what a tunnel's tail latency follows, so they are visible per peer.
+pub async fn watch_path(m: QuicPath, conn: quinn::Connection, labels: QuicLabels) {
+    let mut last = quinn::PathStats::default();
+    loop {
+        let closed = tokio::select! {
+            _ = conn.closed() => true,
+            _ = tokio::time::sleep(PATH_SAMPLE) => false,
+        };
+        let now = conn.stats().path;
+        let add = |c: &Family<QuicLabels, Counter>, now: u64, was: u64| {
+            c.get_or_create(&labels).inc_by(now.saturating_sub(was));
+        };
+        add(&m.sent_packets, now.sent_packets, last.sent_packets);
+        add(&m.lost_packets, now.lost_packets, last.lost_packets);
+        add(&m.lost_bytes, now.lost_bytes, last.lost_bytes);
+        add(
+            &m.congestion_events,
+            now.congestion_events,
+            last.congestion_events,
+        );
+        add(
+            &m.black_holes,
+            now.black_holes_detected,
+            last.black_holes_detected,
+        );
+        if closed {
+            m.rtt_seconds.remove(&labels);
+            m.cwnd_bytes.remove(&labels);
+            m.mtu_bytes.remove(&labels);
+            return;
+        }
+        m.rtt_seconds
+            .get_or_create(&labels)
+            .set(now.rtt.as_secs_f64());
+        m.cwnd_bytes
+            .get_or_create(&labels)
+            .set(i64::try_from(now.cwnd).unwrap_or(i64::MAX));
+        m.mtu_bytes
+            .get_or_create(&labels)
+            .set(i64::from(now.current_mtu));
+        last = now;
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
     pub connections: Family<DirLabels, Counter>,
@@ -61,6 +134,7 @@ pub struct Metrics {
     /// UDP flows opened, and open now.
     pub udp_flows: Family<DirLabels, Counter>,
     pub udp_active_flows: Family<DirLabels, Gauge>,
+    pub quic: QuicPath,
 }
 
 impl Metrics {
@@ -128,6 +202,48 @@ impl Metrics {
             "udp_active_flows",
             "UDP flows open now",
             self.udp_active_flows.clone(),
+        );
+        let q = &self.quic;
+        let qr = r.sub_registry_with_prefix("quic");
+        qr.register(
+            "rtt_seconds",
+            "Smoothed round-trip time to the peer gateway",
+            q.rtt_seconds.clone(),
+        );
+        qr.register(
+            "cwnd_bytes",
+            "Congestion window toward the peer gateway",
+            q.cwnd_bytes.clone(),
+        );
+        qr.register(
+            "mtu_bytes",
+            "UDP payload size in use on the path (after PLPMTUD)",
+            q.mtu_bytes.clone(),
+        );
+        qr.register(
+            "sent_packets",
+            "QUIC packets sent to the peer gateway",
+            q.sent_packets.clone(),
+        );
+        qr.register(
+            "lost_packets",
+            "QUIC packets declared lost toward the peer gateway",
+            q.lost_packets.clone(),
+        );
+        qr.register(
+            "lost_bytes",
+            "Bytes in QUIC packets declared lost toward the peer gateway",
+            q.lost_bytes.clone(),
+        );
+        qr.register(
+            "congestion_events",
+            "Congestion events (window reductions) toward the peer gateway",
+            q.congestion_events.clone(),
+        );
+        qr.register(
+            "black_holes",
+            "MTU black holes detected on the path",
+            q.black_holes.clone(),
         );
         r.register(
             "svid_not_after_seconds",

@@ -215,6 +215,14 @@ impl Dialer {
                     ever_connected = true;
                     info!(peer_id = %peer_id(&conn), "peer connected");
                     self.metrics.peer_connections.inc();
+                    tokio::spawn(crate::metrics::watch_path(
+                        self.metrics.quic.clone(),
+                        conn.clone(),
+                        crate::metrics::QuicLabels {
+                            peer: peer_id(&conn),
+                            side: "dialed",
+                        },
+                    ));
                     self.tx.send_replace(Some(conn.clone()));
                     let reason = tokio::select! {
                         r = conn.closed() => r,

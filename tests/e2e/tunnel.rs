@@ -72,6 +72,29 @@ async fn bulk_256_mib_each_way_checksummed() {
         .metric(r#"meshfed_gateway_bytes_total{direction="ingress",flow="from_tunnel"}"#)
         .await;
     assert_eq!(carried as usize, TOTAL, "west's byte counter");
+    // The QUIC path figures follow quinn's statistics (sampled once a second): each side
+    // sent at least one full-size packet per 1472 bytes it carried, and PLPMTUD reached
+    // its bound on loopback.
+    for (gw, side) in [(&s.east_gw, "dialed"), (&s.west_gw, "accepted")] {
+        let sent = gw
+            .wait_metric(
+                "meshfed_gateway_quic_sent_packets_total{",
+                (TOTAL / 1472) as f64,
+                Duration::from_secs(3),
+            )
+            .await;
+        assert!(sent >= (TOTAL / 1472) as f64, "{side}: {sent} packets sent");
+        let text = http_get(gw.admin, "/metrics").await.unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("meshfed_gateway_quic_mtu_bytes{")
+                    && l.contains(&format!("side=\"{side}\""))
+                    && l.ends_with(" 1472")),
+            "{side}: path MTU 1472 in\n{text}"
+        );
+        let rtt = gw.metric("meshfed_gateway_quic_rtt_seconds{").await;
+        assert!(rtt > 0.0 && rtt < 1.0, "{side}: rtt {rtt}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
