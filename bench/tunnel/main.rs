@@ -55,6 +55,10 @@ struct RunArgs {
     /// Paths to measure (comma separated): meshfed,stunnel,haproxy,direct.
     #[arg(long, default_value = "meshfed,stunnel,haproxy,direct")]
     paths: String,
+    /// Request rate for the latency figures (c); default 60% of the slowest path's
+    /// closed-loop capacity. A low rate shows what each path adds when the CPUs are idle.
+    #[arg(long)]
+    latency_rate: Option<f64>,
 }
 
 fn main() -> Result<()> {
@@ -67,6 +71,7 @@ fn main() -> Result<()> {
         secs: 4.0,
         loopback: false,
         paths: "meshfed,stunnel,haproxy,direct".into(),
+        latency_rate: None,
     })) {
         Cmd::Serve { addr } => rt.block_on(load::serve(addr)),
         Cmd::Load {
@@ -388,10 +393,13 @@ fn run(args: RunArgs) -> Result<()> {
         .iter()
         .filter_map(|p| res.get(&(p.name, "cap")))
         .fold(f64::INFINITY, |a, &b| a.min(b));
-    let rate = (slowest * 0.6).max(100.0);
+    let (rate, why) = match args.latency_rate {
+        Some(r) => (r.max(1.0), "--latency-rate"),
+        None => ((slowest * 0.6).max(100.0), "60% of the slowest path"),
+    };
     let lat_secs = (secs + 1.0).max(3.0);
     println!(
-        "(c) 1 KiB request/response latency at {rate:.0} req/s (60% of the slowest path), open loop, 64 connections"
+        "(c) 1 KiB request/response latency at {rate:.0} req/s ({why}), open loop, 64 connections"
     );
     for p in &paths {
         let quic_before =
