@@ -255,11 +255,10 @@ pub async fn latency(
 /// Reads a gateway's `/metrics` and returns its `meshfed_gateway_quic_*` samples, summed
 /// over labels, as `{name: value}`.
 pub async fn scrape_quic(admin: SocketAddr) -> Result<serde_json::Value> {
-    let mut s = TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-        .await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
+    let (status, body) = meshfed_gateway::admin::get(admin, "/metrics")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(status.is_success(), "GET /metrics on {admin}: {status}");
     let mut out = serde_json::Map::new();
     for line in body.lines() {
         let Some(rest) = line.strip_prefix("meshfed_gateway_quic_") else {
