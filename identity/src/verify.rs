@@ -31,6 +31,10 @@ pub enum VerifyError {
     UriSanCount(usize),
     #[error("URI SAN is not a valid SPIFFE ID: {0}")]
     BadSpiffeId(IdError),
+    #[error(
+        "leaf SPIFFE ID {0} has no path: only a trust domain's CA may name the bare trust domain (X.509-SVID §5.2)"
+    )]
+    LeafWithoutPath(SpiffeId),
     #[error("leaf certificate is a CA (basicConstraints CA=true)")]
     LeafIsCa,
     #[error("leaf has no keyUsage extension")]
@@ -99,6 +103,7 @@ impl VerifyError {
             Self::Malformed(_) => "malformed_certificate",
             Self::UriSanCount(_) => "uri_san_count",
             Self::BadSpiffeId(_) => "bad_spiffe_id",
+            Self::LeafWithoutPath(_) => "leaf_without_path",
             Self::LeafIsCa => "leaf_is_ca",
             Self::KeyUsageMissing => "key_usage_missing",
             Self::KeyUsageNotCritical => "key_usage_not_critical",
@@ -124,11 +129,18 @@ impl VerifyError {
     }
 }
 
-/// Checks the X.509-SVID leaf rules and returns the SPIFFE ID. No chain validation.
+/// Checks the X.509-SVID leaf rules (every MUST of the X.509-SVID spec §5.2, plus the
+/// keyUsage rules of §4.3) and returns the SPIFFE ID. No chain validation.
+///
+/// §5.2: exactly one URI SAN; scheme `spiffe` (checked by [`SpiffeId::new`]); a non-root
+/// path; basicConstraints CA false; neither keyCertSign nor cRLSign.
 pub fn check_svid_leaf(der: &[u8]) -> Result<SpiffeId, VerifyError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| VerifyError::Malformed(e.to_string()))?;
     let id = uri_san_id(&cert)?;
+    if id.path().is_empty() {
+        return Err(VerifyError::LeafWithoutPath(id));
+    }
     let bc = cert
         .basic_constraints()
         .map_err(|e| VerifyError::Malformed(e.to_string()))?;
@@ -672,5 +684,291 @@ mod tests {
             .issue(&id("spiffe://west.example.org/a"), Duration::from_secs(60))
             .unwrap();
         assert!(check_ca_cert(&svid.chain[0]).is_err());
+    }
+}
+
+/// One test per MUST of the X.509-SVID spec §5.2, on certificates made by openssl (not
+/// by meshfed's CA), so that the leaves carry exactly the extensions each case names.
+#[cfg(test)]
+mod spec_5_2 {
+    use super::*;
+    use crate::bundle::TrustBundle;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    const TD: &str = "spec.example.org";
+
+    struct Pki {
+        dir: PathBuf,
+        bundles: BundleSet,
+    }
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn der_of(pem_path: &Path) -> CertificateDer<'static> {
+        use rustls_pki_types::pem::PemObject;
+        CertificateDer::from_pem_file(pem_path).expect("openssl wrote a PEM certificate")
+    }
+
+    /// A root CA for `spiffe://spec.example.org`, made by openssl in a fresh directory.
+    fn pki(name: &str) -> Pki {
+        let dir =
+            std::env::temp_dir().join(format!("meshfed-spec52-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ca.cnf"),
+            format!(
+                "[req]\ndistinguished_name=dn\nx509_extensions=ext\nprompt=no\n\
+                 [dn]\nO=spec\n\
+                 [ext]\nbasicConstraints=critical,CA:TRUE\n\
+                 keyUsage=critical,keyCertSign,cRLSign\n\
+                 subjectAltName=URI:spiffe://{TD}\nsubjectKeyIdentifier=hash\n"
+            ),
+        )
+        .unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-config",
+                "ca.cnf",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+            ],
+        );
+        let ca = der_of(&dir.join("ca.pem"));
+        check_ca_cert(&ca).expect("openssl made a SPIFFE CA");
+        let bundles = [TrustBundle::new(TrustDomain::new(TD).unwrap(), vec![ca], 1)]
+            .into_iter()
+            .collect();
+        Pki { dir, bundles }
+    }
+
+    /// A leaf signed by the openssl CA with exactly the extensions in `ext`.
+    fn leaf(pki: &Pki, name: &str, ext: &str) -> CertificateDer<'static> {
+        let name = &format!("leaf-{name}");
+        std::fs::write(pki.dir.join(format!("{name}.ext")), ext).unwrap();
+        openssl(
+            &pki.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                "/O=leaf",
+            ],
+        );
+        openssl(
+            &pki.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+        der_of(&pki.dir.join(format!("{name}.pem")))
+    }
+
+    fn verify(pki: &Pki, der: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> {
+        verify_svid(
+            &pki.bundles,
+            der,
+            &[],
+            UnixTime::now(),
+            Usage::Client,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn ext(san: &str, basic: &str, usage: &str) -> String {
+        format!(
+            "subjectAltName={san}\nbasicConstraints={basic}\nkeyUsage={usage}\n\
+             extendedKeyUsage=serverAuth,clientAuth\n"
+        )
+    }
+
+    const GOOD_SAN: &str = "URI:spiffe://spec.example.org/ns/shop/sa/orders";
+
+    #[test]
+    fn a_conforming_openssl_leaf_verifies() {
+        // The control: without it, every refusal below could come from a broken fixture.
+        let p = pki("good");
+        let der = leaf(
+            &p,
+            "good",
+            &ext(GOOD_SAN, "critical,CA:FALSE", "critical,digitalSignature"),
+        );
+        assert_eq!(
+            verify(&p, &der).unwrap().as_str(),
+            "spiffe://spec.example.org/ns/shop/sa/orders"
+        );
+    }
+
+    #[test]
+    fn must_refuse_basic_constraints_ca_true() {
+        let p = pki("ca");
+        let der = leaf(
+            &p,
+            "ca",
+            &ext(GOOD_SAN, "critical,CA:TRUE", "critical,digitalSignature"),
+        );
+        assert_eq!(verify(&p, &der).unwrap_err(), VerifyError::LeafIsCa);
+    }
+
+    #[test]
+    fn must_refuse_key_cert_sign() {
+        let p = pki("kcs");
+        let der = leaf(
+            &p,
+            "kcs",
+            &ext(
+                GOOD_SAN,
+                "critical,CA:FALSE",
+                "critical,digitalSignature,keyCertSign",
+            ),
+        );
+        assert_eq!(verify(&p, &der).unwrap_err(), VerifyError::LeafCanSign);
+    }
+
+    #[test]
+    fn must_refuse_crl_sign() {
+        let p = pki("crl");
+        let der = leaf(
+            &p,
+            "crl",
+            &ext(
+                GOOD_SAN,
+                "critical,CA:FALSE",
+                "critical,digitalSignature,cRLSign",
+            ),
+        );
+        assert_eq!(verify(&p, &der).unwrap_err(), VerifyError::LeafCanSign);
+    }
+
+    #[test]
+    fn must_refuse_a_scheme_other_than_spiffe() {
+        let p = pki("scheme");
+        let der = leaf(
+            &p,
+            "scheme",
+            &ext(
+                "URI:https://spec.example.org/ns/shop/sa/orders",
+                "critical,CA:FALSE",
+                "critical,digitalSignature",
+            ),
+        );
+        assert_eq!(
+            verify(&p, &der).unwrap_err(),
+            VerifyError::BadSpiffeId(IdError::WrongScheme)
+        );
+    }
+
+    #[test]
+    fn must_refuse_a_spiffe_id_without_path() {
+        let p = pki("nopath");
+        let der = leaf(
+            &p,
+            "nopath",
+            &ext(
+                "URI:spiffe://spec.example.org",
+                "critical,CA:FALSE",
+                "critical,digitalSignature",
+            ),
+        );
+        let e = verify(&p, &der).unwrap_err();
+        assert_eq!(e.code(), "leaf_without_path", "{e}");
+        // A root path ("/") is not a path either.
+        let der = leaf(
+            &p,
+            "rootpath",
+            &ext(
+                "URI:spiffe://spec.example.org/",
+                "critical,CA:FALSE",
+                "critical,digitalSignature",
+            ),
+        );
+        assert_eq!(verify(&p, &der).unwrap_err().code(), "bad_spiffe_id");
+    }
+
+    #[test]
+    fn must_refuse_more_than_one_uri_san() {
+        let p = pki("two");
+        let der = leaf(
+            &p,
+            "two",
+            &ext(
+                "URI:spiffe://spec.example.org/a,URI:spiffe://spec.example.org/b",
+                "critical,CA:FALSE",
+                "critical,digitalSignature",
+            ),
+        );
+        assert_eq!(verify(&p, &der).unwrap_err(), VerifyError::UriSanCount(2));
+    }
+
+    #[test]
+    fn the_path_rule_holds_at_the_tls_layer_too() {
+        // The verifier the gateway and the federation use returns the same reason.
+        let p = pki("tls");
+        let der = leaf(
+            &p,
+            "tls",
+            &ext(
+                "URI:spiffe://spec.example.org",
+                "critical,CA:FALSE",
+                "critical,digitalSignature",
+            ),
+        );
+        let v = SpiffeVerifier::new(
+            Arc::new(arc_swap::ArcSwap::from_pointee(p.bundles.clone())),
+            PeerPolicy::AnyFederated,
+        );
+        let e = v
+            .verify_client_cert(&der, &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(
+            VerifyError::from_rustls(&e).map(VerifyError::code),
+            Some("leaf_without_path")
+        );
     }
 }
