@@ -1,7 +1,7 @@
 //! A certificate authority per trust domain, and the X.509-SVIDs it issues.
 
 use std::fs;
-use std::io::Write;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -308,23 +308,13 @@ fn read_string(path: &Path) -> Result<String, CaError> {
     })
 }
 
-/// Writes atomically (temp file + rename) with `mode`, so a key is never readable by
-/// others, not even for a moment.
+/// Writes atomically and durably with `mode` ([`crate::fs::write_file`]).
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| CaError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    crate::fs::write_file(path, data, mode).map_err(|e| match e {
+        crate::fs::FsError::Io { path, source } => CaError::Io { path, source },
+        other => CaError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
 }

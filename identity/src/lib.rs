@@ -8,6 +8,7 @@
 
 pub mod bundle;
 pub mod ca;
+pub mod fs;
 pub mod id;
 pub mod tls;
 pub mod verify;
