@@ -18,6 +18,31 @@ pub struct Admin {
     pub registry: Arc<Registry>,
     /// False until every listener is up, and again from the start of a drain.
     pub ready: Arc<AtomicBool>,
+    /// When set, `/ready` is also false once the SVID in use expires within `margin`:
+    /// the next reload could not replace it before peers refuse it.
+    pub svid_expiry: Option<SvidExpiry>,
+}
+
+/// The SVID's notAfter (the gauge the gateway exports) and how early to stop being ready.
+#[derive(Clone)]
+pub struct SvidExpiry {
+    pub not_after: prometheus_client::metrics::gauge::Gauge,
+    pub margin: std::time::Duration,
+}
+
+/// Why `/ready` is false, from the SVID's notAfter and the time now (Unix seconds). Pure.
+pub fn svid_not_ready(not_after: i64, margin: std::time::Duration, now: i64) -> Option<String> {
+    let margin = i64::try_from(margin.as_secs()).unwrap_or(i64::MAX);
+    if not_after <= now {
+        Some(format!("SVID expired {}s ago", now - not_after))
+    } else if not_after <= now.saturating_add(margin) {
+        Some(format!(
+            "SVID expires in {}s, within the reload interval ({margin}s)",
+            not_after - now
+        ))
+    } else {
+        None
+    }
 }
 
 impl Admin {
@@ -43,6 +68,17 @@ impl Admin {
         }
     }
 
+    fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("starting or draining".into());
+        }
+        let e = self.svid_expiry.as_ref()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        svid_not_ready(e.not_after.get(), e.margin, now)
+    }
+
     fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
         let (status, ctype, body) = match req.uri().path() {
             "/metrics" => {
@@ -60,14 +96,14 @@ impl Admin {
                     ),
                 }
             }
-            "/ready" if self.ready.load(Ordering::Acquire) => {
-                (StatusCode::OK, "text/plain", "ready\n".into())
-            }
-            "/ready" => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "not ready\n".into(),
-            ),
+            "/ready" => match self.not_ready() {
+                None => (StatusCode::OK, "text/plain", "ready\n".into()),
+                Some(why) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {why}\n"),
+                ),
+            },
             "/live" => (StatusCode::OK, "text/plain", "live\n".into()),
             _ => (
                 StatusCode::NOT_FOUND,
@@ -108,4 +144,23 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> Result<(StatusCode, 
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn ready_follows_the_svid_expiry() {
+        let m = Duration::from_secs(5);
+        assert_eq!(svid_not_ready(1_000, m, 900), None);
+        assert_eq!(svid_not_ready(1_000, m, 994), None);
+        let e = svid_not_ready(1_000, m, 995).unwrap();
+        assert!(e.contains("expires in 5s"), "{e}");
+        let e = svid_not_ready(1_000, m, 1_000).unwrap();
+        assert!(e.contains("expired 0s ago"), "{e}");
+        let e = svid_not_ready(1_000, m, 1_060).unwrap();
+        assert!(e.contains("expired 60s ago"), "{e}");
+    }
 }

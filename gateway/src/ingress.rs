@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::admission::{Admission, Gate, Limits};
 use crate::config::Export;
 use crate::metrics::Metrics;
 use crate::peers::peer_spiffe_id;
 use crate::splice::{splice, splice_tls};
-use crate::tunnel::{HeaderReadError, read_header};
+use crate::tunnel::{HANDSHAKE_TIMEOUT, HeaderReadError, read_header};
 use crate::udp::IngressFlows;
 use crate::wire::{self, Open, Refusal, Response, app_code};
 use meshfed_federation::sources::service_entry::TlsOrigination;
@@ -148,6 +149,7 @@ impl Ingress {
         stop: CancellationToken,
         tasks: TaskTracker,
     ) {
+        let gate = Gate::new(Limits::default());
         loop {
             let incoming = tokio::select! {
                 i = endpoint.accept() => match i {
@@ -156,14 +158,44 @@ impl Ingress {
                 },
                 _ = stop.cancelled() => return,
             };
+            let remote = incoming.remote_address();
+            let slot = match gate.admit(remote.ip(), incoming.remote_address_validated()) {
+                Ok(slot) => slot,
+                Err(Admission::Retry) => {
+                    // Stateless: costs one packet, no connection state.
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().refuse();
+                    }
+                    self.metrics.quic_retries.inc();
+                    continue;
+                }
+                Err(other) => {
+                    let reason = match other {
+                        Admission::Refuse(r) => r,
+                        _ => "handshake_limit",
+                    };
+                    incoming.refuse();
+                    self.metrics.handshake_failed(reason);
+                    debug!(%remote, reason, in_flight = gate.in_flight(), "handshake refused: too many in flight");
+                    continue;
+                }
+            };
             let this = self.clone();
             let (stop, tasks) = (stop.clone(), tasks.clone());
-            let remote = incoming.remote_address();
             // Connection tasks are not tracked: a drain waits for streams, not for
             // connections, which close when the endpoint does.
             tokio::spawn(
                 async move {
-                    match incoming.await {
+                    let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+                    // Out of the gate either way: authenticated, failed, or timed out
+                    // (dropping the attempt closes it).
+                    drop(slot);
+                    let Ok(done) = done else {
+                        this.metrics.handshake_failed("handshake_timeout");
+                        debug!("inbound handshake did not complete in time");
+                        return;
+                    };
+                    match done {
                         Ok(conn) => this.serve_connection(conn, stop, tasks).await,
                         Err(e) => {
                             // Certificates we refused were counted by the verifier's hook;
@@ -175,7 +207,7 @@ impl Ingress {
                                     "mTLS handshake refused: the peer sent no certificate"
                                 );
                             } else {
-                                info!(error = %e, "inbound handshake failed");
+                                debug!(error = %e, "inbound handshake failed");
                             }
                         }
                     }
@@ -196,6 +228,8 @@ impl Ingress {
             conn.close(VarInt::from_u32(app_code::REFUSED), b"no peer identity");
             return;
         };
+        // Authenticated: now it may open as many streams as a peer gateway needs.
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(crate::tunnel::MAX_STREAMS));
         info!(%peer, "peer gateway connected");
         tokio::spawn(crate::metrics::watch_path(
             self.metrics.quic.clone(),

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod egress;
 pub mod federated;
@@ -59,6 +60,12 @@ pub enum GatewayError {
     Tunnel(#[from] tunnel::TunnelError),
     #[error("SVID: {0}")]
     Svid(String),
+    #[error("certificate {cert}: not a usable SVID now [{code}]: {reason}")]
+    SvidRefused {
+        cert: String,
+        code: &'static str,
+        reason: String,
+    },
     #[error("bind {what} {addr}: {source}")]
     Bind {
         what: String,
@@ -80,6 +87,7 @@ pub struct RunningGateway {
     /// Where the in-gateway DNS server answers (UDP, TCP), when configured.
     pub dns: Option<(SocketAddr, SocketAddr)>,
     ingress: Arc<ingress::Ingress>,
+    reload: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
@@ -108,6 +116,12 @@ impl RunningGateway {
 
     pub fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
+    }
+
+    /// A handle that makes the reloader look at the SVID and bundle files now (SIGHUP)
+    /// instead of at its next tick.
+    pub fn reload_trigger(&self) -> Arc<tokio::sync::Notify> {
+        self.reload.clone()
     }
 }
 
@@ -151,6 +165,16 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         &cfg.trust_domain,
     )
     .map_err(GatewayError::Bundles)?;
+
+    // Refuse to start on an identity every peer would refuse: the gateway would look
+    // ready while each handshake failed.
+    reload::check_svid(&svid, &bundles, rustls::pki_types::UnixTime::now()).map_err(|e| {
+        GatewayError::SvidRefused {
+            cert: cfg.cert.display().to_string(),
+            code: e.code(),
+            reason: e.to_string(),
+        }
+    })?;
 
     let metrics = metrics::Metrics::default();
     let mut registry = Registry::default();
@@ -335,6 +359,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         tokio::spawn(agent.run(dial_stop.clone()));
     }
 
+    let reload_kick = Arc::new(tokio::sync::Notify::new());
     let reloader = reload::Reloader {
         cert: cfg.cert.clone(),
         key: cfg.key.clone(),
@@ -346,6 +371,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         bundle_store,
         metrics: metrics.clone(),
         interval: cfg.reload_interval,
+        kick: reload_kick.clone(),
     };
     tokio::spawn(reloader.run(dial_stop.clone()));
 
@@ -354,6 +380,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     let admin = admin::Admin {
         registry: Arc::new(registry),
         ready: ready.clone(),
+        svid_expiry: Some(admin::SvidExpiry {
+            not_after: metrics.svid_not_after.clone(),
+            margin: cfg.reload_interval,
+        }),
     };
     tokio::spawn(admin.serve(admin_l, admin_stop.clone()));
     ready.store(true, Ordering::Release);
@@ -401,6 +431,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         local_id: svid.id,
         peers,
         ingress,
+        reload: reload_kick,
         stop,
         done,
     })

@@ -122,6 +122,10 @@ pub struct Metrics {
     pub peer_connections: Gauge,
     pub peer_reconnects: Counter,
     pub identity_reloads: Family<ReloadLabels, Counter>,
+    /// Stateless Retries sent to unvalidated addresses while handshakes pile up.
+    pub quic_retries: Counter,
+    /// SVIDs found on disk and refused (kept the working one), by the verifier's code.
+    pub svid_refusals: Family<ReasonLabels, Counter>,
     /// Sites skipped for an import because they refused or were unreachable.
     pub failovers: Family<ReasonLabels, Counter>,
     /// notAfter of the SVID in use, Unix seconds: alert when it nears `time()`.
@@ -181,6 +185,16 @@ impl Metrics {
             "identity_reloads",
             "SVID and trust bundle reloads from disk, by result",
             self.identity_reloads.clone(),
+        );
+        r.register(
+            "quic_retries",
+            "QUIC Retry packets sent: address validation demanded while many handshakes were in flight",
+            self.quic_retries.clone(),
+        );
+        r.register(
+            "svid_refusals",
+            "Rotated SVIDs refused (the working one is kept), by stable reason (expired, not_yet_valid, untrusted_chain, ...)",
+            self.svid_refusals.clone(),
         );
         r.register(
             "udp_datagrams",

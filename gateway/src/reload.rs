@@ -4,7 +4,9 @@
 //! Files are polled (mtime, size, inode) every `reload_interval`. A change that does not
 //! load — a half-written pair of files, a certificate for another identity, a bundle set
 //! without our own trust domain — keeps the previous, working identity, is logged and
-//! counted, and is tried again on the next tick.
+//! counted, and is tried again on the next tick. So is an SVID that peers would refuse:
+//! one that is not valid now (expired, or not yet valid) or whose chain does not lead to
+//! our own trust domain's bundle ([`check_svid`]).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -13,7 +15,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use meshfed_identity::tls::SvidResolver;
-use meshfed_identity::{BundleSet, SpiffeId, Svid, TrustDomain};
+use meshfed_identity::{BundleSet, SpiffeId, Svid, TrustDomain, Usage, VerifyError};
+use rustls::pki_types::UnixTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -32,6 +35,8 @@ pub struct Reloader {
     pub bundle_store: Arc<ArcSwap<BundleSet>>,
     pub metrics: Metrics,
     pub interval: Duration,
+    /// Look now instead of at the next tick (SIGHUP).
+    pub kick: Arc<tokio::sync::Notify>,
 }
 
 /// What identifies a file version: mtime (ns), size, inode. `None` when unreadable.
@@ -56,7 +61,20 @@ impl Reloader {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
+                _ = self.kick.notified() => info!("reload requested: checking SVID and trust bundles now"),
                 _ = stop.cancelled() => return,
+            }
+            // Bundles first: a CA rotation that brings a new bundle and an SVID signed
+            // by it must not refuse the SVID against the old bundle.
+            let now = stamp(&self.bundle_files());
+            if now != bundles_seen {
+                match self.reload_bundles() {
+                    Ok(()) => bundles_seen = now,
+                    Err(e) => {
+                        warn!(error = %e, "trust bundles not reloaded; keeping the previous set");
+                        self.metrics.reloaded("bundles", false);
+                    }
+                }
             }
             let now = stamp(&svid_files);
             if now != svid_seen {
@@ -65,16 +83,6 @@ impl Reloader {
                     Err(e) => {
                         warn!(error = %e, "new SVID not loaded; still presenting the previous one");
                         self.metrics.reloaded("svid", false);
-                    }
-                }
-            }
-            let now = stamp(&self.bundle_files());
-            if now != bundles_seen {
-                match self.reload_bundles() {
-                    Ok(()) => bundles_seen = now,
-                    Err(e) => {
-                        warn!(error = %e, "trust bundles not reloaded; keeping the previous set");
-                        self.metrics.reloaded("bundles", false);
                     }
                 }
             }
@@ -89,6 +97,17 @@ impl Reloader {
                 self.cert.display(),
                 svid.id,
                 self.expected_id
+            ));
+        }
+        if let Err(e) = check_svid(&svid, &self.bundle_store.load(), UnixTime::now()) {
+            self.metrics
+                .svid_refusals
+                .get_or_create(&crate::metrics::ReasonLabels { reason: e.code() })
+                .inc();
+            return Err(format!(
+                "{}: refused [{}]: {e}",
+                self.cert.display(),
+                e.code()
             ));
         }
         // A cert written before its key fails here and is retried next tick.
@@ -114,6 +133,19 @@ impl Reloader {
         info!(trust_domains = ?tds, "trust bundles reloaded");
         Ok(())
     }
+}
+
+/// Whether peers would accept `svid` at `now`: the full X.509-SVID verification, for
+/// both ends of a handshake (a gateway dials and accepts), against our own bundles. An
+/// expired or future-dated certificate, or one from another CA, fails here instead of
+/// in every handshake.
+pub fn check_svid(svid: &Svid, bundles: &BundleSet, now: UnixTime) -> Result<(), VerifyError> {
+    let (leaf, rest) = svid.chain.split_first().ok_or(VerifyError::NoCertificate)?;
+    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+    for usage in [Usage::Server, Usage::Client] {
+        meshfed_identity::verify::verify_svid(bundles, leaf, rest, now, usage, &algs)?;
+    }
+    Ok(())
 }
 
 /// Reads every bundle file; the set must include our own trust domain.

@@ -16,8 +16,20 @@ use crate::wire::{self, ALPN, WireError};
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// A connection with no traffic (not even keep-alives) for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent tunnelled TCP connections per peer connection, each one stream.
+/// Concurrent tunnelled TCP connections per peer connection, each one stream. The
+/// ingress grants this only once the peer is authenticated: quinn allocates the state of
+/// every stream a peer may open up front (about 90 bytes each, 1.5 MB at this limit).
 pub const MAX_STREAMS: u32 = 16 * 1024;
+/// The stream limit an accepted connection starts with, until its handshake completes.
+pub const UNAUTHENTICATED_STREAMS: u32 = 64;
+/// How long the ingress keeps an unfinished handshake (the dialer gives up after 5 s).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Packets quinn buffers for one connection attempt the ingress has not accepted yet, and
+/// for all of them (quinn's defaults are 10 MiB and 100 MiB).
+const INCOMING_BUFFER: u64 = 64 * 1024;
+const INCOMING_BUFFER_TOTAL: u64 = 8 * 1024 * 1024;
+/// Connection attempts quinn queues before the ingress sees them (default 65 536).
+const MAX_INCOMING: usize = 1024;
 /// Per-stream flow-control window: one stream can fill a 10 Gbit/s path at 5 ms RTT.
 const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Connection-wide window, shared by all streams.
@@ -79,9 +91,15 @@ pub fn server_config(
     let tls = meshfed_identity::tls::server_config(svid, verifier, &[ALPN])?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TunnelError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport_config()));
+    let mut transport = transport_config();
+    // Raised to MAX_STREAMS by the ingress once the peer's certificate is verified.
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(UNAUTHENTICATED_STREAMS));
+    cfg.transport_config(Arc::new(transport));
     // Gateways have stable addresses; migration would only widen the attack surface.
     cfg.migration(false);
+    cfg.max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
 
