@@ -2,8 +2,9 @@
 //!
 //! Federation directory: `ca/` (the federation's CA), `federation.pem|key` (its SVID,
 //! chain ending with the CA so joining sites can check their pin), `admin.pem|key` (the
-//! operator SVID that may create tokens), `store.json` (embedded store), `address` (where
-//! a running node listens).
+//! operator SVID that may create tokens), `store.json` (embedded store, created by
+//! `init`), `address` (where a running node listens), `federation.lock` (held by the
+//! running node: a second one on the same directory is refused).
 //!
 //! Site directory (as `meshfed ca`/`gateway::lab` lay it out): `ca/`, `gateway.pem|key`,
 //! `bundle.json`; joining adds `federation.json` and `bundles/<trust domain>.json`.
@@ -38,6 +39,10 @@ pub enum NodeError {
     Other { what: String, detail: String },
     #[error("federation refused: {0}")]
     Refused(String),
+    #[error("join token: {0}")]
+    Token(#[from] crate::token::TokenError),
+    #[error("{0}")]
+    Fs(#[from] meshfed_identity::fs::FsError),
 }
 
 fn other(what: impl Into<String>, detail: impl ToString) -> NodeError {
@@ -51,8 +56,22 @@ fn refused(s: tonic::Status) -> NodeError {
     NodeError::Refused(s.message().to_owned())
 }
 
-/// Creates a federation directory: CA, the federation's SVID, the operator SVID.
+/// The lock a serving node holds on its directory for its lifetime.
+pub const SERVE_LOCK: &str = "federation.lock";
+/// The lock short writers of a site directory (register, join) take.
+pub const SITE_LOCK: &str = ".meshfed.lock";
+/// How long a command waits for another one writing the same site directory.
+pub const SITE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Creates a federation directory: CA, the federation's SVID, the operator SVID, and an
+/// empty embedded store. Refuses a directory that already holds a federation.
 pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), NodeError> {
+    if dir.join("ca").join("ca.pem").exists() {
+        return Err(other(
+            dir.display().to_string(),
+            "already holds a federation (ca/ca.pem); init would replace its CA and cut off every site",
+        ));
+    }
     let ca = Ca::generate(td, meshfed_identity::ca::DEFAULT_CA_TTL)?;
     ca.save(&dir.join("ca"))?;
     // Long-lived for now: SVID rotation for the federation comes with its own issue.
@@ -66,15 +85,18 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), NodeError> {
         ttl,
     )?;
     admin.save(&dir.join("admin.pem"), &dir.join("admin.key"))?;
+    // The store exists from the start, so `serve` can tell a lost snapshot from a new
+    // federation.
+    EmbeddedStore::open(Some(&dir.join("store.json")), DEFAULT_HISTORY)?;
     Ok(())
 }
 
 /// Which store a node serves from.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub enum StoreChoice {
-    /// `store.json` in the federation directory (one node).
-    #[default]
-    Embedded,
+    /// `store.json` in the federation directory (one node). `create` starts an empty
+    /// store where `store.json` is missing; without it a missing snapshot is refused.
+    Embedded { create: bool },
     /// An etcd cluster shared by any number of replicas.
     Etcd {
         endpoints: Vec<String>,
@@ -86,6 +108,8 @@ pub enum StoreChoice {
 pub struct Running {
     pub addr: SocketAddr,
     pub service: Arc<FederationService>,
+    /// Held until the node is dropped: one serving process per directory.
+    _lock: meshfed_identity::fs::DirLock,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
@@ -105,9 +129,18 @@ pub async fn serve(
     lease_ttl: Duration,
     store: StoreChoice,
 ) -> Result<Running, NodeError> {
+    let lock = meshfed_identity::fs::DirLock::try_hold(dir, SERVE_LOCK)?;
     let ca = Ca::load(&dir.join("ca"))?;
     let td = ca.trust_domain().clone();
     let svid = Svid::load(&dir.join("federation.pem"), &dir.join("federation.key"))?;
+    let snapshot = dir.join("store.json");
+    if matches!(store, StoreChoice::Embedded { create: false }) && !snapshot.exists() {
+        return Err(other(
+            snapshot.display().to_string(),
+            "missing: the federation's catalog, tokens and sites' bundles are gone (restore store.json from a backup), \
+             or start an empty store on purpose with `meshfed federation serve --init-store`",
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| other(format!("bind {listen}"), e))?;
@@ -120,10 +153,9 @@ pub async fn serve(
         advertise
     };
     let store = match store {
-        StoreChoice::Embedded => Store::Embedded(EmbeddedStore::open(
-            Some(&dir.join("store.json")),
-            DEFAULT_HISTORY,
-        )?),
+        StoreChoice::Embedded { .. } => {
+            Store::Embedded(EmbeddedStore::open(Some(&snapshot), DEFAULT_HISTORY)?)
+        }
         StoreChoice::Etcd { endpoints, prefix } => Store::Etcd(
             EtcdStore::open(EtcdOptions {
                 endpoints,
@@ -184,6 +216,7 @@ pub async fn serve(
     Ok(Running {
         addr,
         service,
+        _lock: lock,
         stop,
         done,
     })
@@ -239,16 +272,22 @@ async fn operator_client(
 }
 
 /// `meshfed federation token create`: asks the running node for a token.
+/// `trust_domain` binds the site to that trust domain; `share` lets it join one that
+/// other sites already own.
 pub async fn create_token(
     dir: &Path,
     site: &str,
     ttl: Duration,
+    trust_domain: Option<&TrustDomain>,
+    share: bool,
 ) -> Result<(String, i64), NodeError> {
     let mut c = operator_client(dir).await?;
     let r = c
         .create_token(pb::CreateTokenRequest {
             site: site.to_owned(),
             ttl_seconds: ttl.as_secs(),
+            trust_domain: trust_domain.map(|t| t.to_string()).unwrap_or_default(),
+            share_trust_domain: share,
         })
         .await
         .map_err(refused)?
@@ -304,7 +343,9 @@ pub async fn join(
     token: &str,
     gateway_addresses: Vec<String>,
 ) -> Result<Membership, NodeError> {
-    let token = JoinToken::decode(token).map_err(|e| NodeError::Refused(e.to_string()))?;
+    let token = JoinToken::decode(token)?;
+    // Concurrent joins and registrations on this directory take turns.
+    let _lock = meshfed_identity::fs::DirLock::wait(site_dir, SITE_LOCK, SITE_LOCK_WAIT)?;
     let ca = Ca::load(&site_dir.join("ca"))?;
     let td = ca.trust_domain().clone();
     let fed_td = token.federation_trust_domain.clone();

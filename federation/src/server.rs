@@ -492,6 +492,21 @@ impl pb::federation_server::Federation for FederationService {
         if r.ttl_seconds == 0 || r.ttl_seconds > MAX_TOKEN_TTL_SECS {
             return Err(self.bad_request(format!("ttl_seconds must be 1..={MAX_TOKEN_TTL_SECS}")));
         }
+        let bound = match r.trust_domain.as_str() {
+            "" => None,
+            td => Some(
+                TrustDomain::new(td).map_err(|e| self.bad_request(format!("trust_domain: {e}")))?,
+            ),
+        };
+        if r.share_trust_domain && bound.is_none() {
+            return Err(self.bad_request(
+                "share_trust_domain needs trust_domain: say which trust domain the site may share",
+            ));
+        }
+        if bound.as_ref() == Some(&self.trust_domain) {
+            return Err(self
+                .bad_request("trust_domain: a site cannot use the federation's own trust domain"));
+        }
         let token = JoinToken::generate(
             site.clone(),
             self.token_addresses(),
@@ -499,11 +514,18 @@ impl pb::federation_server::Federation for FederationService {
             self.own_bundle.fingerprint(),
         );
         let expires = now_unix() + r.ttl_seconds as i64;
+        let rec = crate::token::TokenRecord {
+            site: site.clone(),
+            expires_unix: expires,
+            used_unix: None,
+            trust_domain: bound.clone(),
+            share_trust_domain: r.share_trust_domain,
+        };
         self.store
-            .add_token(&token, expires)
+            .add_token(&token, rec)
             .await
             .map_err(|e| self.refuse(store_status(e)))?;
-        info!(%site, expires, "join token created");
+        info!(%site, expires, trust_domain = ?bound.as_ref().map(|t| t.as_str()), share = r.share_trust_domain, "join token created");
         Ok(Response::new(pb::CreateTokenResponse {
             token: token.encode(),
             expires_unix: expires,
@@ -524,10 +546,30 @@ impl pb::federation_server::Federation for FederationService {
         if td == self.trust_domain {
             return Err(self.bad_request("a site cannot use the federation's own trust domain"));
         }
+        let owners: Vec<SiteName> = self.store.with_catalog(|c| {
+            c.sites
+                .values()
+                .filter(|s| s.trust_domain == td && s.site != site)
+                .map(|s| s.site.clone())
+                .collect()
+        });
+        let claim = crate::token::Claim {
+            site: site.clone(),
+            trust_domain: td.clone(),
+            owners: owners.clone(),
+        };
         self.store
-            .redeem_token(&token, &site, now_unix())
+            .redeem_token(&token, &claim, now_unix())
             .await
             .map_err(|e| self.refuse(store_status(e)))?;
+        // A shared trust domain (the token allowed it) keeps the owners' authorities
+        // beside the new site's: the union is the bundle.
+        let bundle = match self.store.bundles().get(td.as_str()) {
+            Some(old) if !owners.is_empty() => TrustBundle::from_jwks(td.clone(), old.as_bytes())
+                .map(|old| old.union(&bundle))
+                .unwrap_or(bundle),
+            _ => bundle,
+        };
         let jwks = bundle
             .to_jwks()
             .map_err(|e| self.bad_request(e.to_string()))?;

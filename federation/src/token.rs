@@ -38,6 +38,22 @@ pub struct TokenRecord {
     pub expires_unix: i64,
     #[serde(default)]
     pub used_unix: Option<i64>,
+    /// The trust domain the operator bound the site to; `None`: any trust domain that no
+    /// other site owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<TrustDomain>,
+    /// The operator lets this site join a trust domain other sites already own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub share_trust_domain: bool,
+}
+
+/// What a joining site claims, and who owns that trust domain now.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub site: SiteName,
+    pub trust_domain: TrustDomain,
+    /// Sites other than `site` whose catalog record has `trust_domain`.
+    pub owners: Vec<SiteName>,
 }
 
 /// Why a token was refused. Each variant says which check failed.
@@ -57,6 +73,19 @@ pub enum TokenError {
         token_site: SiteName,
         claimed: SiteName,
     },
+    #[error("token binds the site to trust domain {bound}, not {claimed}")]
+    TrustDomainMismatch {
+        bound: TrustDomain,
+        claimed: TrustDomain,
+    },
+    #[error(
+        "trust domain {trust_domain} belongs to site(s) {owners}; sharing it needs a token created with --trust-domain {trust_domain} --share-trust-domain",
+        owners = owners.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+    )]
+    TrustDomainOwned {
+        trust_domain: TrustDomain,
+        owners: Vec<SiteName>,
+    },
 }
 
 impl TokenError {
@@ -68,6 +97,8 @@ impl TokenError {
             Self::Expired { .. } => "token_expired",
             Self::AlreadyUsed { .. } => "token_reused",
             Self::WrongSite { .. } => "token_wrong_site",
+            Self::TrustDomainMismatch { .. } => "trust_domain_mismatch",
+            Self::TrustDomainOwned { .. } => "trust_domain_owned",
         }
     }
 }
@@ -139,13 +170,19 @@ fn hash_hex(b: &[u8]) -> String {
         .collect()
 }
 
-/// Redeems `token` for `claimed` at `now`: marks it used, or says why not. Pure.
+/// Redeems `token` for `claim` at `now`: marks it used, or says why not. Pure.
+///
+/// A trust domain belongs to the sites that joined with it: a site may claim one that
+/// another site owns only when the operator said so on the token (bound to exactly that
+/// trust domain, with `share_trust_domain`). Without that, any token holder could replace
+/// another site's bundle and impersonate it.
 pub fn redeem(
     records: &mut BTreeMap<String, TokenRecord>,
     token: &JoinToken,
-    claimed: &SiteName,
+    claim: &Claim,
     now: i64,
 ) -> Result<(), TokenError> {
+    let claimed = &claim.site;
     let rec = records
         .get_mut(&token.secret_hash())
         .ok_or(TokenError::Unknown)?;
@@ -162,6 +199,26 @@ pub fn redeem(
         return Err(TokenError::WrongSite {
             token_site: rec.site.clone(),
             claimed: claimed.clone(),
+        });
+    }
+    if let Some(bound) = &rec.trust_domain
+        && *bound != claim.trust_domain
+    {
+        return Err(TokenError::TrustDomainMismatch {
+            bound: bound.clone(),
+            claimed: claim.trust_domain.clone(),
+        });
+    }
+    let others: Vec<SiteName> = claim
+        .owners
+        .iter()
+        .filter(|o| *o != claimed)
+        .cloned()
+        .collect();
+    if !others.is_empty() && !rec.share_trust_domain {
+        return Err(TokenError::TrustDomainOwned {
+            trust_domain: claim.trust_domain.clone(),
+            owners: others,
         });
     }
     rec.used_unix = Some(now);
@@ -189,39 +246,148 @@ mod tests {
         assert_ne!(token().secret, t.secret, "secrets are random");
     }
 
+    fn rec(site: &str, expires_unix: i64) -> TokenRecord {
+        TokenRecord {
+            site: SiteName::new(site).unwrap(),
+            expires_unix,
+            used_unix: None,
+            trust_domain: None,
+            share_trust_domain: false,
+        }
+    }
+
+    fn claim(site: &str, td: &str, owners: &[&str]) -> Claim {
+        Claim {
+            site: SiteName::new(site).unwrap(),
+            trust_domain: TrustDomain::new(td).unwrap(),
+            owners: owners.iter().map(|o| SiteName::new(o).unwrap()).collect(),
+        }
+    }
+
+    fn redeem_as(
+        recs: &mut BTreeMap<String, TokenRecord>,
+        t: &JoinToken,
+        site: &SiteName,
+        now: i64,
+    ) -> Result<(), TokenError> {
+        let c = claim(site.as_str(), "west.example.org", &[]);
+        redeem(recs, t, &c, now)
+    }
+
+    /// The trust-domain rules, one row each: (token binding, share, claimed trust
+    /// domain, its owners) → result.
+    #[test]
+    fn trust_domain_ownership() {
+        type Row = (
+            Option<&'static str>,
+            bool,
+            &'static str,
+            &'static [&'static str],
+            Result<(), &'static str>,
+        );
+        let rows: &[Row] = &[
+            // An unbound token: any trust domain nobody else owns.
+            (None, false, "north.example.org", &[], Ok(())),
+            // The attack: an unbound token claiming west's trust domain.
+            (
+                None,
+                false,
+                "west.example.org",
+                &["west"],
+                Err("trust_domain_owned"),
+            ),
+            // Re-joining one's own trust domain (a new token for the same site).
+            (None, false, "north.example.org", &["north"], Ok(())),
+            // Bound tokens: only the bound trust domain.
+            (
+                Some("north.example.org"),
+                false,
+                "north.example.org",
+                &[],
+                Ok(()),
+            ),
+            (
+                Some("north.example.org"),
+                false,
+                "west.example.org",
+                &[],
+                Err("trust_domain_mismatch"),
+            ),
+            (
+                Some("north.example.org"),
+                false,
+                "west.example.org",
+                &["west"],
+                Err("trust_domain_mismatch"),
+            ),
+            // Bound but not shared: still refused when another site owns it.
+            (
+                Some("west.example.org"),
+                false,
+                "west.example.org",
+                &["west"],
+                Err("trust_domain_owned"),
+            ),
+            // Sharing is the operator's explicit choice.
+            (
+                Some("west.example.org"),
+                true,
+                "west.example.org",
+                &["west", "west2"],
+                Ok(()),
+            ),
+        ];
+        for (i, (bound, share, td, owners, want)) in rows.iter().enumerate() {
+            let t = token();
+            let mut recs = BTreeMap::new();
+            let mut r = rec("north", 1000);
+            r.trust_domain = bound.map(|b| TrustDomain::new(b).unwrap());
+            r.share_trust_domain = *share;
+            recs.insert(t.secret_hash(), r);
+            let got = redeem(&mut recs, &t, &claim("north", td, owners), 10).map_err(|e| e.code());
+            assert_eq!(got, *want, "row {i}");
+            // A refused claim does not use the token up.
+            assert_eq!(
+                recs[&t.secret_hash()].used_unix.is_some(),
+                want.is_ok(),
+                "row {i}"
+            );
+        }
+        let e = TokenError::TrustDomainOwned {
+            trust_domain: TrustDomain::new("west.example.org").unwrap(),
+            owners: vec![SiteName::new("west").unwrap()],
+        };
+        assert!(e.to_string().contains("belongs to site(s) west"), "{e}");
+        assert!(e.to_string().contains("--share-trust-domain"), "{e}");
+    }
+
+    #[test]
+    fn records_without_binding_still_load() {
+        // Tokens stored before the binding existed read as unbound.
+        let r: TokenRecord =
+            serde_json::from_str(r#"{"site":"west","expires_unix":5,"used_unix":null}"#).unwrap();
+        assert_eq!(r, rec("west", 5));
+    }
+
     #[test]
     fn one_use_and_expiry() {
         let t = token();
         let west = SiteName::new("west").unwrap();
         let mut recs = BTreeMap::new();
-        recs.insert(
-            t.secret_hash(),
-            TokenRecord {
-                site: west.clone(),
-                expires_unix: 1000,
-                used_unix: None,
-            },
-        );
+        recs.insert(t.secret_hash(), rec("west", 1000));
         let east = SiteName::new("east").unwrap();
         assert!(matches!(
-            redeem(&mut recs, &t, &east, 10),
+            redeem_as(&mut recs, &t, &east, 10),
             Err(TokenError::WrongSite { .. })
         ));
-        redeem(&mut recs, &t, &west, 10).unwrap();
+        redeem_as(&mut recs, &t, &west, 10).unwrap();
         assert_eq!(
-            redeem(&mut recs, &t, &west, 11),
+            redeem_as(&mut recs, &t, &west, 11),
             Err(TokenError::AlreadyUsed { used_at: 10 })
         );
         let t2 = token();
-        recs.insert(
-            t2.secret_hash(),
-            TokenRecord {
-                site: west.clone(),
-                expires_unix: 1000,
-                used_unix: None,
-            },
-        );
-        let e = redeem(&mut recs, &t2, &west, 1500).unwrap_err();
+        recs.insert(t2.secret_hash(), rec("west", 1000));
+        let e = redeem_as(&mut recs, &t2, &west, 1500).unwrap_err();
         assert_eq!(
             e,
             TokenError::Expired {
@@ -231,7 +397,7 @@ mod tests {
         );
         assert_eq!(e.code(), "token_expired");
         assert_eq!(
-            redeem(&mut recs, &token(), &west, 10),
+            redeem_as(&mut recs, &token(), &west, 10),
             Err(TokenError::Unknown)
         );
     }

@@ -99,6 +99,23 @@ impl TrustBundle {
         }
     }
 
+    /// This bundle's authorities plus those of `other` it lacks, one sequence later: the
+    /// bundle of a trust domain that several sites (several CAs) share.
+    pub fn union(&self, other: &TrustBundle) -> TrustBundle {
+        let mut x509_authorities = self.x509_authorities.clone();
+        for a in &other.x509_authorities {
+            if !x509_authorities.contains(a) {
+                x509_authorities.push(a.clone());
+            }
+        }
+        TrustBundle {
+            trust_domain: self.trust_domain.clone(),
+            x509_authorities,
+            sequence: self.sequence.max(other.sequence) + 1,
+            refresh_hint_secs: self.refresh_hint_secs,
+        }
+    }
+
     /// Serializes to the SPIFFE JWKS form.
     pub fn to_jwks(&self) -> Result<String, BundleError> {
         let keys = self

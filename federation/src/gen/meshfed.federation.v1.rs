@@ -6,6 +6,13 @@ pub struct CreateTokenRequest {
     pub site: ::prost::alloc::string::String,
     #[prost(uint64, tag = "2")]
     pub ttl_seconds: u64,
+    /// The trust domain the site must join with. Empty: any trust domain no other site owns.
+    #[prost(string, tag = "3")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// Lets the site join a trust domain other sites already own (their bundles are
+    /// merged). Needs trust_domain.
+    #[prost(bool, tag = "4")]
+    pub share_trust_domain: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

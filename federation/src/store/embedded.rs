@@ -17,7 +17,7 @@ use tracing::warn;
 
 use super::{StoreError, StoreEvent, WatchStart};
 use crate::catalog::{Catalog, Change, Delta, History, Resume, Revision};
-use crate::token::{JoinToken, TokenRecord, redeem};
+use crate::token::{Claim, JoinToken, TokenRecord, redeem};
 
 /// Commits between forced snapshot writes, at the most.
 pub const RESERVATION: u64 = 100_000;
@@ -212,15 +212,8 @@ impl EmbeddedStore {
 
     /// Records a newly issued token; flushed before returning so a printed token works
     /// even after a crash.
-    pub fn add_token(&self, token: &JoinToken, expires_unix: i64) -> Result<(), StoreError> {
-        self.lock().state.tokens.insert(
-            token.secret_hash(),
-            TokenRecord {
-                site: token.site.clone(),
-                expires_unix,
-                used_unix: None,
-            },
-        );
+    pub fn add_token(&self, token: &JoinToken, rec: TokenRecord) -> Result<(), StoreError> {
+        self.lock().state.tokens.insert(token.secret_hash(), rec);
         self.flush()
     }
 
@@ -228,10 +221,10 @@ impl EmbeddedStore {
     pub fn redeem_token(
         &self,
         token: &JoinToken,
-        claimed: &crate::SiteName,
+        claim: &Claim,
         now: i64,
     ) -> Result<(), StoreError> {
-        redeem(&mut self.lock().state.tokens, token, claimed, now)?;
+        redeem(&mut self.lock().state.tokens, token, claim, now)?;
         self.flush()?;
         Ok(())
     }
@@ -449,13 +442,34 @@ mod tests {
         );
         {
             let s = EmbeddedStore::open(Some(&p), 10).unwrap();
-            s.add_token(&t, 2000).unwrap();
+            let rec = TokenRecord {
+                site: west.clone(),
+                expires_unix: 2000,
+                used_unix: None,
+                trust_domain: Some(TrustDomain::new("west.example.org").unwrap()),
+                share_trust_domain: false,
+            };
+            s.add_token(&t, rec).unwrap();
         }
+        let claim = Claim {
+            site: west.clone(),
+            trust_domain: TrustDomain::new("west.example.org").unwrap(),
+            owners: vec![],
+        };
         let s = EmbeddedStore::open(Some(&p), 10).unwrap();
-        s.redeem_token(&t, &west, 1000).unwrap();
+        // The binding persisted with the token.
+        let wrong = Claim {
+            trust_domain: TrustDomain::new("east.example.org").unwrap(),
+            ..claim.clone()
+        };
+        assert!(matches!(
+            s.redeem_token(&t, &wrong, 1000),
+            Err(StoreError::Token(TokenError::TrustDomainMismatch { .. }))
+        ));
+        s.redeem_token(&t, &claim, 1000).unwrap();
         drop(s);
         let s = EmbeddedStore::open(Some(&p), 10).unwrap();
-        let e = s.redeem_token(&t, &west, 1001).unwrap_err();
+        let e = s.redeem_token(&t, &claim, 1001).unwrap_err();
         assert!(
             matches!(
                 e,

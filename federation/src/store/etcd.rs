@@ -24,7 +24,7 @@ use super::mirror::{KvEvent, Layout, Mirror};
 use super::{StoreError, StoreEvent, WatchStart};
 use crate::catalog::{Catalog, CatalogError, Change, Resume, Revision};
 use crate::names::SiteName;
-use crate::token::{JoinToken, TokenRecord, redeem};
+use crate::token::{Claim, JoinToken, TokenRecord, redeem};
 
 /// etcd's default `--max-txn-ops` is 128; stay under it.
 const MAX_TXN_OPS: usize = 120;
@@ -322,12 +322,7 @@ impl EtcdStore {
         Ok(Revision(last.max(0) as u64))
     }
 
-    pub async fn add_token(&self, token: &JoinToken, expires_unix: i64) -> Result<(), StoreError> {
-        let rec = TokenRecord {
-            site: token.site.clone(),
-            expires_unix,
-            used_unix: None,
-        };
+    pub async fn add_token(&self, token: &JoinToken, rec: TokenRecord) -> Result<(), StoreError> {
         self.client
             .clone()
             .put(
@@ -345,7 +340,7 @@ impl EtcdStore {
     pub async fn redeem_token(
         &self,
         token: &JoinToken,
-        claimed: &SiteName,
+        claim: &Claim,
         now: i64,
     ) -> Result<(), StoreError> {
         let hash = token.secret_hash();
@@ -367,7 +362,7 @@ impl EtcdStore {
                 records.insert(hash.clone(), rec);
                 seen_rev = kv.mod_revision();
             }
-            redeem(&mut records, token, claimed, now)?;
+            redeem(&mut records, token, claim, now)?;
             let rec = &records[&hash];
             let resp = client
                 .txn(

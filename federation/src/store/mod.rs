@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::catalog::{Catalog, CatalogError, Change, Delta, Revision, SiteRecord};
 use crate::names::SiteName;
-use crate::token::{JoinToken, TokenError};
+use crate::token::{Claim, JoinToken, TokenError, TokenRecord};
 
 mod embedded;
 mod etcd;
@@ -124,10 +124,10 @@ impl Store {
     }
 
     /// Records a newly issued token durably before returning.
-    pub async fn add_token(&self, token: &JoinToken, expires_unix: i64) -> Result<(), StoreError> {
+    pub async fn add_token(&self, token: &JoinToken, rec: TokenRecord) -> Result<(), StoreError> {
         match self {
-            Store::Embedded(s) => s.add_token(token, expires_unix),
-            Store::Etcd(s) => s.add_token(token, expires_unix).await,
+            Store::Embedded(s) => s.add_token(token, rec),
+            Store::Etcd(s) => s.add_token(token, rec).await,
         }
     }
 
@@ -135,12 +135,12 @@ impl Store {
     pub async fn redeem_token(
         &self,
         token: &JoinToken,
-        claimed: &SiteName,
+        claim: &Claim,
         now: i64,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Embedded(s) => s.redeem_token(token, claimed, now),
-            Store::Etcd(s) => s.redeem_token(token, claimed, now).await,
+            Store::Embedded(s) => s.redeem_token(token, claim, now),
+            Store::Etcd(s) => s.redeem_token(token, claim, now).await,
         }
     }
 
