@@ -140,7 +140,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         ([127, 0, 0, 1], 0).into(),
         vec![],
         LEASE_TTL,
-        Default::default(),
+        meshfed_federation::node::StoreChoice::Embedded { create: false },
     )
     .await?;
     let sites = [
@@ -158,9 +158,14 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     println!("\n2. join: one token per site, each good once");
     let mut last_token = String::new();
     for s in &sites {
-        let (token, _) =
-            meshfed_federation::node::create_token(&fed_dir, &s.site, Duration::from_secs(600))
-                .await?;
+        let (token, _) = meshfed_federation::node::create_token(
+            &fed_dir,
+            &s.site,
+            Duration::from_secs(600),
+            Some(&s.trust_domain),
+            false,
+        )
+        .await?;
         let m = meshfed_federation::node::join(&s.dir, &s.site, &token, vec![]).await?;
         println!(
             "   {:<6} joined at revision {:<3} token {}…",
@@ -173,6 +178,20 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     match meshfed_federation::node::join(&sites[2].dir, "north", &last_token, vec![]).await {
         Err(e) => println!("   north, same token again: refused: {e}"),
         Ok(_) => bail!("a reused token was accepted"),
+    }
+    // A token holder whose own CA claims west's trust domain would take it over.
+    let rogue = lab::make_site(&root, "rogue", "west.example.org")?;
+    let (token, _) = meshfed_federation::node::create_token(
+        &fed_dir,
+        "rogue",
+        Duration::from_secs(600),
+        None,
+        false,
+    )
+    .await?;
+    match meshfed_federation::node::join(&rogue.dir, "rogue", &token, vec![]).await {
+        Err(e) => println!("   rogue, claiming west's trust domain: refused: {e}"),
+        Ok(_) => bail!("a join took over another site's trust domain"),
     }
 
     // 3. Gateways from the catalog: west and north export orders.shop; east imports it.

@@ -2,6 +2,7 @@
 //! crates; the commands' logic lives in `identity`, `gateway` and the `demo` module.
 
 mod demo;
+mod signals;
 
 /// The data plane slices big buffers and frees them as peers acknowledge; glibc returns
 /// those pages to the kernel and faults them back in. mimalloc keeps them.
@@ -151,6 +152,10 @@ enum FederationCmd {
         /// Key prefix in etcd; federations sharing an etcd need different prefixes.
         #[arg(long, default_value = meshfed_federation::store::mirror::DEFAULT_PREFIX)]
         etcd_prefix: String,
+        /// Start an empty embedded store when `store.json` is missing. Without it, a
+        /// directory whose snapshot was lost is refused rather than served empty.
+        #[arg(long, conflicts_with = "etcd")]
+        init_store: bool,
     },
     /// Join tokens.
     #[command(subcommand)]
@@ -167,6 +172,14 @@ enum TokenCmd {
         site: String,
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Bind the site to this trust domain: a join with any other is refused. Without
+        /// it, the site may join with any trust domain that no other site owns.
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Let the site join a trust domain that other sites already own (their bundles
+        /// are merged). An explicit choice: the sites can then impersonate each other.
+        #[arg(long, requires = "trust_domain")]
+        share_trust_domain: bool,
     },
 }
 
@@ -360,8 +373,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Register { file, dir } => {
             let r = read_entries(&file)?;
-            let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
             let names: Vec<String> = r.services.iter().map(|s| s.service.to_string()).collect();
+            // Concurrent registrations take turns: each one's entries survive.
+            let _lock = meshfed_identity::fs::DirLock::wait(
+                &dir,
+                meshfed_federation::node::SITE_LOCK,
+                meshfed_federation::node::SITE_LOCK_WAIT,
+            )?;
+            let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
             let replaced = reg.merge(&file.display().to_string(), r.services);
             reg.save(&dir)?;
             println!(
@@ -443,6 +462,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 host_zones: vec![],
             };
             runtime()?.block_on(async {
+                let mut signals = signals::Signals::install()?;
                 let table = Arc::new(arc_swap::ArcSwap::from_pointee(meshfed_dns::Table::build(
                     &zone,
                     &[],
@@ -502,12 +522,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("--listen {listen}"))?;
                 println!("dns listening on udp {} tcp {}", running.udp, running.tcp);
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+                let sig = signals
+                    .until_stop(
+                        "SIGHUP ignored: DNS answers follow the catalog already; restart to change flags",
+                        || {},
+                    )
+                    .await;
+                tracing::info!(signal = sig, "stopping DNS");
                 running.shutdown();
                 Ok::<_, anyhow::Error>(())
             })?;
@@ -531,9 +552,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lease_ttl,
             etcd,
             etcd_prefix,
+            init_store,
         }) => {
             let store = if etcd.is_empty() {
-                meshfed_federation::node::StoreChoice::Embedded
+                meshfed_federation::node::StoreChoice::Embedded { create: init_store }
             } else {
                 meshfed_federation::node::StoreChoice::Etcd {
                     endpoints: etcd,
@@ -541,6 +563,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             runtime()?.block_on(async {
+                let mut signals = signals::Signals::install()?;
                 let node =
                     meshfed_federation::node::serve(&dir, listen, advertise, lease_ttl, store)
                         .await?;
@@ -560,17 +583,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let server = meshfed_gateway::admin::Admin {
                     registry: std::sync::Arc::new(registry),
                     ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                    svid_expiry: None,
                 };
                 tokio::spawn(server.serve(admin_l, admin_stop.clone()));
-                wait_for_signal().await;
+                let sig = signals
+                    .until_stop(
+                        "SIGHUP ignored: the federation has no file config to reload; restart to change flags",
+                        || {},
+                    )
+                    .await;
+                tracing::info!(signal = sig, "federation stopping");
                 node.shutdown().await;
                 admin_stop.cancel();
                 anyhow::Ok(())
             })?;
         }
-        Cmd::Federation(FederationCmd::Token(TokenCmd::Create { dir, site, ttl })) => {
-            let (token, expires) =
-                runtime()?.block_on(meshfed_federation::node::create_token(&dir, &site, ttl))?;
+        Cmd::Federation(FederationCmd::Token(TokenCmd::Create {
+            dir,
+            site,
+            ttl,
+            trust_domain,
+            share_trust_domain,
+        })) => {
+            let td = trust_domain
+                .as_deref()
+                .map(TrustDomain::new)
+                .transpose()
+                .with_context(|| {
+                    format!("--trust-domain {:?}", trust_domain.unwrap_or_default())
+                })?;
+            let (token, expires) = runtime()?.block_on(meshfed_federation::node::create_token(
+                &dir,
+                &site,
+                ttl,
+                td.as_ref(),
+                share_trust_domain,
+            ))?;
             eprintln!("token for site {site}, valid once until {expires} (unix)");
             println!("{token}");
         }
@@ -717,6 +765,7 @@ async fn gateway_run(
     cfg: meshfed_gateway::GatewayConfig,
     ready_file: Option<PathBuf>,
 ) -> Result<()> {
+    let mut signals = signals::Signals::install()?;
     let gw = meshfed_gateway::start(cfg).await?;
     if let Some(f) = ready_file {
         let doc = serde_json::json!({
@@ -728,14 +777,15 @@ async fn gateway_run(
         ca::write_file(&f, doc.to_string().as_bytes(), 0o644)?;
     }
     let stop = gw.stop_token();
+    let reload = gw.reload_trigger();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("signal received: draining");
+        let sig = signals
+            .until_stop(
+                "SIGHUP: reloading the SVID and trust bundles now (other config changes need a restart)",
+                || reload.notify_one(),
+            )
+            .await;
+        tracing::info!(signal = sig, "signal received: draining");
         stop.cancel();
     });
     gw.wait().await;
@@ -785,24 +835,22 @@ async fn run_until_signal<F>(run: impl FnOnce(tokio_util::sync::CancellationToke
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
+    let mut signals = match signals::Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return;
+        }
+    };
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(run(stop.clone()));
-    wait_for_signal().await;
+    let sig = signals
+        .until_stop(
+            "SIGHUP ignored: the controller follows the cluster already",
+            || {},
+        )
+        .await;
+    tracing::info!(signal = sig, "controller stopping");
     stop.cancel();
     let _ = task.await;
-}
-
-/// SIGTERM or SIGINT.
-async fn wait_for_signal() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -200,7 +200,14 @@ async fn run_store(
             &name,
             &format!("{name}.bench.example"),
         )?;
-        let (token, _) = node::create_token(&dir, &name, Duration::from_secs(600)).await?;
+        let (token, _) = node::create_token(
+            &dir,
+            &name,
+            Duration::from_secs(600),
+            Some(&files.trust_domain),
+            false,
+        )
+        .await?;
         node::join(&files.dir, &name, &token, vec!["127.0.0.1:1".into()]).await?;
         let fb = std::fs::read(files.dir.join("bundles/fed.bench.json"))?;
         let bundle = TrustBundle::from_jwks(fed_td.clone(), &fb)?;

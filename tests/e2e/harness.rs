@@ -134,6 +134,11 @@ impl Gw {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The gateway process's id (for /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Sends SIGTERM (graceful drain).
     pub fn term(&self) {
         if let Some(c) = &self.child {
@@ -428,4 +433,16 @@ impl Drop for Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A process's resident set size in bytes (VmRSS from /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }

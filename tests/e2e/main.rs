@@ -11,5 +11,6 @@ mod kubeapi;
 mod kubernetes;
 mod legacy;
 mod rotation;
+mod security;
 mod tunnel;
 mod udp;

@@ -1,0 +1,515 @@
+//! Attacks on a running gateway and federation, each the regression test of a defect
+//! found by attack (issue 13): unauthenticated handshake floods, trust-domain takeover
+//! through join, identities that are not valid now, concurrent writers, signals.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+#[path = "../../bench/common/flood.rs"]
+mod flood;
+
+/// Latencies of `n` echo round trips through `addr`, each on a new TCP connection (a new
+/// tunnel stream); panics on any failure.
+async fn echo_latencies(addr: std::net::SocketAddr, n: usize, pause: Duration) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        echo_once(addr)
+            .await
+            .unwrap_or_else(|e| panic!("legitimate echo {i} failed: {e}"));
+        out.push(t.elapsed());
+        tokio::time::sleep(pause).await;
+    }
+    out.sort();
+    out
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Before: each half-open handshake cost about 1.5 MB (quinn allocated all 16 384
+/// streams' state per connection) for ~20 s, with no limit on handshakes in flight; 1000
+/// ClientHellos took a gateway to 1.66 GB. Now: Retry under load, per-address and total
+/// caps, a 5 s handshake deadline, and streams granted only after authentication.
+#[tokio::test(flavor = "multi_thread")]
+async fn handshake_flood_moves_rss_under_50_mb_and_traffic_keeps_flowing() {
+    let echo = echo_server().await;
+    let s = TwoSites::start(
+        "flood",
+        &[("echo.demo", 7000, vec![echo])],
+        &[("echo.demo", 7000)],
+    )
+    .await;
+    let import = s.east_gw.import("echo.demo:7000");
+    echo_once(import).await.unwrap();
+    let quiet = echo_latencies(import, 40, Duration::from_millis(5)).await;
+    let pid = s.west_gw.pid();
+    let target = s.west_gw.quic;
+    for (mode, sources) in [(flood::Mode::Spoofed, 1), (flood::Mode::Validated, 8)] {
+        let before = rss_bytes(pid);
+        let attack = tokio::task::spawn_blocking(move || {
+            flood::flood(
+                target,
+                2000,
+                sources,
+                mode,
+                Duration::from_secs(2),
+                Duration::from_secs(1),
+            )
+        });
+        // Legitimate traffic during the flood, and the peak RSS.
+        let sampler = tokio::spawn(async move {
+            let mut peak = 0;
+            let end = Instant::now() + Duration::from_millis(3500);
+            while Instant::now() < end {
+                peak = peak.max(rss_bytes(pid));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            peak
+        });
+        let during = echo_latencies(import, 40, Duration::from_millis(50)).await;
+        // A peer that (re)connects during the flood still gets in.
+        let t = Instant::now();
+        let west_bundle = meshfed_identity::Ca::load(&s.west.dir.join("ca"))
+            .unwrap()
+            .bundle(1);
+        let conn = quic_as_east(&s, west_bundle).await;
+        let handshake = t.elapsed();
+        let report = attack.await.unwrap().unwrap();
+        let peak = sampler.await.unwrap();
+        let grown = peak.saturating_sub(before);
+        eprintln!(
+            "{mode:?}: {} attempts, {} retries, west RSS {} -> peak {} MB (+{:.1} MB); \
+             echo p50/p99 quiet {:?}/{:?}, during {:?}/{:?}; new peer handshake {handshake:?}",
+            report.attempts,
+            report.retries,
+            before >> 20,
+            peak >> 20,
+            grown as f64 / (1 << 20) as f64,
+            pct(&quiet, 0.5),
+            pct(&quiet, 0.99),
+            pct(&during, 0.5),
+            pct(&during, 0.99),
+        );
+        assert_eq!(report.attempts, 2000);
+        assert!(
+            report.retries > 0,
+            "{mode:?}: no Retry was sent under load: {report:?}"
+        );
+        assert!(
+            grown < 50 << 20,
+            "{mode:?}: 2000 half-open handshakes grew RSS by {} MB",
+            grown >> 20
+        );
+        conn.unwrap_or_else(|e| panic!("{mode:?}: a legitimate peer was kept out: {e}"));
+        assert!(
+            pct(&during, 0.99) < Duration::from_secs(1).max(pct(&quiet, 0.99) * 20),
+            "{mode:?}: legitimate p99 {:?} during the flood (quiet {:?})",
+            pct(&during, 0.99),
+            pct(&quiet, 0.99)
+        );
+        // Let the half-open attempts time out before the next round.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+    }
+    let refused = s
+        .west_gw
+        .metric("meshfed_gateway_handshake_failures_total{reason=\"handshake_limit_per_address\"}")
+        .await;
+    assert!(
+        refused > 0.0,
+        "the per-address limit never refused a flood attempt"
+    );
+    let retries = s.west_gw.metric("meshfed_gateway_quic_retries_total").await;
+    assert!(retries > 0.0);
+}
+
+/// Runs `meshfed ARGS`; (exit code, stdout, stderr).
+fn meshfed(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run meshfed");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes `site`'s gateway SVID anew, signed by its own CA, valid from `from` to `to`
+/// seconds relative to now.
+fn write_svid_valid(site: &meshfed_gateway::lab::SiteFiles, from: i64, to: i64) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
+    let ca = meshfed_identity::Ca::load(&site.dir.join("ca")).unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(site.id.as_str().try_into().unwrap())];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now + time::Duration::seconds(from);
+    p.not_after = now + time::Duration::seconds(to);
+    let (cert, key) = ca.sign(p).unwrap();
+    meshfed_identity::Svid {
+        id: site.id.clone(),
+        chain: vec![cert],
+        key,
+    }
+    .save(&site.cert, &site.key)
+    .unwrap();
+}
+
+/// Before: an expired or future-dated SVID was loaded at startup and on rotation; the
+/// gateway logged "SVID rotated", stayed ready, and every handshake failed.
+#[test]
+fn a_gateway_refuses_to_start_on_an_svid_that_is_not_valid_now() {
+    let scratch = Scratch::new("svid-start");
+    for (name, from, to, code) in [
+        ("expired", -7200, -3600, "expired"),
+        ("future", 3600, 7200, "not_yet_valid"),
+    ] {
+        let site = scratch.site(name, &format!("{name}.example.org"));
+        write_svid_valid(&site, from, to);
+        let config = meshfed_gateway::lab::ConfigBuilder::default()
+            .write(&site)
+            .unwrap();
+        let (exit, _, err) = meshfed(&["gateway", "run", "-c", config.to_str().unwrap()]);
+        assert_ne!(exit, 0, "{name}: started anyway: {err}");
+        assert!(
+            err.contains(&format!("[{code}]")) && err.contains(site.cert.to_str().unwrap()),
+            "{name}: the error names neither the file nor the reason: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_to_an_svid_that_is_not_valid_now_keeps_the_working_one() {
+    let echo = echo_server().await;
+    let s = TwoSites::start(
+        "svid-rotate",
+        &[("echo.demo", 7000, vec![echo])],
+        &[("echo.demo", 7000)],
+    )
+    .await;
+    let import = s.east_gw.import("echo.demo:7000");
+    echo_once(import).await.unwrap();
+    let west_bundle = meshfed_identity::Ca::load(&s.west.dir.join("ca"))
+        .unwrap()
+        .bundle(1);
+    for (from, to, reason) in [(-7200, -3600, "expired"), (3600, 7200, "not_yet_valid")] {
+        write_svid_valid(&s.west, from, to);
+        let metric = format!("meshfed_gateway_svid_refusals_total{{reason=\"{reason}\"}}");
+        s.west_gw
+            .wait_metric(&metric, 1.0, Duration::from_secs(5))
+            .await;
+        // Still presenting the working SVID: new handshakes succeed, and west is ready.
+        quic_as_east(&s, west_bundle.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{reason}: west lost its working identity: {e}"));
+        let (status, body) = meshfed_gateway::admin::get(s.west_gw.admin, "/ready")
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{reason}: {body}");
+    }
+    assert!(
+        !s.west_gw.logs().contains("SVID rotated"),
+        "a bad SVID was swapped in"
+    );
+    // A valid one is still taken.
+    write_svid_valid(&s.west, -60, 3600);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.west_gw.logs().contains("SVID rotated") {
+        assert!(Instant::now() < deadline, "a valid rotation was not taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    echo_once(import).await.unwrap();
+}
+
+/// `/ready` turns false once the SVID in use expires within the reload interval: nothing
+/// on disk can replace it in time.
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_turns_false_before_the_svid_expires() {
+    let scratch = Scratch::new("svid-ready");
+    let site = scratch.site("west", "west.example.org");
+    write_svid_valid(&site, -60, 8);
+    let cfg = meshfed_gateway::lab::ConfigBuilder {
+        reload_interval: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let gw = Gw::start(&site, &cfg).unwrap();
+    let (status, body) = meshfed_gateway::admin::get(gw.admin, "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let (status, body) = meshfed_gateway::admin::get(gw.admin, "/ready")
+            .await
+            .unwrap();
+        if status == 503 {
+            assert!(body.contains("SVID expires in"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready with an SVID about to expire"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn fed_init(scratch: &Scratch) -> std::path::PathBuf {
+    crate::federation::Fed::init(scratch)
+}
+
+/// Before: any token holder could join with another site's trust domain; the
+/// federation replaced that domain's bundle, trusted the newcomer's CA for it and cut the
+/// owner off.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_cannot_take_over_another_sites_trust_domain() {
+    use crate::federation::{Fed, join, joined};
+    let scratch = Scratch::new("takeover");
+    let dir = fed_init(&scratch);
+    let fed = Fed::start(&dir, 0);
+    let [west] = joined(&scratch, &fed, ["west"]);
+    let west_ca = meshfed_identity::Ca::load(&west.dir.join("ca")).unwrap();
+
+    // The attack: its own CA, west's trust domain, any token.
+    let rogue = scratch.site("rogue", "west.example.org");
+    let (code, err) = join(&rogue, "rogue", &fed.token("rogue", "1h"));
+    assert_ne!(code, 0, "rogue joined with west's trust domain");
+    assert!(
+        err.contains("trust_domain_owned") && err.contains("west"),
+        "{err}"
+    );
+    assert_eq!(
+        fed.metric("meshfed_federation_refusals_total{reason=\"trust_domain_owned\"}")
+            .await,
+        1.0
+    );
+
+    // A token bound to a trust domain admits only that one.
+    let east = scratch.site("east", "east.example.org");
+    let (code, err) = token_bound(&fed, "east", "elsewhere.example.org", false);
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = join(&east, "east", &err_or_token(&err));
+    assert_ne!(code, 0);
+    assert!(err.contains("trust_domain_mismatch"), "{err}");
+
+    // West's bundle is untouched: a site joining now gets west's own CA for it.
+    let [north] = joined(&scratch, &fed, ["north"]);
+    let got = std::fs::read(north.dir.join("bundles/west.example.org.json")).unwrap();
+    let got = meshfed_identity::TrustBundle::from_jwks(west.trust_domain.clone(), &got).unwrap();
+    assert_eq!(got.x509_authorities, vec![west_ca.cert().clone()]);
+
+    // Sharing is an explicit operator choice: the bundle becomes the union.
+    let west2 = scratch.site("west2", "west.example.org");
+    let (code, out) = token_bound(&fed, "west2", "west.example.org", true);
+    assert_eq!(code, 0, "{out}");
+    let (code, err) = join(&west2, "west2", &err_or_token(&out));
+    assert_eq!(code, 0, "{err}");
+    let got = std::fs::read(west2.dir.join("bundles/west.example.org.json")).unwrap();
+    let got = meshfed_identity::TrustBundle::from_jwks(west.trust_domain.clone(), &got).unwrap();
+    assert_eq!(got.x509_authorities.len(), 2, "west's and west2's CAs");
+    assert!(got.x509_authorities.contains(west_ca.cert()));
+}
+
+/// `meshfed federation token create --trust-domain TD [--share-trust-domain]`: (exit, stdout+stderr).
+fn token_bound(fed: &crate::federation::Fed, site: &str, td: &str, share: bool) -> (i32, String) {
+    let dir = fed.dir.display().to_string();
+    let mut args = vec![
+        "federation",
+        "token",
+        "create",
+        "--dir",
+        &dir,
+        "--site",
+        site,
+        "--trust-domain",
+        td,
+    ];
+    if share {
+        args.push("--share-trust-domain");
+    }
+    let (code, out, err) = meshfed(&args);
+    (code, format!("{out}\n{err}"))
+}
+
+fn err_or_token(out: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with("meshfed-join-v1."))
+        .unwrap_or_else(|| panic!("no token in {out}"))
+        .to_owned()
+}
+
+/// Before: 20 concurrent `meshfed register` runs shared one registry.tmp and took no
+/// lock; 4–7 entries that exited 0 were lost.
+#[test]
+fn concurrent_registrations_lose_nothing() {
+    let scratch = Scratch::new("register-race");
+    let site = scratch.site("west", "west.example.org");
+    let files: Vec<_> = (0..20)
+        .map(|i| {
+            let f = scratch.0.join(format!("svc{i}.yaml"));
+            std::fs::write(
+                &f,
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: svc{i}\n  namespace: legacy\nspec:\n  hosts: [svc{i}.legacy.example]\n  ports:\n  - {{number: {}, name: tcp, protocol: TCP}}\n  resolution: STATIC\n  endpoints:\n  - address: 127.0.0.1\n",
+                    9000 + i
+                ),
+            )
+            .unwrap();
+            f
+        })
+        .collect();
+    let children: Vec<_> = files
+        .iter()
+        .map(|f| {
+            std::process::Command::new(BIN)
+                .args([
+                    "register",
+                    "-f",
+                    f.to_str().unwrap(),
+                    "--dir",
+                    site.dir.to_str().unwrap(),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let reg = meshfed_federation::sources::Registry::load(&site.dir).unwrap();
+    assert_eq!(
+        reg.services.len(),
+        20,
+        "{:?}",
+        reg.services.keys().collect::<Vec<_>>()
+    );
+    let strays: Vec<_> = std::fs::read_dir(&site.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
+}
+
+/// Before: two `federation serve` on one directory both started, and one overwrote the
+/// other's tokens. A deleted store.json started an empty federation at revision 0.
+#[test]
+fn one_federation_per_directory_and_no_silent_empty_store() {
+    use crate::federation::Fed;
+    let scratch = Scratch::new("fed-dir");
+    let dir = fed_init(&scratch);
+    let fed = Fed::start(&dir, 0);
+    let d = dir.display().to_string();
+    let (code, _, err) = meshfed(&[
+        "federation",
+        "serve",
+        "--dir",
+        &d,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    assert_ne!(code, 0, "a second federation served the same directory");
+    assert!(
+        err.contains("federation.lock") && err.contains("pid"),
+        "{err}"
+    );
+    drop(fed);
+
+    std::fs::remove_file(dir.join("store.json")).unwrap();
+    let (code, _, err) = meshfed(&[
+        "federation",
+        "serve",
+        "--dir",
+        &d,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    assert_ne!(code, 0, "served an empty store in place of a lost one");
+    assert!(
+        err.contains("store.json") && err.contains("--init-store"),
+        "{err}"
+    );
+
+    // Initialising twice would replace the federation's CA.
+    let (code, _, err) = meshfed(&[
+        "federation",
+        "init",
+        "--trust-domain",
+        "fed.example.org",
+        "--dir",
+        &d,
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("already holds a federation"), "{err}");
+}
+
+/// Before: SIGHUP killed every daemon with no drain and no log line.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_is_logged_and_survived_by_gateway_and_federation() {
+    use crate::federation::Fed;
+    let echo = echo_server().await;
+    let mut s = TwoSites::start(
+        "sighup",
+        &[("echo.demo", 7000, vec![echo])],
+        &[("echo.demo", 7000)],
+    )
+    .await;
+    let import = s.east_gw.import("echo.demo:7000");
+    let fed_scratch = Scratch::new("sighup-fed");
+    let mut fed = Fed::start(&fed_init(&fed_scratch), 0);
+    let hup = |pid: u32| {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    hup(s.west_gw.pid());
+    hup(fed.pid());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(s.west_gw.logs().contains("SIGHUP"), "{}", s.west_gw.logs());
+    assert!(
+        std::fs::read_to_string(&fed.log)
+            .unwrap()
+            .contains("SIGHUP")
+    );
+    echo_once(import)
+        .await
+        .expect("west still serves after SIGHUP");
+    let (status, _) = meshfed_gateway::admin::get(s.west_gw.admin, "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(fed.alive(), "the federation died of SIGHUP");
+    // SIGTERM still drains and exits cleanly.
+    s.west_gw.term();
+    let st = s
+        .west_gw
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits on SIGTERM");
+    assert!(st.success(), "{st}");
+    assert!(s.west_gw.logs().contains("SIGTERM"));
+}
