@@ -36,8 +36,8 @@ pub struct FloodReport {
     pub sent_bytes: u64,
     pub received_datagrams: usize,
     pub received_bytes: u64,
-    /// Bytes received per byte sent for attempts that got no Retry: the most a server
-    /// sends an unvalidated address, for the 3× limit of RFC 9000 §8.1.
+    /// Bytes received per byte sent. In spoofed mode every reply goes to an address the
+    /// server has not validated: RFC 9000 §8.1 caps this at 3.
     pub amplification: f64,
 }
 
@@ -123,8 +123,6 @@ pub fn flood(
     );
     let mut conns: HashMap<quinn_proto::ConnectionHandle, (usize, quinn_proto::Connection)> =
         HashMap::new();
-    // Per attempt: bytes sent and received before any Retry, for the amplification factor.
-    let mut unvalidated: HashMap<quinn_proto::ConnectionHandle, (u64, u64)> = HashMap::new();
     let mut report = FloodReport::default();
     let mut buf = Vec::with_capacity(65536);
     let mut rx = vec![0u8; 65536];
@@ -161,8 +159,7 @@ pub fn flood(
             let (ch, mut conn) = ep
                 .connect(Instant::now(), cfg.clone(), target, "gateway")
                 .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
-            let b = send_all(&mut conn, &sockets[src], &mut report, &mut buf);
-            unvalidated.insert(ch, (b, 0));
+            send_all(&mut conn, &sockets[src], &mut report, &mut buf);
             conns.insert(ch, (src, conn));
             sent += 1;
             report.attempts += 1;
@@ -194,16 +191,12 @@ pub fn flood(
                 if !retry {
                     // The server's flight: counted, never fed, so the attempt stays
                     // half-open at the server.
-                    if let Some(u) = unvalidated.get_mut(&ch) {
-                        u.1 += n as u64;
-                    }
                     continue;
                 }
                 if mode == Mode::Validated
                     && let Some((src, conn)) = conns.get_mut(&ch)
                 {
                     // Take the Retry and send the Initial with its token.
-                    unvalidated.remove(&ch);
                     conn.handle_event(ev);
                     send_all(conn, &sockets[*src], &mut report, &mut buf);
                 }
@@ -213,10 +206,10 @@ pub fn flood(
             std::thread::sleep(Duration::from_micros(200));
         }
     }
-    let (tx, rxb) = unvalidated
-        .values()
-        .filter(|(_, r)| *r > 0)
-        .fold((0u64, 0u64), |(a, b), (t, r)| (a + t, b + r));
-    report.amplification = if tx == 0 { 0.0 } else { rxb as f64 / tx as f64 };
+    report.amplification = if report.sent_bytes == 0 {
+        0.0
+    } else {
+        report.received_bytes as f64 / report.sent_bytes as f64
+    };
     Ok(report)
 }

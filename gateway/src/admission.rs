@@ -4,9 +4,12 @@
 //! A handshake costs the gateway a connection's state (TLS, QUIC, buffers) until it
 //! completes or times out, and an unauthenticated peer can start thousands for the price
 //! of their ClientHellos. The gate bounds that state:
-//! - past [`Limits::retry_above`] handshakes in flight, a peer whose address is not yet
-//!   validated gets a stateless Retry (RFC 9000 §8.1.2) instead of state: spoofed
-//!   sources never come back;
+//! - past [`Limits::retry_above`] handshakes in flight (by default always), a peer whose
+//!   address is not yet validated gets a stateless Retry (RFC 9000 §8.1.2) instead of
+//!   state: spoofed sources never come back, and nothing but the Retry is ever sent to an
+//!   unvalidated address. That also keeps the gateway within the 3× anti-amplification
+//!   limit, which quinn itself overshoots by up to one datagram (it sends a full datagram
+//!   whenever any budget is left: quinn PR #1148, as msquic and Google's quiche do);
 //! - at most [`Limits::per_address`] handshakes per source IP;
 //! - at most [`Limits::total`] handshakes in all; beyond, the connection is refused.
 //!
@@ -20,7 +23,8 @@ use std::sync::{Arc, Mutex};
 /// The gate's bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Handshakes in flight beyond which unvalidated addresses get a Retry. Default 16.
+    /// Handshakes in flight beyond which unvalidated addresses get a Retry. Default 0:
+    /// always (one round trip more per new peer connection, which gateways open rarely).
     pub retry_above: usize,
     /// Handshakes in flight from one IP address. Default 16.
     pub per_address: usize,
@@ -31,7 +35,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            retry_above: 16,
+            retry_above: 0,
             per_address: 16,
             total: 256,
         }

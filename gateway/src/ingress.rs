@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::peers::peer_spiffe_id;
 use crate::splice::{splice, splice_tls};
 use crate::tunnel::{HANDSHAKE_TIMEOUT, HeaderReadError, read_header};
-use crate::udp::IngressFlows;
+use crate::udp::{FlowBudget, FlowLimits, IngressFlows};
 use crate::wire::{self, Open, Refusal, Response, app_code};
 use meshfed_federation::sources::service_entry::TlsOrigination;
 
@@ -44,6 +44,8 @@ pub struct Ingress {
     pub connect_timeout: Duration,
     /// How long a UDP flow lives without datagrams.
     pub udp_idle_timeout: Duration,
+    /// UDP flows (one socket each) open on all peer connections.
+    flows: Arc<FlowBudget>,
     pub metrics: Metrics,
     next: AtomicUsize,
     /// Verified IDs of the peers connected to us now, with their connection counts.
@@ -119,12 +121,14 @@ impl Ingress {
         exports: BTreeMap<ServiceName, Export>,
         connect_timeout: Duration,
         udp_idle_timeout: Duration,
+        flows: FlowLimits,
         metrics: Metrics,
     ) -> Self {
         Self {
             exports: arc_swap::ArcSwap::from_pointee(exports),
             connect_timeout,
             udp_idle_timeout,
+            flows: FlowBudget::new(flows),
             metrics,
             next: AtomicUsize::new(0),
             inbound: Default::default(),
@@ -240,7 +244,7 @@ impl Ingress {
             },
         ));
         *self.inbound_lock().entry(peer.clone()).or_default() += 1;
-        let udp = IngressFlows::new(conn.clone(), &self.metrics);
+        let udp = IngressFlows::new(conn.clone(), &self.metrics, self.flows.clone());
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,

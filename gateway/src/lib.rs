@@ -141,6 +141,22 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     s.listen(LISTEN_BACKLOG)
 }
 
+/// Raises the soft open-file limit to the hard one (every flow and stream holds a
+/// socket; 1024, a common default, is soon spent) and returns the limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if let (Some(soft), Some(hard)) = (lim.current, lim.maximum)
+        && soft < hard
+    {
+        lim.current = Some(hard);
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            warn!(error = %e, "could not raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// Loads identity and bundles, binds every listener, and starts serving. Returns once
 /// all listeners are bound (so `/ready` is true).
 pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
@@ -276,10 +292,19 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         source,
     })?;
 
+    let nofile = raise_nofile_limit();
+    let flow_limits = udp::FlowLimits::for_nofile(nofile);
+    info!(
+        nofile,
+        udp_flows = flow_limits.total,
+        udp_flows_per_peer = flow_limits.per_peer,
+        "open-file limit"
+    );
     let ingress = Arc::new(ingress::Ingress::new(
         cfg.exports.clone(),
         cfg.connect_timeout,
         cfg.udp_idle_timeout,
+        flow_limits,
         metrics.clone(),
     ));
     tokio::spawn(

@@ -18,11 +18,16 @@
 //!   (`oversize`), never fragmented or truncated. So is one that finds the connection's
 //!   datagram buffer full (`tunnel_full`): quinn would otherwise drop older ones unseen.
 //!
+//! - The ingress keeps at most [`FlowLimits`] flows per peer connection and in all, each
+//!   holding one socket; beyond, an open is refused with `flow_limit`. The total is a
+//!   quarter of the open-file limit, so UDP flows can never take the descriptors that TCP
+//!   streams and the gateway itself need.
+//!
 //! Drop reasons are stable labels of `meshfed_gateway_udp_drops`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -54,6 +59,68 @@ const RECV_BUF: usize = 64 * 1024;
 const BATCH: usize = 32;
 /// Kernel socket buffers of import listeners and endpoint sockets.
 const SOCKET_BUF: usize = 4 * 1024 * 1024;
+
+/// How many UDP flows (one socket each) the ingress keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// On one peer connection.
+    pub per_peer: usize,
+    /// On all of them.
+    pub total: usize,
+}
+
+impl FlowLimits {
+    /// From the process's open-file limit: a quarter of it for UDP flows (at least 16, at
+    /// most 16 384), half of that for any one peer. Pure.
+    pub fn for_nofile(nofile: u64) -> Self {
+        let total = usize::try_from(nofile / 4)
+            .unwrap_or(usize::MAX)
+            .clamp(16, 16 * 1024);
+        Self {
+            per_peer: (total / 2).max(8),
+            total,
+        }
+    }
+}
+
+/// The ingress's flows in all, against [`FlowLimits::total`].
+#[derive(Debug)]
+pub struct FlowBudget {
+    limits: FlowLimits,
+    open: AtomicUsize,
+}
+
+/// One flow's share of the budget, given back when the flow's last handle drops.
+#[derive(Debug)]
+struct FlowPermit(Arc<FlowBudget>);
+
+impl FlowBudget {
+    pub fn new(limits: FlowLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            open: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn limits(&self) -> FlowLimits {
+        self.limits
+    }
+
+    fn take(self: &Arc<Self>) -> Option<FlowPermit> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limits.total).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| FlowPermit(self.clone()))
+    }
+}
+
+impl Drop for FlowPermit {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Milliseconds on a process-wide monotonic clock; flows keep their last activity in an
 /// atomic so both directions can touch it without a lock.
@@ -131,21 +198,30 @@ pub struct IngressFlows {
     flows: Mutex<HashMap<u32, IngressFlow>>,
     reader: OnceLock<()>,
     counters: UdpCounters,
+    /// The gateway's flows, and this connection's.
+    budget: Arc<FlowBudget>,
+    peer_budget: Arc<FlowBudget>,
 }
 
 #[derive(Clone)]
 struct IngressFlow {
     socket: Arc<UdpSocket>,
     last: Arc<AtomicU64>,
+    _permits: Arc<(FlowPermit, FlowPermit)>,
 }
 
 impl IngressFlows {
-    pub fn new(conn: Connection, metrics: &Metrics) -> Arc<Self> {
+    pub fn new(conn: Connection, metrics: &Metrics, budget: Arc<FlowBudget>) -> Arc<Self> {
         Arc::new(Self {
             conn,
             flows: Mutex::new(HashMap::new()),
             reader: OnceLock::new(),
             counters: metrics.udp("ingress"),
+            peer_budget: FlowBudget::new(FlowLimits {
+                per_peer: budget.limits.per_peer,
+                total: budget.limits.per_peer,
+            }),
+            budget,
         })
     }
 
@@ -161,6 +237,26 @@ impl IngressFlows {
         endpoint: SocketAddr,
     ) -> Result<IngressFlowHandle, (Refusal, String)> {
         let failed = |e: String| (Refusal::EndpointConnectFailed, e);
+        // Limits before the socket: a refused flow costs no descriptor. Taken atomically,
+        // so concurrent opens cannot both pass the last slot.
+        let per_peer = self.peer_budget.take().ok_or_else(|| {
+            (
+                Refusal::FlowLimit,
+                format!(
+                    "this peer already has {} UDP flows open (the limit per peer)",
+                    self.budget.limits.per_peer
+                ),
+            )
+        })?;
+        let permit = self.budget.take().ok_or_else(|| {
+            (
+                Refusal::FlowLimit,
+                format!(
+                    "the gateway already has {} UDP flows open (its limit, a quarter of its open-file limit)",
+                    self.budget.limits.total
+                ),
+            )
+        })?;
         let unspecified: SocketAddr = if endpoint.is_ipv4() {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
@@ -174,6 +270,7 @@ impl IngressFlows {
         let flow = IngressFlow {
             socket: Arc::new(socket),
             last: Arc::new(AtomicU64::new(now_ms())),
+            _permits: Arc::new((per_peer, permit)),
         };
         {
             let mut map = self.lock();
@@ -661,6 +758,36 @@ async fn run_flow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_limits_leave_most_descriptors_to_tcp() {
+        let rows = [
+            (1024, 256, 128),
+            (64, 16, 8),
+            (0, 16, 8),
+            (1 << 20, 16 * 1024, 8 * 1024),
+        ];
+        for (nofile, total, per_peer) in rows {
+            assert_eq!(
+                FlowLimits::for_nofile(nofile),
+                FlowLimits { per_peer, total },
+                "nofile {nofile}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_budget_is_given_back() {
+        let b = FlowBudget::new(FlowLimits {
+            per_peer: 8,
+            total: 2,
+        });
+        let p1 = b.take().unwrap();
+        let _p2 = b.take().unwrap();
+        assert!(b.take().is_none());
+        drop(p1);
+        assert!(b.take().is_some());
+    }
 
     #[test]
     fn idleness() {

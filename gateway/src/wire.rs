@@ -70,6 +70,8 @@ pub enum Refusal {
     Draining,
     /// The egress could not reach the peer gateway at all (never on the wire).
     PeerUnavailable,
+    /// The ingress has as many UDP flows open as it may (per peer or in all).
+    FlowLimit,
     /// A code this build does not know (a newer peer).
     Unknown(u16),
 }
@@ -120,6 +122,7 @@ impl Refusal {
             Self::UnsupportedVersion => 7,
             Self::Draining => 8,
             Self::PeerUnavailable => 9,
+            Self::FlowLimit => 10,
             Self::Unknown(c) => c,
         }
     }
@@ -135,6 +138,7 @@ impl Refusal {
             7 => Self::UnsupportedVersion,
             8 => Self::Draining,
             9 => Self::PeerUnavailable,
+            10 => Self::FlowLimit,
             c => Self::Unknown(c),
         }
     }
@@ -151,6 +155,7 @@ impl Refusal {
             Self::UnsupportedVersion => "unsupported_version",
             Self::Draining => "draining",
             Self::PeerUnavailable => "peer_unavailable",
+            Self::FlowLimit => "flow_limit",
             Self::Unknown(_) => "unknown_code",
         }
     }
@@ -446,7 +451,7 @@ mod tests {
         assert_eq!(Refusal::NotExportedToPeer.code(), 2);
         assert_eq!(Refusal::NoReadyEndpoint.code(), 3);
         assert_eq!(Refusal::EndpointConnectFailed.code(), 4);
-        for c in 1..=9 {
+        for c in 1..=10 {
             assert_eq!(Refusal::from_code(c).code(), c);
             assert_ne!(Refusal::from_code(c).as_str(), "unknown_code");
         }

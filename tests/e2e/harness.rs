@@ -45,8 +45,21 @@ impl Drop for Scratch {
 
 /// Starts `meshfed ARGS` with its log (stderr) in `log`.
 pub fn spawn_meshfed(args: &[&str], log: &Path) -> Result<Child> {
-    Command::new(BIN)
-        .args(args)
+    spawn_meshfed_in(&[], args, log)
+}
+
+/// Starts `WRAPPER... meshfed ARGS` (e.g. `prlimit --nofile=64:64 --`), which must exec
+/// meshfed in its own process.
+pub fn spawn_meshfed_in(wrapper: &[&str], args: &[&str], log: &Path) -> Result<Child> {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.args(args)
         .env("RUST_LOG", "info,meshfed_gateway=debug")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
@@ -74,6 +87,16 @@ impl Gw {
     }
 
     pub fn start_config(config: &Path, dir: &Path) -> Result<Self> {
+        Self::start_config_in(&[], config, dir)
+    }
+
+    /// Starts the gateway under `wrapper` (see [`spawn_meshfed_in`]).
+    pub fn start_in(wrapper: &[&str], site: &SiteFiles, cfg: &ConfigBuilder) -> Result<Self> {
+        let config = cfg.write(site)?;
+        Self::start_config_in(wrapper, &config, &site.dir)
+    }
+
+    fn start_config_in(wrapper: &[&str], config: &Path, dir: &Path) -> Result<Self> {
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         static STARTS: AtomicUsize = AtomicUsize::new(0);
@@ -81,7 +104,8 @@ impl Gw {
             "gateway-{}.log",
             STARTS.fetch_add(1, Ordering::Relaxed)
         ));
-        let child = spawn_meshfed(
+        let child = spawn_meshfed_in(
+            wrapper,
             &[
                 "gateway",
                 "run",

@@ -513,3 +513,84 @@ async fn sighup_is_logged_and_survived_by_gateway_and_federation() {
     assert!(st.success(), "{st}");
     assert!(s.west_gw.logs().contains("SIGTERM"));
 }
+
+/// Before: each UDP flow held a socket on the exporting gateway for the idle timeout,
+/// with no cap but the open-file limit; at 1024 descriptors, 1000 flows took down every
+/// TCP service through that gateway. Now the flows get a quarter of the descriptors (half
+/// of that per peer), refusals are typed (`flow_limit`), and TCP keeps working.
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_flows_cannot_starve_tcp_of_descriptors() {
+    use meshfed_gateway::lab::ConfigBuilder;
+    let scratch = Scratch::new("udp-fds");
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let (uecho, _task) = crate::udp::udp_echo().await;
+    let techo = echo_server().await;
+    let wc = ConfigBuilder {
+        reload_interval: Some(RELOAD),
+        ..Default::default()
+    }
+    .export("echo.demo", 7000, vec![techo])
+    .export_udp("echo.demo", 7000, vec![uecho])
+    .peer(&east, None);
+    // 64 descriptors, soft and hard: 16 UDP flows in all, 8 per peer.
+    let west_gw = Gw::start_in(&["prlimit", "--nofile=64:64", "--"], &west, &wc).unwrap();
+    let ec = ConfigBuilder {
+        reload_interval: Some(RELOAD),
+        ..Default::default()
+    }
+    .peer(&west, Some(west_gw.quic))
+    .import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into())
+    .import_udp("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into());
+    let east_gw = Gw::start(&east, &ec).unwrap();
+    let tcp = east_gw.import("echo.demo:7000");
+    let udp = east_gw.import("echo.demo:7000/udp");
+    echo_once(tcp).await.unwrap();
+
+    // 80 clients, one flow each, all alive at once.
+    let mut clients = Vec::new();
+    for _ in 0..80 {
+        let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(udp).await.unwrap();
+        c.send(b"hello").await.unwrap();
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut answered = 0;
+    for c in &clients {
+        let mut b = [0u8; 16];
+        if let Ok(n) = c.try_recv(&mut b) {
+            assert_eq!(&b[..n], b"hello");
+            answered += 1;
+        }
+    }
+    // TCP through the same gateway, while every UDP flow it allows is open.
+    for i in 0..20 {
+        echo_once(tcp).await.unwrap_or_else(|e| {
+            panic!(
+                "TCP echo {i} failed with UDP flows open: {e}\n{}",
+                west_gw.logs()
+            )
+        });
+    }
+    let opened = west_gw
+        .metric("meshfed_gateway_udp_flows_total{direction=\"ingress\"}")
+        .await;
+    assert_eq!(
+        opened, 8.0,
+        "flows opened at west (the per-peer limit at 64 descriptors)"
+    );
+    assert!(
+        (1..=8).contains(&answered),
+        "{answered} clients answered, with 8 flows open"
+    );
+    let refused = west_gw
+        .metric("meshfed_gateway_refusals_total{direction=\"ingress\",reason=\"flow_limit\"}")
+        .await;
+    assert!(refused >= 1.0, "no flow_limit refusal counted");
+    assert!(
+        west_gw.logs().contains("udp_flows=16"),
+        "{}",
+        west_gw.logs()
+    );
+}
