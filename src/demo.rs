@@ -311,6 +311,9 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         north.shutdown().await;
     }
     let (who, intact, took) = call(import, b"still there?".to_vec()).await?;
+    if !intact {
+        bail!("the failover call's data came back corrupted");
+    }
     println!(
         "   next call: {who} ({:.0} ms, intact: {intact}); the client saw no error",
         took.as_secs_f64() * 1e3
@@ -320,7 +323,10 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     for line in meshfed_federation::node::status_table(fed_td.as_str(), &status).lines() {
         println!("   {line}");
     }
-    let (who, _, took) = call(import, b"and now?".to_vec()).await?;
+    let (who, intact, took) = call(import, b"and now?".to_vec()).await?;
+    if !intact {
+        bail!("the call after the lease came back corrupted");
+    }
     println!(
         "   after the lease: {who} in {:.1} ms",
         took.as_secs_f64() * 1e3

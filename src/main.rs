@@ -344,7 +344,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Gateway(GatewayCmd::Check { config }) => {
             let c = meshfed_gateway::GatewayConfig::load(&config)?;
             println!(
-                "{}: ok: site {} ({}), {} peers, {} exports, {} imports",
+                "{}: config ok: site {} ({}), {} peers, {} exports, {} imports",
                 config.display(),
                 c.site,
                 c.trust_domain,
@@ -352,6 +352,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 c.exports.len(),
                 c.imports.len()
             );
+            let checks = meshfed_gateway::preflight::run(&c);
+            for ch in &checks {
+                match &ch.result {
+                    Ok(m) => println!("  ok    {:<10} {m}", ch.what),
+                    Err(m) => println!("  FAIL  {:<10} {m}", ch.what),
+                }
+            }
+            let failed = checks.iter().filter(|c| c.result.is_err()).count();
+            if failed > 0 {
+                bail!("{}: {failed} check(s) failed", config.display());
+            }
         }
         Cmd::Gateway(GatewayCmd::Run { config, ready_file }) => {
             let cfg = meshfed_gateway::GatewayConfig::load(&config)?;

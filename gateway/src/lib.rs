@@ -18,6 +18,7 @@ pub mod lab;
 pub mod metrics;
 pub mod origination;
 pub mod peers;
+pub mod preflight;
 pub mod registry;
 pub mod reload;
 pub mod splice;
@@ -211,8 +212,13 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     } else {
         PeerPolicy::Only(inbound_ids)
     };
-    let resolver =
-        Arc::new(SvidResolver::new(&svid).map_err(|e| GatewayError::Svid(e.to_string()))?);
+    let resolver = Arc::new(SvidResolver::new(&svid).map_err(|e| {
+        GatewayError::Svid(format!(
+            "key {} does not match certificate {}: {e}",
+            cfg.key.display(),
+            cfg.cert.display()
+        ))
+    })?);
     metrics
         .svid_not_after
         .set(svid.not_after_unix().unwrap_or_default());

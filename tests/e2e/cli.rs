@@ -181,11 +181,13 @@ fn demo_runs_end_to_end() {
     assert_eq!(code, 0, "{out}\n{err}");
     for want in [
         "north, same token again: refused: federation refused: [token_reused]",
+        "rogue, claiming west's trust domain: refused: federation refused: [trust_domain_owned]",
         "east verified peer west   as spiffe://west.example.org/meshfed/site/west/gateway",
         "east verified peer north  as spiffe://north.example.org/meshfed/site/north/gateway",
         "first call: served by north",
         "MiB echoed back intact",
         "next call: served by west",
+        "intact: true); the client saw no error",
         "the client saw no error",
         "north      north.example.org      down",
         "after the lease: served by west",
@@ -240,4 +242,64 @@ fn register_is_all_or_nothing_and_keeps_what_was_registered() {
     }
     let (_, _, err) = meshfed(&["validate", "-f", &format!("{data}bad/invalid-yaml.yaml")]);
     assert!(err.contains("line 7, column 8"), "{err}");
+}
+
+/// `gateway check` is a preflight: the files the config names, and its addresses.
+#[test]
+fn gateway_check_is_a_preflight() {
+    let s = Scratch::new("preflight");
+    let site = s.site("west", "west.example.org");
+    let other = s.site("other", "west.example.org");
+    let cfg = |cert: &std::path::Path, key: &std::path::Path, admin: &str, import: &str| {
+        let f = s.0.join("gw.yaml");
+        std::fs::write(
+            &f,
+            format!(
+                "site: west\ntrust_domain: west.example.org\nlisten: 127.0.0.1:0\nadmin: {admin}\n\
+                 tls: {{cert: {}, key: {}, bundles: [{}]}}\n\
+                 peers:\n  - site: east\n    spiffe_id: spiffe://east.example.org/meshfed/site/east/gateway\n    address: 127.0.0.1:9\n\
+                 imports:\n  - {{service: orders.shop, port: 8080, site: east, listen: '{import}'}}\n",
+                cert.display(),
+                key.display(),
+                site.bundle.display()
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let f = cfg(&site.cert, &site.key, "127.0.0.1:15999", "127.0.0.1:15998");
+    let (code, out, err) = meshfed(&["gateway", "check", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches("  ok ").count(), 5, "{out}");
+
+    // A key that is not the certificate's: both files named.
+    let f = cfg(&site.cert, &other.key, "127.0.0.1:15999", "127.0.0.1:15998");
+    let (code, out, _) = meshfed(&["gateway", "check", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("FAIL  svid")
+            && out.contains(other.key.to_str().unwrap())
+            && out.contains(site.cert.to_str().unwrap()),
+        "{out}"
+    );
+
+    // The admin port and an import listener on one address.
+    let f = cfg(&site.cert, &site.key, "127.0.0.1:15999", "127.0.0.1:15999");
+    let (code, out, _) = meshfed(&["gateway", "check", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("FAIL  addresses") && out.contains("admin") && out.contains("imports[0]"),
+        "{out}"
+    );
+
+    // Another site's SVID (same trust domain): not this gateway's identity.
+    let f = cfg(
+        &other.cert,
+        &other.key,
+        "127.0.0.1:15999",
+        "127.0.0.1:15998",
+    );
+    let (code, out, _) = meshfed(&["gateway", "check", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("FAIL  identity"), "{out}");
 }

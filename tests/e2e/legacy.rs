@@ -358,14 +358,34 @@ async fn tls_origination_simple_and_mutual() {
             }
         }
     }
-    // A certificate that does not match the SNI: refused at west, the client sees the
-    // connection fail, and west logs why.
-    let r = who_answers(at(p3)).await;
-    assert!(r.as_ref().map_or(true, |a| a.is_empty()), "{r:?}");
-    let logs = _west_gw.logs();
+    // A certificate that does not match the SNI: refused at west (its own refusal, for
+    // this service, naming the handshake), and the client never gets an answer. Waits
+    // for that refusal, so a listener that is not up yet cannot pass for it.
+    let started = Instant::now();
+    let logs = loop {
+        let r = who_answers(at(p3)).await;
+        assert!(
+            r.as_ref().map_or(true, |a| a.is_empty()),
+            "a wrong SNI was served: {r:?}"
+        );
+        let logs = _west_gw.logs();
+        if logs.contains("wrongname.mainframe:") && logs.contains("TLS to") {
+            break logs;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "west never refused the wrong SNI:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let line = logs
+        .lines()
+        .find(|l| l.contains("wrongname.mainframe:") && l.contains("TLS to"))
+        .unwrap();
     assert!(
-        logs.contains("TLS to") && logs.contains("handshake"),
-        "{logs}"
+        line.contains("endpoint_connect_failed")
+            && line.contains("not valid for name \"other.example\""),
+        "the refusal does not say the certificate is not valid for the name: {line}"
     );
     // A bad TLS file is refused by register, naming the field.
     let bad = scratch.0.join("bad.yaml");

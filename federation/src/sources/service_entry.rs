@@ -737,6 +737,8 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
     }
 
     let mut services = Vec::new();
+    // The document each service came from, for errors about the service as a whole.
+    let mut service_docs = Vec::new();
     for (index, name, namespace, spec, annotations) in entries {
         let mut d = Doc {
             index,
@@ -975,6 +977,7 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             }
         }
         let health = health_check(&mut d, &annotations);
+        service_docs.push(index);
         services.push(LegacyService {
             tls: None,
             service,
@@ -1022,14 +1025,17 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             private_key: t.key,
         });
     }
-    let mut seen = std::collections::BTreeSet::new();
-    for s in &services {
-        if !seen.insert(s.service.clone()) {
+    let mut seen = std::collections::BTreeMap::new();
+    for (s, &doc) in services.iter().zip(&service_docs) {
+        if let Some(first) = seen.insert(s.service.clone(), doc) {
             problems.push(Problem {
-                doc: 0,
+                doc,
                 object: format!("ServiceEntry/{}", s.service.name()),
                 field: "metadata.name".into(),
-                message: format!("{} is defined twice in this file", s.service),
+                message: format!(
+                    "{} is defined twice in this file (first in document {first})",
+                    s.service
+                ),
             });
         }
     }
@@ -1075,6 +1081,25 @@ mod tests {
             }
         }
         assert!(n >= 6, "{n} examples");
+    }
+
+    #[test]
+    fn a_duplicate_name_is_reported_at_its_own_document() {
+        // Before, the problem always said "document 0".
+        let entry = |name: &str, port: u16| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec:\n  hosts: [{name}{port}.example]\n  ports: [{{number: {port}, name: tcp, protocol: TCP}}]\n  \
+                 resolution: STATIC\n  endpoints: [{{address: 10.0.0.1}}]\n"
+            )
+        };
+        let text = [entry("a", 1), entry("b", 2), entry("a", 3)].join("---\n");
+        let Err(ParseError::Invalid(p)) = parse(&text) else {
+            panic!("a duplicate name was accepted");
+        };
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].doc, 3, "{}", p[0]);
+        assert!(p[0].to_string().contains("first in document 1"), "{}", p[0]);
     }
 
     #[test]
