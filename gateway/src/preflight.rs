@@ -99,8 +99,11 @@ pub fn run(cfg: &GatewayConfig) -> Vec<Check> {
     out
 }
 
+/// What binds an address, with which protocol.
+pub type Listener = (String, Protocol, SocketAddr);
+
 /// Every address the config binds, with what binds it and the protocol.
-pub fn listeners(cfg: &GatewayConfig) -> Vec<(String, Protocol, SocketAddr)> {
+pub fn listeners(cfg: &GatewayConfig) -> Vec<Listener> {
     let mut out = vec![
         ("listen (QUIC)".to_owned(), Protocol::Udp, cfg.listen),
         ("admin".to_owned(), Protocol::Tcp, cfg.admin),
@@ -121,7 +124,7 @@ pub fn listeners(cfg: &GatewayConfig) -> Vec<(String, Protocol, SocketAddr)> {
 
 /// Pairs of listeners that cannot both bind: same protocol and port (not 0), and the same
 /// IP or either one the wildcard of its family. Pure.
-pub fn collisions(addrs: &[(String, Protocol, SocketAddr)]) -> Vec<String> {
+pub fn collisions(addrs: &[Listener]) -> Vec<String> {
     let mut out = Vec::new();
     for (i, (wa, pa, a)) in addrs.iter().enumerate() {
         for (wb, pb, b) in &addrs[i + 1..] {
@@ -147,14 +150,14 @@ pub fn collisions(addrs: &[(String, Protocol, SocketAddr)]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn l(what: &str, p: Protocol, a: &str) -> (String, Protocol, SocketAddr) {
+    fn l(what: &str, p: Protocol, a: &str) -> Listener {
         (what.into(), p, a.parse().unwrap())
     }
 
     #[test]
     fn collisions_by_protocol_port_and_address() {
         use Protocol::{Tcp, Udp};
-        let rows: &[(&[(String, Protocol, SocketAddr)], usize)] = &[
+        let rows: &[(&[Listener], usize)] = &[
             (
                 &[l("a", Tcp, "127.0.0.1:80"), l("b", Tcp, "127.0.0.1:80")],
                 1,
