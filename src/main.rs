@@ -120,6 +120,8 @@ enum Cmd {
     },
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum FederationCmd {
     /// Creates a federation directory: its CA, its SVID and the operator SVID.
@@ -152,6 +154,21 @@ enum FederationCmd {
         /// Key prefix in etcd; federations sharing an etcd need different prefixes.
         #[arg(long, default_value = meshfed_federation::store::mirror::DEFAULT_PREFIX)]
         etcd_prefix: String,
+        /// The CA that signed etcd's certificate (PEM), for `https://` endpoints.
+        #[arg(long, requires = "etcd")]
+        etcd_ca: Option<PathBuf>,
+        /// Client certificate (PEM) for etcd's `--client-cert-auth`.
+        #[arg(long, requires_all = ["etcd", "etcd_key"])]
+        etcd_cert: Option<PathBuf>,
+        /// The client certificate's key (PEM).
+        #[arg(long, requires_all = ["etcd", "etcd_cert"])]
+        etcd_key: Option<PathBuf>,
+        /// etcd user (etcd auth); the password comes from `--etcd-password-file`.
+        #[arg(long, requires_all = ["etcd", "etcd_password_file"])]
+        etcd_user: Option<String>,
+        /// A file holding the etcd user's password (never on the command line).
+        #[arg(long, requires = "etcd_user")]
+        etcd_password_file: Option<PathBuf>,
         /// Start an empty embedded store when `store.json` is missing. Without it, a
         /// directory whose snapshot was lost is refused rather than served empty.
         #[arg(long, conflicts_with = "etcd")]
@@ -563,14 +580,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lease_ttl,
             etcd,
             etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            etcd_user,
+            etcd_password_file,
             init_store,
         }) => {
             let store = if etcd.is_empty() {
                 meshfed_federation::node::StoreChoice::Embedded { create: init_store }
             } else {
+                let user = match (etcd_user, etcd_password_file) {
+                    (Some(u), Some(f)) => {
+                        let pw = std::fs::read_to_string(&f)
+                            .with_context(|| format!("--etcd-password-file {}", f.display()))?;
+                        Some((u, pw.trim_end_matches(['\r', '\n']).to_owned()))
+                    }
+                    _ => None,
+                };
                 meshfed_federation::node::StoreChoice::Etcd {
                     endpoints: etcd,
                     prefix: etcd_prefix,
+                    security: meshfed_federation::store::EtcdSecurity {
+                        ca: etcd_ca,
+                        cert: etcd_cert,
+                        key: etcd_key,
+                        user,
+                    },
                 }
             };
             runtime()?.block_on(async {

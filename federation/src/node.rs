@@ -101,6 +101,7 @@ pub enum StoreChoice {
     Etcd {
         endpoints: Vec<String>,
         prefix: String,
+        security: crate::store::EtcdSecurity,
     },
 }
 
@@ -156,10 +157,15 @@ pub async fn serve(
         StoreChoice::Embedded { .. } => {
             Store::Embedded(EmbeddedStore::open(Some(&snapshot), DEFAULT_HISTORY)?)
         }
-        StoreChoice::Etcd { endpoints, prefix } => Store::Etcd(
+        StoreChoice::Etcd {
+            endpoints,
+            prefix,
+            security,
+        } => Store::Etcd(
             EtcdStore::open(EtcdOptions {
                 endpoints,
                 prefix,
+                security,
                 history: DEFAULT_HISTORY,
                 addresses: addresses.clone(),
             })

@@ -72,6 +72,19 @@ impl Fed {
         Self::start_on(dir, n, lease_ttl, On::Embedded)
     }
 
+    /// A handle on a federation someone else started from `dir` (not killed on drop).
+    pub fn attach(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            child: None,
+            addr: std::fs::read_to_string(dir.join("address"))
+                .unwrap()
+                .trim()
+                .to_owned(),
+            log: dir.join("attached.log"),
+        }
+    }
+
     pub fn start_on(dir: &Path, n: usize, lease_ttl: &str, on: On) -> Self {
         let _ = std::fs::remove_file(dir.join("address"));
         let _ = std::fs::remove_file(dir.join("admin_address"));

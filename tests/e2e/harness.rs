@@ -382,8 +382,76 @@ pub struct Etcd {
     _data: Scratch,
 }
 
+/// PEM files for an etcd that speaks TLS: its CA, its serving pair, and a client pair
+/// (CN `meshfed`), made with rcgen.
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTls {
+    pub fn make(dir: &Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose, SanType,
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name
+            .push(DnType::CommonName, "etcd test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_ca_cert_der(ca_cert.der(), &ca_key).unwrap();
+        let leaf = |cn: &str, server: bool| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            if server {
+                p.subject_alt_names = vec![
+                    SanType::IpAddress([127, 0, 0, 1].into()),
+                    SanType::DnsName("localhost".try_into().unwrap()),
+                ];
+            }
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let write = |name: &str, pem: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).unwrap();
+            p
+        };
+        let (sc, sk) = leaf("etcd", true);
+        let (cc, ck) = leaf("meshfed", false);
+        Self {
+            ca: write("ca.pem", &ca_cert.pem()),
+            server_cert: write("server.pem", &sc),
+            server_key: write("server.key", &sk),
+            client_cert: write("client.pem", &cc),
+            client_key: write("client.key", &ck),
+        }
+    }
+}
+
 impl Etcd {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// An etcd that serves clients over TLS only and requires client certificates.
+    pub async fn start_tls(tls: &EtcdTls) -> Self {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<&EtcdTls>) -> Self {
         let data = Scratch::new("etcd");
         let port = || {
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -393,10 +461,18 @@ impl Etcd {
                 .port()
         };
         let (client, peer) = (port(), port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = data.0.join("etcd.log");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = tls {
+            cmd.arg("--client-cert-auth")
+                .arg(format!("--trusted-ca-file={}", t.ca.display()))
+                .arg(format!("--cert-file={}", t.server_cert.display()))
+                .arg(format!("--key-file={}", t.server_key.display()));
+        }
+        let child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(data.0.join("data"))
             .args([
@@ -433,8 +509,19 @@ impl Etcd {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         // Ready when a client request succeeds, not merely when the port is open.
+        let opts = tls.map(|t| {
+            let pem = |p: &Path| std::fs::read(p).unwrap();
+            etcd_client::ConnectOptions::new().with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(pem(&t.ca)))
+                    .identity(etcd_client::Identity::from_pem(
+                        pem(&t.client_cert),
+                        pem(&t.client_key),
+                    )),
+            )
+        });
         loop {
-            let ok = match etcd_client::Client::connect([endpoint.as_str()], None).await {
+            let ok = match etcd_client::Client::connect([endpoint.as_str()], opts.clone()).await {
                 Ok(mut c) => c.get("/", None).await.is_ok(),
                 Err(_) => false,
             };

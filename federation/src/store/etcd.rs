@@ -9,6 +9,7 @@
 //! from etcd's own (up to `history` revisions back, if not compacted).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -39,10 +40,88 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub struct EtcdOptions {
     pub endpoints: Vec<String>,
     pub prefix: String,
+    /// TLS and authentication toward etcd.
+    pub security: EtcdSecurity,
     /// Revisions of history to keep for resuming watches.
     pub history: usize,
     /// This replica's API addresses, registered for tokens.
     pub addresses: Vec<String>,
+}
+
+/// How the federation proves itself to etcd and checks etcd's certificate. etcd holds
+/// every site's trust bundle: whoever can write to it can make the federation trust any
+/// CA. Use TLS with client certificates (`--client-cert-auth`), and etcd users with roles
+/// limited to the federation's prefix.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdSecurity {
+    /// The CA that signed etcd's serving certificates (PEM); needed for `https://`
+    /// endpoints (no system roots are used).
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for etcd's `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// An etcd user and its password (etcd's `auth enable`).
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdSecurity {
+    /// The client's connect options, after checking that they fit the endpoints.
+    fn connect_options(&self, endpoints: &[String]) -> Result<ConnectOptions, StoreError> {
+        let bad = |detail: String| StoreError::Etcd {
+            op: "configure",
+            detail,
+        };
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https != 0 && https != endpoints.len() {
+            return Err(bad("mix of http:// and https:// etcd endpoints".into()));
+        }
+        let tls = self.ca.is_some() || self.cert.is_some() || self.key.is_some();
+        if https == 0 && tls {
+            return Err(bad(
+                "TLS options (CA, client certificate) given for http:// etcd endpoints: use https://".into(),
+            ));
+        }
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(5));
+        if https > 0 {
+            let read = |what: &str, p: &PathBuf| {
+                std::fs::read(p).map_err(|e| bad(format!("{what} {}: {e}", p.display())))
+            };
+            let ca = self.ca.as_ref().ok_or_else(|| {
+                bad("https:// etcd endpoints need the CA that signed etcd's certificate (--etcd-ca)".into())
+            })?;
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read("etcd CA", ca)?));
+            match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => {
+                    tls = tls.identity(etcd_client::Identity::from_pem(
+                        read("etcd client certificate", c)?,
+                        read("etcd client key", k)?,
+                    ));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(bad(
+                        "an etcd client certificate needs its key, and a key its certificate"
+                            .into(),
+                    ));
+                }
+            }
+            opts = opts.with_tls(tls);
+        }
+        if let Some((user, password)) = &self.user {
+            if https == 0 {
+                warn!("etcd password sent over plaintext http://; use https:// endpoints");
+            }
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        Ok(opts)
+    }
 }
 
 pub struct EtcdStore {
@@ -85,10 +164,7 @@ impl EtcdStore {
     /// Connects, loads the mirror (priming its history from etcd), starts following, and
     /// registers this replica. Fails loudly when etcd is not reachable.
     pub async fn open(opts: EtcdOptions) -> Result<Arc<Self>, StoreError> {
-        let connect = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(5));
+        let connect = opts.security.connect_options(&opts.endpoints)?;
         let mut client = Client::connect(&opts.endpoints, Some(connect))
             .await
             .map_err(etcd_err("connect"))?;

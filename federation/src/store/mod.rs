@@ -23,7 +23,7 @@ mod etcd;
 pub mod mirror;
 
 pub use embedded::{DEFAULT_HISTORY, EmbeddedStore, RESERVATION, State};
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdSecurity, EtcdStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
