@@ -112,6 +112,19 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Removes registered services (by `name.namespace`, or every service registered
+    /// from a file) from this site; its gateway stops exporting them.
+    Unregister {
+        /// Services to remove, as `name.namespace`.
+        #[arg(required_unless_present = "file")]
+        services: Vec<String>,
+        /// Remove every service registered from this file.
+        #[arg(short = 'f', long = "file", conflicts_with = "services")]
+        file: Option<PathBuf>,
+        /// The site directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Runs a federation and three sites on loopback, with live failover.
     Demo {
         /// Keep certificates and configs here instead of a temporary directory.
@@ -409,6 +422,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 meshfed_federation::node::SITE_LOCK_WAIT,
             )?;
             let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
+            let conflicts = reg.conflicts(&r.services);
+            if !conflicts.is_empty() {
+                bail!(
+                    "{}: nothing registered: {}",
+                    file.display(),
+                    conflicts.join("; ")
+                );
+            }
             let replaced = reg.merge(&file.display().to_string(), r.services);
             reg.save(&dir)?;
             println!(
@@ -416,6 +437,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 names.join(", "),
                 replaced.len(),
                 meshfed_federation::sources::Registry::path(&dir).display(),
+                reg.services.len()
+            );
+        }
+        Cmd::Unregister {
+            services,
+            file,
+            dir,
+        } => {
+            let _lock = meshfed_identity::fs::DirLock::wait(
+                &dir,
+                meshfed_federation::node::SITE_LOCK,
+                meshfed_federation::node::SITE_LOCK_WAIT,
+            )?;
+            let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
+            let names = match &file {
+                Some(f) => {
+                    let source = f.display().to_string();
+                    let names: Vec<_> = reg
+                        .services
+                        .iter()
+                        .filter(|(_, r)| r.source == source)
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    if names.is_empty() {
+                        bail!("{source}: no service registered from this file");
+                    }
+                    names
+                }
+                None => services
+                    .iter()
+                    .map(|s| {
+                        s.parse::<meshfed_federation::ServiceName>()
+                            .map_err(|e| anyhow::anyhow!("{s:?}: {e}"))
+                    })
+                    .collect::<Result<_>>()?,
+            };
+            reg.remove(&names).map_err(anyhow::Error::msg)?;
+            reg.save(&dir)?;
+            let list: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            println!(
+                "unregistered {}; {} service(s) registered in all",
+                list.join(", "),
                 reg.services.len()
             );
         }

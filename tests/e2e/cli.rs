@@ -303,3 +303,48 @@ fn gateway_check_is_a_preflight() {
     assert_eq!(code, 1);
     assert!(out.contains("FAIL  identity"), "{out}");
 }
+
+/// A host belongs to one registered service; `unregister` removes by name or by file.
+#[test]
+fn register_refuses_a_host_of_another_service_and_unregister_removes() {
+    let scratch = Scratch::new("unregister");
+    let dir = scratch.0.display().to_string();
+    let file = |name: &str, host: &str| {
+        let f = scratch.0.join(format!("{name}.yaml"));
+        std::fs::write(
+            &f,
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  hosts: [{host}]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  endpoints: [{{address: 10.0.0.1}}]\n"
+            ),
+        )
+        .unwrap();
+        f.display().to_string()
+    };
+    let orders = file("orders", "orders.example");
+    let (code, _, err) = meshfed(&["register", "-f", &orders, "--dir", &dir]);
+    assert_eq!(code, 0, "{err}");
+    let thief = file("thief", "orders.example");
+    let (code, _, err) = meshfed(&["register", "-f", &thief, "--dir", &dir]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("host orders.example belongs to orders.shop") && err.contains("thief.yaml"),
+        "{err}"
+    );
+    let billing = file("billing", "billing.example");
+    assert_eq!(meshfed(&["register", "-f", &billing, "--dir", &dir]).0, 0);
+
+    let (code, _, err) = meshfed(&["unregister", "nope.shop", "orders.shop", "--dir", &dir]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not registered: nope.shop"), "{err}");
+    let (code, out, err) = meshfed(&["unregister", "orders.shop", "--dir", &dir]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 service(s) registered in all"), "{out}");
+    let (code, out, err) = meshfed(&["unregister", "-f", &billing, "--dir", &dir]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("unregistered billing.shop; 0 service(s)"),
+        "{out}"
+    );
+    // Its host is free again.
+    assert_eq!(meshfed(&["register", "-f", &thief, "--dir", &dir]).0, 0);
+}

@@ -77,6 +77,52 @@ impl Registry {
         replaced
     }
 
+    /// Why `incoming` cannot be registered beside what is: a host that another service
+    /// (by name) owns, here or in `incoming` itself. A service replaced by name gives its
+    /// hosts up. Pure.
+    pub fn conflicts(&self, incoming: &[LegacyService]) -> Vec<String> {
+        let replaced: std::collections::BTreeSet<&ServiceName> =
+            incoming.iter().map(|s| &s.service).collect();
+        let mut owner: BTreeMap<&str, &ServiceName> = BTreeMap::new();
+        for (name, r) in &self.services {
+            if !replaced.contains(name) {
+                for h in &r.entry.hosts {
+                    owner.insert(h, name);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for s in incoming {
+            for h in &s.hosts {
+                match owner.get(h.as_str()) {
+                    Some(o) if **o != s.service => {
+                        out.push(format!("{}: host {h} belongs to {o}", s.service))
+                    }
+                    _ => {
+                        owner.insert(h, &s.service);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes `names`, all or none: an unknown name is an error naming it.
+    pub fn remove(&mut self, names: &[ServiceName]) -> Result<(), String> {
+        let unknown: Vec<String> = names
+            .iter()
+            .filter(|n| !self.services.contains_key(*n))
+            .map(|n| n.to_string())
+            .collect();
+        if !unknown.is_empty() {
+            return Err(format!("not registered: {}", unknown.join(", ")));
+        }
+        for n in names {
+            self.services.remove(n);
+        }
+        Ok(())
+    }
+
     /// Writes the registry atomically (a crash leaves the old or the new file).
     pub fn save(&self, site_dir: &Path) -> Result<(), RegistryError> {
         let path = Self::path(site_dir);
@@ -88,5 +134,70 @@ impl Registry {
             path,
             detail: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, hosts: &[&str]) -> LegacyService {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  hosts: [{}]\n  ports: [{{number: 80, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  \
+             endpoints: [{{address: 10.0.0.1}}]\n",
+            hosts.join(", ")
+        );
+        service_entry::parse(&yaml).unwrap().services.remove(0)
+    }
+
+    #[test]
+    fn a_host_belongs_to_one_service() {
+        let mut reg = Registry::default();
+        reg.merge(
+            "a.yaml",
+            vec![entry("orders", &["orders.example", "o.example"])],
+        );
+        // (incoming, conflicts)
+        let rows: Vec<(Vec<LegacyService>, usize)> = vec![
+            (vec![entry("billing", &["billing.example"])], 0),
+            (vec![entry("billing", &["o.example"])], 1),
+            // Replacing orders itself may keep or move its hosts.
+            (vec![entry("orders", &["o.example"])], 0),
+            (
+                vec![
+                    entry("orders", &["x.example"]),
+                    entry("billing", &["o.example"]),
+                ],
+                0,
+            ),
+            // Two new services with one host.
+            (
+                vec![entry("a", &["z.example"]), entry("b", &["z.example"])],
+                1,
+            ),
+        ];
+        for (i, (incoming, want)) in rows.iter().enumerate() {
+            let got = reg.conflicts(incoming);
+            assert_eq!(got.len(), *want, "row {i}: {got:?}");
+        }
+        let msg = &reg.conflicts(&[entry("billing", &["o.example"])])[0];
+        assert!(
+            msg.contains("o.example") && msg.contains("orders.shop"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn remove_is_all_or_nothing() {
+        let mut reg = Registry::default();
+        reg.merge("a.yaml", vec![entry("orders", &["orders.example"])]);
+        let orders: ServiceName = "orders.shop".parse().unwrap();
+        let nope: ServiceName = "nope.shop".parse().unwrap();
+        let e = reg.remove(&[orders.clone(), nope]).unwrap_err();
+        assert!(e.contains("nope.shop"), "{e}");
+        assert_eq!(reg.services.len(), 1);
+        reg.remove(&[orders]).unwrap();
+        assert!(reg.services.is_empty());
     }
 }

@@ -445,9 +445,28 @@ fn endpoint(d: &mut Doc<'_>, v: &Value, path: &str, is_workload: bool) -> Option
     };
     let mut known = vec!["address", "ports", "labels", "locality", "weight"];
     if is_workload {
-        known.push("serviceAccount"); // identity; used for labels only today
+        known.push("serviceAccount");
     }
     d.unsupported(path, m, &known);
+    // Read and kept, but nothing acts on them yet: say so rather than drop them silently.
+    for (field, why) in [
+        (
+            "weight",
+            "kept but not used yet: the gateway balances endpoints round-robin",
+        ),
+        (
+            "locality",
+            "kept but not used yet: sites, not endpoints, are chosen by locality",
+        ),
+        (
+            "serviceAccount",
+            "not used yet: a registered service's callers are authorized per site gateway, not per workload identity",
+        ),
+    ] {
+        if m.contains_key(field) && (field != "serviceAccount" || is_workload) {
+            d.warn(format!("{}{field}", prefix(path)), why);
+        }
+    }
     let address = match m.get("address") {
         Some(Value::String(a)) if !a.is_empty() => a.clone(),
         Some(_) => {
@@ -845,6 +864,24 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                             format!("{port_name:?} is used twice"),
                         );
                     }
+                    // Istio refuses a port number twice. meshfed carries TCP and UDP apart,
+                    // so one number for both (DNS on 53) is its one extension, warned about.
+                    if let Some(q) = ports.iter().find(|q: &&LegacyPort| q.number == number) {
+                        if q.protocol == protocol {
+                            d.err(
+                                format!("{path}.number"),
+                                format!("port {number} is already defined by port {:?}", q.name),
+                            );
+                        } else {
+                            d.warn(
+                                format!("{path}.number"),
+                                format!(
+                                    "port {number} is also port {:?}: meshfed carries TCP and UDP on one number as two ports; Istio refuses a port number twice",
+                                    q.name
+                                ),
+                            );
+                        }
+                    }
                     ports.push(LegacyPort {
                         number,
                         app_protocol: app,
@@ -1081,6 +1118,43 @@ mod tests {
             }
         }
         assert!(n >= 6, "{n} examples");
+    }
+
+    #[test]
+    fn a_port_number_twice_is_refused_unless_tcp_and_udp() {
+        let doc = |ports: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: dns, namespace: ops}}\n\
+                 spec:\n  hosts: [dns.ops.example]\n  ports: [{ports}]\n  resolution: STATIC\n  endpoints: [{{address: 10.0.0.1}}]\n"
+            )
+        };
+        let Err(ParseError::Invalid(p)) = parse(&doc(
+            "{number: 80, name: http, protocol: HTTP}, {number: 80, name: tcp, protocol: TCP}",
+        )) else {
+            panic!("one TCP port number twice was accepted");
+        };
+        assert_eq!(p[0].field, "spec.ports[1].number", "{p:?}");
+        let r = parse(&doc(
+            "{number: 53, name: dns-udp, protocol: UDP}, {number: 53, name: dns-tcp, protocol: TCP}",
+        ))
+        .unwrap();
+        assert_eq!(r.services[0].ports.len(), 2);
+        assert!(
+            r.warnings.iter().any(|w| w.field == "spec.ports[1].number"),
+            "{:?}",
+            r.warnings
+        );
+    }
+
+    #[test]
+    fn parsed_but_unused_endpoint_fields_are_warned_about() {
+        let r = ok("dns-round-robin.yaml");
+        let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert!(fields.iter().any(|f| f.ends_with(".weight")), "{fields:?}");
+        assert!(
+            fields.iter().any(|f| f.ends_with(".locality")),
+            "{fields:?}"
+        );
     }
 
     #[test]
