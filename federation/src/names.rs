@@ -31,8 +31,24 @@ pub struct ServiceName {
     namespace: String,
 }
 
+/// At most `max` bytes of `s` (cut at a character boundary), and how long it was: an
+/// error message quotes a value, never megabytes of it.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
+/// How much of a value an error message quotes.
+pub const QUOTE_MAX: usize = 80;
+
 fn label(what: &'static str, s: &str) -> Result<(), NameError> {
-    let err = |f: fn(&'static str, String) -> NameError| Err(f(what, s.to_owned()));
+    let err = |f: fn(&'static str, String) -> NameError| Err(f(what, clip(s, QUOTE_MAX)));
     if s.is_empty() {
         return err(|what, value| NameError::Empty { what, value });
     }

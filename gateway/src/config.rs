@@ -298,7 +298,7 @@ impl GatewayConfig {
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
-            detail: e.to_string(),
+            detail: meshfed_federation::sources::yaml_message(&e.to_string()),
         })?;
         let base = file.parent().unwrap_or(Path::new("."));
         let v = Validator { file };
@@ -314,8 +314,8 @@ impl Validator<'_> {
     fn err(&self, field: impl Into<String>, reason: impl ToString) -> ConfigError {
         ConfigError::Field {
             file: self.file.to_owned(),
-            field: field.into(),
-            reason: reason.to_string(),
+            field: meshfed_federation::names::clip(&field.into(), 200),
+            reason: meshfed_federation::names::clip(&reason.to_string(), 400),
         }
     }
 

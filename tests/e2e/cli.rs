@@ -348,3 +348,61 @@ fn register_refuses_a_host_of_another_service_and_unregister_removes() {
     // Its host is free again.
     assert_eq!(meshfed(&["register", "-f", &thief, "--dir", &dir]).0, 0);
 }
+
+/// Before: a 200 KB name came back twice in a 400 KB error, and a YAML bomb was refused
+/// with "budget breached: Nodes { nodes: 250001 }".
+#[test]
+fn errors_quote_values_briefly_and_limits_in_words() {
+    let s = Scratch::new("bigvalues");
+    let se = s.0.join("se.yaml");
+    std::fs::write(
+        &se,
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: \"{}\", namespace: shop}}\nspec: {{hosts: [a.example], ports: [{{number: 80, name: http}}], resolution: STATIC, endpoints: [{{address: 10.0.0.1}}]}}\n",
+            "y".repeat(200_000)
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = meshfed(&["validate", "-f", se.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.len() < 2_000, "a {} byte error", err.len());
+    assert!(
+        err.contains("(200013 bytes)") && err.contains("longer than 63 bytes"),
+        "{err}"
+    );
+
+    let cfg = s.0.join("gw.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "site: \"{}\"\ntrust_domain: a.example\nlisten: 127.0.0.1:0\ntls: {{cert: a, key: b, bundles: [c]}}\n",
+            "Q".repeat(100_000)
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = meshfed(&["gateway", "check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.len() < 2_000 && err.contains("site"),
+        "{} bytes: {}",
+        err.len(),
+        &err[..err.len().min(300)]
+    );
+
+    // A "billion laughs": nine levels of nine aliases.
+    let mut bomb = String::from("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    let mut prev = 'a';
+    for c in 'b'..='j' {
+        let refs = vec![format!("*{prev}"); 9].join(", ");
+        bomb.push_str(&format!("{c}: &{c} [{refs}]\n"));
+        prev = c;
+    }
+    let f = s.0.join("bomb.yaml");
+    std::fs::write(&f, bomb).unwrap();
+    let (code, _, err) = meshfed(&["validate", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("anchors and aliases are expanded") && !err.contains("budget breached"),
+        "{err}"
+    );
+}

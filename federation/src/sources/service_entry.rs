@@ -286,10 +286,14 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use crate::names::clip;
         write!(
             f,
             "document {} ({}): {}: {}",
-            self.doc, self.object, self.field, self.message
+            self.doc,
+            clip(&self.object, 120),
+            clip(&self.field, 120),
+            clip(&self.message, 400)
         )
     }
 }
@@ -652,10 +656,10 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                 let m = e.to_string();
                 let m = m.lines().next().unwrap_or_default();
                 let m = m.strip_prefix("error: ").unwrap_or(m);
-                match m.split_once(": ") {
-                    Some((pos, rest)) if pos.starts_with("line ") => rest.to_owned(),
-                    _ => m.to_owned(),
-                }
+                super::yaml_message(match m.split_once(": ") {
+                    Some((pos, rest)) if pos.starts_with("line ") => rest,
+                    _ => m,
+                })
             },
         }
     })?;
