@@ -248,8 +248,12 @@ fn health_check(d: &mut Doc<'_>, ann: &BTreeMap<String, String>) -> Option<Healt
 
 impl LegacyService {
     /// Whether other sites may import it.
+    /// Whether other sites may import it: `exportTo` allows it, and it has endpoints a
+    /// remote site can be sent to (resolution NONE forwards to the original destination,
+    /// which only this site's clients know).
     pub fn federated(&self) -> bool {
-        self.export_to.is_empty() || self.export_to.iter().any(|e| e == "*")
+        (self.export_to.is_empty() || self.export_to.iter().any(|e| e == "*"))
+            && self.resolution != Resolution::None
     }
 
     /// The endpoint addresses (`host:port` for hostnames) behind service port `p`.
@@ -803,6 +807,12 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                     format!("spec.hosts[{i}]"),
                     format!("{h:?} is not a DNS name"),
                 );
+            } else if !h.contains('.') {
+                // Istio: a full wildcard or a short name is not a ServiceEntry host.
+                d.err(
+                    format!("spec.hosts[{i}]"),
+                    format!("{h:?} is a short name; Istio requires a host with a dot"),
+                );
             }
         }
         let addresses = d.str_list(spec.get("addresses"), "spec.addresses");
@@ -921,6 +931,34 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                 Resolution::None
             }
         };
+        // Istio's resolution-specific rules.
+        if matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+            for (i, a) in addresses.iter().enumerate() {
+                if a.contains('/') {
+                    d.err(
+                        format!("spec.addresses[{i}]"),
+                        format!(
+                            "{a:?}: CIDR addresses are allowed only with resolution NONE or STATIC"
+                        ),
+                    );
+                }
+            }
+        }
+        let explicit_endpoints =
+            matches!(spec.get("endpoints"), Some(Value::Array(l)) if !l.is_empty());
+        if resolution == Resolution::None && explicit_endpoints {
+            d.err(
+                "spec.endpoints",
+                "Istio refuses endpoints with resolution NONE (it forwards to the original destination): \
+                 use STATIC for IP endpoints or DNS for hostnames",
+            );
+        }
+        if resolution == Resolution::None && spec.get("workloadSelector").is_some() {
+            d.warn(
+                "spec.workloadSelector",
+                "has no effect with resolution NONE (Istio warns the same)",
+            );
+        }
         let mut endpoints = Vec::new();
         if let Some(Value::Array(list)) = spec.get("endpoints") {
             for (i, e) in list.iter().enumerate() {
@@ -974,7 +1012,14 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                     }
                 }
                 if endpoints.is_empty() {
-                    d.err("spec.endpoints", "resolution STATIC needs endpoints");
+                    if spec.get("workloadSelector").is_some() {
+                        d.warn(
+                            "spec.workloadSelector",
+                            "selects no WorkloadEntry in this file: no endpoints until one is registered with it",
+                        );
+                    } else {
+                        d.err("spec.endpoints", "resolution STATIC needs endpoints");
+                    }
                 }
             }
             Resolution::Dns | Resolution::DnsRoundRobin if endpoints.is_empty() => {
@@ -999,11 +1044,12 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                     })
                     .collect();
             }
-            Resolution::None if endpoints.is_empty() => {
-                d.err(
+            Resolution::None => {
+                // Valid for Istio; meshfed cannot federate it. Kept for this site.
+                d.warn(
                     "spec.resolution",
-                    "NONE without endpoints forwards to the original destination, which a \
-                     remote site cannot know; give endpoints or use DNS",
+                    "NONE forwards to the original destination, which a remote site cannot know: \
+                     registered for this site only, not federated (use STATIC or DNS endpoints to federate it)",
                 );
             }
             _ => {}
@@ -1122,6 +1168,72 @@ mod tests {
             }
         }
         assert!(n >= 6, "{n} examples");
+    }
+
+    /// Istio's resolution-specific rules: what Istio refuses is refused, what it accepts
+    /// but meshfed cannot federate is accepted with a warning. One row per rule.
+    #[test]
+    fn istio_resolution_rules() {
+        let doc = |hosts: &str, extra: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: x, namespace: shop}}\n\
+                 spec:\n  hosts: [{hosts}]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n{extra}"
+            )
+        };
+        // (hosts, spec lines, Err(field) or Ok(federated))
+        let rows: &[(&str, &str, Result<bool, &str>)] = &[
+            (
+                "a.example",
+                "  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n",
+                Ok(true),
+            ),
+            (
+                "a.example",
+                "  resolution: NONE\n  endpoints: [{address: 10.0.0.1}]\n",
+                Err("spec.endpoints"),
+            ),
+            ("a.example", "  resolution: NONE\n", Ok(false)),
+            ("\"*.a.example\"", "  resolution: NONE\n", Ok(false)),
+            ("a.example", "", Ok(false)),
+            (
+                "orders",
+                "  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n",
+                Err("spec.hosts[0]"),
+            ),
+            (
+                "a.example",
+                "  resolution: DNS\n  addresses: [10.1.0.0/16]\n",
+                Err("spec.addresses[0]"),
+            ),
+            (
+                "a.example",
+                "  resolution: STATIC\n  addresses: [10.1.0.0/16]\n  endpoints: [{address: 10.0.0.1}]\n",
+                Ok(true),
+            ),
+            ("a.example", "  resolution: STATIC\n", Err("spec.endpoints")),
+            (
+                "a.example",
+                "  resolution: STATIC\n  workloadSelector: {labels: {app: x}}\n",
+                Ok(true),
+            ),
+            (
+                "\"*.a.example\"",
+                "  resolution: DNS\n",
+                Err("spec.hosts[0]"),
+            ),
+        ];
+        for (i, (hosts, extra, want)) in rows.iter().enumerate() {
+            let got = parse(&doc(hosts, extra));
+            match (got, want) {
+                (Ok(r), Ok(fed)) => {
+                    assert_eq!(r.services[0].federated(), *fed, "row {i}: {:?}", r.warnings)
+                }
+                (Err(ParseError::Invalid(p)), Err(field)) => {
+                    assert!(p.iter().any(|p| p.field == *field), "row {i}: {p:?}")
+                }
+                (got, want) => panic!("row {i}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]
@@ -1296,9 +1408,19 @@ mod tests {
             ),
             "spec.ports[0].protocol"
         );
-        assert_eq!(
-            fail("  hosts: [a.example]\n  ports: [{number: 1, name: a}]\n"),
-            "spec.resolution"
+        // Resolution NONE (the default) without endpoints: Istio accepts it; meshfed keeps
+        // it on this site and says why.
+        let r = parse(&format!(
+            "{base}  hosts: [a.example]\n  ports: [{{number: 1, name: a}}]\n"
+        ))
+        .unwrap();
+        assert!(!r.services[0].federated());
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.field == "spec.resolution" && w.message.contains("not federated")),
+            "{:?}",
+            r.warnings
         );
         assert_eq!(
             fail("  hosts: ['*.example']\n  ports: [{number: 1, name: a}]\n  resolution: DNS\n"),
