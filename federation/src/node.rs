@@ -29,20 +29,27 @@ use crate::transport::{self, ClientTrust, federation_id};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Identity(#[from] meshfed_identity::CaError),
-    #[error("{0}")]
+    #[error(transparent)]
     Bundle(#[from] meshfed_identity::BundleError),
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("{what}: {detail}")]
     Other { what: String, detail: String },
     #[error("federation refused: {0}")]
     Refused(String),
+    /// Not a source: the message already says it, and a source would print it twice.
     #[error("join token: {0}")]
-    Token(#[from] crate::token::TokenError),
-    #[error("{0}")]
+    Token(crate::token::TokenError),
+    #[error(transparent)]
     Fs(#[from] meshfed_identity::fs::FsError),
+}
+
+impl From<crate::token::TokenError> for NodeError {
+    fn from(e: crate::token::TokenError) -> Self {
+        Self::Token(e)
+    }
 }
 
 fn other(what: impl Into<String>, detail: impl ToString) -> NodeError {
@@ -87,7 +94,7 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), NodeError> {
     admin.save(&dir.join("admin.pem"), &dir.join("admin.key"))?;
     // The store exists from the start, so `serve` can tell a lost snapshot from a new
     // federation.
-    EmbeddedStore::open(Some(&dir.join("store.json")), DEFAULT_HISTORY)?;
+    EmbeddedStore::create_empty(&dir.join("store.json"))?;
     Ok(())
 }
 

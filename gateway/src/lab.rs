@@ -23,9 +23,9 @@ pub struct SiteFiles {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    #[error("{0}")]
+    #[error(transparent)]
     Ca(#[from] CaError),
-    #[error("{0}")]
+    #[error(transparent)]
     Bundle(#[from] meshfed_identity::BundleError),
     #[error("invalid name: {0}")]
     Id(#[from] meshfed_identity::IdError),

@@ -110,6 +110,24 @@ impl EmbeddedStore {
         Ok(store)
     }
 
+    /// Writes an empty store at `path` (revision 0, nothing reserved): what `federation
+    /// init` leaves, so that `serve` can tell a new federation from a lost snapshot.
+    pub fn create_empty(path: &Path) -> Result<(), StoreError> {
+        let snap = Snapshot {
+            version: SNAPSHOT_VERSION,
+            reserved: 0,
+            state: State::default(),
+        };
+        let bytes = serde_json::to_vec(&snap).map_err(|e| StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        meshfed_identity::ca::write_file(path, &bytes, 0o600).map_err(|e| StoreError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every mutation below leaves Inner consistent before it can panic.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
