@@ -416,11 +416,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let r = read_entries(&file)?;
             let names: Vec<String> = r.services.iter().map(|s| s.service.to_string()).collect();
             // Concurrent registrations take turns: each one's entries survive.
-            let _lock = meshfed_identity::fs::DirLock::wait(
-                &dir,
-                meshfed_federation::node::SITE_LOCK,
-                meshfed_federation::node::SITE_LOCK_WAIT,
-            )?;
+            let _lock = meshfed_federation::node::lock_site_dir(&dir)?;
             let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
             let conflicts = reg.conflicts(&r.services);
             if !conflicts.is_empty() {
@@ -445,11 +441,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             file,
             dir,
         } => {
-            let _lock = meshfed_identity::fs::DirLock::wait(
-                &dir,
-                meshfed_federation::node::SITE_LOCK,
-                meshfed_federation::node::SITE_LOCK_WAIT,
-            )?;
+            let _lock = meshfed_federation::node::lock_site_dir(&dir)?;
             let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
             let names = match &file {
                 Some(f) => {

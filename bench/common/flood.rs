@@ -89,6 +89,18 @@ fn client_config() -> Result<quinn_proto::ClientConfig> {
     Ok(quinn_proto::ClientConfig::new(Arc::new(quic)))
 }
 
+/// A process's resident set size in bytes (VmRSS from /proc), 0 when unreadable.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Whether a datagram is a QUIC v1 Retry (long header, type 3).
 fn is_retry(b: &[u8]) -> bool {
     b.first().is_some_and(|&x| x & 0xf0 == 0xf0)

@@ -46,17 +46,6 @@ impl Drop for Proc {
     }
 }
 
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 fn start(meshfed: &Path, cfg: &Path, dir: &Path) -> Result<(Proc, serde_json::Value)> {
     let ready = dir.join("ready.json");
     let _ = std::fs::remove_file(&ready);
@@ -203,12 +192,12 @@ fn main() -> Result<()> {
     ] {
         for run in 0..args.runs {
             let (quiet, qf) = legit(import, Duration::from_secs(2), 20);
-            let before = rss(pid);
+            let before = flood::rss_bytes(pid);
             let sampler = std::thread::spawn(move || {
                 let mut peak = 0;
                 let end = Instant::now() + spread + Duration::from_secs(3);
                 while Instant::now() < end {
-                    peak = peak.max(rss(pid));
+                    peak = peak.max(flood::rss_bytes(pid));
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 peak

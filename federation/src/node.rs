@@ -70,6 +70,16 @@ pub const SITE_LOCK: &str = ".meshfed.lock";
 /// How long a command waits for another one writing the same site directory.
 pub const SITE_LOCK_WAIT: Duration = Duration::from_secs(30);
 
+/// Takes the site directory's lock for a short read-modify-write (register, unregister,
+/// join), waiting up to [`SITE_LOCK_WAIT`] for another command to finish.
+pub fn lock_site_dir(site_dir: &Path) -> Result<meshfed_identity::fs::DirLock, NodeError> {
+    Ok(meshfed_identity::fs::DirLock::wait(
+        site_dir,
+        SITE_LOCK,
+        SITE_LOCK_WAIT,
+    )?)
+}
+
 /// Creates a federation directory: CA, the federation's SVID, the operator SVID, and an
 /// empty embedded store. Refuses a directory that already holds a federation.
 pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), NodeError> {
@@ -358,7 +368,7 @@ pub async fn join(
 ) -> Result<Membership, NodeError> {
     let token = JoinToken::decode(token)?;
     // Concurrent joins and registrations on this directory take turns.
-    let _lock = meshfed_identity::fs::DirLock::wait(site_dir, SITE_LOCK, SITE_LOCK_WAIT)?;
+    let _lock = lock_site_dir(site_dir)?;
     let ca = Ca::load(&site_dir.join("ca"))?;
     let td = ca.trust_domain().clone();
     let fed_td = token.federation_trust_domain.clone();

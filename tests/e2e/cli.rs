@@ -1,22 +1,8 @@
 //! The operator-facing commands, run as processes.
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
-use crate::harness::{BIN, Scratch};
-
-fn meshfed(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run meshfed");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::harness::{Scratch, meshfed};
 
 #[test]
 fn ca_issue_bundle_and_verify() {

@@ -43,6 +43,20 @@ impl Drop for Scratch {
     }
 }
 
+/// Runs `meshfed ARGS` to the end; (exit code, stdout, stderr).
+pub fn meshfed(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run meshfed");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Starts `meshfed ARGS` with its log (stderr) in `log`.
 pub fn spawn_meshfed(args: &[&str], log: &Path) -> Result<Child> {
     spawn_meshfed_in(&[], args, log)
@@ -544,16 +558,4 @@ impl Drop for Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A process's resident set size in bytes (VmRSS from /proc).
-pub fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }

@@ -48,7 +48,7 @@ async fn handshake_flood_moves_rss_under_50_mb_and_traffic_keeps_flowing() {
     let pid = s.west_gw.pid();
     let target = s.west_gw.quic;
     for (mode, sources) in [(flood::Mode::Spoofed, 1), (flood::Mode::Validated, 8)] {
-        let before = rss_bytes(pid);
+        let before = flood::rss_bytes(pid);
         let attack = tokio::task::spawn_blocking(move || {
             flood::flood(
                 target,
@@ -64,7 +64,7 @@ async fn handshake_flood_moves_rss_under_50_mb_and_traffic_keeps_flowing() {
             let mut peak = 0;
             let end = Instant::now() + Duration::from_millis(3500);
             while Instant::now() < end {
-                peak = peak.max(rss_bytes(pid));
+                peak = peak.max(flood::rss_bytes(pid));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             peak
@@ -123,20 +123,6 @@ async fn handshake_flood_moves_rss_under_50_mb_and_traffic_keeps_flowing() {
     );
     let retries = s.west_gw.metric("meshfed_gateway_quic_retries_total").await;
     assert!(retries > 0.0);
-}
-
-/// Runs `meshfed ARGS`; (exit code, stdout, stderr).
-fn meshfed(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(BIN)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run meshfed");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Writes `site`'s gateway SVID anew, signed by its own CA, valid from `from` to `to`
@@ -418,7 +404,7 @@ fn one_federation_per_directory_and_no_silent_empty_store() {
     let dir = fed_init(&scratch);
     let fed = Fed::start(&dir, 0);
     let d = dir.display().to_string();
-    let (code, _, err) = meshfed(&[
+    let serve = [
         "federation",
         "serve",
         "--dir",
@@ -427,7 +413,8 @@ fn one_federation_per_directory_and_no_silent_empty_store() {
         "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
-    ]);
+    ];
+    let (code, _, err) = meshfed(&serve);
     assert_ne!(code, 0, "a second federation served the same directory");
     assert!(
         err.contains("federation.lock") && err.contains("pid"),
@@ -436,16 +423,7 @@ fn one_federation_per_directory_and_no_silent_empty_store() {
     drop(fed);
 
     std::fs::remove_file(dir.join("store.json")).unwrap();
-    let (code, _, err) = meshfed(&[
-        "federation",
-        "serve",
-        "--dir",
-        &d,
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-    ]);
+    let (code, _, err) = meshfed(&serve);
     assert_ne!(code, 0, "served an empty store in place of a lost one");
     assert!(
         err.contains("store.json") && err.contains("--init-store"),
