@@ -533,15 +533,43 @@ async fn udp_flows_cannot_starve_tcp_of_descriptors() {
         c.send(b"hello").await.unwrap();
         clients.push(c);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Wait for west to open what it may (slow when the machine is busy), then a little
+    // longer: no more may follow.
+    let opened = "meshfed_gateway_udp_flows_total{direction=\"ingress\"}";
+    west_gw
+        .wait_metric(opened, 8.0, Duration::from_secs(10))
+        .await;
+    let refused = "meshfed_gateway_refusals_total{direction=\"ingress\",reason=\"flow_limit\"}";
+    west_gw
+        .wait_metric(refused, 1.0, Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        west_gw.metric(opened).await,
+        8.0,
+        "flows opened at west (the per-peer limit at 64 descriptors)"
+    );
+    assert!(
+        west_gw.metric(refused).await >= 1.0,
+        "no flow_limit refusal counted"
+    );
+    // The clients whose flows were opened hear their echo.
     let mut answered = 0;
-    for c in &clients {
-        let mut b = [0u8; 16];
-        if let Ok(n) = c.try_recv(&mut b) {
-            assert_eq!(&b[..n], b"hello");
-            answered += 1;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while answered == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for c in &clients {
+            let mut b = [0u8; 16];
+            if let Ok(n) = c.try_recv(&mut b) {
+                assert_eq!(&b[..n], b"hello");
+                answered += 1;
+            }
         }
     }
+    assert!(
+        (1..=8).contains(&answered),
+        "{answered} clients answered, with 8 flows open"
+    );
     // TCP through the same gateway, while every UDP flow it allows is open.
     for i in 0..20 {
         echo_once(tcp).await.unwrap_or_else(|e| {
@@ -551,21 +579,6 @@ async fn udp_flows_cannot_starve_tcp_of_descriptors() {
             )
         });
     }
-    let opened = west_gw
-        .metric("meshfed_gateway_udp_flows_total{direction=\"ingress\"}")
-        .await;
-    assert_eq!(
-        opened, 8.0,
-        "flows opened at west (the per-peer limit at 64 descriptors)"
-    );
-    assert!(
-        (1..=8).contains(&answered),
-        "{answered} clients answered, with 8 flows open"
-    );
-    let refused = west_gw
-        .metric("meshfed_gateway_refusals_total{direction=\"ingress\",reason=\"flow_limit\"}")
-        .await;
-    assert!(refused >= 1.0, "no flow_limit refusal counted");
     assert!(
         west_gw.logs().contains("udp_flows=16"),
         "{}",
