@@ -49,7 +49,15 @@ impl Admin {
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
         loop {
             let (tcp, _) = tokio::select! {
-                r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors, most likely: wait instead of spinning.
+                        debug!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
                 _ = stop.cancelled() => return,
             };
             let this = self.clone();
