@@ -16,31 +16,162 @@ pub mod pb {
 /// gRPC metadata key carrying a refusal's stable code.
 pub const REASON_KEY: &str = "meshfed-reason";
 
-/// A typed refusal: gRPC code, stable reason (metric label) and message.
-pub fn refusal(
-    code: tonic::Code,
-    reason: &'static str,
-    message: impl Into<String>,
-) -> tonic::Status {
-    let mut s = tonic::Status::new(code, format!("[{reason}] {}", message.into()));
-    s.metadata_mut().insert(
-        REASON_KEY,
-        tonic::metadata::MetadataValue::from_static(reason),
-    );
-    s
+/// Why the federation refused a call. [`Refusal::code`] is stable: it travels in the
+/// `meshfed-reason` metadata, labels `meshfed_federation_refusals_total` and is the log
+/// field, so a client, a dashboard and a log search all see the same word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    BadRequest,
+    Unauthenticated,
+    NotOperator,
+    NotAGateway,
+    UnknownSite,
+    PublishForeignSite,
+    CatalogConflict,
+    StoreUnavailable,
+    StoreError,
+    TokenMalformed,
+    TokenUnknown,
+    TokenExpired,
+    TokenReused,
+    TokenWrongSite,
+    TrustDomainMismatch,
+    TrustDomainOwned,
 }
 
-/// The stable reason of a refusal produced by [`refusal`], if any.
+impl Refusal {
+    /// Every refusal, for tables and tests.
+    pub const ALL: [Refusal; 16] = [
+        Self::BadRequest,
+        Self::Unauthenticated,
+        Self::NotOperator,
+        Self::NotAGateway,
+        Self::UnknownSite,
+        Self::PublishForeignSite,
+        Self::CatalogConflict,
+        Self::StoreUnavailable,
+        Self::StoreError,
+        Self::TokenMalformed,
+        Self::TokenUnknown,
+        Self::TokenExpired,
+        Self::TokenReused,
+        Self::TokenWrongSite,
+        Self::TrustDomainMismatch,
+        Self::TrustDomainOwned,
+    ];
+
+    /// The stable code (wire metadata, metric label, log field).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthenticated => "unauthenticated",
+            Self::NotOperator => "not_operator",
+            Self::NotAGateway => "not_a_gateway",
+            Self::UnknownSite => "unknown_site",
+            Self::PublishForeignSite => "publish_foreign_site",
+            Self::CatalogConflict => "catalog_conflict",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::StoreError => "store_error",
+            Self::TokenMalformed => "token_malformed",
+            Self::TokenUnknown => "token_unknown",
+            Self::TokenExpired => "token_expired",
+            Self::TokenReused => "token_reused",
+            Self::TokenWrongSite => "token_wrong_site",
+            Self::TrustDomainMismatch => "trust_domain_mismatch",
+            Self::TrustDomainOwned => "trust_domain_owned",
+        }
+    }
+
+    /// The refusal a code names; `None` for a code this build does not know (a newer
+    /// federation's).
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+
+    /// The gRPC status code it travels with.
+    pub fn grpc(self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::BadRequest | Self::TokenMalformed => Code::InvalidArgument,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::CatalogConflict => Code::FailedPrecondition,
+            Self::StoreUnavailable => Code::Unavailable,
+            Self::StoreError => Code::Internal,
+            Self::NotOperator
+            | Self::NotAGateway
+            | Self::UnknownSite
+            | Self::PublishForeignSite
+            | Self::TokenUnknown
+            | Self::TokenExpired
+            | Self::TokenReused
+            | Self::TokenWrongSite
+            | Self::TrustDomainMismatch
+            | Self::TrustDomainOwned => Code::PermissionDenied,
+        }
+    }
+
+    /// The refusal of a join token problem.
+    pub fn of_token(e: &crate::token::TokenError) -> Self {
+        use crate::token::TokenError as T;
+        match e {
+            T::Malformed(_) => Self::TokenMalformed,
+            T::Unknown => Self::TokenUnknown,
+            T::Expired { .. } => Self::TokenExpired,
+            T::AlreadyUsed { .. } => Self::TokenReused,
+            T::WrongSite { .. } => Self::TokenWrongSite,
+            T::TrustDomainMismatch { .. } => Self::TrustDomainMismatch,
+            T::TrustDomainOwned { .. } => Self::TrustDomainOwned,
+        }
+    }
+
+    /// The status on the wire: the code in the metadata, and in the message for people.
+    pub fn status(self, message: impl Into<String>) -> tonic::Status {
+        let mut s =
+            tonic::Status::new(self.grpc(), format!("[{}] {}", self.code(), message.into()));
+        s.metadata_mut().insert(
+            REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(self.code()),
+        );
+        s
+    }
+
+    /// The refusal a status carries, read from its metadata (never from its text).
+    pub fn of_status(s: &tonic::Status) -> Option<Self> {
+        reason_of(s).and_then(Self::from_code)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// The stable reason code a status carries, known to this build or not.
 pub fn reason_of(s: &tonic::Status) -> Option<&str> {
     s.metadata().get(REASON_KEY).and_then(|v| v.to_str().ok())
 }
 
-fn bad(field: &str, e: impl std::fmt::Display) -> tonic::Status {
-    refusal(
-        tonic::Code::InvalidArgument,
-        "bad_request",
-        format!("{field}: {e}"),
-    )
+/// A wire message that does not convert to the model, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl From<FieldError> for tonic::Status {
+    fn from(e: FieldError) -> Self {
+        Refusal::BadRequest.status(e.to_string())
+    }
+}
+
+fn bad(field: &str, e: impl std::fmt::Display) -> FieldError {
+    FieldError {
+        field: field.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 // === to the wire ===
@@ -106,7 +237,7 @@ pub fn change_to_pb(revision: Revision, c: &Change) -> pb::Change {
 
 // === from the wire ===
 
-pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, tonic::Status> {
+pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, FieldError> {
     let service =
         ServiceName::parse(&e.service).map_err(|err| bad(&format!("{field}.service"), err))?;
     let ports = e
@@ -182,7 +313,7 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, tonic
     })
 }
 
-pub fn site_from_pb(s: pb::Site) -> Result<SiteRecord, tonic::Status> {
+pub fn site_from_pb(s: pb::Site) -> Result<SiteRecord, FieldError> {
     Ok(SiteRecord {
         site: SiteName::new(&s.site).map_err(|e| bad("site", e))?,
         trust_domain: TrustDomain::new(&s.trust_domain).map_err(|e| bad("trust_domain", e))?,
@@ -192,7 +323,7 @@ pub fn site_from_pb(s: pb::Site) -> Result<SiteRecord, tonic::Status> {
 }
 
 /// A wire change back into the model (what a watching site applies).
-pub fn change_from_pb(c: pb::Change) -> Result<Delta, tonic::Status> {
+pub fn change_from_pb(c: pb::Change) -> Result<Delta, FieldError> {
     use pb::change::Op;
     let change = match c.op.ok_or_else(|| bad("change.op", "missing"))? {
         Op::PutSite(s) => Change::PutSite(site_from_pb(s)?),
@@ -247,6 +378,40 @@ mod tests {
     }
 
     #[test]
+    fn refusal_codes_are_stable_and_round_trip() {
+        let mut seen = std::collections::BTreeSet::new();
+        for r in Refusal::ALL {
+            assert!(seen.insert(r.code()), "{} twice", r.code());
+            assert_eq!(Refusal::from_code(r.code()), Some(r));
+            let s = r.status("why");
+            assert_eq!(Refusal::of_status(&s), Some(r));
+            assert_eq!(s.code(), r.grpc());
+            assert_eq!(s.message(), format!("[{}] why", r.code()));
+        }
+        // A newer federation's code: known as a string, not as a refusal.
+        let mut s = tonic::Status::permission_denied("x");
+        s.metadata_mut().insert(
+            REASON_KEY,
+            tonic::metadata::MetadataValue::from_static("from_the_future"),
+        );
+        assert_eq!(reason_of(&s), Some("from_the_future"));
+        assert_eq!(Refusal::of_status(&s), None);
+        // Every token problem has its refusal, with the token module's own code.
+        use crate::token::TokenError;
+        for e in [
+            TokenError::Malformed("x".into()),
+            TokenError::Unknown,
+            TokenError::Expired {
+                expired_at: 1,
+                ago: 1,
+            },
+            TokenError::AlreadyUsed { used_at: 1 },
+        ] {
+            assert_eq!(Refusal::of_token(&e).code(), e.code());
+        }
+    }
+
+    #[test]
     fn export_round_trip_and_field_errors() {
         let e = Export {
             service: ServiceName::parse("orders.shop").unwrap(),
@@ -265,20 +430,15 @@ mod tests {
         assert_eq!(export_from_pb(wire.clone(), "exports[0]").unwrap(), e);
         let mut bad_port = wire.clone();
         bad_port.ports[0].port = 70000;
-        let s = export_from_pb(bad_port, "exports[0]").unwrap_err();
-        assert_eq!(reason_of(&s), Some("bad_request"));
-        assert!(
-            s.message().contains("exports[0].ports[0].port"),
-            "{}",
-            s.message()
-        );
+        let e = export_from_pb(bad_port, "exports[0]").unwrap_err();
+        assert_eq!(e.field, "exports[0].ports[0].port");
+        let s = tonic::Status::from(e);
+        assert_eq!(Refusal::of_status(&s), Some(Refusal::BadRequest));
         let mut bad_id = wire;
         bad_id.identities = vec!["spiffe://west/a/".into()];
-        assert!(
-            export_from_pb(bad_id, "x")
-                .unwrap_err()
-                .message()
-                .contains("x.identities[0]")
+        assert_eq!(
+            export_from_pb(bad_id, "x").unwrap_err().field,
+            "x.identities[0]"
         );
     }
 

@@ -37,8 +37,13 @@ pub enum NodeError {
     Store(#[from] crate::store::StoreError),
     #[error("{what}: {detail}")]
     Other { what: String, detail: String },
-    #[error("federation refused: {0}")]
-    Refused(String),
+    /// The federation said no; `refusal` is its typed reason (from the status metadata),
+    /// `None` for a code this build does not know.
+    #[error("federation refused: {message}")]
+    Refused {
+        refusal: Option<crate::api::Refusal>,
+        message: String,
+    },
     /// Not a source: the message already says it, and a source would print it twice.
     #[error("join token: {0}")]
     Token(crate::token::TokenError),
@@ -60,7 +65,10 @@ fn other(what: impl Into<String>, detail: impl ToString) -> NodeError {
 }
 
 fn refused(s: tonic::Status) -> NodeError {
-    NodeError::Refused(s.message().to_owned())
+    NodeError::Refused {
+        refusal: crate::api::Refusal::of_status(&s),
+        message: s.message().to_owned(),
+    }
 }
 
 /// The lock a serving node holds on its directory for its lifetime.

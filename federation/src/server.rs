@@ -12,10 +12,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{broadcast, watch};
 use tokio_stream::Stream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::api::{self, change_to_pb, pb, refusal};
+use crate::api::{self, Refusal, change_to_pb, pb};
 use crate::catalog::{Catalog, Change, Revision, SiteRecord};
 use crate::names::SiteName;
 use crate::store::{Store, StoreError, StoreEvent, WatchStart};
@@ -90,19 +90,17 @@ fn now_unix() -> i64 {
         .unwrap_or_default()
 }
 
-/// A refusal before it is counted and logged: the reason is one of a fixed set of
-/// stable codes, so it can label a metric directly.
+/// A refusal before it is counted and logged.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Refused {
-    code: Code,
-    reason: &'static str,
-    message: String,
+    pub refusal: Refusal,
+    pub message: String,
 }
 
 impl Refused {
-    fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(refusal: Refusal, message: impl Into<String>) -> Self {
         Self {
-            code,
-            reason,
+            refusal,
             message: message.into(),
         }
     }
@@ -111,22 +109,66 @@ impl Refused {
 fn store_status(e: StoreError) -> Refused {
     match e {
         StoreError::Token(t) => token_status(&t),
-        StoreError::Catalog(c) => {
-            Refused::new(Code::FailedPrecondition, "catalog_conflict", c.to_string())
-        }
-        StoreError::Etcd { .. } => {
-            Refused::new(Code::Unavailable, "store_unavailable", e.to_string())
-        }
-        other => Refused::new(Code::Internal, "store_error", other.to_string()),
+        StoreError::Catalog(c) => Refused::new(Refusal::CatalogConflict, c.to_string()),
+        StoreError::Etcd { .. } => Refused::new(Refusal::StoreUnavailable, e.to_string()),
+        other => Refused::new(Refusal::StoreError, other.to_string()),
     }
 }
 
 fn token_status(t: &TokenError) -> Refused {
-    let code = match t {
-        TokenError::Malformed(_) => Code::InvalidArgument,
-        _ => Code::PermissionDenied,
-    };
-    Refused::new(code, t.code(), t.to_string())
+    Refused::new(Refusal::of_token(t), t.to_string())
+}
+
+/// The operator identity of the federation of trust domain `td`.
+pub fn operator_id(td: &TrustDomain) -> SpiffeId {
+    td.child(&["meshfed", "admin"])
+        .expect("a constant valid path")
+}
+
+/// Who may create tokens and read status: only the federation's operator SVID. Pure.
+pub fn authorize_operator(caller: Option<&SpiffeId>, td: &TrustDomain) -> Result<(), Refused> {
+    let id = caller
+        .ok_or_else(|| Refused::new(Refusal::Unauthenticated, "this call needs a client SVID"))?;
+    let operator = operator_id(td);
+    if *id != operator {
+        return Err(Refused::new(
+            Refusal::NotOperator,
+            format!("{id} is not the operator identity {operator}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The site a caller speaks for: a gateway SVID `/meshfed/site/<s>/gateway` of site `s`,
+/// which has joined, in the trust domain `s` registered at join. Pure: `site` looks a
+/// site's record up.
+pub fn authorize_site(
+    caller: Option<&SpiffeId>,
+    site: impl FnOnce(&SiteName) -> Option<SiteRecord>,
+) -> Result<SiteRecord, Refused> {
+    let id = caller
+        .ok_or_else(|| Refused::new(Refusal::Unauthenticated, "this call needs a client SVID"))?;
+    let name = id
+        .gateway_site()
+        .and_then(|s| SiteName::new(s).ok())
+        .ok_or_else(|| {
+            Refused::new(
+                Refusal::NotAGateway,
+                format!("{id} is not a meshfed gateway ID"),
+            )
+        })?;
+    let rec = site(&name)
+        .ok_or_else(|| Refused::new(Refusal::UnknownSite, format!("site {name} has not joined")))?;
+    if rec.trust_domain.as_str() != id.trust_domain_str() {
+        return Err(Refused::new(
+            Refusal::PublishForeignSite,
+            format!(
+                "{id} is not in site {name}'s trust domain {}",
+                rec.trust_domain
+            ),
+        ));
+    }
+    Ok(rec)
 }
 
 impl FederationService {
@@ -183,81 +225,38 @@ impl FederationService {
 
     /// Counts and logs a refusal by its stable reason, and turns it into a typed status.
     fn refuse(&self, r: Refused) -> Status {
+        let reason = r.refusal.code();
         self.metrics
             .refusals
-            .get_or_create(&ReasonLabels { reason: r.reason })
+            .get_or_create(&ReasonLabels { reason })
             .inc();
-        warn!(reason = r.reason, message = %r.message, "request refused");
-        refusal(r.code, r.reason, r.message)
+        warn!(reason, message = %r.message, "request refused");
+        r.refusal.status(r.message)
     }
 
     /// A `bad_request` refusal (InvalidArgument) naming what was wrong.
     fn bad_request(&self, message: impl Into<String>) -> Status {
-        self.refuse(Refused::new(Code::InvalidArgument, "bad_request", message))
+        self.refuse(Refused::new(Refusal::BadRequest, message))
     }
 
-    fn caller<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
+    /// The verified client SVID of a call, if any.
+    fn caller_id<T>(req: &Request<T>) -> Option<SpiffeId> {
         req.extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.id.clone())
-            .ok_or_else(|| {
-                self.refuse(Refused::new(
-                    Code::Unauthenticated,
-                    "unauthenticated",
-                    "this call needs a client SVID",
-                ))
-            })
     }
 
     /// Only the federation's operator identity passes.
     fn operator<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let id = self.caller(req)?;
-        let operator = self
-            .trust_domain
-            .child(&["meshfed", "admin"])
-            .expect("a constant valid path");
-        if id != operator {
-            return Err(self.refuse(Refused::new(
-                Code::PermissionDenied,
-                "not_operator",
-                format!("{id} is not the operator identity {operator}"),
-            )));
-        }
-        Ok(())
+        authorize_operator(Self::caller_id(req).as_ref(), &self.trust_domain)
+            .map_err(|r| self.refuse(r))
     }
 
     /// The site a gateway SVID speaks for, checked against the site's registered trust
     /// domain.
     fn caller_site<T>(&self, req: &Request<T>) -> Result<SiteRecord, Status> {
-        let id = self.caller(req)?;
-        let site = id
-            .gateway_site()
-            .and_then(|s| SiteName::new(s).ok())
-            .ok_or_else(|| {
-                self.refuse(Refused::new(
-                    Code::PermissionDenied,
-                    "not_a_gateway",
-                    format!("{id} is not a meshfed gateway ID"),
-                ))
-            })?;
-        let rec = self.store.site(&site).ok_or_else(|| {
-            self.refuse(Refused::new(
-                Code::PermissionDenied,
-                "unknown_site",
-                format!("site {site} has not joined"),
-            ))
-        })?;
-        if rec.trust_domain.as_str() != id.trust_domain_str() {
-            return Err(self.refuse(Refused::new(
-                Code::PermissionDenied,
-                "publish_foreign_site",
-                format!(
-                    "{id} is not in site {site}'s trust domain {}",
-                    rec.trust_domain
-                ),
-            )));
-        }
-        Ok(rec)
+        authorize_site(Self::caller_id(req).as_ref(), |s| self.store.site(s))
+            .map_err(|r| self.refuse(r))
     }
 
     fn publish_bundles(&self) {
@@ -613,8 +612,7 @@ impl pb::federation_server::Federation for FederationService {
         let r = req.into_inner();
         if r.site != rec.site.as_str() {
             return Err(self.refuse(Refused::new(
-                Code::PermissionDenied,
-                "publish_foreign_site",
+                Refusal::PublishForeignSite,
                 format!(
                     "gateway of site {} may not publish for site {:?}",
                     rec.site, r.site
@@ -627,11 +625,7 @@ impl pb::federation_server::Federation for FederationService {
             .enumerate()
             .map(|(i, e)| api::export_from_pb(e, &format!("exports[{i}]")))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|s| {
-                // The conversion already named the field; count it as a bad request.
-                let message = s.message().trim_start_matches("[bad_request] ").to_owned();
-                self.refuse(Refused::new(s.code(), "bad_request", message))
-            })?;
+            .map_err(|e| self.refuse(Refused::new(Refusal::BadRequest, e.to_string())))?;
         if !rec.up {
             self.leases
                 .arm(&rec.site)
@@ -712,7 +706,13 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         req: Request<pb::BundlesRequest>,
     ) -> Result<Response<BundleStream>, Status> {
-        self.caller(&req)?;
+        // Any verified SVID of a federated trust domain (the TLS layer checked it).
+        if Self::caller_id(&req).is_none() {
+            return Err(self.refuse(Refused::new(
+                Refusal::Unauthenticated,
+                "this call needs a client SVID",
+            )));
+        }
         let rx = self.bundles.subscribe();
         let stream = tokio_stream::wrappers::WatchStream::new(rx).map_ok_bundles();
         Ok(Response::new(Box::pin(stream)))
@@ -844,5 +844,77 @@ fn port_label(service: &str, port: u16, protocol: crate::catalog::Protocol) -> S
     match protocol {
         crate::catalog::Protocol::Tcp => format!("{service}:{port}"),
         crate::catalog::Protocol::Udp => format!("{service}:{port}/udp"),
+    }
+}
+
+#[cfg(test)]
+mod authz_tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::new(s).unwrap()
+    }
+
+    fn west() -> SiteRecord {
+        SiteRecord {
+            site: SiteName::new("west").unwrap(),
+            trust_domain: TrustDomain::new("west.example.org").unwrap(),
+            gateway_addresses: vec![],
+            up: true,
+        }
+    }
+
+    #[test]
+    fn operator_refusals() {
+        let fed = TrustDomain::new("fed.example.org").unwrap();
+        let rows: &[(Option<&str>, Result<(), Refusal>)] = &[
+            (Some("spiffe://fed.example.org/meshfed/admin"), Ok(())),
+            (None, Err(Refusal::Unauthenticated)),
+            (
+                Some("spiffe://fed.example.org/meshfed/federation"),
+                Err(Refusal::NotOperator),
+            ),
+            // The same path in another trust domain is not the operator.
+            (
+                Some("spiffe://west.example.org/meshfed/admin"),
+                Err(Refusal::NotOperator),
+            ),
+        ];
+        for (i, (caller, want)) in rows.iter().enumerate() {
+            let caller = caller.map(id);
+            let got = authorize_operator(caller.as_ref(), &fed).map_err(|r| r.refusal);
+            assert_eq!(got, *want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn site_refusals() {
+        let rows: &[(Option<&str>, Result<&str, Refusal>)] = &[
+            (
+                Some("spiffe://west.example.org/meshfed/site/west/gateway"),
+                Ok("west"),
+            ),
+            (None, Err(Refusal::Unauthenticated)),
+            (
+                Some("spiffe://west.example.org/ns/shop/sa/orders"),
+                Err(Refusal::NotAGateway),
+            ),
+            (
+                Some("spiffe://west.example.org/meshfed/site/east/gateway"),
+                Err(Refusal::UnknownSite),
+            ),
+            // Another trust domain's gateway claiming to be west.
+            (
+                Some("spiffe://rogue.example.org/meshfed/site/west/gateway"),
+                Err(Refusal::PublishForeignSite),
+            ),
+        ];
+        for (i, (caller, want)) in rows.iter().enumerate() {
+            let caller = caller.map(id);
+            let got = authorize_site(caller.as_ref(), |s| (s.as_str() == "west").then(west))
+                .map(|r| r.site.as_str().to_owned())
+                .map_err(|r| r.refusal);
+            assert_eq!(got.as_deref().map_err(|e| *e), *want, "row {i}");
+        }
     }
 }

@@ -64,7 +64,7 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), String> 
     if ev.snapshot {
         let mut fresh = Catalog::default();
         for (i, c) in ev.changes.into_iter().enumerate() {
-            let d = change_from_pb(c).map_err(|s| s.message().to_owned())?;
+            let d = change_from_pb(c).map_err(|e| e.to_string())?;
             fresh
                 .apply(&Delta {
                     revision: Revision(i as u64 + 1),
@@ -80,7 +80,7 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), String> 
     // held before this event, so a resumed watch drops what was applied and nothing else.
     let base = catalog.revision;
     for c in ev.changes {
-        let d = change_from_pb(c).map_err(|s| s.message().to_owned())?;
+        let d = change_from_pb(c).map_err(|e| e.to_string())?;
         if d.revision <= base {
             continue; // already applied (resumed watch)
         }
