@@ -1,0 +1,258 @@
+//! `meshfed federation`, `meshfed site join`, `meshfed status`: the federation service,
+//! its tokens, and a site's membership.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use meshfed_identity::{Ca, TrustDomain, ca};
+
+use crate::signals;
+
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+pub enum FederationCmd {
+    /// Creates a federation directory: its CA, its SVID and the operator SVID.
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Serves the federation API: from the directory's embedded store, or as one of any
+    /// number of replicas on etcd (`--etcd`).
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15010")]
+        listen: std::net::SocketAddr,
+        /// Address written into join tokens (repeatable); default: the bound address.
+        #[arg(long)]
+        advertise: Vec<String>,
+        /// Admin HTTP: /metrics, /ready, /live.
+        #[arg(long, default_value = "127.0.0.1:15011")]
+        admin: std::net::SocketAddr,
+        /// A site whose gateways hold no Watch stream for this long is marked down.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        lease_ttl: Duration,
+        /// etcd endpoints (comma-separated, e.g. `http://127.0.0.1:2379`): use etcd as the
+        /// store instead of the embedded one.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix in etcd; federations sharing an etcd need different prefixes.
+        #[arg(long, default_value = meshfed_federation::store::mirror::DEFAULT_PREFIX)]
+        etcd_prefix: String,
+        /// The CA that signed etcd's certificate (PEM), for `https://` endpoints.
+        #[arg(long, requires = "etcd")]
+        etcd_ca: Option<PathBuf>,
+        /// Client certificate (PEM) for etcd's `--client-cert-auth`.
+        #[arg(long, requires_all = ["etcd", "etcd_key"])]
+        etcd_cert: Option<PathBuf>,
+        /// The client certificate's key (PEM).
+        #[arg(long, requires_all = ["etcd", "etcd_cert"])]
+        etcd_key: Option<PathBuf>,
+        /// etcd user (etcd auth); the password comes from `--etcd-password-file`.
+        #[arg(long, requires_all = ["etcd", "etcd_password_file"])]
+        etcd_user: Option<String>,
+        /// A file holding the etcd user's password (never on the command line).
+        #[arg(long, requires = "etcd_user")]
+        etcd_password_file: Option<PathBuf>,
+        /// Start an empty embedded store when `store.json` is missing. Without it, a
+        /// directory whose snapshot was lost is refused rather than served empty.
+        #[arg(long, conflicts_with = "etcd")]
+        init_store: bool,
+    },
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Prints a one-time token that lets `--site` join (asks the running federation).
+    Create {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        site: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Bind the site to this trust domain: a join with any other is refused. Without
+        /// it, the site may join with any trust domain that no other site owns.
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Let the site join a trust domain that other sites already own (their bundles
+        /// are merged). An explicit choice: the sites can then impersonate each other.
+        #[arg(long, requires = "trust_domain")]
+        share_trust_domain: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SiteCmd {
+    /// Joins the federation with a one-time token; writes federation.json and bundles/.
+    Join {
+        /// The site directory (ca/, gateway.pem, gateway.key).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        site: String,
+        /// Where this site's gateways accept QUIC (repeatable).
+        #[arg(long)]
+        gateway_address: Vec<String>,
+        token: String,
+    },
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The federation directory (`meshfed federation init --dir`).
+    #[arg(long)]
+    pub dir: PathBuf,
+}
+
+pub fn status(a: StatusArgs) -> Result<()> {
+    let StatusArgs { dir } = a;
+    let st = super::runtime()?.block_on(meshfed_federation::node::status(&dir))?;
+    let td = Ca::load(&dir.join("ca"))?.trust_domain().to_string();
+    print!("{}", meshfed_federation::node::status_table(&td, &st));
+    Ok(())
+}
+
+pub fn federation(cmd: FederationCmd) -> Result<()> {
+    match cmd {
+        FederationCmd::Init { trust_domain, dir } => {
+            let td = TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            meshfed_federation::node::init(&dir, &td)?;
+            println!("created federation {td} in {}", dir.display());
+        }
+        FederationCmd::Serve {
+            dir,
+            listen,
+            advertise,
+            admin,
+            lease_ttl,
+            etcd,
+            etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            etcd_user,
+            etcd_password_file,
+            init_store,
+        } => {
+            let store = if etcd.is_empty() {
+                meshfed_federation::node::StoreChoice::Embedded { create: init_store }
+            } else {
+                let user = match (etcd_user, etcd_password_file) {
+                    (Some(u), Some(f)) => {
+                        let pw = std::fs::read_to_string(&f)
+                            .with_context(|| format!("--etcd-password-file {}", f.display()))?;
+                        Some((u, pw.trim_end_matches(['\r', '\n']).to_owned()))
+                    }
+                    _ => None,
+                };
+                meshfed_federation::node::StoreChoice::Etcd {
+                    endpoints: etcd,
+                    prefix: etcd_prefix,
+                    security: meshfed_federation::store::EtcdSecurity {
+                        ca: etcd_ca,
+                        cert: etcd_cert,
+                        key: etcd_key,
+                        user,
+                    },
+                }
+            };
+            super::runtime()?.block_on(async {
+                let mut signals = signals::Signals::install()?;
+                let node =
+                    meshfed_federation::node::serve(&dir, listen, advertise, lease_ttl, store)
+                        .await?;
+                let mut registry = prometheus_client::registry::Registry::default();
+                node.service.metrics.register(&mut registry);
+                let admin_l = tokio::net::TcpListener::bind(admin)
+                    .await
+                    .with_context(|| format!("bind admin {admin}"))?;
+                let admin_addr = admin_l.local_addr()?;
+                ca::write_file(
+                    &dir.join("admin_address"),
+                    admin_addr.to_string().as_bytes(),
+                    0o644,
+                )?;
+                tracing::info!(admin = %admin_addr, "federation admin listening");
+                let admin_stop = tokio_util::sync::CancellationToken::new();
+                let server = meshfed_gateway::admin::Admin {
+                    registry: std::sync::Arc::new(registry),
+                    ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                    svid_expiry: None,
+                };
+                tokio::spawn(server.serve(admin_l, admin_stop.clone()));
+                let sig = signals
+                    .until_stop(
+                        "SIGHUP ignored: the federation has no file config to reload; restart to change flags",
+                        || {},
+                    )
+                    .await;
+                tracing::info!(signal = sig, "federation stopping");
+                node.shutdown().await;
+                admin_stop.cancel();
+                anyhow::Ok(())
+            })?;
+        }
+        FederationCmd::Token(TokenCmd::Create {
+            dir,
+            site,
+            ttl,
+            trust_domain,
+            share_trust_domain,
+        }) => {
+            let td = trust_domain
+                .as_deref()
+                .map(TrustDomain::new)
+                .transpose()
+                .with_context(|| {
+                    format!("--trust-domain {:?}", trust_domain.unwrap_or_default())
+                })?;
+            let (token, expires) =
+                super::runtime()?.block_on(meshfed_federation::node::create_token(
+                    &dir,
+                    &site,
+                    ttl,
+                    td.as_ref(),
+                    share_trust_domain,
+                ))?;
+            eprintln!("token for site {site}, valid once until {expires} (unix)");
+            println!("{token}");
+        }
+    }
+    Ok(())
+}
+
+pub fn site(cmd: SiteCmd) -> Result<()> {
+    match cmd {
+        SiteCmd::Join {
+            dir,
+            site,
+            gateway_address,
+            token,
+        } => {
+            let m = super::runtime()?.block_on(meshfed_federation::node::join(
+                &dir,
+                &site,
+                &token,
+                gateway_address,
+            ))?;
+            println!(
+                "site {site} joined federation {} at revision {} ({} bundles in {})",
+                m.federation_trust_domain,
+                m.revision,
+                meshfed_federation::node::bundle_files(&dir).len(),
+                dir.join("bundles").display()
+            );
+        }
+    }
+    Ok(())
+}

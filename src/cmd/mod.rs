@@ -1,0 +1,16 @@
+//! One module per group of commands: each parses its own arguments (clap) and does the
+//! command by calling into the crates. `main.rs` only dispatches.
+
+pub mod dns;
+pub mod federation;
+pub mod gateway;
+pub mod identity;
+pub mod kubernetes;
+pub mod registry;
+
+/// The multi-threaded runtime a daemon or a client command runs on.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
