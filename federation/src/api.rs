@@ -122,6 +122,8 @@ impl Refusal {
             T::WrongSite { .. } => Self::TokenWrongSite,
             T::TrustDomainMismatch { .. } => Self::TrustDomainMismatch,
             T::TrustDomainOwned { .. } => Self::TrustDomainOwned,
+            // A problem added to the token module later: its own code, if it is one of ours.
+            other => Self::from_code(other.code()).unwrap_or(Self::TokenMalformed),
         }
     }
 

@@ -187,7 +187,7 @@ pub struct ImportListener {
 }
 
 /// FNV-1a of a name: stable across builds and platforms (VIPs and import ports).
-pub(crate) fn fnv(s: &str) -> u64 {
+pub fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     })
