@@ -2,9 +2,11 @@
 //! sites, egress listeners for imported services, ingress to exported ones, the stream
 //! header protocol (`wire`), and the admin port.
 //!
-//! Decisions (`wire` decoding, `ingress::decide`) are pure; sockets live in `tunnel`,
-//! `peers`, `egress`, `ingress`, `splice` and `admin`. This crate must not talk to etcd or
-//! Kubernetes: catalog data reaches it through `federation` types.
+//! Decisions (`wire` decoding, `ingress::decide`, `admission` of unauthenticated
+//! handshakes, `preflight::collisions`) are pure; sockets live in `tunnel`, `peers`,
+//! `egress`, `ingress`, `splice` and `admin`. `preflight` is `meshfed gateway check`.
+//! This crate must not talk to etcd or Kubernetes: catalog data reaches it through
+//! `federation` types.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -1,6 +1,7 @@
 //! SPIFFE identity for meshfed: SPIFFE IDs and trust domains, a CA per trust domain that
 //! issues X.509-SVIDs, SPIFFE trust bundles (JWKS), and rustls verifiers that check a
-//! peer only against the bundle of its own trust domain.
+//! peer only against the bundle of its own trust domain; and `fs`, the atomic, durable
+//! file writes and directory locks every meshfed process uses.
 //!
 //! This crate knows nothing of catalogs, sites' services or sockets; it must not depend on
 //! `federation`, `gateway` or `dns`.
