@@ -84,14 +84,12 @@ pub fn run(cfg: &GatewayConfig) -> Vec<Check> {
             _ => Err("needs the SVID and the bundles".into()),
         },
     );
-    let clashes = collisions(&listeners(cfg));
+    let bound = listeners(cfg);
+    let clashes = collisions(&bound);
     push(
         "addresses",
         if clashes.is_empty() {
-            Ok(format!(
-                "{} listener(s), no collision",
-                listeners(cfg).len()
-            ))
+            Ok(format!("{} listener(s), no collision", bound.len()))
         } else {
             Err(clashes.join("; "))
         },

@@ -203,11 +203,11 @@ pub struct IngressFlows {
     peer_budget: Arc<FlowBudget>,
 }
 
+/// What the datagram reader clones per datagram: keep it to the socket and the clock.
 #[derive(Clone)]
 struct IngressFlow {
     socket: Arc<UdpSocket>,
     last: Arc<AtomicU64>,
-    _permits: Arc<(FlowPermit, FlowPermit)>,
 }
 
 impl IngressFlows {
@@ -270,7 +270,6 @@ impl IngressFlows {
         let flow = IngressFlow {
             socket: Arc::new(socket),
             last: Arc::new(AtomicU64::new(now_ms())),
-            _permits: Arc::new((per_peer, permit)),
         };
         {
             let mut map = self.lock();
@@ -282,7 +281,11 @@ impl IngressFlows {
             }
             map.insert(id, flow.clone());
         }
-        Ok(IngressFlowHandle { id, flow })
+        Ok(IngressFlowHandle {
+            id,
+            flow,
+            _permits: (per_peer, permit),
+        })
     }
 
     /// Starts the connection's datagram reader on the first flow.
@@ -331,7 +334,8 @@ impl IngressFlows {
         stop: CancellationToken,
     ) {
         self.ensure_reader();
-        let IngressFlowHandle { id, flow } = handle;
+        // The handle (and its share of the flow budget) lives as long as this flow.
+        let IngressFlowHandle { id, flow, _permits } = handle;
         let mut buf = vec![0u8; RECV_BUF];
         let mut tick = tokio::time::interval(idle_check_interval(idle_timeout));
         let mut one = [0u8; 1];
@@ -385,6 +389,8 @@ impl IngressFlows {
 pub struct IngressFlowHandle {
     id: u32,
     flow: IngressFlow,
+    /// The flow's share of the per-peer and the gateway's budget, given back on drop.
+    _permits: (FlowPermit, FlowPermit),
 }
 
 impl IngressFlowHandle {

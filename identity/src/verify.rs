@@ -830,6 +830,12 @@ mod spec_5_2 {
 
     const GOOD_SAN: &str = "URI:spiffe://spec.example.org/ns/shop/sa/orders";
 
+    /// The verdict on one openssl leaf with these extensions, under its own openssl CA.
+    fn verdict(name: &str, san: &str, basic: &str, usage: &str) -> Result<SpiffeId, VerifyError> {
+        let p = pki(name);
+        verify(&p, &leaf(&p, name, &ext(san, basic, usage)))
+    }
+
     #[test]
     fn a_conforming_openssl_leaf_verifies() {
         // The control: without it, every refusal below could come from a broken fixture.
@@ -847,59 +853,56 @@ mod spec_5_2 {
 
     #[test]
     fn must_refuse_basic_constraints_ca_true() {
-        let p = pki("ca");
-        let der = leaf(
-            &p,
-            "ca",
-            &ext(GOOD_SAN, "critical,CA:TRUE", "critical,digitalSignature"),
+        assert_eq!(
+            verdict(
+                "ca",
+                GOOD_SAN,
+                "critical,CA:TRUE",
+                "critical,digitalSignature"
+            )
+            .unwrap_err(),
+            VerifyError::LeafIsCa
         );
-        assert_eq!(verify(&p, &der).unwrap_err(), VerifyError::LeafIsCa);
     }
 
     #[test]
     fn must_refuse_key_cert_sign() {
-        let p = pki("kcs");
-        let der = leaf(
-            &p,
-            "kcs",
-            &ext(
+        assert_eq!(
+            verdict(
+                "kcs",
                 GOOD_SAN,
                 "critical,CA:FALSE",
-                "critical,digitalSignature,keyCertSign",
-            ),
+                "critical,digitalSignature,keyCertSign"
+            )
+            .unwrap_err(),
+            VerifyError::LeafCanSign
         );
-        assert_eq!(verify(&p, &der).unwrap_err(), VerifyError::LeafCanSign);
     }
 
     #[test]
     fn must_refuse_crl_sign() {
-        let p = pki("crl");
-        let der = leaf(
-            &p,
-            "crl",
-            &ext(
+        assert_eq!(
+            verdict(
+                "crl",
                 GOOD_SAN,
                 "critical,CA:FALSE",
-                "critical,digitalSignature,cRLSign",
-            ),
+                "critical,digitalSignature,cRLSign"
+            )
+            .unwrap_err(),
+            VerifyError::LeafCanSign
         );
-        assert_eq!(verify(&p, &der).unwrap_err(), VerifyError::LeafCanSign);
     }
 
     #[test]
     fn must_refuse_a_scheme_other_than_spiffe() {
-        let p = pki("scheme");
-        let der = leaf(
-            &p,
-            "scheme",
-            &ext(
+        assert_eq!(
+            verdict(
+                "scheme",
                 "URI:https://spec.example.org/ns/shop/sa/orders",
                 "critical,CA:FALSE",
-                "critical,digitalSignature",
-            ),
-        );
-        assert_eq!(
-            verify(&p, &der).unwrap_err(),
+                "critical,digitalSignature"
+            )
+            .unwrap_err(),
             VerifyError::BadSpiffeId(IdError::WrongScheme)
         );
     }
@@ -933,17 +936,16 @@ mod spec_5_2 {
 
     #[test]
     fn must_refuse_more_than_one_uri_san() {
-        let p = pki("two");
-        let der = leaf(
-            &p,
-            "two",
-            &ext(
+        assert_eq!(
+            verdict(
+                "two",
                 "URI:spiffe://spec.example.org/a,URI:spiffe://spec.example.org/b",
                 "critical,CA:FALSE",
-                "critical,digitalSignature",
-            ),
+                "critical,digitalSignature"
+            )
+            .unwrap_err(),
+            VerifyError::UriSanCount(2)
         );
-        assert_eq!(verify(&p, &der).unwrap_err(), VerifyError::UriSanCount(2));
     }
 
     #[test]

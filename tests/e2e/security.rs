@@ -9,6 +9,21 @@ use crate::harness::*;
 #[path = "../../bench/common/flood.rs"]
 mod flood;
 
+/// West exports an echo server as echo.demo:7000, east imports it; returns the sites
+/// and east's import address, once one echo has gone through.
+async fn echo_sites(name: &str) -> (TwoSites, std::net::SocketAddr) {
+    let echo = echo_server().await;
+    let s = TwoSites::start(
+        name,
+        &[("echo.demo", 7000, vec![echo])],
+        &[("echo.demo", 7000)],
+    )
+    .await;
+    let import = s.east_gw.import("echo.demo:7000");
+    echo_once(import).await.unwrap();
+    (s, import)
+}
+
 /// Latencies of `n` echo round trips through `addr`, each on a new TCP connection (a new
 /// tunnel stream); panics on any failure.
 async fn echo_latencies(addr: std::net::SocketAddr, n: usize, pause: Duration) -> Vec<Duration> {
@@ -35,15 +50,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 /// caps, a 5 s handshake deadline, and streams granted only after authentication.
 #[tokio::test(flavor = "multi_thread")]
 async fn handshake_flood_moves_rss_under_50_mb_and_traffic_keeps_flowing() {
-    let echo = echo_server().await;
-    let s = TwoSites::start(
-        "flood",
-        &[("echo.demo", 7000, vec![echo])],
-        &[("echo.demo", 7000)],
-    )
-    .await;
-    let import = s.east_gw.import("echo.demo:7000");
-    echo_once(import).await.unwrap();
+    let (s, import) = echo_sites("flood").await;
     let quiet = echo_latencies(import, 40, Duration::from_millis(5)).await;
     let pid = s.west_gw.pid();
     let target = s.west_gw.quic;
@@ -176,15 +183,7 @@ fn a_gateway_refuses_to_start_on_an_svid_that_is_not_valid_now() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotation_to_an_svid_that_is_not_valid_now_keeps_the_working_one() {
-    let echo = echo_server().await;
-    let s = TwoSites::start(
-        "svid-rotate",
-        &[("echo.demo", 7000, vec![echo])],
-        &[("echo.demo", 7000)],
-    )
-    .await;
-    let import = s.east_gw.import("echo.demo:7000");
-    echo_once(import).await.unwrap();
+    let (s, import) = echo_sites("svid-rotate").await;
     let west_bundle = meshfed_identity::Ca::load(&s.west.dir.join("ca"))
         .unwrap()
         .bundle(1);
@@ -447,14 +446,7 @@ fn one_federation_per_directory_and_no_silent_empty_store() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_is_logged_and_survived_by_gateway_and_federation() {
     use crate::federation::Fed;
-    let echo = echo_server().await;
-    let mut s = TwoSites::start(
-        "sighup",
-        &[("echo.demo", 7000, vec![echo])],
-        &[("echo.demo", 7000)],
-    )
-    .await;
-    let import = s.east_gw.import("echo.demo:7000");
+    let (mut s, import) = echo_sites("sighup").await;
     let fed_scratch = Scratch::new("sighup-fed");
     let mut fed = Fed::start(&fed_init(&fed_scratch), 0);
     let hup = |pid: u32| {

@@ -113,19 +113,14 @@ impl EmbeddedStore {
     /// Writes an empty store at `path` (revision 0, nothing reserved): what `federation
     /// init` leaves, so that `serve` can tell a new federation from a lost snapshot.
     pub fn create_empty(path: &Path) -> Result<(), StoreError> {
-        let snap = Snapshot {
-            version: SNAPSHOT_VERSION,
-            reserved: 0,
-            state: State::default(),
-        };
-        let bytes = serde_json::to_vec(&snap).map_err(|e| StoreError::Corrupt {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
-        meshfed_identity::ca::write_file(path, &bytes, 0o600).map_err(|e| StoreError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::other(e.to_string()),
-        })
+        write_snapshot(
+            path,
+            &Snapshot {
+                version: SNAPSHOT_VERSION,
+                reserved: 0,
+                state: State::default(),
+            },
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -285,17 +280,10 @@ impl EmbeddedStore {
     }
 
     fn write_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let bytes = serde_json::to_vec(snap).map_err(|e| StoreError::Corrupt {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-        meshfed_identity::ca::write_file(path, &bytes, 0o600).map_err(|e| StoreError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
+        match &self.path {
+            Some(path) => write_snapshot(path, snap),
+            None => Ok(()),
+        }
     }
 
     /// Writes snapshots in the background, debounced, until `stop`; then a last one.
@@ -319,6 +307,21 @@ impl EmbeddedStore {
             warn!(error = %e, "final snapshot write failed");
         }
     }
+}
+
+/// Writes a snapshot atomically and durably (0600).
+fn write_snapshot(path: &Path, snap: &Snapshot) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(snap).map_err(|e| StoreError::Corrupt {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    meshfed_identity::fs::write_file(path, &bytes, 0o600).map_err(|e| match e {
+        meshfed_identity::fs::FsError::Io { path, source } => StoreError::Io { path, source },
+        other => StoreError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
 }
 
 #[cfg(test)]
