@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use meshfed_gateway::{GatewayConfig, lab};
+use meshfed_gateway::GatewayConfig;
 use meshfed_identity::TrustDomain;
+use meshfed_lab as lab;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -158,7 +159,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     println!("\n2. join: one token per site, each good once");
     let mut last_token = String::new();
     for s in &sites {
-        let (token, _) = meshfed_federation::node::create_token(
+        let (token, _) = meshfed_api::client::create_token(
             &fed_dir,
             &s.site,
             Duration::from_secs(600),
@@ -166,7 +167,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
             false,
         )
         .await?;
-        let m = meshfed_federation::node::join(&s.dir, &s.site, &token, vec![]).await?;
+        let m = meshfed_api::client::join(&s.dir, &s.site, &token, vec![]).await?;
         println!(
             "   {:<6} joined at revision {:<3} token {}…",
             s.site,
@@ -175,21 +176,16 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         );
         last_token = token;
     }
-    match meshfed_federation::node::join(&sites[2].dir, "north", &last_token, vec![]).await {
+    match meshfed_api::client::join(&sites[2].dir, "north", &last_token, vec![]).await {
         Err(e) => println!("   north, same token again: refused: {e}"),
         Ok(_) => bail!("a reused token was accepted"),
     }
     // A token holder whose own CA claims west's trust domain would take it over.
     let rogue = lab::make_site(&root, "rogue", "west.example.org")?;
-    let (token, _) = meshfed_federation::node::create_token(
-        &fed_dir,
-        "rogue",
-        Duration::from_secs(600),
-        None,
-        false,
-    )
-    .await?;
-    match meshfed_federation::node::join(&rogue.dir, "rogue", &token, vec![]).await {
+    let (token, _) =
+        meshfed_api::client::create_token(&fed_dir, "rogue", Duration::from_secs(600), None, false)
+            .await?;
+    match meshfed_api::client::join(&rogue.dir, "rogue", &token, vec![]).await {
         Err(e) => println!("   rogue, claiming west's trust domain: refused: {e}"),
         Ok(_) => bail!("a join took over another site's trust domain"),
     }
@@ -225,7 +221,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
             b.dns = Some(dns);
         }
         gateways.push(Some(
-            meshfed_gateway::start(GatewayConfig::load(&b.write(s)?)?).await?,
+            meshfed::site::start(GatewayConfig::load(&b.write(s)?)?).await?,
         ));
     }
     let import = SocketAddr::new(ips[0], port);
@@ -248,7 +244,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         "   client ──tcp──▶ east egress {import} ══QUIC mTLS (meshfed/1)══▶ a site's gateway ──tcp──▶ orders.shop"
     );
     if let Some(east) = &gateways[0] {
-        let (out, _) = east.connected_peers();
+        let (out, _) = east.gateway.connected_peers();
         for (site, id) in out {
             println!(
                 "   east verified peer {site:<6} as {}",
@@ -319,8 +315,8 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         took.as_secs_f64() * 1e3
     );
     tokio::time::sleep(LEASE_TTL + Duration::from_millis(500)).await;
-    let status = meshfed_federation::node::status(&fed_dir).await?;
-    for line in meshfed_federation::node::status_table(fed_td.as_str(), &status).lines() {
+    let status = meshfed_api::client::status(&fed_dir).await?;
+    for line in meshfed_api::client::status_table(fed_td.as_str(), &status).lines() {
         println!("   {line}");
     }
     let (who, intact, took) = call(import, b"and now?".to_vec()).await?;
@@ -333,7 +329,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     );
 
     if let Some(east) = &gateways[0] {
-        let (_, metrics) = meshfed_gateway::admin::get(east.admin_addr, "/metrics")
+        let (_, metrics) = meshfed_gateway::admin::get(east.gateway.admin_addr, "/metrics")
             .await
             .map_err(anyhow::Error::msg)?;
         for line in metrics

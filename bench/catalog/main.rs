@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use meshfed_federation::api::{change_from_pb, pb};
-use meshfed_federation::node;
+use meshfed_api::client as node;
+use meshfed_api::{change_from_pb, pb};
 use meshfed_identity::{TrustBundle, TrustDomain};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -195,11 +195,8 @@ async fn run_store(
     let mut sites = Vec::with_capacity(args.sites);
     for i in 0..args.sites {
         let name = format!("s{i:03}");
-        let files = meshfed_gateway::lab::make_site(
-            &root.join(store),
-            &name,
-            &format!("{name}.bench.example"),
-        )?;
+        let files =
+            meshfed_lab::make_site(&root.join(store), &name, &format!("{name}.bench.example"))?;
         let (token, _) = node::create_token(
             &dir,
             &name,
@@ -247,7 +244,7 @@ async fn run_store(
                 let now = Instant::now();
                 for c in ev.changes {
                     if let Ok(d) = change_from_pb(c)
-                        && let meshfed_federation::Change::PutExport { export, .. } = d.change
+                        && let meshfed_catalog::Change::PutExport { export, .. } = d.change
                         && export.service.name().starts_with("probe")
                     {
                         let _ = tx.send((export.service.to_string(), now));

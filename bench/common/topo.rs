@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail};
-use meshfed_gateway::lab::{self, ConfigBuilder};
+use meshfed_lab::{self as lab, ConfigBuilder};
 
 pub const NS_A: &str = "mfb-a";
 pub const NS_B: &str = "mfb-b";

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use meshfed_federation::catalog::{Export, ExportedPort, Protocol, SiteRecord};
-use meshfed_federation::{Catalog, Revision, ServiceName, SiteName};
+use meshfed_catalog::catalog::{Export, ExportedPort, Protocol, SiteRecord};
+use meshfed_catalog::{Catalog, Revision, ServiceName, SiteName};
 use meshfed_identity::TrustDomain;
 
 #[derive(Parser)]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use meshfed_gateway::lab::{self, ConfigBuilder};
+use meshfed_lab::{self as lab, ConfigBuilder};
 
 #[path = "../common/flood.rs"]
 mod flood;

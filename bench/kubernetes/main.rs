@@ -24,12 +24,10 @@ use k8s_openapi::api::core::v1::{Pod, PodCondition, PodIP, PodSpec, PodStatus, S
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use meshfed_federation::catalog::Protocol;
-use meshfed_federation::routing::{IMPORTS_FILE, ImportListener, ImportListeners};
-use meshfed_federation::sources::kubernetes::import_controller::ImportController;
-use meshfed_federation::sources::kubernetes::imports::{
-    Desired, ServiceImport, desired, owner, ready_gateways,
-};
+use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::routing::{IMPORTS_FILE, ImportListener, ImportListeners};
+use meshfed_kubernetes::import_controller::ImportController;
+use meshfed_kubernetes::imports::{Desired, ServiceImport, desired, owner, ready_gateways};
 use tokio_util::sync::CancellationToken;
 
 #[allow(dead_code)]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use meshfed_gateway::lab::ConfigBuilder;
+use meshfed_lab::ConfigBuilder;
 use topo::{NS_B, Topo};
 
 #[derive(Parser)]

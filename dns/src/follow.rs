@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use meshfed_federation::routing::plan;
-use meshfed_federation::{Catalog, SiteName};
+use meshfed_catalog::routing::plan;
+use meshfed_catalog::{Catalog, SiteName};
 use tracing::{info, warn};
 
 use crate::zone::{Table, ZoneConfig};
@@ -23,7 +23,7 @@ pub struct Follow {
     /// Where the site's gateway listens for imports (what A records point at).
     pub import_address: IpAddr,
     /// One address per import from this range, as the gateway's `federation.vip_range`.
-    pub vip_range: Option<meshfed_federation::routing::VipRange>,
+    pub vip_range: Option<meshfed_catalog::routing::VipRange>,
     pub table: Arc<ArcSwap<Table>>,
 }
 
@@ -37,7 +37,7 @@ impl Follow {
         let cat: Catalog = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: not a meshfed catalog: {e}", self.catalog.display()))?;
         let served = plan(&cat, &self.site, None);
-        let addrs = meshfed_federation::routing::import_addresses(
+        let addrs = meshfed_catalog::routing::import_addresses(
             &served,
             self.import_address,
             self.vip_range,

@@ -6,10 +6,11 @@
 //! - `slow`: everything else, on hickory's parser (pure);
 //! - `server`: UDP workers and hickory-server for TCP (sockets);
 //! - `follow`: standalone mode, answering from a gateway's catalog cache;
-//! - `kubernetes`: standalone mode in a cluster, answering from its ServiceImports.
+//!
+//! It depends on the catalog model only: the binary hands it a table (from a gateway's
+//! plan, a catalog cache, or a cluster's ServiceImports via `meshfed-kubernetes`).
 
 pub mod follow;
-pub mod kubernetes;
 pub mod server;
 pub mod slow;
 pub mod wire;
@@ -17,8 +18,8 @@ pub mod zone;
 
 pub use zone::{ImportRecord, Table, ZoneConfig};
 
-use meshfed_federation::ServiceName;
-use meshfed_federation::routing::SitePlan;
+use meshfed_catalog::ServiceName;
+use meshfed_catalog::routing::SitePlan;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 

@@ -200,8 +200,8 @@ mod tests {
     use crate::zone::{ImportRecord, TYPE_A, TYPE_SRV, TYPE_TXT, ZoneConfig};
     use hickory_proto::op::{Message, ResponseCode};
     use hickory_proto::rr::{Name, RData, RecordType};
-    use meshfed_federation::ServiceName;
-    use meshfed_federation::catalog::Protocol;
+    use meshfed_catalog::ServiceName;
+    use meshfed_catalog::catalog::Protocol;
 
     fn table(n: usize) -> Table {
         let imports: Vec<ImportRecord> = (0..n)

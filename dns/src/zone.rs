@@ -17,8 +17,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use meshfed_federation::ServiceName;
-use meshfed_federation::catalog::Protocol;
+use meshfed_catalog::ServiceName;
+use meshfed_catalog::catalog::Protocol;
 
 pub const MCS_ZONE: &str = "clusterset.local";
 pub const DNS_VERSION: &str = "1.0.0";

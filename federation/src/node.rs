@@ -1,4 +1,5 @@
-//! Running a federation node and joining one, with their files on disk.
+//! A federation node's directory: init, and serving it (the service on a store, its
+//! TLS acceptor, its lock). Joining one is the site's side: `meshfed_api::client`.
 //!
 //! Federation directory: `ca/` (the federation's CA), `federation.pem|key` (its SVID,
 //! chain ending with the CA so joining sites can check their pin), `admin.pem|key` (the
@@ -6,26 +7,24 @@
 //! `init`), `address` (where a running node listens), `federation.lock` (held by the
 //! running node: a second one on the same directory is refused).
 //!
-//! Site directory (as `meshfed ca`/`gateway::lab` lay it out): `ca/`, `gateway.pem|key`,
-//! `bundle.json`; joining adds `federation.json` and `bundles/<trust domain>.json`.
+//! The site directory's files are `meshfed_catalog::site`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use meshfed_identity::ca::write_file;
 use meshfed_identity::tls::SvidResolver;
 use meshfed_identity::{BundleSet, Ca, Svid, TrustBundle, TrustDomain};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::api::pb;
 use crate::server::FederationService;
 use crate::store::{DEFAULT_HISTORY, EmbeddedStore, EtcdOptions, EtcdStore, Store};
-use crate::token::JoinToken;
-use crate::transport::{self, ClientTrust, federation_id};
+use crate::transport;
+use meshfed_api::pb;
+use meshfed_api::tls::federation_id;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -37,24 +36,8 @@ pub enum NodeError {
     Store(#[from] crate::store::StoreError),
     #[error("{what}: {detail}")]
     Other { what: String, detail: String },
-    /// The federation said no; `refusal` is its typed reason (from the status metadata),
-    /// `None` for a code this build does not know.
-    #[error("federation refused: {message}")]
-    Refused {
-        refusal: Option<crate::api::Refusal>,
-        message: String,
-    },
-    /// Not a source: the message already says it, and a source would print it twice.
-    #[error("join token: {0}")]
-    Token(crate::token::TokenError),
     #[error(transparent)]
     Fs(#[from] meshfed_identity::fs::FsError),
-}
-
-impl From<crate::token::TokenError> for NodeError {
-    fn from(e: crate::token::TokenError) -> Self {
-        Self::Token(e)
-    }
 }
 
 fn other(what: impl Into<String>, detail: impl ToString) -> NodeError {
@@ -64,30 +47,8 @@ fn other(what: impl Into<String>, detail: impl ToString) -> NodeError {
     }
 }
 
-fn refused(s: tonic::Status) -> NodeError {
-    NodeError::Refused {
-        refusal: crate::api::Refusal::of_status(&s),
-        message: s.message().to_owned(),
-    }
-}
-
 /// The lock a serving node holds on its directory for its lifetime.
 pub const SERVE_LOCK: &str = "federation.lock";
-/// The lock short writers of a site directory (register, join) take.
-pub const SITE_LOCK: &str = ".meshfed.lock";
-/// How long a command waits for another one writing the same site directory.
-pub const SITE_LOCK_WAIT: Duration = Duration::from_secs(30);
-
-/// Takes the site directory's lock for a short read-modify-write (register, unregister,
-/// join), waiting up to [`SITE_LOCK_WAIT`] for another command to finish.
-pub fn lock_site_dir(site_dir: &Path) -> Result<meshfed_identity::fs::DirLock, NodeError> {
-    Ok(meshfed_identity::fs::DirLock::wait(
-        site_dir,
-        SITE_LOCK,
-        SITE_LOCK_WAIT,
-    )?)
-}
-
 /// Creates a federation directory: CA, the federation's SVID, the operator SVID, and an
 /// empty embedded store. Refuses a directory that already holds a federation.
 pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), NodeError> {
@@ -251,186 +212,4 @@ pub async fn serve(
         stop,
         done,
     })
-}
-
-/// What a site keeps after joining.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Membership {
-    pub federation_trust_domain: TrustDomain,
-    pub addresses: Vec<String>,
-    pub revision: u64,
-}
-
-/// A client of a running node, authenticated with `cert`/`key`.
-pub async fn client(
-    addresses: &[String],
-    federation_bundle: TrustBundle,
-    cert: &Path,
-    key: &Path,
-) -> Result<pb::federation_client::FederationClient<tonic::transport::Channel>, NodeError> {
-    let svid = Svid::load(cert, key)?;
-    let resolver = Arc::new(SvidResolver::new(&svid).map_err(|e| other("SVID", e))?);
-    let ch = transport::connect(
-        addresses,
-        ClientTrust::Mutual {
-            federation_bundle,
-            svid: resolver,
-        },
-    )
-    .await
-    .map_err(|e| other("connect to the federation", e))?;
-    Ok(pb::federation_client::FederationClient::new(ch))
-}
-
-/// A client of the node running from `dir`, as its operator (the admin SVID).
-async fn operator_client(
-    dir: &Path,
-) -> Result<pb::federation_client::FederationClient<tonic::transport::Channel>, NodeError> {
-    let ca = Ca::load(&dir.join("ca"))?;
-    let addr = std::fs::read_to_string(dir.join("address")).map_err(|e| {
-        other(
-            format!("{}/address (is the federation running?)", dir.display()),
-            e,
-        )
-    })?;
-    client(
-        &[addr.trim().to_owned()],
-        ca.bundle(1),
-        &dir.join("admin.pem"),
-        &dir.join("admin.key"),
-    )
-    .await
-}
-
-/// `meshfed federation token create`: asks the running node for a token.
-/// `trust_domain` binds the site to that trust domain; `share` lets it join one that
-/// other sites already own.
-pub async fn create_token(
-    dir: &Path,
-    site: &str,
-    ttl: Duration,
-    trust_domain: Option<&TrustDomain>,
-    share: bool,
-) -> Result<(String, i64), NodeError> {
-    let mut c = operator_client(dir).await?;
-    let r = c
-        .create_token(pb::CreateTokenRequest {
-            site: site.to_owned(),
-            ttl_seconds: ttl.as_secs(),
-            trust_domain: trust_domain.map(|t| t.to_string()).unwrap_or_default(),
-            share_trust_domain: share,
-        })
-        .await
-        .map_err(refused)?
-        .into_inner();
-    Ok((r.token, r.expires_unix))
-}
-
-/// `meshfed status`: the running node's view of every site.
-pub async fn status(dir: &Path) -> Result<pb::StatusResponse, NodeError> {
-    let mut c = operator_client(dir).await?;
-    Ok(c.status(pb::StatusRequest {})
-        .await
-        .map_err(refused)?
-        .into_inner())
-}
-
-/// Renders a status as the table `meshfed status` prints.
-pub fn status_table(td: &str, s: &pb::StatusResponse) -> String {
-    use std::fmt::Write;
-    let list = |v: &[String]| {
-        if v.is_empty() {
-            "-".to_string()
-        } else {
-            v.join(",")
-        }
-    };
-    let mut out = format!("federation {td} at revision {}\n", s.revision);
-    let _ = writeln!(
-        out,
-        "{:<10} {:<22} {:<6} {:>7} {:>6}  {:<28} IMPORTS",
-        "SITE", "TRUST DOMAIN", "LEASE", "STREAMS", "SEEN", "EXPORTS"
-    );
-    for site in &s.sites {
-        let _ = writeln!(
-            out,
-            "{:<10} {:<22} {:<6} {:>7} {:>6}  {:<28} {}",
-            site.site,
-            site.trust_domain,
-            if site.up { "up" } else { "down" },
-            site.watch_streams,
-            site.last_seen_revision,
-            list(&site.exports),
-            list(&site.imports)
-        );
-    }
-    out
-}
-
-/// `meshfed site join`: redeems `token` for the site in `site_dir`.
-pub async fn join(
-    site_dir: &Path,
-    site: &str,
-    token: &str,
-    gateway_addresses: Vec<String>,
-) -> Result<Membership, NodeError> {
-    let token = JoinToken::decode(token)?;
-    // Concurrent joins and registrations on this directory take turns.
-    let _lock = lock_site_dir(site_dir)?;
-    let ca = Ca::load(&site_dir.join("ca"))?;
-    let td = ca.trust_domain().clone();
-    let fed_td = token.federation_trust_domain.clone();
-    let ch = transport::connect(
-        &token.addresses,
-        ClientTrust::Pinned {
-            fingerprint: token.ca_fingerprint.clone(),
-            federation_td: fed_td.clone(),
-        },
-    )
-    .await
-    .map_err(|e| other("connect to the federation", e))?;
-    let mut c = pb::federation_client::FederationClient::new(ch);
-    let r = c
-        .join(pb::JoinRequest {
-            token: token.encode(),
-            site: site.to_owned(),
-            trust_domain: td.to_string(),
-            bundle_jwks: ca.bundle(1).to_jwks()?,
-            gateway_addresses,
-        })
-        .await
-        .map_err(refused)?
-        .into_inner();
-    let bundles_dir = site_dir.join("bundles");
-    std::fs::create_dir_all(&bundles_dir)
-        .map_err(|e| other(bundles_dir.display().to_string(), e))?;
-    for (t, jwks) in &r.bundles {
-        let t = TrustDomain::new(t).map_err(|e| other("bundle trust domain", e))?;
-        TrustBundle::from_jwks(t.clone(), jwks.as_bytes())?;
-        write_file(
-            &bundles_dir.join(format!("{t}.json")),
-            jwks.as_bytes(),
-            0o644,
-        )?;
-    }
-    let m = Membership {
-        federation_trust_domain: TrustDomain::new(&r.federation_trust_domain)
-            .map_err(|e| other("federation trust domain", e))?,
-        addresses: token.addresses.clone(),
-        revision: r.revision,
-    };
-    let json = serde_json::to_vec_pretty(&m).map_err(|e| other("membership", e))?;
-    write_file(&site_dir.join("federation.json"), &json, 0o644)?;
-    Ok(m)
-}
-
-/// Where a site keeps its copy of every federated bundle.
-pub fn bundle_files(site_dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(site_dir.join("bundles"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect()
-        })
-        .unwrap_or_default()
 }

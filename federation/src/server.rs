@@ -15,12 +15,12 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::api::{self, Refusal, change_to_pb, pb};
-use crate::catalog::{Catalog, Change, Revision, SiteRecord};
-use crate::names::SiteName;
 use crate::store::{Store, StoreError, StoreEvent, WatchStart};
-use crate::token::{JoinToken, TokenError};
 use crate::transport::PeerInfo;
+use meshfed_api::{self, Refusal, change_to_pb, pb};
+use meshfed_catalog::catalog::{Catalog, Change, Revision, SiteRecord};
+use meshfed_catalog::names::SiteName;
+use meshfed_catalog::token::{JoinToken, TokenError};
 
 /// Longest token lifetime accepted.
 pub const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
@@ -467,7 +467,7 @@ impl Drop for WatcherGuard {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>>;
 
-fn snapshot_event(cat: &crate::Catalog) -> pb::WatchEvent {
+fn snapshot_event(cat: &meshfed_catalog::Catalog) -> pb::WatchEvent {
     pb::WatchEvent {
         snapshot: true,
         revision: cat.revision.0,
@@ -513,7 +513,7 @@ impl pb::federation_server::Federation for FederationService {
             self.own_bundle.fingerprint(),
         );
         let expires = now_unix() + r.ttl_seconds as i64;
-        let rec = crate::token::TokenRecord {
+        let rec = meshfed_catalog::token::TokenRecord {
             site: site.clone(),
             expires_unix: expires,
             used_unix: None,
@@ -552,7 +552,7 @@ impl pb::federation_server::Federation for FederationService {
                 .map(|s| s.site.clone())
                 .collect()
         });
-        let claim = crate::token::Claim {
+        let claim = meshfed_catalog::token::Claim {
             site: site.clone(),
             trust_domain: td.clone(),
             owners: owners.clone(),
@@ -623,7 +623,7 @@ impl pb::federation_server::Federation for FederationService {
             .exports
             .into_iter()
             .enumerate()
-            .map(|(i, e)| api::export_from_pb(e, &format!("exports[{i}]")))
+            .map(|(i, e)| meshfed_api::export_from_pb(e, &format!("exports[{i}]")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.refuse(Refused::new(Refusal::BadRequest, e.to_string())))?;
         if !rec.up {
@@ -741,7 +741,7 @@ impl pb::federation_server::Federation for FederationService {
                             .map(move |p| port_label(&svc.to_string(), p.port, p.protocol))
                     })
                     .collect();
-                let imports = crate::routing::plan(&cat, &r.site, None)
+                let imports = meshfed_catalog::routing::plan(&cat, &r.site, None)
                     .imports
                     .iter()
                     .map(|i| port_label(&i.service.to_string(), i.port, i.protocol))
@@ -840,10 +840,10 @@ mod streams {
 use streams::BundlesExt;
 
 /// `service:port`, with `/udp` for UDP ports, as `meshfed status` lists them.
-fn port_label(service: &str, port: u16, protocol: crate::catalog::Protocol) -> String {
+fn port_label(service: &str, port: u16, protocol: meshfed_catalog::catalog::Protocol) -> String {
     match protocol {
-        crate::catalog::Protocol::Tcp => format!("{service}:{port}"),
-        crate::catalog::Protocol::Udp => format!("{service}:{port}/udp"),
+        meshfed_catalog::catalog::Protocol::Tcp => format!("{service}:{port}"),
+        meshfed_catalog::catalog::Protocol::Udp => format!("{service}:{port}/udp"),
     }
 }
 

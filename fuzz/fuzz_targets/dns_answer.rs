@@ -8,8 +8,8 @@ use libfuzzer_sys::fuzz_target;
 use meshfed_dns::slow::{self, Slow};
 use meshfed_dns::wire::{self, Outcome};
 use meshfed_dns::{ImportRecord, Table, ZoneConfig};
-use meshfed_federation::ServiceName;
-use meshfed_federation::catalog::Protocol;
+use meshfed_catalog::ServiceName;
+use meshfed_catalog::catalog::Protocol;
 
 static TABLE: LazyLock<Table> = LazyLock::new(|| {
     let imports: Vec<ImportRecord> = (0..50)

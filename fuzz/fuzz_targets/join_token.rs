@@ -1,7 +1,7 @@
 //! Join tokens pasted by operators.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use meshfed_federation::token::JoinToken;
+use meshfed_catalog::token::JoinToken;
 
 fuzz_target!(|s: &str| {
     if let Ok(t) = JoinToken::decode(s) {

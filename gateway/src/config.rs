@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use meshfed_federation::catalog::Protocol;
-use meshfed_federation::{ServiceName, SiteName};
+pub use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::{ServiceName, SiteName};
 use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::Deserialize;
 
@@ -229,10 +229,10 @@ pub struct Federation {
     pub import_address: std::net::IpAddr,
     /// One address per imported service from this range (listener and DNS answer),
     /// instead of `import_address` for all.
-    pub vip_range: Option<meshfed_federation::routing::VipRange>,
+    pub vip_range: Option<meshfed_catalog::routing::VipRange>,
     /// Each imported (service, port) listens on its own port from this range instead of
     /// the service's port (a Kubernetes pod: derived Services map the ports).
-    pub import_ports: Option<meshfed_federation::routing::PortRange>,
+    pub import_ports: Option<meshfed_catalog::routing::PortRange>,
     /// The QUIC address other gateways dial; default `listen`.
     pub advertise: Option<String>,
     pub locality: Option<String>,
@@ -258,7 +258,7 @@ pub struct Export {
     /// DNS names published with it (a registered legacy service's hosts).
     pub hosts: Vec<String>,
     /// TLS toward the endpoints (a registered service's DestinationRule).
-    pub tls: Option<meshfed_federation::sources::service_entry::TlsOrigination>,
+    pub tls: Option<meshfed_catalog::legacy::TlsOrigination>,
     /// Port names (a registered service's), published for DNS SRV records.
     pub port_names: BTreeMap<(Protocol, u16), String>,
     /// Workload identities behind it (a Kubernetes export's service accounts).
@@ -298,7 +298,7 @@ impl GatewayConfig {
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
-            detail: meshfed_federation::sources::yaml_message(&e.to_string()),
+            detail: meshfed_catalog::yaml::yaml_message(&e.to_string()),
         })?;
         let base = file.parent().unwrap_or(Path::new("."));
         let v = Validator { file };
@@ -314,8 +314,8 @@ impl Validator<'_> {
     fn err(&self, field: impl Into<String>, reason: impl ToString) -> ConfigError {
         ConfigError::Field {
             file: self.file.to_owned(),
-            field: meshfed_federation::names::clip(&field.into(), 200),
-            reason: meshfed_federation::names::clip(&reason.to_string(), 400),
+            field: meshfed_catalog::names::clip(&field.into(), 200),
+            reason: meshfed_catalog::names::clip(&reason.to_string(), 400),
         }
     }
 
@@ -369,13 +369,13 @@ impl RawConfig {
                     vip_range: f
                         .vip_range
                         .as_deref()
-                        .map(meshfed_federation::routing::VipRange::parse)
+                        .map(meshfed_catalog::routing::VipRange::parse)
                         .transpose()
                         .map_err(|e| v.err("federation.vip_range", e))?,
                     import_ports: f
                         .import_ports
                         .as_deref()
-                        .map(meshfed_federation::routing::PortRange::parse)
+                        .map(meshfed_catalog::routing::PortRange::parse)
                         .transpose()
                         .map_err(|e| v.err("federation.import_ports", e))?,
                     advertise: f.advertise,
@@ -757,7 +757,7 @@ imports:
         let c = parse(&format!("{GOOD}{ported}")).unwrap();
         assert_eq!(
             c.federation.unwrap().import_ports,
-            Some(meshfed_federation::routing::PortRange {
+            Some(meshfed_catalog::routing::PortRange {
                 first: 20000,
                 last: 29999
             })

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshfed_federation::catalog::Protocol;
-use meshfed_federation::{ServiceName, SiteName};
+use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::{ServiceName, SiteName};
 use meshfed_identity::SpiffeId;
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};

@@ -1,6 +1,6 @@
 //! Runs a gateway from the federation's catalog: publishes this site's exports, watches
 //! the catalog, keeps the federated bundles on disk, and turns every catalog change into
-//! peers and imports (`meshfed_federation::routing::plan`).
+//! peers and imports (`meshfed_catalog::routing::plan`).
 //!
 //! Static stability: the last catalog is cached in the site directory. At start the
 //! gateway serves from the cache before it reaches the federation, and when the
@@ -12,12 +12,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshfed_federation::api::{change_from_pb, pb};
-use meshfed_federation::catalog::Protocol;
-use meshfed_federation::catalog::{Delta, Revision};
-use meshfed_federation::node::Membership;
-use meshfed_federation::routing::{IMPORTS_FILE, ImportListener, ImportListeners, plan};
-use meshfed_federation::{Catalog, SiteName};
+use meshfed_api::{change_from_pb, pb};
+use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::catalog::{Delta, Revision};
+use meshfed_catalog::routing::{IMPORTS_FILE, ImportListener, ImportListeners, plan};
+use meshfed_catalog::site::Membership;
+use meshfed_catalog::{Catalog, SiteName};
 use meshfed_identity::ca::write_file;
 use meshfed_identity::{TrustBundle, TrustDomain};
 use tokio_stream::StreamExt;
@@ -51,12 +51,18 @@ pub struct Agent {
     /// The live bundle set of the verifiers: federated bundles go in here at once, not
     /// only to disk for the reloader.
     pub bundle_store: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
-    /// In-gateway DNS: its zone settings, the table it answers from, and the address
-    /// imports listen on (what A records point at).
-    pub dns: Option<(
-        meshfed_dns::ZoneConfig,
-        Arc<arc_swap::ArcSwap<meshfed_dns::Table>>,
-    )>,
+    /// Every plan the agent applies, for whoever answers for the site's imports (the
+    /// binary's DNS server follows it).
+    pub applied: tokio::sync::watch::Sender<Option<Arc<AppliedPlan>>>,
+}
+
+/// A plan as the agent applied it: the plan, the address each imported service listens
+/// on at this site (what DNS answers), and the catalog revision it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedPlan {
+    pub plan: meshfed_catalog::routing::SitePlan,
+    pub addresses: std::collections::BTreeMap<meshfed_catalog::ServiceName, std::net::IpAddr>,
+    pub revision: u64,
 }
 
 /// The catalog a site applies: snapshots reset it, deltas extend it.
@@ -147,19 +153,16 @@ impl Agent {
     /// Makes peers and imports match the catalog.
     fn apply_plan(&self, catalog: &Catalog) {
         let p = plan(catalog, &self.site, self.fed.locality.as_deref());
-        let addrs = meshfed_federation::routing::import_addresses(
+        let addrs = meshfed_catalog::routing::import_addresses(
             &p,
             self.fed.import_address,
             self.fed.vip_range,
         );
-        if let Some((zone, table)) = &self.dns {
-            table.store(Arc::new(meshfed_dns::table_for_plan(
-                zone,
-                &p,
-                &addrs,
-                catalog.revision.0,
-            )));
-        }
+        self.applied.send_replace(Some(Arc::new(AppliedPlan {
+            plan: p.clone(),
+            addresses: addrs.clone(),
+            revision: catalog.revision.0,
+        })));
         let mut keep_peers: BTreeSet<SiteName> =
             self.static_peers.iter().map(|p| p.site.clone()).collect();
         for peer in &p.peers {
@@ -183,7 +186,7 @@ impl Agent {
         let ports = self
             .fed
             .import_ports
-            .map(|r| meshfed_federation::routing::import_ports(&p, r));
+            .map(|r| meshfed_catalog::routing::import_ports(&p, r));
         let mut bound = ImportListeners::default();
         for im in &p.imports {
             let Some(ip) = addrs.get(&im.service) else {
@@ -284,7 +287,7 @@ impl Agent {
         .map_err(|e| format!("federation.json: {e}"))?;
         let fed_bundle = self.federation_bundle(&m.federation_trust_domain)?;
         let mut client =
-            meshfed_federation::node::client(&m.addresses, fed_bundle, &self.cert, &self.key)
+            meshfed_api::client::client(&m.addresses, fed_bundle, &self.cert, &self.key)
                 .await
                 .map_err(|e| e.to_string())?;
         let mut exports = self.exports.clone();

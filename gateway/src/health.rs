@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshfed_federation::ServiceName;
-use meshfed_federation::sources::service_entry::{HealthCheck, HealthKind};
+use meshfed_catalog::ServiceName;
+use meshfed_catalog::legacy::{HealthCheck, HealthKind};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

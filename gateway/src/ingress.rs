@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use meshfed_federation::ServiceName;
+use meshfed_catalog::ServiceName;
 use meshfed_identity::SpiffeId;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
@@ -23,7 +23,7 @@ use crate::splice::{splice, splice_tls};
 use crate::tunnel::{HANDSHAKE_TIMEOUT, HeaderReadError, read_header};
 use crate::udp::{FlowBudget, FlowLimits, IngressFlows};
 use crate::wire::{self, Open, Refusal, Response, app_code};
-use meshfed_federation::sources::service_entry::TlsOrigination;
+use meshfed_catalog::legacy::TlsOrigination;
 
 /// TLS alert `certificate_required` (RFC 8446 §6.2).
 const CERTIFICATE_REQUIRED: u8 = 116;

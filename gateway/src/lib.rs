@@ -5,8 +5,12 @@
 //! Decisions (`wire` decoding, `ingress::decide`, `admission` of unauthenticated
 //! handshakes, `preflight::collisions`) are pure; sockets live in `tunnel`, `peers`,
 //! `egress`, `ingress`, `splice` and `admin`. `preflight` is `meshfed gateway check`.
-//! This crate must not talk to etcd or Kubernetes: catalog data reaches it through
-//! `federation` types.
+//! `federated` is the site's agent of the federation (join state, publish, watch, apply
+//! the plan); `registry` follows the site directory's registered and Kubernetes exports.
+//!
+//! It depends on `identity`, `catalog` and `api` only: no etcd, no Kubernetes, no
+//! federation server, no DNS (CI checks it, `.ci/deps.sh`). The binary composes the
+//! gateway with DNS (`meshfed::site`) from [`RunningGateway::applied_plans`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -16,7 +20,6 @@ pub mod egress;
 pub mod federated;
 pub mod health;
 pub mod ingress;
-pub mod lab;
 pub mod metrics;
 pub mod origination;
 pub mod peers;
@@ -87,8 +90,9 @@ pub struct RunningGateway {
     pub local_id: SpiffeId,
     pub peers: peers::Peers,
     pub import_set: Arc<egress::Imports>,
-    /// Where the in-gateway DNS server answers (UDP, TCP), when configured.
-    pub dns: Option<(SocketAddr, SocketAddr)>,
+    /// The plans the federation agent applies (`None` until the first, and always
+    /// without a federation).
+    applied: tokio::sync::watch::Sender<Option<Arc<federated::AppliedPlan>>>,
     ingress: Arc<ingress::Ingress>,
     reload: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
@@ -106,7 +110,7 @@ impl RunningGateway {
     pub fn connected_peers(
         &self,
     ) -> (
-        Vec<(meshfed_federation::SiteName, Option<SpiffeId>)>,
+        Vec<(meshfed_catalog::SiteName, Option<SpiffeId>)>,
         Vec<SpiffeId>,
     ) {
         (self.peers.status(), self.ingress.inbound_peers())
@@ -115,6 +119,13 @@ impl RunningGateway {
     /// Resolves when the gateway has stopped.
     pub async fn wait(self) {
         let _ = self.done.await;
+    }
+
+    /// Follows the plans the federation agent applies; the current one is in it at once.
+    pub fn applied_plans(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Option<Arc<federated::AppliedPlan>>> {
+        self.applied.subscribe()
     }
 
     pub fn stop_token(&self) -> CancellationToken {
@@ -161,8 +172,18 @@ pub fn raise_nofile_limit() -> u64 {
 }
 
 /// Loads identity and bundles, binds every listener, and starts serving. Returns once
-/// all listeners are bound (so `/ready` is true).
+/// all listeners are bound (so `/ready` is true). The config's `dns` section is not
+/// served here: the binary starts DNS beside the gateway (`meshfed::site`).
 pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
+    start_with(cfg, Registry::default()).await
+}
+
+/// [`start`], serving `registry` on the admin port beside the gateway's own metrics
+/// (the binary registers its DNS server's there).
+pub async fn start_with(
+    cfg: GatewayConfig,
+    mut registry: Registry,
+) -> Result<RunningGateway, GatewayError> {
     let svid = Svid::load(&cfg.cert, &cfg.key)?;
     let expected = SpiffeId::gateway(&cfg.trust_domain, cfg.site.as_str()).map_err(|e| {
         ConfigError::Field {
@@ -196,7 +217,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     })?;
 
     let metrics = metrics::Metrics::default();
-    let mut registry = Registry::default();
     metrics.register(&mut registry);
     let hook_metrics = metrics.clone();
     let bundle_store = Arc::new(ArcSwap::from_pointee(bundles));
@@ -321,42 +341,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             .serve(endpoint.clone(), stop.clone(), tasks.clone()),
     );
 
-    let mut dns_server = None;
-    let mut dns_table = None;
-    if let (Some(d), Some(_)) = (&cfg.dns, &cfg.federation) {
-        let zone = meshfed_dns::ZoneConfig {
-            ttl: d.ttl,
-            extra_zones: d.zones.clone(),
-            host_zones: vec![],
-        };
-        let table = Arc::new(arc_swap::ArcSwap::from_pointee(meshfed_dns::Table::build(
-            &zone,
-            &[],
-            &[],
-            0,
-        )));
-        let dns_metrics = meshfed_dns::server::Metrics::default();
-        dns_metrics.register(&mut registry);
-        let running = meshfed_dns::server::start(
-            meshfed_dns::server::ServerConfig {
-                listen: d.listen,
-                forward: d.forward,
-                rate_limit: d.rate_limit,
-                workers: 0,
-            },
-            table.clone(),
-            dns_metrics,
-        )
-        .await
-        .map_err(|source| GatewayError::Bind {
-            what: "dns".into(),
-            addr: d.listen,
-            source,
-        })?;
-        dns_table = Some((zone, table));
-        dns_server = Some(running);
-    }
-
+    let (applied, _) = tokio::sync::watch::channel(None);
     if let Some(fed) = &cfg.federation {
         let advertise = fed
             .advertise
@@ -387,7 +372,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
             imports: imports.clone(),
             metrics: metrics.clone(),
             bundle_store: bundle_store.clone(),
-            dns: dns_table,
+            applied: applied.clone(),
         };
         tokio::spawn(agent.run(dial_stop.clone()));
     }
@@ -428,7 +413,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
 
     let grace = cfg.drain_grace;
     let stop2 = stop.clone();
-    let dns_addrs = dns_server.as_ref().map(|r| (r.udp, r.tcp));
     let done = tokio::spawn(async move {
         stop2.cancelled().await;
         ready.store(false, Ordering::Release);
@@ -449,9 +433,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         dial_tasks.close();
         dial_tasks.wait().await;
         admin_stop.cancel();
-        if let Some(d) = dns_server {
-            d.shutdown();
-        }
         info!("gateway stopped");
     });
 
@@ -460,7 +441,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
         admin_addr,
         imports: imports.addrs(),
         import_set: imports,
-        dns: dns_addrs,
+        applied,
         local_id: svid.id,
         peers,
         ingress,

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use meshfed_federation::sources::service_entry::{TlsMode, TlsOrigination};
+use meshfed_catalog::legacy::{TlsMode, TlsOrigination};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meshfed_federation::SiteName;
+use meshfed_catalog::SiteName;
 use meshfed_identity::SpiffeId;
 use quinn::{Connection, ConnectionError};
 use tokio::sync::watch;

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use meshfed_federation::catalog::Protocol;
+use meshfed_catalog::catalog::Protocol;
 use meshfed_identity::{SpiffeId, Svid};
 
 use crate::config::GatewayConfig;

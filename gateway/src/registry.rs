@@ -12,12 +12,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use meshfed_federation::ServiceName;
-use meshfed_federation::catalog::Protocol;
-use meshfed_federation::sources::Registry;
-use meshfed_federation::sources::kubernetes::controller::{
-    EXPORTS_FILE as KUBE_EXPORTS_FILE, KubeExports,
-};
+use meshfed_catalog::ServiceName;
+use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::site::Registry;
+use meshfed_catalog::site::{KUBE_EXPORTS_FILE, KubeExports};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -25,7 +23,7 @@ use tracing::{info, warn};
 use crate::config::Export;
 use crate::health::{Checks, Target};
 use crate::ingress::Ingress;
-use meshfed_federation::sources::service_entry::HealthCheck;
+use meshfed_catalog::legacy::HealthCheck;
 
 /// Bounds on when a hostname is looked up again: its answer's TTL, within these.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
@@ -133,8 +131,8 @@ fn ips(address: &str, resolved: &BTreeMap<String, Vec<IpAddr>>) -> Vec<IpAddr> {
 
 /// The port a service's health check probes on an endpoint.
 fn check_port(
-    e: &meshfed_federation::sources::service_entry::LegacyService,
-    ep: &meshfed_federation::sources::service_entry::LegacyEndpoint,
+    e: &meshfed_catalog::legacy::LegacyService,
+    ep: &meshfed_catalog::legacy::LegacyEndpoint,
     hc: &HealthCheck,
 ) -> Option<u16> {
     hc.port.or_else(|| {
@@ -387,7 +385,7 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshfed_federation::sources::service_entry::parse;
+    use meshfed_istio::service_entry::parse;
 
     fn registry(yaml: &str) -> Registry {
         let mut r = Registry::default();
@@ -459,7 +457,7 @@ spec:
 
     #[test]
     fn kubernetes_exports_keep_ports_protocols_names_and_identities() {
-        use meshfed_federation::sources::kubernetes::{KubeExport, KubePort};
+        use meshfed_catalog::site::{KubeExport, KubePort};
         let k = KubeExports {
             exports: vec![KubeExport {
                 service: ServiceName::parse("dns.kube-system").unwrap(),

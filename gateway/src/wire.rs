@@ -20,7 +20,7 @@
 //! dialing side) and is unique on its connection; datagrams from the dialer are requests,
 //! datagrams from the acceptor are responses.
 
-use meshfed_federation::ServiceName;
+use meshfed_catalog::ServiceName;
 use meshfed_identity::SpiffeId;
 
 /// The ALPN every meshfed gateway speaks; a new incompatible wire bumps it.

@@ -65,7 +65,8 @@ fn versions() -> &'static [&'static rustls::SupportedProtocolVersion] {
     VERSIONS
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The one crypto provider meshfed's TLS uses (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

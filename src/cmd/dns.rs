@@ -64,7 +64,7 @@ pub fn run(a: DnsArgs) -> Result<()> {
     } = a;
     let vip_range = vip_range
         .as_deref()
-        .map(meshfed_federation::routing::VipRange::parse)
+        .map(meshfed_catalog::routing::VipRange::parse)
         .transpose()
         .map_err(|e| anyhow::anyhow!("--vip-range: {e}"))?;
     let zones = zone
@@ -96,11 +96,11 @@ pub fn run(a: DnsArgs) -> Result<()> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as u32);
                 tokio::spawn(
-                    meshfed_federation::sources::kubernetes::controller::follow_service_imports(
+                    meshfed_kubernetes::controller::follow_service_imports(
                         client,
                         tokio_util::sync::CancellationToken::new(),
                         move |imports| {
-                            let records = meshfed_dns::kubernetes::records(&imports);
+                            let records = meshfed_kubernetes::dns::records(&imports);
                             serial = serial.wrapping_add(1);
                             tracing::debug!(imports = imports.len(), records = records.len(), "DNS answers from ServiceImports");
                             table.store(Arc::new(meshfed_dns::Table::build(
@@ -113,7 +113,7 @@ pub fn run(a: DnsArgs) -> Result<()> {
                 let (Some(site), Some(dir)) = (site, dir) else {
                     bail!("--site and --dir are required without --kubernetes");
                 };
-                let site = meshfed_federation::SiteName::new(&site)
+                let site = meshfed_catalog::SiteName::new(&site)
                     .with_context(|| format!("--site {site:?}"))?;
                 let follow = meshfed_dns::follow::Follow {
                     catalog: dir.join("catalog.json"),

@@ -115,9 +115,9 @@ pub struct StatusArgs {
 
 pub fn status(a: StatusArgs) -> Result<()> {
     let StatusArgs { dir } = a;
-    let st = super::runtime()?.block_on(meshfed_federation::node::status(&dir))?;
+    let st = super::runtime()?.block_on(meshfed_api::client::status(&dir))?;
     let td = Ca::load(&dir.join("ca"))?.trust_domain().to_string();
-    print!("{}", meshfed_federation::node::status_table(&td, &st));
+    print!("{}", meshfed_api::client::status_table(&td, &st));
     Ok(())
 }
 
@@ -217,7 +217,7 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
                     format!("--trust-domain {:?}", trust_domain.unwrap_or_default())
                 })?;
             let (token, expires) =
-                super::runtime()?.block_on(meshfed_federation::node::create_token(
+                super::runtime()?.block_on(meshfed_api::client::create_token(
                     &dir,
                     &site,
                     ttl,
@@ -239,7 +239,7 @@ pub fn site(cmd: SiteCmd) -> Result<()> {
             gateway_address,
             token,
         } => {
-            let m = super::runtime()?.block_on(meshfed_federation::node::join(
+            let m = super::runtime()?.block_on(meshfed_api::client::join(
                 &dir,
                 &site,
                 &token,
@@ -249,7 +249,7 @@ pub fn site(cmd: SiteCmd) -> Result<()> {
                 "site {site} joined federation {} at revision {} ({} bundles in {})",
                 m.federation_trust_domain,
                 m.revision,
-                meshfed_federation::node::bundle_files(&dir).len(),
+                meshfed_catalog::site::bundle_files(&dir).len(),
                 dir.join("bundles").display()
             );
         }

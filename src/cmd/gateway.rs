@@ -64,12 +64,13 @@ async fn gateway_run(
     ready_file: Option<PathBuf>,
 ) -> Result<()> {
     let mut signals = signals::Signals::install()?;
-    let gw = meshfed_gateway::start(cfg).await?;
+    let site = meshfed::site::start(cfg).await?;
+    let gw = &site.gateway;
     if let Some(f) = ready_file {
         let doc = serde_json::json!({
             "quic": gw.quic_addr.to_string(),
             "admin": gw.admin_addr.to_string(),
-            "dns": gw.dns.map(|(udp, _)| udp.to_string()),
+            "dns": site.dns.map(|(udp, _)| udp.to_string()),
             "imports": gw.imports.iter().map(|(k, a)| (k.clone(), a.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
         });
         ca::write_file(&f, doc.to_string().as_bytes(), 0o644)?;
@@ -86,6 +87,6 @@ async fn gateway_run(
         tracing::info!(signal = sig, "signal received: draining");
         stop.cancel();
     });
-    gw.wait().await;
+    site.wait().await;
     Ok(())
 }

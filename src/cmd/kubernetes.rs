@@ -48,13 +48,12 @@ pub fn run(cmd: KubernetesCmd) -> Result<()> {
         } => {
             super::runtime()?.block_on(async {
                 let client = kube_client().await?;
-                let c =
-                    meshfed_federation::sources::kubernetes::import_controller::ImportController {
-                        client,
-                        dir,
-                        gateway_namespace: namespace,
-                        gateway_selector,
-                    };
+                let c = meshfed_kubernetes::import_controller::ImportController {
+                    client,
+                    dir,
+                    gateway_namespace: namespace,
+                    gateway_selector,
+                };
                 run_until_signal(|stop| c.run(stop)).await;
                 Ok::<_, anyhow::Error>(())
             })?;
@@ -64,13 +63,13 @@ pub fn run(cmd: KubernetesCmd) -> Result<()> {
             trust_domain,
             dir,
         } => {
-            let site = meshfed_federation::SiteName::new(&site)
+            let site = meshfed_catalog::SiteName::new(&site)
                 .with_context(|| format!("--site {site:?}"))?;
             let trust_domain = meshfed_identity::TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
             super::runtime()?.block_on(async {
                 let client = kube_client().await?;
-                let c = meshfed_federation::sources::kubernetes::controller::ExportController {
+                let c = meshfed_kubernetes::controller::ExportController {
                     client,
                     site,
                     trust_domain,

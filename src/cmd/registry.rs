@@ -55,8 +55,8 @@ pub fn register(a: RegisterArgs) -> Result<()> {
     let r = read_entries(&file)?;
     let names: Vec<String> = r.services.iter().map(|s| s.service.to_string()).collect();
     // Concurrent registrations take turns: each one's entries survive.
-    let _lock = meshfed_federation::node::lock_site_dir(&dir)?;
-    let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
+    let _lock = meshfed_catalog::site::lock_site_dir(&dir)?;
+    let mut reg = meshfed_catalog::site::Registry::load(&dir)?;
     let conflicts = reg.conflicts(&r.services);
     if !conflicts.is_empty() {
         bail!(
@@ -71,7 +71,7 @@ pub fn register(a: RegisterArgs) -> Result<()> {
         "registered {} ({} replaced) in {}; {} service(s) registered in all",
         names.join(", "),
         replaced.len(),
-        meshfed_federation::sources::Registry::path(&dir).display(),
+        meshfed_catalog::site::Registry::path(&dir).display(),
         reg.services.len()
     );
 
@@ -84,8 +84,8 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
         file,
         dir,
     } = a;
-    let _lock = meshfed_federation::node::lock_site_dir(&dir)?;
-    let mut reg = meshfed_federation::sources::Registry::load(&dir)?;
+    let _lock = meshfed_catalog::site::lock_site_dir(&dir)?;
+    let mut reg = meshfed_catalog::site::Registry::load(&dir)?;
     let names = match &file {
         Some(f) => {
             let source = f.display().to_string();
@@ -103,7 +103,7 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
         None => services
             .iter()
             .map(|s| {
-                s.parse::<meshfed_federation::ServiceName>()
+                s.parse::<meshfed_catalog::ServiceName>()
                     .map_err(|e| anyhow::anyhow!("{s:?}: {e}"))
             })
             .collect::<Result<_>>()?,
@@ -121,11 +121,9 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
 }
 
 /// Parses a ServiceEntry file; warnings go to stderr, errors name the file.
-fn read_entries(
-    file: &std::path::Path,
-) -> Result<meshfed_federation::sources::service_entry::Registration> {
+fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::Registration> {
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
-    let mut r = meshfed_federation::sources::service_entry::parse(&text)
+    let mut r = meshfed_istio::service_entry::parse(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     // TLS files: relative to the YAML file, and readable now rather than at the gateway.
     let base = file.parent().unwrap_or(std::path::Path::new("."));
@@ -157,7 +155,7 @@ fn read_entries(
     Ok(r)
 }
 
-fn describe_entry(s: &meshfed_federation::sources::service_entry::LegacyService) -> String {
+fn describe_entry(s: &meshfed_catalog::legacy::LegacyService) -> String {
     let ports: Vec<String> = s
         .ports
         .iter()

@@ -94,7 +94,7 @@ async fn dns_answers_from_the_live_catalog_with_real_dig() {
     let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
     let import_ip: std::net::IpAddr = [127, 0, 0, 5].into();
     let port = free_port(import_ip);
-    let fed_cfg = |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4]| fed_config(s, ip);
+    let fed_cfg = |s: &meshfed_lab::SiteFiles, ip: [u8; 4]| fed_config(s, ip);
     let _west_gw = Gw::start(
         &west,
         &fed_cfg(&west, [127, 0, 0, 6]).export("orders.shop", port, vec![echo_server().await]),

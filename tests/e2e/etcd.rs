@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use meshfed_federation::api::{change_from_pb, pb, reason_of};
-use meshfed_federation::catalog::{Catalog, Delta, Revision};
-use meshfed_federation::token::JoinToken;
+use meshfed_api::{change_from_pb, pb, reason_of};
+use meshfed_catalog::catalog::{Catalog, Delta, Revision};
+use meshfed_catalog::token::JoinToken;
 
 use crate::federation::{Fed, On, client, export, join, next_event, publish};
 use crate::harness::*;
@@ -170,7 +170,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     assert_eq!(
         east_seq
             .iter()
-            .filter(|d| matches!(d.change, meshfed_federation::Change::PutExport { .. }))
+            .filter(|d| matches!(d.change, meshfed_catalog::Change::PutExport { .. }))
             .count(),
         40,
         "one delta per publish"

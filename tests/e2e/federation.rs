@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use meshfed_federation::api::{pb, reason_of};
-use meshfed_gateway::lab::SiteFiles;
+use meshfed_api::{pb, reason_of};
 use meshfed_identity::{BundleSet, TrustDomain};
+use meshfed_lab::SiteFiles;
 use tokio_stream::StreamExt;
 
 use crate::harness::*;
@@ -206,8 +206,8 @@ pub(crate) fn joined<const N: usize>(
 }
 
 /// A gateway config that runs from the federation, its imports listening on `ip`.
-pub(crate) fn fed_config(s: &SiteFiles, ip: [u8; 4]) -> meshfed_gateway::lab::ConfigBuilder {
-    meshfed_gateway::lab::ConfigBuilder {
+pub(crate) fn fed_config(s: &SiteFiles, ip: [u8; 4]) -> meshfed_lab::ConfigBuilder {
+    meshfed_lab::ConfigBuilder {
         federation: Some((s.dir.clone(), ip.into())),
         reload_interval: Some(RELOAD),
         ..Default::default()
@@ -248,7 +248,7 @@ pub(crate) async fn client(
         Some(&TrustDomain::new("fed.example.org").unwrap()),
     )
     .unwrap();
-    meshfed_federation::node::client(std::slice::from_ref(&fed.addr), b, cert, key)
+    meshfed_api::client::client(std::slice::from_ref(&fed.addr), b, cert, key)
         .await
         .unwrap()
 }
@@ -584,7 +584,7 @@ async fn gateway_scenario(on: On<'_>) {
         }
         .into()
     };
-    let fed_cfg = |s: &SiteFiles| meshfed_gateway::lab::ConfigBuilder {
+    let fed_cfg = |s: &SiteFiles| meshfed_lab::ConfigBuilder {
         federation: Some((s.dir.clone(), ip_of(s))),
         reload_interval: Some(RELOAD),
         ..Default::default()

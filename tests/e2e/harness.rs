@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use meshfed_gateway::lab::{self, ConfigBuilder, SiteFiles};
+use meshfed_lab::{self as lab, ConfigBuilder, SiteFiles};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 

@@ -10,10 +10,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use meshfed_federation::sources::kubernetes::controller::{
-    EXPORTS_FILE, ExportController, KubeExports,
-};
-use meshfed_federation::sources::kubernetes::{SERVICE_NAME_LABEL, ServiceExport};
+use meshfed_catalog::site::{KUBE_EXPORTS_FILE as EXPORTS_FILE, KubeExports};
+use meshfed_kubernetes::controller::ExportController;
+use meshfed_kubernetes::{SERVICE_NAME_LABEL, ServiceExport};
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::Scratch;
@@ -139,12 +138,12 @@ async fn wait_condition(api: &KubeApi, type_: &str, status: &str) -> serde_json:
 
 /// A catalog (as the gateway caches it) where site east exports orders.shop with port
 /// `http` on `port`.
-fn other_site_exports(port: u16) -> meshfed_federation::Catalog {
-    use meshfed_federation::catalog::{
+fn other_site_exports(port: u16) -> meshfed_catalog::Catalog {
+    use meshfed_catalog::catalog::{
         Change, Delta, Export, ExportedPort, Protocol, Revision, SiteRecord,
     };
-    let mut c = meshfed_federation::Catalog::default();
-    let east: meshfed_federation::SiteName = "east".parse().unwrap();
+    let mut c = meshfed_catalog::Catalog::default();
+    let east: meshfed_catalog::SiteName = "east".parse().unwrap();
     let changes = [
         Change::PutSite(SiteRecord {
             site: east.clone(),
@@ -327,7 +326,7 @@ async fn service_exports_become_exports_with_status_through_the_kube_client() {
 /// the federation's catalog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_exports_are_published_by_the_gateway_and_imported_elsewhere() {
-    use meshfed_federation::sources::kubernetes::{KubeExport, KubePort};
+    use meshfed_catalog::site::{KubeExport, KubePort};
     let scratch = Scratch::new("kube-publish");
     let (_fed, west, _west_gw, east_gw) = crate::legacy::east_and_west(&scratch);
     let echo = crate::harness::echo_server().await;
@@ -337,7 +336,7 @@ async fn kubernetes_exports_are_published_by_the_gateway_and_imported_elsewhere(
             service: "orders.shop".parse().unwrap(),
             ports: vec![KubePort {
                 port,
-                protocol: meshfed_federation::catalog::Protocol::Tcp,
+                protocol: meshfed_catalog::catalog::Protocol::Tcp,
                 name: Some("http".into()),
                 endpoints: vec![echo],
             }],
@@ -439,7 +438,7 @@ fn import_controller(
     api: &KubeApi,
     dir: &Path,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    use meshfed_federation::sources::kubernetes::import_controller::ImportController;
+    use meshfed_kubernetes::import_controller::ImportController;
     let stop = CancellationToken::new();
     let c = ImportController {
         client: api.client(),
@@ -458,15 +457,15 @@ fn import_controller(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imports_become_service_imports_reaching_the_gateway_and_are_collected_when_withdrawn() {
     use crate::federation::{Fed, fed_config, joined};
-    use meshfed_federation::catalog::Protocol;
-    use meshfed_federation::sources::kubernetes::{KubeExport, KubePort};
+    use meshfed_catalog::catalog::Protocol;
+    use meshfed_catalog::site::{KubeExport, KubePort};
     let scratch = Scratch::new("kube-import");
     let fed = Fed::start(&Fed::init(&scratch), 0);
     let [east, west] = joined(&scratch, &fed, ["east", "west"]);
     let _west_gw = crate::harness::Gw::start(&west, &fed_config(&west, [127, 0, 0, 8])).unwrap();
     let east_gw = crate::harness::Gw::start(
         &east,
-        &meshfed_gateway::lab::ConfigBuilder {
+        &meshfed_lab::ConfigBuilder {
             import_ports: Some("21000-21999".into()),
             ..fed_config(&east, [127, 0, 0, 9])
         },
@@ -498,7 +497,7 @@ async fn imports_become_service_imports_reaching_the_gateway_and_are_collected_w
     api.put(&gateway_pod("gw-a", "127.0.0.9", true));
     api.put(&gateway_pod("gw-b", "127.0.0.10", false));
     // Someone else's ServiceImport: never touched.
-    let foreign = meshfed_federation::sources::kubernetes::imports::ServiceImport {
+    let foreign = meshfed_kubernetes::imports::ServiceImport {
         metadata: meta("shop", "legacy"),
         ..Default::default()
     };
@@ -634,9 +633,7 @@ impl Drop for Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_in_a_cluster_answers_from_service_imports() {
     use crate::dns::{dig, wait_dig};
-    use meshfed_federation::sources::kubernetes::imports::{
-        ServiceImport, ServiceImportPort, ServiceImportSpec,
-    };
+    use meshfed_kubernetes::imports::{ServiceImport, ServiceImportPort, ServiceImportSpec};
     use std::io::BufRead;
     let scratch = Scratch::new("kube-dns");
     let api = KubeApi::start().await;

@@ -26,14 +26,12 @@ fn register(dir: &std::path::Path, file: &std::path::Path) -> (i32, String) {
 
 /// A federation with west (gateway on 127.0.0.8) and east (127.0.0.9, with DNS), both
 /// joined and running: returns the federation, west's files and both gateways.
-pub(crate) fn east_and_west(scratch: &Scratch) -> (Fed, meshfed_gateway::lab::SiteFiles, Gw, Gw) {
+pub(crate) fn east_and_west(scratch: &Scratch) -> (Fed, meshfed_lab::SiteFiles, Gw, Gw) {
     let fed = Fed::start(&Fed::init(scratch), 0);
     let [east, west] = joined(scratch, &fed, ["east", "west"]);
-    let cfg = |s: &meshfed_gateway::lab::SiteFiles, ip: [u8; 4], dns: bool| {
-        meshfed_gateway::lab::ConfigBuilder {
-            dns: dns.then(|| "listen: 127.0.0.1:0".to_string()),
-            ..fed_config(s, ip)
-        }
+    let cfg = |s: &meshfed_lab::SiteFiles, ip: [u8; 4], dns: bool| meshfed_lab::ConfigBuilder {
+        dns: dns.then(|| "listen: 127.0.0.1:0".to_string()),
+        ..fed_config(s, ip)
     };
     let west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 8], false)).unwrap();
     let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 9], true)).unwrap();

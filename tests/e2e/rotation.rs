@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use meshfed_gateway::lab::ConfigBuilder;
 use meshfed_identity::{Ca, TrustBundle, TrustDomain};
+use meshfed_lab::ConfigBuilder;
 
 use crate::harness::*;
 

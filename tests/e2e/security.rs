@@ -134,7 +134,7 @@ async fn handshake_flood_moves_rss_under_50_mb_and_traffic_keeps_flowing() {
 
 /// Writes `site`'s gateway SVID anew, signed by its own CA, valid from `from` to `to`
 /// seconds relative to now.
-fn write_svid_valid(site: &meshfed_gateway::lab::SiteFiles, from: i64, to: i64) {
+fn write_svid_valid(site: &meshfed_lab::SiteFiles, from: i64, to: i64) {
     use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
     let ca = meshfed_identity::Ca::load(&site.dir.join("ca")).unwrap();
     let mut p = CertificateParams::default();
@@ -169,9 +169,7 @@ fn a_gateway_refuses_to_start_on_an_svid_that_is_not_valid_now() {
     ] {
         let site = scratch.site(name, &format!("{name}.example.org"));
         write_svid_valid(&site, from, to);
-        let config = meshfed_gateway::lab::ConfigBuilder::default()
-            .write(&site)
-            .unwrap();
+        let config = meshfed_lab::ConfigBuilder::default().write(&site).unwrap();
         let (exit, _, err) = meshfed(&["gateway", "run", "-c", config.to_str().unwrap()]);
         assert_ne!(exit, 0, "{name}: started anyway: {err}");
         assert!(
@@ -223,7 +221,7 @@ async fn ready_turns_false_before_the_svid_expires() {
     let scratch = Scratch::new("svid-ready");
     let site = scratch.site("west", "west.example.org");
     write_svid_valid(&site, -60, 8);
-    let cfg = meshfed_gateway::lab::ConfigBuilder {
+    let cfg = meshfed_lab::ConfigBuilder {
         reload_interval: Some(Duration::from_secs(5)),
         ..Default::default()
     };
@@ -378,7 +376,7 @@ fn concurrent_registrations_lose_nothing() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let reg = meshfed_federation::sources::Registry::load(&site.dir).unwrap();
+    let reg = meshfed_catalog::site::Registry::load(&site.dir).unwrap();
     assert_eq!(
         reg.services.len(),
         20,
@@ -490,7 +488,7 @@ async fn sighup_is_logged_and_survived_by_gateway_and_federation() {
 /// of that per peer), refusals are typed (`flow_limit`), and TCP keeps working.
 #[tokio::test(flavor = "multi_thread")]
 async fn udp_flows_cannot_starve_tcp_of_descriptors() {
-    use meshfed_gateway::lab::ConfigBuilder;
+    use meshfed_lab::ConfigBuilder;
     let scratch = Scratch::new("udp-fds");
     let west = scratch.site("west", "west.example.org");
     let east = scratch.site("east", "east.example.org");

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshfed_gateway::lab::ConfigBuilder;
 use meshfed_gateway::wire::{self, Refusal, Response};
 use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier};
+use meshfed_lab::ConfigBuilder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -320,7 +320,7 @@ async fn right_trust_domain_but_unlisted_spiffe_id_is_refused() {
     let s = TwoSites::start("unlisted", &[("echo.demo", 7000, vec![echo])], &[]).await;
     // A gateway certificate from east's own CA, for a site west does not list as a peer.
     let east_ca = meshfed_identity::Ca::load(&s.east.dir.join("ca")).unwrap();
-    let rogue = meshfed_gateway::lab::site_with_ca(&s.scratch.0, "rogue", &east_ca).unwrap();
+    let rogue = meshfed_lab::site_with_ca(&s.scratch.0, "rogue", &east_ca).unwrap();
     let cfg = ConfigBuilder::default()
         .peer(&s.west, Some(s.west_gw.quic))
         .import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into());

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meshfed_gateway::lab::ConfigBuilder;
+use meshfed_lab::ConfigBuilder;
 use tokio::net::UdpSocket;
 
 use crate::harness::*;

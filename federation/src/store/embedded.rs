@@ -16,8 +16,8 @@ use tokio::sync::{Notify, broadcast, watch};
 use tracing::warn;
 
 use super::{StoreError, StoreEvent, WatchStart};
-use crate::catalog::{Catalog, Change, Delta, History, Resume, Revision};
-use crate::token::{Claim, JoinToken, TokenRecord, redeem};
+use meshfed_catalog::catalog::{Catalog, Change, Delta, History, Resume, Revision};
+use meshfed_catalog::token::{Claim, JoinToken, TokenRecord, redeem};
 
 /// Commits between forced snapshot writes, at the most.
 pub const RESERVATION: u64 = 100_000;
@@ -327,9 +327,9 @@ fn write_snapshot(path: &Path, snap: &Snapshot) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Export, ExportedPort, Protocol, SiteRecord};
-    use crate::token::{JoinToken, TokenError};
-    use crate::{ServiceName, SiteName};
+    use meshfed_catalog::catalog::{Export, ExportedPort, Protocol, SiteRecord};
+    use meshfed_catalog::token::{JoinToken, TokenError};
+    use meshfed_catalog::{ServiceName, SiteName};
     use meshfed_identity::TrustDomain;
 
     fn tmp(name: &str) -> PathBuf {

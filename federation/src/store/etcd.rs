@@ -23,9 +23,9 @@ use tracing::{debug, info, warn};
 
 use super::mirror::{KvEvent, Layout, Mirror};
 use super::{StoreError, StoreEvent, WatchStart};
-use crate::catalog::{Catalog, CatalogError, Change, Resume, Revision};
-use crate::names::SiteName;
-use crate::token::{Claim, JoinToken, TokenRecord, redeem};
+use meshfed_catalog::catalog::{Catalog, CatalogError, Change, Resume, Revision};
+use meshfed_catalog::names::SiteName;
+use meshfed_catalog::token::{Claim, JoinToken, TokenRecord, redeem};
 
 /// etcd's default `--max-txn-ops` is 128; stay under it.
 const MAX_TXN_OPS: usize = 120;

@@ -22,8 +22,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::catalog::{Catalog, Change, Delta, Export, History, Revision, SiteRecord};
-use crate::names::{ServiceName, SiteName};
+use meshfed_catalog::catalog::{Catalog, Change, Delta, Export, History, Revision, SiteRecord};
+use meshfed_catalog::names::{ServiceName, SiteName};
 
 pub const DEFAULT_PREFIX: &str = "/meshfed/v1/";
 
@@ -321,7 +321,7 @@ impl Mirror {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{ExportedPort, Protocol, Resume};
+    use meshfed_catalog::catalog::{ExportedPort, Protocol, Resume};
     use meshfed_identity::TrustDomain;
 
     fn layout() -> Layout {

@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use tokio::sync::{broadcast, watch};
 
-use crate::catalog::{Catalog, CatalogError, Change, Delta, Revision, SiteRecord};
-use crate::names::SiteName;
-use crate::token::{Claim, JoinToken, TokenError, TokenRecord};
+use meshfed_catalog::catalog::{Catalog, CatalogError, Change, Delta, Revision, SiteRecord};
+use meshfed_catalog::names::SiteName;
+use meshfed_catalog::token::{Claim, JoinToken, TokenError, TokenRecord};
 
 mod embedded;
 mod etcd;

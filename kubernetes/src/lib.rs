@@ -6,7 +6,14 @@
 //! gets the MCS conditions `Valid` and `Conflict`.
 //!
 //! The mapping here is pure: objects (the real `k8s-openapi` types) in, exports and
-//! conditions out; `controller` watches a cluster and applies them.
+//! conditions out; `controller` watches a cluster and applies them, writing
+//! `kubernetes.json` ([`meshfed_catalog::site::KubeExports`]) for the gateway.
+//!
+//! The import side: `imports` (pure) and `import_controller` make ServiceImports and
+//! derived Services match what the site's gateway imports; `dns` maps any MCS
+//! implementation's ServiceImports to `clusterset.local` records for `meshfed dns
+//! --kubernetes`. `file_watch` wakes a controller when a file it follows changes.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -17,10 +24,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time
 use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{Catalog, Protocol};
-use crate::names::{ServiceName, SiteName};
+use meshfed_catalog::catalog::{Catalog, Protocol};
+use meshfed_catalog::names::{ServiceName, SiteName};
+pub use meshfed_catalog::site::{KubeExport, KubePort};
 
 pub mod controller;
+pub mod dns;
 pub mod file_watch;
 pub mod import_controller;
 pub mod imports;
@@ -74,27 +83,6 @@ macro_rules! mcs_resource {
 pub(crate) use mcs_resource;
 
 mcs_resource!(ServiceExport, "ServiceExport", "serviceexports");
-
-/// One exported port, with the ready endpoints behind it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KubePort {
-    pub port: u16,
-    pub protocol: Protocol,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Ready endpoint addresses with the port the pods listen on.
-    pub endpoints: Vec<SocketAddr>,
-}
-
-/// What one exported Service contributes to the site's exports.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KubeExport {
-    pub service: ServiceName,
-    pub ports: Vec<KubePort>,
-    /// Distinct ready endpoint addresses.
-    pub ready: u32,
-    pub identities: Vec<SpiffeId>,
-}
 
 /// Why a ServiceExport is not valid: the MCS `Valid=False` reason and a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -349,9 +337,9 @@ pub fn conditions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Change, Delta, Export, ExportedPort, Revision, SiteRecord};
     use k8s_openapi::api::core::v1::{ObjectReference, PodSpec, ServicePort, ServiceSpec};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use meshfed_catalog::catalog::{Change, Delta, Export, ExportedPort, Revision, SiteRecord};
 
     fn meta(ns: &str, name: &str) -> ObjectMeta {
         ObjectMeta {

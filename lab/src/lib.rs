@@ -1,6 +1,8 @@
 //! Builds sites on disk — a CA per trust domain, the gateway's SVID, the bundle, and a
 //! gateway config — for `meshfed demo`, the end-to-end tests and the benchmarks. Real
-//! certificates and real config files: the same ones an operator would write.
+//! certificates and real config files: the same ones an operator would write. Its own
+//! crate so that the gateway carries no fixtures.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;

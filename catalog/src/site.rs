@@ -1,53 +1,27 @@
-//! Catalog sources other than a gateway's own config: registered legacy services
-//! (ServiceEntry-style). Kubernetes comes with its issue.
-
-pub mod kubernetes;
-pub mod service_entry;
+//! The site directory's files, as every meshfed process reads them:
+//!
+//! - `registry.json`: what `meshfed register` added ([`Registry`]);
+//! - `kubernetes.json`: the Kubernetes export controller's output ([`KubeExports`]);
+//! - `federation.json`: the membership a join wrote ([`Membership`]);
+//! - `bundles/<trust domain>.json`: every federated bundle ([`bundle_files`]);
+//! - `.meshfed.lock`: taken by short writers (register, unregister, join) in turn
+//!   ([`lock_site_dir`]).
+//!
+//! `imports.json` and `catalog.json` are [`crate::routing::ImportListeners`] and
+//! [`crate::Catalog`]. Files are written atomically through `meshfed_identity::fs`.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use meshfed_identity::fs::{DirLock, FsError};
+use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::Protocol;
+use crate::legacy::LegacyService;
 use crate::names::ServiceName;
-use service_entry::LegacyService;
-
-/// Words a YAML parser message for people: serde-saphyr reports its resource limits as
-/// `budget breached: Nodes { nodes: 250001 }`; this says what was too large. Other
-/// messages pass through. Pure.
-pub fn yaml_message(message: &str) -> String {
-    let Some((before, breach)) = message.split_once("budget breached: ") else {
-        return message.to_owned();
-    };
-    let kind = breach.split([' ', '{']).next().unwrap_or_default();
-    let n: String = breach
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit())
-        .take_while(char::is_ascii_digit)
-        .collect();
-    let what = match kind {
-        "Nodes" => format!(
-            "more than {} nodes once anchors and aliases are expanded",
-            n.parse::<u64>()
-                .map_or(n.clone(), |v| (v.saturating_sub(1)).to_string())
-        ),
-        "Events" => format!("more than {n} parser events"),
-        "Aliases" => format!("{n} aliases (*name), more than allowed"),
-        "Anchors" => format!("{n} anchors (&name), more than allowed"),
-        "Depth" => format!("nesting {n} levels deep, more than allowed"),
-        "Documents" => format!("{n} documents, more than allowed"),
-        "ScalarBytes" => format!("{n} bytes of values, more than allowed"),
-        "MergeKeys" => format!("{n} merge keys (<<), more than allowed"),
-        "AliasAnchorRatio" => {
-            "far more aliases than anchors, the shape of a \"billion laughs\" expansion".into()
-        }
-        "InputBytes" => format!("{n} bytes, more than allowed"),
-        _ => breach.to_owned(),
-    };
-    format!(
-        "{before}the YAML has {what}: meshfed refuses to read it (a limit against memory exhaustion)"
-    )
-}
 
 /// What a site has registered with `meshfed register`: `<site dir>/registry.json`. The
 /// site's gateway exports these beside its config's exports and follows the file.
@@ -167,25 +141,108 @@ impl Registry {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        meshfed_identity::ca::write_file(&path, &bytes, 0o644).map_err(|e| RegistryError::Io {
+        meshfed_identity::fs::write_file(&path, &bytes, 0o644).map_err(|e| RegistryError::Io {
             path,
             detail: e.to_string(),
         })
     }
 }
 
+/// The file the gateway follows for this site's Kubernetes exports.
+pub const KUBE_EXPORTS_FILE: &str = "kubernetes.json";
+
+/// What `kubernetes.json` holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeExports {
+    pub exports: Vec<KubeExport>,
+}
+
+/// One exported port, with the ready endpoints behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubePort {
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Ready endpoint addresses with the port the pods listen on.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// What one exported Service contributes to the site's exports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeExport {
+    pub service: ServiceName,
+    pub ports: Vec<KubePort>,
+    /// Distinct ready endpoint addresses.
+    pub ready: u32,
+    pub identities: Vec<SpiffeId>,
+}
+
+/// What a site keeps after joining: `federation.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Membership {
+    pub federation_trust_domain: TrustDomain,
+    pub addresses: Vec<String>,
+    pub revision: u64,
+}
+
+impl Membership {
+    pub const FILE: &str = "federation.json";
+}
+
+/// The lock short writers of a site directory (register, join) take.
+pub const SITE_LOCK: &str = ".meshfed.lock";
+/// How long a command waits for another one writing the same site directory.
+pub const SITE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Takes the site directory's lock for a short read-modify-write (register, unregister,
+/// join), waiting up to [`SITE_LOCK_WAIT`] for another command to finish.
+pub fn lock_site_dir(site_dir: &Path) -> Result<DirLock, FsError> {
+    DirLock::wait(site_dir, SITE_LOCK, SITE_LOCK_WAIT)
+}
+
+/// Where a site keeps its copy of every federated bundle.
+pub fn bundle_files(site_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(site_dir.join("bundles"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::legacy::{LegacyEndpoint, LegacyPort, Location, Resolution};
+
     fn entry(name: &str, hosts: &[&str]) -> LegacyService {
-        let yaml = format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: shop}}\n\
-             spec:\n  hosts: [{}]\n  ports: [{{number: 80, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  \
-             endpoints: [{{address: 10.0.0.1}}]\n",
-            hosts.join(", ")
-        );
-        service_entry::parse(&yaml).unwrap().services.remove(0)
+        LegacyService {
+            service: ServiceName::new(name, "shop").unwrap(),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            addresses: vec![],
+            ports: vec![LegacyPort {
+                number: 80,
+                app_protocol: "TCP".into(),
+                protocol: Protocol::Tcp,
+                name: "tcp".into(),
+                target_port: None,
+            }],
+            location: Location::MeshExternal,
+            resolution: Resolution::Static,
+            endpoints: vec![LegacyEndpoint {
+                address: "10.0.0.1".into(),
+                ports: BTreeMap::new(),
+                labels: BTreeMap::new(),
+                locality: None,
+                weight: None,
+            }],
+            export_to: vec![],
+            health: None,
+            tls: None,
+        }
     }
 
     #[test]
@@ -223,18 +280,6 @@ mod tests {
             msg.contains("o.example") && msg.contains("orders.shop"),
             "{msg}"
         );
-    }
-
-    #[test]
-    fn yaml_limits_are_worded_for_people() {
-        let m = yaml_message("budget breached: Nodes { nodes: 250001 }");
-        assert!(
-            m.contains("more than 250000 nodes") && m.contains("anchors and aliases"),
-            "{m}"
-        );
-        let m = yaml_message("budget breached: Depth { depth: 2001 }");
-        assert!(m.contains("nesting 2001 levels deep"), "{m}");
-        assert_eq!(yaml_message("unknown field `x`"), "unknown field `x`");
     }
 
     #[test]

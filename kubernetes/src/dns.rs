@@ -6,11 +6,11 @@
 
 use std::net::IpAddr;
 
-use meshfed_federation::ServiceName;
-use meshfed_federation::catalog::Protocol;
-use meshfed_federation::sources::kubernetes::imports::ServiceImport;
+use crate::imports::ServiceImport;
+use meshfed_catalog::ServiceName;
+use meshfed_catalog::catalog::Protocol;
 
-use crate::zone::ImportRecord;
+use meshfed_dns::ImportRecord;
 
 /// The records of every ServiceImport that has a clusterset IP. Headless imports (no
 /// clusterset IP; their answers would be the pods of every cluster) and SCTP ports are
@@ -55,8 +55,8 @@ pub fn records(imports: &[ServiceImport]) -> Vec<ImportRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::imports::{ServiceImportPort, ServiceImportSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use meshfed_federation::sources::kubernetes::imports::{ServiceImportPort, ServiceImportSpec};
 
     fn si(
         name: &str,

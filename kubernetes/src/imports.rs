@@ -18,8 +18,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
 use super::{SERVICE_NAME_LABEL, mcs_resource};
-use crate::catalog::Protocol;
-use crate::routing::{ImportListener, ImportListeners};
+use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::routing::{ImportListener, ImportListeners};
 
 /// Marks every object the import controller owns; the only ones it updates or deletes.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshfed-import-controller");
@@ -133,7 +133,7 @@ pub fn ready_gateways<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Gatewa
 pub fn derived_name(namespace: &str, name: &str) -> String {
     format!(
         "derived-{:016x}",
-        crate::routing::fnv(&format!("{namespace}/{name}"))
+        meshfed_catalog::routing::fnv(&format!("{namespace}/{name}"))
     )
 }
 
@@ -448,9 +448,9 @@ pub fn update_slice(have: &EndpointSlice, want: &EndpointSlice) -> Option<Endpoi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::ImportListener;
     use crate::{ServiceName, SiteName};
     use k8s_openapi::api::core::v1::{PodCondition, PodIP, PodStatus};
+    use meshfed_catalog::routing::ImportListener;
 
     fn listener(
         svc: &str,

@@ -24,20 +24,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{KubeExport, Observed, ServiceExport, conditions, conflict, exports};
-use crate::catalog::Catalog;
-use crate::names::SiteName;
+use super::{Observed, ServiceExport, conditions, conflict, exports};
+use meshfed_catalog::catalog::Catalog;
+use meshfed_catalog::names::SiteName;
+use meshfed_catalog::site::{KUBE_EXPORTS_FILE as EXPORTS_FILE, KubeExports};
 
-/// The file the gateway follows for this site's Kubernetes exports.
-pub const EXPORTS_FILE: &str = "kubernetes.json";
 /// How often conflicts are re-checked against the catalog cache without a cluster change.
 pub(super) const RECHECK: Duration = Duration::from_secs(2);
-
-/// What `kubernetes.json` holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct KubeExports {
-    pub exports: Vec<KubeExport>,
-}
 
 pub struct ExportController {
     pub client: kube::Client,

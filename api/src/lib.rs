@@ -1,12 +1,21 @@
-//! The wire form of the federation API (`meshfed.federation.v1`) and its mapping to the
-//! catalog model. Conversions from the wire are fallible and name the bad field.
+//! The federation API as a site uses it: the wire form of `meshfed.federation.v1` (proto
+//! in `proto/`, generated code checked in under `src/gen/`, so building needs no
+//! `protoc`), its mapping to the catalog model, the typed refusals, and the client
+//! (`client`: join, token, status, an authenticated channel) with its TLS (`tls`).
+//! Conversions from the wire are fallible and name the bad field.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod tls;
 
 use std::collections::BTreeMap;
 
 use meshfed_identity::{SpiffeId, TrustDomain};
 
-use crate::catalog::{Change, Delta, Export, ExportedPort, Protocol, Revision, SiteRecord};
-use crate::names::{ServiceName, SiteName};
+use meshfed_catalog::catalog::{
+    Change, Delta, Export, ExportedPort, Protocol, Revision, SiteRecord,
+};
+use meshfed_catalog::names::{ServiceName, SiteName};
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
@@ -112,8 +121,8 @@ impl Refusal {
     }
 
     /// The refusal of a join token problem.
-    pub fn of_token(e: &crate::token::TokenError) -> Self {
-        use crate::token::TokenError as T;
+    pub fn of_token(e: &meshfed_catalog::token::TokenError) -> Self {
+        use meshfed_catalog::token::TokenError as T;
         match e {
             T::Malformed(_) => Self::TokenMalformed,
             T::Unknown => Self::TokenUnknown,
@@ -375,7 +384,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&out);
         assert!(
             current == fresh,
-            "src/gen/meshfed.federation.v1.rs is stale: MESHFED_BLESS=1 cargo test -p meshfed-federation generated_code"
+            "src/gen/meshfed.federation.v1.rs is stale: MESHFED_BLESS=1 cargo test -p meshfed-api generated_code"
         );
     }
 
@@ -399,7 +408,7 @@ mod tests {
         assert_eq!(reason_of(&s), Some("from_the_future"));
         assert_eq!(Refusal::of_status(&s), None);
         // Every token problem has its refusal, with the token module's own code.
-        use crate::token::TokenError;
+        use meshfed_catalog::token::TokenError;
         for e in [
             TokenError::Malformed("x".into()),
             TokenError::Unknown,

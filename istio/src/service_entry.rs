@@ -10,139 +10,20 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::catalog::Protocol;
-use crate::names::ServiceName;
+use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::legacy::{
+    HEALTH_PREFIX, HealthCheck, HealthKind, LegacyEndpoint, LegacyPort, LegacyService, Location,
+    Resolution, TlsMode, TlsOrigination,
+};
+use meshfed_catalog::names::ServiceName;
 
 const API_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
     "networking.istio.io/v1beta1",
     "networking.istio.io/v1alpha3",
 ];
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Location {
-    MeshExternal,
-    MeshInternal,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Resolution {
-    None,
-    Static,
-    Dns,
-    DnsRoundRobin,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LegacyPort {
-    pub number: u16,
-    /// Istio's protocol as written (HTTP, HTTPS, TCP, TLS, GRPC, HTTP2, MONGO, UDP, ...).
-    pub app_protocol: String,
-    /// How it travels between sites.
-    pub protocol: Protocol,
-    pub name: String,
-    /// Port on the endpoints; default `number`.
-    pub target_port: Option<u16>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LegacyEndpoint {
-    /// An IP address, or a hostname for DNS resolution.
-    pub address: String,
-    /// Per port name, the endpoint's port (overrides `targetPort`).
-    #[serde(default)]
-    pub ports: BTreeMap<String, u16>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub locality: Option<String>,
-    #[serde(default)]
-    pub weight: Option<u32>,
-}
-
-/// One ServiceEntry, with its WorkloadEntries resolved into endpoints.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LegacyService {
-    /// `metadata.name`.`metadata.namespace` (namespace `default` when absent).
-    pub service: ServiceName,
-    pub hosts: Vec<String>,
-    pub addresses: Vec<String>,
-    pub ports: Vec<LegacyPort>,
-    pub location: Location,
-    pub resolution: Resolution,
-    pub endpoints: Vec<LegacyEndpoint>,
-    /// `exportTo`: `*` (default) federates it; `.` keeps it on this site.
-    pub export_to: Vec<String>,
-    /// Active health checking of the endpoints (`health.meshfed.io/*` annotations).
-    #[serde(default)]
-    pub health: Option<HealthCheck>,
-    /// TLS from the gateway to the endpoints, from a `DestinationRule` for one of the
-    /// hosts (`trafficPolicy.tls`), as Istio users configure TLS origination.
-    #[serde(default)]
-    pub tls: Option<TlsOrigination>,
-}
-
-/// Istio `ClientTLSSettings` modes meshfed originates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TlsMode {
-    /// TLS, the endpoint verified against `ca_certificates` for `sni`.
-    Simple,
-    /// Also presents `client_certificate` and `private_key`.
-    Mutual,
-}
-
-/// How the registering site's gateway speaks TLS to the endpoints.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct TlsOrigination {
-    pub mode: TlsMode,
-    /// PEM file of the CA(s) the endpoints' certificates chain to.
-    pub ca_certificates: String,
-    /// Server name sent and verified; default: the ServiceEntry's first host.
-    pub sni: String,
-    pub client_certificate: Option<String>,
-    pub private_key: Option<String>,
-}
-
-pub const HEALTH_PREFIX: &str = "health.meshfed.io/";
-
-/// How endpoints are checked. Istio has no active health checks for ServiceEntry
-/// endpoints, so they are set with annotations, which Istio ignores:
-///
-/// ```yaml
-/// metadata:
-///   annotations:
-///     health.meshfed.io/check: http      # tcp (connect) or http (GET)
-///     health.meshfed.io/path: /healthz   # http only; default /
-///     health.meshfed.io/status: "200"    # http only; expected status, default 200
-///     health.meshfed.io/port: "8080"     # default: the first port's target
-///     health.meshfed.io/interval: 5s     # default 5s
-///     health.meshfed.io/timeout: 1s      # default 1s
-///     health.meshfed.io/healthy-threshold: "2"    # passes to become healthy; default 2
-///     health.meshfed.io/unhealthy-threshold: "3"  # failures to become unhealthy; default 3
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HealthCheck {
-    pub kind: HealthKind,
-    /// Endpoint port to check; `None`: each endpoint's port for the first service port.
-    pub port: Option<u16>,
-    pub interval_ms: u64,
-    pub timeout_ms: u64,
-    pub healthy_threshold: u32,
-    pub unhealthy_threshold: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum HealthKind {
-    Tcp,
-    Http { path: String, status: u16 },
-}
 
 /// `250ms`, `5s`, `1m`.
 fn duration_ms(s: &str) -> Option<u64> {
@@ -246,36 +127,6 @@ fn health_check(d: &mut Doc<'_>, ann: &BTreeMap<String, String>) -> Option<Healt
     })
 }
 
-impl LegacyService {
-    /// Whether other sites may import it.
-    /// Whether other sites may import it: `exportTo` allows it, and it has endpoints a
-    /// remote site can be sent to (resolution NONE forwards to the original destination,
-    /// which only this site's clients know).
-    pub fn federated(&self) -> bool {
-        (self.export_to.is_empty() || self.export_to.iter().any(|e| e == "*"))
-            && self.resolution != Resolution::None
-    }
-
-    /// The endpoint addresses (`host:port` for hostnames) behind service port `p`.
-    pub fn endpoints_for(&self, p: &LegacyPort) -> Vec<String> {
-        self.endpoints
-            .iter()
-            .map(|e| {
-                let port = e
-                    .ports
-                    .get(&p.name)
-                    .copied()
-                    .or(p.target_port)
-                    .unwrap_or(p.number);
-                match e.address.parse::<IpAddr>() {
-                    Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
-                    _ => format!("{}:{port}", e.address),
-                }
-            })
-            .collect()
-    }
-}
-
 /// A problem with one document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -290,7 +141,7 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use crate::names::clip;
+        use meshfed_catalog::names::clip;
         write!(
             f,
             "document {} ({}): {}: {}",
@@ -660,7 +511,7 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                 let m = e.to_string();
                 let m = m.lines().next().unwrap_or_default();
                 let m = m.strip_prefix("error: ").unwrap_or(m);
-                super::yaml_message(match m.split_once(": ") {
+                meshfed_catalog::yaml::yaml_message(match m.split_once(": ") {
                     Some((pos, rest)) if pos.starts_with("line ") => rest,
                     _ => m,
                 })

@@ -33,7 +33,7 @@ use super::imports::{
     Desired, GatewayPod, MANAGED_BY, MCS_SERVICE_LABEL, ServiceImport, by_service, desired_one,
     managed, owner, ready_gateways, update_import, update_service, update_slice,
 };
-use crate::routing::{IMPORTS_FILE, ImportListener, ImportListeners};
+use meshfed_catalog::routing::{IMPORTS_FILE, ImportListener, ImportListeners};
 
 /// How long a write may take to show up in the controller's own watch.
 const EXPECT: Duration = Duration::from_secs(5);

@@ -1,0 +1,129 @@
+//! A running site: the gateway, and beside it the DNS server its config asks for. DNS
+//! starts first (so its metrics are on the gateway's admin port and it answers the
+//! moment the gateway is ready), follows every plan the gateway's federation agent
+//! applies, and stops after the gateway has drained.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use meshfed_dns::server::{Metrics, ServerConfig};
+use meshfed_dns::{Table, ZoneConfig};
+use meshfed_gateway::{GatewayConfig, GatewayError, RunningGateway};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("bind dns {addr}: {source}")]
+    Dns {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A gateway and its DNS server, stopped together.
+pub struct RunningSite {
+    pub gateway: RunningGateway,
+    /// Where DNS answers (UDP, TCP), when the config has a `dns` section and a
+    /// federation to answer from.
+    pub dns: Option<(SocketAddr, SocketAddr)>,
+    dns_server: Option<meshfed_dns::server::Running>,
+}
+
+impl RunningSite {
+    pub fn stop_token(&self) -> CancellationToken {
+        self.gateway.stop_token()
+    }
+
+    /// Resolves when the gateway has drained; DNS stops then.
+    pub async fn wait(self) {
+        self.gateway.wait().await;
+        if let Some(d) = self.dns_server {
+            d.shutdown();
+        }
+    }
+
+    /// Starts a drain and waits for it.
+    pub async fn shutdown(self) {
+        self.gateway.stop_token().cancel();
+        self.wait().await;
+    }
+}
+
+/// Starts DNS (when configured), then the gateway.
+pub async fn start(cfg: GatewayConfig) -> Result<RunningSite, SiteError> {
+    let mut registry = Registry::default();
+    let dns = match (&cfg.dns, &cfg.federation) {
+        (Some(d), Some(_)) => {
+            let zone = ZoneConfig {
+                ttl: d.ttl,
+                extra_zones: d.zones.clone(),
+                host_zones: vec![],
+            };
+            let table = Arc::new(ArcSwap::from_pointee(Table::build(&zone, &[], &[], 0)));
+            let metrics = Metrics::default();
+            metrics.register(&mut registry);
+            let running = meshfed_dns::server::start(
+                ServerConfig {
+                    listen: d.listen,
+                    forward: d.forward,
+                    rate_limit: d.rate_limit,
+                    workers: 0,
+                },
+                table.clone(),
+                metrics,
+            )
+            .await
+            .map_err(|source| SiteError::Dns {
+                addr: d.listen,
+                source,
+            })?;
+            Some((zone, table, running))
+        }
+        _ => None,
+    };
+    let gateway = match meshfed_gateway::start_with(cfg, registry).await {
+        Ok(g) => g,
+        Err(e) => {
+            if let Some((_, _, running)) = dns {
+                running.shutdown();
+            }
+            return Err(e.into());
+        }
+    };
+    let Some((zone, table, running)) = dns else {
+        return Ok(RunningSite {
+            gateway,
+            dns: None,
+            dns_server: None,
+        });
+    };
+    let mut plans = gateway.applied_plans();
+    let stop = gateway.stop_token();
+    tokio::spawn(async move {
+        loop {
+            let applied = plans.borrow_and_update().clone();
+            if let Some(a) = applied {
+                table.store(Arc::new(meshfed_dns::table_for_plan(
+                    &zone,
+                    &a.plan,
+                    &a.addresses,
+                    a.revision,
+                )));
+            }
+            tokio::select! {
+                r = plans.changed() => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+    Ok(RunningSite {
+        dns: Some((running.udp, running.tcp)),
+        gateway,
+        dns_server: Some(running),
+    })
+}
