@@ -11,6 +11,7 @@
 #   - the gateway and dns depend on neither kube, k8s-openapi, etcd-client, protoc's
 #     prost-build, the federation server (meshfed-federation) nor the sources; the gateway
 #     does not depend on dns, nor dns on the gateway or the federation's API;
+#   - lifecycle (admin port, signals, drain) depends on no meshfed crate;
 #   - nothing but the binary and the benchmarks depends on the fixtures (meshfed-lab).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,8 @@ forbid meshfed-api etcd-client kube k8s-openapi prost-build meshfed-federation m
 forbid meshfed-gateway "${control[@]}" meshfed-dns
 forbid meshfed-dns "${control[@]}" meshfed-gateway meshfed-api tonic quinn
 forbid meshfed-federation meshfed-gateway meshfed-dns meshfed-istio meshfed-kubernetes meshfed-lab kube
+forbid meshfed-lifecycle meshfed-identity meshfed-catalog meshfed-api meshfed-federation \
+  meshfed-istio meshfed-kubernetes meshfed-gateway meshfed-dns meshfed-lab
 forbid meshfed-kubernetes meshfed-gateway meshfed-federation meshfed-api etcd-client meshfed-lab
 if [ "$fail" = 0 ]; then echo "crate dependency rules hold"; fi
 exit "$fail"

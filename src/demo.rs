@@ -329,7 +329,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     );
 
     if let Some(east) = &gateways[0] {
-        let (_, metrics) = meshfed_gateway::admin::get(east.gateway.admin_addr, "/metrics")
+        let (_, metrics) = meshfed_lifecycle::admin::get(east.gateway.admin_addr, "/metrics")
             .await
             .map_err(anyhow::Error::msg)?;
         for line in metrics

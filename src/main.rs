@@ -1,10 +1,10 @@
 //! `meshfed`: the one binary. This file parses the command line and dispatches: each
 //! group of commands has its module under `src/cmd/` (arguments and a call into the
-//! crates), `signals` is the daemons' one signal policy, `demo` the multi-site demo.
+//! crates), `demo` the multi-site demo. The daemons' signal policy is
+//! `meshfed_lifecycle::signals`; the gateway-with-DNS composition is the library's `site`.
 
 mod cmd;
 mod demo;
-mod signals;
 
 /// The data plane slices big buffers and frees them as peers acknowledge; glibc returns
 /// those pages to the kernel and faults them back in. mimalloc keeps them.

@@ -255,7 +255,7 @@ pub async fn latency(
 /// Reads a gateway's `/metrics` and returns its `meshfed_gateway_quic_*` samples, summed
 /// over labels, as `{name: value}`.
 pub async fn scrape_quic(admin: SocketAddr) -> Result<serde_json::Value> {
-    let (status, body) = meshfed_gateway::admin::get(admin, "/metrics")
+    let (status, body) = meshfed_lifecycle::admin::get(admin, "/metrics")
         .await
         .map_err(anyhow::Error::msg)?;
     anyhow::ensure!(status.is_success(), "GET /metrics on {admin}: {status}");

@@ -17,6 +17,7 @@ use std::time::Duration;
 use meshfed_identity::ca::write_file;
 use meshfed_identity::tls::SvidResolver;
 use meshfed_identity::{BundleSet, Ca, Svid, TrustBundle, TrustDomain};
+use meshfed_lifecycle::drain;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -97,6 +98,7 @@ pub struct Running {
     pub service: Arc<FederationService>,
     /// Held until the node is dropped: one serving process per directory.
     _lock: meshfed_identity::fs::DirLock,
+    /// Cancelling it starts the drain.
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
@@ -180,26 +182,25 @@ pub async fn serve(
     .await?;
     service.leases.start();
     write_file(&dir.join("address"), addr.to_string().as_bytes(), 0o644)?;
-    let stop = CancellationToken::new();
     let incoming = transport::incoming(listener, tls);
     let svc = pb::federation_server::FederationServer::from_arc(service.clone());
-    let stop2 = stop.clone();
-    let flusher = match &store {
-        Store::Embedded(s) => Some(tokio::spawn(s.clone().run_flusher(stop.clone()))),
-        Store::Etcd(_) => None,
-    };
+    // The drain waits for the embedded store's flusher without a grace: it writes what
+    // was acknowledged, and nothing acknowledged may be lost.
+    let (drain, watcher) = drain::channel();
+    if let Store::Embedded(s) = &store {
+        watcher.spawn(s.clone().run_flusher(watcher.token()));
+    }
+    let stop = watcher.token();
     let store2 = store.clone();
     let done = tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop2.cancelled())
+            .serve_with_incoming_shutdown(incoming, watcher.signaled())
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "federation server stopped");
         }
-        if let Some(f) = flusher {
-            let _ = f.await;
-        }
+        drain.drain(Duration::MAX).await;
         if let Store::Etcd(s) = store2 {
             s.shutdown();
         }

@@ -12,10 +12,10 @@ use arc_swap::ArcSwap;
 use meshfed_catalog::catalog::Protocol;
 use meshfed_catalog::{ServiceName, SiteName};
 use meshfed_identity::SpiffeId;
+use meshfed_lifecycle::drain::DrainWatcher;
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
@@ -50,7 +50,9 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub async fn serve(self, listener: TcpListener, stop: CancellationToken, tasks: TaskTracker) {
+    /// Accepts clients until `stop` (this import's, a child of the drain); each client
+    /// runs on `drain`, which waits for it.
+    pub async fn serve(self, listener: TcpListener, stop: CancellationToken, drain: DrainWatcher) {
         let this = Arc::new(self);
         loop {
             let (tcp, client) = tokio::select! {
@@ -66,7 +68,7 @@ impl Egress {
                 _ = stop.cancelled() => return,
             };
             let this = this.clone();
-            tasks.spawn(
+            drain.spawn(
                 async move { this.serve_client(tcp).await }
                     .instrument(info_span!("egress", %client)),
             );
@@ -117,20 +119,8 @@ impl Egress {
                 );
                 continue;
             };
-            // Only the last candidate gets the full waits; before it, a slow or dead site
-            // costs little because another one is next.
-            let last_candidate = i + 1 == backends.len();
-            let (wait, answer) = if last_candidate {
-                (PEER_WAIT, self.open_timeout)
-            } else {
-                (
-                    FAILOVER_WAIT,
-                    self.open_timeout
-                        .saturating_sub(FAILOVER_ANSWER_CUT)
-                        .max(FAILOVER_WAIT),
-                )
-            };
-            match self.open_stream(&peer, open, wait, answer).await {
+            let b = budget(i, backends.len(), self.open_timeout);
+            match self.open_stream(&peer, open, b.connection, b.answer).await {
                 Ok((conn, send, recv)) => {
                     return Ok(Opened {
                         site: site.clone(),
@@ -140,13 +130,13 @@ impl Egress {
                     });
                 }
                 Err((reason, message)) => {
-                    if i + 1 < backends.len() && reason.retryable_elsewhere() {
+                    let next = after_refusal(reason, i, backends.len());
+                    if next == Next::TryNextSite {
                         debug!(%site, reason = reason.as_str(), %message, "site refused; trying the next one");
                         self.metrics.failover(reason.as_str());
                     }
-                    let retry = reason.retryable_elsewhere();
                     last = (reason, message, Some(site));
-                    if !retry {
+                    if next == Next::GiveUp {
                         break;
                     }
                 }
@@ -229,6 +219,54 @@ impl Egress {
     }
 }
 
+/// What one candidate site may cost an open: how long to wait for a connection to it,
+/// and for its answer to the open request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Budget {
+    pub connection: Duration,
+    pub answer: Duration,
+}
+
+/// The budget of candidate `i` of `n`. Only the last candidate gets the full waits;
+/// before it, a slow or dead site costs little because another one is next. Pure.
+pub(crate) fn budget(i: usize, n: usize, open_timeout: Duration) -> Budget {
+    if i + 1 >= n {
+        Budget {
+            connection: PEER_WAIT,
+            answer: open_timeout,
+        }
+    } else {
+        Budget {
+            connection: FAILOVER_WAIT,
+            answer: open_timeout
+                .saturating_sub(FAILOVER_ANSWER_CUT)
+                .max(FAILOVER_WAIT),
+        }
+    }
+}
+
+/// What an open does after candidate `i` of `n` refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Another site is next, and this refusal may be another site's accept.
+    TryNextSite,
+    /// This was the last site; its answer is the client's.
+    LastSite,
+    /// A refusal no other site would answer differently (our own request was bad).
+    GiveUp,
+}
+
+/// Pure: whether a refusal moves the open on to the next site.
+pub(crate) fn after_refusal(reason: Refusal, i: usize, n: usize) -> Next {
+    if !reason.retryable_elsewhere() {
+        Next::GiveUp
+    } else if i + 1 < n {
+        Next::TryNextSite
+    } else {
+        Next::LastSite
+    }
+}
+
 /// A stream the far side accepted.
 pub(crate) struct Opened {
     pub site: SiteName,
@@ -263,8 +301,7 @@ pub struct Imports {
     open_timeout: Duration,
     udp_idle_timeout: Duration,
     dispatch: Arc<crate::udp::Dispatch>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
+    drain: DrainWatcher,
     by_key: Mutex<BTreeMap<ImportKey, ImportEntry>>,
 }
 
@@ -284,8 +321,7 @@ impl Imports {
         metrics: Metrics,
         open_timeout: Duration,
         udp_idle_timeout: Duration,
-        stop: CancellationToken,
-        tasks: TaskTracker,
+        drain: DrainWatcher,
     ) -> Self {
         Self {
             dispatch: crate::udp::Dispatch::new(&metrics),
@@ -294,8 +330,7 @@ impl Imports {
             metrics,
             open_timeout,
             udp_idle_timeout,
-            stop,
-            tasks,
+            drain,
             by_key: Mutex::new(BTreeMap::new()),
         }
     }
@@ -324,7 +359,7 @@ impl Imports {
             return Ok(e.addr);
         }
         let backends = Arc::new(ArcSwap::from_pointee(backends));
-        let stop = self.stop.child_token();
+        let stop = self.drain.token().child_token();
         let eg = Egress {
             service: service.clone(),
             port,
@@ -338,7 +373,7 @@ impl Imports {
             Protocol::Tcp => {
                 let listener = crate::bind_tcp(listen)?;
                 let addr = listener.local_addr()?;
-                tokio::spawn(eg.serve(listener, stop.clone(), self.tasks.clone()));
+                tokio::spawn(eg.serve(listener, stop.clone(), self.drain.clone()));
                 addr
             }
             Protocol::Udp => {
@@ -387,5 +422,65 @@ impl Imports {
                 Protocol::Udp => (format!("{s}:{p}/udp"), e.addr),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_last_candidate_gets_the_full_waits() {
+        let t = Duration::from_secs(7);
+        // (candidate, of, open timeout, connection wait, answer wait)
+        let rows = [
+            (0, 1, t, PEER_WAIT, t),
+            (0, 3, t, FAILOVER_WAIT, t - FAILOVER_ANSWER_CUT),
+            (1, 3, t, FAILOVER_WAIT, t - FAILOVER_ANSWER_CUT),
+            (2, 3, t, PEER_WAIT, t),
+            // A short open timeout never cuts a failover answer below the connection wait.
+            (
+                0,
+                2,
+                Duration::from_millis(500),
+                FAILOVER_WAIT,
+                FAILOVER_WAIT,
+            ),
+            (
+                1,
+                2,
+                Duration::from_millis(500),
+                PEER_WAIT,
+                Duration::from_millis(500),
+            ),
+        ];
+        for (i, n, open, connection, answer) in rows {
+            assert_eq!(
+                budget(i, n, open),
+                Budget { connection, answer },
+                "candidate {i} of {n}, open timeout {open:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_move_on_unless_no_site_would_answer_otherwise() {
+        use Refusal::*;
+        let rows = [
+            (NoReadyEndpoint, 0, 2, Next::TryNextSite),
+            (PeerUnavailable, 0, 2, Next::TryNextSite),
+            (NotExportedToPeer, 0, 3, Next::TryNextSite),
+            (UnknownService, 0, 2, Next::TryNextSite),
+            (FlowLimit, 0, 2, Next::TryNextSite),
+            (Draining, 1, 3, Next::TryNextSite),
+            (EndpointConnectFailed, 1, 2, Next::LastSite),
+            (NoReadyEndpoint, 0, 1, Next::LastSite),
+            (MalformedHeader, 0, 3, Next::GiveUp),
+            (HeaderTooLarge, 0, 3, Next::GiveUp),
+            (HeaderTooLarge, 2, 3, Next::GiveUp),
+        ];
+        for (reason, i, n, want) in rows {
+            assert_eq!(after_refusal(reason, i, n), want, "{reason} at {i} of {n}");
+        }
     }
 }

@@ -406,3 +406,148 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshfed_api::change_to_pb;
+    use meshfed_catalog::catalog::{Change, Export as CatalogExport, ExportedPort, SiteRecord};
+    use meshfed_catalog::{Revision, ServiceName};
+    use meshfed_identity::TrustDomain;
+    use std::collections::BTreeMap;
+
+    fn site(name: &str) -> Change {
+        Change::PutSite(SiteRecord {
+            site: name.parse().unwrap(),
+            trust_domain: TrustDomain::new(&format!("{name}.example.org")).unwrap(),
+            gateway_addresses: vec!["127.0.0.1:4433".into()],
+            up: true,
+        })
+    }
+
+    fn export(site: &str, svc: &str, ready: u32) -> Change {
+        Change::PutExport {
+            site: site.parse().unwrap(),
+            export: CatalogExport {
+                service: svc.parse().unwrap(),
+                ports: vec![ExportedPort {
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    name: None,
+                }],
+                ready_endpoints: ready,
+                identities: vec![],
+                locality: None,
+                labels: BTreeMap::new(),
+                hosts: vec![],
+            },
+        }
+    }
+
+    fn event(snapshot: bool, revision: u64, changes: &[(u64, Change)]) -> pb::WatchEvent {
+        pb::WatchEvent {
+            snapshot,
+            revision,
+            changes: changes
+                .iter()
+                .map(|(r, c)| change_to_pb(Revision(*r), c))
+                .collect(),
+        }
+    }
+
+    fn ready(c: &Catalog, site: &str, svc: &str) -> Option<u32> {
+        let svc: ServiceName = svc.parse().unwrap();
+        c.exports
+            .get(&(site.parse::<SiteName>().unwrap(), svc))
+            .map(|e| e.ready_endpoints)
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_catalog_and_deltas_extend_it() {
+        let mut c = Catalog::default();
+        apply_event(
+            &mut c,
+            event(
+                true,
+                7,
+                &[(0, site("east")), (0, export("east", "orders.shop", 2))],
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.revision, Revision(7));
+        assert_eq!(ready(&c, "east", "orders.shop"), Some(2));
+
+        apply_event(
+            &mut c,
+            event(false, 8, &[(8, export("east", "orders.shop", 5))]),
+        )
+        .unwrap();
+        assert_eq!(ready(&c, "east", "orders.shop"), Some(5));
+
+        // A resumed watch repeats what was applied: skipped by revision, not re-applied.
+        apply_event(
+            &mut c,
+            event(
+                false,
+                9,
+                &[
+                    (8, export("east", "orders.shop", 1)),
+                    (9, export("east", "billing.shop", 3)),
+                ],
+            ),
+        )
+        .unwrap();
+        assert_eq!(ready(&c, "east", "orders.shop"), Some(5));
+        assert_eq!(ready(&c, "east", "billing.shop"), Some(3));
+
+        // A new snapshot drops what it does not list.
+        apply_event(&mut c, event(true, 20, &[(0, site("west"))])).unwrap();
+        assert_eq!(ready(&c, "east", "orders.shop"), None);
+        assert_eq!(c.revision, Revision(20));
+    }
+
+    #[test]
+    fn a_bad_change_is_an_error_naming_it_and_keeps_the_catalog() {
+        let mut c = Catalog::default();
+        apply_event(&mut c, event(true, 3, &[(0, site("east"))])).unwrap();
+        let before = c.clone();
+        let mut bad = event(true, 4, &[(0, site("west"))]);
+        if let Some(pb::change::Op::PutSite(s)) = &mut bad.changes[0].op {
+            s.trust_domain = "Not A Trust Domain".into();
+        }
+        let e = apply_event(&mut c, bad).unwrap_err();
+        assert!(e.contains("trust_domain"), "{e}");
+        assert_eq!(c, before, "a refused snapshot leaves the catalog as it was");
+    }
+
+    #[test]
+    fn an_export_publishes_its_ports_names_and_most_ready_port() {
+        let e = Export {
+            service: "dns.ops".parse().unwrap(),
+            ports: [(53, vec!["10.0.0.1:53".parse().unwrap()])].into(),
+            udp_ports: [(
+                53,
+                vec![
+                    "10.0.0.1:53".parse().unwrap(),
+                    "10.0.0.2:53".parse().unwrap(),
+                ],
+            )]
+            .into(),
+            allowed_peers: None,
+            hosts: vec!["ns.example".into()],
+            tls: None,
+            port_names: [((Protocol::Udp, 53), "dns".to_string())].into(),
+            identities: vec![],
+        };
+        let p = export_to_pb(&e);
+        assert_eq!(p.service, "dns.ops");
+        assert_eq!(p.ready_endpoints, 2, "the port with the most endpoints");
+        let ports: Vec<(u32, &str, &str)> = p
+            .ports
+            .iter()
+            .map(|x| (x.port, x.protocol.as_str(), x.name.as_str()))
+            .collect();
+        assert_eq!(ports, vec![(53, "tcp", ""), (53, "udp", "dns")]);
+        assert_eq!(p.hosts, vec!["ns.example".to_string()]);
+    }
+}

@@ -66,9 +66,10 @@ pub async fn probe(hc: &HealthCheck, addr: SocketAddr) -> Result<(), String> {
             .map(drop)
             .map_err(|e| format!("connect: {e}")),
         HealthKind::Http { path, status } => {
-            let (got, _) = tokio::time::timeout(timeout, crate::admin::get(addr, path))
+            let (got, _) = tokio::time::timeout(timeout, meshfed_lifecycle::admin::get(addr, path))
                 .await
-                .map_err(|_| format!("GET {path} timed out after {timeout:?}"))??;
+                .map_err(|_| format!("GET {path} timed out after {timeout:?}"))?
+                .map_err(|e| format!("GET {path}: {e}"))?;
             if got.as_u16() == *status {
                 Ok(())
             } else {

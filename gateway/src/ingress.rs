@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use meshfed_catalog::ServiceName;
 use meshfed_identity::SpiffeId;
+use meshfed_lifecycle::drain::DrainWatcher;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admission::{Admission, Gate, Limits};
@@ -146,13 +146,9 @@ impl Ingress {
         self.inbound.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Accepts connections until `stop`; streams run on `tasks` so a drain can wait for them.
-    pub async fn serve(
-        self: Arc<Self>,
-        endpoint: quinn::Endpoint,
-        stop: CancellationToken,
-        tasks: TaskTracker,
-    ) {
+    /// Accepts connections until the drain starts; streams run on `drain`, which waits
+    /// for them.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint, drain: DrainWatcher) {
         let gate = Gate::new(Limits::default());
         loop {
             let incoming = tokio::select! {
@@ -160,7 +156,7 @@ impl Ingress {
                     Some(i) => i,
                     None => return,
                 },
-                _ = stop.cancelled() => return,
+                _ = drain.signaled() => return,
             };
             let remote = incoming.remote_address();
             let slot = match gate.admit(remote.ip(), incoming.remote_address_validated()) {
@@ -185,7 +181,7 @@ impl Ingress {
                 }
             };
             let this = self.clone();
-            let (stop, tasks) = (stop.clone(), tasks.clone());
+            let drain = drain.clone();
             // Connection tasks are not tracked: a drain waits for streams, not for
             // connections, which close when the endpoint does.
             tokio::spawn(
@@ -200,7 +196,7 @@ impl Ingress {
                         return;
                     };
                     match done {
-                        Ok(conn) => this.serve_connection(conn, stop, tasks).await,
+                        Ok(conn) => this.serve_connection(conn, drain).await,
                         Err(e) => {
                             // Certificates we refused were counted by the verifier's hook;
                             // a client that sent none never reaches it.
@@ -221,12 +217,7 @@ impl Ingress {
         }
     }
 
-    async fn serve_connection(
-        self: Arc<Self>,
-        conn: Connection,
-        stop: CancellationToken,
-        tasks: TaskTracker,
-    ) {
+    async fn serve_connection(self: Arc<Self>, conn: Connection, drain: DrainWatcher) {
         let Some(peer) = peer_spiffe_id(&conn) else {
             // Unreachable with our verifier; refuse rather than trust an unverified peer.
             conn.close(VarInt::from_u32(app_code::REFUSED), b"no peer identity");
@@ -262,7 +253,7 @@ impl Ingress {
             };
             let this = self.clone();
             let peer = peer.clone();
-            if stop.is_cancelled() {
+            if drain.is_draining() {
                 tokio::spawn(async move {
                     this.refuse(
                         send,
@@ -275,8 +266,8 @@ impl Ingress {
                 });
                 continue;
             }
-            let (udp, stop) = (udp.clone(), stop.clone());
-            tasks.spawn(
+            let (udp, stop) = (udp.clone(), drain.token());
+            drain.spawn(
                 async move { this.serve_stream(send, recv, peer, udp, stop).await }
                     .instrument(info_span!("stream", id = %conn.stable_id())),
             );

@@ -13,7 +13,6 @@
 //! gateway with DNS (`meshfed::site`) from [`RunningGateway::applied_plans`].
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod egress;
@@ -40,10 +39,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use meshfed_identity::tls::SvidResolver;
 use meshfed_identity::{PeerPolicy, SpiffeId, SpiffeVerifier, Svid};
+use meshfed_lifecycle::drain::{self, Drained};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::{ConfigError, GatewayConfig};
@@ -95,6 +94,7 @@ pub struct RunningGateway {
     applied: tokio::sync::watch::Sender<Option<Arc<federated::AppliedPlan>>>,
     ingress: Arc<ingress::Ingress>,
     reload: Arc<tokio::sync::Notify>,
+    /// Cancelling it starts the drain.
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
@@ -143,6 +143,9 @@ impl RunningGateway {
 /// std/mio default of 128 drops SYNs under a connection burst, costing clients a 1 s
 /// retransmit.
 pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// How long the dialers may take to stop once the endpoint has closed.
+const DIALERS_GRACE: Duration = Duration::from_secs(10);
 
 pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = if addr.is_ipv4() {
@@ -253,13 +256,12 @@ pub async fn start_with(
         source,
     })?;
 
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
-
-    // Dialers stop with the endpoint, not with the listeners: in-flight egress streams
-    // need their connection during a drain.
-    let dial_stop = CancellationToken::new();
-    let dial_tasks = TaskTracker::new();
+    // Two drains, one after the other: first the listeners stop and in-flight streams
+    // finish; then the dialers stop with the endpoint (in-flight egress streams need
+    // their connections until then).
+    let (streams, streams_w) = drain::channel();
+    let (dialers, dialers_w) = drain::channel();
+    let dial_stop = dialers_w.token();
     let config_for: peers::ClientConfigFor = {
         let (resolver, base) = (resolver.clone(), base_verifier.clone());
         Arc::new(move |id: &SpiffeId| {
@@ -275,8 +277,7 @@ pub async fn start_with(
         endpoint.clone(),
         metrics.clone(),
         config_for,
-        dial_stop.clone(),
-        dial_tasks.clone(),
+        dialers_w.clone(),
     );
     for p in &cfg.peers {
         if let Some(addr) = p.address {
@@ -289,8 +290,7 @@ pub async fn start_with(
         metrics.clone(),
         cfg.connect_timeout + Duration::from_secs(2),
         cfg.udp_idle_timeout,
-        stop.clone(),
-        tasks.clone(),
+        streams_w.clone(),
     ));
     for im in &cfg.imports {
         imports
@@ -335,11 +335,7 @@ pub async fn start_with(
         flow_limits,
         metrics.clone(),
     ));
-    tokio::spawn(
-        ingress
-            .clone()
-            .serve(endpoint.clone(), stop.clone(), tasks.clone()),
-    );
+    tokio::spawn(ingress.clone().serve(endpoint.clone(), streams_w.clone()));
 
     let (applied, _) = tokio::sync::watch::channel(None);
     if let Some(fed) = &cfg.federation {
@@ -395,10 +391,10 @@ pub async fn start_with(
 
     let ready = Arc::new(AtomicBool::new(false));
     let admin_stop = CancellationToken::new();
-    let admin = admin::Admin {
+    let admin = meshfed_lifecycle::admin::Admin {
         registry: Arc::new(registry),
         ready: ready.clone(),
-        svid_expiry: Some(admin::SvidExpiry {
+        svid_expiry: Some(meshfed_lifecycle::admin::SvidExpiry {
             not_after: metrics.svid_not_after.clone(),
             margin: cfg.reload_interval,
         }),
@@ -412,26 +408,26 @@ pub async fn start_with(
     );
 
     let grace = cfg.drain_grace;
-    let stop2 = stop.clone();
+    let stop = streams_w.token();
     let done = tokio::spawn(async move {
-        stop2.cancelled().await;
+        streams_w.signaled().await;
         ready.store(false, Ordering::Release);
-        tasks.close();
-        info!(in_flight = tasks.len(), grace = ?grace, "draining");
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        info!(in_flight = streams_w.in_flight(), grace = ?grace, "draining");
+        if let Drained::GraceExpired { in_flight } = streams.drain(grace).await {
             warn!(
-                in_flight = tasks.len(),
+                in_flight,
                 "drain grace period over; closing remaining streams"
             );
         }
-        dial_stop.cancel();
+        dialers.start();
         endpoint.close(
             quinn::VarInt::from_u32(wire::app_code::DRAINING),
             b"gateway draining",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        dial_tasks.close();
-        dial_tasks.wait().await;
+        if let Drained::GraceExpired { in_flight } = dialers.drain(DIALERS_GRACE).await {
+            warn!(in_flight, "peer dialers did not stop in time");
+        }
         admin_stop.cancel();
         info!("gateway stopped");
     });

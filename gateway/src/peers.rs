@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use meshfed_catalog::SiteName;
 use meshfed_identity::SpiffeId;
+use meshfed_lifecycle::drain::DrainWatcher;
 use quinn::{Connection, ConnectionError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
@@ -43,8 +43,7 @@ struct PeersInner {
     endpoint: quinn::Endpoint,
     metrics: Metrics,
     config_for: ClientConfigFor,
-    stop: CancellationToken,
-    tasks: TaskTracker,
+    drain: DrainWatcher,
     by_site: Mutex<BTreeMap<SiteName, Entry>>,
 }
 
@@ -55,21 +54,19 @@ struct Entry {
 }
 
 impl Peers {
-    /// Dialers are children of `stop` and run on `tasks`.
+    /// Dialers stop when `drain` starts, and it waits for them.
     pub fn new(
         endpoint: quinn::Endpoint,
         metrics: Metrics,
         config_for: ClientConfigFor,
-        stop: CancellationToken,
-        tasks: TaskTracker,
+        drain: DrainWatcher,
     ) -> Self {
         Self {
             inner: Arc::new(PeersInner {
                 endpoint,
                 metrics,
                 config_for,
-                stop,
-                tasks,
+                drain,
                 by_site: Mutex::new(BTreeMap::new()),
             }),
         }
@@ -97,7 +94,7 @@ impl Peers {
         }
         let (tx, rx) = watch::channel(None);
         let kick = Arc::new(tokio::sync::Notify::new());
-        let stop = self.inner.stop.child_token();
+        let stop = self.inner.drain.token().child_token();
         let handle = PeerHandle {
             site: site.clone(),
             spiffe_id: spiffe_id.clone(),
@@ -114,7 +111,7 @@ impl Peers {
             stop: stop.clone(),
         };
         let span = info_span!("peer", site = %site, addr = %addr, expect = %spiffe_id);
-        self.inner.tasks.spawn(dialer.run().instrument(span));
+        self.inner.drain.spawn(dialer.run().instrument(span));
         map.insert(site.clone(), Entry { handle, addr, stop });
     }
 

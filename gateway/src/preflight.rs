@@ -76,7 +76,11 @@ pub fn run(cfg: &GatewayConfig) -> Vec<Check> {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs() as i64);
-                    match crate::admin::svid_not_ready(not_after, cfg.reload_interval, now) {
+                    match meshfed_lifecycle::admin::svid_not_ready(
+                        not_after,
+                        cfg.reload_interval,
+                        now,
+                    ) {
                         Some(why) => Err(format!("{}: {why}", cfg.cert.display())),
                         None => Ok(format!("valid for {}s more", not_after - now)),
                     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::signals;
+use meshfed_lifecycle::signals;
 
 #[derive(Args)]
 pub struct DnsArgs {

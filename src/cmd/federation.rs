@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use meshfed_identity::{Ca, TrustDomain, ca};
 
-use crate::signals;
+use meshfed_lifecycle::signals;
 
 // Parsed once per run: the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -184,7 +184,7 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
                 )?;
                 tracing::info!(admin = %admin_addr, "federation admin listening");
                 let admin_stop = tokio_util::sync::CancellationToken::new();
-                let server = meshfed_gateway::admin::Admin {
+                let server = meshfed_lifecycle::admin::Admin {
                     registry: std::sync::Arc::new(registry),
                     ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
                     svid_expiry: None,

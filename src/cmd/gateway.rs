@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use meshfed_identity::ca;
 
-use crate::signals;
+use meshfed_lifecycle::signals;
 
 #[derive(Subcommand)]
 pub enum GatewayCmd {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use crate::signals;
+use meshfed_lifecycle::signals;
 
 #[derive(Subcommand)]
 pub enum KubernetesCmd {

@@ -241,7 +241,7 @@ impl Drop for Gw {
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    meshfed_gateway::admin::get(addr, path)
+    meshfed_lifecycle::admin::get(addr, path)
         .await
         .map(|(_, body)| body)
         .map_err(anyhow::Error::msg)

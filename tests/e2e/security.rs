@@ -195,7 +195,7 @@ async fn a_rotation_to_an_svid_that_is_not_valid_now_keeps_the_working_one() {
         quic_as_east(&s, west_bundle.clone())
             .await
             .unwrap_or_else(|e| panic!("{reason}: west lost its working identity: {e}"));
-        let (status, body) = meshfed_gateway::admin::get(s.west_gw.admin, "/ready")
+        let (status, body) = meshfed_lifecycle::admin::get(s.west_gw.admin, "/ready")
             .await
             .unwrap();
         assert_eq!(status, 200, "{reason}: {body}");
@@ -226,13 +226,13 @@ async fn ready_turns_false_before_the_svid_expires() {
         ..Default::default()
     };
     let gw = Gw::start(&site, &cfg).unwrap();
-    let (status, body) = meshfed_gateway::admin::get(gw.admin, "/ready")
+    let (status, body) = meshfed_lifecycle::admin::get(gw.admin, "/ready")
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
     let deadline = Instant::now() + Duration::from_secs(8);
     loop {
-        let (status, body) = meshfed_gateway::admin::get(gw.admin, "/ready")
+        let (status, body) = meshfed_lifecycle::admin::get(gw.admin, "/ready")
             .await
             .unwrap();
         if status == 503 {
@@ -467,7 +467,7 @@ async fn sighup_is_logged_and_survived_by_gateway_and_federation() {
     echo_once(import)
         .await
         .expect("west still serves after SIGHUP");
-    let (status, _) = meshfed_gateway::admin::get(s.west_gw.admin, "/ready")
+    let (status, _) = meshfed_lifecycle::admin::get(s.west_gw.admin, "/ready")
         .await
         .unwrap();
     assert_eq!(status, 200);

@@ -128,29 +128,36 @@ impl Admin {
     }
 }
 
+/// Why [`get`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GetError {
+    #[error("connect {addr}: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("admin request: {0}")]
+    Request(#[from] hyper::http::Error),
+}
+
 /// GETs `path` from an admin port: for `meshfed` commands, the demo and tests.
-pub async fn get(addr: std::net::SocketAddr, path: &str) -> Result<(StatusCode, String), String> {
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> Result<(StatusCode, String), GetError> {
     use http_body_util::BodyExt;
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+        .map_err(|source| GetError::Connect { addr, source })?;
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
     let req = Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
     let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
