@@ -158,11 +158,6 @@ impl Agent {
             self.fed.import_address,
             self.fed.vip_range,
         );
-        self.applied.send_replace(Some(Arc::new(AppliedPlan {
-            plan: p.clone(),
-            addresses: addrs.clone(),
-            revision: catalog.revision.0,
-        })));
         let mut keep_peers: BTreeSet<SiteName> =
             self.static_peers.iter().map(|p| p.site.clone()).collect();
         for peer in &p.peers {
@@ -229,6 +224,13 @@ impl Agent {
         }
         self.imports.retain(&keep_imports);
         self.write_listeners(&bound);
+        // Published once peers and listeners match it: whoever follows (DNS) answers
+        // only for what is bound.
+        self.applied.send_replace(Some(Arc::new(AppliedPlan {
+            plan: p,
+            addresses: addrs,
+            revision: catalog.revision.0,
+        })));
     }
 
     /// Writes `imports.json` when what is bound changed.

@@ -1,5 +1,6 @@
-//! End-to-end tests: real `meshfed` processes for several sites on loopback. One test
-//! binary for all of `tests/` keeps link time down.
+//! End-to-end tests: real `meshfed` processes for several sites on loopback, and
+//! (`inproc`) the same components in this process. One test binary for all of `tests/`
+//! keeps link time down.
 
 mod cli;
 mod deploy;
@@ -7,6 +8,7 @@ mod dns;
 mod etcd;
 mod federation;
 mod harness;
+mod inproc;
 mod kubeapi;
 mod kubernetes;
 mod legacy;

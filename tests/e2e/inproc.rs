@@ -1,0 +1,267 @@
+//! The in-process component layer: the real federation service on the embedded store,
+//! on 127.0.0.1:0, and real gateways started with `meshfed::site::start`, all in this
+//! test's runtime: no processes, no fakes. The gateway's federation agent, egress
+//! failover and the server's authorization are tested against it. The same idea as
+//! `kubeapi.rs`'s in-process Kubernetes API server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use meshfed_api::{Refusal, pb};
+use meshfed_catalog::catalog::Protocol;
+use meshfed_federation::node::{self, StoreChoice};
+use meshfed_gateway::GatewayConfig;
+use meshfed_identity::TrustDomain;
+use meshfed_lab::{self as lab, ConfigBuilder, SiteFiles};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{Scratch, closed_port, echo_server};
+
+/// A federation node serving from a fresh directory, in this process.
+pub struct Federation {
+    pub dir: PathBuf,
+    pub node: node::Running,
+}
+
+impl Federation {
+    pub async fn start(scratch: &Scratch) -> Self {
+        let dir = scratch.0.join("federation");
+        node::init(&dir, &TrustDomain::new("fed.example.org").unwrap()).unwrap();
+        let node = node::serve(
+            &dir,
+            ([127, 0, 0, 1], 0).into(),
+            vec![],
+            Duration::from_secs(2),
+            StoreChoice::Embedded { create: false },
+        )
+        .await
+        .expect("federation serves");
+        Self { dir, node }
+    }
+
+    /// Makes a site with its own CA and joins it with a one-time token.
+    pub async fn join(&self, scratch: &Scratch, site: &str) -> SiteFiles {
+        let s = lab::make_site(&scratch.0, site, &format!("{site}.example.org")).unwrap();
+        let (token, _) = meshfed_api::client::create_token(
+            &self.dir,
+            site,
+            Duration::from_secs(60),
+            Some(&s.trust_domain),
+            false,
+        )
+        .await
+        .unwrap();
+        meshfed_api::client::join(&s.dir, site, &token, vec![])
+            .await
+            .expect("join");
+        s
+    }
+
+    /// A client of the federation authenticated as `site`'s gateway.
+    pub async fn client_as(
+        &self,
+        site: &SiteFiles,
+    ) -> pb::federation_client::FederationClient<tonic::transport::Channel> {
+        let ca = meshfed_identity::Ca::load(&self.dir.join("ca")).unwrap();
+        meshfed_api::client::client(
+            &[self.node.addr.to_string()],
+            ca.bundle(1),
+            &site.cert,
+            &site.key,
+        )
+        .await
+        .expect("client")
+    }
+}
+
+/// A gateway (with DNS when `cfg` asks) of a joined site, in this process. Each site
+/// binds its imports on its own loopback address (`127.0.0.<host>`): every site
+/// imports what the others export, on the service's port.
+async fn gateway(site: &SiteFiles, host: u8, cfg: ConfigBuilder) -> meshfed::site::RunningSite {
+    let cfg = ConfigBuilder {
+        federation: Some((site.dir.clone(), [127, 0, 0, host].into())),
+        reload_interval: Some(Duration::from_millis(200)),
+        ..cfg
+    };
+    let path = cfg.write(site).unwrap();
+    meshfed::site::start(GatewayConfig::load(&path).unwrap())
+        .await
+        .expect("gateway starts")
+}
+
+/// Waits until `gw`'s agent has applied a plan that imports `service` from `backends`.
+async fn until_imported(
+    gw: &meshfed::site::RunningSite,
+    service: &str,
+    backends: &[&str],
+) -> meshfed_gateway::federated::AppliedPlan {
+    let mut plans = gw.gateway.applied_plans();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(a) = plans.borrow_and_update().clone() {
+            let found = a
+                .plan
+                .imports
+                .iter()
+                .find(|i| i.service.to_string() == service);
+            if let Some(im) = found {
+                let have: Vec<&str> = im.backends.iter().map(|b| b.as_str()).collect();
+                if have == backends {
+                    return (*a).clone();
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{service} never imported from {backends:?}; last plan: {:?}",
+            plans.borrow().as_ref().map(|a| &a.plan)
+        );
+        let _ = tokio::time::timeout(left, plans.changed()).await;
+    }
+}
+
+async fn echo_through(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"ping").await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_applies_the_federations_plan_and_traffic_follows_it() {
+    let scratch = Scratch::new("inproc-agent");
+    let fed = Federation::start(&scratch).await;
+    let (east, west) = (
+        fed.join(&scratch, "east").await,
+        fed.join(&scratch, "west").await,
+    );
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
+
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let im = &applied.plan.imports[0];
+    assert_eq!((im.port, im.protocol), (port, Protocol::Tcp));
+    assert!(applied.revision > 0);
+    let addr = SocketAddr::new(applied.addresses[&im.service], port);
+    assert_eq!(echo_through(addr).await.unwrap(), b"ping");
+
+    // West withdraws (its gateway stops and its lease runs out): the plan drops it.
+    west_gw.shutdown().await;
+    let mut plans = east_gw.gateway.applied_plans();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while plans
+        .borrow_and_update()
+        .as_ref()
+        .is_some_and(|a| a.plan.imports.iter().any(|i| !i.backends.is_empty()))
+    {
+        assert!(Instant::now() < deadline, "west's lease never ran out");
+        let _ = tokio::time::timeout(Duration::from_secs(1), plans.changed()).await;
+    }
+    east_gw.shutdown().await;
+    fed.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_fails_over_past_a_site_whose_endpoint_refuses() {
+    let scratch = Scratch::new("inproc-failover");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let north = fed.join(&scratch, "north").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    // Both export with one ready endpoint each; north (first by name at equal
+    // capacity) has an endpoint that refuses every connection.
+    let north_gw = gateway(
+        &north,
+        3,
+        ConfigBuilder::default().export("orders.shop", port, vec![closed_port()]),
+    )
+    .await;
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
+    let applied = until_imported(&east_gw, "orders.shop", &["north", "west"]).await;
+    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+
+    for _ in 0..5 {
+        assert_eq!(echo_through(addr).await.unwrap(), b"ping");
+    }
+    let (_, metrics) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    let failovers = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("meshfed_gateway_failovers_total{reason=\"endpoint_connect_failed\"}")
+        })
+        .unwrap_or_else(|| panic!("no failover counted:\n{metrics}"));
+    assert!(failovers.ends_with(" 5"), "{failovers}");
+    for g in [east_gw, west_gw, north_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_what_a_caller_may_not_do_with_typed_reasons() {
+    let scratch = Scratch::new("inproc-authz");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let _west = fed.join(&scratch, "west").await;
+    let mut c = fed.client_as(&east).await;
+
+    let publish = |site: &str| pb::PublishRequest {
+        site: site.into(),
+        exports: vec![],
+        gateway_addresses: vec!["127.0.0.1:4433".into()],
+    };
+    c.publish(publish("east"))
+        .await
+        .expect("a site publishes for itself");
+    let s = c.publish(publish("west")).await.unwrap_err();
+    assert_eq!(
+        Refusal::of_status(&s),
+        Some(Refusal::PublishForeignSite),
+        "{s:?}"
+    );
+
+    // Operator calls need the operator's SVID, not a site's.
+    let s = c
+        .create_token(pb::CreateTokenRequest {
+            site: "south".into(),
+            ttl_seconds: 60,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(Refusal::of_status(&s), Some(Refusal::NotOperator), "{s:?}");
+    let s = c.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(Refusal::of_status(&s), Some(Refusal::NotOperator), "{s:?}");
+
+    // The counters say the same reasons.
+    let m = |r: Refusal| {
+        fed.node
+            .service
+            .metrics
+            .refusals
+            .get_or_create(&meshfed_federation::server::ReasonLabels { reason: r.code() })
+            .get()
+    };
+    assert_eq!(m(Refusal::PublishForeignSite), 1);
+    assert_eq!(m(Refusal::NotOperator), 2);
+    fed.node.shutdown().await;
+}
