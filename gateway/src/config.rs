@@ -354,73 +354,8 @@ impl RawConfig {
                 "at least one trust bundle is required (or a `federation` section that provides them)",
             ));
         }
-        let federation = self
-            .federation
-            .map(|f| {
-                let import_address = f
-                    .import_address
-                    .as_deref()
-                    .unwrap_or("127.0.0.1")
-                    .parse()
-                    .map_err(|_| v.err("federation.import_address", "not an IP address"))?;
-                Ok::<_, ConfigError>(Federation {
-                    dir: rel(base, f.dir),
-                    import_address,
-                    vip_range: f
-                        .vip_range
-                        .as_deref()
-                        .map(meshfed_catalog::routing::VipRange::parse)
-                        .transpose()
-                        .map_err(|e| v.err("federation.vip_range", e))?,
-                    import_ports: f
-                        .import_ports
-                        .as_deref()
-                        .map(meshfed_catalog::routing::PortRange::parse)
-                        .transpose()
-                        .map_err(|e| v.err("federation.import_ports", e))?,
-                    advertise: f.advertise,
-                    locality: f.locality,
-                })
-            })
-            .transpose()?;
-        let dns = self
-            .dns
-            .map(|d| {
-                if federation.is_none() {
-                    return Err(v.err(
-                        "dns",
-                        "needs a `federation` section (answers come from the catalog)",
-                    ));
-                }
-                if federation.as_ref().is_some_and(|f| f.import_ports.is_some()) {
-                    return Err(v.err(
-                        "dns",
-                        "cannot answer with `federation.import_ports`: clients reach such imports through their derived Services (`meshfed kubernetes controller`), named by the cluster's DNS",
-                    ));
-                }
-                let ttl = v.duration("dns.ttl", d.ttl.as_deref(), Duration::from_secs(5))?;
-                let zones = d
-                    .zones
-                    .iter()
-                    .enumerate()
-                    .map(|(i, z)| valid_zone(z).map_err(|e| v.err(format!("dns.zones[{i}]"), e)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Dns {
-                    listen: v.addr("dns.listen", &d.listen)?,
-                    ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
-                    zones,
-                    forward: d
-                        .forward
-                        .as_deref()
-                        .map(|f| v.addr("dns.forward", f))
-                        .transpose()?,
-                    rate_limit: match d.rate_limit {
-                        Some(0) => return Err(v.err("dns.rate_limit", "must be positive")),
-                        r => r,
-                    },
-                })
-            })
-            .transpose()?;
+        let federation = federation(v, base, self.federation)?;
+        let dns = dns(v, self.dns, federation.as_ref())?;
         let listen = v.addr("listen", &self.listen)?;
         let admin = v.addr("admin", self.admin.as_deref().unwrap_or(DEFAULT_ADMIN))?;
         let drain_grace = v.duration(
@@ -450,132 +385,9 @@ impl RawConfig {
             return Err(v.err("udp_idle_timeout", "must be positive"));
         }
 
-        let mut peers = Vec::new();
-        let mut peer_sites = BTreeSet::new();
-        for (i, p) in self.peers.into_iter().enumerate() {
-            let f = |name: &str| format!("peers[{i}].{name}");
-            let psite = SiteName::new(&p.site).map_err(|e| v.err(f("site"), e))?;
-            if psite == site {
-                return Err(v.err(f("site"), "a gateway cannot peer with its own site"));
-            }
-            if !peer_sites.insert(psite.clone()) {
-                return Err(v.err(f("site"), format!("peer {psite} is listed twice")));
-            }
-            let address = p
-                .address
-                .as_deref()
-                .map(|a| v.addr(f("address"), a))
-                .transpose()?;
-            if let Some(a) = address
-                && listen.ip().is_loopback()
-                && !a.ip().is_loopback()
-            {
-                return Err(v.err(
-                    f("address"),
-                    format!("{a} is not on loopback, but `listen` {listen} is: the QUIC endpoint could not send to it (listen on 0.0.0.0 or a routable address)"),
-                ));
-            }
-            let spiffe_id = SpiffeId::new(&p.spiffe_id)
-                .map_err(|e| v.err(f("spiffe_id"), format!("{:?}: {e}", p.spiffe_id)))?;
-            peers.push(Peer {
-                site: psite,
-                address,
-                spiffe_id,
-            });
-        }
-
-        let mut exports = BTreeMap::new();
-        for (i, e) in self.exports.into_iter().enumerate() {
-            let f = |name: &str| format!("exports[{i}].{name}");
-            let service = ServiceName::parse(&e.service).map_err(|err| v.err(f("service"), err))?;
-            if e.ports.is_empty() {
-                return Err(v.err(f("ports"), "an export needs at least one port"));
-            }
-            let mut ports = BTreeMap::new();
-            let mut udp_ports = BTreeMap::new();
-            for (j, p) in e.ports.into_iter().enumerate() {
-                if p.port == 0 {
-                    return Err(v.err(f(&format!("ports[{j}].port")), "port 0"));
-                }
-                let protocol = protocol(p.protocol.as_deref())
-                    .map_err(|e| v.err(f(&format!("ports[{j}].protocol")), e))?;
-                let ports = match protocol {
-                    Protocol::Tcp => &mut ports,
-                    Protocol::Udp => &mut udp_ports,
-                };
-                let eps = p
-                    .endpoints
-                    .iter()
-                    .enumerate()
-                    .map(|(k, a)| v.addr(f(&format!("ports[{j}].endpoints[{k}]")), a))
-                    .collect::<Result<Vec<_>, _>>()?;
-                if ports.insert(p.port, eps).is_some() {
-                    return Err(v.err(
-                        f(&format!("ports[{j}].port")),
-                        format!("{protocol} port {} is listed twice", p.port),
-                    ));
-                }
-            }
-            let allowed_peers = e
-                .allowed_peers
-                .map(|ids| {
-                    ids.iter()
-                        .enumerate()
-                        .map(|(k, s)| {
-                            SpiffeId::new(s).map_err(|err| {
-                                v.err(f(&format!("allowed_peers[{k}]")), format!("{s:?}: {err}"))
-                            })
-                        })
-                        .collect::<Result<BTreeSet<_>, _>>()
-                })
-                .transpose()?;
-            if exports.contains_key(&service) {
-                return Err(v.err(f("service"), format!("{service} is exported twice")));
-            }
-            exports.insert(
-                service.clone(),
-                Export {
-                    service,
-                    ports,
-                    udp_ports,
-                    allowed_peers,
-                    hosts: vec![],
-                    tls: None,
-                    port_names: BTreeMap::new(),
-                    identities: vec![],
-                },
-            );
-        }
-
-        let mut imports = Vec::new();
-        let mut listens = BTreeSet::new();
-        for (i, im) in self.imports.into_iter().enumerate() {
-            let f = |name: &str| format!("imports[{i}].{name}");
-            let service = ServiceName::parse(&im.service).map_err(|e| v.err(f("service"), e))?;
-            let isite = SiteName::new(&im.site).map_err(|e| v.err(f("site"), e))?;
-            match peers.iter().find(|p| p.site == isite) {
-                None => return Err(v.err(f("site"), format!("{isite} is not in `peers`"))),
-                Some(p) if p.address.is_none() => {
-                    return Err(v.err(f("site"), format!("peer {isite} has no address to dial")));
-                }
-                Some(_) => {}
-            }
-            if im.port == 0 {
-                return Err(v.err(f("port"), "port 0"));
-            }
-            let protocol = protocol(im.protocol.as_deref()).map_err(|e| v.err(f("protocol"), e))?;
-            let listen = v.addr(f("listen"), &im.listen)?;
-            if listen.port() != 0 && !listens.insert((listen, protocol)) {
-                return Err(v.err(f("listen"), format!("{listen} is used by another import")));
-            }
-            imports.push(Import {
-                service,
-                port: im.port,
-                protocol,
-                site: isite,
-                listen,
-            });
-        }
+        let peers = peers(v, self.peers, &site, listen)?;
+        let exports = exports(v, self.exports)?;
+        let imports = imports(v, self.imports, &peers)?;
 
         Ok(GatewayConfig {
             site,
@@ -596,6 +408,236 @@ impl RawConfig {
             imports,
         })
     }
+}
+
+/// The `federation` section.
+fn federation(
+    v: &Validator<'_>,
+    base: &Path,
+    raw: Option<RawFederation>,
+) -> Result<Option<Federation>, ConfigError> {
+    raw.map(|f| {
+        let import_address = f
+            .import_address
+            .as_deref()
+            .unwrap_or("127.0.0.1")
+            .parse()
+            .map_err(|_| v.err("federation.import_address", "not an IP address"))?;
+        Ok::<_, ConfigError>(Federation {
+            dir: rel(base, f.dir),
+            import_address,
+            vip_range: f
+                .vip_range
+                .as_deref()
+                .map(meshfed_catalog::routing::VipRange::parse)
+                .transpose()
+                .map_err(|e| v.err("federation.vip_range", e))?,
+            import_ports: f
+                .import_ports
+                .as_deref()
+                .map(meshfed_catalog::routing::PortRange::parse)
+                .transpose()
+                .map_err(|e| v.err("federation.import_ports", e))?,
+            advertise: f.advertise,
+            locality: f.locality,
+        })
+    })
+    .transpose()
+}
+
+/// The `dns` section: it answers from the catalog, so it needs `federation`.
+fn dns(
+    v: &Validator<'_>,
+    raw: Option<RawDns>,
+    federation: Option<&Federation>,
+) -> Result<Option<Dns>, ConfigError> {
+    raw.map(|d| {
+            if federation.is_none() {
+                return Err(v.err(
+                    "dns",
+                    "needs a `federation` section (answers come from the catalog)",
+                ));
+            }
+            if federation.is_some_and(|f| f.import_ports.is_some()) {
+                return Err(v.err(
+                    "dns",
+                    "cannot answer with `federation.import_ports`: clients reach such imports through their derived Services (`meshfed kubernetes controller`), named by the cluster's DNS",
+                ));
+            }
+            let ttl = v.duration("dns.ttl", d.ttl.as_deref(), Duration::from_secs(5))?;
+            let zones = d
+                .zones
+                .iter()
+                .enumerate()
+                .map(|(i, z)| valid_zone(z).map_err(|e| v.err(format!("dns.zones[{i}]"), e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Dns {
+                listen: v.addr("dns.listen", &d.listen)?,
+                ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+                zones,
+                forward: d
+                    .forward
+                    .as_deref()
+                    .map(|f| v.addr("dns.forward", f))
+                    .transpose()?,
+                rate_limit: match d.rate_limit {
+                    Some(0) => return Err(v.err("dns.rate_limit", "must be positive")),
+                    r => r,
+                },
+            })
+        })
+        .transpose()
+}
+
+/// `peers`: distinct sites other than ours, each dialable from `listen`.
+fn peers(
+    v: &Validator<'_>,
+    raw: Vec<RawPeer>,
+    site: &SiteName,
+    listen: SocketAddr,
+) -> Result<Vec<Peer>, ConfigError> {
+    let mut peers = Vec::new();
+    let mut peer_sites = BTreeSet::new();
+    for (i, p) in raw.into_iter().enumerate() {
+        let f = |name: &str| format!("peers[{i}].{name}");
+        let psite = SiteName::new(&p.site).map_err(|e| v.err(f("site"), e))?;
+        if psite == *site {
+            return Err(v.err(f("site"), "a gateway cannot peer with its own site"));
+        }
+        if !peer_sites.insert(psite.clone()) {
+            return Err(v.err(f("site"), format!("peer {psite} is listed twice")));
+        }
+        let address = p
+            .address
+            .as_deref()
+            .map(|a| v.addr(f("address"), a))
+            .transpose()?;
+        if let Some(a) = address
+            && listen.ip().is_loopback()
+            && !a.ip().is_loopback()
+        {
+            return Err(v.err(
+                f("address"),
+                format!("{a} is not on loopback, but `listen` {listen} is: the QUIC endpoint could not send to it (listen on 0.0.0.0 or a routable address)"),
+            ));
+        }
+        let spiffe_id = SpiffeId::new(&p.spiffe_id)
+            .map_err(|e| v.err(f("spiffe_id"), format!("{:?}: {e}", p.spiffe_id)))?;
+        peers.push(Peer {
+            site: psite,
+            address,
+            spiffe_id,
+        });
+    }
+    Ok(peers)
+}
+
+/// `exports`: each service once, each (protocol, port) once, with its endpoints.
+fn exports(
+    v: &Validator<'_>,
+    raw: Vec<RawExport>,
+) -> Result<BTreeMap<ServiceName, Export>, ConfigError> {
+    let mut exports = BTreeMap::new();
+    for (i, e) in raw.into_iter().enumerate() {
+        let f = |name: &str| format!("exports[{i}].{name}");
+        let service = ServiceName::parse(&e.service).map_err(|err| v.err(f("service"), err))?;
+        if e.ports.is_empty() {
+            return Err(v.err(f("ports"), "an export needs at least one port"));
+        }
+        let mut ports = BTreeMap::new();
+        let mut udp_ports = BTreeMap::new();
+        for (j, p) in e.ports.into_iter().enumerate() {
+            if p.port == 0 {
+                return Err(v.err(f(&format!("ports[{j}].port")), "port 0"));
+            }
+            let protocol = protocol(p.protocol.as_deref())
+                .map_err(|e| v.err(f(&format!("ports[{j}].protocol")), e))?;
+            let ports = match protocol {
+                Protocol::Tcp => &mut ports,
+                Protocol::Udp => &mut udp_ports,
+            };
+            let eps = p
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(k, a)| v.addr(f(&format!("ports[{j}].endpoints[{k}]")), a))
+                .collect::<Result<Vec<_>, _>>()?;
+            if ports.insert(p.port, eps).is_some() {
+                return Err(v.err(
+                    f(&format!("ports[{j}].port")),
+                    format!("{protocol} port {} is listed twice", p.port),
+                ));
+            }
+        }
+        let allowed_peers = e
+            .allowed_peers
+            .map(|ids| {
+                ids.iter()
+                    .enumerate()
+                    .map(|(k, s)| {
+                        SpiffeId::new(s).map_err(|err| {
+                            v.err(f(&format!("allowed_peers[{k}]")), format!("{s:?}: {err}"))
+                        })
+                    })
+                    .collect::<Result<BTreeSet<_>, _>>()
+            })
+            .transpose()?;
+        if exports.contains_key(&service) {
+            return Err(v.err(f("service"), format!("{service} is exported twice")));
+        }
+        exports.insert(
+            service.clone(),
+            Export {
+                service,
+                ports,
+                udp_ports,
+                allowed_peers,
+                hosts: vec![],
+                tls: None,
+                port_names: BTreeMap::new(),
+                identities: vec![],
+            },
+        );
+    }
+    Ok(exports)
+}
+
+/// `imports`: each from a peer with an address, each listen address once per protocol.
+fn imports(
+    v: &Validator<'_>,
+    raw: Vec<RawImport>,
+    peers: &[Peer],
+) -> Result<Vec<Import>, ConfigError> {
+    let mut imports = Vec::new();
+    let mut listens = BTreeSet::new();
+    for (i, im) in raw.into_iter().enumerate() {
+        let f = |name: &str| format!("imports[{i}].{name}");
+        let service = ServiceName::parse(&im.service).map_err(|e| v.err(f("service"), e))?;
+        let isite = SiteName::new(&im.site).map_err(|e| v.err(f("site"), e))?;
+        match peers.iter().find(|p| p.site == isite) {
+            None => return Err(v.err(f("site"), format!("{isite} is not in `peers`"))),
+            Some(p) if p.address.is_none() => {
+                return Err(v.err(f("site"), format!("peer {isite} has no address to dial")));
+            }
+            Some(_) => {}
+        }
+        if im.port == 0 {
+            return Err(v.err(f("port"), "port 0"));
+        }
+        let protocol = protocol(im.protocol.as_deref()).map_err(|e| v.err(f("protocol"), e))?;
+        let listen = v.addr(f("listen"), &im.listen)?;
+        if listen.port() != 0 && !listens.insert((listen, protocol)) {
+            return Err(v.err(f("listen"), format!("{listen} is used by another import")));
+        }
+        imports.push(Import {
+            service,
+            port: im.port,
+            protocol,
+            site: isite,
+            listen,
+        });
+    }
+    Ok(imports)
 }
 
 #[cfg(test)]

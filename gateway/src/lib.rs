@@ -174,19 +174,100 @@ pub fn raise_nofile_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
-/// Loads identity and bundles, binds every listener, and starts serving. Returns once
-/// all listeners are bound (so `/ready` is true). The config's `dns` section is not
-/// served here: the binary starts DNS beside the gateway (`meshfed::site`).
-pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
-    start_with(cfg, Registry::default()).await
+/// The data plane's shared handles, for the federation agent and the registry follower.
+struct Shared {
+    ingress: Arc<ingress::Ingress>,
+    peers: peers::Peers,
+    imports: Arc<egress::Imports>,
+    metrics: metrics::Metrics,
+    bundle_store: Arc<ArcSwap<meshfed_identity::BundleSet>>,
+    applied: tokio::sync::watch::Sender<Option<Arc<federated::AppliedPlan>>>,
 }
 
-/// [`start`], serving `registry` on the admin port beside the gateway's own metrics
-/// (the binary registers its DNS server's there).
-pub async fn start_with(
-    cfg: GatewayConfig,
-    mut registry: Registry,
-) -> Result<RunningGateway, GatewayError> {
+/// With a federation: the follower of the site directory's registered and Kubernetes
+/// exports, and the agent that publishes them and applies the catalog. Both stop with
+/// the dialers (`stop`).
+fn start_federation(
+    cfg: &GatewayConfig,
+    fed: &config::Federation,
+    quic_addr: SocketAddr,
+    sh: Shared,
+    stop: CancellationToken,
+) {
+    let advertise = fed
+        .advertise
+        .clone()
+        .unwrap_or_else(|| quic_addr.to_string());
+    if quic_addr.ip().is_unspecified() && fed.advertise.is_none() {
+        warn!(%quic_addr, "listening on a wildcard address without federation.advertise: peers cannot dial it");
+    }
+    let (published, exports_rx) =
+        tokio::sync::watch::channel(cfg.exports.values().cloned().collect::<Vec<_>>());
+    let follower = registry::Follower {
+        dir: fed.dir.clone(),
+        config_exports: cfg.exports.clone(),
+        ingress: sh.ingress,
+        published,
+    };
+    tokio::spawn(follower.run(stop.clone()));
+    let agent = federated::Agent {
+        fed: fed.clone(),
+        site: cfg.site.clone(),
+        cert: cfg.cert.clone(),
+        key: cfg.key.clone(),
+        exports: exports_rx,
+        advertise,
+        static_peers: cfg.peers.clone(),
+        static_imports: cfg.imports.clone(),
+        peers: sh.peers,
+        imports: sh.imports,
+        metrics: sh.metrics,
+        bundle_store: sh.bundle_store,
+        applied: sh.applied,
+    };
+    tokio::spawn(agent.run(stop));
+}
+
+/// What the gateway's drain stops, in order.
+struct Stages {
+    streams: drain::DrainTrigger,
+    streams_w: drain::DrainWatcher,
+    dialers: drain::DrainTrigger,
+    endpoint: quinn::Endpoint,
+    ready: Arc<AtomicBool>,
+    admin_stop: CancellationToken,
+    grace: Duration,
+}
+
+/// Waits for the drain to start, then: not ready; listeners stop and in-flight streams
+/// finish within the grace; the endpoint closes (peers see DRAINING); the dialers stop;
+/// the admin port closes last.
+async fn drain_when_told(s: Stages) {
+    s.streams_w.signaled().await;
+    s.ready.store(false, Ordering::Release);
+    info!(in_flight = s.streams_w.in_flight(), grace = ?s.grace, "draining");
+    if let Drained::GraceExpired { in_flight } = s.streams.drain(s.grace).await {
+        warn!(
+            in_flight,
+            "drain grace period over; closing remaining streams"
+        );
+    }
+    s.dialers.start();
+    s.endpoint.close(
+        quinn::VarInt::from_u32(wire::app_code::DRAINING),
+        b"gateway draining",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.endpoint.wait_idle()).await;
+    if let Drained::GraceExpired { in_flight } = s.dialers.drain(DIALERS_GRACE).await {
+        warn!(in_flight, "peer dialers did not stop in time");
+    }
+    s.admin_stop.cancel();
+    info!("gateway stopped");
+}
+
+/// The gateway's SVID and the bundles it verifies peers with, refused when the SVID is
+/// not this site's gateway ID or is not usable now.
+fn load_identity(cfg: &GatewayConfig) -> Result<(Svid, meshfed_identity::BundleSet), GatewayError> {
     let svid = Svid::load(&cfg.cert, &cfg.key)?;
     let expected = SpiffeId::gateway(&cfg.trust_domain, cfg.site.as_str()).map_err(|e| {
         ConfigError::Field {
@@ -218,6 +299,25 @@ pub async fn start_with(
             reason: e.to_string(),
         }
     })?;
+
+    Ok((svid, bundles))
+}
+
+/// Loads identity and bundles, binds every listener, and starts serving. Returns once
+/// all listeners are bound (so `/ready` is true). The config's `dns` section is not
+/// served here: the binary starts DNS beside the gateway (`meshfed::site`).
+pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
+    start_with(cfg, Registry::default()).await
+}
+
+/// [`start`], serving `registry` on the admin port beside the gateway's own metrics
+/// (the binary registers its DNS server's there).
+pub async fn start_with(
+    cfg: GatewayConfig,
+    mut registry: Registry,
+) -> Result<RunningGateway, GatewayError> {
+    let (svid, bundles) = load_identity(&cfg)?;
+    let bundle_dir = cfg.federation.as_ref().map(|f| f.dir.join("bundles"));
 
     let metrics = metrics::Metrics::default();
     metrics.register(&mut registry);
@@ -339,38 +439,20 @@ pub async fn start_with(
 
     let (applied, _) = tokio::sync::watch::channel(None);
     if let Some(fed) = &cfg.federation {
-        let advertise = fed
-            .advertise
-            .clone()
-            .unwrap_or_else(|| quic_addr.to_string());
-        if quic_addr.ip().is_unspecified() && fed.advertise.is_none() {
-            warn!(%quic_addr, "listening on a wildcard address without federation.advertise: peers cannot dial it");
-        }
-        let (published, exports_rx) =
-            tokio::sync::watch::channel(cfg.exports.values().cloned().collect::<Vec<_>>());
-        let follower = registry::Follower {
-            dir: fed.dir.clone(),
-            config_exports: cfg.exports.clone(),
-            ingress: ingress.clone(),
-            published,
-        };
-        tokio::spawn(follower.run(dial_stop.clone()));
-        let agent = federated::Agent {
-            fed: fed.clone(),
-            site: cfg.site.clone(),
-            cert: cfg.cert.clone(),
-            key: cfg.key.clone(),
-            exports: exports_rx,
-            advertise,
-            static_peers: cfg.peers.clone(),
-            static_imports: cfg.imports.clone(),
-            peers: peers.clone(),
-            imports: imports.clone(),
-            metrics: metrics.clone(),
-            bundle_store: bundle_store.clone(),
-            applied: applied.clone(),
-        };
-        tokio::spawn(agent.run(dial_stop.clone()));
+        start_federation(
+            &cfg,
+            fed,
+            quic_addr,
+            Shared {
+                ingress: ingress.clone(),
+                peers: peers.clone(),
+                imports: imports.clone(),
+                metrics: metrics.clone(),
+                bundle_store: bundle_store.clone(),
+                applied: applied.clone(),
+            },
+            dial_stop.clone(),
+        );
     }
 
     let reload_kick = Arc::new(tokio::sync::Notify::new());
@@ -409,28 +491,15 @@ pub async fn start_with(
 
     let grace = cfg.drain_grace;
     let stop = streams_w.token();
-    let done = tokio::spawn(async move {
-        streams_w.signaled().await;
-        ready.store(false, Ordering::Release);
-        info!(in_flight = streams_w.in_flight(), grace = ?grace, "draining");
-        if let Drained::GraceExpired { in_flight } = streams.drain(grace).await {
-            warn!(
-                in_flight,
-                "drain grace period over; closing remaining streams"
-            );
-        }
-        dialers.start();
-        endpoint.close(
-            quinn::VarInt::from_u32(wire::app_code::DRAINING),
-            b"gateway draining",
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        if let Drained::GraceExpired { in_flight } = dialers.drain(DIALERS_GRACE).await {
-            warn!(in_flight, "peer dialers did not stop in time");
-        }
-        admin_stop.cancel();
-        info!("gateway stopped");
-    });
+    let done = tokio::spawn(drain_when_told(Stages {
+        streams,
+        streams_w,
+        dialers,
+        endpoint,
+        ready,
+        admin_stop,
+        grace,
+    }));
 
     Ok(RunningGateway {
         quic_addr,

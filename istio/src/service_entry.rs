@@ -501,7 +501,61 @@ fn prefix(path: &str) -> String {
 /// Parses a file of ServiceEntry and WorkloadEntry documents. All or nothing: any error
 /// fails the whole file, so a registration never applies half a file.
 pub fn parse(text: &str) -> Result<Registration, ParseError> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| {
+    let docs = read_documents(text)?;
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let sorted = sort_documents(&docs, &mut problems, &mut warnings);
+    let mut services = Vec::new();
+    // The document each service came from, for errors about the service as a whole.
+    let mut service_docs = Vec::new();
+    for (index, name, namespace, spec, annotations) in sorted.entries {
+        let mut d = Doc {
+            index,
+            object: format!("ServiceEntry/{name}"),
+            problems: &mut problems,
+            warnings: &mut warnings,
+        };
+        if let Some(s) = service_entry(
+            &mut d,
+            &name,
+            &namespace,
+            &spec,
+            &annotations,
+            &sorted.workloads,
+        ) {
+            service_docs.push(index);
+            services.push(s);
+        }
+    }
+    apply_destination_rules(sorted.rules, &mut services, &mut problems, &mut warnings);
+    refuse_duplicates(&services, &service_docs, &mut problems);
+    if !problems.is_empty() {
+        return Err(ParseError::Invalid(problems));
+    }
+    Ok(Registration { services, warnings })
+}
+
+/// A ServiceEntry document: (doc index, name, namespace, spec, annotations).
+type Entry = (
+    usize,
+    String,
+    String,
+    serde_json::Map<String, Value>,
+    BTreeMap<String, String>,
+);
+/// A DestinationRule document: (doc index, name, namespace, (host, tls settings)).
+type Rule = (usize, String, String, (String, Option<RawTls>));
+
+struct Sorted {
+    entries: Vec<Entry>,
+    /// (namespace, endpoint) of every WorkloadEntry.
+    workloads: Vec<(String, LegacyEndpoint)>,
+    rules: Vec<Rule>,
+}
+
+/// The YAML stream as documents; a syntax error names its line and column.
+fn read_documents(text: &str) -> Result<Vec<Value>, ParseError> {
+    serde_saphyr::from_multiple(text).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
         ParseError::Yaml {
             line,
@@ -517,21 +571,19 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
                 })
             },
         }
-    })?;
-    let mut problems = Vec::new();
-    let mut warnings = Vec::new();
-    // (doc index, object, spec) of ServiceEntries; WorkloadEntries as endpoints.
-    type Entry = (
-        usize,
-        String,
-        String,
-        serde_json::Map<String, Value>,
-        BTreeMap<String, String>,
-    );
+    })
+}
+
+/// The documents sorted by kind: ServiceEntries (with their annotations), WorkloadEntries
+/// as endpoints (with their namespace), DestinationRules' TLS. Envelope problems
+/// (apiVersion, kind, metadata) are reported here.
+fn sort_documents(
+    docs: &[Value],
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Sorted {
     let mut entries: Vec<Entry> = Vec::new();
     let mut workloads: Vec<(String, LegacyEndpoint)> = Vec::new();
-    // (doc, name, namespace, (host, tls settings)) of DestinationRules.
-    type Rule = (usize, String, String, (String, Option<RawTls>));
     let mut rules: Vec<Rule> = Vec::new();
     for (i, v) in docs.iter().enumerate() {
         let index = i + 1;
@@ -560,8 +612,8 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
         let mut d = Doc {
             index,
             object: format!("{kind}/{name}"),
-            problems: &mut problems,
-            warnings: &mut warnings,
+            problems,
+            warnings,
         };
         d.unsupported("", top, &["apiVersion", "kind", "metadata", "spec"]);
         if let Some(m) = meta {
@@ -614,328 +666,365 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
         }
     }
 
-    let mut services = Vec::new();
-    // The document each service came from, for errors about the service as a whole.
-    let mut service_docs = Vec::new();
-    for (index, name, namespace, spec, annotations) in entries {
-        let mut d = Doc {
-            index,
-            object: format!("ServiceEntry/{name}"),
-            problems: &mut problems,
-            warnings: &mut warnings,
-        };
-        d.unsupported(
-            "spec",
-            &spec,
-            &[
-                "hosts",
-                "addresses",
-                "ports",
-                "location",
-                "resolution",
-                "endpoints",
-                "workloadSelector",
-                "exportTo",
-            ],
-        );
-        let service = match ServiceName::new(&name, &namespace) {
-            Ok(s) => s,
-            Err(e) => {
-                d.err(
-                    "metadata",
-                    format!("name.namespace is not a service name: {e}"),
-                );
-                continue;
-            }
-        };
-        let hosts = d.str_list(spec.get("hosts"), "spec.hosts");
-        if hosts.is_empty() {
-            d.err("spec.hosts", "at least one host is required");
+    Sorted {
+        entries,
+        workloads,
+        rules,
+    }
+}
+
+/// One ServiceEntry (`spec` of document `d`) into a legacy service; `None` when it has
+/// no usable name. WorkloadEntries of its namespace that its `workloadSelector` selects
+/// become endpoints.
+fn service_entry(
+    d: &mut Doc<'_>,
+    name: &str,
+    namespace: &str,
+    spec: &serde_json::Map<String, Value>,
+    annotations: &BTreeMap<String, String>,
+    workloads: &[(String, LegacyEndpoint)],
+) -> Option<LegacyService> {
+    d.unsupported(
+        "spec",
+        spec,
+        &[
+            "hosts",
+            "addresses",
+            "ports",
+            "location",
+            "resolution",
+            "endpoints",
+            "workloadSelector",
+            "exportTo",
+        ],
+    );
+    let service = match ServiceName::new(name, namespace) {
+        Ok(s) => s,
+        Err(e) => {
+            d.err(
+                "metadata",
+                format!("name.namespace is not a service name: {e}"),
+            );
+            return None;
         }
-        for (i, h) in hosts.iter().enumerate() {
-            if !valid_host(h) {
-                d.err(
-                    format!("spec.hosts[{i}]"),
-                    format!("{h:?} is not a DNS name"),
-                );
-            } else if !h.contains('.') {
-                // Istio: a full wildcard or a short name is not a ServiceEntry host.
-                d.err(
-                    format!("spec.hosts[{i}]"),
-                    format!("{h:?} is a short name; Istio requires a host with a dot"),
-                );
-            }
+    };
+    let hosts = d.str_list(spec.get("hosts"), "spec.hosts");
+    if hosts.is_empty() {
+        d.err("spec.hosts", "at least one host is required");
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        if !valid_host(h) {
+            d.err(
+                format!("spec.hosts[{i}]"),
+                format!("{h:?} is not a DNS name"),
+            );
+        } else if !h.contains('.') {
+            // Istio: a full wildcard or a short name is not a ServiceEntry host.
+            d.err(
+                format!("spec.hosts[{i}]"),
+                format!("{h:?} is a short name; Istio requires a host with a dot"),
+            );
         }
-        let addresses = d.str_list(spec.get("addresses"), "spec.addresses");
+    }
+    let addresses = d.str_list(spec.get("addresses"), "spec.addresses");
+    for (i, a) in addresses.iter().enumerate() {
+        let ip = a.split_once('/').map_or(a.as_str(), |(ip, _)| ip);
+        if ip.parse::<IpAddr>().is_err() {
+            d.err(
+                format!("spec.addresses[{i}]"),
+                format!("{a:?} is not an IP or CIDR"),
+            );
+        }
+    }
+    let ports = ports(d, spec);
+    let location = match spec.get("location").and_then(Value::as_str) {
+        None | Some("MESH_EXTERNAL") => Location::MeshExternal,
+        Some("MESH_INTERNAL") => Location::MeshInternal,
+        Some(o) => {
+            d.err(
+                "spec.location",
+                format!("{o:?}: MESH_EXTERNAL or MESH_INTERNAL"),
+            );
+            Location::MeshExternal
+        }
+    };
+    let resolution = match spec.get("resolution").and_then(Value::as_str) {
+        None | Some("NONE") => Resolution::None,
+        Some("STATIC") => Resolution::Static,
+        Some("DNS") => Resolution::Dns,
+        Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
+        Some(o) => {
+            d.err(
+                "spec.resolution",
+                format!("{o:?}: NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
+            );
+            Resolution::None
+        }
+    };
+    // Istio's resolution-specific rules.
+    if matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
         for (i, a) in addresses.iter().enumerate() {
-            let ip = a.split_once('/').map_or(a.as_str(), |(ip, _)| ip);
-            if ip.parse::<IpAddr>().is_err() {
+            if a.contains('/') {
                 d.err(
                     format!("spec.addresses[{i}]"),
-                    format!("{a:?} is not an IP or CIDR"),
+                    format!(
+                        "{a:?}: CIDR addresses are allowed only with resolution NONE or STATIC"
+                    ),
                 );
             }
         }
-        let mut ports = Vec::new();
-        match spec.get("ports") {
-            Some(Value::Array(list)) if !list.is_empty() => {
-                for (i, p) in list.iter().enumerate() {
-                    let path = format!("spec.ports[{i}]");
-                    let Value::Object(pm) = p else {
-                        d.err(&path, "must be a map");
+    }
+    let explicit_endpoints =
+        matches!(spec.get("endpoints"), Some(Value::Array(l)) if !l.is_empty());
+    if resolution == Resolution::None && explicit_endpoints {
+        d.err(
+            "spec.endpoints",
+            "Istio refuses endpoints with resolution NONE (it forwards to the original destination): \
+             use STATIC for IP endpoints or DNS for hostnames",
+        );
+    }
+    if resolution == Resolution::None && spec.get("workloadSelector").is_some() {
+        d.warn(
+            "spec.workloadSelector",
+            "has no effect with resolution NONE (Istio warns the same)",
+        );
+    }
+    let endpoints = endpoints(d, spec, &ports, resolution, &hosts, namespace, workloads);
+    let export_to = d.str_list(spec.get("exportTo"), "spec.exportTo");
+    for (i, e) in export_to.iter().enumerate() {
+        if e != "*" && e != "." {
+            d.warn(
+                format!("spec.exportTo[{i}]"),
+                format!("{e:?}: meshfed exports per site, not per namespace; treated as \"*\""),
+            );
+        }
+    }
+    let health = health_check(d, annotations);
+    Some(LegacyService {
+        tls: None,
+        service,
+        hosts,
+        addresses,
+        ports,
+        location,
+        resolution,
+        endpoints,
+        export_to,
+        health,
+    })
+}
+
+/// `spec.ports`: each with a name, a protocol meshfed carries, no number twice per
+/// protocol.
+fn ports(d: &mut Doc<'_>, spec: &serde_json::Map<String, Value>) -> Vec<LegacyPort> {
+    let mut ports = Vec::new();
+    match spec.get("ports") {
+        Some(Value::Array(list)) if !list.is_empty() => {
+            for (i, p) in list.iter().enumerate() {
+                let path = format!("spec.ports[{i}]");
+                let Value::Object(pm) = p else {
+                    d.err(&path, "must be a map");
+                    continue;
+                };
+                d.unsupported(&path, pm, &["number", "protocol", "name", "targetPort"]);
+                let Some(number) = d.port_number(pm.get("number"), &format!("{path}.number"))
+                else {
+                    if pm.get("number").is_none() {
+                        d.err(format!("{path}.number"), "missing");
+                    }
+                    continue;
+                };
+                let app = pm
+                    .get("protocol")
+                    .and_then(Value::as_str)
+                    .unwrap_or("TCP")
+                    .to_ascii_uppercase();
+                let protocol = match app.as_str() {
+                    "UDP" => Protocol::Udp,
+                    "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "TCP" | "TLS" | "MONGO" | "MYSQL"
+                    | "REDIS" => Protocol::Tcp,
+                    other => {
+                        d.err(
+                            format!("{path}.protocol"),
+                            format!("{other:?} is not an Istio protocol meshfed carries"),
+                        );
                         continue;
-                    };
-                    d.unsupported(&path, pm, &["number", "protocol", "name", "targetPort"]);
-                    let Some(number) = d.port_number(pm.get("number"), &format!("{path}.number"))
-                    else {
-                        if pm.get("number").is_none() {
-                            d.err(format!("{path}.number"), "missing");
-                        }
-                        continue;
-                    };
-                    let app = pm
-                        .get("protocol")
-                        .and_then(Value::as_str)
-                        .unwrap_or("TCP")
-                        .to_ascii_uppercase();
-                    let protocol = match app.as_str() {
-                        "UDP" => Protocol::Udp,
-                        "HTTP" | "HTTPS" | "HTTP2" | "GRPC" | "TCP" | "TLS" | "MONGO" | "MYSQL"
-                        | "REDIS" => Protocol::Tcp,
-                        other => {
-                            d.err(
-                                format!("{path}.protocol"),
-                                format!("{other:?} is not an Istio protocol meshfed carries"),
-                            );
-                            continue;
-                        }
-                    };
-                    let port_name = match pm.get("name").and_then(Value::as_str) {
-                        Some(n) if !n.is_empty() => n.to_owned(),
-                        _ => {
-                            d.err(
-                                format!("{path}.name"),
-                                "missing (Istio requires a port name)",
-                            );
-                            continue;
-                        }
-                    };
-                    let target_port = pm
-                        .get("targetPort")
-                        .and_then(|t| d.port_number(Some(t), &format!("{path}.targetPort")));
-                    if ports.iter().any(|q: &LegacyPort| q.name == port_name) {
+                    }
+                };
+                let port_name = match pm.get("name").and_then(Value::as_str) {
+                    Some(n) if !n.is_empty() => n.to_owned(),
+                    _ => {
                         d.err(
                             format!("{path}.name"),
-                            format!("{port_name:?} is used twice"),
+                            "missing (Istio requires a port name)",
+                        );
+                        continue;
+                    }
+                };
+                let target_port = pm
+                    .get("targetPort")
+                    .and_then(|t| d.port_number(Some(t), &format!("{path}.targetPort")));
+                if ports.iter().any(|q: &LegacyPort| q.name == port_name) {
+                    d.err(
+                        format!("{path}.name"),
+                        format!("{port_name:?} is used twice"),
+                    );
+                }
+                // Istio refuses a port number twice. meshfed carries TCP and UDP apart,
+                // so one number for both (DNS on 53) is its one extension, warned about.
+                if let Some(q) = ports.iter().find(|q: &&LegacyPort| q.number == number) {
+                    if q.protocol == protocol {
+                        d.err(
+                            format!("{path}.number"),
+                            format!("port {number} is already defined by port {:?}", q.name),
+                        );
+                    } else {
+                        d.warn(
+                            format!("{path}.number"),
+                            format!(
+                                "port {number} is also port {:?}: meshfed carries TCP and UDP on one number as two ports; Istio refuses a port number twice",
+                                q.name
+                            ),
                         );
                     }
-                    // Istio refuses a port number twice. meshfed carries TCP and UDP apart,
-                    // so one number for both (DNS on 53) is its one extension, warned about.
-                    if let Some(q) = ports.iter().find(|q: &&LegacyPort| q.number == number) {
-                        if q.protocol == protocol {
-                            d.err(
-                                format!("{path}.number"),
-                                format!("port {number} is already defined by port {:?}", q.name),
-                            );
-                        } else {
-                            d.warn(
-                                format!("{path}.number"),
-                                format!(
-                                    "port {number} is also port {:?}: meshfed carries TCP and UDP on one number as two ports; Istio refuses a port number twice",
-                                    q.name
-                                ),
-                            );
-                        }
-                    }
-                    ports.push(LegacyPort {
-                        number,
-                        app_protocol: app,
-                        protocol,
-                        name: port_name,
-                        target_port,
-                    });
                 }
+                ports.push(LegacyPort {
+                    number,
+                    app_protocol: app,
+                    protocol,
+                    name: port_name,
+                    target_port,
+                });
             }
-            _ => d.err("spec.ports", "at least one port is required"),
         }
-        let location = match spec.get("location").and_then(Value::as_str) {
-            None | Some("MESH_EXTERNAL") => Location::MeshExternal,
-            Some("MESH_INTERNAL") => Location::MeshInternal,
-            Some(o) => {
-                d.err(
-                    "spec.location",
-                    format!("{o:?}: MESH_EXTERNAL or MESH_INTERNAL"),
-                );
-                Location::MeshExternal
+        _ => d.err("spec.ports", "at least one port is required"),
+    }
+    ports
+}
+
+/// The service's endpoints: `spec.endpoints`, the WorkloadEntries its
+/// `workloadSelector` selects, or (resolution DNS without endpoints) its hosts; checked
+/// against the resolution as Istio checks them.
+fn endpoints(
+    d: &mut Doc<'_>,
+    spec: &serde_json::Map<String, Value>,
+    ports: &[LegacyPort],
+    resolution: Resolution,
+    hosts: &[String],
+    namespace: &str,
+    workloads: &[(String, LegacyEndpoint)],
+) -> Vec<LegacyEndpoint> {
+    let mut endpoints = Vec::new();
+    if let Some(Value::Array(list)) = spec.get("endpoints") {
+        for (i, e) in list.iter().enumerate() {
+            if let Some(ep) = endpoint(d, e, &format!("spec.endpoints[{i}]"), false) {
+                for k in ep.ports.keys() {
+                    if !ports.iter().any(|p| &p.name == k) {
+                        d.err(
+                            format!("spec.endpoints[{i}].ports.{k}"),
+                            "names no port of the service",
+                        );
+                    }
+                }
+                endpoints.push(ep);
+            }
+        }
+    }
+    if let Some(sel) = spec.get("workloadSelector") {
+        if !endpoints.is_empty() {
+            d.err(
+                "spec.workloadSelector",
+                "endpoints and workloadSelector cannot be used together",
+            );
+        }
+        let labels = match sel {
+            Value::Object(m) => {
+                d.unsupported("spec.workloadSelector", m, &["labels"]);
+                d.string_map(m.get("labels"), "spec.workloadSelector.labels")
+            }
+            _ => {
+                d.err("spec.workloadSelector", "must be a map");
+                BTreeMap::new()
             }
         };
-        let resolution = match spec.get("resolution").and_then(Value::as_str) {
-            None | Some("NONE") => Resolution::None,
-            Some("STATIC") => Resolution::Static,
-            Some("DNS") => Resolution::Dns,
-            Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
-            Some(o) => {
-                d.err(
-                    "spec.resolution",
-                    format!("{o:?}: NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
-                );
-                Resolution::None
-            }
-        };
-        // Istio's resolution-specific rules.
-        if matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
-            for (i, a) in addresses.iter().enumerate() {
-                if a.contains('/') {
+        endpoints.extend(
+            workloads
+                .iter()
+                .filter(|(ns, w)| {
+                    ns == namespace && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                })
+                .map(|(_, w)| w.clone()),
+        );
+    }
+    match resolution {
+        Resolution::Static => {
+            for (i, e) in endpoints.iter().enumerate() {
+                if e.address.parse::<IpAddr>().is_err() {
                     d.err(
-                        format!("spec.addresses[{i}]"),
-                        format!(
-                            "{a:?}: CIDR addresses are allowed only with resolution NONE or STATIC"
-                        ),
+                        format!("spec.endpoints[{i}].address"),
+                        format!("{:?}: resolution STATIC needs IP addresses", e.address),
                     );
                 }
             }
+            if endpoints.is_empty() {
+                if spec.get("workloadSelector").is_some() {
+                    d.warn(
+                        "spec.workloadSelector",
+                        "selects no WorkloadEntry in this file: no endpoints until one is registered with it",
+                    );
+                } else {
+                    d.err("spec.endpoints", "resolution STATIC needs endpoints");
+                }
+            }
         }
-        let explicit_endpoints =
-            matches!(spec.get("endpoints"), Some(Value::Array(l)) if !l.is_empty());
-        if resolution == Resolution::None && explicit_endpoints {
-            d.err(
-                "spec.endpoints",
-                "Istio refuses endpoints with resolution NONE (it forwards to the original destination): \
-                 use STATIC for IP endpoints or DNS for hostnames",
-            );
+        Resolution::Dns | Resolution::DnsRoundRobin if endpoints.is_empty() => {
+            // Istio resolves the hosts themselves.
+            for (i, h) in hosts.iter().enumerate() {
+                if h.starts_with("*.") {
+                    d.err(
+                        format!("spec.hosts[{i}]"),
+                        "a wildcard host cannot be resolved; give endpoints",
+                    );
+                }
+            }
+            endpoints = hosts
+                .iter()
+                .filter(|h| !h.starts_with("*."))
+                .map(|h| LegacyEndpoint {
+                    address: h.clone(),
+                    ports: BTreeMap::new(),
+                    labels: BTreeMap::new(),
+                    locality: None,
+                    weight: None,
+                })
+                .collect();
         }
-        if resolution == Resolution::None && spec.get("workloadSelector").is_some() {
+        Resolution::None => {
+            // Valid for Istio; meshfed cannot federate it. Kept for this site.
             d.warn(
-                "spec.workloadSelector",
-                "has no effect with resolution NONE (Istio warns the same)",
+                "spec.resolution",
+                "NONE forwards to the original destination, which a remote site cannot know: \
+                 registered for this site only, not federated (use STATIC or DNS endpoints to federate it)",
             );
         }
-        let mut endpoints = Vec::new();
-        if let Some(Value::Array(list)) = spec.get("endpoints") {
-            for (i, e) in list.iter().enumerate() {
-                if let Some(ep) = endpoint(&mut d, e, &format!("spec.endpoints[{i}]"), false) {
-                    for k in ep.ports.keys() {
-                        if !ports.iter().any(|p| &p.name == k) {
-                            d.err(
-                                format!("spec.endpoints[{i}].ports.{k}"),
-                                "names no port of the service",
-                            );
-                        }
-                    }
-                    endpoints.push(ep);
-                }
-            }
-        }
-        if let Some(sel) = spec.get("workloadSelector") {
-            if !endpoints.is_empty() {
-                d.err(
-                    "spec.workloadSelector",
-                    "endpoints and workloadSelector cannot be used together",
-                );
-            }
-            let labels = match sel {
-                Value::Object(m) => {
-                    d.unsupported("spec.workloadSelector", m, &["labels"]);
-                    d.string_map(m.get("labels"), "spec.workloadSelector.labels")
-                }
-                _ => {
-                    d.err("spec.workloadSelector", "must be a map");
-                    BTreeMap::new()
-                }
-            };
-            endpoints.extend(
-                workloads
-                    .iter()
-                    .filter(|(ns, w)| {
-                        ns == &namespace && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                    })
-                    .map(|(_, w)| w.clone()),
-            );
-        }
-        match resolution {
-            Resolution::Static => {
-                for (i, e) in endpoints.iter().enumerate() {
-                    if e.address.parse::<IpAddr>().is_err() {
-                        d.err(
-                            format!("spec.endpoints[{i}].address"),
-                            format!("{:?}: resolution STATIC needs IP addresses", e.address),
-                        );
-                    }
-                }
-                if endpoints.is_empty() {
-                    if spec.get("workloadSelector").is_some() {
-                        d.warn(
-                            "spec.workloadSelector",
-                            "selects no WorkloadEntry in this file: no endpoints until one is registered with it",
-                        );
-                    } else {
-                        d.err("spec.endpoints", "resolution STATIC needs endpoints");
-                    }
-                }
-            }
-            Resolution::Dns | Resolution::DnsRoundRobin if endpoints.is_empty() => {
-                // Istio resolves the hosts themselves.
-                for (i, h) in hosts.iter().enumerate() {
-                    if h.starts_with("*.") {
-                        d.err(
-                            format!("spec.hosts[{i}]"),
-                            "a wildcard host cannot be resolved; give endpoints",
-                        );
-                    }
-                }
-                endpoints = hosts
-                    .iter()
-                    .filter(|h| !h.starts_with("*."))
-                    .map(|h| LegacyEndpoint {
-                        address: h.clone(),
-                        ports: BTreeMap::new(),
-                        labels: BTreeMap::new(),
-                        locality: None,
-                        weight: None,
-                    })
-                    .collect();
-            }
-            Resolution::None => {
-                // Valid for Istio; meshfed cannot federate it. Kept for this site.
-                d.warn(
-                    "spec.resolution",
-                    "NONE forwards to the original destination, which a remote site cannot know: \
-                     registered for this site only, not federated (use STATIC or DNS endpoints to federate it)",
-                );
-            }
-            _ => {}
-        }
-        let export_to = d.str_list(spec.get("exportTo"), "spec.exportTo");
-        for (i, e) in export_to.iter().enumerate() {
-            if e != "*" && e != "." {
-                d.warn(
-                    format!("spec.exportTo[{i}]"),
-                    format!("{e:?}: meshfed exports per site, not per namespace; treated as \"*\""),
-                );
-            }
-        }
-        let health = health_check(&mut d, &annotations);
-        service_docs.push(index);
-        services.push(LegacyService {
-            tls: None,
-            service,
-            hosts,
-            addresses,
-            ports,
-            location,
-            resolution,
-            endpoints,
-            export_to,
-            health,
-        });
+        _ => {}
     }
-    // Each DestinationRule applies its TLS settings to the ServiceEntry with its host.
+    endpoints
+}
+
+/// Each DestinationRule applies its TLS settings to the ServiceEntry with its host.
+fn apply_destination_rules(
+    rules: Vec<Rule>,
+    services: &mut [LegacyService],
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) {
     for (index, name, namespace, (host, tls)) in rules {
         let mut d = Doc {
             index,
             object: format!("DestinationRule/{name}"),
-            problems: &mut problems,
-            warnings: &mut warnings,
+            problems,
+            warnings,
         };
         let Some(svc) = services
             .iter_mut()
@@ -963,8 +1052,12 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             private_key: t.key,
         });
     }
+}
+
+/// A service defined twice in one file is an error on its second definition.
+fn refuse_duplicates(services: &[LegacyService], docs: &[usize], problems: &mut Vec<Problem>) {
     let mut seen = std::collections::BTreeMap::new();
-    for (s, &doc) in services.iter().zip(&service_docs) {
+    for (s, &doc) in services.iter().zip(docs) {
         if let Some(first) = seen.insert(s.service.clone(), doc) {
             problems.push(Problem {
                 doc,
@@ -977,10 +1070,6 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
             });
         }
     }
-    if !problems.is_empty() {
-        return Err(ParseError::Invalid(problems));
-    }
-    Ok(Registration { services, warnings })
 }
 
 #[cfg(test)]
