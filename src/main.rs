@@ -87,10 +87,26 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, `a: b: c`, leaving out a cause whose text the message
+/// before it already holds (typed errors keep their source and also say it).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut prev = out.clone();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !prev.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        prev = text;
+    }
+    out
 }
 
 fn init_tracing(default: &str) {

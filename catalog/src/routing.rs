@@ -100,6 +100,23 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
     SitePlan { peers, imports }
 }
 
+/// Why a `vip_range` or `import_ports` value is not a range. Pure.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("{0:?} is not a CIDR (a.b.c.d/nn)")]
+    NotCidr(String),
+    #[error("{0:?} is not an IPv4 address")]
+    NotIpv4(String),
+    #[error("prefix /{0} is not /8 to /30")]
+    Prefix(String),
+    #[error("{0:?} is not a port range (first-last)")]
+    NotPortRange(String),
+    #[error("{0:?} is not a port (1-65535)")]
+    NotPort(String),
+    #[error("{0:?}: the last port must be above the first")]
+    Empty(String),
+}
+
 /// A range imports get one address each from (`federation.vip_range`), so that services
 /// on the same port do not collide and DNS has one name per address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,18 +127,16 @@ pub struct VipRange {
 
 impl VipRange {
     /// An IPv4 CIDR with a prefix of /8 to /30, e.g. `127.100.0.0/16`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, RangeError> {
         let (ip, len) = s
             .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/nn)"))?;
-        let ip: std::net::Ipv4Addr = ip
-            .parse()
-            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+            .ok_or_else(|| RangeError::NotCidr(s.to_owned()))?;
+        let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| RangeError::NotIpv4(ip.to_owned()))?;
         let len: u32 = len
             .parse()
             .ok()
             .filter(|l| (8..=30).contains(l))
-            .ok_or_else(|| format!("prefix /{len} is not /8 to /30"))?;
+            .ok_or_else(|| RangeError::Prefix(len.to_owned()))?;
         let size = 1u32 << (32 - len);
         let base = u32::from(ip) & !(size - 1);
         Ok(Self { base, size })
@@ -205,20 +220,20 @@ pub struct PortRange {
 
 impl PortRange {
     /// `first-last`, e.g. `20000-29999`, with at least 2 ports and no port 0.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, RangeError> {
         let (a, b) = s
             .split_once('-')
-            .ok_or_else(|| format!("{s:?} is not a port range (first-last)"))?;
+            .ok_or_else(|| RangeError::NotPortRange(s.to_owned()))?;
         let port = |x: &str| {
             x.trim()
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{x:?} is not a port (1-65535)"))
+                .ok_or_else(|| RangeError::NotPort(x.to_owned()))
         };
         let (first, last) = (port(a)?, port(b)?);
         if last <= first {
-            return Err(format!("{s:?}: the last port must be above the first"));
+            return Err(RangeError::Empty(s.to_owned()));
         }
         Ok(Self { first, last })
     }

@@ -45,6 +45,11 @@ pub enum RegistryError {
     Corrupt { path: PathBuf, detail: String },
 }
 
+/// Services asked to be removed that are not registered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not registered: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+pub struct NotRegistered(pub Vec<ServiceName>);
+
 impl Registry {
     pub fn path(site_dir: &Path) -> PathBuf {
         site_dir.join("registry.json")
@@ -119,14 +124,14 @@ impl Registry {
     }
 
     /// Removes `names`, all or none: an unknown name is an error naming it.
-    pub fn remove(&mut self, names: &[ServiceName]) -> Result<(), String> {
-        let unknown: Vec<String> = names
+    pub fn remove(&mut self, names: &[ServiceName]) -> Result<(), NotRegistered> {
+        let unknown: Vec<ServiceName> = names
             .iter()
             .filter(|n| !self.services.contains_key(*n))
-            .map(|n| n.to_string())
+            .cloned()
             .collect();
         if !unknown.is_empty() {
-            return Err(format!("not registered: {}", unknown.join(", ")));
+            return Err(NotRegistered(unknown));
         }
         for n in names {
             self.services.remove(n);
@@ -288,8 +293,9 @@ mod tests {
         reg.merge("a.yaml", vec![entry("orders", &["orders.example"])]);
         let orders: ServiceName = "orders.shop".parse().unwrap();
         let nope: ServiceName = "nope.shop".parse().unwrap();
-        let e = reg.remove(&[orders.clone(), nope]).unwrap_err();
-        assert!(e.contains("nope.shop"), "{e}");
+        let e = reg.remove(&[orders.clone(), nope.clone()]).unwrap_err();
+        assert_eq!(e, NotRegistered(vec![nope]));
+        assert!(e.to_string().contains("nope.shop"), "{e}");
         assert_eq!(reg.services.len(), 1);
         reg.remove(&[orders]).unwrap();
         assert!(reg.services.is_empty());

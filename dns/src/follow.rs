@@ -27,15 +27,37 @@ pub struct Follow {
     pub table: Arc<ArcSwap<Table>>,
 }
 
+/// Why the catalog file could not be answered from.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a meshfed catalog: {source}", path.display())]
+    NotACatalog {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 impl Follow {
     /// Loads the catalog now (an error names the file), then follows it until dropped.
-    pub fn load(&self) -> Result<SystemTime, String> {
-        let meta = std::fs::metadata(&self.catalog)
-            .map_err(|e| format!("{}: {e}", self.catalog.display()))?;
-        let bytes =
-            std::fs::read(&self.catalog).map_err(|e| format!("{}: {e}", self.catalog.display()))?;
-        let cat: Catalog = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("{}: not a meshfed catalog: {e}", self.catalog.display()))?;
+    pub fn load(&self) -> Result<SystemTime, FollowError> {
+        let io = |source| FollowError::Read {
+            path: self.catalog.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(&self.catalog).map_err(io)?;
+        let bytes = std::fs::read(&self.catalog).map_err(io)?;
+        let cat: Catalog =
+            serde_json::from_slice(&bytes).map_err(|source| FollowError::NotACatalog {
+                path: self.catalog.clone(),
+                source,
+            })?;
         let served = plan(&cat, &self.site, None);
         let addrs = meshfed_catalog::routing::import_addresses(
             &served,
@@ -49,8 +71,7 @@ impl Follow {
             imports = served.imports.len(),
             "DNS answers from the catalog"
         );
-        meta.modified()
-            .map_err(|e| format!("{}: {e}", self.catalog.display()))
+        meta.modified().map_err(io)
     }
 
     pub async fn run(self) {

@@ -65,18 +65,76 @@ pub struct AppliedPlan {
     pub revision: u64,
 }
 
+/// Why a session with the federation ended. `reason` is the federation's typed refusal
+/// code when it refused, for logs.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{}: {source} (run `meshfed site join` first)", path.display())]
+    NotJoined {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Membership {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    BundleFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: meshfed_identity::BundleError,
+    },
+    #[error(transparent)]
+    Client(#[from] meshfed_api::client::ClientError),
+    #[error("federation {call}: {}", status.message())]
+    Rpc {
+        call: &'static str,
+        status: tonic::Status,
+    },
+    #[error("{0} stream ended")]
+    StreamEnded(&'static str),
+    #[error(transparent)]
+    Change(#[from] meshfed_api::FieldError),
+    #[error(transparent)]
+    Catalog(#[from] meshfed_catalog::catalog::CatalogError),
+}
+
+impl SessionError {
+    /// The federation's refusal code, when it refused.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Rpc { status, .. } => meshfed_api::reason_of(status),
+            Self::Client(meshfed_api::client::ClientError::Refused {
+                refusal: Some(r), ..
+            }) => Some(r.code()),
+            _ => None,
+        }
+    }
+}
+
+fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> SessionError {
+    move |status| SessionError::Rpc { call, status }
+}
+
 /// The catalog a site applies: snapshots reset it, deltas extend it.
-fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), String> {
+fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), SessionError> {
     if ev.snapshot {
         let mut fresh = Catalog::default();
         for (i, c) in ev.changes.into_iter().enumerate() {
-            let d = change_from_pb(c).map_err(|e| e.to_string())?;
-            fresh
-                .apply(&Delta {
-                    revision: Revision(i as u64 + 1),
-                    change: d.change,
-                })
-                .map_err(|e| e.to_string())?;
+            let d = change_from_pb(c)?;
+            fresh.apply(&Delta {
+                revision: Revision(i as u64 + 1),
+                change: d.change,
+            })?;
         }
         fresh.revision = Revision(ev.revision);
         *catalog = fresh;
@@ -86,11 +144,11 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), String> 
     // held before this event, so a resumed watch drops what was applied and nothing else.
     let base = catalog.revision;
     for c in ev.changes {
-        let d = change_from_pb(c).map_err(|e| e.to_string())?;
+        let d = change_from_pb(c)?;
         if d.revision <= base {
             continue; // already applied (resumed watch)
         }
-        catalog.apply(&d).map_err(|e| e.to_string())?;
+        catalog.apply(&d)?;
     }
     Ok(())
 }
@@ -267,7 +325,7 @@ impl Agent {
             tokio::select! {
                 r = session => match r {
                     Ok(()) => backoff = BACKOFF_MIN,
-                    Err(e) => warn!(error = %e, retry_in = ?backoff, "federation session ended"),
+                    Err(e) => warn!(error = %e, reason = e.reason(), retry_in = ?backoff, "federation session ended"),
                 },
                 _ = stop.cancelled() => return,
             }
@@ -281,31 +339,31 @@ impl Agent {
 
     /// One connection to the federation: publish, then follow bundles and the catalog
     /// until the stream breaks.
-    async fn session(&self, catalog: &mut Catalog) -> Result<(), String> {
-        let m: Membership = serde_json::from_slice(
-            &std::fs::read(self.fed.dir.join("federation.json"))
-                .map_err(|e| format!("federation.json: {e} (run `meshfed site join` first)"))?,
-        )
-        .map_err(|e| format!("federation.json: {e}"))?;
+    async fn session(&self, catalog: &mut Catalog) -> Result<(), SessionError> {
+        let path = self.fed.dir.join(Membership::FILE);
+        let json = std::fs::read(&path).map_err(|source| SessionError::NotJoined {
+            path: path.clone(),
+            source,
+        })?;
+        let m: Membership = serde_json::from_slice(&json)
+            .map_err(|source| SessionError::Membership { path, source })?;
         let fed_bundle = self.federation_bundle(&m.federation_trust_domain)?;
         let mut client =
-            meshfed_api::client::client(&m.addresses, fed_bundle, &self.cert, &self.key)
-                .await
-                .map_err(|e| e.to_string())?;
+            meshfed_api::client::client(&m.addresses, fed_bundle, &self.cert, &self.key).await?;
         let mut exports = self.exports.clone();
         self.publish(&mut client, &mut exports).await?;
 
         let mut bundles = client
             .bundles(pb::BundlesRequest {})
             .await
-            .map_err(|s| s.message().to_owned())?
+            .map_err(rpc("bundles"))?
             .into_inner();
         // Trust first: peers from the catalog are dialed as soon as it is applied.
         let first = bundles
             .next()
             .await
-            .ok_or("bundle stream ended")?
-            .map_err(|s| s.message().to_owned())?;
+            .ok_or(SessionError::StreamEnded("bundle"))?
+            .map_err(rpc("bundles"))?;
         self.write_bundles(first);
         let from = (catalog.revision.0 > 0).then_some(catalog.revision.0);
         let mut watch = client
@@ -313,13 +371,13 @@ impl Agent {
                 from_revision: from,
             })
             .await
-            .map_err(|s| s.message().to_owned())?
+            .map_err(rpc("watch"))?
             .into_inner();
         let mut first = true;
         loop {
             tokio::select! {
                 ev = watch.next() => {
-                    let ev = ev.ok_or("watch stream ended")?.map_err(|s| s.message().to_owned())?;
+                    let ev = ev.ok_or(SessionError::StreamEnded("watch"))?.map_err(rpc("watch"))?;
                     let snapshot = ev.snapshot;
                     if std::mem::take(&mut first) {
                         info!(from = ?from, snapshot, revision = ev.revision, changes = ev.changes.len(), "watching the catalog");
@@ -330,7 +388,7 @@ impl Agent {
                     self.apply_plan(catalog);
                 }
                 b = bundles.next() => {
-                    let b = b.ok_or("bundle stream ended")?.map_err(|s| s.message().to_owned())?;
+                    let b = b.ok_or(SessionError::StreamEnded("bundle"))?.map_err(rpc("bundles"))?;
                     self.write_bundles(b);
                 }
                 changed = exports.changed() => {
@@ -347,7 +405,7 @@ impl Agent {
         &self,
         client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
         exports: &mut tokio::sync::watch::Receiver<Vec<Export>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         let set: Vec<pb::ServiceExport> = exports
             .borrow_and_update()
             .iter()
@@ -361,7 +419,7 @@ impl Agent {
                 gateway_addresses: vec![self.advertise.clone()],
             })
             .await
-            .map_err(|s| s.message().to_owned())?
+            .map_err(rpc("publish"))?
             .into_inner();
         info!(
             revision = r.revision,
@@ -372,10 +430,14 @@ impl Agent {
         Ok(())
     }
 
-    fn federation_bundle(&self, td: &TrustDomain) -> Result<TrustBundle, String> {
+    fn federation_bundle(&self, td: &TrustDomain) -> Result<TrustBundle, SessionError> {
         let path = self.fed.dir.join("bundles").join(format!("{td}.json"));
-        let json = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        TrustBundle::from_jwks(td.clone(), &json).map_err(|e| format!("{}: {e}", path.display()))
+        let json = std::fs::read(&path).map_err(|source| SessionError::BundleFile {
+            path: path.clone(),
+            source,
+        })?;
+        TrustBundle::from_jwks(td.clone(), &json)
+            .map_err(|source| SessionError::Bundle { path, source })
     }
 
     /// Writes changed bundles into `bundles/`; the reloader swaps them in.
@@ -518,7 +580,8 @@ mod tests {
             s.trust_domain = "Not A Trust Domain".into();
         }
         let e = apply_event(&mut c, bad).unwrap_err();
-        assert!(e.contains("trust_domain"), "{e}");
+        assert!(matches!(e, SessionError::Change(_)), "{e:?}");
+        assert!(e.to_string().contains("trust_domain"), "{e}");
         assert_eq!(c, before, "a refused snapshot leaves the catalog as it was");
     }
 

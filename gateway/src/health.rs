@@ -56,24 +56,53 @@ impl Health {
     }
 }
 
+/// Why a check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("GET {path} timed out after {timeout:?}")]
+    HttpTimeout { path: String, timeout: Duration },
+    #[error("GET {path}: {source}")]
+    Http {
+        path: String,
+        #[source]
+        source: meshfed_lifecycle::admin::GetError,
+    },
+    #[error("GET {path}: status {got}, want {want}")]
+    Status { path: String, got: u16, want: u16 },
+}
+
 /// One check of `addr`.
-pub async fn probe(hc: &HealthCheck, addr: SocketAddr) -> Result<(), String> {
+pub async fn probe(hc: &HealthCheck, addr: SocketAddr) -> Result<(), ProbeError> {
     let timeout = Duration::from_millis(hc.timeout_ms);
     match &hc.kind {
         HealthKind::Tcp => tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
             .await
-            .map_err(|_| format!("connect timed out after {timeout:?}"))?
+            .map_err(|_| ProbeError::ConnectTimeout(timeout))?
             .map(drop)
-            .map_err(|e| format!("connect: {e}")),
+            .map_err(ProbeError::Connect),
         HealthKind::Http { path, status } => {
             let (got, _) = tokio::time::timeout(timeout, meshfed_lifecycle::admin::get(addr, path))
                 .await
-                .map_err(|_| format!("GET {path} timed out after {timeout:?}"))?
-                .map_err(|e| format!("GET {path}: {e}"))?;
+                .map_err(|_| ProbeError::HttpTimeout {
+                    path: path.clone(),
+                    timeout,
+                })?
+                .map_err(|source| ProbeError::Http {
+                    path: path.clone(),
+                    source,
+                })?;
             if got.as_u16() == *status {
                 Ok(())
             } else {
-                Err(format!("GET {path}: status {got}, want {status}"))
+                Err(ProbeError::Status {
+                    path: path.clone(),
+                    got: got.as_u16(),
+                    want: *status,
+                })
             }
         }
     }
@@ -234,6 +263,16 @@ mod tests {
         };
         assert!(probe(&http(503), addr).await.is_ok());
         let e = probe(&http(200), addr).await.unwrap_err();
-        assert!(e.contains("503"), "{e}");
+        assert!(
+            matches!(
+                e,
+                ProbeError::Status {
+                    got: 503,
+                    want: 200,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -53,8 +53,8 @@ pub enum GatewayError {
     Config(#[from] ConfigError),
     #[error("identity: {0}")]
     Identity(#[from] meshfed_identity::CaError),
-    #[error("{0}")]
-    Bundles(String),
+    #[error(transparent)]
+    Bundles(#[from] reload::ReloadError),
     #[error("certificate {cert}: SPIFFE ID {found} is not this site's gateway ID {expected}")]
     WrongIdentity {
         cert: String,
@@ -287,8 +287,7 @@ fn load_identity(cfg: &GatewayConfig) -> Result<(Svid, meshfed_identity::BundleS
     let bundles = reload::load_bundles(
         &reload::bundle_files(&cfg.bundles, bundle_dir.as_deref()),
         &cfg.trust_domain,
-    )
-    .map_err(GatewayError::Bundles)?;
+    )?;
 
     // Refuse to start on an identity every peer would refuse: the gateway would look
     // ready while each handshake failed.

@@ -253,33 +253,51 @@ impl Dialer {
         }
     }
 
-    async fn dial(&self) -> Result<Connection, String> {
+    async fn dial(&self) -> Result<Connection, DialError> {
         let connecting = self
             .endpoint
-            .connect_with(self.cfg.clone(), self.addr, "meshfed-peer")
-            .map_err(|e| e.to_string())?;
+            .connect_with(self.cfg.clone(), self.addr, "meshfed-peer")?;
         match tokio::time::timeout(Duration::from_secs(5), connecting).await {
-            Err(_) => Err("handshake timed out".into()),
+            Err(_) => Err(DialError::Timeout),
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(self.describe(e)),
+            Ok(Err(e)) => Err(DialError::Handshake {
+                reason: self.describe(&e),
+                source: e,
+            }),
         }
     }
 
     /// Turns a handshake error into the reason operators need, and counts it.
-    fn describe(&self, e: ConnectionError) -> String {
-        if let ConnectionError::TransportError(te) = &e
+    fn describe(&self, e: &ConnectionError) -> String {
+        if let ConnectionError::TransportError(te) = e
             && te.code.to_string().contains("crypto")
         {
             // Our verifier refused the server: the reject hook already counted it.
             return format!("we refused the peer's certificate: {}", te.reason);
         }
-        if let Some(why) = refused_by_peer(&e) {
+        if let Some(why) = refused_by_peer(e) {
             self.metrics.handshake_failed("refused_by_peer");
             return format!("the peer refused our certificate: {why}");
         }
         debug!(error = ?e, "dial error");
         e.to_string()
     }
+}
+
+/// Why a dial produced no connection.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    #[error("handshake timed out")]
+    Timeout,
+    /// `reason` says it for operators (who refused whose certificate).
+    #[error("{reason}")]
+    Handshake {
+        reason: String,
+        #[source]
+        source: ConnectionError,
+    },
 }
 
 /// The peer's TLS alert and reason, when it closed the connection in the handshake.

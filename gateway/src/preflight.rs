@@ -61,7 +61,7 @@ pub fn run(cfg: &GatewayConfig) -> Vec<Check> {
     let bundles = reload::load_bundles(&files, &cfg.trust_domain);
     push(
         "bundles",
-        bundles.as_ref().map_err(Clone::clone).map(|b| {
+        bundles.as_ref().map_err(ToString::to_string).map(|b| {
             let tds: Vec<String> = b.trust_domains().map(|t| t.to_string()).collect();
             format!("{} file(s): {}", files.len(), tds.join(", "))
         }),

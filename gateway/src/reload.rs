@@ -89,31 +89,34 @@ impl Reloader {
         }
     }
 
-    fn reload_svid(&self) -> Result<(), String> {
-        let svid = Svid::load(&self.cert, &self.key).map_err(|e| e.to_string())?;
+    fn reload_svid(&self) -> Result<(), ReloadError> {
+        let svid = Svid::load(&self.cert, &self.key)?;
         if svid.id != self.expected_id {
-            return Err(format!(
-                "{}: SPIFFE ID {} is not this gateway's {}",
-                self.cert.display(),
-                svid.id,
-                self.expected_id
-            ));
+            return Err(ReloadError::WrongId {
+                cert: self.cert.clone(),
+                found: svid.id,
+                expected: self.expected_id.clone(),
+            });
         }
         if let Err(e) = check_svid(&svid, &self.bundle_store.load(), UnixTime::now()) {
             self.metrics
                 .svid_refusals
                 .get_or_create(&crate::metrics::ReasonLabels { reason: e.code() })
                 .inc();
-            return Err(format!(
-                "{}: refused [{}]: {e}",
-                self.cert.display(),
-                e.code()
-            ));
+            return Err(ReloadError::SvidRefused {
+                cert: self.cert.clone(),
+                code: e.code(),
+                source: e,
+            });
         }
         // A cert written before its key fails here and is retried next tick.
         self.resolver
             .update(&svid)
-            .map_err(|e| format!("{} and {}: {e}", self.cert.display(), self.key.display()))?;
+            .map_err(|source| ReloadError::KeyMismatch {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                source,
+            })?;
         let not_after = svid.not_after_unix().unwrap_or_default();
         self.metrics.svid_not_after.set(not_after);
         self.metrics.reloaded("svid", true);
@@ -125,7 +128,7 @@ impl Reloader {
         bundle_files(&self.bundles, self.bundle_dir.as_deref())
     }
 
-    fn reload_bundles(&self) -> Result<(), String> {
+    fn reload_bundles(&self) -> Result<(), ReloadError> {
         let set = load_bundles(&self.bundle_files(), &self.own_td)?;
         let tds: Vec<String> = set.trust_domains().map(|t| t.to_string()).collect();
         self.bundle_store.store(Arc::new(set));
@@ -148,18 +151,54 @@ pub fn check_svid(svid: &Svid, bundles: &BundleSet, now: UnixTime) -> Result<(),
     Ok(())
 }
 
+/// Why an SVID or a bundle set was not (re)loaded. The message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("trust bundle {}: {source}", path.display())]
+    BundleFile {
+        path: PathBuf,
+        #[source]
+        source: meshfed_identity::BundleError,
+    },
+    #[error("no trust bundle for this site's own trust domain {0}")]
+    NoOwnBundle(TrustDomain),
+    #[error(transparent)]
+    Svid(#[from] meshfed_identity::CaError),
+    #[error("{}: SPIFFE ID {found} is not this gateway's {expected}", cert.display())]
+    WrongId {
+        cert: PathBuf,
+        found: SpiffeId,
+        expected: SpiffeId,
+    },
+    #[error("{}: refused [{code}]: {source}", cert.display())]
+    SvidRefused {
+        cert: PathBuf,
+        code: &'static str,
+        #[source]
+        source: VerifyError,
+    },
+    #[error("{} and {}: {source}", cert.display(), key.display())]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
 /// Reads every bundle file; the set must include our own trust domain.
-pub fn load_bundles(files: &[PathBuf], own_td: &TrustDomain) -> Result<BundleSet, String> {
+pub fn load_bundles(files: &[PathBuf], own_td: &TrustDomain) -> Result<BundleSet, ReloadError> {
     let mut set = BundleSet::new();
     for file in files {
-        let b = BundleSet::read_bundle_file(file, None)
-            .map_err(|e| format!("trust bundle {}: {e}", file.display()))?;
+        let b =
+            BundleSet::read_bundle_file(file, None).map_err(|source| ReloadError::BundleFile {
+                path: file.clone(),
+                source,
+            })?;
         set.insert(b);
     }
     if set.get(own_td).is_none() {
-        return Err(format!(
-            "no trust bundle for this site's own trust domain {own_td}"
-        ));
+        return Err(ReloadError::NoOwnBundle(own_td.clone()));
     }
     Ok(set)
 }

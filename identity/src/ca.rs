@@ -45,7 +45,11 @@ pub enum CaError {
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
     #[error("{path}: not a usable CA certificate: {reason}")]
-    NotACa { path: PathBuf, reason: String },
+    NotACa {
+        path: PathBuf,
+        #[source]
+        reason: crate::verify::CaCertError,
+    },
     #[error("SPIFFE ID {id} is not in this CA's trust domain {td}")]
     ForeignId { id: SpiffeId, td: TrustDomain },
     #[error("TTL must be positive")]

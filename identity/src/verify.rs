@@ -181,18 +181,29 @@ fn uri_san_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, VerifyError> {
     SpiffeId::new(uris[0]).map_err(VerifyError::BadSpiffeId)
 }
 
+/// Why a certificate is not a trust domain's CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaCertError {
+    #[error("not an X.509 certificate: {0}")]
+    Der(#[from] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("basicConstraints CA is not set")]
+    NotCa,
+    #[error(transparent)]
+    Id(#[from] VerifyError),
+    #[error("CA URI SAN {0} has a path; expected spiffe://<trust domain>")]
+    HasPath(SpiffeId),
+}
+
 /// Checks that `der` is a CA certificate naming its trust domain as `spiffe://<td>`, and
 /// returns the trust domain.
-pub fn check_ca_cert(der: &[u8]) -> Result<TrustDomain, String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+pub fn check_ca_cert(der: &[u8]) -> Result<TrustDomain, CaCertError> {
+    let (_, cert) = X509Certificate::from_der(der)?;
     if !cert.is_ca() {
-        return Err("basicConstraints CA is not set".into());
+        return Err(CaCertError::NotCa);
     }
-    let id = uri_san_id(&cert).map_err(|e| e.to_string())?;
+    let id = uri_san_id(&cert)?;
     if !id.path().is_empty() {
-        return Err(format!(
-            "CA URI SAN {id} has a path; expected spiffe://<trust domain>"
-        ));
+        return Err(CaCertError::HasPath(id));
     }
     Ok(id.trust_domain())
 }

@@ -534,27 +534,20 @@ impl EtcdStore {
         }
     }
 
-    async fn hold_once(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), String> {
+    async fn hold_once(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), HoldError> {
         let mut client = self.client.clone();
-        let lease = client
-            .lease_grant(ttl_secs(ttl), None)
-            .await
-            .map_err(|e| e.to_string())?;
+        let lease = client.lease_grant(ttl_secs(ttl), None).await?;
         client
             .put(key, value, Some(PutOptions::new().with_lease(lease.id())))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut keeper, mut responses) = client
-            .lease_keep_alive(lease.id())
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease.id()).await?;
         let every = (ttl / 3).max(Duration::from_millis(200));
         loop {
             tokio::time::sleep(every).await;
-            keeper.keep_alive().await.map_err(|e| e.to_string())?;
-            match responses.message().await.map_err(|e| e.to_string())? {
+            keeper.keep_alive().await?;
+            match responses.message().await? {
                 Some(r) if r.ttl() > 0 => {}
-                _ => return Err("lease expired".into()),
+                _ => return Err(HoldError::Expired),
             }
         }
     }
@@ -716,4 +709,12 @@ enum Follow {
 
 fn ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_secs().max(1) + u64::from(ttl.subsec_nanos() > 0)).unwrap_or(i64::MAX)
+}
+/// Why a leased key stopped being held.
+#[derive(Debug, thiserror::Error)]
+enum HoldError {
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    #[error("lease expired")]
+    Expired,
 }

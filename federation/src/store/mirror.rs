@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use meshfed_catalog::catalog::{Catalog, Change, Delta, Export, History, Revision, SiteRecord};
-use meshfed_catalog::names::{ServiceName, SiteName};
+use meshfed_catalog::names::{NameError, ServiceName, SiteName};
 
 pub const DEFAULT_PREFIX: &str = "/meshfed/v1/";
 
@@ -86,29 +86,53 @@ impl Layout {
     }
 
     /// The key's meaning, or why it is not one of ours.
-    pub fn parse(&self, key: &[u8]) -> Result<Key, String> {
-        let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_owned())?;
-        let rest = key
-            .strip_prefix(self.prefix.as_str())
-            .ok_or_else(|| format!("{key:?} is outside prefix {:?}", self.prefix))?;
-        let bad = |what: &str, e: &dyn std::fmt::Display| format!("{key:?}: {what}: {e}");
+    pub fn parse(&self, key: &[u8]) -> Result<Key, KeyError> {
+        let key = std::str::from_utf8(key).map_err(|_| KeyError::NotUtf8)?;
+        let rest =
+            key.strip_prefix(self.prefix.as_str())
+                .ok_or_else(|| KeyError::OutsidePrefix {
+                    key: key.to_owned(),
+                    prefix: self.prefix.clone(),
+                })?;
+        let bad = |what: &'static str, e: NameError| KeyError::BadName {
+            key: key.to_owned(),
+            what,
+            source: e,
+        };
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            ["sites", s] => Ok(Key::Site(SiteName::new(s).map_err(|e| bad("site", &e))?)),
+            ["sites", s] => Ok(Key::Site(SiteName::new(s).map_err(|e| bad("site", e))?)),
             ["exports", s, svc] => Ok(Key::Export(
-                SiteName::new(s).map_err(|e| bad("site", &e))?,
-                ServiceName::parse(svc).map_err(|e| bad("service", &e))?,
+                SiteName::new(s).map_err(|e| bad("site", e))?,
+                ServiceName::parse(svc).map_err(|e| bad("service", e))?,
             )),
             ["alive", s, h] if !h.is_empty() => Ok(Key::Alive(
-                SiteName::new(s).map_err(|e| bad("site", &e))?,
+                SiteName::new(s).map_err(|e| bad("site", e))?,
                 (*h).to_owned(),
             )),
             ["bundles", td] if !td.is_empty() => Ok(Key::Bundle((*td).to_owned())),
             ["tokens", h] if !h.is_empty() => Ok(Key::Token((*h).to_owned())),
             ["replicas", id] if !id.is_empty() => Ok(Key::Replica((*id).to_owned())),
-            _ => Err(format!("{key:?} is not a meshfed key")),
+            _ => Err(KeyError::Unknown(key.to_owned())),
         }
     }
+}
+
+/// Why an etcd key is not one of ours.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("key is not UTF-8")]
+    NotUtf8,
+    #[error("{key:?} is outside prefix {prefix:?}")]
+    OutsidePrefix { key: String, prefix: String },
+    #[error("{key:?}: {what}: {source}")]
+    BadName {
+        key: String,
+        what: &'static str,
+        source: NameError,
+    },
+    #[error("{0:?} is not a meshfed key")]
+    Unknown(String),
 }
 
 /// One replica's view of the store: the catalog with its history, bundles, liveness and
@@ -196,7 +220,7 @@ impl Mirror {
             let parsed = match self.layout.parse(key) {
                 Ok(k) => k,
                 Err(e) => {
-                    out.skipped.push(e);
+                    out.skipped.push(e.to_string());
                     continue;
                 }
             };
@@ -394,11 +418,18 @@ mod tests {
         ] {
             assert!(l.parse(bad.as_bytes()).is_err(), "{bad}");
         }
-        assert!(
-            l.parse(b"/t/nope/x")
-                .unwrap_err()
-                .contains("not a meshfed key")
+        assert_eq!(
+            l.parse(b"/t/nope/x"),
+            Err(KeyError::Unknown("/t/nope/x".into()))
         );
+        assert!(matches!(
+            l.parse(b"/x/sites/west"),
+            Err(KeyError::OutsidePrefix { .. })
+        ));
+        assert!(matches!(
+            l.parse(b"/t/sites/We st"),
+            Err(KeyError::BadName { what: "site", .. })
+        ));
     }
 
     #[test]
