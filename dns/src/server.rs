@@ -6,13 +6,13 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::Message;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
+use meshfed_lifecycle::drain::{self, DrainTrigger, DrainWatcher};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -84,11 +84,12 @@ impl Metrics {
     }
 }
 
-/// A running DNS server; stops on drop.
+/// A running DNS server; stops on drop. It drains with `meshfed_lifecycle::drain`: the
+/// UDP workers and the TCP server watch it, and [`Running::shutdown`] starts it.
 pub struct Running {
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
-    stop: Arc<AtomicBool>,
+    drain: DrainTrigger,
     threads: Vec<std::thread::JoinHandle<()>>,
     tcp_task: tokio::task::JoinHandle<()>,
 }
@@ -99,7 +100,8 @@ impl Running {
     }
 
     fn stop_all(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        // The workers see it within one read timeout (200 ms); the TCP server at once.
+        self.drain.start();
         self.tcp_task.abort();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -141,7 +143,7 @@ pub async fn start(
     } else {
         cfg.workers
     };
-    let stop = Arc::new(AtomicBool::new(false));
+    let (drain, watcher) = drain::channel();
     let rt = tokio::runtime::Handle::current();
     let mut sockets = vec![first];
     for _ in 1..workers {
@@ -156,7 +158,7 @@ pub async fn start(
             forward: cfg.forward,
             limiter: cfg.rate_limit.map(RateLimiter::new),
             rt: rt.clone(),
-            stop: stop.clone(),
+            drain: watcher.clone(),
         };
         threads.push(
             std::thread::Builder::new()
@@ -172,15 +174,18 @@ pub async fn start(
     let mut server = hickory_server::Server::new(handler);
     server.register_listener(tcp, TCP_TIMEOUT, 64 * 1024);
     let tcp_task = tokio::spawn(async move {
-        if let Err(e) = server.block_until_done().await {
-            warn!(error = %e, "DNS TCP server stopped");
+        tokio::select! {
+            r = server.block_until_done() => if let Err(e) = r {
+                warn!(error = %e, "DNS TCP server stopped");
+            },
+            _ = watcher.signaled() => {}
         }
     });
     info!(udp = %udp_addr, tcp = %tcp_addr, workers, forward = ?cfg.forward, "DNS serving");
     Ok(Running {
         udp: udp_addr,
         tcp: tcp_addr,
-        stop,
+        drain,
         threads,
         tcp_task,
     })
@@ -224,7 +229,7 @@ struct Worker {
     forward: Option<SocketAddr>,
     limiter: Option<RateLimiter>,
     rt: tokio::runtime::Handle,
-    stop: Arc<AtomicBool>,
+    drain: DrainWatcher,
 }
 
 impl Worker {
@@ -241,7 +246,7 @@ impl Worker {
                 result: "fast",
             })
             .clone();
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.drain.is_draining() {
             let (n, peer) = match self.sock.recv_from(&mut buf) {
                 Ok(v) => v,
                 Err(e)
