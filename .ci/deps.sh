@@ -11,7 +11,8 @@
 #   - the gateway and dns depend on neither kube, k8s-openapi, etcd-client, protoc's
 #     prost-build, the federation server (meshfed-federation) nor the sources; the gateway
 #     does not depend on dns, nor dns on the gateway or the federation's API;
-#   - lifecycle (admin port, signals, drain) depends on no meshfed crate;
+#   - lifecycle (admin port, signals, drain) depends on no meshfed crate, lab (fixtures)
+#     on identity only;
 #   - nothing but the binary and the benchmarks depends on the fixtures (meshfed-lab).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,8 @@ forbid meshfed-dns "${control[@]}" meshfed-gateway meshfed-api tonic quinn
 forbid meshfed-federation meshfed-gateway meshfed-dns meshfed-istio meshfed-kubernetes meshfed-lab kube
 forbid meshfed-lifecycle meshfed-identity meshfed-catalog meshfed-api meshfed-federation \
   meshfed-istio meshfed-kubernetes meshfed-gateway meshfed-dns meshfed-lab
+forbid meshfed-lab meshfed-catalog meshfed-api meshfed-federation meshfed-istio \
+  meshfed-kubernetes meshfed-gateway meshfed-dns meshfed-lifecycle
 forbid meshfed-kubernetes meshfed-gateway meshfed-federation meshfed-api etcd-client meshfed-lab
 if [ "$fail" = 0 ]; then echo "crate dependency rules hold"; fi
 exit "$fail"

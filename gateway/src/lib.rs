@@ -1,14 +1,15 @@
 //! The meshfed data plane: one QUIC endpoint per gateway carrying mTLS (SPIFFE) between
-//! sites, egress listeners for imported services, ingress to exported ones, the stream
-//! header protocol (`wire`), and the admin port.
+//! sites, egress listeners for imported services, ingress to exported ones, and the
+//! stream header protocol (`wire`). Its admin port and drain come from
+//! `meshfed-lifecycle`.
 //!
 //! Decisions (`wire` decoding, `ingress::decide`, `admission` of unauthenticated
 //! handshakes, `preflight::collisions`) are pure; sockets live in `tunnel`, `peers`,
-//! `egress`, `ingress`, `splice` and `admin`. `preflight` is `meshfed gateway check`.
+//! `egress`, `ingress` and `splice`. `preflight` is `meshfed gateway check`.
 //! `federated` is the site's agent of the federation (join state, publish, watch, apply
 //! the plan); `registry` follows the site directory's registered and Kubernetes exports.
 //!
-//! It depends on `identity`, `catalog` and `api` only: no etcd, no Kubernetes, no
+//! It depends on `identity`, `catalog`, `api` and `lifecycle` only: no etcd, no Kubernetes, no
 //! federation server, no DNS (CI checks it, `.ci/deps.sh`). The binary composes the
 //! gateway with DNS (`meshfed::site`) from [`RunningGateway::applied_plans`].
 #![forbid(unsafe_code)]

@@ -3,8 +3,8 @@
 //! peer only against the bundle of its own trust domain; and `fs`, the atomic, durable
 //! file writes and directory locks every meshfed process uses.
 //!
-//! This crate knows nothing of catalogs, sites' services or sockets; it must not depend on
-//! `federation`, `gateway` or `dns`.
+//! This crate knows nothing of catalogs, sites' services or sockets; it depends on no
+//! other meshfed crate (`.ci/deps.sh` checks it).
 #![forbid(unsafe_code)]
 
 pub mod bundle;
