@@ -9,6 +9,7 @@
 //! `identity` only.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod catalog;
 pub mod legacy;
 pub mod names;

@@ -19,6 +19,7 @@ use meshfed_identity::fs::{DirLock, FsError};
 use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
+use crate::authz::AuthorizationPolicy;
 use crate::catalog::Protocol;
 use crate::legacy::LegacyService;
 use crate::names::ServiceName;
@@ -28,6 +29,17 @@ use crate::names::ServiceName;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
     pub services: BTreeMap<ServiceName, Registered>,
+    /// AuthorizationPolicies by `namespace/name`; they apply to every export of the
+    /// site they name (static, registered or Kubernetes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policies: BTreeMap<String, RegisteredPolicy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredPolicy {
+    /// The file it was registered from.
+    pub source: String,
+    pub policy: AuthorizationPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,10 +57,10 @@ pub enum RegistryError {
     Corrupt { path: PathBuf, detail: String },
 }
 
-/// Services asked to be removed that are not registered.
+/// Services or policies asked to be removed that are not registered.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("not registered: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
-pub struct NotRegistered(pub Vec<ServiceName>);
+#[error("not registered: {}", .0.join(", "))]
+pub struct NotRegistered(pub Vec<String>);
 
 impl Registry {
     pub fn path(site_dir: &Path) -> PathBuf {
@@ -93,6 +105,47 @@ impl Registry {
         replaced
     }
 
+    /// Adds or replaces `policies` (by `namespace/name`); returns the keys replaced.
+    pub fn merge_policies(
+        &mut self,
+        source: &str,
+        policies: Vec<AuthorizationPolicy>,
+    ) -> Vec<String> {
+        let mut replaced = Vec::new();
+        for p in policies {
+            let key = p.key();
+            let r = RegisteredPolicy {
+                source: source.to_owned(),
+                policy: p,
+            };
+            if self.policies.insert(key.clone(), r).is_some() {
+                replaced.push(key);
+            }
+        }
+        replaced
+    }
+
+    /// Removes the policies `keys` (`namespace/name`), all or none.
+    pub fn remove_policies(&mut self, keys: &[String]) -> Result<(), NotRegistered> {
+        let unknown: Vec<String> = keys
+            .iter()
+            .filter(|k| !self.policies.contains_key(*k))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(NotRegistered(unknown));
+        }
+        for k in keys {
+            self.policies.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Every registered policy, for the ingress.
+    pub fn policy_list(&self) -> Vec<AuthorizationPolicy> {
+        self.policies.values().map(|r| r.policy.clone()).collect()
+    }
+
     /// Why `incoming` cannot be registered beside what is: a host that another service
     /// (by name) owns, here or in `incoming` itself. A service replaced by name gives its
     /// hosts up. Pure.
@@ -125,10 +178,10 @@ impl Registry {
 
     /// Removes `names`, all or none: an unknown name is an error naming it.
     pub fn remove(&mut self, names: &[ServiceName]) -> Result<(), NotRegistered> {
-        let unknown: Vec<ServiceName> = names
+        let unknown: Vec<String> = names
             .iter()
             .filter(|n| !self.services.contains_key(*n))
-            .cloned()
+            .map(ToString::to_string)
             .collect();
         if !unknown.is_empty() {
             return Err(NotRegistered(unknown));
@@ -294,7 +347,7 @@ mod tests {
         let orders: ServiceName = "orders.shop".parse().unwrap();
         let nope: ServiceName = "nope.shop".parse().unwrap();
         let e = reg.remove(&[orders.clone(), nope.clone()]).unwrap_err();
-        assert_eq!(e, NotRegistered(vec![nope]));
+        assert_eq!(e, NotRegistered(vec![nope.to_string()]));
         assert!(e.to_string().contains("nope.shop"), "{e}");
         assert_eq!(reg.services.len(), 1);
         reg.remove(&[orders]).unwrap();

@@ -40,6 +40,8 @@ struct RawConfig {
     tls: RawTls,
     listen: String,
     #[serde(default)]
+    source_identity: Option<String>,
+    #[serde(default)]
     admin: Option<String>,
     #[serde(default)]
     drain_grace: Option<String>,
@@ -136,6 +138,8 @@ struct RawImport {
     protocol: Option<String>,
     site: String,
     listen: String,
+    #[serde(default)]
+    source_identity: Option<String>,
 }
 
 // --- validated form ---
@@ -157,6 +161,11 @@ pub struct GatewayConfig {
     pub key: PathBuf,
     pub bundles: Vec<PathBuf>,
     pub listen: SocketAddr,
+    /// The caller identity the egress listeners vouch for, declared: every client that
+    /// reaches them is this workload (trust in the local network, for VM sites whose
+    /// clients present no SVID). In this site's trust domain. `None`: the gateway's own
+    /// ID, as before.
+    pub source_identity: Option<SpiffeId>,
     /// Admin HTTP (`/metrics`, `/ready`); default 127.0.0.1:15000.
     pub admin: SocketAddr,
     /// How long in-flight streams may run after SIGTERM; default 10 s.
@@ -272,6 +281,9 @@ pub struct Import {
     pub protocol: Protocol,
     pub site: SiteName,
     pub listen: SocketAddr,
+    /// The caller this listener's clients are, declared (see
+    /// [`GatewayConfig::source_identity`]); `None`: the gateway's default.
+    pub source_identity: Option<SpiffeId>,
 }
 
 /// `tcp` (the default) or `udp`, in any case.
@@ -354,6 +366,11 @@ impl RawConfig {
                 "at least one trust bundle is required (or a `federation` section that provides them)",
             ));
         }
+        let source_identity = self
+            .source_identity
+            .as_deref()
+            .map(|s| source_identity(v, "source_identity", s, &trust_domain))
+            .transpose()?;
         let federation = federation(v, base, self.federation)?;
         let dns = dns(v, self.dns, federation.as_ref())?;
         let listen = v.addr("listen", &self.listen)?;
@@ -387,7 +404,7 @@ impl RawConfig {
 
         let peers = peers(v, self.peers, &site, listen)?;
         let exports = exports(v, self.exports)?;
-        let imports = imports(v, self.imports, &peers)?;
+        let imports = imports(v, self.imports, &peers, &trust_domain)?;
 
         Ok(GatewayConfig {
             site,
@@ -396,6 +413,7 @@ impl RawConfig {
             key: rel(base, self.tls.key),
             bundles: self.tls.bundles.into_iter().map(|b| rel(base, b)).collect(),
             listen,
+            source_identity,
             admin,
             drain_grace,
             connect_timeout,
@@ -603,10 +621,28 @@ fn exports(
 }
 
 /// `imports`: each from a peer with an address, each listen address once per protocol.
+/// A declared caller identity: a SPIFFE ID of this site's trust domain.
+fn source_identity(
+    v: &Validator<'_>,
+    field: &str,
+    s: &str,
+    td: &TrustDomain,
+) -> Result<SpiffeId, ConfigError> {
+    let id = SpiffeId::new(s).map_err(|e| v.err(field, format!("{s:?}: {e}")))?;
+    if id.trust_domain_str() != td.as_str() {
+        return Err(v.err(
+            field,
+            format!("{id} is not in this site's trust domain {td}: a gateway vouches only for its own workloads"),
+        ));
+    }
+    Ok(id)
+}
+
 fn imports(
     v: &Validator<'_>,
     raw: Vec<RawImport>,
     peers: &[Peer],
+    td: &TrustDomain,
 ) -> Result<Vec<Import>, ConfigError> {
     let mut imports = Vec::new();
     let mut listens = BTreeSet::new();
@@ -629,12 +665,18 @@ fn imports(
         if listen.port() != 0 && !listens.insert((listen, protocol)) {
             return Err(v.err(f("listen"), format!("{listen} is used by another import")));
         }
+        let source_identity = im
+            .source_identity
+            .as_deref()
+            .map(|s| source_identity(v, &f("source_identity"), s, td))
+            .transpose()?;
         imports.push(Import {
             service,
             port: im.port,
             protocol,
             site: isite,
             listen,
+            source_identity,
         });
     }
     Ok(imports)
@@ -761,6 +803,36 @@ imports:
         assert_eq!(f, "drain_grace");
         let (f, _) = field_err(&GOOD.replace("service: echo.demo", "service: echo"));
         assert_eq!(f, "exports[0].service");
+    }
+
+    #[test]
+    fn a_declared_caller_is_one_of_this_sites_workloads() {
+        let c = parse(&format!(
+            "{GOOD}source_identity: spiffe://west.example.org/ns/shop/sa/frontend\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.source_identity.unwrap().as_str(),
+            "spiffe://west.example.org/ns/shop/sa/frontend"
+        );
+        let (f, r) = field_err(&format!(
+            "{GOOD}source_identity: spiffe://east.example.org/ns/shop/sa/frontend\n"
+        ));
+        assert!(
+            f == "source_identity" && r.contains("trust domain"),
+            "{f}: {r}"
+        );
+        let (f, _) = field_err(&format!("{GOOD}source_identity: not-an-id\n"));
+        assert_eq!(f, "source_identity");
+        let per_import = GOOD.replace(
+            "    listen: 127.0.0.1:18080\n",
+            "    listen: 127.0.0.1:18080\n    source_identity: spiffe://other.org/ns/a/sa/b\n",
+        );
+        let (f, r) = field_err(&per_import);
+        assert!(
+            f == "imports[0].source_identity" && r.contains("trust domain"),
+            "{f}: {r}"
+        );
     }
 
     #[test]

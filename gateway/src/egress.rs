@@ -341,6 +341,8 @@ impl Imports {
 
     /// Starts a listener for the import, or re-routes an existing one. Returns the
     /// listener's address.
+    /// `source`: the caller this listener's clients are (declared per listener);
+    /// `None`: the gateway's default.
     pub fn upsert(
         &self,
         service: &ServiceName,
@@ -348,6 +350,7 @@ impl Imports {
         protocol: Protocol,
         listen: SocketAddr,
         backends: Vec<SiteName>,
+        source: Option<&SpiffeId>,
     ) -> std::io::Result<SocketAddr> {
         let mut map = self.lock();
         let key = (service.clone(), port, protocol);
@@ -365,7 +368,7 @@ impl Imports {
             port,
             backends: backends.clone(),
             peers: self.peers.clone(),
-            local_id: self.local_id.clone(),
+            local_id: source.unwrap_or(&self.local_id).clone(),
             metrics: self.metrics.clone(),
             open_timeout: self.open_timeout,
         };

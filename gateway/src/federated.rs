@@ -263,6 +263,7 @@ impl Agent {
                 im.protocol,
                 listen,
                 im.backends.clone(),
+                None,
             ) {
                 Ok(_) => {
                     keep_imports.insert((im.service.clone(), im.port, im.protocol));

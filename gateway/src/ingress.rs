@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshfed_catalog::ServiceName;
+use meshfed_catalog::authz::{self, AuthorizationPolicy, Decision};
 use meshfed_identity::SpiffeId;
 use meshfed_lifecycle::drain::DrainWatcher;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -50,6 +51,8 @@ pub struct Ingress {
     next: AtomicUsize,
     /// Verified IDs of the peers connected to us now, with their connection counts.
     inbound: std::sync::Mutex<BTreeMap<SpiffeId, usize>>,
+    /// Registered AuthorizationPolicies (`registry.json`), swapped whole.
+    pub policies: arc_swap::ArcSwap<Vec<AuthorizationPolicy>>,
     /// TLS origination clients, built on first use.
     tls_clients: std::sync::Mutex<BTreeMap<TlsOrigination, TlsClient>>,
 }
@@ -71,14 +74,36 @@ pub struct Route<'a> {
     pub endpoints: &'a [SocketAddr],
 }
 
-/// Decides an open request from an authenticated peer. Pure: no I/O.
+/// Why [`decide`] refused: the wire reason, the message for the far side and the logs,
+/// and for `denied` the policy label of `meshfed_gateway_authz_denials_total` (the DENY
+/// policy, or `no_allow_match`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Refusal,
+    pub message: String,
+    pub policy: Option<String>,
+}
+
+fn refused(reason: Refusal, message: String) -> Refused {
+    Refused {
+        reason,
+        message,
+        policy: None,
+    }
+}
+
+/// Decides an open request from an authenticated peer gateway `peer`. The caller is the
+/// request's `source`, which `peer` vouches for: it must be in `peer`'s trust domain.
+/// Then the AuthorizationPolicies that apply to the service decide (Istio's order:
+/// DENY, then ALLOW). Pure: no I/O.
 pub fn decide<'a>(
     exports: &'a BTreeMap<ServiceName, Export>,
+    policies: &[AuthorizationPolicy],
     open: &Open,
     peer: &SpiffeId,
-) -> Result<Route<'a>, (Refusal, String)> {
+) -> Result<Route<'a>, Refused> {
     let export = exports.get(&open.service).ok_or_else(|| {
-        (
+        refused(
             Refusal::UnknownService,
             format!("{} is not exported by this site", open.service),
         )
@@ -86,7 +111,7 @@ pub fn decide<'a>(
     if let Some(allowed) = &export.allowed_peers
         && !allowed.contains(peer)
     {
-        return Err((
+        return Err(refused(
             Refusal::NotExportedToPeer,
             format!("{} is not exported to {peer}", open.service),
         ));
@@ -96,7 +121,7 @@ pub fn decide<'a>(
         Some(_) => (&export.udp_ports, "udp"),
     };
     let endpoints = ports.get(&open.port).ok_or_else(|| {
-        (
+        refused(
             Refusal::UnknownService,
             format!(
                 "{} does not export {proto} port {}",
@@ -104,8 +129,40 @@ pub fn decide<'a>(
             ),
         )
     })?;
+    if open.source.trust_domain_str() != peer.trust_domain_str() {
+        return Err(refused(
+            Refusal::ForeignCaller,
+            format!(
+                "caller {} is not in the trust domain of gateway {peer}, which cannot vouch for it",
+                open.source
+            ),
+        ));
+    }
+    let request = authz::Request {
+        service: &open.service,
+        caller: Some(open.source.as_str()),
+        port: open.port,
+    };
+    if let Decision::Deny {
+        policy,
+        allow_policies,
+    } = authz::decide(policies, &request)
+    {
+        let by = match &policy {
+            Some(p) => format!("by policy {p}"),
+            None => format!("no ALLOW policy matched ({})", allow_policies.join(", ")),
+        };
+        return Err(Refused {
+            reason: Refusal::Denied,
+            message: format!(
+                "{} denied {}:{}: {by}",
+                open.source, open.service, open.port
+            ),
+            policy: Some(policy.unwrap_or_else(|| "no_allow_match".into())),
+        });
+    }
     if endpoints.is_empty() {
-        return Err((
+        return Err(refused(
             Refusal::NoReadyEndpoint,
             format!(
                 "{}:{}/{proto} has no ready endpoint",
@@ -132,6 +189,7 @@ impl Ingress {
             metrics,
             next: AtomicUsize::new(0),
             inbound: Default::default(),
+            policies: Default::default(),
             tls_clients: Default::default(),
         }
     }
@@ -315,12 +373,17 @@ impl Ingress {
         };
         let (endpoints, tls) = {
             let exports = self.exports.load();
-            match decide(&exports, &open, &peer) {
+            match decide(&exports, &self.policies.load(), &open, &peer) {
                 Ok(r) => (
                     r.endpoints.to_vec(),
                     exports.get(&open.service).and_then(|e| e.tls.clone()),
                 ),
-                Err((r, msg)) => return self.refuse(send, recv, r, msg, false).await,
+                Err(r) => {
+                    if let Some(policy) = &r.policy {
+                        self.metrics.denied(policy);
+                    }
+                    return self.refuse(send, recv, r.reason, r.message, false).await;
+                }
             }
         };
         if let Some(flow) = open.flow {
@@ -534,41 +597,136 @@ mod tests {
         let ex = exports();
         let east = SpiffeId::new("spiffe://east/meshfed/site/east/gateway").unwrap();
         let north = SpiffeId::new("spiffe://north/meshfed/site/north/gateway").unwrap();
+        let from_north = Open {
+            source: north.clone(),
+            ..open("echo.demo", 7000)
+        };
         assert_eq!(
-            decide(&ex, &open("echo.demo", 7000), &north)
+            decide(&ex, &[], &from_north, &north)
                 .unwrap()
                 .endpoints
                 .len(),
             1
         );
         assert_eq!(
-            decide(&ex, &open("nope.demo", 7000), &east).unwrap_err().0,
+            decide(&ex, &[], &open("nope.demo", 7000), &east)
+                .unwrap_err()
+                .reason,
             Refusal::UnknownService
         );
         assert_eq!(
-            decide(&ex, &open("echo.demo", 7002), &east).unwrap_err().0,
+            decide(&ex, &[], &open("echo.demo", 7002), &east)
+                .unwrap_err()
+                .reason,
             Refusal::UnknownService
         );
         assert_eq!(
-            decide(&ex, &open("echo.demo", 7001), &east).unwrap_err().0,
+            decide(&ex, &[], &open("echo.demo", 7001), &east)
+                .unwrap_err()
+                .reason,
             Refusal::NoReadyEndpoint
         );
-        assert!(decide(&ex, &open("db.prod", 5432), &east).is_ok());
+        assert!(decide(&ex, &[], &open("db.prod", 5432), &east).is_ok());
         // UDP opens look at the UDP ports only, and the other way round.
         let udp = |svc, port| Open {
             flow: Some(1),
             ..open(svc, port)
         };
-        assert!(decide(&ex, &udp("echo.demo", 53), &east).is_ok());
-        let (r, msg) = decide(&ex, &udp("echo.demo", 7000), &east).unwrap_err();
+        assert!(decide(&ex, &[], &udp("echo.demo", 53), &east).is_ok());
+        let Refused {
+            reason: r,
+            message: msg,
+            ..
+        } = decide(&ex, &[], &udp("echo.demo", 7000), &east).unwrap_err();
         assert_eq!(r, Refusal::UnknownService);
         assert!(msg.contains("udp port 7000"), "{msg}");
         assert_eq!(
-            decide(&ex, &open("echo.demo", 53), &east).unwrap_err().0,
+            decide(&ex, &[], &open("echo.demo", 53), &east)
+                .unwrap_err()
+                .reason,
             Refusal::UnknownService
         );
-        let (r, msg) = decide(&ex, &open("db.prod", 5432), &north).unwrap_err();
+        let Refused {
+            reason: r,
+            message: msg,
+            ..
+        } = decide(&ex, &[], &open("db.prod", 5432), &north).unwrap_err();
         assert_eq!(r, Refusal::NotExportedToPeer);
         assert!(msg.contains("north"), "{msg}");
+    }
+
+    #[test]
+    fn a_gateway_vouches_for_its_trust_domain_and_policies_decide() {
+        use meshfed_catalog::authz::{Action, Rule, Source};
+        let ex = exports();
+        let east = SpiffeId::new("spiffe://east/meshfed/site/east/gateway").unwrap();
+        let as_caller = |caller: &str| Open {
+            source: SpiffeId::new(caller).unwrap(),
+            ..open("echo.demo", 7000)
+        };
+        let frontend = "spiffe://east/ns/shop/sa/frontend";
+        let batch = "spiffe://east/ns/batch/sa/report";
+        let deny_batch = AuthorizationPolicy {
+            name: "deny-batch".into(),
+            namespace: "demo".into(),
+            action: Action::Deny,
+            targets: vec![],
+            rules: vec![Rule {
+                from: vec![Source {
+                    namespaces: vec!["batch".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let allow_frontend = AuthorizationPolicy {
+            name: "allow-frontend".into(),
+            action: Action::Allow,
+            rules: vec![Rule {
+                from: vec![Source {
+                    principals: vec!["east/ns/shop/sa/frontend".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..deny_batch.clone()
+        };
+        let ps = [deny_batch, allow_frontend];
+        // (caller, policies, refusal)
+        let rows: [(&str, &[AuthorizationPolicy], Option<Refusal>); 7] = [
+            (frontend, &[], None),
+            (frontend, &ps, None),
+            (batch, &[], None),
+            (batch, &ps, Some(Refusal::Denied)),
+            // The gateway itself is not the frontend: the ALLOW policy leaves it out.
+            (
+                "spiffe://east/meshfed/site/east/gateway",
+                &ps,
+                Some(Refusal::Denied),
+            ),
+            // East cannot speak for west's workloads, with or without policies.
+            (
+                "spiffe://west/ns/shop/sa/frontend",
+                &[],
+                Some(Refusal::ForeignCaller),
+            ),
+            (
+                "spiffe://west/ns/shop/sa/frontend",
+                &ps,
+                Some(Refusal::ForeignCaller),
+            ),
+        ];
+        for (caller, policies, want) in rows {
+            let got = decide(&ex, policies, &as_caller(caller), &east).err();
+            assert_eq!(got.as_ref().map(|e| e.reason), want, "{caller}: {got:?}");
+        }
+        let Refused { message: msg, .. } = decide(&ex, &ps, &as_caller(batch), &east).unwrap_err();
+        assert!(msg.contains("by policy demo/deny-batch"), "{msg}");
+        let Refused { message: msg, .. } =
+            decide(&ex, &ps, &open("echo.demo", 7000), &east).unwrap_err();
+        assert!(
+            msg.contains("no ALLOW policy matched (demo/allow-frontend)"),
+            "{msg}"
+        );
     }
 }

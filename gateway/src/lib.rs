@@ -384,9 +384,12 @@ pub async fn start_with(
             peers.upsert(&p.site, &p.spiffe_id, addr);
         }
     }
+    // The caller the egress vouches for: the declared workload, or the gateway itself.
     let imports = Arc::new(egress::Imports::new(
         peers.clone(),
-        svid.id.clone(),
+        cfg.source_identity
+            .clone()
+            .unwrap_or_else(|| svid.id.clone()),
         metrics.clone(),
         cfg.connect_timeout + Duration::from_secs(2),
         cfg.udp_idle_timeout,
@@ -400,6 +403,7 @@ pub async fn start_with(
                 im.protocol,
                 im.listen,
                 vec![im.site.clone()],
+                im.source_identity.as_ref(),
             )
             .map_err(|source| GatewayError::Bind {
                 what: format!("import {}:{}", im.service, im.port),

@@ -112,6 +112,11 @@ pub async fn watch_path(m: QuicPath, conn: quinn::Connection, labels: QuicLabels
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
     pub connections: Family<DirLabels, Counter>,
@@ -128,6 +133,9 @@ pub struct Metrics {
     pub svid_refusals: Family<ReasonLabels, Counter>,
     /// Sites skipped for an import because they refused or were unreachable.
     pub failovers: Family<ReasonLabels, Counter>,
+    /// Opens an AuthorizationPolicy denied, by policy (`namespace/name`, or
+    /// `no_allow_match`): at most one series per registered policy, plus one.
+    pub authz_denials: Family<PolicyLabels, Counter>,
     /// notAfter of the SVID in use, Unix seconds: alert when it nears `time()`.
     pub svid_not_after: Gauge,
     /// UDP datagrams and their payload bytes carried, like `bytes`.
@@ -175,6 +183,11 @@ impl Metrics {
             "peer_reconnects",
             "QUIC connections to peers re-established",
             self.peer_reconnects.clone(),
+        );
+        r.register(
+            "authz_denials",
+            "Opens an AuthorizationPolicy denied, by policy (namespace/name, or no_allow_match)",
+            self.authz_denials.clone(),
         );
         r.register(
             "failovers",
@@ -322,6 +335,14 @@ impl Metrics {
         let gauge = self.udp_active_flows.get_or_create(&labels).clone();
         gauge.inc();
         ActiveStream(gauge)
+    }
+
+    pub fn denied(&self, policy: &str) {
+        self.authz_denials
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
+            })
+            .inc();
     }
 
     pub fn failover(&self, reason: &'static str) {

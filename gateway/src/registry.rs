@@ -362,6 +362,14 @@ impl Follower {
             }
             all.insert(name, e);
         }
+        let policies = reg.policy_list();
+        if **self.ingress.policies.load() != policies {
+            info!(
+                policies = policies.len(),
+                "authorization policies updated from the registry"
+            );
+            self.ingress.policies.store(Arc::new(policies));
+        }
         if **self.ingress.exports.load() != all {
             info!(
                 exports = all.len(),

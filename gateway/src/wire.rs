@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! open    = version:u8 (=1) | kind:u8 (=1) | service_len:u8 | service | port:u16
-//!           | source_len:u16 | source SPIFFE ID
+//!           | source_len:u16 | source SPIFFE ID (the caller, as the sending gateway
+//!             vouches for it: a workload of its trust domain, or the gateway itself)
 //! open_udp = the same with kind:u8 (=4), followed by flow:u32
 //! accept  = version:u8 (=1) | kind:u8 (=2)
 //! refuse  = version:u8 (=1) | kind:u8 (=3) | code:u16 | msg_len:u16 | msg (UTF-8)
@@ -72,6 +73,11 @@ pub enum Refusal {
     PeerUnavailable,
     /// The ingress has as many UDP flows open as it may (per peer or in all).
     FlowLimit,
+    /// An AuthorizationPolicy denied the caller; the message names the policy.
+    Denied,
+    /// The open request's caller is outside the trust domain of the gateway that sent
+    /// it: a gateway vouches only for its own trust domain's workloads.
+    ForeignCaller,
     /// A code this build does not know (a newer peer).
     Unknown(u16),
 }
@@ -123,6 +129,8 @@ impl Refusal {
             Self::Draining => 8,
             Self::PeerUnavailable => 9,
             Self::FlowLimit => 10,
+            Self::Denied => 11,
+            Self::ForeignCaller => 12,
             Self::Unknown(c) => c,
         }
     }
@@ -139,6 +147,8 @@ impl Refusal {
             8 => Self::Draining,
             9 => Self::PeerUnavailable,
             10 => Self::FlowLimit,
+            11 => Self::Denied,
+            12 => Self::ForeignCaller,
             c => Self::Unknown(c),
         }
     }
@@ -156,13 +166,19 @@ impl Refusal {
             Self::Draining => "draining",
             Self::PeerUnavailable => "peer_unavailable",
             Self::FlowLimit => "flow_limit",
+            Self::Denied => "denied",
+            Self::ForeignCaller => "foreign_caller",
             Self::Unknown(_) => "unknown_code",
         }
     }
 
-    /// Whether another site could succeed where this one refused.
+    /// Whether another site could succeed where this one refused. An authorization
+    /// refusal is final: failing over would go around the policy.
     pub fn retryable_elsewhere(self) -> bool {
-        !matches!(self, Self::MalformedHeader | Self::HeaderTooLarge)
+        !matches!(
+            self,
+            Self::MalformedHeader | Self::HeaderTooLarge | Self::Denied | Self::ForeignCaller
+        )
     }
 }
 
@@ -451,7 +467,9 @@ mod tests {
         assert_eq!(Refusal::NotExportedToPeer.code(), 2);
         assert_eq!(Refusal::NoReadyEndpoint.code(), 3);
         assert_eq!(Refusal::EndpointConnectFailed.code(), 4);
-        for c in 1..=10 {
+        assert_eq!(Refusal::Denied.code(), 11);
+        assert_eq!(Refusal::ForeignCaller.code(), 12);
+        for c in 1..=12 {
             assert_eq!(Refusal::from_code(c).code(), c);
             assert_ne!(Refusal::from_code(c).as_str(), "unknown_code");
         }

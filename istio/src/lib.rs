@@ -1,7 +1,9 @@
 //! Istio's own YAML, accepted as Istio documents it and turned into the catalog's model:
-//! `ServiceEntry`, `WorkloadEntry` and `DestinationRule` TLS (`service_entry`), the
-//! documents `meshfed register` and `meshfed validate` read. Pure: text in, model and
+//! `ServiceEntry`, `WorkloadEntry` and `DestinationRule` TLS (`service_entry`, which
+//! reads the whole multi-document file) and `AuthorizationPolicy` (`authorization`),
+//! the documents `meshfed register` and `meshfed validate` read. Pure: text in, model and
 //! warnings out, errors that name the document and the field path.
 #![forbid(unsafe_code)]
 
+pub mod authorization;
 pub mod service_entry;

@@ -12,12 +12,16 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
+use meshfed_catalog::authz::AuthorizationPolicy;
 use meshfed_catalog::catalog::Protocol;
 use meshfed_catalog::legacy::{
     HEALTH_PREFIX, HealthCheck, HealthKind, LegacyEndpoint, LegacyPort, LegacyService, Location,
     Resolution, TlsMode, TlsOrigination,
 };
 use meshfed_catalog::names::ServiceName;
+
+/// `security.istio.io` versions of `AuthorizationPolicy`.
+const SECURITY_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
 const API_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1",
@@ -169,10 +173,13 @@ pub enum ParseError {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Registration {
     pub services: Vec<LegacyService>,
+    /// AuthorizationPolicies, for the exported services they apply to.
+    pub policies: Vec<AuthorizationPolicy>,
     pub warnings: Vec<Problem>,
 }
 
-struct Doc<'a> {
+/// One document being read: its problems and warnings name it and the field.
+pub(crate) struct Doc<'a> {
     index: usize,
     object: String,
     problems: &'a mut Vec<Problem>,
@@ -180,7 +187,11 @@ struct Doc<'a> {
 }
 
 impl Doc<'_> {
-    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    /// Problems found so far in the file (to tell whether a part added any).
+    pub(crate) fn problem_count(&self) -> usize {
+        self.problems.len()
+    }
+    pub(crate) fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             doc: self.index,
             object: self.object.clone(),
@@ -188,7 +199,7 @@ impl Doc<'_> {
             message: message.into(),
         });
     }
-    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.warnings.push(Problem {
             doc: self.index,
             object: self.object.clone(),
@@ -197,7 +208,12 @@ impl Doc<'_> {
         });
     }
     /// Warns about every key of `obj` not in `known`.
-    fn unsupported(&mut self, path: &str, obj: &serde_json::Map<String, Value>, known: &[&str]) {
+    pub(crate) fn unsupported(
+        &mut self,
+        path: &str,
+        obj: &serde_json::Map<String, Value>,
+        known: &[&str],
+    ) {
         for k in obj.keys() {
             if !known.contains(&k.as_str()) {
                 let field = if path.is_empty() {
@@ -209,7 +225,7 @@ impl Doc<'_> {
             }
         }
     }
-    fn str_list(&mut self, v: Option<&Value>, field: &str) -> Vec<String> {
+    pub(crate) fn str_list(&mut self, v: Option<&Value>, field: &str) -> Vec<String> {
         match v {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => a
@@ -529,10 +545,15 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
     }
     apply_destination_rules(sorted.rules, &mut services, &mut problems, &mut warnings);
     refuse_duplicates(&services, &service_docs, &mut problems);
+    let policies = crate::authorization::refuse_duplicates(sorted.policies, &mut problems);
     if !problems.is_empty() {
         return Err(ParseError::Invalid(problems));
     }
-    Ok(Registration { services, warnings })
+    Ok(Registration {
+        services,
+        policies,
+        warnings,
+    })
 }
 
 /// A ServiceEntry document: (doc index, name, namespace, spec, annotations).
@@ -551,6 +572,8 @@ struct Sorted {
     /// (namespace, endpoint) of every WorkloadEntry.
     workloads: Vec<(String, LegacyEndpoint)>,
     rules: Vec<Rule>,
+    /// (doc index, policy) of every AuthorizationPolicy.
+    policies: Vec<(usize, AuthorizationPolicy)>,
 }
 
 /// The YAML stream as documents; a syntax error names its line and column.
@@ -585,6 +608,7 @@ fn sort_documents(
     let mut entries: Vec<Entry> = Vec::new();
     let mut workloads: Vec<(String, LegacyEndpoint)> = Vec::new();
     let mut rules: Vec<Rule> = Vec::new();
+    let mut policies = Vec::new();
     for (i, v) in docs.iter().enumerate() {
         let index = i + 1;
         if v.is_null() {
@@ -623,11 +647,16 @@ fn sort_documents(
                 &["name", "namespace", "labels", "annotations"],
             );
         }
+        let versions: &[&str] = if kind == "AuthorizationPolicy" {
+            &SECURITY_VERSIONS
+        } else {
+            &API_VERSIONS
+        };
         match top.get("apiVersion").and_then(Value::as_str) {
-            Some(a) if API_VERSIONS.contains(&a) => {}
+            Some(a) if versions.contains(&a) => {}
             Some(a) => d.err(
                 "apiVersion",
-                format!("{a:?} is not one of {}", API_VERSIONS.join(", ")),
+                format!("{a:?} is not one of {}", versions.join(", ")),
             ),
             None => d.err("apiVersion", "missing"),
         }
@@ -651,6 +680,11 @@ fn sort_documents(
                 );
                 entries.push((index, name.into(), namespace.into(), spec.clone(), ann));
             }
+            "AuthorizationPolicy" => {
+                if let Some(p) = crate::authorization::policy(&mut d, name, namespace, spec) {
+                    policies.push((index, p));
+                }
+            }
             "WorkloadEntry" => {
                 if let Some(ep) = endpoint(&mut d, &Value::Object(spec.clone()), "spec", true) {
                     workloads.push((namespace.to_owned(), ep));
@@ -660,7 +694,7 @@ fn sort_documents(
             other => d.err(
                 "kind",
                 format!(
-                    "{other:?}: only ServiceEntry, WorkloadEntry and DestinationRule are accepted"
+                    "{other:?}: only ServiceEntry, WorkloadEntry, DestinationRule and AuthorizationPolicy are accepted"
                 ),
             ),
         }
@@ -670,6 +704,7 @@ fn sort_documents(
         entries,
         workloads,
         rules,
+        policies,
     }
 }
 

@@ -1,5 +1,6 @@
 //! `meshfed validate`, `register`, `unregister`: legacy services from Istio
-//! ServiceEntry/WorkloadEntry YAML, in a site directory's `registry.json`.
+//! ServiceEntry/WorkloadEntry YAML, and AuthorizationPolicies for the site's exports, in
+//! a site directory's `registry.json`.
 
 use std::path::PathBuf;
 
@@ -23,7 +24,7 @@ pub struct RegisterArgs {
 
 #[derive(Args)]
 pub struct UnregisterArgs {
-    /// Services to remove, as `name.namespace`.
+    /// Services to remove, as `name.namespace`, and policies, as `namespace/name`.
     #[arg(required_unless_present = "file")]
     pub services: Vec<String>,
     /// Remove every service registered from this file.
@@ -40,10 +41,14 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     for s in &r.services {
         println!("{}", describe_entry(s));
     }
+    for p in &r.policies {
+        println!("{}", describe_policy(p));
+    }
     println!(
-        "{}: {} service(s) valid, {} warning(s)",
+        "{}: {} service(s) and {} policy(ies) valid, {} warning(s)",
         file.display(),
         r.services.len(),
+        r.policies.len(),
         r.warnings.len()
     );
 
@@ -53,7 +58,12 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
 pub fn register(a: RegisterArgs) -> Result<()> {
     let RegisterArgs { file, dir } = a;
     let r = read_entries(&file)?;
-    let names: Vec<String> = r.services.iter().map(|s| s.service.to_string()).collect();
+    let names: Vec<String> = r
+        .services
+        .iter()
+        .map(|s| s.service.to_string())
+        .chain(r.policies.iter().map(|p| format!("policy {}", p.key())))
+        .collect();
     // Concurrent registrations take turns: each one's entries survive.
     let _lock = meshfed_catalog::site::lock_site_dir(&dir)?;
     let mut reg = meshfed_catalog::site::Registry::load(&dir)?;
@@ -65,14 +75,17 @@ pub fn register(a: RegisterArgs) -> Result<()> {
             conflicts.join("; ")
         );
     }
-    let replaced = reg.merge(&file.display().to_string(), r.services);
+    let source = file.display().to_string();
+    let replaced =
+        reg.merge(&source, r.services).len() + reg.merge_policies(&source, r.policies).len();
     reg.save(&dir)?;
     println!(
-        "registered {} ({} replaced) in {}; {} service(s) registered in all",
+        "registered {} ({} replaced) in {}; {} service(s) and {} policy(ies) registered in all",
         names.join(", "),
-        replaced.len(),
+        replaced,
         meshfed_catalog::site::Registry::path(&dir).display(),
-        reg.services.len()
+        reg.services.len(),
+        reg.policies.len()
     );
 
     Ok(())
@@ -85,8 +98,8 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
         dir,
     } = a;
     let _lock = meshfed_catalog::site::lock_site_dir(&dir)?;
-    let mut reg = meshfed_catalog::site::Registry::load(&dir)?;
-    let names = match &file {
+    let reg = meshfed_catalog::site::Registry::load(&dir)?;
+    let (names, policies) = match &file {
         Some(f) => {
             let source = f.display().to_string();
             let names: Vec<_> = reg
@@ -95,26 +108,45 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
                 .filter(|(_, r)| r.source == source)
                 .map(|(n, _)| n.clone())
                 .collect();
-            if names.is_empty() {
-                bail!("{source}: no service registered from this file");
+            let policies: Vec<String> = reg
+                .policies
+                .iter()
+                .filter(|(_, r)| r.source == source)
+                .map(|(k, _)| k.clone())
+                .collect();
+            if names.is_empty() && policies.is_empty() {
+                bail!("{source}: nothing registered from this file");
             }
-            names
+            (names, policies)
         }
-        None => services
-            .iter()
-            .map(|s| {
-                s.parse::<meshfed_catalog::ServiceName>()
-                    .map_err(|e| anyhow::anyhow!("{s:?}: {e}"))
-            })
-            .collect::<Result<_>>()?,
+        None => {
+            let (policies, names): (Vec<&String>, Vec<&String>) =
+                services.iter().partition(|s| s.contains('/'));
+            let names = names
+                .iter()
+                .map(|s| {
+                    s.parse::<meshfed_catalog::ServiceName>()
+                        .map_err(|e| anyhow::anyhow!("{s:?}: {e}"))
+                })
+                .collect::<Result<_>>()?;
+            (names, policies.into_iter().cloned().collect())
+        }
     };
-    reg.remove(&names).map_err(anyhow::Error::msg)?;
-    reg.save(&dir)?;
-    let list: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    // All or nothing: check both before removing either.
+    let mut next = reg.clone();
+    next.remove(&names)?;
+    next.remove_policies(&policies)?;
+    next.save(&dir)?;
+    let list: Vec<String> = names
+        .iter()
+        .map(|n| n.to_string())
+        .chain(policies.iter().map(|p| format!("policy {p}")))
+        .collect();
     println!(
-        "unregistered {}; {} service(s) registered in all",
+        "unregistered {}; {} service(s) and {} policy(ies) registered in all",
         list.join(", "),
-        reg.services.len()
+        next.services.len(),
+        next.policies.len()
     );
 
     Ok(())
@@ -153,6 +185,24 @@ fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::
         eprintln!("warning: {}: {w}", file.display());
     }
     Ok(r)
+}
+
+fn describe_policy(p: &meshfed_catalog::authz::AuthorizationPolicy) -> String {
+    format!(
+        "policy {} {:?} applies to {} ({} rule(s))",
+        p.key(),
+        p.action,
+        if p.targets.is_empty() {
+            format!("every export in namespace {}", p.namespace)
+        } else {
+            p.targets
+                .iter()
+                .map(|t| format!("{t}.{}", p.namespace))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        p.rules.len()
+    )
 }
 
 fn describe_entry(s: &meshfed_catalog::legacy::LegacyService) -> String {

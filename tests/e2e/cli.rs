@@ -208,7 +208,10 @@ fn register_is_all_or_nothing_and_keeps_what_was_registered() {
         err.contains("spec.subjectAltNames: not supported by meshfed yet"),
         "warnings name the field: {err}"
     );
-    assert!(out.contains("3 service(s) registered in all"), "{out}");
+    assert!(
+        out.contains("3 service(s) and 0 policy(ies) registered in all"),
+        "{out}"
+    );
     let before = std::fs::read(scratch.0.join("registry.json")).unwrap();
     for bad in [
         "bad-port.yaml",
@@ -324,7 +327,10 @@ fn register_refuses_a_host_of_another_service_and_unregister_removes() {
     assert!(err.contains("not registered: nope.shop"), "{err}");
     let (code, out, err) = meshfed(&["unregister", "orders.shop", "--dir", &dir]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("1 service(s) registered in all"), "{out}");
+    assert!(
+        out.contains("1 service(s) and 0 policy(ies) registered in all"),
+        "{out}"
+    );
     let (code, out, err) = meshfed(&["unregister", "-f", &billing, "--dir", &dir]);
     assert_eq!(code, 0, "{err}");
     assert!(

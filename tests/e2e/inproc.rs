@@ -265,3 +265,144 @@ async fn the_server_refuses_what_a_caller_may_not_do_with_typed_reasons() {
     assert_eq!(m(Refusal::NotOperator), 2);
     fed.node.shutdown().await;
 }
+
+/// Polls `addr` until a call's outcome is `want` (true: echoed), or fails the test.
+async fn until_call(addr: SocketAddr, want: bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = matches!(echo_through(addr).await, Ok(b) if b == b"ping");
+        if ok == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {ok} after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policies_decide_which_caller_reaches_an_export() {
+    use crate::harness::meshfed;
+    let scratch = Scratch::new("inproc-policy");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let north = fed.join(&scratch, "north").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    // East's clients are its frontend (declared: a VM site's local network); north's
+    // calls carry its gateway's own ID.
+    let east_gw = gateway(
+        &east,
+        2,
+        ConfigBuilder {
+            source_identity: Some("spiffe://east.example.org/ns/shop/sa/frontend".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let north_gw = gateway(&north, 3, ConfigBuilder::default()).await;
+    let at = |a: meshfed_gateway::federated::AppliedPlan| {
+        SocketAddr::new(a.addresses[&a.plan.imports[0].service], port)
+    };
+    let east_addr = at(until_imported(&east_gw, "orders.shop", &["west"]).await);
+    let north_addr = at(until_imported(&north_gw, "orders.shop", &["west"]).await);
+    until_call(east_addr, true, "east, no policy").await;
+    until_call(north_addr, true, "north, no policy").await;
+
+    // ALLOW east's frontend only: north's gateway is no longer let in.
+    let allow = scratch.0.join("allow.yaml");
+    std::fs::write(
+        &allow,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: frontend-only, namespace: shop}\n\
+         spec:\n  targetRefs: [{kind: Service, name: orders}]\n  rules:\n  - from:\n    - source:\n        principals: [\"east.example.org/ns/shop/sa/frontend\"]\n",
+    )
+    .unwrap();
+    let dir = west.dir.to_str().unwrap();
+    let (code, out, err) = meshfed(&["validate", "-f", allow.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("policy shop/frontend-only Allow applies to orders.shop"),
+        "{out}"
+    );
+    let (code, out, err) = meshfed(&["register", "-f", allow.to_str().unwrap(), "--dir", dir]);
+    assert_eq!(code, 0, "{out}{err}");
+    until_call(north_addr, false, "north under frontend-only").await;
+    until_call(east_addr, true, "east under frontend-only").await;
+
+    // DENY the shop namespace: DENY comes first, so east is refused too, by name.
+    let deny = scratch.0.join("deny.yaml");
+    std::fs::write(
+        &deny,
+        "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata: {name: no-shop, namespace: shop}\n\
+         spec:\n  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n    to:\n    - operation: {ports: [\"" .to_owned()
+            + &port.to_string()
+            + "\"]}\n",
+    )
+    .unwrap();
+    let (code, out, err) = meshfed(&["register", "-f", deny.to_str().unwrap(), "--dir", dir]);
+    assert_eq!(code, 0, "{out}{err}");
+    until_call(east_addr, false, "east under no-shop").await;
+
+    let (_, metrics) = meshfed_lifecycle::admin::get(west_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    let denied = |p: &str| {
+        counter(
+            &metrics,
+            &format!("meshfed_gateway_authz_denials_total{{policy=\"{p}\"}}"),
+        )
+    };
+    assert!(denied("no_allow_match") >= 1.0, "{metrics}");
+    assert!(denied("shop/no-shop") >= 1.0, "{metrics}");
+    assert!(
+        counter(
+            &metrics,
+            "meshfed_gateway_refusals_total{direction=\"ingress\",reason=\"denied\"}"
+        ) >= 2.0,
+        "{metrics}"
+    );
+    // The caller's side says why, with the policy's name, and did not fail over.
+    let (_, east_metrics) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        counter(
+            &east_metrics,
+            "meshfed_gateway_refusals_total{direction=\"egress\",reason=\"denied\"}"
+        ) >= 1.0,
+        "{east_metrics}"
+    );
+
+    // Both withdrawn: everyone is back.
+    let (code, out, err) = meshfed(&[
+        "unregister",
+        "shop/no-shop",
+        "shop/frontend-only",
+        "--dir",
+        dir,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    until_call(north_addr, true, "north without policies").await;
+    until_call(east_addr, true, "east without policies").await;
+    // Removing what is not there removes nothing.
+    let (code, _, err) = meshfed(&["unregister", "shop/no-shop", "--dir", dir]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not registered: shop/no-shop"), "{err}");
+
+    for g in [east_gw, north_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}

@@ -443,6 +443,39 @@ async fn typed_refusals_on_the_wire() {
     let (r, _) = exchange(&conn, &open("echo.demo", 7000)).await;
     assert_eq!(r, Ok(Response::Accept));
 
+    // East vouches for a caller: one of its own workloads is taken, another trust
+    // domain's is a typed refusal.
+    let as_caller = |caller: &str| {
+        wire::Open {
+            service: "echo.demo".parse().unwrap(),
+            port: 7000,
+            source: meshfed_identity::SpiffeId::new(caller).unwrap(),
+            flow: None,
+        }
+        .encode()
+    };
+    let (r, _) = exchange(
+        &conn,
+        &as_caller("spiffe://east.example.org/ns/shop/sa/frontend"),
+    )
+    .await;
+    assert_eq!(r, Ok(Response::Accept));
+    let (r, _) = exchange(
+        &conn,
+        &as_caller("spiffe://west.example.org/ns/shop/sa/frontend"),
+    )
+    .await;
+    assert!(
+        matches!(
+            &r,
+            Ok(Response::Refuse {
+                reason: Refusal::ForeignCaller,
+                message,
+            }) if message.contains("cannot vouch")
+        ),
+        "{r:?}"
+    );
+
     // Oversized: a length prefix past the limit gets a typed refusal and a stream reset.
     let (r, send) = exchange(&conn, &[0xff, 0xff, 1, 1]).await;
     assert!(
