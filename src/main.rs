@@ -47,9 +47,9 @@ enum Cmd {
     Federation(cmd::federation::FederationCmd),
     /// This site's membership in a federation.
     #[command(subcommand)]
-    Site(cmd::federation::SiteCmd),
+    Site(cmd::site::SiteCmd),
     /// Prints the federation's sites: trust domains, lease, exports, imports, revisions.
-    Status(cmd::federation::StatusArgs),
+    Status(cmd::site::StatusArgs),
     /// Kubernetes as a catalog source (MCS ServiceExport), run in the cluster beside the
     /// gateway; uses the in-cluster service account or the local kubeconfig.
     #[command(subcommand)]
@@ -132,9 +132,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Unregister(a) => cmd::registry::unregister(a)?,
         Cmd::Kubernetes(c) => cmd::kubernetes::run(c)?,
         Cmd::Dns(a) => cmd::dns::run(a)?,
-        Cmd::Status(a) => cmd::federation::status(a)?,
+        Cmd::Status(a) => cmd::site::status(a)?,
         Cmd::Federation(c) => cmd::federation::federation(c)?,
-        Cmd::Site(c) => cmd::federation::site(c)?,
+        Cmd::Site(c) => cmd::site::site(c)?,
     }
     Ok(ExitCode::SUCCESS)
 }

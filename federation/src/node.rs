@@ -101,12 +101,47 @@ pub struct Running {
     /// Cancelling it starts the drain.
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
+    /// The admin port's, cancelled after the drain.
+    admin_stop: CancellationToken,
 }
 
 impl Running {
+    /// Serves the admin port (`/metrics` with the federation's metrics, `/ready`,
+    /// `/live`) on `admin` until the node has stopped, and writes where it listens to
+    /// `<dir>/admin_address`.
+    pub async fn serve_admin(
+        &self,
+        dir: &Path,
+        admin: SocketAddr,
+    ) -> Result<SocketAddr, NodeError> {
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.service.metrics.register(&mut registry);
+        let listener = tokio::net::TcpListener::bind(admin)
+            .await
+            .map_err(|e| other(format!("bind admin {admin}"), e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| other(format!("bind admin {admin}"), e))?;
+        write_file(
+            &dir.join("admin_address"),
+            addr.to_string().as_bytes(),
+            0o644,
+        )?;
+        info!(admin = %addr, "federation admin listening");
+        let server = meshfed_lifecycle::admin::Admin {
+            registry: Arc::new(registry),
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            svid_expiry: None,
+        };
+        tokio::spawn(server.serve(listener, self.admin_stop.clone()));
+        Ok(addr)
+    }
+
+    /// Drains the service, then closes the admin port.
     pub async fn shutdown(self) {
         self.stop.cancel();
         let _ = self.done.await;
+        self.admin_stop.cancel();
     }
 }
 
@@ -212,5 +247,6 @@ pub async fn serve(
         _lock: lock,
         stop,
         done,
+        admin_stop: CancellationToken::new(),
     })
 }

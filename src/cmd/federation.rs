@@ -1,12 +1,11 @@
-//! `meshfed federation`, `meshfed site join`, `meshfed status`: the federation service,
-//! its tokens, and a site's membership.
+//! `meshfed federation`: the federation service and its tokens.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
-use meshfed_identity::{Ca, TrustDomain, ca};
+use clap::Subcommand;
+use meshfed_identity::TrustDomain;
 
 use meshfed_lifecycle::signals;
 
@@ -90,37 +89,6 @@ pub enum TokenCmd {
     },
 }
 
-#[derive(Subcommand)]
-pub enum SiteCmd {
-    /// Joins the federation with a one-time token; writes federation.json and bundles/.
-    Join {
-        /// The site directory (ca/, gateway.pem, gateway.key).
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        site: String,
-        /// Where this site's gateways accept QUIC (repeatable).
-        #[arg(long)]
-        gateway_address: Vec<String>,
-        token: String,
-    },
-}
-
-#[derive(Args)]
-pub struct StatusArgs {
-    /// The federation directory (`meshfed federation init --dir`).
-    #[arg(long)]
-    pub dir: PathBuf,
-}
-
-pub fn status(a: StatusArgs) -> Result<()> {
-    let StatusArgs { dir } = a;
-    let st = super::runtime()?.block_on(meshfed_api::client::status(&dir))?;
-    let td = Ca::load(&dir.join("ca"))?.trust_domain().to_string();
-    print!("{}", meshfed_api::client::status_table(&td, &st));
-    Ok(())
-}
-
 pub fn federation(cmd: FederationCmd) -> Result<()> {
     match cmd {
         FederationCmd::Init { trust_domain, dir } => {
@@ -148,11 +116,7 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
                 meshfed_federation::node::StoreChoice::Embedded { create: init_store }
             } else {
                 let user = match (etcd_user, etcd_password_file) {
-                    (Some(u), Some(f)) => {
-                        let pw = std::fs::read_to_string(&f)
-                            .with_context(|| format!("--etcd-password-file {}", f.display()))?;
-                        Some((u, pw.trim_end_matches(['\r', '\n']).to_owned()))
-                    }
+                    (Some(u), Some(f)) => Some((u, read_password(&f)?)),
                     _ => None,
                 };
                 meshfed_federation::node::StoreChoice::Etcd {
@@ -171,25 +135,7 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
                 let node =
                     meshfed_federation::node::serve(&dir, listen, advertise, lease_ttl, store)
                         .await?;
-                let mut registry = prometheus_client::registry::Registry::default();
-                node.service.metrics.register(&mut registry);
-                let admin_l = tokio::net::TcpListener::bind(admin)
-                    .await
-                    .with_context(|| format!("bind admin {admin}"))?;
-                let admin_addr = admin_l.local_addr()?;
-                ca::write_file(
-                    &dir.join("admin_address"),
-                    admin_addr.to_string().as_bytes(),
-                    0o644,
-                )?;
-                tracing::info!(admin = %admin_addr, "federation admin listening");
-                let admin_stop = tokio_util::sync::CancellationToken::new();
-                let server = meshfed_lifecycle::admin::Admin {
-                    registry: std::sync::Arc::new(registry),
-                    ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
-                    svid_expiry: None,
-                };
-                tokio::spawn(server.serve(admin_l, admin_stop.clone()));
+                node.serve_admin(&dir, admin).await?;
                 let sig = signals
                     .until_stop(
                         "SIGHUP ignored: the federation has no file config to reload; restart to change flags",
@@ -198,7 +144,6 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
                     .await;
                 tracing::info!(signal = sig, "federation stopping");
                 node.shutdown().await;
-                admin_stop.cancel();
                 anyhow::Ok(())
             })?;
         }
@@ -231,28 +176,19 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
     Ok(())
 }
 
-pub fn site(cmd: SiteCmd) -> Result<()> {
-    match cmd {
-        SiteCmd::Join {
-            dir,
-            site,
-            gateway_address,
-            token,
-        } => {
-            let m = super::runtime()?.block_on(meshfed_api::client::join(
-                &dir,
-                &site,
-                &token,
-                gateway_address,
-            ))?;
-            println!(
-                "site {site} joined federation {} at revision {} ({} bundles in {})",
-                m.federation_trust_domain,
-                m.revision,
-                meshfed_catalog::site::bundle_files(&dir).len(),
-                dir.join("bundles").display()
-            );
-        }
-    }
-    Ok(())
+/// The etcd password: the file's first line, at most 4 KiB (a password file is small;
+/// anything larger is the wrong file).
+fn read_password(f: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let what = || format!("--etcd-password-file {}", f.display());
+    let mut text = String::new();
+    std::fs::File::open(f)
+        .and_then(|h| h.take(4097).read_to_string(&mut text))
+        .with_context(what)?;
+    anyhow::ensure!(
+        text.len() <= 4096,
+        "{}: larger than 4 KiB; not a password file",
+        what()
+    );
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }

@@ -7,6 +7,7 @@ pub mod gateway;
 pub mod identity;
 pub mod kubernetes;
 pub mod registry;
+pub mod site;
 
 /// The multi-threaded runtime a daemon or a client command runs on.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
