@@ -219,3 +219,33 @@ pub async fn join(
     write_file(&site_dir.join(Membership::FILE), &json, 0o644)?;
     Ok(m)
 }
+
+/// `meshfed site update-bundle`: replaces the site's trust bundle at the federation (a
+/// root rotation), as the site's gateway (`cert`/`key`). Returns the sequence stored.
+pub async fn update_bundle(
+    site_dir: &Path,
+    cert: &Path,
+    key: &Path,
+    bundle_jwks: String,
+) -> Result<u64, ClientError> {
+    let path = site_dir.join(Membership::FILE);
+    let json = std::fs::read(&path).map_err(|e| {
+        other(
+            format!("{} (run `meshfed site join` first)", path.display()),
+            e,
+        )
+    })?;
+    let m: Membership =
+        serde_json::from_slice(&json).map_err(|e| other(path.display().to_string(), e))?;
+    let td = &m.federation_trust_domain;
+    let fed = site_dir.join("bundles").join(format!("{td}.json"));
+    let fed_json = std::fs::read(&fed).map_err(|e| other(fed.display().to_string(), e))?;
+    let fed_bundle = TrustBundle::from_jwks(td.clone(), &fed_json)?;
+    let mut c = client(&m.addresses, fed_bundle, cert, key).await?;
+    let r = c
+        .update_bundle(pb::UpdateBundleRequest { bundle_jwks })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    Ok(r.sequence)
+}

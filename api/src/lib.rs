@@ -47,11 +47,13 @@ pub enum Refusal {
     TokenWrongSite,
     TrustDomainMismatch,
     TrustDomainOwned,
+    /// A bundle update whose `spiffe_sequence` is not above the stored one.
+    StaleBundle,
 }
 
 impl Refusal {
     /// Every refusal, for tables and tests.
-    pub const ALL: [Refusal; 16] = [
+    pub const ALL: [Refusal; 17] = [
         Self::BadRequest,
         Self::Unauthenticated,
         Self::NotOperator,
@@ -68,6 +70,7 @@ impl Refusal {
         Self::TokenWrongSite,
         Self::TrustDomainMismatch,
         Self::TrustDomainOwned,
+        Self::StaleBundle,
     ];
 
     /// The stable code (wire metadata, metric label, log field).
@@ -89,6 +92,7 @@ impl Refusal {
             Self::TokenWrongSite => "token_wrong_site",
             Self::TrustDomainMismatch => "trust_domain_mismatch",
             Self::TrustDomainOwned => "trust_domain_owned",
+            Self::StaleBundle => "stale_bundle",
         }
     }
 
@@ -104,7 +108,7 @@ impl Refusal {
         match self {
             Self::BadRequest | Self::TokenMalformed => Code::InvalidArgument,
             Self::Unauthenticated => Code::Unauthenticated,
-            Self::CatalogConflict => Code::FailedPrecondition,
+            Self::CatalogConflict | Self::StaleBundle => Code::FailedPrecondition,
             Self::StoreUnavailable => Code::Unavailable,
             Self::StoreError => Code::Internal,
             Self::NotOperator

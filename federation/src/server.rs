@@ -766,6 +766,55 @@ impl pb::federation_server::Federation for FederationService {
         }))
     }
 
+    async fn update_bundle(
+        &self,
+        req: Request<pb::UpdateBundleRequest>,
+    ) -> Result<Response<pb::UpdateBundleResponse>, Status> {
+        let rec = self.caller_site(&req)?;
+        let r = req.into_inner();
+        let td = rec.trust_domain.clone();
+        let bundle = TrustBundle::from_jwks(td.clone(), r.bundle_jwks.as_bytes())
+            .map_err(|e| self.bad_request(format!("bundle_jwks: {e}")))?;
+        if bundle.x509_authorities.is_empty() {
+            return Err(self.bad_request(
+                "bundle_jwks: no X.509 authority: every gateway of the trust domain would be refused",
+            ));
+        }
+        let stored = self
+            .store
+            .bundles()
+            .get(td.as_str())
+            .and_then(|j| TrustBundle::from_jwks(td.clone(), j.as_bytes()).ok())
+            .map_or(0, |b| b.sequence);
+        if bundle.sequence <= stored {
+            return Err(self.refuse(Refused::new(
+                Refusal::StaleBundle,
+                format!(
+                    "bundle of {td}: spiffe_sequence {} is not above the federation's {stored}",
+                    bundle.sequence
+                ),
+            )));
+        }
+        let jwks = bundle
+            .to_jwks()
+            .map_err(|e| self.bad_request(e.to_string()))?;
+        self.store
+            .set_bundle(td.as_str(), jwks)
+            .await
+            .map_err(|e| self.refuse(store_status(e)))?;
+        self.store
+            .flush()
+            .map_err(|e| self.refuse(store_status(e)))?;
+        self.publish_bundles();
+        info!(
+            site = %rec.site, trust_domain = %td, sequence = bundle.sequence,
+            authorities = bundle.x509_authorities.len(), "trust bundle updated"
+        );
+        Ok(Response::new(pb::UpdateBundleResponse {
+            sequence: bundle.sequence,
+        }))
+    }
+
     async fn leave(
         &self,
         req: Request<pb::LeaveRequest>,

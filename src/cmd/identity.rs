@@ -41,10 +41,11 @@ pub enum CaCmd {
 
 #[derive(Subcommand)]
 pub enum BundleCmd {
-    /// Prints the CA's trust bundle in SPIFFE JWKS form.
+    /// Prints the CA's trust bundle in SPIFFE JWKS form. Several `--ca` (one trust
+    /// domain) give one bundle with all their authorities: a root rotation's overlap.
     Export {
-        #[arg(long)]
-        ca: PathBuf,
+        #[arg(long, required = true)]
+        ca: Vec<PathBuf>,
         /// spiffe_sequence; raise it whenever the authorities change.
         #[arg(long, default_value_t = 1)]
         sequence: u64,
@@ -103,7 +104,25 @@ pub fn ca(cmd: CaCmd) -> Result<()> {
 pub fn bundle(cmd: BundleCmd) -> Result<()> {
     match cmd {
         BundleCmd::Export { ca, sequence } => {
-            println!("{}", Ca::load(&ca)?.bundle(sequence).to_jwks()?);
+            let mut bundle: Option<meshfed_identity::TrustBundle> = None;
+            for dir in &ca {
+                let b = Ca::load(dir)?.bundle(sequence);
+                bundle = Some(match bundle {
+                    None => b,
+                    Some(acc) if acc.trust_domain != b.trust_domain => anyhow::bail!(
+                        "--ca {}: trust domain {} is not {}: a bundle is one trust domain's",
+                        dir.display(),
+                        b.trust_domain,
+                        acc.trust_domain
+                    ),
+                    Some(acc) => meshfed_identity::TrustBundle {
+                        sequence,
+                        ..acc.union(&b)
+                    },
+                });
+            }
+            let bundle = bundle.expect("clap requires one --ca");
+            println!("{}", bundle.to_jwks()?);
         }
     }
     Ok(())

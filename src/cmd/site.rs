@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use meshfed_identity::Ca;
 
@@ -20,6 +20,22 @@ pub enum SiteCmd {
         #[arg(long)]
         gateway_address: Vec<String>,
         token: String,
+    },
+    /// Replaces this site's trust bundle at the federation (a root rotation: keep the old
+    /// and the new authorities until every SVID is reissued). Its spiffe_sequence must
+    /// rise; every site applies it without a restart.
+    UpdateBundle {
+        /// The site directory (federation.json, bundles/).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new bundle (SPIFFE JWKS, e.g. from `meshfed bundle`).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The gateway SVID to call as; default DIR/gateway.pem and DIR/gateway.key.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }
 
@@ -59,6 +75,20 @@ pub fn site(cmd: SiteCmd) -> Result<()> {
                 meshfed_catalog::site::bundle_files(&dir).len(),
                 dir.join("bundles").display()
             );
+        }
+        SiteCmd::UpdateBundle {
+            dir,
+            bundle,
+            cert,
+            key,
+        } => {
+            let jwks = std::fs::read_to_string(&bundle)
+                .with_context(|| format!("--bundle {}", bundle.display()))?;
+            let cert = cert.unwrap_or_else(|| dir.join("gateway.pem"));
+            let key = key.unwrap_or_else(|| dir.join("gateway.key"));
+            let seq = super::runtime()?
+                .block_on(meshfed_api::client::update_bundle(&dir, &cert, &key, jwks))?;
+            println!("trust bundle of this site updated at the federation (spiffe_sequence {seq})");
         }
     }
     Ok(())

@@ -406,3 +406,158 @@ async fn authorization_policies_decide_which_caller_reaches_an_export() {
     }
     fed.node.shutdown().await;
 }
+
+/// Opens a raw QUIC connection to `to` presenting `svid`, and one stream for
+/// `service:port`; `Ok` when the far side accepted.
+async fn open_as(
+    svid: &meshfed_identity::Svid,
+    to: SocketAddr,
+    expect: &meshfed_identity::SpiffeId,
+    trust: meshfed_identity::TrustBundle,
+    service: &str,
+    port: u16,
+) -> Result<(), String> {
+    use meshfed_gateway::wire::{self, Response};
+    use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier};
+    use std::sync::Arc;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bundles: BundleSet = [trust].into_iter().collect();
+    let v = SpiffeVerifier::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
+        PeerPolicy::Only([expect.clone()].into()),
+    );
+    let resolver =
+        Arc::new(meshfed_identity::tls::SvidResolver::new(svid).map_err(|e| e.to_string())?);
+    let cfg = meshfed_gateway::tunnel::client_config(resolver, v).map_err(|e| e.to_string())?;
+    let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
+    let conn = ep
+        .connect_with(cfg, to, "peer")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let open = wire::Open {
+        service: service.parse().unwrap(),
+        port,
+        source: svid.id.clone(),
+        flow: None,
+    };
+    send.write_all(&open.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    let header = meshfed_gateway::tunnel::read_header(&mut recv)
+        .await
+        .map_err(|e| format!("no answer: {e}"))?;
+    let r = wire::decode_response(&header).map_err(|e| e.to_string());
+    conn.close(0u32.into(), b"done");
+    match r? {
+        Response::Accept => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_reaches_every_site_without_a_restart() {
+    use meshfed_identity::{Ca, TrustBundle, ca::DEFAULT_CA_TTL, ca::DEFAULT_SVID_TTL};
+    let scratch = Scratch::new("inproc-rotation");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let east_addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    until_call(east_addr, true, "before the rotation").await;
+
+    // East's new root; an SVID from it is refused by west until west trusts that root.
+    let old_ca = Ca::load(&east.dir.join("ca")).unwrap();
+    let new_ca = Ca::generate(&east.trust_domain, DEFAULT_CA_TTL).unwrap();
+    let new_svid = new_ca.issue(&east.id, DEFAULT_SVID_TTL).unwrap();
+    let west_bundle = Ca::load(&west.dir.join("ca")).unwrap().bundle(1);
+    let west_quic = west_gw.gateway.quic_addr;
+    let before = open_as(
+        &new_svid,
+        west_quic,
+        &west.id,
+        west_bundle.clone(),
+        "orders.shop",
+        port,
+    )
+    .await;
+    assert!(
+        before.is_err(),
+        "west took an SVID of a root it does not know yet"
+    );
+
+    // The overlap bundle (old and new root), one sequence later, through the federation.
+    let overlap = TrustBundle {
+        sequence: 2,
+        ..old_ca.bundle(1).union(&new_ca.bundle(1))
+    };
+    let seq = meshfed_api::client::update_bundle(
+        &east.dir,
+        &east.cert,
+        &east.key,
+        overlap.to_jwks().unwrap(),
+    )
+    .await
+    .expect("the federation takes a newer bundle");
+    assert_eq!(seq, 2);
+    // The same sequence again is stale: a typed refusal.
+    let stale = meshfed_api::client::update_bundle(
+        &east.dir,
+        &east.cert,
+        &east.key,
+        overlap.to_jwks().unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            stale,
+            meshfed_api::client::ClientError::Refused {
+                refusal: Some(meshfed_api::Refusal::StaleBundle),
+                ..
+            }
+        ),
+        "{stale}"
+    );
+
+    // West, never restarted, takes the new root: a new-root SVID is accepted, and old
+    // connections keep working.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match open_as(
+            &new_svid,
+            west_quic,
+            &west.id,
+            west_bundle.clone(),
+            "orders.shop",
+            port,
+        )
+        .await
+        {
+            Ok(()) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "west never took the new root: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until_call(east_addr, true, "after the rotation").await;
+    let on_disk = std::fs::read(west.dir.join("bundles/east.example.org.json")).unwrap();
+    let on_disk = TrustBundle::from_jwks(east.trust_domain.clone(), &on_disk).unwrap();
+    assert_eq!((on_disk.sequence, on_disk.x509_authorities.len()), (2, 2));
+
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}

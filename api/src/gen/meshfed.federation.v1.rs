@@ -184,6 +184,19 @@ pub struct BundleSet {
     >,
 }
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateBundleRequest {
+    /// SPIFFE bundle (JWKS) of the calling site's trust domain.
+    #[prost(string, tag = "1")]
+    pub bundle_jwks: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateBundleResponse {
+    #[prost(uint64, tag = "1")]
+    pub sequence: u64,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LeaveRequest {}
 #[allow(clippy::all)]
@@ -442,6 +455,35 @@ pub mod federation_client {
                 .insert(GrpcMethod::new("meshfed.federation.v1.Federation", "Bundles"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Replaces the calling site's trust bundle (a root rotation: old and new authorities
+        /// during the overlap). Its `spiffe_sequence` must be above the stored one; every
+        /// site receives it on its Bundles stream.
+        pub async fn update_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UpdateBundleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UpdateBundleResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshfed.federation.v1.Federation/UpdateBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("meshfed.federation.v1.Federation", "UpdateBundle"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
         /// Removes the calling site and its exports.
         pub async fn leave(
             &mut self,
@@ -542,6 +584,16 @@ pub mod federation_server {
             &self,
             request: tonic::Request<super::BundlesRequest>,
         ) -> std::result::Result<tonic::Response<Self::BundlesStream>, tonic::Status>;
+        /// Replaces the calling site's trust bundle (a root rotation: old and new authorities
+        /// during the overlap). Its `spiffe_sequence` must be above the stored one; every
+        /// site receives it on its Bundles stream.
+        async fn update_bundle(
+            &self,
+            request: tonic::Request<super::UpdateBundleRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UpdateBundleResponse>,
+            tonic::Status,
+        >;
         /// Removes the calling site and its exports.
         async fn leave(
             &self,
@@ -850,6 +902,51 @@ pub mod federation_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshfed.federation.v1.Federation/UpdateBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateBundleSvc<T: Federation>(pub Arc<T>);
+                    impl<
+                        T: Federation,
+                    > tonic::server::UnaryService<super::UpdateBundleRequest>
+                    for UpdateBundleSvc<T> {
+                        type Response = super::UpdateBundleResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::UpdateBundleRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Federation>::update_bundle(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
