@@ -123,6 +123,19 @@ pub async fn create_token(
     Ok((r.token, r.expires_unix))
 }
 
+/// `meshfed federation site remove`: removes a site, its exports and (unless another
+/// site shares its trust domain) its bundle, as the federation's operator.
+pub async fn remove_site(dir: &Path, site: &str) -> Result<u64, ClientError> {
+    let mut c = operator_client(dir).await?;
+    Ok(c.remove_site(pb::RemoveSiteRequest {
+        site: site.to_owned(),
+    })
+    .await
+    .map_err(refused)?
+    .into_inner()
+    .revision)
+}
+
 /// `meshfed status`: the running node's view of every site.
 pub async fn status(dir: &Path) -> Result<pb::StatusResponse, ClientError> {
     let mut c = operator_client(dir).await?;

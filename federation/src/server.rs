@@ -259,6 +259,37 @@ impl FederationService {
             .map_err(|r| self.refuse(r))
     }
 
+    /// Deletes a site and its exports, and withdraws its trust domain's bundle when no
+    /// other site shares it: every site's Bundles stream then drops it, and gateways
+    /// close their connections from that trust domain.
+    async fn remove(&self, rec: &SiteRecord) -> Result<u64, Status> {
+        let rev = self
+            .store
+            .commit(vec![Change::DeleteSite {
+                site: rec.site.clone(),
+            }])
+            .await
+            .map_err(|e| self.refuse(store_status(e)))?;
+        let shared = self.store.with_catalog(|c| {
+            c.sites
+                .values()
+                .any(|s| s.trust_domain == rec.trust_domain && s.site != rec.site)
+        });
+        if shared {
+            warn!(site = %rec.site, trust_domain = %rec.trust_domain, "trust domain shared with other sites: its bundle stays");
+        } else {
+            self.store
+                .remove_bundle(rec.trust_domain.as_str())
+                .await
+                .map_err(|e| self.refuse(store_status(e)))?;
+        }
+        self.store
+            .flush()
+            .map_err(|e| self.refuse(store_status(e)))?;
+        self.publish_bundles();
+        Ok(rev.0)
+    }
+
     fn publish_bundles(&self) {
         let bundles = self.store.bundles();
         let mut set = meshfed_identity::BundleSet::new();
@@ -820,15 +851,27 @@ impl pb::federation_server::Federation for FederationService {
         req: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let rec = self.caller_site(&req)?;
-        let rev = self
-            .store
-            .commit(vec![Change::DeleteSite {
-                site: rec.site.clone(),
-            }])
-            .await
-            .map_err(|e| self.refuse(store_status(e)))?;
+        let rev = self.remove(&rec).await?;
         info!(site = %rec.site, "site left");
-        Ok(Response::new(pb::LeaveResponse { revision: rev.0 }))
+        Ok(Response::new(pb::LeaveResponse { revision: rev }))
+    }
+
+    async fn remove_site(
+        &self,
+        req: Request<pb::RemoveSiteRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        self.operator(&req)?;
+        let r = req.into_inner();
+        let site = SiteName::new(&r.site).map_err(|e| self.bad_request(format!("site: {e}")))?;
+        let rec = self.store.site(&site).ok_or_else(|| {
+            self.refuse(Refused::new(
+                Refusal::UnknownSite,
+                format!("site {site} is not in the federation"),
+            ))
+        })?;
+        let rev = self.remove(&rec).await?;
+        info!(%site, "site removed by the operator");
+        Ok(Response::new(pb::LeaveResponse { revision: rev }))
     }
 }
 

@@ -51,6 +51,13 @@ pub struct Agent {
     /// The live bundle set of the verifiers: federated bundles go in here at once, not
     /// only to disk for the reloader.
     pub bundle_store: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
+    /// Inbound connections, closed for a trust domain the federation withdraws.
+    pub ingress: Arc<crate::ingress::Ingress>,
+    /// Kicks the reloader, so that the bundle files are read again at once.
+    pub reload: Arc<tokio::sync::Notify>,
+    /// Trust domains never withdrawn by the federation: this site's own and those of
+    /// the config's static bundle files.
+    pub pinned: BTreeSet<TrustDomain>,
     /// Every plan the agent applies, for whoever answers for the site's imports (the
     /// binary's DNS server follows it).
     pub applied: tokio::sync::watch::Sender<Option<Arc<AppliedPlan>>>,
@@ -365,7 +372,7 @@ impl Agent {
             .await
             .ok_or(SessionError::StreamEnded("bundle"))?
             .map_err(rpc("bundles"))?;
-        self.write_bundles(first);
+        self.write_bundles(first, &m.federation_trust_domain);
         let from = (catalog.revision.0 > 0).then_some(catalog.revision.0);
         let mut watch = client
             .watch(pb::WatchRequest {
@@ -390,7 +397,7 @@ impl Agent {
                 }
                 b = bundles.next() => {
                     let b = b.ok_or(SessionError::StreamEnded("bundle"))?.map_err(rpc("bundles"))?;
-                    self.write_bundles(b);
+                    self.write_bundles(b, &m.federation_trust_domain);
                 }
                 changed = exports.changed() => {
                     if changed.is_ok() {
@@ -442,8 +449,9 @@ impl Agent {
     }
 
     /// Writes changed bundles into `bundles/`; the reloader swaps them in.
-    fn write_bundles(&self, set: pb::BundleSet) {
+    fn write_bundles(&self, set: pb::BundleSet, federation_td: &TrustDomain) {
         let dir = self.fed.dir.join("bundles");
+        let listed: BTreeSet<String> = set.bundles.keys().cloned().collect();
         for (td, jwks) in set.bundles {
             let Ok(t) = TrustDomain::new(&td) else {
                 warn!(%td, "bundle for an invalid trust domain ignored");
@@ -468,6 +476,32 @@ impl Agent {
                 Ok(()) => info!(%td, "federated bundle updated"),
                 Err(e) => warn!(%td, error = %e, "bundle not written"),
             }
+        }
+        // What the federation no longer lists was withdrawn (its site left or was
+        // removed): drop the bundle, so new handshakes fail, and close what is live.
+        let held: Vec<TrustDomain> = self.bundle_store.load().trust_domains().cloned().collect();
+        for td in held {
+            if listed.contains(td.as_str()) || self.pinned.contains(&td) || td == *federation_td {
+                continue;
+            }
+            let path = dir.join(format!("{td}.json"));
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(%td, error = %e, "withdrawn bundle file not removed");
+            }
+            self.bundle_store.rcu(|set| {
+                let mut set = (**set).clone();
+                set.remove(&td);
+                set
+            });
+            // A reload that read the files before the removal must not bring it back:
+            // read them again now. A connection that slips in meanwhile is closed at
+            // its next stream (the ingress checks the live bundles).
+            self.reload.notify_one();
+            let closed = self.ingress.close_trust_domain(td.as_str())
+                + self.peers.close_trust_domain(td.as_str());
+            warn!(%td, closed, "trust domain withdrawn by the federation: bundle dropped, its connections closed");
         }
     }
 }

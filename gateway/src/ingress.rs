@@ -50,7 +50,10 @@ pub struct Ingress {
     pub metrics: Metrics,
     next: AtomicUsize,
     /// Verified IDs of the peers connected to us now, with their connection counts.
-    inbound: std::sync::Mutex<BTreeMap<SpiffeId, usize>>,
+    inbound: std::sync::Mutex<BTreeMap<SpiffeId, BTreeMap<usize, Connection>>>,
+    /// The live trust bundles: a connection whose peer's trust domain left them (the
+    /// federation withdrew it) is closed at its next stream.
+    bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
     /// Registered AuthorizationPolicies (`registry.json`), swapped whole.
     pub policies: arc_swap::ArcSwap<Vec<AuthorizationPolicy>>,
     /// TLS origination clients, built on first use.
@@ -180,8 +183,10 @@ impl Ingress {
         udp_idle_timeout: Duration,
         flows: FlowLimits,
         metrics: Metrics,
+        bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
     ) -> Self {
         Self {
+            bundles,
             exports: arc_swap::ArcSwap::from_pointee(exports),
             connect_timeout,
             udp_idle_timeout,
@@ -199,7 +204,46 @@ impl Ingress {
         self.inbound_lock().keys().cloned().collect()
     }
 
-    fn inbound_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SpiffeId, usize>> {
+    /// Closes every inbound connection from a gateway of `td` (its bundle was withdrawn:
+    /// the handshake that admitted it would fail now). Returns how many.
+    pub fn close_trust_domain(&self, td: &str) -> usize {
+        let conns: Vec<Connection> = self
+            .inbound_lock()
+            .iter()
+            .filter(|(id, _)| id.trust_domain_str() == td)
+            .flat_map(|(_, c)| c.values().cloned())
+            .collect();
+        for c in &conns {
+            c.close(
+                VarInt::from_u32(app_code::TRUST_WITHDRAWN),
+                b"trust domain withdrawn from the federation",
+            );
+        }
+        conns.len()
+    }
+
+    /// Closes every inbound connection whose peer's trust domain the live bundles no
+    /// longer hold. Returns how many.
+    pub fn close_untrusted(&self) -> usize {
+        let bundles = self.bundles.load();
+        let conns: Vec<Connection> = self
+            .inbound_lock()
+            .iter()
+            .filter(|(id, _)| bundles.get_str(id.trust_domain_str()).is_none())
+            .flat_map(|(_, c)| c.values().cloned())
+            .collect();
+        for c in &conns {
+            c.close(
+                VarInt::from_u32(app_code::TRUST_WITHDRAWN),
+                b"trust domain withdrawn from the federation",
+            );
+        }
+        conns.len()
+    }
+
+    fn inbound_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<SpiffeId, BTreeMap<usize, Connection>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.inbound.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -292,7 +336,10 @@ impl Ingress {
                 side: "accepted",
             },
         ));
-        *self.inbound_lock().entry(peer.clone()).or_default() += 1;
+        self.inbound_lock()
+            .entry(peer.clone())
+            .or_default()
+            .insert(conn.stable_id(), conn.clone());
         let udp = IngressFlows::new(conn.clone(), &self.metrics, self.flows.clone());
         loop {
             let (send, recv) = match conn.accept_bi().await {
@@ -300,15 +347,28 @@ impl Ingress {
                 Err(e) => {
                     info!(%peer, reason = %e, "peer gateway connection closed");
                     let mut m = self.inbound_lock();
-                    if let Some(n) = m.get_mut(&peer) {
-                        *n -= 1;
-                        if *n == 0 {
+                    if let Some(c) = m.get_mut(&peer) {
+                        c.remove(&conn.stable_id());
+                        if c.is_empty() {
                             m.remove(&peer);
                         }
                     }
                     return;
                 }
             };
+            if self
+                .bundles
+                .load()
+                .get_str(peer.trust_domain_str())
+                .is_none()
+            {
+                warn!(%peer, "peer's trust domain is no longer trusted: closing its connection");
+                conn.close(
+                    VarInt::from_u32(app_code::TRUST_WITHDRAWN),
+                    b"trust domain withdrawn from the federation",
+                );
+                continue;
+            }
             let this = self.clone();
             let peer = peer.clone();
             if drain.is_draining() {

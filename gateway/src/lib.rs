@@ -183,6 +183,8 @@ struct Shared {
     metrics: metrics::Metrics,
     bundle_store: Arc<ArcSwap<meshfed_identity::BundleSet>>,
     applied: tokio::sync::watch::Sender<Option<Arc<federated::AppliedPlan>>>,
+    /// Kicks the reloader (a withdrawn bundle: reload the files at once).
+    reload: Arc<tokio::sync::Notify>,
 }
 
 /// With a federation: the follower of the site directory's registered and Kubernetes
@@ -207,7 +209,7 @@ fn start_federation(
     let follower = registry::Follower {
         dir: fed.dir.clone(),
         config_exports: cfg.exports.clone(),
-        ingress: sh.ingress,
+        ingress: sh.ingress.clone(),
         published,
     };
     tokio::spawn(follower.run(stop.clone()));
@@ -225,6 +227,15 @@ fn start_federation(
         metrics: sh.metrics,
         bundle_store: sh.bundle_store,
         applied: sh.applied,
+        ingress: sh.ingress,
+        reload: sh.reload,
+        pinned: cfg
+            .bundles
+            .iter()
+            .filter_map(|f| meshfed_identity::BundleSet::read_bundle_file(f, None).ok())
+            .map(|b| b.trust_domain)
+            .chain([cfg.trust_domain.clone()])
+            .collect(),
     };
     tokio::spawn(agent.run(stop));
 }
@@ -438,10 +449,12 @@ pub async fn start_with(
         cfg.udp_idle_timeout,
         flow_limits,
         metrics.clone(),
+        bundle_store.clone(),
     ));
     tokio::spawn(ingress.clone().serve(endpoint.clone(), streams_w.clone()));
 
     let (applied, _) = tokio::sync::watch::channel(None);
+    let reload_kick = Arc::new(tokio::sync::Notify::new());
     if let Some(fed) = &cfg.federation {
         start_federation(
             &cfg,
@@ -454,12 +467,12 @@ pub async fn start_with(
                 metrics: metrics.clone(),
                 bundle_store: bundle_store.clone(),
                 applied: applied.clone(),
+                reload: reload_kick.clone(),
             },
             dial_stop.clone(),
         );
     }
 
-    let reload_kick = Arc::new(tokio::sync::Notify::new());
     let reloader = reload::Reloader {
         cert: cfg.cert.clone(),
         key: cfg.key.clone(),
@@ -472,6 +485,18 @@ pub async fn start_with(
         metrics: metrics.clone(),
         interval: cfg.reload_interval,
         kick: reload_kick.clone(),
+        on_bundles: {
+            let ingress = ingress.clone();
+            Arc::new(move || {
+                let n = ingress.close_untrusted();
+                if n > 0 {
+                    warn!(
+                        closed = n,
+                        "connections from trust domains no longer trusted closed"
+                    );
+                }
+            })
+        },
     };
     tokio::spawn(reloader.run(dial_stop.clone()));
 

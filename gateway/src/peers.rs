@@ -138,6 +138,23 @@ impl Peers {
             .collect()
     }
 
+    /// Closes the live connections to gateways of `td` (its bundle was withdrawn).
+    pub fn close_trust_domain(&self, td: &str) -> usize {
+        let conns: Vec<Connection> = self
+            .lock()
+            .values()
+            .filter(|e| e.handle.spiffe_id.trust_domain_str() == td)
+            .filter_map(|e| e.handle.conn.borrow().clone())
+            .collect();
+        for c in &conns {
+            c.close(
+                quinn::VarInt::from_u32(crate::wire::app_code::TRUST_WITHDRAWN),
+                b"trust domain withdrawn from the federation",
+            );
+        }
+        conns.len()
+    }
+
     pub fn get(&self, site: &SiteName) -> Option<PeerHandle> {
         self.lock().get(site).map(|e| e.handle.clone())
     }

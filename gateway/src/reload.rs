@@ -37,6 +37,9 @@ pub struct Reloader {
     pub interval: Duration,
     /// Look now instead of at the next tick (SIGHUP).
     pub kick: Arc<tokio::sync::Notify>,
+    /// Called after each new bundle set is in place (the ingress closes connections
+    /// from trust domains it no longer holds).
+    pub on_bundles: Arc<dyn Fn() + Send + Sync>,
 }
 
 /// What identifies a file version: mtime (ns), size, inode. `None` when unreadable.
@@ -132,6 +135,7 @@ impl Reloader {
         let set = load_bundles(&self.bundle_files(), &self.own_td)?;
         let tds: Vec<String> = set.trust_domains().map(|t| t.to_string()).collect();
         self.bundle_store.store(Arc::new(set));
+        (self.on_bundles)();
         self.metrics.reloaded("bundles", true);
         info!(trust_domains = ?tds, "trust bundles reloaded");
         Ok(())

@@ -54,6 +54,8 @@ pub mod app_code {
     pub const FLOW_IDLE: u32 = 0x4;
     /// A UDP flow's endpoint became unreachable (ICMP) or its socket failed (stream reset).
     pub const FLOW_ENDPOINT_ERROR: u32 = 0x5;
+    /// The peer's trust domain left the federation or was removed (connection close).
+    pub const TRUST_WITHDRAWN: u32 = 0x12;
 }
 
 /// Why an ingress refused a stream. The numeric code is stable on the wire; the label is

@@ -264,6 +264,11 @@ impl BundleSet {
             .map(|(_, v)| v)
     }
 
+    /// Drops a trust domain's bundle; its peers are refused from then on.
+    pub fn remove(&mut self, td: &TrustDomain) -> Option<TrustBundle> {
+        self.bundles.remove(td)
+    }
+
     pub fn trust_domains(&self) -> impl Iterator<Item = &TrustDomain> {
         self.bundles.keys()
     }

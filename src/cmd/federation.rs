@@ -66,6 +66,21 @@ pub enum FederationCmd {
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Sites of the federation.
+    #[command(subcommand)]
+    Site(FedSiteCmd),
+}
+
+#[derive(Subcommand)]
+pub enum FedSiteCmd {
+    /// Removes a site: its exports leave the catalog, and its trust domain's bundle (if
+    /// no other site shares it) leaves every site, which closes its connections.
+    Remove {
+        /// The federation directory (the operator's SVID).
+        #[arg(long)]
+        dir: PathBuf,
+        site: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -146,6 +161,12 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
                 node.shutdown().await;
                 anyhow::Ok(())
             })?;
+        }
+        FederationCmd::Site(FedSiteCmd::Remove { dir, site }) => {
+            let rev = super::runtime()?.block_on(meshfed_api::client::remove_site(&dir, &site))?;
+            println!(
+                "site {site} removed at revision {rev}; its bundle is withdrawn from every site"
+            );
         }
         FederationCmd::Token(TokenCmd::Create {
             dir,

@@ -561,3 +561,120 @@ async fn a_root_rotation_reaches_every_site_without_a_restart() {
     }
     fed.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_site_is_distrusted_everywhere_and_its_connections_close() {
+    use meshfed_identity::{Ca, Svid};
+    let scratch = Scratch::new("inproc-remove");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let east_addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    until_call(east_addr, true, "before the removal").await;
+    let east_svid = Svid::load(&east.cert, &east.key).unwrap();
+    let west_bundle = Ca::load(&west.dir.join("ca")).unwrap().bundle(1);
+    let west_quic = west_gw.gateway.quic_addr;
+    open_as(
+        &east_svid,
+        west_quic,
+        &west.id,
+        west_bundle.clone(),
+        "orders.shop",
+        port,
+    )
+    .await
+    .expect("east is trusted before its removal");
+    assert!(west.dir.join("bundles/east.example.org.json").exists());
+
+    // An operator removes east; a site cannot remove another.
+    let not_operator = {
+        let mut c = fed.client_as(&west).await;
+        c.remove_site(meshfed_api::pb::RemoveSiteRequest {
+            site: "east".into(),
+        })
+        .await
+        .unwrap_err()
+    };
+    assert_eq!(
+        meshfed_api::Refusal::of_status(&not_operator),
+        Some(meshfed_api::Refusal::NotOperator)
+    );
+    let started = Instant::now();
+    meshfed_api::client::remove_site(&fed.dir, "east")
+        .await
+        .unwrap();
+
+    // West drops east's bundle and closes east's connection: a new handshake with
+    // east's SVID is refused, and east's clients are refused.
+    let deadline = started + Duration::from_secs(10);
+    while open_as(
+        &east_svid,
+        west_quic,
+        &west.id,
+        west_bundle.clone(),
+        "orders.shop",
+        port,
+    )
+    .await
+    .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "west still trusts east 10 s after its removal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let distrusted = started.elapsed();
+    until_call(east_addr, false, "east after its removal").await;
+    let cut_off = started.elapsed();
+    assert!(!west.dir.join("bundles/east.example.org.json").exists());
+    // No connection from east is left open at west (one that slipped in while the
+    // bundle was withdrawn is closed when the reloaded set lands).
+    let from_east = || {
+        west_gw
+            .gateway
+            .connected_peers()
+            .1
+            .iter()
+            .any(|id| id.trust_domain_str() == "east.example.org")
+    };
+    while from_east() {
+        assert!(
+            Instant::now() < deadline,
+            "a connection from east stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "removed site: new handshakes refused after {} ms, its clients refused after {} ms",
+        distrusted.as_millis(),
+        cut_off.as_millis()
+    );
+    let unknown = meshfed_api::client::remove_site(&fed.dir, "east")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            unknown,
+            meshfed_api::client::ClientError::Refused {
+                refusal: Some(meshfed_api::Refusal::UnknownSite),
+                ..
+            }
+        ),
+        "{unknown}"
+    );
+
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}

@@ -200,6 +200,12 @@ pub struct UpdateBundleResponse {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LeaveRequest {}
 #[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveSiteRequest {
+    #[prost(string, tag = "1")]
+    pub site: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LeaveResponse {
     #[prost(uint64, tag = "1")]
@@ -484,7 +490,8 @@ pub mod federation_client {
                 );
             self.inner.unary(req, path, codec).await
         }
-        /// Removes the calling site and its exports.
+        /// Removes the calling site and its exports; its trust domain's bundle is withdrawn
+        /// when no other site shares it.
         pub async fn leave(
             &mut self,
             request: impl tonic::IntoRequest<super::LeaveRequest>,
@@ -504,6 +511,30 @@ pub mod federation_client {
             let mut req = request.into_request();
             req.extensions_mut()
                 .insert(GrpcMethod::new("meshfed.federation.v1.Federation", "Leave"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Removes a site, its exports and (unshared) its bundle (federation operators only).
+        pub async fn remove_site(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RemoveSiteRequest>,
+        ) -> std::result::Result<tonic::Response<super::LeaveResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshfed.federation.v1.Federation/RemoveSite",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("meshfed.federation.v1.Federation", "RemoveSite"),
+                );
             self.inner.unary(req, path, codec).await
         }
         /// Sites, liveness, exports, imports and what each site has seen (operators only).
@@ -594,10 +625,16 @@ pub mod federation_server {
             tonic::Response<super::UpdateBundleResponse>,
             tonic::Status,
         >;
-        /// Removes the calling site and its exports.
+        /// Removes the calling site and its exports; its trust domain's bundle is withdrawn
+        /// when no other site shares it.
         async fn leave(
             &self,
             request: tonic::Request<super::LeaveRequest>,
+        ) -> std::result::Result<tonic::Response<super::LeaveResponse>, tonic::Status>;
+        /// Removes a site, its exports and (unshared) its bundle (federation operators only).
+        async fn remove_site(
+            &self,
+            request: tonic::Request<super::RemoveSiteRequest>,
         ) -> std::result::Result<tonic::Response<super::LeaveResponse>, tonic::Status>;
         /// Sites, liveness, exports, imports and what each site has seen (operators only).
         async fn status(
@@ -979,6 +1016,51 @@ pub mod federation_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = LeaveSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshfed.federation.v1.Federation/RemoveSite" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveSiteSvc<T: Federation>(pub Arc<T>);
+                    impl<
+                        T: Federation,
+                    > tonic::server::UnaryService<super::RemoveSiteRequest>
+                    for RemoveSiteSvc<T> {
+                        type Response = super::LeaveResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RemoveSiteRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Federation>::remove_site(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveSiteSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

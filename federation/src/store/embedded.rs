@@ -256,6 +256,13 @@ impl EmbeddedStore {
         self.dirty.notify_one();
     }
 
+    pub fn remove_bundle(&self, trust_domain: &str) {
+        if self.lock().state.bundles.remove(trust_domain).is_some() {
+            self.bundles_changed.send_modify(|v| *v += 1);
+        }
+        self.dirty.notify_one();
+    }
+
     pub fn subscribe_bundles(&self) -> watch::Receiver<u64> {
         self.bundles_changed.subscribe()
     }

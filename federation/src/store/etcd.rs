@@ -473,6 +473,20 @@ impl EtcdStore {
             .await
     }
 
+    pub async fn remove_bundle(&self, trust_domain: &str) -> Result<(), StoreError> {
+        if !self.lock().bundles.contains_key(trust_domain) {
+            return Ok(());
+        }
+        let resp = self
+            .client
+            .clone()
+            .delete(self.layout.bundle(trust_domain), None)
+            .await
+            .map_err(etcd_err("delete"))?;
+        self.wait_for(resp.header().map_or(0, |h| h.revision()))
+            .await
+    }
+
     /// Keeps `site` up while the returned token is not cancelled: an `alive` key on an
     /// etcd lease of `ttl`, renewed at a third of it. Once cancelled (the last Watch
     /// stream closed, or this replica died) the lease runs out and etcd deletes the key.

@@ -154,6 +154,17 @@ impl Store {
         }
     }
 
+    /// Withdraws a trust domain's bundle (its last site left or was removed).
+    pub async fn remove_bundle(&self, trust_domain: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => {
+                s.remove_bundle(trust_domain);
+                Ok(())
+            }
+            Store::Etcd(s) => s.remove_bundle(trust_domain).await,
+        }
+    }
+
     /// Makes everything committed so far durable (a no-op on etcd, where it already is).
     pub fn flush(&self) -> Result<(), StoreError> {
         match self {
