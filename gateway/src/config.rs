@@ -70,6 +70,16 @@ struct RawTls {
     key: PathBuf,
     #[serde(default)]
     bundles: Vec<PathBuf>,
+    #[serde(default)]
+    renew: Option<RawRenew>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRenew {
+    ca: PathBuf,
+    #[serde(default)]
+    ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +169,8 @@ pub struct GatewayConfig {
     pub trust_domain: TrustDomain,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `tls.renew`: the gateway renews its own SVID from a site signing authority.
+    pub renew: Option<Renew>,
     pub bundles: Vec<PathBuf>,
     pub listen: SocketAddr,
     /// The caller identity the egress listeners vouch for, declared: every client that
@@ -184,6 +196,19 @@ pub struct GatewayConfig {
     /// Serve federated DNS from this gateway (needs `federation`).
     pub dns: Option<Dns>,
 }
+
+/// `tls.renew`: a site signing authority on disk (an intermediate CA directory, `ca.pem`
+/// with its chain and `ca.key`; the root stays offline) and the lifetime of the SVIDs it
+/// issues. The gateway renews at half that lifetime, writes `tls.cert`/`tls.key` and
+/// loads them at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Renew {
+    pub ca: PathBuf,
+    pub ttl: Duration,
+}
+
+/// Default `tls.renew.ttl`.
+pub const DEFAULT_RENEW_TTL: Duration = Duration::from_secs(3600);
 
 /// The `dns` section: federated DNS inside the gateway.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -371,6 +396,19 @@ impl RawConfig {
             .as_deref()
             .map(|s| source_identity(v, "source_identity", s, &trust_domain))
             .transpose()?;
+        let renew = match self.tls.renew {
+            None => None,
+            Some(r) => {
+                let ttl = v.duration("tls.renew.ttl", r.ttl.as_deref(), DEFAULT_RENEW_TTL)?;
+                if ttl < Duration::from_secs(2) {
+                    return Err(v.err("tls.renew.ttl", "must be at least 2s"));
+                }
+                Some(Renew {
+                    ca: rel(base, r.ca),
+                    ttl,
+                })
+            }
+        };
         let federation = federation(v, base, self.federation)?;
         let dns = dns(v, self.dns, federation.as_ref())?;
         let listen = v.addr("listen", &self.listen)?;
@@ -409,6 +447,7 @@ impl RawConfig {
         Ok(GatewayConfig {
             site,
             trust_domain,
+            renew,
             cert: rel(base, self.tls.cert),
             key: rel(base, self.tls.key),
             bundles: self.tls.bundles.into_iter().map(|b| rel(base, b)).collect(),

@@ -26,6 +26,7 @@ pub mod peers;
 pub mod preflight;
 pub mod registry;
 pub mod reload;
+pub mod renew;
 pub mod splice;
 pub mod tunnel;
 pub mod udp;
@@ -499,6 +500,18 @@ pub async fn start_with(
         },
     };
     tokio::spawn(reloader.run(dial_stop.clone()));
+    if let Some(r) = &cfg.renew {
+        let renewer = renew::Renewer {
+            ca: r.ca.clone(),
+            ttl: r.ttl,
+            id: svid.id.clone(),
+            cert: cfg.cert.clone(),
+            key: cfg.key.clone(),
+            metrics: metrics.clone(),
+            reload: reload_kick.clone(),
+        };
+        tokio::spawn(renewer.run(dial_stop.clone()));
+    }
 
     let ready = Arc::new(AtomicBool::new(false));
     let admin_stop = CancellationToken::new();

@@ -113,6 +113,11 @@ pub async fn watch_path(m: QuicPath, conn: quinn::Connection, labels: QuicLabels
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub policy: String,
 }
@@ -131,6 +136,8 @@ pub struct Metrics {
     pub quic_retries: Counter,
     /// SVIDs found on disk and refused (kept the working one), by the verifier's code.
     pub svid_refusals: Family<ReasonLabels, Counter>,
+    /// SVIDs the gateway renewed itself (`tls.renew`), by result (`ok`, `failed`).
+    pub svid_renewals: Family<ResultLabels, Counter>,
     /// Sites skipped for an import because they refused or were unreachable.
     pub failovers: Family<ReasonLabels, Counter>,
     /// Opens an AuthorizationPolicy denied, by policy (`namespace/name`, or
@@ -203,6 +210,11 @@ impl Metrics {
             "quic_retries",
             "QUIC Retry packets sent: address validation demanded while many handshakes were in flight",
             self.quic_retries.clone(),
+        );
+        r.register(
+            "svid_renewals",
+            "SVIDs renewed from the site signing authority (tls.renew), by result",
+            self.svid_renewals.clone(),
         );
         r.register(
             "svid_refusals",
@@ -335,6 +347,13 @@ impl Metrics {
         let gauge = self.udp_active_flows.get_or_create(&labels).clone();
         gauge.inc();
         ActiveStream(gauge)
+    }
+
+    pub fn svid_renewed(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.svid_renewals
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     pub fn denied(&self, policy: &str) {

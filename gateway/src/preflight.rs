@@ -56,6 +56,30 @@ pub fn run(cfg: &GatewayConfig) -> Vec<Check> {
             (_, Err(e)) => Err(format!("site {}: {e}", cfg.site)),
         },
     );
+    if let Some(r) = &cfg.renew {
+        push(
+            "renew",
+            match meshfed_identity::Ca::load(&r.ca) {
+                Err(e) => Err(format!("tls.renew.ca: {e}")),
+                Ok(ca) if ca.trust_domain() != &cfg.trust_domain => Err(format!(
+                    "tls.renew.ca {}: trust domain {} is not this site's {}",
+                    r.ca.display(),
+                    ca.trust_domain(),
+                    cfg.trust_domain
+                )),
+                Ok(ca) => Ok(format!(
+                    "{} signs SVIDs of {:?}{}",
+                    r.ca.display(),
+                    r.ttl,
+                    if ca.is_intermediate() {
+                        ""
+                    } else {
+                        " (a root: keep the root offline and give an intermediate)"
+                    }
+                )),
+            },
+        );
+    }
     let bundle_dir = cfg.federation.as_ref().map(|f| f.dir.join("bundles"));
     let files = reload::bundle_files(&cfg.bundles, bundle_dir.as_deref());
     let bundles = reload::load_bundles(&files, &cfg.trust_domain);

@@ -62,6 +62,9 @@ pub struct Ca {
     cert: CertificateDer<'static>,
     cert_pem: String,
     key: KeyPair,
+    /// What an SVID it issues carries after its leaf: nothing for a root; for an
+    /// intermediate, its own certificate and those between it and the root.
+    issuer_chain: Vec<CertificateDer<'static>>,
 }
 
 /// An X.509-SVID with its private key.
@@ -98,7 +101,53 @@ impl Ca {
             cert_pem: cert.pem(),
             cert: cert.der().clone(),
             key,
+            issuer_chain: vec![],
         })
+    }
+
+    /// Issues an intermediate CA of this trust domain, for a site signing authority that
+    /// keeps the root offline: SVIDs it issues chain to this CA's bundle. `ca.pem` of the
+    /// intermediate holds its certificate and then its parents' (not the root).
+    pub fn intermediate(&self, ttl: Duration) -> Result<Ca, CaError> {
+        if ttl.is_zero() {
+            return Err(CaError::ZeroTtl);
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "meshfed");
+        dn.push(
+            DnType::CommonName,
+            format!("meshfed intermediate {}", self.td),
+        );
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(self.td.id().as_str().try_into()?)];
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, ttl);
+        params.serial_number = Some(random_serial());
+        let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        let der = cert.der().clone();
+        let mut issuer_chain = vec![der.clone()];
+        issuer_chain.extend(self.issuer_chain.iter().cloned());
+        let cert_pem = issuer_chain
+            .iter()
+            .map(|c| der_to_pem("CERTIFICATE", c))
+            .collect();
+        Ok(Ca {
+            td: self.td.clone(),
+            cert: der,
+            cert_pem,
+            key,
+            issuer_chain,
+        })
+    }
+
+    /// Whether this CA is an intermediate (its SVIDs carry a chain).
+    pub fn is_intermediate(&self) -> bool {
+        !self.issuer_chain.is_empty()
     }
 
     /// Loads `ca.pem` and `ca.key` from `dir`.
@@ -106,12 +155,27 @@ impl Ca {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         let cert_pem = read_string(&cert_path)?;
-        let cert =
-            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Pem {
-                path: cert_path.clone(),
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| CaError::Pem {
+                    path: cert_path.clone(),
+                    what: "certificate",
+                    detail: e.to_string(),
+                })?;
+        let Some(cert) = certs.first().cloned() else {
+            return Err(CaError::Pem {
+                path: cert_path,
                 what: "certificate",
-                detail: e.to_string(),
-            })?;
+                detail: "no certificate in the file".into(),
+            });
+        };
+        // A root is self-signed and travels in bundles, not in chains.
+        let issuer_chain = if crate::verify::is_self_signed(&cert) {
+            vec![]
+        } else {
+            certs
+        };
         let td = check_ca_cert(&cert).map_err(|reason| CaError::NotACa {
             path: cert_path.clone(),
             reason,
@@ -127,6 +191,7 @@ impl Ca {
             cert,
             cert_pem,
             key,
+            issuer_chain,
         })
     }
 
@@ -182,9 +247,11 @@ impl Ca {
         ];
         set_validity(&mut params, ttl);
         let (cert, key) = self.sign(params)?;
+        let mut chain = vec![cert];
+        chain.extend(self.issuer_chain.iter().cloned());
         Ok(Svid {
             id: id.clone(),
-            chain: vec![cert],
+            chain,
             key,
         })
     }
@@ -263,6 +330,12 @@ impl Svid {
         let leaf = self.chain.first()?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
         Some(cert.validity().not_after.timestamp())
+    }
+
+    pub fn not_before_unix(&self) -> Option<i64> {
+        let leaf = self.chain.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        Some(cert.validity().not_before.timestamp())
     }
 
     pub fn cert_pem(&self) -> String {

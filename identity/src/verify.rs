@@ -181,6 +181,11 @@ fn uri_san_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, VerifyError> {
     SpiffeId::new(uris[0]).map_err(VerifyError::BadSpiffeId)
 }
 
+/// Whether a certificate names itself as its issuer (a root).
+pub fn is_self_signed(der: &[u8]) -> bool {
+    X509Certificate::from_der(der).is_ok_and(|(_, c)| c.subject() == c.issuer())
+}
+
 /// Why a certificate is not a trust domain's CA.
 #[derive(Debug, thiserror::Error)]
 pub enum CaCertError {
@@ -480,6 +485,45 @@ mod tests {
             Usage::Client,
             &f.algs,
         )
+    }
+
+    #[test]
+    fn an_intermediate_signs_svids_that_chain_to_the_root_bundle() {
+        let f = fixture();
+        let wanted = id("spiffe://west.example.org/meshfed/site/west/gateway");
+        let inter = f.west.intermediate(DEFAULT_CA_TTL).unwrap();
+        assert!(inter.is_intermediate() && !f.west.is_intermediate());
+        let svid = inter.issue(&wanted, Duration::from_secs(3600)).unwrap();
+        assert_eq!(svid.chain.len(), 2, "leaf, then the intermediate");
+        for usage in [Usage::Client, Usage::Server] {
+            let got = verify_svid(
+                &f.bundles,
+                &svid.chain[0],
+                &svid.chain[1..],
+                UnixTime::now(),
+                usage,
+                &f.algs,
+            );
+            assert_eq!(got.unwrap(), wanted);
+        }
+        // Without the intermediate, the leaf does not chain to the root.
+        assert!(verify(&f, &svid.chain[0]).is_err());
+        // On disk: the intermediate's directory keeps its chain; a root's keeps none.
+        let dir = std::env::temp_dir().join(format!("meshfed-inter-{}", std::process::id()));
+        inter.save(&dir.join("inter")).unwrap();
+        f.west.save(&dir.join("root")).unwrap();
+        let loaded = Ca::load(&dir.join("inter")).unwrap();
+        assert!(loaded.is_intermediate());
+        assert_eq!(
+            loaded
+                .issue(&wanted, Duration::from_secs(60))
+                .unwrap()
+                .chain
+                .len(),
+            2
+        );
+        assert!(!Ca::load(&dir.join("root")).unwrap().is_intermediate());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

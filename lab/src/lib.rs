@@ -95,6 +95,8 @@ pub struct ConfigBuilder {
     pub udp_idle_timeout: Option<Duration>,
     /// `source_identity`: the caller the egress listeners vouch for.
     pub source_identity: Option<String>,
+    /// `tls.renew`: (signing authority directory, SVID lifetime).
+    pub renew: Option<(PathBuf, Duration)>,
 }
 
 impl ConfigBuilder {
@@ -167,6 +169,14 @@ impl ConfigBuilder {
         let _ = writeln!(y, "    - {}", me.bundle.display());
         for b in &self.bundles {
             let _ = writeln!(y, "    - {}", b.display());
+        }
+        if let Some((ca, ttl)) = &self.renew {
+            let _ = writeln!(
+                y,
+                "  renew:\n    ca: {}\n    ttl: {}",
+                ca.display(),
+                humantime::format_duration(*ttl)
+            );
         }
         if let Some((dir, ip)) = &self.federation {
             let _ = writeln!(

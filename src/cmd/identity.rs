@@ -21,6 +21,17 @@ pub enum CaCmd {
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Creates an intermediate CA signed by a root, for a gateway's `tls.renew` (the root
+    /// then stays offline): OUT/ca.pem (its chain) and OUT/ca.key.
+    Intermediate {
+        /// The root's directory.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
     /// Issues an X.509-SVID (one URI SAN, not a CA, digitalSignature, server+client auth).
     Issue {
         /// Directory holding ca.pem and ca.key.
@@ -69,6 +80,17 @@ pub enum SvidCmd {
 
 pub fn ca(cmd: CaCmd) -> Result<()> {
     match cmd {
+        CaCmd::Intermediate { ca, out, ttl } => {
+            let root = Ca::load(&ca)?;
+            let inter = root.intermediate(ttl)?;
+            inter.save(&out)?;
+            println!(
+                "created an intermediate CA of {} in {} (ttl {})",
+                inter.trust_domain(),
+                out.display(),
+                humantime::format_duration(ttl)
+            );
+        }
         CaCmd::Init {
             trust_domain,
             out,

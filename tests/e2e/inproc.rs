@@ -678,3 +678,83 @@ async fn a_removed_site_is_distrusted_everywhere_and_its_connections_close() {
     }
     fed.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_renews_its_svid_from_an_intermediate_with_calls_flowing() {
+    use meshfed_identity::{Ca, Svid, ca::DEFAULT_CA_TTL};
+    let scratch = Scratch::new("inproc-renew");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    // East's signing authority: an intermediate of its root, on disk; SVIDs live 4 s.
+    let authority = east.dir.join("intermediate");
+    Ca::load(&east.dir.join("ca"))
+        .unwrap()
+        .intermediate(DEFAULT_CA_TTL)
+        .unwrap()
+        .save(&authority)
+        .unwrap();
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(
+        &east,
+        2,
+        ConfigBuilder {
+            renew: Some((authority, Duration::from_secs(4))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let east_addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    until_call(east_addr, true, "before renewals").await;
+
+    // Calls at about 40 per second for 11 s: the SVID is renewed about every 2 s.
+    let (mut ok, mut failed) = (0u32, 0u32);
+    let end = Instant::now() + Duration::from_secs(11);
+    while Instant::now() < end {
+        match echo_through(east_addr).await {
+            Ok(b) if b == b"ping" => ok += 1,
+            _ => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    let renewed = counter(&m, "meshfed_gateway_svid_renewals_total{result=\"ok\"}");
+    let reloaded = counter(
+        &m,
+        "meshfed_gateway_identity_reloads_total{what=\"svid\",result=\"ok\"}",
+    );
+    eprintln!("SVID renewals: {renewed}, loaded: {reloaded}; calls ok {ok}, failed {failed}");
+    assert_eq!(failed, 0, "{ok} calls went through, {failed} failed");
+    assert!(renewed >= 4.0 && reloaded >= 4.0, "{m}");
+    // The SVID on disk is the renewer's: leaf and intermediate, short-lived, and west
+    // takes it in a new handshake.
+    let svid = Svid::load(&east.cert, &east.key).unwrap();
+    assert_eq!(svid.chain.len(), 2);
+    let life = svid.not_after_unix().unwrap() - svid.not_before_unix().unwrap();
+    assert!(life <= 4 + 60, "lifetime {life} s");
+    let west_bundle = Ca::load(&west.dir.join("ca")).unwrap().bundle(1);
+    open_as(
+        &svid,
+        west_gw.gateway.quic_addr,
+        &west.id,
+        west_bundle,
+        "orders.shop",
+        port,
+    )
+    .await
+    .expect("a renewed SVID is accepted");
+
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
