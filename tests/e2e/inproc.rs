@@ -758,3 +758,160 @@ async fn a_gateway_renews_its_svid_from_an_intermediate_with_calls_flowing() {
     }
     fed.node.shutdown().await;
 }
+
+/// Calls `addr` at `rate` per second from spawned tasks until `stop`; (ok, failed).
+async fn load(
+    addr: SocketAddr,
+    rate: u32,
+    stop: tokio_util::sync::CancellationToken,
+) -> (u32, u32) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let tasks = tokio_util::task::TaskTracker::new();
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+        }
+        let (ok, failed) = (ok.clone(), failed.clone());
+        tasks.spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(5), echo_through(addr)).await;
+            match r {
+                Ok(Ok(b)) if b == b"ping" => ok.fetch_add(1, Ordering::Relaxed),
+                _ => failed.fetch_add(1, Ordering::Relaxed),
+            };
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+/// Issue 15's load test, at a short TTL: while 200 calls per second cross sites, east's
+/// SVID renews itself every second and east rotates its root with an overlap (new root
+/// published beside the old, signing authority switched, old root withdrawn): no call
+/// fails, and new handshakes use the new root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_and_a_root_rotation_under_load_fail_no_call() {
+    use meshfed_identity::{Ca, Svid, TrustBundle, ca::DEFAULT_CA_TTL};
+    let scratch = Scratch::new("inproc-churn");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let old_root = Ca::load(&east.dir.join("ca")).unwrap();
+    let authority = east.dir.join("intermediate");
+    old_root
+        .intermediate(DEFAULT_CA_TTL)
+        .unwrap()
+        .save(&authority)
+        .unwrap();
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(
+        &east,
+        2,
+        ConfigBuilder {
+            renew: Some((authority.clone(), Duration::from_secs(2))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let east_addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    until_call(east_addr, true, "before the load").await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(load(east_addr, 200, stop.clone()));
+    let update = |b: TrustBundle| {
+        let east = east.clone();
+        async move {
+            meshfed_api::client::update_bundle(
+                &east.dir,
+                &east.cert,
+                &east.key,
+                b.to_jwks().unwrap(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // 1. The overlap: old and new root, published through the federation.
+    let new_root = Ca::generate(&east.trust_domain, DEFAULT_CA_TTL).unwrap();
+    update(TrustBundle {
+        sequence: 2,
+        ..old_root.bundle(1).union(&new_root.bundle(1))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 2. The signing authority moves to the new root; renewals issue new-root SVIDs.
+    new_root
+        .intermediate(DEFAULT_CA_TTL)
+        .unwrap()
+        .save(&authority)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // 3. The old root is withdrawn.
+    update(TrustBundle {
+        sequence: 3,
+        ..new_root.bundle(3)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let (ok, failed) = running.await.unwrap();
+
+    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    let renewed = counter(&m, "meshfed_gateway_svid_renewals_total{result=\"ok\"}");
+    let loaded = counter(
+        &m,
+        "meshfed_gateway_identity_reloads_total{what=\"svid\",result=\"ok\"}",
+    );
+    let refused: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("meshfed_gateway_svid_refusals_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        + 0.0;
+    eprintln!(
+        "under load: {ok} calls ok, {failed} failed; {renewed} SVID renewals, {loaded} loaded, {refused} refused; one root rotation"
+    );
+    assert_eq!(refused, 0.0, "east refused a renewed SVID of its own:\n{m}");
+    assert!(
+        loaded >= renewed - 1.0,
+        "renewed {renewed}, loaded {loaded}"
+    );
+    assert_eq!(failed, 0, "{ok} ok, {failed} failed");
+    assert!(ok >= 1500, "the load ran: {ok} calls");
+    assert!(renewed >= 10.0, "{renewed} renewals");
+    // East's SVID now chains to the new root alone, and west takes it in a handshake.
+    let svid = Svid::load(&east.cert, &east.key).unwrap();
+    let west_bundle = Ca::load(&west.dir.join("ca")).unwrap().bundle(1);
+    open_as(
+        &svid,
+        west_gw.gateway.quic_addr,
+        &west.id,
+        west_bundle,
+        "orders.shop",
+        port,
+    )
+    .await
+    .expect("a new-root SVID after the rotation");
+    let on_disk = std::fs::read(west.dir.join("bundles/east.example.org.json")).unwrap();
+    let on_disk = TrustBundle::from_jwks(east.trust_domain.clone(), &on_disk).unwrap();
+    assert_eq!(on_disk.x509_authorities, vec![new_root.cert().clone()]);
+
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
