@@ -42,6 +42,8 @@ struct RawConfig {
     #[serde(default)]
     source_identity: Option<String>,
     #[serde(default)]
+    caller_mtls: bool,
+    #[serde(default)]
     admin: Option<String>,
     #[serde(default)]
     drain_grace: Option<String>,
@@ -178,6 +180,10 @@ pub struct GatewayConfig {
     /// clients present no SVID). In this site's trust domain. `None`: the gateway's own
     /// ID, as before.
     pub source_identity: Option<SpiffeId>,
+    /// The egress TCP listeners require mTLS from their clients: each presents an SVID
+    /// of this trust domain (verified against its bundle), and that ID is the caller.
+    /// Overrides `source_identity` for TCP.
+    pub caller_mtls: bool,
     /// Admin HTTP (`/metrics`, `/ready`); default 127.0.0.1:15000.
     pub admin: SocketAddr,
     /// How long in-flight streams may run after SIGTERM; default 10 s.
@@ -453,6 +459,7 @@ impl RawConfig {
             bundles: self.tls.bundles.into_iter().map(|b| rel(base, b)).collect(),
             listen,
             source_identity,
+            caller_mtls: self.caller_mtls,
             admin,
             drain_grace,
             connect_timeout,

@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
 use crate::peers::{PeerHandle, Peers};
-use crate::splice::{reset_tcp, splice};
+use crate::splice::{TlsOverTcp, reset_tcp, splice, splice_tls};
 use crate::tunnel::{HeaderReadError, read_header};
 use crate::wire::{self, Open, Refusal, Response};
 
@@ -47,7 +47,13 @@ pub struct Egress {
     /// How long the far side may take to answer an open request: its endpoint connect
     /// timeout plus a margin. Past it the peer connection is presumed dead.
     pub open_timeout: Duration,
+    /// `caller_mtls`: clients present an SVID of this site's trust domain, and its ID is
+    /// the caller of their opens (instead of `local_id`).
+    pub caller_tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+/// How long a client of a `caller_mtls` listener has for its TLS handshake.
+const CALLER_HANDSHAKE: Duration = Duration::from_secs(10);
 
 impl Egress {
     /// Accepts clients until `stop` (this import's, a child of the drain); each client
@@ -76,6 +82,9 @@ impl Egress {
     }
 
     async fn serve_client(&self, tcp: TcpStream) {
+        if let Some(acceptor) = &self.caller_tls {
+            return self.serve_mtls_client(acceptor, tcp).await;
+        }
         let open = self.open_request(None);
         match self.open_any(&open).await {
             Ok(opened) => {
@@ -87,6 +96,50 @@ impl Egress {
                 refused.log(&open, "connection refused");
                 self.metrics.refused(DIR, refused.reason.as_str());
                 reset_tcp(tcp);
+            }
+        }
+    }
+
+    /// A client that authenticates with its SVID: its SPIFFE ID is the open's caller.
+    async fn serve_mtls_client(&self, acceptor: &tokio_rustls::TlsAcceptor, tcp: TcpStream) {
+        let tls = match tokio::time::timeout(CALLER_HANDSHAKE, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                debug!(error = %e, "caller TLS handshake failed");
+                self.metrics.refused(DIR, "caller_unauthenticated");
+                return;
+            }
+            Err(_) => {
+                debug!("caller TLS handshake did not complete in time");
+                self.metrics.refused(DIR, "caller_unauthenticated");
+                return;
+            }
+        };
+        let caller = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| meshfed_identity::verify::peer_id(c).ok());
+        let Some(caller) = caller else {
+            // Unreachable with a verifier that requires a certificate.
+            self.metrics.refused(DIR, "caller_unauthenticated");
+            return;
+        };
+        let open = Open {
+            source: caller,
+            ..self.open_request(None)
+        };
+        match self.open_any(&open).await {
+            Ok(opened) => {
+                let _active = self.metrics.stream_started(DIR);
+                let end =
+                    splice_tls(tls, opened.send, opened.recv, &self.metrics.counters(DIR)).await;
+                debug!(?end, site = %opened.site, caller = %open.source, "connection done");
+            }
+            Err(refused) => {
+                refused.log(&open, "connection refused");
+                self.metrics.refused(DIR, refused.reason.as_str());
+                reset_tcp(tls.into_tcp());
             }
         }
     }
@@ -302,6 +355,8 @@ pub struct Imports {
     udp_idle_timeout: Duration,
     dispatch: Arc<crate::udp::Dispatch>,
     drain: DrainWatcher,
+    /// `caller_mtls`: every TCP listener authenticates its clients.
+    caller_tls: Option<tokio_rustls::TlsAcceptor>,
     by_key: Mutex<BTreeMap<ImportKey, ImportEntry>>,
 }
 
@@ -322,6 +377,7 @@ impl Imports {
         open_timeout: Duration,
         udp_idle_timeout: Duration,
         drain: DrainWatcher,
+        caller_tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Self {
         Self {
             dispatch: crate::udp::Dispatch::new(&metrics),
@@ -331,6 +387,7 @@ impl Imports {
             open_timeout,
             udp_idle_timeout,
             drain,
+            caller_tls,
             by_key: Mutex::new(BTreeMap::new()),
         }
     }
@@ -371,6 +428,7 @@ impl Imports {
             local_id: source.unwrap_or(&self.local_id).clone(),
             metrics: self.metrics.clone(),
             open_timeout: self.open_timeout,
+            caller_tls: self.caller_tls.clone(),
         };
         let addr = match protocol {
             Protocol::Tcp => {

@@ -397,6 +397,17 @@ pub async fn start_with(
         }
     }
     // The caller the egress vouches for: the declared workload, or the gateway itself.
+    // Callers prove who they are with their SVID, of this trust domain only.
+    let caller_tls = if cfg.caller_mtls {
+        let v = base_verifier
+            .clone()
+            .with_policy(PeerPolicy::TrustDomain(cfg.trust_domain.clone()));
+        let tls = meshfed_identity::tls::server_config(resolver.clone(), v, &[])
+            .map_err(|e| GatewayError::Svid(format!("caller mTLS: {e}")))?;
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+    } else {
+        None
+    };
     let imports = Arc::new(egress::Imports::new(
         peers.clone(),
         cfg.source_identity
@@ -406,6 +417,7 @@ pub async fn start_with(
         cfg.connect_timeout + Duration::from_secs(2),
         cfg.udp_idle_timeout,
         streams_w.clone(),
+        caller_tls,
     ));
     for im in &cfg.imports {
         imports

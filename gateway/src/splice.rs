@@ -58,20 +58,44 @@ pub async fn splice(
 
 /// The same over TLS to the endpoint (TLS origination): a clean end sends close_notify,
 /// a reset resets the TCP connection under it.
-pub async fn splice_tls(
-    tls: tokio_rustls::client::TlsStream<TcpStream>,
+pub async fn splice_tls<S: TlsOverTcp>(
+    tls: S,
     mut send: SendStream,
     mut recv: RecvStream,
     counters: &Counters,
 ) -> SpliceEnd {
-    let _ = tls.get_ref().0.set_nodelay(true);
+    let _ = tls.tcp().set_nodelay(true);
     let (mut r, mut w) = tokio::io::split(tls);
     let end = pump(&mut r, &mut w, &mut send, &mut recv, counters).await;
     settle(&end, &mut send, &mut recv).await;
     if let SpliceEnd::Reset(_) = end {
-        reset_tcp(r.unsplit(w).into_inner().0);
+        reset_tcp(r.unsplit(w).into_tcp());
     }
     end
+}
+
+/// A TLS stream over TCP, either side: what [`splice_tls`] carries.
+pub trait TlsOverTcp: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {
+    fn tcp(&self) -> &TcpStream;
+    fn into_tcp(self) -> TcpStream;
+}
+
+impl TlsOverTcp for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+    fn into_tcp(self) -> TcpStream {
+        self.into_inner().0
+    }
+}
+
+impl TlsOverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+    fn into_tcp(self) -> TcpStream {
+        self.into_inner().0
+    }
 }
 
 /// After a clean end, waits until the peer has the last bytes (so that a drain or a

@@ -79,6 +79,8 @@ pub enum PeerPolicy {
     /// Any meshfed gateway ID (`/meshfed/site/<site>/gateway`) of a federated trust
     /// domain: the inbound policy of a gateway whose peers come from the catalog.
     AnyGateway,
+    /// Any ID of this one trust domain: a site's own workloads (callers of its egress).
+    TrustDomain(TrustDomain),
 }
 
 /// Called with every refusal, for logs and metrics.
@@ -324,6 +326,8 @@ impl SpiffeVerifier {
                 PeerPolicy::Only(_) => Err(VerifyError::PeerNotAllowed(id)),
                 PeerPolicy::AnyGateway if id.gateway_site().is_some() => Ok(id),
                 PeerPolicy::AnyGateway => Err(VerifyError::PeerNotAllowed(id)),
+                PeerPolicy::TrustDomain(td) if id.trust_domain_str() == td.as_str() => Ok(id),
+                PeerPolicy::TrustDomain(_) => Err(VerifyError::PeerNotAllowed(id)),
             });
         if let (Err(e), Some(hook)) = (&res, &self.on_reject) {
             hook(e);

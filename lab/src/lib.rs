@@ -97,6 +97,8 @@ pub struct ConfigBuilder {
     pub source_identity: Option<String>,
     /// `tls.renew`: (signing authority directory, SVID lifetime).
     pub renew: Option<(PathBuf, Duration)>,
+    /// `caller_mtls: true`.
+    pub caller_mtls: bool,
 }
 
 impl ConfigBuilder {
@@ -159,6 +161,9 @@ impl ConfigBuilder {
         }
         if let Some(id) = &self.source_identity {
             let _ = writeln!(y, "source_identity: {id}");
+        }
+        if self.caller_mtls {
+            y.push_str("caller_mtls: true\n");
         }
         let _ = writeln!(
             y,

@@ -915,3 +915,182 @@ async fn renewals_and_a_root_rotation_under_load_fail_no_call() {
     }
     fed.node.shutdown().await;
 }
+
+/// One echo over TLS to a `caller_mtls` listener, presenting `svid` (or no certificate),
+/// trusting `bundle` for the gateway `gw`.
+async fn tls_echo(
+    addr: SocketAddr,
+    svid: Option<&meshfed_identity::Svid>,
+    bundle: meshfed_identity::TrustBundle,
+    gw: &meshfed_identity::SpiffeId,
+) -> Result<Vec<u8>, String> {
+    use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier};
+    use std::sync::Arc;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let bundles: BundleSet = [bundle].into_iter().collect();
+    let v = SpiffeVerifier::new(
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
+        PeerPolicy::Only([gw.clone()].into()),
+    );
+    let cfg = match svid {
+        Some(s) => {
+            let r =
+                Arc::new(meshfed_identity::tls::SvidResolver::new(s).map_err(|e| e.to_string())?);
+            meshfed_identity::tls::client_config(r, v, &[]).map_err(|e| e.to_string())?
+        }
+        None => rustls::ClientConfig::builder_with_provider(meshfed_identity::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(v))
+            .with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("gateway").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    s.write_all(b"ping").await.map_err(|e| e.to_string())?;
+    s.shutdown().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_prove_who_they_are_with_their_svid_at_the_egress() {
+    use crate::harness::meshfed;
+    use meshfed_identity::{Ca, SpiffeId, ca::DEFAULT_SVID_TTL};
+    let scratch = Scratch::new("inproc-caller-mtls");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(
+        &east,
+        2,
+        ConfigBuilder {
+            caller_mtls: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    // West denies east's batch namespace.
+    let deny = scratch.0.join("deny.yaml");
+    std::fs::write(
+        &deny,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-batch, namespace: shop}\n\
+         spec:\n  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [batch]}\n",
+    )
+    .unwrap();
+    let (code, out, err) = meshfed(&[
+        "register",
+        "-f",
+        deny.to_str().unwrap(),
+        "--dir",
+        west.dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let east_ca = Ca::load(&east.dir.join("ca")).unwrap();
+    let svid = |id: &str| {
+        east_ca
+            .issue(&SpiffeId::new(id).unwrap(), DEFAULT_SVID_TTL)
+            .unwrap()
+    };
+    let frontend = svid("spiffe://east.example.org/ns/shop/sa/frontend");
+    let batch = svid("spiffe://east.example.org/ns/batch/sa/report");
+    let bundle = east_ca.bundle(1);
+    let echo = |s: Option<meshfed_identity::Svid>| {
+        let (bundle, gw) = (bundle.clone(), east.id.clone());
+        async move { tls_echo(addr, s.as_ref(), bundle, &gw).await }
+    };
+    // The frontend reaches west; the batch job is denied by west's policy, by name.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = echo(Some(frontend.clone())).await;
+        let b = echo(Some(batch.clone())).await;
+        if f.as_deref() == Ok(b"ping") && b.as_deref() != Ok(b"ping") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "frontend {f:?}, batch {b:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // No certificate, or one of another trust domain: no handshake, nothing opened.
+    assert!(echo(None).await.is_err());
+    let west_ca = Ca::load(&west.dir.join("ca")).unwrap();
+    let foreign = west_ca
+        .issue(
+            &SpiffeId::new("spiffe://west.example.org/ns/shop/sa/frontend").unwrap(),
+            DEFAULT_SVID_TTL,
+        )
+        .unwrap();
+    assert!(echo(Some(foreign)).await.is_err());
+
+    // A client nobody here wrote: openssl s_client with the frontend's SVID.
+    let dir = scratch.0.join("frontend");
+    std::fs::create_dir_all(&dir).unwrap();
+    frontend
+        .save(&dir.join("svid.pem"), &dir.join("svid.key"))
+        .unwrap();
+    east_ca.save(&dir.join("east-ca")).unwrap();
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-ign_eof",
+            "-verify_return_error",
+            "-connect",
+        ])
+        .arg(addr.to_string())
+        .arg("-cert")
+        .arg(dir.join("svid.pem"))
+        .arg("-key")
+        .arg(dir.join("svid.key"))
+        .arg("-CAfile")
+        .arg(dir.join("east-ca/ca.pem"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"ping-from-openssl").await.unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut got = vec![0u8; 17];
+    tokio::time::timeout(Duration::from_secs(5), stdout.read_exact(&mut got))
+        .await
+        .expect("openssl got its echo in time")
+        .unwrap();
+    assert_eq!(&got, b"ping-from-openssl");
+    let _ = child.kill().await;
+
+    let (_, m) = meshfed_lifecycle::admin::get(west_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        counter(
+            &m,
+            "meshfed_gateway_authz_denials_total{policy=\"shop/no-batch\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
