@@ -130,7 +130,9 @@ async fn echo_server() -> Result<SocketAddr> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// haproxy terminating TLS with a client-certificate check, in front of `echo`.
@@ -237,7 +239,9 @@ async fn main() -> Result<()> {
         (plain_l, Client::Plain),
         (ha_l, tls.clone()),
     ] {
-        one(addr, &c).await.with_context(|| format!("warm-up {addr}"))?;
+        one(addr, &c)
+            .await
+            .with_context(|| format!("warm-up {addr}"))?;
     }
 
     println!(
@@ -281,12 +285,24 @@ async fn main() -> Result<()> {
     let mtls_vs_plain = ratio(0, 1);
     let mtls_vs_haproxy = ratio(0, 2);
     println!("\nratios per round (same run):");
-    println!("  meshfed-mtls / meshfed-plain conn/s: {}", range(&mtls_vs_plain));
-    println!("  meshfed-mtls / haproxy-mtls  conn/s: {}", range(&mtls_vs_haproxy));
+    println!(
+        "  meshfed-mtls / meshfed-plain conn/s: {}",
+        range(&mtls_vs_plain)
+    );
+    println!(
+        "  meshfed-mtls / haproxy-mtls  conn/s: {}",
+        range(&mtls_vs_haproxy)
+    );
     println!("logs and configs: {}", dir.display());
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    println!("caller_mtls_connrate_ratio_vs_plain: {:.3}", mean(&mtls_vs_plain));
-    println!("caller_mtls_connrate_ratio_vs_haproxy: {:.3}", mean(&mtls_vs_haproxy));
+    println!(
+        "caller_mtls_connrate_ratio_vs_plain: {:.3}",
+        mean(&mtls_vs_plain)
+    );
+    println!(
+        "caller_mtls_connrate_ratio_vs_haproxy: {:.3}",
+        mean(&mtls_vs_haproxy)
+    );
     println!(
         "caller_mtls_p99_us: {}",
         p99s[0].iter().max().copied().unwrap_or(0)

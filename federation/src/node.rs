@@ -2,7 +2,8 @@
 //! TLS acceptor, its lock). Joining one is the site's side: `meshfed_api::client`.
 //!
 //! Federation directory: `ca/` (the federation's CA), `federation.pem|key` (its SVID,
-//! chain ending with the CA so joining sites can check their pin), `admin.pem|key` (the
+//! chain ending with the CA so joining sites can check their pin; a serving node renews
+//! it at half its lifetime), `admin.pem|key` (the
 //! operator SVID that may create tokens), `store.json` (embedded store, created by
 //! `init`), `address` (where a running node listens), `federation.lock` (held by the
 //! running node: a second one on the same directory is refused).
@@ -61,11 +62,10 @@ pub fn init(dir: &Path, td: &TrustDomain) -> Result<(), NodeError> {
     }
     let ca = Ca::generate(td, meshfed_identity::ca::DEFAULT_CA_TTL)?;
     ca.save(&dir.join("ca"))?;
-    // Long-lived for now: SVID rotation for the federation comes with its own issue.
+    // A running node renews its own SVID (`serve_with`'s `svid_ttl`); the operator's
+    // admin SVID is long-lived.
     let ttl = Duration::from_secs(365 * 24 * 3600);
-    let mut fed = ca.issue(&federation_id(td), ttl)?;
-    fed.chain.push(ca.cert().clone());
-    fed.save(&dir.join("federation.pem"), &dir.join("federation.key"))?;
+    issue_federation_svid(&ca, dir, DEFAULT_SVID_TTL)?;
     let admin = ca.issue(
         &td.child(&["meshfed", "admin"])
             .map_err(|e| other("admin id", e))?,
@@ -90,6 +90,67 @@ pub enum StoreChoice {
         prefix: String,
         security: crate::store::EtcdSecurity,
     },
+}
+
+/// The lifetime of the federation's own SVID; a serving node renews it at half that.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Issues the federation's SVID from its CA into `federation.pem|key`, the chain ending
+/// with the CA (joining sites check their pin against it). Returns it.
+fn issue_federation_svid(ca: &Ca, dir: &Path, ttl: Duration) -> Result<Svid, NodeError> {
+    let mut fed = ca.issue(&federation_id(ca.trust_domain()), ttl)?;
+    fed.chain.push(ca.cert().clone());
+    fed.save(&dir.join("federation.pem"), &dir.join("federation.key"))?;
+    Ok(fed)
+}
+
+/// Renews the federation's SVID at half its lifetime, for as long as the node serves:
+/// new handshakes present the new one at once; no site needs anything (they verify it
+/// against the federation's CA, which does not change).
+async fn renew_own_svid(
+    ca: Ca,
+    dir: std::path::PathBuf,
+    ttl: Duration,
+    resolver: Arc<SvidResolver>,
+    stop: CancellationToken,
+) {
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let wait = match Svid::load(&dir.join("federation.pem"), &dir.join("federation.key")) {
+            Ok(s) => meshfed_identity::ca::renew_in(
+                s.not_before_unix().unwrap_or(0),
+                s.not_after_unix().unwrap_or(0),
+                ttl,
+                now,
+            ),
+            Err(_) => Duration::ZERO,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+        let renewed = issue_federation_svid(&ca, &dir, ttl).and_then(|s| {
+            resolver
+                .update(&s)
+                .map_err(|e| other("federation SVID", e))?;
+            Ok(s)
+        });
+        match renewed {
+            Ok(s) => info!(
+                not_after = s.not_after_unix().unwrap_or_default(),
+                "federation SVID renewed"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "federation SVID not renewed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep((ttl / 4).min(Duration::from_secs(5))) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
 }
 
 /// A running federation node.
@@ -145,13 +206,26 @@ impl Running {
     }
 }
 
-/// Serves the federation API on `listen`, with the identity in `dir`, from `store`.
+/// Serves the federation API on `listen`, with the identity in `dir`, from `store`,
+/// renewing its SVID at half of [`DEFAULT_SVID_TTL`].
 pub async fn serve(
     dir: &Path,
     listen: SocketAddr,
     advertise: Vec<String>,
     lease_ttl: Duration,
     store: StoreChoice,
+) -> Result<Running, NodeError> {
+    serve_with(dir, listen, advertise, lease_ttl, store, DEFAULT_SVID_TTL).await
+}
+
+/// [`serve`], with the federation SVID's lifetime `svid_ttl`.
+pub async fn serve_with(
+    dir: &Path,
+    listen: SocketAddr,
+    advertise: Vec<String>,
+    lease_ttl: Duration,
+    store: StoreChoice,
+    svid_ttl: Duration,
 ) -> Result<Running, NodeError> {
     let lock = meshfed_identity::fs::DirLock::try_hold(dir, SERVE_LOCK)?;
     let ca = Ca::load(&dir.join("ca"))?;
@@ -205,7 +279,8 @@ pub async fn serve(
     set.insert(ca.bundle(1));
     let tls_bundles = Arc::new(arc_swap::ArcSwap::from_pointee(set));
     let resolver = Arc::new(SvidResolver::new(&svid).map_err(|e| other("federation SVID", e))?);
-    let tls = transport::server_tls(resolver, tls_bundles.clone()).map_err(|e| other("TLS", e))?;
+    let tls = transport::server_tls(resolver.clone(), tls_bundles.clone())
+        .map_err(|e| other("TLS", e))?;
     let service = FederationService::new(
         store.clone(),
         td.clone(),
@@ -226,6 +301,13 @@ pub async fn serve(
         watcher.spawn(s.clone().run_flusher(watcher.token()));
     }
     let stop = watcher.token();
+    tokio::spawn(renew_own_svid(
+        Ca::load(&dir.join("ca"))?,
+        dir.to_owned(),
+        svid_ttl,
+        resolver,
+        stop.clone(),
+    ));
     let store2 = store.clone();
     let done = tokio::spawn(async move {
         let r = tonic::transport::Server::builder()

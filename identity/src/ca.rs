@@ -275,6 +275,22 @@ impl Ca {
     }
 }
 
+/// How far an SVID's notBefore may precede its issuance (the CA backdates by 60 s).
+const BACKDATE_ALLOWANCE: i64 = 120;
+
+/// How long until the SVID valid from `not_before` to `not_after` (Unix seconds) is due
+/// for renewal at `now`, for SVIDs of lifetime `ttl`: at half of `ttl` before it expires.
+/// One that lives longer than `ttl` allows (it was issued otherwise, e.g. by `meshfed ca
+/// issue`) is due now, as is one past its half-life. Pure.
+pub fn renew_in(not_before: i64, not_after: i64, ttl: Duration, now: i64) -> Duration {
+    let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+    if not_after - not_before > ttl.saturating_add(BACKDATE_ALLOWANCE) {
+        return Duration::ZERO;
+    }
+    let due = not_after - ttl / 2;
+    Duration::from_secs(u64::try_from(due - now).unwrap_or(0))
+}
+
 fn set_validity(params: &mut CertificateParams, ttl: Duration) {
     let now = OffsetDateTime::now_utc();
     params.not_before = now - BACKDATE;
@@ -394,4 +410,32 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
             source: std::io::Error::other(other.to_string()),
         },
     })
+}
+
+#[cfg(test)]
+mod renew_tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_half_the_lifetime() {
+        let h = Duration::from_secs(3600);
+        // (not_before, not_after, ttl, now, due in seconds)
+        let rows = [
+            // Issued by the renewer (backdated 60 s): half of ttl before expiry.
+            (1_000 - 60, 1_000 + 3600, h, 1_000, 1800),
+            (1_000 - 60, 1_000 + 3600, h, 2_800, 0),
+            (1_000 - 60, 1_000 + 3600, h, 5_000, 0),
+            // A 60 s TTL is not renewed in a loop because of its 60 s backdate.
+            (1_000 - 60, 1_060, Duration::from_secs(60), 1_000, 30),
+            // Issued otherwise, for longer than ttl allows: now.
+            (0, 100_000, Duration::from_secs(60), 10, 0),
+        ];
+        for (nb, na, ttl, now, want) in rows {
+            assert_eq!(
+                renew_in(nb, na, ttl, now),
+                Duration::from_secs(want),
+                "{nb}..{na} ttl {ttl:?} at {now}"
+            );
+        }
+    }
 }

@@ -62,6 +62,10 @@ pub enum FederationCmd {
         /// directory whose snapshot was lost is refused rather than served empty.
         #[arg(long, conflicts_with = "etcd")]
         init_store: bool,
+        /// Lifetime of the federation's own SVID; the node renews it at half that, from
+        /// its CA, without a restart.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        svid_ttl: Duration,
     },
     /// Join tokens.
     #[command(subcommand)]
@@ -118,6 +122,7 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
             advertise,
             admin,
             lease_ttl,
+            svid_ttl,
             etcd,
             etcd_prefix,
             etcd_ca,
@@ -148,8 +153,10 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
             super::runtime()?.block_on(async {
                 let mut signals = signals::Signals::install()?;
                 let node =
-                    meshfed_federation::node::serve(&dir, listen, advertise, lease_ttl, store)
-                        .await?;
+                    meshfed_federation::node::serve_with(
+                        &dir, listen, advertise, lease_ttl, store, svid_ttl,
+                    )
+                    .await?;
                 node.serve_admin(&dir, admin).await?;
                 let sig = signals
                     .until_stop(

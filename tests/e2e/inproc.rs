@@ -26,14 +26,20 @@ pub struct Federation {
 
 impl Federation {
     pub async fn start(scratch: &Scratch) -> Self {
+        Self::start_with_svid_ttl(scratch, node::DEFAULT_SVID_TTL).await
+    }
+
+    /// With the federation's own SVID living `svid_ttl` (renewed at half that).
+    pub async fn start_with_svid_ttl(scratch: &Scratch, svid_ttl: Duration) -> Self {
         let dir = scratch.0.join("federation");
         node::init(&dir, &TrustDomain::new("fed.example.org").unwrap()).unwrap();
-        let node = node::serve(
+        let node = node::serve_with(
             &dir,
             ([127, 0, 0, 1], 0).into(),
             vec![],
             Duration::from_secs(2),
             StoreChoice::Embedded { create: false },
+            svid_ttl,
         )
         .await
         .expect("federation serves");
@@ -1092,5 +1098,43 @@ async fn callers_prove_who_they_are_with_their_svid_at_the_egress() {
     for g in [east_gw, west_gw] {
         g.shutdown().await;
     }
+    fed.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_federation_renews_its_own_svid_without_a_restart() {
+    use meshfed_identity::Svid;
+    let scratch = Scratch::new("inproc-fed-svid");
+    let fed = Federation::start_with_svid_ttl(&scratch, Duration::from_secs(4)).await;
+    let served = || {
+        Svid::load(
+            &fed.dir.join("federation.pem"),
+            &fed.dir.join("federation.key"),
+        )
+        .unwrap()
+        .not_after_unix()
+        .unwrap()
+    };
+    let east = fed.join(&scratch, "east").await;
+    let first = served();
+    // Past the first SVID's expiry: the node has renewed it, and new handshakes, both
+    // a joined site's (verified against the federation's CA) and a joining one's (CA
+    // pinned by the token), succeed.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(first < now, "the first SVID has expired ({first} < {now})");
+    assert!(served() > now, "renewed: {} > {now}", served());
+    let mut c = fed.client_as(&east).await;
+    c.publish(pb::PublishRequest {
+        site: "east".into(),
+        exports: vec![],
+        gateway_addresses: vec!["127.0.0.1:4433".into()],
+    })
+    .await
+    .expect("a site's new handshake after the renewal");
+    fed.join(&scratch, "west").await;
     fed.node.shutdown().await;
 }
