@@ -3,11 +3,15 @@
 //! stream header protocol (`wire`). Its admin port and drain come from
 //! `meshfed-lifecycle`.
 //!
-//! Decisions (`wire` decoding, `ingress::decide`, `admission` of unauthenticated
-//! handshakes, `preflight::collisions`) are pure; sockets live in `tunnel`, `peers`,
-//! `egress`, `ingress` and `splice`. `preflight` is `meshfed gateway check`.
+//! Decisions (`wire` decoding, `ingress::decide` with the caller check and the
+//! AuthorizationPolicies, `admission` of unauthenticated handshakes, egress candidate
+//! budgets, `preflight::collisions`) are pure; sockets live in `tunnel`, `peers`,
+//! `egress` (with `caller_mtls`, a TLS acceptor for its clients), `ingress` and `splice`.
+//! `preflight` is `meshfed gateway check`. `reload` swaps in SVIDs and bundles from
+//! disk; `renew` issues the gateway's own SVID from `tls.renew`'s signing authority.
 //! `federated` is the site's agent of the federation (join state, publish, watch, apply
-//! the plan); `registry` follows the site directory's registered and Kubernetes exports.
+//! the plan, drop withdrawn trust domains); `registry` follows the site directory's
+//! registered services, policies and Kubernetes exports.
 //!
 //! It depends on `identity`, `catalog`, `api` and `lifecycle` only: no etcd, no Kubernetes, no
 //! federation server, no DNS (CI checks it, `.ci/deps.sh`). The binary composes the

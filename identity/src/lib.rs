@@ -1,5 +1,6 @@
 //! SPIFFE identity for meshfed: SPIFFE IDs and trust domains, a CA per trust domain that
-//! issues X.509-SVIDs, SPIFFE trust bundles (JWKS), and rustls verifiers that check a
+//! issues X.509-SVIDs (a root, or an intermediate that keeps the root offline; `ca::
+//! renew_in` says when an SVID is due), SPIFFE trust bundles (JWKS), and rustls verifiers that check a
 //! peer only against the bundle of its own trust domain; and `fs`, the atomic, durable
 //! file writes and directory locks every meshfed process uses.
 //!
