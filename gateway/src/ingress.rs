@@ -207,29 +207,21 @@ impl Ingress {
     /// Closes every inbound connection from a gateway of `td` (its bundle was withdrawn:
     /// the handshake that admitted it would fail now). Returns how many.
     pub fn close_trust_domain(&self, td: &str) -> usize {
-        let conns: Vec<Connection> = self
-            .inbound_lock()
-            .iter()
-            .filter(|(id, _)| id.trust_domain_str() == td)
-            .flat_map(|(_, c)| c.values().cloned())
-            .collect();
-        for c in &conns {
-            c.close(
-                VarInt::from_u32(app_code::TRUST_WITHDRAWN),
-                b"trust domain withdrawn from the federation",
-            );
-        }
-        conns.len()
+        self.close_where(|id| id.trust_domain_str() == td)
     }
 
     /// Closes every inbound connection whose peer's trust domain the live bundles no
     /// longer hold. Returns how many.
     pub fn close_untrusted(&self) -> usize {
         let bundles = self.bundles.load();
+        self.close_where(|id| bundles.get_str(id.trust_domain_str()).is_none())
+    }
+
+    fn close_where(&self, peer: impl Fn(&SpiffeId) -> bool) -> usize {
         let conns: Vec<Connection> = self
             .inbound_lock()
             .iter()
-            .filter(|(id, _)| bundles.get_str(id.trust_domain_str()).is_none())
+            .filter(|(id, _)| peer(id))
             .flat_map(|(_, c)| c.values().cloned())
             .collect();
         for c in &conns {

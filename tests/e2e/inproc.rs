@@ -137,6 +137,71 @@ async fn echo_through(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The usual in-process pair: west exports orders.shop (an echo server) and east, with
+/// the config `east_cfg` makes (it may write files into east's directory first),
+/// imports it; returned once a call through east's import answers (without caller mTLS:
+/// a plain call cannot prove itself there).
+struct Pair {
+    scratch: Scratch,
+    fed: Federation,
+    east: SiteFiles,
+    west: SiteFiles,
+    east_gw: meshfed::site::RunningSite,
+    west_gw: meshfed::site::RunningSite,
+    port: u16,
+    /// East's import of orders.shop.
+    addr: SocketAddr,
+}
+
+/// East's config with a signing authority: an intermediate of its root, on disk in
+/// `<east>/intermediate`, issuing SVIDs that live `ttl`.
+fn renewing(east: &SiteFiles, ttl: Duration) -> ConfigBuilder {
+    use meshfed_identity::{Ca, ca::DEFAULT_CA_TTL};
+    let authority = east.dir.join("intermediate");
+    Ca::load(&east.dir.join("ca"))
+        .unwrap()
+        .intermediate(DEFAULT_CA_TTL)
+        .unwrap()
+        .save(&authority)
+        .unwrap();
+    ConfigBuilder {
+        renew: Some((authority, ttl)),
+        ..Default::default()
+    }
+}
+
+async fn pair(name: &str, east_cfg: impl FnOnce(&SiteFiles) -> ConfigBuilder) -> Pair {
+    let scratch = Scratch::new(name);
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let cfg = east_cfg(&east);
+    let plain = !cfg.caller_mtls;
+    let east_gw = gateway(&east, 2, cfg).await;
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    if plain {
+        until_call(addr, true, "through the pair").await;
+    }
+    Pair {
+        scratch,
+        fed,
+        east,
+        west,
+        east_gw,
+        west_gw,
+        port,
+        addr,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_applies_the_federations_plan_and_traffic_follows_it() {
     let scratch = Scratch::new("inproc-agent");
@@ -465,21 +530,16 @@ async fn open_as(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_rotation_reaches_every_site_without_a_restart() {
     use meshfed_identity::{Ca, TrustBundle, ca::DEFAULT_CA_TTL, ca::DEFAULT_SVID_TTL};
-    let scratch = Scratch::new("inproc-rotation");
-    let fed = Federation::start(&scratch).await;
-    let east = fed.join(&scratch, "east").await;
-    let west = fed.join(&scratch, "west").await;
-    let port = crate::harness::listen().local_addr().unwrap().port();
-    let west_gw = gateway(
-        &west,
-        4,
-        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
-    )
-    .await;
-    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
-    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
-    let east_addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
-    until_call(east_addr, true, "before the rotation").await;
+    let Pair {
+        scratch: _scratch,
+        fed,
+        east,
+        west,
+        east_gw,
+        west_gw,
+        port,
+        addr: east_addr,
+    } = pair("inproc-rotation", |_| ConfigBuilder::default()).await;
 
     // East's new root; an SVID from it is refused by west until west trusts that root.
     let old_ca = Ca::load(&east.dir.join("ca")).unwrap();
@@ -571,21 +631,16 @@ async fn a_root_rotation_reaches_every_site_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_site_is_distrusted_everywhere_and_its_connections_close() {
     use meshfed_identity::{Ca, Svid};
-    let scratch = Scratch::new("inproc-remove");
-    let fed = Federation::start(&scratch).await;
-    let east = fed.join(&scratch, "east").await;
-    let west = fed.join(&scratch, "west").await;
-    let port = crate::harness::listen().local_addr().unwrap().port();
-    let west_gw = gateway(
-        &west,
-        4,
-        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
-    )
-    .await;
-    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
-    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
-    let east_addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
-    until_call(east_addr, true, "before the removal").await;
+    let Pair {
+        scratch: _scratch,
+        fed,
+        east,
+        west,
+        east_gw,
+        west_gw,
+        port,
+        addr: east_addr,
+    } = pair("inproc-remove", |_| ConfigBuilder::default()).await;
     let east_svid = Svid::load(&east.cert, &east.key).unwrap();
     let west_bundle = Ca::load(&west.dir.join("ca")).unwrap().bundle(1);
     let west_quic = west_gw.gateway.quic_addr;
@@ -687,38 +742,20 @@ async fn a_removed_site_is_distrusted_everywhere_and_its_connections_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_renews_its_svid_from_an_intermediate_with_calls_flowing() {
-    use meshfed_identity::{Ca, Svid, ca::DEFAULT_CA_TTL};
-    let scratch = Scratch::new("inproc-renew");
-    let fed = Federation::start(&scratch).await;
-    let east = fed.join(&scratch, "east").await;
-    let west = fed.join(&scratch, "west").await;
-    // East's signing authority: an intermediate of its root, on disk; SVIDs live 4 s.
-    let authority = east.dir.join("intermediate");
-    Ca::load(&east.dir.join("ca"))
-        .unwrap()
-        .intermediate(DEFAULT_CA_TTL)
-        .unwrap()
-        .save(&authority)
-        .unwrap();
-    let port = crate::harness::listen().local_addr().unwrap().port();
-    let west_gw = gateway(
-        &west,
-        4,
-        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
-    )
+    use meshfed_identity::{Ca, Svid};
+    let Pair {
+        scratch: _scratch,
+        fed,
+        east,
+        west,
+        east_gw,
+        west_gw,
+        port,
+        addr: east_addr,
+    } = pair("inproc-renew", |east| {
+        renewing(east, Duration::from_secs(4))
+    })
     .await;
-    let east_gw = gateway(
-        &east,
-        2,
-        ConfigBuilder {
-            renew: Some((authority, Duration::from_secs(4))),
-            ..Default::default()
-        },
-    )
-    .await;
-    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
-    let east_addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
-    until_call(east_addr, true, "before renewals").await;
 
     // Calls at about 40 per second for 11 s: the SVID is renewed about every 2 s.
     let (mut ok, mut failed) = (0u32, 0u32);
@@ -802,36 +839,21 @@ async fn load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_and_a_root_rotation_under_load_fail_no_call() {
     use meshfed_identity::{Ca, Svid, TrustBundle, ca::DEFAULT_CA_TTL};
-    let scratch = Scratch::new("inproc-churn");
-    let fed = Federation::start(&scratch).await;
-    let east = fed.join(&scratch, "east").await;
-    let west = fed.join(&scratch, "west").await;
+    let Pair {
+        scratch: _scratch,
+        fed,
+        east,
+        west,
+        east_gw,
+        west_gw,
+        port,
+        addr: east_addr,
+    } = pair("inproc-churn", |east| {
+        renewing(east, Duration::from_secs(2))
+    })
+    .await;
     let old_root = Ca::load(&east.dir.join("ca")).unwrap();
     let authority = east.dir.join("intermediate");
-    old_root
-        .intermediate(DEFAULT_CA_TTL)
-        .unwrap()
-        .save(&authority)
-        .unwrap();
-    let port = crate::harness::listen().local_addr().unwrap().port();
-    let west_gw = gateway(
-        &west,
-        4,
-        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
-    )
-    .await;
-    let east_gw = gateway(
-        &east,
-        2,
-        ConfigBuilder {
-            renew: Some((authority.clone(), Duration::from_secs(2))),
-            ..Default::default()
-        },
-    )
-    .await;
-    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
-    let east_addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
-    until_call(east_addr, true, "before the load").await;
 
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(load(east_addr, 200, stop.clone()));
@@ -973,28 +995,20 @@ async fn tls_echo(
 async fn callers_prove_who_they_are_with_their_svid_at_the_egress() {
     use crate::harness::meshfed;
     use meshfed_identity::{Ca, SpiffeId, ca::DEFAULT_SVID_TTL};
-    let scratch = Scratch::new("inproc-caller-mtls");
-    let fed = Federation::start(&scratch).await;
-    let east = fed.join(&scratch, "east").await;
-    let west = fed.join(&scratch, "west").await;
-    let port = crate::harness::listen().local_addr().unwrap().port();
-    let west_gw = gateway(
-        &west,
-        4,
-        ConfigBuilder::default().export("orders.shop", port, vec![echo_server().await]),
-    )
+    let Pair {
+        scratch,
+        fed,
+        east,
+        west,
+        east_gw,
+        west_gw,
+        port: _,
+        addr,
+    } = pair("inproc-caller-mtls", |_| ConfigBuilder {
+        caller_mtls: true,
+        ..Default::default()
+    })
     .await;
-    let east_gw = gateway(
-        &east,
-        2,
-        ConfigBuilder {
-            caller_mtls: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
-    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
     // West denies east's batch namespace.
     let deny = scratch.0.join("deny.yaml");
     std::fs::write(
