@@ -8,6 +8,8 @@
 #   systemd            systemd-analyze, which checks the units in deploy/systemd
 #   kubernetes-client  kubectl, whose built-in kustomize renders deploy/kubernetes
 #                      (skipped when a kubectl is already installed)
+#   haproxy            the PROXY-protocol consumer the identity tests send to
+#   openssl            s_client, a TLS client the caller-mTLS test presents an SVID with
 #   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
 #                      which checks the rendered manifests against the Kubernetes schemas
 # Idempotent and quiet when everything is there. Needs root to install.
@@ -21,6 +23,8 @@ command -v dig >/dev/null || need+=(dnsutils)
 command -v knotd >/dev/null || need+=(knot)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v kubectl >/dev/null || need+=(kubernetes-client)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v openssl >/dev/null || need+=(openssl)
 tools=/opt/meshfed-tools
 [ -x "$tools/bin/kubernetes-validate" ] || python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -270,6 +270,7 @@ async fn main() -> Result<()> {
         }
     }
     let _ = ha.kill();
+    let _ = ha.wait();
     for g in [mtls_gw, plain_gw, west_gw] {
         g.shutdown().await;
     }

@@ -130,6 +130,8 @@ struct RawExport {
     ports: Vec<RawExportPort>,
     #[serde(default)]
     allowed_peers: Option<Vec<String>>,
+    #[serde(default)]
+    proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -303,6 +305,9 @@ pub struct Export {
     pub port_names: BTreeMap<(Protocol, u16), String>,
     /// Workload identities behind it (a Kubernetes export's service accounts).
     pub identities: Vec<SpiffeId>,
+    /// Send a PROXY protocol v2 header to the endpoint: the client's address at the far
+    /// egress, and the caller's SPIFFE ID in TLV 0xE0.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -660,13 +665,13 @@ fn exports(
                 tls: None,
                 port_names: BTreeMap::new(),
                 identities: vec![],
+                proxy_protocol: e.proxy_protocol,
             },
         );
     }
     Ok(exports)
 }
 
-/// `imports`: each from a peer with an address, each listen address once per protocol.
 /// A declared caller identity: a SPIFFE ID of this site's trust domain.
 fn source_identity(
     v: &Validator<'_>,
@@ -684,6 +689,7 @@ fn source_identity(
     Ok(id)
 }
 
+/// `imports`: each from a peer with an address, each listen address once per protocol.
 fn imports(
     v: &Validator<'_>,
     raw: Vec<RawImport>,

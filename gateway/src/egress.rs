@@ -75,17 +75,20 @@ impl Egress {
             };
             let this = this.clone();
             drain.spawn(
-                async move { this.serve_client(tcp).await }
+                async move { this.serve_client(tcp, client).await }
                     .instrument(info_span!("egress", %client)),
             );
         }
     }
 
-    async fn serve_client(&self, tcp: TcpStream) {
+    async fn serve_client(&self, tcp: TcpStream, client: SocketAddr) {
         if let Some(acceptor) = &self.caller_tls {
-            return self.serve_mtls_client(acceptor, tcp).await;
+            return self.serve_mtls_client(acceptor, tcp, client).await;
         }
-        let open = self.open_request(None);
+        let open = Open {
+            client: Some(client),
+            ..self.open_request(None)
+        };
         match self.open_any(&open).await {
             Ok(opened) => {
                 let _active = self.metrics.stream_started(DIR);
@@ -101,7 +104,12 @@ impl Egress {
     }
 
     /// A client that authenticates with its SVID: its SPIFFE ID is the open's caller.
-    async fn serve_mtls_client(&self, acceptor: &tokio_rustls::TlsAcceptor, tcp: TcpStream) {
+    async fn serve_mtls_client(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        tcp: TcpStream,
+        client: SocketAddr,
+    ) {
         let tls = match tokio::time::timeout(CALLER_HANDSHAKE, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -127,6 +135,7 @@ impl Egress {
         };
         let open = Open {
             source: caller,
+            client: Some(client),
             ..self.open_request(None)
         };
         match self.open_any(&open).await {
@@ -151,6 +160,7 @@ impl Egress {
             port: self.port,
             source: self.local_id.clone(),
             flow,
+            client: None,
         }
     }
 
@@ -212,7 +222,6 @@ impl Egress {
         wait: Duration,
         answer: Duration,
     ) -> Result<(Connection, SendStream, RecvStream), (Refusal, String)> {
-        let frame = open.encode();
         let mut last = (Refusal::PeerUnavailable, String::new());
         for _attempt in 0..2 {
             let Some(conn) = peer.connection(wait).await else {
@@ -220,6 +229,16 @@ impl Egress {
                     Refusal::PeerUnavailable,
                     format!("no connection to peer {} within {wait:?}", peer.site),
                 ));
+            };
+            // The client's address travels only to a peer that chose meshfed/2.
+            let frame = if open.client.is_some() && !crate::tunnel::speaks_v2(&conn) {
+                Open {
+                    client: None,
+                    ..open.clone()
+                }
+                .encode()
+            } else {
+                open.encode()
             };
             match self.try_open(&conn, &frame, answer).await {
                 Ok(r) => return r.map(|(send, recv)| (conn, send, recv)),

@@ -638,6 +638,7 @@ mod tests {
             tls: None,
             port_names: [((Protocol::Udp, 53), "dns".to_string())].into(),
             identities: vec![],
+            proxy_protocol: false,
         };
         let p = export_to_pb(&e);
         assert_eq!(p.service, "dns.ops");

@@ -376,19 +376,24 @@ impl Ingress {
                 });
                 continue;
             }
-            let (udp, stop) = (udp.clone(), drain.token());
+            let (udp, stop, remote) = (udp.clone(), drain.token(), conn.remote_address());
             drain.spawn(
-                async move { this.serve_stream(send, recv, peer, udp, stop).await }
-                    .instrument(info_span!("stream", id = %conn.stable_id())),
+                async move {
+                    this.serve_stream(send, recv, (peer, remote), udp, stop)
+                        .await
+                }
+                .instrument(info_span!("stream", id = %conn.stable_id())),
             );
         }
     }
 
+    /// One stream of `peer` (its verified ID, and the address its connection comes
+    /// from).
     async fn serve_stream(
         &self,
         send: SendStream,
         mut recv: RecvStream,
-        peer: SpiffeId,
+        (peer, remote): (SpiffeId, SocketAddr),
         udp: Arc<IngressFlows>,
         stop: CancellationToken,
     ) {
@@ -423,13 +428,17 @@ impl Ingress {
                     .await;
             }
         };
-        let (endpoints, tls) = {
+        let (endpoints, tls, proxy) = {
             let exports = self.exports.load();
             match decide(&exports, &self.policies.load(), &open, &peer) {
-                Ok(r) => (
-                    r.endpoints.to_vec(),
-                    exports.get(&open.service).and_then(|e| e.tls.clone()),
-                ),
+                Ok(r) => {
+                    let e = exports.get(&open.service);
+                    (
+                        r.endpoints.to_vec(),
+                        e.and_then(|e| e.tls.clone()),
+                        e.is_some_and(|e| e.proxy_protocol),
+                    )
+                }
                 Err(r) => {
                     if let Some(policy) = &r.policy {
                         self.metrics.denied(policy);
@@ -455,6 +464,19 @@ impl Ingress {
                 .refuse(send, recv, Refusal::EndpointConnectFailed, msg, false)
                 .await;
         };
+        // PROXY protocol first (before any TLS we originate): the client as the far egress
+        // saw it (or, from a meshfed/1 peer, the peer gateway), and the caller.
+        let mut tcp = tcp;
+        if proxy {
+            let src = open.client.unwrap_or(remote);
+            let h = crate::proxy_protocol::header(src, ep, open.source.as_str());
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &h).await {
+                let msg = format!("{}:{}: PROXY header to {ep}: {e}", open.service, open.port);
+                return self
+                    .refuse(send, recv, Refusal::EndpointConnectFailed, msg, false)
+                    .await;
+            }
+        }
         // TLS origination: the handshake completes before we accept, so a failure is a
         // refusal the far egress can fail over on.
         let conn = match tls {
@@ -613,6 +635,7 @@ mod tests {
                 tls: None,
                 port_names: Default::default(),
                 identities: vec![],
+                proxy_protocol: false,
             },
         );
         let svc = ServiceName::parse("db.prod").unwrap();
@@ -626,6 +649,7 @@ mod tests {
                 tls: None,
                 port_names: Default::default(),
                 identities: vec![],
+                proxy_protocol: false,
                 allowed_peers: Some(BTreeSet::from([SpiffeId::new(
                     "spiffe://east/meshfed/site/east/gateway",
                 )
@@ -641,6 +665,7 @@ mod tests {
             port,
             source: SpiffeId::new("spiffe://east/meshfed/site/east/gateway").unwrap(),
             flow: None,
+            client: None,
         }
     }
 

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod origination;
 pub mod peers;
 pub mod preflight;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod reload;
 pub mod renew;

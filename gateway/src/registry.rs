@@ -239,6 +239,7 @@ pub fn exports(
                     tls: e.tls.clone(),
                     port_names,
                     identities: vec![],
+                    proxy_protocol: false,
                 },
             );
         }
@@ -261,6 +262,7 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
                 tls: None,
                 port_names: BTreeMap::new(),
                 identities: e.identities.clone(),
+                proxy_protocol: false,
             };
             for p in &e.ports {
                 match p.protocol {

@@ -10,7 +10,7 @@ use meshfed_identity::{SpiffeVerifier, Svid};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, TransportConfig, VarInt};
 
-use crate::wire::{self, ALPN, WireError};
+use crate::wire::{self, ALPN, ALPN_V2, WireError};
 
 /// Keep-alive keeps NAT bindings and lets a dead peer be noticed.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
@@ -88,7 +88,7 @@ pub fn server_config(
     svid: Arc<SvidResolver>,
     verifier: SpiffeVerifier,
 ) -> Result<quinn::ServerConfig, TunnelError> {
-    let tls = meshfed_identity::tls::server_config(svid, verifier, &[ALPN])?;
+    let tls = meshfed_identity::tls::server_config(svid, verifier, &[ALPN_V2, ALPN])?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TunnelError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = transport_config();
@@ -103,12 +103,21 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// Whether both ends of `conn` chose `meshfed/2` (open requests may carry the client's
+/// address).
+pub fn speaks_v2(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == ALPN_V2)
+}
+
 /// The client half for dialing one peer, which must present exactly `peer_id`.
 pub fn client_config(
     svid: Arc<SvidResolver>,
     verifier: SpiffeVerifier,
 ) -> Result<quinn::ClientConfig, TunnelError> {
-    let tls = meshfed_identity::tls::client_config(svid, verifier, &[ALPN])?;
+    let tls = meshfed_identity::tls::client_config(svid, verifier, &[ALPN_V2, ALPN])?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TunnelError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));

@@ -9,6 +9,8 @@
 //!           | source_len:u16 | source SPIFFE ID (the caller, as the sending gateway
 //!             vouches for it: a workload of its trust domain, or the gateway itself)
 //! open_udp = the same with kind:u8 (=4), followed by flow:u32
+//! (meshfed/2) open_from, open_udp_from = kinds 5 and 6: after the source,
+//!           family:u8 (4|6) | client IP (4|16 bytes) | client port:u16
 //! accept  = version:u8 (=1) | kind:u8 (=2)
 //! refuse  = version:u8 (=1) | kind:u8 (=3) | code:u16 | msg_len:u16 | msg (UTF-8)
 //! ```
@@ -26,6 +28,10 @@ use meshfed_identity::SpiffeId;
 
 /// The ALPN every meshfed gateway speaks; a new incompatible wire bumps it.
 pub const ALPN: &[u8] = b"meshfed/1";
+/// The second version: open requests may carry the client's address (kinds 5 and 6).
+/// Gateways offer both and use it only when both sides chose it, so an older peer keeps
+/// speaking `meshfed/1`.
+pub const ALPN_V2: &[u8] = b"meshfed/2";
 pub const VERSION: u8 = 1;
 /// Largest header payload accepted. An open request is well under 3 KiB even with a
 /// 2048-byte source ID.
@@ -35,6 +41,9 @@ const KIND_OPEN: u8 = 1;
 const KIND_ACCEPT: u8 = 2;
 const KIND_REFUSE: u8 = 3;
 const KIND_OPEN_UDP: u8 = 4;
+/// `meshfed/2`: the open kinds with the client's address after the source.
+const KIND_OPEN_FROM: u8 = 5;
+const KIND_OPEN_UDP_FROM: u8 = 6;
 /// Bytes a datagram's flow ID takes in front of the payload.
 pub const DATAGRAM_HEADER_LEN: usize = 4;
 
@@ -91,6 +100,8 @@ pub struct Open {
     pub source: SpiffeId,
     /// `Some(flow ID)`: a UDP flow whose datagrams carry this ID; `None`: a TCP stream.
     pub flow: Option<u32>,
+    /// The client's address at the egress, sent only on a `meshfed/2` connection.
+    pub client: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,16 +226,30 @@ impl Open {
         let svc = self.service.to_string();
         let src = self.source.as_str();
         let mut p = Vec::with_capacity(8 + svc.len() + src.len());
-        let kind = if self.flow.is_some() {
-            KIND_OPEN_UDP
-        } else {
-            KIND_OPEN
+        let kind = match (self.flow.is_some(), self.client.is_some()) {
+            (false, false) => KIND_OPEN,
+            (true, false) => KIND_OPEN_UDP,
+            (false, true) => KIND_OPEN_FROM,
+            (true, true) => KIND_OPEN_UDP_FROM,
         };
         p.extend_from_slice(&[VERSION, kind, svc.len() as u8]);
         p.extend_from_slice(svc.as_bytes());
         p.extend_from_slice(&self.port.to_be_bytes());
         p.extend_from_slice(&(src.len() as u16).to_be_bytes());
         p.extend_from_slice(src.as_bytes());
+        match self.client {
+            Some(std::net::SocketAddr::V4(a)) => {
+                p.push(4);
+                p.extend_from_slice(&a.ip().octets());
+                p.extend_from_slice(&a.port().to_be_bytes());
+            }
+            Some(std::net::SocketAddr::V6(a)) => {
+                p.push(6);
+                p.extend_from_slice(&a.ip().octets());
+                p.extend_from_slice(&a.port().to_be_bytes());
+            }
+            None => {}
+        }
         if let Some(flow) = self.flow {
             p.extend_from_slice(&flow.to_be_bytes());
         }
@@ -321,9 +346,11 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
         return Err(WireError::TooLarge(payload.len()));
     }
     let mut c = Cursor(payload);
-    let udp = match head(&mut c)? {
-        KIND_OPEN => false,
-        KIND_OPEN_UDP => true,
+    let (udp, from) = match head(&mut c)? {
+        KIND_OPEN => (false, false),
+        KIND_OPEN_UDP => (true, false),
+        KIND_OPEN_FROM => (false, true),
+        KIND_OPEN_UDP_FROM => (true, true),
         k => return Err(WireError::Kind(k)),
     };
     let n = c.u8("service length")? as usize;
@@ -345,6 +372,27 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
         field: "source",
         reason: e.to_string(),
     })?;
+    let client = if from {
+        let ip: std::net::IpAddr = match c.u8("client family")? {
+            4 => {
+                let b: [u8; 4] = c.take(4, "client address")?.try_into().expect("4 bytes");
+                b.into()
+            }
+            6 => {
+                let b: [u8; 16] = c.take(16, "client address")?.try_into().expect("16 bytes");
+                b.into()
+            }
+            f => {
+                return Err(WireError::Field {
+                    field: "client family",
+                    reason: format!("{f} is neither 4 nor 6"),
+                });
+            }
+        };
+        Some(std::net::SocketAddr::new(ip, c.u16("client port")?))
+    } else {
+        None
+    };
     let flow = if udp { Some(c.u32("flow")?) } else { None };
     c.finish()?;
     Ok(Open {
@@ -352,6 +400,7 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
         port,
         source,
         flow,
+        client,
     })
 }
 
@@ -405,6 +454,7 @@ mod tests {
             port: 8080,
             source: SpiffeId::new("spiffe://east.example.org/meshfed/site/east/gateway").unwrap(),
             flow: None,
+            client: None,
         }
     }
 
@@ -412,6 +462,48 @@ mod tests {
         let len = check_len([framed[0], framed[1]]).unwrap();
         assert_eq!(len, framed.len() - 2);
         &framed[2..]
+    }
+
+    #[test]
+    fn a_v2_open_carries_the_client_address() {
+        for (client, flow, kind) in [
+            ("192.0.2.7:40000", None, KIND_OPEN_FROM),
+            ("[2001:db8::7]:443", Some(9), KIND_OPEN_UDP_FROM),
+        ] {
+            let o = Open {
+                client: Some(client.parse().unwrap()),
+                flow,
+                ..open()
+            };
+            let framed = o.encode();
+            assert_eq!(framed[3], kind);
+            assert_eq!(decode_open(payload(&framed)).unwrap(), o);
+        }
+        // A bad family is a field error, and a truncated address says what is missing.
+        let mut framed = Open {
+            client: Some("192.0.2.7:1".parse().unwrap()),
+            ..open()
+        }
+        .encode();
+        let at = framed.len() - 7;
+        framed[at] = 5;
+        assert!(matches!(
+            decode_open(payload(&framed)),
+            Err(WireError::Field {
+                field: "client family",
+                ..
+            })
+        ));
+        let framed = Open {
+            client: Some("192.0.2.7:1".parse().unwrap()),
+            ..open()
+        }
+        .encode();
+        let short = &payload(&framed)[..framed.len() - 2 - 3];
+        assert_eq!(
+            decode_open(short),
+            Err(WireError::Truncated("client address"))
+        );
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub struct ConfigBuilder {
     pub renew: Option<(PathBuf, Duration)>,
     /// `caller_mtls: true`.
     pub caller_mtls: bool,
+    /// Exports (by service) whose endpoints get a PROXY protocol v2 header.
+    pub proxy_protocol: Vec<String>,
 }
 
 impl ConfigBuilder {
@@ -236,6 +238,9 @@ impl ConfigBuilder {
                 list(eps)
             );
             udp_ports(&mut y, svc);
+            if self.proxy_protocol.contains(svc) {
+                y.push_str("    proxy_protocol: true\n");
+            }
             if let Some(a) = allowed {
                 let ids: Vec<String> = a.iter().map(|i| i.to_string()).collect();
                 let _ = writeln!(y, "    allowed_peers: [{}]", ids.join(", "));

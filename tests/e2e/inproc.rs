@@ -512,6 +512,7 @@ async fn open_as(
         port,
         source: svid.id.clone(),
         flow: None,
+        client: None,
     };
     send.write_all(&open.encode())
         .await
@@ -1150,5 +1151,139 @@ async fn the_federation_renews_its_own_svid_without_a_restart() {
     .await
     .expect("a site's new handshake after the renewal");
     fed.join(&scratch, "west").await;
+    fed.node.shutdown().await;
+}
+
+/// An endpoint that reads a PROXY v2 header with meshfed's parser and answers with what
+/// it said: `<source> <caller>`.
+async fn proxy_reader() -> SocketAddr {
+    let l = crate::harness::listen();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                let parsed = loop {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                    if let Some(p) = meshfed_gateway::proxy_protocol::parse(&buf[..n]) {
+                        break p;
+                    }
+                };
+                let caller = parsed
+                    .tlvs
+                    .iter()
+                    .find(|(t, _)| *t == meshfed_gateway::proxy_protocol::TLV_SPIFFE_ID)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                let _ = s
+                    .write_all(format!("{} {caller}", parsed.src).as_bytes())
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_learns_the_client_and_the_caller_by_proxy_protocol() {
+    let scratch = Scratch::new("inproc-proxy");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    // haproxy, a PROXY-protocol consumer nobody here wrote, answers HTTP with the
+    // source address the header gave it.
+    let ha = crate::harness::listen().local_addr().unwrap();
+    let cfg = scratch.0.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "defaults\n  mode http\n  timeout connect 5s\n  timeout client 10s\n  timeout server 10s\n\
+             frontend f\n  bind {ha} accept-proxy\n  http-request return status 200 content-type text/plain lf-string \"src=%[src]:%[src_port]\"\n"
+        ),
+    )
+    .unwrap();
+    let mut haproxy = std::process::Command::new("haproxy")
+        .arg("-f")
+        .arg(&cfg)
+        .arg("-db")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy (deploy/setup-dev.sh installs it)");
+    let (ha_port, own_port) = (
+        crate::harness::listen().local_addr().unwrap().port(),
+        crate::harness::listen().local_addr().unwrap().port(),
+    );
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder {
+            proxy_protocol: vec!["web.shop".into(), "raw.shop".into()],
+            ..Default::default()
+        }
+        .export("web.shop", ha_port, vec![ha])
+        .export("raw.shop", own_port, vec![proxy_reader().await]),
+    )
+    .await;
+    let caller = "spiffe://east.example.org/ns/shop/sa/frontend";
+    let east_gw = gateway(
+        &east,
+        2,
+        ConfigBuilder {
+            source_identity: Some(caller.into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let web = until_imported(&east_gw, "web.shop", &["west"]).await;
+    let web = SocketAddr::new(web.addresses[&"web.shop".parse().unwrap()], ha_port);
+    let raw = until_imported(&east_gw, "raw.shop", &["west"]).await;
+    let raw = SocketAddr::new(raw.addresses[&"raw.shop".parse().unwrap()], own_port);
+
+    // haproxy sees the client's own address, not a gateway's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (client, body) = loop {
+        let got = async {
+            let mut s = tokio::net::TcpStream::connect(web).await?;
+            let me = s.local_addr()?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n").await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            Ok::<_, std::io::Error>((me, out))
+        }
+        .await;
+        match got {
+            Ok((me, out)) if out.contains("200") => break (me, out),
+            other => assert!(
+                Instant::now() < deadline,
+                "no answer from haproxy: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        body.contains(&format!("src={client}")),
+        "client {client}: {body}"
+    );
+
+    // meshfed's parser sees the caller's SPIFFE ID in its TLV.
+    let mut s = tokio::net::TcpStream::connect(raw).await.unwrap();
+    let me = s.local_addr().unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, format!("{me} {caller}"));
+
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
     fed.node.shutdown().await;
 }

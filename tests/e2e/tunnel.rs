@@ -381,6 +381,7 @@ async fn typed_refusals_on_the_wire() {
             port,
             source: s.east.id.clone(),
             flow: None,
+            client: None,
         }
         .encode()
     };
@@ -451,6 +452,7 @@ async fn typed_refusals_on_the_wire() {
             port: 7000,
             source: meshfed_identity::SpiffeId::new(caller).unwrap(),
             flow: None,
+            client: None,
         }
         .encode()
     };
