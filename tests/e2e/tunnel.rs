@@ -478,6 +478,36 @@ async fn typed_refusals_on_the_wire() {
         "{r:?}"
     );
 
+    // An older peer that speaks only meshfed/1 is still served: the v1 open kinds,
+    // without the client's address.
+    let old = {
+        use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier, Svid};
+        use std::sync::Arc;
+        let svid = Svid::load(&s.east.cert, &s.east.key).unwrap();
+        let west = BundleSet::read_bundle_file(&s.west.bundle, None).unwrap();
+        let v = SpiffeVerifier::new(
+            Arc::new(arc_swap::ArcSwap::from_pointee(
+                [west].into_iter().collect::<BundleSet>(),
+            )),
+            PeerPolicy::Only([s.west.id.clone()].into()),
+        );
+        let r = Arc::new(meshfed_identity::tls::SvidResolver::new(&svid).unwrap());
+        let tls = meshfed_identity::tls::client_config(r, v, &[wire::ALPN]).unwrap();
+        let mut cfg = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ));
+        cfg.transport_config(Arc::new(meshfed_gateway::tunnel::transport_config()));
+        let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+        ep.connect_with(cfg, s.west_gw.quic, "west")
+            .unwrap()
+            .await
+            .unwrap()
+    };
+    assert!(!meshfed_gateway::tunnel::speaks_v2(&old));
+    assert!(meshfed_gateway::tunnel::speaks_v2(&conn));
+    let (r, _) = exchange(&old, &open("echo.demo", 7000)).await;
+    assert_eq!(r, Ok(Response::Accept));
+
     // Oversized: a length prefix past the limit gets a typed refusal and a stream reset.
     let (r, send) = exchange(&conn, &[0xff, 0xff, 1, 1]).await;
     assert!(
