@@ -803,15 +803,20 @@ async fn a_gateway_renews_its_svid_from_an_intermediate_with_calls_flowing() {
     fed.node.shutdown().await;
 }
 
-/// Calls `addr` at `rate` per second from spawned tasks until `stop`; (ok, failed).
-async fn load(
-    addr: SocketAddr,
-    rate: u32,
-    stop: tokio_util::sync::CancellationToken,
-) -> (u32, u32) {
-    use std::sync::Arc;
+/// What a load run saw: calls that succeeded and failed, and when the last call that
+/// succeeded started.
+struct Load {
+    ok: u32,
+    failed: u32,
+    last_ok: Option<Instant>,
+}
+
+/// Calls `addr` at `rate` per second from spawned tasks until `stop`.
+async fn load(addr: SocketAddr, rate: u32, stop: tokio_util::sync::CancellationToken) -> Load {
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
     let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let last_ok = Arc::new(Mutex::new(None::<Instant>));
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     let tasks = tokio_util::task::TaskTracker::new();
     while !stop.is_cancelled() {
@@ -819,18 +824,30 @@ async fn load(
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        let (ok, failed) = (ok.clone(), failed.clone());
+        let (ok, failed, last_ok) = (ok.clone(), failed.clone(), last_ok.clone());
         tasks.spawn(async move {
+            let started = Instant::now();
             let r = tokio::time::timeout(Duration::from_secs(5), echo_through(addr)).await;
             match r {
-                Ok(Ok(b)) if b == b"ping" => ok.fetch_add(1, Ordering::Relaxed),
-                _ => failed.fetch_add(1, Ordering::Relaxed),
-            };
+                Ok(Ok(b)) if b == b"ping" => {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                    let mut l = last_ok.lock().unwrap();
+                    *l = Some(l.map_or(started, |t: Instant| t.max(started)));
+                }
+                _ => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         });
     }
     tasks.close();
     tasks.wait().await;
-    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+    let last_ok = *last_ok.lock().unwrap();
+    Load {
+        ok: ok.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        last_ok,
+    }
 }
 
 /// Issue 15's load test, at a short TTL: while 200 calls per second cross sites, east's
@@ -895,7 +912,7 @@ async fn renewals_and_a_root_rotation_under_load_fail_no_call() {
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.cancel();
-    let (ok, failed) = running.await.unwrap();
+    let Load { ok, failed, .. } = running.await.unwrap();
 
     let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
         .await
@@ -1282,6 +1299,53 @@ async fn the_endpoint_learns_the_client_and_the_caller_by_proxy_protocol() {
 
     let _ = haproxy.kill();
     let _ = haproxy.wait();
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
+
+/// Issue 15's load test, the removal: while 200 calls per second cross from east, the
+/// operator removes east; from a moment shortly after, no call of east's gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_removed_under_load_is_cut_off_within_the_convergence_target() {
+    let Pair {
+        scratch: _scratch,
+        fed,
+        east_gw,
+        west_gw,
+        addr,
+        ..
+    } = pair("inproc-remove-load", |_| ConfigBuilder::default()).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(load(addr, 200, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let removed = Instant::now();
+    meshfed_api::client::remove_site(&fed.dir, "east")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    let Load {
+        ok,
+        failed,
+        last_ok,
+    } = running.await.unwrap();
+    let cut_off = last_ok.map(|t| t.saturating_duration_since(removed));
+    eprintln!(
+        "removal under load: {ok} calls ok (before), {failed} refused (after); last success started {} ms after the removal call",
+        cut_off.map_or(0, |d| d.as_millis())
+    );
+    assert!(ok >= 300, "the load ran before the removal: {ok}");
+    assert!(
+        failed >= 300,
+        "calls after the removal were refused: {failed}"
+    );
+    let cut_off = cut_off.expect("some calls succeeded");
+    assert!(
+        cut_off < Duration::from_secs(1),
+        "east's calls still got through {cut_off:?} after its removal"
+    );
     for g in [east_gw, west_gw] {
         g.shutdown().await;
     }
