@@ -208,19 +208,10 @@ impl FederationService {
         Ok(this)
     }
 
-    /// The addresses written into tokens: every live replica's on etcd.
+    /// The addresses written into tokens and sent on the Bundles stream: every live
+    /// replica's on etcd.
     fn token_addresses(&self) -> Vec<String> {
-        match &self.store {
-            Store::Etcd(s) => {
-                let a = s.replica_addresses();
-                if a.is_empty() {
-                    self.addresses.clone()
-                } else {
-                    a
-                }
-            }
-            Store::Embedded(_) => self.addresses.clone(),
-        }
+        live_addresses(&self.store, &self.addresses)
     }
 
     /// Counts and logs a refusal by its stable reason, and turns it into a typed status.
@@ -745,7 +736,9 @@ impl pb::federation_server::Federation for FederationService {
             )));
         }
         let rx = self.bundles.subscribe();
-        let stream = tokio_stream::wrappers::WatchStream::new(rx).map_ok_bundles();
+        let (store, own) = (self.store.clone(), self.addresses.clone());
+        let stream = tokio_stream::wrappers::WatchStream::new(rx)
+            .map_ok_bundles(move || live_addresses(&store, &own));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -913,16 +906,19 @@ mod streams {
     pub trait BundlesExt {
         fn map_ok_bundles(
             self,
+            addresses: impl Fn() -> Vec<String> + Send + 'static,
         ) -> Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>>;
     }
 
     impl BundlesExt for tokio_stream::wrappers::WatchStream<BTreeMap<String, String>> {
         fn map_ok_bundles(
             self,
+            addresses: impl Fn() -> Vec<String> + Send + 'static,
         ) -> Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>> {
-            Box::pin(self.map(|b| {
+            Box::pin(self.map(move |b| {
                 Ok(pb::BundleSet {
                     bundles: b.into_iter().collect(),
+                    federation_addresses: addresses(),
                 })
             }))
         }
@@ -930,6 +926,18 @@ mod streams {
 }
 
 use streams::BundlesExt;
+
+/// Where the federation answers: every live replica's addresses on etcd (this node's
+/// own while none is known yet), this node's with the embedded store.
+fn live_addresses(store: &Store, own: &[String]) -> Vec<String> {
+    match store {
+        Store::Etcd(s) => {
+            let a = s.replica_addresses();
+            if a.is_empty() { own.to_vec() } else { a }
+        }
+        Store::Embedded(_) => own.to_vec(),
+    }
+}
 
 /// `service:port`, with `/udp` for UDP ports, as `meshfed status` lists them.
 fn port_label(service: &str, port: u16, protocol: meshfed_catalog::catalog::Protocol) -> String {

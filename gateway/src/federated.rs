@@ -353,7 +353,7 @@ impl Agent {
             path: path.clone(),
             source,
         })?;
-        let m: Membership = serde_json::from_slice(&json)
+        let mut m: Membership = serde_json::from_slice(&json)
             .map_err(|source| SessionError::Membership { path, source })?;
         let fed_bundle = self.federation_bundle(&m.federation_trust_domain)?;
         let mut client =
@@ -372,6 +372,7 @@ impl Agent {
             .await
             .ok_or(SessionError::StreamEnded("bundle"))?
             .map_err(rpc("bundles"))?;
+        self.follow_addresses(&mut m, &first.federation_addresses);
         self.write_bundles(first, &m.federation_trust_domain);
         let from = (catalog.revision.0 > 0).then_some(catalog.revision.0);
         let mut watch = client
@@ -397,6 +398,7 @@ impl Agent {
                 }
                 b = bundles.next() => {
                     let b = b.ok_or(SessionError::StreamEnded("bundle"))?.map_err(rpc("bundles"))?;
+                    self.follow_addresses(&mut m, &b.federation_addresses);
                     self.write_bundles(b, &m.federation_trust_domain);
                 }
                 changed = exports.changed() => {
@@ -449,6 +451,23 @@ impl Agent {
     }
 
     /// Writes changed bundles into `bundles/`; the reloader swaps them in.
+    /// Keeps the membership's federation addresses as the federation announces them, so
+    /// that the next session can reach a replica added after the site joined.
+    fn follow_addresses(&self, m: &mut Membership, announced: &[String]) {
+        if announced.is_empty() || m.addresses == announced {
+            return;
+        }
+        m.addresses = announced.to_vec();
+        let path = self.fed.dir.join(Membership::FILE);
+        match serde_json::to_vec_pretty(&*m) {
+            Ok(b) => match write_file(&path, &b, 0o644) {
+                Ok(()) => info!(addresses = ?m.addresses, "federation addresses updated"),
+                Err(e) => warn!(error = %e, "federation.json not written"),
+            },
+            Err(e) => warn!(error = %e, "membership not serialized"),
+        }
+    }
+
     fn write_bundles(&self, set: pb::BundleSet, federation_td: &TrustDomain) {
         let dir = self.fed.dir.join("bundles");
         let listed: BTreeSet<String> = set.bundles.keys().cloned().collect();

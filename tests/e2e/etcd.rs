@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use meshfed_api::{change_from_pb, pb, reason_of};
 use meshfed_catalog::catalog::{Catalog, Delta, Revision};
 use meshfed_catalog::token::JoinToken;
+use meshfed_lab::ConfigBuilder;
 
 use crate::federation::{Fed, On, client, export, join, next_event, publish};
 use crate::harness::*;
@@ -292,4 +293,55 @@ async fn etcd_over_tls_with_client_certificates_and_users() {
     let [_east] = crate::federation::joined(&scratch, &fed, ["east"]);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Issue 15 §4: a site learns, on its Bundles stream, a federation replica added after
+/// it joined, keeps it in `federation.json`, and reaches it when the replica it joined
+/// through dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_learns_a_replica_added_after_it_joined_and_moves_to_it() {
+    let etcd = Etcd::start().await;
+    let scratch = Scratch::new("etcd-learn");
+    let dir = Fed::init(&scratch);
+    let on = On::Etcd(&etcd, "/learn/");
+    let mut a = Fed::start_on(&dir, 0, "60s", on);
+    let east = scratch.site("east", "east.example.org");
+    assert_eq!(join(&east, "east", &a.token("east", "1h")).0, 0);
+    let known = || {
+        let m: meshfed_catalog::site::Membership =
+            serde_json::from_slice(&std::fs::read(east.dir.join("federation.json")).unwrap())
+                .unwrap();
+        m.addresses
+    };
+    assert_eq!(known(), vec![a.addr.clone()], "only A existed at the join");
+    let cfg = ConfigBuilder {
+        federation: Some((east.dir.clone(), [127, 0, 0, 1].into())),
+        reload_interval: Some(RELOAD),
+        ..Default::default()
+    };
+    let _east_gw = Gw::start(&east, &cfg).expect("east gateway");
+
+    // Replica B joins the federation after east did; east's gateway hears of it.
+    let b = Fed::start_on(&Fed::replica_dir(&dir, "fed-b"), 1, "60s", on);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !known().contains(&b.addr) {
+        assert!(
+            Instant::now() < deadline,
+            "east never learned B: {:?}",
+            known()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(known().contains(&a.addr));
+
+    // A dies: east's gateway watches the catalog on B.
+    a.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.metric("meshfed_federation_watchers").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "east never reached B after A died"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

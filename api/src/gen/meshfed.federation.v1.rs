@@ -182,6 +182,10 @@ pub struct BundleSet {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// Where the federation answers now: every live replica's API addresses. A site keeps
+    /// them in its membership, so it finds replicas added after it joined.
+    #[prost(string, repeated, tag = "2")]
+    pub federation_addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

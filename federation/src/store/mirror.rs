@@ -311,14 +311,16 @@ impl Mirror {
                 (Key::Replica(id), KvEvent::Put { value, .. }) => {
                     match serde_json::from_slice::<Vec<String>>(value) {
                         Ok(addrs) => {
-                            self.replicas.insert(id, addrs);
+                            // Sites hear of replicas on the Bundles stream.
+                            out.bundles_changed |=
+                                self.replicas.insert(id, addrs.clone()).as_ref() != Some(&addrs);
                         }
                         Err(e) => out.skipped.push(format!("replicas/{id}: {e}")),
                     }
                     None
                 }
                 (Key::Replica(id), KvEvent::Delete { .. }) => {
-                    self.replicas.remove(&id);
+                    out.bundles_changed |= self.replicas.remove(&id).is_some();
                     None
                 }
                 (Key::Token(_), _) => None,
