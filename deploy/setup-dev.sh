@@ -10,7 +10,8 @@
 #                      (skipped when a kubectl is already installed)
 #   haproxy            the PROXY-protocol consumer the identity tests send to
 #   openssl            s_client, a TLS client the caller-mTLS test presents an SVID with
-#   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
+#   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI)
+#                      and spiffe (py-spiffe, which parses the served SPIFFE bundles),
 #                      which checks the rendered manifests against the Kubernetes schemas
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
@@ -26,7 +27,7 @@ command -v kubectl >/dev/null || need+=(kubernetes-client)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v openssl >/dev/null || need+=(openssl)
 tools=/opt/meshfed-tools
-[ -x "$tools/bin/kubernetes-validate" ] || python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+{ [ -x "$tools/bin/kubernetes-validate" ] && "$tools/bin/python" -c 'import spiffe' 2>/dev/null; } || python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
@@ -41,3 +42,4 @@ if [ ! -x "$tools/bin/kubernetes-validate" ]; then
   python3 -m venv "$tools"
   "$tools/bin/pip" install -q kubernetes-validate==1.37.0
 fi
+"$tools/bin/python" -c 'import spiffe' 2>/dev/null || "$tools/bin/pip" install -q spiffe==0.3.2

@@ -164,6 +164,9 @@ pub struct Running {
     done: tokio::task::JoinHandle<()>,
     /// The admin port's, cancelled after the drain.
     admin_stop: CancellationToken,
+    /// The federation's SVID as its TLS presents it (the bundle endpoint's too).
+    resolver: Arc<SvidResolver>,
+    store: Store,
 }
 
 impl Running {
@@ -196,6 +199,27 @@ impl Running {
         };
         tokio::spawn(server.serve(listener, self.admin_stop.clone()));
         Ok(addr)
+    }
+
+    /// Serves the SPIFFE bundle endpoint (`https_spiffe`: the federation's SVID) on
+    /// `addr`, every member's bundle at `/<trust domain>`, until the node stops.
+    pub async fn serve_bundle_endpoint(&self, addr: SocketAddr) -> Result<SocketAddr, NodeError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| other(format!("bind bundle endpoint {addr}"), e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| other(format!("bind bundle endpoint {addr}"), e))?;
+        let tls = crate::bundle_endpoint::tls(self.resolver.clone())
+            .map_err(|e| other("bundle endpoint TLS", e))?;
+        tokio::spawn(crate::bundle_endpoint::serve(
+            listener,
+            tls,
+            self.store.clone(),
+            self.admin_stop.clone(),
+        ));
+        info!(%bound, "SPIFFE bundle endpoint serving (https_spiffe)");
+        Ok(bound)
     }
 
     /// Drains the service, then closes the admin port.
@@ -305,7 +329,7 @@ pub async fn serve_with(
         Ca::load(&dir.join("ca"))?,
         dir.to_owned(),
         svid_ttl,
-        resolver,
+        resolver.clone(),
         stop.clone(),
     ));
     let store2 = store.clone();
@@ -330,5 +354,7 @@ pub async fn serve_with(
         stop,
         done,
         admin_stop: CancellationToken::new(),
+        resolver,
+        store,
     })
 }

@@ -66,6 +66,10 @@ pub enum FederationCmd {
         /// its CA, without a restart.
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         svid_ttl: Duration,
+        /// Serve the SPIFFE bundle endpoint (https_spiffe profile) here: every member
+        /// trust domain's bundle at `/<trust domain>`.
+        #[arg(long)]
+        bundle_endpoint: Option<std::net::SocketAddr>,
     },
     /// Join tokens.
     #[command(subcommand)]
@@ -123,6 +127,7 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
             admin,
             lease_ttl,
             svid_ttl,
+            bundle_endpoint,
             etcd,
             etcd_prefix,
             etcd_ca,
@@ -158,6 +163,9 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
                     )
                     .await?;
                 node.serve_admin(&dir, admin).await?;
+                if let Some(addr) = bundle_endpoint {
+                    node.serve_bundle_endpoint(addr).await?;
+                }
                 let sig = signals
                     .until_stop(
                         "SIGHUP ignored: the federation has no file config to reload; restart to change flags",

@@ -1351,3 +1351,55 @@ async fn a_site_removed_under_load_is_cut_off_within_the_convergence_target() {
     }
     fed.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spiffe_bundle_endpoint_serves_what_py_spiffe_parses() {
+    let scratch = Scratch::new("inproc-bundle-endpoint");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let at = fed
+        .node
+        .serve_bundle_endpoint(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    // An independent SPIFFE implementation reads it: Python's TLS verifies the server
+    // against the federation's CA (https_spiffe: no DNS name, so no hostname check),
+    // py-spiffe parses the X.509 authorities of the served JWKS.
+    let script = r#"
+import base64, json, ssl, sys, urllib.request
+from spiffe import TrustDomain, X509Bundle
+addr, ca, td = sys.argv[1], sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.check_hostname = False
+doc = json.load(urllib.request.urlopen(f"https://{addr}/{td}", context=ctx))
+ders = [base64.b64decode(k["x5c"][0]) for k in doc["keys"] if k.get("use") == "x509-svid"]
+bundle = X509Bundle.parse_raw(TrustDomain(td), b"".join(ders))
+print(bundle.trust_domain, len(bundle.x509_authorities), doc["spiffe_sequence"], doc["spiffe_refresh_hint"], ders[0].hex())
+"#;
+    let out = tokio::process::Command::new("/opt/meshfed-tools/bin/python")
+        .arg("-c")
+        .arg(script)
+        .arg(at.to_string())
+        .arg(fed.dir.join("ca/ca.pem"))
+        .arg(east.trust_domain.as_str())
+        .output()
+        .await
+        .expect("py-spiffe (deploy/setup-dev.sh installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(got[..2], ["east.example.org", "1"], "{stdout}");
+    // What the endpoint serves is east's own root, with a sequence and a refresh hint.
+    let root = meshfed_identity::Ca::load(&east.dir.join("ca")).unwrap();
+    let hex: String = root.cert().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(got[4], hex, "the served authority is east's root");
+    assert!(
+        got[2].parse::<u64>().is_ok() && got[3].parse::<u64>().unwrap() > 0,
+        "{stdout}"
+    );
+    fed.node.shutdown().await;
+}
