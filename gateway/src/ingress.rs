@@ -332,6 +332,20 @@ impl Ingress {
             .entry(peer.clone())
             .or_default()
             .insert(conn.stable_id(), conn.clone());
+        // A handshake verified against a bundle set that was being replaced: once
+        // registered, either the replacement's sweep (`close_untrusted`) closes it, or
+        // this check, which reads the set after it, does.
+        if self
+            .bundles
+            .load()
+            .get_str(peer.trust_domain_str())
+            .is_none()
+        {
+            conn.close(
+                VarInt::from_u32(app_code::TRUST_WITHDRAWN),
+                b"trust domain withdrawn from the federation",
+            );
+        }
         let udp = IngressFlows::new(conn.clone(), &self.metrics, self.flows.clone());
         loop {
             let (send, recv) = match conn.accept_bi().await {
