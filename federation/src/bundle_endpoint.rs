@@ -110,7 +110,12 @@ pub async fn serve(
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
+            // One request per connection, its head within 10 s: a slot is never held
+            // by an idle or slow client.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                 .await
             {

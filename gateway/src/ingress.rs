@@ -224,12 +224,7 @@ impl Ingress {
             .filter(|(id, _)| peer(id))
             .flat_map(|(_, c)| c.values().cloned())
             .collect();
-        for c in &conns {
-            c.close(
-                VarInt::from_u32(app_code::TRUST_WITHDRAWN),
-                b"trust domain withdrawn from the federation",
-            );
-        }
+        conns.iter().for_each(crate::tunnel::close_withdrawn);
         conns.len()
     }
 
@@ -341,10 +336,7 @@ impl Ingress {
             .get_str(peer.trust_domain_str())
             .is_none()
         {
-            conn.close(
-                VarInt::from_u32(app_code::TRUST_WITHDRAWN),
-                b"trust domain withdrawn from the federation",
-            );
+            crate::tunnel::close_withdrawn(&conn);
         }
         let udp = IngressFlows::new(conn.clone(), &self.metrics, self.flows.clone());
         loop {
@@ -362,19 +354,6 @@ impl Ingress {
                     return;
                 }
             };
-            if self
-                .bundles
-                .load()
-                .get_str(peer.trust_domain_str())
-                .is_none()
-            {
-                warn!(%peer, "peer's trust domain is no longer trusted: closing its connection");
-                conn.close(
-                    VarInt::from_u32(app_code::TRUST_WITHDRAWN),
-                    b"trust domain withdrawn from the federation",
-                );
-                continue;
-            }
             let this = self.clone();
             let peer = peer.clone();
             if drain.is_draining() {

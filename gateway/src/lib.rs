@@ -499,7 +499,7 @@ pub async fn start_with(
         expected_id: svid.id.clone(),
         own_td: cfg.trust_domain.clone(),
         resolver,
-        bundle_store,
+        bundle_store: bundle_store.clone(),
         metrics: metrics.clone(),
         interval: cfg.reload_interval,
         kick: reload_kick.clone(),
@@ -526,6 +526,7 @@ pub async fn start_with(
             key: cfg.key.clone(),
             metrics: metrics.clone(),
             reload: reload_kick.clone(),
+            bundles: bundle_store.clone(),
         };
         tokio::spawn(renewer.run(dial_stop.clone()));
     }

@@ -146,12 +146,7 @@ impl Peers {
             .filter(|e| e.handle.spiffe_id.trust_domain_str() == td)
             .filter_map(|e| e.handle.conn.borrow().clone())
             .collect();
-        for c in &conns {
-            c.close(
-                quinn::VarInt::from_u32(crate::wire::app_code::TRUST_WITHDRAWN),
-                b"trust domain withdrawn from the federation",
-            );
-        }
+        conns.iter().for_each(crate::tunnel::close_withdrawn);
         conns.len()
     }
 

@@ -26,6 +26,14 @@ const RETRY: Duration = Duration::from_secs(5);
 pub enum RenewError {
     #[error("signing authority: {0}")]
     Ca(#[from] meshfed_identity::CaError),
+    /// The new SVID would be refused (an expired or foreign authority): the working one
+    /// stays on disk.
+    #[error("the renewed SVID would be refused [{code}]: {source}")]
+    Refused {
+        code: &'static str,
+        #[source]
+        source: meshfed_identity::VerifyError,
+    },
 }
 
 pub struct Renewer {
@@ -38,6 +46,9 @@ pub struct Renewer {
     pub metrics: Metrics,
     /// The reloader's kick: load the new files now.
     pub reload: Arc<tokio::sync::Notify>,
+    /// The live bundles: a new SVID is checked against them before it replaces the
+    /// working one on disk.
+    pub bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
 }
 
 impl Renewer {
@@ -85,6 +96,15 @@ impl Renewer {
     fn renew(&self) -> Result<i64, RenewError> {
         let ca = Ca::load(&self.ca)?;
         let svid = ca.issue(&self.id, self.ttl)?;
+        crate::reload::check_svid(
+            &svid,
+            &self.bundles.load(),
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map_err(|source| RenewError::Refused {
+            code: source.code(),
+            source,
+        })?;
         // Each file is replaced atomically; a reload that sees one new file and one old
         // fails its key check and is retried, and the kick after both reloads at once.
         svid.save(&self.cert, &self.key)?;

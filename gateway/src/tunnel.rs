@@ -103,6 +103,14 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// Closes a connection whose peer's trust domain the federation withdrew (0x12).
+pub fn close_withdrawn(conn: &quinn::Connection) {
+    conn.close(
+        VarInt::from_u32(wire::app_code::TRUST_WITHDRAWN),
+        b"trust domain withdrawn from the federation",
+    );
+}
+
 /// Whether both ends of `conn` chose `meshfed/2` (open requests may carry the client's
 /// address).
 pub fn speaks_v2(conn: &quinn::Connection) -> bool {

@@ -200,32 +200,28 @@ fn list<'v>(d: &mut Doc<'_>, v: Option<&'v Value>, path: &str) -> Option<Option<
     }
 }
 
+/// Fields of `obj` at `at`: each of `refused` present is an error with `why` (meshfed
+/// would match more than the rule says if it ignored one); any other key not in `known`
+/// is an unsupported-field warning.
+fn fields(d: &mut Doc<'_>, at: &str, obj: &Obj, known: &[&str], refused: &[&str], why: &str) {
+    for k in refused {
+        if obj.contains_key(*k) {
+            d.err(format!("{at}.{k}"), why);
+        }
+    }
+    let all: Vec<&str> = known.iter().chain(refused).copied().collect();
+    d.unsupported(at, obj, &all);
+}
+
 fn source(d: &mut Doc<'_>, v: &Value, path: &str) -> Option<Source> {
     let src = inner(d, v, path, "source")?;
     let at = format!("{path}.source");
-    for k in [
-        "requestPrincipals",
-        "notRequestPrincipals",
-        "ipBlocks",
-        "notIpBlocks",
-        "remoteIpBlocks",
-        "notRemoteIpBlocks",
-    ] {
-        if src.contains_key(k) {
-            d.err(
-                format!("{at}.{k}"),
-                "not supported by meshfed: a gateway authorizes by SPIFFE identity (principals, namespaces)",
-            );
-        }
-    }
-    d.unsupported(
+    fields(
+        d,
         &at,
         src,
+        &["principals", "notPrincipals", "namespaces", "notNamespaces"],
         &[
-            "principals",
-            "notPrincipals",
-            "namespaces",
-            "notNamespaces",
             "requestPrincipals",
             "notRequestPrincipals",
             "ipBlocks",
@@ -233,6 +229,7 @@ fn source(d: &mut Doc<'_>, v: &Value, path: &str) -> Option<Source> {
             "remoteIpBlocks",
             "notRemoteIpBlocks",
         ],
+        "not supported by meshfed: a gateway authorizes by SPIFFE identity (principals, namespaces)",
     );
     let s = Source {
         principals: values(d, src.get("principals"), &format!("{at}.principals")),
@@ -250,27 +247,12 @@ fn source(d: &mut Doc<'_>, v: &Value, path: &str) -> Option<Source> {
 fn operation(d: &mut Doc<'_>, v: &Value, path: &str) -> Option<Operation> {
     let op = inner(d, v, path, "operation")?;
     let at = format!("{path}.operation");
-    for k in [
-        "hosts",
-        "notHosts",
-        "methods",
-        "notMethods",
-        "paths",
-        "notPaths",
-    ] {
-        if op.contains_key(k) {
-            d.err(
-                format!("{at}.{k}"),
-                "not supported by meshfed yet: HTTP attributes need protocol-aware ports",
-            );
-        }
-    }
-    d.unsupported(
+    fields(
+        d,
         &at,
         op,
+        &["ports", "notPorts"],
         &[
-            "ports",
-            "notPorts",
             "hosts",
             "notHosts",
             "methods",
@@ -278,6 +260,7 @@ fn operation(d: &mut Doc<'_>, v: &Value, path: &str) -> Option<Operation> {
             "paths",
             "notPaths",
         ],
+        "not supported by meshfed yet: HTTP attributes need protocol-aware ports",
     );
     if op.is_empty() {
         d.err(&at, "must not be empty (Istio refuses an empty operation)");

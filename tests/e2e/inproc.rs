@@ -1403,3 +1403,60 @@ print(bundle.trust_domain, len(bundle.x509_authorities), doc["spiffe_sequence"],
     );
     fed.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_signing_authority_never_replaces_the_working_svid() {
+    use meshfed_identity::{Ca, Svid};
+    let Pair {
+        scratch: _scratch,
+        fed,
+        east,
+        east_gw,
+        west_gw,
+        addr,
+        ..
+    } = pair("inproc-renew-expired", |east| {
+        // A signing authority that has expired by the time the gateway starts.
+        let authority = east.dir.join("intermediate");
+        Ca::load(&east.dir.join("ca"))
+            .unwrap()
+            .intermediate(Duration::from_secs(1))
+            .unwrap()
+            .save(&authority)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        ConfigBuilder {
+            renew: Some((authority, Duration::from_secs(4))),
+            ..Default::default()
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        counter(&m, "meshfed_gateway_svid_renewals_total{result=\"failed\"}") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        counter(&m, "meshfed_gateway_svid_renewals_total{result=\"ok\"}"),
+        0.0,
+        "{m}"
+    );
+    // The working SVID (the root's, for an hour) is still on disk, and calls cross.
+    let on_disk = Svid::load(&east.cert, &east.key).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        on_disk.not_after_unix().unwrap() > now,
+        "the SVID on disk is alive"
+    );
+    until_call(addr, true, "after the authority expired").await;
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
