@@ -74,6 +74,20 @@ struct RawTls {
     bundles: Vec<PathBuf>,
     #[serde(default)]
     renew: Option<RawRenew>,
+    #[serde(default)]
+    workload_api: Option<RawWorkloadApi>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkloadApi {
+    /// `unix:///path` or `tcp://ip:port`; absent: `SPIFFE_ENDPOINT_SOCKET`.
+    #[serde(default)]
+    socket: Option<String>,
+    #[serde(default)]
+    bundle_dir: Option<PathBuf>,
+    #[serde(default)]
+    wait: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +189,9 @@ pub struct GatewayConfig {
     pub key: PathBuf,
     /// `tls.renew`: the gateway renews its own SVID from a site signing authority.
     pub renew: Option<Renew>,
+    /// `tls.workload_api`: the gateway takes its SVID and bundles from the SPIFFE
+    /// Workload API (a SPIRE agent's socket) instead.
+    pub workload_api: Option<WorkloadApi>,
     pub bundles: Vec<PathBuf>,
     pub listen: SocketAddr,
     /// The caller identity the egress listeners vouch for, declared: every client that
@@ -214,6 +231,23 @@ pub struct Renew {
     pub ca: PathBuf,
     pub ttl: Duration,
 }
+
+/// `tls.workload_api`: the SPIFFE Workload API (a SPIRE agent) issues and rotates the
+/// gateway's SVID. Each SVID it streams is written to `tls.cert`/`tls.key`, and the
+/// bundles it streams (its own trust domain's and the federated ones) to `bundle_dir`
+/// as `<trust domain>.json`; the reloader loads both as it loads files an operator
+/// writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadApi {
+    /// `unix:///path` or `tcp://ip:port`.
+    pub socket: String,
+    pub bundle_dir: PathBuf,
+    /// How long start waits for the first SVID (the agent may start after us).
+    pub wait: Duration,
+}
+
+/// Default `tls.workload_api.wait`.
+pub const DEFAULT_WORKLOAD_API_WAIT: Duration = Duration::from_secs(30);
 
 /// Default `tls.renew.ttl`.
 pub const DEFAULT_RENEW_TTL: Duration = Duration::from_secs(3600);
@@ -334,6 +368,14 @@ fn protocol(p: Option<&str>) -> Result<Protocol, String> {
 // === impl GatewayConfig ===
 
 impl GatewayConfig {
+    /// Directories of `<trust domain>.json` bundles besides `bundles`, in the order
+    /// they override each other: the federation's, then the Workload API's.
+    pub fn bundle_dirs(&self) -> Vec<PathBuf> {
+        let fed = self.federation.iter().map(|f| f.dir.join("bundles"));
+        let api = self.workload_api.iter().map(|w| w.bundle_dir.clone());
+        fed.chain(api).collect()
+    }
+
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             file: file.to_owned(),
@@ -387,6 +429,42 @@ impl Validator<'_> {
     }
 }
 
+fn workload_api(
+    v: &Validator<'_>,
+    base: &Path,
+    cert: &Path,
+    w: RawWorkloadApi,
+) -> Result<WorkloadApi, ConfigError> {
+    let socket = match w.socket {
+        Some(s) => s,
+        None => std::env::var("SPIFFE_ENDPOINT_SOCKET").map_err(|_| {
+            v.err(
+                "tls.workload_api.socket",
+                "not set, and neither is SPIFFE_ENDPOINT_SOCKET",
+            )
+        })?,
+    };
+    spiffe::transport::Endpoint::parse(&socket)
+        .map_err(|e| v.err("tls.workload_api.socket", format!("{socket:?}: {e}")))?;
+    let wait = v.duration(
+        "tls.workload_api.wait",
+        w.wait.as_deref(),
+        DEFAULT_WORKLOAD_API_WAIT,
+    )?;
+    let bundle_dir = match w.bundle_dir {
+        Some(d) => rel(base, d),
+        None => rel(base, cert.to_path_buf())
+            .parent()
+            .unwrap_or(base)
+            .join("workload-api-bundles"),
+    };
+    Ok(WorkloadApi {
+        socket,
+        bundle_dir,
+        wait,
+    })
+}
+
 fn rel(base: &Path, p: PathBuf) -> PathBuf {
     if p.is_absolute() { p } else { base.join(p) }
 }
@@ -396,12 +474,26 @@ impl RawConfig {
         let site = SiteName::new(&self.site).map_err(|e| v.err("site", e))?;
         let trust_domain =
             TrustDomain::new(&self.trust_domain).map_err(|e| v.err("trust_domain", e))?;
-        if self.tls.bundles.is_empty() && self.federation.is_none() {
+        if self.tls.bundles.is_empty()
+            && self.federation.is_none()
+            && self.tls.workload_api.is_none()
+        {
             return Err(v.err(
                 "tls.bundles",
-                "at least one trust bundle is required (or a `federation` section that provides them)",
+                "at least one trust bundle is required (or a `federation` or `tls.workload_api` section that provides them)",
             ));
         }
+        if self.tls.renew.is_some() && self.tls.workload_api.is_some() {
+            return Err(v.err(
+                "tls.workload_api",
+                "set either tls.renew or tls.workload_api: one source issues the SVID",
+            ));
+        }
+        let workload_api = self
+            .tls
+            .workload_api
+            .map(|w| workload_api(v, base, &self.tls.cert, w))
+            .transpose()?;
         let source_identity = self
             .source_identity
             .as_deref()
@@ -459,6 +551,7 @@ impl RawConfig {
             site,
             trust_domain,
             renew,
+            workload_api,
             cert: rel(base, self.tls.cert),
             key: rel(base, self.tls.key),
             bundles: self.tls.bundles.into_iter().map(|b| rel(base, b)).collect(),
@@ -792,6 +885,55 @@ imports:
                 (field, reason)
             }
             other => panic!("expected a field error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn workload_api_source() {
+        let with = |tls: &str| {
+            GOOD.replace(
+                "  bundles: [west.json, /etc/meshfed/east.json]\n",
+                &format!("  bundles: []\n{tls}"),
+            )
+        };
+        let c = parse(&with(
+            "  workload_api: {socket: unix:///run/spire/agent.sock, wait: 5s}\n",
+        ))
+        .unwrap();
+        let w = c.workload_api.as_ref().unwrap();
+        assert_eq!(w.socket, "unix:///run/spire/agent.sock");
+        assert_eq!(w.wait, Duration::from_secs(5));
+        assert_eq!(
+            w.bundle_dir,
+            Path::new("/etc/meshfed/certs/workload-api-bundles")
+        );
+        assert_eq!(c.bundle_dirs(), vec![w.bundle_dir.clone()]);
+        for (tls, field, reason) in [
+            (
+                "  workload_api: {socket: \"/run/spire/agent.sock\"}\n",
+                "tls.workload_api.socket",
+                "/run/spire/agent.sock",
+            ),
+            (
+                "  workload_api: {socket: \"http://x\"}\n",
+                "tls.workload_api.socket",
+                "http://x",
+            ),
+            (
+                "  workload_api: {socket: \"unix:///s\", wait: soon}\n",
+                "tls.workload_api.wait",
+                "soon",
+            ),
+            (
+                "  workload_api: {socket: \"unix:///s\"}\n  renew: {ca: ca}\n",
+                "tls.workload_api",
+                "either tls.renew or tls.workload_api",
+            ),
+            ("", "tls.bundles", "tls.workload_api"),
+        ] {
+            let (f, r) = field_err(&with(tls));
+            assert_eq!(f, field, "{tls}: {r}");
+            assert!(r.contains(reason), "{tls}: {r}");
         }
     }
 

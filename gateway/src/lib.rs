@@ -36,6 +36,7 @@ pub mod splice;
 pub mod tunnel;
 pub mod udp;
 pub mod wire;
+pub mod workload_api;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -78,6 +79,8 @@ pub enum GatewayError {
         code: &'static str,
         reason: String,
     },
+    #[error(transparent)]
+    WorkloadApi(#[from] workload_api::WorkloadApiError),
     #[error("bind {what} {addr}: {source}")]
     Bind {
         what: String,
@@ -301,9 +304,8 @@ fn load_identity(cfg: &GatewayConfig) -> Result<(Svid, meshfed_identity::BundleS
             expected,
         });
     }
-    let bundle_dir = cfg.federation.as_ref().map(|f| f.dir.join("bundles"));
     let bundles = reload::load_bundles(
-        &reload::bundle_files(&cfg.bundles, bundle_dir.as_deref()),
+        &reload::bundle_files(&cfg.bundles, &cfg.bundle_dirs()),
         &cfg.trust_domain,
     )?;
 
@@ -333,8 +335,21 @@ pub async fn start_with(
     cfg: GatewayConfig,
     mut registry: Registry,
 ) -> Result<RunningGateway, GatewayError> {
+    let workload_api = match &cfg.workload_api {
+        Some(w) => {
+            let source = workload_api::Source {
+                cfg: w.clone(),
+                expected: SpiffeId::gateway(&cfg.trust_domain, cfg.site.as_str())
+                    .map_err(|e| GatewayError::Svid(e.to_string()))?,
+                cert: cfg.cert.clone(),
+                key: cfg.key.clone(),
+            };
+            source.first().await?;
+            Some(source)
+        }
+        None => None,
+    };
     let (svid, bundles) = load_identity(&cfg)?;
-    let bundle_dir = cfg.federation.as_ref().map(|f| f.dir.join("bundles"));
 
     let metrics = metrics::Metrics::default();
     metrics.register(&mut registry);
@@ -495,7 +510,7 @@ pub async fn start_with(
         cert: cfg.cert.clone(),
         key: cfg.key.clone(),
         bundles: cfg.bundles.clone(),
-        bundle_dir,
+        bundle_dirs: cfg.bundle_dirs(),
         expected_id: svid.id.clone(),
         own_td: cfg.trust_domain.clone(),
         resolver,
@@ -529,6 +544,9 @@ pub async fn start_with(
             bundles: bundle_store.clone(),
         };
         tokio::spawn(renewer.run(dial_stop.clone()));
+    }
+    if let Some(source) = workload_api {
+        tokio::spawn(source.run(metrics.clone(), reload_kick.clone(), dial_stop.clone()));
     }
 
     let ready = Arc::new(AtomicBool::new(false));

@@ -80,8 +80,7 @@ pub fn run(cfg: &GatewayConfig) -> Vec<Check> {
             },
         );
     }
-    let bundle_dir = cfg.federation.as_ref().map(|f| f.dir.join("bundles"));
-    let files = reload::bundle_files(&cfg.bundles, bundle_dir.as_deref());
+    let files = reload::bundle_files(&cfg.bundles, &cfg.bundle_dirs());
     let bundles = reload::load_bundles(&files, &cfg.trust_domain);
     push(
         "bundles",

@@ -26,9 +26,10 @@ pub struct Reloader {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub bundles: Vec<PathBuf>,
-    /// A directory whose `*.json` files are bundles too (a federated site's `bundles/`),
-    /// listed again on every tick so new trust domains are picked up.
-    pub bundle_dir: Option<PathBuf>,
+    /// Directories whose `<trust domain>.json` files are bundles too (a federated
+    /// site's `bundles/`, the Workload API's), listed again on every tick so new trust
+    /// domains are picked up.
+    pub bundle_dirs: Vec<PathBuf>,
     pub expected_id: SpiffeId,
     pub own_td: TrustDomain,
     pub resolver: Arc<SvidResolver>,
@@ -128,7 +129,7 @@ impl Reloader {
     }
 
     fn bundle_files(&self) -> Vec<PathBuf> {
-        bundle_files(&self.bundles, self.bundle_dir.as_deref())
+        bundle_files(&self.bundles, &self.bundle_dirs)
     }
 
     fn reload_bundles(&self) -> Result<(), ReloadError> {
@@ -207,12 +208,14 @@ pub fn load_bundles(files: &[PathBuf], own_td: &TrustDomain) -> Result<BundleSet
     Ok(set)
 }
 
-/// The static bundle files plus every `*.json` in `dir`, sorted.
-pub fn bundle_files(files: &[PathBuf], dir: Option<&std::path::Path>) -> Vec<PathBuf> {
+/// The static bundle files plus every `*.json` in each of `dirs`, sorted per directory
+/// (a later directory's bundle for a trust domain replaces an earlier one's).
+pub fn bundle_files(files: &[PathBuf], dirs: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = files.to_vec();
-    if let Some(dir) = dir
-        && let Ok(rd) = std::fs::read_dir(dir)
-    {
+    for dir in dirs {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
         let mut found: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "json"))

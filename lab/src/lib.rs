@@ -99,6 +99,9 @@ pub struct ConfigBuilder {
     pub renew: Option<(PathBuf, Duration)>,
     /// `caller_mtls: true`.
     pub caller_mtls: bool,
+    /// `tls.workload_api.socket`: the SVID and this trust domain's bundle come from the
+    /// Workload API (the site's own bundle file is then not listed).
+    pub workload_api: Option<String>,
     /// Exports (by service) whose endpoints get a PROXY protocol v2 header.
     pub proxy_protocol: Vec<String>,
 }
@@ -169,12 +172,20 @@ impl ConfigBuilder {
         }
         let _ = writeln!(
             y,
-            "tls:\n  cert: {}\n  key: {}\n  bundles:",
+            "tls:\n  cert: {}\n  key: {}",
             me.cert.display(),
             me.key.display()
         );
-        let _ = writeln!(y, "    - {}", me.bundle.display());
-        for b in &self.bundles {
+        if let Some(socket) = &self.workload_api {
+            let _ = writeln!(y, "  workload_api:\n    socket: {socket}");
+        }
+        let own = self.workload_api.is_none().then_some(&me.bundle);
+        if own.is_none() && self.bundles.is_empty() {
+            y.push_str("  bundles: []\n");
+        } else {
+            y.push_str("  bundles:\n");
+        }
+        for b in own.into_iter().chain(&self.bundles) {
             let _ = writeln!(y, "    - {}", b.display());
         }
         if let Some((ca, ttl)) = &self.renew {

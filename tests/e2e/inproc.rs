@@ -1460,3 +1460,138 @@ async fn an_expired_signing_authority_never_replaces_the_working_svid() {
     }
     fed.node.shutdown().await;
 }
+
+/// Waits until the SVID on disk at `cert` is `want`'s leaf.
+async fn until_on_disk(cert: &std::path::Path, want: &meshfed_identity::Svid, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::fs::read_to_string(cert).ok().as_deref() != Some(want.cert_pem().as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the SVID on disk never became the published one"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_takes_its_svid_from_the_workload_api_and_follows_it() {
+    use crate::workload_api::WorkloadApi;
+    use meshfed_identity::{Ca, SpiffeId, Svid};
+    let ttl = Duration::from_secs(120);
+    let (api_tx, api_rx) = tokio::sync::oneshot::channel();
+    let Pair {
+        scratch: _scratch,
+        fed,
+        east,
+        west,
+        east_gw,
+        west_gw,
+        port,
+        addr,
+    } = pair("inproc-workload-api", |east| {
+        // No SVID on disk, and the agent comes up only after the gateway has started
+        // waiting for it.
+        std::fs::remove_file(&east.cert).unwrap();
+        std::fs::remove_file(&east.key).unwrap();
+        let socket = east.dir.join("agent.sock");
+        let (id, dir) = (east.id.clone(), east.dir.clone());
+        let sock = socket.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let api = WorkloadApi::start(&sock);
+            let ca = Ca::load(&dir.join("ca")).unwrap();
+            api.publish(&ca.issue(&id, ttl).unwrap(), &ca.bundle(1), &[]);
+            let _ = api_tx.send(api);
+        });
+        ConfigBuilder {
+            workload_api: Some(format!("unix://{}", socket.display())),
+            ..Default::default()
+        }
+    })
+    .await;
+    let api = api_rx.await.unwrap();
+    let ca = Ca::load(&east.dir.join("ca")).unwrap();
+    let (east_b, west_b) = (
+        ca.bundle(1),
+        Ca::load(&west.dir.join("ca")).unwrap().bundle(1),
+    );
+    assert!(api.with_header.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(
+        api.without_header
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let bundle_dir = east.dir.join("workload-api-bundles");
+    assert!(bundle_dir.join("east.example.org.json").exists());
+
+    // Under load: three rotations, a context without this gateway's SVID, and an agent
+    // restart.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let calls = tokio::spawn(load(addr, 100, stop.clone()));
+    let mut last = None;
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let s = ca.issue(&east.id, ttl).unwrap();
+        // The second one also brings west's bundle, federated.
+        let fed_b: Vec<_> = if i >= 1 { vec![&west_b] } else { vec![] };
+        api.publish(&s, &east_b, &fed_b);
+        until_on_disk(&east.cert, &s, &format!("rotation {i}")).await;
+        last = Some(s);
+    }
+    assert!(bundle_dir.join("west.example.org.json").exists());
+    let frontend = SpiffeId::new("spiffe://east.example.org/ns/shop/sa/frontend").unwrap();
+    api.publish(&ca.issue(&frontend, ttl).unwrap(), &east_b, &[&west_b]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    until_on_disk(&east.cert, last.as_ref().unwrap(), "after a foreign SVID").await;
+
+    let socket = api.socket.clone();
+    api.stop();
+    drop(api);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let api = WorkloadApi::start(&socket);
+    let s = ca.issue(&east.id, ttl).unwrap();
+    api.publish(&s, &east_b, &[]);
+    until_on_disk(&east.cert, &s, "after the agent restarted").await;
+    // West's bundle is no longer sent: its file goes (west stays trusted through the
+    // federation's bundles).
+    assert!(!bundle_dir.join("west.example.org.json").exists());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let l = calls.await.unwrap();
+
+    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    let renewed = counter(&m, "meshfed_gateway_svid_renewals_total{result=\"ok\"}");
+    let refused = counter(
+        &m,
+        "meshfed_gateway_svid_refusals_total{reason=\"workload_api_no_svid\"}",
+    );
+    eprintln!(
+        "workload API: {renewed} updates applied, {refused} refused; calls ok {}, failed {}",
+        l.ok, l.failed
+    );
+    assert_eq!(
+        l.failed, 0,
+        "{} calls went through, {} failed",
+        l.ok, l.failed
+    );
+    assert!(l.ok > 100, "{}", l.ok);
+    assert!(renewed >= 4.0 && refused >= 1.0, "{m}");
+    // West accepts the SVID the agent issued last, in a new handshake.
+    let svid = Svid::load(&east.cert, &east.key).unwrap();
+    open_as(
+        &svid,
+        west_gw.gateway.quic_addr,
+        &west.id,
+        west_b,
+        "orders.shop",
+        port,
+    )
+    .await
+    .expect("the agent's SVID is accepted");
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}

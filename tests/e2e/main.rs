@@ -16,3 +16,4 @@ mod rotation;
 mod security;
 mod tunnel;
 mod udp;
+mod workload_api;
