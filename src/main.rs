@@ -44,7 +44,7 @@ enum Cmd {
     Gateway(cmd::gateway::GatewayCmd),
     /// The federation service (catalog and trust exchange).
     #[command(subcommand)]
-    Federation(cmd::federation::FederationCmd),
+    Federation(Box<cmd::federation::FederationCmd>),
     /// This site's membership in a federation.
     #[command(subcommand)]
     Site(cmd::site::SiteCmd),
@@ -133,7 +133,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Kubernetes(c) => cmd::kubernetes::run(c)?,
         Cmd::Dns(a) => cmd::dns::run(a)?,
         Cmd::Status(a) => cmd::site::status(a)?,
-        Cmd::Federation(c) => cmd::federation::federation(c)?,
+        Cmd::Federation(c) => cmd::federation::federation(*c)?,
         Cmd::Site(c) => cmd::site::site(c)?,
     }
     Ok(ExitCode::SUCCESS)

@@ -1,9 +1,9 @@
 //! The SPIFFE bundle endpoint ("SPIFFE Trust Domain and Bundle", section 5): every
 //! member trust domain's bundle over HTTPS at `/<trust domain>`, as a SPIFFE bundle
 //! (JWKS with `spiffe_sequence` and `spiffe_refresh_hint`), in the `https_spiffe`
-//! profile: the server authenticates with the federation's SVID, which a client
-//! verifies against the federation's bundle (or its CA). Anyone may read a bundle: it
-//! holds only public keys.
+//! profile (the server authenticates with the federation's SVID, which a client
+//! verifies against the federation's bundle or its CA) or, with a web certificate, the
+//! `https_web` profile. Anyone may read a bundle: it holds only public keys.
 
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::store::Store;
+use crate::server::FederationService;
 
 /// The TLS server side: the federation's SVID, no client certificate.
 pub fn tls(resolver: Arc<SvidResolver>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
@@ -24,6 +24,31 @@ pub fn tls(resolver: Arc<SvidResolver>) -> Result<Arc<rustls::ServerConfig>, rus
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The TLS server side of the `https_web` profile: a web certificate chain (PEM, leaf
+/// first) and its key, which clients verify with their web roots.
+pub fn web_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("{} and its key: {e}", cert.display()))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -63,7 +88,7 @@ const MAX_CONNECTIONS: usize = 256;
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    store: Store,
+    service: Arc<FederationService>,
     stop: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -84,16 +109,16 @@ pub async fn serve(
             debug!("bundle endpoint at its connection limit; connection closed");
             continue;
         };
-        let (acceptor, store) = (acceptor.clone(), store.clone());
+        let (acceptor, service) = (acceptor.clone(), service.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let hs = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
             let Ok(Ok(tls)) = hs.await else { return };
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let store = store.clone();
+                let service = service.clone();
                 async move {
                     let (status, body) = if req.method() == hyper::Method::GET {
-                        answer(&store.bundles(), req.uri().path())
+                        answer(&service.member_bundles(), req.uri().path())
                     } else {
                         (StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into())
                     };

@@ -166,7 +166,6 @@ pub struct Running {
     admin_stop: CancellationToken,
     /// The federation's SVID as its TLS presents it (the bundle endpoint's too).
     resolver: Arc<SvidResolver>,
-    store: Store,
 }
 
 impl Running {
@@ -201,25 +200,75 @@ impl Running {
         Ok(addr)
     }
 
-    /// Serves the SPIFFE bundle endpoint (`https_spiffe`: the federation's SVID) on
-    /// `addr`, every member's bundle at `/<trust domain>`, until the node stops.
-    pub async fn serve_bundle_endpoint(&self, addr: SocketAddr) -> Result<SocketAddr, NodeError> {
+    /// Serves the SPIFFE bundle endpoint on `addr`, every member's bundle at
+    /// `/<trust domain>`, until the node stops: `https_spiffe` (the federation's SVID),
+    /// or `https_web` with `web` (a PEM certificate chain and its key, e.g. from a
+    /// public CA).
+    pub async fn serve_bundle_endpoint(
+        &self,
+        addr: SocketAddr,
+        web: Option<(&Path, &Path)>,
+    ) -> Result<SocketAddr, NodeError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| other(format!("bind bundle endpoint {addr}"), e))?;
         let bound = listener
             .local_addr()
             .map_err(|e| other(format!("bind bundle endpoint {addr}"), e))?;
-        let tls = crate::bundle_endpoint::tls(self.resolver.clone())
-            .map_err(|e| other("bundle endpoint TLS", e))?;
+        let (tls, profile) = match web {
+            None => (
+                crate::bundle_endpoint::tls(self.resolver.clone())
+                    .map_err(|e| other("bundle endpoint TLS", e))?,
+                "https_spiffe",
+            ),
+            Some((cert, key)) => (
+                crate::bundle_endpoint::web_tls(cert, key)
+                    .map_err(|e| other("bundle endpoint web certificate", e))?,
+                "https_web",
+            ),
+        };
         tokio::spawn(crate::bundle_endpoint::serve(
             listener,
             tls,
-            self.store.clone(),
+            self.service.clone(),
             self.admin_stop.clone(),
         ));
-        info!(%bound, "SPIFFE bundle endpoint serving (https_spiffe)");
+        info!(%bound, profile, "SPIFFE bundle endpoint serving");
         Ok(bound)
+    }
+
+    /// Federates with foreign trust domains by their bundle endpoints
+    /// ([`crate::foreign`]): an `https_spiffe` relationship's bootstrap bundle is stored
+    /// at once when none is, then each bundle is kept fresh until the node stops.
+    /// Refused when a foreign trust domain is our own or a member site's.
+    pub async fn federate_with(
+        &self,
+        relationships: Vec<crate::foreign::Relationship>,
+    ) -> Result<(), NodeError> {
+        let tds = relationships
+            .iter()
+            .map(|r| r.trust_domain.clone())
+            .collect();
+        self.service
+            .set_foreign(tds)
+            .map_err(|e| other("--federates-with", e))?;
+        for rel in relationships {
+            if let crate::foreign::Profile::HttpsSpiffe { bootstrap, .. } = &rel.profile
+                && self.service.stored_bundle(&rel.trust_domain).is_none()
+            {
+                self.service
+                    .store_foreign_bundle(bootstrap)
+                    .await
+                    .map_err(|e| other(format!("bootstrap bundle of {}", rel.trust_domain), e))?;
+            }
+            info!(trust_domain = %rel.trust_domain, url = %rel.url, profile = rel.profile.name(), "federating with a foreign trust domain");
+            tokio::spawn(crate::foreign::run(
+                rel,
+                self.service.clone(),
+                self.stop.clone(),
+            ));
+        }
+        Ok(())
     }
 
     /// Drains the service, then closes the admin port.
@@ -355,6 +404,5 @@ pub async fn serve_with(
         done,
         admin_stop: CancellationToken::new(),
         resolver,
-        store,
     })
 }

@@ -40,6 +40,9 @@ pub struct FederationService {
     pub leases: Arc<Leases>,
     /// Newest revision delivered to each site's Watch streams.
     seen: Seen,
+    /// Foreign trust domains (`--federates-with`): their bundles are fetched from their
+    /// endpoints, and no site may join with one of them.
+    foreign: arc_swap::ArcSwap<std::collections::BTreeSet<TrustDomain>>,
 }
 
 /// Per-site newest revision delivered.
@@ -58,6 +61,22 @@ pub struct Metrics {
     pub joins: Counter,
     pub publishes: Counter,
     pub watchers: Gauge,
+    /// Foreign bundle fetches, by trust domain and result (`ok`, `unchanged`, or the
+    /// stable reason): one series per configured relationship and reason.
+    pub foreign_refreshes: Family<ForeignLabels, Counter>,
+    /// The `spiffe_sequence` of each foreign trust domain's stored bundle.
+    pub foreign_sequence: Family<TrustDomainLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForeignLabels {
+    pub trust_domain: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrustDomainLabels {
+    pub trust_domain: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,6 +99,16 @@ impl Metrics {
             self.publishes.clone(),
         );
         r.register("watchers", "Open Watch streams", self.watchers.clone());
+        r.register(
+            "foreign_bundle_refreshes",
+            "Fetches of foreign trust domains' bundles (--federates-with), by result",
+            self.foreign_refreshes.clone(),
+        );
+        r.register(
+            "foreign_bundle_sequence",
+            "spiffe_sequence of each foreign trust domain's stored bundle",
+            self.foreign_sequence.clone(),
+        );
     }
 }
 
@@ -195,6 +224,7 @@ impl FederationService {
             metrics: Metrics::default(),
             tls_bundles,
             seen: Seen::default(),
+            foreign: Default::default(),
         });
         this.publish_bundles();
         let mut changed = this.store.subscribe_bundles();
@@ -279,6 +309,74 @@ impl FederationService {
             .map_err(|e| self.refuse(store_status(e)))?;
         self.publish_bundles();
         Ok(rev.0)
+    }
+
+    /// Declares the foreign trust domains. Refused when one is the federation's own or
+    /// a member site's.
+    pub fn set_foreign(&self, tds: std::collections::BTreeSet<TrustDomain>) -> Result<(), String> {
+        if tds.contains(&self.trust_domain) {
+            return Err(format!(
+                "{} is this federation's own trust domain",
+                self.trust_domain
+            ));
+        }
+        let members: Vec<(TrustDomain, SiteName)> = self.store.with_catalog(|c| {
+            c.sites
+                .values()
+                .filter(|s| tds.contains(&s.trust_domain))
+                .map(|s| (s.trust_domain.clone(), s.site.clone()))
+                .collect()
+        });
+        if let Some((td, site)) = members.first() {
+            return Err(format!("{td} is the trust domain of member site {site}"));
+        }
+        self.foreign.store(Arc::new(tds));
+        Ok(())
+    }
+
+    /// Every bundle a member owns (the federation's own and its sites'), without the
+    /// foreign ones it only relays to its sites: what its bundle endpoint serves.
+    pub fn member_bundles(&self) -> BTreeMap<String, String> {
+        let mut b = self.store.bundles();
+        for td in self.foreign.load().iter() {
+            b.remove(td.as_str());
+        }
+        b
+    }
+
+    /// The bundle stored for `td`, if any.
+    pub fn stored_bundle(&self, td: &TrustDomain) -> Option<TrustBundle> {
+        let jwks = self.store.bundles().get(td.as_str())?.clone();
+        TrustBundle::from_jwks(td.clone(), jwks.as_bytes()).ok()
+    }
+
+    /// Stores a foreign trust domain's fetched bundle when [`crate::foreign::judge`]
+    /// says so, and hands it to every site.
+    pub async fn store_foreign_bundle(
+        &self,
+        fetched: &TrustBundle,
+    ) -> Result<crate::foreign::Verdict, StoreError> {
+        use crate::foreign::{Verdict, judge};
+        let td = &fetched.trust_domain;
+        let stored = self.stored_bundle(td);
+        let verdict = judge(stored.as_ref(), fetched);
+        if verdict == Verdict::Store {
+            let Ok(jwks) = fetched.to_jwks() else {
+                return Ok(Verdict::Refuse("bad_bundle"));
+            };
+            self.store.set_bundle(td.as_str(), jwks).await?;
+            self.store.flush()?;
+            self.publish_bundles();
+        }
+        if let Some(b) = self.stored_bundle(td) {
+            self.metrics
+                .foreign_sequence
+                .get_or_create(&TrustDomainLabels {
+                    trust_domain: td.to_string(),
+                })
+                .set(i64::try_from(b.sequence).unwrap_or(i64::MAX));
+        }
+        Ok(verdict)
     }
 
     fn publish_bundles(&self) {
@@ -566,6 +664,11 @@ impl pb::federation_server::Federation for FederationService {
             .map_err(|e| self.bad_request(format!("bundle_jwks: {e}")))?;
         if td == self.trust_domain {
             return Err(self.bad_request("a site cannot use the federation's own trust domain"));
+        }
+        if self.foreign.load().contains(&td) {
+            return Err(self.bad_request(format!(
+                "{td} is a foreign trust domain this federation federates with (--federates-with): no site may join with it"
+            )));
         }
         let owners: Vec<SiteName> = self.store.with_catalog(|c| {
             c.sites

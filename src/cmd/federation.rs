@@ -70,6 +70,19 @@ pub enum FederationCmd {
         /// trust domain's bundle at `/<trust domain>`.
         #[arg(long)]
         bundle_endpoint: Option<std::net::SocketAddr>,
+        /// Also serve it in the https_web profile here, with `--web-cert`/`--web-key`.
+        #[arg(long, requires_all = ["web_cert", "web_key"])]
+        bundle_endpoint_web: Option<std::net::SocketAddr>,
+        /// The web certificate chain (PEM, leaf first) for `--bundle-endpoint-web`.
+        #[arg(long, requires = "bundle_endpoint_web")]
+        web_cert: Option<PathBuf>,
+        /// Its key (PEM).
+        #[arg(long, requires = "bundle_endpoint_web")]
+        web_key: Option<PathBuf>,
+        /// Foreign trust domains to federate with by their SPIFFE bundle endpoints (a
+        /// YAML file with `federates_with:` entries; README, "SPIFFE federation").
+        #[arg(long)]
+        federates_with: Option<PathBuf>,
     },
     /// Join tokens.
     #[command(subcommand)]
@@ -128,6 +141,10 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
             lease_ttl,
             svid_ttl,
             bundle_endpoint,
+            bundle_endpoint_web,
+            web_cert,
+            web_key,
+            federates_with,
             etcd,
             etcd_prefix,
             etcd_ca,
@@ -137,6 +154,11 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
             etcd_password_file,
             init_store,
         } => {
+            let foreign = federates_with
+                .as_deref()
+                .map(meshfed_federation::foreign::load)
+                .transpose()?
+                .unwrap_or_default();
             let store = if etcd.is_empty() {
                 meshfed_federation::node::StoreChoice::Embedded { create: init_store }
             } else {
@@ -164,7 +186,13 @@ pub fn federation(cmd: FederationCmd) -> Result<()> {
                     .await?;
                 node.serve_admin(&dir, admin).await?;
                 if let Some(addr) = bundle_endpoint {
-                    node.serve_bundle_endpoint(addr).await?;
+                    node.serve_bundle_endpoint(addr, None).await?;
+                }
+                if let (Some(addr), Some(cert), Some(key)) = (bundle_endpoint_web, &web_cert, &web_key) {
+                    node.serve_bundle_endpoint(addr, Some((cert, key))).await?;
+                }
+                if !foreign.is_empty() {
+                    node.federate_with(foreign).await?;
                 }
                 let sig = signals
                     .until_stop(

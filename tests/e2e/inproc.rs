@@ -84,7 +84,11 @@ impl Federation {
 /// A gateway (with DNS when `cfg` asks) of a joined site, in this process. Each site
 /// binds its imports on its own loopback address (`127.0.0.<host>`): every site
 /// imports what the others export, on the service's port.
-async fn gateway(site: &SiteFiles, host: u8, cfg: ConfigBuilder) -> meshfed::site::RunningSite {
+pub(crate) async fn gateway(
+    site: &SiteFiles,
+    host: u8,
+    cfg: ConfigBuilder,
+) -> meshfed::site::RunningSite {
     let cfg = ConfigBuilder {
         federation: Some((site.dir.clone(), [127, 0, 0, host].into())),
         reload_interval: Some(Duration::from_millis(200)),
@@ -350,7 +354,7 @@ async fn until_call(addr: SocketAddr, want: bool, what: &str) {
     }
 }
 
-fn counter(metrics: &str, series: &str) -> f64 {
+pub(crate) fn counter(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
@@ -480,7 +484,7 @@ async fn authorization_policies_decide_which_caller_reaches_an_export() {
 
 /// Opens a raw QUIC connection to `to` presenting `svid`, and one stream for
 /// `service:port`; `Ok` when the far side accepted.
-async fn open_as(
+pub(crate) async fn open_as(
     svid: &meshfed_identity::Svid,
     to: SocketAddr,
     expect: &meshfed_identity::SpiffeId,
@@ -1359,7 +1363,7 @@ async fn the_spiffe_bundle_endpoint_serves_what_py_spiffe_parses() {
     let east = fed.join(&scratch, "east").await;
     let at = fed
         .node
-        .serve_bundle_endpoint(([127, 0, 0, 1], 0).into())
+        .serve_bundle_endpoint(([127, 0, 0, 1], 0).into(), None)
         .await
         .unwrap();
     // An independent SPIFFE implementation reads it: Python's TLS verifies the server

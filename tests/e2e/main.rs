@@ -14,6 +14,7 @@ mod kubernetes;
 mod legacy;
 mod rotation;
 mod security;
+mod spiffe_federation;
 mod tunnel;
 mod udp;
 mod workload_api;
