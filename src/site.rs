@@ -1,7 +1,9 @@
 //! A running site: the gateway, and beside it the DNS server its config asks for. DNS
 //! starts first (so its metrics are on the gateway's admin port and it answers the
 //! moment the gateway is ready), follows every plan the gateway's federation agent
-//! applies, and stops after the gateway has drained.
+//! applies, and stops after the gateway has drained. With `caller_pod_ip`, a pod
+//! reflector (`meshfed_kubernetes::pods`) keeps the egress's callers by address; the
+//! gateway starts once it has listed the cluster's pods.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 pub enum SiteError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
+    #[error("caller_pod_ip: {0}")]
+    Pods(String),
     #[error("bind dns {addr}: {source}")]
     Dns {
         addr: SocketAddr,
@@ -32,6 +36,8 @@ pub struct RunningSite {
     /// federation to answer from.
     pub dns: Option<(SocketAddr, SocketAddr)>,
     dns_server: Option<meshfed_dns::server::Running>,
+    /// Stops the pod reflector (`caller_pod_ip`) once the gateway has drained.
+    pods_stop: CancellationToken,
 }
 
 impl RunningSite {
@@ -42,6 +48,7 @@ impl RunningSite {
     /// Resolves when the gateway has drained; DNS stops then.
     pub async fn wait(self) {
         self.gateway.wait().await;
+        self.pods_stop.cancel();
         if let Some(d) = self.dns_server {
             d.shutdown();
         }
@@ -54,8 +61,45 @@ impl RunningSite {
     }
 }
 
-/// Starts DNS (when configured), then the gateway.
+/// How long start waits for the first list of pods (`caller_pod_ip`).
+const PODS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Starts DNS (when configured), then the gateway; with `caller_pod_ip`, a pod
+/// reflector on the local cluster (in-cluster service account or kubeconfig).
 pub async fn start(cfg: GatewayConfig) -> Result<RunningSite, SiteError> {
+    start_with(cfg, None).await
+}
+
+/// [`start`], with the Kubernetes client the pod reflector uses.
+pub async fn start_with(
+    cfg: GatewayConfig,
+    kube: Option<kube::Client>,
+) -> Result<RunningSite, SiteError> {
+    let pods_stop = CancellationToken::new();
+    let caller_ips = if cfg.caller_pod_ip {
+        let client = match kube {
+            Some(c) => c,
+            None => kube::Client::try_default()
+                .await
+                .map_err(|e| SiteError::Pods(format!("no Kubernetes client: {e}")))?,
+        };
+        let dir: meshfed_gateway::egress::CallerIps = Arc::default();
+        let listed = meshfed_kubernetes::pods::reflect(
+            client,
+            cfg.trust_domain.clone(),
+            dir.clone(),
+            pods_stop.clone(),
+        );
+        if tokio::time::timeout(PODS_WAIT, listed).await.is_err() {
+            pods_stop.cancel();
+            return Err(SiteError::Pods(format!(
+                "the Kubernetes API did not list pods within {PODS_WAIT:?}"
+            )));
+        }
+        Some(dir)
+    } else {
+        None
+    };
     let mut registry = Registry::default();
     let dns = match (&cfg.dns, &cfg.federation) {
         (Some(d), Some(_)) => {
@@ -86,9 +130,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningSite, SiteError> {
         }
         _ => None,
     };
-    let gateway = match meshfed_gateway::start_with(cfg, registry).await {
+    let options = meshfed_gateway::Options {
+        registry,
+        caller_ips,
+    };
+    let gateway = match meshfed_gateway::start_with(cfg, options).await {
         Ok(g) => g,
         Err(e) => {
+            pods_stop.cancel();
             if let Some((_, _, running)) = dns {
                 running.shutdown();
             }
@@ -100,6 +149,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningSite, SiteError> {
             gateway,
             dns: None,
             dns_server: None,
+            pods_stop,
         });
     };
     let mut plans = gateway.applied_plans();
@@ -125,5 +175,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningSite, SiteError> {
         dns: Some((running.udp, running.tcp)),
         gateway,
         dns_server: Some(running),
+        pods_stop,
     })
 }

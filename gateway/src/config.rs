@@ -44,6 +44,8 @@ struct RawConfig {
     #[serde(default)]
     caller_mtls: bool,
     #[serde(default)]
+    caller_pod_ip: bool,
+    #[serde(default)]
     admin: Option<String>,
     #[serde(default)]
     drain_grace: Option<String>,
@@ -203,6 +205,10 @@ pub struct GatewayConfig {
     /// of this trust domain (verified against its bundle), and that ID is the caller.
     /// Overrides `source_identity` for TCP.
     pub caller_mtls: bool,
+    /// Kubernetes: the caller of a TCP client is the workload identity of the pod
+    /// whose address connects (`spiffe://<td>/ns/<ns>/sa/<sa>`), from a pod reflector
+    /// the binary runs beside the gateway; an address no pod has is refused.
+    pub caller_pod_ip: bool,
     /// Admin HTTP (`/metrics`, `/ready`); default 127.0.0.1:15000.
     pub admin: SocketAddr,
     /// How long in-flight streams may run after SIGTERM; default 10 s.
@@ -483,6 +489,12 @@ impl RawConfig {
                 "at least one trust bundle is required (or a `federation` or `tls.workload_api` section that provides them)",
             ));
         }
+        if self.caller_mtls && self.caller_pod_ip {
+            return Err(v.err(
+                "caller_pod_ip",
+                "set either caller_mtls or caller_pod_ip: one way names the callers",
+            ));
+        }
         if self.tls.renew.is_some() && self.tls.workload_api.is_some() {
             return Err(v.err(
                 "tls.workload_api",
@@ -558,6 +570,7 @@ impl RawConfig {
             listen,
             source_identity,
             caller_mtls: self.caller_mtls,
+            caller_pod_ip: self.caller_pod_ip,
             admin,
             drain_grace,
             connect_timeout,
@@ -935,6 +948,15 @@ imports:
             assert_eq!(f, field, "{tls}: {r}");
             assert!(r.contains(reason), "{tls}: {r}");
         }
+    }
+
+    #[test]
+    fn one_way_names_the_callers() {
+        let c = parse(&format!("{GOOD}caller_pod_ip: true\n")).unwrap();
+        assert!(c.caller_pod_ip && !c.caller_mtls);
+        let (f, r) = field_err(&format!("{GOOD}caller_pod_ip: true\ncaller_mtls: true\n"));
+        assert_eq!(f, "caller_pod_ip");
+        assert!(r.contains("either caller_mtls or caller_pod_ip"), "{r}");
     }
 
     #[test]

@@ -47,9 +47,26 @@ pub struct Egress {
     /// How long the far side may take to answer an open request: its endpoint connect
     /// timeout plus a margin. Past it the peer connection is presumed dead.
     pub open_timeout: Duration,
+    /// How TCP clients prove who calls (`local_id` unless they do).
+    pub callers: Callers,
+}
+
+/// Callers by source address (`caller_pod_ip`): a pod reflector keeps it.
+pub type CallerIps = Arc<ArcSwap<std::collections::HashMap<std::net::IpAddr, SpiffeId>>>;
+
+/// Who the caller of a TCP client's open is.
+#[derive(Clone, Default)]
+pub enum Callers {
+    /// The listener's declared caller, or the gateway itself (`local_id`).
+    #[default]
+    Declared,
     /// `caller_mtls`: clients present an SVID of this site's trust domain, and its ID is
-    /// the caller of their opens (instead of `local_id`).
-    pub caller_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// the caller.
+    Mtls(tokio_rustls::TlsAcceptor),
+    /// `caller_pod_ip`: the identity of the pod whose address connects; an address
+    /// that names nobody is refused (`caller_unauthenticated`). UDP flows, whose source
+    /// address no handshake proves, keep `local_id`.
+    SourceAddress(CallerIps),
 }
 
 /// How long a client of a `caller_mtls` listener has for its TLS handshake.
@@ -82,10 +99,21 @@ impl Egress {
     }
 
     async fn serve_client(&self, tcp: TcpStream, client: SocketAddr) {
-        if let Some(acceptor) = &self.caller_tls {
-            return self.serve_mtls_client(acceptor, tcp, client).await;
-        }
+        let source = match &self.callers {
+            Callers::Mtls(acceptor) => return self.serve_mtls_client(acceptor, tcp, client).await,
+            Callers::SourceAddress(dir) => match dir.load().get(&client.ip().to_canonical()) {
+                Some(id) => id.clone(),
+                None => {
+                    debug!("no workload has this source address; connection refused");
+                    self.metrics.refused(DIR, "caller_unauthenticated");
+                    reset_tcp(tcp);
+                    return;
+                }
+            },
+            Callers::Declared => self.local_id.clone(),
+        };
         let open = Open {
+            source,
             client: Some(client),
             ..self.open_request(None)
         };
@@ -374,8 +402,8 @@ pub struct Imports {
     udp_idle_timeout: Duration,
     dispatch: Arc<crate::udp::Dispatch>,
     drain: DrainWatcher,
-    /// `caller_mtls`: every TCP listener authenticates its clients.
-    caller_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// How every TCP listener's clients prove who calls.
+    callers: Callers,
     by_key: Mutex<BTreeMap<ImportKey, ImportEntry>>,
 }
 
@@ -396,7 +424,7 @@ impl Imports {
         open_timeout: Duration,
         udp_idle_timeout: Duration,
         drain: DrainWatcher,
-        caller_tls: Option<tokio_rustls::TlsAcceptor>,
+        callers: Callers,
     ) -> Self {
         Self {
             dispatch: crate::udp::Dispatch::new(&metrics),
@@ -406,7 +434,7 @@ impl Imports {
             open_timeout,
             udp_idle_timeout,
             drain,
-            caller_tls,
+            callers,
             by_key: Mutex::new(BTreeMap::new()),
         }
     }
@@ -447,7 +475,7 @@ impl Imports {
             local_id: source.unwrap_or(&self.local_id).clone(),
             metrics: self.metrics.clone(),
             open_timeout: self.open_timeout,
-            caller_tls: self.caller_tls.clone(),
+            callers: self.callers.clone(),
         };
         let addr = match protocol {
             Protocol::Tcp => {

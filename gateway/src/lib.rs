@@ -326,15 +326,25 @@ fn load_identity(cfg: &GatewayConfig) -> Result<(Svid, meshfed_identity::BundleS
 /// all listeners are bound (so `/ready` is true). The config's `dns` section is not
 /// served here: the binary starts DNS beside the gateway (`meshfed::site`).
 pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
-    start_with(cfg, Registry::default()).await
+    start_with(cfg, Options::default()).await
 }
 
-/// [`start`], serving `registry` on the admin port beside the gateway's own metrics
-/// (the binary registers its DNS server's there).
+/// What the binary hands the gateway beside its config.
+#[derive(Default)]
+pub struct Options {
+    /// Served on the admin port beside the gateway's own metrics (the binary registers
+    /// its DNS server's there).
+    pub registry: Registry,
+    /// `caller_pod_ip`: callers by source address, kept by a pod reflector.
+    pub caller_ips: Option<egress::CallerIps>,
+}
+
+/// [`start`] with [`Options`].
 pub async fn start_with(
     cfg: GatewayConfig,
-    mut registry: Registry,
+    options: Options,
 ) -> Result<RunningGateway, GatewayError> {
+    let mut registry = options.registry;
     let workload_api = match &cfg.workload_api {
         Some(w) => {
             let source = workload_api::Source {
@@ -418,15 +428,21 @@ pub async fn start_with(
     }
     // The caller the egress vouches for: the declared workload, or the gateway itself.
     // Callers prove who they are with their SVID, of this trust domain only.
-    let caller_tls = if cfg.caller_mtls {
+    let callers = if cfg.caller_mtls {
         let v = base_verifier
             .clone()
             .with_policy(PeerPolicy::TrustDomain(cfg.trust_domain.clone()));
         let tls = meshfed_identity::tls::server_config(resolver.clone(), v, &[])
             .map_err(|e| GatewayError::Svid(format!("caller mTLS: {e}")))?;
-        Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+        egress::Callers::Mtls(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+    } else if cfg.caller_pod_ip {
+        egress::Callers::SourceAddress(options.caller_ips.ok_or_else(|| {
+            GatewayError::Svid(
+                "caller_pod_ip: no pod directory was given (`meshfed gateway run` starts one from the Kubernetes API)".into(),
+            )
+        })?)
     } else {
-        None
+        egress::Callers::Declared
     };
     let imports = Arc::new(egress::Imports::new(
         peers.clone(),
@@ -437,7 +453,7 @@ pub async fn start_with(
         cfg.connect_timeout + Duration::from_secs(2),
         cfg.udp_idle_timeout,
         streams_w.clone(),
-        caller_tls,
+        callers,
     ));
     for im in &cfg.imports {
         imports

@@ -42,7 +42,7 @@ pub struct ExportController {
 }
 
 /// A resource type kube's reflectors can mirror.
-pub(super) trait Mirrored:
+pub(crate) trait Mirrored:
     kube::Resource<DynamicType = ()>
     + Clone
     + DeserializeOwned
@@ -70,7 +70,7 @@ fn mirror<K: Mirrored>(api: Api<K>, changed: Arc<Notify>, stop: CancellationToke
 }
 
 /// [`mirror`] of the objects `cfg` selects (e.g. by label).
-pub(super) fn mirror_matching<K: Mirrored>(
+pub(crate) fn mirror_matching<K: Mirrored>(
     api: Api<K>,
     cfg: watcher::Config,
     changed: Arc<Notify>,

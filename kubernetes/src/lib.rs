@@ -13,6 +13,8 @@
 //! derived Services match what the site's gateway imports; `dns` maps any MCS
 //! implementation's ServiceImports to `clusterset.local` records for `meshfed dns
 //! --kubernetes`. `file_watch` wakes a controller when a file it follows changes.
+//! `pods` maps pod IPs to workload identities for a gateway whose egress names its
+//! callers by their source address (`caller_pod_ip`).
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,6 +35,12 @@ pub mod dns;
 pub mod file_watch;
 pub mod import_controller;
 pub mod imports;
+pub mod pods;
+
+/// A pod's workload identity, Istio's convention: `spiffe://<td>/ns/<ns>/sa/<sa>`.
+pub fn workload_id(td: &TrustDomain, namespace: &str, service_account: &str) -> Option<SpiffeId> {
+    td.child(&["ns", namespace, "sa", service_account]).ok()
+}
 
 /// The label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -231,7 +239,7 @@ fn export_one(
                         .as_ref()
                         .and_then(|s| s.service_account_name.as_deref())
                         .unwrap_or("default");
-                    if let Ok(id) = SpiffeId::new(&format!("spiffe://{td}/ns/{ns}/sa/{sa}")) {
+                    if let Some(id) = workload_id(td, ns, sa) {
                         identities.insert(id);
                     }
                 }

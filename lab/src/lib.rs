@@ -99,6 +99,8 @@ pub struct ConfigBuilder {
     pub renew: Option<(PathBuf, Duration)>,
     /// `caller_mtls: true`.
     pub caller_mtls: bool,
+    /// `caller_pod_ip: true`.
+    pub caller_pod_ip: bool,
     /// `tls.workload_api.socket`: the SVID and this trust domain's bundle come from the
     /// Workload API (the site's own bundle file is then not listed).
     pub workload_api: Option<String>,
@@ -169,6 +171,9 @@ impl ConfigBuilder {
         }
         if self.caller_mtls {
             y.push_str("caller_mtls: true\n");
+        }
+        if self.caller_pod_ip {
+            y.push_str("caller_pod_ip: true\n");
         }
         let _ = writeln!(
             y,

@@ -89,13 +89,23 @@ pub(crate) async fn gateway(
     host: u8,
     cfg: ConfigBuilder,
 ) -> meshfed::site::RunningSite {
+    gateway_with(site, host, cfg, None).await
+}
+
+/// [`gateway`], with a Kubernetes client for its pod reflector (`caller_pod_ip`).
+async fn gateway_with(
+    site: &SiteFiles,
+    host: u8,
+    cfg: ConfigBuilder,
+    kube: Option<kube::Client>,
+) -> meshfed::site::RunningSite {
     let cfg = ConfigBuilder {
         federation: Some((site.dir.clone(), [127, 0, 0, host].into())),
         reload_interval: Some(Duration::from_millis(200)),
         ..cfg
     };
     let path = cfg.write(site).unwrap();
-    meshfed::site::start(GatewayConfig::load(&path).unwrap())
+    meshfed::site::start_with(GatewayConfig::load(&path).unwrap(), kube)
         .await
         .expect("gateway starts")
 }
@@ -1594,6 +1604,118 @@ async fn a_gateway_takes_its_svid_from_the_workload_api_and_follows_it() {
     )
     .await
     .expect("the agent's SVID is accepted");
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
+
+/// Connects to `to` from the local address `from` (a "pod IP" on loopback) and returns
+/// what the endpoint answered, or the error a refusal (a reset) gives.
+async fn call_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<String> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(from, 0))?;
+    let mut s = s.connect(to).await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
+    if out.is_empty() {
+        return Err(std::io::Error::other("closed without an answer"));
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
+    use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
+    let pod = |name: &str, sa: &str, ip: &str, host_network: bool| {
+        let mut p = Pod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("shop".into());
+        p.spec = Some(PodSpec {
+            service_account_name: Some(sa.into()),
+            host_network: host_network.then_some(true),
+            ..Default::default()
+        });
+        p.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            ..Default::default()
+        });
+        p
+    };
+    let api = crate::kubeapi::KubeApi::start().await;
+    api.put(&pod("frontend-1", "frontend", "127.0.0.7", false));
+    api.put(&pod("node-agent", "agent", "127.0.0.8", true));
+
+    let scratch = Scratch::new("inproc-pod-ip");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder {
+            proxy_protocol: vec!["raw.shop".into()],
+            ..Default::default()
+        }
+        .export("raw.shop", port, vec![proxy_reader().await]),
+    )
+    .await;
+    let east_gw = gateway_with(
+        &east,
+        2,
+        ConfigBuilder {
+            caller_pod_ip: true,
+            ..Default::default()
+        },
+        Some(api.client()),
+    )
+    .await;
+    let raw = until_imported(&east_gw, "raw.shop", &["west"]).await;
+    let raw = SocketAddr::new(raw.addresses[&"raw.shop".parse().unwrap()], port);
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+
+    // The pod's address: the endpoint learns its service account's identity.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        match call_from(ip("127.0.0.7"), raw).await {
+            Ok(out) => break out,
+            Err(e) => assert!(Instant::now() < deadline, "no answer for the pod: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        got.starts_with("127.0.0.7:")
+            && got.ends_with(" spiffe://east.example.org/ns/shop/sa/frontend"),
+        "{got}"
+    );
+    // An address no pod has, and a host-network pod's (its node's, shared): refused.
+    for from in ["127.0.0.9", "127.0.0.8"] {
+        let r = call_from(ip(from), raw).await;
+        assert!(r.is_err(), "{from} was let through: {r:?}");
+    }
+    // The pod goes: its address names nobody any more.
+    api.delete("pods", "shop", "frontend-1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call_from(ip("127.0.0.7"), raw).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "a deleted pod's address still calls"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        counter(
+            &m,
+            "meshfed_gateway_refusals_total{direction=\"egress\",reason=\"caller_unauthenticated\"}"
+        ) >= 3.0,
+        "{m}"
+    );
     for g in [east_gw, west_gw] {
         g.shutdown().await;
     }
