@@ -7,7 +7,14 @@
 //! - `meshfed-plain`: the same import without caller mTLS (a plain TCP client);
 //! - `haproxy-mtls`: client → haproxy terminating TLS with the same client-certificate
 //!   check (`verify required`, the same CA) → echo: the same job at one hop, by a proxy
-//!   nobody here wrote.
+//!   nobody here wrote;
+//! - `meshfed-authz`: the mTLS path to a service in a namespace with `--policies` Istio
+//!   AuthorizationPolicies (parsed by meshfed's parser, as `meshfed register` takes
+//!   them) at the far ingress: half DENY policies naming other principals, half ALLOW
+//!   policies each naming one principal, the client's last (every open scans them all);
+//! - `haproxy-acl`: haproxy-mtls with the same job, authorizing the client certificate
+//!   against a list of `--policies` entries (`tcp-request content reject unless
+//!   { ssl_c_sha1,hex -m str -f allowed.lst }`: upper-case hex, the client's last).
 //!
 //! Prints each figure with the peer's, then the ratios; the last lines are `name: value`.
 
@@ -30,6 +37,29 @@ struct Cli {
     rounds: u32,
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// AuthorizationPolicies (and haproxy ACL entries) on the authz paths.
+    #[arg(long, default_value_t = 1000)]
+    policies: usize,
+}
+
+/// `n` AuthorizationPolicies for namespace `ns`, one YAML document each: half DENY
+/// policies for other principals, half ALLOW policies each naming one principal,
+/// `allowed` in the last.
+fn policies_yaml(ns: &str, n: usize, allowed: &str) -> Vec<String> {
+    let mut docs = Vec::new();
+    for i in 0..n {
+        let (action, principal) = if i % 2 == 0 {
+            ("DENY", format!("east.example.org/ns/blocked-{i}/sa/job"))
+        } else if i + 1 >= n.saturating_sub(1) {
+            ("ALLOW", allowed.trim_start_matches("spiffe://").to_owned())
+        } else {
+            ("ALLOW", format!("east.example.org/ns/team-{i}/sa/app"))
+        };
+        docs.push(format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p{i}\n  namespace: {ns}\nspec:\n  action: {action}\n  rules:\n  - from:\n    - source:\n        principals: [\"{principal}\"]\n"
+        ));
+    }
+    docs
 }
 
 /// How a client connects.
@@ -135,17 +165,29 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// haproxy terminating TLS with a client-certificate check, in front of `echo`.
-fn haproxy(dir: &Path, listen: SocketAddr, echo: SocketAddr) -> Result<std::process::Child> {
+/// haproxy terminating TLS with a client-certificate check, in front of `echo`; with
+/// `acl`, a second frontend at that address that also authorizes the client
+/// certificate's fingerprint against `allowed.lst`.
+fn haproxy(
+    dir: &Path,
+    listen: SocketAddr,
+    acl: SocketAddr,
+    echo: SocketAddr,
+) -> Result<std::process::Child> {
     let cfg = dir.join("haproxy.cfg");
+    let bind = format!(
+        "ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3",
+        dir.join("haproxy.pem").display(),
+        dir.join("ca.pem").display()
+    );
     std::fs::write(
         &cfg,
         format!(
             "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend f\n  bind {listen} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend b\n\
+             frontend f\n  bind {listen} {bind}\n  default_backend b\n\
+             frontend acl\n  bind {acl} {bind}\n  tcp-request content reject unless {{ ssl_c_sha1,hex -m str -f {} }}\n  default_backend b\n\
              backend b\n  server s {echo}\n",
-            dir.join("haproxy.pem").display(),
-            dir.join("ca.pem").display()
+            dir.join("allowed.lst").display()
         ),
     )?;
     std::process::Command::new("haproxy")
@@ -177,10 +219,11 @@ async fn main() -> Result<()> {
     let west = lab::make_site(&dir, "west", "west.example.org")?;
     let east = lab::make_site(&dir, "east", "east.example.org")?;
     let echo = echo_server().await?;
-    let port = free_port()?;
+    let (port, authz_port) = (free_port()?, free_port()?);
     let west_gw = meshfed_gateway::start(meshfed_gateway::GatewayConfig::load(
         &ConfigBuilder::default()
             .export("echo.bench", port, vec![echo])
+            .export("echo.authz", authz_port, vec![echo])
             .peer(&east, None)
             .write(&west)?,
     )?)
@@ -196,6 +239,7 @@ async fn main() -> Result<()> {
     // The same site's second gateway (its own directory and SVID) with caller mTLS.
     let east2 = lab::site_with_ca(&dir.join("mtls"), "east", &Ca::load(&east.dir.join("ca"))?)?;
     let mtls_l: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let authz_l: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let mtls_gw = meshfed_gateway::start(meshfed_gateway::GatewayConfig::load(
         &ConfigBuilder {
             caller_mtls: true,
@@ -203,6 +247,7 @@ async fn main() -> Result<()> {
         }
         .peer(&west, Some(west_gw.quic_addr))
         .import("echo.bench", port, "west", mtls_l)
+        .import("echo.authz", authz_port, "west", authz_l)
         .write(&east2)?,
     )?)
     .await?;
@@ -219,9 +264,38 @@ async fn main() -> Result<()> {
         gw_svid.cert_pem() + &gw_svid.key_pem(),
     )?;
     std::fs::write(dir.join("ca.pem"), der_pem(east_ca.cert()))?;
+    // The policies, parsed as `meshfed register` parses them, at west's ingress; and
+    // haproxy's list of the same length, the client's fingerprint last.
+    // One file holds at most 1024 documents: registered as several files.
+    let mut policies = Vec::new();
+    for file in policies_yaml("authz", cli.policies, workload.id.as_str()).chunks(1000) {
+        let reg = meshfed_istio::service_entry::parse(&file.concat())
+            .map_err(|e| anyhow::anyhow!("policies: {e}"))?;
+        policies.extend(reg.policies);
+    }
+    anyhow::ensure!(
+        policies.len() == cli.policies,
+        "{} policies parsed",
+        policies.len()
+    );
+    west_gw.set_authorization_policies(policies);
+    let fp = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &workload.chain[0]);
+    let mut list: String = (1..cli.policies)
+        .map(|i| format!("{:040X}\n", i as u128 * 0x9e37_79b9_7f4a_7c15))
+        .collect();
+    list.push_str(
+        &fp.as_ref()
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<String>(),
+    );
+    list.push('\n');
+    std::fs::write(dir.join("allowed.lst"), list)?;
     let ha_l: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
-    let mut ha = haproxy(&dir, ha_l, echo)?;
+    let acl_l: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    let mut ha = haproxy(&dir, ha_l, acl_l, echo)?;
     wait_port(ha_l).await?;
+    wait_port(acl_l).await?;
 
     let bundles: BundleSet = [east_ca.bundle(1)].into_iter().collect();
     let verifier = SpiffeVerifier::new(
@@ -238,6 +312,8 @@ async fn main() -> Result<()> {
         (mtls_l, tls.clone()),
         (plain_l, Client::Plain),
         (ha_l, tls.clone()),
+        (authz_l, tls.clone()),
+        (acl_l, tls.clone()),
     ] {
         one(addr, &c)
             .await
@@ -252,6 +328,8 @@ async fn main() -> Result<()> {
         ("meshfed-mtls", mtls_l, tls.clone()),
         ("meshfed-plain", plain_l, Client::Plain),
         ("haproxy-mtls", ha_l, tls.clone()),
+        ("meshfed-authz", authz_l, tls.clone()),
+        ("haproxy-acl", acl_l, tls.clone()),
     ];
     let mut rates: Vec<Vec<f64>> = vec![vec![]; paths.len()];
     let mut p99s: Vec<Vec<u64>> = vec![vec![]; paths.len()];
@@ -294,6 +372,23 @@ async fn main() -> Result<()> {
         "  meshfed-mtls / haproxy-mtls  conn/s: {}",
         range(&mtls_vs_haproxy)
     );
+    let authz_cost = ratio(3, 0);
+    let acl_cost = ratio(4, 2);
+    let authz_vs_haproxy = ratio(3, 4);
+    println!(
+        "  meshfed-authz / meshfed-mtls conn/s: {} ({} policies)",
+        range(&authz_cost),
+        cli.policies
+    );
+    println!(
+        "  haproxy-acl   / haproxy-mtls conn/s: {} ({} entries)",
+        range(&acl_cost),
+        cli.policies
+    );
+    println!(
+        "  meshfed-authz / haproxy-acl  conn/s: {}",
+        range(&authz_vs_haproxy)
+    );
     println!("logs and configs: {}", dir.display());
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     println!(
@@ -307,6 +402,20 @@ async fn main() -> Result<()> {
     println!(
         "caller_mtls_p99_us: {}",
         p99s[0].iter().max().copied().unwrap_or(0)
+    );
+    println!("authz_policies: {}", cli.policies);
+    println!(
+        "authz_connrate_ratio_vs_no_policies: {:.3}",
+        mean(&authz_cost)
+    );
+    println!("authz_haproxy_acl_ratio_vs_no_acl: {:.3}", mean(&acl_cost));
+    println!(
+        "authz_connrate_ratio_vs_haproxy_acl: {:.3}",
+        mean(&authz_vs_haproxy)
+    );
+    println!(
+        "authz_p99_us: {}",
+        p99s[3].iter().max().copied().unwrap_or(0)
     );
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshfed_catalog::ServiceName;
-use meshfed_catalog::authz::{self, AuthorizationPolicy, Decision};
+use meshfed_catalog::authz::{self, Decision};
 use meshfed_identity::SpiffeId;
 use meshfed_lifecycle::drain::DrainWatcher;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -55,7 +55,7 @@ pub struct Ingress {
     /// federation withdrew it) is closed at its next stream.
     bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
     /// Registered AuthorizationPolicies (`registry.json`), swapped whole.
-    pub policies: arc_swap::ArcSwap<Vec<AuthorizationPolicy>>,
+    pub policies: arc_swap::ArcSwap<authz::PolicyIndex>,
     /// TLS origination clients, built on first use.
     tls_clients: std::sync::Mutex<BTreeMap<TlsOrigination, TlsClient>>,
 }
@@ -101,7 +101,7 @@ fn refused(reason: Refusal, message: String) -> Refused {
 /// DENY, then ALLOW). Pure: no I/O.
 pub fn decide<'a>(
     exports: &'a BTreeMap<ServiceName, Export>,
-    policies: &[AuthorizationPolicy],
+    policies: &authz::PolicyIndex,
     open: &Open,
     peer: &SpiffeId,
 ) -> Result<Route<'a>, Refused> {
@@ -149,7 +149,7 @@ pub fn decide<'a>(
     if let Decision::Deny {
         policy,
         allow_policies,
-    } = authz::decide(policies, &request)
+    } = policies.decide(&request)
     {
         let by = match &policy {
             Some(p) => format!("by policy {p}"),
@@ -608,6 +608,7 @@ impl Ingress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshfed_catalog::authz::{AuthorizationPolicy, PolicyIndex};
     use std::collections::BTreeSet;
 
     fn exports() -> BTreeMap<ServiceName, Export> {
@@ -672,46 +673,46 @@ mod tests {
             ..open("echo.demo", 7000)
         };
         assert_eq!(
-            decide(&ex, &[], &from_north, &north)
+            decide(&ex, &Default::default(), &from_north, &north)
                 .unwrap()
                 .endpoints
                 .len(),
             1
         );
         assert_eq!(
-            decide(&ex, &[], &open("nope.demo", 7000), &east)
+            decide(&ex, &Default::default(), &open("nope.demo", 7000), &east)
                 .unwrap_err()
                 .reason,
             Refusal::UnknownService
         );
         assert_eq!(
-            decide(&ex, &[], &open("echo.demo", 7002), &east)
+            decide(&ex, &Default::default(), &open("echo.demo", 7002), &east)
                 .unwrap_err()
                 .reason,
             Refusal::UnknownService
         );
         assert_eq!(
-            decide(&ex, &[], &open("echo.demo", 7001), &east)
+            decide(&ex, &Default::default(), &open("echo.demo", 7001), &east)
                 .unwrap_err()
                 .reason,
             Refusal::NoReadyEndpoint
         );
-        assert!(decide(&ex, &[], &open("db.prod", 5432), &east).is_ok());
+        assert!(decide(&ex, &Default::default(), &open("db.prod", 5432), &east).is_ok());
         // UDP opens look at the UDP ports only, and the other way round.
         let udp = |svc, port| Open {
             flow: Some(1),
             ..open(svc, port)
         };
-        assert!(decide(&ex, &[], &udp("echo.demo", 53), &east).is_ok());
+        assert!(decide(&ex, &Default::default(), &udp("echo.demo", 53), &east).is_ok());
         let Refused {
             reason: r,
             message: msg,
             ..
-        } = decide(&ex, &[], &udp("echo.demo", 7000), &east).unwrap_err();
+        } = decide(&ex, &Default::default(), &udp("echo.demo", 7000), &east).unwrap_err();
         assert_eq!(r, Refusal::UnknownService);
         assert!(msg.contains("udp port 7000"), "{msg}");
         assert_eq!(
-            decide(&ex, &[], &open("echo.demo", 53), &east)
+            decide(&ex, &Default::default(), &open("echo.demo", 53), &east)
                 .unwrap_err()
                 .reason,
             Refusal::UnknownService
@@ -720,7 +721,7 @@ mod tests {
             reason: r,
             message: msg,
             ..
-        } = decide(&ex, &[], &open("db.prod", 5432), &north).unwrap_err();
+        } = decide(&ex, &Default::default(), &open("db.prod", 5432), &north).unwrap_err();
         assert_eq!(r, Refusal::NotExportedToPeer);
         assert!(msg.contains("north"), "{msg}");
     }
@@ -787,13 +788,30 @@ mod tests {
             ),
         ];
         for (caller, policies, want) in rows {
-            let got = decide(&ex, policies, &as_caller(caller), &east).err();
+            let got = decide(
+                &ex,
+                &PolicyIndex::new(policies.to_vec()),
+                &as_caller(caller),
+                &east,
+            )
+            .err();
             assert_eq!(got.as_ref().map(|e| e.reason), want, "{caller}: {got:?}");
         }
-        let Refused { message: msg, .. } = decide(&ex, &ps, &as_caller(batch), &east).unwrap_err();
+        let Refused { message: msg, .. } = decide(
+            &ex,
+            &PolicyIndex::new(ps.to_vec()),
+            &as_caller(batch),
+            &east,
+        )
+        .unwrap_err();
         assert!(msg.contains("by policy demo/deny-batch"), "{msg}");
-        let Refused { message: msg, .. } =
-            decide(&ex, &ps, &open("echo.demo", 7000), &east).unwrap_err();
+        let Refused { message: msg, .. } = decide(
+            &ex,
+            &PolicyIndex::new(ps.to_vec()),
+            &open("echo.demo", 7000),
+            &east,
+        )
+        .unwrap_err();
         assert!(
             msg.contains("no ALLOW policy matched (demo/allow-frontend)"),
             "{msg}"

@@ -110,6 +110,17 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
+    /// Replaces the AuthorizationPolicies the ingress enforces, as the registry does
+    /// when policies are registered (for a process embedding the gateway).
+    pub fn set_authorization_policies(
+        &self,
+        policies: Vec<meshfed_catalog::authz::AuthorizationPolicy>,
+    ) {
+        self.ingress
+            .policies
+            .store(Arc::new(meshfed_catalog::authz::PolicyIndex::new(policies)));
+    }
+
     /// Starts a drain and waits for it to finish.
     pub async fn shutdown(self) {
         self.stop.cancel();

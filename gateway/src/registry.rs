@@ -365,12 +365,14 @@ impl Follower {
             all.insert(name, e);
         }
         let policies = reg.policy_list();
-        if **self.ingress.policies.load() != policies {
+        if self.ingress.policies.load().policies() != policies.as_slice() {
             info!(
                 policies = policies.len(),
                 "authorization policies updated from the registry"
             );
-            self.ingress.policies.store(Arc::new(policies));
+            self.ingress
+                .policies
+                .store(Arc::new(meshfed_catalog::authz::PolicyIndex::new(policies)));
         }
         if **self.ingress.exports.load() != all {
             info!(
