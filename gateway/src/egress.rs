@@ -61,8 +61,9 @@ pub enum Callers {
     #[default]
     Declared,
     /// `caller_mtls`: clients present an SVID of this site's trust domain, and its ID is
-    /// the caller.
-    Mtls(tokio_rustls::TlsAcceptor),
+    /// the caller. At most [`MAX_CALLER_HANDSHAKES`] handshakes run at once (shared by
+    /// every listener): memory for clients not yet authenticated is bounded.
+    Mtls(tokio_rustls::TlsAcceptor, Arc<tokio::sync::Semaphore>),
     /// `caller_pod_ip`: the identity of the pod whose address connects; an address
     /// that names nobody is refused (`caller_unauthenticated`). UDP flows, whose source
     /// address no handshake proves, keep `local_id`.
@@ -71,6 +72,20 @@ pub enum Callers {
 
 /// How long a client of a `caller_mtls` listener has for its TLS handshake.
 const CALLER_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Caller TLS handshakes in progress at once, gateway-wide; a client past it is reset
+/// (`caller_handshake_limit`).
+pub const MAX_CALLER_HANDSHAKES: usize = 1024;
+
+impl Callers {
+    /// `caller_mtls` with its handshake limit.
+    pub fn mtls(acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        Self::Mtls(
+            acceptor,
+            Arc::new(tokio::sync::Semaphore::new(MAX_CALLER_HANDSHAKES)),
+        )
+    }
+}
 
 impl Egress {
     /// Accepts clients until `stop` (this import's, a child of the drain); each client
@@ -100,7 +115,15 @@ impl Egress {
 
     async fn serve_client(&self, tcp: TcpStream, client: SocketAddr) {
         let source = match &self.callers {
-            Callers::Mtls(acceptor) => return self.serve_mtls_client(acceptor, tcp, client).await,
+            Callers::Mtls(acceptor, slots) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    debug!("caller handshakes at their limit; connection reset");
+                    self.metrics.refused(DIR, "caller_handshake_limit");
+                    reset_tcp(tcp);
+                    return;
+                };
+                return self.serve_mtls_client(acceptor, slot, tcp, client).await;
+            }
             Callers::SourceAddress(dir) => match dir.load().get(&client.ip().to_canonical()) {
                 Some(id) => id.clone(),
                 None => {
@@ -135,10 +158,13 @@ impl Egress {
     async fn serve_mtls_client(
         &self,
         acceptor: &tokio_rustls::TlsAcceptor,
+        slot: tokio::sync::OwnedSemaphorePermit,
         tcp: TcpStream,
         client: SocketAddr,
     ) {
-        let tls = match tokio::time::timeout(CALLER_HANDSHAKE, acceptor.accept(tcp)).await {
+        let handshake = tokio::time::timeout(CALLER_HANDSHAKE, acceptor.accept(tcp)).await;
+        drop(slot);
+        let tls = match handshake {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 debug!(error = %e, "caller TLS handshake failed");

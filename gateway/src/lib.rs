@@ -445,7 +445,7 @@ pub async fn start_with(
             .with_policy(PeerPolicy::TrustDomain(cfg.trust_domain.clone()));
         let tls = meshfed_identity::tls::server_config(resolver.clone(), v, &[])
             .map_err(|e| GatewayError::Svid(format!("caller mTLS: {e}")))?;
-        egress::Callers::Mtls(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+        egress::Callers::mtls(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
     } else if cfg.caller_pod_ip {
         egress::Callers::SourceAddress(options.caller_ips.ok_or_else(|| {
             GatewayError::Svid(

@@ -54,6 +54,9 @@ pub enum CaError {
     ForeignId { id: SpiffeId, td: TrustDomain },
     #[error("TTL must be positive")]
     ZeroTtl,
+    /// The signing authority is no longer valid: nothing it signs would verify.
+    #[error("the signing authority expired at {not_after} (Unix time): issue from a valid one")]
+    AuthorityExpired { not_after: i64 },
 }
 
 /// The signing half of a trust domain.
@@ -125,7 +128,7 @@ impl Ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, ttl);
+        self.set_validity(&mut params, ttl)?;
         params.serial_number = Some(random_serial());
         let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
@@ -245,7 +248,7 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        set_validity(&mut params, ttl);
+        self.set_validity(&mut params, ttl)?;
         let (cert, key) = self.sign(params)?;
         let mut chain = vec![cert];
         chain.extend(self.issuer_chain.iter().cloned());
@@ -254,6 +257,28 @@ impl Ca {
             chain,
             key,
         })
+    }
+
+    /// Valid from a minute ago for `ttl`, but never past this CA's own notAfter (what it
+    /// signs would not verify then); refused once this CA has expired.
+    fn set_validity(&self, params: &mut CertificateParams, ttl: Duration) -> Result<(), CaError> {
+        set_validity(params, ttl);
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&self.cert) else {
+            return Ok(());
+        };
+        let ca_not_after = cert.validity().not_after.timestamp();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        if ca_not_after <= now {
+            return Err(CaError::AuthorityExpired {
+                not_after: ca_not_after,
+            });
+        }
+        if params.not_after.unix_timestamp() > ca_not_after
+            && let Ok(t) = OffsetDateTime::from_unix_timestamp(ca_not_after)
+        {
+            params.not_after = t;
+        }
+        Ok(())
     }
 
     /// Signs arbitrary leaf parameters. Only for building deliberately broken
@@ -281,13 +306,15 @@ const BACKDATE_ALLOWANCE: i64 = 120;
 /// How long until the SVID valid from `not_before` to `not_after` (Unix seconds) is due
 /// for renewal at `now`, for SVIDs of lifetime `ttl`: at half of `ttl` before it expires.
 /// One that lives longer than `ttl` allows (it was issued otherwise, e.g. by `meshfed ca
-/// issue`) is due now, as is one past its half-life. Pure.
+/// issue`) is due now, as is one past its half-life. One that lives shorter than `ttl`
+/// (capped at its authority's notAfter) is due at half its own lifetime, so renewals
+/// near an authority's end come at halving intervals, never in a tight loop. Pure.
 pub fn renew_in(not_before: i64, not_after: i64, ttl: Duration, now: i64) -> Duration {
     let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
     if not_after - not_before > ttl.saturating_add(BACKDATE_ALLOWANCE) {
         return Duration::ZERO;
     }
-    let due = not_after - ttl / 2;
+    let due = (not_after - ttl / 2).max(not_before + (not_after - not_before) / 2);
     Duration::from_secs(u64::try_from(due - now).unwrap_or(0))
 }
 
@@ -429,6 +456,8 @@ mod renew_tests {
             (1_000 - 60, 1_060, Duration::from_secs(60), 1_000, 30),
             // Issued otherwise, for longer than ttl allows: now.
             (0, 100_000, Duration::from_secs(60), 10, 0),
+            // Capped at its authority's end (10 min of a 1 h ttl): half its own life.
+            (1_000 - 60, 1_000 + 600, h, 1_000, 270),
         ];
         for (nb, na, ttl, now, want) in rows {
             assert_eq!(
@@ -437,5 +466,37 @@ mod renew_tests {
                 "{nb}..{na} ttl {ttl:?} at {now}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod validity_tests {
+    use super::*;
+
+    #[test]
+    fn nothing_outlives_its_signing_authority() {
+        let td = TrustDomain::new("east.example.org").unwrap();
+        let root = Ca::generate(&td, Duration::from_secs(3600)).unwrap();
+        let id = SpiffeId::gateway(&td, "east").unwrap();
+        let root_na = {
+            let (_, c) = x509_parser::parse_x509_certificate(&root.cert).unwrap();
+            c.validity().not_after.timestamp()
+        };
+        // Asked for a day: capped at the root's notAfter.
+        let svid = root.issue(&id, Duration::from_secs(86_400)).unwrap();
+        assert_eq!(svid.not_after_unix(), Some(root_na));
+        let inter = root.intermediate(Duration::from_secs(86_400)).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&inter.cert).unwrap();
+        assert_eq!(c.validity().not_after.timestamp(), root_na);
+        // Shorter than the authority: as asked.
+        let short = root.issue(&id, Duration::from_secs(60)).unwrap();
+        assert!(short.not_after_unix().unwrap() < root_na);
+        // An expired authority signs nothing.
+        let gone = Ca::generate(&td, Duration::from_secs(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(2100));
+        assert!(matches!(
+            gone.issue(&id, Duration::from_secs(60)),
+            Err(CaError::AuthorityExpired { .. })
+        ));
     }
 }

@@ -1721,3 +1721,70 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
     }
     fed.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_cannot_hold_more_than_the_caller_handshake_limit() {
+    use meshfed_gateway::egress::MAX_CALLER_HANDSHAKES;
+    use meshfed_identity::{Ca, SpiffeId, ca::DEFAULT_SVID_TTL};
+    let Pair {
+        scratch: _scratch,
+        fed,
+        east,
+        east_gw,
+        west_gw,
+        addr,
+        ..
+    } = pair("inproc-caller-limit", |_| ConfigBuilder {
+        caller_mtls: true,
+        ..Default::default()
+    })
+    .await;
+    // More silent clients than the limit: each holds a handshake slot until its
+    // deadline; the ones past the limit are reset at once and counted.
+    let mut silent = Vec::new();
+    for _ in 0..MAX_CALLER_HANDSHAKES + 50 {
+        // Those past the limit may be reset before connect returns.
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            silent.push(s);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
+            .await
+            .unwrap();
+        let n = counter(
+            &m,
+            "meshfed_gateway_refusals_total{direction=\"egress\",reason=\"caller_handshake_limit\"}",
+        );
+        if n >= 40.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "limit never reached: {n}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once they go, a workload with its SVID gets through.
+    drop(silent);
+    let east_ca = Ca::load(&east.dir.join("ca")).unwrap();
+    let frontend = east_ca
+        .issue(
+            &SpiffeId::new("spiffe://east.example.org/ns/shop/sa/frontend").unwrap(),
+            DEFAULT_SVID_TTL,
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match tls_echo(addr, Some(&frontend), east_ca.bundle(1), &east.id).await {
+            Ok(b) if b == b"ping" => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no call after the flood: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
