@@ -39,6 +39,10 @@ pub struct ExportController {
     /// The site directory: `catalog.json` (the gateway's cache) is read from it for
     /// conflicts, and `kubernetes.json` is written into it.
     pub dir: PathBuf,
+    /// With several replicas (one beside each gateway replica): whether this one leads
+    /// ([`crate::leader`]). Every replica writes its own `kubernetes.json`; only the
+    /// leader writes ServiceExport status. `None`: the only replica.
+    pub leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// A resource type kube's reflectors can mirror.
@@ -198,7 +202,8 @@ impl ExportController {
                 previous,
                 &now,
             );
-            if want != previous {
+            let leads = self.leading.as_ref().is_none_or(|l| *l.borrow());
+            if want != previous && leads {
                 let api = Api::<ServiceExport>::namespaced(self.client.clone(), &ns);
                 let patch = serde_json::json!({ "status": { "conditions": want } });
                 match api

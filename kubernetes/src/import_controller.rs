@@ -41,6 +41,7 @@ const EXPECT: Duration = Duration::from_secs(5);
 /// once where it works; this is the fallback).
 const FILE_POLL: Duration = Duration::from_millis(500);
 
+#[derive(Clone)]
 pub struct ImportController {
     pub client: kube::Client,
     /// The gateway's site directory: `imports.json` is read from it.

@@ -14,7 +14,9 @@
 //! implementation's ServiceImports to `clusterset.local` records for `meshfed dns
 //! --kubernetes`. `file_watch` wakes a controller when a file it follows changes.
 //! `pods` maps pod IPs to workload identities for a gateway whose egress names its
-//! callers by their source address (`caller_pod_ip`).
+//! callers by their source address (`caller_pod_ip`). `leader` elects one leader among
+//! the controller replicas beside a site's gateway replicas (a `coordination.k8s.io`
+//! Lease), so two replicas never write the same objects.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,6 +37,7 @@ pub mod dns;
 pub mod file_watch;
 pub mod import_controller;
 pub mod imports;
+pub mod leader;
 pub mod pods;
 
 /// A pod's workload identity, Istio's convention: `spiffe://<td>/ns/<ns>/sa/<sa>`.

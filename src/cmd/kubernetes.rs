@@ -8,6 +8,45 @@ use clap::Subcommand;
 
 use meshfed_lifecycle::signals;
 
+/// Leader election among the controller replicas (one beside each gateway replica).
+#[derive(clap::Args, Clone)]
+pub struct ElectArgs {
+    /// Run as the only replica: no Lease (`coordination.k8s.io`).
+    #[arg(long)]
+    no_leader_elect: bool,
+    /// Where the Lease lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "meshfed")]
+    lease_namespace: String,
+    /// This replica's name in the Lease (the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// How long a leader's Lease lasts without a renewal (renewed every third of it).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: std::time::Duration,
+}
+
+impl ElectArgs {
+    fn election(
+        &self,
+        client: &kube::Client,
+        name: String,
+    ) -> Option<meshfed_kubernetes::leader::Election> {
+        if self.no_leader_elect {
+            return None;
+        }
+        let identity = self.identity.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "meshfed".into());
+            format!("{host}-{}", std::process::id())
+        });
+        Some(meshfed_kubernetes::leader::Election {
+            api: kube::Api::namespaced(client.clone(), &self.lease_namespace),
+            name,
+            identity,
+            duration: self.lease_duration,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 pub enum KubernetesCmd {
     /// Watches ServiceExports, Services, EndpointSlices and Pods; writes the site's
@@ -22,6 +61,10 @@ pub enum KubernetesCmd {
         /// The site directory the gateway uses (`federation.dir`).
         #[arg(long)]
         dir: PathBuf,
+        /// Every replica writes its own `kubernetes.json`; only the leader (Lease
+        /// `meshfed-export-<site>`) writes ServiceExport status.
+        #[command(flatten)]
+        elect: ElectArgs,
     },
     /// Makes a ServiceImport, a derived Service and EndpointSlices for every service the
     /// gateway imports (`<dir>/imports.json`), pointing at the ready gateway pods'
@@ -36,6 +79,9 @@ pub enum KubernetesCmd {
         /// Label selector of the gateway pods.
         #[arg(long, default_value = "app.kubernetes.io/name=meshfed-gateway")]
         gateway_selector: String,
+        /// Only the leader (Lease `meshfed-import`) writes.
+        #[command(flatten)]
+        elect: ElectArgs,
     },
 }
 
@@ -45,16 +91,30 @@ pub fn run(cmd: KubernetesCmd) -> Result<()> {
             dir,
             namespace,
             gateway_selector,
+            elect,
         } => {
             super::runtime()?.block_on(async {
                 let client = kube_client().await?;
+                let election = elect.election(&client, "meshfed-import".into());
                 let c = meshfed_kubernetes::import_controller::ImportController {
                     client,
                     dir,
                     gateway_namespace: namespace,
                     gateway_selector,
                 };
-                run_until_signal(|stop| c.run(stop)).await;
+                run_until_signal(|stop| async move {
+                    match election {
+                        Some(e) => {
+                            let (tx, _) = tokio::sync::watch::channel(false);
+                            meshfed_kubernetes::leader::lead(e, tx, stop, move |t| {
+                                c.clone().run(t)
+                            })
+                            .await;
+                        }
+                        None => c.run(stop).await,
+                    }
+                })
+                .await;
                 Ok::<_, anyhow::Error>(())
             })?;
         }
@@ -62,6 +122,7 @@ pub fn run(cmd: KubernetesCmd) -> Result<()> {
             site,
             trust_domain,
             dir,
+            elect,
         } => {
             let site = meshfed_catalog::SiteName::new(&site)
                 .with_context(|| format!("--site {site:?}"))?;
@@ -69,13 +130,26 @@ pub fn run(cmd: KubernetesCmd) -> Result<()> {
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
             super::runtime()?.block_on(async {
                 let client = kube_client().await?;
+                let election = elect.election(&client, format!("meshfed-export-{site}"));
+                let (tx, rx) = tokio::sync::watch::channel(false);
                 let c = meshfed_kubernetes::controller::ExportController {
                     client,
                     site,
                     trust_domain,
                     dir,
+                    leading: election.as_ref().map(|_| rx),
                 };
-                run_until_signal(|stop| c.run(stop)).await;
+                run_until_signal(|stop| async move {
+                    let controller = tokio::spawn(c.run(stop.clone()));
+                    if let Some(e) = election {
+                        meshfed_kubernetes::leader::lead(e, tx, stop, |t| async move {
+                            t.cancelled().await
+                        })
+                        .await;
+                    }
+                    let _ = controller.await;
+                })
+                .await;
                 Ok::<_, anyhow::Error>(())
             })?;
         }

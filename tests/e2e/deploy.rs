@@ -122,7 +122,7 @@ fn find<'a>(
 fn kustomize_overlays_render_validate_and_keep_their_promises() {
     use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
     use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-    use k8s_openapi::api::rbac::v1::ClusterRole;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
     let scratch = Scratch::new("kustomize");
     let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes"));
     for overlay in ["site", "federation", "federation-etcd"] {
@@ -230,8 +230,14 @@ fn kustomize_overlays_render_validate_and_keep_their_promises() {
             .iter()
             .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
         {
-            let role: ClusterRole = serde_json::from_value(d.clone()).unwrap();
-            for rule in role.rules.unwrap_or_default() {
+            let rules = if d["kind"] == "Role" {
+                let role: Role = serde_json::from_value(d.clone()).unwrap();
+                role.rules
+            } else {
+                let role: ClusterRole = serde_json::from_value(d.clone()).unwrap();
+                role.rules
+            };
+            for rule in rules.unwrap_or_default() {
                 let resources = rule.resources.unwrap_or_default();
                 assert!(
                     !resources.iter().any(|r| r == "secrets" || r == "*")

@@ -64,6 +64,12 @@ const KINDS: &[Kind] = &[
         kind: "EndpointSlice",
     },
     Kind {
+        prefix: "apis/coordination.k8s.io/v1",
+        plural: "leases",
+        api_version: "coordination.k8s.io/v1",
+        kind: "Lease",
+    },
+    Kind {
         prefix: "apis/multicluster.x-k8s.io/v1alpha1",
         plural: "serviceexports",
         api_version: "multicluster.x-k8s.io/v1alpha1",

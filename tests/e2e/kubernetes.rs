@@ -185,6 +185,7 @@ fn controller(api: &KubeApi, dir: &Path) -> (CancellationToken, tokio::task::Joi
         site: "west".parse().unwrap(),
         trust_domain: meshfed_identity::TrustDomain::new("west.example.org").unwrap(),
         dir: dir.to_owned(),
+        leading: None,
     };
     (stop.clone(), tokio::spawn(c.run(stop)))
 }
@@ -715,4 +716,126 @@ async fn dns_in_a_cluster_answers_from_service_imports() {
     tokio::task::spawn_blocking(move || wait_dig(dns, name, "NXDOMAIN", None))
         .await
         .unwrap();
+}
+
+fn election(api: &KubeApi, identity: &str, secs: u64) -> meshfed_kubernetes::leader::Election {
+    meshfed_kubernetes::leader::Election {
+        api: kube::Api::namespaced(api.client(), "meshfed"),
+        name: "meshfed-export-west".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(secs),
+    }
+}
+
+/// Replicas of the export controller beside each gateway replica elect one leader
+/// through a coordination.k8s.io Lease: a follower writes its own `kubernetes.json` but
+/// no ServiceExport status; it takes over when the leader releases the Lease, and when
+/// a leader that crashed lets it expire; two candidates never lead at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_replicas_elect_one_leader_through_a_lease() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use meshfed_kubernetes::leader::lead;
+    let scratch = Scratch::new("kube-leader");
+    let api = KubeApi::start().await;
+    api.put(&service());
+    api.put(&slice(&[true, true, false]));
+    for i in 1..=3 {
+        api.put(&pod(i));
+    }
+    api.put(&ServiceExport {
+        metadata: meta("shop", "orders"),
+        status: None,
+    });
+    // Another replica holds the Lease, and keeps renewing it (for 60 s).
+    let mut other = Lease {
+        metadata: meta("meshfed", "meshfed-export-west"),
+        spec: Some(LeaseSpec {
+            holder_identity: Some("gateway-0".into()),
+            lease_duration_seconds: Some(60),
+            renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            ..Default::default()
+        }),
+    };
+    api.put(&other);
+
+    // Replica gateway-1 follows: its file is written, the status is not.
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
+    let dir = scratch.0.join("replica-1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = ExportController {
+        client: api.client(),
+        site: "west".parse().unwrap(),
+        trust_domain: meshfed_identity::TrustDomain::new("west.example.org").unwrap(),
+        dir: dir.clone(),
+        leading: Some(rx.clone()),
+    };
+    let controller = tokio::spawn(c.run(stop.clone()));
+    let elect = tokio::spawn(lead(
+        election(&api, "gateway-1", 2),
+        tx,
+        stop.clone(),
+        |t| async move { t.cancelled().await },
+    ));
+    wait_file(&dir, "the follower's own file", |e| e.exports.len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status =
+        "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceexports/orders/status";
+    assert_eq!(api.count("PATCH", status), 0, "a follower wrote status");
+    assert!(!*rx.borrow());
+
+    // gateway-0 releases the Lease: gateway-1 leads within its retry and writes status.
+    other.spec.as_mut().unwrap().holder_identity = None;
+    api.put(&other);
+    wait_condition(&api, "Valid", "True").await;
+    assert!(*rx.borrow());
+    stop.cancel();
+    let _ = elect.await;
+    let _ = controller.await;
+    // Stopping released it.
+    let l = api.get("leases", "meshfed", "meshfed-export-west").unwrap();
+    assert!(l["spec"]["holderIdentity"].is_null(), "{l}");
+
+    // Two candidates race; they never both lead. The leader crashes (no release): the
+    // other leads once the Lease expires (2 s), and not before.
+    let (a_tx, a_rx) = tokio::sync::watch::channel(false);
+    let (b_tx, b_rx) = tokio::sync::watch::channel(false);
+    let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
+    let idle = |t: CancellationToken| async move { t.cancelled().await };
+    let a = tokio::spawn(lead(election(&api, "a", 2), a_tx, a_stop.clone(), idle));
+    let b = tokio::spawn(lead(election(&api, "b", 2), b_tx, b_stop.clone(), idle));
+    let started = Instant::now();
+    let mut leader = None;
+    while started.elapsed() < Duration::from_secs(3) {
+        let (x, y) = (*a_rx.borrow(), *b_rx.borrow());
+        assert!(!(x && y), "two leaders at once");
+        if leader.is_none() && (x || y) {
+            leader = Some(if x { "a" } else { "b" });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let leader = leader.expect("someone leads");
+    let stops = [a_stop.clone(), b_stop.clone()];
+    let (dead, survivor) = if leader == "a" { (a, b_rx) } else { (b, a_rx) };
+    dead.abort();
+    let crashed = Instant::now();
+    while !*survivor.borrow() {
+        assert!(
+            crashed.elapsed() < Duration::from_secs(5),
+            "no takeover after the crash"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = crashed.elapsed();
+    eprintln!("takeover after a crash: {took:?} (lease 2 s, retry 666 ms)");
+    assert!(
+        took >= Duration::from_millis(500),
+        "took over a live lease: {took:?}"
+    );
+    let l = api.get("leases", "meshfed", "meshfed-export-west").unwrap();
+    assert!(l["spec"]["leaseTransitions"].as_i64().unwrap() >= 2, "{l}");
+    for s in stops {
+        s.cancel();
+    }
 }
