@@ -173,6 +173,12 @@ pub fn status_table(td: &str, s: &pb::StatusResponse) -> String {
             list(&site.exports),
             list(&site.imports)
         );
+        let _ = writeln!(
+            out,
+            "{:<10} gateways: {}",
+            "",
+            list(&site.gateway_addresses)
+        );
     }
     out
 }

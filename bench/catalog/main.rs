@@ -235,6 +235,7 @@ async fn run_store(
         let mut stream = c
             .watch(pb::WatchRequest {
                 from_revision: None,
+                gateway_address: String::new(),
             })
             .await?
             .into_inner();

@@ -9,6 +9,7 @@
 pub mod bundle_endpoint;
 pub mod foreign;
 pub mod node;
+pub mod replicas;
 pub mod server;
 pub mod store;
 pub mod transport;

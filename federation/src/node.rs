@@ -374,6 +374,7 @@ pub async fn serve_with(
         watcher.spawn(s.clone().run_flusher(watcher.token()));
     }
     let stop = watcher.token();
+    service.replicas.start(stop.clone());
     tokio::spawn(renew_own_svid(
         Ca::load(&dir.join("ca"))?,
         dir.to_owned(),

@@ -38,6 +38,8 @@ pub struct FederationService {
     /// Trust bundles as the TLS layer uses them; updated on join.
     pub tls_bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
     pub leases: Arc<Leases>,
+    /// The site's gateway replicas' addresses (active-active).
+    pub replicas: Arc<crate::replicas::Replicas>,
     /// Newest revision delivered to each site's Watch streams.
     seen: Seen,
     /// Foreign trust domains (`--federates-with`): their bundles are fetched from their
@@ -216,6 +218,7 @@ impl FederationService {
         }
         let this = Arc::new(Self {
             leases: Leases::new(store.clone(), lease_ttl),
+            replicas: crate::replicas::Replicas::new(store.clone(), lease_ttl),
             bundles: watch::channel(store.bundles()).0,
             store,
             trust_domain,
@@ -576,7 +579,11 @@ impl Drop for LeaseGuard {
 }
 
 /// Decrements the open-watchers gauge when a Watch stream ends.
-pub struct WatcherGuard(Gauge, #[allow(dead_code)] LeaseGuard);
+pub struct WatcherGuard(
+    Gauge,
+    #[allow(dead_code)] LeaseGuard,
+    #[allow(dead_code)] Option<crate::replicas::ReplicaGuard>,
+);
 
 impl Drop for WatcherGuard {
     fn drop(&mut self) {
@@ -761,11 +768,18 @@ impl pb::federation_server::Federation for FederationService {
         let mut changes = self
             .store
             .with_catalog(|c| c.publish_changes(&rec.site, &exports));
-        if !r.gateway_addresses.is_empty() && r.gateway_addresses != rec.gateway_addresses {
+        // Merged, never overwriting another replica's (dead ones leave by sweep).
+        let mut addresses = rec.gateway_addresses.clone();
+        for a in r.gateway_addresses {
+            if crate::replicas::valid_address(&a) && !addresses.contains(&a) {
+                addresses.push(a);
+            }
+        }
+        if addresses != rec.gateway_addresses {
             changes.insert(
                 0,
                 Change::PutSite(SiteRecord {
-                    gateway_addresses: r.gateway_addresses,
+                    gateway_addresses: addresses,
                     ..rec
                 }),
             );
@@ -788,7 +802,9 @@ impl pb::federation_server::Federation for FederationService {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<EventStream>, Status> {
         let rec = self.caller_site(&req)?;
         let lease = self.leases.acquire(&rec.site).await;
-        let from = req.into_inner().from_revision.map(Revision);
+        let r = req.into_inner();
+        let replica = self.replicas.open(&rec.site, &r.gateway_address).await;
+        let from = r.from_revision.map(Revision);
         if let (Store::Etcd(s), Some(f)) = (&self.store, from)
             && let Err(e) = s.caught_up(f).await
         {
@@ -813,7 +829,7 @@ impl pb::federation_server::Federation for FederationService {
             },
         };
         self.metrics.watchers.inc();
-        let guard = WatcherGuard(self.metrics.watchers.clone(), lease);
+        let guard = WatcherGuard(self.metrics.watchers.clone(), lease, replica);
         mark_seen(&self.seen, &rec.site, first.revision);
         let stream = streams::unfold(
             Some(first),

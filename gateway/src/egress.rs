@@ -294,7 +294,22 @@ impl Egress {
             } else {
                 open.encode()
             };
-            match self.try_open(&conn, &frame, answer).await {
+            let r = {
+                let attempt = self.try_open(&conn, &frame, answer);
+                tokio::pin!(attempt);
+                tokio::select! {
+                r = &mut attempt => r,
+                _ = tokio::time::sleep(crate::peers::SUSPECT_AFTER) => {
+                    peer.suspect(&conn, true);
+                    let r = attempt.await;
+                    if r.is_ok() {
+                        peer.suspect(&conn, false);
+                    }
+                    r
+                }
+                }
+            };
+            match r {
                 Ok(r) => return r.map(|(send, recv)| (conn, send, recv)),
                 Err(why) => {
                     peer.report_dead(&conn);

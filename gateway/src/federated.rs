@@ -226,15 +226,13 @@ impl Agent {
         let mut keep_peers: BTreeSet<SiteName> =
             self.static_peers.iter().map(|p| p.site.clone()).collect();
         for peer in &p.peers {
-            let Some(addr) = peer
-                .addresses
-                .iter()
-                .find_map(|a| a.parse::<SocketAddr>().ok())
-            else {
-                warn!(site = %peer.site, addresses = ?peer.addresses, "no IP:port gateway address");
+            if !self
+                .peers
+                .upsert(&peer.site, &peer.spiffe_id, &peer.addresses)
+            {
+                warn!(site = %peer.site, addresses = ?peer.addresses, "no IP:port or host:port gateway address");
                 continue;
-            };
-            self.peers.upsert(&peer.site, &peer.spiffe_id, addr);
+            }
             keep_peers.insert(peer.site.clone());
         }
         self.peers.retain(&keep_peers);
@@ -378,6 +376,7 @@ impl Agent {
         let mut watch = client
             .watch(pb::WatchRequest {
                 from_revision: from,
+                gateway_address: self.advertise.clone(),
             })
             .await
             .map_err(rpc("watch"))?

@@ -32,6 +32,7 @@ pub mod proxy_protocol;
 pub mod registry;
 pub mod reload;
 pub mod renew;
+pub mod resolve;
 pub mod splice;
 pub mod tunnel;
 pub mod udp;
@@ -434,7 +435,7 @@ pub async fn start_with(
     );
     for p in &cfg.peers {
         if let Some(addr) = p.address {
-            peers.upsert(&p.site, &p.spiffe_id, addr);
+            peers.upsert(&p.site, &p.spiffe_id, &[addr.to_string()]);
         }
     }
     // The caller the egress vouches for: the declared workload, or the gateway itself.

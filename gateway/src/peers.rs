@@ -1,11 +1,16 @@
-//! One long-lived QUIC connection per peer gateway, re-established with backoff when it
-//! drops. Egress asks for the current connection; it never dials itself.
+//! One long-lived QUIC connection per address of a peer site (each of its gateway
+//! replicas), re-established with backoff when it drops. Egress asks for a live
+//! connection and gets the next in turn, so streams spread over the replicas and one
+//! that dies is skipped; it never dials itself. Host-name addresses are resolved and
+//! re-resolved on their TTL (`resolve`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::select_all;
 use meshfed_catalog::SiteName;
 use meshfed_identity::SpiffeId;
 use meshfed_lifecycle::drain::DrainWatcher;
@@ -20,20 +25,49 @@ use crate::metrics::Metrics;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// The connection to one peer, as the dialer task keeps it.
+/// One dialed address of a peer: its connection as the dialer task keeps it.
+#[derive(Clone)]
+struct Link {
+    addr: SocketAddr,
+    conn: watch::Receiver<Option<Connection>>,
+    kick: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+    /// An open on it went unanswered for [`SUSPECT_AFTER`]: new opens prefer the other
+    /// links until it answers again (or is redialed). A replica that dies without a
+    /// word (kill -9) stops getting new streams within that, not after the open timeout.
+    suspect: Arc<AtomicBool>,
+}
+
+/// How long an open may go unanswered before its link is suspect.
+pub const SUSPECT_AFTER: Duration = Duration::from_millis(500);
+
+impl Link {
+    fn live(&self) -> Option<Connection> {
+        self.conn
+            .borrow()
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+}
+
+/// A peer's connections, one per address (gateway replica), as egress uses them: each
+/// open takes the next live one in turn.
 #[derive(Clone)]
 pub struct PeerHandle {
     pub site: SiteName,
     pub spiffe_id: SpiffeId,
-    conn: watch::Receiver<Option<Connection>>,
-    kick: Arc<tokio::sync::Notify>,
+    links: Vec<Link>,
+    next: Arc<AtomicUsize>,
 }
 
 /// Builds the QUIC client config for dialing a peer that must present this ID.
 pub type ClientConfigFor = Arc<dyn Fn(&SpiffeId) -> Option<quinn::ClientConfig> + Send + Sync>;
 
-/// All dialable peers, by site. Peers come and go as the catalog changes; each has its
-/// own dialer task, stopped when the peer is removed or replaced.
+/// All dialable peers, by site. Peers come and go as the catalog changes; each address
+/// of a peer (a gateway replica) has its own dialer task, stopped when the address or the
+/// peer goes. Addresses are `IP:port` or `host:port`; host names are resolved, and again
+/// when their answers' TTLs run out, and every address they resolve to is dialed.
 #[derive(Clone)]
 pub struct Peers {
     inner: Arc<PeersInner>,
@@ -48,9 +82,52 @@ struct PeersInner {
 }
 
 struct Entry {
-    handle: PeerHandle,
-    addr: SocketAddr,
+    spiffe_id: SpiffeId,
+    cfg: quinn::ClientConfig,
+    /// The addresses as given.
+    given: Vec<String>,
+    links: BTreeMap<SocketAddr, Link>,
+    next: Arc<AtomicUsize>,
+    /// Stops the entry's resolver task (when it has host names).
     stop: CancellationToken,
+}
+
+impl Entry {
+    fn stop_all(&self) {
+        self.stop.cancel();
+        for l in self.links.values() {
+            l.stop.cancel();
+        }
+    }
+}
+
+/// The `IP:port` addresses and the `(host, port)` names of a peer's address list;
+/// anything else is skipped (and named in the third list). Pure.
+pub fn split_addresses(
+    given: &[String],
+) -> (BTreeSet<SocketAddr>, Vec<(String, u16)>, Vec<String>) {
+    let (mut ips, mut names, mut bad) = (BTreeSet::new(), Vec::new(), Vec::new());
+    for a in given {
+        if let Ok(sa) = a.parse::<SocketAddr>() {
+            ips.insert(sa);
+            continue;
+        }
+        match a.rsplit_once(':') {
+            Some((host, port))
+                if !host.is_empty()
+                    && !host.contains(':')
+                    && host.len() <= 253
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+                    && port.parse::<u16>().is_ok_and(|p| p > 0) =>
+            {
+                names.push((host.to_ascii_lowercase(), port.parse().unwrap_or_default()));
+            }
+            _ => bad.push(a.clone()),
+        }
+    }
+    (ips, names, bad)
 }
 
 impl Peers {
@@ -76,43 +153,138 @@ impl Peers {
         self.inner.by_site.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a peer, or replaces it when its address or identity changed.
-    pub fn upsert(&self, site: &SiteName, spiffe_id: &SpiffeId, addr: SocketAddr) {
+    /// Adds a peer, or updates it when its addresses or identity changed (an address
+    /// that stays keeps its connection). Returns false when no address is usable.
+    pub fn upsert(&self, site: &SiteName, spiffe_id: &SpiffeId, addresses: &[String]) -> bool {
+        let (ips, names, bad) = split_addresses(addresses);
+        if !bad.is_empty() {
+            warn!(%site, addresses = ?bad, "gateway addresses that are neither IP:port nor host:port skipped");
+        }
+        if ips.is_empty() && names.is_empty() {
+            return false;
+        }
         let mut map = self.lock();
-        if let Some(e) = map.get(site)
-            && e.addr == addr
-            && e.handle.spiffe_id == *spiffe_id
-        {
-            return;
+        if let Some(e) = map.get(site) {
+            if e.spiffe_id == *spiffe_id && e.given == addresses {
+                return true;
+            }
+            if e.spiffe_id != *spiffe_id {
+                e.stop_all();
+                map.remove(site);
+            }
         }
         let Some(cfg) = (self.inner.config_for)(spiffe_id) else {
             warn!(%site, %spiffe_id, "no client TLS config for peer");
-            return;
+            return false;
         };
-        if let Some(old) = map.remove(site) {
-            old.stop.cancel();
-        }
-        let (tx, rx) = watch::channel(None);
-        let kick = Arc::new(tokio::sync::Notify::new());
-        let stop = self.inner.drain.token().child_token();
-        let handle = PeerHandle {
-            site: site.clone(),
+        let entry = map.entry(site.clone()).or_insert_with(|| Entry {
             spiffe_id: spiffe_id.clone(),
-            conn: rx,
-            kick: kick.clone(),
-        };
-        let dialer = Dialer {
-            endpoint: self.inner.endpoint.clone(),
-            addr,
             cfg,
-            tx,
-            kick,
-            metrics: self.inner.metrics.clone(),
-            stop: stop.clone(),
-        };
-        let span = info_span!("peer", site = %site, addr = %addr, expect = %spiffe_id);
-        self.inner.drain.spawn(dialer.run().instrument(span));
-        map.insert(site.clone(), Entry { handle, addr, stop });
+            given: vec![],
+            links: BTreeMap::new(),
+            next: Arc::default(),
+            stop: CancellationToken::new(),
+        });
+        entry.given = addresses.to_vec();
+        entry.stop.cancel();
+        entry.stop = self.inner.drain.token().child_token();
+        if names.is_empty() {
+            self.set_links(site, entry, ips);
+        } else {
+            // Dial the literal addresses now; the resolver adds the names' as they come.
+            let keep: BTreeSet<SocketAddr> = entry
+                .links
+                .keys()
+                .copied()
+                .filter(|a| !ips.contains(a))
+                .collect();
+            self.set_links(site, entry, ips.iter().copied().chain(keep).collect());
+            let (this, site, stop) = (self.clone(), site.clone(), entry.stop.clone());
+            self.inner
+                .drain
+                .spawn(async move { this.resolve(site, ips, names, stop).await });
+        }
+        true
+    }
+
+    /// Keeps a peer's host names resolved: every answer's addresses are dialed.
+    async fn resolve(
+        self,
+        site: SiteName,
+        ips: BTreeSet<SocketAddr>,
+        names: Vec<(String, u16)>,
+        stop: CancellationToken,
+    ) {
+        let mut resolved = crate::resolve::Resolved::new();
+        let hosts: BTreeSet<String> = names.iter().map(|(h, _)| h.clone()).collect();
+        loop {
+            resolved.refresh(&hosts).await;
+            let mut want = ips.clone();
+            for (host, port) in &names {
+                for ip in resolved.answers.get(host).into_iter().flatten() {
+                    want.insert(SocketAddr::new(*ip, *port));
+                }
+            }
+            {
+                let mut map = self.lock();
+                if stop.is_cancelled() {
+                    return;
+                }
+                if let Some(e) = map.get_mut(&site) {
+                    self.set_links(&site, e, want);
+                }
+            }
+            let due = resolved.next_due().map_or(crate::resolve::RETRY, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(due.max(crate::resolve::MIN_REFRESH)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Makes the entry's dialers match `want`: removed addresses stop, new ones dial.
+    fn set_links(&self, site: &SiteName, e: &mut Entry, want: BTreeSet<SocketAddr>) {
+        e.links.retain(|addr, l| {
+            let kept = want.contains(addr);
+            if !kept {
+                info!(%site, %addr, "peer address removed");
+                l.stop.cancel();
+            }
+            kept
+        });
+        for addr in want {
+            if e.links.contains_key(&addr) {
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            let kick = Arc::new(tokio::sync::Notify::new());
+            let stop = self.inner.drain.token().child_token();
+            let suspect = Arc::new(AtomicBool::new(false));
+            let dialer = Dialer {
+                endpoint: self.inner.endpoint.clone(),
+                addr,
+                cfg: e.cfg.clone(),
+                tx,
+                kick: kick.clone(),
+                metrics: self.inner.metrics.clone(),
+                stop: stop.clone(),
+                suspect: suspect.clone(),
+            };
+            let span = info_span!("peer", site = %site, addr = %addr, expect = %e.spiffe_id);
+            self.inner.drain.spawn(dialer.run().instrument(span));
+            e.links.insert(
+                addr,
+                Link {
+                    addr,
+                    conn: rx,
+                    kick,
+                    stop,
+                    suspect,
+                },
+            );
+        }
     }
 
     /// Stops the dialers of every peer not in `keep`.
@@ -121,21 +293,36 @@ impl Peers {
             let kept = keep.contains(site);
             if !kept {
                 info!(%site, "peer removed");
-                e.stop.cancel();
+                e.stop_all();
             }
             kept
         });
     }
 
-    /// Each dialable peer with the verified ID of its live connection, if any.
+    /// Each dialable peer with the verified ID of a live connection, if any.
     pub fn status(&self) -> Vec<(SiteName, Option<SpiffeId>)> {
         self.lock()
             .iter()
             .map(|(site, e)| {
-                let id = e.handle.conn.borrow().as_ref().and_then(peer_spiffe_id);
+                let id = e
+                    .links
+                    .values()
+                    .find_map(|l| l.live())
+                    .as_ref()
+                    .and_then(peer_spiffe_id);
                 (site.clone(), id)
             })
             .collect()
+    }
+
+    /// The addresses dialed for `site` and whether each is connected.
+    pub fn links(&self, site: &SiteName) -> Vec<(SocketAddr, bool)> {
+        self.lock().get(site).map_or_else(Vec::new, |e| {
+            e.links
+                .values()
+                .map(|l| (l.addr, l.live().is_some()))
+                .collect()
+        })
     }
 
     /// Closes the live connections to gateways of `td` (its bundle was withdrawn).
@@ -143,42 +330,67 @@ impl Peers {
         let conns: Vec<Connection> = self
             .lock()
             .values()
-            .filter(|e| e.handle.spiffe_id.trust_domain_str() == td)
-            .filter_map(|e| e.handle.conn.borrow().clone())
+            .filter(|e| e.spiffe_id.trust_domain_str() == td)
+            .flat_map(|e| e.links.values().filter_map(Link::live).collect::<Vec<_>>())
             .collect();
         conns.iter().for_each(crate::tunnel::close_withdrawn);
         conns.len()
     }
 
     pub fn get(&self, site: &SiteName) -> Option<PeerHandle> {
-        self.lock().get(site).map(|e| e.handle.clone())
+        self.lock().get(site).map(|e| PeerHandle {
+            site: site.clone(),
+            spiffe_id: e.spiffe_id.clone(),
+            links: e.links.values().cloned().collect(),
+            next: e.next.clone(),
+        })
     }
 
     /// Whether the peer has a live connection right now.
     pub fn is_connected(&self, site: &SiteName) -> bool {
-        self.lock().get(site).is_some_and(|e| {
-            e.handle
-                .conn
-                .borrow()
-                .as_ref()
-                .is_some_and(|c| c.close_reason().is_none())
-        })
+        self.lock()
+            .get(site)
+            .is_some_and(|e| e.links.values().any(|l| l.live().is_some()))
     }
 }
 
 impl PeerHandle {
-    /// The live connection, waiting up to `wait` for one to be (re-)established.
+    /// A live connection, the next in turn among the peer's addresses, waiting up to
+    /// `wait` for one to be (re-)established.
     pub async fn connection(&self, wait: Duration) -> Option<Connection> {
-        let mut rx = self.conn.clone();
+        if self.links.is_empty() {
+            return None;
+        }
+        let mut rxs: Vec<_> = self.links.iter().map(|l| l.conn.clone()).collect();
         let res = tokio::time::timeout(wait, async {
             loop {
-                if let Some(c) = rx.borrow_and_update().as_ref()
-                    && c.close_reason().is_none()
-                {
-                    return Some(c.clone());
+                let live: Vec<(Connection, bool)> = rxs
+                    .iter_mut()
+                    .zip(&self.links)
+                    .filter_map(|(rx, l)| {
+                        rx.borrow_and_update()
+                            .as_ref()
+                            .filter(|c| c.close_reason().is_none())
+                            .map(|c| (c.clone(), l.suspect.load(Ordering::Relaxed)))
+                    })
+                    .collect();
+                // Trusted links first; suspect ones only when nothing else is up.
+                let trusted: Vec<&Connection> =
+                    live.iter().filter(|(_, s)| !s).map(|(c, _)| c).collect();
+                let pool: Vec<&Connection> = if trusted.is_empty() {
+                    live.iter().map(|(c, _)| c).collect()
+                } else {
+                    trusted
+                };
+                if !pool.is_empty() {
+                    let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
+                    return Some(pool[i].clone());
                 }
-                self.kick.notify_one();
-                if rx.changed().await.is_err() {
+                for l in &self.links {
+                    l.kick.notify_one();
+                }
+                let changed = rxs.iter_mut().map(|rx| Box::pin(rx.changed()));
+                if futures_select_all(changed).await.is_err() {
                     return None;
                 }
             }
@@ -187,14 +399,57 @@ impl PeerHandle {
         res.ok().flatten()
     }
 
-    /// Tells the dialer that `conn` looks dead (e.g. an open timed out), so it closes it and
-    /// dials again now rather than after the idle timeout.
+    /// Marks (or clears) the link of `conn` as suspect: an open on it has gone unanswered
+    /// for [`SUSPECT_AFTER`] (or it answered).
+    pub fn suspect(&self, conn: &Connection, suspect: bool) {
+        for l in &self.links {
+            if l.live().is_some_and(|c| c.stable_id() == conn.stable_id())
+                && l.suspect.swap(suspect, Ordering::Relaxed) != suspect
+            {
+                if suspect {
+                    warn!(site = %self.site, addr = %l.addr, "open unanswered: new streams go to the peer's other addresses");
+                } else {
+                    info!(site = %self.site, addr = %l.addr, "peer address answers again");
+                }
+            }
+        }
+    }
+
+    /// Tells the dialer of `conn` that it looks dead (e.g. an open timed out), so it
+    /// closes it and dials again now rather than after the idle timeout.
     pub fn report_dead(&self, conn: &Connection) {
         conn.close(
             quinn::VarInt::from_u32(crate::wire::app_code::UNRESPONSIVE),
             b"peer unresponsive",
         );
-        self.kick.notify_one();
+        for l in &self.links {
+            if l.live().is_none_or(|c| c.stable_id() == conn.stable_id()) {
+                l.kick.notify_one();
+            }
+        }
+    }
+}
+
+/// The first of `futs` to finish; an error only when every one failed (all senders gone).
+async fn futures_select_all<F, E>(futs: impl Iterator<Item = F>) -> Result<(), E>
+where
+    F: std::future::Future<Output = Result<(), E>> + Unpin,
+{
+    let mut futs: Vec<F> = futs.collect();
+    let mut last = None;
+    while !futs.is_empty() {
+        let (r, _, rest) = select_all(futs).await;
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                last = Some(e);
+                futs = rest;
+            }
+        }
+    }
+    match last {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -206,6 +461,7 @@ struct Dialer {
     kick: Arc<tokio::sync::Notify>,
     metrics: Metrics,
     stop: CancellationToken,
+    suspect: Arc<AtomicBool>,
 }
 
 impl Dialer {
@@ -232,6 +488,7 @@ impl Dialer {
                             side: "dialed",
                         },
                     ));
+                    self.suspect.store(false, Ordering::Relaxed);
                     self.tx.send_replace(Some(conn.clone()));
                     let reason = tokio::select! {
                         r = conn.closed() => r,
@@ -336,4 +593,32 @@ pub fn peer_spiffe_id(conn: &Connection) -> Option<SpiffeId> {
 
 fn peer_id(conn: &Connection) -> String {
     peer_spiffe_id(conn).map_or_else(|| "<none>".into(), |id| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_ips_or_host_names() {
+        let given: Vec<String> = [
+            "10.0.0.1:15443",
+            "[fd00::1]:15443",
+            "GW-0.West.example.org:15443",
+            "gw.example.org:0",
+            "gw.example.org",
+            "gw west:1",
+            "",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let (ips, names, bad) = split_addresses(&given);
+        assert_eq!(
+            ips.into_iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ["10.0.0.1:15443", "[fd00::1]:15443"]
+        );
+        assert_eq!(names, [("gw-0.west.example.org".to_owned(), 15443)]);
+        assert_eq!(bad, ["gw.example.org:0", "gw.example.org", "gw west:1", ""]);
+    }
 }

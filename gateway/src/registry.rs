@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use meshfed_catalog::ServiceName;
 use meshfed_catalog::catalog::Protocol;
@@ -25,90 +25,8 @@ use crate::health::{Checks, Target};
 use crate::ingress::Ingress;
 use meshfed_catalog::legacy::HealthCheck;
 
-/// Bounds on when a hostname is looked up again: its answer's TTL, within these.
-pub const MIN_REFRESH: Duration = Duration::from_secs(1);
-pub const MAX_REFRESH: Duration = Duration::from_secs(300);
-/// After a failed lookup (the last answer is kept meanwhile).
-pub const RETRY: Duration = Duration::from_secs(5);
+pub use crate::resolve::{MAX_REFRESH, MIN_REFRESH, RETRY, Resolved, next_refresh};
 
-/// When to look a name up again, from its answer's expiry (the record TTL).
-pub fn next_refresh(now: Instant, valid_until: Option<Instant>) -> Instant {
-    let ttl = valid_until.map_or(RETRY, |v| v.saturating_duration_since(now));
-    now + ttl.clamp(MIN_REFRESH, MAX_REFRESH)
-}
-
-/// Endpoint hostnames and their addresses, each looked up again when its TTL runs out.
-struct Resolved {
-    resolver: Option<hickory_resolver::TokioResolver>,
-    answers: BTreeMap<String, Vec<IpAddr>>,
-    due: BTreeMap<String, Instant>,
-}
-
-impl Resolved {
-    fn new() -> Self {
-        let resolver = match hickory_resolver::TokioResolver::builder_tokio()
-            .and_then(|b| b.build())
-        {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!(error = %e, "no system resolver configuration; endpoint hostnames use getaddrinfo every 30 s");
-                None
-            }
-        };
-        Self {
-            resolver,
-            answers: BTreeMap::new(),
-            due: BTreeMap::new(),
-        }
-    }
-
-    /// Looks up the names that are new or due; true when an answer changed.
-    async fn refresh(&mut self, names: &BTreeSet<String>) -> bool {
-        let now = Instant::now();
-        self.answers.retain(|n, _| names.contains(n));
-        self.due.retain(|n, _| names.contains(n));
-        let mut changed = false;
-        for name in names {
-            if self.due.get(name).is_some_and(|d| *d > now) {
-                continue;
-            }
-            let (ips, next) = match &self.resolver {
-                Some(r) => match r.lookup_ip(name.as_str()).await {
-                    Ok(l) => {
-                        let v: Instant = l.valid_until();
-                        (
-                            Ok(l.iter().collect::<Vec<IpAddr>>()),
-                            next_refresh(now, Some(v)),
-                        )
-                    }
-                    Err(e) => (Err(e.to_string()), now + RETRY),
-                },
-                None => match tokio::net::lookup_host((name.as_str(), 0)).await {
-                    Ok(a) => (
-                        Ok(a.map(|a| a.ip()).collect()),
-                        now + Duration::from_secs(30),
-                    ),
-                    Err(e) => (Err(e.to_string()), now + RETRY),
-                },
-            };
-            self.due.insert(name.clone(), next);
-            match ips {
-                Ok(mut ips) => {
-                    ips.sort();
-                    ips.dedup();
-                    if self.answers.get(name) != Some(&ips) {
-                        info!(host = %name, addresses = ?ips, refresh_in = ?next.saturating_duration_since(now), "endpoint hostname resolved");
-                        self.answers.insert(name.clone(), ips);
-                        changed = true;
-                    }
-                }
-                // Keep the last answer rather than drop a working endpoint.
-                Err(e) => warn!(host = %name, error = %e, "endpoint hostname did not resolve"),
-            }
-        }
-        changed
-    }
-}
 const POLL: Duration = Duration::from_millis(250);
 
 /// Hostnames the registry's endpoints need resolved.
@@ -501,16 +419,6 @@ spec:
         assert_eq!(e.port_names[&(Protocol::Udp, 53)], "dns");
         assert_eq!(e.port_names[&(Protocol::Tcp, 53)], "dns-tcp");
         assert_eq!(e.identities.len(), 1);
-    }
-
-    #[test]
-    fn refresh_follows_the_ttl_within_bounds() {
-        let now = Instant::now();
-        let at = |secs: u64| next_refresh(now, Some(now + Duration::from_secs(secs))) - now;
-        assert_eq!(at(60), Duration::from_secs(60));
-        assert_eq!(at(0), MIN_REFRESH);
-        assert_eq!(at(86_400), MAX_REFRESH);
-        assert_eq!(next_refresh(now, None) - now, RETRY);
     }
 
     #[test]

@@ -101,6 +101,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     let mut ref_stream = east_b
         .watch(pb::WatchRequest {
             from_revision: None,
+            gateway_address: String::new(),
         })
         .await
         .unwrap()
@@ -112,6 +113,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     let mut east_stream = east_a
         .watch(pb::WatchRequest {
             from_revision: Some(r0.0),
+            gateway_address: String::new(),
         })
         .await
         .unwrap()
@@ -150,6 +152,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     let mut east_stream = east_b
         .watch(pb::WatchRequest {
             from_revision: Some(east_cat.revision.0),
+            gateway_address: String::new(),
         })
         .await
         .unwrap()
@@ -181,6 +184,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     let mut s = east_b
         .watch(pb::WatchRequest {
             from_revision: None,
+            gateway_address: String::new(),
         })
         .await
         .unwrap()

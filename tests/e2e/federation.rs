@@ -326,6 +326,7 @@ async fn join_publish_watch_and_typed_refusals() {
     let mut watch = ec
         .watch(pb::WatchRequest {
             from_revision: None,
+            gateway_address: String::new(),
         })
         .await
         .unwrap()
@@ -408,6 +409,7 @@ async fn join_publish_watch_and_typed_refusals() {
     let mut resumed = ec
         .watch(pb::WatchRequest {
             from_revision: Some(r.revision),
+            gateway_address: String::new(),
         })
         .await
         .unwrap()
@@ -446,6 +448,7 @@ async fn embedded_store_restart_keeps_revisions_monotonic() {
     let mut w = wc
         .watch(pb::WatchRequest {
             from_revision: Some(before),
+            gateway_address: String::new(),
         })
         .await
         .unwrap()

@@ -12,6 +12,7 @@ mod inproc;
 mod kubeapi;
 mod kubernetes;
 mod legacy;
+mod replicas;
 mod rotation;
 mod security;
 mod spiffe_federation;

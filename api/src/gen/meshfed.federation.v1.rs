@@ -104,10 +104,16 @@ pub struct PublishResponse {
     pub changes: u32,
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WatchRequest {
     #[prost(uint64, optional, tag = "1")]
     pub from_revision: ::core::option::Option<u64>,
+    /// The address this gateway replica is dialed at (its `federation.advertise`). While a
+    /// replica holds a Watch stream, its address is one of the site's gateway addresses;
+    /// one lease TTL after its last stream closes, it is dropped (the site stays up while
+    /// another replica holds a stream). Empty: an agent that predates replicas.
+    #[prost(string, tag = "2")]
+    pub gateway_address: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
