@@ -99,6 +99,8 @@ pub struct ConfigBuilder {
     pub renew: Option<(PathBuf, Duration)>,
     /// `caller_mtls: true`.
     pub caller_mtls: bool,
+    /// `federation.advertise`: the address peers dial (IP:port or host:port).
+    pub advertise: Option<String>,
     /// `caller_pod_ip: true`.
     pub caller_pod_ip: bool,
     /// `tls.workload_api.socket`: the SVID and this trust domain's bundle come from the
@@ -209,6 +211,9 @@ impl ConfigBuilder {
             );
             if let Some(r) = &self.vip_range {
                 let _ = writeln!(y, "  vip_range: {r}");
+            }
+            if let Some(a) = &self.advertise {
+                let _ = writeln!(y, "  advertise: {a}");
             }
             if let Some(r) = &self.import_ports {
                 let _ = writeln!(y, "  import_ports: {r}");

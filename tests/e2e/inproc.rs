@@ -1788,3 +1788,39 @@ async fn silent_clients_cannot_hold_more_than_the_caller_handshake_limit() {
     }
     fed.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_address_may_be_a_host_name() {
+    let scratch = Scratch::new("inproc-hostname");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let quic = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder {
+            listen: Some(quic),
+            advertise: Some(format!("localhost:{}", quic.port())),
+            ..Default::default()
+        }
+        .export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    until_call(addr, true, "through a host-name address").await;
+    // East resolved west's name (from /etc/hosts here) and dials what it resolved to.
+    let west_site: meshfed_catalog::SiteName = "west".parse().unwrap();
+    let links = east_gw.gateway.peers.links(&west_site);
+    assert!(links.contains(&(quic, true)), "{links:?}");
+    for g in [east_gw, west_gw] {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
