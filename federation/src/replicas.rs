@@ -225,7 +225,8 @@ mod tests {
         let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
         let set = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<BTreeSet<_>>();
         // (recorded, live, removable, want)
-        let rows: [(&[&str], &[&str], &[&str], &[&str]); 6] = [
+        type Row<'a> = (&'a [&'a str], &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+        let rows: [Row<'_>; 6] = [
             (&["a:1"], &["b:1"], &[], &["a:1", "b:1"]),
             (&["a:1", "b:1"], &["b:1"], &["a:1"], &["b:1"]),
             (&["a:1", "b:1"], &["a:1", "b:1"], &["a:1"], &["a:1", "b:1"]),

@@ -364,6 +364,22 @@ async fn until_call(addr: SocketAddr, want: bool, what: &str) {
     }
 }
 
+/// A gateway's `/metrics` text.
+async fn metrics(gw: &meshfed::site::RunningSite) -> String {
+    let (_, m) = meshfed_lifecycle::admin::get(gw.gateway.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    m
+}
+
+/// Drains the gateways, then the federation.
+async fn shutdown<const N: usize>(gws: [meshfed::site::RunningSite; N], fed: Federation) {
+    for g in gws {
+        g.shutdown().await;
+    }
+    fed.node.shutdown().await;
+}
+
 pub(crate) fn counter(metrics: &str, series: &str) -> f64 {
     metrics
         .lines()
@@ -637,10 +653,7 @@ async fn a_root_rotation_reaches_every_site_without_a_restart() {
     let on_disk = TrustBundle::from_jwks(east.trust_domain.clone(), &on_disk).unwrap();
     assert_eq!((on_disk.sequence, on_disk.x509_authorities.len()), (2, 2));
 
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,10 +762,7 @@ async fn a_removed_site_is_distrusted_everywhere_and_its_connections_close() {
         "{unknown}"
     );
 
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -782,9 +792,7 @@ async fn a_gateway_renews_its_svid_from_an_intermediate_with_calls_flowing() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
-        .await
-        .unwrap();
+    let m = metrics(&east_gw).await;
     let renewed = counter(&m, "meshfed_gateway_svid_renewals_total{result=\"ok\"}");
     let reloaded = counter(
         &m,
@@ -811,10 +819,7 @@ async fn a_gateway_renews_its_svid_from_an_intermediate_with_calls_flowing() {
     .await
     .expect("a renewed SVID is accepted");
 
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 /// What a load run saw: calls that succeeded and failed, and when the last call that
@@ -928,9 +933,7 @@ async fn renewals_and_a_root_rotation_under_load_fail_no_call() {
     stop.cancel();
     let Load { ok, failed, .. } = running.await.unwrap();
 
-    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
-        .await
-        .unwrap();
+    let m = metrics(&east_gw).await;
     let renewed = counter(&m, "meshfed_gateway_svid_renewals_total{result=\"ok\"}");
     let loaded = counter(
         &m,
@@ -970,10 +973,7 @@ async fn renewals_and_a_root_rotation_under_load_fail_no_call() {
     let on_disk = TrustBundle::from_jwks(east.trust_domain.clone(), &on_disk).unwrap();
     assert_eq!(on_disk.x509_authorities, vec![new_root.cert().clone()]);
 
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 /// One echo over TLS to a `caller_mtls` listener, presenting `svid` (or no certificate),
@@ -1131,9 +1131,7 @@ async fn callers_prove_who_they_are_with_their_svid_at_the_egress() {
     assert_eq!(&got, b"ping-from-openssl");
     let _ = child.kill().await;
 
-    let (_, m) = meshfed_lifecycle::admin::get(west_gw.gateway.admin_addr, "/metrics")
-        .await
-        .unwrap();
+    let m = metrics(&west_gw).await;
     assert!(
         counter(
             &m,
@@ -1141,10 +1139,7 @@ async fn callers_prove_who_they_are_with_their_svid_at_the_egress() {
         ) >= 1.0,
         "{m}"
     );
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1313,10 +1308,7 @@ async fn the_endpoint_learns_the_client_and_the_caller_by_proxy_protocol() {
 
     let _ = haproxy.kill();
     let _ = haproxy.wait();
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 /// Issue 15's load test, the removal: while 200 calls per second cross from east, the
@@ -1360,10 +1352,7 @@ async fn a_site_removed_under_load_is_cut_off_within_the_convergence_target() {
         cut_off < Duration::from_secs(1),
         "east's calls still got through {cut_off:?} after its removal"
     );
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1446,9 +1435,7 @@ async fn an_expired_signing_authority_never_replaces_the_working_svid() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
-        .await
-        .unwrap();
+    let m = metrics(&east_gw).await;
     assert!(
         counter(&m, "meshfed_gateway_svid_renewals_total{result=\"failed\"}") >= 1.0,
         "{m}"
@@ -1469,10 +1456,7 @@ async fn an_expired_signing_authority_never_replaces_the_working_svid() {
         "the SVID on disk is alive"
     );
     until_call(addr, true, "after the authority expired").await;
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 /// Waits until the SVID on disk at `cert` is `want`'s leaf.
@@ -1573,9 +1557,7 @@ async fn a_gateway_takes_its_svid_from_the_workload_api_and_follows_it() {
     stop.cancel();
     let l = calls.await.unwrap();
 
-    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
-        .await
-        .unwrap();
+    let m = metrics(&east_gw).await;
     let renewed = counter(&m, "meshfed_gateway_svid_renewals_total{result=\"ok\"}");
     let refused = counter(
         &m,
@@ -1604,10 +1586,7 @@ async fn a_gateway_takes_its_svid_from_the_workload_api_and_follows_it() {
     )
     .await
     .expect("the agent's SVID is accepted");
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 /// Connects to `to` from the local address `from` (a "pod IP" on loopback) and returns
@@ -1706,9 +1685,7 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
-        .await
-        .unwrap();
+    let m = metrics(&east_gw).await;
     assert!(
         counter(
             &m,
@@ -1716,10 +1693,7 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
         ) >= 3.0,
         "{m}"
     );
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1750,9 +1724,7 @@ async fn silent_clients_cannot_hold_more_than_the_caller_handshake_limit() {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, m) = meshfed_lifecycle::admin::get(east_gw.gateway.admin_addr, "/metrics")
-            .await
-            .unwrap();
+        let m = metrics(&east_gw).await;
         let n = counter(
             &m,
             "meshfed_gateway_refusals_total{direction=\"egress\",reason=\"caller_handshake_limit\"}",
@@ -1783,10 +1755,7 @@ async fn silent_clients_cannot_hold_more_than_the_caller_handshake_limit() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1819,8 +1788,5 @@ async fn a_gateway_address_may_be_a_host_name() {
     let west_site: meshfed_catalog::SiteName = "west".parse().unwrap();
     let links = east_gw.gateway.peers.links(&west_site);
     assert!(links.contains(&(quic, true)), "{links:?}");
-    for g in [east_gw, west_gw] {
-        g.shutdown().await;
-    }
-    fed.node.shutdown().await;
+    shutdown([east_gw, west_gw], fed).await;
 }
