@@ -264,6 +264,7 @@ async fn run_store(
                 site: s.name.clone(),
                 exports: s.exports.clone(),
                 gateway_addresses: vec![],
+                outbound_only: false,
             })
             .await?;
     }
@@ -287,6 +288,7 @@ async fn run_store(
                 site: s.name.clone(),
                 exports: s.exports.clone(),
                 gateway_addresses: vec![],
+                outbound_only: false,
             })
             .await?;
         let mut seen = 0;

@@ -39,7 +39,8 @@ pub struct SitePlan {
 
 /// The plan for site `me` at locality `locality`.
 ///
-/// Peers: every other site that is up and has a gateway address. Imports: every
+/// Peers: every other site that is up; one without a gateway address (outbound-only)
+/// is reached over the connections it dials. Imports: every
 /// (service, port) exported by another site, namespace sameness merging sites. Backends
 /// of an import: sites that are up and have ready endpoints for it, the same locality as
 /// `me` first, then the most ready endpoints, then by name (stable).
@@ -47,7 +48,7 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
     let peers = catalog
         .sites
         .values()
-        .filter(|r| &r.site != me && r.up && !r.gateway_addresses.is_empty())
+        .filter(|r| &r.site != me && r.up)
         .filter_map(|r| {
             Some(PeerPlan {
                 site: r.site.clone(),

@@ -768,10 +768,15 @@ impl pb::federation_server::Federation for FederationService {
         let mut changes = self
             .store
             .with_catalog(|c| c.publish_changes(&rec.site, &exports));
-        // Merged, never overwriting another replica's (dead ones leave by sweep).
-        let mut addresses = rec.gateway_addresses.clone();
+        // Merged, never overwriting another replica's (dead ones leave by sweep); an
+        // outbound-only site has none.
+        let mut addresses = if r.outbound_only {
+            vec![]
+        } else {
+            rec.gateway_addresses.clone()
+        };
         for a in r.gateway_addresses {
-            if crate::replicas::valid_address(&a) && !addresses.contains(&a) {
+            if !r.outbound_only && crate::replicas::valid_address(&a) && !addresses.contains(&a) {
                 addresses.push(a);
             }
         }

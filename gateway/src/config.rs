@@ -128,6 +128,8 @@ struct RawFederation {
     advertise: Option<String>,
     #[serde(default)]
     locality: Option<String>,
+    #[serde(default)]
+    inbound: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,6 +320,9 @@ pub struct Federation {
     /// The QUIC address other gateways dial; default `listen`.
     pub advertise: Option<String>,
     pub locality: Option<String>,
+    /// `false`: nobody can dial this site (behind NAT or a firewall). It publishes no
+    /// address, dials every peer, and peers reach its exports over those connections.
+    pub inbound: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -598,6 +603,12 @@ fn federation(
             .unwrap_or("127.0.0.1")
             .parse()
             .map_err(|_| v.err("federation.import_address", "not an IP address"))?;
+        if f.inbound == Some(false) && f.advertise.is_some() {
+            return Err(v.err(
+                "federation.advertise",
+                "an outbound-only site (inbound: false) has no address to advertise",
+            ));
+        }
         Ok::<_, ConfigError>(Federation {
             dir: rel(base, f.dir),
             import_address,
@@ -613,6 +624,7 @@ fn federation(
                 .map(meshfed_catalog::routing::PortRange::parse)
                 .transpose()
                 .map_err(|e| v.err("federation.import_ports", e))?,
+            inbound: f.inbound.unwrap_or(true),
             advertise: f.advertise,
             locality: f.locality,
         })

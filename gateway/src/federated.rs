@@ -376,7 +376,11 @@ impl Agent {
         let mut watch = client
             .watch(pb::WatchRequest {
                 from_revision: from,
-                gateway_address: self.advertise.clone(),
+                gateway_address: if self.fed.inbound {
+                    self.advertise.clone()
+                } else {
+                    String::new()
+                },
             })
             .await
             .map_err(rpc("watch"))?
@@ -425,7 +429,12 @@ impl Agent {
             .publish(pb::PublishRequest {
                 site: self.site.to_string(),
                 exports: set,
-                gateway_addresses: vec![self.advertise.clone()],
+                gateway_addresses: if self.fed.inbound {
+                    vec![self.advertise.clone()]
+                } else {
+                    vec![]
+                },
+                outbound_only: !self.fed.inbound,
             })
             .await
             .map_err(rpc("publish"))?

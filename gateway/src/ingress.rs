@@ -285,7 +285,7 @@ impl Ingress {
                         return;
                     };
                     match done {
-                        Ok(conn) => this.serve_connection(conn, drain).await,
+                        Ok(conn) => this.serve_connection(conn, drain, false).await,
                         Err(e) => {
                             // Certificates we refused were counted by the verifier's hook;
                             // a client that sent none never reaches it.
@@ -306,7 +306,32 @@ impl Ingress {
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, conn: Connection, drain: DrainWatcher) {
+    /// The live connections `peer` dialed to us: the egress uses them for a peer it
+    /// cannot dial (an outbound-only site).
+    pub fn accepted(&self, peer: &SpiffeId) -> Vec<Connection> {
+        self.inbound_lock()
+            .get(peer)
+            .map(|c| {
+                c.values()
+                    .filter(|c| c.close_reason().is_none())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Serves the streams a peer opens on a connection we dialed to it (how an
+    /// outbound-only site's exports are reached). The same checks as an accepted one.
+    pub fn serve_dialed(self: &Arc<Self>, conn: Connection, drain: DrainWatcher) {
+        tokio::spawn(self.clone().serve_connection(conn, drain, true));
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: Connection,
+        drain: DrainWatcher,
+        dialed: bool,
+    ) {
         let Some(peer) = peer_spiffe_id(&conn) else {
             // Unreachable with our verifier; refuse rather than trust an unverified peer.
             conn.close(VarInt::from_u32(app_code::REFUSED), b"no peer identity");
@@ -314,19 +339,21 @@ impl Ingress {
         };
         // Authenticated: now it may open as many streams as a peer gateway needs.
         conn.set_max_concurrent_bi_streams(VarInt::from_u32(crate::tunnel::MAX_STREAMS));
-        info!(%peer, "peer gateway connected");
-        tokio::spawn(crate::metrics::watch_path(
-            self.metrics.quic.clone(),
-            conn.clone(),
-            crate::metrics::QuicLabels {
-                peer: peer.to_string(),
-                side: "accepted",
-            },
-        ));
-        self.inbound_lock()
-            .entry(peer.clone())
-            .or_default()
-            .insert(conn.stable_id(), conn.clone());
+        if !dialed {
+            info!(%peer, "peer gateway connected");
+            tokio::spawn(crate::metrics::watch_path(
+                self.metrics.quic.clone(),
+                conn.clone(),
+                crate::metrics::QuicLabels {
+                    peer: peer.to_string(),
+                    side: "accepted",
+                },
+            ));
+            self.inbound_lock()
+                .entry(peer.clone())
+                .or_default()
+                .insert(conn.stable_id(), conn.clone());
+        }
         // A handshake verified against a bundle set that was being replaced: once
         // registered, either the replacement's sweep (`close_untrusted`) closes it, or
         // this check, which reads the set after it, does.
@@ -343,6 +370,9 @@ impl Ingress {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
                 Err(e) => {
+                    if dialed {
+                        return;
+                    }
                     info!(%peer, reason = %e, "peer gateway connection closed");
                     let mut m = self.inbound_lock();
                     if let Some(c) = m.get_mut(&peer) {

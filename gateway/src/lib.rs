@@ -513,6 +513,18 @@ pub async fn start_with(
         bundle_store.clone(),
     ));
     tokio::spawn(ingress.clone().serve(endpoint.clone(), streams_w.clone()));
+    // Our dialed connections serve the peer's streams; its dialed ones carry ours when
+    // we cannot dial it (an outbound-only site).
+    peers.attach_ingress(
+        {
+            let ingress = ingress.clone();
+            Arc::new(move |id: &SpiffeId| ingress.accepted(id))
+        },
+        {
+            let (ingress, drain) = (ingress.clone(), streams_w.clone());
+            Arc::new(move |conn| ingress.serve_dialed(conn, drain.clone()))
+        },
+    );
 
     let (applied, _) = tokio::sync::watch::channel(None);
     let reload_kick = Arc::new(tokio::sync::Notify::new());
@@ -547,9 +559,13 @@ pub async fn start_with(
         interval: cfg.reload_interval,
         kick: reload_kick.clone(),
         on_bundles: {
-            let ingress = ingress.clone();
+            let (ingress, peers, bundles) = (ingress.clone(), peers.clone(), bundle_store.clone());
             Arc::new(move || {
-                let n = ingress.close_untrusted();
+                // Accepted connections, and those we dialed (they carry the peer's
+                // streams too).
+                let set = bundles.load();
+                let n = ingress.close_untrusted()
+                    + peers.close_where(|td| set.get_str(td).is_none());
                 if n > 0 {
                     warn!(
                         closed = n,

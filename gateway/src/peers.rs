@@ -59,7 +59,15 @@ pub struct PeerHandle {
     pub spiffe_id: SpiffeId,
     links: Vec<Link>,
     next: Arc<AtomicUsize>,
+    /// Connections the peer dialed to us, used when none of ours is up (the only way to
+    /// an outbound-only site).
+    accepted: Vec<Connection>,
 }
+
+/// The live connections a peer gateway dialed to us (the ingress keeps them).
+pub type AcceptedFor = Arc<dyn Fn(&SpiffeId) -> Vec<Connection> + Send + Sync>;
+/// Serves the streams a peer opens on a connection we dialed.
+pub type OnDialed = Arc<dyn Fn(Connection) + Send + Sync>;
 
 /// Builds the QUIC client config for dialing a peer that must present this ID.
 pub type ClientConfigFor = Arc<dyn Fn(&SpiffeId) -> Option<quinn::ClientConfig> + Send + Sync>;
@@ -79,6 +87,9 @@ struct PeersInner {
     config_for: ClientConfigFor,
     drain: DrainWatcher,
     by_site: Mutex<BTreeMap<SiteName, Entry>>,
+    accepted_for: std::sync::OnceLock<AcceptedFor>,
+    /// Shared with the dialers, which may start before the ingress is attached.
+    on_dialed: Arc<std::sync::OnceLock<OnDialed>>,
 }
 
 struct Entry {
@@ -145,8 +156,18 @@ impl Peers {
                 config_for,
                 drain,
                 by_site: Mutex::new(BTreeMap::new()),
+                accepted_for: std::sync::OnceLock::new(),
+                on_dialed: Arc::default(),
             }),
         }
+    }
+
+    /// Connects the peers to the ingress (built after them): our dialed connections
+    /// serve the peer's streams too, and the peer's dialed connections carry ours when
+    /// we cannot dial it.
+    pub fn attach_ingress(&self, accepted_for: AcceptedFor, on_dialed: OnDialed) {
+        let _ = self.inner.accepted_for.set(accepted_for);
+        let _ = self.inner.on_dialed.set(on_dialed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<SiteName, Entry>> {
@@ -154,13 +175,15 @@ impl Peers {
     }
 
     /// Adds a peer, or updates it when its addresses or identity changed (an address
-    /// that stays keeps its connection). Returns false when no address is usable.
+    /// that stays keeps its connection). A peer without addresses (outbound-only) has no
+    /// dialer: it is reached over the connections it dials. Returns false when
+    /// addresses were given and none is usable.
     pub fn upsert(&self, site: &SiteName, spiffe_id: &SpiffeId, addresses: &[String]) -> bool {
         let (ips, names, bad) = split_addresses(addresses);
         if !bad.is_empty() {
             warn!(%site, addresses = ?bad, "gateway addresses that are neither IP:port nor host:port skipped");
         }
-        if ips.is_empty() && names.is_empty() {
+        if ips.is_empty() && names.is_empty() && !addresses.is_empty() {
             return false;
         }
         let mut map = self.lock();
@@ -271,6 +294,7 @@ impl Peers {
                 metrics: self.inner.metrics.clone(),
                 stop: stop.clone(),
                 suspect: suspect.clone(),
+                on_dialed: self.inner.on_dialed.clone(),
             };
             let span = info_span!("peer", site = %site, addr = %addr, expect = %e.spiffe_id);
             self.inner.drain.spawn(dialer.run().instrument(span));
@@ -327,10 +351,15 @@ impl Peers {
 
     /// Closes the live connections to gateways of `td` (its bundle was withdrawn).
     pub fn close_trust_domain(&self, td: &str) -> usize {
+        self.close_where(|t| t == td)
+    }
+
+    /// Closes the live connections to gateways whose trust domain `untrusted` names.
+    pub fn close_where(&self, untrusted: impl Fn(&str) -> bool) -> usize {
         let conns: Vec<Connection> = self
             .lock()
             .values()
-            .filter(|e| e.spiffe_id.trust_domain_str() == td)
+            .filter(|e| untrusted(e.spiffe_id.trust_domain_str()))
             .flat_map(|e| e.links.values().filter_map(Link::live).collect::<Vec<_>>())
             .collect();
         conns.iter().for_each(crate::tunnel::close_withdrawn);
@@ -338,12 +367,17 @@ impl Peers {
     }
 
     pub fn get(&self, site: &SiteName) -> Option<PeerHandle> {
-        self.lock().get(site).map(|e| PeerHandle {
+        let mut h = self.lock().get(site).map(|e| PeerHandle {
             site: site.clone(),
             spiffe_id: e.spiffe_id.clone(),
             links: e.links.values().cloned().collect(),
             next: e.next.clone(),
-        })
+            accepted: vec![],
+        })?;
+        if let Some(f) = self.inner.accepted_for.get() {
+            h.accepted = f(&h.spiffe_id);
+        }
+        Some(h)
     }
 
     /// Whether the peer has a live connection right now.
@@ -358,6 +392,18 @@ impl PeerHandle {
     /// A live connection, the next in turn among the peer's addresses, waiting up to
     /// `wait` for one to be (re-)established.
     pub async fn connection(&self, wait: Duration) -> Option<Connection> {
+        let dialed_up = self.links.iter().any(|l| l.live().is_some());
+        if !dialed_up {
+            let accepted: Vec<&Connection> = self
+                .accepted
+                .iter()
+                .filter(|c| c.close_reason().is_none())
+                .collect();
+            if !accepted.is_empty() {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % accepted.len();
+                return Some(accepted[i].clone());
+            }
+        }
         if self.links.is_empty() {
             return None;
         }
@@ -462,6 +508,8 @@ struct Dialer {
     metrics: Metrics,
     stop: CancellationToken,
     suspect: Arc<AtomicBool>,
+    /// Serves the streams the peer opens on our connection.
+    on_dialed: Arc<std::sync::OnceLock<OnDialed>>,
 }
 
 impl Dialer {
@@ -489,10 +537,20 @@ impl Dialer {
                         },
                     ));
                     self.suspect.store(false, Ordering::Relaxed);
+                    if let Some(f) = self.on_dialed.get() {
+                        f(conn.clone());
+                    }
                     self.tx.send_replace(Some(conn.clone()));
                     let reason = tokio::select! {
                         r = conn.closed() => r,
                         _ = self.stop.cancelled() => {
+                            // The peer (or this address) left the plan: its connection
+                            // goes too, rather than live on in handles egress holds.
+                            conn.close(
+                                quinn::VarInt::from_u32(crate::wire::app_code::DRAINING),
+                                b"peer removed",
+                            );
+                            self.tx.send_replace(None);
                             self.metrics.peer_connections.dec();
                             return;
                         }

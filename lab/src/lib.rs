@@ -101,6 +101,8 @@ pub struct ConfigBuilder {
     pub caller_mtls: bool,
     /// `federation.advertise`: the address peers dial (IP:port or host:port).
     pub advertise: Option<String>,
+    /// `federation.inbound: false`: an outbound-only site.
+    pub outbound_only: bool,
     /// `caller_pod_ip: true`.
     pub caller_pod_ip: bool,
     /// `tls.workload_api.socket`: the SVID and this trust domain's bundle come from the
@@ -214,6 +216,9 @@ impl ConfigBuilder {
             }
             if let Some(a) = &self.advertise {
                 let _ = writeln!(y, "  advertise: {a}");
+            }
+            if self.outbound_only {
+                y.push_str("  inbound: false\n");
             }
             if let Some(r) = &self.import_ports {
                 let _ = writeln!(y, "  import_ports: {r}");

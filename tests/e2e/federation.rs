@@ -275,6 +275,7 @@ pub(crate) async fn publish(
         site: site.into(),
         exports,
         gateway_addresses: vec![],
+        outbound_only: false,
     })
     .await
     .map(|r| r.into_inner())

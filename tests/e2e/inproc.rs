@@ -313,6 +313,7 @@ async fn the_server_refuses_what_a_caller_may_not_do_with_typed_reasons() {
         site: site.into(),
         exports: vec![],
         gateway_addresses: vec!["127.0.0.1:4433".into()],
+        outbound_only: false,
     };
     c.publish(publish("east"))
         .await
@@ -1173,6 +1174,7 @@ async fn the_federation_renews_its_own_svid_without_a_restart() {
         site: "east".into(),
         exports: vec![],
         gateway_addresses: vec!["127.0.0.1:4433".into()],
+        outbound_only: false,
     })
     .await
     .expect("a site's new handshake after the renewal");
@@ -1788,5 +1790,42 @@ async fn a_gateway_address_may_be_a_host_name() {
     let west_site: meshfed_catalog::SiteName = "west".parse().unwrap();
     let links = east_gw.gateway.peers.links(&west_site);
     assert!(links.contains(&(quic, true)), "{links:?}");
+    shutdown([east_gw, west_gw], fed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_only_sites_exports_are_reached_over_the_connections_it_dials() {
+    let scratch = Scratch::new("inproc-outbound-only");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    // West cannot be dialed: it publishes no address and dials east itself.
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder {
+            outbound_only: true,
+            ..Default::default()
+        }
+        .export("orders.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
+    let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
+    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    until_call(addr, true, "to an outbound-only site").await;
+    let west_site: meshfed_catalog::SiteName = "west".parse().unwrap();
+    let peer = applied
+        .plan
+        .peers
+        .iter()
+        .find(|p| p.site == west_site)
+        .expect("west is east's peer");
+    assert!(peer.addresses.is_empty(), "{:?}", peer.addresses);
+    assert!(east_gw.gateway.peers.links(&west_site).is_empty());
+    for _ in 0..20 {
+        assert_eq!(echo_through(addr).await.unwrap(), b"ping");
+    }
     shutdown([east_gw, west_gw], fed).await;
 }

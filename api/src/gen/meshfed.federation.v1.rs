@@ -92,8 +92,14 @@ pub struct PublishRequest {
     pub site: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "2")]
     pub exports: ::prost::alloc::vec::Vec<ServiceExport>,
+    /// Merged into the site's list (each replica adds its own).
     #[prost(string, repeated, tag = "3")]
     pub gateway_addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The site cannot be dialed (behind NAT or a firewall: `federation.inbound: false`):
+    /// it has no gateway address, its gateways dial every peer, and peers reach its
+    /// exports over the connections it dialed.
+    #[prost(bool, tag = "4")]
+    pub outbound_only: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
