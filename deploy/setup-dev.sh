@@ -10,6 +10,8 @@
 #                      (skipped when a kubectl is already installed)
 #   haproxy            the PROXY-protocol consumer the identity tests send to
 #   openssl            s_client, a TLS client the caller-mTLS test presents an SVID with
+#   nftables, iproute2 nft and ip: the outbound-only test puts a site in a network
+#                      namespace whose firewall drops every new inbound connection
 #   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI)
 #                      and spiffe (py-spiffe, which parses the served SPIFFE bundles),
 #                      which checks the rendered manifests against the Kubernetes schemas
@@ -26,6 +28,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v kubectl >/dev/null || need+=(kubernetes-client)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v openssl >/dev/null || need+=(openssl)
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
 tools=/opt/meshfed-tools
 { [ -x "$tools/bin/kubernetes-validate" ] && "$tools/bin/python" -c 'import spiffe' 2>/dev/null; } || python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -564,8 +564,8 @@ pub async fn start_with(
                 // Accepted connections, and those we dialed (they carry the peer's
                 // streams too).
                 let set = bundles.load();
-                let n = ingress.close_untrusted()
-                    + peers.close_where(|td| set.get_str(td).is_none());
+                let n =
+                    ingress.close_untrusted() + peers.close_where(|td| set.get_str(td).is_none());
                 if n > 0 {
                     warn!(
                         closed = n,

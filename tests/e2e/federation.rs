@@ -86,6 +86,11 @@ impl Fed {
     }
 
     pub fn start_on(dir: &Path, n: usize, lease_ttl: &str, on: On) -> Self {
+        Self::start_listening(dir, n, lease_ttl, on, "127.0.0.1:0")
+    }
+
+    /// [`Fed::start_on`], listening on `listen`.
+    pub fn start_listening(dir: &Path, n: usize, lease_ttl: &str, on: On, listen: &str) -> Self {
         let _ = std::fs::remove_file(dir.join("address"));
         let _ = std::fs::remove_file(dir.join("admin_address"));
         let log = dir.join(format!("serve-{n}.log"));
@@ -95,7 +100,7 @@ impl Fed {
             "--dir",
             dir.to_str().unwrap(),
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--admin",
             "127.0.0.1:0",
             "--lease-ttl",

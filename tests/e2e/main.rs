@@ -12,6 +12,7 @@ mod inproc;
 mod kubeapi;
 mod kubernetes;
 mod legacy;
+mod outbound;
 mod replicas;
 mod rotation;
 mod security;

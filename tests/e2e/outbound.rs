@@ -1,0 +1,154 @@
+//! An outbound-only site for real: west's gateway runs in a network namespace whose
+//! nftables firewall drops every new inbound connection (only replies to what it dialed
+//! get in), joined to the host by a veth pair. The federation and east run on the
+//! host side. West publishes no address; east reaches west's export over the QUIC
+//! connection west dialed.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::federation::{Fed, On, fed_config, joined};
+use crate::harness::{Gw, Scratch};
+
+/// A network namespace and its veth pair, removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// `ns` with `10.<a>.<b>.2/30` inside, `.1` on the host, and a firewall that drops
+    /// every new inbound connection inside.
+    fn outbound_only(tag: u32, host: &str, inner: &str) -> Self {
+        let name = format!("mfo-{tag}");
+        let (host_if, ns_if) = (format!("mfo{tag}h"), format!("mfo{tag}n"));
+        let ns = Self {
+            name: name.clone(),
+            host_if: host_if.clone(),
+        };
+        run(&["ip", "netns", "add", &name]);
+        run(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        run(&["ip", "link", "set", &ns_if, "netns", &name]);
+        run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &host_if]);
+        run(&["ip", "link", "set", &host_if, "up"]);
+        let exec = |a: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", name.as_str()];
+            v.extend_from_slice(a);
+            run(&v);
+        };
+        exec(&["ip", "addr", "add", &format!("{inner}/30"), "dev", &ns_if]);
+        exec(&["ip", "link", "set", &ns_if, "up"]);
+        exec(&["ip", "link", "set", "lo", "up"]);
+        let rules = "table inet outbound_only {\n  chain input {\n    type filter hook input priority 0; policy drop;\n    iif \"lo\" accept\n    ct state established,related accept\n  }\n}\n";
+        let path = std::env::temp_dir().join(format!("{name}.nft"));
+        std::fs::write(&path, rules).unwrap();
+        exec(&["nft", "-f", path.to_str().unwrap()]);
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_can_only_dial_out_still_serves_its_exports() {
+    let tag = std::process::id() % 10_000;
+    let (a, b) = ((tag / 64) % 250 + 1, (tag % 64) * 4);
+    let (host, inner) = (format!("10.{a}.{b}.1"), format!("10.{a}.{b}.2"));
+    let ns = Netns::outbound_only(tag, &host, &inner);
+    let host_ip: std::net::IpAddr = host.parse().unwrap();
+
+    let scratch = Scratch::new("outbound-only");
+    let fed = Fed::start_listening(
+        &Fed::init(&scratch),
+        0,
+        "2s",
+        On::Embedded,
+        &format!("{host}:0"),
+    );
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    // West's endpoint is on the host side: west reaches it by dialing out.
+    let echo = {
+        let l = tokio::net::TcpListener::bind((host_ip, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    };
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let inner_any: SocketAddr = format!("{inner}:0").parse().unwrap();
+    let west_gw = Gw::start_in(
+        &["ip", "netns", "exec", &ns.name],
+        &west,
+        &meshfed_lab::ConfigBuilder {
+            listen: Some(inner_any),
+            admin: Some(inner_any),
+            outbound_only: true,
+            ..fed_config(&west, [127, 0, 0, 1])
+        }
+        .export("orders.shop", port, vec![echo]),
+    )
+    .unwrap();
+    let east_gw = Gw::start(
+        &east,
+        &meshfed_lab::ConfigBuilder {
+            listen: Some(SocketAddr::new(host_ip, 0)),
+            ..fed_config(&east, [127, 0, 0, 12])
+        },
+    )
+    .unwrap();
+
+    // The firewall is real: nothing on the host side can open a connection to west.
+    let blocked = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(west_gw.admin),
+    )
+    .await;
+    assert!(
+        !matches!(blocked, Ok(Ok(_))),
+        "west's admin port took a new inbound connection"
+    );
+
+    // East's calls reach west's export over the connection west dialed.
+    let addr = SocketAddr::from(([127, 0, 0, 12], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ok = 0;
+    while ok < 20 {
+        match crate::harness::echo_once(addr).await {
+            Ok(()) => ok += 1,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "no call reached the outbound-only site: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(east_gw);
+    drop(west_gw);
+}
