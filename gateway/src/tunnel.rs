@@ -95,8 +95,10 @@ pub fn server_config(
     // Raised to MAX_STREAMS by the ingress once the peer's certificate is verified.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(UNAUTHENTICATED_STREAMS));
     cfg.transport_config(Arc::new(transport));
-    // Gateways have stable addresses; migration would only widen the attack surface.
-    cfg.migration(false);
+    // A peer behind a NAT that rebinds (a new source port mid-connection) keeps its
+    // connection: quinn validates the new path (PATH_CHALLENGE) before it sends there,
+    // so a spoofed source address cannot steal or redirect it.
+    cfg.migration(true);
     cfg.max_incoming(MAX_INCOMING)
         .incoming_buffer_size(INCOMING_BUFFER)
         .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);

@@ -1829,3 +1829,115 @@ async fn an_outbound_only_sites_exports_are_reached_over_the_connections_it_dial
     }
     shutdown([east_gw, west_gw], fed).await;
 }
+
+/// A NAT between east and west, in user space: east's packets to `listen` leave for
+/// `target` from an upstream socket, and replies come back; `rebind` moves to a new
+/// upstream socket (a new source port), as a NAT that forgot the mapping does.
+struct Nat {
+    listen: SocketAddr,
+    target: std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    rebind: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Nat {
+    async fn start() -> Self {
+        use std::sync::{Arc, Mutex};
+        let down = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let listen = down.local_addr().unwrap();
+        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let rebind = Arc::new(tokio::sync::Notify::new());
+        let (t, r) = (target.clone(), rebind.clone());
+        tokio::spawn(async move {
+            let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+            // Replies from whichever upstream socket, back to the client.
+            let reply = |up: Arc<tokio::net::UdpSocket>| {
+                let (down, client) = (down.clone(), client.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = up.recv(&mut buf).await {
+                        let to = *client.lock().unwrap();
+                        if let Some(to) = to {
+                            let _ = down.send_to(&buf[..n], to).await;
+                        }
+                    }
+                });
+            };
+            let mut up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            reply(up.clone());
+            let mut buf = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    r = down.recv_from(&mut buf) => {
+                        let Ok((n, from)) = r else { return };
+                        *client.lock().unwrap() = Some(from);
+                        let to = *t.lock().unwrap();
+                        if let Some(to) = to {
+                            let _ = up.send_to(&buf[..n], to).await;
+                        }
+                    }
+                    _ = r.notified() => {
+                        up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        reply(up.clone());
+                    }
+                }
+            }
+        });
+        Self {
+            listen,
+            target,
+            rebind,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nat_rebinding_mid_transfer_keeps_every_stream() {
+    let scratch = Scratch::new("inproc-migration");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let nat = Nat::start().await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    // West is dialed through the NAT.
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder {
+            advertise: Some(nat.listen.to_string()),
+            ..Default::default()
+        }
+        .export("bulk.shop", port, vec![echo_server().await]),
+    )
+    .await;
+    *nat.target.lock().unwrap() = Some(west_gw.gateway.quic_addr);
+    let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
+    let applied = until_imported(&east_gw, "bulk.shop", &["west"]).await;
+    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    until_call(addr, true, "through the NAT").await;
+
+    // Four streams echo 16 KiB chunks for 3 s; the NAT rebinds after 1 s.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        streams.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            let chunk = vec![7u8; 16 * 1024];
+            let mut back = vec![0u8; chunk.len()];
+            let (end, mut moved) = (Instant::now() + Duration::from_secs(3), 0usize);
+            while Instant::now() < end {
+                s.write_all(&chunk).await?;
+                tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await??;
+                moved += chunk.len();
+            }
+            Ok::<_, std::io::Error>(moved)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nat.rebind.notify_one();
+    for s in streams {
+        let moved = s.await.unwrap().expect("the stream survives the rebinding");
+        assert!(moved > 0);
+    }
+    // New streams work too.
+    assert_eq!(echo_through(addr).await.unwrap(), b"ping");
+    shutdown([east_gw, west_gw], fed).await;
+}
