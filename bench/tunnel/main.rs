@@ -421,6 +421,35 @@ fn run(args: RunArgs) -> Result<()> {
         res.insert((p.name, "p99"), p99);
     }
 
+    // (d) The same 16-stream bulk run with 2 % of the packets arriving at B dropped
+    // (nftables `numgen random` in mfb-b, every path alike); needs the namespaces.
+    if topo.netns {
+        let rules = "table inet mfb_loss {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    iifname != \"lo\" meta l4proto { udp, tcp } numgen random mod 100 < 2 drop\n  }\n}\n";
+        let file = dir.join("loss.nft");
+        std::fs::write(&file, rules)?;
+        let nft = need("nft", "nftables")?;
+        let st = topo.cmd(NS_B, &nft).arg("-f").arg(&file).status()?;
+        anyhow::ensure!(st.success(), "nft -f {}", file.display());
+        let r = measure(
+            "(d) bulk throughput, 16 streams, 2 % random loss on the link into B (nftables)",
+            "loss16",
+            "throughput",
+            16,
+            secs,
+            0.0,
+            "gbps",
+            "Gbit/s",
+            &mut res,
+        );
+        let _ = topo
+            .cmd(NS_B, &nft)
+            .args(["delete", "table", "inet", "mfb_loss"])
+            .status();
+        r?;
+    } else {
+        println!("(d) loss row skipped: it needs the network namespaces (root)");
+    }
+
     let get = |path: &str, key: &str| res.get(&(path, key)).copied().unwrap_or(f64::NAN);
     let best = |key: &str, higher_better: bool| {
         let (s, h) = (get("stunnel", key), get("haproxy", key));
@@ -448,6 +477,18 @@ fn run(args: RunArgs) -> Result<()> {
         (
             "tunnel_added_p50_us",
             get("meshfed", "p50") - get("direct", "p50"),
+        ),
+        (
+            "tunnel_loss2_goodput_ratio",
+            get("meshfed", "loss16") / get("meshfed", "tput16"),
+        ),
+        (
+            "tunnel_loss2_peer_goodput_ratio",
+            best("loss16", true) / best("tput16", true),
+        ),
+        (
+            "tunnel_loss2_ratio_vs_best_peer",
+            get("meshfed", "loss16") / best("loss16", true),
         ),
     ];
     println!("logs and configs: {}", dir.display());

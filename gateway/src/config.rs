@@ -46,6 +46,8 @@ struct RawConfig {
     #[serde(default)]
     caller_pod_ip: bool,
     #[serde(default)]
+    quic_congestion: Option<String>,
+    #[serde(default)]
     admin: Option<String>,
     #[serde(default)]
     drain_grace: Option<String>,
@@ -211,6 +213,8 @@ pub struct GatewayConfig {
     /// whose address connects (`spiffe://<td>/ns/<ns>/sa/<sa>`), from a pod reflector
     /// the binary runs beside the gateway; an address no pod has is refused.
     pub caller_pod_ip: bool,
+    /// QUIC congestion control between gateways: `bbr` (default) or `cubic`.
+    pub quic_congestion: crate::tunnel::Congestion,
     /// Admin HTTP (`/metrics`, `/ready`); default 127.0.0.1:15000.
     pub admin: SocketAddr,
     /// How long in-flight streams may run after SIGTERM; default 10 s.
@@ -576,6 +580,13 @@ impl RawConfig {
             source_identity,
             caller_mtls: self.caller_mtls,
             caller_pod_ip: self.caller_pod_ip,
+            quic_congestion: self
+                .quic_congestion
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| v.err("quic_congestion", e))?
+                .unwrap_or_default(),
             admin,
             drain_grace,
             connect_timeout,

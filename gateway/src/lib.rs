@@ -401,8 +401,11 @@ pub async fn start_with(
     metrics
         .svid_not_after
         .set(svid.not_after_unix().unwrap_or_default());
-    let server =
-        tunnel::server_config(resolver.clone(), base_verifier.clone().with_policy(inbound))?;
+    let server = tunnel::server_config(
+        resolver.clone(),
+        base_verifier.clone().with_policy(inbound),
+        cfg.quic_congestion,
+    )?;
     let endpoint = tunnel::bind_endpoint(cfg.listen, server, &svid)?;
     let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {
         what: "quic".into(),
@@ -417,12 +420,12 @@ pub async fn start_with(
     let (dialers, dialers_w) = drain::channel();
     let dial_stop = dialers_w.token();
     let config_for: peers::ClientConfigFor = {
-        let (resolver, base) = (resolver.clone(), base_verifier.clone());
+        let (resolver, base, cc) = (resolver.clone(), base_verifier.clone(), cfg.quic_congestion);
         Arc::new(move |id: &SpiffeId| {
             let v = base
                 .clone()
                 .with_policy(PeerPolicy::Only([id.clone()].into()));
-            tunnel::client_config(resolver.clone(), v)
+            tunnel::client_config(resolver.clone(), v, cc)
                 .map_err(|e| warn!(error = %e, "peer TLS config"))
                 .ok()
         })

@@ -380,7 +380,8 @@ pub async fn quic_as_east(
     );
     let resolver =
         Arc::new(meshfed_identity::tls::SvidResolver::new(&svid).map_err(|e| e.to_string())?);
-    let cfg = meshfed_gateway::tunnel::client_config(resolver, v).map_err(|e| e.to_string())?;
+    let cfg = meshfed_gateway::tunnel::client_config(resolver, v, Default::default())
+        .map_err(|e| e.to_string())?;
     let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
     ep.connect_with(cfg, s.west_gw.quic, "west")
         .map_err(|e| e.to_string())?

@@ -530,7 +530,8 @@ pub(crate) async fn open_as(
     );
     let resolver =
         Arc::new(meshfed_identity::tls::SvidResolver::new(svid).map_err(|e| e.to_string())?);
-    let cfg = meshfed_gateway::tunnel::client_config(resolver, v).map_err(|e| e.to_string())?;
+    let cfg = meshfed_gateway::tunnel::client_config(resolver, v, Default::default())
+        .map_err(|e| e.to_string())?;
     let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
     let conn = ep
         .connect_with(cfg, to, "peer")
@@ -1767,21 +1768,30 @@ async fn a_gateway_address_may_be_a_host_name() {
     let east = fed.join(&scratch, "east").await;
     let west = fed.join(&scratch, "west").await;
     let port = crate::harness::listen().local_addr().unwrap().port();
-    let quic = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let west_gw = gateway(
-        &west,
-        4,
-        ConfigBuilder {
-            listen: Some(quic),
-            advertise: Some(format!("localhost:{}", quic.port())),
-            ..Default::default()
+    // West's port must be known before it starts (to advertise it): taken from the
+    // kernel and released, retried if another process takes it in between.
+    let echo = echo_server().await;
+    let (quic, west_gw) = 'start: {
+        for _ in 0..5 {
+            let quic = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let cfg = ConfigBuilder {
+                listen: Some(quic),
+                advertise: Some(format!("localhost:{}", quic.port())),
+                federation: Some((west.dir.clone(), [127, 0, 0, 4].into())),
+                reload_interval: Some(Duration::from_millis(200)),
+                ..Default::default()
+            }
+            .export("orders.shop", port, vec![echo]);
+            let path = cfg.write(&west).unwrap();
+            if let Ok(gw) = meshfed::site::start(GatewayConfig::load(&path).unwrap()).await {
+                break 'start (quic, gw);
+            }
         }
-        .export("orders.shop", port, vec![echo_server().await]),
-    )
-    .await;
+        panic!("west never bound a port it could advertise");
+    };
     let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
     let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
     let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);

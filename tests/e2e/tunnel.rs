@@ -496,7 +496,9 @@ async fn typed_refusals_on_the_wire() {
         let mut cfg = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
         ));
-        cfg.transport_config(Arc::new(meshfed_gateway::tunnel::transport_config()));
+        cfg.transport_config(Arc::new(meshfed_gateway::tunnel::transport_config(
+            Default::default(),
+        )));
         let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
         ep.connect_with(cfg, s.west_gw.quic, "west")
             .unwrap()
