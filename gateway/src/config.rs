@@ -332,8 +332,8 @@ pub struct Federation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
     pub site: SiteName,
-    /// Where to dial; `None` for a peer that only dials us.
-    pub address: Option<SocketAddr>,
+    /// Where to dial, `IP:port` or `host:port`; `None` for a peer that only dials us.
+    pub address: Option<String>,
     pub spiffe_id: SpiffeId,
 }
 
@@ -705,12 +705,20 @@ fn peers(
         if !peer_sites.insert(psite.clone()) {
             return Err(v.err(f("site"), format!("peer {psite} is listed twice")));
         }
-        let address = p
+        // IP:port, or host:port (resolved, and again on its TTL).
+        if let Some(a) = p.address.as_deref() {
+            let (_, names, bad) = crate::peers::split_addresses(&[a.to_owned()]);
+            if !bad.is_empty() || (a.parse::<SocketAddr>().is_err() && names.is_empty()) {
+                return Err(v.err(
+                    f("address"),
+                    format!("{a:?} is neither IP:port nor host:port"),
+                ));
+            }
+        }
+        if let Some(a) = p
             .address
             .as_deref()
-            .map(|a| v.addr(f("address"), a))
-            .transpose()?;
-        if let Some(a) = address
+            .and_then(|a| a.parse::<SocketAddr>().ok())
             && listen.ip().is_loopback()
             && !a.ip().is_loopback()
         {
@@ -723,7 +731,7 @@ fn peers(
             .map_err(|e| v.err(f("spiffe_id"), format!("{:?}: {e}", p.spiffe_id)))?;
         peers.push(Peer {
             site: psite,
-            address,
+            address: p.address,
             spiffe_id,
         });
     }
@@ -1038,6 +1046,14 @@ imports:
         let (f, r) = field_err(&GOOD.replace("listen: 0.0.0.0:15443", "listen: 127.0.0.1:15443"));
         assert_eq!(f, "peers[0].address");
         assert!(r.contains("not on loopback"), "{r}");
+        let c = parse(&GOOD.replace("10.0.0.2:15443", "gw.east.example.org:15443")).unwrap();
+        assert_eq!(
+            c.peers[0].address.as_deref(),
+            Some("gw.east.example.org:15443")
+        );
+        let (f, r) = field_err(&GOOD.replace("10.0.0.2:15443", "gw east:15443"));
+        assert_eq!(f, "peers[0].address");
+        assert!(r.contains("neither IP:port nor host:port"), "{r}");
         let (f, _) = field_err(&GOOD.replace("drain_grace: 3s", "drain_grace: soon"));
         assert_eq!(f, "drain_grace");
         let (f, _) = field_err(&GOOD.replace("service: echo.demo", "service: echo"));

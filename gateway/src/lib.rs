@@ -437,8 +437,8 @@ pub async fn start_with(
         dialers_w.clone(),
     );
     for p in &cfg.peers {
-        if let Some(addr) = p.address {
-            peers.upsert(&p.site, &p.spiffe_id, &[addr.to_string()]);
+        if let Some(addr) = &p.address {
+            peers.upsert(&p.site, &p.spiffe_id, std::slice::from_ref(addr));
         }
     }
     // The caller the egress vouches for: the declared workload, or the gateway itself.
