@@ -212,3 +212,67 @@ mod tests {
         }
     }
 }
+
+/// A gateway address as sites publish it and peers dial it: `IP:port`, or `host:port`
+/// (a DNS name, resolved by whoever dials it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayAddress {
+    Ip(std::net::SocketAddr),
+    /// Lower-case host and port.
+    Name(String, u16),
+}
+
+/// Longest gateway address accepted (a 253-character DNS name and a port).
+pub const GATEWAY_ADDRESS_MAX: usize = 261;
+/// Most gateway addresses a site may have (its replicas), and most addresses a peer
+/// dials for one site: what a site, or a DNS answer, can make others hold.
+pub const GATEWAY_ADDRESSES_MAX: usize = 32;
+
+impl GatewayAddress {
+    /// Parses `IP:port` or `host:port` (port 1–65535, a host of letters, digits, `-`
+    /// and `.`). `None` for anything else. Pure.
+    pub fn parse(a: &str) -> Option<Self> {
+        if a.len() > GATEWAY_ADDRESS_MAX {
+            return None;
+        }
+        if let Ok(sa) = a.parse::<std::net::SocketAddr>() {
+            return Some(Self::Ip(sa));
+        }
+        let (host, port) = a.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+        let plain = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        plain.then(|| Self::Name(host.to_ascii_lowercase(), port))
+    }
+}
+
+#[cfg(test)]
+mod gateway_address_tests {
+    use super::*;
+
+    #[test]
+    fn ips_and_host_names_only() {
+        let ip = |s: &str| Some(GatewayAddress::Ip(s.parse().unwrap()));
+        for (a, want) in [
+            ("10.0.0.1:15443", ip("10.0.0.1:15443")),
+            ("[fd00::1]:15443", ip("[fd00::1]:15443")),
+            (
+                "GW-0.West.example.org:15443",
+                Some(GatewayAddress::Name("gw-0.west.example.org".into(), 15443)),
+            ),
+            ("gw.example.org:0", None),
+            ("gw.example.org", None),
+            ("gw west:1", None),
+            ("fd00::1:15443", None),
+            ("", None),
+        ] {
+            assert_eq!(GatewayAddress::parse(a), want, "{a}");
+        }
+        assert_eq!(
+            GatewayAddress::parse(&format!("{}:1", "a".repeat(300))),
+            None
+        );
+    }
+}

@@ -21,32 +21,33 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshfed_catalog::catalog::{Change, SiteRecord};
-use meshfed_catalog::names::SiteName;
+use meshfed_catalog::names::{GATEWAY_ADDRESSES_MAX, GatewayAddress, SiteName};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::store::Store;
 
-/// Longest address accepted (a DNS name of 253 characters and a port).
-const MAX_ADDRESS: usize = 261;
-
 /// Whether `a` is `IP:port` or `host:port` (what a peer can dial). Pure.
 pub fn valid_address(a: &str) -> bool {
-    if a.len() > MAX_ADDRESS {
-        return false;
+    GatewayAddress::parse(a).is_some()
+}
+
+/// `existing` plus the valid addresses of `new` it lacks, at most
+/// [`GATEWAY_ADDRESSES_MAX`] in all (a publish). Pure.
+pub fn merge(existing: &[String], new: &[String]) -> Vec<String> {
+    let mut out = existing.to_vec();
+    for a in new {
+        if out.len() < GATEWAY_ADDRESSES_MAX && valid_address(a) && !out.contains(a) {
+            out.push(a.clone());
+        }
     }
-    if a.parse::<std::net::SocketAddr>().is_ok() {
-        return true;
-    }
-    matches!(a.rsplit_once(':'), Some((host, port))
-        if !host.is_empty()
-            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-            && port.parse::<u16>().is_ok_and(|p| p > 0))
+    out
 }
 
 /// The site's addresses after a sweep: `recorded` in order without `removable`, then
-/// the `live` ones it lacks; never empty when `recorded` was not. Pure.
+/// the `live` ones it lacks, at most [`GATEWAY_ADDRESSES_MAX`]; never empty when
+/// `recorded` was not. Pure.
 pub fn next_addresses(
     recorded: &[String],
     live: &BTreeSet<String>,
@@ -58,7 +59,7 @@ pub fn next_addresses(
         .cloned()
         .collect();
     for a in live {
-        if !out.contains(a) {
+        if out.len() < GATEWAY_ADDRESSES_MAX && !out.contains(a) {
             out.push(a.clone());
         }
     }
@@ -127,11 +128,12 @@ impl Replicas {
         }
         {
             let mut m = self.lock();
-            let t = m
-                .entry(site.clone())
-                .or_default()
-                .entry(address.to_owned())
-                .or_default();
+            let tracked = m.entry(site.clone()).or_default();
+            if !tracked.contains_key(address) && tracked.len() >= GATEWAY_ADDRESSES_MAX {
+                warn!(%site, max = GATEWAY_ADDRESSES_MAX, "too many gateway replica addresses; this one is not listed");
+                return None;
+            }
+            let t = tracked.entry(address.to_owned()).or_default();
             t.streams += 1;
             t.idle_since = None;
         }
@@ -242,6 +244,12 @@ mod tests {
                 "{recorded:?} live {live:?} removable {removable:?}"
             );
         }
+        let many: Vec<String> = (0..40).map(|i| format!("10.0.0.{i}:1")).collect();
+        assert_eq!(merge(&s(&["a:1"]), &many).len(), GATEWAY_ADDRESSES_MAX);
+        assert_eq!(
+            merge(&s(&["a:1"]), &s(&["a:1", "b:1", "bad"])),
+            s(&["a:1", "b:1"])
+        );
         for (a, ok) in [
             ("10.0.0.1:15443", true),
             ("[fd00::1]:15443", true),

@@ -307,10 +307,8 @@ impl FederationService {
                 .await
                 .map_err(|e| self.refuse(store_status(e)))?;
         }
-        self.store
-            .flush()
+        self.bundles_changed()
             .map_err(|e| self.refuse(store_status(e)))?;
-        self.publish_bundles();
         Ok(rev.0)
     }
 
@@ -368,8 +366,7 @@ impl FederationService {
                 return Ok(Verdict::Refuse("bad_bundle"));
             };
             self.store.set_bundle(td.as_str(), jwks).await?;
-            self.store.flush()?;
-            self.publish_bundles();
+            self.bundles_changed()?;
         }
         if let Some(b) = self.stored_bundle(td) {
             self.metrics
@@ -380,6 +377,14 @@ impl FederationService {
                 .set(i64::try_from(b.sequence).unwrap_or(i64::MAX));
         }
         Ok(verdict)
+    }
+
+    /// After a bundle write: makes it durable, then hands it to the TLS layer and to
+    /// every site's Bundles stream.
+    fn bundles_changed(&self) -> Result<(), StoreError> {
+        self.store.flush()?;
+        self.publish_bundles();
+        Ok(())
     }
 
     fn publish_bundles(&self) {
@@ -718,15 +723,13 @@ impl pb::federation_server::Federation for FederationService {
             .commit(vec![Change::PutSite(SiteRecord {
                 site: site.clone(),
                 trust_domain: td.clone(),
-                gateway_addresses: r.gateway_addresses,
+                gateway_addresses: crate::replicas::merge(&[], &r.gateway_addresses),
                 up: true,
             })])
             .await
             .map_err(|e| self.refuse(store_status(e)))?;
-        self.store
-            .flush()
+        self.bundles_changed()
             .map_err(|e| self.refuse(store_status(e)))?;
-        self.publish_bundles();
         self.metrics.joins.inc();
         info!(%site, trust_domain = %td, revision = rev.0, "site joined");
         Ok(Response::new(pb::JoinResponse {
@@ -770,16 +773,11 @@ impl pb::federation_server::Federation for FederationService {
             .with_catalog(|c| c.publish_changes(&rec.site, &exports));
         // Merged, never overwriting another replica's (dead ones leave by sweep); an
         // outbound-only site has none.
-        let mut addresses = if r.outbound_only {
+        let addresses = if r.outbound_only {
             vec![]
         } else {
-            rec.gateway_addresses.clone()
+            crate::replicas::merge(&rec.gateway_addresses, &r.gateway_addresses)
         };
-        for a in r.gateway_addresses {
-            if !r.outbound_only && crate::replicas::valid_address(&a) && !addresses.contains(&a) {
-                addresses.push(a);
-            }
-        }
         if addresses != rec.gateway_addresses {
             changes.insert(
                 0,
@@ -950,10 +948,8 @@ impl pb::federation_server::Federation for FederationService {
             .set_bundle(td.as_str(), jwks)
             .await
             .map_err(|e| self.refuse(store_status(e)))?;
-        self.store
-            .flush()
+        self.bundles_changed()
             .map_err(|e| self.refuse(store_status(e)))?;
-        self.publish_bundles();
         info!(
             site = %rec.site, trust_domain = %td, sequence = bundle.sequence,
             authorities = bundle.x509_authorities.len(), "trust bundle updated"

@@ -706,14 +706,13 @@ fn peers(
             return Err(v.err(f("site"), format!("peer {psite} is listed twice")));
         }
         // IP:port, or host:port (resolved, and again on its TTL).
-        if let Some(a) = p.address.as_deref() {
-            let (_, names, bad) = crate::peers::split_addresses(&[a.to_owned()]);
-            if !bad.is_empty() || (a.parse::<SocketAddr>().is_err() && names.is_empty()) {
-                return Err(v.err(
-                    f("address"),
-                    format!("{a:?} is neither IP:port nor host:port"),
-                ));
-            }
+        if let Some(a) = p.address.as_deref()
+            && meshfed_catalog::names::GatewayAddress::parse(a).is_none()
+        {
+            return Err(v.err(
+                f("address"),
+                format!("{a:?} is neither IP:port nor host:port"),
+            ));
         }
         if let Some(a) = p
             .address

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::future::select_all;
 use meshfed_catalog::SiteName;
+use meshfed_catalog::names::{GATEWAY_ADDRESSES_MAX, GatewayAddress};
 use meshfed_identity::SpiffeId;
 use meshfed_lifecycle::drain::DrainWatcher;
 use quinn::{Connection, ConnectionError};
@@ -42,6 +43,13 @@ struct Link {
 pub const SUSPECT_AFTER: Duration = Duration::from_millis(500);
 
 impl Link {
+    fn is_live(&self) -> bool {
+        self.conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.close_reason().is_none())
+    }
+
     fn live(&self) -> Option<Connection> {
         self.conn
             .borrow()
@@ -57,11 +65,11 @@ impl Link {
 pub struct PeerHandle {
     pub site: SiteName,
     pub spiffe_id: SpiffeId,
-    links: Vec<Link>,
+    links: Arc<Vec<Link>>,
     next: Arc<AtomicUsize>,
-    /// Connections the peer dialed to us, used when none of ours is up (the only way to
-    /// an outbound-only site).
-    accepted: Vec<Connection>,
+    /// The connections the peer dialed to us, asked for only when none of ours is up
+    /// (the only way to an outbound-only site).
+    accepted_for: Option<AcceptedFor>,
 }
 
 /// The live connections a peer gateway dialed to us (the ingress keeps them).
@@ -98,6 +106,9 @@ struct Entry {
     /// The addresses as given.
     given: Vec<String>,
     links: BTreeMap<SocketAddr, Link>,
+    /// `links` as egress takes them: shared, rebuilt when they change, so that an open
+    /// clones one Arc rather than every link.
+    handle_links: Arc<Vec<Link>>,
     next: Arc<AtomicUsize>,
     /// Stops the entry's resolver task (when it has host names).
     stop: CancellationToken,
@@ -112,30 +123,19 @@ impl Entry {
     }
 }
 
-/// The `IP:port` addresses and the `(host, port)` names of a peer's address list;
-/// anything else is skipped (and named in the third list). Pure.
+/// The `IP:port` addresses and the `(host, port)` names of a peer's address list
+/// ([`GatewayAddress`]); anything else is skipped (and named in the third list). Pure.
 pub fn split_addresses(
     given: &[String],
 ) -> (BTreeSet<SocketAddr>, Vec<(String, u16)>, Vec<String>) {
     let (mut ips, mut names, mut bad) = (BTreeSet::new(), Vec::new(), Vec::new());
     for a in given {
-        if let Ok(sa) = a.parse::<SocketAddr>() {
-            ips.insert(sa);
-            continue;
-        }
-        match a.rsplit_once(':') {
-            Some((host, port))
-                if !host.is_empty()
-                    && !host.contains(':')
-                    && host.len() <= 253
-                    && host
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-                    && port.parse::<u16>().is_ok_and(|p| p > 0) =>
-            {
-                names.push((host.to_ascii_lowercase(), port.parse().unwrap_or_default()));
+        match GatewayAddress::parse(a) {
+            Some(GatewayAddress::Ip(sa)) => {
+                ips.insert(sa);
             }
-            _ => bad.push(a.clone()),
+            Some(GatewayAddress::Name(host, port)) => names.push((host, port)),
+            None => bad.push(a.clone()),
         }
     }
     (ips, names, bad)
@@ -205,6 +205,7 @@ impl Peers {
             cfg,
             given: vec![],
             links: BTreeMap::new(),
+            handle_links: Arc::default(),
             next: Arc::default(),
             stop: CancellationToken::new(),
         });
@@ -267,8 +268,13 @@ impl Peers {
         }
     }
 
-    /// Makes the entry's dialers match `want`: removed addresses stop, new ones dial.
+    /// Makes the entry's dialers match `want`: removed addresses stop, new ones dial. At
+    /// most [`GATEWAY_ADDRESSES_MAX`] per peer, whatever a catalog or a DNS answer says.
     fn set_links(&self, site: &SiteName, e: &mut Entry, want: BTreeSet<SocketAddr>) {
+        if want.len() > GATEWAY_ADDRESSES_MAX {
+            warn!(%site, addresses = want.len(), max = GATEWAY_ADDRESSES_MAX, "too many gateway addresses; dialing the first");
+        }
+        let want: BTreeSet<SocketAddr> = want.into_iter().take(GATEWAY_ADDRESSES_MAX).collect();
         e.links.retain(|addr, l| {
             let kept = want.contains(addr);
             if !kept {
@@ -309,6 +315,7 @@ impl Peers {
                 },
             );
         }
+        e.handle_links = Arc::new(e.links.values().cloned().collect());
     }
 
     /// Stops the dialers of every peer not in `keep`.
@@ -367,24 +374,20 @@ impl Peers {
     }
 
     pub fn get(&self, site: &SiteName) -> Option<PeerHandle> {
-        let mut h = self.lock().get(site).map(|e| PeerHandle {
+        self.lock().get(site).map(|e| PeerHandle {
             site: site.clone(),
             spiffe_id: e.spiffe_id.clone(),
-            links: e.links.values().cloned().collect(),
+            links: e.handle_links.clone(),
             next: e.next.clone(),
-            accepted: vec![],
-        })?;
-        if let Some(f) = self.inner.accepted_for.get() {
-            h.accepted = f(&h.spiffe_id);
-        }
-        Some(h)
+            accepted_for: self.inner.accepted_for.get().cloned(),
+        })
     }
 
     /// Whether the peer has a live connection right now.
     pub fn is_connected(&self, site: &SiteName) -> bool {
         self.lock()
             .get(site)
-            .is_some_and(|e| e.links.values().any(|l| l.live().is_some()))
+            .is_some_and(|e| e.links.values().any(Link::is_live))
     }
 }
 
@@ -392,17 +395,14 @@ impl PeerHandle {
     /// A live connection, the next in turn among the peer's addresses, waiting up to
     /// `wait` for one to be (re-)established.
     pub async fn connection(&self, wait: Duration) -> Option<Connection> {
-        let dialed_up = self.links.iter().any(|l| l.live().is_some());
-        if !dialed_up {
-            let accepted: Vec<&Connection> = self
-                .accepted
-                .iter()
-                .filter(|c| c.close_reason().is_none())
-                .collect();
-            if !accepted.is_empty() {
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % accepted.len();
-                return Some(accepted[i].clone());
-            }
+        if let Some(c) = self.pick() {
+            return Some(c);
+        }
+        if let Some(accepted) = self.accepted_for.as_ref().map(|f| f(&self.spiffe_id))
+            && !accepted.is_empty()
+        {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % accepted.len();
+            return Some(accepted[i].clone());
         }
         if self.links.is_empty() {
             return None;
@@ -410,29 +410,13 @@ impl PeerHandle {
         let mut rxs: Vec<_> = self.links.iter().map(|l| l.conn.clone()).collect();
         let res = tokio::time::timeout(wait, async {
             loop {
-                let live: Vec<(Connection, bool)> = rxs
-                    .iter_mut()
-                    .zip(&self.links)
-                    .filter_map(|(rx, l)| {
-                        rx.borrow_and_update()
-                            .as_ref()
-                            .filter(|c| c.close_reason().is_none())
-                            .map(|c| (c.clone(), l.suspect.load(Ordering::Relaxed)))
-                    })
-                    .collect();
-                // Trusted links first; suspect ones only when nothing else is up.
-                let trusted: Vec<&Connection> =
-                    live.iter().filter(|(_, s)| !s).map(|(c, _)| c).collect();
-                let pool: Vec<&Connection> = if trusted.is_empty() {
-                    live.iter().map(|(c, _)| c).collect()
-                } else {
-                    trusted
-                };
-                if !pool.is_empty() {
-                    let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.len();
-                    return Some(pool[i].clone());
+                for rx in &mut rxs {
+                    rx.borrow_and_update();
                 }
-                for l in &self.links {
+                if let Some(c) = self.pick() {
+                    return Some(c);
+                }
+                for l in self.links.iter() {
                     l.kick.notify_one();
                 }
                 let changed = rxs.iter_mut().map(|rx| Box::pin(rx.changed()));
@@ -445,10 +429,25 @@ impl PeerHandle {
         res.ok().flatten()
     }
 
+    /// The next live connection in turn: unsuspected links first, suspect ones only
+    /// when nothing else is up. No allocation: this runs for every open.
+    fn pick(&self) -> Option<Connection> {
+        for trusted_only in [true, false] {
+            let usable =
+                |l: &&Link| l.is_live() && !(trusted_only && l.suspect.load(Ordering::Relaxed));
+            let n = self.links.iter().filter(usable).count();
+            if n > 0 {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                return self.links.iter().filter(usable).nth(i).and_then(Link::live);
+            }
+        }
+        None
+    }
+
     /// Marks (or clears) the link of `conn` as suspect: an open on it has gone unanswered
     /// for [`SUSPECT_AFTER`] (or it answered).
     pub fn suspect(&self, conn: &Connection, suspect: bool) {
-        for l in &self.links {
+        for l in self.links.iter() {
             if l.live().is_some_and(|c| c.stable_id() == conn.stable_id())
                 && l.suspect.swap(suspect, Ordering::Relaxed) != suspect
             {
@@ -468,7 +467,7 @@ impl PeerHandle {
             quinn::VarInt::from_u32(crate::wire::app_code::UNRESPONSIVE),
             b"peer unresponsive",
         );
-        for l in &self.links {
+        for l in self.links.iter() {
             if l.live().is_none_or(|c| c.stable_id() == conn.stable_id()) {
                 l.kick.notify_one();
             }

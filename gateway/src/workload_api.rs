@@ -320,16 +320,10 @@ fn remaining(cert: &Path, key: &Path) -> (i64, i64) {
                 s.not_before_unix().unwrap_or(0),
                 s.not_after_unix().unwrap_or(0),
             );
-            (na - unix_now(), (na - nb).max(1))
+            (na - crate::renew::unix_now(), (na - nb).max(1))
         }
         Err(_) => (0, 1),
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -88,16 +88,8 @@ impl Ca {
             return Err(CaError::ZeroTtl);
         }
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "meshfed");
-        dn.push(DnType::CommonName, format!("meshfed root {td}"));
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let mut params = ca_params(td, "root", BasicConstraints::Unconstrained)?;
         set_validity(&mut params, ttl);
-        params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
         Ok(Self {
             td: td.clone(),
@@ -116,20 +108,9 @@ impl Ca {
             return Err(CaError::ZeroTtl);
         }
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "meshfed");
-        dn.push(
-            DnType::CommonName,
-            format!("meshfed intermediate {}", self.td),
-        );
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(self.td.id().as_str().try_into()?)];
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let mut params = ca_params(&self.td, "intermediate", BasicConstraints::Constrained(0))?;
         params.use_authority_key_identifier_extension = true;
         self.set_validity(&mut params, ttl)?;
-        params.serial_number = Some(random_serial());
         let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
         let der = cert.der().clone();
@@ -316,6 +297,25 @@ pub fn renew_in(not_before: i64, not_after: i64, ttl: Duration, now: i64) -> Dur
     }
     let due = (not_after - ttl / 2).max(not_before + (not_after - not_before) / 2);
     Duration::from_secs(u64::try_from(due - now).unwrap_or(0))
+}
+
+/// A CA certificate's parameters for `td`: its name (`meshfed <kind> <td>`), the trust
+/// domain's URI SAN, the basic constraints, keyCertSign and cRLSign, a random serial.
+fn ca_params(
+    td: &TrustDomain,
+    kind: &str,
+    constraints: BasicConstraints,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "meshfed");
+    dn.push(DnType::CommonName, format!("meshfed {kind} {td}"));
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(td.id().as_str().try_into()?)];
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.serial_number = Some(random_serial());
+    Ok(params)
 }
 
 fn set_validity(params: &mut CertificateParams, ttl: Duration) {
