@@ -115,6 +115,15 @@ impl Topo {
         Ok(())
     }
 
+    /// The process ID of the process spawned as `name` (`ip netns exec` execs it, so
+    /// the ID is the program's).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+    }
+
     /// Runs one load measurement in A and returns its JSON.
     /// What the measurements run on, for the output.
     pub fn describe(&self) -> &'static str {
@@ -133,9 +142,24 @@ impl Topo {
         west: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
         east: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> Result<()> {
-        let w = lab::make_site(&self.dir, "west", "west.example.org")?;
-        let e = lab::make_site(&self.dir, "east", "east.example.org")?;
-        let quic = std::net::SocketAddr::new(self.b, 15443);
+        self.gateway_pair(meshfed, "", 15443, west, east)
+    }
+
+    /// A second (third, ...) pair of gateways beside the first: `label` names its
+    /// processes (`meshfed-west<label>`) and directory; west listens on `port` (UDP and
+    /// TCP).
+    pub fn gateway_pair(
+        &mut self,
+        meshfed: &Path,
+        label: &str,
+        port: u16,
+        west: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+        east: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> Result<()> {
+        let dir = self.dir.join(format!("pair{label}"));
+        let w = lab::make_site(&dir, "west", "west.example.org")?;
+        let e = lab::make_site(&dir, "east", "east.example.org")?;
+        let quic = std::net::SocketAddr::new(self.b, port);
         let west_cfg = west(ConfigBuilder {
             listen: Some(quic),
             ..Default::default()
@@ -149,11 +173,11 @@ impl Topo {
         .peer(&w, Some(quic))
         .write(&e)?;
         for (name, ns, cfg) in [
-            ("meshfed-west", NS_B, &west_cfg),
-            ("meshfed-east", NS_A, &east_cfg),
+            (format!("meshfed-west{label}"), NS_B, &west_cfg),
+            (format!("meshfed-east{label}"), NS_A, &east_cfg),
         ] {
             self.spawn(
-                name,
+                &name,
                 ns,
                 meshfed,
                 &["gateway", "run", "-c", cfg.to_str().unwrap_or_default()],

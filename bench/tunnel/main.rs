@@ -1,5 +1,6 @@
-//! bench/tunnel: meshfed's tunnel beside stunnel4 and haproxy TLS pairs and direct TCP,
-//! on the same path, in the same run.
+//! bench/tunnel: meshfed's tunnel on both transports (QUIC, and h2 CONNECT over TCP)
+//! beside stunnel4 and haproxy TLS pairs and direct TCP, on the same path, in the same
+//! run. Each transport has its own gateway pair (`transport: quic` and `transport: h2`).
 //!
 //! Topology: two network namespaces (`mfb-a`: clients and the client-side proxies;
 //! `mfb-b`: the server and the server-side proxies) joined by a veth pair with MTU 1500,
@@ -52,8 +53,8 @@ struct RunArgs {
     /// Use loopback even when root.
     #[arg(long)]
     loopback: bool,
-    /// Paths to measure (comma separated): meshfed,stunnel,haproxy,direct.
-    #[arg(long, default_value = "meshfed,stunnel,haproxy,direct")]
+    /// Paths to measure (comma separated): meshfed,meshfed-h2,stunnel,haproxy,direct.
+    #[arg(long, default_value = "meshfed,meshfed-h2,stunnel,haproxy,direct")]
     paths: String,
     /// Request rate for the latency figures (c); default 60% of the slowest path's
     /// closed-loop capacity. A low rate shows what each path adds when the CPUs are idle.
@@ -70,7 +71,7 @@ fn main() -> Result<()> {
     match cli.cmd.unwrap_or(Cmd::Run(RunArgs {
         secs: 4.0,
         loopback: false,
-        paths: "meshfed,stunnel,haproxy,direct".into(),
+        paths: "meshfed,meshfed-h2,stunnel,haproxy,direct".into(),
         latency_rate: None,
     })) {
         Cmd::Serve { addr } => rt.block_on(load::serve(addr)),
@@ -142,6 +143,44 @@ fn print_quic_path(before: &[serde_json::Value; 2], after: &[serde_json::Value; 
     }
 }
 
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may hold spaces, inside parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Resident memory of a process in MiB, from /proc/PID/status.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 /// One measurement of `kind` against `addr`, run from namespace A.
 fn load(
     topo: &Topo,
@@ -204,6 +243,24 @@ fn run(args: RunArgs) -> Result<()> {
         |e| {
             let mut e = e.import("bench.demo", 5001, "west", SocketAddr::new(lo, 16000));
             e.admin = Some(east_admin);
+            e.transport = Some("default: quic".into());
+            e
+        },
+    )?;
+    // The same over h2 (a second pair; west on B's port 15444, TCP).
+    topo.gateway_pair(
+        &meshfed,
+        "-h2",
+        15444,
+        |w| {
+            let mut w = w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]);
+            w.admin = Some(SocketAddr::new(b, 15092));
+            w
+        },
+        |e| {
+            let mut e = e.import("bench.demo", 5001, "west", SocketAddr::new(lo, 16003));
+            e.admin = Some(SocketAddr::new(lo, 15093));
+            e.transport = Some("default: h2".into());
             e
         },
     )?;
@@ -293,6 +350,10 @@ fn run(args: RunArgs) -> Result<()> {
             addr: SocketAddr::new(lo, 16000),
         },
         Path_ {
+            name: "meshfed-h2",
+            addr: SocketAddr::new(lo, 16003),
+        },
+        Path_ {
             name: "stunnel",
             addr: SocketAddr::new(lo, 16001),
         },
@@ -321,7 +382,7 @@ fn run(args: RunArgs) -> Result<()> {
     }
     println!("topology: {}", topo.describe());
     println!(
-        "paths: client → {{meshfed egress→QUIC→ingress | stunnel→TLS→stunnel | haproxy→TLS→haproxy | direct}} → server\n"
+        "paths: client → {{meshfed egress→QUIC→ingress | meshfed-h2 egress→h2/TLS/TCP→ingress | stunnel→TLS→stunnel | haproxy→TLS→haproxy | direct}} → server\n"
     );
 
     let secs = args.secs;
@@ -421,6 +482,46 @@ fn run(args: RunArgs) -> Result<()> {
         res.insert((p.name, "p99"), p99);
     }
 
+    // (e) What each gateway costs at a fixed 1,000 req/s of 1 KiB: CPU (utime + stime
+    // from /proc) over the run, and RSS at its end, for each transport's pair.
+    println!("(e) each gateway's CPU and RSS at a fixed 1000 req/s of 1 KiB (64 connections)");
+    for (path, label) in [("meshfed", ""), ("meshfed-h2", "-h2")] {
+        let Some(p) = paths.iter().find(|p| p.name == path) else {
+            continue;
+        };
+        let pids: Vec<u32> = ["west", "east"]
+            .iter()
+            .filter_map(|side| topo.pid(&format!("meshfed-{side}{label}")))
+            .collect();
+        let before: Vec<f64> = pids.iter().map(|&pid| cpu_secs(pid)).collect();
+        let t0 = Instant::now();
+        let v = load(&topo, p.addr, "latency", 64, lat_secs, 1000.0)?;
+        let wall = t0.elapsed().as_secs_f64();
+        let vcpu: Vec<f64> = pids
+            .iter()
+            .zip(&before)
+            .map(|(&pid, b)| (cpu_secs(pid) - b) / wall)
+            .collect();
+        let rss: Vec<f64> = pids.iter().map(|&pid| rss_mib(pid)).collect();
+        let rps = v["n"].as_f64().unwrap_or(f64::NAN) / lat_secs;
+        println!(
+            "  {path:<10} west {:.3} vCPU {:.1} MiB, east {:.3} vCPU {:.1} MiB at {rps:.0} req/s (load process lifetime {wall:.1} s)",
+            vcpu.first().copied().unwrap_or(f64::NAN),
+            rss.first().copied().unwrap_or(f64::NAN),
+            vcpu.get(1).copied().unwrap_or(f64::NAN),
+            rss.get(1).copied().unwrap_or(f64::NAN),
+        );
+        // Per gateway: the mean of the two; RSS: the larger.
+        res.insert(
+            (path, "vcpu_per_krps"),
+            vcpu.iter().sum::<f64>() / vcpu.len().max(1) as f64,
+        );
+        res.insert(
+            (path, "rss_mib"),
+            rss.iter().copied().fold(f64::NAN, f64::max),
+        );
+    }
+
     // (d) The same 16-stream bulk run with 2 % of the packets arriving at B dropped
     // (nftables `numgen random` in mfb-b, every path alike); needs the namespaces.
     if topo.netns {
@@ -457,26 +558,70 @@ fn run(args: RunArgs) -> Result<()> {
     };
     println!();
     println!("ratios vs the better of stunnel/haproxy (same run):");
-    let lines = [
+    // Per transport, then the old lines for the better of the two.
+    let mut lines: Vec<(String, f64)> = Vec::new();
+    for (t, path) in [("quic", "meshfed"), ("h2", "meshfed-h2")] {
+        let added = |p: &str| get(p, "p50") - get("direct", "p50");
+        for (k, v) in [
+            (
+                "throughput_ratio_vs_best_peer",
+                get(path, "tput16") / best("tput16", true),
+            ),
+            (
+                "single_stream_ratio_vs_best_peer",
+                get(path, "tput1") / best("tput1", true),
+            ),
+            (
+                "connrate_ratio_vs_best_peer",
+                get(path, "conn") / best("conn", true),
+            ),
+            (
+                "p99_ratio_vs_best_peer",
+                get(path, "p99") / best("p99", false),
+            ),
+            ("added_p50_ratio_vs_haproxy", added(path) / added("haproxy")),
+            (
+                "loss2_goodput_ratio",
+                get(path, "loss16") / get(path, "tput16"),
+            ),
+            ("vcpu_per_krps", get(path, "vcpu_per_krps")),
+            ("rss_mib", get(path, "rss_mib")),
+        ] {
+            lines.push((format!("tunnel_{t}_{k}"), v));
+        }
+    }
+    let better = |key: &str, higher: bool| {
+        let (q, h) = (get("meshfed", key), get("meshfed-h2", key));
+        if q.is_nan() {
+            h
+        } else if h.is_nan() {
+            q
+        } else if higher {
+            q.max(h)
+        } else {
+            q.min(h)
+        }
+    };
+    for (k, v) in [
         (
             "tunnel_throughput_ratio_vs_best_peer",
-            get("meshfed", "tput16") / best("tput16", true),
+            better("tput16", true) / best("tput16", true),
         ),
         (
             "tunnel_single_stream_ratio_vs_best_peer",
-            get("meshfed", "tput1") / best("tput1", true),
+            better("tput1", true) / best("tput1", true),
         ),
         (
             "tunnel_connrate_ratio_vs_best_peer",
-            get("meshfed", "conn") / best("conn", true),
+            better("conn", true) / best("conn", true),
         ),
         (
             "tunnel_p99_ratio_vs_best_peer",
-            get("meshfed", "p99") / best("p99", false),
+            better("p99", false) / best("p99", false),
         ),
         (
             "tunnel_added_p50_us",
-            get("meshfed", "p50") - get("direct", "p50"),
+            better("p50", false) - get("direct", "p50"),
         ),
         (
             "tunnel_loss2_goodput_ratio",
@@ -490,7 +635,9 @@ fn run(args: RunArgs) -> Result<()> {
             "tunnel_loss2_ratio_vs_best_peer",
             get("meshfed", "loss16") / best("loss16", true),
         ),
-    ];
+    ] {
+        lines.push((k.to_owned(), v));
+    }
     println!("logs and configs: {}", dir.display());
     drop(topo);
     for (k, v) in lines {

@@ -48,6 +48,8 @@ struct RawConfig {
     #[serde(default)]
     quic_congestion: Option<String>,
     #[serde(default)]
+    transport: Option<RawTransport>,
+    #[serde(default)]
     admin: Option<String>,
     #[serde(default)]
     drain_grace: Option<String>,
@@ -141,6 +143,23 @@ struct RawPeer {
     #[serde(default)]
     address: Option<String>,
     spiffe_id: String,
+    #[serde(default)]
+    transport: Option<String>,
+}
+
+/// `transport`: how peers are reached.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransport {
+    /// auto | quic | h2, for every peer not named in `sites` or `peers[]`.
+    #[serde(default)]
+    default: Option<String>,
+    #[serde(default)]
+    sites: BTreeMap<String, String>,
+    #[serde(default)]
+    fallback_after: Option<String>,
+    #[serde(default)]
+    probe_every: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +234,8 @@ pub struct GatewayConfig {
     pub caller_pod_ip: bool,
     /// QUIC congestion control between gateways: `bbr` (default) or `cubic`.
     pub quic_congestion: crate::tunnel::Congestion,
+    /// `transport` and `peers[].transport`: which transport each peer link uses.
+    pub transports: crate::peers::Transports,
     /// Admin HTTP (`/metrics`, `/ready`); default 127.0.0.1:15000.
     pub admin: SocketAddr,
     /// How long in-flight streams may run after SIGTERM; default 10 s.
@@ -564,6 +585,17 @@ impl RawConfig {
             return Err(v.err("udp_idle_timeout", "must be positive"));
         }
 
+        let mut transports = transports(v, self.transport.unwrap_or_default())?;
+        for (i, p) in self.peers.iter().enumerate() {
+            if let Some(t) = &p.transport {
+                let mode = t
+                    .parse()
+                    .map_err(|e| v.err(format!("peers[{i}].transport"), e))?;
+                if let Ok(s) = SiteName::new(&p.site) {
+                    transports.sites.insert(s, mode);
+                }
+            }
+        }
         let peers = peers(v, self.peers, &site, listen)?;
         let exports = exports(v, self.exports)?;
         let imports = imports(v, self.imports, &peers, &trust_domain)?;
@@ -587,6 +619,7 @@ impl RawConfig {
                 .transpose()
                 .map_err(|e| v.err("quic_congestion", e))?
                 .unwrap_or_default(),
+            transports,
             admin,
             drain_grace,
             connect_timeout,
@@ -599,6 +632,50 @@ impl RawConfig {
             imports,
         })
     }
+}
+
+/// The `transport` section.
+fn transports(
+    v: &Validator<'_>,
+    raw: RawTransport,
+) -> Result<crate::peers::Transports, ConfigError> {
+    let d = crate::peers::Transports::default();
+    let mut sites = BTreeMap::new();
+    for (site, mode) in raw.sites {
+        let f = format!("transport.sites.{site}");
+        let name = SiteName::new(&site).map_err(|e| v.err(&f, e))?;
+        sites.insert(name, mode.parse().map_err(|e| v.err(&f, e))?);
+    }
+    let fallback_after = v.duration(
+        "transport.fallback_after",
+        raw.fallback_after.as_deref(),
+        d.fallback_after,
+    )?;
+    let probe_every = v.duration(
+        "transport.probe_every",
+        raw.probe_every.as_deref(),
+        d.probe_every,
+    )?;
+    for (field, value) in [
+        ("transport.fallback_after", fallback_after),
+        ("transport.probe_every", probe_every),
+    ] {
+        if value < Duration::from_millis(100) {
+            return Err(v.err(field, format!("{value:?}: at least 100ms")));
+        }
+    }
+    Ok(crate::peers::Transports {
+        default: raw
+            .default
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| v.err("transport.default", e))?
+            .unwrap_or_default(),
+        sites,
+        fallback_after,
+        probe_every,
+    })
 }
 
 /// The `federation` section.

@@ -18,8 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::hbone::{H2Recv, H2Send};
 use crate::metrics::Metrics;
-use crate::peers::{PeerHandle, Peers};
+use crate::peers::{PeerConn, PeerHandle, Peers};
 use crate::splice::{TlsOverTcp, reset_tcp, splice, splice_tls};
 use crate::tunnel::{HeaderReadError, read_header};
 use crate::wire::{self, Open, Refusal, Response};
@@ -143,8 +144,12 @@ impl Egress {
         match self.open_any(&open).await {
             Ok(opened) => {
                 let _active = self.metrics.stream_started(DIR);
-                let end = splice(tcp, opened.send, opened.recv, &self.metrics.counters(DIR)).await;
-                debug!(?end, site = %opened.site, "connection done");
+                let c = self.metrics.counters(DIR);
+                let end = match opened.stream {
+                    Stream::Quic(send, recv) => splice(tcp, send, recv, &c).await,
+                    Stream::H2(send, recv) => splice(tcp, send, recv, &c).await,
+                };
+                debug!(?end, site = %opened.site, transport = %opened.conn.transport(), "connection done");
             }
             Err(refused) => {
                 refused.log(&open, "connection refused");
@@ -195,8 +200,11 @@ impl Egress {
         match self.open_any(&open).await {
             Ok(opened) => {
                 let _active = self.metrics.stream_started(DIR);
-                let end =
-                    splice_tls(tls, opened.send, opened.recv, &self.metrics.counters(DIR)).await;
+                let c = self.metrics.counters(DIR);
+                let end = match opened.stream {
+                    Stream::Quic(send, recv) => splice_tls(tls, send, recv, &c).await,
+                    Stream::H2(send, recv) => splice_tls(tls, send, recv, &c).await,
+                };
                 debug!(?end, site = %opened.site, caller = %open.source, "connection done");
             }
             Err(refused) => {
@@ -238,12 +246,11 @@ impl Egress {
             };
             let b = budget(i, backends.len(), self.open_timeout);
             match self.open_stream(&peer, open, b.connection, b.answer).await {
-                Ok((conn, send, recv)) => {
+                Ok((conn, stream)) => {
                     return Ok(Opened {
                         site: site.clone(),
                         conn,
-                        send,
-                        recv,
+                        stream,
                     });
                 }
                 Err((reason, message)) => {
@@ -275,7 +282,7 @@ impl Egress {
         open: &Open,
         wait: Duration,
         answer: Duration,
-    ) -> Result<(Connection, SendStream, RecvStream), (Refusal, String)> {
+    ) -> Result<(PeerConn, Stream), (Refusal, String)> {
         let mut last = (Refusal::PeerUnavailable, String::new());
         for _attempt in 0..2 {
             let Some(conn) = peer.connection(wait).await else {
@@ -284,18 +291,17 @@ impl Egress {
                     format!("no connection to peer {} within {wait:?}", peer.site),
                 ));
             };
-            // The client's address travels only to a peer that chose meshfed/2.
-            let frame = if open.client.is_some() && !crate::tunnel::speaks_v2(&conn) {
-                Open {
-                    client: None,
-                    ..open.clone()
-                }
-                .encode()
-            } else {
-                open.encode()
-            };
+            if open.flow.is_some() && matches!(conn, PeerConn::H2(_)) {
+                return Err((
+                    Refusal::PeerUnavailable,
+                    format!(
+                        "the link to {} runs over h2 (no QUIC handshake completed); UDP flows need QUIC datagrams",
+                        peer.site
+                    ),
+                ));
+            }
             let r = {
-                let attempt = self.try_open(&conn, &frame, answer);
+                let attempt = self.try_open(&conn, open, answer);
                 tokio::pin!(attempt);
                 tokio::select! {
                 r = &mut attempt => r,
@@ -310,7 +316,7 @@ impl Egress {
                 }
             };
             match r {
-                Ok(r) => return r.map(|(send, recv)| (conn, send, recv)),
+                Ok(r) => return r.map(|stream| (conn, stream)),
                 Err(why) => {
                     peer.report_dead(&conn);
                     last = (Refusal::PeerUnavailable, why);
@@ -324,10 +330,30 @@ impl Egress {
     #[allow(clippy::type_complexity)]
     async fn try_open(
         &self,
-        conn: &Connection,
-        frame: &[u8],
+        conn: &PeerConn,
+        open: &Open,
         answer: Duration,
-    ) -> Result<Result<(SendStream, RecvStream), (Refusal, String)>, String> {
+    ) -> Result<Result<Stream, (Refusal, String)>, String> {
+        let conn = match conn {
+            PeerConn::H2(pool) => {
+                return pool
+                    .open(open, answer)
+                    .await
+                    .map(|r| r.map(|(send, recv)| Stream::H2(send, recv)));
+            }
+            PeerConn::Quic(c) => c,
+        };
+        // The client's address travels only to a peer that chose meshfed/2.
+        let frame = if open.client.is_some() && !crate::tunnel::speaks_v2(conn) {
+            Open {
+                client: None,
+                ..open.clone()
+            }
+            .encode()
+        } else {
+            open.encode()
+        };
+        let frame = &frame[..];
         let lost = |e: &dyn std::fmt::Display| match conn.close_reason() {
             Some(why) => format!("{e}: {why}"),
             None => e.to_string(),
@@ -346,7 +372,7 @@ impl Egress {
                 Err(HeaderReadError::Io(e)) => return Err(lost(&e)),
             };
             Ok(match wire::decode_response(&payload) {
-                Ok(Response::Accept) => Ok((send, recv)),
+                Ok(Response::Accept) => Ok(Stream::Quic(send, recv)),
                 Ok(Response::Refuse { reason, message }) => Err((reason, message)),
                 Err(e) => Err((
                     Refusal::MalformedHeader,
@@ -411,9 +437,24 @@ pub(crate) fn after_refusal(reason: Refusal, i: usize, n: usize) -> Next {
 /// A stream the far side accepted.
 pub(crate) struct Opened {
     pub site: SiteName,
-    pub conn: Connection,
-    pub send: SendStream,
-    pub recv: RecvStream,
+    pub conn: PeerConn,
+    pub stream: Stream,
+}
+
+/// An accepted tunnel stream, on either transport.
+pub(crate) enum Stream {
+    Quic(SendStream, RecvStream),
+    H2(H2Send, H2Recv),
+}
+
+impl Opened {
+    /// The QUIC connection and stream (a UDP flow is only ever opened on QUIC).
+    pub fn into_quic(self) -> Option<(SiteName, Connection, SendStream, RecvStream)> {
+        match (self.conn, self.stream) {
+            (PeerConn::Quic(c), Stream::Quic(s, r)) => Some((self.site, c, s, r)),
+            _ => None,
+        }
+    }
 }
 
 /// Why no site accepted: the last site's answer.

@@ -1,5 +1,6 @@
-//! Ingress: accepts peer gateways' QUIC connections, answers each stream's open request
-//! with accept or a typed refusal, and splices accepted streams to a local endpoint.
+//! Ingress: accepts peer gateways' QUIC connections and h2 (HBONE) connections, answers
+//! each stream's open request with accept or a typed refusal (the same decision and the
+//! same codes on both transports), and splices accepted streams to a local endpoint.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -51,6 +52,9 @@ pub struct Ingress {
     next: AtomicUsize,
     /// Verified IDs of the peers connected to us now, with their connection counts.
     inbound: std::sync::Mutex<BTreeMap<SpiffeId, BTreeMap<usize, Connection>>>,
+    /// The same for h2 connections: cancelling one's token closes it.
+    inbound_h2: std::sync::Mutex<BTreeMap<SpiffeId, BTreeMap<usize, CancellationToken>>>,
+    next_h2: AtomicUsize,
     /// The live trust bundles: a connection whose peer's trust domain left them (the
     /// federation withdrew it) is closed at its next stream.
     bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
@@ -69,6 +73,13 @@ type TlsClient = (
 enum Conn {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// An open the decision let through: where it goes and how.
+struct Admitted {
+    endpoints: Vec<SocketAddr>,
+    tls: Option<TlsOrigination>,
+    proxy: bool,
 }
 
 /// Where an accepted open request goes: the export's endpoints for that port.
@@ -194,6 +205,8 @@ impl Ingress {
             metrics,
             next: AtomicUsize::new(0),
             inbound: Default::default(),
+            inbound_h2: Default::default(),
+            next_h2: AtomicUsize::new(0),
             policies: Default::default(),
             tls_clients: Default::default(),
         }
@@ -201,7 +214,16 @@ impl Ingress {
 
     /// The verified IDs of peers connected to us now.
     pub fn inbound_peers(&self) -> Vec<SpiffeId> {
-        self.inbound_lock().keys().cloned().collect()
+        let mut ids: std::collections::BTreeSet<SpiffeId> =
+            self.inbound_lock().keys().cloned().collect();
+        ids.extend(self.inbound_h2_lock().keys().cloned());
+        ids.into_iter().collect()
+    }
+
+    fn inbound_h2_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<SpiffeId, BTreeMap<usize, CancellationToken>>> {
+        self.inbound_h2.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Closes every inbound connection from a gateway of `td` (its bundle was withdrawn:
@@ -225,7 +247,14 @@ impl Ingress {
             .flat_map(|(_, c)| c.values().cloned())
             .collect();
         conns.iter().for_each(crate::tunnel::close_withdrawn);
-        conns.len()
+        let h2: Vec<CancellationToken> = self
+            .inbound_h2_lock()
+            .iter()
+            .filter(|(id, _)| peer(id))
+            .flat_map(|(_, c)| c.values().cloned())
+            .collect();
+        h2.iter().for_each(CancellationToken::cancel);
+        conns.len() + h2.len()
     }
 
     fn inbound_lock(
@@ -451,68 +480,18 @@ impl Ingress {
                     .await;
             }
         };
-        let (endpoints, tls, proxy) = {
-            let exports = self.exports.load();
-            match decide(&exports, &self.policies.load(), &open, &peer) {
-                Ok(r) => {
-                    let e = exports.get(&open.service);
-                    (
-                        r.endpoints.to_vec(),
-                        e.and_then(|e| e.tls.clone()),
-                        e.is_some_and(|e| e.proxy_protocol),
-                    )
-                }
-                Err(r) => {
-                    if let Some(policy) = &r.policy {
-                        self.metrics.denied(policy);
-                    }
-                    return self.refuse(send, recv, r.reason, r.message, false).await;
-                }
-            }
+        let admitted = match self.admit(&open, &peer) {
+            Ok(a) => a,
+            Err(r) => return self.refuse(send, recv, r.reason, r.message, false).await,
         };
         if let Some(flow) = open.flow {
             return self
-                .serve_udp(&open, flow, &endpoints, send, recv, udp, stop)
+                .serve_udp(&open, flow, &admitted.endpoints, send, recv, udp, stop)
                 .await;
         }
-        let Some((tcp, ep)) = self.connect(&endpoints).await else {
-            let msg = format!(
-                "{}:{}: none of {} endpoint(s) accepted a connection within {:?}",
-                open.service,
-                open.port,
-                endpoints.len(),
-                self.connect_timeout
-            );
-            return self
-                .refuse(send, recv, Refusal::EndpointConnectFailed, msg, false)
-                .await;
-        };
-        // PROXY protocol first (before any TLS we originate): the client as the far egress
-        // saw it (or, from a meshfed/1 peer, the peer gateway), and the caller.
-        let mut tcp = tcp;
-        if proxy {
-            let src = open.client.unwrap_or(remote);
-            let h = crate::proxy_protocol::header(src, ep, open.source.as_str());
-            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &h).await {
-                let msg = format!("{}:{}: PROXY header to {ep}: {e}", open.service, open.port);
-                return self
-                    .refuse(send, recv, Refusal::EndpointConnectFailed, msg, false)
-                    .await;
-            }
-        }
-        // TLS origination: the handshake completes before we accept, so a failure is a
-        // refusal the far egress can fail over on.
-        let conn = match tls {
-            None => Conn::Plain(tcp),
-            Some(t) => match self.originate(&t, tcp).await {
-                Ok(s) => Conn::Tls(Box::new(s)),
-                Err(e) => {
-                    let msg = format!("{}:{}: TLS to {ep}: {e}", open.service, open.port);
-                    return self
-                        .refuse(send, recv, Refusal::EndpointConnectFailed, msg, false)
-                        .await;
-                }
-            },
+        let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
+            Ok(c) => c,
+            Err(r) => return self.refuse(send, recv, r.reason, r.message, false).await,
         };
         let mut send = send;
         if send.write_all(&Response::Accept.encode()).await.is_err() {
@@ -526,6 +505,277 @@ impl Ingress {
             Conn::Plain(tcp) => splice(tcp, send, recv, &counters).await,
         };
         debug!(?end, "stream done");
+    }
+
+    /// Decides an open from `peer` (counting a policy denial).
+    fn admit(&self, open: &Open, peer: &SpiffeId) -> Result<Admitted, Refused> {
+        let exports = self.exports.load();
+        match decide(&exports, &self.policies.load(), open, peer) {
+            Ok(r) => {
+                let e = exports.get(&open.service);
+                Ok(Admitted {
+                    endpoints: r.endpoints.to_vec(),
+                    tls: e.and_then(|e| e.tls.clone()),
+                    proxy: e.is_some_and(|e| e.proxy_protocol),
+                })
+            }
+            Err(r) => {
+                if let Some(policy) = &r.policy {
+                    self.metrics.denied(policy);
+                }
+                Err(r)
+            }
+        }
+    }
+
+    /// Connects an admitted TCP open to one of its endpoints: the PROXY header, then the
+    /// TLS we originate, all before the open is accepted, so that a failure is a refusal
+    /// the far egress can fail over on. `remote`: the address the peer's connection
+    /// comes from.
+    async fn connect_endpoint(
+        &self,
+        open: &Open,
+        admitted: Admitted,
+        remote: SocketAddr,
+    ) -> Result<(Conn, SocketAddr), Refused> {
+        let Admitted {
+            endpoints,
+            tls,
+            proxy,
+        } = admitted;
+        let Some((mut tcp, ep)) = self.connect(&endpoints).await else {
+            let msg = format!(
+                "{}:{}: none of {} endpoint(s) accepted a connection within {:?}",
+                open.service,
+                open.port,
+                endpoints.len(),
+                self.connect_timeout
+            );
+            return Err(refused(Refusal::EndpointConnectFailed, msg));
+        };
+        // PROXY protocol first (before any TLS we originate): the client as the far egress
+        // saw it (or, from a meshfed/1 peer, the peer gateway), and the caller.
+        if proxy {
+            let src = open.client.unwrap_or(remote);
+            let h = crate::proxy_protocol::header(src, ep, open.source.as_str());
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &h).await {
+                let msg = format!("{}:{}: PROXY header to {ep}: {e}", open.service, open.port);
+                return Err(refused(Refusal::EndpointConnectFailed, msg));
+            }
+        }
+        let conn = match tls {
+            None => Conn::Plain(tcp),
+            Some(t) => match self.originate(&t, tcp).await {
+                Ok(s) => Conn::Tls(Box::new(s)),
+                Err(e) => {
+                    let msg = format!("{}:{}: TLS to {ep}: {e}", open.service, open.port);
+                    return Err(refused(Refusal::EndpointConnectFailed, msg));
+                }
+            },
+        };
+        Ok((conn, ep))
+    }
+
+    /// Accepts h2 (HBONE) connections on `listener` until the drain starts: mTLS with
+    /// the same SVID and verifier as QUIC, then HTTP/2. Unauthenticated handshakes pass
+    /// the same admission gate as QUIC's; streams run on `drain`, which waits for them.
+    pub async fn serve_h2(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        drain: DrainWatcher,
+    ) {
+        let gate = Gate::new(Limits::default());
+        loop {
+            let (tcp, remote) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "h2 accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = drain.signaled() => return,
+            };
+            // A TCP handshake proves the address: no Retry step as in QUIC.
+            let slot = match gate.admit(remote.ip(), true) {
+                Ok(s) => s,
+                Err(other) => {
+                    let reason = match other {
+                        Admission::Refuse(r) => r,
+                        _ => "handshake_limit",
+                    };
+                    self.metrics.handshake_failed(reason);
+                    debug!(%remote, reason, "h2 handshake refused: too many in flight");
+                    crate::splice::reset_tcp(tcp);
+                    continue;
+                }
+            };
+            let (this, acceptor, drain) = (self.clone(), acceptor.clone(), drain.clone());
+            tokio::spawn(
+                async move {
+                    let _ = tcp.set_nodelay(true);
+                    let hs = async {
+                        let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+                        let (_, session) = tls.get_ref();
+                        if session.alpn_protocol() != Some(crate::hbone::ALPN_H2) {
+                            return Err("the peer did not offer ALPN h2".to_owned());
+                        }
+                        let peer = session
+                            .peer_certificates()
+                            .and_then(|c| meshfed_identity::verify::peer_id(c).ok())
+                            .ok_or_else(|| "no client certificate".to_owned())?;
+                        let conn = crate::hbone::server_builder(crate::tunnel::MAX_STREAMS)
+                            .handshake::<_, bytes::Bytes>(tls)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok((peer, conn))
+                    };
+                    let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await;
+                    drop(slot);
+                    match done {
+                        Err(_) => {
+                            this.metrics.handshake_failed("handshake_timeout");
+                            debug!("inbound h2 handshake did not complete in time");
+                        }
+                        Ok(Err(e)) => debug!(error = %e, "inbound h2 handshake failed"),
+                        Ok(Ok((peer, conn))) => {
+                            this.serve_h2_connection(conn, peer, remote, drain).await
+                        }
+                    }
+                }
+                .instrument(info_span!("inbound_h2", %remote)),
+            );
+        }
+    }
+
+    async fn serve_h2_connection(
+        self: Arc<Self>,
+        mut conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, bytes::Bytes>,
+        peer: SpiffeId,
+        remote: SocketAddr,
+        drain: DrainWatcher,
+    ) {
+        info!(%peer, "peer gateway connected (h2)");
+        let id = self.next_h2.fetch_add(1, Ordering::Relaxed);
+        let kill = CancellationToken::new();
+        self.inbound_h2_lock()
+            .entry(peer.clone())
+            .or_default()
+            .insert(id, kill.clone());
+        // As for QUIC: a handshake verified against a bundle set being replaced.
+        if self
+            .bundles
+            .load()
+            .get_str(peer.trust_domain_str())
+            .is_none()
+        {
+            kill.cancel();
+        }
+        let mut shutting = false;
+        loop {
+            tokio::select! {
+                r = conn.accept() => match r {
+                    Some(Ok((req, respond))) => {
+                        let (this, peer) = (self.clone(), peer.clone());
+                        let draining = drain.is_draining();
+                        drain.spawn(async move {
+                            this.serve_h2_stream(req, respond, peer, remote, draining).await
+                        });
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "h2 connection error");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = drain.signaled(), if !shutting => {
+                    // GOAWAY: streams in flight finish, new ones go elsewhere.
+                    conn.graceful_shutdown();
+                    shutting = true;
+                }
+                _ = kill.cancelled() => {
+                    warn!(%peer, "closing h2 connection: trust domain withdrawn");
+                    conn.abrupt_shutdown(h2::Reason::REFUSED_STREAM);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), futures::future::poll_fn(|cx| conn.poll_closed(cx))).await;
+                    break;
+                }
+            }
+        }
+        info!(%peer, "peer gateway h2 connection closed");
+        let mut m = self.inbound_h2_lock();
+        if let Some(c) = m.get_mut(&peer) {
+            c.remove(&id);
+            if c.is_empty() {
+                m.remove(&peer);
+            }
+        }
+    }
+
+    /// One h2 CONNECT stream of `peer`: the same decision as a QUIC stream's.
+    async fn serve_h2_stream(
+        &self,
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+        peer: SpiffeId,
+        remote: SocketAddr,
+        draining: bool,
+    ) {
+        let (parts, body) = req.into_parts();
+        let open = match crate::hbone::headers::open(&parts) {
+            Ok(o) => o,
+            Err(e) => return self.refuse_h2(respond, Refusal::from(&e), e.to_string()),
+        };
+        let span =
+            info_span!("stream", transport = "h2", service = %open.service, port = open.port);
+        async {
+            if draining {
+                return self.refuse_h2(respond, Refusal::Draining, "gateway is draining".into());
+            }
+            let admitted = match self.admit(&open, &peer) {
+                Ok(a) => a,
+                Err(r) => return self.refuse_h2(respond, r.reason, r.message),
+            };
+            let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
+                Ok(c) => c,
+                Err(r) => return self.refuse_h2(respond, r.reason, r.message),
+            };
+            let send = match respond
+                .send_response(crate::hbone::headers::response(&Response::Accept), false)
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "h2 stream gone before the accept");
+                    return;
+                }
+            };
+            debug!(%peer, source = %open.source, endpoint = %ep, "accepted (h2)");
+            let _active = self.metrics.stream_started(DIR);
+            let counters = self.metrics.counters(DIR);
+            let (send, recv) = (crate::hbone::H2Send(send), crate::hbone::H2Recv::new(body));
+            let end = match conn {
+                Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters).await,
+                Conn::Plain(tcp) => splice(tcp, send, recv, &counters).await,
+            };
+            debug!(?end, "stream done");
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn refuse_h2(
+        &self,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+        reason: Refusal,
+        message: String,
+    ) {
+        warn!(reason = reason.as_str(), %message, transport = "h2", "refusing stream");
+        self.metrics.refused(DIR, reason.as_str());
+        let _ = respond.send_response(
+            crate::hbone::headers::response(&Response::Refuse { reason, message }),
+            true,
+        );
     }
 
     /// An accepted UDP flow: a socket toward one endpoint (round-robin), then datagrams

@@ -22,6 +22,7 @@ pub mod admission;
 pub mod config;
 pub mod egress;
 pub mod federated;
+pub mod hbone;
 pub mod health;
 pub mod ingress;
 pub mod metrics;
@@ -168,6 +169,40 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// How long the dialers may take to stop once the endpoint has closed.
 const DIALERS_GRACE: Duration = Duration::from_secs(10);
+
+/// Binds the QUIC endpoint (UDP) and the h2 listener (TCP) on one port number. With
+/// port 0 the kernel picks the UDP port, and the TCP port with its number is taken too
+/// (another UDP port is picked when that one is in use for TCP).
+fn bind_transports(
+    listen: SocketAddr,
+    server: quinn::ServerConfig,
+    svid: &Svid,
+) -> Result<(quinn::Endpoint, TcpListener), GatewayError> {
+    let mut attempts = if listen.port() == 0 { 16 } else { 1 };
+    loop {
+        let endpoint = tunnel::bind_endpoint(listen, server.clone(), svid)?;
+        let quic = endpoint.local_addr().map_err(|source| GatewayError::Bind {
+            what: "quic".into(),
+            addr: listen,
+            source,
+        })?;
+        let tcp = SocketAddr::new(listen.ip(), quic.port());
+        match bind_tcp(tcp) {
+            Ok(l) => return Ok((endpoint, l)),
+            Err(source) => {
+                attempts -= 1;
+                if attempts == 0 {
+                    return Err(GatewayError::Bind {
+                        what: "h2 (TCP, the QUIC port's number)".into(),
+                        addr: tcp,
+                        source,
+                    });
+                }
+                endpoint.close(0u32.into(), b"rebinding");
+            }
+        }
+    }
+}
 
 pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = if addr.is_ipv4() {
@@ -401,12 +436,18 @@ pub async fn start_with(
     metrics
         .svid_not_after
         .set(svid.not_after_unix().unwrap_or_default());
+    let h2_tls = meshfed_identity::tls::server_config(
+        resolver.clone(),
+        base_verifier.clone().with_policy(inbound.clone()),
+        &[hbone::ALPN_H2],
+    )
+    .map_err(tunnel::TunnelError::Tls)?;
     let server = tunnel::server_config(
         resolver.clone(),
         base_verifier.clone().with_policy(inbound),
         cfg.quic_congestion,
     )?;
-    let endpoint = tunnel::bind_endpoint(cfg.listen, server, &svid)?;
+    let (endpoint, h2_listener) = bind_transports(cfg.listen, server, &svid)?;
     let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {
         what: "quic".into(),
         addr: cfg.listen,
@@ -425,13 +466,25 @@ pub async fn start_with(
             let v = base
                 .clone()
                 .with_policy(PeerPolicy::Only([id.clone()].into()));
-            tunnel::client_config(resolver.clone(), v, cc)
+            let h2 = meshfed_identity::tls::client_config(
+                resolver.clone(),
+                v.clone(),
+                &[hbone::ALPN_H2],
+            )
+            .map_err(|e| warn!(error = %e, "peer TLS config (h2)"))
+            .ok()?;
+            let quic = tunnel::client_config(resolver.clone(), v, cc)
                 .map_err(|e| warn!(error = %e, "peer TLS config"))
-                .ok()
+                .ok()?;
+            Some(peers::PeerTls {
+                quic,
+                h2: Arc::new(h2),
+            })
         })
     };
     let peers = peers::Peers::new(
         endpoint.clone(),
+        cfg.transports.clone(),
         metrics.clone(),
         config_for,
         dialers_w.clone(),
@@ -516,6 +569,11 @@ pub async fn start_with(
         bundle_store.clone(),
     ));
     tokio::spawn(ingress.clone().serve(endpoint.clone(), streams_w.clone()));
+    tokio::spawn(ingress.clone().serve_h2(
+        h2_listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(h2_tls)),
+        streams_w.clone(),
+    ));
     // Our dialed connections serve the peer's streams; its dialed ones carry ours when
     // we cannot dial it (an outbound-only site).
     peers.attach_ingress(

@@ -122,8 +122,27 @@ pub struct PolicyLabels {
     pub policy: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabels {
+    pub site: String,
+    pub address: String,
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteReasonLabels {
+    pub site: String,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
+    /// 1 for the transport each dialed peer link uses now (at most 32 addresses per
+    /// peer site, one series each).
+    pub link_transport: Family<LinkLabels, Gauge>,
+    /// `auto` links moved between transports, by site and reason (`quic_timeout`:
+    /// to h2; `quic_restored`: back to QUIC).
+    pub transport_moves: Family<SiteReasonLabels, Counter>,
     pub connections: Family<DirLabels, Counter>,
     pub active_streams: Family<DirLabels, Gauge>,
     pub bytes: Family<BytesLabels, Counter>,
@@ -183,8 +202,18 @@ impl Metrics {
         );
         r.register(
             "peer_connections",
-            "Live QUIC connections to peer gateways",
+            "Live links (QUIC connections or h2 pools) to peer gateways",
             self.peer_connections.clone(),
+        );
+        r.register(
+            "peer_link_transport",
+            "1 for the transport (quic or h2) each dialed peer link uses now",
+            self.link_transport.clone(),
+        );
+        r.register(
+            "transport_moves",
+            "Peer links moved between transports (transport: auto), by reason: quic_timeout (to h2), quic_restored (back to QUIC)",
+            self.transport_moves.clone(),
         );
         r.register(
             "peer_reconnects",
@@ -289,6 +318,36 @@ impl Metrics {
             "Expiry of the SVID in use (Unix time)",
             self.svid_not_after.clone(),
         );
+    }
+
+    /// Records the transport the link to `site` at `addr` uses (`None`: down).
+    pub fn set_link_transport(
+        &self,
+        site: &str,
+        addr: std::net::SocketAddr,
+        now: Option<crate::peers::Transport>,
+    ) {
+        for t in [crate::peers::Transport::Quic, crate::peers::Transport::H2] {
+            let labels = LinkLabels {
+                site: site.to_owned(),
+                address: addr.to_string(),
+                transport: t.as_str(),
+            };
+            if now == Some(t) {
+                self.link_transport.get_or_create(&labels).set(1);
+            } else {
+                self.link_transport.remove(&labels);
+            }
+        }
+    }
+
+    pub fn transport_fallback(&self, site: &str, reason: &'static str) {
+        self.transport_moves
+            .get_or_create(&SiteReasonLabels {
+                site: site.to_owned(),
+                reason,
+            })
+            .inc();
     }
 
     pub fn refused(&self, direction: &'static str, reason: &'static str) {

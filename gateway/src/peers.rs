@@ -1,8 +1,14 @@
-//! One long-lived QUIC connection per address of a peer site (each of its gateway
-//! replicas), re-established with backoff when it drops. Egress asks for a live
-//! connection and gets the next in turn, so streams spread over the replicas and one
-//! that dies is skipped; it never dials itself. Host-name addresses are resolved and
-//! re-resolved on their TTL (`resolve`).
+//! One long-lived link per address of a peer site (each of its gateway replicas),
+//! re-established with backoff when it drops. Egress asks for a live link and gets the
+//! next in turn, so streams spread over the replicas and one that dies is skipped; it
+//! never dials itself. Host-name addresses are resolved and re-resolved on their TTL
+//! (`resolve`).
+//!
+//! A link is a QUIC connection or a pool of h2 connections (`hbone`), as the peer's
+//! [`TransportMode`] says. `auto` (the default) dials QUIC and falls back to h2 when no
+//! QUIC handshake completes within the fallback deadline; while on h2 it probes QUIC in
+//! the background and moves back when a handshake completes. A move only changes where
+//! new streams go: the old link lives until its streams end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -20,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::hbone;
 use crate::metrics::Metrics;
 
 /// First retry delay after a failed dial; doubles up to [`BACKOFF_MAX`].
@@ -30,13 +37,15 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct Link {
     addr: SocketAddr,
-    conn: watch::Receiver<Option<Connection>>,
+    conn: watch::Receiver<Option<PeerConn>>,
     kick: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
     /// An open on it went unanswered for [`SUSPECT_AFTER`]: new opens prefer the other
     /// links until it answers again (or is redialed). A replica that dies without a
     /// word (kill -9) stops getting new streams within that, not after the open timeout.
     suspect: Arc<AtomicBool>,
+    /// Why the link uses the transport it does (for status and logs).
+    why: Arc<Mutex<String>>,
 }
 
 /// How long an open may go unanswered before its link is suspect.
@@ -44,18 +53,102 @@ pub const SUSPECT_AFTER: Duration = Duration::from_millis(500);
 
 impl Link {
     fn is_live(&self) -> bool {
-        self.conn
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| c.close_reason().is_none())
+        self.conn.borrow().as_ref().is_some_and(PeerConn::is_live)
     }
 
-    fn live(&self) -> Option<Connection> {
-        self.conn
-            .borrow()
-            .as_ref()
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
+    fn live(&self) -> Option<PeerConn> {
+        self.conn.borrow().as_ref().filter(|c| c.is_live()).cloned()
+    }
+}
+
+/// How a peer is reached (`transport` in the gateway config, per peer or for all).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportMode {
+    /// QUIC, falling back to h2 when no QUIC handshake completes in time.
+    #[default]
+    Auto,
+    Quic,
+    H2,
+}
+
+impl std::str::FromStr for TransportMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "quic" => Ok(Self::Quic),
+            "h2" => Ok(Self::H2),
+            other => Err(format!("{other:?}: auto, quic or h2")),
+        }
+    }
+}
+
+/// The transport a live link uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    Quic,
+    H2,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::H2 => "h2",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A live link to a peer gateway: a QUIC connection, or a pool of h2 connections.
+#[derive(Clone)]
+pub enum PeerConn {
+    Quic(Connection),
+    H2(hbone::Pool),
+}
+
+impl PeerConn {
+    pub fn is_live(&self) -> bool {
+        match self {
+            Self::Quic(c) => c.close_reason().is_none(),
+            Self::H2(p) => p.is_live(),
+        }
+    }
+
+    /// Tells links apart (QUIC's stable ID; an h2 pool's has the high bit set).
+    pub fn stable_id(&self) -> usize {
+        match self {
+            Self::Quic(c) => c.stable_id(),
+            Self::H2(p) => p.stable_id(),
+        }
+    }
+
+    pub fn transport(&self) -> Transport {
+        match self {
+            Self::Quic(_) => Transport::Quic,
+            Self::H2(_) => Transport::H2,
+        }
+    }
+
+    /// The far gateway's verified SPIFFE ID.
+    pub fn peer_id(&self) -> Option<SpiffeId> {
+        match self {
+            Self::Quic(c) => peer_spiffe_id(c),
+            Self::H2(p) => Some(p.peer_id().clone()),
+        }
+    }
+
+    /// Closes the link now with `code` (QUIC application code) and `why`.
+    pub fn close(&self, code: u32, why: &'static [u8]) {
+        match self {
+            Self::Quic(c) => c.close(quinn::VarInt::from_u32(code), why),
+            Self::H2(p) => p.close(),
+        }
     }
 }
 
@@ -77,8 +170,51 @@ pub type AcceptedFor = Arc<dyn Fn(&SpiffeId) -> Vec<Connection> + Send + Sync>;
 /// Serves the streams a peer opens on a connection we dialed.
 pub type OnDialed = Arc<dyn Fn(Connection) + Send + Sync>;
 
-/// Builds the QUIC client config for dialing a peer that must present this ID.
-pub type ClientConfigFor = Arc<dyn Fn(&SpiffeId) -> Option<quinn::ClientConfig> + Send + Sync>;
+/// The client TLS for dialing a peer that must present one ID, per transport.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub quic: quinn::ClientConfig,
+    /// ALPN `h2`.
+    pub h2: Arc<rustls::ClientConfig>,
+}
+
+/// Builds the client TLS for dialing a peer that must present this ID.
+pub type ClientConfigFor = Arc<dyn Fn(&SpiffeId) -> Option<PeerTls> + Send + Sync>;
+
+/// Which transport each peer uses, and how `auto` decides.
+#[derive(Clone, Debug)]
+pub struct Transports {
+    /// Peers not in `sites`.
+    pub default: TransportMode,
+    pub sites: BTreeMap<SiteName, TransportMode>,
+    /// `auto`: how long a QUIC handshake may take before the link falls back to h2.
+    pub fallback_after: Duration,
+    /// `auto` on h2: how often QUIC is tried again.
+    pub probe_every: Duration,
+}
+
+/// `auto`'s default fallback deadline: a QUIC handshake on any working path completes
+/// well within it (one round trip plus the certificate exchange).
+pub const FALLBACK_AFTER: Duration = Duration::from_secs(1);
+/// `auto`'s default interval between QUIC probes while on h2.
+pub const PROBE_EVERY: Duration = Duration::from_secs(10);
+
+impl Default for Transports {
+    fn default() -> Self {
+        Self {
+            default: TransportMode::Auto,
+            sites: BTreeMap::new(),
+            fallback_after: FALLBACK_AFTER,
+            probe_every: PROBE_EVERY,
+        }
+    }
+}
+
+impl Transports {
+    pub fn for_site(&self, site: &SiteName) -> TransportMode {
+        self.sites.get(site).copied().unwrap_or(self.default)
+    }
+}
 
 /// All dialable peers, by site. Peers come and go as the catalog changes; each address
 /// of a peer (a gateway replica) has its own dialer task, stopped when the address or the
@@ -91,6 +227,7 @@ pub struct Peers {
 
 struct PeersInner {
     endpoint: quinn::Endpoint,
+    transports: Transports,
     metrics: Metrics,
     config_for: ClientConfigFor,
     drain: DrainWatcher,
@@ -102,7 +239,7 @@ struct PeersInner {
 
 struct Entry {
     spiffe_id: SpiffeId,
-    cfg: quinn::ClientConfig,
+    cfg: PeerTls,
     /// The addresses as given.
     given: Vec<String>,
     links: BTreeMap<SocketAddr, Link>,
@@ -145,6 +282,7 @@ impl Peers {
     /// Dialers stop when `drain` starts, and it waits for them.
     pub fn new(
         endpoint: quinn::Endpoint,
+        transports: Transports,
         metrics: Metrics,
         config_for: ClientConfigFor,
         drain: DrainWatcher,
@@ -152,6 +290,7 @@ impl Peers {
         Self {
             inner: Arc::new(PeersInner {
                 endpoint,
+                transports,
                 metrics,
                 config_for,
                 drain,
@@ -291,8 +430,14 @@ impl Peers {
             let kick = Arc::new(tokio::sync::Notify::new());
             let stop = self.inner.drain.token().child_token();
             let suspect = Arc::new(AtomicBool::new(false));
+            let why = Arc::new(Mutex::new(String::from("not connected yet")));
             let dialer = Dialer {
                 endpoint: self.inner.endpoint.clone(),
+                site: site.clone(),
+                mode: self.inner.transports.for_site(site),
+                fallback_after: self.inner.transports.fallback_after,
+                probe_every: self.inner.transports.probe_every,
+                why: why.clone(),
                 addr,
                 cfg: e.cfg.clone(),
                 tx,
@@ -312,6 +457,7 @@ impl Peers {
                     kick,
                     stop,
                     suspect,
+                    why,
                 },
             );
         }
@@ -340,7 +486,7 @@ impl Peers {
                     .values()
                     .find_map(|l| l.live())
                     .as_ref()
-                    .and_then(peer_spiffe_id);
+                    .and_then(PeerConn::peer_id);
                 (site.clone(), id)
             })
             .collect()
@@ -356,6 +502,21 @@ impl Peers {
         })
     }
 
+    /// Every dialed link: site, address, its transport when up, and why it uses it.
+    pub fn link_status(&self) -> Vec<LinkStatus> {
+        self.lock()
+            .iter()
+            .flat_map(|(site, e)| {
+                e.links.values().map(|l| LinkStatus {
+                    site: site.clone(),
+                    addr: l.addr,
+                    transport: l.live().map(|c| c.transport()),
+                    why: l.why.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Closes the live connections to gateways of `td` (its bundle was withdrawn).
     pub fn close_trust_domain(&self, td: &str) -> usize {
         self.close_where(|t| t == td)
@@ -363,13 +524,18 @@ impl Peers {
 
     /// Closes the live connections to gateways whose trust domain `untrusted` names.
     pub fn close_where(&self, untrusted: impl Fn(&str) -> bool) -> usize {
-        let conns: Vec<Connection> = self
+        let conns: Vec<PeerConn> = self
             .lock()
             .values()
             .filter(|e| untrusted(e.spiffe_id.trust_domain_str()))
             .flat_map(|e| e.links.values().filter_map(Link::live).collect::<Vec<_>>())
             .collect();
-        conns.iter().for_each(crate::tunnel::close_withdrawn);
+        for c in &conns {
+            c.close(
+                crate::wire::app_code::TRUST_WITHDRAWN,
+                b"trust domain withdrawn from the federation",
+            );
+        }
         conns.len()
     }
 
@@ -391,10 +557,20 @@ impl Peers {
     }
 }
 
+/// One dialed link as `meshfed status` and `/debug` show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub site: SiteName,
+    pub addr: SocketAddr,
+    /// `None`: not connected now.
+    pub transport: Option<Transport>,
+    pub why: String,
+}
+
 impl PeerHandle {
-    /// A live connection, the next in turn among the peer's addresses, waiting up to
-    /// `wait` for one to be (re-)established.
-    pub async fn connection(&self, wait: Duration) -> Option<Connection> {
+    /// A live link, the next in turn among the peer's addresses, waiting up to `wait`
+    /// for one to be (re-)established.
+    pub async fn connection(&self, wait: Duration) -> Option<PeerConn> {
         if let Some(c) = self.pick() {
             return Some(c);
         }
@@ -402,7 +578,7 @@ impl PeerHandle {
             && !accepted.is_empty()
         {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % accepted.len();
-            return Some(accepted[i].clone());
+            return Some(PeerConn::Quic(accepted[i].clone()));
         }
         if self.links.is_empty() {
             return None;
@@ -431,7 +607,7 @@ impl PeerHandle {
 
     /// The next live connection in turn: unsuspected links first, suspect ones only
     /// when nothing else is up. No allocation: this runs for every open.
-    fn pick(&self) -> Option<Connection> {
+    fn pick(&self) -> Option<PeerConn> {
         for trusted_only in [true, false] {
             let usable =
                 |l: &&Link| l.is_live() && !(trusted_only && l.suspect.load(Ordering::Relaxed));
@@ -446,7 +622,7 @@ impl PeerHandle {
 
     /// Marks (or clears) the link of `conn` as suspect: an open on it has gone unanswered
     /// for [`SUSPECT_AFTER`] (or it answered).
-    pub fn suspect(&self, conn: &Connection, suspect: bool) {
+    pub fn suspect(&self, conn: &PeerConn, suspect: bool) {
         for l in self.links.iter() {
             if l.live().is_some_and(|c| c.stable_id() == conn.stable_id())
                 && l.suspect.swap(suspect, Ordering::Relaxed) != suspect
@@ -462,11 +638,8 @@ impl PeerHandle {
 
     /// Tells the dialer of `conn` that it looks dead (e.g. an open timed out), so it
     /// closes it and dials again now rather than after the idle timeout.
-    pub fn report_dead(&self, conn: &Connection) {
-        conn.close(
-            quinn::VarInt::from_u32(crate::wire::app_code::UNRESPONSIVE),
-            b"peer unresponsive",
-        );
+    pub fn report_dead(&self, conn: &PeerConn) {
+        conn.close(crate::wire::app_code::UNRESPONSIVE, b"peer unresponsive");
         for l in self.links.iter() {
             if l.live().is_none_or(|c| c.stable_id() == conn.stable_id()) {
                 l.kick.notify_one();
@@ -500,15 +673,27 @@ where
 
 struct Dialer {
     endpoint: quinn::Endpoint,
+    site: SiteName,
+    mode: TransportMode,
+    fallback_after: Duration,
+    probe_every: Duration,
+    /// Why the link uses its transport, for status.
+    why: Arc<Mutex<String>>,
     addr: SocketAddr,
-    cfg: quinn::ClientConfig,
-    tx: watch::Sender<Option<Connection>>,
+    cfg: PeerTls,
+    tx: watch::Sender<Option<PeerConn>>,
     kick: Arc<tokio::sync::Notify>,
     metrics: Metrics,
     stop: CancellationToken,
     suspect: Arc<AtomicBool>,
     /// Serves the streams the peer opens on our connection.
     on_dialed: Arc<std::sync::OnceLock<OnDialed>>,
+}
+
+/// How a held link ended.
+enum Held {
+    Stopped,
+    Closed(Option<ConnectionError>),
 }
 
 impl Dialer {
@@ -519,55 +704,37 @@ impl Dialer {
             if self.stop.is_cancelled() {
                 return;
             }
-            match self.dial().await {
-                Ok(conn) => {
+            match self.connect().await {
+                Ok((conn, why)) => {
                     if ever_connected {
                         self.metrics.peer_reconnects.inc();
                     }
                     ever_connected = true;
-                    info!(peer_id = %peer_id(&conn), "peer connected");
-                    self.metrics.peer_connections.inc();
-                    tokio::spawn(crate::metrics::watch_path(
-                        self.metrics.quic.clone(),
-                        conn.clone(),
-                        crate::metrics::QuicLabels {
-                            peer: peer_id(&conn),
-                            side: "dialed",
-                        },
-                    ));
-                    self.suspect.store(false, Ordering::Relaxed);
-                    if let Some(f) = self.on_dialed.get() {
-                        f(conn.clone());
-                    }
-                    self.tx.send_replace(Some(conn.clone()));
-                    let reason = tokio::select! {
-                        r = conn.closed() => r,
-                        _ = self.stop.cancelled() => {
-                            // The peer (or this address) left the plan: its connection
-                            // goes too, rather than live on in handles egress holds.
-                            conn.close(
-                                quinn::VarInt::from_u32(crate::wire::app_code::DRAINING),
-                                b"peer removed",
-                            );
-                            self.tx.send_replace(None);
-                            self.metrics.peer_connections.dec();
-                            return;
+                    match self.hold(conn, why).await {
+                        Held::Stopped => return,
+                        Held::Closed(reason) => {
+                            // In TLS 1.3 the client finishes first; the server's verdict
+                            // on our certificate arrives as a close right after.
+                            if let Some(why) = reason.as_ref().and_then(refused_by_peer) {
+                                self.metrics.handshake_failed("refused_by_peer");
+                                warn!(%why, retry_in = ?backoff, "the peer refused our certificate");
+                            } else {
+                                backoff = BACKOFF_MIN;
+                                match reason {
+                                    Some(r) => {
+                                        info!(reason = %r, "peer connection closed; redialing")
+                                    }
+                                    None => info!("peer h2 connections closed; redialing"),
+                                }
+                                continue;
+                            }
                         }
-                    };
-                    self.metrics.peer_connections.dec();
-                    self.tx.send_replace(None);
-                    // In TLS 1.3 the client finishes first; the server's verdict on our
-                    // certificate arrives as a close right after.
-                    if let Some(why) = refused_by_peer(&reason) {
-                        self.metrics.handshake_failed("refused_by_peer");
-                        warn!(%why, retry_in = ?backoff, "the peer refused our certificate");
-                    } else {
-                        backoff = BACKOFF_MIN;
-                        info!(%reason, "peer connection closed; redialing");
-                        continue;
                     }
                 }
-                Err(e) => warn!(error = %e, retry_in = ?backoff, "peer dial failed"),
+                Err(e) => {
+                    self.set_why(format!("dial failed: {e}"));
+                    warn!(error = %e, retry_in = ?backoff, "peer dial failed");
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -579,18 +746,130 @@ impl Dialer {
         }
     }
 
-    async fn dial(&self) -> Result<Connection, DialError> {
-        let connecting = self
-            .endpoint
-            .connect_with(self.cfg.clone(), self.addr, "meshfed-peer")?;
-        match tokio::time::timeout(Duration::from_secs(5), connecting).await {
-            Err(_) => Err(DialError::Timeout),
+    fn set_why(&self, why: String) {
+        *self.why.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// One link, on the transport the mode picks.
+    async fn connect(&self) -> Result<(PeerConn, String), DialError> {
+        match self.mode {
+            TransportMode::Quic => Ok((
+                PeerConn::Quic(self.dial_quic(QUIC_DIAL_TIMEOUT).await?),
+                "transport: quic (configured)".into(),
+            )),
+            TransportMode::H2 => Ok((
+                PeerConn::H2(self.dial_h2().await?),
+                "transport: h2 (configured)".into(),
+            )),
+            TransportMode::Auto => match self.dial_quic(self.fallback_after).await {
+                Ok(c) => Ok((PeerConn::Quic(c), "auto: QUIC handshake completed".into())),
+                // The peer answered and refused our certificate: h2 would be refused too.
+                Err(e @ DialError::Handshake { .. }) => Err(e),
+                Err(quic) => {
+                    warn!(error = %quic, after = ?self.fallback_after, "no QUIC handshake; falling back to h2");
+                    let pool = self.dial_h2().await.map_err(|h2| DialError::Both {
+                        quic: quic.to_string(),
+                        h2: h2.to_string(),
+                    })?;
+                    self.metrics
+                        .transport_fallback(self.site.as_str(), "quic_timeout");
+                    Ok((
+                        PeerConn::H2(pool),
+                        format!(
+                            "auto: no QUIC handshake within {:?} ({quic}); on h2, probing QUIC every {:?}",
+                            self.fallback_after, self.probe_every
+                        ),
+                    ))
+                }
+            },
+        }
+    }
+
+    /// Publishes `conn` to egress and keeps it until it closes or the dialer stops. On
+    /// `auto`, an h2 link is replaced by QUIC as soon as a QUIC probe completes; the h2
+    /// pool stays until its streams end.
+    async fn hold(&self, mut conn: PeerConn, mut why: String) -> Held {
+        loop {
+            info!(peer_id = %conn.peer_id().map_or_else(|| "<none>".into(), |i| i.to_string()), transport = %conn.transport(), %why, "peer connected");
+            self.metrics.peer_connections.inc();
+            self.metrics
+                .set_link_transport(self.site.as_str(), self.addr, Some(conn.transport()));
+            self.set_why(why.clone());
+            if let PeerConn::Quic(q) = &conn {
+                tokio::spawn(crate::metrics::watch_path(
+                    self.metrics.quic.clone(),
+                    q.clone(),
+                    crate::metrics::QuicLabels {
+                        peer: peer_id(q),
+                        side: "dialed",
+                    },
+                ));
+                if let Some(f) = self.on_dialed.get() {
+                    f(q.clone());
+                }
+            }
+            self.suspect.store(false, Ordering::Relaxed);
+            self.tx.send_replace(Some(conn.clone()));
+            let probing = self.mode == TransportMode::Auto && conn.transport() == Transport::H2;
+            let ended = tokio::select! {
+                r = closed(&conn) => Held::Closed(r),
+                _ = self.stop.cancelled() => {
+                    // The peer (or this address) left the plan: its connection goes too,
+                    // rather than live on in handles egress holds.
+                    conn.close(crate::wire::app_code::DRAINING, b"peer removed");
+                    Held::Stopped
+                }
+                q = self.probe_quic(), if probing => {
+                    self.metrics.peer_connections.dec();
+                    info!("QUIC handshake completed again: new streams move to QUIC, h2 streams in flight finish there");
+                    self.metrics.transport_fallback(self.site.as_str(), "quic_restored");
+                    conn = PeerConn::Quic(q);
+                    why = "auto: QUIC works again (moved back from h2)".into();
+                    continue;
+                }
+            };
+            self.metrics.peer_connections.dec();
+            self.metrics
+                .set_link_transport(self.site.as_str(), self.addr, None);
+            self.tx.send_replace(None);
+            return ended;
+        }
+    }
+
+    /// Tries QUIC every `probe_every` until a handshake completes.
+    async fn probe_quic(&self) -> Connection {
+        loop {
+            tokio::time::sleep(self.probe_every).await;
+            match self.dial_quic(self.fallback_after).await {
+                Ok(c) => return c,
+                Err(e) => debug!(error = %e, "QUIC probe failed; staying on h2"),
+            }
+        }
+    }
+
+    async fn dial_quic(&self, deadline: Duration) -> Result<Connection, DialError> {
+        let connecting =
+            self.endpoint
+                .connect_with(self.cfg.quic.clone(), self.addr, "meshfed-peer")?;
+        match tokio::time::timeout(deadline, connecting).await {
+            Err(_) => Err(DialError::Timeout(deadline)),
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(DialError::Handshake {
                 reason: self.describe(&e),
                 source: e,
             }),
         }
+    }
+
+    async fn dial_h2(&self) -> Result<hbone::Pool, DialError> {
+        hbone::Pool::dial(self.addr, self.cfg.h2.clone(), hbone::POOL)
+            .await
+            .map_err(|e| {
+                if let hbone::DialError::Tls(_) = &e {
+                    self.metrics.handshake_failed("h2_tls");
+                }
+                DialError::H2(e)
+            })
     }
 
     /// Turns a handshake error into the reason operators need, and counts it.
@@ -610,13 +889,31 @@ impl Dialer {
     }
 }
 
+/// How long a QUIC-only dial waits for its handshake.
+const QUIC_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Resolves when the link closes, with QUIC's reason.
+async fn closed(conn: &PeerConn) -> Option<ConnectionError> {
+    match conn {
+        PeerConn::Quic(c) => Some(c.closed().await),
+        PeerConn::H2(p) => {
+            p.closed().await;
+            None
+        }
+    }
+}
+
 /// Why a dial produced no connection.
 #[derive(Debug, thiserror::Error)]
 enum DialError {
     #[error(transparent)]
     Connect(#[from] quinn::ConnectError),
-    #[error("handshake timed out")]
-    Timeout,
+    #[error("QUIC handshake timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("h2: {0}")]
+    H2(hbone::DialError),
+    #[error("no QUIC handshake ({quic}), and h2 failed too ({h2})")]
+    Both { quic: String, h2: String },
     /// `reason` says it for operators (who refused whose certificate).
     #[error("{reason}")]
     Handshake {

@@ -1,5 +1,7 @@
-//! Splices a TCP connection and a QUIC stream in both directions, carrying half-close
-//! (FIN ↔ stream finish) and resets (RST ↔ RESET_STREAM / STOP_SENDING) across.
+//! Splices a TCP connection and a tunnel stream in both directions, carrying half-close
+//! (FIN ↔ stream finish) and resets (RST ↔ RESET_STREAM / STOP_SENDING) across. A tunnel
+//! stream is a QUIC stream or an HTTP/2 CONNECT stream (`hbone`): both implement
+//! [`TunnelSend`] and [`TunnelRecv`].
 
 use std::time::Duration;
 
@@ -18,8 +20,8 @@ use crate::wire::app_code;
 const TCP_READ: usize = 64 * 1024;
 /// Size of the buffer TCP reads are sliced from.
 const TCP_BUF: usize = 1024 * 1024;
-/// Most chunks taken from QUIC for one writev.
-const QUIC_BATCH: usize = 32;
+/// Most chunks taken from the tunnel for one writev.
+pub const QUIC_BATCH: usize = 32;
 
 /// Byte counters for the two flows of one splice.
 pub struct Counters {
@@ -38,10 +40,10 @@ pub enum SpliceEnd {
 }
 
 /// Runs until both directions are done or either side resets.
-pub async fn splice(
+pub async fn splice<S: TunnelSend, R: TunnelRecv>(
     mut tcp: TcpStream,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    mut send: S,
+    mut recv: R,
     counters: &Counters,
 ) -> SpliceEnd {
     let _ = tcp.set_nodelay(true);
@@ -58,10 +60,10 @@ pub async fn splice(
 
 /// The same over TLS to the endpoint (TLS origination): a clean end sends close_notify,
 /// a reset resets the TCP connection under it.
-pub async fn splice_tls<S: TlsOverTcp>(
-    tls: S,
-    mut send: SendStream,
-    mut recv: RecvStream,
+pub async fn splice_tls<T: TlsOverTcp, S: TunnelSend, R: TunnelRecv>(
+    tls: T,
+    mut send: S,
+    mut recv: R,
     counters: &Counters,
 ) -> SpliceEnd {
     let _ = tls.tcp().set_nodelay(true);
@@ -100,26 +102,79 @@ impl TlsOverTcp for tokio_rustls::server::TlsStream<TcpStream> {
 
 /// After a clean end, waits until the peer has the last bytes (so that a drain or a
 /// dropped connection right after does not lose them); after a reset, resets the stream.
-async fn settle(end: &SpliceEnd, send: &mut SendStream, recv: &mut RecvStream) {
+async fn settle<S: TunnelSend, R: TunnelRecv>(end: &SpliceEnd, send: &mut S, recv: &mut R) {
     match end {
         SpliceEnd::Closed => {
-            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), send.delivered()).await;
         }
         SpliceEnd::Reset(_) => {
-            let code = VarInt::from_u32(app_code::STREAM_RESET);
-            let _ = send.reset(code);
-            let _ = recv.stop(code);
+            send.reset();
+            recv.stop();
         }
     }
 }
 
-/// Copies both ways between a byte stream and a QUIC stream until both are done or
+/// The sending half of a tunnel stream.
+pub trait TunnelSend: Send {
+    /// Sends one chunk, waiting for flow-control room. `Err`: the stream is gone.
+    fn send(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), ()>> + Send;
+    /// Ends our half cleanly (FIN).
+    fn finish(&mut self);
+    /// Resolves when the far side has everything sent (or stopped reading).
+    fn delivered(&mut self) -> impl Future<Output = ()> + Send;
+    /// Resets the stream (the TCP side was reset).
+    fn reset(&mut self);
+}
+
+/// The receiving half of a tunnel stream.
+pub trait TunnelRecv: Send {
+    /// Fills `out` with the next chunks and returns how many; `Ok(0)`: the far side
+    /// finished. `Err`: why the stream broke (`tunnel_reset` or `tunnel_lost`).
+    fn recv(
+        &mut self,
+        out: &mut [Bytes; QUIC_BATCH],
+    ) -> impl Future<Output = Result<usize, &'static str>> + Send;
+    /// Tells the far side to stop sending (after a reset).
+    fn stop(&mut self);
+}
+
+impl TunnelSend for SendStream {
+    async fn send(&mut self, chunk: Bytes) -> Result<(), ()> {
+        self.write_chunk(chunk).await.map_err(|_| ())
+    }
+    fn finish(&mut self) {
+        let _ = SendStream::finish(self);
+    }
+    async fn delivered(&mut self) {
+        let _ = self.stopped().await;
+    }
+    fn reset(&mut self) {
+        let _ = SendStream::reset(self, VarInt::from_u32(app_code::STREAM_RESET));
+    }
+}
+
+impl TunnelRecv for RecvStream {
+    async fn recv(&mut self, out: &mut [Bytes; QUIC_BATCH]) -> Result<usize, &'static str> {
+        // Every chunk quinn has ready, for one writev.
+        match self.read_chunks(out).await {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => Ok(0),
+            Err(ReadError::Reset(_)) => Err("tunnel_reset"),
+            Err(_) => Err("tunnel_lost"),
+        }
+    }
+    fn stop(&mut self) {
+        let _ = RecvStream::stop(self, VarInt::from_u32(app_code::STREAM_RESET));
+    }
+}
+
+/// Copies both ways between a byte stream and a tunnel stream until both are done or
 /// either side resets.
-async fn pump<R, W>(
+async fn pump<R, W, S: TunnelSend, T: TunnelRecv>(
     tr: &mut R,
     tw: &mut W,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
+    send: &mut S,
+    recv: &mut T,
     counters: &Counters,
 ) -> SpliceEnd
 where
@@ -139,12 +194,12 @@ where
                 match tr.read_buf(&mut buf).await {
                     Ok(0) => {
                         // FIN from the TCP side: finish our half of the stream.
-                        let _ = send.finish();
+                        send.finish();
                         return Ok(());
                     }
                     Ok(n) => {
                         counters.tx.inc_by(n as u64);
-                        if send.write_chunk(buf.split().freeze()).await.is_err() {
+                        if send.send(buf.split().freeze()).await.is_err() {
                             return Err("tunnel_send_failed");
                         }
                     }
@@ -153,25 +208,24 @@ where
             }
         };
         let down = async {
-            // Take every chunk quinn has ready and hand them to one writev, so the
+            // Take every chunk the tunnel has ready and hand them to one writev, so the
             // receiving side makes one syscall per batch rather than per packet.
             let mut chunks: [Bytes; QUIC_BATCH] = Default::default();
             loop {
-                match recv.read_chunks(&mut chunks).await {
-                    Ok(Some(n)) => {
+                match recv.recv(&mut chunks).await {
+                    Ok(0) => {
+                        // The far side finished: FIN our TCP write half.
+                        let _ = tw.shutdown().await;
+                        return Ok(());
+                    }
+                    Ok(n) => {
                         let bytes: usize = chunks[..n].iter().map(Bytes::len).sum();
                         counters.rx.inc_by(bytes as u64);
                         if write_all_chunks(tw, &mut chunks[..n]).await.is_err() {
                             return Err("tcp_write_failed");
                         }
                     }
-                    Ok(None) => {
-                        // The far side finished: FIN our TCP write half.
-                        let _ = tw.shutdown().await;
-                        return Ok(());
-                    }
-                    Err(ReadError::Reset(_)) => return Err("tunnel_reset"),
-                    Err(_) => return Err("tunnel_lost"),
+                    Err(why) => return Err(why),
                 }
             }
         };

@@ -687,6 +687,13 @@ fn on_event(ev: Event, flows: &mut HashMap<SocketAddr, Flow>, c: &UdpCounters) {
     }
 }
 
+struct FlowOpened {
+    site: meshfed_catalog::SiteName,
+    conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+}
+
 /// One egress flow: opens it, registers its responses' route, and holds its stream until
 /// the far side closes it or `stop` (idle, drain).
 async fn run_flow(
@@ -707,8 +714,23 @@ async fn run_flow(
             return;
         }
     };
-    let o = match opened {
-        Ok(o) => o,
+    let o = match opened.map(|o| o.into_quic()) {
+        Ok(Some((site, conn, send, recv))) => FlowOpened {
+            site,
+            conn,
+            send,
+            recv,
+        },
+        Ok(None) => {
+            // Unreachable: the egress opens UDP flows on QUIC links only.
+            eg.metrics.refused("egress", "peer_unavailable");
+            let _ = events.send(Event::Ended {
+                client,
+                id,
+                refused: true,
+            });
+            return;
+        }
         Err(refused) => {
             refused.log(&open, "UDP flow refused");
             eg.metrics.refused("egress", refused.reason.as_str());

@@ -110,6 +110,8 @@ pub struct ConfigBuilder {
     pub workload_api: Option<String>,
     /// Exports (by service) whose endpoints get a PROXY protocol v2 header.
     pub proxy_protocol: Vec<String>,
+    /// The `transport` section's lines (e.g. `default: h2`).
+    pub transport: Option<String>,
 }
 
 impl ConfigBuilder {
@@ -222,6 +224,12 @@ impl ConfigBuilder {
             }
             if let Some(r) = &self.import_ports {
                 let _ = writeln!(y, "  import_ports: {r}");
+            }
+        }
+        if let Some(t) = &self.transport {
+            y.push_str("transport:\n");
+            for l in t.lines() {
+                let _ = writeln!(y, "  {l}");
             }
         }
         if let Some(dns) = &self.dns {

@@ -8,6 +8,7 @@ mod dns;
 mod etcd;
 mod federation;
 mod harness;
+mod hbone;
 mod inproc;
 mod kubeapi;
 mod kubernetes;

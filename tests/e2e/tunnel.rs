@@ -15,7 +15,7 @@ use crate::harness::*;
 const ECHO: &str = "echo.demo:7000";
 
 /// Deterministic pseudo-random bytes (xorshift), so both ends can check content.
-fn fill(buf: &mut [u8], seed: &mut u64) {
+pub(crate) fn fill(buf: &mut [u8], seed: &mut u64) {
     for chunk in buf.chunks_mut(8) {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;

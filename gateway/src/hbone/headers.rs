@@ -1,0 +1,286 @@
+//! The open request and its answer on the h2 transport, as an HTTP/2 CONNECT (the HBONE
+//! shape of Istio ambient): pure conversions between [`Open`]/[`Response`] and `http`
+//! types, no I/O.
+//!
+//! ```text
+//! request  :method CONNECT   :authority <service>:<port>
+//!          meshfed-source: <caller SPIFFE ID>
+//!          forwarded: for="<client ip:port>"        (RFC 7239, optional)
+//! accept   :status 200
+//! refuse   :status 4xx/5xx   meshfed-refusal: <stable code>   meshfed-message: <text>
+//! ```
+//!
+//! The refusal codes are the QUIC transport's ([`Refusal::code`]); the status is only a
+//! hint for HTTP tooling. UDP flows are not carried here (they need QUIC datagrams).
+
+use std::net::SocketAddr;
+
+use http::{HeaderValue, Method, StatusCode};
+use meshfed_catalog::ServiceName;
+use meshfed_identity::SpiffeId;
+
+use crate::wire::{Open, Refusal, Response, WireError};
+
+pub const SOURCE: &str = "meshfed-source";
+pub const REFUSAL: &str = "meshfed-refusal";
+pub const MESSAGE: &str = "meshfed-message";
+/// Longest refusal message sent (as on the QUIC wire).
+const MESSAGE_MAX: usize = 1024;
+
+/// The CONNECT request for `open`. `Err` only for a TCP open whose fields cannot be an
+/// HTTP request (a source ID with characters a header may not carry).
+pub fn request(open: &Open) -> Result<http::Request<()>, WireError> {
+    let field = |field: &'static str| {
+        move |e: http::Error| WireError::Field {
+            field,
+            reason: e.to_string(),
+        }
+    };
+    let mut b = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("{}:{}", open.service, open.port))
+        .header(SOURCE, open.source.as_str());
+    if let Some(client) = open.client {
+        b = b.header(http::header::FORWARDED, format!("for=\"{client}\""));
+    }
+    b.body(()).map_err(field("request"))
+}
+
+/// Decodes a CONNECT request into the open it asks for.
+pub fn open(req: &http::request::Parts) -> Result<Open, WireError> {
+    let bad = |field: &'static str, reason: String| WireError::Field { field, reason };
+    if req.method != Method::CONNECT {
+        return Err(bad("method", format!("{} (only CONNECT)", req.method)));
+    }
+    let authority = req
+        .uri
+        .authority()
+        .ok_or_else(|| bad(":authority", "missing".into()))?;
+    let port = authority
+        .port_u16()
+        .ok_or_else(|| bad(":authority", format!("{authority}: no port")))?;
+    let service = ServiceName::parse(authority.host())
+        .map_err(|e| bad("service", format!("{}: {e}", authority.host())))?;
+    let source = req
+        .headers
+        .get(SOURCE)
+        .ok_or_else(|| bad(SOURCE, "missing".into()))?
+        .to_str()
+        .map_err(|e| bad(SOURCE, e.to_string()))?;
+    let source = SpiffeId::new(source).map_err(|e| bad(SOURCE, e.to_string()))?;
+    let client = match req.headers.get(http::header::FORWARDED) {
+        None => None,
+        Some(v) => Some(
+            forwarded_for(v)
+                .ok_or_else(|| bad("forwarded", format!("{v:?}: expected for=\"IP:port\"")))?,
+        ),
+    };
+    Ok(Open {
+        service,
+        port,
+        source,
+        flow: None,
+        client,
+    })
+}
+
+/// `for="IP:port"` (the form [`request`] writes) out of a Forwarded header.
+fn forwarded_for(v: &HeaderValue) -> Option<SocketAddr> {
+    let v = v.to_str().ok()?;
+    v.split(';').find_map(|pair| {
+        let (k, val) = pair.trim().split_once('=')?;
+        if !k.eq_ignore_ascii_case("for") {
+            return None;
+        }
+        val.trim_matches('"').parse().ok()
+    })
+}
+
+/// The HTTP status a refusal is answered with (a hint; the code header is the answer).
+pub fn status(reason: Refusal) -> StatusCode {
+    match reason {
+        Refusal::UnknownService => StatusCode::NOT_FOUND,
+        Refusal::NotExportedToPeer | Refusal::Denied | Refusal::ForeignCaller => {
+            StatusCode::FORBIDDEN
+        }
+        Refusal::MalformedHeader | Refusal::UnsupportedVersion => StatusCode::BAD_REQUEST,
+        Refusal::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        Refusal::EndpointConnectFailed => StatusCode::BAD_GATEWAY,
+        Refusal::FlowLimit => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The answer to a CONNECT request.
+pub fn response(r: &Response) -> http::Response<()> {
+    match r {
+        Response::Accept => http::Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("a status alone is a valid response"),
+        Response::Refuse { reason, message } => {
+            // A header value carries visible ASCII only: anything else becomes '?'.
+            let msg: String = message
+                .chars()
+                .take(MESSAGE_MAX)
+                .map(|c| {
+                    if c == ' ' || c.is_ascii_graphic() {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .collect();
+            http::Response::builder()
+                .status(status(*reason))
+                .header(REFUSAL, reason.code())
+                .header(MESSAGE, msg)
+                .body(())
+                .expect("a status and visible-ASCII headers are a valid response")
+        }
+    }
+}
+
+/// Decodes the answer to a CONNECT request.
+pub fn decode_response(r: &http::response::Parts) -> Result<Response, WireError> {
+    if r.status == StatusCode::OK {
+        return Ok(Response::Accept);
+    }
+    let code = r
+        .headers
+        .get(REFUSAL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u16>().ok())
+        .ok_or_else(|| WireError::Field {
+            field: "meshfed-refusal",
+            reason: format!("HTTP {} without a refusal code", r.status),
+        })?;
+    let message = r
+        .headers
+        .get(MESSAGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok(Response::Refuse {
+        reason: Refusal::from_code(code),
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Open {
+        Open {
+            service: ServiceName::parse("echo.demo").unwrap(),
+            port: 7000,
+            source: SpiffeId::new("spiffe://east/ns/shop/sa/frontend").unwrap(),
+            flow: None,
+            client: None,
+        }
+    }
+
+    #[test]
+    fn opens_round_trip() {
+        for client in [
+            None,
+            Some("10.1.2.3:40000".parse().unwrap()),
+            Some("[fd00::7]:5".parse().unwrap()),
+        ] {
+            let o = Open { client, ..base() };
+            let (parts, ()) = request(&o).unwrap().into_parts();
+            assert_eq!(parts.method, Method::CONNECT);
+            assert_eq!(parts.uri.to_string(), "echo.demo:7000");
+            assert_eq!(open(&parts).unwrap(), o);
+        }
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let parts = |f: &dyn Fn(http::request::Builder) -> http::request::Builder| {
+            f(http::Request::builder()).body(()).unwrap().into_parts().0
+        };
+        let ok = |b: http::request::Builder| {
+            b.method(Method::CONNECT)
+                .uri("echo.demo:7000")
+                .header(SOURCE, "spiffe://east/ns/a/sa/b")
+        };
+        // (request, field named in the error)
+        let rows: Vec<(http::request::Parts, &str)> = vec![
+            (
+                parts(&|b| ok(b).method(Method::GET).uri("http://echo.demo:7000/")),
+                "method",
+            ),
+            (parts(&|b| ok(b).uri("echo.demo")), ":authority"),
+            (parts(&|b| ok(b).uri("Echo_Demo!:7000")), "service"),
+            (
+                parts(&|b| b.method(Method::CONNECT).uri("echo.demo:7000")),
+                SOURCE,
+            ),
+            (
+                parts(&|b| {
+                    b.method(Method::CONNECT)
+                        .uri("echo.demo:7000")
+                        .header(SOURCE, "https://not-spiffe")
+                }),
+                SOURCE,
+            ),
+            (
+                parts(&|b| ok(b).header("forwarded", "for=unknown")),
+                "forwarded",
+            ),
+        ];
+        for (p, field) in rows {
+            match open(&p) {
+                Err(WireError::Field { field: f, .. }) => assert_eq!(f, field, "{p:?}"),
+                other => panic!("{p:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn answers_round_trip_with_their_stable_codes() {
+        let rows = [
+            Response::Accept,
+            Response::Refuse {
+                reason: Refusal::Denied,
+                message: "spiffe://east/ns/batch/sa/r denied echo.demo:7000: by policy demo/deny"
+                    .into(),
+            },
+            Response::Refuse {
+                reason: Refusal::NoReadyEndpoint,
+                message: String::new(),
+            },
+            Response::Refuse {
+                reason: Refusal::Unknown(999),
+                message: "from a newer peer".into(),
+            },
+        ];
+        for r in rows {
+            let (parts, ()) = response(&r).into_parts();
+            assert_eq!(decode_response(&parts).unwrap(), r);
+        }
+        // A message that is not visible ASCII is carried, with '?' in its place.
+        let (parts, ()) = response(&Response::Refuse {
+            reason: Refusal::Denied,
+            message: "naïve\r\ncaller".into(),
+        })
+        .into_parts();
+        assert_eq!(parts.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            decode_response(&parts).unwrap(),
+            Response::Refuse {
+                reason: Refusal::Denied,
+                message: "na?ve??caller".into()
+            }
+        );
+        // An HTTP error from something that is not a meshfed gateway is malformed.
+        let (parts, ()) = http::Response::builder()
+            .status(502)
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(decode_response(&parts).is_err());
+    }
+}

@@ -1,0 +1,364 @@
+//! The second transport: mTLS over TCP with HTTP/2 CONNECT, the HBONE shape of Istio
+//! ambient's ztunnel, for networks that block or throttle UDP. It uses the same SVIDs
+//! and SPIFFE verifiers as QUIC (ALPN `h2`), the same open/accept semantics and the same
+//! stable refusal codes (`headers`). A gateway accepts it on the TCP port with the QUIC
+//! port's number; a peer is dialed with a small pool of connections ([`POOL`]), each
+//! with large windows and TCP_NODELAY, and streams spread over them.
+//!
+//! UDP flows need QUIC datagrams and are not carried here yet (a UDP open on an h2 link
+//! is refused with `peer_unavailable`, saying so).
+
+pub mod headers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use meshfed_identity::SpiffeId;
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
+use tracing::debug;
+
+use crate::splice::{QUIC_BATCH, TunnelRecv, TunnelSend};
+use crate::wire::{Open, Refusal, Response, WireError};
+
+/// The ALPN of the h2 transport (HBONE's).
+pub const ALPN_H2: &[u8] = b"h2";
+/// Connections per peer address: one TCP connection is one congestion window and one
+/// core's worth of TLS; a few spread the streams.
+pub const POOL: usize = 2;
+/// Per-stream receive window: one stream fills a fast path without waiting for
+/// WINDOW_UPDATEs (h2's default is 64 KiB).
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// Connection-wide receive window, shared by its streams.
+pub const CONN_WINDOW: u32 = 32 * 1024 * 1024;
+/// Largest DATA frame we accept: fewer frames per byte (h2's default is 16 KiB).
+pub const MAX_FRAME: u32 = 256 * 1024;
+/// Bytes h2 buffers per stream before `send` waits (beyond the window).
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Header block a peer may send (an open is well under 3 KiB).
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How long a TCP connect plus the TLS and h2 handshakes may take.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An h2 stream's sending half, as the splice drives it.
+pub struct H2Send(pub h2::SendStream<Bytes>);
+
+/// An h2 stream's receiving half; received bytes are given back to the flow-control
+/// window once the next read is asked for (after they were written on).
+pub struct H2Recv {
+    inner: h2::RecvStream,
+    unreleased: usize,
+}
+
+impl H2Recv {
+    pub fn new(inner: h2::RecvStream) -> Self {
+        Self {
+            inner,
+            unreleased: 0,
+        }
+    }
+}
+
+impl TunnelSend for H2Send {
+    async fn send(&mut self, mut chunk: Bytes) -> Result<(), ()> {
+        while !chunk.is_empty() {
+            self.0.reserve_capacity(chunk.len());
+            let room = match std::future::poll_fn(|cx| self.0.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                _ => return Err(()),
+            };
+            if room == 0 {
+                continue;
+            }
+            let part = chunk.split_to(room.min(chunk.len()));
+            self.0.send_data(part, false).map_err(|_| ())?;
+        }
+        Ok(())
+    }
+    fn finish(&mut self) {
+        let _ = self.0.send_data(Bytes::new(), true);
+    }
+    async fn delivered(&mut self) {
+        // h2 flushes what is buffered while the connection runs; nothing to wait for.
+    }
+    fn reset(&mut self) {
+        self.0.send_reset(h2::Reason::CANCEL);
+    }
+}
+
+impl TunnelRecv for H2Recv {
+    async fn recv(&mut self, out: &mut [Bytes; QUIC_BATCH]) -> Result<usize, &'static str> {
+        loop {
+            if self.unreleased > 0 {
+                let _ = self
+                    .inner
+                    .flow_control()
+                    .release_capacity(std::mem::take(&mut self.unreleased));
+            }
+            match self.inner.data().await {
+                None => return Ok(0),
+                // A zero-length DATA frame is not the end: read on.
+                Some(Ok(b)) if b.is_empty() => continue,
+                Some(Ok(b)) => {
+                    self.unreleased = b.len();
+                    out[0] = b;
+                    return Ok(1);
+                }
+                Some(Err(e)) if e.is_reset() => return Err("tunnel_reset"),
+                Some(Err(_)) => return Err("tunnel_lost"),
+            }
+        }
+    }
+    fn stop(&mut self) {
+        // Dropping the receiver after the reset our send half sent is enough.
+    }
+}
+
+/// A pool of h2 connections to one peer address, used as one link.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    members: Vec<(h2::client::SendRequest<Bytes>, AbortHandle)>,
+    live: Arc<AtomicUsize>,
+    gone: Arc<tokio::sync::Notify>,
+    next: AtomicUsize,
+    peer: SpiffeId,
+    remote: SocketAddr,
+    id: usize,
+}
+
+/// Tells pools apart (the `stable_id` of a link), never equal to a QUIC connection's
+/// (which are small counters): the high bit is set.
+static NEXT_POOL: AtomicUsize = AtomicUsize::new(0);
+const POOL_ID_BIT: usize = 1 << (usize::BITS - 1);
+
+/// Why a dial produced no h2 connection.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("TCP connect: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("the peer did not choose h2 (ALPN {0:?})")]
+    Alpn(Option<String>),
+    #[error("no verified peer identity")]
+    NoIdentity,
+    #[error("h2 handshake: {0}")]
+    H2(h2::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl Pool {
+    /// Dials `n` connections to `addr`; the pool is up when at least one is (the
+    /// first error otherwise).
+    pub async fn dial(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        n: usize,
+    ) -> Result<Self, DialError> {
+        let dials = (0..n.max(1)).map(|_| {
+            let tls = tls.clone();
+            async move {
+                tokio::time::timeout(DIAL_TIMEOUT, dial_one(addr, tls))
+                    .await
+                    .map_err(|_| DialError::Timeout(DIAL_TIMEOUT))?
+            }
+        });
+        let results = futures::future::join_all(dials).await;
+        let live = Arc::new(AtomicUsize::new(0));
+        let gone = Arc::new(tokio::sync::Notify::new());
+        let mut members = Vec::new();
+        let mut peer = None;
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok((send, conn, id)) => {
+                    live.fetch_add(1, Ordering::AcqRel);
+                    let (live, gone) = (live.clone(), gone.clone());
+                    let task = tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            debug!(error = %e, "h2 connection ended");
+                        }
+                        live.fetch_sub(1, Ordering::AcqRel);
+                        gone.notify_waiters();
+                    });
+                    members.push((send, task.abort_handle()));
+                    peer = Some(id);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let Some(peer) = peer else {
+            return Err(first_err.unwrap_or(DialError::NoIdentity));
+        };
+        Ok(Self {
+            inner: Arc::new(PoolInner {
+                members,
+                live,
+                gone,
+                next: AtomicUsize::new(0),
+                peer,
+                remote: addr,
+                id: NEXT_POOL.fetch_add(1, Ordering::Relaxed) | POOL_ID_BIT,
+            }),
+        })
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.inner.live.load(Ordering::Acquire) > 0
+    }
+
+    pub fn stable_id(&self) -> usize {
+        self.inner.id
+    }
+
+    pub fn peer_id(&self) -> &SpiffeId {
+        &self.inner.peer
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        self.inner.remote
+    }
+
+    /// Resolves when every connection of the pool has ended.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.inner.gone.notified();
+            if !self.is_live() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Cuts every connection now (a dead or withdrawn peer).
+    pub fn close(&self) {
+        for (_, task) in &self.inner.members {
+            task.abort();
+        }
+    }
+
+    /// Sends the open request on the next connection in turn and waits up to `answer`
+    /// for the answer. `Err`: the pool is unusable; `Ok(Err)`: the far side refused.
+    #[allow(clippy::type_complexity)]
+    pub async fn open(
+        &self,
+        open: &Open,
+        answer: Duration,
+    ) -> Result<Result<(H2Send, H2Recv), (Refusal, String)>, String> {
+        let req = match headers::request(open) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err((Refusal::MalformedHeader, e.to_string()))),
+        };
+        let n = self.inner.members.len();
+        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let work = async {
+            let mut last = String::from("no live h2 connection");
+            // The next member in turn; one that is gone is skipped.
+            for i in 0..n {
+                let (send, _) = &self.inner.members[(start + i) % n];
+                let mut send = match send.clone().ready().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        last = e.to_string();
+                        continue;
+                    }
+                };
+                let (resp, stream) = match send.send_request(req.clone(), false) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        last = e.to_string();
+                        continue;
+                    }
+                };
+                let resp = resp.await.map_err(|e| e.to_string())?;
+                let (parts, body) = resp.into_parts();
+                return Ok(match headers::decode_response(&parts) {
+                    Ok(Response::Accept) => Ok((H2Send(stream), H2Recv::new(body))),
+                    Ok(Response::Refuse { reason, message }) => Err((reason, message)),
+                    Err(e) => Err((
+                        Refusal::MalformedHeader,
+                        format!("bad response from peer: {e}"),
+                    )),
+                });
+            }
+            Err(last)
+        };
+        tokio::time::timeout(answer, work)
+            .await
+            .map_err(|_| format!("peer did not answer the open request within {answer:?}"))?
+    }
+}
+
+type Dialed = (
+    h2::client::SendRequest<Bytes>,
+    h2::client::Connection<tokio_rustls::client::TlsStream<TcpStream>, Bytes>,
+    SpiffeId,
+);
+
+async fn dial_one(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<Dialed, DialError> {
+    let tcp = TcpStream::connect(addr).await.map_err(DialError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from("meshfed-peer")
+        .expect("a valid DNS name")
+        .to_owned();
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(DialError::Tls)?;
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        return Err(DialError::Alpn(
+            session
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+        ));
+    }
+    let peer = session
+        .peer_certificates()
+        .and_then(|c| meshfed_identity::verify::peer_id(c).ok())
+        .ok_or(DialError::NoIdentity)?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .enable_push(false)
+        .handshake(tls)
+        .await
+        .map_err(DialError::H2)?;
+    Ok((send, conn, peer))
+}
+
+/// The h2 server settings for an accepted, authenticated connection.
+pub fn server_builder(max_streams: u32) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(max_streams)
+        // A peer that resets streams in a loop (CVE-2023-44487) is cut off.
+        .max_pending_accept_reset_streams(64)
+        .max_local_error_reset_streams(Some(1024));
+    b
+}
+
+/// `WireError` for a request the h2 layer refused before we saw it.
+pub fn malformed(e: &h2::Error) -> WireError {
+    WireError::Field {
+        field: "request",
+        reason: e.to_string(),
+    }
+}

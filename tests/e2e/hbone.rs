@@ -1,0 +1,388 @@
+//! The h2 transport (HTTP/2 CONNECT over mTLS on TCP, the HBONE shape) between real
+//! gateway processes: bulk data, the same typed refusals as QUIC, garbage at its port,
+//! and `transport: auto` moving to h2 under a real UDP block (nftables in a network
+//! namespace) and back to QUIC when the block lifts, without a client error.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use meshfed_lab::ConfigBuilder;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::*;
+
+/// Sends `total` pseudo-random bytes through `addr` (an echo path) and checks every
+/// byte that comes back.
+async fn echo_bulk(addr: SocketAddr, total: usize) {
+    let c = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = c.into_split();
+    let writer = tokio::spawn(async move {
+        let mut seed = 0x2545f4914f6cdd1du64;
+        let mut buf = vec![0u8; 256 << 10];
+        for _ in 0..total / buf.len() {
+            crate::tunnel::fill(&mut buf, &mut seed);
+            w.write_all(&buf).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut seed = 0x2545f4914f6cdd1du64;
+    let mut want = vec![0u8; 256 << 10];
+    let mut got = vec![0u8; 256 << 10];
+    for _ in 0..total / want.len() {
+        crate::tunnel::fill(&mut want, &mut seed);
+        r.read_exact(&mut got).await.unwrap();
+        assert!(got == want, "echoed bytes differ");
+    }
+    assert_eq!(
+        r.read(&mut got).await.unwrap(),
+        0,
+        "clean end after the data"
+    );
+    writer.await.unwrap();
+}
+
+fn link_metric(site: &str, addr: SocketAddr, transport: &str) -> String {
+    format!(
+        r#"meshfed_gateway_peer_link_transport{{site="{site}",address="{addr}",transport="{transport}"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_on_h2_carry_data_and_refuse_with_the_quic_codes() {
+    let echo = echo_server().await;
+    let dead = {
+        let l = listen();
+        l.local_addr().unwrap()
+    };
+    let west = ConfigBuilder::default()
+        .export("echo.demo", 7000, vec![echo])
+        .export("down.demo", 7001, vec![dead]);
+    let s = TwoSites::start_pair("h2-basic", west, |ec| ConfigBuilder {
+        transport: Some("default: h2".into()),
+        ..ec.import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into())
+            .import("down.demo", 7001, "west", ([127, 0, 0, 1], 0).into())
+            .import("gone.demo", 7002, "west", ([127, 0, 0, 1], 0).into())
+    });
+    let echo_at = s.east_gw.import("echo.demo:7000");
+    echo_once(echo_at).await.unwrap();
+    assert_eq!(
+        s.east_gw
+            .wait_metric(
+                &link_metric("west", s.west_gw.quic, "h2"),
+                1.0,
+                Duration::from_secs(5)
+            )
+            .await,
+        1.0,
+        "east's link to west is on h2"
+    );
+    assert_eq!(
+        s.east_gw
+            .metric(&link_metric("west", s.west_gw.quic, "quic"))
+            .await,
+        0.0
+    );
+    // 32 MiB each way, every byte checked, on 8 streams at once.
+    let bulk: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(echo_bulk(echo_at, 4 << 20)))
+        .collect();
+    for b in bulk {
+        b.await.unwrap();
+    }
+    assert!(
+        s.west_gw
+            .metric(r#"meshfed_gateway_bytes_total{direction="ingress",flow="from_tunnel"}"#)
+            .await
+            >= (32 << 20) as f64
+    );
+
+    // Refusals carry the same stable reasons as on QUIC, at both ends.
+    for (import, reason) in [
+        ("down.demo:7001", "endpoint_connect_failed"),
+        ("gone.demo:7002", "unknown_service"),
+    ] {
+        // The refusal resets the client, which may come before connect() returns.
+        if let Ok(mut c) = TcpStream::connect(s.east_gw.import(import)).await {
+            let mut b = [0u8; 1];
+            let r = tokio::time::timeout(Duration::from_secs(10), c.read(&mut b))
+                .await
+                .expect("a refusal ends the client connection");
+            assert!(!matches!(r, Ok(n) if n > 0), "{import}: {r:?}");
+        }
+        for (gw, dir) in [(&s.east_gw, "egress"), (&s.west_gw, "ingress")] {
+            let m =
+                format!(r#"meshfed_gateway_refusals_total{{direction="{dir}",reason="{reason}"}}"#);
+            assert!(
+                gw.wait_metric(&m, 1.0, Duration::from_secs(5)).await >= 1.0,
+                "{m} after {import}"
+            );
+        }
+    }
+    assert!(
+        s.east_gw.logs().contains("endpoint_connect_failed"),
+        "east logs the far side's reason"
+    );
+
+    // Garbage and a TLS client without a certificate at the h2 port: dropped, and the
+    // gateway serves on.
+    let h2_port = SocketAddr::new(s.west_gw.quic.ip(), s.west_gw.quic.port());
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0xff, 0xff][..],
+        &[0u8; 4096][..],
+    ] {
+        let mut c = TcpStream::connect(h2_port).await.unwrap();
+        let _ = c.write_all(junk).await;
+        let mut b = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(8), async {
+            loop {
+                match c.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the h2 port kept a garbage connection open");
+    }
+    let refused = openssl_s_client_no_cert(h2_port);
+    assert!(
+        !refused.contains("Verify return code: 0") || refused.contains("alert"),
+        "{refused}"
+    );
+    echo_once(echo_at).await.unwrap();
+}
+
+/// One 1000-byte round trip on an echo connection.
+async fn round(c: &mut TcpStream, n: u8) {
+    let msg = [n; 1000];
+    let mut back = [0u8; 1000];
+    c.write_all(&msg).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(back, msg);
+}
+
+/// `openssl s_client` offering ALPN h2 without a client certificate.
+fn openssl_s_client_no_cert(addr: SocketAddr) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-alpn",
+            "h2",
+            "-brief",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A network namespace joined to the host by a veth pair, whose nftables firewall can
+/// drop every UDP packet coming in; removed on drop.
+struct UdpBlockNs {
+    name: String,
+    host_if: String,
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl UdpBlockNs {
+    fn new(tag: u32, host: &str, inner: &str) -> Self {
+        let name = format!("mfu-{tag}");
+        let (host_if, ns_if) = (format!("mfu{tag}h"), format!("mfu{tag}n"));
+        let ns = Self {
+            name: name.clone(),
+            host_if: host_if.clone(),
+        };
+        run(&["ip", "netns", "add", &name]);
+        run(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        run(&["ip", "link", "set", &ns_if, "netns", &name]);
+        run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &host_if]);
+        run(&["ip", "link", "set", &host_if, "up"]);
+        ns.exec(&["ip", "addr", "add", &format!("{inner}/30"), "dev", &ns_if]);
+        ns.exec(&["ip", "link", "set", &ns_if, "up"]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn exec(&self, a: &[&str]) {
+        let mut v = vec!["ip", "netns", "exec", self.name.as_str()];
+        v.extend_from_slice(a);
+        run(&v);
+    }
+
+    fn block_udp(&self) {
+        let rules = "table inet udp_block {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    iif \"lo\" accept\n    meta l4proto udp drop\n  }\n}\n";
+        let path = std::env::temp_dir().join(format!("{}.nft", self.name));
+        std::fs::write(&path, rules).unwrap();
+        self.exec(&["nft", "-f", path.to_str().unwrap()]);
+    }
+
+    fn unblock_udp(&self) {
+        self.exec(&["nft", "delete", "table", "inet", "udp_block"]);
+    }
+}
+
+impl Drop for UdpBlockNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_block_moves_the_link_to_h2_and_back_without_a_client_error() {
+    let tag = std::process::id() % 10_000;
+    let (a, b) = ((tag / 64) % 250 + 1, (tag % 64) * 4);
+    let (host, inner) = (format!("10.{a}.{b}.1"), format!("10.{a}.{b}.2"));
+    let ns = UdpBlockNs::new(tag, &host, &inner);
+    ns.block_udp();
+    let host_ip: std::net::IpAddr = host.parse().unwrap();
+
+    // West's endpoint is on the host side; west runs in the namespace.
+    let echo = {
+        let l = tokio::net::TcpListener::bind((host_ip, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    };
+    let scratch = Scratch::new("udp-block");
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let inner_any: SocketAddr = format!("{inner}:0").parse().unwrap();
+    let west_gw = Gw::start_in(
+        &["ip", "netns", "exec", &ns.name],
+        &west,
+        &ConfigBuilder {
+            listen: Some(inner_any),
+            admin: Some(inner_any),
+            ..Default::default()
+        }
+        .peer(&east, None)
+        .export("echo.demo", 7000, vec![echo]),
+    )
+    .unwrap();
+    let fallback = Duration::from_secs(1);
+    let east_gw = Gw::start(
+        &east,
+        &ConfigBuilder {
+            listen: Some(SocketAddr::new(host_ip, 0)),
+            transport: Some("default: auto\nfallback_after: 1s\nprobe_every: 1s".into()),
+            ..Default::default()
+        }
+        .peer(&west, Some(west_gw.quic))
+        .import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into()),
+    )
+    .unwrap();
+    let echo_at = east_gw.import("echo.demo:7000");
+
+    // The block is real: a QUIC handshake cannot complete.
+    // Calls flow over h2 within the fallback deadline (plus the h2 dial).
+    let t0 = Instant::now();
+    echo_once(echo_at).await.expect("the first call, over h2");
+    let first = t0.elapsed();
+    assert!(
+        first < fallback + Duration::from_secs(2),
+        "first call took {first:?}"
+    );
+    let h2 = link_metric("west", west_gw.quic, "h2");
+    let quic = link_metric("west", west_gw.quic, "quic");
+    assert_eq!(east_gw.metric(&h2).await, 1.0, "{}", east_gw.logs());
+
+    // Clients call all along; not one may see an error.
+    let (calls, errors) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let caller = {
+        let (calls, errors, stop) = (calls.clone(), errors.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match echo_once(echo_at).await {
+                    Ok(()) => calls.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("call failed: {e}");
+                        errors.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // A long-lived connection, opened on h2: it must outlive the move back to QUIC.
+    let mut long = TcpStream::connect(echo_at).await.unwrap();
+    round(&mut long, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    ns.unblock_udp();
+    let moved = Instant::now();
+    assert_eq!(
+        east_gw
+            .wait_metric(&quic, 1.0, Duration::from_secs(10))
+            .await,
+        1.0,
+        "the link did not move back to QUIC: {}",
+        east_gw.logs()
+    );
+    let back_after = moved.elapsed();
+    assert_eq!(east_gw.metric(&h2).await, 0.0);
+    assert!(
+        east_gw
+            .metric(r#"meshfed_gateway_transport_moves_total{site="west",reason="quic_restored"}"#)
+            .await
+            >= 1.0
+    );
+    // The connection opened on h2 still works, and new ones go over QUIC.
+    round(&mut long, 2).await;
+    let before = calls.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    round(&mut long, 3).await;
+    stop.cancel();
+    caller.await.unwrap();
+    drop(long);
+    assert!(
+        calls.load(Ordering::Relaxed) > before,
+        "calls after the move"
+    );
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "client errors across both moves ({} calls)",
+        calls.load(Ordering::Relaxed)
+    );
+    eprintln!(
+        "first call over h2 after {first:?}; back on QUIC {back_after:?} after the block lifted; {} calls, 0 errors",
+        calls.load(Ordering::Relaxed)
+    );
+}
