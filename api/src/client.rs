@@ -179,6 +179,21 @@ pub fn status_table(td: &str, s: &pb::StatusResponse) -> String {
             "",
             list(&site.gateway_addresses)
         );
+        for l in &site.links {
+            let _ = writeln!(
+                out,
+                "{:<10} link → {} {} {}: {}",
+                "",
+                l.peer_site,
+                l.address,
+                if l.transport.is_empty() {
+                    "down"
+                } else {
+                    &l.transport
+                },
+                l.reason
+            );
+        }
     }
     out
 }

@@ -8,6 +8,7 @@
 
 pub mod bundle_endpoint;
 pub mod foreign;
+pub mod links;
 pub mod node;
 pub mod replicas;
 pub mod server;

@@ -42,6 +42,8 @@ pub struct FederationService {
     pub replicas: Arc<crate::replicas::Replicas>,
     /// Newest revision delivered to each site's Watch streams.
     seen: Seen,
+    /// Each gateway replica's links to its peers, as last reported.
+    links: crate::links::LinkReports,
     /// Foreign trust domains (`--federates-with`): their bundles are fetched from their
     /// endpoints, and no site may join with one of them.
     foreign: arc_swap::ArcSwap<std::collections::BTreeSet<TrustDomain>>,
@@ -227,6 +229,7 @@ impl FederationService {
             metrics: Metrics::default(),
             tls_bundles,
             seen: Seen::default(),
+            links: Default::default(),
             foreign: Default::default(),
         });
         this.publish_bundles();
@@ -287,6 +290,7 @@ impl FederationService {
     /// other site shares it: every site's Bundles stream then drops it, and gateways
     /// close their connections from that trust domain.
     async fn remove(&self, rec: &SiteRecord) -> Result<u64, Status> {
+        self.links.remove(&rec.site);
         let rev = self
             .store
             .commit(vec![Change::DeleteSite {
@@ -903,6 +907,7 @@ impl pb::federation_server::Federation for FederationService {
                     watch_streams: streams
                         .get(&r.site)
                         .map_or(0, |n| u32::try_from(*n).unwrap_or(u32::MAX)),
+                    links: self.links.for_site(&r.site, std::time::Instant::now()),
                 }
             })
             .collect();
@@ -910,6 +915,17 @@ impl pb::federation_server::Federation for FederationService {
             revision: cat.revision.0,
             sites,
         }))
+    }
+
+    async fn report_links(
+        &self,
+        req: Request<pb::LinksReport>,
+    ) -> Result<Response<pb::LinksReportResponse>, Status> {
+        let rec = self.caller_site(&req)?;
+        let r = req.into_inner();
+        self.links
+            .report(&rec.site, &r.replica, r.links, std::time::Instant::now());
+        Ok(Response::new(pb::LinksReportResponse {}))
     }
 
     async fn update_bundle(

@@ -386,8 +386,11 @@ impl Agent {
             .map_err(rpc("watch"))?
             .into_inner();
         let mut first = true;
+        let mut links = LinkReporter::default();
+        let mut tick = tokio::time::interval(LINK_CHECK);
         loop {
             tokio::select! {
+                _ = tick.tick() => links.maybe_report(&mut client, &self.peers, &self.advertise, self.fed.inbound).await,
                 ev = watch.next() => {
                     let ev = ev.ok_or(SessionError::StreamEnded("watch"))?.map_err(rpc("watch"))?;
                     let snapshot = ev.snapshot;
@@ -677,5 +680,63 @@ mod tests {
             .collect();
         assert_eq!(ports, vec![(53, "tcp", ""), (53, "udp", "dns")]);
         assert_eq!(p.hosts, vec!["ns.example".to_string()]);
+    }
+}
+
+/// How often the agent looks at its links for `ReportLinks`.
+const LINK_CHECK: Duration = Duration::from_secs(2);
+/// A report is sent at least this often, changed or not (the federation forgets a
+/// replica's links 75 s after its last report).
+const LINK_REFRESH: Duration = Duration::from_secs(30);
+
+/// Reports this replica's peer links to the federation when they change.
+#[derive(Default)]
+struct LinkReporter {
+    last: Option<(Vec<pb::PeerLink>, std::time::Instant)>,
+}
+
+impl LinkReporter {
+    async fn maybe_report(
+        &mut self,
+        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+        peers: &crate::peers::Peers,
+        advertise: &str,
+        inbound: bool,
+    ) {
+        let links: Vec<pb::PeerLink> = peers
+            .link_status()
+            .into_iter()
+            .map(|l| pb::PeerLink {
+                peer_site: l.site.to_string(),
+                address: l.addr.to_string(),
+                transport: l
+                    .transport
+                    .map(|t| t.as_str().to_owned())
+                    .unwrap_or_default(),
+                reason: l.why,
+                replica: String::new(),
+            })
+            .collect();
+        if let Some((last, at)) = &self.last
+            && *last == links
+            && at.elapsed() < LINK_REFRESH
+        {
+            return;
+        }
+        let req = pb::LinksReport {
+            replica: if inbound {
+                advertise.to_owned()
+            } else {
+                String::new()
+            },
+            links: links.clone(),
+        };
+        // A federation that predates ReportLinks answers Unimplemented: status lacks the
+        // links, nothing else changes.
+        match tokio::time::timeout(Duration::from_secs(5), client.report_links(req)).await {
+            Ok(Ok(_)) => self.last = Some((links, std::time::Instant::now())),
+            Ok(Err(e)) => debug!(error = %e, "link report not taken"),
+            Err(_) => debug!("link report timed out"),
+        }
     }
 }

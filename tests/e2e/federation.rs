@@ -702,7 +702,25 @@ async fn gateway_scenario(on: On<'_>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // The operator's view.
+    // The operator's view, with each gateway's links (transport and why) as they
+    // report them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (table, _) = status_row(&fed.dir, "east");
+        let link = |peer: &str, state: &str| {
+            table
+                .lines()
+                .any(|l| l.contains(&format!("link → {peer} ")) && l.contains(state))
+        };
+        if link("west", "quic: auto: QUIC handshake completed") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed east's links:\n{table}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (table, _) = status_row(&fed.dir, "east");
     let row = |site: &str| status_row(&fed.dir, site).1;
     assert!(row("north").contains(" down "), "{table}");

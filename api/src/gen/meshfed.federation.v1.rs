@@ -231,7 +231,7 @@ pub struct LeaveResponse {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StatusRequest {}
 #[allow(clippy::all)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SiteStatus {
     #[prost(string, tag = "1")]
     pub site: ::prost::alloc::string::String,
@@ -252,7 +252,40 @@ pub struct SiteStatus {
     pub last_seen_revision: u64,
     #[prost(uint32, tag = "8")]
     pub watch_streams: u32,
+    /// Its gateways' links to peers, as they last reported them (within a minute).
+    #[prost(message, repeated, tag = "9")]
+    pub links: ::prost::alloc::vec::Vec<PeerLink>,
 }
+/// One dialed link of a gateway replica to a peer gateway address.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PeerLink {
+    #[prost(string, tag = "1")]
+    pub peer_site: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub address: ::prost::alloc::string::String,
+    /// "quic", "h2", or empty while it is down.
+    #[prost(string, tag = "3")]
+    pub transport: ::prost::alloc::string::String,
+    /// Why it uses that transport (or why it is down), for operators.
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+    /// The reporting replica (its advertised address), set by the federation.
+    #[prost(string, tag = "5")]
+    pub replica: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LinksReport {
+    /// The reporting replica's advertised address (empty: an outbound-only site's).
+    #[prost(string, tag = "1")]
+    pub replica: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub links: ::prost::alloc::vec::Vec<PeerLink>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LinksReportResponse {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StatusResponse {
@@ -575,6 +608,34 @@ pub mod federation_client {
                 .insert(GrpcMethod::new("meshfed.federation.v1.Federation", "Status"));
             self.inner.unary(req, path, codec).await
         }
+        /// The calling gateway replica's links to its peers (transport and why), held in
+        /// memory for Status; sent when they change and every 30 s.
+        pub async fn report_links(
+            &mut self,
+            request: impl tonic::IntoRequest<super::LinksReport>,
+        ) -> std::result::Result<
+            tonic::Response<super::LinksReportResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/meshfed.federation.v1.Federation/ReportLinks",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("meshfed.federation.v1.Federation", "ReportLinks"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -657,6 +718,15 @@ pub mod federation_server {
             &self,
             request: tonic::Request<super::StatusRequest>,
         ) -> std::result::Result<tonic::Response<super::StatusResponse>, tonic::Status>;
+        /// The calling gateway replica's links to its peers (transport and why), held in
+        /// memory for Status; sent when they change and every 30 s.
+        async fn report_links(
+            &self,
+            request: tonic::Request<super::LinksReport>,
+        ) -> std::result::Result<
+            tonic::Response<super::LinksReportResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct FederationServer<T> {
@@ -1120,6 +1190,49 @@ pub mod federation_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = StatusSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/meshfed.federation.v1.Federation/ReportLinks" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReportLinksSvc<T: Federation>(pub Arc<T>);
+                    impl<T: Federation> tonic::server::UnaryService<super::LinksReport>
+                    for ReportLinksSvc<T> {
+                        type Response = super::LinksReportResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::LinksReport>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Federation>::report_links(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReportLinksSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
