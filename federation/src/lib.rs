@@ -3,7 +3,8 @@
 //! TLS acceptor (`transport`), its stores (`store`: embedded, etcd, and `store::mirror`,
 //! the pure etcd key layout and event→delta translation), and a node's directory, init
 //! and serve (`node`), the SPIFFE bundle endpoint (`bundle_endpoint`), and federation with foreign trust
-//! domains by their bundle endpoints (`foreign`). Only the binary depends on it: no gateway or DNS code does.
+//! domains by their bundle endpoints (`foreign`), what gateways report about their peer links
+//! (`links`, in memory, for Status). Only the binary depends on it: no gateway or DNS code does.
 #![forbid(unsafe_code)]
 
 pub mod bundle_endpoint;

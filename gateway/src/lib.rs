@@ -1,11 +1,13 @@
 //! The meshfed data plane: one QUIC endpoint per gateway carrying mTLS (SPIFFE) between
-//! sites, egress listeners for imported services, ingress to exported ones, and the
-//! stream header protocol (`wire`). Its admin port and drain come from
+//! sites, and beside it the h2 transport (`hbone`: HTTP/2 CONNECT over mTLS on TCP, for
+//! networks that block UDP; `peers` picks per peer, `auto` falling back to it), egress
+//! listeners for imported services, ingress to exported ones, and the stream header
+//! protocol (`wire`). Its admin port and drain come from
 //! `meshfed-lifecycle`.
 //!
 //! Decisions (`wire` decoding, `ingress::decide` with the caller check and the
 //! AuthorizationPolicies, `admission` of unauthenticated handshakes, egress candidate
-//! budgets, `preflight::collisions`) are pure; sockets live in `tunnel`, `peers`,
+//! budgets, `preflight::collisions`, `hbone::headers`) are pure; sockets live in `tunnel`, `hbone`, `peers`,
 //! `egress` (with `caller_mtls`, a TLS acceptor for its clients), `ingress` and `splice`.
 //! `preflight` is `meshfed gateway check`. `reload` swaps in SVIDs and bundles from
 //! disk; `renew` issues the gateway's own SVID from `tls.renew`'s signing authority.
