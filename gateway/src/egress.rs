@@ -291,15 +291,6 @@ impl Egress {
                     format!("no connection to peer {} within {wait:?}", peer.site),
                 ));
             };
-            if open.flow.is_some() && matches!(conn, PeerConn::H2(_)) {
-                return Err((
-                    Refusal::PeerUnavailable,
-                    format!(
-                        "the link to {} runs over h2 (no QUIC handshake completed); UDP flows need QUIC datagrams",
-                        peer.site
-                    ),
-                ));
-            }
             let r = {
                 let attempt = self.try_open(&conn, open, answer);
                 tokio::pin!(attempt);
@@ -447,12 +438,19 @@ pub(crate) enum Stream {
     H2(H2Send, H2Recv),
 }
 
+/// An opened stream: on QUIC with its connection (a UDP flow's datagrams go on it), or
+/// on h2.
+pub(crate) type Split =
+    Result<(SiteName, Connection, SendStream, RecvStream), (SiteName, H2Send, H2Recv)>;
+
 impl Opened {
-    /// The QUIC connection and stream (a UDP flow is only ever opened on QUIC).
-    pub fn into_quic(self) -> Option<(SiteName, Connection, SendStream, RecvStream)> {
+    pub fn into_quic(self) -> Split {
         match (self.conn, self.stream) {
-            (PeerConn::Quic(c), Stream::Quic(s, r)) => Some((self.site, c, s, r)),
-            _ => None,
+            (PeerConn::Quic(c), Stream::Quic(s, r)) => Ok((self.site, c, s, r)),
+            (_, Stream::H2(s, r)) => Err((self.site, s, r)),
+            (PeerConn::H2(_), Stream::Quic(..)) => {
+                unreachable!("a QUIC stream comes from a QUIC connection")
+            }
         }
     }
 }

@@ -679,9 +679,9 @@ impl Ingress {
                 r = conn.accept() => match r {
                     Some(Ok((req, respond))) => {
                         let (this, peer) = (self.clone(), peer.clone());
-                        let draining = drain.is_draining();
+                        let (draining, stop) = (drain.is_draining(), drain.token());
                         drain.spawn(async move {
-                            this.serve_h2_stream(req, respond, peer, remote, draining).await
+                            this.serve_h2_stream(req, respond, peer, remote, draining, stop).await
                         });
                     }
                     Some(Err(e)) => {
@@ -721,6 +721,7 @@ impl Ingress {
         peer: SpiffeId,
         remote: SocketAddr,
         draining: bool,
+        stop: CancellationToken,
     ) {
         let (parts, body) = req.into_parts();
         let open = match crate::hbone::headers::open(&parts) {
@@ -737,6 +738,11 @@ impl Ingress {
                 Ok(a) => a,
                 Err(r) => return self.refuse_h2(respond, r.reason, r.message),
             };
+            if open.flow.is_some() {
+                return self
+                    .serve_h2_udp(&open, &admitted.endpoints, respond, body, stop)
+                    .await;
+            }
             let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
                 Ok(c) => c,
                 Err(r) => return self.refuse_h2(respond, r.reason, r.message),
@@ -762,6 +768,108 @@ impl Ingress {
         }
         .instrument(span)
         .await
+    }
+
+    /// A UDP flow on h2: a connected socket toward one endpoint (round-robin), capsules
+    /// both ways, until either side ends it, it idles, or the drain stops it.
+    async fn serve_h2_udp(
+        &self,
+        open: &Open,
+        endpoints: &[SocketAddr],
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+        body: h2::RecvStream,
+        stop: CancellationToken,
+    ) {
+        use crate::hbone::capsule;
+        use crate::splice::{QUIC_BATCH, TunnelRecv, TunnelSend};
+        let Some(_permit) = self.flows.take() else {
+            let msg = format!(
+                "{}:{}/udp: the gateway's UDP flows are at their limit",
+                open.service, open.port
+            );
+            return self.refuse_h2(respond, Refusal::FlowLimit, msg);
+        };
+        let ep = endpoints[self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        let any: SocketAddr = if ep.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = match crate::udp::bind_udp(any) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("{}:{}/udp: socket: {e}", open.service, open.port);
+                return self.refuse_h2(respond, Refusal::EndpointConnectFailed, msg);
+            }
+        };
+        if let Err(e) = sock.connect(ep).await {
+            let msg = format!("{}:{}/udp: {ep}: {e}", open.service, open.port);
+            return self.refuse_h2(respond, Refusal::EndpointConnectFailed, msg);
+        }
+        let send = match respond
+            .send_response(crate::hbone::headers::response(&Response::Accept), false)
+        {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        debug!(source = %open.source, endpoint = %ep, "UDP flow accepted (h2)");
+        let _active = self.metrics.udp_flow_started(DIR);
+        let counters = self.metrics.udp(DIR);
+        let (mut send, mut recv) = (crate::hbone::H2Send(send), crate::hbone::H2Recv::new(body));
+        let mut dec = capsule::Decoder::default();
+        let mut chunks: [bytes::Bytes; QUIC_BATCH] = Default::default();
+        let mut buf = vec![0u8; 65_536];
+        let idle = tokio::time::sleep(self.udp_idle_timeout);
+        tokio::pin!(idle);
+        let why = 'flow: loop {
+            tokio::select! {
+                _ = stop.cancelled() => { send.reset(); break "drain"; }
+                _ = &mut idle => { send.reset(); break "idle"; }
+                r = sock.recv(&mut buf) => match r {
+                    Ok(n) => {
+                        idle.as_mut().reset(tokio::time::Instant::now() + self.udp_idle_timeout);
+                        if send.send(capsule::encode(&buf[..n])).await.is_err() {
+                            break "stream lost";
+                        }
+                        counters.sent(n);
+                    }
+                    Err(e) => {
+                        debug!(endpoint = %ep, error = %e, "UDP endpoint error");
+                        counters.dropped("endpoint_unreachable", 1);
+                        send.reset();
+                        break "endpoint unreachable";
+                    }
+                },
+                r = recv.recv(&mut chunks) => match r {
+                    Ok(0) => break "closed by the far side",
+                    Err(e) => break e,
+                    Ok(n) => {
+                        idle.as_mut().reset(tokio::time::Instant::now() + self.udp_idle_timeout);
+                        for c in &chunks[..n] {
+                            dec.push(c);
+                        }
+                        loop {
+                            match dec.next_datagram() {
+                                Ok(Some(p)) => match sock.try_send(&p) {
+                                    Ok(_) => counters.received(p.len()),
+                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                        counters.dropped("socket_full", 1);
+                                    }
+                                    Err(_) => counters.dropped("endpoint_unreachable", 1),
+                                },
+                                Ok(None) => break,
+                                Err(_) => {
+                                    counters.dropped("malformed", 1);
+                                    send.reset();
+                                    break 'flow "malformed capsule";
+                                }
+                            }
+                        }
+                    }
+                },
+            }
+        };
+        debug!(why, "UDP flow on h2 ended");
     }
 
     fn refuse_h2(

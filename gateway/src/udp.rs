@@ -92,7 +92,7 @@ pub struct FlowBudget {
 
 /// One flow's share of the budget, given back when the flow's last handle drops.
 #[derive(Debug)]
-struct FlowPermit(Arc<FlowBudget>);
+pub(crate) struct FlowPermit(Arc<FlowBudget>);
 
 impl FlowBudget {
     pub fn new(limits: FlowLimits) -> Arc<Self> {
@@ -106,7 +106,7 @@ impl FlowBudget {
         self.limits
     }
 
-    fn take(self: &Arc<Self>) -> Option<FlowPermit> {
+    pub(crate) fn take(self: &Arc<Self>) -> Option<FlowPermit> {
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.limits.total).then_some(n + 1)
@@ -507,10 +507,43 @@ pub struct UdpEgress {
     pub dispatch: Arc<Dispatch>,
 }
 
+/// Where an open flow's datagrams go: QUIC datagrams on the flow's connection, or
+/// capsules on its h2 stream (through the flow's task).
+#[derive(Clone)]
+enum Sink {
+    Quic(Connection),
+    Capsules(mpsc::Sender<Bytes>),
+}
+
+/// Datagrams queued for one h2 flow's stream before they are dropped (`tunnel_full`).
+const CAPSULE_QUEUE: usize = 256;
+
+/// Sends one flow datagram into `sink`, counting it or its drop. `Err`: the flow's
+/// connection or stream is gone.
+fn forward_to(sink: &Sink, flow: u32, payload: &[u8], c: &UdpCounters) -> Result<(), ()> {
+    match sink {
+        Sink::Quic(conn) => forward(conn, flow, payload, c),
+        Sink::Capsules(tx) => match tx.try_send(Bytes::copy_from_slice(payload)) {
+            Ok(()) => {
+                c.sent(payload.len());
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                c.dropped("tunnel_full", 1);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                c.dropped("peer_unavailable", 1);
+                Err(())
+            }
+        },
+    }
+}
+
 enum FlowState {
     /// Waiting for the far side's answer, with the datagrams that came meanwhile.
     Opening(Vec<Bytes>),
-    Open(Connection),
+    Open(Sink),
     /// Refused; new datagrams are dropped until then.
     Refused(Instant),
 }
@@ -526,7 +559,7 @@ enum Event {
     Opened {
         client: SocketAddr,
         id: u32,
-        conn: Connection,
+        sink: Sink,
     },
     Ended {
         client: SocketAddr,
@@ -595,9 +628,9 @@ impl UdpEgress {
     ) {
         if let Some(f) = flows.get_mut(&client) {
             match &mut f.state {
-                FlowState::Open(conn) => {
+                FlowState::Open(sink) => {
                     f.last.store(now_ms(), Ordering::Relaxed);
-                    if forward(conn, f.id, payload, c).is_err() {
+                    if forward_to(sink, f.id, payload, c).is_err() {
                         // The connection died: the next datagram opens a new flow.
                         f.stop.cancel();
                         flows.remove(&client);
@@ -646,15 +679,15 @@ impl UdpEgress {
 
 fn on_event(ev: Event, flows: &mut HashMap<SocketAddr, Flow>, c: &UdpCounters) {
     match ev {
-        Event::Opened { client, id, conn } => {
+        Event::Opened { client, id, sink } => {
             let Some(f) = flows.get_mut(&client).filter(|f| f.id == id) else {
                 return; // expired meanwhile; its task was stopped
             };
             if let FlowState::Opening(q) =
-                std::mem::replace(&mut f.state, FlowState::Open(conn.clone()))
+                std::mem::replace(&mut f.state, FlowState::Open(sink.clone()))
             {
                 for d in q {
-                    if forward(&conn, id, &d, c).is_err() {
+                    if forward_to(&sink, id, &d, c).is_err() {
                         break;
                     }
                 }
@@ -687,6 +720,87 @@ fn on_event(ev: Event, flows: &mut HashMap<SocketAddr, Flow>, c: &UdpCounters) {
     }
 }
 
+/// The rest of a flow opened on an h2 link: datagrams from the client go out as
+/// capsules on its stream, capsules from the far side go to the client, until either
+/// side ends it or `stop`.
+#[allow(clippy::too_many_arguments)]
+async fn run_h2_flow(
+    this: &Arc<UdpEgress>,
+    socket: &Arc<UdpSocket>,
+    client: SocketAddr,
+    id: u32,
+    last: &Arc<AtomicU64>,
+    stop: &CancellationToken,
+    events: &mpsc::UnboundedSender<Event>,
+    site: meshfed_catalog::SiteName,
+    mut send: crate::hbone::H2Send,
+    mut recv: crate::hbone::H2Recv,
+) {
+    use crate::hbone::capsule;
+    use crate::splice::{QUIC_BATCH, TunnelRecv, TunnelSend};
+    let counters = this.dispatch.counters.clone();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CAPSULE_QUEUE);
+    let _ = events.send(Event::Opened {
+        client,
+        id,
+        sink: Sink::Capsules(tx),
+    });
+    let mut dec = capsule::Decoder::default();
+    let mut chunks: [Bytes; QUIC_BATCH] = Default::default();
+    let why = 'flow: loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                send.reset();
+                break "idle or stopped";
+            }
+            d = rx.recv() => match d {
+                Some(p) => {
+                    if send.send(capsule::encode(&p)).await.is_err() {
+                        break "stream lost";
+                    }
+                }
+                None => break "flow removed",
+            },
+            r = recv.recv(&mut chunks) => match r {
+                Ok(0) => break "closed by the far side",
+                Err(e) => break e,
+                Ok(n) => {
+                    for c in &chunks[..n] {
+                        dec.push(c);
+                    }
+                    loop {
+                        match dec.next_datagram() {
+                            Ok(Some(p)) => match socket.try_send_to(&p, client) {
+                                Ok(_) => {
+                                    counters.received(p.len());
+                                    last.store(now_ms(), Ordering::Relaxed);
+                                }
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                    counters.dropped("socket_full", 1);
+                                }
+                                Err(_) => counters.dropped("client_unreachable", 1),
+                            },
+                            Ok(None) => break,
+                            Err(e) => {
+                                counters.dropped("malformed", 1);
+                                send.reset();
+                                debug!(error = %e, "bad capsule from the far side");
+                                break 'flow "malformed capsule";
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    };
+    debug!(%site, why, "UDP flow on h2 ended");
+    let _ = events.send(Event::Ended {
+        client,
+        id,
+        refused: false,
+    });
+}
+
 struct FlowOpened {
     site: meshfed_catalog::SiteName,
     conn: Connection,
@@ -715,21 +829,18 @@ async fn run_flow(
         }
     };
     let o = match opened.map(|o| o.into_quic()) {
-        Ok(Some((site, conn, send, recv))) => FlowOpened {
+        Ok(Ok((site, conn, send, recv))) => FlowOpened {
             site,
             conn,
             send,
             recv,
         },
-        Ok(None) => {
-            // Unreachable: the egress opens UDP flows on QUIC links only.
-            eg.metrics.refused("egress", "peer_unavailable");
-            let _ = events.send(Event::Ended {
-                client,
-                id,
-                refused: true,
-            });
-            return;
+        Ok(Err((site, send, recv))) => {
+            let _active = eg.metrics.udp_flow_started("egress");
+            return run_h2_flow(
+                &this, &socket, client, id, &last, &stop, &events, site, send, recv,
+            )
+            .await;
         }
         Err(refused) => {
             refused.log(&open, "UDP flow refused");
@@ -756,7 +867,7 @@ async fn run_flow(
     let _ = events.send(Event::Opened {
         client,
         id,
-        conn: o.conn.clone(),
+        sink: Sink::Quic(o.conn.clone()),
     });
     let (mut send, mut recv) = (o.send, o.recv);
     let mut one = [0u8; 1];

@@ -10,8 +10,17 @@
 //! refuse   :status 4xx/5xx   meshfed-refusal: <stable code>   meshfed-message: <text>
 //! ```
 //!
+//! A UDP flow is an extended CONNECT (RFC 8441) in the shape of RFC 9298, its datagrams
+//! in capsules (`capsule`):
+//!
+//! ```text
+//! request  :method CONNECT  :protocol connect-udp  :scheme https
+//!          :path /.well-known/masque/udp/<service>/<port>/   capsule-protocol: ?1
+//!          meshfed-source: <caller SPIFFE ID>
+//! ```
+//!
 //! The refusal codes are the QUIC transport's ([`Refusal::code`]); the status is only a
-//! hint for HTTP tooling. UDP flows are not carried here (they need QUIC datagrams).
+//! hint for HTTP tooling.
 
 use std::net::SocketAddr;
 
@@ -23,6 +32,11 @@ use crate::wire::{Open, Refusal, Response, WireError};
 
 pub const SOURCE: &str = "meshfed-source";
 pub const REFUSAL: &str = "meshfed-refusal";
+/// RFC 9297 §3.4: the stream carries capsules.
+pub const CAPSULE_PROTOCOL: &str = "capsule-protocol";
+/// RFC 9298's extended CONNECT protocol.
+pub const CONNECT_UDP: &str = "connect-udp";
+const MASQUE_UDP: &str = "/.well-known/masque/udp/";
 pub const MESSAGE: &str = "meshfed-message";
 /// Longest refusal message sent (as on the QUIC wire).
 const MESSAGE_MAX: usize = 1024;
@@ -36,10 +50,19 @@ pub fn request(open: &Open) -> Result<http::Request<()>, WireError> {
             reason: e.to_string(),
         }
     };
-    let mut b = http::Request::builder()
-        .method(Method::CONNECT)
-        .uri(format!("{}:{}", open.service, open.port))
-        .header(SOURCE, open.source.as_str());
+    let mut b = http::Request::builder().method(Method::CONNECT);
+    b = match open.flow {
+        None => b.uri(format!("{}:{}", open.service, open.port)),
+        Some(_) => b
+            .uri(format!(
+                "https://{svc}:{port}{MASQUE_UDP}{svc}/{port}/",
+                svc = open.service,
+                port = open.port
+            ))
+            .extension(h2::ext::Protocol::from_static(CONNECT_UDP))
+            .header(CAPSULE_PROTOCOL, "?1"),
+    };
+    b = b.header(SOURCE, open.source.as_str());
     if let Some(client) = open.client {
         b = b.header(http::header::FORWARDED, format!("for=\"{client}\""));
     }
@@ -52,15 +75,43 @@ pub fn open(req: &http::request::Parts) -> Result<Open, WireError> {
     if req.method != Method::CONNECT {
         return Err(bad("method", format!("{} (only CONNECT)", req.method)));
     }
-    let authority = req
-        .uri
-        .authority()
-        .ok_or_else(|| bad(":authority", "missing".into()))?;
-    let port = authority
-        .port_u16()
-        .ok_or_else(|| bad(":authority", format!("{authority}: no port")))?;
-    let service = ServiceName::parse(authority.host())
-        .map_err(|e| bad("service", format!("{}: {e}", authority.host())))?;
+    let (host, port, flow) = match req.extensions.get::<h2::ext::Protocol>() {
+        None => {
+            let authority = req
+                .uri
+                .authority()
+                .ok_or_else(|| bad(":authority", "missing".into()))?;
+            let port = authority
+                .port_u16()
+                .ok_or_else(|| bad(":authority", format!("{authority}: no port")))?;
+            (authority.host().to_owned(), port, None)
+        }
+        Some(p) if p.as_str() == CONNECT_UDP => {
+            let path = req.uri.path();
+            let target = path
+                .strip_prefix(MASQUE_UDP)
+                .and_then(|t| t.strip_suffix('/'))
+                .and_then(|t| t.split_once('/'))
+                .ok_or_else(|| {
+                    bad(
+                        ":path",
+                        format!("{path:?}: expected {MASQUE_UDP}<service>/<port>/"),
+                    )
+                })?;
+            let port = target
+                .1
+                .parse()
+                .map_err(|_| bad(":path", format!("{path:?}: bad port")))?;
+            (target.0.to_owned(), port, Some(0))
+        }
+        Some(p) => {
+            return Err(bad(
+                ":protocol",
+                format!("{:?} (only connect-udp)", p.as_str()),
+            ));
+        }
+    };
+    let service = ServiceName::parse(&host).map_err(|e| bad("service", format!("{host}: {e}")))?;
     let source = req
         .headers
         .get(SOURCE)
@@ -79,7 +130,7 @@ pub fn open(req: &http::request::Parts) -> Result<Open, WireError> {
         service,
         port,
         source,
-        flow: None,
+        flow,
         client,
     })
 }
@@ -194,6 +245,16 @@ mod tests {
             assert_eq!(parts.uri.to_string(), "echo.demo:7000");
             assert_eq!(open(&parts).unwrap(), o);
         }
+        // A UDP flow: connect-udp with the target in the path (the flow ID is the
+        // stream's own, 0 on the wire).
+        let o = Open {
+            flow: Some(0),
+            ..base()
+        };
+        let (parts, ()) = request(&o).unwrap().into_parts();
+        assert_eq!(parts.uri.path(), "/.well-known/masque/udp/echo.demo/7000/");
+        assert_eq!(parts.headers[CAPSULE_PROTOCOL], "?1");
+        assert_eq!(open(&parts).unwrap(), o);
     }
 
     #[test]
@@ -229,6 +290,30 @@ mod tests {
             (
                 parts(&|b| ok(b).header("forwarded", "for=unknown")),
                 "forwarded",
+            ),
+            (
+                parts(&|b| {
+                    ok(b)
+                        .uri("https://x/.well-known/masque/udp/echo.demo/")
+                        .extension(h2::ext::Protocol::from_static(CONNECT_UDP))
+                }),
+                ":path",
+            ),
+            (
+                parts(&|b| {
+                    ok(b)
+                        .uri("https://x/.well-known/masque/udp/echo.demo/http/")
+                        .extension(h2::ext::Protocol::from_static(CONNECT_UDP))
+                }),
+                ":path",
+            ),
+            (
+                parts(&|b| {
+                    ok(b)
+                        .uri("https://x/")
+                        .extension(h2::ext::Protocol::from_static("websocket"))
+                }),
+                ":protocol",
             ),
         ];
         for (p, field) in rows {

@@ -5,9 +5,10 @@
 //! port's number; a peer is dialed with a small pool of connections ([`POOL`]), each
 //! with large windows and TCP_NODELAY, and streams spread over them.
 //!
-//! UDP flows need QUIC datagrams and are not carried here yet (a UDP open on an h2 link
-//! is refused with `peer_unavailable`, saying so).
+//! A UDP flow is one `connect-udp` extended CONNECT stream whose datagrams travel as
+//! capsules (`capsule`, RFC 9297).
 
+pub mod capsule;
 pub mod headers;
 
 use std::net::SocketAddr;
@@ -273,6 +274,12 @@ impl Pool {
                         continue;
                     }
                 };
+                if open.flow.is_some() && !send.is_extended_connect_protocol_enabled() {
+                    return Ok(Err((
+                        Refusal::PeerUnavailable,
+                        "the peer does not accept connect-udp on h2".into(),
+                    )));
+                }
                 let (resp, stream) = match send.send_request(req.clone(), false) {
                     Ok(r) => r,
                     Err(e) => {
@@ -349,6 +356,8 @@ pub fn server_builder(max_streams: u32) -> h2::server::Builder {
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(max_streams)
+        // connect-udp (RFC 8441 extended CONNECT) for UDP flows.
+        .enable_connect_protocol()
         // A peer that resets streams in a loop (CVE-2023-44487) is cut off.
         .max_pending_accept_reset_streams(64)
         .max_local_error_reset_streams(Some(1024));
