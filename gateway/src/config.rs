@@ -675,6 +675,8 @@ fn transports(
         sites,
         fallback_after,
         probe_every,
+        // Set by the gateway from `federation.inbound`.
+        reverse: false,
     })
 }
 

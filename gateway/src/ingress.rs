@@ -54,6 +54,9 @@ pub struct Ingress {
     inbound: std::sync::Mutex<BTreeMap<SpiffeId, BTreeMap<usize, Connection>>>,
     /// The same for h2 connections: cancelling one's token closes it.
     inbound_h2: std::sync::Mutex<BTreeMap<SpiffeId, BTreeMap<usize, CancellationToken>>>,
+    /// Reverse h2 connections outbound-only peers dialed to us, on which we open streams
+    /// to them.
+    reverse: std::sync::Mutex<BTreeMap<SpiffeId, BTreeMap<usize, crate::hbone::Pool>>>,
     next_h2: AtomicUsize,
     /// The live trust bundles: a connection whose peer's trust domain left them (the
     /// federation withdrew it) is closed at its next stream.
@@ -73,6 +76,14 @@ type TlsClient = (
 enum Conn {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// What an accepted h2 connection is for.
+enum H2Accepted {
+    /// Streams the peer opens to us.
+    Serve(h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, bytes::Bytes>),
+    /// A reverse connection from an outbound-only peer: we open streams on it.
+    Reverse(crate::hbone::Pool),
 }
 
 /// An open the decision let through: where it goes and how.
@@ -206,6 +217,7 @@ impl Ingress {
             next: AtomicUsize::new(0),
             inbound: Default::default(),
             inbound_h2: Default::default(),
+            reverse: Default::default(),
             next_h2: AtomicUsize::new(0),
             policies: Default::default(),
             tls_clients: Default::default(),
@@ -218,6 +230,12 @@ impl Ingress {
             self.inbound_lock().keys().cloned().collect();
         ids.extend(self.inbound_h2_lock().keys().cloned());
         ids.into_iter().collect()
+    }
+
+    fn reverse_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<SpiffeId, BTreeMap<usize, crate::hbone::Pool>>> {
+        self.reverse.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn inbound_h2_lock(
@@ -254,7 +272,14 @@ impl Ingress {
             .flat_map(|(_, c)| c.values().cloned())
             .collect();
         h2.iter().for_each(CancellationToken::cancel);
-        conns.len() + h2.len()
+        let reverse: Vec<crate::hbone::Pool> = self
+            .reverse_lock()
+            .iter()
+            .filter(|(id, _)| peer(id))
+            .flat_map(|(_, c)| c.values().cloned())
+            .collect();
+        reverse.iter().for_each(crate::hbone::Pool::close);
+        conns.len() + h2.len() + reverse.len()
     }
 
     fn inbound_lock(
@@ -335,18 +360,31 @@ impl Ingress {
         }
     }
 
-    /// The live connections `peer` dialed to us: the egress uses them for a peer it
-    /// cannot dial (an outbound-only site).
-    pub fn accepted(&self, peer: &SpiffeId) -> Vec<Connection> {
-        self.inbound_lock()
+    /// The live links `peer` dialed to us (QUIC connections, reverse h2 connections):
+    /// the egress uses them for a peer it cannot dial (an outbound-only site).
+    pub fn accepted(&self, peer: &SpiffeId) -> Vec<crate::peers::PeerConn> {
+        use crate::peers::PeerConn;
+        let mut out: Vec<PeerConn> = self
+            .inbound_lock()
             .get(peer)
             .map(|c| {
                 c.values()
                     .filter(|c| c.close_reason().is_none())
                     .cloned()
+                    .map(PeerConn::Quic)
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(pools) = self.reverse_lock().get(peer) {
+            out.extend(
+                pools
+                    .values()
+                    .filter(|p| p.is_live())
+                    .cloned()
+                    .map(PeerConn::H2),
+            );
+        }
+        out
     }
 
     /// Serves the streams a peer opens on a connection we dialed to it (how an
@@ -619,18 +657,38 @@ impl Ingress {
                     let hs = async {
                         let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
                         let (_, session) = tls.get_ref();
-                        if session.alpn_protocol() != Some(crate::hbone::ALPN_H2) {
-                            return Err("the peer did not offer ALPN h2".to_owned());
-                        }
+                        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
                         let peer = session
                             .peer_certificates()
                             .and_then(|c| meshfed_identity::verify::peer_id(c).ok())
                             .ok_or_else(|| "no client certificate".to_owned())?;
-                        let conn = crate::hbone::server_builder(crate::tunnel::MAX_STREAMS)
-                            .handshake::<_, bytes::Bytes>(tls)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        Ok((peer, conn))
+                        match alpn.as_deref() {
+                            Some(crate::hbone::ALPN_H2) => {
+                                let conn = crate::hbone::server_builder(crate::tunnel::MAX_STREAMS)
+                                    .handshake::<_, bytes::Bytes>(tls)
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                                Ok((peer, H2Accepted::Serve(conn)))
+                            }
+                            // An outbound-only peer dialed this for us to open streams on:
+                            // we are the HTTP/2 client.
+                            Some(crate::hbone::ALPN_REVERSE) => {
+                                let (send, conn) = crate::hbone::client_builder()
+                                    .handshake::<_, bytes::Bytes>(tls)
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                                let pool = crate::hbone::Pool::from_connection(
+                                    send,
+                                    conn,
+                                    peer.clone(),
+                                    remote,
+                                );
+                                Ok((peer, H2Accepted::Reverse(pool)))
+                            }
+                            _ => {
+                                Err("the peer offered neither h2 nor meshfed-reverse-h2".to_owned())
+                            }
+                        }
                     };
                     let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await;
                     drop(slot);
@@ -640,8 +698,13 @@ impl Ingress {
                             debug!("inbound h2 handshake did not complete in time");
                         }
                         Ok(Err(e)) => debug!(error = %e, "inbound h2 handshake failed"),
-                        Ok(Ok((peer, conn))) => {
-                            this.serve_h2_connection(conn, peer, remote, drain).await
+                        Ok(Ok((peer, H2Accepted::Serve(conn)))) => {
+                            let graceful = drain.token();
+                            this.serve_h2_connection(conn, peer, remote, drain, graceful)
+                                .await
+                        }
+                        Ok(Ok((peer, H2Accepted::Reverse(pool)))) => {
+                            this.hold_reverse(pool, peer).await
                         }
                     }
                 }
@@ -650,13 +713,70 @@ impl Ingress {
         }
     }
 
-    async fn serve_h2_connection(
+    /// Keeps a reverse connection an outbound-only peer dialed to us in `accepted` until
+    /// it ends.
+    async fn hold_reverse(self: Arc<Self>, pool: crate::hbone::Pool, peer: SpiffeId) {
+        info!(%peer, "reverse h2 connection from an outbound-only peer");
+        let id = pool.stable_id();
+        self.reverse_lock()
+            .entry(peer.clone())
+            .or_default()
+            .insert(id, pool.clone());
+        if self
+            .bundles
+            .load()
+            .get_str(peer.trust_domain_str())
+            .is_none()
+        {
+            pool.close();
+        }
+        pool.closed().await;
+        info!(%peer, "reverse h2 connection closed");
+        let mut m = self.reverse_lock();
+        if let Some(c) = m.get_mut(&peer) {
+            c.remove(&id);
+            if c.is_empty() {
+                m.remove(&peer);
+            }
+        }
+    }
+
+    /// Serves a reverse h2 connection we dialed to `peer` (we are an outbound-only
+    /// site): we are its HTTP/2 server, and its streams get the same decision as any.
+    pub async fn serve_reverse(
         self: Arc<Self>,
-        mut conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, bytes::Bytes>,
+        tls: tokio_rustls::client::TlsStream<TcpStream>,
+        peer: SpiffeId,
+        remote: SocketAddr,
+        graceful: CancellationToken,
+        drain: DrainWatcher,
+    ) {
+        let conn = match crate::hbone::server_builder(crate::tunnel::MAX_STREAMS)
+            .handshake::<_, bytes::Bytes>(tls)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "reverse h2 handshake failed");
+                return;
+            }
+        };
+        self.serve_h2_connection(conn, peer, remote, drain, graceful)
+            .await
+    }
+
+    /// Serves an h2 connection's streams until it ends; `graceful` (the drain, or the
+    /// end of a reverse link) sends GOAWAY and lets the streams in flight finish.
+    async fn serve_h2_connection<T>(
+        self: Arc<Self>,
+        mut conn: h2::server::Connection<T, bytes::Bytes>,
         peer: SpiffeId,
         remote: SocketAddr,
         drain: DrainWatcher,
-    ) {
+        graceful: CancellationToken,
+    ) where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         info!(%peer, "peer gateway connected (h2)");
         let id = self.next_h2.fetch_add(1, Ordering::Relaxed);
         let kill = CancellationToken::new();
@@ -690,7 +810,7 @@ impl Ingress {
                     }
                     None => break,
                 },
-                _ = drain.signaled(), if !shutting => {
+                _ = graceful.cancelled(), if !shutting => {
                     // GOAWAY: streams in flight finish, new ones go elsewhere.
                     conn.graceful_shutdown();
                     shutting = true;

@@ -441,7 +441,7 @@ pub async fn start_with(
     let h2_tls = meshfed_identity::tls::server_config(
         resolver.clone(),
         base_verifier.clone().with_policy(inbound.clone()),
-        &[hbone::ALPN_H2],
+        &[hbone::ALPN_H2, hbone::ALPN_REVERSE],
     )
     .map_err(tunnel::TunnelError::Tls)?;
     let server = tunnel::server_config(
@@ -478,15 +478,21 @@ pub async fn start_with(
             let quic = tunnel::client_config(resolver.clone(), v, cc)
                 .map_err(|e| warn!(error = %e, "peer TLS config"))
                 .ok()?;
+            let mut h2_reverse = h2.clone();
+            h2_reverse.alpn_protocols = vec![hbone::ALPN_REVERSE.to_vec()];
             Some(peers::PeerTls {
                 quic,
                 h2: Arc::new(h2),
+                h2_reverse: Arc::new(h2_reverse),
             })
         })
     };
     let peers = peers::Peers::new(
         endpoint.clone(),
-        cfg.transports.clone(),
+        peers::Transports {
+            reverse: cfg.federation.as_ref().is_some_and(|f| !f.inbound),
+            ..cfg.transports.clone()
+        },
         metrics.clone(),
         config_for,
         dialers_w.clone(),
@@ -585,7 +591,19 @@ pub async fn start_with(
         },
         {
             let (ingress, drain) = (ingress.clone(), streams_w.clone());
-            Arc::new(move |conn| ingress.serve_dialed(conn, drain.clone()))
+            let (ingress2, drain2) = (ingress.clone(), drain.clone());
+            Arc::new(peers::OnDialedHooks {
+                quic: Arc::new(move |conn| ingress.serve_dialed(conn, drain.clone())),
+                reverse_h2: Arc::new(move |tls, peer, remote, graceful| {
+                    Box::pin(ingress2.clone().serve_reverse(
+                        tls,
+                        peer,
+                        remote,
+                        graceful,
+                        drain2.clone(),
+                    ))
+                }),
+            })
         },
     );
 

@@ -165,10 +165,29 @@ pub struct PeerHandle {
     accepted_for: Option<AcceptedFor>,
 }
 
-/// The live connections a peer gateway dialed to us (the ingress keeps them).
-pub type AcceptedFor = Arc<dyn Fn(&SpiffeId) -> Vec<Connection> + Send + Sync>;
-/// Serves the streams a peer opens on a connection we dialed.
-pub type OnDialed = Arc<dyn Fn(Connection) + Send + Sync>;
+/// The live links a peer gateway dialed to us (the ingress keeps them): its QUIC
+/// connections, and its reverse h2 connections (an outbound-only site on h2).
+pub type AcceptedFor = Arc<dyn Fn(&SpiffeId) -> Vec<PeerConn> + Send + Sync>;
+
+/// Serves the streams a peer opens on links we dialed (the ingress provides it).
+pub struct OnDialedHooks {
+    /// A QUIC connection we dialed.
+    pub quic: Arc<dyn Fn(Connection) + Send + Sync>,
+    /// A reverse h2 connection we dialed (we are its HTTP/2 server): resolves when it
+    /// has ended; cancelling the token shuts it down gracefully (GOAWAY, streams in
+    /// flight finish).
+    pub reverse_h2: Arc<
+        dyn Fn(
+                tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+                SpiffeId,
+                SocketAddr,
+                CancellationToken,
+            ) -> futures::future::BoxFuture<'static, ()>
+            + Send
+            + Sync,
+    >,
+}
+pub type OnDialed = Arc<OnDialedHooks>;
 
 /// The client TLS for dialing a peer that must present one ID, per transport.
 #[derive(Clone)]
@@ -176,6 +195,8 @@ pub struct PeerTls {
     pub quic: quinn::ClientConfig,
     /// ALPN `h2`.
     pub h2: Arc<rustls::ClientConfig>,
+    /// ALPN `meshfed-reverse-h2`.
+    pub h2_reverse: Arc<rustls::ClientConfig>,
 }
 
 /// Builds the client TLS for dialing a peer that must present this ID.
@@ -191,6 +212,9 @@ pub struct Transports {
     pub fallback_after: Duration,
     /// `auto` on h2: how often QUIC is tried again.
     pub probe_every: Duration,
+    /// Dial a reverse h2 connection beside every h2 link, so that the peer can open
+    /// streams to us: set for an outbound-only site (`federation.inbound: false`).
+    pub reverse: bool,
 }
 
 /// `auto`'s default fallback deadline: a QUIC handshake on any working path completes
@@ -206,6 +230,7 @@ impl Default for Transports {
             sites: BTreeMap::new(),
             fallback_after: FALLBACK_AFTER,
             probe_every: PROBE_EVERY,
+            reverse: false,
         }
     }
 }
@@ -435,6 +460,7 @@ impl Peers {
                 endpoint: self.inner.endpoint.clone(),
                 site: site.clone(),
                 mode: self.inner.transports.for_site(site),
+                reverse: self.inner.transports.reverse,
                 fallback_after: self.inner.transports.fallback_after,
                 probe_every: self.inner.transports.probe_every,
                 why: why.clone(),
@@ -578,7 +604,7 @@ impl PeerHandle {
             && !accepted.is_empty()
         {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % accepted.len();
-            return Some(PeerConn::Quic(accepted[i].clone()));
+            return Some(accepted[i].clone());
         }
         if self.links.is_empty() {
             return None;
@@ -675,6 +701,8 @@ struct Dialer {
     endpoint: quinn::Endpoint,
     site: SiteName,
     mode: TransportMode,
+    /// Keep a reverse h2 connection beside an h2 link (an outbound-only site).
+    reverse: bool,
     fallback_after: Duration,
     probe_every: Duration,
     /// Why the link uses its transport, for status.
@@ -795,6 +823,13 @@ impl Dialer {
             self.metrics
                 .set_link_transport(self.site.as_str(), self.addr, Some(conn.transport()));
             self.set_why(why.clone());
+            // An outbound-only site on h2: a reverse connection carries the peer's
+            // streams to us; shut down gracefully when this link ends or moves.
+            let reverse = CancellationToken::new();
+            if self.reverse && conn.transport() == Transport::H2 {
+                tokio::spawn(self.reverse_loop(reverse.clone()));
+            }
+            let _reverse = reverse.drop_guard();
             if let PeerConn::Quic(q) = &conn {
                 tokio::spawn(crate::metrics::watch_path(
                     self.metrics.quic.clone(),
@@ -805,7 +840,7 @@ impl Dialer {
                     },
                 ));
                 if let Some(f) = self.on_dialed.get() {
-                    f(q.clone());
+                    (f.quic)(q.clone());
                 }
             }
             self.suspect.store(false, Ordering::Relaxed);
@@ -833,6 +868,44 @@ impl Dialer {
                 .set_link_transport(self.site.as_str(), self.addr, None);
             self.tx.send_replace(None);
             return ended;
+        }
+    }
+
+    /// Keeps one reverse h2 connection to the peer up until `stop`, serving the streams
+    /// the peer opens on it; redials with backoff when it drops.
+    fn reverse_loop(&self, stop: CancellationToken) -> impl Future<Output = ()> + use<> {
+        let (addr, tls, hooks, site) = (
+            self.addr,
+            self.cfg.h2_reverse.clone(),
+            self.on_dialed.clone(),
+            self.site.clone(),
+        );
+        async move {
+            let mut backoff = BACKOFF_MIN;
+            while !stop.is_cancelled() {
+                let dialed = tokio::select! {
+                    r = tokio::time::timeout(hbone::DIAL_TIMEOUT, hbone::connect_tls(addr, tls.clone(), hbone::ALPN_REVERSE)) => r,
+                    _ = stop.cancelled() => return,
+                };
+                match (dialed, hooks.get()) {
+                    (Ok(Ok((stream, peer))), Some(h)) => {
+                        info!(%site, %addr, "reverse h2 connection up: the peer opens streams to us on it");
+                        backoff = BACKOFF_MIN;
+                        (h.reverse_h2)(stream, peer, addr, stop.clone()).await;
+                        continue;
+                    }
+                    (Ok(Err(e)), _) => warn!(%site, %addr, error = %e, "reverse h2 dial failed"),
+                    (Err(_), _) => warn!(%site, %addr, "reverse h2 dial timed out"),
+                    (Ok(Ok(_)), None) => {
+                        debug!("no ingress attached yet for the reverse connection")
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
         }
     }
 

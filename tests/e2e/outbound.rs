@@ -72,7 +72,18 @@ impl Drop for Netns {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_that_can_only_dial_out_still_serves_its_exports() {
-    let tag = std::process::id() % 10_000;
+    outbound_only(None, 0).await;
+}
+
+/// The same with both sites on the h2 transport: west dials a reverse h2 connection on
+/// which east opens its streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_can_only_dial_out_serves_its_exports_over_h2() {
+    outbound_only(Some("default: h2"), 1).await;
+}
+
+async fn outbound_only(transport: Option<&str>, variant: u32) {
+    let tag = (std::process::id() % 5_000) * 2 + variant;
     let (a, b) = ((tag / 64) % 250 + 1, (tag % 64) * 4);
     let (host, inner) = (format!("10.{a}.{b}.1"), format!("10.{a}.{b}.2"));
     let ns = Netns::outbound_only(tag, &host, &inner);
@@ -110,6 +121,7 @@ async fn a_site_that_can_only_dial_out_still_serves_its_exports() {
             listen: Some(inner_any),
             admin: Some(inner_any),
             outbound_only: true,
+            transport: transport.map(str::to_owned),
             ..fed_config(&west, [127, 0, 0, 1])
         }
         .export("orders.shop", port, vec![echo]),
@@ -119,6 +131,7 @@ async fn a_site_that_can_only_dial_out_still_serves_its_exports() {
         &east,
         &meshfed_lab::ConfigBuilder {
             listen: Some(SocketAddr::new(host_ip, 0)),
+            transport: transport.map(str::to_owned),
             ..fed_config(&east, [127, 0, 0, 12])
         },
     )
@@ -148,6 +161,19 @@ async fn a_site_that_can_only_dial_out_still_serves_its_exports() {
             ),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if transport.is_some() {
+        // Over the reverse h2 connection west dialed, not QUIC.
+        assert!(
+            west_gw.logs().contains("reverse h2 connection up"),
+            "{}",
+            west_gw.logs()
+        );
+        assert!(
+            east_gw
+                .logs()
+                .contains("reverse h2 connection from an outbound-only peer")
+        );
     }
     drop(east_gw);
     drop(west_gw);

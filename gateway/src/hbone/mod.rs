@@ -27,6 +27,10 @@ use crate::wire::{Open, Refusal, Response, WireError};
 
 /// The ALPN of the h2 transport (HBONE's).
 pub const ALPN_H2: &[u8] = b"h2";
+/// A reverse h2 connection: an outbound-only site dials it and is the HTTP/2 *server* on
+/// it, so that the peer it dialed can open streams to the site's exports (h2 lets only
+/// the client open streams).
+pub const ALPN_REVERSE: &[u8] = b"meshfed-reverse-h2";
 /// Connections per peer address: one TCP connection is one congestion window and one
 /// core's worth of TLS; a few spread the streams.
 pub const POOL: usize = 2;
@@ -214,6 +218,42 @@ impl Pool {
         })
     }
 
+    /// A one-connection pool over an established h2 client connection (the accepting
+    /// side of a reverse connection); its driver runs as a task.
+    pub fn from_connection<T>(
+        send: h2::client::SendRequest<Bytes>,
+        conn: h2::client::Connection<T, Bytes>,
+        peer: SpiffeId,
+        remote: SocketAddr,
+    ) -> Self
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let live = Arc::new(AtomicUsize::new(1));
+        let gone = Arc::new(tokio::sync::Notify::new());
+        let task = {
+            let (live, gone) = (live.clone(), gone.clone());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "reverse h2 connection ended");
+                }
+                live.fetch_sub(1, Ordering::AcqRel);
+                gone.notify_waiters();
+            })
+        };
+        Self {
+            inner: Arc::new(PoolInner {
+                members: vec![(send, task.abort_handle())],
+                live,
+                gone,
+                next: AtomicUsize::new(0),
+                peer,
+                remote,
+                id: NEXT_POOL.fetch_add(1, Ordering::Relaxed) | POOL_ID_BIT,
+            }),
+        }
+    }
+
     pub fn is_live(&self) -> bool {
         self.inner.live.load(Ordering::Acquire) > 0
     }
@@ -313,6 +353,20 @@ type Dialed = (
 );
 
 async fn dial_one(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<Dialed, DialError> {
+    let (tls, peer) = connect_tls(addr, tls, ALPN_H2).await?;
+    let (send, conn) = client_builder()
+        .handshake(tls)
+        .await
+        .map_err(DialError::H2)?;
+    Ok((send, conn, peer))
+}
+
+/// TCP and mTLS to `addr`, which must choose `alpn`; the peer's verified ID.
+pub async fn connect_tls(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    alpn: &[u8],
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, SpiffeId), DialError> {
     let tcp = TcpStream::connect(addr).await.map_err(DialError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::try_from("meshfed-peer")
@@ -323,7 +377,7 @@ async fn dial_one(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<Di
         .await
         .map_err(DialError::Tls)?;
     let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(ALPN_H2) {
+    if session.alpn_protocol() != Some(alpn) {
         return Err(DialError::Alpn(
             session
                 .alpn_protocol()
@@ -334,17 +388,19 @@ async fn dial_one(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<Di
         .peer_certificates()
         .and_then(|c| meshfed_identity::verify::peer_id(c).ok())
         .ok_or(DialError::NoIdentity)?;
-    let (send, conn) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
+    Ok((tls, peer))
+}
+
+/// The h2 client settings (a dialed link, or the accepting side of a reverse one).
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST)
-        .enable_push(false)
-        .handshake(tls)
-        .await
-        .map_err(DialError::H2)?;
-    Ok((send, conn, peer))
+        .enable_push(false);
+    b
 }
 
 /// The h2 server settings for an accepted, authenticated connection.
