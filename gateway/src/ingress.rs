@@ -81,7 +81,7 @@ enum Conn {
 /// What an accepted h2 connection is for.
 enum H2Accepted {
     /// Streams the peer opens to us.
-    Serve(h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, bytes::Bytes>),
+    Serve(Box<h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, bytes::Bytes>>),
     /// A reverse connection from an outbound-only peer: we open streams on it.
     Reverse(crate::hbone::Pool),
 }
@@ -668,7 +668,7 @@ impl Ingress {
                                     .handshake::<_, bytes::Bytes>(tls)
                                     .await
                                     .map_err(|e| e.to_string())?;
-                                Ok((peer, H2Accepted::Serve(conn)))
+                                Ok((peer, H2Accepted::Serve(Box::new(conn))))
                             }
                             // An outbound-only peer dialed this for us to open streams on:
                             // we are the HTTP/2 client.
@@ -700,7 +700,7 @@ impl Ingress {
                         Ok(Err(e)) => debug!(error = %e, "inbound h2 handshake failed"),
                         Ok(Ok((peer, H2Accepted::Serve(conn)))) => {
                             let graceful = drain.token();
-                            this.serve_h2_connection(conn, peer, remote, drain, graceful)
+                            this.serve_h2_connection(*conn, peer, remote, drain, graceful)
                                 .await
                         }
                         Ok(Ok((peer, H2Accepted::Reverse(pool)))) => {

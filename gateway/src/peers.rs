@@ -176,17 +176,21 @@ pub struct OnDialedHooks {
     /// A reverse h2 connection we dialed (we are its HTTP/2 server): resolves when it
     /// has ended; cancelling the token shuts it down gracefully (GOAWAY, streams in
     /// flight finish).
-    pub reverse_h2: Arc<
-        dyn Fn(
-                tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-                SpiffeId,
-                SocketAddr,
-                CancellationToken,
-            ) -> futures::future::BoxFuture<'static, ()>
-            + Send
-            + Sync,
-    >,
+    pub reverse_h2: ServeReverse,
 }
+
+/// Serves a reverse h2 connection we dialed: the stream, the peer's verified ID, its
+/// address, and the token that shuts it down gracefully.
+pub type ServeReverse = Arc<
+    dyn Fn(
+            tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+            SpiffeId,
+            SocketAddr,
+            CancellationToken,
+        ) -> futures::future::BoxFuture<'static, ()>
+        + Send
+        + Sync,
+>;
 pub type OnDialed = Arc<OnDialedHooks>;
 
 /// The client TLS for dialing a peer that must present one ID, per transport.
