@@ -60,6 +60,9 @@ struct RunArgs {
     /// closed-loop capacity. A low rate shows what each path adds when the CPUs are idle.
     #[arg(long)]
     latency_rate: Option<f64>,
+    /// TCP connections per h2 link (`transport.h2_connections`); default the gateway's.
+    #[arg(long)]
+    h2_connections: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -73,6 +76,7 @@ fn main() -> Result<()> {
         loopback: false,
         paths: "meshfed,meshfed-h2,stunnel,haproxy,direct".into(),
         latency_rate: None,
+        h2_connections: None,
     })) {
         Cmd::Serve { addr } => rt.block_on(load::serve(addr)),
         Cmd::Load {
@@ -260,7 +264,10 @@ fn run(args: RunArgs) -> Result<()> {
         |e| {
             let mut e = e.import("bench.demo", 5001, "west", SocketAddr::new(lo, 16003));
             e.admin = Some(SocketAddr::new(lo, 15093));
-            e.transport = Some("default: h2".into());
+            e.transport = Some(match args.h2_connections {
+                Some(n) => format!("default: h2\nh2_connections: {n}"),
+                None => "default: h2".into(),
+            });
             e
         },
     )?;

@@ -160,6 +160,9 @@ struct RawTransport {
     fallback_after: Option<String>,
     #[serde(default)]
     probe_every: Option<String>,
+    /// TCP connections per h2 link (1–16).
+    #[serde(default)]
+    h2_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -677,6 +680,11 @@ fn transports(
         probe_every,
         // Set by the gateway from `federation.inbound`.
         reverse: false,
+        h2_connections: match raw.h2_connections {
+            None => d.h2_connections,
+            Some(n @ 1..=16) => n,
+            Some(n) => return Err(v.err("transport.h2_connections", format!("{n}: 1 to 16"))),
+        },
     })
 }
 

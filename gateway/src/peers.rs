@@ -219,6 +219,8 @@ pub struct Transports {
     /// Dial a reverse h2 connection beside every h2 link, so that the peer can open
     /// streams to us: set for an outbound-only site (`federation.inbound: false`).
     pub reverse: bool,
+    /// TCP connections in one h2 link (`transport.h2_connections`).
+    pub h2_connections: usize,
 }
 
 /// `auto`'s default fallback deadline: a QUIC handshake on any working path completes
@@ -235,6 +237,7 @@ impl Default for Transports {
             fallback_after: FALLBACK_AFTER,
             probe_every: PROBE_EVERY,
             reverse: false,
+            h2_connections: hbone::POOL,
         }
     }
 }
@@ -465,6 +468,7 @@ impl Peers {
                 site: site.clone(),
                 mode: self.inner.transports.for_site(site),
                 reverse: self.inner.transports.reverse,
+                h2_connections: self.inner.transports.h2_connections,
                 fallback_after: self.inner.transports.fallback_after,
                 probe_every: self.inner.transports.probe_every,
                 why: why.clone(),
@@ -707,6 +711,7 @@ struct Dialer {
     mode: TransportMode,
     /// Keep a reverse h2 connection beside an h2 link (an outbound-only site).
     reverse: bool,
+    h2_connections: usize,
     fallback_after: Duration,
     probe_every: Duration,
     /// Why the link uses its transport, for status.
@@ -939,7 +944,7 @@ impl Dialer {
     }
 
     async fn dial_h2(&self) -> Result<hbone::Pool, DialError> {
-        hbone::Pool::dial(self.addr, self.cfg.h2.clone(), hbone::POOL)
+        hbone::Pool::dial(self.addr, self.cfg.h2.clone(), self.h2_connections)
             .await
             .map_err(|e| {
                 if let hbone::DialError::Tls(_) = &e {

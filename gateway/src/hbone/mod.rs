@@ -2,7 +2,8 @@
 //! ambient's ztunnel, for networks that block or throttle UDP. It uses the same SVIDs
 //! and SPIFFE verifiers as QUIC (ALPN `h2`), the same open/accept semantics and the same
 //! stable refusal codes (`headers`). A gateway accepts it on the TCP port with the QUIC
-//! port's number; a peer is dialed with a small pool of connections ([`POOL`]), each
+//! port's number; a peer is dialed with a small pool of connections ([`POOL`] by default,
+//! `transport.h2_connections`), each
 //! with large windows and TCP_NODELAY, and streams spread over them.
 //!
 //! A UDP flow is one `connect-udp` extended CONNECT stream whose datagrams travel as
@@ -31,8 +32,8 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// it, so that the peer it dialed can open streams to the site's exports (h2 lets only
 /// the client open streams).
 pub const ALPN_REVERSE: &[u8] = b"meshfed-reverse-h2";
-/// Connections per peer address: one TCP connection is one congestion window and one
-/// core's worth of TLS; a few spread the streams.
+/// Connections per peer address by default: one TCP connection is one congestion window
+/// and one core's worth of TLS; a few spread the streams.
 pub const POOL: usize = 2;
 /// Per-stream receive window: one stream fills a fast path without waiting for
 /// WINDOW_UPDATEs (h2's default is 64 KiB).
