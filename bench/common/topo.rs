@@ -11,6 +11,10 @@ use meshfed_lab::{self as lab, ConfigBuilder};
 
 pub const NS_A: &str = "mfb-a";
 pub const NS_B: &str = "mfb-b";
+/// The router of the delayed path (`Topo::delay_path`).
+pub const NS_R: &str = "mfb-r";
+/// B's address on the delayed path.
+pub const B_DELAYED: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
 
 /// The benchmark's scratch directory and the release `meshfed` binary beside it.
 pub fn scratch(name: &str) -> Result<(PathBuf, PathBuf)> {
@@ -62,7 +66,8 @@ impl Topo {
             for (ns, dev) in [(NS_A, "mfb-va"), (NS_B, "mfb-vb")] {
                 sh(&format!("-n {ns} link set {dev} mtu 1500 up"))?;
                 sh(&format!("-n {ns} link set lo up"))?;
-                // Connection-rate runs open tens of thousands of connections.
+                // Connection-rate runs open tens of thousands of connections; ephemeral
+                // ports stay above the fixed ones the benchmarks listen on (< 20000).
                 let _ = Command::new("ip")
                     .args([
                         "netns",
@@ -72,7 +77,7 @@ impl Topo {
                         "-q",
                         "-w",
                         "net.ipv4.tcp_tw_reuse=1",
-                        "net.ipv4.ip_local_port_range=1024 65000",
+                        "net.ipv4.ip_local_port_range=20000 65000",
                     ])
                     .status();
             }
@@ -142,24 +147,23 @@ impl Topo {
         west: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
         east: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> Result<()> {
-        self.gateway_pair(meshfed, "", 15443, west, east)
+        self.gateway_pair(meshfed, "", (self.b, 15443).into(), west, east)
     }
 
     /// A second (third, ...) pair of gateways beside the first: `label` names its
-    /// processes (`meshfed-west<label>`) and directory; west listens on `port` (UDP and
+    /// processes (`meshfed-west<label>`) and directory; west listens on `quic` (UDP and
     /// TCP).
     pub fn gateway_pair(
         &mut self,
         meshfed: &Path,
         label: &str,
-        port: u16,
+        quic: std::net::SocketAddr,
         west: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
         east: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
     ) -> Result<()> {
         let dir = self.dir.join(format!("pair{label}"));
         let w = lab::make_site(&dir, "west", "west.example.org")?;
         let e = lab::make_site(&dir, "east", "east.example.org")?;
-        let quic = std::net::SocketAddr::new(self.b, port);
         let west_cfg = west(ConfigBuilder {
             listen: Some(quic),
             ..Default::default()
@@ -184,6 +188,81 @@ impl Topo {
             )?;
         }
         Ok(())
+    }
+
+    /// A second path from A to B through a router namespace whose user-space relay
+    /// (`delay_relay.py`, a TUN device) delays every packet by `one_way_ms` each way:
+    /// B is [`B_DELAYED`] on it. A's and B's other addresses are untouched.
+    pub fn delay_path(&mut self, one_way_ms: u32) -> Result<()> {
+        anyhow::ensure!(
+            self.netns,
+            "the delay path needs the network namespaces (root)"
+        );
+        let sh = |args: &str| -> Result<()> {
+            let st = Command::new("ip").args(args.split_whitespace()).status()?;
+            if !st.success() {
+                bail!("ip {args} failed");
+            }
+            Ok(())
+        };
+        sh(&format!("netns add {NS_R}"))?;
+        sh("link add mfb-ar type veth peer name mfb-ra")?;
+        sh("link add mfb-br type veth peer name mfb-rb")?;
+        sh(&format!("link set mfb-ar netns {NS_A}"))?;
+        sh(&format!("link set mfb-br netns {NS_B}"))?;
+        sh(&format!("link set mfb-ra netns {NS_R}"))?;
+        sh(&format!("link set mfb-rb netns {NS_R}"))?;
+        sh(&format!("-n {NS_A} addr add 198.19.0.1/24 dev mfb-ar"))?;
+        sh(&format!("-n {NS_R} addr add 198.19.0.2/24 dev mfb-ra"))?;
+        sh(&format!("-n {NS_R} addr add 198.19.1.1/24 dev mfb-rb"))?;
+        sh(&format!("-n {NS_B} addr add {B_DELAYED}/24 dev mfb-br"))?;
+        for (ns, dev) in [
+            (NS_A, "mfb-ar"),
+            (NS_R, "mfb-ra"),
+            (NS_R, "mfb-rb"),
+            (NS_B, "mfb-br"),
+        ] {
+            sh(&format!("-n {ns} link set {dev} mtu 1500 up"))?;
+        }
+        sh(&format!("-n {NS_R} link set lo up"))?;
+        sh(&format!("-n {NS_A} route add 198.19.1.0/24 via 198.19.0.2"))?;
+        sh(&format!("-n {NS_B} route add 198.19.0.0/24 via 198.19.1.1"))?;
+        sh(&format!("-n {NS_R} tuntap add dev mfb-tun mode tun"))?;
+        sh(&format!("-n {NS_R} link set mfb-tun mtu 1500 up"))?;
+        // Everything that arrives from A or B goes into the relay; what the relay writes
+        // back is routed on by the main table.
+        sh(&format!(
+            "-n {NS_R} rule add iif mfb-ra lookup 100 pref 100"
+        ))?;
+        sh(&format!(
+            "-n {NS_R} rule add iif mfb-rb lookup 100 pref 101"
+        ))?;
+        sh(&format!(
+            "-n {NS_R} route add default dev mfb-tun table 100"
+        ))?;
+        let st = Command::new("ip")
+            .args(["netns", "exec", NS_R, "sysctl", "-q", "-w"])
+            .args([
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.conf.mfb-tun.rp_filter=0",
+            ])
+            .status()?;
+        anyhow::ensure!(st.success(), "sysctl in {NS_R}");
+        let script = self.dir.join("delay_relay.py");
+        std::fs::write(&script, include_str!("delay_relay.py"))?;
+        let python = need("python3", "python3")?;
+        self.spawn(
+            "delay-relay",
+            NS_R,
+            &python,
+            &[
+                script.to_str().unwrap_or_default(),
+                "mfb-tun",
+                &one_way_ms.to_string(),
+            ],
+        )
     }
 
     /// Runs this benchmark's own binary with `args` in namespace A (the client side) and
@@ -212,7 +291,7 @@ impl Drop for Topo {
 }
 
 pub fn cleanup_netns() {
-    for ns in [NS_A, NS_B] {
+    for ns in [NS_A, NS_B, NS_R] {
         let _ = Command::new("ip")
             .args(["netns", "del", ns])
             .stderr(Stdio::null())

@@ -63,6 +63,9 @@ struct RunArgs {
     /// TCP connections per h2 link (`transport.h2_connections`); default the gateway's.
     #[arg(long)]
     h2_connections: Option<usize>,
+    /// One-way delay of the long-path row (f), through a user-space relay; 0 skips it.
+    #[arg(long, default_value_t = 25)]
+    delay_ms: u32,
 }
 
 fn main() -> Result<()> {
@@ -77,6 +80,7 @@ fn main() -> Result<()> {
         paths: "meshfed,meshfed-h2,stunnel,haproxy,direct".into(),
         latency_rate: None,
         h2_connections: None,
+        delay_ms: 25,
     })) {
         Cmd::Serve { addr } => rt.block_on(load::serve(addr)),
         Cmd::Load {
@@ -117,7 +121,7 @@ async fn wait_port(addr: SocketAddr) -> Result<()> {
     }
 }
 
-use topo::{NS_A, NS_B, Topo, need};
+use topo::{B_DELAYED, NS_A, NS_B, Topo, need};
 
 /// Both gateways' QUIC path samples (east, west); empty when a scrape fails, so a
 /// missing figure never stops the benchmark.
@@ -209,6 +213,88 @@ fn load(
         .with_context(|| format!("load {kind} against {addr}"))
 }
 
+/// The TLS peers' certificates: (cert, key, cert+key) of each side, and the CA.
+struct PeerCerts {
+    client: (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf),
+    server: (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf),
+    ca: std::path::PathBuf,
+}
+
+/// A stunnel pair and a haproxy pair (mutual TLS 1.3): clients at A's 127.0.0.1
+/// `a_ports` (stunnel, haproxy), servers at `b`:`b_ports`, forwarding to B's server.
+#[allow(clippy::too_many_arguments)]
+fn spawn_tls_peers(
+    topo: &mut Topo,
+    stunnel: &std::path::Path,
+    haproxy: &std::path::Path,
+    certs: &PeerCerts,
+    label: &str,
+    b: IpAddr,
+    a_ports: [u16; 2],
+    b_ports: [u16; 2],
+) -> Result<()> {
+    let dir = topo.dir.clone();
+    let ((cc, ck, cboth), (sc, sk, sboth), ca_pem) = (&certs.client, &certs.server, &certs.ca);
+    let ([sa, ha], [sb, hb]) = (a_ports, b_ports);
+    let stunnel_client = format!(
+        "foreground = yes\npid =\ndebug = 3\n[c]\nclient = yes\naccept = 127.0.0.1:{sa}\nconnect = {b}:{sb}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nsslVersionMin = TLSv1.3\n",
+        cc.display(),
+        ck.display(),
+        ca_pem.display()
+    );
+    let stunnel_server = format!(
+        "foreground = yes\npid =\ndebug = 3\n[s]\naccept = {b}:{sb}\nconnect = 127.0.0.1:5001\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n",
+        sc.display(),
+        sk.display(),
+        ca_pem.display()
+    );
+    let common = "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+    let haproxy_client = format!(
+        "{common}frontend f\n  bind 127.0.0.1:{ha}\n  default_backend b\nbackend b\n  server s {b}:{hb} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
+        cboth.display(),
+        ca_pem.display()
+    );
+    let haproxy_server = format!(
+        "{common}frontend f\n  bind {b}:{hb} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend b\nbackend b\n  server s 127.0.0.1:5001\n",
+        sboth.display(),
+        ca_pem.display()
+    );
+    let name = |n: &str, ext: &str| format!("{n}{label}.{ext}");
+    for (file, text) in [
+        (name("stunnel-a", "conf"), &stunnel_client),
+        (name("stunnel-b", "conf"), &stunnel_server),
+        (name("haproxy-a", "cfg"), &haproxy_client),
+        (name("haproxy-b", "cfg"), &haproxy_server),
+    ] {
+        std::fs::write(dir.join(file), text)?;
+    }
+    let p = |n: String| dir.join(n).display().to_string();
+    topo.spawn(
+        &format!("stunnel-b{label}"),
+        NS_B,
+        stunnel,
+        &[&p(name("stunnel-b", "conf"))],
+    )?;
+    topo.spawn(
+        &format!("stunnel-a{label}"),
+        NS_A,
+        stunnel,
+        &[&p(name("stunnel-a", "conf"))],
+    )?;
+    topo.spawn(
+        &format!("haproxy-b{label}"),
+        NS_B,
+        haproxy,
+        &["-db", "-f", &p(name("haproxy-b", "cfg"))],
+    )?;
+    topo.spawn(
+        &format!("haproxy-a{label}"),
+        NS_A,
+        haproxy,
+        &["-db", "-f", &p(name("haproxy-a", "cfg"))],
+    )
+}
+
 struct Path_ {
     name: &'static str,
     addr: SocketAddr,
@@ -255,7 +341,7 @@ fn run(args: RunArgs) -> Result<()> {
     topo.gateway_pair(
         &meshfed,
         "-h2",
-        15444,
+        SocketAddr::new(b, 15444),
         |w| {
             let mut w = w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]);
             w.admin = Some(SocketAddr::new(b, 15092));
@@ -302,53 +388,20 @@ fn run(args: RunArgs) -> Result<()> {
         )?;
         combined.push((c, k, both));
     }
-    let (cc, ck, cboth) = &combined[0];
-    let (sc, sk, sboth) = &combined[1];
-    let stunnel_client = format!(
-        "foreground = yes\npid =\ndebug = 3\n[c]\nclient = yes\naccept = 127.0.0.1:16001\nconnect = {b}:16101\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nsslVersionMin = TLSv1.3\n",
-        cc.display(),
-        ck.display(),
-        ca_pem.display()
-    );
-    let stunnel_server = format!(
-        "foreground = yes\npid =\ndebug = 3\n[s]\naccept = {b}:16101\nconnect = 127.0.0.1:5001\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n",
-        sc.display(),
-        sk.display(),
-        ca_pem.display()
-    );
-    let common = "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
-    let haproxy_client = format!(
-        "{common}frontend f\n  bind 127.0.0.1:16002\n  default_backend b\nbackend b\n  server s {b}:16102 ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
-        cboth.display(),
-        ca_pem.display()
-    );
-    let haproxy_server = format!(
-        "{common}frontend f\n  bind {b}:16102 ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n  default_backend b\nbackend b\n  server s 127.0.0.1:5001\n",
-        sboth.display(),
-        ca_pem.display()
-    );
-    for (name, text) in [
-        ("stunnel-a.conf", &stunnel_client),
-        ("stunnel-b.conf", &stunnel_server),
-        ("haproxy-a.cfg", &haproxy_client),
-        ("haproxy-b.cfg", &haproxy_server),
-    ] {
-        std::fs::write(dir.join(name), text)?;
-    }
-    let p = |n: &str| dir.join(n).display().to_string();
-    topo.spawn("stunnel-b", NS_B, &stunnel, &[&p("stunnel-b.conf")])?;
-    topo.spawn("stunnel-a", NS_A, &stunnel, &[&p("stunnel-a.conf")])?;
-    topo.spawn(
-        "haproxy-b",
-        NS_B,
+    let certs = PeerCerts {
+        client: combined[0].clone(),
+        server: combined[1].clone(),
+        ca: ca_pem.clone(),
+    };
+    spawn_tls_peers(
+        &mut topo,
+        &stunnel,
         &haproxy,
-        &["-db", "-f", &p("haproxy-b.cfg")],
-    )?;
-    topo.spawn(
-        "haproxy-a",
-        NS_A,
-        &haproxy,
-        &["-db", "-f", &p("haproxy-a.cfg")],
+        &certs,
+        "",
+        b,
+        [16001, 16002],
+        [16101, 16102],
     )?;
 
     let all = [
@@ -558,6 +611,74 @@ fn run(args: RunArgs) -> Result<()> {
         println!("(d) loss row skipped: it needs the network namespaces (root)");
     }
 
+    // (f) A long path: 16-stream goodput through a user-space delay relay (2 x delay_ms
+    // RTT), with its own gateway pairs and TLS peers dialing B's address behind it.
+    if topo.netns && args.delay_ms > 0 {
+        topo.delay_path(args.delay_ms)?;
+        let bd = IpAddr::V4(B_DELAYED);
+        for (label, port, import, t) in
+            [("-dq", 15445, 16020, "quic"), ("-dh2", 15446, 16023, "h2")]
+        {
+            topo.gateway_pair(
+                &meshfed,
+                label,
+                SocketAddr::new(bd, port),
+                |w| w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]),
+                |e| {
+                    let mut e = e.import("bench.demo", 5001, "west", SocketAddr::new(lo, import));
+                    e.transport = Some(format!("default: {t}"));
+                    e
+                },
+            )?;
+        }
+        spawn_tls_peers(
+            &mut topo,
+            &stunnel,
+            &haproxy,
+            &certs,
+            "-d",
+            bd,
+            [16021, 16022],
+            [16121, 16122],
+        )?;
+        let delayed = [
+            ("meshfed", SocketAddr::new(lo, 16020)),
+            ("meshfed-h2", SocketAddr::new(lo, 16023)),
+            ("stunnel", SocketAddr::new(lo, 16021)),
+            ("haproxy", SocketAddr::new(lo, 16022)),
+            ("direct", SocketAddr::new(bd, 5001)),
+        ];
+        // The RTT as ping sees it (the relay's own cost included).
+        let ping = topo
+            .cmd(NS_A, &need("ping", "iputils-ping")?)
+            .args(["-q", "-c", "5", "-i", "0.2", &B_DELAYED.to_string()])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        println!(
+            "(f) bulk throughput, 16 streams, {} ms RTT through a user-space delay relay (python, TUN; it caps every path); ping: {ping}",
+            2 * args.delay_ms
+        );
+        for (name, addr) in delayed {
+            if !paths.iter().any(|p| p.name == name) {
+                continue;
+            }
+            load(&topo, addr, "wait", 1, 0.0, 0.0)?;
+            load(&topo, addr, "capacity", 1, 0.5, 0.0)
+                .with_context(|| format!("{name} over the delay path"))?;
+            let v = load(&topo, addr, "throughput", 16, secs + 2.0, 0.0)?;
+            let x = v["gbps"].as_f64().unwrap_or(f64::NAN);
+            println!("  {name:<10} {x:>8.3} Gbit/s   {v}");
+            res.insert((name, "delay16"), x);
+        }
+    }
+
     let get = |path: &str, key: &str| res.get(&(path, key)).copied().unwrap_or(f64::NAN);
     let best = |key: &str, higher_better: bool| {
         let (s, h) = (get("stunnel", key), get("haproxy", key));
@@ -590,6 +711,10 @@ fn run(args: RunArgs) -> Result<()> {
             (
                 "loss2_goodput_ratio",
                 get(path, "loss16") / get(path, "tput16"),
+            ),
+            (
+                "delay_goodput_ratio_vs_best_peer",
+                get(path, "delay16") / best("delay16", true),
             ),
             ("vcpu_per_krps", get(path, "vcpu_per_krps")),
             ("rss_mib", get(path, "rss_mib")),
