@@ -78,6 +78,16 @@ enum Conn {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// Drops connection `id` of `peer` from a by-peer map (and the peer, with its last).
+fn forget<T>(m: &mut BTreeMap<SpiffeId, BTreeMap<usize, T>>, peer: &SpiffeId, id: usize) {
+    if let Some(c) = m.get_mut(peer) {
+        c.remove(&id);
+        if c.is_empty() {
+            m.remove(peer);
+        }
+    }
+}
+
 /// What an accepted h2 connection is for.
 enum H2Accepted {
     /// Streams the peer opens to us.
@@ -230,6 +240,16 @@ impl Ingress {
             self.inbound_lock().keys().cloned().collect();
         ids.extend(self.inbound_h2_lock().keys().cloned());
         ids.into_iter().collect()
+    }
+
+    /// Whether `peer`'s trust domain is in the live bundles: a handshake verified
+    /// against a set being replaced is closed either by the replacement's sweep
+    /// (`close_untrusted`) or by this check, made after the connection is registered.
+    fn still_trusted(&self, peer: &SpiffeId) -> bool {
+        self.bundles
+            .load()
+            .get_str(peer.trust_domain_str())
+            .is_some()
     }
 
     fn reverse_lock(
@@ -424,12 +444,7 @@ impl Ingress {
         // A handshake verified against a bundle set that was being replaced: once
         // registered, either the replacement's sweep (`close_untrusted`) closes it, or
         // this check, which reads the set after it, does.
-        if self
-            .bundles
-            .load()
-            .get_str(peer.trust_domain_str())
-            .is_none()
-        {
+        if !self.still_trusted(&peer) {
             crate::tunnel::close_withdrawn(&conn);
         }
         let udp = IngressFlows::new(conn.clone(), &self.metrics, self.flows.clone());
@@ -441,13 +456,7 @@ impl Ingress {
                         return;
                     }
                     info!(%peer, reason = %e, "peer gateway connection closed");
-                    let mut m = self.inbound_lock();
-                    if let Some(c) = m.get_mut(&peer) {
-                        c.remove(&conn.stable_id());
-                        if c.is_empty() {
-                            m.remove(&peer);
-                        }
-                    }
+                    forget(&mut self.inbound_lock(), &peer, conn.stable_id());
                     return;
                 }
             };
@@ -722,23 +731,12 @@ impl Ingress {
             .entry(peer.clone())
             .or_default()
             .insert(id, pool.clone());
-        if self
-            .bundles
-            .load()
-            .get_str(peer.trust_domain_str())
-            .is_none()
-        {
+        if !self.still_trusted(&peer) {
             pool.close();
         }
         pool.closed().await;
         info!(%peer, "reverse h2 connection closed");
-        let mut m = self.reverse_lock();
-        if let Some(c) = m.get_mut(&peer) {
-            c.remove(&id);
-            if c.is_empty() {
-                m.remove(&peer);
-            }
-        }
+        forget(&mut self.reverse_lock(), &peer, id);
     }
 
     /// Serves a reverse h2 connection we dialed to `peer` (we are an outbound-only
@@ -785,12 +783,7 @@ impl Ingress {
             .or_default()
             .insert(id, kill.clone());
         // As for QUIC: a handshake verified against a bundle set being replaced.
-        if self
-            .bundles
-            .load()
-            .get_str(peer.trust_domain_str())
-            .is_none()
-        {
+        if !self.still_trusted(&peer) {
             kill.cancel();
         }
         let mut shutting = false;
@@ -824,13 +817,7 @@ impl Ingress {
             }
         }
         info!(%peer, "peer gateway h2 connection closed");
-        let mut m = self.inbound_h2_lock();
-        if let Some(c) = m.get_mut(&peer) {
-            c.remove(&id);
-            if c.is_empty() {
-                m.remove(&peer);
-            }
-        }
+        forget(&mut self.inbound_h2_lock(), &peer, id);
     }
 
     /// One h2 CONNECT stream of `peer`: the same decision as a QUIC stream's.

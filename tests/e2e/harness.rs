@@ -257,7 +257,15 @@ pub fn listen() -> TcpListener {
 }
 
 pub async fn echo_server() -> SocketAddr {
-    let l = listen();
+    serve_echo(listen())
+}
+
+/// An echo server on `ip` (e.g. the host side of a test's network namespace).
+pub async fn echo_server_at(ip: std::net::IpAddr) -> SocketAddr {
+    serve_echo(TcpListener::bind((ip, 0)).await.expect("bind echo"))
+}
+
+fn serve_echo(l: TcpListener) -> SocketAddr {
     let addr = l.local_addr().expect("echo addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {

@@ -220,101 +220,24 @@ fn openssl_s_client_no_cert(addr: SocketAddr) -> String {
     )
 }
 
-/// A network namespace joined to the host by a veth pair, whose nftables firewall can
-/// drop every UDP packet coming in; removed on drop.
-struct UdpBlockNs {
-    name: String,
-    host_if: String,
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl UdpBlockNs {
-    fn new(tag: u32, host: &str, inner: &str) -> Self {
-        let name = format!("mfu-{tag}");
-        let (host_if, ns_if) = (format!("mfu{tag}h"), format!("mfu{tag}n"));
-        let ns = Self {
-            name: name.clone(),
-            host_if: host_if.clone(),
-        };
-        run(&["ip", "netns", "add", &name]);
-        run(&[
-            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
-        ]);
-        run(&["ip", "link", "set", &ns_if, "netns", &name]);
-        run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &host_if]);
-        run(&["ip", "link", "set", &host_if, "up"]);
-        ns.exec(&["ip", "addr", "add", &format!("{inner}/30"), "dev", &ns_if]);
-        ns.exec(&["ip", "link", "set", &ns_if, "up"]);
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn exec(&self, a: &[&str]) {
-        let mut v = vec!["ip", "netns", "exec", self.name.as_str()];
-        v.extend_from_slice(a);
-        run(&v);
-    }
-
-    fn block_udp(&self) {
-        let rules = "table inet udp_block {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    iif \"lo\" accept\n    meta l4proto udp drop\n  }\n}\n";
-        let path = std::env::temp_dir().join(format!("{}.nft", self.name));
-        std::fs::write(&path, rules).unwrap();
-        self.exec(&["nft", "-f", path.to_str().unwrap()]);
-    }
-
-    fn unblock_udp(&self) {
-        self.exec(&["nft", "delete", "table", "inet", "udp_block"]);
-    }
-}
-
-impl Drop for UdpBlockNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
+/// Every UDP packet coming into the namespace is dropped.
+const UDP_BLOCK: &str = "table inet udp_block {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    iif \"lo\" accept\n    meta l4proto udp drop\n  }\n}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_block_moves_the_link_to_h2_and_back_without_a_client_error() {
-    let tag = std::process::id() % 10_000;
-    let (a, b) = ((tag / 64) % 250 + 1, (tag % 64) * 4);
-    let (host, inner) = (format!("10.{a}.{b}.1"), format!("10.{a}.{b}.2"));
-    let ns = UdpBlockNs::new(tag, &host, &inner);
-    ns.block_udp();
+    let ns = crate::netns::Netns::new("mfu", 2, 0);
+    ns.nft(UDP_BLOCK);
+    let (host, inner) = (ns.host.clone(), ns.inner.clone());
     let host_ip: std::net::IpAddr = host.parse().unwrap();
 
     // West's endpoint is on the host side; west runs in the namespace.
-    let echo = {
-        let l = tokio::net::TcpListener::bind((host_ip, 0)).await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        addr
-    };
+    let echo = crate::harness::echo_server_at(host_ip).await;
     let scratch = Scratch::new("udp-block");
     let west = scratch.site("west", "west.example.org");
     let east = scratch.site("east", "east.example.org");
     let inner_any: SocketAddr = format!("{inner}:0").parse().unwrap();
     let west_gw = Gw::start_in(
-        &["ip", "netns", "exec", &ns.name],
+        &ns.wrapper(),
         &west,
         &ConfigBuilder {
             listen: Some(inner_any),
@@ -375,7 +298,7 @@ async fn a_udp_block_moves_the_link_to_h2_and_back_without_a_client_error() {
     round(&mut long, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    ns.unblock_udp();
+    ns.exec(&["nft", "delete", "table", "inet", "udp_block"]);
     let moved = Instant::now();
     assert_eq!(
         east_gw

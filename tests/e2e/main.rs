@@ -13,6 +13,7 @@ mod inproc;
 mod kubeapi;
 mod kubernetes;
 mod legacy;
+mod netns;
 mod outbound;
 mod replicas;
 mod rotation;

@@ -5,70 +5,14 @@
 //! connection west dialed.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::federation::{Fed, On, fed_config, joined};
 use crate::harness::{Gw, Scratch};
+use crate::netns::Netns;
 
-/// A network namespace and its veth pair, removed on drop.
-struct Netns {
-    name: String,
-    host_if: String,
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    /// `ns` with `10.<a>.<b>.2/30` inside, `.1` on the host, and a firewall that drops
-    /// every new inbound connection inside.
-    fn outbound_only(tag: u32, host: &str, inner: &str) -> Self {
-        let name = format!("mfo-{tag}");
-        let (host_if, ns_if) = (format!("mfo{tag}h"), format!("mfo{tag}n"));
-        let ns = Self {
-            name: name.clone(),
-            host_if: host_if.clone(),
-        };
-        run(&["ip", "netns", "add", &name]);
-        run(&[
-            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
-        ]);
-        run(&["ip", "link", "set", &ns_if, "netns", &name]);
-        run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &host_if]);
-        run(&["ip", "link", "set", &host_if, "up"]);
-        let exec = |a: &[&str]| {
-            let mut v = vec!["ip", "netns", "exec", name.as_str()];
-            v.extend_from_slice(a);
-            run(&v);
-        };
-        exec(&["ip", "addr", "add", &format!("{inner}/30"), "dev", &ns_if]);
-        exec(&["ip", "link", "set", &ns_if, "up"]);
-        exec(&["ip", "link", "set", "lo", "up"]);
-        let rules = "table inet outbound_only {\n  chain input {\n    type filter hook input priority 0; policy drop;\n    iif \"lo\" accept\n    ct state established,related accept\n  }\n}\n";
-        let path = std::env::temp_dir().join(format!("{name}.nft"));
-        std::fs::write(&path, rules).unwrap();
-        exec(&["nft", "-f", path.to_str().unwrap()]);
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
+/// Every new inbound connection is dropped inside; replies to what it dialed get in.
+const OUTBOUND_ONLY: &str = "table inet outbound_only {\n  chain input {\n    type filter hook input priority 0; policy drop;\n    iif \"lo\" accept\n    ct state established,related accept\n  }\n}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_that_can_only_dial_out_still_serves_its_exports() {
@@ -83,10 +27,9 @@ async fn a_site_that_can_only_dial_out_serves_its_exports_over_h2() {
 }
 
 async fn outbound_only(transport: Option<&str>, variant: u32) {
-    let tag = (std::process::id() % 5_000) * 2 + variant;
-    let (a, b) = ((tag / 64) % 250 + 1, (tag % 64) * 4);
-    let (host, inner) = (format!("10.{a}.{b}.1"), format!("10.{a}.{b}.2"));
-    let ns = Netns::outbound_only(tag, &host, &inner);
+    let ns = Netns::new("mfo", 1, variant);
+    ns.nft(OUTBOUND_ONLY);
+    let (host, inner) = (ns.host.clone(), ns.inner.clone());
     let host_ip: std::net::IpAddr = host.parse().unwrap();
 
     let scratch = Scratch::new("outbound-only");
@@ -99,23 +42,11 @@ async fn outbound_only(transport: Option<&str>, variant: u32) {
     );
     let [east, west] = joined(&scratch, &fed, ["east", "west"]);
     // West's endpoint is on the host side: west reaches it by dialing out.
-    let echo = {
-        let l = tokio::net::TcpListener::bind((host_ip, 0)).await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        addr
-    };
+    let echo = crate::harness::echo_server_at(host_ip).await;
     let port = crate::harness::listen().local_addr().unwrap().port();
     let inner_any: SocketAddr = format!("{inner}:0").parse().unwrap();
     let west_gw = Gw::start_in(
-        &["ip", "netns", "exec", &ns.name],
+        &ns.wrapper(),
         &west,
         &meshfed_lab::ConfigBuilder {
             listen: Some(inner_any),
