@@ -18,8 +18,13 @@ use crate::wire::app_code;
 /// Least room offered to one TCP read: large enough that the QUIC side packs full GSO
 /// batches.
 const TCP_READ: usize = 64 * 1024;
-/// Size of the buffer TCP reads are sliced from.
+/// Size of the buffer TCP reads are sliced from, once the flow has shown it is fast.
 const TCP_BUF: usize = 1024 * 1024;
+/// The buffer a splice starts with. Most connections carry requests and answers of a
+/// few KiB; a 1 MiB buffer for each (above glibc's mmap threshold: an mmap and munmap
+/// per connection) cost the kernel's memory management enough under a connection churn
+/// to put 20-40 ms stalls into the latency tail (bench/tunnel, 2026-11-29).
+const TCP_BUF_MIN: usize = 64 * 1024;
 /// Most chunks taken from the tunnel for one writev.
 pub const QUIC_BATCH: usize = 32;
 
@@ -183,15 +188,26 @@ where
 {
     {
         let up = async {
-            // One large buffer, sliced into chunks that quinn keeps until they are
-            // acknowledged; `reserve` reclaims the allocation once they are all dropped,
-            // so a bulk transfer allocates rarely and never page-faults fresh memory.
-            let mut buf = BytesMut::with_capacity(TCP_BUF);
+            // One buffer, sliced into chunks that the tunnel keeps until they are sent
+            // (QUIC: acknowledged); `reserve` reclaims the allocation once they are all
+            // dropped, so a bulk transfer allocates rarely. It starts small and doubles
+            // up to TCP_BUF while reads fill what they are offered (buffers that grow
+            // with the flow).
+            let mut size = TCP_BUF_MIN;
+            let mut buf = BytesMut::with_capacity(size);
             loop {
-                if buf.capacity() < TCP_READ {
-                    buf.reserve(TCP_BUF);
+                if buf.capacity() < size.min(TCP_READ) {
+                    buf.reserve(size);
                 }
-                match tr.read_buf(&mut buf).await {
+                let offered = buf.capacity();
+                let r = tr.read_buf(&mut buf).await;
+                // A read that filled half of what it was offered: the flow is fast.
+                if let Ok(n) = r
+                    && n * 2 >= offered
+                {
+                    size = (size * 2).min(TCP_BUF);
+                }
+                match r {
                     Ok(0) => {
                         // FIN from the TCP side: finish our half of the stream.
                         send.finish();
