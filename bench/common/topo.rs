@@ -48,13 +48,7 @@ impl Topo {
         let netns = !loopback && root && Command::new("ip").arg("-V").output().is_ok();
         if netns {
             cleanup_netns();
-            let sh = |args: &str| -> Result<()> {
-                let st = Command::new("ip").args(args.split_whitespace()).status()?;
-                if !st.success() {
-                    bail!("ip {args} failed");
-                }
-                Ok(())
-            };
+            let sh = ip;
             sh(&format!("netns add {NS_A}"))?;
             sh(&format!("netns add {NS_B}"))?;
             sh("link add mfb-va type veth peer name mfb-vb")?;
@@ -198,13 +192,7 @@ impl Topo {
             self.netns,
             "the delay path needs the network namespaces (root)"
         );
-        let sh = |args: &str| -> Result<()> {
-            let st = Command::new("ip").args(args.split_whitespace()).status()?;
-            if !st.success() {
-                bail!("ip {args} failed");
-            }
-            Ok(())
-        };
+        let sh = ip;
         sh(&format!("netns add {NS_R}"))?;
         sh("link add mfb-ar type veth peer name mfb-ra")?;
         sh("link add mfb-br type veth peer name mfb-rb")?;
@@ -288,6 +276,15 @@ impl Drop for Topo {
             cleanup_netns();
         }
     }
+}
+
+/// Runs `ip` with `args` (split on whitespace); it must succeed.
+fn ip(args: &str) -> Result<()> {
+    let st = Command::new("ip").args(args.split_whitespace()).status()?;
+    if !st.success() {
+        bail!("ip {args} failed");
+    }
+    Ok(())
 }
 
 pub fn cleanup_netns() {
