@@ -1,4 +1,6 @@
-//! UDP across sites, as QUIC datagrams (RFC 9221) on the peer connection.
+//! UDP across sites, as QUIC datagrams (RFC 9221) on the peer connection, or on an h2
+//! link as capsules on the flow's own `connect-udp` stream (`run_h2_flow` here, and
+//! `Ingress::serve_h2_udp`; the capsule format is `hbone::capsule`).
 //!
 //! A flow is one client address and port at an egress listener. Its first datagram
 //! opens a stream to a site that exports the port (the same open request, failover and
@@ -22,6 +24,10 @@
 //!   holding one socket; beyond, an open is refused with `flow_limit`. The total is a
 //!   quarter of the open-file limit, so UDP flows can never take the descriptors that TCP
 //!   streams and the gateway itself need.
+//!
+//! On h2 a datagram is never oversize (a capsule carries up to 64 KiB) and arrives in
+//! order; an egress flow queues at most [`CAPSULE_QUEUE`] for its stream (`tunnel_full`
+//! beyond), and the ingress counts its h2 flows against the same total budget.
 //!
 //! Drop reasons are stable labels of `meshfed_gateway_udp_drops`.
 
