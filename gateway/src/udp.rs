@@ -26,7 +26,7 @@
 //!   streams and the gateway itself need.
 //!
 //! On h2 a datagram is never oversize (a capsule carries up to 64 KiB) and arrives in
-//! order; an egress flow queues at most [`CAPSULE_QUEUE`] for its stream (`tunnel_full`
+//! order; an egress flow queues at most `CAPSULE_QUEUE` (256) datagrams for its stream (`tunnel_full`
 //! beyond), and the ingress counts its h2 flows against the same total budget.
 //!
 //! Drop reasons are stable labels of `meshfed_gateway_udp_drops`.
