@@ -145,11 +145,11 @@ impl Egress {
             Ok(opened) => {
                 let _active = self.metrics.stream_started(DIR);
                 let c = self.metrics.counters(DIR);
-                let end = match opened.stream {
-                    Stream::Quic(send, recv) => splice(tcp, send, recv, &c).await,
-                    Stream::H2(send, recv) => splice(tcp, send, recv, &c).await,
+                let (end, transport) = match opened.stream {
+                    Stream::Quic(_, send, recv) => (splice(tcp, send, recv, &c).await, "quic"),
+                    Stream::H2(send, recv) => (splice(tcp, send, recv, &c).await, "h2"),
                 };
-                debug!(?end, site = %opened.site, transport = %opened.conn.transport(), "connection done");
+                debug!(?end, site = %opened.site, transport, "connection done");
             }
             Err(refused) => {
                 refused.log(&open, "connection refused");
@@ -202,7 +202,7 @@ impl Egress {
                 let _active = self.metrics.stream_started(DIR);
                 let c = self.metrics.counters(DIR);
                 let end = match opened.stream {
-                    Stream::Quic(send, recv) => splice_tls(tls, send, recv, &c).await,
+                    Stream::Quic(_, send, recv) => splice_tls(tls, send, recv, &c).await,
                     Stream::H2(send, recv) => splice_tls(tls, send, recv, &c).await,
                 };
                 debug!(?end, site = %opened.site, caller = %open.source, "connection done");
@@ -246,10 +246,9 @@ impl Egress {
             };
             let b = budget(i, backends.len(), self.open_timeout);
             match self.open_stream(&peer, open, b.connection, b.answer).await {
-                Ok((conn, stream)) => {
+                Ok(stream) => {
                     return Ok(Opened {
                         site: site.clone(),
-                        conn,
                         stream,
                     });
                 }
@@ -282,7 +281,7 @@ impl Egress {
         open: &Open,
         wait: Duration,
         answer: Duration,
-    ) -> Result<(PeerConn, Stream), (Refusal, String)> {
+    ) -> Result<Stream, (Refusal, String)> {
         let mut last = (Refusal::PeerUnavailable, String::new());
         for _attempt in 0..2 {
             let Some(conn) = peer.connection(wait).await else {
@@ -307,7 +306,7 @@ impl Egress {
                 }
             };
             match r {
-                Ok(r) => return r.map(|stream| (conn, stream)),
+                Ok(r) => return r,
                 Err(why) => {
                     peer.report_dead(&conn);
                     last = (Refusal::PeerUnavailable, why);
@@ -363,7 +362,7 @@ impl Egress {
                 Err(HeaderReadError::Io(e)) => return Err(lost(&e)),
             };
             Ok(match wire::decode_response(&payload) {
-                Ok(Response::Accept) => Ok(Stream::Quic(send, recv)),
+                Ok(Response::Accept) => Ok(Stream::Quic(conn.clone(), send, recv)),
                 Ok(Response::Refuse { reason, message }) => Err((reason, message)),
                 Err(e) => Err((
                     Refusal::MalformedHeader,
@@ -428,31 +427,14 @@ pub(crate) fn after_refusal(reason: Refusal, i: usize, n: usize) -> Next {
 /// A stream the far side accepted.
 pub(crate) struct Opened {
     pub site: SiteName,
-    pub conn: PeerConn,
     pub stream: Stream,
 }
 
-/// An accepted tunnel stream, on either transport.
+/// An accepted tunnel stream, on either transport: on QUIC with its connection (a UDP
+/// flow's datagrams travel on it).
 pub(crate) enum Stream {
-    Quic(SendStream, RecvStream),
+    Quic(Connection, SendStream, RecvStream),
     H2(H2Send, H2Recv),
-}
-
-/// An opened stream: on QUIC with its connection (a UDP flow's datagrams go on it), or
-/// on h2.
-pub(crate) type Split =
-    Result<(SiteName, Connection, SendStream, RecvStream), (SiteName, H2Send, H2Recv)>;
-
-impl Opened {
-    pub fn into_quic(self) -> Split {
-        match (self.conn, self.stream) {
-            (PeerConn::Quic(c), Stream::Quic(s, r)) => Ok((self.site, c, s, r)),
-            (_, Stream::H2(s, r)) => Err((self.site, s, r)),
-            (PeerConn::H2(_), Stream::Quic(..)) => {
-                unreachable!("a QUIC stream comes from a QUIC connection")
-            }
-        }
-    }
 }
 
 /// Why no site accepted: the last site's answer.

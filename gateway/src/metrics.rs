@@ -341,7 +341,7 @@ impl Metrics {
         }
     }
 
-    pub fn transport_fallback(&self, site: &str, reason: &'static str) {
+    pub fn transport_moved(&self, site: &str, reason: &'static str) {
         self.transport_moves
             .get_or_create(&SiteReasonLabels {
                 site: site.to_owned(),

@@ -809,7 +809,7 @@ impl Dialer {
                         h2: h2.to_string(),
                     })?;
                     self.metrics
-                        .transport_fallback(self.site.as_str(), "quic_timeout");
+                        .transport_moved(self.site.as_str(), "quic_timeout");
                     Ok((
                         PeerConn::H2(pool),
                         format!(
@@ -866,7 +866,7 @@ impl Dialer {
                 q = self.probe_quic(), if probing => {
                     self.metrics.peer_connections.dec();
                     info!("QUIC handshake completed again: new streams move to QUIC, h2 streams in flight finish there");
-                    self.metrics.transport_fallback(self.site.as_str(), "quic_restored");
+                    self.metrics.transport_moved(self.site.as_str(), "quic_restored");
                     conn = PeerConn::Quic(q);
                     why = "auto: QUIC works again (moved back from h2)".into();
                     continue;

@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::egress::Egress;
+use crate::egress::{Egress, Opened, Stream};
 use crate::metrics::{Metrics, UdpCounters};
 use crate::wire::{self, DATAGRAM_HEADER_LEN, Refusal, app_code};
 
@@ -807,13 +807,6 @@ async fn run_h2_flow(
     });
 }
 
-struct FlowOpened {
-    site: meshfed_catalog::SiteName,
-    conn: Connection,
-    send: SendStream,
-    recv: RecvStream,
-}
-
 /// One egress flow: opens it, registers its responses' route, and holds its stream until
 /// the far side closes it or `stop` (idle, drain).
 async fn run_flow(
@@ -834,14 +827,15 @@ async fn run_flow(
             return;
         }
     };
-    let o = match opened.map(|o| o.into_quic()) {
-        Ok(Ok((site, conn, send, recv))) => FlowOpened {
+    let (site, conn, send, recv) = match opened {
+        Ok(Opened {
             site,
-            conn,
-            send,
-            recv,
-        },
-        Ok(Err((site, send, recv))) => {
+            stream: Stream::Quic(conn, send, recv),
+        }) => (site, conn, send, recv),
+        Ok(Opened {
+            site,
+            stream: Stream::H2(send, recv),
+        }) => {
             let _active = eg.metrics.udp_flow_started("egress");
             return run_h2_flow(
                 &this, &socket, client, id, &last, &stop, &events, site, send, recv,
@@ -862,9 +856,9 @@ async fn run_flow(
     let _active = eg.metrics.udp_flow_started("egress");
     this.dispatch.add(
         id,
-        &o.conn,
+        &conn,
         Route {
-            conn: o.conn.stable_id(),
+            conn: conn.stable_id(),
             socket,
             client,
             last,
@@ -873,9 +867,9 @@ async fn run_flow(
     let _ = events.send(Event::Opened {
         client,
         id,
-        sink: Sink::Quic(o.conn.clone()),
+        sink: Sink::Quic(conn.clone()),
     });
-    let (mut send, mut recv) = (o.send, o.recv);
+    let (mut send, mut recv) = (send, recv);
     let mut one = [0u8; 1];
     tokio::select! {
         _ = stop.cancelled() => {
@@ -883,7 +877,7 @@ async fn run_flow(
             let _ = recv.stop(VarInt::from_u32(app_code::FLOW_IDLE));
         }
         r = recv.read(&mut one) => {
-            debug!(site = %o.site, end = ?r, "UDP flow closed by the far side");
+            debug!(site = %site, end = ?r, "UDP flow closed by the far side");
             let _ = send.finish();
         }
     }
@@ -894,9 +888,9 @@ async fn run_flow(
         refused: false,
     });
     if stop.is_cancelled() {
-        debug!(site = %o.site, "UDP flow ended (idle or stopped)");
+        debug!(site = %site, "UDP flow ended (idle or stopped)");
     } else {
-        warn!(site = %o.site, "UDP flow ended by the far side");
+        warn!(site = %site, "UDP flow ended by the far side");
     }
 }
 

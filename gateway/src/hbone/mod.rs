@@ -299,10 +299,6 @@ impl Pool {
         open: &Open,
         answer: Duration,
     ) -> Result<Result<(H2Send, H2Recv), (Refusal, String)>, String> {
-        let req = match headers::request(open) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err((Refusal::MalformedHeader, e.to_string()))),
-        };
         let n = self.inner.members.len();
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let work = async {
@@ -323,7 +319,13 @@ impl Pool {
                         "the peer does not accept connect-udp on h2".into(),
                     )));
                 }
-                let (resp, stream) = match send.send_request(req.clone(), false) {
+                // Built for each attempt: send_request takes it, and the first attempt
+                // is nearly always the only one.
+                let req = match headers::request(open) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err((Refusal::MalformedHeader, e.to_string()))),
+                };
+                let (resp, stream) = match send.send_request(req, false) {
                     Ok(r) => r,
                     Err(e) => {
                         last = e.to_string();
