@@ -664,7 +664,24 @@ impl Ingress {
                 async move {
                     let _ = tcp.set_nodelay(true);
                     let hs = async {
-                        let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+                        let tls = acceptor.accept(tcp).await.map_err(|e| {
+                            // As on QUIC: a client that sent no certificate never reaches
+                            // the verifier (whose hook counts the ones it refused).
+                            let none = e
+                                .get_ref()
+                                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                                .is_some_and(|r| {
+                                    matches!(r, rustls::Error::NoCertificatesPresented)
+                                });
+                            if none {
+                                this.metrics.handshake_failed("no_certificate");
+                                warn!(
+                                    reason = "no_certificate",
+                                    "mTLS handshake refused (h2): the peer sent no certificate"
+                                );
+                            }
+                            e.to_string()
+                        })?;
                         let (_, session) = tls.get_ref();
                         let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
                         let peer = session
