@@ -1144,6 +1144,31 @@ imports:
         assert_eq!(f, "drain_grace");
         let (f, _) = field_err(&GOOD.replace("service: echo.demo", "service: echo"));
         assert_eq!(f, "exports[0].service");
+        // The transport section and a peer's transport.
+        let with = |t: &str| format!("{GOOD}transport:\n{t}\n");
+        for (yaml, field) in [
+            ("  default: udp", "transport.default"),
+            ("  sites: {East: h2}", "transport.sites.East"),
+            ("  sites: {east: tcp}", "transport.sites.east"),
+            ("  fallback_after: 10ms", "transport.fallback_after"),
+            ("  probe_every: never", "transport.probe_every"),
+            ("  h2_connections: 0", "transport.h2_connections"),
+            ("  h2_connections: 17", "transport.h2_connections"),
+        ] {
+            let (f, r) = field_err(&with(yaml));
+            assert_eq!(f, field, "{yaml}: {r}");
+        }
+        let c = parse(&with(
+            "  default: h2\n  sites: {east: quic}\n  h2_connections: 8",
+        ))
+        .unwrap();
+        assert_eq!(c.transports.default, crate::peers::TransportMode::H2);
+        assert_eq!(c.transports.h2_connections, 8);
+        let (f, _) = field_err(&GOOD.replace(
+            "spiffe_id: spiffe://east.example.org/meshfed",
+            "transport: carrier-pigeon\n    spiffe_id: spiffe://east.example.org/meshfed",
+        ));
+        assert_eq!(f, "peers[0].transport");
     }
 
     #[test]
