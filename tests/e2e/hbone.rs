@@ -193,6 +193,25 @@ async fn peers_on_h2_carry_data_and_refuse_with_the_quic_codes() {
             >= 1.0,
         "the refusal is counted with its reason, as on QUIC: {refused}"
     );
+    // East's SVID expired, then future-dated: west's h2 port refuses each with its reason
+    // (east's gateway keeps its working SVID; only openssl presents the bad one).
+    for (from, to, reason) in [(-7200, -3600, "expired"), (3600, 7200, "not_yet_valid")] {
+        crate::security::write_svid_valid(&s.east, from, to);
+        let out = openssl_s_client(
+            h2_port,
+            &[
+                "-cert",
+                s.east.cert.to_str().unwrap(),
+                "-key",
+                s.east.key.to_str().unwrap(),
+            ],
+        );
+        let m = format!("meshfed_gateway_handshake_failures_total{{reason=\"{reason}\"}}");
+        assert!(
+            s.west_gw.wait_metric(&m, 1.0, Duration::from_secs(5)).await >= 1.0,
+            "{reason}: {out}"
+        );
+    }
     echo_once(echo_at).await.unwrap();
 }
 
@@ -210,6 +229,11 @@ async fn round(c: &mut TcpStream, n: u8) {
 
 /// `openssl s_client` offering ALPN h2 without a client certificate.
 fn openssl_s_client_no_cert(addr: SocketAddr) -> String {
+    openssl_s_client(addr, &[])
+}
+
+/// `openssl s_client` offering ALPN h2, with `extra` arguments.
+fn openssl_s_client(addr: SocketAddr, extra: &[&str]) -> String {
     let out = Command::new("openssl")
         .args([
             "s_client",
@@ -219,6 +243,7 @@ fn openssl_s_client_no_cert(addr: SocketAddr) -> String {
             "h2",
             "-brief",
         ])
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("openssl");

@@ -134,7 +134,7 @@ async fn handshake_flood_moves_rss_under_50_mb_and_traffic_keeps_flowing() {
 
 /// Writes `site`'s gateway SVID anew, signed by its own CA, valid from `from` to `to`
 /// seconds relative to now.
-fn write_svid_valid(site: &meshfed_lab::SiteFiles, from: i64, to: i64) {
+pub(crate) fn write_svid_valid(site: &meshfed_lab::SiteFiles, from: i64, to: i64) {
     use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
     let ca = meshfed_identity::Ca::load(&site.dir.join("ca")).unwrap();
     let mut p = CertificateParams::default();
