@@ -15,10 +15,25 @@
 //!
 //! Authenticated connections leave the gate as soon as the handshake completes, so
 //! established peers never compete with a flood.
+//!
+//! Once authenticated, a peer gateway is bounded by its verified SPIFFE ID (every replica
+//! of a site shares it) through [`PeerLinks`]: at most [`LINKS_PER_PEER`] connections
+//! (QUIC, h2 and reverse h2 counted together), and one UDP flow budget across all of
+//! them, so a peer cannot multiply its share by opening more connections.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+
+use meshfed_identity::SpiffeId;
+
+use crate::udp::{FlowBudget, FlowLimits};
+
+/// Connections one peer identity may hold at the ingress: 32 replicas (the catalog's
+/// bound on a site's addresses) × a pool of 8, with room for QUIC probes and reverse
+/// links. Each h2 connection may buffer up to its 32 MiB window, so this is also what
+/// bounds the memory one authenticated peer can pin.
+pub const LINKS_PER_PEER: usize = 256;
 
 /// The gate's bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +150,99 @@ impl Drop for Slot {
     }
 }
 
+/// What authenticated peers hold at the ingress, by verified ID.
+#[derive(Debug)]
+pub struct PeerLinks {
+    max: usize,
+    flows: FlowLimits,
+    inner: Mutex<BTreeMap<SpiffeId, PeerEntry>>,
+}
+
+#[derive(Debug, Default)]
+struct PeerEntry {
+    links: usize,
+    /// Shared by the peer's connections while any of its flows or connections lives.
+    flows: Weak<FlowBudget>,
+}
+
+/// One of a peer's connections; given back when dropped.
+#[derive(Debug)]
+pub struct PeerSlot {
+    links: Arc<PeerLinks>,
+    peer: SpiffeId,
+}
+
+impl PeerLinks {
+    /// At most `max` connections per peer; `flows.per_peer` UDP flows per peer.
+    pub fn new(max: usize, flows: FlowLimits) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            flows,
+            inner: Mutex::default(),
+        })
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<SpiffeId, PeerEntry>> {
+        // Counters only, as the gate's.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a new connection of `peer`, or returns how many it holds already (the
+    /// limit).
+    pub fn take(self: &Arc<Self>, peer: &SpiffeId) -> Result<PeerSlot, usize> {
+        let mut m = self.entries();
+        let e = m.entry(peer.clone()).or_default();
+        if e.links >= self.max {
+            return Err(e.links);
+        }
+        e.links += 1;
+        Ok(PeerSlot {
+            links: self.clone(),
+            peer: peer.clone(),
+        })
+    }
+
+    /// The UDP flow budget `peer` shares across all its connections (accepted or
+    /// dialed by us).
+    pub fn flows(&self, peer: &SpiffeId) -> Arc<FlowBudget> {
+        let mut m = self.entries();
+        // Peers whose connections and flows are all gone.
+        m.retain(|_, e| e.links > 0 || e.flows.strong_count() > 0);
+        let e = m.entry(peer.clone()).or_default();
+        if let Some(b) = e.flows.upgrade() {
+            return b;
+        }
+        let b = FlowBudget::new(FlowLimits {
+            per_peer: self.flows.per_peer,
+            total: self.flows.per_peer,
+        });
+        e.flows = Arc::downgrade(&b);
+        b
+    }
+
+    /// Connections `peer` holds now.
+    pub fn held(&self, peer: &SpiffeId) -> usize {
+        self.entries().get(peer).map_or(0, |e| e.links)
+    }
+
+    /// Peers with an entry (connections, or a live flow budget).
+    pub fn peers(&self) -> usize {
+        self.entries().len()
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.links.entries();
+        if let Some(e) = m.get_mut(&self.peer) {
+            e.links -= 1;
+            if e.links == 0 && e.flows.strong_count() == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +297,56 @@ mod tests {
         drop(s1);
         assert_eq!(g.in_flight(), 2);
         g.admit(a, true).unwrap();
+    }
+
+    #[test]
+    fn a_peer_is_bounded_by_its_identity_not_its_connections() {
+        let limits = FlowLimits {
+            per_peer: 2,
+            total: 100,
+        };
+        let links = PeerLinks::new(3, limits);
+        let west: SpiffeId = "spiffe://west.example.org/meshfed/site/west/gateway"
+            .parse()
+            .unwrap();
+        let east: SpiffeId = "spiffe://east.example.org/meshfed/site/east/gateway"
+            .parse()
+            .unwrap();
+        let held: Vec<PeerSlot> = (0..3).map(|_| links.take(&west).unwrap()).collect();
+        assert_eq!(links.take(&west).unwrap_err(), 3, "the fourth connection");
+        // Another peer is not affected.
+        let e = links.take(&east).unwrap();
+        assert_eq!(links.held(&west), 3);
+        drop(held);
+        assert_eq!(links.held(&west), 0);
+        let _again = links.take(&west).unwrap();
+
+        // One flow budget across all of a peer's connections.
+        let (a, b) = (links.flows(&west), links.flows(&west));
+        assert!(Arc::ptr_eq(&a, &b));
+        let f1 = a.take().unwrap();
+        let _f2 = b.take().unwrap();
+        assert!(
+            a.take().is_none() && b.take().is_none(),
+            "per peer, not per connection"
+        );
+        assert!(
+            links.flows(&east).take().is_some(),
+            "east has its own budget"
+        );
+        drop(f1);
+        assert!(b.take().is_some());
+
+        // Nothing is kept for a peer that holds nothing.
+        drop((e, _again));
+        assert_eq!(links.peers(), 1, "west's flows keep its budget");
+        drop((a, b, _f2));
+        assert_eq!(
+            links.peers(),
+            1,
+            "west's empty entry lives until the next sweep"
+        );
+        let _ = links.flows(&east);
+        assert_eq!(links.peers(), 1, "only east's fresh budget");
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::admission::{Admission, Gate, Limits};
+use crate::admission::{Admission, Gate, LINKS_PER_PEER, Limits, PeerLinks, PeerSlot};
 use crate::config::Export;
 use crate::metrics::Metrics;
 use crate::peers::peer_spiffe_id;
@@ -48,6 +48,8 @@ pub struct Ingress {
     pub udp_idle_timeout: Duration,
     /// UDP flows (one socket each) open on all peer connections.
     flows: Arc<FlowBudget>,
+    /// What each authenticated peer holds: connections, and its UDP flow budget.
+    peer_links: Arc<PeerLinks>,
     pub metrics: Metrics,
     next: AtomicUsize,
     /// Verified IDs of the peers connected to us now, with their connection counts.
@@ -223,6 +225,7 @@ impl Ingress {
             connect_timeout,
             udp_idle_timeout,
             flows: FlowBudget::new(flows),
+            peer_links: PeerLinks::new(LINKS_PER_PEER, flows),
             metrics,
             next: AtomicUsize::new(0),
             inbound: Default::default(),
@@ -250,6 +253,24 @@ impl Ingress {
             .load()
             .get_str(peer.trust_domain_str())
             .is_some()
+    }
+
+    /// Counts an accepted connection of `peer`, or counts and logs its refusal
+    /// (`peer_connection_limit`): an authenticated peer cannot pin unbounded state.
+    fn peer_slot(&self, peer: &SpiffeId) -> Option<PeerSlot> {
+        match self.peer_links.take(peer) {
+            Ok(s) => Some(s),
+            Err(held) => {
+                self.metrics.handshake_failed("peer_connection_limit");
+                warn!(
+                    %peer,
+                    held,
+                    reason = "peer_connection_limit",
+                    "connection refused: this peer holds as many connections as one peer may"
+                );
+                None
+            }
+        }
     }
 
     fn reverse_lock(
@@ -424,6 +445,21 @@ impl Ingress {
             conn.close(VarInt::from_u32(app_code::REFUSED), b"no peer identity");
             return;
         };
+        // Connections we dialed are bounded by our own pool; accepted ones per peer.
+        let _slot = if dialed {
+            None
+        } else {
+            match self.peer_slot(&peer) {
+                Some(s) => Some(s),
+                None => {
+                    conn.close(
+                        VarInt::from_u32(app_code::REFUSED),
+                        b"too many connections from this peer",
+                    );
+                    return;
+                }
+            }
+        };
         // Authenticated: now it may open as many streams as a peer gateway needs.
         conn.set_max_concurrent_bi_streams(VarInt::from_u32(crate::tunnel::MAX_STREAMS));
         if !dialed {
@@ -447,7 +483,12 @@ impl Ingress {
         if !self.still_trusted(&peer) {
             crate::tunnel::close_withdrawn(&conn);
         }
-        let udp = IngressFlows::new(conn.clone(), &self.metrics, self.flows.clone());
+        let udp = IngressFlows::new(
+            conn.clone(),
+            &self.metrics,
+            self.flows.clone(),
+            self.peer_links.flows(&peer),
+        );
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -724,12 +765,21 @@ impl Ingress {
                             debug!("inbound h2 handshake did not complete in time");
                         }
                         Ok(Err(e)) => debug!(error = %e, "inbound h2 handshake failed"),
-                        Ok(Ok((peer, H2Accepted::Serve(conn)))) => {
+                        Ok(Ok((peer, H2Accepted::Serve(mut conn)))) => {
+                            let Some(_slot) = this.peer_slot(&peer) else {
+                                conn.abrupt_shutdown(h2::Reason::REFUSED_STREAM);
+                                let closed = futures::future::poll_fn(|cx| conn.poll_closed(cx));
+                                let _ = tokio::time::timeout(Duration::from_secs(1), closed).await;
+                                return;
+                            };
                             let graceful = drain.token();
                             this.serve_h2_connection(*conn, peer, remote, drain, graceful)
                                 .await
                         }
                         Ok(Ok((peer, H2Accepted::Reverse(pool)))) => {
+                            let Some(_slot) = this.peer_slot(&peer) else {
+                                return pool.close();
+                            };
                             this.hold_reverse(pool, peer).await
                         }
                     }
@@ -864,7 +914,7 @@ impl Ingress {
             };
             if open.flow.is_some() {
                 return self
-                    .serve_h2_udp(&open, &admitted.endpoints, respond, body, stop)
+                    .serve_h2_udp(&open, &peer, &admitted.endpoints, respond, body, stop)
                     .await;
             }
             let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
@@ -899,6 +949,7 @@ impl Ingress {
     async fn serve_h2_udp(
         &self,
         open: &Open,
+        peer: &SpiffeId,
         endpoints: &[SocketAddr],
         mut respond: h2::server::SendResponse<bytes::Bytes>,
         body: h2::RecvStream,
@@ -906,6 +957,17 @@ impl Ingress {
     ) {
         use crate::hbone::capsule;
         use crate::splice::{QUIC_BATCH, TunnelRecv, TunnelSend};
+        // Per peer first, as on QUIC: a refused flow costs no descriptor.
+        let peer_budget = self.peer_links.flows(peer);
+        let Some(_per_peer) = peer_budget.take() else {
+            let msg = format!(
+                "{}:{}/udp: this peer already has {} UDP flows open (the limit per peer)",
+                open.service,
+                open.port,
+                self.flows.limits().per_peer
+            );
+            return self.refuse_h2(respond, Refusal::FlowLimit, msg);
+        };
         let Some(_permit) = self.flows.take() else {
             let msg = format!(
                 "{}:{}/udp: the gateway's UDP flows are at their limit",

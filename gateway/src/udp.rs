@@ -20,14 +20,15 @@
 //!   (`oversize`), never fragmented or truncated. So is one that finds the connection's
 //!   datagram buffer full (`tunnel_full`): quinn would otherwise drop older ones unseen.
 //!
-//! - The ingress keeps at most [`FlowLimits`] flows per peer connection and in all, each
+//! - The ingress keeps at most [`FlowLimits`] flows per peer identity (across all its
+//!   QUIC and h2 connections) and in all, each
 //!   holding one socket; beyond, an open is refused with `flow_limit`. The total is a
 //!   quarter of the open-file limit, so UDP flows can never take the descriptors that TCP
 //!   streams and the gateway itself need.
 //!
 //! On h2 a datagram is never oversize (a capsule carries up to 64 KiB) and arrives in
 //! order; an egress flow queues at most `CAPSULE_QUEUE` (256) datagrams for its stream (`tunnel_full`
-//! beyond), and the ingress counts its h2 flows against the same total budget.
+//! beyond), and the ingress counts its h2 flows against the same budgets.
 //!
 //! Drop reasons are stable labels of `meshfed_gateway_udp_drops`.
 
@@ -69,7 +70,7 @@ const SOCKET_BUF: usize = 4 * 1024 * 1024;
 /// How many UDP flows (one socket each) the ingress keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowLimits {
-    /// On one peer connection.
+    /// For one peer identity, across all its connections.
     pub per_peer: usize,
     /// On all of them.
     pub total: usize,
@@ -204,7 +205,7 @@ pub struct IngressFlows {
     flows: Mutex<HashMap<u32, IngressFlow>>,
     reader: OnceLock<()>,
     counters: UdpCounters,
-    /// The gateway's flows, and this connection's.
+    /// The gateway's flows, and this peer's (across its connections).
     budget: Arc<FlowBudget>,
     peer_budget: Arc<FlowBudget>,
 }
@@ -217,16 +218,20 @@ struct IngressFlow {
 }
 
 impl IngressFlows {
-    pub fn new(conn: Connection, metrics: &Metrics, budget: Arc<FlowBudget>) -> Arc<Self> {
+    /// `budget` is the gateway's; `peer_budget` the peer's across all its connections
+    /// ([`crate::admission::PeerLinks::flows`]).
+    pub fn new(
+        conn: Connection,
+        metrics: &Metrics,
+        budget: Arc<FlowBudget>,
+        peer_budget: Arc<FlowBudget>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             conn,
             flows: Mutex::new(HashMap::new()),
             reader: OnceLock::new(),
             counters: metrics.udp("ingress"),
-            peer_budget: FlowBudget::new(FlowLimits {
-                per_peer: budget.limits.per_peer,
-                total: budget.limits.per_peer,
-            }),
+            peer_budget,
             budget,
         })
     }

@@ -488,8 +488,20 @@ async fn sighup_is_logged_and_survived_by_gateway_and_federation() {
 /// of that per peer), refusals are typed (`flow_limit`), and TCP keeps working.
 #[tokio::test(flavor = "multi_thread")]
 async fn udp_flows_cannot_starve_tcp_of_descriptors() {
+    udp_flows_are_bounded_per_peer("quic").await
+}
+
+/// The same over h2, where a peer's flows are spread over a pool of connections. Before,
+/// the h2 ingress counted them against the gateway's total only (16 here), so one peer
+/// could take every flow; now against the peer's budget across all its connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn udp_flows_on_h2_are_bounded_per_peer() {
+    udp_flows_are_bounded_per_peer("h2").await
+}
+
+async fn udp_flows_are_bounded_per_peer(transport: &str) {
     use meshfed_lab::ConfigBuilder;
-    let scratch = Scratch::new("udp-fds");
+    let scratch = Scratch::new(&format!("udp-fds-{transport}"));
     let west = scratch.site("west", "west.example.org");
     let east = scratch.site("east", "east.example.org");
     let (uecho, _task) = crate::udp::udp_echo().await;
@@ -505,6 +517,7 @@ async fn udp_flows_cannot_starve_tcp_of_descriptors() {
     let west_gw = Gw::start_in(&["prlimit", "--nofile=64:64", "--"], &west, &wc).unwrap();
     let ec = ConfigBuilder {
         reload_interval: Some(RELOAD),
+        transport: Some(format!("default: {transport}")),
         ..Default::default()
     }
     .peer(&west, Some(west_gw.quic))
@@ -574,4 +587,57 @@ async fn udp_flows_cannot_starve_tcp_of_descriptors() {
         "{}",
         west_gw.logs()
     );
+}
+
+/// Before: an authenticated peer could hold any number of connections, and each may pin
+/// buffers (an h2 one up to its 32 MiB window). Now one peer identity holds at most 256
+/// (QUIC, h2 and reverse h2 together); the next is closed with the `refused` code, counted
+/// as `handshake_failures{reason="peer_connection_limit"}`, and its gateway's traffic is
+/// untouched. A connection that ends gives its slot back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_cannot_hold_unbounded_connections() {
+    let (s, import) = echo_sites("peer-links").await;
+    echo_once(import).await.unwrap();
+    let west_bundle = meshfed_identity::Ca::load(&s.west.dir.join("ca"))
+        .unwrap()
+        .bundle(1);
+    // 264 connections as east, 4 at a time (within the handshake gate's 16 per address).
+    let mut conns = Vec::new();
+    for _ in 0..66 {
+        let (a, b, c, d) = tokio::join!(
+            quic_as_east(&s, west_bundle.clone()),
+            quic_as_east(&s, west_bundle.clone()),
+            quic_as_east(&s, west_bundle.clone()),
+            quic_as_east(&s, west_bundle.clone()),
+        );
+        for c in [a, b, c, d] {
+            conns.push(c.expect("a handshake as east"));
+        }
+    }
+    let metric = r#"meshfed_gateway_handshake_failures_total{reason="peer_connection_limit"}"#;
+    s.west_gw
+        .wait_metric(metric, 8.0, Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = |c: &quinn::Connection| {
+        matches!(c.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(a)) if a.error_code == quinn::VarInt::from_u32(0x3))
+    };
+    let n = conns.iter().filter(|c| refused(c)).count();
+    // East's own gateway holds at least one of the 256.
+    assert!((9..=16).contains(&n), "{n} of 264 refused");
+    assert_eq!(s.west_gw.metric(metric).await, n as f64);
+    assert!(s.west_gw.logs().contains("peer_connection_limit"));
+    // The peer's gateway carries on over the connection it had.
+    for _ in 0..5 {
+        echo_once(import).await.unwrap();
+    }
+    // Slots come back when connections end.
+    conns.retain(|c| !refused(c));
+    conns.truncate(conns.len() - 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = quic_as_east(&s, west_bundle).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fresh.close_reason().is_none(), "{:?}", fresh.close_reason());
+    assert_eq!(s.west_gw.metric(metric).await, n as f64);
 }
