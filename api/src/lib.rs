@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use meshfed_identity::{SpiffeId, TrustDomain};
 
 use meshfed_catalog::catalog::{
-    Change, Delta, Export, ExportedPort, Protocol, Revision, SiteRecord,
+    AppProtocol, Change, Delta, Export, ExportedPort, Protocol, Revision, SiteRecord,
 };
 use meshfed_catalog::names::{ServiceName, SiteName};
 
@@ -200,6 +200,12 @@ impl From<&ExportedPort> for pb::Port {
                 Protocol::Udp => "udp".into(),
             },
             name: p.name.clone().unwrap_or_default(),
+            // Empty for bytes, as an older federation sends it.
+            app_protocol: if p.app_protocol.is_http() {
+                p.app_protocol.as_str().into()
+            } else {
+                String::new()
+            },
         }
     }
 }
@@ -275,10 +281,26 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
                     ));
                 }
             };
+            let app_protocol = match AppProtocol::parse(&p.app_protocol) {
+                Some(a) if protocol == Protocol::Udp && a.is_http() => {
+                    return Err(bad(
+                        &format!("{f}.app_protocol"),
+                        format!("{a} on a UDP port"),
+                    ));
+                }
+                Some(a) => a,
+                None => {
+                    return Err(bad(
+                        &format!("{f}.app_protocol"),
+                        format!("{:?} is not tcp, http, http2 or grpc", p.app_protocol),
+                    ));
+                }
+            };
             Ok(ExportedPort {
                 port,
                 protocol,
                 name: (!p.name.is_empty()).then(|| p.name.clone()),
+                app_protocol,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -431,6 +453,7 @@ mod tests {
         let e = Export {
             service: ServiceName::parse("orders.shop").unwrap(),
             ports: vec![ExportedPort {
+                app_protocol: Default::default(),
                 port: 53,
                 protocol: Protocol::Udp,
                 name: Some("dns".into()),

@@ -128,6 +128,7 @@ fn export(name: &str) -> pb::ServiceExport {
     pb::ServiceExport {
         service: name.to_owned(),
         ports: vec![pb::Port {
+            app_protocol: Default::default(),
             port: 8080,
             protocol: "tcp".into(),
             name: "http".into(),

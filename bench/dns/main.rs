@@ -106,6 +106,7 @@ fn write_catalog(dir: &Path, n: usize) -> Result<()> {
             Export {
                 service,
                 ports: vec![ExportedPort {
+                    app_protocol: Default::default(),
                     port: 8080,
                     protocol: Protocol::Tcp,
                     name: Some("http".into()),

@@ -40,12 +40,83 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// What a TCP port speaks, which decides whether gateways route its requests (`http`,
+/// `http2`, `grpc`) or carry its bytes (`tcp`). UDP ports are always `tcp` here.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// Opaque bytes.
+    #[default]
+    Tcp,
+    /// HTTP/1.1 (h2c too: the gateway detects it).
+    Http,
+    /// HTTP/2 with prior knowledge.
+    Http2,
+    /// gRPC: HTTP/2 with trailers.
+    Grpc,
+}
+
+impl AppProtocol {
+    /// As on the wire, in configs and in the catalog.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Http2 => "http2",
+            Self::Grpc => "grpc",
+        }
+    }
+
+    /// The wire and config spelling back; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "tcp" | "" => Self::Tcp,
+            "http" => Self::Http,
+            "http2" => Self::Http2,
+            "grpc" => Self::Grpc,
+            _ => return None,
+        })
+    }
+
+    /// Istio's port protocol (`ServiceEntry` `ports[].protocol`, the Service port-name
+    /// prefix convention) or a Kubernetes `appProtocol`, in any case. Protocols the gateway
+    /// does not route (HTTPS, TLS, MONGO, ...) are carried as bytes. Pure.
+    pub fn from_istio(p: &str) -> Self {
+        match p.to_ascii_lowercase().as_str() {
+            "http" | "http1" => Self::Http,
+            "http2" | "h2c" | "kubernetes.io/h2c" => Self::Http2,
+            "grpc" | "grpc-web" => Self::Grpc,
+            _ => Self::Tcp,
+        }
+    }
+
+    /// Whether the gateway terminates HTTP on this port.
+    pub fn is_http(self) -> bool {
+        self != Self::Tcp
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        *self == Self::Tcp
+    }
+}
+
+impl fmt::Display for AppProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportedPort {
     pub port: u16,
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// What the port speaks (TCP ports only).
+    #[serde(default, skip_serializing_if = "AppProtocol::is_tcp")]
+    pub app_protocol: AppProtocol,
 }
 
 /// One site's export of one service.
@@ -369,6 +440,7 @@ mod tests {
         Export {
             service: ServiceName::parse(svc).unwrap(),
             ports: vec![ExportedPort {
+                app_protocol: Default::default(),
                 port: 8080,
                 protocol: Protocol::Tcp,
                 name: Some("http".into()),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use meshfed_identity::SpiffeId;
 
-use crate::catalog::{Catalog, Protocol};
+use crate::catalog::{AppProtocol, Catalog, Protocol};
 use crate::names::{ServiceName, SiteName};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +24,9 @@ pub struct ImportPlan {
     pub protocol: Protocol,
     /// The port's name, from the first exporting site that names it (DNS SRV records).
     pub name: Option<String>,
+    /// What it speaks: the exporting sites' word when they all agree, else `tcp` (bytes
+    /// are carried; an HTTP port's ingress still terminates HTTP itself).
+    pub app_protocol: AppProtocol,
     /// DNS names of the service (hosts of registered legacy services), from every
     /// exporting site.
     pub hosts: Vec<String>,
@@ -65,6 +68,7 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         Option<&'a String>,
         Vec<Candidate<'a>>,
         std::collections::BTreeSet<&'a String>,
+        std::collections::BTreeSet<AppProtocol>,
     );
     let mut ports: BTreeMap<(&ServiceName, u16, Protocol), Entry<'_>> = BTreeMap::new();
     for ((site, service), export) in &catalog.exports {
@@ -79,6 +83,7 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
             if entry.0.is_none() {
                 entry.0 = p.name.as_ref();
             }
+            entry.3.insert(p.app_protocol);
             if usable {
                 entry.1.push((same_locality, export.ready_endpoints, site));
             }
@@ -86,17 +91,24 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
     }
     let imports = ports
         .into_iter()
-        .map(|((service, port, protocol), (name, mut cands, hosts))| {
-            cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
-            ImportPlan {
-                service: service.clone(),
-                port,
-                protocol,
-                name: name.cloned(),
-                hosts: hosts.into_iter().cloned().collect(),
-                backends: cands.into_iter().map(|(_, _, s)| s.clone()).collect(),
-            }
-        })
+        .map(
+            |((service, port, protocol), (name, mut cands, hosts, apps))| {
+                cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+                let app_protocol = match (apps.len(), apps.first()) {
+                    (1, Some(a)) => *a,
+                    _ => AppProtocol::Tcp,
+                };
+                ImportPlan {
+                    service: service.clone(),
+                    port,
+                    protocol,
+                    name: name.cloned(),
+                    app_protocol,
+                    hosts: hosts.into_iter().cloned().collect(),
+                    backends: cands.into_iter().map(|(_, _, s)| s.clone()).collect(),
+                }
+            },
+        )
         .collect();
     SitePlan { peers, imports }
 }
@@ -283,6 +295,7 @@ mod tests {
             imports: names
                 .iter()
                 .map(|n| ImportPlan {
+                    app_protocol: Default::default(),
                     service: ServiceName::parse(n).unwrap(),
                     port: 80,
                     protocol: Protocol::Tcp,
@@ -326,6 +339,7 @@ mod tests {
     fn import_ports_are_stable_distinct_shared_by_tcp_and_udp_and_inside_the_range() {
         let r = PortRange::parse("20000-20009").unwrap();
         let im = |n: &str, port, protocol| ImportPlan {
+            app_protocol: Default::default(),
             service: ServiceName::parse(n).unwrap(),
             port,
             protocol,
@@ -404,6 +418,7 @@ mod tests {
                 export: Export {
                     service: ServiceName::parse(svc).unwrap(),
                     ports: vec![ExportedPort {
+                        app_protocol: Default::default(),
                         port,
                         protocol: Protocol::Tcp,
                         name: None,
@@ -456,6 +471,7 @@ mod tests {
     #[test]
     fn tcp_and_udp_on_one_port_are_two_imports() {
         let port = |protocol, name: &str| ExportedPort {
+            app_protocol: Default::default(),
             port: 53,
             protocol,
             name: Some(name.into()),

@@ -20,7 +20,7 @@ use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::authz::AuthorizationPolicy;
-use crate::catalog::Protocol;
+use crate::catalog::{AppProtocol, Protocol};
 use crate::legacy::LegacyService;
 use crate::names::ServiceName;
 
@@ -222,6 +222,9 @@ pub struct KubePort {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// What a TCP port speaks: from `appProtocol`, else Istio's port-name prefix.
+    #[serde(default, skip_serializing_if = "AppProtocol::is_tcp")]
+    pub app_protocol: AppProtocol,
     /// Ready endpoint addresses with the port the pods listen on.
     pub endpoints: Vec<SocketAddr>,
 }

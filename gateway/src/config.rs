@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use meshfed_catalog::catalog::Protocol;
+pub use meshfed_catalog::catalog::{AppProtocol, Protocol};
 use meshfed_catalog::{ServiceName, SiteName};
 use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::Deserialize;
@@ -376,6 +376,9 @@ pub struct Export {
     pub tls: Option<meshfed_catalog::legacy::TlsOrigination>,
     /// Port names (a registered service's), published for DNS SRV records.
     pub port_names: BTreeMap<(Protocol, u16), String>,
+    /// TCP ports that speak HTTP (`http`, `http2`, `grpc`): the ingress terminates HTTP
+    /// on their streams and picks an endpoint per request. Absent: bytes.
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
     /// Workload identities behind it (a Kubernetes export's service accounts).
     pub identities: Vec<SpiffeId>,
     /// Send a PROXY protocol v2 header to the endpoint: the client's address at the far
@@ -388,6 +391,8 @@ pub struct Import {
     pub service: ServiceName,
     pub port: u16,
     pub protocol: Protocol,
+    /// What a TCP import speaks: `http`, `http2` and `grpc` are routed per request.
+    pub app_protocol: AppProtocol,
     pub site: SiteName,
     pub listen: SocketAddr,
     /// The caller this listener's clients are, declared (see
@@ -395,12 +400,16 @@ pub struct Import {
     pub source_identity: Option<SpiffeId>,
 }
 
-/// `tcp` (the default) or `udp`, in any case.
-fn protocol(p: Option<&str>) -> Result<Protocol, String> {
+/// `tcp` (the default), `udp`, or an HTTP family protocol carried on TCP (`http`,
+/// `http2`, `grpc`), in any case.
+fn protocol(p: Option<&str>) -> Result<(Protocol, AppProtocol), String> {
     match p.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("tcp") => Ok(Protocol::Tcp),
-        Some("udp") => Ok(Protocol::Udp),
-        Some(other) => Err(format!("{other:?} is not tcp or udp")),
+        None => Ok((Protocol::Tcp, AppProtocol::Tcp)),
+        Some("udp") => Ok((Protocol::Udp, AppProtocol::Tcp)),
+        Some(other) => AppProtocol::parse(other)
+            .filter(|_| !other.is_empty())
+            .map(|a| (Protocol::Tcp, a))
+            .ok_or_else(|| format!("{other:?} is not tcp, udp, http, http2 or grpc")),
     }
 }
 
@@ -838,12 +847,16 @@ fn exports(
         }
         let mut ports = BTreeMap::new();
         let mut udp_ports = BTreeMap::new();
+        let mut app_protocols = BTreeMap::new();
         for (j, p) in e.ports.into_iter().enumerate() {
             if p.port == 0 {
                 return Err(v.err(f(&format!("ports[{j}].port")), "port 0"));
             }
-            let protocol = protocol(p.protocol.as_deref())
+            let (protocol, app) = protocol(p.protocol.as_deref())
                 .map_err(|e| v.err(f(&format!("ports[{j}].protocol")), e))?;
+            if app.is_http() {
+                app_protocols.insert(p.port, app);
+            }
             let ports = match protocol {
                 Protocol::Tcp => &mut ports,
                 Protocol::Udp => &mut udp_ports,
@@ -887,6 +900,7 @@ fn exports(
                 hosts: vec![],
                 tls: None,
                 port_names: BTreeMap::new(),
+                app_protocols,
                 identities: vec![],
                 proxy_protocol: e.proxy_protocol,
             },
@@ -935,7 +949,8 @@ fn imports(
         if im.port == 0 {
             return Err(v.err(f("port"), "port 0"));
         }
-        let protocol = protocol(im.protocol.as_deref()).map_err(|e| v.err(f("protocol"), e))?;
+        let (protocol, app_protocol) =
+            protocol(im.protocol.as_deref()).map_err(|e| v.err(f("protocol"), e))?;
         let listen = v.addr(f("listen"), &im.listen)?;
         if listen.port() != 0 && !listens.insert((listen, protocol)) {
             return Err(v.err(f("listen"), format!("{listen} is used by another import")));
@@ -949,6 +964,7 @@ fn imports(
             service,
             port: im.port,
             protocol,
+            app_protocol,
             site: isite,
             listen,
             source_identity,
@@ -1106,7 +1122,10 @@ imports:
         );
         let (f, r) = field_err(&y.replace("protocol: UDP", "protocol: SCTP"));
         assert_eq!(f, "exports[0].ports[1].protocol");
-        assert!(r.contains("\"sctp\" is not tcp or udp"), "{r}");
+        assert!(
+            r.contains("\"sctp\" is not tcp, udp, http, http2 or grpc"),
+            "{r}"
+        );
         let (f, r) = field_err(&y.replace("protocol: UDP, endpoints: [127.0.0.1:9053]", "protocol: udp, endpoints: []}\n      - {port: 7000, protocol: udp, endpoints: [127.0.0.1:1]"));
         assert_eq!(f, "exports[0].ports[2].port");
         assert!(r.contains("udp port 7000 is listed twice"), "{r}");

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::catalog::{AppProtocol, Protocol};
 use meshfed_catalog::{ServiceName, SiteName};
 use meshfed_identity::SpiffeId;
 use meshfed_lifecycle::drain::DrainWatcher;
@@ -50,6 +50,10 @@ pub struct Egress {
     pub open_timeout: Duration,
     /// How TCP clients prove who calls (`local_id` unless they do).
     pub callers: Callers,
+    /// What the port speaks now (the catalog may change it): HTTP-family ports are routed
+    /// per request, by `http`.
+    pub app: Arc<ArcSwap<AppProtocol>>,
+    pub http: Arc<crate::http::egress::HttpEgress>,
 }
 
 /// Callers by source address (`caller_pod_ip`): a pod reflector keeps it.
@@ -72,7 +76,7 @@ pub enum Callers {
 }
 
 /// How long a client of a `caller_mtls` listener has for its TLS handshake.
-const CALLER_HANDSHAKE: Duration = Duration::from_secs(10);
+pub(crate) const CALLER_HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// Caller TLS handshakes in progress at once, gateway-wide; a client past it is reset
 /// (`caller_handshake_limit`).
@@ -107,6 +111,14 @@ impl Egress {
                 _ = stop.cancelled() => return,
             };
             let this = this.clone();
+            if this.app.load().is_http() {
+                let (http, graceful) = (this.http.clone(), drain.token());
+                drain.spawn(
+                    http.serve_client(this, tcp, client, graceful)
+                        .instrument(info_span!("egress_http", %client)),
+                );
+                continue;
+            }
             drain.spawn(
                 async move { this.serve_client(tcp, client).await }
                     .instrument(info_span!("egress", %client)),
@@ -275,7 +287,7 @@ impl Egress {
 
     /// Opens a stream and waits for accept. A dead connection (open failed or no answer in
     /// time) is reported to the dialer and the open is tried once more on a fresh one.
-    async fn open_stream(
+    pub(crate) async fn open_stream(
         &self,
         peer: &PeerHandle,
         open: &Open,
@@ -474,6 +486,7 @@ pub type ImportKey = (ServiceName, u16, Protocol);
 
 struct ImportEntry {
     backends: Backends,
+    app: Arc<ArcSwap<AppProtocol>>,
     addr: SocketAddr,
     stop: CancellationToken,
 }
@@ -509,11 +522,13 @@ impl Imports {
     /// listener's address.
     /// `source`: the caller this listener's clients are (declared per listener);
     /// `None`: the gateway's default.
+    #[allow(clippy::too_many_arguments)]
     pub fn upsert(
         &self,
         service: &ServiceName,
         port: u16,
         protocol: Protocol,
+        app: AppProtocol,
         listen: SocketAddr,
         backends: Vec<SiteName>,
         source: Option<&SpiffeId>,
@@ -521,6 +536,10 @@ impl Imports {
         let mut map = self.lock();
         let key = (service.clone(), port, protocol);
         if let Some(e) = map.get(&key) {
+            if **e.app.load() != app {
+                info!(%service, port, %protocol, app_protocol = %app, "import's protocol changed: new connections use it");
+                e.app.store(Arc::new(app));
+            }
             if **e.backends.load() != backends {
                 info!(%service, port, %protocol, backends = ?backends.iter().map(|s| s.as_str()).collect::<Vec<_>>(), "import re-routed");
                 e.backends.store(Arc::new(backends));
@@ -528,6 +547,7 @@ impl Imports {
             return Ok(e.addr);
         }
         let backends = Arc::new(ArcSwap::from_pointee(backends));
+        let app_now = Arc::new(ArcSwap::from_pointee(app));
         let stop = self.drain.token().child_token();
         let eg = Egress {
             service: service.clone(),
@@ -538,6 +558,8 @@ impl Imports {
             metrics: self.metrics.clone(),
             open_timeout: self.open_timeout,
             callers: self.callers.clone(),
+            app: app_now.clone(),
+            http: Arc::new(crate::http::egress::HttpEgress::new(service, port)),
         };
         let addr = match protocol {
             Protocol::Tcp => {
@@ -558,11 +580,12 @@ impl Imports {
                 addr
             }
         };
-        info!(%service, port, %protocol, %addr, "import listening");
+        info!(%service, port, %protocol, app_protocol = %app, %addr, "import listening");
         map.insert(
             key,
             ImportEntry {
                 backends,
+                app: app_now,
                 addr,
                 stop,
             },

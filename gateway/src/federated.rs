@@ -169,6 +169,10 @@ fn export_to_pb(e: &Export) -> pb::ServiceExport {
         .max()
         .unwrap_or(0);
     let port = |p: &u16, protocol: Protocol| pb::Port {
+        app_protocol: match (protocol, e.app_protocols.get(p)) {
+            (Protocol::Tcp, Some(a)) if a.is_http() => a.as_str().into(),
+            _ => String::new(),
+        },
         port: u32::from(*p),
         protocol: protocol.as_str().into(),
         name: e
@@ -266,6 +270,7 @@ impl Agent {
                 &im.service,
                 im.port,
                 im.protocol,
+                im.app_protocol,
                 listen,
                 im.backends.clone(),
                 None,
@@ -560,6 +565,7 @@ mod tests {
             export: CatalogExport {
                 service: svc.parse().unwrap(),
                 ports: vec![ExportedPort {
+                    app_protocol: Default::default(),
                     port: 80,
                     protocol: Protocol::Tcp,
                     name: None,
@@ -653,6 +659,7 @@ mod tests {
     #[test]
     fn an_export_publishes_its_ports_names_and_most_ready_port() {
         let e = Export {
+            app_protocols: Default::default(),
             service: "dns.ops".parse().unwrap(),
             ports: [(53, vec!["10.0.0.1:53".parse().unwrap()])].into(),
             udp_ports: [(

@@ -65,6 +65,8 @@ pub struct Ingress {
     bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
     /// Registered AuthorizationPolicies (`registry.json`), swapped whole.
     pub policies: arc_swap::ArcSwap<authz::PolicyIndex>,
+    /// Pooled connections to the endpoints of HTTP-family ports.
+    upstream: Arc<crate::http::ingress::Upstream>,
     /// TLS origination clients, built on first use.
     tls_clients: std::sync::Mutex<BTreeMap<TlsOrigination, TlsClient>>,
 }
@@ -103,6 +105,9 @@ struct Admitted {
     endpoints: Vec<SocketAddr>,
     tls: Option<TlsOrigination>,
     proxy: bool,
+    /// An HTTP-family port: requests are forwarded one by one (TLS origination and the
+    /// PROXY header are per connection, so a port with either carries bytes).
+    http: Option<meshfed_catalog::catalog::AppProtocol>,
 }
 
 /// Where an accepted open request goes: the export's endpoints for that port.
@@ -220,6 +225,7 @@ impl Ingress {
         bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
     ) -> Self {
         Self {
+            upstream: crate::http::ingress::Upstream::new(connect_timeout, metrics.clone()),
             bundles,
             exports: arc_swap::ArcSwap::from_pointee(exports),
             connect_timeout,
@@ -577,6 +583,24 @@ impl Ingress {
                 .serve_udp(&open, flow, &admitted.endpoints, send, recv, udp, stop)
                 .await;
         }
+        if let Some(app) = admitted.http {
+            let mut send = send;
+            if send.write_all(&Response::Accept.encode()).await.is_err() {
+                return;
+            }
+            debug!(service = %open.service, port = open.port, %peer, source = %open.source, %app, "accepted: HTTP");
+            let _active = self.metrics.stream_started(DIR);
+            let io = crate::http::io::TunnelIo::Quic(send, recv);
+            return crate::http::ingress::serve(
+                self.upstream.clone(),
+                io,
+                open,
+                admitted.endpoints,
+                app,
+                stop,
+            )
+            .await;
+        }
         let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
             Ok(c) => c,
             Err(r) => return self.refuse(send, recv, r.reason, r.message, false).await,
@@ -601,10 +625,17 @@ impl Ingress {
         match decide(&exports, &self.policies.load(), open, peer) {
             Ok(r) => {
                 let e = exports.get(&open.service);
+                let tls = e.and_then(|e| e.tls.clone());
+                let proxy = e.is_some_and(|e| e.proxy_protocol);
+                let http = e
+                    .filter(|_| open.flow.is_none() && tls.is_none() && !proxy)
+                    .and_then(|e| e.app_protocols.get(&open.port).copied())
+                    .filter(|a| a.is_http());
                 Ok(Admitted {
                     endpoints: r.endpoints.to_vec(),
-                    tls: e.and_then(|e| e.tls.clone()),
-                    proxy: e.is_some_and(|e| e.proxy_protocol),
+                    tls,
+                    proxy,
+                    http,
                 })
             }
             Err(r) => {
@@ -630,6 +661,7 @@ impl Ingress {
             endpoints,
             tls,
             proxy,
+            http: _,
         } = admitted;
         let Some((mut tcp, ep)) = self.connect(&endpoints).await else {
             let msg = format!(
@@ -917,6 +949,26 @@ impl Ingress {
                     .serve_h2_udp(&open, &peer, &admitted.endpoints, respond, body, stop)
                     .await;
             }
+            if let Some(app) = admitted.http {
+                let Ok(send) = respond
+                    .send_response(crate::hbone::headers::response(&Response::Accept), false)
+                else {
+                    return;
+                };
+                debug!(%peer, source = %open.source, %app, "accepted (h2): HTTP");
+                let _active = self.metrics.stream_started(DIR);
+                let io = crate::http::io::TunnelIo::h2(send, body);
+                let endpoints = admitted.endpoints;
+                return crate::http::ingress::serve(
+                    self.upstream.clone(),
+                    io,
+                    open.clone(),
+                    endpoints,
+                    app,
+                    stop,
+                )
+                .await;
+            }
             let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
                 Ok(c) => c,
                 Err(r) => return self.refuse_h2(respond, r.reason, r.message),
@@ -1191,6 +1243,7 @@ mod tests {
         m.insert(
             svc.clone(),
             Export {
+                app_protocols: Default::default(),
                 service: svc,
                 ports: [
                     (7000, vec!["127.0.0.1:9000".parse().unwrap()]),
@@ -1210,6 +1263,7 @@ mod tests {
         m.insert(
             svc.clone(),
             Export {
+                app_protocols: Default::default(),
                 service: svc,
                 ports: [(5432, vec!["127.0.0.1:5432".parse().unwrap()])].into(),
                 udp_ports: Default::default(),

@@ -26,6 +26,7 @@ pub mod egress;
 pub mod federated;
 pub mod hbone;
 pub mod health;
+pub mod http;
 pub mod ingress;
 pub mod metrics;
 pub mod origination;
@@ -537,6 +538,7 @@ pub async fn start_with(
                 &im.service,
                 im.port,
                 im.protocol,
+                im.app_protocol,
                 im.listen,
                 vec![im.site.clone()],
                 im.source_identity.as_ref(),

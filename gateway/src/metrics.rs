@@ -135,8 +135,32 @@ pub struct SiteReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub direction: &'static str,
+    /// `2xx` … `5xx` (`1xx` and anything odd as `other`).
+    pub class: &'static str,
+}
+
+/// A status's class label. Pure.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
+    /// HTTP requests on `http`/`http2`/`grpc` ports answered, by direction and status
+    /// class (10 series at most).
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// HTTP attempts retried at the egress, by why the last one failed (`not_sent`,
+    /// `lost`, `status`).
+    pub http_retries: Family<ReasonLabels, Counter>,
     /// 1 for the transport each dialed peer link uses now (at most 32 addresses per
     /// peer site, one series each).
     pub link_transport: Family<LinkLabels, Gauge>,
@@ -190,6 +214,16 @@ impl Metrics {
             self.active_streams.clone(),
         );
         r.register("bytes", "Payload bytes carried", self.bytes.clone());
+        r.register(
+            "http_requests",
+            "HTTP requests answered on HTTP-family ports, by direction and status class",
+            self.http_requests.clone(),
+        );
+        r.register(
+            "http_retries",
+            "HTTP requests tried again at the egress, by why the attempt failed (not_sent, lost, status)",
+            self.http_retries.clone(),
+        );
         r.register(
             "refusals",
             "Streams refused, by stable reason code",
@@ -347,6 +381,21 @@ impl Metrics {
                 site: site.to_owned(),
                 reason,
             })
+            .inc();
+    }
+
+    pub fn http_request(&self, direction: &'static str, status: u16) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                direction,
+                class: status_class(status),
+            })
+            .inc();
+    }
+
+    pub fn http_retry(&self, reason: &'static str) {
+        self.http_retries
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

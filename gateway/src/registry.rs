@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshfed_catalog::ServiceName;
-use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::catalog::{AppProtocol, Protocol};
 use meshfed_catalog::site::Registry;
 use meshfed_catalog::site::{KUBE_EXPORTS_FILE, KubeExports};
 use tokio::sync::watch;
@@ -108,9 +108,14 @@ pub fn exports(
         let mut ports = BTreeMap::new();
         let mut udp_ports = BTreeMap::new();
         let mut port_names = BTreeMap::new();
+        let mut app_protocols = BTreeMap::new();
         for p in &e.ports {
             if !p.name.is_empty() {
                 port_names.insert((p.protocol, p.number), p.name.clone());
+            }
+            let app = AppProtocol::from_istio(&p.app_protocol);
+            if p.protocol == Protocol::Tcp && app.is_http() {
+                app_protocols.insert(p.number, app);
             }
             let mut eps = Vec::new();
             for ep in &e.endpoints {
@@ -156,6 +161,7 @@ pub fn exports(
                         .collect(),
                     tls: e.tls.clone(),
                     port_names,
+                    app_protocols,
                     identities: vec![],
                     proxy_protocol: false,
                 },
@@ -179,6 +185,7 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
                 hosts: vec![],
                 tls: None,
                 port_names: BTreeMap::new(),
+                app_protocols: BTreeMap::new(),
                 identities: e.identities.clone(),
                 proxy_protocol: false,
             };
@@ -189,6 +196,9 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
                 };
                 if let Some(n) = &p.name {
                     ex.port_names.insert((p.protocol, p.port), n.clone());
+                }
+                if p.protocol == Protocol::Tcp && p.app_protocol.is_http() {
+                    ex.app_protocols.insert(p.port, p.app_protocol);
                 }
             }
             (e.service.clone(), ex)
@@ -393,12 +403,14 @@ spec:
                 service: ServiceName::parse("dns.kube-system").unwrap(),
                 ports: vec![
                     KubePort {
+                        app_protocol: Default::default(),
                         port: 53,
                         protocol: Protocol::Udp,
                         name: Some("dns".into()),
                         endpoints: vec!["10.0.0.10:53".parse().unwrap()],
                     },
                     KubePort {
+                        app_protocol: Default::default(),
                         port: 53,
                         protocol: Protocol::Tcp,
                         name: Some("dns-tcp".into()),

@@ -28,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time
 use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
-use meshfed_catalog::catalog::{Catalog, Protocol};
+use meshfed_catalog::catalog::{AppProtocol, Catalog, Protocol};
 use meshfed_catalog::names::{ServiceName, SiteName};
 pub use meshfed_catalog::site::{KubeExport, KubePort};
 
@@ -248,10 +248,25 @@ fn export_one(
                 }
             }
         }
+        // `appProtocol` first (a standard name, or `kubernetes.io/h2c`), then Istio's
+        // convention: a port named `http`, `http-web`, `grpc-api`, ...
+        let app_protocol = match (protocol, &p.app_protocol) {
+            (Protocol::Udp, _) => AppProtocol::Tcp,
+            (_, Some(a)) => AppProtocol::from_istio(a),
+            (_, None) => AppProtocol::from_istio(
+                p.name
+                    .as_deref()
+                    .unwrap_or("")
+                    .split('-')
+                    .next()
+                    .unwrap_or(""),
+            ),
+        };
         ports.push(KubePort {
             port,
             protocol,
             name: p.name.clone(),
+            app_protocol,
             endpoints: endpoints.into_iter().collect(),
         });
     }
@@ -544,6 +559,7 @@ mod tests {
                 export: Export {
                     service: ServiceName::parse("orders.shop").unwrap(),
                     ports: vec![ExportedPort {
+                        app_protocol: Default::default(),
                         port,
                         protocol,
                         name: Some(name.into()),
@@ -573,6 +589,7 @@ mod tests {
         let mine = KubeExport {
             service: ServiceName::parse("orders.shop").unwrap(),
             ports: vec![KubePort {
+                app_protocol: Default::default(),
                 port: 80,
                 protocol: Protocol::Tcp,
                 name: Some("http".into()),

@@ -112,6 +112,9 @@ pub struct ConfigBuilder {
     pub proxy_protocol: Vec<String>,
     /// The `transport` section's lines (e.g. `default: h2`).
     pub transport: Option<String>,
+    /// (service, port, protocol): TCP export and import ports that speak `http`,
+    /// `http2` or `grpc`.
+    pub app_protocols: Vec<(String, u16, String)>,
 }
 
 impl ConfigBuilder {
@@ -143,6 +146,21 @@ impl ConfigBuilder {
         self.imports
             .push((service.into(), port, site.into(), listen));
         self
+    }
+
+    /// Declares that `service:port` (exported or imported over TCP) speaks `protocol`.
+    pub fn speaks(mut self, service: &str, port: u16, protocol: &str) -> Self {
+        self.app_protocols
+            .push((service.into(), port, protocol.into()));
+        self
+    }
+
+    fn app_protocol(&self, service: &str, port: u16) -> String {
+        self.app_protocols
+            .iter()
+            .find(|(s, p, _)| s == service && *p == port)
+            .map(|(_, _, a)| format!("protocol: {a}"))
+            .unwrap_or_default()
     }
 
     pub fn export_udp(mut self, service: &str, port: u16, endpoints: Vec<SocketAddr>) -> Self {
@@ -268,7 +286,8 @@ impl ConfigBuilder {
         for (svc, port, eps, allowed) in &self.exports {
             let _ = writeln!(
                 y,
-                "  - service: {svc}\n    ports:\n      - port: {port}\n        endpoints: [{}]",
+                "  - service: {svc}\n    ports:\n      - port: {port}\n        {}\n        endpoints: [{}]",
+                self.app_protocol(svc, *port),
                 list(eps)
             );
             udp_ports(&mut y, svc);
@@ -297,7 +316,8 @@ impl ConfigBuilder {
         for (svc, port, site, listen) in &self.imports {
             let _ = writeln!(
                 y,
-                "  - service: {svc}\n    port: {port}\n    site: {site}\n    listen: {listen}"
+                "  - service: {svc}\n    port: {port}\n    {}\n    site: {site}\n    listen: {listen}",
+                self.app_protocol(svc, *port),
             );
         }
         for (svc, port, site, listen) in &self.udp_imports {

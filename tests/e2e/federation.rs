@@ -262,6 +262,7 @@ pub(crate) fn export(svc: &str) -> pb::ServiceExport {
     pb::ServiceExport {
         service: svc.into(),
         ports: vec![pb::Port {
+            app_protocol: Default::default(),
             port: 8080,
             protocol: "tcp".into(),
             name: "http".into(),

@@ -156,6 +156,7 @@ fn other_site_exports(port: u16) -> meshfed_catalog::Catalog {
             export: Export {
                 service: "orders.shop".parse().unwrap(),
                 ports: vec![ExportedPort {
+                    app_protocol: Default::default(),
                     port,
                     protocol: Protocol::Tcp,
                     name: Some("http".into()),
@@ -336,6 +337,7 @@ async fn kubernetes_exports_are_published_by_the_gateway_and_imported_elsewhere(
         exports: vec![KubeExport {
             service: "orders.shop".parse().unwrap(),
             ports: vec![KubePort {
+                app_protocol: Default::default(),
                 port,
                 protocol: meshfed_catalog::catalog::Protocol::Tcp,
                 name: Some("http".into()),
@@ -474,6 +476,7 @@ async fn imports_become_service_imports_reaching_the_gateway_and_are_collected_w
     .unwrap();
     let echo = crate::harness::echo_server().await;
     let port = |port, name: &str| KubePort {
+        app_protocol: Default::default(),
         port,
         protocol: Protocol::Tcp,
         name: Some(name.into()),

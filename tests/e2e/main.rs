@@ -9,6 +9,7 @@ mod etcd;
 mod federation;
 mod harness;
 mod hbone;
+mod http;
 mod inproc;
 mod kubeapi;
 mod kubernetes;

@@ -61,6 +61,9 @@ pub struct Port {
     pub protocol: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
     pub name: ::prost::alloc::string::String,
+    /// What a TCP port speaks: "tcp" (or empty: bytes), "http", "http2" or "grpc".
+    #[prost(string, tag = "4")]
+    pub app_protocol: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

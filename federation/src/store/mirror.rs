@@ -367,6 +367,7 @@ mod tests {
         Export {
             service: ServiceName::parse(svc).unwrap(),
             ports: vec![ExportedPort {
+                app_protocol: Default::default(),
                 port: 80,
                 protocol: Protocol::Tcp,
                 name: None,

@@ -68,6 +68,15 @@ impl H2Recv {
             unreleased: 0,
         }
     }
+
+    /// The stream, with what was read given back to the flow-control window.
+    pub fn into_inner(mut self) -> h2::RecvStream {
+        let _ = self
+            .inner
+            .flow_control()
+            .release_capacity(std::mem::take(&mut self.unreleased));
+        self.inner
+    }
 }
 
 impl TunnelSend for H2Send {

@@ -1,0 +1,184 @@
+//! The per-request decisions of the HTTP path, pure and table-tested: whether a failed
+//! attempt is tried again (and where), and the retry budget that caps retries under a
+//! full outage.
+
+use std::time::Duration;
+
+use http::Method;
+
+/// How one attempt ended, as far as retrying cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// No request byte reached the far side: no link, or a typed refusal of the tunnel
+    /// open (unknown service, no ready endpoint, ...). Always safe to send elsewhere.
+    NotSent,
+    /// The request was sent and the tunnel or the far side failed before an answer.
+    Lost,
+    /// The far side answered with this status.
+    Status(u16),
+}
+
+/// Methods RFC 9110 §9.2.2 calls idempotent: a retry after the request was sent cannot
+/// do twice what the client asked once.
+pub fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Statuses worth another site (Envoy's `5xx`-family retry-on, narrowed to what a gateway
+/// hop produces: the far gateway or endpoint unavailable, or a gateway timeout).
+pub fn retryable_status(status: u16) -> bool {
+    matches!(status, 502..=504)
+}
+
+/// Whether attempt `attempt` (0 the first) that ended in `outcome` is tried again, given
+/// at most `retries` retries, whether the body can be replayed, and whether the budget
+/// allows one now. Pure.
+pub fn retry(
+    method: &Method,
+    outcome: Outcome,
+    attempt: u32,
+    retries: u32,
+    replayable: bool,
+    budget_allows: bool,
+) -> bool {
+    if attempt >= retries || !replayable || !budget_allows {
+        return false;
+    }
+    match outcome {
+        Outcome::NotSent => true,
+        Outcome::Lost => idempotent(method),
+        Outcome::Status(s) => retryable_status(s) && idempotent(method),
+    }
+}
+
+/// Linkerd's retry budget: within the last `ttl`, retries may be at most `ratio` of the
+/// requests plus `min_per_sec` × `ttl`. So a full outage adds at most that much load,
+/// however many attempts a route allows. Time is passed in, in milliseconds since any
+/// fixed start; buckets are one second wide.
+#[derive(Clone, Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    min_per_sec: u32,
+    /// One bucket per second of the ttl: (second, requests, retries).
+    buckets: Vec<(u64, u32, u32)>,
+}
+
+impl RetryBudget {
+    pub fn new(ratio: f64, min_per_sec: u32, ttl: Duration) -> Self {
+        let n = ttl.as_secs().max(1) as usize;
+        Self {
+            ratio,
+            min_per_sec,
+            buckets: vec![(u64::MAX, 0, 0); n],
+        }
+    }
+
+    /// 20 % extra load, 10 retries per second, over 10 s: Linkerd's defaults.
+    pub fn linkerd_default() -> Self {
+        Self::new(0.2, 10, Duration::from_secs(10))
+    }
+
+    fn bucket(&mut self, now_ms: u64) -> &mut (u64, u32, u32) {
+        let sec = now_ms / 1000;
+        let n = self.buckets.len();
+        let b = &mut self.buckets[(sec % n as u64) as usize];
+        if b.0 != sec {
+            *b = (sec, 0, 0);
+        }
+        b
+    }
+
+    fn totals(&self, now_ms: u64) -> (u64, u64) {
+        let sec = now_ms / 1000;
+        let n = self.buckets.len() as u64;
+        self.buckets
+            .iter()
+            .filter(|b| b.0 != u64::MAX && b.0 <= sec && sec - b.0 < n)
+            .fold((0, 0), |(r, t), b| (r + u64::from(b.1), t + u64::from(b.2)))
+    }
+
+    /// A first attempt was made.
+    pub fn deposit(&mut self, now_ms: u64) {
+        self.bucket(now_ms).1 += 1;
+    }
+
+    /// Takes one retry if the budget has one.
+    pub fn withdraw(&mut self, now_ms: u64) -> bool {
+        let (requests, retries) = self.totals(now_ms);
+        let ttl = self.buckets.len() as f64;
+        let allowed = self.ratio * requests as f64 + f64::from(self.min_per_sec) * ttl;
+        if (retries as f64) < allowed {
+            self.bucket(now_ms).2 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_retried() {
+        use Outcome::*;
+        let (get, post) = (Method::GET, Method::POST);
+        // (method, outcome, attempt, retries, replayable, budget) → retried
+        let rows: &[(&Method, Outcome, u32, u32, bool, bool, bool)] = &[
+            // Never sent: anything may go elsewhere, even a POST.
+            (&post, NotSent, 0, 2, true, true, true),
+            (&get, NotSent, 1, 2, true, true, true),
+            // Out of attempts, budget, or a body that cannot be replayed.
+            (&get, NotSent, 2, 2, true, true, false),
+            (&get, NotSent, 0, 2, true, false, false),
+            (&get, NotSent, 0, 2, false, true, false),
+            (&get, NotSent, 0, 0, true, true, false),
+            // Sent: only idempotent requests.
+            (&get, Lost, 0, 2, true, true, true),
+            (&post, Lost, 0, 2, true, true, false),
+            (&get, Status(503), 0, 2, true, true, true),
+            (&get, Status(502), 0, 2, true, true, true),
+            (&get, Status(504), 0, 2, true, true, true),
+            (&Method::PUT, Status(503), 0, 2, true, true, true),
+            (&post, Status(503), 0, 2, true, true, false),
+            // Other statuses are the answer.
+            (&get, Status(500), 0, 2, true, true, false),
+            (&get, Status(404), 0, 2, true, true, false),
+            (&get, Status(200), 0, 2, true, true, false),
+        ];
+        for (i, (m, o, a, r, rep, b, want)) in rows.iter().enumerate() {
+            assert_eq!(retry(m, *o, *a, *r, *rep, *b), *want, "row {i}: {m} {o:?}");
+        }
+    }
+
+    #[test]
+    fn the_budget_caps_retries_at_the_ratio_plus_the_floor() {
+        let mut b = RetryBudget::new(0.2, 1, Duration::from_secs(10));
+        // 1000 requests in one second, all failing: 0.2 × 1000 + 1 × 10 retries.
+        let mut granted = 0;
+        for i in 0..1000 {
+            b.deposit(5_000 + i);
+            if b.withdraw(5_000 + i) {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 210);
+        // Nothing more in the same window.
+        assert!(!b.withdraw(5_999));
+        // Ten seconds on, the window has moved past it: the floor again.
+        let later = 16_000;
+        let got = (0..20).filter(|_| b.withdraw(later)).count();
+        assert_eq!(got, 10);
+    }
+
+    #[test]
+    fn an_idle_budget_still_allows_the_floor() {
+        let mut b = RetryBudget::linkerd_default();
+        let got = (0..200).filter(|_| b.withdraw(1_000)).count();
+        assert_eq!(got, 100, "10 per second over 10 s");
+    }
+}

@@ -1,0 +1,343 @@
+//! The egress half of the HTTP path: an import listener that routes each request.
+//!
+//! Each client connection is served by hyper (HTTP/1.1, or h2 with prior knowledge; an
+//! HTTP/1.1 `Upgrade: h2c` is answered as HTTP/1.1). For each request:
+//! 1. headers change as `headers::from_client` says;
+//! 2. a body known to be at most [`REPLAY_MAX`] is buffered so it can be sent again;
+//!    a longer or unknown one streams, and is never retried;
+//! 3. the site is the next of the import's backends (best first) not tried yet;
+//! 4. the request goes over that site's h2 link for the caller, opened on demand as a
+//!    tunnel stream with the usual open request (so the far side decides exactly as for
+//!    a TCP connection) and kept while it lives;
+//! 5. `decide::retry` and the budget say whether another attempt follows.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshfed_catalog::SiteName;
+use meshfed_identity::SpiffeId;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::decide::{self, Outcome, RetryBudget};
+use super::io::TunnelIo;
+use super::{Body, ERROR_HEADER, error_response, full, headers};
+use crate::egress::{Callers, Egress, Stream, budget};
+use crate::splice::reset_tcp;
+use crate::wire::{Open, Refusal};
+
+/// The largest request body buffered for a retry (Envoy's default buffer limit is 1 MiB;
+/// gateways see many requests at once, so less).
+pub const REPLAY_MAX: u64 = 64 * 1024;
+/// Retries after the first attempt (Istio's default `attempts: 2`).
+pub const RETRIES: u32 = 2;
+
+/// What an import port keeps for routing requests: its links, its retry budget.
+pub struct HttpEgress {
+    /// One slot per (site, caller); a slot's lock is held only while its link opens.
+    links: Mutex<HashMap<(SiteName, SpiffeId), Arc<LinkSlot>>>,
+    budget: Mutex<RetryBudget>,
+    start: Instant,
+    import: String,
+}
+
+type LinkSlot = tokio::sync::Mutex<Option<SendRequest<Body>>>;
+
+/// What a request's body is, for replay.
+enum ReqBody {
+    /// Buffered: can be sent again.
+    Full(Bytes),
+    /// Streamed, taken by the first attempt.
+    Stream(Option<Incoming>),
+}
+
+impl HttpEgress {
+    pub fn new(service: &meshfed_catalog::ServiceName, port: u16) -> Self {
+        let import = format!("{service}:{port}");
+        Self {
+            links: Default::default(),
+            budget: Mutex::new(RetryBudget::linkerd_default()),
+            start: Instant::now(),
+            import,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Serves one client connection of `eg`'s listener; `stop` (the drain) lets the
+    /// requests in flight finish.
+    pub async fn serve_client(
+        self: Arc<Self>,
+        eg: Arc<Egress>,
+        tcp: TcpStream,
+        client: SocketAddr,
+        stop: CancellationToken,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let caller = match &eg.callers {
+            Callers::Declared => eg.local_id.clone(),
+            Callers::SourceAddress(dir) => match dir.load().get(&client.ip().to_canonical()) {
+                Some(id) => id.clone(),
+                None => {
+                    debug!("no workload has this source address; connection refused");
+                    eg.metrics.refused("egress", "caller_unauthenticated");
+                    reset_tcp(tcp);
+                    return;
+                }
+            },
+            Callers::Mtls(acceptor, slots) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    eg.metrics.refused("egress", "caller_handshake_limit");
+                    reset_tcp(tcp);
+                    return;
+                };
+                let hs =
+                    tokio::time::timeout(crate::egress::CALLER_HANDSHAKE, acceptor.accept(tcp))
+                        .await;
+                drop(slot);
+                let Ok(Ok(tls)) = hs else {
+                    eg.metrics.refused("egress", "caller_unauthenticated");
+                    return;
+                };
+                let Some(caller) = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| meshfed_identity::verify::peer_id(c).ok())
+                else {
+                    eg.metrics.refused("egress", "caller_unauthenticated");
+                    return;
+                };
+                return self.serve_http(eg, tls, client, caller, stop).await;
+            }
+        };
+        self.serve_http(eg, tcp, client, caller, stop).await
+    }
+
+    async fn serve_http<IO>(
+        self: Arc<Self>,
+        eg: Arc<Egress>,
+        io: IO,
+        client: SocketAddr,
+        caller: SpiffeId,
+        stop: CancellationToken,
+    ) where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let caller = Arc::new(caller);
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (this, eg, caller) = (this.clone(), eg.clone(), caller.clone());
+            async move {
+                Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
+            }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "client HTTP connection ended");
+                }
+            }
+            _ = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    /// One request, with its attempts.
+    async fn request(
+        &self,
+        eg: &Egress,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        caller: &SpiffeId,
+    ) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        headers::from_client(&mut parts, client, &self.import);
+        let mut body = if body.is_end_stream() {
+            ReqBody::Full(Bytes::new())
+        } else if body.size_hint().upper().is_some_and(|n| n <= REPLAY_MAX) {
+            match body.collect().await {
+                Ok(b) => ReqBody::Full(b.to_bytes()),
+                Err(e) => {
+                    debug!(error = %e, "client body lost");
+                    return error_response(400, "client_body", &e.to_string());
+                }
+            }
+        } else {
+            ReqBody::Stream(Some(body))
+        };
+        let metrics = &eg.metrics;
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .deposit(self.now_ms());
+        let backends = eg.backends.load_full();
+        if backends.is_empty() {
+            metrics.http_request("egress", 503);
+            let msg = format!("no site serves {}", self.import);
+            return error_response(503, Refusal::NoReadyEndpoint.as_str(), &msg);
+        }
+        let mut tried: Vec<&SiteName> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            // The best site not tried yet; when all were, round again (the far ingress
+            // picks another endpoint).
+            let site = backends
+                .iter()
+                .find(|s| !tried.contains(s))
+                .unwrap_or(&backends[attempt as usize % backends.len()]);
+            tried.push(site);
+            let i = backends.iter().position(|s| s == site).unwrap_or(0);
+            let replayable = matches!(body, ReqBody::Full(_));
+            let b = match &mut body {
+                ReqBody::Full(b) => full(b.clone()),
+                ReqBody::Stream(s) => match s.take() {
+                    Some(s) => s.map_err(super::boxed_err).boxed(),
+                    None => full(Bytes::new()),
+                },
+            };
+            let mut req = Request::new(b);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.headers_mut() = parts.headers.clone();
+            *req.version_mut() = http::Version::HTTP_2;
+            let (outcome, answer) = match self.link(eg, site, i, backends.len(), caller).await {
+                Err((reason, message)) => {
+                    if !reason.retryable_elsewhere() {
+                        metrics.http_request("egress", 503);
+                        return error_response(503, reason.as_str(), &message);
+                    }
+                    (
+                        Outcome::NotSent,
+                        error_response(503, reason.as_str(), &message),
+                    )
+                }
+                Ok(mut link) => match link.send_request(req).await {
+                    Ok(resp) => {
+                        let outcome = match resp
+                            .headers()
+                            .get(ERROR_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                        {
+                            Some(super::ENDPOINT_RESET) => Outcome::Lost,
+                            // A refusal code from the far gateway: nothing was sent.
+                            Some(_) => Outcome::NotSent,
+                            None => Outcome::Status(resp.status().as_u16()),
+                        };
+                        let (p, b) = resp.into_parts();
+                        (
+                            outcome,
+                            Response::from_parts(p, b.map_err(super::boxed_err).boxed()),
+                        )
+                    }
+                    Err(e) => {
+                        // The link is gone: the next request opens another.
+                        self.forget(site, caller);
+                        let msg = format!("site {site}: {e}");
+                        (
+                            Outcome::Lost,
+                            error_response(502, super::ENDPOINT_RESET, &msg),
+                        )
+                    }
+                },
+            };
+            let again = decide::retry(&parts.method, outcome, attempt, RETRIES, replayable, true)
+                && self
+                    .budget
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .withdraw(self.now_ms());
+            if again {
+                debug!(%site, ?outcome, attempt, "retrying at the next site");
+                metrics.http_retry(match outcome {
+                    Outcome::NotSent => "not_sent",
+                    Outcome::Lost => "lost",
+                    Outcome::Status(_) => "status",
+                });
+                attempt += 1;
+                continue;
+            }
+            metrics.http_request("egress", answer.status().as_u16());
+            return answer;
+        }
+    }
+
+    /// The h2 link to `site` for `caller`, opened on a tunnel stream when there is none.
+    async fn link(
+        &self,
+        eg: &Egress,
+        site: &SiteName,
+        i: usize,
+        n: usize,
+        caller: &SpiffeId,
+    ) -> Result<SendRequest<Body>, (Refusal, String)> {
+        let slot = self
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((site.clone(), caller.clone()))
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(l) = slot.as_ref()
+            && !l.is_closed()
+        {
+            return Ok(l.clone());
+        }
+        *slot = None;
+        let Some(peer) = eg.peers.get(site) else {
+            return Err((
+                Refusal::PeerUnavailable,
+                format!("site {site} is not a peer"),
+            ));
+        };
+        let open = Open {
+            source: caller.clone(),
+            ..eg.open_request(None)
+        };
+        let b = budget(i, n, eg.open_timeout);
+        let stream = eg.open_stream(&peer, &open, b.connection, b.answer).await?;
+        let io = match stream {
+            Stream::Quic(_, send, recv) => TunnelIo::Quic(send, recv),
+            Stream::H2(send, recv) => TunnelIo::h2(send.0, recv.into_inner()),
+        };
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(8 << 20)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| (Refusal::PeerUnavailable, format!("h2 over the tunnel: {e}")))?;
+        let site_name = site.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, site = %site_name, "HTTP link over the tunnel ended");
+            }
+        });
+        *slot = Some(send.clone());
+        Ok(send)
+    }
+
+    /// Drops a link that failed a request; the next request opens another.
+    fn forget(&self, site: &SiteName, caller: &SpiffeId) {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(site.clone(), caller.clone()));
+    }
+}

@@ -1,0 +1,268 @@
+//! How a request's and a response's headers change at each gateway hop. Pure.
+//!
+//! - Hop-by-hop headers (RFC 9110 §7.6.1: `connection` and the fields it names,
+//!   `keep-alive`, `proxy-connection`, `transfer-encoding`, `upgrade`, and `te` other
+//!   than `trailers`, which gRPC needs) are not forwarded.
+//! - The egress appends the client's address to `x-forwarded-for`.
+//! - The ingress replaces `x-forwarded-client-cert` with the caller the egress vouched
+//!   for (`URI=<SPIFFE ID>`, Envoy's format), so an endpoint can trust it, and strips
+//!   `meshfed-*` headers from endpoint answers: only a gateway speaks for the tunnel.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, Scheme, Uri};
+use meshfed_catalog::catalog::AppProtocol;
+use meshfed_identity::SpiffeId;
+
+const XFF: &str = "x-forwarded-for";
+const XFCC: &str = "x-forwarded-client-cert";
+
+/// Removes the hop-by-hop headers, keeping `te: trailers`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(n);
+    }
+    let trailers = h
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    h.remove(header::TE);
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes every `meshfed-*` header.
+pub fn strip_meshfed(h: &mut HeaderMap) {
+    let ours: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("meshfed-"))
+        .cloned()
+        .collect();
+    for k in ours {
+        h.remove(k);
+    }
+}
+
+fn append_xff(h: &mut HeaderMap, ip: IpAddr) {
+    let v = match h.get(XFF).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+        _ => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        h.insert(XFF, v);
+    }
+}
+
+/// A client's request at the egress, before it enters the tunnel: hop-by-hop headers
+/// and `meshfed-*` headers removed, the client appended to `x-forwarded-for`, and an
+/// absolute URI (h2 needs `:scheme` and `:authority`; from `Host` for HTTP/1.1).
+pub fn from_client(p: &mut Parts, client: SocketAddr, import: &str) {
+    strip_hop_by_hop(&mut p.headers);
+    strip_meshfed(&mut p.headers);
+    append_xff(&mut p.headers, client.ip().to_canonical());
+    let authority = p
+        .uri
+        .authority()
+        .cloned()
+        .or_else(|| {
+            p.headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<Authority>().ok())
+        })
+        .or_else(|| import.parse::<Authority>().ok());
+    let mut u = p.uri.clone().into_parts();
+    u.scheme = Some(p.uri.scheme().cloned().unwrap_or(Scheme::HTTP));
+    u.authority = authority;
+    if u.path_and_query.is_none() {
+        u.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(uri) = Uri::from_parts(u) {
+        p.uri = uri;
+    }
+    // h2 carries the authority in the URI.
+    p.headers.remove(header::HOST);
+}
+
+/// A request at the ingress, toward endpoint `ep`: the URI points at the endpoint, the
+/// original authority stays in `Host` (HTTP/1.1) or `:authority` (h2), and the caller
+/// and client are set.
+pub fn to_endpoint(
+    p: &mut Parts,
+    ep: SocketAddr,
+    app: AppProtocol,
+    caller: &SpiffeId,
+    client: Option<SocketAddr>,
+) {
+    strip_hop_by_hop(&mut p.headers);
+    strip_meshfed(&mut p.headers);
+    let authority = p.uri.authority().cloned().or_else(|| {
+        p.headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<Authority>().ok())
+    });
+    if let Some(c) = client {
+        append_xff(&mut p.headers, c.ip().to_canonical());
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("URI={caller}")) {
+        p.headers.insert(XFCC, v);
+    }
+    let path = p
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    if app == AppProtocol::Http {
+        // HTTP/1.1 to the endpoint: the client's authority as Host, the endpoint in the URI
+        // for the pool's key.
+        if let Some(a) = &authority
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            p.headers.insert(header::HOST, v);
+        }
+        p.version = http::Version::HTTP_11;
+    } else {
+        p.headers.remove(header::HOST);
+        p.version = http::Version::HTTP_2;
+    }
+    if let Ok(uri) = format!("http://{ep}{path}").parse() {
+        p.uri = uri;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stop_at_the_hop() {
+        let mut p = parts(
+            "/",
+            &[
+                ("connection", "keep-alive, x-private"),
+                ("x-private", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "gzip, trailers"),
+                ("transfer-encoding", "chunked"),
+                ("upgrade", "h2c"),
+                ("x-kept", "yes"),
+            ],
+        );
+        strip_hop_by_hop(&mut p.headers);
+        let mut names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-kept"]);
+        assert_eq!(p.headers["te"], "trailers");
+        let mut p = parts("/", &[("te", "gzip")]);
+        strip_hop_by_hop(&mut p.headers);
+        assert!(p.headers.get("te").is_none());
+    }
+
+    #[test]
+    fn a_client_request_gets_an_absolute_uri_and_its_address() {
+        let c: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        // (uri, host, xff before) → (uri after, xff after)
+        let rows = [
+            (
+                "/a?b=1",
+                Some("shop.example:8080"),
+                None,
+                "http://shop.example:8080/a?b=1",
+                "10.1.2.3",
+            ),
+            (
+                "/",
+                None,
+                Some("192.0.2.1"),
+                "http://echo.demo:7000/",
+                "192.0.2.1, 10.1.2.3",
+            ),
+            (
+                "http://x.test/p",
+                Some("ignored"),
+                None,
+                "http://x.test/p",
+                "10.1.2.3",
+            ),
+        ];
+        for (uri, host, xff, want_uri, want_xff) in rows {
+            let mut h = vec![("meshfed-error", "forged")];
+            if let Some(host) = host {
+                h.push(("host", host));
+            }
+            if let Some(x) = xff {
+                h.push(("x-forwarded-for", x));
+            }
+            let mut p = parts(uri, &h);
+            from_client(&mut p, c, "echo.demo:7000");
+            assert_eq!(p.uri.to_string(), want_uri, "{uri}");
+            assert_eq!(p.headers[XFF], want_xff, "{uri}");
+            assert!(p.headers.get("host").is_none());
+            assert!(p.headers.get("meshfed-error").is_none());
+        }
+    }
+
+    #[test]
+    fn the_endpoint_sees_the_vouched_caller_not_a_forged_one() {
+        let caller = SpiffeId::new("spiffe://east.example.org/ns/shop/sa/web").unwrap();
+        let ep: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let client: SocketAddr = "10.0.0.9:1".parse().unwrap();
+        for (app, want_host, want_version) in [
+            (
+                AppProtocol::Http,
+                Some("shop.example"),
+                http::Version::HTTP_11,
+            ),
+            (AppProtocol::Grpc, None, http::Version::HTTP_2),
+        ] {
+            let mut p = parts(
+                "http://shop.example/svc.Echo/Say",
+                &[("x-forwarded-client-cert", "URI=spiffe://evil/x")],
+            );
+            to_endpoint(&mut p, ep, app, &caller, Some(client));
+            assert_eq!(p.uri.to_string(), "http://127.0.0.1:9000/svc.Echo/Say");
+            assert_eq!(
+                p.headers[XFCC],
+                "URI=spiffe://east.example.org/ns/shop/sa/web"
+            );
+            assert_eq!(p.headers[XFF], "10.0.0.9");
+            assert_eq!(
+                p.headers.get("host").map(|h| h.to_str().unwrap()),
+                want_host
+            );
+            assert_eq!(p.version, want_version);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The ingress half of the HTTP path. An accepted stream for an HTTP-family port carries
+//! HTTP (h2 from a meshfed egress, or whatever the client spoke when the egress carried
+//! bytes: hyper detects HTTP/1.1 or h2 prior knowledge). Each request goes to one of the
+//! export's endpoints, round-robin, over connections pooled per endpoint (HTTP/1.1 for
+//! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
+//! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
+//! appended to `x-forwarded-for`. When no connection to the endpoint can be made, the
+//! answer is `503` with `meshfed-error: endpoint_connect_failed`, which tells the egress
+//! that nothing was sent, so it may try another site even for a POST; a request lost
+//! after it was sent is `502` with `meshfed-error: endpoint_reset`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshfed_catalog::catalog::AppProtocol;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{Body, error_response, headers};
+use crate::metrics::Metrics;
+use crate::wire::{Open, Refusal};
+
+/// Pooled connections toward endpoints, shared by every stream: HTTP/1.1 through
+/// hyper's pool (keyed by the endpoint in the URI; the client's authority stays in
+/// `Host`), h2 one multiplexed connection per endpoint (so `:authority` stays the
+/// client's).
+pub struct Upstream {
+    h1: Client<HttpConnector, Body>,
+    h2: tokio::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    connect_timeout: Duration,
+    next: AtomicUsize,
+    metrics: Metrics,
+}
+
+/// Why a request did not reach an endpoint's answer.
+enum UpstreamError {
+    /// Nothing was sent.
+    Connect(String),
+    /// Sent, then lost.
+    Lost(String),
+}
+
+impl Upstream {
+    pub fn new(connect_timeout: Duration, metrics: Metrics) -> Arc<Self> {
+        let mut c = HttpConnector::new();
+        c.set_connect_timeout(Some(connect_timeout));
+        c.set_nodelay(true);
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(c);
+        Arc::new(Self {
+            h1,
+            h2: Default::default(),
+            connect_timeout,
+            next: AtomicUsize::new(0),
+            metrics,
+        })
+    }
+
+    /// The h2 connection to `ep`, dialed when there is none or it ended.
+    async fn h2_to(&self, ep: SocketAddr) -> Result<SendRequest<Body>, String> {
+        let mut map = self.h2.lock().await;
+        if let Some(s) = map.get(&ep)
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(ep))
+            .await
+            .map_err(|_| format!("no connection within {:?}", self.connect_timeout))?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .adaptive_window(true)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("h2 handshake: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, %ep, "h2 connection to the endpoint ended");
+            }
+        });
+        map.insert(ep, send.clone());
+        Ok(send)
+    }
+
+    async fn send(
+        &self,
+        req: Request<Body>,
+        ep: SocketAddr,
+        app: AppProtocol,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if app == AppProtocol::Http {
+            return self.h1.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    UpstreamError::Connect(format!("{e:?}"))
+                } else {
+                    UpstreamError::Lost(format!("{e:?}"))
+                }
+            });
+        }
+        let mut send = self.h2_to(ep).await.map_err(UpstreamError::Connect)?;
+        send.ready()
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        send.send_request(req).await.map_err(|e| {
+            if e.is_canceled() {
+                UpstreamError::Connect(e.to_string())
+            } else {
+                UpstreamError::Lost(e.to_string())
+            }
+        })
+    }
+
+    /// One request to the next endpoint in turn.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        endpoints: &[SocketAddr],
+        app: AppProtocol,
+        open: &Open,
+    ) -> Response<Body> {
+        let ep = endpoints[self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        let (mut parts, body) = req.into_parts();
+        headers::to_endpoint(&mut parts, ep, app, &open.source, open.client);
+        let req = Request::from_parts(parts, body.map_err(super::boxed_err).boxed());
+        match self.send(req, ep, app).await {
+            Ok(resp) => {
+                self.metrics.http_request("ingress", resp.status().as_u16());
+                let (mut parts, body) = resp.into_parts();
+                // Only this gateway speaks for the tunnel.
+                headers::strip_meshfed(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(super::boxed_err).boxed())
+            }
+            Err(e) => {
+                // A connect error sent nothing: the egress may try another site.
+                let (status, code, e) = match e {
+                    UpstreamError::Connect(e) => (503, Refusal::EndpointConnectFailed.as_str(), e),
+                    UpstreamError::Lost(e) => (502, super::ENDPOINT_RESET, e),
+                };
+                let msg = format!("{}:{} endpoint {ep}: {e}", open.service, open.port);
+                debug!(%msg, code, "HTTP request to the endpoint failed");
+                self.metrics.http_request("ingress", status);
+                error_response(status, code, &msg)
+            }
+        }
+    }
+}
+
+/// Serves the HTTP carried by one accepted stream until either side ends it, or `stop`
+/// (the drain), which lets requests in flight finish.
+pub async fn serve<IO>(
+    upstream: Arc<Upstream>,
+    io: IO,
+    open: Open,
+    endpoints: Vec<SocketAddr>,
+    app: AppProtocol,
+    stop: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let open = Arc::new(open);
+    let endpoints: Arc<[SocketAddr]> = endpoints.into();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (upstream, open, endpoints) = (upstream.clone(), open.clone(), endpoints.clone());
+        async move {
+            Ok::<_, std::convert::Infallible>(upstream.forward(req, &endpoints, app, &open).await)
+        }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, "HTTP over the tunnel ended");
+            }
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

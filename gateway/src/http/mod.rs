@@ -1,0 +1,62 @@
+//! The HTTP path: ports whose protocol is `http`, `http2` or `grpc` are routed per
+//! request, not per connection.
+//!
+//! - `egress`: the import listener terminates HTTP/1.1 and h2 (prior knowledge) with
+//!   hyper, picks a site for each request, and sends it over one h2 connection per
+//!   (site, caller) that runs inside a tunnel stream (QUIC or h2 CONNECT: the same open,
+//!   the same decision at the far side). A request that was not sent, or an idempotent
+//!   one answered 502–504 or lost, is tried again at the next site, within a retry
+//!   budget.
+//! - `ingress`: the far side serves HTTP on that stream and forwards each request to an
+//!   endpoint over pooled connections.
+//! - `decide` (pure): retry eligibility and the retry budget; `headers` (pure): what
+//!   changes at each hop; `io`: a tunnel stream as a byte stream for hyper.
+//!
+//! Errors a gateway answers itself carry `meshfed-error: <stable code>` (the refusal
+//! codes of the wire protocol, and `endpoint_reset`, `no_site`) and the reason as the
+//! body; the same code is the metric label.
+
+pub mod decide;
+pub mod egress;
+pub mod headers;
+pub mod ingress;
+pub mod io;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+/// The body type both halves pass on: streamed from the other side, or buffered.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The header carrying the code of an error a gateway answered itself.
+pub const ERROR_HEADER: &str = "meshfed-error";
+/// A request the endpoint connection lost after it was sent.
+pub const ENDPOINT_RESET: &str = "endpoint_reset";
+
+pub(crate) fn boxed_err<E: Into<BoxError>>(e: E) -> BoxError {
+    e.into()
+}
+
+pub(crate) fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed()
+}
+
+/// An answer from the gateway itself: `status`, `meshfed-error: code`, the message as
+/// the body.
+pub(crate) fn error_response(
+    status: u16,
+    code: &'static str,
+    message: &str,
+) -> http::Response<Body> {
+    let mut r = http::Response::new(full(Bytes::from(format!("{code}: {message}\n"))));
+    *r.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+    r.headers_mut()
+        .insert(ERROR_HEADER, http::HeaderValue::from_static(code));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

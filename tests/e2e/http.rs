@@ -1,0 +1,291 @@
+//! HTTP-family ports (`protocol: http | http2 | grpc`) between real gateways: requests
+//! routed one by one through the tunnel on either transport, with `curl` (HTTP/1.1 and
+//! h2 prior knowledge) and a hyper h2 client streaming a gRPC-shaped call with
+//! trailers; retries at another site, under the retry budget.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::harness::*;
+
+/// What an endpoint answers: `x-status: N` sets the status (default: the endpoint's
+/// own); `POST /stream` echoes the body frame by frame and ends with the trailers
+/// `grpc-status: 0` and `x-seen: <bytes>`; anything else gets one line naming the
+/// site, method, path, caller (`x-forwarded-client-cert`) and `x-forwarded-for`.
+async fn http_endpoint(site: &'static str, status: u16) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = listen();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    h.fetch_add(1, Ordering::Relaxed);
+                    answer(site, status, req)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+async fn answer(
+    site: &'static str,
+    status: u16,
+    req: hyper::Request<Incoming>,
+) -> Result<hyper::Response<Body>, std::convert::Infallible> {
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    if req.method() == hyper::Method::POST && req.uri().path() == "/stream" {
+        // Echo each frame as it comes, then trailers: the shape of a gRPC stream.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(8);
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            let mut seen = 0usize;
+            while let Some(f) = body.frame().await {
+                let Ok(f) = f else { return };
+                if let Ok(d) = f.into_data() {
+                    seen += d.len();
+                    let _ = tx.send(Ok(Frame::data(d))).await;
+                }
+            }
+            let mut t = hyper::HeaderMap::new();
+            t.insert("grpc-status", "0".parse().unwrap());
+            t.insert("x-seen", seen.to_string().parse().unwrap());
+            let _ = tx.send(Ok(Frame::trailers(t))).await;
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut r = hyper::Response::new(StreamBody::new(stream).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        return Ok(r);
+    }
+    let status = h("x-status").parse().unwrap_or(status);
+    let line = format!(
+        "site={site} method={} path={} xfcc={} xff={} host={}\n",
+        req.method(),
+        req.uri().path(),
+        h("x-forwarded-client-cert"),
+        h("x-forwarded-for"),
+        req.uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| h("host")),
+    );
+    let mut r = hyper::Response::new(
+        Full::new(Bytes::from(line))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    Ok(r)
+}
+
+/// `curl` with `args` against `url`: (HTTP status, body, meshfed-error header).
+fn curl(args: &[&str], url: &str) -> (u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-D", "/dev/stderr", "-o", "-"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    let head = String::from_utf8_lossy(&out.stderr).into_owned();
+    let status = head
+        .lines()
+        .find(|l| l.starts_with("HTTP/"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let error = head
+        .lines()
+        .find_map(|l| l.strip_prefix("meshfed-error: "))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    (
+        status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        error,
+    )
+}
+
+/// A gRPC-shaped call over h2 prior knowledge: `chunks` request frames, each answered
+/// as it is sent (a bidirectional stream), then the trailers.
+async fn streaming_call(addr: SocketAddr, chunks: usize) -> (Vec<Bytes>, hyper::HeaderMap) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+    let req = hyper::Request::post(format!("http://grpc.demo:{}/stream", addr.port()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    for i in 0..chunks {
+        let msg = Bytes::from(format!("message {i}"));
+        tx.send(Ok(Frame::data(msg.clone()))).await.unwrap();
+        // The answer to this message comes before the next is sent: streaming, not
+        // buffered anywhere on the way.
+        let f = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("an answer per message")
+            .unwrap()
+            .unwrap();
+        let d = f.into_data().unwrap();
+        assert_eq!(d, msg);
+        got.push(d);
+    }
+    drop(tx);
+    let mut trailers = hyper::HeaderMap::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(t) = f.unwrap().into_trailers() {
+            trailers = t;
+        }
+    }
+    (got, trailers)
+}
+
+async fn requests_cross_sites_one_by_one(transport: &str) {
+    use meshfed_lab::ConfigBuilder;
+    let scratch = Scratch::new(&format!("http-{transport}"));
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let (web, web_hits) = http_endpoint("west", 200).await;
+    let (grpc, _) = http_endpoint("west", 200).await;
+    let wc = ConfigBuilder {
+        reload_interval: Some(RELOAD),
+        ..Default::default()
+    }
+    .export("web.demo", 8080, vec![web])
+    .export("grpc.demo", 9090, vec![grpc])
+    .export("down.demo", 8081, vec![closed_port()])
+    .speaks("web.demo", 8080, "http")
+    .speaks("grpc.demo", 9090, "grpc")
+    .speaks("down.demo", 8081, "http")
+    .peer(&east, None);
+    let west_gw = Gw::start(&west, &wc).unwrap();
+    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let ec = ConfigBuilder {
+        reload_interval: Some(RELOAD),
+        transport: Some(format!("default: {transport}")),
+        ..Default::default()
+    }
+    .peer(&west, Some(west_gw.quic))
+    .import("web.demo", 8080, "west", any)
+    .import("grpc.demo", 9090, "west", any)
+    .import("down.demo", 8081, "west", any)
+    .speaks("web.demo", 8080, "http")
+    .speaks("grpc.demo", 9090, "grpc")
+    .speaks("down.demo", 8081, "http");
+    let east_gw = Gw::start(&east, &ec).unwrap();
+    let web_in = east_gw.import("web.demo:8080");
+    let east_id = east.id.to_string();
+
+    // HTTP/1.1 and h2 prior knowledge, with a forged caller header that must not pass.
+    for (proto, args) in [
+        ("HTTP/1.1", vec!["--http1.1"]),
+        ("h2", vec!["--http2-prior-knowledge"]),
+    ] {
+        let mut a = args.clone();
+        a.extend([
+            "-H",
+            "x-forwarded-client-cert: URI=spiffe://evil.example.org/admin",
+        ]);
+        let (status, body, _) = curl(&a, &format!("http://{web_in}/orders?id=7"));
+        assert_eq!(status, 200, "{proto}: {body}\n{}", east_gw.logs());
+        assert!(
+            body.starts_with("site=west method=GET path=/orders"),
+            "{proto}: {body}"
+        );
+        assert!(
+            body.contains(&format!("xfcc=URI={east_id} ")),
+            "{proto}: {body}"
+        );
+        assert!(body.contains("xff=127.0.0.1 "), "{proto}: {body}");
+    }
+    // Many requests on one client connection, each its own request at the far side.
+    let before = web_hits.load(Ordering::Relaxed);
+    let urls: Vec<String> = (0..20).map(|i| format!("http://{web_in}/r{i}")).collect();
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--http1.1", "--max-time", "10"])
+        .args(&urls);
+    let out = cmd.output().unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(body.lines().count(), 20, "{body}");
+    assert_eq!(web_hits.load(Ordering::Relaxed) - before, 20);
+    // The endpoint's own status passes through untouched (not retried: 500).
+    let (status, _, error) = curl(&["-H", "x-status: 500"], &format!("http://{web_in}/"));
+    assert_eq!((status, error.as_str()), (500, ""));
+
+    // A gRPC-shaped bidirectional stream: every message answered as it goes, trailers
+    // at the end.
+    let (got, trailers) = streaming_call(east_gw.import("grpc.demo:9090"), 5).await;
+    assert_eq!(got.len(), 5);
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-seen"], "45");
+
+    // An endpoint nobody listens on: a typed answer, not a reset.
+    let (status, body, error) = curl(
+        &[],
+        &format!("http://{}/", east_gw.import("down.demo:8081")),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error, "endpoint_connect_failed", "{body}");
+    // Requests were counted at both gateways.
+    assert!(
+        east_gw
+            .metric(r#"meshfed_gateway_http_requests_total{direction="egress",class="2xx"}"#)
+            .await
+            >= 23.0
+    );
+    assert!(
+        west_gw
+            .metric(r#"meshfed_gateway_http_requests_total{direction="ingress",class="2xx"}"#)
+            .await
+            >= 23.0
+    );
+    assert!(
+        east_gw
+            .metric(r#"meshfed_gateway_http_requests_total{direction="egress",class="5xx"}"#)
+            .await
+            >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_cross_sites_one_by_one_on_quic() {
+    requests_cross_sites_one_by_one("quic").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_cross_sites_one_by_one_on_h2() {
+    requests_cross_sites_one_by_one("h2").await
+}
