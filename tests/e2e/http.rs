@@ -289,3 +289,99 @@ async fn requests_cross_sites_one_by_one_on_quic() {
 async fn requests_cross_sites_one_by_one_on_h2() {
     requests_cross_sites_one_by_one("h2").await
 }
+
+/// `n` GETs on one HTTP/1.1 connection with `headers`: the statuses.
+async fn gets(addr: SocketAddr, n: usize, headers: &[(&str, &str)]) -> Vec<u16> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut b = hyper::Request::get(format!("http://web.demo/{i}"));
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(Bytes::new())).unwrap();
+        send.ready().await.unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        out.push(resp.status().as_u16());
+        let _ = resp.into_body().collect().await;
+    }
+    out
+}
+
+/// Two sites export `web.demo` as HTTP; the one tried first (north: equal capacity,
+/// ordered by name) answers 503. Idempotent requests are retried at west and never fail;
+/// a POST was sent, so it is not; and when every site fails, the retry budget (20 % of
+/// requests + 10/s over 10 s) caps the extra load.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_503_is_retried_at_another_site_within_the_budget() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new("http-retry");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
+    let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(import_ip);
+    let (west_ep, west_hits) = http_endpoint("west", 200).await;
+    let (north_ep, north_hits) = http_endpoint("north", 503).await;
+    let _west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3])
+            .export("web.demo", port, vec![west_ep])
+            .speaks("web.demo", port, "http"),
+    )
+    .unwrap();
+    let _north_gw = Gw::start(
+        &north,
+        &fed_config(&north, [127, 0, 0, 4])
+            .export("web.demo", port, vec![north_ep])
+            .speaks("web.demo", port, "http"),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = SocketAddr::new(import_ip, port);
+    let url = format!("http://{import}/");
+    // East learns both sites, as HTTP, from the catalog.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while north_hits.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "north never reached\n{}",
+            east_gw.logs()
+        );
+        let _ = curl(&[], &url);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let statuses = gets(import, 50, &[]).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let retries = r#"meshfed_gateway_http_retries_total{reason="status"}"#;
+    assert!(east_gw.metric(retries).await >= 50.0);
+    let (status, body, _) = curl(&["-X", "POST", "-d", "x"], &url);
+    assert_eq!(status, 503, "a POST that was sent is not retried: {body}");
+    assert!(body.contains("site=north"), "{body}");
+
+    // Every site fails: 300 requests, at most 2 retries each without a budget (900
+    // attempts); the budget allows 0.2 × requests + 100 retries over its window.
+    let requests_before = east_gw
+        .metric(r#"meshfed_gateway_http_requests_total{direction="egress",class="2xx"}"#)
+        .await
+        + east_gw
+            .metric(r#"meshfed_gateway_http_requests_total{direction="egress",class="5xx"}"#)
+            .await;
+    let hits_before = west_hits.load(Ordering::Relaxed) + north_hits.load(Ordering::Relaxed);
+    let statuses = gets(import, 300, &[("x-status", "503")]).await;
+    assert!(statuses.iter().all(|s| *s == 503));
+    let attempts =
+        west_hits.load(Ordering::Relaxed) + north_hits.load(Ordering::Relaxed) - hits_before;
+    let total = requests_before as usize + 300;
+    let cap = 300 + total / 5 + 100;
+    eprintln!("300 failing requests made {attempts} attempts (budget cap {cap}, 900 without)");
+    assert!(attempts > 300, "no retry at all: {attempts}");
+    assert!(
+        attempts <= cap,
+        "{attempts} attempts for 300 requests: over the budget"
+    );
+}
