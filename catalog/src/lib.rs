@@ -11,6 +11,7 @@
 
 pub mod authz;
 pub mod catalog;
+pub mod http_route;
 pub mod legacy;
 pub mod names;
 pub mod routing;

@@ -1,9 +1,11 @@
 //! Istio's own YAML, accepted as Istio documents it and turned into the catalog's model:
-//! `ServiceEntry`, `WorkloadEntry` and `DestinationRule` TLS (`service_entry`, which
-//! reads the whole multi-document file) and `AuthorizationPolicy` (`authorization`),
+//! `ServiceEntry`, `WorkloadEntry` and `DestinationRule` TLS and subsets (`service_entry`,
+//! which reads the whole multi-document file), `VirtualService` HTTP routes
+//! (`virtual_service`) and `AuthorizationPolicy` (`authorization`),
 //! the documents `meshfed register` and `meshfed validate` read. Pure: text in, model and
 //! warnings out, errors that name the document and the field path.
 #![forbid(unsafe_code)]
 
 pub mod authorization;
 pub mod service_entry;
+pub mod virtual_service;

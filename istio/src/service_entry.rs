@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use meshfed_catalog::authz::AuthorizationPolicy;
 use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::http_route::{HttpPolicy, Subset};
 use meshfed_catalog::legacy::{
     HEALTH_PREFIX, HealthCheck, HealthKind, LegacyEndpoint, LegacyPort, LegacyService, Location,
     Resolution, TlsMode, TlsOrigination,
@@ -30,7 +31,7 @@ const API_VERSIONS: [&str; 3] = [
 ];
 
 /// `250ms`, `5s`, `1m`.
-fn duration_ms(s: &str) -> Option<u64> {
+pub(crate) fn duration_ms(s: &str) -> Option<u64> {
     let (n, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1)
     } else if let Some(n) = s.strip_suffix('s') {
@@ -175,6 +176,9 @@ pub struct Registration {
     pub services: Vec<LegacyService>,
     /// AuthorizationPolicies, for the exported services they apply to.
     pub policies: Vec<AuthorizationPolicy>,
+    /// HTTP routes (VirtualServices, with their DestinationRules' subsets), one per
+    /// service.
+    pub http_policies: Vec<HttpPolicy>,
     pub warnings: Vec<Problem>,
 }
 
@@ -245,7 +249,11 @@ impl Doc<'_> {
             }
         }
     }
-    fn string_map(&mut self, v: Option<&Value>, field: &str) -> BTreeMap<String, String> {
+    pub(crate) fn string_map(
+        &mut self,
+        v: Option<&Value>,
+        field: &str,
+    ) -> BTreeMap<String, String> {
         match v {
             None | Some(Value::Null) => BTreeMap::new(),
             Some(Value::Object(m)) => m
@@ -409,7 +417,11 @@ fn destination_rule(
     d: &mut Doc<'_>,
     spec: &serde_json::Map<String, Value>,
 ) -> Option<(String, Option<RawTls>)> {
-    d.unsupported("spec", spec, &["host", "trafficPolicy", "exportTo"]);
+    d.unsupported(
+        "spec",
+        spec,
+        &["host", "trafficPolicy", "exportTo", "subsets"],
+    );
     let host = match spec.get("host").and_then(Value::as_str) {
         Some(h) if !h.is_empty() => h.to_owned(),
         _ => {
@@ -546,14 +558,97 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
     apply_destination_rules(sorted.rules, &mut services, &mut problems, &mut warnings);
     refuse_duplicates(&services, &service_docs, &mut problems);
     let policies = crate::authorization::refuse_duplicates(sorted.policies, &mut problems);
+    let http_policies = http_policies(
+        sorted.virtual_services,
+        &sorted.subsets,
+        &services,
+        &mut problems,
+        &mut warnings,
+    );
     if !problems.is_empty() {
         return Err(ParseError::Invalid(problems));
     }
     Ok(Registration {
         services,
         policies,
+        http_policies,
         warnings,
     })
+}
+
+/// The service a VirtualService or DestinationRule host in `namespace` names: a host of
+/// a ServiceEntry of this file, `name.namespace`, its `.svc.cluster.local` or
+/// `.svc.clusterset.local` form, or a short name in `namespace`. Pure.
+pub(crate) fn service_of(
+    host: &str,
+    namespace: &str,
+    services: &[LegacyService],
+) -> Option<ServiceName> {
+    if let Some(s) = services.iter().find(|s| s.hosts.iter().any(|h| h == host)) {
+        return Some(s.service.clone());
+    }
+    let h = host
+        .strip_suffix(".svc.cluster.local")
+        .or_else(|| host.strip_suffix(".svc.clusterset.local"))
+        .unwrap_or(host);
+    match h.split_once('.') {
+        None => ServiceName::new(h, namespace).ok(),
+        Some((name, ns)) if !ns.contains('.') => ServiceName::new(name, ns).ok(),
+        _ => None,
+    }
+}
+
+/// Each VirtualService's routes, per service it names, with the subsets this file's
+/// DestinationRules define for that service.
+fn http_policies(
+    vss: Vec<crate::virtual_service::RawVirtualService>,
+    subsets: &[SubsetRule],
+    services: &[LegacyService],
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Vec<HttpPolicy> {
+    let mut out: Vec<(usize, HttpPolicy)> = Vec::new();
+    for vs in vss {
+        let mut d = Doc {
+            index: vs.index,
+            object: format!("VirtualService/{}", vs.name),
+            problems,
+            warnings,
+        };
+        for (i, host) in vs.hosts.iter().enumerate() {
+            let Some(service) = service_of(host, &vs.namespace, services) else {
+                d.err(
+                    format!("spec.hosts[{i}]"),
+                    format!("{host:?} names no service: use name.namespace, its .svc.cluster.local form, or a ServiceEntry host of this file"),
+                );
+                continue;
+            };
+            for (r, j, h) in &vs.destination_hosts {
+                if service_of(h, &vs.namespace, services).as_ref() != Some(&service) {
+                    d.err(
+                        format!("spec.http[{r}].route[{j}].destination.host"),
+                        format!("{h:?} is not {service}: routing to another service is not supported yet"),
+                    );
+                }
+            }
+            let sets: Vec<Subset> = subsets
+                .iter()
+                .filter(|(_, ns, h, _)| service_of(h, ns, services).as_ref() == Some(&service))
+                .flat_map(|(_, _, _, s)| s.iter().cloned())
+                .collect();
+            if let Some((first, _)) = out.iter().find(|(_, p)| p.service == service) {
+                d.err(
+                    format!("spec.hosts[{i}]"),
+                    format!("{service} already has routes in document {first}: one VirtualService per service"),
+                );
+                continue;
+            }
+            if let Some(p) = crate::virtual_service::policy(&mut d, &vs, service, sets) {
+                out.push((vs.index, p));
+            }
+        }
+    }
+    out.into_iter().map(|(_, p)| p).collect()
 }
 
 /// A ServiceEntry document: (doc index, name, namespace, spec, annotations).
@@ -566,6 +661,8 @@ type Entry = (
 );
 /// A DestinationRule document: (doc index, name, namespace, (host, tls settings)).
 type Rule = (usize, String, String, (String, Option<RawTls>));
+/// A DestinationRule's subsets: (doc index, namespace, host, subsets).
+type SubsetRule = (usize, String, String, Vec<Subset>);
 
 struct Sorted {
     entries: Vec<Entry>,
@@ -574,6 +671,8 @@ struct Sorted {
     rules: Vec<Rule>,
     /// (doc index, policy) of every AuthorizationPolicy.
     policies: Vec<(usize, AuthorizationPolicy)>,
+    virtual_services: Vec<crate::virtual_service::RawVirtualService>,
+    subsets: Vec<SubsetRule>,
 }
 
 /// The YAML stream as documents; a syntax error names its line and column.
@@ -609,6 +708,8 @@ fn sort_documents(
     let mut workloads: Vec<(String, LegacyEndpoint)> = Vec::new();
     let mut rules: Vec<Rule> = Vec::new();
     let mut policies = Vec::new();
+    let mut virtual_services = Vec::new();
+    let mut subsets = Vec::new();
     for (i, v) in docs.iter().enumerate() {
         let index = i + 1;
         if v.is_null() {
@@ -669,8 +770,28 @@ fn sort_documents(
         };
         match kind {
             "DestinationRule" => {
-                if let Some(tls) = destination_rule(&mut d, spec) {
-                    rules.push((index, name.to_owned(), namespace.to_owned(), tls));
+                let sets = crate::virtual_service::subsets(&mut d, spec.get("subsets"));
+                if !sets.is_empty() {
+                    let host = spec.get("host").and_then(Value::as_str).unwrap_or_default();
+                    subsets.push((index, namespace.to_owned(), host.to_owned(), sets.clone()));
+                }
+                // Subsets alone need no TLS settings.
+                if sets.is_empty() || spec.contains_key("trafficPolicy") {
+                    if let Some(tls) = destination_rule(&mut d, spec) {
+                        rules.push((index, name.to_owned(), namespace.to_owned(), tls));
+                    }
+                } else {
+                    d.unsupported("spec", spec, &["host", "exportTo", "subsets"]);
+                    if spec.get("host").and_then(Value::as_str).is_none_or(|h| h.is_empty()) {
+                        d.err("spec.host", "missing");
+                    }
+                }
+            }
+            "VirtualService" => {
+                if let Some(vs) =
+                    crate::virtual_service::virtual_service(&mut d, index, name, namespace, spec)
+                {
+                    virtual_services.push(vs);
                 }
             }
             "ServiceEntry" => {
@@ -694,7 +815,7 @@ fn sort_documents(
             other => d.err(
                 "kind",
                 format!(
-                    "{other:?}: only ServiceEntry, WorkloadEntry, DestinationRule and AuthorizationPolicy are accepted"
+                    "{other:?}: only ServiceEntry, WorkloadEntry, DestinationRule, VirtualService and AuthorizationPolicy are accepted"
                 ),
             ),
         }
@@ -705,6 +826,8 @@ fn sort_documents(
         workloads,
         rules,
         policies,
+        virtual_services,
+        subsets,
     }
 }
 
@@ -1364,7 +1487,7 @@ mod tests {
         assert!(p[0].message.contains("STATIC"), "{p:?}");
         let p = errors("bad/wrong-kind.yaml");
         assert_eq!(p[0].field, "kind");
-        assert!(p[0].to_string().contains("VirtualService"), "{p:?}");
+        assert!(p[0].to_string().contains("Sidecar"), "{p:?}");
     }
 
     #[test]

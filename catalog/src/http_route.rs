@@ -1,0 +1,645 @@
+//! HTTP routing policy as gateways apply it, from Istio's `VirtualService` (and the
+//! `subsets` of a `DestinationRule`): for each request of a service, the first route
+//! whose match accepts it, one of its destinations by weight, and the sites the
+//! destination's subset selects. The policy travels through the federation with the
+//! service it governs, so a split is set once for every importing site.
+//!
+//! A subset selects sites by labels: each exporting site carries the labels
+//! `topology.istio.io/cluster` and `meshfed.io/site` (its name) besides its export's
+//! labels, so `subset: {labels: {topology.istio.io/cluster: west}}` is "the canary at
+//! west".
+//!
+//! Pure: the model (serde, with unknown fields refused so a newer sender's field is
+//! never silently dropped), validation with field paths, and the decisions
+//! (`Compiled::route`, `pick`, `subset_sites`), all table-tested.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{ServiceName, SiteName};
+
+/// The site labels every exporting site carries for subset selection.
+pub const CLUSTER_LABEL: &str = "topology.istio.io/cluster";
+pub const SITE_LABEL: &str = "meshfed.io/site";
+
+/// Routes of one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpPolicy {
+    pub service: ServiceName,
+    /// Where it came from (`VirtualService namespace/name`), for status and logs.
+    pub source: String,
+    pub routes: Vec<HttpRoute>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRoute {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any of them (empty: every request).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RequestMatch>,
+    pub destinations: Vec<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Retries after the first attempt (Istio's `attempts`).
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    pub weight: u32,
+}
+
+/// All of its conditions hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatch>,
+    /// By lower-case header name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query_params: BTreeMap<String, StringMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// RE2 syntax, matched against the whole value (as Envoy does).
+    Regex(String),
+}
+
+/// A policy that does not hold together; names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct PolicyError {
+    pub field: String,
+    pub message: String,
+}
+
+fn bad(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
+    PolicyError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The most routes, matches and destinations one policy may have: a policy comes from
+/// another site, and every request walks it.
+pub const MAX_ROUTES: usize = 64;
+pub const MAX_MATCHES: usize = 16;
+pub const MAX_DESTINATIONS: usize = 16;
+/// The most bytes a compiled regex may take (the `regex` crate's size limit).
+const REGEX_SIZE: usize = 64 * 1024;
+
+impl StringMatch {
+    fn compile(&self, field: &str) -> Result<Matcher, PolicyError> {
+        Ok(match self {
+            Self::Exact(s) => Matcher::Exact(s.clone()),
+            Self::Prefix(s) => Matcher::Prefix(s.clone()),
+            Self::Regex(r) => Matcher::Regex(
+                regex::RegexBuilder::new(&format!("^(?:{r})$"))
+                    .size_limit(REGEX_SIZE)
+                    .build()
+                    .map_err(|e| bad(format!("{field}.regex"), format!("{r:?}: {e}")))?,
+            ),
+        })
+    }
+}
+
+/// A compiled string condition.
+#[derive(Clone, Debug)]
+enum Matcher {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+impl Matcher {
+    fn test(&self, v: &str) -> bool {
+        match self {
+            Self::Exact(s) => v == s,
+            Self::Prefix(s) => v.starts_with(s.as_str()),
+            Self::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct CompiledMatch {
+    uri: Option<Matcher>,
+    method: Option<Matcher>,
+    headers: Vec<(String, Matcher)>,
+    query: Vec<(String, Matcher)>,
+}
+
+/// What a match looks at in a request.
+pub trait RequestView {
+    fn path(&self) -> &str;
+    fn method(&self) -> &str;
+    /// The first value of a header (lower-case name).
+    fn header(&self, name: &str) -> Option<&str>;
+    /// The query string, without `?`.
+    fn query(&self) -> Option<&str>;
+}
+
+impl CompiledMatch {
+    fn test(&self, r: &dyn RequestView) -> bool {
+        self.uri.as_ref().is_none_or(|m| m.test(r.path()))
+            && self.method.as_ref().is_none_or(|m| m.test(r.method()))
+            && self
+                .headers
+                .iter()
+                .all(|(n, m)| r.header(n).is_some_and(|v| m.test(v)))
+            && self.query.iter().all(|(n, m)| {
+                r.query().is_some_and(|q| {
+                    q.split('&').any(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        k == n && m.test(v)
+                    })
+                })
+            })
+    }
+}
+
+/// A validated policy, ready for requests.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub policy: HttpPolicy,
+    matches: Vec<Vec<CompiledMatch>>,
+}
+
+impl HttpPolicy {
+    /// Validates (Istio's rules: weights sum to 100 when there are several
+    /// destinations, subsets exist, regexes compile) and compiles.
+    pub fn compile(self) -> Result<Compiled, PolicyError> {
+        if self.routes.is_empty() {
+            return Err(bad("routes", "at least one route"));
+        }
+        if self.routes.len() > MAX_ROUTES {
+            return Err(bad("routes", format!("at most {MAX_ROUTES}")));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, s) in self.subsets.iter().enumerate() {
+            if s.name.is_empty() {
+                return Err(bad(format!("subsets[{i}].name"), "missing"));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(bad(
+                    format!("subsets[{i}].name"),
+                    format!("{:?} twice", s.name),
+                ));
+            }
+        }
+        let mut matches = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let f = |x: &str| format!("routes[{i}].{x}");
+            if r.matches.len() > MAX_MATCHES {
+                return Err(bad(f("matches"), format!("at most {MAX_MATCHES}")));
+            }
+            if r.destinations.is_empty() || r.destinations.len() > MAX_DESTINATIONS {
+                return Err(bad(
+                    f("destinations"),
+                    format!("1 to {MAX_DESTINATIONS} destinations"),
+                ));
+            }
+            let total: u64 = r.destinations.iter().map(|d| u64::from(d.weight)).sum();
+            if r.destinations.len() > 1 && total != 100 {
+                return Err(bad(
+                    f("destinations"),
+                    format!("weights add up to {total}; Istio requires 100"),
+                ));
+            }
+            for (j, d) in r.destinations.iter().enumerate() {
+                if let Some(s) = &d.subset
+                    && !names.contains(s.as_str())
+                {
+                    return Err(bad(
+                        f(&format!("destinations[{j}].subset")),
+                        format!("{s:?} is not a subset of {}", self.service),
+                    ));
+                }
+            }
+            if r.timeout_ms == Some(0) {
+                return Err(bad(f("timeout_ms"), "must be above 0"));
+            }
+            let mut ms = Vec::new();
+            for (j, m) in r.matches.iter().enumerate() {
+                let g = |x: &str| f(&format!("matches[{j}].{x}"));
+                let kv = |map: &BTreeMap<String, StringMatch>, what: &str| {
+                    map.iter()
+                        .map(|(k, v)| Ok((k.clone(), v.compile(&g(&format!("{what}.{k}")))?)))
+                        .collect::<Result<Vec<_>, PolicyError>>()
+                };
+                ms.push(CompiledMatch {
+                    uri: m.uri.as_ref().map(|u| u.compile(&g("uri"))).transpose()?,
+                    method: m
+                        .method
+                        .as_ref()
+                        .map(|u| u.compile(&g("method")))
+                        .transpose()?,
+                    headers: kv(&m.headers, "headers")?
+                        .into_iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                        .collect(),
+                    query: kv(&m.query_params, "query_params")?,
+                });
+            }
+            matches.push(ms);
+        }
+        Ok(Compiled {
+            policy: self,
+            matches,
+        })
+    }
+}
+
+impl Compiled {
+    /// The first route whose match accepts the request (a route without matches
+    /// accepts all); `None`: no route does (Istio answers 404 then).
+    pub fn route(&self, r: &dyn RequestView) -> Option<&HttpRoute> {
+        self.policy
+            .routes
+            .iter()
+            .zip(&self.matches)
+            .find(|(_, ms)| ms.is_empty() || ms.iter().any(|m| m.test(r)))
+            .map(|(route, _)| route)
+    }
+
+    pub fn subset(&self, name: &str) -> Option<&Subset> {
+        self.policy.subsets.iter().find(|s| s.name == name)
+    }
+}
+
+/// The destination a uniform `roll` (any u32) picks by weight. A single destination is
+/// always picked, whatever its weight; all-zero weights pick the first. Pure.
+pub fn pick(destinations: &[Destination], roll: u32) -> usize {
+    let total: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum();
+    if destinations.len() <= 1 || total == 0 {
+        return 0;
+    }
+    let mut at = u64::from(roll) % total;
+    for (i, d) in destinations.iter().enumerate() {
+        if at < u64::from(d.weight) {
+            return i;
+        }
+        at -= u64::from(d.weight);
+    }
+    destinations.len() - 1
+}
+
+/// The sites of `backends` (in their order) whose labels hold every label of `subset`.
+/// A site's labels are its export's, plus its name under [`CLUSTER_LABEL`] and
+/// [`SITE_LABEL`]. Pure.
+pub fn subset_sites<'a>(
+    subset: &Subset,
+    backends: &'a [SiteName],
+    labels: &BTreeMap<SiteName, BTreeMap<String, String>>,
+) -> Vec<&'a SiteName> {
+    backends
+        .iter()
+        .filter(|site| {
+            subset.labels.iter().all(|(k, v)| {
+                if k == CLUSTER_LABEL || k == SITE_LABEL {
+                    v == site.as_str()
+                } else {
+                    labels
+                        .get(*site)
+                        .and_then(|l| l.get(k))
+                        .is_some_and(|x| x == v)
+                }
+            })
+        })
+        .collect()
+}
+
+impl fmt::Display for StringMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(s) => write!(f, "exact {s:?}"),
+            Self::Prefix(s) => write!(f, "prefix {s:?}"),
+            Self::Regex(s) => write!(f, "regex {s:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Req {
+        path: &'static str,
+        method: &'static str,
+        headers: &'static [(&'static str, &'static str)],
+        query: Option<&'static str>,
+    }
+
+    impl RequestView for Req {
+        fn path(&self) -> &str {
+            self.path
+        }
+        fn method(&self) -> &str {
+            self.method
+        }
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+        }
+        fn query(&self) -> Option<&str> {
+            self.query
+        }
+    }
+
+    fn dest(subset: &str, weight: u32) -> Destination {
+        Destination {
+            subset: Some(subset.into()),
+            weight,
+        }
+    }
+
+    fn policy() -> HttpPolicy {
+        let canary = RequestMatch {
+            headers: [("x-canary".into(), StringMatch::Exact("1".into()))].into(),
+            ..Default::default()
+        };
+        let api = RequestMatch {
+            uri: Some(StringMatch::Regex("/api/v[0-9]+/.*".into())),
+            method: Some(StringMatch::Exact("GET".into())),
+            ..Default::default()
+        };
+        let beta = RequestMatch {
+            query_params: [("beta".into(), StringMatch::Exact("yes".into()))].into(),
+            ..Default::default()
+        };
+        HttpPolicy {
+            service: ServiceName::parse("web.demo").unwrap(),
+            source: "VirtualService demo/web".into(),
+            routes: vec![
+                HttpRoute {
+                    name: Some("canary".into()),
+                    matches: vec![canary, beta],
+                    destinations: vec![dest("v2", 100)],
+                    ..Default::default()
+                },
+                HttpRoute {
+                    name: Some("api".into()),
+                    matches: vec![api],
+                    destinations: vec![dest("v1", 80), dest("v2", 20)],
+                    ..Default::default()
+                },
+                HttpRoute {
+                    name: Some("rest".into()),
+                    destinations: vec![dest("v1", 100)],
+                    ..Default::default()
+                },
+            ],
+            subsets: vec![
+                Subset {
+                    name: "v1".into(),
+                    labels: [(CLUSTER_LABEL.into(), "west".into())].into(),
+                },
+                Subset {
+                    name: "v2".into(),
+                    labels: [("version".into(), "v2".into())].into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_first_matching_route_wins() {
+        let c = policy().compile().unwrap();
+        let rows: &[(Req, &str)] = &[
+            (
+                Req {
+                    path: "/",
+                    method: "GET",
+                    headers: &[("x-canary", "1")],
+                    query: None,
+                },
+                "canary",
+            ),
+            (
+                Req {
+                    path: "/api/v1/x",
+                    method: "GET",
+                    headers: &[("x-canary", "1")],
+                    query: None,
+                },
+                "canary",
+            ),
+            (
+                Req {
+                    path: "/",
+                    method: "GET",
+                    headers: &[("x-canary", "2")],
+                    query: None,
+                },
+                "rest",
+            ),
+            (
+                Req {
+                    path: "/",
+                    method: "GET",
+                    headers: &[],
+                    query: Some("a=1&beta=yes"),
+                },
+                "canary",
+            ),
+            (
+                Req {
+                    path: "/",
+                    method: "GET",
+                    headers: &[],
+                    query: Some("beta=no"),
+                },
+                "rest",
+            ),
+            (
+                Req {
+                    path: "/api/v12/orders",
+                    method: "GET",
+                    headers: &[],
+                    query: None,
+                },
+                "api",
+            ),
+            // The regex matches the whole path, as in Envoy.
+            (
+                Req {
+                    path: "/x/api/v1/",
+                    method: "GET",
+                    headers: &[],
+                    query: None,
+                },
+                "rest",
+            ),
+            (
+                Req {
+                    path: "/api/v1/x",
+                    method: "POST",
+                    headers: &[],
+                    query: None,
+                },
+                "rest",
+            ),
+        ];
+        for (i, (r, want)) in rows.iter().enumerate() {
+            let got = c.route(r).and_then(|r| r.name.as_deref());
+            assert_eq!(got, Some(*want), "row {i}: {}", r.path);
+        }
+        // Without a catch-all route, a request no route matches has none.
+        let mut p = policy();
+        p.routes.pop();
+        let c = p.compile().unwrap();
+        assert!(
+            c.route(&Req {
+                path: "/",
+                method: "GET",
+                headers: &[],
+                query: None
+            })
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn weights_split_by_the_roll() {
+        let d = [dest("v1", 80), dest("v2", 20)];
+        // (roll, picked)
+        for (roll, want) in [
+            (0, 0),
+            (79, 0),
+            (80, 1),
+            (99, 1),
+            (100, 0),
+            (180, 1),
+            (u32::MAX, 1),
+        ] {
+            assert_eq!(pick(&d, roll), want, "roll {roll}");
+        }
+        // Every roll of a whole number of weight totals: exactly the weights.
+        let v2 = (0..10_000u32).filter(|r| pick(&d, *r) == 1).count();
+        assert_eq!(v2, 2000);
+        assert_eq!(pick(&[dest("a", 0)], 5), 0);
+        assert_eq!(pick(&[dest("a", 0), dest("b", 0)], 5), 0);
+    }
+
+    #[test]
+    fn subsets_select_sites_by_labels_and_by_name() {
+        let sites: Vec<SiteName> = ["north", "west", "east"]
+            .iter()
+            .map(|s| SiteName::new(s).unwrap())
+            .collect();
+        let labels: BTreeMap<SiteName, BTreeMap<String, String>> = [(
+            sites[1].clone(),
+            [("version".to_string(), "v2".to_string())].into(),
+        )]
+        .into();
+        let c = policy().compile().unwrap();
+        let names = |s: Vec<&SiteName>| s.iter().map(|s| s.as_str().to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            names(subset_sites(c.subset("v1").unwrap(), &sites, &labels)),
+            ["west"]
+        );
+        assert_eq!(
+            names(subset_sites(c.subset("v2").unwrap(), &sites, &labels)),
+            ["west"]
+        );
+        let by_site = Subset {
+            name: "n".into(),
+            labels: [(SITE_LABEL.into(), "north".into())].into(),
+        };
+        assert_eq!(names(subset_sites(&by_site, &sites, &labels)), ["north"]);
+        let all = Subset {
+            name: "all".into(),
+            labels: BTreeMap::new(),
+        };
+        assert_eq!(subset_sites(&all, &sites, &labels).len(), 3);
+    }
+
+    #[test]
+    fn bad_policies_name_their_field() {
+        type Change = Box<dyn Fn(&mut HttpPolicy)>;
+        let rows: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|p| p.routes[1].destinations[1].weight = 30),
+                "routes[1].destinations",
+            ),
+            (
+                Box::new(|p| p.routes[0].destinations[0].subset = Some("v3".into())),
+                "routes[0].destinations[0].subset",
+            ),
+            (
+                Box::new(|p| p.routes[1].matches[0].uri = Some(StringMatch::Regex("(".into()))),
+                "routes[1].matches[0].uri.regex",
+            ),
+            (
+                Box::new(|p| {
+                    p.routes[0].matches[0]
+                        .headers
+                        .insert("x-a".into(), StringMatch::Regex("a{99999}".into()));
+                }),
+                "routes[0].matches[0].headers.x-a.regex",
+            ),
+            (Box::new(|p| p.routes.clear()), "routes"),
+            (
+                Box::new(|p| p.routes[2].destinations.clear()),
+                "routes[2].destinations",
+            ),
+            (
+                Box::new(|p| p.subsets[1].name = "v1".into()),
+                "subsets[1].name",
+            ),
+            (
+                Box::new(|p| p.routes[2].timeout_ms = Some(0)),
+                "routes[2].timeout_ms",
+            ),
+        ];
+        for (change, field) in rows {
+            let mut p = policy();
+            change(&mut p);
+            assert_eq!(p.compile().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_not_dropped() {
+        let mut v = serde_json::to_value(policy()).unwrap();
+        v["routes"][0]["mirror"] = serde_json::json!("x");
+        let e = serde_json::from_value::<HttpPolicy>(v).unwrap_err();
+        assert!(e.to_string().contains("mirror"), "{e}");
+    }
+}

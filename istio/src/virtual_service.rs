@@ -1,0 +1,606 @@
+//! Istio `VirtualService` (HTTP routes) and the `subsets` of a `DestinationRule`, into
+//! the routing policy gateways apply (`meshfed_catalog::http_route`). Pure.
+//!
+//! Read: `hosts` (a service as `name.namespace`, `name.namespace.svc.cluster.local` or
+//! `.svc.clusterset.local`, a short name in the VirtualService's namespace, or a host of
+//! a ServiceEntry in the same file), `http[].name`, `http[].match[]` (`uri`, `method`,
+//! `headers`, `queryParams`: `exact`, `prefix` or `regex`), `http[].route[]`
+//! (`destination.host` — the same service — `destination.subset`, `weight`),
+//! `http[].timeout`, `http[].retries` (`attempts`, `perTryTimeout`; `retryOn` is read
+//! and the gateway retries connect failures, resets and 502–504, Istio's default set).
+//! Anything else is a warning naming its path; Istio's validation rules are errors:
+//! weights 0–100 adding up to 100 when a route has several destinations, a regex that
+//! does not compile, a subset no DestinationRule defines.
+
+use serde_json::Value;
+
+use meshfed_catalog::http_route::{
+    Destination, HttpPolicy, HttpRoute, RequestMatch, Retries, StringMatch, Subset,
+};
+
+use crate::service_entry::{Doc, duration_ms};
+
+/// A VirtualService as read, before its hosts are resolved to services.
+pub(crate) struct RawVirtualService {
+    pub index: usize,
+    pub name: String,
+    pub namespace: String,
+    pub hosts: Vec<String>,
+    pub routes: Vec<HttpRoute>,
+    /// `(route, destination, host)` of every destination, for resolution.
+    pub destination_hosts: Vec<(usize, usize, String)>,
+}
+
+fn string_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<StringMatch> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map with exact, prefix or regex");
+        return None;
+    };
+    d.unsupported(field, m, &["exact", "prefix", "regex"]);
+    let mut found = m
+        .iter()
+        .filter(|(k, _)| matches!(k.as_str(), "exact" | "prefix" | "regex"));
+    let (k, v) = match (found.next(), found.next()) {
+        (Some(kv), None) => kv,
+        (None, _) => {
+            d.err(field, "needs one of exact, prefix or regex");
+            return None;
+        }
+        (Some(_), Some(_)) => {
+            d.err(field, "only one of exact, prefix or regex");
+            return None;
+        }
+    };
+    let Some(s) = v.as_str() else {
+        d.err(format!("{field}.{k}"), "must be a string");
+        return None;
+    };
+    Some(match k.as_str() {
+        "exact" => StringMatch::Exact(s.into()),
+        "prefix" => StringMatch::Prefix(s.into()),
+        _ => StringMatch::Regex(s.into()),
+    })
+}
+
+fn match_map(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+    field: &str,
+    lower: bool,
+) -> std::collections::BTreeMap<String, StringMatch> {
+    let mut out = std::collections::BTreeMap::new();
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                if let Some(sm) = string_match(d, v, &format!("{field}.{k}")) {
+                    out.insert(
+                        if lower {
+                            k.to_ascii_lowercase()
+                        } else {
+                            k.clone()
+                        },
+                        sm,
+                    );
+                }
+            }
+        }
+        Some(_) => d.err(field, "must be a map"),
+    }
+    out
+}
+
+fn request_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(
+        field,
+        m,
+        &["name", "uri", "method", "headers", "queryParams"],
+    );
+    Some(RequestMatch {
+        uri: m
+            .get("uri")
+            .and_then(|u| string_match(d, u, &format!("{field}.uri"))),
+        method: m
+            .get("method")
+            .and_then(|u| string_match(d, u, &format!("{field}.method"))),
+        headers: match_map(d, m.get("headers"), &format!("{field}.headers"), true),
+        query_params: match_map(
+            d,
+            m.get("queryParams"),
+            &format!("{field}.queryParams"),
+            false,
+        ),
+    })
+}
+
+fn duration(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<u64> {
+    match v? {
+        Value::String(s) => duration_ms(s).or_else(|| {
+            d.err(
+                field,
+                format!("{s:?} is not a duration like 500ms, 5s or 1m"),
+            );
+            None
+        }),
+        _ => {
+            d.err(field, "must be a duration string like 5s");
+            None
+        }
+    }
+}
+
+/// One HTTP route (`spec.http[i]`), and its destinations' hosts.
+fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize, String)>)> {
+    let field = format!("spec.http[{i}]");
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(&field, m, &["name", "match", "route", "timeout", "retries"]);
+    let mut matches = Vec::new();
+    match m.get("match") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => {
+            for (j, x) in a.iter().enumerate() {
+                if let Some(rm) = request_match(d, x, &format!("{field}.match[{j}]")) {
+                    matches.push(rm);
+                }
+            }
+        }
+        Some(_) => d.err(format!("{field}.match"), "must be a list"),
+    }
+    let Some(Value::Array(dests)) = m.get("route") else {
+        d.err(
+            format!("{field}.route"),
+            "missing: meshfed routes to destinations (redirect and direct responses are not supported yet)",
+        );
+        return None;
+    };
+    if dests.is_empty() {
+        d.err(format!("{field}.route"), "at least one destination");
+        return None;
+    }
+    let mut destinations = Vec::new();
+    let mut hosts = Vec::new();
+    let mut total = 0u64;
+    for (j, x) in dests.iter().enumerate() {
+        let f = format!("{field}.route[{j}]");
+        let Value::Object(rd) = x else {
+            d.err(f, "must be a map");
+            continue;
+        };
+        d.unsupported(&f, rd, &["destination", "weight"]);
+        let Some(Value::Object(dest)) = rd.get("destination") else {
+            d.err(format!("{f}.destination"), "missing");
+            continue;
+        };
+        d.unsupported(
+            &format!("{f}.destination"),
+            dest,
+            &["host", "subset", "port"],
+        );
+        match dest.get("host").and_then(Value::as_str) {
+            Some(h) if !h.is_empty() => hosts.push((j, h.to_owned())),
+            _ => d.err(format!("{f}.destination.host"), "missing"),
+        }
+        let weight = match rd.get("weight") {
+            None | Some(Value::Null) => {
+                if dests.len() > 1 {
+                    0
+                } else {
+                    100
+                }
+            }
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(w) if w <= 100 => w as u32,
+                _ => {
+                    d.err(
+                        format!("{f}.weight"),
+                        format!("{n} is not a percentage (0–100)"),
+                    );
+                    0
+                }
+            },
+            Some(other) => {
+                d.err(format!("{f}.weight"), format!("{other} is not a number"));
+                0
+            }
+        };
+        total += u64::from(weight);
+        destinations.push(Destination {
+            subset: dest
+                .get("subset")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            weight,
+        });
+    }
+    if dests.len() > 1 && total != 100 {
+        // Istio's own words.
+        d.err(
+            format!("{field}.route"),
+            format!("total destination weight {total} != 100"),
+        );
+    }
+    let retries = match m.get("retries") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(r)) => {
+            let f = format!("{field}.retries");
+            d.unsupported(
+                &f,
+                r,
+                &[
+                    "attempts",
+                    "perTryTimeout",
+                    "retryOn",
+                    "retryRemoteLocalities",
+                ],
+            );
+            let attempts = match r.get("attempts") {
+                None => 2,
+                Some(Value::Number(n)) if n.as_u64().is_some_and(|a| a <= 10) => {
+                    n.as_u64().unwrap_or(0) as u32
+                }
+                Some(other) => {
+                    d.err(format!("{f}.attempts"), format!("{other}: 0 to 10"));
+                    2
+                }
+            };
+            if let Some(on) = r.get("retryOn").and_then(Value::as_str) {
+                let known = [
+                    "5xx",
+                    "gateway-error",
+                    "connect-failure",
+                    "refused-stream",
+                    "reset",
+                    "retriable-status-codes",
+                    "unavailable",
+                    "cancelled",
+                    "deadline-exceeded",
+                    "resource-exhausted",
+                    "internal",
+                    "retriable-4xx",
+                    "retriable-headers",
+                    "envoy-ratelimited",
+                    "http3-post-connect-failure",
+                ];
+                for (k, cond) in on.split(',').map(str::trim).enumerate() {
+                    if !known.contains(&cond) && cond.parse::<u16>().is_err() {
+                        d.err(
+                            format!("{f}.retryOn"),
+                            format!("{cond:?} (item {k}) is not a retry condition"),
+                        );
+                    }
+                }
+                d.warn(
+                    format!("{f}.retryOn"),
+                    "meshfed retries connect failures, resets and 502-504 of idempotent requests (Istio's default set)",
+                );
+            }
+            Some(Retries {
+                attempts,
+                per_try_timeout_ms: duration(
+                    d,
+                    r.get("perTryTimeout"),
+                    &format!("{f}.perTryTimeout"),
+                ),
+            })
+        }
+        Some(_) => {
+            d.err(format!("{field}.retries"), "must be a map");
+            None
+        }
+    };
+    Some((
+        HttpRoute {
+            name: m.get("name").and_then(Value::as_str).map(str::to_owned),
+            matches,
+            destinations,
+            timeout_ms: duration(d, m.get("timeout"), &format!("{field}.timeout")),
+            retries,
+        },
+        hosts,
+    ))
+}
+
+/// A VirtualService's `spec`.
+pub(crate) fn virtual_service(
+    d: &mut Doc<'_>,
+    index: usize,
+    name: &str,
+    namespace: &str,
+    spec: &serde_json::Map<String, Value>,
+) -> Option<RawVirtualService> {
+    d.unsupported("spec", spec, &["hosts", "gateways", "http", "exportTo"]);
+    for k in ["tcp", "tls"] {
+        if spec.contains_key(k) {
+            d.warn(
+                format!("spec.{k}"),
+                "not supported: TCP and TLS ports are carried as bytes",
+            );
+        }
+    }
+    let gateways = d.str_list(spec.get("gateways"), "spec.gateways");
+    if gateways.iter().any(|g| g != "mesh") {
+        d.warn(
+            "spec.gateways",
+            "meshfed applies the routes at its egress gateways (as for `mesh`); Istio gateways are ignored",
+        );
+    }
+    if spec.contains_key("exportTo") {
+        d.warn(
+            "spec.exportTo",
+            "the routes travel with the service they govern, to every site that imports it",
+        );
+    }
+    let hosts = d.str_list(spec.get("hosts"), "spec.hosts");
+    if hosts.is_empty() {
+        d.err("spec.hosts", "at least one host is required");
+    }
+    let Some(Value::Array(http)) = spec.get("http") else {
+        d.err("spec.http", "missing: meshfed reads HTTP routes");
+        return None;
+    };
+    let mut routes = Vec::new();
+    let mut destination_hosts = Vec::new();
+    for (i, r) in http.iter().enumerate() {
+        if let Some((route, hosts)) = route(d, r, i) {
+            destination_hosts.extend(hosts.into_iter().map(|(j, h)| (i, j, h)));
+            routes.push(route);
+        }
+    }
+    Some(RawVirtualService {
+        index,
+        name: name.into(),
+        namespace: namespace.into(),
+        hosts,
+        routes,
+        destination_hosts,
+    })
+}
+
+/// `spec.subsets` of a DestinationRule.
+pub(crate) fn subsets(d: &mut Doc<'_>, v: Option<&Value>) -> Vec<Subset> {
+    let mut out: Vec<Subset> = Vec::new();
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => {
+            for (i, s) in a.iter().enumerate() {
+                let f = format!("spec.subsets[{i}]");
+                let Value::Object(m) = s else {
+                    d.err(f, "must be a map");
+                    continue;
+                };
+                d.unsupported(&f, m, &["name", "labels"]);
+                let name = match m.get("name").and_then(Value::as_str) {
+                    Some(n) if !n.is_empty() => n.to_owned(),
+                    _ => {
+                        d.err(format!("{f}.name"), "missing");
+                        continue;
+                    }
+                };
+                if out.iter().any(|s| s.name == name) {
+                    d.err(
+                        format!("{f}.name"),
+                        format!("duplicate subset name {name:?}"),
+                    );
+                    continue;
+                }
+                let labels = d.string_map(m.get("labels"), &format!("{f}.labels"));
+                out.push(Subset { name, labels });
+            }
+        }
+        Some(_) => d.err("spec.subsets", "must be a list"),
+    }
+    out
+}
+
+/// Builds the policy of one service from a VirtualService's routes and the subsets the
+/// file defines for it; checks what Istio's validation checks (and that subsets exist).
+pub(crate) fn policy(
+    d: &mut Doc<'_>,
+    vs: &RawVirtualService,
+    service: meshfed_catalog::ServiceName,
+    subsets: Vec<Subset>,
+) -> Option<HttpPolicy> {
+    let p = HttpPolicy {
+        service,
+        source: format!("VirtualService {}/{}", vs.namespace, vs.name),
+        routes: vs.routes.clone(),
+        subsets,
+    };
+    match p.clone().compile() {
+        Ok(_) => Some(p),
+        Err(e) => {
+            d.err(yaml_path(&e.field), e.message);
+            None
+        }
+    }
+}
+
+/// The model's field path as the VirtualService spells it. Pure.
+pub(crate) fn yaml_path(model: &str) -> String {
+    let p = model
+        .replace("routes[", "spec.http[")
+        .replace(".matches[", ".match[")
+        .replace(".destinations[", ".route[")
+        .replace(".destinations", ".route")
+        .replace(".query_params.", ".queryParams.")
+        .replace(".timeout_ms", ".timeout");
+    if p == "routes" { "spec.http".into() } else { p }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::service_entry::{ParseError, parse};
+    use meshfed_catalog::http_route::{CLUSTER_LABEL, StringMatch};
+
+    const GOOD: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web.demo.svc.cluster.local]
+  http:
+  - name: canary
+    match:
+    - headers: {X-Canary: {exact: "1"}}
+    route:
+    - destination: {host: web, subset: v2}
+  - name: split
+    match:
+    - uri: {prefix: /api/}
+      method: {exact: GET}
+      queryParams: {beta: {regex: "y(es)?"}}
+    route:
+    - destination: {host: web.demo, subset: v1}
+      weight: 80
+    - destination: {host: web.demo.svc.cluster.local, subset: v2}
+      weight: 20
+    timeout: 3s
+    retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "5xx,connect-failure"}
+  - route:
+    - destination: {host: web}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web
+  subsets:
+  - name: v1
+    labels: {topology.istio.io/cluster: west}
+  - name: v2
+    labels: {version: v2}
+"#;
+
+    #[test]
+    fn a_virtual_service_becomes_the_routes_of_its_service() {
+        let r = parse(GOOD).unwrap();
+        assert_eq!(r.http_policies.len(), 1);
+        let p = &r.http_policies[0];
+        assert_eq!(p.service.to_string(), "web.demo");
+        assert_eq!(p.source, "VirtualService demo/web");
+        assert_eq!(p.routes.len(), 3);
+        assert_eq!(
+            p.routes[0].matches[0].headers["x-canary"],
+            StringMatch::Exact("1".into())
+        );
+        assert_eq!(p.routes[0].destinations[0].weight, 100);
+        let split = &p.routes[1];
+        assert_eq!(
+            split
+                .destinations
+                .iter()
+                .map(|d| d.weight)
+                .collect::<Vec<_>>(),
+            [80, 20]
+        );
+        assert_eq!(split.timeout_ms, Some(3000));
+        let retries = split.retries.as_ref().unwrap();
+        assert_eq!(
+            (retries.attempts, retries.per_try_timeout_ms),
+            (3, Some(500))
+        );
+        assert_eq!(p.subsets[0].labels[CLUSTER_LABEL], "west");
+        // retryOn is read; what meshfed retries is said in a warning.
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.field == "spec.http[1].retries.retryOn")
+        );
+    }
+
+    #[test]
+    fn what_istio_refuses_is_refused_with_its_field() {
+        let rows: &[(&str, &str, &str)] = &[
+            ("weight: 20", "weight: 30", "spec.http[1].route"),
+            ("weight: 80", "weight: 180", "spec.http[1].route[0].weight"),
+            (
+                "subset: v2}\n  - name: split",
+                "subset: v3}\n  - name: split",
+                "spec.http[0].route[0].subset",
+            ),
+            (
+                "regex: \"y(es)?\"",
+                "regex: \"y(es\"",
+                "spec.http[1].match[0].queryParams.beta.regex",
+            ),
+            (
+                "hosts: [web.demo.svc.cluster.local]",
+                "hosts: [web.a.b.example]",
+                "spec.hosts[0]",
+            ),
+            (
+                "destination: {host: web}\n---",
+                "destination: {host: orders}\n---",
+                "spec.http[2].route[0].destination.host",
+            ),
+            ("timeout: 3s", "timeout: soon", "spec.http[1].timeout"),
+            (
+                "attempts: 3",
+                "attempts: 99",
+                "spec.http[1].retries.attempts",
+            ),
+            (
+                "retryOn: \"5xx,connect-failure\"",
+                "retryOn: \"5xx,sometimes\"",
+                "spec.http[1].retries.retryOn",
+            ),
+            (
+                "{exact: \"1\"}",
+                "{exact: \"1\", prefix: \"2\"}",
+                "spec.http[0].match[0].headers.X-Canary",
+            ),
+        ];
+        for (from, to, field) in rows {
+            assert!(GOOD.contains(from), "{from}");
+            let text = GOOD.replacen(from, to, 1);
+            match parse(&text) {
+                Err(ParseError::Invalid(p)) => {
+                    assert!(p.iter().any(|p| p.field == *field), "{to}: {p:?}")
+                }
+                other => panic!("{to}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_fields_are_warned_about_by_path() {
+        let text = GOOD.replacen(
+            "    timeout: 3s",
+            "    timeout: 3s\n    mirror: {host: web}\n    fault: {abort: {httpStatus: 503}}",
+            1,
+        );
+        let r = parse(&text).unwrap();
+        for f in ["spec.http[1].mirror", "spec.http[1].fault"] {
+            assert!(
+                r.warnings.iter().any(|w| w.field == f),
+                "{f}: {:?}",
+                r.warnings
+            );
+        }
+    }
+
+    #[test]
+    fn model_paths_read_as_yaml_paths() {
+        for (m, y) in [
+            ("routes[1].destinations", "spec.http[1].route"),
+            (
+                "routes[0].destinations[2].subset",
+                "spec.http[0].route[2].subset",
+            ),
+            (
+                "routes[3].matches[0].query_params.a.regex",
+                "spec.http[3].match[0].queryParams.a.regex",
+            ),
+            ("routes", "spec.http"),
+        ] {
+            assert_eq!(super::yaml_path(m), y);
+        }
+    }
+}
