@@ -213,6 +213,11 @@ impl From<&ExportedPort> for pb::Port {
 impl From<&Export> for pb::ServiceExport {
     fn from(e: &Export) -> Self {
         Self {
+            http_policy: e
+                .http_policy
+                .as_ref()
+                .and_then(|p| serde_json::to_string(p).ok())
+                .unwrap_or_default(),
             service: e.service.to_string(),
             ports: e.ports.iter().map(Into::into).collect(),
             ready_endpoints: e.ready_endpoints,
@@ -339,7 +344,10 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
         .enumerate()
         .map(|(i, s)| SpiffeId::new(s).map_err(|err| bad(&format!("{field}.identities[{i}]"), err)))
         .collect::<Result<Vec<_>, _>>()?;
+    let http_policy =
+        http_policy_from_pb(&e.http_policy, &service, &format!("{field}.http_policy"))?;
     Ok(Export {
+        http_policy: http_policy.map(Box::new),
         service,
         ports,
         ready_endpoints: e.ready_endpoints,
@@ -348,6 +356,39 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
         labels: e.labels.into_iter().collect::<BTreeMap<_, _>>(),
         hosts,
     })
+}
+
+/// The most bytes a published HTTP policy may have.
+pub const HTTP_POLICY_MAX: usize = 64 * 1024;
+
+/// A published HTTP policy: JSON of the model, for `service`, valid (it compiles), within
+/// [`HTTP_POLICY_MAX`]. Empty: none.
+fn http_policy_from_pb(
+    json: &str,
+    service: &ServiceName,
+    field: &str,
+) -> Result<Option<meshfed_catalog::http_route::HttpPolicy>, FieldError> {
+    if json.is_empty() {
+        return Ok(None);
+    }
+    if json.len() > HTTP_POLICY_MAX {
+        return Err(bad(
+            field,
+            format!("{} bytes; at most {HTTP_POLICY_MAX}", json.len()),
+        ));
+    }
+    let p: meshfed_catalog::http_route::HttpPolicy =
+        serde_json::from_str(json).map_err(|e| bad(field, e))?;
+    if &p.service != service {
+        return Err(bad(
+            &format!("{field}.service"),
+            format!("{} is not the export's service {service}", p.service),
+        ));
+    }
+    p.clone()
+        .compile()
+        .map_err(|e| bad(&format!("{field}.{}", e.field), e.message))?;
+    Ok(Some(p))
 }
 
 pub fn site_from_pb(s: pb::Site) -> Result<SiteRecord, FieldError> {
@@ -451,6 +492,7 @@ mod tests {
     #[test]
     fn export_round_trip_and_field_errors() {
         let e = Export {
+            http_policy: None,
             service: ServiceName::parse("orders.shop").unwrap(),
             ports: vec![ExportedPort {
                 app_protocol: Default::default(),

@@ -136,6 +136,11 @@ pub struct Export {
     /// DNS names it also answers to (a registered legacy service's hosts).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// The HTTP routes this site registered for the service (a VirtualService); every
+    /// importing site's egress applies them (`routing::plan` picks one when sites
+    /// disagree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_policy: Option<Box<crate::http_route::HttpPolicy>>,
 }
 
 /// A site as the federation knows it.
@@ -438,6 +443,7 @@ mod tests {
 
     fn export(svc: &str, ready: u32) -> Export {
         Export {
+            http_policy: None,
             service: ServiceName::parse(svc).unwrap(),
             ports: vec![ExportedPort {
                 app_protocol: Default::default(),

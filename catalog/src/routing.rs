@@ -32,6 +32,13 @@ pub struct ImportPlan {
     pub hosts: Vec<String>,
     /// Sites to try, best first. Empty: known, but nowhere serving right now.
     pub backends: Vec<SiteName>,
+    /// The HTTP routes for the service (HTTP-family ports only): the exporting sites'
+    /// word when they agree; when they do not, the routes of the first site by name,
+    /// with the disagreement in `policy_conflict`.
+    pub http_policy: Option<crate::http_route::HttpPolicy>,
+    pub policy_conflict: Option<String>,
+    /// Each backend's export labels, for subsets that select sites.
+    pub site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -89,6 +96,23 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
             }
         }
     }
+    // Routes per service, by site (in name order).
+    let mut policies: BTreeMap<&ServiceName, Vec<(&SiteName, &crate::http_route::HttpPolicy)>> =
+        BTreeMap::new();
+    let mut labels: BTreeMap<&ServiceName, BTreeMap<SiteName, BTreeMap<String, String>>> =
+        BTreeMap::new();
+    for ((site, service), export) in &catalog.exports {
+        if site == me {
+            continue;
+        }
+        if let Some(p) = &export.http_policy {
+            policies.entry(service).or_default().push((site, p));
+        }
+        labels
+            .entry(service)
+            .or_default()
+            .insert(site.clone(), export.labels.clone());
+    }
     let imports = ports
         .into_iter()
         .map(
@@ -98,6 +122,22 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
                     (1, Some(a)) => *a,
                     _ => AppProtocol::Tcp,
                 };
+                let (http_policy, policy_conflict) = if app_protocol.is_http() {
+                    merge_policies(policies.get(service).map(Vec::as_slice).unwrap_or(&[]))
+                } else {
+                    (None, None)
+                };
+                let backends: Vec<SiteName> =
+                    cands.into_iter().map(|(_, _, s)| s.clone()).collect();
+                let site_labels = labels
+                    .get(service)
+                    .map(|l| {
+                        l.iter()
+                            .filter(|(s, _)| backends.contains(s))
+                            .map(|(s, l)| (s.clone(), l.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 ImportPlan {
                     service: service.clone(),
                     port,
@@ -105,12 +145,40 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
                     name: name.cloned(),
                     app_protocol,
                     hosts: hosts.into_iter().cloned().collect(),
-                    backends: cands.into_iter().map(|(_, _, s)| s.clone()).collect(),
+                    backends,
+                    http_policy,
+                    policy_conflict,
+                    site_labels,
                 }
             },
         )
         .collect();
     SitePlan { peers, imports }
+}
+
+/// The routes of a service from the sites that publish them (in site name order): the
+/// same everywhere, or the first site's, with a conflict that names the sites. Pure.
+pub fn merge_policies(
+    by_site: &[(&SiteName, &crate::http_route::HttpPolicy)],
+) -> (Option<crate::http_route::HttpPolicy>, Option<String>) {
+    let Some((first_site, first)) = by_site.first() else {
+        return (None, None);
+    };
+    // The same routes registered from different files agree.
+    let differ: Vec<&str> = by_site
+        .iter()
+        .filter(|(_, p)| p.routes != first.routes || p.subsets != first.subsets)
+        .map(|(s, _)| s.as_str())
+        .collect();
+    let conflict = (!differ.is_empty()).then(|| {
+        format!(
+            "sites publish different routes for {}: {first_site} ({}) and {}; {first_site}'s apply (the first site by name)",
+            first.service,
+            first.source,
+            differ.join(", ")
+        )
+    });
+    (Some((*first).clone()), conflict)
 }
 
 /// Why a `vip_range` or `import_ports` value is not a range. Pure.
@@ -295,6 +363,9 @@ mod tests {
             imports: names
                 .iter()
                 .map(|n| ImportPlan {
+                    site_labels: Default::default(),
+                    policy_conflict: None,
+                    http_policy: None,
                     app_protocol: Default::default(),
                     service: ServiceName::parse(n).unwrap(),
                     port: 80,
@@ -339,6 +410,9 @@ mod tests {
     fn import_ports_are_stable_distinct_shared_by_tcp_and_udp_and_inside_the_range() {
         let r = PortRange::parse("20000-20009").unwrap();
         let im = |n: &str, port, protocol| ImportPlan {
+            site_labels: Default::default(),
+            policy_conflict: None,
+            http_policy: None,
             app_protocol: Default::default(),
             service: ServiceName::parse(n).unwrap(),
             port,
@@ -416,6 +490,7 @@ mod tests {
             self.apply(Change::PutExport {
                 site: SiteName::new(site).unwrap(),
                 export: Export {
+                    http_policy: None,
                     service: ServiceName::parse(svc).unwrap(),
                     ports: vec![ExportedPort {
                         app_protocol: Default::default(),
@@ -435,6 +510,100 @@ mod tests {
 
     fn names(v: &[SiteName]) -> Vec<&str> {
         v.iter().map(|s| s.as_str()).collect()
+    }
+
+    /// `svc` on port 80 as `app`, with routes sending everything to subset `to`.
+    fn http_export(site: &str, svc: &str, app: AppProtocol, to: Option<&str>) -> Change {
+        use crate::http_route::{Destination, HttpPolicy, HttpRoute, Subset};
+        let service = ServiceName::parse(svc).unwrap();
+        Change::PutExport {
+            site: SiteName::new(site).unwrap(),
+            export: Export {
+                http_policy: to.map(|to| {
+                    Box::new(HttpPolicy {
+                        service: service.clone(),
+                        source: format!("VirtualService {site}/web"),
+                        routes: vec![HttpRoute {
+                            destinations: vec![Destination {
+                                subset: Some(to.into()),
+                                weight: 100,
+                            }],
+                            ..Default::default()
+                        }],
+                        subsets: ["a", "b"]
+                            .iter()
+                            .map(|n| Subset {
+                                name: n.to_string(),
+                                labels: Default::default(),
+                            })
+                            .collect(),
+                    })
+                }),
+                service,
+                ports: vec![ExportedPort {
+                    app_protocol: app,
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    name: None,
+                }],
+                ready_endpoints: 1,
+                identities: vec![],
+                locality: None,
+                labels: [("version".to_string(), format!("{site}-v"))].into(),
+                hosts: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn routes_come_with_http_ports_and_a_disagreement_is_a_named_conflict() {
+        use AppProtocol::{Http, Tcp};
+        let me = SiteName::new("east").unwrap();
+        let base = || {
+            Builder::new()
+                .site("east", true)
+                .site("west", true)
+                .site("north", true)
+        };
+        // (north's export, west's export) → (app protocol, routes to, conflict)
+        type Export = (AppProtocol, Option<&'static str>);
+        let rows: &[(Export, Export, AppProtocol, Option<&str>, bool)] = &[
+            ((Http, Some("a")), (Http, Some("a")), Http, Some("a"), false),
+            ((Http, None), (Http, Some("b")), Http, Some("b"), false),
+            // Different routes: north's apply (first by name), and the conflict says so.
+            ((Http, Some("a")), (Http, Some("b")), Http, Some("a"), true),
+            // Sites disagree on the protocol: bytes, and no routes.
+            ((Http, Some("a")), (Tcp, None), Tcp, None, false),
+            ((Tcp, None), (Tcp, None), Tcp, None, false),
+        ];
+        for (i, (north, west, app, to, conflict)) in rows.iter().enumerate() {
+            let c = base()
+                .apply(http_export("north", "web.demo", north.0, north.1))
+                .apply(http_export("west", "web.demo", west.0, west.1))
+                .0;
+            let p = plan(&c, &me, None);
+            let im = &p.imports[0];
+            assert_eq!(im.app_protocol, *app, "row {i}");
+            let got = im
+                .http_policy
+                .as_ref()
+                .and_then(|p| p.routes[0].destinations[0].subset.as_deref());
+            assert_eq!(got, *to, "row {i}");
+            assert_eq!(
+                im.policy_conflict.is_some(),
+                *conflict,
+                "row {i}: {:?}",
+                im.policy_conflict
+            );
+            if let Some(c) = &im.policy_conflict {
+                assert!(c.contains("north") && c.contains("west"), "{c}");
+            }
+            assert_eq!(im.site_labels.len(), 2, "row {i}");
+            assert_eq!(
+                im.site_labels[&SiteName::new("west").unwrap()]["version"],
+                "west-v"
+            );
+        }
     }
 
     #[test]
@@ -482,6 +651,7 @@ mod tests {
             .apply(Change::PutExport {
                 site: SiteName::new("west").unwrap(),
                 export: Export {
+                    http_policy: None,
                     service: ServiceName::parse("dns.legacy").unwrap(),
                     ports: vec![port(Protocol::Udp, "dns"), port(Protocol::Tcp, "dns-tcp")],
                     ready_endpoints: 1,

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::authz::AuthorizationPolicy;
 use crate::catalog::{AppProtocol, Protocol};
+use crate::http_route::HttpPolicy;
 use crate::legacy::LegacyService;
 use crate::names::ServiceName;
 
@@ -33,6 +34,17 @@ pub struct Registry {
     /// site they name (static, registered or Kubernetes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub policies: BTreeMap<String, RegisteredPolicy>,
+    /// HTTP routes (VirtualServices) by the service they govern; published with that
+    /// service's export, so every importing site applies them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<ServiceName, RegisteredRoutes>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredRoutes {
+    /// The file it was registered from.
+    pub source: String,
+    pub policy: HttpPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +135,39 @@ impl Registry {
             }
         }
         replaced
+    }
+
+    /// Adds or replaces routes (by service); returns the services whose routes were
+    /// replaced.
+    pub fn merge_routes(&mut self, source: &str, policies: Vec<HttpPolicy>) -> Vec<ServiceName> {
+        let mut replaced = Vec::new();
+        for p in policies {
+            let service = p.service.clone();
+            let r = RegisteredRoutes {
+                source: source.to_owned(),
+                policy: p,
+            };
+            if self.routes.insert(service.clone(), r).is_some() {
+                replaced.push(service);
+            }
+        }
+        replaced
+    }
+
+    /// Removes the routes of `services`, all or none.
+    pub fn remove_routes(&mut self, services: &[ServiceName]) -> Result<(), NotRegistered> {
+        let unknown: Vec<String> = services
+            .iter()
+            .filter(|s| !self.routes.contains_key(*s))
+            .map(|s| format!("routes:{s}"))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(NotRegistered(unknown));
+        }
+        for s in services {
+            self.routes.remove(s);
+        }
+        Ok(())
     }
 
     /// Removes the policies `keys` (`namespace/name`), all or none.

@@ -379,6 +379,8 @@ pub struct Export {
     /// TCP ports that speak HTTP (`http`, `http2`, `grpc`): the ingress terminates HTTP
     /// on their streams and picks an endpoint per request. Absent: bytes.
     pub app_protocols: BTreeMap<u16, AppProtocol>,
+    /// HTTP routes registered for this service (a VirtualService), published with it.
+    pub http_policy: Option<meshfed_catalog::http_route::HttpPolicy>,
     /// Workload identities behind it (a Kubernetes export's service accounts).
     pub identities: Vec<SpiffeId>,
     /// Send a PROXY protocol v2 header to the endpoint: the client's address at the far
@@ -893,6 +895,7 @@ fn exports(
         exports.insert(
             service.clone(),
             Export {
+                http_policy: None,
                 service,
                 ports,
                 udp_ports,

@@ -54,7 +54,12 @@ pub struct Egress {
     /// per request, by `http`.
     pub app: Arc<ArcSwap<AppProtocol>>,
     pub http: Arc<crate::http::egress::HttpEgress>,
+    /// The service's HTTP routes, when it has any (swapped as the catalog changes).
+    pub routes: Routes,
 }
+
+/// An import's HTTP routes, swapped whole.
+pub type Routes = Arc<ArcSwap<Option<Arc<crate::http::egress::RouteTable>>>>;
 
 /// Callers by source address (`caller_pod_ip`): a pod reflector keeps it.
 pub type CallerIps = Arc<ArcSwap<std::collections::HashMap<std::net::IpAddr, SpiffeId>>>;
@@ -487,6 +492,7 @@ pub type ImportKey = (ServiceName, u16, Protocol);
 struct ImportEntry {
     backends: Backends,
     app: Arc<ArcSwap<AppProtocol>>,
+    routes: Routes,
     addr: SocketAddr,
     stop: CancellationToken,
 }
@@ -532,6 +538,7 @@ impl Imports {
         listen: SocketAddr,
         backends: Vec<SiteName>,
         source: Option<&SpiffeId>,
+        routes: Option<Arc<crate::http::egress::RouteTable>>,
     ) -> std::io::Result<SocketAddr> {
         let mut map = self.lock();
         let key = (service.clone(), port, protocol);
@@ -539,6 +546,17 @@ impl Imports {
             if **e.app.load() != app {
                 info!(%service, port, %protocol, app_protocol = %app, "import's protocol changed: new connections use it");
                 e.app.store(Arc::new(app));
+            }
+            let changed = match (e.routes.load().as_ref(), &routes) {
+                (None, None) => false,
+                (Some(a), Some(b)) => {
+                    a.compiled.policy != b.compiled.policy || a.site_labels != b.site_labels
+                }
+                _ => true,
+            };
+            if changed {
+                info!(%service, port, routes = ?routes.as_ref().map(|r| r.compiled.policy.source.clone()), "import's routes changed");
+                e.routes.store(Arc::new(routes));
             }
             if **e.backends.load() != backends {
                 info!(%service, port, %protocol, backends = ?backends.iter().map(|s| s.as_str()).collect::<Vec<_>>(), "import re-routed");
@@ -548,6 +566,7 @@ impl Imports {
         }
         let backends = Arc::new(ArcSwap::from_pointee(backends));
         let app_now = Arc::new(ArcSwap::from_pointee(app));
+        let routes: Routes = Arc::new(ArcSwap::from_pointee(routes));
         let stop = self.drain.token().child_token();
         let eg = Egress {
             service: service.clone(),
@@ -560,6 +579,7 @@ impl Imports {
             callers: self.callers.clone(),
             app: app_now.clone(),
             http: Arc::new(crate::http::egress::HttpEgress::new(service, port)),
+            routes: routes.clone(),
         };
         let addr = match protocol {
             Protocol::Tcp => {
@@ -586,6 +606,7 @@ impl Imports {
             ImportEntry {
                 backends,
                 app: app_now,
+                routes,
                 addr,
                 stop,
             },

@@ -160,6 +160,27 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), SessionE
     Ok(())
 }
 
+/// An import's routes, compiled for its egress; a policy that does not compile (the API
+/// checked it on the way in, so only a bug gets here) is logged and not applied.
+fn route_table(
+    im: &meshfed_catalog::routing::ImportPlan,
+) -> Option<Arc<crate::http::egress::RouteTable>> {
+    if let Some(c) = &im.policy_conflict {
+        warn!(service = %im.service, conflict = %c, "routing policy conflict");
+    }
+    let p = im.http_policy.clone()?;
+    match p.compile() {
+        Ok(compiled) => Some(Arc::new(crate::http::egress::RouteTable {
+            compiled,
+            site_labels: im.site_labels.clone(),
+        })),
+        Err(e) => {
+            warn!(service = %im.service, error = %e, "routes not applied");
+            None
+        }
+    }
+}
+
 fn export_to_pb(e: &Export) -> pb::ServiceExport {
     let ready: usize = e
         .ports
@@ -192,6 +213,11 @@ fn export_to_pb(e: &Export) -> pb::ServiceExport {
         ready_endpoints: u32::try_from(ready).unwrap_or(u32::MAX),
         hosts: e.hosts.clone(),
         identities: e.identities.iter().map(ToString::to_string).collect(),
+        http_policy: e
+            .http_policy
+            .as_ref()
+            .and_then(|p| serde_json::to_string(p).ok())
+            .unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -274,6 +300,7 @@ impl Agent {
                 listen,
                 im.backends.clone(),
                 None,
+                route_table(im),
             ) {
                 Ok(_) => {
                     keep_imports.insert((im.service.clone(), im.port, im.protocol));
@@ -563,6 +590,7 @@ mod tests {
         Change::PutExport {
             site: site.parse().unwrap(),
             export: CatalogExport {
+                http_policy: None,
                 service: svc.parse().unwrap(),
                 ports: vec![ExportedPort {
                     app_protocol: Default::default(),
@@ -659,6 +687,7 @@ mod tests {
     #[test]
     fn an_export_publishes_its_ports_names_and_most_ready_port() {
         let e = Export {
+            http_policy: None,
             app_protocols: Default::default(),
             service: "dns.ops".parse().unwrap(),
             ports: [(53, vec!["10.0.0.1:53".parse().unwrap()])].into(),

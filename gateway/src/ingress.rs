@@ -1243,6 +1243,7 @@ mod tests {
         m.insert(
             svc.clone(),
             Export {
+                http_policy: None,
                 app_protocols: Default::default(),
                 service: svc,
                 ports: [
@@ -1263,6 +1264,7 @@ mod tests {
         m.insert(
             svc.clone(),
             Export {
+                http_policy: None,
                 app_protocols: Default::default(),
                 service: svc,
                 ports: [(5432, vec!["127.0.0.1:5432".parse().unwrap()])].into(),

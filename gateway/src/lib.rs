@@ -542,6 +542,7 @@ pub async fn start_with(
                 im.listen,
                 vec![im.site.clone()],
                 im.source_identity.as_ref(),
+                None,
             )
             .map_err(|source| GatewayError::Bind {
                 what: format!("import {}:{}", im.service, im.port),

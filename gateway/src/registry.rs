@@ -148,6 +148,7 @@ pub fn exports(
             out.insert(
                 name.clone(),
                 Export {
+                    http_policy: None,
                     service: name.clone(),
                     ports,
                     udp_ports,
@@ -178,6 +179,7 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
         .iter()
         .map(|e| {
             let mut ex = Export {
+                http_policy: None,
                 service: e.service.clone(),
                 ports: BTreeMap::new(),
                 udp_ports: BTreeMap::new(),
@@ -291,6 +293,15 @@ impl Follower {
                 continue;
             }
             all.insert(name, e);
+        }
+        // Routes travel with the export of the service they govern.
+        for (name, r) in &reg.routes {
+            match all.get_mut(name) {
+                Some(e) => e.http_policy = Some(r.policy.clone()),
+                None => {
+                    warn!(service = %name, source = %r.source, "routes registered for a service this site does not export: not published")
+                }
+            }
         }
         let policies = reg.policy_list();
         if self.ingress.policies.load().policies() != policies.as_slice() {

@@ -24,7 +24,8 @@ pub struct RegisterArgs {
 
 #[derive(Args)]
 pub struct UnregisterArgs {
-    /// Services to remove, as `name.namespace`, and policies, as `namespace/name`.
+    /// Services to remove, as `name.namespace`, policies, as `namespace/name`, and a
+    /// service's routes, as `routes:name.namespace`.
     #[arg(required_unless_present = "file")]
     pub services: Vec<String>,
     /// Remove every service registered from this file.
@@ -44,11 +45,15 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     for p in &r.policies {
         println!("{}", describe_policy(p));
     }
+    for p in &r.http_policies {
+        println!("{}", describe_routes(p));
+    }
     println!(
-        "{}: {} service(s) and {} policy(ies) valid, {} warning(s)",
+        "{}: {} service(s), {} policy(ies) and {} route set(s) valid, {} warning(s)",
         file.display(),
         r.services.len(),
         r.policies.len(),
+        r.http_policies.len(),
         r.warnings.len()
     );
 
@@ -63,6 +68,11 @@ pub fn register(a: RegisterArgs) -> Result<()> {
         .iter()
         .map(|s| s.service.to_string())
         .chain(r.policies.iter().map(|p| format!("policy {}", p.key())))
+        .chain(
+            r.http_policies
+                .iter()
+                .map(|p| format!("routes:{}", p.service)),
+        )
         .collect();
     // Concurrent registrations take turns: each one's entries survive.
     let _lock = meshfed_catalog::site::lock_site_dir(&dir)?;
@@ -76,8 +86,9 @@ pub fn register(a: RegisterArgs) -> Result<()> {
         );
     }
     let source = file.display().to_string();
-    let replaced =
-        reg.merge(&source, r.services).len() + reg.merge_policies(&source, r.policies).len();
+    let replaced = reg.merge(&source, r.services).len()
+        + reg.merge_policies(&source, r.policies).len()
+        + reg.merge_routes(&source, r.http_policies).len();
     reg.save(&dir)?;
     println!(
         "registered {} ({} replaced) in {}; {} service(s) and {} policy(ies) registered in all",
@@ -99,7 +110,7 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
     } = a;
     let _lock = meshfed_catalog::site::lock_site_dir(&dir)?;
     let reg = meshfed_catalog::site::Registry::load(&dir)?;
-    let (names, policies) = match &file {
+    let (names, policies, routes) = match &file {
         Some(f) => {
             let source = f.display().to_string();
             let names: Vec<_> = reg
@@ -114,14 +125,30 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
                 .filter(|(_, r)| r.source == source)
                 .map(|(k, _)| k.clone())
                 .collect();
-            if names.is_empty() && policies.is_empty() {
+            let routes: Vec<_> = reg
+                .routes
+                .iter()
+                .filter(|(_, r)| r.source == source)
+                .map(|(s, _)| s.clone())
+                .collect();
+            if names.is_empty() && policies.is_empty() && routes.is_empty() {
                 bail!("{source}: nothing registered from this file");
             }
-            (names, policies)
+            (names, policies, routes)
         }
         None => {
+            let (routes, rest): (Vec<&String>, Vec<&String>) =
+                services.iter().partition(|s| s.starts_with("routes:"));
+            let routes = routes
+                .iter()
+                .map(|s| {
+                    let s = s.trim_start_matches("routes:");
+                    s.parse::<meshfed_catalog::ServiceName>()
+                        .map_err(|e| anyhow::anyhow!("routes:{s}: {e}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let (policies, names): (Vec<&String>, Vec<&String>) =
-                services.iter().partition(|s| s.contains('/'));
+                rest.into_iter().partition(|s| s.contains('/'));
             let names = names
                 .iter()
                 .map(|s| {
@@ -129,18 +156,20 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
                         .map_err(|e| anyhow::anyhow!("{s:?}: {e}"))
                 })
                 .collect::<Result<_>>()?;
-            (names, policies.into_iter().cloned().collect())
+            (names, policies.into_iter().cloned().collect(), routes)
         }
     };
     // All or nothing: check both before removing either.
     let mut next = reg.clone();
     next.remove(&names)?;
     next.remove_policies(&policies)?;
+    next.remove_routes(&routes)?;
     next.save(&dir)?;
     let list: Vec<String> = names
         .iter()
         .map(|n| n.to_string())
         .chain(policies.iter().map(|p| format!("policy {p}")))
+        .chain(routes.iter().map(|s| format!("routes:{s}")))
         .collect();
     println!(
         "unregistered {}; {} service(s) and {} policy(ies) registered in all",
@@ -185,6 +214,36 @@ fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::
         eprintln!("warning: {}: {w}", file.display());
     }
     Ok(r)
+}
+
+fn describe_routes(p: &meshfed_catalog::http_route::HttpPolicy) -> String {
+    let routes: Vec<String> = p
+        .routes
+        .iter()
+        .map(|r| {
+            let to: Vec<String> = r
+                .destinations
+                .iter()
+                .map(|d| format!("{} {}%", d.subset.as_deref().unwrap_or("(all)"), d.weight))
+                .collect();
+            format!(
+                "{}{} → {}",
+                r.name.as_deref().unwrap_or("(unnamed)"),
+                if r.matches.is_empty() {
+                    ""
+                } else {
+                    " (matched)"
+                },
+                to.join(", ")
+            )
+        })
+        .collect();
+    format!(
+        "routes for {} from {}: {}",
+        p.service,
+        p.source,
+        routes.join("; ")
+    )
 }
 
 fn describe_policy(p: &meshfed_catalog::authz::AuthorizationPolicy) -> String {

@@ -385,3 +385,176 @@ async fn a_503_is_retried_at_another_site_within_the_budget() {
         "{attempts} attempts for 300 requests: over the budget"
     );
 }
+
+/// `n` GETs over `conns` HTTP/1.1 connections at once: the statuses, in no order.
+async fn gets_parallel(
+    addr: SocketAddr,
+    n: usize,
+    conns: usize,
+    headers: &'static [(&'static str, &'static str)],
+) -> Vec<u16> {
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            let share = n / conns + usize::from(i < n % conns);
+            tokio::spawn(async move { gets(addr, share, headers).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.extend(t.await.unwrap());
+    }
+    out
+}
+
+const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web.demo]
+  http:
+  - name: canary-header
+    match:
+    - headers: {x-canary: {exact: "1"}}
+    route:
+    - destination: {host: web.demo, subset: canary}
+  - name: split
+    route:
+    - destination: {host: web.demo, subset: stable}
+      weight: STABLE
+    - destination: {host: web.demo, subset: canary}
+      weight: CANARY
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  subsets:
+  - name: stable
+    labels: {topology.istio.io/cluster: west}
+  - name: canary
+    labels: {topology.istio.io/cluster: north}
+"#;
+
+fn register_routes(site: &meshfed_lab::SiteFiles, stable: u32) {
+    let text = ROUTES
+        .replace("STABLE", &stable.to_string())
+        .replace("CANARY", &(100 - stable).to_string());
+    let file = site.dir.join("routes.yaml");
+    std::fs::write(&file, text).unwrap();
+    let (code, out, err) = meshfed(&[
+        "register",
+        "-f",
+        file.to_str().unwrap(),
+        "--dir",
+        site.dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("routes:web.demo"), "{out}");
+}
+
+/// A VirtualService registered at one site (west) splits every importing site's
+/// requests: 80/20 between a subset at west and one at north (subsets by
+/// `topology.istio.io/cluster`), a header sends the canary only to north, and a new
+/// split registered while requests flow shifts them without a failed request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_split_registered_at_one_site_routes_every_importer() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new("http-split");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
+    let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(import_ip);
+    let (west_ep, west_hits) = http_endpoint("west", 200).await;
+    let (north_ep, north_hits) = http_endpoint("north", 200).await;
+    register_routes(&west, 80);
+    let _west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3])
+            .export("web.demo", port, vec![west_ep])
+            .speaks("web.demo", port, "http"),
+    )
+    .unwrap();
+    let _north_gw = Gw::start(
+        &north,
+        &fed_config(&north, [127, 0, 0, 4])
+            .export("web.demo", port, vec![north_ep])
+            .speaks("web.demo", port, "http"),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = SocketAddr::new(import_ip, port);
+    // East has both sites and the routes once a header-matched request reaches north.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let before = north_hits.load(Ordering::Relaxed);
+        if tokio::net::TcpStream::connect(import).await.is_ok() {
+            let s = gets(import, 10, &[("x-canary", "1")]).await;
+            if s.iter().all(|s| *s == 200) && north_hits.load(Ordering::Relaxed) - before == 10 {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "routes never applied at east\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The header: north only.
+    let west_before = west_hits.load(Ordering::Relaxed);
+    let s = gets(import, 200, &[("x-canary", "1")]).await;
+    assert!(s.iter().all(|s| *s == 200));
+    assert_eq!(
+        west_hits.load(Ordering::Relaxed),
+        west_before,
+        "x-canary went to west"
+    );
+
+    // 10,000 requests: 20 % ± 2 points at north.
+    let (w0, n0) = (
+        west_hits.load(Ordering::Relaxed),
+        north_hits.load(Ordering::Relaxed),
+    );
+    let s = gets_parallel(import, 10_000, 8, &[]).await;
+    assert!(s.iter().all(|s| *s == 200));
+    let (w, n) = (
+        west_hits.load(Ordering::Relaxed) - w0,
+        north_hits.load(Ordering::Relaxed) - n0,
+    );
+    assert_eq!(w + n, 10_000);
+    let share = n as f64 / 100.0;
+    eprintln!("80/20 split over 10000 requests: north {share:.2} %");
+    assert!((18.0..=22.0).contains(&share), "north got {share} %");
+
+    // A new split while requests flow: none fails, and the traffic moves.
+    let flowing = tokio::spawn(gets_parallel(import, 6_000, 4, &[]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    register_routes(&west, 50);
+    let s = flowing.await.unwrap();
+    assert!(
+        s.iter().all(|s| *s == 200),
+        "a request failed during the change"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (w0, n0) = (
+            west_hits.load(Ordering::Relaxed),
+            north_hits.load(Ordering::Relaxed),
+        );
+        let s = gets_parallel(import, 2_000, 4, &[]).await;
+        assert!(s.iter().all(|s| *s == 200));
+        let n = north_hits.load(Ordering::Relaxed) - n0;
+        let w = west_hits.load(Ordering::Relaxed) - w0;
+        let share = n as f64 * 100.0 / (n + w) as f64;
+        if (45.0..=55.0).contains(&share) {
+            eprintln!("after the change: north {share:.1} %");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new split never applied: north {share} %"
+        );
+    }
+}

@@ -87,6 +87,11 @@ pub struct ServiceExport {
     /// DNS names the service also answers to (ServiceEntry hosts), besides its MCS name.
     #[prost(string, repeated, tag = "7")]
     pub hosts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The HTTP routes the site registered for the service (from a VirtualService), as the
+    /// JSON of meshfed_catalog::http_route::HttpPolicy; empty: none. Unknown fields are
+    /// refused, and at most 64 KiB.
+    #[prost(string, tag = "8")]
+    pub http_policy: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -358,6 +358,7 @@ mod tests {
         Change::PutExport {
             site: SiteName::new(site).unwrap(),
             export: Export {
+                http_policy: None,
                 service: ServiceName::parse(svc).unwrap(),
                 ports: vec![ExportedPort {
                     app_protocol: Default::default(),

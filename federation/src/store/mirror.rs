@@ -365,6 +365,7 @@ mod tests {
 
     fn export(svc: &str) -> Export {
         Export {
+            http_policy: None,
             service: ServiceName::parse(svc).unwrap(),
             ports: vec![ExportedPort {
                 app_protocol: Default::default(),

@@ -6,6 +6,15 @@ use std::time::Duration;
 
 use http::Method;
 
+/// A uniform 32-bit roll from a counter (splitmix64): the weighted pick's input, so
+/// consecutive requests spread exactly by weight over many requests. Pure.
+pub fn roll(n: u64) -> u32 {
+    let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as u32
+}
+
 /// How one attempt ended, as far as retrying cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -173,6 +182,27 @@ mod tests {
         let later = 16_000;
         let got = (0..20).filter(|_| b.withdraw(later)).count();
         assert_eq!(got, 10);
+    }
+
+    #[test]
+    fn rolls_split_by_weight_within_a_point() {
+        use meshfed_catalog::http_route::{Destination, pick};
+        let d = [
+            Destination {
+                subset: Some("a".into()),
+                weight: 80,
+            },
+            Destination {
+                subset: Some("b".into()),
+                weight: 20,
+            },
+        ];
+        for start in [0u64, 7, 1 << 40] {
+            let b = (start..start + 10_000)
+                .filter(|n| pick(&d, roll(*n)) == 1)
+                .count();
+            assert!((1900..=2100).contains(&b), "{b} of 10000 from {start}");
+        }
     }
 
     #[test]

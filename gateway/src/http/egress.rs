@@ -11,10 +11,11 @@
 //!    a TCP connection) and kept while it lives;
 //! 5. `decide::retry` and the budget say whether another attempt follows.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -23,6 +24,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::SiteName;
+use meshfed_catalog::http_route::{Compiled, RequestView, pick, subset_sites};
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -46,11 +48,50 @@ pub struct HttpEgress {
     /// One slot per (site, caller); a slot's lock is held only while its link opens.
     links: Mutex<HashMap<(SiteName, SpiffeId), Arc<LinkSlot>>>,
     budget: Mutex<RetryBudget>,
+    /// Counts requests for the weighted pick's rolls.
+    rolls: AtomicU64,
     start: Instant,
     import: String,
 }
 
 type LinkSlot = tokio::sync::Mutex<Option<SendRequest<Body>>>;
+
+/// The code of a route's timeout (504).
+pub const TIMEOUT: &str = "timeout";
+/// The code of a request no route matches (404).
+pub const NO_ROUTE: &str = "no_route";
+
+/// An import's routes, as the plan gave them.
+pub struct RouteTable {
+    pub compiled: Compiled,
+    pub site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
+}
+
+/// One request's way: where it may go, and its retries and timeouts.
+struct Plan {
+    sites: Vec<SiteName>,
+    retries: u32,
+    timeout: Option<Duration>,
+    per_try: Option<Duration>,
+}
+
+/// A request as a route's match sees it.
+struct View<'a>(&'a http::request::Parts);
+
+impl RequestView for View<'_> {
+    fn path(&self) -> &str {
+        self.0.uri.path()
+    }
+    fn method(&self) -> &str {
+        self.0.method.as_str()
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    fn query(&self) -> Option<&str> {
+        self.0.uri.query()
+    }
+}
 
 /// What a request's body is, for replay.
 enum ReqBody {
@@ -66,6 +107,15 @@ impl HttpEgress {
         Self {
             links: Default::default(),
             budget: Mutex::new(RetryBudget::linkerd_default()),
+            rolls: AtomicU64::new(
+                u64::try_from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_nanos(),
+                )
+                .unwrap_or(0),
+            ),
             start: Instant::now(),
             import,
         }
@@ -187,25 +237,101 @@ impl HttpEgress {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .deposit(self.now_ms());
+        let plan = match self.plan(eg, &parts) {
+            Ok(p) => p,
+            Err(r) => {
+                metrics.http_request("egress", r.status().as_u16());
+                return r;
+            }
+        };
+        let attempts = self.attempts(eg, &parts, &mut body, &plan, caller);
+        let answer = match plan.timeout {
+            Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
+                let msg = format!("no answer within the route's timeout of {t:?}");
+                error_response(504, TIMEOUT, &msg)
+            }),
+            None => attempts.await,
+        };
+        metrics.http_request("egress", answer.status().as_u16());
+        answer
+    }
+
+    /// Where a request may go and how: its route's destination (by weight), the sites
+    /// that destination's subset selects (best first), its retries and timeouts. Without
+    /// routes: every backend, [`RETRIES`] retries, no timeout.
+    #[allow(clippy::result_large_err)]
+    fn plan(&self, eg: &Egress, parts: &http::request::Parts) -> Result<Plan, Response<Body>> {
         let backends = eg.backends.load_full();
+        let no_site = |msg: String| error_response(503, Refusal::NoReadyEndpoint.as_str(), &msg);
         if backends.is_empty() {
-            metrics.http_request("egress", 503);
-            let msg = format!("no site serves {}", self.import);
-            return error_response(503, Refusal::NoReadyEndpoint.as_str(), &msg);
+            return Err(no_site(format!("no site serves {}", self.import)));
         }
+        let routes = eg.routes.load_full();
+        let Some(table) = routes.as_ref() else {
+            return Ok(Plan {
+                sites: backends.to_vec(),
+                retries: RETRIES,
+                timeout: None,
+                per_try: None,
+            });
+        };
+        let Some(route) = table.compiled.route(&View(parts)) else {
+            // Istio answers 404 (NR: no route) too.
+            let msg = format!("no route of {} matches", table.compiled.policy.source);
+            return Err(error_response(404, NO_ROUTE, &msg));
+        };
+        let n = self.rolls.fetch_add(1, Ordering::Relaxed);
+        let d = &route.destinations[pick(&route.destinations, decide::roll(n))];
+        let sites: Vec<SiteName> = match d.subset.as_deref().and_then(|s| table.compiled.subset(s))
+        {
+            Some(subset) => subset_sites(subset, &backends, &table.site_labels)
+                .into_iter()
+                .cloned()
+                .collect(),
+            None => backends.to_vec(),
+        };
+        if sites.is_empty() {
+            return Err(no_site(format!(
+                "no serving site is in subset {} of {}",
+                d.subset.as_deref().unwrap_or_default(),
+                self.import
+            )));
+        }
+        let ms = std::time::Duration::from_millis;
+        Ok(Plan {
+            sites,
+            retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
+            timeout: route.timeout_ms.map(ms),
+            per_try: route
+                .retries
+                .as_ref()
+                .and_then(|r| r.per_try_timeout_ms)
+                .map(ms),
+        })
+    }
+
+    /// The attempts of one request over `plan.sites`: the best site not tried yet, and
+    /// when all were, round again (the far ingress picks another endpoint).
+    async fn attempts(
+        &self,
+        eg: &Egress,
+        parts: &http::request::Parts,
+        body: &mut ReqBody,
+        plan: &Plan,
+        caller: &SpiffeId,
+    ) -> Response<Body> {
+        let sites = &plan.sites;
         let mut tried: Vec<&SiteName> = Vec::new();
         let mut attempt = 0u32;
         loop {
-            // The best site not tried yet; when all were, round again (the far ingress
-            // picks another endpoint).
-            let site = backends
+            let site = sites
                 .iter()
                 .find(|s| !tried.contains(s))
-                .unwrap_or(&backends[attempt as usize % backends.len()]);
+                .unwrap_or(&sites[attempt as usize % sites.len()]);
             tried.push(site);
-            let i = backends.iter().position(|s| s == site).unwrap_or(0);
+            let i = sites.iter().position(|s| s == site).unwrap_or(0);
             let replayable = matches!(body, ReqBody::Full(_));
-            let b = match &mut body {
+            let b = match body {
                 ReqBody::Full(b) => full(b.clone()),
                 ReqBody::Stream(s) => match s.take() {
                     Some(s) => s.map_err(super::boxed_err).boxed(),
@@ -217,10 +343,9 @@ impl HttpEgress {
             *req.uri_mut() = parts.uri.clone();
             *req.headers_mut() = parts.headers.clone();
             *req.version_mut() = http::Version::HTTP_2;
-            let (outcome, answer) = match self.link(eg, site, i, backends.len(), caller).await {
+            let (outcome, answer) = match self.link(eg, site, i, sites.len(), caller).await {
                 Err((reason, message)) => {
                     if !reason.retryable_elsewhere() {
-                        metrics.http_request("egress", 503);
                         return error_response(503, reason.as_str(), &message);
                     }
                     (
@@ -228,53 +353,68 @@ impl HttpEgress {
                         error_response(503, reason.as_str(), &message),
                     )
                 }
-                Ok(mut link) => match link.send_request(req).await {
-                    Ok(resp) => {
-                        let outcome = match resp
-                            .headers()
-                            .get(ERROR_HEADER)
-                            .and_then(|v| v.to_str().ok())
-                        {
-                            Some(super::ENDPOINT_RESET) => Outcome::Lost,
-                            // A refusal code from the far gateway: nothing was sent.
-                            Some(_) => Outcome::NotSent,
-                            None => Outcome::Status(resp.status().as_u16()),
-                        };
-                        let (p, b) = resp.into_parts();
-                        (
-                            outcome,
-                            Response::from_parts(p, b.map_err(super::boxed_err).boxed()),
-                        )
+                Ok(mut link) => {
+                    let sent = link.send_request(req);
+                    let r = match plan.per_try {
+                        Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
+                        None => Ok(sent.await),
+                    };
+                    match r {
+                        Ok(Ok(resp)) => {
+                            let outcome = match resp
+                                .headers()
+                                .get(ERROR_HEADER)
+                                .and_then(|v| v.to_str().ok())
+                            {
+                                Some(super::ENDPOINT_RESET) => Outcome::Lost,
+                                // A refusal code from the far gateway: nothing was sent.
+                                Some(_) => Outcome::NotSent,
+                                None => Outcome::Status(resp.status().as_u16()),
+                            };
+                            let (p, b) = resp.into_parts();
+                            (
+                                outcome,
+                                Response::from_parts(p, b.map_err(super::boxed_err).boxed()),
+                            )
+                        }
+                        Ok(Err(e)) => {
+                            // The link is gone: the next request opens another.
+                            self.forget(site, caller);
+                            let msg = format!("site {site}: {e}");
+                            (
+                                Outcome::Lost,
+                                error_response(502, super::ENDPOINT_RESET, &msg),
+                            )
+                        }
+                        Err(()) => {
+                            let msg = format!("site {site}: no answer within the per-try timeout");
+                            (Outcome::Lost, error_response(504, TIMEOUT, &msg))
+                        }
                     }
-                    Err(e) => {
-                        // The link is gone: the next request opens another.
-                        self.forget(site, caller);
-                        let msg = format!("site {site}: {e}");
-                        (
-                            Outcome::Lost,
-                            error_response(502, super::ENDPOINT_RESET, &msg),
-                        )
-                    }
-                },
+                }
             };
-            let again = decide::retry(&parts.method, outcome, attempt, RETRIES, replayable, true)
-                && self
-                    .budget
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .withdraw(self.now_ms());
-            if again {
-                debug!(%site, ?outcome, attempt, "retrying at the next site");
-                metrics.http_retry(match outcome {
-                    Outcome::NotSent => "not_sent",
-                    Outcome::Lost => "lost",
-                    Outcome::Status(_) => "status",
-                });
-                attempt += 1;
-                continue;
+            let again = decide::retry(
+                &parts.method,
+                outcome,
+                attempt,
+                plan.retries,
+                replayable,
+                true,
+            ) && self
+                .budget
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .withdraw(self.now_ms());
+            if !again {
+                return answer;
             }
-            metrics.http_request("egress", answer.status().as_u16());
-            return answer;
+            debug!(%site, ?outcome, attempt, "retrying at the next site");
+            eg.metrics.http_retry(match outcome {
+                Outcome::NotSent => "not_sent",
+                Outcome::Lost => "lost",
+                Outcome::Status(_) => "status",
+            });
+            attempt += 1;
         }
     }
 
