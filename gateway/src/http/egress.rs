@@ -6,9 +6,9 @@
 //! 2. a body known to be at most [`REPLAY_MAX`] is buffered so it can be sent again;
 //!    a longer or unknown one streams, and is never retried;
 //! 3. the site is the next of the import's backends (best first) not tried yet;
-//! 4. the request goes over that site's h2 link for the caller, opened on demand as a
-//!    tunnel stream with the usual open request (so the far side decides exactly as for
-//!    a TCP connection) and kept while it lives;
+//! 4. the request goes over the next of that site's [`LINKS`] h2 links for the caller,
+//!    each opened on demand as a tunnel stream with the usual open request (so the far
+//!    side decides exactly as for a TCP connection) and kept while it lives;
 //! 5. `decide::retry` and the budget say whether another attempt follows.
 
 use std::collections::{BTreeMap, HashMap};
@@ -46,7 +46,7 @@ pub const RETRIES: u32 = 2;
 /// What an import port keeps for routing requests: its links, its retry budget.
 pub struct HttpEgress {
     /// One slot per (site, caller); a slot's lock is held only while its link opens.
-    links: Mutex<HashMap<(SiteName, SpiffeId), Arc<LinkSlot>>>,
+    links: Mutex<HashMap<(SiteName, SpiffeId), Arc<Links>>>,
     budget: Mutex<RetryBudget>,
     /// Counts requests for the weighted pick's rolls.
     rolls: AtomicU64,
@@ -55,6 +55,11 @@ pub struct HttpEgress {
 }
 
 type LinkSlot = tokio::sync::Mutex<Option<SendRequest<Body>>>;
+
+/// h2 links per (site, caller), used in turn: each is one tunnel stream, and one
+/// connection task at each end, so several spread the work over the cores.
+pub const LINKS: usize = 4;
+type Links = [LinkSlot; LINKS];
 
 /// The code of a route's timeout (504).
 pub const TIMEOUT: &str = "timeout";
@@ -378,8 +383,8 @@ impl HttpEgress {
                             )
                         }
                         Ok(Err(e)) => {
-                            // The link is gone: the next request opens another.
-                            self.forget(site, caller);
+                            // A link whose connection ended is closed: the next request
+                            // on it opens another.
                             let msg = format!("site {site}: {e}");
                             (
                                 Outcome::Lost,
@@ -418,7 +423,8 @@ impl HttpEgress {
         }
     }
 
-    /// The h2 link to `site` for `caller`, opened on a tunnel stream when there is none.
+    /// The next of the h2 links to `site` for `caller`, opened on a tunnel stream when it
+    /// is not open.
     async fn link(
         &self,
         eg: &Egress,
@@ -427,14 +433,15 @@ impl HttpEgress {
         n: usize,
         caller: &SpiffeId,
     ) -> Result<SendRequest<Body>, (Refusal, String)> {
-        let slot = self
+        let slots = self
             .links
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry((site.clone(), caller.clone()))
             .or_default()
             .clone();
-        let mut slot = slot.lock().await;
+        let turn = self.rolls.fetch_add(1, Ordering::Relaxed) as usize % LINKS;
+        let mut slot = slots[turn].lock().await;
         if let Some(l) = slot.as_ref()
             && !l.is_closed()
         {
@@ -471,13 +478,5 @@ impl HttpEgress {
         });
         *slot = Some(send.clone());
         Ok(send)
-    }
-
-    /// Drops a link that failed a request; the next request opens another.
-    fn forget(&self, site: &SiteName, caller: &SpiffeId) {
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(site.clone(), caller.clone()));
     }
 }

@@ -2,8 +2,8 @@
 //! request, not per connection.
 //!
 //! - `egress`: the import listener terminates HTTP/1.1 and h2 (prior knowledge) with
-//!   hyper, picks a site for each request, and sends it over one h2 connection per
-//!   (site, caller) that runs inside a tunnel stream (QUIC or h2 CONNECT: the same open,
+//!   hyper, picks a site for each request, and sends it over a few h2 connections per
+//!   (site, caller), each inside a tunnel stream (QUIC or h2 CONNECT: the same open,
 //!   the same decision at the far side). A request that was not sent, or an idempotent
 //!   one answered 502–504 or lost, is tried again at the next site, within a retry
 //!   budget.

@@ -1,0 +1,606 @@
+//! http-bench: meshfed's HTTP path against an haproxy pair doing the same job, with
+//! h2load (nghttp2-client) as the client, for HTTP/1.1 and h2 (prior knowledge).
+//!
+//! One run starts, as real processes on loopback: a federation, three sites (east
+//! imports; west and north export), nginx as the endpoints (one server block per site,
+//! HTTP/1.1 and h2c listeners), and an haproxy pair. The paths:
+//! - `direct`: h2load → nginx (west's server block);
+//! - `meshfed-l7`: h2load → east's egress (`protocol: http`) ══tunnel══▶ west or north
+//!   → nginx, with a VirtualService registered at west splitting 50/50 between a subset
+//!   at west and one at north, and retries on (the default 2, under the budget);
+//! - `meshfed-l4`: the same gateways, a `tcp` port of west's (bytes, no routing), to
+//!   nginx's listener for the client's protocol;
+//! - `haproxy`: h2load → haproxy A (`mode http`, a 50/50 `roundrobin` backend, `retries 2`,
+//!   `retry-on conn-failure empty-response 502 503 504`, `option redispatch`,
+//!   `http-reuse always`) ══mTLS (the sites' certificates; h2 for h2 clients, pooled
+//!   HTTP/1.1 for HTTP/1.1 clients)══▶ haproxy B (one frontend per site, `verify
+//!   required`) → nginx.
+//!
+//! For each protocol and round: requests per second at fixed concurrency (`--clients`,
+//! and `--streams` per connection on h2), then p50/p99 at 60 % of the slowest path's
+//! capacity in that round (`h2load --rps`, latencies from `--log-file`). Prints every
+//! figure with the peer's, then ratios with their range over rounds; the last lines are
+//! `name: value`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use meshfed_lab::{self as lab, ConfigBuilder, SiteFiles};
+
+#[derive(Parser)]
+struct Cli {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Client connections.
+    #[arg(long, default_value_t = 32)]
+    clients: u32,
+    /// Concurrent streams per h2 connection.
+    #[arg(long, default_value_t = 8)]
+    streams: u32,
+}
+
+/// Child processes, killed on drop.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port(ip: [u8; 4]) -> Result<u16> {
+    Ok(std::net::TcpListener::bind(SocketAddr::from((ip, 0)))?
+        .local_addr()?
+        .port())
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let f = std::fs::File::create(log)?;
+    cmd.stdout(Stdio::from(f.try_clone()?))
+        .stderr(Stdio::from(f))
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))
+}
+
+async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        ensure!(Instant::now() < deadline, "{what}: not within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// `curl` of `url`: the body, or `None`.
+fn curl(url: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "2", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// nginx with a server block per site: HTTP/1.1 and h2c listeners answering `site`.
+fn nginx(dir: &Path, blocks: &[(&str, u16, u16)]) -> Result<Child> {
+    let mut servers = String::new();
+    for (site, h1, h2c) in blocks {
+        servers.push_str(&format!(
+            "  server {{ listen 127.0.0.1:{h1} reuseport backlog=4096; listen 127.0.0.1:{h2c} http2 reuseport backlog=4096; \
+             keepalive_requests 1000000; location / {{ return 200 \"{site}\\n\"; }} }}\n"
+        ));
+    }
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {}/nginx.pid;\nerror_log {}/nginx.err;\n\
+             events {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n{servers}}}\n",
+            dir.display(),
+            dir.display()
+        ),
+    )?;
+    spawn(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir),
+        &dir.join("nginx.log"),
+    )
+    .context("nginx (apt-get install nginx)")
+}
+
+/// The haproxy pair: A at `front_h1`/`front_h2` (plain HTTP/1.1 and h2c), a 50/50
+/// backend over mTLS h2 to B's two frontends, each in front of one nginx block.
+fn haproxy_pair(
+    dir: &Path,
+    a: &SiteFiles,
+    b: &SiteFiles,
+    front: (u16, u16),
+    b_ports: (u16, u16),
+    nginx_h1: (u16, u16),
+) -> Result<Child> {
+    let pem = |s: &SiteFiles| -> Result<PathBuf> {
+        let p = dir.join(format!("{}-haproxy.pem", s.site));
+        let cert = std::fs::read_to_string(&s.cert)?;
+        let key = std::fs::read_to_string(&s.key)?;
+        std::fs::write(&p, cert + &key)?;
+        Ok(p)
+    };
+    let ca = |s: &SiteFiles| -> Result<PathBuf> {
+        let p = dir.join(format!("{}-ca.pem", s.site));
+        let ca = meshfed_identity::Ca::load(&s.dir.join("ca"))?;
+        std::fs::write(
+            &p,
+            meshfed_identity::ca::der_to_pem("CERTIFICATE", ca.cert()),
+        )?;
+        Ok(p)
+    };
+    let (a_pem, b_pem, a_ca, b_ca) = (pem(a)?, pem(b)?, ca(a)?, ca(b)?);
+    let server = |name: &str, port: u16, alpn: &str| {
+        format!(
+            "  server {name} 127.0.0.1:{port} weight 50 ssl verify required ca-file {} crt {} alpn {alpn}\n",
+            b_ca.display(),
+            a_pem.display()
+        )
+    };
+    let bind_b = |port: u16| {
+        format!(
+            "  bind 127.0.0.1:{port} ssl crt {} ca-file {} verify required alpn h2,http/1.1\n",
+            b_pem.display(),
+            a_ca.display()
+        )
+    };
+    // A pair backend per client protocol: HTTP/1.1 clients over pooled HTTP/1.1
+    // connections to B (across h2 the reason phrase is lost, and h2load's HTTP/1.1
+    // parser counts `HTTP/1.1 200 ` as a failure), h2 clients over h2.
+    let pair = |name: &str, alpn: &str| {
+        format!(
+            "backend {name}\n  balance roundrobin\n  retries 2\n  option redispatch 1\n  retry-on conn-failure empty-response 502 503 504\n{}{}",
+            server("west", b_ports.0, alpn),
+            server("north", b_ports.1, alpn)
+        )
+    };
+    let cfg = format!(
+        "global\n  maxconn 8000\n  nbthread 2\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
+         frontend a_h1\n  bind 127.0.0.1:{}\n  default_backend pair_h1\n\
+         frontend a_h2\n  bind 127.0.0.1:{} proto h2\n  default_backend pair_h2\n\
+         {}{}\
+         frontend b_west\n{}  default_backend nginx_west\n\
+         frontend b_north\n{}  default_backend nginx_north\n\
+         backend nginx_west\n  server n 127.0.0.1:{}\n\
+         backend nginx_north\n  server n 127.0.0.1:{}\n",
+        front.0,
+        front.1,
+        pair("pair_h1", "http/1.1"),
+        pair("pair_h2", "h2"),
+        bind_b(b_ports.0),
+        bind_b(b_ports.1),
+        nginx_h1.0,
+        nginx_h1.1,
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg)?;
+    run(Command::new("haproxy").arg("-c").arg("-f").arg(&path)).context("haproxy -c")?;
+    spawn(
+        Command::new("haproxy").arg("-f").arg(&path).arg("-db"),
+        &dir.join("haproxy.log"),
+    )
+    .context("haproxy (apt-get install haproxy)")
+}
+
+const ROUTES: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: bench}
+spec:
+  hosts: [web.bench]
+  http:
+  - route:
+    - {destination: {host: web.bench, subset: west}, weight: 50}
+    - {destination: {host: web.bench, subset: north}, weight: 50}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: bench}
+spec:
+  host: web.bench
+  subsets:
+  - {name: west, labels: {topology.istio.io/cluster: west}}
+  - {name: north, labels: {topology.istio.io/cluster: north}}
+"#;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    H1,
+    H2,
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Self::H1 => "h1",
+            Self::H2 => "h2",
+        }
+    }
+}
+
+/// One h2load run: requests per second, and the latencies (µs) when `log`.
+struct Load {
+    out: String,
+    rps: f64,
+    failed: u64,
+    lat_us: Vec<u64>,
+}
+
+fn h2load(
+    cli: &Cli,
+    proto: Proto,
+    url: &str,
+    rps_per_client: Option<f64>,
+    log: Option<&Path>,
+) -> Result<Load> {
+    let mut cmd = Command::new("h2load");
+    cmd.args(["-t", "1", "-c", &cli.clients.to_string()]).args([
+        "-D",
+        &cli.secs.to_string(),
+        "--warm-up-time",
+        "1",
+    ]);
+    match proto {
+        Proto::H1 => cmd.arg("--h1"),
+        Proto::H2 => cmd.args(["-m", &cli.streams.to_string()]),
+    };
+    if let Some(r) = rps_per_client {
+        cmd.arg(format!("--rps={:.2}", r.max(0.1)));
+    }
+    if let Some(l) = log {
+        cmd.arg(format!("--log-file={}", l.display()));
+    }
+    cmd.arg(url);
+    let out = run(&mut cmd)?;
+    // "finished in 5.00s, 12345.60 req/s, 1.23MB/s" and
+    // "requests: N total, N started, N done, N succeeded, F failed, E errored, T timeout"
+    let rps = out
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|s| s.trim_end_matches(" req/s").parse::<f64>().ok())
+        .with_context(|| format!("h2load output: {out}"))?;
+    let field = |name: &str| -> u64 {
+        out.lines()
+            .find(|l| l.starts_with("requests:"))
+            .and_then(|l| {
+                l.split(", ")
+                    .find(|p| p.ends_with(name))
+                    .and_then(|p| p.split_whitespace().next().or(Some("0")))
+                    .and_then(|n| n.trim_start_matches("requests: ").parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let failed = field("failed") + field("errored") + field("timeout");
+    let status = out
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or_default()
+        .to_owned();
+    let non2xx: u64 = status
+        .split(", ")
+        .skip(1)
+        .filter_map(|p| p.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    let mut lat_us = Vec::new();
+    if let Some(l) = log {
+        // Each line: start time (µs), status, duration (µs).
+        for line in std::fs::read_to_string(l)?.lines() {
+            let mut f = line.split('\t');
+            let (_, status, dur) = (f.next(), f.next(), f.next());
+            if status == Some("200")
+                && let Some(d) = dur.and_then(|d| d.parse::<u64>().ok())
+            {
+                lat_us.push(d);
+            }
+        }
+        lat_us.sort_unstable();
+    }
+    Ok(Load {
+        out,
+        rps,
+        failed: failed + non2xx,
+        lat_us,
+    })
+}
+
+fn pct(v: &[u64], q: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let meshfed = std::env::current_exe()?
+        .parent()
+        .context("bench binary directory")?
+        .join("meshfed");
+    ensure!(
+        meshfed.exists(),
+        "{} missing: cargo build --release --workspace",
+        meshfed.display()
+    );
+    let dir = std::env::temp_dir().join(format!("meshfed-bench-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut procs = Procs(Vec::new());
+
+    // Endpoints.
+    let lo = [127, 0, 0, 1];
+    let (west_h1, west_h2c, north_h1, north_h2c) = (
+        free_port(lo)?,
+        free_port(lo)?,
+        free_port(lo)?,
+        free_port(lo)?,
+    );
+    procs.0.push(nginx(
+        &dir,
+        &[("west", west_h1, west_h2c), ("north", north_h1, north_h2c)],
+    )?);
+    wait_for("nginx", || {
+        curl(&format!("http://127.0.0.1:{west_h1}/")).is_some()
+    })
+    .await?;
+
+    // The federation and its sites.
+    let fed = dir.join("fed");
+    run(Command::new(&meshfed)
+        .args([
+            "federation",
+            "init",
+            "--trust-domain",
+            "fed.example.org",
+            "--dir",
+        ])
+        .arg(&fed))?;
+    procs.0.push(spawn(
+        Command::new(&meshfed)
+            .args(["federation", "serve", "--dir"])
+            .arg(&fed)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]),
+        &dir.join("fed.log"),
+    )?);
+    wait_for("federation", || fed.join("address").exists()).await?;
+    let mut sites = Vec::new();
+    for name in ["east", "west", "north"] {
+        let s = lab::make_site(&dir, name, &format!("{name}.example.org"))?;
+        let token = run(Command::new(&meshfed)
+            .args(["federation", "token", "create", "--dir"])
+            .arg(&fed)
+            .args(["--site", name, "--ttl", "1h"]))?;
+        run(Command::new(&meshfed)
+            .args(["site", "join", "--dir"])
+            .arg(&s.dir)
+            .args([
+                "--site",
+                name,
+                "--gateway-address",
+                "127.0.0.1:15443",
+                token.trim(),
+            ]))?;
+        sites.push(s);
+    }
+    let (east, west, north) = (&sites[0], &sites[1], &sites[2]);
+    let routes = dir.join("routes.yaml");
+    std::fs::write(&routes, ROUTES)?;
+    run(Command::new(&meshfed)
+        .args(["register", "-f"])
+        .arg(&routes)
+        .arg("--dir")
+        .arg(&west.dir))?;
+
+    let import_ip = [127, 0, 0, 2];
+    let (web, raw_h1, raw_h2) = (
+        free_port(import_ip)?,
+        free_port(import_ip)?,
+        free_port(import_ip)?,
+    );
+    let fed_cfg = |s: &SiteFiles, ip: [u8; 4]| ConfigBuilder {
+        federation: Some((s.dir.clone(), ip.into())),
+        ..Default::default()
+    };
+    for (s, ip, h1, h2c) in [
+        (west, [127, 0, 0, 3], west_h1, west_h2c),
+        (north, [127, 0, 0, 4], north_h1, north_h2c),
+    ] {
+        let mut c = fed_cfg(s, ip)
+            .export("web.bench", web, vec![([127, 0, 0, 1], h1).into()])
+            .speaks("web.bench", web, "http");
+        if s.site == "west" {
+            c = c
+                .export("raw-h1.bench", raw_h1, vec![([127, 0, 0, 1], h1).into()])
+                .export("raw-h2.bench", raw_h2, vec![([127, 0, 0, 1], h2c).into()]);
+        }
+        let cfg = c.write(s)?;
+        procs.0.push(spawn(
+            Command::new(&meshfed)
+                .args(["gateway", "run", "-c"])
+                .arg(&cfg),
+            &dir.join(format!("{}.log", s.site)),
+        )?);
+    }
+    let cfg = fed_cfg(east, import_ip).write(east)?;
+    procs.0.push(spawn(
+        Command::new(&meshfed)
+            .args(["gateway", "run", "-c"])
+            .arg(&cfg),
+        &dir.join("east.log"),
+    )?);
+    let ip = |p: u16| SocketAddr::from((import_ip, p));
+    let l7 = format!("http://{}/", ip(web));
+    // Both sites answer through the split once east has the routes.
+    wait_for("the split at east", || {
+        let seen: std::collections::BTreeSet<String> = (0..20).filter_map(|_| curl(&l7)).collect();
+        seen.len() == 2
+    })
+    .await?;
+    wait_for("the L4 import", || {
+        curl(&format!("http://{}/", ip(raw_h1))).is_some()
+    })
+    .await?;
+
+    // The haproxy pair, with the sites' certificates (east's as the client's).
+    let (front_h1, front_h2, b_west, b_north) = (
+        free_port(lo)?,
+        free_port(lo)?,
+        free_port(lo)?,
+        free_port(lo)?,
+    );
+    procs.0.push(haproxy_pair(
+        &dir,
+        east,
+        west,
+        (front_h1, front_h2),
+        (b_west, b_north),
+        (west_h1, north_h1),
+    )?);
+    let ha1 = format!("http://127.0.0.1:{front_h1}/");
+    wait_for("haproxy", || {
+        let seen: std::collections::BTreeSet<String> = (0..20).filter_map(|_| curl(&ha1)).collect();
+        seen.len() == 2
+    })
+    .await?;
+
+    println!(
+        "http bench: h2load, {} connections ({} streams each on h2), {} s per run, {} rounds; nginx endpoints; 50/50 split over two sites on meshfed-l7 and haproxy",
+        cli.clients, cli.streams, cli.secs, cli.rounds
+    );
+    let paths = |proto: Proto| -> Vec<(&'static str, String)> {
+        let (direct, ha, raw) = match proto {
+            Proto::H1 => (west_h1, front_h1, raw_h1),
+            Proto::H2 => (west_h2c, front_h2, raw_h2),
+        };
+        vec![
+            ("direct", format!("http://127.0.0.1:{direct}/")),
+            ("haproxy", format!("http://127.0.0.1:{ha}/")),
+            ("meshfed-l4", format!("http://{}/", ip(raw))),
+            ("meshfed-l7", l7.clone()),
+        ]
+    };
+    // (proto, path) → per-round figures.
+    let mut rps: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
+    let mut p50: std::collections::BTreeMap<(&str, &str), Vec<u64>> = Default::default();
+    let mut p99: std::collections::BTreeMap<(&str, &str), Vec<u64>> = Default::default();
+    for round in 0..cli.rounds {
+        for proto in [Proto::H1, Proto::H2] {
+            let mut cap = Vec::new();
+            for (name, url) in paths(proto) {
+                let l = h2load(&cli, proto, &url, None, None)?;
+                println!(
+                    "round {round} {} {name:<11} capacity {:>9.0} req/s  failed {}",
+                    proto.name(),
+                    l.rps,
+                    l.failed
+                );
+                if l.failed > 0 {
+                    bail!(
+                        "{name} ({}): {} requests failed:\n{}",
+                        proto.name(),
+                        l.failed,
+                        l.out
+                    );
+                }
+                rps.entry((proto.name(), name)).or_default().push(l.rps);
+                cap.push(l.rps);
+            }
+            let slowest = cap.iter().copied().fold(f64::MAX, f64::min);
+            let target = slowest * 0.6;
+            for (name, url) in paths(proto) {
+                let log = dir.join(format!("lat-{}-{name}-{round}.log", proto.name()));
+                let l = h2load(
+                    &cli,
+                    proto,
+                    &url,
+                    Some(target / f64::from(cli.clients)),
+                    Some(&log),
+                )?;
+                let (a, b) = (pct(&l.lat_us, 0.5), pct(&l.lat_us, 0.99));
+                println!(
+                    "round {round} {} {name:<11} at {target:>7.0} req/s: p50 {a:>6} µs  p99 {b:>6} µs  ({} requests, failed {})",
+                    proto.name(),
+                    l.lat_us.len(),
+                    l.failed
+                );
+                p50.entry((proto.name(), name)).or_default().push(a);
+                p99.entry((proto.name(), name)).or_default().push(b);
+            }
+        }
+    }
+    drop(procs);
+
+    let range = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        (lo, hi, v.iter().sum::<f64>() / v.len().max(1) as f64)
+    };
+    let ratio =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let f = |v: &[u64]| v.iter().map(|x| *x as f64).collect::<Vec<_>>();
+    println!("\nratios per round (same run), range and mean:");
+    let mut headline = (f64::MAX, f64::MIN, f64::MAX);
+    let mut lines = Vec::new();
+    for proto in ["h1", "h2"] {
+        let r = |p: &str| rps[&(proto, p)].clone();
+        let rps_ha = ratio(&r("meshfed-l7"), &r("haproxy"));
+        let p99_ha = ratio(
+            &f(&p99[&(proto, "meshfed-l7")]),
+            &f(&p99[&(proto, "haproxy")]),
+        );
+        let l7_l4 = ratio(&r("meshfed-l7"), &r("meshfed-l4"));
+        for (what, v) in [
+            ("meshfed-l7 / haproxy req/s", &rps_ha),
+            ("meshfed-l7 / haproxy p99", &p99_ha),
+            ("meshfed-l7 / meshfed-l4 req/s", &l7_l4),
+        ] {
+            let (lo, hi, m) = range(v);
+            println!("  {proto} {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
+        }
+        let (m1, m2, m3) = (range(&rps_ha).2, range(&p99_ha).2, range(&l7_l4).2);
+        lines.push(format!("http_{proto}_rps_ratio_vs_haproxy: {m1:.3}"));
+        lines.push(format!("http_{proto}_p99_ratio_vs_haproxy: {m2:.3}"));
+        lines.push(format!("http_{proto}_l7_overhead_vs_l4: {m3:.3}"));
+        // The headline lines take the worse protocol.
+        headline = (headline.0.min(m1), headline.1.max(m2), headline.2.min(m3));
+    }
+    println!("logs and configs: {}", dir.display());
+    for l in lines {
+        println!("{l}");
+    }
+    println!("http_rps_ratio_vs_haproxy: {:.3}", headline.0);
+    println!("http_p99_ratio_vs_haproxy: {:.3}", headline.1);
+    println!("http_l7_overhead_vs_l4: {:.3}", headline.2);
+    Ok(())
+}
