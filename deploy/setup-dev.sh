@@ -12,9 +12,10 @@
 #   openssl            s_client, a TLS client the caller-mTLS test presents an SVID with
 #   nftables, iproute2 nft and ip: the outbound-only test puts a site in a network
 #                      namespace whose firewall drops every new inbound connection
-#   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI)
-#                      and spiffe (py-spiffe, which parses the served SPIFFE bundles),
-#                      which checks the rendered manifests against the Kubernetes schemas
+#   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
+#                      which checks the rendered manifests against the Kubernetes schemas,
+#                      spiffe (py-spiffe, which parses the served SPIFFE bundles), and
+#                      grpcio (a gRPC server and client for the `grpc` port test)
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
 
@@ -47,3 +48,4 @@ if [ ! -x "$tools/bin/kubernetes-validate" ]; then
   "$tools/bin/pip" install -q kubernetes-validate==1.37.0
 fi
 "$tools/bin/python" -c 'import spiffe' 2>/dev/null || "$tools/bin/pip" install -q spiffe==0.3.2
+"$tools/bin/python" -c 'import grpc' 2>/dev/null || "$tools/bin/pip" install -q grpcio==1.76.0

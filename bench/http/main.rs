@@ -22,6 +22,10 @@
 //! figure with the peer's, then ratios with their range over rounds; the last lines are
 //! `name: value`.
 
+#[allow(dead_code)] // need(): the peers this benchmark installs
+#[path = "../common/topo.rs"]
+mod topo;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -353,6 +357,14 @@ async fn main() -> Result<()> {
         "{} missing: cargo build --release --workspace",
         meshfed.display()
     );
+    for (program, package) in [
+        ("h2load", "nghttp2-client"),
+        ("nginx", "nginx"),
+        ("haproxy", "haproxy"),
+        ("curl", "curl"),
+    ] {
+        topo::need(program, package)?;
+    }
     let dir = std::env::temp_dir().join(format!("meshfed-bench-http-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let mut procs = Procs(Vec::new());

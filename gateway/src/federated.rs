@@ -61,6 +61,8 @@ pub struct Agent {
     /// Every plan the agent applies, for whoever answers for the site's imports (the
     /// binary's DNS server follows it).
     pub applied: tokio::sync::watch::Sender<Option<Arc<AppliedPlan>>>,
+    /// Routing conflicts last seen, so each is logged once when it appears.
+    pub route_conflicts: std::sync::Mutex<BTreeSet<String>>,
 }
 
 /// A plan as the agent applied it: the plan, the address each imported service listens
@@ -165,9 +167,6 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), SessionE
 fn route_table(
     im: &meshfed_catalog::routing::ImportPlan,
 ) -> Option<Arc<crate::http::egress::RouteTable>> {
-    if let Some(c) = &im.policy_conflict {
-        warn!(service = %im.service, conflict = %c, "routing policy conflict");
-    }
     let p = im.http_policy.clone()?;
     match p.compile() {
         Ok(compiled) => Some(Arc::new(crate::http::egress::RouteTable {
@@ -248,6 +247,24 @@ impl Agent {
     /// Makes peers and imports match the catalog.
     fn apply_plan(&self, catalog: &Catalog) {
         let p = plan(catalog, &self.site, self.fed.locality.as_deref());
+        // Sites that publish different routes for one service: counted, and each logged
+        // once when it appears.
+        let conflicts: BTreeSet<String> = p
+            .imports
+            .iter()
+            .filter_map(|im| im.policy_conflict.clone())
+            .collect();
+        let conflict_count = i64::try_from(conflicts.len()).unwrap_or(i64::MAX);
+        {
+            let mut seen = self
+                .route_conflicts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for c in conflicts.difference(&seen) {
+                warn!(conflict = %c, "routing policy conflict");
+            }
+            *seen = conflicts;
+        }
         let addrs = meshfed_catalog::routing::import_addresses(
             &p,
             self.fed.import_address,
@@ -319,6 +336,8 @@ impl Agent {
             }
         }
         self.imports.retain(&keep_imports);
+        // Counted once the routes it chose are in place.
+        self.metrics.route_conflicts.set(conflict_count);
         self.write_listeners(&bound);
         // Published once peers and listeners match it: whoever follows (DNS) answers
         // only for what is bound.

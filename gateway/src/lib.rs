@@ -286,6 +286,7 @@ fn start_federation(
         metrics: sh.metrics,
         bundle_store: sh.bundle_store,
         applied: sh.applied,
+        route_conflicts: Default::default(),
         ingress: sh.ingress,
         reload: sh.reload,
         pinned: cfg

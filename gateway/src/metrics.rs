@@ -161,6 +161,9 @@ pub struct Metrics {
     /// HTTP attempts retried at the egress, by why the last one failed (`not_sent`,
     /// `lost`, `status`).
     pub http_retries: Family<ReasonLabels, Counter>,
+    /// Imports whose exporting sites publish different HTTP routes (the first site by
+    /// name applies).
+    pub route_conflicts: Gauge,
     /// 1 for the transport each dialed peer link uses now (at most 32 addresses per
     /// peer site, one series each).
     pub link_transport: Family<LinkLabels, Gauge>,
@@ -218,6 +221,11 @@ impl Metrics {
             "http_requests",
             "HTTP requests answered on HTTP-family ports, by direction and status class",
             self.http_requests.clone(),
+        );
+        r.register(
+            "route_conflicts",
+            "Imports whose exporting sites publish different HTTP routes; the first site by name applies",
+            self.route_conflicts.clone(),
         );
         r.register(
             "http_retries",

@@ -557,4 +557,93 @@ async fn a_split_registered_at_one_site_routes_every_importer() {
             "the new split never applied: north {share} %"
         );
     }
+
+    // North publishes other routes for the same service (everything to west): a
+    // conflict east counts, and the first site by name (north) wins.
+    register_routes(&north, 100);
+    east_gw
+        .wait_metric(
+            "meshfed_gateway_route_conflicts",
+            1.0,
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(east_gw.logs().contains("routing policy conflict"));
+    let n0 = north_hits.load(Ordering::Relaxed);
+    let s = gets(import, 200, &[]).await;
+    assert!(s.iter().all(|s| *s == 200));
+    assert_eq!(
+        north_hits.load(Ordering::Relaxed),
+        n0,
+        "north's routes (all to west) apply"
+    );
+}
+
+/// A real gRPC server and client (grpcio, from PyPI, in the test tools' venv) across two
+/// sites on a `grpc` port, on both transports: a unary call with trailing metadata, a
+/// status that is not OK with its details, and a bidirectional stream of 50 messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_from_a_client_nobody_here_wrote_cross_sites() {
+    use meshfed_lab::ConfigBuilder;
+    use std::io::BufRead;
+    let python = "/opt/meshfed-tools/bin/python";
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/grpc_peer.py");
+    let mut server = std::process::Command::new(python)
+        .args([script, "serve", "west"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("python with grpcio (deploy/setup-dev.sh)");
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().expect("the gRPC server's port");
+    let endpoint: SocketAddr = ([127, 0, 0, 1], port).into();
+    for transport in ["quic", "h2"] {
+        let scratch = Scratch::new(&format!("grpc-{transport}"));
+        let west = scratch.site("west", "west.example.org");
+        let east = scratch.site("east", "east.example.org");
+        let west_gw = Gw::start(
+            &west,
+            &ConfigBuilder::default()
+                .export("echo.grpc", 50051, vec![endpoint])
+                .speaks("echo.grpc", 50051, "grpc")
+                .peer(&east, None),
+        )
+        .unwrap();
+        let east_gw = Gw::start(
+            &east,
+            &ConfigBuilder {
+                transport: Some(format!("default: {transport}")),
+                ..Default::default()
+            }
+            .peer(&west, Some(west_gw.quic))
+            .import("echo.grpc", 50051, "west", ([127, 0, 0, 1], 0).into())
+            .speaks("echo.grpc", 50051, "grpc"),
+        )
+        .unwrap();
+        let import = east_gw.import("echo.grpc:50051");
+        let out = std::process::Command::new(python)
+            .args([script, "call", &import.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{transport}: {text}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            east_gw.logs()
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("ok ")).count(),
+            4,
+            "{text}"
+        );
+        // The calls were routed as requests at both gateways.
+        let m = r#"meshfed_gateway_http_requests_total{direction="ingress",class="2xx"}"#;
+        assert!(west_gw.metric(m).await >= 3.0, "{transport}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
 }
