@@ -647,3 +647,99 @@ async fn grpc_calls_from_a_client_nobody_here_wrote_cross_sites() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// An HTTP import attacked: garbage, a 1 MiB header and a client that never finishes
+/// its headers (slowloris). Garbage and the oversized header are answered or cut at
+/// once, the slow client is cut after the 10 s header timeout (hyper applies none
+/// without a timer: before, it held its connection forever), and real requests are
+/// served throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_import_cuts_garbage_and_slow_headers() {
+    use meshfed_lab::ConfigBuilder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scratch = Scratch::new("http-attack");
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let (web, _) = http_endpoint("west", 200).await;
+    let west_gw = Gw::start(
+        &west,
+        &ConfigBuilder::default()
+            .export("web.demo", 8080, vec![web])
+            .speaks("web.demo", 8080, "http")
+            .peer(&east, None),
+    )
+    .unwrap();
+    let east_gw = Gw::start(
+        &east,
+        &ConfigBuilder::default()
+            .peer(&west, Some(west_gw.quic))
+            .import("web.demo", 8080, "west", ([127, 0, 0, 1], 0).into())
+            .speaks("web.demo", 8080, "http"),
+    )
+    .unwrap();
+    let import = east_gw.import("web.demo:8080");
+    let url = format!("http://{import}/");
+    let ok = || assert_eq!(curl(&[], &url).0, 200, "{}", east_gw.logs());
+    ok();
+
+    // Garbage: an answer (400) or a close, at once.
+    let mut c = tokio::net::TcpStream::connect(import).await.unwrap();
+    c.write_all(&[0u8, 1, 2, 0xff, b'\r', b'\n', b'\r', b'\n'])
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("garbage is answered or closed at once")
+        .unwrap_or(0);
+    assert!(
+        n == 0 || buf.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    ok();
+
+    // A header of 1 MiB: refused, not buffered.
+    let mut c = tokio::net::TcpStream::connect(import).await.unwrap();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let _ = c.write_all(big.as_bytes()).await;
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("an oversized header is refused at once")
+        .unwrap_or(0);
+    assert!(
+        n == 0 || buf.starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    ok();
+
+    // Slowloris: headers that never end are cut after the header timeout.
+    let started = std::time::Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(import).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let cut = loop {
+        tokio::select! {
+            r = slow.read(&mut buf) => break r.map(|n| n == 0 || buf.starts_with(b"HTTP/1.1 408")).unwrap_or(true),
+            _ = tick.tick() => {
+                assert!(started.elapsed() < Duration::from_secs(20), "a slow client is never cut");
+                // Trickle one more header line each second, as slowloris does.
+                if slow.write_all(b"x-a: b\r\n").await.is_err() {
+                    break true;
+                }
+                ok();
+            }
+        }
+    };
+    assert!(cut);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(9), "cut after {took:?}");
+    eprintln!("slow client cut after {took:?}");
+    ok();
+}

@@ -198,7 +198,7 @@ impl HttpEgress {
                 Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
             }
         });
-        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let builder = super::server_builder();
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         tokio::select! {

@@ -191,6 +191,26 @@ mod tests {
     }
 
     #[test]
+    fn only_a_gateway_speaks_for_the_tunnel() {
+        // An endpoint's (or a client's) meshfed-* header would make the egress believe a
+        // POST was never sent, and send it again elsewhere.
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("meshfed-error", "no_ready_endpoint"),
+            ("Meshfed-Refusal", "3"),
+            ("x-meshfed", "kept"),
+        ] {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        strip_meshfed(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-meshfed"]);
+    }
+
+    #[test]
     fn a_client_request_gets_an_absolute_uri_and_its_address() {
         let c: SocketAddr = "10.1.2.3:5555".parse().unwrap();
         // (uri, host, xff before) → (uri after, xff after)

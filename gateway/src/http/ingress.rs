@@ -178,7 +178,7 @@ pub async fn serve<IO>(
             Ok::<_, std::convert::Infallible>(upstream.forward(req, &endpoints, app, &open).await)
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = super::server_builder();
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {

@@ -34,6 +34,25 @@ pub const ERROR_HEADER: &str = "meshfed-error";
 /// A request the endpoint connection lost after it was sent.
 pub const ENDPOINT_RESET: &str = "endpoint_reset";
 
+/// How long a client has to send a request's headers (HTTP/1.1), and how often an idle h2
+/// connection is pinged; a client that sends its headers a byte at a time is cut, so an
+/// unauthenticated connection holds its buffer for a bounded time.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTP server both halves use: HTTP/1.1 and h2 (prior knowledge), with the header
+/// timeout in force (hyper applies none without a timer).
+pub(crate) fn server_builder()
+-> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(std::time::Duration::from_secs(30));
+    b
+}
+
 pub(crate) fn boxed_err<E: Into<BoxError>>(e: E) -> BoxError {
     e.into()
 }
