@@ -1,7 +1,7 @@
 //! HTTP routing policy as gateways apply it, from Istio's `VirtualService` (and the
 //! `subsets` of a `DestinationRule`): for each request of a service, the first route
-//! whose match accepts it, one of its destinations by weight, and the sites the
-//! destination's subset selects. The policy travels through the federation with the
+//! whose match accepts it, one of its destinations by weight, the sites the
+//! destination's subset selects, and the faults it injects. The policy travels through the federation with the
 //! service it governs, so a split is set once for every importing site.
 //!
 //! A subset selects sites by labels: each exporting site carries the labels
@@ -56,6 +56,42 @@ pub struct HttpRoute {
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
+    /// Faults injected at the egress, for resilience tests (Istio's `fault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// Istio's `HTTPFaultInjection`: a fixed delay and an abort, each for a share of the
+/// requests, in millionths (Istio's `percentage.value` is a double in percent).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    pub fixed_delay_ms: u64,
+    /// Of every million requests.
+    pub per_million: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    pub http_status: u16,
+    /// Of every million requests.
+    pub per_million: u32,
+}
+
+/// Whether a fault applying to `per_million` requests hits the request whose uniform
+/// roll is `roll`. Pure.
+pub fn hits(per_million: u32, roll: u32) -> bool {
+    (u64::from(roll) * 1_000_000 >> 32) < u64::from(per_million)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +288,31 @@ impl HttpPolicy {
             }
             if r.timeout_ms == Some(0) {
                 return Err(bad(f("timeout_ms"), "must be above 0"));
+            }
+            if let Some(fault) = &r.fault {
+                for (what, per_million) in [
+                    ("delay", fault.delay.as_ref().map(|d| d.per_million)),
+                    ("abort", fault.abort.as_ref().map(|a| a.per_million)),
+                ] {
+                    if per_million.is_some_and(|p| p > 1_000_000) {
+                        return Err(bad(f(&format!("fault.{what}.per_million")), "above 100 %"));
+                    }
+                }
+                if let Some(a) = &fault.abort
+                    && !(200..=599).contains(&a.http_status)
+                {
+                    return Err(bad(
+                        f("fault.abort.http_status"),
+                        format!("{}: 200 to 599", a.http_status),
+                    ));
+                }
+                if fault
+                    .delay
+                    .as_ref()
+                    .is_some_and(|d| d.fixed_delay_ms > 3_600_000)
+                {
+                    return Err(bad(f("fault.delay.fixed_delay_ms"), "at most an hour"));
+                }
             }
             let mut ms = Vec::new();
             for (j, m) in r.matches.iter().enumerate() {
@@ -555,6 +616,23 @@ mod tests {
         assert_eq!(v2, 2000);
         assert_eq!(pick(&[dest("a", 0)], 5), 0);
         assert_eq!(pick(&[dest("a", 0), dest("b", 0)], 5), 0);
+    }
+
+    #[test]
+    fn faults_hit_their_share_of_rolls() {
+        // (per million, share of 100 000 evenly spread rolls that is hit)
+        for (p, want) in [
+            (0, 0),
+            (1_000_000, 100_000),
+            (500_000, 50_000),
+            (100_000, 10_000),
+            (1, 0),
+        ] {
+            let got = (0..100_000u64)
+                .filter(|i| hits(p, (i * (u64::from(u32::MAX) + 1) / 100_000) as u32))
+                .count();
+            assert_eq!(got, want, "{p} per million");
+        }
     }
 
     #[test]

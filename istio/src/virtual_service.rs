@@ -7,7 +7,8 @@
 //! `headers`, `queryParams`: `exact`, `prefix` or `regex`), `http[].route[]`
 //! (`destination.host` — the same service — `destination.subset`, `weight`),
 //! `http[].timeout`, `http[].retries` (`attempts`, `perTryTimeout`; `retryOn` is read
-//! and the gateway retries connect failures, resets and 502–504, Istio's default set).
+//! and the gateway retries connect failures, resets and 502–504, Istio's default set),
+//! `http[].fault` (`delay.fixedDelay`, `abort.httpStatus`, each with `percentage.value`).
 //! Anything else is a warning naming its path; Istio's validation rules are errors:
 //! weights 0–100 adding up to 100 when a route has several destinations, a regex that
 //! does not compile, a subset no DestinationRule defines.
@@ -15,7 +16,8 @@
 use serde_json::Value;
 
 use meshfed_catalog::http_route::{
-    Destination, HttpPolicy, HttpRoute, RequestMatch, Retries, StringMatch, Subset,
+    Destination, Fault, FaultAbort, FaultDelay, HttpPolicy, HttpRoute, RequestMatch, Retries,
+    StringMatch, Subset,
 };
 
 use crate::service_entry::{Doc, duration_ms};
@@ -133,6 +135,80 @@ fn duration(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<u64> {
     }
 }
 
+/// `percentage: {value: P}` (0–100, a double) in millionths; absent: 100 %.
+fn percentage(d: &mut Doc<'_>, m: &serde_json::Map<String, Value>, field: &str) -> u32 {
+    match m.get("percentage") {
+        None => 1_000_000,
+        Some(Value::Object(p)) => {
+            d.unsupported(&format!("{field}.percentage"), p, &["value"]);
+            match p.get("value").and_then(Value::as_f64) {
+                Some(v) if (0.0..=100.0).contains(&v) => (v * 10_000.0).round() as u32,
+                _ => {
+                    d.err(
+                        format!("{field}.percentage.value"),
+                        "a percentage from 0 to 100",
+                    );
+                    0
+                }
+            }
+        }
+        Some(_) => {
+            d.err(format!("{field}.percentage"), "must be a map with value");
+            0
+        }
+    }
+}
+
+/// `spec.http[i].fault`: a fixed delay and an abort (HTTP status), each with a share.
+fn fault(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<Fault> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(field, m, &["delay", "abort"]);
+    let mut out = Fault::default();
+    if let Some(Value::Object(dl)) = m.get("delay") {
+        let f = format!("{field}.delay");
+        d.unsupported(&f, dl, &["fixedDelay", "percentage", "percent"]);
+        if dl.contains_key("percent") {
+            d.err(
+                format!("{f}.percent"),
+                "deprecated in Istio: use percentage.value",
+            );
+        }
+        match duration(d, dl.get("fixedDelay"), &format!("{f}.fixedDelay")) {
+            Some(ms) => {
+                out.delay = Some(FaultDelay {
+                    fixed_delay_ms: ms,
+                    per_million: percentage(d, dl, &f),
+                })
+            }
+            None if !dl.contains_key("fixedDelay") => d.err(
+                format!("{f}.fixedDelay"),
+                "missing (exponentialDelay is not supported)",
+            ),
+            None => {}
+        }
+    }
+    if let Some(Value::Object(ab)) = m.get("abort") {
+        let f = format!("{field}.abort");
+        d.unsupported(&f, ab, &["httpStatus", "percentage"]);
+        match ab.get("httpStatus").and_then(Value::as_u64) {
+            Some(s @ 200..=599) => {
+                out.abort = Some(FaultAbort {
+                    http_status: s as u16,
+                    per_million: percentage(d, ab, &f),
+                })
+            }
+            _ => d.err(
+                format!("{f}.httpStatus"),
+                "an HTTP status from 200 to 599 (grpcStatus and http2Error are not supported)",
+            ),
+        }
+    }
+    Some(out)
+}
+
 /// One HTTP route (`spec.http[i]`), and its destinations' hosts.
 fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize, String)>)> {
     let field = format!("spec.http[{i}]");
@@ -140,7 +216,11 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
         d.err(field, "must be a map");
         return None;
     };
-    d.unsupported(&field, m, &["name", "match", "route", "timeout", "retries"]);
+    d.unsupported(
+        &field,
+        m,
+        &["name", "match", "route", "timeout", "retries", "fault"],
+    );
     let mut matches = Vec::new();
     match m.get("match") {
         None | Some(Value::Null) => {}
@@ -295,8 +375,12 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
             None
         }
     };
+    let fault = m
+        .get("fault")
+        .and_then(|f| fault(d, f, &format!("{field}.fault")));
     Some((
         HttpRoute {
+            fault,
             name: m.get("name").and_then(Value::as_str).map(str::to_owned),
             matches,
             destinations,
@@ -570,14 +654,39 @@ spec:
     }
 
     #[test]
-    fn unsupported_fields_are_warned_about_by_path() {
+    fn faults_are_read_as_istio_writes_them() {
         let text = GOOD.replacen(
             "    timeout: 3s",
-            "    timeout: 3s\n    mirror: {host: web}\n    fault: {abort: {httpStatus: 503}}",
+            "    timeout: 3s\n    fault:\n      delay: {fixedDelay: 100ms, percentage: {value: 50}}\n      abort: {httpStatus: 503, percentage: {value: 0.1}}",
             1,
         );
         let r = parse(&text).unwrap();
-        for f in ["spec.http[1].mirror", "spec.http[1].fault"] {
+        let f = r.http_policies[0].routes[1].fault.clone().unwrap();
+        let (d, a) = (f.delay.unwrap(), f.abort.unwrap());
+        assert_eq!((d.fixed_delay_ms, d.per_million), (100, 500_000));
+        assert_eq!((a.http_status, a.per_million), (503, 1_000));
+        for (bad, field) in [
+            (
+                "abort: {httpStatus: 503, percentage: {value: 0.1}}",
+                "abort: {httpStatus: 99}",
+            ),
+            ("percentage: {value: 50}", "percentage: {value: 150}"),
+            ("fixedDelay: 100ms", "fixedDelay: soon"),
+        ] {
+            let t = text.replacen(bad, field, 1);
+            assert!(parse(&t).is_err(), "{field}");
+        }
+    }
+
+    #[test]
+    fn unsupported_fields_are_warned_about_by_path() {
+        let text = GOOD.replacen(
+            "    timeout: 3s",
+            "    timeout: 3s\n    mirror: {host: web}\n    rewrite: {uri: /v2}",
+            1,
+        );
+        let r = parse(&text).unwrap();
+        for f in ["spec.http[1].mirror", "spec.http[1].rewrite"] {
             assert!(
                 r.warnings.iter().any(|w| w.field == f),
                 "{f}: {:?}",

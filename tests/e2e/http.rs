@@ -577,6 +577,81 @@ async fn a_split_registered_at_one_site_routes_every_importer() {
         n0,
         "north's routes (all to west) apply"
     );
+
+    // Fault injection (north's routes apply): 100 ms delay for 50 %, 503 for 10 %.
+    let faults = north.dir.join("faults.yaml");
+    std::fs::write(
+        &faults,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: demo}\n\
+         spec:\n  hosts: [web.demo]\n  http:\n  - fault:\n      delay: {fixedDelay: 100ms, percentage: {value: 50}}\n\
+         \x20     abort: {httpStatus: 503, percentage: {value: 10}}\n    route:\n    - destination: {host: web.demo}\n",
+    )
+    .unwrap();
+    let (code, out, err) = meshfed(&[
+        "register",
+        "-f",
+        faults.to_str().unwrap(),
+        "--dir",
+        north.dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Applied once one request is aborted; then 2000 more are measured.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !timed_gets(import, 50, 10)
+        .await
+        .iter()
+        .any(|(s, _)| *s == 503)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the faults never applied"
+        );
+    }
+    let t = timed_gets(import, 2000, 50).await;
+    let aborted = t.iter().filter(|(s, _)| *s == 503).count();
+    let delayed = t
+        .iter()
+        .filter(|(_, d)| *d >= Duration::from_millis(100))
+        .count();
+    let (a, d) = (aborted as f64 / 20.0, delayed as f64 / 20.0);
+    eprintln!("faults over 2000 requests: {a:.1} % aborted, {d:.1} % delayed 100 ms or more");
+    assert!((7.0..=13.0).contains(&a), "{a} % aborted");
+    assert!((45.0..=55.0).contains(&d), "{d} % delayed");
+    assert!(t.iter().all(|(s, _)| *s == 200 || *s == 503));
+}
+
+/// `n` GETs over `conns` connections at once: (status, latency) of each.
+async fn timed_gets(addr: SocketAddr, n: usize, conns: usize) -> Vec<(u16, Duration)> {
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            let share = n / conns + usize::from(i < n % conns);
+            tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let mut out = Vec::new();
+                for _ in 0..share {
+                    let req = hyper::Request::get("http://web.demo/")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    send.ready().await.unwrap();
+                    let t = std::time::Instant::now();
+                    let resp = send.send_request(req).await.unwrap();
+                    let status = resp.status().as_u16();
+                    let _ = resp.into_body().collect().await;
+                    out.push((status, t.elapsed()));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.extend(t.await.unwrap());
+    }
+    out
 }
 
 /// A real gRPC server and client (grpcio, from PyPI, in the test tools' venv) across two

@@ -24,7 +24,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::SiteName;
-use meshfed_catalog::http_route::{Compiled, RequestView, pick, subset_sites};
+use meshfed_catalog::http_route::{Compiled, RequestView, hits, pick, subset_sites};
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +65,8 @@ type Links = [LinkSlot; LINKS];
 pub const TIMEOUT: &str = "timeout";
 /// The code of a request no route matches (404).
 pub const NO_ROUTE: &str = "no_route";
+/// The code of a request a route's fault injection aborted.
+pub const FAULT_ABORT: &str = "fault_abort";
 
 /// An import's routes, as the plan gave them.
 pub struct RouteTable {
@@ -74,6 +76,8 @@ pub struct RouteTable {
 
 /// One request's way: where it may go, and its retries and timeouts.
 struct Plan {
+    /// The route's faults, and the roll that decides whether they hit.
+    fault: Option<(meshfed_catalog::http_route::Fault, u32)>,
     sites: Vec<SiteName>,
     retries: u32,
     timeout: Option<Duration>,
@@ -249,6 +253,24 @@ impl HttpEgress {
                 return r;
             }
         };
+        // Injected faults: the delay, then the abort (Envoy's order).
+        if let Some((f, roll)) = &plan.fault {
+            if let Some(d) = &f.delay
+                && hits(d.per_million, *roll)
+            {
+                tokio::time::sleep(Duration::from_millis(d.fixed_delay_ms)).await;
+            }
+            if let Some(a) = &f.abort
+                && hits(a.per_million, roll.rotate_left(16))
+            {
+                metrics.http_request("egress", a.http_status);
+                return error_response(
+                    a.http_status,
+                    FAULT_ABORT,
+                    "aborted by the route's fault injection",
+                );
+            }
+        }
         let attempts = self.attempts(eg, &parts, &mut body, &plan, caller);
         let answer = match plan.timeout {
             Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
@@ -274,6 +296,7 @@ impl HttpEgress {
         let routes = eg.routes.load_full();
         let Some(table) = routes.as_ref() else {
             return Ok(Plan {
+                fault: None,
                 sites: backends.to_vec(),
                 retries: RETRIES,
                 timeout: None,
@@ -303,7 +326,12 @@ impl HttpEgress {
             )));
         }
         let ms = std::time::Duration::from_millis;
+        let fault = route.fault.clone().map(|f| {
+            let n = self.rolls.fetch_add(1, Ordering::Relaxed);
+            (f, decide::roll(n))
+        });
         Ok(Plan {
+            fault,
             sites,
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
             timeout: route.timeout_ms.map(ms),
