@@ -312,36 +312,77 @@ async fn gets(addr: SocketAddr, n: usize, headers: &[(&str, &str)]) -> Vec<u16> 
     out
 }
 
+/// Three federated sites: west and north export `web.demo` as HTTP, each in front of a
+/// test endpoint answering `statuses` (west's, north's) by default; east imports it.
+/// `before` runs once the sites joined and before any gateway starts (to register
+/// routes). Gateways and the federation stop when the returned value drops.
+struct HttpSites {
+    _fed: crate::federation::Fed,
+    _gws: (Gw, Gw),
+    east_gw: Gw,
+    west: meshfed_lab::SiteFiles,
+    north: meshfed_lab::SiteFiles,
+    import: SocketAddr,
+    west_hits: Arc<AtomicUsize>,
+    north_hits: Arc<AtomicUsize>,
+    _scratch: Scratch,
+}
+
+async fn http_sites(
+    name: &str,
+    statuses: (u16, u16),
+    before: impl FnOnce(&meshfed_lab::SiteFiles),
+) -> HttpSites {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new(name);
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
+    let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(import_ip);
+    let (west_ep, west_hits) = http_endpoint("west", statuses.0).await;
+    let (north_ep, north_hits) = http_endpoint("north", statuses.1).await;
+    before(&west);
+    let start = |s: &meshfed_lab::SiteFiles, ip, ep| {
+        Gw::start(
+            s,
+            &fed_config(s, ip)
+                .export("web.demo", port, vec![ep])
+                .speaks("web.demo", port, "http"),
+        )
+        .unwrap()
+    };
+    let gws = (
+        start(&west, [127, 0, 0, 3], west_ep),
+        start(&north, [127, 0, 0, 4], north_ep),
+    );
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    HttpSites {
+        _fed: fed,
+        _gws: gws,
+        east_gw,
+        west,
+        north,
+        import: SocketAddr::new(import_ip, port),
+        west_hits,
+        north_hits,
+        _scratch: scratch,
+    }
+}
+
 /// Two sites export `web.demo` as HTTP; the one tried first (north: equal capacity,
 /// ordered by name) answers 503. Idempotent requests are retried at west and never fail;
 /// a POST was sent, so it is not; and when every site fails, the retry budget (20 % of
 /// requests + 10/s over 10 s) caps the extra load.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_503_is_retried_at_another_site_within_the_budget() {
-    use crate::federation::{Fed, fed_config, free_port, joined};
-    let scratch = Scratch::new("http-retry");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
-    let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let port = free_port(import_ip);
-    let (west_ep, west_hits) = http_endpoint("west", 200).await;
-    let (north_ep, north_hits) = http_endpoint("north", 503).await;
-    let _west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![west_ep])
-            .speaks("web.demo", port, "http"),
-    )
-    .unwrap();
-    let _north_gw = Gw::start(
-        &north,
-        &fed_config(&north, [127, 0, 0, 4])
-            .export("web.demo", port, vec![north_ep])
-            .speaks("web.demo", port, "http"),
-    )
-    .unwrap();
-    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    let import = SocketAddr::new(import_ip, port);
+    let HttpSites {
+        east_gw,
+        import,
+        west_hits,
+        north_hits,
+        ..
+    } = &http_sites("http-retry", (200, 503), |_| {}).await;
+    let (import, east_gw) = (*import, east_gw);
     let url = format!("http://{import}/");
     // East learns both sites, as HTTP, from the catalog.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -460,31 +501,17 @@ fn register_routes(site: &meshfed_lab::SiteFiles, stable: u32) {
 /// split registered while requests flow shifts them without a failed request.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_split_registered_at_one_site_routes_every_importer() {
-    use crate::federation::{Fed, fed_config, free_port, joined};
-    let scratch = Scratch::new("http-split");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
-    let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let port = free_port(import_ip);
-    let (west_ep, west_hits) = http_endpoint("west", 200).await;
-    let (north_ep, north_hits) = http_endpoint("north", 200).await;
-    register_routes(&west, 80);
-    let _west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![west_ep])
-            .speaks("web.demo", port, "http"),
-    )
-    .unwrap();
-    let _north_gw = Gw::start(
-        &north,
-        &fed_config(&north, [127, 0, 0, 4])
-            .export("web.demo", port, vec![north_ep])
-            .speaks("web.demo", port, "http"),
-    )
-    .unwrap();
-    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    let import = SocketAddr::new(import_ip, port);
+    let sites = http_sites("http-split", (200, 200), |west| register_routes(west, 80)).await;
+    let HttpSites {
+        east_gw,
+        west,
+        north,
+        import,
+        west_hits,
+        north_hits,
+        ..
+    } = &sites;
+    let import = *import;
     // East has both sites and the routes once a header-matched request reaches north.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
@@ -531,7 +558,7 @@ async fn a_split_registered_at_one_site_routes_every_importer() {
     // A new split while requests flow: none fails, and the traffic moves.
     let flowing = tokio::spawn(gets_parallel(import, 6_000, 4, &[]));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    register_routes(&west, 50);
+    register_routes(west, 50);
     let s = flowing.await.unwrap();
     assert!(
         s.iter().all(|s| *s == 200),
@@ -560,7 +587,7 @@ async fn a_split_registered_at_one_site_routes_every_importer() {
 
     // North publishes other routes for the same service (everything to west): a
     // conflict east counts, and the first site by name (north) wins.
-    register_routes(&north, 100);
+    register_routes(north, 100);
     east_gw
         .wait_metric(
             "meshfed_gateway_route_conflicts",

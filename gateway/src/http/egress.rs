@@ -202,20 +202,7 @@ impl HttpEgress {
                 Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
             }
         });
-        let builder = super::server_builder();
-        let conn = builder.serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    debug!(error = %e, "client HTTP connection ended");
-                }
-            }
-            _ = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        super::serve_connection(io, svc, stop, "client HTTP connection").await;
     }
 
     /// One request, with its attempts.

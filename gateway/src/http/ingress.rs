@@ -178,18 +178,5 @@ pub async fn serve<IO>(
             Ok::<_, std::convert::Infallible>(upstream.forward(req, &endpoints, app, &open).await)
         }
     });
-    let builder = super::server_builder();
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                debug!(error = %e, "HTTP over the tunnel ended");
-            }
-        }
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    super::serve_connection(io, svc, stop, "HTTP over the tunnel").await;
 }

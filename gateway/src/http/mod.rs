@@ -53,6 +53,39 @@ pub(crate) fn server_builder()
     b
 }
 
+/// Serves one connection with `svc` until it ends, or until `stop` (the drain), which
+/// lets its requests in flight finish.
+pub(crate) async fn serve_connection<IO, S>(
+    io: IO,
+    svc: S,
+    stop: tokio_util::sync::CancellationToken,
+    what: &'static str,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = server_builder();
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "{what} ended");
+            }
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 pub(crate) fn boxed_err<E: Into<BoxError>>(e: E) -> BoxError {
     e.into()
 }
