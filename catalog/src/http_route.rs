@@ -34,6 +34,11 @@ pub struct HttpPolicy {
     pub routes: Vec<HttpRoute>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subsets: Vec<Subset>,
+    /// The most requests in flight to the service from one importing gateway (a
+    /// DestinationRule's `connectionPool.http.http2MaxRequests`); past it, 503 `overflow`
+    /// at once, never a queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +246,9 @@ impl HttpPolicy {
     pub fn compile(self) -> Result<Compiled, PolicyError> {
         if self.routes.is_empty() {
             return Err(bad("routes", "at least one route"));
+        }
+        if self.max_requests == Some(0) {
+            return Err(bad("max_requests", "must be above 0"));
         }
         if self.routes.len() > MAX_ROUTES {
             return Err(bad("routes", format!("at most {MAX_ROUTES}")));
@@ -465,6 +473,7 @@ mod tests {
             ..Default::default()
         };
         HttpPolicy {
+            max_requests: None,
             service: ServiceName::parse("web.demo").unwrap(),
             source: "VirtualService demo/web".into(),
             routes: vec![

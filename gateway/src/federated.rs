@@ -169,10 +169,10 @@ fn route_table(
 ) -> Option<Arc<crate::http::egress::RouteTable>> {
     let p = im.http_policy.clone()?;
     match p.compile() {
-        Ok(compiled) => Some(Arc::new(crate::http::egress::RouteTable {
+        Ok(compiled) => Some(Arc::new(crate::http::egress::RouteTable::new(
             compiled,
-            site_labels: im.site_labels.clone(),
-        })),
+            im.site_labels.clone(),
+        ))),
         Err(e) => {
             warn!(service = %im.service, error = %e, "routes not applied");
             None

@@ -161,6 +161,8 @@ pub struct Metrics {
     /// HTTP attempts retried at the egress, by why the last one failed (`not_sent`,
     /// `lost`, `status`).
     pub http_retries: Family<ReasonLabels, Counter>,
+    /// HTTP requests refused at the egress because `max_requests` were in flight.
+    pub http_overflows: Counter,
     /// Imports whose exporting sites publish different HTTP routes (the first site by
     /// name applies).
     pub route_conflicts: Gauge,
@@ -221,6 +223,11 @@ impl Metrics {
             "http_requests",
             "HTTP requests answered on HTTP-family ports, by direction and status class",
             self.http_requests.clone(),
+        );
+        r.register(
+            "http_overflows",
+            "HTTP requests answered 503 overflow at the egress: max_requests (a DestinationRule's http2MaxRequests) were in flight",
+            self.http_overflows.clone(),
         );
         r.register(
             "route_conflicts",
@@ -399,6 +406,10 @@ impl Metrics {
                 class: status_class(status),
             })
             .inc();
+    }
+
+    pub fn http_overflow(&self) {
+        self.http_overflows.inc();
     }
 
     pub fn http_retry(&self, reason: &'static str) {

@@ -436,7 +436,7 @@ fn destination_rule(
         );
         return None;
     };
-    d.unsupported("spec.trafficPolicy", tp, &["tls"]);
+    d.unsupported("spec.trafficPolicy", tp, &["tls", "connectionPool"]);
     let Some(Value::Object(tls)) = tp.get("tls") else {
         d.err("spec.trafficPolicy.tls", "missing");
         return None;
@@ -631,11 +631,12 @@ fn http_policies(
                     );
                 }
             }
-            let sets: Vec<Subset> = subsets
+            let mine: Vec<&SubsetRule> = subsets
                 .iter()
-                .filter(|(_, ns, h, _)| service_of(h, ns, services).as_ref() == Some(&service))
-                .flat_map(|(_, _, _, s)| s.iter().cloned())
+                .filter(|(_, ns, h, _, _)| service_of(h, ns, services).as_ref() == Some(&service))
                 .collect();
+            let sets: Vec<Subset> = mine.iter().flat_map(|r| r.3.iter().cloned()).collect();
+            let max_requests = mine.iter().find_map(|r| r.4);
             if let Some((first, _)) = out.iter().find(|(_, p)| p.service == service) {
                 d.err(
                     format!("spec.hosts[{i}]"),
@@ -643,10 +644,37 @@ fn http_policies(
                 );
                 continue;
             }
-            if let Some(p) = crate::virtual_service::policy(&mut d, &vs, service, sets) {
+            if let Some(p) =
+                crate::virtual_service::policy(&mut d, &vs, service, sets, max_requests)
+            {
                 out.push((vs.index, p));
             }
         }
+    }
+    // A connection pool without a VirtualService: every request on the one route.
+    for (index, ns, host, sets, max) in subsets {
+        let (Some(max), Some(service)) = (max, service_of(host, ns, services)) else {
+            continue;
+        };
+        if out.iter().any(|(_, p)| p.service == service) {
+            continue;
+        }
+        out.push((
+            *index,
+            HttpPolicy {
+                source: format!("DestinationRule {ns}/{host}"),
+                routes: vec![meshfed_catalog::http_route::HttpRoute {
+                    destinations: vec![meshfed_catalog::http_route::Destination {
+                        subset: None,
+                        weight: 100,
+                    }],
+                    ..Default::default()
+                }],
+                subsets: sets.clone(),
+                max_requests: Some(*max),
+                service,
+            },
+        ));
     }
     out.into_iter().map(|(_, p)| p).collect()
 }
@@ -662,7 +690,9 @@ type Entry = (
 /// A DestinationRule document: (doc index, name, namespace, (host, tls settings)).
 type Rule = (usize, String, String, (String, Option<RawTls>));
 /// A DestinationRule's subsets: (doc index, namespace, host, subsets).
-type SubsetRule = (usize, String, String, Vec<Subset>);
+/// A DestinationRule's subsets and its `connectionPool.http.http2MaxRequests`:
+/// (doc index, namespace, host, subsets, max requests).
+type SubsetRule = (usize, String, String, Vec<Subset>, Option<u32>);
 
 struct Sorted {
     entries: Vec<Entry>,
@@ -771,12 +801,23 @@ fn sort_documents(
         match kind {
             "DestinationRule" => {
                 let sets = crate::virtual_service::subsets(&mut d, spec.get("subsets"));
-                if !sets.is_empty() {
+                let tp = spec.get("trafficPolicy").and_then(Value::as_object);
+                let max_requests = tp.and_then(|tp| {
+                    crate::virtual_service::connection_pool(&mut d, tp.get("connectionPool"))
+                });
+                if !sets.is_empty() || max_requests.is_some() {
                     let host = spec.get("host").and_then(Value::as_str).unwrap_or_default();
-                    subsets.push((index, namespace.to_owned(), host.to_owned(), sets.clone()));
+                    subsets.push((
+                        index,
+                        namespace.to_owned(),
+                        host.to_owned(),
+                        sets.clone(),
+                        max_requests,
+                    ));
                 }
-                // Subsets alone need no TLS settings.
-                if sets.is_empty() || spec.contains_key("trafficPolicy") {
+                // Subsets and a connection pool need no TLS settings.
+                let tls = tp.is_some_and(|tp| tp.contains_key("tls"));
+                if tls || (sets.is_empty() && max_requests.is_none()) {
                     if let Some(tls) = destination_rule(&mut d, spec) {
                         rules.push((index, name.to_owned(), namespace.to_owned(), tls));
                     }

@@ -1,4 +1,5 @@
-//! Istio `VirtualService` (HTTP routes) and the `subsets` of a `DestinationRule`, into
+//! Istio `VirtualService` (HTTP routes) and the `subsets` and
+//! `trafficPolicy.connectionPool.http.http2MaxRequests` of a `DestinationRule`, into
 //! the routing policy gateways apply (`meshfed_catalog::http_route`). Pure.
 //!
 //! Read: `hosts` (a service as `name.namespace`, `name.namespace.svc.cluster.local` or
@@ -447,6 +448,39 @@ pub(crate) fn virtual_service(
     })
 }
 
+/// `trafficPolicy.connectionPool` of a DestinationRule: `http.http2MaxRequests`, the
+/// most requests in flight to the service from one gateway (Envoy's `max_requests`; a
+/// request past it is answered 503 `overflow` at once). The other settings are warned
+/// about.
+pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Option<u32> {
+    let field = "spec.trafficPolicy.connectionPool";
+    let Value::Object(m) = v? else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(field, m, &["http"]);
+    let Value::Object(h) = m.get("http")? else {
+        d.err(format!("{field}.http"), "must be a map");
+        return None;
+    };
+    d.unsupported(&format!("{field}.http"), h, &["http2MaxRequests"]);
+    match h.get("http2MaxRequests")? {
+        Value::Number(n)
+            if n.as_u64()
+                .is_some_and(|n| (1..=u64::from(u32::MAX)).contains(&n)) =>
+        {
+            n.as_u64().map(|n| n as u32)
+        }
+        other => {
+            d.err(
+                format!("{field}.http.http2MaxRequests"),
+                format!("{other} is not a positive count"),
+            );
+            None
+        }
+    }
+}
+
 /// `spec.subsets` of a DestinationRule.
 pub(crate) fn subsets(d: &mut Doc<'_>, v: Option<&Value>) -> Vec<Subset> {
     let mut out: Vec<Subset> = Vec::new();
@@ -490,12 +524,14 @@ pub(crate) fn policy(
     vs: &RawVirtualService,
     service: meshfed_catalog::ServiceName,
     subsets: Vec<Subset>,
+    max_requests: Option<u32>,
 ) -> Option<HttpPolicy> {
     let p = HttpPolicy {
         service,
         source: format!("VirtualService {}/{}", vs.namespace, vs.name),
         routes: vs.routes.clone(),
         subsets,
+        max_requests,
     };
     match p.clone().compile() {
         Ok(_) => Some(p),
@@ -675,6 +711,35 @@ spec:
         ] {
             let t = text.replacen(bad, field, 1);
             assert!(parse(&t).is_err(), "{field}");
+        }
+    }
+
+    #[test]
+    fn a_connection_pool_is_the_circuit_breaker_with_or_without_routes() {
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: demo}\n\
+                  spec:\n  host: web\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 10}\n      http: {http2MaxRequests: 4}\n";
+        let r = parse(dr).unwrap();
+        assert_eq!(r.http_policies.len(), 1);
+        let p = &r.http_policies[0];
+        assert_eq!(p.max_requests, Some(4));
+        assert_eq!(p.routes.len(), 1, "every request on one route");
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.field == "spec.trafficPolicy.connectionPool.tcp")
+        );
+        // With the VirtualService of the same service: its routes, and the limit.
+        let both = format!("{GOOD}---\n{}", dr.replace("name: web,", "name: web-pool,"));
+        let r = parse(&both).unwrap();
+        assert_eq!(r.http_policies[0].max_requests, Some(4));
+        assert_eq!(r.http_policies[0].routes.len(), 3);
+        let bad = dr.replace("http2MaxRequests: 4", "http2MaxRequests: 0");
+        match parse(&bad) {
+            Err(ParseError::Invalid(p)) => assert_eq!(
+                p[0].field,
+                "spec.trafficPolicy.connectionPool.http.http2MaxRequests"
+            ),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use crate::harness::*;
 
 /// What an endpoint answers: `x-status: N` sets the status (default: the endpoint's
-/// own); `POST /stream` echoes the body frame by frame and ends with the trailers
+/// own), after `x-delay-ms: N`; `POST /stream` echoes the body frame by frame and ends with the trailers
 /// `grpc-status: 0` and `x-seen: <bytes>`; anything else gets one line naming the
 /// site, method, path, caller (`x-forwarded-client-cert`) and `x-forwarded-for`.
 async fn http_endpoint(site: &'static str, status: u16) -> (SocketAddr, Arc<AtomicUsize>) {
@@ -78,6 +78,9 @@ async fn answer(
         r.headers_mut()
             .insert("content-type", "application/grpc".parse().unwrap());
         return Ok(r);
+    }
+    if let Ok(ms) = h("x-delay-ms").parse::<u64>() {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let status = h("x-status").parse().unwrap_or(status);
     let line = format!(
@@ -844,4 +847,98 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
     assert!(took >= Duration::from_secs(9), "cut after {took:?}");
     eprintln!("slow client cut after {took:?}");
     ok();
+}
+
+/// A DestinationRule's `connectionPool.http.http2MaxRequests: 4`, registered at west:
+/// of 20 slow requests at once, 4 are served and the rest are answered 503 `overflow`
+/// at once (never queued); once they finish, requests pass again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
+    let sites = http_sites("http-breaker", (200, 200), |west| {
+        let file = west.dir.join("pool.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: demo}\n\
+             spec:\n  host: web.demo\n  trafficPolicy:\n    connectionPool:\n      http: {http2MaxRequests: 4}\n",
+        )
+        .unwrap();
+        let (code, out, err) = meshfed(&[
+            "register",
+            "-f",
+            file.to_str().unwrap(),
+            "--dir",
+            west.dir.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+    })
+    .await;
+    let url = format!("http://{}/", sites.import);
+    // Applied once 8 requests at once see an overflow.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::task::spawn_blocking(move || curl(&["-H", "x-delay-ms: 300"], &url))
+            })
+            .collect();
+        let mut over = false;
+        for t in tasks {
+            over |= t.await.unwrap().2 == "overflow";
+        }
+        if over {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the breaker never applied\n{}",
+            sites.east_gw.logs()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = sites
+        .east_gw
+        .metric("meshfed_gateway_http_overflows_total")
+        .await;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || {
+                let t = std::time::Instant::now();
+                let r = curl(&["-H", "x-delay-ms: 1000"], &url);
+                (r, t.elapsed())
+            })
+        })
+        .collect();
+    let mut served = 0;
+    let mut overflowed = 0;
+    for t in tasks {
+        let ((status, body, error), took) = t.await.unwrap();
+        match (status, error.as_str()) {
+            (200, "") => served += 1,
+            (503, "overflow") => {
+                overflowed += 1;
+                assert!(
+                    took < Duration::from_millis(900),
+                    "an overflow waited {took:?}"
+                );
+            }
+            other => panic!("{other:?}: {body}"),
+        }
+    }
+    eprintln!("20 slow requests at once: {served} served, {overflowed} overflowed");
+    assert_eq!(served + overflowed, 20);
+    assert!(
+        (4..=8).contains(&served),
+        "{served} served past a limit of 4"
+    );
+    let after = sites
+        .east_gw
+        .metric("meshfed_gateway_http_overflows_total")
+        .await;
+    assert_eq!(after - before, overflowed as f64);
+    // Recovered: one at a time, all pass.
+    for _ in 0..10 {
+        assert_eq!(curl(&[], &url).0, 200);
+    }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,10 +72,39 @@ pub const FAULT_ABORT: &str = "fault_abort";
 pub struct RouteTable {
     pub compiled: Compiled,
     pub site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
+    /// Requests in flight, against the policy's `max_requests`.
+    pub in_flight: AtomicU32,
 }
+
+impl RouteTable {
+    pub fn new(
+        compiled: Compiled,
+        site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
+    ) -> Self {
+        Self {
+            compiled,
+            site_labels,
+            in_flight: AtomicU32::new(0),
+        }
+    }
+}
+
+/// A request counted against its import's `max_requests` while it lives.
+struct InFlight(Arc<RouteTable>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The code of a request refused because as many as `max_requests` are in flight (503).
+pub const OVERFLOW: &str = "overflow";
 
 /// One request's way: where it may go, and its retries and timeouts.
 struct Plan {
+    /// Held while the request lives, when the import has a `max_requests`.
+    _in_flight: Option<InFlight>,
     /// The route's faults, and the roll that decides whether they hit.
     fault: Option<(meshfed_catalog::http_route::Fault, u32)>,
     sites: Vec<SiteName>,
@@ -283,12 +312,32 @@ impl HttpEgress {
         let routes = eg.routes.load_full();
         let Some(table) = routes.as_ref() else {
             return Ok(Plan {
+                _in_flight: None,
                 fault: None,
                 sites: backends.to_vec(),
                 retries: RETRIES,
                 timeout: None,
                 per_try: None,
             });
+        };
+        // The circuit breaker: a request past `max_requests` is refused at once, never
+        // queued.
+        let in_flight = match table.compiled.policy.max_requests {
+            None => None,
+            Some(max) => {
+                let taken =
+                    table
+                        .in_flight
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (n < max).then_some(n + 1)
+                        });
+                if taken.is_err() {
+                    eg.metrics.http_overflow();
+                    let msg = format!("{max} requests to {} in flight (max_requests)", self.import);
+                    return Err(error_response(503, OVERFLOW, &msg));
+                }
+                Some(InFlight(table.clone()))
+            }
         };
         let Some(route) = table.compiled.route(&View(parts)) else {
             // Istio answers 404 (NR: no route) too.
@@ -318,6 +367,7 @@ impl HttpEgress {
             (f, decide::roll(n))
         });
         Ok(Plan {
+            _in_flight: in_flight,
             fault,
             sites,
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
