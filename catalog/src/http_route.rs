@@ -64,6 +64,19 @@ pub struct HttpRoute {
     /// Faults injected at the egress, for resilience tests (Istio's `fault`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// A copy of each request (of a share) sent to a subset, its answer discarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+/// Istio's `mirror` and `mirrorPercentage`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Of every million requests.
+    pub per_million: u32,
 }
 
 /// Istio's `HTTPFaultInjection`: a fixed delay and an abort, each for a share of the
@@ -296,6 +309,19 @@ impl HttpPolicy {
             }
             if r.timeout_ms == Some(0) {
                 return Err(bad(f("timeout_ms"), "must be above 0"));
+            }
+            if let Some(m) = &r.mirror {
+                if m.per_million > 1_000_000 {
+                    return Err(bad(f("mirror.per_million"), "above 100 %"));
+                }
+                if let Some(s) = &m.subset
+                    && !names.contains(s.as_str())
+                {
+                    return Err(bad(
+                        f("mirror.subset"),
+                        format!("{s:?} is not a subset of {}", self.service),
+                    ));
+                }
             }
             if let Some(fault) = &r.fault {
                 for (what, per_million) in [

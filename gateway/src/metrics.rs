@@ -161,6 +161,8 @@ pub struct Metrics {
     /// HTTP attempts retried at the egress, by why the last one failed (`not_sent`,
     /// `lost`, `status`).
     pub http_retries: Family<ReasonLabels, Counter>,
+    /// Mirrored copies of HTTP requests, by result (`sent`, `failed`, `dropped`).
+    pub http_mirrors: Family<ResultLabels, Counter>,
     /// HTTP requests refused at the egress because `max_requests` were in flight.
     pub http_overflows: Counter,
     /// Imports whose exporting sites publish different HTTP routes (the first site by
@@ -223,6 +225,11 @@ impl Metrics {
             "http_requests",
             "HTTP requests answered on HTTP-family ports, by direction and status class",
             self.http_requests.clone(),
+        );
+        r.register(
+            "http_mirrors",
+            "Mirrored copies of HTTP requests, by result: sent, failed, dropped (too many in flight, or a streamed body)",
+            self.http_mirrors.clone(),
         );
         r.register(
             "http_overflows",
@@ -405,6 +412,12 @@ impl Metrics {
                 direction,
                 class: status_class(status),
             })
+            .inc();
+    }
+
+    pub fn http_mirror(&self, result: &'static str) {
+        self.http_mirrors
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 

@@ -625,8 +625,13 @@ fn http_policies(
             };
             for (r, j, h) in &vs.destination_hosts {
                 if service_of(h, &vs.namespace, services).as_ref() != Some(&service) {
+                    let field = if *j == usize::MAX {
+                        format!("spec.http[{r}].mirror.host")
+                    } else {
+                        format!("spec.http[{r}].route[{j}].destination.host")
+                    };
                     d.err(
-                        format!("spec.http[{r}].route[{j}].destination.host"),
+                        field,
                         format!("{h:?} is not {service}: routing to another service is not supported yet"),
                     );
                 }

@@ -9,7 +9,8 @@
 //! (`destination.host` — the same service — `destination.subset`, `weight`),
 //! `http[].timeout`, `http[].retries` (`attempts`, `perTryTimeout`; `retryOn` is read
 //! and the gateway retries connect failures, resets and 502–504, Istio's default set),
-//! `http[].fault` (`delay.fixedDelay`, `abort.httpStatus`, each with `percentage.value`).
+//! `http[].fault` (`delay.fixedDelay`, `abort.httpStatus`, each with `percentage.value`),
+//! `http[].mirror` (host — the same service — and subset) with `mirrorPercentage`.
 //! Anything else is a warning naming its path; Istio's validation rules are errors:
 //! weights 0–100 adding up to 100 when a route has several destinations, a regex that
 //! does not compile, a subset no DestinationRule defines.
@@ -17,8 +18,8 @@
 use serde_json::Value;
 
 use meshfed_catalog::http_route::{
-    Destination, Fault, FaultAbort, FaultDelay, HttpPolicy, HttpRoute, RequestMatch, Retries,
-    StringMatch, Subset,
+    Destination, Fault, FaultAbort, FaultDelay, HttpPolicy, HttpRoute, Mirror, RequestMatch,
+    Retries, StringMatch, Subset,
 };
 
 use crate::service_entry::{Doc, duration_ms};
@@ -136,25 +137,22 @@ fn duration(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<u64> {
     }
 }
 
-/// `percentage: {value: P}` (0–100, a double) in millionths; absent: 100 %.
-fn percentage(d: &mut Doc<'_>, m: &serde_json::Map<String, Value>, field: &str) -> u32 {
-    match m.get("percentage") {
+/// `KEY: {value: P}` (0–100, a double) in millionths; absent: 100 %.
+fn percentage(d: &mut Doc<'_>, m: &serde_json::Map<String, Value>, field: &str, key: &str) -> u32 {
+    match m.get(key) {
         None => 1_000_000,
         Some(Value::Object(p)) => {
-            d.unsupported(&format!("{field}.percentage"), p, &["value"]);
+            d.unsupported(&format!("{field}.{key}"), p, &["value"]);
             match p.get("value").and_then(Value::as_f64) {
                 Some(v) if (0.0..=100.0).contains(&v) => (v * 10_000.0).round() as u32,
                 _ => {
-                    d.err(
-                        format!("{field}.percentage.value"),
-                        "a percentage from 0 to 100",
-                    );
+                    d.err(format!("{field}.{key}.value"), "a percentage from 0 to 100");
                     0
                 }
             }
         }
         Some(_) => {
-            d.err(format!("{field}.percentage"), "must be a map with value");
+            d.err(format!("{field}.{key}"), "must be a map with value");
             0
         }
     }
@@ -181,7 +179,7 @@ fn fault(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<Fault> {
             Some(ms) => {
                 out.delay = Some(FaultDelay {
                     fixed_delay_ms: ms,
-                    per_million: percentage(d, dl, &f),
+                    per_million: percentage(d, dl, &f, "percentage"),
                 })
             }
             None if !dl.contains_key("fixedDelay") => d.err(
@@ -198,7 +196,7 @@ fn fault(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<Fault> {
             Some(s @ 200..=599) => {
                 out.abort = Some(FaultAbort {
                     http_status: s as u16,
-                    per_million: percentage(d, ab, &f),
+                    per_million: percentage(d, ab, &f, "percentage"),
                 })
             }
             _ => d.err(
@@ -220,7 +218,16 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
     d.unsupported(
         &field,
         m,
-        &["name", "match", "route", "timeout", "retries", "fault"],
+        &[
+            "name",
+            "match",
+            "route",
+            "timeout",
+            "retries",
+            "fault",
+            "mirror",
+            "mirrorPercentage",
+        ],
     );
     let mut matches = Vec::new();
     match m.get("match") {
@@ -379,9 +386,35 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
     let fault = m
         .get("fault")
         .and_then(|f| fault(d, f, &format!("{field}.fault")));
+    let mut hosts = hosts;
+    let mirror = match m.get("mirror") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(mi)) => {
+            let f = format!("{field}.mirror");
+            d.unsupported(&f, mi, &["host", "subset", "port"]);
+            match mi.get("host").and_then(Value::as_str) {
+                // Resolved with the destinations; `usize::MAX` marks the mirror.
+                Some(h) if !h.is_empty() => hosts.push((usize::MAX, h.to_owned())),
+                _ => d.err(format!("{f}.host"), "missing"),
+            }
+            Some(Mirror {
+                subset: mi.get("subset").and_then(Value::as_str).map(str::to_owned),
+                // Istio: 100 % when mirrorPercentage is absent.
+                per_million: match m.get("mirrorPercentage") {
+                    None => 1_000_000,
+                    Some(_) => percentage(d, m, &field, "mirrorPercentage"),
+                },
+            })
+        }
+        Some(_) => {
+            d.err(format!("{field}.mirror"), "must be a map");
+            None
+        }
+    };
     Some((
         HttpRoute {
             fault,
+            mirror,
             name: m.get("name").and_then(Value::as_str).map(str::to_owned),
             matches,
             destinations,
@@ -550,7 +583,8 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace(".destinations[", ".route[")
         .replace(".destinations", ".route")
         .replace(".query_params.", ".queryParams.")
-        .replace(".timeout_ms", ".timeout");
+        .replace(".timeout_ms", ".timeout")
+        .replace(".mirror.per_million", ".mirrorPercentage");
     if p == "routes" { "spec.http".into() } else { p }
 }
 

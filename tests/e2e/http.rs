@@ -20,6 +20,15 @@ use crate::harness::*;
 /// `grpc-status: 0` and `x-seen: <bytes>`; anything else gets one line naming the
 /// site, method, path, caller (`x-forwarded-client-cert`) and `x-forwarded-for`.
 async fn http_endpoint(site: &'static str, status: u16) -> (SocketAddr, Arc<AtomicUsize>) {
+    slow_http_endpoint(site, status, 0).await
+}
+
+/// [`http_endpoint`], answering every request `delay_ms` late.
+async fn slow_http_endpoint(
+    site: &'static str,
+    status: u16,
+    delay_ms: u64,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = listen();
     let addr = l.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -30,7 +39,10 @@ async fn http_endpoint(site: &'static str, status: u16) -> (SocketAddr, Arc<Atom
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                     h.fetch_add(1, Ordering::Relaxed);
-                    answer(site, status, req)
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                        answer(site, status, req).await
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), svc)
@@ -334,6 +346,7 @@ struct HttpSites {
 async fn http_sites(
     name: &str,
     statuses: (u16, u16),
+    north_delay_ms: u64,
     before: impl FnOnce(&meshfed_lab::SiteFiles),
 ) -> HttpSites {
     use crate::federation::{Fed, fed_config, free_port, joined};
@@ -343,7 +356,7 @@ async fn http_sites(
     let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
     let port = free_port(import_ip);
     let (west_ep, west_hits) = http_endpoint("west", statuses.0).await;
-    let (north_ep, north_hits) = http_endpoint("north", statuses.1).await;
+    let (north_ep, north_hits) = slow_http_endpoint("north", statuses.1, north_delay_ms).await;
     before(&west);
     let start = |s: &meshfed_lab::SiteFiles, ip, ep| {
         Gw::start(
@@ -384,7 +397,7 @@ async fn a_503_is_retried_at_another_site_within_the_budget() {
         west_hits,
         north_hits,
         ..
-    } = &http_sites("http-retry", (200, 503), |_| {}).await;
+    } = &http_sites("http-retry", (200, 503), 0, |_| {}).await;
     let (import, east_gw) = (*import, east_gw);
     let url = format!("http://{import}/");
     // East learns both sites, as HTTP, from the catalog.
@@ -504,7 +517,10 @@ fn register_routes(site: &meshfed_lab::SiteFiles, stable: u32) {
 /// split registered while requests flow shifts them without a failed request.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_split_registered_at_one_site_routes_every_importer() {
-    let sites = http_sites("http-split", (200, 200), |west| register_routes(west, 80)).await;
+    let sites = http_sites("http-split", (200, 200), 0, |west| {
+        register_routes(west, 80)
+    })
+    .await;
     let HttpSites {
         east_gw,
         west,
@@ -854,7 +870,7 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
 /// at once (never queued); once they finish, requests pass again.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
-    let sites = http_sites("http-breaker", (200, 200), |west| {
+    let sites = http_sites("http-breaker", (200, 200), 0, |west| {
         let file = west.dir.join("pool.yaml");
         std::fs::write(
             &file,
@@ -941,4 +957,77 @@ async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
     for _ in 0..10 {
         assert_eq!(curl(&[], &url).0, 200);
     }
+}
+
+/// A mirror at north (answering 300 ms late) beside a route to west: north receives a
+/// copy of each request (at most 256 in flight: a copy past that is dropped and counted,
+/// never queued), and the primary's p99 stays far below the mirror's delay (the copy is
+/// never waited for).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirror_gets_copies_and_its_slowness_never_reaches_the_caller() {
+    let sites = http_sites("http-mirror", (200, 200), 300, |west| {
+        let file = west.dir.join("mirror.yaml");
+        std::fs::write(
+            &file,
+            ROUTES
+                .replace("weight: STABLE", "weight: 100")
+                .replace(
+                    "    - destination: {host: web.demo, subset: canary}\n      weight: CANARY\n",
+                    "    mirror: {host: web.demo, subset: canary}\n    mirrorPercentage: {value: 100}\n",
+                ),
+        )
+        .unwrap();
+        let (code, out, err) = meshfed(&[
+            "register",
+            "-f",
+            file.to_str().unwrap(),
+            "--dir",
+            west.dir.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+    })
+    .await;
+    // Applied once north sees a copy of a request that west answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while sites.north_hits.load(Ordering::Relaxed) == 0 {
+        let _ = curl(&[], &format!("http://{}/", sites.import));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no copy reached north\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (w0, n0) = (
+        sites.west_hits.load(Ordering::Relaxed),
+        sites.north_hits.load(Ordering::Relaxed),
+    );
+    let mut t = timed_gets(sites.import, 400, 8).await;
+    assert!(t.iter().all(|(s, _)| *s == 200));
+    t.sort_by_key(|(_, d)| *d);
+    let p99 = t[t.len() * 99 / 100].1;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (w, n) = (
+        sites.west_hits.load(Ordering::Relaxed) - w0,
+        sites.north_hits.load(Ordering::Relaxed) - n0,
+    );
+    let m = |r: &str| format!("meshfed_gateway_http_mirrors_total{{result=\"{r}\"}}");
+    let dropped = sites.east_gw.metric(&m("dropped")).await;
+    eprintln!(
+        "400 requests: west answered {w}, north got {n} copies ({dropped} dropped); primary p99 {p99:?} beside a 300 ms mirror"
+    );
+    assert_eq!(w, 400, "every request answered by west");
+    assert_eq!(
+        n as f64 + dropped,
+        400.0,
+        "every copy reached north or was counted as dropped"
+    );
+    // A mirror slower than the traffic gets at most 256 copies in flight; the rest are
+    // dropped and counted, not queued.
+    assert!(n >= 256, "{n} copies");
+    assert!(
+        p99 < Duration::from_millis(150),
+        "the mirror's 300 ms reached the caller: p99 {p99:?}"
+    );
 }

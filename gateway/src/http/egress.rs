@@ -50,6 +50,8 @@ pub struct HttpEgress {
     budget: Mutex<RetryBudget>,
     /// Counts requests for the weighted pick's rolls.
     rolls: AtomicU64,
+    /// Mirrored copies in flight.
+    mirrors: AtomicU32,
     start: Instant,
     import: String,
 }
@@ -98,11 +100,18 @@ impl Drop for InFlight {
     }
 }
 
+/// Mirrored copies in flight per import, at most.
+pub const MIRRORS_IN_FLIGHT: u32 = 256;
+/// How long a mirrored copy may take before it is given up.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The code of a request refused because as many as `max_requests` are in flight (503).
 pub const OVERFLOW: &str = "overflow";
 
 /// One request's way: where it may go, and its retries and timeouts.
 struct Plan {
+    /// The sites a copy of the request goes to (the route's mirror hit it).
+    mirror: Option<Vec<SiteName>>,
     /// Held while the request lives, when the import has a `max_requests`.
     _in_flight: Option<InFlight>,
     /// The route's faults, and the roll that decides whether they hit.
@@ -154,6 +163,7 @@ impl HttpEgress {
                 )
                 .unwrap_or(0),
             ),
+            mirrors: AtomicU32::new(0),
             start: Instant::now(),
             import,
         }
@@ -236,8 +246,8 @@ impl HttpEgress {
 
     /// One request, with its attempts.
     async fn request(
-        &self,
-        eg: &Egress,
+        self: &Arc<Self>,
+        eg: &Arc<Egress>,
         req: Request<Incoming>,
         client: SocketAddr,
         caller: &SpiffeId,
@@ -287,6 +297,9 @@ impl HttpEgress {
                 );
             }
         }
+        if let Some(sites) = &plan.mirror {
+            self.mirror(eg, &parts, &body, sites, caller);
+        }
         let attempts = self.attempts(eg, &parts, &mut body, &plan, caller);
         let answer = match plan.timeout {
             Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
@@ -297,6 +310,62 @@ impl HttpEgress {
         };
         metrics.http_request("egress", answer.status().as_u16());
         answer
+    }
+
+    /// Sends a copy of the request to the mirror's sites and discards the answer, on a
+    /// task of its own, so the mirror's speed never touches the request. Only a buffered
+    /// body can be copied; at most [`MIRRORS_IN_FLIGHT`] copies are in flight (a mirror
+    /// slower than the traffic drops copies, counted, rather than pile them up).
+    fn mirror(
+        self: &Arc<Self>,
+        eg: &Arc<Egress>,
+        parts: &http::request::Parts,
+        body: &ReqBody,
+        sites: &[SiteName],
+        caller: &SpiffeId,
+    ) {
+        let ReqBody::Full(b) = body else {
+            eg.metrics.http_mirror("dropped");
+            return;
+        };
+        let taken = self
+            .mirrors
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MIRRORS_IN_FLIGHT).then_some(n + 1)
+            });
+        if taken.is_err() || sites.is_empty() {
+            eg.metrics.http_mirror("dropped");
+            return;
+        }
+        let mut req = Request::new(full(b.clone()));
+        *req.method_mut() = parts.method.clone();
+        *req.headers_mut() = parts.headers.clone();
+        *req.version_mut() = http::Version::HTTP_2;
+        // Envoy's mark of a shadowed request: `-shadow` after the authority's host.
+        let mut uri = parts.uri.clone().into_parts();
+        if let Some(a) = &uri.authority {
+            let shadow = match a.port() {
+                Some(p) => format!("{}-shadow:{p}", a.host()),
+                None => format!("{}-shadow", a.host()),
+            };
+            uri.authority = shadow.parse().ok().or(uri.authority.take());
+        }
+        *req.uri_mut() = http::Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone());
+        let (this, eg, site, caller) = (self.clone(), eg.clone(), sites[0].clone(), caller.clone());
+        tokio::spawn(async move {
+            let sent = async {
+                let mut link = this.link(&eg, &site, 0, 1, &caller).await.ok()?;
+                let resp = link.send_request(req).await.ok()?;
+                resp.into_body().collect().await.ok()
+            };
+            let r = tokio::time::timeout(MIRROR_TIMEOUT, sent).await;
+            this.mirrors.fetch_sub(1, Ordering::AcqRel);
+            eg.metrics.http_mirror(if matches!(r, Ok(Some(_))) {
+                "sent"
+            } else {
+                "failed"
+            });
+        });
     }
 
     /// Where a request may go and how: its route's destination (by weight), the sites
@@ -312,6 +381,7 @@ impl HttpEgress {
         let routes = eg.routes.load_full();
         let Some(table) = routes.as_ref() else {
             return Ok(Plan {
+                mirror: None,
                 _in_flight: None,
                 fault: None,
                 sites: backends.to_vec(),
@@ -366,7 +436,23 @@ impl HttpEgress {
             let n = self.rolls.fetch_add(1, Ordering::Relaxed);
             (f, decide::roll(n))
         });
+        let mirror = route.mirror.as_ref().and_then(|m| {
+            let n = self.rolls.fetch_add(1, Ordering::Relaxed);
+            if !hits(m.per_million, decide::roll(n)) {
+                return None;
+            }
+            Some(
+                match m.subset.as_deref().and_then(|s| table.compiled.subset(s)) {
+                    Some(subset) => subset_sites(subset, &backends, &table.site_labels)
+                        .into_iter()
+                        .cloned()
+                        .collect(),
+                    None => backends.to_vec(),
+                },
+            )
+        });
         Ok(Plan {
+            mirror,
             _in_flight: in_flight,
             fault,
             sites,
