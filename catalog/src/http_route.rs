@@ -752,8 +752,8 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused_not_dropped() {
         let mut v = serde_json::to_value(policy()).unwrap();
-        v["routes"][0]["mirror"] = serde_json::json!("x");
+        v["routes"][0]["rewrite"] = serde_json::json!("x");
         let e = serde_json::from_value::<HttpPolicy>(v).unwrap_err();
-        assert!(e.to_string().contains("mirror"), "{e}");
+        assert!(e.to_string().contains("rewrite"), "{e}");
     }
 }

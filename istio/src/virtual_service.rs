@@ -386,7 +386,6 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
     let fault = m
         .get("fault")
         .and_then(|f| fault(d, f, &format!("{field}.fault")));
-    let mut hosts = hosts;
     let mirror = match m.get("mirror") {
         None | Some(Value::Null) => None,
         Some(Value::Object(mi)) => {
@@ -781,11 +780,11 @@ spec:
     fn unsupported_fields_are_warned_about_by_path() {
         let text = GOOD.replacen(
             "    timeout: 3s",
-            "    timeout: 3s\n    mirror: {host: web}\n    rewrite: {uri: /v2}",
+            "    timeout: 3s\n    corsPolicy: {allowOrigins: []}\n    rewrite: {uri: /v2}",
             1,
         );
         let r = parse(&text).unwrap();
-        for f in ["spec.http[1].mirror", "spec.http[1].rewrite"] {
+        for f in ["spec.http[1].corsPolicy", "spec.http[1].rewrite"] {
             assert!(
                 r.warnings.iter().any(|w| w.field == f),
                 "{f}: {:?}",
