@@ -3,13 +3,19 @@
 //! Each client connection is served by hyper (HTTP/1.1, or h2 with prior knowledge; an
 //! HTTP/1.1 `Upgrade: h2c` is answered as HTTP/1.1). For each request:
 //! 1. headers change as `headers::from_client` says;
-//! 2. a body known to be at most [`REPLAY_MAX`] is buffered so it can be sent again;
-//!    a longer or unknown one streams, and is never retried;
-//! 3. the site is the next of the import's backends (best first) not tried yet;
-//! 4. the request goes over the next of that site's [`LINKS`] h2 links for the caller,
+//! 2. a body known to be at most [`REPLAY_MAX`] is buffered so it can be sent again (or
+//!    copied to a mirror); a longer or unknown one streams, and is never retried;
+//! 3. with the import's routes (a VirtualService): the circuit breaker (past
+//!    `max_requests` in flight until the answer's headers, 503 [`OVERFLOW`] at once),
+//!    the first matching route (none: 404 [`NO_ROUTE`]), its faults (delay, then abort),
+//!    its mirror (a copy on a task of its own), and its weighted destination, whose
+//!    subset gives the sites; without routes, every backend;
+//! 4. the site is the next of those (best first) not tried yet;
+//! 5. the request goes over the next of that site's [`LINKS`] h2 links for the caller,
 //!    each opened on demand as a tunnel stream with the usual open request (so the far
 //!    side decides exactly as for a TCP connection) and kept while it lives;
-//! 5. `decide::retry` and the budget say whether another attempt follows.
+//! 6. `decide::retry` and the budget say whether another attempt follows, within the
+//!    route's timeout and per-try timeout.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
