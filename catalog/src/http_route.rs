@@ -39,6 +39,23 @@ pub struct HttpPolicy {
     /// at once, never a queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    /// Sites ejected after consecutive errors (a DestinationRule's `outlierDetection`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<Outlier>,
+}
+
+/// Istio's `OutlierDetection`, applied per site at the importing gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outlier {
+    /// 5xx answers (and lost requests) in a row that eject a site; 0: off.
+    pub consecutive_5xx: u32,
+    /// 502, 503, 504 answers (and lost requests) in a row that eject a site; 0: off.
+    pub consecutive_gateway: u32,
+    /// An ejection lasts this long times the site's ejections so far (at most 300 s).
+    pub base_ejection_ms: u64,
+    /// At most this share of the sites is ejected at once, and never all of them.
+    pub max_ejection_percent: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +279,14 @@ impl HttpPolicy {
         }
         if self.max_requests == Some(0) {
             return Err(bad("max_requests", "must be above 0"));
+        }
+        if let Some(o) = &self.outlier {
+            if o.max_ejection_percent > 100 {
+                return Err(bad("outlier.max_ejection_percent", "above 100"));
+            }
+            if o.base_ejection_ms == 0 {
+                return Err(bad("outlier.base_ejection_ms", "must be above 0"));
+            }
         }
         if self.routes.len() > MAX_ROUTES {
             return Err(bad("routes", format!("at most {MAX_ROUTES}")));
@@ -499,6 +524,7 @@ mod tests {
             ..Default::default()
         };
         HttpPolicy {
+            outlier: None,
             max_requests: None,
             service: ServiceName::parse("web.demo").unwrap(),
             source: "VirtualService demo/web".into(),

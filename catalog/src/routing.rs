@@ -521,6 +521,7 @@ mod tests {
             export: Export {
                 http_policy: to.map(|to| {
                     Box::new(HttpPolicy {
+                        outlier: None,
                         max_requests: None,
                         service: service.clone(),
                         source: format!("VirtualService {site}/web"),

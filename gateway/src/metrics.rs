@@ -163,6 +163,8 @@ pub struct Metrics {
     pub http_retries: Family<ReasonLabels, Counter>,
     /// Mirrored copies of HTTP requests, by result (`sent`, `failed`, `dropped`).
     pub http_mirrors: Family<ResultLabels, Counter>,
+    /// Sites ejected at the egress by outlier detection.
+    pub http_ejections: Counter,
     /// HTTP requests refused at the egress because `max_requests` were in flight.
     pub http_overflows: Counter,
     /// Imports whose exporting sites publish different HTTP routes (the first site by
@@ -230,6 +232,11 @@ impl Metrics {
             "http_mirrors",
             "Mirrored copies of HTTP requests, by result: sent, failed, dropped (too many in flight, or a streamed body)",
             self.http_mirrors.clone(),
+        );
+        r.register(
+            "http_ejections",
+            "Sites ejected from an import's HTTP traffic after consecutive errors (outlierDetection)",
+            self.http_ejections.clone(),
         );
         r.register(
             "http_overflows",
@@ -419,6 +426,10 @@ impl Metrics {
         self.http_mirrors
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+
+    pub fn http_ejection(&self) {
+        self.http_ejections.inc();
     }
 
     pub fn http_overflow(&self) {

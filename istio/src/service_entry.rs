@@ -436,7 +436,11 @@ fn destination_rule(
         );
         return None;
     };
-    d.unsupported("spec.trafficPolicy", tp, &["tls", "connectionPool"]);
+    d.unsupported(
+        "spec.trafficPolicy",
+        tp,
+        &["tls", "connectionPool", "outlierDetection"],
+    );
     let Some(Value::Object(tls)) = tp.get("tls") else {
         d.err("spec.trafficPolicy.tls", "missing");
         return None;
@@ -641,7 +645,10 @@ fn http_policies(
                 .filter(|(_, ns, h, _, _)| service_of(h, ns, services).as_ref() == Some(&service))
                 .collect();
             let sets: Vec<Subset> = mine.iter().flat_map(|r| r.3.iter().cloned()).collect();
-            let max_requests = mine.iter().find_map(|r| r.4);
+            let traffic = (
+                mine.iter().find_map(|r| r.4.0),
+                mine.iter().find_map(|r| r.4.1.clone()),
+            );
             if let Some((first, _)) = out.iter().find(|(_, p)| p.service == service) {
                 d.err(
                     format!("spec.hosts[{i}]"),
@@ -649,16 +656,18 @@ fn http_policies(
                 );
                 continue;
             }
-            if let Some(p) =
-                crate::virtual_service::policy(&mut d, &vs, service, sets, max_requests)
-            {
+            if let Some(p) = crate::virtual_service::policy(&mut d, &vs, service, sets, traffic) {
                 out.push((vs.index, p));
             }
         }
     }
-    // A connection pool without a VirtualService: every request on the one route.
-    for (index, ns, host, sets, max) in subsets {
-        let (Some(max), Some(service)) = (max, service_of(host, ns, services)) else {
+    // A connection pool or outlier detection without a VirtualService: every request on
+    // the one route.
+    for (index, ns, host, sets, (max, outlier)) in subsets {
+        if max.is_none() && outlier.is_none() {
+            continue;
+        }
+        let Some(service) = service_of(host, ns, services) else {
             continue;
         };
         if out.iter().any(|(_, p)| p.service == service) {
@@ -676,7 +685,8 @@ fn http_policies(
                     ..Default::default()
                 }],
                 subsets: sets.clone(),
-                max_requests: Some(*max),
+                max_requests: *max,
+                outlier: outlier.clone(),
                 service,
             },
         ));
@@ -697,7 +707,13 @@ type Rule = (usize, String, String, (String, Option<RawTls>));
 /// A DestinationRule's subsets: (doc index, namespace, host, subsets).
 /// A DestinationRule's subsets and its `connectionPool.http.http2MaxRequests`:
 /// (doc index, namespace, host, subsets, max requests).
-type SubsetRule = (usize, String, String, Vec<Subset>, Option<u32>);
+type SubsetRule = (
+    usize,
+    String,
+    String,
+    Vec<Subset>,
+    (Option<u32>, Option<meshfed_catalog::http_route::Outlier>),
+);
 
 struct Sorted {
     entries: Vec<Entry>,
@@ -810,19 +826,22 @@ fn sort_documents(
                 let max_requests = tp.and_then(|tp| {
                     crate::virtual_service::connection_pool(&mut d, tp.get("connectionPool"))
                 });
-                if !sets.is_empty() || max_requests.is_some() {
+                let outlier = tp.and_then(|tp| {
+                    crate::virtual_service::outlier(&mut d, tp.get("outlierDetection"))
+                });
+                if !sets.is_empty() || max_requests.is_some() || outlier.is_some() {
                     let host = spec.get("host").and_then(Value::as_str).unwrap_or_default();
                     subsets.push((
                         index,
                         namespace.to_owned(),
                         host.to_owned(),
                         sets.clone(),
-                        max_requests,
+                        (max_requests, outlier.clone()),
                     ));
                 }
                 // Subsets and a connection pool need no TLS settings.
                 let tls = tp.is_some_and(|tp| tp.contains_key("tls"));
-                if tls || (sets.is_empty() && max_requests.is_none()) {
+                if tls || (sets.is_empty() && max_requests.is_none() && outlier.is_none()) {
                     if let Some(tls) = destination_rule(&mut d, spec) {
                         rules.push((index, name.to_owned(), namespace.to_owned(), tls));
                     }

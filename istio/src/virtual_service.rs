@@ -1,5 +1,6 @@
-//! Istio `VirtualService` (HTTP routes) and the `subsets` and
-//! `trafficPolicy.connectionPool.http.http2MaxRequests` of a `DestinationRule`, into
+//! Istio `VirtualService` (HTTP routes) and the `subsets`,
+//! `trafficPolicy.connectionPool.http.http2MaxRequests` and `outlierDetection` of a
+//! `DestinationRule`, into
 //! the routing policy gateways apply (`meshfed_catalog::http_route`). Pure.
 //!
 //! Read: `hosts` (a service as `name.namespace`, `name.namespace.svc.cluster.local` or
@@ -18,8 +19,8 @@
 use serde_json::Value;
 
 use meshfed_catalog::http_route::{
-    Destination, Fault, FaultAbort, FaultDelay, HttpPolicy, HttpRoute, Mirror, RequestMatch,
-    Retries, StringMatch, Subset,
+    Destination, Fault, FaultAbort, FaultDelay, HttpPolicy, HttpRoute, Mirror, Outlier,
+    RequestMatch, Retries, StringMatch, Subset,
 };
 
 use crate::service_entry::{Doc, duration_ms};
@@ -513,6 +514,69 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Option<u32>
     }
 }
 
+/// `trafficPolicy.outlierDetection` of a DestinationRule: `consecutive5xxErrors`,
+/// `consecutiveGatewayErrors`, `baseEjectionTime` (default 30 s), `maxEjectionPercent`
+/// (default 10, and at least one site may be ejected); `interval` is read and warned
+/// about (meshfed counts every answer as it comes).
+pub(crate) fn outlier(d: &mut Doc<'_>, v: Option<&Value>) -> Option<Outlier> {
+    let field = "spec.trafficPolicy.outlierDetection";
+    let Value::Object(m) = v? else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(
+        field,
+        m,
+        &[
+            "consecutive5xxErrors",
+            "consecutiveGatewayErrors",
+            "consecutiveErrors",
+            "baseEjectionTime",
+            "maxEjectionPercent",
+            "interval",
+        ],
+    );
+    if m.contains_key("interval") {
+        d.warn(
+            format!("{field}.interval"),
+            "meshfed counts every answer as it comes; no interval",
+        );
+    }
+    let mut count = |k: &str, default: u32| match m.get(k) {
+        None => default,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= 1_000_000) => {
+            n.as_u64().unwrap_or(0) as u32
+        }
+        Some(other) => {
+            d.err(format!("{field}.{k}"), format!("{other} is not a count"));
+            default
+        }
+    };
+    // Istio: consecutive5xxErrors defaults to 5 (consecutiveErrors is its old name).
+    let legacy = count("consecutiveErrors", 5);
+    let consecutive_5xx = count("consecutive5xxErrors", legacy);
+    let consecutive_gateway = count("consecutiveGatewayErrors", 0);
+    let max_ejection_percent = count("maxEjectionPercent", 10);
+    if max_ejection_percent > 100 {
+        d.err(
+            format!("{field}.maxEjectionPercent"),
+            "a percentage from 0 to 100",
+        );
+    }
+    let base_ejection_ms = duration(
+        d,
+        m.get("baseEjectionTime"),
+        &format!("{field}.baseEjectionTime"),
+    )
+    .unwrap_or(30_000);
+    Some(Outlier {
+        consecutive_5xx,
+        consecutive_gateway,
+        base_ejection_ms,
+        max_ejection_percent,
+    })
+}
+
 /// `spec.subsets` of a DestinationRule.
 pub(crate) fn subsets(d: &mut Doc<'_>, v: Option<&Value>) -> Vec<Subset> {
     let mut out: Vec<Subset> = Vec::new();
@@ -556,7 +620,7 @@ pub(crate) fn policy(
     vs: &RawVirtualService,
     service: meshfed_catalog::ServiceName,
     subsets: Vec<Subset>,
-    max_requests: Option<u32>,
+    (max_requests, outlier): (Option<u32>, Option<Outlier>),
 ) -> Option<HttpPolicy> {
     let p = HttpPolicy {
         service,
@@ -564,6 +628,7 @@ pub(crate) fn policy(
         routes: vs.routes.clone(),
         subsets,
         max_requests,
+        outlier,
     };
     match p.clone().compile() {
         Ok(_) => Some(p),

@@ -1031,3 +1031,72 @@ async fn a_mirror_gets_copies_and_its_slowness_never_reaches_the_caller() {
         "the mirror's 300 ms reached the caller: p99 {p99:?}"
     );
 }
+
+/// A DestinationRule's `outlierDetection` (3 consecutive 5xx, 2 s base ejection),
+/// registered at west: north answers 503, so after 3 of its answers it is ejected and
+/// requests go straight to west, with no client error at any point; after the ejection
+/// time north is tried again, and ejected again (for twice as long).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_site_is_ejected_and_tried_again_after_the_ejection_time() {
+    let sites = http_sites("http-outlier", (200, 503), 0, |west| {
+        let file = west.dir.join("outlier.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: demo}\n\
+             spec:\n  host: web.demo\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 2s, maxEjectionPercent: 100}\n",
+        )
+        .unwrap();
+        let (code, out, err) = meshfed(&[
+            "register",
+            "-f",
+            file.to_str().unwrap(),
+            "--dir",
+            west.dir.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+    })
+    .await;
+    let ejections = "meshfed_gateway_http_ejections_total";
+    // Every request is answered 200 (north's 503 is retried at west) until north is out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while sites.east_gw.metric(ejections).await < 1.0 {
+        if tokio::net::TcpStream::connect(sites.import).await.is_ok() {
+            let s = gets(sites.import, 5, &[]).await;
+            assert!(s.iter().all(|s| *s == 200), "{s:?}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "north never ejected\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ejected_at = std::time::Instant::now();
+    assert!(sites.east_gw.logs().contains("site ejected"));
+    // While ejected: straight to west.
+    let n0 = sites.north_hits.load(Ordering::Relaxed);
+    let s = gets(sites.import, 50, &[]).await;
+    assert!(s.iter().all(|s| *s == 200));
+    assert!(
+        ejected_at.elapsed() < Duration::from_secs(2),
+        "the 50 requests were too slow to tell"
+    );
+    assert_eq!(
+        sites.north_hits.load(Ordering::Relaxed),
+        n0,
+        "an ejected site got requests"
+    );
+    // After the ejection time north is tried again, fails again, and is ejected again.
+    tokio::time::sleep(
+        Duration::from_secs(2).saturating_sub(ejected_at.elapsed()) + Duration::from_millis(200),
+    )
+    .await;
+    let s = gets(sites.import, 10, &[]).await;
+    assert!(s.iter().all(|s| *s == 200));
+    let back = sites.north_hits.load(Ordering::Relaxed) - n0;
+    assert!(
+        (1..=4).contains(&back),
+        "north got {back} requests after its ejection ended"
+    );
+    assert_eq!(sites.east_gw.metric(ejections).await, 2.0);
+}

@@ -63,6 +63,80 @@ pub fn retry(
     }
 }
 
+/// Outlier detection per site, as Envoy keeps it per host: consecutive errors eject a
+/// site for `base × its ejections so far` (at most 300 s); at most
+/// `max_ejection_percent` of the sites (at least one) are ejected at once, and never all
+/// of them, so one bad site can never blackhole the service. Time is passed in (ms).
+#[derive(Debug, Default)]
+pub struct Outliers {
+    sites: std::collections::HashMap<meshfed_catalog::SiteName, SiteErrors>,
+}
+
+#[derive(Debug, Default)]
+struct SiteErrors {
+    fivexx: u32,
+    gateway: u32,
+    ejections: u32,
+    ejected_until: u64,
+}
+
+/// The longest ejection (Envoy's `max_ejection_time` default).
+pub const MAX_EJECTION_MS: u64 = 300_000;
+
+impl Outliers {
+    pub fn is_ejected(&self, site: &meshfed_catalog::SiteName, now_ms: u64) -> bool {
+        self.sites
+            .get(site)
+            .is_some_and(|s| s.ejected_until > now_ms)
+    }
+
+    /// Counts an attempt's outcome at `site`, one of `sites` serving the service;
+    /// returns whether it ejected the site now.
+    pub fn observe(
+        &mut self,
+        cfg: &meshfed_catalog::http_route::Outlier,
+        site: &meshfed_catalog::SiteName,
+        outcome: Outcome,
+        sites: usize,
+        now_ms: u64,
+    ) -> bool {
+        let (error, gateway) = match outcome {
+            Outcome::Status(s) => (s >= 500, (502..=504).contains(&s)),
+            Outcome::Lost | Outcome::NotSent => (true, true),
+        };
+        let ejected_now = self
+            .sites
+            .values()
+            .filter(|s| s.ejected_until > now_ms)
+            .count();
+        let s = self.sites.entry(site.clone()).or_default();
+        if !error {
+            s.fivexx = 0;
+            s.gateway = 0;
+            return false;
+        }
+        s.fivexx += 1;
+        s.gateway = if gateway { s.gateway + 1 } else { 0 };
+        let tripped = (cfg.consecutive_5xx > 0 && s.fivexx >= cfg.consecutive_5xx)
+            || (cfg.consecutive_gateway > 0 && s.gateway >= cfg.consecutive_gateway);
+        let cap = (sites * cfg.max_ejection_percent as usize / 100)
+            .max(1)
+            .min(sites.saturating_sub(1));
+        if !tripped || s.ejected_until > now_ms || ejected_now >= cap {
+            return false;
+        }
+        s.ejections += 1;
+        s.fivexx = 0;
+        s.gateway = 0;
+        s.ejected_until = now_ms
+            + cfg
+                .base_ejection_ms
+                .saturating_mul(u64::from(s.ejections))
+                .min(MAX_EJECTION_MS);
+        true
+    }
+}
+
 /// Linkerd's retry budget: within the last `ttl`, retries may be at most `ratio` of the
 /// requests plus `min_per_sec` × `ttl`. So a full outage adds at most that much load,
 /// however many attempts a route allows. Time is passed in, in milliseconds since any
@@ -203,6 +277,60 @@ mod tests {
                 .count();
             assert!((1900..=2100).contains(&b), "{b} of 10000 from {start}");
         }
+    }
+
+    #[test]
+    fn consecutive_errors_eject_a_site_for_a_while_but_never_every_site() {
+        use meshfed_catalog::SiteName;
+        use meshfed_catalog::http_route::Outlier;
+        let cfg = Outlier {
+            consecutive_5xx: 3,
+            consecutive_gateway: 0,
+            base_ejection_ms: 1000,
+            max_ejection_percent: 100,
+        };
+        let (a, b) = (SiteName::new("a").unwrap(), SiteName::new("b").unwrap());
+        let mut o = Outliers::default();
+        let e = Outcome::Status(503);
+        // Two errors, a success, two errors: not consecutive enough.
+        assert!(!o.observe(&cfg, &a, e, 2, 0));
+        assert!(!o.observe(&cfg, &a, e, 2, 0));
+        assert!(!o.observe(&cfg, &a, Outcome::Status(200), 2, 0));
+        assert!(!o.observe(&cfg, &a, Outcome::Status(404), 2, 0));
+        assert!(!o.observe(&cfg, &a, e, 2, 0));
+        assert!(!o.observe(&cfg, &a, Outcome::Lost, 2, 0));
+        // The third in a row ejects it for the base time.
+        assert!(o.observe(&cfg, &a, e, 2, 10));
+        assert!(o.is_ejected(&a, 1009) && !o.is_ejected(&a, 1010));
+        // Never every site: b's errors do not eject it while a is out.
+        for _ in 0..5 {
+            assert!(!o.observe(&cfg, &b, e, 2, 500));
+        }
+        assert!(!o.is_ejected(&b, 500));
+        // Back, failing again: twice as long the second time.
+        for t in [1100, 1100] {
+            assert!(!o.observe(&cfg, &a, e, 2, t));
+        }
+        assert!(o.observe(&cfg, &a, e, 2, 1100));
+        assert!(o.is_ejected(&a, 3099) && !o.is_ejected(&a, 3100));
+        // The default 10 % of 2 sites still allows one; 0 thresholds never eject.
+        let off = Outlier {
+            consecutive_5xx: 0,
+            ..cfg.clone()
+        };
+        let mut o = Outliers::default();
+        for _ in 0..10 {
+            assert!(!o.observe(&off, &a, e, 2, 0));
+        }
+        let gw = Outlier {
+            consecutive_5xx: 0,
+            consecutive_gateway: 2,
+            max_ejection_percent: 10,
+            ..cfg
+        };
+        assert!(!o.observe(&gw, &a, Outcome::Status(500), 2, 0));
+        assert!(!o.observe(&gw, &a, e, 2, 0));
+        assert!(o.observe(&gw, &a, Outcome::NotSent, 2, 0));
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct HttpEgress {
     rolls: AtomicU64,
     /// Mirrored copies in flight.
     mirrors: AtomicU32,
+    /// Sites' consecutive errors and ejections (outlier detection).
+    outliers: Mutex<decide::Outliers>,
     start: Instant,
     import: String,
 }
@@ -123,6 +125,9 @@ struct Plan {
     /// The route's faults, and the roll that decides whether they hit.
     fault: Option<(meshfed_catalog::http_route::Fault, u32)>,
     sites: Vec<SiteName>,
+    /// The policy's outlier detection, and how many sites serve the service.
+    outlier: Option<meshfed_catalog::http_route::Outlier>,
+    site_count: usize,
     retries: u32,
     timeout: Option<Duration>,
     per_try: Option<Duration>,
@@ -170,6 +175,7 @@ impl HttpEgress {
                 .unwrap_or(0),
             ),
             mirrors: AtomicU32::new(0),
+            outliers: Mutex::default(),
             start: Instant::now(),
             import,
         }
@@ -391,6 +397,8 @@ impl HttpEgress {
                 _in_flight: None,
                 fault: None,
                 sites: backends.to_vec(),
+                outlier: None,
+                site_count: backends.len(),
                 retries: RETRIES,
                 timeout: None,
                 per_try: None,
@@ -462,6 +470,8 @@ impl HttpEgress {
             _in_flight: in_flight,
             fault,
             sites,
+            outlier: table.compiled.policy.outlier.clone(),
+            site_count: backends.len(),
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
             timeout: route.timeout_ms.map(ms),
             per_try: route
@@ -486,9 +496,19 @@ impl HttpEgress {
         let mut tried: Vec<&SiteName> = Vec::new();
         let mut attempt = 0u32;
         loop {
+            // Ejected sites last: tried only when every other one was.
+            let ejected = |s: &SiteName| {
+                plan.outlier.is_some()
+                    && self
+                        .outliers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_ejected(s, self.now_ms())
+            };
             let site = sites
                 .iter()
-                .find(|s| !tried.contains(s))
+                .find(|s| !tried.contains(s) && !ejected(s))
+                .or_else(|| sites.iter().find(|s| !tried.contains(s)))
                 .unwrap_or(&sites[attempt as usize % sites.len()]);
             tried.push(site);
             let i = sites.iter().position(|s| s == site).unwrap_or(0);
@@ -555,6 +575,17 @@ impl HttpEgress {
                     }
                 }
             };
+            if let Some(cfg) = &plan.outlier {
+                let ejected_now = self
+                    .outliers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .observe(cfg, site, outcome, plan.site_count, self.now_ms());
+                if ejected_now {
+                    eg.metrics.http_ejection();
+                    tracing::warn!(%site, import = %self.import, ?outcome, "site ejected after consecutive errors (outlierDetection)");
+                }
+            }
             let again = decide::retry(
                 &parts.method,
                 outcome,
