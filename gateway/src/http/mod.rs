@@ -9,7 +9,7 @@
 //!   budget.
 //! - `ingress`: the far side serves HTTP on that stream and forwards each request to an
 //!   endpoint over pooled connections.
-//! - `decide` (pure): retry eligibility and the retry budget; `headers` (pure): what
+//! - `decide` (pure): retry eligibility, the retry budget, outlier ejection; `headers` (pure): what
 //!   changes at each hop; `io`: a tunnel stream as a byte stream for hyper.
 //!
 //! Errors a gateway answers itself carry `meshfed-error: <stable code>` (the refusal
