@@ -498,7 +498,14 @@ fn register_routes(site: &meshfed_lab::SiteFiles, stable: u32) {
     let text = ROUTES
         .replace("STABLE", &stable.to_string())
         .replace("CANARY", &(100 - stable).to_string());
-    let file = site.dir.join("routes.yaml");
+    let out = register_yaml(site, "routes.yaml", &text);
+    assert!(out.contains("routes:web.demo"), "{out}");
+}
+
+/// Writes `text` to `name` in the site's directory and registers it there (`meshfed
+/// register`); its output.
+fn register_yaml(site: &meshfed_lab::SiteFiles, name: &str, text: &str) -> String {
+    let file = site.dir.join(name);
     std::fs::write(&file, text).unwrap();
     let (code, out, err) = meshfed(&[
         "register",
@@ -508,7 +515,7 @@ fn register_routes(site: &meshfed_lab::SiteFiles, stable: u32) {
         site.dir.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("routes:web.demo"), "{out}");
+    out
 }
 
 /// A VirtualService registered at one site (west) splits every importing site's
@@ -625,22 +632,13 @@ async fn a_split_registered_at_one_site_routes_every_importer() {
     );
 
     // Fault injection (north's routes apply): 100 ms delay for 50 %, 503 for 10 %.
-    let faults = north.dir.join("faults.yaml");
-    std::fs::write(
-        &faults,
+    register_yaml(
+        north,
+        "faults.yaml",
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: demo}\n\
          spec:\n  hosts: [web.demo]\n  http:\n  - fault:\n      delay: {fixedDelay: 100ms, percentage: {value: 50}}\n\
          \x20     abort: {httpStatus: 503, percentage: {value: 10}}\n    route:\n    - destination: {host: web.demo}\n",
-    )
-    .unwrap();
-    let (code, out, err) = meshfed(&[
-        "register",
-        "-f",
-        faults.to_str().unwrap(),
-        "--dir",
-        north.dir.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    );
     // Applied once one request is aborted; then 2000 more are measured.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while !timed_gets(import, 50, 10)
@@ -871,21 +869,12 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
     let sites = http_sites("http-breaker", (200, 200), 0, |west| {
-        let file = west.dir.join("pool.yaml");
-        std::fs::write(
-            &file,
+        register_yaml(
+            west,
+            "pool.yaml",
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: demo}\n\
              spec:\n  host: web.demo\n  trafficPolicy:\n    connectionPool:\n      http: {http2MaxRequests: 4}\n",
-        )
-        .unwrap();
-        let (code, out, err) = meshfed(&[
-            "register",
-            "-f",
-            file.to_str().unwrap(),
-            "--dir",
-            west.dir.to_str().unwrap(),
-        ]);
-        assert_eq!(code, 0, "{out}{err}");
+        );
     })
     .await;
     let url = format!("http://{}/", sites.import);
@@ -966,25 +955,16 @@ async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mirror_gets_copies_and_its_slowness_never_reaches_the_caller() {
     let sites = http_sites("http-mirror", (200, 200), 300, |west| {
-        let file = west.dir.join("mirror.yaml");
-        std::fs::write(
-            &file,
-            ROUTES
+        register_yaml(
+            west,
+            "mirror.yaml",
+            &ROUTES
                 .replace("weight: STABLE", "weight: 100")
                 .replace(
                     "    - destination: {host: web.demo, subset: canary}\n      weight: CANARY\n",
                     "    mirror: {host: web.demo, subset: canary}\n    mirrorPercentage: {value: 100}\n",
                 ),
-        )
-        .unwrap();
-        let (code, out, err) = meshfed(&[
-            "register",
-            "-f",
-            file.to_str().unwrap(),
-            "--dir",
-            west.dir.to_str().unwrap(),
-        ]);
-        assert_eq!(code, 0, "{out}{err}");
+        );
     })
     .await;
     // Applied once north sees a copy of a request that west answered.
@@ -1039,21 +1019,12 @@ async fn a_mirror_gets_copies_and_its_slowness_never_reaches_the_caller() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_site_is_ejected_and_tried_again_after_the_ejection_time() {
     let sites = http_sites("http-outlier", (200, 503), 0, |west| {
-        let file = west.dir.join("outlier.yaml");
-        std::fs::write(
-            &file,
+        register_yaml(
+            west,
+            "outlier.yaml",
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: demo}\n\
              spec:\n  host: web.demo\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 2s, maxEjectionPercent: 100}\n",
-        )
-        .unwrap();
-        let (code, out, err) = meshfed(&[
-            "register",
-            "-f",
-            file.to_str().unwrap(),
-            "--dir",
-            west.dir.to_str().unwrap(),
-        ]);
-        assert_eq!(code, 0, "{out}{err}");
+        );
     })
     .await;
     let ejections = "meshfed_gateway_http_ejections_total";
