@@ -523,6 +523,86 @@ mod tests {
     }
 
     #[test]
+    fn a_published_http_policy_is_checked_on_the_way_in() {
+        use meshfed_catalog::http_route::{Destination, HttpPolicy, HttpRoute};
+        let service = ServiceName::parse("web.demo").unwrap();
+        let policy = HttpPolicy {
+            service: service.clone(),
+            source: "VirtualService demo/web".into(),
+            routes: vec![HttpRoute {
+                destinations: vec![Destination {
+                    subset: None,
+                    weight: 100,
+                }],
+                ..Default::default()
+            }],
+            subsets: vec![],
+            max_requests: Some(8),
+            outlier: None,
+        };
+        let e = Export {
+            http_policy: Some(Box::new(policy.clone())),
+            service: service.clone(),
+            ports: vec![ExportedPort {
+                app_protocol: AppProtocol::Http,
+                port: 80,
+                protocol: Protocol::Tcp,
+                name: None,
+            }],
+            ready_endpoints: 1,
+            identities: vec![],
+            locality: None,
+            labels: Default::default(),
+            hosts: vec![],
+        };
+        let wire: pb::ServiceExport = (&e).into();
+        assert_eq!(wire.ports[0].app_protocol, "http");
+        assert_eq!(export_from_pb(wire.clone(), "exports[0]").unwrap(), e);
+        // (what a malicious or newer site sends) → the field named
+        let weights = {
+            let mut p = policy.clone();
+            p.routes[0].destinations.push(Destination {
+                subset: None,
+                weight: 5,
+            });
+            serde_json::to_string(&p).unwrap()
+        };
+        let other = {
+            let mut p = policy.clone();
+            p.service = ServiceName::parse("admin.demo").unwrap();
+            serde_json::to_string(&p).unwrap()
+        };
+        let unknown =
+            serde_json::to_string(&policy)
+                .unwrap()
+                .replacen('{', r#"{"mirror_all":true,"#, 1);
+        let huge = format!(
+            "{}{}",
+            serde_json::to_string(&policy).unwrap(),
+            " ".repeat(HTTP_POLICY_MAX)
+        );
+        let rows = [
+            (weights, "exports[0].http_policy.routes[0].destinations"),
+            (other, "exports[0].http_policy.service"),
+            (unknown, "exports[0].http_policy"),
+            (huge, "exports[0].http_policy"),
+            ("{not json".into(), "exports[0].http_policy"),
+        ];
+        for (json, field) in rows {
+            let mut w = wire.clone();
+            w.http_policy = json;
+            let err = export_from_pb(w, "exports[0]").unwrap_err();
+            assert_eq!(err.field, field, "{}", err.reason);
+        }
+        let mut udp_http = wire;
+        udp_http.ports[0].protocol = "udp".into();
+        assert_eq!(
+            export_from_pb(udp_http, "exports[0]").unwrap_err().field,
+            "exports[0].ports[0].app_protocol"
+        );
+    }
+
+    #[test]
     fn changes_round_trip() {
         let site = SiteRecord {
             site: SiteName::new("west").unwrap(),
