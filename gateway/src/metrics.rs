@@ -153,8 +153,22 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The import, `service:port`.
+    pub import: String,
+    /// The route's name (`#i` for the i-th when unnamed).
+    pub route: String,
+    /// The site that gave the answer (`none`: no site did).
+    pub site: String,
+    pub class: &'static str,
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
+    /// HTTP requests of imports with routes, by import, route, answering site and status
+    /// class: at most imports × 64 routes × (sites + 1) × 5 series.
+    pub http_route_requests: Family<RouteLabels, Counter>,
     /// HTTP requests on `http`/`http2`/`grpc` ports answered, by direction and status
     /// class (10 series at most).
     pub http_requests: Family<HttpLabels, Counter>,
@@ -247,6 +261,11 @@ impl Metrics {
             "route_conflicts",
             "Imports whose exporting sites publish different HTTP routes; the first site by name applies",
             self.route_conflicts.clone(),
+        );
+        r.register(
+            "http_route_requests",
+            "HTTP requests of imports with routes, by import, route, answering site and status class",
+            self.http_route_requests.clone(),
         );
         r.register(
             "http_retries",
@@ -434,6 +453,17 @@ impl Metrics {
 
     pub fn http_overflow(&self) {
         self.http_overflows.inc();
+    }
+
+    pub fn http_route_request(&self, import: &str, route: &str, site: &str, status: u16) {
+        self.http_route_requests
+            .get_or_create(&RouteLabels {
+                import: import.to_owned(),
+                route: route.to_owned(),
+                site: site.to_owned(),
+                class: status_class(status),
+            })
+            .inc();
     }
 
     pub fn http_retry(&self, reason: &'static str) {

@@ -580,6 +580,15 @@ async fn a_split_registered_at_one_site_routes_every_importer() {
     let share = n as f64 / 100.0;
     eprintln!("80/20 split over 10000 requests: north {share:.2} %");
     assert!((18.0..=22.0).contains(&share), "north got {share} %");
+    // Counted per route and answering site.
+    let route = |site: &str| {
+        format!(
+            "meshfed_gateway_http_route_requests_total{{import=\"web.demo:{}\",route=\"split\",site=\"{site}\",class=\"2xx\"}}",
+            import.port()
+        )
+    };
+    assert!(east_gw.metric(&route("north")).await >= n as f64);
+    assert!(east_gw.metric(&route("west")).await >= w as f64);
 
     // A new split while requests flow: none fails, and the traffic moves.
     let flowing = tokio::spawn(gets_parallel(import, 6_000, 4, &[]));

@@ -125,6 +125,8 @@ struct Plan {
     /// The route's faults, and the roll that decides whether they hit.
     fault: Option<(meshfed_catalog::http_route::Fault, u32)>,
     sites: Vec<SiteName>,
+    /// The route's name (`#i` when it has none), when the import has routes.
+    route: Option<String>,
     /// The policy's outlier detection, and how many sites serve the service.
     outlier: Option<meshfed_catalog::http_route::Outlier>,
     site_count: usize,
@@ -313,14 +315,22 @@ impl HttpEgress {
             self.mirror(eg, &parts, &body, sites, caller);
         }
         let attempts = self.attempts(eg, &parts, &mut body, &plan, caller);
-        let answer = match plan.timeout {
+        let (answer, site) = match plan.timeout {
             Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
                 let msg = format!("no answer within the route's timeout of {t:?}");
-                error_response(504, TIMEOUT, &msg)
+                (error_response(504, TIMEOUT, &msg), None)
             }),
             None => attempts.await,
         };
         metrics.http_request("egress", answer.status().as_u16());
+        if let Some(route) = &plan.route {
+            metrics.http_route_request(
+                &self.import,
+                route,
+                site.as_ref().map_or("none", |s| s.as_str()),
+                answer.status().as_u16(),
+            );
+        }
         answer
     }
 
@@ -397,6 +407,7 @@ impl HttpEgress {
                 _in_flight: None,
                 fault: None,
                 sites: backends.to_vec(),
+                route: None,
                 outlier: None,
                 site_count: backends.len(),
                 retries: RETRIES,
@@ -470,6 +481,16 @@ impl HttpEgress {
             _in_flight: in_flight,
             fault,
             sites,
+            route: Some(route.name.clone().unwrap_or_else(|| {
+                let i = table
+                    .compiled
+                    .policy
+                    .routes
+                    .iter()
+                    .position(|r| std::ptr::eq(r, route))
+                    .unwrap_or(0);
+                format!("#{i}")
+            })),
             outlier: table.compiled.policy.outlier.clone(),
             site_count: backends.len(),
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
@@ -491,7 +512,7 @@ impl HttpEgress {
         body: &mut ReqBody,
         plan: &Plan,
         caller: &SpiffeId,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, Option<SiteName>) {
         let sites = &plan.sites;
         let mut tried: Vec<&SiteName> = Vec::new();
         let mut attempt = 0u32;
@@ -528,7 +549,10 @@ impl HttpEgress {
             let (outcome, answer) = match self.link(eg, site, i, sites.len(), caller).await {
                 Err((reason, message)) => {
                     if !reason.retryable_elsewhere() {
-                        return error_response(503, reason.as_str(), &message);
+                        return (
+                            error_response(503, reason.as_str(), &message),
+                            Some(site.clone()),
+                        );
                     }
                     (
                         Outcome::NotSent,
@@ -599,7 +623,7 @@ impl HttpEgress {
                 .unwrap_or_else(|e| e.into_inner())
                 .withdraw(self.now_ms());
             if !again {
-                return answer;
+                return (answer, Some(site.clone()));
             }
             debug!(%site, ?outcome, attempt, "retrying at the next site");
             eg.metrics.http_retry(match outcome {
