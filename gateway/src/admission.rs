@@ -1,5 +1,6 @@
-//! Who may start a QUIC handshake with the ingress, before any certificate is seen. Pure:
-//! counters and a decision, no sockets.
+//! Who may start a handshake with the ingress (QUIC or h2) before any certificate is
+//! seen, and what an authenticated peer may hold afterwards. Pure: counters and
+//! decisions, no sockets.
 //!
 //! A handshake costs the gateway a connection's state (TLS, QUIC, buffers) until it
 //! completes or times out, and an unauthenticated peer can start thousands for the price

@@ -1,14 +1,17 @@
 //! The meshfed data plane: one QUIC endpoint per gateway carrying mTLS (SPIFFE) between
 //! sites, and beside it the h2 transport (`hbone`: HTTP/2 CONNECT over mTLS on TCP, for
 //! networks that block UDP; `peers` picks per peer, `auto` falling back to it), egress
-//! listeners for imported services, ingress to exported ones, and the stream header
-//! protocol (`wire`). Its admin port and drain come from
-//! `meshfed-lifecycle`.
+//! listeners for imported services, ingress to exported ones, the stream header
+//! protocol (`wire`), and the HTTP path (`http`: ports speaking `http`, `http2` or
+//! `grpc` are routed per request, with the service's federated routes). Its admin port
+//! and drain come from `meshfed-lifecycle`.
 //!
 //! Decisions (`wire` decoding, `ingress::decide` with the caller check and the
-//! AuthorizationPolicies, `admission` of unauthenticated handshakes, egress candidate
-//! budgets, `preflight::collisions`, `hbone::headers`) are pure; sockets live in `tunnel`, `hbone`, `peers`,
-//! `egress` (with `caller_mtls`, a TLS acceptor for its clients), `ingress` and `splice`.
+//! AuthorizationPolicies, `admission` of unauthenticated handshakes and of each
+//! authenticated peer's connections and UDP flows, egress candidate budgets,
+//! `preflight::collisions`, `hbone::headers`, `http::decide` and `http::headers`) are
+//! pure; sockets live in `tunnel`, `hbone`, `peers`, `egress` (with `caller_mtls`, a TLS
+//! acceptor for its clients), `ingress`, `http` and `splice`.
 //! `preflight` is `meshfed gateway check`. `reload` swaps in SVIDs and bundles from
 //! disk; `renew` issues the gateway's own SVID from `tls.renew`'s signing authority.
 //! `federated` is the site's agent of the federation (join state, publish, watch, apply
