@@ -52,7 +52,7 @@ pub const RETRIES: u32 = 2;
 /// What an import port keeps for routing requests: its links, its retry budget.
 pub struct HttpEgress {
     /// One slot per (site, caller); a slot's lock is held only while its link opens.
-    links: Mutex<HashMap<(SiteName, SpiffeId), Arc<Links>>>,
+    links: Mutex<HashMap<SiteName, HashMap<SpiffeId, Arc<Links>>>>,
     budget: Mutex<RetryBudget>,
     /// Counts requests for the weighted pick's rolls.
     rolls: AtomicU64,
@@ -64,7 +64,25 @@ pub struct HttpEgress {
     import: String,
 }
 
-type LinkSlot = tokio::sync::Mutex<Option<SendRequest<Body>>>;
+/// One link: the open connection, read under a plain lock per request, and an async
+/// lock held only while a new one is opened (so a slow open never holds up requests on
+/// the other links).
+#[derive(Default)]
+struct LinkSlot {
+    open: Mutex<Option<SendRequest<Body>>>,
+    dial: tokio::sync::Mutex<()>,
+}
+
+impl LinkSlot {
+    fn live(&self) -> Option<SendRequest<Body>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|l| !l.is_closed())
+            .cloned()
+    }
+}
 
 /// h2 links per (site, caller), used in turn: each is one tunnel stream, and one
 /// connection task at each end, so several spread the work over the cores.
@@ -645,21 +663,29 @@ impl HttpEgress {
         n: usize,
         caller: &SpiffeId,
     ) -> Result<SendRequest<Body>, (Refusal, String)> {
-        let slots = self
-            .links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((site.clone(), caller.clone()))
-            .or_default()
-            .clone();
+        let slots = {
+            let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            // Looked up by reference: the keys are cloned only the first time.
+            match links.get(site).and_then(|c| c.get(caller)) {
+                Some(s) => s.clone(),
+                None => links
+                    .entry(site.clone())
+                    .or_default()
+                    .entry(caller.clone())
+                    .or_default()
+                    .clone(),
+            }
+        };
         let turn = self.rolls.fetch_add(1, Ordering::Relaxed) as usize % LINKS;
-        let mut slot = slots[turn].lock().await;
-        if let Some(l) = slot.as_ref()
-            && !l.is_closed()
-        {
-            return Ok(l.clone());
+        let slot = &slots[turn];
+        if let Some(l) = slot.live() {
+            return Ok(l);
         }
-        *slot = None;
+        let _dialing = slot.dial.lock().await;
+        // Another request may have opened it while this one waited.
+        if let Some(l) = slot.live() {
+            return Ok(l);
+        }
         let Some(peer) = eg.peers.get(site) else {
             return Err((
                 Refusal::PeerUnavailable,
@@ -688,7 +714,7 @@ impl HttpEgress {
                 debug!(error = %e, site = %site_name, "HTTP link over the tunnel ended");
             }
         });
-        *slot = Some(send.clone());
+        *slot.open.lock().unwrap_or_else(|e| e.into_inner()) = Some(send.clone());
         Ok(send)
     }
 }

@@ -37,7 +37,10 @@ use crate::wire::{Open, Refusal};
 /// client's).
 pub struct Upstream {
     h1: Client<HttpConnector, Body>,
-    h2: tokio::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    h2: std::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    /// Held only while a new h2 connection is dialed: requests on open connections never
+    /// wait for it.
+    h2_dial: tokio::sync::Mutex<()>,
     connect_timeout: Duration,
     next: AtomicUsize,
     metrics: Metrics,
@@ -62,6 +65,7 @@ impl Upstream {
         Arc::new(Self {
             h1,
             h2: Default::default(),
+            h2_dial: Default::default(),
             connect_timeout,
             next: AtomicUsize::new(0),
             metrics,
@@ -70,11 +74,20 @@ impl Upstream {
 
     /// The h2 connection to `ep`, dialed when there is none or it ended.
     async fn h2_to(&self, ep: SocketAddr) -> Result<SendRequest<Body>, String> {
-        let mut map = self.h2.lock().await;
-        if let Some(s) = map.get(&ep)
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
+        let live = || {
+            self.h2
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&ep)
+                .filter(|s| !s.is_closed())
+                .cloned()
+        };
+        if let Some(s) = live() {
+            return Ok(s);
+        }
+        let _dialing = self.h2_dial.lock().await;
+        if let Some(s) = live() {
+            return Ok(s);
         }
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(ep))
             .await
@@ -91,7 +104,10 @@ impl Upstream {
                 debug!(error = %e, %ep, "h2 connection to the endpoint ended");
             }
         });
-        map.insert(ep, send.clone());
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ep, send.clone());
         Ok(send)
     }
 
