@@ -186,6 +186,20 @@ fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let mut r = meshfed_istio::service_entry::parse(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    // Routes travel to the federation, which refuses a policy over its bound: refuse it
+    // here, by name, rather than have every later publish of the site refused.
+    for p in &r.http_policies {
+        let size = serde_json::to_vec(p).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > meshfed_api::HTTP_POLICY_MAX {
+            bail!(
+                "{}: routes for {} ({}): {size} bytes once published; at most {}",
+                file.display(),
+                p.service,
+                p.source,
+                meshfed_api::HTTP_POLICY_MAX
+            );
+        }
+    }
     // TLS files: relative to the YAML file, and readable now rather than at the gateway.
     let base = file.parent().unwrap_or(std::path::Path::new("."));
     for s in &mut r.services {
