@@ -170,7 +170,7 @@ pub struct Running {
 
 impl Running {
     /// Serves the admin port (`/metrics` with the federation's metrics, `/ready`,
-    /// `/live`) on `admin` until the node has stopped, and writes where it listens to
+    /// `/live`; `/ready` is false while draining and while the store cannot serve) on `admin` until the node has stopped, and writes where it listens to
     /// `<dir>/admin_address`.
     pub async fn serve_admin(
         &self,
@@ -195,6 +195,15 @@ impl Running {
             registry: Arc::new(registry),
             ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             svid_expiry: None,
+            check: Some({
+                let (service, stop) = (self.service.clone(), self.stop.clone());
+                Arc::new(move || {
+                    if stop.is_cancelled() {
+                        return Some("draining".to_owned());
+                    }
+                    service.store.unhealthy()
+                })
+            }),
         };
         tokio::spawn(server.serve(listener, self.admin_stop.clone()));
         Ok(addr)

@@ -377,7 +377,8 @@ fn load_identity(cfg: &GatewayConfig) -> Result<(Svid, meshfed_identity::BundleS
 }
 
 /// Loads identity and bundles, binds every listener, and starts serving. Returns once
-/// all listeners are bound (so `/ready` is true). The config's `dns` section is not
+/// all listeners are bound: `/ready` is then true, or, for a federated gateway, true once
+/// it has applied a catalog (cached or the federation's). The config's `dns` section is not
 /// served here: the binary starts DNS beside the gateway (`meshfed::site`).
 pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway, GatewayError> {
     start_with(cfg, Options::default()).await
@@ -690,13 +691,25 @@ pub async fn start_with(
             not_after: metrics.svid_not_after.clone(),
             margin: cfg.reload_interval,
         }),
+        // A federated gateway serves only once it has applied a catalog (the cached one
+        // at start, or the federation's): before that its imports are not bound.
+        check: cfg.federation.is_some().then(|| {
+            let applied = applied.subscribe();
+            let check: meshfed_lifecycle::admin::ReadyCheck = Arc::new(move || {
+                applied.borrow().is_none().then(|| {
+                    "no catalog applied yet: the federation has not answered and no cached catalog exists".to_owned()
+                })
+            });
+            check
+        }),
     };
     tokio::spawn(admin.serve(admin_l, admin_stop.clone()));
     ready.store(true, Ordering::Release);
     info!(
         site = %cfg.site, id = %svid.id, quic = %quic_addr, admin = %admin_addr,
         peers = cfg.peers.len(), exports = cfg.exports.len(), imports = cfg.imports.len(),
-        "gateway ready"
+        federated = cfg.federation.is_some(),
+        "gateway listening (a federated gateway is ready once it has applied a catalog)"
     );
 
     let grace = cfg.drain_grace;

@@ -1,5 +1,7 @@
 //! The admin HTTP port: `/metrics` (Prometheus text), `/ready`, `/live`. It runs apart
-//! from the data plane's listeners and closes last.
+//! from the data plane's listeners and closes last. `/ready` is false, with the reason in
+//! its body, while starting or draining, when the component's own [`ReadyCheck`] fails,
+//! and when the SVID is about to expire.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,7 +23,13 @@ pub struct Admin {
     /// When set, `/ready` is also false once the SVID in use expires within `margin`:
     /// the next reload could not replace it before peers refuse it.
     pub svid_expiry: Option<SvidExpiry>,
+    /// The component's own condition for serving (the gateway: a catalog applied; the
+    /// federation: its store reachable): `Some(why)` makes `/ready` false with that reason.
+    pub check: Option<ReadyCheck>,
 }
+
+/// Why a component cannot serve now, or `None` when it can. Called on each `/ready`.
+pub type ReadyCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// The SVID's notAfter (the gauge the gateway exports) and how early to stop being ready.
 #[derive(Clone)]
@@ -79,6 +87,9 @@ impl Admin {
     fn not_ready(&self) -> Option<String> {
         if !self.ready.load(Ordering::Acquire) {
             return Some("starting or draining".into());
+        }
+        if let Some(why) = self.check.as_ref().and_then(|c| c()) {
+            return Some(why);
         }
         let e = self.svid_expiry.as_ref()?;
         let now = std::time::SystemTime::now()

@@ -349,3 +349,19 @@ async fn a_site_learns_a_replica_added_after_it_joined_and_moves_to_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A replica is ready only while it follows etcd: `kill -9` etcd and `/ready` turns
+/// false with the reason; etcd back on its data, and the replica is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_is_unready_while_etcd_is_down() {
+    let mut etcd = Etcd::start().await;
+    let scratch = Scratch::new("etcdready");
+    let dir = Fed::init(&scratch);
+    let fed = Fed::start_on(&dir, 0, "60s", On::Etcd(&etcd, "/ready/"));
+    fed.wait_ready(200, Duration::from_secs(5)).await;
+    etcd.kill();
+    let body = fed.wait_ready(503, Duration::from_secs(10)).await;
+    assert!(body.contains("etcd watch broken"), "{body}");
+    etcd.restart().await;
+    fed.wait_ready(200, Duration::from_secs(20)).await;
+}

@@ -148,6 +148,35 @@ impl Fed {
             .unwrap_or(0.0)
     }
 
+    /// The admin port's `/ready`: status and body.
+    pub async fn ready(&self) -> (u16, String) {
+        let admin: std::net::SocketAddr = std::fs::read_to_string(self.dir.join("admin_address"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let (status, body) = meshfed_lifecycle::admin::get(admin, "/ready")
+            .await
+            .unwrap();
+        (status.as_u16(), body)
+    }
+
+    /// Waits up to `within` for `/ready` to give `status`, and returns its body.
+    pub async fn wait_ready(&self, status: u16, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let (s, body) = self.ready().await;
+            if s == status {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/ready stayed {s} ({body}), not {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }
@@ -747,5 +776,108 @@ async fn gateway_scenario(on: On<'_>) {
     let east_gw = Gw::start(&east, &east_cfg).unwrap();
     wait_answer(import, "west:ping", &east_gw).await;
     assert!(east_gw.logs().contains("serving from the cached catalog"));
+    // Its cached catalog is applied: it is ready with no federation.
+    east_gw.wait_ready(200, Duration::from_secs(5)).await;
     drop(west_gw);
+}
+
+/// A federated gateway is not ready until it has applied a catalog: before the
+/// federation first answers (and with no cached catalog) its imports are not bound, and
+/// `/ready` says why. It turns ready once the federation is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_gateway_is_ready_only_once_it_has_applied_a_catalog() {
+    let scratch = Scratch::new("fedready");
+    let dir = Fed::init(&scratch);
+    let mut fed = Fed::start(&dir, 0);
+    let east = scratch.site("east", "east.example.org");
+    assert_eq!(join(&east, "east", &fed.token("east", "1h")).0, 0);
+    let addr = fed.addr.clone();
+    fed.kill();
+    let gw = Gw::start(
+        &east,
+        &meshfed_lab::ConfigBuilder {
+            federation: Some((east.dir.clone(), [127, 0, 0, 2].into())),
+            reload_interval: Some(RELOAD),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let body = gw.wait_ready(503, Duration::from_secs(5)).await;
+    assert!(body.contains("no catalog applied yet"), "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, body) = meshfed_lifecycle::admin::get(gw.admin, "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "ready with no catalog: {body}");
+
+    let fed = Fed::start_listening(&dir, 1, "10s", On::Embedded, &addr);
+    gw.wait_ready(200, Duration::from_secs(15)).await;
+    assert_eq!(fed.wait_ready(200, Duration::from_secs(1)).await, "ready\n");
+}
+
+/// A full disk under the embedded store: a publish inside the store's reservation is
+/// still acknowledged and served, `/ready` turns false naming the failing snapshot
+/// write, and turns true again on its own once space frees, with the publish on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_makes_the_federation_unready_until_space_frees() {
+    let scratch = Scratch::new("fedfull");
+    let mnt = scratch.0.join("fed");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let dir = Fed::init(&scratch);
+    assert_eq!(dir, mnt);
+    let fed = Fed::start(&dir, 0);
+    let west = scratch.site("west", "west.example.org");
+    assert_eq!(join(&west, "west", &fed.token("west", "1h")).0, 0);
+    fed.wait_ready(200, Duration::from_secs(5)).await;
+    let mut wc = client(&fed, &west, &west.cert, &west.key).await;
+
+    // Fill the disk.
+    let fill = dir.join("fill");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&fill).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    publish(&mut wc, "west", vec![export("orders.shop")])
+        .await
+        .expect("a publish inside the reservation is acknowledged");
+    let body = fed.wait_ready(503, Duration::from_secs(5)).await;
+    assert!(body.contains("snapshot writes failing"), "{body}");
+    // Still served to watchers.
+    let mut watch = wc
+        .watch(pb::WatchRequest {
+            from_revision: None,
+            gateway_address: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ev = next_event(&mut watch).await;
+    assert!(
+        format!("{ev:?}").contains("orders.shop"),
+        "the acknowledged publish is not served: {ev:?}"
+    );
+
+    std::fs::remove_file(&fill).unwrap();
+    fed.wait_ready(200, Duration::from_secs(5)).await;
+    let snap = std::fs::read_to_string(dir.join("store.json")).unwrap();
+    assert!(
+        snap.contains("orders.shop"),
+        "the snapshot lacks the publish"
+    );
 }

@@ -232,6 +232,25 @@ impl Gw {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// Waits up to `within` for `/ready` to give `status`, and returns its body.
+    pub async fn wait_ready(&self, status: u16, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let (s, body) = meshfed_lifecycle::admin::get(self.admin, "/ready")
+                .await
+                .unwrap();
+            if s.as_u16() == status {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/ready stayed {s} ({body}), not {status}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Gw {
@@ -402,6 +421,9 @@ pub async fn quic_as_east(
 pub struct Etcd {
     child: Child,
     pub endpoint: String,
+    /// How it was started, for [`Etcd::restart`].
+    cmd: Vec<std::ffi::OsString>,
+    opts: Option<etcd_client::ConnectOptions>,
     _data: Scratch,
 }
 
@@ -487,50 +509,34 @@ impl Etcd {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = data.0.join("etcd.log");
-        let mut cmd = Command::new("etcd");
+        let mut cmd: Vec<std::ffi::OsString> = Vec::new();
         if let Some(t) = tls {
-            cmd.arg("--client-cert-auth")
-                .arg(format!("--trusted-ca-file={}", t.ca.display()))
-                .arg(format!("--cert-file={}", t.server_cert.display()))
-                .arg(format!("--key-file={}", t.server_key.display()));
+            cmd.push("--client-cert-auth".into());
+            cmd.push(format!("--trusted-ca-file={}", t.ca.display()).into());
+            cmd.push(format!("--cert-file={}", t.server_cert.display()).into());
+            cmd.push(format!("--key-file={}", t.server_key.display()).into());
         }
-        let child = cmd
-            .args(["--name", "t", "--data-dir"])
-            .arg(data.0.join("data"))
-            .args([
-                "--listen-client-urls",
-                &endpoint,
-                "--advertise-client-urls",
-                &endpoint,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("t={peer_url}"),
-                // Faster elections also lower etcd's minimum lease TTL to 1 s.
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start etcd ({e}): these tests need a real etcd; \
-                     install it with `apt-get install -y etcd-server`"
-                )
-            });
-        // Owned at once, so a failed wait below still kills it.
-        let etcd = Self {
-            child,
-            endpoint: endpoint.clone(),
-            _data: data,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        cmd.extend(["--name".into(), "t".into(), "--data-dir".into()]);
+        cmd.push(data.0.join("data").into());
+        for a in [
+            "--listen-client-urls",
+            &endpoint,
+            "--advertise-client-urls",
+            &endpoint,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("t={peer_url}"),
+            // Faster elections also lower etcd's minimum lease TTL to 1 s.
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+        ] {
+            cmd.push(a.into());
+        }
         // Ready when a client request succeeds, not merely when the port is open.
         let opts = tls.map(|t| {
             let pem = |p: &Path| std::fs::read(p).unwrap();
@@ -543,8 +549,44 @@ impl Etcd {
                     )),
             )
         });
+        // Owned at once, so a failed wait below still kills it.
+        let mut etcd = Self {
+            child: Self::spawn(&cmd, &data.0),
+            endpoint,
+            cmd,
+            opts,
+            _data: data,
+        };
+        etcd.wait_serving().await;
+        etcd
+    }
+
+    fn spawn(cmd: &[std::ffi::OsString], data: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join("etcd.log"))
+            .unwrap();
+        Command::new("etcd")
+            .args(cmd)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start etcd ({e}): these tests need a real etcd; \
+                     install it with `apt-get install -y etcd-server`"
+                )
+            })
+    }
+
+    async fn wait_serving(&mut self) {
+        let log = self._data.0.join("etcd.log");
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ok = match etcd_client::Client::connect([endpoint.as_str()], opts.clone()).await {
+            let ok = match etcd_client::Client::connect([self.endpoint.as_str()], self.opts.clone())
+                .await
+            {
                 Ok(mut c) => c.get("/", None).await.is_ok(),
                 Err(_) => false,
             };
@@ -558,7 +600,19 @@ impl Etcd {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        etcd
+    }
+
+    /// Kills etcd (`kill -9`); its data stays for [`Etcd::restart`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts etcd again on the same data and address, and waits until it serves.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.cmd, &self._data.0);
+        self.wait_serving().await;
     }
 }
 

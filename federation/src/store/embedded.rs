@@ -25,6 +25,8 @@ pub const RESERVATION: u64 = 100_000;
 pub const DEFAULT_HISTORY: usize = 100_000;
 /// Debounce for background snapshot writes.
 const FLUSH_DELAY: Duration = Duration::from_millis(50);
+/// How often a failed snapshot write is retried with no new commit.
+const FLUSH_RETRY: Duration = Duration::from_secs(1);
 const SNAPSHOT_VERSION: u32 = 1;
 
 /// Everything the federation persists.
@@ -54,6 +56,8 @@ pub struct EmbeddedStore {
     /// Bumped whenever a trust bundle changes.
     bundles_changed: watch::Sender<u64>,
     dirty: Notify,
+    /// The last background snapshot write's error, until one succeeds.
+    snapshot_error: Mutex<Option<String>>,
 }
 
 struct Inner {
@@ -104,6 +108,7 @@ impl EmbeddedStore {
             events: broadcast::channel(4096).0,
             bundles_changed: watch::channel(0).0,
             dirty: Notify::new(),
+            snapshot_error: Mutex::new(None),
         });
         // Reserve before serving anything.
         store.flush()?;
@@ -293,22 +298,50 @@ impl EmbeddedStore {
         }
     }
 
+    /// Why the store cannot keep what it is given, if it cannot: the last background
+    /// snapshot write failed (a full disk, say) and none has succeeded since.
+    pub fn unhealthy(&self) -> Option<String> {
+        self.snapshot_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|e| format!("snapshot writes failing: {e}"))
+    }
+
     /// Writes snapshots in the background, debounced, until `stop`; then a last one.
+    /// A failed write is retried every [`FLUSH_RETRY`] without waiting for the next
+    /// commit, so a freed disk is noticed on its own.
     pub async fn run_flusher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         loop {
+            let failing = self
+                .snapshot_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some();
             tokio::select! {
                 _ = self.dirty.notified() => {}
+                _ = tokio::time::sleep(FLUSH_RETRY), if failing => {}
                 _ = stop.cancelled() => break,
             }
             tokio::time::sleep(FLUSH_DELAY).await;
             // Serializing a large catalog takes milliseconds: not on a runtime worker,
             // where it would stall every stream scheduled there.
             let this = self.clone();
-            match tokio::task::spawn_blocking(move || this.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(error = %e, "snapshot write failed; will retry"),
-                Err(e) => warn!(error = %e, "snapshot task failed; will retry"),
-            }
+            let failed = match tokio::task::spawn_blocking(move || this.flush()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "snapshot write failed; will retry");
+                    Some(e.to_string())
+                }
+                Err(e) => {
+                    warn!(error = %e, "snapshot task failed; will retry");
+                    Some(e.to_string())
+                }
+            };
+            *self
+                .snapshot_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = failed;
         }
         if let Err(e) = self.flush() {
             warn!(error = %e, "final snapshot write failed");

@@ -136,6 +136,8 @@ pub struct EtcdStore {
     bundles_changed: watch::Sender<u64>,
     /// Callers waiting for the mirror: the follower asks etcd for progress meanwhile.
     waiters: AtomicUsize,
+    /// Why the mirror is not following etcd, while its watch is broken.
+    broken: Mutex<Option<String>>,
     stop: CancellationToken,
 }
 
@@ -217,6 +219,7 @@ impl EtcdStore {
             applied: watch::channel(start).0,
             bundles_changed: watch::channel(0).0,
             waiters: AtomicUsize::new(0),
+            broken: Mutex::new(None),
             stop: CancellationToken::new(),
         });
         tokio::spawn(store.clone().follow_forever());
@@ -247,6 +250,15 @@ impl EtcdStore {
             "etcd store ready"
         );
         Ok(store)
+    }
+
+    /// Why this replica cannot serve, if it cannot: its watch on etcd is broken, so
+    /// its reads are stale and its writes would wait for a mirror that does not move.
+    pub fn unhealthy(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops following etcd and renewing this replica's leases (they then expire).
@@ -586,6 +598,8 @@ impl EtcdStore {
                 }
                 Err(Follow::Broken(e)) => {
                     warn!(from, error = %e, retry_in = ?backoff, "etcd watch broke; resuming");
+                    *self.broken.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(format!("etcd watch broken: {e}"));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = self.stop.cancelled() => return,
@@ -661,6 +675,7 @@ impl EtcdStore {
             }
             let header = resp.header().map_or(0, |h| h.revision());
             if resp.created() {
+                *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue; // its header is etcd's head, not what we have applied
             }
             if resp.events().is_empty() {

@@ -73,6 +73,14 @@ impl Store {
         }
     }
 
+    /// Why the store cannot serve now (`/ready` says it), or `None`.
+    pub fn unhealthy(&self) -> Option<String> {
+        match self {
+            Store::Embedded(s) => s.unhealthy(),
+            Store::Etcd(s) => s.unhealthy(),
+        }
+    }
+
     pub fn revision(&self) -> Revision {
         match self {
             Store::Embedded(s) => s.revision(),
