@@ -24,8 +24,24 @@ use clap::{Parser, Subcommand};
     about = "Multi-cluster mesh gateway and federation service"
 )]
 struct Cli {
+    /// Log lines as `text` (for people) or `json` (one object per line, for log
+    /// pipelines). Also `MESHFED_LOG_FORMAT`. Colour only on a terminal.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "MESHFED_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -78,11 +94,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; its components only log errors unless RUST_LOG says
     // otherwise (expected refusals and redials would drown it).
-    init_tracing(if matches!(cli.cmd, Cmd::Demo { .. }) {
-        "error"
-    } else {
-        "info"
-    });
+    init_tracing(
+        if matches!(cli.cmd, Cmd::Demo { .. }) {
+            "error"
+        } else {
+            "info"
+        },
+        cli.log_format,
+    );
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(cli) {
         Ok(code) => code,
@@ -109,15 +128,21 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn init_tracing(default: &str) {
+fn init_tracing(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match format {
         // Colour codes only for a person at a terminal, never in log files or journald.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One JSON object per line: `timestamp`, `level`, `target`, `fields` (with
+        // `message`), and the current span's fields.
+        LogFormat::Json => fmt.json().with_current_span(true).with_ansi(false).init(),
+    }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

@@ -398,3 +398,76 @@ fn errors_quote_values_briefly_and_limits_in_words() {
         "{err}"
     );
 }
+
+/// `--log-format json` writes one JSON object per line, with level, target and fields;
+/// the default text format carries no colour codes when stderr is a file.
+#[test]
+fn log_lines_are_json_on_request_and_plain_text_otherwise() {
+    let s = Scratch::new("logfmt");
+    let dir = s.0.join("fed");
+    let (code, _, err) = meshfed(&[
+        "federation",
+        "init",
+        "--trust-domain",
+        "fed.example.org",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for format in ["json", "text"] {
+        let log = s.0.join(format!("serve-{format}.log"));
+        let _ = std::fs::remove_file(dir.join("admin_address"));
+        let mut child = crate::harness::spawn_meshfed(
+            &[
+                "federation",
+                "serve",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--log-format",
+                format,
+            ],
+            &log,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dir.join("admin_address").exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "federation did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SIGTERM, so the drain logs too.
+        let _ = std::process::Command::new("kill")
+            .arg(child.id().to_string())
+            .status();
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.lines().count() >= 3, "{text}");
+        assert!(
+            !text.contains('\u{1b}'),
+            "colour codes in a log file: {text}"
+        );
+        for line in text.lines() {
+            let parsed = serde_json::from_str::<serde_json::Value>(line);
+            match format {
+                "json" => {
+                    let v = parsed.unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                    assert!(v["level"].is_string() && v["target"].is_string(), "{line}");
+                    assert!(v["fields"]["message"].is_string(), "{line}");
+                }
+                _ => assert!(parsed.is_err(), "text format wrote JSON: {line}"),
+            }
+        }
+        if format == "json" {
+            assert!(
+                text.contains(r#""message":"federation admin listening""#),
+                "{text}"
+            );
+        }
+    }
+}
