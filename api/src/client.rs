@@ -198,6 +198,48 @@ pub fn status_table(td: &str, s: &pb::StatusResponse) -> String {
     out
 }
 
+/// `meshfed status --json`: the same facts as [`status_table`], as one JSON document
+/// (`federation`, `revision`, `sites[]` with `lease` "up"/"down" and `links[]` with
+/// `transport` `null` for a link that is down). Field names are stable.
+pub fn status_json(td: &str, s: &pb::StatusResponse) -> serde_json::Value {
+    let sites: Vec<serde_json::Value> = s
+        .sites
+        .iter()
+        .map(|site| {
+            let links: Vec<serde_json::Value> = site
+                .links
+                .iter()
+                .map(|l| {
+                    serde_json::json!({
+                        "peer_site": l.peer_site,
+                        "address": l.address,
+                        "transport": (!l.transport.is_empty()).then_some(&l.transport),
+                        "up": !l.transport.is_empty(),
+                        "reason": l.reason,
+                        "reported_by_replica": l.replica,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "site": site.site,
+                "trust_domain": site.trust_domain,
+                "lease": if site.up { "up" } else { "down" },
+                "watch_streams": site.watch_streams,
+                "last_seen_revision": site.last_seen_revision,
+                "gateway_addresses": site.gateway_addresses,
+                "exports": site.exports,
+                "imports": site.imports,
+                "links": links,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "federation": td,
+        "revision": s.revision,
+        "sites": sites,
+    })
+}
+
 /// `meshfed site join`: redeems `token` for the site in `site_dir`.
 pub async fn join(
     site_dir: &Path,

@@ -206,6 +206,20 @@ pub struct VipRange {
     size: u32,
 }
 
+/// As written: `127.100.0.0/16`.
+impl std::fmt::Display for VipRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = 32 - self.size.trailing_zeros();
+        write!(f, "{}/{len}", std::net::Ipv4Addr::from(self.base))
+    }
+}
+
+impl serde::Serialize for VipRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl VipRange {
     /// An IPv4 CIDR with a prefix of /8 to /30, e.g. `127.100.0.0/16`.
     pub fn parse(s: &str) -> Result<Self, RangeError> {
@@ -299,6 +313,19 @@ pub struct PortRange {
     pub last: u16,
 }
 
+/// As written: `20000-29999`.
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl serde::Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl PortRange {
     /// `first-last`, e.g. `20000-29999`, with at least 2 ports and no port 0.
     pub fn parse(s: &str) -> Result<Self, RangeError> {
@@ -353,6 +380,22 @@ mod tests {
     use super::*;
     use crate::catalog::{Change, Delta, Export, ExportedPort, Revision, SiteRecord};
     use meshfed_identity::TrustDomain;
+
+    #[test]
+    fn ranges_print_as_written() {
+        for (cidr, shown) in [
+            ("127.100.0.0/16", "127.100.0.0/16"),
+            ("10.1.2.3/30", "10.1.2.0/30"),
+            ("10.0.0.0/8", "10.0.0.0/8"),
+        ] {
+            let r = VipRange::parse(cidr).unwrap();
+            assert_eq!(r.to_string(), shown);
+            assert_eq!(VipRange::parse(&r.to_string()).unwrap(), r);
+        }
+        let p = PortRange::parse("20000-29999").unwrap();
+        assert_eq!(p.to_string(), "20000-29999");
+        assert_eq!(serde_json::to_string(&p).unwrap(), "\"20000-29999\"");
+    }
 
     #[test]
     fn vips_are_stable_distinct_and_inside_the_range() {

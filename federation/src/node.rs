@@ -204,6 +204,7 @@ impl Running {
                     service.store.unhealthy()
                 })
             }),
+            pages: Vec::new(),
         };
         tokio::spawn(server.serve(listener, self.admin_stop.clone()));
         Ok(addr)

@@ -209,7 +209,7 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// uses the same default).
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct GatewayConfig {
     pub site: SiteName,
     pub trust_domain: TrustDomain,
@@ -242,12 +242,16 @@ pub struct GatewayConfig {
     /// Admin HTTP (`/metrics`, `/ready`); default 127.0.0.1:15000.
     pub admin: SocketAddr,
     /// How long in-flight streams may run after SIGTERM; default 10 s.
+    #[serde(serialize_with = "as_debug")]
     pub drain_grace: Duration,
     /// Ingress connect timeout to a local endpoint; default 1 s.
+    #[serde(serialize_with = "as_debug")]
     pub connect_timeout: Duration,
     /// How often the SVID and bundle files are checked for changes; default 5 s.
+    #[serde(serialize_with = "as_debug")]
     pub reload_interval: Duration,
     /// How long a UDP flow lives without datagrams; default 60 s.
+    #[serde(serialize_with = "as_debug")]
     pub udp_idle_timeout: Duration,
     pub peers: Vec<Peer>,
     pub exports: BTreeMap<ServiceName, Export>,
@@ -262,9 +266,10 @@ pub struct GatewayConfig {
 /// with its chain and `ca.key`; the root stays offline) and the lifetime of the SVIDs it
 /// issues. The gateway renews at half that lifetime, writes `tls.cert`/`tls.key` and
 /// loads them at once.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Renew {
     pub ca: PathBuf,
+    #[serde(serialize_with = "as_debug")]
     pub ttl: Duration,
 }
 
@@ -273,12 +278,13 @@ pub struct Renew {
 /// bundles it streams (its own trust domain's and the federated ones) to `bundle_dir`
 /// as `<trust domain>.json`; the reloader loads both as it loads files an operator
 /// writes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct WorkloadApi {
     /// `unix:///path` or `tcp://ip:port`.
     pub socket: String,
     pub bundle_dir: PathBuf,
     /// How long start waits for the first SVID (the agent may start after us).
+    #[serde(serialize_with = "as_debug")]
     pub wait: Duration,
 }
 
@@ -289,7 +295,7 @@ pub const DEFAULT_WORKLOAD_API_WAIT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RENEW_TTL: Duration = Duration::from_secs(3600);
 
 /// The `dns` section: federated DNS inside the gateway.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Dns {
     /// UDP and TCP.
     pub listen: SocketAddr,
@@ -332,7 +338,7 @@ pub fn valid_zone(z: &str) -> Result<String, String> {
 }
 
 /// The `federation` section: the site directory `meshfed site join` wrote.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Federation {
     /// Holds `federation.json`, `bundles/` and the cached catalog.
     pub dir: PathBuf,
@@ -353,7 +359,7 @@ pub struct Federation {
     pub inbound: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Peer {
     pub site: SiteName,
     /// Where to dial, `IP:port` or `host:port`; `None` for a peer that only dials us.
@@ -361,7 +367,7 @@ pub struct Peer {
     pub spiffe_id: SpiffeId,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Export {
     pub service: ServiceName,
     /// TCP ports and their endpoints.
@@ -375,6 +381,7 @@ pub struct Export {
     /// TLS toward the endpoints (a registered service's DestinationRule).
     pub tls: Option<meshfed_catalog::legacy::TlsOrigination>,
     /// Port names (a registered service's), published for DNS SRV records.
+    #[serde(serialize_with = "port_names")]
     pub port_names: BTreeMap<(Protocol, u16), String>,
     /// TCP ports that speak HTTP (`http`, `http2`, `grpc`): the ingress terminates HTTP
     /// on their streams and picks an endpoint per request. Absent: bytes.
@@ -388,7 +395,7 @@ pub struct Export {
     pub proxy_protocol: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Import {
     pub service: ServiceName,
     pub port: u16,
@@ -413,6 +420,29 @@ fn protocol(p: Option<&str>) -> Result<(Protocol, AppProtocol), String> {
             .map(|a| (Protocol::Tcp, a))
             .ok_or_else(|| format!("{other:?} is not tcp, udp, http, http2 or grpc")),
     }
+}
+
+/// Serializes a value by its `Debug` form (`Duration`: `10s`, `1.5s`), for
+/// `/debug/config`.
+pub(crate) fn as_debug<T: std::fmt::Debug, S: serde::Serializer>(
+    v: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:?}"))
+}
+
+/// `{"tcp/80": "http"}`: JSON keys are strings.
+fn port_names<S: serde::Serializer>(
+    v: &BTreeMap<(Protocol, u16), String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(v.iter().map(|((p, port), name)| {
+        let p = match p {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        (format!("{p}/{port}"), name)
+    }))
 }
 
 // === impl GatewayConfig ===

@@ -628,6 +628,30 @@ impl Imports {
     }
 
     /// `service:port` (`service:port/udp` for UDP) and listen address of every import.
+    /// `/debug/imports`: each listener with its backends in order, what it speaks, and
+    /// its HTTP routes (the policy in force and the requests in flight against it).
+    pub fn debug(&self) -> serde_json::Value {
+        let imports: Vec<serde_json::Value> = self
+            .lock()
+            .iter()
+            .map(|((service, port, proto), e)| {
+                let routes: Option<Arc<crate::http::egress::RouteTable>> =
+                    e.routes.load().as_ref().clone();
+                serde_json::json!({
+                    "service": service.to_string(),
+                    "port": port,
+                    "protocol": proto,
+                    "listen": e.addr.to_string(),
+                    "app_protocol": **e.app.load(),
+                    "backends": e.backends.load().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "http_policy": routes.as_ref().map(|t| &t.compiled.policy),
+                    "http_in_flight": routes.as_ref().map(|t| t.in_flight.load(std::sync::atomic::Ordering::Relaxed)),
+                })
+            })
+            .collect();
+        imports.into()
+    }
+
     pub fn addrs(&self) -> Vec<(String, SocketAddr)> {
         self.lock()
             .iter()

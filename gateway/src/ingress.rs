@@ -329,6 +329,35 @@ impl Ingress {
         conns.len() + h2.len() + reverse.len()
     }
 
+    /// `/debug/peers`' accepted side: per verified peer ID, its QUIC connections (with
+    /// path figures), h2 connections and reverse h2 pools.
+    pub fn debug(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        fn entry<'a>(
+            out: &'a mut serde_json::Map<String, serde_json::Value>,
+            id: &SpiffeId,
+        ) -> &'a mut serde_json::Value {
+            out.entry(id.to_string()).or_insert_with(
+                || serde_json::json!({"quic": [], "h2_connections": 0, "reverse_h2_pools": 0}),
+            )
+        }
+        for (id, conns) in self.inbound_lock().iter() {
+            let quic: Vec<serde_json::Value> = conns
+                .values()
+                .filter_map(|c| crate::peers::quic_debug(&crate::peers::PeerConn::Quic(c.clone())))
+                .collect();
+            entry(&mut out, id)["quic"] = quic.into();
+        }
+        for (id, conns) in self.inbound_h2_lock().iter() {
+            entry(&mut out, id)["h2_connections"] = conns.len().into();
+        }
+        for (id, pools) in self.reverse_lock().iter() {
+            entry(&mut out, id)["reverse_h2_pools"] =
+                pools.values().filter(|p| p.is_live()).count().into();
+        }
+        serde_json::Value::Object(out)
+    }
+
     fn inbound_lock(
         &self,
     ) -> std::sync::MutexGuard<'_, BTreeMap<SpiffeId, BTreeMap<usize, Connection>>> {

@@ -376,6 +376,72 @@ fn load_identity(cfg: &GatewayConfig) -> Result<(Svid, meshfed_identity::BundleS
     Ok((svid, bundles))
 }
 
+/// The admin port's JSON debug pages:
+/// - `/debug/config`: the effective configuration (defaults filled in, paths resolved).
+///   It holds no secret values: keys are paths, and key material never appears;
+/// - `/debug/peers`: each peer's links as dialed (transport, why, verified ID, QUIC path
+///   figures), the connections peers dialed to us by verified ID, and the active streams
+///   by direction;
+/// - `/debug/imports`: the catalog revision applied, and each import listener with its
+///   backends in order, what it speaks, and its HTTP routes.
+fn debug_pages(
+    cfg: &GatewayConfig,
+    peers: &peers::Peers,
+    ingress: &Arc<ingress::Ingress>,
+    imports: &Arc<egress::Imports>,
+    applied: &tokio::sync::watch::Sender<Option<Arc<federated::AppliedPlan>>>,
+    metrics: &metrics::Metrics,
+) -> Vec<(&'static str, meshfed_lifecycle::admin::Page)> {
+    let pretty = |v: serde_json::Value| {
+        serde_json::to_string_pretty(&v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    };
+    let config = {
+        let cfg = cfg.clone();
+        Arc::new(move || pretty(serde_json::to_value(&cfg).unwrap_or_default()))
+    };
+    let peers_page = {
+        let (peers, ingress, metrics) = (peers.clone(), ingress.clone(), metrics.clone());
+        Arc::new(move || {
+            let streams = |direction| {
+                metrics
+                    .active_streams
+                    .get_or_create(&metrics::DirLabels { direction })
+                    .get()
+            };
+            pretty(serde_json::json!({
+                "dialed": peers.debug(),
+                "accepted": ingress.debug(),
+                "active_streams": {"egress": streams("egress"), "ingress": streams("ingress")},
+            }))
+        })
+    };
+    let imports_page = {
+        let (imports, applied) = (imports.clone(), applied.subscribe());
+        Arc::new(move || {
+            let plan = applied.borrow().clone();
+            let conflicts: Vec<serde_json::Value> = plan
+                .iter()
+                .flat_map(|p| p.plan.imports.iter())
+                .filter_map(|im| {
+                    im.policy_conflict.as_ref().map(|c| {
+                        serde_json::json!({"service": im.service.to_string(), "port": im.port, "conflict": c})
+                    })
+                })
+                .collect();
+            pretty(serde_json::json!({
+                "catalog_revision": plan.as_ref().map(|p| p.revision),
+                "imports": imports.debug(),
+                "policy_conflicts": conflicts,
+            }))
+        })
+    };
+    vec![
+        ("/debug/config", config as meshfed_lifecycle::admin::Page),
+        ("/debug/peers", peers_page),
+        ("/debug/imports", imports_page),
+    ]
+}
+
 /// Loads identity and bundles, binds every listener, and starts serving. Returns once
 /// all listeners are bound: `/ready` is then true, or, for a federated gateway, true once
 /// it has applied a catalog (cached or the federation's). The config's `dns` section is not
@@ -702,6 +768,7 @@ pub async fn start_with(
             });
             check
         }),
+        pages: debug_pages(&cfg, &peers, &ingress, &imports, &applied, &metrics),
     };
     tokio::spawn(admin.serve(admin_l, admin_stop.clone()));
     ready.store(true, Ordering::Release);

@@ -62,7 +62,8 @@ impl Link {
 }
 
 /// How a peer is reached (`transport` in the gateway config, per peer or for all).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TransportMode {
     /// QUIC, falling back to h2 when no QUIC handshake completes in time.
     #[default]
@@ -207,14 +208,16 @@ pub struct PeerTls {
 pub type ClientConfigFor = Arc<dyn Fn(&SpiffeId) -> Option<PeerTls> + Send + Sync>;
 
 /// Which transport each peer uses, and how `auto` decides.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Transports {
     /// Peers not in `sites`.
     pub default: TransportMode,
     pub sites: BTreeMap<SiteName, TransportMode>,
     /// `auto`: how long a QUIC handshake may take before the link falls back to h2.
+    #[serde(serialize_with = "crate::config::as_debug")]
     pub fallback_after: Duration,
     /// `auto` on h2: how often QUIC is tried again.
+    #[serde(serialize_with = "crate::config::as_debug")]
     pub probe_every: Duration,
     /// Dial a reverse h2 connection beside every h2 link, so that the peer can open
     /// streams to us: set for an outbound-only site (`federation.inbound: false`).
@@ -549,6 +552,41 @@ impl Peers {
                 })
             })
             .collect()
+    }
+
+    /// `/debug/peers`' dialed side: each peer with its expected ID, the addresses as
+    /// given, and each link (address, up, transport, why, the verified ID, suspect, and
+    /// QUIC's path figures when on QUIC).
+    pub fn debug(&self) -> serde_json::Value {
+        let sites: serde_json::Map<String, serde_json::Value> = self
+            .lock()
+            .iter()
+            .map(|(site, e)| {
+                let links: Vec<serde_json::Value> = e
+                    .links
+                    .values()
+                    .map(|l| {
+                        let live = l.live();
+                        serde_json::json!({
+                            "address": l.addr.to_string(),
+                            "up": live.is_some(),
+                            "transport": live.as_ref().map(|c| c.transport().as_str()),
+                            "why": *l.why.lock().unwrap_or_else(|e| e.into_inner()),
+                            "verified_id": live.as_ref().and_then(PeerConn::peer_id).map(|i| i.to_string()),
+                            "suspect": l.suspect.load(Ordering::Relaxed),
+                            "quic": live.as_ref().and_then(quic_debug),
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "spiffe_id": e.spiffe_id.to_string(),
+                    "addresses": e.given,
+                    "links": links,
+                });
+                (site.to_string(), v)
+            })
+            .collect();
+        serde_json::Value::Object(sites)
     }
 
     /// Closes the live connections to gateways of `td` (its bundle was withdrawn).
@@ -1019,6 +1057,24 @@ fn refused_by_peer(e: &ConnectionError) -> Option<String> {
 
 /// The verified SPIFFE ID of the far end. rustls already verified the chain with our
 /// SPIFFE verifier; this only reads the ID back out of the leaf.
+/// A QUIC link's path figures for `/debug/peers`; `None` on h2.
+pub fn quic_debug(conn: &PeerConn) -> Option<serde_json::Value> {
+    let PeerConn::Quic(c) = conn else {
+        return None;
+    };
+    let s = c.stats();
+    Some(serde_json::json!({
+        "remote": c.remote_address().to_string(),
+        "rtt_ms": s.path.rtt.as_secs_f64() * 1e3,
+        "cwnd_bytes": s.path.cwnd,
+        "mtu_bytes": s.path.current_mtu,
+        "sent_packets": s.path.sent_packets,
+        "lost_packets": s.path.lost_packets,
+        "sent_bytes": s.udp_tx.bytes,
+        "received_bytes": s.udp_rx.bytes,
+    }))
+}
+
 pub fn peer_spiffe_id(conn: &Connection) -> Option<SpiffeId> {
     let chain = conn
         .peer_identity()?

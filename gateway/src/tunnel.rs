@@ -62,7 +62,8 @@ pub enum TunnelError {
 /// 0.88–1.10 of the clean 16-stream goodput under 2 % random loss, where Cubic kept
 /// 0.47–0.48 (TCP peers 0.92–1.04), with clean throughput within the run-to-run noise.
 /// quinn marks its BBR experimental; `cubic` is the fallback.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Congestion {
     #[default]
     Bbr,

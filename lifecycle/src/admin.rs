@@ -1,7 +1,8 @@
 //! The admin HTTP port: `/metrics` (Prometheus text), `/ready`, `/live`. It runs apart
 //! from the data plane's listeners and closes last. `/ready` is false, with the reason in
 //! its body, while starting or draining, when the component's own [`ReadyCheck`] fails,
-//! and when the SVID is about to expire.
+//! and when the SVID is about to expire. A component adds its own JSON debug pages
+//! (the gateway's `/debug/config`, `/debug/peers`, `/debug/imports`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,7 +27,12 @@ pub struct Admin {
     /// The component's own condition for serving (the gateway: a catalog applied; the
     /// federation: its store reachable): `Some(why)` makes `/ready` false with that reason.
     pub check: Option<ReadyCheck>,
+    /// Debug pages (`/debug/...`), each a JSON document rendered on request.
+    pub pages: Vec<(&'static str, Page)>,
 }
+
+/// Renders one debug page's JSON.
+pub type Page = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Why a component cannot serve now, or `None` when it can. Called on each `/ready`.
 pub type ReadyCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
@@ -124,11 +130,21 @@ impl Admin {
                 ),
             },
             "/live" => (StatusCode::OK, "text/plain", "live\n".into()),
-            _ => (
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                "not found: try /metrics, /ready, /live\n".into(),
-            ),
+            path => match self.pages.iter().find(|(p, _)| *p == path) {
+                Some((_, render)) => (StatusCode::OK, "application/json", render()),
+                None => {
+                    let mut known = String::from("/metrics, /ready, /live");
+                    for (p, _) in &self.pages {
+                        known.push_str(", ");
+                        known.push_str(p);
+                    }
+                    (
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        format!("not found: try {known}\n"),
+                    )
+                }
+            },
         };
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;

@@ -44,13 +44,23 @@ pub struct StatusArgs {
     /// The federation directory (`meshfed federation init --dir`).
     #[arg(long)]
     pub dir: PathBuf,
+    /// One JSON document instead of the table (stable field names, for scripts).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn status(a: StatusArgs) -> Result<()> {
-    let StatusArgs { dir } = a;
+    let StatusArgs { dir, json } = a;
     let st = super::runtime()?.block_on(meshfed_api::client::status(&dir))?;
     let td = Ca::load(&dir.join("ca"))?.trust_domain().to_string();
-    print!("{}", meshfed_api::client::status_table(&td, &st));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&meshfed_api::client::status_json(&td, &st))?
+        );
+    } else {
+        print!("{}", meshfed_api::client::status_table(&td, &st));
+    }
     Ok(())
 }
 

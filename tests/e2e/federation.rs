@@ -769,6 +769,38 @@ async fn gateway_scenario(on: On<'_>) {
         .parse()
         .unwrap();
     assert!(east_seen > 0, "{table}");
+    // The same facts for scripts: `status --json`.
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--dir", fed.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let site = |name: &str| {
+        doc["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["site"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} missing: {doc:#}"))
+    };
+    assert_eq!(doc["federation"], "fed.example.org");
+    assert_eq!(site("north")["lease"], "down", "{doc:#}");
+    assert_eq!(site("west")["lease"], "up", "{doc:#}");
+    assert_eq!(
+        site("east")["imports"],
+        serde_json::json!([format!("orders.shop:{port}")])
+    );
+    let to_west = site("east")["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["peer_site"] == "west")
+        .cloned()
+        .unwrap_or_else(|| panic!("no link to west: {doc:#}"));
+    assert_eq!(to_west["transport"], "quic", "{doc:#}");
+    assert_eq!(to_west["up"], true, "{doc:#}");
 
     // The federation goes away and east restarts: it serves from its cached catalog.
     fed.kill();

@@ -759,3 +759,83 @@ async fn client_without_certificate_is_refused_and_counted() {
         .await;
     assert_eq!(n, 1.0);
 }
+
+/// The admin port's debug pages: the effective config, the peer links on both sides
+/// (transport, verified ID, QUIC path figures) and the import listeners with their
+/// backends, each as JSON; an unknown path lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_pages_show_the_config_the_links_and_the_imports() {
+    let s = TwoSites::start(
+        "debugpages",
+        &[("echo.demo", 7, vec![echo_server().await])],
+        &[("echo.demo", 7)],
+    )
+    .await;
+    let import = s.east_gw.import("echo.demo:7");
+    echo_once(import).await.unwrap();
+    let page = |gw: &Gw, path: &'static str| {
+        let admin = gw.admin;
+        async move {
+            let (status, body) = meshfed_lifecycle::admin::get(admin, path).await.unwrap();
+            assert_eq!(status, 200, "{path}: {body}");
+            serde_json::from_str::<serde_json::Value>(&body)
+                .unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {body}"))
+        }
+    };
+
+    let cfg = page(&s.east_gw, "/debug/config").await;
+    assert_eq!(cfg["site"], "east", "{cfg:#}");
+    assert_eq!(cfg["peers"][0]["site"], "west", "{cfg:#}");
+    assert_eq!(cfg["imports"][0]["service"], "echo.demo", "{cfg:#}");
+    assert!(
+        cfg["drain_grace"].as_str().unwrap().ends_with('s'),
+        "{cfg:#}"
+    );
+    assert!(cfg["key"].as_str().unwrap().ends_with(".key"), "{cfg:#}");
+    let text = cfg.to_string();
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "key material in /debug/config"
+    );
+
+    let peers = page(&s.east_gw, "/debug/peers").await;
+    let link = &peers["dialed"]["west"]["links"][0];
+    assert_eq!(link["up"], true, "{peers:#}");
+    assert_eq!(link["transport"], "quic", "{peers:#}");
+    assert!(
+        link["verified_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("spiffe://west.example.org/"),
+        "{peers:#}"
+    );
+    assert!(link["quic"]["rtt_ms"].as_f64().unwrap() >= 0.0, "{peers:#}");
+    assert!(
+        link["quic"]["sent_bytes"].as_u64().unwrap() > 0,
+        "{peers:#}"
+    );
+    // West sees east's connection, by east's verified ID.
+    let west_peers = page(&s.west_gw, "/debug/peers").await;
+    let accepted = west_peers["accepted"].as_object().unwrap();
+    let (id, conns) = accepted
+        .iter()
+        .find(|(id, _)| id.starts_with("spiffe://east.example.org/"))
+        .unwrap_or_else(|| panic!("east's connection missing: {west_peers:#}"));
+    assert!(
+        !conns["quic"].as_array().unwrap().is_empty(),
+        "{id}: {west_peers:#}"
+    );
+
+    let imports = page(&s.east_gw, "/debug/imports").await;
+    let im = &imports["imports"][0];
+    assert_eq!(im["service"], "echo.demo", "{imports:#}");
+    assert_eq!(im["listen"], import.to_string(), "{imports:#}");
+    assert_eq!(im["backends"], serde_json::json!(["west"]), "{imports:#}");
+    assert_eq!(im["app_protocol"], "tcp", "{imports:#}");
+
+    let (status, body) = meshfed_lifecycle::admin::get(s.east_gw.admin, "/debug/nothing")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    assert!(body.contains("/debug/peers"), "{body}");
+}
