@@ -84,6 +84,89 @@ pub struct HttpRoute {
     /// A copy of each request (of a share) sent to a subset, its answer discarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// Header changes on the request and on its answer (Istio's `headers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<HeaderRules>,
+    /// The path or authority the request leaves with (Istio's `rewrite`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    /// Answered at the egress with a redirect, never forwarded (Istio's `redirect`); a
+    /// route with one has no destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    /// A token bucket for the route at each importing gateway; past it, 429 with
+    /// `retry-after` (the `ratelimit.meshfed.io/` annotations of a VirtualService).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Istio's `Headers`: what changes on the request before it leaves, and on the answer
+/// before the client sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRules {
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub request: HeaderOps,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub response: HeaderOps,
+}
+
+/// Applied in Envoy's order: `remove`, then `set` (replaces), then `add` (appends).
+/// Names are lower-case.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Istio's `HTTPRewrite`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Replaces the prefix the route matched on, or the whole path when it matched
+    /// otherwise; the query string stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Replaces the `Host` (`:authority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+/// Istio's `HTTPRedirect`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// Replaces the whole path (the query string stays unless it has its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 301 (Istio's default), 302, 303, 307 or 308.
+    pub code: u16,
+}
+
+/// `requests` per `per_ms`, with bursts of up to `burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per_ms: u64,
+    pub burst: u32,
 }
 
 /// Istio's `mirror` and `mirrorPercentage`.
@@ -270,6 +353,213 @@ pub struct Compiled {
     matches: Vec<Vec<CompiledMatch>>,
 }
 
+/// The most header changes one route may carry, and the longest value.
+pub const MAX_HEADER_OPS: usize = 32;
+pub const MAX_HEADER_VALUE: usize = 4096;
+
+/// Header names a route may not change: hop-by-hop headers, `host` (use
+/// `rewrite.authority`), and meshfed's own.
+fn reserved_header(name: &str) -> bool {
+    matches!(
+        name,
+        "host"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "content-length"
+            | "x-forwarded-client-cert"
+    ) || name.starts_with("meshfed-")
+        || name.starts_with(':')
+}
+
+/// An RFC 9110 token, lower-case.
+fn header_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
+fn header_value_ok(v: &str) -> bool {
+    v.len() <= MAX_HEADER_VALUE && v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// Headers, rewrite, redirect and rate limit of one route (`f` makes field paths).
+fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), PolicyError> {
+    if let Some(h) = &r.headers {
+        for (side, ops) in [("request", &h.request), ("response", &h.response)] {
+            let n = ops.set.len() + ops.add.len() + ops.remove.len();
+            if n > MAX_HEADER_OPS {
+                return Err(bad(
+                    f(&format!("headers.{side}")),
+                    format!("at most {MAX_HEADER_OPS} changes"),
+                ));
+            }
+            let names = ops
+                .set
+                .iter()
+                .map(|(k, v)| ("set", k, Some(v)))
+                .chain(ops.add.iter().map(|(k, v)| ("add", k, Some(v))))
+                .chain(ops.remove.iter().map(|k| ("remove", k, None)));
+            for (op, name, value) in names {
+                let at = || f(&format!("headers.{side}.{op}.{name}"));
+                if !header_name_ok(name) {
+                    return Err(bad(at(), "not a lower-case HTTP header name"));
+                }
+                if reserved_header(name) {
+                    return Err(bad(
+                        at(),
+                        "hop-by-hop, host and meshfed-* headers cannot be changed by a route",
+                    ));
+                }
+                if value.is_some_and(|v| !header_value_ok(v)) {
+                    return Err(bad(
+                        at(),
+                        format!(
+                            "a value of at most {MAX_HEADER_VALUE} bytes with no control characters"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(rw) = &r.rewrite {
+        if let Some(u) = &rw.uri
+            && (!u.starts_with('/') || !header_value_ok(u) || u.contains(' '))
+        {
+            return Err(bad(f("rewrite.uri"), format!("{u:?} is not a path")));
+        }
+        if let Some(a) = &rw.authority
+            && (a.is_empty() || !header_value_ok(a) || a.contains(['/', ' ', '@']))
+        {
+            return Err(bad(
+                f("rewrite.authority"),
+                format!("{a:?} is not a host[:port]"),
+            ));
+        }
+        if r.redirect.is_some() {
+            return Err(bad(f("rewrite"), "a redirect cannot also rewrite"));
+        }
+    }
+    if let Some(rd) = &r.redirect {
+        if ![301, 302, 303, 307, 308].contains(&rd.code) {
+            return Err(bad(
+                f("redirect.code"),
+                format!("{}: 301, 302, 303, 307 or 308", rd.code),
+            ));
+        }
+        if let Some(u) = &rd.uri
+            && (!u.starts_with('/') || !header_value_ok(u) || u.contains(' '))
+        {
+            return Err(bad(f("redirect.uri"), format!("{u:?} is not a path")));
+        }
+        if let Some(a) = &rd.authority
+            && (a.is_empty() || !header_value_ok(a) || a.contains(['/', ' ', '@', ':']))
+        {
+            return Err(bad(f("redirect.authority"), format!("{a:?} is not a host")));
+        }
+        if let Some(s) = &rd.scheme
+            && s != "http"
+            && s != "https"
+        {
+            return Err(bad(f("redirect.scheme"), format!("{s:?}: http or https")));
+        }
+        if rd.port == Some(0) {
+            return Err(bad(f("redirect.port"), "must be above 0"));
+        }
+        if r.fault.is_some() || r.mirror.is_some() || r.retries.is_some() {
+            return Err(bad(
+                f("redirect"),
+                "a redirect is answered at once: no fault, mirror or retries",
+            ));
+        }
+    }
+    if let Some(l) = &r.rate_limit
+        && (l.requests == 0 || l.per_ms == 0 || l.burst == 0)
+    {
+        return Err(bad(
+            f("rate_limit"),
+            "requests, per_ms and burst must be above 0",
+        ));
+    }
+    Ok(())
+}
+
+/// The path a request leaves with under `rewrite_uri`: the prefix the route matched on
+/// replaced (`matched_prefix`), or else the whole path; the query string stays. Pure.
+pub fn rewrite_path(
+    path_and_query: &str,
+    matched_prefix: Option<&str>,
+    rewrite_uri: &str,
+) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let mut out = match matched_prefix.and_then(|p| path.strip_prefix(p)) {
+        Some(rest) => {
+            // Envoy: `/v1/` → `/` on `/v1/x` gives `/x`, not `//x`.
+            if rewrite_uri.ends_with('/') && rest.starts_with('/') {
+                format!("{rewrite_uri}{}", &rest[1..])
+            } else {
+                format!("{rewrite_uri}{rest}")
+            }
+        }
+        None => rewrite_uri.to_owned(),
+    };
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// `host[:port]` or `[v6]:port` apart.
+fn split_host_port(host: &str) -> (&str, Option<&str>) {
+    let port_at = if host.starts_with('[') {
+        host.find("]:").map(|i| i + 1)
+    } else {
+        host.rfind(':')
+    };
+    match port_at {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) && i + 1 < host.len() => {
+            (&host[..i], Some(&host[i + 1..]))
+        }
+        _ => (host, None),
+    }
+}
+
+/// The `Location` of a redirect for a request to `host` (its `Host`, maybe with a port)
+/// at `path_and_query`, arriving over `scheme`. Pure.
+pub fn redirect_location(rd: &Redirect, scheme: &str, host: &str, path_and_query: &str) -> String {
+    let (req_host, req_port) = split_host_port(host);
+    let scheme = rd.scheme.as_deref().unwrap_or(scheme);
+    let host = rd.authority.as_deref().unwrap_or(req_host);
+    let port = match (rd.port, rd.authority.is_some()) {
+        (Some(p), _) => Some(p.to_string()),
+        // A new authority without a port: the scheme's default.
+        (None, true) => None,
+        (None, false) => req_port.map(str::to_owned),
+    };
+    let path = match &rd.uri {
+        Some(u) if u.contains('?') => u.clone(),
+        Some(u) => match path_and_query.split_once('?') {
+            Some((_, q)) => format!("{u}?{q}"),
+            None => u.clone(),
+        },
+        None => path_and_query.to_owned(),
+    };
+    match port {
+        Some(p) => format!("{scheme}://{host}:{p}{path}"),
+        None => format!("{scheme}://{host}{path}"),
+    }
+}
+
 impl HttpPolicy {
     /// Validates (Istio's rules: weights sum to 100 when there are several
     /// destinations, subsets exist, regexes compile) and compiles.
@@ -309,12 +599,23 @@ impl HttpPolicy {
             if r.matches.len() > MAX_MATCHES {
                 return Err(bad(f("matches"), format!("at most {MAX_MATCHES}")));
             }
-            if r.destinations.is_empty() || r.destinations.len() > MAX_DESTINATIONS {
-                return Err(bad(
-                    f("destinations"),
-                    format!("1 to {MAX_DESTINATIONS} destinations"),
-                ));
+            match (&r.redirect, r.destinations.len()) {
+                (Some(_), 0) => {}
+                (Some(_), _) => {
+                    return Err(bad(
+                        f("redirect"),
+                        "a route redirects or has destinations, not both",
+                    ));
+                }
+                (None, n) if n == 0 || n > MAX_DESTINATIONS => {
+                    return Err(bad(
+                        f("destinations"),
+                        format!("1 to {MAX_DESTINATIONS} destinations"),
+                    ));
+                }
+                (None, _) => {}
             }
+            check_route_extras(r, &f)?;
             let total: u64 = r.destinations.iter().map(|d| u64::from(d.weight)).sum();
             if r.destinations.len() > 1 && total != 100 {
                 return Err(bad(
@@ -408,12 +709,27 @@ impl Compiled {
     /// The first route whose match accepts the request (a route without matches
     /// accepts all); `None`: no route does (Istio answers 404 then).
     pub fn route(&self, r: &dyn RequestView) -> Option<&HttpRoute> {
+        self.route_and_prefix(r).map(|(route, _)| route)
+    }
+
+    /// [`Compiled::route`], with the URI prefix of the match that accepted the request
+    /// (for `rewrite.uri`), if it matched on a prefix.
+    pub fn route_and_prefix(&self, r: &dyn RequestView) -> Option<(&HttpRoute, Option<&str>)> {
         self.policy
             .routes
             .iter()
             .zip(&self.matches)
-            .find(|(_, ms)| ms.is_empty() || ms.iter().any(|m| m.test(r)))
-            .map(|(route, _)| route)
+            .find_map(|(route, ms)| {
+                if ms.is_empty() {
+                    return Some((route, None));
+                }
+                let m = ms.iter().find(|m| m.test(r))?;
+                let prefix = match &m.uri {
+                    Some(Matcher::Prefix(p)) => Some(p.as_str()),
+                    _ => None,
+                };
+                Some((route, prefix))
+            })
     }
 
     pub fn subset(&self, name: &str) -> Option<&Subset> {
@@ -558,6 +874,206 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn rewrite_replaces_the_matched_prefix_or_the_whole_path() {
+        for (path, prefix, uri, want) in [
+            ("/v1/orders?id=3", Some("/v1/"), "/v2/", "/v2/orders?id=3"),
+            ("/v1/orders", Some("/v1"), "/v2", "/v2/orders"),
+            ("/v1/orders", Some("/v1/"), "/", "/orders"),
+            ("/v1/orders", Some("/v1"), "/", "/orders"),
+            ("/old", None, "/new", "/new"),
+            ("/old?x=1&y=2", None, "/new", "/new?x=1&y=2"),
+            // The prefix no longer applies (cannot happen after a match): whole path.
+            ("/other", Some("/v1"), "/v2", "/v2"),
+        ] {
+            assert_eq!(
+                rewrite_path(path, prefix, uri),
+                want,
+                "{path} {prefix:?} {uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn redirect_locations_follow_istio() {
+        let rd =
+            |uri: Option<&str>, authority: Option<&str>, scheme: Option<&str>, port| Redirect {
+                uri: uri.map(Into::into),
+                authority: authority.map(Into::into),
+                scheme: scheme.map(Into::into),
+                port,
+                code: 301,
+            };
+        for (r, host, pq, want) in [
+            (
+                rd(Some("/new"), None, None, None),
+                "a.example:8080",
+                "/old?q=1",
+                "http://a.example:8080/new?q=1",
+            ),
+            (
+                rd(Some("/new?x=2"), None, None, None),
+                "a.example",
+                "/old?q=1",
+                "http://a.example/new?x=2",
+            ),
+            (
+                rd(None, Some("b.example"), None, None),
+                "a.example:8080",
+                "/p",
+                "http://b.example/p",
+            ),
+            (
+                rd(None, None, Some("https"), Some(8443)),
+                "a.example:8080",
+                "/p",
+                "https://a.example:8443/p",
+            ),
+            (
+                rd(None, Some("b.example"), None, Some(9000)),
+                "a.example",
+                "/p",
+                "http://b.example:9000/p",
+            ),
+            (
+                rd(None, None, None, Some(81)),
+                "[::1]:80",
+                "/",
+                "http://[::1]:81/",
+            ),
+            (rd(None, None, None, None), "[::1]", "/", "http://[::1]/"),
+        ] {
+            assert_eq!(
+                redirect_location(&r, "http", host, pq),
+                want,
+                "{r:?} {host} {pq}"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_rewrites_redirects_and_rate_limits_are_checked_by_path() {
+        let with = |f: &dyn Fn(&mut HttpRoute)| {
+            let mut p = policy();
+            f(&mut p.routes[2]);
+            p.compile().err().map(|e| e.to_string())
+        };
+        let ops = |set: &[(&str, &str)], remove: &[&str]| HeaderRules {
+            request: HeaderOps {
+                set: set
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                add: BTreeMap::new(),
+                remove: remove.iter().map(|k| k.to_string()).collect(),
+            },
+            response: HeaderOps::default(),
+        };
+        assert_eq!(
+            with(&|r| r.headers = Some(ops(&[("x-env", "prod")], &["x-debug"]))),
+            None
+        );
+        for (rules, want) in [
+            (
+                ops(&[("X-Env", "a")], &[]),
+                "routes[2].headers.request.set.X-Env: not a lower-case",
+            ),
+            (
+                ops(&[("host", "a")], &[]),
+                "routes[2].headers.request.set.host: hop-by-hop",
+            ),
+            (
+                ops(&[], &["meshfed-error"]),
+                "routes[2].headers.request.remove.meshfed-error: hop-by-hop",
+            ),
+            (
+                ops(&[("x-a", "a\r\nx-b: b")], &[]),
+                "routes[2].headers.request.set.x-a: a value",
+            ),
+        ] {
+            let e = with(&|r| r.headers = Some(rules.clone())).unwrap();
+            assert!(e.starts_with(want), "{e}");
+        }
+        let e = with(&|r| {
+            r.rewrite = Some(Rewrite {
+                uri: Some("v2".into()),
+                authority: None,
+            })
+        })
+        .unwrap();
+        assert!(e.starts_with("routes[2].rewrite.uri"), "{e}");
+        let redirect = Redirect {
+            uri: Some("/new".into()),
+            authority: None,
+            scheme: None,
+            port: None,
+            code: 301,
+        };
+        let e = with(&|r| r.redirect = Some(redirect.clone())).unwrap();
+        assert!(e.contains("redirects or has destinations, not both"), "{e}");
+        assert_eq!(
+            with(&|r| {
+                r.destinations.clear();
+                r.redirect = Some(redirect.clone());
+            }),
+            None
+        );
+        let e = with(&|r| {
+            r.destinations.clear();
+            r.redirect = Some(Redirect {
+                code: 200,
+                ..redirect.clone()
+            });
+        })
+        .unwrap();
+        assert!(e.starts_with("routes[2].redirect.code: 200"), "{e}");
+        let e = with(&|r| r.destinations.clear()).unwrap();
+        assert!(e.starts_with("routes[2].destinations"), "{e}");
+        let e = with(&|r| {
+            r.rate_limit = Some(RateLimit {
+                requests: 0,
+                per_ms: 1000,
+                burst: 1,
+            })
+        })
+        .unwrap();
+        assert!(e.starts_with("routes[2].rate_limit"), "{e}");
+    }
+
+    #[test]
+    fn the_matched_prefix_comes_with_the_route() {
+        let mut p = policy();
+        p.routes[2].matches = vec![
+            RequestMatch {
+                uri: Some(StringMatch::Exact("/exact".into())),
+                ..Default::default()
+            },
+            RequestMatch {
+                uri: Some(StringMatch::Prefix("/v1/".into())),
+                ..Default::default()
+            },
+        ];
+        p.routes.push(HttpRoute {
+            destinations: vec![dest("v1", 100)],
+            ..Default::default()
+        });
+        let c = p.compile().unwrap();
+        let at = |path: &'static str| {
+            let (r, prefix) = c
+                .route_and_prefix(&Req {
+                    path,
+                    method: "GET",
+                    headers: &[],
+                    query: None,
+                })
+                .unwrap();
+            (r.name.clone(), prefix.map(str::to_owned))
+        };
+        assert_eq!(at("/v1/x"), (Some("rest".into()), Some("/v1/".into())));
+        assert_eq!(at("/exact"), (Some("rest".into()), None));
+        assert_eq!(at("/elsewhere"), (None, None));
     }
 
     #[test]
@@ -778,8 +1294,8 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused_not_dropped() {
         let mut v = serde_json::to_value(policy()).unwrap();
-        v["routes"][0]["rewrite"] = serde_json::json!("x");
+        v["routes"][0]["direct_response"] = serde_json::json!("x");
         let e = serde_json::from_value::<HttpPolicy>(v).unwrap_err();
-        assert!(e.to_string().contains("rewrite"), "{e}");
+        assert!(e.to_string().contains("direct_response"), "{e}");
     }
 }

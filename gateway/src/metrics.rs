@@ -164,8 +164,17 @@ pub struct RouteLabels {
     pub class: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImportRouteLabels {
+    pub import: String,
+    pub route: String,
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
+    /// HTTP requests answered 429 by a route's rate limit, by import and route: at most
+    /// imports × 64 routes series.
+    pub http_rate_limited: Family<ImportRouteLabels, Counter>,
     /// HTTP requests of imports with routes, by import, route, answering site and status
     /// class: at most imports × 64 routes × (sites + 1) × 5 series.
     pub http_route_requests: Family<RouteLabels, Counter>,
@@ -251,6 +260,11 @@ impl Metrics {
             "http_ejections",
             "Sites ejected from an import's HTTP traffic after consecutive errors (outlierDetection)",
             self.http_ejections.clone(),
+        );
+        r.register(
+            "http_rate_limited",
+            "HTTP requests answered 429 at the egress by a route's rate limit (ratelimit.meshfed.io/ annotations), by import and route",
+            self.http_rate_limited.clone(),
         );
         r.register(
             "http_overflows",
@@ -449,6 +463,15 @@ impl Metrics {
 
     pub fn http_ejection(&self) {
         self.http_ejections.inc();
+    }
+
+    pub fn http_rate_limited(&self, import: &str, route: &str) {
+        self.http_rate_limited
+            .get_or_create(&ImportRouteLabels {
+                import: import.to_owned(),
+                route: route.to_owned(),
+            })
+            .inc();
     }
 
     pub fn http_overflow(&self) {

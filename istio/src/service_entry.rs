@@ -853,9 +853,13 @@ fn sort_documents(
                 }
             }
             "VirtualService" => {
-                if let Some(vs) =
-                    crate::virtual_service::virtual_service(&mut d, index, name, namespace, spec)
-                {
+                let ann = d.string_map(
+                    meta.and_then(|m| m.get("annotations")),
+                    "metadata.annotations",
+                );
+                if let Some(vs) = crate::virtual_service::virtual_service(
+                    &mut d, index, name, namespace, spec, &ann,
+                ) {
                     virtual_services.push(vs);
                 }
             }

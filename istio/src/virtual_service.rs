@@ -11,7 +11,13 @@
 //! `http[].timeout`, `http[].retries` (`attempts`, `perTryTimeout`; `retryOn` is read
 //! and the gateway retries connect failures, resets and 502–504, Istio's default set),
 //! `http[].fault` (`delay.fixedDelay`, `abort.httpStatus`, each with `percentage.value`),
-//! `http[].mirror` (host — the same service — and subset) with `mirrorPercentage`.
+//! `http[].mirror` (host — the same service — and subset) with `mirrorPercentage`,
+//! `http[].headers` (`request`/`response`: `set`, `add`, `remove`), `http[].rewrite`
+//! (`uri`, `authority`) and `http[].redirect` (`uri`, `authority`, `scheme`, `port`,
+//! `redirectCode`; such a route has no `route`). Istio has no field for local rate
+//! limits: the VirtualService's annotations `ratelimit.meshfed.io/rate` (`100/s`,
+//! `600/m`, `5/h`, `10/500ms`: a bucket per route), `.../burst` and
+//! `.../route.<http[].name>` (one route's rate) give them.
 //! Anything else is a warning naming its path; Istio's validation rules are errors:
 //! weights 0–100 adding up to 100 when a route has several destinations, a regex that
 //! does not compile, a subset no DestinationRule defines.
@@ -19,8 +25,8 @@
 use serde_json::Value;
 
 use meshfed_catalog::http_route::{
-    Destination, Fault, FaultAbort, FaultDelay, HttpPolicy, HttpRoute, Mirror, Outlier,
-    RequestMatch, Retries, StringMatch, Subset,
+    Destination, Fault, FaultAbort, FaultDelay, HeaderOps, HeaderRules, HttpPolicy, HttpRoute,
+    Mirror, Outlier, RateLimit, Redirect, RequestMatch, Retries, Rewrite, StringMatch, Subset,
 };
 
 use crate::service_entry::{Doc, duration_ms};
@@ -228,6 +234,9 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
             "fault",
             "mirror",
             "mirrorPercentage",
+            "headers",
+            "rewrite",
+            "redirect",
         ],
     );
     let mut matches = Vec::new();
@@ -242,14 +251,33 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
         }
         Some(_) => d.err(format!("{field}.match"), "must be a list"),
     }
-    let Some(Value::Array(dests)) = m.get("route") else {
-        d.err(
-            format!("{field}.route"),
-            "missing: meshfed routes to destinations (redirect and direct responses are not supported yet)",
-        );
-        return None;
+    let redirect = m
+        .get("redirect")
+        .and_then(|v| redirect(d, v, &format!("{field}.redirect")));
+    let dests: &[Value] = match (m.get("route"), &redirect) {
+        (None | Some(Value::Null), Some(_)) => &[],
+        (Some(Value::Array(a)), Some(_)) if !a.is_empty() => {
+            // Istio's rule.
+            d.err(
+                format!("{field}.redirect"),
+                "a route cannot have both route and redirect",
+            );
+            return None;
+        }
+        (Some(Value::Array(a)), _) => a,
+        (None | Some(Value::Null), None) => {
+            d.err(
+                format!("{field}.route"),
+                "missing: a route needs destinations or a redirect (direct responses are not supported yet)",
+            );
+            return None;
+        }
+        (Some(_), _) => {
+            d.err(format!("{field}.route"), "must be a list");
+            return None;
+        }
     };
-    if dests.is_empty() {
+    if dests.is_empty() && redirect.is_none() {
         d.err(format!("{field}.route"), "at least one destination");
         return None;
     }
@@ -411,8 +439,18 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
             None
         }
     };
+    let headers = m
+        .get("headers")
+        .and_then(|v| header_rules(d, v, &format!("{field}.headers")));
+    let rewrite = m
+        .get("rewrite")
+        .and_then(|v| rewrite(d, v, &format!("{field}.rewrite")));
     Some((
         HttpRoute {
+            headers,
+            rewrite,
+            redirect,
+            rate_limit: None,
             fault,
             mirror,
             name: m.get("name").and_then(Value::as_str).map(str::to_owned),
@@ -425,6 +463,197 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
     ))
 }
 
+/// `headers.request` / `headers.response`: `set`, `add` (maps) and `remove` (a list).
+/// Names are lower-cased (HTTP/2 sends them so).
+fn header_rules(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<HeaderRules> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map with request and response");
+        return None;
+    };
+    d.unsupported(field, m, &["request", "response"]);
+    let mut ops = |side: &str| -> HeaderOps {
+        let f = format!("{field}.{side}");
+        let Some(v) = m.get(side) else {
+            return HeaderOps::default();
+        };
+        let Value::Object(o) = v else {
+            d.err(&f, "must be a map with set, add and remove");
+            return HeaderOps::default();
+        };
+        d.unsupported(&f, o, &["set", "add", "remove"]);
+        let mut map = |k: &str| -> std::collections::BTreeMap<String, String> {
+            d.string_map(o.get(k), &format!("{f}.{k}"))
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect()
+        };
+        let (set, add) = (map("set"), map("add"));
+        let remove = d
+            .str_list(o.get("remove"), &format!("{f}.remove"))
+            .into_iter()
+            .map(|k| k.to_ascii_lowercase())
+            .collect();
+        HeaderOps { set, add, remove }
+    };
+    let rules = HeaderRules {
+        request: ops("request"),
+        response: ops("response"),
+    };
+    (!rules.request.is_empty() || !rules.response.is_empty()).then_some(rules)
+}
+
+fn rewrite(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<Rewrite> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(field, m, &["uri", "authority"]);
+    let get = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
+    let rw = Rewrite {
+        uri: get("uri"),
+        authority: get("authority"),
+    };
+    (rw.uri.is_some() || rw.authority.is_some()).then_some(rw)
+}
+
+fn redirect(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<Redirect> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(
+        field,
+        m,
+        &["uri", "authority", "port", "scheme", "redirectCode"],
+    );
+    let get = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
+    let port = match m.get("port") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64().and_then(|p| u16::try_from(p).ok()) {
+            Some(p) if p > 0 => Some(p),
+            _ => {
+                d.err(format!("{field}.port"), format!("{n} is not a port"));
+                None
+            }
+        },
+        Some(other) => {
+            d.err(format!("{field}.port"), format!("{other} is not a number"));
+            None
+        }
+    };
+    let code = match m.get("redirectCode") {
+        None | Some(Value::Null) => 301,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
+            _ => {
+                d.err(
+                    format!("{field}.redirectCode"),
+                    format!("{n}: 301, 302, 303, 307 or 308"),
+                );
+                301
+            }
+        },
+        Some(other) => {
+            d.err(
+                format!("{field}.redirectCode"),
+                format!("{other} is not a number"),
+            );
+            301
+        }
+    };
+    Some(Redirect {
+        uri: get("uri"),
+        authority: get("authority"),
+        scheme: get("scheme"),
+        port,
+        code,
+    })
+}
+
+/// The annotations that rate-limit a VirtualService's routes at every importing gateway
+/// (Istio has no field for it; Envoy's local rate limit filter is configured beside):
+pub const RATE_LIMIT_PREFIX: &str = "ratelimit.meshfed.io/";
+
+/// `100/s`, `600/m`, `5/h`, or `N/<duration>` (`10/500ms`): requests per interval.
+fn rate(s: &str) -> Option<(u32, u64)> {
+    let (n, per) = s.trim().split_once('/')?;
+    let n: u32 = n.trim().parse().ok().filter(|n| *n > 0)?;
+    let per_ms = match per.trim() {
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        other => duration_ms(other)?,
+    };
+    Some((n, per_ms))
+}
+
+/// Applies `ratelimit.meshfed.io/rate` (each route its own bucket), `.../burst` (default:
+/// the rate's count) and `.../route.<name>` (one named route's rate, over `rate`).
+pub(crate) fn rate_limits(
+    d: &mut Doc<'_>,
+    ann: &std::collections::BTreeMap<String, String>,
+    routes: &mut [HttpRoute],
+) {
+    let field = |k: &str| format!("metadata.annotations.{RATE_LIMIT_PREFIX}{k}");
+    let parse = |d: &mut Doc<'_>, k: &str, v: &str| {
+        let r = rate(v);
+        if r.is_none() {
+            d.err(
+                field(k),
+                format!("{v:?} is not a rate like 100/s, 600/m, 5/h or 10/500ms"),
+            );
+        }
+        r
+    };
+    let mut all = None;
+    let mut burst = None;
+    let mut named = Vec::new();
+    for (k, v) in ann {
+        let Some(key) = k.strip_prefix(RATE_LIMIT_PREFIX) else {
+            continue;
+        };
+        match key {
+            "rate" => all = parse(d, key, v),
+            "burst" => match v.trim().parse::<u32>() {
+                Ok(b) if b > 0 => burst = Some(b),
+                _ => d.err(field(key), format!("{v:?} is not a count above 0")),
+            },
+            _ => match key.strip_prefix("route.") {
+                Some(name) if !name.is_empty() => {
+                    if !routes.iter().any(|r| r.name.as_deref() == Some(name)) {
+                        d.err(
+                            field(key),
+                            format!("no route of spec.http is named {name:?}"),
+                        );
+                    } else if let Some(r) = parse(d, key, v) {
+                        named.push((name.to_owned(), r));
+                    }
+                }
+                _ => d.err(
+                    field(key),
+                    "unknown rate limit setting: rate, burst or route.<http[].name>",
+                ),
+            },
+        }
+    }
+    if burst.is_some() && all.is_none() && named.is_empty() {
+        d.err(field("burst"), "a burst needs a rate");
+    }
+    for r in routes.iter_mut() {
+        let own = named
+            .iter()
+            .find(|(n, _)| r.name.as_deref() == Some(n.as_str()))
+            .map(|(_, rate)| *rate);
+        if let Some((requests, per_ms)) = own.or(all) {
+            r.rate_limit = Some(RateLimit {
+                requests,
+                per_ms,
+                burst: burst.unwrap_or(requests),
+            });
+        }
+    }
+}
+
 /// A VirtualService's `spec`.
 pub(crate) fn virtual_service(
     d: &mut Doc<'_>,
@@ -432,6 +661,7 @@ pub(crate) fn virtual_service(
     name: &str,
     namespace: &str,
     spec: &serde_json::Map<String, Value>,
+    annotations: &std::collections::BTreeMap<String, String>,
 ) -> Option<RawVirtualService> {
     d.unsupported("spec", spec, &["hosts", "gateways", "http", "exportTo"]);
     for k in ["tcp", "tls"] {
@@ -471,6 +701,7 @@ pub(crate) fn virtual_service(
             routes.push(route);
         }
     }
+    rate_limits(d, annotations, &mut routes);
     Some(RawVirtualService {
         index,
         name: name.into(),
@@ -648,7 +879,8 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace(".destinations", ".route")
         .replace(".query_params.", ".queryParams.")
         .replace(".timeout_ms", ".timeout")
-        .replace(".mirror.per_million", ".mirrorPercentage");
+        .replace(".mirror.per_million", ".mirrorPercentage")
+        .replace(".redirect.code", ".redirect.redirectCode");
     if p == "routes" { "spec.http".into() } else { p }
 }
 
@@ -845,15 +1077,135 @@ spec:
     fn unsupported_fields_are_warned_about_by_path() {
         let text = GOOD.replacen(
             "    timeout: 3s",
-            "    timeout: 3s\n    corsPolicy: {allowOrigins: []}\n    rewrite: {uri: /v2}",
+            "    timeout: 3s\n    corsPolicy: {allowOrigins: []}\n    directResponse: {status: 503}\n    rewrite: {uri: /v2, uriRegexRewrite: {match: a, rewrite: b}}",
             1,
         );
         let r = parse(&text).unwrap();
-        for f in ["spec.http[1].corsPolicy", "spec.http[1].rewrite"] {
+        for f in [
+            "spec.http[1].corsPolicy",
+            "spec.http[1].directResponse",
+            "spec.http[1].rewrite.uriRegexRewrite",
+        ] {
             assert!(
                 r.warnings.iter().any(|w| w.field == f),
                 "{f}: {:?}",
                 r.warnings
+            );
+        }
+    }
+
+    const EDGES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: web
+  namespace: demo
+  annotations:
+    ratelimit.meshfed.io/rate: 100/s
+    ratelimit.meshfed.io/burst: "20"
+    ratelimit.meshfed.io/route.old: 5/m
+spec:
+  hosts: [web]
+  http:
+  - name: old
+    match: [{uri: {prefix: /old/}}]
+    redirect: {uri: /new/, redirectCode: 308}
+  - name: v2
+    match: [{uri: {prefix: /v2/}}]
+    rewrite: {uri: /, authority: web-v2.demo}
+    headers:
+      request: {set: {X-Env: prod}, add: {x-trace: a}, remove: [X-Debug]}
+      response: {remove: [server]}
+    route: [{destination: {host: web}}]
+  - route: [{destination: {host: web}}]
+"#;
+
+    #[test]
+    fn headers_rewrites_redirects_and_rate_limits_are_read() {
+        use meshfed_catalog::http_route::RateLimit;
+        let r = parse(EDGES).unwrap();
+        let p = &r.http_policies[0];
+        let old = &p.routes[0];
+        let rd = old.redirect.as_ref().unwrap();
+        assert_eq!((rd.uri.as_deref(), rd.code), (Some("/new/"), 308));
+        assert!(old.destinations.is_empty());
+        assert_eq!(
+            old.rate_limit,
+            Some(RateLimit {
+                requests: 5,
+                per_ms: 60_000,
+                burst: 20
+            })
+        );
+        let v2 = &p.routes[1];
+        let rw = v2.rewrite.as_ref().unwrap();
+        assert_eq!(
+            (rw.uri.as_deref(), rw.authority.as_deref()),
+            (Some("/"), Some("web-v2.demo"))
+        );
+        let h = v2.headers.as_ref().unwrap();
+        assert_eq!(h.request.set["x-env"], "prod");
+        assert_eq!(h.request.add["x-trace"], "a");
+        assert_eq!(h.request.remove, vec!["x-debug".to_string()]);
+        assert_eq!(h.response.remove, vec!["server".to_string()]);
+        assert_eq!(
+            v2.rate_limit,
+            Some(RateLimit {
+                requests: 100,
+                per_ms: 1000,
+                burst: 20
+            })
+        );
+        assert_eq!(p.routes[2].rate_limit.unwrap().requests, 100);
+    }
+
+    #[test]
+    fn bad_headers_redirects_and_rate_limits_name_their_field() {
+        for (from, to, field) in [
+            (
+                "redirect: {uri: /new/, redirectCode: 308}",
+                "redirect: {uri: /new/, redirectCode: 200}",
+                "spec.http[0].redirect.redirectCode",
+            ),
+            (
+                "redirect: {uri: /new/, redirectCode: 308}",
+                "redirect: {uri: /new/}\n    route: [{destination: {host: web}}]",
+                "spec.http[0].redirect",
+            ),
+            (
+                "set: {X-Env: prod}",
+                "set: {Host: evil}",
+                "spec.http[1].headers.request.set.host",
+            ),
+            (
+                "rewrite: {uri: /,",
+                "rewrite: {uri: v2,",
+                "spec.http[1].rewrite.uri",
+            ),
+            (
+                "ratelimit.meshfed.io/rate: 100/s",
+                "ratelimit.meshfed.io/rate: lots",
+                "metadata.annotations.ratelimit.meshfed.io/rate",
+            ),
+            (
+                "ratelimit.meshfed.io/route.old: 5/m",
+                "ratelimit.meshfed.io/route.gone: 5/m",
+                "metadata.annotations.ratelimit.meshfed.io/route.gone",
+            ),
+            (
+                "ratelimit.meshfed.io/burst: \"20\"",
+                "ratelimit.meshfed.io/bust: \"20\"",
+                "metadata.annotations.ratelimit.meshfed.io/bust",
+            ),
+        ] {
+            assert!(EDGES.contains(from), "{from}");
+            let text = EDGES.replacen(from, to, 1);
+            let Err(ParseError::Invalid(errs)) = parse(&text) else {
+                panic!("{to}: accepted");
+            };
+            assert!(
+                errs.iter().any(|e| e.field == field),
+                "{to}: want {field}, got {errs:?}"
             );
         }
     }

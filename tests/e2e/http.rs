@@ -96,9 +96,12 @@ async fn answer(
     }
     let status = h("x-status").parse().unwrap_or(status);
     let line = format!(
-        "site={site} method={} path={} xfcc={} xff={} host={}\n",
+        "site={site} method={} path={} query={} env={} debug={} xfcc={} xff={} host={}\n",
         req.method(),
         req.uri().path(),
+        req.uri().query().unwrap_or("-"),
+        h("x-env"),
+        h("x-debug"),
         h("x-forwarded-client-cert"),
         h("x-forwarded-for"),
         req.uri()
@@ -112,11 +115,19 @@ async fn answer(
             .boxed(),
     );
     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    r.headers_mut()
+        .insert("x-upstream", hyper::header::HeaderValue::from_static(site));
     Ok(r)
 }
 
 /// `curl` with `args` against `url`: (HTTP status, body, meshfed-error header).
 fn curl(args: &[&str], url: &str) -> (u16, String, String) {
+    let (status, _, body, error) = curl_head(args, url);
+    (status, body, error)
+}
+
+/// [`curl`], with the response head too: (status, head, body, meshfed-error).
+fn curl_head(args: &[&str], url: &str) -> (u16, String, String, String) {
     let out = std::process::Command::new("curl")
         .args(["-sS", "--max-time", "10", "-D", "/dev/stderr", "-o", "-"])
         .args(args)
@@ -138,6 +149,7 @@ fn curl(args: &[&str], url: &str) -> (u16, String, String) {
         .to_owned();
     (
         status,
+        head,
         String::from_utf8_lossy(&out.stdout).into_owned(),
         error,
     )
@@ -1079,4 +1091,139 @@ async fn a_failing_site_is_ejected_and_tried_again_after_the_ejection_time() {
         "north got {back} requests after its ejection ended"
     );
     assert_eq!(sites.east_gw.metric(ejections).await, 2.0);
+}
+
+/// Routes that answer at the egress or change the request: a redirect (308 with the
+/// `Location` Istio would give), a rewrite of path and authority, header changes on the
+/// request and its answer, and a rate limit that answers 429 with `retry-after` at the
+/// configured rate (10/s, bursts of 5) while other routes are untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_rewrites_header_changes_and_rate_limits_apply_per_route() {
+    const EDGES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: web
+  namespace: demo
+  annotations:
+    ratelimit.meshfed.io/route.limited: 10/s
+    ratelimit.meshfed.io/burst: "5"
+spec:
+  hosts: [web.demo]
+  http:
+  - name: old
+    match: [{uri: {prefix: /old/}}]
+    redirect: {uri: /new/, redirectCode: 308}
+  - name: limited
+    match: [{uri: {prefix: /limited}}]
+    route: [{destination: {host: web.demo}}]
+  - name: v2
+    match: [{uri: {prefix: /v2/}}]
+    rewrite: {uri: /api/, authority: web-v2.demo}
+    headers:
+      request: {set: {x-env: prod}, remove: [x-debug]}
+      response: {set: {x-route: v2}, remove: [x-upstream]}
+    route: [{destination: {host: web.demo}}]
+  - route: [{destination: {host: web.demo}}]
+"#;
+    let sites = http_sites("http-edges", (200, 200), 0, |west| {
+        let out = register_yaml(west, "edges.yaml", EDGES);
+        assert!(out.contains("routes:web.demo"), "{out}");
+    })
+    .await;
+    let base = format!("http://{}", sites.import);
+    // Applied once the redirect answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let head = loop {
+        let (status, head, _, _) = curl_head(&[], &format!("{base}/old/page?q=1"));
+        if status == 308 {
+            break head;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the routes never applied: {status}\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let location = head
+        .lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .unwrap_or_else(|| panic!("no location: {head}"))
+        .trim();
+    assert_eq!(location, format!("{base}/new/?q=1"));
+    let hits = sites.west_hits.load(Ordering::Relaxed) + sites.north_hits.load(Ordering::Relaxed);
+    assert_eq!(hits, 0, "a redirect reached an endpoint");
+
+    // Rewrite and header changes.
+    let (status, head, body, _) = curl_head(
+        &["-H", "x-debug: 1", "-H", "x-env: dev"],
+        &format!("{base}/v2/orders?id=3"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("path=/api/orders query=id=3 env=prod debug=- "),
+        "{body}"
+    );
+    assert!(body.contains("host=web-v2.demo"), "{body}");
+    assert!(head.contains("x-route: v2"), "{head}");
+    assert!(!head.contains("x-upstream"), "{head}");
+    // Other routes are untouched.
+    let (_, head, body, _) = curl_head(&["-H", "x-debug: 1"], &format!("{base}/other"));
+    assert!(
+        body.contains("path=/other query=- env=- debug=1 "),
+        "{body}"
+    );
+    assert!(head.contains("x-upstream: "), "{head}");
+
+    // The rate limit: 10/s with bursts of 5, over 3 s of 40 requests a second on one
+    // connection each.
+    let before = sites
+        .east_gw
+        .metric("meshfed_gateway_http_rate_limited_total")
+        .await;
+    let started = std::time::Instant::now();
+    let mut ok = 0;
+    let mut limited = 0;
+    let mut retry_after = Vec::new();
+    for i in 0..120 {
+        let at = started + Duration::from_millis(25 * i);
+        tokio::time::sleep_until(at.into()).await;
+        let url = format!("{base}/limited");
+        let (status, head, body, error) = tokio::task::spawn_blocking(move || curl_head(&[], &url))
+            .await
+            .unwrap();
+        match (status, error.as_str()) {
+            (200, "") => ok += 1,
+            (429, "rate_limited") => {
+                limited += 1;
+                retry_after.push(
+                    head.lines()
+                        .find_map(|l| l.strip_prefix("retry-after: "))
+                        .unwrap_or("none")
+                        .trim()
+                        .to_owned(),
+                );
+            }
+            other => panic!("{other:?}: {body}"),
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    eprintln!("rate limit 10/s burst 5: {ok} passed, {limited} limited in {took:.2} s");
+    // The burst, then 10 a second.
+    let most = 5.0 + 10.0 * took;
+    assert!(
+        f64::from(ok) <= most + 1.0 && f64::from(ok) >= 5.0 + 10.0 * 3.0 * 0.8,
+        "{ok} passed in {took:.2} s (at most {most:.0})"
+    );
+    assert!(retry_after.iter().all(|r| r == "1"), "{retry_after:?}");
+    let after = sites
+        .east_gw
+        .metric("meshfed_gateway_http_rate_limited_total")
+        .await;
+    assert_eq!(after - before, f64::from(limited));
+    // The other routes are not limited.
+    for _ in 0..20 {
+        assert_eq!(curl(&[], &format!("{base}/other")).0, 200);
+    }
 }

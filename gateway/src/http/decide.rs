@@ -202,9 +202,90 @@ impl RetryBudget {
     }
 }
 
+/// A route's local rate limit: `burst` tokens, refilled at `requests` per `per_ms`; each
+/// request takes one. Time is passed in (milliseconds since any fixed start). Starts full.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    capacity: f64,
+    /// Tokens per millisecond.
+    rate: f64,
+    tokens: f64,
+    last_ms: Option<u64>,
+}
+
+impl TokenBucket {
+    pub fn new(limit: &meshfed_catalog::http_route::RateLimit) -> Self {
+        let capacity = f64::from(limit.burst.max(1));
+        Self {
+            capacity,
+            rate: f64::from(limit.requests) / limit.per_ms.max(1) as f64,
+            tokens: capacity,
+            last_ms: None,
+        }
+    }
+
+    /// Takes a token, or says in how many milliseconds the next one is there.
+    pub fn take(&mut self, now_ms: u64) -> Result<(), u64> {
+        let elapsed = now_ms.saturating_sub(self.last_ms.unwrap_or(now_ms));
+        self.last_ms = Some(now_ms.max(self.last_ms.unwrap_or(0)));
+        self.tokens = (self.tokens + elapsed as f64 * self.rate).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - self.tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// `retry-after` in whole seconds (at least 1) for a wait of `ms`.
+pub fn retry_after_secs(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_bucket_allows_its_burst_then_its_rate() {
+        use meshfed_catalog::http_route::RateLimit;
+        // 10 per second, bursts of 5.
+        let mut b = TokenBucket::new(&RateLimit {
+            requests: 10,
+            per_ms: 1000,
+            burst: 5,
+        });
+        for _ in 0..5 {
+            assert_eq!(b.take(0), Ok(()));
+        }
+        assert_eq!(b.take(0), Err(100), "the next token in 100 ms");
+        assert_eq!(b.take(50), Err(50));
+        assert_eq!(b.take(100), Ok(()));
+        assert_eq!(b.take(100), Err(100));
+        // Over 10 s it lets through the rate, and never more than the burst at once.
+        let mut passed = 0;
+        for t in (200..10_200).step_by(10) {
+            if b.take(t).is_ok() {
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 100);
+        assert!((0..20).filter(|_| b.take(60_000).is_ok()).count() == 5);
+        // A clock that steps back refills nothing and does not panic.
+        assert!(b.take(1_000).is_err());
+        assert_eq!(retry_after_secs(1), 1);
+        assert_eq!(retry_after_secs(1000), 1);
+        assert_eq!(retry_after_secs(1001), 2);
+        // 5 per minute: the wait is 12 s.
+        let mut slow = TokenBucket::new(&RateLimit {
+            requests: 5,
+            per_ms: 60_000,
+            burst: 1,
+        });
+        assert_eq!(slow.take(0), Ok(()));
+        assert_eq!(slow.take(0), Err(12_000));
+    }
 
     #[test]
     fn what_is_retried() {

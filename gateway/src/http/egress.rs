@@ -7,9 +7,12 @@
 //!    copied to a mirror); a longer or unknown one streams, and is never retried;
 //! 3. with the import's routes (a VirtualService): the circuit breaker (past
 //!    `max_requests` in flight until the answer's headers, 503 [`OVERFLOW`] at once),
-//!    the first matching route (none: 404 [`NO_ROUTE`]), its faults (delay, then abort),
-//!    its mirror (a copy on a task of its own), and its weighted destination, whose
-//!    subset gives the sites; without routes, every backend;
+//!    the first matching route (none: 404 [`NO_ROUTE`]), its rate limit (a token bucket
+//!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its redirect
+//!    (answered here), its faults (delay, then abort), its rewrite and request header
+//!    changes, its mirror (a copy on a task of its own, of the changed request), and its
+//!    weighted destination, whose subset gives the sites; without routes, every backend;
+//!    the answer gets the route's response header changes;
 //! 4. the site is the next of those (best first) not tried yet;
 //! 5. the request goes over the next of that site's [`LINKS`] h2 links for the caller,
 //!    each opened on demand as a tunnel stream with the usual open request (so the far
@@ -102,6 +105,8 @@ pub struct RouteTable {
     pub site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
     /// Requests in flight, against the policy's `max_requests`.
     pub in_flight: AtomicU32,
+    /// Each route's rate limit bucket (this gateway's), by route index.
+    buckets: Vec<Option<Mutex<decide::TokenBucket>>>,
 }
 
 impl RouteTable {
@@ -109,10 +114,21 @@ impl RouteTable {
         compiled: Compiled,
         site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
     ) -> Self {
+        let buckets = compiled
+            .policy
+            .routes
+            .iter()
+            .map(|r| {
+                r.rate_limit
+                    .as_ref()
+                    .map(|l| Mutex::new(decide::TokenBucket::new(l)))
+            })
+            .collect();
         Self {
             compiled,
             site_labels,
             in_flight: AtomicU32::new(0),
+            buckets,
         }
     }
 }
@@ -151,7 +167,18 @@ struct Plan {
     retries: u32,
     timeout: Option<Duration>,
     per_try: Option<Duration>,
+    /// The route's header changes and rewrite (with the prefix it matched on), when it
+    /// has any.
+    edits: Option<Box<Edits>>,
 }
+
+struct Edits {
+    headers: Option<meshfed_catalog::http_route::HeaderRules>,
+    rewrite: Option<(meshfed_catalog::http_route::Rewrite, Option<String>)>,
+}
+
+/// The code of a request a route's rate limit refused (429, with `retry-after`).
+pub const RATE_LIMITED: &str = "rate_limited";
 
 /// A request as a route's match sees it.
 struct View<'a>(&'a http::request::Parts);
@@ -329,6 +356,14 @@ impl HttpEgress {
                 );
             }
         }
+        if let Some(e) = &plan.edits {
+            if let Some((rw, prefix)) = &e.rewrite {
+                headers::rewrite(&mut parts, rw, prefix.as_deref());
+            }
+            if let Some(h) = &e.headers {
+                headers::apply_ops(&mut parts.headers, &h.request);
+            }
+        }
         if let Some(sites) = &plan.mirror {
             self.mirror(eg, &parts, &body, sites, caller);
         }
@@ -340,6 +375,10 @@ impl HttpEgress {
             }),
             None => attempts.await,
         };
+        let mut answer = answer;
+        if let Some(h) = plan.edits.as_ref().and_then(|e| e.headers.as_ref()) {
+            headers::apply_ops(answer.headers_mut(), &h.response);
+        }
         metrics.http_request("egress", answer.status().as_u16());
         if let Some(route) = &plan.route {
             metrics.http_route_request(
@@ -431,6 +470,7 @@ impl HttpEgress {
                 retries: RETRIES,
                 timeout: None,
                 per_try: None,
+                edits: None,
             });
         };
         // The circuit breaker: a request past `max_requests` is refused at once, never
@@ -452,11 +492,59 @@ impl HttpEgress {
                 Some(InFlight(table.clone()))
             }
         };
-        let Some(route) = table.compiled.route(&View(parts)) else {
+        let Some((route, prefix)) = table.compiled.route_and_prefix(&View(parts)) else {
             // Istio answers 404 (NR: no route) too.
             let msg = format!("no route of {} matches", table.compiled.policy.source);
             return Err(error_response(404, NO_ROUTE, &msg));
         };
+        let index = table
+            .compiled
+            .policy
+            .routes
+            .iter()
+            .position(|r| std::ptr::eq(r, route))
+            .unwrap_or(0);
+        let route_name = || route.name.clone().unwrap_or_else(|| format!("#{index}"));
+        // The route's rate limit (before its redirect: Envoy's local rate limit runs
+        // before the router).
+        if let Some(bucket) = table.buckets.get(index).and_then(Option::as_ref) {
+            let taken = bucket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(self.now_ms());
+            if let Err(wait_ms) = taken {
+                let name = route_name();
+                eg.metrics.http_rate_limited(&self.import, &name);
+                let msg = format!("route {name} of {} is over its rate limit", self.import);
+                let mut r = error_response(429, RATE_LIMITED, &msg);
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from(decide::retry_after_secs(wait_ms)),
+                );
+                return Err(r);
+            }
+        }
+        if let Some(rd) = &route.redirect {
+            let host = parts
+                .uri
+                .authority()
+                .map_or(self.import.as_str(), |a| a.as_str());
+            let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let location = meshfed_catalog::http_route::redirect_location(rd, "http", host, pq);
+            let mut r = Response::new(super::full(Bytes::new()));
+            *r.status_mut() =
+                http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
+            match http::HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    r.headers_mut().insert(http::header::LOCATION, v);
+                }
+                Err(_) => {
+                    let msg = format!("redirect to {location:?} is not a valid Location");
+                    return Err(error_response(500, "redirect_invalid", &msg));
+                }
+            }
+            return Err(r);
+        }
         let n = self.rolls.fetch_add(1, Ordering::Relaxed);
         let d = &route.destinations[pick(&route.destinations, decide::roll(n))];
         let sites: Vec<SiteName> = match d.subset.as_deref().and_then(|s| table.compiled.subset(s))
@@ -499,16 +587,16 @@ impl HttpEgress {
             _in_flight: in_flight,
             fault,
             sites,
-            route: Some(route.name.clone().unwrap_or_else(|| {
-                let i = table
-                    .compiled
-                    .policy
-                    .routes
-                    .iter()
-                    .position(|r| std::ptr::eq(r, route))
-                    .unwrap_or(0);
-                format!("#{i}")
-            })),
+            route: Some(route_name()),
+            edits: (route.headers.is_some() || route.rewrite.is_some()).then(|| {
+                Box::new(Edits {
+                    headers: route.headers.clone(),
+                    rewrite: route
+                        .rewrite
+                        .clone()
+                        .map(|rw| (rw, prefix.map(str::to_owned))),
+                })
+            }),
             outlier: table.compiled.policy.outlier.clone(),
             site_count: backends.len(),
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),

@@ -154,6 +154,59 @@ pub fn to_endpoint(
     }
 }
 
+/// A route's header changes (Istio's `headers.request` or `.response`), in Envoy's
+/// order: remove, set (replaces), add (appends). Names were checked when the policy
+/// compiled; a name or value `http` still refuses is skipped.
+pub fn apply_ops(h: &mut HeaderMap, ops: &meshfed_catalog::http_route::HeaderOps) {
+    for name in &ops.remove {
+        h.remove(name.as_str());
+    }
+    let pairs = |m: &'_ std::collections::BTreeMap<String, String>| {
+        m.iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    HeaderName::from_bytes(k.as_bytes()).ok()?,
+                    HeaderValue::from_str(v).ok()?,
+                ))
+            })
+            .collect::<Vec<_>>()
+    };
+    for (k, v) in pairs(&ops.set) {
+        h.insert(k, v);
+    }
+    for (k, v) in pairs(&ops.add) {
+        h.append(k, v);
+    }
+}
+
+/// A route's `rewrite` on an egress request (absolute URI, as `from_client` left it):
+/// the path (the matched prefix, or all of it) and the authority. Unchanged when the
+/// result is not a valid URI.
+pub fn rewrite(
+    p: &mut Parts,
+    rw: &meshfed_catalog::http_route::Rewrite,
+    matched_prefix: Option<&str>,
+) {
+    let mut u = p.uri.clone().into_parts();
+    if let Some(uri) = &rw.uri {
+        let pq = u.path_and_query.as_ref().map_or("/", |pq| pq.as_str());
+        let new = meshfed_catalog::http_route::rewrite_path(pq, matched_prefix, uri);
+        match new.parse() {
+            Ok(pq) => u.path_and_query = Some(pq),
+            Err(_) => return,
+        }
+    }
+    if let Some(a) = &rw.authority {
+        match a.parse::<Authority>() {
+            Ok(a) => u.authority = Some(a),
+            Err(_) => return,
+        }
+    }
+    if let Ok(uri) = Uri::from_parts(u) {
+        p.uri = uri;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +217,47 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn route_header_changes_remove_then_set_then_add() {
+        use meshfed_catalog::http_route::HeaderOps;
+        let mut h = HeaderMap::new();
+        h.append("x-env", "dev".parse().unwrap());
+        h.append("x-env", "test".parse().unwrap());
+        h.insert("x-debug", "1".parse().unwrap());
+        h.insert("x-trace", "a".parse().unwrap());
+        let ops = HeaderOps {
+            set: [("x-env".to_string(), "prod".to_string())].into(),
+            add: [("x-trace".to_string(), "b".to_string())].into(),
+            remove: vec!["x-debug".into(), "x-trace".into()],
+        };
+        apply_ops(&mut h, &ops);
+        assert_eq!(h.get_all("x-env").iter().collect::<Vec<_>>(), ["prod"]);
+        assert!(h.get("x-debug").is_none());
+        // Removed first, then added: only the added value.
+        assert_eq!(h.get_all("x-trace").iter().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn rewrite_changes_the_path_and_authority_of_the_absolute_uri() {
+        use meshfed_catalog::http_route::Rewrite;
+        let req = |uri: &str| http::Request::get(uri).body(()).unwrap().into_parts().0;
+        let mut p = req("http://web.demo:8080/v1/orders?id=3");
+        let rw = Rewrite {
+            uri: Some("/v2/".into()),
+            authority: Some("web-v2.demo:8080".into()),
+        };
+        rewrite(&mut p, &rw, Some("/v1/"));
+        assert_eq!(p.uri.to_string(), "http://web-v2.demo:8080/v2/orders?id=3");
+        // A path that does not parse leaves the request as it was.
+        let mut p = req("http://web.demo/a");
+        let bad = Rewrite {
+            uri: Some("/has space".into()),
+            authority: None,
+        };
+        rewrite(&mut p, &bad, None);
+        assert_eq!(p.uri.to_string(), "http://web.demo/a");
     }
 
     #[test]
