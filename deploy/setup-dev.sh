@@ -12,6 +12,7 @@
 #   openssl            s_client, a TLS client the caller-mTLS test presents an SVID with
 #   nftables, iproute2 nft and ip: the outbound-only test puts a site in a network
 #                      namespace whose firewall drops every new inbound connection
+#   prometheus         promtool, which lints the /metrics of the gateway and federation
 #   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
 #                      which checks the rendered manifests against the Kubernetes schemas,
 #                      spiffe (py-spiffe, which parses the served SPIFFE bundles), and
@@ -31,6 +32,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v openssl >/dev/null || need+=(openssl)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
+command -v promtool >/dev/null || need+=(prometheus)
 tools=/opt/meshfed-tools
 { [ -x "$tools/bin/kubernetes-validate" ] && "$tools/bin/python" -c 'import spiffe' 2>/dev/null; } || python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

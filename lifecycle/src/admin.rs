@@ -59,6 +59,51 @@ pub fn svid_not_ready(not_after: i64, margin: std::time::Duration, now: i64) -> 
     }
 }
 
+/// OpenMetrics text as Prometheus' classic text format (0.0.4): a counter family's
+/// `HELP` and `TYPE` name its `_total` samples, `info` becomes a gauge named as its
+/// samples, `UNIT` and `EOF` lines go. Pure.
+pub fn openmetrics_to_text(om: &str) -> String {
+    use std::collections::HashMap;
+    let mut kinds: HashMap<&str, &str> = HashMap::new();
+    for l in om.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            kinds.insert(name, kind);
+        }
+    }
+    let renamed = |name: &str| -> (String, Option<&str>) {
+        match kinds.get(name).copied() {
+            Some("counter") => (format!("{name}_total"), None),
+            Some("info") => (format!("{name}_info"), Some("gauge")),
+            Some("gaugehistogram" | "stateset") => (name.to_owned(), Some("gauge")),
+            Some("unknown") => (name.to_owned(), Some("untyped")),
+            _ => (name.to_owned(), None),
+        }
+    };
+    let mut out = String::with_capacity(om.len());
+    for l in om.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = l.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (name, _) = renamed(name);
+            out.push_str(&format!("# HELP {name} {help}\n"));
+        } else if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, as_kind) = renamed(name);
+            out.push_str(&format!("# TYPE {name} {}\n", as_kind.unwrap_or(kind)));
+        } else {
+            // Exemplars (` # {...}`) are OpenMetrics only.
+            let sample = l.split_once(" # {").map_or(l, |(s, _)| s);
+            out.push_str(sample);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 impl Admin {
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
         loop {
@@ -108,11 +153,24 @@ impl Admin {
         let (status, ctype, body) = match req.uri().path() {
             "/metrics" => {
                 let mut out = String::new();
+                // OpenMetrics when the scraper asks for it (Prometheus does), else the
+                // classic text format that `curl` users and older tools read.
+                let openmetrics = req
+                    .headers()
+                    .get_all(hyper::header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| v.contains("application/openmetrics-text"));
                 match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-                    Ok(()) => (
+                    Ok(()) if openmetrics => (
                         StatusCode::OK,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         out,
+                    ),
+                    Ok(()) => (
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        openmetrics_to_text(&out),
                     ),
                     Err(e) => (
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -192,6 +250,21 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> Result<(StatusCode, 
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn openmetrics_reads_as_classic_text() {
+        let om = "# HELP c Things.\n# TYPE c counter\nc_total{a=\"1\"} 3\n\
+                  # HELP g Level.\n# TYPE g gauge\n# UNIT g bytes\ng 2\n\
+                  # HELP b Build.\n# TYPE b info\nb_info{v=\"1\"} 1\n\
+                  # HELP h Latency.\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1 # {trace_id=\"x\"} 0.1\nh_sum 0.1\nh_count 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP c_total Things.\n# TYPE c_total counter\nc_total{a=\"1\"} 3\n\
+             # HELP g Level.\n# TYPE g gauge\ng 2\n\
+             # HELP b_info Build.\n# TYPE b_info gauge\nb_info{v=\"1\"} 1\n\
+             # HELP h Latency.\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 0.1\nh_count 1\n"
+        );
+    }
 
     #[test]
     fn ready_follows_the_svid_expiry() {

@@ -913,3 +913,37 @@ async fn a_full_disk_makes_the_federation_unready_until_space_frees() {
         "the snapshot lacks the publish"
     );
 }
+
+/// The federation's `/metrics`, after joins, a publish and a watch, pass `promtool check
+/// metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_metrics_pass_promtool() {
+    let scratch = Scratch::new("fedprom");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let west = scratch.site("west", "west.example.org");
+    assert_eq!(join(&west, "west", &fed.token("west", "1h")).0, 0);
+    let mut wc = client(&fed, &west, &west.cert, &west.key).await;
+    publish(&mut wc, "west", vec![export("orders.shop")])
+        .await
+        .unwrap();
+    let mut watch = wc
+        .watch(pb::WatchRequest {
+            from_revision: None,
+            gateway_address: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    next_event(&mut watch).await;
+    let admin: std::net::SocketAddr = std::fs::read_to_string(fed.dir.join("admin_address"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let text = http_get(admin, "/metrics").await.unwrap();
+    assert!(
+        text.contains("meshfed_federation_publishes_total"),
+        "{text}"
+    );
+    crate::tunnel::promtool_check(&text).unwrap_or_else(|e| panic!("promtool: {e}\n{text}"));
+}

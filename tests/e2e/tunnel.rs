@@ -839,3 +839,65 @@ async fn debug_pages_show_the_config_the_links_and_the_imports() {
     assert_eq!(status, 404);
     assert!(body.contains("/debug/peers"), "{body}");
 }
+
+/// `promtool check metrics` (Prometheus' own linter) on a text exposition: its
+/// complaints, if any.
+pub(crate) fn promtool_check(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs (Debian package prometheus; deploy/setup-dev.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Both gateways' `/metrics`, after traffic and a refusal, pass `promtool check metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_metrics_pass_promtool() {
+    let s = TwoSites::start(
+        "promtool",
+        &[("echo.demo", 7, vec![echo_server().await])],
+        &[("echo.demo", 7)],
+    )
+    .await;
+    echo_once(s.east_gw.import("echo.demo:7")).await.unwrap();
+    for gw in [&s.east_gw, &s.west_gw] {
+        let text = http_get(gw.admin, "/metrics").await.unwrap();
+        assert!(text.contains("meshfed_gateway_connections_total"), "{text}");
+        promtool_check(&text).unwrap_or_else(|e| panic!("promtool: {e}\n{text}"));
+    }
+    // A scraper that asks for OpenMetrics (Prometheus does) gets it.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            "Accept: application/openmetrics-text;version=1.0.0",
+        ])
+        .arg(format!("http://{}/metrics", s.east_gw.admin))
+        .output()
+        .unwrap();
+    let om = String::from_utf8_lossy(&out.stdout);
+    assert!(om.trim_end().ends_with("# EOF"), "{om}");
+    assert!(
+        om.contains("# TYPE meshfed_gateway_connections counter"),
+        "{om}"
+    );
+}
