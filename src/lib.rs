@@ -4,4 +4,5 @@
 //! gateway's applied plans. The gateway crate and the DNS crate do not know each other.
 #![forbid(unsafe_code)]
 
+pub mod diagnose;
 pub mod site;

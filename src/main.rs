@@ -66,6 +66,10 @@ enum Cmd {
     Site(cmd::site::SiteCmd),
     /// Prints the federation's sites: trust domains, lease, exports, imports, revisions.
     Status(cmd::site::StatusArgs),
+    /// Walks a cross-site call to SERVICE[:PORT] from this site, live: DNS, import,
+    /// lease, link, a real open, endpoints; a verdict per step and the fix for the first
+    /// failure. Exit status 0 when the call would succeed.
+    Diagnose(cmd::diagnose::DiagnoseArgs),
     /// Kubernetes as a catalog source (MCS ServiceExport), run in the cluster beside the
     /// gateway; uses the in-cluster service account or the local kubeconfig.
     #[command(subcommand)]
@@ -158,6 +162,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Kubernetes(c) => cmd::kubernetes::run(c)?,
         Cmd::Dns(a) => cmd::dns::run(a)?,
         Cmd::Status(a) => cmd::site::status(a)?,
+        Cmd::Diagnose(a) => return cmd::diagnose::run(a),
         Cmd::Federation(c) => cmd::federation::federation(*c)?,
         Cmd::Site(c) => cmd::site::site(c)?,
     }

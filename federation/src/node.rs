@@ -205,6 +205,7 @@ impl Running {
                 })
             }),
             pages: Vec::new(),
+            probe: None,
         };
         tokio::spawn(server.serve(listener, self.admin_stop.clone()));
         Ok(addr)

@@ -652,6 +652,62 @@ impl Imports {
         imports.into()
     }
 
+    /// `/debug/probe` (for `meshfed diagnose`): one real open of `service:port` at
+    /// `site`, over the live peer link and with the gateway's own identity as caller,
+    /// exactly as a client's open goes; the stream closes at once (the far gateway's
+    /// endpoint sees a connection that ends). The answer: `accepted`, or the typed
+    /// refusal with its code and message. Not counted in the traffic metrics.
+    pub async fn probe(
+        &self,
+        service: ServiceName,
+        port: u16,
+        site: SiteName,
+    ) -> serde_json::Value {
+        let started = std::time::Instant::now();
+        let Some(peer) = self.peers.get(&site) else {
+            return serde_json::json!({
+                "site": site.to_string(),
+                "result": "refused",
+                "reason": Refusal::PeerUnavailable.as_str(),
+                "message": format!("site {site} is not a peer of this gateway"),
+            });
+        };
+        let eg = Egress {
+            service: service.clone(),
+            port,
+            backends: Arc::new(ArcSwap::from_pointee(vec![site.clone()])),
+            peers: self.peers.clone(),
+            local_id: self.local_id.clone(),
+            metrics: Metrics::default(),
+            open_timeout: self.open_timeout,
+            callers: Callers::Declared,
+            app: Arc::new(ArcSwap::from_pointee(AppProtocol::Tcp)),
+            http: Arc::new(crate::http::egress::HttpEgress::new(&service, port)),
+            routes: Arc::new(ArcSwap::from_pointee(None)),
+        };
+        let open = eg.open_request(None);
+        let wait = Duration::from_secs(2);
+        let r = eg.open_stream(&peer, &open, wait, self.open_timeout).await;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        match r {
+            Ok(stream) => {
+                let transport = match &stream {
+                    Stream::Quic(..) => "quic",
+                    Stream::H2(..) => "h2",
+                };
+                drop(stream);
+                serde_json::json!({
+                    "site": site.to_string(), "result": "accepted",
+                    "transport": transport, "open_ms": ms,
+                })
+            }
+            Err((reason, message)) => serde_json::json!({
+                "site": site.to_string(), "result": "refused",
+                "reason": reason.as_str(), "message": message, "open_ms": ms,
+            }),
+        }
+    }
+
     pub fn addrs(&self) -> Vec<(String, SocketAddr)> {
         self.lock()
             .iter()

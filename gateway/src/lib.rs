@@ -442,6 +442,45 @@ fn debug_pages(
     ]
 }
 
+/// `/debug/probe?service=S&port=P&site=X`: one real open of `S:P` at site `X` over the
+/// live peer link ([`egress::Imports::probe`]), for `meshfed diagnose`. 400 on a bad
+/// query.
+fn probe(imports: Arc<egress::Imports>) -> meshfed_lifecycle::admin::Probe {
+    Arc::new(move |query: String| {
+        let imports = imports.clone();
+        Box::pin(async move {
+            let mut service = None;
+            let mut port = None;
+            let mut site = None;
+            for kv in query.split('&') {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                match k {
+                    "service" => service = Some(v.to_owned()),
+                    "port" => port = v.parse::<u16>().ok(),
+                    "site" => site = Some(v.to_owned()),
+                    _ => {}
+                }
+            }
+            let parsed = (
+                service.as_deref().map(meshfed_catalog::ServiceName::parse),
+                port,
+                site.as_deref().map(meshfed_catalog::SiteName::new),
+            );
+            match parsed {
+                (Some(Ok(service)), Some(port), Some(Ok(site))) => {
+                    let v = imports.probe(service, port, site).await;
+                    (200, v.to_string())
+                }
+                _ => (
+                    400,
+                    serde_json::json!({"error": "usage: /debug/probe?service=NAME.NAMESPACE&port=PORT&site=SITE"})
+                        .to_string(),
+                ),
+            }
+        })
+    })
+}
+
 /// Loads identity and bundles, binds every listener, and starts serving. Returns once
 /// all listeners are bound: `/ready` is then true, or, for a federated gateway, true once
 /// it has applied a catalog (cached or the federation's). The config's `dns` section is not
@@ -769,6 +808,7 @@ pub async fn start_with(
             check
         }),
         pages: debug_pages(&cfg, &peers, &ingress, &imports, &applied, &metrics),
+        probe: Some(probe(imports.clone())),
     };
     tokio::spawn(admin.serve(admin_l, admin_stop.clone()));
     ready.store(true, Ordering::Release);

@@ -29,7 +29,17 @@ pub struct Admin {
     pub check: Option<ReadyCheck>,
     /// Debug pages (`/debug/...`), each a JSON document rendered on request.
     pub pages: Vec<(&'static str, Page)>,
+    /// `/debug/probe?QUERY`: an asynchronous check the component runs on request (the
+    /// gateway: one real open toward a site), answering a status and a JSON document.
+    pub probe: Option<Probe>,
 }
+
+/// Runs a probe for a query string; its HTTP status and JSON.
+pub type Probe = Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = (u16, String)> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Renders one debug page's JSON.
 pub type Page = Arc<dyn Fn() -> String + Send + Sync>;
@@ -123,7 +133,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req)) }
+                    async move { Ok::<_, Infallible>(this.handle(req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
@@ -149,8 +159,17 @@ impl Admin {
         svid_not_ready(e.not_after.get(), e.margin, now)
     }
 
-    fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
+    async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>> {
         let (status, ctype, body) = match req.uri().path() {
+            "/debug/probe" if self.probe.is_some() => {
+                let probe = self.probe.clone().expect("checked");
+                let (status, body) = probe(req.uri().query().unwrap_or_default().to_owned()).await;
+                (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    "application/json",
+                    body,
+                )
+            }
             "/metrics" => {
                 let mut out = String::new();
                 // OpenMetrics when the scraper asks for it (Prometheus does), else the
@@ -195,6 +214,9 @@ impl Admin {
                     for (p, _) in &self.pages {
                         known.push_str(", ");
                         known.push_str(p);
+                    }
+                    if self.probe.is_some() {
+                        known.push_str(", /debug/probe");
                     }
                     (
                         StatusCode::NOT_FOUND,

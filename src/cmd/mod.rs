@@ -1,6 +1,7 @@
 //! One module per group of commands: each parses its own arguments (clap) and does the
 //! command by calling into the crates. `main.rs` only dispatches.
 
+pub mod diagnose;
 pub mod dns;
 pub mod federation;
 pub mod gateway;

@@ -4,6 +4,7 @@
 
 mod cli;
 mod deploy;
+mod diagnose;
 mod dns;
 mod etcd;
 mod federation;

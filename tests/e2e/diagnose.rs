@@ -1,0 +1,219 @@
+//! `meshfed diagnose` against real sites, each failure class made real: a healthy call,
+//! a name nobody exports, an endpoint that is not listening, an export closed to this
+//! site, trust withdrawn from the far site's gateway, and a site whose lease expired.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use meshfed_lab::SiteFiles;
+
+use crate::federation::{Fed, On, banner_server, fed_config, free_port, joined, wait_answer};
+use crate::harness::*;
+
+/// `meshfed diagnose TARGET --json` at `site`: exit code and report.
+fn diagnose(site: &SiteFiles, gw: &Gw, target: &str) -> (i32, serde_json::Value) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["diagnose", target, "--json", "--config"])
+        .arg(site.dir.join("gateway.yaml"))
+        .args(["--admin", &gw.admin.to_string()]);
+    if let Some(dns) = gw.dns {
+        cmd.args(["--dns", &dns.to_string()]);
+    }
+    let out = cmd.output().unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not a report ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// The first failing step: (number, name, site).
+fn first_fail(r: &serde_json::Value) -> Option<(u64, String, Option<String>)> {
+    r["steps"].as_array().unwrap().iter().find_map(|s| {
+        (s["verdict"] == "fail").then(|| {
+            (
+                s["step"].as_u64().unwrap(),
+                s["name"].as_str().unwrap().to_owned(),
+                s["site"].as_str().map(str::to_owned),
+            )
+        })
+    })
+}
+
+/// Runs `diagnose` until its first failure is `want` (the far side's state takes a
+/// moment to reach this site), and returns the report.
+async fn until(
+    site: &SiteFiles,
+    gw: &Gw,
+    target: &str,
+    want: Option<(u64, &str, Option<&str>)>,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, r) = diagnose(site, gw, target);
+        let got = first_fail(&r);
+        let matches = got.as_ref().map(|(n, s, x)| (*n, s.as_str(), x.as_deref())) == want;
+        if matches {
+            assert_eq!(code == 0, r["succeeds"] == true, "{r:#}");
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wanted {want:?}, got {got:?}: {r:#}\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnose_names_each_failure_class() {
+    let scratch = Scratch::new("diagnose");
+    let dir = Fed::init(&scratch);
+    let _fed = Fed::start_on(&dir, 0, "2s", On::Embedded);
+    let [east, west] = joined(&scratch, &_fed, ["east", "west"]);
+    let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(import_ip);
+    let (gone_port, private_port) = (free_port(import_ip), free_port(import_ip));
+    // An endpoint address nothing listens on.
+    let closed: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let west_cfg = fed_config(&west, [127, 0, 0, 3])
+        .export("web.demo", port, vec![banner_server("west").await])
+        .export("gone.demo", gone_port, vec![closed])
+        .export_to(
+            "private.demo",
+            private_port,
+            vec![banner_server("west").await],
+            vec![
+                meshfed_identity::SpiffeId::new(
+                    "spiffe://north.example.org/meshfed/site/north/gateway",
+                )
+                .unwrap(),
+            ],
+        );
+    let mut west_gw = Gw::start(&west, &west_cfg).unwrap();
+    let dns_port = free_port([127, 0, 0, 1].into());
+    let mut east_cfg = fed_config(&east, [127, 0, 0, 2]);
+    east_cfg.dns = Some(format!("listen: 127.0.0.1:{dns_port}"));
+    let east_gw = Gw::start(&east, &east_cfg).unwrap();
+    let import = SocketAddr::new(import_ip, port);
+    wait_answer(import, "west:ping", &east_gw).await;
+    let web = format!("web.demo:{port}");
+
+    // Healthy: every step passes, exit 0, through west.
+    let r = until(&east, &east_gw, &web, None).await;
+    assert_eq!(r["through"], "west", "{r:#}");
+    let names: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["dns", "import", "lease", "link", "open", "endpoints"],
+        "{r:#}"
+    );
+    // The text form, for people.
+    let out = Command::new(BIN)
+        .args(["diagnose", &web, "--config"])
+        .arg(east.dir.join("gateway.yaml"))
+        .args([
+            "--admin",
+            &east_gw.admin.to_string(),
+            "--dns",
+            &east_gw.dns.unwrap().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("verdict: a call succeeds now, through west"),
+        "{text}"
+    );
+
+    // A name nobody exports: no DNS answer because it is not imported.
+    let r = until(
+        &east,
+        &east_gw,
+        &format!("nope.demo:{port}"),
+        Some((1, "dns", None)),
+    )
+    .await;
+    assert!(r["first_fix"].as_str().unwrap().contains("step 2"), "{r:#}");
+    let import_step = &r["steps"][1];
+    assert_eq!(import_step["verdict"], "fail", "{r:#}");
+    assert!(
+        import_step["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no site exports nope.demo"),
+        "{r:#}"
+    );
+
+    // The endpoint is not listening: the far gateway cannot connect.
+    let r = until(
+        &east,
+        &east_gw,
+        &format!("gone.demo:{gone_port}"),
+        Some((6, "endpoints", Some("west"))),
+    )
+    .await;
+    assert!(r.to_string().contains("endpoint_connect_failed"), "{r:#}");
+
+    // Exported only to north: west refuses east, typed.
+    let r = until(
+        &east,
+        &east_gw,
+        &format!("private.demo:{private_port}"),
+        Some((5, "open", Some("west"))),
+    )
+    .await;
+    assert!(r.to_string().contains("not_exported_to_peer"), "{r:#}");
+    assert!(
+        r["first_fix"].as_str().unwrap().contains("add east"),
+        "{r:#}"
+    );
+
+    // Trust withdrawn: east no longer trusts west's trust domain; the link is down and
+    // says why.
+    let west_bundle = east.dir.join("bundles/west.example.org.json");
+    let saved = std::fs::read(&west_bundle).unwrap();
+    std::fs::remove_file(&west_bundle).unwrap();
+    let r = until(&east, &east_gw, &web, Some((4, "link", Some("west")))).await;
+    eprintln!("trust withdrawn: {}", r["steps"][3]["detail"]);
+    std::fs::write(&west_bundle, saved).unwrap();
+    until(&east, &east_gw, &web, None).await;
+
+    // West's gateway dies: once its lease expires, the import has no backend and the
+    // lease step names west.
+    west_gw.kill();
+    let r = until(&east, &east_gw, &web, Some((2, "import", None))).await;
+    let lease = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "lease")
+        .cloned()
+        .unwrap_or_else(|| panic!("no lease step: {r:#}"));
+    assert_eq!(
+        (lease["verdict"].as_str(), lease["site"].as_str()),
+        (Some("fail"), Some("west")),
+        "{r:#}"
+    );
+    assert!(
+        r["first_fix"]
+            .as_str()
+            .unwrap()
+            .contains("west's gateway is not watching"),
+        "{r:#}"
+    );
+}
