@@ -656,21 +656,29 @@ impl Imports {
     /// `site`, over the live peer link and with the gateway's own identity as caller,
     /// exactly as a client's open goes; the stream closes at once (the far gateway's
     /// endpoint sees a connection that ends). The answer: `accepted`, or the typed
-    /// refusal with its code and message. Not counted in the traffic metrics.
+    /// refusal with its code and message. Not counted in the traffic metrics. Only an
+    /// import of this gateway is probed (`None` otherwise): the admin port reaches no
+    /// further than the import listeners do.
     pub async fn probe(
         &self,
         service: ServiceName,
         port: u16,
         site: SiteName,
-    ) -> serde_json::Value {
+    ) -> Option<serde_json::Value> {
+        if !self
+            .lock()
+            .contains_key(&(service.clone(), port, Protocol::Tcp))
+        {
+            return None;
+        }
         let started = std::time::Instant::now();
         let Some(peer) = self.peers.get(&site) else {
-            return serde_json::json!({
+            return Some(serde_json::json!({
                 "site": site.to_string(),
                 "result": "refused",
                 "reason": Refusal::PeerUnavailable.as_str(),
                 "message": format!("site {site} is not a peer of this gateway"),
-            });
+            }));
         };
         let eg = Egress {
             service: service.clone(),
@@ -689,7 +697,7 @@ impl Imports {
         let wait = Duration::from_secs(2);
         let r = eg.open_stream(&peer, &open, wait, self.open_timeout).await;
         let ms = started.elapsed().as_secs_f64() * 1e3;
-        match r {
+        Some(match r {
             Ok(stream) => {
                 let transport = match &stream {
                     Stream::Quic(..) => "quic",
@@ -705,7 +713,7 @@ impl Imports {
                 "site": site.to_string(), "result": "refused",
                 "reason": reason.as_str(), "message": message, "open_ms": ms,
             }),
-        }
+        })
     }
 
     pub fn addrs(&self) -> Vec<(String, SocketAddr)> {

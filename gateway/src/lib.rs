@@ -442,13 +442,26 @@ fn debug_pages(
     ]
 }
 
+/// Probes `/debug/probe` runs at once, at most.
+const PROBES_AT_ONCE: usize = 4;
+
 /// `/debug/probe?service=S&port=P&site=X`: one real open of `S:P` at site `X` over the
 /// live peer link ([`egress::Imports::probe`]), for `meshfed diagnose`. 400 on a bad
-/// query.
+/// query, 404 for a service port this gateway does not import, 429 past
+/// [`PROBES_AT_ONCE`] probes in flight.
 fn probe(imports: Arc<egress::Imports>) -> meshfed_lifecycle::admin::Probe {
+    let slots = Arc::new(tokio::sync::Semaphore::new(PROBES_AT_ONCE));
     Arc::new(move |query: String| {
         let imports = imports.clone();
+        let slot = slots.clone().try_acquire_owned();
         Box::pin(async move {
+            let Ok(_slot) = slot else {
+                return (
+                    429,
+                    serde_json::json!({"error": format!("{PROBES_AT_ONCE} probes already in flight")})
+                        .to_string(),
+                );
+            };
             let mut service = None;
             let mut port = None;
             let mut site = None;
@@ -468,8 +481,14 @@ fn probe(imports: Arc<egress::Imports>) -> meshfed_lifecycle::admin::Probe {
             );
             match parsed {
                 (Some(Ok(service)), Some(port), Some(Ok(site))) => {
-                    let v = imports.probe(service, port, site).await;
-                    (200, v.to_string())
+                    match imports.probe(service.clone(), port, site).await {
+                        Some(v) => (200, v.to_string()),
+                        None => (
+                            404,
+                            serde_json::json!({"error": format!("{service}:{port} is not an import of this gateway")})
+                                .to_string(),
+                        ),
+                    }
                 }
                 _ => (
                     400,

@@ -140,6 +140,21 @@ async fn diagnose_names_each_failure_class() {
         "{text}"
     );
 
+    // The probe reaches no further than the imports, and says how to ask.
+    for (path, status) in [
+        (
+            format!("/debug/probe?service=nope.demo&port={port}&site=west"),
+            404,
+        ),
+        ("/debug/probe?service=web.demo".to_string(), 400),
+        ("/debug/probe?%00%ff=&&&".to_string(), 400),
+    ] {
+        let (got, body) = meshfed_lifecycle::admin::get(east_gw.admin, &path)
+            .await
+            .unwrap();
+        assert_eq!(got.as_u16(), status, "{path}: {body}");
+    }
+
     // A name nobody exports: no DNS answer because it is not imported.
     let r = until(
         &east,
