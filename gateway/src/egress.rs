@@ -158,10 +158,16 @@ impl Egress {
             client: Some(client),
             ..self.open_request(None)
         };
+        let started = std::time::Instant::now();
         match self.open_any(&open).await {
             Ok(opened) => {
-                let _active = self.metrics.stream_started(DIR);
-                let c = self.metrics.counters(DIR);
+                let labels =
+                    self.metrics
+                        .egress_labels(&self.service, self.port, opened.site.as_str());
+                self.metrics
+                    .service
+                    .opened(labels.clone(), started.elapsed());
+                let (_active, c) = self.metrics.tcp_stream(labels);
                 let (end, transport) = match opened.stream {
                     Stream::Quic(_, send, recv) => (splice(tcp, send, recv, &c).await, "quic"),
                     Stream::H2(send, recv) => (splice(tcp, send, recv, &c).await, "h2"),
@@ -170,7 +176,7 @@ impl Egress {
             }
             Err(refused) => {
                 refused.log(&open, "connection refused");
-                self.metrics.refused(DIR, refused.reason.as_str());
+                self.refused(&refused);
                 reset_tcp(tcp);
             }
         }
@@ -214,10 +220,16 @@ impl Egress {
             client: Some(client),
             ..self.open_request(None)
         };
+        let started = std::time::Instant::now();
         match self.open_any(&open).await {
             Ok(opened) => {
-                let _active = self.metrics.stream_started(DIR);
-                let c = self.metrics.counters(DIR);
+                let labels =
+                    self.metrics
+                        .egress_labels(&self.service, self.port, opened.site.as_str());
+                self.metrics
+                    .service
+                    .opened(labels.clone(), started.elapsed());
+                let (_active, c) = self.metrics.tcp_stream(labels);
                 let end = match opened.stream {
                     Stream::Quic(_, send, recv) => splice_tls(tls, send, recv, &c).await,
                     Stream::H2(send, recv) => splice_tls(tls, send, recv, &c).await,
@@ -226,10 +238,22 @@ impl Egress {
             }
             Err(refused) => {
                 refused.log(&open, "connection refused");
-                self.metrics.refused(DIR, refused.reason.as_str());
+                self.refused(&refused);
                 reset_tcp(tls.into_tcp());
             }
         }
+    }
+
+    /// Counts a refused open, by direction and by service (the last site tried, or
+    /// `_unknown` when none was).
+    fn refused(&self, r: &Refused) {
+        self.metrics.refused(DIR, r.reason.as_str());
+        let to = r
+            .site
+            .as_ref()
+            .map_or(crate::metrics::UNKNOWN, |s| s.as_str());
+        let labels = self.metrics.egress_labels(&self.service, self.port, to);
+        self.metrics.service.refused(labels, r.reason.as_str());
     }
 
     /// The open request for this import: a TCP stream, or the UDP flow `flow`.

@@ -605,7 +605,10 @@ impl Ingress {
         };
         let admitted = match self.admit(&open, &peer) {
             Ok(a) => a,
-            Err(r) => return self.refuse(send, recv, r.reason, r.message, false).await,
+            Err(r) => {
+                self.service_refused(&open, &peer, r.reason);
+                return self.refuse(send, recv, r.reason, r.message, false).await;
+            }
         };
         if let Some(flow) = open.flow {
             return self
@@ -632,20 +635,35 @@ impl Ingress {
         }
         let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
             Ok(c) => c,
-            Err(r) => return self.refuse(send, recv, r.reason, r.message, false).await,
+            Err(r) => {
+                self.service_refused(&open, &peer, r.reason);
+                return self.refuse(send, recv, r.reason, r.message, false).await;
+            }
         };
         let mut send = send;
         if send.write_all(&Response::Accept.encode()).await.is_err() {
             return;
         }
         debug!(service = %open.service, port = open.port, %peer, source = %open.source, endpoint = %ep, tls = matches!(conn, Conn::Tls(_)), "accepted");
-        let _active = self.metrics.stream_started(DIR);
-        let counters = self.metrics.counters(DIR);
+        let (_active, counters) = self.metrics.tcp_stream(self.metrics.ingress_labels(
+            Some(&open.service),
+            open.port,
+            &peer,
+        ));
         let end = match conn {
             Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters).await,
             Conn::Plain(tcp) => splice(tcp, send, recv, &counters).await,
         };
         debug!(?end, "stream done");
+    }
+
+    /// Counts a refused open by service: its name only when this gateway exports it (a
+    /// peer's made-up names never become labels).
+    fn service_refused(&self, open: &Open, peer: &SpiffeId, reason: Refusal) {
+        let exports = self.exports.load();
+        let known = exports.contains_key(&open.service).then_some(&open.service);
+        let labels = self.metrics.ingress_labels(known, open.port, peer);
+        self.metrics.service.refused(labels, reason.as_str());
     }
 
     /// Decides an open from `peer` (counting a policy denial).
@@ -971,7 +989,10 @@ impl Ingress {
             }
             let admitted = match self.admit(&open, &peer) {
                 Ok(a) => a,
-                Err(r) => return self.refuse_h2(respond, r.reason, r.message),
+                Err(r) => {
+                    self.service_refused(&open, &peer, r.reason);
+                    return self.refuse_h2(respond, r.reason, r.message);
+                }
             };
             if open.flow.is_some() {
                 return self
@@ -1000,7 +1021,10 @@ impl Ingress {
             }
             let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
                 Ok(c) => c,
-                Err(r) => return self.refuse_h2(respond, r.reason, r.message),
+                Err(r) => {
+                    self.service_refused(&open, &peer, r.reason);
+                    return self.refuse_h2(respond, r.reason, r.message);
+                }
             };
             let send = match respond
                 .send_response(crate::hbone::headers::response(&Response::Accept), false)
@@ -1012,8 +1036,11 @@ impl Ingress {
                 }
             };
             debug!(%peer, source = %open.source, endpoint = %ep, "accepted (h2)");
-            let _active = self.metrics.stream_started(DIR);
-            let counters = self.metrics.counters(DIR);
+            let (_active, counters) = self.metrics.tcp_stream(self.metrics.ingress_labels(
+                Some(&open.service),
+                open.port,
+                &peer,
+            ));
             let (send, recv) = (crate::hbone::H2Send(send), crate::hbone::H2Recv::new(body));
             let end = match conn {
                 Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters).await,

@@ -540,7 +540,10 @@ pub async fn start_with(
     };
     let (svid, bundles) = load_identity(&cfg)?;
 
-    let metrics = metrics::Metrics::default();
+    let metrics = metrics::Metrics {
+        site: cfg.site.as_str().into(),
+        ..Default::default()
+    };
     metrics.register(&mut registry);
     let hook_metrics = metrics.clone();
     let bundle_store = Arc::new(ArcSwap::from_pointee(bundles));

@@ -170,8 +170,157 @@ pub struct ImportRouteLabels {
     pub route: String,
 }
 
+/// One service's traffic between two sites, seen from one side. `service` is one this
+/// gateway imports (egress) or exports (ingress), never a name a peer sent
+/// (`_unknown` then); sites come from the verified peer ID.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub port: u16,
+    pub source_site: String,
+    pub destination_site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceFlowLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub port: u16,
+    pub source_site: String,
+    pub destination_site: String,
+    /// `to_tunnel` or `from_tunnel`.
+    pub flow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceReasonLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub port: u16,
+    pub source_site: String,
+    pub destination_site: String,
+    pub reason: &'static str,
+}
+
+/// The most (direction, service, port, source site, destination site) label sets the
+/// per-service families hold; past it, new ones are counted under `_overflow` labels.
+/// Imports and exports × sites stay far below it in any federation meshfed supports.
+pub const MAX_SERVICE_SERIES: usize = 4096;
+
+/// The label for a service or site that is not a known one.
+pub const UNKNOWN: &str = "_unknown";
+const OVERFLOW: &str = "_overflow";
+
+type Histogram = prometheus_client::metrics::histogram::Histogram;
+
+/// Per-service traffic families, and the guard that bounds their label sets.
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    pub connections: Family<ServiceLabels, Counter>,
+    pub active_streams: Family<ServiceLabels, Gauge>,
+    pub bytes: Family<ServiceFlowLabels, Counter>,
+    pub refusals: Family<ServiceReasonLabels, Counter>,
+    pub open_seconds: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<ServiceLabels>>>,
+}
+
+impl Default for ServiceMetrics {
+    fn default() -> Self {
+        Self {
+            connections: Family::default(),
+            active_streams: Family::default(),
+            bytes: Family::default(),
+            refusals: Family::default(),
+            open_seconds: Family::new_with_constructor(open_histogram),
+            seen: Default::default(),
+        }
+    }
+}
+
+impl ServiceMetrics {
+    /// `l`, or the overflow label set when [`MAX_SERVICE_SERIES`] are taken.
+    fn bounded(&self, l: ServiceLabels) -> ServiceLabels {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(&l) {
+            return l;
+        }
+        if seen.len() < MAX_SERVICE_SERIES {
+            seen.insert(l.clone());
+            return l;
+        }
+        ServiceLabels {
+            direction: l.direction,
+            service: OVERFLOW.into(),
+            port: 0,
+            source_site: OVERFLOW.into(),
+            destination_site: OVERFLOW.into(),
+        }
+    }
+
+    /// A stream of the service started: counted, held in `active_streams` until the
+    /// returned guard drops; its byte counters.
+    pub fn stream(&self, l: ServiceLabels) -> (ActiveStream, (Counter, Counter)) {
+        let l = self.bounded(l);
+        self.connections.get_or_create(&l).inc();
+        let gauge = self.active_streams.get_or_create(&l).clone();
+        gauge.inc();
+        let flow = |flow| {
+            self.bytes
+                .get_or_create(&ServiceFlowLabels {
+                    direction: l.direction,
+                    service: l.service.clone(),
+                    port: l.port,
+                    source_site: l.source_site.clone(),
+                    destination_site: l.destination_site.clone(),
+                    flow,
+                })
+                .clone()
+        };
+        (
+            ActiveStream(gauge),
+            (flow("to_tunnel"), flow("from_tunnel")),
+        )
+    }
+
+    pub fn refused(&self, l: ServiceLabels, reason: &'static str) {
+        let l = self.bounded(l);
+        self.refusals
+            .get_or_create(&ServiceReasonLabels {
+                direction: l.direction,
+                service: l.service,
+                port: l.port,
+                source_site: l.source_site,
+                destination_site: l.destination_site,
+                reason,
+            })
+            .inc();
+    }
+
+    /// How long an open took to be accepted (the egress's view).
+    pub fn opened(&self, l: ServiceLabels, took: Duration) {
+        let l = self.bounded(l);
+        self.open_seconds
+            .get_or_create(&l)
+            .observe(took.as_secs_f64());
+    }
+}
+
+fn open_histogram() -> Histogram {
+    // 0.5 ms to ~4 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 14,
+    ))
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
+    /// This gateway's site: the source of its egress traffic, the destination of its
+    /// ingress traffic, in the per-service labels.
+    pub site: std::sync::Arc<str>,
+    /// Per service, port, source and destination site (bounded by
+    /// [`MAX_SERVICE_SERIES`]).
+    pub service: ServiceMetrics,
     /// HTTP requests answered 429 by a route's rate limit, by import and route: at most
     /// imports × 64 routes series.
     pub http_rate_limited: Family<ImportRouteLabels, Counter>,
@@ -235,6 +384,31 @@ impl Metrics {
     /// Registers every metric under the `meshfed_gateway` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("meshfed_gateway");
+        r.register(
+            "service_connections",
+            "Tunnelled TCP connections accepted, by direction, service, port, source and destination site (at most 4096 label sets; past them, _overflow)",
+            self.service.connections.clone(),
+        );
+        r.register(
+            "service_active_streams",
+            "Tunnelled TCP connections in flight, by direction, service, port, source and destination site",
+            self.service.active_streams.clone(),
+        );
+        r.register(
+            "service_bytes",
+            "Payload bytes carried, by direction, service, port, source and destination site, and flow",
+            self.service.bytes.clone(),
+        );
+        r.register(
+            "service_refusals",
+            "Opens refused, by direction, service (_unknown for a name this gateway does not export), port, source and destination site, and reason (the wire's stable code)",
+            self.service.refusals.clone(),
+        );
+        r.register(
+            "service_open_seconds",
+            "Time from a client's connection to the far side's accept, at the egress, by service, port and destination site",
+            self.service.open_seconds.clone(),
+        );
         r.register(
             "connections",
             "Tunnelled connections accepted",
@@ -521,7 +695,57 @@ impl Metrics {
         crate::splice::Counters {
             tx: get("to_tunnel"),
             rx: get("from_tunnel"),
+            service: None,
         }
+    }
+
+    /// The per-service labels of an egress stream of `service:port` to `to`.
+    pub fn egress_labels(
+        &self,
+        service: &meshfed_catalog::ServiceName,
+        port: u16,
+        to: &str,
+    ) -> ServiceLabels {
+        ServiceLabels {
+            direction: "egress",
+            service: service.to_string(),
+            port,
+            source_site: self.site.to_string(),
+            destination_site: to.to_owned(),
+        }
+    }
+
+    /// The per-service labels of an ingress stream from `peer` (its verified gateway ID)
+    /// for `service` (`None`: not one this gateway exports).
+    pub fn ingress_labels(
+        &self,
+        service: Option<&meshfed_catalog::ServiceName>,
+        port: u16,
+        peer: &meshfed_identity::SpiffeId,
+    ) -> ServiceLabels {
+        ServiceLabels {
+            direction: "ingress",
+            service: service.map_or_else(|| UNKNOWN.to_owned(), ToString::to_string),
+            port: if service.is_some() { port } else { 0 },
+            source_site: peer.gateway_site().unwrap_or(UNKNOWN).to_owned(),
+            destination_site: self.site.to_string(),
+        }
+    }
+
+    /// A TCP stream of a known service: counted by direction and by service, held in
+    /// both `active_streams` gauges until the guard drops; its byte counters count both.
+    pub fn tcp_stream(&self, l: ServiceLabels) -> (TcpStreamGuard, crate::splice::Counters) {
+        let dir = self.stream_started(l.direction);
+        let mut counters = self.counters(l.direction);
+        let (svc, bytes) = self.service.stream(l);
+        counters.service = Some(bytes);
+        (
+            TcpStreamGuard {
+                _direction: dir,
+                _service: svc,
+            },
+            counters,
+        )
     }
 
     /// Per-datagram counters for `direction`, fetched once so the data path does not hash
@@ -616,11 +840,62 @@ impl UdpCounters {
     }
 }
 
+/// See [`Metrics::tcp_stream`].
+pub struct TcpStreamGuard {
+    _direction: ActiveStream,
+    _service: ActiveStream,
+}
+
 /// See [`Metrics::stream_started`].
 pub struct ActiveStream(Gauge);
 
 impl Drop for ActiveStream {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(i: usize) -> ServiceLabels {
+        ServiceLabels {
+            direction: "ingress",
+            service: format!("s{i}.demo"),
+            port: 80,
+            source_site: "east".into(),
+            destination_site: "west".into(),
+        }
+    }
+
+    #[test]
+    fn per_service_label_sets_are_bounded() {
+        let m = ServiceMetrics::default();
+        for i in 0..MAX_SERVICE_SERIES + 100 {
+            let (_g, (tx, _)) = m.stream(labels(i));
+            tx.inc_by(1);
+            m.refused(labels(i), "unknown_service");
+        }
+        // Known sets keep counting under their own labels.
+        m.stream(labels(0)).1.0.inc_by(1);
+        let overflow = ServiceLabels {
+            direction: "ingress",
+            service: OVERFLOW.into(),
+            port: 0,
+            source_site: OVERFLOW.into(),
+            destination_site: OVERFLOW.into(),
+        };
+        assert_eq!(m.connections.get_or_create(&labels(0)).get(), 2);
+        assert_eq!(m.connections.get_or_create(&overflow).get(), 100);
+        // Every set past the bound went to the one overflow set.
+        let mut text = String::new();
+        let mut r = Registry::default();
+        r.register("c", "c", m.connections.clone());
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("c_total")).count(),
+            MAX_SERVICE_SERIES + 1
+        );
     }
 }

@@ -34,6 +34,25 @@ pub struct Counters {
     pub tx: Counter,
     /// Tunnel → TCP.
     pub rx: Counter,
+    /// The same for the stream's service (`meshfed_gateway_service_bytes_total`), when
+    /// it is known: (to the tunnel, from it).
+    pub service: Option<(Counter, Counter)>,
+}
+
+impl Counters {
+    fn sent(&self, n: u64) {
+        self.tx.inc_by(n);
+        if let Some((tx, _)) = &self.service {
+            tx.inc_by(n);
+        }
+    }
+
+    fn received(&self, n: u64) {
+        self.rx.inc_by(n);
+        if let Some((_, rx)) = &self.service {
+            rx.inc_by(n);
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -214,7 +233,7 @@ where
                         return Ok(());
                     }
                     Ok(n) => {
-                        counters.tx.inc_by(n as u64);
+                        counters.sent(n as u64);
                         if send.send(buf.split().freeze()).await.is_err() {
                             return Err("tunnel_send_failed");
                         }
@@ -236,7 +255,7 @@ where
                     }
                     Ok(n) => {
                         let bytes: usize = chunks[..n].iter().map(Bytes::len).sum();
-                        counters.rx.inc_by(bytes as u64);
+                        counters.received(bytes as u64);
                         if write_all_chunks(tw, &mut chunks[..n]).await.is_err() {
                             return Err("tcp_write_failed");
                         }

@@ -875,15 +875,74 @@ async fn gateway_metrics_pass_promtool() {
     let s = TwoSites::start(
         "promtool",
         &[("echo.demo", 7, vec![echo_server().await])],
-        &[("echo.demo", 7)],
+        &[("echo.demo", 7), ("nope.demo", 9)],
     )
     .await;
     echo_once(s.east_gw.import("echo.demo:7")).await.unwrap();
-    for gw in [&s.east_gw, &s.west_gw] {
-        let text = http_get(gw.admin, "/metrics").await.unwrap();
+    // West does not export nope.demo: refused, typed, on both sides.
+    assert_refused(s.east_gw.import("nope.demo:9")).await;
+    let east = http_get(s.east_gw.admin, "/metrics").await.unwrap();
+    let west = http_get(s.west_gw.admin, "/metrics").await.unwrap();
+    for text in [&east, &west] {
         assert!(text.contains("meshfed_gateway_connections_total"), "{text}");
-        promtool_check(&text).unwrap_or_else(|e| panic!("promtool: {e}\n{text}"));
+        promtool_check(text).unwrap_or_else(|e| panic!("promtool: {e}\n{text}"));
     }
+    // Per service, port, source and destination site, on each side.
+    let sample = |text: &str, name: &str, labels: &str| -> f64 {
+        let head = format!("{name}{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(head.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {head}in\n{text}"))
+    };
+    let egress = r#"direction="egress",service="echo.demo",port="7",source_site="east",destination_site="west""#;
+    let ingress = r#"direction="ingress",service="echo.demo",port="7",source_site="east",destination_site="west""#;
+    assert_eq!(
+        sample(&east, "meshfed_gateway_service_connections_total", egress),
+        1.0
+    );
+    assert_eq!(
+        sample(&west, "meshfed_gateway_service_connections_total", ingress),
+        1.0
+    );
+    assert!(
+        sample(
+            &east,
+            "meshfed_gateway_service_bytes_total",
+            &format!("{egress},flow=\"to_tunnel\"")
+        ) > 0.0
+    );
+    assert!(
+        sample(
+            &west,
+            "meshfed_gateway_service_bytes_total",
+            &format!("{ingress},flow=\"from_tunnel\"")
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(&east, "meshfed_gateway_service_open_seconds_count", egress),
+        1.0
+    );
+    assert_eq!(
+        sample(&east, "meshfed_gateway_service_active_streams", egress),
+        0.0
+    );
+    assert!(
+        sample(
+            &east,
+            "meshfed_gateway_service_refusals_total",
+            r#"direction="egress",service="nope.demo",port="9",source_site="east",destination_site="west",reason="unknown_service""#
+        ) >= 1.0
+    );
+    // The name west does not export never becomes a label there.
+    assert!(
+        sample(
+            &west,
+            "meshfed_gateway_service_refusals_total",
+            r#"direction="ingress",service="_unknown",port="0",source_site="east",destination_site="west",reason="unknown_service""#
+        ) >= 1.0
+    );
+    assert!(!west.contains("nope.demo"), "{west}");
     // A scraper that asks for OpenMetrics (Prometheus does) gets it.
     let out = std::process::Command::new("curl")
         .args([
