@@ -13,6 +13,7 @@
 #   nftables, iproute2 nft and ip: the outbound-only test puts a site in a network
 #                      namespace whose firewall drops every new inbound connection
 #   prometheus         promtool, which lints the /metrics of the gateway and federation
+#   chromium           a headless browser that renders the federation's topology page
 #   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
 #                      which checks the rendered manifests against the Kubernetes schemas,
 #                      spiffe (py-spiffe, which parses the served SPIFFE bundles), and
@@ -33,6 +34,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v chromium >/dev/null || need+=(chromium)
 tools=/opt/meshfed-tools
 { [ -x "$tools/bin/kubernetes-validate" ] && "$tools/bin/python" -c 'import spiffe' 2>/dev/null; } || python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -149,8 +149,12 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         lab::make_site(&root, "west", "west.example.org")?,
         lab::make_site(&root, "north", "north.example.org")?,
     ];
+    let fed_admin = fed
+        .serve_admin(&fed_dir, ([127, 0, 0, 1], 0).into())
+        .await?;
     println!("1. trust: four CAs, no shared root");
     println!("   federation {:<18} {}", fed_td, fed.addr);
+    println!("   topology page: http://{fed_admin}/topology (live while the demo runs)");
     for s in &sites {
         println!("   {:<10} {:<18} gateway {}", s.site, s.trust_domain, s.id);
     }
@@ -199,6 +203,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     let port = free_port(ips[0])?;
     let uport = free_port(ips[0])?;
     let mut gateways = Vec::new();
+    let mut east_config = PathBuf::new();
     for (i, s) in sites.iter().enumerate() {
         let mut b = lab::ConfigBuilder {
             federation: Some((s.dir.clone(), ips[i])),
@@ -220,8 +225,12 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
             }
             b.dns = Some(dns);
         }
+        let config = b.write(s)?;
+        if i == 0 {
+            east_config = config.clone();
+        }
         gateways.push(Some(
-            meshfed::site::start(GatewayConfig::load(&b.write(s)?)?).await?,
+            meshfed::site::start(GatewayConfig::load(&config)?).await?,
         ));
     }
     let import = SocketAddr::new(ips[0], port);
@@ -337,6 +346,27 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
             .filter(|l| l.starts_with("meshfed_gateway_failovers_total"))
         {
             println!("   east {line}");
+        }
+    }
+
+    // A failing call, diagnosed: a name nobody exports (a typo, say).
+    if let Some(east) = &gateways[0] {
+        println!("\n   meshfed diagnose payments.shop:{port} at east (nobody exports it):");
+        let mut cfg = GatewayConfig::load(&east_config)?;
+        cfg.admin = east.gateway.admin_addr;
+        if let (Some(d), Some((udp, _))) = (cfg.dns.as_mut(), east.dns) {
+            d.listen = udp;
+        }
+        let facts = crate::cmd::diagnose::gather(
+            &cfg,
+            meshfed_catalog::ServiceName::parse("payments.shop")?,
+            Some(port),
+            None,
+        )
+        .await?;
+        let report = meshfed::diagnose::judge(&facts);
+        for line in meshfed::diagnose::render(&report).lines() {
+            println!("   {line}");
         }
     }
 

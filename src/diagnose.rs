@@ -470,11 +470,11 @@ pub fn judge(f: &Facts) -> Report {
         }
     }
     let succeeds = dns_ok && through.is_some();
-    // The first failure's fix; a step that only points below gives way to the next.
+    // The first failure's fix; a fix that only points at another step gives way to it.
     let first_fix = steps
         .iter()
         .filter_map(|s| s.fix.clone())
-        .find(|fix| !fix.ends_with("see the steps below"))
+        .find(|fix| !fix.ends_with("see the steps below") && !fix.contains("(step "))
         .or_else(|| steps.iter().find_map(|s| s.fix.clone()));
     Report {
         service: f.service.clone(),
@@ -758,7 +758,14 @@ mod tests {
             error: "NXDOMAIN".into(),
         });
         let r = judge(&f);
-        assert!(r.first_fix.unwrap().contains("not imported here (step 2)"));
+        assert!(
+            r.steps[0]
+                .fix
+                .as_ref()
+                .unwrap()
+                .contains("not imported here (step 2)")
+        );
+        assert!(r.first_fix.unwrap().starts_with("export it at the site"));
         let mut f = healthy();
         f.import = Some(Ok(Some(ImportFact {
             port: 8080,

@@ -14,4 +14,5 @@ pub mod node;
 pub mod replicas;
 pub mod server;
 pub mod store;
+pub mod topology;
 pub mod transport;

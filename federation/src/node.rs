@@ -204,8 +204,12 @@ impl Running {
                     service.store.unhealthy()
                 })
             }),
-            pages: Vec::new(),
+            pages: vec![("/topology.json", {
+                let service = self.service.clone();
+                Arc::new(move || service.topology())
+            })],
             probe: None,
+            html: vec![("/topology", crate::topology::PAGE)],
         };
         tokio::spawn(server.serve(listener, self.admin_stop.clone()));
         Ok(addr)

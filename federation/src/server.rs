@@ -205,6 +205,15 @@ pub fn authorize_site(
 }
 
 impl FederationService {
+    /// `/topology.json` on the admin port ([`crate::topology`]).
+    pub fn topology(&self) -> String {
+        let now = std::time::Instant::now();
+        let v = self
+            .store
+            .with_catalog(|c| crate::topology::snapshot(c, &self.links, now));
+        v.to_string()
+    }
+
     /// Builds the service and stores the federation's own bundle. On etcd it also starts
     /// following bundle changes made by other replicas.
     pub async fn new(
@@ -923,8 +932,13 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::LinksReportResponse>, Status> {
         let rec = self.caller_site(&req)?;
         let r = req.into_inner();
-        self.links
-            .report(&rec.site, &r.replica, r.links, std::time::Instant::now());
+        self.links.report(
+            &rec.site,
+            &r.replica,
+            r.links,
+            r.traffic,
+            std::time::Instant::now(),
+        );
         Ok(Response::new(pb::LinksReportResponse {}))
     }
 

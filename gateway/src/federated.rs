@@ -441,7 +441,7 @@ impl Agent {
         let mut tick = tokio::time::interval(LINK_CHECK);
         loop {
             tokio::select! {
-                _ = tick.tick() => links.maybe_report(&mut client, &self.peers, &self.advertise, self.fed.inbound).await,
+                _ = tick.tick() => links.maybe_report(&mut client, &self.peers, &self.metrics, &self.advertise, self.fed.inbound).await,
                 ev = watch.next() => {
                     let ev = ev.ok_or(SessionError::StreamEnded("watch"))?.map_err(rpc("watch"))?;
                     let snapshot = ev.snapshot;
@@ -747,7 +747,10 @@ const LINK_REFRESH: Duration = Duration::from_secs(30);
 /// Reports this replica's peer links to the federation when they change.
 #[derive(Default)]
 struct LinkReporter {
-    last: Option<(Vec<pb::PeerLink>, std::time::Instant)>,
+    last: Option<(Vec<pb::PeerLink>, Vec<pb::SiteTraffic>, std::time::Instant)>,
+    /// The last report carried new traffic: the next one goes out even unchanged, so
+    /// the federation sees the rate fall to zero when traffic stops.
+    moving: bool,
 }
 
 impl LinkReporter {
@@ -755,6 +758,7 @@ impl LinkReporter {
         &mut self,
         client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
         peers: &crate::peers::Peers,
+        metrics: &crate::metrics::Metrics,
         advertise: &str,
         inbound: bool,
     ) {
@@ -772,11 +776,23 @@ impl LinkReporter {
                 replica: String::new(),
             })
             .collect();
-        if let Some((last, at)) = &self.last
-            && *last == links
-            && at.elapsed() < LINK_REFRESH
-        {
-            return;
+        let traffic: Vec<pb::SiteTraffic> = metrics
+            .service
+            .egress_by_site()
+            .into_iter()
+            .map(|(site, t)| pb::SiteTraffic {
+                peer_site: site,
+                sent_bytes: t.sent_bytes,
+                received_bytes: t.received_bytes,
+                refusals: t.refusals.into_iter().collect(),
+            })
+            .collect();
+        let mut moving = true;
+        if let Some((last, last_traffic, at)) = &self.last {
+            moving = *last_traffic != traffic;
+            if *last == links && !moving && !self.moving && at.elapsed() < LINK_REFRESH {
+                return;
+            }
         }
         let req = pb::LinksReport {
             replica: if inbound {
@@ -785,11 +801,15 @@ impl LinkReporter {
                 String::new()
             },
             links: links.clone(),
+            traffic: traffic.clone(),
         };
         // A federation that predates ReportLinks answers Unimplemented: status lacks the
         // links, nothing else changes.
         match tokio::time::timeout(Duration::from_secs(5), client.report_links(req)).await {
-            Ok(Ok(_)) => self.last = Some((links, std::time::Instant::now())),
+            Ok(Ok(_)) => {
+                self.last = Some((links, traffic, std::time::Instant::now()));
+                self.moving = moving;
+            }
             Ok(Err(e)) => debug!(error = %e, "link report not taken"),
             Err(_) => debug!("link report timed out"),
         }

@@ -831,6 +831,7 @@ pub async fn start_with(
         }),
         pages: debug_pages(&cfg, &peers, &ingress, &imports, &applied, &metrics),
         probe: Some(probe(imports.clone())),
+        html: Vec::new(),
     };
     tokio::spawn(admin.serve(admin_l, admin_stop.clone()));
     ready.store(true, Ordering::Release);

@@ -223,6 +223,16 @@ pub struct ServiceMetrics {
     pub refusals: Family<ServiceReasonLabels, Counter>,
     pub open_seconds: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     seen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<ServiceLabels>>>,
+    seen_refusals: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<ServiceReasonLabels>>>,
+}
+
+/// What the egress carried to one peer site, cumulative: bytes sent and received, and
+/// refused opens by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SiteTraffic {
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub refusals: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for ServiceMetrics {
@@ -234,6 +244,7 @@ impl Default for ServiceMetrics {
             refusals: Family::default(),
             open_seconds: Family::new_with_constructor(open_histogram),
             seen: Default::default(),
+            seen_refusals: Default::default(),
         }
     }
 }
@@ -285,16 +296,68 @@ impl ServiceMetrics {
 
     pub fn refused(&self, l: ServiceLabels, reason: &'static str) {
         let l = self.bounded(l);
-        self.refusals
-            .get_or_create(&ServiceReasonLabels {
-                direction: l.direction,
-                service: l.service,
-                port: l.port,
-                source_site: l.source_site,
-                destination_site: l.destination_site,
-                reason,
-            })
-            .inc();
+        let r = ServiceReasonLabels {
+            direction: l.direction,
+            service: l.service,
+            port: l.port,
+            source_site: l.source_site,
+            destination_site: l.destination_site,
+            reason,
+        };
+        self.refusals.get_or_create(&r).inc();
+        let mut seen = self.seen_refusals.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded like the label sets: a reason per known set.
+        if !seen.contains(&r) && seen.len() < MAX_SERVICE_SERIES * 4 {
+            seen.insert(r);
+        }
+    }
+
+    /// The egress's traffic by destination site, summed over services (for the links
+    /// report that feeds the federation's topology page).
+    pub fn egress_by_site(&self) -> std::collections::BTreeMap<String, SiteTraffic> {
+        let mut out: std::collections::BTreeMap<String, SiteTraffic> = Default::default();
+        let seen: Vec<ServiceLabels> = self
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|l| l.direction == "egress")
+            .cloned()
+            .collect();
+        for l in seen {
+            let get = |flow| {
+                self.bytes
+                    .get_or_create(&ServiceFlowLabels {
+                        direction: l.direction,
+                        service: l.service.clone(),
+                        port: l.port,
+                        source_site: l.source_site.clone(),
+                        destination_site: l.destination_site.clone(),
+                        flow,
+                    })
+                    .get()
+            };
+            let t = out.entry(l.destination_site.clone()).or_default();
+            t.sent_bytes += get("to_tunnel");
+            t.received_bytes += get("from_tunnel");
+        }
+        let refused: Vec<ServiceReasonLabels> = self
+            .seen_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|r| r.direction == "egress")
+            .cloned()
+            .collect();
+        for r in refused {
+            let n = self.refusals.get_or_create(&r).get();
+            *out.entry(r.destination_site.clone())
+                .or_default()
+                .refusals
+                .entry(r.reason.to_owned())
+                .or_default() += n;
+        }
+        out
     }
 
     /// How long an open took to be accepted (the egress's view).

@@ -29,6 +29,8 @@ pub struct Admin {
     pub check: Option<ReadyCheck>,
     /// Debug pages (`/debug/...`), each a JSON document rendered on request.
     pub pages: Vec<(&'static str, Page)>,
+    /// Static HTML pages (the federation's `/topology`), by path.
+    pub html: Vec<(&'static str, &'static str)>,
     /// `/debug/probe?QUERY`: an asynchronous check the component runs on request (the
     /// gateway: one real open toward a site), answering a status and a JSON document.
     pub probe: Option<Probe>,
@@ -207,6 +209,14 @@ impl Admin {
                 ),
             },
             "/live" => (StatusCode::OK, "text/plain", "live\n".into()),
+            path if self.html.iter().any(|(p, _)| *p == path) => {
+                let page = self
+                    .html
+                    .iter()
+                    .find(|(p, _)| *p == path)
+                    .map_or("", |(_, b)| b);
+                (StatusCode::OK, "text/html; charset=utf-8", page.to_owned())
+            }
             path => match self.pages.iter().find(|(p, _)| *p == path) {
                 Some((_, render)) => (StatusCode::OK, "application/json", render()),
                 None => {
@@ -217,6 +227,10 @@ impl Admin {
                     }
                     if self.probe.is_some() {
                         known.push_str(", /debug/probe");
+                    }
+                    for (p, _) in &self.html {
+                        known.push_str(", ");
+                        known.push_str(p);
                     }
                     (
                         StatusCode::NOT_FOUND,

@@ -144,7 +144,7 @@ pub fn run(a: DiagnoseArgs) -> Result<ExitCode> {
     })
 }
 
-async fn gather(
+pub(crate) async fn gather(
     cfg: &meshfed_gateway::GatewayConfig,
     service: ServiceName,
     port: Option<u16>,

@@ -163,7 +163,14 @@ async fn diagnose_names_each_failure_class() {
         Some((1, "dns", None)),
     )
     .await;
-    assert!(r["first_fix"].as_str().unwrap().contains("step 2"), "{r:#}");
+    assert!(
+        r["steps"][0]["fix"].as_str().unwrap().contains("step 2"),
+        "{r:#}"
+    );
+    assert!(
+        r["first_fix"].as_str().unwrap().starts_with("export it"),
+        "{r:#}"
+    );
     let import_step = &r["steps"][1];
     assert_eq!(import_step["verdict"], "fail", "{r:#}");
     assert!(

@@ -947,3 +947,140 @@ async fn federation_metrics_pass_promtool() {
     );
     crate::tunnel::promtool_check(&text).unwrap_or_else(|e| panic!("promtool: {e}\n{text}"));
 }
+
+/// Headless chromium on `url`: the DOM after its scripts ran, and a screenshot at `png`.
+fn chromium(url: &str, profile: &Path, png: &Path) -> String {
+    let base = |c: &mut Command| {
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    };
+    let mut dump = Command::new("chromium");
+    base(&mut dump);
+    let out = dump
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .expect("chromium runs (Debian chromium; deploy/setup-dev.sh installs it)");
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut shot = Command::new("chromium");
+    base(&mut shot);
+    let s = shot
+        .arg("--window-size=1000,1300")
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        png.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&s.stderr)
+    );
+    dom
+}
+
+/// The federation's topology page in a real browser: three sites with their links and
+/// traffic, the service's exporters and importers; once north's gateway dies and its
+/// lease expires, the page shows north down. The screenshots are kept under
+/// `target/tmp/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topology_page_shows_the_sites_and_a_site_going_down() {
+    let scratch = Scratch::new("topology");
+    let dir = Fed::init(&scratch);
+    let fed = Fed::start_on(&dir, 0, "1s", On::Embedded);
+    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
+    let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(import_ip);
+    let _west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3]).export(
+            "orders.shop",
+            port,
+            vec![banner_server("west").await],
+        ),
+    )
+    .unwrap();
+    let mut north_gw = Gw::start(
+        &north,
+        &fed_config(&north, [127, 0, 0, 4]).export(
+            "orders.shop",
+            port,
+            vec![banner_server("north").await],
+        ),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = std::net::SocketAddr::new(import_ip, port);
+    wait_answer(import, "north:ping", &east_gw).await;
+    let admin = std::fs::read_to_string(dir.join("admin_address")).unwrap();
+    let url = format!("http://{}/topology", admin.trim());
+    let artifacts = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let profile = scratch.0.join("chromium");
+
+    // Links reported with traffic (east reports every 2 s while it changes).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        for _ in 0..5 {
+            let _ = who_answers(import).await;
+        }
+        let t: serde_json::Value = serde_json::from_str(
+            &http_get(admin.trim().parse().unwrap(), "/topology.json")
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let busy = t["links"].as_array().unwrap().iter().any(|l| {
+            l["from"] == "east"
+                && l["transport"] == "quic"
+                && l["sent_bps"].as_f64().unwrap_or(0.0) > 0.0
+        });
+        if busy {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no link with traffic from east: {t:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let dom = chromium(&url, &profile, &artifacts.join("topology-up.png"));
+    for site in ["east", "west", "north"] {
+        assert!(
+            dom.contains(&format!(r#"data-site="{site}" data-state="up""#)),
+            "{site} not shown up:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains(r#"data-from="east""#) && dom.contains(r#"data-transport="quic""#),
+        "{dom}"
+    );
+    assert!(dom.contains("orders.shop"), "{dom}");
+
+    // North's gateway dies; its lease expires; the page shows it down.
+    north_gw.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, row) = status_row(&dir, "north");
+        if row.contains(" down ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "north's lease never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dom = chromium(&url, &profile, &artifacts.join("topology-north-down.png"));
+    assert!(
+        dom.contains(r#"data-site="north" data-state="down""#),
+        "north not shown down:\n{dom}"
+    );
+    assert!(dom.contains(r#"data-site="west" data-state="up""#), "{dom}");
+    eprintln!(
+        "screenshots: {} and {}",
+        artifacts.join("topology-up.png").display(),
+        artifacts.join("topology-north-down.png").display()
+    );
+}

@@ -290,6 +290,23 @@ pub struct LinksReport {
     pub replica: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "2")]
     pub links: ::prost::alloc::vec::Vec<PeerLink>,
+    /// What this replica's egress carried to each peer site, cumulative since it started
+    /// (the federation's topology page turns successive reports into rates).
+    #[prost(message, repeated, tag = "3")]
+    pub traffic: ::prost::alloc::vec::Vec<SiteTraffic>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SiteTraffic {
+    #[prost(string, tag = "1")]
+    pub peer_site: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub sent_bytes: u64,
+    #[prost(uint64, tag = "3")]
+    pub received_bytes: u64,
+    /// Opens toward the site refused, by reason (the wire's stable codes), cumulative.
+    #[prost(map = "string, uint64", tag = "4")]
+    pub refusals: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
