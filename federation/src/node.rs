@@ -179,6 +179,9 @@ impl Running {
     ) -> Result<SocketAddr, NodeError> {
         let mut registry = prometheus_client::registry::Registry::default();
         self.service.metrics.register(&mut registry);
+        registry
+            .sub_registry_with_prefix("meshfed_federation")
+            .register_collector(Box::new(self.service.site_collector()));
         let listener = tokio::net::TcpListener::bind(admin)
             .await
             .map_err(|e| other(format!("bind admin {admin}"), e))?;

@@ -58,9 +58,97 @@ fn mark_seen(seen: &Seen, site: &SiteName, rev: u64) {
     *e = (*e).max(rev);
 }
 
+type Histogram = prometheus_client::metrics::histogram::Histogram;
+
+fn commit_histogram() -> Histogram {
+    // 0.1 ms to ~1.6 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 15,
+    ))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// `embedded` or `etcd`.
+    pub store: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabels {
+    pub site: String,
+}
+
+/// Per-site gauges read from the store at each scrape (so a site that left leaves no
+/// stale series): `site_up` (its lease), `site_revision_lag` (revisions its watch streams
+/// have not been sent yet), and `revision`.
+pub struct SiteCollector {
+    store: Store,
+    seen: Seen,
+}
+
+impl std::fmt::Debug for SiteCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteCollector").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for SiteCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let (revision, sites) = self.store.with_catalog(|c| {
+            let sites: Vec<(String, bool)> = c
+                .sites
+                .values()
+                .map(|r| (r.site.to_string(), r.up))
+                .collect();
+            (c.revision.0, sites)
+        });
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let rev = ConstGauge::new(i64::try_from(revision).unwrap_or(i64::MAX));
+        rev.encode(encoder.encode_descriptor(
+            "revision",
+            "The catalog's newest revision",
+            None,
+            rev.metric_type(),
+        )?)?;
+        let mut up = encoder.encode_descriptor(
+            "site_up",
+            "1 while the site holds its lease, 0 once it expired (one series per member site)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (site, is_up) in &sites {
+            ConstGauge::new(i64::from(*is_up))
+                .encode(up.encode_family(&SiteLabels { site: site.clone() })?)?;
+        }
+        drop(up);
+        let mut lag = encoder.encode_descriptor(
+            "site_revision_lag",
+            "Catalog revisions not yet delivered to the site's watch streams (the whole revision when it never watched)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (site, _) in &sites {
+            let delivered = SiteName::new(site)
+                .ok()
+                .and_then(|s| seen.get(&s).copied())
+                .unwrap_or(0);
+            ConstGauge::new(i64::try_from(revision.saturating_sub(delivered)).unwrap_or(i64::MAX))
+                .encode(lag.encode_family(&SiteLabels { site: site.clone() })?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The federation's metrics, registered under `meshfed_federation`.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
+    /// How long store commits take, by store.
+    pub commit_seconds: Family<StoreLabels, Histogram, fn() -> Histogram>,
     pub refusals: Family<ReasonLabels, Counter>,
     pub joins: Counter,
     pub publishes: Counter,
@@ -88,9 +176,28 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            commit_seconds: Family::new_with_constructor(commit_histogram),
+            refusals: Family::default(),
+            joins: Counter::default(),
+            publishes: Counter::default(),
+            watchers: Gauge::default(),
+            foreign_refreshes: Family::default(),
+            foreign_sequence: Family::default(),
+        }
+    }
+}
+
 impl Metrics {
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         let r = registry.sub_registry_with_prefix("meshfed_federation");
+        r.register(
+            "store_commit_seconds",
+            "Time a catalog commit takes in the store (embedded: memory and, past the reservation, a snapshot; etcd: a transaction and the mirror catching up)",
+            self.commit_seconds.clone(),
+        );
         r.register(
             "refusals",
             "Requests refused, by stable reason code",
@@ -205,6 +312,27 @@ pub fn authorize_site(
 }
 
 impl FederationService {
+    /// The per-site gauges read at each scrape ([`SiteCollector`]).
+    pub fn site_collector(&self) -> SiteCollector {
+        SiteCollector {
+            store: self.store.clone(),
+            seen: self.seen.clone(),
+        }
+    }
+
+    /// A store commit, timed into `store_commit_seconds`.
+    async fn commit(&self, changes: Vec<Change>) -> Result<Revision, StoreError> {
+        let started = std::time::Instant::now();
+        let r = self.store.commit(changes).await;
+        self.metrics
+            .commit_seconds
+            .get_or_create(&StoreLabels {
+                store: self.store.kind(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
     /// `/topology.json` on the admin port ([`crate::topology`]).
     pub fn topology(&self) -> String {
         let now = std::time::Instant::now();
@@ -301,7 +429,6 @@ impl FederationService {
     async fn remove(&self, rec: &SiteRecord) -> Result<u64, Status> {
         self.links.remove(&rec.site);
         let rev = self
-            .store
             .commit(vec![Change::DeleteSite {
                 site: rec.site.clone(),
             }])
@@ -732,7 +859,6 @@ impl pb::federation_server::Federation for FederationService {
             .await
             .map_err(|e| self.refuse(store_status(e)))?;
         let rev = self
-            .store
             .commit(vec![Change::PutSite(SiteRecord {
                 site: site.clone(),
                 trust_domain: td.clone(),
@@ -803,7 +929,6 @@ impl pb::federation_server::Federation for FederationService {
         let n = changes.len() as u32;
         self.metrics.publishes.inc();
         let rev = self
-            .store
             .commit(changes)
             .await
             .map_err(|e| self.refuse(store_status(e)))?;
