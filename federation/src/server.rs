@@ -115,17 +115,18 @@ impl prometheus_client::collector::Collector for SiteCollector {
             None,
             rev.metric_type(),
         )?)?;
-        let mut up = encoder.encode_descriptor(
-            "site_up",
-            "1 while the site holds its lease, 0 once it expired (one series per member site)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (site, is_up) in &sites {
-            ConstGauge::new(i64::from(*is_up))
-                .encode(up.encode_family(&SiteLabels { site: site.clone() })?)?;
+        {
+            let mut up = encoder.encode_descriptor(
+                "site_up",
+                "1 while the site holds its lease, 0 once it expired (one series per member site)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (site, is_up) in &sites {
+                ConstGauge::new(i64::from(*is_up))
+                    .encode(up.encode_family(&SiteLabels { site: site.clone() })?)?;
+            }
         }
-        drop(up);
         let mut lag = encoder.encode_descriptor(
             "site_revision_lag",
             "Catalog revisions not yet delivered to the site's watch streams (the whole revision when it never watched)",
