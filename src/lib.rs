@@ -6,3 +6,4 @@
 
 pub mod diagnose;
 pub mod site;
+pub mod telemetry;

@@ -34,6 +34,10 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// Export traces over OTLP/gRPC to this endpoint (`http://collector:4317`). Off
+    /// when unset. Also `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -98,14 +102,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; its components only log errors unless RUST_LOG says
     // otherwise (expected refusals and redials would drown it).
-    init_tracing(
+    let service = match &cli.cmd {
+        Cmd::Gateway(_) => "meshfed-gateway",
+        Cmd::Federation(_) => "meshfed-federation",
+        _ => "meshfed",
+    };
+    let _traces = match init_tracing(
         if matches!(cli.cmd, Cmd::Demo { .. }) {
             "error"
         } else {
             "info"
         },
         cli.log_format,
-    );
+        cli.otlp_endpoint.as_deref().filter(|e| !e.is_empty()),
+        service,
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: --otlp-endpoint: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
     match run(cli) {
         Ok(code) => code,
@@ -132,20 +149,54 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn init_tracing(default: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+fn init_tracing(
+    default: &str,
+    format: LogFormat,
+    otlp: Option<&str>,
+    service: &str,
+) -> Result<Option<meshfed::telemetry::Guard>> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
+    if otlp.is_some() {
+        filter = filter.add_directive(
+            format!("{}=trace", meshfed::telemetry::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
+    }
+    // The exported spans are never log lines.
+    let not_otel =
+        tracing_subscriber::filter::filter_fn(|m| m.target() != meshfed::telemetry::TARGET);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
         // Colour codes only for a person at a terminal, never in log files or journald.
         LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+            .with_filter(not_otel)
+            .boxed(),
         // One JSON object per line: `timestamp`, `level`, `target`, `fields` (with
         // `message`), and the current span's fields.
-        LogFormat::Json => fmt.json().with_current_span(true).with_ansi(false).init(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_ansi(false)
+            .with_filter(not_otel)
+            .boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    match otlp {
+        None => {
+            registry.init();
+            Ok(None)
+        }
+        Some(endpoint) => {
+            let (layer, guard) = meshfed::telemetry::otlp_layer(endpoint, service)?;
+            registry.with(layer).init();
+            Ok(Some(guard))
+        }
     }
 }
 

@@ -159,7 +159,25 @@ impl Egress {
             ..self.open_request(None)
         };
         let started = std::time::Instant::now();
-        match self.open_any(&open).await {
+        let span = self.open_span();
+        let opened = {
+            use tracing::Instrument;
+            self.open_any(&open).instrument(span.clone()).await
+        };
+        match &opened {
+            Ok(o) => {
+                span.record("meshfed.destination_site", o.site.as_str());
+                span.record("meshfed.transport", o.stream.transport());
+            }
+            Err(r) => {
+                span.record("meshfed.refusal", r.reason.as_str());
+                if let Some(site) = &r.site {
+                    span.record("meshfed.destination_site", site.as_str());
+                }
+            }
+        }
+        drop(span);
+        match opened {
             Ok(opened) => {
                 let labels =
                     self.metrics
@@ -221,7 +239,25 @@ impl Egress {
             ..self.open_request(None)
         };
         let started = std::time::Instant::now();
-        match self.open_any(&open).await {
+        let span = self.open_span();
+        let opened = {
+            use tracing::Instrument;
+            self.open_any(&open).instrument(span.clone()).await
+        };
+        match &opened {
+            Ok(o) => {
+                span.record("meshfed.destination_site", o.site.as_str());
+                span.record("meshfed.transport", o.stream.transport());
+            }
+            Err(r) => {
+                span.record("meshfed.refusal", r.reason.as_str());
+                if let Some(site) = &r.site {
+                    span.record("meshfed.destination_site", site.as_str());
+                }
+            }
+        }
+        drop(span);
+        match opened {
             Ok(opened) => {
                 let labels =
                     self.metrics
@@ -242,6 +278,21 @@ impl Egress {
                 reset_tcp(tls.into_tcp());
             }
         }
+    }
+
+    /// The exported span of one tunnel open (target `otel`: only with `--otlp-endpoint`).
+    fn open_span(&self) -> tracing::Span {
+        tracing::trace_span!(
+            target: "otel",
+            "egress tunnel.open",
+            otel.kind = "client",
+            meshfed.site = %self.metrics.site,
+            meshfed.service = %self.service,
+            meshfed.port = self.port,
+            meshfed.destination_site = tracing::field::Empty,
+            meshfed.transport = tracing::field::Empty,
+            meshfed.refusal = tracing::field::Empty,
+        )
     }
 
     /// Counts a refused open, by direction and by service (the last site tried, or
@@ -476,6 +527,15 @@ pub(crate) struct Opened {
 pub(crate) enum Stream {
     Quic(Connection, SendStream, RecvStream),
     H2(H2Send, H2Recv),
+}
+
+impl Stream {
+    pub(crate) fn transport(&self) -> &'static str {
+        match self {
+            Self::Quic(..) => "quic",
+            Self::H2(..) => "h2",
+        }
+    }
 }
 
 /// Why no site accepted: the last site's answer.

@@ -246,6 +246,15 @@ impl Agent {
 
     /// Makes peers and imports match the catalog.
     fn apply_plan(&self, catalog: &Catalog) {
+        // Exported with `--otlp-endpoint` (a sync function: the guard never crosses an
+        // await).
+        let _span = tracing::trace_span!(
+            target: "otel",
+            "federation.apply",
+            meshfed.site = %self.site,
+            meshfed.revision = catalog.revision.0,
+        )
+        .entered();
         let p = plan(catalog, &self.site, self.fed.locality.as_deref());
         // Sites that publish different routes for one service: counted, and each logged
         // once when it appears.
@@ -469,6 +478,21 @@ impl Agent {
 
     /// Publishes the current export set (marking it seen).
     async fn publish(
+        &self,
+        client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+        exports: &mut tokio::sync::watch::Receiver<Vec<Export>>,
+    ) -> Result<(), SessionError> {
+        use tracing::Instrument;
+        let span = tracing::trace_span!(
+            target: "otel",
+            "federation.publish",
+            otel.kind = "client",
+            meshfed.site = %self.site,
+        );
+        self.publish_traced(client, exports).instrument(span).await
+    }
+
+    async fn publish_traced(
         &self,
         client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
         exports: &mut tokio::sync::watch::Receiver<Vec<Export>>,

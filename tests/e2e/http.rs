@@ -96,7 +96,7 @@ async fn answer(
     }
     let status = h("x-status").parse().unwrap_or(status);
     let line = format!(
-        "site={site} method={} path={} query={} env={} debug={} xfcc={} xff={} host={}\n",
+        "site={site} method={} path={} query={} env={} debug={} xfcc={} xff={} tp={} host={}\n",
         req.method(),
         req.uri().path(),
         req.uri().query().unwrap_or("-"),
@@ -104,6 +104,7 @@ async fn answer(
         h("x-debug"),
         h("x-forwarded-client-cert"),
         h("x-forwarded-for"),
+        h("traceparent"),
         req.uri()
             .authority()
             .map(|a| a.to_string())
@@ -1226,4 +1227,183 @@ spec:
     for _ in 0..20 {
         assert_eq!(curl(&[], &format!("{base}/other")).0, 200);
     }
+}
+
+/// An OTLP/gRPC trace receiver: the real `TraceService` from opentelemetry-proto, on
+/// tonic, keeping every span it is sent.
+mod otlp {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    pub struct Receiver(pub Arc<Mutex<Vec<(String, Span)>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut all = self.0.lock().unwrap();
+            for rs in req.into_inner().resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| r.attributes.iter())
+                    .find(|a| a.key == "service.name")
+                    .and_then(|a| a.value.as_ref())
+                    .and_then(|v| match &v.value {
+                        Some(Value::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    for span in ss.spans {
+                        all.push((service.clone(), span));
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    pub fn attr(span: &Span, key: &str) -> Option<String> {
+        span.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(Value::StringValue(s)) => Some(s.clone()),
+                Some(Value::IntValue(i)) => Some(i.to_string()),
+                _ => None,
+            })
+    }
+
+    pub async fn start() -> (std::net::SocketAddr, Receiver) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let r = Receiver::default();
+        let svc = TraceServiceServer::new(r.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        (addr, r)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A client's W3C trace crosses the gateway hop: east's egress span continues the
+/// client's `traceparent`, the answering site's ingress span continues east's, and the
+/// endpoint receives the ingress span's context; every span reaches an OTLP receiver
+/// (real OTLP protobuf over gRPC) with its site, in one trace. Federation publishes are
+/// traced too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_trace_continues_through_both_gateways_to_the_endpoint() {
+    let (otlp, received) = otlp::start().await;
+    // The gateways and the federation this test starts inherit these (nextest runs each
+    // test in a process of its own).
+    unsafe {
+        std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"));
+        std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    }
+    let sites = http_sites("http-otlp", (200, 200), 0, |_| {}).await;
+    let url = format!("http://{}/traced", sites.import);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while curl(&[], &url).0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let (status, body, _) = curl(
+        &[
+            "-H",
+            &format!("traceparent: 00-{trace_id}-{client_span}-01"),
+        ],
+        &url,
+    );
+    assert_eq!(status, 200, "{body}");
+    let tp = body
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tp="))
+        .unwrap_or_else(|| panic!("{body}"));
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    assert_eq!(
+        parts[1], trace_id,
+        "the endpoint is in the client's trace: {tp}"
+    );
+    assert_ne!(parts[2], client_span, "a gateway span sits between: {tp}");
+    let endpoint_parent = parts[2].to_owned();
+
+    // The spans arrive in batches.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (egress, ingress) = loop {
+        let spans = received.0.lock().unwrap().clone();
+        let in_trace = |name: &str| {
+            spans
+                .iter()
+                .find(|(_, s)| s.name == name && hex(&s.trace_id) == trace_id)
+                .cloned()
+        };
+        if let (Some(e), Some(i)) = (in_trace("egress http"), in_trace("ingress http")) {
+            break (e, i);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spans of the trace never arrived: {:?}",
+            spans
+                .iter()
+                .map(|(svc, s)| (svc, &s.name))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (egress_service, egress) = egress;
+    let (_, ingress) = ingress;
+    assert_eq!(egress_service, "meshfed-gateway");
+    assert_eq!(otlp::attr(&egress, "meshfed.site").as_deref(), Some("east"));
+    let answered_by = otlp::attr(&egress, "meshfed.destination_site").unwrap();
+    assert_eq!(
+        otlp::attr(&ingress, "meshfed.site"),
+        Some(answered_by.clone())
+    );
+    assert!(body.contains(&format!("site={answered_by} ")), "{body}");
+    assert_eq!(hex(&egress.parent_span_id), client_span);
+    assert_eq!(
+        ingress.parent_span_id, egress.span_id,
+        "ingress continues east's span"
+    );
+    assert_eq!(
+        hex(&ingress.span_id),
+        endpoint_parent,
+        "the endpoint continues the ingress span"
+    );
+    assert_eq!(
+        otlp::attr(&egress, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    // Federation publishes are traced, with the site.
+    let spans = received.0.lock().unwrap().clone();
+    assert!(
+        spans
+            .iter()
+            .any(|(_, s)| s.name == "federation.publish" && otlp::attr(s, "meshfed.site").is_some()),
+        "{:?}",
+        spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
+    );
 }

@@ -311,6 +311,37 @@ impl HttpEgress {
         client: SocketAddr,
         caller: &SpiffeId,
     ) -> Response<Body> {
+        use tracing::Instrument;
+        let span = tracing::trace_span!(
+            target: "otel",
+            "egress http",
+            otel.kind = "client",
+            meshfed.site = %eg.metrics.site,
+            meshfed.direction = "egress",
+            meshfed.import = %self.import,
+            http.request.method = %req.method(),
+            url.path = %req.uri().path(),
+            meshfed.route = tracing::field::Empty,
+            meshfed.destination_site = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+        );
+        super::trace::continue_from(&span, req.headers());
+        let answer = self
+            .request_traced(eg, req, client, caller, &span)
+            .instrument(span.clone())
+            .await;
+        span.record("http.response.status_code", answer.status().as_u16());
+        answer
+    }
+
+    async fn request_traced(
+        self: &Arc<Self>,
+        eg: &Arc<Egress>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        caller: &SpiffeId,
+        span: &tracing::Span,
+    ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         headers::from_client(&mut parts, client, &self.import);
         let mut body = if body.is_end_stream() {
@@ -356,6 +387,11 @@ impl HttpEgress {
                 );
             }
         }
+        if let Some(route) = &plan.route {
+            span.record("meshfed.route", route.as_str());
+        }
+        // The far side continues this request's span.
+        super::trace::inject(span, &mut parts.headers);
         if let Some(e) = &plan.edits {
             if let Some((rw, prefix)) = &e.rewrite {
                 headers::rewrite(&mut parts, rw, prefix.as_deref());
@@ -376,6 +412,9 @@ impl HttpEgress {
             None => attempts.await,
         };
         let mut answer = answer;
+        if let Some(s) = &site {
+            span.record("meshfed.destination_site", s.as_str());
+        }
         if let Some(h) = plan.edits.as_ref().and_then(|e| e.headers.as_ref()) {
             headers::apply_ops(answer.headers_mut(), &h.response);
         }

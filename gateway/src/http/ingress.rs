@@ -147,9 +147,42 @@ impl Upstream {
         app: AppProtocol,
         open: &Open,
     ) -> Response<Body> {
+        use tracing::Instrument;
         let ep = endpoints[self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        let span = tracing::trace_span!(
+            target: "otel",
+            "ingress http",
+            otel.kind = "server",
+            meshfed.site = %self.metrics.site,
+            meshfed.direction = "ingress",
+            meshfed.service = %open.service,
+            meshfed.source = %open.source,
+            http.request.method = %req.method(),
+            url.path = %req.uri().path(),
+            server.address = %ep,
+            http.response.status_code = tracing::field::Empty,
+        );
+        super::trace::continue_from(&span, req.headers());
         let (mut parts, body) = req.into_parts();
         headers::to_endpoint(&mut parts, ep, app, &open.source, open.client);
+        // The endpoint continues this span.
+        super::trace::inject(&span, &mut parts.headers);
+        let answer = self
+            .forward_traced(parts, body, ep, app, open)
+            .instrument(span.clone())
+            .await;
+        span.record("http.response.status_code", answer.status().as_u16());
+        answer
+    }
+
+    async fn forward_traced(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        ep: SocketAddr,
+        app: AppProtocol,
+        open: &Open,
+    ) -> Response<Body> {
         let req = Request::from_parts(parts, body.map_err(super::boxed_err).boxed());
         match self.send(req, ep, app).await {
             Ok(resp) => {

@@ -21,6 +21,7 @@ pub mod egress;
 pub mod headers;
 pub mod ingress;
 pub mod io;
+pub mod trace;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
