@@ -308,6 +308,29 @@ async fn a_udp_block_moves_the_link_to_h2_and_back_without_a_client_error() {
     let h2 = link_metric("west", west_gw.quic, "h2");
     let quic = link_metric("west", west_gw.quic, "quic");
     assert_eq!(east_gw.metric(&h2).await, 1.0, "{}", east_gw.logs());
+    // `meshfed diagnose` at east: the call succeeds, and the link step says it runs on
+    // h2 and why.
+    let out = std::process::Command::new(crate::harness::BIN)
+        .args(["diagnose", "echo.demo:7000", "--json", "--config"])
+        .arg(east.dir.join("gateway.yaml"))
+        .args(["--admin", &east_gw.admin.to_string()])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert!(out.status.success(), "{report:#}");
+    let link = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "link")
+        .cloned()
+        .unwrap();
+    let detail = link["detail"].as_str().unwrap();
+    assert!(detail.starts_with("h2 ("), "{report:#}");
+    assert!(detail.contains("QUIC"), "the reason names QUIC: {report:#}");
+    eprintln!("diagnose under the UDP block: link {detail}");
 
     // Clients call all along; not one may see an error.
     let (calls, errors) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
