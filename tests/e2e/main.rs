@@ -7,6 +7,8 @@ mod deploy;
 mod diagnose;
 mod dns;
 mod etcd;
+#[path = "../faults/mod.rs"]
+mod faults;
 mod federation;
 mod harness;
 mod hbone;
