@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 
 #[path = "../../bench/common/flood.rs"]
-mod flood;
+pub(crate) mod flood;
 
 /// West exports an echo server as echo.demo:7000, east imports it; returns the sites
 /// and east's import address, once one echo has gone through.

@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-#[path = "../../bench/common/flood.rs"]
-mod attack;
+use crate::security::flood as attack;
 
 async fn latencies(addr: std::net::SocketAddr, n: usize, pause: Duration) -> Vec<Duration> {
     let mut out = Vec::with_capacity(n);
