@@ -10,6 +10,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 
+/// HTTP/2 PING interval and timeout on the federation connection, both ways.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
 const H2: &[u8] = b"h2";
 
 /// Why no channel to the federation could be opened.
@@ -176,7 +179,13 @@ pub async fn connect(
                 address: addr.clone(),
                 source,
             })?
-            .connect_timeout(std::time::Duration::from_secs(5));
+            .connect_timeout(std::time::Duration::from_secs(5))
+            // A connection that goes quiet without a reset (a partition, a dead NAT
+            // mapping) is found within KEEPALIVE twice, not TCP's minutes: the session
+            // ends and the site redials, resuming from its revision.
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true);
         match endpoint.connect_with_connector(svc).await {
             Ok(ch) => return Ok(ch),
             Err(e) => {

@@ -403,6 +403,10 @@ pub async fn serve_with(
     let store2 = store.clone();
     let done = tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
+            // A site whose connection went quiet (partitioned, its host gone) is found
+            // by PING within twice this, so its watch ends and its lease runs out.
+            .http2_keepalive_interval(Some(meshfed_api::tls::KEEPALIVE))
+            .http2_keepalive_timeout(Some(meshfed_api::tls::KEEPALIVE))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, watcher.signaled())
             .await;

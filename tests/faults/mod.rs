@@ -5,6 +5,7 @@
 //! bounded in count and time and only reach addresses of the test's own sites.
 
 mod flood;
+mod partition;
 mod static_stability;
 
 use std::time::Duration;

@@ -1,0 +1,41 @@
+//! HTTP routes as they arrive from another site (JSON in the federation's wire form):
+//! refused with a field path or compiled, never a panic; a compiled policy routes any
+//! request, and its redirects and rewrites give valid strings.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use meshfed_catalog::http_route::{HttpPolicy, RequestView, redirect_location, rewrite_path};
+
+struct Req<'a>(&'a str);
+
+impl RequestView for Req<'_> {
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn method(&self) -> &str {
+        "GET"
+    }
+    fn header(&self, _: &str) -> Option<&str> {
+        Some(self.0)
+    }
+    fn query(&self) -> Option<&str> {
+        Some(self.0)
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(p) = serde_json::from_slice::<HttpPolicy>(data) else {
+        return;
+    };
+    let Ok(c) = p.compile() else {
+        return;
+    };
+    let path = "/a/b?c=d";
+    if let Some((route, prefix)) = c.route_and_prefix(&Req(path)) {
+        if let Some(rw) = route.rewrite.as_ref().and_then(|r| r.uri.as_deref()) {
+            let _ = rewrite_path(path, prefix, rw);
+        }
+        if let Some(rd) = &route.redirect {
+            let _ = redirect_location(rd, "http", "web.demo:80", path);
+        }
+    }
+});
