@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 deploy/setup-dev.sh
-MESHFED_FAULTS=full exec cargo nextest run --test e2e --no-capture -E 'test(/^faults::/)' "$@"
+MESHFED_FAULTS=full exec cargo nextest run --profile faults --test e2e --no-capture -E 'test(/^faults::/)' "$@"
