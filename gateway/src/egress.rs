@@ -158,34 +158,8 @@ impl Egress {
             client: Some(client),
             ..self.open_request(None)
         };
-        let started = std::time::Instant::now();
-        let span = self.open_span();
-        let opened = {
-            use tracing::Instrument;
-            self.open_any(&open).instrument(span.clone()).await
-        };
-        match &opened {
-            Ok(o) => {
-                span.record("meshfed.destination_site", o.site.as_str());
-                span.record("meshfed.transport", o.stream.transport());
-            }
-            Err(r) => {
-                span.record("meshfed.refusal", r.reason.as_str());
-                if let Some(site) = &r.site {
-                    span.record("meshfed.destination_site", site.as_str());
-                }
-            }
-        }
-        drop(span);
-        match opened {
-            Ok(opened) => {
-                let labels =
-                    self.metrics
-                        .egress_labels(&self.service, self.port, opened.site.as_str());
-                self.metrics
-                    .service
-                    .opened(labels.clone(), started.elapsed());
-                let (_active, c) = self.metrics.tcp_stream(labels);
+        match self.open_counted(&open).await {
+            Ok((opened, _active, c)) => {
                 let (end, transport) = match opened.stream {
                     Stream::Quic(_, send, recv) => (splice(tcp, send, recv, &c).await, "quic"),
                     Stream::H2(send, recv) => (splice(tcp, send, recv, &c).await, "h2"),
@@ -194,7 +168,6 @@ impl Egress {
             }
             Err(refused) => {
                 refused.log(&open, "connection refused");
-                self.refused(&refused);
                 reset_tcp(tcp);
             }
         }
@@ -238,34 +211,8 @@ impl Egress {
             client: Some(client),
             ..self.open_request(None)
         };
-        let started = std::time::Instant::now();
-        let span = self.open_span();
-        let opened = {
-            use tracing::Instrument;
-            self.open_any(&open).instrument(span.clone()).await
-        };
-        match &opened {
-            Ok(o) => {
-                span.record("meshfed.destination_site", o.site.as_str());
-                span.record("meshfed.transport", o.stream.transport());
-            }
-            Err(r) => {
-                span.record("meshfed.refusal", r.reason.as_str());
-                if let Some(site) = &r.site {
-                    span.record("meshfed.destination_site", site.as_str());
-                }
-            }
-        }
-        drop(span);
-        match opened {
-            Ok(opened) => {
-                let labels =
-                    self.metrics
-                        .egress_labels(&self.service, self.port, opened.site.as_str());
-                self.metrics
-                    .service
-                    .opened(labels.clone(), started.elapsed());
-                let (_active, c) = self.metrics.tcp_stream(labels);
+        match self.open_counted(&open).await {
+            Ok((opened, _active, c)) => {
                 let end = match opened.stream {
                     Stream::Quic(_, send, recv) => splice_tls(tls, send, recv, &c).await,
                     Stream::H2(send, recv) => splice_tls(tls, send, recv, &c).await,
@@ -274,8 +221,48 @@ impl Egress {
             }
             Err(refused) => {
                 refused.log(&open, "connection refused");
-                self.refused(&refused);
                 reset_tcp(tls.into_tcp());
+            }
+        }
+    }
+
+    /// A TCP client's open over the best site, traced and counted: on success the open
+    /// latency and the stream by service (held until the guard drops), with its byte
+    /// counters; otherwise the refusal, by direction and by service.
+    async fn open_counted(
+        &self,
+        open: &Open,
+    ) -> Result<
+        (
+            Opened,
+            crate::metrics::TcpStreamGuard,
+            crate::splice::Counters,
+        ),
+        Refused,
+    > {
+        use tracing::Instrument;
+        let started = std::time::Instant::now();
+        let span = self.open_span();
+        match self.open_any(open).instrument(span.clone()).await {
+            Ok(opened) => {
+                span.record("meshfed.destination_site", opened.site.as_str());
+                span.record("meshfed.transport", opened.stream.transport());
+                let labels =
+                    self.metrics
+                        .egress_labels(&self.service, self.port, opened.site.as_str());
+                self.metrics
+                    .service
+                    .opened(labels.clone(), started.elapsed());
+                let (guard, counters) = self.metrics.tcp_stream(labels);
+                Ok((opened, guard, counters))
+            }
+            Err(refused) => {
+                span.record("meshfed.refusal", refused.reason.as_str());
+                if let Some(site) = &refused.site {
+                    span.record("meshfed.destination_site", site.as_str());
+                }
+                self.refused(&refused);
+                Err(refused)
             }
         }
     }

@@ -205,15 +205,77 @@ async fn diagnose_names_each_failure_class() {
         "{r:#}"
     );
 
-    // Trust withdrawn: east no longer trusts west's trust domain; the link is down and
-    // says why.
-    let west_bundle = east.dir.join("bundles/west.example.org.json");
-    let saved = std::fs::read(&west_bundle).unwrap();
-    std::fs::remove_file(&west_bundle).unwrap();
+    // Trust withdrawn: west's trust domain moves to a new CA (the federation hands every
+    // site the new bundle, without the old CA) while west's gateway restarts on its old
+    // SVID: east refuses it at the handshake, and the link step says why.
+    let new_ca = scratch.0.join("west-new-ca");
+    let bundle_of = |ca: &std::path::Path, seq: &str, name: &str| {
+        let (code, jwks, err) = meshfed(&[
+            "bundle",
+            "export",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--sequence",
+            seq,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let file = scratch.0.join(name);
+        std::fs::write(&file, jwks).unwrap();
+        file
+    };
+    let update = |file: &std::path::Path| {
+        let (code, out, err) = meshfed(&[
+            "site",
+            "update-bundle",
+            "--dir",
+            west.dir.to_str().unwrap(),
+            "--bundle",
+            file.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+    };
+    let (code, _, err) = meshfed(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "west.example.org",
+        "--out",
+        new_ca.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    update(&bundle_of(&new_ca, "2", "west-new.json"));
+    // Live connections keep going across a rotation; east's gateway restarts, so its
+    // next handshake with west meets the new bundle.
+    let east_bundle = east.dir.join("bundles/west.example.org.json");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let sequence = || {
+        std::fs::read(&east_bundle)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["spiffe_sequence"].as_u64())
+    };
+    while sequence() != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "east never got west's new bundle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    east_gw.term();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::path::Path::new(&format!("/proc/{}/exe", east_gw.pid())).exists()
+        && !std::fs::read_to_string(format!("/proc/{}/stat", east_gw.pid()))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(Instant::now() < deadline, "east did not drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(east_gw);
+    let east_gw = Gw::start(&east, &east_cfg).unwrap();
     let r = until(&east, &east_gw, &web, Some((4, "link", Some("west")))).await;
     eprintln!("trust withdrawn: {}", r["steps"][3]["detail"]);
-    std::fs::write(&west_bundle, saved).unwrap();
-    until(&east, &east_gw, &web, None).await;
+    // (West cannot take it back with its old SVID: the federation now refuses it too.)
 
     // West's gateway dies: once its lease expires, the import has no backend and the
     // lease step names west.
