@@ -195,6 +195,9 @@ pub fn status_table(td: &str, s: &pb::StatusResponse) -> String {
             );
         }
     }
+    for c in &s.policy_conflicts {
+        let _ = writeln!(out, "policy conflict: {c}");
+    }
     out
 }
 
@@ -237,6 +240,7 @@ pub fn status_json(td: &str, s: &pb::StatusResponse) -> serde_json::Value {
         "federation": td,
         "revision": s.revision,
         "sites": sites,
+        "policy_conflicts": s.policy_conflicts,
     })
 }
 

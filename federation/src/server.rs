@@ -224,6 +224,26 @@ impl Metrics {
     }
 }
 
+/// Services whose exporting sites publish different HTTP routes, as every importing
+/// gateway resolves them (`routing::merge_policies`: the first site by name applies).
+/// Pure.
+pub fn policy_conflicts(cat: &Catalog) -> Vec<String> {
+    let mut by_service: BTreeMap<
+        &meshfed_catalog::ServiceName,
+        Vec<(&SiteName, &meshfed_catalog::http_route::HttpPolicy)>,
+    > = BTreeMap::new();
+    // The catalog's key order is (site, service): each service's list is in site order.
+    for ((site, service), export) in &cat.exports {
+        if let Some(p) = &export.http_policy {
+            by_service.entry(service).or_default().push((site, p));
+        }
+    }
+    by_service
+        .values()
+        .filter_map(|v| meshfed_catalog::routing::merge_policies(v).1)
+        .collect()
+}
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1049,6 +1069,7 @@ impl pb::federation_server::Federation for FederationService {
         Ok(Response::new(pb::StatusResponse {
             revision: cat.revision.0,
             sites,
+            policy_conflicts: policy_conflicts(&cat),
         }))
     }
 
@@ -1220,6 +1241,66 @@ fn port_label(service: &str, port: u16, protocol: meshfed_catalog::catalog::Prot
     match protocol {
         meshfed_catalog::catalog::Protocol::Tcp => format!("{service}:{port}"),
         meshfed_catalog::catalog::Protocol::Udp => format!("{service}:{port}/udp"),
+    }
+}
+
+#[cfg(test)]
+mod conflict_tests {
+    use super::*;
+    use meshfed_catalog::catalog::Export;
+    use meshfed_catalog::http_route::{Destination, HttpPolicy, HttpRoute};
+
+    fn export(weight_to_v2: u32) -> Export {
+        let svc = meshfed_catalog::ServiceName::parse("web.demo").unwrap();
+        Export {
+            service: svc.clone(),
+            ports: vec![],
+            ready_endpoints: 1,
+            identities: vec![],
+            locality: None,
+            labels: Default::default(),
+            hosts: vec![],
+            http_policy: Some(Box::new(HttpPolicy {
+                service: svc,
+                source: "VirtualService demo/web".into(),
+                routes: vec![HttpRoute {
+                    destinations: vec![
+                        Destination {
+                            subset: None,
+                            weight: 100 - weight_to_v2,
+                        },
+                        Destination {
+                            subset: None,
+                            weight: weight_to_v2,
+                        },
+                    ],
+                    ..Default::default()
+                }],
+                subsets: vec![],
+                max_requests: None,
+                outlier: None,
+            })),
+        }
+    }
+
+    #[test]
+    fn status_names_services_whose_sites_disagree() {
+        let mut cat = Catalog::default();
+        let svc = meshfed_catalog::ServiceName::parse("web.demo").unwrap();
+        cat.exports
+            .insert((SiteName::new("west").unwrap(), svc.clone()), export(20));
+        assert!(
+            policy_conflicts(&cat).is_empty(),
+            "one site cannot conflict"
+        );
+        cat.exports
+            .insert((SiteName::new("north").unwrap(), svc.clone()), export(20));
+        assert!(policy_conflicts(&cat).is_empty(), "the same routes agree");
+        cat.exports
+            .insert((SiteName::new("north").unwrap(), svc), export(50));
+        let c = policy_conflicts(&cat);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(c[0].contains("north's apply"), "{c:?}");
     }
 }
 

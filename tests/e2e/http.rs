@@ -644,6 +644,20 @@ async fn a_split_registered_at_one_site_routes_every_importer() {
         )
         .await;
     assert!(east_gw.logs().contains("routing policy conflict"));
+    // The federation's operator view names it too.
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--json", "--dir"])
+        .arg(&sites._fed.dir)
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let conflicts = doc["policy_conflicts"].as_array().unwrap();
+    assert!(
+        conflicts.len() == 1
+            && conflicts[0].as_str().unwrap().contains("web.demo")
+            && conflicts[0].as_str().unwrap().contains("north's apply"),
+        "{doc:#}"
+    );
     let n0 = north_hits.load(Ordering::Relaxed);
     let s = gets(import, 200, &[]).await;
     assert!(s.iter().all(|s| *s == 200));

@@ -318,6 +318,10 @@ pub struct StatusResponse {
     pub revision: u64,
     #[prost(message, repeated, tag = "2")]
     pub sites: ::prost::alloc::vec::Vec<SiteStatus>,
+    /// Services whose exporting sites publish different HTTP routes: which sites, and whose
+    /// routes apply (the first site by name).
+    #[prost(string, repeated, tag = "3")]
+    pub policy_conflicts: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Generated client implementations.
 pub mod federation_client {
