@@ -179,9 +179,14 @@ impl Running {
     ) -> Result<SocketAddr, NodeError> {
         let mut registry = prometheus_client::registry::Registry::default();
         self.service.metrics.register(&mut registry);
-        registry
-            .sub_registry_with_prefix("meshfed_federation")
-            .register_collector(Box::new(self.service.site_collector()));
+        let fed = registry.sub_registry_with_prefix("meshfed_federation");
+        fed.register_collector(Box::new(self.service.site_collector()));
+        fed.sub_registry_with_label(("store".into(), self.service.store.kind().into()))
+            .register(
+                "store_commit_seconds",
+                "Time a catalog commit takes in the store (embedded: memory and, past the reservation, a snapshot; etcd: a transaction and the mirror catching up)",
+                self.service.store.commit_seconds(),
+            );
         let listener = tokio::net::TcpListener::bind(admin)
             .await
             .map_err(|e| other(format!("bind admin {admin}"), e))?;

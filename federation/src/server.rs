@@ -58,21 +58,6 @@ fn mark_seen(seen: &Seen, site: &SiteName, rev: u64) {
     *e = (*e).max(rev);
 }
 
-type Histogram = prometheus_client::metrics::histogram::Histogram;
-
-fn commit_histogram() -> Histogram {
-    // 0.1 ms to ~1.6 s.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.0001, 2.0, 15,
-    ))
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StoreLabels {
-    /// `embedded` or `etcd`.
-    pub store: &'static str,
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SiteLabels {
     pub site: String,
@@ -146,10 +131,8 @@ impl prometheus_client::collector::Collector for SiteCollector {
 }
 
 /// The federation's metrics, registered under `meshfed_federation`.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Metrics {
-    /// How long store commits take, by store.
-    pub commit_seconds: Family<StoreLabels, Histogram, fn() -> Histogram>,
     pub refusals: Family<ReasonLabels, Counter>,
     pub joins: Counter,
     pub publishes: Counter,
@@ -177,28 +160,9 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self {
-            commit_seconds: Family::new_with_constructor(commit_histogram),
-            refusals: Family::default(),
-            joins: Counter::default(),
-            publishes: Counter::default(),
-            watchers: Gauge::default(),
-            foreign_refreshes: Family::default(),
-            foreign_sequence: Family::default(),
-        }
-    }
-}
-
 impl Metrics {
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         let r = registry.sub_registry_with_prefix("meshfed_federation");
-        r.register(
-            "store_commit_seconds",
-            "Time a catalog commit takes in the store (embedded: memory and, past the reservation, a snapshot; etcd: a transaction and the mirror catching up)",
-            self.commit_seconds.clone(),
-        );
         r.register(
             "refusals",
             "Requests refused, by stable reason code",
@@ -341,19 +305,6 @@ impl FederationService {
         }
     }
 
-    /// A store commit, timed into `store_commit_seconds`.
-    async fn commit(&self, changes: Vec<Change>) -> Result<Revision, StoreError> {
-        let started = std::time::Instant::now();
-        let r = self.store.commit(changes).await;
-        self.metrics
-            .commit_seconds
-            .get_or_create(&StoreLabels {
-                store: self.store.kind(),
-            })
-            .observe(started.elapsed().as_secs_f64());
-        r
-    }
-
     /// `/topology.json` on the admin port ([`crate::topology`]).
     pub fn topology(&self) -> String {
         let now = std::time::Instant::now();
@@ -450,6 +401,7 @@ impl FederationService {
     async fn remove(&self, rec: &SiteRecord) -> Result<u64, Status> {
         self.links.remove(&rec.site);
         let rev = self
+            .store
             .commit(vec![Change::DeleteSite {
                 site: rec.site.clone(),
             }])
@@ -880,6 +832,7 @@ impl pb::federation_server::Federation for FederationService {
             .await
             .map_err(|e| self.refuse(store_status(e)))?;
         let rev = self
+            .store
             .commit(vec![Change::PutSite(SiteRecord {
                 site: site.clone(),
                 trust_domain: td.clone(),
@@ -950,6 +903,7 @@ impl pb::federation_server::Federation for FederationService {
         let n = changes.len() as u32;
         self.metrics.publishes.inc();
         let rev = self
+            .store
             .commit(changes)
             .await
             .map_err(|e| self.refuse(store_status(e)))?;

@@ -58,6 +58,7 @@ pub struct EmbeddedStore {
     dirty: Notify,
     /// The last background snapshot write's error, until one succeeds.
     snapshot_error: Mutex<Option<String>>,
+    pub(crate) commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 struct Inner {
@@ -109,6 +110,7 @@ impl EmbeddedStore {
             bundles_changed: watch::channel(0).0,
             dirty: Notify::new(),
             snapshot_error: Mutex::new(None),
+            commit_seconds: super::commit_histogram(),
         });
         // Reserve before serving anything.
         store.flush()?;

@@ -138,6 +138,7 @@ pub struct EtcdStore {
     waiters: AtomicUsize,
     /// Why the mirror is not following etcd, while its watch is broken.
     broken: Mutex<Option<String>>,
+    pub(crate) commit_seconds: prometheus_client::metrics::histogram::Histogram,
     stop: CancellationToken,
 }
 
@@ -220,6 +221,7 @@ impl EtcdStore {
             bundles_changed: watch::channel(0).0,
             waiters: AtomicUsize::new(0),
             broken: Mutex::new(None),
+            commit_seconds: super::commit_histogram(),
             stop: CancellationToken::new(),
         });
         tokio::spawn(store.clone().follow_forever());

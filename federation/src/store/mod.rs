@@ -23,6 +23,15 @@ mod etcd;
 pub mod mirror;
 
 pub use embedded::{DEFAULT_HISTORY, EmbeddedStore, RESERVATION, State};
+
+type Histogram = prometheus_client::metrics::histogram::Histogram;
+
+/// A commit latency histogram: 0.1 ms to ~1.6 s.
+pub(crate) fn commit_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 15,
+    ))
+}
 pub use etcd::{EtcdOptions, EtcdSecurity, EtcdStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -115,11 +124,24 @@ impl Store {
         }
     }
 
-    /// Commits changes in order. Once it returns, reads on this node see them.
+    /// Commits changes in order. Once it returns, reads on this node see them. Every
+    /// commit is timed into [`Store::commit_seconds`].
     pub async fn commit(&self, changes: Vec<Change>) -> Result<Revision, StoreError> {
-        match self {
+        let started = std::time::Instant::now();
+        let r = match self {
             Store::Embedded(s) => s.commit(changes),
             Store::Etcd(s) => s.commit(changes).await,
+        };
+        self.commit_seconds()
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// How long commits take (`meshfed_federation_store_commit_seconds{store}`).
+    pub fn commit_seconds(&self) -> Histogram {
+        match self {
+            Store::Embedded(s) => s.commit_seconds.clone(),
+            Store::Etcd(s) => s.commit_seconds.clone(),
         }
     }
 
