@@ -87,17 +87,9 @@ async fn resolve(
     name: &str,
     t: hickory_proto::rr::RecordType,
 ) -> Result<Vec<String>> {
-    use hickory_proto::op::{Message, Query};
-    let mut q = Message::query();
-    q.metadata.id = 7;
-    q.add_query(Query::query(hickory_proto::rr::Name::from_ascii(name)?, t));
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    sock.send_to(&q.to_vec()?, server).await?;
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+    let m = crate::cmd::diagnose::query(server, name, t)
         .await
-        .context("DNS timeout")??;
-    let m = Message::from_vec(&buf[..n])?;
+        .map_err(anyhow::Error::msg)?;
     Ok(m.answers.iter().map(|r| r.data.to_string()).collect())
 }
 

@@ -64,41 +64,47 @@ async fn admin_json(admin: SocketAddr, path: &str) -> Result<serde_json::Value, 
     }
 }
 
+/// One UDP query to `server`, answered within 2 s (the demo asks with it too).
+pub(crate) async fn query(
+    server: SocketAddr,
+    name: &str,
+    t: hickory_proto::rr::RecordType,
+) -> Result<hickory_proto::op::Message, String> {
+    use hickory_proto::op::{Message, Query};
+    let mut q = Message::query();
+    q.metadata.id = 0x6d66;
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(
+        hickory_proto::rr::Name::from_ascii(name).map_err(|e| e.to_string())?,
+        t,
+    ));
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let sock = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(|e| e.to_string())?;
+    sock.send_to(&q.to_vec().map_err(|e| e.to_string())?, server)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+        .await
+        .map_err(|_| format!("no answer from {server} in 2 s"))?
+        .map_err(|e| e.to_string())?;
+    Message::from_vec(&buf[..n]).map_err(|e| e.to_string())
+}
+
 /// One A query at the site's DNS.
 async fn resolve(server: SocketAddr, name: &str) -> DnsFact {
-    use hickory_proto::op::{Message, Query, ResponseCode};
-    use hickory_proto::rr::RecordType;
+    use hickory_proto::op::ResponseCode;
     let failed = |error: String| DnsFact::Failed {
         name: name.to_owned(),
         error,
     };
-    let attempt = async {
-        let mut q = Message::query();
-        q.metadata.id = 0x6d66;
-        q.metadata.recursion_desired = true;
-        q.add_query(Query::query(
-            hickory_proto::rr::Name::from_ascii(name).map_err(|e| e.to_string())?,
-            RecordType::A,
-        ));
-        let bind: SocketAddr = if server.is_ipv4() {
-            "0.0.0.0:0".parse().expect("literal")
-        } else {
-            "[::]:0".parse().expect("literal")
-        };
-        let sock = tokio::net::UdpSocket::bind(bind)
-            .await
-            .map_err(|e| e.to_string())?;
-        sock.send_to(&q.to_vec().map_err(|e| e.to_string())?, server)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
-            .await
-            .map_err(|_| format!("no answer from {server} in 2 s"))?
-            .map_err(|e| e.to_string())?;
-        Message::from_vec(&buf[..n]).map_err(|e| e.to_string())
-    };
-    match attempt.await {
+    match query(server, name, hickory_proto::rr::RecordType::A).await {
         Err(e) => failed(e),
         Ok(m) if m.metadata.response_code != ResponseCode::NoError => {
             failed(format!("{} from {server}", m.metadata.response_code))

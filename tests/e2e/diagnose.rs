@@ -261,16 +261,11 @@ async fn diagnose_names_each_failure_class() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    east_gw.term();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::path::Path::new(&format!("/proc/{}/exe", east_gw.pid())).exists()
-        && !std::fs::read_to_string(format!("/proc/{}/stat", east_gw.pid()))
-            .unwrap_or_default()
-            .contains(") Z ")
-    {
-        assert!(Instant::now() < deadline, "east did not drain");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut east_gw = east_gw;
+    assert!(
+        east_gw.term_and_wait(Duration::from_secs(15)).await,
+        "east did not drain"
+    );
     drop(east_gw);
     let east_gw = Gw::start(&east, &east_cfg).unwrap();
     let r = until(&east, &east_gw, &web, Some((4, "link", Some("west")))).await;

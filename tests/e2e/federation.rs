@@ -148,33 +148,17 @@ impl Fed {
             .unwrap_or(0.0)
     }
 
-    /// The admin port's `/ready`: status and body.
-    pub async fn ready(&self) -> (u16, String) {
+    /// Waits up to `within` for `/ready` to give `status`, and returns its body.
+    pub async fn wait_ready(&self, status: u16, within: Duration) -> String {
         let admin: std::net::SocketAddr = std::fs::read_to_string(self.dir.join("admin_address"))
             .unwrap()
             .trim()
             .parse()
             .unwrap();
-        let (status, body) = meshfed_lifecycle::admin::get(admin, "/ready")
-            .await
-            .unwrap();
-        (status.as_u16(), body)
-    }
-
-    /// Waits up to `within` for `/ready` to give `status`, and returns its body.
-    pub async fn wait_ready(&self, status: u16, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let (s, body) = self.ready().await;
-            if s == status {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/ready stayed {s} ({body}), not {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(admin, status, within, || {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        })
+        .await
     }
 
     pub fn pid(&self) -> u32 {

@@ -177,6 +177,26 @@ impl Gw {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
+    /// SIGTERM, then waits up to `within` for the drain to end and the process to
+    /// exit; whether it did.
+    pub async fn term_and_wait(&mut self, within: Duration) -> bool {
+        self.term();
+        let deadline = Instant::now() + within;
+        let Some(c) = self.child.as_mut() else {
+            return true;
+        };
+        loop {
+            if !matches!(c.try_wait(), Ok(None)) {
+                self.child = None;
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends SIGTERM (graceful drain).
     pub fn term(&self) {
         if let Some(c) = &self.child {
@@ -235,21 +255,32 @@ impl Gw {
 
     /// Waits up to `within` for `/ready` to give `status`, and returns its body.
     pub async fn wait_ready(&self, status: u16, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let (s, body) = meshfed_lifecycle::admin::get(self.admin, "/ready")
-                .await
-                .unwrap();
-            if s.as_u16() == status {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/ready stayed {s} ({body}), not {status}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_ready(self.admin, status, within, || self.logs()).await
+    }
+}
+
+/// Waits up to `within` for the admin port at `admin` to answer `/ready` with `status`,
+/// and returns the body; on timeout, panics with `context()` (a log, say).
+pub async fn wait_ready(
+    admin: SocketAddr,
+    status: u16,
+    within: Duration,
+    context: impl Fn() -> String,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (s, body) = meshfed_lifecycle::admin::get(admin, "/ready")
+            .await
+            .unwrap();
+        if s.as_u16() == status {
+            return body;
         }
+        assert!(
+            Instant::now() < deadline,
+            "/ready stayed {s} ({body}), not {status}\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
