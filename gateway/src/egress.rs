@@ -56,6 +56,8 @@ pub struct Egress {
     pub http: Arc<crate::http::egress::HttpEgress>,
     /// The service's HTTP routes, when it has any (swapped as the catalog changes).
     pub routes: Routes,
+    /// Per-service metric series by destination site ([`Egress::service_handles`]).
+    pub service_handles: Mutex<std::collections::HashMap<SiteName, crate::metrics::ServiceHandles>>,
 }
 
 /// An import's HTTP routes, swapped whole.
@@ -247,13 +249,9 @@ impl Egress {
             Ok(opened) => {
                 span.record("meshfed.destination_site", opened.site.as_str());
                 span.record("meshfed.transport", opened.stream.transport());
-                let labels =
-                    self.metrics
-                        .egress_labels(&self.service, self.port, opened.site.as_str());
-                self.metrics
-                    .service
-                    .opened(labels.clone(), started.elapsed());
-                let (guard, counters) = self.metrics.tcp_stream(labels);
+                let service = self.service_handles(&opened.site);
+                service.opened(started.elapsed());
+                let (guard, counters) = self.metrics.tcp_stream(DIR, &service);
                 Ok((opened, guard, counters))
             }
             Err(refused) => {
@@ -265,6 +263,25 @@ impl Egress {
                 Err(refused)
             }
         }
+    }
+
+    /// The per-service series of this import's streams to `site`, looked up once per
+    /// site (a federation's sites bound the map).
+    fn service_handles(&self, site: &SiteName) -> crate::metrics::ServiceHandles {
+        let mut m = self
+            .service_handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = m.get(site) {
+            return h.clone();
+        }
+        let h = self.metrics.service.handles(self.metrics.egress_labels(
+            &self.service,
+            self.port,
+            site.as_str(),
+        ));
+        m.insert(site.clone(), h.clone());
+        h
     }
 
     /// The exported span of one tunnel open (target `otel`: only with `--otlp-endpoint`).
@@ -651,6 +668,7 @@ impl Imports {
             app: app_now.clone(),
             http: Arc::new(crate::http::egress::HttpEgress::new(service, port)),
             routes: routes.clone(),
+            service_handles: Default::default(),
         };
         let addr = match protocol {
             Protocol::Tcp => {
@@ -763,6 +781,7 @@ impl Imports {
             app: Arc::new(ArcSwap::from_pointee(AppProtocol::Tcp)),
             http: Arc::new(crate::http::egress::HttpEgress::new(&service, port)),
             routes: Arc::new(ArcSwap::from_pointee(None)),
+            service_handles: Default::default(),
         };
         let open = eg.open_request(None);
         let wait = Duration::from_secs(2);

@@ -41,6 +41,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const DIR: &str = "ingress";
 
 pub struct Ingress {
+    /// Per-service metric series by (service, port, peer) ([`Ingress::service_handles`]).
+    service_handles: std::sync::Mutex<
+        std::collections::HashMap<(ServiceName, u16, SpiffeId), crate::metrics::ServiceHandles>,
+    >,
     /// Swapped whole when registered (legacy) services change.
     pub exports: arc_swap::ArcSwap<BTreeMap<ServiceName, Export>>,
     pub connect_timeout: Duration,
@@ -235,6 +239,7 @@ impl Ingress {
             metrics,
             next: AtomicUsize::new(0),
             inbound: Default::default(),
+            service_handles: Default::default(),
             inbound_h2: Default::default(),
             reverse: Default::default(),
             next_h2: AtomicUsize::new(0),
@@ -645,16 +650,37 @@ impl Ingress {
             return;
         }
         debug!(service = %open.service, port = open.port, %peer, source = %open.source, endpoint = %ep, tls = matches!(conn, Conn::Tls(_)), "accepted");
-        let (_active, counters) = self.metrics.tcp_stream(self.metrics.ingress_labels(
-            Some(&open.service),
-            open.port,
-            &peer,
-        ));
+        let (_active, counters) = self
+            .metrics
+            .tcp_stream(DIR, &self.service_handles(&open, &peer));
         let end = match conn {
             Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters).await,
             Conn::Plain(tcp) => splice(tcp, send, recv, &counters).await,
         };
         debug!(?end, "stream done");
+    }
+
+    /// The per-service series of `open`'s service from `peer`, looked up once per
+    /// (service, port, peer): at most [`crate::metrics::MAX_SERVICE_SERIES`] kept, past
+    /// which each stream looks them up again (bounded like the series themselves).
+    fn service_handles(&self, open: &Open, peer: &SpiffeId) -> crate::metrics::ServiceHandles {
+        let key = (open.service.clone(), open.port, peer.clone());
+        let mut m = self
+            .service_handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = m.get(&key) {
+            return h.clone();
+        }
+        let h = self.metrics.service.handles(self.metrics.ingress_labels(
+            Some(&open.service),
+            open.port,
+            peer,
+        ));
+        if m.len() < crate::metrics::MAX_SERVICE_SERIES {
+            m.insert(key, h.clone());
+        }
+        h
     }
 
     /// Counts a refused open by service: its name only when this gateway exports it (a
@@ -1036,11 +1062,9 @@ impl Ingress {
                 }
             };
             debug!(%peer, source = %open.source, endpoint = %ep, "accepted (h2)");
-            let (_active, counters) = self.metrics.tcp_stream(self.metrics.ingress_labels(
-                Some(&open.service),
-                open.port,
-                &peer,
-            ));
+            let (_active, counters) = self
+                .metrics
+                .tcp_stream(DIR, &self.service_handles(&open, &peer));
             let (send, recv) = (crate::hbone::H2Send(send), crate::hbone::H2Recv::new(body));
             let end = match conn {
                 Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters).await,

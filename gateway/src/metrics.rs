@@ -269,13 +269,10 @@ impl ServiceMetrics {
         }
     }
 
-    /// A stream of the service started: counted, held in `active_streams` until the
-    /// returned guard drops; its byte counters.
-    pub fn stream(&self, l: ServiceLabels) -> (ActiveStream, (Counter, Counter)) {
+    /// The series of one label set (bounded like every set), looked up once: a caller
+    /// keeps them for its streams, so a stream costs no label hashing.
+    pub fn handles(&self, l: ServiceLabels) -> ServiceHandles {
         let l = self.bounded(l);
-        self.connections.get_or_create(&l).inc();
-        let gauge = self.active_streams.get_or_create(&l).clone();
-        gauge.inc();
         let flow = |flow| {
             self.bytes
                 .get_or_create(&ServiceFlowLabels {
@@ -288,10 +285,14 @@ impl ServiceMetrics {
                 })
                 .clone()
         };
-        (
-            ActiveStream(gauge),
-            (flow("to_tunnel"), flow("from_tunnel")),
-        )
+        ServiceHandles {
+            connections: self.connections.get_or_create(&l).clone(),
+            active: self.active_streams.get_or_create(&l).clone(),
+            tx: flow("to_tunnel"),
+            rx: flow("from_tunnel"),
+            // Opens are timed at the egress only.
+            open: (l.direction == "egress").then(|| self.open_seconds.get_or_create(&l).clone()),
+        }
     }
 
     pub fn refused(&self, l: ServiceLabels, reason: &'static str) {
@@ -359,13 +360,35 @@ impl ServiceMetrics {
         }
         out
     }
+}
+
+/// One label set's series ([`ServiceMetrics::handles`]).
+#[derive(Clone)]
+pub struct ServiceHandles {
+    connections: Counter,
+    active: Gauge,
+    tx: Counter,
+    rx: Counter,
+    open: Option<Histogram>,
+}
+
+impl ServiceHandles {
+    /// A stream started: counted, held in `active_streams` until the returned guard
+    /// drops; its byte counters (to the tunnel, from it).
+    pub fn stream(&self) -> (ActiveStream, (Counter, Counter)) {
+        self.connections.inc();
+        self.active.inc();
+        (
+            ActiveStream(self.active.clone()),
+            (self.tx.clone(), self.rx.clone()),
+        )
+    }
 
     /// How long an open took to be accepted (the egress's view).
-    pub fn opened(&self, l: ServiceLabels, took: Duration) {
-        let l = self.bounded(l);
-        self.open_seconds
-            .get_or_create(&l)
-            .observe(took.as_secs_f64());
+    pub fn opened(&self, took: Duration) {
+        if let Some(h) = &self.open {
+            h.observe(took.as_secs_f64());
+        }
     }
 }
 
@@ -797,10 +820,14 @@ impl Metrics {
 
     /// A TCP stream of a known service: counted by direction and by service, held in
     /// both `active_streams` gauges until the guard drops; its byte counters count both.
-    pub fn tcp_stream(&self, l: ServiceLabels) -> (TcpStreamGuard, crate::splice::Counters) {
-        let dir = self.stream_started(l.direction);
-        let mut counters = self.counters(l.direction);
-        let (svc, bytes) = self.service.stream(l);
+    pub fn tcp_stream(
+        &self,
+        direction: &'static str,
+        service: &ServiceHandles,
+    ) -> (TcpStreamGuard, crate::splice::Counters) {
+        let dir = self.stream_started(direction);
+        let mut counters = self.counters(direction);
+        let (svc, bytes) = service.stream();
         counters.service = Some(bytes);
         (
             TcpStreamGuard {
@@ -936,12 +963,12 @@ mod tests {
     fn per_service_label_sets_are_bounded() {
         let m = ServiceMetrics::default();
         for i in 0..MAX_SERVICE_SERIES + 100 {
-            let (_g, (tx, _)) = m.stream(labels(i));
+            let (_g, (tx, _)) = m.handles(labels(i)).stream();
             tx.inc_by(1);
             m.refused(labels(i), "unknown_service");
         }
         // Known sets keep counting under their own labels.
-        m.stream(labels(0)).1.0.inc_by(1);
+        m.handles(labels(0)).stream().1.0.inc_by(1);
         let overflow = ServiceLabels {
             direction: "ingress",
             service: OVERFLOW.into(),
