@@ -4,18 +4,20 @@
 //!
 //! A replica names its address in its Watch request (`gateway_address`, its
 //! `federation.advertise`); a publish adds its addresses too. Every half lease TTL, and
-//! whenever a replica's stream opens, each site's list is swept ([`next_addresses`],
-//! pure): addresses of replicas with a live stream on this node are added; an address
-//! whose replica has had no stream for one lease TTL is dropped, so a replica that dies
-//! (even by `kill -9`) leaves the list within about 1.5 TTL while the site stays up on
-//! its other replicas. The last address is never dropped: a site whose replicas are all
-//! gone keeps it, and its site lease marks it down.
+//! whenever a replica's stream opens, each site's list is swept ([`next_addresses`] and
+//! [`removable`], pure): addresses of replicas with a live stream on this node are
+//! added; an address no live replica names is dropped, so a replica that dies (even by
+//! `kill -9`) leaves the list within about 1.5 TTL while the site stays up on its other
+//! replicas. The last address is never dropped: a site whose replicas are all gone keeps
+//! it, and its site lease marks it down.
 //!
-//! Embedded store (one node): an address no replica has named since this node started
-//! is dropped one TTL after start. etcd (several nodes): a node drops only addresses of
-//! replicas it tracked itself, and a node that holds a replica's stream adds its address
-//! back within half a TTL if another node's sweep removed it.
-
+//! Embedded store (one node): this node sees every stream, so an address is named
+//! while a stream names it here and for one TTL after; an address no replica has named
+//! since this node started (the one `site join --gateway-address` recorded, say) is
+//! dropped one TTL after start. etcd (several nodes): a node holding a replica's stream
+//! also holds an `alive/<site>/<node>@<address>` key on an etcd lease of one TTL
+//! ([`crate::store::etcd::EtcdStore::hold_address`]); every node keeps the addresses
+//! those keys name and drops the others the same way, whichever node their replica used.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,6 +45,27 @@ pub fn merge(existing: &[String], new: &[String]) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether a recorded address may leave its site's list. Pure.
+///
+/// `local`: this node's open streams for it, and how long ago its last one closed;
+/// `named`: whether a lease on any node names it (etcd; `None` on the embedded store,
+/// where `local` is the whole truth); `uptime`: how long this node has run.
+pub fn removable(
+    local: Option<(usize, Option<Duration>)>,
+    named: Option<bool>,
+    uptime: Duration,
+    ttl: Duration,
+) -> bool {
+    if named == Some(true) {
+        return false;
+    }
+    match local {
+        Some((streams, _)) if streams > 0 => false,
+        Some((_, idle)) => idle.is_some_and(|i| i >= ttl),
+        None => uptime >= ttl,
+    }
 }
 
 /// The site's addresses after a sweep: `recorded` in order without `removable`, then
@@ -74,6 +97,8 @@ struct Tracked {
     streams: usize,
     /// When its last stream closed (`None` while it has one).
     idle_since: Option<Instant>,
+    /// Ends the etcd lease that names the address while it has streams here.
+    hold: Option<CancellationToken>,
 }
 
 pub struct Replicas {
@@ -97,6 +122,9 @@ impl Drop for ReplicaGuard {
             t.streams = t.streams.saturating_sub(1);
             if t.streams == 0 {
                 t.idle_since = Some(Instant::now());
+                if let Some(h) = t.hold.take() {
+                    h.cancel();
+                }
             }
         }
     }
@@ -126,7 +154,7 @@ impl Replicas {
             warn!(%site, address = %meshfed_catalog::names::clip(address, 80), "gateway address is neither IP:port nor host:port; not listed");
             return None;
         }
-        {
+        let hold = {
             let mut m = self.lock();
             let tracked = m.entry(site.clone()).or_default();
             if !tracked.contains_key(address) && tracked.len() >= GATEWAY_ADDRESSES_MAX {
@@ -136,13 +164,24 @@ impl Replicas {
             let t = tracked.entry(address.to_owned()).or_default();
             t.streams += 1;
             t.idle_since = None;
-        }
-        self.sweep(site).await;
-        Some(ReplicaGuard {
+            (t.streams == 1 && matches!(self.store, Store::Etcd(_))).then(|| {
+                let stop = CancellationToken::new();
+                if let Some(old) = t.hold.replace(stop.clone()) {
+                    old.cancel();
+                }
+                stop
+            })
+        };
+        let guard = ReplicaGuard {
             replicas: self.clone(),
             site: site.clone(),
             address: address.to_owned(),
-        })
+        };
+        if let (Some(stop), Store::Etcd(s)) = (hold, &self.store) {
+            s.hold_address(site, address, self.ttl, stop).await;
+        }
+        self.sweep(site).await;
+        Some(guard)
     }
 
     /// Sweeps every site every half TTL until `stop`.
@@ -168,7 +207,10 @@ impl Replicas {
         let Some(rec) = self.store.site(site) else {
             return;
         };
-        let (live, removable) = {
+        // Read after the record: a lease that names an address is written before the
+        // record lists it, so a listed address's lease is never missed.
+        let named = self.store.named_addresses(site);
+        let (live, gone) = {
             let mut m = self.lock();
             let tracked = m.entry(site.clone()).or_default();
             let live: BTreeSet<String> = tracked
@@ -176,19 +218,22 @@ impl Replicas {
                 .filter(|(_, t)| t.streams > 0)
                 .map(|(a, _)| a.clone())
                 .collect();
-            let one_node = matches!(self.store, Store::Embedded(_));
-            let removable: BTreeSet<String> = rec
+            let uptime = self.started.elapsed();
+            let gone: BTreeSet<String> = rec
                 .gateway_addresses
                 .iter()
-                .filter(|a| match tracked.get(*a) {
-                    Some(t) => t.idle_since.is_some_and(|i| i.elapsed() >= self.ttl),
-                    None => one_node && self.started.elapsed() >= self.ttl,
+                .filter(|a| {
+                    let local = tracked
+                        .get(*a)
+                        .map(|t| (t.streams, t.idle_since.map(|i| i.elapsed())));
+                    let named = named.as_ref().map(|n| n.contains(*a));
+                    removable(local, named, uptime, self.ttl)
                 })
                 .cloned()
                 .collect();
-            (live, removable)
+            (live, gone)
         };
-        let next = next_addresses(&rec.gateway_addresses, &live, &removable);
+        let next = next_addresses(&rec.gateway_addresses, &live, &gone);
         if next == rec.gateway_addresses {
             return;
         }
@@ -242,6 +287,42 @@ mod tests {
                 next_addresses(&s(recorded), &set(live), &set(removable)),
                 s(want),
                 "{recorded:?} live {live:?} removable {removable:?}"
+            );
+        }
+        let (ttl, s0, s1, s3) = (
+            Duration::from_secs(2),
+            Duration::ZERO,
+            Duration::from_secs(1),
+            Duration::from_secs(3),
+        );
+        // (this node's streams and idle time, named by a lease, uptime, removable)
+        type Rm = (
+            Option<(usize, Option<Duration>)>,
+            Option<bool>,
+            Duration,
+            bool,
+        );
+        let rows: [Rm; 12] = [
+            // Embedded: this node's view is the whole truth.
+            (Some((1, None)), None, s3, false),
+            (Some((0, Some(s1))), None, s3, false),
+            (Some((0, Some(s3))), None, s3, true),
+            (None, None, s1, false), // recorded before this node started: one TTL's grace
+            (None, None, s3, true),
+            // etcd: a lease anywhere keeps it, whatever this node saw.
+            (None, Some(true), s3, false),
+            (Some((0, Some(s3))), Some(true), s3, false),
+            (None, Some(false), s3, true), // a join-time address nobody holds
+            (None, Some(false), s1, false),
+            (Some((2, None)), Some(false), s3, false), // a stream here; its lease is on the way
+            (Some((0, Some(s3))), Some(false), s3, true),
+            (Some((0, Some(s0))), Some(false), s3, false),
+        ];
+        for (local, named, uptime, want) in rows {
+            assert_eq!(
+                removable(local, named, uptime, ttl),
+                want,
+                "local {local:?} named {named:?} uptime {uptime:?}"
             );
         }
         let many: Vec<String> = (0..40).map(|i| format!("10.0.0.{i}:1")).collect();

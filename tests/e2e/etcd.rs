@@ -365,3 +365,71 @@ async fn a_replica_is_unready_while_etcd_is_down() {
     etcd.restart().await;
     fed.wait_ready(200, Duration::from_secs(20)).await;
 }
+
+/// Issue 16 §4 on etcd: a gateway address stays in its site's list while a stream that
+/// names it is open on any federation replica, and leaves once none is, whichever
+/// replica saw it. Before, a replica dropped only addresses it had tracked itself, so
+/// the address `site join` recorded (which no gateway names) stayed forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_addresses_live_by_leases_held_on_any_replica() {
+    let etcd = Etcd::start().await;
+    let scratch = Scratch::new("etcd-addrs");
+    let dir = Fed::init(&scratch);
+    let on = On::Etcd(&etcd, "/addrs/");
+    let a = Fed::start_on(&dir, 0, "2s", on);
+    let b = Fed::start_on(&Fed::replica_dir(&dir, "fed-b"), 1, "2s", on);
+    let west = scratch.site("west", "west.example.org");
+    assert_eq!(join(&west, "west", &a.token("west", "1h")).0, 0);
+    let mut at_a = client(&a, &west, &west.cert, &west.key).await;
+    let mut at_b = client(&b, &west, &west.cert, &west.key).await;
+    let watch = |address: &str| pb::WatchRequest {
+        from_revision: None,
+        gateway_address: address.into(),
+    };
+    let _on_a = at_a.watch(watch("127.0.0.1:20001")).await.unwrap();
+    let on_b = at_b.watch(watch("127.0.0.1:20002")).await.unwrap();
+    // What a peer reads: the site's addresses in a fresh snapshot from A.
+    let mut reader = at_a.clone();
+    let mut addresses = async || {
+        let mut s = reader.watch(watch("")).await.unwrap().into_inner();
+        let mut cat = Catalog::default();
+        apply(&mut cat, next_event(&mut s).await);
+        let site = meshfed_catalog::names::SiteName::new("west").unwrap();
+        let mut v = cat.sites[&site].gateway_addresses.clone();
+        v.sort();
+        v
+    };
+    let both = vec!["127.0.0.1:20001".to_owned(), "127.0.0.1:20002".to_owned()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = addresses().await;
+        if now == both {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the join-time address did not leave: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Stable for two TTLs: neither replica drops the address the other holds.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert_eq!(addresses().await, both);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The replica on B goes: its address leaves, though A never tracked it.
+    drop(on_b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = addresses().await;
+        if now == ["127.0.0.1:20001"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B's closed replica stayed: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -231,7 +231,7 @@ impl EtcdStore {
         tokio::spawn(
             store
                 .clone()
-                .hold_key(key, value, REPLICA_TTL, store.stop.clone()),
+                .hold_key(key, value, REPLICA_TTL, store.stop.clone(), None),
         );
         // Registered before serving, so tokens made right away list this replica.
         let deadline = tokio::time::Instant::now() + READ_YOUR_WRITES;
@@ -286,6 +286,11 @@ impl EtcdStore {
 
     pub fn subscribe_bundles(&self) -> watch::Receiver<u64> {
         self.bundles_changed.subscribe()
+    }
+
+    /// The gateway addresses live gateway replicas of `site` hold, on any replica.
+    pub fn named_addresses(&self, site: &SiteName) -> BTreeSet<String> {
+        self.lock().named_addresses(site)
     }
 
     /// The API addresses of every live replica, for join tokens.
@@ -512,6 +517,7 @@ impl EtcdStore {
             self.replica.clone().into_bytes(),
             ttl,
             stop.clone(),
+            None,
         ));
         stop
     }
@@ -535,20 +541,59 @@ impl EtcdStore {
             .await
     }
 
-    /// Puts `key` on a lease of `ttl` and renews it until `stop`; recreates both if the
-    /// lease is lost (etcd restarted, a long pause).
+    /// Names `address` as a live gateway replica of `site` until `stop` (or this store's
+    /// shutdown): an `alive/<site>/<replica>@<address>` key on an etcd lease of `ttl`,
+    /// which also keeps the site up. Every federation replica keeps an address some
+    /// such key names ([`crate::replicas`]). The key is in etcd before this returns, so
+    /// a site record that lists the address afterwards is never read without it.
+    pub async fn hold_address(
+        self: &Arc<Self>,
+        site: &SiteName,
+        address: &str,
+        ttl: Duration,
+        stop: CancellationToken,
+    ) {
+        let key = self
+            .layout
+            .alive(site, &format!("{}@{address}", self.replica));
+        let value = address.as_bytes().to_vec();
+        let first = tokio::select! {
+            r = self.put_leased(&key, &value, ttl) => r,
+            _ = stop.cancelled() => return,
+        };
+        let first = match first {
+            Ok(lease) => Some(lease),
+            Err(e) => {
+                warn!(%key, error = %e, "gateway address lease not written; retrying");
+                None
+            }
+        };
+        tokio::spawn(self.clone().hold_key(key, value, ttl, stop, first));
+    }
+
+    /// Puts `key` on a lease of `ttl` (or renews `first`, already holding it) and renews
+    /// it until `stop` or this store's shutdown; recreates both if the lease is lost (etcd
+    /// restarted, a long pause).
     async fn hold_key(
         self: Arc<Self>,
         key: String,
         value: Vec<u8>,
         ttl: Duration,
         stop: CancellationToken,
+        mut first: Option<i64>,
     ) {
         let mut backoff = BACKOFF_MIN;
         loop {
+            let once = async {
+                match first.take() {
+                    Some(lease) => self.keep(lease, ttl).await,
+                    None => self.hold_once(&key, &value, ttl).await,
+                }
+            };
             let r = tokio::select! {
-                r = self.hold_once(&key, &value, ttl) => r,
+                r = once => r,
                 _ = stop.cancelled() => return,
+                _ = self.stop.cancelled() => return,
             };
             match r {
                 Ok(()) => backoff = BACKOFF_MIN,
@@ -557,18 +602,31 @@ impl EtcdStore {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.cancelled() => return,
+                _ = self.stop.cancelled() => return,
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
     async fn hold_once(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), HoldError> {
+        let lease = self.put_leased(key, value, ttl).await?;
+        self.keep(lease, ttl).await
+    }
+
+    /// Puts `key` on a new lease of `ttl`; returns the lease.
+    async fn put_leased(&self, key: &str, value: &[u8], ttl: Duration) -> Result<i64, HoldError> {
         let mut client = self.client.clone();
         let lease = client.lease_grant(ttl_secs(ttl), None).await?;
         client
             .put(key, value, Some(PutOptions::new().with_lease(lease.id())))
             .await?;
-        let (mut keeper, mut responses) = client.lease_keep_alive(lease.id()).await?;
+        Ok(lease.id())
+    }
+
+    /// Renews `lease` at a third of `ttl` until it is lost.
+    async fn keep(&self, lease: i64, ttl: Duration) -> Result<(), HoldError> {
+        let mut client = self.client.clone();
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
         let every = (ttl / 3).max(Duration::from_millis(200));
         loop {
             tokio::time::sleep(every).await;

@@ -8,6 +8,7 @@
 //! | `sites/<site>`                   | `SiteRecord` JSON            | no    |
 //! | `exports/<site>/<name.namespace>`| `Export` JSON                | no    |
 //! | `alive/<site>/<holder>`          | holder's replica id          | yes   |
+//! | `alive/<site>/<replica>@<addr>`  | a gateway replica's address  | yes   |
 //! | `bundles/<trust domain>`         | SPIFFE JWKS                  | no    |
 //! | `tokens/<sha256 of secret>`      | `TokenRecord` JSON           | no    |
 //! | `replicas/<replica id>`          | JSON list of its addresses   | yes   |
@@ -15,7 +16,9 @@
 //! A site is up while at least one `alive/<site>/…` key exists. Those keys carry etcd
 //! leases: a replica holding a site's Watch stream keeps its lease alive; when the stream
 //! closes or the replica dies, etcd deletes the key after the TTL and every replica's
-//! mirror turns that into a `PutSite` with `up: false` at the deletion's revision.
+//! mirror turns that into a `PutSite` with `up: false` at the deletion's revision. A
+//! holder `<replica>@<addr>` also names the gateway address of a replica whose Watch
+//! stream that federation replica holds ([`Mirror::named_addresses`]).
 //!
 //! Every change of one etcd revision gets that revision: a catalog revision may carry
 //! several changes (one transaction), and watchers apply them together.
@@ -194,6 +197,16 @@ impl Mirror {
         m.history = History::starting_at(history, Revision(revision as u64));
         m.catalog.revision = Revision(revision as u64);
         (m, applied.skipped)
+    }
+
+    /// The gateway addresses that `alive/<site>/<replica>@<address>` keys name.
+    pub fn named_addresses(&self, site: &SiteName) -> BTreeSet<String> {
+        self.alive
+            .get(site)
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.split_once('@').map(|(_, a)| a.to_owned()))
+            .collect()
     }
 
     fn is_up(&self, site: &SiteName) -> bool {
@@ -494,6 +507,39 @@ mod tests {
         let down = m.apply(9, &[del(l.alive(&west(), "r2"))]);
         assert!(matches!(&down.deltas[..], [Delta { change: Change::PutSite(r), .. }] if !r.up));
         assert!(!m.catalog.sites[&west()].up);
+    }
+
+    #[test]
+    fn address_holders_name_gateway_addresses_and_keep_the_site_up() {
+        let l = layout();
+        let (mut m, _) = Mirror::load(
+            l.clone(),
+            vec![(
+                l.site(&west()).into_bytes(),
+                serde_json::to_vec(&site("west")).unwrap(),
+            )],
+            5,
+            100,
+        );
+        assert!(m.named_addresses(&west()).is_empty());
+        let a = l.alive(&west(), "r1@10.0.0.1:15443");
+        let up = m.apply(6, &[put(a.clone(), b"10.0.0.1:15443".to_vec())]);
+        assert!(matches!(&up.deltas[..], [Delta { change: Change::PutSite(r), .. }] if r.up));
+        m.apply(7, &[put(l.alive(&west(), "r2@[::1]:15443"), b"x".to_vec())]);
+        m.apply(8, &[put(l.alive(&west(), "r2"), b"r2".to_vec())]);
+        assert_eq!(
+            m.named_addresses(&west()),
+            BTreeSet::from(["10.0.0.1:15443".to_owned(), "[::1]:15443".to_owned()])
+        );
+        m.apply(9, &[del(a)]);
+        assert_eq!(
+            m.named_addresses(&west()),
+            BTreeSet::from(["[::1]:15443".to_owned()])
+        );
+        assert!(
+            m.named_addresses(&SiteName::new("east").unwrap())
+                .is_empty()
+        );
     }
 
     #[test]

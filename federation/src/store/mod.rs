@@ -8,7 +8,7 @@
 //! Both hand out the same revisioned deltas, so the service and gateways do not care
 //! which one runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -99,6 +99,15 @@ impl Store {
 
     pub fn site(&self, site: &SiteName) -> Option<SiteRecord> {
         self.with_catalog(|c| c.sites.get(site).cloned())
+    }
+
+    /// The gateway addresses that live gateway replicas of `site` hold on any node
+    /// (etcd); `None` on the embedded store, whose one node tracks them all itself.
+    pub fn named_addresses(&self, site: &SiteName) -> Option<BTreeSet<String>> {
+        match self {
+            Store::Embedded(_) => None,
+            Store::Etcd(s) => Some(s.named_addresses(site)),
+        }
     }
 
     /// Runs `f` on the current catalog under the store's lock (keep `f` short).
