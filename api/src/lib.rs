@@ -531,6 +531,8 @@ mod tests {
             source: "VirtualService demo/web".into(),
             routes: vec![HttpRoute {
                 destinations: vec![Destination {
+                    service: None,
+                    port: None,
                     subset: None,
                     weight: 100,
                 }],
@@ -562,8 +564,10 @@ mod tests {
         let weights = {
             let mut p = policy.clone();
             p.routes[0].destinations.push(Destination {
+                service: None,
+                port: None,
                 subset: None,
-                weight: 5,
+                weight: 2_000_000,
             });
             serde_json::to_string(&p).unwrap()
         };
@@ -582,7 +586,10 @@ mod tests {
             " ".repeat(HTTP_POLICY_MAX)
         );
         let rows = [
-            (weights, "exports[0].http_policy.routes[0].destinations"),
+            (
+                weights,
+                "exports[0].http_policy.routes[0].destinations[1].weight",
+            ),
             (other, "exports[0].http_policy.service"),
             (unknown, "exports[0].http_policy"),
             (huge, "exports[0].http_policy"),

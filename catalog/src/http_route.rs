@@ -1,8 +1,10 @@
 //! HTTP routing policy as gateways apply it, from Istio's `VirtualService` (and the
-//! `subsets` of a `DestinationRule`): for each request of a service, the first route
-//! whose match accepts it, one of its destinations by weight, the sites the
-//! destination's subset selects, and the faults it injects. The policy travels through the federation with the
-//! service it governs, so a split is set once for every importing site.
+//! `subsets` of a `DestinationRule`) or Gateway API's `HTTPRoute` and `GRPCRoute`
+//! (GAMMA): for each request of a service, the first route whose match accepts it, one
+//! of its destinations by weight (the service itself, or another service the gateway
+//! imports), the sites the destination's subset selects, and the faults it injects.
+//! The policy travels through the federation with the service it governs, so a split
+//! is set once for every importing site.
 //!
 //! A subset selects sites by labels: each exporting site carries the labels
 //! `topology.istio.io/cluster` and `meshfed.io/site` (its name) besides its export's
@@ -224,9 +226,38 @@ pub struct Retries {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Destination {
+    /// Another service the request goes to instead (a canary that is a Service of its
+    /// own, as Gateway API's `backendRefs` and Istio's `destination.host` name it); the
+    /// importing gateway sends it through its import of that service. `None`: the
+    /// policy's own service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceName>,
+    /// That service's port; `None`: the port the request came in on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// A subset of the destination's service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subset: Option<String>,
+    /// Relative to the route's other destinations (Istio's add up to 100; Gateway API's
+    /// need not). A route whose weights are all 0 sends nothing (500, Gateway API's rule).
     pub weight: u32,
+}
+
+impl Destination {
+    /// The policy's own service, all of the traffic.
+    pub fn all() -> Self {
+        Self {
+            service: None,
+            port: None,
+            subset: None,
+            weight: 100,
+        }
+    }
+
+    /// The service this destination names other than `own`, if any.
+    pub fn other_service<'a>(&'a self, own: &ServiceName) -> Option<&'a ServiceName> {
+        self.service.as_ref().filter(|s| *s != own)
+    }
 }
 
 /// All of its conditions hold.
@@ -251,6 +282,9 @@ pub enum StringMatch {
     Prefix(String),
     /// RE2 syntax, matched against the whole value (as Envoy does).
     Regex(String),
+    /// Gateway API's `PathPrefix`: by path element, so `/foo` accepts `/foo`, `/foo/`
+    /// and `/foo/bar` but not `/foobar`; a trailing `/` is ignored.
+    PathPrefix(String),
 }
 
 /// A policy that does not hold together; names the field.
@@ -273,6 +307,8 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
 pub const MAX_ROUTES: usize = 64;
 pub const MAX_MATCHES: usize = 16;
 pub const MAX_DESTINATIONS: usize = 16;
+/// The largest weight (Gateway API's bound).
+pub const MAX_WEIGHT: u32 = 1_000_000;
 /// The most bytes a compiled regex may take (the `regex` crate's size limit).
 const REGEX_SIZE: usize = 64 * 1024;
 
@@ -281,6 +317,7 @@ impl StringMatch {
         Ok(match self {
             Self::Exact(s) => Matcher::Exact(s.clone()),
             Self::Prefix(s) => Matcher::Prefix(s.clone()),
+            Self::PathPrefix(s) => Matcher::PathPrefix(s.trim_end_matches('/').to_owned()),
             Self::Regex(r) => Matcher::Regex(
                 regex::RegexBuilder::new(&format!("^(?:{r})$"))
                     .size_limit(REGEX_SIZE)
@@ -296,6 +333,8 @@ impl StringMatch {
 enum Matcher {
     Exact(String),
     Prefix(String),
+    /// Without its trailing `/` (so `/` is empty and accepts every path).
+    PathPrefix(String),
     Regex(regex::Regex),
 }
 
@@ -304,6 +343,9 @@ impl Matcher {
         match self {
             Self::Exact(s) => v == s,
             Self::Prefix(s) => v.starts_with(s.as_str()),
+            Self::PathPrefix(s) => v
+                .strip_prefix(s.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
             Self::Regex(r) => r.is_match(v),
         }
     }
@@ -616,20 +658,27 @@ impl HttpPolicy {
                 (None, _) => {}
             }
             check_route_extras(r, &f)?;
-            let total: u64 = r.destinations.iter().map(|d| u64::from(d.weight)).sum();
-            if r.destinations.len() > 1 && total != 100 {
-                return Err(bad(
-                    f("destinations"),
-                    format!("weights add up to {total}; Istio requires 100"),
-                ));
-            }
             for (j, d) in r.destinations.iter().enumerate() {
+                // A subset of another service is that service's policy's to define.
                 if let Some(s) = &d.subset
+                    && d.other_service(&self.service).is_none()
                     && !names.contains(s.as_str())
                 {
                     return Err(bad(
                         f(&format!("destinations[{j}].subset")),
                         format!("{s:?} is not a subset of {}", self.service),
+                    ));
+                }
+                if d.port == Some(0) {
+                    return Err(bad(
+                        f(&format!("destinations[{j}].port")),
+                        "must be above 0",
+                    ));
+                }
+                if d.weight > MAX_WEIGHT {
+                    return Err(bad(
+                        f(&format!("destinations[{j}].weight")),
+                        format!("at most {MAX_WEIGHT}"),
                     ));
                 }
             }
@@ -725,7 +774,7 @@ impl Compiled {
                 }
                 let m = ms.iter().find(|m| m.test(r))?;
                 let prefix = match &m.uri {
-                    Some(Matcher::Prefix(p)) => Some(p.as_str()),
+                    Some(Matcher::Prefix(p) | Matcher::PathPrefix(p)) => Some(p.as_str()),
                     _ => None,
                 };
                 Some((route, prefix))
@@ -785,6 +834,7 @@ impl fmt::Display for StringMatch {
             Self::Exact(s) => write!(f, "exact {s:?}"),
             Self::Prefix(s) => write!(f, "prefix {s:?}"),
             Self::Regex(s) => write!(f, "regex {s:?}"),
+            Self::PathPrefix(s) => write!(f, "path prefix {s:?}"),
         }
     }
 }
@@ -820,6 +870,8 @@ mod tests {
 
     fn dest(subset: &str, weight: u32) -> Destination {
         Destination {
+            service: None,
+            port: None,
             subset: Some(subset.into()),
             weight,
         }
@@ -1247,12 +1299,34 @@ mod tests {
     }
 
     #[test]
+    fn a_path_prefix_matches_by_path_element() {
+        for (prefix, path, want) in [
+            ("/foo", "/foo", true),
+            ("/foo", "/foo/", true),
+            ("/foo", "/foo/bar", true),
+            ("/foo", "/foobar", false),
+            ("/foo/", "/foo", true),
+            ("/foo/", "/foo/bar", true),
+            ("/", "/anything", true),
+            ("/", "/", true),
+            ("/a/b", "/a", false),
+        ] {
+            let m = StringMatch::PathPrefix(prefix.into()).compile("x").unwrap();
+            assert_eq!(m.test(path), want, "{prefix} on {path}");
+        }
+    }
+
+    #[test]
     fn bad_policies_name_their_field() {
         type Change = Box<dyn Fn(&mut HttpPolicy)>;
         let rows: Vec<(Change, &str)> = vec![
             (
-                Box::new(|p| p.routes[1].destinations[1].weight = 30),
-                "routes[1].destinations",
+                Box::new(|p| p.routes[1].destinations[1].weight = MAX_WEIGHT + 1),
+                "routes[1].destinations[1].weight",
+            ),
+            (
+                Box::new(|p| p.routes[1].destinations[1].port = Some(0)),
+                "routes[1].destinations[1].port",
             ),
             (
                 Box::new(|p| p.routes[0].destinations[0].subset = Some("v3".into())),
@@ -1289,6 +1363,13 @@ mod tests {
             change(&mut p);
             assert_eq!(p.compile().unwrap_err().field, field);
         }
+        // Weights are relative (Gateway API's); a subset of another service is that
+        // service's policy's to check.
+        let mut p = policy();
+        p.routes[1].destinations[1].weight = 30;
+        p.routes[1].destinations[1].service = Some(ServiceName::parse("web-v2.demo").unwrap());
+        p.routes[1].destinations[1].subset = Some("elsewhere".into());
+        assert!(p.compile().is_ok());
     }
 
     #[test]

@@ -570,6 +570,8 @@ mod tests {
                         source: format!("VirtualService {site}/web"),
                         routes: vec![HttpRoute {
                             destinations: vec![Destination {
+                                service: None,
+                                port: None,
                                 subset: Some(to.into()),
                                 weight: 100,
                             }],

@@ -1220,10 +1220,14 @@ mod conflict_tests {
                 routes: vec![HttpRoute {
                     destinations: vec![
                         Destination {
+                            service: None,
+                            port: None,
                             subset: None,
                             weight: 100 - weight_to_v2,
                         },
                         Destination {
+                            service: None,
+                            port: None,
                             subset: None,
                             weight: weight_to_v2,
                         },

@@ -58,6 +58,34 @@ pub struct Egress {
     pub routes: Routes,
     /// Per-service metric series by destination site ([`Egress::service_handles`]).
     pub service_handles: Mutex<std::collections::HashMap<SiteName, crate::metrics::ServiceHandles>>,
+    /// This gateway's TCP imports, for routes whose destination is another service.
+    pub targets: Targets,
+}
+
+/// This gateway's TCP imports by (service, port): a route of one import whose
+/// destination is another service sends the request through that service's import.
+#[derive(Clone, Default)]
+pub struct Targets(Arc<std::sync::RwLock<TargetMap>>);
+
+type TargetMap = std::collections::HashMap<(ServiceName, u16), std::sync::Weak<Egress>>;
+
+impl Targets {
+    /// The live import of `service:port`, if this gateway has one.
+    pub fn get(&self, service: &ServiceName, port: u16) -> Option<Arc<Egress>> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(service.clone(), port))
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    fn set(&self, service: &ServiceName, port: u16, eg: Option<&Arc<Egress>>) {
+        let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match eg {
+            Some(eg) => m.insert((service.clone(), port), Arc::downgrade(eg)),
+            None => m.remove(&(service.clone(), port)),
+        };
+    }
 }
 
 /// An import's HTTP routes, swapped whole.
@@ -102,8 +130,13 @@ impl Callers {
 impl Egress {
     /// Accepts clients until `stop` (this import's, a child of the drain); each client
     /// runs on `drain`, which waits for it.
-    pub async fn serve(self, listener: TcpListener, stop: CancellationToken, drain: DrainWatcher) {
-        let this = Arc::new(self);
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+        drain: DrainWatcher,
+    ) {
+        let this = self;
         loop {
             let (tcp, client) = tokio::select! {
                 r = listener.accept() => match r {
@@ -572,6 +605,7 @@ pub struct Imports {
     /// How every TCP listener's clients prove who calls.
     callers: Callers,
     by_key: Mutex<BTreeMap<ImportKey, ImportEntry>>,
+    targets: Targets,
 }
 
 /// An import's identity: service, port, protocol (TCP and UDP on one port are two).
@@ -605,6 +639,7 @@ impl Imports {
             drain,
             callers,
             by_key: Mutex::new(BTreeMap::new()),
+            targets: Targets::default(),
         }
     }
 
@@ -669,11 +704,14 @@ impl Imports {
             http: Arc::new(crate::http::egress::HttpEgress::new(service, port)),
             routes: routes.clone(),
             service_handles: Default::default(),
+            targets: self.targets.clone(),
         };
         let addr = match protocol {
             Protocol::Tcp => {
                 let listener = crate::bind_tcp(listen)?;
                 let addr = listener.local_addr()?;
+                let eg = Arc::new(eg);
+                self.targets.set(service, port, Some(&eg));
                 tokio::spawn(eg.serve(listener, stop.clone(), self.drain.clone()));
                 addr
             }
@@ -710,6 +748,9 @@ impl Imports {
             if !kept {
                 let (service, port, protocol) = key;
                 info!(%service, port, %protocol, "import removed");
+                if *protocol == Protocol::Tcp {
+                    self.targets.set(service, *port, None);
+                }
                 e.stop.cancel();
             }
             kept
@@ -782,6 +823,7 @@ impl Imports {
             http: Arc::new(crate::http::egress::HttpEgress::new(&service, port)),
             routes: Arc::new(ArcSwap::from_pointee(None)),
             service_handles: Default::default(),
+            targets: Targets::default(),
         };
         let open = eg.open_request(None);
         let wait = Duration::from_secs(2);

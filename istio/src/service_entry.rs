@@ -564,6 +564,7 @@ pub fn parse(text: &str) -> Result<Registration, ParseError> {
     let policies = crate::authorization::refuse_duplicates(sorted.policies, &mut problems);
     let http_policies = http_policies(
         sorted.virtual_services,
+        sorted.gateway_routes,
         &sorted.subsets,
         &services,
         &mut problems,
@@ -606,12 +607,16 @@ pub(crate) fn service_of(
 /// DestinationRules define for that service.
 fn http_policies(
     vss: Vec<crate::virtual_service::RawVirtualService>,
+    gateway_routes: Vec<crate::gateway_api::GatewayRoute>,
     subsets: &[SubsetRule],
     services: &[LegacyService],
     problems: &mut Vec<Problem>,
     warnings: &mut Vec<Problem>,
 ) -> Vec<HttpPolicy> {
     let mut out: Vec<(usize, HttpPolicy)> = Vec::new();
+    // Services another service's route sends to by subset: their subsets travel with
+    // them even without routes of their own.
+    let mut subset_targets = std::collections::BTreeSet::new();
     for vs in vss {
         let mut d = Doc {
             index: vs.index,
@@ -627,18 +632,47 @@ fn http_policies(
                 );
                 continue;
             };
+            let mut routes = vs.routes.clone();
             for (r, j, h) in &vs.destination_hosts {
-                if service_of(h, &vs.namespace, services).as_ref() != Some(&service) {
-                    let field = if *j == usize::MAX {
-                        format!("spec.http[{r}].mirror.host")
-                    } else {
-                        format!("spec.http[{r}].route[{j}].destination.host")
-                    };
+                let to = service_of(h, &vs.namespace, services);
+                if *j == usize::MAX {
+                    if to.as_ref() != Some(&service) {
+                        d.err(
+                            format!("spec.http[{r}].mirror.host"),
+                            format!("{h:?} is not {service}: mirroring to another service is not supported yet"),
+                        );
+                    }
+                    continue;
+                }
+                let field = format!("spec.http[{r}].route[{j}].destination");
+                let Some(to) = to else {
                     d.err(
-                        field,
-                        format!("{h:?} is not {service}: routing to another service is not supported yet"),
+                        format!("{field}.host"),
+                        format!("{h:?} names no service: use name.namespace, its .svc.cluster.local form, or a ServiceEntry host of this file"),
+                    );
+                    continue;
+                };
+                let Some(dest) = routes.get_mut(*r).and_then(|x| x.destinations.get_mut(*j)) else {
+                    continue;
+                };
+                if to == service {
+                    continue;
+                }
+                if let Some(subset) = &dest.subset
+                    && !subsets.iter().any(|(_, ns, host, sets, _)| {
+                        service_of(host, ns, services).as_ref() == Some(&to)
+                            && sets.iter().any(|s| &s.name == subset)
+                    })
+                {
+                    d.err(
+                        format!("{field}.subset"),
+                        format!("{subset:?} is not a subset a DestinationRule of this file defines for {to}"),
                     );
                 }
+                if dest.subset.is_some() {
+                    subset_targets.insert(to.clone());
+                }
+                dest.service = Some(to);
             }
             let mine: Vec<&SubsetRule> = subsets
                 .iter()
@@ -656,20 +690,59 @@ fn http_policies(
                 );
                 continue;
             }
-            if let Some(p) = crate::virtual_service::policy(&mut d, &vs, service, sets, traffic) {
+            if let Some(p) =
+                crate::virtual_service::policy(&mut d, &vs, service, routes, sets, traffic)
+            {
                 out.push((vs.index, p));
             }
         }
     }
-    // A connection pool or outlier detection without a VirtualService: every request on
-    // the one route.
-    for (index, ns, host, sets, (max, outlier)) in subsets {
-        if max.is_none() && outlier.is_none() {
-            continue;
+    // Gateway API routes: one policy per parent Service, with the DestinationRules'
+    // traffic policy for it.
+    for gr in gateway_routes {
+        let (kind, rest) = gr.source.split_once(' ').unwrap_or(("", ""));
+        let object = format!("{kind}/{}", rest.split_once('/').map_or(rest, |(_, n)| n));
+        let mut d = Doc {
+            index: gr.index,
+            object,
+            problems,
+            warnings,
+        };
+        for (i, service) in gr.parents.iter().enumerate() {
+            if let Some((first, _)) = out.iter().find(|(_, p)| &p.service == service) {
+                d.err(
+                    format!("spec.parentRefs[{i}]"),
+                    format!("{service} already has routes in document {first}: one route object per service"),
+                );
+                continue;
+            }
+            let mine: Vec<&SubsetRule> = subsets
+                .iter()
+                .filter(|(_, ns, h, _, _)| service_of(h, ns, services).as_ref() == Some(service))
+                .collect();
+            let p = HttpPolicy {
+                service: service.clone(),
+                source: gr.source.clone(),
+                routes: gr.routes.clone(),
+                subsets: mine.iter().flat_map(|r| r.3.iter().cloned()).collect(),
+                max_requests: mine.iter().find_map(|r| r.4.0),
+                outlier: mine.iter().find_map(|r| r.4.1.clone()),
+            };
+            match p.clone().compile() {
+                Ok(_) => out.push((gr.index, p)),
+                Err(e) => d.err(crate::gateway_api::yaml_path(&e.field), e.message),
+            }
         }
+    }
+    // A connection pool, outlier detection, or subsets another service's routes use,
+    // without a VirtualService: every request on the one route.
+    for (index, ns, host, sets, (max, outlier)) in subsets {
         let Some(service) = service_of(host, ns, services) else {
             continue;
         };
+        if max.is_none() && outlier.is_none() && !subset_targets.contains(&service) {
+            continue;
+        }
         if out.iter().any(|(_, p)| p.service == service) {
             continue;
         }
@@ -679,6 +752,8 @@ fn http_policies(
                 source: format!("DestinationRule {ns}/{host}"),
                 routes: vec![meshfed_catalog::http_route::HttpRoute {
                     destinations: vec![meshfed_catalog::http_route::Destination {
+                        service: None,
+                        port: None,
                         subset: None,
                         weight: 100,
                     }],
@@ -723,6 +798,7 @@ struct Sorted {
     /// (doc index, policy) of every AuthorizationPolicy.
     policies: Vec<(usize, AuthorizationPolicy)>,
     virtual_services: Vec<crate::virtual_service::RawVirtualService>,
+    gateway_routes: Vec<crate::gateway_api::GatewayRoute>,
     subsets: Vec<SubsetRule>,
 }
 
@@ -760,6 +836,7 @@ fn sort_documents(
     let mut rules: Vec<Rule> = Vec::new();
     let mut policies = Vec::new();
     let mut virtual_services = Vec::new();
+    let mut gateway_routes = Vec::new();
     let mut subsets = Vec::new();
     for (i, v) in docs.iter().enumerate() {
         let index = i + 1;
@@ -799,10 +876,11 @@ fn sort_documents(
                 &["name", "namespace", "labels", "annotations"],
             );
         }
-        let versions: &[&str] = if kind == "AuthorizationPolicy" {
-            &SECURITY_VERSIONS
-        } else {
-            &API_VERSIONS
+        let versions: &[&str] = match kind {
+            "AuthorizationPolicy" => &SECURITY_VERSIONS,
+            "HTTPRoute" => &crate::gateway_api::HTTP_ROUTE_VERSIONS,
+            "GRPCRoute" => &crate::gateway_api::GRPC_ROUTE_VERSIONS,
+            _ => &API_VERSIONS,
         };
         match top.get("apiVersion").and_then(Value::as_str) {
             Some(a) if versions.contains(&a) => {}
@@ -863,6 +941,17 @@ fn sort_documents(
                     virtual_services.push(vs);
                 }
             }
+            "HTTPRoute" | "GRPCRoute" => {
+                let k = if kind == "HTTPRoute" {
+                    crate::gateway_api::Kind::Http
+                } else {
+                    crate::gateway_api::Kind::Grpc
+                };
+                if let Some(r) = crate::gateway_api::route(&mut d, k, index, name, namespace, spec)
+                {
+                    gateway_routes.push(r);
+                }
+            }
             "ServiceEntry" => {
                 let ann = d.string_map(
                     meta.and_then(|m| m.get("annotations")),
@@ -884,7 +973,7 @@ fn sort_documents(
             other => d.err(
                 "kind",
                 format!(
-                    "{other:?}: only ServiceEntry, WorkloadEntry, DestinationRule, VirtualService and AuthorizationPolicy are accepted"
+                    "{other:?}: only ServiceEntry, WorkloadEntry, DestinationRule, VirtualService, AuthorizationPolicy, HTTPRoute and GRPCRoute are accepted"
                 ),
             ),
         }
@@ -896,6 +985,7 @@ fn sort_documents(
         rules,
         policies,
         virtual_services,
+        gateway_routes,
         subsets,
     }
 }

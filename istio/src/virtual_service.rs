@@ -7,7 +7,9 @@
 //! `.svc.clusterset.local`, a short name in the VirtualService's namespace, or a host of
 //! a ServiceEntry in the same file), `http[].name`, `http[].match[]` (`uri`, `method`,
 //! `headers`, `queryParams`: `exact`, `prefix` or `regex`), `http[].route[]`
-//! (`destination.host` — the same service — `destination.subset`, `weight`),
+//! (`destination.host` — the service itself or another one, which importing gateways
+//! reach through their import of it — `destination.subset`, `destination.port.number`,
+//! `weight`),
 //! `http[].timeout`, `http[].retries` (`attempts`, `perTryTimeout`; `retryOn` is read
 //! and the gateway retries connect failures, resets and 502–504, Istio's default set),
 //! `http[].fault` (`delay.fixedDelay`, `abort.httpStatus`, each with `percentage.value`),
@@ -305,13 +307,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
             _ => d.err(format!("{f}.destination.host"), "missing"),
         }
         let weight = match rd.get("weight") {
-            None | Some(Value::Null) => {
-                if dests.len() > 1 {
-                    0
-                } else {
-                    100
-                }
-            }
+            None | Some(Value::Null) => 0,
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(w) if w <= 100 => w as u32,
                 _ => {
@@ -327,8 +323,33 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
                 0
             }
         };
+        // Istio: a single destination takes all the traffic, whatever its weight.
+        let weight = if dests.len() == 1 { 100 } else { weight };
         total += u64::from(weight);
+        let port = match dest.get("port") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(pm)) => {
+                d.unsupported(&format!("{f}.destination.port"), pm, &["number"]);
+                match pm.get("number").and_then(Value::as_u64) {
+                    Some(n @ 1..=65535) => Some(n as u16),
+                    _ => {
+                        d.err(
+                            format!("{f}.destination.port.number"),
+                            "a port from 1 to 65535",
+                        );
+                        None
+                    }
+                }
+            }
+            Some(_) => {
+                d.err(format!("{f}.destination.port"), "must be a map with number");
+                None
+            }
+        };
         destinations.push(Destination {
+            // Set when the host resolves to another service.
+            service: None,
+            port,
             subset: dest
                 .get("subset")
                 .and_then(Value::as_str)
@@ -850,13 +871,14 @@ pub(crate) fn policy(
     d: &mut Doc<'_>,
     vs: &RawVirtualService,
     service: meshfed_catalog::ServiceName,
+    routes: Vec<HttpRoute>,
     subsets: Vec<Subset>,
     (max_requests, outlier): (Option<u32>, Option<Outlier>),
 ) -> Option<HttpPolicy> {
     let p = HttpPolicy {
         service,
         source: format!("VirtualService {}/{}", vs.namespace, vs.name),
-        routes: vs.routes.clone(),
+        routes,
         subsets,
         max_requests,
         outlier,
@@ -929,6 +951,56 @@ spec:
 "#;
 
     #[test]
+    fn a_route_to_another_service_names_it_and_its_subsets_travel_with_it() {
+        let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web]
+  http:
+  - route:
+    - destination: {host: web}
+      weight: 90
+    - destination: {host: web-v2.demo.svc.cluster.local, subset: blue, port: {number: 8080}}
+      weight: 10
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-v2, namespace: demo}
+spec:
+  host: web-v2
+  subsets:
+  - name: blue
+    labels: {color: blue}
+"#;
+        let r = parse(yaml).unwrap();
+        let web = &r.http_policies[0];
+        assert_eq!(web.service.to_string(), "web.demo");
+        let d = &web.routes[0].destinations;
+        assert_eq!((d[0].service.as_ref(), d[0].weight), (None, 90));
+        assert_eq!(
+            d[1].service.as_ref().map(ToString::to_string).as_deref(),
+            Some("web-v2.demo")
+        );
+        assert_eq!(
+            (d[1].port, d[1].subset.as_deref()),
+            (Some(8080), Some("blue"))
+        );
+        // web-v2's subsets travel with web-v2, on a catch-all route.
+        let v2 = &r.http_policies[1];
+        assert_eq!(v2.service.to_string(), "web-v2.demo");
+        assert_eq!(v2.subsets[0].name, "blue");
+        // A subset web-v2 does not define is refused with its path.
+        let e = parse(&yaml.replace("subset: blue, port", "subset: red, port")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("spec.http[0].route[1].destination.subset"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_virtual_service_becomes_the_routes_of_its_service() {
         let r = parse(GOOD).unwrap();
         assert_eq!(r.http_policies.len(), 1);
@@ -987,7 +1059,7 @@ spec:
             ),
             (
                 "destination: {host: web}\n---",
-                "destination: {host: orders}\n---",
+                "destination: {host: orders.demo.example.com}\n---",
                 "spec.http[2].route[0].destination.host",
             ),
             ("timeout: 3s", "timeout: soon", "spec.http[1].timeout"),

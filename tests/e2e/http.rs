@@ -1421,3 +1421,100 @@ async fn a_client_trace_continues_through_both_gateways_to_the_endpoint() {
         spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
     );
 }
+
+/// Issue 17 §2 (GAMMA): a Gateway API HTTPRoute attached to `web.demo`, registered at
+/// west, sends requests to another service, `web-v2.demo`, through the importing
+/// gateway's import of it: a header match takes every request to v2, the rest split
+/// 1:1 by relative weights, and a rule with all weights 0 answers 500 (Gateway API's
+/// rule). Before, a destination of another service was refused at registration.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_route_sends_a_canary_to_another_service() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new("http-gamma");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let (port, port_v2) = (free_port(ip), free_port(ip));
+    let (v1, v1_hits) = http_endpoint("v1", 200).await;
+    let (v2, v2_hits) = http_endpoint("v2", 200).await;
+    let route = format!(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web-canary, namespace: demo}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: web}}]
+  rules:
+  - name: beta
+    matches: [{{headers: [{{name: x-beta, value: "1"}}]}}]
+    backendRefs: [{{name: web-v2, port: {port_v2}}}]
+  - name: zero
+    matches: [{{path: {{type: PathPrefix, value: /off}}}}]
+    backendRefs:
+    - {{name: web, port: {port}, weight: 0}}
+    - {{name: web-v2, port: {port_v2}, weight: 0}}
+  - name: split
+    backendRefs:
+    - {{name: web, port: {port}, weight: 1}}
+    - {{name: web-v2, port: {port_v2}, weight: 1}}
+"#
+    );
+    let out = register_yaml(&west, "route.yaml", &route);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let _west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3])
+            .export("web.demo", port, vec![v1])
+            .speaks("web.demo", port, "http")
+            .export("web-v2.demo", port_v2, vec![v2])
+            .speaks("web-v2.demo", port_v2, "http"),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let base = format!("http://{}", SocketAddr::new(ip, port));
+
+    // Applied once the header rule reaches v2 through web.demo's import.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body, _) = curl(&["-H", "x-beta: 1"], &format!("{base}/x"));
+        if status == 200 && body.contains("site=v2") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the route never applied: {status} {body}\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = (
+        v1_hits.load(Ordering::Relaxed),
+        v2_hits.load(Ordering::Relaxed),
+    );
+    let beta = gets(SocketAddr::new(ip, port), 20, &[("x-beta", "1")]).await;
+    assert!(beta.iter().all(|s| *s == 200), "{beta:?}");
+    let after_beta = (
+        v1_hits.load(Ordering::Relaxed),
+        v2_hits.load(Ordering::Relaxed),
+    );
+    assert_eq!(after_beta.0, before.0, "a beta request reached v1");
+    assert_eq!(after_beta.1 - before.1, 20);
+
+    // The split: 400 requests, each version gets its half within a wide margin.
+    let split = gets(SocketAddr::new(ip, port), 400, &[]).await;
+    assert!(split.iter().all(|s| *s == 200), "{split:?}");
+    let to_v1 = v1_hits.load(Ordering::Relaxed) - after_beta.0;
+    let to_v2 = v2_hits.load(Ordering::Relaxed) - after_beta.1;
+    eprintln!("split 1:1 over 400 requests: v1 {to_v1}, v2 {to_v2}");
+    assert_eq!(to_v1 + to_v2, 400);
+    assert!((140..=260).contains(&to_v1), "v1 {to_v1}, v2 {to_v2}");
+
+    // All weights 0: 500, and no endpoint sees it.
+    let (status, _, code) = curl(&[], &format!("{base}/off/x"));
+    assert_eq!((status, code.as_str()), (500, "no_route"));
+    assert_eq!(
+        v1_hits.load(Ordering::Relaxed) + v2_hits.load(Ordering::Relaxed),
+        to_v1 + to_v2 + after_beta.0 + after_beta.1
+    );
+    drop(fed);
+}

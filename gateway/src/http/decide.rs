@@ -344,10 +344,14 @@ mod tests {
         use meshfed_catalog::http_route::{Destination, pick};
         let d = [
             Destination {
+                service: None,
+                port: None,
                 subset: Some("a".into()),
                 weight: 80,
             },
             Destination {
+                service: None,
+                port: None,
                 subset: Some("b".into()),
                 weight: 20,
             },

@@ -5,14 +5,16 @@
 //! 1. headers change as `headers::from_client` says;
 //! 2. a body known to be at most [`REPLAY_MAX`] is buffered so it can be sent again (or
 //!    copied to a mirror); a longer or unknown one streams, and is never retried;
-//! 3. with the import's routes (a VirtualService): the circuit breaker (past
+//! 3. with the import's routes (a VirtualService, HTTPRoute or GRPCRoute): the circuit breaker (past
 //!    `max_requests` in flight until the answer's headers, 503 [`OVERFLOW`] at once),
 //!    the first matching route (none: 404 [`NO_ROUTE`]), its rate limit (a token bucket
 //!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its redirect
 //!    (answered here), its faults (delay, then abort), its rewrite and request header
 //!    changes, its mirror (a copy on a task of its own, of the changed request), and its
-//!    weighted destination, whose subset gives the sites; without routes, every backend;
-//!    the answer gets the route's response header changes;
+//!    weighted destination, whose subset gives the sites (a destination of another
+//!    service: that service's import here, its sites and subsets, and the attempts go
+//!    through it); without routes, every backend; the answer gets the route's response
+//!    header changes;
 //! 4. the site is the next of those (best first) not tried yet;
 //! 5. the request goes over the next of that site's [`LINKS`] h2 links for the caller,
 //!    each opened on demand as a tunnel stream with the usual open request (so the far
@@ -170,6 +172,9 @@ struct Plan {
     /// The route's header changes and rewrite (with the prefix it matched on), when it
     /// has any.
     edits: Option<Box<Edits>>,
+    /// The import the request goes through when its destination is another service
+    /// (`None`: this one).
+    target: Option<Arc<Egress>>,
 }
 
 struct Edits {
@@ -403,7 +408,12 @@ impl HttpEgress {
         if let Some(sites) = &plan.mirror {
             self.mirror(eg, &parts, &body, sites, caller);
         }
-        let attempts = self.attempts(eg, &parts, &mut body, &plan, caller);
+        // A destination of another service goes through that service's import.
+        let (via, via_eg) = match &plan.target {
+            Some(t) => (&*t.http, t),
+            None => (&**self, eg),
+        };
+        let attempts = via.attempts(via_eg, &parts, &mut body, &plan, caller);
         let (answer, site) = match plan.timeout {
             Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
                 let msg = format!("no answer within the route's timeout of {t:?}");
@@ -510,6 +520,7 @@ impl HttpEgress {
                 timeout: None,
                 per_try: None,
                 edits: None,
+                target: None,
             });
         };
         // The circuit breaker: a request past `max_requests` is refused at once, never
@@ -585,20 +596,70 @@ impl HttpEgress {
             return Err(r);
         }
         let n = self.rolls.fetch_add(1, Ordering::Relaxed);
+        if route.destinations.iter().all(|d| d.weight == 0) {
+            // Gateway API: a rule whose backends all weigh 0 answers 500.
+            let msg = format!("every destination of route {} weighs 0", route_name());
+            return Err(error_response(500, NO_ROUTE, &msg));
+        }
         let d = &route.destinations[pick(&route.destinations, decide::roll(n))];
-        let sites: Vec<SiteName> = match d.subset.as_deref().and_then(|s| table.compiled.subset(s))
-        {
-            Some(subset) => subset_sites(subset, &backends, &table.site_labels)
-                .into_iter()
-                .cloned()
-                .collect(),
-            None => backends.to_vec(),
+        let to = (
+            d.service.as_ref().unwrap_or(&eg.service),
+            d.port.unwrap_or(eg.port),
+        );
+        let (target, sites, outlier, site_count) = if to != (&eg.service, eg.port) {
+            // Another service: through this gateway's import of it, with its sites and
+            // its own policy's subsets and outlier detection.
+            let (service, port) = to;
+            let Some(t) = eg.targets.get(service, port) else {
+                return Err(no_site(format!(
+                    "route {} sends to {service}:{port}, which this gateway does not import",
+                    route_name()
+                )));
+            };
+            if !t.app.load().is_http() {
+                return Err(no_site(format!(
+                    "route {} sends to {service}:{port}, which is not an HTTP port",
+                    route_name()
+                )));
+            }
+            let t_backends = t.backends.load_full();
+            let t_routes = t.routes.load_full();
+            let t_table = t_routes.as_ref().as_ref();
+            let sites: Vec<SiteName> = match d.subset.as_deref() {
+                None => t_backends.to_vec(),
+                Some(name) => {
+                    match t_table.and_then(|tt| tt.compiled.subset(name).map(|s| (tt, s))) {
+                        Some((tt, subset)) => subset_sites(subset, &t_backends, &tt.site_labels)
+                            .into_iter()
+                            .cloned()
+                            .collect(),
+                        None => {
+                            return Err(no_site(format!("{service} has no subset {name}")));
+                        }
+                    }
+                }
+            };
+            let outlier = t_table.and_then(|tt| tt.compiled.policy.outlier.clone());
+            let count = t_backends.len();
+            (Some(t.clone()), sites, outlier, count)
+        } else {
+            let sites: Vec<SiteName> =
+                match d.subset.as_deref().and_then(|s| table.compiled.subset(s)) {
+                    Some(subset) => subset_sites(subset, &backends, &table.site_labels)
+                        .into_iter()
+                        .cloned()
+                        .collect(),
+                    None => backends.to_vec(),
+                };
+            let outlier = table.compiled.policy.outlier.clone();
+            (None, sites, outlier, backends.len())
         };
         if sites.is_empty() {
             return Err(no_site(format!(
-                "no serving site is in subset {} of {}",
+                "no serving site is in subset {} of {}:{}",
                 d.subset.as_deref().unwrap_or_default(),
-                self.import
+                to.0,
+                to.1
             )));
         }
         let ms = std::time::Duration::from_millis;
@@ -636,8 +697,9 @@ impl HttpEgress {
                         .map(|rw| (rw, prefix.map(str::to_owned))),
                 })
             }),
-            outlier: table.compiled.policy.outlier.clone(),
-            site_count: backends.len(),
+            outlier,
+            site_count,
+            target,
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
             timeout: route.timeout_ms.map(ms),
             per_try: route

@@ -1,0 +1,1403 @@
+//! Gateway API `HTTPRoute` and `GRPCRoute` (`gateway.networking.k8s.io` v1, v1beta1 for
+//! HTTPRoute) attached to a Service, the GAMMA mesh shape, into the routing policy
+//! gateways apply (`meshfed_catalog::http_route`). Pure.
+//!
+//! Read: `parentRefs` (a `Service`, core group, or an MCS `ServiceImport`; the route
+//! governs that service wherever it is imported), `rules[].name`, `rules[].matches`
+//! (HTTPRoute: `path` Exact, PathPrefix — by path element — or RegularExpression,
+//! `headers`, `queryParams`, `method`; GRPCRoute: `method` by service and method, Exact
+//! or RegularExpression, and `headers`), `rules[].backendRefs` (Services or
+//! ServiceImports, with `port` and relative `weight`: the service itself or another
+//! one, which importing gateways reach through their import of it), `rules[].filters`
+//! (`RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`,
+//! and `RequestMirror` to the service itself), `rules[].timeouts.request` and
+//! `rules[].retry.attempts`. `hostnames` mean nothing for a mesh route (GAMMA) and are
+//! warned about; anything else is a warning naming its path. The CRDs' schema and CEL
+//! rules are errors with their field path: enums, required fields, list bounds, path
+//! values, a `port` on a Service backend, at most one of each modifier filter, never a
+//! redirect with a rewrite, `ReplacePrefixMatch` only under a `PathPrefix` match.
+
+use serde_json::{Map, Value};
+
+use meshfed_catalog::ServiceName;
+use meshfed_catalog::http_route::{
+    Destination, HeaderOps, HeaderRules, HttpRoute, Mirror, Redirect, RequestMatch, Retries,
+    Rewrite, StringMatch,
+};
+
+use crate::service_entry::Doc;
+
+/// HTTPRoute's versions; GRPCRoute is v1 only.
+pub(crate) const HTTP_ROUTE_VERSIONS: [&str; 2] = [
+    "gateway.networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1beta1",
+];
+pub(crate) const GRPC_ROUTE_VERSIONS: [&str; 1] = ["gateway.networking.k8s.io/v1"];
+
+/// The CRDs' list bounds.
+const MAX_PARENT_REFS: usize = 32;
+const MAX_RULES: usize = 16;
+const MAX_MATCHES: usize = 64;
+const MAX_FILTERS: usize = 16;
+const MAX_BACKEND_REFS: usize = 16;
+const MAX_HEADER_MATCHES: usize = 16;
+
+/// A route as read: the services it governs and its rules as routes.
+pub(crate) struct GatewayRoute {
+    pub index: usize,
+    /// `HTTPRoute namespace/name`.
+    pub source: String,
+    pub parents: Vec<ServiceName>,
+    pub routes: Vec<HttpRoute>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Http,
+    Grpc,
+}
+
+/// Reads one HTTPRoute or GRPCRoute document's `spec`.
+pub(crate) fn route(
+    d: &mut Doc<'_>,
+    kind: Kind,
+    index: usize,
+    name: &str,
+    namespace: &str,
+    spec: &Map<String, Value>,
+) -> Option<GatewayRoute> {
+    let before = d.problem_count();
+    d.unsupported("spec", spec, &["parentRefs", "hostnames", "rules"]);
+    if spec.get("hostnames").is_some_and(|h| !h.is_null()) {
+        d.warn(
+            "spec.hostnames",
+            "a route attached to a Service (GAMMA) matches by the Service, not by host name; ignored",
+        );
+    }
+    let parents = parent_refs(d, spec.get("parentRefs"), namespace);
+    let rules: Vec<Value> = match spec.get("rules") {
+        None | Some(Value::Null) => vec![Value::Object(Map::new())],
+        Some(Value::Array(a)) if a.len() <= MAX_RULES => a.clone(),
+        Some(Value::Array(_)) => {
+            d.err("spec.rules", format!("at most {MAX_RULES} rules"));
+            return None;
+        }
+        Some(_) => {
+            d.err("spec.rules", "must be a list");
+            return None;
+        }
+    };
+    let total_matches: usize = rules
+        .iter()
+        .map(|r| {
+            r.get("matches")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len)
+        })
+        .sum();
+    if total_matches > 128 {
+        // The CRD's CEL rule.
+        d.err(
+            "spec.rules",
+            "the total number of matches across all rules must be at most 128",
+        );
+    }
+    let mut routes = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        if let Some(route) = rule(d, kind, r, i, namespace, &parents) {
+            routes.push(route);
+        }
+    }
+    let names: Vec<&String> = routes.iter().filter_map(|r| r.name.as_ref()).collect();
+    for (i, n) in names.iter().enumerate() {
+        if names[..i].contains(n) {
+            d.err("spec.rules", format!("rule name {n:?} twice"));
+        }
+    }
+    if d.problem_count() > before || parents.is_empty() {
+        return None;
+    }
+    let what = match kind {
+        Kind::Http => "HTTPRoute",
+        Kind::Grpc => "GRPCRoute",
+    };
+    Some(GatewayRoute {
+        index,
+        source: format!("{what} {namespace}/{name}"),
+        parents,
+        routes,
+    })
+}
+
+/// A Service (core group) or an MCS ServiceImport, named by `name` and `namespace`.
+fn service_ref(
+    d: &mut Doc<'_>,
+    m: &Map<String, Value>,
+    field: &str,
+    namespace: &str,
+    default_group: &str,
+    default_kind: &str,
+) -> Option<ServiceName> {
+    let group = m
+        .get("group")
+        .and_then(Value::as_str)
+        .unwrap_or(default_group);
+    let kind = m
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or(default_kind);
+    match (group, kind) {
+        ("" | "core", "Service") | ("multicluster.x-k8s.io", "ServiceImport") => {}
+        (g, k) => {
+            let g = if g.is_empty() { "core" } else { g };
+            d.err(
+                format!("{field}.kind"),
+                format!("{k} ({g}): meshfed routes between Services (GAMMA), so a Service or a multicluster.x-k8s.io ServiceImport"),
+            );
+            return None;
+        }
+    }
+    let Some(name) = m
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+    else {
+        d.err(format!("{field}.name"), "missing");
+        return None;
+    };
+    let ns = m
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or(namespace);
+    match ServiceName::new(name, ns) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            d.err(format!("{field}.name"), e.to_string());
+            None
+        }
+    }
+}
+
+fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Vec<ServiceName> {
+    let refs = match v {
+        Some(Value::Array(a)) if !a.is_empty() && a.len() <= MAX_PARENT_REFS => a,
+        Some(Value::Array(a)) if a.len() > MAX_PARENT_REFS => {
+            d.err("spec.parentRefs", format!("at most {MAX_PARENT_REFS}"));
+            return vec![];
+        }
+        None | Some(Value::Null) | Some(Value::Array(_)) => {
+            d.err(
+                "spec.parentRefs",
+                "missing: a mesh route names the Service it governs (kind: Service, group: \"\")",
+            );
+            return vec![];
+        }
+        Some(_) => {
+            d.err("spec.parentRefs", "must be a list");
+            return vec![];
+        }
+    };
+    let mut out: Vec<ServiceName> = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        let f = format!("spec.parentRefs[{i}]");
+        let Value::Object(m) = r else {
+            d.err(f, "must be a map");
+            continue;
+        };
+        d.unsupported(
+            &f,
+            m,
+            &["group", "kind", "name", "namespace", "port", "sectionName"],
+        );
+        if m.contains_key("sectionName") {
+            d.warn(
+                format!("{f}.sectionName"),
+                "not supported by meshfed yet; ignored",
+            );
+        }
+        if m.get("port").is_some_and(|p| !p.is_null()) {
+            d.warn(
+                format!("{f}.port"),
+                "the route applies to every HTTP port of the Service",
+            );
+        }
+        if let Some(s) = service_ref(d, m, &f, namespace, "gateway.networking.k8s.io", "Gateway")
+            && !out.contains(&s)
+        {
+            out.push(s);
+        }
+    }
+    out
+}
+
+fn list<'v>(d: &mut Doc<'_>, v: Option<&'v Value>, field: &str, max: usize) -> &'v [Value] {
+    match v {
+        None | Some(Value::Null) => &[],
+        Some(Value::Array(a)) if a.len() <= max => a,
+        Some(Value::Array(_)) => {
+            d.err(field, format!("at most {max}"));
+            &[]
+        }
+        Some(_) => {
+            d.err(field, "must be a list");
+            &[]
+        }
+    }
+}
+
+fn rule(
+    d: &mut Doc<'_>,
+    kind: Kind,
+    v: &Value,
+    i: usize,
+    namespace: &str,
+    parents: &[ServiceName],
+) -> Option<HttpRoute> {
+    let field = format!("spec.rules[{i}]");
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    let known: &[&str] = match kind {
+        Kind::Http => &[
+            "name",
+            "matches",
+            "filters",
+            "backendRefs",
+            "timeouts",
+            "retry",
+        ],
+        Kind::Grpc => &["name", "matches", "filters", "backendRefs"],
+    };
+    d.unsupported(&field, m, known);
+    let name = match m.get("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if valid_section_name(s) => Some(s.clone()),
+        Some(_) => {
+            d.err(
+                format!("{field}.name"),
+                "a lower-case RFC 1123 label of at most 253 characters",
+            );
+            None
+        }
+    };
+    let mut matches = Vec::new();
+    let raw = list(
+        d,
+        m.get("matches"),
+        &format!("{field}.matches"),
+        MAX_MATCHES,
+    );
+    for (j, x) in raw.iter().enumerate() {
+        let f = format!("{field}.matches[{j}]");
+        let rm = match kind {
+            Kind::Http => http_match(d, x, &f),
+            Kind::Grpc => grpc_match(d, x, &f),
+        };
+        matches.extend(rm);
+    }
+    // No matches: the CRD's default, one on path prefix `/`, which accepts everything.
+    let mut route = HttpRoute {
+        name,
+        matches,
+        ..Default::default()
+    };
+    filters(
+        d,
+        kind,
+        m.get("filters"),
+        &field,
+        namespace,
+        parents,
+        &mut route,
+    );
+    let refs = list(
+        d,
+        m.get("backendRefs"),
+        &format!("{field}.backendRefs"),
+        MAX_BACKEND_REFS,
+    );
+    for (j, b) in refs.iter().enumerate() {
+        let f = format!("{field}.backendRefs[{j}]");
+        let Value::Object(bm) = b else {
+            d.err(f, "must be a map");
+            continue;
+        };
+        d.unsupported(
+            &f,
+            bm,
+            &[
+                "group",
+                "kind",
+                "name",
+                "namespace",
+                "port",
+                "weight",
+                "filters",
+            ],
+        );
+        if bm.get("filters").is_some_and(|x| !x.is_null()) {
+            d.err(
+                format!("{f}.filters"),
+                "per-backend filters are not supported by meshfed yet; put them on the rule",
+            );
+        }
+        let weight = match bm.get("weight") {
+            None | Some(Value::Null) => 1,
+            Some(w) => match w.as_u64() {
+                Some(w @ 0..=1_000_000) => w as u32,
+                _ => {
+                    d.err(format!("{f}.weight"), "an integer from 0 to 1000000");
+                    continue;
+                }
+            },
+        };
+        let port = match bm.get("port") {
+            Some(p) => match p.as_u64() {
+                Some(p @ 1..=65535) => Some(p as u16),
+                _ => {
+                    d.err(format!("{f}.port"), "a port from 1 to 65535");
+                    continue;
+                }
+            },
+            None => {
+                let is_service = bm
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .is_none_or(|k| k == "Service");
+                if is_service {
+                    // The CRD's CEL rule.
+                    d.err(
+                        format!("{f}.port"),
+                        "must be specified when kind is Service",
+                    );
+                    continue;
+                }
+                None
+            }
+        };
+        let Some(service) = service_ref(d, bm, &f, namespace, "", "Service") else {
+            continue;
+        };
+        route.destinations.push(Destination {
+            // The parent itself stays `None`: the policy's own service.
+            service: (!parents.contains(&service)).then_some(service),
+            port,
+            subset: None,
+            weight,
+        });
+    }
+    if route.destinations.is_empty() && route.redirect.is_none() {
+        d.err(
+            format!("{field}.backendRefs"),
+            "missing: a rule needs a backend or a RequestRedirect filter",
+        );
+        return None;
+    }
+    if route.redirect.is_some() && !route.destinations.is_empty() {
+        // What Envoy (and so Istio) does: the redirect answers and nothing is forwarded.
+        d.warn(
+            format!("{field}.backendRefs"),
+            "the rule redirects, so its backends get nothing",
+        );
+        route.destinations.clear();
+    }
+    if kind == Kind::Http {
+        if let Some(Value::Object(t)) = m.get("timeouts") {
+            let f = format!("{field}.timeouts");
+            d.unsupported(&f, t, &["request", "backendRequest"]);
+            let request = t
+                .get("request")
+                .and_then(|v| duration(d, v, &format!("{f}.request")));
+            let backend = t
+                .get("backendRequest")
+                .and_then(|v| duration(d, v, &format!("{f}.backendRequest")));
+            if let (Some(r), Some(b)) = (request, backend)
+                && r != 0
+                && (b == 0 || b > r)
+            {
+                // The CRD's CEL rule.
+                d.err(
+                    format!("{f}.backendRequest"),
+                    "must be no greater than timeouts.request",
+                );
+            }
+            route.timeout_ms = request.filter(|ms| *ms > 0);
+            if let Some(b) = backend.filter(|ms| *ms > 0) {
+                route.retries = Some(Retries {
+                    attempts: route
+                        .retries
+                        .as_ref()
+                        .map_or(DEFAULT_ATTEMPTS, |r| r.attempts),
+                    per_try_timeout_ms: Some(b),
+                });
+            }
+        }
+        if let Some(Value::Object(r)) = m.get("retry") {
+            let f = format!("{field}.retry");
+            d.unsupported(&f, r, &["attempts", "codes", "backoff"]);
+            if r.contains_key("codes") {
+                d.warn(
+                    format!("{f}.codes"),
+                    "meshfed retries connect failures, resets and 502-504 of idempotent requests",
+                );
+            }
+            if r.contains_key("backoff") {
+                d.warn(
+                    format!("{f}.backoff"),
+                    "not supported by meshfed yet; ignored",
+                );
+            }
+            if let Some(a) = r.get("attempts") {
+                match a.as_u64() {
+                    Some(n) if n <= 10 => {
+                        let per_try = route.retries.as_ref().and_then(|x| x.per_try_timeout_ms);
+                        route.retries = Some(Retries {
+                            attempts: n as u32,
+                            per_try_timeout_ms: per_try,
+                        });
+                    }
+                    _ => d.err(format!("{f}.attempts"), "an integer from 0 to 10"),
+                }
+            }
+        }
+    }
+    if let Some(rw) = &route.rewrite
+        && rw.uri.is_some()
+        && rewrite_needs_prefix(m)
+        && !route
+            .matches
+            .iter()
+            .all(|x| matches!(x.uri, Some(StringMatch::PathPrefix(_))))
+    {
+        d.err(
+            format!("{field}.filters"),
+            "ReplacePrefixMatch needs every match of the rule to be a PathPrefix path match",
+        );
+    }
+    Some(route)
+}
+
+/// Retries after the first attempt when a route sets only `backendRequest` (the gateway's
+/// own default).
+const DEFAULT_ATTEMPTS: u32 = 2;
+
+/// Whether a URLRewrite of the rule replaces the matched prefix.
+fn rewrite_needs_prefix(m: &Map<String, Value>) -> bool {
+    m.get("filters")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.get("urlRewrite")?.get("path")?.get("type")?.as_str())
+        .any(|t| t == "ReplacePrefixMatch")
+}
+
+/// A lower-case RFC 1123 label (what `sectionName`-typed names take).
+fn valid_section_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// Gateway API's duration (GEP-2257): `1h`, `30s`, `500ms`, `1h30m` … up to four parts;
+/// `0s` is 0 (no timeout). Milliseconds.
+pub(crate) fn gep_duration(s: &str) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let (mut rest, mut total, mut parts) = (s, 0u64, 0);
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1000, 1)
+        } else {
+            return None;
+        };
+        rest = &rest[len..];
+        total += n * unit;
+        parts += 1;
+        if parts > 4 {
+            return None;
+        }
+    }
+    Some(total)
+}
+
+fn duration(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<u64> {
+    match v.as_str().and_then(gep_duration) {
+        Some(ms) => Some(ms),
+        None => {
+            d.err(
+                field,
+                format!("{v} is not a duration like 10s, 500ms or 1h30m"),
+            );
+            None
+        }
+    }
+}
+
+/// A path value Gateway API accepts for Exact and PathPrefix (the CRD's CEL rules).
+fn path_value_problem(v: &str) -> Option<&'static str> {
+    if !v.starts_with('/') {
+        return Some("must be an absolute path (start with /)");
+    }
+    for bad in ["//", "/./", "/../", "%2f", "%2F", "#"] {
+        if v.contains(bad) {
+            return Some("must not contain //, /./, /../, %2f, %2F or #");
+        }
+    }
+    if v.ends_with("/..") || v.ends_with("/.") {
+        return Some("must not end with /. or /..");
+    }
+    None
+}
+
+fn typed_value(
+    d: &mut Doc<'_>,
+    m: &Map<String, Value>,
+    field: &str,
+    types: &[&str],
+    default: &str,
+) -> Option<(String, String)> {
+    let t = m.get("type").and_then(Value::as_str).unwrap_or(default);
+    if !types.contains(&t) {
+        d.err(
+            format!("{field}.type"),
+            format!("{t:?}: one of {}", types.join(", ")),
+        );
+        return None;
+    }
+    let Some(v) = m.get("value").and_then(Value::as_str) else {
+        d.err(format!("{field}.value"), "missing");
+        return None;
+    };
+    Some((t.to_owned(), v.to_owned()))
+}
+
+/// `headers` or `queryParams` matches: Exact or RegularExpression, names unique
+/// (headers case-insensitively).
+fn name_value_matches(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+    field: &str,
+    lower: bool,
+) -> std::collections::BTreeMap<String, StringMatch> {
+    let mut out = std::collections::BTreeMap::new();
+    for (k, x) in list(d, v, field, MAX_HEADER_MATCHES).iter().enumerate() {
+        let f = format!("{field}[{k}]");
+        let Value::Object(m) = x else {
+            d.err(f, "must be a map");
+            continue;
+        };
+        d.unsupported(&f, m, &["type", "name", "value"]);
+        let Some(name) = m
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        else {
+            d.err(format!("{f}.name"), "missing");
+            continue;
+        };
+        let name = if lower {
+            name.to_ascii_lowercase()
+        } else {
+            name.to_owned()
+        };
+        let Some((t, value)) = typed_value(d, m, &f, &["Exact", "RegularExpression"], "Exact")
+        else {
+            continue;
+        };
+        let sm = if t == "Exact" {
+            StringMatch::Exact(value)
+        } else {
+            StringMatch::Regex(value)
+        };
+        if out.insert(name.clone(), sm).is_some() {
+            d.err(format!("{f}.name"), format!("{name:?} is matched twice"));
+        }
+    }
+    out
+}
+
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+fn http_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(field, m, &["path", "headers", "queryParams", "method"]);
+    let uri = match m.get("path") {
+        None | Some(Value::Null) => Some(StringMatch::PathPrefix("/".into())),
+        Some(Value::Object(p)) => {
+            let f = format!("{field}.path");
+            d.unsupported(&f, p, &["type", "value"]);
+            let t = p
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("PathPrefix");
+            let value = p.get("value").and_then(Value::as_str).unwrap_or("/");
+            match t {
+                "Exact" | "PathPrefix" => {
+                    if let Some(why) = path_value_problem(value) {
+                        d.err(format!("{f}.value"), why);
+                        return None;
+                    }
+                    Some(if t == "Exact" {
+                        StringMatch::Exact(value.into())
+                    } else {
+                        StringMatch::PathPrefix(value.into())
+                    })
+                }
+                "RegularExpression" => Some(StringMatch::Regex(value.into())),
+                other => {
+                    d.err(
+                        format!("{f}.type"),
+                        format!("{other:?}: one of Exact, PathPrefix, RegularExpression"),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(_) => {
+            d.err(format!("{field}.path"), "must be a map with type and value");
+            return None;
+        }
+    };
+    let method = match m.get("method") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if METHODS.contains(&s.as_str()) => {
+            Some(StringMatch::Exact(s.clone()))
+        }
+        Some(other) => {
+            d.err(
+                format!("{field}.method"),
+                format!("{other}: one of {}", METHODS.join(", ")),
+            );
+            return None;
+        }
+    };
+    Some(RequestMatch {
+        uri,
+        method,
+        headers: name_value_matches(d, m.get("headers"), &format!("{field}.headers"), true),
+        query_params: name_value_matches(
+            d,
+            m.get("queryParams"),
+            &format!("{field}.queryParams"),
+            false,
+        ),
+    })
+}
+
+fn grpc_name_ok(s: &str, dotted: bool) -> bool {
+    let part = |p: &str| {
+        let mut b = p.bytes();
+        b.next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+            && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+    };
+    if dotted {
+        s.split('.').all(part)
+    } else {
+        part(s)
+    }
+}
+
+fn grpc_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(field, m, &["method", "headers"]);
+    let uri = match m.get("method") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(gm)) => {
+            let f = format!("{field}.method");
+            d.unsupported(&f, gm, &["type", "service", "method"]);
+            let t = gm.get("type").and_then(Value::as_str).unwrap_or("Exact");
+            let service = gm
+                .get("service")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty());
+            let method = gm
+                .get("method")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty());
+            if service.is_none() && method.is_none() {
+                // The CRD's CEL rule.
+                d.err(&f, "one or both of service and method must be specified");
+                return None;
+            }
+            match t {
+                "Exact" => {
+                    if let Some(s) = service
+                        && !grpc_name_ok(s, true)
+                    {
+                        d.err(
+                            format!("{f}.service"),
+                            format!("{s:?} is not a gRPC service name"),
+                        );
+                        return None;
+                    }
+                    if let Some(x) = method
+                        && !grpc_name_ok(x, false)
+                    {
+                        d.err(
+                            format!("{f}.method"),
+                            format!("{x:?} is not a gRPC method name"),
+                        );
+                        return None;
+                    }
+                    Some(match (service, method) {
+                        (Some(s), Some(x)) => StringMatch::Exact(format!("/{s}/{x}")),
+                        (Some(s), None) => StringMatch::Prefix(format!("/{s}/")),
+                        (None, Some(x)) => {
+                            StringMatch::Regex(format!("/[^/]+/{}", regex_escape(x)))
+                        }
+                        (None, None) => unreachable!("checked above"),
+                    })
+                }
+                "RegularExpression" => Some(StringMatch::Regex(format!(
+                    "/(?:{})/(?:{})",
+                    service.unwrap_or("[^/]+"),
+                    method.unwrap_or("[^/]+")
+                ))),
+                other => {
+                    d.err(
+                        format!("{f}.type"),
+                        format!("{other:?}: one of Exact, RegularExpression"),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(_) => {
+            d.err(format!("{field}.method"), "must be a map");
+            return None;
+        }
+    };
+    Some(RequestMatch {
+        uri,
+        method: None,
+        headers: name_value_matches(d, m.get("headers"), &format!("{field}.headers"), true),
+        query_params: Default::default(),
+    })
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$#&-~".contains(c);
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
+}
+
+/// `set`/`add` (name, value lists) and `remove` of a header modifier filter.
+fn header_ops(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> HeaderOps {
+    let Some(Value::Object(m)) = v else {
+        d.err(field, "missing: the filter's type names this field");
+        return HeaderOps::default();
+    };
+    d.unsupported(field, m, &["set", "add", "remove"]);
+    let mut pairs = |k: &str| {
+        let mut out = std::collections::BTreeMap::new();
+        for (i, x) in list(d, m.get(k), &format!("{field}.{k}"), 16)
+            .iter()
+            .enumerate()
+        {
+            let f = format!("{field}.{k}[{i}]");
+            let (Some(n), Some(v)) = (
+                x.get("name")
+                    .and_then(Value::as_str)
+                    .filter(|n| !n.is_empty()),
+                x.get("value").and_then(Value::as_str),
+            ) else {
+                d.err(f, "needs name and value");
+                continue;
+            };
+            if out.insert(n.to_ascii_lowercase(), v.to_owned()).is_some() {
+                d.err(format!("{f}.name"), format!("{n:?} twice"));
+            }
+        }
+        out
+    };
+    let (set, add) = (pairs("set"), pairs("add"));
+    let remove = d
+        .str_list(m.get("remove"), &format!("{field}.remove"))
+        .into_iter()
+        .map(|k| k.to_ascii_lowercase())
+        .collect();
+    HeaderOps { set, add, remove }
+}
+
+/// A path modifier: `(type, value)`.
+fn path_modifier(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<(String, String)> {
+    let Value::Object(m) = v? else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(field, m, &["type", "replaceFullPath", "replacePrefixMatch"]);
+    let t = m.get("type").and_then(Value::as_str).unwrap_or_default();
+    let key = match t {
+        "ReplaceFullPath" => "replaceFullPath",
+        "ReplacePrefixMatch" => "replacePrefixMatch",
+        other => {
+            d.err(
+                format!("{field}.type"),
+                format!("{other:?}: one of ReplaceFullPath, ReplacePrefixMatch"),
+            );
+            return None;
+        }
+    };
+    let Some(value) = m.get(key).and_then(Value::as_str) else {
+        // The CRD's CEL rule.
+        d.err(
+            format!("{field}.{key}"),
+            format!("must be specified when type is {t}"),
+        );
+        return None;
+    };
+    if let Some(why) = path_value_problem(value) {
+        d.err(format!("{field}.{key}"), why);
+        return None;
+    }
+    Some((t.to_owned(), value.to_owned()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn filters(
+    d: &mut Doc<'_>,
+    kind: Kind,
+    v: Option<&Value>,
+    rule_field: &str,
+    namespace: &str,
+    parents: &[ServiceName],
+    route: &mut HttpRoute,
+) {
+    let field = format!("{rule_field}.filters");
+    let types: &[&str] = match kind {
+        Kind::Http => &[
+            "RequestHeaderModifier",
+            "ResponseHeaderModifier",
+            "RequestMirror",
+            "RequestRedirect",
+            "URLRewrite",
+            "ExtensionRef",
+        ],
+        Kind::Grpc => &[
+            "RequestHeaderModifier",
+            "ResponseHeaderModifier",
+            "RequestMirror",
+            "ExtensionRef",
+        ],
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    let mut headers = HeaderRules::default();
+    for (i, x) in list(d, v, &field, MAX_FILTERS).iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        let Value::Object(m) = x else {
+            d.err(f, "must be a map");
+            continue;
+        };
+        let Some(t) = m.get("type").and_then(Value::as_str) else {
+            d.err(format!("{f}.type"), "missing");
+            continue;
+        };
+        let Some(t) = types.iter().copied().find(|k| *k == t) else {
+            d.err(
+                format!("{f}.type"),
+                format!("{t:?}: one of {}", types.join(", ")),
+            );
+            continue;
+        };
+        // The field named after the type, lower camel case; no other.
+        let key = match t {
+            "URLRewrite" => "urlRewrite".to_owned(),
+            _ => {
+                let mut c = t.chars();
+                c.next()
+                    .map(|h| h.to_ascii_lowercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            }
+        };
+        for k in m.keys() {
+            if k != "type" && *k != key {
+                d.err(
+                    format!("{f}.{k}"),
+                    format!("must not be set when type is {t}"),
+                );
+            }
+        }
+        if t != "RequestMirror" {
+            if seen.contains(&t) {
+                d.err(&f, format!("{t} may appear at most once in a rule"));
+                continue;
+            }
+            seen.push(t);
+        }
+        let body = m.get(&key);
+        let bf = format!("{f}.{key}");
+        match t {
+            "RequestHeaderModifier" => headers.request = header_ops(d, body, &bf),
+            "ResponseHeaderModifier" => headers.response = header_ops(d, body, &bf),
+            "RequestRedirect" => {
+                let Some(Value::Object(r)) = body else {
+                    d.err(&bf, "missing: the filter's type names this field");
+                    continue;
+                };
+                d.unsupported(
+                    &bf,
+                    r,
+                    &["scheme", "hostname", "path", "port", "statusCode"],
+                );
+                let path = path_modifier(d, r.get("path"), &format!("{bf}.path"));
+                if path
+                    .as_ref()
+                    .is_some_and(|(t, _)| t == "ReplacePrefixMatch")
+                {
+                    d.err(
+                        format!("{bf}.path.type"),
+                        "a redirect replacing the matched prefix is not supported by meshfed yet; use ReplaceFullPath",
+                    );
+                }
+                let code = match r.get("statusCode") {
+                    None | Some(Value::Null) => 302,
+                    Some(c) => match c.as_u64() {
+                        Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
+                        _ => {
+                            d.err(format!("{bf}.statusCode"), "one of 301, 302, 303, 307, 308");
+                            continue;
+                        }
+                    },
+                };
+                let scheme = match r.get("scheme").and_then(Value::as_str) {
+                    None => None,
+                    Some(s @ ("http" | "https")) => Some(s.to_owned()),
+                    Some(s) => {
+                        d.err(format!("{bf}.scheme"), format!("{s:?}: http or https"));
+                        continue;
+                    }
+                };
+                let port = match r.get("port") {
+                    None | Some(Value::Null) => None,
+                    Some(p) => match p.as_u64() {
+                        Some(p @ 1..=65535) => Some(p as u16),
+                        _ => {
+                            d.err(format!("{bf}.port"), "a port from 1 to 65535");
+                            continue;
+                        }
+                    },
+                };
+                route.redirect = Some(Redirect {
+                    uri: path.map(|(_, v)| v),
+                    authority: r.get("hostname").and_then(Value::as_str).map(str::to_owned),
+                    scheme,
+                    port,
+                    code,
+                });
+            }
+            "URLRewrite" => {
+                let Some(Value::Object(r)) = body else {
+                    d.err(&bf, "missing: the filter's type names this field");
+                    continue;
+                };
+                d.unsupported(&bf, r, &["hostname", "path"]);
+                let path = path_modifier(d, r.get("path"), &format!("{bf}.path"));
+                if path.as_ref().is_some_and(|(t, _)| t == "ReplaceFullPath")
+                    && route.matches.iter().any(|x| {
+                        matches!(
+                            x.uri,
+                            Some(StringMatch::PathPrefix(_) | StringMatch::Prefix(_))
+                        )
+                    })
+                {
+                    d.err(
+                        format!("{bf}.path.type"),
+                        "ReplaceFullPath under a PathPrefix match is not supported by meshfed yet (it rewrites the matched prefix); use ReplacePrefixMatch or an Exact match",
+                    );
+                }
+                route.rewrite = Some(Rewrite {
+                    uri: path.map(|(_, v)| v),
+                    authority: r.get("hostname").and_then(Value::as_str).map(str::to_owned),
+                });
+            }
+            "RequestMirror" => {
+                let Some(Value::Object(r)) = body else {
+                    d.err(&bf, "missing: the filter's type names this field");
+                    continue;
+                };
+                d.unsupported(&bf, r, &["backendRef", "percent", "fraction"]);
+                if route.mirror.is_some() {
+                    d.err(&f, "meshfed mirrors to one backend per rule");
+                    continue;
+                }
+                let Some(Value::Object(b)) = r.get("backendRef") else {
+                    d.err(format!("{bf}.backendRef"), "missing");
+                    continue;
+                };
+                let Some(target) =
+                    service_ref(d, b, &format!("{bf}.backendRef"), namespace, "", "Service")
+                else {
+                    continue;
+                };
+                if !parents.contains(&target) {
+                    d.err(
+                        format!("{bf}.backendRef.name"),
+                        format!("{target} is not the route's Service: mirroring to another service is not supported yet"),
+                    );
+                    continue;
+                }
+                let per_million = match (r.get("percent"), r.get("fraction")) {
+                    (Some(_), Some(_)) => {
+                        // The CRD's CEL rule.
+                        d.err(&bf, "only one of percent or fraction may be specified");
+                        continue;
+                    }
+                    (Some(p), None) => match p.as_u64() {
+                        Some(p @ 0..=100) => p as u32 * 10_000,
+                        _ => {
+                            d.err(format!("{bf}.percent"), "an integer from 0 to 100");
+                            continue;
+                        }
+                    },
+                    (None, Some(Value::Object(fr))) => {
+                        let num = fr.get("numerator").and_then(Value::as_u64);
+                        let den = fr.get("denominator").and_then(Value::as_u64).unwrap_or(100);
+                        match num {
+                            Some(n) if den > 0 && n <= den => (n * 1_000_000 / den) as u32,
+                            _ => {
+                                d.err(
+                                    format!("{bf}.fraction"),
+                                    "numerator must be at most denominator, which is above 0",
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                    (None, Some(_)) => {
+                        d.err(format!("{bf}.fraction"), "must be a map");
+                        continue;
+                    }
+                    (None, None) => 1_000_000,
+                };
+                route.mirror = Some(Mirror {
+                    subset: None,
+                    per_million,
+                });
+            }
+            _ => {
+                d.err(
+                    format!("{f}.type"),
+                    "ExtensionRef: meshfed has no extension filters",
+                );
+            }
+        }
+    }
+    if seen.contains(&"RequestRedirect") && seen.contains(&"URLRewrite") {
+        // The CRD's CEL rule.
+        d.err(
+            &field,
+            "may specify either RequestRedirect or URLRewrite, but not both",
+        );
+    }
+    if !headers.request.is_empty() || !headers.response.is_empty() {
+        route.headers = Some(headers);
+    }
+}
+
+/// The model's field path as a Gateway API route spells it. Pure.
+pub(crate) fn yaml_path(model: &str) -> String {
+    let p = model
+        .replace("routes[", "spec.rules[")
+        .replace(".destinations[", ".backendRefs[")
+        .replace(".destinations", ".backendRefs")
+        .replace(".timeout_ms", ".timeouts.request");
+    if p == "routes" {
+        "spec.rules".into()
+    } else {
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gep_duration;
+    use crate::service_entry::{ParseError, parse};
+    use meshfed_catalog::http_route::StringMatch;
+
+    const CANARY: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orders-canary, namespace: shop}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: orders, port: 8080}
+  rules:
+  - name: beta
+    matches:
+    - path: {type: PathPrefix, value: /api}
+      headers: [{name: X-Beta, value: "1"}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-route, value: beta}]
+        remove: [x-debug]
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    backendRefs:
+    - {name: orders-v2, port: 8080}
+    timeouts: {request: 2s, backendRequest: 500ms}
+  - backendRefs:
+    - {name: orders, port: 8080, weight: 90}
+    - {name: orders-v2, port: 8080, weight: 10}
+    retry: {attempts: 3}
+  - matches: [{path: {type: Exact, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+"#;
+
+    #[test]
+    fn an_http_route_on_a_service_becomes_its_routes() {
+        let r = parse(CANARY).unwrap();
+        assert_eq!(r.http_policies.len(), 1);
+        let p = &r.http_policies[0];
+        assert_eq!(p.service.to_string(), "orders.shop");
+        assert_eq!(p.source, "HTTPRoute shop/orders-canary");
+        let beta = &p.routes[0];
+        assert_eq!(beta.name.as_deref(), Some("beta"));
+        assert_eq!(
+            beta.matches[0].uri,
+            Some(StringMatch::PathPrefix("/api".into()))
+        );
+        assert_eq!(
+            beta.matches[0].headers["x-beta"],
+            StringMatch::Exact("1".into())
+        );
+        assert_eq!(
+            beta.destinations[0]
+                .service
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("orders-v2.shop")
+        );
+        assert_eq!(beta.destinations[0].port, Some(8080));
+        assert_eq!(beta.rewrite.as_ref().unwrap().uri.as_deref(), Some("/v2"));
+        let h = beta.headers.as_ref().unwrap();
+        assert_eq!(h.request.set["x-route"], "beta");
+        assert_eq!(h.request.remove, ["x-debug"]);
+        assert_eq!(beta.timeout_ms, Some(2000));
+        assert_eq!(beta.retries.as_ref().unwrap().per_try_timeout_ms, Some(500));
+        // Weights are relative; the parent itself is the policy's own service.
+        let split = &p.routes[1].destinations;
+        assert_eq!((split[0].service.is_none(), split[0].weight), (true, 90));
+        assert_eq!(split[1].weight, 10);
+        assert_eq!(p.routes[1].retries.as_ref().unwrap().attempts, 3);
+        let rd = p.routes[2].redirect.as_ref().unwrap();
+        assert_eq!((rd.uri.as_deref(), rd.code), (Some("/new"), 301));
+        assert!(p.routes[2].destinations.is_empty());
+        // parentRefs[].port is warned about: the route covers every HTTP port.
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.field == "spec.parentRefs[0].port"),
+            "{:?}",
+            r.warnings
+        );
+    }
+
+    #[test]
+    fn a_grpc_route_matches_by_service_and_method() {
+        let yaml = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: greeter, namespace: demo}
+spec:
+  parentRefs: [{kind: Service, group: "", name: greeter}]
+  rules:
+  - matches:
+    - method: {service: helloworld.Greeter, method: SayHello}
+    - method: {service: helloworld.Admin}
+    - method: {method: Ping}
+    - method: {type: RegularExpression, service: "helloworld\\..*"}
+      headers: [{name: x-tenant, type: RegularExpression, value: "a.*"}]
+    backendRefs: [{name: greeter-v2, port: 50051}]
+  - backendRefs: [{name: greeter, port: 50051}]
+"#;
+        let r = parse(yaml).unwrap();
+        let m = &r.http_policies[0].routes[0].matches;
+        assert_eq!(
+            m[0].uri,
+            Some(StringMatch::Exact("/helloworld.Greeter/SayHello".into()))
+        );
+        assert_eq!(
+            m[1].uri,
+            Some(StringMatch::Prefix("/helloworld.Admin/".into()))
+        );
+        assert_eq!(m[2].uri, Some(StringMatch::Regex("/[^/]+/Ping".into())));
+        assert_eq!(
+            m[3].uri,
+            Some(StringMatch::Regex("/(?:helloworld\\..*)/(?:[^/]+)".into()))
+        );
+        assert_eq!(m[3].headers["x-tenant"], StringMatch::Regex("a.*".into()));
+        assert!(
+            r.http_policies[0].routes[1].destinations[0]
+                .service
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn what_the_crds_refuse_is_refused_with_its_field() {
+        // (replace, with, the field the error names)
+        let rows = [
+            (
+                "{group: \"\", kind: Service, name: orders, port: 8080}",
+                "{name: my-gateway}",
+                "spec.parentRefs[0].kind",
+            ),
+            (
+                "value: /api}",
+                "value: api}",
+                "spec.rules[0].matches[0].path.value",
+            ),
+            (
+                "value: /api}",
+                "value: /a//b}",
+                "spec.rules[0].matches[0].path.value",
+            ),
+            (
+                "type: PathPrefix",
+                "type: Prefix",
+                "spec.rules[0].matches[0].path.type",
+            ),
+            (
+                "{name: orders-v2, port: 8080}",
+                "{name: orders-v2}",
+                "spec.rules[0].backendRefs[0].port",
+            ),
+            (
+                "weight: 90",
+                "weight: 1000001",
+                "spec.rules[1].backendRefs[0].weight",
+            ),
+            (
+                "{name: orders-v2, port: 8080}",
+                "{name: orders-v2, port: 8080, kind: Pod}",
+                "spec.rules[0].backendRefs[0].kind",
+            ),
+            (
+                "request: 2s",
+                "request: 2 seconds",
+                "spec.rules[0].timeouts.request",
+            ),
+            (
+                "backendRequest: 500ms",
+                "backendRequest: 5s",
+                "spec.rules[0].timeouts.backendRequest",
+            ),
+            (
+                "statusCode: 301",
+                "statusCode: 404",
+                "spec.rules[2].filters[0].requestRedirect.statusCode",
+            ),
+            (
+                "type: URLRewrite",
+                "type: RequestHeaderModifier",
+                "spec.rules[0].filters[1]",
+            ),
+            (
+                "urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}",
+                "urlRewrite: {path: {type: ReplacePrefixMatch}}",
+                "spec.rules[0].filters[1].urlRewrite.path.replacePrefixMatch",
+            ),
+            (
+                "headers: [{name: X-Beta, value: \"1\"}]",
+                "headers: [{name: X-Beta, value: \"1\"}, {name: x-beta, value: \"2\"}]",
+                "spec.rules[0].matches[0].headers[1].name",
+            ),
+            ("- name: beta", "- name: Beta", "spec.rules[0].name"),
+            (
+                "urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}",
+                "urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /v2}}",
+                "spec.rules[0].filters[1].urlRewrite.path.type",
+            ),
+            (
+                "path: {type: PathPrefix, value: /api}",
+                "path: {type: Exact, value: /api}",
+                "spec.rules[0].filters",
+            ),
+            (
+                "retry: {attempts: 3}",
+                "retry: {attempts: 11}",
+                "spec.rules[1].retry.attempts",
+            ),
+        ];
+        for (from, to, field) in rows {
+            assert!(CANARY.contains(from), "{from}");
+            let yaml = CANARY.replacen(from, to, 1);
+            match parse(&yaml) {
+                Err(ParseError::Invalid(problems)) => assert!(
+                    problems.iter().any(|p| p.field.starts_with(field)),
+                    "{to}: wanted {field}, got {problems:?}"
+                ),
+                other => panic!("{to}: accepted: {other:?}"),
+            }
+        }
+        // A VirtualService and a route for one service: one of them applies.
+        let both = format!(
+            "{CANARY}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: o, namespace: shop}}\nspec:\n  hosts: [orders]\n  http:\n  - route:\n    - destination: {{host: orders}}\n"
+        );
+        let e = parse(&both).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.parentRefs[0]") && e.contains("already has routes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn durations_follow_gep_2257() {
+        for (s, want) in [
+            ("10s", Some(10_000)),
+            ("500ms", Some(500)),
+            ("1h30m", Some(5_400_000)),
+            ("0s", Some(0)),
+            ("1h1m1s1ms", Some(3_661_001)),
+            ("1h1m1s1ms1h", None),
+            ("10", None),
+            ("s", None),
+            ("1.5s", None),
+            ("123456s", None),
+            ("", None),
+            ("-1s", None),
+        ] {
+            assert_eq!(gep_duration(s), want, "{s}");
+        }
+    }
+}
