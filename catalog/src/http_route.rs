@@ -669,6 +669,20 @@ impl HttpPolicy {
                         format!("{s:?} is not a subset of {}", self.service),
                     ));
                 }
+                // A policy arrives from the site that exports its service: it may send
+                // that service's callers only to services of the same namespace (what
+                // Gateway API allows without a ReferenceGrant), never elsewhere.
+                if let Some(to) = d.other_service(&self.service)
+                    && to.namespace() != self.service.namespace()
+                {
+                    return Err(bad(
+                        f(&format!("destinations[{j}].service")),
+                        format!(
+                            "{to} is not in namespace {}: a route sends only to services of its own namespace",
+                            self.service.namespace()
+                        ),
+                    ));
+                }
                 if d.port == Some(0) {
                     return Err(bad(
                         f(&format!("destinations[{j}].port")),
@@ -1327,6 +1341,13 @@ mod tests {
             (
                 Box::new(|p| p.routes[1].destinations[1].port = Some(0)),
                 "routes[1].destinations[1].port",
+            ),
+            (
+                Box::new(|p| {
+                    p.routes[1].destinations[1].service =
+                        Some(ServiceName::parse("payments.billing").unwrap());
+                }),
+                "routes[1].destinations[1].service",
             ),
             (
                 Box::new(|p| p.routes[0].destinations[0].subset = Some("v3".into())),

@@ -1136,6 +1136,7 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace("routes[", "spec.rules[")
         .replace(".destinations[", ".backendRefs[")
         .replace(".destinations", ".backendRefs")
+        .replace("].service", "].namespace")
         .replace(".timeout_ms", ".timeouts.request");
     if p == "routes" {
         "spec.rules".into()

@@ -899,6 +899,7 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace(".matches[", ".match[")
         .replace(".destinations[", ".route[")
         .replace(".destinations", ".route")
+        .replace("].service", "].destination.host")
         .replace(".query_params.", ".queryParams.")
         .replace(".timeout_ms", ".timeout")
         .replace(".mirror.per_million", ".mirrorPercentage")
@@ -991,6 +992,14 @@ spec:
         let v2 = &r.http_policies[1];
         assert_eq!(v2.service.to_string(), "web-v2.demo");
         assert_eq!(v2.subsets[0].name, "blue");
+        // Another namespace is refused: a route's site may not send its callers there.
+        let e =
+            parse(&yaml.replace("host: web-v2.demo.svc", "host: web-v2.billing.svc")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("spec.http[0].route[1].destination.host"),
+            "{e}"
+        );
         // A subset web-v2 does not define is refused with its path.
         let e = parse(&yaml.replace("subset: blue, port", "subset: red, port")).unwrap_err();
         assert!(
