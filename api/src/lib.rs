@@ -541,6 +541,7 @@ mod tests {
             subsets: vec![],
             max_requests: Some(8),
             outlier: None,
+            load_balancer: None,
         };
         let e = Export {
             http_policy: Some(Box::new(policy.clone())),

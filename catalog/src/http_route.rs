@@ -44,6 +44,24 @@ pub struct HttpPolicy {
     /// Sites ejected after consecutive errors (a DestinationRule's `outlierDetection`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier: Option<Outlier>,
+    /// How the importing gateway spreads requests over the destination's sites (a
+    /// DestinationRule's `trafficPolicy.loadBalancer.simple`); `None`: the best site
+    /// first (same locality, then the most ready endpoints), the others on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// Istio's `LoadBalancerSettings.simple`, applied across sites at the importing gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LoadBalancer {
+    /// Each request to the next site in turn.
+    RoundRobin,
+    /// Of two sites picked at random, the one with fewer requests in flight from this
+    /// gateway (Envoy's power of two choices).
+    LeastRequest,
+    /// A site picked at random.
+    Random,
 }
 
 /// Istio's `OutlierDetection`, applied per site at the importing gateway.
@@ -907,6 +925,7 @@ mod tests {
         };
         HttpPolicy {
             outlier: None,
+            load_balancer: None,
             max_requests: None,
             service: ServiceName::parse("web.demo").unwrap(),
             source: "VirtualService demo/web".into(),

@@ -565,6 +565,7 @@ mod tests {
                 http_policy: to.map(|to| {
                     Box::new(HttpPolicy {
                         outlier: None,
+                        load_balancer: None,
                         max_requests: None,
                         service: service.clone(),
                         source: format!("VirtualService {site}/web"),

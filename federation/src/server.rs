@@ -1237,6 +1237,7 @@ mod conflict_tests {
                 subsets: vec![],
                 max_requests: None,
                 outlier: None,
+                load_balancer: None,
             })),
         }
     }

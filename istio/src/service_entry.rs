@@ -439,7 +439,7 @@ fn destination_rule(
     d.unsupported(
         "spec.trafficPolicy",
         tp,
-        &["tls", "connectionPool", "outlierDetection"],
+        &["tls", "connectionPool", "outlierDetection", "loadBalancer"],
     );
     let Some(Value::Object(tls)) = tp.get("tls") else {
         d.err("spec.trafficPolicy.tls", "missing");
@@ -679,10 +679,7 @@ fn http_policies(
                 .filter(|(_, ns, h, _, _)| service_of(h, ns, services).as_ref() == Some(&service))
                 .collect();
             let sets: Vec<Subset> = mine.iter().flat_map(|r| r.3.iter().cloned()).collect();
-            let traffic = (
-                mine.iter().find_map(|r| r.4.0),
-                mine.iter().find_map(|r| r.4.1.clone()),
-            );
+            let traffic = Traffic::of(&mine);
             if let Some((first, _)) = out.iter().find(|(_, p)| p.service == service) {
                 d.err(
                     format!("spec.hosts[{i}]"),
@@ -720,13 +717,15 @@ fn http_policies(
                 .iter()
                 .filter(|(_, ns, h, _, _)| service_of(h, ns, services).as_ref() == Some(service))
                 .collect();
+            let traffic = Traffic::of(&mine);
             let p = HttpPolicy {
                 service: service.clone(),
                 source: gr.source.clone(),
                 routes: gr.routes.clone(),
                 subsets: mine.iter().flat_map(|r| r.3.iter().cloned()).collect(),
-                max_requests: mine.iter().find_map(|r| r.4.0),
-                outlier: mine.iter().find_map(|r| r.4.1.clone()),
+                max_requests: traffic.max_requests,
+                outlier: traffic.outlier,
+                load_balancer: traffic.load_balancer,
             };
             match p.clone().compile() {
                 Ok(_) => out.push((gr.index, p)),
@@ -736,11 +735,11 @@ fn http_policies(
     }
     // A connection pool, outlier detection, or subsets another service's routes use,
     // without a VirtualService: every request on the one route.
-    for (index, ns, host, sets, (max, outlier)) in subsets {
+    for (index, ns, host, sets, traffic) in subsets {
         let Some(service) = service_of(host, ns, services) else {
             continue;
         };
-        if max.is_none() && outlier.is_none() && !subset_targets.contains(&service) {
+        if traffic.is_empty() && !subset_targets.contains(&service) {
             continue;
         }
         if out.iter().any(|(_, p)| p.service == service) {
@@ -760,8 +759,9 @@ fn http_policies(
                     ..Default::default()
                 }],
                 subsets: sets.clone(),
-                max_requests: *max,
-                outlier: outlier.clone(),
+                max_requests: traffic.max_requests,
+                outlier: traffic.outlier.clone(),
+                load_balancer: traffic.load_balancer,
                 service,
             },
         ));
@@ -779,16 +779,35 @@ type Entry = (
 );
 /// A DestinationRule document: (doc index, name, namespace, (host, tls settings)).
 type Rule = (usize, String, String, (String, Option<RawTls>));
-/// A DestinationRule's subsets: (doc index, namespace, host, subsets).
-/// A DestinationRule's subsets and its `connectionPool.http.http2MaxRequests`:
-/// (doc index, namespace, host, subsets, max requests).
-type SubsetRule = (
-    usize,
-    String,
-    String,
-    Vec<Subset>,
-    (Option<u32>, Option<meshfed_catalog::http_route::Outlier>),
-);
+/// A DestinationRule's subsets and HTTP traffic policy: (doc index, namespace, host,
+/// subsets, traffic policy).
+type SubsetRule = (usize, String, String, Vec<Subset>, Traffic);
+
+/// What a DestinationRule's `trafficPolicy` says for HTTP routing.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Traffic {
+    /// `connectionPool.http.http2MaxRequests`.
+    pub max_requests: Option<u32>,
+    /// `outlierDetection`.
+    pub outlier: Option<meshfed_catalog::http_route::Outlier>,
+    /// `loadBalancer.simple`.
+    pub load_balancer: Option<meshfed_catalog::http_route::LoadBalancer>,
+}
+
+impl Traffic {
+    fn is_empty(&self) -> bool {
+        self.max_requests.is_none() && self.outlier.is_none() && self.load_balancer.is_none()
+    }
+
+    /// The first rule's setting of each, over the rules for one service.
+    fn of(rules: &[&SubsetRule]) -> Self {
+        Self {
+            max_requests: rules.iter().find_map(|r| r.4.max_requests),
+            outlier: rules.iter().find_map(|r| r.4.outlier.clone()),
+            load_balancer: rules.iter().find_map(|r| r.4.load_balancer),
+        }
+    }
+}
 
 struct Sorted {
     entries: Vec<Entry>,
@@ -901,25 +920,30 @@ fn sort_documents(
             "DestinationRule" => {
                 let sets = crate::virtual_service::subsets(&mut d, spec.get("subsets"));
                 let tp = spec.get("trafficPolicy").and_then(Value::as_object);
-                let max_requests = tp.and_then(|tp| {
-                    crate::virtual_service::connection_pool(&mut d, tp.get("connectionPool"))
-                });
-                let outlier = tp.and_then(|tp| {
-                    crate::virtual_service::outlier(&mut d, tp.get("outlierDetection"))
-                });
-                if !sets.is_empty() || max_requests.is_some() || outlier.is_some() {
+                let traffic = Traffic {
+                    max_requests: tp.and_then(|tp| {
+                        crate::virtual_service::connection_pool(&mut d, tp.get("connectionPool"))
+                    }),
+                    outlier: tp.and_then(|tp| {
+                        crate::virtual_service::outlier(&mut d, tp.get("outlierDetection"))
+                    }),
+                    load_balancer: tp.and_then(|tp| {
+                        crate::virtual_service::load_balancer(&mut d, tp.get("loadBalancer"))
+                    }),
+                };
+                if !sets.is_empty() || !traffic.is_empty() {
                     let host = spec.get("host").and_then(Value::as_str).unwrap_or_default();
                     subsets.push((
                         index,
                         namespace.to_owned(),
                         host.to_owned(),
                         sets.clone(),
-                        (max_requests, outlier.clone()),
+                        traffic.clone(),
                     ));
                 }
                 // Subsets and a connection pool need no TLS settings.
                 let tls = tp.is_some_and(|tp| tp.contains_key("tls"));
-                if tls || (sets.is_empty() && max_requests.is_none() && outlier.is_none()) {
+                if tls || (sets.is_empty() && traffic.is_empty()) {
                     if let Some(tls) = destination_rule(&mut d, spec) {
                         rules.push((index, name.to_owned(), namespace.to_owned(), tls));
                     }
@@ -1751,12 +1775,11 @@ mod tests {
             "default: the first host"
         );
         assert_eq!(tls.client_certificate.as_deref(), Some("certs/client.pem"));
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        // Its loadBalancer travels as the service's HTTP policy (applied on HTTP ports).
         assert_eq!(
-            r.warnings
-                .iter()
-                .map(|w| w.field.as_str())
-                .collect::<Vec<_>>(),
-            vec!["spec.trafficPolicy.loadBalancer"]
+            r.http_policies[0].load_balancer,
+            Some(meshfed_catalog::http_route::LoadBalancer::RoundRobin)
         );
         let base = data("tls-origination.yaml");
         let fail = |from: &str, to: &str| match parse(&base.replace(from, to)) {

@@ -28,7 +28,8 @@ use serde_json::Value;
 
 use meshfed_catalog::http_route::{
     Destination, Fault, FaultAbort, FaultDelay, HeaderOps, HeaderRules, HttpPolicy, HttpRoute,
-    Mirror, Outlier, RateLimit, Redirect, RequestMatch, Retries, Rewrite, StringMatch, Subset,
+    LoadBalancer, Mirror, Outlier, RateLimit, Redirect, RequestMatch, Retries, Rewrite,
+    StringMatch, Subset,
 };
 
 use crate::service_entry::{Doc, duration_ms};
@@ -766,6 +767,80 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Option<u32>
     }
 }
 
+/// `trafficPolicy.loadBalancer` of a DestinationRule: `simple` (ROUND_ROBIN,
+/// LEAST_REQUEST, RANDOM; UNSPECIFIED and LEAST_CONN, its deprecated name for
+/// LEAST_REQUEST, too), applied across the destination's sites. `localityLbSetting` is
+/// warned about (meshfed already prefers the same locality, then fails over by
+/// capacity); `consistentHash` and PASSTHROUGH are refused: meshfed cannot honour them.
+pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBalancer> {
+    let field = "spec.trafficPolicy.loadBalancer";
+    let Value::Object(m) = v? else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(
+        field,
+        m,
+        &[
+            "simple",
+            "consistentHash",
+            "localityLbSetting",
+            "warmupDurationSecs",
+            "warmup",
+        ],
+    );
+    if m.contains_key("localityLbSetting") {
+        d.warn(
+            format!("{field}.localityLbSetting"),
+            "meshfed prefers sites of the gateway's own locality, then fails over by capacity; this setting is not applied",
+        );
+    }
+    for k in ["warmupDurationSecs", "warmup"] {
+        if m.contains_key(k) {
+            d.warn(
+                format!("{field}.{k}"),
+                "not supported by meshfed yet; ignored",
+            );
+        }
+    }
+    if m.contains_key("consistentHash") {
+        d.err(
+            format!("{field}.consistentHash"),
+            "not supported by meshfed: requests are not pinned to a site",
+        );
+        return None;
+    }
+    match m.get("simple")? {
+        Value::String(s) => match s.as_str() {
+            "ROUND_ROBIN" => Some(LoadBalancer::RoundRobin),
+            "LEAST_REQUEST" | "LEAST_CONN" => Some(LoadBalancer::LeastRequest),
+            "RANDOM" => Some(LoadBalancer::Random),
+            "UNSPECIFIED" => None,
+            "PASSTHROUGH" => {
+                d.err(
+                    format!("{field}.simple"),
+                    "PASSTHROUGH: meshfed always picks a site",
+                );
+                None
+            }
+            other => {
+                d.err(
+                    format!("{field}.simple"),
+                    format!("{other:?}: one of UNSPECIFIED, RANDOM, PASSTHROUGH, ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN"),
+                );
+                None
+            }
+        },
+        other => {
+            d.err(
+                format!("{field}.simple"),
+                format!("{other} is not a string"),
+            );
+            None
+        }
+    }
+}
+
 /// `trafficPolicy.outlierDetection` of a DestinationRule: `consecutive5xxErrors`,
 /// `consecutiveGatewayErrors`, `baseEjectionTime` (default 30 s), `maxEjectionPercent`
 /// (default 10, and at least one site may be ejected); `interval` is read and warned
@@ -873,15 +948,16 @@ pub(crate) fn policy(
     service: meshfed_catalog::ServiceName,
     routes: Vec<HttpRoute>,
     subsets: Vec<Subset>,
-    (max_requests, outlier): (Option<u32>, Option<Outlier>),
+    traffic: crate::service_entry::Traffic,
 ) -> Option<HttpPolicy> {
     let p = HttpPolicy {
         service,
         source: format!("VirtualService {}/{}", vs.namespace, vs.name),
         routes,
         subsets,
-        max_requests,
-        outlier,
+        max_requests: traffic.max_requests,
+        outlier: traffic.outlier,
+        load_balancer: traffic.load_balancer,
     };
     match p.clone().compile() {
         Ok(_) => Some(p),
@@ -950,6 +1026,51 @@ spec:
   - name: v2
     labels: {version: v2}
 "#;
+
+    #[test]
+    fn a_destination_rule_load_balancer_travels_with_its_service() {
+        use meshfed_catalog::http_route::LoadBalancer;
+        let dr = |lb: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: demo}}\nspec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {lb}\n"
+            )
+        };
+        for (lb, want) in [
+            ("{simple: ROUND_ROBIN}", LoadBalancer::RoundRobin),
+            ("{simple: LEAST_REQUEST}", LoadBalancer::LeastRequest),
+            ("{simple: LEAST_CONN}", LoadBalancer::LeastRequest),
+            ("{simple: RANDOM}", LoadBalancer::Random),
+        ] {
+            let r = parse(&dr(lb)).unwrap();
+            assert_eq!(r.http_policies[0].load_balancer, Some(want), "{lb}");
+            assert_eq!(r.http_policies[0].service.to_string(), "web.demo");
+        }
+        let r = parse(&dr("{simple: RANDOM, localityLbSetting: {enabled: true}}")).unwrap();
+        assert_eq!(
+            r.warnings[0].field,
+            "spec.trafficPolicy.loadBalancer.localityLbSetting"
+        );
+        for (lb, field) in [
+            (
+                "{simple: FASTEST}",
+                "spec.trafficPolicy.loadBalancer.simple",
+            ),
+            (
+                "{simple: PASSTHROUGH}",
+                "spec.trafficPolicy.loadBalancer.simple",
+            ),
+            (
+                "{consistentHash: {httpHeaderName: x-user}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+            ),
+            ("ROUND_ROBIN", "spec.trafficPolicy.loadBalancer"),
+        ] {
+            match parse(&dr(lb)) {
+                Err(ParseError::Invalid(p)) => assert_eq!(p[0].field, field, "{lb}"),
+                other => panic!("{lb}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn a_route_to_another_service_names_it_and_its_subsets_travel_with_it() {

@@ -1518,3 +1518,59 @@ spec:
     );
     drop(fed);
 }
+
+/// Issue 17 §2/§4: a DestinationRule's `loadBalancer` registered at west spreads every
+/// importer's requests over the sites. Without one, the best site (north: equal
+/// capacity, first by name) takes them all; with ROUND_ROBIN each site gets its turn.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_rule_load_balancer_spreads_requests_over_sites() {
+    const RR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+"#;
+    let sites = http_sites("http-lb", (200, 200), 0, |west| {
+        let out = register_yaml(west, "lb.yaml", RR);
+        assert!(out.contains("routes:web.demo"), "{out}");
+    })
+    .await;
+    // Applied once both sites get requests (before, north takes them all).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, _) = curl(&[], &format!("http://{}/", sites.import));
+        if status != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "import not serving: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        if sites.west_hits.load(Ordering::Relaxed) > 0
+            && sites.north_hits.load(Ordering::Relaxed) > 0
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never spread\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = (
+        sites.west_hits.load(Ordering::Relaxed),
+        sites.north_hits.load(Ordering::Relaxed),
+    );
+    let s = gets(sites.import, 200, &[]).await;
+    assert!(s.iter().all(|c| *c == 200), "{s:?}");
+    let west = sites.west_hits.load(Ordering::Relaxed) - before.0;
+    let north = sites.north_hits.load(Ordering::Relaxed) - before.1;
+    eprintln!("round robin over 200 requests: west {west}, north {north}");
+    assert_eq!(west + north, 200);
+    assert_eq!(west, 100, "west {west}, north {north}");
+}

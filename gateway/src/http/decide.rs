@@ -1,6 +1,7 @@
-//! The per-request decisions of the HTTP path, pure and table-tested: whether a failed
-//! attempt is tried again (and where), and the retry budget that caps retries under a
-//! full outage.
+//! The per-request decisions of the HTTP path, pure and table-tested: the site a
+//! request's first attempt goes to (the DestinationRule's load balancer), whether a
+//! failed attempt is tried again (and where), and the retry budget that caps retries
+//! under a full outage.
 
 use std::time::Duration;
 
@@ -13,6 +14,38 @@ pub fn roll(n: u64) -> u32 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (z ^ (z >> 31)) as u32
+}
+
+/// Which of the candidate sites (in the plan's order, best first) the first attempt
+/// goes to. `turn` counts the import's requests, `roll` is uniform, `in_flight` holds
+/// this gateway's requests in flight to each candidate. No balancer: the best site
+/// (failover order). Pure.
+pub fn first_site(
+    lb: Option<meshfed_catalog::http_route::LoadBalancer>,
+    turn: u64,
+    roll: u32,
+    in_flight: &[u32],
+) -> usize {
+    use meshfed_catalog::http_route::LoadBalancer;
+    let n = in_flight.len() as u64;
+    if n <= 1 {
+        return 0;
+    }
+    let scaled = |r: u32, k: u64| ((u64::from(r) * k) >> 32) as usize;
+    match lb {
+        None => 0,
+        Some(LoadBalancer::RoundRobin) => (turn % n) as usize,
+        Some(LoadBalancer::Random) => scaled(roll, n),
+        Some(LoadBalancer::LeastRequest) => {
+            // Two distinct candidates at random; the less loaded (the first on a tie).
+            let a = scaled(roll, n);
+            let mut b = scaled(roll.rotate_left(16), n - 1);
+            if b >= a {
+                b += 1;
+            }
+            if in_flight[b] < in_flight[a] { b } else { a }
+        }
+    }
 }
 
 /// How one attempt ended, as far as retrying cares.
@@ -246,6 +279,47 @@ pub fn retry_after_secs(ms: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_site_follows_the_load_balancer() {
+        use meshfed_catalog::http_route::LoadBalancer as Lb;
+        // No balancer: always the best site.
+        assert!((0..50).all(|t| first_site(None, t, roll(t), &[0, 0, 0]) == 0));
+        // Round robin: each in turn.
+        let rr: Vec<usize> = (0..6)
+            .map(|t| first_site(Some(Lb::RoundRobin), t, 0, &[0, 0, 0]))
+            .collect();
+        assert_eq!(rr, [0, 1, 2, 0, 1, 2]);
+        // Random: every site, about evenly, over many rolls.
+        let mut seen = [0u32; 3];
+        for t in 0..30_000 {
+            seen[first_site(Some(Lb::Random), t, roll(t), &[0, 0, 0])] += 1;
+        }
+        assert!(seen.iter().all(|c| (9_000..11_000).contains(c)), "{seen:?}");
+        // Least request: a loaded site loses every two-way draw it is in, so it gets only
+        // the draws it is in neither, which never happen: never picked.
+        let mut seen = [0u32; 3];
+        for t in 0..30_000 {
+            seen[first_site(Some(Lb::LeastRequest), t, roll(t), &[0, 9, 0])] += 1;
+        }
+        assert_eq!(seen[1], 0, "{seen:?}");
+        assert!(seen[0] > 10_000 && seen[2] > 10_000, "{seen:?}");
+        // Equal loads: spread like random.
+        let mut seen = [0u32; 2];
+        for t in 0..20_000 {
+            seen[first_site(Some(Lb::LeastRequest), t, roll(t), &[3, 3])] += 1;
+        }
+        assert!(seen.iter().all(|c| (9_000..11_000).contains(c)), "{seen:?}");
+        // One site: it, whatever the balancer.
+        for lb in [
+            None,
+            Some(Lb::RoundRobin),
+            Some(Lb::Random),
+            Some(Lb::LeastRequest),
+        ] {
+            assert_eq!(first_site(lb, 7, 99, &[5]), 0);
+        }
+    }
 
     #[test]
     fn a_token_bucket_allows_its_burst_then_its_rate() {

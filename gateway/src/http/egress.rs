@@ -65,8 +65,33 @@ pub struct HttpEgress {
     mirrors: AtomicU32,
     /// Sites' consecutive errors and ejections (outlier detection).
     outliers: Mutex<decide::Outliers>,
+    /// Attempts in flight per site, until their answer's headers (the least-request
+    /// balancer's input).
+    site_load: Mutex<HashMap<SiteName, u32>>,
     start: Instant,
     import: String,
+}
+
+/// One attempt in flight at a site, counted in [`HttpEgress::site_load`] while it lives.
+struct SiteLoad<'a>(&'a HttpEgress, SiteName);
+
+impl<'a> SiteLoad<'a> {
+    fn new(h: &'a HttpEgress, site: &SiteName) -> Self {
+        *h.load().entry(site.clone()).or_default() += 1;
+        Self(h, site.clone())
+    }
+}
+
+impl Drop for SiteLoad<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0.load();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// One link: the open connection, read under a plain lock per request, and an async
@@ -228,9 +253,38 @@ impl HttpEgress {
             ),
             mirrors: AtomicU32::new(0),
             outliers: Mutex::default(),
+            site_load: Mutex::default(),
             start: Instant::now(),
             import,
         }
+    }
+
+    fn load(&self) -> std::sync::MutexGuard<'_, HashMap<SiteName, u32>> {
+        self.site_load.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `sites` with the one the load balancer picks first (the rest keep their order,
+    /// for failover).
+    fn balance(
+        &self,
+        lb: Option<meshfed_catalog::http_route::LoadBalancer>,
+        mut sites: Vec<SiteName>,
+    ) -> Vec<SiteName> {
+        if lb.is_none() || sites.len() < 2 {
+            return sites;
+        }
+        let in_flight: Vec<u32> = {
+            let m = self.load();
+            sites
+                .iter()
+                .map(|s| m.get(s).copied().unwrap_or(0))
+                .collect()
+        };
+        let n = self.rolls.fetch_add(1, Ordering::Relaxed);
+        let i = decide::first_site(lb, n, decide::roll(n), &in_flight);
+        let first = sites.remove(i);
+        sites.insert(0, first);
+        sites
     }
 
     fn now_ms(&self) -> u64 {
@@ -641,6 +695,8 @@ impl HttpEgress {
             };
             let outlier = t_table.and_then(|tt| tt.compiled.policy.outlier.clone());
             let count = t_backends.len();
+            let lb = t_table.and_then(|tt| tt.compiled.policy.load_balancer);
+            let sites = t.http.balance(lb, sites);
             (Some(t.clone()), sites, outlier, count)
         } else {
             let sites: Vec<SiteName> =
@@ -652,6 +708,7 @@ impl HttpEgress {
                     None => backends.to_vec(),
                 };
             let outlier = table.compiled.policy.outlier.clone();
+            let sites = self.balance(table.compiled.policy.load_balancer, sites);
             (None, sites, outlier, backends.len())
         };
         if sites.is_empty() {
@@ -753,6 +810,7 @@ impl HttpEgress {
             *req.uri_mut() = parts.uri.clone();
             *req.headers_mut() = parts.headers.clone();
             *req.version_mut() = http::Version::HTTP_2;
+            let load = SiteLoad::new(self, site);
             let (outcome, answer) = match self.link(eg, site, i, sites.len(), caller).await {
                 Err((reason, message)) => {
                     if !reason.retryable_elsewhere() {
@@ -806,6 +864,7 @@ impl HttpEgress {
                     }
                 }
             };
+            drop(load);
             if let Some(cfg) = &plan.outlier {
                 let ejected_now = self
                     .outliers
