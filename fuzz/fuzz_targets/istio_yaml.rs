@@ -1,6 +1,7 @@
 //! Istio YAML as operators register it (ServiceEntry, WorkloadEntry, DestinationRule,
-//! VirtualService, AuthorizationPolicy, several documents a file): a registration or
-//! errors naming fields, never a panic; what parses compiles.
+//! VirtualService, AuthorizationPolicy, and Gateway API HTTPRoute and GRPCRoute, several
+//! documents a file): a registration or errors naming fields, never a panic; what parses
+//! compiles.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -948,7 +948,18 @@ fn sort_documents(
                         rules.push((index, name.to_owned(), namespace.to_owned(), tls));
                     }
                 } else {
-                    d.unsupported("spec", spec, &["host", "exportTo", "subsets"]);
+                    d.unsupported(
+                        "spec",
+                        spec,
+                        &["host", "exportTo", "subsets", "trafficPolicy"],
+                    );
+                    if let Some(tp) = tp {
+                        d.unsupported(
+                            "spec.trafficPolicy",
+                            tp,
+                            &["connectionPool", "outlierDetection", "loadBalancer"],
+                        );
+                    }
                     if spec.get("host").and_then(Value::as_str).is_none_or(|h| h.is_empty()) {
                         d.err("spec.host", "missing");
                     }

@@ -235,11 +235,41 @@ fn describe_routes(p: &meshfed_catalog::http_route::HttpPolicy) -> String {
         .routes
         .iter()
         .map(|r| {
-            let to: Vec<String> = r
+            // Weights are relative (Gateway API's need not add up to 100).
+            let total: u64 = r.destinations.iter().map(|d| u64::from(d.weight)).sum();
+            let share = |w: u32| match (r.destinations.len(), total) {
+                (1, _) => 100.0,
+                (_, 0) => 0.0,
+                _ => f64::from(w) * 100.0 / total as f64,
+            };
+            let mut to: Vec<String> = r
                 .destinations
                 .iter()
-                .map(|d| format!("{} {}%", d.subset.as_deref().unwrap_or("(all)"), d.weight))
+                .map(|d| {
+                    let name = match (&d.service, d.port, &d.subset) {
+                        (None, _, None) => "(all)".to_owned(),
+                        (None, _, Some(s)) => s.clone(),
+                        (Some(svc), port, subset) => {
+                            let mut n = svc.to_string();
+                            if let Some(p) = port {
+                                n = format!("{n}:{p}");
+                            }
+                            if let Some(s) = subset {
+                                n = format!("{n}/{s}");
+                            }
+                            n
+                        }
+                    };
+                    format!("{name} {:.1}%", share(d.weight)).replace(".0%", "%")
+                })
                 .collect();
+            if let Some(rd) = &r.redirect {
+                to.push(format!(
+                    "redirect {} to {}",
+                    rd.code,
+                    rd.uri.as_deref().unwrap_or("(same path)")
+                ));
+            }
             format!(
                 "{}{} → {}",
                 r.name.as_deref().unwrap_or("(unnamed)"),
