@@ -12,7 +12,7 @@ use crate::federation::{Fed, On, client, export, join, next_event, publish};
 use crate::harness::*;
 
 /// Applies a watch event; returns the deltas it carried (none for a snapshot).
-fn apply(cat: &mut Catalog, ev: pb::WatchEvent) -> Vec<Delta> {
+pub(crate) fn apply(cat: &mut Catalog, ev: pb::WatchEvent) -> Vec<Delta> {
     if ev.snapshot {
         let mut fresh = Catalog::default();
         for c in ev.changes {

@@ -25,6 +25,8 @@ pub(crate) struct Fed {
 pub(crate) enum On<'a> {
     Embedded,
     Etcd(&'a Etcd, &'a str),
+    /// Several etcd client URLs (comma-separated, a cluster's members), and a prefix.
+    Endpoints(&'a str, &'a str),
 }
 
 impl Fed {
@@ -106,8 +108,14 @@ impl Fed {
             "--lease-ttl",
             lease_ttl,
         ];
-        if let On::Etcd(etcd, prefix) = on {
-            args.extend(["--etcd", etcd.endpoint.as_str(), "--etcd-prefix", prefix]);
+        match on {
+            On::Embedded => {}
+            On::Etcd(etcd, prefix) => {
+                args.extend(["--etcd", etcd.endpoint.as_str(), "--etcd-prefix", prefix]);
+            }
+            On::Endpoints(endpoints, prefix) => {
+                args.extend(["--etcd", endpoints, "--etcd-prefix", prefix]);
+            }
         }
         let child = spawn_meshfed(&args, &log).unwrap();
         let deadline = Instant::now() + Duration::from_secs(15);

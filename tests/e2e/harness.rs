@@ -647,6 +647,156 @@ impl Etcd {
     }
 }
 
+/// A 3-member etcd cluster on 127.0.0.1 (each member its own data directory and ports),
+/// for killing members under load.
+pub struct EtcdCluster {
+    pub members: Vec<EtcdMember>,
+}
+
+pub struct EtcdMember {
+    pub name: String,
+    pub endpoint: String,
+    cmd: Vec<std::ffi::OsString>,
+    child: Option<Child>,
+    data: Scratch,
+}
+
+impl EtcdCluster {
+    pub async fn start(n: usize) -> Self {
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (port(), port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let mut members = Vec::new();
+        for (i, (c, p)) in ports.iter().enumerate() {
+            let data = Scratch::new(&format!("etcd-m{i}"));
+            let endpoint = format!("http://127.0.0.1:{c}");
+            let peer = format!("http://127.0.0.1:{p}");
+            let mut cmd: Vec<std::ffi::OsString> = Vec::new();
+            cmd.extend(["--name".into(), format!("m{i}").into(), "--data-dir".into()]);
+            cmd.push(data.0.join("data").into());
+            for a in [
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "meshfed-faults",
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ] {
+                cmd.push(a.into());
+            }
+            let child = Some(Etcd::spawn(&cmd, &data.0));
+            members.push(EtcdMember {
+                name: format!("m{i}"),
+                endpoint,
+                cmd,
+                child,
+                data,
+            });
+        }
+        let c = Self { members };
+        c.wait_serving().await;
+        c
+    }
+
+    /// Every member's client URL, comma-separated (what `--etcd` takes).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.endpoint.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until a quorum serves a linearizable read through any live member.
+    pub async fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for m in self.members.iter().filter(|m| m.child.is_some()) {
+                if let Ok(mut c) = etcd_client::Client::connect([m.endpoint.as_str()], None).await
+                    && c.get("/", None).await.is_ok()
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the etcd cluster did not serve:\n{}",
+                self.members
+                    .iter()
+                    .map(|m| std::fs::read_to_string(m.data.0.join("etcd.log")).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The index of the member that leads now, as the live members report it.
+    pub async fn leader(&self) -> Option<usize> {
+        for m in self.members.iter().filter(|m| m.child.is_some()) {
+            let Ok(mut c) = etcd_client::Client::connect([m.endpoint.as_str()], None).await else {
+                continue;
+            };
+            let Ok(s) = c.status().await else { continue };
+            let leader = s.leader();
+            let Ok(list) = c.member_list().await else {
+                continue;
+            };
+            return list
+                .members()
+                .iter()
+                .find(|x| x.id() == leader)
+                .and_then(|x| self.members.iter().position(|m| m.name == x.name()));
+        }
+        None
+    }
+
+    /// `kill -9` of member `i`; its data stays for [`EtcdCluster::restart`].
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Member `i` again, on its data.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let m = &mut self.members[i];
+        m.child = Some(Etcd::spawn(&m.cmd, &m.data.0));
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();

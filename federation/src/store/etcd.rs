@@ -29,6 +29,9 @@ use meshfed_catalog::token::{Claim, JoinToken, TokenRecord, redeem};
 
 /// etcd's default `--max-txn-ops` is 128; stay under it.
 const MAX_TXN_OPS: usize = 120;
+/// How long a watch may stay silent while writes wait for it (progress is requested
+/// every 50 ms), or take to open, before it is dropped and resumed on another member.
+const WATCH_SILENCE: Duration = Duration::from_secs(1);
 /// How long a write waits for the mirror to show it.
 const READ_YOUR_WRITES: Duration = Duration::from_secs(10);
 /// A replica's registration outlives it by this much.
@@ -168,9 +171,16 @@ impl EtcdStore {
     /// registers this replica. Fails loudly when etcd is not reachable.
     pub async fn open(opts: EtcdOptions) -> Result<Arc<Self>, StoreError> {
         let connect = opts.security.connect_options(&opts.endpoints)?;
-        let mut client = Client::connect(&opts.endpoints, Some(connect))
+        let mut client = Client::connect(&opts.endpoints, Some(connect.clone()))
             .await
             .map_err(etcd_err("connect"))?;
+        if opts.endpoints.len() > 1 {
+            tokio::spawn(keep_live_endpoints(
+                client.clone(),
+                opts.endpoints.clone(),
+                connect,
+            ));
+        }
         let layout = Layout::new(&opts.prefix);
         let head = client
             .get(
@@ -657,7 +667,8 @@ impl EtcdStore {
                     }
                 }
                 Err(Follow::Broken(e)) => {
-                    warn!(from, error = %e, retry_in = ?backoff, "etcd watch broke; resuming");
+                    let resume_at = self.lock().revision + 1;
+                    warn!(resume_at, error = %e, retry_in = ?backoff, "etcd watch broke; resuming");
                     *self.broken.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(format!("etcd watch broken: {e}"));
                     tokio::select! {
@@ -705,22 +716,46 @@ impl EtcdStore {
             .with_prefix()
             .with_start_revision(from)
             .with_progress_notify();
+        let watch = tokio::time::timeout(
+            WATCH_SILENCE,
+            client.watch(self.layout.prefix.as_str(), Some(opts)),
+        );
         let mut stream = tokio::select! {
-            r = client.watch(self.layout.prefix.as_str(), Some(opts)) => r.map_err(|e| Follow::Broken(e.to_string()))?,
+            r = watch => r
+                .map_err(|_| Follow::Broken(format!("no watch within {WATCH_SILENCE:?}")))?
+                .map_err(|e| Follow::Broken(e.to_string()))?,
             _ = self.stop.cancelled() => return Ok(()),
         };
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        // A writer waits for the mirror: the watch must answer its progress requests.
+        // One that stays silent is on a member that died or lost the quorum (its TCP
+        // connection may take minutes to fail): drop it and resume on a live one.
+        let mut heard = tokio::time::Instant::now();
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m.map_err(|e| Follow::Broken(e.to_string()))?,
                 _ = tick.tick() => {
                     if self.waiters.load(Ordering::SeqCst) > 0 {
-                        let _ = stream.request_progress().await;
+                        if heard.elapsed() > WATCH_SILENCE {
+                            return Err(Follow::Broken(format!(
+                                "no progress for {WATCH_SILENCE:?} while writes wait"
+                            )));
+                        }
+                        // Bounded: on a stuck connection the request channel fills, and
+                        // an unbounded send would stall this loop and the check above.
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(100),
+                            stream.request_progress(),
+                        )
+                        .await;
+                    } else {
+                        heard = tokio::time::Instant::now();
                     }
                     continue;
                 }
                 _ = self.stop.cancelled() => return Ok(()),
             };
+            heard = tokio::time::Instant::now();
             let Some(resp) = msg else {
                 return Err(Follow::Broken("watch stream ended".into()));
             };
@@ -796,6 +831,79 @@ enum Follow {
     Broken(String),
 }
 
+/// How often each configured etcd endpoint is probed, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// The endpoints the client should balance over after a probe round: the healthy ones,
+/// or all of them while none is (so the client keeps trying every one). Pure.
+pub fn pool_after_probe(endpoints: &[String], healthy: &[bool]) -> Vec<String> {
+    let live: Vec<String> = endpoints
+        .iter()
+        .zip(healthy)
+        .filter(|(_, h)| **h)
+        .map(|(e, _)| e.clone())
+        .collect();
+    if live.is_empty() {
+        endpoints.to_vec()
+    } else {
+        live
+    }
+}
+
+/// Keeps `client`'s balanced channel on the members that serve. etcd-client balances
+/// over every endpoint it was given and keeps a dead member in the pool, so with one
+/// member of three killed about half the requests went to it and failed (each after a
+/// connect attempt) although the other two had a quorum: the fault suite measured no
+/// publish acknowledged for 6.5 s. Each member is probed with a linearizable read (a
+/// member cut from the quorum fails it too) every [`PROBE_EVERY`]; failing ones leave
+/// the pool, recovered ones rejoin it.
+async fn keep_live_endpoints(client: Client, endpoints: Vec<String>, connect: ConnectOptions) {
+    let mut probes: Vec<Option<Client>> = vec![None; endpoints.len()];
+    let mut pool: Vec<String> = endpoints.clone();
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let mut healthy = Vec::with_capacity(endpoints.len());
+        for (e, probe) in endpoints.iter().zip(probes.iter_mut()) {
+            if probe.is_none() {
+                *probe = tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    Client::connect([e.as_str()], Some(connect.clone())),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok);
+            }
+            let ok = match probe {
+                Some(c) => matches!(
+                    tokio::time::timeout(
+                        PROBE_TIMEOUT,
+                        c.get("\0meshfed-probe", Some(GetOptions::new().with_count_only())),
+                    )
+                    .await,
+                    Ok(Ok(_))
+                ),
+                None => false,
+            };
+            healthy.push(ok);
+        }
+        let want = pool_after_probe(&endpoints, &healthy);
+        for e in pool.iter().filter(|e| !want.contains(e)) {
+            warn!(endpoint = %e, "etcd endpoint not serving; requests avoid it");
+            if let Err(err) = client.remove_endpoint(e).await {
+                debug!(endpoint = %e, error = %err, "remove etcd endpoint");
+            }
+        }
+        for e in want.iter().filter(|e| !pool.contains(e)) {
+            info!(endpoint = %e, "etcd endpoint serving again");
+            if let Err(err) = client.add_endpoint(e).await {
+                debug!(endpoint = %e, error = %err, "add etcd endpoint");
+            }
+        }
+        pool = want;
+    }
+}
+
 fn ttl_secs(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_secs().max(1) + u64::from(ttl.subsec_nanos() > 0)).unwrap_or(i64::MAX)
 }
@@ -806,4 +914,23 @@ enum HoldError {
     Etcd(#[from] etcd_client::Error),
     #[error("lease expired")]
     Expired,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_after_probe;
+
+    #[test]
+    fn the_pool_keeps_serving_members_and_never_empties() {
+        let e: Vec<String> = ["a", "b", "c"].iter().map(|s| (*s).to_owned()).collect();
+        for (healthy, want) in [
+            ([true, true, true], vec!["a", "b", "c"]),
+            ([false, true, true], vec!["b", "c"]),
+            ([false, true, false], vec!["b"]),
+            // None serves (no quorum): keep trying every one.
+            ([false, false, false], vec!["a", "b", "c"]),
+        ] {
+            assert_eq!(pool_after_probe(&e, &healthy), want, "{healthy:?}");
+        }
+    }
 }
