@@ -112,6 +112,8 @@ struct Admitted {
     /// An HTTP-family port: requests are forwarded one by one (TLS origination and the
     /// PROXY header are per connection, so a port with either carries bytes).
     http: Option<meshfed_catalog::catalog::AppProtocol>,
+    /// The service's outlier detection, applied per endpoint on an HTTP port.
+    outlier: Option<meshfed_catalog::http_route::Outlier>,
 }
 
 /// Where an accepted open request goes: the export's endpoints for that port.
@@ -634,6 +636,7 @@ impl Ingress {
                 open,
                 admitted.endpoints,
                 app,
+                admitted.outlier,
                 stop,
             )
             .await;
@@ -704,11 +707,15 @@ impl Ingress {
                     .filter(|_| open.flow.is_none() && tls.is_none() && !proxy)
                     .and_then(|e| e.app_protocols.get(&open.port).copied())
                     .filter(|a| a.is_http());
+                let outlier = e
+                    .and_then(|e| e.http_policy.as_ref())
+                    .and_then(|p| p.outlier.clone());
                 Ok(Admitted {
                     endpoints: r.endpoints.to_vec(),
                     tls,
                     proxy,
                     http,
+                    outlier,
                 })
             }
             Err(r) => {
@@ -735,6 +742,7 @@ impl Ingress {
             tls,
             proxy,
             http: _,
+            outlier: _,
         } = admitted;
         let Some((mut tcp, ep)) = self.connect(&endpoints).await else {
             let msg = format!(
@@ -1041,6 +1049,7 @@ impl Ingress {
                     open.clone(),
                     endpoints,
                     app,
+                    admitted.outlier,
                     stop,
                 )
                 .await;

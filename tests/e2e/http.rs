@@ -1574,3 +1574,62 @@ spec:
     assert_eq!(west + north, 200);
     assert_eq!(west, 100, "west {west}, north {north}");
 }
+
+/// Issue 17 §4 (istio#52435): outlier detection at the ingress is per endpoint. West's
+/// `web.demo` has a good endpoint and one that answers 503; with a DestinationRule's
+/// `outlierDetection` registered at west, the bad endpoint is ejected after two errors
+/// in a row and gets nothing more, while the site keeps serving every request (the
+/// egress's retry of the two 503s lands on the good endpoint).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_endpoint_is_ejected_at_the_ingress_and_its_site_keeps_serving() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    const DR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 50}
+"#;
+    let scratch = Scratch::new("http-ep-outlier");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(ip);
+    let (good, good_hits) = http_endpoint("good", 200).await;
+    let (bad, bad_hits) = http_endpoint("bad", 503).await;
+    let out = register_yaml(&west, "dr.yaml", DR);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3])
+            .export("web.demo", port, vec![good, bad])
+            .speaks("web.demo", port, "http"),
+    )
+    .unwrap();
+    let _east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = SocketAddr::new(ip, port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while curl(&[], &format!("http://{import}/")).0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "import never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let statuses = gets(import, 200, &[]).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let (good_n, bad_n) = (
+        good_hits.load(Ordering::Relaxed),
+        bad_hits.load(Ordering::Relaxed),
+    );
+    eprintln!("after 200 requests: good endpoint {good_n}, bad endpoint {bad_n}");
+    assert!(
+        bad_n <= 3,
+        "the failing endpoint kept getting requests: {bad_n}"
+    );
+    assert!(good_n >= 200, "{good_n}");
+    assert!(
+        west_gw.metric("meshfed_gateway_http_ejections_total").await >= 1.0,
+        "no ejection counted"
+    );
+    drop(fed);
+}

@@ -96,13 +96,23 @@ pub fn retry(
     }
 }
 
-/// Outlier detection per site, as Envoy keeps it per host: consecutive errors eject a
-/// site for `base × its ejections so far` (at most 300 s); at most
-/// `max_ejection_percent` of the sites (at least one) are ejected at once, and never all
-/// of them, so one bad site can never blackhole the service. Time is passed in (ms).
-#[derive(Debug, Default)]
-pub struct Outliers {
-    sites: std::collections::HashMap<meshfed_catalog::SiteName, SiteErrors>,
+/// Outlier detection per host, as Envoy keeps it: the egress keeps it per site (`K` =
+/// [`meshfed_catalog::SiteName`]), the ingress per endpoint (`K` = its address).
+/// Consecutive errors eject a host for `base × its ejections so far` (at most 300 s); at
+/// most `max_ejection_percent` of the hosts (at least one) are ejected at once, and
+/// never all of them, so one bad host can never blackhole the service. Time is passed in
+/// (ms).
+#[derive(Debug)]
+pub struct Outliers<K = meshfed_catalog::SiteName> {
+    sites: std::collections::HashMap<K, SiteErrors>,
+}
+
+impl<K> Default for Outliers<K> {
+    fn default() -> Self {
+        Self {
+            sites: std::collections::HashMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -116,8 +126,8 @@ struct SiteErrors {
 /// The longest ejection (Envoy's `max_ejection_time` default).
 pub const MAX_EJECTION_MS: u64 = 300_000;
 
-impl Outliers {
-    pub fn is_ejected(&self, site: &meshfed_catalog::SiteName, now_ms: u64) -> bool {
+impl<K: Eq + std::hash::Hash + Clone> Outliers<K> {
+    pub fn is_ejected(&self, site: &K, now_ms: u64) -> bool {
         self.sites
             .get(site)
             .is_some_and(|s| s.ejected_until > now_ms)
@@ -128,7 +138,7 @@ impl Outliers {
     pub fn observe(
         &mut self,
         cfg: &meshfed_catalog::http_route::Outlier,
-        site: &meshfed_catalog::SiteName,
+        site: &K,
         outcome: Outcome,
         sites: usize,
         now_ms: u64,

@@ -1,7 +1,9 @@
 //! The ingress half of the HTTP path. An accepted stream for an HTTP-family port carries
 //! HTTP (h2 from a meshfed egress, or whatever the client spoke when the egress carried
 //! bytes: hyper detects HTTP/1.1 or h2 prior knowledge). Each request goes to one of the
-//! export's endpoints, round-robin, over connections pooled per endpoint (HTTP/1.1 for
+//! export's endpoints, round-robin (skipping endpoints the service's `outlierDetection`
+//! ejected after consecutive errors, per endpoint, never all of them), over connections
+//! pooled per endpoint (HTTP/1.1 for
 //! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
 //! appended to `x-forwarded-for`. When no connection to the endpoint can be made, the
@@ -23,6 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::catalog::AppProtocol;
+use meshfed_catalog::http_route::Outlier;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -43,6 +46,9 @@ pub struct Upstream {
     h2_dial: tokio::sync::Mutex<()>,
     connect_timeout: Duration,
     next: AtomicUsize,
+    /// Endpoints' consecutive errors and ejections (a service's `outlierDetection`).
+    outliers: std::sync::Mutex<super::decide::Outliers<SocketAddr>>,
+    start: std::time::Instant,
     metrics: Metrics,
 }
 
@@ -68,8 +74,50 @@ impl Upstream {
             h2_dial: Default::default(),
             connect_timeout,
             next: AtomicUsize::new(0),
+            outliers: Default::default(),
+            start: std::time::Instant::now(),
             metrics,
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The next endpoint in turn that is not ejected (all of them when every one is).
+    fn pick(&self, endpoints: &[SocketAddr], outlier: Option<&Outlier>) -> SocketAddr {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        if outlier.is_some() {
+            let now = self.now_ms();
+            let o = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+            for k in 0..endpoints.len() {
+                let ep = endpoints[(n + k) % endpoints.len()];
+                if !o.is_ejected(&ep, now) {
+                    return ep;
+                }
+            }
+        }
+        endpoints[n % endpoints.len()]
+    }
+
+    /// Counts an answer (or its absence) from `ep` toward its ejection.
+    fn observe(
+        &self,
+        cfg: &Outlier,
+        ep: SocketAddr,
+        outcome: super::decide::Outcome,
+        endpoints: usize,
+        open: &Open,
+    ) {
+        let ejected = self
+            .outliers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(cfg, &ep, outcome, endpoints, self.now_ms());
+        if ejected {
+            self.metrics.http_ejection();
+            tracing::warn!(service = %open.service, port = open.port, endpoint = %ep, ?outcome, "endpoint ejected after consecutive errors (outlierDetection)");
+        }
     }
 
     /// The h2 connection to `ep`, dialed when there is none or it ended.
@@ -146,9 +194,10 @@ impl Upstream {
         endpoints: &[SocketAddr],
         app: AppProtocol,
         open: &Open,
+        outlier: Option<&Outlier>,
     ) -> Response<Body> {
         use tracing::Instrument;
-        let ep = endpoints[self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        let ep = self.pick(endpoints, outlier);
         let span = tracing::trace_span!(
             target: "otel",
             "ingress http",
@@ -172,6 +221,18 @@ impl Upstream {
             .instrument(span.clone())
             .await;
         span.record("http.response.status_code", answer.status().as_u16());
+        if let Some(cfg) = outlier {
+            let outcome = match answer
+                .headers()
+                .get(super::ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                // This gateway's own answer: the endpoint never answered.
+                Some(_) => super::decide::Outcome::Lost,
+                None => super::decide::Outcome::Status(answer.status().as_u16()),
+            };
+            self.observe(cfg, ep, outcome, endpoints.len(), open);
+        }
         answer
     }
 
@@ -209,22 +270,34 @@ impl Upstream {
 
 /// Serves the HTTP carried by one accepted stream until either side ends it, or `stop`
 /// (the drain), which lets requests in flight finish.
+/// `outlier`: the service's outlier detection, applied per endpoint.
 pub async fn serve<IO>(
     upstream: Arc<Upstream>,
     io: IO,
     open: Open,
     endpoints: Vec<SocketAddr>,
     app: AppProtocol,
+    outlier: Option<Outlier>,
     stop: CancellationToken,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let open = Arc::new(open);
     let endpoints: Arc<[SocketAddr]> = endpoints.into();
+    let outlier = outlier.map(Arc::new);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (upstream, open, endpoints) = (upstream.clone(), open.clone(), endpoints.clone());
+        let (upstream, open, endpoints, outlier) = (
+            upstream.clone(),
+            open.clone(),
+            endpoints.clone(),
+            outlier.clone(),
+        );
         async move {
-            Ok::<_, std::convert::Infallible>(upstream.forward(req, &endpoints, app, &open).await)
+            Ok::<_, std::convert::Infallible>(
+                upstream
+                    .forward(req, &endpoints, app, &open, outlier.as_deref())
+                    .await,
+            )
         }
     });
     super::serve_connection(io, svc, stop, "HTTP over the tunnel").await;
