@@ -206,18 +206,26 @@ async fn etcd_members_killed_under_publishes_lose_no_acknowledged_write() {
         .count();
     let last = acked.last().expect("publishes acknowledged").0;
 
-    // etcd's own export history and state, read directly.
-    let mut etcd = etcd_client::Client::connect(endpoints.split(',').collect::<Vec<_>>(), None)
-        .await
-        .unwrap();
+    // etcd's own export history and state, read directly through one member that
+    // serves (the restarted one may still be starting).
     let exports_prefix = format!("{PREFIX}exports/west/");
-    let state = etcd
-        .get(
-            exports_prefix.as_str(),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut etcd, state) = 'read: loop {
+        for e in endpoints.split(',') {
+            if let Ok(mut c) = etcd_client::Client::connect([e], None).await
+                && let Ok(r) = c
+                    .get(
+                        exports_prefix.as_str(),
+                        Some(etcd_client::GetOptions::new().with_prefix()),
+                    )
+                    .await
+            {
+                break 'read (c, r);
+            }
+        }
+        assert!(Instant::now() < deadline, "no etcd member serves reads");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let in_etcd: BTreeSet<String> = state
         .kvs()
         .iter()
