@@ -8,6 +8,7 @@
 mod etcd_members;
 mod flood;
 mod partition;
+mod replica_kill;
 mod static_stability;
 
 use std::time::Duration;
