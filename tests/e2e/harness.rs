@@ -529,14 +529,7 @@ impl Etcd {
 
     async fn start_with(tls: Option<&EtcdTls>) -> Self {
         let data = Scratch::new("etcd");
-        let port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (client, peer) = (port(), port());
+        let (client, peer) = (free_port(), free_port());
         let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -547,27 +540,13 @@ impl Etcd {
             cmd.push(format!("--cert-file={}", t.server_cert.display()).into());
             cmd.push(format!("--key-file={}", t.server_key.display()).into());
         }
-        cmd.extend(["--name".into(), "t".into(), "--data-dir".into()]);
-        cmd.push(data.0.join("data").into());
-        for a in [
-            "--listen-client-urls",
+        cmd.extend(etcd_args(
+            "t",
+            &data.0,
             &endpoint,
-            "--advertise-client-urls",
-            &endpoint,
-            "--listen-peer-urls",
             &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-            "--initial-cluster",
             &format!("t={peer_url}"),
-            // Faster elections also lower etcd's minimum lease TTL to 1 s.
-            "--heartbeat-interval",
-            "50",
-            "--election-timeout",
-            "500",
-        ] {
-            cmd.push(a.into());
-        }
+        ));
         // Ready when a client request succeeds, not merely when the port is open.
         let opts = tls.map(|t| {
             let pem = |p: &Path| std::fs::read(p).unwrap();
@@ -647,6 +626,47 @@ impl Etcd {
     }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    crate::federation::free_port([127, 0, 0, 1].into())
+}
+
+/// etcd's command line for member `name` of `cluster` (`name=peer,...`), its data under
+/// `dir`. Faster elections than etcd's defaults also lower its minimum lease TTL to 1 s.
+fn etcd_args(
+    name: &str,
+    dir: &Path,
+    client: &str,
+    peer: &str,
+    cluster: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut cmd: Vec<std::ffi::OsString> = vec!["--name".into(), name.into(), "--data-dir".into()];
+    cmd.push(dir.join("data").into());
+    for a in [
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        cluster,
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        "meshfed-test",
+        "--heartbeat-interval",
+        "50",
+        "--election-timeout",
+        "500",
+    ] {
+        cmd.push(a.into());
+    }
+    cmd
+}
+
 /// A 3-member etcd cluster on 127.0.0.1 (each member its own data directory and ports),
 /// for killing members under load.
 pub struct EtcdCluster {
@@ -663,14 +683,7 @@ pub struct EtcdMember {
 
 impl EtcdCluster {
     pub async fn start(n: usize) -> Self {
-        let port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (port(), port())).collect();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
@@ -681,31 +694,13 @@ impl EtcdCluster {
             let data = Scratch::new(&format!("etcd-m{i}"));
             let endpoint = format!("http://127.0.0.1:{c}");
             let peer = format!("http://127.0.0.1:{p}");
-            let mut cmd: Vec<std::ffi::OsString> = Vec::new();
-            cmd.extend(["--name".into(), format!("m{i}").into(), "--data-dir".into()]);
-            cmd.push(data.0.join("data").into());
-            for a in [
-                "--listen-client-urls",
+            let cmd = etcd_args(
+                &format!("m{i}"),
+                &data.0,
                 &endpoint,
-                "--advertise-client-urls",
-                &endpoint,
-                "--listen-peer-urls",
                 &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-                "--initial-cluster",
                 &initial.join(","),
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "meshfed-faults",
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-            ] {
-                cmd.push(a.into());
-            }
+            );
             let child = Some(Etcd::spawn(&cmd, &data.0));
             members.push(EtcdMember {
                 name: format!("m{i}"),
