@@ -66,8 +66,20 @@ pub async fn client(
     cert: &Path,
     key: &Path,
 ) -> Result<pb::federation_client::FederationClient<tonic::transport::Channel>, ClientError> {
-    let svid = Svid::load(cert, key)?;
-    let resolver = Arc::new(SvidResolver::new(&svid).map_err(|e| other("SVID", e))?);
+    // A renewal replaces the certificate and then the key (each by rename): a read
+    // between the two sees a pair that does not match, so read again a few times.
+    let mut tries = 0;
+    let resolver = loop {
+        let svid = Svid::load(cert, key)?;
+        match SvidResolver::new(&svid) {
+            Ok(r) => break Arc::new(r),
+            Err(_) if tries < 10 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(other("SVID", e)),
+        }
+    };
     let ch = tls::connect(
         addresses,
         ClientTrust::Mutual {

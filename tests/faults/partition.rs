@@ -82,10 +82,12 @@ async fn a_site_cut_from_the_federation_serves_and_resyncs_by_deltas() {
         })
     };
 
-    // The cut: every packet from east to the federation is dropped (no reset: the
-    // session just goes quiet, as behind a broken router).
+    // The cut: every packet between east and the federation is dropped, both ways (no
+    // reset: the session just goes quiet, as behind a broken router). Dropping only
+    // east's packets let the federation's still reach east over the open watch until
+    // east's keepalive gave up, so a delta could arrive through the cut.
     ns.nft(&format!(
-        "table inet partition {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip daddr {host} tcp dport {fed_port} drop\n  }}\n}}\n"
+        "table inet partition {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip daddr {host} tcp dport {fed_port} drop\n  }}\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    ip saddr {host} tcp sport {fed_port} drop\n  }}\n}}\n"
     ));
     let watching_before = east_gw.logs().matches("watching the catalog").count();
     tokio::time::sleep(cut_for / 2).await;
