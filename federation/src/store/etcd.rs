@@ -7,6 +7,11 @@
 //! are etcd revisions: they are the same on every replica, which is what lets a gateway
 //! resume on another replica with no full resync. A starting replica primes its history
 //! from etcd's own (up to `history` revisions back, if not compacted).
+//!
+//! With several etcd members, requests go only to members that answer a linearizable
+//! read ([`pool_after_probe`], every 500 ms), and a watch that stays silent while writes
+//! wait for it is resumed elsewhere: losing one member of three costs an election, not
+//! half the requests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
