@@ -462,35 +462,12 @@ fn rule(
             }
         }
     }
-    if let Some(rw) = &route.rewrite
-        && rw.uri.is_some()
-        && rewrite_needs_prefix(m)
-        && !route
-            .matches
-            .iter()
-            .all(|x| matches!(x.uri, Some(StringMatch::PathPrefix(_))))
-    {
-        d.err(
-            format!("{field}.filters"),
-            "ReplacePrefixMatch needs every match of the rule to be a PathPrefix path match",
-        );
-    }
     Some(route)
 }
 
 /// Retries after the first attempt when a route sets only `backendRequest` (the gateway's
 /// own default).
 const DEFAULT_ATTEMPTS: u32 = 2;
-
-/// Whether a URLRewrite of the rule replaces the matched prefix.
-fn rewrite_needs_prefix(m: &Map<String, Value>) -> bool {
-    m.get("filters")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f.get("urlRewrite")?.get("path")?.get("type")?.as_str())
-        .any(|t| t == "ReplacePrefixMatch")
-}
 
 /// A lower-case RFC 1123 label (what `sectionName`-typed names take).
 fn valid_section_name(s: &str) -> bool {
@@ -1039,6 +1016,19 @@ fn filters(
                     d.err(
                         format!("{bf}.path.type"),
                         "ReplaceFullPath under a PathPrefix match is not supported by meshfed yet (it rewrites the matched prefix); use ReplacePrefixMatch or an Exact match",
+                    );
+                }
+                if path
+                    .as_ref()
+                    .is_some_and(|(t, _)| t == "ReplacePrefixMatch")
+                    && !route
+                        .matches
+                        .iter()
+                        .all(|x| matches!(x.uri, Some(StringMatch::PathPrefix(_))))
+                {
+                    d.err(
+                        &field,
+                        "ReplacePrefixMatch needs every match of the rule to be a PathPrefix path match",
                     );
                 }
                 route.rewrite = Some(Rewrite {

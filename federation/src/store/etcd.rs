@@ -179,13 +179,7 @@ impl EtcdStore {
         let mut client = Client::connect(&opts.endpoints, Some(connect.clone()))
             .await
             .map_err(etcd_err("connect"))?;
-        if opts.endpoints.len() > 1 {
-            tokio::spawn(keep_live_endpoints(
-                client.clone(),
-                opts.endpoints.clone(),
-                connect,
-            ));
-        }
+
         let layout = Layout::new(&opts.prefix);
         let head = client
             .get(
@@ -240,6 +234,14 @@ impl EtcdStore {
             stop: CancellationToken::new(),
         });
         tokio::spawn(store.clone().follow_forever());
+        if opts.endpoints.len() > 1 {
+            tokio::spawn(keep_live_endpoints(
+                store.client.clone(),
+                opts.endpoints.clone(),
+                connect,
+                store.stop.clone(),
+            ));
+        }
         store.wait_for(current).await?;
         let key = store.layout.replica(&store.replica);
         let value = to_json(&opts.addresses)?;
@@ -862,12 +864,20 @@ pub fn pool_after_probe(endpoints: &[String], healthy: &[bool]) -> Vec<String> {
 /// connect attempt) although the other two had a quorum: the fault suite measured no
 /// publish acknowledged for 6.5 s. Each member is probed with a linearizable read (a
 /// member cut from the quorum fails it too) every [`PROBE_EVERY`]; failing ones leave
-/// the pool, recovered ones rejoin it.
-async fn keep_live_endpoints(client: Client, endpoints: Vec<String>, connect: ConnectOptions) {
+/// the pool, recovered ones rejoin it. Ends with the store (`stop`).
+async fn keep_live_endpoints(
+    client: Client,
+    endpoints: Vec<String>,
+    connect: ConnectOptions,
+    stop: CancellationToken,
+) {
     let mut probes: Vec<Option<Client>> = vec![None; endpoints.len()];
     let mut pool: Vec<String> = endpoints.clone();
     loop {
-        tokio::time::sleep(PROBE_EVERY).await;
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
         let mut healthy = Vec::with_capacity(endpoints.len());
         for (e, probe) in endpoints.iter().zip(probes.iter_mut()) {
             if probe.is_none() {

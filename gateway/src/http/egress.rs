@@ -66,7 +66,7 @@ pub struct HttpEgress {
     /// Sites' consecutive errors and ejections (outlier detection).
     outliers: Mutex<decide::Outliers>,
     /// Attempts in flight per site, until their answer's headers (the least-request
-    /// balancer's input).
+    /// balancer's input; counted only for a service that balances so).
     site_load: Mutex<HashMap<SiteName, u32>>,
     start: Instant,
     import: String,
@@ -200,6 +200,8 @@ struct Plan {
     /// The import the request goes through when its destination is another service
     /// (`None`: this one).
     target: Option<Arc<Egress>>,
+    /// The least-request balancer reads attempts in flight per site: count them.
+    count_load: bool,
 }
 
 struct Edits {
@@ -575,6 +577,7 @@ impl HttpEgress {
                 per_try: None,
                 edits: None,
                 target: None,
+                count_load: false,
             });
         };
         // The circuit breaker: a request past `max_requests` is refused at once, never
@@ -660,9 +663,9 @@ impl HttpEgress {
             d.service.as_ref().unwrap_or(&eg.service),
             d.port.unwrap_or(eg.port),
         );
-        let (target, sites, outlier, site_count) = if to != (&eg.service, eg.port) {
-            // Another service: through this gateway's import of it, with its sites and
-            // its own policy's subsets and outlier detection.
+        // Another service goes through this gateway's import of it, with its sites and
+        // its own policy's subsets, outlier detection and balancer.
+        let target = if to != (&eg.service, eg.port) {
             let (service, port) = to;
             let Some(t) = eg.targets.get(service, port) else {
                 return Err(no_site(format!(
@@ -676,41 +679,30 @@ impl HttpEgress {
                     route_name()
                 )));
             }
-            let t_backends = t.backends.load_full();
-            let t_routes = t.routes.load_full();
-            let t_table = t_routes.as_ref().as_ref();
-            let sites: Vec<SiteName> = match d.subset.as_deref() {
-                None => t_backends.to_vec(),
-                Some(name) => {
-                    match t_table.and_then(|tt| tt.compiled.subset(name).map(|s| (tt, s))) {
-                        Some((tt, subset)) => subset_sites(subset, &t_backends, &tt.site_labels)
-                            .into_iter()
-                            .cloned()
-                            .collect(),
-                        None => {
-                            return Err(no_site(format!("{service} has no subset {name}")));
-                        }
-                    }
-                }
-            };
-            let outlier = t_table.and_then(|tt| tt.compiled.policy.outlier.clone());
-            let count = t_backends.len();
-            let lb = t_table.and_then(|tt| tt.compiled.policy.load_balancer);
-            let sites = t.http.balance(lb, sites);
-            (Some(t.clone()), sites, outlier, count)
+            Some(t)
         } else {
-            let sites: Vec<SiteName> =
-                match d.subset.as_deref().and_then(|s| table.compiled.subset(s)) {
-                    Some(subset) => subset_sites(subset, &backends, &table.site_labels)
-                        .into_iter()
-                        .cloned()
-                        .collect(),
-                    None => backends.to_vec(),
-                };
-            let outlier = table.compiled.policy.outlier.clone();
-            let sites = self.balance(table.compiled.policy.load_balancer, sites);
-            (None, sites, outlier, backends.len())
+            None
         };
+        let (via, to_backends, to_routes) = match &target {
+            Some(t) => (&*t.http, t.backends.load_full(), t.routes.load_full()),
+            None => (self, backends.clone(), routes.clone()),
+        };
+        let to_table = to_routes.as_ref().as_ref();
+        let sites: Vec<SiteName> = match d.subset.as_deref() {
+            None => to_backends.to_vec(),
+            Some(name) => match to_table.and_then(|t| t.compiled.subset(name).map(|s| (t, s))) {
+                Some((t, subset)) => subset_sites(subset, &to_backends, &t.site_labels)
+                    .into_iter()
+                    .cloned()
+                    .collect(),
+                None => return Err(no_site(format!("{} has no subset {name}", to.0))),
+            },
+        };
+        let policy = to_table.map(|t| &t.compiled.policy);
+        let outlier = policy.and_then(|p| p.outlier.clone());
+        let load_balancer = policy.and_then(|p| p.load_balancer);
+        let sites = via.balance(load_balancer, sites);
+        let site_count = to_backends.len();
         if sites.is_empty() {
             return Err(no_site(format!(
                 "no serving site is in subset {} of {}:{}",
@@ -757,6 +749,8 @@ impl HttpEgress {
             outlier,
             site_count,
             target,
+            count_load: load_balancer
+                == Some(meshfed_catalog::http_route::LoadBalancer::LeastRequest),
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
             timeout: route.timeout_ms.map(ms),
             per_try: route
@@ -810,7 +804,7 @@ impl HttpEgress {
             *req.uri_mut() = parts.uri.clone();
             *req.headers_mut() = parts.headers.clone();
             *req.version_mut() = http::Version::HTTP_2;
-            let load = SiteLoad::new(self, site);
+            let load = plan.count_load.then(|| SiteLoad::new(self, site));
             let (outcome, answer) = match self.link(eg, site, i, sites.len(), caller).await {
                 Err((reason, message)) => {
                     if !reason.retryable_elsewhere() {
