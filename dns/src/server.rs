@@ -1,6 +1,6 @@
 //! The sockets. UDP: one thread per core, each with its own `SO_REUSEPORT` socket on the
-//! same address, answering the fast path in place from a reused buffer; the slow path
-//! and forwarding are handed to the tokio runtime. TCP: hickory-server's `Server`, with
+//! same address (refused when another socket holds it), answering the fast path in place
+//! from a reused buffer; the slow path and forwarding are handed to the tokio runtime. TCP: hickory-server's `Server`, with
 //! a handler that answers from the same table.
 
 use std::collections::HashMap;
@@ -126,6 +126,23 @@ fn reuseport_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// Refuses a UDP address some other socket holds. `SO_REUSEPORT` alone would not: a
+/// reuse-port bind joins any group of the same user on that port (another `meshfed dns`,
+/// or an ephemeral port the kernel handed out because a group already there accepts
+/// members), and the two processes would then split the queries between them. A plain
+/// bind fails with `AddrInUse` whenever anything holds the port; it is released before
+/// the group binds, which leaves only the microseconds between the two for a race.
+fn udp_port_free(addr: SocketAddr) -> std::io::Result<()> {
+    match UdpSocket::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(std::io::Error::new(
+            e.kind(),
+            format!("UDP {addr} is held by another socket (another DNS server?): {e}"),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// Starts UDP workers and the TCP server on `cfg.listen` (port 0: any free port, the
 /// same for UDP and TCP when it can be had). Must be called inside a tokio runtime.
 pub async fn start(
@@ -137,6 +154,7 @@ pub async fn start(
     let tcp = tokio::net::TcpListener::bind(cfg.listen).await?;
     let tcp_addr = tcp.local_addr()?;
     let udp_addr = SocketAddr::new(cfg.listen.ip(), tcp_addr.port());
+    udp_port_free(udp_addr)?;
     let first = reuseport_socket(udp_addr)?;
     let workers = if cfg.workers == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -423,6 +441,37 @@ fn servfail_info(request: &Request) -> ResponseInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A UDP port another reuse-port group holds (another process of the same user, or
+    /// the same process) is refused, not joined: joined, the two servers would each get
+    /// part of the queries.
+    #[tokio::test]
+    async fn a_udp_port_held_by_another_reuseport_group_is_refused() {
+        let other = reuseport_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let held = other.local_addr().unwrap();
+        let table = Arc::new(ArcSwap::from_pointee(Table::build(
+            &crate::ZoneConfig {
+                ttl: 5,
+                extra_zones: vec![],
+                host_zones: vec![],
+            },
+            &[],
+            &[],
+            0,
+        )));
+        let cfg = ServerConfig {
+            listen: held,
+            forward: None,
+            rate_limit: None,
+            workers: 1,
+        };
+        let err = match start(cfg, table, Metrics::default()).await {
+            Ok(r) => panic!("joined the group on {held}: serving on {}", r.udp),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains(&held.to_string()), "{err}");
+    }
 
     #[test]
     fn rate_limit_is_per_client_and_refills() {
