@@ -150,11 +150,22 @@ pub async fn start(
     table: Arc<ArcSwap<Table>>,
     metrics: Metrics,
 ) -> std::io::Result<Running> {
-    // TCP first: its port is then taken for UDP too.
-    let tcp = tokio::net::TcpListener::bind(cfg.listen).await?;
-    let tcp_addr = tcp.local_addr()?;
-    let udp_addr = SocketAddr::new(cfg.listen.ip(), tcp_addr.port());
-    udp_port_free(udp_addr)?;
+    // TCP first: its port is then taken for UDP too. With port 0, a TCP port whose UDP
+    // twin is held is given back and another one drawn.
+    let mut draws = 0;
+    let (tcp, tcp_addr, udp_addr) = loop {
+        let tcp = tokio::net::TcpListener::bind(cfg.listen).await?;
+        let tcp_addr = tcp.local_addr()?;
+        let udp_addr = SocketAddr::new(cfg.listen.ip(), tcp_addr.port());
+        match udp_port_free(udp_addr) {
+            Ok(()) => break (tcp, tcp_addr, udp_addr),
+            Err(e) if cfg.listen.port() == 0 && draws < 16 => {
+                debug!(error = %e, "drawing another port");
+                draws += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let first = reuseport_socket(udp_addr)?;
     let workers = if cfg.workers == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
