@@ -555,8 +555,8 @@ impl Peers {
     }
 
     /// `/debug/peers`' dialed side: each peer with its expected ID, the addresses as
-    /// given, and each link (address, up, transport, why, the verified ID, suspect, and
-    /// QUIC's path figures when on QUIC).
+    /// given, and each link (address, up, transport, why, the verified ID, suspect,
+    /// QUIC's path figures when on QUIC, and the pool's live connections when on h2).
     pub fn debug(&self) -> serde_json::Value {
         let sites: serde_json::Map<String, serde_json::Value> = self
             .lock()
@@ -575,6 +575,13 @@ impl Peers {
                             "verified_id": live.as_ref().and_then(PeerConn::peer_id).map(|i| i.to_string()),
                             "suspect": l.suspect.load(Ordering::Relaxed),
                             "quic": live.as_ref().and_then(quic_debug),
+                            "h2_connections": match &live {
+                                Some(PeerConn::H2(p)) => serde_json::json!({
+                                    "live": p.members_live(),
+                                    "of": p.members(),
+                                }),
+                                _ => serde_json::Value::Null,
+                            },
                         })
                     })
                     .collect();
@@ -1055,8 +1062,6 @@ fn refused_by_peer(e: &ConnectionError) -> Option<String> {
     }
 }
 
-/// The verified SPIFFE ID of the far end. rustls already verified the chain with our
-/// SPIFFE verifier; this only reads the ID back out of the leaf.
 /// A QUIC link's path figures for `/debug/peers`; `None` on h2.
 pub fn quic_debug(conn: &PeerConn) -> Option<serde_json::Value> {
     let PeerConn::Quic(c) = conn else {
@@ -1075,6 +1080,8 @@ pub fn quic_debug(conn: &PeerConn) -> Option<serde_json::Value> {
     }))
 }
 
+/// The verified SPIFFE ID of the far end. rustls already verified the chain with our
+/// SPIFFE verifier; this only reads the ID back out of the leaf.
 pub fn peer_spiffe_id(conn: &Connection) -> Option<SpiffeId> {
     let chain = conn
         .peer_identity()?

@@ -215,6 +215,109 @@ async fn peers_on_h2_carry_data_and_refuse_with_the_quic_codes() {
     echo_once(echo_at).await.unwrap();
 }
 
+/// The TCP connections from anyone to `port` on 127.0.0.1, by their source port.
+fn connections_to(port: u16) -> Vec<u16> {
+    let out = Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( dport = :{port} )"),
+        ])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A pool member that dies while the others live is dialed again: the link stays up on
+/// the survivors (streams open meanwhile), and the pool is back to its full count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_link_dials_its_lost_connections_again() {
+    let west = ConfigBuilder::default().export("echo.demo", 7000, vec![echo_server().await]);
+    let s = TwoSites::start_pair("h2-redial", west, |ec| ConfigBuilder {
+        transport: Some("default: h2".into()),
+        ..ec.import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into())
+    });
+    let echo_at = s.east_gw.import("echo.demo:7000");
+    echo_once(echo_at).await.unwrap();
+    let port = s.west_gw.quic.port();
+    let members = |live: bool| {
+        let admin = s.east_gw.admin;
+        async move {
+            let (_, body) = meshfed_lifecycle::admin::get(admin, "/debug/peers")
+                .await
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["dialed"]["west"]["links"][0]["h2_connections"][if live { "live" } else { "of" }]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{v:#}"))
+        }
+    };
+    let full = members(false).await;
+    assert!(full >= 2, "a pool of {full}");
+    let started = Instant::now();
+    while connections_to(port).len() < full as usize {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            connections_to(port)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Cut all but one (ss -K: the kernel aborts them, with a reset to the far side).
+    let before = connections_to(port);
+    for sport in &before[1..] {
+        let out = Command::new("ss")
+            .args(["-K", "state", "established"])
+            .arg(format!("( sport = :{sport} and dport = :{port} )"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // The survivor carries streams at once.
+    for _ in 0..20 {
+        echo_once(echo_at).await.unwrap();
+    }
+    let started = Instant::now();
+    loop {
+        let now = connections_to(port);
+        if members(true).await == full && now.len() == before.len() {
+            assert!(
+                now.contains(&before[0]),
+                "the survivor stayed: {before:?} → {now:?}"
+            );
+            assert!(
+                before[1..].iter().all(|p| !now.contains(p)),
+                "the cut connections are gone: {before:?} → {now:?}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} of {full} live; connections {before:?} → {now:?}",
+            members(true).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "{} of {} connections cut, pool full again after {:?}",
+        before.len() - 1,
+        before.len(),
+        started.elapsed()
+    );
+    echo_once(echo_at).await.unwrap();
+}
+
 /// One 1000-byte round trip on an echo connection.
 async fn round(c: &mut TcpStream, n: u8) {
     let msg = [n; 1000];

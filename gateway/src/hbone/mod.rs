@@ -134,21 +134,37 @@ impl TunnelRecv for H2Recv {
     }
 }
 
-/// A pool of h2 connections to one peer address, used as one link.
+/// A pool of h2 connections to one peer address, used as one link. A member that ends
+/// while others live is dialed again in the background (backing off while the peer
+/// refuses), so a pool that lost connections to a middlebox's idle timeout or a reset
+/// gets its spread back; the pool ends when its last member ends, and the link is then
+/// dialed anew.
 #[derive(Clone)]
 pub struct Pool {
     inner: Arc<PoolInner>,
 }
 
+type Member = (h2::client::SendRequest<Bytes>, AbortHandle);
+
 struct PoolInner {
-    members: Vec<(h2::client::SendRequest<Bytes>, AbortHandle)>,
-    live: Arc<AtomicUsize>,
-    gone: Arc<tokio::sync::Notify>,
+    /// One slot per connection; `None` while it is being dialed again.
+    slots: Vec<std::sync::Mutex<Option<Member>>>,
+    live: AtomicUsize,
+    /// Set by `close`: no member is dialed again.
+    closed: std::sync::atomic::AtomicBool,
+    gone: tokio::sync::Notify,
     next: AtomicUsize,
     peer: SpiffeId,
     remote: SocketAddr,
     id: usize,
+    /// How members are dialed again; `None` for a reverse connection (its dialer, the
+    /// other side, dials it anew).
+    redial: Option<Arc<rustls::ClientConfig>>,
 }
+
+/// The first wait before a member is dialed again, doubled per failure up to the max.
+const REDIAL_MIN: Duration = Duration::from_millis(100);
+const REDIAL_MAX: Duration = Duration::from_secs(5);
 
 /// Tells pools apart (the `stable_id` of a link), never equal to a QUIC connection's
 /// (which are small counters): the high bit is set.
@@ -172,15 +188,113 @@ pub enum DialError {
     Timeout(Duration),
 }
 
+impl PoolInner {
+    fn new(
+        n: usize,
+        peer: SpiffeId,
+        remote: SocketAddr,
+        redial: Option<Arc<rustls::ClientConfig>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            slots: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
+            live: AtomicUsize::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            gone: tokio::sync::Notify::new(),
+            next: AtomicUsize::new(0),
+            peer,
+            remote,
+            id: NEXT_POOL.fetch_add(1, Ordering::Relaxed) | POOL_ID_BIT,
+            redial,
+        })
+    }
+
+    fn slot(&self, i: usize) -> std::sync::MutexGuard<'_, Option<Member>> {
+        self.slots[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts a connection in slot `i` and drives it; when it ends, the slot is dialed
+    /// again if the pool still lives. False (and the connection dropped) when the pool
+    /// has ended meanwhile: a dead pool is never revived.
+    fn install<T>(
+        self: &Arc<Self>,
+        i: usize,
+        send: h2::client::SendRequest<Bytes>,
+        conn: h2::client::Connection<T, Bytes>,
+        first: bool,
+    ) -> bool
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut slot = self.slot(i);
+        let joined = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (first || (n > 0 && !self.closed.load(Ordering::Acquire))).then_some(n + 1)
+            });
+        if joined.is_err() {
+            return false;
+        }
+        let weak = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "h2 connection ended");
+            }
+            if let Some(inner) = weak.upgrade() {
+                inner.slot(i).take();
+                let left = inner.live.fetch_sub(1, Ordering::AcqRel) - 1;
+                inner.gone.notify_waiters();
+                if left > 0 && !inner.closed.load(Ordering::Acquire) && inner.redial.is_some() {
+                    tokio::spawn(Self::redial(weak, i));
+                }
+            }
+        });
+        *slot = Some((send, task.abort_handle()));
+        true
+    }
+
+    /// Dials slot `i` again until it is up or the pool has ended.
+    async fn redial(weak: std::sync::Weak<Self>, i: usize) {
+        let mut backoff = REDIAL_MIN;
+        loop {
+            tokio::time::sleep(backoff).await;
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.live.load(Ordering::Acquire) == 0 || inner.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let (Some(tls), remote) = (inner.redial.clone(), inner.remote) else {
+                return;
+            };
+            drop(inner);
+            let dialed = tokio::time::timeout(DIAL_TIMEOUT, dial_one(remote, tls)).await;
+            let Some(inner) = weak.upgrade() else { return };
+            match dialed {
+                Ok(Ok((send, conn, peer))) if peer == inner.peer => {
+                    if inner.install(i, send, conn, false) {
+                        debug!(slot = i, "h2 pool member dialed again");
+                    }
+                    return;
+                }
+                Ok(Ok((_, _, peer))) => {
+                    debug!(%peer, expected = %inner.peer, "h2 pool member answered as another peer")
+                }
+                Ok(Err(e)) => debug!(error = %e, "h2 pool member dial failed"),
+                Err(_) => debug!("h2 pool member dial timed out"),
+            }
+            backoff = (backoff * 2).min(REDIAL_MAX);
+        }
+    }
+}
+
 impl Pool {
     /// Dials `n` connections to `addr`; the pool is up when at least one is (the
-    /// first error otherwise).
+    /// first error otherwise). Members that failed are dialed again in the background.
     pub async fn dial(
         addr: SocketAddr,
         tls: Arc<rustls::ClientConfig>,
         n: usize,
     ) -> Result<Self, DialError> {
-        let dials = (0..n.max(1)).map(|_| {
+        let n = n.max(1);
+        let dials = (0..n).map(|_| {
             let tls = tls.clone();
             async move {
                 tokio::time::timeout(DIAL_TIMEOUT, dial_one(addr, tls))
@@ -188,46 +302,32 @@ impl Pool {
                     .map_err(|_| DialError::Timeout(DIAL_TIMEOUT))?
             }
         });
-        let results = futures::future::join_all(dials).await;
-        let live = Arc::new(AtomicUsize::new(0));
-        let gone = Arc::new(tokio::sync::Notify::new());
-        let mut members = Vec::new();
-        let mut peer = None;
+        let mut up = Vec::new();
         let mut first_err = None;
-        for r in results {
+        for r in futures::future::join_all(dials).await {
             match r {
-                Ok((send, conn, id)) => {
-                    live.fetch_add(1, Ordering::AcqRel);
-                    let (live, gone) = (live.clone(), gone.clone());
-                    let task = tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            debug!(error = %e, "h2 connection ended");
-                        }
-                        live.fetch_sub(1, Ordering::AcqRel);
-                        gone.notify_waiters();
-                    });
-                    members.push((send, task.abort_handle()));
-                    peer = Some(id);
-                }
+                Ok(d) => up.push(d),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
             }
         }
-        let Some(peer) = peer else {
+        let Some(peer) = up.first().map(|(_, _, p)| p.clone()) else {
             return Err(first_err.unwrap_or(DialError::NoIdentity));
         };
-        Ok(Self {
-            inner: Arc::new(PoolInner {
-                members,
-                live,
-                gone,
-                next: AtomicUsize::new(0),
-                peer,
-                remote: addr,
-                id: NEXT_POOL.fetch_add(1, Ordering::Relaxed) | POOL_ID_BIT,
-            }),
-        })
+        let inner = PoolInner::new(n, peer, addr, Some(tls));
+        let mut filled = 0;
+        for (send, conn, id) in up {
+            // One TLS config verifies one expected ID, so they agree; a member that
+            // does not is not used.
+            if id == inner.peer && inner.install(filled, send, conn, true) {
+                filled += 1;
+            }
+        }
+        for i in filled..n {
+            tokio::spawn(PoolInner::redial(Arc::downgrade(&inner), i));
+        }
+        Ok(Self { inner })
     }
 
     /// A one-connection pool over an established h2 client connection (the accepting
@@ -241,29 +341,19 @@ impl Pool {
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let live = Arc::new(AtomicUsize::new(1));
-        let gone = Arc::new(tokio::sync::Notify::new());
-        let task = {
-            let (live, gone) = (live.clone(), gone.clone());
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "reverse h2 connection ended");
-                }
-                live.fetch_sub(1, Ordering::AcqRel);
-                gone.notify_waiters();
-            })
-        };
-        Self {
-            inner: Arc::new(PoolInner {
-                members: vec![(send, task.abort_handle())],
-                live,
-                gone,
-                next: AtomicUsize::new(0),
-                peer,
-                remote,
-                id: NEXT_POOL.fetch_add(1, Ordering::Relaxed) | POOL_ID_BIT,
-            }),
-        }
+        let inner = PoolInner::new(1, peer, remote, None);
+        inner.install(0, send, conn, true);
+        Self { inner }
+    }
+
+    /// Connections the pool keeps.
+    pub fn members(&self) -> usize {
+        self.inner.slots.len()
+    }
+
+    /// Connections up now (the rest are being dialed again).
+    pub fn members_live(&self) -> usize {
+        self.inner.live.load(Ordering::Acquire)
     }
 
     pub fn is_live(&self) -> bool {
@@ -293,10 +383,13 @@ impl Pool {
         }
     }
 
-    /// Cuts every connection now (a dead or withdrawn peer).
+    /// Cuts every connection now (a dead or withdrawn peer); none is dialed again.
     pub fn close(&self) {
-        for (_, task) in &self.inner.members {
-            task.abort();
+        self.inner.closed.store(true, Ordering::Release);
+        for i in 0..self.inner.slots.len() {
+            if let Some((_, task)) = self.inner.slot(i).as_ref() {
+                task.abort();
+            }
         }
     }
 
@@ -308,14 +401,22 @@ impl Pool {
         open: &Open,
         answer: Duration,
     ) -> Result<Result<(H2Send, H2Recv), (Refusal, String)>, String> {
-        let n = self.inner.members.len();
+        let n = self.inner.slots.len();
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let work = async {
             let mut last = String::from("no live h2 connection");
-            // The next member in turn; one that is gone is skipped.
+            // The next member in turn; one that is gone (or being dialed again) is
+            // skipped.
             for i in 0..n {
-                let (send, _) = &self.inner.members[(start + i) % n];
-                let mut send = match send.clone().ready().await {
+                let Some(send) = self
+                    .inner
+                    .slot((start + i) % n)
+                    .as_ref()
+                    .map(|m| m.0.clone())
+                else {
+                    continue;
+                };
+                let mut send = match send.ready().await {
                     Ok(s) => s,
                     Err(e) => {
                         last = e.to_string();
@@ -341,7 +442,20 @@ impl Pool {
                         continue;
                     }
                 };
-                let resp = resp.await.map_err(|e| e.to_string())?;
+                // A connection that ended under the request (a reset the driver had
+                // not yet seen) never delivered it to an endpoint: the next member gets it.
+                let resp = match resp.await {
+                    Ok(r) => r,
+                    Err(e)
+                        if e.is_io()
+                            || e.is_go_away()
+                            || e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+                    {
+                        last = e.to_string();
+                        continue;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
                 let (parts, body) = resp.into_parts();
                 return Ok(match headers::decode_response(&parts) {
                     Ok(Response::Accept) => Ok((H2Send(stream), H2Recv::new(body))),
