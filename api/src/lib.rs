@@ -225,6 +225,14 @@ impl From<&Export> for pb::ServiceExport {
             locality: e.locality.clone().unwrap_or_default(),
             labels: e.labels.clone().into_iter().collect(),
             hosts: e.hosts.clone(),
+            endpoint_labels: e
+                .endpoint_labels
+                .iter()
+                .map(|l| pb::EndpointLabels {
+                    labels: l.labels.clone().into_iter().collect(),
+                    endpoints: l.endpoints,
+                })
+                .collect(),
         }
     }
 }
@@ -346,7 +354,32 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
         .collect::<Result<Vec<_>, _>>()?;
     let http_policy =
         http_policy_from_pb(&e.http_policy, &service, &format!("{field}.http_policy"))?;
+    if e.endpoint_labels.len() > meshfed_catalog::catalog::MAX_ENDPOINT_LABEL_SETS {
+        return Err(bad(
+            &format!("{field}.endpoint_labels"),
+            format!(
+                "{} label sets, at most {}",
+                e.endpoint_labels.len(),
+                meshfed_catalog::catalog::MAX_ENDPOINT_LABEL_SETS
+            ),
+        ));
+    }
+    let endpoint_labels = e
+        .endpoint_labels
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let labels: BTreeMap<String, String> = l.labels.into_iter().collect();
+            meshfed_catalog::http_route::check_labels(&labels)
+                .map_err(|(k, m)| bad(&format!("{field}.endpoint_labels[{i}].labels{k}"), m))?;
+            Ok(meshfed_catalog::catalog::EndpointLabels {
+                labels,
+                endpoints: l.endpoints,
+            })
+        })
+        .collect::<Result<Vec<_>, FieldError>>()?;
     Ok(Export {
+        endpoint_labels,
         http_policy: http_policy.map(Box::new),
         service,
         ports,
@@ -492,6 +525,10 @@ mod tests {
     #[test]
     fn export_round_trip_and_field_errors() {
         let e = Export {
+            endpoint_labels: vec![meshfed_catalog::catalog::EndpointLabels {
+                labels: [("version".to_string(), "v1".to_string())].into(),
+                endpoints: 2,
+            }],
             http_policy: None,
             service: ServiceName::parse("orders.shop").unwrap(),
             ports: vec![ExportedPort {
@@ -514,11 +551,25 @@ mod tests {
         assert_eq!(e.field, "exports[0].ports[0].port");
         let s = tonic::Status::from(e);
         assert_eq!(Refusal::of_status(&s), Some(Refusal::BadRequest));
-        let mut bad_id = wire;
+        let mut bad_id = wire.clone();
         bad_id.identities = vec!["spiffe://west/a/".into()];
         assert_eq!(
             export_from_pb(bad_id, "x").unwrap_err().field,
             "x.identities[0]"
+        );
+        let mut bad_label = wire.clone();
+        bad_label.endpoint_labels[0]
+            .labels
+            .insert("version".into(), "v 1".into());
+        assert_eq!(
+            export_from_pb(bad_label, "x").unwrap_err().field,
+            "x.endpoint_labels[0].labels.version"
+        );
+        let mut too_many = wire;
+        too_many.endpoint_labels = vec![too_many.endpoint_labels[0].clone(); 65];
+        assert_eq!(
+            export_from_pb(too_many, "x").unwrap_err().field,
+            "x.endpoint_labels"
         );
     }
 
@@ -544,6 +595,7 @@ mod tests {
             load_balancer: None,
         };
         let e = Export {
+            endpoint_labels: Vec::new(),
             http_policy: Some(Box::new(policy.clone())),
             service: service.clone(),
             ports: vec![ExportedPort {

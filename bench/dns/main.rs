@@ -104,6 +104,7 @@ fn write_catalog(dir: &Path, n: usize) -> Result<()> {
         cat.exports.insert(
             (west.clone(), service.clone()),
             Export {
+                endpoint_labels: Vec::new(),
                 http_policy: None,
                 service,
                 ports: vec![ExportedPort {

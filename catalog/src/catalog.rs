@@ -119,6 +119,18 @@ pub struct ExportedPort {
     pub app_protocol: AppProtocol,
 }
 
+/// One label set of a site's endpoints of a service, and how many ready endpoints have
+/// it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EndpointLabels {
+    pub labels: BTreeMap<String, String>,
+    pub endpoints: u32,
+}
+
+/// The most label sets one export publishes (the rest are dropped, with a warning at the
+/// publishing gateway).
+pub const MAX_ENDPOINT_LABEL_SETS: usize = 64;
+
 /// One site's export of one service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Export {
@@ -133,6 +145,10 @@ pub struct Export {
     pub locality: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The distinct label sets of its ready endpoints, for subsets that select
+    /// endpoints (`http_route::subset_sites`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_labels: Vec<EndpointLabels>,
     /// DNS names it also answers to (a registered legacy service's hosts).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
@@ -443,6 +459,7 @@ mod tests {
 
     fn export(svc: &str, ready: u32) -> Export {
         Export {
+            endpoint_labels: Vec::new(),
             http_policy: None,
             service: ServiceName::parse(svc).unwrap(),
             ports: vec![ExportedPort {

@@ -6,10 +6,14 @@
 //! The policy travels through the federation with the service it governs, so a split
 //! is set once for every importing site.
 //!
-//! A subset selects sites by labels: each exporting site carries the labels
-//! `topology.istio.io/cluster` and `meshfed.io/site` (its name) besides its export's
-//! labels, so `subset: {labels: {topology.istio.io/cluster: west}}` is "the canary at
-//! west".
+//! A subset selects endpoints by labels, as Istio's do: an exporting site publishes the
+//! distinct label sets of its ready endpoints (ServiceEntry endpoint labels,
+//! WorkloadEntry labels, Kubernetes pod labels), and the egress sends a request for a
+//! subset only to sites where some endpoint matches; it names the subset's labels to the
+//! ingress ([`SELECTOR_HEADER`]), which picks among the matching endpoints only. Every
+//! endpoint also carries `topology.istio.io/cluster` and `meshfed.io/site` (its site's
+//! name) and its export's labels, so `subset: {labels: {topology.istio.io/cluster:
+//! west}}` is "the canary at west".
 //!
 //! Pure: the model (serde, with unknown fields refused so a newer sender's field is
 //! never silently dropped), validation with field paths, and the decisions
@@ -25,6 +29,20 @@ use crate::names::{ServiceName, SiteName};
 /// The site labels every exporting site carries for subset selection.
 pub const CLUSTER_LABEL: &str = "topology.istio.io/cluster";
 pub const SITE_LABEL: &str = "meshfed.io/site";
+/// The header an egress sends with a request for a subset: the subset's endpoint labels
+/// (`k=v,k=v`; the site labels are the egress's to apply). Only a gateway speaks it: an
+/// egress drops a client's, like every `meshfed-` header.
+pub const SELECTOR_HEADER: &str = "meshfed-subset";
+/// The most labels a subset or an endpoint label set has.
+pub const MAX_LABELS: usize = 16;
+
+/// What a subset can select at one site: its export's labels and the distinct label
+/// sets of its ready endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SiteLabels {
+    pub export: BTreeMap<String, String>,
+    pub endpoints: Vec<BTreeMap<String, String>>,
+}
 
 /// Routes of one service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -646,6 +664,7 @@ impl HttpPolicy {
             if s.name.is_empty() {
                 return Err(bad(format!("subsets[{i}].name"), "missing"));
             }
+            check_labels(&s.labels).map_err(|(k, m)| bad(format!("subsets[{i}].labels{k}"), m))?;
             if !names.insert(s.name.as_str()) {
                 return Err(bad(
                     format!("subsets[{i}].name"),
@@ -835,29 +854,121 @@ pub fn pick(destinations: &[Destination], roll: u32) -> usize {
     destinations.len() - 1
 }
 
-/// The sites of `backends` (in their order) whose labels hold every label of `subset`.
-/// A site's labels are its export's, plus its name under [`CLUSTER_LABEL`] and
-/// [`SITE_LABEL`]. Pure.
+/// The sites of `backends` (in their order) where some endpoint's labels hold every
+/// label of `subset`. An endpoint's labels are its own, its export's, and its site's
+/// name under [`CLUSTER_LABEL`] and [`SITE_LABEL`]. A site that published no endpoint
+/// label sets is judged on its export's labels and name. Pure.
 pub fn subset_sites<'a>(
     subset: &Subset,
     backends: &'a [SiteName],
-    labels: &BTreeMap<SiteName, BTreeMap<String, String>>,
+    labels: &BTreeMap<SiteName, SiteLabels>,
 ) -> Vec<&'a SiteName> {
+    let none = SiteLabels::default();
     backends
         .iter()
         .filter(|site| {
-            subset.labels.iter().all(|(k, v)| {
-                if k == CLUSTER_LABEL || k == SITE_LABEL {
-                    v == site.as_str()
-                } else {
-                    labels
-                        .get(*site)
-                        .and_then(|l| l.get(k))
-                        .is_some_and(|x| x == v)
-                }
+            let l = labels.get(*site).unwrap_or(&none);
+            let empty = BTreeMap::new();
+            let sets: Vec<&BTreeMap<String, String>> = if l.endpoints.is_empty() {
+                vec![&empty]
+            } else {
+                l.endpoints.iter().collect()
+            };
+            sets.iter().any(|ep| {
+                subset.labels.iter().all(|(k, v)| {
+                    if k == CLUSTER_LABEL || k == SITE_LABEL {
+                        v == site.as_str()
+                    } else {
+                        l.export.get(k).or_else(|| ep.get(k)) == Some(v)
+                    }
+                })
             })
         })
         .collect()
+}
+
+/// The [`SELECTOR_HEADER`] value for `subset`: its labels but the site labels (the
+/// egress already chose a site they select), `k=v` joined by `,`; `None` when that
+/// leaves none (every endpoint of the site is in the subset).
+pub fn selector_header(subset: &Subset) -> Option<String> {
+    let v: Vec<String> = subset
+        .labels
+        .iter()
+        .filter(|(k, _)| *k != CLUSTER_LABEL && *k != SITE_LABEL)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    (!v.is_empty()).then(|| v.join(","))
+}
+
+/// Reads a [`SELECTOR_HEADER`] value back; the labels are checked as a subset's are.
+pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for kv in s.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("{kv:?} is not key=value"))?;
+        if out.insert(k.to_owned(), v.to_owned()).is_some() {
+            return Err(format!("{k:?} twice"));
+        }
+    }
+    check_labels(&out).map_err(|(k, m)| format!("{k}: {m}"))?;
+    Ok(out)
+}
+
+/// Whether an endpoint with `labels` (its own and its export's) is in the subset
+/// `selector` names. Pure.
+pub fn selected(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Kubernetes label syntax (Istio validates subset labels with it): a key is an
+/// optional DNS subdomain prefix and `/`, then a name of at most 63 alphanumerics, `-`,
+/// `_` and `.`, starting and ending alphanumeric; a value is empty or such a name. At
+/// most [`MAX_LABELS`]. `Err((field suffix, message))`.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), (String, String)> {
+    fn name(s: &str) -> bool {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && s.as_bytes()[0].is_ascii_alphanumeric()
+            && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+    }
+    fn prefix(s: &str) -> bool {
+        s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+    }
+    if labels.len() > MAX_LABELS {
+        return Err((String::new(), format!("at most {MAX_LABELS} labels")));
+    }
+    for (k, v) in labels {
+        let ok = match k.split_once('/') {
+            Some((p, n)) => prefix(p) && name(n),
+            None => name(k),
+        };
+        if !ok {
+            return Err((
+                format!(".{k}"),
+                "not a label key (an optional DNS subdomain and /, then at most 63 of [A-Za-z0-9-_.], alphanumeric at both ends)".into(),
+            ));
+        }
+        if !v.is_empty() && !name(v) {
+            return Err((
+                format!(".{k}"),
+                format!(
+                    "{v:?} is not a label value (at most 63 of [A-Za-z0-9-_.], alphanumeric at both ends)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for StringMatch {
@@ -1304,9 +1415,12 @@ mod tests {
             .iter()
             .map(|s| SiteName::new(s).unwrap())
             .collect();
-        let labels: BTreeMap<SiteName, BTreeMap<String, String>> = [(
+        let labels: BTreeMap<SiteName, SiteLabels> = [(
             sites[1].clone(),
-            [("version".to_string(), "v2".to_string())].into(),
+            SiteLabels {
+                export: [("version".to_string(), "v2".to_string())].into(),
+                endpoints: vec![],
+            },
         )]
         .into();
         let c = policy().compile().unwrap();
@@ -1329,6 +1443,153 @@ mod tests {
             labels: BTreeMap::new(),
         };
         assert_eq!(subset_sites(&all, &sites, &labels).len(), 3);
+    }
+
+    fn set(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A subset of endpoint labels selects the sites where some endpoint holds them
+    /// all (with its export's labels and its site's name), not a site whose endpoints
+    /// hold them only between them.
+    #[test]
+    fn subsets_select_sites_by_their_endpoints_labels() {
+        let sites: Vec<SiteName> = ["east", "north", "west"]
+            .iter()
+            .map(|s| SiteName::new(s).unwrap())
+            .collect();
+        let labels: BTreeMap<SiteName, SiteLabels> = [
+            (
+                sites[0].clone(),
+                SiteLabels {
+                    export: set(&[("tier", "gold")]),
+                    endpoints: vec![
+                        set(&[("version", "v1")]),
+                        set(&[("version", "v2"), ("zone", "a")]),
+                    ],
+                },
+            ),
+            (
+                sites[1].clone(),
+                SiteLabels {
+                    export: BTreeMap::new(),
+                    endpoints: vec![
+                        set(&[("version", "v1"), ("zone", "a")]),
+                        set(&[("version", "v2")]),
+                    ],
+                },
+            ),
+            (
+                sites[2].clone(),
+                SiteLabels {
+                    export: BTreeMap::new(),
+                    endpoints: vec![set(&[("version", "v1")])],
+                },
+            ),
+        ]
+        .into();
+        let names = |s: Vec<&SiteName>| s.iter().map(|s| s.as_str().to_owned()).collect::<Vec<_>>();
+        for (i, (subset, want)) in [
+            (set(&[("version", "v2")]), vec!["east", "north"]),
+            (set(&[("version", "v1")]), vec!["east", "north", "west"]),
+            // Both on one endpoint: east has it, north only across two endpoints.
+            (set(&[("version", "v2"), ("zone", "a")]), vec!["east"]),
+            // Export labels hold for every endpoint of the site.
+            (set(&[("version", "v1"), ("tier", "gold")]), vec!["east"]),
+            (
+                set(&[("version", "v2"), (CLUSTER_LABEL, "north")]),
+                vec!["north"],
+            ),
+            (set(&[("version", "v3")]), vec![]),
+            (set(&[]), vec!["east", "north", "west"]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let s = Subset {
+                name: "s".into(),
+                labels: subset,
+            };
+            assert_eq!(names(subset_sites(&s, &sites, &labels)), want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn a_selector_carries_the_endpoint_labels_and_reads_back() {
+        let s = Subset {
+            name: "v2".into(),
+            labels: set(&[
+                ("version", "v2"),
+                ("app.kubernetes.io/track", "canary"),
+                (CLUSTER_LABEL, "west"),
+            ]),
+        };
+        let h = selector_header(&s).unwrap();
+        assert_eq!(h, "app.kubernetes.io/track=canary,version=v2");
+        let back = parse_selector(&h).unwrap();
+        assert_eq!(
+            back,
+            set(&[("version", "v2"), ("app.kubernetes.io/track", "canary")])
+        );
+        assert!(selected(
+            &back,
+            &set(&[
+                ("version", "v2"),
+                ("app.kubernetes.io/track", "canary"),
+                ("x", "y")
+            ])
+        ));
+        assert!(!selected(&back, &set(&[("version", "v2")])));
+        let only_site = Subset {
+            name: "w".into(),
+            labels: set(&[(SITE_LABEL, "west")]),
+        };
+        assert_eq!(selector_header(&only_site), None);
+        for bad in [
+            "version",
+            "a=1,a=2",
+            "=v",
+            "k=-v",
+            "k=v,",
+            "Bad_Prefix.Example/k=v",
+            "k=v w",
+        ] {
+            assert!(parse_selector(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn subset_labels_follow_the_kubernetes_label_syntax() {
+        for (labels, field) in [
+            (
+                set(&[("version", "v 2")]),
+                Some("subsets[0].labels.version"),
+            ),
+            (
+                set(&[("-version", "v2")]),
+                Some("subsets[0].labels.-version"),
+            ),
+            (set(&[("example.com/version", "v2")]), None),
+            (
+                set(&[("Example.com/version", "v2")]),
+                Some("subsets[0].labels.Example.com/version"),
+            ),
+            (set(&[("version", "")]), None),
+            (
+                set(&[("version", &"v".repeat(64))]),
+                Some("subsets[0].labels.version"),
+            ),
+        ] {
+            let mut p = policy();
+            p.subsets[0].labels = labels.clone();
+            match (p.compile(), field) {
+                (Ok(_), None) => {}
+                (Err(e), Some(f)) => assert_eq!(e.field, f, "{labels:?}: {e}"),
+                (r, f) => panic!("{labels:?}: {:?} (wanted an error at {f:?})", r.map(|_| ())),
+            }
+        }
     }
 
     #[test]

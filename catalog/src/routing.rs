@@ -37,8 +37,8 @@ pub struct ImportPlan {
     /// with the disagreement in `policy_conflict`.
     pub http_policy: Option<crate::http_route::HttpPolicy>,
     pub policy_conflict: Option<String>,
-    /// Each backend's export labels, for subsets that select sites.
-    pub site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
+    /// Each backend's export labels and endpoint label sets, for subsets.
+    pub site_labels: BTreeMap<SiteName, crate::http_route::SiteLabels>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -99,7 +99,7 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
     // Routes per service, by site (in name order).
     let mut policies: BTreeMap<&ServiceName, Vec<(&SiteName, &crate::http_route::HttpPolicy)>> =
         BTreeMap::new();
-    let mut labels: BTreeMap<&ServiceName, BTreeMap<SiteName, BTreeMap<String, String>>> =
+    let mut labels: BTreeMap<&ServiceName, BTreeMap<SiteName, crate::http_route::SiteLabels>> =
         BTreeMap::new();
     for ((site, service), export) in &catalog.exports {
         if site == me {
@@ -108,10 +108,18 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         if let Some(p) = &export.http_policy {
             policies.entry(service).or_default().push((site, p));
         }
-        labels
-            .entry(service)
-            .or_default()
-            .insert(site.clone(), export.labels.clone());
+        labels.entry(service).or_default().insert(
+            site.clone(),
+            crate::http_route::SiteLabels {
+                export: export.labels.clone(),
+                endpoints: export
+                    .endpoint_labels
+                    .iter()
+                    .filter(|e| e.endpoints > 0)
+                    .map(|e| e.labels.clone())
+                    .collect(),
+            },
+        );
     }
     let imports = ports
         .into_iter()
@@ -533,6 +541,7 @@ mod tests {
             self.apply(Change::PutExport {
                 site: SiteName::new(site).unwrap(),
                 export: Export {
+                    endpoint_labels: Vec::new(),
                     http_policy: None,
                     service: ServiceName::parse(svc).unwrap(),
                     ports: vec![ExportedPort {
@@ -562,6 +571,7 @@ mod tests {
         Change::PutExport {
             site: SiteName::new(site).unwrap(),
             export: Export {
+                endpoint_labels: Vec::new(),
                 http_policy: to.map(|to| {
                     Box::new(HttpPolicy {
                         outlier: None,
@@ -648,7 +658,7 @@ mod tests {
             }
             assert_eq!(im.site_labels.len(), 2, "row {i}");
             assert_eq!(
-                im.site_labels[&SiteName::new("west").unwrap()]["version"],
+                im.site_labels[&SiteName::new("west").unwrap()].export["version"],
                 "west-v"
             );
         }
@@ -699,6 +709,7 @@ mod tests {
             .apply(Change::PutExport {
                 site: SiteName::new("west").unwrap(),
                 export: Export {
+                    endpoint_labels: Vec::new(),
                     http_policy: None,
                     service: ServiceName::parse("dns.legacy").unwrap(),
                     ports: vec![port(Protocol::Udp, "dns"), port(Protocol::Tcp, "dns-tcp")],

@@ -1207,6 +1207,7 @@ mod conflict_tests {
     fn export(weight_to_v2: u32) -> Export {
         let svc = meshfed_catalog::ServiceName::parse("web.demo").unwrap();
         Export {
+            endpoint_labels: Vec::new(),
             service: svc.clone(),
             ports: vec![],
             ready_endpoints: 1,

@@ -128,6 +128,7 @@ mod tests {
                     ServiceName::parse("web.demo").unwrap(),
                 ),
                 Export {
+                    endpoint_labels: Vec::new(),
                     service: ServiceName::parse("web.demo").unwrap(),
                     ports: vec![ExportedPort {
                         port: 80,

@@ -633,6 +633,7 @@ mod tests {
         Change::PutExport {
             site: site.parse().unwrap(),
             export: CatalogExport {
+                endpoint_labels: Vec::new(),
                 http_policy: None,
                 service: svc.parse().unwrap(),
                 ports: vec![ExportedPort {

@@ -557,6 +557,7 @@ mod tests {
             Change::PutExport {
                 site: s,
                 export: Export {
+                    endpoint_labels: Vec::new(),
                     http_policy: None,
                     service: ServiceName::parse("orders.shop").unwrap(),
                     ports: vec![ExportedPort {

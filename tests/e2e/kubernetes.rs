@@ -154,6 +154,7 @@ fn other_site_exports(port: u16) -> meshfed_catalog::Catalog {
         Change::PutExport {
             site: east,
             export: Export {
+                endpoint_labels: Vec::new(),
                 http_policy: None,
                 service: "orders.shop".parse().unwrap(),
                 ports: vec![ExportedPort {

@@ -92,6 +92,23 @@ pub struct ServiceExport {
     /// refused, and at most 64 KiB.
     #[prost(string, tag = "8")]
     pub http_policy: ::prost::alloc::string::String,
+    /// The distinct label sets of the ready endpoints (ServiceEntry endpoint labels,
+    /// WorkloadEntry labels, pod labels), for subsets that select endpoints; at most 64,
+    /// each at most 16 labels in Kubernetes label syntax.
+    #[prost(message, repeated, tag = "9")]
+    pub endpoint_labels: ::prost::alloc::vec::Vec<EndpointLabels>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct EndpointLabels {
+    #[prost(map = "string, string", tag = "1")]
+    pub labels: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    /// Ready endpoints with exactly these labels.
+    #[prost(uint32, tag = "2")]
+    pub endpoints: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

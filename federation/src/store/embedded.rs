@@ -393,6 +393,7 @@ mod tests {
         Change::PutExport {
             site: SiteName::new(site).unwrap(),
             export: Export {
+                endpoint_labels: Vec::new(),
                 http_policy: None,
                 service: ServiceName::parse(svc).unwrap(),
                 ports: vec![ExportedPort {

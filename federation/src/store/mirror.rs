@@ -378,6 +378,7 @@ mod tests {
 
     fn export(svc: &str) -> Export {
         Export {
+            endpoint_labels: Vec::new(),
             http_policy: None,
             service: ServiceName::parse(svc).unwrap(),
             ports: vec![ExportedPort {

@@ -35,7 +35,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::SiteName;
-use meshfed_catalog::http_route::{Compiled, RequestView, hits, pick, subset_sites};
+use meshfed_catalog::http_route::{Compiled, RequestView, SiteLabels, hits, pick, subset_sites};
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -129,7 +129,7 @@ pub const FAULT_ABORT: &str = "fault_abort";
 /// An import's routes, as the plan gave them.
 pub struct RouteTable {
     pub compiled: Compiled,
-    pub site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
+    pub site_labels: BTreeMap<SiteName, SiteLabels>,
     /// Requests in flight, against the policy's `max_requests`.
     pub in_flight: AtomicU32,
     /// Each route's rate limit bucket (this gateway's), by route index.
@@ -137,10 +137,7 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(
-        compiled: Compiled,
-        site_labels: BTreeMap<SiteName, BTreeMap<String, String>>,
-    ) -> Self {
+    pub fn new(compiled: Compiled, site_labels: BTreeMap<SiteName, SiteLabels>) -> Self {
         let buckets = compiled
             .policy
             .routes
