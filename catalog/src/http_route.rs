@@ -34,7 +34,7 @@ pub const SITE_LABEL: &str = "meshfed.io/site";
 /// egress drops a client's, like every `meshfed-` header.
 pub const SELECTOR_HEADER: &str = "meshfed-subset";
 /// The most labels a subset or an endpoint label set has.
-pub const MAX_LABELS: usize = 16;
+pub const MAX_LABELS: usize = 32;
 
 /// What a subset can select at one site: its export's labels and the distinct label
 /// sets of its ready endpoints.

@@ -282,6 +282,9 @@ pub struct KubeExport {
     /// Distinct ready endpoint addresses.
     pub ready: u32,
     pub identities: Vec<SpiffeId>,
+    /// The ready endpoints' pod labels, by pod IP (for subsets that select endpoints).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<std::net::IpAddr, BTreeMap<String, String>>,
 }
 
 /// What a site keeps after joining: `federation.json`.

@@ -374,6 +374,10 @@ pub struct Export {
     pub ports: BTreeMap<u16, Vec<SocketAddr>>,
     /// UDP ports and their endpoints, carried as QUIC datagrams.
     pub udp_ports: BTreeMap<u16, Vec<SocketAddr>>,
+    /// Endpoints' labels (ServiceEntry endpoint, WorkloadEntry or pod labels), by the
+    /// endpoint address as `ports` lists it: the ingress picks among the endpoints a
+    /// request's subset selects, and their distinct sets are published.
+    pub endpoint_labels: BTreeMap<SocketAddr, BTreeMap<String, String>>,
     /// `None`: any federated trust domain may connect.
     pub allowed_peers: Option<BTreeSet<SpiffeId>>,
     /// DNS names published with it (a registered legacy service's hosts).
@@ -925,6 +929,7 @@ fn exports(
         exports.insert(
             service.clone(),
             Export {
+                endpoint_labels: Default::default(),
                 http_policy: None,
                 service,
                 ports,

@@ -6,7 +6,7 @@
 //! gateway serves from the cache before it reaches the federation, and when the
 //! federation is down it keeps serving what it last knew.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -180,6 +180,38 @@ fn route_table(
     }
 }
 
+/// The distinct label sets of an export's endpoints, with how many endpoint addresses
+/// (IPs) have each; none when no endpoint has labels (the site is then judged on its
+/// name). Sets that are not valid labels, and those past the most the federation takes,
+/// are left out with a warning. Pure.
+pub fn endpoint_label_sets(e: &Export) -> Vec<pb::EndpointLabels> {
+    if e.endpoint_labels.is_empty() {
+        return vec![];
+    }
+    let empty = BTreeMap::new();
+    let mut sets: BTreeMap<&BTreeMap<String, String>, BTreeSet<std::net::IpAddr>> = BTreeMap::new();
+    for ep in e.ports.values().chain(e.udp_ports.values()).flatten() {
+        let labels = e.endpoint_labels.get(ep).unwrap_or(&empty);
+        sets.entry(labels).or_default().insert(ep.ip());
+    }
+    let mut out = Vec::new();
+    for (labels, ips) in sets {
+        if let Err((k, m)) = meshfed_catalog::http_route::check_labels(labels) {
+            warn!(service = %e.service, label = %k, reason = %m, "endpoint labels not published");
+            continue;
+        }
+        if out.len() == meshfed_catalog::catalog::MAX_ENDPOINT_LABEL_SETS {
+            warn!(service = %e.service, max = out.len(), "more endpoint label sets than the federation takes; the rest are not published");
+            break;
+        }
+        out.push(pb::EndpointLabels {
+            labels: labels.clone().into_iter().collect(),
+            endpoints: u32::try_from(ips.len()).unwrap_or(u32::MAX),
+        });
+    }
+    out
+}
+
 fn export_to_pb(e: &Export) -> pb::ServiceExport {
     let ready: usize = e
         .ports
@@ -217,6 +249,7 @@ fn export_to_pb(e: &Export) -> pb::ServiceExport {
             .as_ref()
             .and_then(|p| serde_json::to_string(p).ok())
             .unwrap_or_default(),
+        endpoint_labels: endpoint_label_sets(e),
         ..Default::default()
     }
 }
@@ -731,6 +764,7 @@ mod tests {
     #[test]
     fn an_export_publishes_its_ports_names_and_most_ready_port() {
         let e = Export {
+            endpoint_labels: Default::default(),
             http_policy: None,
             app_protocols: Default::default(),
             service: "dns.ops".parse().unwrap(),
@@ -760,6 +794,36 @@ mod tests {
             .collect();
         assert_eq!(ports, vec![(53, "tcp", ""), (53, "udp", "dns")]);
         assert_eq!(p.hosts, vec!["ns.example".to_string()]);
+        assert!(p.endpoint_labels.is_empty(), "no labels: no sets");
+
+        // Label sets count endpoint IPs (over every port); unlabelled endpoints are a
+        // set of their own, and invalid labels are not published.
+        let l = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut e = e;
+        e.ports.insert(
+            80,
+            vec![
+                "10.0.0.1:80".parse().unwrap(),
+                "10.0.0.3:80".parse().unwrap(),
+                "10.0.0.4:80".parse().unwrap(),
+            ],
+        );
+        e.endpoint_labels = [
+            ("10.0.0.1:53".parse().unwrap(), l(&[("version", "v1")])),
+            ("10.0.0.1:80".parse().unwrap(), l(&[("version", "v1")])),
+            ("10.0.0.3:80".parse().unwrap(), l(&[("version", "v1")])),
+            ("10.0.0.2:53".parse().unwrap(), l(&[("version", "v 2")])),
+        ]
+        .into();
+        let sets: Vec<(BTreeMap<String, String>, u32)> = endpoint_label_sets(&e)
+            .into_iter()
+            .map(|s| (s.labels.into_iter().collect(), s.endpoints))
+            .collect();
+        assert_eq!(sets, vec![(l(&[]), 1), (l(&[("version", "v1")]), 2)]);
     }
 }
 

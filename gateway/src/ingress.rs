@@ -114,6 +114,9 @@ struct Admitted {
     http: Option<meshfed_catalog::catalog::AppProtocol>,
     /// The service's outlier detection, applied per endpoint on an HTTP port.
     outlier: Option<meshfed_catalog::http_route::Outlier>,
+    /// On an HTTP port, each endpoint's labels (in `endpoints`' order), for the subset a
+    /// request names.
+    labels: Vec<BTreeMap<String, String>>,
 }
 
 /// Where an accepted open request goes: the export's endpoints for that port.
@@ -634,9 +637,12 @@ impl Ingress {
                 self.upstream.clone(),
                 io,
                 open,
-                admitted.endpoints,
-                app,
-                admitted.outlier,
+                crate::http::ingress::Serving {
+                    endpoints: admitted.endpoints,
+                    labels: admitted.labels,
+                    app,
+                    outlier: admitted.outlier,
+                },
                 stop,
             )
             .await;
@@ -710,12 +716,21 @@ impl Ingress {
                 let outlier = e
                     .and_then(|e| e.http_policy.as_ref())
                     .and_then(|p| p.outlier.clone());
+                let labels = match (http, e) {
+                    (Some(_), Some(e)) if !e.endpoint_labels.is_empty() => r
+                        .endpoints
+                        .iter()
+                        .map(|ep| e.endpoint_labels.get(ep).cloned().unwrap_or_default())
+                        .collect(),
+                    _ => vec![],
+                };
                 Ok(Admitted {
                     endpoints: r.endpoints.to_vec(),
                     tls,
                     proxy,
                     http,
                     outlier,
+                    labels,
                 })
             }
             Err(r) => {
@@ -743,6 +758,7 @@ impl Ingress {
             proxy,
             http: _,
             outlier: _,
+            labels: _,
         } = admitted;
         let Some((mut tcp, ep)) = self.connect(&endpoints).await else {
             let msg = format!(
@@ -1047,9 +1063,12 @@ impl Ingress {
                     self.upstream.clone(),
                     io,
                     open.clone(),
-                    endpoints,
-                    app,
-                    admitted.outlier,
+                    crate::http::ingress::Serving {
+                        endpoints,
+                        labels: admitted.labels,
+                        app,
+                        outlier: admitted.outlier,
+                    },
                     stop,
                 )
                 .await;
@@ -1332,6 +1351,7 @@ mod tests {
         m.insert(
             svc.clone(),
             Export {
+                endpoint_labels: Default::default(),
                 http_policy: None,
                 app_protocols: Default::default(),
                 service: svc,
@@ -1353,6 +1373,7 @@ mod tests {
         m.insert(
             svc.clone(),
             Export {
+                endpoint_labels: Default::default(),
                 http_policy: None,
                 app_protocols: Default::default(),
                 service: svc,

@@ -109,6 +109,7 @@ pub fn exports(
         let mut udp_ports = BTreeMap::new();
         let mut port_names = BTreeMap::new();
         let mut app_protocols = BTreeMap::new();
+        let mut endpoint_labels = BTreeMap::new();
         for p in &e.ports {
             if !p.name.is_empty() {
                 port_names.insert((p.protocol, p.number), p.name.clone());
@@ -135,7 +136,11 @@ pub fn exports(
                         unhealthy.contains(&(name.clone(), SocketAddr::new(ip, cp)))
                     });
                     if !sick {
-                        eps.push(SocketAddr::new(ip, port));
+                        let addr = SocketAddr::new(ip, port);
+                        eps.push(addr);
+                        if !ep.labels.is_empty() {
+                            endpoint_labels.insert(addr, ep.labels.clone());
+                        }
                     }
                 }
             }
@@ -148,6 +153,7 @@ pub fn exports(
             out.insert(
                 name.clone(),
                 Export {
+                    endpoint_labels,
                     http_policy: None,
                     service: name.clone(),
                     ports,
@@ -179,6 +185,7 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
         .iter()
         .map(|e| {
             let mut ex = Export {
+                endpoint_labels: Default::default(),
                 http_policy: None,
                 service: e.service.clone(),
                 ports: BTreeMap::new(),
@@ -201,6 +208,11 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
                 }
                 if p.protocol == Protocol::Tcp && p.app_protocol.is_http() {
                     ex.app_protocols.insert(p.port, p.app_protocol);
+                }
+                for ep in &p.endpoints {
+                    if let Some(l) = e.labels.get(&ep.ip()) {
+                        ex.endpoint_labels.insert(*ep, l.clone());
+                    }
                 }
             }
             (e.service.clone(), ex)
@@ -411,6 +423,7 @@ spec:
         use meshfed_catalog::site::{KubeExport, KubePort};
         let k = KubeExports {
             exports: vec![KubeExport {
+                labels: Default::default(),
                 service: ServiceName::parse("dns.kube-system").unwrap(),
                 ports: vec![
                     KubePort {

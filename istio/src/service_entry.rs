@@ -394,10 +394,15 @@ fn endpoint(d: &mut Doc<'_>, v: &Value, path: &str, is_workload: bool) -> Option
             None
         }
     };
+    let labels = d.string_map(m.get("labels"), &format!("{}labels", prefix(path)));
+    // Subsets select endpoints by them (Istio validates them the same way).
+    if let Err((k, msg)) = meshfed_catalog::http_route::check_labels(&labels) {
+        d.err(format!("{}labels{k}", prefix(path)), msg);
+    }
     Some(LegacyEndpoint {
         address,
         ports: d.port_map(m.get("ports"), &format!("{}ports", prefix(path))),
-        labels: d.string_map(m.get("labels"), &format!("{}labels", prefix(path))),
+        labels,
         locality: m.get("locality").and_then(Value::as_str).map(str::to_owned),
         weight,
     })

@@ -189,6 +189,7 @@ fn export_one(
     let mut skipped = Vec::new();
     let mut ready_ips: BTreeSet<IpAddr> = BTreeSet::new();
     let mut identities: BTreeSet<SpiffeId> = BTreeSet::new();
+    let mut labels = BTreeMap::new();
     for p in spec.ports.unwrap_or_default() {
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
@@ -226,17 +227,23 @@ fn export_one(
                 if !ready || terminating {
                     continue;
                 }
+                let pod = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| r.name.as_deref())
+                    .and_then(|n| pods.get(&(ns, n)));
                 for a in &ep.addresses {
                     let Ok(ip) = a.parse::<IpAddr>() else {
                         continue; // FQDN endpoints are not reachable by address
                     };
                     endpoints.insert(SocketAddr::new(ip, target));
                     ready_ips.insert(ip);
+                    if let Some(l) = pod.map(|p| pod_labels(p)).filter(|l| !l.is_empty()) {
+                        labels.insert(ip, l);
+                    }
                 }
-                if let Some(r) = &ep.target_ref
-                    && r.kind.as_deref() == Some("Pod")
-                    && let Some(pod) = r.name.as_deref().and_then(|n| pods.get(&(ns, n)))
-                {
+                if let Some(pod) = pod {
                     let sa = pod
                         .spec
                         .as_ref()
@@ -283,7 +290,29 @@ fn export_one(
         ports,
         ready: u32::try_from(ready_ips.len()).unwrap_or(u32::MAX),
         identities: identities.into_iter().collect(),
+        labels,
     })
+}
+
+/// Labels that differ per rollout revision, not per version: left out, so one
+/// Deployment's pods publish one label set.
+const REVISION_LABELS: &[&str] = &["pod-template-hash", "controller-revision-hash"];
+
+/// A pod's labels as subsets select them (valid label syntax, the revision hashes left
+/// out).
+fn pod_labels(pod: &Pod) -> BTreeMap<String, String> {
+    let l: BTreeMap<String, String> = pod
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| !REVISION_LABELS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    match meshfed_catalog::http_route::check_labels(&l) {
+        Ok(()) => l,
+        Err(_) => BTreeMap::new(),
+    }
 }
 
 /// A conflict with another site's export of the same service (namespace sameness: one
@@ -480,11 +509,21 @@ mod tests {
                 ("10.0.0.3", "orders-3", Some(false)),
             ],
         )];
-        let pods = [
+        let mut pods = [
             pod("shop", "orders-1", Some("orders")),
             pod("shop", "orders-2", None),
             pod("shop", "orders-3", Some("other")),
         ];
+        pods[0].metadata.labels = Some(
+            [
+                ("app", "orders"),
+                ("version", "v2"),
+                ("pod-template-hash", "5d4f8c"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into(),
+        );
+        pods[1].metadata.labels = Some([("bad key".to_string(), "x".to_string())].into());
         let out = exports(
             &td(),
             Observed {
@@ -514,6 +553,17 @@ mod tests {
                 "spiffe://west.example.org/ns/shop/sa/default",
                 "spiffe://west.example.org/ns/shop/sa/orders"
             ]
+        );
+        // Pod labels by pod IP, without the rollout's hash; a pod whose labels are not
+        // valid label syntax (an API server would have refused them) publishes none.
+        assert_eq!(
+            e.labels,
+            BTreeMap::from([(
+                "10.0.0.1".parse().unwrap(),
+                [("app", "orders"), ("version", "v2")]
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .into()
+            )])
         );
         let missing = out[&("shop".into(), "missing".into())]
             .as_ref()
@@ -589,6 +639,7 @@ mod tests {
     #[test]
     fn a_port_defined_differently_at_another_site_is_a_conflict() {
         let mine = KubeExport {
+            labels: Default::default(),
             service: ServiceName::parse("orders.shop").unwrap(),
             ports: vec![KubePort {
                 app_protocol: Default::default(),
@@ -621,6 +672,7 @@ mod tests {
         let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap());
         let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(2_000).unwrap());
         let ok: Result<KubeExport, Invalid> = Ok(KubeExport {
+            labels: Default::default(),
             service: ServiceName::parse("orders.shop").unwrap(),
             ports: vec![],
             ready: 0,

@@ -1633,3 +1633,106 @@ spec:
     );
     drop(fed);
 }
+
+/// Subsets select endpoints by their labels, as Istio's do: west registers one
+/// ServiceEntry whose two endpoints (WorkloadEntry-style labels `version: v1` and `v2`)
+/// sit behind the same site, so no choice of site can tell them apart; the ingress picks
+/// among the endpoints the request's subset selects. A subset no endpoint is in answers
+/// 503 `no_ready_endpoint` and reaches nobody, and a client cannot name a subset itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn subsets_select_endpoints_by_their_labels() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new("http-labels");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(ip);
+    let (v1, v1_hits) = http_endpoint("v1", 200).await;
+    let (v2, v2_hits) = http_endpoint("v2", 200).await;
+    let yaml = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web, namespace: demo}}
+spec:
+  hosts: [web.demo.example]
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {}}}, labels: {{app: web, version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{http: {}}}, labels: {{app: web, version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: demo}}
+spec:
+  host: web.demo.example
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+  - {{name: v3, labels: {{version: v3}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: demo}}
+spec:
+  hosts: [web.demo.example]
+  http:
+  - name: old
+    match: [{{headers: {{x-old: {{exact: "1"}}}}}}]
+    route: [{{destination: {{host: web.demo.example, subset: v1}}}}]
+  - name: next
+    match: [{{headers: {{x-next: {{exact: "1"}}}}}}]
+    route: [{{destination: {{host: web.demo.example, subset: v3}}}}]
+  - name: rest
+    route: [{{destination: {{host: web.demo.example, subset: v2}}}}]
+"#,
+        v1.port(),
+        v2.port()
+    );
+    let out = register_yaml(&west, "web.yaml", &yaml);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let _west_gw = Gw::start(&west, &fed_config(&west, [127, 0, 0, 3])).unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let url = format!("http://{}/x", SocketAddr::new(ip, port));
+
+    // Applied once the header rule reaches v1.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body, _) = curl(&["-H", "x-old: 1"], &url);
+        if status == 200 && body.contains("site=v1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the routes never applied: {status} {body}\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let import = SocketAddr::new(ip, port);
+    let hits = || {
+        (
+            v1_hits.load(Ordering::Relaxed),
+            v2_hits.load(Ordering::Relaxed),
+        )
+    };
+    // Everything else goes to v2 only, whatever the client says about subsets.
+    let before = hits();
+    let s = gets(import, 100, &[("meshfed-subset", "version=v1")]).await;
+    assert!(s.iter().all(|s| *s == 200), "{s:?}");
+    assert_eq!(hits(), (before.0, before.1 + 100), "v2 took all");
+    let before = hits();
+    let s = gets(import, 50, &[("x-old", "1")]).await;
+    assert!(s.iter().all(|s| *s == 200), "{s:?}");
+    assert_eq!(hits(), (before.0 + 50, before.1), "v1 took the header's");
+    // No endpoint has version v3: refused, and nothing reached an endpoint.
+    let before = hits();
+    let (status, body, error) = curl(&["-H", "x-next: 1"], &url);
+    assert_eq!(
+        (status, error.as_str()),
+        (503, "no_ready_endpoint"),
+        "{body}"
+    );
+    assert_eq!(hits(), before);
+}

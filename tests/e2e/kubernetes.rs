@@ -337,6 +337,7 @@ async fn kubernetes_exports_are_published_by_the_gateway_and_imported_elsewhere(
     let port = crate::federation::free_port([127, 0, 0, 9].into());
     let exports = KubeExports {
         exports: vec![KubeExport {
+            labels: Default::default(),
             service: "orders.shop".parse().unwrap(),
             ports: vec![KubePort {
                 app_protocol: Default::default(),
@@ -493,6 +494,7 @@ async fn imports_become_service_imports_reaching_the_gateway_and_are_collected_w
         .unwrap()
     };
     exports(vec![KubeExport {
+        labels: Default::default(),
         service: "orders.shop".parse().unwrap(),
         ports: vec![port(80, "http"), port(9090, "metrics")],
         ready: 1,

@@ -94,7 +94,7 @@ pub struct ServiceExport {
     pub http_policy: ::prost::alloc::string::String,
     /// The distinct label sets of the ready endpoints (ServiceEntry endpoint labels,
     /// WorkloadEntry labels, pod labels), for subsets that select endpoints; at most 64,
-    /// each at most 16 labels in Kubernetes label syntax.
+    /// each at most 32 labels in Kubernetes label syntax.
     #[prost(message, repeated, tag = "9")]
     pub endpoint_labels: ::prost::alloc::vec::Vec<EndpointLabels>,
 }

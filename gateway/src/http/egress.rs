@@ -35,7 +35,9 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::SiteName;
-use meshfed_catalog::http_route::{Compiled, RequestView, SiteLabels, hits, pick, subset_sites};
+use meshfed_catalog::http_route::{
+    Compiled, RequestView, SELECTOR_HEADER, SiteLabels, hits, pick, selector_header, subset_sites,
+};
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -176,8 +178,12 @@ pub const OVERFLOW: &str = "overflow";
 
 /// One request's way: where it may go, and its retries and timeouts.
 struct Plan {
-    /// The sites a copy of the request goes to (the route's mirror hit it).
-    mirror: Option<Vec<SiteName>>,
+    /// The sites a copy of the request goes to (the route's mirror hit it), and the
+    /// mirror subset's endpoint selector.
+    mirror: Option<(Vec<SiteName>, Option<http::HeaderValue>)>,
+    /// The destination subset's endpoint labels, for the far ingress
+    /// ([`SELECTOR_HEADER`]); `None`: any endpoint of the site.
+    selector: Option<http::HeaderValue>,
     /// Held while the request lives, when the import has a `max_requests`.
     _in_flight: Option<InFlight>,
     /// The route's faults, and the roll that decides whether they hit.
@@ -204,6 +210,11 @@ struct Plan {
 struct Edits {
     headers: Option<meshfed_catalog::http_route::HeaderRules>,
     rewrite: Option<(meshfed_catalog::http_route::Rewrite, Option<String>)>,
+}
+
+/// The [`SELECTOR_HEADER`] value of a subset, when it selects endpoints (not only sites).
+fn selector_value(subset: &meshfed_catalog::http_route::Subset) -> Option<http::HeaderValue> {
+    selector_header(subset).and_then(|s| http::HeaderValue::from_str(&s).ok())
 }
 
 /// The code of a request a route's rate limit refused (429, with `retry-after`).
@@ -458,8 +469,8 @@ impl HttpEgress {
                 headers::apply_ops(&mut parts.headers, &h.request);
             }
         }
-        if let Some(sites) = &plan.mirror {
-            self.mirror(eg, &parts, &body, sites, caller);
+        if let Some((sites, selector)) = &plan.mirror {
+            self.mirror(eg, &parts, &body, sites, selector.as_ref(), caller);
         }
         // A destination of another service goes through that service's import.
         let (via, via_eg) = match &plan.target {
@@ -503,6 +514,7 @@ impl HttpEgress {
         parts: &http::request::Parts,
         body: &ReqBody,
         sites: &[SiteName],
+        selector: Option<&http::HeaderValue>,
         caller: &SpiffeId,
     ) {
         let ReqBody::Full(b) = body else {
@@ -521,6 +533,9 @@ impl HttpEgress {
         let mut req = Request::new(full(b.clone()));
         *req.method_mut() = parts.method.clone();
         *req.headers_mut() = parts.headers.clone();
+        if let Some(v) = selector {
+            req.headers_mut().insert(SELECTOR_HEADER, v.clone());
+        }
         *req.version_mut() = http::Version::HTTP_2;
         // Envoy's mark of a shadowed request: `-shadow` after the authority's host.
         let mut uri = parts.uri.clone().into_parts();
@@ -563,6 +578,7 @@ impl HttpEgress {
         let Some(table) = routes.as_ref() else {
             return Ok(Plan {
                 mirror: None,
+                selector: None,
                 _in_flight: None,
                 fault: None,
                 sites: backends.to_vec(),
@@ -685,13 +701,16 @@ impl HttpEgress {
             None => (self, backends.clone(), routes.clone()),
         };
         let to_table = to_routes.as_ref().as_ref();
-        let sites: Vec<SiteName> = match d.subset.as_deref() {
-            None => to_backends.to_vec(),
+        let (sites, selector): (Vec<SiteName>, _) = match d.subset.as_deref() {
+            None => (to_backends.to_vec(), None),
             Some(name) => match to_table.and_then(|t| t.compiled.subset(name).map(|s| (t, s))) {
-                Some((t, subset)) => subset_sites(subset, &to_backends, &t.site_labels)
-                    .into_iter()
-                    .cloned()
-                    .collect(),
+                Some((t, subset)) => (
+                    subset_sites(subset, &to_backends, &t.site_labels)
+                        .into_iter()
+                        .cloned()
+                        .collect(),
+                    selector_value(subset),
+                ),
                 None => return Err(no_site(format!("{} has no subset {name}", to.0))),
             },
         };
@@ -720,16 +739,20 @@ impl HttpEgress {
             }
             Some(
                 match m.subset.as_deref().and_then(|s| table.compiled.subset(s)) {
-                    Some(subset) => subset_sites(subset, &backends, &table.site_labels)
-                        .into_iter()
-                        .cloned()
-                        .collect(),
-                    None => backends.to_vec(),
+                    Some(subset) => (
+                        subset_sites(subset, &backends, &table.site_labels)
+                            .into_iter()
+                            .cloned()
+                            .collect(),
+                        selector_value(subset),
+                    ),
+                    None => (backends.to_vec(), None),
                 },
             )
         });
         Ok(Plan {
             mirror,
+            selector,
             _in_flight: in_flight,
             fault,
             sites,
@@ -800,6 +823,9 @@ impl HttpEgress {
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = parts.uri.clone();
             *req.headers_mut() = parts.headers.clone();
+            if let Some(v) = &plan.selector {
+                req.headers_mut().insert(SELECTOR_HEADER, v.clone());
+            }
             *req.version_mut() = http::Version::HTTP_2;
             let load = plan.count_load.then(|| SiteLoad::new(self, site));
             let (outcome, answer) = match self.link(eg, site, i, sites.len(), caller).await {

@@ -1,9 +1,10 @@
 //! The ingress half of the HTTP path. An accepted stream for an HTTP-family port carries
 //! HTTP (h2 from a meshfed egress, or whatever the client spoke when the egress carried
 //! bytes: hyper detects HTTP/1.1 or h2 prior knowledge). Each request goes to one of the
-//! export's endpoints, round-robin (skipping endpoints the service's `outlierDetection`
-//! ejected after consecutive errors, per endpoint, never all of them), over connections
-//! pooled per endpoint (HTTP/1.1 for
+//! export's endpoints, round-robin, among those whose labels hold the subset the egress
+//! named (`meshfed-subset`; 503 `no_ready_endpoint` when none does), skipping endpoints
+//! the service's `outlierDetection` ejected after consecutive errors, per endpoint, never
+//! all of them, over connections pooled per endpoint (HTTP/1.1 for
 //! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
 //! appended to `x-forwarded-for`. When no connection to the endpoint can be made, the
@@ -11,7 +12,7 @@
 //! that nothing was sent, so it may try another site even for a POST; a request lost
 //! after it was sent is `502` with `meshfed-error: endpoint_reset`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::catalog::AppProtocol;
-use meshfed_catalog::http_route::Outlier;
+use meshfed_catalog::http_route::{Outlier, SELECTOR_HEADER, parse_selector, selected};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -268,36 +269,107 @@ impl Upstream {
     }
 }
 
+/// The endpoints in the subset a request names ([`SELECTOR_HEADER`], from the egress):
+/// `None` when it names none (every endpoint); an answer when the header is malformed
+/// (400 `malformed_header`) or no endpoint is in the subset (503 `no_ready_endpoint`,
+/// which the egress may retry at another site: nothing was sent).
+#[allow(clippy::result_large_err)]
+fn in_subset(
+    req: &Request<Incoming>,
+    endpoints: &[SocketAddr],
+    labels: &[BTreeMap<String, String>],
+    open: &Open,
+) -> Result<Option<Vec<SocketAddr>>, Response<Body>> {
+    let Some(v) = req.headers().get(SELECTOR_HEADER) else {
+        return Ok(None);
+    };
+    let selector = v
+        .to_str()
+        .map_err(|e| e.to_string())
+        .and_then(parse_selector)
+        .map_err(|e| {
+            error_response(
+                400,
+                Refusal::MalformedHeader.as_str(),
+                &format!("{SELECTOR_HEADER}: {e}"),
+            )
+        })?;
+    let none = BTreeMap::new();
+    let some: Vec<SocketAddr> = endpoints
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| selected(&selector, labels.get(*i).unwrap_or(&none)))
+        .map(|(_, ep)| *ep)
+        .collect();
+    if some.is_empty() {
+        return Err(error_response(
+            503,
+            Refusal::NoReadyEndpoint.as_str(),
+            &format!(
+                "no endpoint of {}:{} has the labels {}",
+                open.service,
+                open.port,
+                v.to_str().unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(Some(some))
+}
+
+/// Where the requests of an accepted stream go.
+pub struct Serving {
+    pub endpoints: Vec<SocketAddr>,
+    /// Each endpoint's labels, in `endpoints`' order (empty: none has labels).
+    pub labels: Vec<BTreeMap<String, String>>,
+    pub app: AppProtocol,
+    /// The service's outlier detection, applied per endpoint.
+    pub outlier: Option<Outlier>,
+}
+
 /// Serves the HTTP carried by one accepted stream until either side ends it, or `stop`
 /// (the drain), which lets requests in flight finish.
-/// `outlier`: the service's outlier detection, applied per endpoint.
 pub async fn serve<IO>(
     upstream: Arc<Upstream>,
     io: IO,
     open: Open,
-    endpoints: Vec<SocketAddr>,
-    app: AppProtocol,
-    outlier: Option<Outlier>,
+    to: Serving,
     stop: CancellationToken,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Serving {
+        endpoints,
+        labels,
+        app,
+        outlier,
+    } = to;
     let open = Arc::new(open);
     let endpoints: Arc<[SocketAddr]> = endpoints.into();
+    let labels: Arc<[BTreeMap<String, String>]> = labels.into();
     let outlier = outlier.map(Arc::new);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (upstream, open, endpoints, outlier) = (
+        let (upstream, open, endpoints, labels, outlier) = (
             upstream.clone(),
             open.clone(),
             endpoints.clone(),
+            labels.clone(),
             outlier.clone(),
         );
         async move {
-            Ok::<_, std::convert::Infallible>(
-                upstream
-                    .forward(req, &endpoints, app, &open, outlier.as_deref())
-                    .await,
-            )
+            let answer = match in_subset(&req, &endpoints, &labels, &open) {
+                Ok(None) => {
+                    upstream
+                        .forward(req, &endpoints, app, &open, outlier.as_deref())
+                        .await
+                }
+                Ok(Some(some)) => {
+                    upstream
+                        .forward(req, &some, app, &open, outlier.as_deref())
+                        .await
+                }
+                Err(answer) => answer,
+            };
+            Ok::<_, std::convert::Infallible>(answer)
         }
     });
     super::serve_connection(io, svc, stop, "HTTP over the tunnel").await;
