@@ -364,6 +364,18 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
             ),
         ));
     }
+    let label_bytes: usize = e
+        .endpoint_labels
+        .iter()
+        .flat_map(|l| l.labels.iter())
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if label_bytes > ENDPOINT_LABELS_MAX {
+        return Err(bad(
+            &format!("{field}.endpoint_labels"),
+            format!("{label_bytes} bytes of labels, at most {ENDPOINT_LABELS_MAX}"),
+        ));
+    }
     let endpoint_labels = e
         .endpoint_labels
         .into_iter()
@@ -390,6 +402,10 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
         hosts,
     })
 }
+
+/// The most bytes (keys and values) of endpoint labels one published export may carry,
+/// so a site cannot grow every other site's catalog without bound.
+pub const ENDPOINT_LABELS_MAX: usize = 16 * 1024;
 
 /// The most bytes a published HTTP policy may have.
 pub const HTTP_POLICY_MAX: usize = 64 * 1024;
@@ -564,6 +580,19 @@ mod tests {
         assert_eq!(
             export_from_pb(bad_label, "x").unwrap_err().field,
             "x.endpoint_labels[0].labels.version"
+        );
+        let mut too_big = wire.clone();
+        too_big.endpoint_labels = (0..40)
+            .map(|i| pb::EndpointLabels {
+                labels: (0..10)
+                    .map(|j| (format!("k{j}"), format!("{i}-{}", "v".repeat(40))))
+                    .collect(),
+                endpoints: 1,
+            })
+            .collect();
+        assert_eq!(
+            export_from_pb(too_big, "x").unwrap_err().field,
+            "x.endpoint_labels"
         );
         let mut too_many = wire;
         too_many.endpoint_labels = vec![too_many.endpoint_labels[0].clone(); 65];

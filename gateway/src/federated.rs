@@ -195,15 +195,20 @@ pub fn endpoint_label_sets(e: &Export) -> Vec<pb::EndpointLabels> {
         sets.entry(labels).or_default().insert(ep.ip());
     }
     let mut out = Vec::new();
+    let mut bytes = 0;
     for (labels, ips) in sets {
         if let Err((k, m)) = meshfed_catalog::http_route::check_labels(labels) {
             warn!(service = %e.service, label = %k, reason = %m, "endpoint labels not published");
             continue;
         }
-        if out.len() == meshfed_catalog::catalog::MAX_ENDPOINT_LABEL_SETS {
-            warn!(service = %e.service, max = out.len(), "more endpoint label sets than the federation takes; the rest are not published");
+        let size: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if out.len() == meshfed_catalog::catalog::MAX_ENDPOINT_LABEL_SETS
+            || bytes + size > meshfed_api::ENDPOINT_LABELS_MAX
+        {
+            warn!(service = %e.service, sets = out.len(), bytes, "more endpoint labels than the federation takes; the rest are not published");
             break;
         }
+        bytes += size;
         out.push(pb::EndpointLabels {
             labels: labels.clone().into_iter().collect(),
             endpoints: u32::try_from(ips.len()).unwrap_or(u32::MAX),

@@ -93,7 +93,8 @@ pub struct ServiceExport {
     #[prost(string, tag = "8")]
     pub http_policy: ::prost::alloc::string::String,
     /// The distinct label sets of the ready endpoints (ServiceEntry endpoint labels,
-    /// WorkloadEntry labels, pod labels), for subsets that select endpoints; at most 64,
+    /// WorkloadEntry labels, pod labels), for subsets that select endpoints; at most 64
+    /// sets and 16 KiB of keys and values,
     /// each at most 32 labels in Kubernetes label syntax.
     #[prost(message, repeated, tag = "9")]
     pub endpoint_labels: ::prost::alloc::vec::Vec<EndpointLabels>,
