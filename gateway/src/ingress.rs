@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshfed_catalog::ServiceName;
@@ -575,7 +575,7 @@ impl Ingress {
     /// One stream of `peer` (its verified ID, and the address its connection comes
     /// from).
     async fn serve_stream(
-        &self,
+        self: &Arc<Self>,
         send: SendStream,
         mut recv: RecvStream,
         (peer, remote): (SpiffeId, SocketAddr),
@@ -633,16 +633,14 @@ impl Ingress {
             debug!(service = %open.service, port = open.port, %peer, source = %open.source, %app, "accepted: HTTP");
             let _active = self.metrics.stream_started(DIR);
             let io = crate::http::io::TunnelIo::Quic(send, recv);
+            let admission =
+                StreamAdmission::start(self.clone(), open.clone(), peer.clone(), admitted);
             return crate::http::ingress::serve(
                 self.upstream.clone(),
                 io,
                 open,
-                crate::http::ingress::Serving {
-                    endpoints: admitted.endpoints,
-                    labels: admitted.labels,
-                    app,
-                    outlier: admitted.outlier,
-                },
+                app,
+                admission,
                 stop,
             )
             .await;
@@ -700,7 +698,76 @@ impl Ingress {
         let labels = self.metrics.ingress_labels(known, open.port, peer);
         self.metrics.service.refused(labels, reason.as_str());
     }
+}
 
+/// A stream's open decision, made again when the exports or the policies changed (the
+/// ingress swaps them whole, so a changed pointer is a change; the versions compared
+/// are held, so their addresses cannot be reused meanwhile).
+struct StreamAdmission {
+    ingress: Arc<Ingress>,
+    open: Open,
+    peer: SpiffeId,
+    #[allow(clippy::type_complexity)]
+    last: Mutex<(
+        Arc<BTreeMap<ServiceName, Export>>,
+        Arc<authz::PolicyIndex>,
+        Result<Arc<crate::http::ingress::Serving>, (Refusal, String)>,
+    )>,
+}
+
+impl StreamAdmission {
+    /// The decision of a stream just admitted, as an [`Admission`](crate::http::ingress::Admission).
+    fn start(
+        ingress: Arc<Ingress>,
+        open: Open,
+        peer: SpiffeId,
+        admitted: Admitted,
+    ) -> Arc<dyn crate::http::ingress::Admission> {
+        let last = Mutex::new((
+            ingress.exports.load_full(),
+            ingress.policies.load_full(),
+            Ok(Arc::new(admitted.serving())),
+        ));
+        Arc::new(Self {
+            ingress,
+            open,
+            peer,
+            last,
+        })
+    }
+}
+
+impl crate::http::ingress::Admission for StreamAdmission {
+    fn current(&self) -> Result<Arc<crate::http::ingress::Serving>, (Refusal, String)> {
+        let (exports, policies) = (self.ingress.exports.load(), self.ingress.policies.load());
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::ptr_eq(&last.0, &exports) && Arc::ptr_eq(&last.1, &policies) {
+            return last.2.clone();
+        }
+        let now = match self.ingress.admit(&self.open, &self.peer) {
+            Ok(a) => Ok(Arc::new(a.serving())),
+            Err(r) => {
+                self.ingress
+                    .service_refused(&self.open, &self.peer, r.reason);
+                Err((r.reason, r.message))
+            }
+        };
+        *last = (Arc::clone(&exports), Arc::clone(&policies), now.clone());
+        now
+    }
+}
+
+impl Admitted {
+    fn serving(self) -> crate::http::ingress::Serving {
+        crate::http::ingress::Serving {
+            endpoints: self.endpoints,
+            labels: self.labels,
+            outlier: self.outlier,
+        }
+    }
+}
+
+impl Ingress {
     /// Decides an open from `peer` (counting a policy denial).
     fn admit(&self, open: &Open, peer: &SpiffeId) -> Result<Admitted, Refused> {
         let exports = self.exports.load();
@@ -1018,7 +1085,7 @@ impl Ingress {
 
     /// One h2 CONNECT stream of `peer`: the same decision as a QUIC stream's.
     async fn serve_h2_stream(
-        &self,
+        self: &Arc<Self>,
         req: http::Request<h2::RecvStream>,
         mut respond: h2::server::SendResponse<bytes::Bytes>,
         peer: SpiffeId,
@@ -1058,17 +1125,12 @@ impl Ingress {
                 debug!(%peer, source = %open.source, %app, "accepted (h2): HTTP");
                 let _active = self.metrics.stream_started(DIR);
                 let io = crate::http::io::TunnelIo::h2(send, body);
-                let endpoints = admitted.endpoints;
                 return crate::http::ingress::serve(
                     self.upstream.clone(),
                     io,
                     open.clone(),
-                    crate::http::ingress::Serving {
-                        endpoints,
-                        labels: admitted.labels,
-                        app,
-                        outlier: admitted.outlier,
-                    },
+                    app,
+                    StreamAdmission::start(self.clone(), open.clone(), peer.clone(), admitted),
                     stop,
                 )
                 .await;

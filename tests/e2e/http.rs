@@ -1736,3 +1736,111 @@ spec:
     );
     assert_eq!(hits(), before);
 }
+
+/// An HTTP link lives long (the egress keeps it), so each request is decided again at
+/// the ingress: an endpoint withdrawn while links are open gets no more requests once
+/// the gateway applied the change, and an endpoint added gets its share, without a
+/// failed request.
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_changed_under_live_links_take_effect_per_request() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new("http-churn");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(ip);
+    let (a, a_hits) = http_endpoint("a", 200).await;
+    let (b, b_hits) = http_endpoint("b", 200).await;
+    let (c, c_hits) = http_endpoint("c", 200).await;
+    let entry = |eps: &[SocketAddr]| {
+        let eps: String = eps
+            .iter()
+            .map(|e| {
+                format!(
+                    "  - {{address: 127.0.0.1, ports: {{http: {}}}}}\n",
+                    e.port()
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web, namespace: demo}}\nspec:\n  hosts: [web.demo.example]\n  ports: [{{number: {port}, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  endpoints:\n{eps}"
+        )
+    };
+    register_yaml(&west, "web.yaml", &entry(&[a, b]));
+    let _west_gw = Gw::start(&west, &fed_config(&west, [127, 0, 0, 3])).unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = SocketAddr::new(ip, port);
+    let hits = || [&a_hits, &b_hits, &c_hits].map(|h| h.load(Ordering::Relaxed));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(import).await.is_err()
+        || gets(import, 1, &[]).await != [200]
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", east_gw.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = hits();
+    assert!(gets(import, 40, &[]).await.iter().all(|s| *s == 200));
+    let after = hits();
+    assert!(
+        after[0] > before[0] && after[1] > before[1],
+        "{before:?} → {after:?}"
+    );
+
+    // Withdraw a, add c, while requests flow over the same links.
+    register_yaml(&west, "web.yaml", &entry(&[b, c]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = hits();
+        let s = gets(import, 20, &[]).await;
+        assert!(
+            s.iter().all(|s| *s == 200),
+            "a request failed during the change: {s:?}"
+        );
+        let now = hits();
+        if now[0] == before[0] && now[2] > before[2] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change never applied on the open links: {before:?} → {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Applied: a gets nothing more, b and c share.
+    let before = hits();
+    assert!(gets(import, 200, &[]).await.iter().all(|s| *s == 200));
+    let after = hits();
+    assert_eq!(after[0], before[0], "a withdrawn endpoint got requests");
+    assert!(
+        after[1] - before[1] >= 80 && after[2] - before[2] >= 80,
+        "{before:?} → {after:?}"
+    );
+
+    // A policy that denies the port, registered while the links stay open: 403 denied,
+    // and no endpoint sees the request.
+    register_yaml(
+        &west,
+        "deny.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: closed, namespace: demo}}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {{ports: [\"{port}\"]}}\n"
+        ),
+    );
+    let url = format!("http://{import}/x");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body, error) = curl(&[], &url);
+        if status == 403 {
+            assert_eq!(error, "denied", "{body}");
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the policy never applied on the open links"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = hits();
+    assert!(gets(import, 20, &[]).await.iter().all(|s| *s == 403));
+    assert_eq!(hits(), before, "a denied request reached an endpoint");
+}

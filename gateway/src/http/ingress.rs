@@ -1,6 +1,9 @@
 //! The ingress half of the HTTP path. An accepted stream for an HTTP-family port carries
 //! HTTP (h2 from a meshfed egress, or whatever the client spoke when the egress carried
-//! bytes: hyper detects HTTP/1.1 or h2 prior knowledge). Each request goes to one of the
+//! bytes: hyper detects HTTP/1.1 or h2 prior knowledge). A stream lives as long as the
+//! egress's link, so the open decision is made again for each request ([`Admission`]:
+//! when the exports or policies changed), and a withdrawn endpoint, a new one or a new
+//! policy takes effect on open links. Each request goes to one of the
 //! export's endpoints, round-robin, among those whose labels hold the subset the egress
 //! named (`meshfed-subset`; 503 `no_ready_endpoint` when none does), skipping endpoints
 //! the service's `outlierDetection` ejected after consecutive errors, per endpoint, never
@@ -316,58 +319,70 @@ fn in_subset(
     Ok(Some(some))
 }
 
-/// Where the requests of an accepted stream go.
+/// Where the requests of an accepted stream go, as the ingress decides it now.
 pub struct Serving {
     pub endpoints: Vec<SocketAddr>,
     /// Each endpoint's labels, in `endpoints`' order (empty: none has labels).
     pub labels: Vec<BTreeMap<String, String>>,
-    pub app: AppProtocol,
     /// The service's outlier detection, applied per endpoint.
     pub outlier: Option<Outlier>,
 }
 
+/// The open decision, made again for each request of a stream: an HTTP stream from an
+/// egress lives as long as its link, so the endpoints, the policies and the export
+/// itself can change under it. Implementations decide again only when those changed.
+pub trait Admission: Send + Sync + 'static {
+    fn current(&self) -> Result<Arc<Serving>, (Refusal, String)>;
+}
+
+/// The status a refusal of a request is answered with (its code in `meshfed-error`).
+fn refusal_status(r: Refusal) -> u16 {
+    match r {
+        Refusal::Denied | Refusal::NotExportedToPeer | Refusal::ForeignCaller => 403,
+        Refusal::UnknownService => 404,
+        _ => 503,
+    }
+}
+
 /// Serves the HTTP carried by one accepted stream until either side ends it, or `stop`
-/// (the drain), which lets requests in flight finish.
+/// (the drain), which lets requests in flight finish. Each request goes where
+/// `admission` says at the time it arrives: an endpoint withdrawn after the stream
+/// opened gets no more requests, a new one gets its share, and a caller a new policy
+/// denies is answered 403.
 pub async fn serve<IO>(
     upstream: Arc<Upstream>,
     io: IO,
     open: Open,
-    to: Serving,
+    app: AppProtocol,
+    admission: Arc<dyn Admission>,
     stop: CancellationToken,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let Serving {
-        endpoints,
-        labels,
-        app,
-        outlier,
-    } = to;
     let open = Arc::new(open);
-    let endpoints: Arc<[SocketAddr]> = endpoints.into();
-    let labels: Arc<[BTreeMap<String, String>]> = labels.into();
-    let outlier = outlier.map(Arc::new);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (upstream, open, endpoints, labels, outlier) = (
-            upstream.clone(),
-            open.clone(),
-            endpoints.clone(),
-            labels.clone(),
-            outlier.clone(),
-        );
+        let (upstream, open, admission) = (upstream.clone(), open.clone(), admission.clone());
         async move {
-            let answer = match in_subset(&req, &endpoints, &labels, &open) {
-                Ok(None) => {
+            let answer = match admission.current() {
+                Err((reason, message)) => {
                     upstream
-                        .forward(req, &endpoints, app, &open, outlier.as_deref())
-                        .await
+                        .metrics
+                        .http_request("ingress", refusal_status(reason));
+                    error_response(refusal_status(reason), reason.as_str(), &message)
                 }
-                Ok(Some(some)) => {
-                    upstream
-                        .forward(req, &some, app, &open, outlier.as_deref())
-                        .await
-                }
-                Err(answer) => answer,
+                Ok(to) => match in_subset(&req, &to.endpoints, &to.labels, &open) {
+                    Ok(None) => {
+                        upstream
+                            .forward(req, &to.endpoints, app, &open, to.outlier.as_ref())
+                            .await
+                    }
+                    Ok(Some(some)) => {
+                        upstream
+                            .forward(req, &some, app, &open, to.outlier.as_ref())
+                            .await
+                    }
+                    Err(answer) => answer,
+                },
             };
             Ok::<_, std::convert::Infallible>(answer)
         }
