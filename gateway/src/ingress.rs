@@ -73,6 +73,28 @@ pub struct Ingress {
     upstream: Arc<crate::http::ingress::Upstream>,
     /// TLS origination clients, built on first use.
     tls_clients: std::sync::Mutex<BTreeMap<TlsOrigination, TlsClient>>,
+    /// The TCP streams spliced now, decided again when policies or exports change.
+    live_streams: Mutex<std::collections::HashMap<u64, LiveStream>>,
+    next_stream: std::sync::atomic::AtomicU64,
+}
+
+/// A spliced TCP stream, as the decision saw it; cancelling `cut` resets it.
+struct LiveStream {
+    open: Open,
+    peer: SpiffeId,
+    cut: CancellationToken,
+}
+
+/// Takes its stream out of [`Ingress::live_streams`] when dropped.
+struct Tracked<'a> {
+    ingress: &'a Ingress,
+    id: u64,
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.ingress.live_streams_lock().remove(&self.id);
+    }
 }
 
 type TlsClient = (
@@ -250,7 +272,63 @@ impl Ingress {
             next_h2: AtomicUsize::new(0),
             policies: Default::default(),
             tls_clients: Default::default(),
+            live_streams: Default::default(),
+            next_stream: Default::default(),
         }
+    }
+
+    fn live_streams_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, LiveStream>> {
+        self.live_streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a spliced TCP stream; its token is cancelled when the stream is no
+    /// longer allowed.
+    fn track(&self, open: &Open, peer: &SpiffeId) -> (Tracked<'_>, CancellationToken) {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let cut = CancellationToken::new();
+        self.live_streams_lock().insert(
+            id,
+            LiveStream {
+                open: open.clone(),
+                peer: peer.clone(),
+                cut: cut.clone(),
+            },
+        );
+        (Tracked { ingress: self, id }, cut)
+    }
+
+    /// Decides every spliced TCP stream again (call after `policies` or `exports`
+    /// changed) and resets those no longer allowed: a policy that now denies the caller,
+    /// or a peer the export no longer admits, as ztunnel closes connections a new policy
+    /// denies. A withdrawn export or endpoint leaves open streams alone. Returns how many
+    /// were cut.
+    pub fn recheck_streams(&self) -> usize {
+        let (exports, policies) = (self.exports.load(), self.policies.load());
+        let mut cut = 0;
+        for s in self.live_streams_lock().values() {
+            if s.cut.is_cancelled() {
+                continue;
+            }
+            let Err(r) = decide(&exports, &policies, &s.open, &s.peer) else {
+                continue;
+            };
+            if !matches!(
+                r.reason,
+                Refusal::Denied | Refusal::NotExportedToPeer | Refusal::ForeignCaller
+            ) {
+                continue;
+            }
+            if let Some(policy) = &r.policy {
+                self.metrics.denied(policy);
+            }
+            self.metrics.stream_cut(r.reason.as_str());
+            info!(service = %s.open.service, port = s.open.port, peer = %s.peer, source = %s.open.source, reason = r.reason.as_str(), message = %r.message, "open stream reset: no longer allowed");
+            s.cut.cancel();
+            cut += 1;
+        }
+        cut
     }
 
     /// The verified IDs of peers connected to us now.
@@ -660,9 +738,10 @@ impl Ingress {
         let (_active, counters) = self
             .metrics
             .tcp_stream(DIR, &self.service_handles(&open, &peer));
+        let (_tracked, cut) = self.track(&open, &peer);
         let end = match conn {
-            Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters).await,
-            Conn::Plain(tcp) => splice(tcp, send, recv, &counters).await,
+            Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters, &cut).await,
+            Conn::Plain(tcp) => splice(tcp, send, recv, &counters, &cut).await,
         };
         debug!(?end, "stream done");
     }
@@ -1156,9 +1235,10 @@ impl Ingress {
                 .metrics
                 .tcp_stream(DIR, &self.service_handles(&open, &peer));
             let (send, recv) = (crate::hbone::H2Send(send), crate::hbone::H2Recv::new(body));
+            let (_tracked, cut) = self.track(&open, &peer);
             let end = match conn {
-                Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters).await,
-                Conn::Plain(tcp) => splice(tcp, send, recv, &counters).await,
+                Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters, &cut).await,
+                Conn::Plain(tcp) => splice(tcp, send, recv, &counters, &cut).await,
             };
             debug!(?end, "stream done");
         }

@@ -127,6 +127,7 @@ impl RunningGateway {
         self.ingress
             .policies
             .store(Arc::new(meshfed_catalog::authz::PolicyIndex::new(policies)));
+        self.ingress.recheck_streams();
     }
 
     /// Starts a drain and waits for it to finish.

@@ -450,6 +450,9 @@ pub struct Metrics {
     pub svid_renewals: Family<ResultLabels, Counter>,
     /// Sites skipped for an import because they refused or were unreachable.
     pub failovers: Family<ReasonLabels, Counter>,
+    /// Open TCP streams the ingress reset because a change no longer allows them, by
+    /// refusal code (`denied`, `not_exported_to_peer`, `foreign_caller`).
+    pub streams_cut: Family<ReasonLabels, Counter>,
     /// Opens an AuthorizationPolicy denied, by policy (`namespace/name`, or
     /// `no_allow_match`): at most one series per registered policy, plus one.
     pub authz_denials: Family<PolicyLabels, Counter>,
@@ -585,6 +588,11 @@ impl Metrics {
             "failovers",
             "Connections moved to the next site after a refusal, by reason",
             self.failovers.clone(),
+        );
+        r.register(
+            "streams_cut",
+            "Open TCP streams reset because a policy or export change no longer allows them, by reason",
+            self.streams_cut.clone(),
         );
         r.register(
             "identity_reloads",
@@ -879,6 +887,12 @@ impl Metrics {
             .get_or_create(&PolicyLabels {
                 policy: policy.to_owned(),
             })
+            .inc();
+    }
+
+    pub fn stream_cut(&self, reason: &'static str) {
+        self.streams_cut
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

@@ -316,6 +316,7 @@ impl Follower {
             }
         }
         let policies = reg.policy_list();
+        let mut changed = false;
         if self.ingress.policies.load().policies() != policies.as_slice() {
             info!(
                 policies = policies.len(),
@@ -324,6 +325,7 @@ impl Follower {
             self.ingress
                 .policies
                 .store(Arc::new(meshfed_catalog::authz::PolicyIndex::new(policies)));
+            changed = true;
         }
         if **self.ingress.exports.load() != all {
             info!(
@@ -332,6 +334,13 @@ impl Follower {
                 "exports updated from the registry"
             );
             self.ingress.exports.store(Arc::new(all.clone()));
+            changed = true;
+        }
+        if changed {
+            let cut = self.ingress.recheck_streams();
+            if cut > 0 {
+                info!(cut, "open streams reset: the change no longer allows them");
+            }
         }
         self.published.send_if_modified(|cur| {
             let next: Vec<Export> = all.into_values().collect();

@@ -1,7 +1,8 @@
 //! Splices a TCP connection and a tunnel stream in both directions, carrying half-close
 //! (FIN ↔ stream finish) and resets (RST ↔ RESET_STREAM / STOP_SENDING) across. A tunnel
 //! stream is a QUIC stream or an HTTP/2 CONNECT stream (`hbone`): both implement
-//! [`TunnelSend`] and [`TunnelRecv`].
+//! [`TunnelSend`] and [`TunnelRecv`]. A splice also ends, with a reset both ways, when
+//! its `cut` token is cancelled (the ingress: a policy now denies the stream).
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::wire::app_code;
 
@@ -55,6 +57,9 @@ impl Counters {
     }
 }
 
+/// The reset reason of a stream cut because it is no longer allowed.
+pub const CUT: &str = "no_longer_allowed";
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum SpliceEnd {
     /// Both sides finished cleanly.
@@ -63,17 +68,19 @@ pub enum SpliceEnd {
     Reset(&'static str),
 }
 
-/// Runs until both directions are done or either side resets.
+/// Runs until both directions are done or either side resets, or `cut` is cancelled
+/// (the stream is no longer allowed), which resets both sides.
 pub async fn splice<S: TunnelSend, R: TunnelRecv>(
     mut tcp: TcpStream,
     mut send: S,
     mut recv: R,
     counters: &Counters,
+    cut: &CancellationToken,
 ) -> SpliceEnd {
     let _ = tcp.set_nodelay(true);
     let end = {
         let (mut tr, mut tw) = tcp.split();
-        pump(&mut tr, &mut tw, &mut send, &mut recv, counters).await
+        pump(&mut tr, &mut tw, &mut send, &mut recv, counters, cut).await
     };
     settle(&end, &mut send, &mut recv).await;
     if let SpliceEnd::Reset(_) = end {
@@ -89,10 +96,11 @@ pub async fn splice_tls<T: TlsOverTcp, S: TunnelSend, R: TunnelRecv>(
     mut send: S,
     mut recv: R,
     counters: &Counters,
+    cut: &CancellationToken,
 ) -> SpliceEnd {
     let _ = tls.tcp().set_nodelay(true);
     let (mut r, mut w) = tokio::io::split(tls);
-    let end = pump(&mut r, &mut w, &mut send, &mut recv, counters).await;
+    let end = pump(&mut r, &mut w, &mut send, &mut recv, counters, cut).await;
     settle(&end, &mut send, &mut recv).await;
     if let SpliceEnd::Reset(_) = end {
         reset_tcp(r.unsplit(w).into_tcp());
@@ -200,6 +208,7 @@ async fn pump<R, W, S: TunnelSend, T: TunnelRecv>(
     send: &mut S,
     recv: &mut T,
     counters: &Counters,
+    cut: &CancellationToken,
 ) -> SpliceEnd
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -276,6 +285,7 @@ where
                     Ok(()) => down_done = true,
                     Err(why) => break SpliceEnd::Reset(why),
                 },
+                _ = cut.cancelled() => break SpliceEnd::Reset(CUT),
             }
             if up_done && down_done {
                 break SpliceEnd::Closed;

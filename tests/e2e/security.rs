@@ -641,3 +641,98 @@ async fn a_peer_cannot_hold_unbounded_connections() {
     assert!(fresh.close_reason().is_none(), "{:?}", fresh.close_reason());
     assert_eq!(s.west_gw.metric(metric).await, n as f64);
 }
+
+/// An AuthorizationPolicy registered while a TCP connection is open through the tunnel
+/// resets that connection (as ztunnel closes connections a new policy denies), not
+/// only the connections opened after it; the cut is counted by reason and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_now_denies_resets_the_open_streams_it_denies() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scratch = Scratch::new("authz-cut");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(ip);
+    let west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3]).export("echo.demo", port, vec![echo_server().await]),
+    )
+    .unwrap();
+    let _east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = std::net::SocketAddr::new(ip, port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while echo_once(import).await.is_err() {
+        assert!(Instant::now() < deadline, "the import never worked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut open = tokio::net::TcpStream::connect(import).await.unwrap();
+    let mut buf = [0u8; 4];
+    open.write_all(b"ping").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+
+    let deny = west.dir.join("deny.yaml");
+    std::fs::write(
+        &deny,
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: closed, namespace: demo}}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {{ports: [\"{port}\"]}}\n"),
+    )
+    .unwrap();
+    let (code, out, err) = meshfed(&[
+        "register",
+        "-f",
+        deny.to_str().unwrap(),
+        "--dir",
+        west.dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let started = Instant::now();
+    // The open connection ends with an error or EOF once the gateway applied it.
+    let ended = loop {
+        let r = tokio::time::timeout(Duration::from_millis(500), async {
+            open.write_all(b"ping").await?;
+            open.read_exact(&mut buf).await
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break e,
+            Err(_) => panic!("an echo hung"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the open connection still echoes after the policy\n{}",
+            west_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "open connection ended {:?} after the policy: {ended}",
+        started.elapsed()
+    );
+    assert!(
+        west_gw
+            .wait_metric(
+                r#"meshfed_gateway_streams_cut_total{reason="denied"}"#,
+                1.0,
+                Duration::from_secs(5)
+            )
+            .await
+            >= 1.0
+    );
+    assert!(
+        west_gw
+            .metric(r#"meshfed_gateway_authz_denials_total{policy="demo/closed"}"#)
+            .await
+            >= 1.0
+    );
+    assert!(
+        west_gw
+            .logs()
+            .contains("open stream reset: no longer allowed")
+    );
+    assert!(
+        echo_once(import).await.is_err(),
+        "a new connection was let through"
+    );
+}
