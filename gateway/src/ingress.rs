@@ -786,12 +786,15 @@ struct StreamAdmission {
     ingress: Arc<Ingress>,
     open: Open,
     peer: SpiffeId,
-    #[allow(clippy::type_complexity)]
-    last: Mutex<(
-        Arc<BTreeMap<ServiceName, Export>>,
-        Arc<authz::PolicyIndex>,
-        Result<Arc<crate::http::ingress::Serving>, (Refusal, String)>,
-    )>,
+    /// Read without a lock by every request; replaced after a change.
+    last: arc_swap::ArcSwap<Decided>,
+}
+
+/// A decision and the versions it was made on.
+struct Decided {
+    exports: Arc<BTreeMap<ServiceName, Export>>,
+    policies: Arc<authz::PolicyIndex>,
+    result: Result<Arc<crate::http::ingress::Serving>, (Refusal, String)>,
 }
 
 impl StreamAdmission {
@@ -802,11 +805,11 @@ impl StreamAdmission {
         peer: SpiffeId,
         admitted: Admitted,
     ) -> Arc<dyn crate::http::ingress::Admission> {
-        let last = Mutex::new((
-            ingress.exports.load_full(),
-            ingress.policies.load_full(),
-            Ok(Arc::new(admitted.serving())),
-        ));
+        let last = arc_swap::ArcSwap::from_pointee(Decided {
+            exports: ingress.exports.load_full(),
+            policies: ingress.policies.load_full(),
+            result: Ok(Arc::new(admitted.serving())),
+        });
         Arc::new(Self {
             ingress,
             open,
@@ -819,10 +822,13 @@ impl StreamAdmission {
 impl crate::http::ingress::Admission for StreamAdmission {
     fn current(&self) -> Result<Arc<crate::http::ingress::Serving>, (Refusal, String)> {
         let (exports, policies) = (self.ingress.exports.load(), self.ingress.policies.load());
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if Arc::ptr_eq(&last.0, &exports) && Arc::ptr_eq(&last.1, &policies) {
-            return last.2.clone();
+        {
+            let last = self.last.load();
+            if Arc::ptr_eq(&last.exports, &exports) && Arc::ptr_eq(&last.policies, &policies) {
+                return last.result.clone();
+            }
         }
+        // Requests that race here decide the same, and store the same.
         let now = match self.ingress.admit(&self.open, &self.peer) {
             Ok(a) => Ok(Arc::new(a.serving())),
             Err(r) => {
@@ -831,7 +837,11 @@ impl crate::http::ingress::Admission for StreamAdmission {
                 Err((r.reason, r.message))
             }
         };
-        *last = (Arc::clone(&exports), Arc::clone(&policies), now.clone());
+        self.last.store(Arc::new(Decided {
+            exports: Arc::clone(&exports),
+            policies: Arc::clone(&policies),
+            result: now.clone(),
+        }));
         now
     }
 }

@@ -220,6 +220,24 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
         .collect()
 }
 
+/// What tells one version of a followed file from the next: its modification time alone
+/// does not (the kernel's timestamps tick every few milliseconds, so two writes within
+/// one tick, as an export controller makes under endpoint churn, have the same), but a
+/// writer that replaces the file (write, then rename) gives each version its own inode.
+type Stamp = (SystemTime, u64, u64, i64, i64);
+
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.modified().ok()?,
+        m.ino(),
+        m.len(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
+}
+
 /// Follows the registry file and keeps the ingress and the published export set current.
 pub struct Follower {
     pub dir: PathBuf,
@@ -233,20 +251,18 @@ pub struct Follower {
 impl Follower {
     pub async fn run(self, stop: CancellationToken) {
         let path = Registry::path(&self.dir);
-        let mut seen: Option<SystemTime> = None;
+        let mut seen: Option<Stamp> = None;
         let mut resolved = Resolved::new();
         let mut reg = Registry::default();
         let mut checks = Checks::default();
         let health_changed = checks.changed.clone();
         let kube_path = self.dir.join(KUBE_EXPORTS_FILE);
-        let mut kube_seen: Option<SystemTime> = None;
+        let mut kube_seen: Option<Stamp> = None;
         let mut kube = KubeExports::default();
         loop {
-            let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            let mtime = stamp(&path);
             let mut file_changed = mtime != seen;
-            let kube_mtime = std::fs::metadata(&kube_path)
-                .and_then(|m| m.modified())
-                .ok();
+            let kube_mtime = stamp(&kube_path);
             if kube_mtime != kube_seen {
                 match std::fs::read(&kube_path).map(|b| serde_json::from_slice::<KubeExports>(&b)) {
                     Ok(Ok(k)) => kube = k,

@@ -19,7 +19,10 @@ use crate::harness::*;
 /// own), after `x-delay-ms: N`; `POST /stream` echoes the body frame by frame and ends with the trailers
 /// `grpc-status: 0` and `x-seen: <bytes>`; anything else gets one line naming the
 /// site, method, path, caller (`x-forwarded-client-cert`) and `x-forwarded-for`.
-async fn http_endpoint(site: &'static str, status: u16) -> (SocketAddr, Arc<AtomicUsize>) {
+pub(crate) async fn http_endpoint(
+    site: &'static str,
+    status: u16,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     slow_http_endpoint(site, status, 0).await
 }
 

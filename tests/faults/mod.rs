@@ -1,10 +1,11 @@
 //! The fault suite: failures made real (processes killed, etcd members killed, the
-//! federation gone, floods)
+//! federation gone, floods, endpoint churn)
 //! under a steady load, each printing its figure as `name: value`. It runs inside the e2e
 //! test binary in a short form (the README's test command, and CI); `tests/faults/run.sh`
 //! runs it in full (`MESHFED_FAULTS=full`: the durations the issue names). Loads are
 //! bounded in count and time and only reach addresses of the test's own sites.
 
+mod endpoint_churn;
 mod etcd_members;
 mod flood;
 mod partition;
