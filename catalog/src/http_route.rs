@@ -934,23 +934,12 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), (String, St
             && s.as_bytes()[0].is_ascii_alphanumeric()
             && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
     }
-    fn prefix(s: &str) -> bool {
-        s.len() <= 253
-            && s.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-            })
-    }
     if labels.len() > MAX_LABELS {
         return Err((String::new(), format!("at most {MAX_LABELS} labels")));
     }
     for (k, v) in labels {
         let ok = match k.split_once('/') {
-            Some((p, n)) => prefix(p) && name(n),
+            Some((p, n)) => crate::names::dns_subdomain(p) && name(n),
             None => name(k),
         };
         if !ok {

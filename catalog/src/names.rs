@@ -31,6 +31,21 @@ pub struct ServiceName {
     namespace: String,
 }
 
+/// A lower-case RFC 1123 subdomain: dot-separated labels of `[a-z0-9-]`, 1-63 bytes each,
+/// not starting or ending with `-`, at most 253 bytes (Kubernetes' `DNS1123Subdomain`:
+/// label-key prefixes, Gateway API `sectionName`s).
+pub fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
 /// At most `max` bytes of `s` (cut at a character boundary), and how long it was: an
 /// error message quotes a value, never megabytes of it.
 pub fn clip(s: &str, max: usize) -> String {

@@ -471,16 +471,7 @@ const DEFAULT_ATTEMPTS: u32 = 2;
 
 /// A lower-case RFC 1123 label (what `sectionName`-typed names take).
 fn valid_section_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
+    meshfed_catalog::names::dns_subdomain(s)
 }
 
 /// Gateway API's duration (GEP-2257): `1h`, `30s`, `500ms`, `1h30m` … up to four parts;
