@@ -458,8 +458,12 @@ mod tests {
     /// part of the queries.
     #[tokio::test]
     async fn a_udp_port_held_by_another_reuseport_group_is_refused() {
-        let other = reuseport_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        // A port whose TCP twin is free too (start binds TCP first): the TCP listener
+        // is dropped only once the UDP group holds the port.
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = reuseport_socket(tcp.local_addr().unwrap()).unwrap();
         let held = other.local_addr().unwrap();
+        drop(tcp);
         let table = Arc::new(ArcSwap::from_pointee(Table::build(
             &crate::ZoneConfig {
                 ttl: 5,
