@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use meshfed_identity::fs::FileStamp;
 use meshfed_identity::fs::{DirLock, FsError};
 use meshfed_identity::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};

@@ -5,10 +5,11 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use meshfed_catalog::routing::plan;
+use meshfed_catalog::site::FileStamp;
 use meshfed_catalog::{Catalog, SiteName};
 use tracing::{info, warn};
 
@@ -46,12 +47,11 @@ pub enum FollowError {
 
 impl Follow {
     /// Loads the catalog now (an error names the file), then follows it until dropped.
-    pub fn load(&self) -> Result<SystemTime, FollowError> {
+    pub fn load(&self) -> Result<(), FollowError> {
         let io = |source| FollowError::Read {
             path: self.catalog.clone(),
             source,
         };
-        let meta = std::fs::metadata(&self.catalog).map_err(io)?;
         let bytes = std::fs::read(&self.catalog).map_err(io)?;
         let cat: Catalog =
             serde_json::from_slice(&bytes).map_err(|source| FollowError::NotACatalog {
@@ -71,18 +71,17 @@ impl Follow {
             imports = served.imports.len(),
             "DNS answers from the catalog"
         );
-        meta.modified().map_err(io)
+        Ok(())
     }
 
     pub async fn run(self) {
         let mut seen = None;
         loop {
-            let m = std::fs::metadata(&self.catalog)
-                .and_then(|m| m.modified())
-                .ok();
+            // Taken before the read: a write during it shows as a new stamp next time.
+            let m = FileStamp::of(&self.catalog);
             if m.is_some() && m != seen {
                 match self.load() {
-                    Ok(t) => seen = Some(t),
+                    Ok(()) => seen = m,
                     Err(e) => warn!(error = %e, "catalog not loaded; keeping the last answers"),
                 }
             }

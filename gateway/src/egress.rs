@@ -196,14 +196,10 @@ impl Egress {
         match self.open_counted(&open).await {
             Ok((opened, _active, c)) => {
                 let (end, transport) = match opened.stream {
-                    Stream::Quic(_, send, recv) => (
-                        splice(tcp, send, recv, &c, &CancellationToken::new()).await,
-                        "quic",
-                    ),
-                    Stream::H2(send, recv) => (
-                        splice(tcp, send, recv, &c, &CancellationToken::new()).await,
-                        "h2",
-                    ),
+                    Stream::Quic(_, send, recv) => {
+                        (splice(tcp, send, recv, &c, None).await, "quic")
+                    }
+                    Stream::H2(send, recv) => (splice(tcp, send, recv, &c, None).await, "h2"),
                 };
                 debug!(?end, site = %opened.site, transport, "connection done");
             }
@@ -255,12 +251,8 @@ impl Egress {
         match self.open_counted(&open).await {
             Ok((opened, _active, c)) => {
                 let end = match opened.stream {
-                    Stream::Quic(_, send, recv) => {
-                        splice_tls(tls, send, recv, &c, &CancellationToken::new()).await
-                    }
-                    Stream::H2(send, recv) => {
-                        splice_tls(tls, send, recv, &c, &CancellationToken::new()).await
-                    }
+                    Stream::Quic(_, send, recv) => splice_tls(tls, send, recv, &c, None).await,
+                    Stream::H2(send, recv) => splice_tls(tls, send, recv, &c, None).await,
                 };
                 debug!(?end, site = %opened.site, caller = %open.source, "connection done");
             }

@@ -740,8 +740,8 @@ impl Ingress {
             .tcp_stream(DIR, &self.service_handles(&open, &peer));
         let (_tracked, cut) = self.track(&open, &peer);
         let end = match conn {
-            Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters, &cut).await,
-            Conn::Plain(tcp) => splice(tcp, send, recv, &counters, &cut).await,
+            Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters, Some(&cut)).await,
+            Conn::Plain(tcp) => splice(tcp, send, recv, &counters, Some(&cut)).await,
         };
         debug!(?end, "stream done");
     }
@@ -1247,8 +1247,8 @@ impl Ingress {
             let (send, recv) = (crate::hbone::H2Send(send), crate::hbone::H2Recv::new(body));
             let (_tracked, cut) = self.track(&open, &peer);
             let end = match conn {
-                Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters, &cut).await,
-                Conn::Plain(tcp) => splice(tcp, send, recv, &counters, &cut).await,
+                Conn::Tls(tls) => splice_tls(*tls, send, recv, &counters, Some(&cut)).await,
+                Conn::Plain(tcp) => splice(tcp, send, recv, &counters, Some(&cut)).await,
             };
             debug!(?end, "stream done");
         }

@@ -10,12 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use meshfed_catalog::ServiceName;
 use meshfed_catalog::catalog::{AppProtocol, Protocol};
 use meshfed_catalog::site::Registry;
-use meshfed_catalog::site::{KUBE_EXPORTS_FILE, KubeExports};
+use meshfed_catalog::site::{FileStamp, KUBE_EXPORTS_FILE, KubeExports};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -220,24 +220,6 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
         .collect()
 }
 
-/// What tells one version of a followed file from the next: its modification time alone
-/// does not (the kernel's timestamps tick every few milliseconds, so two writes within
-/// one tick, as an export controller makes under endpoint churn, have the same), but a
-/// writer that replaces the file (write, then rename) gives each version its own inode.
-type Stamp = (SystemTime, u64, u64, i64, i64);
-
-fn stamp(path: &std::path::Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.modified().ok()?,
-        m.ino(),
-        m.len(),
-        m.ctime(),
-        m.ctime_nsec(),
-    ))
-}
-
 /// Follows the registry file and keeps the ingress and the published export set current.
 pub struct Follower {
     pub dir: PathBuf,
@@ -251,18 +233,18 @@ pub struct Follower {
 impl Follower {
     pub async fn run(self, stop: CancellationToken) {
         let path = Registry::path(&self.dir);
-        let mut seen: Option<Stamp> = None;
+        let mut seen: Option<FileStamp> = None;
         let mut resolved = Resolved::new();
         let mut reg = Registry::default();
         let mut checks = Checks::default();
         let health_changed = checks.changed.clone();
         let kube_path = self.dir.join(KUBE_EXPORTS_FILE);
-        let mut kube_seen: Option<Stamp> = None;
+        let mut kube_seen: Option<FileStamp> = None;
         let mut kube = KubeExports::default();
         loop {
-            let mtime = stamp(&path);
+            let mtime = FileStamp::of(&path);
             let mut file_changed = mtime != seen;
-            let kube_mtime = stamp(&kube_path);
+            let kube_mtime = FileStamp::of(&kube_path);
             if kube_mtime != kube_seen {
                 match std::fs::read(&kube_path).map(|b| serde_json::from_slice::<KubeExports>(&b)) {
                     Ok(Ok(k)) => kube = k,

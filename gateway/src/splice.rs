@@ -75,7 +75,7 @@ pub async fn splice<S: TunnelSend, R: TunnelRecv>(
     mut send: S,
     mut recv: R,
     counters: &Counters,
-    cut: &CancellationToken,
+    cut: Option<&CancellationToken>,
 ) -> SpliceEnd {
     let _ = tcp.set_nodelay(true);
     let end = {
@@ -96,7 +96,7 @@ pub async fn splice_tls<T: TlsOverTcp, S: TunnelSend, R: TunnelRecv>(
     mut send: S,
     mut recv: R,
     counters: &Counters,
-    cut: &CancellationToken,
+    cut: Option<&CancellationToken>,
 ) -> SpliceEnd {
     let _ = tls.tcp().set_nodelay(true);
     let (mut r, mut w) = tokio::io::split(tls);
@@ -208,7 +208,7 @@ async fn pump<R, W, S: TunnelSend, T: TunnelRecv>(
     send: &mut S,
     recv: &mut T,
     counters: &Counters,
-    cut: &CancellationToken,
+    cut: Option<&CancellationToken>,
 ) -> SpliceEnd
 where
     R: tokio::io::AsyncRead + Unpin,
@@ -285,12 +285,20 @@ where
                     Ok(()) => down_done = true,
                     Err(why) => break SpliceEnd::Reset(why),
                 },
-                _ = cut.cancelled() => break SpliceEnd::Reset(CUT),
+                _ = cancelled(cut) => break SpliceEnd::Reset(CUT),
             }
             if up_done && down_done {
                 break SpliceEnd::Closed;
             }
         }
+    }
+}
+
+/// Resolves when `cut` is cancelled; never without one.
+async fn cancelled(cut: Option<&CancellationToken>) {
+    match cut {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
     }
 }
 

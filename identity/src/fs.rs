@@ -43,6 +43,33 @@ pub enum FsError {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// What tells one version of a followed file from the next. Its modification time alone
+/// does not: the kernel's timestamps tick every few milliseconds, so two writes within
+/// one tick have the same. A writer that replaces the file ([`write_file`]: write, then
+/// rename) gives each version its own inode, and size and change time tell in-place
+/// writes apart more often than the mtime alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: std::time::SystemTime,
+    inode: u64,
+    len: u64,
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of `path` now; `None` when it cannot be read (absent).
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(Self {
+            modified: m.modified().ok()?,
+            inode: m.ino(),
+            len: m.len(),
+            changed: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
 /// Writes `data` to `path` atomically with `mode` (a key is never readable by others, not
 /// even for a moment), and durably: once this returns, a crash keeps the new content.
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {

@@ -210,11 +210,7 @@ impl ImportController {
         let mut built: BTreeMap<(String, String), (Vec<ImportListener>, Arc<Desired>)> =
             BTreeMap::new();
         let mut done = BTreeMap::new();
-        let mtime = || {
-            std::fs::metadata(self.dir.join(IMPORTS_FILE))
-                .and_then(|m| m.modified())
-                .ok()
-        };
+        let mtime = || meshfed_catalog::site::FileStamp::of(&self.dir.join(IMPORTS_FILE));
         loop {
             let seen = mtime();
             // No file yet (the gateway has not applied a catalog): nothing is known, so

@@ -520,7 +520,7 @@ fn register_routes(site: &meshfed_lab::SiteFiles, stable: u32) {
 
 /// Writes `text` to `name` in the site's directory and registers it there (`meshfed
 /// register`); its output.
-fn register_yaml(site: &meshfed_lab::SiteFiles, name: &str, text: &str) -> String {
+pub(crate) fn register_yaml(site: &meshfed_lab::SiteFiles, name: &str, text: &str) -> String {
     let file = site.dir.join(name);
     std::fs::write(&file, text).unwrap();
     let (code, out, err) = meshfed(&[

@@ -672,20 +672,13 @@ async fn a_policy_that_now_denies_resets_the_open_streams_it_denies() {
     open.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
 
-    let deny = west.dir.join("deny.yaml");
-    std::fs::write(
-        &deny,
-        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: closed, namespace: demo}}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {{ports: [\"{port}\"]}}\n"),
-    )
-    .unwrap();
-    let (code, out, err) = meshfed(&[
-        "register",
-        "-f",
-        deny.to_str().unwrap(),
-        "--dir",
-        west.dir.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    crate::http::register_yaml(
+        &west,
+        "deny.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: closed, namespace: demo}}\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation: {{ports: [\"{port}\"]}}\n"
+        ),
+    );
     let started = Instant::now();
     // The open connection ends with an error or EOF once the gateway applied it.
     let ended = loop {
