@@ -67,6 +67,11 @@ pub struct HttpPolicy {
     /// first (same locality, then the most ready endpoints), the others on failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    /// How the destination's sites are ordered and shared by locality (a
+    /// DestinationRule's `loadBalancer.localityLbSetting`); `None`: nearest first
+    /// (subzone, zone, region), then the most ready endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality_lb: Option<crate::locality::LocalityLb>,
 }
 
 /// Istio's `LoadBalancerSettings.simple`, applied across sites at the importing gateway.
@@ -656,6 +661,16 @@ impl HttpPolicy {
                 return Err(bad("outlier.base_ejection_ms", "must be above 0"));
             }
         }
+        if let Some(l) = &self.locality_lb {
+            l.check().map_err(|e| {
+                let field = if e.field.is_empty() {
+                    "locality_lb".to_owned()
+                } else {
+                    format!("locality_lb.{}", e.field)
+                };
+                bad(field, e.message)
+            })?;
+        }
         if self.routes.len() > MAX_ROUTES {
             return Err(bad("routes", format!("at most {MAX_ROUTES}")));
         }
@@ -840,18 +855,29 @@ impl Compiled {
 /// The destination a uniform `roll` (any u32) picks by weight. A single destination is
 /// always picked, whatever its weight; all-zero weights pick the first. Pure.
 pub fn pick(destinations: &[Destination], roll: u32) -> usize {
-    let total: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum();
-    if destinations.len() <= 1 || total == 0 {
+    if destinations.len() <= 1 {
         return 0;
     }
-    let mut at = u64::from(roll) % total;
-    for (i, d) in destinations.iter().enumerate() {
-        if at < u64::from(d.weight) {
-            return i;
-        }
-        at -= u64::from(d.weight);
+    pick_by_weight(destinations.iter().map(|d| d.weight), roll).unwrap_or(0)
+}
+
+/// The index `roll` falls on when each item takes its weight's share of the rolls;
+/// `None` when no weight is above 0. Pure.
+pub fn pick_by_weight(weights: impl Iterator<Item = u32> + Clone, roll: u32) -> Option<usize> {
+    let total: u64 = weights.clone().map(u64::from).sum();
+    if total == 0 {
+        return None;
     }
-    destinations.len() - 1
+    let mut at = u64::from(roll) % total;
+    let mut last = 0;
+    for (i, w) in weights.enumerate() {
+        if at < u64::from(w) {
+            return Some(i);
+        }
+        at -= u64::from(w);
+        last = i;
+    }
+    Some(last)
 }
 
 /// The sites of `backends` (in their order) where some endpoint's labels hold every
@@ -1024,6 +1050,7 @@ mod tests {
             ..Default::default()
         };
         HttpPolicy {
+            locality_lb: None,
             outlier: None,
             load_balancer: None,
             max_requests: None,

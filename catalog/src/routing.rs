@@ -39,6 +39,59 @@ pub struct ImportPlan {
     pub policy_conflict: Option<String>,
     /// Each backend's export labels and endpoint label sets, for subsets.
     pub site_labels: BTreeMap<SiteName, crate::http_route::SiteLabels>,
+    /// Each backend's share of first attempts, when a `localityLbSetting.distribute`
+    /// rule applies to this gateway (sites it gives no share are not backends); empty:
+    /// the first backend takes them (or the policy's balancer spreads them).
+    pub site_weights: BTreeMap<SiteName, u32>,
+}
+
+/// The serving sites of an import, best first, and their shares under a `distribute`
+/// rule (empty without one): nearest first by Istio's locality priorities (with the
+/// setting's `failover`; none when it is disabled), then the most ready endpoints, then
+/// by name. Pure.
+fn order_sites(
+    me: Option<&str>,
+    setting: Option<&crate::locality::LocalityLb>,
+    mut cands: Vec<(Option<&str>, u32, &SiteName)>,
+) -> (Vec<SiteName>, BTreeMap<SiteName, u32>) {
+    use crate::locality;
+    let disabled = setting.is_some_and(|l| l.disabled);
+    let failover = setting.map_or(&[][..], |l| &l.failover[..]);
+    let near = |loc: Option<&str>| {
+        if disabled {
+            0
+        } else {
+            locality::priority(me, loc, failover)
+        }
+    };
+    cands.sort_by(|a, b| {
+        near(a.0)
+            .cmp(&near(b.0))
+            .then(b.1.cmp(&a.1))
+            .then(a.2.cmp(b.2))
+    });
+    let shares = setting.filter(|l| !l.disabled).and_then(|l| {
+        let sites: Vec<(Option<&str>, u32)> = cands.iter().map(|c| (c.0, c.1)).collect();
+        locality::distribute(me, &l.distribute, &sites)
+    });
+    match shares {
+        None => (
+            cands.into_iter().map(|(_, _, s)| s.clone()).collect(),
+            BTreeMap::new(),
+        ),
+        Some(w) => {
+            let kept: Vec<(&SiteName, u32)> = cands
+                .iter()
+                .zip(w)
+                .filter(|(_, w)| *w > 0)
+                .map(|(c, w)| (c.2, w))
+                .collect();
+            (
+                kept.iter().map(|(s, _)| (*s).clone()).collect(),
+                kept.into_iter().map(|(s, w)| (s.clone(), w)).collect(),
+            )
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -52,8 +105,10 @@ pub struct SitePlan {
 /// Peers: every other site that is up; one without a gateway address (outbound-only)
 /// is reached over the connections it dials. Imports: every
 /// (service, port) exported by another site, namespace sameness merging sites. Backends
-/// of an import: sites that are up and have ready endpoints for it, the same locality as
-/// `me` first, then the most ready endpoints, then by name (stable).
+/// of an import: sites that are up and have ready endpoints for it, nearest to `me`
+/// first (the same subzone, zone, region; a policy's `localityLbSetting` may name the
+/// failover region, give shares, or turn this off), then the most ready endpoints, then
+/// by name (stable).
 pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePlan {
     let peers = catalog
         .sites
@@ -70,7 +125,7 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
 
     // (service, port, protocol) -> (port name, candidates, hosts): TCP and UDP on one
     // port number (DNS on 53) are two imports.
-    type Candidate<'a> = (bool, u32, &'a SiteName);
+    type Candidate<'a> = (Option<&'a str>, u32, &'a SiteName);
     type Entry<'a> = (
         Option<&'a String>,
         Vec<Candidate<'a>>,
@@ -83,7 +138,6 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
             continue;
         }
         let usable = catalog.sites.get(site).is_some_and(|r| r.up) && export.ready_endpoints > 0;
-        let same_locality = locality.is_some() && export.locality.as_deref() == locality;
         for p in &export.ports {
             let entry = ports.entry((service, p.port, p.protocol)).or_default();
             entry.2.extend(export.hosts.iter());
@@ -92,7 +146,9 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
             }
             entry.3.insert(p.app_protocol);
             if usable {
-                entry.1.push((same_locality, export.ready_endpoints, site));
+                entry
+                    .1
+                    .push((export.locality.as_deref(), export.ready_endpoints, site));
             }
         }
     }
@@ -123,43 +179,44 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
     }
     let imports = ports
         .into_iter()
-        .map(
-            |((service, port, protocol), (name, mut cands, hosts, apps))| {
-                cands.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
-                let app_protocol = match (apps.len(), apps.first()) {
-                    (1, Some(a)) => *a,
-                    _ => AppProtocol::Tcp,
-                };
-                let (http_policy, policy_conflict) = if app_protocol.is_http() {
-                    merge_policies(policies.get(service).map(Vec::as_slice).unwrap_or(&[]))
-                } else {
-                    (None, None)
-                };
-                let backends: Vec<SiteName> =
-                    cands.into_iter().map(|(_, _, s)| s.clone()).collect();
-                let site_labels = labels
-                    .get(service)
-                    .map(|l| {
-                        l.iter()
-                            .filter(|(s, _)| backends.contains(s))
-                            .map(|(s, l)| (s.clone(), l.clone()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                ImportPlan {
-                    service: service.clone(),
-                    port,
-                    protocol,
-                    name: name.cloned(),
-                    app_protocol,
-                    hosts: hosts.into_iter().cloned().collect(),
-                    backends,
-                    http_policy,
-                    policy_conflict,
-                    site_labels,
-                }
-            },
-        )
+        .map(|((service, port, protocol), (name, cands, hosts, apps))| {
+            let app_protocol = match (apps.len(), apps.first()) {
+                (1, Some(a)) => *a,
+                _ => AppProtocol::Tcp,
+            };
+            let (http_policy, policy_conflict) = if app_protocol.is_http() {
+                merge_policies(policies.get(service).map(Vec::as_slice).unwrap_or(&[]))
+            } else {
+                (None, None)
+            };
+            let (backends, site_weights) = order_sites(
+                locality,
+                http_policy.as_ref().and_then(|p| p.locality_lb.as_ref()),
+                cands,
+            );
+            let site_labels = labels
+                .get(service)
+                .map(|l| {
+                    l.iter()
+                        .filter(|(s, _)| backends.contains(s))
+                        .map(|(s, l)| (s.clone(), l.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            ImportPlan {
+                service: service.clone(),
+                port,
+                protocol,
+                name: name.cloned(),
+                app_protocol,
+                hosts: hosts.into_iter().cloned().collect(),
+                backends,
+                http_policy,
+                policy_conflict,
+                site_labels,
+                site_weights,
+            }
+        })
         .collect();
     SitePlan { peers, imports }
 }
@@ -414,6 +471,7 @@ mod tests {
             imports: names
                 .iter()
                 .map(|n| ImportPlan {
+                    site_weights: Default::default(),
                     site_labels: Default::default(),
                     policy_conflict: None,
                     http_policy: None,
@@ -461,6 +519,7 @@ mod tests {
     fn import_ports_are_stable_distinct_shared_by_tcp_and_udp_and_inside_the_range() {
         let r = PortRange::parse("20000-20009").unwrap();
         let im = |n: &str, port, protocol| ImportPlan {
+            site_weights: Default::default(),
             site_labels: Default::default(),
             policy_conflict: None,
             http_policy: None,
@@ -574,6 +633,7 @@ mod tests {
                 endpoint_labels: Vec::new(),
                 http_policy: to.map(|to| {
                     Box::new(HttpPolicy {
+                        locality_lb: None,
                         outlier: None,
                         load_balancer: None,
                         max_requests: None,
@@ -754,6 +814,70 @@ mod tests {
             .0;
         let p = plan(&c, &SiteName::new("east").unwrap(), Some("eu"));
         assert_eq!(names(&p.imports[0].backends), vec!["west", "north"]);
+    }
+
+    #[test]
+    fn sites_are_ordered_by_locality_as_the_policy_says() {
+        use crate::locality::{Distribute, Failover, LocalityLb};
+        let n = |s: &str| SiteName::new(s).unwrap();
+        let (a, b, c, d, e) = (n("a"), n("b"), n("c"), n("d"), n("e"));
+        // (locality, ready endpoints, site)
+        let cands = || {
+            vec![
+                (Some("eu/x/1"), 1, &a),
+                (Some("eu/x/2"), 2, &b),
+                (Some("eu/y"), 3, &c),
+                (Some("us/x"), 9, &d),
+                (Some("ap/x"), 8, &e),
+            ]
+        };
+        let order = |me, lb: Option<&LocalityLb>| {
+            let (sites, w) = order_sites(me, lb, cands());
+            (
+                names(&sites).join(","),
+                w.into_iter()
+                    .map(|(s, w)| format!("{s}={w}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+        };
+        // Subzone, zone, region, then the rest by ready endpoints.
+        assert_eq!(order(Some("eu/x/1"), None).0, "a,b,c,d,e");
+        assert_eq!(order(Some("eu/x"), None).0, "b,a,c,d,e");
+        // No locality of its own: by capacity only; so too when the setting is off.
+        assert_eq!(order(None, None).0, "d,e,c,b,a");
+        let off = LocalityLb {
+            disabled: true,
+            ..Default::default()
+        };
+        assert_eq!(order(Some("eu/x/1"), Some(&off)).0, "d,e,c,b,a");
+        // Failover names the next region ahead of a bigger one.
+        let fo = LocalityLb {
+            failover: vec![Failover {
+                from: "eu".into(),
+                to: "ap".into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(order(Some("eu/x/1"), Some(&fo)).0, "a,b,c,e,d");
+        assert_eq!(order(Some("us/z"), Some(&fo)).0, "d,e,c,b,a");
+        // Distribute: shares, and the sites without one are not backends.
+        let dist = LocalityLb {
+            distribute: vec![Distribute {
+                from: "eu/*".into(),
+                to: [("eu/x".to_string(), 30), ("us".to_string(), 70)].into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            order(Some("eu/y"), Some(&dist)),
+            ("b,a,d".to_string(), "a=10,b=20,d=70".to_string())
+        );
+        // A caller the rule is not for keeps the nearest-first order.
+        assert_eq!(
+            order(Some("ap/q"), Some(&dist)),
+            ("e,d,c,b,a".to_string(), String::new())
+        );
     }
 
     #[test]

@@ -353,6 +353,8 @@ pub struct Federation {
     pub import_ports: Option<meshfed_catalog::routing::PortRange>,
     /// The QUIC address other gateways dial; default `listen`.
     pub advertise: Option<String>,
+    /// Where the site is, `region[/zone[/subzone]]` (Istio's form): importing gateways
+    /// prefer the nearest sites, and `localityLbSetting` rules match it.
     pub locality: Option<String>,
     /// `false`: nobody can dial this site (behind NAT or a firewall). It publishes no
     /// address, dials every peer, and peers reach its exports over those connections.
@@ -769,7 +771,14 @@ fn federation(
                 .map_err(|e| v.err("federation.import_ports", e))?,
             inbound: f.inbound.unwrap_or(true),
             advertise: f.advertise,
-            locality: f.locality,
+            locality: match f.locality {
+                Some(l) => Some(
+                    meshfed_catalog::locality::check(&l)
+                        .map(|()| l)
+                        .map_err(|e| v.err("federation.locality", e))?,
+                ),
+                None => None,
+            },
         })
     })
     .transpose()

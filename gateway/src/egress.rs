@@ -675,7 +675,9 @@ impl Imports {
             let changed = match (e.routes.load().as_ref(), &routes) {
                 (None, None) => false,
                 (Some(a), Some(b)) => {
-                    a.compiled.policy != b.compiled.policy || a.site_labels != b.site_labels
+                    a.compiled.policy != b.compiled.policy
+                        || a.site_labels != b.site_labels
+                        || a.site_weights != b.site_weights
                 }
                 _ => true,
             };
@@ -761,7 +763,8 @@ impl Imports {
 
     /// `service:port` (`service:port/udp` for UDP) and listen address of every import.
     /// `/debug/imports`: each listener with its backends in order, what it speaks, and
-    /// its HTTP routes (the policy in force and the requests in flight against it).
+    /// its HTTP routes (the policy in force, the requests in flight against it, and the
+    /// sites' shares under a locality `distribute` rule).
     pub fn debug(&self) -> serde_json::Value {
         let imports: Vec<serde_json::Value> = self
             .lock()
@@ -778,6 +781,7 @@ impl Imports {
                     "backends": e.backends.load().iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "http_policy": routes.as_ref().map(|t| &t.compiled.policy),
                     "http_in_flight": routes.as_ref().map(|t| t.in_flight.load(std::sync::atomic::Ordering::Relaxed)),
+                    "site_shares": routes.as_ref().filter(|t| !t.site_weights.is_empty()).map(|t| &t.site_weights),
                 })
             })
             .collect();

@@ -172,6 +172,7 @@ fn route_table(
         Ok(compiled) => Some(Arc::new(crate::http::egress::RouteTable::new(
             compiled,
             im.site_labels.clone(),
+            im.site_weights.clone(),
         ))),
         Err(e) => {
             warn!(service = %im.service, error = %e, "routes not applied");
@@ -217,7 +218,9 @@ pub fn endpoint_label_sets(e: &Export) -> Vec<pb::EndpointLabels> {
     out
 }
 
-fn export_to_pb(e: &Export) -> pb::ServiceExport {
+/// One export as published: its ports, ready endpoints, policy and label sets, at the
+/// site's `locality` (importers order sites by it).
+fn export_to_pb(e: &Export, locality: Option<&str>) -> pb::ServiceExport {
     let ready: usize = e
         .ports
         .values()
@@ -255,6 +258,7 @@ fn export_to_pb(e: &Export) -> pb::ServiceExport {
             .and_then(|p| serde_json::to_string(p).ok())
             .unwrap_or_default(),
         endpoint_labels: endpoint_label_sets(e),
+        locality: locality.unwrap_or_default().to_owned(),
         ..Default::default()
     }
 }
@@ -538,7 +542,7 @@ impl Agent {
         let set: Vec<pb::ServiceExport> = exports
             .borrow_and_update()
             .iter()
-            .map(export_to_pb)
+            .map(|e| export_to_pb(e, self.fed.locality.as_deref()))
             .collect();
         let n = set.len();
         let r = client
@@ -789,8 +793,9 @@ mod tests {
             identities: vec![],
             proxy_protocol: false,
         };
-        let p = export_to_pb(&e);
+        let p = export_to_pb(&e, Some("eu-west/a"));
         assert_eq!(p.service, "dns.ops");
+        assert_eq!(p.locality, "eu-west/a", "the site's locality goes with it");
         assert_eq!(p.ready_endpoints, 2, "the port with the most endpoints");
         let ports: Vec<(u32, &str, &str)> = p
             .ports

@@ -731,6 +731,7 @@ fn http_policies(
                 max_requests: traffic.max_requests,
                 outlier: traffic.outlier,
                 load_balancer: traffic.load_balancer,
+                locality_lb: traffic.locality_lb,
             };
             match p.clone().compile() {
                 Ok(_) => out.push((gr.index, p)),
@@ -767,6 +768,7 @@ fn http_policies(
                 max_requests: traffic.max_requests,
                 outlier: traffic.outlier.clone(),
                 load_balancer: traffic.load_balancer,
+                locality_lb: traffic.locality_lb.clone(),
                 service,
             },
         ));
@@ -797,11 +799,16 @@ pub(crate) struct Traffic {
     pub outlier: Option<meshfed_catalog::http_route::Outlier>,
     /// `loadBalancer.simple`.
     pub load_balancer: Option<meshfed_catalog::http_route::LoadBalancer>,
+    /// `loadBalancer.localityLbSetting`.
+    pub locality_lb: Option<meshfed_catalog::locality::LocalityLb>,
 }
 
 impl Traffic {
     fn is_empty(&self) -> bool {
-        self.max_requests.is_none() && self.outlier.is_none() && self.load_balancer.is_none()
+        self.max_requests.is_none()
+            && self.outlier.is_none()
+            && self.load_balancer.is_none()
+            && self.locality_lb.is_none()
     }
 
     /// The first rule's setting of each, over the rules for one service.
@@ -810,6 +817,7 @@ impl Traffic {
             max_requests: rules.iter().find_map(|r| r.4.max_requests),
             outlier: rules.iter().find_map(|r| r.4.outlier.clone()),
             load_balancer: rules.iter().find_map(|r| r.4.load_balancer),
+            locality_lb: rules.iter().find_map(|r| r.4.locality_lb.clone()),
         }
     }
 }
@@ -934,6 +942,11 @@ fn sort_documents(
                     }),
                     load_balancer: tp.and_then(|tp| {
                         crate::virtual_service::load_balancer(&mut d, tp.get("loadBalancer"))
+                    }),
+                    locality_lb: tp.and_then(|tp| {
+                        let lb = tp.get("loadBalancer")?.get("localityLbSetting");
+                        let outlier = tp.contains_key("outlierDetection");
+                        crate::virtual_service::locality_lb(&mut d, lb, outlier)
                     }),
                 };
                 if !sets.is_empty() || !traffic.is_empty() {

@@ -769,9 +769,9 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Option<u32>
 
 /// `trafficPolicy.loadBalancer` of a DestinationRule: `simple` (ROUND_ROBIN,
 /// LEAST_REQUEST, RANDOM; UNSPECIFIED and LEAST_CONN, its deprecated name for
-/// LEAST_REQUEST, too), applied across the destination's sites. `localityLbSetting` is
-/// warned about (meshfed already prefers the same locality, then fails over by
-/// capacity); `consistentHash` and PASSTHROUGH are refused: meshfed cannot honour them.
+/// LEAST_REQUEST, too), applied across the destination's sites (`localityLbSetting` is
+/// [`locality_lb`]'s); `consistentHash` and PASSTHROUGH are refused: meshfed cannot
+/// honour them.
 pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBalancer> {
     let field = "spec.trafficPolicy.loadBalancer";
     let Value::Object(m) = v? else {
@@ -789,12 +789,6 @@ pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBa
             "warmup",
         ],
     );
-    if m.contains_key("localityLbSetting") {
-        d.warn(
-            format!("{field}.localityLbSetting"),
-            "meshfed prefers sites of the gateway's own locality, then fails over by capacity; this setting is not applied",
-        );
-    }
     for k in ["warmupDurationSecs", "warmup"] {
         if m.contains_key(k) {
             d.warn(
@@ -839,6 +833,122 @@ pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBa
             None
         }
     }
+}
+
+/// `trafficPolicy.loadBalancer.localityLbSetting` of a DestinationRule, applied across
+/// the destination's sites by their localities: `enabled`, `distribute` and `failover`,
+/// checked as Istio's validation checks them (and, as Istio does, a warning when failover
+/// comes without `outlierDetection`; meshfed fails over on readiness and errors either
+/// way). `failoverPriority` is warned about and not applied: a site's labels are not
+/// compared with the calling gateway's.
+pub(crate) fn locality_lb(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+    has_outlier: bool,
+) -> Option<meshfed_catalog::locality::LocalityLb> {
+    use meshfed_catalog::locality::{Distribute, Failover, LocalityLb};
+    let field = "spec.trafficPolicy.loadBalancer.localityLbSetting";
+    let Value::Object(m) = v? else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(
+        field,
+        m,
+        &["enabled", "distribute", "failover", "failoverPriority"],
+    );
+    let mut lb = LocalityLb::default();
+    match m.get("enabled") {
+        None | Some(Value::Null) | Some(Value::Bool(true)) => {}
+        Some(Value::Bool(false)) => lb.disabled = true,
+        Some(other) => d.err(format!("{field}.enabled"), format!("{other} is not a bool")),
+    }
+    let list = |d: &mut Doc<'_>, k: &str| -> Vec<serde_json::Map<String, Value>> {
+        match m.get(k) {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| match e {
+                    Value::Object(o) => Some(o.clone()),
+                    _ => {
+                        d.err(format!("{field}.{k}[{i}]"), "must be a map");
+                        None
+                    }
+                })
+                .collect(),
+            Some(_) => {
+                d.err(format!("{field}.{k}"), "must be a list");
+                vec![]
+            }
+        }
+    };
+    let text = |d: &mut Doc<'_>, o: &serde_json::Map<String, Value>, f: String| match o.get("from")
+    {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => String::new(),
+        Some(other) => {
+            d.err(f, format!("{other} is not a string"));
+            String::new()
+        }
+    };
+    for (i, o) in list(d, "distribute").into_iter().enumerate() {
+        let f = format!("{field}.distribute[{i}]");
+        d.unsupported(&f, &o, &["from", "to"]);
+        let from = text(d, &o, format!("{f}.from"));
+        let mut to = std::collections::BTreeMap::new();
+        match o.get("to") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(t)) => {
+                for (loc, w) in t {
+                    match w.as_u64().and_then(|w| u32::try_from(w).ok()) {
+                        Some(w) => {
+                            to.insert(loc.clone(), w);
+                        }
+                        None => d.err(format!("{f}.to.{loc}"), format!("{w} is not a weight")),
+                    }
+                }
+            }
+            Some(_) => d.err(format!("{f}.to"), "must be a map"),
+        }
+        lb.distribute.push(Distribute { from, to });
+    }
+    for (i, o) in list(d, "failover").into_iter().enumerate() {
+        let f = format!("{field}.failover[{i}]");
+        d.unsupported(&f, &o, &["from", "to"]);
+        let from = text(d, &o, format!("{f}.from"));
+        let to = match o.get("to") {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) => String::new(),
+            Some(other) => {
+                d.err(format!("{f}.to"), format!("{other} is not a string"));
+                String::new()
+            }
+        };
+        lb.failover.push(Failover { from, to });
+    }
+    if m.get("failoverPriority").is_some_and(|v| !v.is_null()) {
+        d.warn(
+            format!("{field}.failoverPriority"),
+            "not supported by meshfed yet: sites are ordered by locality (and `failover`); ignored",
+        );
+    }
+    if (!lb.failover.is_empty() || m.contains_key("failoverPriority")) && !has_outlier {
+        d.warn(
+            field,
+            "outlier detection policy must be provided for failover (Istio applies none without it; meshfed fails over on readiness and errors)",
+        );
+    }
+    if let Err(e) = lb.check() {
+        let path = if e.field.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{field}.{}", e.field)
+        };
+        d.err(path, e.message);
+        return None;
+    }
+    Some(lb)
 }
 
 /// `trafficPolicy.outlierDetection` of a DestinationRule: `consecutive5xxErrors`,
@@ -958,6 +1068,7 @@ pub(crate) fn policy(
         max_requests: traffic.max_requests,
         outlier: traffic.outlier,
         load_balancer: traffic.load_balancer,
+        locality_lb: traffic.locality_lb,
     };
     match p.clone().compile() {
         Ok(_) => Some(p),
@@ -1045,10 +1156,38 @@ spec:
             assert_eq!(r.http_policies[0].load_balancer, Some(want), "{lb}");
             assert_eq!(r.http_policies[0].service.to_string(), "web.demo");
         }
+        // localityLbSetting travels too, checked as Istio checks it.
         let r = parse(&dr("{simple: RANDOM, localityLbSetting: {enabled: true}}")).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         assert_eq!(
-            r.warnings[0].field,
-            "spec.trafficPolicy.loadBalancer.localityLbSetting"
+            r.http_policies[0].locality_lb,
+            Some(meshfed_catalog::locality::LocalityLb::default())
+        );
+        let r = parse(&dr("{localityLbSetting: {enabled: false}}")).unwrap();
+        assert!(r.http_policies[0].locality_lb.as_ref().unwrap().disabled);
+        let r = parse(&dr(
+            "{localityLbSetting: {distribute: [{from: us-east/*, to: {us-east/*: 80, eu-west/*: 20}}]}}",
+        ))
+        .unwrap();
+        let l = r.http_policies[0].locality_lb.clone().unwrap();
+        assert_eq!(l.distribute[0].from, "us-east/*");
+        assert_eq!(l.distribute[0].to["eu-west/*"], 20);
+        // Failover without outlier detection: Istio's warning; failoverPriority: not applied.
+        let r = parse(&dr(
+            "{localityLbSetting: {failover: [{from: us-east, to: eu-west}], failoverPriority: [topology.istio.io/network]}}",
+        ))
+        .unwrap();
+        let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting",
+            ]
+        );
+        assert_eq!(
+            r.http_policies[0].locality_lb.as_ref().unwrap().failover[0].to,
+            "eu-west"
         );
         for (lb, field) in [
             (
@@ -1064,6 +1203,26 @@ spec:
                 "spec.trafficPolicy.loadBalancer.consistentHash",
             ),
             ("ROUND_ROBIN", "spec.trafficPolicy.loadBalancer"),
+            (
+                "{localityLbSetting: {distribute: [{from: us-east/*, to: {us-east/*: 80, eu-west/*: 10}}]}}",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to",
+            ),
+            (
+                "{localityLbSetting: {distribute: [{from: us-east/*, to: {us-east/*: 100}}], failover: [{from: a, to: b}]}}",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute",
+            ),
+            (
+                "{localityLbSetting: {failover: [{from: us-east/a, to: eu-west}]}}",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0]",
+            ),
+            (
+                "{localityLbSetting: {distribute: [{from: us-east/*, to: {us-east/*: -5}}]}}",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to.us-east/*",
+            ),
+            (
+                "{localityLbSetting: {enabled: maybe}}",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting.enabled",
+            ),
         ] {
             match parse(&dr(lb)) {
                 Err(ParseError::Invalid(p)) => assert_eq!(p[0].field, field, "{lb}"),

@@ -103,6 +103,8 @@ pub struct ConfigBuilder {
     pub advertise: Option<String>,
     /// `federation.inbound: false`: an outbound-only site.
     pub outbound_only: bool,
+    /// `federation.locality`.
+    pub locality: Option<String>,
     /// `caller_pod_ip: true`.
     pub caller_pod_ip: bool,
     /// `tls.workload_api.socket`: the SVID and this trust domain's bundle come from the
@@ -239,6 +241,9 @@ impl ConfigBuilder {
             }
             if self.outbound_only {
                 y.push_str("  inbound: false\n");
+            }
+            if let Some(l) = &self.locality {
+                let _ = writeln!(y, "  locality: {l}");
             }
             if let Some(r) = &self.import_ports {
                 let _ = writeln!(y, "  import_ports: {r}");

@@ -365,7 +365,22 @@ async fn http_sites(
     north_delay_ms: u64,
     before: impl FnOnce(&meshfed_lab::SiteFiles),
 ) -> HttpSites {
+    http_sites_at(name, statuses, north_delay_ms, [None; 3], before).await
+}
+
+/// [`http_sites`] with each site's `federation.locality` (east, west, north).
+async fn http_sites_at(
+    name: &str,
+    statuses: (u16, u16),
+    north_delay_ms: u64,
+    localities: [Option<&str>; 3],
+    before: impl FnOnce(&meshfed_lab::SiteFiles),
+) -> HttpSites {
     use crate::federation::{Fed, fed_config, free_port, joined};
+    let at = |c: meshfed_lab::ConfigBuilder, i: usize| meshfed_lab::ConfigBuilder {
+        locality: localities[i].map(str::to_owned),
+        ..c
+    };
     let scratch = Scratch::new(name);
     let fed = Fed::start(&Fed::init(&scratch), 0);
     let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
@@ -374,20 +389,20 @@ async fn http_sites(
     let (west_ep, west_hits) = http_endpoint("west", statuses.0).await;
     let (north_ep, north_hits) = slow_http_endpoint("north", statuses.1, north_delay_ms).await;
     before(&west);
-    let start = |s: &meshfed_lab::SiteFiles, ip, ep| {
+    let start = |s: &meshfed_lab::SiteFiles, ip, ep, i| {
         Gw::start(
             s,
-            &fed_config(s, ip)
+            &at(fed_config(s, ip), i)
                 .export("web.demo", port, vec![ep])
                 .speaks("web.demo", port, "http"),
         )
         .unwrap()
     };
     let gws = (
-        start(&west, [127, 0, 0, 3], west_ep),
-        start(&north, [127, 0, 0, 4], north_ep),
+        start(&west, [127, 0, 0, 3], west_ep, 1),
+        start(&north, [127, 0, 0, 4], north_ep, 2),
     );
-    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let east_gw = Gw::start(&east, &at(fed_config(&east, [127, 0, 0, 2]), 0)).unwrap();
     HttpSites {
         _fed: fed,
         _gws: gws,
@@ -1576,6 +1591,123 @@ spec:
     eprintln!("round robin over 200 requests: west {west}, north {north}");
     assert_eq!(west + north, 200);
     assert_eq!(west, 100, "west {west}, north {north}");
+}
+
+/// Issue 17 §2: a DestinationRule's `localityLbSetting`. East is in `eu/a`, west in
+/// `eu/b`, north in `us/a`. By default the nearest site takes every request (west: same
+/// region); `distribute` from `eu/*` gives `us/*` 75 % and `eu/*` 25 %; with `enabled:
+/// false`, the locality is ignored and the order is by name (equal capacity). Before,
+/// a gateway never published its `locality`, so nothing was ordered by it. (`failover`
+/// ordering is table-tested in `catalog::routing`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn locality_lb_settings_order_and_share_sites_by_locality() {
+    let sites = http_sites_at(
+        "http-locality",
+        (200, 200),
+        0,
+        [Some("eu/a"), Some("eu/b"), Some("us/a")],
+        |_| {},
+    )
+    .await;
+    let hits = |s: &HttpSites| {
+        (
+            s.west_hits.load(Ordering::Relaxed),
+            s.north_hits.load(Ordering::Relaxed),
+        )
+    };
+    // Serving through both sites' exports: wait until both are known (west first).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, _) = curl(&[], &format!("http://{}/", sites.import));
+        let plan = http_get(sites.east_gw.admin, "/debug/imports")
+            .await
+            .unwrap_or_default();
+        if status == 200 && plan.contains("north") && plan.contains("west") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "import not serving: {status} {plan}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = hits(&sites);
+    let s = gets(sites.import, 100, &[]).await;
+    assert!(s.iter().all(|c| *c == 200), "{s:?}");
+    let after = hits(&sites);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (100, 0),
+        "nearest first: west (eu/b) before north (us/a)"
+    );
+
+    // Distribute: 25 % eu, 75 % us, once east's plan has it.
+    const DIST: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        distribute:
+        - from: eu/*
+          to: {"eu/*": 25, "us/*": 75}
+"#;
+    let out = register_yaml(&sites.west, "dr.yaml", DIST);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = hits(&sites);
+        gets(sites.import, 20, &[]).await;
+        if hits(&sites).1 > before.1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "distribute never applied\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = hits(&sites);
+    let s = gets(sites.import, 400, &[]).await;
+    assert!(s.iter().all(|c| *c == 200), "{s:?}");
+    let after = hits(&sites);
+    let (west, north) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("distribute 25/75 over 400 requests: west {west}, north {north}");
+    assert_eq!(west + north, 400);
+    // The rolls are a fixed sequence (splitmix64 of a counter): near the shares.
+    assert!((70..=130).contains(&west), "west {west}, north {north}");
+
+    // Disabled: no locality preference, equal capacity, so by name: north.
+    const OFF: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting: {enabled: false}
+"#;
+    let out = register_yaml(&sites.west, "dr.yaml", OFF);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = hits(&sites);
+        gets(sites.import, 20, &[]).await;
+        let after = hits(&sites);
+        if after.1 - before.1 == 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "enabled: false never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Issue 17 §4 (istio#52435): outlier detection at the ingress is per endpoint. West's

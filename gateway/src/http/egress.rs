@@ -132,6 +132,9 @@ pub const FAULT_ABORT: &str = "fault_abort";
 pub struct RouteTable {
     pub compiled: Compiled,
     pub site_labels: BTreeMap<SiteName, SiteLabels>,
+    /// The sites' shares of first attempts under a `localityLbSetting.distribute` rule
+    /// (empty: none).
+    pub site_weights: BTreeMap<SiteName, u32>,
     /// Requests in flight, against the policy's `max_requests`.
     pub in_flight: AtomicU32,
     /// Each route's rate limit bucket (this gateway's), by route index.
@@ -139,7 +142,11 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(compiled: Compiled, site_labels: BTreeMap<SiteName, SiteLabels>) -> Self {
+    pub fn new(
+        compiled: Compiled,
+        site_labels: BTreeMap<SiteName, SiteLabels>,
+        site_weights: BTreeMap<SiteName, u32>,
+    ) -> Self {
         let buckets = compiled
             .policy
             .routes
@@ -153,6 +160,7 @@ impl RouteTable {
         Self {
             compiled,
             site_labels,
+            site_weights,
             in_flight: AtomicU32::new(0),
             buckets,
         }
@@ -278,9 +286,23 @@ impl HttpEgress {
     fn balance(
         &self,
         lb: Option<meshfed_catalog::http_route::LoadBalancer>,
+        shares: Option<&BTreeMap<SiteName, u32>>,
         mut sites: Vec<SiteName>,
     ) -> Vec<SiteName> {
-        if lb.is_none() || sites.len() < 2 {
+        if sites.len() < 2 {
+            return sites;
+        }
+        // Locality shares pick the first site; the others stay in failover order.
+        if let Some(w) = shares.filter(|w| !w.is_empty()) {
+            let n = self.rolls.fetch_add(1, Ordering::Relaxed);
+            let weights = sites.iter().map(|s| w.get(s).copied().unwrap_or(0));
+            if let Some(i) = meshfed_catalog::http_route::pick_by_weight(weights, decide::roll(n)) {
+                let first = sites.remove(i);
+                sites.insert(0, first);
+            }
+            return sites;
+        }
+        if lb.is_none() {
             return sites;
         }
         let in_flight: Vec<u32> = {
@@ -717,7 +739,7 @@ impl HttpEgress {
         let policy = to_table.map(|t| &t.compiled.policy);
         let outlier = policy.and_then(|p| p.outlier.clone());
         let load_balancer = policy.and_then(|p| p.load_balancer);
-        let sites = via.balance(load_balancer, sites);
+        let sites = via.balance(load_balancer, to_table.map(|t| &t.site_weights), sites);
         let site_count = to_backends.len();
         if sites.is_empty() {
             return Err(no_site(format!(
