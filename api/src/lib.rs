@@ -271,6 +271,9 @@ pub fn change_to_pb(revision: Revision, c: &Change) -> pb::Change {
 
 // === from the wire ===
 
+/// The longest `locality` an export may carry (three DNS-label-sized parts).
+pub const MAX_LOCALITY: usize = 3 * 64;
+
 pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, FieldError> {
     let service =
         ServiceName::parse(&e.service).map_err(|err| bad(&format!("{field}.service"), err))?;
@@ -390,6 +393,16 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
             })
         })
         .collect::<Result<Vec<_>, FieldError>>()?;
+    if !e.locality.is_empty() {
+        if e.locality.len() > MAX_LOCALITY {
+            return Err(bad(
+                &format!("{field}.locality"),
+                format!("longer than {MAX_LOCALITY} bytes"),
+            ));
+        }
+        meshfed_catalog::locality::check(&e.locality)
+            .map_err(|m| bad(&format!("{field}.locality"), m))?;
+    }
     Ok(Export {
         endpoint_labels,
         http_policy: http_policy.map(Box::new),
@@ -561,6 +574,12 @@ mod tests {
         };
         let wire: pb::ServiceExport = (&e).into();
         assert_eq!(export_from_pb(wire.clone(), "exports[0]").unwrap(), e);
+        for loc in ["eu//a", "a/b/c/d", "eu-*", &"x".repeat(200)] {
+            let mut bad_loc = wire.clone();
+            bad_loc.locality = loc.to_string();
+            let e = export_from_pb(bad_loc, "exports[0]").unwrap_err();
+            assert_eq!(e.field, "exports[0].locality", "{loc}");
+        }
         let mut bad_port = wire.clone();
         bad_port.ports[0].port = 70000;
         let e = export_from_pb(bad_port, "exports[0]").unwrap_err();
