@@ -626,6 +626,7 @@ mod tests {
         use meshfed_catalog::http_route::{Destination, HttpPolicy, HttpRoute};
         let service = ServiceName::parse("web.demo").unwrap();
         let policy = HttpPolicy {
+            connection_pool: None,
             locality_lb: None,
             service: service.clone(),
             source: "VirtualService demo/web".into(),

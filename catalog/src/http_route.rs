@@ -59,6 +59,10 @@ pub struct HttpPolicy {
     /// at once, never a queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    /// The exporting site's connections to the service's endpoints (a DestinationRule's
+    /// `connectionPool.tcp.maxConnections` and `http.http1MaxPendingRequests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
     /// Sites ejected after consecutive errors (a DestinationRule's `outlierDetection`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier: Option<Outlier>,
@@ -86,6 +90,24 @@ pub enum LoadBalancer {
     /// A site picked at random.
     Random,
 }
+
+/// Istio's `connectionPool` limits, applied by the exporting site's gateway to the
+/// service's HTTP/1.1 endpoints (an h2 endpoint is one multiplexed connection, which
+/// `max_requests` bounds at each importing gateway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionPool {
+    /// The most connections to the endpoints at once (one per HTTP/1.1 request in
+    /// flight, until its answer's body ends).
+    pub max_connections: u32,
+    /// Requests that wait for one of them; past it, 503 `overflow` at once (Envoy's
+    /// default, 1024, when the DestinationRule does not say: a wait is never unbounded).
+    pub max_pending: u32,
+}
+
+/// `max_pending` when a DestinationRule sets `maxConnections` and no
+/// `http1MaxPendingRequests` (Envoy's own default).
+pub const DEFAULT_MAX_PENDING: u32 = 1024;
 
 /// Istio's `OutlierDetection`, applied per site at the importing gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -653,6 +675,14 @@ impl HttpPolicy {
         if self.max_requests == Some(0) {
             return Err(bad("max_requests", "must be above 0"));
         }
+        if let Some(c) = &self.connection_pool {
+            if c.max_connections == 0 {
+                return Err(bad("connection_pool.max_connections", "must be above 0"));
+            }
+            if c.max_pending == 0 {
+                return Err(bad("connection_pool.max_pending", "must be above 0"));
+            }
+        }
         if let Some(o) = &self.outlier {
             if o.max_ejection_percent > 100 {
                 return Err(bad("outlier.max_ejection_percent", "above 100"));
@@ -1050,6 +1080,7 @@ mod tests {
             ..Default::default()
         };
         HttpPolicy {
+            connection_pool: None,
             locality_lb: None,
             outlier: None,
             load_balancer: None,

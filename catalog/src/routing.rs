@@ -633,6 +633,7 @@ mod tests {
                 endpoint_labels: Vec::new(),
                 http_policy: to.map(|to| {
                     Box::new(HttpPolicy {
+                        connection_pool: None,
                         locality_lb: None,
                         outlier: None,
                         load_balancer: None,

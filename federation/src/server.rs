@@ -1216,6 +1216,7 @@ mod conflict_tests {
             labels: Default::default(),
             hosts: vec![],
             http_policy: Some(Box::new(HttpPolicy {
+                connection_pool: None,
                 locality_lb: None,
                 service: svc,
                 source: "VirtualService demo/web".into(),

@@ -136,6 +136,8 @@ struct Admitted {
     http: Option<meshfed_catalog::catalog::AppProtocol>,
     /// The service's outlier detection, applied per endpoint on an HTTP port.
     outlier: Option<meshfed_catalog::http_route::Outlier>,
+    /// The service's `connectionPool` toward HTTP/1.1 endpoints.
+    pool: Option<meshfed_catalog::http_route::ConnectionPool>,
     /// On an HTTP port, each endpoint's labels (in `endpoints`' order), for the subset a
     /// request names.
     labels: Vec<BTreeMap<String, String>>,
@@ -852,6 +854,7 @@ impl Admitted {
             endpoints: self.endpoints,
             labels: self.labels,
             outlier: self.outlier,
+            pool: self.pool,
         }
     }
 }
@@ -872,6 +875,9 @@ impl Ingress {
                 let outlier = e
                     .and_then(|e| e.http_policy.as_ref())
                     .and_then(|p| p.outlier.clone());
+                let pool = e
+                    .and_then(|e| e.http_policy.as_ref())
+                    .and_then(|p| p.connection_pool);
                 let labels = match (http, e) {
                     (Some(_), Some(e)) if !e.endpoint_labels.is_empty() => r
                         .endpoints
@@ -886,6 +892,7 @@ impl Ingress {
                     proxy,
                     http,
                     outlier,
+                    pool,
                     labels,
                 })
             }
@@ -914,6 +921,7 @@ impl Ingress {
             proxy,
             http: _,
             outlier: _,
+            pool: _,
             labels: _,
         } = admitted;
         let Some((mut tcp, ep)) = self.connect(&endpoints).await else {

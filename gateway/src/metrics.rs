@@ -424,7 +424,7 @@ pub struct Metrics {
     /// Sites ejected at the egress by outlier detection.
     pub http_ejections: Counter,
     /// HTTP requests refused at the egress because `max_requests` were in flight.
-    pub http_overflows: Counter,
+    pub http_overflows: Family<DirLabels, Counter>,
     /// Imports whose exporting sites publish different HTTP routes (the first site by
     /// name applies).
     pub route_conflicts: Gauge,
@@ -531,7 +531,7 @@ impl Metrics {
         );
         r.register(
             "http_overflows",
-            "HTTP requests answered 503 overflow at the egress: max_requests (a DestinationRule's http2MaxRequests) were in flight",
+            "HTTP requests answered 503 overflow at once: at the egress, max_requests (a DestinationRule's http2MaxRequests) were in flight; at the ingress, maxConnections were in use and http1MaxPendingRequests waited",
             self.http_overflows.clone(),
         );
         r.register(
@@ -742,8 +742,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn http_overflow(&self) {
-        self.http_overflows.inc();
+    pub fn http_overflow(&self, direction: &'static str) {
+        self.http_overflows
+            .get_or_create(&DirLabels { direction })
+            .inc();
     }
 
     pub fn http_route_request(&self, import: &str, route: &str, site: &str, status: u16) {

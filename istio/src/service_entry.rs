@@ -729,6 +729,7 @@ fn http_policies(
                 routes: gr.routes.clone(),
                 subsets: mine.iter().flat_map(|r| r.3.iter().cloned()).collect(),
                 max_requests: traffic.max_requests,
+                connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier,
                 load_balancer: traffic.load_balancer,
                 locality_lb: traffic.locality_lb,
@@ -766,6 +767,7 @@ fn http_policies(
                 }],
                 subsets: sets.clone(),
                 max_requests: traffic.max_requests,
+                connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier.clone(),
                 load_balancer: traffic.load_balancer,
                 locality_lb: traffic.locality_lb.clone(),
@@ -795,6 +797,8 @@ type SubsetRule = (usize, String, String, Vec<Subset>, Traffic);
 pub(crate) struct Traffic {
     /// `connectionPool.http.http2MaxRequests`.
     pub max_requests: Option<u32>,
+    /// `connectionPool.tcp.maxConnections`, `http.http1MaxPendingRequests`.
+    pub connection_pool: Option<meshfed_catalog::http_route::ConnectionPool>,
     /// `outlierDetection`.
     pub outlier: Option<meshfed_catalog::http_route::Outlier>,
     /// `loadBalancer.simple`.
@@ -806,6 +810,7 @@ pub(crate) struct Traffic {
 impl Traffic {
     fn is_empty(&self) -> bool {
         self.max_requests.is_none()
+            && self.connection_pool.is_none()
             && self.outlier.is_none()
             && self.load_balancer.is_none()
             && self.locality_lb.is_none()
@@ -815,6 +820,7 @@ impl Traffic {
     fn of(rules: &[&SubsetRule]) -> Self {
         Self {
             max_requests: rules.iter().find_map(|r| r.4.max_requests),
+            connection_pool: rules.iter().find_map(|r| r.4.connection_pool),
             outlier: rules.iter().find_map(|r| r.4.outlier.clone()),
             load_balancer: rules.iter().find_map(|r| r.4.load_balancer),
             locality_lb: rules.iter().find_map(|r| r.4.locality_lb.clone()),
@@ -933,10 +939,12 @@ fn sort_documents(
             "DestinationRule" => {
                 let sets = crate::virtual_service::subsets(&mut d, spec.get("subsets"));
                 let tp = spec.get("trafficPolicy").and_then(Value::as_object);
+                let (max_requests, connection_pool) = tp.map_or((None, None), |tp| {
+                    crate::virtual_service::connection_pool(&mut d, tp.get("connectionPool"))
+                });
                 let traffic = Traffic {
-                    max_requests: tp.and_then(|tp| {
-                        crate::virtual_service::connection_pool(&mut d, tp.get("connectionPool"))
-                    }),
+                    max_requests,
+                    connection_pool,
                     outlier: tp.and_then(|tp| {
                         crate::virtual_service::outlier(&mut d, tp.get("outlierDetection"))
                     }),

@@ -735,36 +735,70 @@ pub(crate) fn virtual_service(
 }
 
 /// `trafficPolicy.connectionPool` of a DestinationRule: `http.http2MaxRequests`, the
-/// most requests in flight to the service from one gateway (Envoy's `max_requests`; a
-/// request past it is answered 503 `overflow` at once). The other settings are warned
+/// most requests in flight to the service from one importing gateway (Envoy's
+/// `max_requests`; a request past it is answered 503 `overflow` at once), and
+/// `tcp.maxConnections` with `http.http1MaxPendingRequests`, the exporting gateway's
+/// connections to its HTTP/1.1 endpoints and the requests that may wait for one. As in
+/// Istio, 0 is unset and a negative count is refused. The other settings are warned
 /// about.
-pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Option<u32> {
+pub(crate) fn connection_pool(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+) -> (
+    Option<u32>,
+    Option<meshfed_catalog::http_route::ConnectionPool>,
+) {
     let field = "spec.trafficPolicy.connectionPool";
-    let Value::Object(m) = v? else {
+    let Some(v) = v else { return (None, None) };
+    let Value::Object(m) = v else {
         d.err(field, "must be a map");
-        return None;
+        return (None, None);
     };
-    d.unsupported(field, m, &["http"]);
-    let Value::Object(h) = m.get("http")? else {
-        d.err(format!("{field}.http"), "must be a map");
-        return None;
+    d.unsupported(field, m, &["http", "tcp"]);
+    let section = |d: &mut Doc<'_>, k: &str| match m.get(k) {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => Some(o.clone()),
+        Some(_) => {
+            d.err(format!("{field}.{k}"), "must be a map");
+            None
+        }
     };
-    d.unsupported(&format!("{field}.http"), h, &["http2MaxRequests"]);
-    match h.get("http2MaxRequests")? {
-        Value::Number(n)
-            if n.as_u64()
-                .is_some_and(|n| (1..=u64::from(u32::MAX)).contains(&n)) =>
-        {
-            n.as_u64().map(|n| n as u32)
+    // Istio's int32 counts: 0 is unset, a negative one is refused.
+    let count = |d: &mut Doc<'_>, o: &serde_json::Map<String, Value>, path: String, k: &str| match o
+        .get(k)?
+    {
+        Value::Number(n) if n.as_u64().is_some_and(|n| n <= i32::MAX as u64) => {
+            n.as_u64().filter(|n| *n > 0).map(|n| n as u32)
         }
         other => {
             d.err(
-                format!("{field}.http.http2MaxRequests"),
-                format!("{other} is not a positive count"),
+                format!("{path}.{k}"),
+                format!("{other} is not a count from 0 to {}", i32::MAX),
             );
             None
         }
+    };
+    let http = section(d, "http");
+    let tcp = section(d, "tcp");
+    let (mut max_requests, mut pending, mut conns) = (None, None, None);
+    if let Some(h) = &http {
+        let path = format!("{field}.http");
+        d.unsupported(&path, h, &["http2MaxRequests", "http1MaxPendingRequests"]);
+        max_requests = count(d, h, path.clone(), "http2MaxRequests");
+        pending = count(d, h, path, "http1MaxPendingRequests");
     }
+    if let Some(t) = &tcp {
+        let path = format!("{field}.tcp");
+        d.unsupported(&path, t, &["maxConnections"]);
+        conns = count(d, t, path, "maxConnections");
+    }
+    let pool = conns.map(
+        |max_connections| meshfed_catalog::http_route::ConnectionPool {
+            max_connections,
+            max_pending: pending.unwrap_or(meshfed_catalog::http_route::DEFAULT_MAX_PENDING),
+        },
+    );
+    (max_requests, pool)
 }
 
 /// `trafficPolicy.loadBalancer` of a DestinationRule: `simple` (ROUND_ROBIN,
@@ -1066,6 +1100,7 @@ pub(crate) fn policy(
         routes,
         subsets,
         max_requests: traffic.max_requests,
+        connection_pool: traffic.connection_pool,
         outlier: traffic.outlier,
         load_balancer: traffic.load_balancer,
         locality_lb: traffic.locality_lb,
@@ -1414,17 +1449,34 @@ spec:
         let p = &r.http_policies[0];
         assert_eq!(p.max_requests, Some(4));
         assert_eq!(p.routes.len(), 1, "every request on one route");
-        assert!(
-            r.warnings
-                .iter()
-                .any(|w| w.field == "spec.trafficPolicy.connectionPool.tcp")
-        );
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         // With the VirtualService of the same service: its routes, and the limit.
         let both = format!("{GOOD}---\n{}", dr.replace("name: web,", "name: web-pool,"));
         let r = parse(&both).unwrap();
         assert_eq!(r.http_policies[0].max_requests, Some(4));
         assert_eq!(r.http_policies[0].routes.len(), 3);
-        let bad = dr.replace("http2MaxRequests: 4", "http2MaxRequests: 0");
+        assert_eq!(
+            p.connection_pool,
+            Some(meshfed_catalog::http_route::ConnectionPool {
+                max_connections: 10,
+                max_pending: 1024
+            })
+        );
+        let pending = dr.replace(
+            "http2MaxRequests: 4}",
+            "http2MaxRequests: 4, http1MaxPendingRequests: 2, idleTimeout: 1s}",
+        );
+        let r = parse(&pending).unwrap();
+        assert_eq!(r.http_policies[0].connection_pool.unwrap().max_pending, 2);
+        assert_eq!(
+            r.warnings[0].field,
+            "spec.trafficPolicy.connectionPool.http.idleTimeout"
+        );
+        // 0 is Istio's unset.
+        let zero = dr.replace("http2MaxRequests: 4", "http2MaxRequests: 0");
+        let r = parse(&zero).unwrap();
+        assert_eq!(r.http_policies[0].max_requests, None);
+        let bad = dr.replace("http2MaxRequests: 4", "http2MaxRequests: -1");
         match parse(&bad) {
             Err(ParseError::Invalid(p)) => assert_eq!(
                 p[0].field,

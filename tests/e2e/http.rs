@@ -957,7 +957,7 @@ async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = sites
         .east_gw
-        .metric("meshfed_gateway_http_overflows_total")
+        .metric("meshfed_gateway_http_overflows_total{direction=\"egress\"}")
         .await;
     let tasks: Vec<_> = (0..20)
         .map(|_| {
@@ -993,7 +993,7 @@ async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
     );
     let after = sites
         .east_gw
-        .metric("meshfed_gateway_http_overflows_total")
+        .metric("meshfed_gateway_http_overflows_total{direction=\"egress\"}")
         .await;
     assert_eq!(after - before, overflowed as f64);
     // Recovered: one at a time, all pass.
@@ -1766,6 +1766,117 @@ spec:
         west_gw.metric("meshfed_gateway_http_ejections_total").await >= 1.0,
         "no ejection counted"
     );
+    drop(fed);
+}
+
+/// Issue 17 §2: a DestinationRule's `connectionPool.tcp.maxConnections` and
+/// `http.http1MaxPendingRequests`, at the exporting site's gateway. West's endpoint
+/// answers after 300 ms and counts the requests it holds at once; with `maxConnections:
+/// 2, http1MaxPendingRequests: 2`, 8 requests at once from east never put more than 2 on
+/// it, 4 are served (2 at once, 2 after waiting), and the others are answered 503
+/// `overflow` at once, counted at west's ingress. Before, every request reached the
+/// endpoint at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_pool_caps_the_endpoints_connections_at_the_exporting_site() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    const DR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 2}
+      http: {http1MaxPendingRequests: 2}
+"#;
+    let scratch = Scratch::new("http-conn-pool");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(ip);
+    // The endpoint: 300 ms per request, the most it held at once.
+    let l = listen();
+    let ep = l.local_addr().unwrap();
+    let now = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (n, m) = (now.clone(), most.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (n, m) = (n.clone(), m.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let (n, m) = (n.clone(), m.clone());
+                    async move {
+                        let held = n.fetch_add(1, Ordering::SeqCst) + 1;
+                        m.fetch_max(held, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        n.fetch_sub(1, Ordering::SeqCst);
+                        answer("west", 200, req).await
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let out = register_yaml(&west, "dr.yaml", DR);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3])
+            .export("web.demo", port, vec![ep])
+            .speaks("web.demo", port, "http"),
+    )
+    .unwrap();
+    let _east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = SocketAddr::new(ip, port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while curl(&[], &format!("http://{import}/")).0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "import never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    most.store(0, Ordering::SeqCst);
+    let at = std::time::Instant::now();
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::task::spawn_blocking(move || {
+                let (status, _, _, error) = curl_head(&[], &format!("http://{import}/"));
+                (status, error == "overflow")
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in burst {
+        results.push(t.await.unwrap());
+    }
+    let took = at.elapsed();
+    let served = results.iter().filter(|(s, _)| *s == 200).count();
+    let overflowed = results.iter().filter(|(s, o)| *s == 503 && *o).count();
+    eprintln!(
+        "8 at once: {served} served, {overflowed} overflow, endpoint held at most {}, {took:?}",
+        most.load(Ordering::SeqCst)
+    );
+    assert_eq!(served + overflowed, 8, "{results:?}");
+    assert!(
+        most.load(Ordering::SeqCst) <= 2,
+        "more than maxConnections at the endpoint"
+    );
+    assert!(
+        served >= 4,
+        "connections and waiting slots serve: {results:?}"
+    );
+    assert!(overflowed >= 1, "{results:?}");
+    assert!(
+        west_gw
+            .metric("meshfed_gateway_http_overflows_total{direction=\"ingress\"}")
+            .await
+            >= 1.0
+    );
+    // Afterwards, all served again.
+    let s = gets(import, 4, &[]).await;
+    assert!(s.iter().all(|c| *c == 200), "{s:?}");
     drop(fed);
 }
 

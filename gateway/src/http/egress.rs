@@ -627,7 +627,7 @@ impl HttpEgress {
                             (n < max).then_some(n + 1)
                         });
                 if taken.is_err() {
-                    eg.metrics.http_overflow();
+                    eg.metrics.http_overflow("egress");
                     let msg = format!("{max} requests to {} in flight (max_requests)", self.import);
                     return Err(error_response(503, OVERFLOW, &msg));
                 }

@@ -7,7 +7,9 @@
 //! export's endpoints, round-robin, among those whose labels hold the subset the egress
 //! named (`meshfed-subset`; 503 `no_ready_endpoint` when none does), skipping endpoints
 //! the service's `outlierDetection` ejected after consecutive errors, per endpoint, never
-//! all of them, over connections pooled per endpoint (HTTP/1.1 for
+//! all of them, within the service's `connectionPool` (at most `maxConnections`
+//! HTTP/1.1 requests at once, a bounded number waiting, 503 `overflow` past it), over
+//! connections pooled per endpoint (HTTP/1.1 for
 //! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
 //! appended to `x-forwarded-for`. When no connection to the endpoint can be made, the
@@ -18,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -28,8 +30,11 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshfed_catalog::ServiceName;
 use meshfed_catalog::catalog::AppProtocol;
-use meshfed_catalog::http_route::{Outlier, SELECTOR_HEADER, parse_selector, selected};
+use meshfed_catalog::http_route::{
+    ConnectionPool, Outlier, SELECTOR_HEADER, parse_selector, selected,
+};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -52,8 +57,50 @@ pub struct Upstream {
     next: AtomicUsize,
     /// Endpoints' consecutive errors and ejections (a service's `outlierDetection`).
     outliers: std::sync::Mutex<super::decide::Outliers<SocketAddr>>,
+    /// Per (service, port) with a `connectionPool`: its HTTP/1.1 connections in use and
+    /// the requests waiting for one.
+    gates: std::sync::Mutex<HashMap<(ServiceName, u16), Arc<Gate>>>,
     start: std::time::Instant,
     metrics: Metrics,
+}
+
+/// A service's `connectionPool` at this gateway: `max_connections` slots (one per
+/// HTTP/1.1 request in flight, held until its answer's body ends) and a bounded number
+/// of requests waiting for one.
+struct Gate {
+    limits: ConnectionPool,
+    slots: Arc<tokio::sync::Semaphore>,
+    waiting: AtomicU32,
+}
+
+/// A request waiting for a slot, counted until it has one or gives up.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether a request that finds every connection in use may wait, with `waiting`
+/// others already waiting (Envoy's `max_pending_requests`). Pure.
+pub fn may_wait(waiting: u32, limits: &ConnectionPool) -> bool {
+    waiting < limits.max_pending
+}
+
+impl Gate {
+    /// A slot now, one after waiting, or `None`: as many wait as may (503 `overflow`).
+    async fn enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
+        if !may_wait(before, &self.limits) {
+            return None;
+        }
+        self.slots.clone().acquire_owned().await.ok()
+    }
 }
 
 /// Why a request did not reach an endpoint's answer.
@@ -79,6 +126,7 @@ impl Upstream {
             connect_timeout,
             next: AtomicUsize::new(0),
             outliers: Default::default(),
+            gates: Default::default(),
             start: std::time::Instant::now(),
             metrics,
         })
@@ -86,6 +134,63 @@ impl Upstream {
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The gate of `open`'s service and port under `limits` (a new one when the limits
+    /// changed; requests holding the old one's slots finish on it).
+    fn gate(&self, open: &Open, limits: ConnectionPool) -> Arc<Gate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (open.service.clone(), open.port);
+        if let Some(g) = gates.get(&key).filter(|g| g.limits == limits) {
+            return g.clone();
+        }
+        let g = Arc::new(Gate {
+            limits,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize)),
+            waiting: AtomicU32::new(0),
+        });
+        gates.insert(key, g.clone());
+        g
+    }
+
+    /// Forwards under the service's `connectionPool` (HTTP/1.1 endpoints only): the
+    /// slot is held until the answer's body ends; past the waiting bound, 503
+    /// `overflow` at once, which tells the egress nothing was sent.
+    async fn forward_pooled(
+        &self,
+        req: Request<Incoming>,
+        endpoints: &[SocketAddr],
+        app: AppProtocol,
+        open: &Open,
+        to: &Serving,
+    ) -> Response<Body> {
+        let pool = to.pool.filter(|_| app == AppProtocol::Http);
+        let Some(limits) = pool else {
+            return self
+                .forward(req, endpoints, app, open, to.outlier.as_ref())
+                .await;
+        };
+        let Some(slot) = self.gate(open, limits).enter().await else {
+            self.metrics.http_overflow("ingress");
+            self.metrics.http_request("ingress", 503);
+            let msg = format!(
+                "{}:{}: {} connections to its endpoints in use and {} requests waiting (its connectionPool)",
+                open.service, open.port, limits.max_connections, limits.max_pending
+            );
+            debug!(%msg, "HTTP request overflowed");
+            return error_response(503, super::egress::OVERFLOW, &msg);
+        };
+        let (parts, body) = self
+            .forward(req, endpoints, app, open, to.outlier.as_ref())
+            .await
+            .into_parts();
+        let body = body
+            .map_frame(move |f| {
+                let _held = &slot;
+                f
+            })
+            .boxed();
+        Response::from_parts(parts, body)
     }
 
     /// The next endpoint in turn that is not ejected (all of them when every one is).
@@ -326,6 +431,8 @@ pub struct Serving {
     pub labels: Vec<BTreeMap<String, String>>,
     /// The service's outlier detection, applied per endpoint.
     pub outlier: Option<Outlier>,
+    /// The service's connection limits toward its HTTP/1.1 endpoints.
+    pub pool: Option<ConnectionPool>,
 }
 
 /// The open decision, made again for each request of a stream: an HTTP stream from an
@@ -373,14 +480,10 @@ pub async fn serve<IO>(
                 Ok(to) => match in_subset(&req, &to.endpoints, &to.labels, &open) {
                     Ok(None) => {
                         upstream
-                            .forward(req, &to.endpoints, app, &open, to.outlier.as_ref())
+                            .forward_pooled(req, &to.endpoints, app, &open, &to)
                             .await
                     }
-                    Ok(Some(some)) => {
-                        upstream
-                            .forward(req, &some, app, &open, to.outlier.as_ref())
-                            .await
-                    }
+                    Ok(Some(some)) => upstream.forward_pooled(req, &some, app, &open, &to).await,
                     Err(answer) => answer,
                 },
             };
@@ -388,4 +491,52 @@ pub async fn serve<IO>(
         }
     });
     super::serve_connection(io, svc, stop, "HTTP over the tunnel").await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_gate_holds_its_connections_and_bounds_the_wait() {
+        let limits = ConnectionPool {
+            max_connections: 2,
+            max_pending: 1,
+        };
+        let gate = Arc::new(Gate {
+            limits,
+            slots: Arc::new(tokio::sync::Semaphore::new(2)),
+            waiting: AtomicU32::new(0),
+        });
+        let a = gate.enter().await.expect("a slot");
+        let _b = gate.enter().await.expect("the second slot");
+        // The third waits for one; the fourth finds one waiting already: overflow.
+        let g = gate.clone();
+        let third = tokio::spawn(async move { g.enter().await });
+        while gate.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(gate.enter().await.is_none(), "past max_pending: overflow");
+        assert_eq!(
+            gate.waiting.load(Ordering::Acquire),
+            1,
+            "the refused one left"
+        );
+        drop(a);
+        let _c = third
+            .await
+            .unwrap()
+            .expect("the waiting one got the freed slot");
+        assert_eq!(gate.waiting.load(Ordering::Acquire), 0);
+        // A waiter that gives up is no longer counted.
+        let g = gate.clone();
+        let gone = tokio::spawn(async move { g.enter().await.is_some() });
+        while gate.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(gate.waiting.load(Ordering::Acquire), 0);
+        assert!(may_wait(0, &limits) && !may_wait(1, &limits));
+    }
 }
