@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod parts;
 pub mod tls;
 
 use std::collections::BTreeMap;

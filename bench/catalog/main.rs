@@ -235,6 +235,7 @@ async fn run_store(
         let mut c = s.client.clone();
         let mut stream = c
             .watch(pb::WatchRequest {
+                parts: false,
                 from_revision: None,
                 gateway_address: String::new(),
             })

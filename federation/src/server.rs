@@ -714,6 +714,7 @@ type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + S
 
 fn snapshot_event(cat: &meshfed_catalog::Catalog) -> pb::WatchEvent {
     pb::WatchEvent {
+        more: false,
         snapshot: true,
         revision: cat.revision.0,
         changes: cat
@@ -932,6 +933,7 @@ impl pb::federation_server::Federation for FederationService {
         let first = match start {
             WatchStart::Snapshot(cat) => snapshot_event(&cat),
             WatchStart::Deltas(ds) => pb::WatchEvent {
+                more: false,
                 snapshot: false,
                 revision: ds
                     .last()
@@ -953,6 +955,7 @@ impl pb::federation_server::Federation for FederationService {
             store,
             guard,
             (self.seen.clone(), rec.site.clone()),
+            r.parts,
         );
         Ok(Response::new(Box::pin(stream)))
     }
@@ -1125,19 +1128,22 @@ mod streams {
     use tokio_stream::StreamExt;
 
     /// First event, then live deltas; a watcher that falls behind the broadcast buffer
-    /// gets a fresh snapshot instead of a gap.
+    /// gets a fresh snapshot instead of a gap. `parts`: each event in parts of about
+    /// a MiB ([`meshfed_api::parts`]), as the watcher asked.
     pub fn unfold(
         first: Option<pb::WatchEvent>,
         rx: broadcast::Receiver<StoreEvent>,
         store: Store,
         guard: WatcherGuard,
         (seen, site): (Seen, SiteName),
+        parts: bool,
     ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
         let live = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |r| {
             // The closure owns the guard, so the watcher gauge drops with the stream.
             let _owned = &guard;
             let ev = match r {
                 Ok(StoreEvent::Deltas(ds)) => pb::WatchEvent {
+                    more: false,
                     snapshot: false,
                     revision: ds.last().map_or(0, |d| d.revision.0),
                     changes: ds
@@ -1149,9 +1155,16 @@ mod streams {
                 Ok(StoreEvent::Reset) | Err(_) => store.with_catalog(snapshot_event),
             };
             mark_seen(&seen, &site, ev.revision);
-            Ok(ev)
+            ev
         });
-        tokio_stream::iter(first.map(Ok)).chain(live)
+        futures::StreamExt::flat_map(tokio_stream::iter(first).chain(live), move |ev| {
+            let evs = if parts {
+                meshfed_api::parts::split(ev)
+            } else {
+                vec![ev]
+            };
+            futures::stream::iter(evs.into_iter().map(Ok))
+        })
     }
 
     pub trait BundlesExt {

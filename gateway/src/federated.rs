@@ -115,6 +115,8 @@ pub enum SessionError {
     Change(#[from] meshfed_api::FieldError),
     #[error(transparent)]
     Catalog(#[from] meshfed_catalog::catalog::CatalogError),
+    #[error("federation watch: {0}")]
+    Parts(#[from] meshfed_api::parts::PartsError),
 }
 
 impl SessionError {
@@ -477,6 +479,7 @@ impl Agent {
         let from = (catalog.revision.0 > 0).then_some(catalog.revision.0);
         let mut watch = client
             .watch(pb::WatchRequest {
+                parts: true,
                 from_revision: from,
                 gateway_address: if self.fed.inbound {
                     self.advertise.clone()
@@ -488,6 +491,7 @@ impl Agent {
             .map_err(rpc("watch"))?
             .into_inner();
         let mut first = true;
+        let mut parts = meshfed_api::parts::Assembler::default();
         let mut links = LinkReporter::default();
         let mut tick = tokio::time::interval(LINK_CHECK);
         loop {
@@ -495,6 +499,8 @@ impl Agent {
                 _ = tick.tick() => links.maybe_report(&mut client, &self.peers, &self.metrics, &self.advertise, self.fed.inbound).await,
                 ev = watch.next() => {
                     let ev = ev.ok_or(SessionError::StreamEnded("watch"))?.map_err(rpc("watch"))?;
+                    // A large event comes in parts; none applies before the last.
+                    let Some(ev) = parts.push(ev)? else { continue };
                     let snapshot = ev.snapshot;
                     if std::mem::take(&mut first) {
                         info!(from = ?from, snapshot, revision = ev.revision, changes = ev.changes.len(), "watching the catalog");
@@ -695,6 +701,7 @@ mod tests {
 
     fn event(snapshot: bool, revision: u64, changes: &[(u64, Change)]) -> pb::WatchEvent {
         pb::WatchEvent {
+            more: false,
             snapshot,
             revision,
             changes: changes

@@ -100,6 +100,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     let mut reference = Catalog::default();
     let mut ref_stream = east_b
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: None,
             gateway_address: String::new(),
         })
@@ -112,6 +113,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     let mut east_cat = reference.clone();
     let mut east_stream = east_a
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: Some(r0.0),
             gateway_address: String::new(),
         })
@@ -151,6 +153,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     // East moves to B and resumes from its revision: deltas, not a snapshot.
     let mut east_stream = east_b
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: Some(east_cat.revision.0),
             gateway_address: String::new(),
         })
@@ -183,6 +186,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
     let mut fresh = Catalog::default();
     let mut s = east_b
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: None,
             gateway_address: String::new(),
         })
@@ -383,6 +387,7 @@ async fn gateway_addresses_live_by_leases_held_on_any_replica() {
     let mut at_a = client(&a, &west, &west.cert, &west.key).await;
     let mut at_b = client(&b, &west, &west.cert, &west.key).await;
     let watch = |address: &str| pb::WatchRequest {
+        parts: false,
         from_revision: None,
         gateway_address: address.into(),
     };

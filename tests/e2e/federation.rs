@@ -353,6 +353,7 @@ async fn join_publish_watch_and_typed_refusals() {
 
     let mut watch = ec
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: None,
             gateway_address: String::new(),
         })
@@ -436,6 +437,7 @@ async fn join_publish_watch_and_typed_refusals() {
     .unwrap();
     let mut resumed = ec
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: Some(r.revision),
             gateway_address: String::new(),
         })
@@ -475,6 +477,7 @@ async fn embedded_store_restart_keeps_revisions_monotonic() {
     // The site and its export survived; a watcher from before the restart resyncs.
     let mut w = wc
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: Some(before),
             gateway_address: String::new(),
         })
@@ -897,6 +900,7 @@ async fn a_full_disk_makes_the_federation_unready_until_space_frees() {
     // Still served to watchers.
     let mut watch = wc
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: None,
             gateway_address: String::new(),
         })
@@ -932,6 +936,7 @@ async fn federation_metrics_pass_promtool() {
         .unwrap();
     let mut watch = wc
         .watch(pb::WatchRequest {
+            parts: false,
             from_revision: None,
             gateway_address: String::new(),
         })
@@ -1108,4 +1113,99 @@ async fn the_topology_page_shows_the_sites_and_a_site_going_down() {
         artifacts.join("topology-up.png").display(),
         artifacts.join("topology-north-down.png").display()
     );
+}
+
+/// Issue 19 (scale): a catalog whose snapshot is past gRPC's 4 MiB message limit. Three
+/// sites publish 30,000 services each (about 6 MiB of changes). A watcher that takes one
+/// message per event (as every gateway did before) cannot receive the snapshot at all:
+/// its stream fails with the message-size error, so a gateway of such a federation never
+/// synced. A watcher that asks for `parts` gets the snapshot in parts of about 1 MiB,
+/// and then a large delta (one site's 30,000 services changed at once) the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_past_the_grpc_message_limit_arrives_in_parts() {
+    use meshfed_api::parts::Assembler;
+    let scratch = Scratch::new("fed-parts");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let sites = joined(&scratch, &fed, ["west", "east", "north"]);
+    const EACH: usize = 30_000;
+    let many = |site: &str, ready: u32| -> Vec<pb::ServiceExport> {
+        (0..EACH)
+            .map(|i| pb::ServiceExport {
+                ready_endpoints: ready,
+                ..export(&format!("service-number-{i:05}.{site}-namespace"))
+            })
+            .collect()
+    };
+    for s in &sites {
+        let mut c = client(&fed, s, &s.cert, &s.key).await;
+        let r = publish(&mut c, &s.site, many(&s.site, 2)).await.unwrap();
+        assert_eq!(r.changes as usize, EACH);
+    }
+    let s = &sites[1];
+    let mut c = client(&fed, s, &s.cert, &s.key).await;
+    // One message per event: the snapshot cannot be received.
+    let mut whole = c
+        .watch(pb::WatchRequest {
+            parts: false,
+            from_revision: None,
+            gateway_address: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match tokio::time::timeout(Duration::from_secs(20), whole.next())
+        .await
+        .expect("an answer in time")
+        .expect("the stream yields")
+    {
+        Err(e) => assert!(e.message().contains("message length too large"), "{e:?}"),
+        Ok(ev) => panic!(
+            "a snapshot of {} changes ({} bytes) arrived in one message",
+            ev.changes.len(),
+            prost::Message::encoded_len(&ev)
+        ),
+    }
+
+    // In parts: every part within the limit, the whole put back together.
+    let mut watch = c
+        .watch(pb::WatchRequest {
+            parts: true,
+            from_revision: None,
+            gateway_address: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut a = Assembler::default();
+    let mut n = 0;
+    let snapshot = loop {
+        n += 1;
+        if let Some(ev) = a.push(next_event(&mut watch).await).unwrap() {
+            break ev;
+        }
+    };
+    assert!(snapshot.snapshot);
+    let exports = snapshot
+        .changes
+        .iter()
+        .filter(|c| matches!(c.op, Some(pb::change::Op::PutExport(_))))
+        .count();
+    eprintln!("snapshot: {} changes in {n} parts", snapshot.changes.len());
+    assert_eq!(exports, 3 * EACH);
+    assert!(n >= 6, "about 1 MiB per part: {n}");
+    // A delta as large: north changes all of its services at once.
+    let north = &sites[2];
+    let mut nc = client(&fed, north, &north.cert, &north.key).await;
+    let r = publish(&mut nc, "north", many("north", 3)).await.unwrap();
+    let mut n = 0;
+    let delta = loop {
+        n += 1;
+        if let Some(ev) = a.push(next_event(&mut watch).await).unwrap() {
+            break ev;
+        }
+    };
+    assert!(!delta.snapshot);
+    assert_eq!(delta.revision, r.revision);
+    assert_eq!(delta.changes.len(), EACH, "in {n} parts");
+    assert!(n >= 2, "{n}");
 }

@@ -47,6 +47,7 @@ fn watcher(
                 (s.snapshots > 0).then_some(s.catalog.revision.0)
             };
             let req = pb::WatchRequest {
+                parts: false,
                 from_revision: from,
                 gateway_address: String::new(),
             };

@@ -146,6 +146,11 @@ pub struct WatchRequest {
     /// another replica holds a stream). Empty: an agent that predates replicas.
     #[prost(string, tag = "2")]
     pub gateway_address: ::prost::alloc::string::String,
+    /// True: the watcher takes an event in parts (`WatchEvent.more`), so no message grows
+    /// with the catalog (a 100,000-service snapshot is several MB, past gRPC's default
+    /// 4 MiB message limit). False (an agent that predates parts): one event per message.
+    #[prost(bool, tag = "3")]
+    pub parts: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -208,6 +213,11 @@ pub struct WatchEvent {
     pub revision: u64,
     #[prost(message, repeated, tag = "3")]
     pub changes: ::prost::alloc::vec::Vec<Change>,
+    /// True: the event continues in the next message (same `snapshot` and `revision`);
+    /// apply none of it until the part with `more` false. Only to a watcher that asked for
+    /// `parts`.
+    #[prost(bool, tag = "4")]
+    pub more: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
