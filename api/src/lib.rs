@@ -50,11 +50,14 @@ pub enum Refusal {
     TrustDomainOwned,
     /// A bundle update whose `spiffe_sequence` is not above the stored one.
     StaleBundle,
+    /// The replica is shutting down: its Watch and Bundles streams end with this, and
+    /// the watcher resumes (at another replica, or at this one once restarted).
+    Draining,
 }
 
 impl Refusal {
     /// Every refusal, for tables and tests.
-    pub const ALL: [Refusal; 17] = [
+    pub const ALL: [Refusal; 18] = [
         Self::BadRequest,
         Self::Unauthenticated,
         Self::NotOperator,
@@ -72,6 +75,7 @@ impl Refusal {
         Self::TrustDomainMismatch,
         Self::TrustDomainOwned,
         Self::StaleBundle,
+        Self::Draining,
     ];
 
     /// The stable code (wire metadata, metric label, log field).
@@ -94,6 +98,7 @@ impl Refusal {
             Self::TrustDomainMismatch => "trust_domain_mismatch",
             Self::TrustDomainOwned => "trust_domain_owned",
             Self::StaleBundle => "stale_bundle",
+            Self::Draining => "draining",
         }
     }
 
@@ -110,7 +115,7 @@ impl Refusal {
             Self::BadRequest | Self::TokenMalformed => Code::InvalidArgument,
             Self::Unauthenticated => Code::Unauthenticated,
             Self::CatalogConflict | Self::StaleBundle => Code::FailedPrecondition,
-            Self::StoreUnavailable => Code::Unavailable,
+            Self::StoreUnavailable | Self::Draining => Code::Unavailable,
             Self::StoreError => Code::Internal,
             Self::NotOperator
             | Self::NotAGateway

@@ -398,6 +398,15 @@ pub async fn serve_with(
     }
     let stop = watcher.token();
     service.replicas.start(stop.clone());
+    // Streams end at the drain's start: a watcher resumes elsewhere, and the server's
+    // graceful shutdown is not held by streams that never end by themselves.
+    {
+        let (stop, draining) = (stop.clone(), service.draining.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            draining.cancel();
+        });
+    }
     tokio::spawn(renew_own_svid(
         Ca::load(&dir.join("ca"))?,
         dir.to_owned(),
@@ -417,6 +426,12 @@ pub async fn serve_with(
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "federation server stopped");
+        }
+        // Every call has ended: the embedded store's closing snapshot is its last word.
+        if let Store::Embedded(s) = &store2
+            && let Err(e) = s.close()
+        {
+            tracing::warn!(error = %e, "closing snapshot write failed; the next start reserves past it");
         }
         drain.drain(Duration::MAX).await;
         if let Store::Etcd(s) = store2 {

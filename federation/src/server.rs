@@ -47,6 +47,10 @@ pub struct FederationService {
     /// Foreign trust domains (`--federates-with`): their bundles are fetched from their
     /// endpoints, and no site may join with one of them.
     foreign: arc_swap::ArcSwap<std::collections::BTreeSet<TrustDomain>>,
+    /// Cancelled when the replica starts to drain: its Watch and Bundles streams end
+    /// (`draining`), so the server's graceful shutdown does not wait on streams that
+    /// never end by themselves.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// Per-site newest revision delivered.
@@ -236,6 +240,7 @@ fn store_status(e: StoreError) -> Refused {
         StoreError::Token(t) => token_status(&t),
         StoreError::Catalog(c) => Refused::new(Refusal::CatalogConflict, c.to_string()),
         StoreError::Etcd { .. } => Refused::new(Refusal::StoreUnavailable, e.to_string()),
+        StoreError::Closed => Refused::new(Refusal::Draining, e.to_string()),
         other => Refused::new(Refusal::StoreError, other.to_string()),
     }
 }
@@ -340,6 +345,7 @@ impl FederationService {
             seen: Seen::default(),
             links: Default::default(),
             foreign: Default::default(),
+            draining: Default::default(),
         });
         this.publish_bundles();
         let mut changed = this.store.subscribe_bundles();
@@ -957,7 +963,10 @@ impl pb::federation_server::Federation for FederationService {
             (self.seen.clone(), rec.site.clone()),
             r.parts,
         );
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(streams::until_drained(
+            stream,
+            self.draining.clone(),
+        ))))
     }
 
     type BundlesStream = BundleStream;
@@ -977,7 +986,10 @@ impl pb::federation_server::Federation for FederationService {
         let (store, own) = (self.store.clone(), self.addresses.clone());
         let stream = tokio_stream::wrappers::WatchStream::new(rx)
             .map_ok_bundles(move || live_addresses(&store, &own));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(streams::until_drained(
+            stream,
+            self.draining.clone(),
+        ))))
     }
 
     async fn status(
@@ -1126,6 +1138,29 @@ impl pb::federation_server::Federation for FederationService {
 mod streams {
     use super::*;
     use tokio_stream::StreamExt;
+
+    /// `stream` until the replica drains, then one `draining` refusal: the watcher knows
+    /// to resume, and the stream does not hold the shutdown.
+    pub fn until_drained<T: Send + 'static>(
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+        draining: tokio_util::sync::CancellationToken,
+    ) -> impl Stream<Item = Result<T, Status>> + Send {
+        let end = draining.clone();
+        // The refusal only when drained, not when the stream ended by itself.
+        let tail = futures::StreamExt::filter_map(
+            futures::stream::once(async move { end.is_cancelled() }),
+            |drained| async move {
+                drained.then(|| {
+                    Err(meshfed_api::Refusal::Draining
+                        .status("this federation replica is shutting down; resume the watch"))
+                })
+            },
+        );
+        futures::StreamExt::chain(
+            futures::StreamExt::take_until(stream, draining.cancelled_owned()),
+            tail,
+        )
+    }
 
     /// First event, then live deltas; a watcher that falls behind the broadcast buffer
     /// gets a fresh snapshot instead of a gap. `parts`: each event in parts of about

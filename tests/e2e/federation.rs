@@ -1209,3 +1209,111 @@ async fn a_snapshot_past_the_grpc_message_limit_arrives_in_parts() {
     assert_eq!(delta.changes.len(), EACH, "in {n} parts");
     assert!(n >= 2, "{n}");
 }
+
+/// Before: SIGTERM to a federation with a watching gateway never finished: the gRPC
+/// server's graceful shutdown waited for every stream to end, and Watch and Bundles
+/// streams never end by themselves, so a restart (an upgrade) hung until someone sent
+/// SIGKILL. Now the drain ends them with the typed `draining` refusal first: the
+/// federation exits within seconds, and the watcher resumes from its revision when it
+/// comes back on the same address, with no snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_watch_streams_and_the_watcher_resumes_after_the_restart() {
+    let scratch = Scratch::new("fed-term");
+    let dir = Fed::init(&scratch);
+    let listen = format!("127.0.0.1:{}", free_port([127, 0, 0, 1].into()));
+    let mut fed = Fed::start_listening(&dir, 0, "10s", On::Embedded, &listen);
+    let [west, east] = joined(&scratch, &fed, ["west", "east"]);
+    let mut wc = client(&fed, &west, &west.cert, &west.key).await;
+    let mut ec = client(&fed, &east, &east.cert, &east.key).await;
+    let r = publish(&mut wc, "west", vec![export("orders.shop")])
+        .await
+        .unwrap();
+    let mut watch = ec
+        .watch(pb::WatchRequest {
+            parts: true,
+            from_revision: None,
+            gateway_address: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_event(&mut watch).await;
+    assert!(first.snapshot && first.revision >= r.revision);
+    let mut bundles = ec
+        .bundles(pb::BundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(bundles.next().await.unwrap().is_ok());
+
+    let at = Instant::now();
+    let pid = fed.pid();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Both streams end with the typed refusal.
+    for (what, end) in [
+        ("watch", next_status(&mut watch).await),
+        ("bundles", next_status(&mut bundles).await),
+    ] {
+        assert_eq!(
+            meshfed_api::reason_of(&end),
+            Some("draining"),
+            "{what}: {end:?}"
+        );
+    }
+    while fed.alive() {
+        assert!(
+            at.elapsed() < Duration::from_secs(10),
+            "the federation did not exit within 10 s of SIGTERM with streams open\n{}",
+            std::fs::read_to_string(&fed.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("exited {:?} after SIGTERM", at.elapsed());
+
+    // Back on the same address: the watch resumes from its revision, with no snapshot.
+    let _fed = Fed::start_listening(&dir, 1, "10s", On::Embedded, &listen);
+    let mut watch = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let req = pb::WatchRequest {
+                parts: true,
+                from_revision: Some(first.revision),
+                gateway_address: String::new(),
+            };
+            match ec.watch(req).await {
+                Ok(w) => break w.into_inner(),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("the watch resumes at the restarted federation");
+    let resumed = next_event(&mut watch).await;
+    assert!(!resumed.snapshot, "resumed, not a snapshot: {resumed:?}");
+    assert_eq!(resumed.revision, first.revision);
+    let r = publish(
+        &mut wc,
+        "west",
+        vec![export("orders.shop"), export("pay.shop")],
+    )
+    .await
+    .unwrap();
+    let ev = next_event(&mut watch).await;
+    assert_eq!((ev.snapshot, ev.revision), (false, r.revision));
+}
+
+/// The status a stream ends with (its next item must be an error).
+async fn next_status<T: std::fmt::Debug>(s: &mut tonic::Streaming<T>) -> tonic::Status {
+    match tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("the stream ends in time")
+    {
+        Some(Err(st)) => st,
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}

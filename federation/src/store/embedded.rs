@@ -4,7 +4,10 @@
 //! snapshot records a *reservation* — a revision the store promises not to reach before
 //! the next snapshot. A commit that would reach it flushes first (extending it), and a
 //! reopened store starts at the reservation. Watchers that had seen a lost commit then
-//! resume from a revision below the new history's floor and get a snapshot.
+//! resume from a revision below the new history's floor and get a snapshot. A clean
+//! shutdown ([`EmbeddedStore::close`]) writes the revision itself as the reservation: no
+//! commit can follow, so the reopened store continues at that revision, and watchers at
+//! it resume with no snapshot (a federation restart costs its watchers nothing).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -65,6 +68,8 @@ struct Inner {
     state: State,
     history: History,
     reserved: u64,
+    /// Closed by a clean shutdown: commits are refused and nothing more is written.
+    closed: bool,
 }
 
 impl EmbeddedStore {
@@ -104,6 +109,7 @@ impl EmbeddedStore {
                 state,
                 history: History::starting_at(history, Revision(start)),
                 reserved: start,
+                closed: false,
             }),
             path: path.map(Path::to_owned),
             events: broadcast::channel(4096).0,
@@ -161,6 +167,9 @@ impl EmbeddedStore {
         }
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut inner = self.lock();
+        if inner.closed {
+            return Err(StoreError::Closed);
+        }
         inner.state.catalog.check(&changes)?;
         let first = inner.state.catalog.revision.0 + 1;
         if first + changes.len() as u64 - 1 < inner.reserved {
@@ -278,6 +287,9 @@ impl EmbeddedStore {
     pub fn flush(&self) -> Result<(), StoreError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let inner = self.lock();
+        if inner.closed {
+            return Ok(()); // the closing snapshot is the last
+        }
         let reserved = inner
             .reserved
             .max(inner.state.catalog.revision.0 + RESERVATION);
@@ -291,6 +303,24 @@ impl EmbeddedStore {
         let mut inner = self.lock();
         inner.reserved = inner.reserved.max(reserved);
         Ok(())
+    }
+
+    /// A clean shutdown's last snapshot, once nothing can commit any more (the server
+    /// has stopped): everything committed, with the revision itself as the reservation,
+    /// so the reopened store continues at it and watchers resume instead of taking
+    /// snapshots. Commits are refused from now on (`Closed`), and later flushes write
+    /// nothing. A crash never gets here, and the reservation then guards the revisions.
+    pub fn close(&self) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
+        inner.closed = true;
+        let snap = Snapshot {
+            version: SNAPSHOT_VERSION,
+            reserved: inner.state.catalog.revision.0,
+            state: inner.state.clone(),
+        };
+        drop(inner);
+        self.write_snapshot(&snap)
     }
 
     fn write_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
@@ -438,6 +468,38 @@ mod tests {
         assert!(r2 > lost);
         // A watcher that saw the lost commit must resync from a snapshot.
         assert!(matches!(s.watch(Some(lost)).0, WatchStart::Snapshot(_)));
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn a_clean_close_continues_at_its_revision_and_watchers_resume() {
+        let p = tmp("close");
+        let s = EmbeddedStore::open(Some(&p), 100).unwrap();
+        let r1 = s
+            .commit(vec![put_site("west"), put_export("west", "a.b")])
+            .unwrap();
+        // Not flushed by the flusher: the close writes it.
+        let r2 = s.commit(vec![put_export("west", "c.d")]).unwrap();
+        s.close().unwrap();
+        assert!(matches!(
+            s.commit(vec![put_export("west", "e.f")]),
+            Err(StoreError::Closed)
+        ));
+        s.flush().unwrap(); // writes nothing after the close
+        drop(s);
+        let s = EmbeddedStore::open(Some(&p), 100).unwrap();
+        assert_eq!(s.revision(), r2, "continues where it closed");
+        assert_eq!(
+            s.state().catalog.exports.len(),
+            2,
+            "nothing acknowledged lost"
+        );
+        // A watcher at the closing revision resumes with nothing to catch up on; one
+        // from before it needs a snapshot (the history is not kept on disk).
+        assert!(matches!(s.watch(Some(r2)).0, WatchStart::Deltas(d) if d.is_empty()));
+        assert!(matches!(s.watch(Some(r1)).0, WatchStart::Snapshot(_)));
+        let r3 = s.commit(vec![put_export("west", "e.f")]).unwrap();
+        assert_eq!(r3.0, r2.0 + 1);
         let _ = std::fs::remove_file(&p);
     }
 

@@ -50,6 +50,8 @@ pub enum StoreError {
     Token(#[from] TokenError),
     #[error("etcd {op}: {detail}")]
     Etcd { op: &'static str, detail: String },
+    #[error("the store is closed: the federation is shutting down")]
+    Closed,
 }
 
 /// Where a watch starts: deltas after its revision, or the whole catalog.
