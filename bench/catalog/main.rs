@@ -530,6 +530,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
         sites = keep;
         let (stop, changed) = (stop.clone(), changed.clone());
         churners.push(tokio::spawn(async move {
+            let began = Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut k = 0usize;
@@ -556,6 +557,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
                     changed.fetch_add(u64::from(r.into_inner().changes), Ordering::Relaxed);
                 }
             }
+            began.elapsed().as_secs_f64()
         }));
     }
     let _ = probers;
@@ -602,13 +604,14 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     }
     let probes_s = t_probes.elapsed().as_secs_f64();
     stop.cancel();
+    let mut churn_s = probes_s;
     for c in churners {
-        let _ = c.await;
+        churn_s = c.await.unwrap_or(probes_s);
     }
     let churn = args
         .churn
         .filter(|r| *r > 0)
-        .map(|_| changed.load(Ordering::Relaxed) as f64 / probes_s);
+        .map(|_| changed.load(Ordering::Relaxed) as f64 / churn_s);
     let gateway = match gateway {
         Some((gw, n)) => {
             let cpu = cpu_s(gw.0.id()) - gw_cpu0.unwrap_or(0.0);

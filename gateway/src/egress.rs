@@ -608,6 +608,15 @@ pub struct Imports {
     callers: Callers,
     by_key: Mutex<BTreeMap<ImportKey, ImportEntry>>,
     targets: Targets,
+    /// The most listeners at once: each holds a descriptor, and a catalog larger than
+    /// the open-file limit must not leave none for connections.
+    max_listeners: usize,
+}
+
+/// The listener budget for an open-file limit: half of it (a quarter goes to UDP flows,
+/// the rest to connections). Pure.
+pub fn listener_budget(nofile: u64) -> usize {
+    usize::try_from(nofile / 2).unwrap_or(usize::MAX)
 }
 
 /// An import's identity: service, port, protocol (TCP and UDP on one port are two).
@@ -632,6 +641,7 @@ impl Imports {
         callers: Callers,
     ) -> Self {
         Self {
+            max_listeners: usize::MAX,
             dispatch: crate::udp::Dispatch::new(&metrics),
             peers,
             local_id,
@@ -643,6 +653,12 @@ impl Imports {
             by_key: Mutex::new(BTreeMap::new()),
             targets: Targets::default(),
         }
+    }
+
+    /// At most `n` listeners at once (see [`listener_budget`]); unbounded by default.
+    pub fn with_max_listeners(mut self, n: usize) -> Self {
+        self.max_listeners = n;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ImportKey, ImportEntry>> {
@@ -690,6 +706,15 @@ impl Imports {
                 e.backends.store(Arc::new(backends));
             }
             return Ok(e.addr);
+        }
+        if map.len() >= self.max_listeners {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::QuotaExceeded,
+                format!(
+                    "the gateway listens on {} imports already, its most (half its open-file limit)",
+                    map.len()
+                ),
+            ));
         }
         let backends = Arc::new(ArcSwap::from_pointee(backends));
         let app_now = Arc::new(ArcSwap::from_pointee(app));

@@ -63,6 +63,9 @@ pub struct Agent {
     pub applied: tokio::sync::watch::Sender<Option<Arc<AppliedPlan>>>,
     /// Routing conflicts last seen, so each is logged once when it appears.
     pub route_conflicts: std::sync::Mutex<BTreeSet<String>>,
+    /// What `imports.json` holds as this agent last wrote it (compared in memory: the
+    /// file is as large as the imports, and read back on every plan it cost as much).
+    pub listeners_written: std::sync::Mutex<Option<ImportListeners>>,
 }
 
 /// A plan as the agent applied it: the plan, the address each imported service listens
@@ -346,6 +349,7 @@ impl Agent {
             .import_ports
             .map(|r| meshfed_catalog::routing::import_ports(&p, r));
         let mut bound = ImportListeners::default();
+        let (mut unbound, mut over_budget) = (0usize, None);
         for im in &p.imports {
             let Some(ip) = addrs.get(&im.service) else {
                 warn!(service = %im.service, "federation.vip_range is full: import not bound");
@@ -383,15 +387,33 @@ impl Agent {
                         backends: im.backends.clone(),
                     });
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::QuotaExceeded => {
+                    // One line for all of them below, not one per import.
+                    unbound += 1;
+                    over_budget.get_or_insert(e);
+                }
                 Err(e) => {
+                    unbound += 1;
                     warn!(service = %im.service, port = im.port, %listen, error = %e, "import listener not bound")
                 }
             }
         }
         self.imports.retain(&keep_imports);
+        let unbound_before = self.metrics.imports_unbound.get();
+        self.metrics
+            .imports_bound
+            .set(i64::try_from(bound.imports.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .imports_unbound
+            .set(i64::try_from(unbound).unwrap_or(i64::MAX));
+        if let Some(e) = over_budget
+            && unbound_before != self.metrics.imports_unbound.get()
+        {
+            warn!(unbound, bound = bound.imports.len(), error = %e, "imports not bound: the gateway's listener budget is spent (raise its open-file limit)");
+        }
         // Counted once the routes it chose are in place.
         self.metrics.route_conflicts.set(conflict_count);
-        self.write_listeners(&bound);
+        self.write_listeners(bound);
         // Published once peers and listeners match it: whoever follows (DNS) answers
         // only for what is bound.
         self.applied.send_replace(Some(Arc::new(AppliedPlan {
@@ -402,20 +424,26 @@ impl Agent {
     }
 
     /// Writes `imports.json` when what is bound changed.
-    fn write_listeners(&self, bound: &ImportListeners) {
+    fn write_listeners(&self, bound: ImportListeners) {
         let path = self.fed.dir.join(IMPORTS_FILE);
-        let old: Option<ImportListeners> = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        if old.as_ref() == Some(bound) {
+        let mut last = self
+            .listeners_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none() {
+            // The first time: what a previous run left.
+            *last = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+        }
+        if last.as_ref() == Some(&bound) {
             return;
         }
-        match serde_json::to_vec_pretty(bound) {
-            Ok(b) => {
-                if let Err(e) = write_file(&path, &b, 0o644) {
-                    warn!(error = %e, "imports.json not written");
-                }
-            }
+        match serde_json::to_vec_pretty(&bound) {
+            Ok(b) => match write_file(&path, &b, 0o644) {
+                Ok(()) => *last = Some(bound),
+                Err(e) => warn!(error = %e, "imports.json not written"),
+            },
             Err(e) => warn!(error = %e, "imports.json not serialized"),
         }
     }
@@ -498,15 +526,34 @@ impl Agent {
             tokio::select! {
                 _ = tick.tick() => links.maybe_report(&mut client, &self.peers, &self.metrics, &self.advertise, self.fed.inbound).await,
                 ev = watch.next() => {
-                    let ev = ev.ok_or(SessionError::StreamEnded("watch"))?.map_err(rpc("watch"))?;
-                    // A large event comes in parts; none applies before the last.
-                    let Some(ev) = parts.push(ev)? else { continue };
-                    let snapshot = ev.snapshot;
-                    if std::mem::take(&mut first) {
-                        info!(from = ?from, snapshot, revision = ev.revision, changes = ev.changes.len(), "watching the catalog");
+                    let mut ev = ev.ok_or(SessionError::StreamEnded("watch"))?.map_err(rpc("watch"))?;
+                    // Every event already here is applied before the plan is: under a
+                    // burst of changes the cache and the plan (each as large as the
+                    // catalog) are written once per burst, not once per event.
+                    let mut applied = 0;
+                    loop {
+                        // A large event comes in parts; none applies before the last.
+                        if let Some(whole) = parts.push(ev)? {
+                            let snapshot = whole.snapshot;
+                            if std::mem::take(&mut first) {
+                                info!(from = ?from, snapshot, revision = whole.revision, changes = whole.changes.len(), "watching the catalog");
+                            }
+                            apply_event(catalog, whole)?;
+                            debug!(revision = catalog.revision.0, snapshot, "catalog updated");
+                            applied += 1;
+                        }
+                        if applied >= MAX_COALESCED {
+                            break;
+                        }
+                        match futures::FutureExt::now_or_never(watch.next()) {
+                            Some(Some(next)) => ev = next.map_err(rpc("watch"))?,
+                            Some(None) => return Err(SessionError::StreamEnded("watch")),
+                            None => break,
+                        }
                     }
-                    apply_event(catalog, ev)?;
-                    debug!(revision = catalog.revision.0, snapshot, "catalog updated");
+                    if applied == 0 {
+                        continue;
+                    }
                     self.save_cache(catalog);
                     self.apply_plan(catalog);
                 }
@@ -846,6 +893,9 @@ mod tests {
 
 /// How often the agent looks at its links for `ReportLinks`.
 const LINK_CHECK: Duration = Duration::from_secs(2);
+/// Watch events applied to the catalog before its plan is applied, at the most (those
+/// already received; a burst is bounded so the plan never lags far behind).
+const MAX_COALESCED: usize = 256;
 /// A report is sent at least this often, changed or not (the federation forgets a
 /// replica's links 75 s after its last report).
 const LINK_REFRESH: Duration = Duration::from_secs(30);

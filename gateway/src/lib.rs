@@ -291,6 +291,7 @@ fn start_federation(
         bundle_store: sh.bundle_store,
         applied: sh.applied,
         route_conflicts: Default::default(),
+        listeners_written: Default::default(),
         ingress: sh.ingress,
         reload: sh.reload,
         pinned: cfg
@@ -654,17 +655,21 @@ pub async fn start_with(
     } else {
         egress::Callers::Declared
     };
-    let imports = Arc::new(egress::Imports::new(
-        peers.clone(),
-        cfg.source_identity
-            .clone()
-            .unwrap_or_else(|| svid.id.clone()),
-        metrics.clone(),
-        cfg.connect_timeout + Duration::from_secs(2),
-        cfg.udp_idle_timeout,
-        streams_w.clone(),
-        callers,
-    ));
+    let nofile = raise_nofile_limit();
+    let imports = Arc::new(
+        egress::Imports::new(
+            peers.clone(),
+            cfg.source_identity
+                .clone()
+                .unwrap_or_else(|| svid.id.clone()),
+            metrics.clone(),
+            cfg.connect_timeout + Duration::from_secs(2),
+            cfg.udp_idle_timeout,
+            streams_w.clone(),
+            callers,
+        )
+        .with_max_listeners(egress::listener_budget(nofile)),
+    );
     for im in &cfg.imports {
         imports
             .upsert(
@@ -696,7 +701,6 @@ pub async fn start_with(
         source,
     })?;
 
-    let nofile = raise_nofile_limit();
     let flow_limits = udp::FlowLimits::for_nofile(nofile);
     info!(
         nofile,

@@ -428,6 +428,9 @@ pub struct Metrics {
     /// Imports whose exporting sites publish different HTTP routes (the first site by
     /// name applies).
     pub route_conflicts: Gauge,
+    /// Imports with a listener, and those left without one (past the listener budget).
+    pub imports_bound: Gauge,
+    pub imports_unbound: Gauge,
     /// 1 for the transport each dialed peer link uses now (at most 32 addresses per
     /// peer site, one series each).
     pub link_transport: Family<LinkLabels, Gauge>,
@@ -538,6 +541,16 @@ impl Metrics {
             "route_conflicts",
             "Imports whose exporting sites publish different HTTP routes; the first site by name applies",
             self.route_conflicts.clone(),
+        );
+        r.register(
+            "imports_bound",
+            "Imported (service, port)s this gateway listens on",
+            self.imports_bound.clone(),
+        );
+        r.register(
+            "imports_unbound",
+            "Imported (service, port)s without a listener: past the listener budget (half the open-file limit), a full vip_range or import_ports, or a bind error",
+            self.imports_unbound.clone(),
         );
         r.register(
             "http_route_requests",

@@ -1317,3 +1317,63 @@ async fn next_status<T: std::fmt::Debug>(s: &mut tonic::Streaming<T>) -> tonic::
         other => panic!("expected an error status, got {other:?}"),
     }
 }
+
+/// Before: a gateway bound a listener for every import the catalog offered, each a
+/// descriptor, with no bound but the open-file limit. A catalog larger than the limit
+/// (here 60 imports at 64 descriptors) took every descriptor: binds failed one by one,
+/// each logged, and nothing was left for connections. Now the listeners get half the
+/// limit (32); the rest stay unbound (`meshfed_gateway_imports_unbound`, one warning),
+/// and the bound imports carry traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_past_the_listener_budget_leaves_descriptors_for_connections() {
+    let scratch = Scratch::new("fed-budget");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [west, east] = joined(&scratch, &fed, ["west", "east"]);
+    let echo = echo_server().await;
+    let mut wc = fed_config(&west, [127, 0, 0, 3]);
+    for i in 0..60u16 {
+        wc = wc.export(&format!("svc{i}.demo"), 7100 + i, vec![echo]);
+    }
+    let west_gw = Gw::start(&west, &wc).unwrap();
+    let east_gw = Gw::start_in(
+        &["prlimit", "--nofile=64:64", "--"],
+        &east,
+        &fed_config(&east, [127, 0, 0, 2]),
+    )
+    .unwrap();
+    let unbound = east_gw
+        .wait_metric(
+            "meshfed_gateway_imports_unbound",
+            28.0,
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(unbound, 28.0, "{}", east_gw.logs());
+    assert_eq!(east_gw.metric("meshfed_gateway_imports_bound").await, 32.0);
+    let logs = east_gw.logs();
+    assert_eq!(
+        logs.matches("listener budget is spent").count(),
+        1,
+        "one warning, not one per import:\n{logs}"
+    );
+    assert!(!logs.contains("import listener not bound"), "{logs}");
+    // The bound imports carry traffic, several connections at once.
+    let listeners: meshfed_catalog::routing::ImportListeners = serde_json::from_slice(
+        &std::fs::read(east.dir.join(meshfed_catalog::routing::IMPORTS_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(listeners.imports.len(), 32);
+    let tasks: Vec<_> = listeners.imports[..8]
+        .iter()
+        .map(|l| {
+            let addr = l.listen;
+            tokio::spawn(async move { echo_once(addr).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}\n{}", east_gw.logs()));
+    }
+    drop(west_gw);
+}
