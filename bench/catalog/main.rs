@@ -487,11 +487,16 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
                 })
                 .map_or(0, |l| l.imports.len())
         };
+        // It binds at most half its open-file limit (the rest stay unbound).
+        let want = args
+            .services
+            .min(usize::try_from(hard / 2).unwrap_or(usize::MAX));
         loop {
             let n = count();
-            if n >= args.services {
+            if n >= want {
                 eprintln!(
-                    "  {store}: the gateway listens on {n} imports after {:.1}s",
+                    "  {store}: the gateway listens on {n} of {} imports after {:.1}s",
+                    args.services,
                     t.elapsed().as_secs_f64()
                 );
                 break;
@@ -512,55 +517,56 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     let stop = tokio_util::sync::CancellationToken::new();
     let changed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut churners = Vec::new();
-    let probers: Vec<usize> = (0..sites.len())
-        .filter(|i| i % 2 == 1 || args.churn.is_none())
-        .collect();
     if let Some(rate) = args.churn.filter(|r| *r > 0) {
-        // Ticks of 20 ms; each publishes one site's set with `per_tick` services changed.
-        let per_tick = (rate as usize).div_ceil(50);
-        let mut mine: Vec<Site> = Vec::new();
+        // CHURNERS publishers at once (a publish takes longer than a tick under load);
+        // each ticks every 20 ms and publishes one of its sites' sets with its share of
+        // the changes.
+        const CHURNERS: usize = 8;
+        let per_tick = (rate as usize).div_ceil(50 * CHURNERS);
+        let mut groups: Vec<Vec<Site>> = (0..CHURNERS).map(|_| Vec::new()).collect();
         let mut keep = Vec::new();
         for (i, s) in sites.into_iter().enumerate() {
             if i % 2 == 0 {
-                mine.push(s);
+                groups[(i / 2) % CHURNERS].push(s);
             } else {
                 keep.push(s);
             }
         }
         sites = keep;
-        let (stop, changed) = (stop.clone(), changed.clone());
-        churners.push(tokio::spawn(async move {
-            let began = Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let mut k = 0usize;
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                let m = mine.len();
-                let s = &mut mine[k % m];
-                let n = s.exports.len();
-                for j in 0..per_tick.min(n) {
-                    let e = &mut s.exports[(k / m * per_tick + j) % n];
-                    e.ready_endpoints = if e.ready_endpoints == 3 { 4 } else { 3 };
+        for mut mine in groups.into_iter().filter(|g| !g.is_empty()) {
+            let (stop, changed) = (stop.clone(), changed.clone());
+            churners.push(tokio::spawn(async move {
+                let began = Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut k = 0usize;
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    let m = mine.len();
+                    let s = &mut mine[k % m];
+                    let n = s.exports.len();
+                    for j in 0..per_tick.min(n) {
+                        let e = &mut s.exports[(k / m * per_tick + j) % n];
+                        e.ready_endpoints = if e.ready_endpoints == 3 { 4 } else { 3 };
+                    }
+                    k += 1;
+                    let r = s
+                        .client
+                        .publish(pb::PublishRequest {
+                            site: s.name.clone(),
+                            exports: s.exports.clone(),
+                            gateway_addresses: vec![],
+                            outbound_only: false,
+                        })
+                        .await;
+                    if let Ok(r) = r {
+                        changed.fetch_add(u64::from(r.into_inner().changes), Ordering::Relaxed);
+                    }
                 }
-                k += 1;
-                let r = s
-                    .client
-                    .publish(pb::PublishRequest {
-                        site: s.name.clone(),
-                        exports: s.exports.clone(),
-                        gateway_addresses: vec![],
-                        outbound_only: false,
-                    })
-                    .await;
-                if let Ok(r) = r {
-                    changed.fetch_add(u64::from(r.into_inner().changes), Ordering::Relaxed);
-                }
-            }
-            began.elapsed().as_secs_f64()
-        }));
+                began.elapsed().as_secs_f64()
+            }));
+        }
     }
-    let _ = probers;
 
     // Probes, one at a time, round-robin over the probing sites.
     eprintln!("  {store}: probing");
@@ -604,10 +610,11 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     }
     let probes_s = t_probes.elapsed().as_secs_f64();
     stop.cancel();
-    let mut churn_s = probes_s;
+    let mut churn_s: f64 = 0.0;
     for c in churners {
-        churn_s = c.await.unwrap_or(probes_s);
+        churn_s = churn_s.max(c.await.unwrap_or(probes_s));
     }
+    let churn_s = if churn_s > 0.0 { churn_s } else { probes_s };
     let churn = args
         .churn
         .filter(|r| *r > 0)
@@ -777,7 +784,7 @@ async fn run(args: Args) -> Result<()> {
     let mut worst_p99: f64 = 0.0;
     let mut worst_rss: f64 = 0.0;
     let mut worst_resync: Option<f64> = None;
-    let mut worst_gw: Option<(f64, f64)> = None;
+    let mut worst_gw: Option<(f64, f64, usize)> = None;
     let mut ratios = Vec::new();
     for store in args.stores.split(',') {
         let etcd = match store {
@@ -801,10 +808,12 @@ async fn run(args: Args) -> Result<()> {
         }
         if let Some((rss, vcpu, n)) = r.gateway {
             println!(
-                "  {store}: gateway with {n} imports: RSS {rss:.0} MiB, {vcpu:.3} vCPU during the probes and churn"
+                "  {store}: gateway with {n} of {} imports bound (half its open-file limit {}): RSS {rss:.0} MiB, {vcpu:.3} vCPU during the probes and churn",
+                args.services,
+                nofile_hard()
             );
-            let w = worst_gw.get_or_insert((0.0, 0.0));
-            *w = (w.0.max(rss), w.1.max(vcpu));
+            let w = worst_gw.get_or_insert((0.0, 0.0, usize::MAX));
+            *w = (w.0.max(rss), w.1.max(vcpu), w.2.min(n));
         }
         if let Some((secs, snaps)) = r.resync {
             println!(
@@ -827,7 +836,8 @@ async fn run(args: Args) -> Result<()> {
         println!("catalog_scale_convergence_p50_ms: {p50:.2}");
         println!("catalog_scale_convergence_p99_ms: {worst_p99:.2}");
         println!("catalog_scale_federation_rss_mib: {worst_rss:.0}");
-        if let Some((rss, vcpu)) = worst_gw {
+        if let Some((rss, vcpu, n)) = worst_gw {
+            println!("catalog_scale_gateway_imports_bound: {n}");
             println!("catalog_scale_gateway_vcpu: {vcpu:.3}");
             println!("catalog_scale_gateway_rss_mib: {rss:.0}");
         }

@@ -26,7 +26,7 @@ use meshfed_catalog::token::{Claim, JoinToken, TokenRecord, redeem};
 pub const RESERVATION: u64 = 100_000;
 /// Deltas kept for resuming watches.
 pub const DEFAULT_HISTORY: usize = 100_000;
-/// Debounce for background snapshot writes.
+/// Debounce for background snapshot writes (at least; see [`flush_delay`]).
 const FLUSH_DELAY: Duration = Duration::from_millis(50);
 /// How often a failed snapshot write is retried with no new commit.
 const FLUSH_RETRY: Duration = Duration::from_secs(1);
@@ -344,6 +344,10 @@ impl EmbeddedStore {
     /// A failed write is retried every [`FLUSH_RETRY`] without waiting for the next
     /// commit, so a freed disk is noticed on its own.
     pub async fn run_flusher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        // The wait before a write grows with what the last one cost: a snapshot is as
+        // large as the catalog (100,000 services: tens of MB), and written every 50 ms
+        // under a steady stream of publishes it took a core away from the watchers.
+        let mut delay = FLUSH_DELAY;
         loop {
             let failing = self
                 .snapshot_error
@@ -355,11 +359,14 @@ impl EmbeddedStore {
                 _ = tokio::time::sleep(FLUSH_RETRY), if failing => {}
                 _ = stop.cancelled() => break,
             }
-            tokio::time::sleep(FLUSH_DELAY).await;
+            tokio::time::sleep(delay).await;
             // Serializing a large catalog takes milliseconds: not on a runtime worker,
             // where it would stall every stream scheduled there.
             let this = self.clone();
-            let failed = match tokio::task::spawn_blocking(move || this.flush()).await {
+            let began = std::time::Instant::now();
+            let r = tokio::task::spawn_blocking(move || this.flush()).await;
+            delay = flush_delay(began.elapsed());
+            let failed = match r {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => {
                     warn!(error = %e, "snapshot write failed; will retry");
@@ -380,6 +387,16 @@ impl EmbeddedStore {
         }
     }
 }
+
+/// The wait before the next background snapshot write after one that took `took`:
+/// [`FLUSH_DELAY`], or 4× the write's cost when that is more (so snapshots take at most
+/// a fifth of a core), at most [`FLUSH_DELAY_MAX`]. Pure.
+pub fn flush_delay(took: Duration) -> Duration {
+    (took * 4).clamp(FLUSH_DELAY, FLUSH_DELAY_MAX)
+}
+
+/// The longest wait before a background snapshot write.
+const FLUSH_DELAY_MAX: Duration = Duration::from_secs(2);
 
 /// Writes a snapshot atomically and durably (0600).
 fn write_snapshot(path: &Path, snap: &Snapshot) -> Result<(), StoreError> {
@@ -501,6 +518,19 @@ mod tests {
         let r3 = s.commit(vec![put_export("west", "e.f")]).unwrap();
         assert_eq!(r3.0, r2.0 + 1);
         let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn snapshot_writes_wait_in_proportion_to_their_cost() {
+        let ms = Duration::from_millis;
+        for (took, want) in [
+            (ms(1), FLUSH_DELAY),
+            (ms(12), FLUSH_DELAY),
+            (ms(100), ms(400)),
+            (ms(2000), FLUSH_DELAY_MAX),
+        ] {
+            assert_eq!(flush_delay(took), want, "{took:?}");
+        }
     }
 
     #[test]
