@@ -188,6 +188,18 @@ struct Site {
     exports: Vec<pb::ServiceExport>,
 }
 
+impl Site {
+    /// Its whole export set, as a gateway publishes it.
+    fn request(&self) -> pb::PublishRequest {
+        pb::PublishRequest {
+            site: self.name.clone(),
+            exports: self.exports.clone(),
+            gateway_addresses: vec![],
+            outbound_only: false,
+        }
+    }
+}
+
 /// What one store's run measured.
 struct StoreRun {
     /// Convergence per probe, ms.
@@ -417,16 +429,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     let t = Instant::now();
     let mut last_rev = 0;
     for s in &mut sites {
-        let r = s
-            .client
-            .publish(pb::PublishRequest {
-                site: s.name.clone(),
-                exports: s.exports.clone(),
-                gateway_addresses: vec![],
-                outbound_only: false,
-            })
-            .await?
-            .into_inner();
+        let r = s.client.publish(s.request()).await?.into_inner();
         last_rev = r.revision;
     }
     eprintln!(
@@ -550,15 +553,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
                         e.ready_endpoints = if e.ready_endpoints == 3 { 4 } else { 3 };
                     }
                     k += 1;
-                    let r = s
-                        .client
-                        .publish(pb::PublishRequest {
-                            site: s.name.clone(),
-                            exports: s.exports.clone(),
-                            gateway_addresses: vec![],
-                            outbound_only: false,
-                        })
-                        .await;
+                    let r = s.client.publish(s.request()).await;
                     if let Ok(r) = r {
                         changed.fetch_add(u64::from(r.into_inner().changes), Ordering::Relaxed);
                     }
@@ -580,17 +575,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
         let s = &mut sites[i];
         s.exports.push(export(&probe));
         let t0 = Instant::now();
-        probe_rev = s
-            .client
-            .publish(pb::PublishRequest {
-                site: s.name.clone(),
-                exports: s.exports.clone(),
-                gateway_addresses: vec![],
-                outbound_only: false,
-            })
-            .await?
-            .into_inner()
-            .revision;
+        probe_rev = s.client.publish(s.request()).await?.into_inner().revision;
         let mut seen = 0;
         let mut last = t0;
         while seen < args.sites {

@@ -1710,6 +1710,48 @@ spec:
     }
 }
 
+/// Two federated sites: west exports `web.demo` as HTTP in front of `endpoints`, with
+/// `yaml` registered at west first; east imports it. Ready once the import answers 200.
+struct WestServes {
+    fed: crate::federation::Fed,
+    west_gw: Gw,
+    _east_gw: Gw,
+    import: SocketAddr,
+    _scratch: Scratch,
+}
+
+async fn west_serves(name: &str, yaml: &str, endpoints: Vec<SocketAddr>) -> WestServes {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new(name);
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(ip);
+    let out = register_yaml(&west, "policy.yaml", yaml);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3])
+            .export("web.demo", port, endpoints)
+            .speaks("web.demo", port, "http"),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = SocketAddr::new(ip, port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while curl(&[], &format!("http://{import}/")).0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "import never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    WestServes {
+        fed,
+        west_gw,
+        _east_gw: east_gw,
+        import,
+        _scratch: scratch,
+    }
+}
+
 /// Issue 17 §4 (istio#52435): outlier detection at the ingress is per endpoint. West's
 /// `web.demo` has a good endpoint and one that answers 503; with a DestinationRule's
 /// `outlierDetection` registered at west, the bad endpoint is ejected after two errors
@@ -1717,7 +1759,6 @@ spec:
 /// egress's retry of the two 503s lands on the good endpoint).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_endpoint_is_ejected_at_the_ingress_and_its_site_keeps_serving() {
-    use crate::federation::{Fed, fed_config, free_port, joined};
     const DR: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -1727,29 +1768,16 @@ spec:
   trafficPolicy:
     outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 50}
 "#;
-    let scratch = Scratch::new("http-ep-outlier");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let port = free_port(ip);
     let (good, good_hits) = http_endpoint("good", 200).await;
     let (bad, bad_hits) = http_endpoint("bad", 503).await;
-    let out = register_yaml(&west, "dr.yaml", DR);
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![good, bad])
-            .speaks("web.demo", port, "http"),
-    )
-    .unwrap();
-    let _east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    let import = SocketAddr::new(ip, port);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while curl(&[], &format!("http://{import}/")).0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "import never served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Bound by name (not `..`), so the east gateway and the scratch live to the end.
+    let WestServes {
+        fed,
+        west_gw,
+        import,
+        _east_gw,
+        _scratch,
+    } = west_serves("http-ep-outlier", DR, vec![good, bad]).await;
     let statuses = gets(import, 200, &[]).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let (good_n, bad_n) = (
@@ -1778,7 +1806,6 @@ spec:
 /// endpoint at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_pool_caps_the_endpoints_connections_at_the_exporting_site() {
-    use crate::federation::{Fed, fed_config, free_port, joined};
     const DR: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -1790,11 +1817,6 @@ spec:
       tcp: {maxConnections: 2}
       http: {http1MaxPendingRequests: 2}
 "#;
-    let scratch = Scratch::new("http-conn-pool");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let port = free_port(ip);
     // The endpoint: 300 ms per request, the most it held at once.
     let l = listen();
     let ep = l.local_addr().unwrap();
@@ -1821,22 +1843,14 @@ spec:
             });
         }
     });
-    let out = register_yaml(&west, "dr.yaml", DR);
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![ep])
-            .speaks("web.demo", port, "http"),
-    )
-    .unwrap();
-    let _east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    let import = SocketAddr::new(ip, port);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while curl(&[], &format!("http://{import}/")).0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "import never served");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Bound by name (not `..`), so the east gateway and the scratch live to the end.
+    let WestServes {
+        fed,
+        west_gw,
+        import,
+        _east_gw,
+        _scratch,
+    } = west_serves("http-conn-pool", DR, vec![ep]).await;
     most.store(0, Ordering::SeqCst);
     let at = std::time::Instant::now();
     let burst: Vec<_> = (0..8)
