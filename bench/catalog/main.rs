@@ -568,14 +568,13 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     let gw_cpu0 = gateway.as_ref().map(|(g, _)| cpu_s(g.0.id()));
     let t_probes = Instant::now();
     let mut lat = Vec::with_capacity(args.samples);
-    let mut probe_rev = 0;
     for k in 0..args.samples {
         let i = (k * 7) % sites.len();
         let probe = format!("probe{k}.{}", sites[i].name);
         let s = &mut sites[i];
         s.exports.push(export(&probe));
         let t0 = Instant::now();
-        probe_rev = s.client.publish(s.request()).await?.into_inner().revision;
+        s.client.publish(s.request()).await?;
         let mut seen = 0;
         let mut last = t0;
         while seen < args.sites {
@@ -618,7 +617,6 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     // Restart: SIGTERM (a drain, as an upgrade does), then the same directory and port.
     let mut resync = None;
     if args.restart {
-        let _ = probe_rev;
         let load = |v: &[std::sync::atomic::AtomicU64]| -> Vec<u64> {
             v.iter().map(|r| r.load(Ordering::Acquire)).collect()
         };
