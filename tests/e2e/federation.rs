@@ -1144,15 +1144,7 @@ async fn a_snapshot_past_the_grpc_message_limit_arrives_in_parts() {
     let s = &sites[1];
     let mut c = client(&fed, s, &s.cert, &s.key).await;
     // One message per event: the snapshot cannot be received.
-    let mut whole = c
-        .watch(pb::WatchRequest {
-            parts: false,
-            from_revision: None,
-            gateway_address: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut whole = watch_from(&mut c, None, false).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(20), whole.next())
         .await
         .expect("an answer in time")
@@ -1167,15 +1159,7 @@ async fn a_snapshot_past_the_grpc_message_limit_arrives_in_parts() {
     }
 
     // In parts: every part within the limit, the whole put back together.
-    let mut watch = c
-        .watch(pb::WatchRequest {
-            parts: true,
-            from_revision: None,
-            gateway_address: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_from(&mut c, None, true).await.unwrap();
     let mut a = Assembler::default();
     let mut n = 0;
     let snapshot = loop {
@@ -1228,15 +1212,7 @@ async fn sigterm_ends_the_watch_streams_and_the_watcher_resumes_after_the_restar
     let r = publish(&mut wc, "west", vec![export("orders.shop")])
         .await
         .unwrap();
-    let mut watch = ec
-        .watch(pb::WatchRequest {
-            parts: true,
-            from_revision: None,
-            gateway_address: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch_from(&mut ec, None, true).await.unwrap();
     let first = next_event(&mut watch).await;
     assert!(first.snapshot && first.revision >= r.revision);
     let mut bundles = ec
@@ -1280,13 +1256,8 @@ async fn sigterm_ends_the_watch_streams_and_the_watcher_resumes_after_the_restar
     let _fed = Fed::start_listening(&dir, 1, "10s", On::Embedded, &listen);
     let mut watch = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let req = pb::WatchRequest {
-                parts: true,
-                from_revision: Some(first.revision),
-                gateway_address: String::new(),
-            };
-            match ec.watch(req).await {
-                Ok(w) => break w.into_inner(),
+            match watch_from(&mut ec, Some(first.revision), true).await {
+                Ok(w) => break w,
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -1376,4 +1347,19 @@ async fn a_catalog_past_the_listener_budget_leaves_descriptors_for_connections()
             .unwrap_or_else(|e| panic!("{e}\n{}", east_gw.logs()));
     }
     drop(west_gw);
+}
+
+/// A Watch from `from` (`None`: a snapshot first), in parts or not.
+async fn watch_from(
+    c: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+    from: Option<u64>,
+    parts: bool,
+) -> Result<tonic::Streaming<pb::WatchEvent>, tonic::Status> {
+    c.watch(pb::WatchRequest {
+        parts,
+        from_revision: from,
+        gateway_address: String::new(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
 }
