@@ -358,7 +358,7 @@ pub struct PolicyError {
     pub message: String,
 }
 
-fn bad(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
+pub(crate) fn bad(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
     PolicyError {
         field: field.into(),
         message: message.into(),

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::http_route::{PolicyError, bad};
+
 /// A DestinationRule's `trafficPolicy.loadBalancer.localityLbSetting`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,21 +130,6 @@ pub fn distribute(
     Some(weights)
 }
 
-/// A setting that does not hold together (Istio's `ValidateLocalityLbSetting`); names
-/// the field under `localityLbSetting`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SettingError {
-    pub field: String,
-    pub message: String,
-}
-
-fn bad(field: impl Into<String>, message: impl Into<String>) -> SettingError {
-    SettingError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
 /// The most rules and patterns a setting may have: it comes from another site.
 pub const MAX_RULES: usize = 64;
 
@@ -150,8 +137,9 @@ impl LocalityLb {
     /// Istio's checks: not both `distribute` and `failover`; each rule's percentages 1 to
     /// 100 summing to 100; patterns with at most one `*`, at the end, no empty part, and
     /// no overlap among a rule's `to` (nor among the `from`s); failover between two
-    /// different regions, named without `/` or `*`. Pure.
-    pub fn check(&self) -> Result<(), SettingError> {
+    /// different regions, named without `/` or `*`. The field is under
+    /// `localityLbSetting` (empty: the setting itself). Pure.
+    pub fn check(&self) -> Result<(), PolicyError> {
         if !self.distribute.is_empty() && !self.failover.is_empty() {
             return Err(bad(
                 "distribute",

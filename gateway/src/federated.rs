@@ -353,6 +353,7 @@ impl Agent {
         for im in &p.imports {
             let Some(ip) = addrs.get(&im.service) else {
                 warn!(service = %im.service, "federation.vip_range is full: import not bound");
+                unbound += 1;
                 continue;
             };
             let port = match &ports {
@@ -361,6 +362,7 @@ impl Agent {
                     Some(p) => *p,
                     None => {
                         warn!(service = %im.service, port = im.port, "federation.import_ports is full: import not bound");
+                        unbound += 1;
                         continue;
                     }
                 },

@@ -917,19 +917,20 @@ pub(crate) fn locality_lb(
             }
         }
     };
-    let text = |d: &mut Doc<'_>, o: &serde_json::Map<String, Value>, f: String| match o.get("from")
-    {
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) => String::new(),
-        Some(other) => {
-            d.err(f, format!("{other} is not a string"));
-            String::new()
-        }
-    };
+    // A rule's `from` or `to` locality (missing: empty, which `check` refuses).
+    let text =
+        |d: &mut Doc<'_>, o: &serde_json::Map<String, Value>, rule: &str, k: &str| match o.get(k) {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) => String::new(),
+            Some(other) => {
+                d.err(format!("{rule}.{k}"), format!("{other} is not a string"));
+                String::new()
+            }
+        };
     for (i, o) in list(d, "distribute").into_iter().enumerate() {
         let f = format!("{field}.distribute[{i}]");
         d.unsupported(&f, &o, &["from", "to"]);
-        let from = text(d, &o, format!("{f}.from"));
+        let from = text(d, &o, &f, "from");
         let mut to = std::collections::BTreeMap::new();
         match o.get("to") {
             None | Some(Value::Null) => {}
@@ -950,15 +951,7 @@ pub(crate) fn locality_lb(
     for (i, o) in list(d, "failover").into_iter().enumerate() {
         let f = format!("{field}.failover[{i}]");
         d.unsupported(&f, &o, &["from", "to"]);
-        let from = text(d, &o, format!("{f}.from"));
-        let to = match o.get("to") {
-            Some(Value::String(s)) => s.clone(),
-            None | Some(Value::Null) => String::new(),
-            Some(other) => {
-                d.err(format!("{f}.to"), format!("{other} is not a string"));
-                String::new()
-            }
-        };
+        let (from, to) = (text(d, &o, &f, "from"), text(d, &o, &f, "to"));
         lb.failover.push(Failover { from, to });
     }
     if m.get("failoverPriority").is_some_and(|v| !v.is_null()) {

@@ -166,10 +166,7 @@ impl EmbeddedStore {
             return Ok(self.revision());
         }
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut inner = self.lock();
-        if inner.closed {
-            return Err(StoreError::Closed);
-        }
+        let mut inner = self.open_lock()?;
         inner.state.catalog.check(&changes)?;
         let first = inner.state.catalog.revision.0 + 1;
         if first + changes.len() as u64 - 1 < inner.reserved {
@@ -242,7 +239,10 @@ impl EmbeddedStore {
     /// Records a newly issued token; flushed before returning so a printed token works
     /// even after a crash.
     pub fn add_token(&self, token: &JoinToken, rec: TokenRecord) -> Result<(), StoreError> {
-        self.lock().state.tokens.insert(token.secret_hash(), rec);
+        self.open_lock()?
+            .state
+            .tokens
+            .insert(token.secret_hash(), rec);
         self.flush()
     }
 
@@ -253,7 +253,7 @@ impl EmbeddedStore {
         claim: &Claim,
         now: i64,
     ) -> Result<(), StoreError> {
-        redeem(&mut self.lock().state.tokens, token, claim, now)?;
+        redeem(&mut self.open_lock()?.state.tokens, token, claim, now)?;
         self.flush()?;
         Ok(())
     }
@@ -281,6 +281,17 @@ impl EmbeddedStore {
 
     pub fn subscribe_bundles(&self) -> watch::Receiver<u64> {
         self.bundles_changed.subscribe()
+    }
+
+    /// The state's lock, for a change that must reach disk: refused once closed. A
+    /// change made under it before the close is in the closing snapshot; after it, a
+    /// flush writes nothing, so the change would be acknowledged and lost.
+    fn open_lock(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        let inner = self.lock();
+        if inner.closed {
+            return Err(StoreError::Closed);
+        }
+        Ok(inner)
     }
 
     /// Writes the snapshot now.
@@ -503,6 +514,22 @@ mod tests {
             Err(StoreError::Closed)
         ));
         s.flush().unwrap(); // writes nothing after the close
+        // A token issued after the close would be printed and never stored: refused.
+        let west = SiteName::new("west").unwrap();
+        let t = JoinToken::generate(
+            west.clone(),
+            vec!["127.0.0.1:1".into()],
+            TrustDomain::new("fed.example.org").unwrap(),
+            "00".repeat(32),
+        );
+        let rec = TokenRecord {
+            site: west,
+            expires_unix: 2000,
+            used_unix: None,
+            trust_domain: None,
+            share_trust_domain: false,
+        };
+        assert!(matches!(s.add_token(&t, rec), Err(StoreError::Closed)));
         drop(s);
         let s = EmbeddedStore::open(Some(&p), 100).unwrap();
         assert_eq!(s.revision(), r2, "continues where it closed");

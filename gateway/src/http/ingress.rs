@@ -59,7 +59,7 @@ pub struct Upstream {
     outliers: std::sync::Mutex<super::decide::Outliers<SocketAddr>>,
     /// Per (service, port) with a `connectionPool`: its HTTP/1.1 connections in use and
     /// the requests waiting for one.
-    gates: std::sync::Mutex<HashMap<(ServiceName, u16), Arc<Gate>>>,
+    gates: std::sync::Mutex<HashMap<ServiceName, HashMap<u16, Arc<Gate>>>>,
     start: std::time::Instant,
     metrics: Metrics,
 }
@@ -140,8 +140,12 @@ impl Upstream {
     /// changed; requests holding the old one's slots finish on it).
     fn gate(&self, open: &Open, limits: ConnectionPool) -> Arc<Gate> {
         let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (open.service.clone(), open.port);
-        if let Some(g) = gates.get(&key).filter(|g| g.limits == limits) {
+        // Looked up by reference: a request allocates nothing when its gate exists.
+        if let Some(g) = gates
+            .get(&open.service)
+            .and_then(|ports| ports.get(&open.port))
+            .filter(|g| g.limits == limits)
+        {
             return g.clone();
         }
         let g = Arc::new(Gate {
@@ -149,7 +153,10 @@ impl Upstream {
             slots: Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize)),
             waiting: AtomicU32::new(0),
         });
-        gates.insert(key, g.clone());
+        gates
+            .entry(open.service.clone())
+            .or_default()
+            .insert(open.port, g.clone());
         g
     }
 
