@@ -245,7 +245,16 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         "   client ──tcp──▶ east egress {import} ══QUIC mTLS (meshfed/1)══▶ a site's gateway ──tcp──▶ orders.shop"
     );
     if let Some(east) = &gateways[0] {
-        let (out, _) = east.gateway.connected_peers();
+        // The first call needs one link; the others are dialed beside it. Wait (a
+        // little) for every link's handshake before showing who was verified.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let out = loop {
+            let (out, _) = east.gateway.connected_peers();
+            if out.iter().all(|(_, id)| id.is_some()) || Instant::now() >= deadline {
+                break out;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         for (site, id) in out {
             println!(
                 "   east verified peer {site:<6} as {}",
