@@ -414,7 +414,9 @@ impl History {
         h
     }
 
+    /// Appends a delta; deltas come in revision order (as [`Catalog::apply`] takes them).
     pub fn push(&mut self, d: Delta) {
+        debug_assert!(self.deltas.back().is_none_or(|b| b.revision <= d.revision));
         if self.deltas.len() == self.cap
             && let Some(old) = self.deltas.pop_front()
         {
@@ -428,13 +430,9 @@ impl History {
         if from < self.floor {
             return Resume::Snapshot;
         }
-        Resume::Deltas(
-            self.deltas
-                .iter()
-                .filter(|d| d.revision > from)
-                .cloned()
-                .collect(),
-        )
+        // Revisions only grow along the history: find the first one past `from`.
+        let start = self.deltas.partition_point(|d| d.revision <= from);
+        Resume::Deltas(self.deltas.range(start..).cloned().collect())
     }
 }
 

@@ -20,7 +20,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// ingress grants this only once the peer is authenticated: quinn allocates the state of
 /// every stream a peer may open up front (about 90 bytes each, 1.5 MB at this limit).
 pub const MAX_STREAMS: u32 = 16 * 1024;
-/// The stream limit an accepted connection starts with, until its handshake completes.
+/// The stream limit a connection starts with (accepted or dialed), until its handshake
+/// completes.
 pub const UNAUTHENTICATED_STREAMS: u32 = 64;
 /// How long the ingress keeps an unfinished handshake (the dialer gives up after 5 s).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -165,7 +166,15 @@ pub fn client_config(
     let tls = meshfed_identity::tls::client_config(svid, verifier, &[ALPN_V2, ALPN])?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TunnelError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport_config(cc)));
+    let mut transport = transport_config(cc);
+    // The streams the peer may open back on a connection we dial (an outbound-only
+    // site's exports): quinn allocates their state when the connection is created, about
+    // 1.5 MB at MAX_STREAMS, and a dial to a peer that never answers paid it on every
+    // retry (half of a gateway's CPU with 511 unreachable peers, bench/catalog --scale).
+    // Raised to MAX_STREAMS once the handshake verified the peer
+    // (`Ingress::serve_dialed`).
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(UNAUTHENTICATED_STREAMS));
+    cfg.transport_config(Arc::new(transport));
     Ok(cfg)
 }
 

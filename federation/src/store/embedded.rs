@@ -42,17 +42,38 @@ pub struct State {
     pub bundles: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Snapshot {
     version: u32,
     reserved: u64,
     state: State,
 }
 
+/// What [`write_snapshot`] writes: a [`Snapshot`] by reference, so that writing one
+/// copies nothing.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    version: u32,
+    reserved: u64,
+    state: StateRef<'a>,
+}
+
+/// [`State`] by reference; serializes as `State` does.
+#[derive(Serialize)]
+struct StateRef<'a> {
+    catalog: &'a Catalog,
+    tokens: &'a BTreeMap<String, TokenRecord>,
+    bundles: &'a BTreeMap<String, String>,
+}
+
 pub struct EmbeddedStore {
     /// Serializes snapshot writes (they share one temp file, and a later write must not
-    /// be overtaken by an older one). Lock order: `writer`, then `inner`.
-    writer: Mutex<()>,
+    /// be overtaken by an older one), and holds the catalog as the last snapshot wrote
+    /// it: the next write brings it up to date from the history, under `inner` only for
+    /// as long as copying the new deltas takes, instead of copying the whole catalog
+    /// there. Commits do not take it unless they reach the reservation. Lock order:
+    /// `writer`, then `inner`.
+    writer: Mutex<Option<Catalog>>,
     inner: Mutex<Inner>,
     path: Option<PathBuf>,
     events: broadcast::Sender<StoreEvent>,
@@ -104,7 +125,7 @@ impl EmbeddedStore {
         let mut state = state;
         state.catalog.revision = Revision(start);
         let store = Arc::new(Self {
-            writer: Mutex::new(()),
+            writer: Mutex::new(None),
             inner: Mutex::new(Inner {
                 state,
                 history: History::starting_at(history, Revision(start)),
@@ -126,14 +147,8 @@ impl EmbeddedStore {
     /// Writes an empty store at `path` (revision 0, nothing reserved): what `federation
     /// init` leaves, so that `serve` can tell a new federation from a lost snapshot.
     pub fn create_empty(path: &Path) -> Result<(), StoreError> {
-        write_snapshot(
-            path,
-            &Snapshot {
-                version: SNAPSHOT_VERSION,
-                reserved: 0,
-                state: State::default(),
-            },
-        )
+        let empty = State::default();
+        write_snapshot(path, &SnapshotRef::new(0, &empty.catalog, &empty))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -165,7 +180,6 @@ impl EmbeddedStore {
         if changes.is_empty() {
             return Ok(self.revision());
         }
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut inner = self.open_lock()?;
         inner.state.catalog.check(&changes)?;
         let first = inner.state.catalog.revision.0 + 1;
@@ -189,7 +203,13 @@ impl EmbeddedStore {
             self.dirty.notify_one();
             return Ok(rev);
         }
-        // Reaching the reservation: the new state goes to disk before anyone sees it.
+        // Reaching the reservation (the background writes extend it, so only when they
+        // fall behind or fail): the new state goes to disk before anyone sees it, under
+        // the writer lock, which comes first.
+        drop(inner);
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.open_lock()?;
+        inner.state.catalog.check(&changes)?;
         let mut next = inner.state.catalog.clone();
         let mut deltas = Vec::with_capacity(changes.len());
         for change in changes {
@@ -203,14 +223,7 @@ impl EmbeddedStore {
         let rev = next.revision;
         if rev.0 >= inner.reserved {
             let reserved = rev.0 + RESERVATION;
-            self.write_snapshot(&Snapshot {
-                version: SNAPSHOT_VERSION,
-                reserved,
-                state: State {
-                    catalog: next.clone(),
-                    ..inner.state.clone()
-                },
-            })?;
+            self.write_snapshot(&SnapshotRef::new(reserved, &next, &inner.state))?;
             inner.reserved = reserved;
         }
         inner.state.catalog = next;
@@ -296,7 +309,7 @@ impl EmbeddedStore {
 
     /// Writes the snapshot now.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut flushed = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let inner = self.lock();
         if inner.closed {
             return Ok(()); // the closing snapshot is the last
@@ -304,13 +317,7 @@ impl EmbeddedStore {
         let reserved = inner
             .reserved
             .max(inner.state.catalog.revision.0 + RESERVATION);
-        let snap = Snapshot {
-            version: SNAPSHOT_VERSION,
-            reserved,
-            state: inner.state.clone(),
-        };
-        drop(inner);
-        self.write_snapshot(&snap)?;
+        self.write_locked(&mut flushed, inner, reserved)?;
         let mut inner = self.lock();
         inner.reserved = inner.reserved.max(reserved);
         Ok(())
@@ -322,19 +329,73 @@ impl EmbeddedStore {
     /// snapshots. Commits are refused from now on (`Closed`), and later flushes write
     /// nothing. A crash never gets here, and the reservation then guards the revisions.
     pub fn close(&self) -> Result<(), StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut flushed = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let mut inner = self.lock();
         inner.closed = true;
-        let snap = Snapshot {
-            version: SNAPSHOT_VERSION,
-            reserved: inner.state.catalog.revision.0,
-            state: inner.state.clone(),
-        };
-        drop(inner);
-        self.write_snapshot(&snap)
+        let reserved = inner.state.catalog.revision.0;
+        self.write_locked(&mut flushed, inner, reserved)
     }
 
-    fn write_snapshot(&self, snap: &Snapshot) -> Result<(), StoreError> {
+    /// Writes the state `inner` holds, with `reserved`, releasing `inner` before the
+    /// write. `flushed` (the writer lock's catalog) catches up by the deltas since the
+    /// last write, or is copied whole when the history no longer has them.
+    fn write_locked(
+        &self,
+        flushed: &mut Option<Catalog>,
+        inner: MutexGuard<'_, Inner>,
+        reserved: u64,
+    ) -> Result<(), StoreError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let now = inner.state.catalog.revision;
+        let behind = match flushed.as_ref() {
+            Some(c) if c.revision <= now => match inner.history.since(c.revision) {
+                Resume::Deltas(ds) => Some(ds),
+                Resume::Snapshot => None,
+            },
+            _ => None,
+        };
+        let deltas = match behind {
+            Some(ds) => ds,
+            None => {
+                *flushed = Some(inner.state.catalog.clone());
+                Vec::new()
+            }
+        };
+        let tokens = inner.state.tokens.clone();
+        let bundles = inner.state.bundles.clone();
+        drop(inner);
+        let Some(catalog) = flushed.as_mut() else {
+            unreachable!("set above");
+        };
+        for d in &deltas {
+            if let Err(e) = catalog.apply(d) {
+                // Not expected (the deltas were checked); the next write copies afresh.
+                *flushed = None;
+                return Err(StoreError::Corrupt {
+                    path: path.clone(),
+                    detail: format!("the snapshot's catalog could not catch up: {e}"),
+                });
+            }
+        }
+        debug_assert_eq!(catalog.revision, now);
+        let state = StateRef {
+            catalog,
+            tokens: &tokens,
+            bundles: &bundles,
+        };
+        write_snapshot(
+            path,
+            &SnapshotRef {
+                version: SNAPSHOT_VERSION,
+                reserved,
+                state,
+            },
+        )
+    }
+
+    fn write_snapshot(&self, snap: &SnapshotRef<'_>) -> Result<(), StoreError> {
         match &self.path {
             Some(path) => write_snapshot(path, snap),
             None => Ok(()),
@@ -409,8 +470,22 @@ pub fn flush_delay(took: Duration) -> Duration {
 /// The longest wait before a background snapshot write.
 const FLUSH_DELAY_MAX: Duration = Duration::from_secs(2);
 
+impl<'a> SnapshotRef<'a> {
+    fn new(reserved: u64, catalog: &'a Catalog, state: &'a State) -> Self {
+        Self {
+            version: SNAPSHOT_VERSION,
+            reserved,
+            state: StateRef {
+                catalog,
+                tokens: &state.tokens,
+                bundles: &state.bundles,
+            },
+        }
+    }
+}
+
 /// Writes a snapshot atomically and durably (0600).
-fn write_snapshot(path: &Path, snap: &Snapshot) -> Result<(), StoreError> {
+fn write_snapshot(path: &Path, snap: &SnapshotRef<'_>) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec(snap).map_err(|e| StoreError::Corrupt {
         path: path.to_owned(),
         detail: e.to_string(),
@@ -544,6 +619,58 @@ mod tests {
         assert!(matches!(s.watch(Some(r1)).0, WatchStart::Snapshot(_)));
         let r3 = s.commit(vec![put_export("west", "e.f")]).unwrap();
         assert_eq!(r3.0, r2.0 + 1);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn a_commit_does_not_wait_for_a_snapshot_write() {
+        let p = tmp("nowait");
+        let s = EmbeddedStore::open(Some(&p), 100).unwrap();
+        // A snapshot write in progress holds the writer lock for as long as it takes
+        // (tens of MB at 100,000 services). Commits below the reservation go on.
+        let writing = s.writer.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(s2.commit(vec![put_site("west"), put_export("west", "a.b")]));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the commit waited for the snapshot write");
+        assert_eq!(r.unwrap(), Revision(2));
+        drop(writing);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn each_snapshot_holds_every_commit_whether_it_catches_up_or_copies() {
+        // History 3: the second write catches up by 2 deltas, the third must copy (5
+        // commits since, more than the history holds).
+        let p = tmp("catchup");
+        let s = EmbeddedStore::open(Some(&p), 3).unwrap();
+        s.commit(vec![put_site("west")]).unwrap();
+        s.flush().unwrap();
+        s.commit(vec![put_export("west", "a.b")]).unwrap();
+        s.commit(vec![put_export("west", "c.d")]).unwrap();
+        s.flush().unwrap();
+        let on_disk = |p: &Path| {
+            let snap: Snapshot = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            snap.state.catalog
+        };
+        assert_eq!(on_disk(&p), s.state().catalog);
+        for svc in ["e.f", "g.h", "i.j", "k.l"] {
+            s.commit(vec![put_export("west", svc)]).unwrap();
+        }
+        s.commit(vec![Change::DeleteExport {
+            site: SiteName::new("west").unwrap(),
+            service: ServiceName::parse("a.b").unwrap(),
+        }])
+        .unwrap();
+        s.flush().unwrap();
+        assert_eq!(on_disk(&p), s.state().catalog);
+        assert_eq!(on_disk(&p).exports.len(), 5);
+        s.close().unwrap();
+        assert_eq!(on_disk(&p), s.state().catalog);
         let _ = std::fs::remove_file(&p);
     }
 
