@@ -938,19 +938,7 @@ impl pb::federation_server::Federation for FederationService {
         let store = self.store.clone();
         let first = match start {
             WatchStart::Snapshot(cat) => snapshot_event(&cat),
-            WatchStart::Deltas(ds) => pb::WatchEvent {
-                more: false,
-                snapshot: false,
-                revision: ds
-                    .last()
-                    .map(|d| d.revision.0)
-                    .or(from.map(|f| f.0))
-                    .unwrap_or_default(),
-                changes: ds
-                    .iter()
-                    .map(|d| change_to_pb(d.revision, &d.change))
-                    .collect(),
-            },
+            WatchStart::Deltas(ds) => crate::store::deltas_event(&ds, from),
         };
         self.metrics.watchers.inc();
         let guard = WatcherGuard(self.metrics.watchers.clone(), lease, replica);
@@ -1173,31 +1161,29 @@ mod streams {
         (seen, site): (Seen, SiteName),
         parts: bool,
     ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
-        let live = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |r| {
-            // The closure owns the guard, so the watcher gauge drops with the stream.
-            let _owned = &guard;
-            let ev = match r {
-                Ok(StoreEvent::Deltas(ds)) => pb::WatchEvent {
-                    more: false,
-                    snapshot: false,
-                    revision: ds.last().map_or(0, |d| d.revision.0),
-                    changes: ds
-                        .iter()
-                        .map(|d| change_to_pb(d.revision, &d.change))
-                        .collect(),
-                },
-                // Fell behind the broadcast buffer, or the store lost its history.
-                Ok(StoreEvent::Reset) | Err(_) => store.with_catalog(snapshot_event),
-            };
-            mark_seen(&seen, &site, ev.revision);
-            ev
-        });
-        futures::StreamExt::flat_map(tokio_stream::iter(first).chain(live), move |ev| {
-            let evs = if parts {
+        let split = move |ev| {
+            if parts {
                 meshfed_api::parts::split(ev)
             } else {
                 vec![ev]
+            }
+        };
+        let first = first.map(split);
+        let live = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |r| {
+            // The closure owns the guard, so the watcher gauge drops with the stream.
+            let _owned = &guard;
+            let evs = match r {
+                // Converted once, by the first watcher to send it.
+                Ok(StoreEvent::Deltas(c)) => c.wire(parts),
+                // Fell behind the broadcast buffer, or the store lost its history.
+                Ok(StoreEvent::Reset) | Err(_) => split(store.with_catalog(snapshot_event)),
             };
+            if let Some(ev) = evs.last() {
+                mark_seen(&seen, &site, ev.revision);
+            }
+            evs
+        });
+        futures::StreamExt::flat_map(tokio_stream::iter(first).chain(live), |evs| {
             futures::stream::iter(evs.into_iter().map(Ok))
         })
     }

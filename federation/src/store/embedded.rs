@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, watch};
 use tracing::warn;
 
-use super::{StoreError, StoreEvent, WatchStart};
+use super::{Committed, StoreError, StoreEvent, WatchStart};
 use meshfed_catalog::catalog::{Catalog, Change, Delta, History, Resume, Revision};
 use meshfed_catalog::token::{Claim, JoinToken, TokenRecord, redeem};
 
@@ -198,7 +198,7 @@ impl EmbeddedStore {
             let rev = inner.state.catalog.revision;
             // Sent under the lock: `watch` reads history and subscribes under it too, so a
             // new watcher gets these deltas exactly once.
-            let _ = self.events.send(StoreEvent::Deltas(Arc::new(deltas)));
+            let _ = self.events.send(StoreEvent::Deltas(Committed::new(deltas)));
             drop(inner);
             self.dirty.notify_one();
             return Ok(rev);
@@ -230,7 +230,7 @@ impl EmbeddedStore {
         for d in &deltas {
             inner.history.push(d.clone());
         }
-        let _ = self.events.send(StoreEvent::Deltas(Arc::new(deltas)));
+        let _ = self.events.send(StoreEvent::Deltas(Committed::new(deltas)));
         drop(inner);
         self.dirty.notify_one();
         Ok(rev)
@@ -719,7 +719,7 @@ mod tests {
         }
         s.commit(vec![put_export("west", "c.d")]).unwrap();
         match rx.try_recv().unwrap() {
-            StoreEvent::Deltas(d) => assert_eq!(d[0].revision, Revision(r.0 + 2)),
+            StoreEvent::Deltas(d) => assert_eq!(d.deltas[0].revision, Revision(r.0 + 2)),
             StoreEvent::Reset => panic!("expected deltas"),
         }
         assert!(matches!(s.watch(None).0, WatchStart::Snapshot(_)));

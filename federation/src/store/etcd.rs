@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::mirror::{KvEvent, Layout, Mirror};
-use super::{StoreError, StoreEvent, WatchStart};
+use super::{Committed, StoreError, StoreEvent, WatchStart};
 use meshfed_catalog::catalog::{Catalog, CatalogError, Change, Resume, Revision};
 use meshfed_catalog::names::SiteName;
 use meshfed_catalog::token::{Claim, JoinToken, TokenRecord, redeem};
@@ -825,7 +825,7 @@ impl EtcdStore {
             if !applied.deltas.is_empty() {
                 let _ = self
                     .events
-                    .send(StoreEvent::Deltas(Arc::new(applied.deltas)));
+                    .send(StoreEvent::Deltas(Committed::new(applied.deltas)));
             }
             newest = rev;
         }
