@@ -6,7 +6,8 @@
 //!   transactions, site liveness is etcd leases.
 //!
 //! Both hand out the same revisioned deltas, so the service and gateways do not care
-//! which one runs.
+//! which one runs. Each commit is broadcast once as a [`Committed`], whose wire form
+//! the watchers share.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
