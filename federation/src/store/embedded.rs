@@ -148,7 +148,10 @@ impl EmbeddedStore {
     /// init` leaves, so that `serve` can tell a new federation from a lost snapshot.
     pub fn create_empty(path: &Path) -> Result<(), StoreError> {
         let empty = State::default();
-        write_snapshot(path, &SnapshotRef::new(0, &empty.catalog, &empty))
+        write_snapshot(
+            path,
+            &SnapshotRef::new(0, &empty.catalog, &empty.tokens, &empty.bundles),
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -223,7 +226,12 @@ impl EmbeddedStore {
         let rev = next.revision;
         if rev.0 >= inner.reserved {
             let reserved = rev.0 + RESERVATION;
-            self.write_snapshot(&SnapshotRef::new(reserved, &next, &inner.state))?;
+            self.write_snapshot(&SnapshotRef::new(
+                reserved,
+                &next,
+                &inner.state.tokens,
+                &inner.state.bundles,
+            ))?;
             inner.reserved = reserved;
         }
         inner.state.catalog = next;
@@ -349,50 +357,32 @@ impl EmbeddedStore {
             return Ok(());
         };
         let now = inner.state.catalog.revision;
-        let behind = match flushed.as_ref() {
+        // Taken out, and put back only once caught up: a failure leaves it empty, and
+        // the next write copies afresh.
+        let (mut catalog, deltas) = match flushed.take() {
             Some(c) if c.revision <= now => match inner.history.since(c.revision) {
-                Resume::Deltas(ds) => Some(ds),
-                Resume::Snapshot => None,
+                Resume::Deltas(ds) => (c, ds),
+                Resume::Snapshot => (inner.state.catalog.clone(), Vec::new()),
             },
-            _ => None,
-        };
-        let deltas = match behind {
-            Some(ds) => ds,
-            None => {
-                *flushed = Some(inner.state.catalog.clone());
-                Vec::new()
-            }
+            _ => (inner.state.catalog.clone(), Vec::new()),
         };
         let tokens = inner.state.tokens.clone();
         let bundles = inner.state.bundles.clone();
         drop(inner);
-        let Some(catalog) = flushed.as_mut() else {
-            unreachable!("set above");
-        };
         for d in &deltas {
-            if let Err(e) = catalog.apply(d) {
-                // Not expected (the deltas were checked); the next write copies afresh.
-                *flushed = None;
-                return Err(StoreError::Corrupt {
-                    path: path.clone(),
-                    detail: format!("the snapshot's catalog could not catch up: {e}"),
-                });
-            }
+            // Not expected: the deltas were checked before they were committed.
+            catalog.apply(d).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                detail: format!("the snapshot's catalog could not catch up: {e}"),
+            })?;
         }
         debug_assert_eq!(catalog.revision, now);
-        let state = StateRef {
-            catalog,
-            tokens: &tokens,
-            bundles: &bundles,
-        };
-        write_snapshot(
+        let written = write_snapshot(
             path,
-            &SnapshotRef {
-                version: SNAPSHOT_VERSION,
-                reserved,
-                state,
-            },
-        )
+            &SnapshotRef::new(reserved, &catalog, &tokens, &bundles),
+        );
+        *flushed = Some(catalog);
+        written
     }
 
     fn write_snapshot(&self, snap: &SnapshotRef<'_>) -> Result<(), StoreError> {
@@ -471,14 +461,19 @@ pub fn flush_delay(took: Duration) -> Duration {
 const FLUSH_DELAY_MAX: Duration = Duration::from_secs(2);
 
 impl<'a> SnapshotRef<'a> {
-    fn new(reserved: u64, catalog: &'a Catalog, state: &'a State) -> Self {
+    fn new(
+        reserved: u64,
+        catalog: &'a Catalog,
+        tokens: &'a BTreeMap<String, TokenRecord>,
+        bundles: &'a BTreeMap<String, String>,
+    ) -> Self {
         Self {
             version: SNAPSHOT_VERSION,
             reserved,
             state: StateRef {
                 catalog,
-                tokens: &state.tokens,
-                bundles: &state.bundles,
+                tokens,
+                bundles,
             },
         }
     }
@@ -520,6 +515,15 @@ mod tests {
             gateway_addresses: vec![],
             up: true,
         })
+    }
+
+    fn west_token(west: &SiteName) -> JoinToken {
+        JoinToken::generate(
+            west.clone(),
+            vec!["127.0.0.1:1".into()],
+            TrustDomain::new("fed.example.org").unwrap(),
+            "00".repeat(32),
+        )
     }
 
     fn put_export(site: &str, svc: &str) -> Change {
@@ -591,12 +595,7 @@ mod tests {
         s.flush().unwrap(); // writes nothing after the close
         // A token issued after the close would be printed and never stored: refused.
         let west = SiteName::new("west").unwrap();
-        let t = JoinToken::generate(
-            west.clone(),
-            vec!["127.0.0.1:1".into()],
-            TrustDomain::new("fed.example.org").unwrap(),
-            "00".repeat(32),
-        );
+        let t = west_token(&west);
         let rec = TokenRecord {
             site: west,
             expires_unix: 2000,
@@ -746,12 +745,7 @@ mod tests {
     fn tokens_persist_and_are_single_use() {
         let p = tmp("tokens");
         let west = SiteName::new("west").unwrap();
-        let t = JoinToken::generate(
-            west.clone(),
-            vec!["127.0.0.1:1".into()],
-            TrustDomain::new("fed.example.org").unwrap(),
-            "00".repeat(32),
-        );
+        let t = west_token(&west);
         {
             let s = EmbeddedStore::open(Some(&p), 10).unwrap();
             let rec = TokenRecord {
