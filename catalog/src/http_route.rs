@@ -234,14 +234,30 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-/// Istio's `mirror` and `mirrorPercentage`.
+/// Istio's `mirror` and `mirrorPercentage` (Gateway API's `RequestMirror`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mirror {
+    /// Another service the copies go to (a new version that is a Service of its own),
+    /// through the importing gateway's import of it, as a [`Destination`]'s. `None`: the
+    /// policy's own service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceName>,
+    /// That service's port; `None`: the port the request came in on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// A subset of the mirror's service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subset: Option<String>,
     /// Of every million requests.
     pub per_million: u32,
+}
+
+impl Mirror {
+    /// The service this mirror names other than `own`, if any.
+    pub fn other_service<'a>(&'a self, own: &ServiceName) -> Option<&'a ServiceName> {
+        self.service.as_ref().filter(|s| *s != own)
+    }
 }
 
 /// Istio's `HTTPFaultInjection`: a fixed delay and an abort, each for a share of the
@@ -785,13 +801,30 @@ impl HttpPolicy {
                 if m.per_million > 1_000_000 {
                     return Err(bad(f("mirror.per_million"), "above 100 %"));
                 }
+                // A subset of another service is that service's policy's to define.
                 if let Some(s) = &m.subset
+                    && m.other_service(&self.service).is_none()
                     && !names.contains(s.as_str())
                 {
                     return Err(bad(
                         f("mirror.subset"),
                         format!("{s:?} is not a subset of {}", self.service),
                     ));
+                }
+                // As for destinations: copies go only to services of the namespace.
+                if let Some(to) = m.other_service(&self.service)
+                    && to.namespace() != self.service.namespace()
+                {
+                    return Err(bad(
+                        f("mirror.service"),
+                        format!(
+                            "{to} is not in namespace {}: a route mirrors only to services of its own namespace",
+                            self.service.namespace()
+                        ),
+                    ));
+                }
+                if m.port == Some(0) {
+                    return Err(bad(f("mirror.port"), "must be above 0"));
                 }
             }
             if let Some(fault) = &r.fault {
@@ -1705,6 +1738,39 @@ mod tests {
                 Box::new(|p| p.routes[2].timeout_ms = Some(0)),
                 "routes[2].timeout_ms",
             ),
+            (
+                Box::new(|p| {
+                    p.routes[0].mirror = Some(Mirror {
+                        service: Some(ServiceName::parse("payments.billing").unwrap()),
+                        port: None,
+                        subset: None,
+                        per_million: 1,
+                    });
+                }),
+                "routes[0].mirror.service",
+            ),
+            (
+                Box::new(|p| {
+                    p.routes[0].mirror = Some(Mirror {
+                        service: Some(ServiceName::parse("web-v2.demo").unwrap()),
+                        port: Some(0),
+                        subset: None,
+                        per_million: 1,
+                    });
+                }),
+                "routes[0].mirror.port",
+            ),
+            (
+                Box::new(|p| {
+                    p.routes[0].mirror = Some(Mirror {
+                        service: None,
+                        port: None,
+                        subset: Some("v3".into()),
+                        per_million: 1,
+                    });
+                }),
+                "routes[0].mirror.subset",
+            ),
         ];
         for (change, field) in rows {
             let mut p = policy();
@@ -1717,6 +1783,12 @@ mod tests {
         p.routes[1].destinations[1].weight = 30;
         p.routes[1].destinations[1].service = Some(ServiceName::parse("web-v2.demo").unwrap());
         p.routes[1].destinations[1].subset = Some("elsewhere".into());
+        p.routes[0].mirror = Some(Mirror {
+            service: Some(ServiceName::parse("web-v2.demo").unwrap()),
+            port: Some(9090),
+            subset: Some("elsewhere".into()),
+            per_million: 1_000_000,
+        });
         assert!(p.compile().is_ok());
     }
 

@@ -10,7 +10,8 @@
 //! ServiceImports, with `port` and relative `weight`: the service itself or another
 //! one, which importing gateways reach through their import of it), `rules[].filters`
 //! (`RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`,
-//! and `RequestMirror` to the service itself), `rules[].timeouts.request` and
+//! and `RequestMirror` to the service itself or another one of its namespace),
+//! `rules[].timeouts.request` and
 //! `rules[].retry.attempts`. `hostnames` mean nothing for a mesh route (GAMMA) and are
 //! warned about; anything else is a warning naming its path. The CRDs' schema and CEL
 //! rules are errors with their field path: enums, required fields, list bounds, path
@@ -1046,13 +1047,32 @@ fn filters(
                 else {
                     continue;
                 };
-                if !parents.contains(&target) {
-                    d.err(
-                        format!("{bf}.backendRef.name"),
-                        format!("{target} is not the route's Service: mirroring to another service is not supported yet"),
-                    );
-                    continue;
-                }
+                // Another Service: its copies go through the importing gateway's import
+                // of it (the policy's check keeps it in the route's namespace).
+                let port = match b.get("port") {
+                    None | Some(Value::Null) => {
+                        if b.get("kind")
+                            .and_then(Value::as_str)
+                            .is_none_or(|k| k == "Service")
+                        {
+                            // The CRD's CEL rule (BackendObjectReference).
+                            d.err(
+                                format!("{bf}.backendRef.port"),
+                                "must be specified when kind is Service",
+                            );
+                            continue;
+                        }
+                        None
+                    }
+                    Some(p) => match p.as_u64() {
+                        Some(p @ 1..=65535) => Some(p as u16),
+                        _ => {
+                            d.err(format!("{bf}.backendRef.port"), "a port from 1 to 65535");
+                            continue;
+                        }
+                    },
+                };
+                let other = !parents.contains(&target);
                 let per_million = match (r.get("percent"), r.get("fraction")) {
                     (Some(_), Some(_)) => {
                         // The CRD's CEL rule.
@@ -1087,6 +1107,8 @@ fn filters(
                     (None, None) => 1_000_000,
                 };
                 route.mirror = Some(Mirror {
+                    service: other.then_some(target),
+                    port: port.filter(|_| other),
                     subset: None,
                     per_million,
                 });
@@ -1118,6 +1140,10 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace(".destinations[", ".backendRefs[")
         .replace(".destinations", ".backendRefs")
         .replace("].service", "].namespace")
+        .replace(
+            ".mirror.service",
+            ".filters[RequestMirror].backendRef.namespace",
+        )
         .replace(".timeout_ms", ".timeouts.request");
     if p == "routes" {
         "spec.rules".into()
@@ -1361,6 +1387,52 @@ spec:
             e.contains("spec.parentRefs[0]") && e.contains("already has routes"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_request_mirror_to_another_service_names_it() {
+        let mirror = "    - type: RequestMirror\n      requestMirror: {backendRef: {name: orders-shadow, port: 9090}, percent: 20}\n";
+        let yaml = CANARY.replacen(
+            "    - type: URLRewrite\n",
+            &format!("{mirror}    - type: URLRewrite\n"),
+            1,
+        );
+        let r = parse(&yaml).unwrap();
+        let m = r.http_policies[0].routes[0].mirror.as_ref().unwrap();
+        assert_eq!(
+            m.service.as_ref().map(ToString::to_string).as_deref(),
+            Some("orders-shadow.shop")
+        );
+        assert_eq!((m.port, m.per_million), (Some(9090), 200_000));
+        // The route's own Service: no service named.
+        let own = parse(&yaml.replace(
+            "name: orders-shadow, port: 9090",
+            "name: orders, port: 8080",
+        ))
+        .unwrap();
+        let m = own.http_policies[0].routes[0].mirror.as_ref().unwrap();
+        assert_eq!((m.service.as_ref(), m.port), (None, None));
+        for (from, to, field) in [
+            // The CRD's CEL rule: a Service reference has a port.
+            (
+                "name: orders-shadow, port: 9090",
+                "name: orders-shadow",
+                "spec.rules[0].filters[1].requestMirror.backendRef.port",
+            ),
+            (
+                "name: orders-shadow, port: 9090",
+                "name: orders-shadow, namespace: billing, port: 9090",
+                "spec.rules[0].filters[RequestMirror].backendRef.namespace",
+            ),
+        ] {
+            match parse(&yaml.replace(from, to)) {
+                Err(ParseError::Invalid(problems)) => assert!(
+                    problems.iter().any(|p| p.field.starts_with(field)),
+                    "{to}: wanted {field}, got {problems:?}"
+                ),
+                other => panic!("{to}: accepted: {other:?}"),
+            }
+        }
     }
 
     #[test]

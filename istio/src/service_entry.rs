@@ -608,6 +608,19 @@ pub(crate) fn service_of(
     }
 }
 
+/// Whether a DestinationRule of the file defines `subset` for `service`.
+fn defines(
+    subsets: &[SubsetRule],
+    services: &[LegacyService],
+    service: &ServiceName,
+    subset: &str,
+) -> bool {
+    subsets.iter().any(|(_, ns, host, sets, _)| {
+        service_of(host, ns, services).as_ref() == Some(service)
+            && sets.iter().any(|s| s.name == subset)
+    })
+}
+
 /// Each VirtualService's routes, per service it names, with the subsets this file's
 /// DestinationRules define for that service.
 fn http_policies(
@@ -641,12 +654,34 @@ fn http_policies(
             for (r, j, h) in &vs.destination_hosts {
                 let to = service_of(h, &vs.namespace, services);
                 if *j == usize::MAX {
-                    if to.as_ref() != Some(&service) {
+                    // The mirror: another service's copies go through its import, as a
+                    // destination's requests do.
+                    let field = format!("spec.http[{r}].mirror");
+                    let Some(to) = to else {
                         d.err(
-                            format!("spec.http[{r}].mirror.host"),
-                            format!("{h:?} is not {service}: mirroring to another service is not supported yet"),
+                            format!("{field}.host"),
+                            format!("{h:?} names no service: use name.namespace, its .svc.cluster.local form, or a ServiceEntry host of this file"),
+                        );
+                        continue;
+                    };
+                    let Some(m) = routes.get_mut(*r).and_then(|x| x.mirror.as_mut()) else {
+                        continue;
+                    };
+                    if to == service {
+                        continue;
+                    }
+                    if let Some(subset) = &m.subset
+                        && !defines(subsets, services, &to, subset)
+                    {
+                        d.err(
+                            format!("{field}.subset"),
+                            format!("{subset:?} is not a subset a DestinationRule of this file defines for {to}"),
                         );
                     }
+                    if m.subset.is_some() {
+                        subset_targets.insert(to.clone());
+                    }
+                    m.service = Some(to);
                     continue;
                 }
                 let field = format!("spec.http[{r}].route[{j}].destination");
@@ -664,10 +699,7 @@ fn http_policies(
                     continue;
                 }
                 if let Some(subset) = &dest.subset
-                    && !subsets.iter().any(|(_, ns, host, sets, _)| {
-                        service_of(host, ns, services).as_ref() == Some(&to)
-                            && sets.iter().any(|s| &s.name == subset)
-                    })
+                    && !defines(subsets, services, &to, subset)
                 {
                     d.err(
                         format!("{field}.subset"),

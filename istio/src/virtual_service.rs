@@ -327,26 +327,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
         // Istio: a single destination takes all the traffic, whatever its weight.
         let weight = if dests.len() == 1 { 100 } else { weight };
         total += u64::from(weight);
-        let port = match dest.get("port") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(pm)) => {
-                d.unsupported(&format!("{f}.destination.port"), pm, &["number"]);
-                match pm.get("number").and_then(Value::as_u64) {
-                    Some(n @ 1..=65535) => Some(n as u16),
-                    _ => {
-                        d.err(
-                            format!("{f}.destination.port.number"),
-                            "a port from 1 to 65535",
-                        );
-                        None
-                    }
-                }
-            }
-            Some(_) => {
-                d.err(format!("{f}.destination.port"), "must be a map with number");
-                None
-            }
-        };
+        let port = port_selector(d, dest.get("port"), &format!("{f}.destination.port"));
         destinations.push(Destination {
             // Set when the host resolves to another service.
             service: None,
@@ -448,6 +429,9 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
                 _ => d.err(format!("{f}.host"), "missing"),
             }
             Some(Mirror {
+                // Set when the host resolves to another service.
+                service: None,
+                port: port_selector(d, mi.get("port"), &format!("{f}.port")),
                 subset: mi.get("subset").and_then(Value::as_str).map(str::to_owned),
                 // Istio: 100 % when mirrorPercentage is absent.
                 per_million: match m.get("mirrorPercentage") {
@@ -677,6 +661,27 @@ pub(crate) fn rate_limits(
 }
 
 /// A VirtualService's `spec`.
+/// Istio's `PortSelector` at `field`: `{number: 1..65535}`, or none.
+fn port_selector(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<u16> {
+    match v {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(pm)) => {
+            d.unsupported(field, pm, &["number"]);
+            match pm.get("number").and_then(Value::as_u64) {
+                Some(n @ 1..=65535) => Some(n as u16),
+                _ => {
+                    d.err(format!("{field}.number"), "a port from 1 to 65535");
+                    None
+                }
+            }
+        }
+        Some(_) => {
+            d.err(field, "must be a map with number");
+            None
+        }
+    }
+}
+
 pub(crate) fn virtual_service(
     d: &mut Doc<'_>,
     index: usize,
@@ -1118,6 +1123,7 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace(".query_params.", ".queryParams.")
         .replace(".timeout_ms", ".timeout")
         .replace(".mirror.per_million", ".mirrorPercentage")
+        .replace(".mirror.service", ".mirror.host")
         .replace(".redirect.code", ".redirect.redirectCode");
     if p == "routes" { "spec.http".into() } else { p }
 }
@@ -1315,6 +1321,84 @@ spec:
                 .contains("spec.http[0].route[1].destination.subset"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_mirror_to_another_service_names_it_and_its_subsets_travel_with_it() {
+        let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web]
+  http:
+  - route: [{destination: {host: web}}]
+    mirror: {host: web-v2.demo.svc.cluster.local, subset: blue, port: {number: 8080}}
+    mirrorPercentage: {value: 25}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-v2, namespace: demo}
+spec:
+  host: web-v2
+  subsets:
+  - name: blue
+    labels: {color: blue}
+"#;
+        let r = parse(yaml).unwrap();
+        let web = &r.http_policies[0];
+        let m = web.routes[0].mirror.as_ref().unwrap();
+        assert_eq!(
+            m.service.as_ref().map(ToString::to_string).as_deref(),
+            Some("web-v2.demo")
+        );
+        assert_eq!(
+            (m.port, m.subset.as_deref(), m.per_million),
+            (Some(8080), Some("blue"), 250_000)
+        );
+        // web-v2's subsets travel with web-v2.
+        assert_eq!(r.http_policies[1].service.to_string(), "web-v2.demo");
+        assert_eq!(r.http_policies[1].subsets[0].name, "blue");
+        // The route's own service: no service named.
+        let own = parse(&yaml.replace(
+            "host: web-v2.demo.svc.cluster.local, subset: blue, port: {number: 8080}",
+            "host: web",
+        ))
+        .unwrap();
+        assert_eq!(
+            own.http_policies[0].routes[0]
+                .mirror
+                .as_ref()
+                .unwrap()
+                .service,
+            None
+        );
+        for (from, to, field) in [
+            // Another namespace: a route's site may not send copies of its callers there.
+            (
+                "web-v2.demo.svc",
+                "web-v2.billing.svc",
+                "spec.http[0].mirror.host",
+            ),
+            (
+                "subset: blue, port",
+                "subset: red, port",
+                "spec.http[0].mirror.subset",
+            ),
+            (
+                "number: 8080",
+                "number: 0",
+                "spec.http[0].mirror.port.number",
+            ),
+            (
+                "host: web-v2.demo.svc.cluster.local",
+                "host: a.b.c.example",
+                "spec.http[0].mirror.host",
+            ),
+        ] {
+            let e = parse(&yaml.replace(from, to)).unwrap_err();
+            assert!(e.to_string().contains(field), "{to}: {e}");
+        }
     }
 
     #[test]

@@ -2104,3 +2104,88 @@ async fn endpoints_changed_under_live_links_take_effect_per_request() {
     assert!(gets(import, 20, &[]).await.iter().all(|s| *s == 403));
     assert_eq!(hits(), before, "a denied request reached an endpoint");
 }
+
+/// Issue 17 §2/§4: a VirtualService registered at west mirrors `web.demo`'s requests to
+/// another service, `web-v2.demo` (a new version that is a Service of its own), through
+/// the importing gateway's import of it: every request is answered by v1, and v2 gets a
+/// copy of each. Before, a mirror host other than the route's service was refused at
+/// registration.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirror_to_another_service_copies_through_its_import() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new("http-mirror-other");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let (port, port_v2) = (free_port(ip), free_port(ip));
+    let (v1, v1_hits) = http_endpoint("v1", 200).await;
+    let (v2, v2_hits) = http_endpoint("v2", 200).await;
+    let vs = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web-shadow, namespace: demo}}
+spec:
+  hosts: [web.demo]
+  http:
+  - route: [{{destination: {{host: web.demo}}}}]
+    mirror: {{host: web-v2.demo, port: {{number: {port_v2}}}}}
+    mirrorPercentage: {{value: 100}}
+"#
+    );
+    let out = register_yaml(&west, "shadow.yaml", &vs);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let _west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3])
+            .export("web.demo", port, vec![v1])
+            .speaks("web.demo", port, "http")
+            .export("web-v2.demo", port_v2, vec![v2])
+            .speaks("web-v2.demo", port_v2, "http"),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let base = format!("http://{}", SocketAddr::new(ip, port));
+
+    // Applied once a copy reaches v2.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while v2_hits.load(Ordering::Relaxed) == 0 {
+        let _ = curl(&[], &format!("{base}/warm"));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no copy reached web-v2.demo\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = (
+        v1_hits.load(Ordering::Relaxed),
+        v2_hits.load(Ordering::Relaxed),
+    );
+    for _ in 0..40 {
+        let (status, body, _) = curl(&[], &format!("{base}/x"));
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("site=v1"),
+            "a mirror answered the caller: {body}"
+        );
+    }
+    // Copies are fire-and-forget: give the last ones a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while v2_hits.load(Ordering::Relaxed) - before.1 < 40 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (to_v1, to_v2) = (
+        v1_hits.load(Ordering::Relaxed) - before.0,
+        v2_hits.load(Ordering::Relaxed) - before.1,
+    );
+    let sent = east_gw
+        .metric("meshfed_gateway_http_mirrors_total{result=\"sent\"}")
+        .await;
+    eprintln!(
+        "40 requests: v1 answered {to_v1}, web-v2.demo got {to_v2} copies ({sent} sent in all)"
+    );
+    assert_eq!((to_v1, to_v2), (40, 40));
+    drop(fed);
+}

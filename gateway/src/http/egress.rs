@@ -10,7 +10,8 @@
 //!    the first matching route (none: 404 [`NO_ROUTE`]), its rate limit (a token bucket
 //!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its redirect
 //!    (answered here), its faults (delay, then abort), its rewrite and request header
-//!    changes, its mirror (a copy on a task of its own, of the changed request), and its
+//!    changes, its mirror (a copy on a task of its own, of the changed request, to this
+//!    service or through another service's import), and its
 //!    weighted destination, whose subset gives the sites (a destination of another
 //!    service: that service's import here, its sites and subsets, and the attempts go
 //!    through it); without routes, every backend; the answer gets the route's response
@@ -186,9 +187,8 @@ pub const OVERFLOW: &str = "overflow";
 
 /// One request's way: where it may go, and its retries and timeouts.
 struct Plan {
-    /// The sites a copy of the request goes to (the route's mirror hit it), and the
-    /// mirror subset's endpoint selector.
-    mirror: Option<(Vec<SiteName>, Option<http::HeaderValue>)>,
+    /// Where a copy of the request goes (the route's mirror hit it).
+    mirror: Option<MirrorPlan>,
     /// The destination subset's endpoint labels, for the far ingress
     /// ([`SELECTOR_HEADER`]); `None`: any endpoint of the site.
     selector: Option<http::HeaderValue>,
@@ -213,6 +213,15 @@ struct Plan {
     target: Option<Arc<Egress>>,
     /// The least-request balancer reads attempts in flight per site: count them.
     count_load: bool,
+}
+
+/// A mirrored copy's way: the sites of the mirror's service (its subset's), the subset's
+/// endpoint selector, and the import it goes through when the mirror is another service
+/// (`None`: this one).
+struct MirrorPlan {
+    sites: Vec<SiteName>,
+    selector: Option<http::HeaderValue>,
+    target: Option<Arc<Egress>>,
 }
 
 struct Edits {
@@ -491,8 +500,8 @@ impl HttpEgress {
                 headers::apply_ops(&mut parts.headers, &h.request);
             }
         }
-        if let Some((sites, selector)) = &plan.mirror {
-            self.mirror(eg, &parts, &body, sites, selector.as_ref(), caller);
+        if let Some(m) = &plan.mirror {
+            self.mirror(eg, &parts, &body, m, caller);
         }
         // A destination of another service goes through that service's import.
         let (via, via_eg) = match &plan.target {
@@ -526,19 +535,21 @@ impl HttpEgress {
         answer
     }
 
-    /// Sends a copy of the request to the mirror's sites and discards the answer, on a
-    /// task of its own, so the mirror's speed never touches the request. Only a buffered
-    /// body can be copied; at most [`MIRRORS_IN_FLIGHT`] copies are in flight (a mirror
-    /// slower than the traffic drops copies, counted, rather than pile them up).
+    /// Sends a copy of the request to the mirror's first site (through the mirror
+    /// service's import when it is another service) and discards the answer, on a task
+    /// of its own, so the mirror's speed never touches the request. Only a buffered body
+    /// can be copied; at most [`MIRRORS_IN_FLIGHT`] copies of this import's requests are
+    /// in flight (a mirror slower than the traffic drops copies, counted, rather than
+    /// pile them up).
     fn mirror(
         self: &Arc<Self>,
         eg: &Arc<Egress>,
         parts: &http::request::Parts,
         body: &ReqBody,
-        sites: &[SiteName],
-        selector: Option<&http::HeaderValue>,
+        plan: &MirrorPlan,
         caller: &SpiffeId,
     ) {
+        let (sites, selector) = (&plan.sites, plan.selector.as_ref());
         let ReqBody::Full(b) = body else {
             eg.metrics.http_mirror("dropped");
             return;
@@ -570,9 +581,10 @@ impl HttpEgress {
         }
         *req.uri_mut() = http::Uri::from_parts(uri).unwrap_or_else(|_| parts.uri.clone());
         let (this, eg, site, caller) = (self.clone(), eg.clone(), sites[0].clone(), caller.clone());
+        let via = plan.target.clone().unwrap_or_else(|| eg.clone());
         tokio::spawn(async move {
             let sent = async {
-                let mut link = this.link(&eg, &site, 0, 1, &caller).await.ok()?;
+                let mut link = via.http.link(&via, &site, 0, 1, &caller).await.ok()?;
                 let resp = link.send_request(req).await.ok()?;
                 resp.into_body().collect().await.ok()
             };
@@ -759,18 +771,49 @@ impl HttpEgress {
             if !hits(m.per_million, decide::roll(n)) {
                 return None;
             }
-            Some(
-                match m.subset.as_deref().and_then(|s| table.compiled.subset(s)) {
-                    Some(subset) => (
-                        subset_sites(subset, &backends, &table.site_labels)
-                            .into_iter()
-                            .cloned()
-                            .collect(),
-                        selector_value(subset),
-                    ),
-                    None => (backends.to_vec(), None),
-                },
-            )
+            // Another service: its import here, its sites and its policy's subsets (none
+            // imported, or not HTTP: the copy is dropped, counted, as when it fails).
+            let target = match m.other_service(&eg.service) {
+                Some(service) => {
+                    let t = eg.targets.get(service, m.port.unwrap_or(eg.port));
+                    match t.filter(|t| t.app.load().is_http()) {
+                        Some(t) => Some(t),
+                        None => {
+                            eg.metrics.http_mirror("dropped");
+                            return None;
+                        }
+                    }
+                }
+                None => None,
+            };
+            let (m_backends, m_routes) = match &target {
+                Some(t) => (t.backends.load_full(), t.routes.load_full()),
+                None => (backends.clone(), routes.clone()),
+            };
+            let subset = m.subset.as_deref().and_then(|s| {
+                let t = m_routes.as_ref().as_ref()?;
+                t.compiled.subset(s).map(|subset| (t, subset))
+            });
+            let (sites, selector) = match (subset, &m.subset) {
+                (Some((t, subset)), _) => (
+                    subset_sites(subset, &m_backends, &t.site_labels)
+                        .into_iter()
+                        .cloned()
+                        .collect(),
+                    selector_value(subset),
+                ),
+                (None, None) => (m_backends.to_vec(), None),
+                // A subset the mirror's service does not define (yet): no copy.
+                (None, Some(_)) => {
+                    eg.metrics.http_mirror("dropped");
+                    return None;
+                }
+            };
+            Some(MirrorPlan {
+                sites,
+                selector,
+                target,
+            })
         });
         Ok(Plan {
             mirror,
