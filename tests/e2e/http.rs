@@ -262,6 +262,53 @@ async fn requests_cross_sites_one_by_one(transport: &str) {
         );
         assert!(body.contains("xff=127.0.0.1 "), "{proto}: {body}");
     }
+    // HTTP/1.1 `Upgrade: h2c` (curl's --http2 on an http:// URL, a client nobody here
+    // wrote): 101, the request answered as h2 stream 1, the next one on the same
+    // connection as h2 too. A request with a body is answered as HTTP/1.1 (a server may
+    // ignore an upgrade).
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http2", "--max-time", "10", "-D", "/dev/stderr"])
+        .args([
+            "-H",
+            "x-forwarded-client-cert: URI=spiffe://evil.example.org/admin",
+        ])
+        .arg(format!("http://{web_in}/h2c/1"))
+        .arg(format!("http://{web_in}/h2c/2"))
+        .output()
+        .unwrap();
+    let (head, body) = (
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout),
+    );
+    let statuses: Vec<&str> = head.lines().filter(|l| l.starts_with("HTTP/")).collect();
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 101 Switching Protocols",
+            "HTTP/2 200 ",
+            "HTTP/2 200 "
+        ],
+        "{head}{body}\n{}",
+        east_gw.logs()
+    );
+    for i in [1, 2] {
+        assert!(
+            body.contains(&format!("site=west method=GET path=/h2c/{i}")),
+            "{body}"
+        );
+    }
+    assert!(body.contains(&format!("xfcc=URI={east_id} ")), "{body}");
+    let (status, head, body, _) = curl_head(
+        &["--http2", "-d", "posted"],
+        &format!("http://{web_in}/h2c/post"),
+    );
+    assert_eq!(status, 200, "{head}{body}");
+    assert!(
+        !head.contains(" 101 "),
+        "a request with a body was upgraded: {head}"
+    );
+    assert!(body.contains("method=POST path=/h2c/post"), "{body}");
+
     // Many requests on one client connection, each its own request at the far side.
     let before = web_hits.load(Ordering::Relaxed);
     let urls: Vec<String> = (0..20).map(|i| format!("http://{web_in}/r{i}")).collect();

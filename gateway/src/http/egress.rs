@@ -1,7 +1,7 @@
 //! The egress half of the HTTP path: an import listener that routes each request.
 //!
-//! Each client connection is served by hyper (HTTP/1.1, or h2 with prior knowledge; an
-//! HTTP/1.1 `Upgrade: h2c` is answered as HTTP/1.1). For each request:
+//! Each client connection is served by hyper (HTTP/1.1, or h2 with prior knowledge, or
+//! h2 after an HTTP/1.1 `Upgrade: h2c`, [`super::h2c`]). For each request:
 //! 1. headers change as `headers::from_client` says;
 //! 2. a body known to be at most [`REPLAY_MAX`] is buffered so it can be sent again (or
 //!    copied to a mirror); a longer or unknown one streams, and is never retried;
@@ -394,13 +394,69 @@ impl HttpEgress {
     {
         let caller = Arc::new(caller);
         let this = self.clone();
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (this, eg, caller) = (this.clone(), eg.clone(), caller.clone());
+        let drain = stop.clone();
+        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let (this, eg, caller, drain) =
+                (this.clone(), eg.clone(), caller.clone(), drain.clone());
             async move {
+                if let Some(switching) = this.h2c(&eg, &mut req, client, &caller, drain) {
+                    return Ok(switching);
+                }
                 Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
             }
         });
         super::serve_connection(io, svc, stop, "client HTTP connection").await;
+    }
+
+    /// An HTTP/1.1 request asking for h2c ([`super::h2c::wanted`]): answered `101`, and
+    /// the connection is served as h2 from then on, the request itself as its stream 1.
+    /// `None`: not such a request, or one whose headers do not fit a frame (answered as
+    /// HTTP/1.1).
+    fn h2c(
+        self: &Arc<Self>,
+        eg: &Arc<Egress>,
+        req: &mut Request<Incoming>,
+        client: SocketAddr,
+        caller: &Arc<SpiffeId>,
+        stop: CancellationToken,
+    ) -> Option<Response<Body>> {
+        if !super::h2c::wanted(req, req.body().is_end_stream()) {
+            return None;
+        }
+        let stream_one = super::h2c::headers_frame(req)?;
+        let on = hyper::upgrade::on(req);
+        let (this, eg, caller) = (self.clone(), eg.clone(), caller.clone());
+        tokio::spawn(async move {
+            let Ok(upgraded) = on.await else { return };
+            // The client's preface and settings come within the header timeout, as a
+            // request's headers must: an idle upgraded connection holds nothing long.
+            let io = tokio::time::timeout(
+                super::HEADER_READ_TIMEOUT,
+                super::h2c::after_101(TokioIo::new(upgraded), stream_one),
+            )
+            .await;
+            let io = match io {
+                Ok(Ok(io)) => io,
+                Ok(Err(e)) => return debug!(error = %e, "h2c upgrade failed"),
+                Err(_) => return debug!("h2c upgrade: no preface in time"),
+            };
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (this, eg, caller) = (this.clone(), eg.clone(), caller.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
+                }
+            });
+            super::serve_connection(io, svc, stop, "client h2c connection").await;
+        });
+        let mut r = Response::new(super::full(Bytes::new()));
+        *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("Upgrade"),
+        );
+        r.headers_mut()
+            .insert(http::header::UPGRADE, http::HeaderValue::from_static("h2c"));
+        Some(r)
     }
 
     /// One request, with its attempts.

@@ -1,8 +1,8 @@
 //! The HTTP path: ports whose protocol is `http`, `http2` or `grpc` are routed per
 //! request, not per connection.
 //!
-//! - `egress`: the import listener terminates HTTP/1.1 and h2 (prior knowledge) with
-//!   hyper, picks a site for each request, and sends it over a few h2 connections per
+//! - `egress`: the import listener terminates HTTP/1.1 and h2 (prior knowledge, or an
+//!   HTTP/1.1 `Upgrade: h2c`, [`h2c`]) with hyper, picks a site for each request, and sends it over a few h2 connections per
 //!   (site, caller), each inside a tunnel stream (QUIC or h2 CONNECT: the same open,
 //!   the same decision at the far side). A request that was not sent, or an idempotent
 //!   one answered 502–504 or lost, is tried again at the next site, within a retry
@@ -18,6 +18,7 @@
 
 pub mod decide;
 pub mod egress;
+pub mod h2c;
 pub mod headers;
 pub mod ingress;
 pub mod io;
@@ -55,7 +56,8 @@ pub(crate) fn server_builder()
 }
 
 /// Serves one connection with `svc` until it ends, or until `stop` (the drain), which
-/// lets its requests in flight finish.
+/// lets its requests in flight finish. A `101` the service answers hands the connection
+/// over (the egress's h2c upgrade, [`h2c`]).
 pub(crate) async fn serve_connection<IO, S>(
     io: IO,
     svc: S,
@@ -72,7 +74,7 @@ pub(crate) async fn serve_connection<IO, S>(
     S::Future: Send + 'static,
 {
     let builder = server_builder();
-    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
