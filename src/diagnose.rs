@@ -167,6 +167,9 @@ fn refusal_fix(reason: &str, site: &str, service: &str, here: &str) -> String {
         ),
         "draining" => format!("{site}'s gateway is shutting down: wait for it, or another site"),
         "flow_limit" => format!("{site}'s gateway is at its UDP flow limit"),
+        "overflow" => format!(
+            "{service} at {site} has as many connections open as its DestinationRule's connectionPool allows: raise tcp.maxConnections there, or add endpoints elsewhere"
+        ),
         "peer_unavailable" => format!(
             "no live link to {site}'s gateway: see the link step (address, firewall, UDP, trust)"
         ),

@@ -1,6 +1,8 @@
 //! Ingress: accepts peer gateways' QUIC connections and h2 (HBONE) connections, answers
 //! each stream's open request with accept or a typed refusal (the same decision and the
-//! same codes on both transports), and splices accepted streams to a local endpoint.
+//! same codes on both transports), and splices accepted streams to a local endpoint
+//! (within the service's `connectionPool`: past `tcp.maxConnections` open at once, the
+//! open is refused `overflow`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -136,7 +138,8 @@ struct Admitted {
     http: Option<meshfed_catalog::catalog::AppProtocol>,
     /// The service's outlier detection, applied per endpoint on an HTTP port.
     outlier: Option<meshfed_catalog::http_route::Outlier>,
-    /// The service's `connectionPool` toward HTTP/1.1 endpoints.
+    /// The service's `connectionPool`: toward HTTP/1.1 endpoints on an HTTP port, the
+    /// tunnelled connections at once on a TCP port.
     pool: Option<meshfed_catalog::http_route::ConnectionPool>,
     /// On an HTTP port, each endpoint's labels (in `endpoints`' order), for the subset a
     /// request names.
@@ -725,7 +728,7 @@ impl Ingress {
             )
             .await;
         }
-        let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
+        let (conn, ep, _slot) = match self.connect_endpoint(&open, admitted, remote).await {
             Ok(c) => c,
             Err(r) => {
                 self.service_refused(&open, &peer, r.reason);
@@ -905,25 +908,39 @@ impl Ingress {
         }
     }
 
-    /// Connects an admitted TCP open to one of its endpoints: the PROXY header, then the
-    /// TLS we originate, all before the open is accepted, so that a failure is a refusal
-    /// the far egress can fail over on. `remote`: the address the peer's connection
-    /// comes from.
+    /// Connects an admitted TCP open to one of its endpoints: within the service's
+    /// `connectionPool` (`overflow` when its connections are all open; the slot is held
+    /// while the connection lives), the PROXY header, then the TLS we originate, all
+    /// before the open is accepted, so that a failure is a refusal the far egress can
+    /// fail over on. `remote`: the address the peer's connection comes from.
     async fn connect_endpoint(
         &self,
         open: &Open,
         admitted: Admitted,
         remote: SocketAddr,
-    ) -> Result<(Conn, SocketAddr), Refused> {
+    ) -> Result<(Conn, SocketAddr, Option<tokio::sync::OwnedSemaphorePermit>), Refused> {
         let Admitted {
             endpoints,
             tls,
             proxy,
             http: _,
             outlier: _,
-            pool: _,
+            pool,
             labels: _,
         } = admitted;
+        let slot = match pool {
+            None => None,
+            Some(limits) => match self.upstream.tcp_slot(open, limits) {
+                Some(s) => Some(s),
+                None => {
+                    let msg = format!(
+                        "{}:{}: {} connections to its endpoints are open (its connectionPool's tcp.maxConnections)",
+                        open.service, open.port, limits.max_connections
+                    );
+                    return Err(refused(Refusal::Overflow, msg));
+                }
+            },
+        };
         let Some((mut tcp, ep)) = self.connect(&endpoints).await else {
             let msg = format!(
                 "{}:{}: none of {} endpoint(s) accepted a connection within {:?}",
@@ -954,7 +971,7 @@ impl Ingress {
                 }
             },
         };
-        Ok((conn, ep))
+        Ok((conn, ep, slot))
     }
 
     /// Accepts h2 (HBONE) connections on `listener` until the drain starts: mTLS with
@@ -1232,7 +1249,7 @@ impl Ingress {
                 )
                 .await;
             }
-            let (conn, ep) = match self.connect_endpoint(&open, admitted, remote).await {
+            let (conn, ep, _slot) = match self.connect_endpoint(&open, admitted, remote).await {
                 Ok(c) => c,
                 Err(r) => {
                     self.service_refused(&open, &peer, r.reason);

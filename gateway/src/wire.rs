@@ -89,6 +89,9 @@ pub enum Refusal {
     /// The open request's caller is outside the trust domain of the gateway that sent
     /// it: a gateway vouches only for its own trust domain's workloads.
     ForeignCaller,
+    /// The service's `connectionPool` is full at the ingress: as many connections to its
+    /// endpoints as `tcp.maxConnections` allows (another site may have room).
+    Overflow,
     /// A code this build does not know (a newer peer).
     Unknown(u16),
 }
@@ -144,6 +147,7 @@ impl Refusal {
             Self::FlowLimit => 10,
             Self::Denied => 11,
             Self::ForeignCaller => 12,
+            Self::Overflow => 13,
             Self::Unknown(c) => c,
         }
     }
@@ -162,6 +166,7 @@ impl Refusal {
             10 => Self::FlowLimit,
             11 => Self::Denied,
             12 => Self::ForeignCaller,
+            13 => Self::Overflow,
             c => Self::Unknown(c),
         }
     }
@@ -181,6 +186,7 @@ impl Refusal {
             Self::FlowLimit => "flow_limit",
             Self::Denied => "denied",
             Self::ForeignCaller => "foreign_caller",
+            Self::Overflow => "overflow",
             Self::Unknown(_) => "unknown_code",
         }
     }
@@ -563,7 +569,8 @@ mod tests {
         assert_eq!(Refusal::EndpointConnectFailed.code(), 4);
         assert_eq!(Refusal::Denied.code(), 11);
         assert_eq!(Refusal::ForeignCaller.code(), 12);
-        for c in 1..=12 {
+        assert_eq!(Refusal::Overflow.code(), 13);
+        for c in 1..=13 {
             assert_eq!(Refusal::from_code(c).code(), c);
             assert_ne!(Refusal::from_code(c).as_str(), "unknown_code");
         }

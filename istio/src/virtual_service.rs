@@ -743,7 +743,8 @@ pub(crate) fn virtual_service(
 /// most requests in flight to the service from one importing gateway (Envoy's
 /// `max_requests`; a request past it is answered 503 `overflow` at once), and
 /// `tcp.maxConnections` with `http.http1MaxPendingRequests`, the exporting gateway's
-/// connections to its HTTP/1.1 endpoints and the requests that may wait for one. As in
+/// connections to its HTTP/1.1 endpoints and the requests that may wait for one (on a
+/// TCP port: its tunnelled connections at once, none waiting). As in
 /// Istio, 0 is unset and a negative count is refused. The other settings are warned
 /// about.
 pub(crate) fn connection_pool(

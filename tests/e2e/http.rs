@@ -1941,6 +1941,94 @@ spec:
     drop(fed);
 }
 
+/// Issue 17 §2/§4: a DestinationRule's `connectionPool.tcp.maxConnections` on a TCP
+/// port (no HTTP) caps the tunnelled connections to the service's endpoints at the
+/// exporting gateway, as Envoy's TCP proxy does: past 2 open connections, a third open
+/// is refused with the typed `overflow` at once (counted at west), and once one closes
+/// a new connection is served. Before, the setting applied only to HTTP/1.1 ports and
+/// a TCP port took any number of connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_pool_caps_a_tcp_ports_connections_with_a_typed_refusal() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const DR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: demo}
+spec:
+  host: db.demo
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 2}
+"#;
+    let scratch = Scratch::new("tcp-conn-pool");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(ip);
+    let out = register_yaml(&west, "pool.yaml", DR);
+    assert!(out.contains("db.demo"), "{out}");
+    let echo = crate::harness::echo_server().await;
+    let west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3]).export("db.demo", port, vec![echo]),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = SocketAddr::new(ip, port);
+    // A connection that has echoed a byte is open end to end (it holds a slot).
+    async fn held(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let mut c = tokio::net::TcpStream::connect(addr).await?;
+        c.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await {
+            Ok(Ok(1)) => Ok(c),
+            Ok(Ok(_)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let Ok(c) = held(import).await {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "import never served\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let second = held(import)
+        .await
+        .expect("the second connection is within the pool");
+    let third = held(import).await;
+    assert!(
+        third.is_err(),
+        "a third connection was served past maxConnections: 2"
+    );
+    let overflow = west_gw
+        .metric("meshfed_gateway_refusals_total{direction=\"ingress\",reason=\"overflow\"}")
+        .await;
+    eprintln!(
+        "2 connections held, the third refused ({third:?}); overflow refusals at west: {overflow}"
+    );
+    assert!(overflow >= 1.0, "{}", west_gw.logs());
+    // One closes: its slot is free again once the tunnel ends.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while held(import).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed connection's slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(second);
+    drop(fed);
+}
+
 /// Subsets select endpoints by their labels, as Istio's do: west registers one
 /// ServiceEntry whose two endpoints (WorkloadEntry-style labels `version: v1` and `v2`)
 /// sit behind the same site, so no choice of site can tell them apart; the ingress picks

@@ -160,6 +160,21 @@ impl Upstream {
         g
     }
 
+    /// A connection slot of `open`'s TCP port under `limits` (`tcp.maxConnections`),
+    /// held while the tunnelled connection lives; `None` when all are taken: a TCP
+    /// connection never waits (Envoy's TCP proxy does not queue either).
+    pub fn tcp_slot(
+        &self,
+        open: &Open,
+        limits: ConnectionPool,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.gate(open, limits)
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+    }
+
     /// Forwards under the service's `connectionPool` (HTTP/1.1 endpoints only): the
     /// slot is held until the answer's body ends; past the waiting bound, 503
     /// `overflow` at once, which tells the egress nothing was sent.
