@@ -647,6 +647,7 @@ mod tests {
             }],
             subsets: vec![],
             max_requests: Some(8),
+            max_requests_per_connection: Some(100),
             outlier: None,
             load_balancer: None,
         };

@@ -59,6 +59,12 @@ pub struct HttpPolicy {
     /// at once, never a queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    /// Requests one connection to an endpoint carries before the exporting gateway
+    /// closes it and dials anew (a DestinationRule's
+    /// `connectionPool.http.maxRequestsPerConnection`; Envoy's
+    /// `max_requests_per_connection`); `None`: unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
     /// The exporting site's connections to the service's endpoints (a DestinationRule's
     /// `connectionPool.tcp.maxConnections` and `http.http1MaxPendingRequests`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -691,6 +697,9 @@ impl HttpPolicy {
         if self.max_requests == Some(0) {
             return Err(bad("max_requests", "must be above 0"));
         }
+        if self.max_requests_per_connection == Some(0) {
+            return Err(bad("max_requests_per_connection", "must be above 0"));
+        }
         if let Some(c) = &self.connection_pool {
             if c.max_connections == 0 {
                 return Err(bad("connection_pool.max_connections", "must be above 0"));
@@ -1118,6 +1127,7 @@ mod tests {
             outlier: None,
             load_balancer: None,
             max_requests: None,
+            max_requests_per_connection: None,
             service: ServiceName::parse("web.demo").unwrap(),
             source: "VirtualService demo/web".into(),
             routes: vec![
@@ -1737,6 +1747,10 @@ mod tests {
             (
                 Box::new(|p| p.routes[2].timeout_ms = Some(0)),
                 "routes[2].timeout_ms",
+            ),
+            (
+                Box::new(|p| p.max_requests_per_connection = Some(0)),
+                "max_requests_per_connection",
             ),
             (
                 Box::new(|p| {

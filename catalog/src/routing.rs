@@ -638,6 +638,7 @@ mod tests {
                         outlier: None,
                         load_balancer: None,
                         max_requests: None,
+                        max_requests_per_connection: None,
                         service: service.clone(),
                         source: format!("VirtualService {site}/web"),
                         routes: vec![HttpRoute {

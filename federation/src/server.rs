@@ -1273,6 +1273,7 @@ mod conflict_tests {
                 }],
                 subsets: vec![],
                 max_requests: None,
+                max_requests_per_connection: None,
                 outlier: None,
                 load_balancer: None,
             })),

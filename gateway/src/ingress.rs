@@ -141,6 +141,8 @@ struct Admitted {
     /// The service's `connectionPool`: toward HTTP/1.1 endpoints on an HTTP port, the
     /// tunnelled connections at once on a TCP port.
     pool: Option<meshfed_catalog::http_route::ConnectionPool>,
+    /// On an HTTP port, the requests one endpoint connection carries.
+    per_connection: Option<u32>,
     /// On an HTTP port, each endpoint's labels (in `endpoints`' order), for the subset a
     /// request names.
     labels: Vec<BTreeMap<String, String>>,
@@ -858,6 +860,7 @@ impl Admitted {
             labels: self.labels,
             outlier: self.outlier,
             pool: self.pool,
+            per_connection: self.per_connection,
         }
     }
 }
@@ -881,6 +884,9 @@ impl Ingress {
                 let pool = e
                     .and_then(|e| e.http_policy.as_ref())
                     .and_then(|p| p.connection_pool);
+                let per_connection = e
+                    .and_then(|e| e.http_policy.as_ref())
+                    .and_then(|p| p.max_requests_per_connection);
                 let labels = match (http, e) {
                     (Some(_), Some(e)) if !e.endpoint_labels.is_empty() => r
                         .endpoints
@@ -896,6 +902,7 @@ impl Ingress {
                     http,
                     outlier,
                     pool,
+                    per_connection,
                     labels,
                 })
             }
@@ -926,6 +933,7 @@ impl Ingress {
             http: _,
             outlier: _,
             pool,
+            per_connection: _,
             labels: _,
         } = admitted;
         let slot = match pool {

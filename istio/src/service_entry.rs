@@ -761,6 +761,7 @@ fn http_policies(
                 routes: gr.routes.clone(),
                 subsets: mine.iter().flat_map(|r| r.3.iter().cloned()).collect(),
                 max_requests: traffic.max_requests,
+                max_requests_per_connection: traffic.max_requests_per_connection,
                 connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier,
                 load_balancer: traffic.load_balancer,
@@ -799,6 +800,7 @@ fn http_policies(
                 }],
                 subsets: sets.clone(),
                 max_requests: traffic.max_requests,
+                max_requests_per_connection: traffic.max_requests_per_connection,
                 connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier.clone(),
                 load_balancer: traffic.load_balancer,
@@ -829,6 +831,8 @@ type SubsetRule = (usize, String, String, Vec<Subset>, Traffic);
 pub(crate) struct Traffic {
     /// `connectionPool.http.http2MaxRequests`.
     pub max_requests: Option<u32>,
+    /// `connectionPool.http.maxRequestsPerConnection`.
+    pub max_requests_per_connection: Option<u32>,
     /// `connectionPool.tcp.maxConnections`, `http.http1MaxPendingRequests`.
     pub connection_pool: Option<meshfed_catalog::http_route::ConnectionPool>,
     /// `outlierDetection`.
@@ -842,6 +846,7 @@ pub(crate) struct Traffic {
 impl Traffic {
     fn is_empty(&self) -> bool {
         self.max_requests.is_none()
+            && self.max_requests_per_connection.is_none()
             && self.connection_pool.is_none()
             && self.outlier.is_none()
             && self.load_balancer.is_none()
@@ -852,6 +857,7 @@ impl Traffic {
     fn of(rules: &[&SubsetRule]) -> Self {
         Self {
             max_requests: rules.iter().find_map(|r| r.4.max_requests),
+            max_requests_per_connection: rules.iter().find_map(|r| r.4.max_requests_per_connection),
             connection_pool: rules.iter().find_map(|r| r.4.connection_pool),
             outlier: rules.iter().find_map(|r| r.4.outlier.clone()),
             load_balancer: rules.iter().find_map(|r| r.4.load_balancer),
@@ -971,12 +977,13 @@ fn sort_documents(
             "DestinationRule" => {
                 let sets = crate::virtual_service::subsets(&mut d, spec.get("subsets"));
                 let tp = spec.get("trafficPolicy").and_then(Value::as_object);
-                let (max_requests, connection_pool) = tp.map_or((None, None), |tp| {
+                let pool = tp.map_or_else(Default::default, |tp| {
                     crate::virtual_service::connection_pool(&mut d, tp.get("connectionPool"))
                 });
                 let traffic = Traffic {
-                    max_requests,
-                    connection_pool,
+                    max_requests: pool.max_requests,
+                    max_requests_per_connection: pool.max_requests_per_connection,
+                    connection_pool: pool.connection_pool,
                     outlier: tp.and_then(|tp| {
                         crate::virtual_service::outlier(&mut d, tp.get("outlierDetection"))
                     }),

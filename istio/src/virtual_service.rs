@@ -739,26 +739,32 @@ pub(crate) fn virtual_service(
     })
 }
 
+/// What a DestinationRule's `connectionPool` sets.
+#[derive(Default)]
+pub(crate) struct Pool {
+    pub max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub connection_pool: Option<meshfed_catalog::http_route::ConnectionPool>,
+}
+
 /// `trafficPolicy.connectionPool` of a DestinationRule: `http.http2MaxRequests`, the
 /// most requests in flight to the service from one importing gateway (Envoy's
 /// `max_requests`; a request past it is answered 503 `overflow` at once), and
 /// `tcp.maxConnections` with `http.http1MaxPendingRequests`, the exporting gateway's
 /// connections to its HTTP/1.1 endpoints and the requests that may wait for one (on a
-/// TCP port: its tunnelled connections at once, none waiting). As in
+/// TCP port: its tunnelled connections at once, none waiting), and
+/// `http.maxRequestsPerConnection`, the requests one connection to an endpoint carries
+/// before the exporting gateway dials anew. As in
 /// Istio, 0 is unset and a negative count is refused. The other settings are warned
 /// about.
-pub(crate) fn connection_pool(
-    d: &mut Doc<'_>,
-    v: Option<&Value>,
-) -> (
-    Option<u32>,
-    Option<meshfed_catalog::http_route::ConnectionPool>,
-) {
+pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Pool {
     let field = "spec.trafficPolicy.connectionPool";
-    let Some(v) = v else { return (None, None) };
+    let Some(v) = v else {
+        return Pool::default();
+    };
     let Value::Object(m) = v else {
         d.err(field, "must be a map");
-        return (None, None);
+        return Pool::default();
     };
     d.unsupported(field, m, &["http", "tcp"]);
     let section = |d: &mut Doc<'_>, k: &str| match m.get(k) {
@@ -786,12 +792,21 @@ pub(crate) fn connection_pool(
     };
     let http = section(d, "http");
     let tcp = section(d, "tcp");
-    let (mut max_requests, mut pending, mut conns) = (None, None, None);
+    let (mut max_requests, mut pending, mut conns, mut per_conn) = (None, None, None, None);
     if let Some(h) = &http {
         let path = format!("{field}.http");
-        d.unsupported(&path, h, &["http2MaxRequests", "http1MaxPendingRequests"]);
+        d.unsupported(
+            &path,
+            h,
+            &[
+                "http2MaxRequests",
+                "http1MaxPendingRequests",
+                "maxRequestsPerConnection",
+            ],
+        );
         max_requests = count(d, h, path.clone(), "http2MaxRequests");
-        pending = count(d, h, path, "http1MaxPendingRequests");
+        pending = count(d, h, path.clone(), "http1MaxPendingRequests");
+        per_conn = count(d, h, path, "maxRequestsPerConnection");
     }
     if let Some(t) = &tcp {
         let path = format!("{field}.tcp");
@@ -804,7 +819,11 @@ pub(crate) fn connection_pool(
             max_pending: pending.unwrap_or(meshfed_catalog::http_route::DEFAULT_MAX_PENDING),
         },
     );
-    (max_requests, pool)
+    Pool {
+        max_requests,
+        max_requests_per_connection: per_conn,
+        connection_pool: pool,
+    }
 }
 
 /// `trafficPolicy.loadBalancer` of a DestinationRule: `simple` (ROUND_ROBIN,
@@ -1099,6 +1118,7 @@ pub(crate) fn policy(
         routes,
         subsets,
         max_requests: traffic.max_requests,
+        max_requests_per_connection: traffic.max_requests_per_connection,
         connection_pool: traffic.connection_pool,
         outlier: traffic.outlier,
         load_balancer: traffic.load_balancer,
@@ -1550,6 +1570,23 @@ spec:
             r.warnings[0].field,
             "spec.trafficPolicy.connectionPool.http.idleTimeout"
         );
+        // maxRequestsPerConnection: read, with or without the other limits.
+        let per_conn = dr.replace("http2MaxRequests: 4}", "maxRequestsPerConnection: 100}");
+        let r = parse(&per_conn).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let p = &r.http_policies[0];
+        assert_eq!(
+            (p.max_requests, p.max_requests_per_connection),
+            (None, Some(100))
+        );
+        let bad = dr.replace("http2MaxRequests: 4}", "maxRequestsPerConnection: -1}");
+        match parse(&bad) {
+            Err(ParseError::Invalid(p)) => assert_eq!(
+                p[0].field,
+                "spec.trafficPolicy.connectionPool.http.maxRequestsPerConnection"
+            ),
+            other => panic!("{other:?}"),
+        }
         // 0 is Istio's unset.
         let zero = dr.replace("http2MaxRequests: 4", "http2MaxRequests: 0");
         let r = parse(&zero).unwrap();

@@ -9,7 +9,8 @@
 //! the service's `outlierDetection` ejected after consecutive errors, per endpoint, never
 //! all of them, within the service's `connectionPool` (at most `maxConnections`
 //! HTTP/1.1 requests at once, a bounded number waiting, 503 `overflow` past it), over
-//! connections pooled per endpoint (HTTP/1.1 for
+//! connections pooled per endpoint, each closed after `maxRequestsPerConnection`
+//! requests when the service sets it (HTTP/1.1 for
 //! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
 //! appended to `x-forwarded-for`. When no connection to the endpoint can be made, the
@@ -48,8 +49,9 @@ use crate::wire::{Open, Refusal};
 /// `Host`), h2 one multiplexed connection per endpoint (so `:authority` stays the
 /// client's).
 pub struct Upstream {
-    h1: Client<HttpConnector, Body>,
-    h2: std::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    h1: Client<Counting, Body>,
+    /// Per endpoint, its h2 connection and the requests given to it so far.
+    h2: std::sync::Mutex<HashMap<SocketAddr, H2Conn>>,
     /// Held only while a new h2 connection is dialed: requests on open connections never
     /// wait for it.
     h2_dial: tokio::sync::Mutex<()>,
@@ -62,6 +64,106 @@ pub struct Upstream {
     gates: std::sync::Mutex<HashMap<ServiceName, HashMap<u16, Arc<Gate>>>>,
     start: std::time::Instant,
     metrics: Metrics,
+}
+
+/// An endpoint's h2 connection and the requests given to it so far.
+type H2Conn = (SendRequest<Body>, Arc<AtomicU32>);
+
+/// The requests a pooled HTTP/1.1 connection has carried: its `extra`, which the pool
+/// sets on each of its answers (for `maxRequestsPerConnection`).
+#[derive(Clone)]
+struct Carried(Arc<AtomicU32>);
+
+/// hyper's connector, whose connections count the requests they carry ([`Carried`]).
+#[derive(Clone)]
+struct Counting(HttpConnector);
+
+/// A connection [`Counting`] made.
+struct CountedIo {
+    io: TokioIo<TcpStream>,
+    carried: Carried,
+}
+
+impl tower::Service<http::Uri> for Counting {
+    type Response = CountedIo;
+    type Error = <HttpConnector as tower::Service<http::Uri>>::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<CountedIo, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            Ok(CountedIo {
+                io: connecting.await?,
+                carried: Carried(Arc::new(AtomicU32::new(0))),
+            })
+        })
+    }
+}
+
+impl hyper::rt::Read for CountedIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CountedIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for CountedIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.connected().extra(self.carried.clone())
+    }
+}
+
+/// Whether a connection that has now carried `carried` requests is done under
+/// `maxRequestsPerConnection` (`max`; `None`: never). Pure.
+pub fn connection_spent(carried: u32, max: Option<u32>) -> bool {
+    max.is_some_and(|m| carried >= m)
 }
 
 /// A service's `connectionPool` at this gateway: `max_connections` slots (one per
@@ -118,7 +220,7 @@ impl Upstream {
         c.set_nodelay(true);
         let h1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(c);
+            .build(Counting(c));
         Arc::new(Self {
             h1,
             h2: Default::default(),
@@ -188,9 +290,7 @@ impl Upstream {
     ) -> Response<Body> {
         let pool = to.pool.filter(|_| app == AppProtocol::Http);
         let Some(limits) = pool else {
-            return self
-                .forward(req, endpoints, app, open, to.outlier.as_ref())
-                .await;
+            return self.forward(req, endpoints, app, open, to).await;
         };
         let Some(slot) = self.gate(open, limits).enter().await else {
             self.metrics.http_overflow("ingress");
@@ -203,7 +303,7 @@ impl Upstream {
             return error_response(503, super::egress::OVERFLOW, &msg);
         };
         let (parts, body) = self
-            .forward(req, endpoints, app, open, to.outlier.as_ref())
+            .forward(req, endpoints, app, open, to)
             .await
             .into_parts();
         let body = body
@@ -251,15 +351,23 @@ impl Upstream {
         }
     }
 
-    /// The h2 connection to `ep`, dialed when there is none or it ended.
-    async fn h2_to(&self, ep: SocketAddr) -> Result<SendRequest<Body>, String> {
+    /// The h2 connection to `ep` for one request, dialed when there is none or it ended.
+    /// A connection given its `per_conn`th request (`maxRequestsPerConnection`) is taken
+    /// out of the pool: it finishes its streams and closes, and the next request dials.
+    async fn h2_to(
+        &self,
+        ep: SocketAddr,
+        per_conn: Option<u32>,
+    ) -> Result<SendRequest<Body>, String> {
         let live = || {
-            self.h2
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&ep)
-                .filter(|s| !s.is_closed())
-                .cloned()
+            let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+            let (s, given) = h2.get(&ep).filter(|(s, _)| !s.is_closed())?;
+            let s = s.clone();
+            let n = given.fetch_add(1, Ordering::Relaxed) + 1;
+            if connection_spent(n, per_conn) {
+                h2.remove(&ep);
+            }
+            Some(s)
         };
         if let Some(s) = live() {
             return Ok(s);
@@ -283,29 +391,48 @@ impl Upstream {
                 debug!(error = %e, %ep, "h2 connection to the endpoint ended");
             }
         });
-        self.h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ep, send.clone());
+        if !connection_spent(1, per_conn) {
+            self.h2
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ep, (send.clone(), Arc::new(AtomicU32::new(1))));
+        }
         Ok(send)
     }
 
+    /// One request to `ep`, on a pooled connection that has carried fewer than
+    /// `per_conn` requests (`maxRequestsPerConnection`).
     async fn send(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         ep: SocketAddr,
         app: AppProtocol,
+        per_conn: Option<u32>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if app == AppProtocol::Http {
-            return self.h1.request(req).await.map_err(|e| {
+            let capture =
+                per_conn.map(|_| hyper_util::client::legacy::connect::capture_connection(&mut req));
+            let resp = self.h1.request(req).await.map_err(|e| {
                 if e.is_connect() {
                     UpstreamError::Connect(format!("{e:?}"))
                 } else {
                     UpstreamError::Lost(format!("{e:?}"))
                 }
-            });
+            })?;
+            // An HTTP/1.1 connection carries one request at a time: the pool's count is
+            // exact. A spent one is not reused, and closes once this answer is read.
+            if let (Some(capture), Some(Carried(n))) = (capture, resp.extensions().get::<Carried>())
+                && connection_spent(n.fetch_add(1, Ordering::Relaxed) + 1, per_conn)
+                && let Some(c) = capture.connection_metadata().as_ref()
+            {
+                c.poison();
+            }
+            return Ok(resp);
         }
-        let mut send = self.h2_to(ep).await.map_err(UpstreamError::Connect)?;
+        let mut send = self
+            .h2_to(ep, per_conn)
+            .await
+            .map_err(UpstreamError::Connect)?;
         send.ready()
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
@@ -325,9 +452,10 @@ impl Upstream {
         endpoints: &[SocketAddr],
         app: AppProtocol,
         open: &Open,
-        outlier: Option<&Outlier>,
+        to: &Serving,
     ) -> Response<Body> {
         use tracing::Instrument;
+        let outlier = to.outlier.as_ref();
         let ep = self.pick(endpoints, outlier);
         let span = tracing::trace_span!(
             target: "otel",
@@ -348,7 +476,7 @@ impl Upstream {
         // The endpoint continues this span.
         super::trace::inject(&span, &mut parts.headers);
         let answer = self
-            .forward_traced(parts, body, ep, app, open)
+            .forward_traced(parts, body, ep, app, open, to.per_connection)
             .instrument(span.clone())
             .await;
         span.record("http.response.status_code", answer.status().as_u16());
@@ -374,9 +502,10 @@ impl Upstream {
         ep: SocketAddr,
         app: AppProtocol,
         open: &Open,
+        per_conn: Option<u32>,
     ) -> Response<Body> {
         let req = Request::from_parts(parts, body.map_err(super::boxed_err).boxed());
-        match self.send(req, ep, app).await {
+        match self.send(req, ep, app, per_conn).await {
             Ok(resp) => {
                 self.metrics.http_request("ingress", resp.status().as_u16());
                 let (mut parts, body) = resp.into_parts();
@@ -455,6 +584,8 @@ pub struct Serving {
     pub outlier: Option<Outlier>,
     /// The service's connection limits toward its HTTP/1.1 endpoints.
     pub pool: Option<ConnectionPool>,
+    /// Requests one endpoint connection carries (`maxRequestsPerConnection`).
+    pub per_connection: Option<u32>,
 }
 
 /// The open decision, made again for each request of a stream: an HTTP stream from an
@@ -518,6 +649,24 @@ pub async fn serve<IO>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_is_spent_at_its_request_limit() {
+        for (carried, max, spent) in [
+            (1, None, false),
+            (u32::MAX, None, false),
+            (1, Some(1), true),
+            (1, Some(2), false),
+            (2, Some(2), true),
+            (3, Some(2), true),
+        ] {
+            assert_eq!(
+                connection_spent(carried, max),
+                spent,
+                "{carried} of {max:?}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn a_gate_holds_its_connections_and_bounds_the_wait() {
