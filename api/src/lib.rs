@@ -650,6 +650,7 @@ mod tests {
             max_requests_per_connection: Some(100),
             outlier: None,
             load_balancer: None,
+            consistent_hash: None,
         };
         let e = Export {
             endpoint_labels: Vec::new(),

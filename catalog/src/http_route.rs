@@ -77,6 +77,11 @@ pub struct HttpPolicy {
     /// first (same locality, then the most ready endpoints), the others on failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    /// Session affinity (a DestinationRule's `loadBalancer.consistentHash`): requests
+    /// with one key go to one site and one endpoint ([`crate::affinity`]); instead of
+    /// `load_balancer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<crate::affinity::HashKey>,
     /// How the destination's sites are ordered and shared by locality (a
     /// DestinationRule's `loadBalancer.localityLbSetting`); `None`: nearest first
     /// (subzone, zone, region), then the most ready endpoints.
@@ -697,6 +702,15 @@ impl HttpPolicy {
         if self.max_requests == Some(0) {
             return Err(bad("max_requests", "must be above 0"));
         }
+        if let Some(k) = &self.consistent_hash {
+            if self.load_balancer.is_some() {
+                return Err(bad(
+                    "consistent_hash",
+                    "a load balancer is simple or consistentHash, not both",
+                ));
+            }
+            k.check().map_err(|e| bad("consistent_hash", e))?;
+        }
         if self.max_requests_per_connection == Some(0) {
             return Err(bad("max_requests_per_connection", "must be above 0"));
         }
@@ -1126,6 +1140,7 @@ mod tests {
             locality_lb: None,
             outlier: None,
             load_balancer: None,
+            consistent_hash: None,
             max_requests: None,
             max_requests_per_connection: None,
             service: ServiceName::parse("web.demo").unwrap(),

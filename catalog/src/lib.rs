@@ -9,6 +9,7 @@
 //! `identity` only.
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 pub mod authz;
 pub mod catalog;
 pub mod http_route;

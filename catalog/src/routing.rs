@@ -637,6 +637,7 @@ mod tests {
                         locality_lb: None,
                         outlier: None,
                         load_balancer: None,
+                        consistent_hash: None,
                         max_requests: None,
                         max_requests_per_connection: None,
                         service: service.clone(),

@@ -1276,6 +1276,7 @@ mod conflict_tests {
                 max_requests_per_connection: None,
                 outlier: None,
                 load_balancer: None,
+                consistent_hash: None,
             })),
         }
     }

@@ -765,6 +765,7 @@ fn http_policies(
                 connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier,
                 load_balancer: traffic.load_balancer,
+                consistent_hash: traffic.consistent_hash,
                 locality_lb: traffic.locality_lb,
             };
             match p.clone().compile() {
@@ -804,6 +805,7 @@ fn http_policies(
                 connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier.clone(),
                 load_balancer: traffic.load_balancer,
+                consistent_hash: traffic.consistent_hash.clone(),
                 locality_lb: traffic.locality_lb.clone(),
                 service,
             },
@@ -839,6 +841,8 @@ pub(crate) struct Traffic {
     pub outlier: Option<meshfed_catalog::http_route::Outlier>,
     /// `loadBalancer.simple`.
     pub load_balancer: Option<meshfed_catalog::http_route::LoadBalancer>,
+    /// `loadBalancer.consistentHash`.
+    pub consistent_hash: Option<meshfed_catalog::affinity::HashKey>,
     /// `loadBalancer.localityLbSetting`.
     pub locality_lb: Option<meshfed_catalog::locality::LocalityLb>,
 }
@@ -850,6 +854,7 @@ impl Traffic {
             && self.connection_pool.is_none()
             && self.outlier.is_none()
             && self.load_balancer.is_none()
+            && self.consistent_hash.is_none()
             && self.locality_lb.is_none()
     }
 
@@ -861,6 +866,7 @@ impl Traffic {
             connection_pool: rules.iter().find_map(|r| r.4.connection_pool),
             outlier: rules.iter().find_map(|r| r.4.outlier.clone()),
             load_balancer: rules.iter().find_map(|r| r.4.load_balancer),
+            consistent_hash: rules.iter().find_map(|r| r.4.consistent_hash.clone()),
             locality_lb: rules.iter().find_map(|r| r.4.locality_lb.clone()),
         }
     }
@@ -990,6 +996,10 @@ fn sort_documents(
                     load_balancer: tp.and_then(|tp| {
                         crate::virtual_service::load_balancer(&mut d, tp.get("loadBalancer"))
                     }),
+                    consistent_hash: tp.and_then(|tp| {
+                        let ch = tp.get("loadBalancer")?.get("consistentHash");
+                        crate::virtual_service::consistent_hash(&mut d, ch)
+                    }),
                     locality_lb: tp.and_then(|tp| {
                         let lb = tp.get("loadBalancer")?.get("localityLbSetting");
                         let outlier = tp.contains_key("outlierDetection");
@@ -1008,7 +1018,14 @@ fn sort_documents(
                 }
                 // Subsets and a connection pool need no TLS settings.
                 let tls = tp.is_some_and(|tp| tp.contains_key("tls"));
-                if tls || (sets.is_empty() && traffic.is_empty()) {
+                // A traffic policy that sets nothing meshfed applies (a PASSTHROUGH load
+                // balancer, warned about) is not a TLS rule missing its `tls`.
+                let traffic_keys = tp.is_some_and(|tp| {
+                    ["connectionPool", "outlierDetection", "loadBalancer"]
+                        .iter()
+                        .any(|k| tp.contains_key(*k))
+                });
+                if tls || (sets.is_empty() && traffic.is_empty() && !traffic_keys) {
                     if let Some(tls) = destination_rule(&mut d, spec) {
                         rules.push((index, name.to_owned(), namespace.to_owned(), tls));
                     }

@@ -829,8 +829,8 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Pool {
 /// `trafficPolicy.loadBalancer` of a DestinationRule: `simple` (ROUND_ROBIN,
 /// LEAST_REQUEST, RANDOM; UNSPECIFIED and LEAST_CONN, its deprecated name for
 /// LEAST_REQUEST, too), applied across the destination's sites (`localityLbSetting` is
-/// [`locality_lb`]'s); `consistentHash` and PASSTHROUGH are refused: meshfed cannot
-/// honour them.
+/// [`locality_lb`]'s, `consistentHash` [`consistent_hash`]'s); PASSTHROUGH is warned
+/// about (meshfed always picks a site) and the default applies.
 pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBalancer> {
     let field = "spec.trafficPolicy.loadBalancer";
     let Value::Object(m) = v? else {
@@ -856,10 +856,11 @@ pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBa
             );
         }
     }
-    if m.contains_key("consistentHash") {
+    if m.contains_key("consistentHash") && m.get("simple").is_some_and(|v| !v.is_null()) {
+        // One field of Istio's `lb_policy` oneof.
         d.err(
-            format!("{field}.consistentHash"),
-            "not supported by meshfed: requests are not pinned to a site",
+            field,
+            "simple and consistentHash are one choice: set only one of them",
         );
         return None;
     }
@@ -870,9 +871,9 @@ pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBa
             "RANDOM" => Some(LoadBalancer::Random),
             "UNSPECIFIED" => None,
             "PASSTHROUGH" => {
-                d.err(
+                d.warn(
                     format!("{field}.simple"),
-                    "PASSTHROUGH: meshfed always picks a site",
+                    "PASSTHROUGH: meshfed always picks a site; the default balancing applies",
                 );
                 None
             }
@@ -888,6 +889,129 @@ pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBa
             d.err(
                 format!("{field}.simple"),
                 format!("{other} is not a string"),
+            );
+            None
+        }
+    }
+}
+
+/// `trafficPolicy.loadBalancer.consistentHash` of a DestinationRule: exactly one of
+/// `httpHeaderName`, `httpCookie` (`name`, `path`, `ttl`), `useSourceIp` and
+/// `httpQueryParameterName`, as Istio's validation demands; `ringHash`, `maglev` and
+/// `minimumRingSize` name Envoy's hashing algorithm and are warned about (meshfed
+/// hashes by rendezvous, [`meshfed_catalog::affinity`]).
+pub(crate) fn consistent_hash(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+) -> Option<meshfed_catalog::affinity::HashKey> {
+    use meshfed_catalog::affinity::HashKey;
+    let field = "spec.trafficPolicy.loadBalancer.consistentHash";
+    let Value::Object(m) = v? else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(
+        field,
+        m,
+        &[
+            "httpHeaderName",
+            "httpCookie",
+            "useSourceIp",
+            "httpQueryParameterName",
+            "ringHash",
+            "maglev",
+            "minimumRingSize",
+        ],
+    );
+    for k in ["ringHash", "maglev", "minimumRingSize"] {
+        if m.contains_key(k) {
+            d.warn(
+                format!("{field}.{k}"),
+                "meshfed hashes by rendezvous (a departing site or endpoint moves only its own keys); ignored",
+            );
+        }
+    }
+    let text = |d: &mut Doc<'_>, k: &str| match m.get(k) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(_) => {
+            d.err(format!("{field}.{k}"), "must be a non-empty string");
+            None
+        }
+        None => None,
+    };
+    let mut keys = Vec::new();
+    if let Some(h) = text(d, "httpHeaderName") {
+        keys.push(("httpHeaderName", HashKey::Header(h.to_ascii_lowercase())));
+    }
+    if let Some(q) = text(d, "httpQueryParameterName") {
+        keys.push(("httpQueryParameterName", HashKey::QueryParameter(q)));
+    }
+    match m.get("useSourceIp") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => keys.push(("useSourceIp", HashKey::SourceIp)),
+        Some(other) => d.err(
+            format!("{field}.useSourceIp"),
+            format!("{other} is not a bool"),
+        ),
+    }
+    match m.get("httpCookie") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(c)) => {
+            let f = format!("{field}.httpCookie");
+            d.unsupported(&f, c, &["name", "path", "ttl", "attributes"]);
+            if c.contains_key("attributes") {
+                d.warn(
+                    format!("{f}.attributes"),
+                    "not supported by meshfed; ignored",
+                );
+            }
+            let name = match c.get("name") {
+                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                _ => {
+                    d.err(format!("{f}.name"), "required: the cookie's name");
+                    None
+                }
+            };
+            let path = c.get("path").and_then(Value::as_str).map(str::to_owned);
+            // 0 is a session cookie (no Max-Age), which the duration parser refuses.
+            let zero = |s: &str| {
+                s.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                    .parse::<f64>()
+                    .is_ok_and(|n| n == 0.0)
+            };
+            let ttl_ms = match c.get("ttl") {
+                Some(Value::String(s)) if zero(s) => Some(0),
+                other => duration(d, other, &format!("{f}.ttl")),
+            };
+            if let Some(name) = name {
+                keys.push(("httpCookie", HashKey::Cookie { name, path, ttl_ms }));
+            }
+        }
+        Some(_) => d.err(format!("{field}.httpCookie"), "must be a map"),
+    }
+    match keys.len() {
+        0 => {
+            d.err(
+                field,
+                "one of httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName is required",
+            );
+            None
+        }
+        1 => {
+            let (k, key) = keys.pop()?;
+            match key.check() {
+                Ok(()) => Some(key),
+                Err(e) => {
+                    d.err(format!("{field}.{k}"), e);
+                    None
+                }
+            }
+        }
+        _ => {
+            let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+            d.err(
+                field,
+                format!("only one hash key may be set, not {}", names.join(" and ")),
             );
             None
         }
@@ -1122,6 +1246,7 @@ pub(crate) fn policy(
         connection_pool: traffic.connection_pool,
         outlier: traffic.outlier,
         load_balancer: traffic.load_balancer,
+        consistent_hash: traffic.consistent_hash,
         locality_lb: traffic.locality_lb,
     };
     match p.clone().compile() {
@@ -1244,18 +1369,77 @@ spec:
             r.http_policies[0].locality_lb.as_ref().unwrap().failover[0].to,
             "eu-west"
         );
+        // consistentHash: each key as Istio spells it; the ring's algorithm is warned about.
+        use meshfed_catalog::affinity::HashKey;
+        for (lb, want) in [
+            (
+                "{consistentHash: {httpHeaderName: X-User}}",
+                HashKey::Header("x-user".into()),
+            ),
+            ("{consistentHash: {useSourceIp: true}}", HashKey::SourceIp),
+            (
+                "{consistentHash: {httpQueryParameterName: u}}",
+                HashKey::QueryParameter("u".into()),
+            ),
+            (
+                "{consistentHash: {httpCookie: {name: s, path: /app, ttl: 0s}, ringHash: {minimumRingSize: 1024}}}",
+                HashKey::Cookie {
+                    name: "s".into(),
+                    path: Some("/app".into()),
+                    ttl_ms: Some(0),
+                },
+            ),
+        ] {
+            let r = parse(&dr(lb)).unwrap();
+            let p = &r.http_policies[0];
+            assert_eq!(
+                (p.consistent_hash.as_ref(), p.load_balancer),
+                (Some(&want), None),
+                "{lb}"
+            );
+        }
+        let r = parse(&dr(
+            "{consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}",
+        ))
+        .unwrap();
+        assert_eq!(
+            r.warnings[0].field,
+            "spec.trafficPolicy.loadBalancer.consistentHash.maglev"
+        );
+        // PASSTHROUGH: Istio accepts it; meshfed warns and balances as by default.
+        let r = parse(&dr("{simple: PASSTHROUGH}")).unwrap();
+        assert_eq!(
+            r.warnings[0].field,
+            "spec.trafficPolicy.loadBalancer.simple"
+        );
         for (lb, field) in [
             (
                 "{simple: FASTEST}",
                 "spec.trafficPolicy.loadBalancer.simple",
             ),
             (
-                "{simple: PASSTHROUGH}",
-                "spec.trafficPolicy.loadBalancer.simple",
+                "{simple: ROUND_ROBIN, consistentHash: {httpHeaderName: x-user}}",
+                "spec.trafficPolicy.loadBalancer",
             ),
             (
-                "{consistentHash: {httpHeaderName: x-user}}",
+                "{consistentHash: {httpHeaderName: x-user, useSourceIp: true}}",
                 "spec.trafficPolicy.loadBalancer.consistentHash",
+            ),
+            (
+                "{consistentHash: {minimumRingSize: 1024}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+            ),
+            (
+                "{consistentHash: {httpCookie: {ttl: 10s}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+            ),
+            (
+                "{consistentHash: {httpCookie: {name: s, ttl: soon}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+            ),
+            (
+                "{consistentHash: {httpHeaderName: \"bad header\"}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
             ),
             ("ROUND_ROBIN", "spec.trafficPolicy.loadBalancer"),
             (

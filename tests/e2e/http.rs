@@ -1640,6 +1640,126 @@ spec:
     assert_eq!(west, 100, "west {west}, north {north}");
 }
 
+/// Issue 17 §2/§4: a DestinationRule's `loadBalancer.consistentHash` (session affinity),
+/// which Istio accepts and meshfed used to refuse. By header across sites: each of 24
+/// users' 4 requests land at one site, and both sites get users. By cookie across the
+/// two endpoints of one site: a request without the cookie gets one made up
+/// (`Set-Cookie`, its ttl as `Max-Age`), and every request that sends it back lands on
+/// the same endpoint, while requests without it spread.
+#[tokio::test(flavor = "multi_thread")]
+async fn consistent_hash_keeps_a_key_on_one_site_and_one_endpoint() {
+    const BY_HEADER: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+"#;
+    let sites = http_sites("http-hash", (200, 200), 0, |west| {
+        let out = register_yaml(west, "hash.yaml", BY_HEADER);
+        assert!(out.contains("routes:web.demo"), "{out}");
+    })
+    .await;
+    let url = format!("http://{}/", sites.import);
+    // Applied once two users land at different sites (before, north takes them all).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        for u in 0..8 {
+            let _ = curl(&["-H", &format!("x-user: u{u}")], &url);
+        }
+        if sites.west_hits.load(Ordering::Relaxed) > 0
+            && sites.north_hits.load(Ordering::Relaxed) > 0
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "users never spread\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut per_site = std::collections::BTreeMap::<String, usize>::new();
+    for u in 0..24 {
+        let seen: std::collections::BTreeSet<String> = (0..4)
+            .map(|_| {
+                let (status, body, _) = curl(&["-H", &format!("x-user: u{u}")], &url);
+                assert_eq!(status, 200, "{body}");
+                body.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(seen.len(), 1, "user u{u} landed at {seen:?}");
+        *per_site
+            .entry(seen.into_iter().next().unwrap())
+            .or_default() += 1;
+    }
+    eprintln!("24 users by x-user: {per_site:?}");
+    assert_eq!(per_site.len(), 2, "every user at one site: {per_site:?}");
+    drop(sites);
+
+    const BY_COOKIE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpCookie: {name: affinity, path: /, ttl: 60s}}}
+"#;
+    let (a, _) = http_endpoint("a", 200).await;
+    let (b, _) = http_endpoint("b", 200).await;
+    let west = west_serves("http-hash-cookie", BY_COOKIE, vec![a, b]).await;
+    let url = format!("http://{}/", west.import);
+    let mut cookies = Vec::new();
+    let mut fresh = std::collections::BTreeSet::new();
+    for _ in 0..16 {
+        let (status, head, body, _) = curl_head(&[], &url);
+        assert_eq!(status, 200, "{body}");
+        let cookie = head
+            .lines()
+            .find_map(|l| l.strip_prefix("set-cookie: "))
+            .unwrap_or_else(|| panic!("no cookie made up: {head}"))
+            .trim()
+            .to_owned();
+        assert!(
+            cookie.ends_with("; Path=/; Max-Age=60; HttpOnly"),
+            "{cookie}"
+        );
+        fresh.insert(
+            body.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        cookies.push(cookie.split(';').next().unwrap().to_owned());
+    }
+    // Without a cookie, each request is a new key: both endpoints get some.
+    assert_eq!(fresh.len(), 2, "16 new keys all at {fresh:?}");
+    for c in &cookies {
+        let seen: std::collections::BTreeSet<String> = (0..4)
+            .map(|_| {
+                let (status, head, body, _) = curl_head(&["-H", &format!("cookie: {c}")], &url);
+                assert_eq!(status, 200, "{body}");
+                assert!(
+                    !head.contains("set-cookie"),
+                    "a cookie sent back was replaced: {head}"
+                );
+                body.split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(seen.len(), 1, "cookie {c} landed at {seen:?}");
+    }
+    drop(west);
+}
+
 /// Issue 17 §2: a DestinationRule's `localityLbSetting`. East is in `eu/a`, west in
 /// `eu/b`, north in `us/a`. By default the nearest site takes every request (west: same
 /// region); `distribute` from `eu/*` gives `us/*` 75 % and `eu/*` 25 %; with `enabled:

@@ -16,7 +16,10 @@
 //!    service: that service's import here, its sites and subsets, and the attempts go
 //!    through it); without routes, every backend; the answer gets the route's response
 //!    header changes;
-//! 4. the site is the next of those (best first) not tried yet;
+//! 4. the site is the next of those (best first; with a `consistentHash` policy, in the
+//!    rendezvous order of the request's key, whose hash goes along in `meshfed-hash` so
+//!    the far ingress picks the key's endpoint, and a made-up cookie is set on the
+//!    answer when the key is a missing cookie with a ttl) not tried yet;
 //! 5. the request goes over the next of that site's [`LINKS`] h2 links for the caller,
 //!    each opened on demand as a tunnel stream with the usual open request (so the far
 //!    side decides exactly as for a TCP connection) and kept while it lives;
@@ -36,6 +39,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::SiteName;
+use meshfed_catalog::affinity;
 use meshfed_catalog::http_route::{
     Compiled, RequestView, SELECTOR_HEADER, SiteLabels, hits, pick, selector_header, subset_sites,
 };
@@ -213,6 +217,11 @@ struct Plan {
     target: Option<Arc<Egress>>,
     /// The least-request balancer reads attempts in flight per site: count them.
     count_load: bool,
+    /// The request's affinity hash (a `consistentHash` policy), for the far ingress's
+    /// endpoint pick ([`meshfed_catalog::affinity::HASH_HEADER`]).
+    hash: Option<http::HeaderValue>,
+    /// The cookie the affinity made up for a request without one, set on the answer.
+    set_cookie: Option<http::HeaderValue>,
 }
 
 /// A mirrored copy's way: the sites of the mirror's service (its subset's), the subset's
@@ -518,7 +527,7 @@ impl HttpEgress {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .deposit(self.now_ms());
-        let plan = match self.plan(eg, &parts) {
+        let plan = match self.plan(eg, &parts, client.ip()) {
             Ok(p) => p,
             Err(r) => {
                 metrics.http_request("egress", r.status().as_u16());
@@ -575,6 +584,11 @@ impl HttpEgress {
         let mut answer = answer;
         if let Some(s) = &site {
             span.record("meshfed.destination_site", s.as_str());
+        }
+        if let Some(c) = &plan.set_cookie {
+            answer
+                .headers_mut()
+                .append(http::header::SET_COOKIE, c.clone());
         }
         if let Some(h) = plan.edits.as_ref().and_then(|e| e.headers.as_ref()) {
             headers::apply_ops(answer.headers_mut(), &h.response);
@@ -658,7 +672,12 @@ impl HttpEgress {
     /// that destination's subset selects (best first), its retries and timeouts. Without
     /// routes: every backend, [`RETRIES`] retries, no timeout.
     #[allow(clippy::result_large_err)]
-    fn plan(&self, eg: &Egress, parts: &http::request::Parts) -> Result<Plan, Response<Body>> {
+    fn plan(
+        &self,
+        eg: &Egress,
+        parts: &http::request::Parts,
+        client: std::net::IpAddr,
+    ) -> Result<Plan, Response<Body>> {
         let backends = eg.backends.load_full();
         let no_site = |msg: String| error_response(503, Refusal::NoReadyEndpoint.as_str(), &msg);
         if backends.is_empty() {
@@ -681,6 +700,8 @@ impl HttpEgress {
                 edits: None,
                 target: None,
                 count_load: false,
+                hash: None,
+                set_cookie: None,
             });
         };
         // The circuit breaker: a request past `max_requests` is refused at once, never
@@ -807,7 +828,29 @@ impl HttpEgress {
         let policy = to_table.map(|t| &t.compiled.policy);
         let outlier = policy.and_then(|p| p.outlier.clone());
         let load_balancer = policy.and_then(|p| p.load_balancer);
-        let sites = via.balance(load_balancer, to_table.map(|t| &t.site_weights), sites);
+        // Session affinity: the key's sites in rendezvous order (a request without the
+        // key is balanced as usual; a missing cookie with a ttl is made up here).
+        let (hash, set_cookie) = match policy.and_then(|p| p.consistent_hash.as_ref()) {
+            None => (None, None),
+            Some(key) => match affinity::request_hash(key, &View(parts), client) {
+                Some(h) => (Some(h), None),
+                None => {
+                    let n = self.rolls.fetch_add(1, Ordering::Relaxed);
+                    let value = affinity::hash_header(affinity::value_hash(&n.to_string()) ^ n);
+                    match affinity::made_cookie(key, &value) {
+                        Some(c) => (
+                            Some(affinity::value_hash(&value)),
+                            http::HeaderValue::from_str(&c).ok(),
+                        ),
+                        None => (None, None),
+                    }
+                }
+            },
+        };
+        let sites = match hash {
+            Some(h) => affinity::order(sites, h, |s| s.as_str().as_bytes().to_vec()),
+            None => via.balance(load_balancer, to_table.map(|t| &t.site_weights), sites),
+        };
         let site_count = to_backends.len();
         if sites.is_empty() {
             return Err(no_site(format!(
@@ -892,6 +935,8 @@ impl HttpEgress {
             target,
             count_load: load_balancer
                 == Some(meshfed_catalog::http_route::LoadBalancer::LeastRequest),
+            hash: hash.and_then(|h| http::HeaderValue::from_str(&affinity::hash_header(h)).ok()),
+            set_cookie,
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
             timeout: route.timeout_ms.map(ms),
             per_try: route
@@ -946,6 +991,9 @@ impl HttpEgress {
             *req.headers_mut() = parts.headers.clone();
             if let Some(v) = &plan.selector {
                 req.headers_mut().insert(SELECTOR_HEADER, v.clone());
+            }
+            if let Some(v) = &plan.hash {
+                req.headers_mut().insert(affinity::HASH_HEADER, v.clone());
             }
             *req.version_mut() = http::Version::HTTP_2;
             let load = plan.count_load.then(|| SiteLoad::new(self, site));

@@ -5,7 +5,8 @@
 //! when the exports or policies changed), and a withdrawn endpoint, a new one or a new
 //! policy takes effect on open links. Each request goes to one of the
 //! export's endpoints, round-robin, among those whose labels hold the subset the egress
-//! named (`meshfed-subset`; 503 `no_ready_endpoint` when none does), skipping endpoints
+//! named (`meshfed-subset`; 503 `no_ready_endpoint` when none does; by the affinity
+//! hash the egress sent, `meshfed-hash`, instead of in turn), skipping endpoints
 //! the service's `outlierDetection` ejected after consecutive errors, per endpoint, never
 //! all of them, within the service's `connectionPool` (at most `maxConnections`
 //! HTTP/1.1 requests at once, a bounded number waiting, 503 `overflow` past it), over
@@ -315,8 +316,21 @@ impl Upstream {
         Response::from_parts(parts, body)
     }
 
-    /// The next endpoint in turn that is not ejected (all of them when every one is).
-    fn pick(&self, endpoints: &[SocketAddr], outlier: Option<&Outlier>) -> SocketAddr {
+    /// The next endpoint in turn that is not ejected (all of them when every one is);
+    /// with an affinity `hash`, the hash's endpoint among those not ejected.
+    fn pick(
+        &self,
+        endpoints: &[SocketAddr],
+        outlier: Option<&Outlier>,
+        hash: Option<u64>,
+    ) -> SocketAddr {
+        if let Some(h) = hash {
+            let now = self.now_ms();
+            let o = outlier.map(|_| self.outliers.lock().unwrap_or_else(|e| e.into_inner()));
+            let usable = |ep: &SocketAddr| o.as_ref().is_none_or(|o| !o.is_ejected(ep, now));
+            let name = |ep: &SocketAddr| ep.to_string().into_bytes();
+            return endpoints[meshfed_catalog::affinity::pick(endpoints, h, name, usable)];
+        }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         if outlier.is_some() {
             let now = self.now_ms();
@@ -456,7 +470,12 @@ impl Upstream {
     ) -> Response<Body> {
         use tracing::Instrument;
         let outlier = to.outlier.as_ref();
-        let ep = self.pick(endpoints, outlier);
+        let hash = req
+            .headers()
+            .get(meshfed_catalog::affinity::HASH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(meshfed_catalog::affinity::parse_hash_header);
+        let ep = self.pick(endpoints, outlier, hash);
         let span = tracing::trace_span!(
             target: "otel",
             "ingress http",
