@@ -648,6 +648,7 @@ mod tests {
             subsets: vec![],
             max_requests: Some(8),
             max_requests_per_connection: Some(100),
+            idle_timeout_ms: Some(30_000),
             outlier: None,
             load_balancer: None,
             consistent_hash: None,

@@ -65,6 +65,11 @@ pub struct HttpPolicy {
     /// `max_requests_per_connection`); `None`: unbounded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<u32>,
+    /// How long an endpoint connection at the exporting gateway may carry no request
+    /// before it is closed (a DestinationRule's `connectionPool.http.idleTimeout`);
+    /// `None`: 90 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
     /// The exporting site's connections to the service's endpoints (a DestinationRule's
     /// `connectionPool.tcp.maxConnections` and `http.http1MaxPendingRequests`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -714,6 +719,9 @@ impl HttpPolicy {
         if self.max_requests_per_connection == Some(0) {
             return Err(bad("max_requests_per_connection", "must be above 0"));
         }
+        if self.idle_timeout_ms == Some(0) {
+            return Err(bad("idle_timeout_ms", "must be above 0"));
+        }
         if let Some(c) = &self.connection_pool {
             if c.max_connections == 0 {
                 return Err(bad("connection_pool.max_connections", "must be above 0"));
@@ -1143,6 +1151,7 @@ mod tests {
             consistent_hash: None,
             max_requests: None,
             max_requests_per_connection: None,
+            idle_timeout_ms: None,
             service: ServiceName::parse("web.demo").unwrap(),
             source: "VirtualService demo/web".into(),
             routes: vec![
@@ -1767,6 +1776,7 @@ mod tests {
                 Box::new(|p| p.max_requests_per_connection = Some(0)),
                 "max_requests_per_connection",
             ),
+            (Box::new(|p| p.idle_timeout_ms = Some(0)), "idle_timeout_ms"),
             (
                 Box::new(|p| {
                     p.routes[0].mirror = Some(Mirror {

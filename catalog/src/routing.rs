@@ -640,6 +640,7 @@ mod tests {
                         consistent_hash: None,
                         max_requests: None,
                         max_requests_per_connection: None,
+                        idle_timeout_ms: None,
                         service: service.clone(),
                         source: format!("VirtualService {site}/web"),
                         routes: vec![HttpRoute {

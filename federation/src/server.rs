@@ -1274,6 +1274,7 @@ mod conflict_tests {
                 subsets: vec![],
                 max_requests: None,
                 max_requests_per_connection: None,
+                idle_timeout_ms: None,
                 outlier: None,
                 load_balancer: None,
                 consistent_hash: None,

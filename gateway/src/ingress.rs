@@ -141,8 +141,8 @@ struct Admitted {
     /// The service's `connectionPool`: toward HTTP/1.1 endpoints on an HTTP port, the
     /// tunnelled connections at once on a TCP port.
     pool: Option<meshfed_catalog::http_route::ConnectionPool>,
-    /// On an HTTP port, the requests one endpoint connection carries.
-    per_connection: Option<u32>,
+    /// On an HTTP port, each endpoint connection's limits.
+    conn: crate::http::ingress::ConnLimits,
     /// On an HTTP port, each endpoint's labels (in `endpoints`' order), for the subset a
     /// request names.
     labels: Vec<BTreeMap<String, String>>,
@@ -860,7 +860,7 @@ impl Admitted {
             labels: self.labels,
             outlier: self.outlier,
             pool: self.pool,
-            per_connection: self.per_connection,
+            conn: self.conn,
         }
     }
 }
@@ -884,9 +884,12 @@ impl Ingress {
                 let pool = e
                     .and_then(|e| e.http_policy.as_ref())
                     .and_then(|p| p.connection_pool);
-                let per_connection = e
-                    .and_then(|e| e.http_policy.as_ref())
-                    .and_then(|p| p.max_requests_per_connection);
+                let conn =
+                    e.and_then(|e| e.http_policy.as_ref())
+                        .map_or_else(Default::default, |p| crate::http::ingress::ConnLimits {
+                            per_conn: p.max_requests_per_connection,
+                            idle: p.idle_timeout_ms.map(Duration::from_millis),
+                        });
                 let labels = match (http, e) {
                     (Some(_), Some(e)) if !e.endpoint_labels.is_empty() => r
                         .endpoints
@@ -902,7 +905,7 @@ impl Ingress {
                     http,
                     outlier,
                     pool,
-                    per_connection,
+                    conn,
                     labels,
                 })
             }
@@ -933,7 +936,7 @@ impl Ingress {
             http: _,
             outlier: _,
             pool,
-            per_connection: _,
+            conn: _,
             labels: _,
         } = admitted;
         let slot = match pool {

@@ -762,6 +762,7 @@ fn http_policies(
                 subsets: mine.iter().flat_map(|r| r.3.iter().cloned()).collect(),
                 max_requests: traffic.max_requests,
                 max_requests_per_connection: traffic.max_requests_per_connection,
+                idle_timeout_ms: traffic.idle_timeout_ms,
                 connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier,
                 load_balancer: traffic.load_balancer,
@@ -802,6 +803,7 @@ fn http_policies(
                 subsets: sets.clone(),
                 max_requests: traffic.max_requests,
                 max_requests_per_connection: traffic.max_requests_per_connection,
+                idle_timeout_ms: traffic.idle_timeout_ms,
                 connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier.clone(),
                 load_balancer: traffic.load_balancer,
@@ -835,6 +837,8 @@ pub(crate) struct Traffic {
     pub max_requests: Option<u32>,
     /// `connectionPool.http.maxRequestsPerConnection`.
     pub max_requests_per_connection: Option<u32>,
+    /// `connectionPool.http.idleTimeout`.
+    pub idle_timeout_ms: Option<u64>,
     /// `connectionPool.tcp.maxConnections`, `http.http1MaxPendingRequests`.
     pub connection_pool: Option<meshfed_catalog::http_route::ConnectionPool>,
     /// `outlierDetection`.
@@ -851,6 +855,7 @@ impl Traffic {
     fn is_empty(&self) -> bool {
         self.max_requests.is_none()
             && self.max_requests_per_connection.is_none()
+            && self.idle_timeout_ms.is_none()
             && self.connection_pool.is_none()
             && self.outlier.is_none()
             && self.load_balancer.is_none()
@@ -863,6 +868,7 @@ impl Traffic {
         Self {
             max_requests: rules.iter().find_map(|r| r.4.max_requests),
             max_requests_per_connection: rules.iter().find_map(|r| r.4.max_requests_per_connection),
+            idle_timeout_ms: rules.iter().find_map(|r| r.4.idle_timeout_ms),
             connection_pool: rules.iter().find_map(|r| r.4.connection_pool),
             outlier: rules.iter().find_map(|r| r.4.outlier.clone()),
             load_balancer: rules.iter().find_map(|r| r.4.load_balancer),
@@ -989,6 +995,7 @@ fn sort_documents(
                 let traffic = Traffic {
                     max_requests: pool.max_requests,
                     max_requests_per_connection: pool.max_requests_per_connection,
+                    idle_timeout_ms: pool.idle_timeout_ms,
                     connection_pool: pool.connection_pool,
                     outlier: tp.and_then(|tp| {
                         crate::virtual_service::outlier(&mut d, tp.get("outlierDetection"))

@@ -744,6 +744,7 @@ pub(crate) fn virtual_service(
 pub(crate) struct Pool {
     pub max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
+    pub idle_timeout_ms: Option<u64>,
     pub connection_pool: Option<meshfed_catalog::http_route::ConnectionPool>,
 }
 
@@ -754,7 +755,8 @@ pub(crate) struct Pool {
 /// connections to its HTTP/1.1 endpoints and the requests that may wait for one (on a
 /// TCP port: its tunnelled connections at once, none waiting), and
 /// `http.maxRequestsPerConnection`, the requests one connection to an endpoint carries
-/// before the exporting gateway dials anew. As in
+/// before the exporting gateway dials anew, and `http.idleTimeout`, how long one may
+/// carry none before it is closed. As in
 /// Istio, 0 is unset and a negative count is refused. The other settings are warned
 /// about.
 pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Pool {
@@ -793,6 +795,7 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Pool {
     let http = section(d, "http");
     let tcp = section(d, "tcp");
     let (mut max_requests, mut pending, mut conns, mut per_conn) = (None, None, None, None);
+    let mut idle = None;
     if let Some(h) = &http {
         let path = format!("{field}.http");
         d.unsupported(
@@ -802,10 +805,12 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Pool {
                 "http2MaxRequests",
                 "http1MaxPendingRequests",
                 "maxRequestsPerConnection",
+                "idleTimeout",
             ],
         );
         max_requests = count(d, h, path.clone(), "http2MaxRequests");
         pending = count(d, h, path.clone(), "http1MaxPendingRequests");
+        idle = duration(d, h.get("idleTimeout"), &format!("{path}.idleTimeout"));
         per_conn = count(d, h, path, "maxRequestsPerConnection");
     }
     if let Some(t) = &tcp {
@@ -822,6 +827,7 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Pool {
     Pool {
         max_requests,
         max_requests_per_connection: per_conn,
+        idle_timeout_ms: idle,
         connection_pool: pool,
     }
 }
@@ -1243,6 +1249,7 @@ pub(crate) fn policy(
         subsets,
         max_requests: traffic.max_requests,
         max_requests_per_connection: traffic.max_requests_per_connection,
+        idle_timeout_ms: traffic.idle_timeout_ms,
         connection_pool: traffic.connection_pool,
         outlier: traffic.outlier,
         load_balancer: traffic.load_balancer,
@@ -1750,10 +1757,21 @@ spec:
         );
         let r = parse(&pending).unwrap();
         assert_eq!(r.http_policies[0].connection_pool.unwrap().max_pending, 2);
-        assert_eq!(
-            r.warnings[0].field,
-            "spec.trafficPolicy.connectionPool.http.idleTimeout"
-        );
+        assert_eq!(r.http_policies[0].idle_timeout_ms, Some(1000));
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        for (bad, field) in [
+            ("idleTimeout: 1s", "idleTimeout: soon"),
+            ("idleTimeout: 1s", "idleTimeout: 5"),
+            ("idleTimeout: 1s", "idleTimeout: 0s"),
+        ] {
+            match parse(&pending.replace(bad, field)) {
+                Err(ParseError::Invalid(p)) => assert_eq!(
+                    p[0].field, "spec.trafficPolicy.connectionPool.http.idleTimeout",
+                    "{field}"
+                ),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
         // maxRequestsPerConnection: read, with or without the other limits.
         let per_conn = dr.replace("http2MaxRequests: 4}", "maxRequestsPerConnection: 100}");
         let r = parse(&per_conn).unwrap();

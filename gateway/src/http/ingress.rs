@@ -11,7 +11,8 @@
 //! all of them, within the service's `connectionPool` (at most `maxConnections`
 //! HTTP/1.1 requests at once, a bounded number waiting, 503 `overflow` past it), over
 //! connections pooled per endpoint, each closed after `maxRequestsPerConnection`
-//! requests when the service sets it (HTTP/1.1 for
+//! requests, or once idle for `idleTimeout` (90 s without), when the service sets them
+//! (HTTP/1.1 for
 //! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
 //! appended to `x-forwarded-for`. When no connection to the endpoint can be made, the
@@ -22,7 +23,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -51,6 +52,10 @@ use crate::wire::{Open, Refusal};
 /// client's).
 pub struct Upstream {
     h1: Client<Counting, Body>,
+    /// HTTP/1.1 pools whose idle connections close sooner or later than [`IDLE`] (a
+    /// service's `idleTimeout`), by that time; at most [`IDLE_POOLS`] of them.
+    h1_idle: std::sync::Mutex<HashMap<Duration, Client<Counting, Body>>>,
+    connector: Counting,
     /// Per endpoint, its h2 connection and the requests given to it so far.
     h2: std::sync::Mutex<HashMap<SocketAddr, H2Conn>>,
     /// Held only while a new h2 connection is dialed: requests on open connections never
@@ -68,7 +73,56 @@ pub struct Upstream {
 }
 
 /// An endpoint's h2 connection and the requests given to it so far.
-type H2Conn = (SendRequest<Body>, Arc<AtomicU32>);
+struct H2Conn {
+    send: SendRequest<Body>,
+    /// Requests given to it so far (`maxRequestsPerConnection`).
+    given: AtomicU32,
+    /// Requests whose answer is not over yet, and when the last one ended (ms since
+    /// the upstream's start), for `idleTimeout`.
+    busy: Arc<AtomicU32>,
+    last_used: Arc<AtomicU64>,
+}
+
+/// How long an idle endpoint connection stays open without an `idleTimeout`.
+pub const IDLE: Duration = Duration::from_secs(90);
+/// The most distinct `idleTimeout`s with a pool of their own (past it, [`IDLE`]).
+const IDLE_POOLS: usize = 16;
+
+/// A service's limits on each endpoint connection (a DestinationRule's
+/// `connectionPool.http`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// `maxRequestsPerConnection`.
+    pub per_conn: Option<u32>,
+    /// `idleTimeout`.
+    pub idle: Option<Duration>,
+}
+
+/// An h2 request in flight, until its answer's body is over.
+struct Busy {
+    busy: Arc<AtomicU32>,
+    last_used: Arc<AtomicU64>,
+    start: std::time::Instant,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used.store(now, Ordering::Release);
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// When an h2 connection with `busy` requests in flight, last used at `last_used`
+/// (ms), closes under `idle`: `None` now, else the time (ms) to look again. Pure.
+pub fn idle_until(busy: u32, last_used: u64, now: u64, idle: Duration) -> Option<u64> {
+    let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    if busy > 0 {
+        return Some(now.saturating_add(idle));
+    }
+    let due = last_used.saturating_add(idle);
+    (due > now).then_some(due)
+}
 
 /// The requests a pooled HTTP/1.1 connection has carried: its `extra`, which the pool
 /// sets on each of its answers (for `maxRequestsPerConnection`).
@@ -219,11 +273,17 @@ impl Upstream {
         let mut c = HttpConnector::new();
         c.set_connect_timeout(Some(connect_timeout));
         c.set_nodelay(true);
+        let connector = Counting(c);
+        // The timer makes the pool close idle connections (without one, hyper only
+        // checks them when it hands one out).
         let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(Counting(c));
+            .pool_idle_timeout(IDLE)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(connector.clone());
         Arc::new(Self {
             h1,
+            h1_idle: Default::default(),
+            connector,
             h2: Default::default(),
             h2_dial: Default::default(),
             connect_timeout,
@@ -365,23 +425,54 @@ impl Upstream {
         }
     }
 
-    /// The h2 connection to `ep` for one request, dialed when there is none or it ended.
-    /// A connection given its `per_conn`th request (`maxRequestsPerConnection`) is taken
-    /// out of the pool: it finishes its streams and closes, and the next request dials.
+    /// The HTTP/1.1 pool whose idle connections close after `idle` (its own pool for
+    /// each distinct `idleTimeout`, at most [`IDLE_POOLS`]; the default one past that).
+    fn h1_for(&self, idle: Option<Duration>) -> Client<Counting, Body> {
+        let Some(idle) = idle.filter(|i| *i != IDLE) else {
+            return self.h1.clone();
+        };
+        let mut pools = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = pools.get(&idle) {
+            return c.clone();
+        }
+        if pools.len() >= IDLE_POOLS {
+            return self.h1.clone();
+        }
+        let c = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(idle)
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(self.connector.clone());
+        pools.insert(idle, c.clone());
+        c
+    }
+
+    /// The h2 connection to `ep` for one request, dialed when there is none or it ended,
+    /// and the request's [`Busy`] mark on it. A connection given its `per_conn`th request
+    /// (`maxRequestsPerConnection`) is taken out of the pool: it finishes its streams and
+    /// closes, and the next request dials. One dialed under an `idle` timeout closes
+    /// once it has carried no request for that long.
     async fn h2_to(
         &self,
         ep: SocketAddr,
-        per_conn: Option<u32>,
-    ) -> Result<SendRequest<Body>, String> {
+        limits: ConnLimits,
+    ) -> Result<(SendRequest<Body>, Busy), String> {
+        let busy = |c: &H2Conn| {
+            c.busy.fetch_add(1, Ordering::AcqRel);
+            Busy {
+                busy: c.busy.clone(),
+                last_used: c.last_used.clone(),
+                start: self.start,
+            }
+        };
         let live = || {
             let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            let (s, given) = h2.get(&ep).filter(|(s, _)| !s.is_closed())?;
-            let s = s.clone();
-            let n = given.fetch_add(1, Ordering::Relaxed) + 1;
-            if connection_spent(n, per_conn) {
+            let c = h2.get(&ep).filter(|c| !c.send.is_closed())?;
+            let taken = (c.send.clone(), busy(c));
+            let n = c.given.fetch_add(1, Ordering::Relaxed) + 1;
+            if connection_spent(n, limits.per_conn) {
                 h2.remove(&ep);
             }
-            Some(s)
+            Some(taken)
         };
         if let Some(s) = live() {
             return Ok(s);
@@ -400,33 +491,70 @@ impl Upstream {
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| format!("h2 handshake: {e}"))?;
+        let c = H2Conn {
+            send: send.clone(),
+            given: AtomicU32::new(1),
+            busy: Arc::default(),
+            last_used: Arc::new(AtomicU64::new(self.now_ms())),
+        };
+        let taken = (send, busy(&c));
+        let (busy, last_used, start) = (c.busy.clone(), c.last_used.clone(), self.start);
+        let idle = limits.idle;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, %ep, "h2 connection to the endpoint ended");
+            let Some(idle) = idle else {
+                if let Err(e) = conn.await {
+                    debug!(error = %e, %ep, "h2 connection to the endpoint ended");
+                }
+                return;
+            };
+            tokio::pin!(conn);
+            let now = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            loop {
+                let at = idle_until(
+                    busy.load(Ordering::Acquire),
+                    last_used.load(Ordering::Acquire),
+                    now(),
+                    idle,
+                );
+                let Some(at) = at else {
+                    // Dropping the connection closes it; the pool sees it closed.
+                    debug!(%ep, ?idle, "h2 connection to the endpoint idle: closed");
+                    return;
+                };
+                let wait = Duration::from_millis(at.saturating_sub(now()));
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(error = %e, %ep, "h2 connection to the endpoint ended");
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
         });
-        if !connection_spent(1, per_conn) {
+        if !connection_spent(1, limits.per_conn) {
             self.h2
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(ep, (send.clone(), Arc::new(AtomicU32::new(1))));
+                .insert(ep, c);
         }
-        Ok(send)
+        Ok(taken)
     }
 
-    /// One request to `ep`, on a pooled connection that has carried fewer than
-    /// `per_conn` requests (`maxRequestsPerConnection`).
+    /// One request to `ep`, on a pooled connection within the service's `limits`.
     async fn send(
         &self,
         mut req: Request<Body>,
         ep: SocketAddr,
         app: AppProtocol,
-        per_conn: Option<u32>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        limits: ConnLimits,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let per_conn = limits.per_conn;
         if app == AppProtocol::Http {
             let capture =
                 per_conn.map(|_| hyper_util::client::legacy::connect::capture_connection(&mut req));
-            let resp = self.h1.request(req).await.map_err(|e| {
+            let resp = self.h1_for(limits.idle).request(req).await.map_err(|e| {
                 if e.is_connect() {
                     UpstreamError::Connect(format!("{e:?}"))
                 } else {
@@ -441,22 +569,32 @@ impl Upstream {
             {
                 c.poison();
             }
-            return Ok(resp);
+            return Ok(resp.map(|b| b.map_err(super::boxed_err).boxed()));
         }
-        let mut send = self
-            .h2_to(ep, per_conn)
+        let (mut send, busy) = self
+            .h2_to(ep, limits)
             .await
             .map_err(UpstreamError::Connect)?;
         send.ready()
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        send.send_request(req).await.map_err(|e| {
+        let resp = send.send_request(req).await.map_err(|e| {
             if e.is_canceled() {
                 UpstreamError::Connect(e.to_string())
             } else {
                 UpstreamError::Lost(e.to_string())
             }
-        })
+        })?;
+        // The connection is busy until the answer's body is over (a gRPC stream may
+        // last long after its headers).
+        Ok(resp.map(|b| {
+            b.map_err(super::boxed_err)
+                .map_frame(move |f| {
+                    let _busy = &busy;
+                    f
+                })
+                .boxed()
+        }))
     }
 
     /// One request to the next endpoint in turn.
@@ -495,7 +633,7 @@ impl Upstream {
         // The endpoint continues this span.
         super::trace::inject(&span, &mut parts.headers);
         let answer = self
-            .forward_traced(parts, body, ep, app, open, to.per_connection)
+            .forward_traced(parts, body, ep, app, open, to.conn)
             .instrument(span.clone())
             .await;
         span.record("http.response.status_code", answer.status().as_u16());
@@ -521,16 +659,16 @@ impl Upstream {
         ep: SocketAddr,
         app: AppProtocol,
         open: &Open,
-        per_conn: Option<u32>,
+        limits: ConnLimits,
     ) -> Response<Body> {
         let req = Request::from_parts(parts, body.map_err(super::boxed_err).boxed());
-        match self.send(req, ep, app, per_conn).await {
+        match self.send(req, ep, app, limits).await {
             Ok(resp) => {
                 self.metrics.http_request("ingress", resp.status().as_u16());
                 let (mut parts, body) = resp.into_parts();
                 // Only this gateway speaks for the tunnel.
                 headers::strip_meshfed(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(super::boxed_err).boxed())
+                Response::from_parts(parts, body)
             }
             Err(e) => {
                 // A connect error sent nothing: the egress may try another site.
@@ -603,8 +741,8 @@ pub struct Serving {
     pub outlier: Option<Outlier>,
     /// The service's connection limits toward its HTTP/1.1 endpoints.
     pub pool: Option<ConnectionPool>,
-    /// Requests one endpoint connection carries (`maxRequestsPerConnection`).
-    pub per_connection: Option<u32>,
+    /// Each endpoint connection's limits (`maxRequestsPerConnection`, `idleTimeout`).
+    pub conn: ConnLimits,
 }
 
 /// The open decision, made again for each request of a stream: an HTTP stream from an
@@ -668,6 +806,27 @@ pub async fn serve<IO>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_h2_connection_closes_once_idle_for_its_timeout() {
+        let idle = Duration::from_millis(1000);
+        // (busy, last used, now) → closed now, or when to look again.
+        for (busy, last, now, want) in [
+            (0, 0, 999, Some(1000)),
+            (0, 0, 1000, None),
+            (0, 500, 1200, Some(1500)),
+            (0, 500, 5000, None),
+            // In flight: never closed, looked at again one timeout later.
+            (1, 0, 5000, Some(6000)),
+            (3, 4900, 5000, Some(6000)),
+        ] {
+            assert_eq!(
+                idle_until(busy, last, now, idle),
+                want,
+                "{busy} busy, last {last}, now {now}"
+            );
+        }
+    }
 
     #[test]
     fn a_connection_is_spent_at_its_request_limit() {
