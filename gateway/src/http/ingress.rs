@@ -427,10 +427,7 @@ impl Upstream {
 
     /// The HTTP/1.1 pool whose idle connections close after `idle` (its own pool for
     /// each distinct `idleTimeout`, at most [`IDLE_POOLS`]; the default one past that).
-    fn h1_for(&self, idle: Option<Duration>) -> Client<Counting, Body> {
-        let Some(idle) = idle.filter(|i| *i != IDLE) else {
-            return self.h1.clone();
-        };
+    fn h1_for(&self, idle: Duration) -> Client<Counting, Body> {
         let mut pools = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = pools.get(&idle) {
             return c.clone();
@@ -554,7 +551,12 @@ impl Upstream {
         if app == AppProtocol::Http {
             let capture =
                 per_conn.map(|_| hyper_util::client::legacy::connect::capture_connection(&mut req));
-            let resp = self.h1_for(limits.idle).request(req).await.map_err(|e| {
+            // The default pool by reference: no client clone per request.
+            let sent = match limits.idle.filter(|i| *i != IDLE) {
+                None => self.h1.request(req),
+                Some(idle) => self.h1_for(idle).request(req),
+            };
+            let resp = sent.await.map_err(|e| {
                 if e.is_connect() {
                     UpstreamError::Connect(format!("{e:?}"))
                 } else {
