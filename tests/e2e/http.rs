@@ -2174,41 +2174,43 @@ async fn counting_endpoint(site: &'static str) -> (SocketAddr, Arc<AtomicUsize>,
     (addr, opened, closed)
 }
 
-/// Issue 17 §2: a DestinationRule's `connectionPool.http.idleTimeout` (1 s), registered
-/// at west, closes an endpoint connection that carried no request for that long, on an
-/// HTTP/1.1 endpoint and on an h2 one; the next request dials anew. Before, the setting
-/// was warned about and idle connections stayed open 90 s.
-#[tokio::test(flavor = "multi_thread")]
-async fn idle_timeout_closes_idle_endpoint_connections() {
+/// West exports `web.demo` (HTTP/1.1 endpoint) and `web2.demo` (h2 endpoint), each a
+/// [`counting_endpoint`], with a DestinationRule per service whose
+/// `connectionPool.http` is `http_setting`; east imports both. Returned once each import
+/// serves, with (protocol, import, connections opened, connections ended) per service.
+struct PoolSites {
+    _fed: crate::federation::Fed,
+    _west_gw: Gw,
+    _east_gw: Gw,
+    imports: Vec<(&'static str, SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>)>,
+    _scratch: Scratch,
+}
+
+async fn pool_sites(name: &str, http_setting: &str) -> PoolSites {
     use crate::federation::{Fed, fed_config, free_port, joined};
-    const DR: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web, namespace: demo}
-spec:
-  host: web.demo
-  trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web2, namespace: demo}
-spec:
-  host: web2.demo
-  trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}
-"#;
-    let scratch = Scratch::new("http-idle");
+    let dr = |svc: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {svc}, namespace: demo}}\n\
+             spec:\n  host: {svc}.demo\n  trafficPolicy: {{connectionPool: {{http: {{{http_setting}}}}}}}\n"
+        )
+    };
+    let scratch = Scratch::new(name);
     let fed = Fed::start(&Fed::init(&scratch), 0);
     let [east, west] = joined(&scratch, &fed, ["east", "west"]);
     let ip: std::net::IpAddr = [127, 0, 0, 2].into();
     let (port, port2) = (free_port(ip), free_port(ip));
-    let out = register_yaml(&west, "idle.yaml", DR);
+    let out = register_yaml(
+        &west,
+        "pool.yaml",
+        &format!("{}---\n{}", dr("web"), dr("web2")),
+    );
     assert!(
         out.contains("web.demo") && out.contains("web2.demo"),
         "{out}"
     );
     let (h1, h1_opened, h1_closed) = counting_endpoint("h1").await;
     let (h2, h2_opened, h2_closed) = counting_endpoint("h2").await;
-    let _west_gw = Gw::start(
+    let west_gw = Gw::start(
         &west,
         &fed_config(&west, [127, 0, 0, 3])
             .export("web.demo", port, vec![h1])
@@ -2218,11 +2220,11 @@ spec:
     )
     .unwrap();
     let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    for (what, port, opened, closed) in [
-        ("http", port, &h1_opened, &h1_closed),
-        ("http2", port2, &h2_opened, &h2_closed),
-    ] {
-        let import = SocketAddr::new(ip, port);
+    let imports = vec![
+        ("http", SocketAddr::new(ip, port), h1_opened, h1_closed),
+        ("http2", SocketAddr::new(ip, port2), h2_opened, h2_closed),
+    ];
+    for (what, import, _, _) in &imports {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while curl(&[], &format!("http://{import}/")).0 != 200 {
             assert!(
@@ -2232,6 +2234,30 @@ spec:
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+    PoolSites {
+        _fed: fed,
+        _west_gw: west_gw,
+        _east_gw: east_gw,
+        imports,
+        _scratch: scratch,
+    }
+}
+
+/// Issue 17 §2: a DestinationRule's `connectionPool.http.idleTimeout` (1 s), registered
+/// at west, closes an endpoint connection that carried no request for that long, on an
+/// HTTP/1.1 endpoint and on an h2 one; the next request dials anew. Before, the setting
+/// was warned about and idle connections stayed open 90 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_timeout_closes_idle_endpoint_connections() {
+    let PoolSites {
+        _fed,
+        _west_gw,
+        _east_gw,
+        imports,
+        _scratch,
+    } = pool_sites("http-idle", "idleTimeout: 1s").await;
+    for (what, import, opened, closed) in &imports {
         // Every connection so far goes idle and closes within the timeout and a margin.
         let waiting = std::time::Instant::now();
         let deadline = waiting + Duration::from_secs(5);
@@ -2254,12 +2280,11 @@ spec:
         }
         let used = opened.load(Ordering::SeqCst) - before;
         eprintln!(
-            "{what}: idle connections closed {idle_closed:?} after the last request; 10 requests over {:?} used {used} new connection(s)",
+            "{what}: every idle connection closed {idle_closed:?} after this check began; 10 requests over {:?} used {used} new connection(s)",
             t.elapsed()
         );
         assert_eq!(used, 1, "{what}: a connection in use was closed");
     }
-    drop(fed);
 }
 
 /// Issue 17 §2: a DestinationRule's `connectionPool.http.maxRequestsPerConnection`
@@ -2270,57 +2295,16 @@ spec:
 /// connection.
 #[tokio::test(flavor = "multi_thread")]
 async fn max_requests_per_connection_closes_endpoint_connections() {
-    use crate::federation::{Fed, fed_config, free_port, joined};
-    const DR: &str = r#"
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web, namespace: demo}
-spec:
-  host: web.demo
-  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 3}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: web2, namespace: demo}
-spec:
-  host: web2.demo
-  trafficPolicy: {connectionPool: {http: {maxRequestsPerConnection: 3}}}
-"#;
-    let scratch = Scratch::new("http-per-conn");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let (port, port2) = (free_port(ip), free_port(ip));
-    let out = register_yaml(&west, "per-conn.yaml", DR);
-    assert!(
-        out.contains("web.demo") && out.contains("web2.demo"),
-        "{out}"
-    );
-    let (h1, h1_conns, _) = counting_endpoint("h1").await;
-    let (h2, h2_conns, _) = counting_endpoint("h2").await;
-    let _west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![h1])
-            .speaks("web.demo", port, "http")
-            .export("web2.demo", port2, vec![h2])
-            .speaks("web2.demo", port2, "http2"),
-    )
-    .unwrap();
-    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    for (what, port, conns) in [("http", port, &h1_conns), ("http2", port2, &h2_conns)] {
-        let import = SocketAddr::new(ip, port);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while curl(&[], &format!("http://{import}/")).0 != 200 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what}: import never served\n{}",
-                east_gw.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let PoolSites {
+        _fed,
+        _west_gw,
+        _east_gw,
+        imports,
+        _scratch,
+    } = pool_sites("http-per-conn", "maxRequestsPerConnection: 3").await;
+    for (what, import, conns, _) in &imports {
         let before = conns.load(Ordering::SeqCst);
-        let statuses = gets(import, 12, &[]).await;
+        let statuses = gets(*import, 12, &[]).await;
         assert!(statuses.iter().all(|s| *s == 200), "{what}: {statuses:?}");
         let used = conns.load(Ordering::SeqCst) - before;
         eprintln!(
@@ -2328,7 +2312,6 @@ spec:
         );
         assert!((4..=5).contains(&used), "{what}: {used} connections");
     }
-    drop(fed);
 }
 
 /// Subsets select endpoints by their labels, as Istio's do: west registers one
