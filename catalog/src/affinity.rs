@@ -162,14 +162,29 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 33)
 }
 
+/// The hash of an item's stable name (a site's), for [`order`] and [`pick`].
+pub fn name_hash(name: &[u8]) -> u64 {
+    fnv(&[name])
+}
+
+/// The hash of an endpoint's address, for [`pick`]; nothing allocated (it runs per
+/// request and endpoint).
+pub fn addr_hash(a: &std::net::SocketAddr) -> u64 {
+    let port = a.port().to_be_bytes();
+    match a.ip().to_canonical() {
+        IpAddr::V4(ip) => fnv(&[&ip.octets(), &port]),
+        IpAddr::V6(ip) => fnv(&[&ip.octets(), &port]),
+    }
+}
+
 /// Rendezvous scores of `items` for `hash`: the item with the highest score is the
-/// key's; without it, the next. `name` gives each item's stable name.
-fn score<T>(item: &T, hash: u64, name: &impl Fn(&T) -> Vec<u8>) -> u64 {
-    mix(hash ^ mix(fnv(&[&name(item)])))
+/// key's; without it, the next. `name` gives each item's name hash ([`name_hash`]).
+fn score<T>(item: &T, hash: u64, name: &impl Fn(&T) -> u64) -> u64 {
+    mix(hash ^ mix(name(item)))
 }
 
 /// `items` ordered for `hash`, the key's first. Pure.
-pub fn order<T>(mut items: Vec<T>, hash: u64, name: impl Fn(&T) -> Vec<u8>) -> Vec<T> {
+pub fn order<T>(mut items: Vec<T>, hash: u64, name: impl Fn(&T) -> u64) -> Vec<T> {
     items.sort_by_cached_key(|i| std::cmp::Reverse(score(i, hash, &name)));
     items
 }
@@ -179,7 +194,7 @@ pub fn order<T>(mut items: Vec<T>, hash: u64, name: impl Fn(&T) -> Vec<u8>) -> V
 pub fn pick<T>(
     items: &[T],
     hash: u64,
-    name: impl Fn(&T) -> Vec<u8>,
+    name: impl Fn(&T) -> u64,
     usable: impl Fn(&T) -> bool,
 ) -> usize {
     let best = |only_usable: bool| {
@@ -246,7 +261,7 @@ mod tests {
     #[test]
     fn a_key_keeps_its_item_and_a_departure_moves_only_its_own_keys() {
         let sites: Vec<String> = (0..5).map(|i| format!("site-{i}")).collect();
-        let name = |s: &String| s.as_bytes().to_vec();
+        let name = |s: &String| name_hash(s.as_bytes());
         let first = |items: Vec<String>, k: u64| order(items, k, name)[0].clone();
         let keys: Vec<u64> = (0..2000u64).map(|k| fnv(&[&k.to_be_bytes()])).collect();
         let before: Vec<String> = keys.iter().map(|k| first(sites.clone(), *k)).collect();

@@ -1487,6 +1487,54 @@ async fn a_client_trace_continues_through_both_gateways_to_the_endpoint() {
     );
 }
 
+/// West exports `web.demo` (endpoint `v1`) and `web-v2.demo` (endpoint `v2`) as HTTP,
+/// after registering the routes `yaml` makes of their ports (in `file`); east imports
+/// both. `base` is east's import of `web.demo`.
+struct V1V2 {
+    fed: crate::federation::Fed,
+    _west_gw: Gw,
+    east_gw: Gw,
+    /// East's import of `web.demo`, and its URL.
+    import: SocketAddr,
+    base: String,
+    v1_hits: Arc<AtomicUsize>,
+    v2_hits: Arc<AtomicUsize>,
+    _scratch: Scratch,
+}
+
+async fn v1_v2_at_west(name: &str, file: &str, yaml: impl FnOnce(u16, u16) -> String) -> V1V2 {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new(name);
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let (port, port_v2) = (free_port(ip), free_port(ip));
+    let (v1, v1_hits) = http_endpoint("v1", 200).await;
+    let (v2, v2_hits) = http_endpoint("v2", 200).await;
+    let out = register_yaml(&west, file, &yaml(port, port_v2));
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let west_gw = Gw::start(
+        &west,
+        &fed_config(&west, [127, 0, 0, 3])
+            .export("web.demo", port, vec![v1])
+            .speaks("web.demo", port, "http")
+            .export("web-v2.demo", port_v2, vec![v2])
+            .speaks("web-v2.demo", port_v2, "http"),
+    )
+    .unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    V1V2 {
+        fed,
+        _west_gw: west_gw,
+        east_gw,
+        import: SocketAddr::new(ip, port),
+        base: format!("http://{}", SocketAddr::new(ip, port)),
+        v1_hits,
+        v2_hits,
+        _scratch: scratch,
+    }
+}
+
 /// Issue 17 §2 (GAMMA): a Gateway API HTTPRoute attached to `web.demo`, registered at
 /// west, sends requests to another service, `web-v2.demo`, through the importing
 /// gateway's import of it: a header match takes every request to v2, the rest split
@@ -1494,16 +1542,18 @@ async fn a_client_trace_continues_through_both_gateways_to_the_endpoint() {
 /// rule). Before, a destination of another service was refused at registration.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http_route_sends_a_canary_to_another_service() {
-    use crate::federation::{Fed, fed_config, free_port, joined};
-    let scratch = Scratch::new("http-gamma");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let (port, port_v2) = (free_port(ip), free_port(ip));
-    let (v1, v1_hits) = http_endpoint("v1", 200).await;
-    let (v2, v2_hits) = http_endpoint("v2", 200).await;
-    let route = format!(
-        r#"
+    let V1V2 {
+        fed,
+        _west_gw,
+        east_gw,
+        import,
+        base,
+        v1_hits,
+        v2_hits,
+        _scratch,
+    } = v1_v2_at_west("http-gamma", "route.yaml", |port, port_v2| {
+        format!(
+            r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: web-canary, namespace: demo}}
@@ -1523,20 +1573,9 @@ spec:
     - {{name: web, port: {port}, weight: 1}}
     - {{name: web-v2, port: {port_v2}, weight: 1}}
 "#
-    );
-    let out = register_yaml(&west, "route.yaml", &route);
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let _west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![v1])
-            .speaks("web.demo", port, "http")
-            .export("web-v2.demo", port_v2, vec![v2])
-            .speaks("web-v2.demo", port_v2, "http"),
-    )
-    .unwrap();
-    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    let base = format!("http://{}", SocketAddr::new(ip, port));
+        )
+    })
+    .await;
 
     // Applied once the header rule reaches v2 through web.demo's import.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -1556,7 +1595,7 @@ spec:
         v1_hits.load(Ordering::Relaxed),
         v2_hits.load(Ordering::Relaxed),
     );
-    let beta = gets(SocketAddr::new(ip, port), 20, &[("x-beta", "1")]).await;
+    let beta = gets(import, 20, &[("x-beta", "1")]).await;
     assert!(beta.iter().all(|s| *s == 200), "{beta:?}");
     let after_beta = (
         v1_hits.load(Ordering::Relaxed),
@@ -1566,7 +1605,7 @@ spec:
     assert_eq!(after_beta.1 - before.1, 20);
 
     // The split: 400 requests, each version gets its half within a wide margin.
-    let split = gets(SocketAddr::new(ip, port), 400, &[]).await;
+    let split = gets(import, 400, &[]).await;
     assert!(split.iter().all(|s| *s == 200), "{split:?}");
     let to_v1 = v1_hits.load(Ordering::Relaxed) - after_beta.0;
     let to_v2 = v2_hits.load(Ordering::Relaxed) - after_beta.1;
@@ -2532,16 +2571,18 @@ async fn endpoints_changed_under_live_links_take_effect_per_request() {
 /// registration.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mirror_to_another_service_copies_through_its_import() {
-    use crate::federation::{Fed, fed_config, free_port, joined};
-    let scratch = Scratch::new("http-mirror-other");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let (port, port_v2) = (free_port(ip), free_port(ip));
-    let (v1, v1_hits) = http_endpoint("v1", 200).await;
-    let (v2, v2_hits) = http_endpoint("v2", 200).await;
-    let vs = format!(
-        r#"
+    let V1V2 {
+        fed,
+        _west_gw,
+        east_gw,
+        import: _,
+        base,
+        v1_hits,
+        v2_hits,
+        _scratch,
+    } = v1_v2_at_west("http-mirror-other", "shadow.yaml", |_, port_v2| {
+        format!(
+            r#"
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: web-shadow, namespace: demo}}
@@ -2552,20 +2593,9 @@ spec:
     mirror: {{host: web-v2.demo, port: {{number: {port_v2}}}}}
     mirrorPercentage: {{value: 100}}
 "#
-    );
-    let out = register_yaml(&west, "shadow.yaml", &vs);
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let _west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![v1])
-            .speaks("web.demo", port, "http")
-            .export("web-v2.demo", port_v2, vec![v2])
-            .speaks("web-v2.demo", port_v2, "http"),
-    )
-    .unwrap();
-    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    let base = format!("http://{}", SocketAddr::new(ip, port));
+        )
+    })
+    .await;
 
     // Applied once a copy reaches v2.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -836,7 +836,7 @@ impl HttpEgress {
                 Some(h) => (Some(h), None),
                 None => {
                     let n = self.rolls.fetch_add(1, Ordering::Relaxed);
-                    let value = affinity::hash_header(affinity::value_hash(&n.to_string()) ^ n);
+                    let value = affinity::hash_header(affinity::name_hash(&n.to_be_bytes()));
                     match affinity::made_cookie(key, &value) {
                         Some(c) => (
                             Some(affinity::value_hash(&value)),
@@ -848,7 +848,7 @@ impl HttpEgress {
             },
         };
         let sites = match hash {
-            Some(h) => affinity::order(sites, h, |s| s.as_str().as_bytes().to_vec()),
+            Some(h) => affinity::order(sites, h, |s| affinity::name_hash(s.as_str().as_bytes())),
             None => via.balance(load_balancer, to_table.map(|t| &t.site_weights), sites),
         };
         let site_count = to_backends.len();

@@ -31,7 +31,11 @@ const END_HEADERS: u8 = 0x4;
 /// Whether `parts` asks for an h2c upgrade that is honoured (see the module header).
 /// `body_empty`: the request has no body. Pure.
 pub fn wanted<B>(req: &http::Request<B>, body_empty: bool) -> bool {
-    if req.version() != http::Version::HTTP_11 || !body_empty {
+    // Most requests name no upgrade: decided before any header is split.
+    if req.version() != http::Version::HTTP_11
+        || !body_empty
+        || !req.headers().contains_key(http::header::UPGRADE)
+    {
         return false;
     }
     let tokens = |name: http::header::HeaderName| {

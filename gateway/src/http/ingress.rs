@@ -388,7 +388,7 @@ impl Upstream {
             let now = self.now_ms();
             let o = outlier.map(|_| self.outliers.lock().unwrap_or_else(|e| e.into_inner()));
             let usable = |ep: &SocketAddr| o.as_ref().is_none_or(|o| !o.is_ejected(ep, now));
-            let name = |ep: &SocketAddr| ep.to_string().into_bytes();
+            let name = meshfed_catalog::affinity::addr_hash;
             return endpoints[meshfed_catalog::affinity::pick(endpoints, h, name, usable)];
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
