@@ -63,6 +63,9 @@ struct RunArgs {
     /// TCP connections per h2 link (`transport.h2_connections`); default the gateway's.
     #[arg(long)]
     h2_connections: Option<usize>,
+    /// Runtime threads of every meshfed gateway (`workers`); default one per core.
+    #[arg(long)]
+    workers: Option<usize>,
     /// One-way delay of the long-path row (f), through a user-space relay; 0 skips it.
     #[arg(long, default_value_t = 25)]
     delay_ms: u32,
@@ -80,6 +83,7 @@ fn main() -> Result<()> {
         paths: "meshfed,meshfed-h2,stunnel,haproxy,direct".into(),
         latency_rate: None,
         h2_connections: None,
+        workers: None,
         delay_ms: 25,
     })) {
         Cmd::Serve { addr } => rt.block_on(load::serve(addr)),
@@ -222,6 +226,8 @@ struct PeerCerts {
 
 /// A stunnel pair and a haproxy pair (mutual TLS 1.3): clients at A's 127.0.0.1
 /// `a_ports` (stunnel, haproxy), servers at `b`:`b_ports`, forwarding to B's server.
+/// `threads`: haproxy's `nbthread`, set with the gateways' `workers` so that both run on
+/// as many threads (stunnel runs a thread per connection and has no such setting).
 #[allow(clippy::too_many_arguments)]
 fn spawn_tls_peers(
     topo: &mut Topo,
@@ -232,6 +238,7 @@ fn spawn_tls_peers(
     b: IpAddr,
     a_ports: [u16; 2],
     b_ports: [u16; 2],
+    threads: Option<usize>,
 ) -> Result<()> {
     let dir = topo.dir.clone();
     let ((cc, ck, cboth), (sc, sk, sboth), ca_pem) = (&certs.client, &certs.server, &certs.ca);
@@ -248,7 +255,12 @@ fn spawn_tls_peers(
         sk.display(),
         ca_pem.display()
     );
-    let common = "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+    let nbthread = threads
+        .map(|n| format!("  nbthread {n}\n"))
+        .unwrap_or_default();
+    let common = format!(
+        "global\n  maxconn 8000\n{nbthread}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+    );
     let haproxy_client = format!(
         "{common}frontend f\n  bind 127.0.0.1:{ha}\n  default_backend b\nbackend b\n  server s {b}:{hb} ssl crt {} ca-file {} verify required ssl-min-ver TLSv1.3\n",
         cboth.display(),
@@ -328,12 +340,14 @@ fn run(args: RunArgs) -> Result<()> {
         |w| {
             let mut w = w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]);
             w.admin = Some(west_admin);
+            w.workers = args.workers;
             w
         },
         |e| {
             let mut e = e.import("bench.demo", 5001, "west", SocketAddr::new(lo, 16000));
             e.admin = Some(east_admin);
             e.transport = Some("default: quic".into());
+            e.workers = args.workers;
             e
         },
     )?;
@@ -345,11 +359,13 @@ fn run(args: RunArgs) -> Result<()> {
         |w| {
             let mut w = w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]);
             w.admin = Some(SocketAddr::new(b, 15092));
+            w.workers = args.workers;
             w
         },
         |e| {
             let mut e = e.import("bench.demo", 5001, "west", SocketAddr::new(lo, 16003));
             e.admin = Some(SocketAddr::new(lo, 15093));
+            e.workers = args.workers;
             e.transport = Some(match args.h2_connections {
                 Some(n) => format!("default: h2\nh2_connections: {n}"),
                 None => "default: h2".into(),
@@ -402,6 +418,7 @@ fn run(args: RunArgs) -> Result<()> {
         b,
         [16001, 16002],
         [16101, 16102],
+        args.workers,
     )?;
 
     let all = [
@@ -441,6 +458,12 @@ fn run(args: RunArgs) -> Result<()> {
         })?;
     }
     println!("topology: {}", topo.describe());
+    match args.workers {
+        Some(n) => {
+            println!("threads: {n} per meshfed gateway (workers) and per haproxy (nbthread)")
+        }
+        None => println!("threads: one per core for meshfed gateways and haproxy (their defaults)"),
+    }
     println!(
         "paths: client → {{meshfed egress→QUIC→ingress | meshfed-h2 egress→h2/TLS/TCP→ingress | stunnel→TLS→stunnel | haproxy→TLS→haproxy | direct}} → server\n"
     );
@@ -466,6 +489,12 @@ fn run(args: RunArgs) -> Result<()> {
         }
         Ok(())
     };
+    // Every path carries one second of bulk data first, unrecorded: the first figure
+    // measured then finds each path as the later ones do (connections up, QUIC's path
+    // MTU found, congestion windows open, pages faulted in).
+    for p in &paths {
+        load(&topo, p.addr, "throughput", 1, 1.0, 0.0)?;
+    }
     measure(
         "(a) bulk throughput, 1 stream",
         "tput1",
@@ -623,10 +652,15 @@ fn run(args: RunArgs) -> Result<()> {
                 &meshfed,
                 label,
                 SocketAddr::new(bd, port),
-                |w| w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]),
+                |w| {
+                    let mut w = w.export("bench.demo", 5001, vec![SocketAddr::new(lo, 5001)]);
+                    w.workers = args.workers;
+                    w
+                },
                 |e| {
                     let mut e = e.import("bench.demo", 5001, "west", SocketAddr::new(lo, import));
                     e.transport = Some(format!("default: {t}"));
+                    e.workers = args.workers;
                     e
                 },
             )?;
@@ -640,6 +674,7 @@ fn run(args: RunArgs) -> Result<()> {
             bd,
             [16021, 16022],
             [16121, 16122],
+            args.workers,
         )?;
         let delayed = [
             ("meshfed", SocketAddr::new(lo, 16020)),

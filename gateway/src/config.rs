@@ -48,6 +48,8 @@ struct RawConfig {
     #[serde(default)]
     quic_congestion: Option<String>,
     #[serde(default)]
+    workers: Option<usize>,
+    #[serde(default)]
     transport: Option<RawTransport>,
     #[serde(default)]
     admin: Option<String>,
@@ -208,6 +210,8 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// A UDP flow with no datagram either way for this long is closed (Envoy's UDP proxy
 /// uses the same default).
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most runtime threads `workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct GatewayConfig {
@@ -237,6 +241,10 @@ pub struct GatewayConfig {
     pub caller_pod_ip: bool,
     /// QUIC congestion control between gateways: `bbr` (default) or `cubic`.
     pub quic_congestion: crate::tunnel::Congestion,
+    /// Threads the gateway's runtime runs on (`workers`); `None`: one per core. What
+    /// Envoy's `--concurrency`, ztunnel's worker threads and Linkerd's proxy cores set: a
+    /// gateway that shares its cores with other busy processes may do better with fewer.
+    pub workers: Option<usize>,
     /// `transport` and `peers[].transport`: which transport each peer link uses.
     pub transports: crate::peers::Transports,
     /// Admin HTTP (`/metrics`, `/ready`); default 127.0.0.1:15000.
@@ -634,6 +642,11 @@ impl RawConfig {
         if udp_idle_timeout.is_zero() {
             return Err(v.err("udp_idle_timeout", "must be positive"));
         }
+        if let Some(w) = self.workers
+            && !(1..=MAX_WORKERS).contains(&w)
+        {
+            return Err(v.err("workers", format!("{w}: between 1 and {MAX_WORKERS}")));
+        }
 
         let mut transports = transports(v, self.transport.unwrap_or_default())?;
         for (i, p) in self.peers.iter().enumerate() {
@@ -669,6 +682,7 @@ impl RawConfig {
                 .transpose()
                 .map_err(|e| v.err("quic_congestion", e))?
                 .unwrap_or_default(),
+            workers: self.workers,
             transports,
             admin,
             drain_grace,
@@ -1137,6 +1151,20 @@ imports:
         let (f, r) = field_err(&format!("{GOOD}caller_pod_ip: true\ncaller_mtls: true\n"));
         assert_eq!(f, "caller_pod_ip");
         assert!(r.contains("either caller_mtls or caller_pod_ip"), "{r}");
+    }
+
+    #[test]
+    fn workers_are_counted_threads() {
+        assert_eq!(parse(GOOD).unwrap().workers, None);
+        assert_eq!(
+            parse(&format!("{GOOD}workers: 1\n")).unwrap().workers,
+            Some(1)
+        );
+        for bad in ["0", "257"] {
+            let (f, r) = field_err(&format!("{GOOD}workers: {bad}\n"));
+            assert_eq!(f, "workers");
+            assert!(r.contains("between 1 and 256"), "{r}");
+        }
     }
 
     #[test]

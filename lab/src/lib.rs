@@ -114,6 +114,8 @@ pub struct ConfigBuilder {
     pub proxy_protocol: Vec<String>,
     /// The `transport` section's lines (e.g. `default: h2`).
     pub transport: Option<String>,
+    /// `workers`: the gateway runtime's threads.
+    pub workers: Option<usize>,
     /// (service, port, protocol): TCP export and import ports that speak `http`,
     /// `http2` or `grpc`.
     pub app_protocols: Vec<(String, u16, String)>,
@@ -248,6 +250,9 @@ impl ConfigBuilder {
             if let Some(r) = &self.import_ports {
                 let _ = writeln!(y, "  import_ports: {r}");
             }
+        }
+        if let Some(w) = self.workers {
+            let _ = writeln!(y, "workers: {w}");
         }
         if let Some(t) = &self.transport {
             y.push_str("transport:\n");

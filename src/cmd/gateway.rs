@@ -53,7 +53,7 @@ pub fn run(cmd: GatewayCmd) -> Result<()> {
         GatewayCmd::Run { config, ready_file } => {
             let cfg = meshfed_gateway::GatewayConfig::load(&config)?;
             tracing::info!(config = ?cfg, "effective configuration");
-            super::runtime()?.block_on(gateway_run(cfg, ready_file))?;
+            super::runtime_with(cfg.workers)?.block_on(gateway_run(cfg, ready_file))?;
         }
     }
     Ok(())

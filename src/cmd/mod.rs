@@ -12,7 +12,14 @@ pub mod site;
 
 /// The multi-threaded runtime a daemon or a client command runs on.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    runtime_with(None)
+}
+
+/// The same with `workers` threads (`None`: one per core, tokio's default).
+pub fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    Ok(b.enable_all().build()?)
 }
