@@ -290,6 +290,24 @@ fn nofile_hard() -> u64 {
         .unwrap_or(1024)
 }
 
+/// The gateway's catalog applies so far: (count, seconds in all), from
+/// `meshfed_gateway_catalog_apply_seconds` on its admin port.
+async fn applies(admin: std::net::SocketAddr) -> Result<(f64, f64)> {
+    let (status, body) = meshfed_lifecycle::admin::get(admin, "/metrics")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(status.is_success(), "GET /metrics on {admin}: {status}");
+    let sample = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .with_context(|| format!("{name} not on the gateway's /metrics"))
+    };
+    Ok((
+        sample("meshfed_gateway_catalog_apply_seconds_count")?,
+        sample("meshfed_gateway_catalog_apply_seconds_sum")?,
+    ))
+}
+
 /// CPU seconds (user + system) of `pid` so far.
 fn cpu_s(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -458,9 +476,11 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     let mut gateway = None;
     if args.gateway {
         let (files, _) = join_site("gw".into()).await?;
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let cfg = meshfed_lab::ConfigBuilder {
             federation: Some((files.dir.clone(), [127, 0, 0, 1].into())),
             vip_range: Some("127.128.0.0/9".into()),
+            admin: Some(admin),
             ..Default::default()
         };
         let path = cfg.write(&files)?;
@@ -513,7 +533,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        gateway = Some((gw, count()));
+        gateway = Some((gw, count(), admin));
     }
 
     // Churn: other sites than the probes' (even ones) change endpoint counts.
@@ -565,7 +585,11 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
 
     // Probes, one at a time, round-robin over the probing sites.
     eprintln!("  {store}: probing");
-    let gw_cpu0 = gateway.as_ref().map(|(g, _)| cpu_s(g.0.id()));
+    let gw_cpu0 = gateway.as_ref().map(|(g, _, _)| cpu_s(g.0.id()));
+    let gw_applies0 = match &gateway {
+        Some((_, _, admin)) => applies(*admin).await?,
+        None => (0.0, 0.0),
+    };
     let t_probes = Instant::now();
     let mut lat = Vec::with_capacity(args.samples);
     for k in 0..args.samples {
@@ -604,8 +628,16 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
         .filter(|r| *r > 0)
         .map(|_| changed.load(Ordering::Relaxed) as f64 / churn_s);
     let gateway = match gateway {
-        Some((gw, n)) => {
+        Some((gw, n, admin)) => {
             let cpu = cpu_s(gw.0.id()) - gw_cpu0.unwrap_or(0.0);
+            let (count, sum) = applies(admin).await?;
+            let (count, sum) = (count - gw_applies0.0, sum - gw_applies0.1);
+            eprintln!(
+                "  {store}: the gateway applied the catalog {count:.0} times during the probes and churn ({:.1}/s), {:.1} ms each on average ({:.3} of a core)",
+                count / probes_s,
+                if count > 0.0 { sum / count * 1e3 } else { 0.0 },
+                sum / probes_s
+            );
             let (rss, _) = rss_mib(gw.0.id());
             drop(gw);
             Some((rss, cpu / probes_s, n))

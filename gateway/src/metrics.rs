@@ -392,6 +392,18 @@ impl ServiceHandles {
     }
 }
 
+/// [`Metrics::catalog_apply`]: 1 ms to ~16 s.
+#[derive(Clone)]
+pub struct ApplyHistogram(pub Histogram);
+
+impl Default for ApplyHistogram {
+    fn default() -> Self {
+        Self(Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        ))
+    }
+}
+
 fn open_histogram() -> Histogram {
     // 0.5 ms to ~4 s.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -428,6 +440,8 @@ pub struct Metrics {
     /// Imports whose exporting sites publish different HTTP routes (the first site by
     /// name applies).
     pub route_conflicts: Gauge,
+    /// Seconds each catalog apply took (the plan, peers, listeners and the cache).
+    pub catalog_apply: ApplyHistogram,
     /// Imports with a listener, and those left without one (past the listener budget).
     pub imports_bound: Gauge,
     pub imports_unbound: Gauge,
@@ -541,6 +555,11 @@ impl Metrics {
             "route_conflicts",
             "Imports whose exporting sites publish different HTTP routes; the first site by name applies",
             self.route_conflicts.clone(),
+        );
+        r.register(
+            "catalog_apply_seconds",
+            "Time each catalog apply took: the plan, peers, import listeners and the catalog cache, all as large as the catalog; the next waits 4x as long (at most 1 s)",
+            self.catalog_apply.0.clone(),
         );
         r.register(
             "imports_bound",
