@@ -633,10 +633,10 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
             let (count, sum) = applies(admin).await?;
             let (count, sum) = (count - gw_applies0.0, sum - gw_applies0.1);
             eprintln!(
-                "  {store}: the gateway applied the catalog {count:.0} times during the probes and churn ({:.1}/s), {:.1} ms each on average ({:.3} of a core)",
+                "  {store}: the gateway applied the catalog {count:.0} times during the probes and churn ({:.1}/s), {:.1} ms each on average (applying {:.0} % of the time)",
                 count / probes_s,
                 if count > 0.0 { sum / count * 1e3 } else { 0.0 },
-                sum / probes_s
+                sum / probes_s * 100.0
             );
             let (rss, _) = rss_mib(gw.0.id());
             drop(gw);

@@ -296,11 +296,14 @@ impl Agent {
         }
     }
 
-    /// Writes the cache and applies the plan; returns (and counts) what it took.
+    /// Writes the cache and applies the plan, off the runtime's queue ([`off_worker`]);
+    /// returns (and counts) what it took.
     fn apply(&self, catalog: &Catalog) -> Duration {
         let began = std::time::Instant::now();
-        self.save_cache(catalog);
-        self.apply_plan(catalog);
+        off_worker(|| {
+            self.save_cache(catalog);
+            self.apply_plan(catalog);
+        });
         let took = began.elapsed();
         self.metrics.catalog_apply.0.observe(took.as_secs_f64());
         took
@@ -472,7 +475,7 @@ impl Agent {
                 revision = catalog.revision.0,
                 "serving from the cached catalog until the federation answers"
             );
-            self.apply_plan(&catalog);
+            off_worker(|| self.apply_plan(&catalog));
         }
         let mut backoff = BACKOFF_MIN;
         let mut pace = Pace::default();
@@ -603,8 +606,9 @@ impl Agent {
             }
             if pace.pending && tokio::time::Instant::now() >= pace.next {
                 let took = self.apply(catalog);
-                // The wait counts from the apply's start.
-                pace.next = tokio::time::Instant::now() + apply_wait(took).saturating_sub(took);
+                // The wait counts from the apply's end: an apply that took longer than
+                // the cap is still followed by a pause.
+                pace.next = tokio::time::Instant::now() + apply_wait(took);
                 pace.pending = false;
             }
         }
@@ -753,6 +757,40 @@ mod tests {
     use meshfed_catalog::{Revision, ServiceName};
     use meshfed_identity::TrustDomain;
     use std::collections::BTreeMap;
+
+    /// With one worker, a task that ticks every 10 ms keeps ticking while another task
+    /// runs 300 ms of blocking work through `off_worker` (inline, it would not tick).
+    #[test]
+    fn off_worker_keeps_the_workers_tasks_running() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let during = rt.block_on(async {
+            let t = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let t = ticks.clone();
+            tokio::spawn(async move {
+                let before = t.load(std::sync::atomic::Ordering::Relaxed);
+                off_worker(|| std::thread::sleep(Duration::from_millis(300)));
+                t.load(std::sync::atomic::Ordering::Relaxed) - before
+            })
+            .await
+            .unwrap()
+        });
+        assert!(
+            during >= 10,
+            "{during} ticks during 300 ms of blocking work"
+        );
+    }
 
     #[test]
     fn plans_wait_in_proportion_to_their_cost() {
@@ -951,14 +989,13 @@ const MAX_COALESCED: usize = 256;
 /// The longest wait between catalog changes and their plan (see [`apply_wait`]).
 const APPLY_WAIT_MAX: Duration = Duration::from_secs(1);
 
-/// The wait after applying a plan (and writing the cache) that took `took`, before the
+/// The pause after applying a plan (and writing the cache) that took `took`, before the
 /// next: 4× its cost, at most [`APPLY_WAIT_MAX`]. Both are as large as the catalog and
 /// were redone for every batch of watch events, back to back under a steady stream of
-/// changes. Paced so, an apply that costs under 250 ms takes at most a fifth of a core
-/// and a small catalog's changes still apply within milliseconds; a costlier one is
-/// still redone every second at the latest, so imports never lag far behind (with
-/// 100,000 services one apply took 2.9 s on the bench host, bench/catalog --scale).
-/// Pure.
+/// changes. Paced so, applies that cost under 250 ms take at most a fifth of a core and
+/// a small catalog's changes still apply within milliseconds; a costlier one is followed
+/// by a 1 s pause, so imports never lag far behind (with 100,000 services one apply took
+/// 2.9 s on the bench host, bench/catalog --scale). Pure.
 fn apply_wait(took: Duration) -> Duration {
     (took * 4).min(APPLY_WAIT_MAX)
 }
@@ -966,6 +1003,17 @@ fn apply_wait(took: Duration) -> Duration {
 /// A report is sent at least this often, changed or not (the federation forgets a
 /// replica's links 75 s after its last report).
 const LINK_REFRESH: Duration = Duration::from_secs(30);
+
+/// Runs `f`, which may take seconds (a catalog apply: 2.9 s with 100,000 services on the
+/// bench host), without stalling the tasks queued on this runtime worker: on a
+/// multi-thread runtime they move to another worker meanwhile (`block_in_place`). A
+/// current-thread runtime (some tests) runs it inline.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 
 /// When the catalog's next plan may be applied ([`apply_wait`]).
 struct Pace {
