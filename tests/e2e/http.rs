@@ -1503,35 +1503,72 @@ struct V1V2 {
 }
 
 async fn v1_v2_at_west(name: &str, file: &str, yaml: impl FnOnce(u16, u16) -> String) -> V1V2 {
+    let (v1, v1_hits) = http_endpoint("v1", 200).await;
+    let (v2, v2_hits) = http_endpoint("v2", 200).await;
+    let sites = two_at_west(
+        name,
+        file,
+        yaml,
+        [("web.demo", v1, "http"), ("web-v2.demo", v2, "http")],
+    );
+    assert!(
+        sites.registered.contains("routes:web.demo"),
+        "{}",
+        sites.registered
+    );
+    V1V2 {
+        fed: sites.fed,
+        _west_gw: sites.west_gw,
+        east_gw: sites.east_gw,
+        import: sites.imports[0],
+        base: format!("http://{}", sites.imports[0]),
+        v1_hits,
+        v2_hits,
+        _scratch: sites.scratch,
+    }
+}
+
+/// Two sites in one federation: west registers `yaml(port, port2)` (as `file`) and
+/// exports two services, (name, endpoint, protocol), on those ports; east imports both,
+/// on 127.0.0.2. What the registration printed is in `registered`.
+struct TwoAtWest {
+    fed: crate::federation::Fed,
+    west_gw: Gw,
+    east_gw: Gw,
+    /// East's imports of the two services.
+    imports: [SocketAddr; 2],
+    registered: String,
+    scratch: Scratch,
+}
+
+fn two_at_west(
+    name: &str,
+    file: &str,
+    yaml: impl FnOnce(u16, u16) -> String,
+    services: [(&str, SocketAddr, &str); 2],
+) -> TwoAtWest {
     use crate::federation::{Fed, fed_config, free_port, joined};
     let scratch = Scratch::new(name);
     let fed = Fed::start(&Fed::init(&scratch), 0);
     let [east, west] = joined(&scratch, &fed, ["east", "west"]);
     let ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let (port, port_v2) = (free_port(ip), free_port(ip));
-    let (v1, v1_hits) = http_endpoint("v1", 200).await;
-    let (v2, v2_hits) = http_endpoint("v2", 200).await;
-    let out = register_yaml(&west, file, &yaml(port, port_v2));
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![v1])
-            .speaks("web.demo", port, "http")
-            .export("web-v2.demo", port_v2, vec![v2])
-            .speaks("web-v2.demo", port_v2, "http"),
-    )
-    .unwrap();
+    let ports = [free_port(ip), free_port(ip)];
+    let registered = register_yaml(&west, file, &yaml(ports[0], ports[1]));
+    let mut cfg = fed_config(&west, [127, 0, 0, 3]);
+    for ((svc, endpoint, protocol), port) in services.into_iter().zip(ports) {
+        cfg = cfg
+            .export(svc, port, vec![endpoint])
+            .speaks(svc, port, protocol);
+    }
+    let west_gw = Gw::start(&west, &cfg).unwrap();
     let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
-    V1V2 {
+    TwoAtWest {
         fed,
-        _west_gw: west_gw,
+        west_gw,
         east_gw,
-        import: SocketAddr::new(ip, port),
-        base: format!("http://{}", SocketAddr::new(ip, port)),
-        v1_hits,
-        v2_hits,
-        _scratch: scratch,
+        imports: ports.map(|p| SocketAddr::new(ip, p)),
+        registered,
+        scratch,
     }
 }
 
@@ -2226,42 +2263,34 @@ struct PoolSites {
 }
 
 async fn pool_sites(name: &str, http_setting: &str) -> PoolSites {
-    use crate::federation::{Fed, fed_config, free_port, joined};
     let dr = |svc: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {svc}, namespace: demo}}\n\
              spec:\n  host: {svc}.demo\n  trafficPolicy: {{connectionPool: {{http: {{{http_setting}}}}}}}\n"
         )
     };
-    let scratch = Scratch::new(name);
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
-    let (port, port2) = (free_port(ip), free_port(ip));
-    let out = register_yaml(
-        &west,
-        "pool.yaml",
-        &format!("{}---\n{}", dr("web"), dr("web2")),
-    );
-    assert!(
-        out.contains("web.demo") && out.contains("web2.demo"),
-        "{out}"
-    );
     let (h1, h1_opened, h1_closed) = counting_endpoint("h1").await;
     let (h2, h2_opened, h2_closed) = counting_endpoint("h2").await;
-    let west_gw = Gw::start(
-        &west,
-        &fed_config(&west, [127, 0, 0, 3])
-            .export("web.demo", port, vec![h1])
-            .speaks("web.demo", port, "http")
-            .export("web2.demo", port2, vec![h2])
-            .speaks("web2.demo", port2, "http2"),
-    )
-    .unwrap();
-    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let TwoAtWest {
+        fed,
+        west_gw,
+        east_gw,
+        imports: [import, import2],
+        registered,
+        scratch,
+    } = two_at_west(
+        name,
+        "pool.yaml",
+        |_, _| format!("{}---\n{}", dr("web"), dr("web2")),
+        [("web.demo", h1, "http"), ("web2.demo", h2, "http2")],
+    );
+    assert!(
+        registered.contains("web.demo") && registered.contains("web2.demo"),
+        "{registered}"
+    );
     let imports = vec![
-        ("http", SocketAddr::new(ip, port), h1_opened, h1_closed),
-        ("http2", SocketAddr::new(ip, port2), h2_opened, h2_closed),
+        ("http", import, h1_opened, h1_closed),
+        ("http2", import2, h2_opened, h2_closed),
     ];
     for (what, import, _, _) in &imports {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
