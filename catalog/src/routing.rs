@@ -123,8 +123,36 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         })
         .collect();
 
-    // (service, port, protocol) -> (port name, candidates, hosts): TCP and UDP on one
-    // port number (DNS on 53) are two imports.
+    // Exports by service, each service's sites in name order (a stable sort of the
+    // catalog's (site, service) order): one sort, then each service on its own, with no
+    // lookup in a map as large as the catalog.
+    let mut exports: Vec<(&SiteName, &ServiceName, &crate::catalog::Export)> = catalog
+        .exports
+        .iter()
+        .filter(|((site, _), _)| site != me)
+        .map(|((site, service), e)| (site, service, e))
+        .collect();
+    exports.sort_by(|a, b| a.1.cmp(b.1));
+    let mut imports = Vec::with_capacity(exports.len());
+    for by_site in exports.chunk_by(|a, b| a.1 == b.1) {
+        plan_service(catalog, locality, by_site, &mut imports);
+    }
+    SitePlan { peers, imports }
+}
+
+/// The imports of one service (one per port and protocol, in that order) from the sites
+/// that export it, in name order. Pure.
+fn plan_service(
+    catalog: &Catalog,
+    locality: Option<&str>,
+    by_site: &[(&SiteName, &ServiceName, &crate::catalog::Export)],
+    out: &mut Vec<ImportPlan>,
+) {
+    let Some((_, service, _)) = by_site.first() else {
+        return;
+    };
+    // (port, protocol) -> (port name, candidates, hosts, what it speaks): TCP and UDP on
+    // one port number (DNS on 53) are two imports.
     type Candidate<'a> = (Option<&'a str>, u32, &'a SiteName);
     type Entry<'a> = (
         Option<&'a String>,
@@ -132,14 +160,11 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         std::collections::BTreeSet<&'a String>,
         std::collections::BTreeSet<AppProtocol>,
     );
-    let mut ports: BTreeMap<(&ServiceName, u16, Protocol), Entry<'_>> = BTreeMap::new();
-    for ((site, service), export) in &catalog.exports {
-        if site == me {
-            continue;
-        }
-        let usable = catalog.sites.get(site).is_some_and(|r| r.up) && export.ready_endpoints > 0;
+    let mut ports: BTreeMap<(u16, Protocol), Entry<'_>> = BTreeMap::new();
+    for (site, _, export) in by_site {
+        let usable = catalog.sites.get(*site).is_some_and(|r| r.up) && export.ready_endpoints > 0;
         for p in &export.ports {
-            let entry = ports.entry((service, p.port, p.protocol)).or_default();
+            let entry = ports.entry((p.port, p.protocol)).or_default();
             entry.2.extend(export.hosts.iter());
             if entry.0.is_none() {
                 entry.0 = p.name.as_ref();
@@ -148,77 +173,70 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
             if usable {
                 entry
                     .1
-                    .push((export.locality.as_deref(), export.ready_endpoints, site));
+                    .push((export.locality.as_deref(), export.ready_endpoints, *site));
             }
         }
     }
-    // Routes per service, by site (in name order).
-    let mut policies: BTreeMap<&ServiceName, Vec<(&SiteName, &crate::http_route::HttpPolicy)>> =
-        BTreeMap::new();
-    let mut labels: BTreeMap<&ServiceName, BTreeMap<SiteName, crate::http_route::SiteLabels>> =
-        BTreeMap::new();
-    for ((site, service), export) in &catalog.exports {
-        if site == me {
-            continue;
-        }
-        if let Some(p) = &export.http_policy {
-            policies.entry(service).or_default().push((site, p));
-        }
-        labels.entry(service).or_default().insert(
-            site.clone(),
-            crate::http_route::SiteLabels {
-                export: export.labels.clone(),
-                endpoints: export
-                    .endpoint_labels
+    // The routes, by site in name order: merged once, for the HTTP-family ports.
+    let mut merged = None;
+    let mut policy = || {
+        merged
+            .get_or_insert_with(|| {
+                let policies: Vec<(&SiteName, &crate::http_route::HttpPolicy)> = by_site
                     .iter()
-                    .filter(|e| e.endpoints > 0)
-                    .map(|e| e.labels.clone())
-                    .collect(),
-            },
+                    .filter_map(|(site, _, e)| e.http_policy.as_deref().map(|p| (*site, p)))
+                    .collect();
+                merge_policies(&policies)
+            })
+            .clone()
+    };
+    for ((port, protocol), (name, cands, hosts, apps)) in ports {
+        let app_protocol = match (apps.len(), apps.first()) {
+            (1, Some(a)) => *a,
+            _ => AppProtocol::Tcp,
+        };
+        let (http_policy, policy_conflict) = if app_protocol.is_http() {
+            policy()
+        } else {
+            (None, None)
+        };
+        let (backends, site_weights) = order_sites(
+            locality,
+            http_policy.as_ref().and_then(|p| p.locality_lb.as_ref()),
+            cands,
         );
+        let site_labels = by_site
+            .iter()
+            .filter(|(s, _, _)| backends.contains(s))
+            .map(|(s, _, export)| {
+                (
+                    (*s).clone(),
+                    crate::http_route::SiteLabels {
+                        export: export.labels.clone(),
+                        endpoints: export
+                            .endpoint_labels
+                            .iter()
+                            .filter(|e| e.endpoints > 0)
+                            .map(|e| e.labels.clone())
+                            .collect(),
+                    },
+                )
+            })
+            .collect();
+        out.push(ImportPlan {
+            service: (*service).clone(),
+            port,
+            protocol,
+            name: name.cloned(),
+            app_protocol,
+            hosts: hosts.into_iter().cloned().collect(),
+            backends,
+            http_policy,
+            policy_conflict,
+            site_labels,
+            site_weights,
+        });
     }
-    let imports = ports
-        .into_iter()
-        .map(|((service, port, protocol), (name, cands, hosts, apps))| {
-            let app_protocol = match (apps.len(), apps.first()) {
-                (1, Some(a)) => *a,
-                _ => AppProtocol::Tcp,
-            };
-            let (http_policy, policy_conflict) = if app_protocol.is_http() {
-                merge_policies(policies.get(service).map(Vec::as_slice).unwrap_or(&[]))
-            } else {
-                (None, None)
-            };
-            let (backends, site_weights) = order_sites(
-                locality,
-                http_policy.as_ref().and_then(|p| p.locality_lb.as_ref()),
-                cands,
-            );
-            let site_labels = labels
-                .get(service)
-                .map(|l| {
-                    l.iter()
-                        .filter(|(s, _)| backends.contains(s))
-                        .map(|(s, l)| (s.clone(), l.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            ImportPlan {
-                service: service.clone(),
-                port,
-                protocol,
-                name: name.cloned(),
-                app_protocol,
-                hosts: hosts.into_iter().cloned().collect(),
-                backends,
-                http_policy,
-                policy_conflict,
-                site_labels,
-                site_weights,
-            }
-        })
-        .collect();
-    SitePlan { peers, imports }
 }
 
 /// The routes of a service from the sites that publish them (in site name order): the

@@ -440,7 +440,8 @@ pub struct Metrics {
     /// Imports whose exporting sites publish different HTTP routes (the first site by
     /// name applies).
     pub route_conflicts: Gauge,
-    /// Seconds each catalog apply took (the plan, peers, listeners and the cache).
+    /// Seconds each catalog apply took (the plan, peers, listeners and the cache when
+    /// due), and each cache write made on its own.
     pub catalog_apply: ApplyHistogram,
     /// Imports with a listener, and those left without one (past the listener budget).
     pub imports_bound: Gauge,
@@ -558,7 +559,7 @@ impl Metrics {
         );
         r.register(
             "catalog_apply_seconds",
-            "Time each catalog apply took: the plan, peers, import listeners and the catalog cache, all as large as the catalog; the next waits 4x as long (at most 1 s)",
+            "Time each catalog apply took (the plan, peers, import listeners, and the catalog cache when due), and each cache write made on its own: all as large as the catalog; the next apply waits 4x as long (at most 1 s), the next cache write 4x its own cost (at most 5 s)",
             self.catalog_apply.0.clone(),
         );
         r.register(
