@@ -37,7 +37,8 @@ pub struct ImportPlan {
     /// with the disagreement in `policy_conflict`.
     pub http_policy: Option<crate::http_route::HttpPolicy>,
     pub policy_conflict: Option<String>,
-    /// Each backend's export labels and endpoint label sets, for subsets.
+    /// Each backend's export labels and endpoint label sets, for the subsets of its
+    /// HTTP routes (empty without routes).
     pub site_labels: BTreeMap<SiteName, crate::http_route::SiteLabels>,
     /// Each backend's share of first attempts, when a `localityLbSetting.distribute`
     /// rule applies to this gateway (sites it gives no share are not backends); empty:
@@ -97,6 +98,8 @@ fn order_sites(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SitePlan {
     pub peers: Vec<PeerPlan>,
+    /// In (service, port, protocol) order, each once: the gateway walks them beside
+    /// [`import_addresses`]' map.
     pub imports: Vec<ImportPlan>,
 }
 
@@ -207,7 +210,7 @@ fn plan_service(
         );
         let site_labels = by_site
             .iter()
-            .filter(|(s, _, _)| backends.contains(s))
+            .filter(|(s, _, _)| http_policy.is_some() && backends.contains(s))
             .map(|(s, _, export)| {
                 (
                     (*s).clone(),
@@ -330,17 +333,25 @@ pub fn import_addresses(
     shared: std::net::IpAddr,
     vips: Option<VipRange>,
 ) -> BTreeMap<ServiceName, std::net::IpAddr> {
-    let services: std::collections::BTreeSet<&ServiceName> =
-        plan.imports.iter().map(|i| &i.service).collect();
+    // In name order, once each: `plan` lists imports by service already, which the sort
+    // finds in one pass, and the map is then built from sorted keys without a search.
+    let mut services: Vec<&ServiceName> = plan.imports.iter().map(|i| &i.service).collect();
+    services.sort_unstable();
+    services.dedup();
     let Some(r) = vips else {
         return services.into_iter().map(|s| (s.clone(), shared)).collect();
     };
     // Usable offsets: not the network or broadcast address.
     let usable = r.size - 2;
     let mut taken = std::collections::BTreeSet::new();
-    let mut out = BTreeMap::new();
+    let mut out = Vec::with_capacity(services.len());
     for s in services {
-        let h = fnv(&s.to_string());
+        let h = fnv_bytes(
+            s.name()
+                .bytes()
+                .chain(std::iter::once(b'.'))
+                .chain(s.namespace().bytes()),
+        );
         let mut off = (h % u64::from(usable)) as u32;
         if taken.len() as u32 >= usable {
             break; // the range is full: the rest get no address (logged by the caller)
@@ -349,9 +360,9 @@ pub fn import_addresses(
             off = (off + 1) % usable;
         }
         let ip = std::net::Ipv4Addr::from(r.base + 1 + off);
-        out.insert(s.clone(), std::net::IpAddr::V4(ip));
+        out.push((s.clone(), std::net::IpAddr::V4(ip)));
     }
-    out
+    out.into_iter().collect()
 }
 
 /// The file a federated gateway writes into its site directory with what it listens on
@@ -381,7 +392,11 @@ pub struct ImportListener {
 
 /// FNV-1a of a name: stable across builds and platforms (VIPs and import ports).
 pub fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    fnv_bytes(s.bytes())
+}
+
+fn fnv_bytes(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     })
 }
@@ -513,6 +528,13 @@ mod tests {
             };
             assert!(o[..3] == [127, 100, 7] && o[3] != 0 && o[3] != 255, "{ip}");
         }
+        // The address is the hash of the name as written, as in every earlier version:
+        // an upgrade moves no VIP.
+        let c_x = 1 + (fnv("c.x") % 254) as u8;
+        assert_eq!(
+            a[&ServiceName::parse("c.x").unwrap()],
+            std::net::IpAddr::from([127, 100, 7, c_x])
+        );
         // Another service coming or going does not move the others (no collision here).
         let b = import_addresses(&plan(&["a.x", "c.x"]), shared, Some(r));
         assert_eq!(
@@ -738,11 +760,16 @@ mod tests {
             if let Some(c) = &im.policy_conflict {
                 assert!(c.contains("north") && c.contains("west"), "{c}");
             }
-            assert_eq!(im.site_labels.len(), 2, "row {i}");
-            assert_eq!(
-                im.site_labels[&SiteName::new("west").unwrap()].export["version"],
-                "west-v"
-            );
+            // Labels come with routes (for their subsets), and only then.
+            if got.is_some() {
+                assert_eq!(im.site_labels.len(), 2, "row {i}");
+                assert_eq!(
+                    im.site_labels[&SiteName::new("west").unwrap()].export["version"],
+                    "west-v"
+                );
+            } else {
+                assert!(im.site_labels.is_empty(), "row {i}");
+            }
         }
     }
 
@@ -775,6 +802,51 @@ mod tests {
         assert_eq!(p.imports.len(), 1);
         // Own export is not imported; more ready endpoints first.
         assert_eq!(names(&p.imports[0].backends), vec!["north", "west"]);
+    }
+
+    #[test]
+    fn imports_come_in_service_order_once_each_with_an_address() {
+        // Sites list their services in their own order; names sort by name, then
+        // namespace ("b.x" before "a.y" is wrong: "a.y" first).
+        let c = Builder::new()
+            .site("east", true)
+            .site("north", true)
+            .site("west", true)
+            .export("west", "b.x", 80, 1, None)
+            .export("west", "a.y", 80, 1, None)
+            .export("west", "a.y", 81, 1, None)
+            .export("north", "c.x", 80, 1, None)
+            .export("north", "a.y", 80, 2, None)
+            .export("north", "a.x", 90, 1, None)
+            .export("east", "a.a", 80, 1, None)
+            .0;
+        let p = plan(&c, &SiteName::new("east").unwrap(), None);
+        let got: Vec<(String, u16, Vec<&str>)> = p
+            .imports
+            .iter()
+            .map(|i| (i.service.to_string(), i.port, names(&i.backends)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a.x".into(), 90, vec!["north"]),
+                // West's second export of a.y replaced its first (port 80).
+                ("a.y".into(), 80, vec!["north"]),
+                ("a.y".into(), 81, vec!["west"]),
+                ("b.x".into(), 80, vec!["west"]),
+                ("c.x".into(), 80, vec!["north"]),
+            ]
+        );
+        let shared: std::net::IpAddr = [127, 0, 0, 2].into();
+        for vips in [None, Some(VipRange::parse("127.100.0.0/30").unwrap())] {
+            let a = import_addresses(&p, shared, vips);
+            let services: Vec<String> = a.keys().map(ToString::to_string).collect();
+            match vips {
+                None => assert_eq!(services, ["a.x", "a.y", "b.x", "c.x"]),
+                // Two usable addresses: the first two services by name.
+                Some(_) => assert_eq!(services, ["a.x", "a.y"]),
+            }
+        }
     }
 
     #[test]

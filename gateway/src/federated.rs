@@ -397,8 +397,12 @@ impl Agent {
             .map(|r| meshfed_catalog::routing::import_ports(&p, r));
         let mut bound = ImportListeners::default();
         let (mut unbound, mut over_budget) = (0usize, false);
+        // Imports and addresses are both in service order: walked side by side, not
+        // searched per import.
+        let mut addr_of = addrs.iter().peekable();
         for im in &p.imports {
-            let Some(ip) = addrs.get(&im.service) else {
+            while addr_of.next_if(|(s, _)| **s < im.service).is_some() {}
+            let Some((_, ip)) = addr_of.peek().filter(|(s, _)| **s == im.service) else {
                 warn!(service = %im.service, "federation.vip_range is full: import not bound");
                 unbound += 1;
                 continue;
@@ -414,7 +418,7 @@ impl Agent {
                     }
                 },
             };
-            let listen = SocketAddr::new(*ip, port);
+            let listen = SocketAddr::new(**ip, port);
             match self.imports.upsert(
                 &im.service,
                 im.port,
