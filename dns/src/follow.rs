@@ -1,5 +1,7 @@
 //! `meshfed dns` on its own: answers from the catalog cache a site's gateway keeps
-//! (`<site dir>/catalog.json`), reloaded when the file changes. Run beside the gateway
+//! (`<site dir>/catalog.json`), reloaded when the file changes. Under a steady stream of
+//! changes the gateway writes that cache at most every 4× its cost (up to 5 s), so
+//! answers lag as much; in the gateway's process, DNS follows every applied plan. Run beside the gateway
 //! when DNS should not live in the gateway process.
 
 use std::net::IpAddr;
