@@ -456,6 +456,12 @@ async fn authorization_policies_decide_which_caller_reaches_an_export() {
     let (code, out, err) = meshfed(&["register", "-f", deny.to_str().unwrap(), "--dir", dir]);
     assert_eq!(code, 0, "{out}{err}");
     until_call(east_addr, false, "east under no-shop").await;
+    // That failure may have been a stream opened just before the policy arrived and cut
+    // by it (counted as a cut, not a refusal); an open made now is refused.
+    assert!(
+        !matches!(echo_through(east_addr).await, Ok(b) if b == b"ping"),
+        "east under no-shop, a new open"
+    );
 
     let (_, metrics) = meshfed_lifecycle::admin::get(west_gw.gateway.admin_addr, "/metrics")
         .await
