@@ -208,9 +208,10 @@ fn plan_service(
             http_policy.as_ref().and_then(|p| p.locality_lb.as_ref()),
             cands,
         );
-        let site_labels = by_site
+        let with_routes = if http_policy.is_some() { by_site } else { &[] };
+        let site_labels = with_routes
             .iter()
-            .filter(|(s, _, _)| http_policy.is_some() && backends.contains(s))
+            .filter(|(s, _, _)| backends.contains(s))
             .map(|(s, _, export)| {
                 (
                     (*s).clone(),
@@ -806,8 +807,8 @@ mod tests {
 
     #[test]
     fn imports_come_in_service_order_once_each_with_an_address() {
-        // Sites list their services in their own order; names sort by name, then
-        // namespace ("b.x" before "a.y" is wrong: "a.y" first).
+        // Sites list their services in their own order; imports come sorted by name,
+        // then namespace ("a.y" before "b.x").
         let c = Builder::new()
             .site("east", true)
             .site("north", true)

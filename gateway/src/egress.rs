@@ -708,9 +708,12 @@ impl Imports {
             return Ok(e.addr);
         }
         if map.len() >= self.max_listeners {
-            // No message: with 100,000 imports past the budget this is returned for
-            // each on every catalog apply; the caller logs the budget once.
-            return Err(std::io::ErrorKind::QuotaExceeded.into());
+            // A fixed message, nothing formatted: with 100,000 imports past the budget
+            // this is returned for each on every catalog apply (the caller logs it once).
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::QuotaExceeded,
+                "past the gateway's listener budget (half its open-file limit)",
+            ));
         }
         let backends = Arc::new(ArcSwap::from_pointee(backends.to_vec()));
         let app_now = Arc::new(ArcSwap::from_pointee(app));

@@ -682,13 +682,6 @@ pub async fn start_with(
                 im.source_identity.as_ref(),
                 None,
             )
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::QuotaExceeded => std::io::Error::new(
-                    e.kind(),
-                    "past the gateway's listener budget (half its open-file limit)",
-                ),
-                _ => e,
-            })
             .map_err(|source| GatewayError::Bind {
                 what: format!("import {}:{}", im.service, im.port),
                 addr: im.listen,
