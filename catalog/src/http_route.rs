@@ -162,9 +162,18 @@ pub struct HttpRoute {
     /// Faults injected at the egress, for resilience tests (Istio's `fault`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
-    /// A copy of each request (of a share) sent to a subset, its answer discarded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<Mirror>,
+    /// Copies of each request (each of its own share) sent to subsets or other
+    /// services, their answers discarded (Istio's `mirror` or `mirrors`, Gateway API's
+    /// `RequestMirror` filters). On the wire the key is `mirror`: one mirror is written
+    /// as an object, as before there could be several, so a gateway that knows only one
+    /// still reads it; several are a list.
+    #[serde(
+        rename = "mirror",
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "one_or_many"
+    )]
+    pub mirrors: Vec<Mirror>,
     /// Header changes on the request and on its answer (Istio's `headers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<HeaderRules>,
@@ -273,6 +282,34 @@ impl Mirror {
     /// The service this mirror names other than `own`, if any.
     pub fn other_service<'a>(&'a self, own: &ServiceName) -> Option<&'a ServiceName> {
         self.service.as_ref().filter(|s| *s != own)
+    }
+}
+
+/// A route's mirrors on the wire: absent when none, an object when one (the form every
+/// gateway reads), a list when several; either form is read.
+mod one_or_many {
+    use super::Mirror;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Mirror], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        One(Mirror),
+        Many(Vec<Mirror>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Mirror>, D::Error> {
+        Ok(match Form::deserialize(d)? {
+            Form::One(m) => vec![m],
+            Form::Many(v) => v,
+        })
     }
 }
 
@@ -402,6 +439,9 @@ pub(crate) fn bad(field: impl Into<String>, message: impl Into<String>) -> Polic
 pub const MAX_ROUTES: usize = 64;
 pub const MAX_MATCHES: usize = 16;
 pub const MAX_DESTINATIONS: usize = 16;
+/// Mirrors per route, at most (Gateway API's bound on a rule's filters): every copy is a
+/// request of its own.
+pub const MAX_MIRRORS: usize = 16;
 /// The largest weight (Gateway API's bound).
 pub const MAX_WEIGHT: u32 = 1_000_000;
 /// The most bytes a compiled regex may take (the `regex` crate's size limit).
@@ -609,7 +649,7 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
         if rd.port == Some(0) {
             return Err(bad(f("redirect.port"), "must be above 0"));
         }
-        if r.fault.is_some() || r.mirror.is_some() || r.retries.is_some() {
+        if r.fault.is_some() || !r.mirrors.is_empty() || r.retries.is_some() {
             return Err(bad(
                 f("redirect"),
                 "a redirect is answered at once: no fault, mirror or retries",
@@ -828,9 +868,13 @@ impl HttpPolicy {
             if r.timeout_ms == Some(0) {
                 return Err(bad(f("timeout_ms"), "must be above 0"));
             }
-            if let Some(m) = &r.mirror {
+            if r.mirrors.len() > MAX_MIRRORS {
+                return Err(bad(f("mirrors"), format!("at most {MAX_MIRRORS}")));
+            }
+            for (k, m) in r.mirrors.iter().enumerate() {
+                let f = |x: &str| f(&format!("mirrors[{k}].{x}"));
                 if m.per_million > 1_000_000 {
-                    return Err(bad(f("mirror.per_million"), "above 100 %"));
+                    return Err(bad(f("per_million"), "above 100 %"));
                 }
                 // A subset of another service is that service's policy's to define.
                 if let Some(s) = &m.subset
@@ -838,7 +882,7 @@ impl HttpPolicy {
                     && !names.contains(s.as_str())
                 {
                     return Err(bad(
-                        f("mirror.subset"),
+                        f("subset"),
                         format!("{s:?} is not a subset of {}", self.service),
                     ));
                 }
@@ -847,7 +891,7 @@ impl HttpPolicy {
                     && to.namespace() != self.service.namespace()
                 {
                     return Err(bad(
-                        f("mirror.service"),
+                        f("service"),
                         format!(
                             "{to} is not in namespace {}: a route mirrors only to services of its own namespace",
                             self.service.namespace()
@@ -855,7 +899,7 @@ impl HttpPolicy {
                     ));
                 }
                 if m.port == Some(0) {
-                    return Err(bad(f("mirror.port"), "must be above 0"));
+                    return Err(bad(f("port"), "must be above 0"));
                 }
             }
             if let Some(fault) = &r.fault {
@@ -1779,36 +1823,56 @@ mod tests {
             (Box::new(|p| p.idle_timeout_ms = Some(0)), "idle_timeout_ms"),
             (
                 Box::new(|p| {
-                    p.routes[0].mirror = Some(Mirror {
+                    p.routes[0].mirrors = vec![Mirror {
                         service: Some(ServiceName::parse("payments.billing").unwrap()),
                         port: None,
                         subset: None,
                         per_million: 1,
-                    });
+                    }];
                 }),
-                "routes[0].mirror.service",
+                "routes[0].mirrors[0].service",
             ),
             (
                 Box::new(|p| {
-                    p.routes[0].mirror = Some(Mirror {
-                        service: Some(ServiceName::parse("web-v2.demo").unwrap()),
-                        port: Some(0),
-                        subset: None,
-                        per_million: 1,
-                    });
+                    p.routes[0].mirrors = vec![
+                        Mirror {
+                            service: None,
+                            port: None,
+                            subset: None,
+                            per_million: 1,
+                        },
+                        Mirror {
+                            service: Some(ServiceName::parse("web-v2.demo").unwrap()),
+                            port: Some(0),
+                            subset: None,
+                            per_million: 1,
+                        },
+                    ];
                 }),
-                "routes[0].mirror.port",
+                "routes[0].mirrors[1].port",
             ),
             (
                 Box::new(|p| {
-                    p.routes[0].mirror = Some(Mirror {
+                    p.routes[0].mirrors = vec![Mirror {
                         service: None,
                         port: None,
                         subset: Some("v3".into()),
                         per_million: 1,
-                    });
+                    }];
                 }),
-                "routes[0].mirror.subset",
+                "routes[0].mirrors[0].subset",
+            ),
+            (
+                Box::new(|p| {
+                    let m = Mirror {
+                        service: None,
+                        port: None,
+                        subset: None,
+                        per_million: 1,
+                    };
+                    p.routes[0].mirrors = vec![m; MAX_MIRRORS + 1];
+                }),
+                "routes[0].mirrors",
             ),
         ];
         for (change, field) in rows {
@@ -1822,13 +1886,40 @@ mod tests {
         p.routes[1].destinations[1].weight = 30;
         p.routes[1].destinations[1].service = Some(ServiceName::parse("web-v2.demo").unwrap());
         p.routes[1].destinations[1].subset = Some("elsewhere".into());
-        p.routes[0].mirror = Some(Mirror {
+        p.routes[0].mirrors = vec![Mirror {
             service: Some(ServiceName::parse("web-v2.demo").unwrap()),
             port: Some(9090),
             subset: Some("elsewhere".into()),
             per_million: 1_000_000,
-        });
+        }];
         assert!(p.compile().is_ok());
+    }
+
+    #[test]
+    fn one_mirror_is_written_as_before_and_several_as_a_list() {
+        let m = |subset: &str| Mirror {
+            service: None,
+            port: None,
+            subset: Some(subset.into()),
+            per_million: 500_000,
+        };
+        let mut p = policy();
+        p.routes[0].mirrors = vec![m("v2")];
+        let v = serde_json::to_value(&p).unwrap();
+        // The object a gateway that knows one mirror reads.
+        assert_eq!(
+            v["routes"][0]["mirror"],
+            serde_json::json!({"subset": "v2", "per_million": 500_000})
+        );
+        assert_eq!(serde_json::from_value::<HttpPolicy>(v).unwrap(), p);
+        p.routes[0].mirrors = vec![m("v2"), m("v1")];
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["routes"][0]["mirror"][1]["subset"], "v1");
+        assert_eq!(serde_json::from_value::<HttpPolicy>(v).unwrap(), p);
+        p.routes[0].mirrors.clear();
+        let v = serde_json::to_value(&p).unwrap();
+        assert!(v["routes"][0].get("mirror").is_none());
+        assert_eq!(serde_json::from_value::<HttpPolicy>(v).unwrap(), p);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! ServiceImports, with `port` and relative `weight`: the service itself or another
 //! one, which importing gateways reach through their import of it), `rules[].filters`
 //! (`RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`,
-//! and `RequestMirror` to the service itself or another one of its namespace),
+//! and `RequestMirror`, repeatable, to the service itself or another one of its namespace),
 //! `rules[].timeouts.request` and
 //! `rules[].retry.attempts`. `hostnames` mean nothing for a mesh route (GAMMA) and are
 //! warned about; anything else is a warning naming its path. The CRDs' schema and CEL
@@ -50,6 +50,8 @@ pub(crate) struct GatewayRoute {
     pub source: String,
     pub parents: Vec<ServiceName>,
     pub routes: Vec<HttpRoute>,
+    /// Per rule, the `filters` index of each of its mirrors, in order (for field paths).
+    pub mirror_filters: Vec<Vec<usize>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -122,11 +124,24 @@ pub(crate) fn route(
         Kind::Http => "HTTPRoute",
         Kind::Grpc => "GRPCRoute",
     };
+    let mirror_filters = rules
+        .iter()
+        .map(|r| match r.get("filters") {
+            Some(Value::Array(fs)) => fs
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.get("type").and_then(Value::as_str) == Some("RequestMirror"))
+                .map(|(i, _)| i)
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect();
     Some(GatewayRoute {
         index,
         source: format!("{what} {namespace}/{name}"),
         parents,
         routes,
+        mirror_filters,
     })
 }
 
@@ -1034,10 +1049,6 @@ fn filters(
                     continue;
                 };
                 d.unsupported(&bf, r, &["backendRef", "percent", "fraction"]);
-                if route.mirror.is_some() {
-                    d.err(&f, "meshfed mirrors to one backend per rule");
-                    continue;
-                }
                 let Some(Value::Object(b)) = r.get("backendRef") else {
                     d.err(format!("{bf}.backendRef"), "missing");
                     continue;
@@ -1106,7 +1117,7 @@ fn filters(
                     }
                     (None, None) => 1_000_000,
                 };
-                route.mirror = Some(Mirror {
+                route.mirrors.push(Mirror {
                     service: other.then_some(target),
                     port: port.filter(|_| other),
                     subset: None,
@@ -1133,17 +1144,28 @@ fn filters(
     }
 }
 
-/// The model's field path as a Gateway API route spells it. Pure.
-pub(crate) fn yaml_path(model: &str) -> String {
+/// The model's field path as a Gateway API route spells it; `mirror_filters` is the
+/// route's [`GatewayRoute::mirror_filters`]. Pure.
+pub(crate) fn yaml_path(model: &str, mirror_filters: &[Vec<usize>]) -> String {
+    // `routes[r].mirrors[k].x`: the rule's k-th RequestMirror filter's backendRef.
+    let mirror = model.strip_prefix("routes[").and_then(|rest| {
+        let (r, rest) = rest.split_once("].mirrors[")?;
+        let (k, x) = rest.split_once("].")?;
+        let (r, k) = (r.parse::<usize>().ok()?, k.parse::<usize>().ok()?);
+        let i = *mirror_filters.get(r)?.get(k)?;
+        let x = if x == "service" { "namespace" } else { x };
+        Some(format!(
+            "spec.rules[{r}].filters[{i}].requestMirror.backendRef.{x}"
+        ))
+    });
+    if let Some(p) = mirror {
+        return p;
+    }
     let p = model
         .replace("routes[", "spec.rules[")
         .replace(".destinations[", ".backendRefs[")
         .replace(".destinations", ".backendRefs")
         .replace("].service", "].namespace")
-        .replace(
-            ".mirror.service",
-            ".filters[RequestMirror].backendRef.namespace",
-        )
         .replace(".timeout_ms", ".timeouts.request");
     if p == "routes" {
         "spec.rules".into()
@@ -1398,7 +1420,7 @@ spec:
             1,
         );
         let r = parse(&yaml).unwrap();
-        let m = r.http_policies[0].routes[0].mirror.as_ref().unwrap();
+        let m = &r.http_policies[0].routes[0].mirrors[0];
         assert_eq!(
             m.service.as_ref().map(ToString::to_string).as_deref(),
             Some("orders-shadow.shop")
@@ -1410,8 +1432,46 @@ spec:
             "name: orders, port: 8080",
         ))
         .unwrap();
-        let m = own.http_policies[0].routes[0].mirror.as_ref().unwrap();
+        let m = &own.http_policies[0].routes[0].mirrors[0];
         assert_eq!((m.service.as_ref(), m.port), (None, None));
+        // Several RequestMirror filters (the conformance suite's request-multiple-mirrors):
+        // a copy to each; a second mirror's field path names its own filter.
+        let two = CANARY.replacen(
+            "    - type: URLRewrite\n",
+            &format!(
+                "{mirror}{}    - type: URLRewrite\n",
+                mirror.replace(
+                    "orders-shadow, port: 9090}, percent: 20",
+                    "orders-v3, port: 9091}"
+                )
+            ),
+            1,
+        );
+        let r = parse(&two).unwrap();
+        let ms = &r.http_policies[0].routes[0].mirrors;
+        assert_eq!(
+            ms.iter()
+                .map(|m| (
+                    m.service.as_ref().unwrap().to_string(),
+                    m.port,
+                    m.per_million
+                ))
+                .collect::<Vec<_>>(),
+            [
+                ("orders-shadow.shop".to_owned(), Some(9090), 200_000),
+                ("orders-v3.shop".to_owned(), Some(9091), 1_000_000)
+            ]
+        );
+        match parse(&two.replace("name: orders-v3", "name: orders-v3, namespace: billing")) {
+            Err(ParseError::Invalid(problems)) => {
+                assert!(
+                    problems.iter().any(|p| p.field
+                        == "spec.rules[0].filters[2].requestMirror.backendRef.namespace"),
+                    "{problems:?}"
+                )
+            }
+            other => panic!("accepted: {other:?}"),
+        }
         for (from, to, field) in [
             // The CRD's CEL rule: a Service reference has a port.
             (
@@ -1422,7 +1482,7 @@ spec:
             (
                 "name: orders-shadow, port: 9090",
                 "name: orders-shadow, namespace: billing, port: 9090",
-                "spec.rules[0].filters[RequestMirror].backendRef.namespace",
+                "spec.rules[0].filters[1].requestMirror.backendRef.namespace",
             ),
         ] {
             match parse(&yaml.replace(from, to)) {

@@ -6,6 +6,7 @@
 //! field meshfed does not support yet is a warning that names it, never silently
 //! dropped; invalid YAML is an error with line and column.
 
+use crate::virtual_service::HostOf;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -651,39 +652,47 @@ fn http_policies(
                 continue;
             };
             let mut routes = vs.routes.clone();
-            for (r, j, h) in &vs.destination_hosts {
+            for (r, what, h) in &vs.destination_hosts {
                 let to = service_of(h, &vs.namespace, services);
-                if *j == usize::MAX {
-                    // The mirror: another service's copies go through its import, as a
-                    // destination's requests do.
-                    let field = format!("spec.http[{r}].mirror");
-                    let Some(to) = to else {
-                        d.err(
+                let j = match *what {
+                    HostOf::Destination(j) => j,
+                    HostOf::Mirror | HostOf::Mirrors(_) => {
+                        // A mirror: another service's copies go through its import, as a
+                        // destination's requests do.
+                        let (field, k) = match *what {
+                            HostOf::Mirrors(k) => {
+                                (format!("spec.http[{r}].mirrors[{k}].destination"), k)
+                            }
+                            _ => (format!("spec.http[{r}].mirror"), 0),
+                        };
+                        let Some(to) = to else {
+                            d.err(
                             format!("{field}.host"),
                             format!("{h:?} names no service: use name.namespace, its .svc.cluster.local form, or a ServiceEntry host of this file"),
                         );
-                        continue;
-                    };
-                    let Some(m) = routes.get_mut(*r).and_then(|x| x.mirror.as_mut()) else {
-                        continue;
-                    };
-                    if to == service {
-                        continue;
-                    }
-                    if let Some(subset) = &m.subset
-                        && !defines(subsets, services, &to, subset)
-                    {
-                        d.err(
+                            continue;
+                        };
+                        let Some(m) = routes.get_mut(*r).and_then(|x| x.mirrors.get_mut(k)) else {
+                            continue;
+                        };
+                        if to == service {
+                            continue;
+                        }
+                        if let Some(subset) = &m.subset
+                            && !defines(subsets, services, &to, subset)
+                        {
+                            d.err(
                             format!("{field}.subset"),
                             format!("{subset:?} is not a subset a DestinationRule of this file defines for {to}"),
                         );
+                        }
+                        if m.subset.is_some() {
+                            subset_targets.insert(to.clone());
+                        }
+                        m.service = Some(to);
+                        continue;
                     }
-                    if m.subset.is_some() {
-                        subset_targets.insert(to.clone());
-                    }
-                    m.service = Some(to);
-                    continue;
-                }
+                };
                 let field = format!("spec.http[{r}].route[{j}].destination");
                 let Some(to) = to else {
                     d.err(
@@ -692,7 +701,7 @@ fn http_policies(
                     );
                     continue;
                 };
-                let Some(dest) = routes.get_mut(*r).and_then(|x| x.destinations.get_mut(*j)) else {
+                let Some(dest) = routes.get_mut(*r).and_then(|x| x.destinations.get_mut(j)) else {
                     continue;
                 };
                 if to == service {
@@ -771,7 +780,10 @@ fn http_policies(
             };
             match p.clone().compile() {
                 Ok(_) => out.push((gr.index, p)),
-                Err(e) => d.err(crate::gateway_api::yaml_path(&e.field), e.message),
+                Err(e) => d.err(
+                    crate::gateway_api::yaml_path(&e.field, &gr.mirror_filters),
+                    e.message,
+                ),
             }
         }
     }

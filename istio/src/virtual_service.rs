@@ -13,7 +13,9 @@
 //! `http[].timeout`, `http[].retries` (`attempts`, `perTryTimeout`; `retryOn` is read
 //! and the gateway retries connect failures, resets and 502–504, Istio's default set),
 //! `http[].fault` (`delay.fixedDelay`, `abort.httpStatus`, each with `percentage.value`),
-//! `http[].mirror` (host — the same service — and subset) with `mirrorPercentage`,
+//! `http[].mirror` (host — the same service or another — subset and port) with
+//! `mirrorPercentage`, or `http[].mirrors[]` (each a `destination` with its own
+//! `percentage`; at most 16, and not beside `mirror`),
 //! `http[].headers` (`request`/`response`: `set`, `add`, `remove`), `http[].rewrite`
 //! (`uri`, `authority`) and `http[].redirect` (`uri`, `authority`, `scheme`, `port`,
 //! `redirectCode`; such a route has no `route`). Istio has no field for local rate
@@ -28,8 +30,8 @@ use serde_json::Value;
 
 use meshfed_catalog::http_route::{
     Destination, Fault, FaultAbort, FaultDelay, HeaderOps, HeaderRules, HttpPolicy, HttpRoute,
-    LoadBalancer, Mirror, Outlier, RateLimit, Redirect, RequestMatch, Retries, Rewrite,
-    StringMatch, Subset,
+    LoadBalancer, MAX_MIRRORS, Mirror, Outlier, RateLimit, Redirect, RequestMatch, Retries,
+    Rewrite, StringMatch, Subset,
 };
 
 use crate::service_entry::{Doc, duration_ms};
@@ -41,8 +43,27 @@ pub(crate) struct RawVirtualService {
     pub namespace: String,
     pub hosts: Vec<String>,
     pub routes: Vec<HttpRoute>,
-    /// `(route, destination, host)` of every destination, for resolution.
-    pub destination_hosts: Vec<(usize, usize, String)>,
+    /// `(route, what, host)` of every destination and mirror, for resolution.
+    pub destination_hosts: Vec<(usize, HostOf, String)>,
+}
+
+/// What a host of a route names: a destination (`route[j]`), the route's `mirror`, or
+/// one of its `mirrors` (`mirrors[k]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HostOf {
+    Destination(usize),
+    Mirror,
+    Mirrors(usize),
+}
+
+impl RawVirtualService {
+    /// The routes (`spec.http` indices) whose copies come from the singular `mirror`.
+    fn singular_mirrors(&self) -> impl Iterator<Item = usize> + '_ {
+        self.destination_hosts
+            .iter()
+            .filter(|(_, what, _)| *what == HostOf::Mirror)
+            .map(|(r, _, _)| *r)
+    }
 }
 
 fn string_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<StringMatch> {
@@ -218,8 +239,105 @@ fn fault(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<Fault> {
     Some(out)
 }
 
+/// A route's copies: Istio's `mirror` (with `mirrorPercentage`) or its `mirrors` (each
+/// with its own `percentage`), never both (Istio's rule). Their hosts join `hosts`, to be
+/// resolved with the destinations'.
+fn mirrors(
+    d: &mut Doc<'_>,
+    m: &serde_json::Map<String, Value>,
+    field: &str,
+    hosts: &mut Vec<(HostOf, String)>,
+) -> Vec<Mirror> {
+    let one = |d: &mut Doc<'_>, dest: &Value, f: &str, hosts: &mut Vec<_>, what| {
+        let Value::Object(dest) = dest else {
+            d.err(f, "must be a map");
+            return None;
+        };
+        d.unsupported(f, dest, &["host", "subset", "port"]);
+        match dest.get("host").and_then(Value::as_str) {
+            Some(h) if !h.is_empty() => hosts.push((what, h.to_owned())),
+            _ => d.err(format!("{f}.host"), "missing"),
+        }
+        Some(Mirror {
+            // Set when the host resolves to another service.
+            service: None,
+            port: port_selector(d, dest.get("port"), &format!("{f}.port")),
+            subset: dest
+                .get("subset")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            per_million: 1_000_000,
+        })
+    };
+    let single = m.get("mirror").filter(|v| !v.is_null());
+    let list = m.get("mirrors").filter(|v| !v.is_null());
+    if single.is_some() && list.is_some() {
+        // Istio's own words.
+        d.err(
+            format!("{field}.mirrors"),
+            "HTTP route cannot contain both mirror and mirrors",
+        );
+        return Vec::new();
+    }
+    if let Some(v) = single {
+        let f = format!("{field}.mirror");
+        return one(d, v, &f, hosts, HostOf::Mirror)
+            .map(|mut x| {
+                // Istio: 100 % when mirrorPercentage is absent.
+                x.per_million = percentage(d, m, field, "mirrorPercentage");
+                x
+            })
+            .into_iter()
+            .collect();
+    }
+    let Some(list) = list else {
+        return Vec::new();
+    };
+    if m.get("mirrorPercentage").is_some_and(|v| !v.is_null()) {
+        d.warn(
+            format!("{field}.mirrorPercentage"),
+            "applies to mirror only: each of mirrors has its own percentage",
+        );
+    }
+    let Value::Array(list) = list else {
+        d.err(format!("{field}.mirrors"), "must be a list");
+        return Vec::new();
+    };
+    if list.len() > MAX_MIRRORS {
+        d.err(
+            format!("{field}.mirrors"),
+            format!("at most {MAX_MIRRORS} mirrors per route (each is a request of its own)"),
+        );
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (k, x) in list.iter().enumerate() {
+        let f = format!("{field}.mirrors[{k}]");
+        let Value::Object(policy) = x else {
+            // Istio's words.
+            d.err(f, "mirror cannot be null");
+            continue;
+        };
+        d.unsupported(&f, policy, &["destination", "percentage"]);
+        let Some(dest) = policy.get("destination").filter(|v| !v.is_null()) else {
+            d.err(
+                format!("{f}.destination"),
+                "destination is required for mirrors",
+            );
+            continue;
+        };
+        let df = format!("{f}.destination");
+        if let Some(mut x) = one(d, dest, &df, hosts, HostOf::Mirrors(k)) {
+            // Istio: 100 % when percentage is absent.
+            x.per_million = percentage(d, policy, &f, "percentage");
+            out.push(x);
+        }
+    }
+    out
+}
+
 /// One HTTP route (`spec.http[i]`), and its destinations' hosts.
-fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize, String)>)> {
+fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf, String)>)> {
     let field = format!("spec.http[{i}]");
     let Value::Object(m) = v else {
         d.err(field, "must be a map");
@@ -236,6 +354,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
             "retries",
             "fault",
             "mirror",
+            "mirrors",
             "mirrorPercentage",
             "headers",
             "rewrite",
@@ -304,7 +423,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
             &["host", "subset", "port"],
         );
         match dest.get("host").and_then(Value::as_str) {
-            Some(h) if !h.is_empty() => hosts.push((j, h.to_owned())),
+            Some(h) if !h.is_empty() => hosts.push((HostOf::Destination(j), h.to_owned())),
             _ => d.err(format!("{f}.destination.host"), "missing"),
         }
         let weight = match rd.get("weight") {
@@ -418,33 +537,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
     let fault = m
         .get("fault")
         .and_then(|f| fault(d, f, &format!("{field}.fault")));
-    let mirror = match m.get("mirror") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(mi)) => {
-            let f = format!("{field}.mirror");
-            d.unsupported(&f, mi, &["host", "subset", "port"]);
-            match mi.get("host").and_then(Value::as_str) {
-                // Resolved with the destinations; `usize::MAX` marks the mirror.
-                Some(h) if !h.is_empty() => hosts.push((usize::MAX, h.to_owned())),
-                _ => d.err(format!("{f}.host"), "missing"),
-            }
-            Some(Mirror {
-                // Set when the host resolves to another service.
-                service: None,
-                port: port_selector(d, mi.get("port"), &format!("{f}.port")),
-                subset: mi.get("subset").and_then(Value::as_str).map(str::to_owned),
-                // Istio: 100 % when mirrorPercentage is absent.
-                per_million: match m.get("mirrorPercentage") {
-                    None => 1_000_000,
-                    Some(_) => percentage(d, m, &field, "mirrorPercentage"),
-                },
-            })
-        }
-        Some(_) => {
-            d.err(format!("{field}.mirror"), "must be a map");
-            None
-        }
-    };
+    let mirrors = mirrors(d, m, &field, &mut hosts);
     let headers = m
         .get("headers")
         .and_then(|v| header_rules(d, v, &format!("{field}.headers")));
@@ -458,7 +551,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(usize,
             redirect,
             rate_limit: None,
             fault,
-            mirror,
+            mirrors,
             name: m.get("name").and_then(Value::as_str).map(str::to_owned),
             matches,
             destinations,
@@ -724,7 +817,7 @@ pub(crate) fn virtual_service(
     let mut destination_hosts = Vec::new();
     for (i, r) in http.iter().enumerate() {
         if let Some((route, hosts)) = route(d, r, i) {
-            destination_hosts.extend(hosts.into_iter().map(|(j, h)| (i, j, h)));
+            destination_hosts.extend(hosts.into_iter().map(|(what, h)| (i, what, h)));
             routes.push(route);
         }
     }
@@ -1259,7 +1352,20 @@ pub(crate) fn policy(
     match p.clone().compile() {
         Ok(_) => Some(p),
         Err(e) => {
-            d.err(yaml_path(&e.field), e.message);
+            let mut field = yaml_path(&e.field);
+            // A route's singular `mirror` is the model's first mirror.
+            for r in vs.singular_mirrors() {
+                field = field
+                    .replace(
+                        &format!("spec.http[{r}].mirrors[0].percentage"),
+                        &format!("spec.http[{r}].mirrorPercentage"),
+                    )
+                    .replace(
+                        &format!("spec.http[{r}].mirrors[0].destination."),
+                        &format!("spec.http[{r}].mirror."),
+                    );
+            }
+            d.err(field, e.message);
             None
         }
     }
@@ -1275,16 +1381,33 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace("].service", "].destination.host")
         .replace(".query_params.", ".queryParams.")
         .replace(".timeout_ms", ".timeout")
-        .replace(".mirror.per_million", ".mirrorPercentage")
-        .replace(".mirror.service", ".mirror.host")
         .replace(".redirect.code", ".redirect.redirectCode");
+    // `mirrors[k].x`: the model's mirror fields are the HTTPMirrorPolicy's destination's,
+    // and its percentage.
+    let p = match p
+        .find(".mirrors[")
+        .and_then(|at| Some((at, p[at..].find("].")?)))
+    {
+        Some((at, close)) => {
+            let (head, tail) = p.split_at(at + close + 2);
+            let tail = match tail {
+                "destination.host" | "service" => "destination.host",
+                "subset" => "destination.subset",
+                "port" => "destination.port.number",
+                "per_million" => "percentage",
+                other => other,
+            };
+            format!("{head}{tail}")
+        }
+        None => p,
+    };
     if p == "routes" { "spec.http".into() } else { p }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::service_entry::{ParseError, parse};
-    use meshfed_catalog::http_route::{CLUSTER_LABEL, StringMatch};
+    use meshfed_catalog::http_route::{CLUSTER_LABEL, MAX_MIRRORS, StringMatch};
 
     const GOOD: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -1559,7 +1682,7 @@ spec:
 "#;
         let r = parse(yaml).unwrap();
         let web = &r.http_policies[0];
-        let m = web.routes[0].mirror.as_ref().unwrap();
+        let m = &web.routes[0].mirrors[0];
         assert_eq!(
             m.service.as_ref().map(ToString::to_string).as_deref(),
             Some("web-v2.demo")
@@ -1577,14 +1700,7 @@ spec:
             "host: web",
         ))
         .unwrap();
-        assert_eq!(
-            own.http_policies[0].routes[0]
-                .mirror
-                .as_ref()
-                .unwrap()
-                .service,
-            None
-        );
+        assert_eq!(own.http_policies[0].routes[0].mirrors[0].service, None);
         for (from, to, field) in [
             // Another namespace: a route's site may not send copies of its callers there.
             (
@@ -1611,6 +1727,99 @@ spec:
             let e = parse(&yaml.replace(from, to)).unwrap_err();
             assert!(e.to_string().contains(field), "{to}: {e}");
         }
+    }
+
+    #[test]
+    fn mirrors_send_copies_to_each_destination_with_its_own_percentage() {
+        let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web]
+  http:
+  - route: [{destination: {host: web}}]
+    mirrors:
+    - destination: {host: web, subset: blue}
+      percentage: {value: 50}
+    - destination: {host: web-v2.demo.svc.cluster.local, port: {number: 8080}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web
+  subsets:
+  - name: blue
+    labels: {color: blue}
+"#;
+        let r = parse(yaml).unwrap();
+        let ms = &r.http_policies[0].routes[0].mirrors;
+        assert_eq!(ms.len(), 2);
+        assert_eq!(
+            (
+                ms[0].service.as_ref(),
+                ms[0].subset.as_deref(),
+                ms[0].per_million
+            ),
+            (None, Some("blue"), 500_000)
+        );
+        assert_eq!(
+            (
+                ms[1].service.as_ref().map(ToString::to_string).as_deref(),
+                ms[1].port,
+                ms[1].per_million
+            ),
+            (Some("web-v2.demo"), Some(8080), 1_000_000)
+        );
+        for (from, to, field) in [
+            // Istio's rule: one or the other.
+            (
+                "    mirrors:\n",
+                "    mirror: {host: web}\n    mirrors:\n",
+                "spec.http[0].mirrors",
+            ),
+            (
+                "subset: blue}",
+                "subset: red}",
+                "spec.http[0].mirrors[0].destination.subset",
+            ),
+            (
+                "web-v2.demo.svc",
+                "web-v2.billing.svc",
+                "spec.http[0].mirrors[1].destination.host",
+            ),
+            (
+                "number: 8080",
+                "number: 0",
+                "spec.http[0].mirrors[1].destination.port.number",
+            ),
+            (
+                "value: 50",
+                "value: 150",
+                "spec.http[0].mirrors[0].percentage.value",
+            ),
+            (
+                "    - destination: {host: web, subset: blue}\n      percentage",
+                "    - percentage",
+                "spec.http[0].mirrors[0].destination",
+            ),
+        ] {
+            let changed = yaml.replace(from, to);
+            assert_ne!(changed, yaml, "{from}");
+            match parse(&changed) {
+                Err(ParseError::Invalid(problems)) => assert!(
+                    problems.iter().any(|p| p.field == field),
+                    "{to}: wanted {field}, got {problems:?}"
+                ),
+                other => panic!("{to}: accepted: {other:?}"),
+            }
+        }
+        // Past the bound: refused at the list.
+        let many = "    - destination: {host: web}\n".repeat(MAX_MIRRORS + 1);
+        let e = parse(&yaml.replace("    - destination: {host: web, subset: blue}\n", &many))
+            .unwrap_err();
+        assert!(e.to_string().contains("spec.http[0].mirrors:"), "{e}");
     }
 
     #[test]
@@ -1953,6 +2162,18 @@ spec:
                 "spec.http[3].match[0].queryParams.a.regex",
             ),
             ("routes", "spec.http"),
+            (
+                "routes[0].mirrors[2].service",
+                "spec.http[0].mirrors[2].destination.host",
+            ),
+            (
+                "routes[1].mirrors[0].per_million",
+                "spec.http[1].mirrors[0].percentage",
+            ),
+            (
+                "routes[1].mirrors[3].port",
+                "spec.http[1].mirrors[3].destination.port.number",
+            ),
         ] {
             assert_eq!(super::yaml_path(m), y);
         }

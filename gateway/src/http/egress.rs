@@ -10,8 +10,8 @@
 //!    the first matching route (none: 404 [`NO_ROUTE`]), its rate limit (a token bucket
 //!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its redirect
 //!    (answered here), its faults (delay, then abort), its rewrite and request header
-//!    changes, its mirror (a copy on a task of its own, of the changed request, to this
-//!    service or through another service's import), and its
+//!    changes, its mirrors (each hit by its own roll: a copy on a task of its own, of the
+//!    changed request, to this service or through another service's import), and its
 //!    weighted destination, whose subset gives the sites (a destination of another
 //!    service: that service's import here, its sites and subsets, and the attempts go
 //!    through it); without routes, every backend; the answer gets the route's response
@@ -191,8 +191,8 @@ pub const OVERFLOW: &str = "overflow";
 
 /// One request's way: where it may go, and its retries and timeouts.
 struct Plan {
-    /// Where a copy of the request goes (the route's mirror hit it).
-    mirror: Option<MirrorPlan>,
+    /// Where copies of the request go (the route's mirrors that hit it).
+    mirrors: Vec<MirrorPlan>,
     /// The destination subset's endpoint labels, for the far ingress
     /// ([`SELECTOR_HEADER`]); `None`: any endpoint of the site.
     selector: Option<http::HeaderValue>,
@@ -565,7 +565,7 @@ impl HttpEgress {
                 headers::apply_ops(&mut parts.headers, &h.request);
             }
         }
-        if let Some(m) = &plan.mirror {
+        for m in &plan.mirrors {
             self.mirror(eg, &parts, &body, m, caller);
         }
         // A destination of another service goes through that service's import.
@@ -686,7 +686,7 @@ impl HttpEgress {
         let routes = eg.routes.load_full();
         let Some(table) = routes.as_ref() else {
             return Ok(Plan {
-                mirror: None,
+                mirrors: Vec::new(),
                 selector: None,
                 _in_flight: None,
                 fault: None,
@@ -865,7 +865,7 @@ impl HttpEgress {
             let n = self.rolls.fetch_add(1, Ordering::Relaxed);
             (f, decide::roll(n))
         });
-        let mirror = route.mirror.as_ref().and_then(|m| {
+        let mirrors = route.mirrors.iter().filter_map(|m| {
             let n = self.rolls.fetch_add(1, Ordering::Relaxed);
             if !hits(m.per_million, decide::roll(n)) {
                 return None;
@@ -915,7 +915,7 @@ impl HttpEgress {
             })
         });
         Ok(Plan {
-            mirror,
+            mirrors: mirrors.collect(),
             selector,
             _in_flight: in_flight,
             fault,
