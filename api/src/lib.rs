@@ -254,6 +254,11 @@ impl From<&SiteRecord> for pb::Site {
     }
 }
 
+/// A change encoded, as a [`pb::WatchFrame`] carries it; `revision` 0 inside snapshots.
+pub fn change_to_wire(revision: Revision, c: &Change) -> prost::bytes::Bytes {
+    prost::Message::encode_to_vec(&change_to_pb(revision, c)).into()
+}
+
 /// A change on the wire; `revision` 0 inside snapshots.
 pub fn change_to_pb(revision: Revision, c: &Change) -> pb::Change {
     use pb::change::Op;
@@ -506,6 +511,7 @@ mod tests {
         let out = std::env::temp_dir().join(format!("meshfed-proto-{}", std::process::id()));
         std::fs::create_dir_all(&out).unwrap();
         tonic_prost_build::configure()
+            .bytes(".meshfed.federation.v1.WatchFrame.changes")
             .out_dir(&out)
             .emit_rerun_if_changed(false)
             .compile_protos(&[root.join("proto/meshfed/federation/v1/federation.proto")], &[root.join("proto")])

@@ -2,11 +2,47 @@
 //! large message (a snapshot of 100,000 services is several MB, past gRPC's default
 //! 4 MiB limit) into parts of about [`PART_BYTES`], each but the last with `more` set; a
 //! watcher puts them back together before it applies any. Only for a watcher that asked
-//! (`WatchRequest.parts`). Pure.
+//! (`WatchRequest.parts`).
+//!
+//! On the wire an event is a [`pb::WatchFrame`]: its changes stay encoded, so the
+//! federation encodes each change once for all its watchers ([`frame`]) and a watcher
+//! decodes them ([`event`]); the bytes are a [`pb::WatchEvent`]'s. Pure.
 
 use prost::Message;
 
 use crate::pb;
+
+/// `ev` as the Watch stream carries it: each change encoded. Pure.
+pub fn frame(ev: &pb::WatchEvent) -> pb::WatchFrame {
+    pb::WatchFrame {
+        snapshot: ev.snapshot,
+        revision: ev.revision,
+        changes: ev
+            .changes
+            .iter()
+            .map(|c| c.encode_to_vec().into())
+            .collect(),
+        more: ev.more,
+    }
+}
+
+/// The event a frame carries, its changes decoded. Pure.
+pub fn event(f: pb::WatchFrame) -> Result<pb::WatchEvent, PartsError> {
+    let mut changes = Vec::with_capacity(f.changes.len());
+    for (i, c) in f.changes.iter().enumerate() {
+        let c = pb::Change::decode(c.as_ref()).map_err(|e| PartsError::Decode {
+            index: i,
+            message: e.to_string(),
+        })?;
+        changes.push(c);
+    }
+    Ok(pb::WatchEvent {
+        snapshot: f.snapshot,
+        revision: f.revision,
+        changes,
+        more: f.more,
+    })
+}
 
 /// About the most change bytes one part carries (a single larger change travels alone).
 pub const PART_BYTES: usize = 1024 * 1024;
@@ -17,8 +53,8 @@ pub const MAX_PENDING_CHANGES: usize = 4_000_000;
 /// `ev` as parts of about [`PART_BYTES`] of changes each, in order: the same `snapshot`
 /// and `revision` on every part, `more` on all but the last. An event that fits is one
 /// part. Pure.
-pub fn split(ev: pb::WatchEvent) -> Vec<pb::WatchEvent> {
-    let part = |changes| pb::WatchEvent {
+pub fn split(ev: pb::WatchFrame) -> Vec<pb::WatchFrame> {
+    let part = |changes| pb::WatchFrame {
         snapshot: ev.snapshot,
         revision: ev.revision,
         changes,
@@ -29,7 +65,7 @@ pub fn split(ev: pb::WatchEvent) -> Vec<pb::WatchEvent> {
     let mut bytes = 0;
     for c in ev.changes {
         // As the message frames it: the field's tag, the length, the change.
-        let len = c.encoded_len();
+        let len = c.len();
         let n = 1 + prost::length_delimiter_len(len) + len;
         if !cur.is_empty() && bytes + n > PART_BYTES {
             out.push(part(std::mem::take(&mut cur)));
@@ -59,6 +95,8 @@ pub enum PartsError {
     },
     #[error("an event in parts passed {MAX_PENDING_CHANGES} changes")]
     TooLarge,
+    #[error("changes[{index}] of an event does not decode: {message}")]
+    Decode { index: usize, message: String },
 }
 
 /// Puts a watcher's events back together from their parts.
@@ -120,24 +158,19 @@ mod tests {
                 changes: (0..n).map(|i| change(i, pad)).collect(),
                 more: false,
             };
-            let parts = split(ev.clone());
+            let parts = split(frame(&ev));
             let large = ev.encoded_len() > PART_BYTES;
             assert_eq!(parts.len() > 1, large, "{n}×{pad}: split only when large");
             for p in &parts {
                 // A part is at most one change past the bound.
-                let biggest = p
-                    .changes
-                    .iter()
-                    .map(Message::encoded_len)
-                    .max()
-                    .unwrap_or(0);
+                let biggest = p.changes.iter().map(|c| c.len()).max().unwrap_or(0);
                 assert!(p.encoded_len() <= PART_BYTES + biggest + 64, "{n}×{pad}");
                 assert_eq!((p.snapshot, p.revision), (ev.snapshot, 77));
             }
             let mut a = Assembler::default();
             let mut whole = None;
             for (i, p) in parts.iter().enumerate() {
-                let r = a.push(p.clone()).unwrap();
+                let r = a.push(event(p.clone()).unwrap()).unwrap();
                 assert_eq!(
                     r.is_some(),
                     i + 1 == parts.len(),
@@ -170,5 +203,29 @@ mod tests {
         // An event in one message passes as it is.
         let mut a = Assembler::default();
         assert_eq!(a.push(ev(6, false)), Ok(Some(ev(6, false))));
+    }
+
+    #[test]
+    fn a_frame_is_a_watch_event_on_the_wire() {
+        let ev = pb::WatchEvent {
+            snapshot: true,
+            revision: 9,
+            changes: (0..5).map(|i| change(i, i)).collect(),
+            more: true,
+        };
+        let f = frame(&ev);
+        // Each way: a watcher built before frames reads them, and a frame reads an event.
+        assert_eq!(pb::WatchEvent::decode(&*f.encode_to_vec()).unwrap(), ev);
+        assert_eq!(pb::WatchFrame::decode(&*ev.encode_to_vec()).unwrap(), f);
+        assert_eq!(event(f).unwrap(), ev);
+        // A change that does not decode is an error, not a panic or a skipped change.
+        let bad = pb::WatchFrame {
+            changes: vec![prost::bytes::Bytes::from_static(&[0x12, 0x05, b'x'])],
+            ..Default::default()
+        };
+        assert!(matches!(
+            event(bad),
+            Err(PartsError::Decode { index: 0, .. })
+        ));
     }
 }

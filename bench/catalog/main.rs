@@ -249,7 +249,8 @@ async fn watcher(
             let mut parts = meshfed_api::parts::Assembler::default();
             let mut first = true;
             while let Some(Ok(part)) = stream.next().await {
-                let Ok(Some(ev)) = parts.push(part) else {
+                let Ok(Some(ev)) = meshfed_api::parts::event(part).and_then(|p| parts.push(p))
+                else {
                     continue;
                 };
                 let now = Instant::now();

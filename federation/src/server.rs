@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::store::{Store, StoreError, StoreEvent, WatchStart};
 use crate::transport::PeerInfo;
-use meshfed_api::{self, Refusal, change_to_pb, pb};
+use meshfed_api::{self, Refusal, pb};
 use meshfed_catalog::catalog::{Catalog, Change, Revision, SiteRecord};
 use meshfed_catalog::names::SiteName;
 use meshfed_catalog::token::{JoinToken, TokenError};
@@ -715,18 +715,18 @@ impl Drop for WatcherGuard {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchFrame, Status>> + Send>>;
 type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::BundleSet, Status>> + Send>>;
 
-fn snapshot_event(cat: &meshfed_catalog::Catalog) -> pb::WatchEvent {
-    pb::WatchEvent {
+fn snapshot_event(cat: &meshfed_catalog::Catalog) -> pb::WatchFrame {
+    pb::WatchFrame {
         more: false,
         snapshot: true,
         revision: cat.revision.0,
         changes: cat
             .as_changes()
             .iter()
-            .map(|c| change_to_pb(Revision(0), c))
+            .map(|c| meshfed_api::change_to_wire(Revision(0), c))
             .collect(),
     }
 }
@@ -1154,13 +1154,13 @@ mod streams {
     /// gets a fresh snapshot instead of a gap. `parts`: each event in parts of about
     /// a MiB ([`meshfed_api::parts`]), as the watcher asked.
     pub fn unfold(
-        first: Option<pb::WatchEvent>,
+        first: Option<pb::WatchFrame>,
         rx: broadcast::Receiver<StoreEvent>,
         store: Store,
         guard: WatcherGuard,
         (seen, site): (Seen, SiteName),
         parts: bool,
-    ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
+    ) -> impl Stream<Item = Result<pb::WatchFrame, Status>> + Send {
         let split = move |ev| {
             if parts {
                 meshfed_api::parts::split(ev)

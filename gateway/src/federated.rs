@@ -611,7 +611,7 @@ impl Agent {
                     let mut applied = 0;
                     loop {
                         // A large event comes in parts; none applies before the last.
-                        if let Some(whole) = parts.push(ev)? {
+                        if let Some(whole) = parts.push(meshfed_api::parts::event(ev)?)? {
                             let snapshot = whole.snapshot;
                             if std::mem::take(&mut first) {
                                 info!(from = ?from, snapshot, revision = whole.revision, changes = whole.changes.len(), "watching the catalog");

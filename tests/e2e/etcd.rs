@@ -44,7 +44,7 @@ pub(crate) fn apply(cat: &mut Catalog, ev: pb::WatchEvent) -> Vec<Delta> {
 
 /// Reads `s` until `cat` reaches `rev`, collecting the deltas.
 async fn follow_until(
-    s: &mut tonic::Streaming<pb::WatchEvent>,
+    s: &mut tonic::Streaming<pb::WatchFrame>,
     cat: &mut Catalog,
     rev: Revision,
     seq: &mut Vec<Delta>,
@@ -139,6 +139,7 @@ async fn etcd_replicas_share_one_catalog_and_a_killed_replica_loses_no_delta() {
         let ev = tokio::time::timeout(Duration::from_secs(5), east_stream.message()).await;
         match ev {
             Ok(Ok(Some(ev))) => {
+                let ev = meshfed_api::parts::event(ev).expect("changes decode");
                 east_seq.extend(apply(&mut east_cat, ev));
                 if east_seq.len() == 15 {
                     a.kill();

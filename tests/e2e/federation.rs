@@ -308,12 +308,14 @@ pub(crate) async fn publish(
     .map(|r| r.into_inner())
 }
 
-pub(crate) async fn next_event(s: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
-    tokio::time::timeout(Duration::from_secs(5), s.next())
+/// The next event, its changes decoded ([`meshfed_api::parts::event`]).
+pub(crate) async fn next_event(s: &mut tonic::Streaming<pb::WatchFrame>) -> pb::WatchEvent {
+    let frame = tokio::time::timeout(Duration::from_secs(5), s.next())
         .await
         .expect("watch event in time")
         .expect("stream open")
-        .expect("event")
+        .expect("event");
+    meshfed_api::parts::event(frame).expect("changes decode")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1354,7 +1356,7 @@ async fn watch_from(
     c: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
     from: Option<u64>,
     parts: bool,
-) -> Result<tonic::Streaming<pb::WatchEvent>, tonic::Status> {
+) -> Result<tonic::Streaming<pb::WatchFrame>, tonic::Status> {
     c.watch(pb::WatchRequest {
         parts,
         from_revision: from,

@@ -71,6 +71,7 @@ fn watcher(
                     seen.lock().unwrap().reconnects += 1;
                     break;
                 };
+                let ev = meshfed_api::parts::event(ev).expect("changes decode");
                 let mut s = seen.lock().unwrap();
                 if ev.snapshot {
                     s.snapshots += 1;

@@ -219,6 +219,22 @@ pub struct WatchEvent {
     #[prost(bool, tag = "4")]
     pub more: bool,
 }
+/// What the Watch stream carries: a WatchEvent whose changes stay encoded, each an
+/// encoded Change. A repeated message field and a repeated bytes field encode alike, so
+/// the bytes are a WatchEvent's and either message reads the other's: the federation
+/// encodes each change once for all its watchers instead of once per watcher.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchFrame {
+    #[prost(bool, tag = "1")]
+    pub snapshot: bool,
+    #[prost(uint64, tag = "2")]
+    pub revision: u64,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub changes: ::prost::alloc::vec::Vec<::prost::bytes::Bytes>,
+    #[prost(bool, tag = "4")]
+    pub more: bool,
+}
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct BundlesRequest {}
@@ -518,11 +534,12 @@ pub mod federation_client {
         }
         /// The catalog as revisioned deltas, resumed from `from_revision` when the federation
         /// still has the history, otherwise starting with a snapshot.
+        /// Each message is a WatchEvent on the wire (see WatchFrame).
         pub async fn watch(
             &mut self,
             request: impl tonic::IntoRequest<super::WatchRequest>,
         ) -> std::result::Result<
-            tonic::Response<tonic::codec::Streaming<super::WatchEvent>>,
+            tonic::Response<tonic::codec::Streaming<super::WatchFrame>>,
             tonic::Status,
         > {
             self.inner
@@ -728,12 +745,13 @@ pub mod federation_server {
         ) -> std::result::Result<tonic::Response<super::PublishResponse>, tonic::Status>;
         /// Server streaming response type for the Watch method.
         type WatchStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::WatchEvent, tonic::Status>,
+                Item = std::result::Result<super::WatchFrame, tonic::Status>,
             >
             + std::marker::Send
             + 'static;
         /// The catalog as revisioned deltas, resumed from `from_revision` when the federation
         /// still has the history, otherwise starting with a snapshot.
+        /// Each message is a WatchEvent on the wire (see WatchFrame).
         async fn watch(
             &self,
             request: tonic::Request<super::WatchRequest>,
@@ -1001,7 +1019,7 @@ pub mod federation_server {
                         T: Federation,
                     > tonic::server::ServerStreamingService<super::WatchRequest>
                     for WatchSvc<T> {
-                        type Response = super::WatchEvent;
+                        type Response = super::WatchFrame;
                         type ResponseStream = T::WatchStream;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,

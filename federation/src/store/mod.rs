@@ -74,12 +74,14 @@ pub enum StoreEvent {
 /// One commit's deltas as a store broadcasts them, with their wire form: made by the
 /// first watcher that sends them and shared by the others. Every watcher converted
 /// (and, for parts, measured) every change itself: with 511 watchers that was a fifth
-/// of the federation's CPU under churn (bench/catalog --scale).
+/// of the federation's CPU under churn (bench/catalog --scale). The wire form keeps the
+/// changes encoded ([`pb::WatchFrame`]), so a watcher's copy shares their bytes and
+/// sending it encodes nothing again.
 #[derive(Debug)]
 pub struct Committed {
     pub deltas: Vec<Delta>,
-    whole: OnceLock<pb::WatchEvent>,
-    parts: OnceLock<Vec<pb::WatchEvent>>,
+    whole: OnceLock<pb::WatchFrame>,
+    parts: OnceLock<Vec<pb::WatchFrame>>,
 }
 
 impl Committed {
@@ -93,7 +95,7 @@ impl Committed {
 
     /// The event to send: whole, or in parts ([`meshfed_api::parts`]) for a watcher
     /// that asked for them. Only the form some watcher asked for is kept.
-    pub fn wire(&self, parts: bool) -> Vec<pb::WatchEvent> {
+    pub fn wire(&self, parts: bool) -> Vec<pb::WatchFrame> {
         if parts {
             self.parts
                 .get_or_init(|| {
@@ -113,9 +115,9 @@ impl Committed {
     }
 }
 
-/// `deltas` as one watch event; an empty one stays at `from`.
-pub fn deltas_event(deltas: &[Delta], from: Option<Revision>) -> pb::WatchEvent {
-    pb::WatchEvent {
+/// `deltas` as one watch event, each change encoded; an empty one stays at `from`.
+pub fn deltas_event(deltas: &[Delta], from: Option<Revision>) -> pb::WatchFrame {
+    pb::WatchFrame {
         more: false,
         snapshot: false,
         revision: deltas
@@ -125,7 +127,7 @@ pub fn deltas_event(deltas: &[Delta], from: Option<Revision>) -> pb::WatchEvent 
             .unwrap_or_default(),
         changes: deltas
             .iter()
-            .map(|d| meshfed_api::change_to_pb(d.revision, &d.change))
+            .map(|d| meshfed_api::change_to_wire(d.revision, &d.change))
             .collect(),
     }
 }
