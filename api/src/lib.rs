@@ -640,6 +640,7 @@ mod tests {
         let policy = HttpPolicy {
             connection_pool: None,
             locality_lb: None,
+            port_settings: vec![],
             service: service.clone(),
             source: "VirtualService demo/web".into(),
             routes: vec![HttpRoute {

@@ -92,6 +92,104 @@ pub struct HttpPolicy {
     /// (subzone, zone, region), then the most ready endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality_lb: Option<crate::locality::LocalityLb>,
+    /// A DestinationRule's `trafficPolicy.portLevelSettings`: for requests to one of the
+    /// service's ports, each block the port sets replaces the policy's block of that
+    /// kind, fields it omits taking their defaults (Istio's rule). See
+    /// [`HttpPolicy::at_port`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_settings: Vec<PortSettings>,
+}
+
+/// What a DestinationRule's `portLevelSettings[]` sets for one port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSettings {
+    pub port: u16,
+    /// `connectionPool`: replaces `max_requests`, `max_requests_per_connection`,
+    /// `idle_timeout_ms` and `connection_pool`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PortPool>,
+    /// `outlierDetection`: replaces `outlier`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<Outlier>,
+    /// `loadBalancer`: replaces `load_balancer`, `consistent_hash` and `locality_lb`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer: Option<PortBalancer>,
+}
+
+/// A port's `connectionPool`, as [`HttpPolicy`]'s fields of the same names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortPool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+}
+
+/// A port's `loadBalancer`, as [`HttpPolicy`]'s fields of the same names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortBalancer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<crate::affinity::HashKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality_lb: Option<crate::locality::LocalityLb>,
+}
+
+/// Port settings per policy, at most (a Service has at most this many ports worth
+/// tuning apart; each is checked as a policy of its own).
+pub const MAX_PORT_SETTINGS: usize = 64;
+
+impl HttpPolicy {
+    /// The policy for requests to `port`: the first of its [`PortSettings`] for that port
+    /// applied, each block replacing the policy's own (Istio's `portLevelSettings`:
+    /// destination-level settings are not inherited by a block the port sets). Borrowed,
+    /// so free, when no setting names the port. Pure.
+    pub fn at_port(&self, port: u16) -> std::borrow::Cow<'_, HttpPolicy> {
+        match self.port_settings.iter().find(|s| s.port == port) {
+            None => std::borrow::Cow::Borrowed(self),
+            Some(s) => {
+                let mut p = self.clone();
+                p.port_settings.clear();
+                p.apply_port(s);
+                std::borrow::Cow::Owned(p)
+            }
+        }
+    }
+
+    /// [`Self::at_port`] on an owned policy; the result carries no port settings.
+    pub fn for_port(mut self, port: u16) -> HttpPolicy {
+        if let Some(s) = self.port_settings.iter().position(|s| s.port == port) {
+            let s = self.port_settings.swap_remove(s);
+            self.apply_port(&s);
+        }
+        self.port_settings.clear();
+        self
+    }
+
+    fn apply_port(&mut self, s: &PortSettings) {
+        if let Some(pool) = &s.pool {
+            self.max_requests = pool.max_requests;
+            self.max_requests_per_connection = pool.max_requests_per_connection;
+            self.idle_timeout_ms = pool.idle_timeout_ms;
+            self.connection_pool = pool.connection_pool;
+        }
+        if let Some(o) = &s.outlier {
+            self.outlier = Some(o.clone());
+        }
+        if let Some(b) = &s.balancer {
+            self.load_balancer = b.load_balancer;
+            self.consistent_hash = b.consistent_hash.clone();
+            self.locality_lb = b.locality_lb.clone();
+        }
+    }
 }
 
 /// Istio's `LoadBalancerSettings.simple`, applied across sites at the importing gateway.
@@ -738,12 +836,8 @@ pub fn redirect_location(rd: &Redirect, scheme: &str, host: &str, path_and_query
 }
 
 impl HttpPolicy {
-    /// Validates (Istio's rules: weights sum to 100 when there are several
-    /// destinations, subsets exist, regexes compile) and compiles.
-    pub fn compile(self) -> Result<Compiled, PolicyError> {
-        if self.routes.is_empty() {
-            return Err(bad("routes", "at least one route"));
-        }
+    /// The traffic settings' own rules (limits above 0, one balancer, percentages).
+    fn check_traffic(&self) -> Result<(), PolicyError> {
         if self.max_requests == Some(0) {
             return Err(bad("max_requests", "must be above 0"));
         }
@@ -787,6 +881,37 @@ impl HttpPolicy {
                 };
                 bad(field, e.message)
             })?;
+        }
+        Ok(())
+    }
+
+    /// Validates (Istio's rules: weights sum to 100 when there are several
+    /// destinations, subsets exist, regexes compile) and compiles.
+    pub fn compile(self) -> Result<Compiled, PolicyError> {
+        if self.routes.is_empty() {
+            return Err(bad("routes", "at least one route"));
+        }
+        self.check_traffic()?;
+        if self.port_settings.len() > MAX_PORT_SETTINGS {
+            return Err(bad("port_settings", format!("at most {MAX_PORT_SETTINGS}")));
+        }
+        for (i, s) in self.port_settings.iter().enumerate() {
+            if s.port == 0 {
+                return Err(bad(format!("port_settings[{i}].port"), "must be above 0"));
+            }
+            if self.port_settings[..i].iter().any(|o| o.port == s.port) {
+                return Err(bad(
+                    format!("port_settings[{i}].port"),
+                    format!("port {} twice", s.port),
+                ));
+            }
+            // Each port's policy must hold as the policy's own does.
+            self.at_port(s.port)
+                .check_traffic()
+                .map_err(|e| PolicyError {
+                    field: format!("port_settings[{i}].{}", e.field),
+                    message: e.message,
+                })?;
         }
         if self.routes.len() > MAX_ROUTES {
             return Err(bad("routes", format!("at most {MAX_ROUTES}")));
@@ -1190,6 +1315,7 @@ mod tests {
         HttpPolicy {
             connection_pool: None,
             locality_lb: None,
+            port_settings: vec![],
             outlier: None,
             load_balancer: None,
             consistent_hash: None,
@@ -1893,6 +2019,129 @@ mod tests {
             per_million: 1_000_000,
         }];
         assert!(p.compile().is_ok());
+    }
+
+    #[test]
+    fn a_ports_settings_replace_the_policys_blocks_for_that_port_only() {
+        let mut p = policy();
+        p.max_requests = Some(100);
+        p.idle_timeout_ms = Some(5_000);
+        p.load_balancer = Some(LoadBalancer::Random);
+        p.outlier = Some(Outlier {
+            consecutive_5xx: 5,
+            consecutive_gateway: 0,
+            base_ejection_ms: 30_000,
+            max_ejection_percent: 10,
+        });
+        p.port_settings = vec![
+            PortSettings {
+                port: 8080,
+                // A pool block that sets only max_requests: the policy's idle timeout
+                // is not inherited (Istio's rule).
+                pool: Some(PortPool {
+                    max_requests: Some(7),
+                    ..Default::default()
+                }),
+                outlier: None,
+                balancer: Some(PortBalancer {
+                    load_balancer: Some(LoadBalancer::LeastRequest),
+                    ..Default::default()
+                }),
+            },
+            PortSettings {
+                port: 9090,
+                pool: None,
+                outlier: Some(Outlier {
+                    consecutive_5xx: 1,
+                    consecutive_gateway: 0,
+                    base_ejection_ms: 1_000,
+                    max_ejection_percent: 100,
+                }),
+                balancer: None,
+            },
+        ];
+        assert!(p.clone().compile().is_ok());
+        // No settings for the port: the policy itself, borrowed.
+        assert!(matches!(p.at_port(443), std::borrow::Cow::Borrowed(_)));
+        let at = |port| {
+            let q = p.clone().for_port(port);
+            assert!(q.port_settings.is_empty());
+            // The two agree, but for the settings a borrowed policy keeps.
+            let mut r = p.at_port(port).into_owned();
+            r.port_settings.clear();
+            assert_eq!(q, r);
+            (
+                q.max_requests,
+                q.idle_timeout_ms,
+                q.load_balancer,
+                q.outlier.map(|o| o.consecutive_5xx),
+            )
+        };
+        assert_eq!(
+            at(8080),
+            (Some(7), None, Some(LoadBalancer::LeastRequest), Some(5))
+        );
+        assert_eq!(
+            at(9090),
+            (Some(100), Some(5_000), Some(LoadBalancer::Random), Some(1))
+        );
+        assert_eq!(
+            at(443),
+            (Some(100), Some(5_000), Some(LoadBalancer::Random), Some(5))
+        );
+        // Refused with the setting's path: a port twice, port 0, a bad value in a port's
+        // block, and a port's simple balancer beside the policy's consistent hash is
+        // fine (the block replaces it), but not beside its own.
+        type Change = Box<dyn Fn(&mut HttpPolicy)>;
+        let rows: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|p| p.port_settings[1].port = 8080),
+                "port_settings[1].port",
+            ),
+            (
+                Box::new(|p| p.port_settings[0].port = 0),
+                "port_settings[0].port",
+            ),
+            (
+                Box::new(|p| p.port_settings[0].pool.as_mut().unwrap().max_requests = Some(0)),
+                "port_settings[0].max_requests",
+            ),
+            (
+                Box::new(|p| {
+                    p.port_settings[1]
+                        .outlier
+                        .as_mut()
+                        .unwrap()
+                        .max_ejection_percent = 101
+                }),
+                "port_settings[1].outlier.max_ejection_percent",
+            ),
+            (
+                Box::new(|p| {
+                    p.port_settings[0]
+                        .balancer
+                        .as_mut()
+                        .unwrap()
+                        .consistent_hash = Some(crate::affinity::HashKey::SourceIp)
+                }),
+                "port_settings[0].consistent_hash",
+            ),
+            (
+                Box::new(|p| {
+                    p.port_settings = vec![PortSettings::default(); MAX_PORT_SETTINGS + 1];
+                }),
+                "port_settings",
+            ),
+        ];
+        for (change, field) in rows {
+            let mut q = p.clone();
+            change(&mut q);
+            assert_eq!(q.compile().unwrap_err().field, field);
+        }
+        let mut q = p.clone();
+        q.consistent_hash = Some(crate::affinity::HashKey::SourceIp);
+        q.load_balancer = None;
+        assert!(q.compile().is_ok(), "the port's balancer replaces the hash");
     }
 
     #[test]

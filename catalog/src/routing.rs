@@ -199,7 +199,9 @@ fn plan_service(
             _ => AppProtocol::Tcp,
         };
         let (http_policy, policy_conflict) = if app_protocol.is_http() {
-            policy()
+            // The port's own settings (a DestinationRule's portLevelSettings) applied.
+            let (p, conflict) = policy();
+            (p.map(|p| p.for_port(port)), conflict)
         } else {
             (None, None)
         };
@@ -676,6 +678,7 @@ mod tests {
                     Box::new(HttpPolicy {
                         connection_pool: None,
                         locality_lb: None,
+                        port_settings: vec![],
                         outlier: None,
                         load_balancer: None,
                         consistent_hash: None,
@@ -772,6 +775,48 @@ mod tests {
                 assert!(im.site_labels.is_empty(), "row {i}");
             }
         }
+    }
+
+    #[test]
+    fn each_http_port_gets_the_policy_with_its_own_port_settings() {
+        use crate::http_route::{PortPool, PortSettings};
+        let me = SiteName::new("east").unwrap();
+        let mut change = http_export("west", "web.demo", AppProtocol::Http, Some("a"));
+        let Change::PutExport { export, .. } = &mut change else {
+            unreachable!()
+        };
+        export.ports.push(ExportedPort {
+            app_protocol: AppProtocol::Http,
+            port: 8080,
+            protocol: Protocol::Tcp,
+            name: None,
+        });
+        let policy = export.http_policy.as_mut().unwrap();
+        policy.max_requests = Some(100);
+        policy.port_settings = vec![PortSettings {
+            port: 8080,
+            pool: Some(PortPool {
+                max_requests: Some(7),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        let c = Builder::new()
+            .site("east", true)
+            .site("west", true)
+            .apply(change)
+            .0;
+        let p = plan(&c, &me, None);
+        let by_port: Vec<(u16, Option<u32>, usize)> = p
+            .imports
+            .iter()
+            .map(|im| {
+                let h = im.http_policy.as_ref().unwrap();
+                (im.port, h.max_requests, h.port_settings.len())
+            })
+            .collect();
+        // Resolved for the port: the settings themselves do not travel further.
+        assert_eq!(by_port, [(80, Some(100), 0), (8080, Some(7), 0)]);
     }
 
     #[test]

@@ -1252,6 +1252,7 @@ mod conflict_tests {
             http_policy: Some(Box::new(HttpPolicy {
                 connection_pool: None,
                 locality_lb: None,
+                port_settings: vec![],
                 service: svc,
                 source: "VirtualService demo/web".into(),
                 routes: vec![HttpRoute {

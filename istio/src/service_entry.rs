@@ -777,6 +777,7 @@ fn http_policies(
                 load_balancer: traffic.load_balancer,
                 consistent_hash: traffic.consistent_hash,
                 locality_lb: traffic.locality_lb,
+                port_settings: traffic.port_settings,
             };
             match p.clone().compile() {
                 Ok(_) => out.push((gr.index, p)),
@@ -821,6 +822,7 @@ fn http_policies(
                 load_balancer: traffic.load_balancer,
                 consistent_hash: traffic.consistent_hash.clone(),
                 locality_lb: traffic.locality_lb.clone(),
+                port_settings: traffic.port_settings.clone(),
                 service,
             },
         ));
@@ -861,9 +863,34 @@ pub(crate) struct Traffic {
     pub consistent_hash: Option<meshfed_catalog::affinity::HashKey>,
     /// `loadBalancer.localityLbSetting`.
     pub locality_lb: Option<meshfed_catalog::locality::LocalityLb>,
+    /// `portLevelSettings`.
+    pub port_settings: Vec<meshfed_catalog::http_route::PortSettings>,
 }
 
 impl Traffic {
+    /// A `trafficPolicy` (or a port's, at `base`): its connection pool, outlier
+    /// detection and load balancer.
+    pub(crate) fn read(d: &mut Doc<'_>, tp: &serde_json::Map<String, Value>, base: &str) -> Self {
+        let pool = crate::virtual_service::connection_pool(d, tp.get("connectionPool"), base);
+        let lb = tp.get("loadBalancer");
+        Traffic {
+            max_requests: pool.max_requests,
+            max_requests_per_connection: pool.max_requests_per_connection,
+            idle_timeout_ms: pool.idle_timeout_ms,
+            connection_pool: pool.connection_pool,
+            outlier: crate::virtual_service::outlier(d, tp.get("outlierDetection"), base),
+            load_balancer: crate::virtual_service::load_balancer(d, lb, base),
+            consistent_hash: lb.and_then(|lb| {
+                crate::virtual_service::consistent_hash(d, lb.get("consistentHash"), base)
+            }),
+            locality_lb: lb.and_then(|lb| {
+                let outlier = tp.contains_key("outlierDetection");
+                crate::virtual_service::locality_lb(d, lb.get("localityLbSetting"), outlier, base)
+            }),
+            port_settings: Vec::new(),
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.max_requests.is_none()
             && self.max_requests_per_connection.is_none()
@@ -873,6 +900,7 @@ impl Traffic {
             && self.load_balancer.is_none()
             && self.consistent_hash.is_none()
             && self.locality_lb.is_none()
+            && self.port_settings.is_empty()
     }
 
     /// The first rule's setting of each, over the rules for one service.
@@ -886,6 +914,12 @@ impl Traffic {
             load_balancer: rules.iter().find_map(|r| r.4.load_balancer),
             consistent_hash: rules.iter().find_map(|r| r.4.consistent_hash.clone()),
             locality_lb: rules.iter().find_map(|r| r.4.locality_lb.clone()),
+            port_settings: rules
+                .iter()
+                .map(|r| &r.4.port_settings)
+                .find(|p| !p.is_empty())
+                .cloned()
+                .unwrap_or_default(),
         }
     }
 }
@@ -1001,29 +1035,16 @@ fn sort_documents(
             "DestinationRule" => {
                 let sets = crate::virtual_service::subsets(&mut d, spec.get("subsets"));
                 let tp = spec.get("trafficPolicy").and_then(Value::as_object);
-                let pool = tp.map_or_else(Default::default, |tp| {
-                    crate::virtual_service::connection_pool(&mut d, tp.get("connectionPool"))
-                });
-                let traffic = Traffic {
-                    max_requests: pool.max_requests,
-                    max_requests_per_connection: pool.max_requests_per_connection,
-                    idle_timeout_ms: pool.idle_timeout_ms,
-                    connection_pool: pool.connection_pool,
-                    outlier: tp.and_then(|tp| {
-                        crate::virtual_service::outlier(&mut d, tp.get("outlierDetection"))
-                    }),
-                    load_balancer: tp.and_then(|tp| {
-                        crate::virtual_service::load_balancer(&mut d, tp.get("loadBalancer"))
-                    }),
-                    consistent_hash: tp.and_then(|tp| {
-                        let ch = tp.get("loadBalancer")?.get("consistentHash");
-                        crate::virtual_service::consistent_hash(&mut d, ch)
-                    }),
-                    locality_lb: tp.and_then(|tp| {
-                        let lb = tp.get("loadBalancer")?.get("localityLbSetting");
-                        let outlier = tp.contains_key("outlierDetection");
-                        crate::virtual_service::locality_lb(&mut d, lb, outlier)
-                    }),
+                let traffic = match tp {
+                    Some(tp) => {
+                        let mut t = Traffic::read(&mut d, tp, "spec.trafficPolicy");
+                        t.port_settings = crate::virtual_service::port_settings(
+                            &mut d,
+                            tp.get("portLevelSettings"),
+                        );
+                        t
+                    }
+                    None => Traffic::default(),
                 };
                 if !sets.is_empty() || !traffic.is_empty() {
                     let host = spec.get("host").and_then(Value::as_str).unwrap_or_default();
@@ -1040,9 +1061,14 @@ fn sort_documents(
                 // A traffic policy that sets nothing meshfed applies (a PASSTHROUGH load
                 // balancer, warned about) is not a TLS rule missing its `tls`.
                 let traffic_keys = tp.is_some_and(|tp| {
-                    ["connectionPool", "outlierDetection", "loadBalancer"]
-                        .iter()
-                        .any(|k| tp.contains_key(*k))
+                    [
+                        "connectionPool",
+                        "outlierDetection",
+                        "loadBalancer",
+                        "portLevelSettings",
+                    ]
+                    .iter()
+                    .any(|k| tp.contains_key(*k))
                 });
                 if tls || (sets.is_empty() && traffic.is_empty() && !traffic_keys) {
                     if let Some(tls) = destination_rule(&mut d, spec) {
@@ -1058,7 +1084,12 @@ fn sort_documents(
                         d.unsupported(
                             "spec.trafficPolicy",
                             tp,
-                            &["connectionPool", "outlierDetection", "loadBalancer"],
+                            &[
+                                "connectionPool",
+                                "outlierDetection",
+                                "loadBalancer",
+                                "portLevelSettings",
+                            ],
                         );
                     }
                     if spec.get("host").and_then(Value::as_str).is_none_or(|h| h.is_empty()) {

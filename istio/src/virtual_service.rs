@@ -1,7 +1,7 @@
-//! Istio `VirtualService` (HTTP routes) and the `subsets`,
-//! `trafficPolicy.connectionPool.http.http2MaxRequests` and `outlierDetection` of a
-//! `DestinationRule`, into
-//! the routing policy gateways apply (`meshfed_catalog::http_route`). Pure.
+//! Istio `VirtualService` (HTTP routes) and the `subsets` and `trafficPolicy`
+//! (`connectionPool`, `outlierDetection`, `loadBalancer`, and the same per port in
+//! `portLevelSettings`) of a `DestinationRule`, into the routing policy gateways apply
+//! (`meshfed_catalog::http_route`). Pure.
 //!
 //! Read: `hosts` (a service as `name.namespace`, `name.namespace.svc.cluster.local` or
 //! `.svc.clusterset.local`, a short name in the VirtualService's namespace, or a host of
@@ -852,8 +852,9 @@ pub(crate) struct Pool {
 /// carry none before it is closed. As in
 /// Istio, 0 is unset and a negative count is refused. The other settings are warned
 /// about.
-pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Pool {
-    let field = "spec.trafficPolicy.connectionPool";
+pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) -> Pool {
+    let field = format!("{base}.connectionPool");
+    let field = field.as_str();
     let Some(v) = v else {
         return Pool::default();
     };
@@ -930,8 +931,13 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>) -> Pool {
 /// LEAST_REQUEST, too), applied across the destination's sites (`localityLbSetting` is
 /// [`locality_lb`]'s, `consistentHash` [`consistent_hash`]'s); PASSTHROUGH is warned
 /// about (meshfed always picks a site) and the default applies.
-pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBalancer> {
-    let field = "spec.trafficPolicy.loadBalancer";
+pub(crate) fn load_balancer(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+    base: &str,
+) -> Option<LoadBalancer> {
+    let field = format!("{base}.loadBalancer");
+    let field = field.as_str();
     let Value::Object(m) = v? else {
         d.err(field, "must be a map");
         return None;
@@ -1002,9 +1008,11 @@ pub(crate) fn load_balancer(d: &mut Doc<'_>, v: Option<&Value>) -> Option<LoadBa
 pub(crate) fn consistent_hash(
     d: &mut Doc<'_>,
     v: Option<&Value>,
+    base: &str,
 ) -> Option<meshfed_catalog::affinity::HashKey> {
     use meshfed_catalog::affinity::HashKey;
-    let field = "spec.trafficPolicy.loadBalancer.consistentHash";
+    let field = format!("{base}.loadBalancer.consistentHash");
+    let field = field.as_str();
     let Value::Object(m) = v? else {
         d.err(field, "must be a map");
         return None;
@@ -1127,9 +1135,11 @@ pub(crate) fn locality_lb(
     d: &mut Doc<'_>,
     v: Option<&Value>,
     has_outlier: bool,
+    base: &str,
 ) -> Option<meshfed_catalog::locality::LocalityLb> {
     use meshfed_catalog::locality::{Distribute, Failover, LocalityLb};
-    let field = "spec.trafficPolicy.loadBalancer.localityLbSetting";
+    let field = format!("{base}.loadBalancer.localityLbSetting");
+    let field = field.as_str();
     let Value::Object(m) = v? else {
         d.err(field, "must be a map");
         return None;
@@ -1226,12 +1236,116 @@ pub(crate) fn locality_lb(
     Some(lb)
 }
 
+/// `trafficPolicy.portLevelSettings` of a DestinationRule: per `port.number`, its own
+/// `connectionPool`, `outlierDetection` and `loadBalancer`, each replacing the
+/// destination-level block for requests to that port (Istio's rule). Istio's validation:
+/// a port and at least one setting; a port's `tls` is warned about (meshfed's TLS
+/// origination is the destination's), and a port named twice keeps its first entry, as
+/// Istio's lookup does, with a warning.
+pub(crate) fn port_settings(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+) -> Vec<meshfed_catalog::http_route::PortSettings> {
+    use meshfed_catalog::http_route::{PortBalancer, PortPool, PortSettings};
+    let field = "spec.trafficPolicy.portLevelSettings";
+    let list = match v {
+        None | Some(Value::Null) => return Vec::new(),
+        Some(Value::Array(a)) => a,
+        Some(_) => {
+            d.err(field, "must be a list");
+            return Vec::new();
+        }
+    };
+    if list.len() > meshfed_catalog::http_route::MAX_PORT_SETTINGS {
+        d.err(
+            field,
+            format!(
+                "at most {} ports",
+                meshfed_catalog::http_route::MAX_PORT_SETTINGS
+            ),
+        );
+        return Vec::new();
+    }
+    let mut out: Vec<PortSettings> = Vec::new();
+    for (i, x) in list.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        let Value::Object(m) = x else {
+            // Istio's words.
+            d.err(f, "traffic policy may not be null");
+            continue;
+        };
+        d.unsupported(
+            &f,
+            m,
+            &[
+                "port",
+                "connectionPool",
+                "outlierDetection",
+                "loadBalancer",
+                "tls",
+            ],
+        );
+        if m.contains_key("tls") {
+            d.warn(
+                format!("{f}.tls"),
+                "meshfed originates TLS with the destination's trafficPolicy.tls, not per port; ignored",
+            );
+        }
+        let Some(port) = port_selector(d, m.get("port"), &format!("{f}.port")) else {
+            if m.get("port").is_none_or(Value::is_null) {
+                d.err(
+                    format!("{f}.port"),
+                    "portTrafficPolicy must have valid port",
+                );
+            }
+            continue;
+        };
+        let set = |k: &str| m.get(k).is_some_and(|v| !v.is_null());
+        if !["connectionPool", "outlierDetection", "loadBalancer", "tls"]
+            .iter()
+            .any(|k| set(k))
+        {
+            d.err(&f, "port traffic policy must have at least one field");
+            continue;
+        }
+        let t = crate::service_entry::Traffic::read(d, m, &f);
+        if out.iter().any(|o| o.port == port) {
+            d.warn(
+                format!("{f}.port"),
+                format!("port {port} twice: its first entry applies"),
+            );
+            continue;
+        }
+        out.push(PortSettings {
+            port,
+            pool: set("connectionPool").then_some(PortPool {
+                max_requests: t.max_requests,
+                max_requests_per_connection: t.max_requests_per_connection,
+                idle_timeout_ms: t.idle_timeout_ms,
+                connection_pool: t.connection_pool,
+            }),
+            outlier: if set("outlierDetection") {
+                t.outlier
+            } else {
+                None
+            },
+            balancer: set("loadBalancer").then_some(PortBalancer {
+                load_balancer: t.load_balancer,
+                consistent_hash: t.consistent_hash,
+                locality_lb: t.locality_lb,
+            }),
+        });
+    }
+    out
+}
+
 /// `trafficPolicy.outlierDetection` of a DestinationRule: `consecutive5xxErrors`,
 /// `consecutiveGatewayErrors`, `baseEjectionTime` (default 30 s), `maxEjectionPercent`
 /// (default 10, and at least one site may be ejected); `interval` is read and warned
 /// about (meshfed counts every answer as it comes).
-pub(crate) fn outlier(d: &mut Doc<'_>, v: Option<&Value>) -> Option<Outlier> {
-    let field = "spec.trafficPolicy.outlierDetection";
+pub(crate) fn outlier(d: &mut Doc<'_>, v: Option<&Value>, base: &str) -> Option<Outlier> {
+    let field = format!("{base}.outlierDetection");
+    let field = field.as_str();
     let Value::Object(m) = v? else {
         d.err(field, "must be a map");
         return None;
@@ -1348,6 +1462,7 @@ pub(crate) fn policy(
         load_balancer: traffic.load_balancer,
         consistent_hash: traffic.consistent_hash,
         locality_lb: traffic.locality_lb,
+        port_settings: traffic.port_settings,
     };
     match p.clone().compile() {
         Ok(_) => Some(p),
@@ -1407,7 +1522,7 @@ pub(crate) fn yaml_path(model: &str) -> String {
 #[cfg(test)]
 mod tests {
     use crate::service_entry::{ParseError, parse};
-    use meshfed_catalog::http_route::{CLUSTER_LABEL, MAX_MIRRORS, StringMatch};
+    use meshfed_catalog::http_route::{CLUSTER_LABEL, LoadBalancer, MAX_MIRRORS, StringMatch};
 
     const GOOD: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -1935,6 +2050,114 @@ spec:
         ] {
             let t = text.replacen(bad, field, 1);
             assert!(parse(&t).is_err(), "{field}");
+        }
+    }
+
+    #[test]
+    fn port_level_settings_travel_with_the_policy_and_replace_blocks_per_port() {
+        let dr = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      http: {http2MaxRequests: 100, idleTimeout: 5s}
+    loadBalancer: {simple: RANDOM}
+    portLevelSettings:
+    - port: {number: 8080}
+      connectionPool:
+        http: {http2MaxRequests: 7}
+      loadBalancer: {simple: LEAST_REQUEST}
+    - port: {number: 9090}
+      outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s}
+"#;
+        let r = parse(dr).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let p = &r.http_policies[0];
+        assert_eq!(p.port_settings.len(), 2);
+        let at8080 = p.at_port(8080);
+        assert_eq!(
+            (
+                at8080.max_requests,
+                at8080.idle_timeout_ms,
+                at8080.load_balancer
+            ),
+            (Some(7), None, Some(LoadBalancer::LeastRequest))
+        );
+        let at9090 = p.at_port(9090);
+        assert_eq!(
+            (
+                at9090.max_requests,
+                at9090.load_balancer,
+                at9090
+                    .outlier
+                    .as_ref()
+                    .map(|o| (o.consecutive_5xx, o.base_ejection_ms))
+            ),
+            (Some(100), Some(LoadBalancer::Random), Some((1, 1000)))
+        );
+        assert_eq!(p.at_port(443).max_requests, Some(100));
+        // Port settings alone make a policy (every request on one route).
+        let alone = dr.replace(
+            "    connectionPool:\n      http: {http2MaxRequests: 100, idleTimeout: 5s}\n    loadBalancer: {simple: RANDOM}\n",
+            "",
+        );
+        assert_ne!(alone, dr);
+        let r = parse(&alone).unwrap();
+        assert_eq!(r.http_policies[0].at_port(8080).max_requests, Some(7));
+        assert_eq!(r.http_policies[0].max_requests, None);
+        // A port's tls, and a port named twice: warnings; the first entry applies.
+        let warned = dr.replace(
+            "    - port: {number: 9090}\n",
+            "    - port: {number: 8080}\n      tls: {mode: SIMPLE}\n      outlierDetection: {consecutive5xxErrors: 2}\n    - port: {number: 9090}\n",
+        );
+        let r = parse(&warned).unwrap();
+        let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert!(
+            fields.contains(&"spec.trafficPolicy.portLevelSettings[1].tls")
+                && fields.contains(&"spec.trafficPolicy.portLevelSettings[1].port"),
+            "{fields:?}"
+        );
+        assert_eq!(r.http_policies[0].at_port(8080).max_requests, Some(7));
+        // Istio's refusals, with the setting's path.
+        for (from, to, field) in [
+            (
+                "    - port: {number: 9090}\n",
+                "    - port: null\n",
+                "spec.trafficPolicy.portLevelSettings[1].port",
+            ),
+            (
+                "      outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s}\n",
+                "",
+                "spec.trafficPolicy.portLevelSettings[1]",
+            ),
+            (
+                "{number: 9090}",
+                "{number: 0}",
+                "spec.trafficPolicy.portLevelSettings[1].port.number",
+            ),
+            (
+                "{simple: LEAST_REQUEST}",
+                "{simple: SLOWEST}",
+                "spec.trafficPolicy.portLevelSettings[0].loadBalancer.simple",
+            ),
+            (
+                "baseEjectionTime: 1s",
+                "baseEjectionTime: soon",
+                "spec.trafficPolicy.portLevelSettings[1].outlierDetection.baseEjectionTime",
+            ),
+        ] {
+            let changed = dr.replace(from, to);
+            assert_ne!(changed, dr, "{from}");
+            match parse(&changed) {
+                Err(ParseError::Invalid(problems)) => assert!(
+                    problems.iter().any(|p| p.field == field),
+                    "{to}: wanted {field}, got {problems:?}"
+                ),
+                other => panic!("{to}: accepted: {other:?}"),
+            }
         }
     }
 

@@ -964,20 +964,23 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
     ok();
 }
 
-/// A DestinationRule's `connectionPool.http.http2MaxRequests: 4`, registered at west:
-/// of 20 slow requests at once, 4 are served and the rest are answered 503 `overflow`
-/// at once (never queued); once they finish, requests pass again.
+/// A DestinationRule's `connectionPool.http.http2MaxRequests: 4` for the service's port
+/// (`portLevelSettings`, under a destination-wide 1000), registered at west: of 20 slow
+/// requests at once, 4 are served and the rest are answered 503 `overflow` at once
+/// (never queued); once they finish, requests pass again.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
-    let sites = http_sites("http-breaker", (200, 200), 0, |west| {
-        register_yaml(
-            west,
-            "pool.yaml",
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: demo}\n\
-             spec:\n  host: web.demo\n  trafficPolicy:\n    connectionPool:\n      http: {http2MaxRequests: 4}\n",
-        );
-    })
-    .await;
+    let sites = http_sites("http-breaker", (200, 200), 0, |_| {}).await;
+    register_yaml(
+        &sites.west,
+        "pool.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: demo}}\n\
+             spec:\n  host: web.demo\n  trafficPolicy:\n    connectionPool:\n      http: {{http2MaxRequests: 1000}}\n    \
+             portLevelSettings:\n    - port: {{number: {}}}\n      connectionPool:\n        http: {{http2MaxRequests: 4}}\n",
+            sites.import.port()
+        ),
+    );
     let url = format!("http://{}/", sites.import);
     // Applied once 8 requests at once see an overflow.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
