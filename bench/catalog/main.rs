@@ -6,7 +6,10 @@
 //! ask); together they publish M services (default 10 000). Then, one at a time, a site
 //! publishes its set plus one new probe service; convergence is the time from the
 //! Publish call until every site's watcher has applied the delta. Raw etcd: N watchers on
-//! a prefix, one put, until all N have the event. Last lines are `name: value`.
+//! a prefix, one put, until all N have the event; with `--churn`, again while 8 writers
+//! put the same number of changes per second under that prefix (every watcher receives
+//! them, as meshfed's do), and the ratios against that figure are printed beside the
+//! others (`..._vs_raw_etcd_churn`). Last lines are `name: value`.
 //!
 //! `--scale` (issue 19): 511 sites and 100 000 services; while the probes run, other
 //! sites change endpoint counts at `--churn` changes per second (1000); a real
@@ -216,6 +219,9 @@ struct StoreRun {
     /// Seconds from the restarted federation's start until every watcher was back at the
     /// revision it had, and how many of them needed a snapshot.
     resync: Option<(f64, usize)>,
+    /// The federation's vCPU (utime + stime over wall time) while the probes and the churn
+    /// ran.
+    fed_vcpu: f64,
 }
 
 /// Every watcher's progress, shared with the bench.
@@ -587,6 +593,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     // Probes, one at a time, round-robin over the probing sites.
     eprintln!("  {store}: probing");
     let gw_cpu0 = gateway.as_ref().map(|(g, _, _)| cpu_s(g.0.id()));
+    let fed_cpu0 = cpu_s(fed.0.id());
     let gw_applies0 = match &gateway {
         Some((_, _, admin)) => applies(*admin).await?,
         None => (0.0, 0.0),
@@ -618,6 +625,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
         }
     }
     let probes_s = t_probes.elapsed().as_secs_f64();
+    let fed_vcpu = (cpu_s(fed.0.id()) - fed_cpu0) / probes_s;
     stop.cancel();
     let mut churn_s: f64 = 0.0;
     for c in churners {
@@ -700,11 +708,22 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
         churn,
         gateway,
         resync,
+        fed_vcpu,
     })
 }
 
-/// Raw etcd: `n` watchers on one prefix; a put, until all `n` have its event.
-async fn raw_etcd(endpoint: &str, n: usize, samples: usize) -> Result<Vec<f64>> {
+/// Raw etcd: `n` watchers on one prefix; a put, until all `n` have its event. With
+/// `churn` (changes per second), meshfed's load on etcd's terms meanwhile: 8 writers
+/// each commit every 20 ms a transaction of their share of puts of export-sized values
+/// under the same prefix, so every watcher receives every change, as meshfed's watchers
+/// do. Returns the latencies and the changes per second achieved.
+async fn raw_etcd(
+    endpoint: &str,
+    n: usize,
+    samples: usize,
+    churn: Option<u32>,
+) -> Result<(Vec<f64>, Option<f64>)> {
+    use std::sync::atomic::Ordering;
     let (tx, mut rx) = mpsc::unbounded_channel::<(i64, Instant)>();
     let mut tasks = vec![];
     for _ in 0..n {
@@ -731,6 +750,41 @@ async fn raw_etcd(endpoint: &str, n: usize, samples: usize) -> Result<Vec<f64>> 
     drop(tx);
     let mut c = etcd_client::Client::connect([endpoint], None).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let changed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut writers = vec![];
+    if let Some(rate) = churn.filter(|r| *r > 0) {
+        const WRITERS: usize = 8;
+        let per_tick = (rate as usize).div_ceil(50 * WRITERS);
+        // About the size of one export as the federation's watchers receive it.
+        let value = "e".repeat(160);
+        for w in 0..WRITERS {
+            let mut c = etcd_client::Client::connect([endpoint], None).await?;
+            let (stop, changed, value) = (stop.clone(), changed.clone(), value.clone());
+            writers.push(tokio::spawn(async move {
+                let began = Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut k = 0usize;
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    let ops: Vec<etcd_client::TxnOp> = (0..per_tick)
+                        .map(|j| {
+                            let key = format!("/raw/churn/{w}/{}", (k * per_tick + j) % 196);
+                            etcd_client::TxnOp::put(key, format!("{value}{k}"), None)
+                        })
+                        .collect();
+                    k += 1;
+                    if c.txn(etcd_client::Txn::new().and_then(ops)).await.is_ok() {
+                        changed.fetch_add(per_tick as u64, Ordering::Relaxed);
+                    }
+                }
+                began.elapsed().as_secs_f64()
+            }));
+        }
+        // Let the writers reach their pace before the first probe.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let mut lat = vec![];
     for k in 0..samples {
         let t0 = Instant::now();
@@ -750,10 +804,18 @@ async fn raw_etcd(endpoint: &str, n: usize, samples: usize) -> Result<Vec<f64>> 
         }
         lat.push(last.duration_since(t0).as_secs_f64() * 1e3);
     }
+    stop.cancel();
+    let mut secs: f64 = 0.0;
+    for w in writers {
+        secs = secs.max(w.await.unwrap_or(0.0));
+    }
     for t in tasks {
         t.abort();
     }
-    Ok(lat)
+    let achieved = churn
+        .filter(|r| *r > 0 && secs > 0.0)
+        .map(|_| changed.load(Ordering::Relaxed) as f64 / secs);
+    Ok((lat, achieved))
 }
 
 fn main() -> Result<()> {
@@ -792,13 +854,31 @@ async fn run(args: Args) -> Result<()> {
     );
     let (_etcd, endpoint) = start_etcd(&root).await?;
 
-    let raw = stats(raw_etcd(&endpoint, args.sites, args.samples).await?);
+    let raw = stats(raw_etcd(&endpoint, args.sites, args.samples, None).await?.0);
     println!(
         "raw etcd put→watch ({} watchers): p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
         args.sites, raw.p50, raw.p99, raw.max
     );
+    // The same under the churn meshfed's watchers get (every change to every watcher).
+    let raw_churn = match args.churn.filter(|r| *r > 0) {
+        Some(rate) => {
+            let (lat, achieved) = raw_etcd(&endpoint, args.sites, args.samples, Some(rate)).await?;
+            let r = stats(lat);
+            println!(
+                "raw etcd put→watch ({} watchers) with {:.0} changes/s of churn: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+                args.sites,
+                achieved.unwrap_or(0.0),
+                r.p50,
+                r.p99,
+                r.max
+            );
+            Some(r)
+        }
+        None => None,
+    };
     let mut worst_p99: f64 = 0.0;
     let mut worst_rss: f64 = 0.0;
+    let mut worst_fed_vcpu: f64 = 0.0;
     let mut worst_resync: Option<f64> = None;
     let mut worst_gw: Option<(f64, f64, usize)> = None;
     let mut ratios = Vec::new();
@@ -819,9 +899,18 @@ async fn run(args: Args) -> Result<()> {
             r.rss,
             r.hwm
         );
-        if let Some(c) = r.churn {
-            println!("  {store}: churn achieved {c:.0} endpoint changes/s during the probes");
+        match r.churn {
+            Some(c) => println!(
+                "  {store}: churn achieved {c:.0} endpoint changes/s during the probes; federation {:.3} vCPU ({:.3} per 1000 changes/s)",
+                r.fed_vcpu,
+                if c > 0.0 { r.fed_vcpu / c * 1e3 } else { 0.0 }
+            ),
+            None => println!(
+                "  {store}: federation {:.3} vCPU during the probes",
+                r.fed_vcpu
+            ),
         }
+        worst_fed_vcpu = worst_fed_vcpu.max(r.fed_vcpu);
         if let Some((rss, vcpu, n)) = r.gateway {
             println!(
                 "  {store}: gateway with {n} of {} imports bound (half its open-file limit {}): RSS {rss:.0} MiB, {vcpu:.3} vCPU during the probes and churn",
@@ -840,18 +929,30 @@ async fn run(args: Args) -> Result<()> {
         }
         worst_p99 = worst_p99.max(s.p99);
         worst_rss = worst_rss.max(r.hwm);
-        ratios.push((store.to_owned(), s.p50, s.p99 / raw.p99));
+        ratios.push((
+            store.to_owned(),
+            s.p50,
+            s.p99 / raw.p99,
+            raw_churn.as_ref().map(|r| s.p99 / r.p99),
+        ));
     }
     let _ = std::fs::remove_dir_all(&*root);
     // Both stores' ratios, then the worst of each figure.
-    for (store, _, ratio) in &ratios {
+    for (store, _, ratio, _) in &ratios {
         println!("catalog_convergence_ratio_{store}_vs_raw_etcd: {ratio:.2}");
+    }
+    // Against raw etcd carrying the same churn (reported beside, not instead).
+    for (store, _, _, ratio) in &ratios {
+        if let Some(r) = ratio {
+            println!("catalog_convergence_ratio_{store}_vs_raw_etcd_churn: {r:.2}");
+        }
     }
     if args.scale {
         let p50 = ratios.iter().map(|r| r.1).fold(0.0, f64::max);
         println!("catalog_scale_convergence_p50_ms: {p50:.2}");
         println!("catalog_scale_convergence_p99_ms: {worst_p99:.2}");
         println!("catalog_scale_federation_rss_mib: {worst_rss:.0}");
+        println!("catalog_scale_federation_vcpu: {worst_fed_vcpu:.3}");
         if let Some((rss, vcpu, n)) = worst_gw {
             println!("catalog_scale_gateway_imports_bound: {n}");
             println!("catalog_scale_gateway_vcpu: {vcpu:.3}");
