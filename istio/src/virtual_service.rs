@@ -1844,6 +1844,19 @@ spec:
         }
     }
 
+    /// `base` with `from` replaced by `to` is refused with a problem at `field`.
+    fn refused_at(base: &str, from: &str, to: &str, field: &str) {
+        let changed = base.replace(from, to);
+        assert_ne!(changed, base, "{from}");
+        match parse(&changed) {
+            Err(ParseError::Invalid(problems)) => assert!(
+                problems.iter().any(|p| p.field == field),
+                "{to}: wanted {field}, got {problems:?}"
+            ),
+            other => panic!("{to}: accepted: {other:?}"),
+        }
+    }
+
     #[test]
     fn mirrors_send_copies_to_each_destination_with_its_own_percentage() {
         let yaml = r#"
@@ -1920,15 +1933,7 @@ spec:
                 "spec.http[0].mirrors[0].destination",
             ),
         ] {
-            let changed = yaml.replace(from, to);
-            assert_ne!(changed, yaml, "{from}");
-            match parse(&changed) {
-                Err(ParseError::Invalid(problems)) => assert!(
-                    problems.iter().any(|p| p.field == field),
-                    "{to}: wanted {field}, got {problems:?}"
-                ),
-                other => panic!("{to}: accepted: {other:?}"),
-            }
+            refused_at(yaml, from, to, field);
         }
         // Past the bound: refused at the list.
         let many = "    - destination: {host: web}\n".repeat(MAX_MIRRORS + 1);
@@ -2149,15 +2154,7 @@ spec:
                 "spec.trafficPolicy.portLevelSettings[1].outlierDetection.baseEjectionTime",
             ),
         ] {
-            let changed = dr.replace(from, to);
-            assert_ne!(changed, dr, "{from}");
-            match parse(&changed) {
-                Err(ParseError::Invalid(problems)) => assert!(
-                    problems.iter().any(|p| p.field == field),
-                    "{to}: wanted {field}, got {problems:?}"
-                ),
-                other => panic!("{to}: accepted: {other:?}"),
-            }
+            refused_at(dr, from, to, field);
         }
     }
 
