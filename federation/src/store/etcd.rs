@@ -37,6 +37,9 @@ const MAX_TXN_OPS: usize = 120;
 /// How long a watch may stay silent while writes wait for it (progress is requested
 /// every 50 ms), or take to open, before it is dropped and resumed on another member.
 const WATCH_SILENCE: Duration = Duration::from_secs(1);
+/// How often an idle watch is asked for progress, and how long it may then stay silent.
+const IDLE_PROBE: Duration = Duration::from_secs(1);
+const IDLE_SILENCE: Duration = Duration::from_secs(3);
 /// How long a write waits for the mirror to show it.
 const READ_YOUR_WRITES: Duration = Duration::from_secs(10);
 /// A replica's registration outlives it by this much.
@@ -737,17 +740,34 @@ impl EtcdStore {
         // A writer waits for the mirror: the watch must answer its progress requests.
         // One that stays silent is on a member that died or lost the quorum (its TCP
         // connection may take minutes to fail): drop it and resume on a live one.
+        // Idle, it is asked for progress every IDLE_PROBE and must answer within
+        // IDLE_SILENCE: a watch left on a dead member after the last write would
+        // otherwise hold this replica's watchers behind it until TCP gives up (a
+        // fault-suite run: both watchers one revision behind for 20 s after a member
+        // kill).
         let mut heard = tokio::time::Instant::now();
+        let mut probed = heard;
+        let mut was_waiting = false;
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m.map_err(|e| Follow::Broken(e.to_string()))?,
                 _ = tick.tick() => {
-                    if self.waiters.load(Ordering::SeqCst) > 0 {
-                        if heard.elapsed() > WATCH_SILENCE {
-                            return Err(Follow::Broken(format!(
-                                "no progress for {WATCH_SILENCE:?} while writes wait"
-                            )));
-                        }
+                    let waiting = self.waiters.load(Ordering::SeqCst) > 0;
+                    if waiting && !was_waiting {
+                        // The tighter bound counts from when writes began to wait.
+                        let now = tokio::time::Instant::now();
+                        heard = heard.max(now.checked_sub(WATCH_SILENCE / 2).unwrap_or(now));
+                    }
+                    was_waiting = waiting;
+                    let limit = if waiting { WATCH_SILENCE } else { IDLE_SILENCE };
+                    if heard.elapsed() > limit {
+                        return Err(Follow::Broken(format!(
+                            "no progress for {limit:?}{}",
+                            if waiting { " while writes wait" } else { "" }
+                        )));
+                    }
+                    if waiting || probed.elapsed() >= IDLE_PROBE {
+                        probed = tokio::time::Instant::now();
                         // Bounded: on a stuck connection the request channel fills, and
                         // an unbounded send would stall this loop and the check above.
                         let _ = tokio::time::timeout(
@@ -755,8 +775,6 @@ impl EtcdStore {
                             stream.request_progress(),
                         )
                         .await;
-                    } else {
-                        heard = tokio::time::Instant::now();
                     }
                     continue;
                 }
