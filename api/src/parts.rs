@@ -5,26 +5,13 @@
 //! (`WatchRequest.parts`).
 //!
 //! On the wire an event is a [`pb::WatchFrame`]: its changes stay encoded, so the
-//! federation encodes each change once for all its watchers ([`frame`]) and a watcher
-//! decodes them ([`event`]); the bytes are a [`pb::WatchEvent`]'s. Pure.
+//! federation encodes each change once for all its watchers
+//! ([`crate::change_to_wire`]) and a watcher decodes them ([`event`]); the bytes are a
+//! [`pb::WatchEvent`]'s. Pure.
 
 use prost::Message;
 
 use crate::pb;
-
-/// `ev` as the Watch stream carries it: each change encoded. Pure.
-pub fn frame(ev: &pb::WatchEvent) -> pb::WatchFrame {
-    pb::WatchFrame {
-        snapshot: ev.snapshot,
-        revision: ev.revision,
-        changes: ev
-            .changes
-            .iter()
-            .map(|c| c.encode_to_vec().into())
-            .collect(),
-        more: ev.more,
-    }
-}
 
 /// The event a frame carries, its changes decoded. Pure.
 pub fn event(f: pb::WatchFrame) -> Result<pb::WatchEvent, PartsError> {
@@ -138,6 +125,20 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ev` as the Watch stream carries it: each change encoded.
+    fn frame(ev: &pb::WatchEvent) -> pb::WatchFrame {
+        pb::WatchFrame {
+            snapshot: ev.snapshot,
+            revision: ev.revision,
+            changes: ev
+                .changes
+                .iter()
+                .map(|c| c.encode_to_vec().into())
+                .collect(),
+            more: ev.more,
+        }
+    }
 
     fn change(i: usize, pad: usize) -> pb::Change {
         pb::Change {

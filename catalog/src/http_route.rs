@@ -153,7 +153,7 @@ impl HttpPolicy {
     /// destination-level settings are not inherited by a block the port sets). Borrowed,
     /// so free, when no setting names the port. Pure.
     pub fn at_port(&self, port: u16) -> std::borrow::Cow<'_, HttpPolicy> {
-        match self.port_settings.iter().find(|s| s.port == port) {
+        match self.port_setting(port) {
             None => std::borrow::Cow::Borrowed(self),
             Some(s) => {
                 let mut p = self.clone();
@@ -172,6 +172,32 @@ impl HttpPolicy {
         }
         self.port_settings.clear();
         self
+    }
+
+    /// The first of the policy's [`PortSettings`] for `port`.
+    fn port_setting(&self, port: u16) -> Option<&PortSettings> {
+        self.port_settings.iter().find(|s| s.port == port)
+    }
+
+    /// The `connectionPool` block in force for `port` (the port's, else the policy's),
+    /// without copying the policy: what an exporting gateway needs per stream. Pure.
+    pub fn pool_at(&self, port: u16) -> PortPool {
+        match self.port_setting(port).and_then(|s| s.pool) {
+            Some(p) => p,
+            None => PortPool {
+                max_requests: self.max_requests,
+                max_requests_per_connection: self.max_requests_per_connection,
+                idle_timeout_ms: self.idle_timeout_ms,
+                connection_pool: self.connection_pool,
+            },
+        }
+    }
+
+    /// The outlier detection in force for `port` (the port's, else the policy's). Pure.
+    pub fn outlier_at(&self, port: u16) -> Option<&Outlier> {
+        self.port_setting(port)
+            .and_then(|s| s.outlier.as_ref())
+            .or(self.outlier.as_ref())
     }
 
     fn apply_port(&mut self, s: &PortSettings) {
@@ -2066,10 +2092,29 @@ mod tests {
         let at = |port| {
             let q = p.clone().for_port(port);
             assert!(q.port_settings.is_empty());
-            // The two agree, but for the settings a borrowed policy keeps.
+            // The two agree, but for the settings a borrowed policy keeps; so do the
+            // per-stream views the exporting gateway reads.
             let mut r = p.at_port(port).into_owned();
             r.port_settings.clear();
             assert_eq!(q, r);
+            assert_eq!(q.outlier.as_ref(), p.outlier_at(port));
+            assert_eq!(
+                (
+                    q.max_requests,
+                    q.max_requests_per_connection,
+                    q.idle_timeout_ms,
+                    q.connection_pool
+                ),
+                {
+                    let b = p.pool_at(port);
+                    (
+                        b.max_requests,
+                        b.max_requests_per_connection,
+                        b.idle_timeout_ms,
+                        b.connection_pool,
+                    )
+                }
+            );
             (
                 q.max_requests,
                 q.idle_timeout_ms,

@@ -878,18 +878,16 @@ impl Ingress {
                     .filter(|_| open.flow.is_none() && tls.is_none() && !proxy)
                     .and_then(|e| e.app_protocols.get(&open.port).copied())
                     .filter(|a| a.is_http());
-                // The port's own settings (portLevelSettings) applied; free without.
-                let policy = e
-                    .and_then(|e| e.http_policy.as_ref())
-                    .map(|p| p.at_port(open.port));
-                let outlier = policy.as_ref().and_then(|p| p.outlier.clone());
-                let pool = policy.as_ref().and_then(|p| p.connection_pool);
-                let conn = policy.as_ref().map_or_else(Default::default, |p| {
-                    crate::http::ingress::ConnLimits {
-                        per_conn: p.max_requests_per_connection,
-                        idle: p.idle_timeout_ms.map(Duration::from_millis),
-                    }
-                });
+                // The port's own settings (portLevelSettings) over the policy's.
+                let policy = e.and_then(|e| e.http_policy.as_ref());
+                let outlier = policy.and_then(|p| p.outlier_at(open.port)).cloned();
+                let block = policy.map(|p| p.pool_at(open.port));
+                let pool = block.and_then(|b| b.connection_pool);
+                let conn =
+                    block.map_or_else(Default::default, |b| crate::http::ingress::ConnLimits {
+                        per_conn: b.max_requests_per_connection,
+                        idle: b.idle_timeout_ms.map(Duration::from_millis),
+                    });
                 let labels = match (http, e) {
                     (Some(_), Some(e)) if !e.endpoint_labels.is_empty() => r
                         .endpoints

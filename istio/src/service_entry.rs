@@ -653,72 +653,48 @@ fn http_policies(
             };
             let mut routes = vs.routes.clone();
             for (r, what, h) in &vs.destination_hosts {
-                let to = service_of(h, &vs.namespace, services);
-                let j = match *what {
-                    HostOf::Destination(j) => j,
-                    HostOf::Mirror | HostOf::Mirrors(_) => {
-                        // A mirror: another service's copies go through its import, as a
-                        // destination's requests do.
-                        let (field, k) = match *what {
-                            HostOf::Mirrors(k) => {
-                                (format!("spec.http[{r}].mirrors[{k}].destination"), k)
-                            }
-                            _ => (format!("spec.http[{r}].mirror"), 0),
-                        };
-                        let Some(to) = to else {
-                            d.err(
-                            format!("{field}.host"),
-                            format!("{h:?} names no service: use name.namespace, its .svc.cluster.local form, or a ServiceEntry host of this file"),
-                        );
-                            continue;
-                        };
-                        let Some(m) = routes.get_mut(*r).and_then(|x| x.mirrors.get_mut(k)) else {
-                            continue;
-                        };
-                        if to == service {
-                            continue;
-                        }
-                        if let Some(subset) = &m.subset
-                            && !defines(subsets, services, &to, subset)
-                        {
-                            d.err(
-                            format!("{field}.subset"),
-                            format!("{subset:?} is not a subset a DestinationRule of this file defines for {to}"),
-                        );
-                        }
-                        if m.subset.is_some() {
-                            subset_targets.insert(to.clone());
-                        }
-                        m.service = Some(to);
-                        continue;
-                    }
+                // A destination, or a mirror: another service's copies go through its
+                // import, as a destination's requests do.
+                let field = match *what {
+                    HostOf::Destination(j) => format!("spec.http[{r}].route[{j}].destination"),
+                    HostOf::Mirror => format!("spec.http[{r}].mirror"),
+                    HostOf::Mirrors(k) => format!("spec.http[{r}].mirrors[{k}].destination"),
                 };
-                let field = format!("spec.http[{r}].route[{j}].destination");
-                let Some(to) = to else {
+                let Some(to) = service_of(h, &vs.namespace, services) else {
                     d.err(
                         format!("{field}.host"),
                         format!("{h:?} names no service: use name.namespace, its .svc.cluster.local form, or a ServiceEntry host of this file"),
                     );
                     continue;
                 };
-                let Some(dest) = routes.get_mut(*r).and_then(|x| x.destinations.get_mut(j)) else {
+                let route = routes.get_mut(*r);
+                let target = match *what {
+                    HostOf::Destination(j) => route
+                        .and_then(|x| x.destinations.get_mut(j))
+                        .map(|d| (&mut d.service, d.subset.as_deref())),
+                    HostOf::Mirror => route
+                        .and_then(|x| x.mirrors.first_mut())
+                        .map(|m| (&mut m.service, m.subset.as_deref())),
+                    HostOf::Mirrors(k) => route
+                        .and_then(|x| x.mirrors.get_mut(k))
+                        .map(|m| (&mut m.service, m.subset.as_deref())),
+                };
+                let Some((slot, subset)) = target else {
                     continue;
                 };
                 if to == service {
                     continue;
                 }
-                if let Some(subset) = &dest.subset
-                    && !defines(subsets, services, &to, subset)
-                {
-                    d.err(
-                        format!("{field}.subset"),
-                        format!("{subset:?} is not a subset a DestinationRule of this file defines for {to}"),
-                    );
-                }
-                if dest.subset.is_some() {
+                if let Some(subset) = subset {
+                    if !defines(subsets, services, &to, subset) {
+                        d.err(
+                            format!("{field}.subset"),
+                            format!("{subset:?} is not a subset a DestinationRule of this file defines for {to}"),
+                        );
+                    }
                     subset_targets.insert(to.clone());
                 }
-                dest.service = Some(to);
+                *slot = Some(to);
             }
             let mine: Vec<&SubsetRule> = subsets
                 .iter()
