@@ -93,8 +93,9 @@ pub struct HttpPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality_lb: Option<crate::locality::LocalityLb>,
     /// A DestinationRule's `trafficPolicy.portLevelSettings`: for requests to one of the
-    /// service's ports, each block the port sets replaces the policy's block of that
-    /// kind, fields it omits taking their defaults (Istio's rule). See
+    /// service's ports, the port's settings replace the policy's connection pool,
+    /// outlier detection and load balancer, and a block the port does not set takes its
+    /// defaults (Istio's rule: destination-level settings are not inherited). See
     /// [`HttpPolicy::at_port`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_settings: Vec<PortSettings>,
@@ -106,13 +107,14 @@ pub struct HttpPolicy {
 pub struct PortSettings {
     pub port: u16,
     /// `connectionPool`: replaces `max_requests`, `max_requests_per_connection`,
-    /// `idle_timeout_ms` and `connection_pool`.
+    /// `idle_timeout_ms` and `connection_pool` (absent: all unset, the defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PortPool>,
-    /// `outlierDetection`: replaces `outlier`.
+    /// `outlierDetection`: replaces `outlier` (absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier: Option<Outlier>,
-    /// `loadBalancer`: replaces `load_balancer`, `consistent_hash` and `locality_lb`.
+    /// `loadBalancer`: replaces `load_balancer`, `consistent_hash` and `locality_lb`
+    /// (absent: all unset, the defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balancer: Option<PortBalancer>,
 }
@@ -149,9 +151,10 @@ pub const MAX_PORT_SETTINGS: usize = 64;
 
 impl HttpPolicy {
     /// The policy for requests to `port`: the first of its [`PortSettings`] for that port
-    /// applied, each block replacing the policy's own (Istio's `portLevelSettings`:
-    /// destination-level settings are not inherited by a block the port sets). Borrowed,
-    /// so free, when no setting names the port. Pure.
+    /// in place of the policy's connection pool, outlier detection and load balancer,
+    /// a block the port does not set taking its defaults (Istio's `portLevelSettings`,
+    /// as pilot's `GetPortLevelTrafficPolicy`: destination-level settings are not
+    /// inherited). Borrowed, so free, when no setting names the port. Pure.
     pub fn at_port(&self, port: u16) -> std::borrow::Cow<'_, HttpPolicy> {
         match self.port_setting(port) {
             None => std::borrow::Cow::Borrowed(self),
@@ -182,8 +185,8 @@ impl HttpPolicy {
     /// The `connectionPool` block in force for `port` (the port's, else the policy's),
     /// without copying the policy: what an exporting gateway needs per stream. Pure.
     pub fn pool_at(&self, port: u16) -> PortPool {
-        match self.port_setting(port).and_then(|s| s.pool) {
-            Some(p) => p,
+        match self.port_setting(port) {
+            Some(s) => s.pool.unwrap_or_default(),
             None => PortPool {
                 max_requests: self.max_requests,
                 max_requests_per_connection: self.max_requests_per_connection,
@@ -195,26 +198,74 @@ impl HttpPolicy {
 
     /// The outlier detection in force for `port` (the port's, else the policy's). Pure.
     pub fn outlier_at(&self, port: u16) -> Option<&Outlier> {
-        self.port_setting(port)
-            .and_then(|s| s.outlier.as_ref())
-            .or(self.outlier.as_ref())
+        match self.port_setting(port) {
+            Some(s) => s.outlier.as_ref(),
+            None => self.outlier.as_ref(),
+        }
     }
 
     fn apply_port(&mut self, s: &PortSettings) {
-        if let Some(pool) = &s.pool {
-            self.max_requests = pool.max_requests;
-            self.max_requests_per_connection = pool.max_requests_per_connection;
-            self.idle_timeout_ms = pool.idle_timeout_ms;
-            self.connection_pool = pool.connection_pool;
+        let Traffic {
+            pool,
+            outlier,
+            balancer,
+        } = Traffic::of_port(s);
+        self.max_requests = pool.max_requests;
+        self.max_requests_per_connection = pool.max_requests_per_connection;
+        self.idle_timeout_ms = pool.idle_timeout_ms;
+        self.connection_pool = pool.connection_pool;
+        self.outlier = outlier;
+        self.load_balancer = balancer.load_balancer;
+        self.consistent_hash = balancer.consistent_hash;
+        self.locality_lb = balancer.locality_lb;
+    }
+
+    /// The policy's own blocks, its port settings aside.
+    fn own_traffic(&self) -> Traffic {
+        Traffic {
+            pool: PortPool {
+                max_requests: self.max_requests,
+                max_requests_per_connection: self.max_requests_per_connection,
+                idle_timeout_ms: self.idle_timeout_ms,
+                connection_pool: self.connection_pool,
+            },
+            outlier: self.outlier.clone(),
+            balancer: PortBalancer {
+                load_balancer: self.load_balancer,
+                consistent_hash: self.consistent_hash.clone(),
+                locality_lb: self.locality_lb.clone(),
+            },
         }
-        if let Some(o) = &s.outlier {
-            self.outlier = Some(o.clone());
+    }
+
+    /// The settings in force for requests to `port` of `subset` (`None`: the whole
+    /// service), as pilot's `MergeSubsetTrafficPolicy` merges them: the destination's
+    /// at the port ([`Self::at_port`]); then, when the subset has a policy, its own
+    /// port setting for `port` in place of all of them, else each block the subset
+    /// sets in place of that block. Pure.
+    pub fn traffic(&self, port: u16, subset: Option<&Subset>) -> Traffic {
+        let mut t = match self.port_setting(port) {
+            Some(s) => Traffic::of_port(s),
+            None => self.own_traffic(),
+        };
+        let Some(sp) = subset.and_then(|s| s.policy.as_ref()) else {
+            return t;
+        };
+        match sp.port_settings.iter().find(|s| s.port == port) {
+            Some(s) => t = Traffic::of_port(s),
+            None => {
+                if let Some(p) = sp.pool {
+                    t.pool = p;
+                }
+                if let Some(o) = &sp.outlier {
+                    t.outlier = Some(o.clone());
+                }
+                if let Some(b) = &sp.balancer {
+                    t.balancer = b.clone();
+                }
+            }
         }
-        if let Some(b) = &s.balancer {
-            self.load_balancer = b.load_balancer;
-            self.consistent_hash = b.consistent_hash.clone();
-            self.locality_lb = b.locality_lb.clone();
-        }
+        t
     }
 }
 
@@ -268,6 +319,96 @@ pub struct Outlier {
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// The subset's own `trafficPolicy` (see [`HttpPolicy::traffic`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<SubsetPolicy>,
+}
+
+/// A DestinationRule subset's `trafficPolicy`: each block it sets replaces the
+/// destination's (at the port) for requests to the subset, and its own port settings
+/// replace all of them for their port (pilot's `MergeSubsetTrafficPolicy`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubsetPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PortPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<Outlier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balancer: Option<PortBalancer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_settings: Vec<PortSettings>,
+}
+
+/// The connection pool, outlier detection and load balancer in force for requests to
+/// one port (and subset) of a service: [`HttpPolicy::traffic`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub pool: PortPool,
+    pub outlier: Option<Outlier>,
+    pub balancer: PortBalancer,
+}
+
+impl Traffic {
+    /// A port setting's blocks, every one it omits at its default.
+    fn of_port(s: &PortSettings) -> Self {
+        Self {
+            pool: s.pool.unwrap_or_default(),
+            outlier: s.outlier.clone(),
+            balancer: s.balancer.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The settings' own rules (limits above 0, one balancer, percentages), with the
+    /// field names of [`HttpPolicy`]'s.
+    fn check(&self) -> Result<(), PolicyError> {
+        let (p, b) = (&self.pool, &self.balancer);
+        if p.max_requests == Some(0) {
+            return Err(bad("max_requests", "must be above 0"));
+        }
+        if let Some(k) = &b.consistent_hash {
+            if b.load_balancer.is_some() {
+                return Err(bad(
+                    "consistent_hash",
+                    "a load balancer is simple or consistentHash, not both",
+                ));
+            }
+            k.check().map_err(|e| bad("consistent_hash", e))?;
+        }
+        if p.max_requests_per_connection == Some(0) {
+            return Err(bad("max_requests_per_connection", "must be above 0"));
+        }
+        if p.idle_timeout_ms == Some(0) {
+            return Err(bad("idle_timeout_ms", "must be above 0"));
+        }
+        if let Some(c) = &p.connection_pool {
+            if c.max_connections == 0 {
+                return Err(bad("connection_pool.max_connections", "must be above 0"));
+            }
+            if c.max_pending == 0 {
+                return Err(bad("connection_pool.max_pending", "must be above 0"));
+            }
+        }
+        if let Some(o) = &self.outlier {
+            if o.max_ejection_percent > 100 {
+                return Err(bad("outlier.max_ejection_percent", "above 100"));
+            }
+            if o.base_ejection_ms == 0 {
+                return Err(bad("outlier.base_ejection_ms", "must be above 0"));
+            }
+        }
+        if let Some(l) = &b.locality_lb {
+            l.check().map_err(|e| {
+                let field = if e.field.is_empty() {
+                    "locality_lb".to_owned()
+                } else {
+                    format!("locality_lb.{}", e.field)
+                };
+                bad(field, e.message)
+            })?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -864,49 +1005,47 @@ pub fn redirect_location(rd: &Redirect, scheme: &str, host: &str, path_and_query
 impl HttpPolicy {
     /// The traffic settings' own rules (limits above 0, one balancer, percentages).
     fn check_traffic(&self) -> Result<(), PolicyError> {
-        if self.max_requests == Some(0) {
-            return Err(bad("max_requests", "must be above 0"));
+        self.own_traffic().check()
+    }
+
+    /// A subset's policy: its port settings as the policy's are checked, and what is in
+    /// force for the subset on every port named (and on the others) holds.
+    fn check_subset(&self, i: usize, s: &Subset, sp: &SubsetPolicy) -> Result<(), PolicyError> {
+        let f = |x: &str| format!("subsets[{i}].policy.{x}");
+        if sp.port_settings.len() > MAX_PORT_SETTINGS {
+            return Err(bad(
+                f("port_settings"),
+                format!("at most {MAX_PORT_SETTINGS}"),
+            ));
         }
-        if let Some(k) = &self.consistent_hash {
-            if self.load_balancer.is_some() {
+        for (j, ps) in sp.port_settings.iter().enumerate() {
+            if ps.port == 0 {
                 return Err(bad(
-                    "consistent_hash",
-                    "a load balancer is simple or consistentHash, not both",
+                    f(&format!("port_settings[{j}].port")),
+                    "must be above 0",
                 ));
             }
-            k.check().map_err(|e| bad("consistent_hash", e))?;
-        }
-        if self.max_requests_per_connection == Some(0) {
-            return Err(bad("max_requests_per_connection", "must be above 0"));
-        }
-        if self.idle_timeout_ms == Some(0) {
-            return Err(bad("idle_timeout_ms", "must be above 0"));
-        }
-        if let Some(c) = &self.connection_pool {
-            if c.max_connections == 0 {
-                return Err(bad("connection_pool.max_connections", "must be above 0"));
+            if sp.port_settings[..j].iter().any(|o| o.port == ps.port) {
+                return Err(bad(
+                    f(&format!("port_settings[{j}].port")),
+                    format!("port {} twice", ps.port),
+                ));
             }
-            if c.max_pending == 0 {
-                return Err(bad("connection_pool.max_pending", "must be above 0"));
-            }
-        }
-        if let Some(o) = &self.outlier {
-            if o.max_ejection_percent > 100 {
-                return Err(bad("outlier.max_ejection_percent", "above 100"));
-            }
-            if o.base_ejection_ms == 0 {
-                return Err(bad("outlier.base_ejection_ms", "must be above 0"));
-            }
-        }
-        if let Some(l) = &self.locality_lb {
-            l.check().map_err(|e| {
-                let field = if e.field.is_empty() {
-                    "locality_lb".to_owned()
-                } else {
-                    format!("locality_lb.{}", e.field)
-                };
-                bad(field, e.message)
+            Traffic::of_port(ps).check().map_err(|e| PolicyError {
+                field: f(&format!("port_settings[{j}].{}", e.field)),
+                message: e.message,
             })?;
+        }
+        // Port 0 is no port (refused in port settings): the subset's blocks over the
+        // destination's own.
+        let ports = self.port_settings.iter().map(|p| p.port).chain([0]);
+        for port in ports {
+            self.traffic(port, Some(s))
+                .check()
+                .map_err(|e| PolicyError {
+                    field: f(&e.field),
+                    message: e.message,
+                })?;
         }
         Ok(())
     }
@@ -953,6 +1092,9 @@ impl HttpPolicy {
                     format!("subsets[{i}].name"),
                     format!("{:?} twice", s.name),
                 ));
+            }
+            if let Some(sp) = &s.policy {
+                self.check_subset(i, s, sp)?;
             }
         }
         let mut matches = Vec::new();
@@ -1373,10 +1515,12 @@ mod tests {
                 Subset {
                     name: "v1".into(),
                     labels: [(CLUSTER_LABEL.into(), "west".into())].into(),
+                    policy: None,
                 },
                 Subset {
                     name: "v2".into(),
                     labels: [("version".into(), "v2".into())].into(),
+                    policy: None,
                 },
             ],
         }
@@ -1746,11 +1890,13 @@ mod tests {
         let by_site = Subset {
             name: "n".into(),
             labels: [(SITE_LABEL.into(), "north".into())].into(),
+            policy: None,
         };
         assert_eq!(names(subset_sites(&by_site, &sites, &labels)), ["north"]);
         let all = Subset {
             name: "all".into(),
             labels: BTreeMap::new(),
+            policy: None,
         };
         assert_eq!(subset_sites(&all, &sites, &labels).len(), 3);
     }
@@ -1821,6 +1967,7 @@ mod tests {
             let s = Subset {
                 name: "s".into(),
                 labels: subset,
+                policy: None,
             };
             assert_eq!(names(subset_sites(&s, &sites, &labels)), want, "row {i}");
         }
@@ -1835,6 +1982,7 @@ mod tests {
                 ("app.kubernetes.io/track", "canary"),
                 (CLUSTER_LABEL, "west"),
             ]),
+            policy: None,
         };
         let h = selector_header(&s).unwrap();
         assert_eq!(h, "app.kubernetes.io/track=canary,version=v2");
@@ -1855,6 +2003,7 @@ mod tests {
         let only_site = Subset {
             name: "w".into(),
             labels: set(&[(SITE_LABEL, "west")]),
+            policy: None,
         };
         assert_eq!(selector_header(&only_site), None);
         for bad in [
@@ -2048,6 +2197,158 @@ mod tests {
     }
 
     #[test]
+    fn a_subsets_policy_replaces_the_blocks_it_sets_and_its_port_settings_replace_all() {
+        let outlier = |n| Outlier {
+            consecutive_5xx: n,
+            consecutive_gateway: 0,
+            base_ejection_ms: 1_000,
+            max_ejection_percent: 50,
+        };
+        let mut p = policy();
+        p.max_requests = Some(100);
+        p.load_balancer = Some(LoadBalancer::Random);
+        p.outlier = Some(outlier(5));
+        p.port_settings = vec![PortSettings {
+            port: 8080,
+            pool: Some(PortPool {
+                max_requests: Some(50),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        // v1: a balancer of its own; v2: a breaker, and port 9090 all its own.
+        p.subsets[0].policy = Some(SubsetPolicy {
+            balancer: Some(PortBalancer {
+                load_balancer: Some(LoadBalancer::LeastRequest),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        p.subsets[1].policy = Some(SubsetPolicy {
+            pool: Some(PortPool {
+                max_requests: Some(3),
+                ..Default::default()
+            }),
+            port_settings: vec![PortSettings {
+                port: 9090,
+                outlier: Some(outlier(1)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert!(p.clone().compile().is_ok());
+        let (v1, v2) = (&p.subsets[0], &p.subsets[1]);
+        let at = |port, subset: Option<&Subset>| {
+            let t = p.traffic(port, subset);
+            (
+                t.pool.max_requests,
+                t.balancer.load_balancer,
+                t.outlier.map(|o| o.consecutive_5xx),
+            )
+        };
+        // (port, subset) → (breaker, balancer, outlier's consecutive 5xx)
+        type Want = (Option<u32>, Option<LoadBalancer>, Option<u32>);
+        let rows: Vec<(u16, Option<&Subset>, Want)> = vec![
+            // The service: its own blocks; on 8080 the port's setting, nothing inherited.
+            (443, None, (Some(100), Some(LoadBalancer::Random), Some(5))),
+            (8080, None, (Some(50), None, None)),
+            // v1 sets a balancer: the rest is the destination's at the port.
+            (
+                443,
+                Some(v1),
+                (Some(100), Some(LoadBalancer::LeastRequest), Some(5)),
+            ),
+            (
+                8080,
+                Some(v1),
+                (Some(50), Some(LoadBalancer::LeastRequest), None),
+            ),
+            // v2 sets a breaker; on 9090 its port setting replaces every block.
+            (
+                443,
+                Some(v2),
+                (Some(3), Some(LoadBalancer::Random), Some(5)),
+            ),
+            (8080, Some(v2), (Some(3), None, None)),
+            (9090, Some(v2), (None, None, Some(1))),
+        ];
+        for (i, (port, subset, want)) in rows.into_iter().enumerate() {
+            assert_eq!(at(port, subset), want, "row {i}");
+        }
+        // Without a subset policy, the traffic is the port's view of the policy.
+        let t = p.traffic(8080, None);
+        let q = p.clone().for_port(8080);
+        assert_eq!(t.pool, p.pool_at(8080));
+        assert_eq!(
+            (t.outlier.as_ref(), t.balancer.load_balancer),
+            (q.outlier.as_ref(), q.load_balancer)
+        );
+        // Refused with the subset's path: a bad block, a port twice, port 0, and a
+        // subset balancer that is both simple and a hash.
+        type Change = Box<dyn Fn(&mut HttpPolicy)>;
+        let rows: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|p| {
+                    p.subsets[1]
+                        .policy
+                        .as_mut()
+                        .unwrap()
+                        .pool
+                        .as_mut()
+                        .unwrap()
+                        .max_requests = Some(0)
+                }),
+                "subsets[1].policy.max_requests",
+            ),
+            (
+                Box::new(|p| {
+                    let sp = p.subsets[1].policy.as_mut().unwrap();
+                    sp.port_settings.push(sp.port_settings[0].clone());
+                }),
+                "subsets[1].policy.port_settings[1].port",
+            ),
+            (
+                Box::new(|p| p.subsets[1].policy.as_mut().unwrap().port_settings[0].port = 0),
+                "subsets[1].policy.port_settings[0].port",
+            ),
+            (
+                Box::new(|p| {
+                    p.subsets[1].policy.as_mut().unwrap().port_settings[0]
+                        .outlier
+                        .as_mut()
+                        .unwrap()
+                        .max_ejection_percent = 101
+                }),
+                "subsets[1].policy.port_settings[0].outlier.max_ejection_percent",
+            ),
+            (
+                Box::new(|p| {
+                    p.subsets[0]
+                        .policy
+                        .as_mut()
+                        .unwrap()
+                        .balancer
+                        .as_mut()
+                        .unwrap()
+                        .consistent_hash = Some(crate::affinity::HashKey::SourceIp)
+                }),
+                "subsets[0].policy.consistent_hash",
+            ),
+        ];
+        for (change, field) in rows {
+            let mut q = p.clone();
+            change(&mut q);
+            assert_eq!(q.compile().err().map(|e| e.field), Some(field.to_owned()));
+        }
+        // On the wire: the policy travels with its subset, and a subset without one is
+        // written as before.
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<HttpPolicy>(&json).unwrap(), p);
+        let plain = serde_json::to_value(&policy().subsets[0]).unwrap();
+        assert!(plain.get("policy").is_none(), "{plain}");
+    }
+
+    #[test]
     fn a_ports_settings_replace_the_policys_blocks_for_that_port_only() {
         let mut p = policy();
         p.max_requests = Some(100);
@@ -2122,14 +2423,14 @@ mod tests {
                 q.outlier.map(|o| o.consecutive_5xx),
             )
         };
+        // Every block the port does not set takes its default, not the policy's
+        // (pilot's GetPortLevelTrafficPolicy): 8080 has no outlier detection, 9090 no
+        // breaker, idle timeout or balancer.
         assert_eq!(
             at(8080),
-            (Some(7), None, Some(LoadBalancer::LeastRequest), Some(5))
+            (Some(7), None, Some(LoadBalancer::LeastRequest), None)
         );
-        assert_eq!(
-            at(9090),
-            (Some(100), Some(5_000), Some(LoadBalancer::Random), Some(1))
-        );
+        assert_eq!(at(9090), (None, None, None, Some(1)));
         assert_eq!(
             at(443),
             (Some(100), Some(5_000), Some(LoadBalancer::Random), Some(5))

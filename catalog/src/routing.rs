@@ -701,6 +701,7 @@ mod tests {
                             .map(|n| Subset {
                                 name: n.to_string(),
                                 labels: Default::default(),
+                                policy: None,
                             })
                             .collect(),
                     })

@@ -1017,6 +1017,7 @@ fn sort_documents(
                         t.port_settings = crate::virtual_service::port_settings(
                             &mut d,
                             tp.get("portLevelSettings"),
+                            "spec.trafficPolicy",
                         );
                         t
                     }

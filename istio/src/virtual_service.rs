@@ -1,7 +1,7 @@
 //! Istio `VirtualService` (HTTP routes) and the `subsets` and `trafficPolicy`
 //! (`connectionPool`, `outlierDetection`, `loadBalancer`, and the same per port in
-//! `portLevelSettings`) of a `DestinationRule`, into the routing policy gateways apply
-//! (`meshfed_catalog::http_route`). Pure.
+//! `portLevelSettings`) of a `DestinationRule`, with each subset's own `trafficPolicy`,
+//! into the routing policy gateways apply (`meshfed_catalog::http_route`). Pure.
 //!
 //! Read: `hosts` (a service as `name.namespace`, `name.namespace.svc.cluster.local` or
 //! `.svc.clusterset.local`, a short name in the VirtualService's namespace, or a host of
@@ -1237,17 +1237,19 @@ pub(crate) fn locality_lb(
 }
 
 /// `trafficPolicy.portLevelSettings` of a DestinationRule: per `port.number`, its own
-/// `connectionPool`, `outlierDetection` and `loadBalancer`, each replacing the
-/// destination-level block for requests to that port (Istio's rule). Istio's validation:
+/// `connectionPool`, `outlierDetection` and `loadBalancer`, in place of the
+/// destination-level ones for requests to that port, a block the port omits taking its
+/// defaults (Istio's rule: not inherited). Istio's validation:
 /// a port and at least one setting; a port's `tls` is warned about (meshfed's TLS
 /// origination is the destination's), and a port named twice keeps its first entry, as
 /// Istio's lookup does, with a warning.
 pub(crate) fn port_settings(
     d: &mut Doc<'_>,
     v: Option<&Value>,
+    base: &str,
 ) -> Vec<meshfed_catalog::http_route::PortSettings> {
-    use meshfed_catalog::http_route::{PortBalancer, PortPool, PortSettings};
-    let field = "spec.trafficPolicy.portLevelSettings";
+    use meshfed_catalog::http_route::PortSettings;
+    let field = &format!("{base}.portLevelSettings");
     let list = match v {
         None | Some(Value::Null) => return Vec::new(),
         Some(Value::Array(a)) => a,
@@ -1308,7 +1310,7 @@ pub(crate) fn port_settings(
             d.err(&f, "port traffic policy must have at least one field");
             continue;
         }
-        let t = crate::service_entry::Traffic::read(d, m, &f);
+        let b = blocks(d, m, &f);
         if out.iter().any(|o| o.port == port) {
             d.warn(
                 format!("{f}.port"),
@@ -1318,25 +1320,136 @@ pub(crate) fn port_settings(
         }
         out.push(PortSettings {
             port,
-            pool: set("connectionPool").then_some(PortPool {
-                max_requests: t.max_requests,
-                max_requests_per_connection: t.max_requests_per_connection,
-                idle_timeout_ms: t.idle_timeout_ms,
-                connection_pool: t.connection_pool,
-            }),
-            outlier: if set("outlierDetection") {
-                t.outlier
-            } else {
-                None
-            },
-            balancer: set("loadBalancer").then_some(PortBalancer {
-                load_balancer: t.load_balancer,
-                consistent_hash: t.consistent_hash,
-                locality_lb: t.locality_lb,
-            }),
+            pool: b.pool,
+            outlier: b.outlier,
+            balancer: b.balancer,
         });
     }
     out
+}
+
+/// The blocks a `trafficPolicy` (or a port's, or a subset's) sets, at `f`: each one
+/// absent is `None`.
+fn blocks(
+    d: &mut Doc<'_>,
+    m: &serde_json::Map<String, Value>,
+    f: &str,
+) -> meshfed_catalog::http_route::SubsetPolicy {
+    use meshfed_catalog::http_route::{PortBalancer, PortPool, SubsetPolicy};
+    let set = |k: &str| m.get(k).is_some_and(|v| !v.is_null());
+    let t = crate::service_entry::Traffic::read(d, m, f);
+    SubsetPolicy {
+        pool: set("connectionPool").then_some(PortPool {
+            max_requests: t.max_requests,
+            max_requests_per_connection: t.max_requests_per_connection,
+            idle_timeout_ms: t.idle_timeout_ms,
+            connection_pool: t.connection_pool,
+        }),
+        outlier: if set("outlierDetection") {
+            t.outlier
+        } else {
+            None
+        },
+        balancer: set("loadBalancer").then_some(PortBalancer {
+            load_balancer: t.load_balancer,
+            consistent_hash: t.consistent_hash,
+            locality_lb: t.locality_lb,
+        }),
+        port_settings: Vec::new(),
+    }
+}
+
+/// A subset's `trafficPolicy` at `f`: its `connectionPool`, `outlierDetection`,
+/// `loadBalancer` and `portLevelSettings`, read as the destination's are. What the
+/// importing gateway decides per request follows the subset (its breaker,
+/// `http2MaxRequests`; its site ejection; its balancer); what the exporting gateway
+/// decides per link or endpoint, and a subset's `localityLbSetting`, stay the
+/// destination's, each warned about by path; `tls` is warned about as a port's is.
+fn subset_policy(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+    f: &str,
+) -> Option<meshfed_catalog::http_route::SubsetPolicy> {
+    let m = match v {
+        None | Some(Value::Null) => return None,
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            d.err(f, "must be a map");
+            return None;
+        }
+    };
+    d.unsupported(
+        f,
+        m,
+        &[
+            "connectionPool",
+            "outlierDetection",
+            "loadBalancer",
+            "portLevelSettings",
+            "tls",
+        ],
+    );
+    if m.contains_key("tls") {
+        d.warn(
+            format!("{f}.tls"),
+            "meshfed originates TLS with the destination's trafficPolicy.tls, not per subset; ignored",
+        );
+    }
+    let mut sp = blocks(d, m, f);
+    sp.port_settings = port_settings(d, m.get("portLevelSettings"), f);
+    // What only the exporting gateway applies, per link or per endpoint, is the
+    // destination's: said for the subset's block and for each of its ports'.
+    fn at_exporter(
+        d: &mut Doc<'_>,
+        base: &str,
+        pool: Option<&meshfed_catalog::http_route::PortPool>,
+        outlier: bool,
+        locality: bool,
+    ) {
+        if pool.is_some_and(|p| {
+            p.max_requests_per_connection.is_some()
+                || p.idle_timeout_ms.is_some()
+                || p.connection_pool.is_some()
+        }) {
+            d.warn(
+                format!("{base}.connectionPool"),
+                "per subset only http2MaxRequests applies (at the importing gateway); maxConnections, http1MaxPendingRequests, maxRequestsPerConnection and idleTimeout stay the destination's at the exporting gateway",
+            );
+        }
+        if outlier {
+            d.warn(
+                format!("{base}.outlierDetection"),
+                "per subset it ejects sites at the importing gateway; the exporting gateway ejects endpoints by the destination's",
+            );
+        }
+        if locality {
+            d.warn(
+                format!("{base}.loadBalancer.localityLbSetting"),
+                "not applied per subset: the destination's orders the sites",
+            );
+        }
+    }
+    at_exporter(
+        d,
+        f,
+        sp.pool.as_ref(),
+        sp.outlier.is_some(),
+        sp.balancer
+            .as_ref()
+            .is_some_and(|b| b.locality_lb.is_some()),
+    );
+    for (i, ps) in sp.port_settings.iter().enumerate() {
+        at_exporter(
+            d,
+            &format!("{f}.portLevelSettings[{i}]"),
+            ps.pool.as_ref(),
+            ps.outlier.is_some(),
+            ps.balancer
+                .as_ref()
+                .is_some_and(|b| b.locality_lb.is_some()),
+        );
+    }
+    Some(sp)
 }
 
 /// `trafficPolicy.outlierDetection` of a DestinationRule: `consecutive5xxErrors`,
@@ -1415,7 +1528,7 @@ pub(crate) fn subsets(d: &mut Doc<'_>, v: Option<&Value>) -> Vec<Subset> {
                     d.err(f, "must be a map");
                     continue;
                 };
-                d.unsupported(&f, m, &["name", "labels"]);
+                d.unsupported(&f, m, &["name", "labels", "trafficPolicy"]);
                 let name = match m.get("name").and_then(Value::as_str) {
                     Some(n) if !n.is_empty() => n.to_owned(),
                     _ => {
@@ -1431,7 +1544,13 @@ pub(crate) fn subsets(d: &mut Doc<'_>, v: Option<&Value>) -> Vec<Subset> {
                     continue;
                 }
                 let labels = d.string_map(m.get("labels"), &format!("{f}.labels"));
-                out.push(Subset { name, labels });
+                let policy =
+                    subset_policy(d, m.get("trafficPolicy"), &format!("{f}.trafficPolicy"));
+                out.push(Subset {
+                    name,
+                    labels,
+                    policy,
+                });
             }
         }
         Some(_) => d.err("spec.subsets", "must be a list"),
@@ -2059,6 +2178,99 @@ spec:
     }
 
     #[test]
+    fn a_subsets_traffic_policy_travels_with_it_and_applies_to_its_requests() {
+        let dr = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      http: {http2MaxRequests: 100}
+    loadBalancer: {simple: RANDOM}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      connectionPool:
+        http: {http2MaxRequests: 5}
+      loadBalancer: {simple: LEAST_REQUEST}
+      portLevelSettings:
+      - port: {number: 9090}
+        loadBalancer: {simple: ROUND_ROBIN}
+"#;
+        let r = parse(dr).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let p = &r.http_policies[0];
+        assert!(p.subsets[0].policy.is_none());
+        let at = |port, s: usize| {
+            let t = p.traffic(port, Some(&p.subsets[s]));
+            (t.pool.max_requests, t.balancer.load_balancer)
+        };
+        assert_eq!(at(80, 0), (Some(100), Some(LoadBalancer::Random)));
+        assert_eq!(at(80, 1), (Some(5), Some(LoadBalancer::LeastRequest)));
+        // The subset's port setting replaces every block: no breaker on 9090.
+        assert_eq!(at(9090, 1), (None, Some(LoadBalancer::RoundRobin)));
+        // What the exporting gateway applies stays the destination's, warned about by
+        // path; so are a subset's tls and localityLbSetting. Istio's rules hold in a
+        // subset's policy as in the destination's, with the subset's path.
+        let warned = dr.replace(
+            "        http: {http2MaxRequests: 5}\n",
+            "        http: {http2MaxRequests: 5, maxRequestsPerConnection: 2}\n      outlierDetection: {consecutive5xxErrors: 2}\n      tls: {mode: SIMPLE}\n",
+        );
+        let r = parse(&warned).unwrap();
+        let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
+        for f in [
+            "spec.subsets[1].trafficPolicy.connectionPool",
+            "spec.subsets[1].trafficPolicy.outlierDetection",
+            "spec.subsets[1].trafficPolicy.tls",
+        ] {
+            assert!(fields.contains(&f), "{f}: {fields:?}");
+        }
+        for (from, to, field) in [
+            (
+                "{http2MaxRequests: 5}",
+                "{http2MaxRequests: -1}",
+                "spec.subsets[1].trafficPolicy.connectionPool.http.http2MaxRequests",
+            ),
+            (
+                "      - port: {number: 9090}\n",
+                "      - port: null\n",
+                "spec.subsets[1].trafficPolicy.portLevelSettings[0].port",
+            ),
+            (
+                "      connectionPool:\n        http: {http2MaxRequests: 5}\n",
+                "      bogus: 1\n      connectionPool:\n        http: {http2MaxRequests: 5}\n",
+                "",
+            ),
+        ] {
+            let r = parse(&dr.replace(from, to));
+            if field.is_empty() {
+                // An unknown field: a warning with its path, not an error.
+                let r = r.unwrap();
+                assert!(
+                    r.warnings
+                        .iter()
+                        .any(|w| w.field == "spec.subsets[1].trafficPolicy.bogus"),
+                    "{:?}",
+                    r.warnings
+                );
+                continue;
+            }
+            let Err(ParseError::Invalid(problems)) = r else {
+                panic!("{to}: accepted");
+            };
+            assert!(
+                problems.iter().any(|p| p.field == field),
+                "{field}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
     fn port_level_settings_travel_with_the_policy_and_replace_blocks_per_port() {
         let dr = r#"
 apiVersion: networking.istio.io/v1
@@ -2101,7 +2313,9 @@ spec:
                     .as_ref()
                     .map(|o| (o.consecutive_5xx, o.base_ejection_ms))
             ),
-            (Some(100), Some(LoadBalancer::Random), Some((1, 1000)))
+            // The destination's breaker and balancer are not inherited (pilot's
+            // GetPortLevelTrafficPolicy): the port sets only outlierDetection.
+            (None, None, Some((1, 1000)))
         );
         assert_eq!(p.at_port(443).max_requests, Some(100));
         // Port settings alone make a policy (every request on one route).

@@ -967,7 +967,9 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
 /// A DestinationRule's `connectionPool.http.http2MaxRequests: 4` for the service's port
 /// (`portLevelSettings`, under a destination-wide 1000), registered at west: of 20 slow
 /// requests at once, 4 are served and the rest are answered 503 `overflow` at once
-/// (never queued); once they finish, requests pass again.
+/// (never queued); once they finish, requests pass again. Then a subset's own
+/// `trafficPolicy` breaker (2, for the canary subset at north) bounds that subset's
+/// requests while the stable subset's pass.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
     let sites = http_sites("http-breaker", (200, 200), 0, |_| {}).await;
@@ -1050,6 +1052,84 @@ async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
     for _ in 0..10 {
         assert_eq!(curl(&[], &url).0, 200);
     }
+
+    // A subset's own breaker: the canary subset (north) allows 2 in flight under the
+    // destination's 1000 (no port settings now). 10 slow canary requests: 2 served, the
+    // rest overflow at once; 6 slow stable requests beside them all pass.
+    let routes = ROUTES
+        .replace("STABLE", "100")
+        .replace("CANARY", "0")
+        .replace(
+            "  host: web.demo\n  subsets:\n",
+            "  host: web.demo\n  trafficPolicy:\n    connectionPool:\n      http: {http2MaxRequests: 1000}\n  subsets:\n",
+        )
+        .replace(
+            "    labels: {topology.istio.io/cluster: north}\n",
+            "    labels: {topology.istio.io/cluster: north}\n    trafficPolicy:\n      connectionPool:\n        http: {http2MaxRequests: 2}\n",
+        );
+    let out = register_yaml(&sites.west, "pool.yaml", &routes);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let burst = |canary: usize, stable: usize| {
+        let mut tasks = Vec::new();
+        for i in 0..canary + stable {
+            let url = url.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let t = std::time::Instant::now();
+                let args: &[&str] = if i < canary {
+                    &["-H", "x-delay-ms: 1000", "-H", "x-canary: 1"]
+                } else {
+                    &["-H", "x-delay-ms: 1000"]
+                };
+                (i < canary, curl(args, &url), t.elapsed())
+            }));
+        }
+        tasks
+    };
+    // Applied once a burst of canary requests sees an overflow.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut over = false;
+        for t in burst(6, 0) {
+            over |= t.await.unwrap().1.2 == "overflow";
+        }
+        if over {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the subset's breaker never applied\n{}",
+            sites.east_gw.logs()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut canary_served, mut canary_over, mut stable_served) = (0, 0, 0);
+    for t in burst(10, 6) {
+        let (canary, (status, body, error), took) = t.await.unwrap();
+        match (canary, status, error.as_str()) {
+            (true, 200, "") => canary_served += 1,
+            (true, 503, "overflow") => {
+                canary_over += 1;
+                assert!(body.contains("subset canary"), "{body}");
+                assert!(
+                    took < Duration::from_millis(900),
+                    "an overflow waited {took:?}"
+                );
+            }
+            (false, 200, "") => stable_served += 1,
+            other => panic!("{other:?}: {body}"),
+        }
+    }
+    eprintln!(
+        "subset breaker: canary {canary_served} served, {canary_over} overflowed; stable {stable_served} of 6 served"
+    );
+    assert!(
+        (2..=4).contains(&canary_served) && canary_served + canary_over == 10,
+        "{canary_served} canary requests served past a limit of 2"
+    );
+    assert_eq!(
+        stable_served, 6,
+        "the canary's limit reached the stable subset"
+    );
 }
 
 /// A mirror at north (answering 300 ms late) beside a route to west: north receives a

@@ -142,6 +142,9 @@ pub struct RouteTable {
     pub site_weights: BTreeMap<SiteName, u32>,
     /// Requests in flight, against the policy's `max_requests`.
     pub in_flight: AtomicU32,
+    /// Requests in flight to each subset (by index), against a subset policy's own
+    /// `max_requests`.
+    subset_in_flight: Vec<AtomicU32>,
     /// Each route's rate limit bucket (this gateway's), by route index.
     buckets: Vec<Option<Mutex<decide::TokenBucket>>>,
 }
@@ -163,21 +166,46 @@ impl RouteTable {
             })
             .collect();
         Self {
-            compiled,
             site_labels,
             site_weights,
             in_flight: AtomicU32::new(0),
+            subset_in_flight: compiled_subsets(&compiled),
+            compiled,
             buckets,
         }
     }
+
+    /// Counts a request against `max`, on the table's counter or a subset's (`None`
+    /// when `max` requests are in flight already: the breaker is open).
+    fn take(self: &Arc<Self>, subset: Option<usize>, max: u32) -> Option<InFlight> {
+        let counter = match subset {
+            None => &self.in_flight,
+            Some(i) => self.subset_in_flight.get(i)?,
+        };
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight(self.clone(), subset))
+    }
 }
 
-/// A request counted against its import's `max_requests` while it lives.
-struct InFlight(Arc<RouteTable>);
+fn compiled_subsets(c: &Compiled) -> Vec<AtomicU32> {
+    c.policy.subsets.iter().map(|_| AtomicU32::new(0)).collect()
+}
+
+/// A request counted against its import's `max_requests` (or its subset's) while it
+/// lives.
+struct InFlight(Arc<RouteTable>, Option<usize>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let counter = match self.1 {
+            None => &self.0.in_flight,
+            Some(i) => &self.0.subset_in_flight[i],
+        };
+        counter.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -196,8 +224,10 @@ struct Plan {
     /// The destination subset's endpoint labels, for the far ingress
     /// ([`SELECTOR_HEADER`]); `None`: any endpoint of the site.
     selector: Option<http::HeaderValue>,
-    /// Held while the request lives, when the import has a `max_requests`.
+    /// Held while the request lives, when the import has a `max_requests`, and when
+    /// the destination's subset has one of its own.
     _in_flight: Option<InFlight>,
+    _subset_in_flight: Option<InFlight>,
     /// The route's faults, and the roll that decides whether they hit.
     fault: Option<(meshfed_catalog::http_route::Fault, u32)>,
     sites: Vec<SiteName>,
@@ -689,6 +719,7 @@ impl HttpEgress {
                 mirrors: Vec::new(),
                 selector: None,
                 _in_flight: None,
+                _subset_in_flight: None,
                 fault: None,
                 sites: backends.to_vec(),
                 route: None,
@@ -708,20 +739,14 @@ impl HttpEgress {
         // queued.
         let in_flight = match table.compiled.policy.max_requests {
             None => None,
-            Some(max) => {
-                let taken =
-                    table
-                        .in_flight
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                            (n < max).then_some(n + 1)
-                        });
-                if taken.is_err() {
+            Some(max) => match table.take(None, max) {
+                Some(f) => Some(f),
+                None => {
                     eg.metrics.http_overflow("egress");
                     let msg = format!("{max} requests to {} in flight (max_requests)", self.import);
                     return Err(error_response(503, OVERFLOW, &msg));
                 }
-                Some(InFlight(table.clone()))
-            }
+            },
         };
         let Some((route, prefix)) = table.compiled.route_and_prefix(&View(parts)) else {
             // Istio answers 404 (NR: no route) too.
@@ -812,25 +837,65 @@ impl HttpEgress {
             None => (self, backends.clone(), routes.clone()),
         };
         let to_table = to_routes.as_ref().as_ref();
-        let (sites, selector): (Vec<SiteName>, _) = match d.subset.as_deref() {
-            None => (to_backends.to_vec(), None),
+        let (sites, selector, subset) = match d.subset.as_deref() {
+            None => (to_backends.to_vec(), None, None),
             Some(name) => match to_table.and_then(|t| t.compiled.subset(name).map(|s| (t, s))) {
                 Some((t, subset)) => (
                     subset_sites(subset, &to_backends, &t.site_labels)
                         .into_iter()
                         .cloned()
-                        .collect(),
+                        .collect::<Vec<SiteName>>(),
                     selector_value(subset),
+                    Some(subset),
                 ),
                 None => return Err(no_site(format!("{} has no subset {name}", to.0))),
             },
         };
         let policy = to_table.map(|t| &t.compiled.policy);
-        let outlier = policy.and_then(|p| p.outlier.clone());
-        let load_balancer = policy.and_then(|p| p.load_balancer);
+        // A subset with a policy of its own: its breaker, outlier detection and balancer
+        // (over the destination's at the port) for this request.
+        let subset_traffic = match (policy, subset) {
+            (Some(p), Some(s)) if s.policy.is_some() => Some(p.traffic(to.1, Some(s))),
+            _ => None,
+        };
+        let subset_in_flight = match (&subset_traffic, to_table, subset) {
+            (Some(t), Some(table), Some(s)) => match t.pool.max_requests {
+                None => None,
+                Some(max) => {
+                    let subsets = &table.compiled.policy.subsets;
+                    match subsets.iter().position(|x| std::ptr::eq(x, s)) {
+                        None => None,
+                        Some(i) => match table.take(Some(i), max) {
+                            Some(f) => Some(f),
+                            None => {
+                                eg.metrics.http_overflow("egress");
+                                let msg = format!(
+                                    "{max} requests to subset {} of {} in flight (max_requests)",
+                                    s.name, to.0
+                                );
+                                return Err(error_response(503, OVERFLOW, &msg));
+                            }
+                        },
+                    }
+                }
+            },
+            _ => None,
+        };
+        let (outlier, load_balancer, hash_key) = match &subset_traffic {
+            Some(t) => (
+                t.outlier.clone(),
+                t.balancer.load_balancer,
+                t.balancer.consistent_hash.as_ref(),
+            ),
+            None => (
+                policy.and_then(|p| p.outlier.clone()),
+                policy.and_then(|p| p.load_balancer),
+                policy.and_then(|p| p.consistent_hash.as_ref()),
+            ),
+        };
         // Session affinity: the key's sites in rendezvous order (a request without the
         // key is balanced as usual; a missing cookie with a ttl is made up here).
-        let (hash, set_cookie) = match policy.and_then(|p| p.consistent_hash.as_ref()) {
+        let (hash, set_cookie) = match hash_key {
             None => (None, None),
             Some(key) => match affinity::request_hash(key, &View(parts), client) {
                 Some(h) => (Some(h), None),
@@ -918,6 +983,7 @@ impl HttpEgress {
             mirrors: mirrors.collect(),
             selector,
             _in_flight: in_flight,
+            _subset_in_flight: subset_in_flight,
             fault,
             sites,
             route: Some(route_name()),
