@@ -1,15 +1,19 @@
 //! http-bench: meshfed's HTTP path against an haproxy pair doing the same job, with
 //! h2load (nghttp2-client) as the client, for HTTP/1.1 and h2 (prior knowledge).
 //!
-//! One run starts, as real processes on loopback: a federation, three sites (east
-//! imports; west and north export), nginx as the endpoints (one server block per site,
-//! HTTP/1.1 and h2c listeners), and an haproxy pair. The paths:
+//! One run starts, as real processes on loopback: a federation, four sites (east imports
+//! over QUIC, south over the h2 transport (TCP); west and north export), nginx as the
+//! endpoints (one server block per site, HTTP/1.1 and h2c listeners), and an haproxy
+//! pair. The paths:
 //! - `direct`: h2load → nginx (west's server block);
 //! - `meshfed-l7`: h2load → east's egress (`protocol: http`) ══tunnel══▶ west or north
 //!   → nginx, with a VirtualService registered at west splitting 50/50 between a subset
 //!   at west and one at north, and retries on (the default 2, under the budget);
 //! - `meshfed-l4`: the same gateways, a `tcp` port of west's (bytes, no routing), to
 //!   nginx's listener for the client's protocol;
+//! - `meshfed-l7-tcp`, `meshfed-l4-tcp`: the same two through south, whose links to
+//!   west and north are the h2 transport (`transport: {default: h2}`: TLS over TCP, as
+//!   haproxy's pair) instead of QUIC;
 //! - `haproxy`: h2load → haproxy A (`mode http`, a 50/50 `roundrobin` backend, `retries 2`,
 //!   `retry-on conn-failure empty-response 502 503 504`, `option redispatch`,
 //!   `http-reuse always`) ══mTLS (the sites' certificates; h2 for h2 clients, pooled
@@ -19,8 +23,9 @@
 //! For each protocol and round: requests per second at fixed concurrency (`--clients`,
 //! and `--streams` per connection on h2), then p50/p99 at 60 % of the slowest path's
 //! capacity in that round (`h2load --rps`, latencies from `--log-file`). Prints every
-//! figure with the peer's, then ratios with their range over rounds; the last lines are
-//! `name: value`.
+//! figure with the peer's, then ratios with their range over rounds, per transport; the
+//! last lines are `name: value` (the headline lines take the worse protocol and the
+//! worse transport).
 
 #[allow(dead_code)] // need(): the peers this benchmark installs
 #[path = "../common/topo.rs"]
@@ -406,7 +411,7 @@ async fn main() -> Result<()> {
     )?);
     wait_for("federation", || fed.join("address").exists()).await?;
     let mut sites = Vec::new();
-    for name in ["east", "west", "north"] {
+    for name in ["east", "west", "north", "south"] {
         let s = lab::make_site(&dir, name, &format!("{name}.example.org"))?;
         let token = run(Command::new(&meshfed)
             .args(["federation", "token", "create", "--dir"])
@@ -424,7 +429,7 @@ async fn main() -> Result<()> {
             ]))?;
         sites.push(s);
     }
-    let (east, west, north) = (&sites[0], &sites[1], &sites[2]);
+    let (east, west, north, south) = (&sites[0], &sites[1], &sites[2], &sites[3]);
     let routes = dir.join("routes.yaml");
     std::fs::write(&routes, ROUTES)?;
     run(Command::new(&meshfed)
@@ -463,25 +468,35 @@ async fn main() -> Result<()> {
             &dir.join(format!("{}.log", s.site)),
         )?);
     }
-    let cfg = fed_cfg(east, import_ip).write(east)?;
-    procs.0.push(spawn(
-        Command::new(&meshfed)
-            .args(["gateway", "run", "-c"])
-            .arg(&cfg),
-        &dir.join("east.log"),
-    )?);
+    // East imports over QUIC, south over the h2 transport (TLS over TCP).
+    let tcp_ip = [127, 0, 0, 5];
+    for (s, ip, transport) in [(east, import_ip, "quic"), (south, tcp_ip, "h2")] {
+        let mut c = fed_cfg(s, ip);
+        c.transport = Some(format!("default: {transport}"));
+        let cfg = c.write(s)?;
+        procs.0.push(spawn(
+            Command::new(&meshfed)
+                .args(["gateway", "run", "-c"])
+                .arg(&cfg),
+            &dir.join(format!("{}.log", s.site)),
+        )?);
+    }
     let ip = |p: u16| SocketAddr::from((import_ip, p));
+    let tcp = |p: u16| SocketAddr::from((tcp_ip, p));
     let l7 = format!("http://{}/", ip(web));
-    // Both sites answer through the split once east has the routes.
-    wait_for("the split at east", || {
-        let seen: std::collections::BTreeSet<String> = (0..20).filter_map(|_| curl(&l7)).collect();
-        seen.len() == 2
-    })
-    .await?;
-    wait_for("the L4 import", || {
-        curl(&format!("http://{}/", ip(raw_h1))).is_some()
-    })
-    .await?;
+    let l7_tcp = format!("http://{}/", tcp(web));
+    // Both sites answer through the split once east and south have the routes.
+    for (site, url) in [("east", &l7), ("south", &l7_tcp)] {
+        wait_for(&format!("the split at {site}"), || {
+            let seen: std::collections::BTreeSet<String> =
+                (0..20).filter_map(|_| curl(url)).collect();
+            seen.len() == 2
+        })
+        .await?;
+    }
+    for a in [ip(raw_h1), tcp(raw_h1)] {
+        wait_for("the L4 import", || curl(&format!("http://{a}/")).is_some()).await?;
+    }
 
     // The haproxy pair, with the sites' certificates (east's as the client's).
     let (front_h1, front_h2, b_west, b_north) = (
@@ -519,6 +534,8 @@ async fn main() -> Result<()> {
             ("haproxy", format!("http://127.0.0.1:{ha}/")),
             ("meshfed-l4", format!("http://{}/", ip(raw))),
             ("meshfed-l7", l7.clone()),
+            ("meshfed-l4-tcp", format!("http://{}/", tcp(raw))),
+            ("meshfed-l7-tcp", l7_tcp.clone()),
         ]
     };
     // (proto, path) → per-round figures.
@@ -531,7 +548,7 @@ async fn main() -> Result<()> {
             for (name, url) in paths(proto) {
                 let l = h2load(&cli, proto, &url, None, None)?;
                 println!(
-                    "round {round} {} {name:<11} capacity {:>9.0} req/s  failed {}",
+                    "round {round} {} {name:<14} capacity {:>9.0} req/s  failed {}",
                     proto.name(),
                     l.rps,
                     l.failed
@@ -560,7 +577,7 @@ async fn main() -> Result<()> {
                 )?;
                 let (a, b) = (pct(&l.lat_us, 0.5), pct(&l.lat_us, 0.99));
                 println!(
-                    "round {round} {} {name:<11} at {target:>7.0} req/s: p50 {a:>6} µs  p99 {b:>6} µs  ({} requests, failed {})",
+                    "round {round} {} {name:<14} at {target:>7.0} req/s: p50 {a:>6} µs  p99 {b:>6} µs  ({} requests, failed {})",
                     proto.name(),
                     l.lat_us.len(),
                     l.failed
@@ -584,28 +601,31 @@ async fn main() -> Result<()> {
     println!("\nratios per round (same run), range and mean:");
     let mut headline = (f64::MAX, f64::MIN, f64::MAX);
     let mut lines = Vec::new();
-    for proto in ["h1", "h2"] {
-        let r = |p: &str| rps[&(proto, p)].clone();
-        let rps_ha = ratio(&r("meshfed-l7"), &r("haproxy"));
-        let p99_ha = ratio(
-            &f(&p99[&(proto, "meshfed-l7")]),
-            &f(&p99[&(proto, "haproxy")]),
-        );
-        let l7_l4 = ratio(&r("meshfed-l7"), &r("meshfed-l4"));
-        for (what, v) in [
-            ("meshfed-l7 / haproxy req/s", &rps_ha),
-            ("meshfed-l7 / haproxy p99", &p99_ha),
-            ("meshfed-l7 / meshfed-l4 req/s", &l7_l4),
-        ] {
-            let (lo, hi, m) = range(v);
-            println!("  {proto} {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
+    // The QUIC lines keep their names (`http_P_...`); the h2 transport's say `_tcp_`.
+    for (transport, l7_path, l4_path, tag) in [
+        ("quic", "meshfed-l7", "meshfed-l4", ""),
+        ("h2 transport", "meshfed-l7-tcp", "meshfed-l4-tcp", "tcp_"),
+    ] {
+        for proto in ["h1", "h2"] {
+            let r = |p: &str| rps[&(proto, p)].clone();
+            let rps_ha = ratio(&r(l7_path), &r("haproxy"));
+            let p99_ha = ratio(&f(&p99[&(proto, l7_path)]), &f(&p99[&(proto, "haproxy")]));
+            let l7_l4 = ratio(&r(l7_path), &r(l4_path));
+            for (what, v) in [
+                (format!("{l7_path} / haproxy req/s"), &rps_ha),
+                (format!("{l7_path} / haproxy p99"), &p99_ha),
+                (format!("{l7_path} / {l4_path} req/s"), &l7_l4),
+            ] {
+                let (lo, hi, m) = range(v);
+                println!("  {proto} ({transport}) {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
+            }
+            let (m1, m2, m3) = (range(&rps_ha).2, range(&p99_ha).2, range(&l7_l4).2);
+            lines.push(format!("http_{proto}_{tag}rps_ratio_vs_haproxy: {m1:.3}"));
+            lines.push(format!("http_{proto}_{tag}p99_ratio_vs_haproxy: {m2:.3}"));
+            lines.push(format!("http_{proto}_{tag}l7_overhead_vs_l4: {m3:.3}"));
+            // The headline lines take the worse protocol and the worse transport.
+            headline = (headline.0.min(m1), headline.1.max(m2), headline.2.min(m3));
         }
-        let (m1, m2, m3) = (range(&rps_ha).2, range(&p99_ha).2, range(&l7_l4).2);
-        lines.push(format!("http_{proto}_rps_ratio_vs_haproxy: {m1:.3}"));
-        lines.push(format!("http_{proto}_p99_ratio_vs_haproxy: {m2:.3}"));
-        lines.push(format!("http_{proto}_l7_overhead_vs_l4: {m3:.3}"));
-        // The headline lines take the worse protocol.
-        headline = (headline.0.min(m1), headline.1.max(m2), headline.2.min(m3));
     }
     println!("logs and configs: {}", dir.display());
     for l in lines {
