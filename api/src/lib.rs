@@ -641,6 +641,7 @@ mod tests {
             connection_pool: None,
             locality_lb: None,
             port_settings: vec![],
+            export_to: Vec::new(),
             service: service.clone(),
             source: "VirtualService demo/web".into(),
             routes: vec![HttpRoute {

@@ -200,7 +200,7 @@ fn principal(id: &str) -> &str {
 }
 
 /// The `ns` segment of a SPIFFE ID's path (`.../ns/<ns>/...`).
-fn namespace(id: &str) -> Option<&str> {
+pub(crate) fn namespace(id: &str) -> Option<&str> {
     let path = principal(id).split_once('/')?.1;
     let mut segs = path.split('/');
     while let Some(s) = segs.next() {

@@ -99,7 +99,17 @@ pub struct HttpPolicy {
     /// [`HttpPolicy::at_port`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_settings: Vec<PortSettings>,
+    /// The namespaces whose callers the routes apply to (a VirtualService's `exportTo`,
+    /// `.` resolved to its namespace); empty: every caller. A caller of another
+    /// namespace, or without one in its SPIFFE ID, is routed as if the service had no
+    /// routes (the service itself, every site), the rest of the policy applying. See
+    /// [`HttpPolicy::routes_apply_to`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
 }
+
+/// Namespaces in a policy's `export_to`, at most.
+pub const MAX_EXPORT_TO: usize = 64;
 
 /// What a DestinationRule's `portLevelSettings[]` sets for one port.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +185,14 @@ impl HttpPolicy {
         }
         self.port_settings.clear();
         self
+    }
+
+    /// Whether the routes apply to a request from `caller` (a SPIFFE ID): `export_to`
+    /// is empty or names the namespace of the caller's path (`.../ns/<ns>/...`). Pure.
+    pub fn routes_apply_to(&self, caller: &str) -> bool {
+        self.export_to.is_empty()
+            || crate::authz::namespace(caller)
+                .is_some_and(|ns| self.export_to.iter().any(|e| e == ns))
     }
 
     /// The first of the policy's [`PortSettings`] for `port`.
@@ -1081,6 +1099,23 @@ impl HttpPolicy {
         if self.routes.len() > MAX_ROUTES {
             return Err(bad("routes", format!("at most {MAX_ROUTES}")));
         }
+        if self.export_to.len() > MAX_EXPORT_TO {
+            return Err(bad("export_to", format!("at most {MAX_EXPORT_TO}")));
+        }
+        for (i, ns) in self.export_to.iter().enumerate() {
+            if ns.contains('.') || !crate::names::dns_subdomain(ns) {
+                return Err(bad(
+                    format!("export_to[{i}]"),
+                    format!(
+                        "{:?} is not a namespace (a DNS label)",
+                        crate::names::clip(ns, crate::names::QUOTE_MAX)
+                    ),
+                ));
+            }
+            if self.export_to[..i].contains(ns) {
+                return Err(bad(format!("export_to[{i}]"), format!("{ns:?} twice")));
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, s) in self.subsets.iter().enumerate() {
             if s.name.is_empty() {
@@ -1484,6 +1519,7 @@ mod tests {
             connection_pool: None,
             locality_lb: None,
             port_settings: vec![],
+            export_to: Vec::new(),
             outlier: None,
             load_balancer: None,
             consistent_hash: None,
@@ -2194,6 +2230,51 @@ mod tests {
             per_million: 1_000_000,
         }];
         assert!(p.compile().is_ok());
+    }
+
+    #[test]
+    fn routes_apply_to_callers_of_the_namespaces_they_are_exported_to() {
+        let mut p = policy();
+        // Exported everywhere: any caller, with a namespace or without.
+        for caller in [
+            "spiffe://east.example.org/ns/demo/sa/client",
+            "spiffe://east.example.org/meshfed/site/east/gateway",
+        ] {
+            assert!(p.routes_apply_to(caller), "{caller}");
+        }
+        p.export_to = vec!["demo".into(), "shop".into()];
+        assert!(p.clone().compile().is_ok());
+        let rows = [
+            ("spiffe://east.example.org/ns/demo/sa/client", true),
+            ("spiffe://other.example.org/ns/shop/sa/orders", true),
+            ("spiffe://east.example.org/ns/other/sa/client", false),
+            // No namespace in the ID (a gateway's own): not one of them.
+            ("spiffe://east.example.org/meshfed/site/east/gateway", false),
+            // `ns` as a value, not the segment's name.
+            ("spiffe://east.example.org/sa/ns", false),
+            ("spiffe://east.example.org/ns/demox/sa/client", false),
+        ];
+        for (caller, want) in rows {
+            assert_eq!(p.routes_apply_to(caller), want, "{caller}");
+        }
+        // Refused by path: not a label, twice, too many.
+        for (list, field) in [
+            (vec!["demo", "a.b"], "export_to[1]"),
+            (vec!["Demo"], "export_to[0]"),
+            (vec!["*"], "export_to[0]"),
+            (vec!["demo", "demo"], "export_to[1]"),
+            (vec![""], "export_to[0]"),
+        ] {
+            let mut q = p.clone();
+            q.export_to = list.iter().map(|s| s.to_string()).collect();
+            assert_eq!(q.compile().err().map(|e| e.field), Some(field.to_owned()));
+        }
+        let mut q = p.clone();
+        q.export_to = (0..=MAX_EXPORT_TO).map(|i| format!("ns{i}")).collect();
+        assert_eq!(
+            q.compile().err().map(|e| e.field),
+            Some("export_to".to_owned())
+        );
     }
 
     #[test]

@@ -679,6 +679,7 @@ mod tests {
                         connection_pool: None,
                         locality_lb: None,
                         port_settings: vec![],
+                        export_to: Vec::new(),
                         outlier: None,
                         load_balancer: None,
                         consistent_hash: None,

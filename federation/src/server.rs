@@ -1253,6 +1253,7 @@ mod conflict_tests {
                 connection_pool: None,
                 locality_lb: None,
                 port_settings: vec![],
+                export_to: Vec::new(),
                 service: svc,
                 source: "VirtualService demo/web".into(),
                 routes: vec![HttpRoute {

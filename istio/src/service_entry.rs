@@ -754,6 +754,7 @@ fn http_policies(
                 consistent_hash: traffic.consistent_hash,
                 locality_lb: traffic.locality_lb,
                 port_settings: traffic.port_settings,
+                export_to: Vec::new(),
             };
             match p.clone().compile() {
                 Ok(_) => out.push((gr.index, p)),
@@ -799,6 +800,7 @@ fn http_policies(
                 consistent_hash: traffic.consistent_hash.clone(),
                 locality_lb: traffic.locality_lb.clone(),
                 port_settings: traffic.port_settings.clone(),
+                export_to: Vec::new(),
                 service,
             },
         ));

@@ -45,6 +45,8 @@ pub(crate) struct RawVirtualService {
     pub routes: Vec<HttpRoute>,
     /// `(route, what, host)` of every destination and mirror, for resolution.
     pub destination_hosts: Vec<(usize, HostOf, String)>,
+    /// `spec.exportTo`, `.` resolved to the namespace; empty: every namespace.
+    pub export_to: Vec<String>,
 }
 
 /// What a host of a route names: a destination (`route[j]`), the route's `mirror`, or
@@ -799,12 +801,7 @@ pub(crate) fn virtual_service(
             "meshfed applies the routes at its egress gateways (as for `mesh`); Istio gateways are ignored",
         );
     }
-    if spec.contains_key("exportTo") {
-        d.warn(
-            "spec.exportTo",
-            "the routes travel with the service they govern, to every site that imports it",
-        );
-    }
+    let export_to = export_to(d, spec.get("exportTo"), namespace);
     let hosts = d.str_list(spec.get("hosts"), "spec.hosts");
     if hosts.is_empty() {
         d.err("spec.hosts", "at least one host is required");
@@ -829,7 +826,57 @@ pub(crate) fn virtual_service(
         hosts,
         routes,
         destination_hosts,
+        export_to,
     })
+}
+
+/// A VirtualService's `exportTo`, checked as Istio's `validateExportTo` checks it (`.`,
+/// `*` or a namespace, a DNS label; no entry twice, `.` counting as the namespace; `*`
+/// alone; `~` only on a ServiceEntry), with `.` resolved to `namespace`. The routes
+/// apply to callers of those namespaces at every importing gateway (the namespace of
+/// the caller's SPIFFE ID); `*` or none: every caller.
+fn export_to(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Vec<String> {
+    let list = d.str_list(v, "spec.exportTo");
+    let mut out: Vec<String> = Vec::new();
+    let mut public = false;
+    for (i, e) in list.iter().enumerate() {
+        let f = format!("spec.exportTo[{i}]");
+        let key = if e == "." { namespace } else { e.as_str() };
+        if key == "*" {
+            public = true;
+        } else if e == "~" {
+            d.err(
+                &f,
+                "exportTo ~ (none) is not allowed for Istio configuration objects",
+            );
+            continue;
+        } else if key.contains('.') || !meshfed_catalog::names::dns_subdomain(key) {
+            d.err(
+                &f,
+                "only .,*, or a valid DNS 1123 label is allowed as exportTo entry",
+            );
+            continue;
+        }
+        if out.iter().any(|o| o == key) || (key == "*" && list[..i].iter().any(|o| o == "*")) {
+            let msg = if key != e {
+                format!("duplicate entries in exportTo: . and current namespace {namespace}")
+            } else {
+                format!("duplicate entries in exportTo for entry {e}")
+            };
+            d.err(&f, msg);
+            continue;
+        }
+        if key != "*" {
+            out.push(key.to_owned());
+        }
+    }
+    if public && list.len() > 1 {
+        d.err(
+            "spec.exportTo",
+            "cannot have both public (*) and non-public exportTo values for a resource",
+        );
+    }
+    if public { Vec::new() } else { out }
 }
 
 /// What a DestinationRule's `connectionPool` sets.
@@ -1389,6 +1436,23 @@ fn subset_policy(
             "tls",
         ],
     );
+    // Istio's validateTrafficPolicy: a policy that sets nothing is an error.
+    let fields = [
+        "connectionPool",
+        "outlierDetection",
+        "loadBalancer",
+        "portLevelSettings",
+        "tls",
+        "tunnel",
+        "proxyProtocol",
+    ];
+    if !fields
+        .iter()
+        .any(|k| m.get(*k).is_some_and(|v| !v.is_null()))
+    {
+        d.err(f, "traffic policy must have at least one field");
+        return None;
+    }
     if m.contains_key("tls") {
         d.warn(
             format!("{f}.tls"),
@@ -1582,6 +1646,7 @@ pub(crate) fn policy(
         consistent_hash: traffic.consistent_hash,
         locality_lb: traffic.locality_lb,
         port_settings: traffic.port_settings,
+        export_to: vs.export_to.clone(),
     };
     match p.clone().compile() {
         Ok(_) => Some(p),
@@ -2178,6 +2243,67 @@ spec:
     }
 
     #[test]
+    fn export_to_is_checked_as_istio_checks_it_and_dot_is_the_namespace() {
+        let vs = |e: &str| {
+            GOOD.replace(
+                "  hosts: [web.demo.svc.cluster.local]\n",
+                &format!("  hosts: [web.demo.svc.cluster.local]\n  exportTo: {e}\n"),
+            )
+        };
+        let export_to = |e: &str| parse(&vs(e)).unwrap().http_policies[0].export_to.clone();
+        assert_eq!(export_to("[.]"), ["demo"]);
+        assert_eq!(export_to("[., shop]"), ["demo", "shop"]);
+        assert!(export_to("[\"*\"]").is_empty());
+        assert!(export_to("[]").is_empty());
+        for (e, field, message) in [
+            (
+                "[demo, .]",
+                "spec.exportTo[1]",
+                "duplicate entries in exportTo: . and current namespace demo",
+            ),
+            (
+                "[., demo]",
+                "spec.exportTo[1]",
+                "duplicate entries in exportTo for entry demo",
+            ),
+            (
+                "[shop, shop]",
+                "spec.exportTo[1]",
+                "duplicate entries in exportTo for entry shop",
+            ),
+            (
+                "[\"*\", shop]",
+                "spec.exportTo",
+                "cannot have both public (*) and non-public exportTo values",
+            ),
+            (
+                "[\"~\"]",
+                "spec.exportTo[0]",
+                "exportTo ~ (none) is not allowed",
+            ),
+            (
+                "[Shop]",
+                "spec.exportTo[0]",
+                "only .,*, or a valid DNS 1123 label",
+            ),
+            (
+                "[a.b]",
+                "spec.exportTo[0]",
+                "only .,*, or a valid DNS 1123 label",
+            ),
+        ] {
+            let Err(ParseError::Invalid(p)) = parse(&vs(e)) else {
+                panic!("{e}: accepted");
+            };
+            assert!(
+                p.iter()
+                    .any(|p| p.field == field && p.message.contains(message)),
+                "{e}: {p:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_subsets_traffic_policy_travels_with_it_and_applies_to_its_requests() {
         let dr = r#"
 apiVersion: networking.istio.io/v1
@@ -2240,6 +2366,11 @@ spec:
                 "      - port: {number: 9090}\n",
                 "      - port: null\n",
                 "spec.subsets[1].trafficPolicy.portLevelSettings[0].port",
+            ),
+            (
+                "      connectionPool:\n        http: {http2MaxRequests: 5}\n      loadBalancer: {simple: LEAST_REQUEST}\n      portLevelSettings:\n      - port: {number: 9090}\n        loadBalancer: {simple: ROUND_ROBIN}\n",
+                "      {}\n",
+                "spec.subsets[1].trafficPolicy",
             ),
             (
                 "      connectionPool:\n        http: {http2MaxRequests: 5}\n",

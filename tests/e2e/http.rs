@@ -423,6 +423,18 @@ async fn http_sites_at(
     localities: [Option<&str>; 3],
     before: impl FnOnce(&meshfed_lab::SiteFiles),
 ) -> HttpSites {
+    http_sites_with(name, statuses, north_delay_ms, localities, |c| c, before).await
+}
+
+/// [`http_sites_at`], with east's configuration changed by `east`.
+async fn http_sites_with(
+    name: &str,
+    statuses: (u16, u16),
+    north_delay_ms: u64,
+    localities: [Option<&str>; 3],
+    east: impl FnOnce(meshfed_lab::ConfigBuilder) -> meshfed_lab::ConfigBuilder,
+    before: impl FnOnce(&meshfed_lab::SiteFiles),
+) -> HttpSites {
     use crate::federation::{Fed, fed_config, free_port, joined};
     let at = |c: meshfed_lab::ConfigBuilder, i: usize| meshfed_lab::ConfigBuilder {
         locality: localities[i].map(str::to_owned),
@@ -430,7 +442,7 @@ async fn http_sites_at(
     };
     let scratch = Scratch::new(name);
     let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
+    let [east_files, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
     let import_ip: std::net::IpAddr = [127, 0, 0, 2].into();
     let port = free_port(import_ip);
     let (west_ep, west_hits) = http_endpoint("west", statuses.0).await;
@@ -449,7 +461,11 @@ async fn http_sites_at(
         start(&west, [127, 0, 0, 3], west_ep, 1),
         start(&north, [127, 0, 0, 4], north_ep, 2),
     );
-    let east_gw = Gw::start(&east, &at(fed_config(&east, [127, 0, 0, 2]), 0)).unwrap();
+    let east_gw = Gw::start(
+        &east_files,
+        &east(at(fed_config(&east_files, [127, 0, 0, 2]), 0)),
+    )
+    .unwrap();
     HttpSites {
         _fed: fed,
         _gws: gws,
@@ -962,6 +978,59 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
     assert!(took >= Duration::from_secs(9), "cut after {took:?}");
     eprintln!("slow client cut after {took:?}");
     ok();
+}
+
+/// A VirtualService's `exportTo` scopes its routes by the caller's namespace: east's
+/// listener vouches for `ns/demo` callers, and a route that aborts every request with
+/// 418 applies while the VirtualService is exported to `.` (its namespace, demo), and
+/// not once it is exported to another namespace only (the service itself then answers).
+#[tokio::test(flavor = "multi_thread")]
+async fn export_to_applies_the_routes_to_callers_of_the_namespaces_named() {
+    let sites = http_sites_with(
+        "http-export-to",
+        (200, 200),
+        0,
+        [None; 3],
+        |c| meshfed_lab::ConfigBuilder {
+            source_identity: Some("spiffe://east.example.org/ns/demo/sa/client".into()),
+            ..c
+        },
+        |_| {},
+    )
+    .await;
+    let vs = |export_to: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: demo}}\n\
+             spec:\n  hosts: [web.demo]\n  exportTo: [{export_to}]\n  http:\n  - fault:\n      abort: {{httpStatus: 418, percentage: {{value: 100}}}}\n    \
+             route:\n    - destination: {{host: web.demo}}\n"
+        )
+    };
+    let url = format!("http://{}/", sites.import);
+    let settle = |want: u16| {
+        let url = url.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while curl(&[], &url).0 != want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never answered {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Settled: every request now.
+            for _ in 0..20 {
+                assert_eq!(curl(&[], &url).0, want);
+            }
+        }
+    };
+    let out = register_yaml(&sites.west, "vs.yaml", &vs("."));
+    assert!(out.contains("routes:web.demo"), "{out}");
+    settle(418).await;
+    register_yaml(&sites.west, "vs.yaml", &vs("other"));
+    settle(200).await;
+    // Exported to every namespace again: the route applies.
+    register_yaml(&sites.west, "vs.yaml", &vs("\"*\""));
+    settle(418).await;
 }
 
 /// A DestinationRule's `connectionPool.http.http2MaxRequests: 4` for the service's port

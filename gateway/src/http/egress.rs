@@ -41,7 +41,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::SiteName;
 use meshfed_catalog::affinity;
 use meshfed_catalog::http_route::{
-    Compiled, RequestView, SELECTOR_HEADER, SiteLabels, hits, pick, selector_header, subset_sites,
+    Compiled, Destination, HttpRoute, RequestView, SELECTOR_HEADER, SiteLabels, hits, pick,
+    selector_header, subset_sites,
 };
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
@@ -147,6 +148,9 @@ pub struct RouteTable {
     subset_in_flight: Vec<AtomicU32>,
     /// Each route's rate limit bucket (this gateway's), by route index.
     buckets: Vec<Option<Mutex<decide::TokenBucket>>>,
+    /// The route of a caller the policy's routes are not exported to (`export_to`):
+    /// the service itself, every site.
+    unrouted: HttpRoute,
 }
 
 impl RouteTable {
@@ -172,6 +176,10 @@ impl RouteTable {
             subset_in_flight: compiled_subsets(&compiled),
             compiled,
             buckets,
+            unrouted: HttpRoute {
+                destinations: vec![Destination::all()],
+                ..Default::default()
+            },
         }
     }
 
@@ -557,7 +565,7 @@ impl HttpEgress {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .deposit(self.now_ms());
-        let plan = match self.plan(eg, &parts, client.ip()) {
+        let plan = match self.plan(eg, &parts, client.ip(), caller) {
             Ok(p) => p,
             Err(r) => {
                 metrics.http_request("egress", r.status().as_u16());
@@ -707,6 +715,7 @@ impl HttpEgress {
         eg: &Egress,
         parts: &http::request::Parts,
         client: std::net::IpAddr,
+        caller: &SpiffeId,
     ) -> Result<Plan, Response<Body>> {
         let backends = eg.backends.load_full();
         let no_site = |msg: String| error_response(503, Refusal::NoReadyEndpoint.as_str(), &msg);
@@ -748,22 +757,36 @@ impl HttpEgress {
                 }
             },
         };
-        let Some((route, prefix)) = table.compiled.route_and_prefix(&View(parts)) else {
+        // Routes exported to other namespaces than the caller's: the service itself.
+        let matched = if table.compiled.policy.routes_apply_to(caller.as_str()) {
+            table.compiled.route_and_prefix(&View(parts))
+        } else {
+            Some((&table.unrouted, None))
+        };
+        let Some((route, prefix)) = matched else {
             // Istio answers 404 (NR: no route) too.
             let msg = format!("no route of {} matches", table.compiled.policy.source);
             return Err(error_response(404, NO_ROUTE, &msg));
         };
+        // `None`: the unrouted route, which has no name, rate limit or metrics series.
         let index = table
             .compiled
             .policy
             .routes
             .iter()
-            .position(|r| std::ptr::eq(r, route))
-            .unwrap_or(0);
-        let route_name = || route.name.clone().unwrap_or_else(|| format!("#{index}"));
+            .position(|r| std::ptr::eq(r, route));
+        let route_name = || {
+            route.name.clone().unwrap_or_else(|| match index {
+                Some(i) => format!("#{i}"),
+                None => "(not exported to the caller)".to_owned(),
+            })
+        };
         // The route's rate limit (before its redirect: Envoy's local rate limit runs
         // before the router).
-        if let Some(bucket) = table.buckets.get(index).and_then(Option::as_ref) {
+        if let Some(bucket) = index
+            .and_then(|i| table.buckets.get(i))
+            .and_then(Option::as_ref)
+        {
             let taken = bucket
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -986,7 +1009,7 @@ impl HttpEgress {
             _subset_in_flight: subset_in_flight,
             fault,
             sites,
-            route: Some(route_name()),
+            route: index.map(|_| route_name()),
             edits: (route.headers.is_some() || route.rewrite.is_some()).then(|| {
                 Box::new(Edits {
                     headers: route.headers.clone(),
