@@ -18,7 +18,11 @@
 //!   `retry-on conn-failure empty-response 502 503 504`, `option redispatch`,
 //!   `http-reuse always`) ══mTLS (the sites' certificates; h2 for h2 clients, pooled
 //!   HTTP/1.1 for HTTP/1.1 clients)══▶ haproxy B (one frontend per site, `verify
-//!   required`) → nginx.
+//!   required`) → nginx; A, B-west and B-north are processes of their own, one per
+//!   site as meshfed's gateways are (`nbthread 2` each, as the gateways run a worker
+//!   per core);
+//! - `haproxy-1proc`: the same pair with A and both B frontends in one process (the
+//!   hop between them stays mTLS over loopback), reported beside it.
 //!
 //! For each protocol and round: requests per second at fixed concurrency (`--clients`,
 //! and `--streams` per connection on h2), then p50/p99 at 60 % of the slowest path's
@@ -143,7 +147,9 @@ fn nginx(dir: &Path, blocks: &[(&str, u16, u16)]) -> Result<Child> {
 }
 
 /// The haproxy pair: A at `front_h1`/`front_h2` (plain HTTP/1.1 and h2c), a 50/50
-/// backend over mTLS h2 to B's two frontends, each in front of one nginx block.
+/// backend over mTLS h2 to B's two frontends, each in front of one nginx block. With
+/// `split`, A and each B frontend are processes of their own (one per site, as
+/// meshfed's gateways are), else one process holds them all; `nbthread 2` each.
 fn haproxy_pair(
     dir: &Path,
     a: &SiteFiles,
@@ -151,7 +157,8 @@ fn haproxy_pair(
     front: (u16, u16),
     b_ports: (u16, u16),
     nginx_h1: (u16, u16),
-) -> Result<Child> {
+    split: bool,
+) -> Result<Vec<Child>> {
     let pem = |s: &SiteFiles| -> Result<PathBuf> {
         let p = dir.join(format!("{}-haproxy.pem", s.site));
         let cert = std::fs::read_to_string(&s.cert)?;
@@ -193,33 +200,50 @@ fn haproxy_pair(
             server("north", b_ports.1, alpn)
         )
     };
-    let cfg = format!(
-        "global\n  maxconn 8000\n  nbthread 2\n\
-         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
-         frontend a_h1\n  bind 127.0.0.1:{}\n  default_backend pair_h1\n\
-         frontend a_h2\n  bind 127.0.0.1:{} proto h2\n  default_backend pair_h2\n\
-         {}{}\
-         frontend b_west\n{}  default_backend nginx_west\n\
-         frontend b_north\n{}  default_backend nginx_north\n\
-         backend nginx_west\n  server n 127.0.0.1:{}\n\
-         backend nginx_north\n  server n 127.0.0.1:{}\n",
+    let head = "global\n  maxconn 8000\n  nbthread 2\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n";
+    let side_a = format!(
+        "frontend a_h1\n  bind 127.0.0.1:{}\n  default_backend pair_h1\n\
+         frontend a_h2\n  bind 127.0.0.1:{} proto h2\n  default_backend pair_h2\n{}{}",
         front.0,
         front.1,
         pair("pair_h1", "http/1.1"),
         pair("pair_h2", "h2"),
-        bind_b(b_ports.0),
-        bind_b(b_ports.1),
-        nginx_h1.0,
-        nginx_h1.1,
     );
-    let path = dir.join("haproxy.cfg");
-    std::fs::write(&path, cfg)?;
-    run(Command::new("haproxy").arg("-c").arg("-f").arg(&path)).context("haproxy -c")?;
-    spawn(
-        Command::new("haproxy").arg("-f").arg(&path).arg("-db"),
-        &dir.join("haproxy.log"),
-    )
-    .context("haproxy (apt-get install haproxy)")
+    let side_b = |name: &str, bind: u16, nginx: u16| {
+        format!(
+            "frontend b_{name}\n{}  default_backend nginx_{name}\nbackend nginx_{name}\n  server n 127.0.0.1:{nginx}\n",
+            bind_b(bind)
+        )
+    };
+    let (west, north) = (
+        side_b("west", b_ports.0, nginx_h1.0),
+        side_b("north", b_ports.1, nginx_h1.1),
+    );
+    let tag = if split { "split" } else { "one" };
+    let configs: Vec<(String, String)> = if split {
+        vec![
+            (format!("{tag}-a"), format!("{head}{side_a}")),
+            (format!("{tag}-west"), format!("{head}{west}")),
+            (format!("{tag}-north"), format!("{head}{north}")),
+        ]
+    } else {
+        vec![(tag.to_owned(), format!("{head}{side_a}{west}{north}"))]
+    };
+    let mut children = Vec::new();
+    for (name, cfg) in configs {
+        let path = dir.join(format!("haproxy-{name}.cfg"));
+        std::fs::write(&path, cfg)?;
+        run(Command::new("haproxy").arg("-c").arg("-f").arg(&path)).context("haproxy -c")?;
+        children.push(
+            spawn(
+                Command::new("haproxy").arg("-f").arg(&path).arg("-db"),
+                &dir.join(format!("haproxy-{name}.log")),
+            )
+            .context("haproxy (apt-get install haproxy)")?,
+        );
+    }
+    Ok(children)
 }
 
 const ROUTES: &str = r#"apiVersion: networking.istio.io/v1
@@ -498,40 +522,51 @@ async fn main() -> Result<()> {
         wait_for("the L4 import", || curl(&format!("http://{a}/")).is_some()).await?;
     }
 
-    // The haproxy pair, with the sites' certificates (east's as the client's).
-    let (front_h1, front_h2, b_west, b_north) = (
-        free_port(lo)?,
-        free_port(lo)?,
-        free_port(lo)?,
-        free_port(lo)?,
-    );
-    procs.0.push(haproxy_pair(
-        &dir,
-        east,
-        west,
-        (front_h1, front_h2),
-        (b_west, b_north),
-        (west_h1, north_h1),
-    )?);
-    let ha1 = format!("http://127.0.0.1:{front_h1}/");
-    wait_for("haproxy", || {
-        let seen: std::collections::BTreeSet<String> = (0..20).filter_map(|_| curl(&ha1)).collect();
-        seen.len() == 2
-    })
-    .await?;
+    // The haproxy pair, with the sites' certificates (east's as the client's): one
+    // process per site (the headline peer), and all in one process.
+    let mut fronts = Vec::new();
+    for split in [true, false] {
+        let (front_h1, front_h2, b_west, b_north) = (
+            free_port(lo)?,
+            free_port(lo)?,
+            free_port(lo)?,
+            free_port(lo)?,
+        );
+        procs.0.extend(haproxy_pair(
+            &dir,
+            east,
+            west,
+            (front_h1, front_h2),
+            (b_west, b_north),
+            (west_h1, north_h1),
+            split,
+        )?);
+        let ha1 = format!("http://127.0.0.1:{front_h1}/");
+        wait_for("haproxy", || {
+            let seen: std::collections::BTreeSet<String> =
+                (0..20).filter_map(|_| curl(&ha1)).collect();
+            seen.len() == 2
+        })
+        .await?;
+        fronts.push((front_h1, front_h2));
+    }
+    let [(front_h1, front_h2), (one_h1, one_h2)] = fronts[..] else {
+        bail!("two haproxy pairs");
+    };
 
     println!(
         "http bench: h2load, {} connections ({} streams each on h2), {} s per run, {} rounds; nginx endpoints; 50/50 split over two sites on meshfed-l7 and haproxy",
         cli.clients, cli.streams, cli.secs, cli.rounds
     );
     let paths = |proto: Proto| -> Vec<(&'static str, String)> {
-        let (direct, ha, raw) = match proto {
-            Proto::H1 => (west_h1, front_h1, raw_h1),
-            Proto::H2 => (west_h2c, front_h2, raw_h2),
+        let (direct, ha, one, raw) = match proto {
+            Proto::H1 => (west_h1, front_h1, one_h1, raw_h1),
+            Proto::H2 => (west_h2c, front_h2, one_h2, raw_h2),
         };
         vec![
             ("direct", format!("http://127.0.0.1:{direct}/")),
             ("haproxy", format!("http://127.0.0.1:{ha}/")),
+            ("haproxy-1proc", format!("http://127.0.0.1:{one}/")),
             ("meshfed-l4", format!("http://{}/", ip(raw))),
             ("meshfed-l7", l7.clone()),
             ("meshfed-l4-tcp", format!("http://{}/", tcp(raw))),
@@ -619,7 +654,27 @@ async fn main() -> Result<()> {
                 let (lo, hi, m) = range(v);
                 println!("  {proto} ({transport}) {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
             }
+            // The same against haproxy in one process (A and both B frontends).
+            let rps_one = ratio(&r(l7_path), &r("haproxy-1proc"));
+            let p99_one = ratio(
+                &f(&p99[&(proto, l7_path)]),
+                &f(&p99[&(proto, "haproxy-1proc")]),
+            );
+            for (what, v) in [
+                (format!("{l7_path} / haproxy-1proc req/s"), &rps_one),
+                (format!("{l7_path} / haproxy-1proc p99"), &p99_one),
+            ] {
+                let (lo, hi, m) = range(v);
+                println!("  {proto} ({transport}) {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
+            }
             let (m1, m2, m3) = (range(&rps_ha).2, range(&p99_ha).2, range(&l7_l4).2);
+            let (o1, o2) = (range(&rps_one).2, range(&p99_one).2);
+            lines.push(format!(
+                "http_{proto}_{tag}rps_ratio_vs_haproxy_1proc: {o1:.3}"
+            ));
+            lines.push(format!(
+                "http_{proto}_{tag}p99_ratio_vs_haproxy_1proc: {o2:.3}"
+            ));
             lines.push(format!("http_{proto}_{tag}rps_ratio_vs_haproxy: {m1:.3}"));
             lines.push(format!("http_{proto}_{tag}p99_ratio_vs_haproxy: {m2:.3}"));
             lines.push(format!("http_{proto}_{tag}l7_overhead_vs_l4: {m3:.3}"));
