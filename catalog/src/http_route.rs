@@ -15,6 +15,11 @@
 //! name) and its export's labels, so `subset: {labels: {topology.istio.io/cluster:
 //! west}}` is "the canary at west".
 //!
+//! A DestinationRule's traffic settings (connection pool, outlier detection, balancer)
+//! travel with the policy, per port and per subset ([`HttpPolicy::traffic`], merged as
+//! Istio merges them), and a VirtualService's `exportTo` names the callers' namespaces
+//! its routes apply to ([`HttpPolicy::routes_apply_to`]).
+//!
 //! Pure: the model (serde, with unknown fields refused so a newer sender's field is
 //! never silently dropped), validation with field paths, and the decisions
 //! (`Compiled::route`, `pick`, `subset_sites`), all table-tested.
@@ -33,6 +38,10 @@ pub const SITE_LABEL: &str = "meshfed.io/site";
 /// (`k=v,k=v`; the site labels are the egress's to apply). Only a gateway speaks it: an
 /// egress drops a client's, like every `meshfed-` header.
 pub const SELECTOR_HEADER: &str = "meshfed-subset";
+/// The header an egress sends with a request for a subset that has a policy of its own
+/// ([`Subset::policy`]): the subset's name, by which the exporting gateway applies that
+/// policy's endpoint settings (connection pool, endpoint ejection). Gateways only.
+pub const SUBSET_NAME_HEADER: &str = "meshfed-subset-name";
 /// The most labels a subset or an endpoint label set has.
 pub const MAX_LABELS: usize = 32;
 

@@ -136,13 +136,12 @@ struct Admitted {
     /// An HTTP-family port: requests are forwarded one by one (TLS origination and the
     /// PROXY header are per connection, so a port with either carries bytes).
     http: Option<meshfed_catalog::catalog::AppProtocol>,
-    /// The service's outlier detection, applied per endpoint on an HTTP port.
-    outlier: Option<meshfed_catalog::http_route::Outlier>,
-    /// The service's `connectionPool`: toward HTTP/1.1 endpoints on an HTTP port, the
-    /// tunnelled connections at once on a TCP port.
-    pool: Option<meshfed_catalog::http_route::ConnectionPool>,
-    /// On an HTTP port, each endpoint connection's limits.
-    conn: crate::http::ingress::ConnLimits,
+    /// The service's outlier detection (per endpoint on an HTTP port), `connectionPool`
+    /// (toward HTTP/1.1 endpoints on an HTTP port, the tunnelled connections at once on
+    /// a TCP port) and, on an HTTP port, each endpoint connection's limits.
+    policy: crate::http::ingress::EndpointPolicy,
+    /// On an HTTP port, the subsets with a policy of their own.
+    subsets: Vec<(String, crate::http::ingress::EndpointPolicy)>,
     /// On an HTTP port, each endpoint's labels (in `endpoints`' order), for the subset a
     /// request names.
     labels: Vec<BTreeMap<String, String>>,
@@ -858,9 +857,8 @@ impl Admitted {
         crate::http::ingress::Serving {
             endpoints: self.endpoints,
             labels: self.labels,
-            outlier: self.outlier,
-            pool: self.pool,
-            conn: self.conn,
+            policy: self.policy,
+            subsets: self.subsets,
         }
     }
 }
@@ -878,16 +876,15 @@ impl Ingress {
                     .filter(|_| open.flow.is_none() && tls.is_none() && !proxy)
                     .and_then(|e| e.app_protocols.get(&open.port).copied())
                     .filter(|a| a.is_http());
-                // The port's own settings (portLevelSettings) over the policy's.
-                let policy = e.and_then(|e| e.http_policy.as_ref());
-                let outlier = policy.and_then(|p| p.outlier_at(open.port)).cloned();
-                let block = policy.map(|p| p.pool_at(open.port));
-                let pool = block.and_then(|b| b.connection_pool);
-                let conn =
-                    block.map_or_else(Default::default, |b| crate::http::ingress::ConnLimits {
-                        per_conn: b.max_requests_per_connection,
-                        idle: b.idle_timeout_ms.map(Duration::from_millis),
-                    });
+                // The port's own settings (portLevelSettings) over the policy's, and
+                // each subset's own on an HTTP port.
+                let http_policy = e.and_then(|e| e.http_policy.as_ref());
+                let (policy, subsets) = match http_policy {
+                    None => Default::default(),
+                    Some(p) => {
+                        crate::http::ingress::endpoint_policies(p, open.port, http.is_some())
+                    }
+                };
                 let labels = match (http, e) {
                     (Some(_), Some(e)) if !e.endpoint_labels.is_empty() => r
                         .endpoints
@@ -901,9 +898,8 @@ impl Ingress {
                     tls,
                     proxy,
                     http,
-                    outlier,
-                    pool,
-                    conn,
+                    policy,
+                    subsets,
                     labels,
                 })
             }
@@ -932,12 +928,11 @@ impl Ingress {
             tls,
             proxy,
             http: _,
-            outlier: _,
-            pool,
-            conn: _,
+            policy,
+            subsets: _,
             labels: _,
         } = admitted;
-        let slot = match pool {
+        let slot = match policy.pool {
             None => None,
             Some(limits) => match self.upstream.tcp_slot(open, limits) {
                 Some(s) => Some(s),

@@ -1407,11 +1407,11 @@ fn blocks(
 }
 
 /// A subset's `trafficPolicy` at `f`: its `connectionPool`, `outlierDetection`,
-/// `loadBalancer` and `portLevelSettings`, read as the destination's are. What the
-/// importing gateway decides per request follows the subset (its breaker,
-/// `http2MaxRequests`; its site ejection; its balancer); what the exporting gateway
-/// decides per link or endpoint, and a subset's `localityLbSetting`, stay the
-/// destination's, each warned about by path; `tls` is warned about as a port's is.
+/// `loadBalancer` and `portLevelSettings`, read as the destination's are, applied to
+/// the subset's requests by both gateways (the importing one's breaker, site ejection
+/// and balancer; the exporting one's endpoint pool, connection limits and endpoint
+/// ejection). A subset's `localityLbSetting` stays the destination's and `tls` is
+/// warned about as a port's is, each by path.
 fn subset_policy(
     d: &mut Doc<'_>,
     v: Option<&Value>,
@@ -1461,56 +1461,23 @@ fn subset_policy(
     }
     let mut sp = blocks(d, m, f);
     sp.port_settings = port_settings(d, m.get("portLevelSettings"), f);
-    // What only the exporting gateway applies, per link or per endpoint, is the
-    // destination's: said for the subset's block and for each of its ports'.
-    fn at_exporter(
-        d: &mut Doc<'_>,
-        base: &str,
-        pool: Option<&meshfed_catalog::http_route::PortPool>,
-        outlier: bool,
-        locality: bool,
-    ) {
-        if pool.is_some_and(|p| {
-            p.max_requests_per_connection.is_some()
-                || p.idle_timeout_ms.is_some()
-                || p.connection_pool.is_some()
-        }) {
-            d.warn(
-                format!("{base}.connectionPool"),
-                "per subset only http2MaxRequests applies (at the importing gateway); maxConnections, http1MaxPendingRequests, maxRequestsPerConnection and idleTimeout stay the destination's at the exporting gateway",
-            );
-        }
-        if outlier {
-            d.warn(
-                format!("{base}.outlierDetection"),
-                "per subset it ejects sites at the importing gateway; the exporting gateway ejects endpoints by the destination's",
-            );
-        }
-        if locality {
-            d.warn(
-                format!("{base}.loadBalancer.localityLbSetting"),
-                "not applied per subset: the destination's orders the sites",
-            );
+    // A subset's locality settings: the destination's order the sites.
+    let locality = |b: Option<&meshfed_catalog::http_route::PortBalancer>| {
+        b.is_some_and(|b| b.locality_lb.is_some())
+    };
+    let mut at = Vec::new();
+    if locality(sp.balancer.as_ref()) {
+        at.push(f.to_owned());
+    }
+    for (i, ps) in sp.port_settings.iter().enumerate() {
+        if locality(ps.balancer.as_ref()) {
+            at.push(format!("{f}.portLevelSettings[{i}]"));
         }
     }
-    at_exporter(
-        d,
-        f,
-        sp.pool.as_ref(),
-        sp.outlier.is_some(),
-        sp.balancer
-            .as_ref()
-            .is_some_and(|b| b.locality_lb.is_some()),
-    );
-    for (i, ps) in sp.port_settings.iter().enumerate() {
-        at_exporter(
-            d,
-            &format!("{f}.portLevelSettings[{i}]"),
-            ps.pool.as_ref(),
-            ps.outlier.is_some(),
-            ps.balancer
-                .as_ref()
-                .is_some_and(|b| b.locality_lb.is_some()),
+    for base in at {
+        d.warn(
+            format!("{base}.loadBalancer.localityLbSetting"),
+            "not applied per subset: the destination's orders the sites",
         );
     }
     Some(sp)
@@ -2340,8 +2307,8 @@ spec:
         assert_eq!(at(80, 1), (Some(5), Some(LoadBalancer::LeastRequest)));
         // The subset's port setting replaces every block: no breaker on 9090.
         assert_eq!(at(9090, 1), (None, Some(LoadBalancer::RoundRobin)));
-        // What the exporting gateway applies stays the destination's, warned about by
-        // path; so are a subset's tls and localityLbSetting. Istio's rules hold in a
+        // The exporting gateway's settings are the subset's too (no warning); a
+        // subset's tls and localityLbSetting are warned about. Istio's rules hold in a
         // subset's policy as in the destination's, with the subset's path.
         let warned = dr.replace(
             "        http: {http2MaxRequests: 5}\n",
@@ -2349,13 +2316,16 @@ spec:
         );
         let r = parse(&warned).unwrap();
         let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
-        for f in [
-            "spec.subsets[1].trafficPolicy.connectionPool",
-            "spec.subsets[1].trafficPolicy.outlierDetection",
-            "spec.subsets[1].trafficPolicy.tls",
-        ] {
-            assert!(fields.contains(&f), "{f}: {fields:?}");
-        }
+        assert_eq!(fields, ["spec.subsets[1].trafficPolicy.tls"]);
+        let v2 = &r.http_policies[0].subsets[1];
+        let t = r.http_policies[0].traffic(80, Some(v2));
+        assert_eq!(
+            (
+                t.pool.max_requests_per_connection,
+                t.outlier.map(|o| o.consecutive_5xx)
+            ),
+            (Some(2), Some(2))
+        );
         for (from, to, field) in [
             (
                 "{http2MaxRequests: 5}",

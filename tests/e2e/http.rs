@@ -1199,6 +1199,56 @@ async fn the_circuit_breaker_answers_overflow_at_once_and_recovers() {
         stable_served, 6,
         "the canary's limit reached the stable subset"
     );
+
+    // The subset's pool at the exporting gateway: north's canary allows 1 connection to
+    // its endpoint and 1 request waiting; of 4 slow canary requests at once, 2 are
+    // served and 2 answered 503 overflow by north (the egress retries them at the only
+    // canary site, where they overflow again); 4 stable requests beside them pass.
+    let routes = routes.replace(
+        "        http: {http2MaxRequests: 2}\n",
+        "        tcp: {maxConnections: 1}\n        http: {http1MaxPendingRequests: 1}\n",
+    );
+    let out = register_yaml(&sites.west, "pool.yaml", &routes);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    register_yaml(&sites.north, "pool.yaml", &routes);
+    let north = &sites._gws.1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while north
+        .metric("meshfed_gateway_http_overflows_total{direction=\"ingress\"}")
+        .await
+        == 0.0
+    {
+        for t in burst(4, 0) {
+            t.await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "north's subset pool never applied\n{}",
+            north.logs()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut served, mut over, mut stable) = (0, 0, 0);
+    for t in burst(4, 4) {
+        let (canary, (status, body, error), _) = t.await.unwrap();
+        match (canary, status, error.as_str()) {
+            (true, 200, "") => served += 1,
+            (true, 503, "overflow") => {
+                over += 1;
+                assert!(body.contains("connectionPool"), "{body}");
+            }
+            (false, 200, "") => stable += 1,
+            other => panic!("{other:?}: {body}"),
+        }
+    }
+    eprintln!(
+        "subset pool at north: canary {served} served, {over} overflowed; stable {stable} of 4"
+    );
+    assert!(
+        (2..=3).contains(&served) && served + over == 4,
+        "{served} canary requests served past 1 connection and 1 waiting"
+    );
+    assert_eq!(stable, 4, "the canary's pool reached the stable subset");
 }
 
 /// A mirror at north (answering 300 ms late) beside a route to west: north receives a

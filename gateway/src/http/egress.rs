@@ -41,8 +41,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::SiteName;
 use meshfed_catalog::affinity;
 use meshfed_catalog::http_route::{
-    Compiled, Destination, HttpRoute, RequestView, SELECTOR_HEADER, SiteLabels, hits, pick,
-    selector_header, subset_sites,
+    Compiled, Destination, HttpRoute, RequestView, SELECTOR_HEADER, SUBSET_NAME_HEADER, SiteLabels,
+    hits, pick, selector_header, subset_sites,
 };
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
@@ -232,6 +232,9 @@ struct Plan {
     /// The destination subset's endpoint labels, for the far ingress
     /// ([`SELECTOR_HEADER`]); `None`: any endpoint of the site.
     selector: Option<http::HeaderValue>,
+    /// The subset's name when it has a policy of its own, for the far ingress's
+    /// endpoint settings ([`SUBSET_NAME_HEADER`]).
+    subset_name: Option<http::HeaderValue>,
     /// Held while the request lives, when the import has a `max_requests`, and when
     /// the destination's subset has one of its own.
     _in_flight: Option<InFlight>,
@@ -727,6 +730,7 @@ impl HttpEgress {
             return Ok(Plan {
                 mirrors: Vec::new(),
                 selector: None,
+                subset_name: None,
                 _in_flight: None,
                 _subset_in_flight: None,
                 fault: None,
@@ -1005,6 +1009,9 @@ impl HttpEgress {
         Ok(Plan {
             mirrors: mirrors.collect(),
             selector,
+            subset_name: subset
+                .filter(|s| s.policy.is_some())
+                .and_then(|s| http::HeaderValue::from_str(&s.name).ok()),
             _in_flight: in_flight,
             _subset_in_flight: subset_in_flight,
             fault,
@@ -1080,6 +1087,9 @@ impl HttpEgress {
             *req.headers_mut() = parts.headers.clone();
             if let Some(v) = &plan.selector {
                 req.headers_mut().insert(SELECTOR_HEADER, v.clone());
+            }
+            if let Some(v) = &plan.subset_name {
+                req.headers_mut().insert(SUBSET_NAME_HEADER, v.clone());
             }
             if let Some(v) = &plan.hash {
                 req.headers_mut().insert(affinity::HASH_HEADER, v.clone());

@@ -36,7 +36,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::ServiceName;
 use meshfed_catalog::catalog::AppProtocol;
 use meshfed_catalog::http_route::{
-    ConnectionPool, Outlier, SELECTOR_HEADER, parse_selector, selected,
+    ConnectionPool, Outlier, SELECTOR_HEADER, SUBSET_NAME_HEADER, parse_selector, selected,
 };
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +67,8 @@ pub struct Upstream {
     outliers: std::sync::Mutex<super::decide::Outliers<SocketAddr>>,
     /// Per (service, port) with a `connectionPool`: its HTTP/1.1 connections in use and
     /// the requests waiting for one.
-    gates: std::sync::Mutex<HashMap<ServiceName, HashMap<u16, Arc<Gate>>>>,
+    /// By service, port and subset (`""`: the service's own pool).
+    gates: std::sync::Mutex<HashMap<ServiceName, HashMap<u16, SubsetGates>>>,
     start: std::time::Instant,
     metrics: Metrics,
 }
@@ -123,6 +124,9 @@ pub fn idle_until(busy: u32, last_used: u64, now: u64, idle: Duration) -> Option
     let due = last_used.saturating_add(idle);
     (due > now).then_some(due)
 }
+
+/// A port's connection pool gates by subset name (`""`: the service's own).
+type SubsetGates = HashMap<String, Arc<Gate>>;
 
 /// The requests a pooled HTTP/1.1 connection has carried: its `extra`, which the pool
 /// sets on each of its answers (for `maxRequestsPerConnection`).
@@ -300,13 +304,15 @@ impl Upstream {
     }
 
     /// The gate of `open`'s service and port under `limits` (a new one when the limits
-    /// changed; requests holding the old one's slots finish on it).
-    fn gate(&self, open: &Open, limits: ConnectionPool) -> Arc<Gate> {
+    /// changed; requests holding the old one's slots finish on it); `subset`: the
+    /// name of a subset with a policy of its own, `""` for the service's.
+    fn gate(&self, open: &Open, subset: &str, limits: ConnectionPool) -> Arc<Gate> {
         let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
         // Looked up by reference: a request allocates nothing when its gate exists.
         if let Some(g) = gates
             .get(&open.service)
             .and_then(|ports| ports.get(&open.port))
+            .and_then(|subsets| subsets.get(subset))
             .filter(|g| g.limits == limits)
         {
             return g.clone();
@@ -319,7 +325,9 @@ impl Upstream {
         gates
             .entry(open.service.clone())
             .or_default()
-            .insert(open.port, g.clone());
+            .entry(open.port)
+            .or_default()
+            .insert(subset.to_owned(), g.clone());
         g
     }
 
@@ -331,7 +339,7 @@ impl Upstream {
         open: &Open,
         limits: ConnectionPool,
     ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.gate(open, limits)
+        self.gate(open, "", limits)
             .slots
             .clone()
             .try_acquire_owned()
@@ -347,13 +355,13 @@ impl Upstream {
         endpoints: &[SocketAddr],
         app: AppProtocol,
         open: &Open,
-        to: &Serving,
+        (subset, to): (&str, &EndpointPolicy),
     ) -> Response<Body> {
         let pool = to.pool.filter(|_| app == AppProtocol::Http);
         let Some(limits) = pool else {
             return self.forward(req, endpoints, app, open, to).await;
         };
-        let Some(slot) = self.gate(open, limits).enter().await else {
+        let Some(slot) = self.gate(open, subset, limits).enter().await else {
             self.metrics.http_overflow("ingress");
             self.metrics.http_request("ingress", 503);
             let msg = format!(
@@ -606,7 +614,7 @@ impl Upstream {
         endpoints: &[SocketAddr],
         app: AppProtocol,
         open: &Open,
-        to: &Serving,
+        to: &EndpointPolicy,
     ) -> Response<Body> {
         use tracing::Instrument;
         let outlier = to.outlier.as_ref();
@@ -739,12 +747,67 @@ pub struct Serving {
     pub endpoints: Vec<SocketAddr>,
     /// Each endpoint's labels, in `endpoints`' order (empty: none has labels).
     pub labels: Vec<BTreeMap<String, String>>,
-    /// The service's outlier detection, applied per endpoint.
+    /// What applies toward the service's endpoints.
+    pub policy: EndpointPolicy,
+    /// Subsets with a `trafficPolicy` of their own, by name (a request names its
+    /// subset in [`SUBSET_NAME_HEADER`]).
+    pub subsets: Vec<(String, EndpointPolicy)>,
+}
+
+/// What the exporting gateway applies toward a service's endpoints, or a subset's.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EndpointPolicy {
+    /// Outlier detection, applied per endpoint.
     pub outlier: Option<Outlier>,
-    /// The service's connection limits toward its HTTP/1.1 endpoints.
+    /// Connection limits toward HTTP/1.1 endpoints.
     pub pool: Option<ConnectionPool>,
     /// Each endpoint connection's limits (`maxRequestsPerConnection`, `idleTimeout`).
     pub conn: ConnLimits,
+}
+
+/// What the exporting gateway applies toward `policy`'s endpoints on `port` (its port
+/// settings over its own blocks), and on an HTTP port (`http`) toward each subset with
+/// a policy of its own, by name. Pure.
+pub fn endpoint_policies(
+    policy: &meshfed_catalog::http_route::HttpPolicy,
+    port: u16,
+    http: bool,
+) -> (EndpointPolicy, Vec<(String, EndpointPolicy)>) {
+    let of = |t: meshfed_catalog::http_route::Traffic| EndpointPolicy {
+        outlier: t.outlier,
+        pool: t.pool.connection_pool,
+        conn: ConnLimits {
+            per_conn: t.pool.max_requests_per_connection,
+            idle: t.pool.idle_timeout_ms.map(Duration::from_millis),
+        },
+    };
+    let subsets = if http {
+        policy
+            .subsets
+            .iter()
+            .filter(|s| s.policy.is_some())
+            .map(|s| (s.name.clone(), of(policy.traffic(port, Some(s)))))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (of(policy.traffic(port, None)), subsets)
+}
+
+impl Serving {
+    /// The policy for a request naming subset `name` (its [`SUBSET_NAME_HEADER`]),
+    /// with the key of its connection pool: the subset's own when it has a policy,
+    /// else the service's (`""`). Pure.
+    pub fn policy_for(&self, name: Option<&[u8]>) -> (&str, &EndpointPolicy) {
+        match name {
+            Some(v) if !self.subsets.is_empty() => self
+                .subsets
+                .iter()
+                .find(|(s, _)| s.as_bytes() == v)
+                .map_or(("", &self.policy), |(s, p)| (s.as_str(), p)),
+            _ => ("", &self.policy),
+        }
+    }
 }
 
 /// The open decision, made again for each request of a stream: an HTTP stream from an
@@ -789,15 +852,26 @@ pub async fn serve<IO>(
                         .http_request("ingress", refusal_status(reason));
                     error_response(refusal_status(reason), reason.as_str(), &message)
                 }
-                Ok(to) => match in_subset(&req, &to.endpoints, &to.labels, &open) {
-                    Ok(None) => {
-                        upstream
-                            .forward_pooled(req, &to.endpoints, app, &open, &to)
-                            .await
+                Ok(to) => {
+                    let policy = to.policy_for(
+                        req.headers()
+                            .get(SUBSET_NAME_HEADER)
+                            .map(http::HeaderValue::as_bytes),
+                    );
+                    match in_subset(&req, &to.endpoints, &to.labels, &open) {
+                        Ok(None) => {
+                            upstream
+                                .forward_pooled(req, &to.endpoints, app, &open, policy)
+                                .await
+                        }
+                        Ok(Some(some)) => {
+                            upstream
+                                .forward_pooled(req, &some, app, &open, policy)
+                                .await
+                        }
+                        Err(answer) => answer,
                     }
-                    Ok(Some(some)) => upstream.forward_pooled(req, &some, app, &open, &to).await,
-                    Err(answer) => answer,
-                },
+                }
             };
             Ok::<_, std::convert::Infallible>(answer)
         }
@@ -808,6 +882,89 @@ pub async fn serve<IO>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subsets_own_policy_is_what_the_ingress_applies_to_its_requests() {
+        use meshfed_catalog::http_route::{
+            Destination, HttpPolicy, HttpRoute, PortPool, Subset, SubsetPolicy,
+        };
+        let pool = |n| ConnectionPool {
+            max_connections: n,
+            max_pending: 1,
+        };
+        let subset = |name: &str, policy| Subset {
+            name: name.into(),
+            labels: [("version".into(), name.into())].into(),
+            policy,
+        };
+        let policy = HttpPolicy {
+            service: meshfed_catalog::ServiceName::parse("web.demo").unwrap(),
+            source: "test".into(),
+            routes: vec![HttpRoute {
+                destinations: vec![Destination::all()],
+                ..Default::default()
+            }],
+            subsets: vec![
+                subset("v1", None),
+                subset(
+                    "v2",
+                    Some(SubsetPolicy {
+                        pool: Some(PortPool {
+                            connection_pool: Some(pool(2)),
+                            max_requests_per_connection: Some(10),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                ),
+            ],
+            max_requests: None,
+            max_requests_per_connection: None,
+            idle_timeout_ms: Some(5_000),
+            connection_pool: Some(pool(50)),
+            outlier: None,
+            load_balancer: None,
+            consistent_hash: None,
+            locality_lb: None,
+            port_settings: Vec::new(),
+            export_to: Vec::new(),
+        };
+        let (own, subsets) = endpoint_policies(&policy, 80, true);
+        assert_eq!(own.pool, Some(pool(50)));
+        assert_eq!(own.conn.idle, Some(Duration::from_secs(5)));
+        // Only v2 has a policy: its pool block replaces the service's (no idle timeout
+        // inherited from it).
+        assert_eq!(subsets.len(), 1);
+        let v2 = &subsets[0].1;
+        assert_eq!(
+            (
+                subsets[0].0.as_str(),
+                v2.pool,
+                v2.conn.per_conn,
+                v2.conn.idle
+            ),
+            ("v2", Some(pool(2)), Some(10), None)
+        );
+        // A TCP port has no subsets.
+        assert!(endpoint_policies(&policy, 80, false).1.is_empty());
+        let serving = Serving {
+            endpoints: vec![],
+            labels: vec![],
+            policy: own.clone(),
+            subsets,
+        };
+        // (request's subset name) → (pool key, pool)
+        for (name, want) in [
+            (None, ("", Some(pool(50)))),
+            (Some(&b"v2"[..]), ("v2", Some(pool(2)))),
+            // v1 has no policy of its own; an unknown name is the service's.
+            (Some(&b"v1"[..]), ("", Some(pool(50)))),
+            (Some(&b"v3"[..]), ("", Some(pool(50)))),
+        ] {
+            let (key, p) = serving.policy_for(name);
+            assert_eq!((key, p.pool), want, "{name:?}");
+        }
+    }
 
     #[test]
     fn an_h2_connection_closes_once_idle_for_its_timeout() {
