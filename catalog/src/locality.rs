@@ -1,7 +1,8 @@
 //! Localities, in Istio's `region/zone/subzone` form, and the decisions made with them at
 //! an importing gateway: how near each exporting site is (Istio's priorities, with a
-//! DestinationRule's `localityLbSetting.failover`), and the share of requests each site
-//! gets under a `distribute` rule. A site is one locality group, weighted by its ready
+//! DestinationRule's `localityLbSetting.failover`, or by labels under its
+//! `failoverPriority`), and the share of requests each site gets under a `distribute`
+//! rule. A site is one locality group, weighted by its ready
 //! endpoints, as Envoy weighs a locality's endpoints.
 //!
 //! Pure: the setting (serde, unknown fields refused), Istio's validation of it with field
@@ -28,6 +29,69 @@ pub struct LocalityLb {
     /// serving site, before any other region.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failover: Vec<Failover>,
+    /// `failoverPriority`: labels (`key`, or `key=value` for a fixed value) in priority
+    /// order; a site matching the calling gateway on all of them comes first, then one
+    /// matching the first N-1, and so on ([`label_priority`]). In place of the
+    /// locality order when set (and no `distribute` rule applies), as in Istio.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover_priority: Vec<String>,
+}
+
+/// The well-known topology labels a site has from its locality (Kubernetes' region and
+/// zone, Istio's subzone), for `failoverPriority`.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+
+/// Labels in a `failover_priority`, at most.
+pub const MAX_FAILOVER_PRIORITY: usize = 16;
+
+/// The labels `failoverPriority` compares for a site (or the calling gateway): `labels`
+/// (an export's), its name as `topology.istio.io/cluster` and `meshfed.io/site`, and its
+/// locality's parts as the region, zone and subzone labels. Pure.
+pub fn topology_labels(
+    site: &str,
+    locality: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut out = labels.clone();
+    for k in [
+        crate::http_route::CLUSTER_LABEL,
+        crate::http_route::SITE_LABEL,
+    ] {
+        out.insert(k.to_owned(), site.to_owned());
+    }
+    if let Some(l) = locality {
+        let (r, z, s) = split(l);
+        for (k, v) in [(REGION_LABEL, r), (ZONE_LABEL, z), (SUBZONE_LABEL, s)] {
+            if !v.is_empty() {
+                out.insert(k.to_owned(), v.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// A site's priority under `failoverPriority` labels, lower first (Istio's
+/// `applyPriorityFailoverPerLocality`): 0 when the site matches the caller on every
+/// label, else N minus the index of the first label it does not match. A label matches
+/// when both have the same value, or both lack it; `key=value` matches a site whose
+/// value is that one, whatever the caller's. Pure.
+pub fn label_priority(
+    me: &BTreeMap<String, String>,
+    them: &BTreeMap<String, String>,
+    labels: &[String],
+) -> usize {
+    for (j, l) in labels.iter().enumerate() {
+        let same = match l.split_once('=') {
+            Some((k, v)) => them.get(k).map(String::as_str) == Some(v),
+            None => me.get(l) == them.get(l),
+        };
+        if !same {
+            return labels.len() - j;
+        }
+    }
+    0
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +241,22 @@ impl LocalityLb {
         }
         patterns(self.distribute.iter().map(|d| d.from.as_str()))
             .map_err(|m| bad("distribute", m))?;
+        if self.failover_priority.len() > MAX_FAILOVER_PRIORITY {
+            return Err(bad(
+                "failover_priority",
+                format!("at most {MAX_FAILOVER_PRIORITY} labels"),
+            ));
+        }
+        for (i, l) in self.failover_priority.iter().enumerate() {
+            let field = format!("failover_priority[{i}]");
+            let (k, v) = l.split_once('=').unwrap_or((l, ""));
+            let one: BTreeMap<String, String> = [(k.to_owned(), v.to_owned())].into();
+            crate::http_route::check_labels(&one).map_err(|(_, m)| bad(&field, m))?;
+            let key = |x: &String| x.split_once('=').map_or(x.as_str(), |(k, _)| k).to_owned();
+            if self.failover_priority[..i].iter().any(|o| key(o) == k) {
+                return Err(bad(field, format!("label {k:?} twice")));
+            }
+        }
         for (i, f) in self.failover.iter().enumerate() {
             let field = format!("failover[{i}]");
             if f.from == f.to {

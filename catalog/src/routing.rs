@@ -52,32 +52,35 @@ pub struct ImportPlan {
 /// by name. Pure.
 fn order_sites(
     me: Option<&str>,
+    me_labels: &BTreeMap<String, String>,
     setting: Option<&crate::locality::LocalityLb>,
-    mut cands: Vec<(Option<&str>, u32, &SiteName)>,
+    cands: Vec<Candidate<'_>>,
 ) -> (Vec<SiteName>, BTreeMap<SiteName, u32>) {
     use crate::locality;
     let disabled = setting.is_some_and(|l| l.disabled);
     let failover = setting.map_or(&[][..], |l| &l.failover[..]);
-    let near = |loc: Option<&str>| {
-        if disabled {
-            0
-        } else {
-            locality::priority(me, loc, failover)
+    // `failoverPriority`, when set, orders by labels instead of by locality.
+    let by_labels = setting
+        .filter(|l| !disabled && !l.failover_priority.is_empty())
+        .map(|l| &l.failover_priority[..]);
+    let near = |c: &Candidate<'_>| match by_labels {
+        _ if disabled => 0,
+        Some(labels) => {
+            let them = locality::topology_labels(c.2.as_str(), c.0, c.3);
+            locality::label_priority(me_labels, &them, labels)
         }
+        None => usize::from(locality::priority(me, c.0, failover)),
     };
-    cands.sort_by(|a, b| {
-        near(a.0)
-            .cmp(&near(b.0))
-            .then(b.1.cmp(&a.1))
-            .then(a.2.cmp(b.2))
-    });
+    let mut cands: Vec<(usize, Candidate<'_>)> = cands.into_iter().map(|c| (near(&c), c)).collect();
+    cands.sort_by(|(na, a), (nb, b)| na.cmp(nb).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+    let cands: Vec<Candidate<'_>> = cands.into_iter().map(|(_, c)| c).collect();
     let shares = setting.filter(|l| !l.disabled).and_then(|l| {
         let sites: Vec<(Option<&str>, u32)> = cands.iter().map(|c| (c.0, c.1)).collect();
         locality::distribute(me, &l.distribute, &sites)
     });
     match shares {
         None => (
-            cands.into_iter().map(|(_, _, s)| s.clone()).collect(),
+            cands.into_iter().map(|(_, _, s, _)| s.clone()).collect(),
             BTreeMap::new(),
         ),
         Some(w) => {
@@ -112,6 +115,14 @@ pub struct SitePlan {
 /// first (the same subzone, zone, region; a policy's `localityLbSetting` may name the
 /// failover region, give shares, or turn this off), then the most ready endpoints, then
 /// by name (stable).
+/// A site that serves an import: its locality, ready endpoints, name and export labels.
+type Candidate<'a> = (
+    Option<&'a str>,
+    u32,
+    &'a SiteName,
+    &'a BTreeMap<String, String>,
+);
+
 pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePlan {
     let peers = catalog
         .sites
@@ -137,8 +148,10 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
         .collect();
     exports.sort_by(|a, b| a.1.cmp(b.1));
     let mut imports = Vec::with_capacity(exports.len());
+    // This gateway's labels, for `failoverPriority`.
+    let me_labels = crate::locality::topology_labels(me.as_str(), locality, &BTreeMap::new());
     for by_site in exports.chunk_by(|a, b| a.1 == b.1) {
-        plan_service(catalog, locality, by_site, &mut imports);
+        plan_service(catalog, (locality, &me_labels), by_site, &mut imports);
     }
     SitePlan { peers, imports }
 }
@@ -147,7 +160,7 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
 /// that export it, in name order. Pure.
 fn plan_service(
     catalog: &Catalog,
-    locality: Option<&str>,
+    (locality, me_labels): (Option<&str>, &BTreeMap<String, String>),
     by_site: &[(&SiteName, &ServiceName, &crate::catalog::Export)],
     out: &mut Vec<ImportPlan>,
 ) {
@@ -156,7 +169,6 @@ fn plan_service(
     };
     // (port, protocol) -> (port name, candidates, hosts, what it speaks): TCP and UDP on
     // one port number (DNS on 53) are two imports.
-    type Candidate<'a> = (Option<&'a str>, u32, &'a SiteName);
     type Entry<'a> = (
         Option<&'a String>,
         Vec<Candidate<'a>>,
@@ -174,9 +186,12 @@ fn plan_service(
             }
             entry.3.insert(p.app_protocol);
             if usable {
-                entry
-                    .1
-                    .push((export.locality.as_deref(), export.ready_endpoints, *site));
+                entry.1.push((
+                    export.locality.as_deref(),
+                    export.ready_endpoints,
+                    *site,
+                    &export.labels,
+                ));
             }
         }
     }
@@ -207,6 +222,7 @@ fn plan_service(
         };
         let (backends, site_weights) = order_sites(
             locality,
+            me_labels,
             http_policy.as_ref().and_then(|p| p.locality_lb.as_ref()),
             cands,
         );
@@ -964,17 +980,24 @@ mod tests {
         let n = |s: &str| SiteName::new(s).unwrap();
         let (a, b, c, d, e) = (n("a"), n("b"), n("c"), n("d"), n("e"));
         // (locality, ready endpoints, site)
+        // Export labels: d and e run on network "n1", the others on "n2".
+        let (n1, n2): (BTreeMap<String, String>, BTreeMap<String, String>) = (
+            [("topology.istio.io/network".into(), "n1".into())].into(),
+            [("topology.istio.io/network".into(), "n2".into())].into(),
+        );
         let cands = || {
             vec![
-                (Some("eu/x/1"), 1, &a),
-                (Some("eu/x/2"), 2, &b),
-                (Some("eu/y"), 3, &c),
-                (Some("us/x"), 9, &d),
-                (Some("ap/x"), 8, &e),
+                (Some("eu/x/1"), 1, &a, &n2),
+                (Some("eu/x/2"), 2, &b, &n2),
+                (Some("eu/y"), 3, &c, &n2),
+                (Some("us/x"), 9, &d, &n1),
+                (Some("ap/x"), 8, &e, &n1),
             ]
         };
-        let order = |me, lb: Option<&LocalityLb>| {
-            let (sites, w) = order_sites(me, lb, cands());
+        let order = |me: Option<&str>, lb: Option<&LocalityLb>| {
+            // The calling gateway, "z", on no network.
+            let me_labels = crate::locality::topology_labels("z", me, &BTreeMap::new());
+            let (sites, w) = order_sites(me, &me_labels, lb, cands());
             (
                 names(&sites).join(","),
                 w.into_iter()
@@ -1020,6 +1043,51 @@ mod tests {
             order(Some("ap/q"), Some(&dist)),
             ("e,d,c,b,a".to_string(), String::new())
         );
+        // failoverPriority: by labels instead of localities; the calling gateway's
+        // region and zone (from its locality) against each site's.
+        let prio = |labels: &[&str]| LocalityLb {
+            failover_priority: labels.iter().map(|l| l.to_string()).collect(),
+            ..Default::default()
+        };
+        let rows = [
+            // Region then zone: eu/x first (b before a by capacity), then eu/y, then
+            // the rest by capacity.
+            (
+                "eu/x/9",
+                &[
+                    "topology.kubernetes.io/region",
+                    "topology.kubernetes.io/zone",
+                ][..],
+                "b,a,c,d,e",
+            ),
+            // Zone alone: the label holds the zone's name only, so us/x and ap/x
+            // match the caller's "x" as eu/x does; eu/y last.
+            ("eu/x/9", &["topology.kubernetes.io/zone"][..], "d,e,b,a,c"),
+            // A fixed value: network n1 first, whatever the caller's.
+            ("eu/x/9", &["topology.istio.io/network=n1"][..], "d,e,c,b,a"),
+            // The caller has no network and every site has one: no site matches, so
+            // capacity decides (the locality order does not apply).
+            ("eu/x/9", &["topology.istio.io/network"][..], "d,e,c,b,a"),
+            // The cluster label is the site's name: none is "z".
+            (
+                "ap/x",
+                &["topology.istio.io/cluster", "topology.kubernetes.io/region"][..],
+                "d,e,c,b,a",
+            ),
+        ];
+        for (me, labels, want) in rows {
+            assert_eq!(
+                order(Some(me), Some(&prio(labels))).0,
+                want,
+                "{me} {labels:?}"
+            );
+        }
+        // Disabled: no preference at all.
+        let off = LocalityLb {
+            disabled: true,
+            ..prio(&["topology.kubernetes.io/region"])
+        };
+        assert_eq!(order(Some("eu/x/9"), Some(&off)).0, "d,e,c,b,a");
     }
 
     #[test]

@@ -1176,8 +1176,9 @@ pub(crate) fn consistent_hash(
 /// the destination's sites by their localities: `enabled`, `distribute` and `failover`,
 /// checked as Istio's validation checks them (and, as Istio does, a warning when failover
 /// comes without `outlierDetection`; meshfed fails over on readiness and errors either
-/// way). `failoverPriority` is warned about and not applied: a site's labels are not
-/// compared with the calling gateway's.
+/// way). `failoverPriority` orders the sites by labels instead of by locality: each
+/// site's export labels, its name as `topology.istio.io/cluster` and its locality as
+/// the region, zone and subzone labels, against the calling gateway's own.
 pub(crate) fn locality_lb(
     d: &mut Doc<'_>,
     v: Option<&Value>,
@@ -1259,12 +1260,10 @@ pub(crate) fn locality_lb(
         let (from, to) = (text(d, &o, &f, "from"), text(d, &o, &f, "to"));
         lb.failover.push(Failover { from, to });
     }
-    if m.get("failoverPriority").is_some_and(|v| !v.is_null()) {
-        d.warn(
-            format!("{field}.failoverPriority"),
-            "not supported by meshfed yet: sites are ordered by locality (and `failover`); ignored",
-        );
-    }
+    lb.failover_priority = d.str_list(
+        m.get("failoverPriority"),
+        &format!("{field}.failoverPriority"),
+    );
     if (!lb.failover.is_empty() || m.contains_key("failoverPriority")) && !has_outlier {
         d.warn(
             field,
@@ -1275,7 +1274,10 @@ pub(crate) fn locality_lb(
         let path = if e.field.is_empty() {
             field.to_owned()
         } else {
-            format!("{field}.{}", e.field)
+            format!(
+                "{field}.{}",
+                e.field.replace("failover_priority", "failoverPriority")
+            )
         };
         d.err(path, e.message);
         return None;
@@ -1748,23 +1750,42 @@ spec:
         let l = r.http_policies[0].locality_lb.clone().unwrap();
         assert_eq!(l.distribute[0].from, "us-east/*");
         assert_eq!(l.distribute[0].to["eu-west/*"], 20);
-        // Failover without outlier detection: Istio's warning; failoverPriority: not applied.
+        // Failover without outlier detection: Istio's warning; failoverPriority is read.
         let r = parse(&dr(
-            "{localityLbSetting: {failover: [{from: us-east, to: eu-west}], failoverPriority: [topology.istio.io/network]}}",
+            "{localityLbSetting: {failover: [{from: us-east, to: eu-west}], failoverPriority: [topology.istio.io/network, \"topology.kubernetes.io/region=us-east\"]}}",
         ))
         .unwrap();
         let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
         assert_eq!(
             fields,
+            ["spec.trafficPolicy.loadBalancer.localityLbSetting"]
+        );
+        let l = r.http_policies[0].locality_lb.as_ref().unwrap();
+        assert_eq!(l.failover[0].to, "eu-west");
+        assert_eq!(
+            l.failover_priority,
             [
-                "spec.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority",
-                "spec.trafficPolicy.loadBalancer.localityLbSetting",
+                "topology.istio.io/network",
+                "topology.kubernetes.io/region=us-east"
             ]
         );
-        assert_eq!(
-            r.http_policies[0].locality_lb.as_ref().unwrap().failover[0].to,
-            "eu-west"
-        );
+        // A label named twice, or not a label: refused with its path.
+        for (list, field) in [
+            ("[a, b, a]", "failoverPriority[2]"),
+            ("[\"-a\"]", "failoverPriority[0]"),
+            ("[\"a=b=c\"]", "failoverPriority[0]"),
+        ] {
+            let Err(ParseError::Invalid(p)) = parse(&dr(&format!(
+                "{{localityLbSetting: {{failoverPriority: {list}}}}}"
+            ))) else {
+                panic!("{list}: accepted");
+            };
+            assert_eq!(
+                p[0].field,
+                format!("spec.trafficPolicy.loadBalancer.localityLbSetting.{field}"),
+                "{list}"
+            );
+        }
         // consistentHash: each key as Istio spells it; the ring's algorithm is warned about.
         use meshfed_catalog::affinity::HashKey;
         for (lb, want) in [

@@ -2153,6 +2153,62 @@ spec:
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // failoverPriority by labels instead of localities: first the sites whose region
+    // label is us (north), whatever east's own region (eu, as west's); then, on one
+    // zone label, both are a (west eu/b has zone b): north takes every request.
+    const PRIORITY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 5}
+    loadBalancer:
+      localityLbSetting:
+        failoverPriority: ["topology.kubernetes.io/region=us", topology.kubernetes.io/zone]
+"#;
+    // Back to the default first (west, the same region, takes every request), so the
+    // change to north below is failoverPriority's.
+    let out = register_yaml(
+        &sites.west,
+        "dr.yaml",
+        &OFF.replace("enabled: false", "enabled: true"),
+    );
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = hits(&sites);
+        gets(sites.import, 20, &[]).await;
+        if hits(&sites).0 - before.0 == 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "enabled: true never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = register_yaml(&sites.west, "dr.yaml", PRIORITY);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = hits(&sites);
+        let s = gets(sites.import, 100, &[]).await;
+        let after = hits(&sites);
+        if (after.0 - before.0, after.1 - before.1) == (0, 100) {
+            assert!(s.iter().all(|c| *c == 200), "{s:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failoverPriority never applied: west {}, north {} of 100",
+            after.0 - before.0,
+            after.1 - before.1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Two federated sites: west exports `web.demo` as HTTP in front of `endpoints`, with
