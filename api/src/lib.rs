@@ -500,6 +500,33 @@ pub fn change_from_pb(c: pb::Change) -> Result<Delta, FieldError> {
     })
 }
 
+/// A wire change as a watching gateway reads it: [`change_from_pb`], except that an
+/// export whose HTTP policy does not read (a newer site's field, say) is kept without
+/// it, the policy's error returned beside it, so one unreadable policy neither stops a
+/// gateway's catalog nor drops the service. Anything else unreadable is an error.
+pub fn change_from_pb_watched(
+    mut c: pb::Change,
+) -> Result<(Delta, Option<FieldError>), FieldError> {
+    // The policy aside, the change read without it, then the policy on its own.
+    let policy = match &mut c.op {
+        Some(pb::change::Op::PutExport(pb::SiteExport {
+            export: Some(x), ..
+        })) => std::mem::take(&mut x.http_policy),
+        _ => String::new(),
+    };
+    let mut d = change_from_pb(c)?;
+    if let Change::PutExport { export, .. } = &mut d.change
+        && !policy.is_empty()
+    {
+        let field = "put_export.export.http_policy";
+        match http_policy_from_pb(&policy, &export.service, field) {
+            Ok(p) => export.http_policy = p.map(Box::new),
+            Err(e) => return Ok((d, Some(e))),
+        }
+    }
+    Ok((d, None))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

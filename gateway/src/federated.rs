@@ -19,9 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshfed_api::{change_from_pb, pb};
+use meshfed_api::{FieldError, change_from_pb_watched, pb};
 use meshfed_catalog::catalog::Protocol;
-use meshfed_catalog::catalog::{Delta, Revision};
+use meshfed_catalog::catalog::{Change, Delta, Revision};
 use meshfed_catalog::routing::{IMPORTS_FILE, ImportListener, ImportListeners, plan};
 use meshfed_catalog::site::Membership;
 use meshfed_catalog::{Catalog, SiteName};
@@ -146,12 +146,38 @@ fn rpc(call: &'static str) -> impl FnOnce(tonic::Status) -> SessionError {
     move |status| SessionError::Rpc { call, status }
 }
 
-/// The catalog a site applies: snapshots reset it, deltas extend it.
-fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), SessionError> {
+/// An export whose HTTP policy this gateway could not read (a newer site's field, say):
+/// applied with the policy in force before it, or none.
+#[derive(Debug)]
+struct Unreadable {
+    site: meshfed_catalog::SiteName,
+    service: meshfed_catalog::ServiceName,
+    error: FieldError,
+}
+
+/// The catalog a site applies: snapshots reset it, deltas extend it. An export whose
+/// policy does not read keeps the policy in force (an unreadable one never replaces it)
+/// and is returned, so one newer site's policy neither stops this gateway's catalog nor
+/// drops the service.
+fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<Vec<Unreadable>, SessionError> {
+    let mut unreadable = Vec::new();
+    let mut read = |c: pb::Change, before: &Catalog| -> Result<Delta, SessionError> {
+        let (mut d, bad) = change_from_pb_watched(c)?;
+        if let (Some(error), Change::PutExport { site, export }) = (bad, &mut d.change) {
+            let key = (site.clone(), export.service.clone());
+            export.http_policy = before.exports.get(&key).and_then(|e| e.http_policy.clone());
+            unreadable.push(Unreadable {
+                site: key.0,
+                service: key.1,
+                error,
+            });
+        }
+        Ok(d)
+    };
     if ev.snapshot {
         let mut fresh = Catalog::default();
         for (i, c) in ev.changes.into_iter().enumerate() {
-            let d = change_from_pb(c)?;
+            let d = read(c, catalog)?;
             fresh.apply(&Delta {
                 revision: Revision(i as u64 + 1),
                 change: d.change,
@@ -159,19 +185,19 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<(), SessionE
         }
         fresh.revision = Revision(ev.revision);
         *catalog = fresh;
-        return Ok(());
+        return Ok(unreadable);
     }
     // Several changes may share a revision (one store transaction): skip by the revision
     // held before this event, so a resumed watch drops what was applied and nothing else.
     let base = catalog.revision;
     for c in ev.changes {
-        let d = change_from_pb(c)?;
+        let d = read(c, catalog)?;
         if d.revision <= base {
             continue; // already applied (resumed watch)
         }
         catalog.apply(&d)?;
     }
-    Ok(())
+    Ok(unreadable)
 }
 
 /// An import's routes, compiled for its egress; a policy that does not compile (the API
@@ -616,7 +642,10 @@ impl Agent {
                             if std::mem::take(&mut first) {
                                 info!(from = ?from, snapshot, revision = whole.revision, changes = whole.changes.len(), "watching the catalog");
                             }
-                            apply_event(catalog, whole)?;
+                            for u in apply_event(catalog, whole)? {
+                                self.metrics.catalog_unreadable_policies.inc();
+                                warn!(site = %u.site, service = %u.service, field = %u.error.field, reason = %u.error.reason, "an exported service's HTTP policy does not read here (a newer site's field?): the policy in force before stays");
+                            }
                             debug!(revision = catalog.revision.0, snapshot, "catalog updated");
                             applied += 1;
                         }
@@ -960,6 +989,123 @@ mod tests {
         assert!(matches!(e, SessionError::Change(_)), "{e:?}");
         assert!(e.to_string().contains("trust_domain"), "{e}");
         assert_eq!(c, before, "a refused snapshot leaves the catalog as it was");
+    }
+
+    #[test]
+    fn an_unreadable_policy_keeps_the_one_in_force_and_the_catalog_moves_on() {
+        use meshfed_catalog::http_route::{Destination, HttpPolicy, HttpRoute};
+        let policy = HttpPolicy {
+            service: "orders.shop".parse().unwrap(),
+            source: "VirtualService shop/orders".into(),
+            routes: vec![HttpRoute {
+                destinations: vec![Destination::all()],
+                ..Default::default()
+            }],
+            subsets: vec![],
+            max_requests: Some(7),
+            max_requests_per_connection: None,
+            idle_timeout_ms: None,
+            connection_pool: None,
+            outlier: None,
+            load_balancer: None,
+            consistent_hash: None,
+            locality_lb: None,
+            port_settings: vec![],
+            export_to: vec![],
+        };
+        let with_policy = |ready| {
+            let mut c = export("east", "orders.shop", ready);
+            if let Change::PutExport { export, .. } = &mut c {
+                export.http_policy = Some(Box::new(policy.clone()));
+            }
+            c
+        };
+        // A newer site's policy: a field this gateway does not know.
+        let newer = |ev: &mut pb::WatchEvent| {
+            if let Some(pb::change::Op::PutExport(pb::SiteExport {
+                export: Some(x), ..
+            })) = &mut ev.changes[0].op
+            {
+                x.http_policy = x.http_policy.replacen('{', "{\"from_the_future\":1,", 1);
+            }
+        };
+        let policy_of = |c: &Catalog| {
+            c.exports
+                .get(&("east".parse().unwrap(), "orders.shop".parse().unwrap()))
+                .and_then(|e| e.http_policy.as_ref().and_then(|p| p.max_requests))
+        };
+        let mut c = Catalog::default();
+        apply_event(
+            &mut c,
+            event(true, 3, &[(0, site("east")), (0, with_policy(2))]),
+        )
+        .unwrap();
+        assert_eq!(policy_of(&c), Some(7));
+
+        // A delta: the export applies (5 ready), the policy in force stays, reported.
+        let mut ev = event(false, 4, &[(4, with_policy(5))]);
+        newer(&mut ev);
+        let bad = apply_event(&mut c, ev).unwrap();
+        assert_eq!(bad.len(), 1);
+        assert!(
+            bad[0]
+                .error
+                .field
+                .starts_with("put_export.export.http_policy"),
+            "{bad:?}"
+        );
+        assert_eq!(
+            (ready(&c, "east", "orders.shop"), policy_of(&c)),
+            (Some(5), Some(7))
+        );
+        assert_eq!(c.revision, Revision(4));
+
+        // A snapshot: the same, from the catalog it replaces.
+        let mut ev = event(true, 9, &[(0, with_policy(6)), (0, site("east"))]);
+        ev.changes.swap(0, 1);
+        if let Some(pb::change::Op::PutExport(pb::SiteExport {
+            export: Some(x), ..
+        })) = &mut ev.changes[1].op
+        {
+            x.http_policy = x.http_policy.replacen('{', "{\"from_the_future\":1,", 1);
+        }
+        let bad = apply_event(&mut c, ev).unwrap();
+        assert_eq!(bad.len(), 1);
+        assert_eq!(
+            (ready(&c, "east", "orders.shop"), policy_of(&c)),
+            (Some(6), Some(7))
+        );
+
+        // A new export with an unreadable policy: served without one.
+        let mut billing = export("east", "billing.shop", 1);
+        if let Change::PutExport { export, .. } = &mut billing {
+            let mut p = policy.clone();
+            p.service = "billing.shop".parse().unwrap();
+            export.http_policy = Some(Box::new(p));
+        }
+        let mut ev = event(false, 10, &[(10, billing)]);
+        newer(&mut ev);
+        assert_eq!(apply_event(&mut c, ev).unwrap().len(), 1);
+        let billing = c
+            .exports
+            .get(&("east".parse().unwrap(), "billing.shop".parse().unwrap()))
+            .unwrap();
+        assert_eq!(
+            (billing.ready_endpoints, billing.http_policy.is_none()),
+            (1, true)
+        );
+
+        // Anything else unreadable still fails the event and keeps the catalog.
+        let before = c.clone();
+        let mut ev = event(false, 11, &[(11, with_policy(1))]);
+        if let Some(pb::change::Op::PutExport(pb::SiteExport {
+            export: Some(x), ..
+        })) = &mut ev.changes[0].op
+        {
+            x.service = "Not A Service".into();
+        }
+        assert!(apply_event(&mut c, ev).is_err());
+        assert_eq!(c, before);
     }
 
     #[test]

@@ -440,6 +440,9 @@ pub struct Metrics {
     /// Imports whose exporting sites publish different HTTP routes (the first site by
     /// name applies).
     pub route_conflicts: Gauge,
+    /// Exports whose HTTP policy this gateway could not read (a newer site's field):
+    /// applied with the policy in force before, or none.
+    pub catalog_unreadable_policies: Counter,
     /// Seconds each catalog apply took (the plan, peers, listeners and the cache when
     /// due), and each cache write made on its own.
     pub catalog_apply: ApplyHistogram,
@@ -551,6 +554,11 @@ impl Metrics {
             "http_overflows",
             "HTTP requests answered 503 overflow at once: at the egress, max_requests (a DestinationRule's http2MaxRequests) were in flight; at the ingress, maxConnections were in use and http1MaxPendingRequests waited",
             self.http_overflows.clone(),
+        );
+        r.register(
+            "catalog_unreadable_policies",
+            "Exports whose HTTP policy this gateway could not read (a newer site's field, say): applied with the policy in force before, or none",
+            self.catalog_unreadable_policies.clone(),
         );
         r.register(
             "route_conflicts",
