@@ -1558,6 +1558,43 @@ mod tests {
     }
 
     #[test]
+    fn the_canary_example_carries_export_to_subset_policies_and_failover_priority() {
+        let r = ok("canary-traffic-policy.yaml");
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let p = &r.http_policies[0];
+        assert_eq!(p.export_to, ["shop"]);
+        let v2 = &p.subsets[1];
+        // v2's port 80 setting replaces all of its blocks: its own breaker of 10, and no
+        // pool or balancer on that port; v2's blocks hold on other ports.
+        let t = p.traffic(80, Some(v2));
+        assert_eq!(
+            (
+                t.pool.max_requests,
+                t.pool.connection_pool.map(|c| c.max_connections),
+                t.balancer.load_balancer
+            ),
+            (Some(10), None, None)
+        );
+        let t = p.traffic(8080, Some(v2));
+        assert_eq!(
+            (
+                t.pool.max_requests,
+                t.pool
+                    .connection_pool
+                    .map(|c| (c.max_connections, c.max_pending))
+            ),
+            (Some(20), Some((10, 5)))
+        );
+        assert_eq!(
+            p.locality_lb.as_ref().unwrap().failover_priority,
+            [
+                "topology.kubernetes.io/region",
+                "topology.kubernetes.io/zone"
+            ]
+        );
+    }
+
+    #[test]
     fn every_good_example_parses() {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/serviceentry");

@@ -282,11 +282,37 @@ fn describe_routes(p: &meshfed_catalog::http_route::HttpPolicy) -> String {
             )
         })
         .collect();
+    // What applies besides the routes: to whom, and the subsets' own policies.
+    let mut also = Vec::new();
+    if !p.export_to.is_empty() {
+        also.push(format!("for callers of {}", p.export_to.join(", ")));
+    }
+    let own: Vec<&str> = p
+        .subsets
+        .iter()
+        .filter(|s| s.policy.is_some())
+        .map(|s| s.name.as_str())
+        .collect();
+    if !own.is_empty() {
+        also.push(format!("subset policies: {}", own.join(", ")));
+    }
+    if let Some(prio) = p
+        .locality_lb
+        .as_ref()
+        .filter(|l| !l.failover_priority.is_empty())
+    {
+        also.push(format!("sites by {}", prio.failover_priority.join(", ")));
+    }
     format!(
-        "routes for {} from {}: {}",
+        "routes for {} from {}: {}{}",
         p.service,
         p.source,
-        routes.join("; ")
+        routes.join("; "),
+        if also.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", also.join("; "))
+        }
     )
 }
 
