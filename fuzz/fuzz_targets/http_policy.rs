@@ -1,6 +1,7 @@
 //! HTTP routes as they arrive from another site (JSON in the federation's wire form):
 //! refused with a field path or compiled, never a panic; a compiled policy routes any
-//! request, and its redirects and rewrites give valid strings.
+//! request, its redirects and rewrites give valid strings, and the traffic settings it
+//! puts in force per port and subset are valid ones.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use meshfed_catalog::http_route::{HttpPolicy, RequestView, redirect_location, rewrite_path};
@@ -38,4 +39,15 @@ fuzz_target!(|data: &[u8]| {
             let _ = redirect_location(rd, "http", "web.demo:80", path);
         }
     }
+    // The traffic settings in force for every port named and every subset hold as a
+    // compiled policy's own do, and any caller is decided.
+    let policy = &c.policy;
+    let ports = policy.port_settings.iter().map(|s| s.port).chain([80]);
+    for port in ports {
+        for subset in policy.subsets.iter().map(Some).chain([None]) {
+            let t = policy.traffic(port, subset);
+            assert_ne!(t.pool.max_requests, Some(0), "a breaker of 0 compiled");
+        }
+    }
+    let _ = policy.routes_apply_to("spiffe://td/ns/demo/sa/x");
 });

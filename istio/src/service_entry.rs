@@ -777,33 +777,43 @@ fn http_policies(
         if out.iter().any(|(_, p)| p.service == service) {
             continue;
         }
-        out.push((
-            *index,
-            HttpPolicy {
-                source: format!("DestinationRule {ns}/{host}"),
-                routes: vec![meshfed_catalog::http_route::HttpRoute {
-                    destinations: vec![meshfed_catalog::http_route::Destination {
-                        service: None,
-                        port: None,
-                        subset: None,
-                        weight: 100,
-                    }],
-                    ..Default::default()
+        let p = HttpPolicy {
+            source: format!("DestinationRule {ns}/{host}"),
+            routes: vec![meshfed_catalog::http_route::HttpRoute {
+                destinations: vec![meshfed_catalog::http_route::Destination {
+                    service: None,
+                    port: None,
+                    subset: None,
+                    weight: 100,
                 }],
-                subsets: sets.clone(),
-                max_requests: traffic.max_requests,
-                max_requests_per_connection: traffic.max_requests_per_connection,
-                idle_timeout_ms: traffic.idle_timeout_ms,
-                connection_pool: traffic.connection_pool,
-                outlier: traffic.outlier.clone(),
-                load_balancer: traffic.load_balancer,
-                consistent_hash: traffic.consistent_hash.clone(),
-                locality_lb: traffic.locality_lb.clone(),
-                port_settings: traffic.port_settings.clone(),
-                export_to: Vec::new(),
-                service,
-            },
-        ));
+                ..Default::default()
+            }],
+            subsets: sets.clone(),
+            max_requests: traffic.max_requests,
+            max_requests_per_connection: traffic.max_requests_per_connection,
+            idle_timeout_ms: traffic.idle_timeout_ms,
+            connection_pool: traffic.connection_pool,
+            outlier: traffic.outlier.clone(),
+            load_balancer: traffic.load_balancer,
+            consistent_hash: traffic.consistent_hash.clone(),
+            locality_lb: traffic.locality_lb.clone(),
+            port_settings: traffic.port_settings.clone(),
+            export_to: Vec::new(),
+            service,
+        };
+        // What the model refuses, the file is refused for (a publish would be).
+        match p.clone().compile() {
+            Ok(_) => out.push((*index, p)),
+            Err(e) => {
+                let mut d = Doc {
+                    index: *index,
+                    object: format!("DestinationRule/{host}"),
+                    problems,
+                    warnings,
+                };
+                d.err(format!("spec.{}", e.field), e.message);
+            }
+        }
     }
     out.into_iter().map(|(_, p)| p).collect()
 }

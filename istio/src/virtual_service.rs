@@ -1577,6 +1577,11 @@ pub(crate) fn subsets(d: &mut Doc<'_>, v: Option<&Value>) -> Vec<Subset> {
                     continue;
                 }
                 let labels = d.string_map(m.get("labels"), &format!("{f}.labels"));
+                // Istio's validateSubset: the labels are Kubernetes labels.
+                if let Err((k, msg)) = meshfed_catalog::http_route::check_labels(&labels) {
+                    d.err(format!("{f}.labels{k}"), msg);
+                    continue;
+                }
                 let policy =
                     subset_policy(d, m.get("trafficPolicy"), &format!("{f}.trafficPolicy"));
                 out.push(Subset {
@@ -2227,6 +2232,26 @@ spec:
         ] {
             let t = text.replacen(bad, field, 1);
             assert!(parse(&t).is_err(), "{field}");
+        }
+    }
+
+    #[test]
+    fn a_subsets_labels_are_checked_with_or_without_a_virtual_service() {
+        // Found by fuzzing: a DestinationRule alone (its connection pool makes a policy)
+        // with a subset label value Kubernetes refuses was accepted, and its publish
+        // would have been refused.
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: demo}\n\
+                  spec:\n  host: web\n  trafficPolicy:\n    connectionPool:\n      http: {http2MaxRequests: 10}\n  \
+                  subsets:\n  - name: v1\n    labels: {version: v(}\n";
+        for text in [dr.to_owned(), format!("{GOOD}---\n{dr}")] {
+            let Err(ParseError::Invalid(p)) = parse(&text) else {
+                panic!("accepted: {text}");
+            };
+            assert!(
+                p.iter()
+                    .any(|p| p.field == "spec.subsets[0].labels.version"),
+                "{p:?}"
+            );
         }
     }
 
