@@ -209,28 +209,6 @@ impl HttpPolicy {
         self.port_settings.iter().find(|s| s.port == port)
     }
 
-    /// The `connectionPool` block in force for `port` (the port's, else the policy's),
-    /// without copying the policy: what an exporting gateway needs per stream. Pure.
-    pub fn pool_at(&self, port: u16) -> PortPool {
-        match self.port_setting(port) {
-            Some(s) => s.pool.unwrap_or_default(),
-            None => PortPool {
-                max_requests: self.max_requests,
-                max_requests_per_connection: self.max_requests_per_connection,
-                idle_timeout_ms: self.idle_timeout_ms,
-                connection_pool: self.connection_pool,
-            },
-        }
-    }
-
-    /// The outlier detection in force for `port` (the port's, else the policy's). Pure.
-    pub fn outlier_at(&self, port: u16) -> Option<&Outlier> {
-        match self.port_setting(port) {
-            Some(s) => s.outlier.as_ref(),
-            None => self.outlier.as_ref(),
-        }
-    }
-
     fn apply_port(&mut self, s: &PortSettings) {
         let Traffic {
             pool,
@@ -2368,7 +2346,15 @@ mod tests {
         // Without a subset policy, the traffic is the port's view of the policy.
         let t = p.traffic(8080, None);
         let q = p.clone().for_port(8080);
-        assert_eq!(t.pool, p.pool_at(8080));
+        assert_eq!(
+            t.pool,
+            PortPool {
+                max_requests: q.max_requests,
+                max_requests_per_connection: q.max_requests_per_connection,
+                idle_timeout_ms: q.idle_timeout_ms,
+                connection_pool: q.connection_pool,
+            }
+        );
         assert_eq!(
             (t.outlier.as_ref(), t.balancer.load_balancer),
             (q.outlier.as_ref(), q.load_balancer)
@@ -2483,12 +2469,13 @@ mod tests {
         let at = |port| {
             let q = p.clone().for_port(port);
             assert!(q.port_settings.is_empty());
-            // The two agree, but for the settings a borrowed policy keeps; so do the
-            // per-stream views the exporting gateway reads.
+            // The two agree, but for the settings a borrowed policy keeps; so does the
+            // view of the blocks in force the exporting gateway reads.
             let mut r = p.at_port(port).into_owned();
             r.port_settings.clear();
             assert_eq!(q, r);
-            assert_eq!(q.outlier.as_ref(), p.outlier_at(port));
+            let t = p.traffic(port, None);
+            assert_eq!(q.outlier.as_ref(), t.outlier.as_ref());
             assert_eq!(
                 (
                     q.max_requests,
@@ -2497,7 +2484,7 @@ mod tests {
                     q.connection_pool
                 ),
                 {
-                    let b = p.pool_at(port);
+                    let b = t.pool;
                     (
                         b.max_requests,
                         b.max_requests_per_connection,

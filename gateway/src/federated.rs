@@ -209,6 +209,7 @@ fn route_table(
     match p.compile() {
         Ok(compiled) => Some(Arc::new(crate::http::egress::RouteTable::new(
             compiled,
+            im.port,
             im.site_labels.clone(),
             im.site_weights.clone(),
         ))),

@@ -143,9 +143,8 @@ pub struct RouteTable {
     pub site_weights: BTreeMap<SiteName, u32>,
     /// Requests in flight, against the policy's `max_requests`.
     pub in_flight: AtomicU32,
-    /// Requests in flight to each subset (by index), against a subset policy's own
-    /// `max_requests`.
-    subset_in_flight: Vec<AtomicU32>,
+    /// By subset index: a subset with a policy of its own, resolved once per table.
+    subsets: Vec<Option<SubsetRoute>>,
     /// Each route's rate limit bucket (this gateway's), by route index.
     buckets: Vec<Option<Mutex<decide::TokenBucket>>>,
     /// The route of a caller the policy's routes are not exported to (`export_to`):
@@ -153,9 +152,20 @@ pub struct RouteTable {
     unrouted: HttpRoute,
 }
 
+/// A subset with a `trafficPolicy` of its own: what applies to its requests (the
+/// destination's at the import's port, the subset's over it), its requests in flight
+/// against that `max_requests`, and its name for the far ingress.
+struct SubsetRoute {
+    traffic: meshfed_catalog::http_route::Traffic,
+    in_flight: AtomicU32,
+    name: Option<http::HeaderValue>,
+}
+
 impl RouteTable {
+    /// The routes of an import of `port`.
     pub fn new(
         compiled: Compiled,
+        port: u16,
         site_labels: BTreeMap<SiteName, SiteLabels>,
         site_weights: BTreeMap<SiteName, u32>,
     ) -> Self {
@@ -173,7 +183,19 @@ impl RouteTable {
             site_labels,
             site_weights,
             in_flight: AtomicU32::new(0),
-            subset_in_flight: compiled_subsets(&compiled),
+            subsets: compiled
+                .policy
+                .subsets
+                .iter()
+                .map(|s| {
+                    s.policy.as_ref()?;
+                    Some(SubsetRoute {
+                        traffic: compiled.policy.traffic(port, Some(s)),
+                        in_flight: AtomicU32::new(0),
+                        name: http::HeaderValue::from_str(&s.name).ok(),
+                    })
+                })
+                .collect(),
             compiled,
             buckets,
             unrouted: HttpRoute {
@@ -188,7 +210,7 @@ impl RouteTable {
     fn take(self: &Arc<Self>, subset: Option<usize>, max: u32) -> Option<InFlight> {
         let counter = match subset {
             None => &self.in_flight,
-            Some(i) => self.subset_in_flight.get(i)?,
+            Some(i) => &self.subsets.get(i)?.as_ref()?.in_flight,
         };
         counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -199,19 +221,16 @@ impl RouteTable {
     }
 }
 
-fn compiled_subsets(c: &Compiled) -> Vec<AtomicU32> {
-    c.policy.subsets.iter().map(|_| AtomicU32::new(0)).collect()
-}
-
 /// A request counted against its import's `max_requests` (or its subset's) while it
 /// lives.
 struct InFlight(Arc<RouteTable>, Option<usize>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let counter = match self.1 {
+        // A subset's counter exists: `take` counted on it.
+        let counter = match self.1.and_then(|i| self.0.subsets[i].as_ref()) {
             None => &self.0.in_flight,
-            Some(i) => &self.0.subset_in_flight[i],
+            Some(r) => &r.in_flight,
         };
         counter.fetch_sub(1, Ordering::AcqRel);
     }
@@ -864,51 +883,50 @@ impl HttpEgress {
             None => (self, backends.clone(), routes.clone()),
         };
         let to_table = to_routes.as_ref().as_ref();
+        // The destination's subset, by index in the table that defines it.
         let (sites, selector, subset) = match d.subset.as_deref() {
             None => (to_backends.to_vec(), None, None),
-            Some(name) => match to_table.and_then(|t| t.compiled.subset(name).map(|s| (t, s))) {
-                Some((t, subset)) => (
-                    subset_sites(subset, &to_backends, &t.site_labels)
-                        .into_iter()
-                        .cloned()
-                        .collect::<Vec<SiteName>>(),
-                    selector_value(subset),
-                    Some(subset),
-                ),
-                None => return Err(no_site(format!("{} has no subset {name}", to.0))),
-            },
+            Some(name) => {
+                let found = to_table.and_then(|t| {
+                    let subsets = &t.compiled.policy.subsets;
+                    let i = subsets.iter().position(|s| s.name == name)?;
+                    Some((t, i, &subsets[i]))
+                });
+                match found {
+                    Some((t, i, subset)) => (
+                        subset_sites(subset, &to_backends, &t.site_labels)
+                            .into_iter()
+                            .cloned()
+                            .collect::<Vec<SiteName>>(),
+                        selector_value(subset),
+                        Some((t, i)),
+                    ),
+                    None => return Err(no_site(format!("{} has no subset {name}", to.0))),
+                }
+            }
         };
         let policy = to_table.map(|t| &t.compiled.policy);
         // A subset with a policy of its own: its breaker, outlier detection and balancer
         // (over the destination's at the port) for this request.
-        let subset_traffic = match (policy, subset) {
-            (Some(p), Some(s)) if s.policy.is_some() => Some(p.traffic(to.1, Some(s))),
-            _ => None,
-        };
-        let subset_in_flight = match (&subset_traffic, to_table, subset) {
-            (Some(t), Some(table), Some(s)) => match t.pool.max_requests {
+        let own = subset.and_then(|(t, i)| Some((t, i, t.subsets[i].as_ref()?)));
+        let subset_in_flight = match own {
+            Some((table, i, r)) => match r.traffic.pool.max_requests {
                 None => None,
-                Some(max) => {
-                    let subsets = &table.compiled.policy.subsets;
-                    match subsets.iter().position(|x| std::ptr::eq(x, s)) {
-                        None => None,
-                        Some(i) => match table.take(Some(i), max) {
-                            Some(f) => Some(f),
-                            None => {
-                                eg.metrics.http_overflow("egress");
-                                let msg = format!(
-                                    "{max} requests to subset {} of {} in flight (max_requests)",
-                                    s.name, to.0
-                                );
-                                return Err(error_response(503, OVERFLOW, &msg));
-                            }
-                        },
+                Some(max) => match table.take(Some(i), max) {
+                    Some(f) => Some(f),
+                    None => {
+                        eg.metrics.http_overflow("egress");
+                        let msg = format!(
+                            "{max} requests to subset {} of {} in flight (max_requests)",
+                            table.compiled.policy.subsets[i].name, to.0
+                        );
+                        return Err(error_response(503, OVERFLOW, &msg));
                     }
-                }
+                },
             },
-            _ => None,
+            None => None,
         };
-        let (outlier, load_balancer, hash_key) = match &subset_traffic {
+        let (outlier, load_balancer, hash_key) = match own.map(|(_, _, r)| &r.traffic) {
             Some(t) => (
                 t.outlier.clone(),
                 t.balancer.load_balancer,
@@ -1009,9 +1027,7 @@ impl HttpEgress {
         Ok(Plan {
             mirrors: mirrors.collect(),
             selector,
-            subset_name: subset
-                .filter(|s| s.policy.is_some())
-                .and_then(|s| http::HeaderValue::from_str(&s.name).ok()),
+            subset_name: own.and_then(|(_, _, r)| r.name.clone()),
             _in_flight: in_flight,
             _subset_in_flight: subset_in_flight,
             fault,
