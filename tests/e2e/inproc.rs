@@ -1803,8 +1803,15 @@ async fn a_gateway_address_may_be_a_host_name() {
     let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
     until_call(addr, true, "through a host-name address").await;
     // East resolved west's name (from /etc/hosts here) and dials what it resolved to.
+    // The call may have gone over the connection west dialed to east, before east's own
+    // dial is up: wait for it.
     let west_site: meshfed_catalog::SiteName = "west".parse().unwrap();
-    let links = east_gw.gateway.peers.links(&west_site);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut links = east_gw.gateway.peers.links(&west_site);
+    while !links.contains(&(quic, true)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        links = east_gw.gateway.peers.links(&west_site);
+    }
     assert!(links.contains(&(quic, true)), "{links:?}");
     shutdown([east_gw, west_gw], fed).await;
 }
