@@ -25,8 +25,10 @@
 //!   hop between them stays mTLS over loopback), reported beside it.
 //!
 //! For each protocol and round: requests per second at fixed concurrency (`--clients`,
-//! and `--streams` per connection on h2), then p50/p99 at 60 % of the slowest path's
-//! capacity in that round (`h2load --rps`, latencies from `--log-file`). Prints every
+//! and `--streams` per connection on h2), with the CPU the path's proxy processes used
+//! per request in that run (the three gateways, or the haproxy processes, from
+//! `/proc`), then p50/p99 at 60 % of the slowest path's capacity in that round
+//! (`h2load --rps`, latencies from `--log-file`). Prints every
 //! figure with the peer's, then ratios with their range over rounds, per transport; the
 //! last lines are `name: value` (the headline lines take the worse protocol and the
 //! worse transport).
@@ -57,6 +59,14 @@ struct Cli {
     /// Concurrent streams per h2 connection.
     #[arg(long, default_value_t = 8)]
     streams: u32,
+    /// Set everything up, print each path's URLs and the processes' ids, and wait for
+    /// Ctrl-C instead of measuring (to load and profile a path by hand).
+    #[arg(long)]
+    hold: bool,
+    /// Threads per proxy process: each gateway's `workers` and each haproxy's
+    /// `nbthread` (default: 2, the cores of the machine this was written on).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
 }
 
 /// Child processes, killed on drop.
@@ -103,6 +113,21 @@ async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+/// CPU seconds (user and system) the processes `pids` have used, from `/proc` (in
+/// clock ticks of 1/100 s, Linux's `USER_HZ`).
+fn cpu_secs(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split(' ').collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum::<u64>() as f64
+        / 100.0
 }
 
 /// `curl` of `url`: the body, or `None`.
@@ -157,7 +182,7 @@ fn haproxy_pair(
     front: (u16, u16),
     b_ports: (u16, u16),
     nginx_h1: (u16, u16),
-    split: bool,
+    (split, threads): (bool, usize),
 ) -> Result<Vec<Child>> {
     let pem = |s: &SiteFiles| -> Result<PathBuf> {
         let p = dir.join(format!("{}-haproxy.pem", s.site));
@@ -200,8 +225,10 @@ fn haproxy_pair(
             server("north", b_ports.1, alpn)
         )
     };
-    let head = "global\n  maxconn 8000\n  nbthread 2\n\
-         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n";
+    let head = format!(
+        "global\n  maxconn 8000\n  nbthread {threads}\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n"
+    );
     let side_a = format!(
         "frontend a_h1\n  bind 127.0.0.1:{}\n  default_backend pair_h1\n\
          frontend a_h2\n  bind 127.0.0.1:{} proto h2\n  default_backend pair_h2\n{}{}",
@@ -462,6 +489,8 @@ async fn main() -> Result<()> {
         .arg("--dir")
         .arg(&west.dir))?;
 
+    // Each gateway's process, by site: the proxies whose CPU a path costs.
+    let mut gateway_pid = std::collections::BTreeMap::new();
     let import_ip = [127, 0, 0, 2];
     let (web, raw_h1, raw_h2) = (
         free_port(import_ip)?,
@@ -470,6 +499,7 @@ async fn main() -> Result<()> {
     );
     let fed_cfg = |s: &SiteFiles, ip: [u8; 4]| ConfigBuilder {
         federation: Some((s.dir.clone(), ip.into())),
+        workers: Some(cli.threads),
         ..Default::default()
     };
     for (s, ip, h1, h2c) in [
@@ -485,12 +515,14 @@ async fn main() -> Result<()> {
                 .export("raw-h2.bench", raw_h2, vec![([127, 0, 0, 1], h2c).into()]);
         }
         let cfg = c.write(s)?;
-        procs.0.push(spawn(
+        let child = spawn(
             Command::new(&meshfed)
                 .args(["gateway", "run", "-c"])
                 .arg(&cfg),
             &dir.join(format!("{}.log", s.site)),
-        )?);
+        )?;
+        gateway_pid.insert(s.site.clone(), child.id());
+        procs.0.push(child);
     }
     // East imports over QUIC, south over the h2 transport (TLS over TCP).
     let tcp_ip = [127, 0, 0, 5];
@@ -498,12 +530,14 @@ async fn main() -> Result<()> {
         let mut c = fed_cfg(s, ip);
         c.transport = Some(format!("default: {transport}"));
         let cfg = c.write(s)?;
-        procs.0.push(spawn(
+        let child = spawn(
             Command::new(&meshfed)
                 .args(["gateway", "run", "-c"])
                 .arg(&cfg),
             &dir.join(format!("{}.log", s.site)),
-        )?);
+        )?;
+        gateway_pid.insert(s.site.clone(), child.id());
+        procs.0.push(child);
     }
     let ip = |p: u16| SocketAddr::from((import_ip, p));
     let tcp = |p: u16| SocketAddr::from((tcp_ip, p));
@@ -525,6 +559,7 @@ async fn main() -> Result<()> {
     // The haproxy pair, with the sites' certificates (east's as the client's): one
     // process per site (the headline peer), and all in one process.
     let mut fronts = Vec::new();
+    let mut haproxy_pids: Vec<Vec<u32>> = Vec::new();
     for split in [true, false] {
         let (front_h1, front_h2, b_west, b_north) = (
             free_port(lo)?,
@@ -532,15 +567,17 @@ async fn main() -> Result<()> {
             free_port(lo)?,
             free_port(lo)?,
         );
-        procs.0.extend(haproxy_pair(
+        let pair = haproxy_pair(
             &dir,
             east,
             west,
             (front_h1, front_h2),
             (b_west, b_north),
             (west_h1, north_h1),
-            split,
-        )?);
+            (split, cli.threads),
+        )?;
+        haproxy_pids.push(pair.iter().map(Child::id).collect());
+        procs.0.extend(pair);
         let ha1 = format!("http://127.0.0.1:{front_h1}/");
         wait_for("haproxy", || {
             let seen: std::collections::BTreeSet<String> =
@@ -558,6 +595,22 @@ async fn main() -> Result<()> {
         "http bench: h2load, {} connections ({} streams each on h2), {} s per run, {} rounds; nginx endpoints; 50/50 split over two sites on meshfed-l7 and haproxy",
         cli.clients, cli.streams, cli.secs, cli.rounds
     );
+    // The proxy processes each path runs through (direct: none).
+    let site_pids = |sites: &[&str]| -> Vec<u32> {
+        sites
+            .iter()
+            .filter_map(|s| gateway_pid.get(*s).copied())
+            .collect()
+    };
+    let proxies = |path: &str| -> Vec<u32> {
+        match path {
+            "haproxy" => haproxy_pids[0].clone(),
+            "haproxy-1proc" => haproxy_pids[1].clone(),
+            "meshfed-l4" | "meshfed-l7" => site_pids(&["east", "west", "north"]),
+            "meshfed-l4-tcp" | "meshfed-l7-tcp" => site_pids(&["south", "west", "north"]),
+            _ => Vec::new(),
+        }
+    };
     let paths = |proto: Proto| -> Vec<(&'static str, String)> {
         let (direct, ha, one, raw) = match proto {
             Proto::H1 => (west_h1, front_h1, one_h1, raw_h1),
@@ -573,21 +626,48 @@ async fn main() -> Result<()> {
             ("meshfed-l7-tcp", l7_tcp.clone()),
         ]
     };
+    if cli.hold {
+        for proto in [Proto::H1, Proto::H2] {
+            for (name, url) in paths(proto) {
+                println!("{} {name:<14} {url}", proto.name());
+            }
+        }
+        for (what, c) in ["nginx", "federation", "west", "north", "east", "south"]
+            .iter()
+            .zip(&procs.0)
+        {
+            println!("pid {what}: {}", c.id());
+        }
+        println!("holding (logs and configs: {}); Ctrl-C ends", dir.display());
+        tokio::signal::ctrl_c().await?;
+        return Ok(());
+    }
     // (proto, path) → per-round figures.
     let mut rps: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     let mut p50: std::collections::BTreeMap<(&str, &str), Vec<u64>> = Default::default();
     let mut p99: std::collections::BTreeMap<(&str, &str), Vec<u64>> = Default::default();
+    let mut cpu: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for round in 0..cli.rounds {
         for proto in [Proto::H1, Proto::H2] {
             let mut cap = Vec::new();
             for (name, url) in paths(proto) {
+                let pids = proxies(name);
+                let before = cpu_secs(&pids);
+                let began = Instant::now();
                 let l = h2load(&cli, proto, &url, None, None)?;
+                // CPU of the path's proxy processes over the run (warm-up included) per
+                // request at the measured rate over the run's wall time.
+                let us = (cpu_secs(&pids) - before) * 1e6 / (l.rps * began.elapsed().as_secs_f64());
                 println!(
-                    "round {round} {} {name:<14} capacity {:>9.0} req/s  failed {}",
+                    "round {round} {} {name:<14} capacity {:>9.0} req/s  failed {}  proxies' CPU {:>5.1} µs/request",
                     proto.name(),
                     l.rps,
-                    l.failed
+                    l.failed,
+                    us
                 );
+                if !pids.is_empty() {
+                    cpu.entry((proto.name(), name)).or_default().push(us);
+                }
                 if l.failed > 0 {
                     bail!(
                         "{name} ({}): {} requests failed:\n{}",
@@ -646,10 +726,15 @@ async fn main() -> Result<()> {
             let rps_ha = ratio(&r(l7_path), &r("haproxy"));
             let p99_ha = ratio(&f(&p99[&(proto, l7_path)]), &f(&p99[&(proto, "haproxy")]));
             let l7_l4 = ratio(&r(l7_path), &r(l4_path));
+            let cpu_ha = ratio(&cpu[&(proto, l7_path)], &cpu[&(proto, "haproxy")]);
             for (what, v) in [
                 (format!("{l7_path} / haproxy req/s"), &rps_ha),
                 (format!("{l7_path} / haproxy p99"), &p99_ha),
                 (format!("{l7_path} / {l4_path} req/s"), &l7_l4),
+                (
+                    format!("{l7_path} / haproxy proxies' CPU per request"),
+                    &cpu_ha,
+                ),
             ] {
                 let (lo, hi, m) = range(v);
                 println!("  {proto} ({transport}) {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
@@ -678,6 +763,10 @@ async fn main() -> Result<()> {
             lines.push(format!("http_{proto}_{tag}rps_ratio_vs_haproxy: {m1:.3}"));
             lines.push(format!("http_{proto}_{tag}p99_ratio_vs_haproxy: {m2:.3}"));
             lines.push(format!("http_{proto}_{tag}l7_overhead_vs_l4: {m3:.3}"));
+            lines.push(format!(
+                "http_{proto}_{tag}cpu_per_request_ratio_vs_haproxy: {:.3}",
+                range(&cpu_ha).2
+            ));
             // The headline lines take the worse protocol and the worse transport.
             headline = (headline.0.min(m1), headline.1.max(m2), headline.2.min(m3));
         }
