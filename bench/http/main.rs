@@ -174,7 +174,7 @@ fn nginx(dir: &Path, blocks: &[(&str, u16, u16)]) -> Result<Child> {
 /// The haproxy pair: A at `front_h1`/`front_h2` (plain HTTP/1.1 and h2c), a 50/50
 /// backend over mTLS h2 to B's two frontends, each in front of one nginx block. With
 /// `split`, A and each B frontend are processes of their own (one per site, as
-/// meshfed's gateways are), else one process holds them all; `nbthread 2` each.
+/// meshfed's gateways are), else one process holds them all; `nbthread` `threads` each.
 fn haproxy_pair(
     dir: &Path,
     a: &SiteFiles,

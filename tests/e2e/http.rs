@@ -1375,6 +1375,66 @@ async fn a_failing_site_is_ejected_and_tried_again_after_the_ejection_time() {
     assert_eq!(sites.east_gw.metric(ejections).await, 2.0);
 }
 
+/// Ejection is per subset, as Envoy keeps it per cluster: requests to subset `all` (both
+/// sites) that north fails eject north for that subset only; requests to the service
+/// itself (no subset) still go to north first, and are ejected on their own count.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subsets_ejection_leaves_the_site_to_the_other_requests() {
+    let sites = http_sites("http-outlier-subset", (200, 503), 0, |west| {
+        register_yaml(
+            west,
+            "outlier.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: demo}\n\
+             spec:\n  hosts: [web.demo]\n  http:\n  - match: [{headers: {x-subset: {exact: all}}}]\n    route: [{destination: {host: web.demo, subset: all}}]\n\
+             \x20 - route: [{destination: {host: web.demo}}]\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: demo}\n\
+             spec:\n  host: web.demo\n  subsets: [{name: all}]\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 30s, maxEjectionPercent: 100}\n",
+        );
+    })
+    .await;
+    let ejections = "meshfed_gateway_http_ejections_total";
+    let to_all = [("x-subset", "all")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while sites.east_gw.metric(ejections).await < 1.0 {
+        if tokio::net::TcpStream::connect(sites.import).await.is_ok() {
+            let s = gets(sites.import, 1, &to_all).await;
+            assert!(s.iter().all(|s| *s == 200), "{s:?}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "north never ejected\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Ejected for subset `all`: its requests go straight to west.
+    let n0 = sites.north_hits.load(Ordering::Relaxed);
+    let s = gets(sites.import, 20, &to_all).await;
+    assert!(s.iter().all(|s| *s == 200), "{s:?}");
+    assert_eq!(
+        sites.north_hits.load(Ordering::Relaxed),
+        n0,
+        "subset all still tried north"
+    );
+    // Not for the service's own requests: each goes to north first (and is retried at
+    // west), until their own count ejects north too.
+    let s = gets(sites.import, 2, &[]).await;
+    assert!(s.iter().all(|s| *s == 200), "{s:?}");
+    assert_eq!(
+        sites.north_hits.load(Ordering::Relaxed) - n0,
+        2,
+        "the service's own requests skipped north: subset all's ejection applied to them"
+    );
+    assert_eq!(sites.east_gw.metric(ejections).await, 1.0);
+    let s = gets(sites.import, 1, &[]).await;
+    assert!(s.iter().all(|s| *s == 200), "{s:?}");
+    assert_eq!(sites.east_gw.metric(ejections).await, 2.0);
+    let n1 = sites.north_hits.load(Ordering::Relaxed);
+    let s = gets(sites.import, 5, &[]).await;
+    assert!(s.iter().all(|s| *s == 200), "{s:?}");
+    assert_eq!(sites.north_hits.load(Ordering::Relaxed), n1);
+}
+
 /// Routes that answer at the egress or change the request: a redirect (308 with the
 /// `Location` Istio would give), a rewrite of path and authority, header changes on the
 /// request and its answer, and a rate limit that answers 429 with `retry-after` at the

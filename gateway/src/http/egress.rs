@@ -71,8 +71,10 @@ pub struct HttpEgress {
     rolls: AtomicU64,
     /// Mirrored copies in flight.
     mirrors: AtomicU32,
-    /// Sites' consecutive errors and ejections (outlier detection).
-    outliers: Mutex<decide::Outliers>,
+    /// Sites' consecutive errors and ejections (outlier detection), per subset (`""`:
+    /// the service's sites as a whole): like Envoy's clusters, a subset whose endpoints
+    /// fail at a site ejects that site for its own requests only.
+    outliers: Mutex<HashMap<String, decide::Outliers>>,
     /// Attempts in flight per site, until their answer's headers (the least-request
     /// balancer's input; counted only for a service that balances so).
     site_load: Mutex<HashMap<SiteName, u32>>,
@@ -263,8 +265,12 @@ struct Plan {
     sites: Vec<SiteName>,
     /// The route's name (`#i` when it has none), when the import has routes.
     route: Option<String>,
-    /// The policy's outlier detection, and how many sites serve the service.
+    /// The policy's outlier detection, and how many sites serve the destination (its
+    /// subset's, with one).
     outlier: Option<meshfed_catalog::http_route::Outlier>,
+    /// Whose ejections apply: the destination's subset (`""`: none), when there is
+    /// outlier detection.
+    cluster: String,
     site_count: usize,
     retries: u32,
     timeout: Option<Duration>,
@@ -756,6 +762,7 @@ impl HttpEgress {
                 sites: backends.to_vec(),
                 route: None,
                 outlier: None,
+                cluster: String::new(),
                 site_count: backends.len(),
                 retries: RETRIES,
                 timeout: None,
@@ -957,11 +964,12 @@ impl HttpEgress {
                 }
             },
         };
+        // The sites the ejection cap counts: the subset's (its own cluster), or all.
+        let site_count = sites.len();
         let sites = match hash {
             Some(h) => affinity::order(sites, h, |s| affinity::name_hash(s.as_str().as_bytes())),
             None => via.balance(load_balancer, to_table.map(|t| &t.site_weights), sites),
         };
-        let site_count = to_backends.len();
         if sites.is_empty() {
             return Err(no_site(format!(
                 "no serving site is in subset {} of {}:{}",
@@ -1042,6 +1050,10 @@ impl HttpEgress {
                         .map(|rw| (rw, prefix.map(str::to_owned))),
                 })
             }),
+            cluster: match (&outlier, d.subset.as_deref()) {
+                (Some(_), Some(name)) => name.to_owned(),
+                _ => String::new(),
+            },
             outlier,
             site_count,
             target,
@@ -1080,7 +1092,8 @@ impl HttpEgress {
                         .outliers
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .is_ejected(s, self.now_ms())
+                        .get(&plan.cluster)
+                        .is_some_and(|o| o.is_ejected(s, self.now_ms()))
             };
             let site = sites
                 .iter()
@@ -1171,6 +1184,8 @@ impl HttpEgress {
                     .outliers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .entry(plan.cluster.clone())
+                    .or_default()
                     .observe(cfg, site, outcome, plan.site_count, self.now_ms());
                 if ejected_now {
                     eg.metrics.http_ejection();

@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::decide::Outliers;
 use super::{Body, error_response, headers};
 use crate::metrics::Metrics;
 use crate::wire::{Open, Refusal};
@@ -63,8 +64,11 @@ pub struct Upstream {
     h2_dial: tokio::sync::Mutex<()>,
     connect_timeout: Duration,
     next: AtomicUsize,
-    /// Endpoints' consecutive errors and ejections (a service's `outlierDetection`).
-    outliers: std::sync::Mutex<super::decide::Outliers<SocketAddr>>,
+    /// Endpoints' consecutive errors and ejections (a service's `outlierDetection`), by
+    /// service, port and subset (`""`: the service's own policy), as Envoy keeps them
+    /// per cluster: one service's ejections never count against another's
+    /// `maxEjectionPercent`, nor eject an endpoint it shares with another.
+    outliers: std::sync::Mutex<Ejections>,
     /// Per (service, port) with a `connectionPool`: its HTTP/1.1 connections in use and
     /// the requests waiting for one.
     /// By service, port and subset (`""`: the service's own pool).
@@ -72,6 +76,9 @@ pub struct Upstream {
     start: std::time::Instant,
     metrics: Metrics,
 }
+
+/// Endpoint ejections by service, port and subset.
+type Ejections = HashMap<ServiceName, HashMap<u16, HashMap<String, Outliers<SocketAddr>>>>;
 
 /// An endpoint's h2 connection and the requests given to it so far.
 struct H2Conn {
@@ -359,7 +366,7 @@ impl Upstream {
     ) -> Response<Body> {
         let pool = to.pool.filter(|_| app == AppProtocol::Http);
         let Some(limits) = pool else {
-            return self.forward(req, endpoints, app, open, to).await;
+            return self.forward(req, endpoints, app, open, (subset, to)).await;
         };
         let Some(slot) = self.gate(open, subset, limits).enter().await else {
             self.metrics.http_overflow("ingress");
@@ -372,7 +379,7 @@ impl Upstream {
             return error_response(503, super::egress::OVERFLOW, &msg);
         };
         let (parts, body) = self
-            .forward(req, endpoints, app, open, to)
+            .forward(req, endpoints, app, open, (subset, to))
             .await
             .into_parts();
         let body = body
@@ -384,28 +391,31 @@ impl Upstream {
         Response::from_parts(parts, body)
     }
 
-    /// The next endpoint in turn that is not ejected (all of them when every one is);
-    /// with an affinity `hash`, the hash's endpoint among those not ejected.
+    /// The next endpoint in turn that is not ejected in `cluster` (the request's
+    /// service, port and subset, when it has outlier detection; all of them when every
+    /// one is); with an affinity `hash`, the hash's endpoint among those not ejected.
     fn pick(
         &self,
         endpoints: &[SocketAddr],
-        outlier: Option<&Outlier>,
+        cluster: Option<(&Open, &str)>,
         hash: Option<u64>,
     ) -> SocketAddr {
+        let now = self.now_ms();
+        let all = cluster.map(|_| self.outliers.lock().unwrap_or_else(|e| e.into_inner()));
+        let o = all
+            .as_ref()
+            .zip(cluster)
+            .and_then(|(all, (open, subset))| all.get(&open.service)?.get(&open.port)?.get(subset));
+        let usable = |ep: &SocketAddr| o.is_none_or(|o| !o.is_ejected(ep, now));
         if let Some(h) = hash {
-            let now = self.now_ms();
-            let o = outlier.map(|_| self.outliers.lock().unwrap_or_else(|e| e.into_inner()));
-            let usable = |ep: &SocketAddr| o.as_ref().is_none_or(|o| !o.is_ejected(ep, now));
             let name = meshfed_catalog::affinity::addr_hash;
             return endpoints[meshfed_catalog::affinity::pick(endpoints, h, name, usable)];
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        if outlier.is_some() {
-            let now = self.now_ms();
-            let o = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_some() {
             for k in 0..endpoints.len() {
                 let ep = endpoints[(n + k) % endpoints.len()];
-                if !o.is_ejected(&ep, now) {
+                if usable(&ep) {
                     return ep;
                 }
             }
@@ -413,19 +423,26 @@ impl Upstream {
         endpoints[n % endpoints.len()]
     }
 
-    /// Counts an answer (or its absence) from `ep` toward its ejection.
+    /// Counts an answer (or its absence) from `ep` toward its ejection in the request's
+    /// service, port and `subset`.
     fn observe(
         &self,
         cfg: &Outlier,
         ep: SocketAddr,
         outcome: super::decide::Outcome,
         endpoints: usize,
-        open: &Open,
+        (open, subset): (&Open, &str),
     ) {
         let ejected = self
             .outliers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .entry(open.service.clone())
+            .or_default()
+            .entry(open.port)
+            .or_default()
+            .entry(subset.to_owned())
+            .or_default()
             .observe(cfg, &ep, outcome, endpoints, self.now_ms());
         if ejected {
             self.metrics.http_ejection();
@@ -614,7 +631,7 @@ impl Upstream {
         endpoints: &[SocketAddr],
         app: AppProtocol,
         open: &Open,
-        to: &EndpointPolicy,
+        (subset, to): (&str, &EndpointPolicy),
     ) -> Response<Body> {
         use tracing::Instrument;
         let outlier = to.outlier.as_ref();
@@ -623,7 +640,7 @@ impl Upstream {
             .get(meshfed_catalog::affinity::HASH_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(meshfed_catalog::affinity::parse_hash_header);
-        let ep = self.pick(endpoints, outlier, hash);
+        let ep = self.pick(endpoints, outlier.map(|_| (open, subset)), hash);
         let span = tracing::trace_span!(
             target: "otel",
             "ingress http",
@@ -657,7 +674,7 @@ impl Upstream {
                 Some(_) => super::decide::Outcome::Lost,
                 None => super::decide::Outcome::Status(answer.status().as_u16()),
             };
-            self.observe(cfg, ep, outcome, endpoints.len(), open);
+            self.observe(cfg, ep, outcome, endpoints.len(), (open, subset));
         }
         answer
     }
@@ -985,6 +1002,61 @@ mod tests {
                 "{busy} busy, last {last}, now {now}"
             );
         }
+    }
+
+    /// Ejections are kept per service, port and subset: one service's failing endpoint
+    /// is not ejected for another service that shares it, and one service's ejections do
+    /// not use up another's `maxEjectionPercent`.
+    #[test]
+    fn ejections_are_kept_per_service_port_and_subset() {
+        use super::super::decide::Outcome;
+        let up = Upstream::new(Duration::from_secs(1), Metrics::default());
+        let cfg = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection_ms: 60_000,
+            max_ejection_percent: 50,
+        };
+        let eps: Vec<SocketAddr> = (1..=4)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        let open = |service: &str, port| Open {
+            service: service.parse().expect("a service name"),
+            port,
+            source: meshfed_identity::SpiffeId::new("spiffe://east.example.org/ns/a/sa/b")
+                .expect("an ID"),
+            flow: None,
+            client: None,
+        };
+        let (a, b, a81) = (open("a.demo", 80), open("b.demo", 80), open("a.demo", 81));
+        let failed = Outcome::Status(503);
+        // a.demo:80 ejects its first endpoint; 2 of 4 may be ejected at once.
+        up.observe(&cfg, eps[0], failed, eps.len(), (&a, ""));
+        let picks = |cluster: (&Open, &str)| -> std::collections::BTreeSet<SocketAddr> {
+            (0..8).map(|_| up.pick(&eps, Some(cluster), None)).collect()
+        };
+        assert!(!picks((&a, "")).contains(&eps[0]), "ejected for a.demo:80");
+        for (other, subset) in [(&b, ""), (&a81, ""), (&a, "canary")] {
+            assert!(
+                picks((other, subset)).contains(&eps[0]),
+                "ejected for {}:{} {subset:?} too",
+                other.service,
+                other.port
+            );
+        }
+        // b.demo's own cap: a.demo's ejection does not count against it.
+        up.observe(&cfg, eps[1], failed, eps.len(), (&b, ""));
+        up.observe(&cfg, eps[2], failed, eps.len(), (&b, ""));
+        up.observe(&cfg, eps[3], failed, eps.len(), (&b, ""));
+        let left = picks((&b, ""));
+        assert_eq!(left.len(), 2, "b.demo ejects 2 of its 4: {left:?}");
+        assert!(!left.contains(&eps[1]) && !left.contains(&eps[2]));
+        // And a.demo can still eject its second (its cap, 2, not reached).
+        up.observe(&cfg, eps[1], failed, eps.len(), (&a, ""));
+        assert_eq!(
+            picks((&a, "")),
+            std::collections::BTreeSet::from([eps[2], eps[3]])
+        );
     }
 
     #[test]
