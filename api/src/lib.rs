@@ -414,6 +414,10 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
         meshfed_catalog::locality::check(&e.locality)
             .map_err(|m| bad(&format!("{field}.locality"), m))?;
     }
+    // The site's own labels (`federation.labels`): Kubernetes label syntax, bounded.
+    let labels: BTreeMap<String, String> = e.labels.into_iter().collect();
+    meshfed_catalog::http_route::check_labels(&labels)
+        .map_err(|(k, m)| bad(&format!("{field}.labels{k}"), m))?;
     Ok(Export {
         endpoint_labels,
         http_policy: http_policy.map(Box::new),
@@ -422,7 +426,7 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
         ready_endpoints: e.ready_endpoints,
         identities,
         locality: (!e.locality.is_empty()).then_some(e.locality),
-        labels: e.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        labels,
         hosts,
     })
 }
@@ -638,6 +642,31 @@ mod tests {
         assert_eq!(
             export_from_pb(bad_label, "x").unwrap_err().field,
             "x.endpoint_labels[0].labels.version"
+        );
+        // The site's own labels: the same syntax, and at most MAX_LABELS of them.
+        let mut bad_site_label = wire.clone();
+        bad_site_label
+            .labels
+            .insert("net work".into(), "dc1".into());
+        assert_eq!(
+            export_from_pb(bad_site_label, "x").unwrap_err().field,
+            "x.labels.net work"
+        );
+        let mut many_site_labels = wire.clone();
+        many_site_labels.labels = (0..=meshfed_catalog::http_route::MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        assert_eq!(
+            export_from_pb(many_site_labels, "x").unwrap_err().field,
+            "x.labels"
+        );
+        let mut site_label = wire.clone();
+        site_label
+            .labels
+            .insert("topology.istio.io/network".into(), "dc1".into());
+        assert_eq!(
+            export_from_pb(site_label, "x").unwrap().labels["topology.istio.io/network"],
+            "dc1"
         );
         let mut too_big = wire.clone();
         too_big.endpoint_labels = (0..40)

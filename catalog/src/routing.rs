@@ -124,6 +124,18 @@ type Candidate<'a> = (
 );
 
 pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePlan {
+    plan_with(catalog, me, locality, &BTreeMap::new())
+}
+
+/// [`plan`] for a gateway with `labels` of its own (`federation.labels`): under a
+/// `failoverPriority`, sites are matched against them as well as against the gateway's
+/// site name and locality (Istio matches endpoints against the client proxy's labels).
+pub fn plan_with(
+    catalog: &Catalog,
+    me: &SiteName,
+    locality: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> SitePlan {
     let peers = catalog
         .sites
         .values()
@@ -149,7 +161,7 @@ pub fn plan(catalog: &Catalog, me: &SiteName, locality: Option<&str>) -> SitePla
     exports.sort_by(|a, b| a.1.cmp(b.1));
     let mut imports = Vec::with_capacity(exports.len());
     // This gateway's labels, for `failoverPriority`.
-    let me_labels = crate::locality::topology_labels(me.as_str(), locality, &BTreeMap::new());
+    let me_labels = crate::locality::topology_labels(me.as_str(), locality, labels);
     for by_site in exports.chunk_by(|a, b| a.1 == b.1) {
         plan_service(catalog, (locality, &me_labels), by_site, &mut imports);
     }
@@ -1081,6 +1093,15 @@ mod tests {
                 want,
                 "{me} {labels:?}"
             );
+        }
+        // The gateway's own labels (`federation.labels`) count as its site name and
+        // locality do: a gateway on network n1 prefers d and e; one on n2 the others.
+        for (network, want) in [("n1", "d,e,c,b,a"), ("n2", "c,b,a,d,e")] {
+            let mine = BTreeMap::from([("topology.istio.io/network".to_string(), network.into())]);
+            let me_labels = crate::locality::topology_labels("z", Some("eu/x/9"), &mine);
+            let lb = prio(&["topology.istio.io/network"]);
+            let (sites, _) = order_sites(Some("eu/x/9"), &me_labels, Some(&lb), cands());
+            assert_eq!(names(&sites).join(","), want, "{network}");
         }
         // Disabled: no preference at all.
         let off = LocalityLb {

@@ -135,6 +135,8 @@ struct RawFederation {
     #[serde(default)]
     locality: Option<String>,
     #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
     inbound: Option<bool>,
 }
 
@@ -364,6 +366,10 @@ pub struct Federation {
     /// Where the site is, `region[/zone[/subzone]]` (Istio's form): importing gateways
     /// prefer the nearest sites, and `localityLbSetting` rules match it.
     pub locality: Option<String>,
+    /// The gateway's own labels (Kubernetes label syntax): a DestinationRule's
+    /// `failoverPriority` compares them with each site's, as Istio compares the client
+    /// proxy's labels with the endpoints', beside its site name and locality.
+    pub labels: BTreeMap<String, String>,
     /// `false`: nobody can dial this site (behind NAT or a firewall). It publishes no
     /// address, dials every peer, and peers reach its exports over those connections.
     pub inbound: bool,
@@ -784,6 +790,10 @@ fn federation(
                 .transpose()
                 .map_err(|e| v.err("federation.import_ports", e))?,
             inbound: f.inbound.unwrap_or(true),
+            labels: match meshfed_catalog::http_route::check_labels(&f.labels) {
+                Ok(()) => f.labels,
+                Err((k, e)) => return Err(v.err(format!("federation.labels{k}"), e)),
+            },
             advertise: f.advertise,
             locality: match f.locality {
                 Some(l) => Some(
@@ -1345,6 +1355,28 @@ imports:
         );
         let (f, r) = field_err(&format!("{GOOD}{ported}dns:\n  listen: 127.0.0.1:5353\n"));
         assert!(f == "dns" && r.contains("import_ports"), "{f}: {r}");
+    }
+
+    #[test]
+    fn the_gateways_own_labels_are_kubernetes_labels() {
+        let with = |labels: &str| format!("{GOOD}federation:\n  dir: site\n  labels: {labels}\n");
+        let c = parse(&with(
+            "{topology.istio.io/network: n1, example.com/tier: gold}",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.federation.unwrap().labels,
+            BTreeMap::from([
+                ("example.com/tier".to_string(), "gold".to_string()),
+                ("topology.istio.io/network".to_string(), "n1".to_string()),
+            ])
+        );
+        let c = parse(&format!("{GOOD}federation:\n  dir: site\n")).unwrap();
+        assert!(c.federation.unwrap().labels.is_empty());
+        for bad in ["{\"bad key\": x}", "{tier: \"a b\"}", "{\"\": x}"] {
+            let (f, r) = field_err(&with(bad));
+            assert!(f.starts_with("federation.labels"), "{bad}: {f}: {r}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::Duration;
 use meshfed_api::{FieldError, change_from_pb_watched, pb};
 use meshfed_catalog::catalog::Protocol;
 use meshfed_catalog::catalog::{Change, Delta, Revision};
-use meshfed_catalog::routing::{IMPORTS_FILE, ImportListener, ImportListeners, plan};
+use meshfed_catalog::routing::{IMPORTS_FILE, ImportListener, ImportListeners, plan_with};
 use meshfed_catalog::site::Membership;
 use meshfed_catalog::{Catalog, SiteName};
 use meshfed_identity::ca::write_file;
@@ -258,8 +258,11 @@ pub fn endpoint_label_sets(e: &Export) -> Vec<pb::EndpointLabels> {
 }
 
 /// One export as published: its ports, ready endpoints, policy and label sets, at the
-/// site's `locality` (importers order sites by it).
-fn export_to_pb(e: &Export, locality: Option<&str>) -> pb::ServiceExport {
+/// site's `locality` and with the site's `labels` (importers order sites by them).
+fn export_to_pb(
+    e: &Export,
+    (locality, labels): (Option<&str>, &BTreeMap<String, String>),
+) -> pb::ServiceExport {
     let ready: usize = e
         .ports
         .values()
@@ -298,7 +301,7 @@ fn export_to_pb(e: &Export, locality: Option<&str>) -> pb::ServiceExport {
             .unwrap_or_default(),
         endpoint_labels: endpoint_label_sets(e),
         locality: locality.unwrap_or_default().to_owned(),
-        ..Default::default()
+        labels: labels.clone().into_iter().collect(),
     }
 }
 
@@ -376,7 +379,12 @@ impl Agent {
             meshfed.revision = catalog.revision.0,
         )
         .entered();
-        let p = plan(catalog, &self.site, self.fed.locality.as_deref());
+        let p = plan_with(
+            catalog,
+            &self.site,
+            self.fed.locality.as_deref(),
+            &self.fed.labels,
+        );
         // Sites that publish different routes for one service: counted, and each logged
         // once when it appears.
         let conflicts: BTreeSet<String> = p
@@ -709,7 +717,7 @@ impl Agent {
         let set: Vec<pb::ServiceExport> = exports
             .borrow_and_update()
             .iter()
-            .map(|e| export_to_pb(e, self.fed.locality.as_deref()))
+            .map(|e| export_to_pb(e, (self.fed.locality.as_deref(), &self.fed.labels)))
             .collect();
         let n = set.len();
         let r = client
@@ -1132,9 +1140,18 @@ mod tests {
             identities: vec![],
             proxy_protocol: false,
         };
-        let p = export_to_pb(&e, Some("eu-west/a"));
+        let site_labels = BTreeMap::from([("topology.istio.io/network".to_string(), "dc1".into())]);
+        let p = export_to_pb(&e, (Some("eu-west/a"), &site_labels));
         assert_eq!(p.service, "dns.ops");
         assert_eq!(p.locality, "eu-west/a", "the site's locality goes with it");
+        assert_eq!(
+            p.labels,
+            std::collections::HashMap::from([(
+                "topology.istio.io/network".to_string(),
+                "dc1".into()
+            )]),
+            "and its labels"
+        );
         assert_eq!(p.ready_endpoints, 2, "the port with the most endpoints");
         let ports: Vec<(u32, &str, &str)> = p
             .ports

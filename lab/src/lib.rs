@@ -105,6 +105,8 @@ pub struct ConfigBuilder {
     pub outbound_only: bool,
     /// `federation.locality`.
     pub locality: Option<String>,
+    /// `federation.labels`, as a YAML flow map (e.g. `{topology.istio.io/network: n1}`).
+    pub labels: Option<String>,
     /// `caller_pod_ip: true`.
     pub caller_pod_ip: bool,
     /// `tls.workload_api.socket`: the SVID and this trust domain's bundle come from the
@@ -246,6 +248,9 @@ impl ConfigBuilder {
             }
             if let Some(l) = &self.locality {
                 let _ = writeln!(y, "  locality: {l}");
+            }
+            if let Some(l) = &self.labels {
+                let _ = writeln!(y, "  labels: {l}");
             }
             if let Some(r) = &self.import_ports {
                 let _ = writeln!(y, "  import_ports: {r}");

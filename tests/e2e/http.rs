@@ -435,6 +435,30 @@ async fn http_sites_with(
     east: impl FnOnce(meshfed_lab::ConfigBuilder) -> meshfed_lab::ConfigBuilder,
     before: impl FnOnce(&meshfed_lab::SiteFiles),
 ) -> HttpSites {
+    let site = |c, _| c;
+    http_sites_each(
+        name,
+        statuses,
+        north_delay_ms,
+        localities,
+        (east, site),
+        before,
+    )
+    .await
+}
+
+/// [`http_sites_with`], with west's (1) and north's (2) configurations changed by `site`.
+async fn http_sites_each(
+    name: &str,
+    statuses: (u16, u16),
+    north_delay_ms: u64,
+    localities: [Option<&str>; 3],
+    (east, site): (
+        impl FnOnce(meshfed_lab::ConfigBuilder) -> meshfed_lab::ConfigBuilder,
+        impl Fn(meshfed_lab::ConfigBuilder, usize) -> meshfed_lab::ConfigBuilder,
+    ),
+    before: impl FnOnce(&meshfed_lab::SiteFiles),
+) -> HttpSites {
     use crate::federation::{Fed, fed_config, free_port, joined};
     let at = |c: meshfed_lab::ConfigBuilder, i: usize| meshfed_lab::ConfigBuilder {
         locality: localities[i].map(str::to_owned),
@@ -451,7 +475,7 @@ async fn http_sites_with(
     let start = |s: &meshfed_lab::SiteFiles, ip, ep, i| {
         Gw::start(
             s,
-            &at(fed_config(s, ip), i)
+            &site(at(fed_config(s, ip), i), i)
                 .export("web.demo", port, vec![ep])
                 .speaks("web.demo", port, "http"),
         )
@@ -2096,6 +2120,100 @@ spec:
         assert_eq!(seen.len(), 1, "cookie {c} landed at {seen:?}");
     }
     drop(west);
+}
+
+/// `federation.labels`: a site's own labels go with its exports, and the importing
+/// gateway's are what `failoverPriority` compares them with, as Istio compares the client
+/// proxy's labels with the endpoints'. East (us/b) and west (eu/b) are on network n1,
+/// north (us/a) on n2: by locality north (east's region) takes every request; under
+/// `failoverPriority: [topology.istio.io/network]` west (east's network) does. Without
+/// east's own label no site would match it, and north would stay first (by name).
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_priority_compares_the_gateways_own_labels() {
+    let network = |n: &str| Some(format!("{{topology.istio.io/network: {n}}}"));
+    let sites = http_sites_each(
+        "http-labels",
+        (200, 200),
+        0,
+        [Some("us/b"), Some("eu/b"), Some("us/a")],
+        (
+            |c| meshfed_lab::ConfigBuilder {
+                labels: network("n1"),
+                ..c
+            },
+            |c, i| meshfed_lab::ConfigBuilder {
+                labels: network(if i == 2 { "n2" } else { "n1" }),
+                ..c
+            },
+        ),
+        |_| {},
+    )
+    .await;
+    let hits = |s: &HttpSites| {
+        (
+            s.west_hits.load(Ordering::Relaxed),
+            s.north_hits.load(Ordering::Relaxed),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, _) = curl(&[], &format!("http://{}/", sites.import));
+        let plan = http_get(sites.east_gw.admin, "/debug/imports")
+            .await
+            .unwrap_or_default();
+        if status == 200 && plan.contains("north") && plan.contains("west") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "import not serving: {status} {plan}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = hits(&sites);
+    assert!(gets(sites.import, 20, &[]).await.iter().all(|c| *c == 200));
+    let after = hits(&sites);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 20),
+        "by locality: north (us/a) first"
+    );
+    const PRIORITY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 5}
+    loadBalancer:
+      localityLbSetting:
+        failoverPriority: [topology.istio.io/network]
+"#;
+    let out = register_yaml(&sites.west, "dr.yaml", PRIORITY);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = hits(&sites);
+        gets(sites.import, 20, &[]).await;
+        if hits(&sites).0 - before.0 == 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failoverPriority never applied\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = hits(&sites);
+    assert!(gets(sites.import, 100, &[]).await.iter().all(|c| *c == 200));
+    let after = hits(&sites);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (100, 0),
+        "east's network (n1) first: west"
+    );
 }
 
 /// Issue 17 §2: a DestinationRule's `localityLbSetting`. East is in `eu/a`, west in
