@@ -415,6 +415,35 @@ async fn http_sites(
     http_sites_at(name, statuses, north_delay_ms, [None; 3], before).await
 }
 
+impl HttpSites {
+    /// Requests west's and north's endpoints have had so far.
+    fn hits(&self) -> (usize, usize) {
+        (
+            self.west_hits.load(Ordering::Relaxed),
+            self.north_hits.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Waits until east's import serves and its plan knows both sites' exports.
+    async fn serving_through_both(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _, _) = curl(&[], &format!("http://{}/", self.import));
+            let plan = http_get(self.east_gw.admin, "/debug/imports")
+                .await
+                .unwrap_or_default();
+            if status == 200 && plan.contains("north") && plan.contains("west") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "import not serving: {status} {plan}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// [`http_sites`] with each site's `federation.locality` (east, west, north).
 async fn http_sites_at(
     name: &str,
@@ -2149,27 +2178,8 @@ async fn failover_priority_compares_the_gateways_own_labels() {
         |_| {},
     )
     .await;
-    let hits = |s: &HttpSites| {
-        (
-            s.west_hits.load(Ordering::Relaxed),
-            s.north_hits.load(Ordering::Relaxed),
-        )
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _, _) = curl(&[], &format!("http://{}/", sites.import));
-        let plan = http_get(sites.east_gw.admin, "/debug/imports")
-            .await
-            .unwrap_or_default();
-        if status == 200 && plan.contains("north") && plan.contains("west") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "import not serving: {status} {plan}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let hits = HttpSites::hits;
+    sites.serving_through_both().await;
     let before = hits(&sites);
     assert!(gets(sites.import, 20, &[]).await.iter().all(|c| *c == 200));
     let after = hits(&sites);
@@ -2232,28 +2242,8 @@ async fn locality_lb_settings_order_and_share_sites_by_locality() {
         |_| {},
     )
     .await;
-    let hits = |s: &HttpSites| {
-        (
-            s.west_hits.load(Ordering::Relaxed),
-            s.north_hits.load(Ordering::Relaxed),
-        )
-    };
-    // Serving through both sites' exports: wait until both are known (west first).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _, _) = curl(&[], &format!("http://{}/", sites.import));
-        let plan = http_get(sites.east_gw.admin, "/debug/imports")
-            .await
-            .unwrap_or_default();
-        if status == 200 && plan.contains("north") && plan.contains("west") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "import not serving: {status} {plan}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let hits = HttpSites::hits;
+    sites.serving_through_both().await;
     let before = hits(&sites);
     let s = gets(sites.import, 100, &[]).await;
     assert!(s.iter().all(|c| *c == 200), "{s:?}");
