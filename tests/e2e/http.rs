@@ -424,6 +424,15 @@ impl HttpSites {
         )
     }
 
+    /// Sends `n` requests, each answered 200; how many reached west and north.
+    async fn spread(&self, n: usize) -> (usize, usize) {
+        let before = self.hits();
+        let s = gets(self.import, n, &[]).await;
+        assert!(s.iter().all(|c| *c == 200), "{s:?}");
+        let after = self.hits();
+        (after.0 - before.0, after.1 - before.1)
+    }
+
     /// Waits until east's import serves and its plan knows both sites' exports.
     async fn serving_through_both(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -2180,11 +2189,8 @@ async fn failover_priority_compares_the_gateways_own_labels() {
     .await;
     let hits = HttpSites::hits;
     sites.serving_through_both().await;
-    let before = hits(&sites);
-    assert!(gets(sites.import, 20, &[]).await.iter().all(|c| *c == 200));
-    let after = hits(&sites);
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
+        sites.spread(20).await,
         (0, 20),
         "by locality: north (us/a) first"
     );
@@ -2216,11 +2222,8 @@ spec:
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let before = hits(&sites);
-    assert!(gets(sites.import, 100, &[]).await.iter().all(|c| *c == 200));
-    let after = hits(&sites);
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
+        sites.spread(100).await,
         (100, 0),
         "east's network (n1) first: west"
     );
@@ -2244,12 +2247,8 @@ async fn locality_lb_settings_order_and_share_sites_by_locality() {
     .await;
     let hits = HttpSites::hits;
     sites.serving_through_both().await;
-    let before = hits(&sites);
-    let s = gets(sites.import, 100, &[]).await;
-    assert!(s.iter().all(|c| *c == 200), "{s:?}");
-    let after = hits(&sites);
     assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
+        sites.spread(100).await,
         (100, 0),
         "nearest first: west (eu/b) before north (us/a)"
     );
