@@ -626,6 +626,8 @@ struct ImportEntry {
     backends: Backends,
     app: Arc<ArcSwap<AppProtocol>>,
     routes: Routes,
+    /// Its HTTP state (links, budget, ejections).
+    http: Arc<crate::http::egress::HttpEgress>,
     addr: SocketAddr,
     stop: CancellationToken,
 }
@@ -699,6 +701,7 @@ impl Imports {
             };
             if changed {
                 info!(%service, port, routes = ?routes.as_ref().map(|r| r.compiled.policy.source.clone()), "import's routes changed");
+                e.http.keep_clusters(routes.as_deref());
                 e.routes.store(Arc::new(routes));
             }
             if **e.backends.load() != backends {
@@ -719,6 +722,7 @@ impl Imports {
         let app_now = Arc::new(ArcSwap::from_pointee(app));
         let routes: Routes = Arc::new(ArcSwap::from_pointee(routes));
         let stop = self.drain.token().child_token();
+        let http = Arc::new(crate::http::egress::HttpEgress::new(service, port));
         let eg = Egress {
             service: service.clone(),
             port,
@@ -729,7 +733,7 @@ impl Imports {
             open_timeout: self.open_timeout,
             callers: self.callers.clone(),
             app: app_now.clone(),
-            http: Arc::new(crate::http::egress::HttpEgress::new(service, port)),
+            http: http.clone(),
             routes: routes.clone(),
             service_handles: Default::default(),
             targets: self.targets.clone(),
@@ -762,6 +766,7 @@ impl Imports {
                 backends,
                 app: app_now,
                 routes,
+                http,
                 addr,
                 stop,
             },

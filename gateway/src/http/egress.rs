@@ -361,6 +361,19 @@ impl HttpEgress {
         }
     }
 
+    /// Forgets the ejections of subsets `table` no longer defines (a removed or renamed
+    /// subset's state would otherwise stay for the gateway's life); the service's own
+    /// (`""`) stay.
+    pub fn keep_clusters(&self, table: Option<&RouteTable>) {
+        let defined = |name: &str| {
+            table.is_some_and(|t| t.compiled.policy.subsets.iter().any(|s| s.name == name))
+        };
+        self.outliers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| name.is_empty() || defined(name));
+    }
+
     fn load(&self) -> std::sync::MutexGuard<'_, HashMap<SiteName, u32>> {
         self.site_load.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1280,5 +1293,70 @@ impl HttpEgress {
         });
         *slot.open.lock().unwrap_or_else(|e| e.into_inner()) = Some(send.clone());
         Ok(send)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshfed_catalog::http_route::{HttpPolicy, Subset};
+
+    /// A route table change forgets the ejections of subsets it no longer defines, and
+    /// keeps the others' and the service's own.
+    #[test]
+    fn a_route_change_forgets_the_ejections_of_removed_subsets() {
+        let service = meshfed_catalog::ServiceName::parse("web.demo").expect("a name");
+        let h = HttpEgress::new(&service, 80);
+        let table = |subsets: &[&str]| {
+            let policy = HttpPolicy {
+                service: service.clone(),
+                source: "test".into(),
+                routes: vec![HttpRoute {
+                    destinations: vec![Destination::all()],
+                    ..Default::default()
+                }],
+                subsets: subsets
+                    .iter()
+                    .map(|n| Subset {
+                        name: (*n).to_owned(),
+                        labels: BTreeMap::new(),
+                        policy: None,
+                    })
+                    .collect(),
+                max_requests: None,
+                max_requests_per_connection: None,
+                idle_timeout_ms: None,
+                connection_pool: None,
+                outlier: None,
+                load_balancer: None,
+                consistent_hash: None,
+                locality_lb: None,
+                port_settings: Vec::new(),
+                export_to: Vec::new(),
+            };
+            let compiled = policy.compile().expect("a valid policy");
+            RouteTable::new(compiled, 80, BTreeMap::new(), BTreeMap::new())
+        };
+        let clusters = |h: &HttpEgress| -> Vec<String> {
+            let mut v: Vec<String> = h
+                .outliers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            v.sort();
+            v
+        };
+        for name in ["", "v1", "v2"] {
+            h.outliers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_owned(), decide::Outliers::default());
+        }
+        h.keep_clusters(Some(&table(&["v1", "v3"])));
+        assert_eq!(clusters(&h), ["", "v1"]);
+        h.keep_clusters(None);
+        assert_eq!(clusters(&h), [""]);
     }
 }
