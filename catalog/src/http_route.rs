@@ -169,6 +169,27 @@ pub struct PortBalancer {
 pub const MAX_PORT_SETTINGS: usize = 64;
 
 impl HttpPolicy {
+    /// `routes` for `service` from `source`, with no subsets and no traffic policy (a
+    /// DestinationRule's settings are set on the result).
+    pub fn new(service: ServiceName, source: String, routes: Vec<HttpRoute>) -> Self {
+        Self {
+            service,
+            source,
+            routes,
+            subsets: Vec::new(),
+            max_requests: None,
+            max_requests_per_connection: None,
+            idle_timeout_ms: None,
+            connection_pool: None,
+            outlier: None,
+            load_balancer: None,
+            consistent_hash: None,
+            locality_lb: None,
+            port_settings: Vec::new(),
+            export_to: Vec::new(),
+        }
+    }
+
     /// The policy for requests to `port`: the first of its [`PortSettings`] for that port
     /// in place of the policy's connection pool, outlier detection and load balancer,
     /// a block the port does not set taking its defaults (Istio's `portLevelSettings`,

@@ -1004,23 +1004,15 @@ mod tests {
     fn an_unreadable_policy_keeps_the_one_in_force_and_the_catalog_moves_on() {
         use meshfed_catalog::http_route::{Destination, HttpPolicy, HttpRoute};
         let policy = HttpPolicy {
-            service: "orders.shop".parse().unwrap(),
-            source: "VirtualService shop/orders".into(),
-            routes: vec![HttpRoute {
-                destinations: vec![Destination::all()],
-                ..Default::default()
-            }],
-            subsets: vec![],
             max_requests: Some(7),
-            max_requests_per_connection: None,
-            idle_timeout_ms: None,
-            connection_pool: None,
-            outlier: None,
-            load_balancer: None,
-            consistent_hash: None,
-            locality_lb: None,
-            port_settings: vec![],
-            export_to: vec![],
+            ..HttpPolicy::new(
+                "orders.shop".parse().unwrap(),
+                "VirtualService shop/orders".into(),
+                vec![HttpRoute {
+                    destinations: vec![Destination::all()],
+                    ..Default::default()
+                }],
+            )
         };
         let with_policy = |ready| {
             let mut c = export("east", "orders.shop", ready);

@@ -1193,13 +1193,15 @@ impl HttpEgress {
             };
             drop(load);
             if let Some(cfg) = &plan.outlier {
-                let ejected_now = self
-                    .outliers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(plan.cluster.clone())
-                    .or_default()
-                    .observe(cfg, site, outcome, plan.site_count, self.now_ms());
+                let mut all = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+                // The name is copied only the first time.
+                if !all.contains_key(&plan.cluster) {
+                    all.insert(plan.cluster.clone(), decide::Outliers::default());
+                }
+                let ejected_now = all
+                    .get_mut(&plan.cluster)
+                    .is_some_and(|o| o.observe(cfg, site, outcome, plan.site_count, self.now_ms()));
+                drop(all);
                 if ejected_now {
                     eg.metrics.http_ejection();
                     tracing::warn!(%site, import = %self.import, ?outcome, "site ejected after consecutive errors (outlierDetection)");
@@ -1308,32 +1310,22 @@ mod tests {
         let service = meshfed_catalog::ServiceName::parse("web.demo").expect("a name");
         let h = HttpEgress::new(&service, 80);
         let table = |subsets: &[&str]| {
-            let policy = HttpPolicy {
-                service: service.clone(),
-                source: "test".into(),
-                routes: vec![HttpRoute {
+            let mut policy = HttpPolicy::new(
+                service.clone(),
+                "test".into(),
+                vec![HttpRoute {
                     destinations: vec![Destination::all()],
                     ..Default::default()
                 }],
-                subsets: subsets
-                    .iter()
-                    .map(|n| Subset {
-                        name: (*n).to_owned(),
-                        labels: BTreeMap::new(),
-                        policy: None,
-                    })
-                    .collect(),
-                max_requests: None,
-                max_requests_per_connection: None,
-                idle_timeout_ms: None,
-                connection_pool: None,
-                outlier: None,
-                load_balancer: None,
-                consistent_hash: None,
-                locality_lb: None,
-                port_settings: Vec::new(),
-                export_to: Vec::new(),
-            };
+            );
+            policy.subsets = subsets
+                .iter()
+                .map(|n| Subset {
+                    name: (*n).to_owned(),
+                    labels: BTreeMap::new(),
+                    policy: None,
+                })
+                .collect();
             let compiled = policy.compile().expect("a valid policy");
             RouteTable::new(compiled, 80, BTreeMap::new(), BTreeMap::new())
         };

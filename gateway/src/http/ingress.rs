@@ -68,17 +68,47 @@ pub struct Upstream {
     /// service, port and subset (`""`: the service's own policy), as Envoy keeps them
     /// per cluster: one service's ejections never count against another's
     /// `maxEjectionPercent`, nor eject an endpoint it shares with another.
-    outliers: std::sync::Mutex<Ejections>,
+    outliers: std::sync::Mutex<Clusters<Outliers<SocketAddr>>>,
     /// Per (service, port) with a `connectionPool`: its HTTP/1.1 connections in use and
     /// the requests waiting for one.
     /// By service, port and subset (`""`: the service's own pool).
-    gates: std::sync::Mutex<HashMap<ServiceName, HashMap<u16, SubsetGates>>>,
+    gates: std::sync::Mutex<Clusters<Arc<Gate>>>,
     start: std::time::Instant,
     metrics: Metrics,
 }
 
-/// Endpoint ejections by service, port and subset.
-type Ejections = HashMap<ServiceName, HashMap<u16, HashMap<String, Outliers<SocketAddr>>>>;
+/// State kept per cluster, as Envoy keeps it: by service, port and subset name (`""`:
+/// the service's own). Looked up by reference, so a request allocates nothing once its
+/// entry exists.
+struct Clusters<T>(HashMap<ServiceName, HashMap<u16, HashMap<String, T>>>);
+
+impl<T> Default for Clusters<T> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<T> Clusters<T> {
+    fn get(&self, open: &Open, subset: &str) -> Option<&T> {
+        self.0.get(&open.service)?.get(&open.port)?.get(subset)
+    }
+
+    fn get_mut(&mut self, open: &Open, subset: &str) -> Option<&mut T> {
+        self.0
+            .get_mut(&open.service)?
+            .get_mut(&open.port)?
+            .get_mut(subset)
+    }
+
+    fn insert(&mut self, open: &Open, subset: &str, v: T) {
+        self.0
+            .entry(open.service.clone())
+            .or_default()
+            .entry(open.port)
+            .or_default()
+            .insert(subset.to_owned(), v);
+    }
+}
 
 /// An endpoint's h2 connection and the requests given to it so far.
 struct H2Conn {
@@ -131,9 +161,6 @@ pub fn idle_until(busy: u32, last_used: u64, now: u64, idle: Duration) -> Option
     let due = last_used.saturating_add(idle);
     (due > now).then_some(due)
 }
-
-/// A port's connection pool gates by subset name (`""`: the service's own).
-type SubsetGates = HashMap<String, Arc<Gate>>;
 
 /// The requests a pooled HTTP/1.1 connection has carried: its `extra`, which the pool
 /// sets on each of its answers (for `maxRequestsPerConnection`).
@@ -315,13 +342,7 @@ impl Upstream {
     /// name of a subset with a policy of its own, `""` for the service's.
     fn gate(&self, open: &Open, subset: &str, limits: ConnectionPool) -> Arc<Gate> {
         let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
-        // Looked up by reference: a request allocates nothing when its gate exists.
-        if let Some(g) = gates
-            .get(&open.service)
-            .and_then(|ports| ports.get(&open.port))
-            .and_then(|subsets| subsets.get(subset))
-            .filter(|g| g.limits == limits)
-        {
+        if let Some(g) = gates.get(open, subset).filter(|g| g.limits == limits) {
             return g.clone();
         }
         let g = Arc::new(Gate {
@@ -329,12 +350,7 @@ impl Upstream {
             slots: Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize)),
             waiting: AtomicU32::new(0),
         });
-        gates
-            .entry(open.service.clone())
-            .or_default()
-            .entry(open.port)
-            .or_default()
-            .insert(subset.to_owned(), g.clone());
+        gates.insert(open, subset, g.clone());
         g
     }
 
@@ -405,7 +421,7 @@ impl Upstream {
         let o = all
             .as_ref()
             .zip(cluster)
-            .and_then(|(all, (open, subset))| all.get(&open.service)?.get(&open.port)?.get(subset));
+            .and_then(|(all, (open, subset))| all.get(open, subset));
         let usable = |ep: &SocketAddr| o.is_none_or(|o| !o.is_ejected(ep, now));
         if let Some(h) = hash {
             let name = meshfed_catalog::affinity::addr_hash;
@@ -433,17 +449,15 @@ impl Upstream {
         endpoints: usize,
         (open, subset): (&Open, &str),
     ) {
-        let ejected = self
-            .outliers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(open.service.clone())
-            .or_default()
-            .entry(open.port)
-            .or_default()
-            .entry(subset.to_owned())
-            .or_default()
-            .observe(cfg, &ep, outcome, endpoints, self.now_ms());
+        let mut all = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+        // Keys are copied only the first time.
+        if all.get(open, subset).is_none() {
+            all.insert(open, subset, Outliers::default());
+        }
+        let ejected = all
+            .get_mut(open, subset)
+            .is_some_and(|o| o.observe(cfg, &ep, outcome, endpoints, self.now_ms()));
+        drop(all);
         if ejected {
             self.metrics.http_ejection();
             tracing::warn!(service = %open.service, port = open.port, endpoint = %ep, ?outcome, "endpoint ejected after consecutive errors (outlierDetection)");
@@ -915,12 +929,6 @@ mod tests {
             policy,
         };
         let policy = HttpPolicy {
-            service: meshfed_catalog::ServiceName::parse("web.demo").unwrap(),
-            source: "test".into(),
-            routes: vec![HttpRoute {
-                destinations: vec![Destination::all()],
-                ..Default::default()
-            }],
             subsets: vec![
                 subset("v1", None),
                 subset(
@@ -935,16 +943,16 @@ mod tests {
                     }),
                 ),
             ],
-            max_requests: None,
-            max_requests_per_connection: None,
             idle_timeout_ms: Some(5_000),
             connection_pool: Some(pool(50)),
-            outlier: None,
-            load_balancer: None,
-            consistent_hash: None,
-            locality_lb: None,
-            port_settings: Vec::new(),
-            export_to: Vec::new(),
+            ..HttpPolicy::new(
+                meshfed_catalog::ServiceName::parse("web.demo").unwrap(),
+                "test".into(),
+                vec![HttpRoute {
+                    destinations: vec![Destination::all()],
+                    ..Default::default()
+                }],
+            )
         };
         let (own, subsets) = endpoint_policies(&policy, 80, true);
         assert_eq!(own.pool, Some(pool(50)));
