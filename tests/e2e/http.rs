@@ -433,6 +433,33 @@ impl HttpSites {
         (after.0 - before.0, after.1 - before.1)
     }
 
+    /// Registers `yaml` at west as `dr.yaml`, then sends 20 requests at a time until the
+    /// counts per site (west, north) satisfy `applied`: `what` is in force at east.
+    async fn register_until(
+        &self,
+        yaml: &str,
+        what: &str,
+        applied: impl Fn((usize, usize)) -> bool,
+    ) {
+        let out = register_yaml(&self.west, "dr.yaml", yaml);
+        assert!(out.contains("routes:web.demo"), "{out}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let before = self.hits();
+            gets(self.import, 20, &[]).await;
+            let after = self.hits();
+            if applied((after.0 - before.0, after.1 - before.1)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} never applied\n{}",
+                self.east_gw.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until east's import serves and its plan knows both sites' exports.
     async fn serving_through_both(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -2187,7 +2214,6 @@ async fn failover_priority_compares_the_gateways_own_labels() {
         |_| {},
     )
     .await;
-    let hits = HttpSites::hits;
     sites.serving_through_both().await;
     assert_eq!(
         sites.spread(20).await,
@@ -2206,22 +2232,9 @@ spec:
       localityLbSetting:
         failoverPriority: [topology.istio.io/network]
 "#;
-    let out = register_yaml(&sites.west, "dr.yaml", PRIORITY);
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let before = hits(&sites);
-        gets(sites.import, 20, &[]).await;
-        if hits(&sites).0 - before.0 == 20 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "failoverPriority never applied\n{}",
-            sites.east_gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sites
+        .register_until(PRIORITY, "failoverPriority", |(w, _)| w == 20)
+        .await;
     assert_eq!(
         sites.spread(100).await,
         (100, 0),
@@ -2267,22 +2280,9 @@ spec:
         - from: eu/*
           to: {"eu/*": 25, "us/*": 75}
 "#;
-    let out = register_yaml(&sites.west, "dr.yaml", DIST);
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let before = hits(&sites);
-        gets(sites.import, 20, &[]).await;
-        if hits(&sites).1 > before.1 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "distribute never applied\n{}",
-            sites.east_gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sites
+        .register_until(DIST, "distribute", |(_, n)| n > 0)
+        .await;
     let before = hits(&sites);
     let s = gets(sites.import, 400, &[]).await;
     assert!(s.iter().all(|c| *c == 200), "{s:?}");
@@ -2304,22 +2304,9 @@ spec:
     loadBalancer:
       localityLbSetting: {enabled: false}
 "#;
-    let out = register_yaml(&sites.west, "dr.yaml", OFF);
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let before = hits(&sites);
-        gets(sites.import, 20, &[]).await;
-        let after = hits(&sites);
-        if after.1 - before.1 == 20 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "enabled: false never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sites
+        .register_until(OFF, "enabled: false", |(_, n)| n == 20)
+        .await;
 
     // failoverPriority by labels instead of localities: first the sites whose region
     // label is us (north), whatever east's own region (eu, as west's); then, on one
@@ -2338,25 +2325,13 @@ spec:
 "#;
     // Back to the default first (west, the same region, takes every request), so the
     // change to north below is failoverPriority's.
-    let out = register_yaml(
-        &sites.west,
-        "dr.yaml",
-        &OFF.replace("enabled: false", "enabled: true"),
-    );
-    assert!(out.contains("routes:web.demo"), "{out}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let before = hits(&sites);
-        gets(sites.import, 20, &[]).await;
-        if hits(&sites).0 - before.0 == 20 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "enabled: true never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sites
+        .register_until(
+            &OFF.replace("enabled: false", "enabled: true"),
+            "enabled: true",
+            |(w, _)| w == 20,
+        )
+        .await;
     let out = register_yaml(&sites.west, "dr.yaml", PRIORITY);
     assert!(out.contains("routes:web.demo"), "{out}");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
