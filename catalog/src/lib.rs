@@ -1,6 +1,7 @@
 //! The shared model of a federation, pure: site and service names, the catalog (sites,
 //! exports, revisioned changes and their history), the routing plan a gateway applies
-//! (peers, imports, backend order by locality, VIP and port ranges), one-time join tokens, legacy
+//! (peers, imports, backend order by locality, VIP and port ranges; kept current
+//! incrementally by `planner`), one-time join tokens, legacy
 //! services as registered, and the site directory's files.
 //!
 //! No async runtime, no RPC, no Kubernetes: the federation server, its API and client,
@@ -16,6 +17,7 @@ pub mod http_route;
 pub mod legacy;
 pub mod locality;
 pub mod names;
+pub mod planner;
 pub mod routing;
 pub mod site;
 pub mod token;

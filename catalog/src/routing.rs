@@ -3,6 +3,7 @@
 //! in order. Pure: the gateway feeds it the catalog it watches.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use meshfed_identity::SpiffeId;
 
@@ -102,8 +103,9 @@ fn order_sites(
 pub struct SitePlan {
     pub peers: Vec<PeerPlan>,
     /// In (service, port, protocol) order, each once: the gateway walks them beside
-    /// [`import_addresses`]' map.
-    pub imports: Vec<ImportPlan>,
+    /// [`import_addresses`]' map. Shared: a [`crate::planner::Planner`] re-plans only
+    /// the services a change touched, and the next plan shares the others' with this one.
+    pub imports: Vec<Arc<ImportPlan>>,
 }
 
 /// The plan for site `me` at locality `locality`.
@@ -136,19 +138,7 @@ pub fn plan_with(
     locality: Option<&str>,
     labels: &BTreeMap<String, String>,
 ) -> SitePlan {
-    let peers = catalog
-        .sites
-        .values()
-        .filter(|r| &r.site != me && r.up)
-        .filter_map(|r| {
-            Some(PeerPlan {
-                site: r.site.clone(),
-                spiffe_id: SpiffeId::gateway(&r.trust_domain, r.site.as_str()).ok()?,
-                addresses: r.gateway_addresses.clone(),
-            })
-        })
-        .collect();
-
+    let peers = plan_peers(catalog, me);
     // Exports by service, each service's sites in name order (a stable sort of the
     // catalog's (site, service) order): one sort, then each service on its own, with no
     // lookup in a map as large as the catalog.
@@ -168,13 +158,29 @@ pub fn plan_with(
     SitePlan { peers, imports }
 }
 
+/// The peers of site `me`: every other site that is up. Pure.
+pub(crate) fn plan_peers(catalog: &Catalog, me: &SiteName) -> Vec<PeerPlan> {
+    catalog
+        .sites
+        .values()
+        .filter(|r| &r.site != me && r.up)
+        .filter_map(|r| {
+            Some(PeerPlan {
+                site: r.site.clone(),
+                spiffe_id: SpiffeId::gateway(&r.trust_domain, r.site.as_str()).ok()?,
+                addresses: r.gateway_addresses.clone(),
+            })
+        })
+        .collect()
+}
+
 /// The imports of one service (one per port and protocol, in that order) from the sites
 /// that export it, in name order. Pure.
-fn plan_service(
+pub(crate) fn plan_service(
     catalog: &Catalog,
     (locality, me_labels): (Option<&str>, &BTreeMap<String, String>),
     by_site: &[(&SiteName, &ServiceName, &crate::catalog::Export)],
-    out: &mut Vec<ImportPlan>,
+    out: &mut Vec<Arc<ImportPlan>>,
 ) {
     let Some((_, service, _)) = by_site.first() else {
         return;
@@ -257,7 +263,7 @@ fn plan_service(
                 )
             })
             .collect();
-        out.push(ImportPlan {
+        out.push(Arc::new(ImportPlan {
             service: (*service).clone(),
             port,
             protocol,
@@ -269,7 +275,7 @@ fn plan_service(
             policy_conflict,
             site_labels,
             site_weights,
-        });
+        }));
     }
 }
 
@@ -358,42 +364,120 @@ impl VipRange {
 /// The address each import listens on (and DNS answers with): one per service from
 /// `vips`, else `shared` for all. A service's VIP comes from a hash of its name, so it
 /// stays the same across restarts and catalog changes; a collision takes the next free
-/// address, in name order.
+/// address, in name order. The addresses of a fresh [`Vips`] given the plan's services.
 pub fn import_addresses(
     plan: &SitePlan,
     shared: std::net::IpAddr,
     vips: Option<VipRange>,
 ) -> BTreeMap<ServiceName, std::net::IpAddr> {
-    // In name order, once each: `plan` lists imports by service already, which the sort
-    // finds in one pass, and the map is then built from sorted keys without a search.
+    // In name order, once each: `plan` lists imports by service already.
     let mut services: Vec<&ServiceName> = plan.imports.iter().map(|i| &i.service).collect();
-    services.sort_unstable();
     services.dedup();
-    let Some(r) = vips else {
-        return services.into_iter().map(|s| (s.clone(), shared)).collect();
-    };
-    // Usable offsets: not the network or broadcast address.
-    let usable = r.size - 2;
-    let mut taken = std::collections::BTreeSet::new();
-    let mut out = Vec::with_capacity(services.len());
-    for s in services {
+    let mut v = Vips::new(shared, vips);
+    v.set(&services);
+    Arc::unwrap_or_clone(v.by_service)
+}
+
+/// The address of each imported service ([`import_addresses`]), kept while the service
+/// is imported: a service that comes or goes never moves another's, even when their
+/// hashes collide (the newcomer takes the next free address). Before, the addresses
+/// were assigned afresh in name order on every plan, so a new service whose hash
+/// collided with an older one's, and whose name sorts first, took that address: DNS
+/// then answered with it while the older service's listener stayed where it was. A
+/// service that found the range full gets an address when one is freed (name order).
+/// Pure.
+#[derive(Clone, Debug)]
+pub struct Vips {
+    shared: std::net::IpAddr,
+    range: Option<VipRange>,
+    /// Shared with the plans applied: copied only when a service comes or goes.
+    by_service: Arc<BTreeMap<ServiceName, std::net::IpAddr>>,
+    /// Offsets into the range in use.
+    taken: std::collections::HashSet<u32>,
+    /// Imported services without an address: the range was full when they came.
+    waiting: std::collections::BTreeSet<ServiceName>,
+}
+
+impl Vips {
+    pub fn new(shared: std::net::IpAddr, range: Option<VipRange>) -> Self {
+        Self {
+            shared,
+            range,
+            by_service: Arc::default(),
+            taken: Default::default(),
+            waiting: Default::default(),
+        }
+    }
+
+    /// Each imported service's address.
+    pub fn addresses(&self) -> &Arc<BTreeMap<ServiceName, std::net::IpAddr>> {
+        &self.by_service
+    }
+
+    /// The imported services are now `services` (in name order, once each): the others
+    /// lose their address, and new ones get one, in name order.
+    pub fn set(&mut self, services: &[&ServiceName]) {
+        let gone: Vec<ServiceName> = self
+            .by_service
+            .keys()
+            .chain(self.waiting.iter())
+            .filter(|s| services.binary_search(s).is_err())
+            .cloned()
+            .collect();
+        for s in &gone {
+            self.remove(s);
+        }
+        for s in services {
+            self.add(s);
+        }
+    }
+
+    /// Gives `service` an address unless it has one (or waits for one).
+    pub fn add(&mut self, service: &ServiceName) {
+        if self.by_service.contains_key(service) || self.waiting.contains(service) {
+            return;
+        }
+        let Some(r) = self.range else {
+            Arc::make_mut(&mut self.by_service).insert(service.clone(), self.shared);
+            return;
+        };
+        // Usable offsets: not the network or broadcast address.
+        let usable = r.size - 2;
+        if self.taken.len() as u32 >= usable {
+            self.waiting.insert(service.clone());
+            return;
+        }
         let h = fnv_bytes(
-            s.name()
+            service
+                .name()
                 .bytes()
                 .chain(std::iter::once(b'.'))
-                .chain(s.namespace().bytes()),
+                .chain(service.namespace().bytes()),
         );
         let mut off = (h % u64::from(usable)) as u32;
-        if taken.len() as u32 >= usable {
-            break; // the range is full: the rest get no address (logged by the caller)
-        }
-        while !taken.insert(off) {
+        while !self.taken.insert(off) {
             off = (off + 1) % usable;
         }
         let ip = std::net::Ipv4Addr::from(r.base + 1 + off);
-        out.push((s.clone(), std::net::IpAddr::V4(ip)));
+        Arc::make_mut(&mut self.by_service).insert(service.clone(), std::net::IpAddr::V4(ip));
     }
-    out.into_iter().collect()
+
+    /// `service` is no longer imported: its address is free (for the first waiting
+    /// service, if any).
+    pub fn remove(&mut self, service: &ServiceName) {
+        if self.waiting.remove(service) {
+            return;
+        }
+        let Some(ip) = Arc::make_mut(&mut self.by_service).remove(service) else {
+            return;
+        };
+        if let (Some(r), std::net::IpAddr::V4(v4)) = (self.range, ip) {
+            self.taken.remove(&(u32::from(v4) - r.base - 1));
+            if let Some(next) = self.waiting.pop_first() {
+                self.add(&next);
+            }
+        }
+    }
 }
 
 /// The file a federated gateway writes into its site directory with what it listens on
@@ -534,18 +618,20 @@ mod tests {
             peers: vec![],
             imports: names
                 .iter()
-                .map(|n| ImportPlan {
-                    site_weights: Default::default(),
-                    site_labels: Default::default(),
-                    policy_conflict: None,
-                    http_policy: None,
-                    app_protocol: Default::default(),
-                    service: ServiceName::parse(n).unwrap(),
-                    port: 80,
-                    protocol: Protocol::Tcp,
-                    name: None,
-                    hosts: vec![],
-                    backends: vec![],
+                .map(|n| {
+                    Arc::new(ImportPlan {
+                        site_weights: Default::default(),
+                        site_labels: Default::default(),
+                        policy_conflict: None,
+                        http_policy: None,
+                        app_protocol: Default::default(),
+                        service: ServiceName::parse(n).unwrap(),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                        name: None,
+                        hosts: vec![],
+                        backends: vec![],
+                    })
                 })
                 .collect(),
         };
@@ -587,6 +673,45 @@ mod tests {
     }
 
     #[test]
+    fn a_vip_stays_while_its_service_is_imported_and_a_freed_one_goes_to_a_waiting_service() {
+        let r = VipRange::parse("10.0.0.0/29").unwrap(); // 6 usable
+        let shared: std::net::IpAddr = [127, 0, 0, 2].into();
+        let name = |s: &str| ServiceName::parse(s).unwrap();
+        let slot = |s: &str| fnv(s) % 6;
+        // A service sorting before z.x whose hash takes z.x's address.
+        let rival = (0..100)
+            .map(|i| format!("a{i}.x"))
+            .find(|n| slot(n) == slot("z.x"))
+            .unwrap();
+        let (z, rival) = (name("z.x"), name(&rival));
+        let mut v = Vips::new(shared, Some(r));
+        v.set(&[&z]);
+        let z_ip = v.addresses()[&z];
+        v.set(&[&rival, &z]);
+        assert_eq!(v.addresses()[&z], z_ip, "z.x kept its address");
+        assert_ne!(v.addresses()[&rival], z_ip);
+        // Assigned afresh in name order, the newcomer would have taken it (as every plan
+        // did before Vips kept them).
+        let fresh = |names: &[&ServiceName]| {
+            let mut f = Vips::new(shared, Some(r));
+            f.set(names);
+            Arc::unwrap_or_clone(f.addresses().clone())
+        };
+        assert_eq!(fresh(&[&rival, &z])[&rival], z_ip);
+        // Full: the seventh waits, and takes the first address freed.
+        let six: Vec<ServiceName> = (1..=6).map(|i| name(&format!("s{i}.x"))).collect();
+        let mut all: Vec<&ServiceName> = six.iter().collect();
+        let late = name("t.x");
+        all.push(&late);
+        v.set(&all);
+        assert_eq!(v.addresses().len(), 6);
+        assert!(!v.addresses().contains_key(&late));
+        let freed = v.addresses()[&six[2]];
+        v.remove(&six[2]);
+        assert_eq!(v.addresses()[&late], freed);
+    }
+
+    #[test]
     fn import_ports_are_stable_distinct_shared_by_tcp_and_udp_and_inside_the_range() {
         let r = PortRange::parse("20000-20009").unwrap();
         let im = |n: &str, port, protocol| ImportPlan {
@@ -604,7 +729,7 @@ mod tests {
         };
         let plan = |v: Vec<ImportPlan>| SitePlan {
             peers: vec![],
-            imports: v,
+            imports: v.into_iter().map(Arc::new).collect(),
         };
         let a = import_ports(
             &plan(vec![

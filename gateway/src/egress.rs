@@ -779,15 +779,30 @@ impl Imports {
         self.lock().retain(|key, e| {
             let kept = keep.contains(key);
             if !kept {
-                let (service, port, protocol) = key;
-                info!(%service, port, %protocol, "import removed");
-                if *protocol == Protocol::Tcp {
-                    self.targets.set(service, *port, None);
-                }
-                e.stop.cancel();
+                self.stop(key, e);
             }
             kept
         });
+    }
+
+    /// Removes these imports (those not here are skipped): their listeners stop.
+    pub fn remove(&self, keys: &[ImportKey]) {
+        let mut map = self.lock();
+        for key in keys {
+            if let Some(e) = map.remove(key) {
+                self.stop(key, &e);
+            }
+        }
+    }
+
+    /// Stops a removed import's listener.
+    fn stop(&self, key: &ImportKey, e: &ImportEntry) {
+        let (service, port, protocol) = key;
+        info!(%service, port, %protocol, "import removed");
+        if *protocol == Protocol::Tcp {
+            self.targets.set(service, *port, None);
+        }
+        e.stop.cancel();
     }
 
     /// `service:port` (`service:port/udp` for UDP) and listen address of every import.

@@ -1,13 +1,18 @@
 //! Runs a gateway from the federation's catalog: publishes this site's exports, watches
 //! the catalog, keeps the federated bundles on disk, and turns every catalog change into
-//! peers and imports (`meshfed_catalog::routing::plan`).
+//! peers and imports (`meshfed_catalog::planner`, `meshfed_catalog::routing`).
 //!
-//! A plan is applied, and the cache written, at once after a change unless the last
-//! one was recent: both are as large as the catalog, so under a steady stream of changes
-//! the next plan waits 4× what the last apply cost (`apply_wait`, at most 1 s), and the
-//! next cache write 4× what the last write cost (`cache_wait`, at most 5 s; written at
-//! once when the session with the federation ends). Each apply's time, and each cache
-//! write's on its own, is in `meshfed_gateway_catalog_apply_seconds`.
+//! Each watch event notes what it touched; the next apply re-plans only those services
+//! and binds, re-routes or removes only the listeners whose imports changed (a snapshot,
+//! the first plan, or `federation.import_ports` walks them all). Imports that could not
+//! be bound (no address, past the listener budget) are tried again when an import goes.
+//!
+//! A plan is applied at once after a change unless the last one was recent: under a
+//! steady stream of changes the next apply waits 4× what the last cost (`apply_wait`,
+//! at most 1 s). The cache and `imports.json` are as large as the catalog: they are
+//! written 4× their last write's cost apart (`cache_wait`, at most 5 s; at once when the
+//! session with the federation ends). Each apply's time, and each cache write's on its
+//! own, is in `meshfed_gateway_catalog_apply_seconds`.
 //!
 //! Static stability: the last catalog is cached in the site directory. At start the
 //! gateway serves from the cache before it reaches the federation, and when the
@@ -22,9 +27,10 @@ use std::time::Duration;
 use meshfed_api::{FieldError, change_from_pb_watched, pb};
 use meshfed_catalog::catalog::Protocol;
 use meshfed_catalog::catalog::{Change, Delta, Revision};
-use meshfed_catalog::routing::{IMPORTS_FILE, ImportListener, ImportListeners, plan_with};
+use meshfed_catalog::planner::{Planner, Touched, imports_of};
+use meshfed_catalog::routing::{IMPORTS_FILE, ImportListener, ImportListeners, ImportPlan};
 use meshfed_catalog::site::Membership;
-use meshfed_catalog::{Catalog, SiteName};
+use meshfed_catalog::{Catalog, ServiceName, SiteName};
 use meshfed_identity::ca::write_file;
 use meshfed_identity::{TrustBundle, TrustDomain};
 use tokio_stream::StreamExt;
@@ -32,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{Export, Federation, Import, Peer};
-use crate::egress::Imports;
+use crate::egress::{ImportKey, Imports};
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 
@@ -79,9 +85,37 @@ pub struct Agent {
 /// on at this site (what DNS answers), and the catalog revision it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AppliedPlan {
-    pub plan: meshfed_catalog::routing::SitePlan,
-    pub addresses: std::collections::BTreeMap<meshfed_catalog::ServiceName, std::net::IpAddr>,
+    /// Shared with the agent's planner (each service's imports with the plans before).
+    pub plan: Arc<meshfed_catalog::routing::SitePlan>,
+    pub addresses: Arc<BTreeMap<ServiceName, std::net::IpAddr>>,
     pub revision: u64,
+}
+
+/// The catalog as this gateway follows it, and what it made of it.
+struct Followed {
+    catalog: Catalog,
+    /// What changed in the catalog since its plan was last applied.
+    touched: Touched,
+    planner: Planner,
+    /// The listeners bound for the plan's imports (`imports.json`), and the plan's
+    /// imports not bound (no address or port left, past the listener budget, or a bind
+    /// error; tried again when an import goes).
+    bound: BTreeMap<ImportKey, ImportListener>,
+    unbound: BTreeSet<ImportKey>,
+    /// Services whose sites publish different routes, in the plan.
+    conflicts: i64,
+}
+
+impl Followed {
+    /// The catalog has changes its plan does not have yet.
+    fn pending(&self) -> bool {
+        !self.touched.is_empty()
+    }
+}
+
+/// An import's key at the gateway: service, port, protocol.
+fn key(im: &ImportPlan) -> ImportKey {
+    (im.service.clone(), im.port, im.protocol)
 }
 
 /// Why a session with the federation ended. `reason` is the federation's typed refusal
@@ -159,7 +193,13 @@ struct Unreadable {
 /// policy does not read keeps the policy in force (an unreadable one never replaces it)
 /// and is returned, so one newer site's policy neither stops this gateway's catalog nor
 /// drops the service.
-fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<Vec<Unreadable>, SessionError> {
+///
+/// What the event touches is noted in `touched` (a snapshot: everything), for the plan.
+fn apply_event(
+    catalog: &mut Catalog,
+    touched: &mut Touched,
+    ev: pb::WatchEvent,
+) -> Result<Vec<Unreadable>, SessionError> {
     let mut unreadable = Vec::new();
     let mut read = |c: pb::Change, before: &Catalog| -> Result<Delta, SessionError> {
         let (mut d, bad) = change_from_pb_watched(c)?;
@@ -185,6 +225,7 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<Vec<Unreadab
         }
         fresh.revision = Revision(ev.revision);
         *catalog = fresh;
+        *touched = Touched::everything();
         return Ok(unreadable);
     }
     // Several changes may share a revision (one store transaction): skip by the revision
@@ -195,6 +236,7 @@ fn apply_event(catalog: &mut Catalog, ev: pb::WatchEvent) -> Result<Vec<Unreadab
         if d.revision <= base {
             continue; // already applied (resumed watch)
         }
+        touched.note(catalog, &d.change);
         catalog.apply(&d)?;
     }
     Ok(unreadable)
@@ -328,63 +370,66 @@ impl Agent {
         }
     }
 
-    /// Applies the plan, and writes the cache when its pace allows (else marks it
-    /// pending), off the runtime's queue ([`off_worker`]); returns (and counts) what it
-    /// took.
-    fn apply(&self, catalog: &Catalog, pace: &mut Pace) -> Duration {
+    /// Applies the plan, then writes the cache (and `imports.json`) when its pace
+    /// allows (else marks it pending), off the runtime's queue ([`off_worker`]); returns
+    /// (and counts) what it took.
+    fn apply(&self, f: &mut Followed, pace: &mut Pace) -> Duration {
         let began = std::time::Instant::now();
         let cache_due = tokio::time::Instant::now() >= pace.cache_next;
         off_worker(|| {
+            self.apply_plan(f);
             if cache_due {
-                self.write_cache(catalog, pace);
+                self.write_cache(f, pace);
             } else {
                 pace.cache_pending = true;
             }
-            self.apply_plan(catalog);
+            self.publish_applied(f);
         });
         let took = began.elapsed();
         self.metrics.catalog_apply.0.observe(took.as_secs_f64());
         took
     }
 
-    /// Writes the cache and sets when the next write may come ([`cache_wait`]).
-    fn write_cache(&self, catalog: &Catalog, pace: &mut Pace) {
+    /// Writes the cache and `imports.json`, and sets when the next write may come
+    /// ([`cache_wait`]).
+    fn write_cache(&self, f: &Followed, pace: &mut Pace) {
         let began = std::time::Instant::now();
-        self.save_cache(catalog);
+        self.save_cache(&f.catalog);
+        self.write_listeners(&f.bound);
         pace.cache_pending = false;
         pace.cache_next = tokio::time::Instant::now() + cache_wait(began.elapsed());
     }
 
     /// Writes a pending cache on its own (counted as catalog apply time).
-    fn flush_cache(&self, catalog: &Catalog, pace: &mut Pace) {
+    fn flush_cache(&self, f: &Followed, pace: &mut Pace) {
         if !pace.cache_pending {
             return;
         }
         let began = std::time::Instant::now();
-        off_worker(|| self.write_cache(catalog, pace));
+        off_worker(|| self.write_cache(f, pace));
         self.metrics
             .catalog_apply
             .0
             .observe(began.elapsed().as_secs_f64());
     }
 
-    /// Makes peers and imports match the catalog.
-    fn apply_plan(&self, catalog: &Catalog) {
+    /// Makes peers and imports match the catalog: plans what changed since the last
+    /// apply ([`Planner`]), and binds, re-routes or removes only the listeners of the
+    /// services whose imports changed (all of them after a whole plan).
+    fn apply_plan(&self, f: &mut Followed) {
         // Exported with `--otlp-endpoint` (a sync function: the guard never crosses an
         // await).
         let _span = tracing::trace_span!(
             target: "otel",
             "federation.apply",
             meshfed.site = %self.site,
-            meshfed.revision = catalog.revision.0,
+            meshfed.revision = f.catalog.revision.0,
         )
         .entered();
-        let p = plan_with(
-            catalog,
-            &self.site,
-            self.fed.locality.as_deref(),
-            &self.fed.labels,
-        );
+        let before = f.planner.plan().clone();
+        let touched = std::mem::take(&mut f.touched);
+        let r = f.planner.update(&f.catalog, &touched);
+        let p = f.planner.plan().clone();
         // Sites that publish different routes for one service: counted, and each logged
         // once when it appears.
         let conflicts: BTreeSet<String> = p
@@ -403,118 +448,170 @@ impl Agent {
             }
             *seen = conflicts;
         }
-        let addrs = meshfed_catalog::routing::import_addresses(
-            &p,
-            self.fed.import_address,
-            self.fed.vip_range,
-        );
-        let mut keep_peers: BTreeSet<SiteName> =
-            self.static_peers.iter().map(|p| p.site.clone()).collect();
-        for peer in &p.peers {
-            if !self
-                .peers
-                .upsert(&peer.site, &peer.spiffe_id, &peer.addresses)
-            {
-                warn!(site = %peer.site, addresses = ?peer.addresses, "no IP:port or host:port gateway address");
-                continue;
+        if r.all || r.peers {
+            let mut keep_peers: BTreeSet<SiteName> =
+                self.static_peers.iter().map(|p| p.site.clone()).collect();
+            for peer in &p.peers {
+                if !self
+                    .peers
+                    .upsert(&peer.site, &peer.spiffe_id, &peer.addresses)
+                {
+                    warn!(site = %peer.site, addresses = ?peer.addresses, "no IP:port or host:port gateway address");
+                    continue;
+                }
+                keep_peers.insert(peer.site.clone());
             }
-            keep_peers.insert(peer.site.clone());
+            self.peers.retain(&keep_peers);
         }
-        self.peers.retain(&keep_peers);
-        let mut keep_imports: BTreeSet<crate::egress::ImportKey> = self
+        let statics: BTreeSet<ImportKey> = self
             .static_imports
             .iter()
             .map(|i| (i.service.clone(), i.port, i.protocol))
             .collect();
+        // With `import_ports`, one import's port depends on all of them: bound whole.
         let ports = self
             .fed
             .import_ports
             .map(|r| meshfed_catalog::routing::import_ports(&p, r));
-        let mut bound = ImportListeners::default();
-        let (mut unbound, mut over_budget) = (0usize, false);
-        // Imports and addresses are both in service order: walked side by side, not
-        // searched per import.
-        let mut addr_of = addrs.iter().peekable();
-        for im in &p.imports {
-            while addr_of.next_if(|(s, _)| **s < im.service).is_some() {}
-            let Some((_, ip)) = addr_of.peek().filter(|(s, _)| **s == im.service) else {
-                warn!(service = %im.service, "federation.vip_range is full: import not bound");
-                unbound += 1;
-                continue;
-            };
-            let port = match &ports {
-                None => im.port,
-                Some(ports) => match ports.get(&(im.service.clone(), im.port)) {
-                    Some(p) => *p,
-                    None => {
-                        warn!(service = %im.service, port = im.port, "federation.import_ports is full: import not bound");
-                        unbound += 1;
-                        continue;
+        let addrs = f.planner.addresses().clone();
+        let unbound_before = f.unbound.len();
+        let mut over_budget = false;
+        if r.all || ports.is_some() {
+            f.bound.clear();
+            f.unbound.clear();
+            for im in &p.imports {
+                over_budget |= self.bind(im, &addrs, ports.as_ref(), f);
+            }
+            let keep: BTreeSet<ImportKey> =
+                statics.into_iter().chain(f.bound.keys().cloned()).collect();
+            self.imports.retain(&keep);
+        } else {
+            // The imports the changed services no longer have go first: that frees
+            // addresses and listener budget, which the imports not bound yet may take.
+            let mut services: BTreeSet<&ServiceName> = r.services.iter().collect();
+            let mut gone = Vec::new();
+            for service in &r.services {
+                let now = imports_of(&p.imports, service);
+                for old in imports_of(&before.imports, service) {
+                    let k = key(old);
+                    if now.iter().all(|im| key(im) != k) {
+                        f.bound.remove(&k);
+                        f.unbound.remove(&k);
+                        if !statics.contains(&k) {
+                            gone.push(k);
+                        }
                     }
-                },
-            };
-            let listen = SocketAddr::new(**ip, port);
-            match self.imports.upsert(
-                &im.service,
-                im.port,
-                im.protocol,
-                im.app_protocol,
-                listen,
-                &im.backends,
-                None,
-                route_table(im),
-            ) {
-                Ok(_) => {
-                    keep_imports.insert((im.service.clone(), im.port, im.protocol));
-                    bound.imports.push(ImportListener {
+                }
+            }
+            let waiting: Vec<ServiceName> = f.unbound.iter().map(|k| k.0.clone()).collect();
+            if !gone.is_empty() {
+                self.imports.remove(&gone);
+                services.extend(waiting.iter());
+            }
+            for service in services {
+                for im in imports_of(&p.imports, service) {
+                    over_budget |= self.bind(im, &addrs, None, f);
+                }
+            }
+        }
+        if over_budget && unbound_before != f.unbound.len() {
+            warn!(
+                unbound = f.unbound.len(),
+                bound = f.bound.len(),
+                "imports not bound: the gateway's listener budget is spent (it is half the open-file limit: raise that)"
+            );
+        }
+        f.conflicts = conflict_count;
+    }
+
+    /// Says that the plan is applied: counts what is bound and the routing conflicts,
+    /// and hands the plan to whoever follows it. Called once peers and listeners match
+    /// it (DNS answers only for what is bound), and after `imports.json` when that is
+    /// written with it.
+    fn publish_applied(&self, f: &Followed) {
+        self.metrics
+            .imports_bound
+            .set(i64::try_from(f.bound.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .imports_unbound
+            .set(i64::try_from(f.unbound.len()).unwrap_or(i64::MAX));
+        self.metrics.route_conflicts.set(f.conflicts);
+        self.applied.send_replace(Some(Arc::new(AppliedPlan {
+            plan: f.planner.plan().clone(),
+            addresses: f.planner.addresses().clone(),
+            revision: f.catalog.revision.0,
+        })));
+    }
+
+    /// Binds (or re-routes) the listener of one import, noting it in `f.bound`, or in
+    /// `f.unbound` when it has no address or port or cannot be bound. Returns whether
+    /// the listener budget was what stopped it.
+    fn bind(
+        &self,
+        im: &ImportPlan,
+        addrs: &BTreeMap<ServiceName, std::net::IpAddr>,
+        ports: Option<&BTreeMap<(ServiceName, u16), u16>>,
+        f: &mut Followed,
+    ) -> bool {
+        let k = key(im);
+        f.bound.remove(&k);
+        f.unbound.remove(&k);
+        let Some(ip) = addrs.get(&im.service) else {
+            warn!(service = %im.service, "federation.vip_range is full: import not bound");
+            f.unbound.insert(k);
+            return false;
+        };
+        let port = match ports {
+            None => im.port,
+            Some(ports) => match ports.get(&(im.service.clone(), im.port)) {
+                Some(p) => *p,
+                None => {
+                    warn!(service = %im.service, port = im.port, "federation.import_ports is full: import not bound");
+                    f.unbound.insert(k);
+                    return false;
+                }
+            },
+        };
+        let listen = SocketAddr::new(*ip, port);
+        match self.imports.upsert(
+            &im.service,
+            im.port,
+            im.protocol,
+            im.app_protocol,
+            listen,
+            &im.backends,
+            None,
+            route_table(im),
+        ) {
+            Ok(_) => {
+                f.bound.insert(
+                    k,
+                    ImportListener {
                         service: im.service.clone(),
                         port: im.port,
                         protocol: im.protocol,
                         name: im.name.clone(),
                         listen,
                         backends: im.backends.clone(),
-                    });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::QuotaExceeded => {
-                    // One line for all of them below, not one per import.
-                    unbound += 1;
-                    over_budget = true;
-                }
-                Err(e) => {
-                    unbound += 1;
-                    warn!(service = %im.service, port = im.port, %listen, error = %e, "import listener not bound")
-                }
+                    },
+                );
+                false
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::QuotaExceeded => {
+                // One line for all of them (the caller's), not one per import.
+                f.unbound.insert(k);
+                true
+            }
+            Err(e) => {
+                warn!(service = %im.service, port = im.port, %listen, error = %e, "import listener not bound");
+                f.unbound.insert(k);
+                false
             }
         }
-        self.imports.retain(&keep_imports);
-        let unbound_before = self.metrics.imports_unbound.get();
-        self.metrics
-            .imports_bound
-            .set(i64::try_from(bound.imports.len()).unwrap_or(i64::MAX));
-        self.metrics
-            .imports_unbound
-            .set(i64::try_from(unbound).unwrap_or(i64::MAX));
-        if over_budget && unbound_before != self.metrics.imports_unbound.get() {
-            warn!(
-                unbound,
-                bound = bound.imports.len(),
-                "imports not bound: the gateway's listener budget is spent (it is half the open-file limit: raise that)"
-            );
-        }
-        // Counted once the routes it chose are in place.
-        self.metrics.route_conflicts.set(conflict_count);
-        self.write_listeners(bound);
-        // Published once peers and listeners match it: whoever follows (DNS) answers
-        // only for what is bound.
-        self.applied.send_replace(Some(Arc::new(AppliedPlan {
-            plan: p,
-            addresses: addrs,
-            revision: catalog.revision.0,
-        })));
     }
 
     /// Writes `imports.json` when what is bound changed.
-    fn write_listeners(&self, bound: ImportListeners) {
+    fn write_listeners(&self, bound: &BTreeMap<ImportKey, ImportListener>) {
         let path = self.fed.dir.join(IMPORTS_FILE);
         let mut last = self
             .listeners_written
@@ -526,12 +623,15 @@ impl Agent {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
         }
-        if last.as_ref() == Some(&bound) {
+        let now = ImportListeners {
+            imports: bound.values().cloned().collect(),
+        };
+        if last.as_ref() == Some(&now) {
             return;
         }
-        match serde_json::to_vec_pretty(&bound) {
+        match serde_json::to_vec_pretty(&now) {
             Ok(b) => match write_file(&path, &b, 0o644) {
-                Ok(()) => *last = Some(bound),
+                Ok(()) => *last = Some(now),
                 Err(e) => warn!(error = %e, "imports.json not written"),
             },
             Err(e) => warn!(error = %e, "imports.json not serialized"),
@@ -539,18 +639,35 @@ impl Agent {
     }
 
     pub async fn run(self, stop: CancellationToken) {
-        let mut catalog = self.load_cache();
-        if catalog.revision.0 > 0 {
+        let mut f = Followed {
+            catalog: self.load_cache(),
+            touched: Touched::default(),
+            planner: Planner::new(
+                self.site.clone(),
+                self.fed.locality.clone(),
+                self.fed.labels.clone(),
+                self.fed.import_address,
+                self.fed.vip_range,
+            ),
+            bound: BTreeMap::new(),
+            unbound: BTreeSet::new(),
+            conflicts: 0,
+        };
+        if f.catalog.revision.0 > 0 {
             info!(
-                revision = catalog.revision.0,
+                revision = f.catalog.revision.0,
                 "serving from the cached catalog until the federation answers"
             );
-            off_worker(|| self.apply_plan(&catalog));
+            off_worker(|| {
+                self.apply_plan(&mut f);
+                self.write_listeners(&f.bound);
+                self.publish_applied(&f);
+            });
         }
         let mut backoff = BACKOFF_MIN;
         let mut pace = Pace::default();
         loop {
-            let session = self.session(&mut catalog, &mut pace);
+            let session = self.session(&mut f, &mut pace);
             let stopped = tokio::select! {
                 r = session => {
                     match r {
@@ -563,16 +680,16 @@ impl Agent {
             };
             // Changes the session took in but had not applied yet (paced) are applied
             // now: the next session resumes after them.
-            if std::mem::take(&mut pace.pending) {
+            if f.pending() {
                 if stopped {
                     pace.cache_pending = true;
                 } else {
-                    self.apply(&catalog, &mut pace);
+                    self.apply(&mut f, &mut pace);
                 }
             }
             // The cache is current when the gateway stops or loses the federation,
             // which is when it is read.
-            self.flush_cache(&catalog, &mut pace);
+            self.flush_cache(&f, &mut pace);
             if stopped {
                 return;
             }
@@ -586,7 +703,7 @@ impl Agent {
 
     /// One connection to the federation: publish, then follow bundles and the catalog
     /// until the stream breaks.
-    async fn session(&self, catalog: &mut Catalog, pace: &mut Pace) -> Result<(), SessionError> {
+    async fn session(&self, f: &mut Followed, pace: &mut Pace) -> Result<(), SessionError> {
         let path = self.fed.dir.join(Membership::FILE);
         let json = std::fs::read(&path).map_err(|source| SessionError::NotJoined {
             path: path.clone(),
@@ -613,7 +730,7 @@ impl Agent {
             .map_err(rpc("bundles"))?;
         self.follow_addresses(&mut m, &first.federation_addresses);
         self.write_bundles(first, &m.federation_trust_domain);
-        let from = (catalog.revision.0 > 0).then_some(catalog.revision.0);
+        let from = (f.catalog.revision.0 > 0).then_some(f.catalog.revision.0);
         let mut watch = client
             .watch(pb::WatchRequest {
                 parts: true,
@@ -633,9 +750,9 @@ impl Agent {
         let mut tick = tokio::time::interval(LINK_CHECK);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(pace.next), if pace.pending => {}
-                _ = tokio::time::sleep_until(pace.cache_next), if pace.cache_pending && !pace.pending => {
-                    self.flush_cache(catalog, pace);
+                _ = tokio::time::sleep_until(pace.next), if f.pending() => {}
+                _ = tokio::time::sleep_until(pace.cache_next), if pace.cache_pending && !f.pending() => {
+                    self.flush_cache(f, pace);
                 }
                 _ = tick.tick() => links.maybe_report(&mut client, &self.peers, &self.metrics, &self.advertise, self.fed.inbound).await,
                 ev = watch.next() => {
@@ -651,11 +768,11 @@ impl Agent {
                             if std::mem::take(&mut first) {
                                 info!(from = ?from, snapshot, revision = whole.revision, changes = whole.changes.len(), "watching the catalog");
                             }
-                            for u in apply_event(catalog, whole)? {
+                            for u in apply_event(&mut f.catalog, &mut f.touched, whole)? {
                                 self.metrics.catalog_unreadable_policies.inc();
                                 warn!(site = %u.site, service = %u.service, field = %u.error.field, reason = %u.error.reason, "an exported service's HTTP policy does not read here (a newer site's field?): the policy in force before stays");
                             }
-                            debug!(revision = catalog.revision.0, snapshot, "catalog updated");
+                            debug!(revision = f.catalog.revision.0, snapshot, "catalog updated");
                             applied += 1;
                         }
                         if applied >= MAX_COALESCED {
@@ -670,7 +787,6 @@ impl Agent {
                     if applied == 0 {
                         continue;
                     }
-                    pace.pending = true;
                 }
                 b = bundles.next() => {
                     let b = b.ok_or(SessionError::StreamEnded("bundle"))?.map_err(rpc("bundles"))?;
@@ -683,12 +799,11 @@ impl Agent {
                     }
                 }
             }
-            if pace.pending && tokio::time::Instant::now() >= pace.next {
-                let took = self.apply(catalog, pace);
+            if f.pending() && tokio::time::Instant::now() >= pace.next {
+                let took = self.apply(f, pace);
                 // The wait counts from the apply's end: an apply that took longer than
                 // the cap is still followed by a pause.
                 pace.next = tokio::time::Instant::now() + apply_wait(took);
-                pace.pending = false;
             }
         }
     }
@@ -946,6 +1061,7 @@ mod tests {
         let mut c = Catalog::default();
         apply_event(
             &mut c,
+            &mut Touched::default(),
             event(
                 true,
                 7,
@@ -958,6 +1074,7 @@ mod tests {
 
         apply_event(
             &mut c,
+            &mut Touched::default(),
             event(false, 8, &[(8, export("east", "orders.shop", 5))]),
         )
         .unwrap();
@@ -966,6 +1083,7 @@ mod tests {
         // A resumed watch repeats what was applied: skipped by revision, not re-applied.
         apply_event(
             &mut c,
+            &mut Touched::default(),
             event(
                 false,
                 9,
@@ -980,7 +1098,12 @@ mod tests {
         assert_eq!(ready(&c, "east", "billing.shop"), Some(3));
 
         // A new snapshot drops what it does not list.
-        apply_event(&mut c, event(true, 20, &[(0, site("west"))])).unwrap();
+        apply_event(
+            &mut c,
+            &mut Touched::default(),
+            event(true, 20, &[(0, site("west"))]),
+        )
+        .unwrap();
         assert_eq!(ready(&c, "east", "orders.shop"), None);
         assert_eq!(c.revision, Revision(20));
     }
@@ -988,13 +1111,18 @@ mod tests {
     #[test]
     fn a_bad_change_is_an_error_naming_it_and_keeps_the_catalog() {
         let mut c = Catalog::default();
-        apply_event(&mut c, event(true, 3, &[(0, site("east"))])).unwrap();
+        apply_event(
+            &mut c,
+            &mut Touched::default(),
+            event(true, 3, &[(0, site("east"))]),
+        )
+        .unwrap();
         let before = c.clone();
         let mut bad = event(true, 4, &[(0, site("west"))]);
         if let Some(pb::change::Op::PutSite(s)) = &mut bad.changes[0].op {
             s.trust_domain = "Not A Trust Domain".into();
         }
-        let e = apply_event(&mut c, bad).unwrap_err();
+        let e = apply_event(&mut c, &mut Touched::default(), bad).unwrap_err();
         assert!(matches!(e, SessionError::Change(_)), "{e:?}");
         assert!(e.to_string().contains("trust_domain"), "{e}");
         assert_eq!(c, before, "a refused snapshot leaves the catalog as it was");
@@ -1038,6 +1166,7 @@ mod tests {
         let mut c = Catalog::default();
         apply_event(
             &mut c,
+            &mut Touched::default(),
             event(true, 3, &[(0, site("east")), (0, with_policy(2))]),
         )
         .unwrap();
@@ -1046,7 +1175,7 @@ mod tests {
         // A delta: the export applies (5 ready), the policy in force stays, reported.
         let mut ev = event(false, 4, &[(4, with_policy(5))]);
         newer(&mut ev);
-        let bad = apply_event(&mut c, ev).unwrap();
+        let bad = apply_event(&mut c, &mut Touched::default(), ev).unwrap();
         assert_eq!(bad.len(), 1);
         assert!(
             bad[0]
@@ -1070,7 +1199,7 @@ mod tests {
         {
             x.http_policy = x.http_policy.replacen('{', "{\"from_the_future\":1,", 1);
         }
-        let bad = apply_event(&mut c, ev).unwrap();
+        let bad = apply_event(&mut c, &mut Touched::default(), ev).unwrap();
         assert_eq!(bad.len(), 1);
         assert_eq!(
             (ready(&c, "east", "orders.shop"), policy_of(&c)),
@@ -1086,7 +1215,12 @@ mod tests {
         }
         let mut ev = event(false, 10, &[(10, billing)]);
         newer(&mut ev);
-        assert_eq!(apply_event(&mut c, ev).unwrap().len(), 1);
+        assert_eq!(
+            apply_event(&mut c, &mut Touched::default(), ev)
+                .unwrap()
+                .len(),
+            1
+        );
         let billing = c
             .exports
             .get(&("east".parse().unwrap(), "billing.shop".parse().unwrap()))
@@ -1105,7 +1239,7 @@ mod tests {
         {
             x.service = "Not A Service".into();
         }
-        assert!(apply_event(&mut c, ev).is_err());
+        assert!(apply_event(&mut c, &mut Touched::default(), ev).is_err());
         assert_eq!(c, before);
     }
 
@@ -1235,8 +1369,6 @@ fn off_worker<T>(f: impl FnOnce() -> T) -> T {
 /// When the catalog's next plan may be applied ([`apply_wait`]), and its cache next
 /// written ([`cache_wait`]).
 struct Pace {
-    /// The catalog has changes its plan does not have yet.
-    pending: bool,
     next: tokio::time::Instant,
     /// The catalog has changes its cache does not have yet.
     cache_pending: bool,
@@ -1247,7 +1379,6 @@ impl Default for Pace {
     fn default() -> Self {
         let now = tokio::time::Instant::now();
         Self {
-            pending: false,
             next: now,
             cache_pending: false,
             cache_next: now,

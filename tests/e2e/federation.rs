@@ -1301,7 +1301,17 @@ async fn next_status<T: std::fmt::Debug>(s: &mut tonic::Streaming<T>) -> tonic::
 async fn a_catalog_past_the_listener_budget_leaves_descriptors_for_connections() {
     let scratch = Scratch::new("fed-budget");
     let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [west, east] = joined(&scratch, &fed, ["west", "east"]);
+    let [west, east, north] = joined(&scratch, &fed, ["west", "east", "north"]);
+    // North's 10 services sort first: the first plan binds them before west's.
+    let mut nc = client(&fed, &north, &north.cert, &north.key).await;
+    let north_services = (0..10u32)
+        .map(|i| {
+            let mut e = export(&format!("a{i}.demo"));
+            e.ports[0].port = 9000 + i;
+            e
+        })
+        .collect();
+    publish(&mut nc, "north", north_services).await.unwrap();
     let echo = echo_server().await;
     let mut wc = fed_config(&west, [127, 0, 0, 3]);
     for i in 0..60u16 {
@@ -1317,17 +1327,28 @@ async fn a_catalog_past_the_listener_budget_leaves_descriptors_for_connections()
     let unbound = east_gw
         .wait_metric(
             "meshfed_gateway_imports_unbound",
-            28.0,
+            38.0,
             Duration::from_secs(20),
         )
         .await;
+    assert_eq!(unbound, 38.0, "{}", east_gw.logs());
+    assert_eq!(east_gw.metric("meshfed_gateway_imports_bound").await, 32.0);
+    // North withdraws its services: the listeners they free go to west's that waited
+    // (the gateway applies only what changed, so it must try those again).
+    publish(&mut nc, "north", vec![]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut unbound = 38.0;
+    while unbound != 28.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        unbound = east_gw.metric("meshfed_gateway_imports_unbound").await;
+    }
     assert_eq!(unbound, 28.0, "{}", east_gw.logs());
     assert_eq!(east_gw.metric("meshfed_gateway_imports_bound").await, 32.0);
     let logs = east_gw.logs();
     assert_eq!(
         logs.matches("listener budget is spent").count(),
-        1,
-        "one warning, not one per import:\n{logs}"
+        2,
+        "one warning when the budget ran out and one when freed listeners went to waiting imports, not one per import:\n{logs}"
     );
     assert!(!logs.contains("import listener not bound"), "{logs}");
     // The bound imports carry traffic, several connections at once.
@@ -1336,6 +1357,13 @@ async fn a_catalog_past_the_listener_budget_leaves_descriptors_for_connections()
     )
     .unwrap();
     assert_eq!(listeners.imports.len(), 32);
+    assert!(
+        listeners
+            .imports
+            .iter()
+            .all(|l| l.service.namespace() == "demo" && l.service.name().starts_with("svc")),
+        "{listeners:?}"
+    );
     let tasks: Vec<_> = listeners.imports[..8]
         .iter()
         .map(|l| {
