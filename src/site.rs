@@ -158,12 +158,19 @@ pub async fn start_with(
         loop {
             let applied = plans.borrow_and_update().clone();
             if let Some(a) = applied {
-                table.store(Arc::new(meshfed_dns::table_for_plan(
-                    &zone,
-                    &a.plan,
-                    &a.addresses,
-                    a.revision,
-                )));
+                let began = std::time::Instant::now();
+                let t = meshfed_lifecycle::off_worker(|| {
+                    meshfed_dns::table_for_plan(&zone, &a.plan, &a.addresses, a.revision)
+                });
+                table.store(Arc::new(t));
+                // The table is as large as the catalog, and the agent applies a change
+                // in milliseconds (only what changed): under a stream of changes the
+                // next build waits 4× this one's cost, at most 1 s, and takes the
+                // newest plan. A small catalog's table follows every plan at once.
+                tokio::select! {
+                    _ = tokio::time::sleep(meshfed_lifecycle::pause_after(began.elapsed(), std::time::Duration::from_secs(1))) => {}
+                    _ = stop.cancelled() => return,
+                }
             }
             tokio::select! {
                 r = plans.changed() => if r.is_err() { return },

@@ -222,6 +222,9 @@ struct StoreRun {
     /// The federation's vCPU (utime + stime over wall time) while the probes and the churn
     /// ran.
     fed_vcpu: f64,
+    /// Per probe, ms from its Publish until the gateway had applied a plan at its
+    /// revision (`meshfed_gateway_catalog_revision`; empty for a gateway without it).
+    gateway_lat: Vec<f64>,
 }
 
 /// Every watcher's progress, shared with the bench.
@@ -298,8 +301,9 @@ fn nofile_hard() -> u64 {
 }
 
 /// The gateway's catalog applies so far: (count, seconds in all), from
-/// `meshfed_gateway_catalog_apply_seconds` on its admin port.
-async fn applies(admin: std::net::SocketAddr) -> Result<(f64, f64)> {
+/// `meshfed_gateway_catalog_apply_seconds` on its admin port, and its cache writes
+/// (`..._catalog_cache_write_seconds`; before, the applies counted them).
+async fn applies(admin: std::net::SocketAddr) -> Result<((f64, f64), Option<(f64, f64)>)> {
     let (status, body) = meshfed_lifecycle::admin::get(admin, "/metrics")
         .await
         .map_err(anyhow::Error::msg)?;
@@ -309,10 +313,37 @@ async fn applies(admin: std::net::SocketAddr) -> Result<(f64, f64)> {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
             .with_context(|| format!("{name} not on the gateway's /metrics"))
     };
+    let writes = match (
+        sample("meshfed_gateway_catalog_cache_write_seconds_count"),
+        sample("meshfed_gateway_catalog_cache_write_seconds_sum"),
+    ) {
+        (Ok(c), Ok(s)) => Some((c, s)),
+        _ => None,
+    };
     Ok((
-        sample("meshfed_gateway_catalog_apply_seconds_count")?,
-        sample("meshfed_gateway_catalog_apply_seconds_sum")?,
+        (
+            sample("meshfed_gateway_catalog_apply_seconds_count")?,
+            sample("meshfed_gateway_catalog_apply_seconds_sum")?,
+        ),
+        writes,
     ))
+}
+
+/// The catalog revision of the plan the gateway applied last
+/// (`meshfed_gateway_catalog_revision` on its admin port).
+async fn gateway_revision(admin: std::net::SocketAddr) -> Option<u64> {
+    let (status, body) = meshfed_lifecycle::admin::get(admin, "/metrics")
+        .await
+        .ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    body.lines().find_map(|l| {
+        l.strip_prefix("meshfed_gateway_catalog_revision ")?
+            .parse::<f64>()
+            .ok()
+            .map(|v| v as u64)
+    })
 }
 
 /// CPU seconds (user + system) of `pid` so far.
@@ -595,18 +626,36 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     let gw_cpu0 = gateway.as_ref().map(|(g, _, _)| cpu_s(g.0.id()));
     let fed_cpu0 = cpu_s(fed.0.id());
     let gw_applies0 = match &gateway {
-        Some((_, _, admin)) => applies(*admin).await?,
-        None => (0.0, 0.0),
+        Some((_, _, admin)) => Some(applies(*admin).await?),
+        None => None,
     };
     let t_probes = Instant::now();
     let mut lat = Vec::with_capacity(args.samples);
+    let mut gateway_lat = Vec::with_capacity(args.samples);
+    // A gateway without the revision gauge (an older build) is not polled.
+    let gw_admin = match &gateway {
+        Some((_, _, admin)) => gateway_revision(*admin).await.map(|_| *admin),
+        None => None,
+    };
     for k in 0..args.samples {
         let i = (k * 7) % sites.len();
         let probe = format!("probe{k}.{}", sites[i].name);
         let s = &mut sites[i];
         s.exports.push(export(&probe));
         let t0 = Instant::now();
-        s.client.publish(s.request()).await?;
+        let rev = s.client.publish(s.request()).await?.into_inner().revision;
+        // The gateway is polled every 5 ms until it applied a plan at the probe's revision.
+        let gw_wait = gw_admin.map(|admin| {
+            tokio::spawn(async move {
+                while t0.elapsed() < Duration::from_secs(30) {
+                    if gateway_revision(admin).await.is_some_and(|r| r >= rev) {
+                        return Some(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                None
+            })
+        });
         let mut seen = 0;
         let mut last = t0;
         while seen < args.sites {
@@ -620,6 +669,13 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
             }
         }
         lat.push(last.duration_since(t0).as_secs_f64() * 1e3);
+        if let Some(w) = gw_wait {
+            gateway_lat.push(
+                w.await?.with_context(|| {
+                    format!("probe {probe}: the gateway did not apply it in 30 s")
+                })?,
+            );
+        }
         if (k + 1) % 50 == 0 {
             eprintln!("  {store}: {} probes", k + 1);
         }
@@ -639,14 +695,24 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
     let gateway = match gateway {
         Some((gw, n, admin)) => {
             let cpu = cpu_s(gw.0.id()) - gw_cpu0.unwrap_or(0.0);
-            let (count, sum) = applies(admin).await?;
-            let (count, sum) = (count - gw_applies0.0, sum - gw_applies0.1);
+            let ((count, sum), writes) = applies(admin).await?;
+            let (a0, w0) = gw_applies0.unwrap_or(((0.0, 0.0), None));
+            let (count, sum) = (count - a0.0, sum - a0.1);
+            let each = |count: f64, sum: f64| if count > 0.0 { sum / count * 1e3 } else { 0.0 };
             eprintln!(
                 "  {store}: the gateway applied the catalog {count:.0} times during the probes and churn ({:.1}/s), {:.1} ms each on average (applying {:.0} % of the time)",
                 count / probes_s,
-                if count > 0.0 { sum / count * 1e3 } else { 0.0 },
+                each(count, sum),
                 sum / probes_s * 100.0
             );
+            if let (Some((wc, ws)), Some((wc0, ws0))) = (writes, w0) {
+                let (wc, ws) = (wc - wc0, ws - ws0);
+                eprintln!(
+                    "  {store}: the gateway wrote its catalog cache and imports.json {wc:.0} times, {:.1} ms each on average ({:.0} % of the time; the applies above do not count them)",
+                    each(wc, ws),
+                    ws / probes_s * 100.0
+                );
+            }
             let (rss, _) = rss_mib(gw.0.id());
             drop(gw);
             Some((rss, cpu / probes_s, n))
@@ -709,6 +775,7 @@ async fn run_store(args: &Args, root: &Path, store: &str, etcd: Option<&str>) ->
         gateway,
         resync,
         fed_vcpu,
+        gateway_lat,
     })
 }
 
@@ -881,6 +948,7 @@ async fn run(args: Args) -> Result<()> {
     let mut worst_fed_vcpu: f64 = 0.0;
     let mut worst_resync: Option<f64> = None;
     let mut worst_gw: Option<(f64, f64, usize)> = None;
+    let mut worst_gw_p99: Option<f64> = None;
     let mut ratios = Vec::new();
     for store in args.stores.split(',') {
         let etcd = match store {
@@ -889,6 +957,17 @@ async fn run(args: Args) -> Result<()> {
             other => bail!("unknown store {other:?} (embedded, etcd)"),
         };
         let r = run_store(&args, &root, store, etcd).await?;
+        if !r.gateway_lat.is_empty() {
+            let g = stats(r.gateway_lat.clone());
+            println!(
+                "  {store}: the gateway applied each probe in p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms after its Publish  (p99 ratio vs raw etcd {:.2})",
+                g.p50,
+                g.p99,
+                g.max,
+                g.p99 / raw.p99
+            );
+            worst_gw_p99 = Some(worst_gw_p99.unwrap_or(0.0).max(g.p99));
+        }
         let s = stats(r.lat);
         println!(
             "meshfed {store:<8} convergence: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (p99 ratio vs raw etcd {:.2})  federation RSS {:.0} MiB (peak {:.0} MiB)",
@@ -954,6 +1033,9 @@ async fn run(args: Args) -> Result<()> {
         println!("catalog_scale_federation_rss_mib: {worst_rss:.0}");
         println!("catalog_scale_federation_vcpu: {worst_fed_vcpu:.3}");
         if let Some((rss, vcpu, n)) = worst_gw {
+            if let Some(p99) = worst_gw_p99 {
+                println!("catalog_scale_gateway_convergence_p99_ms: {p99:.2}");
+            }
             println!("catalog_scale_gateway_imports_bound: {n}");
             println!("catalog_scale_gateway_vcpu: {vcpu:.3}");
             println!("catalog_scale_gateway_rss_mib: {rss:.0}");

@@ -12,7 +12,8 @@
 //! at most 1 s). The cache and `imports.json` are as large as the catalog: they are
 //! written 4× their last write's cost apart (`cache_wait`, at most 5 s; at once when the
 //! session with the federation ends). Each apply's time, and each cache write's on its
-//! own, is in `meshfed_gateway_catalog_apply_seconds`.
+//! own, is in `meshfed_gateway_catalog_apply_seconds`; each cache write's in
+//! `meshfed_gateway_catalog_cache_write_seconds`.
 //!
 //! Static stability: the last catalog is cached in the site directory. At start the
 //! gateway serves from the cache before it reaches the federation, and when the
@@ -33,6 +34,7 @@ use meshfed_catalog::site::Membership;
 use meshfed_catalog::{Catalog, ServiceName, SiteName};
 use meshfed_identity::ca::write_file;
 use meshfed_identity::{TrustBundle, TrustDomain};
+use meshfed_lifecycle::off_worker;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -370,47 +372,45 @@ impl Agent {
         }
     }
 
-    /// Applies the plan, then writes the cache (and `imports.json`) when its pace
-    /// allows (else marks it pending), off the runtime's queue ([`off_worker`]); returns
-    /// (and counts) what it took.
+    /// Applies the plan off the runtime's queue ([`off_worker`]) and says so, then writes
+    /// the cache (and `imports.json`) when its pace allows, else marks it pending.
+    /// Returns (and counts) what the plan's apply took, apart from the cache's write.
     fn apply(&self, f: &mut Followed, pace: &mut Pace) -> Duration {
         let began = std::time::Instant::now();
-        let cache_due = tokio::time::Instant::now() >= pace.cache_next;
-        off_worker(|| {
-            self.apply_plan(f);
-            if cache_due {
-                self.write_cache(f, pace);
-            } else {
-                pace.cache_pending = true;
-            }
-            self.publish_applied(f);
-        });
+        off_worker(|| self.apply_plan(f));
+        self.publish_applied(f);
         let took = began.elapsed();
         self.metrics.catalog_apply.0.observe(took.as_secs_f64());
+        if tokio::time::Instant::now() >= pace.cache_next {
+            self.write_cache(f, pace);
+        } else {
+            pace.cache_pending = true;
+        }
         took
     }
 
-    /// Writes the cache and `imports.json`, and sets when the next write may come
-    /// ([`cache_wait`]).
+    /// Writes the cache and `imports.json` off the runtime's queue, counts what it took,
+    /// and sets when the next write may come ([`cache_wait`]).
     fn write_cache(&self, f: &Followed, pace: &mut Pace) {
         let began = std::time::Instant::now();
-        self.save_cache(&f.catalog);
-        self.write_listeners(&f.bound);
+        off_worker(|| {
+            self.save_cache(&f.catalog);
+            self.write_listeners(&f.bound);
+        });
+        let took = began.elapsed();
+        self.metrics
+            .catalog_cache_write
+            .0
+            .observe(took.as_secs_f64());
         pace.cache_pending = false;
-        pace.cache_next = tokio::time::Instant::now() + cache_wait(began.elapsed());
+        pace.cache_next = tokio::time::Instant::now() + cache_wait(took);
     }
 
-    /// Writes a pending cache on its own (counted as catalog apply time).
+    /// Writes a pending cache.
     fn flush_cache(&self, f: &Followed, pace: &mut Pace) {
-        if !pace.cache_pending {
-            return;
+        if pace.cache_pending {
+            self.write_cache(f, pace);
         }
-        let began = std::time::Instant::now();
-        off_worker(|| self.write_cache(f, pace));
-        self.metrics
-            .catalog_apply
-            .0
-            .observe(began.elapsed().as_secs_f64());
     }
 
     /// Makes peers and imports match the catalog: plans what changed since the last
@@ -503,11 +503,13 @@ impl Agent {
                     }
                 }
             }
-            let waiting: Vec<ServiceName> = f.unbound.iter().map(|k| k.0.clone()).collect();
-            if !gone.is_empty() {
+            let waiting: Vec<ServiceName> = if gone.is_empty() {
+                Vec::new()
+            } else {
                 self.imports.remove(&gone);
-                services.extend(waiting.iter());
-            }
+                f.unbound.iter().map(|k| k.0.clone()).collect()
+            };
+            services.extend(waiting.iter());
             for service in services {
                 for im in imports_of(&p.imports, service) {
                     over_budget |= self.bind(im, &addrs, None, f);
@@ -536,6 +538,9 @@ impl Agent {
             .imports_unbound
             .set(i64::try_from(f.unbound.len()).unwrap_or(i64::MAX));
         self.metrics.route_conflicts.set(f.conflicts);
+        self.metrics
+            .catalog_revision
+            .set(i64::try_from(f.catalog.revision.0).unwrap_or(i64::MAX));
         self.applied.send_replace(Some(Arc::new(AppliedPlan {
             plan: f.planner.plan().clone(),
             addresses: f.planner.addresses().clone(),
@@ -952,40 +957,6 @@ mod tests {
     use meshfed_identity::TrustDomain;
     use std::collections::BTreeMap;
 
-    /// With one worker, a task that ticks every 10 ms keeps ticking while another task
-    /// runs 300 ms of blocking work through `off_worker` (inline, it would not tick).
-    #[test]
-    fn off_worker_keeps_the_workers_tasks_running() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let during = rt.block_on(async {
-            let t = ticks.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            });
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            let t = ticks.clone();
-            tokio::spawn(async move {
-                let before = t.load(std::sync::atomic::Ordering::Relaxed);
-                off_worker(|| std::thread::sleep(Duration::from_millis(300)));
-                t.load(std::sync::atomic::Ordering::Relaxed) - before
-            })
-            .await
-            .unwrap()
-        });
-        assert!(
-            during >= 10,
-            "{during} ticks during 300 ms of blocking work"
-        );
-    }
-
     #[test]
     fn plans_wait_in_proportion_to_their_cost() {
         let ms = Duration::from_millis;
@@ -1327,15 +1298,14 @@ const MAX_COALESCED: usize = 256;
 /// The longest wait between catalog changes and their plan (see [`apply_wait`]).
 const APPLY_WAIT_MAX: Duration = Duration::from_secs(1);
 
-/// The pause after applying a plan (and writing the cache) that took `took`, before the
-/// next: 4× its cost, at most [`APPLY_WAIT_MAX`]. Both are as large as the catalog and
-/// were redone for every batch of watch events, back to back under a steady stream of
-/// changes. Paced so, applies that cost under 250 ms take at most a fifth of a core and
-/// a small catalog's changes still apply within milliseconds; a costlier one is followed
-/// by a 1 s pause, so imports never lag far behind (with 100,000 services one apply took
-/// 2.9 s on the bench host, bench/catalog --scale). Pure.
+/// The pause after applying a plan that took `took`, before the next: 4× its cost, at
+/// most [`APPLY_WAIT_MAX`] ([`meshfed_lifecycle::pause_after`]). An apply re-plans and
+/// re-binds only what changed, so it usually costs little; a whole one (the first, or
+/// after a snapshot: 1.0–1.3 s with 100,000 services on the bench host, bench/catalog
+/// --scale) is followed by a 1 s pause, so a stream of changes never keeps the gateway
+/// applying back to back, and imports never lag far behind. Pure.
 fn apply_wait(took: Duration) -> Duration {
-    (took * 4).min(APPLY_WAIT_MAX)
+    meshfed_lifecycle::pause_after(took, APPLY_WAIT_MAX)
 }
 
 /// The longest the catalog cache may lag the applied catalog (see [`cache_wait`]).
@@ -1348,23 +1318,12 @@ const CACHE_WAIT_MAX: Duration = Duration::from_secs(5);
 /// what the gateway serves from without one). A small catalog's cache is still written
 /// with every apply. Pure.
 fn cache_wait(took: Duration) -> Duration {
-    (took * 4).min(CACHE_WAIT_MAX)
+    meshfed_lifecycle::pause_after(took, CACHE_WAIT_MAX)
 }
 
 /// A report is sent at least this often, changed or not (the federation forgets a
 /// replica's links 75 s after its last report).
 const LINK_REFRESH: Duration = Duration::from_secs(30);
-
-/// Runs `f`, which may take seconds (a catalog apply: 2.9 s with 100,000 services on the
-/// bench host), without stalling the tasks queued on this runtime worker: on a
-/// multi-thread runtime they move to another worker meanwhile (`block_in_place`). A
-/// current-thread runtime (some tests) runs it inline.
-fn off_worker<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
 
 /// When the catalog's next plan may be applied ([`apply_wait`]), and its cache next
 /// written ([`cache_wait`]).

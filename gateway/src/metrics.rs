@@ -443,9 +443,13 @@ pub struct Metrics {
     /// Exports whose HTTP policy this gateway could not read (a newer site's field):
     /// applied with the policy in force before, or none.
     pub catalog_unreadable_policies: Counter,
-    /// Seconds each catalog apply took (the plan, peers, listeners and the cache when
-    /// due), and each cache write made on its own.
+    /// Seconds each catalog apply took (the plan, peers and listeners of what changed).
     pub catalog_apply: ApplyHistogram,
+    /// Seconds each write of the catalog cache and `imports.json` took.
+    pub catalog_cache_write: ApplyHistogram,
+    /// The catalog revision of the plan applied last (how far behind the federation a
+    /// gateway is: compare with `meshfed_federation_revision`).
+    pub catalog_revision: Gauge,
     /// Imports with a listener, and those left without one (past the listener budget).
     pub imports_bound: Gauge,
     pub imports_unbound: Gauge,
@@ -567,8 +571,18 @@ impl Metrics {
         );
         r.register(
             "catalog_apply_seconds",
-            "Time each catalog apply took (the plan, peers, import listeners, and the catalog cache when due), and each cache write made on its own: all as large as the catalog; the next apply waits 4x as long (at most 1 s), the next cache write 4x its own cost (at most 5 s)",
+            "Time each catalog apply took (the plan, peers and import listeners of the services that changed; all of them after a snapshot); the next apply waits 4x as long (at most 1 s)",
             self.catalog_apply.0.clone(),
+        );
+        r.register(
+            "catalog_revision",
+            "The catalog revision of the plan this gateway applied last",
+            self.catalog_revision.clone(),
+        );
+        r.register(
+            "catalog_cache_write_seconds",
+            "Time each write of the catalog cache and imports.json took (both as large as the catalog); the next write waits 4x as long (at most 5 s)",
+            self.catalog_cache_write.0.clone(),
         );
         r.register(
             "imports_bound",
