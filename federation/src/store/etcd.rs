@@ -201,6 +201,8 @@ impl EtcdStore {
         let mut start = (current - opts.history as i64).max(1).min(current);
         let snapshot = loop {
             match client
+                .kv_client()
+                .max_decoding_message_size(ETCD_MESSAGE_MAX)
                 .get(
                     layout.prefix.as_str(),
                     Some(GetOptions::new().with_prefix().with_revision(start)),
@@ -694,8 +696,10 @@ impl EtcdStore {
     }
 
     async fn reload(&self) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        let r = client
+        let r = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(ETCD_MESSAGE_MAX)
             .get(
                 self.layout.prefix.as_str(),
                 Some(GetOptions::new().with_prefix()),
@@ -721,7 +725,10 @@ impl EtcdStore {
     }
 
     async fn follow(&self, from: i64) -> Result<(), Follow> {
-        let mut client = self.client.clone();
+        let mut client = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(ETCD_MESSAGE_MAX);
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from)
@@ -855,6 +862,15 @@ enum Follow {
     Compacted(i64),
     Broken(String),
 }
+
+/// The largest message the store takes from etcd. A watch that catches up (a replica
+/// starting with history to serve, or resuming after a break) gets up to 1000 revisions
+/// in one response, and a reload reads the whole prefix; both were held to tonic's
+/// default of 4 MiB, so a federation on etcd could not start again after a burst of
+/// changes: its watch broke on a 10 MiB response at the same revision on every retry
+/// (bench/catalog --scale, 100,000 services and ~50,000 endpoint changes). etcd is the
+/// operator's own store, not a peer; a response is still at most this.
+const ETCD_MESSAGE_MAX: usize = 256 << 20;
 
 /// How often each configured etcd endpoint is probed, and how long a probe may take.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
