@@ -146,6 +146,15 @@ impl Planner {
         }
     }
 
+    /// The addresses a previous run gave its imports ([`Vips::seed`]): call before the
+    /// first update.
+    pub fn seed_addresses(
+        &mut self,
+        prior: impl IntoIterator<Item = (ServiceName, std::net::IpAddr)>,
+    ) {
+        self.vips.seed(prior);
+    }
+
     /// The plan last made.
     pub fn plan(&self) -> &Arc<SitePlan> {
         &self.plan

@@ -432,6 +432,31 @@ impl Vips {
         }
     }
 
+    /// Takes the addresses a previous run gave (its `imports.json`) before the first
+    /// [`Vips::set`], which keeps those of the services still imported: a VIP then
+    /// survives a restart even where hashes collided and services came out of name
+    /// order. One outside the range, or already given, is skipped.
+    pub fn seed(&mut self, prior: impl IntoIterator<Item = (ServiceName, std::net::IpAddr)>) {
+        let Some(r) = self.range else {
+            return;
+        };
+        for (service, ip) in prior {
+            let std::net::IpAddr::V4(v4) = ip else {
+                continue;
+            };
+            let Some(off) = u32::from(v4).checked_sub(r.base + 1) else {
+                continue;
+            };
+            if off >= r.size - 2
+                || self.by_service.contains_key(&service)
+                || !self.taken.insert(off)
+            {
+                continue;
+            }
+            Arc::make_mut(&mut self.by_service).insert(service, ip);
+        }
+    }
+
     /// Gives `service` an address unless it has one (or waits for one).
     pub fn add(&mut self, service: &ServiceName) {
         if self.by_service.contains_key(service) || self.waiting.contains(service) {
@@ -709,6 +734,21 @@ mod tests {
         let freed = v.addresses()[&six[2]];
         v.remove(&six[2]);
         assert_eq!(v.addresses()[&late], freed);
+        // A restart seeded with what the last run gave keeps z.x's address for it even
+        // though the rival sorts first and hashes there; seeds outside the range, for an
+        // address already given, or of a service no longer imported are dropped.
+        let mut again = Vips::new(shared, Some(r));
+        again.seed([
+            (z.clone(), z_ip),
+            (rival.clone(), z_ip),
+            (name("out.x"), std::net::IpAddr::from([10, 0, 1, 1])),
+            (name("gone.x"), std::net::IpAddr::from([10, 0, 0, 6])),
+        ]);
+        again.set(&[&rival, &z]);
+        assert_eq!(again.addresses()[&z], z_ip);
+        assert_ne!(again.addresses()[&rival], z_ip);
+        assert_eq!(again.addresses().len(), 2);
+        assert!(!again.taken.contains(&5), "gone.x's address is free again");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! (`<site dir>/catalog.json`), reloaded when the file changes. Under a steady stream of
 //! changes the gateway writes that cache at most every 4× its cost (up to 5 s), so
 //! answers lag as much; in the gateway's process, DNS follows every applied plan. Run beside the gateway
-//! when DNS should not live in the gateway process.
+//! when DNS should not live in the gateway process. Each import answers with the address
+//! the gateway's `imports.json` (written with the cache) gives it, else with the one
+//! the gateway would give (`routing::Vips`).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshfed_catalog::routing::plan;
+use meshfed_catalog::routing::{IMPORTS_FILE, ImportListeners, Vips, plan};
 use meshfed_catalog::site::FileStamp;
 use meshfed_catalog::{Catalog, SiteName};
 use tracing::{info, warn};
@@ -61,12 +63,21 @@ impl Follow {
                 source,
             })?;
         let served = plan(&cat, &self.site, None);
-        let addrs = meshfed_catalog::routing::import_addresses(
-            &served,
-            self.import_address,
-            self.vip_range,
-        );
-        let t = crate::table_for_plan(&self.zone, &served, &addrs, cat.revision.0);
+        // The addresses the gateway gave (its `imports.json`, written with the cache)
+        // where it has one, so that answers match its listeners; else as it would.
+        let mut vips = Vips::new(self.import_address, self.vip_range);
+        let bound = self.catalog.with_file_name(IMPORTS_FILE);
+        if let Some(l) = std::fs::read(&bound)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<ImportListeners>(&b).ok())
+        {
+            vips.seed(l.imports.into_iter().map(|l| (l.service, l.listen.ip())));
+        }
+        let mut services: Vec<&meshfed_catalog::ServiceName> =
+            served.imports.iter().map(|i| &i.service).collect();
+        services.dedup();
+        vips.set(&services);
+        let t = crate::table_for_plan(&self.zone, &served, vips.addresses(), cat.revision.0);
         self.table.store(Arc::new(t));
         info!(
             revision = cat.revision.0,

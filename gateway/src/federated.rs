@@ -78,8 +78,8 @@ pub struct Agent {
     pub applied: tokio::sync::watch::Sender<Option<Arc<AppliedPlan>>>,
     /// Routing conflicts last seen, so each is logged once when it appears.
     pub route_conflicts: std::sync::Mutex<BTreeSet<String>>,
-    /// What `imports.json` holds as this agent last wrote it (compared in memory: the
-    /// file is as large as the imports, and read back on every plan it cost as much).
+    /// What `imports.json` holds as this agent last wrote it, or as the last run left it
+    /// (compared in memory: the file is as large as the imports).
     pub listeners_written: std::sync::Mutex<Option<ImportListeners>>,
 }
 
@@ -622,12 +622,6 @@ impl Agent {
             .listeners_written
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if last.is_none() {
-            // The first time: what a previous run left.
-            *last = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-        }
         let now = ImportListeners {
             imports: bound.values().cloned().collect(),
         };
@@ -658,6 +652,19 @@ impl Agent {
             unbound: BTreeSet::new(),
             conflicts: 0,
         };
+        // What the last run bound: its addresses seed this run's (a VIP survives a
+        // restart), and the file is not written again unchanged.
+        let prior: Option<ImportListeners> = std::fs::read(self.fed.dir.join(IMPORTS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(p) = &prior {
+            f.planner
+                .seed_addresses(p.imports.iter().map(|l| (l.service.clone(), l.listen.ip())));
+        }
+        *self
+            .listeners_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = prior;
         if f.catalog.revision.0 > 0 {
             info!(
                 revision = f.catalog.revision.0,

@@ -292,3 +292,97 @@ async fn vips_give_each_import_its_own_address() {
     }
     assert_ne!(vips[0], vips[1]);
 }
+
+/// The address `name A` answers at `server` (the first).
+fn a_record(server: SocketAddr, name: &str) -> String {
+    let d = dig(server, &[name, "A"]);
+    d.answer
+        .first()
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or_else(|| panic!("{name}: {d:?}"))
+        .to_owned()
+}
+
+/// A VIP stays with its service while the service is imported, across a restart of
+/// the gateway, and in `meshfed dns` beside it: a newcomer whose hash collides and whose
+/// name sorts first takes the next free address. (Before, addresses were given afresh
+/// in name order on every plan, so the newcomer took the older service's address in
+/// DNS while the older listener stayed where it was.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_stays_with_its_service_when_a_colliding_one_comes() {
+    use meshfed_catalog::routing::fnv;
+    // A /30 has 2 usable addresses: slot = FNV of `name.namespace` mod 2.
+    let slot = |s: &str| fnv(s) % 2;
+    let late = (0..64)
+        .map(|i| format!("a{i}.shop"))
+        .find(|n| slot(n) == slot("zz.shop"))
+        .unwrap();
+    let scratch = Scratch::new("vip-stays");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
+    let mut cfg = fed_config(&east, [127, 0, 0, 23]);
+    cfg.vip_range = Some("127.78.0.0/30".into());
+    cfg.dns = Some("listen: 127.0.0.1:0".into());
+    let mut east_gw = Gw::start(&east, &cfg).unwrap();
+    let dns = east_gw.dns.unwrap();
+    let mut wc = crate::federation::client(&fed, &west, &west.cert, &west.key).await;
+    crate::federation::publish(&mut wc, "west", vec![crate::federation::export("zz.shop")])
+        .await
+        .unwrap();
+    let zz = "zz.shop.svc.clusterset.local";
+    wait_dig(dns, zz, "NOERROR", Some(" A 127.78."));
+    let zz_ip = a_record(dns, zz);
+    let mut nc = crate::federation::client(&fed, &north, &north.cert, &north.key).await;
+    crate::federation::publish(&mut nc, "north", vec![crate::federation::export(&late)])
+        .await
+        .unwrap();
+    let late_name = format!("{late}.svc.clusterset.local");
+    wait_dig(dns, &late_name, "NOERROR", Some(" A 127.78."));
+    assert_ne!(a_record(dns, &late_name), zz_ip);
+    assert_eq!(a_record(dns, zz), zz_ip, "zz.shop kept its address");
+
+    // Restarted on the same directory, the gateway gives the same addresses.
+    east_gw.kill();
+    let east_gw = Gw::start(&east, &cfg).unwrap();
+    let dns = east_gw.dns.unwrap();
+    wait_dig(dns, &late_name, "NOERROR", Some(" A 127.78."));
+    assert_eq!(
+        a_record(dns, zz),
+        zz_ip,
+        "after a restart: {}",
+        east_gw.logs()
+    );
+
+    // `meshfed dns` on its own, from the site directory, answers the same.
+    let mut standalone = Command::new(BIN)
+        .args([
+            "dns",
+            "--site",
+            "east",
+            "--dir",
+            east.dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--import-address",
+            "127.0.0.23",
+            "--vip-range",
+            "127.78.0.0/30",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(standalone.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    let standalone_ip = a_record(addr, zz);
+    let _ = standalone.kill();
+    let _ = standalone.wait();
+    assert_eq!(standalone_ip, zz_ip, "meshfed dns beside the gateway");
+}
