@@ -160,7 +160,7 @@ pub async fn start_with(
             if let Some(a) = applied {
                 let began = std::time::Instant::now();
                 let t = meshfed_lifecycle::off_worker(|| {
-                    meshfed_dns::table_for_plan(&zone, &a.plan, &a.addresses, a.revision)
+                    meshfed_dns::table_for_plan(&zone, &a.plan, a.revision)
                 });
                 table.store(Arc::new(t));
                 // The table is as large as the catalog, and the agent applies a change

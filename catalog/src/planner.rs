@@ -12,7 +12,9 @@
 //! Why: with 100,000 services, planning the whole catalog took 0.2–0.3 s and applying it
 //! at the gateway about 1 s on the bench host, for every batch of endpoint changes.
 //!
-//! Each imported service also keeps its address ([`Vips`]) while it is imported. Pure.
+//! Each import carries its address (`ImportPlan::address`), and each imported service
+//! keeps it while it is imported ([`Vips`]): a new or freed address changes only that
+//! service's imports. Pure.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -161,7 +163,7 @@ impl Planner {
     }
 
     /// Each imported service's address, for the plan last made.
-    pub fn addresses(&self) -> &Arc<BTreeMap<ServiceName, std::net::IpAddr>> {
+    pub fn addresses(&self) -> &BTreeMap<ServiceName, std::net::IpAddr> {
         self.vips.addresses()
     }
 
@@ -197,9 +199,25 @@ impl Planner {
             }
             touched_services.insert(service);
         }
+        // A service that goes frees its address, which may go to a waiting one: its
+        // imports change too.
+        let mut addressed: Vec<ServiceName> = Vec::new();
+        for service in &touched_services {
+            if !self.exporters.contains_key(*service) {
+                addressed.extend(self.vips.remove(service));
+            }
+        }
+        let mut services: BTreeSet<&ServiceName> = touched_services;
+        services.extend(addressed.iter());
         let mut fresh: Vec<(ServiceName, Vec<Arc<ImportPlan>>)> = Vec::new();
-        for service in touched_services {
-            let imports = self.plan_one(catalog, service);
+        for service in services {
+            let mut imports = self.plan_one(catalog, service);
+            if imports.is_empty() {
+                let _ = self.vips.remove(service);
+            } else {
+                self.vips.add(service);
+                self.address(&mut imports);
+            }
             let old = imports_of(&self.plan.imports, service);
             let same = old.len() == imports.len() && old.iter().zip(&imports).all(|(a, b)| a == b);
             if !same {
@@ -222,13 +240,6 @@ impl Planner {
             at = end;
         }
         imports.extend_from_slice(&old[at..]);
-        for (service, new) in &fresh {
-            if new.is_empty() {
-                self.vips.remove(service);
-            } else {
-                self.vips.add(service);
-            }
-        }
         self.plan = Arc::new(SitePlan {
             peers: peers.unwrap_or_else(|| self.plan.peers.clone()),
             imports,
@@ -248,16 +259,25 @@ impl Planner {
                     .insert(site.clone());
             }
         }
-        let plan = plan_with(catalog, &self.me, self.locality.as_deref(), &self.labels);
+        let mut plan = plan_with(catalog, &self.me, self.locality.as_deref(), &self.labels);
         let mut services: Vec<&ServiceName> = plan.imports.iter().map(|i| &i.service).collect();
         services.dedup();
         self.vips.set(&services);
+        self.address(&mut plan.imports);
         self.plan = Arc::new(plan);
         self.planned = true;
         Replanned {
             all: true,
             peers: true,
             services: Vec::new(),
+        }
+    }
+
+    /// Gives imports just planned (not shared yet) their service's address.
+    fn address(&self, imports: &mut [Arc<ImportPlan>]) {
+        for im in imports {
+            let address = self.vips.get(&im.service);
+            Arc::make_mut(im).address = address;
         }
     }
 
@@ -404,6 +424,22 @@ mod tests {
         ]
     }
 
+    /// A plan without its imports' addresses (as [`plan_with`] makes it).
+    fn unaddressed(p: &SitePlan) -> SitePlan {
+        SitePlan {
+            peers: p.peers.clone(),
+            imports: p
+                .imports
+                .iter()
+                .map(|im| {
+                    let mut im = (**im).clone();
+                    im.address = None;
+                    Arc::new(im)
+                })
+                .collect(),
+        }
+    }
+
     /// The services whose imports differ between two plans, in name order.
     fn differ(a: &SitePlan, b: &SitePlan) -> Vec<ServiceName> {
         let all: BTreeSet<&ServiceName> = a
@@ -446,9 +482,12 @@ mod tests {
                 }
                 let r = planner.update(&cat, &touched);
                 let whole = plan_with(&cat, &me, Some("us/a"), &BTreeMap::new());
-                prop_assert_eq!(&**planner.plan(), &whole);
+                prop_assert_eq!(&unaddressed(planner.plan()), &whole);
+                for im in &planner.plan().imports {
+                    prop_assert_eq!(im.address, planner.addresses().get(&im.service).copied());
+                }
                 prop_assert!(!r.all);
-                prop_assert_eq!(&r.services, &differ(&before, &whole));
+                prop_assert_eq!(&r.services, &differ(&before, planner.plan()));
                 prop_assert_eq!(r.peers, before.peers != whole.peers);
                 if r.is_empty() {
                     prop_assert!(Arc::ptr_eq(&before, planner.plan()), "an unchanged plan is the same plan");
@@ -468,7 +507,7 @@ mod tests {
             // A snapshot plans it all again, to the same plan, and moves no address.
             let addresses_before = planner.addresses().clone();
             prop_assert!(planner.update(&cat, &Touched::everything()).all);
-            prop_assert_eq!(&**planner.plan(), &plan_with(&cat, &me, Some("us/a"), &BTreeMap::new()));
+            prop_assert_eq!(&unaddressed(planner.plan()), &plan_with(&cat, &me, Some("us/a"), &BTreeMap::new()));
             prop_assert_eq!(planner.addresses(), &addresses_before);
         }
     }

@@ -45,6 +45,10 @@ pub struct ImportPlan {
     /// rule applies to this gateway (sites it gives no share are not backends); empty:
     /// the first backend takes them (or the policy's balancer spreads them).
     pub site_weights: BTreeMap<SiteName, u32>,
+    /// Where this site's gateway listens for it (and DNS answers): the service's VIP, or
+    /// the shared import address; set by a [`crate::planner::Planner`] (`None` from
+    /// [`plan_with`], or while the VIP range is full).
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// The serving sites of an import, best first, and their shares under a `distribute`
@@ -275,6 +279,7 @@ pub(crate) fn plan_service(
             policy_conflict,
             site_labels,
             site_weights,
+            address: None,
         }));
     }
 }
@@ -375,7 +380,7 @@ pub fn import_addresses(
     services.dedup();
     let mut v = Vips::new(shared, vips);
     v.set(&services);
-    Arc::unwrap_or_clone(v.by_service)
+    v.by_service
 }
 
 /// The address of each imported service ([`import_addresses`]), kept while the service
@@ -390,8 +395,7 @@ pub fn import_addresses(
 pub struct Vips {
     shared: std::net::IpAddr,
     range: Option<VipRange>,
-    /// Shared with the plans applied: copied only when a service comes or goes.
-    by_service: Arc<BTreeMap<ServiceName, std::net::IpAddr>>,
+    by_service: BTreeMap<ServiceName, std::net::IpAddr>,
     /// Offsets into the range in use.
     taken: std::collections::HashSet<u32>,
     /// Imported services without an address: the range was full when they came.
@@ -403,15 +407,20 @@ impl Vips {
         Self {
             shared,
             range,
-            by_service: Arc::default(),
+            by_service: BTreeMap::new(),
             taken: Default::default(),
             waiting: Default::default(),
         }
     }
 
     /// Each imported service's address.
-    pub fn addresses(&self) -> &Arc<BTreeMap<ServiceName, std::net::IpAddr>> {
+    pub fn addresses(&self) -> &BTreeMap<ServiceName, std::net::IpAddr> {
         &self.by_service
+    }
+
+    /// The address of `service`, if it has one.
+    pub fn get(&self, service: &ServiceName) -> Option<std::net::IpAddr> {
+        self.by_service.get(service).copied()
     }
 
     /// The imported services are now `services` (in name order, once each): the others
@@ -425,7 +434,7 @@ impl Vips {
             .cloned()
             .collect();
         for s in &gone {
-            self.remove(s);
+            let _ = self.remove(s);
         }
         for s in services {
             self.add(s);
@@ -453,7 +462,7 @@ impl Vips {
             {
                 continue;
             }
-            Arc::make_mut(&mut self.by_service).insert(service, ip);
+            self.by_service.insert(service, ip);
         }
     }
 
@@ -463,7 +472,7 @@ impl Vips {
             return;
         }
         let Some(r) = self.range else {
-            Arc::make_mut(&mut self.by_service).insert(service.clone(), self.shared);
+            self.by_service.insert(service.clone(), self.shared);
             return;
         };
         // Usable offsets: not the network or broadcast address.
@@ -484,24 +493,25 @@ impl Vips {
             off = (off + 1) % usable;
         }
         let ip = std::net::Ipv4Addr::from(r.base + 1 + off);
-        Arc::make_mut(&mut self.by_service).insert(service.clone(), std::net::IpAddr::V4(ip));
+        self.by_service
+            .insert(service.clone(), std::net::IpAddr::V4(ip));
     }
 
-    /// `service` is no longer imported: its address is free (for the first waiting
-    /// service, if any).
-    pub fn remove(&mut self, service: &ServiceName) {
+    /// `service` is no longer imported: its address is free, for the first waiting
+    /// service if any, which is returned.
+    pub fn remove(&mut self, service: &ServiceName) -> Option<ServiceName> {
         if self.waiting.remove(service) {
-            return;
+            return None;
         }
-        let Some(ip) = Arc::make_mut(&mut self.by_service).remove(service) else {
-            return;
-        };
+        let ip = self.by_service.remove(service)?;
         if let (Some(r), std::net::IpAddr::V4(v4)) = (self.range, ip) {
             self.taken.remove(&(u32::from(v4) - r.base - 1));
             if let Some(next) = self.waiting.pop_first() {
                 self.add(&next);
+                return Some(next);
             }
         }
+        None
     }
 }
 
@@ -656,6 +666,7 @@ mod tests {
                         name: None,
                         hosts: vec![],
                         backends: vec![],
+                        address: None,
                     })
                 })
                 .collect(),
@@ -720,7 +731,7 @@ mod tests {
         let fresh = |names: &[&ServiceName]| {
             let mut f = Vips::new(shared, Some(r));
             f.set(names);
-            Arc::unwrap_or_clone(f.addresses().clone())
+            f.addresses().clone()
         };
         assert_eq!(fresh(&[&rival, &z])[&rival], z_ip);
         // Full: the seventh waits, and takes the first address freed.
@@ -732,7 +743,11 @@ mod tests {
         assert_eq!(v.addresses().len(), 6);
         assert!(!v.addresses().contains_key(&late));
         let freed = v.addresses()[&six[2]];
-        v.remove(&six[2]);
+        assert_eq!(
+            v.remove(&six[2]),
+            Some(late.clone()),
+            "the waiting one is told"
+        );
         assert_eq!(v.addresses()[&late], freed);
         // A restart seeded with what the last run gave keeps z.x's address for it even
         // though the rival sorts first and hashes there; seeds outside the range, for an
@@ -766,6 +781,7 @@ mod tests {
             name: None,
             hosts: vec![],
             backends: vec![],
+            address: None,
         };
         let plan = |v: Vec<ImportPlan>| SitePlan {
             peers: vec![],

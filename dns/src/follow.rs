@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshfed_catalog::routing::{IMPORTS_FILE, ImportListeners, Vips, plan};
+use meshfed_catalog::planner::{Planner, Touched};
+use meshfed_catalog::routing::{IMPORTS_FILE, ImportListeners};
 use meshfed_catalog::site::FileStamp;
 use meshfed_catalog::{Catalog, SiteName};
 use tracing::{info, warn};
@@ -62,22 +63,25 @@ impl Follow {
                 path: self.catalog.clone(),
                 source,
             })?;
-        let served = plan(&cat, &self.site, None);
         // The addresses the gateway gave (its `imports.json`, written with the cache)
         // where it has one, so that answers match its listeners; else as it would.
-        let mut vips = Vips::new(self.import_address, self.vip_range);
+        let mut planner = Planner::new(
+            self.site.clone(),
+            None,
+            Default::default(),
+            self.import_address,
+            self.vip_range,
+        );
         let bound = self.catalog.with_file_name(IMPORTS_FILE);
         if let Some(l) = std::fs::read(&bound)
             .ok()
             .and_then(|b| serde_json::from_slice::<ImportListeners>(&b).ok())
         {
-            vips.seed(l.imports.into_iter().map(|l| (l.service, l.listen.ip())));
+            planner.seed_addresses(l.imports.into_iter().map(|l| (l.service, l.listen.ip())));
         }
-        let mut services: Vec<&meshfed_catalog::ServiceName> =
-            served.imports.iter().map(|i| &i.service).collect();
-        services.dedup();
-        vips.set(&services);
-        let t = crate::table_for_plan(&self.zone, &served, vips.addresses(), cat.revision.0);
+        planner.update(&cat, &Touched::everything());
+        let served = planner.plan();
+        let t = crate::table_for_plan(&self.zone, served, cat.revision.0);
         self.table.store(Arc::new(t));
         info!(
             revision = cat.revision.0,

@@ -18,19 +18,13 @@ pub mod zone;
 
 pub use zone::{ImportRecord, Table, ZoneConfig};
 
-use meshfed_catalog::ServiceName;
 use meshfed_catalog::routing::SitePlan;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// The table for a site's plan: every import answers with the address the site's
-/// gateway listens on for it (`routing::import_addresses`).
-pub fn table_for_plan(
-    cfg: &ZoneConfig,
-    plan: &SitePlan,
-    addresses: &BTreeMap<ServiceName, IpAddr>,
-    serial: u64,
-) -> Table {
+/// gateway listens on for it (`ImportPlan::address`; none without one).
+pub fn table_for_plan(cfg: &ZoneConfig, plan: &SitePlan, serial: u64) -> Table {
     let imports: Vec<ImportRecord> = plan
         .imports
         .iter()
@@ -40,17 +34,17 @@ pub fn table_for_plan(
                 port: im.port,
                 protocol: im.protocol,
                 port_name: im.name.clone(),
-                address: *addresses.get(&im.service)?,
+                address: im.address?,
             })
         })
         .collect();
     let mut hosts: BTreeMap<&str, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
     for im in &plan.imports {
-        let Some(a) = addresses.get(&im.service) else {
+        let Some(a) = im.address else {
             continue;
         };
         for h in &im.hosts {
-            hosts.entry(h).or_default().insert(*a);
+            hosts.entry(h).or_default().insert(a);
         }
     }
     let hosts: Vec<zone::HostRecord> = hosts

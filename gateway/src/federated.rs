@@ -87,10 +87,19 @@ pub struct Agent {
 /// on at this site (what DNS answers), and the catalog revision it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AppliedPlan {
-    /// Shared with the agent's planner (each service's imports with the plans before).
+    /// Shared with the agent's planner (each service's imports with the plans before);
+    /// each import carries the address it listens on (`ImportPlan::address`).
     pub plan: Arc<meshfed_catalog::routing::SitePlan>,
-    pub addresses: Arc<BTreeMap<ServiceName, std::net::IpAddr>>,
     pub revision: u64,
+}
+
+impl AppliedPlan {
+    /// The address the imports of `service` listen on, if it is imported and has one.
+    pub fn address_of(&self, service: &ServiceName) -> Option<std::net::IpAddr> {
+        imports_of(&self.plan.imports, service)
+            .first()
+            .and_then(|im| im.address)
+    }
 }
 
 /// The catalog as this gateway follows it, and what it made of it.
@@ -473,14 +482,13 @@ impl Agent {
             .fed
             .import_ports
             .map(|r| meshfed_catalog::routing::import_ports(&p, r));
-        let addrs = f.planner.addresses().clone();
         let unbound_before = f.unbound.len();
         let mut over_budget = false;
         if r.all || ports.is_some() {
             f.bound.clear();
             f.unbound.clear();
             for im in &p.imports {
-                over_budget |= self.bind(im, &addrs, ports.as_ref(), f);
+                over_budget |= self.bind(im, ports.as_ref(), f);
             }
             let keep: BTreeSet<ImportKey> =
                 statics.into_iter().chain(f.bound.keys().cloned()).collect();
@@ -512,7 +520,7 @@ impl Agent {
             services.extend(waiting.iter());
             for service in services {
                 for im in imports_of(&p.imports, service) {
-                    over_budget |= self.bind(im, &addrs, None, f);
+                    over_budget |= self.bind(im, None, f);
                 }
             }
         }
@@ -543,7 +551,6 @@ impl Agent {
             .set(i64::try_from(f.catalog.revision.0).unwrap_or(i64::MAX));
         self.applied.send_replace(Some(Arc::new(AppliedPlan {
             plan: f.planner.plan().clone(),
-            addresses: f.planner.addresses().clone(),
             revision: f.catalog.revision.0,
         })));
     }
@@ -554,14 +561,13 @@ impl Agent {
     fn bind(
         &self,
         im: &ImportPlan,
-        addrs: &BTreeMap<ServiceName, std::net::IpAddr>,
         ports: Option<&BTreeMap<(ServiceName, u16), u16>>,
         f: &mut Followed,
     ) -> bool {
         let k = key(im);
         f.bound.remove(&k);
         f.unbound.remove(&k);
-        let Some(ip) = addrs.get(&im.service) else {
+        let Some(ip) = im.address else {
             warn!(service = %im.service, "federation.vip_range is full: import not bound");
             f.unbound.insert(k);
             return false;
@@ -577,7 +583,7 @@ impl Agent {
                 }
             },
         };
-        let listen = SocketAddr::new(*ip, port);
+        let listen = SocketAddr::new(ip, port);
         match self.imports.upsert(
             &im.service,
             im.port,

@@ -200,7 +200,12 @@ async fn pair(name: &str, east_cfg: impl FnOnce(&SiteFiles) -> ConfigBuilder) ->
     let plain = !cfg.caller_mtls;
     let east_gw = gateway(&east, 2, cfg).await;
     let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
-    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    let addr = SocketAddr::new(
+        applied
+            .address_of(&applied.plan.imports[0].service)
+            .unwrap(),
+        port,
+    );
     if plain {
         until_call(addr, true, "through the pair").await;
     }
@@ -237,7 +242,7 @@ async fn the_agent_applies_the_federations_plan_and_traffic_follows_it() {
     let im = &applied.plan.imports[0];
     assert_eq!((im.port, im.protocol), (port, Protocol::Tcp));
     assert!(applied.revision > 0);
-    let addr = SocketAddr::new(applied.addresses[&im.service], port);
+    let addr = SocketAddr::new(applied.address_of(&im.service).unwrap(), port);
     assert_eq!(echo_through(addr).await.unwrap(), b"ping");
 
     // West withdraws (its gateway stops and its lease runs out): the plan drops it.
@@ -280,7 +285,12 @@ async fn egress_fails_over_past_a_site_whose_endpoint_refuses() {
     .await;
     let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
     let applied = until_imported(&east_gw, "orders.shop", &["north", "west"]).await;
-    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    let addr = SocketAddr::new(
+        applied
+            .address_of(&applied.plan.imports[0].service)
+            .unwrap(),
+        port,
+    );
 
     for _ in 0..5 {
         assert_eq!(echo_through(addr).await.unwrap(), b"ping");
@@ -416,7 +426,7 @@ async fn authorization_policies_decide_which_caller_reaches_an_export() {
     .await;
     let north_gw = gateway(&north, 3, ConfigBuilder::default()).await;
     let at = |a: meshfed_gateway::federated::AppliedPlan| {
-        SocketAddr::new(a.addresses[&a.plan.imports[0].service], port)
+        SocketAddr::new(a.address_of(&a.plan.imports[0].service).unwrap(), port)
     };
     let east_addr = at(until_imported(&east_gw, "orders.shop", &["west"]).await);
     let north_addr = at(until_imported(&north_gw, "orders.shop", &["west"]).await);
@@ -1275,9 +1285,15 @@ async fn the_endpoint_learns_the_client_and_the_caller_by_proxy_protocol() {
     )
     .await;
     let web = until_imported(&east_gw, "web.shop", &["west"]).await;
-    let web = SocketAddr::new(web.addresses[&"web.shop".parse().unwrap()], ha_port);
+    let web = SocketAddr::new(
+        web.address_of(&"web.shop".parse().unwrap()).unwrap(),
+        ha_port,
+    );
     let raw = until_imported(&east_gw, "raw.shop", &["west"]).await;
-    let raw = SocketAddr::new(raw.addresses[&"raw.shop".parse().unwrap()], own_port);
+    let raw = SocketAddr::new(
+        raw.address_of(&"raw.shop".parse().unwrap()).unwrap(),
+        own_port,
+    );
 
     // haproxy sees the client's own address, not a gateway's.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1662,7 +1678,7 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
     )
     .await;
     let raw = until_imported(&east_gw, "raw.shop", &["west"]).await;
-    let raw = SocketAddr::new(raw.addresses[&"raw.shop".parse().unwrap()], port);
+    let raw = SocketAddr::new(raw.address_of(&"raw.shop".parse().unwrap()).unwrap(), port);
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
 
     // The pod's address: the endpoint learns its service account's identity.
@@ -1800,7 +1816,12 @@ async fn a_gateway_address_may_be_a_host_name() {
     };
     let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
     let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
-    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    let addr = SocketAddr::new(
+        applied
+            .address_of(&applied.plan.imports[0].service)
+            .unwrap(),
+        port,
+    );
     until_call(addr, true, "through a host-name address").await;
     // East resolved west's name (from /etc/hosts here) and dials what it resolved to.
     // The call may have gone over the connection west dialed to east, before east's own
@@ -1836,7 +1857,12 @@ async fn an_outbound_only_sites_exports_are_reached_over_the_connections_it_dial
     .await;
     let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
     let applied = until_imported(&east_gw, "orders.shop", &["west"]).await;
-    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    let addr = SocketAddr::new(
+        applied
+            .address_of(&applied.plan.imports[0].service)
+            .unwrap(),
+        port,
+    );
     until_call(addr, true, "to an outbound-only site").await;
     let west_site: meshfed_catalog::SiteName = "west".parse().unwrap();
     let peer = applied
@@ -1935,7 +1961,12 @@ async fn a_nat_rebinding_mid_transfer_keeps_every_stream() {
     *nat.target.lock().unwrap() = Some(west_gw.gateway.quic_addr);
     let east_gw = gateway(&east, 2, ConfigBuilder::default()).await;
     let applied = until_imported(&east_gw, "bulk.shop", &["west"]).await;
-    let addr = SocketAddr::new(applied.addresses[&applied.plan.imports[0].service], port);
+    let addr = SocketAddr::new(
+        applied
+            .address_of(&applied.plan.imports[0].service)
+            .unwrap(),
+        port,
+    );
     until_call(addr, true, "through the NAT").await;
 
     // Four streams echo 16 KiB chunks for 3 s; the NAT rebinds after 1 s.
