@@ -629,6 +629,24 @@ mod tests {
     use crate::catalog::{Change, Delta, Export, ExportedPort, Revision, SiteRecord};
     use meshfed_identity::TrustDomain;
 
+    /// An import of `service` on `port` with nothing else planned.
+    fn bare_import(service: &str, port: u16, protocol: Protocol) -> ImportPlan {
+        ImportPlan {
+            site_weights: Default::default(),
+            site_labels: Default::default(),
+            policy_conflict: None,
+            http_policy: None,
+            app_protocol: Default::default(),
+            service: ServiceName::parse(service).unwrap(),
+            port,
+            protocol,
+            name: None,
+            hosts: vec![],
+            backends: vec![],
+            address: None,
+        }
+    }
+
     #[test]
     fn ranges_print_as_written() {
         for (cidr, shown) in [
@@ -653,22 +671,7 @@ mod tests {
             peers: vec![],
             imports: names
                 .iter()
-                .map(|n| {
-                    Arc::new(ImportPlan {
-                        site_weights: Default::default(),
-                        site_labels: Default::default(),
-                        policy_conflict: None,
-                        http_policy: None,
-                        app_protocol: Default::default(),
-                        service: ServiceName::parse(n).unwrap(),
-                        port: 80,
-                        protocol: Protocol::Tcp,
-                        name: None,
-                        hosts: vec![],
-                        backends: vec![],
-                        address: None,
-                    })
-                })
+                .map(|n| Arc::new(bare_import(n, 80, Protocol::Tcp)))
                 .collect(),
         };
         let a = import_addresses(&plan(&["a.x", "b.x", "c.x"]), shared, Some(r));
@@ -769,20 +772,7 @@ mod tests {
     #[test]
     fn import_ports_are_stable_distinct_shared_by_tcp_and_udp_and_inside_the_range() {
         let r = PortRange::parse("20000-20009").unwrap();
-        let im = |n: &str, port, protocol| ImportPlan {
-            site_weights: Default::default(),
-            site_labels: Default::default(),
-            policy_conflict: None,
-            http_policy: None,
-            app_protocol: Default::default(),
-            service: ServiceName::parse(n).unwrap(),
-            port,
-            protocol,
-            name: None,
-            hosts: vec![],
-            backends: vec![],
-            address: None,
-        };
+        let im = bare_import;
         let plan = |v: Vec<ImportPlan>| SitePlan {
             peers: vec![],
             imports: v.into_iter().map(Arc::new).collect(),

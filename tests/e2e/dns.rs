@@ -206,33 +206,15 @@ async fn dns_answers_from_the_live_catalog_with_real_dig() {
 
     // `meshfed dns` on its own, from east's catalog cache, forwarding other names to the
     // gateway's DNS (which knows mesh.internal; the standalone one does not).
-    let mut standalone = Command::new(BIN)
-        .args([
-            "dns",
-            "--site",
-            "east",
-            "--dir",
-            east.dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
+    let (mut standalone, addr) = standalone_dns(
+        &east.dir,
+        &[
             "--import-address",
             "127.0.0.5",
             "--forward",
             &dns.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(standalone.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: SocketAddr = line
-        .split_whitespace()
-        .nth(4)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+        ],
+    );
     let d = dig(addr, &["orders.shop.svc.clusterset.local", "A"]);
     assert_eq!(
         d.answer[0].split(' ').next_back(),
@@ -291,6 +273,36 @@ async fn vips_give_each_import_its_own_address() {
         vips.push(ip);
     }
     assert_ne!(vips[0], vips[1]);
+}
+
+/// `meshfed dns --site east` on its own, from the site directory `dir`, with `extra`
+/// flags; returns the process and the address it answers on.
+fn standalone_dns(dir: &std::path::Path, extra: &[&str]) -> (std::process::Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args([
+            "dns",
+            "--site",
+            "east",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .nth(4)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    (child, addr)
 }
 
 /// The address `name A` answers at `server` (the first).
@@ -354,33 +366,15 @@ async fn a_vip_stays_with_its_service_when_a_colliding_one_comes() {
     );
 
     // `meshfed dns` on its own, from the site directory, answers the same.
-    let mut standalone = Command::new(BIN)
-        .args([
-            "dns",
-            "--site",
-            "east",
-            "--dir",
-            east.dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
+    let (mut standalone, addr) = standalone_dns(
+        &east.dir,
+        &[
             "--import-address",
             "127.0.0.23",
             "--vip-range",
             "127.78.0.0/30",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(standalone.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: SocketAddr = line
-        .split_whitespace()
-        .nth(4)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+        ],
+    );
     let standalone_ip = a_record(addr, zz);
     let _ = standalone.kill();
     let _ = standalone.wait();
