@@ -199,29 +199,33 @@ impl Planner {
             }
             touched_services.insert(service);
         }
-        // A service that goes frees its address, which may go to a waiting one: its
-        // imports change too.
-        let mut addressed: Vec<ServiceName> = Vec::new();
-        for service in &touched_services {
-            if !self.exporters.contains_key(*service) {
-                addressed.extend(self.vips.remove(service));
+        let mut planned: BTreeMap<ServiceName, Vec<Arc<ImportPlan>>> = touched_services
+            .into_iter()
+            .map(|s| (s.clone(), self.plan_one(catalog, s)))
+            .collect();
+        // A service left without imports frees its address first; it may go to a
+        // waiting service, whose imports then change too.
+        let freed_to: Vec<ServiceName> = planned
+            .iter()
+            .filter(|(_, imports)| imports.is_empty())
+            .filter_map(|(s, _)| self.vips.remove(s))
+            .collect();
+        for w in freed_to {
+            if let std::collections::btree_map::Entry::Vacant(e) = planned.entry(w) {
+                let imports = self.plan_one(catalog, e.key());
+                e.insert(imports);
             }
         }
-        let mut services: BTreeSet<&ServiceName> = touched_services;
-        services.extend(addressed.iter());
         let mut fresh: Vec<(ServiceName, Vec<Arc<ImportPlan>>)> = Vec::new();
-        for service in services {
-            let mut imports = self.plan_one(catalog, service);
-            if imports.is_empty() {
-                let _ = self.vips.remove(service);
-            } else {
-                self.vips.add(service);
+        for (service, mut imports) in planned {
+            if !imports.is_empty() {
+                self.vips.add(&service);
                 self.address(&mut imports);
             }
-            let old = imports_of(&self.plan.imports, service);
+            let old = imports_of(&self.plan.imports, &service);
             let same = old.len() == imports.len() && old.iter().zip(&imports).all(|(a, b)| a == b);
             if !same {
-                fresh.push((service.clone(), imports));
+                fresh.push((service, imports));
             }
         }
         if fresh.is_empty() && peers.is_none() {
@@ -510,6 +514,61 @@ mod tests {
             prop_assert_eq!(&unaddressed(planner.plan()), &plan_with(&cat, &me, Some("us/a"), &BTreeMap::new()));
             prop_assert_eq!(planner.addresses(), &addresses_before);
         }
+    }
+
+    /// A full VIP range: the service left waiting gets the address another frees, also
+    /// when that one is still exported but with no port (no imports): the waiting
+    /// service's imports then carry it. Before, only a service no site exported any more
+    /// handed its address on, and one left without ports gave it to a waiting service
+    /// whose imports were not planned again (no address in the plan, one in `Vips`).
+    #[test]
+    fn an_address_freed_by_a_service_without_imports_goes_into_the_waiting_ones_plan() {
+        let me = SiteName::new("s0").unwrap();
+        let shared: std::net::IpAddr = [127, 0, 0, 2].into();
+        let two = VipRange::parse("10.0.0.0/30").unwrap();
+        let mut planner = Planner::new(me, None, BTreeMap::new(), shared, Some(two));
+        let mut cat = Catalog::default();
+        let apply = |cat: &mut Catalog, op: Op| {
+            let mut t = Touched::default();
+            let change = op.change();
+            t.note(cat, &change);
+            let revision = Revision(cat.revision.0 + 1);
+            cat.apply(&Delta { revision, change }).unwrap();
+            t
+        };
+        let export = |service, ports| Op::Export {
+            site: 1,
+            service,
+            ports,
+            ready: 1,
+            locality: None,
+        };
+        apply(
+            &mut cat,
+            Op::Site {
+                site: 1,
+                up: true,
+                addr: 0,
+            },
+        );
+        for service in 0..3 {
+            apply(&mut cat, export(service, vec![(80, false)]));
+        }
+        planner.update(&cat, &Touched::everything());
+        let c = ServiceName::parse("c.x").unwrap();
+        let address_of = |p: &Planner, s: &ServiceName| imports_of(&p.plan().imports, s)[0].address;
+        assert_eq!(
+            address_of(&planner, &c),
+            None,
+            "c.x waits: 2 addresses, 3 services"
+        );
+        // a.x stays exported, with no port: it has no import, and frees its address.
+        let t = apply(&mut cat, export(0, vec![]));
+        let r = planner.update(&cat, &t);
+        assert!(r.services.contains(&c), "{r:?}");
+        let got = address_of(&planner, &c);
+        assert!(got.is_some(), "c.x's import carries the freed address");
+        assert_eq!(got, planner.addresses().get(&c).copied());
     }
 
     #[test]
