@@ -78,8 +78,6 @@ pub struct Agent {
     /// Every plan the agent applies, for whoever answers for the site's imports (the
     /// binary's DNS server follows it).
     pub applied: tokio::sync::watch::Sender<Option<Arc<AppliedPlan>>>,
-    /// Routing conflicts last seen, so each is logged once when it appears.
-    pub route_conflicts: std::sync::Mutex<BTreeSet<String>>,
     /// What `imports.json` holds as this agent last wrote it, or as the last run left it
     /// (compared in memory: the file is as large as the imports).
     pub listeners_written: Arc<std::sync::Mutex<Option<ImportListeners>>>,
@@ -115,8 +113,8 @@ struct Followed {
     /// error; tried again when an import goes).
     bound: BTreeMap<ImportKey, ImportListener>,
     unbound: BTreeSet<ImportKey>,
-    /// Services whose sites publish different routes, in the plan.
-    conflicts: i64,
+    /// The routing conflicts of each service whose sites publish different routes.
+    conflicts: BTreeMap<ServiceName, BTreeSet<String>>,
 }
 
 impl Followed {
@@ -499,23 +497,41 @@ impl Agent {
         let touched = std::mem::take(&mut f.touched);
         let r = f.planner.update(&f.catalog, &touched);
         let p = f.planner.plan().clone();
-        // Sites that publish different routes for one service: counted, and each logged
-        // once when it appears.
-        let conflicts: BTreeSet<String> = p
-            .imports
-            .iter()
-            .filter_map(|im| im.policy_conflict.clone())
-            .collect();
-        let conflict_count = i64::try_from(conflicts.len()).unwrap_or(i64::MAX);
-        {
-            let mut seen = self
-                .route_conflicts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for c in conflicts.difference(&seen) {
+        // Sites that publish different routes for one service: kept per service (for
+        // the services that changed), counted, and each logged once when it appears.
+        let conflicts_before = if r.all {
+            std::mem::take(&mut f.conflicts)
+        } else {
+            let mut before = BTreeMap::new();
+            for service in &r.services {
+                if let Some(c) = f.conflicts.remove(service) {
+                    before.insert(service.clone(), c);
+                }
+            }
+            before
+        };
+        let mut changed: Vec<&ImportPlan> = Vec::new();
+        if r.all {
+            changed.extend(p.imports.iter().map(|im| &**im));
+        } else {
+            for service in &r.services {
+                changed.extend(imports_of(&p.imports, service).iter().map(|im| &**im));
+            }
+        }
+        for im in changed {
+            let Some(c) = &im.policy_conflict else {
+                continue;
+            };
+            if f.conflicts
+                .entry(im.service.clone())
+                .or_default()
+                .insert(c.clone())
+                && !conflicts_before
+                    .get(&im.service)
+                    .is_some_and(|b| b.contains(c))
+            {
                 warn!(conflict = %c, "routing policy conflict");
             }
-            *seen = conflicts;
         }
         if r.all || r.peers {
             let mut keep_peers: BTreeSet<SiteName> =
@@ -591,7 +607,6 @@ impl Agent {
                 "imports not bound: the gateway's listener budget is spent (it is half the open-file limit: raise that)"
             );
         }
-        f.conflicts = conflict_count;
     }
 
     /// Says that the plan is applied: counts what is bound and the routing conflicts,
@@ -605,7 +620,10 @@ impl Agent {
         self.metrics
             .imports_unbound
             .set(i64::try_from(f.unbound.len()).unwrap_or(i64::MAX));
-        self.metrics.route_conflicts.set(f.conflicts);
+        let conflicts: usize = f.conflicts.values().map(BTreeSet::len).sum();
+        self.metrics
+            .route_conflicts
+            .set(i64::try_from(conflicts).unwrap_or(i64::MAX));
         self.metrics
             .catalog_revision
             .set(i64::try_from(f.catalog.revision.0).unwrap_or(i64::MAX));
@@ -703,7 +721,7 @@ impl Agent {
             ),
             bound: BTreeMap::new(),
             unbound: BTreeSet::new(),
-            conflicts: 0,
+            conflicts: BTreeMap::new(),
         };
         // What the last run bound: its addresses seed this run's (a VIP survives a
         // restart), and the file is not written again unchanged.

@@ -290,7 +290,6 @@ fn start_federation(
         metrics: sh.metrics,
         bundle_store: sh.bundle_store,
         applied: sh.applied,
-        route_conflicts: Default::default(),
         listeners_written: Default::default(),
         ingress: sh.ingress,
         reload: sh.reload,
