@@ -337,6 +337,16 @@ impl Ingress {
         cut
     }
 
+    /// Drops the HTTP upstream's state kept for clusters `exports` no longer serve
+    /// ([`crate::http::ingress::Upstream::retain_exported`]); call with the exports
+    /// just stored.
+    pub fn retain_exported(&self, exports: &BTreeMap<ServiceName, Export>) {
+        let gone = self.upstream.retain_exported(exports);
+        if gone > 0 {
+            debug!(gone, "state of withdrawn clusters dropped");
+        }
+    }
+
     /// The verified IDs of peers connected to us now.
     pub fn inbound_peers(&self) -> Vec<SpiffeId> {
         let mut ids: std::collections::BTreeSet<SpiffeId> =

@@ -332,6 +332,7 @@ impl Follower {
                 "exports updated from the registry"
             );
             self.ingress.exports.store(Arc::new(all.clone()));
+            self.ingress.retain_exported(&all);
             changed = true;
         }
         if changed {

@@ -100,8 +100,10 @@ pub fn retry(
 /// [`meshfed_catalog::SiteName`]), the ingress per endpoint (`K` = its address).
 /// Consecutive errors eject a host for `base × its ejections so far` (at most 300 s); at
 /// most `max_ejection_percent` of the hosts (at least one) are ejected at once, and
-/// never all of them, so one bad host can never blackhole the service. Time is passed in
-/// (ms).
+/// never all of them, so one bad host can never blackhole the service. Only the hosts
+/// serving now count toward that cap, and the state of hosts that left is dropped (as
+/// Envoy drops a removed host's), so endpoint churn neither grows it nor holds the cap
+/// with ejections of endpoints that are gone. Time is passed in (ms).
 #[derive(Debug)]
 pub struct Outliers<K = meshfed_catalog::SiteName> {
     sites: std::collections::HashMap<K, SiteErrors>,
@@ -133,38 +135,51 @@ impl<K: Eq + std::hash::Hash + Clone> Outliers<K> {
             .is_some_and(|s| s.ejected_until > now_ms)
     }
 
-    /// Counts an attempt's outcome at `site`, one of `sites` serving the service;
-    /// returns whether it ejected the site now.
+    /// Hosts with state kept (errors counted or ejections remembered).
+    pub fn len(&self) -> usize {
+        self.sites.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sites.is_empty()
+    }
+
+    /// Counts an attempt's outcome at `site`, one of `sites` (the hosts serving the
+    /// service now); returns whether it ejected the site now. State of hosts not in
+    /// `sites` is dropped first when there is more of it than `sites` holds.
     pub fn observe(
         &mut self,
         cfg: &meshfed_catalog::http_route::Outlier,
         site: &K,
         outcome: Outcome,
-        sites: usize,
+        sites: &[K],
         now_ms: u64,
     ) -> bool {
+        if self.sites.len() > sites.len() {
+            let serving: std::collections::HashSet<&K> = sites.iter().collect();
+            self.sites.retain(|k, _| serving.contains(k));
+        }
         let (error, gateway) = match outcome {
             Outcome::Status(s) => (s >= 500, (502..=504).contains(&s)),
             Outcome::Lost | Outcome::NotSent => (true, true),
         };
-        let ejected_now = self
-            .sites
-            .values()
-            .filter(|s| s.ejected_until > now_ms)
-            .count();
-        let s = self.sites.entry(site.clone()).or_default();
         if !error {
-            s.fivexx = 0;
-            s.gateway = 0;
+            if let Some(s) = self.sites.get_mut(site) {
+                s.fivexx = 0;
+                s.gateway = 0;
+            }
             return false;
         }
+        let ejected_now = sites.iter().filter(|k| self.is_ejected(k, now_ms)).count();
+        let s = self.sites.entry(site.clone()).or_default();
         s.fivexx += 1;
         s.gateway = if gateway { s.gateway + 1 } else { 0 };
         let tripped = (cfg.consecutive_5xx > 0 && s.fivexx >= cfg.consecutive_5xx)
             || (cfg.consecutive_gateway > 0 && s.gateway >= cfg.consecutive_gateway);
-        let cap = (sites * cfg.max_ejection_percent as usize / 100)
+        let n = sites.len();
+        let cap = (n * cfg.max_ejection_percent as usize / 100)
             .max(1)
-            .min(sites.saturating_sub(1));
+            .min(n.saturating_sub(1));
         if !tripped || s.ejected_until > now_ms || ejected_now >= cap {
             return false;
         }
@@ -459,28 +474,29 @@ mod tests {
             max_ejection_percent: 100,
         };
         let (a, b) = (SiteName::new("a").unwrap(), SiteName::new("b").unwrap());
+        let ab = [a.clone(), b.clone()];
         let mut o = Outliers::default();
         let e = Outcome::Status(503);
         // Two errors, a success, two errors: not consecutive enough.
-        assert!(!o.observe(&cfg, &a, e, 2, 0));
-        assert!(!o.observe(&cfg, &a, e, 2, 0));
-        assert!(!o.observe(&cfg, &a, Outcome::Status(200), 2, 0));
-        assert!(!o.observe(&cfg, &a, Outcome::Status(404), 2, 0));
-        assert!(!o.observe(&cfg, &a, e, 2, 0));
-        assert!(!o.observe(&cfg, &a, Outcome::Lost, 2, 0));
+        assert!(!o.observe(&cfg, &a, e, &ab, 0));
+        assert!(!o.observe(&cfg, &a, e, &ab, 0));
+        assert!(!o.observe(&cfg, &a, Outcome::Status(200), &ab, 0));
+        assert!(!o.observe(&cfg, &a, Outcome::Status(404), &ab, 0));
+        assert!(!o.observe(&cfg, &a, e, &ab, 0));
+        assert!(!o.observe(&cfg, &a, Outcome::Lost, &ab, 0));
         // The third in a row ejects it for the base time.
-        assert!(o.observe(&cfg, &a, e, 2, 10));
+        assert!(o.observe(&cfg, &a, e, &ab, 10));
         assert!(o.is_ejected(&a, 1009) && !o.is_ejected(&a, 1010));
         // Never every site: b's errors do not eject it while a is out.
         for _ in 0..5 {
-            assert!(!o.observe(&cfg, &b, e, 2, 500));
+            assert!(!o.observe(&cfg, &b, e, &ab, 500));
         }
         assert!(!o.is_ejected(&b, 500));
         // Back, failing again: twice as long the second time.
         for t in [1100, 1100] {
-            assert!(!o.observe(&cfg, &a, e, 2, t));
+            assert!(!o.observe(&cfg, &a, e, &ab, t));
         }
-        assert!(o.observe(&cfg, &a, e, 2, 1100));
+        assert!(o.observe(&cfg, &a, e, &ab, 1100));
         assert!(o.is_ejected(&a, 3099) && !o.is_ejected(&a, 3100));
         // The default 10 % of 2 sites still allows one; 0 thresholds never eject.
         let off = Outlier {
@@ -489,7 +505,7 @@ mod tests {
         };
         let mut o = Outliers::default();
         for _ in 0..10 {
-            assert!(!o.observe(&off, &a, e, 2, 0));
+            assert!(!o.observe(&off, &a, e, &ab, 0));
         }
         let gw = Outlier {
             consecutive_5xx: 0,
@@ -497,9 +513,39 @@ mod tests {
             max_ejection_percent: 10,
             ..cfg
         };
-        assert!(!o.observe(&gw, &a, Outcome::Status(500), 2, 0));
-        assert!(!o.observe(&gw, &a, e, 2, 0));
-        assert!(o.observe(&gw, &a, Outcome::NotSent, 2, 0));
+        assert!(!o.observe(&gw, &a, Outcome::Status(500), &ab, 0));
+        assert!(!o.observe(&gw, &a, e, &ab, 0));
+        assert!(o.observe(&gw, &a, Outcome::NotSent, &ab, 0));
+    }
+
+    /// Endpoint churn: the state of endpoints that left is dropped, so it stays as large
+    /// as the endpoints serving now, and an ejection of one that left no longer holds
+    /// the `maxEjectionPercent` cap against those serving now.
+    #[test]
+    fn hosts_that_left_neither_grow_the_state_nor_hold_the_cap() {
+        use meshfed_catalog::http_route::Outlier;
+        let cfg = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection_ms: 60_000,
+            max_ejection_percent: 10,
+        };
+        let e = Outcome::Status(503);
+        let mut o: Outliers<u32> = Outliers::default();
+        // Three endpoints; 10 % of three still allows one ejection.
+        let first = [1, 2, 3];
+        assert!(o.observe(&cfg, &1, e, &first, 0));
+        assert!(!o.observe(&cfg, &2, e, &first, 0), "the cap holds");
+        // 1 is replaced by 4 (its ejection still running): 2 or 4 may be ejected now.
+        let second = [2, 3, 4];
+        assert!(o.observe(&cfg, &4, e, &second, 10));
+        // A thousand endpoints come and go, three at a time: the state stays small.
+        for k in 0..1000u32 {
+            let now = [k + 10, k + 11, k + 12];
+            o.observe(&cfg, &(k + 10), Outcome::Status(500), &now, 20);
+            o.observe(&cfg, &(k + 11), Outcome::Status(200), &now, 20);
+            assert!(o.len() <= 4, "{} hosts kept for 3 serving", o.len());
+        }
     }
 
     #[test]

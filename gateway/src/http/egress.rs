@@ -265,13 +265,12 @@ struct Plan {
     sites: Vec<SiteName>,
     /// The route's name (`#i` when it has none), when the import has routes.
     route: Option<String>,
-    /// The policy's outlier detection, and how many sites serve the destination (its
-    /// subset's, with one).
+    /// The policy's outlier detection; its ejection cap counts `sites` (the
+    /// destination's subset's, with one).
     outlier: Option<meshfed_catalog::http_route::Outlier>,
     /// Whose ejections apply: the destination's subset (`""`: none), when there is
     /// outlier detection.
     cluster: String,
-    site_count: usize,
     retries: u32,
     timeout: Option<Duration>,
     per_try: Option<Duration>,
@@ -776,7 +775,6 @@ impl HttpEgress {
                 route: None,
                 outlier: None,
                 cluster: String::new(),
-                site_count: backends.len(),
                 retries: RETRIES,
                 timeout: None,
                 per_try: None,
@@ -977,8 +975,6 @@ impl HttpEgress {
                 }
             },
         };
-        // The sites the ejection cap counts: the subset's (its own cluster), or all.
-        let site_count = sites.len();
         let sites = match hash {
             Some(h) => affinity::order(sites, h, |s| affinity::name_hash(s.as_str().as_bytes())),
             None => via.balance(load_balancer, to_table.map(|t| &t.site_weights), sites),
@@ -1068,7 +1064,6 @@ impl HttpEgress {
                 _ => String::new(),
             },
             outlier,
-            site_count,
             target,
             count_load: load_balancer
                 == Some(meshfed_catalog::http_route::LoadBalancer::LeastRequest),
@@ -1200,7 +1195,7 @@ impl HttpEgress {
                 }
                 let ejected_now = all
                     .get_mut(&plan.cluster)
-                    .is_some_and(|o| o.observe(cfg, site, outcome, plan.site_count, self.now_ms()));
+                    .is_some_and(|o| o.observe(cfg, site, outcome, &plan.sites, self.now_ms()));
                 drop(all);
                 if ejected_now {
                     eg.metrics.http_ejection();

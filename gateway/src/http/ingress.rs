@@ -100,6 +100,26 @@ impl<T> Clusters<T> {
             .get_mut(subset)
     }
 
+    /// Keeps the clusters `keep` holds (service, port, subset name), drops the others
+    /// and the services and ports left with none.
+    fn retain(&mut self, mut keep: impl FnMut(&ServiceName, u16, &str) -> bool) {
+        self.0.retain(|service, ports| {
+            ports.retain(|port, subsets| {
+                subsets.retain(|subset, _| keep(service, *port, subset));
+                !subsets.is_empty()
+            });
+            !ports.is_empty()
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.0
+            .values()
+            .flat_map(|ports| ports.values())
+            .map(HashMap::len)
+            .sum()
+    }
+
     fn insert(&mut self, open: &Open, subset: &str, v: T) {
         self.0
             .entry(open.service.clone())
@@ -337,6 +357,59 @@ impl Upstream {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Drops what is kept for clusters no export serves any more (a withdrawn service
+    /// or port, a subset its policy no longer has): their endpoints' ejections and
+    /// their connection pools' gates; and the h2 connections to endpoints no export
+    /// lists (dropping the last handle closes one once its streams end) or that ended.
+    /// Call after the exports changed; returns how many entries went.
+    pub fn retain_exported(
+        &self,
+        exports: &std::collections::BTreeMap<ServiceName, crate::config::Export>,
+    ) -> usize {
+        let keep = |service: &ServiceName, port: u16, subset: &str| {
+            exports.get(service).is_some_and(|e| {
+                e.ports.contains_key(&port)
+                    && (subset.is_empty()
+                        || e.http_policy
+                            .as_ref()
+                            .is_some_and(|p| p.subsets.iter().any(|s| s.name == subset)))
+            })
+        };
+        let mut gone = 0;
+        {
+            let mut o = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
+            let before = o.len();
+            o.retain(keep);
+            gone += before - o.len();
+        }
+        {
+            let mut g = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+            let before = g.len();
+            g.retain(keep);
+            gone += before - g.len();
+        }
+        let listed: std::collections::HashSet<&SocketAddr> = exports
+            .values()
+            .flat_map(|e| e.ports.values().flatten())
+            .collect();
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let before = h2.len();
+        h2.retain(|ep, c| listed.contains(ep) && !c.send.is_closed());
+        gone + (before - h2.len())
+    }
+
+    /// Entries kept now: clusters with ejection state, gates, h2 connections.
+    pub fn kept(&self) -> (usize, usize, usize) {
+        let o = self
+            .outliers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        let g = self.gates.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let h = self.h2.lock().unwrap_or_else(|e| e.into_inner()).len();
+        (o, g, h)
+    }
+
     /// The gate of `open`'s service and port under `limits` (a new one when the limits
     /// changed; requests holding the old one's slots finish on it); `subset`: the
     /// name of a subset with a policy of its own, `""` for the service's.
@@ -446,7 +519,7 @@ impl Upstream {
         cfg: &Outlier,
         ep: SocketAddr,
         outcome: super::decide::Outcome,
-        endpoints: usize,
+        endpoints: &[SocketAddr],
         (open, subset): (&Open, &str),
     ) {
         let mut all = self.outliers.lock().unwrap_or_else(|e| e.into_inner());
@@ -688,7 +761,7 @@ impl Upstream {
                 Some(_) => super::decide::Outcome::Lost,
                 None => super::decide::Outcome::Status(answer.status().as_u16()),
             };
-            self.observe(cfg, ep, outcome, endpoints.len(), (open, subset));
+            self.observe(cfg, ep, outcome, endpoints, (open, subset));
         }
         answer
     }
@@ -1039,7 +1112,7 @@ mod tests {
         let (a, b, a81) = (open("a.demo", 80), open("b.demo", 80), open("a.demo", 81));
         let failed = Outcome::Status(503);
         // a.demo:80 ejects its first endpoint; 2 of 4 may be ejected at once.
-        up.observe(&cfg, eps[0], failed, eps.len(), (&a, ""));
+        up.observe(&cfg, eps[0], failed, &eps, (&a, ""));
         let picks = |cluster: (&Open, &str)| -> std::collections::BTreeSet<SocketAddr> {
             (0..8).map(|_| up.pick(&eps, Some(cluster), None)).collect()
         };
@@ -1053,18 +1126,93 @@ mod tests {
             );
         }
         // b.demo's own cap: a.demo's ejection does not count against it.
-        up.observe(&cfg, eps[1], failed, eps.len(), (&b, ""));
-        up.observe(&cfg, eps[2], failed, eps.len(), (&b, ""));
-        up.observe(&cfg, eps[3], failed, eps.len(), (&b, ""));
+        up.observe(&cfg, eps[1], failed, &eps, (&b, ""));
+        up.observe(&cfg, eps[2], failed, &eps, (&b, ""));
+        up.observe(&cfg, eps[3], failed, &eps, (&b, ""));
         let left = picks((&b, ""));
         assert_eq!(left.len(), 2, "b.demo ejects 2 of its 4: {left:?}");
         assert!(!left.contains(&eps[1]) && !left.contains(&eps[2]));
         // And a.demo can still eject its second (its cap, 2, not reached).
-        up.observe(&cfg, eps[1], failed, eps.len(), (&a, ""));
+        up.observe(&cfg, eps[1], failed, &eps, (&a, ""));
         assert_eq!(
             picks((&a, "")),
             std::collections::BTreeSet::from([eps[2], eps[3]])
         );
+    }
+
+    /// What is kept per cluster goes with the cluster: a withdrawn service, a port no
+    /// longer exported, a subset the policy dropped; what the exports still serve stays.
+    #[test]
+    fn cluster_state_goes_with_the_export_that_held_it() {
+        use super::super::decide::Outcome;
+        use meshfed_catalog::http_route::{HttpPolicy, Subset};
+        let up = Upstream::new(Duration::from_secs(1), Metrics::default());
+        let cfg = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection_ms: 60_000,
+            max_ejection_percent: 50,
+        };
+        let eps: Vec<SocketAddr> = (1..=4)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        let open = |service: &str, port| Open {
+            service: service.parse().expect("a service name"),
+            port,
+            source: meshfed_identity::SpiffeId::new("spiffe://east.example.org/ns/a/sa/b")
+                .expect("an ID"),
+            flow: None,
+            client: None,
+        };
+        let (a, b, a81) = (open("a.demo", 80), open("b.demo", 80), open("a.demo", 81));
+        let failed = Outcome::Status(503);
+        let limits = ConnectionPool {
+            max_connections: 1,
+            max_pending: 1,
+        };
+        for (o, subset) in [(&a, ""), (&a, "v1"), (&a, "v2"), (&a81, ""), (&b, "")] {
+            up.observe(&cfg, eps[0], failed, &eps, (o, subset));
+            up.gate(o, subset, limits);
+        }
+        assert_eq!(up.kept(), (5, 5, 0));
+        let export = |service: &str, ports: &[u16], subsets: &[&str]| {
+            let service: ServiceName = service.parse().expect("a service name");
+            let mut policy = HttpPolicy::new(service.clone(), "test".into(), Vec::new());
+            policy.subsets = subsets
+                .iter()
+                .map(|n| Subset {
+                    name: (*n).to_owned(),
+                    labels: BTreeMap::from([("version".to_owned(), (*n).to_owned())]),
+                    policy: None,
+                })
+                .collect();
+            let e = crate::config::Export {
+                service: service.clone(),
+                ports: ports.iter().map(|p| (*p, eps.clone())).collect(),
+                udp_ports: BTreeMap::new(),
+                endpoint_labels: BTreeMap::new(),
+                allowed_peers: None,
+                hosts: Vec::new(),
+                tls: None,
+                port_names: BTreeMap::new(),
+                app_protocols: BTreeMap::new(),
+                http_policy: (!subsets.is_empty()).then_some(policy),
+                identities: Vec::new(),
+                proxy_protocol: false,
+            };
+            (service, e)
+        };
+        // a.demo keeps port 80 and subset v1; b.demo is withdrawn.
+        let exports = BTreeMap::from([export("a.demo", &[80], &["v1"])]);
+        assert_eq!(up.retain_exported(&exports), 6);
+        assert_eq!(up.kept(), (2, 2, 0));
+        let picks: std::collections::BTreeSet<SocketAddr> = (0..8)
+            .map(|_| up.pick(&eps, Some((&a, "v1")), None))
+            .collect();
+        assert!(!picks.contains(&eps[0]), "v1's ejection stays: {picks:?}");
+        // Nothing exported: nothing kept.
+        assert_eq!(up.retain_exported(&BTreeMap::new()), 4);
+        assert_eq!(up.kept(), (0, 0, 0));
     }
 
     #[test]
