@@ -45,10 +45,23 @@ pub struct ImportPlan {
     /// rule applies to this gateway (sites it gives no share are not backends); empty:
     /// the first backend takes them (or the policy's balancer spreads them).
     pub site_weights: BTreeMap<SiteName, u32>,
+    /// By subset name: the serving sites in the order of the subset's own
+    /// `localityLbSetting` (its `trafficPolicy.loadBalancer` at this port), for each
+    /// subset whose setting is not the destination's; the egress picks the subset's
+    /// sites from this order instead of `backends`. `site_labels` covers their sites.
+    pub subset_orders: BTreeMap<String, SiteOrder>,
     /// Where this site's gateway listens for it (and DNS answers): the service's VIP, or
     /// the shared import address; set by a [`crate::planner::Planner`] (`None` from
     /// [`plan_with`], or while the VIP range is full).
     pub address: Option<std::net::IpAddr>,
+}
+
+/// Sites in the order a `localityLbSetting` gives them, with their shares of first
+/// attempts under its `distribute` rule (empty without one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SiteOrder {
+    pub sites: Vec<SiteName>,
+    pub weights: BTreeMap<SiteName, u32>,
 }
 
 /// The serving sites of an import, best first, and their shares under a `distribute`
@@ -242,6 +255,10 @@ pub(crate) fn plan_service(
         } else {
             (None, None)
         };
+        let subset_orders = http_policy
+            .as_ref()
+            .map(|p| subset_orders(p, port, (locality, me_labels), &cands))
+            .unwrap_or_default();
         let (backends, site_weights) = order_sites(
             locality,
             me_labels,
@@ -251,7 +268,9 @@ pub(crate) fn plan_service(
         let with_routes = if http_policy.is_some() { by_site } else { &[] };
         let site_labels = with_routes
             .iter()
-            .filter(|(s, _, _)| backends.contains(s))
+            .filter(|(s, _, _)| {
+                backends.contains(s) || subset_orders.values().any(|o| o.sites.contains(s))
+            })
             .map(|(s, _, export)| {
                 (
                     (*s).clone(),
@@ -279,9 +298,36 @@ pub(crate) fn plan_service(
             policy_conflict,
             site_labels,
             site_weights,
+            subset_orders,
             address: None,
         }));
     }
+}
+
+/// The site orders of `policy`'s subsets (at `port`, the policy already at that port)
+/// whose own `loadBalancer` gives a `localityLbSetting` other than the destination's
+/// (pilot's `MergeSubsetTrafficPolicy`: a subset's `loadBalancer` replaces the
+/// destination's, its absent `localityLbSetting` meaning the default, nearest first).
+/// Pure.
+fn subset_orders(
+    policy: &crate::http_route::HttpPolicy,
+    port: u16,
+    (locality, me_labels): (Option<&str>, &BTreeMap<String, String>),
+    cands: &[Candidate<'_>],
+) -> BTreeMap<String, SiteOrder> {
+    policy
+        .subsets
+        .iter()
+        .filter(|s| s.policy.is_some())
+        .filter_map(|s| {
+            let own = policy.traffic(port, Some(s)).balancer.locality_lb;
+            if own == policy.locality_lb {
+                return None;
+            }
+            let (sites, weights) = order_sites(locality, me_labels, own.as_ref(), cands.to_vec());
+            Some((s.name.clone(), SiteOrder { sites, weights }))
+        })
+        .collect()
 }
 
 /// The routes of a service from the sites that publish them (in site name order): the
@@ -633,6 +679,7 @@ mod tests {
     fn bare_import(service: &str, port: u16, protocol: Protocol) -> ImportPlan {
         ImportPlan {
             site_weights: Default::default(),
+            subset_orders: Default::default(),
             site_labels: Default::default(),
             policy_conflict: None,
             http_policy: None,
@@ -1142,6 +1189,102 @@ mod tests {
                 (53, Protocol::Udp, "dns", vec!["west"]),
             ]
         );
+    }
+
+    /// A subset whose `trafficPolicy.loadBalancer` gives its own `localityLbSetting`
+    /// has its sites in that order; one whose setting is the destination's (no policy,
+    /// a balancer that keeps it, a port setting for another port) has none of its own.
+    #[test]
+    fn a_subset_with_its_own_locality_setting_orders_its_sites_by_it() {
+        use crate::http_route::{
+            HttpPolicy, LoadBalancer, PortBalancer, PortSettings, Subset, SubsetPolicy,
+        };
+        use crate::locality::{Distribute, LocalityLb};
+        let n = |s: &str| SiteName::new(s).unwrap();
+        let (a, b, d) = (n("a"), n("b"), n("d"));
+        let none = BTreeMap::new();
+        // (locality, ready endpoints, site, labels): a is nearest, d the biggest.
+        let cands = vec![
+            (Some("eu/x/1"), 1, &a, &none),
+            (Some("eu/y"), 2, &b, &none),
+            (Some("us/x"), 9, &d, &none),
+        ];
+        let balancer = |lb: Option<LocalityLb>| PortBalancer {
+            load_balancer: Some(LoadBalancer::RoundRobin),
+            consistent_hash: None,
+            locality_lb: lb,
+        };
+        let off = LocalityLb {
+            disabled: true,
+            ..Default::default()
+        };
+        let dist = LocalityLb {
+            distribute: vec![Distribute {
+                from: "eu/*".into(),
+                to: [("us".to_string(), 100)].into(),
+            }],
+            ..Default::default()
+        };
+        let subset = |name: &str, policy: Option<SubsetPolicy>| Subset {
+            name: name.into(),
+            labels: BTreeMap::from([("version".to_string(), name.to_string())]),
+            policy,
+        };
+        let mut p = HttpPolicy::new(
+            ServiceName::parse("orders.shop").unwrap(),
+            "test".into(),
+            Vec::new(),
+        );
+        p.subsets = vec![
+            subset("v1", None),
+            subset(
+                "v2",
+                Some(SubsetPolicy {
+                    balancer: Some(balancer(Some(off.clone()))),
+                    ..Default::default()
+                }),
+            ),
+            // A balancer without a locality setting: the destination's (none) stays.
+            subset(
+                "v3",
+                Some(SubsetPolicy {
+                    balancer: Some(balancer(None)),
+                    ..Default::default()
+                }),
+            ),
+            // Its own setting at port 80 only.
+            subset(
+                "v4",
+                Some(SubsetPolicy {
+                    port_settings: vec![PortSettings {
+                        port: 80,
+                        pool: None,
+                        outlier: None,
+                        balancer: Some(balancer(Some(dist.clone()))),
+                    }],
+                    ..Default::default()
+                }),
+            ),
+        ];
+        let me = crate::locality::topology_labels("z", Some("eu/x/1"), &BTreeMap::new());
+        let show = |port: u16, p: &HttpPolicy| -> Vec<String> {
+            subset_orders(p, port, (Some("eu/x/1"), &me), &cands)
+                .into_iter()
+                .map(|(name, o)| {
+                    let w: Vec<String> =
+                        o.weights.iter().map(|(s, w)| format!("{s}={w}")).collect();
+                    format!("{name}:{}|{}", names(&o.sites).join(","), w.join(","))
+                })
+                .collect()
+        };
+        // The destination's order is a,b,d (nearest first); v2's is by capacity, v4's
+        // at port 80 sends every first attempt to d.
+        assert_eq!(show(80, &p), ["v2:d,b,a|", "v4:d|d=100"]);
+        assert_eq!(show(81, &p), ["v2:d,b,a|"]);
+        // The destination turns locality off: v3's balancer, with no setting, means
+        // the default again (nearest first), and v2's matches the destination's.
+        p.locality_lb = Some(off);
+        assert_eq!(show(81, &p), ["v3:a,b,d|"]);
     }
 
     #[test]

@@ -696,6 +696,7 @@ impl Imports {
                     a.compiled.policy != b.compiled.policy
                         || a.site_labels != b.site_labels
                         || a.site_weights != b.site_weights
+                        || a.subset_orders != b.subset_orders
                 }
                 _ => true,
             };
@@ -826,6 +827,12 @@ impl Imports {
                     "http_policy": routes.as_ref().map(|t| &t.compiled.policy),
                     "http_in_flight": routes.as_ref().map(|t| t.in_flight.load(std::sync::atomic::Ordering::Relaxed)),
                     "site_shares": routes.as_ref().filter(|t| !t.site_weights.is_empty()).map(|t| &t.site_weights),
+                    "subset_sites": routes.as_ref().filter(|t| !t.subset_orders.is_empty()).map(|t| {
+                        t.subset_orders
+                            .iter()
+                            .map(|(name, o)| (name.clone(), serde_json::json!({"sites": o.sites, "shares": o.weights})))
+                            .collect::<serde_json::Map<_, _>>()
+                    }),
                 })
             })
             .collect();

@@ -321,7 +321,7 @@ fn route_table(
             compiled,
             im.port,
             im.site_labels.clone(),
-            im.site_weights.clone(),
+            (im.site_weights.clone(), im.subset_orders.clone()),
         ))),
         Err(e) => {
             warn!(service = %im.service, error = %e, "routes not applied");

@@ -1412,8 +1412,9 @@ fn blocks(
 /// `loadBalancer` and `portLevelSettings`, read as the destination's are, applied to
 /// the subset's requests by both gateways (the importing one's breaker, site ejection
 /// and balancer; the exporting one's endpoint pool, connection limits and endpoint
-/// ejection). A subset's `localityLbSetting` stays the destination's and `tls` is
-/// warned about as a port's is, each by path.
+/// ejection; a `localityLbSetting` in its `loadBalancer` orders the subset's sites,
+/// `routing::ImportPlan::subset_orders`). Its `tls` is warned about as a port's is, by
+/// path.
 fn subset_policy(
     d: &mut Doc<'_>,
     v: Option<&Value>,
@@ -1463,25 +1464,6 @@ fn subset_policy(
     }
     let mut sp = blocks(d, m, f);
     sp.port_settings = port_settings(d, m.get("portLevelSettings"), f);
-    // A subset's locality settings: the destination's order the sites.
-    let locality = |b: Option<&meshfed_catalog::http_route::PortBalancer>| {
-        b.is_some_and(|b| b.locality_lb.is_some())
-    };
-    let mut at = Vec::new();
-    if locality(sp.balancer.as_ref()) {
-        at.push(f.to_owned());
-    }
-    for (i, ps) in sp.port_settings.iter().enumerate() {
-        if locality(ps.balancer.as_ref()) {
-            at.push(format!("{f}.portLevelSettings[{i}]"));
-        }
-    }
-    for base in at {
-        d.warn(
-            format!("{base}.loadBalancer.localityLbSetting"),
-            "not applied per subset: the destination's orders the sites",
-        );
-    }
     Some(sp)
 }
 
@@ -2353,13 +2335,19 @@ spec:
         assert_eq!(at(80, 1), (Some(5), Some(LoadBalancer::LeastRequest)));
         // The subset's port setting replaces every block: no breaker on 9090.
         assert_eq!(at(9090, 1), (None, Some(LoadBalancer::RoundRobin)));
-        // The exporting gateway's settings are the subset's too (no warning); a
-        // subset's tls and localityLbSetting are warned about. Istio's rules hold in a
-        // subset's policy as in the destination's, with the subset's path.
-        let warned = dr.replace(
-            "        http: {http2MaxRequests: 5}\n",
-            "        http: {http2MaxRequests: 5, maxRequestsPerConnection: 2}\n      outlierDetection: {consecutive5xxErrors: 2}\n      tls: {mode: SIMPLE}\n",
-        );
+        // The exporting gateway's settings are the subset's too (no warning), and so is
+        // its localityLbSetting (it orders the subset's sites); a subset's tls is
+        // warned about. Istio's rules hold in a subset's policy as in the
+        // destination's, with the subset's path.
+        let warned = dr
+            .replace(
+                "        http: {http2MaxRequests: 5}\n",
+                "        http: {http2MaxRequests: 5, maxRequestsPerConnection: 2}\n      outlierDetection: {consecutive5xxErrors: 2}\n      tls: {mode: SIMPLE}\n",
+            )
+            .replace(
+                "      loadBalancer: {simple: LEAST_REQUEST}\n",
+                "      loadBalancer: {simple: LEAST_REQUEST, localityLbSetting: {enabled: false}}\n",
+            );
         let r = parse(&warned).unwrap();
         let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
         assert_eq!(fields, ["spec.subsets[1].trafficPolicy.tls"]);
@@ -2368,9 +2356,10 @@ spec:
         assert_eq!(
             (
                 t.pool.max_requests_per_connection,
-                t.outlier.map(|o| o.consecutive_5xx)
+                t.outlier.map(|o| o.consecutive_5xx),
+                t.balancer.locality_lb.map(|l| l.disabled)
             ),
-            (Some(2), Some(2))
+            (Some(2), Some(2), Some(true))
         );
         for (from, to, field) in [
             (

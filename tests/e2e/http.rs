@@ -2351,6 +2351,49 @@ spec:
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A subset's own localityLbSetting orders its sites: the destination's default
+    // sends every request to west (the same region), the subset every route names
+    // turns locality off, so north (equal capacity, first by name) takes them. Before,
+    // the subset's setting was warned about and west took them.
+    const SUBSET: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web.demo]
+  http:
+  - route:
+    - destination: {host: web.demo, subset: anywhere}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting: {enabled: true}
+  subsets:
+  - name: anywhere
+    trafficPolicy:
+      loadBalancer:
+        localityLbSetting: {enabled: false}
+"#;
+    sites
+        .register_until(
+            &OFF.replace("enabled: false", "enabled: true"),
+            "enabled: true",
+            |(w, _)| w == 20,
+        )
+        .await;
+    sites
+        .register_until(SUBSET, "the subset's localityLbSetting", |(_, n)| n == 20)
+        .await;
+    let plan = http_get(sites.east_gw.admin, "/debug/imports")
+        .await
+        .unwrap_or_default();
+    assert!(plan.contains("subset_sites"), "{plan}");
 }
 
 /// Two federated sites: west exports `web.demo` as HTTP in front of `endpoints`, with

@@ -44,6 +44,7 @@ use meshfed_catalog::http_route::{
     Compiled, Destination, HttpRoute, RequestView, SELECTOR_HEADER, SUBSET_NAME_HEADER, SiteLabels,
     hits, pick, selector_header, subset_sites,
 };
+use meshfed_catalog::routing::SiteOrder;
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -143,6 +144,11 @@ pub struct RouteTable {
     /// The sites' shares of first attempts under a `localityLbSetting.distribute` rule
     /// (empty: none).
     pub site_weights: BTreeMap<SiteName, u32>,
+    /// By subset name: the sites in the order of the subset's own `localityLbSetting`,
+    /// when it is not the destination's ([`ImportPlan::subset_orders`]).
+    ///
+    /// [`ImportPlan::subset_orders`]: meshfed_catalog::routing::ImportPlan::subset_orders
+    pub subset_orders: BTreeMap<String, SiteOrder>,
     /// Requests in flight, against the policy's `max_requests`.
     pub in_flight: AtomicU32,
     /// By subset index: a subset with a policy of its own, resolved once per table.
@@ -169,7 +175,7 @@ impl RouteTable {
         compiled: Compiled,
         port: u16,
         site_labels: BTreeMap<SiteName, SiteLabels>,
-        site_weights: BTreeMap<SiteName, u32>,
+        (site_weights, subset_orders): (BTreeMap<SiteName, u32>, BTreeMap<String, SiteOrder>),
     ) -> Self {
         let buckets = compiled
             .policy
@@ -184,6 +190,7 @@ impl RouteTable {
         Self {
             site_labels,
             site_weights,
+            subset_orders,
             in_flight: AtomicU32::new(0),
             subsets: compiled
                 .policy
@@ -204,6 +211,20 @@ impl RouteTable {
                 destinations: vec![Destination::all()],
                 ..Default::default()
             },
+        }
+    }
+
+    /// The sites a request to subset `name` picks among, in order, and their shares of
+    /// first attempts: the subset's own order when it has one, else the destination's
+    /// `backends` and shares.
+    fn subset_order<'a>(
+        &'a self,
+        name: &str,
+        backends: &'a [SiteName],
+    ) -> (&'a [SiteName], &'a BTreeMap<SiteName, u32>) {
+        match self.subset_orders.get(name) {
+            Some(o) => (&o.sites, &o.weights),
+            None => (backends, &self.site_weights),
         }
     }
 
@@ -902,8 +923,14 @@ impl HttpEgress {
         };
         let to_table = to_routes.as_ref().as_ref();
         // The destination's subset, by index in the table that defines it.
-        let (sites, selector, subset) = match d.subset.as_deref() {
-            None => (to_backends.to_vec(), None, None),
+        // Its sites, and their shares of first attempts (a `distribute` rule's).
+        let (sites, shares, selector, subset) = match d.subset.as_deref() {
+            None => (
+                to_backends.to_vec(),
+                to_table.map(|t| &t.site_weights),
+                None,
+                None,
+            ),
             Some(name) => {
                 let found = to_table.and_then(|t| {
                     let subsets = &t.compiled.policy.subsets;
@@ -911,14 +938,18 @@ impl HttpEgress {
                     Some((t, i, &subsets[i]))
                 });
                 match found {
-                    Some((t, i, subset)) => (
-                        subset_sites(subset, &to_backends, &t.site_labels)
-                            .into_iter()
-                            .cloned()
-                            .collect::<Vec<SiteName>>(),
-                        selector_value(subset),
-                        Some((t, i)),
-                    ),
+                    Some((t, i, subset)) => {
+                        let (among, shares) = t.subset_order(name, &to_backends);
+                        (
+                            subset_sites(subset, among, &t.site_labels)
+                                .into_iter()
+                                .cloned()
+                                .collect::<Vec<SiteName>>(),
+                            Some(shares),
+                            selector_value(subset),
+                            Some((t, i)),
+                        )
+                    }
                     None => return Err(no_site(format!("{} has no subset {name}", to.0))),
                 }
             }
@@ -977,7 +1008,7 @@ impl HttpEgress {
         };
         let sites = match hash {
             Some(h) => affinity::order(sites, h, |s| affinity::name_hash(s.as_str().as_bytes())),
-            None => via.balance(load_balancer, to_table.map(|t| &t.site_weights), sites),
+            None => via.balance(load_balancer, shares, sites),
         };
         if sites.is_empty() {
             return Err(no_site(format!(
@@ -1022,10 +1053,14 @@ impl HttpEgress {
             });
             let (sites, selector) = match (subset, &m.subset) {
                 (Some((t, subset)), _) => (
-                    subset_sites(subset, &m_backends, &t.site_labels)
-                        .into_iter()
-                        .cloned()
-                        .collect(),
+                    subset_sites(
+                        subset,
+                        t.subset_order(&subset.name, &m_backends).0,
+                        &t.site_labels,
+                    )
+                    .into_iter()
+                    .cloned()
+                    .collect(),
                     selector_value(subset),
                 ),
                 (None, None) => (m_backends.to_vec(), None),
@@ -1322,7 +1357,7 @@ mod tests {
                 })
                 .collect();
             let compiled = policy.compile().expect("a valid policy");
-            RouteTable::new(compiled, 80, BTreeMap::new(), BTreeMap::new())
+            RouteTable::new(compiled, 80, BTreeMap::new(), Default::default())
         };
         let clusters = |h: &HttpEgress| -> Vec<String> {
             let mut v: Vec<String> = h
