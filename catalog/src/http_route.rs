@@ -338,6 +338,23 @@ pub struct Outlier {
     pub base_ejection_ms: u64,
     /// At most this share of the sites is ejected at once, and never all of them.
     pub max_ejection_percent: u32,
+    /// Istio's `interval` (`None`: its default, [`DEFAULT_OUTLIER_INTERVAL_MS`]): each
+    /// whole interval a host spends back in service after an ejection takes one off its
+    /// ejections so far, so the next ejection is shorter again (Envoy's decrement of the
+    /// ejection multiplier at each sweep). Answers are counted as they come, not at the
+    /// sweeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+}
+
+/// Istio's default `outlierDetection.interval`.
+pub const DEFAULT_OUTLIER_INTERVAL_MS: u64 = 10_000;
+
+impl Outlier {
+    /// The interval in force.
+    pub fn interval(&self) -> u64 {
+        self.interval_ms.unwrap_or(DEFAULT_OUTLIER_INTERVAL_MS)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,6 +438,9 @@ impl Traffic {
             }
             if o.base_ejection_ms == 0 {
                 return Err(bad("outlier.base_ejection_ms", "must be above 0"));
+            }
+            if o.interval_ms == Some(0) {
+                return Err(bad("outlier.interval_ms", "must be above 0"));
             }
         }
         if let Some(l) = &b.locality_lb {
@@ -2292,6 +2312,7 @@ mod tests {
             consecutive_gateway: 0,
             base_ejection_ms: 1_000,
             max_ejection_percent: 50,
+            interval_ms: None,
         };
         let mut p = policy();
         p.max_requests = Some(100);
@@ -2456,6 +2477,7 @@ mod tests {
             consecutive_gateway: 0,
             base_ejection_ms: 30_000,
             max_ejection_percent: 10,
+            interval_ms: None,
         });
         p.port_settings = vec![
             PortSettings {
@@ -2480,6 +2502,7 @@ mod tests {
                     consecutive_gateway: 0,
                     base_ejection_ms: 1_000,
                     max_ejection_percent: 100,
+                    interval_ms: None,
                 }),
                 balancer: None,
             },

@@ -1469,8 +1469,9 @@ fn subset_policy(
 
 /// `trafficPolicy.outlierDetection` of a DestinationRule: `consecutive5xxErrors`,
 /// `consecutiveGatewayErrors`, `baseEjectionTime` (default 30 s), `maxEjectionPercent`
-/// (default 10, and at least one site may be ejected); `interval` is read and warned
-/// about (meshfed counts every answer as it comes).
+/// (default 10, and at least one site may be ejected), `interval` (default 10 s: how
+/// long back in service takes one off a host's ejections; answers are counted as they
+/// come, not at each interval).
 pub(crate) fn outlier(d: &mut Doc<'_>, v: Option<&Value>, base: &str) -> Option<Outlier> {
     let field = format!("{base}.outlierDetection");
     let field = field.as_str();
@@ -1490,12 +1491,6 @@ pub(crate) fn outlier(d: &mut Doc<'_>, v: Option<&Value>, base: &str) -> Option<
             "interval",
         ],
     );
-    if m.contains_key("interval") {
-        d.warn(
-            format!("{field}.interval"),
-            "meshfed counts every answer as it comes; no interval",
-        );
-    }
     let mut count = |k: &str, default: u32| match m.get(k) {
         None => default,
         Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= 1_000_000) => {
@@ -1523,11 +1518,13 @@ pub(crate) fn outlier(d: &mut Doc<'_>, v: Option<&Value>, base: &str) -> Option<
         &format!("{field}.baseEjectionTime"),
     )
     .unwrap_or(30_000);
+    let interval_ms = duration(d, m.get("interval"), &format!("{field}.interval"));
     Some(Outlier {
         consecutive_5xx,
         consecutive_gateway,
         base_ejection_ms,
         max_ejection_percent,
+        interval_ms,
     })
 }
 
@@ -2424,7 +2421,7 @@ spec:
         http: {http2MaxRequests: 7}
       loadBalancer: {simple: LEAST_REQUEST}
     - port: {number: 9090}
-      outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s}
+      outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s, interval: 2s}
 "#;
         let r = parse(dr).unwrap();
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
@@ -2444,14 +2441,22 @@ spec:
             (
                 at9090.max_requests,
                 at9090.load_balancer,
-                at9090
-                    .outlier
-                    .as_ref()
-                    .map(|o| (o.consecutive_5xx, o.base_ejection_ms))
+                at9090.outlier.as_ref().map(|o| (
+                    o.consecutive_5xx,
+                    o.base_ejection_ms,
+                    o.interval()
+                ))
             ),
             // The destination's breaker and balancer are not inherited (pilot's
             // GetPortLevelTrafficPolicy): the port sets only outlierDetection.
-            (None, None, Some((1, 1000)))
+            (None, None, Some((1, 1000, 2000)))
+        );
+        // An interval that is not a duration is refused by path.
+        let bad = parse(&dr.replace("interval: 2s", "interval: soon")).unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("spec.trafficPolicy.portLevelSettings[1].outlierDetection.interval"),
+            "{bad}"
         );
         assert_eq!(p.at_port(443).max_requests, Some(100));
         // Port settings alone make a policy (every request on one route).
@@ -2484,7 +2489,7 @@ spec:
                 "spec.trafficPolicy.portLevelSettings[1].port",
             ),
             (
-                "      outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s}\n",
+                "      outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 1s, interval: 2s}\n",
                 "",
                 "spec.trafficPolicy.portLevelSettings[1]",
             ),

@@ -98,7 +98,8 @@ pub fn retry(
 
 /// Outlier detection per host, as Envoy keeps it: the egress keeps it per site (`K` =
 /// [`meshfed_catalog::SiteName`]), the ingress per endpoint (`K` = its address).
-/// Consecutive errors eject a host for `base × its ejections so far` (at most 300 s); at
+/// Consecutive errors eject a host for `base × its ejections so far` (at most 300 s;
+/// each whole `interval` back in service takes one off its ejections so far); at
 /// most `max_ejection_percent` of the hosts (at least one) are ejected at once, and
 /// never all of them, so one bad host can never blackhole the service. Only the hosts
 /// serving now count toward that cap, and the state of hosts that left is dropped (as
@@ -123,6 +124,28 @@ struct SiteErrors {
     gateway: u32,
     ejections: u32,
     ejected_until: u64,
+    /// Back in service intervals are counted from here (the last ejection's end, or the
+    /// last interval that took one off `ejections`).
+    healthy_from: u64,
+}
+
+impl SiteErrors {
+    /// Takes one off the ejections so far for each whole `interval` the host has been
+    /// back in service (Envoy decrements the multiplier at each sweep that finds the
+    /// host not ejected).
+    fn decay(&mut self, interval: u64, now_ms: u64) {
+        if self.ejections == 0 || self.ejected_until > now_ms || interval == 0 {
+            return;
+        }
+        let from = self.healthy_from.max(self.ejected_until);
+        let n = (now_ms - from) / interval;
+        if n > 0 {
+            self.ejections = self
+                .ejections
+                .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+            self.healthy_from = from + n.saturating_mul(interval);
+        }
+    }
 }
 
 /// The longest ejection (Envoy's `max_ejection_time` default).
@@ -167,11 +190,13 @@ impl<K: Eq + std::hash::Hash + Clone> Outliers<K> {
             if let Some(s) = self.sites.get_mut(site) {
                 s.fivexx = 0;
                 s.gateway = 0;
+                s.decay(cfg.interval(), now_ms);
             }
             return false;
         }
         let ejected_now = sites.iter().filter(|k| self.is_ejected(k, now_ms)).count();
         let s = self.sites.entry(site.clone()).or_default();
+        s.decay(cfg.interval(), now_ms);
         s.fivexx += 1;
         s.gateway = if gateway { s.gateway + 1 } else { 0 };
         let tripped = (cfg.consecutive_5xx > 0 && s.fivexx >= cfg.consecutive_5xx)
@@ -472,6 +497,7 @@ mod tests {
             consecutive_gateway: 0,
             base_ejection_ms: 1000,
             max_ejection_percent: 100,
+            interval_ms: None,
         };
         let (a, b) = (SiteName::new("a").unwrap(), SiteName::new("b").unwrap());
         let ab = [a.clone(), b.clone()];
@@ -518,6 +544,44 @@ mod tests {
         assert!(o.observe(&gw, &a, Outcome::NotSent, &ab, 0));
     }
 
+    /// Each whole interval back in service takes one off a host's ejections so far,
+    /// so an old outage does not lengthen the next ejection for ever (Envoy's
+    /// multiplier decrement); time spent ejected does not count.
+    #[test]
+    fn time_back_in_service_shortens_the_next_ejection() {
+        use meshfed_catalog::http_route::Outlier;
+        let cfg = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection_ms: 1_000,
+            max_ejection_percent: 50,
+            interval_ms: Some(10_000),
+        };
+        let hosts = [1u32, 2];
+        let e = Outcome::Status(503);
+        let mut o: Outliers<u32> = Outliers::default();
+        // Ejected at 0 (until 1 s), again at 1 s (until 3 s: twice the base).
+        assert!(o.observe(&cfg, &1, e, &hosts, 0));
+        assert!(o.observe(&cfg, &1, e, &hosts, 1_000));
+        assert!(o.is_ejected(&1, 2_999) && !o.is_ejected(&1, 3_000));
+        // Back at 3 s; one interval later (13 s) one ejection is forgiven: the next
+        // lasts twice the base again, not three times.
+        assert!(!o.observe(&cfg, &1, Outcome::Status(200), &hosts, 13_000));
+        assert!(o.observe(&cfg, &1, e, &hosts, 13_000));
+        assert!(o.is_ejected(&1, 14_999) && !o.is_ejected(&1, 15_000));
+        // Two intervals back in service (15 s to 35 s) forgive both: the base again.
+        assert!(o.observe(&cfg, &1, e, &hosts, 35_000));
+        assert!(o.is_ejected(&1, 35_999) && !o.is_ejected(&1, 36_000));
+        // Under Istio's default interval (10 s) the same holds; less than an interval
+        // back forgives nothing: 36 s + 9 s, and the next ejection is twice the base.
+        let default = Outlier {
+            interval_ms: None,
+            ..cfg
+        };
+        assert!(o.observe(&default, &1, e, &hosts, 45_000));
+        assert!(o.is_ejected(&1, 46_999) && !o.is_ejected(&1, 47_000));
+    }
+
     /// Endpoint churn: the state of endpoints that left is dropped, so it stays as large
     /// as the endpoints serving now, and an ejection of one that left no longer holds
     /// the `maxEjectionPercent` cap against those serving now.
@@ -529,6 +593,7 @@ mod tests {
             consecutive_gateway: 0,
             base_ejection_ms: 60_000,
             max_ejection_percent: 10,
+            interval_ms: None,
         };
         let e = Outcome::Status(503);
         let mut o: Outliers<u32> = Outliers::default();

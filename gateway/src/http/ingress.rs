@@ -1097,6 +1097,7 @@ mod tests {
             consecutive_gateway: 0,
             base_ejection_ms: 60_000,
             max_ejection_percent: 50,
+            interval_ms: None,
         };
         let eps: Vec<SocketAddr> = (1..=4)
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
@@ -1152,6 +1153,7 @@ mod tests {
             consecutive_gateway: 0,
             base_ejection_ms: 60_000,
             max_ejection_percent: 50,
+            interval_ms: None,
         };
         let eps: Vec<SocketAddr> = (1..=4)
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
