@@ -31,18 +31,87 @@ const API_VERSIONS: [&str; 3] = [
     "networking.istio.io/v1alpha3",
 ];
 
-/// `250ms`, `5s`, `1m`.
+/// An Istio duration in milliseconds: Go's `time.ParseDuration` form, as Istio reads
+/// `google.protobuf.Duration` fields from YAML (`250ms`, `5s`, `1.5s`, `1m30s`, `1h`;
+/// units `ns`, `us`, `µs`, `ms`, `s`, `m`, `h`), under Istio's `ValidateDuration`: at
+/// least 1 ms, and a whole number of milliseconds. `None` when it is not one.
 pub(crate) fn duration_ms(s: &str) -> Option<u64> {
-    let (n, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        return None;
-    };
-    n.parse::<u64>().ok().filter(|v| *v > 0).map(|v| v * mult)
+    go_duration_ms(s).ok()
+}
+
+/// [`duration_ms`] with the reason a string is refused.
+pub(crate) fn go_duration_ms(s: &str) -> Result<u64, &'static str> {
+    const FORM: &str = "not a duration like 500ms, 1.5s, 1m30s or 1h";
+    let rest = s.strip_prefix('+').unwrap_or(s);
+    if rest.starts_with('-') {
+        return Err("must be at least 1ms");
+    }
+    if rest.is_empty() {
+        return Err(FORM);
+    }
+    if rest == "0" {
+        return Err("must be at least 1ms");
+    }
+    // In nanoseconds, as Go keeps it (its limit: about 290 years).
+    let mut total: u128 = 0;
+    let mut rest = rest;
+    while !rest.is_empty() {
+        let int_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (int, after) = rest.split_at(int_len);
+        let (frac, after) = match after.strip_prefix('.') {
+            Some(a) => {
+                let n = a.bytes().take_while(u8::is_ascii_digit).count();
+                a.split_at(n)
+            }
+            None => ("", after),
+        };
+        if int.is_empty() && frac.is_empty() {
+            return Err(FORM);
+        }
+        let unit_len = after
+            .char_indices()
+            .find(|(_, c)| c.is_ascii_digit() || *c == '.')
+            .map_or(after.len(), |(i, _)| i);
+        let (unit, next) = after.split_at(unit_len);
+        let per: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return Err(FORM),
+        };
+        if int.len() > 20 || frac.len() > 20 {
+            return Err(FORM);
+        }
+        let whole: u128 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| FORM)?
+        };
+        let mut part = whole.checked_mul(per).ok_or(FORM)?;
+        if !frac.is_empty() {
+            let digits: u128 = frac.parse().map_err(|_| FORM)?;
+            let scale = 10u128.pow(frac.len() as u32);
+            // Go truncates what is finer than a nanosecond.
+            part = part
+                .checked_add(digits.checked_mul(per).ok_or(FORM)? / scale)
+                .ok_or(FORM)?;
+        }
+        total = total.checked_add(part).ok_or(FORM)?;
+        if total > i64::MAX as u128 {
+            return Err("too long");
+        }
+        rest = next;
+    }
+    if total < 1_000_000 {
+        return Err("must be at least 1ms");
+    }
+    if !total.is_multiple_of(1_000_000) {
+        return Err("only durations to ms precision are supported");
+    }
+    Ok((total / 1_000_000) as u64)
 }
 
 fn health_check(d: &mut Doc<'_>, ann: &BTreeMap<String, String>) -> Option<HealthCheck> {
@@ -93,11 +162,8 @@ fn health_check(d: &mut Doc<'_>, ann: &BTreeMap<String, String>) -> Option<Healt
     };
     let mut ms = |k: &str, default: u64| match get(k) {
         None => default,
-        Some(v) => duration_ms(v).unwrap_or_else(|| {
-            d.err(
-                field(k),
-                format!("{v:?} is not a duration like 500ms, 5s or 1m"),
-            );
+        Some(v) => go_duration_ms(v).unwrap_or_else(|why| {
+            d.err(field(k), format!("{v:?}: {why}"));
             default
         }),
     };
@@ -1564,6 +1630,46 @@ mod tests {
         match parse(&data(name)) {
             Err(ParseError::Invalid(p)) => p,
             other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    /// Durations as Istio reads them (Go's `time.ParseDuration`, then its
+    /// `ValidateDuration`): what the Istio documentation writes (`5m`, `15m`, `1h`,
+    /// `1.5s`, `1m30s`) is accepted; below 1 ms, finer than 1 ms, or not Go's form is
+    /// refused with the reason.
+    #[test]
+    fn durations_are_read_as_istio_reads_them() {
+        for (s, want) in [
+            ("250ms", Ok(250)),
+            ("5s", Ok(5_000)),
+            ("1.5s", Ok(1_500)),
+            (".5s", Ok(500)),
+            ("1m30s", Ok(90_000)),
+            ("5m", Ok(300_000)),
+            ("1h", Ok(3_600_000)),
+            ("2h45m10.5s", Ok(9_910_500)),
+            ("1000us", Ok(1)),
+            ("1000\u{b5}s", Ok(1)),
+            ("1000000ns", Ok(1)),
+            ("+2s", Ok(2_000)),
+            (
+                "1.0005s",
+                Err("only durations to ms precision are supported"),
+            ),
+            ("500us", Err("must be at least 1ms")),
+            ("0s", Err("must be at least 1ms")),
+            ("0", Err("must be at least 1ms")),
+            ("-1s", Err("must be at least 1ms")),
+            ("5", Err("not a duration like 500ms, 1.5s, 1m30s or 1h")),
+            ("", Err("not a duration like 500ms, 1.5s, 1m30s or 1h")),
+            ("1d", Err("not a duration like 500ms, 1.5s, 1m30s or 1h")),
+            ("s", Err("not a duration like 500ms, 1.5s, 1m30s or 1h")),
+            ("1.s5", Err("not a duration like 500ms, 1.5s, 1m30s or 1h")),
+            ("1 s", Err("not a duration like 500ms, 1.5s, 1m30s or 1h")),
+            ("99999999999999999999h", Err("too long")),
+            ("3000000h", Err("too long")),
+        ] {
+            assert_eq!(go_duration_ms(s), want, "{s:?}");
         }
     }
 

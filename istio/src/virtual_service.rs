@@ -34,7 +34,7 @@ use meshfed_catalog::http_route::{
     Rewrite, StringMatch, Subset,
 };
 
-use crate::service_entry::{Doc, duration_ms};
+use crate::service_entry::{Doc, duration_ms, go_duration_ms};
 
 /// A VirtualService as read, before its hosts are resolved to services.
 pub(crate) struct RawVirtualService {
@@ -156,13 +156,9 @@ fn request_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch
 
 fn duration(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<u64> {
     match v? {
-        Value::String(s) => duration_ms(s).or_else(|| {
-            d.err(
-                field,
-                format!("{s:?} is not a duration like 500ms, 5s or 1m"),
-            );
-            None
-        }),
+        Value::String(s) => go_duration_ms(s)
+            .map_err(|why| d.err(field, format!("{s:?}: {why}")))
+            .ok(),
         _ => {
             d.err(field, "must be a duration string like 5s");
             None
