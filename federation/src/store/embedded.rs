@@ -405,19 +405,11 @@ impl EmbeddedStore {
     /// Writes snapshots in the background, debounced, until `stop`; then a last one.
     /// A failed write is retried every [`FLUSH_RETRY`] without waiting for the next
     /// commit, so a freed disk is noticed on its own.
-    ///
-    /// The writes run on a thread of their own at the lowest CPU priority
-    /// ([`SNAPSHOT_NICE`]): serializing a 100,000-service catalog takes hundreds of ms
-    /// of a core, and at normal priority every watcher whose event was due meanwhile
-    /// waited for it (the convergence tail). Nothing waits for a background write but
-    /// the next one, a commit at the reservation and a token's flush; under a saturated
-    /// CPU those wait longer, and the reservation still bounds what a crash can lose.
     pub async fn run_flusher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         // The wait before a write grows with what the last one cost: a snapshot is as
         // large as the catalog (100,000 services: tens of MB), and written every 50 ms
         // under a steady stream of publishes it took a core away from the watchers.
         let mut delay = FLUSH_DELAY;
-        let mut writer = SnapshotThread::start(self.clone());
         loop {
             let failing = self
                 .snapshot_error
@@ -432,23 +424,9 @@ impl EmbeddedStore {
             tokio::time::sleep(delay).await;
             // Serializing a large catalog takes milliseconds: not on a runtime worker,
             // where it would stall every stream scheduled there.
+            let this = self.clone();
             let began = std::time::Instant::now();
-            let r = match &writer {
-                Some(w) => {
-                    let r = w.flush().await;
-                    if r.is_err() {
-                        // It panicked: the blocking pool writes from now on.
-                        writer = None;
-                    }
-                    r
-                }
-                None => {
-                    let this = self.clone();
-                    tokio::task::spawn_blocking(move || this.flush())
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-            };
+            let r = tokio::task::spawn_blocking(move || this.flush()).await;
             delay = flush_delay(began.elapsed());
             let failed = match r {
                 Ok(Ok(())) => None,
@@ -458,7 +436,7 @@ impl EmbeddedStore {
                 }
                 Err(e) => {
                     warn!(error = %e, "snapshot task failed; will retry");
-                    Some(e)
+                    Some(e.to_string())
                 }
             };
             *self
@@ -469,54 +447,6 @@ impl EmbeddedStore {
         if let Err(e) = self.flush() {
             warn!(error = %e, "final snapshot write failed");
         }
-    }
-}
-
-/// The nice value of the background snapshot writer's thread: the lowest priority, so
-/// it takes only the CPU nothing else wants.
-pub const SNAPSHOT_NICE: i32 = 19;
-
-/// The thread background snapshot writes run on, at [`SNAPSHOT_NICE`]; it ends when
-/// this is dropped.
-struct SnapshotThread {
-    requests: std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
-}
-
-impl SnapshotThread {
-    /// `None` when no thread could be started (the runtime's blocking pool writes then).
-    fn start(store: Arc<EmbeddedStore>) -> Option<Self> {
-        let (tx, rx) =
-            std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<Result<(), StoreError>>>();
-        let spawned = std::thread::Builder::new()
-            .name("meshfed-snapshot".into())
-            .spawn(move || {
-                // Per thread on Linux: the rest of the process keeps its priority.
-                let tid = rustix::thread::gettid();
-                if let Err(e) = rustix::process::setpriority_process(Some(tid), SNAPSHOT_NICE) {
-                    warn!(error = %e, "snapshot writer: priority not lowered");
-                }
-                while let Ok(done) = rx.recv() {
-                    let _ = done.send(store.flush());
-                }
-            });
-        match spawned {
-            Ok(_) => Some(Self { requests: tx }),
-            Err(e) => {
-                warn!(error = %e, "snapshot writer thread not started; writing on the blocking pool");
-                None
-            }
-        }
-    }
-
-    /// One snapshot write on the thread.
-    async fn flush(&self) -> Result<Result<(), StoreError>, String> {
-        let (done, result) = tokio::sync::oneshot::channel();
-        self.requests
-            .send(done)
-            .map_err(|_| "the snapshot writer thread ended".to_owned())?;
-        result
-            .await
-            .map_err(|_| "the snapshot writer thread ended".to_owned())
     }
 }
 
@@ -853,57 +783,6 @@ mod tests {
             ),
             "{e}"
         );
-        let _ = std::fs::remove_file(&p);
-    }
-
-    /// The background writer writes what was committed, from a thread of its own at
-    /// the lowest priority (so a large catalog's serialization takes only spare CPU
-    /// from the watchers), and ends with the flusher.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn background_snapshots_are_written_at_the_lowest_priority() {
-        let p = tmp("nice");
-        let s = EmbeddedStore::open(Some(&p), 100).unwrap();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let flusher = tokio::spawn(s.clone().run_flusher(stop.clone()));
-        s.commit(vec![put_site("west"), put_export("west", "a.b")])
-            .unwrap();
-        // The nice value of each of this process's threads named meshfed-snapshot
-        // (field 19 of its stat, after the name in parentheses).
-        let nice_of_writers = || -> Vec<i64> {
-            let mut out = Vec::new();
-            for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-                let Some((name, rest)) = stat.split_once(") ") else {
-                    continue;
-                };
-                if name.ends_with("(meshfed-snapsho") {
-                    let nice = rest.split(' ').nth(16).and_then(|n| n.parse::<i64>().ok());
-                    out.extend(nice);
-                }
-            }
-            out
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let on_disk = std::fs::read(&p)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Snapshot>(&b).ok())
-                .is_some_and(|snap| snap.state.catalog.exports.len() == 1);
-            if on_disk {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "never written");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(nice_of_writers(), [i64::from(SNAPSHOT_NICE)]);
-        stop.cancel();
-        flusher.await.unwrap();
-        // The thread ends with the flusher.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !nice_of_writers().is_empty() {
-            assert!(std::time::Instant::now() < deadline, "writer thread left");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         let _ = std::fs::remove_file(&p);
     }
 
