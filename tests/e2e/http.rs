@@ -2325,13 +2325,9 @@ spec:
 "#;
     // Back to the default first (west, the same region, takes every request), so the
     // change to north below is failoverPriority's.
-    sites
-        .register_until(
-            &OFF.replace("enabled: false", "enabled: true"),
-            "enabled: true",
-            |(w, _)| w == 20,
-        )
-        .await;
+    let nearest = OFF.replace("enabled: false", "enabled: true");
+    let back_to_nearest = || sites.register_until(&nearest, "enabled: true", |(w, _)| w == 20);
+    back_to_nearest().await;
     let out = register_yaml(&sites.west, "dr.yaml", PRIORITY);
     assert!(out.contains("routes:web.demo"), "{out}");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -2380,13 +2376,7 @@ spec:
       loadBalancer:
         localityLbSetting: {enabled: false}
 "#;
-    sites
-        .register_until(
-            &OFF.replace("enabled: false", "enabled: true"),
-            "enabled: true",
-            |(w, _)| w == 20,
-        )
-        .await;
+    back_to_nearest().await;
     sites
         .register_until(SUBSET, "the subset's localityLbSetting", |(_, n)| n == 20)
         .await;

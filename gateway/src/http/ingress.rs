@@ -1085,13 +1085,9 @@ mod tests {
         }
     }
 
-    /// Ejections are kept per service, port and subset: one service's failing endpoint
-    /// is not ejected for another service that shares it, and one service's ejections do
-    /// not use up another's `maxEjectionPercent`.
-    #[test]
-    fn ejections_are_kept_per_service_port_and_subset() {
-        use super::super::decide::Outcome;
-        let up = Upstream::new(Duration::from_secs(1), Metrics::default());
+    /// An upstream; an outlier setting that ejects at the first 5xx, at most half the
+    /// endpoints; four endpoints; opens of a.demo:80, b.demo:80 and a.demo:81.
+    fn ejecting() -> (Arc<Upstream>, Outlier, Vec<SocketAddr>, [Open; 3]) {
         let cfg = Outlier {
             consecutive_5xx: 1,
             consecutive_gateway: 0,
@@ -1110,7 +1106,18 @@ mod tests {
             flow: None,
             client: None,
         };
-        let (a, b, a81) = (open("a.demo", 80), open("b.demo", 80), open("a.demo", 81));
+        let up = Upstream::new(Duration::from_secs(1), Metrics::default());
+        let opens = [open("a.demo", 80), open("b.demo", 80), open("a.demo", 81)];
+        (up, cfg, eps, opens)
+    }
+
+    /// Ejections are kept per service, port and subset: one service's failing endpoint
+    /// is not ejected for another service that shares it, and one service's ejections do
+    /// not use up another's `maxEjectionPercent`.
+    #[test]
+    fn ejections_are_kept_per_service_port_and_subset() {
+        use super::super::decide::Outcome;
+        let (up, cfg, eps, [a, b, a81]) = ejecting();
         let failed = Outcome::Status(503);
         // a.demo:80 ejects its first endpoint; 2 of 4 may be ejected at once.
         up.observe(&cfg, eps[0], failed, &eps, (&a, ""));
@@ -1147,26 +1154,7 @@ mod tests {
     fn cluster_state_goes_with_the_export_that_held_it() {
         use super::super::decide::Outcome;
         use meshfed_catalog::http_route::{HttpPolicy, Subset};
-        let up = Upstream::new(Duration::from_secs(1), Metrics::default());
-        let cfg = Outlier {
-            consecutive_5xx: 1,
-            consecutive_gateway: 0,
-            base_ejection_ms: 60_000,
-            max_ejection_percent: 50,
-            interval_ms: None,
-        };
-        let eps: Vec<SocketAddr> = (1..=4)
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
-            .collect();
-        let open = |service: &str, port| Open {
-            service: service.parse().expect("a service name"),
-            port,
-            source: meshfed_identity::SpiffeId::new("spiffe://east.example.org/ns/a/sa/b")
-                .expect("an ID"),
-            flow: None,
-            client: None,
-        };
-        let (a, b, a81) = (open("a.demo", 80), open("b.demo", 80), open("a.demo", 81));
+        let (up, cfg, eps, [a, b, a81]) = ejecting();
         let failed = Outcome::Status(503);
         let limits = ConnectionPool {
             max_connections: 1,
