@@ -664,7 +664,86 @@ pub struct Retries {
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_timeout_ms: Option<u64>,
+    /// What is retried (Istio's `retryOn`, Gateway API's `codes`); `None`: the
+    /// gateway's default (connect failures, resets, 502, 503 and 504).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<RetryOn>,
 }
+
+/// The outcomes a route retries, by Envoy's `x-envoy-retry-on` conditions as Istio's
+/// `retryOn` names them. Whatever it says, only a request that never reached the far
+/// side, or an idempotent one, is retried.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx answer, and no answer at all (a connect failure, a refused
+    /// stream, a reset).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub five_xx: bool,
+    /// `gateway-error`: 502, 503, 504, and no answer at all (Envoy counts a reset as
+    /// the 503 it becomes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway_error: bool,
+    /// `connect-failure`: the request was never sent (no connection, or the far
+    /// gateway refused it before its endpoint saw it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub connect_failure: bool,
+    /// `refused-stream`: as `connect-failure` here (a stream refused is not sent).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused_stream: bool,
+    /// `reset`: no answer at all, sent or not (a disconnect, a reset, a per-try
+    /// timeout).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
+    /// `retriable-4xx`: 409.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retriable_4xx: bool,
+    /// HTTP statuses retried (`retryOn`'s numbers, `retriable-status-codes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status_codes: Vec<u16>,
+    /// gRPC statuses retried when an answer's headers carry them (`cancelled` 1,
+    /// `deadline-exceeded` 4, `resource-exhausted` 8, `internal` 13, `unavailable` 14).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_codes: Vec<u32>,
+}
+
+/// Istio's gRPC `retryOn` conditions and their status codes.
+pub const GRPC_RETRY_ON: [(&str, u32); 5] = [
+    ("cancelled", 1),
+    ("deadline-exceeded", 4),
+    ("resource-exhausted", 8),
+    ("internal", 13),
+    ("unavailable", 14),
+];
+
+impl RetryOn {
+    /// Whether an attempt that was never sent is retried.
+    pub fn not_sent(&self) -> bool {
+        self.five_xx
+            || self.gateway_error
+            || self.connect_failure
+            || self.refused_stream
+            || self.reset
+    }
+
+    /// Whether an attempt sent and left without an answer is retried.
+    pub fn lost(&self) -> bool {
+        self.five_xx || self.gateway_error || self.reset
+    }
+
+    /// Whether an answer with `status` (and the gRPC status its headers carry) is
+    /// retried.
+    pub fn status(&self, status: u16, grpc: Option<u32>) -> bool {
+        (self.five_xx && (500..=599).contains(&status))
+            || (self.gateway_error && (502..=504).contains(&status))
+            || (self.retriable_4xx && status == 409)
+            || self.status_codes.contains(&status)
+            || grpc.is_some_and(|g| self.grpc_codes.contains(&g))
+    }
+}
+
+/// Statuses a route may list to retry, at most.
+pub const MAX_RETRY_CODES: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -964,6 +1043,30 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
             return Err(bad(
                 f("redirect"),
                 "a redirect is answered at once: no fault, mirror or retries",
+            ));
+        }
+    }
+    if let Some(on) = r.retries.as_ref().and_then(|r| r.retry_on.as_ref()) {
+        if on.status_codes.len() > MAX_RETRY_CODES {
+            return Err(bad(
+                f("retries.retry_on.status_codes"),
+                format!("at most {MAX_RETRY_CODES}"),
+            ));
+        }
+        if let Some(c) = on.status_codes.iter().find(|c| !(100..=599).contains(*c)) {
+            return Err(bad(
+                f("retries.retry_on.status_codes"),
+                format!("{c} is not an HTTP status"),
+            ));
+        }
+        if let Some(c) = on
+            .grpc_codes
+            .iter()
+            .find(|c| !GRPC_RETRY_ON.iter().any(|(_, g)| g == *c))
+        {
+            return Err(bad(
+                f("retries.retry_on.grpc_codes"),
+                format!("{c} is not a gRPC status Istio retries on"),
             ));
         }
     }

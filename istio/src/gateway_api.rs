@@ -440,24 +440,21 @@ fn rule(
             }
             route.timeout_ms = request.filter(|ms| *ms > 0);
             if let Some(b) = backend.filter(|ms| *ms > 0) {
+                let (attempts, retry_on) = route
+                    .retries
+                    .take()
+                    .map_or((DEFAULT_ATTEMPTS, None), |r| (r.attempts, r.retry_on));
                 route.retries = Some(Retries {
-                    attempts: route
-                        .retries
-                        .as_ref()
-                        .map_or(DEFAULT_ATTEMPTS, |r| r.attempts),
+                    attempts,
                     per_try_timeout_ms: Some(b),
+                    retry_on,
                 });
             }
         }
         if let Some(Value::Object(r)) = m.get("retry") {
             let f = format!("{field}.retry");
             d.unsupported(&f, r, &["attempts", "codes", "backoff"]);
-            if r.contains_key("codes") {
-                d.warn(
-                    format!("{f}.codes"),
-                    "meshfed retries connect failures, resets and 502-504 of idempotent requests",
-                );
-            }
+            let retry_on = retry_codes(d, r.get("codes"), &format!("{f}.codes"));
             if r.contains_key("backoff") {
                 d.warn(
                     format!("{f}.backoff"),
@@ -471,14 +468,67 @@ fn rule(
                         route.retries = Some(Retries {
                             attempts: n as u32,
                             per_try_timeout_ms: per_try,
+                            retry_on: retry_on.clone(),
                         });
                     }
                     _ => d.err(format!("{f}.attempts"), "an integer from 0 to 10"),
                 }
             }
+            // Codes without attempts: the gateway's number of attempts, on those codes.
+            if let (Some(on), None) = (&retry_on, r.get("attempts")) {
+                let per_try = route.retries.as_ref().and_then(|x| x.per_try_timeout_ms);
+                route.retries = Some(Retries {
+                    attempts: DEFAULT_ATTEMPTS,
+                    per_try_timeout_ms: per_try,
+                    retry_on: Some(on.clone()),
+                });
+            }
         }
     }
     Some(route)
+}
+
+/// A rule's `retry.codes` at `field` (GEP-1731: HTTP statuses from 400 to 599): those
+/// statuses, and connection errors (a connect failure or a reset), which GEP-1731 has
+/// implementations retry whenever a retry stanza is set.
+fn retry_codes(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+    field: &str,
+) -> Option<meshfed_catalog::http_route::RetryOn> {
+    use meshfed_catalog::http_route::{MAX_RETRY_CODES, RetryOn};
+    let items = match v? {
+        Value::Null => return None,
+        Value::Array(a) => a,
+        _ => {
+            d.err(field, "must be a list of HTTP statuses");
+            return None;
+        }
+    };
+    if items.len() > MAX_RETRY_CODES {
+        d.err(field, format!("at most {MAX_RETRY_CODES} statuses"));
+        return None;
+    }
+    let mut on = RetryOn {
+        connect_failure: true,
+        reset: true,
+        ..Default::default()
+    };
+    for (i, c) in items.iter().enumerate() {
+        match c.as_u64() {
+            Some(n @ 400..=599) => {
+                let n = n as u16;
+                if !on.status_codes.contains(&n) {
+                    on.status_codes.push(n);
+                }
+            }
+            _ => d.err(
+                format!("{field}[{i}]"),
+                format!("{c}: an HTTP status from 400 to 599"),
+            ),
+        }
+    }
+    Some(on)
 }
 
 /// Retries after the first attempt when a route sets only `backendRequest` (the gateway's
@@ -1249,6 +1299,33 @@ spec:
         assert_eq!((split[0].service.is_none(), split[0].weight), (true, 90));
         assert_eq!(split[1].weight, 10);
         assert_eq!(p.routes[1].retries.as_ref().unwrap().attempts, 3);
+        // No codes: the gateway's default conditions.
+        assert!(p.routes[1].retries.as_ref().unwrap().retry_on.is_none());
+        // GEP-1731 codes: those statuses, and connection errors.
+        for (retry, attempts) in [
+            ("retry: {attempts: 3, codes: [500, 503, 500]}", 3),
+            ("retry: {codes: [500, 503]}", super::DEFAULT_ATTEMPTS),
+        ] {
+            let r = parse(&CANARY.replace("retry: {attempts: 3}", retry)).unwrap();
+            assert!(
+                !r.warnings.iter().any(|w| w.field.contains("retry")),
+                "{:?}",
+                r.warnings
+            );
+            let rt = r.http_policies[0].routes[1].retries.clone().unwrap();
+            let on = rt.retry_on.unwrap();
+            assert_eq!(
+                (
+                    rt.attempts,
+                    on.status_codes,
+                    on.connect_failure,
+                    on.reset,
+                    on.five_xx
+                ),
+                (attempts, vec![500, 503], true, true, false),
+                "{retry}"
+            );
+        }
         let rd = p.routes[2].redirect.as_ref().unwrap();
         assert_eq!((rd.uri.as_deref(), rd.code), (Some("/new"), 301));
         assert!(p.routes[2].destinations.is_empty());
@@ -1387,6 +1464,11 @@ spec:
                 "retry: {attempts: 3}",
                 "retry: {attempts: 11}",
                 "spec.rules[1].retry.attempts",
+            ),
+            (
+                "retry: {attempts: 3}",
+                "retry: {attempts: 3, codes: [503, 302]}",
+                "spec.rules[1].retry.codes[1]",
             ),
         ];
         for (from, to, field) in rows {

@@ -10,8 +10,9 @@
 //! (`destination.host` — the service itself or another one, which importing gateways
 //! reach through their import of it — `destination.subset`, `destination.port.number`,
 //! `weight`),
-//! `http[].timeout`, `http[].retries` (`attempts`, `perTryTimeout`; `retryOn` is read
-//! and the gateway retries connect failures, resets and 502–504, Istio's default set),
+//! `http[].timeout`, `http[].retries` (`attempts`, `perTryTimeout`, `retryOn`: Envoy's
+//! conditions and HTTP statuses, applied to idempotent requests and to any request
+//! never sent; without it the gateway retries connect failures, resets and 502–504),
 //! `http[].fault` (`delay.fixedDelay`, `abort.httpStatus`, each with `percentage.value`),
 //! `http[].mirror` (host — the same service or another — subset and port) with
 //! `mirrorPercentage`, or `http[].mirrors[]` (each a `destination` with its own
@@ -487,35 +488,26 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
                     2
                 }
             };
-            if let Some(on) = r.get("retryOn").and_then(Value::as_str) {
-                let known = [
-                    "5xx",
-                    "gateway-error",
-                    "connect-failure",
-                    "refused-stream",
-                    "reset",
-                    "retriable-status-codes",
-                    "unavailable",
-                    "cancelled",
-                    "deadline-exceeded",
-                    "resource-exhausted",
-                    "internal",
-                    "retriable-4xx",
-                    "retriable-headers",
-                    "envoy-ratelimited",
-                    "http3-post-connect-failure",
-                ];
-                for (k, cond) in on.split(',').map(str::trim).enumerate() {
-                    if !known.contains(&cond) && cond.parse::<u16>().is_err() {
-                        d.err(
-                            format!("{f}.retryOn"),
-                            format!("{cond:?} (item {k}) is not a retry condition"),
-                        );
-                    }
+            let retry_on = match r.get("retryOn") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(on)) if !on.is_empty() => {
+                    Some(retry_on(d, on, &format!("{f}.retryOn")))
                 }
-                d.warn(
-                    format!("{f}.retryOn"),
-                    "meshfed retries connect failures, resets and 502-504 of idempotent requests (Istio's default set)",
+                Some(Value::String(_)) => None,
+                Some(_) => {
+                    d.err(format!("{f}.retryOn"), "must be a string");
+                    None
+                }
+            };
+            // Istio: attempts 0 turns retries off, and then nothing else may be set.
+            if attempts == 0
+                && ["perTryTimeout", "retryOn", "retryRemoteLocalities"]
+                    .iter()
+                    .any(|k| r.get(*k).is_some_and(|v| !v.is_null() && v != ""))
+            {
+                d.err(
+                    f.clone(),
+                    "http retry policy configured when attempts are set to 0 (disabled)",
                 );
             }
             Some(Retries {
@@ -525,6 +517,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
                     r.get("perTryTimeout"),
                     &format!("{f}.perTryTimeout"),
                 ),
+                retry_on,
             })
         }
         Some(_) => {
@@ -1463,6 +1456,63 @@ fn subset_policy(
     Some(sp)
 }
 
+/// HTTP statuses Go's `http.StatusText` knows: a number in `retryOn` must be one
+/// (Istio's validateHTTPRetry).
+const KNOWN_STATUSES: [u16; 62] = [
+    100, 101, 102, 103, 200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304,
+    305, 307, 308, 400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415,
+    416, 417, 418, 421, 422, 423, 424, 425, 426, 428, 429, 431, 451, 500, 501, 502, 503, 504, 505,
+    506, 507, 508, 510, 511,
+];
+
+/// A route's `retries.retryOn` at `field`: Envoy's conditions, comma-separated as Istio
+/// splits them (no spaces), and HTTP statuses (Istio adds `retriable-status-codes` for
+/// them). A condition meshfed cannot apply (`retriable-headers`, `envoy-ratelimited`,
+/// `http3-post-connect-failure`) is warned about; an unknown one is refused, as Istio's
+/// validation refuses it.
+fn retry_on(d: &mut Doc<'_>, on: &str, field: &str) -> meshfed_catalog::http_route::RetryOn {
+    use meshfed_catalog::http_route::{GRPC_RETRY_ON, MAX_RETRY_CODES, RetryOn};
+    let mut out = RetryOn::default();
+    for (k, cond) in on.split(',').enumerate() {
+        if let Ok(code) = cond.parse::<u16>() {
+            if !KNOWN_STATUSES.contains(&code) {
+                d.err(field, format!("{cond:?} is not a valid retryOn policy"));
+            } else if out.status_codes.len() >= MAX_RETRY_CODES {
+                d.err(field, format!("at most {MAX_RETRY_CODES} statuses"));
+            } else if !out.status_codes.contains(&code) {
+                out.status_codes.push(code);
+            }
+            continue;
+        }
+        match cond {
+            "5xx" => out.five_xx = true,
+            "gateway-error" => out.gateway_error = true,
+            "connect-failure" => out.connect_failure = true,
+            "refused-stream" => out.refused_stream = true,
+            "reset" => out.reset = true,
+            "retriable-4xx" => out.retriable_4xx = true,
+            // The statuses listed beside it.
+            "retriable-status-codes" => {}
+            "retriable-headers" | "envoy-ratelimited" | "http3-post-connect-failure" => d.warn(
+                field.to_owned(),
+                format!("{cond:?} does not apply to meshfed's gateways; ignored"),
+            ),
+            other => match GRPC_RETRY_ON.iter().find(|(name, _)| *name == other) {
+                Some((_, code)) => {
+                    if !out.grpc_codes.contains(code) {
+                        out.grpc_codes.push(*code);
+                    }
+                }
+                None => d.err(
+                    field,
+                    format!("{other:?} (item {k}) is not a valid retryOn policy"),
+                ),
+            },
+        }
+    }
+    out
+}
+
 /// `trafficPolicy.outlierDetection` of a DestinationRule: `consecutive5xxErrors`,
 /// `consecutiveGatewayErrors`, `baseEjectionTime` (default 30 s), `maxEjectionPercent`
 /// (default 10, and at least one site may be ejected), `interval` (default 10 s: how
@@ -2123,12 +2173,29 @@ spec:
             (3, Some(500))
         );
         assert_eq!(p.subsets[0].labels[CLUSTER_LABEL], "west");
-        // retryOn is read; what meshfed retries is said in a warning.
-        assert!(
-            r.warnings
-                .iter()
-                .any(|w| w.field == "spec.http[1].retries.retryOn")
+        // retryOn is applied: 5xx (every 5xx and no answer) and connect failures.
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let on = retries.retry_on.as_ref().unwrap();
+        assert!(on.five_xx && on.connect_failure && !on.gateway_error && !on.reset);
+        // Statuses, gRPC conditions and retriable-status-codes, as Istio reads them.
+        let r = parse(&GOOD.replace(
+            "retryOn: \"5xx,connect-failure\"",
+            "retryOn: \"409,retriable-status-codes,unavailable,gateway-error,503,409\"",
+        ))
+        .unwrap();
+        let on = r.http_policies[0].routes[1]
+            .retries
+            .as_ref()
+            .and_then(|r| r.retry_on.clone())
+            .unwrap();
+        assert_eq!(
+            (on.status_codes, on.grpc_codes, on.gateway_error, on.five_xx),
+            (vec![409, 503], vec![14], true, false)
         );
+        // A condition that does not apply to a gateway is warned about by path.
+        let r = parse(&GOOD.replace("5xx,connect-failure", "5xx,envoy-ratelimited")).unwrap();
+        let warned: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(warned, ["spec.http[1].retries.retryOn"]);
     }
 
     #[test]
@@ -2167,6 +2234,18 @@ spec:
                 "retryOn: \"5xx,sometimes\"",
                 "spec.http[1].retries.retryOn",
             ),
+            // Istio splits on commas only, and a number must be a known status.
+            (
+                "retryOn: \"5xx,connect-failure\"",
+                "retryOn: \"5xx, connect-failure\"",
+                "spec.http[1].retries.retryOn",
+            ),
+            (
+                "retryOn: \"5xx,connect-failure\"",
+                "retryOn: \"5xx,599\"",
+                "spec.http[1].retries.retryOn",
+            ),
+            ("attempts: 3", "attempts: 0", "spec.http[1].retries"),
             (
                 "{exact: \"1\"}",
                 "{exact: \"1\", prefix: \"2\"}",

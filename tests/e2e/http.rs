@@ -626,6 +626,71 @@ async fn a_503_is_retried_at_another_site_within_the_budget() {
     );
 }
 
+/// Issue 17 §2: a route's `retryOn`, registered at one site, decides what every
+/// importer retries. North (tried first: equal capacity, by name) answers 500, which the
+/// default conditions (connect failures, resets, 502–504) leave to the client; with
+/// `retryOn: 5xx` east retries it at west and no request fails; with `gateway-error`
+/// the 500s reach the client again. Before, `retryOn` was warned about and ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_on_decides_what_every_importer_retries() {
+    let sites = &http_sites("http-retry-on", (200, 500), 0, |_| {}).await;
+    let url = format!("http://{}/", sites.import);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while sites.north_hits.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "north never reached\n{}",
+            sites.east_gw.logs()
+        );
+        let _ = curl(&[], &url);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let statuses = gets(sites.import, 20, &[]).await;
+    assert!(
+        statuses.contains(&500),
+        "the default retries no 500: {statuses:?}"
+    );
+
+    const VS: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web.demo]
+  http:
+  - route:
+    - destination: {host: web.demo}
+    retries: {attempts: 2, retryOn: "RETRY_ON"}
+"#;
+    // Registers `on` and waits until 20 requests in a row see `done`.
+    let until = |on: &'static str, done: fn(&[u16]) -> bool| {
+        let out = register_yaml(&sites.west, "vs.yaml", &VS.replace("RETRY_ON", on));
+        assert!(out.contains("routes:web.demo"), "{out}");
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let s = gets(sites.import, 20, &[]).await;
+                if done(&s) {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "retryOn {on} never applied: {s:?}\n{}",
+                    sites.east_gw.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until("5xx", |s| s.iter().all(|c| *c == 200)).await;
+    let statuses = gets(sites.import, 50, &[]).await;
+    assert!(statuses.iter().all(|c| *c == 200), "{statuses:?}");
+    let retried = r#"meshfed_gateway_http_retries_total{reason="status"}"#;
+    assert!(sites.east_gw.metric(retried).await >= 50.0);
+    // 502-504 only: the 500s are the answer again.
+    until("gateway-error", |s| s.contains(&500)).await;
+}
+
 /// `n` GETs over `conns` HTTP/1.1 connections at once: the statuses, in no order.
 async fn gets_parallel(
     addr: SocketAddr,

@@ -75,14 +75,17 @@ pub fn retryable_status(status: u16) -> bool {
     matches!(status, 502..=504)
 }
 
-/// Whether attempt `attempt` (0 the first) that ended in `outcome` is tried again, given
-/// at most `retries` retries, whether the body can be replayed, and whether the budget
-/// allows one now. Pure.
+/// Whether attempt `attempt` (0 the first) of at most `retries` retries, that ended in
+/// `outcome` (with `grpc`, the gRPC status its answer's headers carry), is tried again,
+/// given the route's `retryOn` (`None`: the default, connect failures, resets and
+/// [`retryable_status`]), whether the body can be replayed, and whether the budget
+/// allows one now. Whatever `on` says, a request that was sent is retried only when it
+/// is idempotent. Pure.
 pub fn retry(
     method: &Method,
-    outcome: Outcome,
-    attempt: u32,
-    retries: u32,
+    (outcome, grpc): (Outcome, Option<u32>),
+    on: Option<&meshfed_catalog::http_route::RetryOn>,
+    (attempt, retries): (u32, u32),
     replayable: bool,
     budget_allows: bool,
 ) -> bool {
@@ -90,9 +93,11 @@ pub fn retry(
         return false;
     }
     match outcome {
-        Outcome::NotSent => true,
-        Outcome::Lost => idempotent(method),
-        Outcome::Status(s) => retryable_status(s) && idempotent(method),
+        Outcome::NotSent => on.is_none_or(|o| o.not_sent()),
+        Outcome::Lost => idempotent(method) && on.is_none_or(|o| o.lost()),
+        Outcome::Status(s) => {
+            idempotent(method) && on.map_or(retryable_status(s), |o| o.status(s, grpc))
+        }
     }
 }
 
@@ -439,8 +444,93 @@ mod tests {
             (&get, Status(200), 0, 2, true, true, false),
         ];
         for (i, (m, o, a, r, rep, b, want)) in rows.iter().enumerate() {
-            assert_eq!(retry(m, *o, *a, *r, *rep, *b), *want, "row {i}: {m} {o:?}");
+            assert_eq!(
+                retry(m, (*o, None), None, (*a, *r), *rep, *b),
+                *want,
+                "row {i}: {m} {o:?}"
+            );
         }
+    }
+
+    /// A route's `retryOn` decides which outcomes are retried, as Envoy's conditions do;
+    /// a sent request still only when idempotent.
+    #[test]
+    fn retry_on_chooses_what_is_retried() {
+        use Outcome::*;
+        use meshfed_catalog::http_route::RetryOn;
+        let (get, post) = (Method::GET, Method::POST);
+        let on = |f: fn(&mut RetryOn)| {
+            let mut r = RetryOn::default();
+            f(&mut r);
+            r
+        };
+        let five_xx = on(|r| r.five_xx = true);
+        let gateway = on(|r| r.gateway_error = true);
+        let connect = on(|r| r.connect_failure = true);
+        let reset = on(|r| r.reset = true);
+        let conflict = on(|r| r.retriable_4xx = true);
+        let codes = on(|r| r.status_codes = vec![500, 429]);
+        let grpc = on(|r| r.grpc_codes = vec![14]);
+        // (retryOn, method, outcome, gRPC status) → retried
+        let rows: &[(&RetryOn, &Method, Outcome, Option<u32>, bool)] = &[
+            (&five_xx, &get, Status(500), None, true),
+            (&five_xx, &get, Status(501), None, true),
+            (&five_xx, &get, Status(404), None, false),
+            (&five_xx, &get, Lost, None, true),
+            (&five_xx, &post, NotSent, None, true),
+            (&five_xx, &post, Status(500), None, false),
+            (&gateway, &get, Status(503), None, true),
+            (&gateway, &get, Status(500), None, false),
+            (&gateway, &get, Lost, None, true),
+            (&connect, &post, NotSent, None, true),
+            (&connect, &get, Lost, None, false),
+            (&connect, &get, Status(503), None, false),
+            (&reset, &get, Lost, None, true),
+            (&reset, &post, Lost, None, false),
+            (&reset, &get, Status(503), None, false),
+            (&conflict, &get, Status(409), None, true),
+            (&conflict, &get, NotSent, None, false),
+            (&codes, &get, Status(429), None, true),
+            (&codes, &Method::DELETE, Status(500), None, true),
+            (&codes, &get, Status(503), None, false),
+            (&grpc, &get, Status(200), Some(14), true),
+            (&grpc, &get, Status(200), Some(2), false),
+            (&grpc, &get, Status(200), None, false),
+            // gRPC calls are POSTs: sent, so not retried.
+            (&grpc, &post, Status(200), Some(14), false),
+        ];
+        for (i, (r, m, o, g, want)) in rows.iter().enumerate() {
+            assert_eq!(
+                retry(m, (*o, *g), Some(r), (0, 2), true, true),
+                *want,
+                "row {i}: {r:?} {m} {o:?} {g:?}"
+            );
+        }
+        // Attempts, replay and budget still bound it.
+        assert!(!retry(
+            &get,
+            (Status(500), None),
+            Some(&five_xx),
+            (2, 2),
+            true,
+            true
+        ));
+        assert!(!retry(
+            &get,
+            (Status(500), None),
+            Some(&five_xx),
+            (0, 2),
+            false,
+            true
+        ));
+        assert!(!retry(
+            &get,
+            (Status(500), None),
+            Some(&five_xx),
+            (0, 2),
+            true,
+            false
+        ));
     }
 
     #[test]

@@ -293,6 +293,8 @@ struct Plan {
     /// outlier detection.
     cluster: String,
     retries: u32,
+    /// The route's `retryOn` (`None`: the default).
+    retry_on: Option<meshfed_catalog::http_route::RetryOn>,
     timeout: Option<Duration>,
     per_try: Option<Duration>,
     /// The route's header changes and rewrite (with the prefix it matched on), when it
@@ -797,6 +799,7 @@ impl HttpEgress {
                 outlier: None,
                 cluster: String::new(),
                 retries: RETRIES,
+                retry_on: None,
                 timeout: None,
                 per_try: None,
                 edits: None,
@@ -1105,6 +1108,7 @@ impl HttpEgress {
             hash: hash.and_then(|h| http::HeaderValue::from_str(&affinity::hash_header(h)).ok()),
             set_cookie,
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
+            retry_on: route.retries.as_ref().and_then(|r| r.retry_on.clone()),
             timeout: route.timeout_ms.map(ms),
             per_try: route
                 .retries
@@ -1237,11 +1241,16 @@ impl HttpEgress {
                     tracing::warn!(%site, import = %self.import, ?outcome, "site ejected after consecutive errors (outlierDetection)");
                 }
             }
+            let grpc = answer
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok());
             let again = decide::retry(
                 &parts.method,
-                outcome,
-                attempt,
-                plan.retries,
+                (outcome, grpc),
+                plan.retry_on.as_ref(),
+                (attempt, plan.retries),
                 replayable,
                 true,
             ) && self
