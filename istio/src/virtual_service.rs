@@ -478,13 +478,25 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
                     "retryRemoteLocalities",
                 ],
             );
+            // Istio takes any int32 from 0; meshfed retries at most 10 times (the retry
+            // budget bounds the load besides).
             let attempts = match r.get("attempts") {
                 None => 2,
                 Some(Value::Number(n)) if n.as_u64().is_some_and(|a| a <= 10) => {
                     n.as_u64().unwrap_or(0) as u32
                 }
+                Some(Value::Number(n)) if n.as_u64().is_some_and(|a| a <= i32::MAX as u64) => {
+                    d.warn(
+                        format!("{f}.attempts"),
+                        format!("{n}: meshfed retries at most 10 times; 10 applies"),
+                    );
+                    10
+                }
                 Some(other) => {
-                    d.err(format!("{f}.attempts"), format!("{other}: 0 to 10"));
+                    d.err(
+                        format!("{f}.attempts"),
+                        format!("{other}: an integer from 0 to {}", i32::MAX),
+                    );
                     2
                 }
             };
@@ -2192,6 +2204,21 @@ spec:
             (on.status_codes, on.grpc_codes, on.gateway_error, on.five_xx),
             (vec![409, 503], vec![14], true, false)
         );
+        // More attempts than meshfed makes: accepted as Istio accepts them, warned, 10.
+        let r = parse(&GOOD.replace("attempts: 3", "attempts: 25")).unwrap();
+        assert_eq!(
+            (
+                r.http_policies[0].routes[1]
+                    .retries
+                    .as_ref()
+                    .map(|r| r.attempts),
+                r.warnings
+                    .iter()
+                    .map(|w| w.field.as_str())
+                    .collect::<Vec<_>>()
+            ),
+            (Some(10), vec!["spec.http[1].retries.attempts"])
+        );
         // A condition that does not apply to a gateway is warned about by path.
         let r = parse(&GOOD.replace("5xx,connect-failure", "5xx,envoy-ratelimited")).unwrap();
         let warned: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
@@ -2226,7 +2253,7 @@ spec:
             ("timeout: 3s", "timeout: soon", "spec.http[1].timeout"),
             (
                 "attempts: 3",
-                "attempts: 99",
+                "attempts: -1",
                 "spec.http[1].retries.attempts",
             ),
             (
