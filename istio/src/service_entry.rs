@@ -541,12 +541,16 @@ fn destination_rule(
         Some("DISABLE") => return Some((host, None)),
         Some("SIMPLE") => TlsMode::Simple,
         Some("MUTUAL") => TlsMode::Mutual,
+        // Istio accepts it, and most meshes set it everywhere: accepted and warned
+        // about, as no TLS from the gateway (between sites, meshfed's own mTLS).
         Some("ISTIO_MUTUAL") => {
-            d.err(
+            d.warn(
                 field("mode"),
-                "ISTIO_MUTUAL needs an Istio sidecar; use SIMPLE or MUTUAL",
+                "ISTIO_MUTUAL is an Istio sidecar's mTLS: sites already talk mTLS between \
+                 gateways, and the exporting gateway reaches the endpoints without TLS \
+                 (use SIMPLE or MUTUAL to originate TLS to them)",
             );
-            return None;
+            return Some((host, None));
         }
         Some(o) => {
             d.err(field("mode"), format!("{o:?}: DISABLE, SIMPLE or MUTUAL"));
@@ -1565,6 +1569,9 @@ fn apply_destination_rules(
             problems,
             warnings,
         };
+        // DISABLE or ISTIO_MUTUAL: no TLS to originate, so any host will do (Istio
+        // applies them to Kubernetes services as well as ServiceEntries).
+        let Some(t) = tls else { continue };
         let Some(svc) = services
             .iter_mut()
             .find(|s| s.service.namespace() == namespace && s.hosts.contains(&host))
@@ -1575,7 +1582,6 @@ fn apply_destination_rules(
             );
             continue;
         };
-        let Some(t) = tls else { continue }; // mode DISABLE
         if svc.tls.is_some() {
             d.err(
                 "spec.host",
@@ -2065,9 +2071,16 @@ mod tests {
             fail("host: billing.mainframe.example", "host: other.example"),
             "spec.host"
         );
-        assert_eq!(
-            fail("mode: MUTUAL", "mode: ISTIO_MUTUAL"),
-            "spec.trafficPolicy.tls.mode"
+        // ISTIO_MUTUAL: accepted as Istio accepts it, warned about, no TLS originated.
+        let istio = parse(&base.replace("mode: MUTUAL", "mode: ISTIO_MUTUAL")).unwrap();
+        assert!(istio.services[0].tls.is_none());
+        assert!(
+            istio
+                .warnings
+                .iter()
+                .any(|w| w.field == "spec.trafficPolicy.tls.mode"),
+            "{:?}",
+            istio.warnings
         );
         assert_eq!(
             fail("      clientCertificate: certs/client.pem\n", ""),
@@ -2080,6 +2093,14 @@ mod tests {
         // DISABLE: plain TCP.
         let plain = parse(&base.replace("mode: MUTUAL", "mode: DISABLE")).unwrap();
         assert!(plain.services[0].tls.is_none());
+        // Neither needs a ServiceEntry: Istio applies them to any host (a Kubernetes
+        // service), and Istio's own samples set ISTIO_MUTUAL everywhere.
+        for mode in ["DISABLE", "ISTIO_MUTUAL"] {
+            let other = base
+                .replace("mode: MUTUAL", &format!("mode: {mode}"))
+                .replace("host: billing.mainframe.example", "host: reviews");
+            assert!(parse(&other).is_ok(), "{mode}");
+        }
     }
 
     #[test]
