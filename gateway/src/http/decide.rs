@@ -507,30 +507,21 @@ mod tests {
             );
         }
         // Attempts, replay and budget still bound it.
-        assert!(!retry(
-            &get,
-            (Status(500), None),
-            Some(&five_xx),
-            (2, 2),
-            true,
-            true
-        ));
-        assert!(!retry(
-            &get,
-            (Status(500), None),
-            Some(&five_xx),
-            (0, 2),
-            false,
-            true
-        ));
-        assert!(!retry(
-            &get,
-            (Status(500), None),
-            Some(&five_xx),
-            (0, 2),
-            true,
-            false
-        ));
+        for (attempts, replayable, budget) in [
+            ((2, 2), true, true),
+            ((0, 2), false, true),
+            ((0, 2), true, false),
+        ] {
+            let s500 = (Status(500), None);
+            assert!(!retry(
+                &get,
+                s500,
+                Some(&five_xx),
+                attempts,
+                replayable,
+                budget
+            ));
+        }
     }
 
     #[test]
