@@ -516,6 +516,16 @@ mod tests {
         }
     }
 
+    /// Applies `op` at the catalog's next revision; what it touched.
+    fn apply(cat: &mut Catalog, op: Op) -> Touched {
+        let mut t = Touched::default();
+        let change = op.change();
+        t.note(cat, &change);
+        let revision = Revision(cat.revision.0 + 1);
+        cat.apply(&Delta { revision, change }).unwrap();
+        t
+    }
+
     /// A full VIP range: the service left waiting gets the address another frees, also
     /// when that one is still exported but with no port (no imports): the waiting
     /// service's imports then carry it. Before, only a service no site exported any more
@@ -528,14 +538,6 @@ mod tests {
         let two = VipRange::parse("10.0.0.0/30").unwrap();
         let mut planner = Planner::new(me, None, BTreeMap::new(), shared, Some(two));
         let mut cat = Catalog::default();
-        let apply = |cat: &mut Catalog, op: Op| {
-            let mut t = Touched::default();
-            let change = op.change();
-            t.note(cat, &change);
-            let revision = Revision(cat.revision.0 + 1);
-            cat.apply(&Delta { revision, change }).unwrap();
-            t
-        };
         let export = |service, ports| Op::Export {
             site: 1,
             service,
@@ -574,15 +576,6 @@ mod tests {
     #[test]
     fn a_site_put_again_unchanged_touches_nothing_and_one_going_down_touches_its_exports() {
         let mut cat = Catalog::default();
-        let mut rev = 0;
-        let mut apply = |cat: &mut Catalog, op: Op| {
-            rev += 1;
-            cat.apply(&Delta {
-                revision: Revision(rev),
-                change: op.change(),
-            })
-            .unwrap();
-        };
         apply(
             &mut cat,
             Op::Site {

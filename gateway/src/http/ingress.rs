@@ -448,7 +448,7 @@ impl Upstream {
     async fn forward_pooled(
         &self,
         req: Request<Incoming>,
-        endpoints: &[SocketAddr],
+        endpoints: Hosts<'_>,
         app: AppProtocol,
         open: &Open,
         (subset, to): (&str, &EndpointPolicy),
@@ -715,7 +715,7 @@ impl Upstream {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        endpoints: &[SocketAddr],
+        Hosts { endpoints, cluster }: Hosts<'_>,
         app: AppProtocol,
         open: &Open,
         (subset, to): (&str, &EndpointPolicy),
@@ -761,7 +761,7 @@ impl Upstream {
                 Some(_) => super::decide::Outcome::Lost,
                 None => super::decide::Outcome::Status(answer.status().as_u16()),
             };
-            self.observe(cfg, ep, outcome, endpoints, (open, subset));
+            self.observe(cfg, ep, outcome, cluster, (open, subset));
         }
         answer
     }
@@ -844,6 +844,27 @@ fn in_subset(
         ));
     }
     Ok(Some(some))
+}
+
+/// The endpoints a request may go to, and the hosts of the cluster whose outlier
+/// detection counts its answer (Envoy's clusters): a subset with a policy of its own is
+/// a cluster of its endpoints; any other request, whatever subset it names, counts in
+/// the service's cluster of all its endpoints, so one subset's requests never drop the
+/// ejections of another subset's endpoints.
+#[derive(Clone, Copy)]
+struct Hosts<'a> {
+    endpoints: &'a [SocketAddr],
+    cluster: &'a [SocketAddr],
+}
+
+impl<'a> Hosts<'a> {
+    /// For a request whose policy is the subset `key`'s (`""`: the service's), to
+    /// `selected` of the service's `all` endpoints (`None`: no subset selector).
+    fn of(key: &str, all: &'a [SocketAddr], selected: Option<&'a [SocketAddr]>) -> Self {
+        let endpoints = selected.unwrap_or(all);
+        let cluster = if key.is_empty() { all } else { endpoints };
+        Self { endpoints, cluster }
+    }
 }
 
 /// Where the requests of an accepted stream go, as the ingress decides it now.
@@ -963,14 +984,10 @@ pub async fn serve<IO>(
                             .map(http::HeaderValue::as_bytes),
                     );
                     match in_subset(&req, &to.endpoints, &to.labels, &open) {
-                        Ok(None) => {
+                        Ok(some) => {
+                            let hosts = Hosts::of(policy.0, &to.endpoints, some.as_deref());
                             upstream
-                                .forward_pooled(req, &to.endpoints, app, &open, policy)
-                                .await
-                        }
-                        Ok(Some(some)) => {
-                            upstream
-                                .forward_pooled(req, &some, app, &open, policy)
+                                .forward_pooled(req, hosts, app, &open, policy)
                                 .await
                         }
                         Err(answer) => answer,
@@ -1081,6 +1098,30 @@ mod tests {
                 idle_until(busy, last, now, idle),
                 want,
                 "{busy} busy, last {last}, now {now}"
+            );
+        }
+    }
+
+    /// Which hosts an answer's outlier detection counts over: the service's cluster
+    /// (all its endpoints) for a request under the service's policy, even one that
+    /// names a subset; the subset's endpoints for a subset with a policy of its own.
+    #[test]
+    fn an_answer_counts_in_its_clusters_hosts() {
+        let all: Vec<SocketAddr> = (1..=4)
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .collect();
+        let v1 = &all[..2];
+        for (key, selected, endpoints, cluster) in [
+            ("", None, &all[..], &all[..]),
+            ("", Some(v1), v1, &all[..]),
+            ("v1", Some(v1), v1, v1),
+            ("v1", None, &all[..], &all[..]),
+        ] {
+            let h = Hosts::of(key, &all, selected);
+            assert_eq!(
+                (h.endpoints, h.cluster),
+                (endpoints, cluster),
+                "{key:?} {selected:?}"
             );
         }
     }
