@@ -665,9 +665,10 @@ pub struct Retries {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_timeout_ms: Option<u64>,
     /// What is retried (Istio's `retryOn`, Gateway API's `codes`); `None`: the
-    /// gateway's default (connect failures, resets, 502, 503 and 504).
+    /// gateway's default (connect failures, resets, 502, 503 and 504). Shared: each
+    /// request's plan holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_on: Option<RetryOn>,
+    pub retry_on: Option<std::sync::Arc<RetryOn>>,
 }
 
 /// The outcomes a route retries, by Envoy's `x-envoy-retry-on` conditions as Istio's

@@ -454,7 +454,8 @@ fn rule(
         if let Some(Value::Object(r)) = m.get("retry") {
             let f = format!("{field}.retry");
             d.unsupported(&f, r, &["attempts", "codes", "backoff"]);
-            let retry_on = retry_codes(d, r.get("codes"), &format!("{f}.codes"));
+            let retry_on =
+                retry_codes(d, r.get("codes"), &format!("{f}.codes")).map(std::sync::Arc::new);
             if r.contains_key("backoff") {
                 d.warn(
                     format!("{f}.backoff"),
@@ -1313,7 +1314,7 @@ spec:
                 r.warnings
             );
             let rt = r.http_policies[0].routes[1].retries.clone().unwrap();
-            let on = rt.retry_on.unwrap();
+            let on = rt.retry_on.as_deref().cloned().unwrap();
             assert_eq!(
                 (
                     rt.attempts,

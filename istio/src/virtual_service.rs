@@ -500,17 +500,18 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
                     2
                 }
             };
-            let retry_on = match r.get("retryOn") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(on)) if !on.is_empty() => {
-                    Some(retry_on(d, on, &format!("{f}.retryOn")))
-                }
-                Some(Value::String(_)) => None,
-                Some(_) => {
-                    d.err(format!("{f}.retryOn"), "must be a string");
-                    None
-                }
-            };
+            let retry_on =
+                match r.get("retryOn") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(on)) if !on.is_empty() => Some(std::sync::Arc::new(
+                        retry_on(d, on, &format!("{f}.retryOn")),
+                    )),
+                    Some(Value::String(_)) => None,
+                    Some(_) => {
+                        d.err(format!("{f}.retryOn"), "must be a string");
+                        None
+                    }
+                };
             // Istio: attempts 0 turns retries off, and then nothing else may be set.
             if attempts == 0
                 && ["perTryTimeout", "retryOn", "retryRemoteLocalities"]
@@ -2198,7 +2199,7 @@ spec:
         let on = r.http_policies[0].routes[1]
             .retries
             .as_ref()
-            .and_then(|r| r.retry_on.clone())
+            .and_then(|r| r.retry_on.as_deref().cloned())
             .unwrap();
         assert_eq!(
             (on.status_codes, on.grpc_codes, on.gateway_error, on.five_xx),

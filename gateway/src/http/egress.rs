@@ -294,7 +294,7 @@ struct Plan {
     cluster: String,
     retries: u32,
     /// The route's `retryOn` (`None`: the default).
-    retry_on: Option<meshfed_catalog::http_route::RetryOn>,
+    retry_on: Option<Arc<meshfed_catalog::http_route::RetryOn>>,
     timeout: Option<Duration>,
     per_try: Option<Duration>,
     /// The route's header changes and rewrite (with the prefix it matched on), when it
@@ -1241,15 +1241,18 @@ impl HttpEgress {
                     tracing::warn!(%site, import = %self.import, ?outcome, "site ejected after consecutive errors (outlierDetection)");
                 }
             }
-            let grpc = answer
-                .headers()
-                .get("grpc-status")
+            // Read only when the route retries on gRPC statuses.
+            let grpc = plan
+                .retry_on
+                .as_ref()
+                .filter(|o| !o.grpc_codes.is_empty())
+                .and_then(|_| answer.headers().get("grpc-status"))
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u32>().ok());
             let again = decide::retry(
                 &parts.method,
                 (outcome, grpc),
-                plan.retry_on.as_ref(),
+                plan.retry_on.as_deref(),
                 (attempt, plan.retries),
                 replayable,
                 true,
