@@ -1060,6 +1060,12 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
                 format!("{c} is not an HTTP status"),
             ));
         }
+        if on.grpc_codes.len() > GRPC_RETRY_ON.len() {
+            return Err(bad(
+                f("retries.retry_on.grpc_codes"),
+                format!("at most {}", GRPC_RETRY_ON.len()),
+            ));
+        }
         if let Some(c) = on
             .grpc_codes
             .iter()
@@ -1858,6 +1864,58 @@ mod tests {
         })
         .unwrap();
         assert!(e.starts_with("routes[2].rate_limit"), "{e}");
+        // A peer's retryOn is bounded and checked as the parsers bound it: each request
+        // at every importer looks its answer up in these lists.
+        let retry = |on: RetryOn| {
+            with(&|r| {
+                r.retries = Some(Retries {
+                    attempts: 2,
+                    per_try_timeout_ms: None,
+                    retry_on: Some(std::sync::Arc::new(on.clone())),
+                })
+            })
+        };
+        assert_eq!(
+            retry(RetryOn {
+                status_codes: vec![500, 503],
+                grpc_codes: vec![14],
+                ..Default::default()
+            }),
+            None
+        );
+        for (on, want) in [
+            (
+                RetryOn {
+                    status_codes: vec![503; MAX_RETRY_CODES + 1],
+                    ..Default::default()
+                },
+                "routes[2].retries.retry_on.status_codes: at most",
+            ),
+            (
+                RetryOn {
+                    status_codes: vec![600],
+                    ..Default::default()
+                },
+                "routes[2].retries.retry_on.status_codes: 600",
+            ),
+            (
+                RetryOn {
+                    grpc_codes: vec![14; 100_000],
+                    ..Default::default()
+                },
+                "routes[2].retries.retry_on.grpc_codes: at most",
+            ),
+            (
+                RetryOn {
+                    grpc_codes: vec![7],
+                    ..Default::default()
+                },
+                "routes[2].retries.retry_on.grpc_codes: 7",
+            ),
+        ] {
+            let e = retry(on).unwrap();
+            assert!(e.starts_with(want), "{e}");
+        }
     }
 
     #[test]

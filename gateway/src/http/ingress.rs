@@ -399,7 +399,8 @@ impl Upstream {
     }
 
     /// Entries kept now: clusters with ejection state, gates, h2 connections.
-    pub fn kept(&self) -> (usize, usize, usize) {
+    #[cfg(test)]
+    fn kept(&self) -> (usize, usize, usize) {
         let o = self
             .outliers
             .lock()
