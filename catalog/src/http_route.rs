@@ -669,7 +669,19 @@ pub struct Retries {
     /// request's plan holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_on: Option<std::sync::Arc<RetryOn>>,
+    /// The base of the wait before a retry (Istio's `backoff`, Gateway API's
+    /// `retry.backoff`), at most [`MAX_RETRY_BACKOFF_MS`]; `None`:
+    /// [`DEFAULT_RETRY_BACKOFF_MS`], Envoy's. Retry n waits a uniform random time below
+    /// (2^n − 1) × base, at most 10 × base (Envoy's fully jittered back-off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<u64>,
 }
+
+/// The base of the retry back-off when a route sets none (Envoy's, which Istio uses).
+pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 25;
+/// The largest back-off base a route may carry: a peer's route could otherwise hold
+/// each retried request for days.
+pub const MAX_RETRY_BACKOFF_MS: u64 = 60_000;
 
 /// The outcomes a route retries, by Envoy's `x-envoy-retry-on` conditions as Istio's
 /// `retryOn` names them. Whatever it says, only a request that never reached the far
@@ -1046,6 +1058,14 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
                 "a redirect is answered at once: no fault, mirror or retries",
             ));
         }
+    }
+    if let Some(b) = r.retries.as_ref().and_then(|r| r.backoff_ms)
+        && b > MAX_RETRY_BACKOFF_MS
+    {
+        return Err(bad(
+            f("retries.backoff_ms"),
+            format!("{b}: at most {MAX_RETRY_BACKOFF_MS}"),
+        ));
     }
     if let Some(on) = r.retries.as_ref().and_then(|r| r.retry_on.as_ref()) {
         if on.status_codes.len() > MAX_RETRY_CODES {
@@ -1872,6 +1892,7 @@ mod tests {
                     attempts: 2,
                     per_try_timeout_ms: None,
                     retry_on: Some(std::sync::Arc::new(on.clone())),
+                    backoff_ms: None,
                 })
             })
         };
@@ -1916,6 +1937,20 @@ mod tests {
             let e = retry(on).unwrap();
             assert!(e.starts_with(want), "{e}");
         }
+        // A peer's back-off is bounded: it holds each retried request.
+        let backoff = |ms: u64| {
+            with(&|r| {
+                r.retries = Some(Retries {
+                    attempts: 2,
+                    per_try_timeout_ms: None,
+                    retry_on: None,
+                    backoff_ms: Some(ms),
+                })
+            })
+        };
+        assert_eq!(backoff(MAX_RETRY_BACKOFF_MS), None);
+        let e = backoff(MAX_RETRY_BACKOFF_MS + 1).unwrap();
+        assert!(e.starts_with("routes[2].retries.backoff_ms: 60001"), "{e}");
     }
 
     #[test]

@@ -448,6 +448,7 @@ fn rule(
                     attempts,
                     per_try_timeout_ms: Some(b),
                     retry_on,
+                    backoff_ms: None,
                 });
             }
         }
@@ -456,12 +457,16 @@ fn rule(
             d.unsupported(&f, r, &["attempts", "codes", "backoff"]);
             let retry_on =
                 retry_codes(d, r.get("codes"), &format!("{f}.codes")).map(std::sync::Arc::new);
-            if r.contains_key("backoff") {
-                d.warn(
-                    format!("{f}.backoff"),
-                    "not supported by meshfed yet; ignored",
-                );
-            }
+            // GEP-1731's minimum wait between attempts; Istio makes it the base of
+            // Envoy's jittered back-off, and so does meshfed.
+            let backoff = match r.get("backoff") {
+                None | Some(Value::Null) => None,
+                Some(v) => {
+                    let f = format!("{f}.backoff");
+                    let ms = duration(d, v, &f);
+                    crate::virtual_service::retry_backoff(d, ms, &f)
+                }
+            };
             if let Some(a) = r.get("attempts") {
                 match a.as_u64() {
                     Some(n) if n <= 10 => {
@@ -470,18 +475,21 @@ fn rule(
                             attempts: n as u32,
                             per_try_timeout_ms: per_try,
                             retry_on: retry_on.clone(),
+                            backoff_ms: backoff,
                         });
                     }
                     _ => d.err(format!("{f}.attempts"), "an integer from 0 to 10"),
                 }
             }
-            // Codes without attempts: the gateway's number of attempts, on those codes.
-            if let (Some(on), None) = (&retry_on, r.get("attempts")) {
+            // Codes or a back-off without attempts: the gateway's number of attempts,
+            // on those codes, after that back-off.
+            if (retry_on.is_some() || backoff.is_some()) && r.get("attempts").is_none() {
                 let per_try = route.retries.as_ref().and_then(|x| x.per_try_timeout_ms);
                 route.retries = Some(Retries {
                     attempts: DEFAULT_ATTEMPTS,
                     per_try_timeout_ms: per_try,
-                    retry_on: Some(on.clone()),
+                    retry_on: retry_on.clone(),
+                    backoff_ms: backoff,
                 });
             }
         }
@@ -1327,6 +1335,38 @@ spec:
                 "{retry}"
             );
         }
+        // GEP-1731 backoff: the base of the back-off (none: the gateway's 25 ms), with or
+        // without attempts; past a minute it is warned about and a minute applies.
+        assert_eq!(p.routes[1].retries.as_ref().unwrap().backoff_ms, None);
+        for (retry, want, warned) in [
+            (
+                "retry: {attempts: 3, backoff: 100ms}",
+                (3, Some(100)),
+                false,
+            ),
+            (
+                "retry: {backoff: 1m30s}",
+                (super::DEFAULT_ATTEMPTS, Some(60_000)),
+                true,
+            ),
+            (
+                "retry: {backoff: 0s}",
+                (super::DEFAULT_ATTEMPTS, Some(0)),
+                false,
+            ),
+        ] {
+            let r = parse(&CANARY.replace("retry: {attempts: 3}", retry)).unwrap();
+            let rt = r.http_policies[0].routes[1].retries.clone().unwrap();
+            assert_eq!((rt.attempts, rt.backoff_ms), want, "{retry}");
+            assert_eq!(
+                r.warnings
+                    .iter()
+                    .any(|w| w.field.ends_with("rules[1].retry.backoff")),
+                warned,
+                "{retry}: {:?}",
+                r.warnings
+            );
+        }
         let rd = p.routes[2].redirect.as_ref().unwrap();
         assert_eq!((rd.uri.as_deref(), rd.code), (Some("/new"), 301));
         assert!(p.routes[2].destinations.is_empty());
@@ -1470,6 +1510,11 @@ spec:
                 "retry: {attempts: 3}",
                 "retry: {attempts: 3, codes: [503, 302]}",
                 "spec.rules[1].retry.codes[1]",
+            ),
+            (
+                "retry: {attempts: 3}",
+                "retry: {attempts: 3, backoff: 1.5s}",
+                "spec.rules[1].retry.backoff",
             ),
         ];
         for (from, to, field) in rows {

@@ -167,6 +167,32 @@ fn duration(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<u64> {
     }
 }
 
+/// A VirtualService's `retries.backoff` (Istio 1.26: the base of Envoy's retry back-off),
+/// an Istio duration.
+fn backoff(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<u64> {
+    let ms = duration(d, v, field);
+    retry_backoff(d, ms, field)
+}
+
+/// A retry back-off base of `ms` as meshfed applies it: above
+/// [`meshfed_catalog::http_route::MAX_RETRY_BACKOFF_MS`] it is accepted (Istio and the
+/// Gateway API CRD take any duration), warned about by path, and the most applies.
+pub(crate) fn retry_backoff(d: &mut Doc<'_>, ms: Option<u64>, field: &str) -> Option<u64> {
+    use meshfed_catalog::http_route::MAX_RETRY_BACKOFF_MS;
+    match ms? {
+        ms if ms > MAX_RETRY_BACKOFF_MS => {
+            d.warn(
+                field,
+                format!(
+                    "{ms} ms: meshfed waits at most {MAX_RETRY_BACKOFF_MS} ms as a back-off base; that applies"
+                ),
+            );
+            Some(MAX_RETRY_BACKOFF_MS)
+        }
+        ms => Some(ms),
+    }
+}
+
 /// `KEY: {value: P}` (0–100, a double) in millionths; absent: 100 %.
 fn percentage(d: &mut Doc<'_>, m: &serde_json::Map<String, Value>, field: &str, key: &str) -> u32 {
     match m.get(key) {
@@ -476,8 +502,17 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
                     "perTryTimeout",
                     "retryOn",
                     "retryRemoteLocalities",
+                    "retryIgnorePreviousHosts",
+                    "backoff",
                 ],
             );
+            // meshfed always tries a site not tried yet first (Istio's default).
+            if r.get("retryIgnorePreviousHosts") == Some(&Value::Bool(false)) {
+                d.warn(
+                    format!("{f}.retryIgnorePreviousHosts"),
+                    "false: meshfed always retries at a site not tried yet when there is one",
+                );
+            }
             // Istio takes any int32 from 0; meshfed retries at most 10 times (the retry
             // budget bounds the load besides).
             let attempts = match r.get("attempts") {
@@ -531,6 +566,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
                     &format!("{f}.perTryTimeout"),
                 ),
                 retry_on,
+                backoff_ms: backoff(d, r.get("backoff"), &format!("{f}.backoff")),
             })
         }
         Some(_) => {
@@ -2224,6 +2260,46 @@ spec:
         let r = parse(&GOOD.replace("5xx,connect-failure", "5xx,envoy-ratelimited")).unwrap();
         let warned: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
         assert_eq!(warned, ["spec.http[1].retries.retryOn"]);
+        // Istio 1.26's backoff is the base of the back-off (default: none, 25 ms);
+        // retryIgnorePreviousHosts: true is what meshfed does, false is warned about.
+        let backoff = |text: &str| {
+            let r = parse(&GOOD.replace(
+                "retryOn: \"5xx,connect-failure\"",
+                &format!("retryOn: \"5xx\", {text}"),
+            ))
+            .unwrap();
+            let b = r.http_policies[0].routes[1]
+                .retries
+                .as_ref()
+                .and_then(|r| r.backoff_ms);
+            let warned: Vec<String> = r.warnings.into_iter().map(|w| w.field).collect();
+            (b, warned)
+        };
+        assert_eq!(backoff("backoff: 250ms"), (Some(250), vec![]));
+        assert_eq!(
+            backoff("backoff: 1.5s, retryIgnorePreviousHosts: true"),
+            (Some(1500), vec![])
+        );
+        assert_eq!(
+            backoff("backoff: 2h"),
+            (Some(60_000), vec!["spec.http[1].retries.backoff".into()])
+        );
+        assert_eq!(
+            backoff("retryIgnorePreviousHosts: false"),
+            (
+                None,
+                vec!["spec.http[1].retries.retryIgnorePreviousHosts".into()]
+            )
+        );
+        let e = parse(&GOOD.replace(
+            "retryOn: \"5xx,connect-failure\"",
+            "retryOn: \"5xx\", backoff: 10us",
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("spec.http[1].retries.backoff"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -630,7 +630,8 @@ async fn a_503_is_retried_at_another_site_within_the_budget() {
 /// importer retries. North (tried first: equal capacity, by name) answers 500, which the
 /// default conditions (connect failures, resets, 502–504) leave to the client; with
 /// `retryOn: 5xx` east retries it at west and no request fails; with `gateway-error`
-/// the 500s reach the client again. Before, `retryOn` was warned about and ignored.
+/// the 500s reach the client again; a `backoff` spaces the retries. Before, `retryOn`
+/// was warned about and ignored, and retries never waited.
 #[tokio::test(flavor = "multi_thread")]
 async fn retry_on_decides_what_every_importer_retries() {
     let sites = &http_sites("http-retry-on", (200, 500), 0, |_| {}).await;
@@ -689,6 +690,19 @@ spec:
     assert!(sites.east_gw.metric(retried).await >= 50.0);
     // 502-504 only: the 500s are the answer again.
     until("gateway-error", |s| s.contains(&500)).await;
+    // Istio 1.26's `backoff`, registered at west, sets the base of every importer's
+    // jittered back-off: each request here is retried once (north, then west) after a
+    // uniform wait below 400 ms, about 4 s over 20 requests (under 2 s: less than one
+    // chance in 10,000). The default base is 25 ms.
+    until("5xx\", backoff: \"400ms", |s| s.iter().all(|c| *c == 200)).await;
+    let started = std::time::Instant::now();
+    let statuses = gets(sites.import, 20, &[]).await;
+    let took = started.elapsed();
+    assert!(statuses.iter().all(|c| *c == 200), "{statuses:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "20 retried requests took {took:?}: the 400 ms back-off never applied"
+    );
 }
 
 /// `n` GETs over `conns` HTTP/1.1 connections at once: the statuses, in no order.

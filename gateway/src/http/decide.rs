@@ -101,6 +101,20 @@ pub fn retry(
     }
 }
 
+/// How long (ms) to wait before retry `retry` (1 the first) of a route whose back-off
+/// base is `base_ms`, with `roll` uniform: Envoy's fully jittered exponential back-off,
+/// a uniform time in [0, (2^retry − 1) × base), at most 10 × base (Envoy's default
+/// maximum). A base of 0 retries at once. Pure.
+pub fn retry_backoff_ms(base_ms: u64, retry: u32, roll: u32) -> u64 {
+    let ceiling = base_ms
+        .saturating_mul((1u64 << retry.clamp(1, 16)) - 1)
+        .min(base_ms.saturating_mul(10));
+    if ceiling == 0 {
+        return 0;
+    }
+    ((u128::from(roll) * u128::from(ceiling)) >> 32) as u64
+}
+
 /// Outlier detection per host, as Envoy keeps it: the egress keeps it per site (`K` =
 /// [`meshfed_catalog::SiteName`]), the ingress per endpoint (`K` = its address).
 /// Consecutive errors eject a host for `base × its ejections so far` (at most 300 s;
@@ -450,6 +464,39 @@ mod tests {
                 "row {i}: {m} {o:?}"
             );
         }
+    }
+
+    /// Retries wait a jittered, growing time: below base, 3 × base, then at most
+    /// 10 × base; rolls spread it uniformly.
+    #[test]
+    fn retries_back_off_with_jitter() {
+        let top = u32::MAX;
+        for (base, retry, roll, want) in [
+            (25, 1, 0, 0),
+            (25, 1, top, 24),
+            (25, 1, top / 2, 12),
+            (25, 2, top, 74),
+            (25, 3, top, 174),
+            // 10 × base is the most, however many retries.
+            (25, 4, top, 249),
+            (25, 10, top, 249),
+            (25, u32::MAX, top, 249),
+            (0, 3, top, 0),
+            (60_000, 2, top, 179_999),
+            (u64::MAX, 5, top, u64::MAX - (1 << 32)),
+        ] {
+            assert_eq!(
+                super::retry_backoff_ms(base, retry, roll),
+                want,
+                "base {base}, retry {retry}, roll {roll}"
+            );
+        }
+        // Uniform over [0, ceiling): the rolls of 10,000 requests average about half.
+        let mean = (0..10_000u64)
+            .map(|n| super::retry_backoff_ms(100, 1, super::roll(n)))
+            .sum::<u64>() as f64
+            / 10_000.0;
+        assert!((45.0..55.0).contains(&mean), "{mean}");
     }
 
     /// A route's `retryOn` decides which outcomes are retried, as Envoy's conditions do;

@@ -24,7 +24,8 @@
 //!    each opened on demand as a tunnel stream with the usual open request (so the far
 //!    side decides exactly as for a TCP connection) and kept while it lives;
 //! 6. `decide::retry` and the budget say whether another attempt follows, within the
-//!    route's timeout and per-try timeout.
+//!    route's timeout and per-try timeout, after a jittered back-off
+//!    (`decide::retry_backoff_ms`: Envoy's, from the route's base, 25 ms by default).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -295,6 +296,8 @@ struct Plan {
     retries: u32,
     /// The route's `retryOn` (`None`: the default).
     retry_on: Option<Arc<meshfed_catalog::http_route::RetryOn>>,
+    /// The base of the wait before a retry (ms; `decide::retry_backoff_ms`).
+    backoff_ms: u64,
     timeout: Option<Duration>,
     per_try: Option<Duration>,
     /// The route's header changes and rewrite (with the prefix it matched on), when it
@@ -800,6 +803,7 @@ impl HttpEgress {
                 cluster: String::new(),
                 retries: RETRIES,
                 retry_on: None,
+                backoff_ms: meshfed_catalog::http_route::DEFAULT_RETRY_BACKOFF_MS,
                 timeout: None,
                 per_try: None,
                 edits: None,
@@ -1109,6 +1113,11 @@ impl HttpEgress {
             set_cookie,
             retries: route.retries.as_ref().map_or(RETRIES, |r| r.attempts),
             retry_on: route.retries.as_ref().and_then(|r| r.retry_on.clone()),
+            backoff_ms: route
+                .retries
+                .as_ref()
+                .and_then(|r| r.backoff_ms)
+                .unwrap_or(meshfed_catalog::http_route::DEFAULT_RETRY_BACKOFF_MS),
             timeout: route.timeout_ms.map(ms),
             per_try: route
                 .retries
@@ -1264,13 +1273,20 @@ impl HttpEgress {
             if !again {
                 return (answer, Some(site.clone()));
             }
-            debug!(%site, ?outcome, attempt, "retrying at the next site");
             eg.metrics.http_retry(match outcome {
                 Outcome::NotSent => "not_sent",
                 Outcome::Lost => "lost",
                 Outcome::Status(_) => "status",
             });
             attempt += 1;
+            // Envoy's jittered back-off: retries spread out instead of arriving in a
+            // wave at the next site. The route's timeout covers the wait.
+            let n = self.rolls.fetch_add(1, Ordering::Relaxed);
+            let wait = decide::retry_backoff_ms(plan.backoff_ms, attempt, decide::roll(n));
+            debug!(%site, ?outcome, attempt, wait_ms = wait, "retrying at the next site");
+            if wait > 0 {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
         }
     }
 
