@@ -706,6 +706,7 @@ mod tests {
                     port: None,
                     subset: None,
                     weight: 100,
+                    headers: None,
                 }],
                 ..Default::default()
             }],
@@ -744,6 +745,7 @@ mod tests {
                 port: None,
                 subset: None,
                 weight: 2_000_000,
+                headers: None,
             });
             serde_json::to_string(&p).unwrap()
         };

@@ -776,6 +776,11 @@ pub struct Destination {
     /// Relative to the route's other destinations (Istio's add up to 100; Gateway API's
     /// need not). A route whose weights are all 0 sends nothing (500, Gateway API's rule).
     pub weight: u32,
+    /// Header changes when this destination is picked (Istio's `route[].headers`,
+    /// Gateway API's `backendRefs[].filters`), applied before the route's own (Envoy's
+    /// order: a weighted cluster's, then the route's, whose `set` wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Box<HeaderRules>>,
 }
 
 impl Destination {
@@ -786,6 +791,7 @@ impl Destination {
             port: None,
             subset: None,
             weight: 100,
+            headers: None,
         }
     }
 
@@ -969,44 +975,57 @@ fn header_value_ok(v: &str) -> bool {
     v.len() <= MAX_HEADER_VALUE && v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
+/// A route's or a destination's header changes at `at` (`f` makes field paths).
+fn check_header_rules(
+    h: &HeaderRules,
+    at: &str,
+    f: &dyn Fn(&str) -> String,
+) -> Result<(), PolicyError> {
+    for (side, ops) in [("request", &h.request), ("response", &h.response)] {
+        let n = ops.set.len() + ops.add.len() + ops.remove.len();
+        if n > MAX_HEADER_OPS {
+            return Err(bad(
+                f(&format!("{at}.{side}")),
+                format!("at most {MAX_HEADER_OPS} changes"),
+            ));
+        }
+        let names = ops
+            .set
+            .iter()
+            .map(|(k, v)| ("set", k, Some(v)))
+            .chain(ops.add.iter().map(|(k, v)| ("add", k, Some(v))))
+            .chain(ops.remove.iter().map(|k| ("remove", k, None)));
+        for (op, name, value) in names {
+            if let Some(why) = header_change_problem(name, value.map(String::as_str)) {
+                return Err(bad(f(&format!("{at}.{side}.{op}.{name}")), why));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What is wrong with a route changing header `name` (lower-case) to `value` (`None`:
+/// removing it), if anything: the check a policy gets at every importer, for parsers
+/// to name the field it came from. Pure.
+pub fn header_change_problem(name: &str, value: Option<&str>) -> Option<String> {
+    if !header_name_ok(name) {
+        return Some("not a lower-case HTTP header name".into());
+    }
+    if reserved_header(name) {
+        return Some("hop-by-hop, host and meshfed-* headers cannot be changed by a route".into());
+    }
+    if value.is_some_and(|v| !header_value_ok(v)) {
+        return Some(format!(
+            "a value of at most {MAX_HEADER_VALUE} bytes with no control characters"
+        ));
+    }
+    None
+}
+
 /// Headers, rewrite, redirect and rate limit of one route (`f` makes field paths).
 fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), PolicyError> {
     if let Some(h) = &r.headers {
-        for (side, ops) in [("request", &h.request), ("response", &h.response)] {
-            let n = ops.set.len() + ops.add.len() + ops.remove.len();
-            if n > MAX_HEADER_OPS {
-                return Err(bad(
-                    f(&format!("headers.{side}")),
-                    format!("at most {MAX_HEADER_OPS} changes"),
-                ));
-            }
-            let names = ops
-                .set
-                .iter()
-                .map(|(k, v)| ("set", k, Some(v)))
-                .chain(ops.add.iter().map(|(k, v)| ("add", k, Some(v))))
-                .chain(ops.remove.iter().map(|k| ("remove", k, None)));
-            for (op, name, value) in names {
-                let at = || f(&format!("headers.{side}.{op}.{name}"));
-                if !header_name_ok(name) {
-                    return Err(bad(at(), "not a lower-case HTTP header name"));
-                }
-                if reserved_header(name) {
-                    return Err(bad(
-                        at(),
-                        "hop-by-hop, host and meshfed-* headers cannot be changed by a route",
-                    ));
-                }
-                if value.is_some_and(|v| !header_value_ok(v)) {
-                    return Err(bad(
-                        at(),
-                        format!(
-                            "a value of at most {MAX_HEADER_VALUE} bytes with no control characters"
-                        ),
-                    ));
-                }
-            }
-        }
+        check_header_rules(h, "headers", f)?;
     }
     if let Some(rw) = &r.rewrite {
         if let Some(u) = &rw.uri
@@ -1350,6 +1369,9 @@ impl HttpPolicy {
                         format!("at most {MAX_WEIGHT}"),
                     ));
                 }
+                if let Some(h) = &d.headers {
+                    check_header_rules(h, &format!("destinations[{j}].headers"), &f)?;
+                }
             }
             if r.timeout_ms == Some(0) {
                 return Err(bad(f("timeout_ms"), "must be above 0"));
@@ -1656,6 +1678,7 @@ mod tests {
             port: None,
             subset: Some(subset.into()),
             weight,
+            headers: None,
         }
     }
 
@@ -2341,6 +2364,14 @@ mod tests {
             (
                 Box::new(|p| p.routes[1].destinations[1].port = Some(0)),
                 "routes[1].destinations[1].port",
+            ),
+            (
+                Box::new(|p| {
+                    let mut h = HeaderRules::default();
+                    h.response.remove.push("transfer-encoding".into());
+                    p.routes[1].destinations[1].headers = Some(Box::new(h));
+                }),
+                "routes[1].destinations[1].headers.response.remove.transfer-encoding",
             ),
             (
                 Box::new(|p| {

@@ -940,6 +940,7 @@ mod tests {
                                 port: None,
                                 subset: Some(to.into()),
                                 weight: 100,
+                                headers: None,
                             }],
                             ..Default::default()
                         }],

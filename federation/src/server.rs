@@ -1263,12 +1263,14 @@ mod conflict_tests {
                             port: None,
                             subset: None,
                             weight: 100 - weight_to_v2,
+                            headers: None,
                         },
                         Destination {
                             service: None,
                             port: None,
                             subset: None,
                             weight: weight_to_v2,
+                            headers: None,
                         },
                     ],
                     ..Default::default()

@@ -8,11 +8,12 @@
 //! `headers`, `queryParams`, `method`; GRPCRoute: `method` by service and method, Exact
 //! or RegularExpression, and `headers`), `rules[].backendRefs` (Services or
 //! ServiceImports, with `port` and relative `weight`: the service itself or another
-//! one, which importing gateways reach through their import of it), `rules[].filters`
+//! one, which importing gateways reach through their import of it; and header modifiers
+//! in their `filters`, applied when that backend is picked), `rules[].filters`
 //! (`RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`,
 //! and `RequestMirror`, repeatable, to the service itself or another one of its namespace),
 //! `rules[].timeouts.request` and
-//! `rules[].retry.attempts`. `hostnames` mean nothing for a mesh route (GAMMA) and are
+//! `rules[].retry` (`attempts`, `codes`, `backoff`). `hostnames` mean nothing for a mesh route (GAMMA) and are
 //! warned about; anything else is a warning naming its path. The CRDs' schema and CEL
 //! rules are errors with their field path: enums, required fields, list bounds, path
 //! values, a `port` on a Service backend, at most one of each modifier filter, never a
@@ -352,12 +353,7 @@ fn rule(
                 "filters",
             ],
         );
-        if bm.get("filters").is_some_and(|x| !x.is_null()) {
-            d.err(
-                format!("{f}.filters"),
-                "per-backend filters are not supported by meshfed yet; put them on the rule",
-            );
-        }
+        let headers = backend_filters(d, bm.get("filters"), &format!("{f}.filters"));
         let weight = match bm.get("weight") {
             None | Some(Value::Null) => 1,
             Some(w) => match w.as_u64() {
@@ -401,6 +397,7 @@ fn rule(
             port,
             subset: None,
             weight,
+            headers,
         });
     }
     if route.destinations.is_empty() && route.redirect.is_none() {
@@ -883,18 +880,30 @@ fn header_ops(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> HeaderOps {
                 d.err(f, "needs name and value");
                 continue;
             };
-            if out.insert(n.to_ascii_lowercase(), v.to_owned()).is_some() {
+            let name = n.to_ascii_lowercase();
+            if let Some(why) = meshfed_catalog::http_route::header_change_problem(&name, Some(v)) {
+                d.err(format!("{f}.name"), format!("{n:?}: {why}"));
+                continue;
+            }
+            if out.insert(name, v.to_owned()).is_some() {
                 d.err(format!("{f}.name"), format!("{n:?} twice"));
             }
         }
         out
     };
     let (set, add) = (pairs("set"), pairs("add"));
-    let remove = d
+    let mut remove = Vec::new();
+    for (i, k) in d
         .str_list(m.get("remove"), &format!("{field}.remove"))
         .into_iter()
-        .map(|k| k.to_ascii_lowercase())
-        .collect();
+        .enumerate()
+    {
+        let name = k.to_ascii_lowercase();
+        match meshfed_catalog::http_route::header_change_problem(&name, None) {
+            Some(why) => d.err(format!("{field}.remove[{i}]"), format!("{k:?}: {why}")),
+            None => remove.push(name),
+        }
+    }
     HeaderOps { set, add, remove }
 }
 
@@ -930,6 +939,61 @@ fn path_modifier(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<(Str
         return None;
     }
     Some((t.to_owned(), value.to_owned()))
+}
+
+/// A backendRef's `filters` at `field`: its header modifiers, applied when that backend
+/// is picked (as Istio turns them into the destination's `headers`); other filter types
+/// on a backend are refused, as Istio refuses them, with the advice to put them on the
+/// rule.
+fn backend_filters(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<Box<HeaderRules>> {
+    let mut headers = HeaderRules::default();
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, x) in list(d, v, field, MAX_FILTERS).iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        let Value::Object(m) = x else {
+            d.err(f, "must be a map");
+            continue;
+        };
+        let (t, key) = match m.get("type").and_then(Value::as_str) {
+            Some(t @ "RequestHeaderModifier") => (t, "requestHeaderModifier"),
+            Some(t @ "ResponseHeaderModifier") => (t, "responseHeaderModifier"),
+            Some(t) => {
+                d.err(
+                    format!("{f}.type"),
+                    format!(
+                        "{t:?}: a backend's filters may only modify headers here; put it on the rule"
+                    ),
+                );
+                continue;
+            }
+            None => {
+                d.err(format!("{f}.type"), "missing");
+                continue;
+            }
+        };
+        for k in m.keys() {
+            if k != "type" && k != key {
+                d.err(
+                    format!("{f}.{k}"),
+                    format!("must not be set when type is {t}"),
+                );
+            }
+        }
+        if seen.contains(&t) {
+            d.err(
+                &f,
+                format!("{t} may appear at most once in a backend's filters"),
+            );
+            continue;
+        }
+        seen.push(t);
+        let ops = header_ops(d, m.get(key), &format!("{f}.{key}"));
+        match t {
+            "RequestHeaderModifier" => headers.request = ops,
+            _ => headers.response = ops,
+        }
+    }
+    (headers != HeaderRules::default()).then(|| Box::new(headers))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1367,6 +1431,19 @@ spec:
                 r.warnings
             );
         }
+        // A backend's header modifiers apply when it is picked (as Istio reads them).
+        let r = parse(&CANARY.replace(
+            "    - {name: orders-v2, port: 8080, weight: 10}",
+            "    - name: orders-v2\n      port: 8080\n      weight: 10\n      filters:\n      - type: RequestHeaderModifier\n        requestHeaderModifier: {set: [{name: X-Canary, value: \"1\"}]}\n      - type: ResponseHeaderModifier\n        responseHeaderModifier: {add: [{name: x-backend, value: v2}]}",
+        ))
+        .unwrap();
+        let split = &r.http_policies[0].routes[1].destinations;
+        assert!(split[0].headers.is_none());
+        let h = split[1].headers.as_deref().unwrap();
+        assert_eq!(
+            (&h.request.set["x-canary"], &h.response.add["x-backend"]),
+            (&"1".to_string(), &"v2".to_string())
+        );
         let rd = p.routes[2].redirect.as_ref().unwrap();
         assert_eq!((rd.uri.as_deref(), rd.code), (Some("/new"), 301));
         assert!(p.routes[2].destinations.is_empty());
@@ -1515,6 +1592,17 @@ spec:
                 "retry: {attempts: 3}",
                 "retry: {attempts: 3, backoff: 1.5s}",
                 "spec.rules[1].retry.backoff",
+            ),
+            // Only header modifiers on a backend (Istio refuses the others there).
+            (
+                "    - {name: orders-v2, port: 8080, weight: 10}",
+                "    - {name: orders-v2, port: 8080, weight: 10, filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]}",
+                "spec.rules[1].backendRefs[1].filters[0].type",
+            ),
+            (
+                "    - {name: orders-v2, port: 8080, weight: 10}",
+                "    - {name: orders-v2, port: 8080, weight: 10, filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: host, value: x}]}}]}",
+                "spec.rules[1].backendRefs[1].filters[0].requestHeaderModifier.set[0].name",
             ),
         ];
         for (from, to, field) in rows {

@@ -855,6 +855,7 @@ fn http_policies(
                     port: None,
                     subset: None,
                     weight: 100,
+                    headers: None,
                 }],
                 ..Default::default()
             }],

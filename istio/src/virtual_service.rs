@@ -437,7 +437,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
             d.err(f, "must be a map");
             continue;
         };
-        d.unsupported(&f, rd, &["destination", "weight"]);
+        d.unsupported(&f, rd, &["destination", "weight", "headers"]);
         let Some(Value::Object(dest)) = rd.get("destination") else {
             d.err(format!("{f}.destination"), "missing");
             continue;
@@ -481,6 +481,11 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             weight,
+            // Applied when this destination is picked, before the route's own.
+            headers: rd
+                .get("headers")
+                .and_then(|v| header_rules(d, v, &format!("{f}.headers")))
+                .map(Box::new),
         });
     }
     if dests.len() > 1 && total != 100 {
@@ -2810,7 +2815,11 @@ spec:
       request: {set: {X-Env: prod}, add: {x-trace: a}, remove: [X-Debug]}
       response: {remove: [server]}
     route: [{destination: {host: web}}]
-  - route: [{destination: {host: web}}]
+  - route:
+    - destination: {host: web}
+      headers:
+        request: {set: {x-dest: main}}
+        response: {add: {X-Served-By: main}}
 "#;
 
     #[test]
@@ -2850,6 +2859,13 @@ spec:
             })
         );
         assert_eq!(p.routes[2].rate_limit.unwrap().requests, 100);
+        // A destination's own header changes are read, not warned about.
+        let h = p.routes[2].destinations[0].headers.as_deref().unwrap();
+        assert_eq!(
+            (&h.request.set["x-dest"], &h.response.add["x-served-by"]),
+            (&"main".to_string(), &"main".to_string())
+        );
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     }
 
     #[test]
@@ -2869,6 +2885,11 @@ spec:
                 "set: {X-Env: prod}",
                 "set: {Host: evil}",
                 "spec.http[1].headers.request.set.host",
+            ),
+            (
+                "set: {x-dest: main}",
+                "set: {connection: close}",
+                "spec.http[2].route[0].headers.request.set.connection",
             ),
             (
                 "rewrite: {uri: /,",

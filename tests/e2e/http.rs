@@ -1634,6 +1634,22 @@ spec:
       request: {set: {x-env: prod}, remove: [x-debug]}
       response: {set: {x-route: v2}, remove: [x-upstream]}
     route: [{destination: {host: web.demo}}]
+  - name: split
+    match: [{uri: {prefix: /split}}]
+    headers:
+      request: {set: {x-env: route}}
+      response: {set: {x-route: split}}
+    route:
+    - destination: {host: web.demo}
+      weight: 50
+      headers:
+        request: {set: {x-env: a, x-debug: from-a}}
+        response: {set: {x-dest: a, x-route: a}}
+    - destination: {host: web.demo}
+      weight: 50
+      headers:
+        request: {set: {x-debug: from-b}, remove: [x-env]}
+        response: {add: {x-dest: b}}
   - route: [{destination: {host: web.demo}}]
 "#;
     let sites = http_sites("http-edges", (200, 200), 0, |west| {
@@ -1685,6 +1701,28 @@ spec:
         "{body}"
     );
     assert!(head.contains("x-upstream: "), "{head}");
+
+    // A destination's own header changes (Istio's route[].headers) apply when it is
+    // picked, before the route's, whose `set` wins (Envoy's order).
+    let mut seen = (0, 0);
+    for _ in 0..40 {
+        let (status, head, body, _) = curl_head(&["-H", "x-env: client"], &format!("{base}/split"));
+        assert_eq!(status, 200, "{body}");
+        assert!(head.contains("x-route: split"), "{head}");
+        assert!(!head.contains("x-route: a"), "{head}");
+        if body.contains("env=route debug=from-a ") {
+            assert!(head.contains("x-dest: a"), "{head}");
+            seen.0 += 1;
+        } else {
+            assert!(body.contains("env=route debug=from-b "), "{body}");
+            assert!(head.contains("x-dest: b"), "{head}");
+            seen.1 += 1;
+        }
+    }
+    assert!(
+        seen.0 > 0 && seen.1 > 0,
+        "one destination never picked: {seen:?}"
+    );
 
     // The rate limit: 10/s with bursts of 5, over 3 s of 40 requests a second on one
     // connection each.

@@ -600,12 +600,14 @@ mod tests {
                 port: None,
                 subset: Some("a".into()),
                 weight: 80,
+                headers: None,
             },
             Destination {
                 service: None,
                 port: None,
                 subset: Some("b".into()),
                 weight: 20,
+                headers: None,
             },
         ];
         for start in [0u64, 7, 1 << 40] {

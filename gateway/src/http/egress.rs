@@ -10,12 +10,12 @@
 //!    the first matching route (none: 404 [`NO_ROUTE`]), its rate limit (a token bucket
 //!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its redirect
 //!    (answered here), its faults (delay, then abort), its rewrite and request header
-//!    changes, its mirrors (each hit by its own roll: a copy on a task of its own, of the
+//!    changes (the picked destination's, then the route's), its mirrors (each hit by its own roll: a copy on a task of its own, of the
 //!    changed request, to this service or through another service's import), and its
 //!    weighted destination, whose subset gives the sites (a destination of another
 //!    service: that service's import here, its sites and subsets, and the attempts go
-//!    through it); without routes, every backend; the answer gets the route's response
-//!    header changes;
+//!    through it); without routes, every backend; the answer gets the destination's,
+//!    then the route's response header changes;
 //! 4. the site is the next of those (best first; with a `consistentHash` policy, in the
 //!    rendezvous order of the request's key, whose hash goes along in `meshfed-hash` so
 //!    the far ingress picks the key's endpoint, and a made-up cookie is set on the
@@ -325,6 +325,9 @@ struct MirrorPlan {
 }
 
 struct Edits {
+    /// The picked destination's header changes, applied before the route's (Envoy's
+    /// order: the weighted cluster's, then the route's, whose `set` wins).
+    dest_headers: Option<Box<meshfed_catalog::http_route::HeaderRules>>,
     headers: Option<meshfed_catalog::http_route::HeaderRules>,
     rewrite: Option<(meshfed_catalog::http_route::Rewrite, Option<String>)>,
 }
@@ -665,6 +668,9 @@ impl HttpEgress {
             if let Some((rw, prefix)) = &e.rewrite {
                 headers::rewrite(&mut parts, rw, prefix.as_deref());
             }
+            if let Some(h) = &e.dest_headers {
+                headers::apply_ops(&mut parts.headers, &h.request);
+            }
             if let Some(h) = &e.headers {
                 headers::apply_ops(&mut parts.headers, &h.request);
             }
@@ -694,8 +700,13 @@ impl HttpEgress {
                 .headers_mut()
                 .append(http::header::SET_COOKIE, c.clone());
         }
-        if let Some(h) = plan.edits.as_ref().and_then(|e| e.headers.as_ref()) {
-            headers::apply_ops(answer.headers_mut(), &h.response);
+        if let Some(e) = &plan.edits {
+            for h in [e.dest_headers.as_deref(), e.headers.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                headers::apply_ops(answer.headers_mut(), &h.response);
+            }
         }
         metrics.http_request("egress", answer.status().as_u16());
         if let Some(route) = &plan.route {
@@ -1092,15 +1103,17 @@ impl HttpEgress {
             fault,
             sites,
             route: index.map(|_| route_name()),
-            edits: (route.headers.is_some() || route.rewrite.is_some()).then(|| {
-                Box::new(Edits {
-                    headers: route.headers.clone(),
-                    rewrite: route
-                        .rewrite
-                        .clone()
-                        .map(|rw| (rw, prefix.map(str::to_owned))),
-                })
-            }),
+            edits: (route.headers.is_some() || route.rewrite.is_some() || d.headers.is_some())
+                .then(|| {
+                    Box::new(Edits {
+                        dest_headers: d.headers.clone(),
+                        headers: route.headers.clone(),
+                        rewrite: route
+                            .rewrite
+                            .clone()
+                            .map(|rw| (rw, prefix.map(str::to_owned))),
+                    })
+                }),
             cluster: match (&outlier, d.subset.as_deref()) {
                 (Some(_), Some(name)) => name.to_owned(),
                 _ => String::new(),
