@@ -714,6 +714,7 @@ mod tests {
             max_requests: Some(8),
             max_requests_per_connection: Some(100),
             idle_timeout_ms: Some(30_000),
+            connect_timeout_ms: None,
             outlier: None,
             load_balancer: None,
             consistent_hash: None,

@@ -79,6 +79,11 @@ pub struct HttpPolicy {
     /// `None`: 90 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_ms: Option<u64>,
+    /// How long the exporting gateway waits for a connection to an endpoint (a
+    /// DestinationRule's `connectionPool.tcp.connectTimeout`); `None`: the
+    /// gateway's `connect_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
     /// The exporting site's connections to the service's endpoints (a DestinationRule's
     /// `connectionPool.tcp.maxConnections` and `http.http1MaxPendingRequests`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,7 +131,8 @@ pub const MAX_EXPORT_TO: usize = 64;
 pub struct PortSettings {
     pub port: u16,
     /// `connectionPool`: replaces `max_requests`, `max_requests_per_connection`,
-    /// `idle_timeout_ms` and `connection_pool` (absent: all unset, the defaults).
+    /// `idle_timeout_ms`, `connect_timeout_ms` and `connection_pool` (absent: all unset,
+    /// the defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PortPool>,
     /// `outlierDetection`: replaces `outlier` (absent: none).
@@ -148,6 +154,11 @@ pub struct PortPool {
     pub max_requests_per_connection: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_ms: Option<u64>,
+    /// How long the exporting gateway waits for a connection to an endpoint (a
+    /// DestinationRule's `connectionPool.tcp.connectTimeout`); `None`: the
+    /// gateway's `connect_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
 }
@@ -180,6 +191,7 @@ impl HttpPolicy {
             max_requests: None,
             max_requests_per_connection: None,
             idle_timeout_ms: None,
+            connect_timeout_ms: None,
             connection_pool: None,
             outlier: None,
             load_balancer: None,
@@ -239,6 +251,7 @@ impl HttpPolicy {
         self.max_requests = pool.max_requests;
         self.max_requests_per_connection = pool.max_requests_per_connection;
         self.idle_timeout_ms = pool.idle_timeout_ms;
+        self.connect_timeout_ms = pool.connect_timeout_ms;
         self.connection_pool = pool.connection_pool;
         self.outlier = outlier;
         self.load_balancer = balancer.load_balancer;
@@ -253,6 +266,7 @@ impl HttpPolicy {
                 max_requests: self.max_requests,
                 max_requests_per_connection: self.max_requests_per_connection,
                 idle_timeout_ms: self.idle_timeout_ms,
+                connect_timeout_ms: self.connect_timeout_ms,
                 connection_pool: self.connection_pool,
             },
             outlier: self.outlier.clone(),
@@ -423,6 +437,9 @@ impl Traffic {
         }
         if p.idle_timeout_ms == Some(0) {
             return Err(bad("idle_timeout_ms", "must be above 0"));
+        }
+        if p.connect_timeout_ms == Some(0) {
+            return Err(bad("connect_timeout_ms", "must be above 0"));
         }
         if let Some(c) = &p.connection_pool {
             if c.max_connections == 0 {
@@ -1707,6 +1724,7 @@ mod tests {
             max_requests: None,
             max_requests_per_connection: None,
             idle_timeout_ms: None,
+            connect_timeout_ms: None,
             service: ServiceName::parse("web.demo").unwrap(),
             source: "VirtualService demo/web".into(),
             routes: vec![
@@ -2415,6 +2433,10 @@ mod tests {
             ),
             (Box::new(|p| p.idle_timeout_ms = Some(0)), "idle_timeout_ms"),
             (
+                Box::new(|p| p.connect_timeout_ms = Some(0)),
+                "connect_timeout_ms",
+            ),
+            (
                 Box::new(|p| {
                     p.routes[0].mirrors = vec![Mirror {
                         service: Some(ServiceName::parse("payments.billing").unwrap()),
@@ -2622,6 +2644,7 @@ mod tests {
                 max_requests: q.max_requests,
                 max_requests_per_connection: q.max_requests_per_connection,
                 idle_timeout_ms: q.idle_timeout_ms,
+                connect_timeout_ms: q.connect_timeout_ms,
                 connection_pool: q.connection_pool,
             }
         );

@@ -932,6 +932,7 @@ mod tests {
                         max_requests: None,
                         max_requests_per_connection: None,
                         idle_timeout_ms: None,
+                        connect_timeout_ms: None,
                         service: service.clone(),
                         source: format!("VirtualService {site}/web"),
                         routes: vec![HttpRoute {

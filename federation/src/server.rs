@@ -1279,6 +1279,7 @@ mod conflict_tests {
                 max_requests: None,
                 max_requests_per_connection: None,
                 idle_timeout_ms: None,
+                connect_timeout_ms: None,
                 outlier: None,
                 load_balancer: None,
                 consistent_hash: None,

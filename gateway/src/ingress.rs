@@ -955,13 +955,14 @@ impl Ingress {
                 }
             },
         };
-        let Some((mut tcp, ep)) = self.connect(&endpoints).await else {
+        // The service's connectTimeout, else the gateway's.
+        let within = policy.conn.connect.unwrap_or(self.connect_timeout);
+        let Some((mut tcp, ep)) = self.connect(&endpoints, within).await else {
             let msg = format!(
-                "{}:{}: none of {} endpoint(s) accepted a connection within {:?}",
+                "{}:{}: none of {} endpoint(s) accepted a connection within {within:?}",
                 open.service,
                 open.port,
                 endpoints.len(),
-                self.connect_timeout
             );
             return Err(refused(Refusal::EndpointConnectFailed, msg));
         };
@@ -1491,12 +1492,16 @@ impl Ingress {
         }
     }
 
-    /// Tries each endpoint once, round-robin from a rotating start.
-    async fn connect(&self, endpoints: &[SocketAddr]) -> Option<(TcpStream, SocketAddr)> {
+    /// Tries each endpoint once, round-robin from a rotating start, each within `within`.
+    async fn connect(
+        &self,
+        endpoints: &[SocketAddr],
+        within: Duration,
+    ) -> Option<(TcpStream, SocketAddr)> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..endpoints.len() {
             let ep = endpoints[(start + i) % endpoints.len()];
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(ep)).await {
+            match tokio::time::timeout(within, TcpStream::connect(ep)).await {
                 Ok(Ok(s)) => return Some((s, ep)),
                 Ok(Err(e)) => debug!(endpoint = %ep, error = %e, "endpoint connect failed"),
                 Err(_) => debug!(endpoint = %ep, "endpoint connect timed out"),

@@ -928,6 +928,8 @@ pub(crate) struct Pool {
     pub max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
     pub idle_timeout_ms: Option<u64>,
+    /// `connectionPool.tcp.connectTimeout`.
+    pub connect_timeout_ms: Option<u64>,
     pub connection_pool: Option<meshfed_catalog::http_route::ConnectionPool>,
 }
 
@@ -938,8 +940,9 @@ pub(crate) struct Pool {
 /// connections to its HTTP/1.1 endpoints and the requests that may wait for one (on a
 /// TCP port: its tunnelled connections at once, none waiting), and
 /// `http.maxRequestsPerConnection`, the requests one connection to an endpoint carries
-/// before the exporting gateway dials anew, and `http.idleTimeout`, how long one may
-/// carry none before it is closed. As in
+/// before the exporting gateway dials anew, `http.idleTimeout`, how long one may
+/// carry none before it is closed, and `tcp.connectTimeout`, how long the exporting
+/// gateway waits for one to open (HTTP and TCP ports alike). As in
 /// Istio, 0 is unset and a negative count is refused. The other settings are warned
 /// about.
 pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) -> Pool {
@@ -979,7 +982,7 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) ->
     let http = section(d, "http");
     let tcp = section(d, "tcp");
     let (mut max_requests, mut pending, mut conns, mut per_conn) = (None, None, None, None);
-    let mut idle = None;
+    let (mut idle, mut connect) = (None, None);
     if let Some(h) = &http {
         let path = format!("{field}.http");
         d.unsupported(
@@ -999,7 +1002,12 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) ->
     }
     if let Some(t) = &tcp {
         let path = format!("{field}.tcp");
-        d.unsupported(&path, t, &["maxConnections"]);
+        d.unsupported(&path, t, &["maxConnections", "connectTimeout"]);
+        connect = duration(
+            d,
+            t.get("connectTimeout"),
+            &format!("{path}.connectTimeout"),
+        );
         conns = count(d, t, path, "maxConnections");
     }
     let pool = conns.map(
@@ -1012,6 +1020,7 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) ->
         max_requests,
         max_requests_per_connection: per_conn,
         idle_timeout_ms: idle,
+        connect_timeout_ms: connect,
         connection_pool: pool,
     }
 }
@@ -1435,6 +1444,7 @@ fn blocks(
             max_requests: t.max_requests,
             max_requests_per_connection: t.max_requests_per_connection,
             idle_timeout_ms: t.idle_timeout_ms,
+            connect_timeout_ms: t.connect_timeout_ms,
             connection_pool: t.connection_pool,
         }),
         outlier: if set("outlierDetection") {
@@ -1693,6 +1703,7 @@ pub(crate) fn policy(
         max_requests: traffic.max_requests,
         max_requests_per_connection: traffic.max_requests_per_connection,
         idle_timeout_ms: traffic.idle_timeout_ms,
+        connect_timeout_ms: traffic.connect_timeout_ms,
         connection_pool: traffic.connection_pool,
         outlier: traffic.outlier,
         load_balancer: traffic.load_balancer,
@@ -2739,6 +2750,26 @@ spec:
                 ),
                 other => panic!("{field}: {other:?}"),
             }
+        }
+        // tcp.connectTimeout: read, in Istio's duration form, with or without the others.
+        for (tcp, want) in [
+            (
+                "tcp: {maxConnections: 10, connectTimeout: 250ms}",
+                Some(250),
+            ),
+            ("tcp: {connectTimeout: 1.5s}", Some(1500)),
+            ("tcp: {maxConnections: 10}", None),
+        ] {
+            let r = parse(&dr.replace("tcp: {maxConnections: 10}", tcp)).unwrap();
+            assert!(r.warnings.is_empty(), "{tcp}: {:?}", r.warnings);
+            assert_eq!(r.http_policies[0].connect_timeout_ms, want, "{tcp}");
+        }
+        match parse(&dr.replace("maxConnections: 10", "connectTimeout: 0s")) {
+            Err(ParseError::Invalid(p)) => assert_eq!(
+                p[0].field,
+                "spec.trafficPolicy.connectionPool.tcp.connectTimeout"
+            ),
+            other => panic!("{other:?}"),
         }
         // maxRequestsPerConnection: read, with or without the other limits.
         let per_conn = dr.replace("http2MaxRequests: 4}", "maxRequestsPerConnection: 100}");

@@ -2507,6 +2507,7 @@ spec:
 /// `yaml` registered at west first; east imports it. Ready once the import answers 200.
 struct WestServes {
     fed: crate::federation::Fed,
+    west: meshfed_lab::SiteFiles,
     west_gw: Gw,
     _east_gw: Gw,
     import: SocketAddr,
@@ -2538,6 +2539,7 @@ async fn west_serves(name: &str, yaml: &str, endpoints: Vec<SocketAddr>) -> West
     }
     WestServes {
         fed,
+        west,
         west_gw,
         _east_gw: east_gw,
         import,
@@ -2566,6 +2568,7 @@ spec:
     // Bound by name (not `..`), so the east gateway and the scratch live to the end.
     let WestServes {
         fed,
+        west: _,
         west_gw,
         import,
         _east_gw,
@@ -2588,6 +2591,96 @@ spec:
         "no ejection counted"
     );
     drop(fed);
+}
+
+/// Issue 17 §2: a DestinationRule's `connectionPool.tcp.connectTimeout` bounds the
+/// exporting gateway's dial to each endpoint. West's `web.demo` has a good endpoint and
+/// one whose accept queue is full, so its SYNs are dropped and a dial hangs. With
+/// `connectTimeout: 100ms` no request waits on it for the gateway's own 1 s; once the
+/// rule no longer sets it, a request that meets that endpoint waits the 1 s again.
+/// Before, `connectTimeout` was warned about and the gateway's 1 s always applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_bounds_each_dial_to_an_endpoint() {
+    const DR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    connectionPool:
+      tcp: {CONNECT}
+"#;
+    let (good, _) = http_endpoint("good", 200).await;
+    // Backlog 0: one connection fills the queue; it is never accepted, and the
+    // kernel drops the SYNs that follow.
+    let stuck = tokio::net::TcpSocket::new_v4().unwrap();
+    stuck.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stuck = stuck.listen(0).unwrap();
+    let stuck_addr = stuck.local_addr().unwrap();
+    let mut held = Vec::new();
+    loop {
+        match tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(stuck_addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => held.push(c),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => break,
+        }
+        assert!(held.len() < 16, "the accept queue never filled");
+    }
+    let WestServes {
+        west,
+        west_gw,
+        import,
+        ..
+    } = &west_serves(
+        "http-connect-timeout",
+        &DR.replace("CONNECT", "connectTimeout: 100ms"),
+        vec![good, stuck_addr],
+    )
+    .await;
+    // Each request's slowest: the ingress dials the stuck endpoint on about every
+    // other request, gives up within the timeout and answers from the good one.
+    let slowest = |n: usize| async move {
+        let mut worst = Duration::ZERO;
+        for _ in 0..n {
+            let started = std::time::Instant::now();
+            let (status, body, _) = curl(&[], &format!("http://{import}/"));
+            assert_eq!(status, 200, "{body}");
+            worst = worst.max(started.elapsed());
+        }
+        worst
+    };
+    let worst = slowest(8).await;
+    assert!(
+        worst < Duration::from_millis(900),
+        "a request waited {worst:?}: connectTimeout 100ms never applied\n{}",
+        west_gw.logs()
+    );
+    // Without it, the gateway's own 1 s.
+    let out = register_yaml(
+        west,
+        "policy.yaml",
+        &DR.replace("CONNECT", "maxConnections: 100"),
+    );
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let worst = slowest(4).await;
+        if worst >= Duration::from_millis(950) {
+            eprintln!("without connectTimeout, a request waited {worst:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rule without connectTimeout never applied: {worst:?}"
+        );
+    }
+    drop(held);
 }
 
 /// Issue 17 §2: a DestinationRule's `connectionPool.tcp.maxConnections` and
@@ -2639,6 +2732,7 @@ spec:
     // Bound by name (not `..`), so the east gateway and the scratch live to the end.
     let WestServes {
         fed,
+        west: _,
         west_gw,
         import,
         _east_gw,

@@ -15,7 +15,8 @@
 //! (HTTP/1.1 for
 //! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
-//! appended to `x-forwarded-for`. When no connection to the endpoint can be made, the
+//! appended to `x-forwarded-for`. When no connection to the endpoint can be made
+//! (within the service's `connectTimeout`, else the gateway's `connect_timeout`), the
 //! answer is `503` with `meshfed-error: endpoint_connect_failed`, which tells the egress
 //! that nothing was sent, so it may try another site even for a POST; a request lost
 //! after it was sent is `502` with `meshfed-error: endpoint_reset`.
@@ -54,8 +55,9 @@ use crate::wire::{Open, Refusal};
 pub struct Upstream {
     h1: Client<Counting, Body>,
     /// HTTP/1.1 pools whose idle connections close sooner or later than [`IDLE`] (a
-    /// service's `idleTimeout`), by that time; at most [`IDLE_POOLS`] of them.
-    h1_idle: std::sync::Mutex<HashMap<Duration, Client<Counting, Body>>>,
+    /// service's `idleTimeout`), or that dial within another time than the gateway's
+    /// (its `connectTimeout`), by those times; at most [`IDLE_POOLS`] of them.
+    h1_idle: std::sync::Mutex<HashMap<(Duration, Duration), Client<Counting, Body>>>,
     connector: Counting,
     /// Per endpoint, its h2 connection and the requests given to it so far.
     h2: std::sync::Mutex<HashMap<SocketAddr, H2Conn>>,
@@ -154,6 +156,8 @@ pub struct ConnLimits {
     pub per_conn: Option<u32>,
     /// `idleTimeout`.
     pub idle: Option<Duration>,
+    /// `tcp.connectTimeout` (`None`: the gateway's `connect_timeout`).
+    pub connect: Option<Duration>,
 }
 
 /// An h2 request in flight, until its answer's body is over.
@@ -538,21 +542,30 @@ impl Upstream {
         }
     }
 
-    /// The HTTP/1.1 pool whose idle connections close after `idle` (its own pool for
-    /// each distinct `idleTimeout`, at most [`IDLE_POOLS`]; the default one past that).
-    fn h1_for(&self, idle: Duration) -> Client<Counting, Body> {
+    /// The HTTP/1.1 pool whose idle connections close after `idle` and which dials
+    /// within `connect` (its own pool for each distinct pair, at most [`IDLE_POOLS`];
+    /// the default one past that).
+    fn h1_for(&self, idle: Duration, connect: Duration) -> Client<Counting, Body> {
         let mut pools = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = pools.get(&idle) {
+        if let Some(c) = pools.get(&(idle, connect)) {
             return c.clone();
         }
         if pools.len() >= IDLE_POOLS {
             return self.h1.clone();
         }
+        let connector = if connect == self.connect_timeout {
+            self.connector.clone()
+        } else {
+            let mut c = HttpConnector::new();
+            c.set_connect_timeout(Some(connect));
+            c.set_nodelay(true);
+            Counting(c)
+        };
         let c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
             .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(self.connector.clone());
-        pools.insert(idle, c.clone());
+            .build(connector);
+        pools.insert((idle, connect), c.clone());
         c
     }
 
@@ -591,9 +604,10 @@ impl Upstream {
         if let Some(s) = live() {
             return Ok(s);
         }
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(ep))
+        let within = limits.connect.unwrap_or(self.connect_timeout);
+        let tcp = tokio::time::timeout(within, TcpStream::connect(ep))
             .await
-            .map_err(|_| format!("no connection within {:?}", self.connect_timeout))?
+            .map_err(|_| format!("no connection within {within:?}"))?
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -665,9 +679,12 @@ impl Upstream {
             let capture =
                 per_conn.map(|_| hyper_util::client::legacy::connect::capture_connection(&mut req));
             // The default pool by reference: no client clone per request.
-            let sent = match limits.idle.filter(|i| *i != IDLE) {
-                None => self.h1.request(req),
-                Some(idle) => self.h1_for(idle).request(req),
+            let idle = limits.idle.unwrap_or(IDLE);
+            let connect = limits.connect.unwrap_or(self.connect_timeout);
+            let sent = if idle == IDLE && connect == self.connect_timeout {
+                self.h1.request(req)
+            } else {
+                self.h1_for(idle, connect).request(req)
             };
             let resp = sent.await.map_err(|e| {
                 if e.is_connect() {
@@ -905,6 +922,7 @@ pub fn endpoint_policies(
         conn: ConnLimits {
             per_conn: t.pool.max_requests_per_connection,
             idle: t.pool.idle_timeout_ms.map(Duration::from_millis),
+            connect: t.pool.connect_timeout_ms.map(Duration::from_millis),
         },
     };
     let subsets = if http {
@@ -1035,6 +1053,7 @@ mod tests {
                 ),
             ],
             idle_timeout_ms: Some(5_000),
+            connect_timeout_ms: None,
             connection_pool: Some(pool(50)),
             ..HttpPolicy::new(
                 meshfed_catalog::ServiceName::parse("web.demo").unwrap(),
