@@ -516,6 +516,10 @@ pub struct HttpRoute {
     /// `retry-after` (the `ratelimit.meshfed.io/` annotations of a VirtualService).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Cross-origin requests (Istio's `corsPolicy`), answered and marked at the egress
+    /// ([`crate::cors`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Box<crate::cors::Cors>>,
 }
 
 /// Istio's `Headers`: what changes on the request before it leaves, and on the answer
@@ -874,7 +878,7 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 const REGEX_SIZE: usize = 64 * 1024;
 
 impl StringMatch {
-    fn compile(&self, field: &str) -> Result<Matcher, PolicyError> {
+    pub(crate) fn compile(&self, field: &str) -> Result<Matcher, PolicyError> {
         Ok(match self {
             Self::Exact(s) => Matcher::Exact(s.clone()),
             Self::Prefix(s) => Matcher::Prefix(s.clone()),
@@ -891,7 +895,7 @@ impl StringMatch {
 
 /// A compiled string condition.
 #[derive(Clone, Debug)]
-enum Matcher {
+pub(crate) enum Matcher {
     Exact(String),
     Prefix(String),
     /// Without its trailing `/` (so `/` is empty and accepts every path).
@@ -900,7 +904,7 @@ enum Matcher {
 }
 
 impl Matcher {
-    fn test(&self, v: &str) -> bool {
+    pub(crate) fn test(&self, v: &str) -> bool {
         match self {
             Self::Exact(s) => v == s,
             Self::Prefix(s) => v.starts_with(s.as_str()),
@@ -954,6 +958,8 @@ impl CompiledMatch {
 pub struct Compiled {
     pub policy: HttpPolicy,
     matches: Vec<Vec<CompiledMatch>>,
+    /// Per route, its CORS policy's origins (empty without one).
+    cors: Vec<Vec<Matcher>>,
 }
 
 /// The most header changes one route may carry, and the longest value.
@@ -1326,7 +1332,7 @@ impl HttpPolicy {
                 self.check_subset(i, s, sp)?;
             }
         }
-        let mut matches = Vec::new();
+        let (mut matches, mut cors) = (Vec::new(), Vec::new());
         for (i, r) in self.routes.iter().enumerate() {
             let f = |x: &str| format!("routes[{i}].{x}");
             if r.matches.len() > MAX_MATCHES {
@@ -1475,15 +1481,42 @@ impl HttpPolicy {
                 });
             }
             matches.push(ms);
+            cors.push(match &r.cors {
+                Some(c) => c.compile(&f)?,
+                None => Vec::new(),
+            });
         }
         Ok(Compiled {
             policy: self,
             matches,
+            cors,
         })
     }
 }
 
 impl Compiled {
+    /// What `route` (one of this policy's) makes of a request with `method`, `origin`
+    /// and `Access-Control-Request-Method` under its CORS policy ([`crate::cors`]).
+    pub fn cors(
+        &self,
+        route: &HttpRoute,
+        method: &str,
+        origin: Option<&str>,
+        request_method: Option<&str>,
+    ) -> crate::cors::Decision {
+        let Some(c) = &route.cors else {
+            return crate::cors::Decision::Pass;
+        };
+        let origins = self
+            .policy
+            .routes
+            .iter()
+            .position(|r| std::ptr::eq(r, route))
+            .and_then(|i| self.cors.get(i))
+            .map_or(&[][..], Vec::as_slice);
+        crate::cors::decide(c, origins, method, origin, request_method)
+    }
+
     /// The first route whose match accepts the request (a route without matches
     /// accepts all); `None`: no route does (Istio answers 404 then).
     pub fn route(&self, r: &dyn RequestView) -> Option<&HttpRoute> {

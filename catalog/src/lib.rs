@@ -13,6 +13,7 @@
 pub mod affinity;
 pub mod authz;
 pub mod catalog;
+pub mod cors;
 pub mod http_route;
 pub mod legacy;
 pub mod locality;

@@ -384,6 +384,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
             "headers",
             "rewrite",
             "redirect",
+            "corsPolicy",
         ],
     );
     let mut matches = Vec::new();
@@ -602,9 +603,137 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
             destinations,
             timeout_ms: duration(d, m.get("timeout"), &format!("{field}.timeout")),
             retries,
+            cors: m
+                .get("corsPolicy")
+                .and_then(|v| cors_policy(d, v, &format!("{field}.corsPolicy")))
+                .map(Box::new),
         },
         hosts,
     ))
+}
+
+/// A route's `corsPolicy`, as Istio's `validateCORSPolicy` checks it: each of
+/// `allowOrigins` a non-empty string match (regexes compile), `allowOrigin` (deprecated)
+/// as exact matches, `allowMethods` among the methods Istio supports, header names that
+/// are names, `maxAge` a duration in whole seconds; `allowCredentials`, and
+/// `unmatchedPreflights` (FORWARD, the default, or IGNORE).
+fn cors_policy(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<meshfed_catalog::cors::Cors> {
+    use meshfed_catalog::cors::{Cors, MAX_CORS_LIST, MAX_CORS_ORIGINS};
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(
+        field,
+        m,
+        &[
+            "allowOrigins",
+            "allowOrigin",
+            "allowMethods",
+            "allowHeaders",
+            "exposeHeaders",
+            "maxAge",
+            "allowCredentials",
+            "unmatchedPreflights",
+        ],
+    );
+    let mut c = Cors::default();
+    let list = |d: &mut Doc<'_>, k: &str, max: usize| -> Vec<Value> {
+        match m.get(k) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) if a.len() <= max => a.clone(),
+            Some(Value::Array(_)) => {
+                d.err(format!("{field}.{k}"), format!("at most {max} entries"));
+                Vec::new()
+            }
+            Some(_) => {
+                d.err(format!("{field}.{k}"), "must be a list");
+                Vec::new()
+            }
+        }
+    };
+    for (i, o) in list(d, "allowOrigins", MAX_CORS_ORIGINS).iter().enumerate() {
+        let f = format!("{field}.allowOrigins[{i}]");
+        match string_match(d, o, &f) {
+            Some(StringMatch::Exact(s) | StringMatch::Prefix(s) | StringMatch::Regex(s))
+                if s.is_empty() =>
+            {
+                d.err(f, "'' is not a valid match type for CORS allow origins");
+            }
+            Some(sm) => c.allow_origins.push(sm),
+            None => {}
+        }
+    }
+    for (i, o) in list(d, "allowOrigin", MAX_CORS_ORIGINS).iter().enumerate() {
+        match o.as_str() {
+            Some(s) if !s.is_empty() => c.allow_origins.push(StringMatch::Exact(s.to_owned())),
+            _ => d.err(format!("{field}.allowOrigin[{i}]"), "must be an origin"),
+        }
+    }
+    if c.allow_origins.len() > MAX_CORS_ORIGINS {
+        d.err(
+            format!("{field}.allowOrigins"),
+            format!("at most {MAX_CORS_ORIGINS} origins with allowOrigin"),
+        );
+    }
+    const METHODS: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "CONNECT",
+    ];
+    for (i, x) in list(d, "allowMethods", MAX_CORS_LIST).iter().enumerate() {
+        match x.as_str() {
+            Some(s) if METHODS.contains(&s) => c.allow_methods.push(s.to_owned()),
+            _ => d.err(
+                format!("{field}.allowMethods[{i}]"),
+                format!("{x} is not a supported HTTP method"),
+            ),
+        }
+    }
+    for (k, out) in [
+        ("allowHeaders", &mut c.allow_headers),
+        ("exposeHeaders", &mut c.expose_headers),
+    ] {
+        for (i, x) in list(d, k, MAX_CORS_LIST).iter().enumerate() {
+            match x.as_str() {
+                Some(s)
+                    if !s.is_empty()
+                        && s.len() <= 256
+                        && s.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+                        }) =>
+                {
+                    out.push(s.to_owned())
+                }
+                _ => d.err(
+                    format!("{field}.{k}[{i}]"),
+                    format!("{x} is not a header name"),
+                ),
+            }
+        }
+    }
+    if let Some(ms) = duration(d, m.get("maxAge"), &format!("{field}.maxAge")) {
+        if ms % 1000 != 0 {
+            d.err(
+                format!("{field}.maxAge"),
+                "max_age duration is accurate only to seconds precision",
+            );
+        }
+        c.max_age_s = Some(ms / 1000);
+    }
+    match m.get("allowCredentials") {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(b)) => c.allow_credentials = *b,
+        Some(_) => d.err(format!("{field}.allowCredentials"), "must be true or false"),
+    }
+    match m.get("unmatchedPreflights") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "UNSPECIFIED" || s == "FORWARD" => {}
+        Some(Value::String(s)) if s == "IGNORE" => c.ignore_unmatched_preflights = true,
+        Some(_) => d.err(
+            format!("{field}.unmatchedPreflights"),
+            "one of UNSPECIFIED, FORWARD, IGNORE",
+        ),
+    }
+    Some(c)
 }
 
 /// `headers.request` / `headers.response`: `set`, `add` (maps) and `remove` (a list).
@@ -1744,7 +1873,11 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace("].service", "].destination.host")
         .replace(".query_params.", ".queryParams.")
         .replace(".timeout_ms", ".timeout")
-        .replace(".redirect.code", ".redirect.redirectCode");
+        .replace(".redirect.code", ".redirect.redirectCode")
+        .replace(".cors.allow_origins", ".corsPolicy.allowOrigins")
+        .replace(".cors.allow_methods", ".corsPolicy.allowMethods")
+        .replace(".cors.allow_headers", ".corsPolicy.allowHeaders")
+        .replace(".cors.expose_headers", ".corsPolicy.exposeHeaders");
     // `mirrors[k].x`: the model's mirror fields are the HTTPMirrorPolicy's destination's,
     // and its percentage.
     let p = match p
@@ -2806,12 +2939,12 @@ spec:
     fn unsupported_fields_are_warned_about_by_path() {
         let text = GOOD.replacen(
             "    timeout: 3s",
-            "    timeout: 3s\n    corsPolicy: {allowOrigins: []}\n    directResponse: {status: 503}\n    rewrite: {uri: /v2, uriRegexRewrite: {match: a, rewrite: b}}",
+            "    timeout: 3s\n    corsPolicy: {allowOrigins: [], maxAge: 1h, extra: 1}\n    directResponse: {status: 503}\n    rewrite: {uri: /v2, uriRegexRewrite: {match: a, rewrite: b}}",
             1,
         );
         let r = parse(&text).unwrap();
         for f in [
-            "spec.http[1].corsPolicy",
+            "spec.http[1].corsPolicy.extra",
             "spec.http[1].directResponse",
             "spec.http[1].rewrite.uriRegexRewrite",
         ] {
@@ -2820,6 +2953,82 @@ spec:
                 "{f}: {:?}",
                 r.warnings
             );
+        }
+    }
+
+    /// A route's corsPolicy is read as Istio writes it, and refused where Istio's
+    /// validation refuses it, by path.
+    #[test]
+    fn cors_policies_are_read_and_checked_as_istio_does() {
+        use meshfed_catalog::cors::Cors;
+        let cors = "    corsPolicy:\n      allowOrigins: [{exact: https://app.example.com}, {regex: \"https://.*\\\\.dev\\\\.example\\\\.com\"}]\n      allowOrigin: [https://old.example.com]\n      allowMethods: [GET, PUT]\n      allowHeaders: [x-custom]\n      exposeHeaders: [x-served-by]\n      maxAge: 24h\n      allowCredentials: true\n      unmatchedPreflights: IGNORE\n";
+        let text = GOOD.replacen("    timeout: 3s\n", &format!("    timeout: 3s\n{cors}"), 1);
+        let r = parse(&text).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let c = r.http_policies[0].routes[1].cors.as_deref().unwrap();
+        assert_eq!(
+            c,
+            &Cors {
+                allow_origins: vec![
+                    StringMatch::Exact("https://app.example.com".into()),
+                    StringMatch::Regex(r"https://.*\.dev\.example\.com".into()),
+                    StringMatch::Exact("https://old.example.com".into()),
+                ],
+                allow_methods: vec!["GET".into(), "PUT".into()],
+                allow_headers: vec!["x-custom".into()],
+                expose_headers: vec!["x-served-by".into()],
+                max_age_s: Some(86_400),
+                allow_credentials: true,
+                ignore_unmatched_preflights: true,
+            }
+        );
+        for (from, to, field) in [
+            (
+                "allowMethods: [GET, PUT]",
+                "allowMethods: [GET, FETCH]",
+                "spec.http[1].corsPolicy.allowMethods[1]",
+            ),
+            (
+                "maxAge: 24h",
+                "maxAge: 1500ms",
+                "spec.http[1].corsPolicy.maxAge",
+            ),
+            (
+                "maxAge: 24h",
+                "maxAge: soon",
+                "spec.http[1].corsPolicy.maxAge",
+            ),
+            (
+                "allowHeaders: [x-custom]",
+                "allowHeaders: [\"x custom\"]",
+                "spec.http[1].corsPolicy.allowHeaders[0]",
+            ),
+            (
+                "{exact: https://app.example.com}",
+                "{exact: \"\"}",
+                "spec.http[1].corsPolicy.allowOrigins[0]",
+            ),
+            (
+                "{regex: \"https://.*\\\\.dev\\\\.example\\\\.com\"}",
+                "{regex: \"(\"}",
+                "spec.http[1].corsPolicy.allowOrigins[1].regex",
+            ),
+            (
+                "unmatchedPreflights: IGNORE",
+                "unmatchedPreflights: DROP",
+                "spec.http[1].corsPolicy.unmatchedPreflights",
+            ),
+            (
+                "allowCredentials: true",
+                "allowCredentials: yes please",
+                "spec.http[1].corsPolicy.allowCredentials",
+            ),
+        ] {
+            assert!(text.contains(from), "{from}");
+            match parse(&text.replace(from, to)) {
+                Err(ParseError::Invalid(p)) => assert_eq!(p[0].field, field, "{to}: {p:?}"),
+                other => panic!("{to}: {other:?}"),
+            }
         }
     }
 

@@ -980,26 +980,34 @@ async fn federation_metrics_pass_promtool() {
     crate::tunnel::promtool_check(&text).unwrap_or_else(|e| panic!("promtool: {e}\n{text}"));
 }
 
-/// Headless chromium on `url`: the DOM after its scripts ran, and a screenshot at `png`.
-fn chromium(url: &str, profile: &Path, png: &Path) -> String {
-    let base = |c: &mut Command| {
-        c.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()));
-    };
-    let mut dump = Command::new("chromium");
-    base(&mut dump);
-    let out = dump
+/// Headless chromium on `url`: the DOM after its scripts ran (at most 5 s of virtual
+/// time), with its own profile directory.
+pub(crate) fn chromium_dom(url: &str, profile: &Path) -> String {
+    let out = Command::new("chromium")
+        .args(CHROMIUM)
+        .arg(format!("--user-data-dir={}", profile.display()))
         .arg("--dump-dom")
         .arg(url)
         .output()
         .expect("chromium runs (Debian chromium; deploy/setup-dev.sh installs it)");
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const CHROMIUM: [&str; 5] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--virtual-time-budget=5000",
+];
+
+/// Headless chromium on `url`: the DOM after its scripts ran, and a screenshot at `png`.
+fn chromium(url: &str, profile: &Path, png: &Path) -> String {
+    let base = |c: &mut Command| {
+        c.args(CHROMIUM)
+            .arg(format!("--user-data-dir={}", profile.display()));
+    };
+    let dom = chromium_dom(url, profile);
     let mut shot = Command::new("chromium");
     base(&mut shot);
     let s = shot

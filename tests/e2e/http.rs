@@ -3318,3 +3318,147 @@ spec:
     assert_eq!((to_v1, to_v2), (80, 40));
     drop(fed);
 }
+
+/// Serves `html` at `/` on a port of its own at 127.0.0.1 (a page of another origin
+/// than the import).
+async fn page_server(html: String) -> SocketAddr {
+    let l = listen();
+    let addr = l.local_addr().unwrap();
+    let html = Bytes::from(html);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: hyper::Request<Incoming>| {
+                    let mut r = hyper::Response::new(Full::new(html.clone()));
+                    r.headers_mut()
+                        .insert("content-type", "text/html".parse().unwrap());
+                    async move { Ok::<_, std::convert::Infallible>(r) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 17 §2: a VirtualService's `corsPolicy`, registered at west, applies at east's
+/// egress, checked by a browser nobody here wrote (headless chromium). A page of the
+/// allowed origin reads a GET's answer and an exposed header, and makes a PUT with a
+/// custom header, whose preflight the egress answers without forwarding it; a page of
+/// another origin is refused both by the browser. Before, `corsPolicy` was warned about
+/// and ignored, and the browser refused every cross-origin call.
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_policy_lets_a_browser_call_across_origins() {
+    let page = |import: SocketAddr| {
+        format!(
+            r#"<html><body><pre id="out">pending</pre><script>
+async function go() {{
+  const url = "http://{import}/api";
+  const out = [];
+  for (const [name, opts] of [["get", {{}}], ["put", {{method: "PUT", headers: {{"x-custom": "1"}}}}]]) {{
+    try {{
+      const r = await fetch(url, opts);
+      out.push(name + "=" + r.status + ":" + (r.headers.get("x-upstream") || "hidden"));
+    }} catch (e) {{
+      out.push(name + "=blocked");
+    }}
+  }}
+  document.getElementById("out").textContent = "done " + out.join(" ");
+}}
+go();
+</script></body></html>"#
+        )
+    };
+    let sites = http_sites("http-cors", (200, 200), 0, |_| {}).await;
+    // The same page from two origins; the policy allows the first.
+    let allowed = page_server(page(sites.import)).await;
+    let other = page_server(page(sites.import)).await;
+    let vs = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: demo}}
+spec:
+  hosts: [web.demo]
+  http:
+  - route: [{{destination: {{host: web.demo}}}}]
+    corsPolicy:
+      allowOrigins: [{{exact: "http://{allowed}"}}]
+      allowMethods: [GET, PUT]
+      allowHeaders: [x-custom]
+      exposeHeaders: [x-upstream]
+      maxAge: 10m
+"#
+    );
+    let out = register_yaml(&sites.west, "cors.yaml", &vs);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    // Applied once a preflight is answered at the egress.
+    let url = format!("http://{}/api", sites.import);
+    let origin = format!("Origin: http://{allowed}");
+    let preflight = [
+        "-X",
+        "OPTIONS",
+        "-H",
+        origin.as_str(),
+        "-H",
+        "Access-Control-Request-Method: PUT",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let head = loop {
+        let (status, head, _, _) = curl_head(&preflight, &url);
+        if status == 200 && head.contains("access-control-allow-origin") {
+            break head;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the corsPolicy never applied: {status} {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for h in [
+        format!("access-control-allow-origin: http://{allowed}"),
+        "access-control-allow-methods: GET,PUT".into(),
+        "access-control-allow-headers: x-custom".into(),
+        "access-control-max-age: 600".into(),
+    ] {
+        assert!(head.contains(&h), "{h}: {head}");
+    }
+    // The preflight never reached an endpoint.
+    let hits =
+        || sites.west_hits.load(Ordering::Relaxed) + sites.north_hits.load(Ordering::Relaxed);
+    let before = hits();
+    let (status, _, _, _) = curl_head(&preflight, &url);
+    assert_eq!((status, hits()), (200, before));
+
+    let scratch = &sites._scratch.0;
+    let dom = crate::federation::chromium_dom(
+        &format!("http://{allowed}/"),
+        &scratch.join("chromium-allowed"),
+    );
+    let text = dom
+        .split("<pre id=\"out\">")
+        .nth(1)
+        .and_then(|t| t.split("</pre>").next())
+        .unwrap_or(&dom)
+        .to_owned();
+    assert!(text.starts_with("done "), "{dom}");
+    // Both calls answered; the exposed header is readable; the PUT went through.
+    let fields: Vec<&str> = text.split_whitespace().skip(1).collect();
+    assert_eq!(fields.len(), 2, "{text}");
+    for (f, name) in fields.iter().zip(["get", "put"]) {
+        let rest = f
+            .strip_prefix(&format!("{name}=200:"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(rest == "west" || rest == "north", "{text}");
+    }
+    // Another origin: the browser refuses both (the GET's answer has no
+    // access-control-allow-origin; the PUT's preflight is forwarded and not allowed).
+    let dom = crate::federation::chromium_dom(
+        &format!("http://{other}/"),
+        &scratch.join("chromium-other"),
+    );
+    assert!(dom.contains("done get=blocked put=blocked"), "{dom}");
+}

@@ -8,7 +8,8 @@
 //! 3. with the import's routes (a VirtualService, HTTPRoute or GRPCRoute): the circuit breaker (past
 //!    `max_requests` in flight until the answer's headers, 503 [`OVERFLOW`] at once),
 //!    the first matching route (none: 404 [`NO_ROUTE`]), its rate limit (a token bucket
-//!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its redirect
+//!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its CORS
+//!    policy (a preflight answered here; an allowed origin's answer marked), its redirect
 //!    (answered here), its faults (delay, then abort), its rewrite and request header
 //!    changes (the picked destination's, then the route's), its mirrors (each hit by its own roll: a copy on a task of its own, of the
 //!    changed request, to this service or through another service's import), and its
@@ -313,6 +314,8 @@ struct Plan {
     hash: Option<http::HeaderValue>,
     /// The cookie the affinity made up for a request without one, set on the answer.
     set_cookie: Option<http::HeaderValue>,
+    /// The route's CORS headers for an allowed cross-origin request, set on the answer.
+    cors: Vec<(&'static str, String)>,
 }
 
 /// A mirrored copy's way: the sites of the mirror's service (its subset's), the subset's
@@ -330,6 +333,23 @@ struct Edits {
     dest_headers: Option<Box<meshfed_catalog::http_route::HeaderRules>>,
     headers: Option<meshfed_catalog::http_route::HeaderRules>,
     rewrite: Option<(meshfed_catalog::http_route::Rewrite, Option<String>)>,
+}
+
+/// A preflight's answer at the egress: 200, no body, `headers` (none: an ignored one).
+fn cors_preflight(headers: &[(&'static str, String)]) -> Response<Body> {
+    let mut r = Response::new(super::full(Bytes::new()));
+    set_headers(r.headers_mut(), headers);
+    r
+}
+
+/// Sets each of `headers` (values from a checked policy or the request's own `Origin`;
+/// one that is not a header value is left out).
+fn set_headers(map: &mut http::HeaderMap, headers: &[(&'static str, String)]) {
+    for (name, value) in headers {
+        if let Ok(v) = http::HeaderValue::from_str(value) {
+            map.insert(*name, v);
+        }
+    }
 }
 
 /// The [`SELECTOR_HEADER`] value of a subset, when it selects endpoints (not only sites).
@@ -700,6 +720,7 @@ impl HttpEgress {
                 .headers_mut()
                 .append(http::header::SET_COOKIE, c.clone());
         }
+        set_headers(answer.headers_mut(), &plan.cors);
         if let Some(e) = &plan.edits {
             for h in [e.dest_headers.as_deref(), e.headers.as_ref()]
                 .into_iter()
@@ -822,6 +843,7 @@ impl HttpEgress {
                 count_load: false,
                 hash: None,
                 set_cookie: None,
+                cors: Vec::new(),
             });
         };
         // The circuit breaker: a request past `max_requests` is refused at once, never
@@ -883,6 +905,21 @@ impl HttpEgress {
                 return Err(r);
             }
         }
+        // CORS (Envoy's filter, before the router): a preflight from an allowed origin
+        // (or, under `IGNORE`, from another) is answered here and never forwarded.
+        let header =
+            |h: http::header::HeaderName| parts.headers.get(h).and_then(|v| v.to_str().ok());
+        let cors = match table.compiled.cors(
+            route,
+            parts.method.as_str(),
+            header(http::header::ORIGIN),
+            header(http::header::ACCESS_CONTROL_REQUEST_METHOD),
+        ) {
+            meshfed_catalog::cors::Decision::Pass => Vec::new(),
+            meshfed_catalog::cors::Decision::Allowed(h) => h,
+            meshfed_catalog::cors::Decision::Preflight(h) => return Err(cors_preflight(&h)),
+            meshfed_catalog::cors::Decision::IgnoredPreflight => return Err(cors_preflight(&[])),
+        };
         if let Some(rd) = &route.redirect {
             let host = parts
                 .uri
@@ -1095,6 +1132,7 @@ impl HttpEgress {
             })
         });
         Ok(Plan {
+            cors,
             mirrors: mirrors.collect(),
             selector,
             subset_name: own.and_then(|(_, _, r)| r.name.clone()),
