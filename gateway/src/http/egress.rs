@@ -909,12 +909,16 @@ impl HttpEgress {
         // (or, under `IGNORE`, from another) is answered here and never forwarded.
         let header =
             |h: http::header::HeaderName| parts.headers.get(h).and_then(|v| v.to_str().ok());
-        let cors = match table.compiled.cors(
-            route,
-            parts.method.as_str(),
-            header(http::header::ORIGIN),
-            header(http::header::ACCESS_CONTROL_REQUEST_METHOD),
-        ) {
+        let decision = match route.cors {
+            None => meshfed_catalog::cors::Decision::Pass,
+            Some(_) => table.compiled.cors(
+                route,
+                parts.method.as_str(),
+                header(http::header::ORIGIN),
+                header(http::header::ACCESS_CONTROL_REQUEST_METHOD),
+            ),
+        };
+        let cors = match decision {
             meshfed_catalog::cors::Decision::Pass => Vec::new(),
             meshfed_catalog::cors::Decision::Allowed(h) => h,
             meshfed_catalog::cors::Decision::Preflight(h) => return Err(cors_preflight(&h)),
