@@ -11,8 +11,9 @@
 //!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its CORS
 //!    policy (a preflight answered here; an allowed origin's answer marked), its redirect
 //!    (answered here), its faults (delay, then abort), its rewrite and request header
-//!    changes (the picked destination's, then the route's), its mirrors (each hit by its own roll: a copy on a task of its own, of the
-//!    changed request, to this service or through another service's import), and its
+//!    changes (the picked destination's, then the route's), its mirrors (each hit by
+//!    its own roll: a copy on a task of its own, of the changed request, to this
+//!    service or through another service's import), and its
 //!    weighted destination, whose subset gives the sites (a destination of another
 //!    service: that service's import here, its sites and subsets, and the attempts go
 //!    through it); without routes, every backend; the answer gets the destination's,
@@ -720,7 +721,6 @@ impl HttpEgress {
                 .headers_mut()
                 .append(http::header::SET_COOKIE, c.clone());
         }
-        set_headers(answer.headers_mut(), &plan.cors);
         if let Some(e) = &plan.edits {
             for h in [e.dest_headers.as_deref(), e.headers.as_ref()]
                 .into_iter()
@@ -729,6 +729,8 @@ impl HttpEgress {
                 headers::apply_ops(answer.headers_mut(), &h.response);
             }
         }
+        // After the route's changes: Envoy's CORS filter sees the answer after the router.
+        set_headers(answer.headers_mut(), &plan.cors);
         metrics.http_request("egress", answer.status().as_u16());
         if let Some(route) = &plan.route {
             metrics.http_route_request(
