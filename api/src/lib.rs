@@ -698,6 +698,7 @@ mod tests {
             locality_lb: None,
             port_settings: vec![],
             export_to: Vec::new(),
+            retry_budget: None,
             service: service.clone(),
             source: "VirtualService demo/web".into(),
             routes: vec![HttpRoute {

@@ -120,6 +120,23 @@ pub struct HttpPolicy {
     /// [`HttpPolicy::routes_apply_to`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
+    /// The importing gateway's retry budget for the service (a DestinationRule's
+    /// `trafficPolicy.retryBudget`, Istio 1.27: Envoy's, by retries in flight); `None`:
+    /// the gateway's default (20 % of requests plus 10 retries a second, Linkerd's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Envoy's retry budget (Istio's `retryBudget`): a retry may start while the retries
+/// in flight are fewer than `per_million` of the requests in flight, or than
+/// `min_retry_concurrency`, whichever is more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Of every million requests in flight (Istio's `percent`; its default 20 %).
+    pub per_million: u32,
+    /// Retries in flight allowed whatever the share (Istio's default 3).
+    pub min_retry_concurrency: u32,
 }
 
 /// Namespaces in a policy's `export_to`, at most.
@@ -199,6 +216,7 @@ impl HttpPolicy {
             locality_lb: None,
             port_settings: Vec::new(),
             export_to: Vec::new(),
+            retry_budget: None,
         }
     }
 
@@ -1223,6 +1241,9 @@ pub fn redirect_location(rd: &Redirect, scheme: &str, host: &str, path_and_query
 impl HttpPolicy {
     /// The traffic settings' own rules (limits above 0, one balancer, percentages).
     fn check_traffic(&self) -> Result<(), PolicyError> {
+        if self.retry_budget.is_some_and(|b| b.per_million > 1_000_000) {
+            return Err(bad("retry_budget.per_million", "at most 1000000"));
+        }
         self.own_traffic().check()
     }
 
@@ -1751,6 +1772,7 @@ mod tests {
             locality_lb: None,
             port_settings: vec![],
             export_to: Vec::new(),
+            retry_budget: None,
             outlier: None,
             load_balancer: None,
             consistent_hash: None,
@@ -2468,6 +2490,15 @@ mod tests {
             (
                 Box::new(|p| p.connect_timeout_ms = Some(0)),
                 "connect_timeout_ms",
+            ),
+            (
+                Box::new(|p| {
+                    p.retry_budget = Some(RetryBudget {
+                        per_million: 1_000_001,
+                        min_retry_concurrency: 3,
+                    })
+                }),
+                "retry_budget.per_million",
             ),
             (
                 Box::new(|p| {

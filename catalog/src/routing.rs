@@ -926,6 +926,7 @@ mod tests {
                         locality_lb: None,
                         port_settings: vec![],
                         export_to: Vec::new(),
+                        retry_budget: None,
                         outlier: None,
                         load_balancer: None,
                         consistent_hash: None,

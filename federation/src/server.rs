@@ -1254,6 +1254,7 @@ mod conflict_tests {
                 locality_lb: None,
                 port_settings: vec![],
                 export_to: Vec::new(),
+                retry_budget: None,
                 service: svc,
                 source: "VirtualService demo/web".into(),
                 routes: vec![HttpRoute {

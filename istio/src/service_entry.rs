@@ -825,6 +825,7 @@ fn http_policies(
                 consistent_hash: traffic.consistent_hash,
                 locality_lb: traffic.locality_lb,
                 port_settings: traffic.port_settings,
+                retry_budget: traffic.retry_budget,
                 export_to: Vec::new(),
             };
             match p.clone().compile() {
@@ -871,6 +872,7 @@ fn http_policies(
             consistent_hash: traffic.consistent_hash.clone(),
             locality_lb: traffic.locality_lb.clone(),
             port_settings: traffic.port_settings.clone(),
+            retry_budget: traffic.retry_budget,
             export_to: Vec::new(),
             service,
         };
@@ -928,6 +930,8 @@ pub(crate) struct Traffic {
     pub locality_lb: Option<meshfed_catalog::locality::LocalityLb>,
     /// `portLevelSettings`.
     pub port_settings: Vec<meshfed_catalog::http_route::PortSettings>,
+    /// `retryBudget` (the destination's only).
+    pub retry_budget: Option<meshfed_catalog::http_route::RetryBudget>,
 }
 
 impl Traffic {
@@ -952,6 +956,7 @@ impl Traffic {
                 crate::virtual_service::locality_lb(d, lb.get("localityLbSetting"), outlier, base)
             }),
             port_settings: Vec::new(),
+            retry_budget: None,
         }
     }
 
@@ -966,6 +971,7 @@ impl Traffic {
             && self.consistent_hash.is_none()
             && self.locality_lb.is_none()
             && self.port_settings.is_empty()
+            && self.retry_budget.is_none()
     }
 
     /// The first rule's setting of each, over the rules for one service.
@@ -980,6 +986,7 @@ impl Traffic {
             load_balancer: rules.iter().find_map(|r| r.4.load_balancer),
             consistent_hash: rules.iter().find_map(|r| r.4.consistent_hash.clone()),
             locality_lb: rules.iter().find_map(|r| r.4.locality_lb.clone()),
+            retry_budget: rules.iter().find_map(|r| r.4.retry_budget),
             port_settings: rules
                 .iter()
                 .map(|r| &r.4.port_settings)
@@ -1109,6 +1116,11 @@ fn sort_documents(
                             tp.get("portLevelSettings"),
                             "spec.trafficPolicy",
                         );
+                        t.retry_budget = crate::virtual_service::retry_budget(
+                            &mut d,
+                            tp.get("retryBudget"),
+                            "spec.trafficPolicy",
+                        );
                         t
                     }
                     None => Traffic::default(),
@@ -1133,6 +1145,7 @@ fn sort_documents(
                         "outlierDetection",
                         "loadBalancer",
                         "portLevelSettings",
+                        "retryBudget",
                     ]
                     .iter()
                     .any(|k| tp.contains_key(*k))
@@ -1156,6 +1169,7 @@ fn sort_documents(
                                 "outlierDetection",
                                 "loadBalancer",
                                 "portLevelSettings",
+                                "retryBudget",
                             ],
                         );
                     }

@@ -1154,6 +1154,60 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) ->
     }
 }
 
+/// `trafficPolicy.retryBudget` of a DestinationRule (Istio 1.27): `percent` (0 to 100,
+/// default 20) and `minRetryConcurrency` (default 3), Envoy's retry budget, applied at
+/// each importing gateway to the destination's retries.
+pub(crate) fn retry_budget(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+    base: &str,
+) -> Option<meshfed_catalog::http_route::RetryBudget> {
+    let field = format!("{base}.retryBudget");
+    let m = match v? {
+        Value::Null => return None,
+        Value::Object(m) => m,
+        _ => {
+            d.err(field, "must be a map");
+            return None;
+        }
+    };
+    d.unsupported(&field, m, &["percent", "minRetryConcurrency"]);
+    let per_million = match m.get("percent") {
+        None | Some(Value::Null) => 200_000,
+        // A double, as Istio's `Percent`; a map `{value: P}` as its wrapper is written.
+        Some(v) => match v
+            .as_f64()
+            .or_else(|| v.get("value").and_then(Value::as_f64))
+        {
+            Some(p) if (0.0..=100.0).contains(&p) => (p * 10_000.0).round() as u32,
+            _ => {
+                d.err(
+                    format!("{field}.percent"),
+                    format!("{v}: must be in range [0.0, 100.0]"),
+                );
+                return None;
+            }
+        },
+    };
+    let min_retry_concurrency = match m.get("minRetryConcurrency") {
+        None | Some(Value::Null) => 3,
+        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) => n,
+            None => {
+                d.err(
+                    format!("{field}.minRetryConcurrency"),
+                    format!("{v}: a count from 0 to {}", u32::MAX),
+                );
+                return None;
+            }
+        },
+    };
+    Some(meshfed_catalog::http_route::RetryBudget {
+        per_million,
+        min_retry_concurrency,
+    })
+}
+
 /// `trafficPolicy.loadBalancer` of a DestinationRule: `simple` (ROUND_ROBIN,
 /// LEAST_REQUEST, RANDOM; UNSPECIFIED and LEAST_CONN, its deprecated name for
 /// LEAST_REQUEST, too), applied across the destination's sites (`localityLbSetting` is
@@ -1619,8 +1673,17 @@ fn subset_policy(
             "loadBalancer",
             "portLevelSettings",
             "tls",
+            "retryBudget",
         ],
     );
+    if m.get("retryBudget").is_some_and(|v| !v.is_null()) {
+        // Checked as the destination's is, then left: meshfed budgets per destination.
+        let _ = retry_budget(d, m.get("retryBudget"), f);
+        d.warn(
+            format!("{f}.retryBudget"),
+            "meshfed applies the destination's retryBudget to its subsets; ignored",
+        );
+    }
     // Istio's validateTrafficPolicy: a policy that sets nothing is an error.
     let fields = [
         "connectionPool",
@@ -1630,6 +1693,7 @@ fn subset_policy(
         "tls",
         "tunnel",
         "proxyProtocol",
+        "retryBudget",
     ];
     if !fields
         .iter()
@@ -1839,6 +1903,7 @@ pub(crate) fn policy(
         consistent_hash: traffic.consistent_hash,
         locality_lb: traffic.locality_lb,
         port_settings: traffic.port_settings,
+        retry_budget: traffic.retry_budget,
         export_to: vs.export_to.clone(),
     };
     match p.clone().compile() {
@@ -2954,6 +3019,58 @@ spec:
                 r.warnings
             );
         }
+    }
+
+    /// Istio 1.27's retryBudget: read with its defaults, refused out of range by path.
+    #[test]
+    fn a_retry_budget_is_read_with_istios_defaults() {
+        use meshfed_catalog::http_route::RetryBudget;
+        let dr = |budget: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: demo}}\nspec:\n  host: web\n  trafficPolicy:\n    retryBudget: {budget}\n"
+            )
+        };
+        for (budget, want) in [
+            ("{}", (200_000, 3)),
+            ("{percent: 25}", (250_000, 3)),
+            ("{percent: 12.5, minRetryConcurrency: 10}", (125_000, 10)),
+            ("{percent: {value: 0}, minRetryConcurrency: 0}", (0, 0)),
+        ] {
+            let r = parse(&dr(budget)).unwrap();
+            assert!(r.warnings.is_empty(), "{budget}: {:?}", r.warnings);
+            assert_eq!(
+                r.http_policies[0].retry_budget,
+                Some(RetryBudget {
+                    per_million: want.0,
+                    min_retry_concurrency: want.1
+                }),
+                "{budget}"
+            );
+        }
+        for (budget, field) in [
+            ("{percent: 101}", "spec.trafficPolicy.retryBudget.percent"),
+            ("{percent: -1}", "spec.trafficPolicy.retryBudget.percent"),
+            (
+                "{minRetryConcurrency: -3}",
+                "spec.trafficPolicy.retryBudget.minRetryConcurrency",
+            ),
+            ("[1]", "spec.trafficPolicy.retryBudget"),
+        ] {
+            match parse(&dr(budget)) {
+                Err(ParseError::Invalid(p)) => assert_eq!(p[0].field, field, "{budget}"),
+                other => panic!("{budget}: {other:?}"),
+            }
+        }
+        // A subset's own: accepted as Istio accepts it, warned about by path.
+        let subset = dr("{percent: 10}")
+            + "  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      retryBudget: {percent: 50}\n";
+        let r = parse(&subset).unwrap();
+        let warned: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(warned, ["spec.subsets[0].trafficPolicy.retryBudget"]);
+        assert_eq!(
+            r.http_policies[0].retry_budget.unwrap().per_million,
+            100_000
+        );
     }
 
     /// A route's corsPolicy is read as Istio writes it, and refused where Istio's

@@ -705,6 +705,64 @@ spec:
     );
 }
 
+/// Istio 1.27's DestinationRule `retryBudget`, registered at west, replaces every
+/// importer's default budget for the service with Envoy's, by retries in flight. North
+/// (tried first) answers 503: by default east retries each at west; with `percent: 0,
+/// minRetryConcurrency: 0` no retry may start and the 503s reach the client; with
+/// `minRetryConcurrency: 1` one retry at a time may, and requests one after another
+/// are all retried again. Before, `retryBudget` was warned about and ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_rule_retry_budget_bounds_every_importers_retries() {
+    let sites = &http_sites("http-retry-budget", (200, 503), 0, |_| {}).await;
+    let url = format!("http://{}/", sites.import);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while sites.north_hits.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "north never reached\n{}",
+            sites.east_gw.logs()
+        );
+        let _ = curl(&[], &url);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let statuses = gets(sites.import, 20, &[]).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    const DR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    retryBudget: {percent: 0, minRetryConcurrency: MIN}
+"#;
+    let until = |min: &str, done: fn(&[u16]) -> bool| {
+        let out = register_yaml(&sites.west, "dr.yaml", &DR.replace("MIN", min));
+        assert!(out.contains("routes:web.demo"), "{out}");
+        let min = min.to_owned();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let s = gets(sites.import, 20, &[]).await;
+                if done(&s) {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "retryBudget with minRetryConcurrency {min} never applied: {s:?}\n{}",
+                    sites.east_gw.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // No room: every request, tried at north first (by name), answers its 503. (The
+    // default budget would let every fifth through, and 10 a second.)
+    until("0", |s| s.iter().all(|c| *c == 503)).await;
+    // One retry at a time: requests one after another are each retried at west.
+    until("1", |s| s.iter().all(|c| *c == 200)).await;
+}
+
 /// `n` GETs over `conns` HTTP/1.1 connections at once: the statuses, in no order.
 async fn gets_parallel(
     addr: SocketAddr,

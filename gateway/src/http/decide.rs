@@ -115,6 +115,19 @@ pub fn retry_backoff_ms(base_ms: u64, retry: u32, roll: u32) -> u64 {
     ((u128::from(roll) * u128::from(ceiling)) >> 32) as u64
 }
 
+/// Whether a retry may start under an Envoy retry budget (a DestinationRule's
+/// `retryBudget`) with `requests` requests and `retries` retries in flight: while the
+/// retries are fewer than `per_million` of the requests, or than
+/// `min_retry_concurrency`, whichever is more. Pure.
+pub fn budget_allows(
+    b: meshfed_catalog::http_route::RetryBudget,
+    requests: u32,
+    retries: u32,
+) -> bool {
+    let share = u64::from(requests) * u64::from(b.per_million) / 1_000_000;
+    u64::from(retries) < share.max(u64::from(b.min_retry_concurrency))
+}
+
 /// Outlier detection per host, as Envoy keeps it: the egress keeps it per site (`K` =
 /// [`meshfed_catalog::SiteName`]), the ingress per endpoint (`K` = its address).
 /// Consecutive errors eject a host for `base × its ejections so far` (at most 300 s;
@@ -462,6 +475,37 @@ mod tests {
                 retry(m, (*o, None), None, (*a, *r), *rep, *b),
                 *want,
                 "row {i}: {m} {o:?}"
+            );
+        }
+    }
+
+    /// Envoy's retry budget: retries in flight below the share of requests in flight,
+    /// or below the minimum concurrency, whichever is more.
+    #[test]
+    fn a_retry_budget_bounds_the_retries_in_flight() {
+        use meshfed_catalog::http_route::RetryBudget;
+        let b = |percent: u32, min: u32| RetryBudget {
+            per_million: percent * 10_000,
+            min_retry_concurrency: min,
+        };
+        for (budget, requests, retries, want) in [
+            // Istio's defaults, 20 % and 3: 100 requests allow 20 retries at once.
+            (b(20, 3), 100, 19, true),
+            (b(20, 3), 100, 20, false),
+            // Few requests: the minimum.
+            (b(20, 3), 5, 2, true),
+            (b(20, 3), 5, 3, false),
+            // 0 % and 0: no retry at all.
+            (b(0, 0), 1000, 0, false),
+            // 100 %: as many retries as requests.
+            (b(100, 0), 7, 6, true),
+            (b(100, 0), 7, 7, false),
+            (b(100, 3), u32::MAX, u32::MAX - 1, true),
+        ] {
+            assert_eq!(
+                super::budget_allows(budget, requests, retries),
+                want,
+                "{budget:?} {requests} {retries}"
             );
         }
     }

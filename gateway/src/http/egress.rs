@@ -154,6 +154,10 @@ pub struct RouteTable {
     pub subset_orders: BTreeMap<String, SiteOrder>,
     /// Requests in flight, against the policy's `max_requests`.
     pub in_flight: AtomicU32,
+    /// Requests and retries in flight under the policy's `retry_budget` (counted only
+    /// when it has one).
+    budget_requests: AtomicU32,
+    budget_retries: AtomicU32,
     /// By subset index: a subset with a policy of its own, resolved once per table.
     subsets: Vec<Option<SubsetRoute>>,
     /// Each route's rate limit bucket (this gateway's), by route index.
@@ -195,6 +199,8 @@ impl RouteTable {
             site_weights,
             subset_orders,
             in_flight: AtomicU32::new(0),
+            budget_requests: AtomicU32::new(0),
+            budget_retries: AtomicU32::new(0),
             subsets: compiled
                 .policy
                 .subsets
@@ -244,6 +250,44 @@ impl RouteTable {
             })
             .ok()?;
         Some(InFlight(self.clone(), subset))
+    }
+}
+
+/// A request counted in its import's requests in flight under the policy's retry
+/// budget while it lives; it gives the request's retries their turn.
+struct Budgeted(Arc<RouteTable>, meshfed_catalog::http_route::RetryBudget);
+
+impl Budgeted {
+    fn new(table: &Arc<RouteTable>, budget: meshfed_catalog::http_route::RetryBudget) -> Self {
+        table.budget_requests.fetch_add(1, Ordering::AcqRel);
+        Self(table.clone(), budget)
+    }
+
+    /// A retry in flight, if the budget has room for one now (`decide::budget_allows`).
+    fn retry(&self) -> Option<BudgetedRetry> {
+        let requests = self.0.budget_requests.load(Ordering::Acquire);
+        self.0
+            .budget_retries
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                decide::budget_allows(self.1, requests, n).then_some(n + 1)
+            })
+            .ok()?;
+        Some(BudgetedRetry(self.0.clone()))
+    }
+}
+
+impl Drop for Budgeted {
+    fn drop(&mut self) {
+        self.0.budget_requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A retry counted in flight under the retry budget until its attempt ends.
+struct BudgetedRetry(Arc<RouteTable>);
+
+impl Drop for BudgetedRetry {
+    fn drop(&mut self) {
+        self.0.budget_retries.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -317,6 +361,9 @@ struct Plan {
     set_cookie: Option<http::HeaderValue>,
     /// The route's CORS headers for an allowed cross-origin request, set on the answer.
     cors: Vec<(&'static str, String)>,
+    /// Counted under the policy's retry budget, when it has one and the destination is
+    /// the service itself (`None`: the gateway's default budget).
+    budgeted: Option<Budgeted>,
 }
 
 /// A mirrored copy's way: the sites of the mirror's service (its subset's), the subset's
@@ -846,6 +893,7 @@ impl HttpEgress {
                 hash: None,
                 set_cookie: None,
                 cors: Vec::new(),
+                budgeted: None,
             });
         };
         // The circuit breaker: a request past `max_requests` is refused at once, never
@@ -1138,6 +1186,10 @@ impl HttpEgress {
             })
         });
         Ok(Plan {
+            budgeted: match (&target, table.compiled.policy.retry_budget) {
+                (None, Some(b)) => Some(Budgeted::new(table, b)),
+                _ => None,
+            },
             cors,
             mirrors: mirrors.collect(),
             selector,
@@ -1197,6 +1249,8 @@ impl HttpEgress {
         let sites = &plan.sites;
         let mut tried: Vec<&SiteName> = Vec::new();
         let mut attempt = 0u32;
+        // The retry in flight under the policy's retry budget, until its attempt ends.
+        let mut _retrying: Option<BudgetedRetry> = None;
         loop {
             // Ejected sites last: tried only when every other one was.
             let ejected = |s: &SiteName| {
@@ -1322,11 +1376,19 @@ impl HttpEgress {
                 (attempt, plan.retries),
                 replayable,
                 true,
-            ) && self
-                .budget
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .withdraw(self.now_ms());
+            ) && match &plan.budgeted {
+                Some(b) => {
+                    // This request's last retry has ended: it no longer counts.
+                    drop(_retrying.take());
+                    _retrying = b.retry();
+                    _retrying.is_some()
+                }
+                None => self
+                    .budget
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .withdraw(self.now_ms()),
+            };
             if !again {
                 return (answer, Some(site.clone()));
             }
