@@ -460,6 +460,47 @@ impl HttpSites {
         }
     }
 
+    /// Registers `yaml` at west as `file`, then sends 20 requests at a time until their
+    /// statuses satisfy `done`: `what` is in force at east.
+    async fn register_until_statuses(
+        &self,
+        file: &str,
+        yaml: &str,
+        what: &str,
+        done: impl Fn(&[u16]) -> bool,
+    ) {
+        let out = register_yaml(&self.west, file, yaml);
+        assert!(out.contains("routes:web.demo"), "{out}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = gets(self.import, 20, &[]).await;
+            if done(&s) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} never applied: {s:?}\n{}",
+                self.east_gw.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until a request reached north (east knows both sites).
+    async fn north_reached(&self) {
+        let url = format!("http://{}/", self.import);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while self.north_hits.load(Ordering::Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "north never reached\n{}",
+                self.east_gw.logs()
+            );
+            let _ = curl(&[], &url);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until east's import serves and its plan knows both sites' exports.
     async fn serving_through_both(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -635,17 +676,7 @@ async fn a_503_is_retried_at_another_site_within_the_budget() {
 #[tokio::test(flavor = "multi_thread")]
 async fn retry_on_decides_what_every_importer_retries() {
     let sites = &http_sites("http-retry-on", (200, 500), 0, |_| {}).await;
-    let url = format!("http://{}/", sites.import);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while sites.north_hits.load(Ordering::Relaxed) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "north never reached\n{}",
-            sites.east_gw.logs()
-        );
-        let _ = curl(&[], &url);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sites.north_reached().await;
     let statuses = gets(sites.import, 20, &[]).await;
     assert!(
         statuses.contains(&500),
@@ -665,22 +696,12 @@ spec:
 "#;
     // Registers `on` and waits until 20 requests in a row see `done`.
     let until = |on: &'static str, done: fn(&[u16]) -> bool| {
-        let out = register_yaml(&sites.west, "vs.yaml", &VS.replace("RETRY_ON", on));
-        assert!(out.contains("routes:web.demo"), "{out}");
+        let what = format!("retryOn {on}");
         async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                let s = gets(sites.import, 20, &[]).await;
-                if done(&s) {
-                    return;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "retryOn {on} never applied: {s:?}\n{}",
-                    sites.east_gw.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            let vs = VS.replace("RETRY_ON", on);
+            sites
+                .register_until_statuses("vs.yaml", &vs, &what, done)
+                .await
         }
     };
     until("5xx", |s| s.iter().all(|c| *c == 200)).await;
@@ -714,17 +735,7 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_destination_rule_retry_budget_bounds_every_importers_retries() {
     let sites = &http_sites("http-retry-budget", (200, 503), 0, |_| {}).await;
-    let url = format!("http://{}/", sites.import);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while sites.north_hits.load(Ordering::Relaxed) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "north never reached\n{}",
-            sites.east_gw.logs()
-        );
-        let _ = curl(&[], &url);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sites.north_reached().await;
     let statuses = gets(sites.import, 20, &[]).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     const DR: &str = r#"
@@ -737,23 +748,14 @@ spec:
     retryBudget: {percent: 0, minRetryConcurrency: MIN}
 "#;
     let until = |min: &str, done: fn(&[u16]) -> bool| {
-        let out = register_yaml(&sites.west, "dr.yaml", &DR.replace("MIN", min));
-        assert!(out.contains("routes:web.demo"), "{out}");
-        let min = min.to_owned();
+        let (dr, what) = (
+            DR.replace("MIN", min),
+            format!("retryBudget with minRetryConcurrency {min}"),
+        );
         async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                let s = gets(sites.import, 20, &[]).await;
-                if done(&s) {
-                    return;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "retryBudget with minRetryConcurrency {min} never applied: {s:?}\n{}",
-                    sites.east_gw.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            sites
+                .register_until_statuses("dr.yaml", &dr, &what, done)
+                .await
         }
     };
     // No room: every request, tried at north first (by name), answers its 503. (The
