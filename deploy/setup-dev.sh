@@ -11,7 +11,8 @@
 #   haproxy            the PROXY-protocol consumer the identity tests send to
 #   openssl            s_client, a TLS client the caller-mTLS test presents an SVID with
 #   nftables, iproute2 nft and ip: the outbound-only test puts a site in a network
-#                      namespace whose firewall drops every new inbound connection
+#                      namespace whose firewall drops every new inbound connection;
+#                      ss: the keepalive test reads the kernel's socket timers
 #   prometheus         promtool, which lints the /metrics of the gateway and federation
 #   chromium           a headless browser that renders the federation's topology page
 #   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
@@ -33,6 +34,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v openssl >/dev/null || need+=(openssl)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
+command -v ss >/dev/null || need+=(iproute2)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
 tools=/opt/meshfed-tools

@@ -716,6 +716,7 @@ mod tests {
             max_requests_per_connection: Some(100),
             idle_timeout_ms: Some(30_000),
             connect_timeout_ms: None,
+            tcp_keepalive: None,
             outlier: None,
             load_balancer: None,
             consistent_hash: None,

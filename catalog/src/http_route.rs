@@ -84,6 +84,10 @@ pub struct HttpPolicy {
     /// gateway's `connect_timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
+    /// Keepalive probes on the exporting gateway's connections to the endpoints (a
+    /// DestinationRule's `connectionPool.tcp.tcpKeepalive`); `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<TcpKeepalive>,
     /// The exporting site's connections to the service's endpoints (a DestinationRule's
     /// `connectionPool.tcp.maxConnections` and `http.http1MaxPendingRequests`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,7 +152,7 @@ pub const MAX_EXPORT_TO: usize = 64;
 pub struct PortSettings {
     pub port: u16,
     /// `connectionPool`: replaces `max_requests`, `max_requests_per_connection`,
-    /// `idle_timeout_ms`, `connect_timeout_ms` and `connection_pool` (absent: all unset,
+    /// `idle_timeout_ms`, `connect_timeout_ms`, `tcp_keepalive` and `connection_pool` (absent: all unset,
     /// the defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PortPool>,
@@ -176,6 +180,10 @@ pub struct PortPool {
     /// gateway's `connect_timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
+    /// Keepalive probes on the exporting gateway's connections to the endpoints (a
+    /// DestinationRule's `connectionPool.tcp.tcpKeepalive`); `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<TcpKeepalive>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
 }
@@ -209,6 +217,7 @@ impl HttpPolicy {
             max_requests_per_connection: None,
             idle_timeout_ms: None,
             connect_timeout_ms: None,
+            tcp_keepalive: None,
             connection_pool: None,
             outlier: None,
             load_balancer: None,
@@ -270,6 +279,7 @@ impl HttpPolicy {
         self.max_requests_per_connection = pool.max_requests_per_connection;
         self.idle_timeout_ms = pool.idle_timeout_ms;
         self.connect_timeout_ms = pool.connect_timeout_ms;
+        self.tcp_keepalive = pool.tcp_keepalive;
         self.connection_pool = pool.connection_pool;
         self.outlier = outlier;
         self.load_balancer = balancer.load_balancer;
@@ -285,6 +295,7 @@ impl HttpPolicy {
                 max_requests_per_connection: self.max_requests_per_connection,
                 idle_timeout_ms: self.idle_timeout_ms,
                 connect_timeout_ms: self.connect_timeout_ms,
+                tcp_keepalive: self.tcp_keepalive,
                 connection_pool: self.connection_pool,
             },
             outlier: self.outlier.clone(),
@@ -357,6 +368,27 @@ pub struct ConnectionPool {
 /// `max_pending` when a DestinationRule sets `maxConnections` and no
 /// `http1MaxPendingRequests` (Envoy's own default).
 pub const DEFAULT_MAX_PENDING: u32 = 1024;
+
+/// Istio's `connectionPool.tcp.tcpKeepalive`: keepalive probes on the exporting
+/// gateway's connections to the service's endpoints. An unset field is the kernel's
+/// (Linux: 2 h before the first probe, 75 s between probes, 9 probes). The kernel takes
+/// whole seconds: a time is rounded down, to at least 1 s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpKeepalive {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+}
+
+/// The longest keepalive time or interval (Linux's `TCP_KEEPIDLE` and `TCP_KEEPINTVL`
+/// bound, 32,767 s).
+pub const MAX_KEEPALIVE_MS: u64 = 32_767_000;
+/// The most keepalive probes (Linux's `TCP_KEEPCNT` bound).
+pub const MAX_KEEPALIVE_PROBES: u32 = 127;
 
 /// Istio's `OutlierDetection`, applied per site at the importing gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -458,6 +490,32 @@ impl Traffic {
         }
         if p.connect_timeout_ms == Some(0) {
             return Err(bad("connect_timeout_ms", "must be above 0"));
+        }
+        if let Some(k) = &p.tcp_keepalive {
+            if k.time_ms
+                .is_some_and(|t| !(1..=MAX_KEEPALIVE_MS).contains(&t))
+            {
+                return Err(bad(
+                    "tcp_keepalive.time_ms",
+                    format!("1 to {MAX_KEEPALIVE_MS}"),
+                ));
+            }
+            if k.interval_ms
+                .is_some_and(|t| !(1..=MAX_KEEPALIVE_MS).contains(&t))
+            {
+                return Err(bad(
+                    "tcp_keepalive.interval_ms",
+                    format!("1 to {MAX_KEEPALIVE_MS}"),
+                ));
+            }
+            if k.probes
+                .is_some_and(|n| !(1..=MAX_KEEPALIVE_PROBES).contains(&n))
+            {
+                return Err(bad(
+                    "tcp_keepalive.probes",
+                    format!("1 to {MAX_KEEPALIVE_PROBES}"),
+                ));
+            }
         }
         if let Some(c) = &p.connection_pool {
             if c.max_connections == 0 {
@@ -1780,6 +1838,7 @@ mod tests {
             max_requests_per_connection: None,
             idle_timeout_ms: None,
             connect_timeout_ms: None,
+            tcp_keepalive: None,
             service: ServiceName::parse("web.demo").unwrap(),
             source: "VirtualService demo/web".into(),
             routes: vec![
@@ -2493,6 +2552,24 @@ mod tests {
             ),
             (
                 Box::new(|p| {
+                    p.tcp_keepalive = Some(TcpKeepalive {
+                        probes: Some(128),
+                        ..Default::default()
+                    })
+                }),
+                "tcp_keepalive.probes",
+            ),
+            (
+                Box::new(|p| {
+                    p.tcp_keepalive = Some(TcpKeepalive {
+                        time_ms: Some(0),
+                        ..Default::default()
+                    })
+                }),
+                "tcp_keepalive.time_ms",
+            ),
+            (
+                Box::new(|p| {
                     p.retry_budget = Some(RetryBudget {
                         per_million: 1_000_001,
                         min_retry_concurrency: 3,
@@ -2709,6 +2786,7 @@ mod tests {
                 max_requests_per_connection: q.max_requests_per_connection,
                 idle_timeout_ms: q.idle_timeout_ms,
                 connect_timeout_ms: q.connect_timeout_ms,
+                tcp_keepalive: q.tcp_keepalive,
                 connection_pool: q.connection_pool,
             }
         );

@@ -934,6 +934,7 @@ mod tests {
                         max_requests_per_connection: None,
                         idle_timeout_ms: None,
                         connect_timeout_ms: None,
+                        tcp_keepalive: None,
                         service: service.clone(),
                         source: format!("VirtualService {site}/web"),
                         routes: vec![HttpRoute {

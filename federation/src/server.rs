@@ -1281,6 +1281,7 @@ mod conflict_tests {
                 max_requests_per_connection: None,
                 idle_timeout_ms: None,
                 connect_timeout_ms: None,
+                tcp_keepalive: None,
                 outlier: None,
                 load_balancer: None,
                 consistent_hash: None,

@@ -966,6 +966,11 @@ impl Ingress {
             );
             return Err(refused(Refusal::EndpointConnectFailed, msg));
         };
+        if let Some(k) = &policy.conn.keepalive
+            && let Err(e) = crate::http::ingress::set_keepalive(&tcp, k)
+        {
+            debug!(error = %e, endpoint = %ep, "keepalive on the endpoint connection");
+        }
         // PROXY protocol first (before any TLS we originate): the client as the far egress
         // saw it (or, from a meshfed/1 peer, the peer gateway), and the caller.
         if proxy {

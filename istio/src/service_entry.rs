@@ -819,6 +819,7 @@ fn http_policies(
                 max_requests_per_connection: traffic.max_requests_per_connection,
                 idle_timeout_ms: traffic.idle_timeout_ms,
                 connect_timeout_ms: traffic.connect_timeout_ms,
+                tcp_keepalive: traffic.tcp_keepalive,
                 connection_pool: traffic.connection_pool,
                 outlier: traffic.outlier,
                 load_balancer: traffic.load_balancer,
@@ -866,6 +867,7 @@ fn http_policies(
             max_requests_per_connection: traffic.max_requests_per_connection,
             idle_timeout_ms: traffic.idle_timeout_ms,
             connect_timeout_ms: traffic.connect_timeout_ms,
+            tcp_keepalive: traffic.tcp_keepalive,
             connection_pool: traffic.connection_pool,
             outlier: traffic.outlier.clone(),
             load_balancer: traffic.load_balancer,
@@ -918,6 +920,8 @@ pub(crate) struct Traffic {
     pub idle_timeout_ms: Option<u64>,
     /// `connectionPool.tcp.connectTimeout`.
     pub connect_timeout_ms: Option<u64>,
+    /// `connectionPool.tcp.tcpKeepalive`.
+    pub tcp_keepalive: Option<meshfed_catalog::http_route::TcpKeepalive>,
     /// `connectionPool.tcp.maxConnections`, `http.http1MaxPendingRequests`.
     pub connection_pool: Option<meshfed_catalog::http_route::ConnectionPool>,
     /// `outlierDetection`.
@@ -945,6 +949,7 @@ impl Traffic {
             max_requests_per_connection: pool.max_requests_per_connection,
             idle_timeout_ms: pool.idle_timeout_ms,
             connect_timeout_ms: pool.connect_timeout_ms,
+            tcp_keepalive: pool.tcp_keepalive,
             connection_pool: pool.connection_pool,
             outlier: crate::virtual_service::outlier(d, tp.get("outlierDetection"), base),
             load_balancer: crate::virtual_service::load_balancer(d, lb, base),
@@ -965,6 +970,7 @@ impl Traffic {
             && self.max_requests_per_connection.is_none()
             && self.idle_timeout_ms.is_none()
             && self.connect_timeout_ms.is_none()
+            && self.tcp_keepalive.is_none()
             && self.connection_pool.is_none()
             && self.outlier.is_none()
             && self.load_balancer.is_none()
@@ -981,6 +987,7 @@ impl Traffic {
             max_requests_per_connection: rules.iter().find_map(|r| r.4.max_requests_per_connection),
             idle_timeout_ms: rules.iter().find_map(|r| r.4.idle_timeout_ms),
             connect_timeout_ms: rules.iter().find_map(|r| r.4.connect_timeout_ms),
+            tcp_keepalive: rules.iter().find_map(|r| r.4.tcp_keepalive),
             connection_pool: rules.iter().find_map(|r| r.4.connection_pool),
             outlier: rules.iter().find_map(|r| r.4.outlier.clone()),
             load_balancer: rules.iter().find_map(|r| r.4.load_balancer),

@@ -1059,6 +1059,8 @@ pub(crate) struct Pool {
     pub idle_timeout_ms: Option<u64>,
     /// `connectionPool.tcp.connectTimeout`.
     pub connect_timeout_ms: Option<u64>,
+    /// `connectionPool.tcp.tcpKeepalive`.
+    pub tcp_keepalive: Option<meshfed_catalog::http_route::TcpKeepalive>,
     pub connection_pool: Option<meshfed_catalog::http_route::ConnectionPool>,
 }
 
@@ -1111,7 +1113,7 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) ->
     let http = section(d, "http");
     let tcp = section(d, "tcp");
     let (mut max_requests, mut pending, mut conns, mut per_conn) = (None, None, None, None);
-    let (mut idle, mut connect) = (None, None);
+    let (mut idle, mut connect, mut keepalive) = (None, None, None);
     if let Some(h) = &http {
         let path = format!("{field}.http");
         d.unsupported(
@@ -1131,12 +1133,17 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) ->
     }
     if let Some(t) = &tcp {
         let path = format!("{field}.tcp");
-        d.unsupported(&path, t, &["maxConnections", "connectTimeout"]);
+        d.unsupported(
+            &path,
+            t,
+            &["maxConnections", "connectTimeout", "tcpKeepalive"],
+        );
         connect = duration(
             d,
             t.get("connectTimeout"),
             &format!("{path}.connectTimeout"),
         );
+        keepalive = tcp_keepalive(d, t.get("tcpKeepalive"), &format!("{path}.tcpKeepalive"));
         conns = count(d, t, path, "maxConnections");
     }
     let pool = conns.map(
@@ -1150,8 +1157,73 @@ pub(crate) fn connection_pool(d: &mut Doc<'_>, v: Option<&Value>, base: &str) ->
         max_requests_per_connection: per_conn,
         idle_timeout_ms: idle,
         connect_timeout_ms: connect,
+        tcp_keepalive: keepalive,
         connection_pool: pool,
     }
+}
+
+/// `connectionPool.tcp.tcpKeepalive`: `probes` (0: the kernel's), `time` and
+/// `interval` (durations; unset: the kernel's). Past the kernel's bounds (32,767 s,
+/// 127 probes) a value is accepted as Istio accepts it, warned about, and the bound
+/// applies.
+fn tcp_keepalive(
+    d: &mut Doc<'_>,
+    v: Option<&Value>,
+    field: &str,
+) -> Option<meshfed_catalog::http_route::TcpKeepalive> {
+    use meshfed_catalog::http_route::{MAX_KEEPALIVE_MS, MAX_KEEPALIVE_PROBES, TcpKeepalive};
+    let m = match v? {
+        Value::Null => return None,
+        Value::Object(m) => m,
+        _ => {
+            d.err(field, "must be a map");
+            return None;
+        }
+    };
+    d.unsupported(field, m, &["probes", "time", "interval"]);
+    let bounded = |d: &mut Doc<'_>, k: &str| {
+        let ms = duration(d, m.get(k), &format!("{field}.{k}"))?;
+        if ms > MAX_KEEPALIVE_MS {
+            d.warn(
+                format!("{field}.{k}"),
+                format!(
+                    "the kernel takes at most {} s; that applies",
+                    MAX_KEEPALIVE_MS / 1000
+                ),
+            );
+        }
+        Some(ms.min(MAX_KEEPALIVE_MS))
+    };
+    let time_ms = bounded(d, "time");
+    let interval_ms = bounded(d, "interval");
+    let probes = match m.get("probes") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)) => {
+            match n.as_u64().unwrap_or(0) as u32 {
+                0 => None,
+                n if n > MAX_KEEPALIVE_PROBES => {
+                    d.warn(
+                        format!("{field}.probes"),
+                        format!("the kernel takes at most {MAX_KEEPALIVE_PROBES}; that applies"),
+                    );
+                    Some(MAX_KEEPALIVE_PROBES)
+                }
+                n => Some(n),
+            }
+        }
+        Some(other) => {
+            d.err(
+                format!("{field}.probes"),
+                format!("{other} is not a count from 0 to {}", u32::MAX),
+            );
+            None
+        }
+    };
+    Some(TcpKeepalive {
+        probes,
+        time_ms,
+        interval_ms,
+    })
 }
 
 /// `trafficPolicy.retryBudget` of a DestinationRule (Istio 1.27): `percent` (0 to 100,
@@ -1628,6 +1700,7 @@ fn blocks(
             max_requests_per_connection: t.max_requests_per_connection,
             idle_timeout_ms: t.idle_timeout_ms,
             connect_timeout_ms: t.connect_timeout_ms,
+            tcp_keepalive: t.tcp_keepalive,
             connection_pool: t.connection_pool,
         }),
         outlier: if set("outlierDetection") {
@@ -1897,6 +1970,7 @@ pub(crate) fn policy(
         max_requests_per_connection: traffic.max_requests_per_connection,
         idle_timeout_ms: traffic.idle_timeout_ms,
         connect_timeout_ms: traffic.connect_timeout_ms,
+        tcp_keepalive: traffic.tcp_keepalive,
         connection_pool: traffic.connection_pool,
         outlier: traffic.outlier,
         load_balancer: traffic.load_balancer,
@@ -2961,6 +3035,41 @@ spec:
             let r = parse(&dr.replace("tcp: {maxConnections: 10}", tcp)).unwrap();
             assert!(r.warnings.is_empty(), "{tcp}: {:?}", r.warnings);
             assert_eq!(r.http_policies[0].connect_timeout_ms, want, "{tcp}");
+        }
+        // tcp.tcpKeepalive: read; past the kernel's bounds warned about and bounded.
+        use meshfed_catalog::http_route::TcpKeepalive;
+        for (ka, want, warned) in [
+            (
+                "{time: 30s, interval: 5s, probes: 3}",
+                TcpKeepalive {
+                    probes: Some(3),
+                    time_ms: Some(30_000),
+                    interval_ms: Some(5_000),
+                },
+                0,
+            ),
+            ("{}", TcpKeepalive::default(), 0),
+            (
+                "{time: 10h, probes: 1000}",
+                TcpKeepalive {
+                    probes: Some(127),
+                    time_ms: Some(32_767_000),
+                    interval_ms: None,
+                },
+                2,
+            ),
+        ] {
+            let text = dr.replace("maxConnections: 10", &format!("tcpKeepalive: {ka}"));
+            let r = parse(&text).unwrap();
+            assert_eq!(r.http_policies[0].tcp_keepalive, Some(want), "{ka}");
+            assert_eq!(r.warnings.len(), warned, "{ka}: {:?}", r.warnings);
+        }
+        match parse(&dr.replace("maxConnections: 10", "tcpKeepalive: {time: soon}")) {
+            Err(ParseError::Invalid(p)) => assert_eq!(
+                p[0].field,
+                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.time"
+            ),
+            other => panic!("{other:?}"),
         }
         match parse(&dr.replace("maxConnections: 10", "connectTimeout: 0s")) {
             Err(ParseError::Invalid(p)) => assert_eq!(

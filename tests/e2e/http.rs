@@ -2743,6 +2743,87 @@ spec:
     drop(held);
 }
 
+/// The kernel's keepalive timers (`ss -o`) of this host's connections to `to`: for
+/// each connection, its `timer:(...)` field, or `-` without one.
+fn keepalive_timers(to: SocketAddr) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", "dst"])
+        .arg(to.to_string())
+        .output()
+        .expect("ss runs (iproute2; deploy/setup-dev.sh installs it)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .find(|f| f.starts_with("timer:("))
+                .unwrap_or("-")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Issue 17 §2: a DestinationRule's `connectionPool.tcp.tcpKeepalive` turns on keepalive
+/// probes on the exporting gateway's connections to the endpoints, as the kernel shows
+/// them (`ss -o`): without it, west's connection to the endpoint has no keepalive
+/// timer; with `time: 30s` a new connection has one of at most 30 s. Before,
+/// `tcpKeepalive` was warned about and ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_keepalive_probes_the_endpoint_connections() {
+    const DR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web.demo
+  trafficPolicy:
+    connectionPool:
+      tcp: {TCP}
+"#;
+    let (ep, _) = http_endpoint("ep", 200).await;
+    let WestServes { west, import, .. } = &west_serves(
+        "http-keepalive",
+        &DR.replace("TCP", "maxConnections: 100"),
+        vec![ep],
+    )
+    .await;
+    let timers = keepalive_timers(ep);
+    assert!(!timers.is_empty(), "no connection to the endpoint");
+    assert!(
+        timers.iter().all(|t| !t.contains("keepalive")),
+        "keepalive without tcpKeepalive: {timers:?}"
+    );
+    let out = register_yaml(
+        west,
+        "policy.yaml",
+        &DR.replace(
+            "TCP",
+            "maxConnections: 100, tcpKeepalive: {time: 30s, interval: 5s, probes: 3}",
+        ),
+    );
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let timer = loop {
+        assert_eq!(curl(&[], &format!("http://{import}/")).0, 200);
+        let timers = keepalive_timers(ep);
+        if let Some(t) = timers.iter().find(|t| t.contains("keepalive")) {
+            break t.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tcpKeepalive never applied: {timers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // `timer:(keepalive,29sec,0)`: at most the rule's 30 s to the first probe.
+    let secs: u64 = timer
+        .trim_start_matches("timer:(keepalive,")
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{timer}"));
+    assert!(secs <= 30 && timer.contains("sec"), "{timer}");
+}
+
 /// Issue 17 §2: a DestinationRule's `connectionPool.tcp.maxConnections` and
 /// `http.http1MaxPendingRequests`, at the exporting site's gateway. West's endpoint
 /// answers after 300 ms and counts the requests it holds at once; with `maxConnections:

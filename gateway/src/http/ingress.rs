@@ -11,7 +11,8 @@
 //! all of them, within the service's `connectionPool` (at most `maxConnections`
 //! HTTP/1.1 requests at once, a bounded number waiting, 503 `overflow` past it), over
 //! connections pooled per endpoint, each closed after `maxRequestsPerConnection`
-//! requests, or once idle for `idleTimeout` (90 s without), when the service sets them
+//! requests, or once idle for `idleTimeout` (90 s without), with keepalive probes under
+//! its `tcpKeepalive`, when the service sets them
 //! (HTTP/1.1 for
 //! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
@@ -37,7 +38,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::ServiceName;
 use meshfed_catalog::catalog::AppProtocol;
 use meshfed_catalog::http_route::{
-    ConnectionPool, Outlier, SELECTOR_HEADER, SUBSET_NAME_HEADER, parse_selector, selected,
+    ConnectionPool, Outlier, SELECTOR_HEADER, SUBSET_NAME_HEADER, TcpKeepalive, parse_selector,
+    selected,
 };
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +59,7 @@ pub struct Upstream {
     /// HTTP/1.1 pools whose idle connections close sooner or later than [`IDLE`] (a
     /// service's `idleTimeout`), or that dial within another time than the gateway's
     /// (its `connectTimeout`), by those times; at most [`IDLE_POOLS`] of them.
-    h1_idle: std::sync::Mutex<HashMap<(Duration, Duration), Client<Counting, Body>>>,
+    h1_idle: std::sync::Mutex<HashMap<H1Pool, Client<Counting, Body>>>,
     connector: Counting,
     /// Per endpoint, its h2 connection and the requests given to it so far.
     h2: std::sync::Mutex<HashMap<SocketAddr, H2Conn>>,
@@ -143,6 +145,10 @@ struct H2Conn {
     last_used: Arc<AtomicU64>,
 }
 
+/// What an HTTP/1.1 pool of its own is kept for: its idle timeout, connect timeout and
+/// keepalive.
+type H1Pool = (Duration, Duration, Option<TcpKeepalive>);
+
 /// How long an idle endpoint connection stays open without an `idleTimeout`.
 pub const IDLE: Duration = Duration::from_secs(90);
 /// The most distinct `idleTimeout`s with a pool of their own (past it, [`IDLE`]).
@@ -158,6 +164,28 @@ pub struct ConnLimits {
     pub idle: Option<Duration>,
     /// `tcp.connectTimeout` (`None`: the gateway's `connect_timeout`).
     pub connect: Option<Duration>,
+    /// `tcp.tcpKeepalive` (`None`: no keepalive probes).
+    pub keepalive: Option<TcpKeepalive>,
+}
+
+/// Turns on keepalive probes on `tcp` as `k` says (an unset field is the kernel's).
+pub(crate) fn set_keepalive(tcp: &TcpStream, k: &TcpKeepalive) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&socket_keepalive(k))
+}
+
+fn socket_keepalive(k: &TcpKeepalive) -> socket2::TcpKeepalive {
+    let secs = |ms: u64| Duration::from_secs((ms / 1000).max(1));
+    let mut out = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time_ms {
+        out = out.with_time(secs(t));
+    }
+    if let Some(i) = k.interval_ms {
+        out = out.with_interval(secs(i));
+    }
+    if let Some(n) = k.probes {
+        out = out.with_retries(n);
+    }
+    out
 }
 
 /// An h2 request in flight, until its answer's body is over.
@@ -542,30 +570,39 @@ impl Upstream {
         }
     }
 
-    /// The HTTP/1.1 pool whose idle connections close after `idle` and which dials
-    /// within `connect` (its own pool for each distinct pair, at most [`IDLE_POOLS`];
-    /// the default one past that).
-    fn h1_for(&self, idle: Duration, connect: Duration) -> Client<Counting, Body> {
+    /// The HTTP/1.1 pool whose idle connections close after `idle`, which dials within
+    /// `connect` and sets `keepalive` on its connections (its own pool for each
+    /// distinct setting, at most [`IDLE_POOLS`]; the default one past that).
+    fn h1_for(&self, key: H1Pool) -> Client<Counting, Body> {
         let mut pools = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = pools.get(&(idle, connect)) {
+        if let Some(c) = pools.get(&key) {
             return c.clone();
         }
         if pools.len() >= IDLE_POOLS {
             return self.h1.clone();
         }
-        let connector = if connect == self.connect_timeout {
+        let (idle, connect, keepalive) = key;
+        let connector = if connect == self.connect_timeout && keepalive.is_none() {
             self.connector.clone()
         } else {
             let mut c = HttpConnector::new();
             c.set_connect_timeout(Some(connect));
             c.set_nodelay(true);
+            if let Some(k) = keepalive {
+                // The kernel's 2 h when the rule sets no time: hyper turns keepalive on
+                // with a time only.
+                let secs = |ms: u64| Duration::from_secs((ms / 1000).max(1));
+                c.set_keepalive(Some(k.time_ms.map_or(Duration::from_secs(7200), secs)));
+                c.set_keepalive_interval(k.interval_ms.map(secs));
+                c.set_keepalive_retries(k.probes);
+            }
             Counting(c)
         };
         let c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
-        pools.insert((idle, connect), c.clone());
+        pools.insert(key, c.clone());
         c
     }
 
@@ -610,6 +647,11 @@ impl Upstream {
             .map_err(|_| format!("no connection within {within:?}"))?
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
+        if let Some(k) = &limits.keepalive
+            && let Err(e) = set_keepalive(&tcp, k)
+        {
+            debug!(error = %e, %ep, "keepalive on the endpoint connection");
+        }
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .adaptive_window(true)
             .handshake(TokioIo::new(tcp))
@@ -681,11 +723,12 @@ impl Upstream {
             // The default pool by reference: no client clone per request.
             let idle = limits.idle.unwrap_or(IDLE);
             let connect = limits.connect.unwrap_or(self.connect_timeout);
-            let sent = if idle == IDLE && connect == self.connect_timeout {
-                self.h1.request(req)
-            } else {
-                self.h1_for(idle, connect).request(req)
-            };
+            let sent =
+                if idle == IDLE && connect == self.connect_timeout && limits.keepalive.is_none() {
+                    self.h1.request(req)
+                } else {
+                    self.h1_for((idle, connect, limits.keepalive)).request(req)
+                };
             let resp = sent.await.map_err(|e| {
                 if e.is_connect() {
                     UpstreamError::Connect(format!("{e:?}"))
@@ -923,6 +966,7 @@ pub fn endpoint_policies(
             per_conn: t.pool.max_requests_per_connection,
             idle: t.pool.idle_timeout_ms.map(Duration::from_millis),
             connect: t.pool.connect_timeout_ms.map(Duration::from_millis),
+            keepalive: t.pool.tcp_keepalive,
         },
     };
     let subsets = if http {
@@ -1054,6 +1098,7 @@ mod tests {
             ],
             idle_timeout_ms: Some(5_000),
             connect_timeout_ms: None,
+            tcp_keepalive: None,
             connection_pool: Some(pool(50)),
             ..HttpPolicy::new(
                 meshfed_catalog::ServiceName::parse("web.demo").unwrap(),
