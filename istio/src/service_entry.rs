@@ -296,6 +296,23 @@ impl Doc<'_> {
             }
         }
     }
+    /// An optional map at `field`: `None` when absent or null, and (an error) when it
+    /// is not a map.
+    pub(crate) fn opt_map<'v>(
+        &mut self,
+        v: Option<&'v Value>,
+        field: &str,
+    ) -> Option<&'v serde_json::Map<String, Value>> {
+        match v? {
+            Value::Null => None,
+            Value::Object(m) => Some(m),
+            _ => {
+                self.err(field, "must be a map");
+                None
+            }
+        }
+    }
+
     pub(crate) fn str_list(&mut self, v: Option<&Value>, field: &str) -> Vec<String> {
         match v {
             None | Some(Value::Null) => vec![],

@@ -1172,14 +1172,7 @@ fn tcp_keepalive(
     field: &str,
 ) -> Option<meshfed_catalog::http_route::TcpKeepalive> {
     use meshfed_catalog::http_route::{MAX_KEEPALIVE_MS, MAX_KEEPALIVE_PROBES, TcpKeepalive};
-    let m = match v? {
-        Value::Null => return None,
-        Value::Object(m) => m,
-        _ => {
-            d.err(field, "must be a map");
-            return None;
-        }
-    };
+    let m = d.opt_map(v, field)?;
     d.unsupported(field, m, &["probes", "time", "interval"]);
     let bounded = |d: &mut Doc<'_>, k: &str| {
         let ms = duration(d, m.get(k), &format!("{field}.{k}"))?;
@@ -1235,14 +1228,7 @@ pub(crate) fn retry_budget(
     base: &str,
 ) -> Option<meshfed_catalog::http_route::RetryBudget> {
     let field = format!("{base}.retryBudget");
-    let m = match v? {
-        Value::Null => return None,
-        Value::Object(m) => m,
-        _ => {
-            d.err(field, "must be a map");
-            return None;
-        }
-    };
+    let m = d.opt_map(v, &field)?;
     d.unsupported(&field, m, &["percent", "minRetryConcurrency"]);
     let per_million = match m.get("percent") {
         None | Some(Value::Null) => 200_000,
