@@ -341,7 +341,7 @@ fn values(d: &mut Doc<'_>, v: Option<&Value>, path: &str) -> Vec<String> {
                 format!("{path}[{i}]"),
                 "empty value not allowed (Istio refuses it too)",
             );
-        } else if s.len() > 1 && s[1..s.len() - 1].contains('*') {
+        } else if between_ends(s).contains('*') {
             d.err(
                 format!("{path}[{i}]"),
                 format!("{s:?}: `*` may only start or end a value"),
@@ -349,6 +349,15 @@ fn values(d: &mut Doc<'_>, v: Option<&Value>, path: &str) -> Vec<String> {
         }
     }
     list
+}
+
+/// `s` without its first and last characters (by character: a value may start with
+/// any UTF-8).
+fn between_ends(s: &str) -> &str {
+    let mut c = s.chars();
+    c.next();
+    c.next_back();
+    c.as_str()
 }
 
 /// Istio writes ports as strings (`"8080"`); numbers are taken too.
@@ -449,6 +458,35 @@ mod tests {
         );
         let r = parse(&text).unwrap();
         assert_eq!((r.policies.len(), r.services.len()), (1, 1));
+    }
+
+    /// Found by the istio_yaml fuzz target: a value starting with a multi-byte
+    /// character panicked (the check sliced it by bytes). Now a value is checked by
+    /// character.
+    #[test]
+    fn values_of_any_utf8_are_checked_by_character() {
+        let src = |v: &str| {
+            doc(&format!(
+                "  rules:\n  - from:\n    - source:\n        principals: [\"{v}\"]\n"
+            ))
+        };
+        for ok in [
+            "\u{794}ast.example.org/ns/shop/sa/frontend",
+            "\u{794}*",
+            "*\u{794}",
+            "\u{794}",
+            "é",
+        ] {
+            parse(&src(ok)).unwrap_or_else(|e| panic!("{ok:?}: {e:?}"));
+        }
+        let e = problems(&src("\u{794}a*b\u{794}"));
+        assert_eq!(
+            e[0].0, "spec.rules[0].from[0].source.principals[0]",
+            "{e:?}"
+        );
+        // `*` between two-byte characters is inside the value: refused.
+        let e = problems(&src("é*é"));
+        assert!(e[0].1.contains("may only start or end"), "{e:?}");
     }
 
     #[test]

@@ -1725,6 +1725,39 @@ mod tests {
         }
     }
 
+    /// The example with this session's fields is read whole, with no warning.
+    #[test]
+    fn the_resilience_and_cors_example_is_read_whole() {
+        let r = ok("resilience-and-cors.yaml");
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let p = &r.http_policies[0];
+        let split = &p.routes[0];
+        assert_eq!(
+            split.destinations[1]
+                .headers
+                .as_deref()
+                .unwrap()
+                .request
+                .set["x-canary"],
+            "true"
+        );
+        let retries = split.retries.as_ref().unwrap();
+        assert_eq!((retries.attempts, retries.backoff_ms), (3, Some(50)));
+        let cors = split.cors.as_deref().unwrap();
+        assert_eq!(
+            (cors.allow_origins.len(), cors.max_age_s),
+            (2, Some(86_400))
+        );
+        assert_eq!(
+            (
+                p.connect_timeout_ms,
+                p.tcp_keepalive.and_then(|k| k.time_ms),
+                p.retry_budget.map(|b| b.per_million)
+            ),
+            (Some(250), Some(60_000), Some(250_000))
+        );
+    }
+
     #[test]
     fn the_canary_example_carries_export_to_subset_policies_and_failover_priority() {
         let r = ok("canary-traffic-policy.yaml");
