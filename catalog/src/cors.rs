@@ -98,8 +98,9 @@ impl Cors {
     }
 }
 
-/// An RFC 9110 token (a method or header name) of at most 256 bytes.
-fn token(v: &str) -> bool {
+/// An RFC 9110 token (a method or header name) of at most 256 bytes: what a policy's
+/// methods and header names must be (parsers check their files with it too).
+pub fn token(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 256
         && v.bytes()

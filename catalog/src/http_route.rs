@@ -1574,25 +1574,25 @@ impl HttpPolicy {
 }
 
 impl Compiled {
-    /// What `route` (one of this policy's) makes of a request with `method`, `origin`
-    /// and `Access-Control-Request-Method` under its CORS policy ([`crate::cors`]).
+    /// What route `index` of this policy makes of a request with `method`, `origin`
+    /// and `Access-Control-Request-Method` under its CORS policy ([`crate::cors`]; no
+    /// policy, or no such route: [`crate::cors::Decision::Pass`]).
     pub fn cors(
         &self,
-        route: &HttpRoute,
+        index: usize,
         method: &str,
         origin: Option<&str>,
         request_method: Option<&str>,
     ) -> crate::cors::Decision {
-        let Some(c) = &route.cors else {
+        let (Some(c), Some(origins)) = (
+            self.policy
+                .routes
+                .get(index)
+                .and_then(|r| r.cors.as_deref()),
+            self.cors.get(index),
+        ) else {
             return crate::cors::Decision::Pass;
         };
-        let origins = self
-            .policy
-            .routes
-            .iter()
-            .position(|r| std::ptr::eq(r, route))
-            .and_then(|i| self.cors.get(i))
-            .map_or(&[][..], Vec::as_slice);
         crate::cors::decide(c, origins, method, origin, request_method)
     }
 

@@ -247,7 +247,14 @@ fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Vec<Servi
     out
 }
 
-fn list<'v>(d: &mut Doc<'_>, v: Option<&'v Value>, field: &str, max: usize) -> &'v [Value] {
+/// An optional list at `field` of at most `max` entries (absent or null: empty; too
+/// long or not a list: an error, and empty).
+pub(crate) fn list<'v>(
+    d: &mut Doc<'_>,
+    v: Option<&'v Value>,
+    field: &str,
+    max: usize,
+) -> &'v [Value] {
     match v {
         None | Some(Value::Null) => &[],
         Some(Value::Array(a)) if a.len() <= max => a,
@@ -941,6 +948,19 @@ fn path_modifier(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<(Str
     Some((t.to_owned(), value.to_owned()))
 }
 
+/// A filter at `f` of type `t` sets `type` and the field named after it (`key`), no
+/// other (the CRD's CEL rule).
+fn only_its_field(d: &mut Doc<'_>, m: &Map<String, Value>, f: &str, t: &str, key: &str) {
+    for k in m.keys() {
+        if k != "type" && k != key {
+            d.err(
+                format!("{f}.{k}"),
+                format!("must not be set when type is {t}"),
+            );
+        }
+    }
+}
+
 /// A backendRef's `filters` at `field`: its header modifiers, applied when that backend
 /// is picked (as Istio turns them into the destination's `headers`); other filter types
 /// on a backend are refused, as Istio refuses them, with the advice to put them on the
@@ -971,14 +991,7 @@ fn backend_filters(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<Bo
                 continue;
             }
         };
-        for k in m.keys() {
-            if k != "type" && k != key {
-                d.err(
-                    format!("{f}.{k}"),
-                    format!("must not be set when type is {t}"),
-                );
-            }
-        }
+        only_its_field(d, m, &f, t, key);
         if seen.contains(&t) {
             d.err(
                 &f,
@@ -1052,14 +1065,7 @@ fn filters(
                     .unwrap_or_default()
             }
         };
-        for k in m.keys() {
-            if k != "type" && *k != key {
-                d.err(
-                    format!("{f}.{k}"),
-                    format!("must not be set when type is {t}"),
-                );
-            }
-        }
+        only_its_field(d, m, &f, t, &key);
         if t != "RequestMirror" {
             if seen.contains(&t) {
                 d.err(&f, format!("{t} may appear at most once in a rule"));

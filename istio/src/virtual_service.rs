@@ -638,19 +638,8 @@ fn cors_policy(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<meshfed_catalo
         ],
     );
     let mut c = Cors::default();
-    let list = |d: &mut Doc<'_>, k: &str, max: usize| -> Vec<Value> {
-        match m.get(k) {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) if a.len() <= max => a.clone(),
-            Some(Value::Array(_)) => {
-                d.err(format!("{field}.{k}"), format!("at most {max} entries"));
-                Vec::new()
-            }
-            Some(_) => {
-                d.err(format!("{field}.{k}"), "must be a list");
-                Vec::new()
-            }
-        }
+    let list = |d: &mut Doc<'_>, k: &str, max: usize| {
+        crate::gateway_api::list(d, m.get(k), &format!("{field}.{k}"), max)
     };
     for (i, o) in list(d, "allowOrigins", MAX_CORS_ORIGINS).iter().enumerate() {
         let f = format!("{field}.allowOrigins[{i}]");
@@ -694,15 +683,7 @@ fn cors_policy(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<meshfed_catalo
     ] {
         for (i, x) in list(d, k, MAX_CORS_LIST).iter().enumerate() {
             match x.as_str() {
-                Some(s)
-                    if !s.is_empty()
-                        && s.len() <= 256
-                        && s.bytes().all(|b| {
-                            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-                        }) =>
-                {
-                    out.push(s.to_owned())
-                }
+                Some(s) if meshfed_catalog::cors::token(s) => out.push(s.to_owned()),
                 _ => d.err(
                     format!("{field}.{k}[{i}]"),
                     format!("{x} is not a header name"),

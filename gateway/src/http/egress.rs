@@ -959,14 +959,15 @@ impl HttpEgress {
         // (or, under `IGNORE`, from another) is answered here and never forwarded.
         let header =
             |h: http::header::HeaderName| parts.headers.get(h).and_then(|v| v.to_str().ok());
-        let decision = match route.cors {
-            None => meshfed_catalog::cors::Decision::Pass,
-            Some(_) => table.compiled.cors(
-                route,
+        // By the route's index, found above (the unrouted route has no policy).
+        let decision = match (index, &route.cors) {
+            (Some(i), Some(_)) => table.compiled.cors(
+                i,
                 parts.method.as_str(),
                 header(http::header::ORIGIN),
                 header(http::header::ACCESS_CONTROL_REQUEST_METHOD),
             ),
+            _ => meshfed_catalog::cors::Decision::Pass,
         };
         let cors = match decision {
             meshfed_catalog::cors::Decision::Pass => Vec::new(),

@@ -173,14 +173,18 @@ pub(crate) fn set_keepalive(tcp: &TcpStream, k: &TcpKeepalive) -> std::io::Resul
     socket2::SockRef::from(tcp).set_tcp_keepalive(&socket_keepalive(k))
 }
 
+/// A keepalive time as the kernel takes it: whole seconds, at least 1.
+fn keepalive_secs(ms: u64) -> Duration {
+    Duration::from_secs((ms / 1000).max(1))
+}
+
 fn socket_keepalive(k: &TcpKeepalive) -> socket2::TcpKeepalive {
-    let secs = |ms: u64| Duration::from_secs((ms / 1000).max(1));
     let mut out = socket2::TcpKeepalive::new();
     if let Some(t) = k.time_ms {
-        out = out.with_time(secs(t));
+        out = out.with_time(keepalive_secs(t));
     }
     if let Some(i) = k.interval_ms {
-        out = out.with_interval(secs(i));
+        out = out.with_interval(keepalive_secs(i));
     }
     if let Some(n) = k.probes {
         out = out.with_retries(n);
@@ -591,9 +595,10 @@ impl Upstream {
             if let Some(k) = keepalive {
                 // The kernel's 2 h when the rule sets no time: hyper turns keepalive on
                 // with a time only.
-                let secs = |ms: u64| Duration::from_secs((ms / 1000).max(1));
-                c.set_keepalive(Some(k.time_ms.map_or(Duration::from_secs(7200), secs)));
-                c.set_keepalive_interval(k.interval_ms.map(secs));
+                c.set_keepalive(Some(
+                    k.time_ms.map_or(Duration::from_secs(7200), keepalive_secs),
+                ));
+                c.set_keepalive_interval(k.interval_ms.map(keepalive_secs));
                 c.set_keepalive_retries(k.probes);
             }
             Counting(c)
