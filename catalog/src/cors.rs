@@ -7,7 +7,9 @@
 //! from another origin is forwarded to the service (Istio's `unmatchedPreflights:
 //! FORWARD`, the default) or answered 200 without CORS headers (`IGNORE`). An origin is
 //! allowed when a matcher accepts it, or accepts `*` (Envoy's rule: `exact: "*"` allows
-//! every origin). Pure.
+//! every origin). With credentials allowed, a lone `*` among the allowed methods or
+//! headers is answered with what the preflight asked for (Gateway API's HTTPCORSFilter
+//! rule: a browser reads `*` literally on a credentialed request). Pure.
 
 use serde::{Deserialize, Serialize};
 
@@ -44,8 +46,20 @@ pub struct Cors {
 
 /// Origins, methods and headers one policy may list, at most (every CORS request walks
 /// the origins).
-pub const MAX_CORS_ORIGINS: usize = 32;
+pub const MAX_CORS_ORIGINS: usize = 64;
 pub const MAX_CORS_LIST: usize = 64;
+
+/// What CORS reads of a request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// `Origin`.
+    pub origin: Option<&'a str>,
+    /// `Access-Control-Request-Method`.
+    pub request_method: Option<&'a str>,
+    /// `Access-Control-Request-Headers`.
+    pub request_headers: Option<&'a str>,
+}
 
 /// What the egress does with a request under a route's CORS policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,19 +121,13 @@ pub fn token(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// What `c` (its origins compiled as `origins`) makes of a request with `method`, its
-/// `Origin` header and its `Access-Control-Request-Method` header. Pure.
-pub(crate) fn decide(
-    c: &Cors,
-    origins: &[Matcher],
-    method: &str,
-    origin: Option<&str>,
-    request_method: Option<&str>,
-) -> Decision {
-    let Some(origin) = origin.filter(|o| !o.is_empty()) else {
+/// What `c` (its origins compiled as `origins`) makes of request `r`. Pure.
+pub(crate) fn decide(c: &Cors, origins: &[Matcher], r: &Request<'_>) -> Decision {
+    let Some(origin) = r.origin.filter(|o| !o.is_empty()) else {
         return Decision::Pass;
     };
-    let preflight = method == "OPTIONS" && request_method.is_some_and(|m| !m.is_empty());
+    let request_method = r.request_method.filter(|m| !m.is_empty());
+    let preflight = r.method == "OPTIONS" && request_method.is_some();
     let allowed = origins.iter().any(|m| m.test("*") || m.test(origin));
     if !allowed {
         return if preflight && c.ignore_unmatched_preflights {
@@ -138,11 +146,26 @@ pub(crate) fn decide(
         }
         return Decision::Allowed(h);
     }
-    if !c.allow_methods.is_empty() {
-        h.push(("access-control-allow-methods", c.allow_methods.join(",")));
+    // With credentials a browser reads `*` as a name: answer with what was asked.
+    let wildcard = |l: &[String]| c.allow_credentials && l.len() == 1 && l[0] == "*";
+    let methods = if wildcard(&c.allow_methods) {
+        request_method.map(str::to_owned)
+    } else {
+        (!c.allow_methods.is_empty()).then(|| c.allow_methods.join(","))
+    };
+    if let Some(m) = methods {
+        h.push(("access-control-allow-methods", m));
     }
-    if !c.allow_headers.is_empty() {
-        h.push(("access-control-allow-headers", c.allow_headers.join(",")));
+    let headers = if wildcard(&c.allow_headers) {
+        r.request_headers
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+    } else {
+        (!c.allow_headers.is_empty()).then(|| c.allow_headers.join(","))
+    };
+    if let Some(v) = headers {
+        h.push(("access-control-allow-headers", v));
     }
     if let Some(s) = c.max_age_s {
         h.push(("access-control-max-age", s.to_string()));
@@ -171,7 +194,13 @@ mod tests {
 
     fn run(c: &Cors, method: &str, origin: Option<&str>, acrm: Option<&str>) -> Decision {
         let origins = c.compile(&|x| x.to_owned()).unwrap();
-        decide(c, &origins, method, origin, acrm)
+        let r = Request {
+            method,
+            origin,
+            request_method: acrm,
+            request_headers: Some("x-asked"),
+        };
+        decide(c, &origins, &r)
     }
 
     #[test]
@@ -258,6 +287,72 @@ mod tests {
         );
         // No origins: none is allowed.
         assert_eq!(run(&Cors::default(), "GET", app, None), Decision::Pass);
+    }
+
+    #[test]
+    fn a_wildcard_with_credentials_is_answered_with_what_was_asked() {
+        let app = Some("https://app.example.com");
+        let star = |credentials| Cors {
+            allow_origins: vec![StringMatch::Exact("*".into())],
+            allow_methods: vec!["*".into()],
+            allow_headers: vec!["*".into()],
+            allow_credentials: credentials,
+            ..Cors::default()
+        };
+        let ao = (
+            "access-control-allow-origin",
+            "https://app.example.com".into(),
+        );
+        let cred = ("access-control-allow-credentials", "true".to_owned());
+        let with = |m: &str, h: &str| {
+            vec![
+                ao.clone(),
+                cred.clone(),
+                ("access-control-allow-methods", m.to_owned()),
+                ("access-control-allow-headers", h.to_owned()),
+            ]
+        };
+        assert_eq!(
+            run(&star(true), "OPTIONS", app, Some("PATCH")),
+            Decision::Preflight(with("PATCH", "x-asked"))
+        );
+        // Without credentials `*` means all, and is sent as it is.
+        assert_eq!(
+            run(&star(false), "OPTIONS", app, Some("PATCH")),
+            Decision::Preflight(vec![
+                ao.clone(),
+                ("access-control-allow-methods", "*".into()),
+                ("access-control-allow-headers", "*".into()),
+            ])
+        );
+        // Nothing asked (no or empty Access-Control-Request-Headers): no header sent.
+        let origins = star(true).compile(&|x| x.to_owned()).unwrap();
+        for asked in [None, Some(""), Some("  ")] {
+            let r = Request {
+                method: "OPTIONS",
+                origin: app,
+                request_method: Some("PUT"),
+                request_headers: asked,
+            };
+            assert_eq!(
+                decide(&star(true), &origins, &r),
+                Decision::Preflight(vec![
+                    ao.clone(),
+                    cred.clone(),
+                    ("access-control-allow-methods", "PUT".into()),
+                ]),
+                "{asked:?}"
+            );
+        }
+        // `*` beside other names is a name like any.
+        let listed = Cors {
+            allow_methods: vec!["GET".into(), "*".into()],
+            ..star(true)
+        };
+        assert_eq!(
+            run(&listed, "OPTIONS", app, Some("PATCH")),
+            Decision::Preflight(with("GET,*", "x-asked"))
+        );
     }
 
     #[test]

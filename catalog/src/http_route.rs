@@ -1574,16 +1574,9 @@ impl HttpPolicy {
 }
 
 impl Compiled {
-    /// What route `index` of this policy makes of a request with `method`, `origin`
-    /// and `Access-Control-Request-Method` under its CORS policy ([`crate::cors`]; no
-    /// policy, or no such route: [`crate::cors::Decision::Pass`]).
-    pub fn cors(
-        &self,
-        index: usize,
-        method: &str,
-        origin: Option<&str>,
-        request_method: Option<&str>,
-    ) -> crate::cors::Decision {
+    /// What route `index` of this policy makes of request `r` under its CORS policy
+    /// ([`crate::cors`]; no policy, or no such route: [`crate::cors::Decision::Pass`]).
+    pub fn cors(&self, index: usize, r: &crate::cors::Request<'_>) -> crate::cors::Decision {
         let (Some(c), Some(origins)) = (
             self.policy
                 .routes
@@ -1593,7 +1586,7 @@ impl Compiled {
         ) else {
             return crate::cors::Decision::Pass;
         };
-        crate::cors::decide(c, origins, method, origin, request_method)
+        crate::cors::decide(c, origins, r)
     }
 
     /// The first route whose match accepts the request (a route without matches

@@ -11,7 +11,8 @@
 //! one, which importing gateways reach through their import of it; and header modifiers
 //! in their `filters`, applied when that backend is picked), `rules[].filters`
 //! (`RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`,
-//! and `RequestMirror`, repeatable, to the service itself or another one of its namespace),
+//! `CORS` (the experimental channel's), and `RequestMirror`, repeatable, to the service
+//! itself or another one of its namespace),
 //! `rules[].timeouts.request` and
 //! `rules[].retry` (`attempts`, `codes`, `backoff`). `hostnames` mean nothing for a mesh route (GAMMA) and are
 //! warned about; anything else is a warning naming its path. The CRDs' schema and CEL
@@ -961,6 +962,132 @@ fn only_its_field(d: &mut Doc<'_>, m: &Map<String, Value>, f: &str, t: &str, key
     }
 }
 
+/// A rule's `CORS` filter at `field` (HTTPCORSFilter, experimental channel), checked as
+/// the CRD checks it: `allowOrigins` (at most 64, each `*` or `scheme://host[:port]`, at
+/// most 253 characters, `*` alone; a `*` in the host matches any run of host
+/// characters there, DNS labels included, and an origin without a port matches only
+/// origins without one), `allowMethods` (at most 9 of RFC 9110's methods, or `*` alone),
+/// `allowHeaders` and `exposeHeaders` (at most 64 header names), `allowCredentials`,
+/// and `maxAge` (seconds, at least 1, default 5). The Gateway API answers a preflight
+/// from an origin not allowed at the gateway, without CORS headers (Istio's `IGNORE`).
+fn cors_filter(
+    d: &mut Doc<'_>,
+    m: &Map<String, Value>,
+    field: &str,
+) -> meshfed_catalog::cors::Cors {
+    use meshfed_catalog::cors::{Cors, MAX_CORS_LIST, MAX_CORS_ORIGINS};
+    d.unsupported(
+        field,
+        m,
+        &[
+            "allowOrigins",
+            "allowCredentials",
+            "allowMethods",
+            "allowHeaders",
+            "exposeHeaders",
+            "maxAge",
+        ],
+    );
+    let mut c = Cors {
+        ignore_unmatched_preflights: true,
+        max_age_s: Some(5),
+        ..Cors::default()
+    };
+    // Each list is a set, and `*` (where allowed) stands alone.
+    let names = |d: &mut Doc<'_>, k: &str, max: usize, ok: &dyn Fn(&str) -> bool| {
+        let f = format!("{field}.{k}");
+        let mut out: Vec<String> = Vec::new();
+        for (i, x) in list(d, m.get(k), &f, max).iter().enumerate() {
+            match x.as_str() {
+                Some(s) if ok(s) => {
+                    if out.iter().any(|o| o == s) {
+                        d.err(format!("{f}[{i}]"), format!("duplicate value {s:?}"));
+                    } else {
+                        out.push(s.to_owned());
+                    }
+                }
+                _ => d.err(format!("{f}[{i}]"), format!("{x} is not valid here")),
+            }
+        }
+        if out.len() > 1 && out.iter().any(|o| o == "*") {
+            d.err(
+                &f,
+                format!("{k} cannot contain '*' alongside other entries"),
+            );
+        }
+        out
+    };
+    let origins = names(d, "allowOrigins", MAX_CORS_ORIGINS, &cors_origin);
+    c.allow_origins = origins
+        .into_iter()
+        .map(|o| {
+            if o == "*" || !o.contains('*') {
+                StringMatch::Exact(o)
+            } else {
+                let parts: Vec<String> = o.split('*').map(regex::escape).collect();
+                StringMatch::Regex(parts.join("[^:/?#]*"))
+            }
+        })
+        .collect();
+    const METHODS: [&str; 10] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "*",
+    ];
+    c.allow_methods = names(d, "allowMethods", 9, &|s| METHODS.contains(&s));
+    c.allow_headers = names(
+        d,
+        "allowHeaders",
+        MAX_CORS_LIST,
+        &meshfed_catalog::cors::token,
+    );
+    c.expose_headers = names(
+        d,
+        "exposeHeaders",
+        MAX_CORS_LIST,
+        &meshfed_catalog::cors::token,
+    );
+    match m.get("allowCredentials") {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(b)) => c.allow_credentials = *b,
+        Some(_) => d.err(format!("{field}.allowCredentials"), "must be true or false"),
+    }
+    match m.get("maxAge") {
+        None | Some(Value::Null) => {}
+        Some(v) => match v.as_i64() {
+            Some(s @ 1..=0x7fff_ffff) => c.max_age_s = Some(s as u64),
+            _ => d.err(
+                format!("{field}.maxAge"),
+                format!("{v}: seconds, from 1 to 2147483647"),
+            ),
+        },
+    }
+    c
+}
+
+/// A Gateway API `CORSOrigin`: `*`, or `scheme://host[:port]` (the CRD's pattern: a
+/// scheme of a letter and then letters, digits, `+`, `-` or `.`; a host of anything but
+/// `:/?#`; a port of 1 to 5 digits), at most 253 characters.
+fn cors_origin(s: &str) -> bool {
+    if s == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return false;
+    };
+    let (host, port) = match rest.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (rest, None),
+    };
+    s.len() <= 253
+        && scheme.len() >= 2
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        && !host.is_empty()
+        && !host.contains(['/', '?', '#'])
+        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// A backendRef's `filters` at `field`: its header modifiers, applied when that backend
 /// is picked (as Istio turns them into the destination's `headers`); other filter types
 /// on a backend are refused, as Istio refuses them, with the advice to put them on the
@@ -1027,6 +1154,7 @@ fn filters(
             "RequestMirror",
             "RequestRedirect",
             "URLRewrite",
+            "CORS",
             "ExtensionRef",
         ],
         Kind::Grpc => &[
@@ -1058,6 +1186,7 @@ fn filters(
         // The field named after the type, lower camel case; no other.
         let key = match t {
             "URLRewrite" => "urlRewrite".to_owned(),
+            "CORS" => "cors".to_owned(),
             _ => {
                 let mut c = t.chars();
                 c.next()
@@ -1066,7 +1195,13 @@ fn filters(
             }
         };
         only_its_field(d, m, &f, t, &key);
-        if t != "RequestMirror" {
+        // The CRD lets mirrors and CORS repeat (the last CORS filter applies, warned).
+        if t == "CORS" && seen.contains(&t) {
+            d.warn(
+                &f,
+                "a rule's last CORS filter applies; this one replaces one before it",
+            );
+        } else if t != "RequestMirror" {
             if seen.contains(&t) {
                 d.err(&f, format!("{t} may appear at most once in a rule"));
                 continue;
@@ -1172,6 +1307,10 @@ fn filters(
                     authority: r.get("hostname").and_then(Value::as_str).map(str::to_owned),
                 });
             }
+            "CORS" => match body {
+                Some(Value::Object(c)) => route.cors = Some(Box::new(cors_filter(d, c, &bf))),
+                _ => d.err(&bf, "missing: the filter's type names this field"),
+            },
             "RequestMirror" => {
                 let Some(Value::Object(r)) = body else {
                     d.err(&bf, "missing: the filter's type names this field");
@@ -1631,6 +1770,167 @@ spec:
             e.contains("spec.parentRefs[0]") && e.contains("already has routes"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_cors_filter_is_read_as_the_crd_checks_it() {
+        const CORS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orders, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: orders, port: 8080}]
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["https://app.example.com", "https://*.example.com:8443"]
+        allowMethods: [GET, PUT]
+        allowHeaders: [x-custom]
+        exposeHeaders: [x-served-by]
+        allowCredentials: true
+        maxAge: 600
+    backendRefs: [{name: orders, port: 8080}]
+"#;
+        let r = parse(CORS).unwrap();
+        let c = r.http_policies[0].routes[0].cors.as_deref().unwrap();
+        assert_eq!(c.allow_methods, ["GET", "PUT"]);
+        assert_eq!(
+            (&c.allow_headers[..], &c.expose_headers[..]),
+            (
+                &["x-custom".to_owned()][..],
+                &["x-served-by".to_owned()][..]
+            )
+        );
+        assert_eq!(
+            (
+                c.max_age_s,
+                c.allow_credentials,
+                c.ignore_unmatched_preflights
+            ),
+            (Some(600), true, true)
+        );
+        assert_eq!(
+            c.allow_origins[0],
+            StringMatch::Exact("https://app.example.com".into())
+        );
+        // The wildcard: any run of host characters, labels included; never the port.
+        let StringMatch::Regex(re) = &c.allow_origins[1] else {
+            panic!("{:?}", c.allow_origins[1]);
+        };
+        let re = regex::Regex::new(&format!("^(?:{re})$")).unwrap();
+        for (origin, allowed) in [
+            ("https://a.example.com:8443", true),
+            ("https://a.b.example.com:8443", true),
+            ("https://.example.com:8443", true),
+            ("https://a.example.com", false),
+            ("https://a.example.com:9443", false),
+            ("https://a.example.com.evil:8443", false),
+            ("https://evil:1.example.com:8443", false),
+            ("http://a.example.com:8443", false),
+            ("https://aexample.com:8443", false),
+        ] {
+            assert_eq!(re.is_match(origin), allowed, "{origin}");
+        }
+        // Defaults: max age 5 s, no credentials; `*` alone allows every origin.
+        let plain = CORS
+            .replace("        allowCredentials: true\n", "")
+            .replace("        maxAge: 600\n", "")
+            .replace(
+                r#"["https://app.example.com", "https://*.example.com:8443"]"#,
+                r#"["*"]"#,
+            );
+        let r = parse(&plain).unwrap();
+        let c = r.http_policies[0].routes[0].cors.as_deref().unwrap();
+        assert_eq!(
+            (c.max_age_s, c.allow_credentials),
+            (Some(5), false),
+            "{plain}"
+        );
+        assert_eq!(c.allow_origins, [StringMatch::Exact("*".into())]);
+        // A second CORS filter replaces the first, warned.
+        let twice = CORS.replace(
+            "    backendRefs:",
+            "    - {type: CORS, cors: {allowOrigins: [\"*\"]}}\n    backendRefs:",
+        );
+        let r = parse(&twice).unwrap();
+        let c = r.http_policies[0].routes[0].cors.as_deref().unwrap();
+        assert_eq!(c.allow_origins, [StringMatch::Exact("*".into())]);
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.field == "spec.rules[0].filters[1]"),
+            "{:?}",
+            r.warnings
+        );
+        // What the CRD refuses: (replace, with, the field the error names).
+        for (from, to, field) in [
+            (
+                "\"https://app.example.com\", ",
+                "\"https://app.example.com/\", ",
+                "spec.rules[0].filters[0].cors.allowOrigins[0]",
+            ),
+            (
+                "\"https://app.example.com\", ",
+                "\"app.example.com\", ",
+                "spec.rules[0].filters[0].cors.allowOrigins[0]",
+            ),
+            (
+                "\"https://app.example.com\", ",
+                "\"https://app.example.com:123456\", ",
+                "spec.rules[0].filters[0].cors.allowOrigins[0]",
+            ),
+            (
+                "\"https://app.example.com\", ",
+                "\"*\", ",
+                "spec.rules[0].filters[0].cors.allowOrigins",
+            ),
+            (
+                "\"https://app.example.com\", ",
+                "\"https://*.example.com:8443\", ",
+                "spec.rules[0].filters[0].cors.allowOrigins[1]",
+            ),
+            (
+                "[GET, PUT]",
+                "[GET, get]",
+                "spec.rules[0].filters[0].cors.allowMethods[1]",
+            ),
+            (
+                "[GET, PUT]",
+                "[GET, \"*\"]",
+                "spec.rules[0].filters[0].cors.allowMethods",
+            ),
+            (
+                "[x-custom]",
+                "[\"x custom\"]",
+                "spec.rules[0].filters[0].cors.allowHeaders[0]",
+            ),
+            (
+                "maxAge: 600",
+                "maxAge: 0",
+                "spec.rules[0].filters[0].cors.maxAge",
+            ),
+            (
+                "allowCredentials: true",
+                "allowCredentials: \"yes\"",
+                "spec.rules[0].filters[0].cors.allowCredentials",
+            ),
+            (
+                "    - type: CORS\n      cors:",
+                "    - type: CORS\n      urlRewrite: {}\n      cors:",
+                "spec.rules[0].filters[0].urlRewrite",
+            ),
+        ] {
+            assert!(CORS.contains(from), "{from}");
+            let yaml = CORS.replacen(from, to, 1);
+            match parse(&yaml) {
+                Err(ParseError::Invalid(problems)) => assert!(
+                    problems.iter().any(|p| p.field == field),
+                    "{to}: wanted {field}, got {problems:?}"
+                ),
+                other => panic!("{to}: accepted: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -3485,23 +3485,19 @@ async fn page_server(html: String) -> SocketAddr {
     addr
 }
 
-/// Issue 17 §2: a VirtualService's `corsPolicy`, registered at west, applies at east's
-/// egress, checked by a browser nobody here wrote (headless chromium). A page of the
-/// allowed origin reads a GET's answer and an exposed header, and makes a PUT with a
-/// custom header, whose preflight the egress answers without forwarding it; a page of
-/// another origin is refused both by the browser. Before, `corsPolicy` was warned about
-/// and ignored, and the browser refused every cross-origin call.
-#[tokio::test(flavor = "multi_thread")]
-async fn cors_policy_lets_a_browser_call_across_origins() {
-    let page = |import: SocketAddr| {
-        format!(
-            r#"<html><body><pre id="out">pending</pre><script>
+/// A page that calls `http://{import}/api` with a GET and with a PUT carrying a custom
+/// header (which needs a preflight), sending cookies as `credentials` says (`fetch`'s
+/// option), and shows `done get=STATUS:X-UPSTREAM put=…` (`blocked` where the browser
+/// refused the call, `hidden` where it hid the header).
+fn cors_page(import: SocketAddr, credentials: &str) -> String {
+    format!(
+        r#"<html><body><pre id="out">pending</pre><script>
 async function go() {{
   const url = "http://{import}/api";
   const out = [];
   for (const [name, opts] of [["get", {{}}], ["put", {{method: "PUT", headers: {{"x-custom": "1"}}}}]]) {{
     try {{
-      const r = await fetch(url, opts);
+      const r = await fetch(url, Object.assign({{credentials: "{credentials}"}}, opts));
       out.push(name + "=" + r.status + ":" + (r.headers.get("x-upstream") || "hidden"));
     }} catch (e) {{
       out.push(name + "=blocked");
@@ -3511,8 +3507,42 @@ async function go() {{
 }}
 go();
 </script></body></html>"#
-        )
-    };
+    )
+}
+
+/// The `<pre id="out">` text of the page at `url`, as headless chromium ran it.
+fn chromium_out(url: &str, profile: &std::path::Path) -> String {
+    let dom = crate::federation::chromium_dom(url, profile);
+    dom.split("<pre id=\"out\">")
+        .nth(1)
+        .and_then(|t| t.split("</pre>").next())
+        .unwrap_or(&dom)
+        .to_owned()
+}
+
+/// Checks a [`cors_page`]'s text: both calls answered 200 by west or north, with the
+/// exposed header readable.
+fn assert_both_calls_answered(text: &str) {
+    assert!(text.starts_with("done "), "{text}");
+    let fields: Vec<&str> = text.split_whitespace().skip(1).collect();
+    assert_eq!(fields.len(), 2, "{text}");
+    for (f, name) in fields.iter().zip(["get", "put"]) {
+        let rest = f
+            .strip_prefix(&format!("{name}=200:"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(rest == "west" || rest == "north", "{text}");
+    }
+}
+
+/// Issue 17 §2: a VirtualService's `corsPolicy`, registered at west, applies at east's
+/// egress, checked by a browser nobody here wrote (headless chromium). A page of the
+/// allowed origin reads a GET's answer and an exposed header, and makes a PUT with a
+/// custom header, whose preflight the egress answers without forwarding it; a page of
+/// another origin is refused both by the browser. Before, `corsPolicy` was warned about
+/// and ignored, and the browser refused every cross-origin call.
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_policy_lets_a_browser_call_across_origins() {
+    let page = |import| cors_page(import, "same-origin");
     let sites = http_sites("http-cors", (200, 200), 0, |_| {}).await;
     // The same page from two origins; the policy allows the first.
     let allowed = page_server(page(sites.import)).await;
@@ -3575,31 +3605,105 @@ spec:
     assert_eq!((status, hits()), (200, before));
 
     let scratch = &sites._scratch.0;
-    let dom = crate::federation::chromium_dom(
+    // Both calls answered; the exposed header is readable; the PUT went through.
+    let text = chromium_out(
         &format!("http://{allowed}/"),
         &scratch.join("chromium-allowed"),
     );
-    let text = dom
-        .split("<pre id=\"out\">")
-        .nth(1)
-        .and_then(|t| t.split("</pre>").next())
-        .unwrap_or(&dom)
-        .to_owned();
-    assert!(text.starts_with("done "), "{dom}");
-    // Both calls answered; the exposed header is readable; the PUT went through.
-    let fields: Vec<&str> = text.split_whitespace().skip(1).collect();
-    assert_eq!(fields.len(), 2, "{text}");
-    for (f, name) in fields.iter().zip(["get", "put"]) {
-        let rest = f
-            .strip_prefix(&format!("{name}=200:"))
-            .unwrap_or_else(|| panic!("{text}"));
-        assert!(rest == "west" || rest == "north", "{text}");
-    }
+    assert_both_calls_answered(&text);
     // Another origin: the browser refuses both (the GET's answer has no
     // access-control-allow-origin; the PUT's preflight is forwarded and not allowed).
-    let dom = crate::federation::chromium_dom(
-        &format!("http://{other}/"),
-        &scratch.join("chromium-other"),
+    let text = chromium_out(&format!("http://{other}/"), &scratch.join("chromium-other"));
+    assert_eq!(text, "done get=blocked put=blocked");
+}
+
+/// Issue 17 §2: a Gateway API HTTPRoute's `CORS` filter (the experimental channel's
+/// HTTPCORSFilter), registered at west, applies at east's egress, checked by headless
+/// chromium making credentialed calls. The allowed origin is a wildcard
+/// (`http://*.0.0.1:PORT`); methods and headers are `*`, which a browser reads as a name
+/// on a credentialed call, so the egress answers a preflight with what it asked for
+/// (the Gateway API's rule). Another origin's preflight is answered at the egress
+/// without CORS headers (the Gateway API's, Istio's `IGNORE`), never forwarded. Before,
+/// a `CORS` filter was refused ("one of RequestHeaderModifier, …").
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http_route_cors_filter_lets_a_browser_call_with_credentials() {
+    let sites = http_sites("http-route-cors", (200, 200), 0, |_| {}).await;
+    let allowed = page_server(cors_page(sites.import, "include")).await;
+    let other = page_server(cors_page(sites.import, "include")).await;
+    let port = sites.import.port();
+    let route = format!(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web, namespace: demo}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: web}}]
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["http://*.0.0.1:{}"]
+        allowMethods: ["*"]
+        allowHeaders: ["*"]
+        exposeHeaders: [x-upstream]
+        allowCredentials: true
+    backendRefs: [{{name: web, port: {port}}}]
+"#,
+        allowed.port()
     );
-    assert!(dom.contains("done get=blocked put=blocked"), "{dom}");
+    let out = register_yaml(&sites.west, "cors-route.yaml", &route);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let url = format!("http://{}/api", sites.import);
+    let preflight = |origin: SocketAddr| {
+        curl_head(
+            &[
+                "-X",
+                "OPTIONS",
+                "-H",
+                &format!("Origin: http://{origin}"),
+                "-H",
+                "Access-Control-Request-Method: PATCH",
+                "-H",
+                "Access-Control-Request-Headers: x-a,x-b",
+            ],
+            &url,
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let head = loop {
+        let (status, head, _, _) = preflight(allowed);
+        if status == 200 && head.contains("access-control-allow-origin") {
+            break head;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CORS filter never applied: {status} {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for h in [
+        format!("access-control-allow-origin: http://{allowed}"),
+        "access-control-allow-credentials: true".into(),
+        "access-control-allow-methods: PATCH".into(),
+        "access-control-allow-headers: x-a,x-b".into(),
+        "access-control-max-age: 5".into(),
+    ] {
+        assert!(head.contains(&h), "{h}: {head}");
+    }
+    // Another origin's preflight is answered here, bare, and reaches no endpoint.
+    let hits =
+        || sites.west_hits.load(Ordering::Relaxed) + sites.north_hits.load(Ordering::Relaxed);
+    let before = hits();
+    let (status, head, _, _) = preflight(other);
+    assert_eq!((status, hits()), (200, before), "{head}");
+    assert!(!head.contains("access-control-"), "{head}");
+
+    let scratch = &sites._scratch.0;
+    let text = chromium_out(
+        &format!("http://{allowed}/"),
+        &scratch.join("chromium-allowed"),
+    );
+    assert_both_calls_answered(&text);
+    let text = chromium_out(&format!("http://{other}/"), &scratch.join("chromium-other"));
+    assert_eq!(text, "done get=blocked put=blocked");
 }

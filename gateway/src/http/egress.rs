@@ -390,7 +390,7 @@ fn cors_preflight(headers: &[(&'static str, String)]) -> Response<Body> {
     r
 }
 
-/// Sets each of `headers` (values from a checked policy or the request's own `Origin`;
+/// Sets each of `headers` (values from a checked policy or the request's own headers;
 /// one that is not a header value is left out).
 fn set_headers(map: &mut http::HeaderMap, headers: &[(&'static str, String)]) {
     for (name, value) in headers {
@@ -963,9 +963,12 @@ impl HttpEgress {
         let decision = match (index, &route.cors) {
             (Some(i), Some(_)) => table.compiled.cors(
                 i,
-                parts.method.as_str(),
-                header(http::header::ORIGIN),
-                header(http::header::ACCESS_CONTROL_REQUEST_METHOD),
+                &meshfed_catalog::cors::Request {
+                    method: parts.method.as_str(),
+                    origin: header(http::header::ORIGIN),
+                    request_method: header(http::header::ACCESS_CONTROL_REQUEST_METHOD),
+                    request_headers: header(http::header::ACCESS_CONTROL_REQUEST_HEADERS),
+                },
             ),
             _ => meshfed_catalog::cors::Decision::Pass,
         };
