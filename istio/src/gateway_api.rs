@@ -1772,6 +1772,30 @@ spec:
         );
     }
 
+    /// The examples under tests/data/gatewayapi (fuzz seeds too) are read whole, with
+    /// no warning.
+    #[test]
+    fn the_examples_are_read_whole() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/gatewayapi");
+        for name in ["http-canary.yaml", "grpc-route.yaml"] {
+            let yaml = std::fs::read_to_string(dir.join(name)).unwrap();
+            let r = parse(&yaml).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
+            assert!(!r.http_policies.is_empty(), "{name}");
+        }
+        let yaml = std::fs::read_to_string(dir.join("http-canary.yaml")).unwrap();
+        let r = parse(&yaml).unwrap();
+        let cors = r.http_policies[0].routes[2].cors.as_deref().unwrap();
+        assert_eq!(
+            (
+                cors.allow_origins.len(),
+                cors.max_age_s,
+                cors.allow_credentials
+            ),
+            (2, Some(600), true)
+        );
+    }
+
     #[test]
     fn a_cors_filter_is_read_as_the_crd_checks_it() {
         const CORS: &str = r#"
