@@ -19,7 +19,9 @@
 //! `percentage`; at most 16, and not beside `mirror`),
 //! `http[].headers` (`request`/`response`: `set`, `add`, `remove`), `http[].rewrite`
 //! (`uri`, `authority`) and `http[].redirect` (`uri`, `authority`, `scheme`, `port`,
-//! `redirectCode`; such a route has no `route`). Istio has no field for local rate
+//! `redirectCode`; such a route has no `route`), `http[].directResponse` (`status`,
+//! `body.string` or `body.bytes`; such a route has no `route`, and its `retries` and
+//! mirrors are ignored, warned). Istio has no field for local rate
 //! limits: the VirtualService's annotations `ratelimit.meshfed.io/rate` (`100/s`,
 //! `600/m`, `5/h`, `10/500ms`: a bucket per route), `.../burst` and
 //! `.../route.<http[].name>` (one route's rate) give them.
@@ -30,9 +32,9 @@
 use serde_json::Value;
 
 use meshfed_catalog::http_route::{
-    Destination, Fault, FaultAbort, FaultDelay, HeaderOps, HeaderRules, HttpPolicy, HttpRoute,
-    LoadBalancer, MAX_MIRRORS, Mirror, Outlier, RateLimit, Redirect, RequestMatch, Retries,
-    Rewrite, StringMatch, Subset,
+    Destination, DirectBody, DirectResponse, Fault, FaultAbort, FaultDelay, HeaderOps, HeaderRules,
+    HttpPolicy, HttpRoute, LoadBalancer, MAX_MIRRORS, Mirror, Outlier, RateLimit, Redirect,
+    RequestMatch, Retries, Rewrite, StringMatch, Subset,
 };
 
 use crate::service_entry::{Doc, duration_ms, go_duration_ms};
@@ -384,6 +386,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
             "headers",
             "rewrite",
             "redirect",
+            "directResponse",
             "corsPolicy",
         ],
     );
@@ -402,13 +405,22 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
     let redirect = m
         .get("redirect")
         .and_then(|v| redirect(d, v, &format!("{field}.redirect")));
-    let dests: &[Value] = match (m.get("route"), &redirect) {
+    let direct_response = m
+        .get("directResponse")
+        .and_then(|v| direct_response(d, v, &format!("{field}.directResponse")));
+    // A route answered at the egress: by its redirect, or its direct response.
+    let answered = match (&redirect, &direct_response) {
+        (Some(_), _) => Some("redirect"),
+        (None, Some(_)) => Some("directResponse"),
+        (None, None) => None,
+    };
+    let dests: &[Value] = match (m.get("route"), answered) {
         (None | Some(Value::Null), Some(_)) => &[],
-        (Some(Value::Array(a)), Some(_)) if !a.is_empty() => {
+        (Some(Value::Array(a)), Some(k)) if !a.is_empty() => {
             // Istio's rule.
             d.err(
-                format!("{field}.redirect"),
-                "a route cannot have both route and redirect",
+                format!("{field}.{k}"),
+                format!("a route cannot have both route and {k}"),
             );
             return None;
         }
@@ -416,7 +428,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
         (None | Some(Value::Null), None) => {
             d.err(
                 format!("{field}.route"),
-                "missing: a route needs destinations or a redirect (direct responses are not supported yet)",
+                "missing: a route needs destinations, a redirect or a directResponse",
             );
             return None;
         }
@@ -425,7 +437,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
             return None;
         }
     };
-    if dests.is_empty() && redirect.is_none() {
+    if dests.is_empty() && answered.is_none() {
         d.err(format!("{field}.route"), "at least one destination");
         return None;
     }
@@ -583,7 +595,32 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
     let fault = m
         .get("fault")
         .and_then(|f| fault(d, f, &format!("{field}.fault")));
-    let mirrors = mirrors(d, m, &field, &mut hosts);
+    let mut mirrors = mirrors(d, m, &field, &mut hosts);
+    // Istio accepts retries and mirrors beside an answer made at the proxy; they never
+    // apply there.
+    let mut retries = retries;
+    if let Some(k) = answered {
+        for (set, what) in [
+            (retries.is_some(), "retries"),
+            (
+                !mirrors.is_empty(),
+                if m.contains_key("mirrors") {
+                    "mirrors"
+                } else {
+                    "mirror"
+                },
+            ),
+        ] {
+            if set {
+                d.warn(
+                    format!("{field}.{what}"),
+                    format!("ignored: the route is answered by its {k}"),
+                );
+            }
+        }
+        retries = None;
+        mirrors.clear();
+    }
     let headers = m
         .get("headers")
         .and_then(|v| header_rules(d, v, &format!("{field}.headers")));
@@ -595,6 +632,7 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
             headers,
             rewrite,
             redirect,
+            direct_response,
             rate_limit: None,
             fault,
             mirrors,
@@ -715,6 +753,61 @@ fn cors_policy(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<meshfed_catalo
         ),
     }
     Some(c)
+}
+
+/// `directResponse`: `status` (required; 200 to 599, checked with the policy) and an
+/// optional `body`, `string` or `bytes` (base64), not both.
+fn direct_response(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<DirectResponse> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map with status and body");
+        return None;
+    };
+    d.unsupported(field, m, &["status", "body"]);
+    let status = match m.get("status") {
+        None | Some(Value::Null) => {
+            d.err(format!("{field}.status"), "missing");
+            return None;
+        }
+        Some(s) => match s.as_u64().and_then(|s| u16::try_from(s).ok()) {
+            Some(s) => s,
+            None => {
+                d.err(
+                    format!("{field}.status"),
+                    format!("{s}: must be in the range 200-599"),
+                );
+                return None;
+            }
+        },
+    };
+    let f = format!("{field}.body");
+    let body = match m.get("body") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(b)) => {
+            d.unsupported(&f, b, &["string", "bytes"]);
+            match (b.get("string"), b.get("bytes")) {
+                (Some(_), Some(_)) => {
+                    d.err(&f, "one of string or bytes, not both");
+                    return None;
+                }
+                (Some(Value::String(s)), None) => Some(DirectBody::String(s.clone())),
+                (None, Some(Value::String(s))) => Some(DirectBody::Bytes(s.clone())),
+                (None, None) => None,
+                (Some(_), None) => {
+                    d.err(format!("{f}.string"), "must be a string");
+                    return None;
+                }
+                (None, Some(_)) => {
+                    d.err(format!("{f}.bytes"), "must be base64 text");
+                    return None;
+                }
+            }
+        }
+        Some(_) => {
+            d.err(&f, "must be a map with string or bytes");
+            return None;
+        }
+    };
+    Some(DirectResponse { status, body })
 }
 
 /// `headers.request` / `headers.response`: `set`, `add` (maps) and `remove` (a list).
@@ -1980,6 +2073,7 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace(".query_params.", ".queryParams.")
         .replace(".timeout_ms", ".timeout")
         .replace(".redirect.code", ".redirect.redirectCode")
+        .replace(".direct_response", ".directResponse")
         .replace(".cors.allow_origins", ".corsPolicy.allowOrigins")
         .replace(".cors.allow_methods", ".corsPolicy.allowMethods")
         .replace(".cors.allow_headers", ".corsPolicy.allowHeaders")
@@ -3080,13 +3174,12 @@ spec:
     fn unsupported_fields_are_warned_about_by_path() {
         let text = GOOD.replacen(
             "    timeout: 3s",
-            "    timeout: 3s\n    corsPolicy: {allowOrigins: [], maxAge: 1h, extra: 1}\n    directResponse: {status: 503}\n    rewrite: {uri: /v2, uriRegexRewrite: {match: a, rewrite: b}}",
+            "    timeout: 3s\n    corsPolicy: {allowOrigins: [], maxAge: 1h, extra: 1}\n    rewrite: {uri: /v2, uriRegexRewrite: {match: a, rewrite: b}}",
             1,
         );
         let r = parse(&text).unwrap();
         for f in [
             "spec.http[1].corsPolicy.extra",
-            "spec.http[1].directResponse",
             "spec.http[1].rewrite.uriRegexRewrite",
         ] {
             assert!(
@@ -3094,6 +3187,106 @@ spec:
                 "{f}: {:?}",
                 r.warnings
             );
+        }
+    }
+
+    /// `directResponse`, as Istio's validation checks it (`validateHTTPRoute`,
+    /// `validateHTTPDirectResponse`): a status from 200 to 599, a body of text or base64
+    /// bytes, never beside `route`, `redirect`, `fault` or `rewrite`; retries and mirrors
+    /// beside it are accepted and ignored, warned.
+    #[test]
+    fn direct_responses_are_read_and_checked_as_istio_does() {
+        use meshfed_catalog::http_route::{DirectBody, DirectResponse};
+        let vs = |route: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: demo}}\nspec:\n  hosts: [web]\n  http:\n  - match: [{{uri: {{prefix: /old}}}}]\n{route}\n  - route: [{{destination: {{host: web}}}}]\n"
+            )
+        };
+        let read = |route: &str| {
+            let r = parse(&vs(route)).unwrap_or_else(|e| panic!("{route}: {e}"));
+            (r.http_policies[0].routes[0].clone(), r.warnings)
+        };
+        let (r, w) = read("    directResponse: {status: 503, body: {string: down}}");
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(
+            r.direct_response,
+            Some(DirectResponse {
+                status: 503,
+                body: Some(DirectBody::String("down".into()))
+            })
+        );
+        assert!(r.destinations.is_empty());
+        // Bytes as protobuf's JSON reads them; no body.
+        for (body, want) in [
+            ("{bytes: aGk=}", Some(DirectBody::Bytes("aGk=".into()))),
+            ("{bytes: aGk}", Some(DirectBody::Bytes("aGk".into()))),
+            ("{}", None),
+        ] {
+            let (r, _) = read(&format!(
+                "    directResponse: {{status: 200, body: {body}}}"
+            ));
+            assert_eq!(r.direct_response.unwrap().body, want, "{body}");
+        }
+        let (r, _) = read("    directResponse: {status: 204}");
+        assert_eq!(r.direct_response.unwrap().body, None);
+        // Retries and mirrors beside it: accepted, ignored, warned.
+        let (r, w) = read(
+            "    directResponse: {status: 503}\n    retries: {attempts: 2}\n    mirror: {host: web}",
+        );
+        assert!(r.retries.is_none() && r.mirrors.is_empty());
+        for f in ["spec.http[0].retries", "spec.http[0].mirror"] {
+            assert!(w.iter().any(|x| x.field == f), "{f}: {w:?}");
+        }
+        // Refused: (the route, the field the error names).
+        for (route, field) in [
+            (
+                "    directResponse: {status: 199}",
+                "spec.http[0].directResponse.status",
+            ),
+            (
+                "    directResponse: {status: 600}",
+                "spec.http[0].directResponse.status",
+            ),
+            (
+                "    directResponse: {status: 70000}",
+                "spec.http[0].directResponse.status",
+            ),
+            (
+                "    directResponse: {body: {string: x}}",
+                "spec.http[0].directResponse.status",
+            ),
+            (
+                "    directResponse: {status: 200, body: {string: a, bytes: YQ==}}",
+                "spec.http[0].directResponse.body",
+            ),
+            (
+                "    directResponse: {status: 200, body: {bytes: \"not base64!\"}}",
+                "spec.http[0].directResponse.body",
+            ),
+            (
+                "    directResponse: {status: 503}\n    route: [{destination: {host: web}}]",
+                "spec.http[0].directResponse",
+            ),
+            (
+                "    directResponse: {status: 503}\n    redirect: {uri: /new}",
+                "spec.http[0].directResponse",
+            ),
+            (
+                "    directResponse: {status: 503}\n    fault: {abort: {httpStatus: 500, percentage: {value: 10}}}",
+                "spec.http[0].directResponse",
+            ),
+            (
+                "    directResponse: {status: 503}\n    rewrite: {uri: /v2}",
+                "spec.http[0].rewrite",
+            ),
+        ] {
+            match parse(&vs(route)) {
+                Err(ParseError::Invalid(p)) => assert!(
+                    p.iter().any(|p| p.field == field),
+                    "{route}: wanted {field}, got {p:?}"
+                ),
+                other => panic!("{route}: accepted: {other:?}"),
+            }
         }
     }
 

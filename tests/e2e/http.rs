@@ -1664,7 +1664,9 @@ async fn a_subsets_ejection_leaves_the_site_to_the_other_requests() {
 }
 
 /// Routes that answer at the egress or change the request: a redirect (308 with the
-/// `Location` Istio would give), a rewrite of path and authority, header changes on the
+/// `Location` Istio would give), a direct response (Istio's `directResponse`: its
+/// status, body and the route's answer headers; before, warned about and ignored, and
+/// such a route refused for having no destinations), a rewrite of path and authority, header changes on the
 /// request and its answer, and a rate limit that answers 429 with `retry-after` at the
 /// configured rate (10/s, bursts of 5) while other routes are untouched.
 #[tokio::test(flavor = "multi_thread")]
@@ -1684,6 +1686,11 @@ spec:
   - name: old
     match: [{uri: {prefix: /old/}}]
     redirect: {uri: /new/, redirectCode: 308}
+  - name: maintenance
+    match: [{uri: {prefix: /maintenance}}]
+    directResponse: {status: 503, body: {string: "back at noon"}}
+    headers:
+      response: {set: {retry-after: "3600"}}
   - name: limited
     match: [{uri: {prefix: /limited}}]
     route: [{destination: {host: web.demo}}]
@@ -1740,6 +1747,14 @@ spec:
     assert_eq!(location, format!("{base}/new/?q=1"));
     let hits = sites.west_hits.load(Ordering::Relaxed) + sites.north_hits.load(Ordering::Relaxed);
     assert_eq!(hits, 0, "a redirect reached an endpoint");
+    // A direct response, with the route's answer headers, never forwarded.
+    let (status, head, body, _) = curl_head(&[], &format!("{base}/maintenance/x"));
+    assert_eq!((status, body.as_str()), (503, "back at noon"), "{head}");
+    for h in ["retry-after: 3600", "content-type: text/plain"] {
+        assert!(head.contains(h), "{h}: {head}");
+    }
+    let hits = sites.west_hits.load(Ordering::Relaxed) + sites.north_hits.load(Ordering::Relaxed);
+    assert_eq!(hits, 0, "a direct response reached an endpoint");
 
     // Rewrite and header changes.
     let (status, head, body, _) = curl_head(

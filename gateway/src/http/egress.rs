@@ -978,6 +978,24 @@ impl HttpEgress {
             meshfed_catalog::cors::Decision::Preflight(h) => return Err(cors_preflight(&h)),
             meshfed_catalog::cors::Decision::IgnoredPreflight => return Err(cors_preflight(&[])),
         };
+        // A direct response (Envoy's route action): answered here with the route's
+        // answer header changes and CORS headers, never forwarded.
+        if let Some((status, body)) = index.and_then(|i| table.compiled.direct_response(i)) {
+            let mut r = Response::new(super::full(Bytes::copy_from_slice(body)));
+            *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+            if !body.is_empty() {
+                // Envoy's default for a direct response's body.
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain"),
+                );
+            }
+            if let Some(h) = &route.headers {
+                headers::apply_ops(r.headers_mut(), &h.response);
+            }
+            set_headers(r.headers_mut(), &cors);
+            return Err(r);
+        }
         if let Some(rd) = &route.redirect {
             let host = parts
                 .uri
