@@ -643,6 +643,89 @@ pub struct Rewrite {
     /// Replaces the `Host` (`:authority`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
+    /// Replaces every match of a regex in the path (Istio's `uriRegexRewrite`); not
+    /// beside `uri`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_regex: Option<RegexRewrite>,
+}
+
+/// Istio's `RegexRewrite`, as Envoy's `regex_rewrite` applies it: every match of
+/// `pattern` in the path (not the query string) is replaced with `substitution`, RE2's
+/// rewrite string (`\1` a group, `\\` a backslash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewrite {
+    pub pattern: String,
+    pub substitution: String,
+}
+
+/// A compiled [`RegexRewrite`].
+#[derive(Debug)]
+pub struct UriRegex {
+    regex: regex::Regex,
+    /// The substitution in the `regex` crate's syntax.
+    replacement: String,
+}
+
+impl RegexRewrite {
+    /// Compiles the pattern (size-limited) and checks the substitution as RE2's
+    /// `CheckRewriteString` does: `\` is followed by a digit naming a group the pattern
+    /// has, or by `\`.
+    pub fn compile(&self, field: &str) -> Result<UriRegex, PolicyError> {
+        let regex = regex::RegexBuilder::new(&self.pattern)
+            .size_limit(REGEX_SIZE)
+            .build()
+            .map_err(|e| bad(format!("{field}.pattern"), format!("{e}")))?;
+        let groups = regex.captures_len() - 1;
+        let mut replacement = String::with_capacity(self.substitution.len());
+        let mut chars = self.substitution.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('\\') => replacement.push('\\'),
+                    Some(d @ '0'..='9') => {
+                        let n = d as usize - '0' as usize;
+                        if n > groups {
+                            return Err(bad(
+                                format!("{field}.substitution"),
+                                format!("\\{n}: the pattern has {groups} groups"),
+                            ));
+                        }
+                        replacement.push_str(&format!("${{{n}}}"));
+                    }
+                    _ => {
+                        return Err(bad(
+                            format!("{field}.substitution"),
+                            "a backslash is followed by a group's digit or a backslash",
+                        ));
+                    }
+                },
+                '$' => replacement.push_str("$$"),
+                c => replacement.push(c),
+            }
+        }
+        Ok(UriRegex { regex, replacement })
+    }
+}
+
+impl UriRegex {
+    /// `path_and_query` with every match in its path replaced; the query string stays.
+    /// Pure.
+    pub fn apply(&self, path_and_query: &str) -> String {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let mut out = self
+            .regex
+            .replace_all(path, self.replacement.as_str())
+            .into_owned();
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
 }
 
 /// Istio's `HTTPRedirect`.
@@ -1085,6 +1168,8 @@ pub struct Compiled {
     cors: Vec<Vec<Matcher>>,
     /// Per route, its direct response's body, decoded.
     direct: Vec<Option<Vec<u8>>>,
+    /// Per route, its rewrite's `uri_regex`, compiled.
+    uri_regex: Vec<Option<std::sync::Arc<UriRegex>>>,
 }
 
 /// The most header changes one route may carry, and the longest value.
@@ -1176,6 +1261,12 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
         check_header_rules(h, "headers", f)?;
     }
     if let Some(rw) = &r.rewrite {
+        if rw.uri.is_some() && rw.uri_regex.is_some() {
+            return Err(bad(
+                f("rewrite"),
+                "rewrite may only contain one of uri or uri_regex",
+            ));
+        }
         if let Some(u) = &rw.uri
             && (!u.starts_with('/') || !header_value_ok(u) || u.contains(' '))
         {
@@ -1495,7 +1586,8 @@ impl HttpPolicy {
                 self.check_subset(i, s, sp)?;
             }
         }
-        let (mut matches, mut cors, mut direct) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut matches, mut cors, mut direct, mut uri_regex) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, r) in self.routes.iter().enumerate() {
             let f = |x: &str| format!("routes[{i}].{x}");
             if r.matches.len() > MAX_MATCHES {
@@ -1653,6 +1745,13 @@ impl HttpPolicy {
                 Some(c) => c.compile(&f)?,
                 None => Vec::new(),
             });
+            uri_regex.push(
+                r.rewrite
+                    .as_ref()
+                    .and_then(|rw| rw.uri_regex.as_ref())
+                    .map(|x| x.compile(&f("rewrite.uri_regex")).map(std::sync::Arc::new))
+                    .transpose()?,
+            );
             // Checked above.
             direct.push(
                 r.direct_response
@@ -1667,11 +1766,17 @@ impl HttpPolicy {
             matches,
             cors,
             direct,
+            uri_regex,
         })
     }
 }
 
 impl Compiled {
+    /// Route `index`'s compiled `uri_regex` rewrite, when it has one.
+    pub fn uri_regex(&self, index: usize) -> Option<&std::sync::Arc<UriRegex>> {
+        self.uri_regex.get(index)?.as_ref()
+    }
+
     /// Route `index`'s direct response and its body (`None`: it has none, or there is
     /// no such route).
     pub fn direct_response(&self, index: usize) -> Option<(u16, &[u8])> {
@@ -1993,6 +2098,56 @@ mod tests {
         }
     }
 
+    /// Envoy's `regex_rewrite` examples, and RE2's rewrite string checks.
+    #[test]
+    fn uri_regex_rewrites_replace_every_match_in_the_path() {
+        let rw = |p: &str, s: &str| RegexRewrite {
+            pattern: p.into(),
+            substitution: s.into(),
+        };
+        for (pattern, substitution, from, want) in [
+            (
+                r"^/service/([^/]+)(/.*)$",
+                r"\2/instance/\1",
+                "/service/foo/v1/api?x=1",
+                "/v1/api/instance/foo?x=1",
+            ),
+            ("one", "two", "/xxx/one/yyy/one/zzz", "/xxx/two/yyy/two/zzz"),
+            (
+                r"^(.*?)one(.*)$",
+                r"\1two\2",
+                "/xxx/one/yyy/one/zzz",
+                "/xxx/two/yyy/one/zzz",
+            ),
+            ("(?i)/xxx/", "/yyy/", "/aaa/XxX/bbb", "/aaa/yyy/bbb"),
+            // Only the path: the query string stays as it is.
+            ("one", "two", "/a/one?q=one", "/a/two?q=one"),
+            // `$` is a character; `\\` a backslash; `\0` the whole match.
+            ("(b)", r"$\1\\\0", "/abc", r"/a$b\bc"),
+            ("nomatch", "x", "/abc", "/abc"),
+        ] {
+            let c = rw(pattern, substitution).compile("r").unwrap();
+            assert_eq!(c.apply(from), want, "{pattern} {substitution} {from}");
+        }
+        for (pattern, substitution, want) in [
+            (
+                "(a)(b)",
+                r"\3",
+                r"r.substitution: \3: the pattern has 2 groups",
+            ),
+            ("a", r"\1", r"r.substitution: \1: the pattern has 0 groups"),
+            ("a", r"\x", "r.substitution: a backslash"),
+            ("a", "b\\", "r.substitution: a backslash"),
+            ("(", "b", "r.pattern: "),
+        ] {
+            let e = rw(pattern, substitution)
+                .compile("r")
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{pattern} {substitution}: {e}");
+        }
+    }
+
     #[test]
     fn redirect_locations_follow_istio() {
         let rd =
@@ -2097,6 +2252,7 @@ mod tests {
             r.rewrite = Some(Rewrite {
                 uri: Some("v2".into()),
                 authority: None,
+                uri_regex: None,
             })
         })
         .unwrap();

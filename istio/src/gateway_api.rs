@@ -24,8 +24,8 @@ use serde_json::{Map, Value};
 
 use meshfed_catalog::ServiceName;
 use meshfed_catalog::http_route::{
-    Destination, HeaderOps, HeaderRules, HttpRoute, Mirror, Redirect, RequestMatch, Retries,
-    Rewrite, StringMatch,
+    Destination, HeaderOps, HeaderRules, HttpRoute, Mirror, Redirect, RegexRewrite, RequestMatch,
+    Retries, Rewrite, StringMatch,
 };
 
 use crate::service_entry::Doc;
@@ -1276,19 +1276,6 @@ fn filters(
                 };
                 d.unsupported(&bf, r, &["hostname", "path"]);
                 let path = path_modifier(d, r.get("path"), &format!("{bf}.path"));
-                if path.as_ref().is_some_and(|(t, _)| t == "ReplaceFullPath")
-                    && route.matches.iter().any(|x| {
-                        matches!(
-                            x.uri,
-                            Some(StringMatch::PathPrefix(_) | StringMatch::Prefix(_))
-                        )
-                    })
-                {
-                    d.err(
-                        format!("{bf}.path.type"),
-                        "ReplaceFullPath under a PathPrefix match is not supported by meshfed yet (it rewrites the matched prefix); use ReplacePrefixMatch or an Exact match",
-                    );
-                }
                 if path
                     .as_ref()
                     .is_some_and(|(t, _)| t == "ReplacePrefixMatch")
@@ -1302,9 +1289,22 @@ fn filters(
                         "ReplacePrefixMatch needs every match of the rule to be a PathPrefix path match",
                     );
                 }
+                // ReplaceFullPath replaces the whole path under any match (a regex
+                // over it); ReplacePrefixMatch the prefix the rule matched on.
+                let (uri, uri_regex) = match path {
+                    Some((t, v)) if t == "ReplaceFullPath" => (
+                        None,
+                        Some(RegexRewrite {
+                            pattern: "^.*$".into(),
+                            substitution: v.replace('\\', "\\\\"),
+                        }),
+                    ),
+                    other => (other.map(|(_, v)| v), None),
+                };
                 route.rewrite = Some(Rewrite {
-                    uri: path.map(|(_, v)| v),
+                    uri,
                     authority: r.get("hostname").and_then(Value::as_str).map(str::to_owned),
+                    uri_regex,
                 });
             }
             "CORS" => match body {
@@ -1714,11 +1714,6 @@ spec:
             ),
             ("- name: beta", "- name: Beta", "spec.rules[0].name"),
             (
-                "urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}",
-                "urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /v2}}",
-                "spec.rules[0].filters[1].urlRewrite.path.type",
-            ),
-            (
                 "path: {type: PathPrefix, value: /api}",
                 "path: {type: Exact, value: /api}",
                 "spec.rules[0].filters",
@@ -1794,6 +1789,28 @@ spec:
             ),
             (2, Some(600), true)
         );
+    }
+
+    /// ReplaceFullPath replaces the whole path, under a PathPrefix match too (before,
+    /// refused there: the model's `uri` replaces the matched prefix).
+    #[test]
+    fn replace_full_path_replaces_the_whole_path_under_any_match() {
+        let yaml = CANARY.replacen(
+            "urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}",
+            "urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /v2/all}}",
+            1,
+        );
+        let r = parse(&yaml).unwrap();
+        let rw = r.http_policies[0].routes[0].rewrite.clone().unwrap();
+        assert_eq!(rw.uri, None);
+        let c = rw.uri_regex.unwrap().compile("r").unwrap();
+        for (from, want) in [
+            ("/api/orders?id=1", "/v2/all?id=1"),
+            ("/api", "/v2/all"),
+            ("/", "/v2/all"),
+        ] {
+            assert_eq!(c.apply(from), want, "{from}");
+        }
     }
 
     #[test]

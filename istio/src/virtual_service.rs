@@ -18,7 +18,7 @@
 //! `mirrorPercentage`, or `http[].mirrors[]` (each a `destination` with its own
 //! `percentage`; at most 16, and not beside `mirror`),
 //! `http[].headers` (`request`/`response`: `set`, `add`, `remove`), `http[].rewrite`
-//! (`uri`, `authority`) and `http[].redirect` (`uri`, `authority`, `scheme`, `port`,
+//! (`uri`, `uriRegexRewrite`, `authority`) and `http[].redirect` (`uri`, `authority`, `scheme`, `port`,
 //! `redirectCode`; such a route has no `route`), `http[].directResponse` (`status`,
 //! `body.string` or `body.bytes`; such a route has no `route`, and its `retries` and
 //! mirrors are ignored, warned). Istio has no field for local rate
@@ -34,7 +34,7 @@ use serde_json::Value;
 use meshfed_catalog::http_route::{
     Destination, DirectBody, DirectResponse, Fault, FaultAbort, FaultDelay, HeaderOps, HeaderRules,
     HttpPolicy, HttpRoute, LoadBalancer, MAX_MIRRORS, Mirror, Outlier, RateLimit, Redirect,
-    RequestMatch, Retries, Rewrite, StringMatch, Subset,
+    RegexRewrite, RequestMatch, Retries, Rewrite, StringMatch, Subset,
 };
 
 use crate::service_entry::{Doc, duration_ms, go_duration_ms};
@@ -854,13 +854,38 @@ fn rewrite(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<Rewrite> {
         d.err(field, "must be a map");
         return None;
     };
-    d.unsupported(field, m, &["uri", "authority"]);
+    d.unsupported(field, m, &["uri", "authority", "uriRegexRewrite"]);
     let get = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_owned);
+    let f = format!("{field}.uriRegexRewrite");
+    let uri_regex = match m.get("uriRegexRewrite") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(x)) => {
+            d.unsupported(&f, x, &["match", "rewrite"]);
+            let s = |k: &str| x.get(k).and_then(Value::as_str).unwrap_or_default();
+            if s("match").is_empty() || s("rewrite").is_empty() {
+                // Istio's validateURIRegexRewrite.
+                d.err(
+                    &f,
+                    "UriRegexRewrite requires both Rewrite and Match fields to be specified",
+                );
+                return None;
+            }
+            Some(RegexRewrite {
+                pattern: s("match").to_owned(),
+                substitution: s("rewrite").to_owned(),
+            })
+        }
+        Some(_) => {
+            d.err(&f, "must be a map with match and rewrite");
+            return None;
+        }
+    };
     let rw = Rewrite {
         uri: get("uri"),
         authority: get("authority"),
+        uri_regex,
     };
-    (rw.uri.is_some() || rw.authority.is_some()).then_some(rw)
+    (rw.uri.is_some() || rw.authority.is_some() || rw.uri_regex.is_some()).then_some(rw)
 }
 
 fn redirect(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<Redirect> {
@@ -2074,6 +2099,8 @@ pub(crate) fn yaml_path(model: &str) -> String {
         .replace(".timeout_ms", ".timeout")
         .replace(".redirect.code", ".redirect.redirectCode")
         .replace(".direct_response", ".directResponse")
+        .replace(".uri_regex.pattern", ".uriRegexRewrite.match")
+        .replace(".uri_regex.substitution", ".uriRegexRewrite.rewrite")
         .replace(".cors.allow_origins", ".corsPolicy.allowOrigins")
         .replace(".cors.allow_methods", ".corsPolicy.allowMethods")
         .replace(".cors.allow_headers", ".corsPolicy.allowHeaders")
@@ -3174,13 +3201,13 @@ spec:
     fn unsupported_fields_are_warned_about_by_path() {
         let text = GOOD.replacen(
             "    timeout: 3s",
-            "    timeout: 3s\n    corsPolicy: {allowOrigins: [], maxAge: 1h, extra: 1}\n    rewrite: {uri: /v2, uriRegexRewrite: {match: a, rewrite: b}}",
+            "    timeout: 3s\n    corsPolicy: {allowOrigins: [], maxAge: 1h, extra: 1}\n    rewrite: {uri: /v2, extra: 1}",
             1,
         );
         let r = parse(&text).unwrap();
         for f in [
             "spec.http[1].corsPolicy.extra",
-            "spec.http[1].rewrite.uriRegexRewrite",
+            "spec.http[1].rewrite.extra",
         ] {
             assert!(
                 r.warnings.iter().any(|w| w.field == f),
@@ -3286,6 +3313,51 @@ spec:
                     "{route}: wanted {field}, got {p:?}"
                 ),
                 other => panic!("{route}: accepted: {other:?}"),
+            }
+        }
+    }
+
+    /// `rewrite.uriRegexRewrite`, as Istio's `validateHTTPRewrite` checks it, and as
+    /// Envoy checks its rewrite string (RE2's `CheckRewriteString`).
+    #[test]
+    fn uri_regex_rewrites_are_read_and_checked() {
+        let vs = |rewrite: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: demo}}\nspec:\n  hosts: [web]\n  http:\n  - rewrite: {rewrite}\n    route: [{{destination: {{host: web}}}}]\n"
+            )
+        };
+        let r = parse(&vs(
+            r#"{uriRegexRewrite: {match: "^/service/([^/]+)(/.*)$", rewrite: "\\2/instance/\\1"}}"#,
+        ))
+        .unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let rw = r.http_policies[0].routes[0].rewrite.clone().unwrap();
+        let c = rw.uri_regex.unwrap().compile("r").unwrap();
+        assert_eq!(c.apply("/service/foo/v1/api"), "/v1/api/instance/foo");
+        for (rewrite, field) in [
+            (
+                "{uri: /v2, uriRegexRewrite: {match: a, rewrite: b}}",
+                "spec.http[0].rewrite",
+            ),
+            (
+                "{uriRegexRewrite: {match: a}}",
+                "spec.http[0].rewrite.uriRegexRewrite",
+            ),
+            (
+                "{uriRegexRewrite: {match: \"(\", rewrite: b}}",
+                "spec.http[0].rewrite.uriRegexRewrite.match",
+            ),
+            (
+                "{uriRegexRewrite: {match: \"(a)\", rewrite: \"\\\\2\"}}",
+                "spec.http[0].rewrite.uriRegexRewrite.rewrite",
+            ),
+        ] {
+            match parse(&vs(rewrite)) {
+                Err(ParseError::Invalid(p)) => assert!(
+                    p.iter().any(|p| p.field == field),
+                    "{rewrite}: wanted {field}, got {p:?}"
+                ),
+                other => panic!("{rewrite}: accepted: {other:?}"),
             }
         }
     }

@@ -1666,7 +1666,8 @@ async fn a_subsets_ejection_leaves_the_site_to_the_other_requests() {
 /// Routes that answer at the egress or change the request: a redirect (308 with the
 /// `Location` Istio would give), a direct response (Istio's `directResponse`: its
 /// status, body and the route's answer headers; before, warned about and ignored, and
-/// such a route refused for having no destinations), a rewrite of path and authority, header changes on the
+/// such a route refused for having no destinations), a regex rewrite of the path
+/// (Istio's `uriRegexRewrite`; before, warned about and ignored), a rewrite of path and authority, header changes on the
 /// request and its answer, and a rate limit that answers 429 with `retry-after` at the
 /// configured rate (10/s, bursts of 5) while other routes are untouched.
 #[tokio::test(flavor = "multi_thread")]
@@ -1691,6 +1692,10 @@ spec:
     directResponse: {status: 503, body: {string: "back at noon"}}
     headers:
       response: {set: {retry-after: "3600"}}
+  - name: regex
+    match: [{uri: {prefix: /service/}}]
+    rewrite: {uriRegexRewrite: {match: "^/service/([^/]+)(/.*)$", rewrite: "\\2/instance/\\1"}}
+    route: [{destination: {host: web.demo}}]
   - name: limited
     match: [{uri: {prefix: /limited}}]
     route: [{destination: {host: web.demo}}]
@@ -1769,6 +1774,13 @@ spec:
     assert!(body.contains("host=web-v2.demo"), "{body}");
     assert!(head.contains("x-route: v2"), "{head}");
     assert!(!head.contains("x-upstream"), "{head}");
+    // A regex rewrite (Istio's uriRegexRewrite), groups substituted, query kept.
+    let (status, _, body, _) = curl_head(&[], &format!("{base}/service/foo/v1/api?id=3"));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("path=/v1/api/instance/foo query=id=3 "),
+        "{body}"
+    );
     // Other routes are untouched.
     let (_, head, body, _) = curl_head(&["-H", "x-debug: 1"], &format!("{base}/other"));
     assert!(

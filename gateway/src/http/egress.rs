@@ -381,6 +381,8 @@ struct Edits {
     dest_headers: Option<Box<meshfed_catalog::http_route::HeaderRules>>,
     headers: Option<meshfed_catalog::http_route::HeaderRules>,
     rewrite: Option<(meshfed_catalog::http_route::Rewrite, Option<String>)>,
+    /// The rewrite's `uri_regex`, compiled.
+    uri_regex: Option<Arc<meshfed_catalog::http_route::UriRegex>>,
 }
 
 /// A preflight's answer at the egress: 200, no body, `headers` (none: an ignored one).
@@ -734,7 +736,7 @@ impl HttpEgress {
         super::trace::inject(span, &mut parts.headers);
         if let Some(e) = &plan.edits {
             if let Some((rw, prefix)) = &e.rewrite {
-                headers::rewrite(&mut parts, rw, prefix.as_deref());
+                headers::rewrite(&mut parts, rw, prefix.as_deref(), e.uri_regex.as_deref());
             }
             if let Some(h) = &e.dest_headers {
                 headers::apply_ops(&mut parts.headers, &h.request);
@@ -1230,6 +1232,7 @@ impl HttpEgress {
                             .rewrite
                             .clone()
                             .map(|rw| (rw, prefix.map(str::to_owned))),
+                        uri_regex: index.and_then(|i| table.compiled.uri_regex(i)).cloned(),
                     })
                 }),
             cluster: match (&outlier, d.subset.as_deref()) {

@@ -180,17 +180,27 @@ pub fn apply_ops(h: &mut HeaderMap, ops: &meshfed_catalog::http_route::HeaderOps
 }
 
 /// A route's `rewrite` on an egress request (absolute URI, as `from_client` left it):
-/// the path (the matched prefix, or all of it) and the authority. Unchanged when the
-/// result is not a valid URI.
+/// the path (the matched prefix, or all of it; or, with `uri_regex`, the rewrite's
+/// compiled regex replacing its matches) and the authority. Unchanged when the result is
+/// not a valid URI.
 pub fn rewrite(
     p: &mut Parts,
     rw: &meshfed_catalog::http_route::Rewrite,
     matched_prefix: Option<&str>,
+    uri_regex: Option<&meshfed_catalog::http_route::UriRegex>,
 ) {
     let mut u = p.uri.clone().into_parts();
-    if let Some(uri) = &rw.uri {
-        let pq = u.path_and_query.as_ref().map_or("/", |pq| pq.as_str());
-        let new = meshfed_catalog::http_route::rewrite_path(pq, matched_prefix, uri);
+    let pq = u.path_and_query.as_ref().map_or("/", |pq| pq.as_str());
+    let new = match (&rw.uri, uri_regex) {
+        (Some(uri), _) => Some(meshfed_catalog::http_route::rewrite_path(
+            pq,
+            matched_prefix,
+            uri,
+        )),
+        (None, Some(re)) => Some(re.apply(pq)),
+        (None, None) => None,
+    };
+    if let Some(new) = new {
         match new.parse() {
             Ok(pq) => u.path_and_query = Some(pq),
             Err(_) => return,
@@ -247,17 +257,32 @@ mod tests {
         let rw = Rewrite {
             uri: Some("/v2/".into()),
             authority: Some("web-v2.demo:8080".into()),
+            uri_regex: None,
         };
-        rewrite(&mut p, &rw, Some("/v1/"));
+        rewrite(&mut p, &rw, Some("/v1/"), None);
         assert_eq!(p.uri.to_string(), "http://web-v2.demo:8080/v2/orders?id=3");
         // A path that does not parse leaves the request as it was.
         let mut p = req("http://web.demo/a");
         let bad = Rewrite {
             uri: Some("/has space".into()),
             authority: None,
+            uri_regex: None,
         };
-        rewrite(&mut p, &bad, None);
+        rewrite(&mut p, &bad, None, None);
         assert_eq!(p.uri.to_string(), "http://web.demo/a");
+        // A regex rewrite: every match in the path.
+        let re = meshfed_catalog::http_route::RegexRewrite {
+            pattern: "one".into(),
+            substitution: "two".into(),
+        };
+        let rw = Rewrite {
+            uri: None,
+            authority: None,
+            uri_regex: Some(re.clone()),
+        };
+        let mut p = req("http://web.demo/one/x/one?q=one");
+        rewrite(&mut p, &rw, None, Some(&re.compile("r").unwrap()));
+        assert_eq!(p.uri.to_string(), "http://web.demo/two/x/two?q=one");
     }
 
     #[test]
