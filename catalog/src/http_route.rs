@@ -672,6 +672,12 @@ impl RegexRewrite {
     /// `CheckRewriteString` does: `\` is followed by a digit naming a group the pattern
     /// has, or by `\`.
     pub fn compile(&self, field: &str) -> Result<UriRegex, PolicyError> {
+        if self.substitution.len() > MAX_HEADER_VALUE {
+            return Err(bad(
+                format!("{field}.substitution"),
+                format!("at most {MAX_HEADER_VALUE} bytes"),
+            ));
+        }
         let regex = regex::RegexBuilder::new(&self.pattern)
             .size_limit(REGEX_SIZE)
             .build()
@@ -708,23 +714,38 @@ impl RegexRewrite {
     }
 }
 
+/// The longest path a regex rewrite may make (a substitution repeating a group could
+/// otherwise grow a path without bound).
+pub const MAX_REWRITTEN_PATH: usize = 8192;
+
 impl UriRegex {
     /// `path_and_query` with every match in its path replaced; the query string stays.
-    /// Pure.
-    pub fn apply(&self, path_and_query: &str) -> String {
+    /// `None`: the path would grow past [`MAX_REWRITTEN_PATH`]. Pure.
+    pub fn apply(&self, path_and_query: &str) -> Option<String> {
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
-        let mut out = self
-            .regex
-            .replace_all(path, self.replacement.as_str())
-            .into_owned();
+        let mut out = String::with_capacity(path_and_query.len());
+        let mut last = 0;
+        for caps in self.regex.captures_iter(path) {
+            let m = caps.get(0)?;
+            out.push_str(&path[last..m.start()]);
+            caps.expand(&self.replacement, &mut out);
+            last = m.end();
+            if out.len() > MAX_REWRITTEN_PATH {
+                return None;
+            }
+        }
+        out.push_str(&path[last..]);
+        if out.len() > MAX_REWRITTEN_PATH {
+            return None;
+        }
         if let Some(q) = query {
             out.push('?');
             out.push_str(q);
         }
-        out
+        Some(out)
     }
 }
 
@@ -2127,8 +2148,20 @@ mod tests {
             ("nomatch", "x", "/abc", "/abc"),
         ] {
             let c = rw(pattern, substitution).compile("r").unwrap();
-            assert_eq!(c.apply(from), want, "{pattern} {substitution} {from}");
+            assert_eq!(
+                c.apply(from).as_deref(),
+                Some(want),
+                "{pattern} {substitution} {from}"
+            );
         }
+        // Growth is bounded: each character becomes 64 copies of itself.
+        let c = rw(".", &"\\0".repeat(64)).compile("r").unwrap();
+        assert_eq!(c.apply("/ab").map(|p| p.len()), Some(3 * 64));
+        assert_eq!(c.apply(&format!("/{}", "a".repeat(200))), None);
+        let e = rw("a", &"b".repeat(MAX_HEADER_VALUE + 1))
+            .compile("r")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("r.substitution: at most"), "{e}");
         for (pattern, substitution, want) in [
             (
                 "(a)(b)",

@@ -182,7 +182,8 @@ pub fn apply_ops(h: &mut HeaderMap, ops: &meshfed_catalog::http_route::HeaderOps
 /// A route's `rewrite` on an egress request (absolute URI, as `from_client` left it):
 /// the path (the matched prefix, or all of it; or, with `uri_regex`, the rewrite's
 /// compiled regex replacing its matches) and the authority. Unchanged when the result is
-/// not a valid URI.
+/// not a valid URI, or the path would grow past
+/// [`meshfed_catalog::http_route::MAX_REWRITTEN_PATH`].
 pub fn rewrite(
     p: &mut Parts,
     rw: &meshfed_catalog::http_route::Rewrite,
@@ -197,7 +198,10 @@ pub fn rewrite(
             matched_prefix,
             uri,
         )),
-        (None, Some(re)) => Some(re.apply(pq)),
+        (None, Some(re)) => match re.apply(pq) {
+            Some(p) => Some(p),
+            None => return,
+        },
         (None, None) => None,
     };
     if let Some(new) = new {
