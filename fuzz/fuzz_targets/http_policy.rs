@@ -1,10 +1,13 @@
 //! HTTP routes as they arrive from another site (JSON in the federation's wire form):
 //! refused with a field path or compiled, never a panic; a compiled policy routes any
-//! request, its redirects and rewrites give valid strings, and the traffic settings it
+//! request, its redirects and rewrites give valid strings (a regex rewrite within its
+//! bound), its direct responses decode, and the traffic settings it
 //! puts in force per port and subset are valid ones.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use meshfed_catalog::http_route::{HttpPolicy, RequestView, redirect_location, rewrite_path};
+use meshfed_catalog::http_route::{
+    HttpPolicy, MAX_DIRECT_BODY, MAX_REWRITTEN_PATH, RequestView, redirect_location, rewrite_path,
+};
 
 struct Req<'a>(&'a str);
 
@@ -37,6 +40,21 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(rd) = &route.redirect {
             let _ = redirect_location(rd, "http", "web.demo:80", path);
+        }
+    }
+    // Regex rewrites stay within their bound on a long path; direct responses decode.
+    let long = format!("/{}?q=1", "ab/".repeat(2000));
+    for i in 0..c.policy.routes.len() {
+        if let Some(re) = c.uri_regex(i)
+            && let Some(out) = re.apply(&long)
+        {
+            assert!(
+                out.len() <= MAX_REWRITTEN_PATH + 4,
+                "a rewrite past its bound"
+            );
+        }
+        if let Some((status, body)) = c.direct_response(i) {
+            assert!((200..=599).contains(&status) && body.len() <= MAX_DIRECT_BODY);
         }
     }
     // The traffic settings in force for every port named and every subset hold as a
