@@ -1348,7 +1348,8 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
             ));
         }
         if let Some(u) = &rd.uri
-            && (!u.starts_with('/') || !header_value_ok(u) || u.contains(' '))
+            && let p = u.strip_prefix(PREFIX_REDIRECT).unwrap_or(u)
+            && (!p.starts_with('/') || !header_value_ok(p) || p.contains(' '))
         {
             return Err(bad(f("redirect.uri"), format!("{u:?} is not a path")));
         }
@@ -1466,9 +1467,22 @@ fn split_host_port(host: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// A redirect `uri` starting with this replaces only the prefix the route matched on
+/// with the rest (Istio's mark, which its Gateway API conversion writes for
+/// `ReplacePrefixMatch`; Envoy's `prefix_rewrite`).
+pub const PREFIX_REDIRECT: &str = "%PREFIX()%";
+
 /// The `Location` of a redirect for a request to `host` (its `Host`, maybe with a port)
-/// at `path_and_query`, arriving over `scheme`. Pure.
-pub fn redirect_location(rd: &Redirect, scheme: &str, host: &str, path_and_query: &str) -> String {
+/// at `path_and_query`, arriving over `scheme`, that matched on `matched_prefix` (a
+/// [`PREFIX_REDIRECT`] uri replaces it, or the whole path when the route matched
+/// otherwise). Pure.
+pub fn redirect_location(
+    rd: &Redirect,
+    scheme: &str,
+    host: &str,
+    path_and_query: &str,
+    matched_prefix: Option<&str>,
+) -> String {
     let (req_host, req_port) = split_host_port(host);
     let scheme = rd.scheme.as_deref().unwrap_or(scheme);
     let host = rd.authority.as_deref().unwrap_or(req_host);
@@ -1479,6 +1493,9 @@ pub fn redirect_location(rd: &Redirect, scheme: &str, host: &str, path_and_query
         (None, false) => req_port.map(str::to_owned),
     };
     let path = match &rd.uri {
+        Some(u) if u.starts_with(PREFIX_REDIRECT) => {
+            rewrite_path(path_and_query, matched_prefix, &u[PREFIX_REDIRECT.len()..])
+        }
         Some(u) if u.contains('?') => u.clone(),
         Some(u) => match path_and_query.split_once('?') {
             Some((_, q)) => format!("{u}?{q}"),
@@ -2231,9 +2248,27 @@ mod tests {
             (rd(None, None, None, None), "[::1]", "/", "http://[::1]/"),
         ] {
             assert_eq!(
-                redirect_location(&r, "http", host, pq),
+                redirect_location(&r, "http", host, pq, None),
                 want,
                 "{r:?} {host} {pq}"
+            );
+        }
+        // Istio's %PREFIX()% mark (Gateway API's ReplacePrefixMatch): the matched
+        // prefix only, query kept; without a prefix match, the whole path.
+        let prefix = rd(Some("%PREFIX()%/v2"), None, None, None);
+        for (pq, matched, want) in [
+            (
+                "/api/orders?id=3",
+                Some("/api"),
+                "http://a.example/v2/orders?id=3",
+            ),
+            ("/api?id=3", Some("/api"), "http://a.example/v2?id=3"),
+            ("/api/orders", None, "http://a.example/v2"),
+        ] {
+            assert_eq!(
+                redirect_location(&prefix, "http", "a.example", pq, matched),
+                want,
+                "{pq} {matched:?}"
             );
         }
     }

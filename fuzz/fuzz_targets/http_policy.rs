@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = rewrite_path(path, prefix, rw);
         }
         if let Some(rd) = &route.redirect {
-            let _ = redirect_location(rd, "http", "web.demo:80", path);
+            let _ = redirect_location(rd, "http", "web.demo:80", path, prefix);
         }
     }
     // Regex rewrites stay within their bound on a long path; direct responses decode.

@@ -18,7 +18,8 @@
 //! warned about; anything else is a warning naming its path. The CRDs' schema and CEL
 //! rules are errors with their field path: enums, required fields, list bounds, path
 //! values, a `port` on a Service backend, at most one of each modifier filter, never a
-//! redirect with a rewrite, `ReplacePrefixMatch` only under a `PathPrefix` match.
+//! redirect with a rewrite, `ReplacePrefixMatch` only under a `PathPrefix` match (a
+//! redirect's replaces the matched prefix: Istio's `%PREFIX()%` mark).
 
 use serde_json::{Map, Value};
 
@@ -1224,13 +1225,17 @@ fn filters(
                     &["scheme", "hostname", "path", "port", "statusCode"],
                 );
                 let path = path_modifier(d, r.get("path"), &format!("{bf}.path"));
-                if path
+                let prefix = path
                     .as_ref()
-                    .is_some_and(|(t, _)| t == "ReplacePrefixMatch")
+                    .is_some_and(|(t, _)| t == "ReplacePrefixMatch");
+                if prefix
+                    && !(route.matches.len() == 1
+                        && matches!(route.matches[0].uri, Some(StringMatch::PathPrefix(_))))
                 {
+                    // The CRD's CEL rule.
                     d.err(
-                        format!("{bf}.path.type"),
-                        "a redirect replacing the matched prefix is not supported by meshfed yet; use ReplaceFullPath",
+                        &field,
+                        "When using RequestRedirect filter with path.replacePrefixMatch, exactly one PathPrefix match must be specified",
                     );
                 }
                 let code = match r.get("statusCode") {
@@ -1262,7 +1267,13 @@ fn filters(
                     },
                 };
                 route.redirect = Some(Redirect {
-                    uri: path.map(|(_, v)| v),
+                    uri: path.map(|(_, v)| {
+                        if prefix {
+                            format!("{}{v}", meshfed_catalog::http_route::PREFIX_REDIRECT)
+                        } else {
+                            v
+                        }
+                    }),
                     authority: r.get("hostname").and_then(Value::as_str).map(str::to_owned),
                     scheme,
                     port,
@@ -1813,6 +1824,40 @@ spec:
         }
     }
 
+    /// A redirect's ReplacePrefixMatch replaces the matched prefix (Istio's
+    /// `%PREFIX()%` mark); the CRD's rule: exactly one PathPrefix match beside it.
+    /// Before, refused as not supported.
+    #[test]
+    fn a_redirect_replacing_the_matched_prefix_is_read() {
+        let rule = "  - matches: [{path: {type: Exact, value: /old}}]\n    filters:\n    - type: RequestRedirect\n      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}";
+        assert!(CANARY.contains(rule));
+        let prefix = rule
+            .replace("type: Exact, value: /old", "type: PathPrefix, value: /old")
+            .replace(
+                "type: ReplaceFullPath, replaceFullPath: /new",
+                "type: ReplacePrefixMatch, replacePrefixMatch: /new",
+            );
+        let r = parse(&CANARY.replacen(rule, &prefix, 1)).unwrap();
+        let rd = r.http_policies[0].routes[2].redirect.clone().unwrap();
+        assert_eq!(rd.uri.as_deref(), Some("%PREFIX()%/new"));
+        assert_eq!(
+            meshfed_catalog::http_route::redirect_location(
+                &rd,
+                "http",
+                "web",
+                "/old/a?b=1",
+                Some("/old")
+            ),
+            "http://web/new/a?b=1"
+        );
+        // Not under exactly one PathPrefix match.
+        let exact = prefix.replace("type: PathPrefix, value: /old", "type: Exact, value: /old");
+        crate::test_support::assert_refused_at(
+            &CANARY.replacen(rule, &exact, 1),
+            "spec.rules[2].filters",
+        );
+    }
+
     #[test]
     fn a_cors_filter_is_read_as_the_crd_checks_it() {
         const CORS: &str = r#"
@@ -1963,14 +2008,7 @@ spec:
             ),
         ] {
             assert!(CORS.contains(from), "{from}");
-            let yaml = CORS.replacen(from, to, 1);
-            match parse(&yaml) {
-                Err(ParseError::Invalid(problems)) => assert!(
-                    problems.iter().any(|p| p.field == field),
-                    "{to}: wanted {field}, got {problems:?}"
-                ),
-                other => panic!("{to}: accepted: {other:?}"),
-            }
+            crate::test_support::assert_refused_at(&CORS.replacen(from, to, 1), field);
         }
     }
 

@@ -11,3 +11,20 @@ pub mod authorization;
 pub mod gateway_api;
 pub mod service_entry;
 pub mod virtual_service;
+
+/// What the parsers' tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::service_entry::{ParseError, parse};
+
+    /// `yaml` is refused, and one of its problems names `field` exactly.
+    pub(crate) fn assert_refused_at(yaml: &str, field: &str) {
+        match parse(yaml) {
+            Err(ParseError::Invalid(p)) => assert!(
+                p.iter().any(|p| p.field == field),
+                "wanted {field}, got {p:?}\n{yaml}"
+            ),
+            other => panic!("accepted, wanted {field}: {other:?}\n{yaml}"),
+        }
+    }
+}

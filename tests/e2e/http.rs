@@ -2130,8 +2130,9 @@ fn two_at_west(
 /// Issue 17 §2 (GAMMA): a Gateway API HTTPRoute attached to `web.demo`, registered at
 /// west, sends requests to another service, `web-v2.demo`, through the importing
 /// gateway's import of it: a header match takes every request to v2, the rest split
-/// 1:1 by relative weights, and a rule with all weights 0 answers 500 (Gateway API's
-/// rule). Before, a destination of another service was refused at registration.
+/// 1:1 by relative weights, a rule with all weights 0 answers 500 (Gateway API's
+/// rule), and a redirect replaces the matched prefix (ReplacePrefixMatch, refused
+/// before). Before, a destination of another service was refused at registration.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http_route_sends_a_canary_to_another_service() {
     let V1V2 {
@@ -2160,6 +2161,11 @@ spec:
     backendRefs:
     - {{name: web, port: {port}, weight: 0}}
     - {{name: web-v2, port: {port_v2}, weight: 0}}
+  - name: moved
+    matches: [{{path: {{type: PathPrefix, value: /old}}}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}, statusCode: 308}}
   - name: split
     backendRefs:
     - {{name: web, port: {port}, weight: 1}}
@@ -2208,6 +2214,13 @@ spec:
     // All weights 0: 500, and no endpoint sees it.
     let (status, _, code) = curl(&[], &format!("{base}/off/x"));
     assert_eq!((status, code.as_str()), (500, "no_route"));
+    // A redirect replacing the matched prefix (ReplacePrefixMatch), answered here.
+    let (status, head, _, _) = curl_head(&[], &format!("{base}/old/a/b?q=1"));
+    assert_eq!(status, 308, "{head}");
+    assert!(
+        head.contains(&format!("location: {base}/new/a/b?q=1")),
+        "{head}"
+    );
     assert_eq!(
         v1_hits.load(Ordering::Relaxed) + v2_hits.load(Ordering::Relaxed),
         to_v1 + to_v2 + after_beta.0 + after_beta.1
@@ -3547,6 +3560,23 @@ fn chromium_out(url: &str, profile: &std::path::Path) -> String {
         .to_owned()
 }
 
+/// Sends a preflight (`send`, [`curl_head`]'s answer) until the egress answers it with
+/// CORS headers, i.e. until `what` (the policy) applied, for up to 20 s; its headers.
+async fn applied_preflight(send: impl Fn() -> (u16, String, String, String), what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, head, _, _) = send();
+        if status == 200 && head.contains("access-control-allow-origin") {
+            return head;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never applied: {status} {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Checks a [`cors_page`]'s text: both calls answered 200 by west or north, with the
 /// exposed header readable.
 fn assert_both_calls_answered(text: &str) {
@@ -3604,18 +3634,7 @@ spec:
         "-H",
         "Access-Control-Request-Method: PUT",
     ];
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let head = loop {
-        let (status, head, _, _) = curl_head(&preflight, &url);
-        if status == 200 && head.contains("access-control-allow-origin") {
-            break head;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the corsPolicy never applied: {status} {head}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let head = applied_preflight(|| curl_head(&preflight, &url), "the corsPolicy").await;
     for h in [
         format!("access-control-allow-origin: http://{allowed}"),
         "access-control-allow-methods: GET,PUT".into(),
@@ -3696,18 +3715,7 @@ spec:
             &url,
         )
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let head = loop {
-        let (status, head, _, _) = preflight(allowed);
-        if status == 200 && head.contains("access-control-allow-origin") {
-            break head;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the CORS filter never applied: {status} {head}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let head = applied_preflight(|| preflight(allowed), "the CORS filter").await;
     for h in [
         format!("access-control-allow-origin: http://{allowed}"),
         "access-control-allow-credentials: true".into(),

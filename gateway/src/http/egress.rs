@@ -1004,7 +1004,8 @@ impl HttpEgress {
                 .authority()
                 .map_or(self.import.as_str(), |a| a.as_str());
             let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            let location = meshfed_catalog::http_route::redirect_location(rd, "http", host, pq);
+            let location =
+                meshfed_catalog::http_route::redirect_location(rd, "http", host, pq, prefix);
             let mut r = Response::new(super::full(Bytes::new()));
             *r.status_mut() =
                 http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
