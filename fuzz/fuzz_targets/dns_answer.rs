@@ -5,18 +5,22 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
+use meshfed_catalog::ServiceName;
+use meshfed_catalog::catalog::Protocol;
 use meshfed_dns::slow::{self, Slow};
 use meshfed_dns::wire::{self, Outcome};
 use meshfed_dns::{ImportRecord, Table, ZoneConfig};
-use meshfed_catalog::ServiceName;
-use meshfed_catalog::catalog::Protocol;
 
 static TABLE: LazyLock<Table> = LazyLock::new(|| {
     let imports: Vec<ImportRecord> = (0..50)
         .map(|i| ImportRecord {
             service: ServiceName::parse(&format!("svc{i}.shop")).unwrap(),
             port: 8000 + i,
-            protocol: if i % 2 == 0 { Protocol::Tcp } else { Protocol::Udp },
+            protocol: if i % 2 == 0 {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            },
             port_name: (i % 3 == 0).then(|| "http".to_string()),
             address: if i % 5 == 0 {
                 "fd00::1".parse().unwrap()
@@ -44,7 +48,9 @@ fuzz_target!(|data: &[u8]| {
                 let m = hickory_proto::op::Message::from_vec(&out[..n]).expect("our reply parses");
                 assert_eq!(m.metadata.id, u16::from_be_bytes([data[0], data[1]]));
                 let limit = if udp {
-                    m.edns.as_ref().map_or(512, |_| usize::from(wire::EDNS_PAYLOAD))
+                    m.edns
+                        .as_ref()
+                        .map_or(512, |_| usize::from(wire::EDNS_PAYLOAD))
                 } else {
                     wire::MAX_MESSAGE
                 };

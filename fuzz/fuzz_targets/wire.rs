@@ -9,7 +9,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(&open.encode()[2..], data);
     }
     if let Ok(resp) = wire::decode_response(data) {
-        assert_eq!(wire::decode_response(&resp.encode()[2..]).as_ref(), Ok(&resp));
+        assert_eq!(
+            wire::decode_response(&resp.encode()[2..]).as_ref(),
+            Ok(&resp)
+        );
     }
     if let Ok((flow, payload)) = wire::decode_datagram(data) {
         assert_eq!(&wire::encode_datagram(flow, payload)[..], data);
