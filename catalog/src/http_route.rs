@@ -492,29 +492,18 @@ impl Traffic {
             return Err(bad("connect_timeout_ms", "must be above 0"));
         }
         if let Some(k) = &p.tcp_keepalive {
-            if k.time_ms
-                .is_some_and(|t| !(1..=MAX_KEEPALIVE_MS).contains(&t))
-            {
-                return Err(bad(
-                    "tcp_keepalive.time_ms",
-                    format!("1 to {MAX_KEEPALIVE_MS}"),
-                ));
-            }
-            if k.interval_ms
-                .is_some_and(|t| !(1..=MAX_KEEPALIVE_MS).contains(&t))
-            {
-                return Err(bad(
-                    "tcp_keepalive.interval_ms",
-                    format!("1 to {MAX_KEEPALIVE_MS}"),
-                ));
-            }
-            if k.probes
-                .is_some_and(|n| !(1..=MAX_KEEPALIVE_PROBES).contains(&n))
-            {
-                return Err(bad(
-                    "tcp_keepalive.probes",
-                    format!("1 to {MAX_KEEPALIVE_PROBES}"),
-                ));
+            for (what, v, max) in [
+                ("time_ms", k.time_ms, MAX_KEEPALIVE_MS),
+                ("interval_ms", k.interval_ms, MAX_KEEPALIVE_MS),
+                (
+                    "probes",
+                    k.probes.map(u64::from),
+                    u64::from(MAX_KEEPALIVE_PROBES),
+                ),
+            ] {
+                if v.is_some_and(|v| !(1..=max).contains(&v)) {
+                    return Err(bad(format!("tcp_keepalive.{what}"), format!("1 to {max}")));
+                }
             }
         }
         if let Some(c) = &p.connection_pool {
@@ -1276,8 +1265,12 @@ pub fn header_change_problem(name: &str, value: Option<&str>) -> Option<String> 
     None
 }
 
-/// Headers, rewrite, redirect and rate limit of one route (`f` makes field paths).
-fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), PolicyError> {
+/// Headers, rewrite, redirect, direct response and rate limit of one route (`f` makes
+/// field paths); the direct response's body, decoded (checking it needs it).
+fn check_route_extras(
+    r: &HttpRoute,
+    f: &dyn Fn(&str) -> String,
+) -> Result<Option<Vec<u8>>, PolicyError> {
     if let Some(h) = &r.headers {
         check_header_rules(h, "headers", f)?;
     }
@@ -1308,6 +1301,7 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
             return Err(bad(f("rewrite"), "a direct response cannot also rewrite"));
         }
     }
+    let mut direct_body = None;
     if let Some(dr) = &r.direct_response {
         if !(200..=599).contains(&dr.status) {
             return Err(bad(
@@ -1315,17 +1309,18 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
                 format!("{}: must be in the range 200-599", dr.status),
             ));
         }
-        if let Some(b) = &dr.body {
-            let bytes = b.decode().map_err(|e| bad(f("direct_response.body"), e))?;
-            if bytes.len() > MAX_DIRECT_BODY {
-                return Err(bad(
-                    f("direct_response.body"),
-                    format!(
-                        "{} bytes: at most {MAX_DIRECT_BODY} (the body travels to every importing site)",
-                        bytes.len()
-                    ),
-                ));
-            }
+        let bytes = match &dr.body {
+            Some(b) => b.decode().map_err(|e| bad(f("direct_response.body"), e))?,
+            None => Vec::new(),
+        };
+        if bytes.len() > MAX_DIRECT_BODY {
+            return Err(bad(
+                f("direct_response.body"),
+                format!(
+                    "{} bytes: at most {MAX_DIRECT_BODY} (the body travels to every importing site)",
+                    bytes.len()
+                ),
+            ));
         }
         if r.redirect.is_some() {
             return Err(bad(
@@ -1339,6 +1334,7 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
                 "a direct response is answered at once: no fault, mirror or retries",
             ));
         }
+        direct_body = Some(bytes);
     }
     if let Some(rd) = &r.redirect {
         if ![301, 302, 303, 307, 308].contains(&rd.code) {
@@ -1420,7 +1416,7 @@ fn check_route_extras(r: &HttpRoute, f: &dyn Fn(&str) -> String) -> Result<(), P
             "requests, per_ms and burst must be above 0",
         ));
     }
-    Ok(())
+    Ok(direct_body)
 }
 
 /// The path a request leaves with under `rewrite_uri`: the prefix the route matched on
@@ -1652,7 +1648,7 @@ impl HttpPolicy {
                 }
                 (None, _) => {}
             }
-            check_route_extras(r, &f)?;
+            let direct_body = check_route_extras(r, &f)?;
             for (j, d) in r.destinations.iter().enumerate() {
                 // A subset of another service is that service's policy's to define.
                 if let Some(s) = &d.subset
@@ -1790,14 +1786,7 @@ impl HttpPolicy {
                     .map(|x| x.compile(&f("rewrite.uri_regex")).map(std::sync::Arc::new))
                     .transpose()?,
             );
-            // Checked above.
-            direct.push(
-                r.direct_response
-                    .as_ref()
-                    .map(|d| d.body.as_ref().map_or(Ok(Vec::new()), DirectBody::decode))
-                    .transpose()
-                    .map_err(|e| bad(f("direct_response.body"), e))?,
-            );
+            direct.push(direct_body);
         }
         Ok(Compiled {
             policy: self,

@@ -1290,26 +1290,17 @@ fn tcp_keepalive(
     let interval_ms = bounded(d, "interval");
     let probes = match m.get("probes") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)) => {
-            match n.as_u64().unwrap_or(0) as u32 {
-                0 => None,
-                n if n > MAX_KEEPALIVE_PROBES => {
-                    d.warn(
-                        format!("{field}.probes"),
-                        format!("the kernel takes at most {MAX_KEEPALIVE_PROBES}; that applies"),
-                    );
-                    Some(MAX_KEEPALIVE_PROBES)
-                }
-                n => Some(n),
+        Some(v) => match u32_count(d, v, &format!("{field}.probes"))? {
+            0 => None,
+            n if n > MAX_KEEPALIVE_PROBES => {
+                d.warn(
+                    format!("{field}.probes"),
+                    format!("the kernel takes at most {MAX_KEEPALIVE_PROBES}; that applies"),
+                );
+                Some(MAX_KEEPALIVE_PROBES)
             }
-        }
-        Some(other) => {
-            d.err(
-                format!("{field}.probes"),
-                format!("{other} is not a count from 0 to {}", u32::MAX),
-            );
-            None
-        }
+            n => Some(n),
+        },
     };
     Some(TcpKeepalive {
         probes,
@@ -1321,6 +1312,15 @@ fn tcp_keepalive(
 /// `trafficPolicy.retryBudget` of a DestinationRule (Istio 1.27): `percent` (0 to 100,
 /// default 20) and `minRetryConcurrency` (default 3), Envoy's retry budget, applied at
 /// each importing gateway to the destination's retries.
+/// A `uint32` count at `field` (an error by path when it is anything else).
+fn u32_count(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<u32> {
+    let n = v.as_u64().and_then(|n| u32::try_from(n).ok());
+    if n.is_none() {
+        d.err(field, format!("{v} is not a count from 0 to {}", u32::MAX));
+    }
+    n
+}
+
 pub(crate) fn retry_budget(
     d: &mut Doc<'_>,
     v: Option<&Value>,
@@ -1348,16 +1348,7 @@ pub(crate) fn retry_budget(
     };
     let min_retry_concurrency = match m.get("minRetryConcurrency") {
         None | Some(Value::Null) => 3,
-        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
-            Some(n) => n,
-            None => {
-                d.err(
-                    format!("{field}.minRetryConcurrency"),
-                    format!("{v}: a count from 0 to {}", u32::MAX),
-                );
-                return None;
-            }
-        },
+        Some(v) => u32_count(d, v, &format!("{field}.minRetryConcurrency"))?,
     };
     Some(meshfed_catalog::http_route::RetryBudget {
         per_million,
