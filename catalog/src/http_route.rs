@@ -1051,6 +1051,35 @@ pub struct RequestMatch {
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub query_params: BTreeMap<String, StringMatch>,
+    /// Headers that must not match (Istio's `withoutHeaders`, Envoy's inverted header
+    /// matchers): a request whose header matches one is not matched. A missing header
+    /// is tested as empty, and a `present` condition holds only when it is missing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    /// The request's authority (`:authority`, or `Host` on HTTP/1.1) as it arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<StringMatch>,
+    /// `http` or `https`, as the request arrived at the egress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<StringMatch>,
+    /// The service port the request was addressed to (Istio's match `port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Exact and prefix `uri` conditions ignore ASCII case (Istio's `ignoreUriCase`,
+    /// Envoy's `case_sensitive: false`); a regex does not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_uri_case: bool,
+    /// The caller's namespace: the `ns/<namespace>` segment of its SPIFFE ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
+    /// Labels the caller carries, all of them (Istio's `sourceLabels`). A gateway that
+    /// does not know its caller's labels matches no such condition.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    /// Istio's `gateways` on a match: it applies at meshfed's egress, which stands where
+    /// Istio's sidecars do, only when the list names `mesh` (empty: it applies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1063,6 +1092,9 @@ pub enum StringMatch {
     /// Gateway API's `PathPrefix`: by path element, so `/foo` accepts `/foo`, `/foo/`
     /// and `/foo/bar` but not `/foobar`; a trailing `/` is ignored.
     PathPrefix(String),
+    /// The header or query parameter is there, whatever its value (Istio's `{}`,
+    /// Envoy's `present_match`); on the path, method, authority or scheme, always true.
+    Present,
 }
 
 /// A policy that does not hold together; names the field.
@@ -1099,6 +1131,7 @@ impl StringMatch {
             Self::Exact(s) => Matcher::Exact(s.clone()),
             Self::Prefix(s) => Matcher::Prefix(s.clone()),
             Self::PathPrefix(s) => Matcher::PathPrefix(s.trim_end_matches('/').to_owned()),
+            Self::Present => Matcher::Present,
             Self::Regex(r) => Matcher::Regex(
                 regex::RegexBuilder::new(&format!("^(?:{r})$"))
                     .size_limit(REGEX_SIZE)
@@ -1107,6 +1140,61 @@ impl StringMatch {
             ),
         })
     }
+
+    /// A `uri` condition, with ASCII case ignored when `fold` (`ignore_uri_case`) for
+    /// exact and prefix conditions.
+    fn compile_path(&self, field: &str, fold: bool) -> Result<Matcher, PolicyError> {
+        Ok(match (self.compile(field)?, fold) {
+            (Matcher::Exact(s), true) => Matcher::ExactFold(s),
+            (Matcher::Prefix(s), true) => Matcher::PrefixFold(s),
+            (Matcher::PathPrefix(s), true) => Matcher::PathPrefixFold(s),
+            (m, _) => m,
+        })
+    }
+}
+
+/// Conditions of one kind in one match (headers, query parameters, labels, gateways), at
+/// most: every request walks them.
+pub const MAX_MATCH_CONDITIONS: usize = 32;
+
+/// A match's own bounds and names (its strings are checked as they compile); `g`
+/// makes field paths.
+fn check_match(m: &RequestMatch, g: &dyn Fn(&str) -> String) -> Result<(), PolicyError> {
+    for (what, n) in [
+        ("headers", m.headers.len()),
+        ("query_params", m.query_params.len()),
+        ("without_headers", m.without_headers.len()),
+        ("source_labels", m.source_labels.len()),
+        ("gateways", m.gateways.len()),
+    ] {
+        if n > MAX_MATCH_CONDITIONS {
+            return Err(bad(g(what), format!("at most {MAX_MATCH_CONDITIONS}")));
+        }
+    }
+    if m.port == Some(0) {
+        return Err(bad(g("port"), "0: 1 to 65535"));
+    }
+    if let Some(ns) = &m.source_namespace
+        && (ns.contains('.') || !crate::names::dns_subdomain(ns))
+    {
+        return Err(bad(
+            g("source_namespace"),
+            format!(
+                "{:?} is not a namespace (a DNS label)",
+                crate::names::clip(ns, crate::names::QUOTE_MAX)
+            ),
+        ));
+    }
+    check_labels(&m.source_labels).map_err(|(k, why)| bad(g(&format!("source_labels{k}")), why))?;
+    if let Some((i, _)) = m
+        .gateways
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.is_empty() || n.len() > 253)
+    {
+        return Err(bad(g(&format!("gateways[{i}]")), "not a gateway name"));
+    }
+    Ok(())
 }
 
 /// A compiled string condition.
@@ -1117,30 +1205,72 @@ pub(crate) enum Matcher {
     /// Without its trailing `/` (so `/` is empty and accepts every path).
     PathPrefix(String),
     Regex(regex::Regex),
+    /// Any value.
+    Present,
+    /// The three above, ignoring ASCII case (`ignore_uri_case`).
+    ExactFold(String),
+    PrefixFold(String),
+    PathPrefixFold(String),
+}
+
+/// `v` without a leading `prefix`, its ASCII case ignored when `fold`.
+fn strip_prefix_folded<'v>(v: &'v str, prefix: &str, fold: bool) -> Option<&'v str> {
+    if !fold {
+        return v.strip_prefix(prefix);
+    }
+    let head = v.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &v[prefix.len()..])
 }
 
 impl Matcher {
     pub(crate) fn test(&self, v: &str) -> bool {
+        let by_element = |s: &str, fold| {
+            strip_prefix_folded(v, s, fold)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
         match self {
             Self::Exact(s) => v == s,
             Self::Prefix(s) => v.starts_with(s.as_str()),
-            Self::PathPrefix(s) => v
-                .strip_prefix(s.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+            Self::PathPrefix(s) => by_element(s, false),
             Self::Regex(r) => r.is_match(v),
+            Self::Present => true,
+            Self::ExactFold(s) => v.eq_ignore_ascii_case(s),
+            Self::PrefixFold(s) => strip_prefix_folded(v, s, true).is_some(),
+            Self::PathPrefixFold(s) => by_element(s, true),
+        }
+    }
+
+    /// The prefix a prefix condition matched, for rewrites.
+    fn prefix(&self) -> Option<&str> {
+        match self {
+            Self::Prefix(p)
+            | Self::PathPrefix(p)
+            | Self::PrefixFold(p)
+            | Self::PathPrefixFold(p) => Some(p),
+            _ => None,
         }
     }
 }
 
 #[derive(Clone, Debug)]
 struct CompiledMatch {
+    /// `false`: the match never applies at meshfed's egress (its `gateways` do not
+    /// name `mesh`).
+    applies: bool,
     uri: Option<Matcher>,
     method: Option<Matcher>,
     headers: Vec<(String, Matcher)>,
     query: Vec<(String, Matcher)>,
+    without_headers: Vec<(String, Matcher)>,
+    authority: Option<Matcher>,
+    scheme: Option<Matcher>,
+    port: Option<u16>,
+    source_namespace: Option<String>,
+    source_labels: BTreeMap<String, String>,
 }
 
-/// What a match looks at in a request.
+/// What a match looks at in a request, and in where it came from.
 pub trait RequestView {
     fn path(&self) -> &str;
     fn method(&self) -> &str;
@@ -1148,16 +1278,51 @@ pub trait RequestView {
     fn header(&self, name: &str) -> Option<&str>;
     /// The query string, without `?`.
     fn query(&self) -> Option<&str>;
+    /// The request's authority: `:authority`, or the `Host` header.
+    fn authority(&self) -> Option<&str> {
+        self.header("host")
+    }
+    /// The scheme the request arrived with: `http` or `https`.
+    fn scheme(&self) -> &str {
+        "http"
+    }
+    /// The service port the request was addressed to, when known.
+    fn port(&self) -> Option<u16> {
+        None
+    }
+    /// The caller's SPIFFE ID, when known.
+    fn caller(&self) -> Option<&str> {
+        None
+    }
+    /// The caller's labels, when the gateway knows them.
+    fn caller_labels(&self) -> Option<&BTreeMap<String, String>> {
+        None
+    }
 }
 
 impl CompiledMatch {
     fn test(&self, r: &dyn RequestView) -> bool {
-        self.uri.as_ref().is_none_or(|m| m.test(r.path()))
+        self.applies
+            && self.port.is_none_or(|p| r.port() == Some(p))
+            && self.uri.as_ref().is_none_or(|m| m.test(r.path()))
             && self.method.as_ref().is_none_or(|m| m.test(r.method()))
+            && self
+                .authority
+                .as_ref()
+                .is_none_or(|m| r.authority().is_some_and(|v| m.test(v)))
+            && self.scheme.as_ref().is_none_or(|m| m.test(r.scheme()))
             && self
                 .headers
                 .iter()
                 .all(|(n, m)| r.header(n).is_some_and(|v| m.test(v)))
+            && self
+                .without_headers
+                .iter()
+                .all(|(n, m)| match (r.header(n), m) {
+                    (v, Matcher::Present) => v.is_none(),
+                    // Envoy's `treat_missing_header_as_empty`, inverted.
+                    (v, m) => !m.test(v.unwrap_or("")),
+                })
             && self.query.iter().all(|(n, m)| {
                 r.query().is_some_and(|q| {
                     q.split('&').any(|kv| {
@@ -1166,6 +1331,14 @@ impl CompiledMatch {
                     })
                 })
             })
+            && self.source_namespace.as_deref().is_none_or(|ns| {
+                r.caller()
+                    .and_then(crate::authz::namespace)
+                    .is_some_and(|c| c == ns)
+            })
+            && (self.source_labels.is_empty()
+                || r.caller_labels()
+                    .is_some_and(|l| self.source_labels.iter().all(|(k, v)| l.get(k) == Some(v))))
     }
 }
 
@@ -1430,7 +1603,8 @@ pub fn rewrite_path(
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
     };
-    let mut out = match matched_prefix.and_then(|p| path.strip_prefix(p)) {
+    // A prefix matched with `ignore_uri_case` may differ from the path in case.
+    let mut out = match matched_prefix.and_then(|p| strip_prefix_folded(path, p, true)) {
         Some(rest) => {
             // Envoy: `/v1/` → `/` on `/v1/x` gives `/x`, not `//x`.
             if rewrite_uri.ends_with('/') && rest.starts_with('/') {
@@ -1760,18 +1934,32 @@ impl HttpPolicy {
                         .map(|(k, v)| Ok((k.clone(), v.compile(&g(&format!("{what}.{k}")))?)))
                         .collect::<Result<Vec<_>, PolicyError>>()
                 };
+                check_match(m, &g)?;
+                let one = |x: &Option<StringMatch>, what: &str| {
+                    x.as_ref().map(|u| u.compile(&g(what))).transpose()
+                };
                 ms.push(CompiledMatch {
-                    uri: m.uri.as_ref().map(|u| u.compile(&g("uri"))).transpose()?,
-                    method: m
-                        .method
+                    applies: m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"),
+                    uri: m
+                        .uri
                         .as_ref()
-                        .map(|u| u.compile(&g("method")))
+                        .map(|u| u.compile_path(&g("uri"), m.ignore_uri_case))
                         .transpose()?,
+                    method: one(&m.method, "method")?,
                     headers: kv(&m.headers, "headers")?
                         .into_iter()
                         .map(|(k, v)| (k.to_ascii_lowercase(), v))
                         .collect(),
                     query: kv(&m.query_params, "query_params")?,
+                    without_headers: kv(&m.without_headers, "without_headers")?
+                        .into_iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                        .collect(),
+                    authority: one(&m.authority, "authority")?,
+                    scheme: one(&m.scheme, "scheme")?,
+                    port: m.port,
+                    source_namespace: m.source_namespace.clone(),
+                    source_labels: m.source_labels.clone(),
                 });
             }
             matches.push(ms);
@@ -1844,11 +2032,7 @@ impl Compiled {
                     return Some((route, None));
                 }
                 let m = ms.iter().find(|m| m.test(r))?;
-                let prefix = match &m.uri {
-                    Some(Matcher::Prefix(p) | Matcher::PathPrefix(p)) => Some(p.as_str()),
-                    _ => None,
-                };
-                Some((route, prefix))
+                Some((route, m.uri.as_ref().and_then(Matcher::prefix)))
             })
     }
 
@@ -1998,6 +2182,7 @@ impl fmt::Display for StringMatch {
             Self::Prefix(s) => write!(f, "prefix {s:?}"),
             Self::Regex(s) => write!(f, "regex {s:?}"),
             Self::PathPrefix(s) => write!(f, "path prefix {s:?}"),
+            Self::Present => write!(f, "present"),
         }
     }
 }
@@ -2855,6 +3040,504 @@ mod tests {
                 (Err(e), Some(f)) => assert_eq!(e.field, f, "{labels:?}: {e}"),
                 (r, f) => panic!("{labels:?}: {:?} (wanted an error at {f:?})", r.map(|_| ())),
             }
+        }
+    }
+
+    /// A request with where it came from: the conditions beyond the request line.
+    #[derive(Clone)]
+    struct Call {
+        path: &'static str,
+        headers: Vec<(&'static str, &'static str)>,
+        authority: Option<&'static str>,
+        scheme: &'static str,
+        port: Option<u16>,
+        caller: Option<&'static str>,
+        labels: Option<BTreeMap<String, String>>,
+    }
+
+    impl RequestView for Call {
+        fn path(&self) -> &str {
+            self.path
+        }
+        fn method(&self) -> &str {
+            "GET"
+        }
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+        }
+        fn query(&self) -> Option<&str> {
+            None
+        }
+        fn authority(&self) -> Option<&str> {
+            self.authority
+        }
+        fn scheme(&self) -> &str {
+            self.scheme
+        }
+        fn port(&self) -> Option<u16> {
+            self.port
+        }
+        fn caller(&self) -> Option<&str> {
+            self.caller
+        }
+        fn caller_labels(&self) -> Option<&BTreeMap<String, String>> {
+            self.labels.as_ref()
+        }
+    }
+
+    #[test]
+    fn match_conditions_beyond_the_request_line_follow_envoy() {
+        let call = Call {
+            path: "/Api/V1/items",
+            headers: vec![("x-canary", "1"), ("x-empty", "")],
+            authority: Some("web.shop:8080"),
+            scheme: "http",
+            port: Some(8080),
+            caller: Some("spiffe://east.example.org/ns/shop/sa/web"),
+            labels: Some(
+                [
+                    ("app".into(), "web".into()),
+                    ("version".into(), "v2".into()),
+                ]
+                .into(),
+            ),
+        };
+        let exact = |s: &str| StringMatch::Exact(s.into());
+        let m = RequestMatch::default;
+        let without = |k: &str, v: StringMatch| RequestMatch {
+            without_headers: [(k.into(), v)].into(),
+            ..m()
+        };
+        type Tweak = Box<dyn Fn(&mut Call)>;
+        let rows: Vec<(&str, RequestMatch, Tweak, bool)> = vec![
+            ("nothing asked", m(), Box::new(|_| {}), true),
+            // withoutHeaders: Envoy's inverted matchers, a missing header tested as empty.
+            (
+                "without a header it has",
+                without("x-canary", exact("1")),
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "without another value",
+                without("x-canary", exact("2")),
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "without a missing header",
+                without("x-gone", exact("1")),
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "a missing header is empty",
+                without("x-gone", exact("")),
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "a missing header, any regex",
+                without("x-gone", StringMatch::Regex(".*".into())),
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "without presence: there",
+                without("x-canary", StringMatch::Present),
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "without presence: empty is there",
+                without("x-empty", StringMatch::Present),
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "without presence: missing",
+                without("x-gone", StringMatch::Present),
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "present header",
+                RequestMatch {
+                    headers: [("x-empty".into(), StringMatch::Present)].into(),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "present header, missing",
+                RequestMatch {
+                    headers: [("x-gone".into(), StringMatch::Present)].into(),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            // Authority, as it arrived (with its port).
+            (
+                "authority",
+                RequestMatch {
+                    authority: Some(exact("web.shop:8080")),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "authority without the port",
+                RequestMatch {
+                    authority: Some(exact("web.shop")),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "authority prefix",
+                RequestMatch {
+                    authority: Some(StringMatch::Prefix("web.".into())),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "no authority",
+                RequestMatch {
+                    authority: Some(StringMatch::Present),
+                    ..m()
+                },
+                Box::new(|c| c.authority = None),
+                false,
+            ),
+            (
+                "scheme",
+                RequestMatch {
+                    scheme: Some(exact("http")),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "scheme https",
+                RequestMatch {
+                    scheme: Some(exact("https")),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "scheme https, over TLS",
+                RequestMatch {
+                    scheme: Some(exact("https")),
+                    ..m()
+                },
+                Box::new(|c| c.scheme = "https"),
+                true,
+            ),
+            (
+                "port",
+                RequestMatch {
+                    port: Some(8080),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "another port",
+                RequestMatch {
+                    port: Some(9090),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "port unknown",
+                RequestMatch {
+                    port: Some(8080),
+                    ..m()
+                },
+                Box::new(|c| c.port = None),
+                false,
+            ),
+            // ignoreUriCase: exact and prefix only; the regex keeps its case.
+            (
+                "exact, case",
+                RequestMatch {
+                    uri: Some(exact("/api/v1/items")),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "exact, case ignored",
+                RequestMatch {
+                    uri: Some(exact("/api/v1/items")),
+                    ignore_uri_case: true,
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "prefix, case ignored",
+                RequestMatch {
+                    uri: Some(StringMatch::Prefix("/API/".into())),
+                    ignore_uri_case: true,
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "path prefix, case ignored, by element",
+                RequestMatch {
+                    uri: Some(StringMatch::PathPrefix("/api/v".into())),
+                    ignore_uri_case: true,
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "path prefix, case ignored",
+                RequestMatch {
+                    uri: Some(StringMatch::PathPrefix("/api/v1".into())),
+                    ignore_uri_case: true,
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "regex keeps case",
+                RequestMatch {
+                    uri: Some(StringMatch::Regex("/api/.*".into())),
+                    ignore_uri_case: true,
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "non-ASCII paths are compared as they are",
+                RequestMatch {
+                    uri: Some(StringMatch::Prefix("/é".into())),
+                    ignore_uri_case: true,
+                    ..m()
+                },
+                Box::new(|c| c.path = "/É/x"),
+                false,
+            ),
+            // The caller: its SPIFFE ID's namespace, and its labels when the gateway knows them.
+            (
+                "source namespace",
+                RequestMatch {
+                    source_namespace: Some("shop".into()),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "another namespace",
+                RequestMatch {
+                    source_namespace: Some("web".into()),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "a caller without a namespace",
+                RequestMatch {
+                    source_namespace: Some("shop".into()),
+                    ..m()
+                },
+                Box::new(|c| {
+                    c.caller = Some("spiffe://east.example.org/meshfed/site/east/gateway")
+                }),
+                false,
+            ),
+            (
+                "source labels",
+                RequestMatch {
+                    source_labels: [("version".into(), "v2".into())].into(),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "source labels, another value",
+                RequestMatch {
+                    source_labels: [("version".into(), "v1".into())].into(),
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+            (
+                "source labels, unknown caller labels",
+                RequestMatch {
+                    source_labels: [("version".into(), "v2".into())].into(),
+                    ..m()
+                },
+                Box::new(|c| c.labels = None),
+                false,
+            ),
+            // Istio's match `gateways`: the egress stands for `mesh`.
+            (
+                "gateways with mesh",
+                RequestMatch {
+                    gateways: vec!["ingress".into(), "mesh".into()],
+                    ..m()
+                },
+                Box::new(|_| {}),
+                true,
+            ),
+            (
+                "gateways without mesh",
+                RequestMatch {
+                    gateways: vec!["ingress".into()],
+                    ..m()
+                },
+                Box::new(|_| {}),
+                false,
+            ),
+        ];
+        for (why, rm, tweak, want) in rows {
+            let p = HttpPolicy {
+                routes: vec![HttpRoute {
+                    name: Some("r".into()),
+                    matches: vec![rm],
+                    destinations: vec![dest("v1", 100)],
+                    ..Default::default()
+                }],
+                ..policy()
+            };
+            let c = p.compile().unwrap_or_else(|e| panic!("{why}: {e}"));
+            let mut r = call.clone();
+            tweak(&mut r);
+            assert_eq!(c.route(&r).is_some(), want, "{why}");
+        }
+    }
+
+    #[test]
+    fn a_prefix_matched_without_case_is_rewritten_by_its_length() {
+        assert_eq!(
+            rewrite_path("/API/v1?x=1", Some("/api"), "/svc"),
+            "/svc/v1?x=1"
+        );
+        assert_eq!(rewrite_path("/api/v1", Some("/api"), "/svc"), "/svc/v1");
+        // The matched prefix is always the path's own (the match ran first); a path
+        // without it is replaced whole.
+        assert_eq!(rewrite_path("/other", Some("/api"), "/svc"), "/svc");
+    }
+
+    #[test]
+    fn match_conditions_are_bounded_and_checked_by_path() {
+        let many = |n: usize| {
+            (0..n)
+                .map(|i| (format!("x-{i}"), StringMatch::Present))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let rows: Vec<(RequestMatch, &str)> = vec![
+            (
+                RequestMatch {
+                    headers: many(MAX_MATCH_CONDITIONS + 1),
+                    ..Default::default()
+                },
+                "routes[0].matches[0].headers",
+            ),
+            (
+                RequestMatch {
+                    without_headers: many(MAX_MATCH_CONDITIONS + 1),
+                    ..Default::default()
+                },
+                "routes[0].matches[0].without_headers",
+            ),
+            (
+                RequestMatch {
+                    without_headers: [("x".into(), StringMatch::Regex("(".into()))].into(),
+                    ..Default::default()
+                },
+                "routes[0].matches[0].without_headers.x.regex",
+            ),
+            (
+                RequestMatch {
+                    authority: Some(StringMatch::Regex("[".into())),
+                    ..Default::default()
+                },
+                "routes[0].matches[0].authority.regex",
+            ),
+            (
+                RequestMatch {
+                    scheme: Some(StringMatch::Regex("[".into())),
+                    ..Default::default()
+                },
+                "routes[0].matches[0].scheme.regex",
+            ),
+            (
+                RequestMatch {
+                    port: Some(0),
+                    ..Default::default()
+                },
+                "routes[0].matches[0].port",
+            ),
+            (
+                RequestMatch {
+                    source_namespace: Some("a.b".into()),
+                    ..Default::default()
+                },
+                "routes[0].matches[0].source_namespace",
+            ),
+            (
+                RequestMatch {
+                    source_labels: [("-x".into(), "v".into())].into(),
+                    ..Default::default()
+                },
+                "routes[0].matches[0].source_labels.-x",
+            ),
+            (
+                RequestMatch {
+                    gateways: vec!["mesh".into(), String::new()],
+                    ..Default::default()
+                },
+                "routes[0].matches[0].gateways[1]",
+            ),
+            (
+                RequestMatch {
+                    gateways: vec!["g".into(); MAX_MATCH_CONDITIONS + 1],
+                    ..Default::default()
+                },
+                "routes[0].matches[0].gateways",
+            ),
+        ];
+        for (rm, field) in rows {
+            let p = HttpPolicy {
+                routes: vec![HttpRoute {
+                    matches: vec![rm],
+                    destinations: vec![dest("v1", 100)],
+                    ..Default::default()
+                }],
+                ..policy()
+            };
+            let e = p.compile().expect_err(field);
+            assert_eq!(e.field, field, "{e}");
         }
     }
 

@@ -756,6 +756,7 @@ fn http_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch> {
             &format!("{field}.queryParams"),
             false,
         ),
+        ..Default::default()
     })
 }
 
@@ -850,7 +851,7 @@ fn grpc_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch> {
         uri,
         method: None,
         headers: name_value_matches(d, m.get("headers"), &format!("{field}.headers"), true),
-        query_params: Default::default(),
+        ..Default::default()
     })
 }
 

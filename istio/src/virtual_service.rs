@@ -6,7 +6,10 @@
 //! Read: `hosts` (a service as `name.namespace`, `name.namespace.svc.cluster.local` or
 //! `.svc.clusterset.local`, a short name in the VirtualService's namespace, or a host of
 //! a ServiceEntry in the same file), `http[].name`, `http[].match[]` (`uri`, `method`,
-//! `headers`, `queryParams`: `exact`, `prefix` or `regex`), `http[].route[]`
+//! `headers`, `queryParams`, `withoutHeaders`, `authority`, `scheme`: `exact`, `prefix`,
+//! `regex` or `{}` for presence; `ignoreUriCase`, `port`, `sourceNamespace`; `gateways`
+//! without `mesh` and `sourceLabels` are kept and warned about: such a match never
+//! applies at meshfed's egress), `http[].route[]`
 //! (`destination.host` — the service itself or another one, which importing gateways
 //! reach through their import of it — `destination.subset`, `destination.port.number`,
 //! `weight`),
@@ -71,7 +74,24 @@ impl RawVirtualService {
     }
 }
 
-fn string_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<StringMatch> {
+/// Where a `StringMatch` stands, for Istio's rules on it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MatchKind {
+    /// `uri`: `{}` and an empty prefix accept every path.
+    Uri,
+    /// `headers`, `queryParams`, `method`, `authority`, `scheme`: `{}` asks for presence,
+    /// an empty prefix is refused (Envoy's string matchers refuse it).
+    Value,
+    /// `withoutHeaders`: as [`MatchKind::Value`], and `regex: "*"` asks for presence too.
+    Without,
+    /// `corsPolicy.allowOrigins`: `{}` and empty strings are refused.
+    Origin,
+}
+
+/// Istio's longest regex (its stand-in for Envoy's RE2 program size).
+const MAX_REGEX_LEN: usize = 1024;
+
+fn string_match(d: &mut Doc<'_>, v: &Value, field: &str, kind: MatchKind) -> Option<StringMatch> {
     let Value::Object(m) = v else {
         d.err(field, "must be a map with exact, prefix or regex");
         return None;
@@ -82,6 +102,10 @@ fn string_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<StringMatch> 
         .filter(|(k, _)| matches!(k.as_str(), "exact" | "prefix" | "regex"));
     let (k, v) = match (found.next(), found.next()) {
         (Some(kv), None) => kv,
+        // Istio's `{}`: any value (Envoy's `present_match`); on the path, every path.
+        (None, _) if m.is_empty() && kind != MatchKind::Origin => {
+            return Some(StringMatch::Present);
+        }
         (None, _) => {
             d.err(field, "needs one of exact, prefix or regex");
             return None;
@@ -95,27 +119,85 @@ fn string_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<StringMatch> 
         d.err(format!("{field}.{k}"), "must be a string");
         return None;
     };
-    Some(match k.as_str() {
-        "exact" => StringMatch::Exact(s.into()),
-        "prefix" => StringMatch::Prefix(s.into()),
-        _ => StringMatch::Regex(s.into()),
-    })
+    match k.as_str() {
+        "exact" => Some(StringMatch::Exact(s.into())),
+        "prefix" if s.is_empty() && matches!(kind, MatchKind::Value | MatchKind::Without) => {
+            d.err(
+                format!("{field}.prefix"),
+                "prefix string match should not be empty",
+            );
+            None
+        }
+        "prefix" => Some(StringMatch::Prefix(s.into())),
+        // `*` is not RE2; Istio reads it as presence here.
+        _ if s == "*" && kind == MatchKind::Without => Some(StringMatch::Present),
+        _ if s.is_empty() => {
+            d.err(
+                format!("{field}.regex"),
+                "regex string match should not be empty",
+            );
+            None
+        }
+        _ if s.len() > MAX_REGEX_LEN => {
+            d.err(
+                format!("{field}.regex"),
+                format!("regex is too large, max length allowed is {MAX_REGEX_LEN}"),
+            );
+            None
+        }
+        _ => Some(StringMatch::Regex(s.into())),
+    }
+}
+
+/// Whether `name` may be matched on: an HTTP token (RFC 9110), or one of the request's
+/// pseudo-headers (Istio's `ValidateHTTPHeaderNameOrJwtClaimRoute`).
+fn match_header_name(d: &mut Doc<'_>, name: &str, field: &str) -> bool {
+    if name.starts_with("@request.auth.claims") {
+        // Istio: JWT claim routes need a gateway; meshfed's egress stands for `mesh`.
+        d.err(
+            field,
+            format!("JWT claim based routing (key: {name}) is only supported for gateway"),
+        );
+        return false;
+    }
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token
+        && !matches!(
+            name,
+            ":method" | ":scheme" | ":authority" | ":path" | ":status"
+        )
+    {
+        d.err(
+            field,
+            format!("header name {name} is not a valid header name"),
+        );
+        return false;
+    }
+    true
 }
 
 fn match_map(
     d: &mut Doc<'_>,
     v: Option<&Value>,
     field: &str,
-    lower: bool,
+    kind: MatchKind,
+    headers: bool,
 ) -> std::collections::BTreeMap<String, StringMatch> {
     let mut out = std::collections::BTreeMap::new();
     match v {
         None | Some(Value::Null) => {}
         Some(Value::Object(m)) => {
             for (k, v) in m {
-                if let Some(sm) = string_match(d, v, &format!("{field}.{k}")) {
+                let f = format!("{field}.{k}");
+                if headers && !match_header_name(d, k, &f) {
+                    continue;
+                }
+                if let Some(sm) = string_match(d, v, &f, kind) {
                     out.insert(
-                        if lower {
+                        if headers {
                             k.to_ascii_lowercase()
                         } else {
                             k.clone()
@@ -138,22 +220,115 @@ fn request_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch
     d.unsupported(
         field,
         m,
-        &["name", "uri", "method", "headers", "queryParams"],
+        &[
+            "name",
+            "uri",
+            "method",
+            "headers",
+            "queryParams",
+            "withoutHeaders",
+            "authority",
+            "scheme",
+            "port",
+            "ignoreUriCase",
+            "sourceNamespace",
+            "sourceLabels",
+            "gateways",
+        ],
     );
+    let one = |d: &mut Doc<'_>, k: &str, kind| {
+        m.get(k)
+            .filter(|v| !v.is_null())
+            .and_then(|u| string_match(d, u, &format!("{field}.{k}"), kind))
+    };
+    let uri = one(d, "uri", MatchKind::Uri);
+    let method = one(d, "method", MatchKind::Value);
+    let authority = one(d, "authority", MatchKind::Value);
+    let scheme = one(d, "scheme", MatchKind::Value);
+    let port = match m.get("port") {
+        None | Some(Value::Null) => None,
+        Some(p) => match p.as_u64() {
+            Some(0) => None,
+            Some(n @ 1..=65535) => Some(n as u16),
+            _ => {
+                d.err(
+                    format!("{field}.port"),
+                    "port number must be in the range 1..65535",
+                );
+                None
+            }
+        },
+    };
+    let ignore_uri_case = match m.get("ignoreUriCase") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            d.err(format!("{field}.ignoreUriCase"), "must be true or false");
+            false
+        }
+    };
+    let source_namespace = match m.get("sourceNamespace") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) if !s.contains('.') && meshfed_catalog::names::dns_subdomain(s) => {
+            Some(s.clone())
+        }
+        Some(v) => {
+            d.err(
+                format!("{field}.sourceNamespace"),
+                format!("sourceNamespace match {v} is invalid"),
+            );
+            None
+        }
+    };
+    let source_labels = d.string_map(m.get("sourceLabels"), &format!("{field}.sourceLabels"));
+    if let Err((k, msg)) = meshfed_catalog::http_route::check_labels(&source_labels) {
+        d.err(format!("{field}.sourceLabels{k}"), msg);
+    }
+    if !source_labels.is_empty() {
+        d.warn(
+            format!("{field}.sourceLabels"),
+            "meshfed's egress does not know its callers' labels yet: this match applies to no request",
+        );
+    }
+    let gateways = d.str_list(m.get("gateways"), &format!("{field}.gateways"));
+    if !gateways.is_empty() && !gateways.iter().any(|g| g == "mesh") {
+        d.warn(
+            format!("{field}.gateways"),
+            "does not name mesh: this match does not apply at meshfed's egress, as at Istio's sidecars",
+        );
+    }
     Some(RequestMatch {
-        uri: m
-            .get("uri")
-            .and_then(|u| string_match(d, u, &format!("{field}.uri"))),
-        method: m
-            .get("method")
-            .and_then(|u| string_match(d, u, &format!("{field}.method"))),
-        headers: match_map(d, m.get("headers"), &format!("{field}.headers"), true),
+        uri,
+        method,
+        authority,
+        scheme,
+        headers: match_map(
+            d,
+            m.get("headers"),
+            &format!("{field}.headers"),
+            MatchKind::Value,
+            true,
+        ),
         query_params: match_map(
             d,
             m.get("queryParams"),
             &format!("{field}.queryParams"),
+            MatchKind::Value,
             false,
         ),
+        without_headers: match_map(
+            d,
+            m.get("withoutHeaders"),
+            &format!("{field}.withoutHeaders"),
+            MatchKind::Without,
+            true,
+        ),
+        port,
+        ignore_uri_case,
+        source_namespace,
+        source_labels,
+        gateways,
     })
 }
 
@@ -681,7 +856,7 @@ fn cors_policy(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<meshfed_catalo
     };
     for (i, o) in list(d, "allowOrigins", MAX_CORS_ORIGINS).iter().enumerate() {
         let f = format!("{field}.allowOrigins[{i}]");
-        match string_match(d, o, &f) {
+        match string_match(d, o, &f, MatchKind::Origin) {
             Some(StringMatch::Exact(s) | StringMatch::Prefix(s) | StringMatch::Regex(s))
                 if s.is_empty() =>
             {
@@ -3300,6 +3475,125 @@ spec:
         ] {
             crate::test_support::assert_refused_at(&vs(route), field);
         }
+    }
+
+    /// Every HTTPMatchRequest field, read as Istio's `validateHTTPRouteMatchRequest`
+    /// checks it and as its `TranslateRouteMatch` gives it to Envoy.
+    #[test]
+    fn match_requests_are_read_whole_as_istio_checks_them() {
+        use meshfed_catalog::http_route::StringMatch as S;
+        let vs = |m: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: demo}}\nspec:\n  hosts: [web]\n  http:\n  - match:\n    - {m}\n    route: [{{destination: {{host: web}}}}]\n"
+            )
+        };
+        let read = |m: &str| {
+            let r = parse(&vs(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
+            (r.http_policies[0].routes[0].matches[0].clone(), r.warnings)
+        };
+        let (m, w) = read(
+            "{uri: {prefix: /API}, ignoreUriCase: true, authority: {exact: \"web.demo:80\"}, scheme: {exact: http}, port: 8080, sourceNamespace: shop, withoutHeaders: {x-canary: {exact: \"1\"}, X-Debug: {}, x-any: {regex: \"*\"}}, headers: {x-user: {}}, queryParams: {beta: {}}, gateways: [mesh], name: m1}",
+        );
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(m.uri, Some(S::Prefix("/API".into())));
+        assert!(m.ignore_uri_case);
+        assert_eq!(m.authority, Some(S::Exact("web.demo:80".into())));
+        assert_eq!(m.scheme, Some(S::Exact("http".into())));
+        assert_eq!(m.port, Some(8080));
+        assert_eq!(m.source_namespace.as_deref(), Some("shop"));
+        assert_eq!(m.gateways, ["mesh"]);
+        assert_eq!(
+            m.without_headers,
+            [
+                ("x-any".into(), S::Present),
+                ("x-canary".into(), S::Exact("1".into())),
+                ("x-debug".into(), S::Present),
+            ]
+            .into()
+        );
+        assert_eq!(m.headers, [("x-user".into(), S::Present)].into());
+        assert_eq!(m.query_params, [("beta".into(), S::Present)].into());
+        // `{}` on the path accepts every path; port 0 is no port (protobuf's default).
+        let (m, _) = read("{uri: {}, port: 0}");
+        assert_eq!((m.uri, m.port), (Some(S::Present), None));
+        // Accepted, warned, and narrowing: a match Istio would apply only elsewhere
+        // (other gateways) or only to labelled callers meshfed cannot see.
+        for (m, field) in [
+            ("{gateways: [my-ingress]}", "spec.http[0].match[0].gateways"),
+            (
+                "{sourceLabels: {app: web}}",
+                "spec.http[0].match[0].sourceLabels",
+            ),
+            ("{statPrefix: web}", "spec.http[0].match[0].statPrefix"),
+        ] {
+            let (_, w) = read(m);
+            assert!(w.iter().any(|x| x.field == field), "{m}: {w:?}");
+        }
+        let p = parse(&vs("{gateways: [my-ingress]}"))
+            .unwrap()
+            .http_policies[0]
+            .clone();
+        assert_eq!(p.routes[0].matches[0].gateways, ["my-ingress"]);
+        // Refused by path, as Istio refuses them.
+        for (m, field) in [
+            (
+                "{headers: {x-a: {prefix: \"\"}}}",
+                "spec.http[0].match[0].headers.x-a.prefix",
+            ),
+            (
+                "{withoutHeaders: {x-a: {prefix: \"\"}}}",
+                "spec.http[0].match[0].withoutHeaders.x-a.prefix",
+            ),
+            (
+                "{authority: {prefix: \"\"}}",
+                "spec.http[0].match[0].authority.prefix",
+            ),
+            (
+                "{scheme: {regex: \"\"}}",
+                "spec.http[0].match[0].scheme.regex",
+            ),
+            ("{uri: {regex: \"\"}}", "spec.http[0].match[0].uri.regex"),
+            (
+                "{headers: {x-a: {regex: \"*\"}}}",
+                "spec.http[0].match[0].headers.x-a.regex",
+            ),
+            (
+                "{headers: {\"x a\": {exact: b}}}",
+                "spec.http[0].match[0].headers.x a",
+            ),
+            (
+                "{headers: {\"@request.auth.claims.group\": {exact: b}}}",
+                "spec.http[0].match[0].headers.@request.auth.claims.group",
+            ),
+            (
+                "{headers: {x-a: {exatc: b}}}",
+                "spec.http[0].match[0].headers.x-a",
+            ),
+            ("{port: 70000}", "spec.http[0].match[0].port"),
+            ("{port: -1}", "spec.http[0].match[0].port"),
+            (
+                "{sourceNamespace: Shop}",
+                "spec.http[0].match[0].sourceNamespace",
+            ),
+            (
+                "{sourceNamespace: a.b}",
+                "spec.http[0].match[0].sourceNamespace",
+            ),
+            (
+                "{sourceLabels: {\"-x\": y}}",
+                "spec.http[0].match[0].sourceLabels.-x",
+            ),
+            (
+                "{ignoreUriCase: yes-please}",
+                "spec.http[0].match[0].ignoreUriCase",
+            ),
+        ] {
+            crate::test_support::assert_refused_at(&vs(m), field);
+        }
+        let long = format!("{{uri: {{regex: \"{}\"}}}}", "a".repeat(1025));
+        crate::test_support::assert_refused_at(&vs(&long), "spec.http[0].match[0].uri.regex");
+        let (m, _) = read(&format!("{{uri: {{regex: \"{}\"}}}}", "a".repeat(1024)));
+        assert!(matches!(m.uri, Some(S::Regex(_))));
     }
 
     /// `rewrite.uriRegexRewrite`, as Istio's `validateHTTPRewrite` checks it, and as

@@ -1267,6 +1267,128 @@ async fn export_to_applies_the_routes_to_callers_of_the_namespaces_named() {
     settle(418).await;
 }
 
+/// Istio's match conditions beyond the request line, registered at west and applied at
+/// east's egress per request: `ignoreUriCase`, `withoutHeaders`, `authority`, `port`,
+/// `sourceNamespace` (the caller's SPIFFE ID), a `{}` presence match and a pseudo-header;
+/// and the conditions that keep a match from applying at meshfed's egress (another
+/// namespace, other gateways, caller labels, another port, `https`). Each route answers
+/// its own status (an abort), so curl shows which one matched.
+#[tokio::test(flavor = "multi_thread")]
+async fn match_conditions_beyond_the_request_line_pick_routes() {
+    let sites = http_sites_with(
+        "http-match-more",
+        (200, 200),
+        0,
+        [None; 3],
+        |c| meshfed_lab::ConfigBuilder {
+            source_identity: Some("spiffe://east.example.org/ns/demo/sa/client".into()),
+            ..c
+        },
+        |_| {},
+    )
+    .await;
+    let port = sites.import.port();
+    let abort = |name: &str, m: &str, status: u16| {
+        format!(
+            "  - name: {name}\n    match: [{m}]\n    fault: {{abort: {{httpStatus: {status}, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: web.demo}}}}]\n"
+        )
+    };
+    let vs = [
+        // Never at meshfed's egress: each must be passed over.
+        abort("other-namespace", "{sourceNamespace: shop}", 500),
+        abort("ingress-only", "{gateways: [my-ingress]}", 501),
+        abort("labelled-callers", "{sourceLabels: {app: web}}", 502),
+        abort("other-port", "{port: 1}", 503),
+        abort("over-tls", "{scheme: {exact: https}}", 504),
+        // Applied.
+        abort(
+            "case",
+            "{uri: {prefix: /API/}, ignoreUriCase: true, withoutHeaders: {x-stable: {}}}",
+            451,
+        ),
+        abort("host", "{authority: {prefix: \"canary.\"}}", 421),
+        abort(
+            "namespace",
+            "{sourceNamespace: demo, headers: {x-ns: {}}}",
+            403,
+        ),
+        abort(
+            "port",
+            &format!("{{port: {port}, scheme: {{exact: http}}, headers: {{x-port: {{}}}}}}"),
+            422,
+        ),
+        abort("method", "{headers: {\":method\": {exact: DELETE}}}", 405),
+    ]
+    .concat();
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: demo}}\n\
+         spec:\n  hosts: [web.demo]\n  http:\n{vs}  - name: rest\n    route: [{{destination: {{host: web.demo}}}}]\n"
+    );
+    let out = register_yaml(&sites.west, "vs.yaml", &yaml);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    // `meshfed validate` names the matches that never apply here.
+    let file = sites.west.dir.join("vs.yaml");
+    let (code, out, err) = meshfed(&["validate", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for w in [
+        "spec.http[1].match[0].gateways",
+        "spec.http[2].match[0].sourceLabels",
+    ] {
+        assert!(
+            format!("{out}{err}").contains(w),
+            "a warning names {w}: {out}{err}"
+        );
+    }
+    let url = |path: &str| format!("http://{}{path}", sites.import);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while curl(&[], &url("/api/x")).0 != 451 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the routes never applied\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (args, path, want, why) in [
+        (&[][..], "/api/x", 451, "the prefix, case ignored"),
+        (&["-H", "x-stable: 1"][..], "/api/x", 200, "withoutHeaders"),
+        (
+            &["-H", "x-stable;"][..],
+            "/Api/x",
+            200,
+            "withoutHeaders {}: an empty header is there",
+        ),
+        (
+            &["-H", "host: canary.web.demo"][..],
+            "/x",
+            421,
+            "the authority",
+        ),
+        (
+            &["-H", "host: web.demo"][..],
+            "/x",
+            200,
+            "another authority",
+        ),
+        (&["-H", "x-ns: 1"][..], "/x", 403, "the caller's namespace"),
+        (
+            &["-H", "x-port: 1"][..],
+            "/x",
+            422,
+            "the service port and scheme",
+        ),
+        (
+            &["-X", "DELETE"][..],
+            "/x",
+            405,
+            "the :method pseudo-header",
+        ),
+        (&[][..], "/x", 200, "none of the others"),
+    ] {
+        assert_eq!(curl(args, &url(path)).0, want, "{why}: {args:?} {path}");
+    }
+}
+
 /// A DestinationRule's `connectionPool.http.http2MaxRequests: 4` for the service's port
 /// (`portLevelSettings`, under a destination-wide 1000), registered at west: of 20 slow
 /// requests at once, 4 are served and the rest are answered 503 `overflow` at once

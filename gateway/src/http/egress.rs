@@ -84,6 +84,8 @@ pub struct HttpEgress {
     site_load: Mutex<HashMap<SiteName, u32>>,
     start: Instant,
     import: String,
+    /// The service port this import stands for (a route's match `port`).
+    port: u16,
 }
 
 /// One attempt in flight at a site, counted in [`HttpEgress::site_load`] while it lives.
@@ -410,21 +412,59 @@ fn selector_value(subset: &meshfed_catalog::http_route::Subset) -> Option<http::
 /// The code of a request a route's rate limit refused (429, with `retry-after`).
 pub const RATE_LIMITED: &str = "rate_limited";
 
-/// A request as a route's match sees it.
-struct View<'a>(&'a http::request::Parts);
+/// A request as a route's match sees it, with where it came from.
+struct View<'a> {
+    parts: &'a http::request::Parts,
+    /// The service port the egress listener stands for.
+    port: u16,
+    caller: &'a SpiffeId,
+    /// The client's connection is TLS (`caller_mtls`).
+    tls: bool,
+}
 
 impl RequestView for View<'_> {
     fn path(&self) -> &str {
-        self.0.uri.path()
+        self.parts.uri.path()
     }
     fn method(&self) -> &str {
-        self.0.method.as_str()
+        self.parts.method.as_str()
     }
     fn header(&self, name: &str) -> Option<&str> {
-        self.0.headers.get(name).and_then(|v| v.to_str().ok())
+        // The request's pseudo-headers, as Envoy's header matchers see them.
+        match name {
+            ":authority" => self.authority(),
+            ":method" => Some(self.method()),
+            ":scheme" => Some(self.scheme()),
+            ":path" => self.parts.uri.path_and_query().map(|p| p.as_str()),
+            _ => self.parts.headers.get(name).and_then(|v| v.to_str().ok()),
+        }
     }
     fn query(&self) -> Option<&str> {
-        self.0.uri.query()
+        self.parts.uri.query()
+    }
+    fn authority(&self) -> Option<&str> {
+        // h2's `:authority` (hyper keeps it in the URI), or HTTP/1.1's `Host`.
+        match self.parts.uri.authority() {
+            Some(a) => Some(a.as_str()),
+            None => self
+                .parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok()),
+        }
+    }
+    fn scheme(&self) -> &str {
+        match self.parts.uri.scheme_str() {
+            Some(s) => s,
+            None if self.tls => "https",
+            None => "http",
+        }
+    }
+    fn port(&self) -> Option<u16> {
+        Some(self.port)
+    }
+    fn caller(&self) -> Option<&str> {
+        Some(self.caller.as_str())
     }
 }
 
@@ -456,6 +496,7 @@ impl HttpEgress {
             site_load: Mutex::default(),
             start: Instant::now(),
             import,
+            port,
         }
     }
 
@@ -911,9 +952,15 @@ impl HttpEgress {
                 }
             },
         };
+        let view = View {
+            parts,
+            port: self.port,
+            caller,
+            tls: matches!(eg.callers, Callers::Mtls(..)),
+        };
         // Routes exported to other namespaces than the caller's: the service itself.
         let matched = if table.compiled.policy.routes_apply_to(caller.as_str()) {
-            table.compiled.route_and_prefix(&View(parts))
+            table.compiled.route_and_prefix(&view)
         } else {
             Some((&table.unrouted, None))
         };
@@ -1125,7 +1172,7 @@ impl HttpEgress {
         // key is balanced as usual; a missing cookie with a ttl is made up here).
         let (hash, set_cookie) = match hash_key {
             None => (None, None),
-            Some(key) => match affinity::request_hash(key, &View(parts), client) {
+            Some(key) => match affinity::request_hash(key, &view, client) {
                 Some(h) => (Some(h), None),
                 None => {
                     let n = self.rolls.fetch_add(1, Ordering::Relaxed);
