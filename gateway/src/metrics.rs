@@ -596,7 +596,7 @@ impl Metrics {
         );
         r.register(
             "http_route_requests",
-            "HTTP requests of imports with routes, by import, route, answering site and status class",
+            "HTTP requests of imports with routes, by import, route, answering site (none: answered by the egress itself) and status class",
             self.http_route_requests.clone(),
         );
         r.register(

@@ -1991,6 +1991,24 @@ spec:
     for _ in 0..20 {
         assert_eq!(curl(&[], &format!("{base}/other")).0, 200);
     }
+    // Every answer counts for its route: those the egress gave itself (redirect, direct
+    // response, rate limit) with site `none`, the forwarded ones by the answering site.
+    let route = |name: &str, site: &str, class: &str| {
+        format!(
+            "meshfed_gateway_http_route_requests_total{{import=\"web.demo:{}\",route=\"{name}\",site=\"{site}\",class=\"{class}\"}}",
+            sites.import.port()
+        )
+    };
+    let count = |name: &str, site: &str, class: &str| {
+        let m = route(name, site, class);
+        let gw = &sites.east_gw;
+        async move { gw.metric(&m).await }
+    };
+    assert!(count("old", "none", "3xx").await >= 1.0);
+    assert_eq!(count("maintenance", "none", "5xx").await, 1.0);
+    assert_eq!(count("limited", "none", "4xx").await, f64::from(limited));
+    let served = count("limited", "west", "2xx").await + count("limited", "north", "2xx").await;
+    assert_eq!(served, f64::from(ok));
 }
 
 /// An OTLP/gRPC trace receiver: the real `TraceService` from opentelemetry-proto, on

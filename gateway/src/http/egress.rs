@@ -333,8 +333,6 @@ struct Plan {
     /// The route's faults, and the roll that decides whether they hit.
     fault: Option<(meshfed_catalog::http_route::Fault, u32)>,
     sites: Vec<SiteName>,
-    /// The route's name (`#i` when it has none), when the import has routes.
-    route: Option<String>,
     /// The policy's outlier detection; its ejection cap counts `sites` (the
     /// destination's subset's, with one).
     outlier: Option<meshfed_catalog::http_route::Outlier>,
@@ -745,12 +743,22 @@ impl HttpEgress {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .deposit(self.now_ms());
-        let plan = match self.plan(eg, &parts, client.ip(), caller) {
-            Ok(p) => p,
-            Err(r) => {
-                metrics.http_request("egress", r.status().as_u16());
-                return r;
+        let mut route = None;
+        // An answer given here, not by a site: counted for its route with site `none`.
+        let answered = |r: Response<Body>, route: &Option<String>| {
+            metrics.http_request("egress", r.status().as_u16());
+            if let Some(name) = route {
+                metrics.http_route_request(&self.import, name, "none", r.status().as_u16());
             }
+            r
+        };
+        let planned = self.plan(eg, &parts, client.ip(), caller, &mut route);
+        if let Some(route) = &route {
+            span.record("meshfed.route", route.as_str());
+        }
+        let plan = match planned {
+            Ok(p) => p,
+            Err(r) => return answered(r, &route),
         };
         // Injected faults: the delay, then the abort (Envoy's order).
         if let Some((f, roll)) = &plan.fault {
@@ -762,16 +770,13 @@ impl HttpEgress {
             if let Some(a) = &f.abort
                 && hits(a.per_million, roll.rotate_left(16))
             {
-                metrics.http_request("egress", a.http_status);
-                return error_response(
+                let r = error_response(
                     a.http_status,
                     FAULT_ABORT,
                     "aborted by the route's fault injection",
                 );
+                return answered(r, &route);
             }
-        }
-        if let Some(route) = &plan.route {
-            span.record("meshfed.route", route.as_str());
         }
         // The far side continues this request's span.
         super::trace::inject(span, &mut parts.headers);
@@ -822,7 +827,7 @@ impl HttpEgress {
         // After the route's changes: Envoy's CORS filter sees the answer after the router.
         set_headers(answer.headers_mut(), &plan.cors);
         metrics.http_request("egress", answer.status().as_u16());
-        if let Some(route) = &plan.route {
+        if let Some(route) = &route {
             metrics.http_route_request(
                 &self.import,
                 route,
@@ -898,7 +903,9 @@ impl HttpEgress {
 
     /// Where a request may go and how: its route's destination (by weight), the sites
     /// that destination's subset selects (best first), its retries and timeouts. Without
-    /// routes: every backend, [`RETRIES`] retries, no timeout.
+    /// routes: every backend, [`RETRIES`] retries, no timeout. `route` gets the name of
+    /// the route the request matched (`#i` when it has none), also when it is answered
+    /// here (`Err`).
     #[allow(clippy::result_large_err)]
     fn plan(
         &self,
@@ -906,6 +913,7 @@ impl HttpEgress {
         parts: &http::request::Parts,
         client: std::net::IpAddr,
         caller: &SpiffeId,
+        route_out: &mut Option<String>,
     ) -> Result<Plan, Response<Body>> {
         let backends = eg.backends.load_full();
         let no_site = |msg: String| error_response(503, Refusal::NoReadyEndpoint.as_str(), &msg);
@@ -922,7 +930,6 @@ impl HttpEgress {
                 _subset_in_flight: None,
                 fault: None,
                 sites: backends.to_vec(),
-                route: None,
                 outlier: None,
                 cluster: String::new(),
                 retries: RETRIES,
@@ -982,6 +989,9 @@ impl HttpEgress {
                 None => "(not exported to the caller)".to_owned(),
             })
         };
+        // Counted per route from here on, whoever answers (the unrouted route of a
+        // caller the routes are not exported to is none of them).
+        *route_out = index.map(|_| route_name());
         // The route's rate limit (before its redirect: Envoy's local rate limit runs
         // before the router).
         if let Some(bucket) = index
@@ -1270,7 +1280,6 @@ impl HttpEgress {
             _subset_in_flight: subset_in_flight,
             fault,
             sites,
-            route: index.map(|_| route_name()),
             edits: (route.headers.is_some() || route.rewrite.is_some() || d.headers.is_some())
                 .then(|| {
                     Box::new(Edits {
