@@ -699,6 +699,7 @@ mod tests {
             port_settings: vec![],
             export_to: Vec::new(),
             retry_budget: None,
+            tcp_routes: Vec::new(),
             service: service.clone(),
             source: "VirtualService demo/web".into(),
             routes: vec![HttpRoute {

@@ -129,6 +129,114 @@ pub struct HttpPolicy {
     /// the gateway's default (20 % of requests plus 10 retries a second, Linkerd's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudget>,
+    /// A VirtualService's `tcp` routes: for the service's TCP ports, each connection
+    /// goes to the first matching route's destinations by weight ([`TcpRoute`]); none
+    /// matching: the service itself, every site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_routes: Vec<TcpRoute>,
+}
+
+/// An Istio `tcp` route: a connection it matches goes to one of its destinations,
+/// picked by weight once per connection at the importing gateway, at the sites its
+/// subset selects. A TCP stream carries no endpoint selector to the far gateway, so a
+/// subset selects a site here by the site's own labels (its name as
+/// `topology.istio.io/cluster`) and its export's labels, never by endpoint labels:
+/// every endpoint of a selected site is in the subset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRoute {
+    /// Any of them (empty: every connection).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<TcpMatch>,
+    /// Without header changes.
+    pub destinations: Vec<Destination>,
+}
+
+/// All of its conditions hold (Istio's `L4MatchAttributes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpMatch {
+    /// The service port the connection was addressed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The address the client connected to (the import's address) is in one of them:
+    /// `a.b.c.d[/n]` or IPv6.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<String>,
+    /// As [`RequestMatch::source_namespace`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
+    /// As [`RequestMatch::source_labels`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    /// As [`RequestMatch::gateways`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+}
+
+/// What a TCP route's match looks at: where the connection came from and went to.
+pub struct TcpView<'a> {
+    /// The service port the import stands for.
+    pub port: u16,
+    /// The address the client connected to.
+    pub destination: std::net::IpAddr,
+    /// The caller's SPIFFE ID.
+    pub caller: &'a str,
+    /// The caller's labels, when the gateway knows them.
+    pub caller_labels: Option<&'a BTreeMap<String, String>>,
+}
+
+/// `a.b.c.d`, `a.b.c.d/n`, or the same in IPv6: the network and its prefix length.
+/// Pure.
+pub fn parse_subnet(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| {
+        format!(
+            "{:?} is not an IP address or subnet",
+            crate::names::clip(s, 64)
+        )
+    })?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?}: the prefix length is 0 to {max}"))?,
+    };
+    Ok((ip, len))
+}
+
+/// Whether `ip` is in the subnet `(net, len)` ([`parse_subnet`]); an IPv4 address in
+/// IPv6 form counts as IPv4. Pure.
+pub fn in_subnet(ip: std::net::IpAddr, (net, len): (std::net::IpAddr, u8)) -> bool {
+    use std::net::IpAddr::{V4, V6};
+    let bits = |a: u128, b: u128, width: u32| {
+        let shift = width - u32::from(len);
+        shift >= width || (a >> shift) == (b >> shift)
+    };
+    match (ip.to_canonical(), net) {
+        (V4(a), V4(b)) => bits(u32::from(a).into(), u32::from(b).into(), 32),
+        (V6(a), V6(b)) => bits(a.into(), b.into(), 128),
+        _ => false,
+    }
+}
+
+/// Whether `site` is in `subset` for a TCP route: every one of the subset's labels is
+/// the site's name (`topology.istio.io/cluster`, `meshfed.io/site`) or its export's
+/// label there. Pure.
+pub fn tcp_subset_has(subset: &Subset, site: &SiteName, labels: Option<&SiteLabels>) -> bool {
+    subset.labels.iter().all(|(k, v)| {
+        if k == CLUSTER_LABEL || k == SITE_LABEL {
+            v == site.as_str()
+        } else {
+            labels.and_then(|l| l.export.get(k)) == Some(v)
+        }
+    })
 }
 
 /// Envoy's retry budget (Istio's `retryBudget`): a retry may start while the retries
@@ -226,6 +334,7 @@ impl HttpPolicy {
             port_settings: Vec::new(),
             export_to: Vec::new(),
             retry_budget: None,
+            tcp_routes: Vec::new(),
         }
     }
 
@@ -1353,6 +1462,8 @@ pub struct Compiled {
     direct: Vec<Option<Vec<u8>>>,
     /// Per route, its rewrite's `uri_regex`, compiled.
     uri_regex: Vec<Option<std::sync::Arc<UriRegex>>>,
+    /// Per TCP route, its matches compiled.
+    tcp: Vec<Vec<CompiledTcpMatch>>,
 }
 
 /// The most header changes one route may carry, and the longest value.
@@ -1976,13 +2087,142 @@ impl HttpPolicy {
             );
             direct.push(direct_body);
         }
+        let tcp = self.compile_tcp(&names)?;
         Ok(Compiled {
             policy: self,
             matches,
             cors,
             direct,
             uri_regex,
+            tcp,
         })
+    }
+
+    /// The `tcp_routes`' checks, and their matches compiled; `names`: the subsets.
+    fn compile_tcp(
+        &self,
+        names: &std::collections::BTreeSet<&str>,
+    ) -> Result<Vec<Vec<CompiledTcpMatch>>, PolicyError> {
+        if self.tcp_routes.len() > MAX_ROUTES {
+            return Err(bad("tcp_routes", format!("at most {MAX_ROUTES}")));
+        }
+        let mut out = Vec::with_capacity(self.tcp_routes.len());
+        for (i, r) in self.tcp_routes.iter().enumerate() {
+            let f = |x: &str| format!("tcp_routes[{i}].{x}");
+            if r.matches.len() > MAX_MATCHES {
+                return Err(bad(f("matches"), format!("at most {MAX_MATCHES}")));
+            }
+            let n = r.destinations.len();
+            if n == 0 || n > MAX_DESTINATIONS {
+                return Err(bad(
+                    f("destinations"),
+                    format!("1 to {MAX_DESTINATIONS} destinations"),
+                ));
+            }
+            for (j, d) in r.destinations.iter().enumerate() {
+                let g = |x: &str| f(&format!("destinations[{j}].{x}"));
+                if let Some(sub) = &d.subset
+                    && d.other_service(&self.service).is_none()
+                    && !names.contains(sub.as_str())
+                {
+                    return Err(bad(
+                        g("subset"),
+                        format!("{sub:?} is not a subset of {}", self.service),
+                    ));
+                }
+                if let Some(to) = d.other_service(&self.service)
+                    && to.namespace() != self.service.namespace()
+                {
+                    return Err(bad(
+                        g("service"),
+                        format!(
+                            "{to} is not in namespace {}: a route sends only to services of its own namespace",
+                            self.service.namespace()
+                        ),
+                    ));
+                }
+                if d.port == Some(0) {
+                    return Err(bad(g("port"), "must be above 0"));
+                }
+                if d.weight > MAX_WEIGHT {
+                    return Err(bad(g("weight"), format!("at most {MAX_WEIGHT}")));
+                }
+                if d.headers.is_some() {
+                    return Err(bad(g("headers"), "a TCP route changes no headers"));
+                }
+            }
+            let mut ms = Vec::with_capacity(r.matches.len());
+            for (j, m) in r.matches.iter().enumerate() {
+                let g = |x: &str| f(&format!("matches[{j}].{x}"));
+                // The conditions a TCP match shares with an HTTP one, checked alike.
+                check_match(
+                    &RequestMatch {
+                        port: m.port,
+                        source_namespace: m.source_namespace.clone(),
+                        source_labels: m.source_labels.clone(),
+                        gateways: m.gateways.clone(),
+                        ..Default::default()
+                    },
+                    &g,
+                )?;
+                if m.destination_subnets.len() > MAX_MATCH_CONDITIONS {
+                    return Err(bad(
+                        g("destination_subnets"),
+                        format!("at most {MAX_MATCH_CONDITIONS}"),
+                    ));
+                }
+                let subnets = m
+                    .destination_subnets
+                    .iter()
+                    .enumerate()
+                    .map(|(k, n)| {
+                        parse_subnet(n).map_err(|e| bad(g(&format!("destination_subnets[{k}]")), e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                ms.push(CompiledTcpMatch {
+                    applies: m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"),
+                    subnets,
+                });
+            }
+            out.push(ms);
+        }
+        Ok(out)
+    }
+}
+
+/// A TCP route's match, its subnets parsed.
+#[derive(Clone, Debug)]
+struct CompiledTcpMatch {
+    applies: bool,
+    subnets: Vec<(std::net::IpAddr, u8)>,
+}
+
+impl Compiled {
+    /// The first TCP route whose match accepts the connection (a route without matches
+    /// accepts all), by index; `None`: none does (the service itself then). Pure.
+    pub fn tcp_route(&self, c: &TcpView<'_>) -> Option<(usize, &TcpRoute)> {
+        self.policy
+            .tcp_routes
+            .iter()
+            .zip(&self.tcp)
+            .enumerate()
+            .find(|(_, (r, ms))| {
+                r.matches.is_empty()
+                    || r.matches.iter().zip(ms.iter()).any(|(m, cm)| {
+                        cm.applies
+                            && m.port.is_none_or(|p| p == c.port)
+                            && (cm.subnets.is_empty()
+                                || cm.subnets.iter().any(|n| in_subnet(c.destination, *n)))
+                            && m.source_namespace.as_deref().is_none_or(|ns| {
+                                crate::authz::namespace(c.caller).is_some_and(|x| x == ns)
+                            })
+                            && (m.source_labels.is_empty()
+                                || c.caller_labels.is_some_and(|l| {
+                                    m.source_labels.iter().all(|(k, v)| l.get(k) == Some(v))
+                                }))
+                    })
+            })
+            .map(|(i, (r, _))| (i, r))
     }
 }
 
@@ -2246,6 +2486,7 @@ mod tests {
             port_settings: vec![],
             export_to: Vec::new(),
             retry_budget: None,
+            tcp_routes: Vec::new(),
             outlier: None,
             load_balancer: None,
             consistent_hash: None,
@@ -3539,6 +3780,271 @@ mod tests {
             let e = p.compile().expect_err(field);
             assert_eq!(e.field, field, "{e}");
         }
+    }
+
+    #[test]
+    fn tcp_routes_pick_by_port_subnet_and_caller() {
+        let m = TcpMatch::default;
+        let route = |name: &str, matches: Vec<TcpMatch>| TcpRoute {
+            matches,
+            destinations: vec![dest(name, 100)],
+        };
+        let p = HttpPolicy {
+            tcp_routes: vec![
+                route(
+                    "v2",
+                    vec![TcpMatch {
+                        port: Some(5432),
+                        source_namespace: Some("shop".into()),
+                        ..m()
+                    }],
+                ),
+                route(
+                    "v2",
+                    vec![TcpMatch {
+                        destination_subnets: vec!["10.1.0.0/16".into(), "2001:db8::/32".into()],
+                        ..m()
+                    }],
+                ),
+                route(
+                    "v2",
+                    vec![TcpMatch {
+                        gateways: vec!["ingress".into()],
+                        ..m()
+                    }],
+                ),
+                route(
+                    "v2",
+                    vec![TcpMatch {
+                        source_labels: [("app".into(), "web".into())].into(),
+                        ..m()
+                    }],
+                ),
+                route(
+                    "v1",
+                    vec![
+                        TcpMatch {
+                            port: Some(5432),
+                            ..m()
+                        },
+                        TcpMatch {
+                            port: Some(6432),
+                            ..m()
+                        },
+                    ],
+                ),
+            ],
+            ..policy()
+        };
+        let c = p.compile().unwrap();
+        let labels: BTreeMap<String, String> = [("app".into(), "web".into())].into();
+        let view = |port, dest: &str, caller: &'static str, labelled: bool| TcpView {
+            port,
+            destination: dest.parse().unwrap(),
+            caller,
+            caller_labels: labelled.then_some(&labels),
+        };
+        let shop = "spiffe://east.example.org/ns/shop/sa/api";
+        let other = "spiffe://east.example.org/ns/other/sa/api";
+        let rows = [
+            (
+                view(5432, "127.0.0.2", shop, false),
+                Some(0),
+                "port and namespace",
+            ),
+            (
+                view(5432, "127.0.0.2", other, false),
+                Some(4),
+                "another namespace: the port's route",
+            ),
+            (
+                view(5432, "10.1.2.3", other, false),
+                Some(1),
+                "in the subnet",
+            ),
+            (
+                view(5432, "::ffff:10.1.2.3", other, false),
+                Some(1),
+                "IPv4 in IPv6 form",
+            ),
+            (
+                view(9000, "2001:db8::1", other, false),
+                Some(1),
+                "IPv6 subnet",
+            ),
+            (
+                view(9000, "10.2.0.1", other, true),
+                Some(3),
+                "caller labels, when known",
+            ),
+            (
+                view(6432, "10.2.0.1", other, false),
+                Some(4),
+                "the second match",
+            ),
+            (
+                view(9000, "10.2.0.1", other, false),
+                None,
+                "none: the service itself",
+            ),
+        ];
+        for (v, want, why) in rows {
+            assert_eq!(c.tcp_route(&v).map(|(i, _)| i), want, "{why}");
+        }
+        // A route without matches takes every connection.
+        let p = HttpPolicy {
+            tcp_routes: vec![route("v1", vec![])],
+            ..policy()
+        };
+        let c = p.compile().unwrap();
+        assert_eq!(
+            c.tcp_route(&view(1, "1.2.3.4", other, false))
+                .map(|(i, _)| i),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn subnets_hold_what_their_prefix_covers() {
+        for (net, ip, want) in [
+            ("10.0.0.0/8", "10.255.1.1", true),
+            ("10.0.0.0/8", "11.0.0.0", false),
+            ("10.1.2.3", "10.1.2.3", true),
+            ("10.1.2.3", "10.1.2.4", false),
+            ("0.0.0.0/0", "192.0.2.1", true),
+            ("0.0.0.0/0", "2001:db8::1", false),
+            ("2001:db8::/32", "2001:db8:ffff::1", true),
+            ("2001:db8::/32", "2001:db9::1", false),
+            ("::/0", "::1", true),
+            ("10.0.0.0/8", "::ffff:10.0.0.1", true),
+        ] {
+            let n = parse_subnet(net).unwrap();
+            assert_eq!(in_subnet(ip.parse().unwrap(), n), want, "{ip} in {net}");
+        }
+        for bad in [
+            "10.0.0.0/33",
+            "2001:db8::/129",
+            "10.0.0/8",
+            "x",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+            "",
+        ] {
+            assert!(parse_subnet(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tcp_subset_selects_sites_by_their_name_and_export_labels() {
+        let west = SiteName::new("west").unwrap();
+        let subset = |labels: &[(&str, &str)]| Subset {
+            name: "s".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            policy: None,
+        };
+        let site = SiteLabels {
+            export: [("version".into(), "v2".into())].into(),
+            endpoints: vec![[("track".into(), "canary".into())].into()],
+        };
+        for (labels, want) in [
+            (&[(CLUSTER_LABEL, "west")][..], true),
+            (&[(SITE_LABEL, "west")][..], true),
+            (&[(CLUSTER_LABEL, "north")][..], false),
+            (&[("version", "v2")][..], true),
+            (&[(CLUSTER_LABEL, "west"), ("version", "v1")][..], false),
+            // Endpoint labels are not looked at: no selector travels with a TCP stream.
+            (&[("track", "canary")][..], false),
+            (&[][..], true),
+        ] {
+            assert_eq!(
+                tcp_subset_has(&subset(labels), &west, Some(&site)),
+                want,
+                "{labels:?}"
+            );
+        }
+        assert!(!tcp_subset_has(&subset(&[("version", "v2")]), &west, None));
+    }
+
+    #[test]
+    fn tcp_routes_are_checked_by_path() {
+        let ok = || TcpRoute {
+            matches: vec![],
+            destinations: vec![dest("v1", 100)],
+        };
+        type Breaks = Box<dyn Fn(&mut TcpRoute)>;
+        let rows: Vec<(Breaks, &str)> = vec![
+            (
+                Box::new(|r| r.destinations.clear()),
+                "tcp_routes[0].destinations",
+            ),
+            (
+                Box::new(|r| r.destinations[0].subset = Some("nope".into())),
+                "tcp_routes[0].destinations[0].subset",
+            ),
+            (
+                Box::new(|r| r.destinations[0].headers = Some(Box::default())),
+                "tcp_routes[0].destinations[0].headers",
+            ),
+            (
+                Box::new(|r| r.destinations[0].port = Some(0)),
+                "tcp_routes[0].destinations[0].port",
+            ),
+            (
+                Box::new(|r| {
+                    r.destinations[0].service = Some(ServiceName::parse("db.other").unwrap())
+                }),
+                "tcp_routes[0].destinations[0].service",
+            ),
+            (
+                Box::new(|r| {
+                    r.matches = vec![TcpMatch {
+                        destination_subnets: vec!["10.0.0.0/40".into()],
+                        ..Default::default()
+                    }]
+                }),
+                "tcp_routes[0].matches[0].destination_subnets[0]",
+            ),
+            (
+                Box::new(|r| {
+                    r.matches = vec![TcpMatch {
+                        port: Some(0),
+                        ..Default::default()
+                    }]
+                }),
+                "tcp_routes[0].matches[0].port",
+            ),
+            (
+                Box::new(|r| {
+                    r.matches = vec![TcpMatch {
+                        source_namespace: Some("A".into()),
+                        ..Default::default()
+                    }]
+                }),
+                "tcp_routes[0].matches[0].source_namespace",
+            ),
+            (
+                Box::new(|r| r.matches = vec![TcpMatch::default(); MAX_MATCHES + 1]),
+                "tcp_routes[0].matches",
+            ),
+        ];
+        for (breaks, field) in rows {
+            let mut r = ok();
+            breaks(&mut r);
+            let p = HttpPolicy {
+                tcp_routes: vec![r],
+                ..policy()
+            };
+            let e = p.compile().expect_err(field);
+            assert_eq!(e.field, field, "{e}");
+        }
+        let p = HttpPolicy {
+            tcp_routes: vec![ok(); MAX_ROUTES + 1],
+            ..policy()
+        };
+        assert_eq!(p.compile().unwrap_err().field, "tcp_routes");
     }
 
     #[test]

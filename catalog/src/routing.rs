@@ -252,6 +252,14 @@ pub(crate) fn plan_service(
             // The port's own settings (a DestinationRule's portLevelSettings) applied.
             let (p, conflict) = policy();
             (p.map(|p| p.for_port(port)), conflict)
+        } else if protocol == crate::catalog::Protocol::Tcp {
+            // A TCP port takes the policy for its TCP routes (a VirtualService's `tcp`).
+            match policy() {
+                (Some(p), conflict) if !p.tcp_routes.is_empty() => {
+                    (Some(p.for_port(port)), conflict)
+                }
+                _ => (None, None),
+            }
         } else {
             (None, None)
         };
@@ -927,6 +935,7 @@ mod tests {
                         port_settings: vec![],
                         export_to: Vec::new(),
                         retry_budget: None,
+                        tcp_routes: Vec::new(),
                         outlier: None,
                         load_balancer: None,
                         consistent_hash: None,
@@ -1025,6 +1034,47 @@ mod tests {
                 );
             } else {
                 assert!(im.site_labels.is_empty(), "row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn tcp_ports_get_the_policy_only_for_its_tcp_routes() {
+        use crate::http_route::{Destination, TcpRoute};
+        let me = SiteName::new("east").unwrap();
+        for tcp_routes in [false, true] {
+            let mut change = http_export("west", "db.demo", AppProtocol::Tcp, Some("a"));
+            let Change::PutExport { export, .. } = &mut change else {
+                unreachable!()
+            };
+            export.ports.push(ExportedPort {
+                app_protocol: AppProtocol::Tcp,
+                port: 80,
+                protocol: Protocol::Udp,
+                name: None,
+            });
+            if tcp_routes {
+                export.http_policy.as_mut().unwrap().tcp_routes = vec![TcpRoute {
+                    matches: vec![],
+                    destinations: vec![Destination::all()],
+                }];
+            }
+            let c = Builder::new()
+                .site("east", true)
+                .site("west", true)
+                .apply(change)
+                .0;
+            let p = plan(&c, &me, None);
+            for im in &p.imports {
+                let want = tcp_routes && im.protocol == Protocol::Tcp;
+                assert_eq!(
+                    im.http_policy.is_some(),
+                    want,
+                    "{:?} {tcp_routes}",
+                    im.protocol
+                );
+                // Site labels come with it, for its subsets.
+                assert_eq!(im.site_labels.is_empty(), !want);
             }
         }
     }

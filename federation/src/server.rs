@@ -1255,6 +1255,7 @@ mod conflict_tests {
                 port_settings: vec![],
                 export_to: Vec::new(),
                 retry_budget: None,
+                tcp_routes: Vec::new(),
                 service: svc,
                 source: "VirtualService demo/web".into(),
                 routes: vec![HttpRoute {

@@ -1,7 +1,8 @@
 //! Egress: one local TCP listener per imported service port. Each accepted client gets a
 //! stream on the peer connection, an open request, and — only after the far side accepts
 //! — a splice. A refusal closes the client socket with a reset, a log line and a metric
-//! carrying the reason.
+//! carrying the reason. A service's TCP routes (a VirtualService's `tcp`) pick, once
+//! per connection, the destination and the sites of its subset (`Egress::tcp_pick`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -33,6 +34,14 @@ const PEER_WAIT: Duration = Duration::from_secs(3);
 const FAILOVER_ANSWER_CUT: Duration = Duration::from_millis(1500);
 /// How long to wait for a candidate that is not the last one before trying the next.
 const FAILOVER_WAIT: Duration = Duration::from_millis(300);
+
+/// Where a TCP route sends one connection.
+struct TcpPick {
+    /// The import of another service it opens through (`None`: this one).
+    via: Option<Arc<Egress>>,
+    /// The sites to try, best first.
+    sites: Vec<SiteName>,
+}
 
 /// The sites serving one import, best first; swapped as the catalog changes.
 pub type Backends = Arc<ArcSwap<Vec<SiteName>>>;
@@ -166,6 +175,93 @@ impl Egress {
         }
     }
 
+    /// The service's TCP routes applied to one connection from `caller` to `local`
+    /// (the address it connected to): `None` when no route applies (this import's
+    /// sites, in order). Otherwise the destination picked by weight, the import it opens
+    /// through (another service's, for a destination of another service) and the sites
+    /// its subset selects there, in that import's order.
+    fn tcp_pick(
+        &self,
+        caller: &SpiffeId,
+        local: std::net::IpAddr,
+    ) -> Result<Option<TcpPick>, Refused> {
+        let routes = self.routes.load();
+        let Some(table) = routes.as_ref().as_ref() else {
+            return Ok(None);
+        };
+        let policy = &table.compiled.policy;
+        if policy.tcp_routes.is_empty() || !policy.routes_apply_to(caller.as_str()) {
+            return Ok(None);
+        }
+        let view = meshfed_catalog::http_route::TcpView {
+            port: self.port,
+            destination: local,
+            caller: caller.as_str(),
+            caller_labels: None,
+        };
+        let Some((index, route)) = table.compiled.tcp_route(&view) else {
+            return Ok(None);
+        };
+        let no_site = |message: String| Refused {
+            reason: Refusal::NoReadyEndpoint,
+            message,
+            site: None,
+        };
+        let d = &route.destinations
+            [meshfed_catalog::http_route::pick(&route.destinations, self.http.next_roll())];
+        let to = (
+            d.service.as_ref().unwrap_or(&self.service),
+            d.port.unwrap_or(self.port),
+        );
+        let via = if to != (&self.service, self.port) {
+            let Some(t) = self.targets.get(to.0, to.1) else {
+                return Err(no_site(format!(
+                    "TCP route #{index} sends to {}:{}, which this gateway does not import",
+                    to.0, to.1
+                )));
+            };
+            Some(t)
+        } else {
+            None
+        };
+        let eg = via.as_deref().unwrap_or(self);
+        let backends = eg.backends.load_full();
+        let sites = match &d.subset {
+            None => backends.to_vec(),
+            Some(name) => {
+                // The subset is its service's policy's.
+                let t_routes = eg.routes.load();
+                let Some((t, subset)) = t_routes
+                    .as_ref()
+                    .as_ref()
+                    .and_then(|t| Some((t, t.compiled.subset(name)?)))
+                else {
+                    return Err(no_site(format!("{}:{} has no subset {name}", to.0, to.1)));
+                };
+                backends
+                    .iter()
+                    .filter(|s| {
+                        meshfed_catalog::http_route::tcp_subset_has(
+                            subset,
+                            s,
+                            t.site_labels.get(*s),
+                        )
+                    })
+                    .cloned()
+                    .collect()
+            }
+        };
+        if sites.is_empty() {
+            return Err(no_site(format!(
+                "no serving site of {}:{} is in subset {} (a TCP route's subset selects sites by their name and export labels)",
+                to.0,
+                to.1,
+                d.subset.as_deref().unwrap_or_default()
+            )));
+        }
+        Ok(Some(TcpPick { via, sites }))
+    }
+
     async fn serve_client(&self, tcp: TcpStream, client: SocketAddr) {
         let source = match &self.callers {
             Callers::Mtls(acceptor, slots) => {
@@ -188,12 +284,17 @@ impl Egress {
             },
             Callers::Declared => self.local_id.clone(),
         };
-        let open = Open {
-            source,
-            client: Some(client),
-            ..self.open_request(None)
+        let local = tcp.local_addr().map_or(client.ip(), |a| a.ip());
+        let (open, sites) = match self.routed_open(source, client, local) {
+            Ok(x) => x,
+            Err(refused) => {
+                self.refused(&refused);
+                refused.log(&self.open_request(None), "connection refused");
+                reset_tcp(tcp);
+                return;
+            }
         };
-        match self.open_counted(&open).await {
+        match self.open_counted(&open, sites).await {
             Ok((opened, _active, c)) => {
                 let (end, transport) = match opened.stream {
                     Stream::Quic(_, send, recv) => {
@@ -243,12 +344,17 @@ impl Egress {
             self.metrics.refused(DIR, "caller_unauthenticated");
             return;
         };
-        let open = Open {
-            source: caller,
-            client: Some(client),
-            ..self.open_request(None)
+        let local = tls.get_ref().0.local_addr().map_or(client.ip(), |a| a.ip());
+        let (open, sites) = match self.routed_open(caller, client, local) {
+            Ok(x) => x,
+            Err(refused) => {
+                self.refused(&refused);
+                refused.log(&self.open_request(None), "connection refused");
+                reset_tcp(tls.into_tcp());
+                return;
+            }
         };
-        match self.open_counted(&open).await {
+        match self.open_counted(&open, sites).await {
             Ok((opened, _active, c)) => {
                 let end = match opened.stream {
                     Stream::Quic(_, send, recv) => splice_tls(tls, send, recv, &c, None).await,
@@ -266,9 +372,28 @@ impl Egress {
     /// A TCP client's open over the best site, traced and counted: on success the open
     /// latency and the stream by service (held until the guard drops), with its byte
     /// counters; otherwise the refusal, by direction and by service.
+    /// The open request of a TCP client's connection, and the sites to try (`None`:
+    /// this import's), under the service's TCP routes.
+    fn routed_open(
+        &self,
+        source: SpiffeId,
+        client: SocketAddr,
+        local: std::net::IpAddr,
+    ) -> Result<(Open, Option<Vec<SiteName>>), Refused> {
+        let pick = self.tcp_pick(&source, local)?;
+        let via = pick.as_ref().and_then(|p| p.via.as_deref()).unwrap_or(self);
+        let open = Open {
+            source,
+            client: Some(client),
+            ..via.open_request(None)
+        };
+        Ok((open, pick.map(|p| p.sites)))
+    }
+
     async fn open_counted(
         &self,
         open: &Open,
+        sites: Option<Vec<SiteName>>,
     ) -> Result<
         (
             Opened,
@@ -280,7 +405,11 @@ impl Egress {
         use tracing::Instrument;
         let started = std::time::Instant::now();
         let span = self.open_span();
-        match self.open_any(open).instrument(span.clone()).await {
+        let sites = match sites {
+            Some(s) => Arc::new(s),
+            None => self.backends.load_full(),
+        };
+        match self.open_among(open, &sites).instrument(span.clone()).await {
             Ok(opened) => {
                 span.record("meshfed.destination_site", opened.site.as_str());
                 span.record("meshfed.transport", opened.stream.transport());
@@ -360,7 +489,16 @@ impl Egress {
     /// Tries the backends in order; a refusal before any payload byte moves on to the
     /// next site without the client noticing.
     pub(crate) async fn open_any(&self, open: &Open) -> Result<Opened, Refused> {
-        let backends = self.backends.load_full();
+        self.open_among(open, &self.backends.load_full()).await
+    }
+
+    /// [`Egress::open_any`] over `backends` (best first), which may be fewer than the
+    /// import's (a TCP route's subset).
+    pub(crate) async fn open_among(
+        &self,
+        open: &Open,
+        backends: &[SiteName],
+    ) -> Result<Opened, Refused> {
         let mut last = (
             Refusal::NoReadyEndpoint,
             format!("no site serves {}:{}", self.service, self.port),

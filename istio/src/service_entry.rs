@@ -739,6 +739,7 @@ fn http_policies(
                 continue;
             };
             let mut routes = vs.routes.clone();
+            let mut tcp_routes = vs.tcp_routes.clone();
             for (r, what, h) in &vs.destination_hosts {
                 // A destination, or a mirror: another service's copies go through its
                 // import, as a destination's requests do.
@@ -746,6 +747,7 @@ fn http_policies(
                     HostOf::Destination(j) => format!("spec.http[{r}].route[{j}].destination"),
                     HostOf::Mirror => format!("spec.http[{r}].mirror"),
                     HostOf::Mirrors(k) => format!("spec.http[{r}].mirrors[{k}].destination"),
+                    HostOf::Tcp(j) => format!("spec.tcp[{r}].route[{j}].destination"),
                 };
                 let Some(to) = service_of(h, &vs.namespace, services) else {
                     d.err(
@@ -765,6 +767,10 @@ fn http_policies(
                     HostOf::Mirrors(k) => route
                         .and_then(|x| x.mirrors.get_mut(k))
                         .map(|m| (&mut m.service, m.subset.as_deref())),
+                    HostOf::Tcp(j) => tcp_routes
+                        .get_mut(*r)
+                        .and_then(|x| x.destinations.get_mut(j))
+                        .map(|d| (&mut d.service, d.subset.as_deref())),
                 };
                 let Some((slot, subset)) = target else {
                     continue;
@@ -796,9 +802,14 @@ fn http_policies(
                 );
                 continue;
             }
-            if let Some(p) =
-                crate::virtual_service::policy(&mut d, &vs, service, routes, sets, traffic)
-            {
+            if let Some(p) = crate::virtual_service::policy(
+                &mut d,
+                &vs,
+                service,
+                (routes, tcp_routes),
+                sets,
+                traffic,
+            ) {
                 out.push((vs.index, p));
             }
         }
@@ -844,6 +855,7 @@ fn http_policies(
                 locality_lb: traffic.locality_lb,
                 port_settings: traffic.port_settings,
                 retry_budget: traffic.retry_budget,
+                tcp_routes: Vec::new(),
                 export_to: Vec::new(),
             };
             match p.clone().compile() {
@@ -892,6 +904,7 @@ fn http_policies(
             locality_lb: traffic.locality_lb.clone(),
             port_settings: traffic.port_settings.clone(),
             retry_budget: traffic.retry_budget,
+            tcp_routes: Vec::new(),
             export_to: Vec::new(),
             service,
         };

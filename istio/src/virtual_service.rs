@@ -24,7 +24,9 @@
 //! (`uri`, `uriRegexRewrite`, `authority`) and `http[].redirect` (`uri`, `authority`, `scheme`, `port`,
 //! `redirectCode`; such a route has no `route`), `http[].directResponse` (`status`,
 //! `body.string` or `body.bytes`; such a route has no `route`, and its `retries` and
-//! mirrors are ignored, warned). Istio has no field for local rate
+//! mirrors are ignored, warned), `tcp[]` (`match`: `port`, `destinationSubnets`,
+//! `sourceNamespace`, `sourceLabels`, `gateways`; `route[]`: destinations and weights;
+//! alone, HTTP ports keep the service itself). Istio has no field for local rate
 //! limits: the VirtualService's annotations `ratelimit.meshfed.io/rate` (`100/s`,
 //! `600/m`, `5/h`, `10/500ms`: a bucket per route), `.../burst` and
 //! `.../route.<http[].name>` (one route's rate) give them.
@@ -37,7 +39,7 @@ use serde_json::Value;
 use meshfed_catalog::http_route::{
     Destination, DirectBody, DirectResponse, Fault, FaultAbort, FaultDelay, HeaderOps, HeaderRules,
     HttpPolicy, HttpRoute, LoadBalancer, MAX_MIRRORS, Mirror, Outlier, RateLimit, Redirect,
-    RegexRewrite, RequestMatch, Retries, Rewrite, StringMatch, Subset,
+    RegexRewrite, RequestMatch, Retries, Rewrite, StringMatch, Subset, TcpMatch, TcpRoute,
 };
 
 use crate::service_entry::{Doc, duration_ms, go_duration_ms};
@@ -49,6 +51,8 @@ pub(crate) struct RawVirtualService {
     pub namespace: String,
     pub hosts: Vec<String>,
     pub routes: Vec<HttpRoute>,
+    /// `spec.tcp`.
+    pub tcp_routes: Vec<TcpRoute>,
     /// `(route, what, host)` of every destination and mirror, for resolution.
     pub destination_hosts: Vec<(usize, HostOf, String)>,
     /// `spec.exportTo`, `.` resolved to the namespace; empty: every namespace.
@@ -62,6 +66,8 @@ pub(crate) enum HostOf {
     Destination(usize),
     Mirror,
     Mirrors(usize),
+    /// A destination (`route[j]`) of a TCP route (`spec.tcp[i]`).
+    Tcp(usize),
 }
 
 impl RawVirtualService {
@@ -245,6 +251,65 @@ fn request_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch
     let method = one(d, "method", MatchKind::Value);
     let authority = one(d, "authority", MatchKind::Value);
     let scheme = one(d, "scheme", MatchKind::Value);
+    let ignore_uri_case = match m.get("ignoreUriCase") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            d.err(format!("{field}.ignoreUriCase"), "must be true or false");
+            false
+        }
+    };
+    let source = source_conditions(d, m, field);
+    Some(RequestMatch {
+        uri,
+        method,
+        authority,
+        scheme,
+        headers: match_map(
+            d,
+            m.get("headers"),
+            &format!("{field}.headers"),
+            MatchKind::Value,
+            true,
+        ),
+        query_params: match_map(
+            d,
+            m.get("queryParams"),
+            &format!("{field}.queryParams"),
+            MatchKind::Value,
+            false,
+        ),
+        without_headers: match_map(
+            d,
+            m.get("withoutHeaders"),
+            &format!("{field}.withoutHeaders"),
+            MatchKind::Without,
+            true,
+        ),
+        port: source.port,
+        ignore_uri_case,
+        source_namespace: source.namespace,
+        source_labels: source.labels,
+        gateways: source.gateways,
+    })
+}
+
+/// The conditions an HTTP and a TCP match share: where the connection came from.
+struct SourceConditions {
+    port: Option<u16>,
+    namespace: Option<String>,
+    labels: std::collections::BTreeMap<String, String>,
+    gateways: Vec<String>,
+}
+
+/// `port`, `sourceNamespace`, `sourceLabels` and `gateways` of the match at `field`, as
+/// Istio checks them; caller labels and gateways without `mesh` are warned about
+/// (such a match never applies at meshfed's egress).
+fn source_conditions(
+    d: &mut Doc<'_>,
+    m: &serde_json::Map<String, Value>,
+    field: &str,
+) -> SourceConditions {
     let port = match m.get("port") {
         None | Some(Value::Null) => None,
         Some(p) => match p.as_u64() {
@@ -258,14 +323,6 @@ fn request_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch
                 None
             }
         },
-    };
-    let ignore_uri_case = match m.get("ignoreUriCase") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            d.err(format!("{field}.ignoreUriCase"), "must be true or false");
-            false
-        }
     };
     let source_namespace = match m.get("sourceNamespace") {
         None | Some(Value::Null) => None,
@@ -298,38 +355,12 @@ fn request_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<RequestMatch
             "does not name mesh: this match does not apply at meshfed's egress, as at Istio's sidecars",
         );
     }
-    Some(RequestMatch {
-        uri,
-        method,
-        authority,
-        scheme,
-        headers: match_map(
-            d,
-            m.get("headers"),
-            &format!("{field}.headers"),
-            MatchKind::Value,
-            true,
-        ),
-        query_params: match_map(
-            d,
-            m.get("queryParams"),
-            &format!("{field}.queryParams"),
-            MatchKind::Value,
-            false,
-        ),
-        without_headers: match_map(
-            d,
-            m.get("withoutHeaders"),
-            &format!("{field}.withoutHeaders"),
-            MatchKind::Without,
-            true,
-        ),
+    SourceConditions {
         port,
-        ignore_uri_case,
-        source_namespace,
-        source_labels,
+        namespace: source_namespace,
+        labels: source_labels,
         gateways,
-    })
+    }
 }
 
 fn duration(d: &mut Doc<'_>, v: Option<&Value>, field: &str) -> Option<u64> {
@@ -538,6 +569,91 @@ fn mirrors(
     out
 }
 
+/// A route's `route[]` (`field`: the route's path): its destinations, with Istio's
+/// weight rules, and each destination's host by index (resolved later). A TCP route's
+/// destinations have no `headers` (`with_headers`).
+fn route_destinations(
+    d: &mut Doc<'_>,
+    dests: &[Value],
+    field: &str,
+    with_headers: bool,
+) -> (Vec<Destination>, Vec<(usize, String)>) {
+    let mut destinations = Vec::new();
+    let mut hosts = Vec::new();
+    let mut total = 0u64;
+    for (j, x) in dests.iter().enumerate() {
+        let f = format!("{field}.route[{j}]");
+        let Value::Object(rd) = x else {
+            d.err(f, "must be a map");
+            continue;
+        };
+        let known: &[&str] = if with_headers {
+            &["destination", "weight", "headers"]
+        } else {
+            &["destination", "weight"]
+        };
+        d.unsupported(&f, rd, known);
+        let Some(Value::Object(dest)) = rd.get("destination") else {
+            d.err(format!("{f}.destination"), "missing");
+            continue;
+        };
+        d.unsupported(
+            &format!("{f}.destination"),
+            dest,
+            &["host", "subset", "port"],
+        );
+        match dest.get("host").and_then(Value::as_str) {
+            Some(h) if !h.is_empty() => hosts.push((j, h.to_owned())),
+            _ => d.err(format!("{f}.destination.host"), "missing"),
+        }
+        let weight = match rd.get("weight") {
+            None | Some(Value::Null) => 0,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(w) if w <= 100 => w as u32,
+                _ => {
+                    d.err(
+                        format!("{f}.weight"),
+                        format!("{n} is not a percentage (0–100)"),
+                    );
+                    0
+                }
+            },
+            Some(other) => {
+                d.err(format!("{f}.weight"), format!("{other} is not a number"));
+                0
+            }
+        };
+        // Istio: a single destination takes all the traffic, whatever its weight.
+        let weight = if dests.len() == 1 { 100 } else { weight };
+        total += u64::from(weight);
+        let port = port_selector(d, dest.get("port"), &format!("{f}.destination.port"));
+        destinations.push(Destination {
+            // Set when the host resolves to another service.
+            service: None,
+            port,
+            subset: dest
+                .get("subset")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            weight,
+            // Applied when this destination is picked, before the route's own.
+            headers: rd
+                .get("headers")
+                .filter(|_| with_headers)
+                .and_then(|v| header_rules(d, v, &format!("{f}.headers")))
+                .map(Box::new),
+        });
+    }
+    if dests.len() > 1 && total != 100 {
+        // Istio's own words.
+        d.err(
+            format!("{field}.route"),
+            format!("total destination weight {total} != 100"),
+        );
+    }
+    (destinations, hosts)
+}
+
 /// One HTTP route (`spec.http[i]`), and its destinations' hosts.
 fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf, String)>)> {
     let field = format!("spec.http[{i}]");
@@ -616,73 +732,11 @@ fn route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(HttpRoute, Vec<(HostOf
         d.err(format!("{field}.route"), "at least one destination");
         return None;
     }
-    let mut destinations = Vec::new();
-    let mut hosts = Vec::new();
-    let mut total = 0u64;
-    for (j, x) in dests.iter().enumerate() {
-        let f = format!("{field}.route[{j}]");
-        let Value::Object(rd) = x else {
-            d.err(f, "must be a map");
-            continue;
-        };
-        d.unsupported(&f, rd, &["destination", "weight", "headers"]);
-        let Some(Value::Object(dest)) = rd.get("destination") else {
-            d.err(format!("{f}.destination"), "missing");
-            continue;
-        };
-        d.unsupported(
-            &format!("{f}.destination"),
-            dest,
-            &["host", "subset", "port"],
-        );
-        match dest.get("host").and_then(Value::as_str) {
-            Some(h) if !h.is_empty() => hosts.push((HostOf::Destination(j), h.to_owned())),
-            _ => d.err(format!("{f}.destination.host"), "missing"),
-        }
-        let weight = match rd.get("weight") {
-            None | Some(Value::Null) => 0,
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(w) if w <= 100 => w as u32,
-                _ => {
-                    d.err(
-                        format!("{f}.weight"),
-                        format!("{n} is not a percentage (0–100)"),
-                    );
-                    0
-                }
-            },
-            Some(other) => {
-                d.err(format!("{f}.weight"), format!("{other} is not a number"));
-                0
-            }
-        };
-        // Istio: a single destination takes all the traffic, whatever its weight.
-        let weight = if dests.len() == 1 { 100 } else { weight };
-        total += u64::from(weight);
-        let port = port_selector(d, dest.get("port"), &format!("{f}.destination.port"));
-        destinations.push(Destination {
-            // Set when the host resolves to another service.
-            service: None,
-            port,
-            subset: dest
-                .get("subset")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            weight,
-            // Applied when this destination is picked, before the route's own.
-            headers: rd
-                .get("headers")
-                .and_then(|v| header_rules(d, v, &format!("{f}.headers")))
-                .map(Box::new),
-        });
-    }
-    if dests.len() > 1 && total != 100 {
-        // Istio's own words.
-        d.err(
-            format!("{field}.route"),
-            format!("total destination weight {total} != 100"),
-        );
-    }
+    let (destinations, dest_hosts) = route_destinations(d, dests, &field, true);
+    let mut hosts: Vec<(HostOf, String)> = dest_hosts
+        .into_iter()
+        .map(|(j, h)| (HostOf::Destination(j), h))
+        .collect();
     let retries = match m.get("retries") {
         None | Some(Value::Null) => None,
         Some(Value::Object(r)) => {
@@ -1231,15 +1285,11 @@ pub(crate) fn virtual_service(
     spec: &serde_json::Map<String, Value>,
     annotations: &std::collections::BTreeMap<String, String>,
 ) -> Option<RawVirtualService> {
-    d.unsupported("spec", spec, &["hosts", "gateways", "http", "exportTo"]);
-    for k in ["tcp", "tls"] {
-        if spec.contains_key(k) {
-            d.warn(
-                format!("spec.{k}"),
-                "not supported: TCP and TLS ports are carried as bytes",
-            );
-        }
-    }
+    d.unsupported(
+        "spec",
+        spec,
+        &["hosts", "gateways", "http", "tcp", "exportTo"],
+    );
     let gateways = d.str_list(spec.get("gateways"), "spec.gateways");
     if gateways.iter().any(|g| g != "mesh") {
         d.warn(
@@ -1252,16 +1302,41 @@ pub(crate) fn virtual_service(
     if hosts.is_empty() {
         d.err("spec.hosts", "at least one host is required");
     }
-    let Some(Value::Array(http)) = spec.get("http") else {
-        d.err("spec.http", "missing: meshfed reads HTTP routes");
-        return None;
+    let list = |d: &mut Doc<'_>, k: &str| match spec.get(k) {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(a.clone()),
+        Some(_) => {
+            d.err(format!("spec.{k}"), "must be a list");
+            None
+        }
     };
+    let (http, tcp) = (list(d, "http"), list(d, "tcp"));
     let mut routes = Vec::new();
     let mut destination_hosts = Vec::new();
-    for (i, r) in http.iter().enumerate() {
-        if let Some((route, hosts)) = route(d, r, i) {
-            destination_hosts.extend(hosts.into_iter().map(|(what, h)| (i, what, h)));
-            routes.push(route);
+    match (&http, &tcp) {
+        (Some(http), _) => {
+            for (i, r) in http.iter().enumerate() {
+                if let Some((route, hosts)) = route(d, r, i) {
+                    destination_hosts.extend(hosts.into_iter().map(|(what, h)| (i, what, h)));
+                    routes.push(route);
+                }
+            }
+        }
+        // TCP routes only: HTTP ports keep the service itself (Istio's default route).
+        (None, Some(_)) => routes.push(HttpRoute {
+            destinations: vec![Destination::all()],
+            ..Default::default()
+        }),
+        (None, None) => {
+            d.err("spec.http", "missing: meshfed reads HTTP and TCP routes");
+            return None;
+        }
+    }
+    let mut tcp_routes = Vec::new();
+    for (i, r) in tcp.iter().flatten().enumerate() {
+        if let Some((route, hosts)) = tcp_route(d, r, i) {
+            destination_hosts.extend(hosts.into_iter().map(|(j, h)| (i, HostOf::Tcp(j), h)));
+            tcp_routes.push(route);
         }
     }
     rate_limits(d, annotations, &mut routes);
@@ -1271,8 +1346,89 @@ pub(crate) fn virtual_service(
         namespace: namespace.into(),
         hosts,
         routes,
+        tcp_routes,
         destination_hosts,
         export_to,
+    })
+}
+
+/// One TCP route (`spec.tcp[i]`) as Istio's `validateTCPRoute` checks it, and its
+/// destinations' hosts by index.
+fn tcp_route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(TcpRoute, Vec<(usize, String)>)> {
+    let field = format!("spec.tcp[{i}]");
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(&field, m, &["match", "route"]);
+    let mut matches = Vec::new();
+    match m.get("match") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => {
+            for (j, x) in a.iter().enumerate() {
+                if let Some(tm) = l4_match(d, x, &format!("{field}.match[{j}]")) {
+                    matches.push(tm);
+                }
+            }
+        }
+        Some(_) => d.err(format!("{field}.match"), "must be a list"),
+    }
+    let dests = match m.get("route") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) | None | Some(Value::Null) => {
+            // Istio's words.
+            d.err(format!("{field}.route"), "TCP route is required");
+            return None;
+        }
+        Some(_) => {
+            d.err(format!("{field}.route"), "must be a list");
+            return None;
+        }
+    };
+    let (destinations, hosts) = route_destinations(d, dests, &field, false);
+    Some((
+        TcpRoute {
+            matches,
+            destinations,
+        },
+        hosts,
+    ))
+}
+
+/// A TCP route's match (Istio's `L4MatchAttributes`): `port`, `destinationSubnets`,
+/// `sourceNamespace`, `sourceLabels` and `gateways`, as for an HTTP match.
+fn l4_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<TcpMatch> {
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(
+        field,
+        m,
+        &[
+            "port",
+            "destinationSubnets",
+            "sourceNamespace",
+            "sourceLabels",
+            "gateways",
+        ],
+    );
+    let destination_subnets = d.str_list(
+        m.get("destinationSubnets"),
+        &format!("{field}.destinationSubnets"),
+    );
+    for (k, n) in destination_subnets.iter().enumerate() {
+        if let Err(e) = meshfed_catalog::http_route::parse_subnet(n) {
+            d.err(format!("{field}.destinationSubnets[{k}]"), e);
+        }
+    }
+    let source = source_conditions(d, m, field);
+    Some(TcpMatch {
+        port: source.port,
+        destination_subnets,
+        source_namespace: source.namespace,
+        source_labels: source.labels,
+        gateways: source.gateways,
     })
 }
 
@@ -2208,7 +2364,7 @@ pub(crate) fn policy(
     d: &mut Doc<'_>,
     vs: &RawVirtualService,
     service: meshfed_catalog::ServiceName,
-    routes: Vec<HttpRoute>,
+    (routes, tcp_routes): (Vec<HttpRoute>, Vec<TcpRoute>),
     subsets: Vec<Subset>,
     traffic: crate::service_entry::Traffic,
 ) -> Option<HttpPolicy> {
@@ -2229,6 +2385,7 @@ pub(crate) fn policy(
         locality_lb: traffic.locality_lb,
         port_settings: traffic.port_settings,
         retry_budget: traffic.retry_budget,
+        tcp_routes,
         export_to: vs.export_to.clone(),
     };
     match p.clone().compile() {
@@ -2256,7 +2413,12 @@ pub(crate) fn policy(
 /// The model's field path as the VirtualService spells it. Pure.
 pub(crate) fn yaml_path(model: &str) -> String {
     let p = model
+        .replace("tcp_routes[", "spec.tcp[")
         .replace("routes[", "spec.http[")
+        .replace(".without_headers", ".withoutHeaders")
+        .replace(".source_namespace", ".sourceNamespace")
+        .replace(".source_labels", ".sourceLabels")
+        .replace(".destination_subnets", ".destinationSubnets")
         .replace(".matches[", ".match[")
         .replace(".destinations[", ".route[")
         .replace(".destinations", ".route")
@@ -2290,7 +2452,11 @@ pub(crate) fn yaml_path(model: &str) -> String {
         }
         None => p,
     };
-    if p == "routes" { "spec.http".into() } else { p }
+    match p.as_str() {
+        "routes" => "spec.http".into(),
+        "tcp_routes" => "spec.tcp".into(),
+        _ => p,
+    }
 }
 
 #[cfg(test)]
@@ -3475,6 +3641,99 @@ spec:
         ] {
             crate::test_support::assert_refused_at(&vs(route), field);
         }
+    }
+
+    /// A VirtualService's `tcp` routes, as Istio's `validateTCPRoute` checks them: read
+    /// beside `http` or alone (HTTP ports then keep the service itself).
+    #[test]
+    fn tcp_routes_are_read_as_istio_checks_them() {
+        use meshfed_catalog::http_route::TcpMatch;
+        let file = |tcp: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db, namespace: demo}}\nspec:\n  hosts: [db]\n  tcp:\n{tcp}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db, namespace: demo}}\nspec:\n  host: db.demo\n  subsets:\n  - {{name: v1, labels: {{topology.istio.io/cluster: west}}}}\n  - {{name: v2, labels: {{topology.istio.io/cluster: north}}}}\n"
+            )
+        };
+        let r = parse(&file(
+            "  - match: [{port: 5432, sourceNamespace: shop, destinationSubnets: [10.0.0.0/8, \"2001:db8::1\"]}]\n    route: [{destination: {host: db, subset: v2}}]\n  - route:\n    - {destination: {host: db.demo, subset: v1}, weight: 80}\n    - {destination: {host: db.demo.svc.cluster.local, subset: v2}, weight: 20}",
+        ))
+        .unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let p = &r.http_policies[0];
+        // HTTP ports: the service itself.
+        assert_eq!(p.routes.len(), 1);
+        assert_eq!(p.routes[0].destinations[0].subset, None);
+        assert_eq!(p.tcp_routes.len(), 2);
+        assert_eq!(
+            p.tcp_routes[0].matches,
+            [TcpMatch {
+                port: Some(5432),
+                source_namespace: Some("shop".into()),
+                destination_subnets: vec!["10.0.0.0/8".into(), "2001:db8::1".into()],
+                ..Default::default()
+            }]
+        );
+        // A single destination takes everything, whatever its weight (Istio's rule).
+        assert_eq!(p.tcp_routes[0].destinations[0].weight, 100);
+        let w: Vec<(Option<&str>, u32)> = p.tcp_routes[1]
+            .destinations
+            .iter()
+            .map(|d| (d.subset.as_deref(), d.weight))
+            .collect();
+        assert_eq!(w, [(Some("v1"), 80), (Some("v2"), 20)]);
+        // Warned: what a TCP route has no use for, and matches that never apply here.
+        for (tcp, field) in [
+            (
+                "  - route: [{destination: {host: db}, headers: {request: {set: {a: b}}}}]",
+                "spec.tcp[0].route[0].headers",
+            ),
+            (
+                "  - match: [{gateways: [my-gateway]}]\n    route: [{destination: {host: db}}]",
+                "spec.tcp[0].match[0].gateways",
+            ),
+            (
+                "  - match: [{sourceSubnet: 10.0.0.0/8}]\n    route: [{destination: {host: db}}]",
+                "spec.tcp[0].match[0].sourceSubnet",
+            ),
+        ] {
+            let r = parse(&file(tcp)).unwrap_or_else(|e| panic!("{tcp}: {e}"));
+            assert!(
+                r.warnings.iter().any(|w| w.field == field),
+                "{field}: {:?}",
+                r.warnings
+            );
+        }
+        // Refused by path.
+        for (tcp, field) in [
+            ("  - match: [{port: 5432}]", "spec.tcp[0].route"),
+            ("  - route: []", "spec.tcp[0].route"),
+            (
+                "  - route:\n    - {destination: {host: db, subset: v1}, weight: 80}\n    - {destination: {host: db, subset: v2}, weight: 30}",
+                "spec.tcp[0].route",
+            ),
+            (
+                "  - route: [{destination: {host: db, subset: v3}}]",
+                "spec.tcp[0].route[0].subset",
+            ),
+            (
+                "  - route: [{destination: {host: nowhere.other}}]",
+                "spec.tcp[0].route[0].destination.host",
+            ),
+            (
+                "  - match: [{destinationSubnets: [10.0.0.0/33]}]\n    route: [{destination: {host: db}}]",
+                "spec.tcp[0].match[0].destinationSubnets[0]",
+            ),
+            (
+                "  - match: [{port: 0x10000}]\n    route: [{destination: {host: db}}]",
+                "spec.tcp[0].match[0].port",
+            ),
+        ] {
+            crate::test_support::assert_refused_at(&file(tcp), field);
+        }
+        // Neither http nor tcp.
+        crate::test_support::assert_refused_at(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db, namespace: demo}\nspec:\n  hosts: [db]\n",
+            "spec.http",
+        );
     }
 
     /// Every HTTPMatchRequest field, read as Istio's `validateHTTPRouteMatchRequest`

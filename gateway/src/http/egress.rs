@@ -553,6 +553,11 @@ impl HttpEgress {
         sites
     }
 
+    /// A uniform roll for a weighted pick (the next of this import's).
+    pub(crate) fn next_roll(&self) -> u32 {
+        decide::roll(self.rolls.fetch_add(1, Ordering::Relaxed))
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
