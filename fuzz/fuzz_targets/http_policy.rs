@@ -1,12 +1,14 @@
 //! HTTP routes as they arrive from another site (JSON in the federation's wire form):
 //! refused with a field path or compiled, never a panic; a compiled policy routes any
 //! request, its redirects and rewrites give valid strings (a regex rewrite within its
-//! bound), its direct responses decode, and the traffic settings it
-//! puts in force per port and subset are valid ones.
+//! bound), its direct responses decode, its TCP routes decide any connection with a
+//! destination in range, and the traffic settings it puts in force per port and subset
+//! are valid ones.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use meshfed_catalog::http_route::{
-    HttpPolicy, MAX_DIRECT_BODY, MAX_REWRITTEN_PATH, RequestView, redirect_location, rewrite_path,
+    HttpPolicy, MAX_DIRECT_BODY, MAX_REWRITTEN_PATH, RequestView, TcpView, pick, redirect_location,
+    rewrite_path,
 };
 
 struct Req<'a>(&'a str);
@@ -23,6 +25,12 @@ impl RequestView for Req<'_> {
     }
     fn query(&self) -> Option<&str> {
         Some(self.0)
+    }
+    fn port(&self) -> Option<u16> {
+        Some(80)
+    }
+    fn caller(&self) -> Option<&str> {
+        Some("spiffe://td/ns/demo/sa/x")
     }
 }
 
@@ -68,4 +76,17 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = policy.routes_apply_to("spiffe://td/ns/demo/sa/x");
+    for destination in ["10.1.2.3", "2001:db8::1"] {
+        let view = TcpView {
+            port: 80,
+            destination: destination.parse().unwrap(),
+            caller: "spiffe://td/ns/demo/sa/x",
+            caller_labels: None,
+        };
+        if let Some((_, r)) = c.tcp_route(&view) {
+            for roll in [0, u32::MAX / 3, u32::MAX] {
+                assert!(pick(&r.destinations, roll) < r.destinations.len());
+            }
+        }
+    }
 });

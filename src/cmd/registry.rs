@@ -230,39 +230,42 @@ fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::
     Ok(r)
 }
 
+/// Each destination with its share: `v2 20%`, `web-v2.demo:8080/blue 50%`.
+fn describe_destinations(ds: &[meshfed_catalog::http_route::Destination]) -> Vec<String> {
+    // Weights are relative (Gateway API's need not add up to 100).
+    let total: u64 = ds.iter().map(|d| u64::from(d.weight)).sum();
+    let share = |w: u32| match (ds.len(), total) {
+        (1, _) => 100.0,
+        (_, 0) => 0.0,
+        _ => f64::from(w) * 100.0 / total as f64,
+    };
+    ds.iter()
+        .map(|d| {
+            let name = match (&d.service, d.port, &d.subset) {
+                (None, _, None) => "(all)".to_owned(),
+                (None, _, Some(s)) => s.clone(),
+                (Some(svc), port, subset) => {
+                    let mut n = svc.to_string();
+                    if let Some(p) = port {
+                        n = format!("{n}:{p}");
+                    }
+                    if let Some(s) = subset {
+                        n = format!("{n}/{s}");
+                    }
+                    n
+                }
+            };
+            format!("{name} {:.1}%", share(d.weight)).replace(".0%", "%")
+        })
+        .collect()
+}
+
 fn describe_routes(p: &meshfed_catalog::http_route::HttpPolicy) -> String {
-    let routes: Vec<String> = p
+    let mut routes: Vec<String> = p
         .routes
         .iter()
         .map(|r| {
-            // Weights are relative (Gateway API's need not add up to 100).
-            let total: u64 = r.destinations.iter().map(|d| u64::from(d.weight)).sum();
-            let share = |w: u32| match (r.destinations.len(), total) {
-                (1, _) => 100.0,
-                (_, 0) => 0.0,
-                _ => f64::from(w) * 100.0 / total as f64,
-            };
-            let mut to: Vec<String> = r
-                .destinations
-                .iter()
-                .map(|d| {
-                    let name = match (&d.service, d.port, &d.subset) {
-                        (None, _, None) => "(all)".to_owned(),
-                        (None, _, Some(s)) => s.clone(),
-                        (Some(svc), port, subset) => {
-                            let mut n = svc.to_string();
-                            if let Some(p) = port {
-                                n = format!("{n}:{p}");
-                            }
-                            if let Some(s) = subset {
-                                n = format!("{n}/{s}");
-                            }
-                            n
-                        }
-                    };
-                    format!("{name} {:.1}%", share(d.weight)).replace(".0%", "%")
-                })
-                .collect();
+            let mut to = describe_destinations(&r.destinations);
             if let Some(rd) = &r.redirect {
                 to.push(format!(
                     "redirect {} to {}",
@@ -282,6 +285,17 @@ fn describe_routes(p: &meshfed_catalog::http_route::HttpPolicy) -> String {
             )
         })
         .collect();
+    routes.extend(p.tcp_routes.iter().map(|r| {
+        format!(
+            "tcp{} → {}",
+            if r.matches.is_empty() {
+                ""
+            } else {
+                " (matched)"
+            },
+            describe_destinations(&r.destinations).join(", ")
+        )
+    }));
     // What applies besides the routes: to whom, and the subsets' own policies.
     let mut also = Vec::new();
     if !p.export_to.is_empty() {
