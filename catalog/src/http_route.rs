@@ -174,6 +174,14 @@ pub struct TcpMatch {
     pub gateways: Vec<String>,
 }
 
+/// A caller the egress knows by its source address (`caller_pod_ip`): its workload
+/// identity, and its pod's labels (what Istio's `sourceLabels` match on).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownCaller {
+    pub id: meshfed_identity::SpiffeId,
+    pub labels: std::sync::Arc<BTreeMap<String, String>>,
+}
+
 /// What a TCP route's match looks at: where the connection came from and went to.
 pub struct TcpView<'a> {
     /// The service port the import stands for.

@@ -101,7 +101,9 @@ impl Targets {
 pub type Routes = Arc<ArcSwap<Option<Arc<crate::http::egress::RouteTable>>>>;
 
 /// Callers by source address (`caller_pod_ip`): a pod reflector keeps it.
-pub type CallerIps = Arc<ArcSwap<std::collections::HashMap<std::net::IpAddr, SpiffeId>>>;
+pub type CallerIps = Arc<
+    ArcSwap<std::collections::HashMap<std::net::IpAddr, meshfed_catalog::http_route::KnownCaller>>,
+>;
 
 /// Who the caller of a TCP client's open is.
 #[derive(Clone, Default)]
@@ -183,6 +185,7 @@ impl Egress {
     fn tcp_pick(
         &self,
         caller: &SpiffeId,
+        caller_labels: Option<&BTreeMap<String, String>>,
         local: std::net::IpAddr,
     ) -> Result<Option<TcpPick>, Refused> {
         let routes = self.routes.load();
@@ -197,7 +200,7 @@ impl Egress {
             port: self.port,
             destination: local,
             caller: caller.as_str(),
-            caller_labels: None,
+            caller_labels,
         };
         let Some((index, route)) = table.compiled.tcp_route(&view) else {
             return Ok(None);
@@ -274,7 +277,7 @@ impl Egress {
                 return self.serve_mtls_client(acceptor, slot, tcp, client).await;
             }
             Callers::SourceAddress(dir) => match dir.load().get(&client.ip().to_canonical()) {
-                Some(id) => id.clone(),
+                Some(c) => (c.id.clone(), Some(c.labels.clone())),
                 None => {
                     debug!("no workload has this source address; connection refused");
                     self.metrics.refused(DIR, "caller_unauthenticated");
@@ -282,10 +285,11 @@ impl Egress {
                     return;
                 }
             },
-            Callers::Declared => self.local_id.clone(),
+            Callers::Declared => (self.local_id.clone(), None),
         };
         let local = tcp.local_addr().map_or(client.ip(), |a| a.ip());
-        let (open, sites) = match self.routed_open(source, client, local) {
+        let (source, labels) = source;
+        let (open, sites) = match self.routed_open(source, labels.as_deref(), client, local) {
             Ok(x) => x,
             Err(refused) => {
                 self.refused(&refused);
@@ -345,7 +349,7 @@ impl Egress {
             return;
         };
         let local = tls.get_ref().0.local_addr().map_or(client.ip(), |a| a.ip());
-        let (open, sites) = match self.routed_open(caller, client, local) {
+        let (open, sites) = match self.routed_open(caller, None, client, local) {
             Ok(x) => x,
             Err(refused) => {
                 self.refused(&refused);
@@ -377,10 +381,11 @@ impl Egress {
     fn routed_open(
         &self,
         source: SpiffeId,
+        labels: Option<&BTreeMap<String, String>>,
         client: SocketAddr,
         local: std::net::IpAddr,
     ) -> Result<(Open, Option<Vec<SiteName>>), Refused> {
-        let pick = self.tcp_pick(&source, local)?;
+        let pick = self.tcp_pick(&source, labels, local)?;
         let via = pick.as_ref().and_then(|p| p.via.as_deref()).unwrap_or(self);
         let open = Open {
             source,

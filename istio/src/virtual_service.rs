@@ -7,9 +7,10 @@
 //! `.svc.clusterset.local`, a short name in the VirtualService's namespace, or a host of
 //! a ServiceEntry in the same file), `http[].name`, `http[].match[]` (`uri`, `method`,
 //! `headers`, `queryParams`, `withoutHeaders`, `authority`, `scheme`: `exact`, `prefix`,
-//! `regex` or `{}` for presence; `ignoreUriCase`, `port`, `sourceNamespace`; `gateways`
-//! without `mesh` and `sourceLabels` are kept and warned about: such a match never
-//! applies at meshfed's egress), `http[].route[]`
+//! `regex` or `{}` for presence; `ignoreUriCase`, `port`, `sourceNamespace`;
+//! `sourceLabels`, which hold only for callers known by their pod address, and
+//! `gateways` without `mesh`, which never hold, are kept and warned about),
+//! `http[].route[]`
 //! (`destination.host` — the service itself or another one, which importing gateways
 //! reach through their import of it — `destination.subset`, `destination.port.number`,
 //! `weight`),
@@ -345,7 +346,7 @@ fn source_conditions(
     if !source_labels.is_empty() {
         d.warn(
             format!("{field}.sourceLabels"),
-            "meshfed's egress does not know its callers' labels yet: this match applies to no request",
+            "meshfed's egress knows its callers' labels only by their pod address (caller_pod_ip): this match holds for no other caller",
         );
     }
     let gateways = d.str_list(m.get("gateways"), &format!("{field}.gateways"));

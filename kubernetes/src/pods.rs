@@ -12,8 +12,10 @@
 //!
 //! An address not in the directory is no caller: the egress refuses it
 //! (`caller_unauthenticated`). A removed pod leaves the directory on its deletion event.
+//! Each address carries its pod's labels (what a route's `sourceLabels` match); two
+//! live pods of one identity on one address with different labels leave it with none.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -21,17 +23,19 @@ use arc_swap::ArcSwap;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher;
-use meshfed_identity::{SpiffeId, TrustDomain};
+use meshfed_identity::TrustDomain;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 /// Callers by source address, as the gateway's egress reads them.
-pub type Directory = Arc<ArcSwap<HashMap<IpAddr, SpiffeId>>>;
+pub type Directory = Arc<ArcSwap<HashMap<IpAddr, KnownCaller>>>;
+
+pub use meshfed_catalog::http_route::KnownCaller;
 
 /// The addresses that name `pod`'s workload identity (none for host-network or
-/// finished pods). Pure.
-pub fn pod_addresses(pod: &Pod, td: &TrustDomain) -> Vec<(IpAddr, SpiffeId)> {
+/// finished pods), with its labels. Pure.
+pub fn pod_addresses(pod: &Pod, td: &TrustDomain) -> Vec<(IpAddr, KnownCaller)> {
     let (Some(spec), Some(status)) = (&pod.spec, &pod.status) else {
         return vec![];
     };
@@ -59,25 +63,34 @@ pub fn pod_addresses(pod: &Pod, td: &TrustDomain) -> Vec<(IpAddr, SpiffeId)> {
     }
     ips.sort();
     ips.dedup();
-    ips.into_iter().map(|ip| (ip, id.clone())).collect()
+    let caller = KnownCaller {
+        id,
+        labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
+    };
+    ips.into_iter().map(|ip| (ip, caller.clone())).collect()
 }
 
-/// The directory of `pods`: each address to its identity, without the addresses two
-/// identities claim. Returns it with the number of such conflicting addresses. Pure.
+/// The directory of `pods`: each address to its identity and labels, without the
+/// addresses two identities claim (an address two pods of one identity claim with
+/// different labels keeps the identity, with no labels). Returns it with the number of
+/// conflicting addresses. Pure.
 pub fn directory<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     td: &TrustDomain,
-) -> (HashMap<IpAddr, SpiffeId>, usize) {
-    let mut out: HashMap<IpAddr, Option<SpiffeId>> = HashMap::new();
+) -> (HashMap<IpAddr, KnownCaller>, usize) {
+    let mut out: HashMap<IpAddr, Option<KnownCaller>> = HashMap::new();
     for pod in pods {
-        for (ip, id) in pod_addresses(pod, td) {
+        for (ip, c) in pod_addresses(pod, td) {
             out.entry(ip)
-                .and_modify(|have| {
-                    if have.as_ref() != Some(&id) {
-                        *have = None;
+                .and_modify(|have| match have {
+                    Some(h) if h.id == c.id => {
+                        if h.labels != c.labels {
+                            h.labels = Arc::new(BTreeMap::new());
+                        }
                     }
+                    _ => *have = None,
                 })
-                .or_insert(Some(id));
+                .or_insert(Some(c));
         }
     }
     let conflicts = out.values().filter(|v| v.is_none()).count();
@@ -144,10 +157,17 @@ pub async fn reflect(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
+    use meshfed_identity::SpiffeId;
+
+    fn labelled(mut p: Pod, version: &str) -> Pod {
+        p.metadata.labels = Some([("version".to_string(), version.to_string())].into());
+        p
+    }
 
     fn pod(ns: &str, sa: Option<&str>, ips: &[&str], phase: &str, host: bool) -> Pod {
         let mut p = Pod::default();
         p.metadata.namespace = Some(ns.into());
+        p.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
         p.spec = Some(PodSpec {
             service_account_name: sa.map(Into::into),
             host_network: host.then_some(true),
@@ -190,17 +210,35 @@ mod tests {
             // The same identity twice (a restarted pod) is no conflict.
             pod("shop", Some("frontend"), &["10.0.0.5"], "Running", false),
             pod("shop", Some("frontend"), &["10.0.0.5"], "Running", false),
+            // The same identity twice with other labels: the identity, no labels.
+            labelled(
+                pod("shop", Some("frontend"), &["10.0.0.6"], "Running", false),
+                "v1",
+            ),
+            labelled(
+                pod("shop", Some("frontend"), &["10.0.0.6"], "Running", false),
+                "v2",
+            ),
         ];
         let (dir, conflicts) = directory(&pods, &td);
+        let ids: HashMap<IpAddr, SpiffeId> =
+            dir.iter().map(|(ip, c)| (*ip, c.id.clone())).collect();
         let want: HashMap<IpAddr, SpiffeId> = [
             (ip("10.0.0.1"), id("ns/shop/sa/frontend")),
             (ip("fd00::1"), id("ns/shop/sa/frontend")),
             (ip("10.0.0.2"), id("ns/shop/sa/default")),
             (ip("10.0.0.5"), id("ns/shop/sa/frontend")),
+            (ip("10.0.0.6"), id("ns/shop/sa/frontend")),
         ]
         .into();
-        assert_eq!(dir, want);
+        assert_eq!(ids, want);
         assert_eq!(conflicts, 1);
+        // Labels come with the address.
+        assert_eq!(
+            *dir[&ip("10.0.0.1")].labels,
+            BTreeMap::from([("app".into(), "web".into())])
+        );
+        assert!(dir[&ip("10.0.0.6")].labels.is_empty());
         // A pod without status or namespace names nobody.
         assert!(pod_addresses(&Pod::default(), &td).is_empty());
     }

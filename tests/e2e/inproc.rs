@@ -1721,6 +1721,113 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
     shutdown([east_gw, west_gw], fed).await;
 }
 
+/// Istio's `sourceLabels`, for callers the egress knows by their pod address
+/// (`caller_pod_ip`): a TCP route registered at west for pods labelled `track: canary`
+/// sends their connections to a subset no serving site is in (refused
+/// `no_ready_endpoint`), while another pod of the same service account, labelled
+/// otherwise, takes the default route. Relabelling the pod moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_labels_route_the_connections_of_labelled_pods() {
+    use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
+    let pod = |name: &str, ip: &str, track: &str| {
+        let mut p = Pod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("shop".into());
+        p.metadata.labels = Some([("track".to_string(), track.to_string())].into());
+        p.spec = Some(PodSpec {
+            service_account_name: Some("frontend".into()),
+            ..Default::default()
+        });
+        p.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            ..Default::default()
+        });
+        p
+    };
+    let api = crate::kubeapi::KubeApi::start().await;
+    api.put(&pod("canary-1", "127.0.0.7", "canary"));
+    api.put(&pod("stable-1", "127.0.0.10", "stable"));
+
+    let scratch = Scratch::new("inproc-source-labels");
+    let fed = Federation::start(&scratch).await;
+    let east = fed.join(&scratch, "east").await;
+    let west = fed.join(&scratch, "west").await;
+    let port = crate::harness::listen().local_addr().unwrap().port();
+    let out = crate::http::register_yaml(
+        &west,
+        "routes.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: raw, namespace: shop}\n\
+         spec:\n  hosts: [raw.shop]\n  tcp:\n  - match: [{sourceLabels: {track: canary}}]\n\
+         \x20   route: [{destination: {host: raw.shop, subset: north}}]\n  - route: [{destination: {host: raw.shop}}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: raw, namespace: shop}\n\
+         spec:\n  host: raw.shop\n  subsets: [{name: north, labels: {topology.istio.io/cluster: north}}]\n",
+    );
+    assert!(out.contains("routes:raw.shop"), "{out}");
+    let west_gw = gateway(
+        &west,
+        4,
+        ConfigBuilder {
+            proxy_protocol: vec!["raw.shop".into()],
+            ..Default::default()
+        }
+        .export("raw.shop", port, vec![proxy_reader().await]),
+    )
+    .await;
+    let east_gw = gateway_with(
+        &east,
+        2,
+        ConfigBuilder {
+            caller_pod_ip: true,
+            ..Default::default()
+        },
+        Some(api.client()),
+    )
+    .await;
+    let raw = until_imported(&east_gw, "raw.shop", &["west"]).await;
+    let raw = SocketAddr::new(raw.address_of(&"raw.shop".parse().unwrap()).unwrap(), port);
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    // The stable pod is served once the import is up; the canary pod is refused once
+    // the routes are applied.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stable = call_from(ip("127.0.0.10"), raw).await;
+        let canary = call_from(ip("127.0.0.7"), raw).await;
+        if stable.is_ok() && canary.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "routes never applied: stable {stable:?}, canary {canary:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..10 {
+        assert!(call_from(ip("127.0.0.10"), raw).await.is_ok());
+        assert!(call_from(ip("127.0.0.7"), raw).await.is_err());
+    }
+    let m = metrics(&east_gw).await;
+    assert!(
+        counter(
+            &m,
+            "meshfed_gateway_refusals_total{direction=\"egress\",reason=\"no_ready_endpoint\"}"
+        ) >= 10.0,
+        "{m}"
+    );
+    // Relabelled: the pod takes the default route.
+    api.put(&pod("canary-1", "127.0.0.7", "stable"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call_from(ip("127.0.0.7"), raw).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the relabelled pod is still refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown([east_gw, west_gw], fed).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_cannot_hold_more_than_the_caller_handshake_limit() {
     use meshfed_gateway::egress::MAX_CALLER_HANDSHAKES;

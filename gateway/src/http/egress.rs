@@ -416,6 +416,8 @@ struct View<'a> {
     /// The service port the egress listener stands for.
     port: u16,
     caller: &'a SpiffeId,
+    /// The caller's labels, when the egress knows them (`caller_pod_ip`).
+    labels: Option<&'a BTreeMap<String, String>>,
     /// The client's connection is TLS (`caller_mtls`).
     tls: bool,
 }
@@ -464,6 +466,19 @@ impl RequestView for View<'_> {
     fn caller(&self) -> Option<&str> {
         Some(self.caller.as_str())
     }
+    fn caller_labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.labels
+    }
+}
+
+/// A pod's labels, shared by its connections.
+type CallerLabels = Arc<BTreeMap<String, String>>;
+
+/// Who sends a client connection's requests: its identity, and its labels when the
+/// egress knows them (a pod's, by its address).
+struct Caller {
+    id: SpiffeId,
+    labels: Option<CallerLabels>,
 }
 
 /// What a request's body is, for replay.
@@ -572,10 +587,10 @@ impl HttpEgress {
         stop: CancellationToken,
     ) {
         let _ = tcp.set_nodelay(true);
-        let caller = match &eg.callers {
-            Callers::Declared => eg.local_id.clone(),
+        let (caller, labels) = match &eg.callers {
+            Callers::Declared => (eg.local_id.clone(), None),
             Callers::SourceAddress(dir) => match dir.load().get(&client.ip().to_canonical()) {
-                Some(id) => id.clone(),
+                Some(c) => (c.id.clone(), Some(c.labels.clone())),
                 None => {
                     debug!("no workload has this source address; connection refused");
                     eg.metrics.refused("egress", "caller_unauthenticated");
@@ -606,10 +621,11 @@ impl HttpEgress {
                     eg.metrics.refused("egress", "caller_unauthenticated");
                     return;
                 };
-                return self.serve_http(eg, tls, client, caller, stop).await;
+                return self.serve_http(eg, tls, client, (caller, None), stop).await;
             }
         };
-        self.serve_http(eg, tcp, client, caller, stop).await
+        self.serve_http(eg, tcp, client, (caller, labels), stop)
+            .await
     }
 
     async fn serve_http<IO>(
@@ -617,12 +633,12 @@ impl HttpEgress {
         eg: Arc<Egress>,
         io: IO,
         client: SocketAddr,
-        caller: SpiffeId,
+        (caller, labels): (SpiffeId, Option<CallerLabels>),
         stop: CancellationToken,
     ) where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let caller = Arc::new(caller);
+        let caller = Arc::new(Caller { id: caller, labels });
         let this = self.clone();
         let drain = stop.clone();
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -647,7 +663,7 @@ impl HttpEgress {
         eg: &Arc<Egress>,
         req: &mut Request<Incoming>,
         client: SocketAddr,
-        caller: &Arc<SpiffeId>,
+        caller: &Arc<Caller>,
         stop: CancellationToken,
     ) -> Option<Response<Body>> {
         if !super::h2c::wanted(req, req.body().is_end_stream()) {
@@ -695,7 +711,7 @@ impl HttpEgress {
         eg: &Arc<Egress>,
         req: Request<Incoming>,
         client: SocketAddr,
-        caller: &SpiffeId,
+        caller: &Caller,
     ) -> Response<Body> {
         use tracing::Instrument;
         let span = tracing::trace_span!(
@@ -725,9 +741,10 @@ impl HttpEgress {
         eg: &Arc<Egress>,
         req: Request<Incoming>,
         client: SocketAddr,
-        caller: &SpiffeId,
+        who: &Caller,
         span: &tracing::Span,
     ) -> Response<Body> {
+        let caller = &who.id;
         let (mut parts, body) = req.into_parts();
         headers::from_client(&mut parts, client, &self.import);
         let mut body = if body.is_end_stream() {
@@ -757,7 +774,7 @@ impl HttpEgress {
             }
             r
         };
-        let planned = self.plan(eg, &parts, client.ip(), caller, &mut route);
+        let planned = self.plan(eg, &parts, client.ip(), who, &mut route);
         if let Some(route) = &route {
             span.record("meshfed.route", route.as_str());
         }
@@ -917,9 +934,10 @@ impl HttpEgress {
         eg: &Egress,
         parts: &http::request::Parts,
         client: std::net::IpAddr,
-        caller: &SpiffeId,
+        who: &Caller,
         route_out: &mut Option<String>,
     ) -> Result<Plan, Response<Body>> {
+        let caller = &who.id;
         let backends = eg.backends.load_full();
         let no_site = |msg: String| error_response(503, Refusal::NoReadyEndpoint.as_str(), &msg);
         if backends.is_empty() {
@@ -968,6 +986,7 @@ impl HttpEgress {
             parts,
             port: self.port,
             caller,
+            labels: who.labels.as_deref(),
             tls: matches!(eg.callers, Callers::Mtls(..)),
         };
         // Routes exported to other namespaces than the caller's: the service itself.
