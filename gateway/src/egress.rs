@@ -35,8 +35,13 @@ const FAILOVER_ANSWER_CUT: Duration = Duration::from_millis(1500);
 /// How long to wait for a candidate that is not the last one before trying the next.
 const FAILOVER_WAIT: Duration = Duration::from_millis(300);
 
+/// A connection a TCP route decided: the route's index and the sites to try.
+type Routed = (usize, Vec<SiteName>);
+
 /// Where a TCP route sends one connection.
 struct TcpPick {
+    /// The route's index.
+    route: usize,
     /// The import of another service it opens through (`None`: this one).
     via: Option<Arc<Egress>>,
     /// The sites to try, best first.
@@ -187,7 +192,7 @@ impl Egress {
         caller: &SpiffeId,
         caller_labels: Option<&BTreeMap<String, String>>,
         local: std::net::IpAddr,
-    ) -> Result<Option<TcpPick>, Refused> {
+    ) -> Result<Option<TcpPick>, (usize, Refused)> {
         let routes = self.routes.load();
         let Some(table) = routes.as_ref().as_ref() else {
             return Ok(None);
@@ -205,10 +210,13 @@ impl Egress {
         let Some((index, route)) = table.compiled.tcp_route(&view) else {
             return Ok(None);
         };
-        let no_site = |message: String| Refused {
-            reason: Refusal::NoReadyEndpoint,
-            message,
-            site: None,
+        let no_site = |message: String| {
+            let r = Refused {
+                reason: Refusal::NoReadyEndpoint,
+                message,
+                site: None,
+            };
+            (index, r)
         };
         let d = &route.destinations
             [meshfed_catalog::http_route::pick(&route.destinations, self.http.next_roll())];
@@ -262,7 +270,11 @@ impl Egress {
                 d.subset.as_deref().unwrap_or_default()
             )));
         }
-        Ok(Some(TcpPick { via, sites }))
+        Ok(Some(TcpPick {
+            route: index,
+            via,
+            sites,
+        }))
     }
 
     async fn serve_client(&self, tcp: TcpStream, client: SocketAddr) {
@@ -289,14 +301,9 @@ impl Egress {
         };
         let local = tcp.local_addr().map_or(client.ip(), |a| a.ip());
         let (source, labels) = source;
-        let (open, sites) = match self.routed_open(source, labels.as_deref(), client, local) {
-            Ok(x) => x,
-            Err(refused) => {
-                self.refused(&refused);
-                refused.log(&self.open_request(None), "connection refused");
-                reset_tcp(tcp);
-                return;
-            }
+        let Ok((open, sites)) = self.routed_open(source, labels.as_deref(), client, local) else {
+            reset_tcp(tcp);
+            return;
         };
         match self.open_counted(&open, sites).await {
             Ok((opened, _active, c)) => {
@@ -349,14 +356,9 @@ impl Egress {
             return;
         };
         let local = tls.get_ref().0.local_addr().map_or(client.ip(), |a| a.ip());
-        let (open, sites) = match self.routed_open(caller, None, client, local) {
-            Ok(x) => x,
-            Err(refused) => {
-                self.refused(&refused);
-                refused.log(&self.open_request(None), "connection refused");
-                reset_tcp(tls.into_tcp());
-                return;
-            }
+        let Ok((open, sites)) = self.routed_open(caller, None, client, local) else {
+            reset_tcp(tls.into_tcp());
+            return;
         };
         match self.open_counted(&open, sites).await {
             Ok((opened, _active, c)) => {
@@ -373,32 +375,54 @@ impl Egress {
         }
     }
 
-    /// A TCP client's open over the best site, traced and counted: on success the open
-    /// latency and the stream by service (held until the guard drops), with its byte
-    /// counters; otherwise the refusal, by direction and by service.
     /// The open request of a TCP client's connection, and the sites to try (`None`:
-    /// this import's), under the service's TCP routes.
+    /// this import's), under the service's TCP routes. A refusal is counted and logged
+    /// with the caller.
     fn routed_open(
         &self,
         source: SpiffeId,
         labels: Option<&BTreeMap<String, String>>,
         client: SocketAddr,
         local: std::net::IpAddr,
-    ) -> Result<(Open, Option<Vec<SiteName>>), Refused> {
-        let pick = self.tcp_pick(&source, labels, local)?;
+    ) -> Result<(Open, Option<Routed>), Refused> {
+        let pick = match self.tcp_pick(&source, labels, local) {
+            Ok(p) => p,
+            Err((route, refused)) => {
+                self.tcp_route_counted(route, None);
+                self.refused(&refused);
+                let open = Open {
+                    source,
+                    client: Some(client),
+                    ..self.open_request(None)
+                };
+                refused.log(&open, "connection refused by the service's TCP routes");
+                return Err(refused);
+            }
+        };
         let via = pick.as_ref().and_then(|p| p.via.as_deref()).unwrap_or(self);
         let open = Open {
             source,
             client: Some(client),
             ..via.open_request(None)
         };
-        Ok((open, pick.map(|p| p.sites)))
+        Ok((open, pick.map(|p| (p.route, p.sites))))
     }
 
+    /// Counts a connection a TCP route decided, by the site that accepted it.
+    fn tcp_route_counted(&self, route: usize, site: Option<&SiteName>) {
+        let import = format!("{}:{}", self.service, self.port);
+        let site = site.map_or("none", |s| s.as_str());
+        self.metrics.tcp_route_connection(&import, route, site);
+    }
+
+    /// A TCP client's open over the best site (or over `sites`, a TCP route's), traced
+    /// and counted: on success the open latency and the stream by service (held until
+    /// the guard drops), with its byte counters; otherwise the refusal, by direction and
+    /// by service.
     async fn open_counted(
         &self,
         open: &Open,
-        sites: Option<Vec<SiteName>>,
+        routed: Option<Routed>,
     ) -> Result<
         (
             Opened,
@@ -410,11 +434,15 @@ impl Egress {
         use tracing::Instrument;
         let started = std::time::Instant::now();
         let span = self.open_span();
-        let sites = match sites {
-            Some(s) => Arc::new(s),
-            None => self.backends.load_full(),
+        let (route, sites) = match routed {
+            Some((r, s)) => (Some(r), Arc::new(s)),
+            None => (None, self.backends.load_full()),
         };
-        match self.open_among(open, &sites).instrument(span.clone()).await {
+        let opened = self.open_among(open, &sites).instrument(span.clone()).await;
+        if let Some(r) = route {
+            self.tcp_route_counted(r, opened.as_ref().ok().map(|o| &o.site));
+        }
+        match opened {
             Ok(opened) => {
                 span.record("meshfed.destination_site", opened.site.as_str());
                 span.record("meshfed.transport", opened.stream.transport());

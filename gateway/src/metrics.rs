@@ -165,6 +165,16 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpRouteLabels {
+    /// The import, `service:port`.
+    pub import: String,
+    /// The TCP route, `#i` (Istio's TCP routes have no names).
+    pub route: String,
+    /// The site that accepted the connection (`none`: none did).
+    pub site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ImportRouteLabels {
     pub import: String,
     pub route: String,
@@ -425,6 +435,9 @@ pub struct Metrics {
     /// HTTP requests of imports with routes, by import, route, answering site and status
     /// class: at most imports × 64 routes × (sites + 1) × 5 series.
     pub http_route_requests: Family<RouteLabels, Counter>,
+    /// TCP connections a service's TCP routes decided, by import, route and accepting
+    /// site: at most imports × 64 routes × (sites + 1) series.
+    pub tcp_route_connections: Family<TcpRouteLabels, Counter>,
     /// HTTP requests on `http`/`http2`/`grpc` ports answered, by direction and status
     /// class (10 series at most).
     pub http_requests: Family<HttpLabels, Counter>,
@@ -598,6 +611,11 @@ impl Metrics {
             "http_route_requests",
             "HTTP requests of imports with routes, by import, route, answering site (none: answered by the egress itself) and status class",
             self.http_route_requests.clone(),
+        );
+        r.register(
+            "tcp_route_connections",
+            "TCP connections a service's TCP routes decided, by import, route (#i) and the site that accepted (none: refused)",
+            self.tcp_route_connections.clone(),
         );
         r.register(
             "http_retries",
@@ -810,6 +828,16 @@ impl Metrics {
                 route: route.to_owned(),
                 site: site.to_owned(),
                 class: status_class(status),
+            })
+            .inc();
+    }
+
+    pub fn tcp_route_connection(&self, import: &str, route: usize, site: &str) {
+        self.tcp_route_connections
+            .get_or_create(&TcpRouteLabels {
+                import: import.to_owned(),
+                route: format!("#{route}"),
+                site: site.to_owned(),
             })
             .inc();
     }

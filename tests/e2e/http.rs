@@ -1491,6 +1491,14 @@ async fn tcp_routes_split_connections_across_sites() {
     let share = n as f64 / 20.0;
     eprintln!("80/20 TCP split over 2000 connections: north {share:.2} %");
     assert!((17.0..=23.0).contains(&share), "north got {share} %");
+    // Counted by route and accepting site.
+    let routed = |route: &str, site: &str| {
+        format!(
+            "meshfed_gateway_tcp_route_connections_total{{import=\"db.demo:{port}\",route=\"{route}\",site=\"{site}\"}}"
+        )
+    };
+    assert!(east_gw.metric(&routed("#0", "north")).await >= n as f64);
+    assert!(east_gw.metric(&routed("#0", "west")).await >= w as f64);
 
     // By port and destination subnet (the import's address), past a route for callers
     // of another namespace (east's connections come from its gateway: none).
@@ -1517,8 +1525,13 @@ async fn tcp_routes_split_connections_across_sites() {
         );
     }
     let before = hits();
+    let counted = east_gw.metric(&routed("#1", "north")).await;
     assert_eq!(connections(import, 200, 8).await, 200);
     assert_eq!(hits().0, before.0, "a connection went to west");
+    assert_eq!(
+        east_gw.metric(&routed("#1", "north")).await - counted,
+        200.0
+    );
     drop(fed);
 }
 

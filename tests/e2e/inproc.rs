@@ -1815,6 +1815,22 @@ async fn source_labels_route_the_connections_of_labelled_pods() {
         ) >= 10.0,
         "{m}"
     );
+    let import = format!("raw.shop:{port}");
+    assert!(
+        counter(
+            &m,
+            &format!(
+                "meshfed_gateway_tcp_route_connections_total{{import=\"{import}\",route=\"#0\",site=\"none\"}}"
+            )
+        ) >= 10.0
+            && counter(
+                &m,
+                &format!(
+                    "meshfed_gateway_tcp_route_connections_total{{import=\"{import}\",route=\"#1\",site=\"west\"}}"
+                )
+            ) >= 10.0,
+        "{m}"
+    );
     // Relabelled: the pod takes the default route.
     api.put(&pod("canary-1", "127.0.0.7", "stable"));
     let deadline = Instant::now() + Duration::from_secs(10);
