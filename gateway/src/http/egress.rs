@@ -430,11 +430,8 @@ impl RequestView for View<'_> {
         self.parts.method.as_str()
     }
     fn header(&self, name: &str) -> Option<&str> {
-        // The request's pseudo-headers, as Envoy's header matchers see them.
         match name {
-            ":authority" => self.authority(),
-            ":method" => Some(self.method()),
-            ":scheme" => Some(self.scheme()),
+            // Envoy's `:path`: with the query.
             ":path" => self.parts.uri.path_and_query().map(|p| p.as_str()),
             _ => self.parts.headers.get(name).and_then(|v| v.to_str().ok()),
         }
