@@ -1614,6 +1614,41 @@ async fn a_gateway_takes_its_svid_from_the_workload_api_and_follows_it() {
     shutdown([east_gw, west_gw], fed).await;
 }
 
+/// A running pod of namespace `shop` with service account `sa`, address `ip` and
+/// `labels`, as the Kubernetes API serves it.
+fn running_pod(
+    name: &str,
+    sa: &str,
+    ip: &str,
+    host_network: bool,
+    labels: &[(&str, &str)],
+) -> k8s_openapi::api::core::v1::Pod {
+    use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
+    let mut p = Pod::default();
+    p.metadata.name = Some(name.into());
+    p.metadata.namespace = Some("shop".into());
+    if !labels.is_empty() {
+        p.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+    p.spec = Some(PodSpec {
+        service_account_name: Some(sa.into()),
+        host_network: host_network.then_some(true),
+        ..Default::default()
+    });
+    p.status = Some(PodStatus {
+        phase: Some("Running".into()),
+        pod_ip: Some(ip.into()),
+        pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+        ..Default::default()
+    });
+    p
+}
+
 /// Connects to `to` from the local address `from` (a "pod IP" on loopback) and returns
 /// what the endpoint answered, or the error a refusal (a reset) gives.
 async fn call_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<String> {
@@ -1630,23 +1665,8 @@ async fn call_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
-    use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
     let pod = |name: &str, sa: &str, ip: &str, host_network: bool| {
-        let mut p = Pod::default();
-        p.metadata.name = Some(name.into());
-        p.metadata.namespace = Some("shop".into());
-        p.spec = Some(PodSpec {
-            service_account_name: Some(sa.into()),
-            host_network: host_network.then_some(true),
-            ..Default::default()
-        });
-        p.status = Some(PodStatus {
-            phase: Some("Running".into()),
-            pod_ip: Some(ip.into()),
-            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
-            ..Default::default()
-        });
-        p
+        running_pod(name, sa, ip, host_network, &[])
     };
     let api = crate::kubeapi::KubeApi::start().await;
     api.put(&pod("frontend-1", "frontend", "127.0.0.7", false));
@@ -1728,23 +1748,8 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
 /// otherwise, takes the default route. Relabelling the pod moves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_labels_route_the_connections_of_labelled_pods() {
-    use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
     let pod = |name: &str, ip: &str, track: &str| {
-        let mut p = Pod::default();
-        p.metadata.name = Some(name.into());
-        p.metadata.namespace = Some("shop".into());
-        p.metadata.labels = Some([("track".to_string(), track.to_string())].into());
-        p.spec = Some(PodSpec {
-            service_account_name: Some("frontend".into()),
-            ..Default::default()
-        });
-        p.status = Some(PodStatus {
-            phase: Some("Running".into()),
-            pod_ip: Some(ip.into()),
-            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
-            ..Default::default()
-        });
-        p
+        running_pod(name, "frontend", ip, false, &[("track", track)])
     };
     let api = crate::kubeapi::KubeApi::start().await;
     api.put(&pod("canary-1", "127.0.0.7", "canary"));
