@@ -1614,6 +1614,44 @@ async fn a_gateway_takes_its_svid_from_the_workload_api_and_follows_it() {
     shutdown([east_gw, west_gw], fed).await;
 }
 
+/// West exporting `raw.shop` on `port` (an endpoint that answers with the PROXY
+/// header's source and the caller it names), east importing it with `caller_pod_ip`
+/// over `api`'s pods; the gateways and the import's address once east has it.
+async fn pod_ip_sites(
+    west: &SiteFiles,
+    east: &SiteFiles,
+    api: &crate::kubeapi::KubeApi,
+    port: u16,
+) -> (
+    meshfed::site::RunningSite,
+    meshfed::site::RunningSite,
+    SocketAddr,
+) {
+    let west_gw = gateway(
+        west,
+        4,
+        ConfigBuilder {
+            proxy_protocol: vec!["raw.shop".into()],
+            ..Default::default()
+        }
+        .export("raw.shop", port, vec![proxy_reader().await]),
+    )
+    .await;
+    let east_gw = gateway_with(
+        east,
+        2,
+        ConfigBuilder {
+            caller_pod_ip: true,
+            ..Default::default()
+        },
+        Some(api.client()),
+    )
+    .await;
+    let raw = until_imported(&east_gw, "raw.shop", &["west"]).await;
+    let raw = SocketAddr::new(raw.address_of(&"raw.shop".parse().unwrap()).unwrap(), port);
+    (west_gw, east_gw, raw)
+}
+
 /// A running pod of namespace `shop` with service account `sa`, address `ip` and
 /// `labels`, as the Kubernetes API serves it.
 fn running_pod(
@@ -1677,28 +1715,7 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
     let east = fed.join(&scratch, "east").await;
     let west = fed.join(&scratch, "west").await;
     let port = crate::harness::listen().local_addr().unwrap().port();
-    let west_gw = gateway(
-        &west,
-        4,
-        ConfigBuilder {
-            proxy_protocol: vec!["raw.shop".into()],
-            ..Default::default()
-        }
-        .export("raw.shop", port, vec![proxy_reader().await]),
-    )
-    .await;
-    let east_gw = gateway_with(
-        &east,
-        2,
-        ConfigBuilder {
-            caller_pod_ip: true,
-            ..Default::default()
-        },
-        Some(api.client()),
-    )
-    .await;
-    let raw = until_imported(&east_gw, "raw.shop", &["west"]).await;
-    let raw = SocketAddr::new(raw.address_of(&"raw.shop".parse().unwrap()).unwrap(), port);
+    let (west_gw, east_gw, raw) = pod_ip_sites(&west, &east, &api, port).await;
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
 
     // The pod's address: the endpoint learns its service account's identity.
@@ -1770,28 +1787,7 @@ async fn source_labels_route_the_connections_of_labelled_pods() {
          spec:\n  host: raw.shop\n  subsets: [{name: north, labels: {topology.istio.io/cluster: north}}]\n",
     );
     assert!(out.contains("routes:raw.shop"), "{out}");
-    let west_gw = gateway(
-        &west,
-        4,
-        ConfigBuilder {
-            proxy_protocol: vec!["raw.shop".into()],
-            ..Default::default()
-        }
-        .export("raw.shop", port, vec![proxy_reader().await]),
-    )
-    .await;
-    let east_gw = gateway_with(
-        &east,
-        2,
-        ConfigBuilder {
-            caller_pod_ip: true,
-            ..Default::default()
-        },
-        Some(api.client()),
-    )
-    .await;
-    let raw = until_imported(&east_gw, "raw.shop", &["west"]).await;
-    let raw = SocketAddr::new(raw.address_of(&"raw.shop".parse().unwrap()).unwrap(), port);
+    let (west_gw, east_gw, raw) = pod_ip_sites(&west, &east, &api, port).await;
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
     // The stable pod is served once the import is up; the canary pod is refused once
     // the routes are applied.
