@@ -3955,6 +3955,94 @@ spec:
     assert_eq!(text, "done get=blocked put=blocked");
 }
 
+/// A route's pieces apply in Envoy's filter order (fault, CORS, local rate limit,
+/// router), registered at west and applied at east: a route whose fault aborts every
+/// request aborts its CORS preflights too and never spends its rate limit; a
+/// rate-limited route's 429 carries the CORS headers; a redirect carries the route's
+/// answer headers and CORS headers. Before, the rate limit, CORS preflights and
+/// redirects were answered ahead of the route's fault, and the 429 and the redirect had
+/// neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_routes_fault_comes_before_its_cors_rate_limit_and_redirect() {
+    let sites = http_sites("http-filter-order", (200, 200), 0, |_| {}).await;
+    let cors =
+        "    corsPolicy: {allowOrigins: [{exact: \"http://a.example\"}], allowMethods: [GET]}\n";
+    let vs = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: web\n  namespace: demo\n\
+         \x20 annotations:\n    ratelimit.meshfed.io/route.faulty: 1/s\n    ratelimit.meshfed.io/route.limited: 1/s\n\
+         \x20   ratelimit.meshfed.io/burst: \"1\"\n\
+         spec:\n  hosts: [web.demo]\n  http:\n\
+         \x20 - name: faulty\n    match: [{{uri: {{prefix: /faulty}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n{cors}\
+         \x20   route: [{{destination: {{host: web.demo}}}}]\n\
+         \x20 - name: limited\n    match: [{{uri: {{prefix: /limited}}}}]\n{cors}    route: [{{destination: {{host: web.demo}}}}]\n\
+         \x20 - name: moved\n    match: [{{uri: {{prefix: /moved}}}}]\n    redirect: {{uri: /new}}\n\
+         \x20   headers: {{response: {{set: {{x-route: moved}}}}}}\n{cors}\
+         \x20 - route: [{{destination: {{host: web.demo}}}}]\n"
+    );
+    let out = register_yaml(&sites.west, "order.yaml", &vs);
+    assert!(out.contains("routes:web.demo"), "{out}");
+    let base = format!("http://{}", sites.import);
+    let origin = ["-H", "Origin: http://a.example"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let head = loop {
+        let (status, head, _, _) = curl_head(&origin, &format!("{base}/moved/x"));
+        if status == 301 {
+            break head;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the routes never applied: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The redirect: the route's answer headers and CORS headers.
+    for h in [
+        "x-route: moved",
+        "access-control-allow-origin: http://a.example",
+    ] {
+        assert!(head.contains(h), "{h}: {head}");
+    }
+    // The fault first: the preflight is aborted, and no request reaches the rate limit.
+    let preflight = [
+        "-X",
+        "OPTIONS",
+        "-H",
+        "Origin: http://a.example",
+        "-H",
+        "Access-Control-Request-Method: GET",
+    ];
+    let (status, head, _, _) = curl_head(&preflight, &format!("{base}/faulty"));
+    assert_eq!(status, 418, "{head}");
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    for _ in 0..20 {
+        assert_eq!(curl(&origin, &format!("{base}/faulty")).0, 418);
+    }
+    let limited = |route: &str| {
+        format!(
+            "meshfed_gateway_http_rate_limited_total{{import=\"web.demo:{}\",route=\"{route}\"}}",
+            sites.import.port()
+        )
+    };
+    assert_eq!(sites.east_gw.metric(&limited("faulty")).await, 0.0);
+    // The rate limit's 429 passes CORS on the way out.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let (status, head, _, _) = curl_head(&origin, &format!("{base}/limited"));
+        if status == 429 {
+            assert!(
+                head.contains("access-control-allow-origin: http://a.example"),
+                "{head}"
+            );
+        }
+        statuses.push(status);
+    }
+    assert!(
+        statuses.contains(&429) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+    assert!(sites.east_gw.metric(&limited("limited")).await >= 1.0);
+}
+
 /// Issue 17 §2: a Gateway API HTTPRoute's `CORS` filter (the experimental channel's
 /// HTTPCORSFilter), registered at west, applies at east's egress, checked by headless
 /// chromium making credentialed calls. The allowed origin is a wildcard

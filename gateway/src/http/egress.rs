@@ -7,10 +7,12 @@
 //!    copied to a mirror); a longer or unknown one streams, and is never retried;
 //! 3. with the import's routes (a VirtualService, HTTPRoute or GRPCRoute): the circuit breaker (past
 //!    `max_requests` in flight until the answer's headers, 503 [`OVERFLOW`] at once),
-//!    the first matching route (none: 404 [`NO_ROUTE`]), its rate limit (a token bucket
-//!    per route at this gateway: 429 [`RATE_LIMITED`] with `retry-after`), its CORS
-//!    policy (a preflight answered here; an allowed origin's answer marked), its redirect
-//!    (answered here), its faults (delay, then abort), its rewrite and request header
+//!    the first matching route (none: 404 [`NO_ROUTE`]), then in Envoy's filter order
+//!    its faults (a delay, then an abort: before anything else of the route), its CORS
+//!    policy (a preflight answered here; an allowed origin's answer marked), its rate
+//!    limit (a token bucket per route at this gateway: 429 [`RATE_LIMITED`] with
+//!    `retry-after`), its direct response or redirect (answered here, with the route's
+//!    answer header changes and CORS headers), its rewrite and request header
 //!    changes (the picked destination's, then the route's), its mirrors (each hit by
 //!    its own roll: a copy on a task of its own, of the changed request, to this
 //!    service or through another service's import), and its
@@ -330,8 +332,6 @@ struct Plan {
     /// the destination's subset has one of its own.
     _in_flight: Option<InFlight>,
     _subset_in_flight: Option<InFlight>,
-    /// The route's faults, and the roll that decides whether they hit.
-    fault: Option<(meshfed_catalog::http_route::Fault, u32)>,
     sites: Vec<SiteName>,
     /// The policy's outlier detection; its ejection cap counts `sites` (the
     /// destination's subset's, with one).
@@ -771,32 +771,20 @@ impl HttpEgress {
             }
             r
         };
-        let planned = self.plan(eg, &parts, client.ip(), who, &mut route);
+        let mut delay = None;
+        let planned = self.plan(eg, &parts, client.ip(), who, (&mut route, &mut delay));
         if let Some(route) = &route {
             span.record("meshfed.route", route.as_str());
+        }
+        // The route's injected delay comes before any answer, its abort's too (Envoy's
+        // fault filter is the first of the route's).
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
         }
         let plan = match planned {
             Ok(p) => p,
             Err(r) => return answered(r, &route),
         };
-        // Injected faults: the delay, then the abort (Envoy's order).
-        if let Some((f, roll)) = &plan.fault {
-            if let Some(d) = &f.delay
-                && hits(d.per_million, *roll)
-            {
-                tokio::time::sleep(Duration::from_millis(d.fixed_delay_ms)).await;
-            }
-            if let Some(a) = &f.abort
-                && hits(a.per_million, roll.rotate_left(16))
-            {
-                let r = error_response(
-                    a.http_status,
-                    FAULT_ABORT,
-                    "aborted by the route's fault injection",
-                );
-                return answered(r, &route);
-            }
-        }
         // The far side continues this request's span.
         super::trace::inject(span, &mut parts.headers);
         if let Some(e) = &plan.edits {
@@ -932,7 +920,7 @@ impl HttpEgress {
         parts: &http::request::Parts,
         client: std::net::IpAddr,
         who: &Caller,
-        route_out: &mut Option<String>,
+        (route_out, delay_out): (&mut Option<String>, &mut Option<Duration>),
     ) -> Result<Plan, Response<Body>> {
         let caller = &who.id;
         let backends = eg.backends.load_full();
@@ -948,7 +936,6 @@ impl HttpEgress {
                 subset_name: None,
                 _in_flight: None,
                 _subset_in_flight: None,
-                fault: None,
                 sites: backends.to_vec(),
                 outlier: None,
                 cluster: String::new(),
@@ -1013,30 +1000,29 @@ impl HttpEgress {
         // Counted per route from here on, whoever answers (the unrouted route of a
         // caller the routes are not exported to is none of them).
         *route_out = index.map(|_| route_name());
-        // The route's rate limit (before its redirect: Envoy's local rate limit runs
-        // before the router).
-        if let Some(bucket) = index
-            .and_then(|i| table.buckets.get(i))
-            .and_then(Option::as_ref)
-        {
-            let taken = bucket
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(self.now_ms());
-            if let Err(wait_ms) = taken {
-                let name = route_name();
-                eg.metrics.http_rate_limited(&self.import, &name);
-                let msg = format!("route {name} of {} is over its rate limit", self.import);
-                let mut r = error_response(429, RATE_LIMITED, &msg);
-                r.headers_mut().insert(
-                    http::header::RETRY_AFTER,
-                    http::HeaderValue::from(decide::retry_after_secs(wait_ms)),
-                );
-                return Err(r);
+        // Envoy's filter order from here: the fault filter, CORS, the local rate limit,
+        // then the router (a direct response, a redirect, or the destinations). The
+        // fault's delay is the caller's to wait before any answer (`delay_out`); its abort
+        // answers here, before the rest.
+        if let Some(f) = &route.fault {
+            let roll = decide::roll(self.rolls.fetch_add(1, Ordering::Relaxed));
+            *delay_out = f
+                .delay
+                .as_ref()
+                .filter(|d| hits(d.per_million, roll))
+                .map(|d| Duration::from_millis(d.fixed_delay_ms));
+            if let Some(a) = &f.abort
+                && hits(a.per_million, roll.rotate_left(16))
+            {
+                return Err(error_response(
+                    a.http_status,
+                    FAULT_ABORT,
+                    "aborted by the route's fault injection",
+                ));
             }
         }
-        // CORS (Envoy's filter, before the router): a preflight from an allowed origin
-        // (or, under `IGNORE`, from another) is answered here and never forwarded.
+        // CORS: a preflight from an allowed origin (or, under `IGNORE`, from another) is
+        // answered here and never forwarded.
         let header =
             |h: http::header::HeaderName| parts.headers.get(h).and_then(|v| v.to_str().ok());
         // By the route's index, found above (the unrouted route has no policy).
@@ -1058,6 +1044,28 @@ impl HttpEgress {
             meshfed_catalog::cors::Decision::Preflight(h) => return Err(cors_preflight(&h)),
             meshfed_catalog::cors::Decision::IgnoredPreflight => return Err(cors_preflight(&[])),
         };
+        // The route's rate limit; its 429 passes CORS on the way out.
+        if let Some(bucket) = index
+            .and_then(|i| table.buckets.get(i))
+            .and_then(Option::as_ref)
+        {
+            let taken = bucket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(self.now_ms());
+            if let Err(wait_ms) = taken {
+                let name = route_name();
+                eg.metrics.http_rate_limited(&self.import, &name);
+                let msg = format!("route {name} of {} is over its rate limit", self.import);
+                let mut r = error_response(429, RATE_LIMITED, &msg);
+                r.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from(decide::retry_after_secs(wait_ms)),
+                );
+                set_headers(r.headers_mut(), &cors);
+                return Err(r);
+            }
+        }
         // A direct response (Envoy's route action): answered here with the route's
         // answer header changes and CORS headers, never forwarded.
         if let Some((status, body)) = index.and_then(|i| table.compiled.direct_response(i)) {
@@ -1096,6 +1104,11 @@ impl HttpEgress {
                     return Err(error_response(500, "redirect_invalid", &msg));
                 }
             }
+            // As for a direct response: Envoy's router finalizes both alike.
+            if let Some(h) = &route.headers {
+                headers::apply_ops(r.headers_mut(), &h.response);
+            }
+            set_headers(r.headers_mut(), &cors);
             return Err(r);
         }
         let n = self.rolls.fetch_add(1, Ordering::Relaxed);
@@ -1231,10 +1244,6 @@ impl HttpEgress {
             )));
         }
         let ms = std::time::Duration::from_millis;
-        let fault = route.fault.clone().map(|f| {
-            let n = self.rolls.fetch_add(1, Ordering::Relaxed);
-            (f, decide::roll(n))
-        });
         let mirrors = route.mirrors.iter().filter_map(|m| {
             let n = self.rolls.fetch_add(1, Ordering::Relaxed);
             if !hits(m.per_million, decide::roll(n)) {
@@ -1299,7 +1308,6 @@ impl HttpEgress {
             subset_name: own.and_then(|(_, _, r)| r.name.clone()),
             _in_flight: in_flight,
             _subset_in_flight: subset_in_flight,
-            fault,
             sites,
             edits: (route.headers.is_some() || route.rewrite.is_some() || d.headers.is_some())
                 .then(|| {
