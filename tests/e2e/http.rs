@@ -1445,6 +1445,9 @@ async fn tcp_routes_split_connections_across_sites() {
     let port = free_port(import_ip);
     let (west_ep, west_hits) = http_endpoint("west", 200).await;
     let (north_ep, north_hits) = http_endpoint("north", 200).await;
+    // Another service, at north only, on a port of its own.
+    let port2 = free_port(import_ip);
+    let (v2_ep, v2_hits) = http_endpoint("north", 200).await;
     let vs = |tcp: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db, namespace: demo}}\n\
@@ -1460,10 +1463,18 @@ async fn tcp_routes_split_connections_across_sites() {
     let out = register_yaml(&west, "db.yaml", &split);
     assert!(out.contains("routes:db.demo"), "{out}");
     let _gws = [
-        (&west, [127, 0, 0, 3], west_ep),
-        (&north, [127, 0, 0, 4], north_ep),
+        Gw::start(
+            &west,
+            &fed_config(&west, [127, 0, 0, 3]).export("db.demo", port, vec![west_ep]),
+        ),
+        Gw::start(
+            &north,
+            &fed_config(&north, [127, 0, 0, 4])
+                .export("db.demo", port, vec![north_ep])
+                .export("db-v2.demo", port2, vec![v2_ep]),
+        ),
     ]
-    .map(|(s, ip, ep)| Gw::start(s, &fed_config(s, ip).export("db.demo", port, vec![ep])).unwrap());
+    .map(Result::unwrap);
     let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
     let import = SocketAddr::new(import_ip, port);
     let hits = || {
@@ -1532,6 +1543,29 @@ async fn tcp_routes_split_connections_across_sites() {
         east_gw.metric(&routed("#1", "north")).await - counted,
         200.0
     );
+
+    // A destination of another service: db.demo's connections open through east's
+    // import of db-v2.demo, on its port.
+    register_yaml(
+        &west,
+        "db.yaml",
+        &vs(&format!(
+            "  - route: [{{destination: {{host: db-v2.demo, port: {{number: {port2}}}}}}}]"
+        )),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while v2_hits.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other service never reached\n{}",
+            east_gw.logs()
+        );
+        connections(import, 10, 2).await;
+    }
+    let (before, v2) = (hits(), v2_hits.load(Ordering::Relaxed));
+    assert_eq!(connections(import, 100, 4).await, 100);
+    assert_eq!(hits(), before, "a connection went to db.demo's endpoints");
+    assert_eq!(v2_hits.load(Ordering::Relaxed) - v2, 100);
     drop(fed);
 }
 
