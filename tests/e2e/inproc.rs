@@ -1622,6 +1622,7 @@ async fn pod_ip_sites(
     east: &SiteFiles,
     api: &crate::kubeapi::KubeApi,
     port: u16,
+    west_more: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
 ) -> (
     meshfed::site::RunningSite,
     meshfed::site::RunningSite,
@@ -1630,11 +1631,13 @@ async fn pod_ip_sites(
     let west_gw = gateway(
         west,
         4,
-        ConfigBuilder {
-            proxy_protocol: vec!["raw.shop".into()],
-            ..Default::default()
-        }
-        .export("raw.shop", port, vec![proxy_reader().await]),
+        west_more(
+            ConfigBuilder {
+                proxy_protocol: vec!["raw.shop".into()],
+                ..Default::default()
+            }
+            .export("raw.shop", port, vec![proxy_reader().await]),
+        ),
     )
     .await;
     let east_gw = gateway_with(
@@ -1715,7 +1718,7 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
     let east = fed.join(&scratch, "east").await;
     let west = fed.join(&scratch, "west").await;
     let port = crate::harness::listen().local_addr().unwrap().port();
-    let (west_gw, east_gw, raw) = pod_ip_sites(&west, &east, &api, port).await;
+    let (west_gw, east_gw, raw) = pod_ip_sites(&west, &east, &api, port, |c| c).await;
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
 
     // The pod's address: the endpoint learns its service account's identity.
@@ -1762,7 +1765,8 @@ async fn in_kubernetes_the_caller_is_the_pod_whose_address_connects() {
 /// (`caller_pod_ip`): a TCP route registered at west for pods labelled `track: canary`
 /// sends their connections to a subset no serving site is in (refused
 /// `no_ready_endpoint`), while another pod of the same service account, labelled
-/// otherwise, takes the default route. Relabelling the pod moves it.
+/// otherwise, takes the default route. On an HTTP port the same labels pick a route
+/// whose fault aborts (418). Relabelling the pod moves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_labels_route_the_connections_of_labelled_pods() {
     let pod = |name: &str, ip: &str, track: &str| {
@@ -1777,6 +1781,7 @@ async fn source_labels_route_the_connections_of_labelled_pods() {
     let east = fed.join(&scratch, "east").await;
     let west = fed.join(&scratch, "west").await;
     let port = crate::harness::listen().local_addr().unwrap().port();
+    let http_port = crate::harness::listen().local_addr().unwrap().port();
     let out = crate::http::register_yaml(
         &west,
         "routes.yaml",
@@ -1784,29 +1789,45 @@ async fn source_labels_route_the_connections_of_labelled_pods() {
          spec:\n  hosts: [raw.shop]\n  tcp:\n  - match: [{sourceLabels: {track: canary}}]\n\
          \x20   route: [{destination: {host: raw.shop, subset: north}}]\n  - route: [{destination: {host: raw.shop}}]\n\
          ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: raw, namespace: shop}\n\
-         spec:\n  host: raw.shop\n  subsets: [{name: north, labels: {topology.istio.io/cluster: north}}]\n",
+         spec:\n  host: raw.shop\n  subsets: [{name: north, labels: {topology.istio.io/cluster: north}}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  hosts: [web.shop]\n  http:\n  - match: [{sourceLabels: {track: canary}}]\n\
+         \x20   fault: {abort: {httpStatus: 418, percentage: {value: 100}}}\n\
+         \x20   route: [{destination: {host: web.shop}}]\n  - route: [{destination: {host: web.shop}}]\n",
     );
     assert!(out.contains("routes:raw.shop"), "{out}");
-    let (west_gw, east_gw, raw) = pod_ip_sites(&west, &east, &api, port).await;
+    let (web_ep, _) = crate::http::http_endpoint("west", 200).await;
+    let (west_gw, east_gw, raw) = pod_ip_sites(&west, &east, &api, port, |c| {
+        c.export("web.shop", http_port, vec![web_ep])
+            .speaks("web.shop", http_port, "http")
+    })
+    .await;
+    let web = SocketAddr::new(raw.ip(), http_port);
     let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
-    // The stable pod is served once the import is up; the canary pod is refused once
-    // the routes are applied.
+    // The stable pod is served once the import is up; the canary pod is refused (TCP)
+    // and aborted (HTTP) once the routes are applied.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stable = call_from(ip("127.0.0.10"), raw).await;
         let canary = call_from(ip("127.0.0.7"), raw).await;
-        if stable.is_ok() && canary.is_err() {
+        let http = (
+            http_status_from(ip("127.0.0.10"), web).await,
+            http_status_from(ip("127.0.0.7"), web).await,
+        );
+        if stable.is_ok() && canary.is_err() && http == (Some(200), Some(418)) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "routes never applied: stable {stable:?}, canary {canary:?}"
+            "routes never applied: stable {stable:?}, canary {canary:?}, HTTP {http:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for _ in 0..10 {
         assert!(call_from(ip("127.0.0.10"), raw).await.is_ok());
         assert!(call_from(ip("127.0.0.7"), raw).await.is_err());
+        assert_eq!(http_status_from(ip("127.0.0.10"), web).await, Some(200));
+        assert_eq!(http_status_from(ip("127.0.0.7"), web).await, Some(418));
     }
     let m = metrics(&east_gw).await;
     assert!(
@@ -1835,7 +1856,9 @@ async fn source_labels_route_the_connections_of_labelled_pods() {
     // Relabelled: the pod takes the default route.
     api.put(&pod("canary-1", "127.0.0.7", "stable"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while call_from(ip("127.0.0.7"), raw).await.is_err() {
+    while call_from(ip("127.0.0.7"), raw).await.is_err()
+        || http_status_from(ip("127.0.0.7"), web).await != Some(200)
+    {
         assert!(
             Instant::now() < deadline,
             "the relabelled pod is still refused"
@@ -1843,6 +1866,23 @@ async fn source_labels_route_the_connections_of_labelled_pods() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     shutdown([east_gw, west_gw], fed).await;
+}
+
+/// One HTTP/1.1 GET to `to` from the local address `from`: the answer's status.
+async fn http_status_from(from: std::net::IpAddr, to: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpSocket::new_v4().ok()?;
+    s.bind(SocketAddr::new(from, 0)).ok()?;
+    let mut s = s.connect(to).await.ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: web.shop\r\nconnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    out.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
