@@ -224,7 +224,7 @@ pub fn parse_subnet(s: &str) -> Result<(std::net::IpAddr, u8), String> {
 pub fn in_subnet(ip: std::net::IpAddr, (net, len): (std::net::IpAddr, u8)) -> bool {
     use std::net::IpAddr::{V4, V6};
     let bits = |a: u128, b: u128, width: u32| {
-        let shift = width - u32::from(len);
+        let shift = width - u32::from(len).min(width);
         shift >= width || (a >> shift) == (b >> shift)
     };
     match (ip.to_canonical(), net) {
@@ -238,13 +238,21 @@ pub fn in_subnet(ip: std::net::IpAddr, (net, len): (std::net::IpAddr, u8)) -> bo
 /// the site's name (`topology.istio.io/cluster`, `meshfed.io/site`) or its export's
 /// label there. Pure.
 pub fn tcp_subset_has(subset: &Subset, site: &SiteName, labels: Option<&SiteLabels>) -> bool {
-    subset.labels.iter().all(|(k, v)| {
-        if k == CLUSTER_LABEL || k == SITE_LABEL {
-            v == site.as_str()
-        } else {
-            labels.and_then(|l| l.export.get(k)) == Some(v)
-        }
-    })
+    subset
+        .labels
+        .iter()
+        .all(|(k, v)| site_label_holds(k, v, site, labels.and_then(|l| l.export.get(k))))
+}
+
+/// Whether a subset's label `k: v` holds at `site`: the site's name for
+/// `topology.istio.io/cluster` and `meshfed.io/site`, else the label's value there
+/// (`found`: its export's, or an endpoint's). Pure.
+fn site_label_holds(k: &str, v: &str, site: &SiteName, found: Option<&String>) -> bool {
+    if k == CLUSTER_LABEL || k == SITE_LABEL {
+        v == site.as_str()
+    } else {
+        found.is_some_and(|f| f == v)
+    }
 }
 
 /// Envoy's retry budget (Istio's `retryBudget`): a retry may start while the retries
@@ -1461,15 +1469,29 @@ impl CompiledMatch {
                     })
                 })
             })
-            && self.source_namespace.as_deref().is_none_or(|ns| {
-                r.caller()
-                    .and_then(crate::authz::namespace)
-                    .is_some_and(|c| c == ns)
-            })
-            && (self.source_labels.is_empty()
-                || r.caller_labels()
-                    .is_some_and(|l| self.source_labels.iter().all(|(k, v)| l.get(k) == Some(v))))
+            && caller_holds(
+                self.source_namespace.as_deref(),
+                &self.source_labels,
+                r.caller(),
+                r.caller_labels(),
+            )
     }
+}
+
+/// Whether the caller (its SPIFFE ID and, when known, its labels) is in `namespace`
+/// (`None`: any) and carries all of `labels` (an HTTP or a TCP match's source
+/// conditions). Pure.
+fn caller_holds(
+    namespace: Option<&str>,
+    labels: &BTreeMap<String, String>,
+    caller: Option<&str>,
+    caller_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    namespace.is_none_or(|ns| {
+        caller
+            .and_then(crate::authz::namespace)
+            .is_some_and(|c| c == ns)
+    }) && (labels.is_empty() || caller_labels.is_some_and(|l| selected(labels, l)))
 }
 
 /// A validated policy, ready for requests.
@@ -1956,42 +1978,7 @@ impl HttpPolicy {
             }
             let direct_body = check_route_extras(r, &f)?;
             for (j, d) in r.destinations.iter().enumerate() {
-                // A subset of another service is that service's policy's to define.
-                if let Some(s) = &d.subset
-                    && d.other_service(&self.service).is_none()
-                    && !names.contains(s.as_str())
-                {
-                    return Err(bad(
-                        f(&format!("destinations[{j}].subset")),
-                        format!("{s:?} is not a subset of {}", self.service),
-                    ));
-                }
-                // A policy arrives from the site that exports its service: it may send
-                // that service's callers only to services of the same namespace (what
-                // Gateway API allows without a ReferenceGrant), never elsewhere.
-                if let Some(to) = d.other_service(&self.service)
-                    && to.namespace() != self.service.namespace()
-                {
-                    return Err(bad(
-                        f(&format!("destinations[{j}].service")),
-                        format!(
-                            "{to} is not in namespace {}: a route sends only to services of its own namespace",
-                            self.service.namespace()
-                        ),
-                    ));
-                }
-                if d.port == Some(0) {
-                    return Err(bad(
-                        f(&format!("destinations[{j}].port")),
-                        "must be above 0",
-                    ));
-                }
-                if d.weight > MAX_WEIGHT {
-                    return Err(bad(
-                        f(&format!("destinations[{j}].weight")),
-                        format!("at most {MAX_WEIGHT}"),
-                    ));
-                }
+                self.check_destination(d, &names, &|x: &str| f(&format!("destinations[{j}].{x}")))?;
                 if let Some(h) = &d.headers {
                     check_header_rules(h, &format!("destinations[{j}].headers"), &f)?;
                 }
@@ -2119,6 +2106,47 @@ impl HttpPolicy {
         })
     }
 
+    /// A route's destination (HTTP or TCP) as every importer checks it: a subset the
+    /// policy defines (another service's is that service's to define), a service of
+    /// the policy's own namespace, a port, a weight in bounds. `g` makes field paths.
+    fn check_destination(
+        &self,
+        d: &Destination,
+        names: &std::collections::BTreeSet<&str>,
+        g: &dyn Fn(&str) -> String,
+    ) -> Result<(), PolicyError> {
+        if let Some(sub) = &d.subset
+            && d.other_service(&self.service).is_none()
+            && !names.contains(sub.as_str())
+        {
+            return Err(bad(
+                g("subset"),
+                format!("{sub:?} is not a subset of {}", self.service),
+            ));
+        }
+        // A policy arrives from the site that exports its service: it may send that
+        // service's callers only to services of the same namespace (what Gateway API
+        // allows without a ReferenceGrant), never elsewhere.
+        if let Some(to) = d.other_service(&self.service)
+            && to.namespace() != self.service.namespace()
+        {
+            return Err(bad(
+                g("service"),
+                format!(
+                    "{to} is not in namespace {}: a route sends only to services of its own namespace",
+                    self.service.namespace()
+                ),
+            ));
+        }
+        if d.port == Some(0) {
+            return Err(bad(g("port"), "must be above 0"));
+        }
+        if d.weight > MAX_WEIGHT {
+            return Err(bad(g("weight"), format!("at most {MAX_WEIGHT}")));
+        }
+        Ok(())
+    }
+
     /// The `tcp_routes`' checks, and their matches compiled; `names`: the subsets.
     fn compile_tcp(
         &self,
@@ -2142,32 +2170,7 @@ impl HttpPolicy {
             }
             for (j, d) in r.destinations.iter().enumerate() {
                 let g = |x: &str| f(&format!("destinations[{j}].{x}"));
-                if let Some(sub) = &d.subset
-                    && d.other_service(&self.service).is_none()
-                    && !names.contains(sub.as_str())
-                {
-                    return Err(bad(
-                        g("subset"),
-                        format!("{sub:?} is not a subset of {}", self.service),
-                    ));
-                }
-                if let Some(to) = d.other_service(&self.service)
-                    && to.namespace() != self.service.namespace()
-                {
-                    return Err(bad(
-                        g("service"),
-                        format!(
-                            "{to} is not in namespace {}: a route sends only to services of its own namespace",
-                            self.service.namespace()
-                        ),
-                    ));
-                }
-                if d.port == Some(0) {
-                    return Err(bad(g("port"), "must be above 0"));
-                }
-                if d.weight > MAX_WEIGHT {
-                    return Err(bad(g("weight"), format!("at most {MAX_WEIGHT}")));
-                }
+                self.check_destination(d, names, &g)?;
                 if d.headers.is_some() {
                     return Err(bad(g("headers"), "a TCP route changes no headers"));
                 }
@@ -2234,13 +2237,12 @@ impl Compiled {
                             && m.port.is_none_or(|p| p == c.port)
                             && (cm.subnets.is_empty()
                                 || cm.subnets.iter().any(|n| in_subnet(c.destination, *n)))
-                            && m.source_namespace.as_deref().is_none_or(|ns| {
-                                crate::authz::namespace(c.caller).is_some_and(|x| x == ns)
-                            })
-                            && (m.source_labels.is_empty()
-                                || c.caller_labels.is_some_and(|l| {
-                                    m.source_labels.iter().all(|(k, v)| l.get(k) == Some(v))
-                                }))
+                            && caller_holds(
+                                m.source_namespace.as_deref(),
+                                &m.source_labels,
+                                Some(c.caller),
+                                c.caller_labels,
+                            )
                     })
             })
             .map(|(i, (r, _))| (i, r))
@@ -2352,11 +2354,7 @@ pub fn subset_sites<'a>(
             };
             sets.iter().any(|ep| {
                 subset.labels.iter().all(|(k, v)| {
-                    if k == CLUSTER_LABEL || k == SITE_LABEL {
-                        v == site.as_str()
-                    } else {
-                        l.export.get(k).or_else(|| ep.get(k)) == Some(v)
-                    }
+                    site_label_holds(k, v, site, l.export.get(k).or_else(|| ep.get(k)))
                 })
             })
         })

@@ -410,9 +410,9 @@ impl Egress {
 
     /// Counts a connection a TCP route decided, by the site that accepted it.
     fn tcp_route_counted(&self, route: usize, site: Option<&SiteName>) {
-        let import = format!("{}:{}", self.service, self.port);
         let site = site.map_or("none", |s| s.as_str());
-        self.metrics.tcp_route_connection(&import, route, site);
+        self.metrics
+            .tcp_route_connection(self.http.import(), route, site);
     }
 
     /// A TCP client's open over the best site (or over `sites`, a TCP route's), traced

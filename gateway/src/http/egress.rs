@@ -565,6 +565,11 @@ impl HttpEgress {
         sites
     }
 
+    /// The import, `service:port` (its metrics' label).
+    pub(crate) fn import(&self) -> &str {
+        &self.import
+    }
+
     /// A uniform roll for a weighted pick (the next of this import's).
     pub(crate) fn next_roll(&self) -> u32 {
         decide::roll(self.rolls.fetch_add(1, Ordering::Relaxed))
@@ -1005,7 +1010,7 @@ impl HttpEgress {
         // fault's delay is the caller's to wait before any answer (`delay_out`); its abort
         // answers here, before the rest.
         if let Some(f) = &route.fault {
-            let roll = decide::roll(self.rolls.fetch_add(1, Ordering::Relaxed));
+            let roll = self.next_roll();
             *delay_out = f
                 .delay
                 .as_ref()
