@@ -138,10 +138,9 @@ pub struct HttpPolicy {
 
 /// An Istio `tcp` route: a connection it matches goes to one of its destinations,
 /// picked by weight once per connection at the importing gateway, at the sites its
-/// subset selects. A TCP stream carries no endpoint selector to the far gateway, so a
-/// subset selects a site here by the site's own labels (its name as
-/// `topology.istio.io/cluster`) and its export's labels, never by endpoint labels:
-/// every endpoint of a selected site is in the subset.
+/// subset selects ([`subset_sites`], as for HTTP). The subset's endpoint labels
+/// ([`endpoint_selector`]) travel in the stream's open request, and the far gateway
+/// connects only to an endpoint that holds them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpRoute {
@@ -232,16 +231,6 @@ pub fn in_subnet(ip: std::net::IpAddr, (net, len): (std::net::IpAddr, u8)) -> bo
         (V6(a), V6(b)) => bits(a.into(), b.into(), 128),
         _ => false,
     }
-}
-
-/// Whether `site` is in `subset` for a TCP route: every one of the subset's labels is
-/// the site's name (`topology.istio.io/cluster`, `meshfed.io/site`) or its export's
-/// label there. Pure.
-pub fn tcp_subset_has(subset: &Subset, site: &SiteName, labels: Option<&SiteLabels>) -> bool {
-    subset
-        .labels
-        .iter()
-        .all(|(k, v)| site_label_holds(k, v, site, labels.and_then(|l| l.export.get(k))))
 }
 
 /// Whether a subset's label `k: v` holds at `site`: the site's name for
@@ -2365,13 +2354,27 @@ pub fn subset_sites<'a>(
 /// egress already chose a site they select), `k=v` joined by `,`; `None` when that
 /// leaves none (every endpoint of the site is in the subset).
 pub fn selector_header(subset: &Subset) -> Option<String> {
-    let v: Vec<String> = subset
+    endpoint_selector(subset).map(|s| format_selector(&s))
+}
+
+/// The labels of `subset` an endpoint must hold at the site the egress chose: all but
+/// the site labels (the choice of site already holds them); `None` when that leaves
+/// none (every endpoint of the site is in the subset). Pure.
+pub fn endpoint_selector(subset: &Subset) -> Option<BTreeMap<String, String>> {
+    let v: BTreeMap<String, String> = subset
         .labels
         .iter()
         .filter(|(k, _)| *k != CLUSTER_LABEL && *k != SITE_LABEL)
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    (!v.is_empty()).then(|| v.join(","))
+    (!v.is_empty()).then_some(v)
+}
+
+/// A selector as [`SELECTOR_HEADER`] and the tunnel's open request carry it: `k=v`
+/// joined by `,` (label keys and values hold neither).
+pub fn format_selector(selector: &BTreeMap<String, String>) -> String {
+    let v: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.join(",")
 }
 
 /// Reads a [`SELECTOR_HEADER`] value back; the labels are checked as a subset's are.
@@ -2387,6 +2390,18 @@ pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
     }
     check_labels(&out).map_err(|(k, m)| format!("{k}: {m}"))?;
     Ok(out)
+}
+
+/// An endpoint's labels as the subsets of its service see them at its own site: its
+/// site's labels (its gateway's `federation.labels`, which its export carries) over its
+/// own, as [`subset_sites`] reads them at the egress. Pure.
+pub fn endpoint_labels(
+    own: &BTreeMap<String, String>,
+    site: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut l = own.clone();
+    l.extend(site.iter().map(|(k, v)| (k.clone(), v.clone())));
+    l
 }
 
 /// Whether an endpoint with `labels` (its own and its export's) is in the subset
@@ -3291,6 +3306,22 @@ mod tests {
             ])
         ));
         assert!(!selected(&back, &set(&[("version", "v2")])));
+        // At its own site an endpoint also holds its site's labels, over its own (as
+        // `subset_sites` reads them at the egress).
+        let l = endpoint_labels(
+            &set(&[("version", "v2"), ("a", "b")]),
+            &set(&[("topology.istio.io/network", "n2"), ("version", "v9")]),
+        );
+        assert_eq!(
+            l,
+            set(&[
+                ("a", "b"),
+                ("topology.istio.io/network", "n2"),
+                ("version", "v9")
+            ])
+        );
+        assert!(selected(&set(&[("topology.istio.io/network", "n2")]), &l));
+        assert!(!selected(&set(&[("version", "v2")]), &l));
         let only_site = Subset {
             name: "w".into(),
             labels: set(&[(SITE_LABEL, "west")]),
@@ -4018,40 +4049,6 @@ mod tests {
         ] {
             assert!(parse_subnet(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn a_tcp_subset_selects_sites_by_their_name_and_export_labels() {
-        let west = SiteName::new("west").unwrap();
-        let subset = |labels: &[(&str, &str)]| Subset {
-            name: "s".into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            policy: None,
-        };
-        let site = SiteLabels {
-            export: [("version".into(), "v2".into())].into(),
-            endpoints: vec![[("track".into(), "canary".into())].into()],
-        };
-        for (labels, want) in [
-            (&[(CLUSTER_LABEL, "west")][..], true),
-            (&[(SITE_LABEL, "west")][..], true),
-            (&[(CLUSTER_LABEL, "north")][..], false),
-            (&[("version", "v2")][..], true),
-            (&[(CLUSTER_LABEL, "west"), ("version", "v1")][..], false),
-            // Endpoint labels are not looked at: no selector travels with a TCP stream.
-            (&[("track", "canary")][..], false),
-            (&[][..], true),
-        ] {
-            assert_eq!(
-                tcp_subset_has(&subset(labels), &west, Some(&site)),
-                want,
-                "{labels:?}"
-            );
-        }
-        assert!(!tcp_subset_has(&subset(&[("version", "v2")]), &west, None));
     }
 
     #[test]

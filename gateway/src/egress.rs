@@ -2,7 +2,9 @@
 //! stream on the peer connection, an open request, and — only after the far side accepts
 //! — a splice. A refusal closes the client socket with a reset, a log line and a metric
 //! carrying the reason. A service's TCP routes (a VirtualService's `tcp`) pick, once
-//! per connection, the destination and the sites of its subset (`Egress::tcp_pick`).
+//! per connection, the destination and the sites of its subset (`Egress::tcp_pick`); the
+//! subset's endpoint labels go in the open request (`meshfed/3`), and a peer that cannot
+//! carry them is skipped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -46,6 +48,8 @@ struct TcpPick {
     via: Option<Arc<Egress>>,
     /// The sites to try, best first.
     sites: Vec<SiteName>,
+    /// The subset's endpoint labels, for the far ingress.
+    selector: Option<BTreeMap<String, String>>,
 }
 
 /// The sites serving one import, best first; swapped as the catalog changes.
@@ -237,8 +241,8 @@ impl Egress {
         };
         let eg = via.as_deref().unwrap_or(self);
         let backends = eg.backends.load_full();
-        let sites = match &d.subset {
-            None => backends.to_vec(),
+        let (sites, selector) = match &d.subset {
+            None => (backends.to_vec(), None),
             Some(name) => {
                 // The subset is its service's policy's.
                 let t_routes = eg.routes.load();
@@ -249,22 +253,17 @@ impl Egress {
                 else {
                     return Err(no_site(format!("{}:{} has no subset {name}", to.0, to.1)));
                 };
-                backends
-                    .iter()
-                    .filter(|s| {
-                        meshfed_catalog::http_route::tcp_subset_has(
-                            subset,
-                            s,
-                            t.site_labels.get(*s),
-                        )
-                    })
-                    .cloned()
-                    .collect()
+                let sites =
+                    meshfed_catalog::http_route::subset_sites(subset, &backends, &t.site_labels);
+                (
+                    sites.into_iter().cloned().collect(),
+                    meshfed_catalog::http_route::endpoint_selector(subset),
+                )
             }
         };
         if sites.is_empty() {
             return Err(no_site(format!(
-                "no serving site of {}:{} is in subset {} (a TCP route's subset selects sites by their name and export labels)",
+                "no serving site of {}:{} has an endpoint in subset {}",
                 to.0,
                 to.1,
                 d.subset.as_deref().unwrap_or_default()
@@ -274,6 +273,7 @@ impl Egress {
             route: index,
             via,
             sites,
+            selector,
         }))
     }
 
@@ -399,13 +399,32 @@ impl Egress {
                 return Err(refused);
             }
         };
-        let via = pick.as_ref().and_then(|p| p.via.as_deref()).unwrap_or(self);
+        let (via, routed, selector) = match pick {
+            Some(p) => (p.via, Some((p.route, p.sites)), p.selector),
+            None => (None, None, None),
+        };
         let open = Open {
             source,
             client: Some(client),
-            ..via.open_request(None)
+            selector,
+            ..via.as_deref().unwrap_or(self).open_request(None)
         };
-        Ok((open, pick.map(|p| (p.route, p.sites))))
+        if !open.selector_fits() {
+            let route = routed.as_ref().map_or(0, |r| r.0);
+            let refused = Refused {
+                reason: Refusal::NoReadyEndpoint,
+                message: format!(
+                    "TCP route #{route}: its subset's labels are longer than an open request carries ({} bytes)",
+                    crate::wire::MAX_SELECTOR_LEN
+                ),
+                site: None,
+            };
+            self.tcp_route_counted(route, None);
+            self.refused(&refused);
+            refused.log(&open, "connection refused by the service's TCP routes");
+            return Err(refused);
+        }
+        Ok((open, routed))
     }
 
     /// Counts a connection a TCP route decided, by the site that accepted it.
@@ -516,6 +535,7 @@ impl Egress {
             source: self.local_id.clone(),
             flow,
             client: None,
+            selector: None,
         }
     }
 
@@ -635,6 +655,14 @@ impl Egress {
             }
             PeerConn::Quic(c) => c,
         };
+        // A subset's selector travels only to a peer that chose meshfed/3; without it
+        // the peer could connect to any endpoint, so another site is tried.
+        if open.selector.is_some() && !crate::tunnel::speaks_v3(conn) {
+            return Ok(Err((
+                Refusal::UnsupportedVersion,
+                "the peer's gateway does not connect by a subset's endpoint labels (it speaks meshfed/2 or older)".into(),
+            )));
+        }
         // The client's address travels only to a peer that chose meshfed/2.
         let frame = if open.client.is_some() && !crate::tunnel::speaks_v2(conn) {
             Open {

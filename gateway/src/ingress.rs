@@ -2,7 +2,8 @@
 //! each stream's open request with accept or a typed refusal (the same decision and the
 //! same codes on both transports), and splices accepted streams to a local endpoint
 //! (within the service's `connectionPool`: past `tcp.maxConnections` open at once, the
-//! open is refused `overflow`).
+//! open is refused `overflow`; for an open that names a subset, one whose labels, under
+//! the site's own, hold it: [`select`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -78,6 +79,9 @@ pub struct Ingress {
     /// The TCP streams spliced now, decided again when policies or exports change.
     live_streams: Mutex<std::collections::HashMap<u64, LiveStream>>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// This site's labels (`federation.labels`), which every endpoint holds for the
+    /// subsets that select it ([`meshfed_catalog::http_route::endpoint_labels`]).
+    site_labels: BTreeMap<String, String>,
 }
 
 /// A spliced TCP stream, as the decision saw it; cancelling `cut` resets it.
@@ -145,6 +149,57 @@ struct Admitted {
     /// On an HTTP port, each endpoint's labels (in `endpoints`' order), for the subset a
     /// request names.
     labels: Vec<BTreeMap<String, String>>,
+}
+
+/// Each of `endpoints`' labels as its subsets see them here: its own (`own`, by
+/// address) under this site's (`site`); empty when no endpoint and not the site has
+/// any. Pure.
+pub fn labels_of(
+    endpoints: &[SocketAddr],
+    own: &BTreeMap<SocketAddr, BTreeMap<String, String>>,
+    site: &BTreeMap<String, String>,
+) -> Vec<BTreeMap<String, String>> {
+    if own.is_empty() && site.is_empty() {
+        return vec![];
+    }
+    let none = BTreeMap::new();
+    endpoints
+        .iter()
+        .map(|ep| meshfed_catalog::http_route::endpoint_labels(own.get(ep).unwrap_or(&none), site))
+        .collect()
+}
+
+/// The endpoints a TCP open that names a subset (`selector`) may connect to: those whose
+/// labels ([`labels_of`], in `endpoints`' order) hold it; `no_ready_endpoint` when none
+/// does, which lets the egress try another site. Pure.
+pub fn select(
+    open: &Open,
+    selector: &BTreeMap<String, String>,
+    endpoints: Vec<SocketAddr>,
+    labels: &[BTreeMap<String, String>],
+) -> Result<Vec<SocketAddr>, Refused> {
+    let none = BTreeMap::new();
+    let some: Vec<SocketAddr> = endpoints
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            meshfed_catalog::http_route::selected(selector, labels.get(*i).unwrap_or(&none))
+        })
+        .map(|(_, ep)| *ep)
+        .collect();
+    if some.is_empty() {
+        return Err(refused(
+            Refusal::NoReadyEndpoint,
+            format!(
+                "none of {}:{}'s {} endpoint(s) has the labels {}",
+                open.service,
+                open.port,
+                endpoints.len(),
+                meshfed_catalog::http_route::format_selector(selector)
+            ),
+        ));
+    }
+    Ok(some)
 }
 
 /// Where an accepted open request goes: the export's endpoints for that port.
@@ -260,8 +315,10 @@ impl Ingress {
         flows: FlowLimits,
         metrics: Metrics,
         bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
+        site_labels: BTreeMap<String, String>,
     ) -> Self {
         Self {
+            site_labels,
             upstream: crate::http::ingress::Upstream::new(connect_timeout, metrics.clone()),
             bundles,
             exports: arc_swap::ArcSwap::from_pointee(exports),
@@ -895,16 +952,19 @@ impl Ingress {
                         crate::http::ingress::endpoint_policies(p, open.port, http.is_some())
                     }
                 };
-                let labels = match (http, e) {
-                    (Some(_), Some(e)) if !e.endpoint_labels.is_empty() => r
-                        .endpoints
-                        .iter()
-                        .map(|ep| e.endpoint_labels.get(ep).cloned().unwrap_or_default())
-                        .collect(),
+                let labels = match e {
+                    Some(e) if http.is_some() || open.selector.is_some() => {
+                        labels_of(r.endpoints, &e.endpoint_labels, &self.site_labels)
+                    }
                     _ => vec![],
                 };
+                let endpoints = match (&open.selector, open.flow, http) {
+                    // A TCP stream of a subset (an HTTP port's requests name theirs).
+                    (Some(sel), None, None) => select(open, sel, r.endpoints.to_vec(), &labels)?,
+                    _ => r.endpoints.to_vec(),
+                };
                 Ok(Admitted {
-                    endpoints: r.endpoints.to_vec(),
+                    endpoints,
                     tls,
                     proxy,
                     http,
@@ -1276,9 +1336,7 @@ impl Ingress {
                     return self.refuse_h2(respond, r.reason, r.message);
                 }
             };
-            let send = match respond
-                .send_response(crate::hbone::headers::response(&Response::Accept), false)
-            {
+            let send = match respond.send_response(crate::hbone::headers::accept(&open), false) {
                 Ok(s) => s,
                 Err(e) => {
                     debug!(error = %e, "h2 stream gone before the accept");
@@ -1594,6 +1652,63 @@ mod tests {
         m
     }
 
+    /// A TCP open naming a subset connects among the endpoints whose labels hold it:
+    /// their own, under the site's (`federation.labels`), which every endpoint holds.
+    #[test]
+    fn a_subset_selects_endpoints_by_their_labels_and_the_sites() {
+        let set = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let eps: Vec<SocketAddr> = ["10.0.0.1:5432", "10.0.0.2:5432", "10.0.0.3:5432"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let own: BTreeMap<SocketAddr, BTreeMap<String, String>> = [
+            (eps[0], set(&[("version", "v1")])),
+            (eps[1], set(&[("version", "v2"), ("track", "canary")])),
+            // eps[2] has none of its own.
+        ]
+        .into();
+        let site = set(&[("topology.istio.io/network", "n1")]);
+        let labels = labels_of(&eps, &own, &site);
+        assert_eq!(labels.len(), 3);
+        assert_eq!(labels[2], site);
+        let o = open("db.prod", 5432);
+        for (selector, want) in [
+            (&[("version", "v2")][..], vec![eps[1]]),
+            (&[("version", "v1")][..], vec![eps[0]]),
+            (&[("topology.istio.io/network", "n1")][..], eps.clone()),
+            (
+                &[("topology.istio.io/network", "n1"), ("track", "canary")][..],
+                vec![eps[1]],
+            ),
+        ] {
+            assert_eq!(
+                select(&o, &set(selector), eps.clone(), &labels).unwrap(),
+                want,
+                "{selector:?}"
+            );
+        }
+        for selector in [
+            &[("version", "v3")][..],
+            &[("topology.istio.io/network", "n2")][..],
+            &[("version", "v1"), ("track", "canary")][..],
+        ] {
+            let r = select(&o, &set(selector), eps.clone(), &labels).unwrap_err();
+            assert_eq!(r.reason, Refusal::NoReadyEndpoint, "{selector:?}");
+            assert!(
+                r.message.contains("none of db.prod:5432's 3 endpoint(s)"),
+                "{}",
+                r.message
+            );
+        }
+        // Without labels anywhere, none are listed, and a subset selects nothing.
+        assert!(labels_of(&eps, &BTreeMap::new(), &BTreeMap::new()).is_empty());
+        assert!(select(&o, &set(&[("version", "v1")]), eps.clone(), &[]).is_err());
+    }
+
     fn open(svc: &str, port: u16) -> Open {
         Open {
             service: ServiceName::parse(svc).unwrap(),
@@ -1601,6 +1716,7 @@ mod tests {
             source: SpiffeId::new("spiffe://east/meshfed/site/east/gateway").unwrap(),
             flow: None,
             client: None,
+            selector: None,
         }
     }
 

@@ -10,7 +10,7 @@ use meshfed_identity::{SpiffeVerifier, Svid};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{RecvStream, TransportConfig, VarInt};
 
-use crate::wire::{self, ALPN, ALPN_V2, WireError};
+use crate::wire::{self, ALPN, ALPN_V2, ALPN_V3, WireError};
 
 /// Keep-alive keeps NAT bindings and lets a dead peer be noticed.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
@@ -123,7 +123,7 @@ pub fn server_config(
     verifier: SpiffeVerifier,
     cc: Congestion,
 ) -> Result<quinn::ServerConfig, TunnelError> {
-    let tls = meshfed_identity::tls::server_config(svid, verifier, &[ALPN_V2, ALPN])?;
+    let tls = meshfed_identity::tls::server_config(svid, verifier, &[ALPN_V3, ALPN_V2, ALPN])?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TunnelError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = transport_config(cc);
@@ -148,13 +148,29 @@ pub fn close_withdrawn(conn: &quinn::Connection) {
     );
 }
 
-/// Whether both ends of `conn` chose `meshfed/2` (open requests may carry the client's
-/// address).
-pub fn speaks_v2(conn: &quinn::Connection) -> bool {
-    conn.handshake_data()
+/// The wire version both ends of `conn` chose: 1, 2 or 3 (by ALPN).
+pub fn wire_version(conn: &quinn::Connection) -> u8 {
+    let alpn = conn
+        .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|d| d.protocol)
-        .is_some_and(|p| p == ALPN_V2)
+        .and_then(|d| d.protocol);
+    match alpn.as_deref() {
+        Some(ALPN_V3) => 3,
+        Some(ALPN_V2) => 2,
+        _ => 1,
+    }
+}
+
+/// Whether both ends of `conn` chose `meshfed/2` or later (open requests may carry the
+/// client's address).
+pub fn speaks_v2(conn: &quinn::Connection) -> bool {
+    wire_version(conn) >= 2
+}
+
+/// Whether both ends of `conn` chose `meshfed/3` (a TCP open may carry a subset's
+/// endpoint selector).
+pub fn speaks_v3(conn: &quinn::Connection) -> bool {
+    wire_version(conn) >= 3
 }
 
 /// The client half for dialing one peer, which must present exactly `peer_id`.
@@ -163,7 +179,7 @@ pub fn client_config(
     verifier: SpiffeVerifier,
     cc: Congestion,
 ) -> Result<quinn::ClientConfig, TunnelError> {
-    let tls = meshfed_identity::tls::client_config(svid, verifier, &[ALPN_V2, ALPN])?;
+    let tls = meshfed_identity::tls::client_config(svid, verifier, &[ALPN_V3, ALPN_V2, ALPN])?;
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TunnelError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = transport_config(cc);

@@ -11,6 +11,10 @@
 //! open_udp = the same with kind:u8 (=4), followed by flow:u32
 //! (meshfed/2) open_from, open_udp_from = kinds 5 and 6: after the source,
 //!           family:u8 (4|6) | client IP (4|16 bytes) | client port:u16
+//! (meshfed/3) open_selected = kind 7, a TCP stream to an endpoint of a subset: after
+//!           the source, family:u8 (0|4|6) | client IP and port (none for 0)
+//!           | selector_len:u16 | selector (`k=v` joined by `,`: the subset's endpoint
+//!             labels, at most MAX_SELECTOR_LEN bytes)
 //! accept  = version:u8 (=1) | kind:u8 (=2)
 //! refuse  = version:u8 (=1) | kind:u8 (=3) | code:u16 | msg_len:u16 | msg (UTF-8)
 //! ```
@@ -32,6 +36,11 @@ pub const ALPN: &[u8] = b"meshfed/1";
 /// Gateways offer both and use it only when both sides chose it, so an older peer keeps
 /// speaking `meshfed/1`.
 pub const ALPN_V2: &[u8] = b"meshfed/2";
+/// The third: a TCP open may name the endpoint labels of a subset (kind 7), which the
+/// ingress connects among only. Offered beside the older two, as `meshfed/2` is.
+pub const ALPN_V3: &[u8] = b"meshfed/3";
+/// The longest selector an open request carries.
+pub const MAX_SELECTOR_LEN: usize = 1024;
 pub const VERSION: u8 = 1;
 /// Largest header payload accepted. An open request is well under 3 KiB even with a
 /// 2048-byte source ID.
@@ -44,6 +53,8 @@ const KIND_OPEN_UDP: u8 = 4;
 /// `meshfed/2`: the open kinds with the client's address after the source.
 const KIND_OPEN_FROM: u8 = 5;
 const KIND_OPEN_UDP_FROM: u8 = 6;
+/// `meshfed/3`: a TCP open with a subset's endpoint selector.
+const KIND_OPEN_SELECTED: u8 = 7;
 /// Bytes a datagram's flow ID takes in front of the payload.
 pub const DATAGRAM_HEADER_LEN: usize = 4;
 
@@ -105,6 +116,10 @@ pub struct Open {
     pub flow: Option<u32>,
     /// The client's address at the egress, sent only on a `meshfed/2` connection.
     pub client: Option<std::net::SocketAddr>,
+    /// A TCP stream's subset: the endpoint labels the ingress must connect among (a TCP
+    /// route's destination subset), sent only on a `meshfed/3` connection. `None`: any
+    /// endpoint. A UDP open carries none.
+    pub selector: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,11 +243,23 @@ fn frame(payload: Vec<u8>) -> Vec<u8> {
 }
 
 impl Open {
+    /// Whether the selector, as the wire carries it, is within [`MAX_SELECTOR_LEN`].
+    pub fn selector_fits(&self) -> bool {
+        self.selector.as_ref().is_none_or(|s| {
+            meshfed_catalog::http_route::format_selector(s).len() <= MAX_SELECTOR_LEN
+        })
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let svc = self.service.to_string();
         let src = self.source.as_str();
         let mut p = Vec::with_capacity(8 + svc.len() + src.len());
+        let selector = match (&self.selector, self.flow) {
+            (Some(s), None) => Some(meshfed_catalog::http_route::format_selector(s)),
+            _ => None,
+        };
         let kind = match (self.flow.is_some(), self.client.is_some()) {
+            _ if selector.is_some() => KIND_OPEN_SELECTED,
             (false, false) => KIND_OPEN,
             (true, false) => KIND_OPEN_UDP,
             (false, true) => KIND_OPEN_FROM,
@@ -254,7 +281,20 @@ impl Open {
                 p.extend_from_slice(&a.ip().octets());
                 p.extend_from_slice(&a.port().to_be_bytes());
             }
+            None if selector.is_some() => p.push(0),
             None => {}
+        }
+        if let Some(sel) = &selector {
+            // The egress checks the length before it opens (`Open::selector_fits`); one
+            // past it goes out empty, which the ingress refuses, never cut short (a
+            // shorter selector could name another subset).
+            let sel = if sel.len() <= MAX_SELECTOR_LEN {
+                sel.as_bytes()
+            } else {
+                &[]
+            };
+            p.extend_from_slice(&(sel.len() as u16).to_be_bytes());
+            p.extend_from_slice(sel);
         }
         if let Some(flow) = self.flow {
             p.extend_from_slice(&flow.to_be_bytes());
@@ -352,11 +392,12 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
         return Err(WireError::TooLarge(payload.len()));
     }
     let mut c = Cursor(payload);
-    let (udp, from) = match head(&mut c)? {
-        KIND_OPEN => (false, false),
-        KIND_OPEN_UDP => (true, false),
-        KIND_OPEN_FROM => (false, true),
-        KIND_OPEN_UDP_FROM => (true, true),
+    let (udp, from, selected) = match head(&mut c)? {
+        KIND_OPEN => (false, false, false),
+        KIND_OPEN_UDP => (true, false, false),
+        KIND_OPEN_FROM => (false, true, false),
+        KIND_OPEN_UDP_FROM => (true, true, false),
+        KIND_OPEN_SELECTED => (false, true, true),
         k => return Err(WireError::Kind(k)),
     };
     let n = c.u8("service length")? as usize;
@@ -388,6 +429,7 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
                 let b: [u8; 16] = c.take(16, "client address")?.try_into().expect("16 bytes");
                 b.into()
             }
+            0 if selected => return decode_selector(c, service, port, source, None),
             f => {
                 return Err(WireError::Field {
                     field: "client family",
@@ -395,7 +437,11 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
                 });
             }
         };
-        Some(std::net::SocketAddr::new(ip, c.u16("client port")?))
+        let client = std::net::SocketAddr::new(ip, c.u16("client port")?);
+        if selected {
+            return decode_selector(c, service, port, source, Some(client));
+        }
+        Some(client)
     } else {
         None
     };
@@ -407,6 +453,47 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
         source,
         flow,
         client,
+        selector: None,
+    })
+}
+
+/// The rest of a kind 7 open: its selector, checked as a subset's labels are.
+fn decode_selector(
+    mut c: Cursor<'_>,
+    service: ServiceName,
+    port: u16,
+    source: SpiffeId,
+    client: Option<std::net::SocketAddr>,
+) -> Result<Open, WireError> {
+    let n = c.u16("selector length")? as usize;
+    if n > MAX_SELECTOR_LEN {
+        return Err(WireError::Field {
+            field: "selector",
+            reason: format!("{n} bytes (at most {MAX_SELECTOR_LEN})"),
+        });
+    }
+    let s = c.str(n, "selector")?;
+    let selector =
+        meshfed_catalog::http_route::parse_selector(s).map_err(|reason| WireError::Field {
+            field: "selector",
+            reason,
+        })?;
+    // One spelling per selector (keys in order, as encode writes them): what decodes
+    // encodes back to the same bytes.
+    if meshfed_catalog::http_route::format_selector(&selector) != s {
+        return Err(WireError::Field {
+            field: "selector",
+            reason: format!("{s:?}: labels out of key order"),
+        });
+    }
+    c.finish()?;
+    Ok(Open {
+        service,
+        port,
+        source,
+        flow: None,
+        client,
+        selector: Some(selector),
     })
 }
 
@@ -461,6 +548,7 @@ mod tests {
             source: SpiffeId::new("spiffe://east.example.org/meshfed/site/east/gateway").unwrap(),
             flow: None,
             client: None,
+            selector: None,
         }
     }
 
@@ -509,6 +597,108 @@ mod tests {
         assert_eq!(
             decode_open(short),
             Err(WireError::Truncated("client address"))
+        );
+    }
+
+    #[test]
+    fn a_v3_open_carries_a_subset_selector() {
+        let sel: std::collections::BTreeMap<String, String> =
+            [("version".into(), "v2".into()), ("app".into(), "db".into())].into();
+        for client in [None, Some("192.0.2.7:40000"), Some("[2001:db8::7]:443")] {
+            let o = Open {
+                client: client.map(|c| c.parse().unwrap()),
+                selector: Some(sel.clone()),
+                ..open()
+            };
+            assert!(o.selector_fits());
+            let framed = o.encode();
+            assert_eq!(framed[3], KIND_OPEN_SELECTED);
+            assert!(framed.ends_with(b"\x00\x11app=db,version=v2"), "{framed:?}");
+            assert_eq!(decode_open(payload(&framed)).unwrap(), o);
+        }
+        // A UDP flow carries none: no routes pick its subset.
+        let u = Open {
+            flow: Some(3),
+            selector: Some(sel.clone()),
+            ..open()
+        };
+        assert_eq!(u.encode()[3], KIND_OPEN_UDP);
+        // A selector is checked as a subset's labels are, and bounded.
+        let with = |s: &[u8]| {
+            let mut p = payload(
+                &Open {
+                    selector: Some(sel.clone()),
+                    ..open()
+                }
+                .encode(),
+            )
+            .to_vec();
+            p.truncate(p.len() - 19);
+            p.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            p.extend_from_slice(s);
+            decode_open(&p)
+        };
+        assert!(with(b"version=v2").is_ok());
+        for bad in [
+            &b"version"[..],
+            b"=v2",
+            b"a=1,a=2",
+            b"v=-x",
+            b"",
+            b"\xff=1",
+            b"b=1,a=2",
+        ] {
+            assert!(
+                matches!(
+                    with(bad),
+                    Err(WireError::Field {
+                        field: "selector",
+                        ..
+                    })
+                ),
+                "{bad:?}: {:?}",
+                with(bad)
+            );
+        }
+        let long = vec![b'a'; MAX_SELECTOR_LEN + 1];
+        assert!(matches!(
+            with(&long),
+            Err(WireError::Field {
+                field: "selector",
+                ..
+            })
+        ));
+        let huge = Open {
+            selector: Some(
+                [("k".into(), "v".repeat(63))]
+                    .into_iter()
+                    .chain((0..20).map(|i| (format!("label-{i}"), "v".repeat(63))))
+                    .collect(),
+            ),
+            ..open()
+        };
+        assert!(!huge.selector_fits());
+        assert!(matches!(
+            decode_open(payload(&huge.encode())),
+            Err(WireError::Field {
+                field: "selector",
+                ..
+            })
+        ));
+        // Trailing bytes after the selector, and a cut one, are named.
+        let mut p = payload(
+            &Open {
+                selector: Some(sel.clone()),
+                ..open()
+            }
+            .encode(),
+        )
+        .to_vec();
+        p.push(0);
+        assert_eq!(decode_open(&p), Err(WireError::Trailing(1)));
+        assert_eq!(
+            decode_open(&p[..p.len() - 3]),
+            Err(WireError::Truncated("selector"))
         );
     }
 

@@ -1569,6 +1569,180 @@ async fn tcp_routes_split_connections_across_sites() {
     drop(fed);
 }
 
+/// A TCP route's subset selects endpoints by their labels, as Istio's does, and a
+/// subset may also name a label of the site (`federation.labels`), which every endpoint
+/// there holds. West registers one ServiceEntry whose two endpoints (`version: v1` and
+/// `v2`) sit behind the same site, with a TCP port and an HTTP port, in network `n1`:
+/// - the TCP route to subset `v2` reaches v2 only, over QUIC (the open request names
+///   the subset's labels, `meshfed/3`) and over h2 (the CONNECT's `meshfed-subset`);
+/// - the HTTP route to the subset `topology.istio.io/network: n1` reaches both
+///   endpoints (it was answered 503 `no_ready_endpoint`: no endpoint had that label);
+/// - a TCP route to a subset no endpoint is in is refused and counted with no site.
+///
+/// Before, a TCP route's subset selected sites by their name and export labels only,
+/// so the route to `v2` selected no site and every connection was refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_route_subsets_select_endpoints_by_their_labels() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let scratch = Scratch::new("tcp-subsets");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let (tcp_port, http_port) = (free_port(ip), free_port(ip));
+    let (v1, v1_hits) = http_endpoint("v1", 200).await;
+    let (v2, v2_hits) = http_endpoint("v2", 200).await;
+    let yaml = |tcp_subset: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: demo}}
+spec:
+  hosts: [db.demo.example]
+  ports:
+  - {{number: {tcp_port}, name: db, protocol: TCP}}
+  - {{number: {http_port}, name: http, protocol: HTTP}}
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{db: {p1}, http: {p1}}}, labels: {{app: db, version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{db: {p2}, http: {p2}}}, labels: {{app: db, version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: demo}}
+spec:
+  host: db.demo.example
+  subsets:
+  - {{name: v2, labels: {{version: v2}}}}
+  - {{name: v3, labels: {{version: v3}}}}
+  - {{name: net, labels: {{topology.istio.io/network: n1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db, namespace: demo}}
+spec:
+  hosts: [db.demo.example]
+  http:
+  - route: [{{destination: {{host: db.demo.example, subset: net}}}}]
+  tcp:
+  - route: [{{destination: {{host: db.demo.example, subset: {tcp_subset}}}}}]
+"#,
+            p1 = v1.port(),
+            p2 = v2.port()
+        )
+    };
+    let out = register_yaml(&west, "db.yaml", &yaml("v2"));
+    assert!(out.contains("routes:db.demo"), "{out}");
+    let _west_gw = Gw::start(
+        &west,
+        &meshfed_lab::ConfigBuilder {
+            labels: Some("{topology.istio.io/network: n1}".into()),
+            ..fed_config(&west, [127, 0, 0, 3])
+        },
+    )
+    .unwrap();
+    let east_config = fed_config(&east, [127, 0, 0, 2]);
+    let east_gw = Gw::start(&east, &east_config).unwrap();
+    let tcp = SocketAddr::new(ip, tcp_port);
+    let hits = || {
+        (
+            v1_hits.load(Ordering::Relaxed),
+            v2_hits.load(Ordering::Relaxed),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while connections(tcp, 4, 2).await < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the TCP route never reached an endpoint\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = hits();
+    assert_eq!(connections(tcp, 200, 8).await, 200);
+    assert_eq!(hits(), (before.0, before.1 + 200), "QUIC: v2 took them all");
+
+    // The HTTP port's subset by the site's network label: both endpoints.
+    let before = hits();
+    let s = gets(SocketAddr::new(ip, http_port), 40, &[]).await;
+    assert!(s.iter().all(|s| *s == 200), "{s:?}\n{}", east_gw.logs());
+    let (d1, d2) = (hits().0 - before.0, hits().1 - before.1);
+    assert_eq!(d1 + d2, 40);
+    assert!(d1 > 0 && d2 > 0, "round-robin over both: {d1}/{d2}");
+
+    // A subset no endpoint is in: refused at east, nothing reaches an endpoint.
+    register_yaml(&west, "db.yaml", &yaml("v3"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while connections(tcp, 2, 1).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the v3 route never applied\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = hits();
+    assert_eq!(connections(tcp, 20, 4).await, 0);
+    assert_eq!(hits(), before);
+    // Counted by route, with no site.
+    let line = |m: &str, has: &[&str]| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with("meshfed_gateway_") && has.iter().all(|h| l.contains(h)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let m = http_get(east_gw.admin, "/metrics").await.unwrap();
+    let port_label = format!(":{tcp_port}\"");
+    assert!(
+        line(
+            &m,
+            &[
+                "tcp_route_connections_total{",
+                &port_label,
+                "route=\"#0\"",
+                "site=\"none\""
+            ]
+        ) >= 20.0,
+        "{m}"
+    );
+
+    // Over h2: the subset travels as the CONNECT's header, and the ingress echoes it.
+    register_yaml(&west, "db.yaml", &yaml("v2"));
+    drop(east_gw);
+    let east_gw = Gw::start(
+        &east,
+        &meshfed_lab::ConfigBuilder {
+            transport: Some("default: h2".into()),
+            ..east_config
+        },
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while connections(tcp, 4, 2).await < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "h2: the TCP route never reached an endpoint\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = hits();
+    assert_eq!(connections(tcp, 100, 4).await, 100);
+    assert_eq!(hits(), (before.0, before.1 + 100), "h2: v2 took them all");
+    let m = http_get(east_gw.admin, "/metrics").await.unwrap();
+    assert_eq!(
+        line(
+            &m,
+            &["peer_link_transport{", "site=\"west\"", "transport=\"h2\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    drop(fed);
+}
+
 /// A DestinationRule's `connectionPool.http.http2MaxRequests: 4` for the service's port
 /// (`portLevelSettings`, under a destination-wide 1000), registered at west: of 20 slow
 /// requests at once, 4 are served and the rest are answered 503 `overflow` at once

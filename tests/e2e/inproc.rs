@@ -561,6 +561,7 @@ pub(crate) async fn open_as(
         source: svid.id.clone(),
         flow: None,
         client: None,
+        selector: None,
     };
     send.write_all(&open.encode())
         .await

@@ -382,6 +382,7 @@ async fn typed_refusals_on_the_wire() {
             source: s.east.id.clone(),
             flow: None,
             client: None,
+            selector: None,
         }
         .encode()
     };
@@ -453,6 +454,7 @@ async fn typed_refusals_on_the_wire() {
             source: meshfed_identity::SpiffeId::new(caller).unwrap(),
             flow: None,
             client: None,
+            selector: None,
         }
         .encode()
     };
@@ -507,8 +509,54 @@ async fn typed_refusals_on_the_wire() {
     };
     assert!(!meshfed_gateway::tunnel::speaks_v2(&old));
     assert!(meshfed_gateway::tunnel::speaks_v2(&conn));
+    assert_eq!(meshfed_gateway::tunnel::wire_version(&old), 1);
+    assert_eq!(meshfed_gateway::tunnel::wire_version(&conn), 3);
     let (r, _) = exchange(&old, &open("echo.demo", 7000)).await;
     assert_eq!(r, Ok(Response::Accept));
+
+    // A meshfed/3 open naming a subset: echo.demo's endpoint has no labels, so none is
+    // in it; a selector out of key order is a malformed header.
+    let selected = |sel: &[(&str, &str)]| {
+        wire::Open {
+            service: "echo.demo".parse().unwrap(),
+            port: 7000,
+            source: s.east.id.clone(),
+            flow: None,
+            client: Some("192.0.2.7:4000".parse().unwrap()),
+            selector: Some(
+                sel.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        }
+        .encode()
+    };
+    let (r, _) = exchange(&conn, &selected(&[("version", "v2")])).await;
+    assert!(
+        matches!(
+            &r,
+            Ok(Response::Refuse {
+                reason: Refusal::NoReadyEndpoint,
+                message,
+            }) if message.contains("has the labels version=v2")
+        ),
+        "{r:?}"
+    );
+    let mut unordered = selected(&[("a", "1"), ("b", "2")]);
+    let at = unordered.len() - 7;
+    assert_eq!(&unordered[at..], b"a=1,b=2");
+    unordered[at..].copy_from_slice(b"b=2,a=1");
+    let (r, _) = exchange(&conn, &unordered).await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Refuse {
+                reason: Refusal::MalformedHeader,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 
     // Oversized: a length prefix past the limit gets a typed refusal and a stream reset.
     let (r, send) = exchange(&conn, &[0xff, 0xff, 1, 1]).await;

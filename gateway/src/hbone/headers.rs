@@ -6,7 +6,8 @@
 //! request  :method CONNECT   :authority <service>:<port>
 //!          meshfed-source: <caller SPIFFE ID>
 //!          forwarded: for="<client ip:port>"        (RFC 7239, optional)
-//! accept   :status 200
+//!          meshfed-subset: <k=v,...>        (a subset's endpoint labels, optional)
+//! accept   :status 200   meshfed-subset: <the same>   (echoed: the ingress applied it)
 //! refuse   :status 4xx/5xx   meshfed-refusal: <stable code>   meshfed-message: <text>
 //! ```
 //!
@@ -27,6 +28,8 @@ use std::net::SocketAddr;
 use http::{HeaderValue, Method, StatusCode};
 use meshfed_catalog::ServiceName;
 use meshfed_identity::SpiffeId;
+
+use meshfed_catalog::http_route::{SELECTOR_HEADER, format_selector, parse_selector};
 
 use crate::wire::{Open, Refusal, Response, WireError};
 
@@ -65,6 +68,9 @@ pub fn request(open: &Open) -> Result<http::Request<()>, WireError> {
     b = b.header(SOURCE, open.source.as_str());
     if let Some(client) = open.client {
         b = b.header(http::header::FORWARDED, format!("for=\"{client}\""));
+    }
+    if let (Some(s), None) = (&open.selector, open.flow) {
+        b = b.header(SELECTOR_HEADER, format_selector(s));
     }
     b.body(()).map_err(field("request"))
 }
@@ -126,13 +132,40 @@ pub fn open(req: &http::request::Parts) -> Result<Open, WireError> {
                 .ok_or_else(|| bad("forwarded", format!("{v:?}: expected for=\"IP:port\"")))?,
         ),
     };
+    let selector = match (req.headers.get(SELECTOR_HEADER), flow) {
+        (Some(v), None) => Some(
+            v.to_str()
+                .map_err(|e| e.to_string())
+                .and_then(parse_selector)
+                .map_err(|e| bad(SELECTOR_HEADER, e))?,
+        ),
+        _ => None,
+    };
     Ok(Open {
         service,
         port,
         source,
         flow,
         client,
+        selector,
     })
+}
+
+/// The accept of `open`: with its selector echoed, which tells the egress that this
+/// gateway connected among the subset's endpoints (an older one ignores the header).
+pub fn accept(open: &Open) -> http::Response<()> {
+    let mut r = response(&Response::Accept);
+    if let Some(s) = &open.selector
+        && let Ok(v) = HeaderValue::from_str(&format_selector(s))
+    {
+        r.headers_mut().insert(SELECTOR_HEADER, v);
+    }
+    r
+}
+
+/// Whether an accept answers `open` in full: a selector it sent came back.
+pub fn accepted_as_asked(open: &Open, accept: &http::response::Parts) -> bool {
+    open.selector.is_none() || open.flow.is_some() || accept.headers.contains_key(SELECTOR_HEADER)
 }
 
 /// `for="IP:port"` (the form [`request`] writes) out of a Forwarded header.
@@ -229,6 +262,7 @@ mod tests {
             source: SpiffeId::new("spiffe://east/ns/shop/sa/frontend").unwrap(),
             flow: None,
             client: None,
+            selector: None,
         }
     }
 
@@ -255,6 +289,36 @@ mod tests {
         assert_eq!(parts.uri.path(), "/.well-known/masque/udp/echo.demo/7000/");
         assert_eq!(parts.headers[CAPSULE_PROTOCOL], "?1");
         assert_eq!(open(&parts).unwrap(), o);
+    }
+
+    /// A TCP open's subset selector travels as `meshfed-subset` and comes back in the
+    /// accept; an accept without it (an older ingress) is not the answer asked for.
+    #[test]
+    fn a_subset_selector_is_sent_and_echoed() {
+        let o = Open {
+            selector: Some([("version".into(), "v2".into())].into()),
+            ..base()
+        };
+        let (parts, ()) = request(&o).unwrap().into_parts();
+        assert_eq!(parts.headers[SELECTOR_HEADER], "version=v2");
+        assert_eq!(open(&parts).unwrap(), o);
+        let (accepted, ()) = accept(&o).into_parts();
+        assert_eq!(accepted.status, StatusCode::OK);
+        assert!(accepted_as_asked(&o, &accepted));
+        let (plain, ()) = accept(&base()).into_parts();
+        assert!(!plain.headers.contains_key(SELECTOR_HEADER));
+        assert!(
+            !accepted_as_asked(&o, &plain),
+            "an older ingress ignored it"
+        );
+        assert!(accepted_as_asked(&base(), &plain));
+        // A UDP flow carries none.
+        let u = Open {
+            flow: Some(0),
+            ..o.clone()
+        };
+        let (parts, ()) = request(&u).unwrap().into_parts();
+        assert!(!parts.headers.contains_key(SELECTOR_HEADER));
     }
 
     #[test]
@@ -290,6 +354,14 @@ mod tests {
             (
                 parts(&|b| ok(b).header("forwarded", "for=unknown")),
                 "forwarded",
+            ),
+            (
+                parts(&|b| ok(b).header(SELECTOR_HEADER, "version")),
+                SELECTOR_HEADER,
+            ),
+            (
+                parts(&|b| ok(b).header(SELECTOR_HEADER, "a=1,a=2")),
+                SELECTOR_HEADER,
             ),
             (
                 parts(&|b| {

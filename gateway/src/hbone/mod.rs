@@ -458,6 +458,13 @@ impl Pool {
                 };
                 let (parts, body) = resp.into_parts();
                 return Ok(match headers::decode_response(&parts) {
+                    Ok(Response::Accept) if !headers::accepted_as_asked(open, &parts) => {
+                        // Dropping the stream resets it: its endpoint connection closes.
+                        Err((
+                            Refusal::UnsupportedVersion,
+                            "the peer's gateway does not connect by a subset's endpoint labels (an older version)".into(),
+                        ))
+                    }
                     Ok(Response::Accept) => Ok((H2Send(stream), H2Recv::new(body))),
                     Ok(Response::Refuse { reason, message }) => Err((reason, message)),
                     Err(e) => Err((

@@ -1216,6 +1216,7 @@ mod tests {
                 .expect("an ID"),
             flow: None,
             client: None,
+            selector: None,
         };
         let up = Upstream::new(Duration::from_secs(1), Metrics::default());
         let opens = [open("a.demo", 80), open("b.demo", 80), open("a.demo", 81)];
