@@ -702,6 +702,22 @@ mod tests {
         );
     }
 
+    /// The fuzz seeds (`tests/data/wire`, one open payload each) decode, and encode back
+    /// to their bytes.
+    #[test]
+    fn the_fuzz_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/wire");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let b = std::fs::read(&p).unwrap();
+            let o = decode_open(&b).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(&o.encode()[2..], &b[..], "{}", p.display());
+            n += 1;
+        }
+        assert!(n >= 4, "{n} seeds");
+    }
+
     #[test]
     fn open_round_trip() {
         let o = open();
