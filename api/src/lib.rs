@@ -207,7 +207,7 @@ impl From<&ExportedPort> for pb::Port {
             },
             name: p.name.clone().unwrap_or_default(),
             // Empty for bytes, as an older federation sends it.
-            app_protocol: if p.app_protocol.is_http() {
+            app_protocol: if !p.app_protocol.is_tcp() {
                 p.app_protocol.as_str().into()
             } else {
                 String::new()
@@ -309,7 +309,7 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
                 }
             };
             let app_protocol = match AppProtocol::parse(&p.app_protocol) {
-                Some(a) if protocol == Protocol::Udp && a.is_http() => {
+                Some(a) if protocol == Protocol::Udp && !a.is_tcp() => {
                     return Err(bad(
                         &format!("{f}.app_protocol"),
                         format!("{a} on a UDP port"),
@@ -319,7 +319,7 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
                 None => {
                     return Err(bad(
                         &format!("{f}.app_protocol"),
-                        format!("{:?} is not tcp, http, http2 or grpc", p.app_protocol),
+                        format!("{:?} is not tcp, http, http2, grpc or tls", p.app_protocol),
                     ));
                 }
             };
@@ -700,6 +700,7 @@ mod tests {
             export_to: Vec::new(),
             retry_budget: None,
             tcp_routes: Vec::new(),
+            tls_routes: Vec::new(),
             service: service.clone(),
             source: "VirtualService demo/web".into(),
             routes: vec![HttpRoute {

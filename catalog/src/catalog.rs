@@ -41,7 +41,9 @@ impl fmt::Display for Protocol {
 }
 
 /// What a TCP port speaks, which decides whether gateways route its requests (`http`,
-/// `http2`, `grpc`) or carry its bytes (`tcp`). UDP ports are always `tcp` here.
+/// `http2`, `grpc`) or carry its bytes (`tcp`, and `tls`: bytes that start with a TLS
+/// ClientHello, whose SNI a VirtualService's `tls` routes match). UDP ports are always
+/// `tcp` here.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
@@ -56,6 +58,9 @@ pub enum AppProtocol {
     Http2,
     /// gRPC: HTTP/2 with trailers.
     Grpc,
+    /// TLS the gateway does not terminate (Istio's `HTTPS` and `TLS`): carried as bytes,
+    /// routed by the ClientHello's SNI.
+    Tls,
 }
 
 impl AppProtocol {
@@ -66,6 +71,7 @@ impl AppProtocol {
             Self::Http => "http",
             Self::Http2 => "http2",
             Self::Grpc => "grpc",
+            Self::Tls => "tls",
         }
     }
 
@@ -76,25 +82,28 @@ impl AppProtocol {
             "http" => Self::Http,
             "http2" => Self::Http2,
             "grpc" => Self::Grpc,
+            "tls" => Self::Tls,
             _ => return None,
         })
     }
 
     /// Istio's port protocol (`ServiceEntry` `ports[].protocol`, the Service port-name
-    /// prefix convention) or a Kubernetes `appProtocol`, in any case. Protocols the gateway
-    /// does not route (HTTPS, TLS, MONGO, ...) are carried as bytes. Pure.
+    /// prefix convention) or a Kubernetes `appProtocol`, in any case. HTTPS and TLS are
+    /// `tls`; the protocols the gateway does not route (MONGO, MYSQL, ...) are carried as
+    /// bytes. Pure.
     pub fn from_istio(p: &str) -> Self {
         match p.to_ascii_lowercase().as_str() {
             "http" | "http1" => Self::Http,
             "http2" | "h2c" | "kubernetes.io/h2c" => Self::Http2,
             "grpc" | "grpc-web" => Self::Grpc,
+            "https" | "tls" => Self::Tls,
             _ => Self::Tcp,
         }
     }
 
     /// Whether the gateway terminates HTTP on this port.
     pub fn is_http(self) -> bool {
-        self != Self::Tcp
+        matches!(self, Self::Http | Self::Http2 | Self::Grpc)
     }
 
     pub fn is_tcp(&self) -> bool {

@@ -134,6 +134,11 @@ pub struct HttpPolicy {
     /// matching: the service itself, every site.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp_routes: Vec<TcpRoute>,
+    /// A VirtualService's `tls` routes: for the service's `tls` ports (Istio's HTTPS and
+    /// TLS), each connection goes by its ClientHello's SNI ([`Compiled::tls_route`]).
+    /// Each match names its `sni_hosts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_routes: Vec<TcpRoute>,
 }
 
 /// An Istio `tcp` route: a connection it matches goes to one of its destinations,
@@ -171,6 +176,39 @@ pub struct TcpMatch {
     /// As [`RequestMatch::gateways`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<String>,
+    /// A TLS route's only (and required there): the ClientHello's SNI is one of them, a
+    /// DNS name or a wildcard (`*.example.com`: any name under it; `*`: any SNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni_hosts: Vec<String>,
+}
+
+/// Whether a ClientHello's `sni` is `pattern` (a TLS match's `sniHosts` entry), as
+/// Envoy matches a filter chain's `server_names`: exactly, or under a `*.` wildcard at
+/// any depth; `*` is any SNI. DNS names compare without case. Pure.
+pub fn sni_matches(pattern: &str, sni: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => {
+            sni.len() > suffix.len()
+                && sni.is_char_boundary(sni.len() - suffix.len())
+                && sni[sni.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        }
+        None => pattern.eq_ignore_ascii_case(sni),
+    }
+}
+
+/// What the egress does with a connection to a `tls` port ([`Compiled::tls_route`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum TlsPick<'a> {
+    /// The first TLS route, by index, whose match holds.
+    Route(usize, &'a TcpRoute),
+    /// No TLS route applies to this caller and port: the service itself.
+    Service,
+    /// TLS routes apply, and none matches its SNI and address: refused, as Envoy closes
+    /// a connection that no filter chain matches.
+    NoMatch,
 }
 
 /// A caller the egress knows by its source address (`caller_pod_ip`): its workload
@@ -340,6 +378,7 @@ impl HttpPolicy {
             export_to: Vec::new(),
             retry_budget: None,
             tcp_routes: Vec::new(),
+            tls_routes: Vec::new(),
         }
     }
 
@@ -1496,6 +1535,8 @@ pub struct Compiled {
     uri_regex: Vec<Option<std::sync::Arc<UriRegex>>>,
     /// Per TCP route, its matches compiled.
     tcp: Vec<Vec<CompiledTcpMatch>>,
+    /// The same per TLS route.
+    tls: Vec<Vec<CompiledTcpMatch>>,
 }
 
 /// The most header changes one route may carry, and the longest value.
@@ -2084,7 +2125,8 @@ impl HttpPolicy {
             );
             direct.push(direct_body);
         }
-        let tcp = self.compile_tcp(&names)?;
+        let tcp = self.compile_tcp(&self.tcp_routes, "tcp_routes", &names)?;
+        let tls = self.compile_tcp(&self.tls_routes, "tls_routes", &names)?;
         Ok(Compiled {
             policy: self,
             matches,
@@ -2092,6 +2134,7 @@ impl HttpPolicy {
             direct,
             uri_regex,
             tcp,
+            tls,
         })
     }
 
@@ -2139,16 +2182,26 @@ impl HttpPolicy {
     /// The `tcp_routes`' checks, and their matches compiled; `names`: the subsets.
     fn compile_tcp(
         &self,
+        routes: &[TcpRoute],
+        field: &str,
         names: &std::collections::BTreeSet<&str>,
     ) -> Result<Vec<Vec<CompiledTcpMatch>>, PolicyError> {
-        if self.tcp_routes.len() > MAX_ROUTES {
-            return Err(bad("tcp_routes", format!("at most {MAX_ROUTES}")));
+        let tls = field == "tls_routes";
+        if routes.len() > MAX_ROUTES {
+            return Err(bad(field, format!("at most {MAX_ROUTES}")));
         }
-        let mut out = Vec::with_capacity(self.tcp_routes.len());
-        for (i, r) in self.tcp_routes.iter().enumerate() {
-            let f = |x: &str| format!("tcp_routes[{i}].{x}");
+        let mut out = Vec::with_capacity(routes.len());
+        for (i, r) in routes.iter().enumerate() {
+            let f = |x: &str| format!("{field}[{i}].{x}");
             if r.matches.len() > MAX_MATCHES {
                 return Err(bad(f("matches"), format!("at most {MAX_MATCHES}")));
+            }
+            if tls && r.matches.is_empty() {
+                // Istio's words.
+                return Err(bad(
+                    f("matches"),
+                    "TLS route must have at least one match condition",
+                ));
             }
             let n = r.destinations.len();
             if n == 0 || n > MAX_DESTINATIONS {
@@ -2183,6 +2236,29 @@ impl HttpPolicy {
                         g("destination_subnets"),
                         format!("at most {MAX_MATCH_CONDITIONS}"),
                     ));
+                }
+                match (tls, m.sni_hosts.len()) {
+                    (false, 0) => {}
+                    (false, _) => {
+                        return Err(bad(g("sni_hosts"), "only a TLS route matches the SNI"));
+                    }
+                    (true, 0) => {
+                        return Err(bad(
+                            g("sni_hosts"),
+                            "TLS match must have at least one SNI host",
+                        ));
+                    }
+                    (true, n) if n > MAX_MATCH_CONDITIONS => {
+                        return Err(bad(
+                            g("sni_hosts"),
+                            format!("at most {MAX_MATCH_CONDITIONS}"),
+                        ));
+                    }
+                    (true, _) => {
+                        for (k, h) in m.sni_hosts.iter().enumerate() {
+                            check_sni_host(h).map_err(|e| bad(g(&format!("sni_hosts[{k}]")), e))?;
+                        }
+                    }
                 }
                 let subnets = m
                     .destination_subnets
@@ -2236,6 +2312,81 @@ impl Compiled {
             })
             .map(|(i, (r, _))| (i, r))
     }
+
+    /// What a connection to a `tls` port whose ClientHello named `sni` (`None`: no SNI,
+    /// or not TLS) gets, as Istio's sidecar builds its filter chains: the TLS routes
+    /// whose matches hold for this caller and port (`port`, `sourceNamespace`,
+    /// `sourceLabels`, `gateways`) each become a chain by SNI and destination subnet,
+    /// first in order winning; when none holds, the service itself (Istio's default
+    /// chain); when some hold and none matches the SNI and address, [`TlsPick::NoMatch`].
+    /// Pure.
+    pub fn tls_route(&self, c: &TcpView<'_>, sni: Option<&str>) -> TlsPick<'_> {
+        let mut bound = false;
+        for (i, (r, ms)) in self.policy.tls_routes.iter().zip(&self.tls).enumerate() {
+            for (m, cm) in r.matches.iter().zip(ms.iter()) {
+                let holds = cm.applies
+                    && m.port.is_none_or(|p| p == c.port)
+                    && caller_holds(
+                        m.source_namespace.as_deref(),
+                        &m.source_labels,
+                        Some(c.caller),
+                        c.caller_labels,
+                    );
+                if !holds {
+                    continue;
+                }
+                bound = true;
+                let named = sni.is_some_and(|sni| m.sni_hosts.iter().any(|h| sni_matches(h, sni)));
+                let addressed = cm.subnets.is_empty()
+                    || cm.subnets.iter().any(|n| in_subnet(c.destination, *n));
+                if named && addressed {
+                    return TlsPick::Route(i, r);
+                }
+            }
+        }
+        if bound {
+            TlsPick::NoMatch
+        } else {
+            TlsPick::Service
+        }
+    }
+}
+
+/// A TLS match's `sniHosts` entry as Istio's `ValidateWildcardDomain` takes it: a DNS
+/// name of at most 255 characters in lowercase DNS-1123 labels, whose first label may be
+/// `*` or start with `*` (`*.example.com`, `*db.example.com`: a suffix), or `*` alone.
+fn check_sni_host(h: &str) -> Result<(), String> {
+    if h == "*" {
+        return Ok(());
+    }
+    let bad = || {
+        format!(
+            "{:?} is not a domain name or a wildcard (*.example.com)",
+            crate::names::clip(h, 64)
+        )
+    };
+    if h.is_empty() || h.len() > 255 {
+        return Err(bad());
+    }
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let mut labels = h.split('.');
+    let first = labels.next().unwrap_or_default();
+    let first_ok = match first.strip_prefix('*') {
+        Some("") => true,
+        Some(rest) => label(rest.strip_prefix('-').unwrap_or(rest)),
+        None => label(first),
+    };
+    if !first_ok || !labels.all(label) {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 impl Compiled {
@@ -2521,6 +2672,7 @@ mod tests {
             export_to: Vec::new(),
             retry_budget: None,
             tcp_routes: Vec::new(),
+            tls_routes: Vec::new(),
             outlier: None,
             load_balancer: None,
             consistent_hash: None,
@@ -3897,6 +4049,246 @@ mod tests {
             let e = p.compile().expect_err(field);
             assert_eq!(e.field, field, "{e}");
         }
+    }
+
+    #[test]
+    fn sni_hosts_match_as_envoys_server_names() {
+        for (pattern, sni, want) in [
+            ("db.example.com", "db.example.com", true),
+            ("db.example.com", "DB.Example.COM", true),
+            ("db.example.com", "db.example.co", false),
+            ("db.example.com", "x.db.example.com", false),
+            ("*.example.com", "db.example.com", true),
+            ("*.example.com", "a.b.example.com", true),
+            ("*.example.com", "example.com", false),
+            ("*.example.com", ".example.com", false),
+            ("*db.example.com", "xdb.example.com", true),
+            ("*db.example.com", "a.db.example.com", true),
+            ("*.example.com", "dbexample.com", false),
+            ("*", "anything", true),
+            ("*.com", "x.com", true),
+        ] {
+            assert_eq!(sni_matches(pattern, sni), want, "{pattern} {sni}");
+        }
+        assert!(
+            !sni_matches("*.é.com", "é.com"),
+            "no panic on a multi-byte name"
+        );
+    }
+
+    /// Istio's sidecar chains: the TLS routes whose matches hold for the caller and port
+    /// decide by SNI and address, first in order; none matching the SNI is a refusal;
+    /// none holding for the caller leaves the service itself.
+    #[test]
+    fn tls_routes_pick_by_sni_address_and_caller() {
+        let tls = |sni: &[&str], more: TcpMatch| TcpMatch {
+            sni_hosts: sni.iter().map(|s| s.to_string()).collect(),
+            ..more
+        };
+        let m = TcpMatch::default;
+        let route = |name: &str, matches: Vec<TcpMatch>| TcpRoute {
+            matches,
+            destinations: vec![dest(name, 100)],
+        };
+        let p = HttpPolicy {
+            tls_routes: vec![
+                route(
+                    "v2",
+                    vec![tls(
+                        &["a.db.example"],
+                        TcpMatch {
+                            source_namespace: Some("shop".into()),
+                            ..m()
+                        },
+                    )],
+                ),
+                route(
+                    "v1",
+                    vec![
+                        tls(&["a.db.example", "*.b.db.example"], m()),
+                        tls(
+                            &["c.db.example"],
+                            TcpMatch {
+                                destination_subnets: vec!["10.1.0.0/16".into()],
+                                ..m()
+                            },
+                        ),
+                    ],
+                ),
+                route(
+                    "v2",
+                    vec![tls(
+                        &["*"],
+                        TcpMatch {
+                            port: Some(8443),
+                            ..m()
+                        },
+                    )],
+                ),
+            ],
+            ..policy()
+        };
+        let c = p.compile().unwrap();
+        let view = |port, dest: &str, caller: &'static str| TcpView {
+            port,
+            destination: dest.parse().unwrap(),
+            caller,
+            caller_labels: None,
+        };
+        let shop = "spiffe://east.example.org/ns/shop/sa/api";
+        let other = "spiffe://east.example.org/ns/other/sa/api";
+        let pick = |v: &TcpView<'_>, sni: Option<&str>| match c.tls_route(v, sni) {
+            TlsPick::Route(i, _) => format!("#{i}"),
+            TlsPick::Service => "service".into(),
+            TlsPick::NoMatch => "refused".into(),
+        };
+        for (v, sni, want, why) in [
+            (
+                view(443, "127.0.0.2", shop),
+                Some("a.db.example"),
+                "#0",
+                "SNI and namespace",
+            ),
+            (
+                view(443, "127.0.0.2", other),
+                Some("a.db.example"),
+                "#1",
+                "another namespace",
+            ),
+            (
+                view(443, "127.0.0.2", other),
+                Some("x.b.db.example"),
+                "#1",
+                "a wildcard",
+            ),
+            (
+                view(443, "127.0.0.2", other),
+                Some("b.db.example"),
+                "refused",
+                "under the wildcard only",
+            ),
+            (
+                view(443, "10.1.2.3", other),
+                Some("c.db.example"),
+                "#1",
+                "SNI and subnet",
+            ),
+            (
+                view(443, "127.0.0.2", other),
+                Some("c.db.example"),
+                "refused",
+                "outside the subnet",
+            ),
+            (view(443, "127.0.0.2", other), None, "refused", "no SNI"),
+            (
+                view(8443, "127.0.0.2", other),
+                Some("z.example"),
+                "#2",
+                "any SNI on 8443",
+            ),
+            (
+                view(8443, "127.0.0.2", other),
+                None,
+                "refused",
+                "any SNI needs one",
+            ),
+        ] {
+            assert_eq!(pick(&v, sni), want, "{why}");
+        }
+        // Routes that hold for no caller here (another port and namespace) leave the
+        // service itself, as Istio's default chain does.
+        let only = HttpPolicy {
+            tls_routes: vec![route(
+                "v2",
+                vec![tls(
+                    &["a.db.example"],
+                    TcpMatch {
+                        port: Some(8443),
+                        ..m()
+                    },
+                )],
+            )],
+            ..policy()
+        };
+        let c = only.compile().unwrap();
+        assert_eq!(
+            c.tls_route(&view(443, "127.0.0.2", other), Some("a.db.example")),
+            TlsPick::Service
+        );
+    }
+
+    #[test]
+    fn tls_routes_are_checked_by_path() {
+        let ok = || TcpRoute {
+            matches: vec![TcpMatch {
+                sni_hosts: vec!["a.db.example".into()],
+                ..Default::default()
+            }],
+            destinations: vec![dest("v1", 100)],
+        };
+        type Breaks = Box<dyn Fn(&mut TcpRoute)>;
+        let rows: Vec<(Breaks, &str)> = vec![
+            (Box::new(|r| r.matches.clear()), "tls_routes[0].matches"),
+            (
+                Box::new(|r| r.matches[0].sni_hosts.clear()),
+                "tls_routes[0].matches[0].sni_hosts",
+            ),
+            (
+                Box::new(|r| r.matches[0].sni_hosts = vec!["a..b".into()]),
+                "tls_routes[0].matches[0].sni_hosts[0]",
+            ),
+            (
+                Box::new(|r| r.matches[0].sni_hosts = vec!["db.*.example".into()]),
+                "tls_routes[0].matches[0].sni_hosts[0]",
+            ),
+            (
+                Box::new(|r| r.matches[0].sni_hosts = vec!["DB.example".into()]),
+                "tls_routes[0].matches[0].sni_hosts[0]",
+            ),
+            (
+                Box::new(|r| r.matches[0].sni_hosts = vec!["x".repeat(256)]),
+                "tls_routes[0].matches[0].sni_hosts[0]",
+            ),
+            (
+                Box::new(|r| r.matches[0].sni_hosts = vec!["a.b".into(); MAX_MATCH_CONDITIONS + 1]),
+                "tls_routes[0].matches[0].sni_hosts",
+            ),
+            (
+                Box::new(|r| r.destinations[0].subset = Some("nope".into())),
+                "tls_routes[0].destinations[0].subset",
+            ),
+        ];
+        for (breaks, field) in rows {
+            let mut r = ok();
+            breaks(&mut r);
+            let p = HttpPolicy {
+                tls_routes: vec![r],
+                ..policy()
+            };
+            assert_eq!(p.compile().unwrap_err().field, field);
+        }
+        // A TCP route matches no SNI.
+        let p = HttpPolicy {
+            tcp_routes: vec![ok()],
+            ..policy()
+        };
+        assert_eq!(
+            p.compile().unwrap_err().field,
+            "tcp_routes[0].matches[0].sni_hosts"
+        );
+        let p = HttpPolicy {
+            tls_routes: vec![ok(); MAX_ROUTES + 1],
+            ..policy()
+        };
+        assert_eq!(p.compile().unwrap_err().field, "tls_routes");
+        assert!(
+            HttpPolicy {
+                tls_routes: vec![ok()],
+                ..policy()
+            }
+            .compile()
+            .is_ok()
+        );
     }
 
     #[test]

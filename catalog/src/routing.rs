@@ -253,9 +253,13 @@ pub(crate) fn plan_service(
             let (p, conflict) = policy();
             (p.map(|p| p.for_port(port)), conflict)
         } else if protocol == crate::catalog::Protocol::Tcp {
-            // A TCP port takes the policy for its TCP routes (a VirtualService's `tcp`).
+            // A TCP port takes the policy for its TCP routes (a VirtualService's `tcp`),
+            // a TLS port for its TLS routes (`tls`), as Istio applies each to its own.
+            let tls = app_protocol == AppProtocol::Tls;
             match policy() {
-                (Some(p), conflict) if !p.tcp_routes.is_empty() => {
+                (Some(p), conflict)
+                    if !tls && !p.tcp_routes.is_empty() || tls && !p.tls_routes.is_empty() =>
+                {
                     (Some(p.for_port(port)), conflict)
                 }
                 _ => (None, None),
@@ -936,6 +940,7 @@ mod tests {
                         export_to: Vec::new(),
                         retry_budget: None,
                         tcp_routes: Vec::new(),
+                        tls_routes: Vec::new(),
                         outlier: None,
                         load_balancer: None,
                         consistent_hash: None,
@@ -1042,8 +1047,25 @@ mod tests {
     fn tcp_ports_get_the_policy_only_for_its_tcp_routes() {
         use crate::http_route::{Destination, TcpRoute};
         let me = SiteName::new("east").unwrap();
-        for tcp_routes in [false, true] {
-            let mut change = http_export("west", "db.demo", AppProtocol::Tcp, Some("a"));
+        let route = || {
+            vec![TcpRoute {
+                matches: vec![],
+                destinations: vec![Destination::all()],
+            }]
+        };
+        // (the port's app protocol, TCP routes, TLS routes): a `tcp` port takes the
+        // policy for its TCP routes, a `tls` port for its TLS routes, as Istio applies
+        // each to its own ports.
+        for (app, tcp_routes, tls_routes, want) in [
+            (AppProtocol::Tcp, false, false, false),
+            (AppProtocol::Tcp, true, false, true),
+            (AppProtocol::Tcp, false, true, false),
+            (AppProtocol::Tls, false, false, false),
+            (AppProtocol::Tls, true, false, false),
+            (AppProtocol::Tls, false, true, true),
+            (AppProtocol::Tls, true, true, true),
+        ] {
+            let mut change = http_export("west", "db.demo", app, Some("a"));
             let Change::PutExport { export, .. } = &mut change else {
                 unreachable!()
             };
@@ -1053,11 +1075,12 @@ mod tests {
                 protocol: Protocol::Udp,
                 name: None,
             });
+            let policy = export.http_policy.as_mut().unwrap();
             if tcp_routes {
-                export.http_policy.as_mut().unwrap().tcp_routes = vec![TcpRoute {
-                    matches: vec![],
-                    destinations: vec![Destination::all()],
-                }];
+                policy.tcp_routes = route();
+            }
+            if tls_routes {
+                policy.tls_routes = route();
             }
             let c = Builder::new()
                 .site("east", true)
@@ -1066,11 +1089,11 @@ mod tests {
                 .0;
             let p = plan(&c, &me, None);
             for im in &p.imports {
-                let want = tcp_routes && im.protocol == Protocol::Tcp;
+                let want = want && im.protocol == Protocol::Tcp;
                 assert_eq!(
                     im.http_policy.is_some(),
                     want,
-                    "{:?} {tcp_routes}",
+                    "{app} {:?} {tcp_routes} {tls_routes}",
                     im.protocol
                 );
                 // Site labels come with it, for its subsets.

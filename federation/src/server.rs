@@ -1256,6 +1256,7 @@ mod conflict_tests {
                 export_to: Vec::new(),
                 retry_budget: None,
                 tcp_routes: Vec::new(),
+                tls_routes: Vec::new(),
                 service: svc,
                 source: "VirtualService demo/web".into(),
                 routes: vec![HttpRoute {

@@ -438,7 +438,7 @@ fn protocol(p: Option<&str>) -> Result<(Protocol, AppProtocol), String> {
         Some(other) => AppProtocol::parse(other)
             .filter(|_| !other.is_empty())
             .map(|a| (Protocol::Tcp, a))
-            .ok_or_else(|| format!("{other:?} is not tcp, udp, http, http2 or grpc")),
+            .ok_or_else(|| format!("{other:?} is not tcp, udp, http, http2, grpc or tls")),
     }
 }
 
@@ -923,7 +923,7 @@ fn exports(
             }
             let (protocol, app) = protocol(p.protocol.as_deref())
                 .map_err(|e| v.err(f(&format!("ports[{j}].protocol")), e))?;
-            if app.is_http() {
+            if !app.is_tcp() {
                 app_protocols.insert(p.port, app);
             }
             let ports = match protocol {
@@ -1208,7 +1208,7 @@ imports:
         let (f, r) = field_err(&y.replace("protocol: UDP", "protocol: SCTP"));
         assert_eq!(f, "exports[0].ports[1].protocol");
         assert!(
-            r.contains("\"sctp\" is not tcp, udp, http, http2 or grpc"),
+            r.contains("\"sctp\" is not tcp, udp, http, http2, grpc or tls"),
             "{r}"
         );
         let (f, r) = field_err(&y.replace("protocol: UDP, endpoints: [127.0.0.1:9053]", "protocol: udp, endpoints: []}\n      - {port: 7000, protocol: udp, endpoints: [127.0.0.1:1]"));

@@ -37,13 +37,19 @@ const FAILOVER_ANSWER_CUT: Duration = Duration::from_millis(1500);
 /// How long to wait for a candidate that is not the last one before trying the next.
 const FAILOVER_WAIT: Duration = Duration::from_millis(300);
 
-/// A connection a TCP route decided: the route's index and the sites to try.
-type Routed = (usize, Vec<SiteName>);
+/// How long the egress waits for a client's ClientHello on a `tls` port with TLS
+/// routes; past it the connection goes on without an SNI.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
 
-/// Where a TCP route sends one connection.
+/// A connection a TCP or TLS route decided: the route's metric label (`#i` for
+/// `tcp[i]`, `tls#i` for `tls[i]`, `tls` when TLS routes apply and none matched) and
+/// the sites to try.
+type Routed = (String, Vec<SiteName>);
+
+/// Where a TCP or TLS route sends one connection.
 struct TcpPick {
-    /// The route's index.
-    route: usize,
+    /// The route's metric label.
+    route: String,
     /// The import of another service it opens through (`None`: this one).
     via: Option<Arc<Egress>>,
     /// The sites to try, best first.
@@ -196,13 +202,19 @@ impl Egress {
         caller: &SpiffeId,
         caller_labels: Option<&BTreeMap<String, String>>,
         local: std::net::IpAddr,
-    ) -> Result<Option<TcpPick>, (usize, Refused)> {
+        tls: Option<Option<&str>>,
+    ) -> Result<Option<TcpPick>, (String, Refused)> {
+        use meshfed_catalog::http_route::TlsPick;
         let routes = self.routes.load();
         let Some(table) = routes.as_ref().as_ref() else {
             return Ok(None);
         };
         let policy = &table.compiled.policy;
-        if policy.tcp_routes.is_empty() || !policy.routes_apply_to(caller.as_str()) {
+        let mine = match tls {
+            None => &policy.tcp_routes,
+            Some(_) => &policy.tls_routes,
+        };
+        if mine.is_empty() || !policy.routes_apply_to(caller.as_str()) {
             return Ok(None);
         }
         let view = meshfed_catalog::http_route::TcpView {
@@ -211,8 +223,28 @@ impl Egress {
             caller: caller.as_str(),
             caller_labels,
         };
-        let Some((index, route)) = table.compiled.tcp_route(&view) else {
-            return Ok(None);
+        let (label, route) = match tls {
+            None => match table.compiled.tcp_route(&view) {
+                Some((i, r)) => (format!("#{i}"), r),
+                None => return Ok(None),
+            },
+            Some(sni) => match table.compiled.tls_route(&view, sni) {
+                TlsPick::Route(i, r) => (format!("tls#{i}"), r),
+                TlsPick::Service => return Ok(None),
+                TlsPick::NoMatch => {
+                    let r = Refused {
+                        reason: Refusal::NoReadyEndpoint,
+                        message: format!(
+                            "no TLS route of {}:{} matches SNI {:?} to {local}",
+                            self.service,
+                            self.port,
+                            sni.unwrap_or("(none)")
+                        ),
+                        site: None,
+                    };
+                    return Err(("tls".into(), r));
+                }
+            },
         };
         let no_site = |message: String| {
             let r = Refused {
@@ -220,7 +252,7 @@ impl Egress {
                 message,
                 site: None,
             };
-            (index, r)
+            (label.clone(), r)
         };
         let d = &route.destinations
             [meshfed_catalog::http_route::pick(&route.destinations, self.http.next_roll())];
@@ -231,7 +263,7 @@ impl Egress {
         let via = if to != (&self.service, self.port) {
             let Some(t) = self.targets.get(to.0, to.1) else {
                 return Err(no_site(format!(
-                    "TCP route #{index} sends to {}:{}, which this gateway does not import",
+                    "route {label} sends to {}:{}, which this gateway does not import",
                     to.0, to.1
                 )));
             };
@@ -270,7 +302,7 @@ impl Egress {
             )));
         }
         Ok(Some(TcpPick {
-            route: index,
+            route: label,
             via,
             sites,
             selector,
@@ -301,17 +333,29 @@ impl Egress {
         };
         let local = tcp.local_addr().map_or(client.ip(), |a| a.ip());
         let (source, labels) = source;
-        let Ok((open, sites)) = self.routed_open(source, labels.as_deref(), client, local) else {
+        let mut tcp = tcp;
+        let (hello, sni) = self.client_hello(&mut tcp).await;
+        let tls = hello.as_ref().map(|_| sni.as_deref());
+        let Ok((open, sites)) = self.routed_open(source, labels.as_deref(), client, local, tls)
+        else {
             reset_tcp(tcp);
             return;
         };
         match self.open_counted(&open, sites).await {
             Ok((opened, _active, c)) => {
                 let (end, transport) = match opened.stream {
-                    Stream::Quic(_, send, recv) => {
+                    Stream::Quic(_, mut send, recv) => {
+                        if !ahead(&mut send, hello, &c).await {
+                            return;
+                        }
                         (splice(tcp, send, recv, &c, None).await, "quic")
                     }
-                    Stream::H2(send, recv) => (splice(tcp, send, recv, &c, None).await, "h2"),
+                    Stream::H2(mut send, recv) => {
+                        if !ahead(&mut send, hello, &c).await {
+                            return;
+                        }
+                        (splice(tcp, send, recv, &c, None).await, "h2")
+                    }
                 };
                 debug!(?end, site = %opened.site, transport, "connection done");
             }
@@ -356,15 +400,28 @@ impl Egress {
             return;
         };
         let local = tls.get_ref().0.local_addr().map_or(client.ip(), |a| a.ip());
-        let Ok((open, sites)) = self.routed_open(caller, None, client, local) else {
+        let mut tls = tls;
+        let (hello, sni) = self.client_hello(&mut tls).await;
+        let routed = hello.as_ref().map(|_| sni.as_deref());
+        let Ok((open, sites)) = self.routed_open(caller, None, client, local, routed) else {
             reset_tcp(tls.into_tcp());
             return;
         };
         match self.open_counted(&open, sites).await {
             Ok((opened, _active, c)) => {
                 let end = match opened.stream {
-                    Stream::Quic(_, send, recv) => splice_tls(tls, send, recv, &c, None).await,
-                    Stream::H2(send, recv) => splice_tls(tls, send, recv, &c, None).await,
+                    Stream::Quic(_, mut send, recv) => {
+                        if !ahead(&mut send, hello, &c).await {
+                            return;
+                        }
+                        splice_tls(tls, send, recv, &c, None).await
+                    }
+                    Stream::H2(mut send, recv) => {
+                        if !ahead(&mut send, hello, &c).await {
+                            return;
+                        }
+                        splice_tls(tls, send, recv, &c, None).await
+                    }
                 };
                 debug!(?end, site = %opened.site, caller = %open.source, "connection done");
             }
@@ -376,19 +433,21 @@ impl Egress {
     }
 
     /// The open request of a TCP client's connection, and the sites to try (`None`:
-    /// this import's), under the service's TCP routes. A refusal is counted and logged
-    /// with the caller.
+    /// this import's), under the service's TCP routes, or its TLS routes on a `tls` port
+    /// (`tls`: the ClientHello's SNI, when there was one). A refusal is counted and
+    /// logged with the caller.
     fn routed_open(
         &self,
         source: SpiffeId,
         labels: Option<&BTreeMap<String, String>>,
         client: SocketAddr,
         local: std::net::IpAddr,
+        tls: Option<Option<&str>>,
     ) -> Result<(Open, Option<Routed>), Refused> {
-        let pick = match self.tcp_pick(&source, labels, local) {
+        let pick = match self.tcp_pick(&source, labels, local, tls) {
             Ok(p) => p,
             Err((route, refused)) => {
-                self.tcp_route_counted(route, None);
+                self.tcp_route_counted(&route, None);
                 self.refused(&refused);
                 let open = Open {
                     source,
@@ -410,11 +469,11 @@ impl Egress {
             ..via.as_deref().unwrap_or(self).open_request(None)
         };
         if !open.selector_fits() {
-            let route = routed.as_ref().map_or(0, |r| r.0);
+            let route = routed.as_ref().map_or("", |r| r.0.as_str());
             let refused = Refused {
                 reason: Refusal::NoReadyEndpoint,
                 message: format!(
-                    "TCP route #{route}: its subset's labels are longer than an open request carries ({} bytes)",
+                    "route {route}: its subset's labels are longer than an open request carries ({} bytes)",
                     crate::wire::MAX_SELECTOR_LEN
                 ),
                 site: None,
@@ -427,8 +486,31 @@ impl Egress {
         Ok((open, routed))
     }
 
-    /// Counts a connection a TCP route decided, by the site that accepted it.
-    fn tcp_route_counted(&self, route: usize, site: Option<&SiteName>) {
+    /// On a `tls` port whose service has TLS routes, the client's ClientHello, read
+    /// ahead (bounded: [`crate::sni::read`]): the bytes, forwarded before the rest, and
+    /// its SNI. `(None, None)` on any other port: nothing is read.
+    async fn client_hello<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        r: &mut R,
+    ) -> (Option<bytes::Bytes>, Option<String>) {
+        if **self.app.load() != AppProtocol::Tls {
+            return (None, None);
+        }
+        let has_tls_routes = self
+            .routes
+            .load()
+            .as_ref()
+            .as_ref()
+            .is_some_and(|t| !t.compiled.policy.tls_routes.is_empty());
+        if !has_tls_routes {
+            return (None, None);
+        }
+        let (bytes, sni) = crate::sni::read(r, HELLO_WAIT).await;
+        (Some(bytes.freeze()), sni)
+    }
+
+    /// Counts a connection a TCP or TLS route decided, by the site that accepted it.
+    fn tcp_route_counted(&self, route: &str, site: Option<&SiteName>) {
         let site = site.map_or("none", |s| s.as_str());
         self.metrics
             .tcp_route_connection(self.http.import(), route, site);
@@ -458,7 +540,7 @@ impl Egress {
             None => (None, self.backends.load_full()),
         };
         let opened = self.open_among(open, &sites).instrument(span.clone()).await;
-        if let Some(r) = route {
+        if let Some(r) = &route {
             self.tcp_route_counted(r, opened.as_ref().ok().map(|o| &o.site));
         }
         match opened {
@@ -704,6 +786,26 @@ impl Egress {
             .await
             .map_err(|_| format!("peer did not answer the open request within {answer:?}"))?
     }
+}
+
+/// Sends the bytes read ahead of a splice (a ClientHello) into the tunnel first, counted
+/// as the splice counts what it sends; `false` when the stream is gone.
+async fn ahead<S: crate::splice::TunnelSend>(
+    send: &mut S,
+    bytes: Option<bytes::Bytes>,
+    counters: &crate::splice::Counters,
+) -> bool {
+    let Some(b) = bytes.filter(|b| !b.is_empty()) else {
+        return true;
+    };
+    let n = b.len() as u64;
+    if send.send(b).await.is_err() {
+        debug!("tunnel stream gone before the ClientHello was forwarded");
+        send.reset();
+        return false;
+    }
+    counters.sent(n);
+    true
 }
 
 /// What one candidate site may cost an open: how long to wait for a connection to it,

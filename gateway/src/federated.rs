@@ -382,7 +382,7 @@ fn export_to_pb(
         .unwrap_or(0);
     let port = |p: &u16, protocol: Protocol| pb::Port {
         app_protocol: match (protocol, e.app_protocols.get(p)) {
-            (Protocol::Tcp, Some(a)) if a.is_http() => a.as_str().into(),
+            (Protocol::Tcp, Some(a)) if !a.is_tcp() => a.as_str().into(),
             _ => String::new(),
         },
         port: u32::from(*p),

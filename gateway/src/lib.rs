@@ -40,6 +40,7 @@ pub mod registry;
 pub mod reload;
 pub mod renew;
 pub mod resolve;
+pub mod sni;
 pub mod splice;
 pub mod tunnel;
 pub mod udp;

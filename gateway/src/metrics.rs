@@ -614,7 +614,7 @@ impl Metrics {
         );
         r.register(
             "tcp_route_connections",
-            "TCP connections a service's TCP routes decided, by import, route (#i) and the site that accepted (none: refused)",
+            "TCP connections a service's TCP or TLS routes decided, by import, route (#i for tcp[i], tls#i for tls[i], tls: TLS routes applied and none matched the SNI) and the site that accepted (none: refused)",
             self.tcp_route_connections.clone(),
         );
         r.register(
@@ -832,11 +832,11 @@ impl Metrics {
             .inc();
     }
 
-    pub fn tcp_route_connection(&self, import: &str, route: usize, site: &str) {
+    pub fn tcp_route_connection(&self, import: &str, route: &str, site: &str) {
         self.tcp_route_connections
             .get_or_create(&TcpRouteLabels {
                 import: import.to_owned(),
-                route: format!("#{route}"),
+                route: route.to_owned(),
                 site: site.to_owned(),
             })
             .inc();

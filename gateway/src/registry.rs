@@ -115,7 +115,7 @@ pub fn exports(
                 port_names.insert((p.protocol, p.number), p.name.clone());
             }
             let app = AppProtocol::from_istio(&p.app_protocol);
-            if p.protocol == Protocol::Tcp && app.is_http() {
+            if p.protocol == Protocol::Tcp && !app.is_tcp() {
                 app_protocols.insert(p.number, app);
             }
             let mut eps = Vec::new();
@@ -206,7 +206,7 @@ pub fn kube_exports(k: &KubeExports) -> BTreeMap<ServiceName, Export> {
                 if let Some(n) = &p.name {
                     ex.port_names.insert((p.protocol, p.port), n.clone());
                 }
-                if p.protocol == Protocol::Tcp && p.app_protocol.is_http() {
+                if p.protocol == Protocol::Tcp && !p.app_protocol.is_tcp() {
                     ex.app_protocols.insert(p.port, p.app_protocol);
                 }
                 for ep in &p.endpoints {

@@ -42,7 +42,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn sent(&self, n: u64) {
+    pub(crate) fn sent(&self, n: u64) {
         self.tx.inc_by(n);
         if let Some((tx, _)) = &self.service {
             tx.inc_by(n);

@@ -730,6 +730,9 @@ fn http_policies(
             problems,
             warnings,
         };
+        // Hosts of one service (a ServiceEntry's several hosts, a name and its
+        // .svc.cluster.local form) are one policy.
+        let mut seen = std::collections::BTreeSet::new();
         for (i, host) in vs.hosts.iter().enumerate() {
             let Some(service) = service_of(host, &vs.namespace, services) else {
                 d.err(
@@ -738,8 +741,12 @@ fn http_policies(
                 );
                 continue;
             };
+            if !seen.insert(service.clone()) {
+                continue;
+            }
             let mut routes = vs.routes.clone();
             let mut tcp_routes = vs.tcp_routes.clone();
+            let mut tls_routes = vs.tls_routes.clone();
             for (r, what, h) in &vs.destination_hosts {
                 // A destination, or a mirror: another service's copies go through its
                 // import, as a destination's requests do.
@@ -748,6 +755,7 @@ fn http_policies(
                     HostOf::Mirror => format!("spec.http[{r}].mirror"),
                     HostOf::Mirrors(k) => format!("spec.http[{r}].mirrors[{k}].destination"),
                     HostOf::Tcp(j) => format!("spec.tcp[{r}].route[{j}].destination"),
+                    HostOf::Tls(j) => format!("spec.tls[{r}].route[{j}].destination"),
                 };
                 let Some(to) = service_of(h, &vs.namespace, services) else {
                     d.err(
@@ -768,6 +776,10 @@ fn http_policies(
                         .and_then(|x| x.mirrors.get_mut(k))
                         .map(|m| (&mut m.service, m.subset.as_deref())),
                     HostOf::Tcp(j) => tcp_routes
+                        .get_mut(*r)
+                        .and_then(|x| x.destinations.get_mut(j))
+                        .map(|d| (&mut d.service, d.subset.as_deref())),
+                    HostOf::Tls(j) => tls_routes
                         .get_mut(*r)
                         .and_then(|x| x.destinations.get_mut(j))
                         .map(|d| (&mut d.service, d.subset.as_deref())),
@@ -806,7 +818,7 @@ fn http_policies(
                 &mut d,
                 &vs,
                 service,
-                (routes, tcp_routes),
+                (routes, tcp_routes, tls_routes),
                 sets,
                 traffic,
             ) {
@@ -856,6 +868,7 @@ fn http_policies(
                 port_settings: traffic.port_settings,
                 retry_budget: traffic.retry_budget,
                 tcp_routes: Vec::new(),
+                tls_routes: Vec::new(),
                 export_to: Vec::new(),
             };
             match p.clone().compile() {
@@ -905,6 +918,7 @@ fn http_policies(
             port_settings: traffic.port_settings.clone(),
             retry_budget: traffic.retry_budget,
             tcp_routes: Vec::new(),
+            tls_routes: Vec::new(),
             export_to: Vec::new(),
             service,
         };

@@ -54,6 +54,8 @@ pub(crate) struct RawVirtualService {
     pub routes: Vec<HttpRoute>,
     /// `spec.tcp`.
     pub tcp_routes: Vec<TcpRoute>,
+    /// `spec.tls`.
+    pub tls_routes: Vec<TcpRoute>,
     /// `(route, what, host)` of every destination and mirror, for resolution.
     pub destination_hosts: Vec<(usize, HostOf, String)>,
     /// `spec.exportTo`, `.` resolved to the namespace; empty: every namespace.
@@ -69,6 +71,8 @@ pub(crate) enum HostOf {
     Mirrors(usize),
     /// A destination (`route[j]`) of a TCP route (`spec.tcp[i]`).
     Tcp(usize),
+    /// A destination (`route[j]`) of a TLS route (`spec.tls[i]`).
+    Tls(usize),
 }
 
 impl RawVirtualService {
@@ -1289,7 +1293,7 @@ pub(crate) fn virtual_service(
     d.unsupported(
         "spec",
         spec,
-        &["hosts", "gateways", "http", "tcp", "exportTo"],
+        &["hosts", "gateways", "http", "tcp", "tls", "exportTo"],
     );
     let gateways = d.str_list(spec.get("gateways"), "spec.gateways");
     if gateways.iter().any(|g| g != "mesh") {
@@ -1311,10 +1315,10 @@ pub(crate) fn virtual_service(
             None
         }
     };
-    let (http, tcp) = (list(d, "http"), list(d, "tcp"));
+    let (http, tcp, tls) = (list(d, "http"), list(d, "tcp"), list(d, "tls"));
     let mut routes = Vec::new();
     let mut destination_hosts = Vec::new();
-    match (&http, &tcp) {
+    match (&http, tcp.as_ref().or(tls.as_ref())) {
         (Some(http), _) => {
             for (i, r) in http.iter().enumerate() {
                 if let Some((route, hosts)) = route(d, r, i) {
@@ -1323,14 +1327,25 @@ pub(crate) fn virtual_service(
                 }
             }
         }
-        // TCP routes only: HTTP ports keep the service itself (Istio's default route).
+        // TCP or TLS routes only: HTTP ports keep the service itself (Istio's default
+        // route).
         (None, Some(_)) => routes.push(HttpRoute {
             destinations: vec![Destination::all()],
             ..Default::default()
         }),
         (None, None) => {
-            d.err("spec.http", "missing: meshfed reads HTTP and TCP routes");
+            d.err(
+                "spec.http",
+                "missing: meshfed reads HTTP, TCP and TLS routes",
+            );
             return None;
+        }
+    }
+    let mut tls_routes = Vec::new();
+    for (i, r) in tls.iter().flatten().enumerate() {
+        if let Some((route, hosts)) = tls_route(d, r, i, &hosts) {
+            destination_hosts.extend(hosts.into_iter().map(|(j, h)| (i, HostOf::Tls(j), h)));
+            tls_routes.push(route);
         }
     }
     let mut tcp_routes = Vec::new();
@@ -1348,9 +1363,121 @@ pub(crate) fn virtual_service(
         hosts,
         routes,
         tcp_routes,
+        tls_routes,
         destination_hosts,
         export_to,
     })
+}
+
+/// One TLS route (`spec.tls[i]`) as Istio's `validateTLSRoute` checks it: at least one
+/// match, each with `sniHosts` that are domain names or wildcards within the
+/// VirtualService's `hosts` (`validateSniHost`; an IP address is warned about), and a
+/// route; its destinations' hosts by index.
+fn tls_route(
+    d: &mut Doc<'_>,
+    v: &Value,
+    i: usize,
+    vs_hosts: &[String],
+) -> Option<(TcpRoute, Vec<(usize, String)>)> {
+    let field = format!("spec.tls[{i}]");
+    let Value::Object(m) = v else {
+        d.err(field, "must be a map");
+        return None;
+    };
+    d.unsupported(&field, m, &["match", "route"]);
+    let mut matches = Vec::new();
+    match m.get("match") {
+        Some(Value::Array(a)) if !a.is_empty() => {
+            for (j, x) in a.iter().enumerate() {
+                let f = format!("{field}.match[{j}]");
+                let sni_hosts = match x {
+                    Value::Object(xm) => d.str_list(xm.get("sniHosts"), &format!("{f}.sniHosts")),
+                    _ => vec![],
+                };
+                // l4_match checks the rest; sniHosts is this match's own.
+                let x = match x {
+                    Value::Object(xm) => {
+                        let mut xm = xm.clone();
+                        xm.remove("sniHosts");
+                        Value::Object(xm)
+                    }
+                    other => other.clone(),
+                };
+                let Some(mut tm) = l4_match(d, &x, &f) else {
+                    continue;
+                };
+                if sni_hosts.is_empty() {
+                    d.err(
+                        format!("{f}.sniHosts"),
+                        "TLS match must have at least one SNI host",
+                    );
+                }
+                for (k, h) in sni_hosts.iter().enumerate() {
+                    sni_host(d, h, vs_hosts, &format!("{f}.sniHosts[{k}]"));
+                }
+                tm.sni_hosts = sni_hosts;
+                matches.push(tm);
+            }
+        }
+        Some(Value::Array(_)) | None | Some(Value::Null) => {
+            d.err(
+                format!("{field}.match"),
+                "TLS route must have at least one match condition",
+            );
+        }
+        Some(_) => d.err(format!("{field}.match"), "must be a list"),
+    }
+    let dests = match m.get("route") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) | None | Some(Value::Null) => {
+            d.err(format!("{field}.route"), "TLS route is required");
+            return None;
+        }
+        Some(_) => {
+            d.err(format!("{field}.route"), "must be a list");
+            return None;
+        }
+    };
+    let (destinations, hosts) = route_destinations(d, dests, &field, false);
+    Some((
+        TcpRoute {
+            matches,
+            destinations,
+        },
+        hosts,
+    ))
+}
+
+/// Istio's `validateSniHost`: a domain name or wildcard (an IP address is warned about:
+/// against the SNI spec), which must be a subset of one of the VirtualService's hosts
+/// (`host.Name.SubsetOf`).
+fn sni_host(d: &mut Doc<'_>, h: &str, vs_hosts: &[String], field: &str) {
+    if h.parse::<std::net::IpAddr>().is_ok() {
+        d.warn(
+            field,
+            format!("using an IP address ({h:?}) goes against SNI spec and most clients do not support this"),
+        );
+        return;
+    }
+    let wild = |x: &str| x.starts_with('*');
+    let subset_of = |o: &str| {
+        if wild(h) {
+            wild(o) && h[1..].ends_with(&o[1..])
+        } else if wild(o) {
+            h.ends_with(&o[1..])
+        } else {
+            h == o
+        }
+    };
+    if !vs_hosts.iter().any(|o| subset_of(o)) {
+        d.err(
+            field,
+            format!(
+                "SNI host {h:?} is not a compatible subset of any of the virtual service hosts: [{}]",
+                vs_hosts.join(", ")
+            ),
+        );
+    }
 }
 
 /// One TCP route (`spec.tcp[i]`) as Istio's `validateTCPRoute` checks it, and its
@@ -1430,6 +1557,7 @@ fn l4_match(d: &mut Doc<'_>, v: &Value, field: &str) -> Option<TcpMatch> {
         source_namespace: source.namespace,
         source_labels: source.labels,
         gateways: source.gateways,
+        sni_hosts: vec![],
     })
 }
 
@@ -2365,7 +2493,7 @@ pub(crate) fn policy(
     d: &mut Doc<'_>,
     vs: &RawVirtualService,
     service: meshfed_catalog::ServiceName,
-    (routes, tcp_routes): (Vec<HttpRoute>, Vec<TcpRoute>),
+    (routes, tcp_routes, tls_routes): (Vec<HttpRoute>, Vec<TcpRoute>, Vec<TcpRoute>),
     subsets: Vec<Subset>,
     traffic: crate::service_entry::Traffic,
 ) -> Option<HttpPolicy> {
@@ -2387,6 +2515,7 @@ pub(crate) fn policy(
         port_settings: traffic.port_settings,
         retry_budget: traffic.retry_budget,
         tcp_routes,
+        tls_routes,
         export_to: vs.export_to.clone(),
     };
     match p.clone().compile() {
@@ -2415,6 +2544,8 @@ pub(crate) fn policy(
 pub(crate) fn yaml_path(model: &str) -> String {
     let p = model
         .replace("tcp_routes[", "spec.tcp[")
+        .replace("tls_routes[", "spec.tls[")
+        .replace(".sni_hosts", ".sniHosts")
         .replace("routes[", "spec.http[")
         .replace(".without_headers", ".withoutHeaders")
         .replace(".source_namespace", ".sourceNamespace")
@@ -2456,6 +2587,7 @@ pub(crate) fn yaml_path(model: &str) -> String {
     match p.as_str() {
         "routes" => "spec.http".into(),
         "tcp_routes" => "spec.tcp".into(),
+        "tls_routes" => "spec.tls".into(),
         _ => p,
     }
 }
@@ -3735,6 +3867,95 @@ spec:
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db, namespace: demo}\nspec:\n  hosts: [db]\n",
             "spec.http",
         );
+    }
+
+    /// `spec.tls` as Istio's `validateTLSRoute` and `validateSniHost` check it: a
+    /// VirtualService with only TLS routes is read (it was refused: "meshfed reads HTTP
+    /// and TCP routes"), and what Istio refuses is refused by path.
+    #[test]
+    fn tls_routes_are_read_as_istio_checks_them() {
+        let file = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/serviceentry/tls-routes-by-sni.yaml"
+        ))
+        .unwrap();
+        let r = parse(&file).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let p = &r.http_policies[0];
+        assert_eq!(p.service.to_string(), "db.shop");
+        assert_eq!(p.tls_routes.len(), 3);
+        assert!(p.tcp_routes.is_empty());
+        assert_eq!(p.tls_routes[0].matches[0].sni_hosts, ["a.db.example"]);
+        assert_eq!(
+            p.tls_routes[1].matches[0].source_namespace.as_deref(),
+            Some("reports")
+        );
+        let w: Vec<(Option<&str>, u32)> = p.tls_routes[1]
+            .destinations
+            .iter()
+            .map(|d| (d.subset.as_deref(), d.weight))
+            .collect();
+        assert_eq!(w, [(Some("north"), 90), (Some("west"), 10)]);
+        // Both hosts of the ServiceEntry are one service's: one policy.
+        assert_eq!(r.http_policies.len(), 1);
+        let with = |tls: &str| {
+            let head = file.split("  tls:\n").next().unwrap();
+            let tail = file
+                .split("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule")
+                .nth(1)
+                .unwrap();
+            format!(
+                "{head}  tls:\n{tls}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule{tail}"
+            )
+        };
+        // An IP address is warned about, as Istio does.
+        let r = parse(&with(
+            "  - match: [{sniHosts: [192.0.2.1]}]\n    route: [{destination: {host: a.db.example}}]",
+        ))
+        .unwrap();
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.field == "spec.tls[0].match[0].sniHosts[0]"),
+            "{:?}",
+            r.warnings
+        );
+        for (tls, field) in [
+            (
+                "  - route: [{destination: {host: a.db.example}}]",
+                "spec.tls[0].match",
+            ),
+            (
+                "  - match: [{port: 443}]\n    route: [{destination: {host: a.db.example}}]",
+                "spec.tls[0].match[0].sniHosts",
+            ),
+            (
+                "  - match: [{sniHosts: [c.other.example]}]\n    route: [{destination: {host: a.db.example}}]",
+                "spec.tls[0].match[0].sniHosts[0]",
+            ),
+            (
+                "  - match: [{sniHosts: [\"*.db.example\"]}]\n    route: [{destination: {host: a.db.example}}]",
+                "spec.tls[0].match[0].sniHosts[0]",
+            ),
+            (
+                "  - match: [{sniHosts: [A.db.example]}]\n    route: [{destination: {host: a.db.example}}]",
+                "spec.tls[0].match[0].sniHosts[0]",
+            ),
+            (
+                "  - match: [{sniHosts: [a.db.example]}]",
+                "spec.tls[0].route",
+            ),
+            (
+                "  - match: [{sniHosts: [a.db.example], destinationSubnets: [10.0.0.0/33]}]\n    route: [{destination: {host: a.db.example}}]",
+                "spec.tls[0].match[0].destinationSubnets[0]",
+            ),
+            (
+                "  - match: [{sniHosts: [a.db.example]}]\n    route: [{destination: {host: a.db.example, subset: v9}}]",
+                "spec.tls[0].route[0].subset",
+            ),
+        ] {
+            crate::test_support::assert_refused_at(&with(tls), field);
+        }
     }
 
     /// Every HTTPMatchRequest field, read as Istio's `validateHTTPRouteMatchRequest`

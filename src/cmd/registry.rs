@@ -296,6 +296,19 @@ fn describe_routes(p: &meshfed_catalog::http_route::HttpPolicy) -> String {
             describe_destinations(&r.destinations).join(", ")
         )
     }));
+    routes.extend(p.tls_routes.iter().map(|r| {
+        let mut sni: Vec<&str> = r
+            .matches
+            .iter()
+            .flat_map(|m| m.sni_hosts.iter().map(String::as_str))
+            .collect();
+        sni.dedup();
+        format!(
+            "tls {} → {}",
+            sni.join(" "),
+            describe_destinations(&r.destinations).join(", ")
+        )
+    }));
     // What applies besides the routes: to whom, and the subsets' own policies.
     let mut also = Vec::new();
     if !p.export_to.is_empty() {

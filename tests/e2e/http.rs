@@ -1743,6 +1743,150 @@ spec:
     drop(fed);
 }
 
+/// `openssl s_client` to `addr` with `sni` (`None`: no SNI), verifying the server's
+/// certificate for that name against `ca`, sending `ping`: what the server answered
+/// (empty when the connection was refused or the TLS failed).
+fn s_client(addr: SocketAddr, sni: Option<&str>, ca: &std::path::Path) -> String {
+    use std::io::Write;
+    let mut c = std::process::Command::new("timeout");
+    c.args([
+        "10",
+        "openssl",
+        "s_client",
+        "-quiet",
+        "-verify_return_error",
+    ])
+    .arg("-connect")
+    .arg(addr.to_string())
+    .arg("-CAfile")
+    .arg(ca);
+    match sni {
+        Some(n) => c.args(["-servername", n, "-verify_hostname", n]),
+        None => c.arg("-noservername"),
+    };
+    let mut child = c
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let _ = child.stdin.take().unwrap().write_all(b"ping");
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Istio `tls` routes: a ServiceEntry with two hosts on a TLS port (passed through: the
+/// TLS is the client's and the endpoints', verified end to end by `openssl s_client`
+/// against the endpoints' CA), registered at west, served at west and north. Its
+/// VirtualService has only `tls` routes (refused before: "meshfed reads HTTP and TCP
+/// routes"): SNI a.db.example goes to west, b.db.example to north, another SNI or none
+/// is refused at the importing egress, as at an Istio sidecar; each counted by route.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_routes_send_connections_by_their_sni() {
+    use crate::federation::{Fed, fed_config, free_port, joined};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let scratch = Scratch::new("tls-routes");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west, north] = joined(&scratch, &fed, ["east", "west", "north"]);
+    let certs = scratch.0.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    crate::legacy::tls_files(&certs, "*.db.example");
+    let west_ep = crate::legacy::tls_echo_as(&certs, false, "west").await;
+    let north_ep = crate::legacy::tls_echo_as(&certs, false, "north").await;
+    let ip: std::net::IpAddr = [127, 0, 0, 2].into();
+    let port = free_port(ip);
+    let yaml = format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: demo}}
+spec:
+  hosts: [a.db.example, b.db.example]
+  ports: [{{number: {port}, name: tls, protocol: TLS}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{tls: {west_port}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db, namespace: demo}}
+spec:
+  hosts: [a.db.example, b.db.example]
+  tls:
+  - match: [{{sniHosts: [a.db.example]}}]
+    route: [{{destination: {{host: a.db.example, subset: west}}}}]
+  - match: [{{sniHosts: [b.db.example], sourceNamespace: reports}}]
+    route: [{{destination: {{host: a.db.example, subset: west}}}}]
+  - match: [{{sniHosts: [b.db.example]}}]
+    route: [{{destination: {{host: b.db.example, subset: north}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: demo}}
+spec:
+  host: a.db.example
+  subsets:
+  - {{name: west, labels: {{topology.istio.io/cluster: west}}}}
+  - {{name: north, labels: {{topology.istio.io/cluster: north}}}}
+"#,
+        west_port = west_ep.port()
+    );
+    let out = register_yaml(&west, "db.yaml", &yaml);
+    assert!(out.contains("routes:db.demo"), "{out}");
+    let _gws = [
+        Gw::start(&west, &fed_config(&west, [127, 0, 0, 3])),
+        Gw::start(
+            &north,
+            &fed_config(&north, [127, 0, 0, 4])
+                .export("db.demo", port, vec![north_ep])
+                .speaks("db.demo", port, "tls"),
+        ),
+    ]
+    .map(Result::unwrap);
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let import = SocketAddr::new(ip, port);
+    let ca = certs.join("ca.pem");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (a, b) = (
+            s_client(import, Some("a.db.example"), &ca),
+            s_client(import, Some("b.db.example"), &ca),
+        );
+        if a == "west:ping" && b == "north:ping" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the TLS routes never applied: {a:?} {b:?}\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..8 {
+        assert_eq!(s_client(import, Some("a.db.example"), &ca), "west:ping");
+        assert_eq!(s_client(import, Some("b.db.example"), &ca), "north:ping");
+    }
+    // Another SNI, and none: no TLS route matches, so no site is tried.
+    assert_eq!(s_client(import, Some("c.db.example"), &ca), "");
+    assert_eq!(s_client(import, None, &ca), "");
+    let m = http_get(east_gw.admin, "/metrics").await.unwrap();
+    let count = |route: &str, site: &str| -> f64 {
+        let want = format!("route=\"{route}\",site=\"{site}\"");
+        m.lines()
+            .find(|l| {
+                l.starts_with("meshfed_gateway_tcp_route_connections_total{") && l.contains(&want)
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("tls#0", "west") >= 9.0, "{m}");
+    assert!(count("tls#2", "north") >= 9.0, "{m}");
+    assert_eq!(count("tls#1", "west"), 0.0, "not a caller of reports");
+    assert_eq!(count("tls", "none"), 2.0, "{m}");
+    drop(fed);
+}
+
 /// A DestinationRule's `connectionPool.http.http2MaxRequests: 4` for the service's port
 /// (`portLevelSettings`, under a destination-wide 1000), registered at west: of 20 slow
 /// requests at once, 4 are served and the rest are answered 503 `overflow` at once

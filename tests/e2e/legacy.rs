@@ -207,7 +207,7 @@ async fn a_flapping_health_check_moves_traffic_between_sites() {
 
 /// A test CA with a server certificate for `host` and a client certificate, as PEM files
 /// in `dir`: ca.pem, server.pem/key, client.pem/key.
-fn tls_files(dir: &std::path::Path, host: &str) {
+pub(crate) fn tls_files(dir: &std::path::Path, host: &str) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::default();
@@ -234,6 +234,15 @@ fn tls_files(dir: &std::path::Path, host: &str) {
 /// A TLS echo server for `dir`'s server certificate; with `client_ca`, it requires a
 /// client certificate from that CA. Returns its address.
 async fn tls_echo(dir: &std::path::Path, require_client: bool) -> std::net::SocketAddr {
+    tls_echo_as(dir, require_client, "tls").await
+}
+
+/// [`tls_echo`] answering `{name}:` and the 4 bytes.
+pub(crate) async fn tls_echo_as(
+    dir: &std::path::Path,
+    require_client: bool,
+    name: &'static str,
+) -> std::net::SocketAddr {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -271,7 +280,7 @@ async fn tls_echo(dir: &std::path::Path, require_client: bool) -> std::net::Sock
                 };
                 let mut b = [0u8; 4];
                 if tls.read_exact(&mut b).await.is_ok() {
-                    let _ = tls.write_all(b"tls:").await;
+                    let _ = tls.write_all(format!("{name}:").as_bytes()).await;
                     let _ = tls.write_all(&b).await;
                 }
                 let _ = tls.shutdown().await;
