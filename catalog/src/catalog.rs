@@ -455,6 +455,32 @@ impl fmt::Display for Revision {
 mod tests {
     use super::*;
 
+    /// Istio's protocol names (a ServiceEntry's `ports[].protocol`, a Service's
+    /// `appProtocol` or port-name prefix) as the gateways treat them.
+    #[test]
+    fn istio_protocols_map_to_what_the_gateway_does() {
+        for (istio, want) in [
+            ("HTTP", AppProtocol::Http),
+            ("http", AppProtocol::Http),
+            ("HTTP2", AppProtocol::Http2),
+            ("kubernetes.io/h2c", AppProtocol::Http2),
+            ("GRPC", AppProtocol::Grpc),
+            ("grpc-web", AppProtocol::Grpc),
+            ("HTTPS", AppProtocol::Tls),
+            ("tls", AppProtocol::Tls),
+            ("TCP", AppProtocol::Tcp),
+            ("MONGO", AppProtocol::Tcp),
+            ("", AppProtocol::Tcp),
+        ] {
+            let a = AppProtocol::from_istio(istio);
+            assert_eq!(a, want, "{istio}");
+            // What the catalog carries reads back.
+            assert_eq!(AppProtocol::parse(a.as_str()), Some(a));
+        }
+        assert!(!AppProtocol::Tls.is_http(), "TLS passes through as bytes");
+        assert!(!AppProtocol::Tls.is_tcp(), "and is published as tls");
+    }
+
     fn site(name: &str) -> SiteRecord {
         SiteRecord {
             site: SiteName::new(name).unwrap(),
