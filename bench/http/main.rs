@@ -33,18 +33,21 @@
 //! last lines are `name: value` (the headline lines take the worse protocol and the
 //! worse transport).
 
+#[path = "../common/procs.rs"]
+mod procs;
 #[allow(dead_code)] // need(): the peers this benchmark installs
 #[path = "../common/topo.rs"]
 mod topo;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use meshfed_lab::{self as lab, ConfigBuilder, SiteFiles};
+use meshfed_lab::{ConfigBuilder, SiteFiles};
+use procs::{Procs, cpu_secs, free_port, run, spawn, wait_for};
 
 #[derive(Parser)]
 struct Cli {
@@ -67,67 +70,6 @@ struct Cli {
     /// `nbthread` (default: 2, the cores of the machine this was written on).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-}
-
-/// Child processes, killed on drop.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port(ip: [u8; 4]) -> Result<u16> {
-    Ok(std::net::TcpListener::bind(SocketAddr::from((ip, 0)))?
-        .local_addr()?
-        .port())
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
-    let f = std::fs::File::create(log)?;
-    cmd.stdout(Stdio::from(f.try_clone()?))
-        .stderr(Stdio::from(f))
-        .spawn()
-        .with_context(|| format!("{cmd:?}"))
-}
-
-async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ok() {
-        ensure!(Instant::now() < deadline, "{what}: not within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
-/// CPU seconds (user and system) the processes `pids` have used, from `/proc` (in
-/// clock ticks of 1/100 s, Linux's `USER_HZ`).
-fn cpu_secs(pids: &[u32]) -> f64 {
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .filter_map(|stat| {
-            // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split(' ').collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .sum::<u64>() as f64
-        / 100.0
 }
 
 /// `curl` of `url`: the body, or `None`.
@@ -443,43 +385,13 @@ async fn main() -> Result<()> {
     .await?;
 
     // The federation and its sites.
-    let fed = dir.join("fed");
-    run(Command::new(&meshfed)
-        .args([
-            "federation",
-            "init",
-            "--trust-domain",
-            "fed.example.org",
-            "--dir",
-        ])
-        .arg(&fed))?;
-    procs.0.push(spawn(
-        Command::new(&meshfed)
-            .args(["federation", "serve", "--dir"])
-            .arg(&fed)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]),
-        &dir.join("fed.log"),
-    )?);
-    wait_for("federation", || fed.join("address").exists()).await?;
-    let mut sites = Vec::new();
-    for name in ["east", "west", "north", "south"] {
-        let s = lab::make_site(&dir, name, &format!("{name}.example.org"))?;
-        let token = run(Command::new(&meshfed)
-            .args(["federation", "token", "create", "--dir"])
-            .arg(&fed)
-            .args(["--site", name, "--ttl", "1h"]))?;
-        run(Command::new(&meshfed)
-            .args(["site", "join", "--dir"])
-            .arg(&s.dir)
-            .args([
-                "--site",
-                name,
-                "--gateway-address",
-                "127.0.0.1:15443",
-                token.trim(),
-            ]))?;
-        sites.push(s);
-    }
+    let sites = procs::federation(
+        &meshfed,
+        &dir,
+        &["east", "west", "north", "south"],
+        &mut procs,
+    )
+    .await?;
     let (east, west, north, south) = (&sites[0], &sites[1], &sites[2], &sites[3]);
     let routes = dir.join("routes.yaml");
     std::fs::write(&routes, ROUTES)?;
