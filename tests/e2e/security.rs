@@ -632,17 +632,23 @@ async fn a_peer_cannot_hold_unbounded_connections() {
         .unwrap()
         .bundle(1);
     // 264 connections as east, 4 at a time (within the handshake gate's 16 per address).
+    // A handshake that times out on a loaded machine (seen once in 264 under the whole
+    // suite) is tried again: the limit, not the handshake, is under test.
+    let dial = || async {
+        match quic_as_east(&s, west_bundle.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("a handshake as east failed ({e}); trying again");
+                quic_as_east(&s, west_bundle.clone())
+                    .await
+                    .expect("a handshake as east, the second time")
+            }
+        }
+    };
     let mut conns = Vec::new();
     for _ in 0..66 {
-        let (a, b, c, d) = tokio::join!(
-            quic_as_east(&s, west_bundle.clone()),
-            quic_as_east(&s, west_bundle.clone()),
-            quic_as_east(&s, west_bundle.clone()),
-            quic_as_east(&s, west_bundle.clone()),
-        );
-        for c in [a, b, c, d] {
-            conns.push(c.expect("a handshake as east"));
-        }
+        let (a, b, c, d) = tokio::join!(dial(), dial(), dial(), dial());
+        conns.extend([a, b, c, d]);
     }
     let metric = r#"meshfed_gateway_handshake_failures_total{reason="peer_connection_limit"}"#;
     s.west_gw
