@@ -3180,8 +3180,31 @@ mod tests {
                 };
                 assert_eq!(c.tcp_route(&v).map(|(i, _)| i), Some(0));
             }
+            if path.ends_with("tls-routes.json") {
+                let v = |port, dest: &str, ns: &'static str| TcpView {
+                    port,
+                    destination: dest.parse().unwrap(),
+                    caller: ns,
+                    caller_labels: None,
+                };
+                let (reports, web) = ("spiffe://td/ns/reports/sa/r", "spiffe://td/ns/web/sa/w");
+                let at = |view: TcpView<'_>, sni: Option<&str>| match c.tls_route(&view, sni) {
+                    TlsPick::Route(i, _) => Some(i),
+                    _ => None,
+                };
+                assert_eq!(
+                    at(v(443, "10.1.1.1", reports), Some("x.b.db.example")),
+                    Some(0)
+                );
+                assert_eq!(at(v(443, "10.1.1.1", web), Some("a.db.example")), Some(1));
+                assert_eq!(at(v(8443, "10.1.1.1", web), Some("z.example")), Some(1));
+                assert_eq!(
+                    c.tls_route(&v(443, "10.1.1.1", web), None),
+                    TlsPick::NoMatch
+                );
+            }
         }
-        assert!(n >= 1);
+        assert!(n >= 2);
     }
 
     #[test]
