@@ -1967,6 +1967,16 @@ impl HttpPolicy {
             if s.name.is_empty() {
                 return Err(bad(format!("subsets[{i}].name"), "missing"));
             }
+            // Istio's validateSubsetName; the name travels in a header and on the wire.
+            if !crate::names::is_dns_label(&s.name) {
+                return Err(bad(
+                    format!("subsets[{i}].name"),
+                    format!(
+                        "subset name is invalid: {:?} (a DNS label)",
+                        crate::names::clip(&s.name, crate::names::QUOTE_MAX)
+                    ),
+                ));
+            }
             check_labels(&s.labels).map_err(|(k, m)| bad(format!("subsets[{i}].labels{k}"), m))?;
             if !names.insert(s.name.as_str()) {
                 return Err(bad(

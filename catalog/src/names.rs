@@ -62,6 +62,12 @@ pub fn clip(s: &str, max: usize) -> String {
 /// How much of a value an error message quotes.
 pub const QUOTE_MAX: usize = 80;
 
+/// Whether `s` is a DNS label (RFC 1123: 1 to 63 of `a-z`, `0-9` and `-`, not at either
+/// end), as a subset's name is (Istio's `validateSubsetName`). Pure.
+pub fn is_dns_label(s: &str) -> bool {
+    label("name", s).is_ok()
+}
+
 fn label(what: &'static str, s: &str) -> Result<(), NameError> {
     let err = |f: fn(&'static str, String) -> NameError| Err(f(what, clip(s, QUOTE_MAX)));
     if s.is_empty() {

@@ -56,6 +56,9 @@ struct TcpPick {
     sites: Vec<SiteName>,
     /// The subset's endpoint labels, for the far ingress.
     selector: Option<BTreeMap<String, String>>,
+    /// The subset's name when it has a policy of its own (its connection pool applies
+    /// at the far ingress).
+    subset: Option<String>,
 }
 
 /// The sites serving one import, best first; swapped as the catalog changes.
@@ -273,8 +276,8 @@ impl Egress {
         };
         let eg = via.as_deref().unwrap_or(self);
         let backends = eg.backends.load_full();
-        let (sites, selector) = match &d.subset {
-            None => (backends.to_vec(), None),
+        let (sites, selector, own) = match &d.subset {
+            None => (backends.to_vec(), None, None),
             Some(name) => {
                 // The subset is its service's policy's.
                 let t_routes = eg.routes.load();
@@ -290,6 +293,7 @@ impl Egress {
                 (
                     sites.into_iter().cloned().collect(),
                     meshfed_catalog::http_route::endpoint_selector(subset),
+                    subset.policy.is_some().then(|| subset.name.clone()),
                 )
             }
         };
@@ -306,6 +310,7 @@ impl Egress {
             via,
             sites,
             selector,
+            subset: own,
         }))
     }
 
@@ -458,14 +463,15 @@ impl Egress {
                 return Err(refused);
             }
         };
-        let (via, routed, selector) = match pick {
-            Some(p) => (p.via, Some((p.route, p.sites)), p.selector),
-            None => (None, None, None),
+        let (via, routed, selector, subset) = match pick {
+            Some(p) => (p.via, Some((p.route, p.sites)), p.selector, p.subset),
+            None => (None, None, None, None),
         };
         let open = Open {
             source,
             client: Some(client),
             selector,
+            subset,
             ..via.as_deref().unwrap_or(self).open_request(None)
         };
         if !open.selector_fits() {
@@ -618,6 +624,7 @@ impl Egress {
             flow,
             client: None,
             selector: None,
+            subset: None,
         }
     }
 
@@ -738,22 +745,29 @@ impl Egress {
             PeerConn::Quic(c) => c,
         };
         // A subset's selector travels only to a peer that chose meshfed/3; without it
-        // the peer could connect to any endpoint, so another site is tried.
+        // the peer could connect to any endpoint, so another site is tried. (A subset's
+        // name alone, for its connection pool, is not sent to an older peer.)
         if open.selector.is_some() && !crate::tunnel::speaks_v3(conn) {
             return Ok(Err((
                 Refusal::UnsupportedVersion,
                 "the peer's gateway does not connect by a subset's endpoint labels (it speaks meshfed/2 or older)".into(),
             )));
         }
-        // The client's address travels only to a peer that chose meshfed/2.
-        let frame = if open.client.is_some() && !crate::tunnel::speaks_v2(conn) {
-            Open {
+        // The client's address travels only to a peer that chose meshfed/2, a subset's
+        // name only to one that chose meshfed/3.
+        let frame = match crate::tunnel::wire_version(conn) {
+            1 if open.client.is_some() || open.subset.is_some() => Open {
                 client: None,
+                subset: None,
                 ..open.clone()
             }
-            .encode()
-        } else {
-            open.encode()
+            .encode(),
+            2 if open.subset.is_some() => Open {
+                subset: None,
+                ..open.clone()
+            }
+            .encode(),
+            _ => open.encode(),
         };
         let frame = &frame[..];
         let lost = |e: &dyn std::fmt::Display| match conn.close_reason() {

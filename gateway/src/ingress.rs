@@ -146,6 +146,9 @@ struct Admitted {
     policy: crate::http::ingress::EndpointPolicy,
     /// On an HTTP port, the subsets with a policy of their own.
     subsets: Vec<(String, crate::http::ingress::EndpointPolicy)>,
+    /// On a TCP port, the subset whose policy `policy` is (`""`: the service's), which
+    /// keys its connection pool.
+    pool_key: String,
     /// On an HTTP port, each endpoint's labels (in `endpoints`' order), for the subset a
     /// request names.
     labels: Vec<BTreeMap<String, String>>,
@@ -946,12 +949,26 @@ impl Ingress {
                 // The port's own settings (portLevelSettings) over the policy's, and
                 // each subset's own on an HTTP port.
                 let http_policy = e.and_then(|e| e.http_policy.as_ref());
-                let (policy, subsets) = match http_policy {
+                let named = open.subset.is_some() && http.is_none();
+                let (mut policy, mut subsets) = match http_policy {
                     None => Default::default(),
-                    Some(p) => {
-                        crate::http::ingress::endpoint_policies(p, open.port, http.is_some())
-                    }
+                    Some(p) => crate::http::ingress::endpoint_policies(
+                        p,
+                        open.port,
+                        http.is_some() || named,
+                    ),
                 };
+                // A TCP stream of a subset with a policy of its own: that policy, and
+                // a connection pool of the subset's own (an unknown name: the service's).
+                let mut pool_key = String::new();
+                if named {
+                    let name = open.subset.as_deref().unwrap_or_default();
+                    if let Some(i) = subsets.iter().position(|(s, _)| s == name) {
+                        let (s, p) = subsets.swap_remove(i);
+                        (pool_key, policy) = (s, p);
+                    }
+                    subsets.clear();
+                }
                 let labels = match e {
                     Some(e) if http.is_some() || open.selector.is_some() => {
                         labels_of(r.endpoints, &e.endpoint_labels, &self.site_labels)
@@ -964,6 +981,7 @@ impl Ingress {
                     _ => r.endpoints.to_vec(),
                 };
                 Ok(Admitted {
+                    pool_key,
                     endpoints,
                     tls,
                     proxy,
@@ -1001,21 +1019,27 @@ impl Ingress {
             policy,
             subsets: _,
             labels: _,
+            pool_key,
         } = admitted;
         let slot = match policy.pool {
             None => None,
-            Some(limits) => match self.upstream.tcp_slot(open, limits) {
+            Some(limits) => match self.upstream.tcp_slot(open, &pool_key, limits) {
                 Some(s) => Some(s),
                 None => {
+                    let whose = if pool_key.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" subset {pool_key}")
+                    };
                     let msg = format!(
-                        "{}:{}: {} connections to its endpoints are open (its connectionPool's tcp.maxConnections)",
+                        "{}:{}{whose}: {} connections to its endpoints are open (its connectionPool's tcp.maxConnections)",
                         open.service, open.port, limits.max_connections
                     );
                     return Err(refused(Refusal::Overflow, msg));
                 }
             },
         };
-        // The service's connectTimeout, else the gateway's.
+        // The service's (or its subset's) connectTimeout, else the gateway's.
         let within = policy.conn.connect.unwrap_or(self.connect_timeout);
         let Some((mut tcp, ep)) = self.connect(&endpoints, within).await else {
             let msg = format!(
@@ -1717,6 +1741,7 @@ mod tests {
             flow: None,
             client: None,
             selector: None,
+            subset: None,
         }
     }
 

@@ -13,8 +13,10 @@
 //!           family:u8 (4|6) | client IP (4|16 bytes) | client port:u16
 //! (meshfed/3) open_selected = kind 7, a TCP stream to an endpoint of a subset: after
 //!           the source, family:u8 (0|4|6) | client IP and port (none for 0)
-//!           | selector_len:u16 | selector (`k=v` joined by `,`: the subset's endpoint
-//!             labels, at most MAX_SELECTOR_LEN bytes)
+//!           | selector_len:u16 | selector (`k=v` joined by `,`, by key: the subset's
+//!             endpoint labels, at most MAX_SELECTOR_LEN bytes; none when 0)
+//!           | name_len:u8 | name (the subset's name when it has a traffic policy of
+//!             its own, whose connection pool the ingress applies; none when 0)
 //! accept  = version:u8 (=1) | kind:u8 (=2)
 //! refuse  = version:u8 (=1) | kind:u8 (=3) | code:u16 | msg_len:u16 | msg (UTF-8)
 //! ```
@@ -120,6 +122,9 @@ pub struct Open {
     /// route's destination subset), sent only on a `meshfed/3` connection. `None`: any
     /// endpoint. A UDP open carries none.
     pub selector: Option<std::collections::BTreeMap<String, String>>,
+    /// The subset's name when it has a traffic policy of its own: the ingress applies
+    /// that policy's connection pool (a pool of the subset's own). `meshfed/3` only.
+    pub subset: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,8 +263,10 @@ impl Open {
             (Some(s), None) => Some(meshfed_catalog::http_route::format_selector(s)),
             _ => None,
         };
+        let name = self.subset.as_deref().filter(|_| self.flow.is_none());
+        let selected = selector.is_some() || name.is_some();
         let kind = match (self.flow.is_some(), self.client.is_some()) {
-            _ if selector.is_some() => KIND_OPEN_SELECTED,
+            _ if selected => KIND_OPEN_SELECTED,
             (false, false) => KIND_OPEN,
             (true, false) => KIND_OPEN_UDP,
             (false, true) => KIND_OPEN_FROM,
@@ -281,20 +288,25 @@ impl Open {
                 p.extend_from_slice(&a.ip().octets());
                 p.extend_from_slice(&a.port().to_be_bytes());
             }
-            None if selector.is_some() => p.push(0),
+            None if selected => p.push(0),
             None => {}
         }
-        if let Some(sel) = &selector {
+        if selected {
             // The egress checks the length before it opens (`Open::selector_fits`); one
-            // past it goes out empty, which the ingress refuses, never cut short (a
-            // shorter selector could name another subset).
-            let sel = if sel.len() <= MAX_SELECTOR_LEN {
-                sel.as_bytes()
-            } else {
-                &[]
+            // past it goes out as `=`, which the ingress refuses, never cut short or
+            // left out (either could name another subset).
+            let sel = match &selector {
+                Some(s) if s.len() <= MAX_SELECTOR_LEN => s.as_bytes(),
+                Some(_) => b"=",
+                None => &[],
             };
             p.extend_from_slice(&(sel.len() as u16).to_be_bytes());
             p.extend_from_slice(sel);
+            // A name is a DNS label (at most 63 bytes); a longer one goes out empty: the
+            // service's pool, never another subset's.
+            let name = name.filter(|n| n.len() <= 63).unwrap_or_default();
+            p.push(name.len() as u8);
+            p.extend_from_slice(name.as_bytes());
         }
         if let Some(flow) = self.flow {
             p.extend_from_slice(&flow.to_be_bytes());
@@ -454,10 +466,12 @@ pub fn decode_open(payload: &[u8]) -> Result<Open, WireError> {
         flow,
         client,
         selector: None,
+        subset: None,
     })
 }
 
-/// The rest of a kind 7 open: its selector, checked as a subset's labels are.
+/// The rest of a kind 7 open: its selector, checked as a subset's labels are, and the
+/// subset's name.
 fn decode_selector(
     mut c: Cursor<'_>,
     service: ServiceName,
@@ -473,17 +487,41 @@ fn decode_selector(
         });
     }
     let s = c.str(n, "selector")?;
-    let selector =
-        meshfed_catalog::http_route::parse_selector(s).map_err(|reason| WireError::Field {
-            field: "selector",
-            reason,
-        })?;
-    // One spelling per selector (keys in order, as encode writes them): what decodes
-    // encodes back to the same bytes.
-    if meshfed_catalog::http_route::format_selector(&selector) != s {
+    let selector = if s.is_empty() {
+        None
+    } else {
+        let selector =
+            meshfed_catalog::http_route::parse_selector(s).map_err(|reason| WireError::Field {
+                field: "selector",
+                reason,
+            })?;
+        // One spelling per selector (keys in order, as encode writes them): what
+        // decodes encodes back to the same bytes.
+        if meshfed_catalog::http_route::format_selector(&selector) != s {
+            return Err(WireError::Field {
+                field: "selector",
+                reason: format!("{s:?}: labels out of key order"),
+            });
+        }
+        Some(selector)
+    };
+    let n = c.u8("subset name length")? as usize;
+    let name = c.str(n, "subset name")?;
+    let subset = if name.is_empty() {
+        None
+    } else {
+        if !meshfed_catalog::names::is_dns_label(name) {
+            return Err(WireError::Field {
+                field: "subset name",
+                reason: format!("{name:?} is not a DNS label"),
+            });
+        }
+        Some(name.to_owned())
+    };
+    if selector.is_none() && subset.is_none() {
         return Err(WireError::Field {
             field: "selector",
-            reason: format!("{s:?}: labels out of key order"),
+            reason: "neither a selector nor a subset name (use kind 1 or 5)".into(),
         });
     }
     c.finish()?;
@@ -493,7 +531,8 @@ fn decode_selector(
         source,
         flow: None,
         client,
-        selector: Some(selector),
+        selector,
+        subset,
     })
 }
 
@@ -549,6 +588,7 @@ mod tests {
             flow: None,
             client: None,
             selector: None,
+            subset: None,
         }
     }
 
@@ -613,7 +653,10 @@ mod tests {
             assert!(o.selector_fits());
             let framed = o.encode();
             assert_eq!(framed[3], KIND_OPEN_SELECTED);
-            assert!(framed.ends_with(b"\x00\x11app=db,version=v2"), "{framed:?}");
+            assert!(
+                framed.ends_with(b"\x00\x11app=db,version=v2\x00"),
+                "{framed:?}"
+            );
             assert_eq!(decode_open(payload(&framed)).unwrap(), o);
         }
         // A UDP flow carries none: no routes pick its subset.
@@ -633,9 +676,10 @@ mod tests {
                 .encode(),
             )
             .to_vec();
-            p.truncate(p.len() - 19);
+            p.truncate(p.len() - 20);
             p.extend_from_slice(&(s.len() as u16).to_be_bytes());
             p.extend_from_slice(s);
+            p.push(0);
             decode_open(&p)
         };
         assert!(with(b"version=v2").is_ok());
@@ -647,6 +691,7 @@ mod tests {
             b"",
             b"\xff=1",
             b"b=1,a=2",
+            b"=",
         ] {
             assert!(
                 matches!(
@@ -697,9 +742,64 @@ mod tests {
         p.push(0);
         assert_eq!(decode_open(&p), Err(WireError::Trailing(1)));
         assert_eq!(
-            decode_open(&p[..p.len() - 3]),
+            decode_open(&p[..p.len() - 4]),
             Err(WireError::Truncated("selector"))
         );
+        // A subset's name, with or without a selector (a subset of site labels only).
+        for selector in [None, Some(sel.clone())] {
+            let o = Open {
+                selector,
+                subset: Some("canary-2".into()),
+                ..open()
+            };
+            let framed = o.encode();
+            assert_eq!(framed[3], KIND_OPEN_SELECTED);
+            assert!(framed.ends_with(b"\x08canary-2"), "{framed:?}");
+            assert_eq!(decode_open(payload(&framed)).unwrap(), o);
+        }
+        let named = |n: &[u8]| {
+            let mut p = payload(
+                &Open {
+                    subset: Some("x".into()),
+                    ..open()
+                }
+                .encode(),
+            )
+            .to_vec();
+            p.truncate(p.len() - 2);
+            p.push(n.len() as u8);
+            p.extend_from_slice(n);
+            decode_open(&p)
+        };
+        assert!(named(b"v2").is_ok());
+        for bad in [&b"V2"[..], b"-v2", b"v_2", b"\xff"] {
+            assert!(
+                matches!(
+                    named(bad),
+                    Err(WireError::Field {
+                        field: "subset name",
+                        ..
+                    })
+                ),
+                "{bad:?}: {:?}",
+                named(bad)
+            );
+        }
+        // Neither: a kind 7 that names nothing.
+        assert!(matches!(
+            named(b""),
+            Err(WireError::Field {
+                field: "selector",
+                ..
+            })
+        ));
+        // A name past a DNS label's length goes out empty: the service's pool.
+        let long = Open {
+            selector: Some(sel.clone()),
+            subset: Some("x".repeat(64)),
+            ..open()
+        };
+        assert_eq!(decode_open(payload(&long.encode())).unwrap().subset, None);
     }
 
     /// The fuzz seeds (`tests/data/wire`, one open payload each) decode, and encode back

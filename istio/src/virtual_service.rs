@@ -2454,6 +2454,14 @@ pub(crate) fn subsets(d: &mut Doc<'_>, v: Option<&Value>) -> Vec<Subset> {
                 };
                 d.unsupported(&f, m, &["name", "labels", "trafficPolicy"]);
                 let name = match m.get("name").and_then(Value::as_str) {
+                    // Istio's validateSubsetName.
+                    Some(n) if !n.is_empty() && !meshfed_catalog::names::is_dns_label(n) => {
+                        d.err(
+                            format!("{f}.name"),
+                            format!("subset name is invalid: {n:?} (a DNS label)"),
+                        );
+                        continue;
+                    }
                     Some(n) if !n.is_empty() => n.to_owned(),
                     _ => {
                         d.err(format!("{f}.name"), "missing");
@@ -3147,6 +3155,8 @@ spec:
     fn what_istio_refuses_is_refused_with_its_field() {
         let rows: &[(&str, &str, &str)] = &[
             ("weight: 20", "weight: 30", "spec.http[1].route"),
+            // Istio's validateSubsetName: a DNS label.
+            ("  - name: v1\n", "  - name: V_1\n", "spec.subsets[0].name"),
             ("weight: 80", "weight: 180", "spec.http[1].route[0].weight"),
             (
                 "subset: v2}\n  - name: split",

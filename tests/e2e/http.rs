@@ -1616,6 +1616,9 @@ spec:
   - {{name: v2, labels: {{version: v2}}}}
   - {{name: v3, labels: {{version: v3}}}}
   - {{name: net, labels: {{topology.istio.io/network: n1}}}}
+  - name: v2one
+    labels: {{version: v2}}
+    trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: 1}}}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -1633,7 +1636,7 @@ spec:
     };
     let out = register_yaml(&west, "db.yaml", &yaml("v2"));
     assert!(out.contains("routes:db.demo"), "{out}");
-    let _west_gw = Gw::start(
+    let west_gw = Gw::start(
         &west,
         &meshfed_lab::ConfigBuilder {
             labels: Some("{topology.istio.io/network: n1}".into()),
@@ -1707,6 +1710,38 @@ spec:
         ) >= 20.0,
         "{m}"
     );
+
+    // A subset with a traffic policy of its own (`v2one`: tcp.maxConnections 1): the
+    // open names it, and west holds its connections to one at a time, apart from the
+    // service's (which has no limit).
+    register_yaml(&west, "db.yaml", &yaml("v2one"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while connections(tcp, 1, 1).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the v2one route never applied\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let overflow = r#"meshfed_gateway_refusals_total{direction="ingress",reason="overflow"}"#;
+    let before = (hits(), west_gw.metric(overflow).await);
+    let held = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(connections(tcp, 5, 1).await, 0, "v2one's one slot is held");
+    assert_eq!(west_gw.metric(overflow).await - before.1, 5.0);
+    // Once the held connection ends, its slot comes back (the next connection may race
+    // the release of the one before: a slot is held until both ends closed).
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connections(tcp, 1, 1).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(hits().0, before.0.0, "v2 only");
 
     // Over h2: the subset travels as the CONNECT's header, and the ingress echoes it.
     register_yaml(&west, "db.yaml", &yaml("v2"));

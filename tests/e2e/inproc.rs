@@ -562,6 +562,7 @@ pub(crate) async fn open_as(
         flow: None,
         client: None,
         selector: None,
+        subset: None,
     };
     send.write_all(&open.encode())
         .await

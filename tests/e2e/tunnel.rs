@@ -383,6 +383,7 @@ async fn typed_refusals_on_the_wire() {
             flow: None,
             client: None,
             selector: None,
+            subset: None,
         }
         .encode()
     };
@@ -455,6 +456,7 @@ async fn typed_refusals_on_the_wire() {
             flow: None,
             client: None,
             selector: None,
+            subset: None,
         }
         .encode()
     };
@@ -528,6 +530,7 @@ async fn typed_refusals_on_the_wire() {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
             ),
+            subset: None,
         }
         .encode()
     };
@@ -543,9 +546,9 @@ async fn typed_refusals_on_the_wire() {
         "{r:?}"
     );
     let mut unordered = selected(&[("a", "1"), ("b", "2")]);
-    let at = unordered.len() - 7;
-    assert_eq!(&unordered[at..], b"a=1,b=2");
-    unordered[at..].copy_from_slice(b"b=2,a=1");
+    let at = unordered.len() - 8;
+    assert_eq!(&unordered[at..], b"a=1,b=2\x00");
+    unordered[at..at + 7].copy_from_slice(b"b=2,a=1");
     let (r, _) = exchange(&conn, &unordered).await;
     assert!(
         matches!(

@@ -7,6 +7,7 @@
 //!          meshfed-source: <caller SPIFFE ID>
 //!          forwarded: for="<client ip:port>"        (RFC 7239, optional)
 //!          meshfed-subset: <k=v,...>        (a subset's endpoint labels, optional)
+//!          meshfed-subset-name: <name>      (a subset with a policy of its own, optional)
 //! accept   :status 200   meshfed-subset: <the same>   (echoed: the ingress applied it)
 //! refuse   :status 4xx/5xx   meshfed-refusal: <stable code>   meshfed-message: <text>
 //! ```
@@ -29,7 +30,9 @@ use http::{HeaderValue, Method, StatusCode};
 use meshfed_catalog::ServiceName;
 use meshfed_identity::SpiffeId;
 
-use meshfed_catalog::http_route::{SELECTOR_HEADER, format_selector, parse_selector};
+use meshfed_catalog::http_route::{
+    SELECTOR_HEADER, SUBSET_NAME_HEADER, format_selector, parse_selector,
+};
 
 use crate::wire::{Open, Refusal, Response, WireError};
 
@@ -71,6 +74,9 @@ pub fn request(open: &Open) -> Result<http::Request<()>, WireError> {
     }
     if let (Some(s), None) = (&open.selector, open.flow) {
         b = b.header(SELECTOR_HEADER, format_selector(s));
+    }
+    if let (Some(n), None) = (&open.subset, open.flow) {
+        b = b.header(SUBSET_NAME_HEADER, n.as_str());
     }
     b.body(()).map_err(field("request"))
 }
@@ -141,6 +147,18 @@ pub fn open(req: &http::request::Parts) -> Result<Open, WireError> {
         ),
         _ => None,
     };
+    let subset = match (req.headers.get(SUBSET_NAME_HEADER), flow) {
+        (Some(v), None) => {
+            let n = v
+                .to_str()
+                .map_err(|e| bad(SUBSET_NAME_HEADER, e.to_string()))?;
+            if !meshfed_catalog::names::is_dns_label(n) {
+                return Err(bad(SUBSET_NAME_HEADER, format!("{n:?} is not a DNS label")));
+            }
+            Some(n.to_owned())
+        }
+        _ => None,
+    };
     Ok(Open {
         service,
         port,
@@ -148,6 +166,7 @@ pub fn open(req: &http::request::Parts) -> Result<Open, WireError> {
         flow,
         client,
         selector,
+        subset,
     })
 }
 
@@ -263,6 +282,7 @@ mod tests {
             flow: None,
             client: None,
             selector: None,
+            subset: None,
         }
     }
 
@@ -297,10 +317,12 @@ mod tests {
     fn a_subset_selector_is_sent_and_echoed() {
         let o = Open {
             selector: Some([("version".into(), "v2".into())].into()),
+            subset: Some("v2".into()),
             ..base()
         };
         let (parts, ()) = request(&o).unwrap().into_parts();
         assert_eq!(parts.headers[SELECTOR_HEADER], "version=v2");
+        assert_eq!(parts.headers[SUBSET_NAME_HEADER], "v2");
         assert_eq!(open(&parts).unwrap(), o);
         let (accepted, ()) = accept(&o).into_parts();
         assert_eq!(accepted.status, StatusCode::OK);
@@ -362,6 +384,10 @@ mod tests {
             (
                 parts(&|b| ok(b).header(SELECTOR_HEADER, "a=1,a=2")),
                 SELECTOR_HEADER,
+            ),
+            (
+                parts(&|b| ok(b).header(SUBSET_NAME_HEADER, "Canary")),
+                SUBSET_NAME_HEADER,
             ),
             (
                 parts(&|b| {

@@ -464,15 +464,17 @@ impl Upstream {
         g
     }
 
-    /// A connection slot of `open`'s TCP port under `limits` (`tcp.maxConnections`),
-    /// held while the tunnelled connection lives; `None` when all are taken: a TCP
-    /// connection never waits (Envoy's TCP proxy does not queue either).
+    /// A connection slot of `open`'s TCP port (of its `subset` with a policy of its own,
+    /// `""`: the service's) under `limits` (`tcp.maxConnections`), held while the
+    /// tunnelled connection lives; `None` when all are taken: a TCP connection never
+    /// waits (Envoy's TCP proxy does not queue either).
     pub fn tcp_slot(
         &self,
         open: &Open,
+        subset: &str,
         limits: ConnectionPool,
     ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.gate(open, "", limits)
+        self.gate(open, subset, limits)
             .slots
             .clone()
             .try_acquire_owned()
@@ -1217,6 +1219,7 @@ mod tests {
             flow: None,
             client: None,
             selector: None,
+            subset: None,
         };
         let up = Upstream::new(Duration::from_secs(1), Metrics::default());
         let opens = [open("a.demo", 80), open("b.demo", 80), open("a.demo", 81)];
