@@ -1,6 +1,7 @@
 //! Processes for the benchmarks that run real processes on loopback (http-bench,
 //! sni-bench): children killed on drop, commands run or spawned with their output in a
-//! log, free ports, CPU from `/proc`, and a federation with joined sites.
+//! log, free ports, CPU from `/proc`, a federation with joined sites, nginx, haproxy's
+//! PEM files, and the figures' ratios and ranges.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -120,4 +121,58 @@ pub async fn federation(
         sites.push(s);
     }
     Ok(sites)
+}
+
+/// nginx in the foreground with one worker and these `servers` (its `http` block's
+/// server lines), its files in `dir`.
+pub fn nginx(dir: &Path, servers: &str) -> Result<Child> {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {}/nginx.pid;\nerror_log {}/nginx.err;\n\
+             events {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n{servers}}}\n",
+            dir.display(),
+            dir.display()
+        ),
+    )?;
+    spawn(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir),
+        &dir.join("nginx.log"),
+    )
+    .context("nginx (apt-get install nginx)")
+}
+
+/// A site's gateway certificate and key in one PEM file (haproxy's `crt`), and its CA's
+/// certificate (haproxy's `ca-file`), written to `dir`.
+pub fn haproxy_pems(dir: &Path, s: &SiteFiles) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let pem = dir.join(format!("{}-haproxy.pem", s.site));
+    std::fs::write(
+        &pem,
+        std::fs::read_to_string(&s.cert)? + &std::fs::read_to_string(&s.key)?,
+    )?;
+    let ca_pem = dir.join(format!("{}-ca.pem", s.site));
+    let ca = meshfed_identity::Ca::load(&s.dir.join("ca"))?;
+    std::fs::write(
+        &ca_pem,
+        meshfed_identity::ca::der_to_pem("CERTIFICATE", ca.cert()),
+    )?;
+    Ok((pem, ca_pem))
+}
+
+/// The lowest, highest and mean of `v`.
+pub fn range(v: &[f64]) -> (f64, f64, f64) {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    (lo, hi, v.iter().sum::<f64>() / v.len().max(1) as f64)
+}
+
+/// `a / b`, figure by figure (round by round).
+pub fn ratio(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
 }

@@ -40,7 +40,7 @@ mod procs;
 mod topo;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Instant;
 
@@ -92,25 +92,7 @@ fn nginx(dir: &Path, blocks: &[(&str, u16, u16)]) -> Result<Child> {
              keepalive_requests 1000000; location / {{ return 200 \"{site}\\n\"; }} }}\n"
         ));
     }
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nworker_processes 1;\npid {}/nginx.pid;\nerror_log {}/nginx.err;\n\
-             events {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n{servers}}}\n",
-            dir.display(),
-            dir.display()
-        ),
-    )?;
-    spawn(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir),
-        &dir.join("nginx.log"),
-    )
-    .context("nginx (apt-get install nginx)")
+    procs::nginx(dir, &servers)
 }
 
 /// The haproxy pair: A at `front_h1`/`front_h2` (plain HTTP/1.1 and h2c), a 50/50
@@ -126,23 +108,8 @@ fn haproxy_pair(
     nginx_h1: (u16, u16),
     (split, threads): (bool, usize),
 ) -> Result<Vec<Child>> {
-    let pem = |s: &SiteFiles| -> Result<PathBuf> {
-        let p = dir.join(format!("{}-haproxy.pem", s.site));
-        let cert = std::fs::read_to_string(&s.cert)?;
-        let key = std::fs::read_to_string(&s.key)?;
-        std::fs::write(&p, cert + &key)?;
-        Ok(p)
-    };
-    let ca = |s: &SiteFiles| -> Result<PathBuf> {
-        let p = dir.join(format!("{}-ca.pem", s.site));
-        let ca = meshfed_identity::Ca::load(&s.dir.join("ca"))?;
-        std::fs::write(
-            &p,
-            meshfed_identity::ca::der_to_pem("CERTIFICATE", ca.cert()),
-        )?;
-        Ok(p)
-    };
-    let (a_pem, b_pem, a_ca, b_ca) = (pem(a)?, pem(b)?, ca(a)?, ca(b)?);
+    let ((a_pem, a_ca), (b_pem, b_ca)) =
+        (procs::haproxy_pems(dir, a)?, procs::haproxy_pems(dir, b)?);
     let server = |name: &str, port: u16, alpn: &str| {
         format!(
             "  server {name} 127.0.0.1:{port} weight 50 ssl verify required ca-file {} crt {} alpn {alpn}\n",
@@ -616,14 +583,7 @@ async fn main() -> Result<()> {
     }
     drop(procs);
 
-    let range = |v: &[f64]| {
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-        (lo, hi, v.iter().sum::<f64>() / v.len().max(1) as f64)
-    };
-    let ratio =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    use procs::{range, ratio};
     let f = |v: &[u64]| v.iter().map(|x| *x as f64).collect::<Vec<_>>();
     println!("\nratios per round (same run), range and mean:");
     let mut headline = (f64::MAX, f64::MIN, f64::MAX);

@@ -144,25 +144,7 @@ fn nginx(dir: &Path, cert: &Path, key: &Path, blocks: &[(&str, u16)]) -> Result<
             key.display()
         ));
     }
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nworker_processes 1;\npid {}/nginx.pid;\nerror_log {}/nginx.err;\n\
-             events {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n{servers}}}\n",
-            dir.display(),
-            dir.display()
-        ),
-    )?;
-    spawn(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir),
-        &dir.join("nginx.log"),
-    )
-    .context("nginx (apt-get install nginx)")
+    procs::nginx(dir, &servers)
 }
 
 /// The haproxy pair: A at `front` (`mode tcp`, choosing a backend by the ClientHello's
@@ -176,24 +158,8 @@ fn haproxy_pair(
     nginx_ports: (u16, u16),
     threads: usize,
 ) -> Result<Vec<Child>> {
-    let pem = |s: &SiteFiles| -> Result<PathBuf> {
-        let p = dir.join(format!("{}-haproxy.pem", s.site));
-        std::fs::write(
-            &p,
-            std::fs::read_to_string(&s.cert)? + &std::fs::read_to_string(&s.key)?,
-        )?;
-        Ok(p)
-    };
-    let ca = |s: &SiteFiles| -> Result<PathBuf> {
-        let p = dir.join(format!("{}-ca.pem", s.site));
-        let ca = meshfed_identity::Ca::load(&s.dir.join("ca"))?;
-        std::fs::write(
-            &p,
-            meshfed_identity::ca::der_to_pem("CERTIFICATE", ca.cert()),
-        )?;
-        Ok(p)
-    };
-    let (a_pem, b_pem, a_ca, b_ca) = (pem(a)?, pem(b)?, ca(a)?, ca(b)?);
+    let ((a_pem, a_ca), (b_pem, b_ca)) =
+        (procs::haproxy_pems(dir, a)?, procs::haproxy_pems(dir, b)?);
     let head = format!(
         "global\n  maxconn 8000\n  nbthread {threads}\n\
          defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n"
@@ -541,14 +507,7 @@ async fn main() -> Result<()> {
     }
     drop(procs);
 
-    let range = |v: &[f64]| {
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
-        (lo, hi, v.iter().sum::<f64>() / v.len().max(1) as f64)
-    };
-    let ratio =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    use procs::{range, ratio};
     println!("\nratios per round (same run), range and mean:");
     let mut lines = Vec::new();
     let mut headline = (f64::MAX, f64::MAX, f64::MAX, f64::MIN);

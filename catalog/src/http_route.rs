@@ -2378,14 +2378,7 @@ fn check_sni_host(h: &str) -> Result<(), String> {
     if h.is_empty() || h.len() > 255 {
         return Err(bad());
     }
-    let label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
+    let label = crate::names::is_dns_label;
     let mut labels = h.split('.');
     let first = labels.next().unwrap_or_default();
     let first_ok = match first.strip_prefix('*') {

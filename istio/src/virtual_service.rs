@@ -1427,25 +1427,7 @@ fn tls_route(
         }
         Some(_) => d.err(format!("{field}.match"), "must be a list"),
     }
-    let dests = match m.get("route") {
-        Some(Value::Array(a)) if !a.is_empty() => a,
-        Some(Value::Array(_)) | None | Some(Value::Null) => {
-            d.err(format!("{field}.route"), "TLS route is required");
-            return None;
-        }
-        Some(_) => {
-            d.err(format!("{field}.route"), "must be a list");
-            return None;
-        }
-    };
-    let (destinations, hosts) = route_destinations(d, dests, &field, false);
-    Some((
-        TcpRoute {
-            matches,
-            destinations,
-        },
-        hosts,
-    ))
+    l4_route(d, m, &field, "TLS", matches)
 }
 
 /// Istio's `validateSniHost`: a domain name or wildcard (an IP address is warned about:
@@ -1501,11 +1483,25 @@ fn tcp_route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(TcpRoute, Vec<(usi
         }
         Some(_) => d.err(format!("{field}.match"), "must be a list"),
     }
+    l4_route(d, m, &field, "TCP", matches)
+}
+
+/// A TCP or TLS route (`kind`) of `matches` and its `route` (required, Istio's words),
+/// with its destinations' hosts by index.
+fn l4_route(
+    d: &mut Doc<'_>,
+    m: &serde_json::Map<String, Value>,
+    field: &str,
+    kind: &str,
+    matches: Vec<TcpMatch>,
+) -> Option<(TcpRoute, Vec<(usize, String)>)> {
     let dests = match m.get("route") {
         Some(Value::Array(a)) if !a.is_empty() => a,
         Some(Value::Array(_)) | None | Some(Value::Null) => {
-            // Istio's words.
-            d.err(format!("{field}.route"), "TCP route is required");
+            d.err(
+                format!("{field}.route"),
+                format!("{kind} route is required"),
+            );
             return None;
         }
         Some(_) => {
@@ -1513,7 +1509,7 @@ fn tcp_route(d: &mut Doc<'_>, v: &Value, i: usize) -> Option<(TcpRoute, Vec<(usi
             return None;
         }
     };
-    let (destinations, hosts) = route_destinations(d, dests, &field, false);
+    let (destinations, hosts) = route_destinations(d, dests, field, false);
     Some((
         TcpRoute {
             matches,
