@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 
 use meshfed_catalog::authz::AuthorizationPolicy;
-use meshfed_catalog::catalog::Protocol;
+use meshfed_catalog::catalog::{AppProtocol, Protocol};
 use meshfed_catalog::http_route::{HttpPolicy, Subset};
 use meshfed_catalog::legacy::{
     HEALTH_PREFIX, HealthCheck, HealthKind, LegacyEndpoint, LegacyPort, LegacyService, Location,
@@ -743,6 +743,43 @@ fn http_policies(
             };
             if !seen.insert(service.clone()) {
                 continue;
+            }
+            // A ServiceEntry of this file whose ports none of the routes apply to (Istio
+            // applies `tcp` routes to TCP ports and `tls` routes to HTTPS and TLS ports,
+            // silently): said, for the operator who wrote `tls` for a TCP port.
+            if let Some(se) = services.iter().find(|s| s.service == service) {
+                let app = |p: &meshfed_catalog::legacy::LegacyPort| {
+                    AppProtocol::from_istio(&p.app_protocol)
+                };
+                let tcp_ports = se
+                    .ports
+                    .iter()
+                    .any(|p| p.protocol == Protocol::Tcp && app(p) == AppProtocol::Tcp);
+                let tls_ports = se
+                    .ports
+                    .iter()
+                    .any(|p| p.protocol == Protocol::Tcp && app(p) == AppProtocol::Tls);
+                for (routes, ports, field, kind) in [
+                    (
+                        !vs.tcp_routes.is_empty(),
+                        tcp_ports,
+                        "spec.tcp",
+                        "TCP port (protocol TCP, or one meshfed carries as bytes)",
+                    ),
+                    (
+                        !vs.tls_routes.is_empty(),
+                        tls_ports,
+                        "spec.tls",
+                        "TLS port (protocol HTTPS or TLS)",
+                    ),
+                ] {
+                    if routes && !ports {
+                        d.warn(
+                            field,
+                            format!("{service}'s ServiceEntry has no {kind}: these routes apply to none of its ports"),
+                        );
+                    }
+                }
             }
             let mut routes = vs.routes.clone();
             let mut tcp_routes = vs.tcp_routes.clone();

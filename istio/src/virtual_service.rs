@@ -3904,6 +3904,15 @@ spec:
         assert_eq!(w, [(Some("north"), 90), (Some("west"), 10)]);
         // Both hosts of the ServiceEntry are one service's: one policy.
         assert_eq!(r.http_policies.len(), 1);
+        // TLS routes for a ServiceEntry without a TLS port apply to none: warned.
+        let r = parse(&file.replace("protocol: TLS", "protocol: TCP")).unwrap();
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.field == "spec.tls" && w.message.contains("no TLS port")),
+            "{:?}",
+            r.warnings
+        );
         let with = |tls: &str| {
             let head = file.split("  tls:\n").next().unwrap();
             let tail = file
