@@ -744,10 +744,11 @@ impl Egress {
             }
             PeerConn::Quic(c) => c,
         };
+        let version = crate::tunnel::wire_version(conn);
         // A subset's selector travels only to a peer that chose meshfed/3; without it
         // the peer could connect to any endpoint, so another site is tried. (A subset's
         // name alone, for its connection pool, is not sent to an older peer.)
-        if open.selector.is_some() && !crate::tunnel::speaks_v3(conn) {
+        if open.selector.is_some() && version < 3 {
             return Ok(Err((
                 Refusal::UnsupportedVersion,
                 "the peer's gateway does not connect by a subset's endpoint labels (it speaks meshfed/2 or older)".into(),
@@ -755,7 +756,7 @@ impl Egress {
         }
         // The client's address travels only to a peer that chose meshfed/2, a subset's
         // name only to one that chose meshfed/3.
-        let frame = match crate::tunnel::wire_version(conn) {
+        let frame = match version {
             1 if open.client.is_some() || open.subset.is_some() => Open {
                 client: None,
                 subset: None,

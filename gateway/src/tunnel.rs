@@ -167,12 +167,6 @@ pub fn speaks_v2(conn: &quinn::Connection) -> bool {
     wire_version(conn) >= 2
 }
 
-/// Whether both ends of `conn` chose `meshfed/3` (a TCP open may carry a subset's
-/// endpoint selector).
-pub fn speaks_v3(conn: &quinn::Connection) -> bool {
-    wire_version(conn) >= 3
-}
-
 /// The client half for dialing one peer, which must present exactly `peer_id`.
 pub fn client_config(
     svid: Arc<SvidResolver>,

@@ -250,8 +250,10 @@ fn frame(payload: Vec<u8>) -> Vec<u8> {
 impl Open {
     /// Whether the selector, as the wire carries it, is within [`MAX_SELECTOR_LEN`].
     pub fn selector_fits(&self) -> bool {
+        // `k=v` per label, `,` between them: counted, not written.
         self.selector.as_ref().is_none_or(|s| {
-            meshfed_catalog::http_route::format_selector(s).len() <= MAX_SELECTOR_LEN
+            let len: usize = s.iter().map(|(k, v)| k.len() + 1 + v.len()).sum();
+            len + s.len().saturating_sub(1) <= MAX_SELECTOR_LEN
         })
     }
 
@@ -723,6 +725,25 @@ mod tests {
             ..open()
         };
         assert!(!huge.selector_fits());
+        // Counted as written: at the bound exactly, and one past it.
+        for extra in [0, 1] {
+            let mut sel = std::collections::BTreeMap::new();
+            for i in 0..15 {
+                sel.insert(format!("k{i:02}"), "v".repeat(63));
+            }
+            let written = meshfed_catalog::http_route::format_selector(&sel).len();
+            sel.insert(
+                "z".into(),
+                "v".repeat(MAX_SELECTOR_LEN - written - 3 + extra),
+            );
+            let o = Open {
+                selector: Some(sel.clone()),
+                ..open()
+            };
+            let len = meshfed_catalog::http_route::format_selector(&sel).len();
+            assert_eq!(len, MAX_SELECTOR_LEN + extra);
+            assert_eq!(o.selector_fits(), extra == 0, "{len} bytes");
+        }
         assert!(matches!(
             decode_open(payload(&huge.encode())),
             Err(WireError::Field {
