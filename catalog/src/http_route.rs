@@ -2524,6 +2524,19 @@ pub fn endpoint_selector(subset: &Subset) -> Option<BTreeMap<String, String>> {
     (!v.is_empty()).then_some(v)
 }
 
+/// Whether `subset` may have endpoints at `site`: its cluster and site labels (if any)
+/// name it. An ingress takes a peer's open or request that names a subset as that
+/// subset's only when this holds and the selector sent is its [`endpoint_selector`]
+/// (anything else gets the service's policy, so a peer cannot take a subset's
+/// connection pool for endpoints outside it). Pure.
+pub fn subset_at_site(subset: &Subset, site: &SiteName) -> bool {
+    subset
+        .labels
+        .iter()
+        .filter(|(k, _)| *k == CLUSTER_LABEL || *k == SITE_LABEL)
+        .all(|(k, v)| site_label_holds(k, v, site, None))
+}
+
 /// A selector as [`SELECTOR_HEADER`] and the tunnel's open request carry it: `k=v`
 /// joined by `,` (label keys and values hold neither).
 pub fn format_selector(selector: &BTreeMap<String, String>) -> String {
@@ -3344,6 +3357,33 @@ mod tests {
                 .filter(|i| hits(p, (i * (u64::from(u32::MAX) + 1) / 100_000) as u32))
                 .count();
             assert!(got.abs_diff(want) <= 1, "{p} per million: {got}");
+        }
+    }
+
+    /// A subset may have endpoints at a site unless its cluster or site label names
+    /// another; its other labels are the endpoints' business.
+    #[test]
+    fn a_subset_is_at_the_sites_its_site_labels_name() {
+        let west = SiteName::new("west").unwrap();
+        for (labels, want) in [
+            (vec![], true),
+            (vec![("version", "v2")], true),
+            (vec![("topology.istio.io/network", "n2")], true),
+            (vec![(SITE_LABEL, "west")], true),
+            (vec![(CLUSTER_LABEL, "west"), ("version", "v2")], true),
+            (vec![(SITE_LABEL, "north")], false),
+            (vec![(CLUSTER_LABEL, "north")], false),
+            (vec![(SITE_LABEL, "west"), (CLUSTER_LABEL, "north")], false),
+        ] {
+            let subset = Subset {
+                name: "s".into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                policy: None,
+            };
+            assert_eq!(subset_at_site(&subset, &west), want, "{labels:?}");
         }
     }
 

@@ -79,9 +79,18 @@ pub struct Ingress {
     /// The TCP streams spliced now, decided again when policies or exports change.
     live_streams: Mutex<std::collections::HashMap<u64, LiveStream>>,
     next_stream: std::sync::atomic::AtomicU64,
-    /// This site's labels (`federation.labels`), which every endpoint holds for the
-    /// subsets that select it ([`meshfed_catalog::http_route::endpoint_labels`]).
-    site_labels: BTreeMap<String, String>,
+    /// This site.
+    site: ThisSite,
+}
+
+/// The site an ingress serves.
+pub struct ThisSite {
+    /// Its name, which a subset's cluster and site labels must name for the subset's
+    /// policy to apply here.
+    pub name: meshfed_catalog::SiteName,
+    /// Its labels (`federation.labels`), which every endpoint holds for the subsets
+    /// that select it ([`meshfed_catalog::http_route::endpoint_labels`]).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A spliced TCP stream, as the decision saw it; cancelling `cut` resets it.
@@ -145,7 +154,7 @@ struct Admitted {
     /// a TCP port) and, on an HTTP port, each endpoint connection's limits.
     policy: crate::http::ingress::EndpointPolicy,
     /// On an HTTP port, the subsets with a policy of their own.
-    subsets: Vec<(String, crate::http::ingress::EndpointPolicy)>,
+    subsets: Vec<crate::http::ingress::NamedPolicy>,
     /// On a TCP port, the subset whose policy `policy` is (`""`: the service's), which
     /// keys its connection pool.
     pool_key: String,
@@ -318,10 +327,10 @@ impl Ingress {
         flows: FlowLimits,
         metrics: Metrics,
         bundles: Arc<arc_swap::ArcSwap<meshfed_identity::BundleSet>>,
-        site_labels: BTreeMap<String, String>,
+        site: ThisSite,
     ) -> Self {
         Self {
-            site_labels,
+            site,
             upstream: crate::http::ingress::Upstream::new(connect_timeout, metrics.clone()),
             bundles,
             exports: arc_swap::ArcSwap::from_pointee(exports),
@@ -956,22 +965,27 @@ impl Ingress {
                         p,
                         open.port,
                         http.is_some() || named,
+                        &self.site.name,
                     ),
                 };
                 // A TCP stream of a subset with a policy of its own: that policy, and
-                // a connection pool of the subset's own (an unknown name: the service's).
+                // a connection pool of the subset's own. A name this site does not
+                // know, or one sent with another subset's selector, gets the service's.
                 let mut pool_key = String::new();
                 if named {
                     let name = open.subset.as_deref().unwrap_or_default();
-                    if let Some(i) = subsets.iter().position(|(s, _)| s == name) {
-                        let (s, p) = subsets.swap_remove(i);
-                        (pool_key, policy) = (s, p);
+                    let own = subsets
+                        .iter()
+                        .position(|s| s.is(name.as_bytes(), open.selector.as_ref()));
+                    if let Some(i) = own {
+                        let s = subsets.swap_remove(i);
+                        (pool_key, policy) = (s.name, s.policy);
                     }
                     subsets.clear();
                 }
                 let labels = match e {
                     Some(e) if http.is_some() || open.selector.is_some() => {
-                        labels_of(r.endpoints, &e.endpoint_labels, &self.site_labels)
+                        labels_of(r.endpoints, &e.endpoint_labels, &self.site.labels)
                     }
                     _ => vec![],
                 };

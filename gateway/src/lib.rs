@@ -715,10 +715,14 @@ pub async fn start_with(
         flow_limits,
         metrics.clone(),
         bundle_store.clone(),
-        cfg.federation
-            .as_ref()
-            .map(|f| f.labels.clone())
-            .unwrap_or_default(),
+        ingress::ThisSite {
+            name: cfg.site.clone(),
+            labels: cfg
+                .federation
+                .as_ref()
+                .map(|f| f.labels.clone())
+                .unwrap_or_default(),
+        },
     ));
     tokio::spawn(ingress.clone().serve(endpoint.clone(), streams_w.clone()));
     tokio::spawn(ingress.clone().serve_h2(

@@ -427,21 +427,32 @@ pub async fn quic_as_east(
     s: &TwoSites,
     west_bundle: meshfed_identity::TrustBundle,
 ) -> Result<quinn::Connection, String> {
+    quic_as(&s.east, &s.west, s.west_gw.quic, west_bundle).await
+}
+
+/// A raw QUIC connection to `to`'s gateway at `addr` with `from`'s SVID, trusting
+/// `bundle` for `to`, to speak the wire protocol directly (as a peer gateway would).
+pub async fn quic_as(
+    from: &SiteFiles,
+    to: &SiteFiles,
+    addr: SocketAddr,
+    bundle: meshfed_identity::TrustBundle,
+) -> Result<quinn::Connection, String> {
     use meshfed_identity::{BundleSet, PeerPolicy, SpiffeVerifier, Svid};
     use std::sync::Arc;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let svid = Svid::load(&s.east.cert, &s.east.key).map_err(|e| e.to_string())?;
-    let bundles: BundleSet = [west_bundle].into_iter().collect();
+    let svid = Svid::load(&from.cert, &from.key).map_err(|e| e.to_string())?;
+    let bundles: BundleSet = [bundle].into_iter().collect();
     let v = SpiffeVerifier::new(
         Arc::new(arc_swap::ArcSwap::from_pointee(bundles)),
-        PeerPolicy::Only([s.west.id.clone()].into()),
+        PeerPolicy::Only([to.id.clone()].into()),
     );
     let resolver =
         Arc::new(meshfed_identity::tls::SvidResolver::new(&svid).map_err(|e| e.to_string())?);
     let cfg = meshfed_gateway::tunnel::client_config(resolver, v, Default::default())
         .map_err(|e| e.to_string())?;
     let ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).map_err(|e| e.to_string())?;
-    ep.connect_with(cfg, s.west_gw.quic, "west")
+    ep.connect_with(cfg, addr, &to.site)
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())

@@ -1743,6 +1743,43 @@ spec:
     }
     assert_eq!(hits().0, before.0.0, "v2 only");
 
+    // A peer cannot take v2one's pool for other endpoints: an open that names v2one
+    // but selects v1's endpoints (or all of them) is not v2one's at west, and gets the
+    // service's pool (no limit) while v2one's one slot is held; v2one's own open
+    // overflows.
+    let held = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    let bundle = meshfed_identity::BundleSet::read_bundle_file(&west.bundle, None).unwrap();
+    let raw = crate::harness::quic_as(&east, &west, west_gw.quic, bundle)
+        .await
+        .unwrap();
+    let open = |selector: Option<&str>| {
+        meshfed_gateway::wire::Open {
+            service: "db.demo".parse().unwrap(),
+            port: tcp_port,
+            source: east.id.clone(),
+            flow: None,
+            client: None,
+            selector: selector.map(|v| [("version".to_owned(), v.to_owned())].into()),
+            subset: Some("v2one".into()),
+        }
+        .encode()
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (selector, want) in [
+        (Some("v2"), Err("overflow")),
+        (Some("v1"), Ok(())),
+        (None, Ok(())),
+    ] {
+        let (r, _send) = crate::tunnel::exchange(&raw, &open(selector)).await;
+        let got = match r {
+            Ok(meshfed_gateway::wire::Response::Accept) => Ok(()),
+            Ok(meshfed_gateway::wire::Response::Refuse { reason, .. }) => Err(reason.as_str()),
+            Err(e) => panic!("{selector:?}: {e}"),
+        };
+        assert_eq!(got, want, "an open naming v2one with selector {selector:?}");
+    }
+    drop(held);
+
     // Over h2: the subset travels as the CONNECT's header, and the ingress echoes it.
     register_yaml(&west, "db.yaml", &yaml("v2"));
     drop(east_gw);

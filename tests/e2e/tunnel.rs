@@ -348,7 +348,7 @@ async fn raw_client(s: &TwoSites) -> quinn::Connection {
     quic_as_east(s, west).await.unwrap()
 }
 
-async fn exchange(
+pub(crate) async fn exchange(
     conn: &quinn::Connection,
     bytes: &[u8],
 ) -> (Result<Response, String>, quinn::SendStream) {

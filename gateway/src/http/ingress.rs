@@ -38,8 +38,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshfed_catalog::ServiceName;
 use meshfed_catalog::catalog::AppProtocol;
 use meshfed_catalog::http_route::{
-    ConnectionPool, Outlier, SELECTOR_HEADER, SUBSET_NAME_HEADER, TcpKeepalive, parse_selector,
-    selected,
+    ConnectionPool, Outlier, SELECTOR_HEADER, SUBSET_NAME_HEADER, TcpKeepalive, endpoint_selector,
+    parse_selector, selected, subset_at_site,
 };
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -867,8 +867,12 @@ impl Upstream {
     }
 }
 
-/// The endpoints in the subset a request names ([`SELECTOR_HEADER`], from the egress):
-/// `None` when it names none (every endpoint); an answer when the header is malformed
+/// A request's subset selector, and the endpoints that hold it.
+type Selected = (BTreeMap<String, String>, Vec<SocketAddr>);
+
+/// The subset a request selects ([`SELECTOR_HEADER`], from the egress) and the
+/// endpoints in it: `None` when it names none (every endpoint); an answer when the
+/// header is malformed
 /// (400 `malformed_header`) or no endpoint is in the subset (503 `no_ready_endpoint`,
 /// which the egress may retry at another site: nothing was sent).
 #[allow(clippy::result_large_err)]
@@ -877,7 +881,7 @@ fn in_subset(
     endpoints: &[SocketAddr],
     labels: &[BTreeMap<String, String>],
     open: &Open,
-) -> Result<Option<Vec<SocketAddr>>, Response<Body>> {
+) -> Result<Option<Selected>, Response<Body>> {
     let Some(v) = req.headers().get(SELECTOR_HEADER) else {
         return Ok(None);
     };
@@ -911,7 +915,7 @@ fn in_subset(
             ),
         ));
     }
-    Ok(Some(some))
+    Ok(Some((selector, some)))
 }
 
 /// The endpoints a request may go to, and the hosts of the cluster whose outlier
@@ -942,9 +946,9 @@ pub struct Serving {
     pub labels: Vec<BTreeMap<String, String>>,
     /// What applies toward the service's endpoints.
     pub policy: EndpointPolicy,
-    /// Subsets with a `trafficPolicy` of their own, by name (a request names its
-    /// subset in [`SUBSET_NAME_HEADER`]).
-    pub subsets: Vec<(String, EndpointPolicy)>,
+    /// Subsets with a `trafficPolicy` of their own (a request names its subset in
+    /// [`SUBSET_NAME_HEADER`]).
+    pub subsets: Vec<NamedPolicy>,
 }
 
 /// What the exporting gateway applies toward a service's endpoints, or a subset's.
@@ -958,14 +962,15 @@ pub struct EndpointPolicy {
     pub conn: ConnLimits,
 }
 
-/// What the exporting gateway applies toward `policy`'s endpoints on `port` (its port
-/// settings over its own blocks), and on an HTTP port (`http`) toward each subset with
-/// a policy of its own, by name. Pure.
+/// What the exporting gateway at `site` applies toward `policy`'s endpoints on `port`
+/// (its port settings over its own blocks), and on an HTTP port (`http`) toward each
+/// subset with a policy of its own that may have endpoints at the site. Pure.
 pub fn endpoint_policies(
     policy: &meshfed_catalog::http_route::HttpPolicy,
     port: u16,
     http: bool,
-) -> (EndpointPolicy, Vec<(String, EndpointPolicy)>) {
+    site: &meshfed_catalog::SiteName,
+) -> (EndpointPolicy, Vec<NamedPolicy>) {
     let of = |t: meshfed_catalog::http_route::Traffic| EndpointPolicy {
         outlier: t.outlier,
         pool: t.pool.connection_pool,
@@ -980,8 +985,12 @@ pub fn endpoint_policies(
         policy
             .subsets
             .iter()
-            .filter(|s| s.policy.is_some())
-            .map(|s| (s.name.clone(), of(policy.traffic(port, Some(s)))))
+            .filter(|s| s.policy.is_some() && subset_at_site(s, site))
+            .map(|s| NamedPolicy {
+                name: s.name.clone(),
+                selector: endpoint_selector(s),
+                policy: of(policy.traffic(port, Some(s))),
+            })
             .collect()
     } else {
         Vec::new()
@@ -989,17 +998,40 @@ pub fn endpoint_policies(
     (of(policy.traffic(port, None)), subsets)
 }
 
+/// A subset with a policy of its own, as the ingress applies it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedPolicy {
+    pub name: String,
+    /// What an open or a request for the subset selects endpoints by
+    /// ([`endpoint_selector`]).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub policy: EndpointPolicy,
+}
+
+impl NamedPolicy {
+    /// Whether an open or a request that names subset `name` and selects by `selector`
+    /// is this subset's: both must be what an egress sends for it. Pure.
+    pub fn is(&self, name: &[u8], selector: Option<&BTreeMap<String, String>>) -> bool {
+        self.name.as_bytes() == name && self.selector.as_ref() == selector
+    }
+}
+
 impl Serving {
-    /// The policy for a request naming subset `name` (its [`SUBSET_NAME_HEADER`]),
-    /// with the key of its connection pool: the subset's own when it has a policy,
-    /// else the service's (`""`). Pure.
-    pub fn policy_for(&self, name: Option<&[u8]>) -> (&str, &EndpointPolicy) {
+    /// The policy for a request naming subset `name` (its [`SUBSET_NAME_HEADER`]) and
+    /// selecting by `selector` (its [`SELECTOR_HEADER`]), with the key of its
+    /// connection pool: the subset's own when it has a policy and both are the
+    /// subset's ([`NamedPolicy::is`]), else the service's (`""`). Pure.
+    pub fn policy_for(
+        &self,
+        name: Option<&[u8]>,
+        selector: Option<&BTreeMap<String, String>>,
+    ) -> (&str, &EndpointPolicy) {
         match name {
             Some(v) if !self.subsets.is_empty() => self
                 .subsets
                 .iter()
-                .find(|(s, _)| s.as_bytes() == v)
-                .map_or(("", &self.policy), |(s, p)| (s.as_str(), p)),
+                .find(|s| s.is(v, selector))
+                .map_or(("", &self.policy), |s| (s.name.as_str(), &s.policy)),
             _ => ("", &self.policy),
         }
     }
@@ -1047,22 +1079,22 @@ pub async fn serve<IO>(
                         .http_request("ingress", refusal_status(reason));
                     error_response(refusal_status(reason), reason.as_str(), &message)
                 }
-                Ok(to) => {
-                    let policy = to.policy_for(
-                        req.headers()
-                            .get(SUBSET_NAME_HEADER)
-                            .map(http::HeaderValue::as_bytes),
-                    );
-                    match in_subset(&req, &to.endpoints, &to.labels, &open) {
-                        Ok(some) => {
-                            let hosts = Hosts::of(policy.0, &to.endpoints, some.as_deref());
-                            upstream
-                                .forward_pooled(req, hosts, app, &open, policy)
-                                .await
-                        }
-                        Err(answer) => answer,
+                Ok(to) => match in_subset(&req, &to.endpoints, &to.labels, &open) {
+                    Ok(subset) => {
+                        let (selector, some) = subset.unzip();
+                        let policy = to.policy_for(
+                            req.headers()
+                                .get(SUBSET_NAME_HEADER)
+                                .map(http::HeaderValue::as_bytes),
+                            selector.as_ref(),
+                        );
+                        let hosts = Hosts::of(policy.0, &to.endpoints, some.as_deref());
+                        upstream
+                            .forward_pooled(req, hosts, app, &open, policy)
+                            .await
                     }
-                }
+                    Err(answer) => answer,
+                },
             };
             Ok::<_, std::convert::Infallible>(answer)
         }
@@ -1116,40 +1148,58 @@ mod tests {
                 }],
             )
         };
-        let (own, subsets) = endpoint_policies(&policy, 80, true);
+        let here = meshfed_catalog::SiteName::new("west").unwrap();
+        let (own, subsets) = endpoint_policies(&policy, 80, true, &here);
         assert_eq!(own.pool, Some(pool(50)));
         assert_eq!(own.conn.idle, Some(Duration::from_secs(5)));
         // Only v2 has a policy: its pool block replaces the service's (no idle timeout
         // inherited from it).
         assert_eq!(subsets.len(), 1);
-        let v2 = &subsets[0].1;
+        let v2 = &subsets[0];
         assert_eq!(
             (
-                subsets[0].0.as_str(),
-                v2.pool,
-                v2.conn.per_conn,
-                v2.conn.idle
+                v2.name.as_str(),
+                v2.policy.pool,
+                v2.policy.conn.per_conn,
+                v2.policy.conn.idle
             ),
             ("v2", Some(pool(2)), Some(10), None)
         );
         // A TCP port has no subsets.
-        assert!(endpoint_policies(&policy, 80, false).1.is_empty());
+        assert!(endpoint_policies(&policy, 80, false, &here).1.is_empty());
+        // A subset pinned to another site (or cluster) has no policy here.
+        for (key, site) in [
+            (meshfed_catalog::http_route::SITE_LABEL, "north"),
+            (meshfed_catalog::http_route::CLUSTER_LABEL, "north"),
+            (meshfed_catalog::http_route::SITE_LABEL, "west"),
+        ] {
+            let mut pinned = policy.clone();
+            pinned.subsets[1].labels.insert(key.into(), site.into());
+            let found = endpoint_policies(&pinned, 80, true, &here).1;
+            assert_eq!(found.len(), usize::from(site == "west"), "{key}={site}");
+        }
         let serving = Serving {
             endpoints: vec![],
             labels: vec![],
             policy: own.clone(),
             subsets,
         };
-        // (request's subset name) → (pool key, pool)
-        for (name, want) in [
-            (None, ("", Some(pool(50)))),
-            (Some(&b"v2"[..]), ("v2", Some(pool(2)))),
+        let v2_labels: BTreeMap<String, String> = [("version".into(), "v2".into())].into();
+        let v1_labels: BTreeMap<String, String> = [("version".into(), "v1".into())].into();
+        // (request's subset name, its selector) → (pool key, pool)
+        for (name, selector, want) in [
+            (None, None, ("", Some(pool(50)))),
+            (None, Some(&v2_labels), ("", Some(pool(50)))),
+            (Some(&b"v2"[..]), Some(&v2_labels), ("v2", Some(pool(2)))),
             // v1 has no policy of its own; an unknown name is the service's.
-            (Some(&b"v1"[..]), ("", Some(pool(50)))),
-            (Some(&b"v3"[..]), ("", Some(pool(50)))),
+            (Some(&b"v1"[..]), Some(&v1_labels), ("", Some(pool(50)))),
+            (Some(&b"v3"[..]), None, ("", Some(pool(50)))),
+            // v2's name with v1's endpoints, or with all of them: not v2's pool.
+            (Some(&b"v2"[..]), Some(&v1_labels), ("", Some(pool(50)))),
+            (Some(&b"v2"[..]), None, ("", Some(pool(50)))),
         ] {
-            let (key, p) = serving.policy_for(name);
-            assert_eq!((key, p.pool), want, "{name:?}");
+            let (key, p) = serving.policy_for(name, selector);
+            assert_eq!((key, p.pool), want, "{name:?} {selector:?}");
         }
     }
 
