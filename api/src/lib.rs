@@ -285,6 +285,18 @@ pub fn change_to_pb(revision: Revision, c: &Change) -> pb::Change {
 /// The longest `locality` an export may carry (three DNS-label-sized parts).
 pub const MAX_LOCALITY: usize = 3 * 64;
 
+/// The longest app protocol name an export's port may carry.
+pub const MAX_PROTOCOL_NAME: usize = 32;
+
+/// Whether `s` could name an app protocol: 1 to [`MAX_PROTOCOL_NAME`] lowercase letters,
+/// digits and `-`, starting with a letter.
+fn is_protocol_token(s: &str) -> bool {
+    s.len() <= MAX_PROTOCOL_NAME
+        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, FieldError> {
     let service =
         ServiceName::parse(&e.service).map_err(|err| bad(&format!("{field}.service"), err))?;
@@ -316,10 +328,17 @@ pub fn export_from_pb(e: pb::ServiceExport, field: &str) -> Result<Export, Field
                     ));
                 }
                 Some(a) => a,
+                // A protocol a newer site knows and this build does not: its bytes are
+                // carried as they are, so mixed versions keep working (without what
+                // the newer protocol adds, such as routing by it).
+                None if is_protocol_token(&p.app_protocol) => AppProtocol::Tcp,
                 None => {
                     return Err(bad(
                         &format!("{f}.app_protocol"),
-                        format!("{:?} is not tcp, http, http2, grpc or tls", p.app_protocol),
+                        format!(
+                            "{:?} is not tcp, http, http2, grpc or tls, nor a protocol name (at most {MAX_PROTOCOL_NAME} of a-z, 0-9, -)",
+                            p.app_protocol
+                        ),
                     ));
                 }
             };
@@ -622,6 +641,29 @@ mod tests {
             bad_loc.locality = loc.to_string();
             let e = export_from_pb(bad_loc, "exports[0]").unwrap_err();
             assert_eq!(e.field, "exports[0].locality", "{loc}");
+        }
+        // A newer site's app protocol reads as bytes; what names none is an error.
+        for (name, want) in [
+            ("quic-datagrams", Some(AppProtocol::Tcp)),
+            ("h3", Some(AppProtocol::Tcp)),
+            ("tls", Some(AppProtocol::Tls)),
+            ("HTTP", None),
+            ("3d", None),
+            ("a b", None),
+            (&"x".repeat(MAX_PROTOCOL_NAME + 1), None),
+        ] {
+            let mut tcp = wire.clone();
+            tcp.ports[0].protocol = "tcp".into();
+            tcp.ports[0].app_protocol = name.to_string();
+            let got = export_from_pb(tcp, "exports[0]");
+            match want {
+                Some(a) => assert_eq!(got.unwrap().ports[0].app_protocol, a, "{name}"),
+                None => assert_eq!(
+                    got.unwrap_err().field,
+                    "exports[0].ports[0].app_protocol",
+                    "{name}"
+                ),
+            }
         }
         let mut bad_port = wire.clone();
         bad_port.ports[0].port = 70000;

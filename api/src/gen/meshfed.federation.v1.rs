@@ -61,7 +61,9 @@ pub struct Port {
     pub protocol: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
     pub name: ::prost::alloc::string::String,
-    /// What a TCP port speaks: "tcp" (or empty: bytes), "http", "http2" or "grpc".
+    /// What a TCP port speaks: "tcp" (or empty: bytes), "http", "http2", "grpc" or
+    /// "tls". A reader that does not know a name (a newer site's) carries the port's
+    /// bytes as for "tcp".
     #[prost(string, tag = "4")]
     pub app_protocol: ::prost::alloc::string::String,
 }
