@@ -3,7 +3,7 @@
 # coverage-guided by libFuzzer through cargo-fuzz. It runs on the pinned stable
 # toolchain: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z flags, and there is no
 # sanitizer (`-s none`: a machine here has one toolchain, and meshfed's crates forbid
-# unsafe code). Seeds: tests/data for the YAML targets, http_policy and wire. A crash fails the run, and
+# unsafe code). Seeds: tests/data for the YAML targets, http_policy, wire and hbone_open. A crash fails the run, and
 # libFuzzer leaves the input in fuzz/artifacts/<target>/. Last lines, per target:
 #   fuzz_<target>_runs: N
 set -euo pipefail
@@ -20,6 +20,7 @@ for t in $(cargo fuzz list); do
     istio_yaml) seeds=(../tests/data/serviceentry ../tests/data/gatewayapi ../tests/data/authorization) ;;
     http_policy) seeds=(../tests/data/http_policy) ;;
     wire) seeds=(../tests/data/wire) ;;
+    hbone_open) seeds=(../tests/data/hbone) ;;
   esac
   log=$(mktemp)
   if ! cargo fuzz run -s none "$t" "corpus/$t" "${seeds[@]}" -- \

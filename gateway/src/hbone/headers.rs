@@ -286,6 +286,45 @@ mod tests {
         }
     }
 
+    /// The `hbone_open` fuzz target's seeds read as it reads them: each CONNECT seed
+    /// decodes to an open, and the refusal seed to its code.
+    #[test]
+    fn the_fuzz_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/hbone");
+        let mut opens = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let text = std::fs::read_to_string(&p).unwrap();
+            let mut lines = text.split('\n');
+            let target = lines.next().unwrap();
+            let headers: Vec<(&str, &str)> = lines.filter_map(|l| l.split_once(": ")).collect();
+            if headers.iter().any(|(k, _)| *k == REFUSAL) {
+                let mut r = http::Response::builder().status(503);
+                for (k, v) in &headers {
+                    r = r.header(*k, *v);
+                }
+                let (parts, ()) = r.body(()).unwrap().into_parts();
+                let got = decode_response(&parts).unwrap();
+                assert!(matches!(got, Response::Refuse { .. }), "{}", p.display());
+                continue;
+            }
+            let mut r = http::Request::builder().method(Method::CONNECT);
+            r = match target.strip_prefix("udp ") {
+                Some(path) => r
+                    .uri(format!("https://x{path}"))
+                    .extension(h2::ext::Protocol::from_static(CONNECT_UDP)),
+                None => r.uri(target),
+            };
+            for (k, v) in &headers {
+                r = r.header(*k, *v);
+            }
+            let (parts, ()) = r.body(()).unwrap().into_parts();
+            open(&parts).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            opens += 1;
+        }
+        assert!(opens >= 4, "{opens} seeds");
+    }
+
     #[test]
     fn opens_round_trip() {
         for client in [
