@@ -1715,33 +1715,9 @@ spec:
     // open names it, and west holds its connections to one at a time, apart from the
     // service's (which has no limit).
     register_yaml(&west, "db.yaml", &yaml("v2one"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while connections(tcp, 1, 1).await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the v2one route never applied\n{}",
-            east_gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let overflow = r#"meshfed_gateway_refusals_total{direction="ingress",reason="overflow"}"#;
-    let before = (hits(), west_gw.metric(overflow).await);
-    let held = tokio::net::TcpStream::connect(tcp).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(connections(tcp, 5, 1).await, 0, "v2one's one slot is held");
-    assert_eq!(west_gw.metric(overflow).await - before.1, 5.0);
-    // Once the held connection ends, its slot comes back (the next connection may race
-    // the release of the one before: a slot is held until both ends closed).
-    drop(held);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while connections(tcp, 1, 1).await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(hits().0, before.0.0, "v2 only");
+    let v1_before = hits().0;
+    one_slot(tcp, &west_gw, &east_gw).await;
+    assert_eq!(hits().0, v1_before, "v2 only");
 
     // A peer cannot take v2one's pool for other endpoints: an open that names v2one
     // but selects v1's endpoints (or all of them) is not v2one's at west, and gets the
@@ -1812,7 +1788,51 @@ spec:
         1.0,
         "{m}"
     );
+    // And the subset's name, as the CONNECT's header: v2one's pool applies over h2.
+    register_yaml(&west, "db.yaml", &yaml("v2one"));
+    let v1_before = hits().0;
+    one_slot(tcp, &west_gw, &east_gw).await;
+    assert_eq!(hits().0, v1_before, "h2: v2 only");
     drop(fed);
+}
+
+/// Once a route to subset v2one (`tcp.maxConnections: 1` of its own) applies at the
+/// importing gateway, a connection to `tcp` holds its one slot at the exporting
+/// gateway: five more are refused `overflow` there, and once it ends the slot comes
+/// back.
+async fn one_slot(tcp: SocketAddr, west_gw: &Gw, east_gw: &Gw) {
+    // Applied: a connection is served, and none is while one is held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        if connections(tcp, 1, 1).await == 1 {
+            let held = tokio::net::TcpStream::connect(tcp).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if connections(tcp, 1, 1).await == 0 {
+                break held;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the v2one route and its pool never applied\n{}",
+            east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let overflow = r#"meshfed_gateway_refusals_total{direction="ingress",reason="overflow"}"#;
+    let before = west_gw.metric(overflow).await;
+    assert_eq!(connections(tcp, 5, 1).await, 0, "v2one's one slot is held");
+    assert_eq!(west_gw.metric(overflow).await - before, 5.0);
+    // Once the held connection ends, its slot comes back (the next connection may race
+    // the release of the one before: a slot is held until both ends closed).
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connections(tcp, 1, 1).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `openssl s_client` to `addr` with `sni` (`None`: no SNI), verifying the server's
