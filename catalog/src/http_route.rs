@@ -1266,8 +1266,10 @@ pub(crate) fn bad(field: impl Into<String>, message: impl Into<String>) -> Polic
 }
 
 /// The most routes, matches and destinations one policy may have: a policy comes from
-/// another site, and every request walks it.
-pub const MAX_ROUTES: usize = 64;
+/// another site, and every request walks it. 128 routes: a Gateway API route's rules
+/// hold at most 128 matches (the CRD's rule), and each becomes a route of its own in
+/// the Gateway API's precedence.
+pub const MAX_ROUTES: usize = 128;
 pub const MAX_MATCHES: usize = 16;
 pub const MAX_DESTINATIONS: usize = 16;
 /// Mirrors per route, at most (Gateway API's bound on a rule's filters): every copy is a

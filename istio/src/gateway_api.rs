@@ -19,7 +19,9 @@
 //! rules are errors with their field path: enums, required fields, list bounds, path
 //! values, a `port` on a Service backend, at most one of each modifier filter, never a
 //! redirect with a rewrite, `ReplacePrefixMatch` only under a `PathPrefix` match (a
-//! redirect's replaces the matched prefix: Istio's `%PREFIX()%` mark).
+//! redirect's replaces the matched prefix: Istio's `%PREFIX()%` mark). The rules are
+//! kept in the Gateway API's match precedence, one route per match ([`by_precedence`]),
+//! since the egress takes the first route that matches.
 
 use serde_json::{Map, Value};
 
@@ -1454,6 +1456,62 @@ pub(crate) fn yaml_path(model: &str, mirror_filters: &[Vec<usize>]) -> String {
     }
 }
 
+/// The Gateway API's match precedence, as Istio orders a mesh route's matches
+/// (pilot's `sortHTTPRoutes`): each rule's matches become routes of one match each,
+/// ordered, stably (an earlier rule, then an earlier match, first on ties), by
+///
+/// 1. the path: `Exact`, then a prefix, then a regular expression (Istio's rank; the
+///    spec leaves regular expressions to the implementation), the longer value first;
+/// 2. a method;
+/// 3. more header matches;
+/// 4. more query parameter matches;
+///
+/// and a rule without matches (everything) last. meshfed's egress takes the first route
+/// that matches a request, so this order gives the spec's precedence: `/v2` beats `/`
+/// whichever rule comes first. Pure.
+pub(crate) fn by_precedence(routes: Vec<HttpRoute>) -> Vec<HttpRoute> {
+    /// Higher sorts first: path kind, path length, a method, headers, query params.
+    type Rank = (u8, usize, bool, usize, usize);
+    fn rank(m: &RequestMatch) -> Rank {
+        let (kind, len) = match &m.uri {
+            Some(StringMatch::Exact(v)) => (3, v.len()),
+            Some(StringMatch::Prefix(v) | StringMatch::PathPrefix(v)) => (2, v.len()),
+            Some(StringMatch::Regex(v)) => (1, v.len()),
+            Some(StringMatch::Present) | None => (2, 1),
+        };
+        (
+            kind,
+            len,
+            m.method.is_some(),
+            m.headers.len(),
+            m.query_params.len(),
+        )
+    }
+    let mut split: Vec<(Option<Rank>, HttpRoute)> = Vec::new();
+    for route in routes {
+        if route.matches.len() <= 1 {
+            let key = route.matches.first().map(rank);
+            split.push((key, route));
+            continue;
+        }
+        let mut rest = route;
+        let matches = std::mem::take(&mut rest.matches);
+        for m in matches {
+            let key = Some(rank(&m));
+            split.push((
+                key,
+                HttpRoute {
+                    matches: vec![m],
+                    ..rest.clone()
+                },
+            ));
+        }
+    }
+    // `None` (no matches) is the least, and the sort is stable.
+    split.sort_by_key(|(key, _)| std::cmp::Reverse(*key));
+    split.into_iter().map(|(_, r)| r).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::gep_duration;
@@ -1492,6 +1550,112 @@ spec:
       requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
 "#;
 
+    /// The Gateway API's precedence across a route's rules and matches, as Istio
+    /// orders them; ties keep the order written.
+    #[test]
+    fn matches_are_ordered_by_the_gateway_apis_precedence() {
+        use meshfed_catalog::http_route::{HttpRoute, RequestMatch};
+        let m =
+            |uri: Option<StringMatch>, method: bool, headers: usize, query: usize| RequestMatch {
+                uri,
+                method: method.then(|| StringMatch::Exact("GET".into())),
+                headers: (0..headers)
+                    .map(|i| (format!("h{i}"), StringMatch::Present))
+                    .collect(),
+                query_params: (0..query)
+                    .map(|i| (format!("q{i}"), StringMatch::Present))
+                    .collect(),
+                ..Default::default()
+            };
+        let prefix = |v: &str| Some(StringMatch::PathPrefix(v.into()));
+        let rule = |name: &str, matches: Vec<RequestMatch>| HttpRoute {
+            name: Some(name.into()),
+            matches,
+            ..Default::default()
+        };
+        // (rules as written, the order of (rule, match path) wanted)
+        type Row<'a> = (Vec<HttpRoute>, Vec<(&'a str, Option<StringMatch>)>);
+        let rows: Vec<Row> = vec![
+            // The conformance suite's: `/` first as written, `/v2` is more specific.
+            (
+                vec![
+                    rule("v1", vec![m(prefix("/"), false, 0, 0)]),
+                    rule("v2", vec![m(prefix("/v2"), false, 0, 0)]),
+                ],
+                vec![("v2", prefix("/v2")), ("v1", prefix("/"))],
+            ),
+            // Exact, then the longer prefix, then a regular expression; a rule's matches
+            // are ranked on their own.
+            (
+                vec![
+                    rule(
+                        "a",
+                        vec![
+                            m(Some(StringMatch::Regex("/.*/x".into())), false, 0, 0),
+                            m(prefix("/a"), false, 0, 0),
+                        ],
+                    ),
+                    rule(
+                        "b",
+                        vec![
+                            m(prefix("/abc"), false, 0, 0),
+                            m(Some(StringMatch::Exact("/a".into())), false, 0, 0),
+                        ],
+                    ),
+                ],
+                vec![
+                    ("b", Some(StringMatch::Exact("/a".into()))),
+                    ("b", prefix("/abc")),
+                    ("a", prefix("/a")),
+                    ("a", Some(StringMatch::Regex("/.*/x".into()))),
+                ],
+            ),
+            // On the same path: a method, then more headers, then more query params.
+            (
+                vec![
+                    rule("q", vec![m(prefix("/"), false, 0, 2)]),
+                    rule("h", vec![m(prefix("/"), false, 1, 0)]),
+                    rule("hh", vec![m(prefix("/"), false, 2, 0)]),
+                    rule("get", vec![m(prefix("/"), true, 0, 0)]),
+                ],
+                vec![
+                    ("get", prefix("/")),
+                    ("hh", prefix("/")),
+                    ("h", prefix("/")),
+                    ("q", prefix("/")),
+                ],
+            ),
+            // Ties keep the order written; a rule without matches goes last.
+            (
+                vec![
+                    rule("all", vec![]),
+                    rule("first", vec![m(prefix("/x"), false, 1, 0)]),
+                    rule("second", vec![m(prefix("/x"), false, 1, 0)]),
+                ],
+                vec![
+                    ("first", prefix("/x")),
+                    ("second", prefix("/x")),
+                    ("all", None),
+                ],
+            ),
+        ];
+        for (i, (rules, want)) in rows.into_iter().enumerate() {
+            let got: Vec<(String, Option<StringMatch>)> = super::by_precedence(rules)
+                .into_iter()
+                .map(|r| {
+                    assert!(r.matches.len() <= 1, "row {i}: one match per route");
+                    (
+                        r.name.unwrap(),
+                        r.matches.into_iter().next().and_then(|m| m.uri),
+                    )
+                })
+                .collect();
+            let want: Vec<(String, Option<StringMatch>)> =
+                want.into_iter().map(|(n, u)| (n.to_owned(), u)).collect();
+            assert_eq!(got, want, "row {i}");
+        }
+    }
+
     #[test]
     fn an_http_route_on_a_service_becomes_its_routes() {
         let r = parse(CANARY).unwrap();
@@ -1499,7 +1663,18 @@ spec:
         let p = &r.http_policies[0];
         assert_eq!(p.service.to_string(), "orders.shop");
         assert_eq!(p.source, "HTTPRoute shop/orders-canary");
-        let beta = &p.routes[0];
+        // In the Gateway API's precedence: the exact /old first, then beta's /api
+        // prefix, then the rule without matches (it was first of the three, and its
+        // /old was never reached in the order written).
+        assert_eq!(
+            p.routes
+                .iter()
+                .map(|r| r.name.as_deref().unwrap_or("-"))
+                .collect::<Vec<_>>(),
+            ["-", "beta", "-"]
+        );
+        assert!(p.routes[2].matches.is_empty());
+        let beta = &p.routes[1];
         assert_eq!(beta.name.as_deref(), Some("beta"));
         assert_eq!(
             beta.matches[0].uri,
@@ -1525,12 +1700,12 @@ spec:
         assert_eq!(beta.timeout_ms, Some(2000));
         assert_eq!(beta.retries.as_ref().unwrap().per_try_timeout_ms, Some(500));
         // Weights are relative; the parent itself is the policy's own service.
-        let split = &p.routes[1].destinations;
+        let split = &p.routes[2].destinations;
         assert_eq!((split[0].service.is_none(), split[0].weight), (true, 90));
         assert_eq!(split[1].weight, 10);
-        assert_eq!(p.routes[1].retries.as_ref().unwrap().attempts, 3);
+        assert_eq!(p.routes[2].retries.as_ref().unwrap().attempts, 3);
         // No codes: the gateway's default conditions.
-        assert!(p.routes[1].retries.as_ref().unwrap().retry_on.is_none());
+        assert!(p.routes[2].retries.as_ref().unwrap().retry_on.is_none());
         // GEP-1731 codes: those statuses, and connection errors.
         for (retry, attempts) in [
             ("retry: {attempts: 3, codes: [500, 503, 500]}", 3),
@@ -1542,7 +1717,7 @@ spec:
                 "{:?}",
                 r.warnings
             );
-            let rt = r.http_policies[0].routes[1].retries.clone().unwrap();
+            let rt = r.http_policies[0].routes[2].retries.clone().unwrap();
             let on = rt.retry_on.as_deref().cloned().unwrap();
             assert_eq!(
                 (
@@ -1558,7 +1733,7 @@ spec:
         }
         // GEP-1731 backoff: the base of the back-off (none: the gateway's 25 ms), with or
         // without attempts; past a minute it is warned about and a minute applies.
-        assert_eq!(p.routes[1].retries.as_ref().unwrap().backoff_ms, None);
+        assert_eq!(p.routes[2].retries.as_ref().unwrap().backoff_ms, None);
         for (retry, want, warned) in [
             (
                 "retry: {attempts: 3, backoff: 100ms}",
@@ -1577,7 +1752,7 @@ spec:
             ),
         ] {
             let r = parse(&CANARY.replace("retry: {attempts: 3}", retry)).unwrap();
-            let rt = r.http_policies[0].routes[1].retries.clone().unwrap();
+            let rt = r.http_policies[0].routes[2].retries.clone().unwrap();
             assert_eq!((rt.attempts, rt.backoff_ms), want, "{retry}");
             assert_eq!(
                 r.warnings
@@ -1594,16 +1769,16 @@ spec:
             "    - name: orders-v2\n      port: 8080\n      weight: 10\n      filters:\n      - type: RequestHeaderModifier\n        requestHeaderModifier: {set: [{name: X-Canary, value: \"1\"}]}\n      - type: ResponseHeaderModifier\n        responseHeaderModifier: {add: [{name: x-backend, value: v2}]}",
         ))
         .unwrap();
-        let split = &r.http_policies[0].routes[1].destinations;
+        let split = &r.http_policies[0].routes[2].destinations;
         assert!(split[0].headers.is_none());
         let h = split[1].headers.as_deref().unwrap();
         assert_eq!(
             (&h.request.set["x-canary"], &h.response.add["x-backend"]),
             (&"1".to_string(), &"v2".to_string())
         );
-        let rd = p.routes[2].redirect.as_ref().unwrap();
+        let rd = p.routes[0].redirect.as_ref().unwrap();
         assert_eq!((rd.uri.as_deref(), rd.code), (Some("/new"), 301));
-        assert!(p.routes[2].destinations.is_empty());
+        assert!(p.routes[0].destinations.is_empty());
         // parentRefs[].port is warned about: the route covers every HTTP port.
         assert!(
             r.warnings
@@ -1633,7 +1808,12 @@ spec:
   - backendRefs: [{name: greeter, port: 50051}]
 "#;
         let r = parse(yaml).unwrap();
-        let m = &r.http_policies[0].routes[0].matches;
+        // One route per match, in the Gateway API's precedence (Istio's: exact, prefix,
+        // then regular expressions, the longer first), the rule without matches last.
+        let routes = &r.http_policies[0].routes;
+        assert_eq!(routes.len(), 5);
+        let m: Vec<&meshfed_catalog::http_route::RequestMatch> =
+            routes[..4].iter().map(|r| &r.matches[0]).collect();
         assert_eq!(
             m[0].uri,
             Some(StringMatch::Exact("/helloworld.Greeter/SayHello".into()))
@@ -1642,17 +1822,14 @@ spec:
             m[1].uri,
             Some(StringMatch::Prefix("/helloworld.Admin/".into()))
         );
-        assert_eq!(m[2].uri, Some(StringMatch::Regex("/[^/]+/Ping".into())));
+        assert_eq!(m[3].uri, Some(StringMatch::Regex("/[^/]+/Ping".into())));
         assert_eq!(
-            m[3].uri,
+            m[2].uri,
             Some(StringMatch::Regex("/(?:helloworld\\..*)/(?:[^/]+)".into()))
         );
-        assert_eq!(m[3].headers["x-tenant"], StringMatch::Regex("a.*".into()));
-        assert!(
-            r.http_policies[0].routes[1].destinations[0]
-                .service
-                .is_none()
-        );
+        assert_eq!(m[2].headers["x-tenant"], StringMatch::Regex("a.*".into()));
+        assert!(routes[4].matches.is_empty());
+        assert!(routes[4].destinations[0].service.is_none());
     }
 
     #[test]
@@ -1813,7 +1990,7 @@ spec:
             1,
         );
         let r = parse(&yaml).unwrap();
-        let rw = r.http_policies[0].routes[0].rewrite.clone().unwrap();
+        let rw = r.http_policies[0].routes[1].rewrite.clone().unwrap();
         assert_eq!(rw.uri, None);
         let c = rw.uri_regex.unwrap().compile("r").unwrap();
         for (from, want) in [
@@ -1839,7 +2016,7 @@ spec:
                 "type: ReplacePrefixMatch, replacePrefixMatch: /new",
             );
         let r = parse(&CANARY.replacen(rule, &prefix, 1)).unwrap();
-        let rd = r.http_policies[0].routes[2].redirect.clone().unwrap();
+        let rd = r.http_policies[0].routes[1].redirect.clone().unwrap();
         assert_eq!(rd.uri.as_deref(), Some("%PREFIX()%/new"));
         assert_eq!(
             meshfed_catalog::http_route::redirect_location(
@@ -2022,7 +2199,7 @@ spec:
             1,
         );
         let r = parse(&yaml).unwrap();
-        let m = &r.http_policies[0].routes[0].mirrors[0];
+        let m = &r.http_policies[0].routes[1].mirrors[0];
         assert_eq!(
             m.service.as_ref().map(ToString::to_string).as_deref(),
             Some("orders-shadow.shop")
@@ -2034,7 +2211,7 @@ spec:
             "name: orders, port: 8080",
         ))
         .unwrap();
-        let m = &own.http_policies[0].routes[0].mirrors[0];
+        let m = &own.http_policies[0].routes[1].mirrors[0];
         assert_eq!((m.service.as_ref(), m.port), (None, None));
         // Several RequestMirror filters (the conformance suite's request-multiple-mirrors):
         // a copy to each; a second mirror's field path names its own filter.
@@ -2050,7 +2227,7 @@ spec:
             1,
         );
         let r = parse(&two).unwrap();
-        let ms = &r.http_policies[0].routes[0].mirrors;
+        let ms = &r.http_policies[0].routes[1].mirrors;
         assert_eq!(
             ms.iter()
                 .map(|m| (

@@ -908,11 +908,24 @@ fn http_policies(
                 tls_routes: Vec::new(),
                 export_to: Vec::new(),
             };
+            // Checked as written (errors name the rules as written), then kept in the
+            // Gateway API's precedence, in which the egress tries them.
+            if let Err(e) = p.clone().compile() {
+                d.err(
+                    crate::gateway_api::yaml_path(&e.field, &gr.mirror_filters),
+                    e.message,
+                );
+                continue;
+            }
+            let p = HttpPolicy {
+                routes: crate::gateway_api::by_precedence(p.routes),
+                ..p
+            };
             match p.clone().compile() {
                 Ok(_) => out.push((gr.index, p)),
                 Err(e) => d.err(
-                    crate::gateway_api::yaml_path(&e.field, &gr.mirror_filters),
-                    e.message,
+                    "spec.rules",
+                    format!("in the Gateway API's precedence, one route per match: {e}"),
                 ),
             }
         }

@@ -2870,7 +2870,8 @@ fn two_at_west(
 /// gateway's import of it: a header match takes every request to v2, the rest split
 /// 1:1 by relative weights, a rule with all weights 0 answers 500 (Gateway API's
 /// rule), and a redirect replaces the matched prefix (ReplacePrefixMatch, refused
-/// before). Before, a destination of another service was refused at registration.
+/// before); the rules apply in the Gateway API's precedence, not as written. Before, a
+/// destination of another service was refused at registration.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http_route_sends_a_canary_to_another_service() {
     let V1V2 {
@@ -2959,6 +2960,11 @@ spec:
         head.contains(&format!("location: {base}/new/a/b?q=1")),
         "{head}"
     );
+    // The Gateway API's precedence, not the order written: a beta request to /old
+    // matches `moved` (the longer path) before `beta` (a header on `/`), as Istio
+    // orders them. In the order written, beta took it to v2.
+    let (status, head, _, _) = curl_head(&["-H", "x-beta: 1"], &format!("{base}/old/a"));
+    assert_eq!(status, 308, "{head}");
     assert_eq!(
         v1_hits.load(Ordering::Relaxed) + v2_hits.load(Ordering::Relaxed),
         to_v1 + to_v2 + after_beta.0 + after_beta.1
