@@ -57,6 +57,38 @@ pub(crate) struct GatewayRoute {
     pub routes: Vec<HttpRoute>,
     /// Per rule, the `filters` index of each of its mirrors, in order (for field paths).
     pub mirror_filters: Vec<Vec<usize>>,
+    /// Its place among the routes of one Service, on ties of the match precedence:
+    /// `metadata.creationTimestamp` (none: the oldest, as Go's zero time), then
+    /// namespace and name.
+    pub order: (Option<String>, String, String),
+}
+
+/// A route's `metadata.creationTimestamp`, as Kubernetes writes it
+/// (`2006-01-02T15:04:05Z`, which sorts as it reads); anything else is an error.
+pub(crate) fn created(d: &mut Doc<'_>, meta: Option<&Map<String, Value>>) -> Option<String> {
+    let v = meta?.get("creationTimestamp")?;
+    let ok = |s: &str| {
+        let b = s.as_bytes();
+        b.len() == 20
+            && b.iter().enumerate().all(|(i, c)| match i {
+                4 | 7 => *c == b'-',
+                10 => *c == b'T',
+                13 | 16 => *c == b':',
+                19 => *c == b'Z',
+                _ => c.is_ascii_digit(),
+            })
+    };
+    match v {
+        Value::Null => None,
+        Value::String(s) if ok(s) => Some(s.clone()),
+        other => {
+            d.err(
+                "metadata.creationTimestamp",
+                format!("{other}: a time as Kubernetes writes it, 2006-01-02T15:04:05Z"),
+            );
+            None
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -147,6 +179,7 @@ pub(crate) fn route(
         parents,
         routes,
         mirror_filters,
+        order: (None, namespace.to_owned(), name.to_owned()),
     })
 }
 
@@ -1953,6 +1986,77 @@ spec:
         assert!(
             e.contains("spec.parentRefs[0]") && e.contains("already has routes"),
             "{e}"
+        );
+    }
+
+    /// Several routes of one Service are merged, as Istio merges them: the matches of
+    /// all in the Gateway API's precedence, ties to the oldest route (no
+    /// `creationTimestamp`: the oldest), then by namespace/name, then as written.
+    #[test]
+    fn routes_of_one_service_are_merged_oldest_first_on_ties() {
+        let route = |name: &str, created: Option<&str>, rules: &str| {
+            let created = created
+                .map(|c| format!(", creationTimestamp: \"{c}\""))
+                .unwrap_or_default();
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop{created}}}\nspec:\n  parentRefs: [{{kind: Service, group: \"\", name: orders}}]\n  rules:\n{rules}"
+            )
+        };
+        let rule = |path: &str, to: &str| {
+            format!(
+                "  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    backendRefs: [{{name: {to}, port: 80}}]\n"
+            )
+        };
+        let newer = route(
+            "a-new",
+            Some("2026-03-01T00:00:00Z"),
+            &rule("/api", "from-a-new"),
+        );
+        let older = route(
+            "z-old",
+            Some("2025-01-01T00:00:00Z"),
+            &format!("{}{}", rule("/", "z-all"), rule("/api", "from-z-old")),
+        );
+        let undated = route("m", None, &rule("/api", "from-m"));
+        let to = |yaml: &str| -> (String, Vec<String>) {
+            let r = parse(yaml).unwrap();
+            assert_eq!(r.http_policies.len(), 1, "{yaml}");
+            let p = &r.http_policies[0];
+            let to = p
+                .routes
+                .iter()
+                .map(|r| {
+                    r.destinations[0]
+                        .service
+                        .as_ref()
+                        .map_or("orders".into(), |s| s.name().to_owned())
+                })
+                .collect();
+            (p.source.clone(), to)
+        };
+        // In either document order: /api before /, and among the /api rules the older
+        // route's first.
+        for yaml in [
+            format!("{newer}---\n{older}"),
+            format!("{older}---\n{newer}"),
+        ] {
+            assert_eq!(
+                to(&yaml),
+                (
+                    "HTTPRoute shop/z-old, HTTPRoute shop/a-new".to_owned(),
+                    vec!["from-z-old".into(), "from-a-new".into(), "z-all".into()]
+                )
+            );
+        }
+        // No creationTimestamp is the oldest.
+        assert_eq!(
+            to(&format!("{newer}---\n{older}---\n{undated}")).1,
+            ["from-m", "from-z-old", "from-a-new", "z-all"]
+        );
+        // A time Kubernetes would not write is refused by its field.
+        crate::test_support::assert_refused_at(
+            &newer.replace("2026-03-01T00:00:00Z", "yesterday"),
+            "metadata.creationTimestamp",
         );
     }
 

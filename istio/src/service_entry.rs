@@ -864,7 +864,14 @@ fn http_policies(
         }
     }
     // Gateway API routes: one policy per parent Service, with the DestinationRules'
-    // traffic policy for it.
+    // traffic policy for it. Several routes of one Service are merged, the oldest
+    // first (then by namespace/name), as the Gateway API orders them on ties.
+    let mut gateway_routes = gateway_routes;
+    gateway_routes.sort_by(|a, b| a.order.cmp(&b.order));
+    // Per Service with Gateway API routes: where its policy is in `out`, and its
+    // routes as written, in the routes' order.
+    let mut merged: BTreeMap<ServiceName, (usize, Vec<meshfed_catalog::http_route::HttpRoute>)> =
+        BTreeMap::new();
     for gr in gateway_routes {
         let (kind, rest) = gr.source.split_once(' ').unwrap_or(("", ""));
         let object = format!("{kind}/{}", rest.split_once('/').map_or(rest, |(_, n)| n));
@@ -875,10 +882,12 @@ fn http_policies(
             warnings,
         };
         for (i, service) in gr.parents.iter().enumerate() {
-            if let Some((first, _)) = out.iter().find(|(_, p)| &p.service == service) {
+            if !merged.contains_key(service)
+                && let Some((first, _)) = out.iter().find(|(_, p)| &p.service == service)
+            {
                 d.err(
                     format!("spec.parentRefs[{i}]"),
-                    format!("{service} already has routes in document {first}: one route object per service"),
+                    format!("{service} already has routes in document {first}: a VirtualService or Gateway API routes per service, not both"),
                 );
                 continue;
             }
@@ -917,16 +926,47 @@ fn http_policies(
                 );
                 continue;
             }
-            let p = HttpPolicy {
-                routes: crate::gateway_api::by_precedence(p.routes),
-                ..p
-            };
-            match p.clone().compile() {
-                Ok(_) => out.push((gr.index, p)),
-                Err(e) => d.err(
-                    "spec.rules",
-                    format!("in the Gateway API's precedence, one route per match: {e}"),
-                ),
+            match merged.get(service) {
+                None => {
+                    let p = HttpPolicy {
+                        routes: crate::gateway_api::by_precedence(p.routes.clone()),
+                        ..p
+                    };
+                    match p.clone().compile() {
+                        Ok(_) => {
+                            merged.insert(service.clone(), (out.len(), gr.routes.clone()));
+                            out.push((gr.index, p));
+                        }
+                        Err(e) => d.err(
+                            "spec.rules",
+                            format!("in the Gateway API's precedence, one route per match: {e}"),
+                        ),
+                    }
+                }
+                // Another route of this Service, older: this one's rules after its
+                // own on ties.
+                Some((at, written)) => {
+                    let all: Vec<_> = written.iter().chain(&gr.routes).cloned().collect();
+                    let held = &out[*at].1;
+                    let p = HttpPolicy {
+                        source: format!("{}, {}", held.source, gr.source),
+                        routes: crate::gateway_api::by_precedence(all.clone()),
+                        ..held.clone()
+                    };
+                    match p.clone().compile() {
+                        Ok(_) => {
+                            let at = *at;
+                            merged.insert(service.clone(), (at, all));
+                            out[at].1 = p;
+                        }
+                        Err(e) => d.err(
+                            format!("spec.parentRefs[{i}]"),
+                            format!(
+                                "{service}'s Gateway API routes merged, one route per match: {e}"
+                            ),
+                        ),
+                    }
+                }
             }
         }
     }
@@ -1178,11 +1218,18 @@ fn sort_documents(
         };
         d.unsupported("", top, &["apiVersion", "kind", "metadata", "spec"]);
         if let Some(m) = meta {
-            d.unsupported(
-                "metadata",
-                m,
-                &["name", "namespace", "labels", "annotations"],
-            );
+            // A Gateway API route's age orders it among the routes of its Service.
+            let known: &[&str] = match kind {
+                "HTTPRoute" | "GRPCRoute" => &[
+                    "name",
+                    "namespace",
+                    "labels",
+                    "annotations",
+                    "creationTimestamp",
+                ],
+                _ => &["name", "namespace", "labels", "annotations"],
+            };
+            d.unsupported("metadata", m, known);
         }
         let versions: &[&str] = match kind {
             "AuthorizationPolicy" => &SECURITY_VERSIONS,
@@ -1296,9 +1343,13 @@ fn sort_documents(
                 } else {
                     crate::gateway_api::Kind::Grpc
                 };
+                let created = crate::gateway_api::created(&mut d, meta);
                 if let Some(r) = crate::gateway_api::route(&mut d, k, index, name, namespace, spec)
                 {
-                    gateway_routes.push(r);
+                    gateway_routes.push(crate::gateway_api::GatewayRoute {
+                        order: (created, namespace.to_owned(), name.to_owned()),
+                        ..r
+                    });
                 }
             }
             "ServiceEntry" => {
