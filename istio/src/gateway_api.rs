@@ -3,7 +3,8 @@
 //! gateways apply (`meshfed_catalog::http_route`). Pure.
 //!
 //! Read: `parentRefs` (a `Service`, core group, or an MCS `ServiceImport`; the route
-//! governs that service wherever it is imported), `rules[].name`, `rules[].matches`
+//! governs that service wherever it is imported; with a `port`, on that port only, as
+//! Istio adds it to every match), `rules[].name`, `rules[].matches`
 //! (HTTPRoute: `path` Exact, PathPrefix — by path element — or RegularExpression,
 //! `headers`, `queryParams`, `method`; GRPCRoute: `method` by service and method, Exact
 //! or RegularExpression, and `headers`), `rules[].backendRefs` (Services or
@@ -54,6 +55,10 @@ pub(crate) struct GatewayRoute {
     /// `HTTPRoute namespace/name`.
     pub source: String,
     pub parents: Vec<ServiceName>,
+    /// Per parent: the `parentRefs` index that first names it, and the ports the
+    /// route applies to there (`None`: every port).
+    pub parent_fields: Vec<usize>,
+    pub parent_ports: Vec<Option<Vec<u16>>>,
     pub routes: Vec<HttpRoute>,
     /// Per rule, the `filters` index of each of its mirrors, in order (for field paths).
     pub mirror_filters: Vec<Vec<usize>>,
@@ -114,7 +119,7 @@ pub(crate) fn route(
             "a route attached to a Service (GAMMA) matches by the Service, not by host name; ignored",
         );
     }
-    let parents = parent_refs(d, spec.get("parentRefs"), namespace);
+    let (parents, parent_fields, parent_ports) = parent_refs(d, spec.get("parentRefs"), namespace);
     let rules: Vec<Value> = match spec.get("rules") {
         None | Some(Value::Null) => vec![Value::Object(Map::new())],
         Some(Value::Array(a)) if a.len() <= MAX_RULES => a.clone(),
@@ -177,6 +182,8 @@ pub(crate) fn route(
         index,
         source: format!("{what} {namespace}/{name}"),
         parents,
+        parent_fields,
+        parent_ports,
         routes,
         mirror_filters,
         order: (None, namespace.to_owned(), name.to_owned()),
@@ -232,26 +239,31 @@ fn service_ref(
     }
 }
 
-fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Vec<ServiceName> {
+/// The Services a route's `parentRefs` name, each once, with the `parentRefs` index of
+/// its first reference and the ports the route is restricted to there (`None`: every
+/// port; a reference without `port` takes them all, as Istio's unrestricted route).
+type Parents = (Vec<ServiceName>, Vec<usize>, Vec<Option<Vec<u16>>>);
+
+fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Parents {
     let refs = match v {
         Some(Value::Array(a)) if !a.is_empty() && a.len() <= MAX_PARENT_REFS => a,
         Some(Value::Array(a)) if a.len() > MAX_PARENT_REFS => {
             d.err("spec.parentRefs", format!("at most {MAX_PARENT_REFS}"));
-            return vec![];
+            return Default::default();
         }
         None | Some(Value::Null) | Some(Value::Array(_)) => {
             d.err(
                 "spec.parentRefs",
                 "missing: a mesh route names the Service it governs (kind: Service, group: \"\")",
             );
-            return vec![];
+            return Default::default();
         }
         Some(_) => {
             d.err("spec.parentRefs", "must be a list");
-            return vec![];
+            return Default::default();
         }
     };
-    let mut out: Vec<ServiceName> = Vec::new();
+    let mut out: Parents = Default::default();
     for (i, r) in refs.iter().enumerate() {
         let f = format!("spec.parentRefs[{i}]");
         let Value::Object(m) = r else {
@@ -269,19 +281,57 @@ fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Vec<Servi
                 "not supported by meshfed yet; ignored",
             );
         }
-        if m.get("port").is_some_and(|p| !p.is_null()) {
-            d.warn(
-                format!("{f}.port"),
-                "the route applies to every HTTP port of the Service",
-            );
-        }
-        if let Some(s) = service_ref(d, m, &f, namespace, "gateway.networking.k8s.io", "Gateway")
-            && !out.contains(&s)
-        {
-            out.push(s);
+        // The CRD: a port number, 1 to 65535. The route applies to that port only
+        // (Istio adds it to every match).
+        let port = match m.get("port") {
+            None | Some(Value::Null) => None,
+            Some(p) => match p.as_u64().and_then(|p| u16::try_from(p).ok()) {
+                Some(p) if p > 0 => Some(p),
+                _ => {
+                    d.err(format!("{f}.port"), format!("{p}: a port, 1 to 65535"));
+                    continue;
+                }
+            },
+        };
+        let Some(s) = service_ref(d, m, &f, namespace, "gateway.networking.k8s.io", "Gateway")
+        else {
+            continue;
+        };
+        match out.0.iter().position(|x| *x == s) {
+            None => {
+                out.0.push(s);
+                out.1.push(i);
+                out.2.push(port.map(|p| vec![p]));
+            }
+            Some(k) => {
+                let ports = &mut out.2[k];
+                match (ports.as_mut(), port) {
+                    (Some(ps), Some(p)) if !ps.contains(&p) => ps.push(p),
+                    (_, None) => *ports = None,
+                    _ => {}
+                }
+            }
         }
     }
     out
+}
+
+/// `routes` restricted to service port `port`: every match holds only there, and a
+/// rule without matches gets one that says only that (Istio's `augmentPortMatch`).
+pub(crate) fn on_port(routes: &[HttpRoute], port: u16) -> Vec<HttpRoute> {
+    routes
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if r.matches.is_empty() {
+                r.matches.push(RequestMatch::default());
+            }
+            for m in &mut r.matches {
+                m.port = Some(port);
+            }
+            r
+        })
+        .collect()
 }
 
 /// An optional list at `field` of at most `max` entries (absent or null: empty; too
@@ -1494,7 +1544,8 @@ pub(crate) fn yaml_path(model: &str, mirror_filters: &[Vec<usize>]) -> String {
 /// ordered, stably (an earlier rule, then an earlier match, first on ties), by
 ///
 /// 1. the path: `Exact`, then a prefix, then a regular expression (Istio's rank; the
-///    spec leaves regular expressions to the implementation), the longer value first;
+///    spec leaves regular expressions to the implementation), then none (a match that
+///    says only a port, or a gRPC match by headers), the longer value first;
 /// 2. a method;
 /// 3. more header matches;
 /// 4. more query parameter matches;
@@ -1510,7 +1561,9 @@ pub(crate) fn by_precedence(routes: Vec<HttpRoute>) -> Vec<HttpRoute> {
             Some(StringMatch::Exact(v)) => (3, v.len()),
             Some(StringMatch::Prefix(v) | StringMatch::PathPrefix(v)) => (2, v.len()),
             Some(StringMatch::Regex(v)) => (1, v.len()),
-            Some(StringMatch::Present) | None => (2, 1),
+            // No path (a rule restricted to a port, a gRPC match by headers only):
+            // below every path, as Istio ranks it.
+            Some(StringMatch::Present) | None => (0, 0),
         };
         (
             kind,
@@ -1706,7 +1759,6 @@ spec:
                 .collect::<Vec<_>>(),
             ["-", "beta", "-"]
         );
-        assert!(p.routes[2].matches.is_empty());
         let beta = &p.routes[1];
         assert_eq!(beta.name.as_deref(), Some("beta"));
         assert_eq!(
@@ -1812,14 +1864,77 @@ spec:
         let rd = p.routes[0].redirect.as_ref().unwrap();
         assert_eq!((rd.uri.as_deref(), rd.code), (Some("/new"), 301));
         assert!(p.routes[0].destinations.is_empty());
-        // parentRefs[].port is warned about: the route covers every HTTP port.
+        // parentRefs[].port restricts every rule to port 8080 (Istio's
+        // `augmentPortMatch`): the rule without matches gets one on the port alone.
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         assert!(
-            r.warnings
+            p.routes
                 .iter()
-                .any(|w| w.field == "spec.parentRefs[0].port"),
+                .all(|r| r.matches.len() == 1 && r.matches[0].port == Some(8080)),
             "{:?}",
-            r.warnings
+            p.routes
         );
+        assert_eq!(
+            p.routes[2].matches[0],
+            meshfed_catalog::http_route::RequestMatch {
+                port: Some(8080),
+                ..Default::default()
+            }
+        );
+        // Without the port, every port; with two ports, the rules once for each.
+        let all = parse(&CANARY.replace(
+            "kind: Service, name: orders, port: 8080}",
+            "kind: Service, name: orders}",
+        ))
+        .unwrap();
+        assert!(
+            all.http_policies[0]
+                .routes
+                .iter()
+                .all(|r| r.matches.iter().all(|m| m.port.is_none()))
+        );
+        assert!(all.http_policies[0].routes[2].matches.is_empty());
+        let two = parse(&CANARY.replace(
+            "  - {group: \"\", kind: Service, name: orders, port: 8080}",
+            "  - {group: \"\", kind: Service, name: orders, port: 8080}\n  - {group: \"\", kind: Service, name: orders, port: 9090}",
+        ))
+        .unwrap();
+        let ports: Vec<Option<u16>> = two.http_policies[0]
+            .routes
+            .iter()
+            .map(|r| r.matches[0].port)
+            .collect();
+        assert_eq!(
+            ports,
+            [8080, 9090, 8080, 9090, 8080, 9090].map(Some),
+            "each rule on each port, in precedence"
+        );
+        // A port the file's ServiceEntry for the Service does not have is refused.
+        let se = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: orders, namespace: shop}\nspec:\n  hosts: [orders.shop.example]\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n---\n";
+        assert!(parse(&format!("{se}{CANARY}")).is_ok());
+        crate::test_support::assert_refused_at(
+            &format!(
+                "{se}{}",
+                CANARY.replace(
+                    "kind: Service, name: orders, port: 8080}",
+                    "kind: Service, name: orders, port: 9090}"
+                )
+            ),
+            "spec.parentRefs[0]",
+        );
+        // A port that is not one is refused.
+        for (port, field) in [
+            ("0", "spec.parentRefs[0].port"),
+            ("70000", "spec.parentRefs[0].port"),
+        ] {
+            crate::test_support::assert_refused_at(
+                &CANARY.replace(
+                    "kind: Service, name: orders, port: 8080}",
+                    &format!("kind: Service, name: orders, port: {port}}}"),
+                ),
+                field,
+            );
+        }
     }
 
     #[test]

@@ -881,7 +881,8 @@ fn http_policies(
             problems,
             warnings,
         };
-        for (i, service) in gr.parents.iter().enumerate() {
+        for (k, service) in gr.parents.iter().enumerate() {
+            let i = gr.parent_fields[k];
             if !merged.contains_key(service)
                 && let Some((first, _)) = out.iter().find(|(_, p)| &p.service == service)
             {
@@ -926,15 +927,37 @@ fn http_policies(
                 );
                 continue;
             }
+            // A parentRef's port restricts the rules to that port of the Service, which
+            // must have it when this file defines the Service.
+            if let (Some(ports), Some(svc)) = (
+                &gr.parent_ports[k],
+                services.iter().find(|s| &s.service == service),
+            ) && let Some(p) = ports
+                .iter()
+                .find(|p| !svc.ports.iter().any(|sp| sp.number == **p))
+            {
+                d.err(
+                    format!("spec.parentRefs[{i}]"),
+                    format!("port {p} not found: {service} has no such port"),
+                );
+                continue;
+            }
+            let written = match &gr.parent_ports[k] {
+                None => gr.routes.clone(),
+                Some(ports) => ports
+                    .iter()
+                    .flat_map(|port| crate::gateway_api::on_port(&gr.routes, *port))
+                    .collect(),
+            };
             match merged.get(service) {
                 None => {
                     let p = HttpPolicy {
-                        routes: crate::gateway_api::by_precedence(p.routes.clone()),
+                        routes: crate::gateway_api::by_precedence(written.clone()),
                         ..p
                     };
                     match p.clone().compile() {
                         Ok(_) => {
-                            merged.insert(service.clone(), (out.len(), gr.routes.clone()));
+                            merged.insert(service.clone(), (out.len(), written));
                             out.push((gr.index, p));
                         }
                         Err(e) => d.err(
@@ -945,8 +968,8 @@ fn http_policies(
                 }
                 // Another route of this Service, older: this one's rules after its
                 // own on ties.
-                Some((at, written)) => {
-                    let all: Vec<_> = written.iter().chain(&gr.routes).cloned().collect();
+                Some((at, held_written)) => {
+                    let all: Vec<_> = held_written.iter().chain(&written).cloned().collect();
                     let held = &out[*at].1;
                     let p = HttpPolicy {
                         source: format!("{}, {}", held.source, gr.source),
