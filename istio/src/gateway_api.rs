@@ -3,7 +3,8 @@
 //! gateways apply (`meshfed_catalog::http_route`). Pure.
 //!
 //! Read: `parentRefs` (a `Service`, core group, or an MCS `ServiceImport`; the route
-//! governs that service wherever it is imported; with a `port`, on that port only, as
+//! governs that service wherever it is imported; with a `port` or a `sectionName`
+//! (the Service port's name, read from the file's ServiceEntry), on that port only, as
 //! Istio adds it to every match), `rules[].name`, `rules[].matches`
 //! (HTTPRoute: `path` Exact, PathPrefix — by path element — or RegularExpression,
 //! `headers`, `queryParams`, `method`; GRPCRoute: `method` by service and method, Exact
@@ -58,7 +59,7 @@ pub(crate) struct GatewayRoute {
     /// Per parent: the `parentRefs` index that first names it, and the ports the
     /// route applies to there (`None`: every port).
     pub parent_fields: Vec<usize>,
-    pub parent_ports: Vec<Option<Vec<u16>>>,
+    pub parent_ports: Vec<Option<Vec<PortSel>>>,
     pub routes: Vec<HttpRoute>,
     /// Per rule, the `filters` index of each of its mirrors, in order (for field paths).
     pub mirror_filters: Vec<Vec<usize>>,
@@ -239,10 +240,21 @@ fn service_ref(
     }
 }
 
+/// A `parentRefs` entry's port of its Service: by `port`, by `sectionName` (the
+/// Service port's name), or both, which must agree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PortSel {
+    /// Its index in `parentRefs`.
+    pub field: usize,
+    pub number: Option<u16>,
+    pub name: Option<String>,
+}
+
 /// The Services a route's `parentRefs` name, each once, with the `parentRefs` index of
 /// its first reference and the ports the route is restricted to there (`None`: every
-/// port; a reference without `port` takes them all, as Istio's unrestricted route).
-type Parents = (Vec<ServiceName>, Vec<usize>, Vec<Option<Vec<u16>>>);
+/// port; a reference with neither `port` nor `sectionName` takes them all, as Istio's
+/// unrestricted route).
+type Parents = (Vec<ServiceName>, Vec<usize>, Vec<Option<Vec<PortSel>>>);
 
 fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Parents {
     let refs = match v {
@@ -275,12 +287,18 @@ fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Parents {
             m,
             &["group", "kind", "name", "namespace", "port", "sectionName"],
         );
-        if m.contains_key("sectionName") {
-            d.warn(
-                format!("{f}.sectionName"),
-                "not supported by meshfed yet; ignored",
-            );
-        }
+        // For a Service, the name of one of its ports (the CRD's SectionName syntax).
+        let section = match m.get("sectionName") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(n)) if valid_section_name(n) => Some(n.clone()),
+            Some(other) => {
+                d.err(
+                    format!("{f}.sectionName"),
+                    format!("{other}: a lower-case RFC 1123 name of at most 253 characters"),
+                );
+                continue;
+            }
+        };
         // The CRD: a port number, 1 to 65535. The route applies to that port only
         // (Istio adds it to every match).
         let port = match m.get("port") {
@@ -297,23 +315,91 @@ fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Parents {
         else {
             continue;
         };
+        let sel = (port.is_some() || section.is_some()).then_some(PortSel {
+            field: i,
+            number: port,
+            name: section,
+        });
         match out.0.iter().position(|x| *x == s) {
             None => {
                 out.0.push(s);
                 out.1.push(i);
-                out.2.push(port.map(|p| vec![p]));
+                out.2.push(sel.map(|s| vec![s]));
             }
             Some(k) => {
                 let ports = &mut out.2[k];
-                match (ports.as_mut(), port) {
-                    (Some(ps), Some(p)) if !ps.contains(&p) => ps.push(p),
+                match (ports.as_mut(), sel) {
+                    (Some(ps), Some(sel)) => ps.push(sel),
                     (_, None) => *ports = None,
-                    _ => {}
+                    (None, Some(_)) => {}
                 }
             }
         }
     }
     out
+}
+
+/// The port numbers `sels` name on `service`, whose ports (`number`, `name`) are
+/// `known` when the file defines it. A port it lacks, a name none of its ports has, or
+/// a `port` and `sectionName` that name two ports is an error at the entry; a name
+/// when the ports are not known cannot be read here, so the route applies to every
+/// port (`None`, warned).
+pub(crate) fn resolve_ports(
+    d: &mut Doc<'_>,
+    service: &ServiceName,
+    sels: &[PortSel],
+    known: Option<&[(u16, &str)]>,
+) -> Option<Vec<u16>> {
+    let mut out: Vec<u16> = Vec::new();
+    let mut every = false;
+    for sel in sels {
+        let f = format!("spec.parentRefs[{}]", sel.field);
+        let named = |n: &str| known.and_then(|k| k.iter().find(|(_, pn)| *pn == n));
+        let number = match (sel.number, sel.name.as_deref(), known) {
+            (Some(p), None, Some(k)) if !k.iter().any(|(n, _)| *n == p) => {
+                d.err(
+                    format!("{f}.port"),
+                    format!("port {p} not found: {service} has no such port"),
+                );
+                continue;
+            }
+            (Some(p), None, _) => p,
+            (p, Some(n), Some(_)) => match (named(n), p) {
+                (None, _) => {
+                    d.err(
+                        format!("{f}.sectionName"),
+                        format!("{n:?}: {service} has no port by that name"),
+                    );
+                    continue;
+                }
+                (Some((num, _)), Some(p)) if *num != p => {
+                    d.err(
+                        format!("{f}.port"),
+                        format!("{p}: {service}'s port {n:?} is {num}; port and sectionName must name one port"),
+                    );
+                    continue;
+                }
+                (Some((num, _)), _) => *num,
+            },
+            (Some(p), Some(_), None) => p,
+            (None, Some(n), None) => {
+                d.warn(
+                    format!("{f}.sectionName"),
+                    format!("{n:?}: {service} is not defined in this file, so its port names are not known here; the route applies to every port"),
+                );
+                every = true;
+                continue;
+            }
+            (None, None, _) => {
+                every = true;
+                continue;
+            }
+        };
+        if !out.contains(&number) {
+            out.push(number);
+        }
+    }
+    (!every).then_some(out)
 }
 
 /// `routes` restricted to service port `port`: every match holds only there, and a
@@ -1909,19 +1995,60 @@ spec:
             [8080, 9090, 8080, 9090, 8080, 9090].map(Some),
             "each rule on each port, in precedence"
         );
-        // A port the file's ServiceEntry for the Service does not have is refused.
-        let se = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: orders, namespace: shop}\nspec:\n  hosts: [orders.shop.example]\n  ports: [{number: 8080, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n---\n";
-        assert!(parse(&format!("{se}{CANARY}")).is_ok());
-        crate::test_support::assert_refused_at(
-            &format!(
-                "{se}{}",
-                CANARY.replace(
-                    "kind: Service, name: orders, port: 8080}",
-                    "kind: Service, name: orders, port: 9090}"
-                )
+        // By number or by name (sectionName: the Service port's name), checked against
+        // the file's ServiceEntry for the Service; a name without one cannot be read
+        // here, and the route applies to every port, warned.
+        let se = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: orders, namespace: shop}\nspec:\n  hosts: [orders.shop.example]\n  ports: [{number: 8080, name: http, protocol: HTTP}, {number: 9090, name: admin, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n---\n";
+        let parent = |r: &str| {
+            CANARY.replace(
+                "{group: \"\", kind: Service, name: orders, port: 8080}",
+                &format!("{{group: \"\", kind: Service, name: orders{r}}}"),
+            )
+        };
+        let ports_of = |yaml: &str| -> Vec<Option<u16>> {
+            let r = parse(yaml).unwrap();
+            let mut ports: Vec<Option<u16>> = r.http_policies[0]
+                .routes
+                .iter()
+                .flat_map(|r| r.matches.first().map(|m| m.port))
+                .collect();
+            ports.dedup();
+            ports.sort();
+            ports.dedup();
+            ports
+        };
+        for (r, with_se, want) in [
+            (", port: 8080", true, vec![Some(8080)]),
+            (", sectionName: admin", true, vec![Some(9090)]),
+            (", port: 9090, sectionName: admin", true, vec![Some(9090)]),
+            (", port: 9090", false, vec![Some(9090)]),
+            (", port: 9090, sectionName: admin", false, vec![Some(9090)]),
+            (", sectionName: admin", false, vec![None]),
+        ] {
+            let yaml = if with_se {
+                format!("{se}{}", parent(r))
+            } else {
+                parent(r)
+            };
+            assert_eq!(ports_of(&yaml), want, "{r} (ServiceEntry: {with_se})");
+            let warned = parse(&yaml)
+                .unwrap()
+                .warnings
+                .iter()
+                .any(|w| w.field == "spec.parentRefs[0].sectionName");
+            assert_eq!(warned, want == [None], "{r} (ServiceEntry: {with_se})");
+        }
+        for (r, field) in [
+            (", port: 7070", "spec.parentRefs[0].port"),
+            (", sectionName: metrics", "spec.parentRefs[0].sectionName"),
+            (
+                ", port: 8080, sectionName: admin",
+                "spec.parentRefs[0].port",
             ),
-            "spec.parentRefs[0]",
-        );
+            (", sectionName: Admin", "spec.parentRefs[0].sectionName"),
+        ] {
+            crate::test_support::assert_refused_at(&format!("{se}{}", parent(r)), field);
+        }
         // A port that is not one is refused.
         for (port, field) in [
             ("0", "spec.parentRefs[0].port"),

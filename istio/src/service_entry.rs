@@ -927,27 +927,32 @@ fn http_policies(
                 );
                 continue;
             }
-            // A parentRef's port restricts the rules to that port of the Service, which
-            // must have it when this file defines the Service.
-            if let (Some(ports), Some(svc)) = (
-                &gr.parent_ports[k],
-                services.iter().find(|s| &s.service == service),
-            ) && let Some(p) = ports
-                .iter()
-                .find(|p| !svc.ports.iter().any(|sp| sp.number == **p))
-            {
-                d.err(
-                    format!("spec.parentRefs[{i}]"),
-                    format!("port {p} not found: {service} has no such port"),
-                );
-                continue;
-            }
+            // A parentRef's port (by number or by name) restricts the rules to that port
+            // of the Service, which must have it when this file defines the Service.
             let written = match &gr.parent_ports[k] {
                 None => gr.routes.clone(),
-                Some(ports) => ports
-                    .iter()
-                    .flat_map(|port| crate::gateway_api::on_port(&gr.routes, *port))
-                    .collect(),
+                Some(sels) => {
+                    let known: Option<Vec<(u16, &str)>> =
+                        services.iter().find(|s| &s.service == service).map(|s| {
+                            s.ports
+                                .iter()
+                                .map(|p| (p.number, p.name.as_str()))
+                                .collect()
+                        });
+                    let before = d.problem_count();
+                    let ports =
+                        crate::gateway_api::resolve_ports(&mut d, service, sels, known.as_deref());
+                    if d.problem_count() > before {
+                        continue;
+                    }
+                    match ports {
+                        None => gr.routes.clone(),
+                        Some(ports) => ports
+                            .iter()
+                            .flat_map(|port| crate::gateway_api::on_port(&gr.routes, *port))
+                            .collect(),
+                    }
+                }
             };
             match merged.get(service) {
                 None => {
