@@ -260,6 +260,39 @@ fn describe_destinations(ds: &[meshfed_catalog::http_route::Destination]) -> Vec
         .collect()
 }
 
+/// A request match as `meshfed validate` lists it: its path, method, port and how many
+/// header and query conditions it has (`matched` when it says nothing of these).
+fn describe_match(m: &meshfed_catalog::http_route::RequestMatch) -> String {
+    use meshfed_catalog::http_route::StringMatch;
+    let mut parts: Vec<String> = Vec::new();
+    match &m.uri {
+        Some(StringMatch::Exact(v)) => parts.push(format!("path = {v}")),
+        Some(StringMatch::Prefix(v) | StringMatch::PathPrefix(v)) => {
+            parts.push(format!("path {v}*"))
+        }
+        Some(StringMatch::Regex(v)) => parts.push(format!("path ~ {v}")),
+        Some(StringMatch::Present) | None => {}
+    }
+    if let Some(StringMatch::Exact(v)) = &m.method {
+        parts.push(v.clone());
+    }
+    if let Some(p) = m.port {
+        parts.push(format!("port {p}"));
+    }
+    let n = m.headers.len() + m.without_headers.len();
+    if n > 0 {
+        parts.push(format!("{n} header(s)"));
+    }
+    if !m.query_params.is_empty() {
+        parts.push(format!("{} query param(s)", m.query_params.len()));
+    }
+    if parts.is_empty() {
+        "matched".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 fn describe_routes(p: &meshfed_catalog::http_route::HttpPolicy) -> String {
     let mut routes: Vec<String> = p
         .routes
@@ -273,14 +306,14 @@ fn describe_routes(p: &meshfed_catalog::http_route::HttpPolicy) -> String {
                     rd.uri.as_deref().unwrap_or("(same path)")
                 ));
             }
+            let when = match r.matches.as_slice() {
+                [] => String::new(),
+                [m] => format!(" ({})", describe_match(m)),
+                [m, rest @ ..] => format!(" ({} or {} more)", describe_match(m), rest.len()),
+            };
             format!(
-                "{}{} → {}",
+                "{}{when} → {}",
                 r.name.as_deref().unwrap_or("(unnamed)"),
-                if r.matches.is_empty() {
-                    ""
-                } else {
-                    " (matched)"
-                },
                 to.join(", ")
             )
         })
@@ -388,4 +421,47 @@ fn describe_entry(s: &meshfed_catalog::legacy::LegacyService) -> String {
         },
         ports.join("; ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_match;
+    use meshfed_catalog::http_route::{RequestMatch, StringMatch};
+
+    #[test]
+    fn a_match_is_listed_by_what_it_tests() {
+        let m = |uri, method: Option<&str>, port, headers: &[&str]| RequestMatch {
+            uri,
+            method: method.map(|v| StringMatch::Exact(v.into())),
+            port,
+            headers: headers
+                .iter()
+                .map(|h| ((*h).to_owned(), StringMatch::Present))
+                .collect(),
+            ..Default::default()
+        };
+        for (got, want) in [
+            (m(None, None, None, &[]), "matched"),
+            (
+                m(Some(StringMatch::Exact("/old".into())), None, None, &[]),
+                "path = /old",
+            ),
+            (
+                m(
+                    Some(StringMatch::PathPrefix("/api".into())),
+                    Some("GET"),
+                    Some(8080),
+                    &["x-a", "x-b"],
+                ),
+                "path /api*, GET, port 8080, 2 header(s)",
+            ),
+            (
+                m(Some(StringMatch::Regex("/v[0-9]+".into())), None, None, &[]),
+                "path ~ /v[0-9]+",
+            ),
+            (m(None, None, Some(9090), &[]), "port 9090"),
+        ] {
+            assert_eq!(describe_match(&got), want);
+        }
+    }
 }
