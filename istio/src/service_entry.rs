@@ -1246,17 +1246,26 @@ fn sort_documents(
         };
         d.unsupported("", top, &["apiVersion", "kind", "metadata", "spec"]);
         if let Some(m) = meta {
-            // A Gateway API route's age orders it among the routes of its Service.
-            let known: &[&str] = match kind {
-                "HTTPRoute" | "GRPCRoute" => &[
-                    "name",
-                    "namespace",
-                    "labels",
-                    "annotations",
-                    "creationTimestamp",
-                ],
-                _ => &["name", "namespace", "labels", "annotations"],
-            };
+            // What the API server writes into an object (as `kubectl get -o yaml` shows
+            // it) describes the object, not what it asks for: read without a warning. A
+            // Gateway API route's `creationTimestamp` orders it among its Service's.
+            let known: &[&str] = &[
+                "name",
+                "namespace",
+                "labels",
+                "annotations",
+                "creationTimestamp",
+                "uid",
+                "resourceVersion",
+                "generation",
+                "managedFields",
+                "selfLink",
+                "generateName",
+                "ownerReferences",
+                "finalizers",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+            ];
             d.unsupported("metadata", m, known);
         }
         let versions: &[&str] = match kind {
@@ -2163,6 +2172,19 @@ mod tests {
             r.warnings
         );
         assert!(r.warnings[0].to_string().contains("ServiceEntry/payments"));
+    }
+
+    /// An object as `kubectl get -o yaml` writes it: what the API server adds to its
+    /// metadata is read without a warning; a key it never writes still is warned about.
+    #[test]
+    fn what_the_api_server_writes_into_metadata_is_no_warning() {
+        let yaml = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: x\n  namespace: shop\n  uid: 3f0c1c2e-5b1a-4c55-9a43-0a4b8c9d1e2f\n  resourceVersion: \"48213\"\n  generation: 3\n  creationTimestamp: \"2026-01-05T10:00:00Z\"\n  managedFields:\n  - {manager: kubectl, operation: Update}\nspec:\n  hosts: [a.example]\n  ports: [{number: 80, name: http}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n";
+        let r = parse(yaml).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let r =
+            parse(&yaml.replace("  generation: 3\n", "  generation: 3\n  colour: blue\n")).unwrap();
+        let fields: Vec<&str> = r.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(fields, ["metadata.colour"]);
     }
 
     #[test]
