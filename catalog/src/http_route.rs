@@ -1539,6 +1539,9 @@ pub struct Compiled {
     tcp: Vec<Vec<CompiledTcpMatch>>,
     /// The same per TLS route.
     tls: Vec<Vec<CompiledTcpMatch>>,
+    /// The service ports the HTTP routes are restricted to (every match names one of
+    /// them); `None` when some route may apply on any port.
+    only_ports: Option<Vec<u16>>,
 }
 
 /// The most header changes one route may carry, and the longest value.
@@ -2139,6 +2142,23 @@ impl HttpPolicy {
         }
         let tcp = self.compile_tcp(&self.tcp_routes, "tcp_routes", &names)?;
         let tls = self.compile_tcp(&self.tls_routes, "tls_routes", &names)?;
+        let only_ports = self
+            .routes
+            .iter()
+            .flat_map(|r| {
+                if r.matches.is_empty() {
+                    vec![None]
+                } else {
+                    r.matches.iter().map(|m| m.port).collect()
+                }
+            })
+            .try_fold(Vec::new(), |mut ports, p| {
+                let p = p?;
+                if !ports.contains(&p) {
+                    ports.push(p);
+                }
+                Some(ports)
+            });
         Ok(Compiled {
             policy: self,
             matches,
@@ -2147,6 +2167,7 @@ impl HttpPolicy {
             uri_regex,
             tcp,
             tls,
+            only_ports,
         })
     }
 
@@ -2420,6 +2441,14 @@ impl Compiled {
             return crate::cors::Decision::Pass;
         };
         crate::cors::decide(c, origins, r)
+    }
+
+    /// Whether the HTTP routes may apply on service port `port`: some route has no
+    /// matches, or a match that names no port or this one. When none may, the port is
+    /// not this policy's: Istio builds no routes for it, and the service's own default
+    /// route applies (not a 404). Pure.
+    pub fn routes_on_port(&self, port: u16) -> bool {
+        self.only_ports.as_ref().is_none_or(|ps| ps.contains(&port))
     }
 
     /// The first route whose match accepts the request (a route without matches
@@ -3359,6 +3388,48 @@ mod tests {
                 .filter(|i| hits(p, (i * (u64::from(u32::MAX) + 1) / 100_000) as u32))
                 .count();
             assert!(got.abs_diff(want) <= 1, "{p} per million: {got}");
+        }
+    }
+
+    /// A policy whose routes all name other ports of the service than the request's is
+    /// not the request's: Istio builds no routes for that port.
+    #[test]
+    fn routes_restricted_to_ports_leave_the_others() {
+        let on = |ports: &[Option<u16>]| HttpRoute {
+            matches: ports
+                .iter()
+                .map(|p| RequestMatch {
+                    port: *p,
+                    ..Default::default()
+                })
+                .collect(),
+            destinations: vec![Destination::all()],
+            ..Default::default()
+        };
+        let svc = ServiceName::parse("web.demo").unwrap();
+        // (routes' match ports; a route without matches is `[]`) → ports they may apply on
+        for (routes, here, elsewhere) in [
+            (vec![vec![Some(8080)]], vec![8080], vec![9090]),
+            (
+                vec![vec![Some(8080)], vec![Some(9090), Some(8080)]],
+                vec![8080, 9090],
+                vec![7070],
+            ),
+            (vec![vec![Some(8080)], vec![None]], vec![8080, 7070], vec![]),
+            (vec![vec![Some(8080)], vec![]], vec![8080, 7070], vec![]),
+        ] {
+            let policy = HttpPolicy::new(
+                svc.clone(),
+                "test".into(),
+                routes.iter().map(|ps| on(ps)).collect(),
+            );
+            let c = policy.compile().unwrap();
+            for p in &here {
+                assert!(c.routes_on_port(*p), "{routes:?} on {p}");
+            }
+            for p in &elsewhere {
+                assert!(!c.routes_on_port(*p), "{routes:?} on {p}");
+            }
         }
     }
 

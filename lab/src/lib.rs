@@ -298,13 +298,20 @@ impl ConfigBuilder {
                 );
             }
         };
-        for (svc, port, eps, allowed) in &self.exports {
-            let _ = writeln!(
-                y,
-                "  - service: {svc}\n    ports:\n      - port: {port}\n        {}\n        endpoints: [{}]",
-                self.app_protocol(svc, *port),
-                list(eps)
-            );
+        for (i, (svc, _, _, allowed)) in self.exports.iter().enumerate() {
+            // A service exported on several ports is one entry with each port.
+            if self.exports[..i].iter().any(|e| e.0 == *svc) {
+                continue;
+            }
+            let _ = writeln!(y, "  - service: {svc}\n    ports:");
+            for (_, port, eps, _) in self.exports[i..].iter().filter(|e| e.0 == *svc) {
+                let _ = writeln!(
+                    y,
+                    "      - port: {port}\n        {}\n        endpoints: [{}]",
+                    self.app_protocol(svc, *port),
+                    list(eps)
+                );
+            }
             udp_ports(&mut y, svc);
             if self.proxy_protocol.contains(svc) {
                 y.push_str("    proxy_protocol: true\n");

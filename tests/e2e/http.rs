@@ -2972,6 +2972,63 @@ spec:
     drop(fed);
 }
 
+/// Issue 17 §2 (GAMMA): a route whose parentRef names a port of its Service applies on
+/// that port only. web.demo is exported on two ports (one endpoint each); a redirect
+/// route on the second answers 308 there, and the first still reaches its endpoint.
+/// Before, the port was warned about and the route applied on both.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_on_one_port_of_a_service_leaves_the_others() {
+    let (v1, v1_hits) = http_endpoint("v1", 200).await;
+    let (v2, _v2_hits) = http_endpoint("v2", 200).await;
+    let sites = two_at_west(
+        "gamma-port",
+        "route.yaml",
+        |_, port| {
+            format!(
+                r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web-moved, namespace: demo}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: web, port: {port}}}]
+  rules:
+  - filters:
+    - type: RequestRedirect
+      requestRedirect: {{path: {{type: ReplaceFullPath, replaceFullPath: /moved}}, statusCode: 308}}
+"#
+            )
+        },
+        [("web.demo", v1, "http"), ("web.demo", v2, "http")],
+    );
+    assert!(
+        sites.registered.contains("routes:web.demo"),
+        "{}",
+        sites.registered
+    );
+    let [first, second] = sites.imports.map(|a| format!("http://{a}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, _, _) = curl_head(&[], &format!("{second}/x"));
+        if status == 308 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the route never applied on its port: {status}\n{}",
+            sites.east_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = v1_hits.load(Ordering::Relaxed);
+    for _ in 0..10 {
+        let (status, body, _) = curl(&[], &format!("{first}/x"));
+        assert_eq!(status, 200, "the other port: {body}");
+        assert!(body.contains("site=v1"), "{body}");
+    }
+    assert_eq!(v1_hits.load(Ordering::Relaxed) - before, 10);
+    drop(sites);
+}
+
 /// Issue 17 §2/§4: a DestinationRule's `loadBalancer` registered at west spreads every
 /// importer's requests over the sites. Without one, the best site (north: equal
 /// capacity, first by name) takes them all; with ROUND_ROBIN each site gets its turn.

@@ -7,7 +7,9 @@
 //!    copied to a mirror); a longer or unknown one streams, and is never retried;
 //! 3. with the import's routes (a VirtualService, HTTPRoute or GRPCRoute): the circuit breaker (past
 //!    `max_requests` in flight until the answer's headers, 503 [`OVERFLOW`] at once),
-//!    the first matching route (none: 404 [`NO_ROUTE`]), then in Envoy's filter order
+//!    the first matching route (none: 404 [`NO_ROUTE`]; on a service port no route
+//!    names, when every match names another, the service itself, as Istio builds no
+//!    routes for that port), then in Envoy's filter order
 //!    its faults (a delay, then an abort: before anything else of the route), its CORS
 //!    policy (a preflight answered here; an allowed origin's answer marked), its rate
 //!    limit (a token bucket per route at this gateway: 429 [`RATE_LIMITED`] with
@@ -978,8 +980,11 @@ impl HttpEgress {
             labels: who.labels.as_deref(),
             tls: matches!(eg.callers, Callers::Mtls(..)),
         };
-        // Routes exported to other namespaces than the caller's: the service itself.
-        let matched = if table.compiled.policy.routes_apply_to(caller.as_str()) {
+        // Routes exported to other namespaces than the caller's, or restricted to other
+        // ports of the service than this one: the service itself.
+        let matched = if table.compiled.policy.routes_apply_to(caller.as_str())
+            && table.compiled.routes_on_port(self.port)
+        {
             table.compiled.route_and_prefix(&view)
         } else {
             Some((&table.unrouted, None))
