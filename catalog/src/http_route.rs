@@ -2142,23 +2142,19 @@ impl HttpPolicy {
         }
         let tcp = self.compile_tcp(&self.tcp_routes, "tcp_routes", &names)?;
         let tls = self.compile_tcp(&self.tls_routes, "tls_routes", &names)?;
-        let only_ports = self
-            .routes
-            .iter()
-            .flat_map(|r| {
-                if r.matches.is_empty() {
-                    vec![None]
-                } else {
-                    r.matches.iter().map(|m| m.port).collect()
-                }
-            })
-            .try_fold(Vec::new(), |mut ports, p| {
-                let p = p?;
+        // `None` at the first route without matches or match without a port.
+        let only_ports = self.routes.iter().try_fold(Vec::new(), |mut ports, r| {
+            if r.matches.is_empty() {
+                return None;
+            }
+            for m in &r.matches {
+                let p = m.port?;
                 if !ports.contains(&p) {
                     ports.push(p);
                 }
-                Some(ports)
-            });
+            }
+            Some(ports)
+        });
         Ok(Compiled {
             policy: self,
             matches,

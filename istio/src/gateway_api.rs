@@ -55,11 +55,7 @@ pub(crate) struct GatewayRoute {
     pub index: usize,
     /// `HTTPRoute namespace/name`.
     pub source: String,
-    pub parents: Vec<ServiceName>,
-    /// Per parent: the `parentRefs` index that first names it, and the ports the
-    /// route applies to there (`None`: every port).
-    pub parent_fields: Vec<usize>,
-    pub parent_ports: Vec<Option<Vec<PortSel>>>,
+    pub parents: Vec<Parent>,
     pub routes: Vec<HttpRoute>,
     /// Per rule, the `filters` index of each of its mirrors, in order (for field paths).
     pub mirror_filters: Vec<Vec<usize>>,
@@ -120,7 +116,7 @@ pub(crate) fn route(
             "a route attached to a Service (GAMMA) matches by the Service, not by host name; ignored",
         );
     }
-    let (parents, parent_fields, parent_ports) = parent_refs(d, spec.get("parentRefs"), namespace);
+    let parents = parent_refs(d, spec.get("parentRefs"), namespace);
     let rules: Vec<Value> = match spec.get("rules") {
         None | Some(Value::Null) => vec![Value::Object(Map::new())],
         Some(Value::Array(a)) if a.len() <= MAX_RULES => a.clone(),
@@ -183,8 +179,6 @@ pub(crate) fn route(
         index,
         source: format!("{what} {namespace}/{name}"),
         parents,
-        parent_fields,
-        parent_ports,
         routes,
         mirror_filters,
         order: (None, namespace.to_owned(), name.to_owned()),
@@ -250,32 +244,38 @@ pub(crate) struct PortSel {
     pub name: Option<String>,
 }
 
-/// The Services a route's `parentRefs` name, each once, with the `parentRefs` index of
-/// its first reference and the ports the route is restricted to there (`None`: every
-/// port; a reference with neither `port` nor `sectionName` takes them all, as Istio's
-/// unrestricted route).
-type Parents = (Vec<ServiceName>, Vec<usize>, Vec<Option<Vec<PortSel>>>);
+/// A Service a route's `parentRefs` name (each once).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Parent {
+    pub service: ServiceName,
+    /// The `parentRefs` index of its first reference.
+    pub field: usize,
+    /// The ports the route is restricted to there (`None`: every port; a reference
+    /// with neither `port` nor `sectionName` takes them all, as Istio's unrestricted
+    /// route).
+    pub ports: Option<Vec<PortSel>>,
+}
 
-fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Parents {
+fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Vec<Parent> {
     let refs = match v {
         Some(Value::Array(a)) if !a.is_empty() && a.len() <= MAX_PARENT_REFS => a,
         Some(Value::Array(a)) if a.len() > MAX_PARENT_REFS => {
             d.err("spec.parentRefs", format!("at most {MAX_PARENT_REFS}"));
-            return Default::default();
+            return Vec::new();
         }
         None | Some(Value::Null) | Some(Value::Array(_)) => {
             d.err(
                 "spec.parentRefs",
                 "missing: a mesh route names the Service it governs (kind: Service, group: \"\")",
             );
-            return Default::default();
+            return Vec::new();
         }
         Some(_) => {
             d.err("spec.parentRefs", "must be a list");
-            return Default::default();
+            return Vec::new();
         }
     };
-    let mut out: Parents = Default::default();
+    let mut out: Vec<Parent> = Vec::new();
     for (i, r) in refs.iter().enumerate() {
         let f = format!("spec.parentRefs[{i}]");
         let Value::Object(m) = r else {
@@ -320,20 +320,17 @@ fn parent_refs(d: &mut Doc<'_>, v: Option<&Value>, namespace: &str) -> Parents {
             number: port,
             name: section,
         });
-        match out.0.iter().position(|x| *x == s) {
-            None => {
-                out.0.push(s);
-                out.1.push(i);
-                out.2.push(sel.map(|s| vec![s]));
-            }
-            Some(k) => {
-                let ports = &mut out.2[k];
-                match (ports.as_mut(), sel) {
-                    (Some(ps), Some(sel)) => ps.push(sel),
-                    (_, None) => *ports = None,
-                    (None, Some(_)) => {}
-                }
-            }
+        match out.iter_mut().find(|p| p.service == s) {
+            None => out.push(Parent {
+                service: s,
+                field: i,
+                ports: sel.map(|s| vec![s]),
+            }),
+            Some(Parent { ports, .. }) => match (ports.as_mut(), sel) {
+                (Some(ps), Some(sel)) => ps.push(sel),
+                (_, None) => *ports = None,
+                (None, Some(_)) => {}
+            },
         }
     }
     out
@@ -448,7 +445,7 @@ fn rule(
     v: &Value,
     i: usize,
     namespace: &str,
-    parents: &[ServiceName],
+    parents: &[Parent],
 ) -> Option<HttpRoute> {
     let field = format!("spec.rules[{i}]");
     let Value::Object(m) = v else {
@@ -573,7 +570,7 @@ fn rule(
         };
         route.destinations.push(Destination {
             // The parent itself stays `None`: the policy's own service.
-            service: (!parents.contains(&service)).then_some(service),
+            service: (!parents.iter().any(|p| p.service == service)).then_some(service),
             port,
             subset: None,
             weight,
@@ -1316,7 +1313,7 @@ fn filters(
     v: Option<&Value>,
     rule_field: &str,
     namespace: &str,
-    parents: &[ServiceName],
+    parents: &[Parent],
     route: &mut HttpRoute,
 ) {
     let field = format!("{rule_field}.filters");
@@ -1534,7 +1531,7 @@ fn filters(
                         }
                     },
                 };
-                let other = !parents.contains(&target);
+                let other = !parents.iter().any(|p| p.service == target);
                 let per_million = match (r.get("percent"), r.get("fraction")) {
                     (Some(_), Some(_)) => {
                         // The CRD's CEL rule.

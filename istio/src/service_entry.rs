@@ -881,8 +881,8 @@ fn http_policies(
             problems,
             warnings,
         };
-        for (k, service) in gr.parents.iter().enumerate() {
-            let i = gr.parent_fields[k];
+        for parent in &gr.parents {
+            let (service, i) = (&parent.service, parent.field);
             if !merged.contains_key(service)
                 && let Some((first, _)) = out.iter().find(|(_, p)| &p.service == service)
             {
@@ -929,7 +929,7 @@ fn http_policies(
             }
             // A parentRef's port (by number or by name) restricts the rules to that port
             // of the Service, which must have it when this file defines the Service.
-            let written = match &gr.parent_ports[k] {
+            let written = match &parent.ports {
                 None => gr.routes.clone(),
                 Some(sels) => {
                     let known: Option<Vec<(u16, &str)>> =
