@@ -319,6 +319,15 @@ async fn requests_cross_sites_one_by_one(transport: &str) {
     let body = String::from_utf8_lossy(&out.stdout);
     assert_eq!(body.lines().count(), 20, "{body}");
     assert_eq!(web_hits.load(Ordering::Relaxed) - before, 20);
+    // The requests so far went over the egress's h2 links, opened once and kept: the
+    // ingress accepted at most one tunnel stream per link, not one per request.
+    let streams = west_gw
+        .metric(r#"meshfed_gateway_connections_total{direction="ingress"}"#)
+        .await;
+    assert!(
+        (1.0..=meshfed_gateway::http::egress::LINKS as f64).contains(&streams),
+        "{streams} tunnel streams for 25 requests"
+    );
     // The endpoint's own status passes through untouched (not retried: 500).
     let (status, _, error) = curl(&["-H", "x-status: 500"], &format!("http://{web_in}/"));
     assert_eq!((status, error.as_str()), (500, ""));
@@ -4216,6 +4225,20 @@ async fn endpoints_changed_under_live_links_take_effect_per_request() {
     }
     let before = hits();
     assert!(gets(import, 20, &[]).await.iter().all(|s| *s == 403));
+    assert_eq!(hits(), before, "a denied request reached an endpoint");
+
+    // Links opened after the policy (a restarted importer): the far side refuses their
+    // open, and the answer is the same 403 `denied` (it was a 503).
+    let mut east_gw = east_gw;
+    east_gw.kill();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 2])).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(import).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "{}", east_gw.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body, error) = curl(&[], &url);
+    assert_eq!((status, error.as_str()), (403, "denied"), "{body}");
     assert_eq!(hits(), before, "a denied request reached an endpoint");
 }
 

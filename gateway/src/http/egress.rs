@@ -77,6 +77,10 @@ pub struct HttpEgress {
     budget: Mutex<RetryBudget>,
     /// Counts requests for the weighted pick's rolls.
     rolls: AtomicU64,
+    /// Counts the requests a round-robin balancer placed, and nothing else: a turn
+    /// taken from `rolls`, which other decisions of the same request advance too,
+    /// stepped by their number, and with two sites and an even step it never moved.
+    turns: AtomicU64,
     /// Mirrored copies in flight.
     mirrors: AtomicU32,
     /// Sites' consecutive errors and ejections (outlier detection), per subset (`""`:
@@ -503,6 +507,7 @@ impl HttpEgress {
                 )
                 .unwrap_or(0),
             ),
+            turns: AtomicU64::new(0),
             mirrors: AtomicU32::new(0),
             outliers: Mutex::default(),
             site_load: Mutex::default(),
@@ -561,7 +566,8 @@ impl HttpEgress {
                 .collect()
         };
         let n = self.rolls.fetch_add(1, Ordering::Relaxed);
-        let i = decide::first_site(lb, n, decide::roll(n), &in_flight);
+        let turn = self.turns.fetch_add(1, Ordering::Relaxed);
+        let i = decide::first_site(lb, turn, decide::roll(n), &in_flight);
         let first = sites.remove(i);
         sites.insert(0, first);
         sites
@@ -1415,15 +1421,18 @@ impl HttpEgress {
             let load = plan.count_load.then(|| SiteLoad::new(self, site));
             let (outcome, answer) = match self.link(eg, site, i, sites.len(), caller).await {
                 Err((reason, message)) => {
+                    // The far side refused the link's open: answered as it answers a
+                    // request it refuses on an open link (403 `denied`, ...).
+                    let status = super::ingress::refusal_status(reason);
                     if !reason.retryable_elsewhere() {
                         return (
-                            error_response(503, reason.as_str(), &message),
+                            error_response(status, reason.as_str(), &message),
                             Some(site.clone()),
                         );
                     }
                     (
                         Outcome::NotSent,
-                        error_response(503, reason.as_str(), &message),
+                        error_response(status, reason.as_str(), &message),
                     )
                 }
                 Ok(mut link) => {
@@ -1600,6 +1609,41 @@ impl HttpEgress {
 mod tests {
     use super::*;
     use meshfed_catalog::http_route::{HttpPolicy, Subset};
+
+    /// ROUND_ROBIN takes turns over the sites whatever else of the request draws a roll:
+    /// its turn once came from the rolls counter, which a request advanced twice, and
+    /// with two sites every request went to the same one.
+    #[test]
+    fn round_robin_takes_turns_whatever_else_rolls() {
+        use meshfed_catalog::http_route::LoadBalancer;
+        let service = meshfed_catalog::ServiceName::parse("web.demo").expect("a name");
+        let h = HttpEgress::new(&service, 80);
+        let sites: Vec<SiteName> = ["north", "west", "south"]
+            .iter()
+            .map(|s| SiteName::new(s).expect("a site"))
+            .collect();
+        for others in 0..4 {
+            for n in [2, 3] {
+                let mut firsts = Vec::new();
+                for _ in 0..n * 2 {
+                    // Other decisions of the request (a weighted pick, a mirror's roll).
+                    for _ in 0..others {
+                        h.next_roll();
+                    }
+                    let order =
+                        h.balance(Some(LoadBalancer::RoundRobin), None, sites[..n].to_vec());
+                    firsts.push(order[0].clone());
+                }
+                for w in firsts.windows(n + 1) {
+                    assert_eq!(w[0], w[n], "{others} other rolls: {firsts:?}");
+                    assert!(
+                        (1..n).all(|k| w[k] != w[0]),
+                        "{others} other rolls: {firsts:?}"
+                    );
+                }
+            }
+        }
+    }
 
     /// A route table change forgets the ejections of subsets it no longer defines, and
     /// keeps the others' and the service's own.

@@ -1045,7 +1045,7 @@ pub trait Admission: Send + Sync + 'static {
 }
 
 /// The status a refusal of a request is answered with (its code in `meshfed-error`).
-fn refusal_status(r: Refusal) -> u16 {
+pub(crate) fn refusal_status(r: Refusal) -> u16 {
     match r {
         Refusal::Denied | Refusal::NotExportedToPeer | Refusal::ForeignCaller => 403,
         Refusal::UnknownService => 404,
