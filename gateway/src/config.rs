@@ -415,6 +415,22 @@ pub struct Export {
     pub proxy_protocol: bool,
 }
 
+impl Export {
+    /// What the streams of TCP port `port` carry at this gateway, as the ingress serves
+    /// them and as importers are told: the port's protocol, except that TLS
+    /// origination and the PROXY header are per connection, so a port with either
+    /// carries the client's bytes (`tcp`) whatever it speaks. Pure.
+    pub fn served_protocol(&self, port: u16) -> AppProtocol {
+        if self.tls.is_some() || self.proxy_protocol {
+            return AppProtocol::Tcp;
+        }
+        self.app_protocols
+            .get(&port)
+            .copied()
+            .unwrap_or(AppProtocol::Tcp)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Import {
     pub service: ServiceName,
@@ -1075,6 +1091,57 @@ imports:
 
     fn parse(s: &str) -> Result<GatewayConfig, ConfigError> {
         GatewayConfig::parse(s, Path::new("/etc/meshfed/west.yaml"))
+    }
+
+    /// A port serves what it speaks, unless TLS origination or the PROXY header (per
+    /// connection) make it carry bytes.
+    #[test]
+    fn a_port_with_tls_origination_or_the_proxy_header_carries_bytes() {
+        let tls = meshfed_catalog::legacy::TlsOrigination {
+            mode: meshfed_catalog::legacy::TlsMode::Simple,
+            ca_certificates: "ca.pem".into(),
+            sni: "a.example".into(),
+            client_certificate: None,
+            private_key: None,
+        };
+        let export = |tls: Option<&meshfed_catalog::legacy::TlsOrigination>, proxy: bool| Export {
+            service: ServiceName::parse("web.demo").unwrap(),
+            ports: BTreeMap::new(),
+            udp_ports: BTreeMap::new(),
+            endpoint_labels: BTreeMap::new(),
+            allowed_peers: None,
+            hosts: vec![],
+            tls: tls.cloned(),
+            port_names: BTreeMap::new(),
+            app_protocols: [
+                (80, AppProtocol::Http),
+                (443, AppProtocol::Tls),
+                (90, AppProtocol::Grpc),
+            ]
+            .into(),
+            http_policy: None,
+            identities: vec![],
+            proxy_protocol: proxy,
+        };
+        use AppProtocol::*;
+        for (tls, proxy, port, want) in [
+            (None, false, 80, Http),
+            (None, false, 90, Grpc),
+            (None, false, 443, Tls),
+            (None, false, 22, Tcp),
+            (Some(&tls), false, 80, Tcp),
+            (Some(&tls), false, 90, Tcp),
+            (Some(&tls), false, 443, Tcp),
+            (None, true, 80, Tcp),
+            (None, true, 90, Tcp),
+        ] {
+            assert_eq!(
+                export(tls, proxy).served_protocol(port),
+                want,
+                "tls {}, proxy {proxy}, port {port}",
+                tls.is_some()
+            );
+        }
     }
 
     #[test]

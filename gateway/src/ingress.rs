@@ -952,8 +952,8 @@ impl Ingress {
                 let tls = e.and_then(|e| e.tls.clone());
                 let proxy = e.is_some_and(|e| e.proxy_protocol);
                 let http = e
-                    .filter(|_| open.flow.is_none() && tls.is_none() && !proxy)
-                    .and_then(|e| e.app_protocols.get(&open.port).copied())
+                    .filter(|_| open.flow.is_none())
+                    .map(|e| e.served_protocol(open.port))
                     .filter(|a| a.is_http());
                 // The port's own settings (portLevelSettings) over the policy's, and
                 // each subset's own on an HTTP port.

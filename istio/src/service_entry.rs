@@ -1800,6 +1800,25 @@ fn apply_destination_rules(
             );
             continue;
         }
+        // TLS is originated per connection, so those ports carry the client's bytes.
+        let http: Vec<String> = svc
+            .ports
+            .iter()
+            .filter(|p| {
+                p.protocol == Protocol::Tcp && AppProtocol::from_istio(&p.app_protocol).is_http()
+            })
+            .map(|p| p.number.to_string())
+            .collect();
+        if !http.is_empty() {
+            d.warn(
+                "spec.trafficPolicy.tls",
+                format!(
+                    "TLS to {}'s endpoints is originated per connection: its HTTP port(s) {} carry the clients' bytes, and HTTP routes, retries and other per-request policies do not apply to them",
+                    svc.service,
+                    http.join(", ")
+                ),
+            );
+        }
         svc.tls = Some(TlsOrigination {
             mode: t.mode,
             ca_certificates: t.ca,
@@ -2346,6 +2365,27 @@ mod tests {
         assert_eq!(
             fail("      caCertificates: certs/ca.pem\n", ""),
             "spec.trafficPolicy.tls.caCertificates"
+        );
+        // On an HTTP port (Istio's egress TLS origination for plain-HTTP clients): the
+        // port carries bytes, which is said, naming the port.
+        let http = parse(
+            &base
+                .replace(
+                    "name: tls\n    protocol: TLS",
+                    "name: http\n    protocol: HTTP",
+                )
+                .replace("number: 443", "number: 80"),
+        )
+        .unwrap();
+        assert!(http.services[0].tls.is_some());
+        assert!(
+            http.warnings
+                .iter()
+                .any(|w| w.field == "spec.trafficPolicy.tls"
+                    && w.message
+                        .contains("HTTP port(s) 80 carry the clients' bytes")),
+            "{:?}",
+            http.warnings
         );
         // DISABLE: plain TCP.
         let plain = parse(&base.replace("mode: MUTUAL", "mode: DISABLE")).unwrap();

@@ -413,6 +413,114 @@ async fn tls_origination_simple_and_mutual() {
     );
 }
 
+/// An HTTPS (HTTP/1.1 over TLS) server for `dir`'s server certificate, answering
+/// `https path=<path> host=<Host>`. Returns its address.
+async fn https_endpoint(dir: &std::path::Path) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get(hyper::header::HOST)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let body = format!("https path={} host={host}\n", req.uri().path());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Istio's way to reach an HTTPS host from plain-HTTP clients: a ServiceEntry port with
+/// `protocol: HTTP` and a DestinationRule `tls: SIMPLE`. The exporting gateway
+/// originates TLS to the endpoint; an importer's HTTP clients get its answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_origination_on_an_http_port() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let scratch = Scratch::new("tlshttp");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let _west_gw = Gw::start(&west, &fed_config(&west, [127, 0, 0, 15])).unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 16])).unwrap();
+    let certs = scratch.0.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    tls_files(&certs, "billing.mainframe.example");
+    let ep = https_endpoint(&certs).await;
+    let port = free_port([127, 0, 0, 16].into());
+    let file = scratch.0.join("https.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: billing, namespace: mainframe}}\nspec:\n  hosts: [billing.mainframe.example]\n  ports: [{{number: {port}, name: http, protocol: HTTP, targetPort: {}}}]\n  resolution: STATIC\n  endpoints: [{{address: {}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: billing-tls, namespace: mainframe}}\nspec:\n  host: billing.mainframe.example\n  trafficPolicy:\n    tls:\n      mode: SIMPLE\n      caCertificates: certs/ca.pem\n",
+            ep.port(),
+            ep.ip()
+        ),
+    )
+    .unwrap();
+    let (code, err) = register(&west.dir, &file);
+    assert_eq!(code, 0, "{err}");
+    let url = format!("http://127.0.0.16:{port}/hello");
+    let started = Instant::now();
+    let body = loop {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-H",
+                "host: billing.mainframe.example",
+            ])
+            .arg(&url)
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if body.starts_with("https ") {
+            break body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no answer through TLS origination: {body} {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            east_gw.logs(),
+            _west_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body, "https path=/hello host=billing.mainframe.example\n");
+}
+
 /// A real Knot DNS server on `127.0.0.1:port`, authoritative for `corp.example`, until
 /// dropped. A missing `knotd` fails loudly.
 struct Knot(std::process::Child);
