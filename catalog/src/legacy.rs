@@ -77,7 +77,7 @@ pub struct LegacyService {
 }
 
 /// Istio `ClientTLSSettings` modes meshfed originates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TlsMode {
     /// TLS, the endpoint verified against `ca_certificates` for `sni`.
@@ -87,7 +87,7 @@ pub enum TlsMode {
 }
 
 /// How the registering site's gateway speaks TLS to the endpoints.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TlsOrigination {
     pub mode: TlsMode,
     /// PEM file of the CA(s) the endpoints' certificates chain to.

@@ -417,17 +417,20 @@ pub struct Export {
 
 impl Export {
     /// What the streams of TCP port `port` carry at this gateway, as the ingress serves
-    /// them and as importers are told: the port's protocol, except that TLS
-    /// origination and the PROXY header are per connection, so a port with either
-    /// carries the client's bytes (`tcp`) whatever it speaks. Pure.
+    /// them and as importers are told: the port's protocol, except that the PROXY
+    /// header is per connection, and so is TLS origination other than to an HTTP/1.1
+    /// endpoint (whose pooled connections the ingress originates it on), so such a
+    /// port carries the client's bytes (`tcp`) whatever it speaks. Pure.
     pub fn served_protocol(&self, port: u16) -> AppProtocol {
-        if self.tls.is_some() || self.proxy_protocol {
-            return AppProtocol::Tcp;
-        }
-        self.app_protocols
+        let app = self
+            .app_protocols
             .get(&port)
             .copied()
-            .unwrap_or(AppProtocol::Tcp)
+            .unwrap_or(AppProtocol::Tcp);
+        if self.proxy_protocol || (self.tls.is_some() && app != AppProtocol::Http) {
+            return AppProtocol::Tcp;
+        }
+        app
     }
 }
 
@@ -1129,7 +1132,7 @@ imports:
             (None, false, 90, Grpc),
             (None, false, 443, Tls),
             (None, false, 22, Tcp),
-            (Some(&tls), false, 80, Tcp),
+            (Some(&tls), false, 80, Http),
             (Some(&tls), false, 90, Tcp),
             (Some(&tls), false, 443, Tcp),
             (None, true, 80, Tcp),

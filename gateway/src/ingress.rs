@@ -74,8 +74,6 @@ pub struct Ingress {
     pub policies: arc_swap::ArcSwap<authz::PolicyIndex>,
     /// Pooled connections to the endpoints of HTTP-family ports.
     upstream: Arc<crate::http::ingress::Upstream>,
-    /// TLS origination clients, built on first use.
-    tls_clients: std::sync::Mutex<BTreeMap<TlsOrigination, TlsClient>>,
     /// The TCP streams spliced now, decided again when policies or exports change.
     live_streams: Mutex<std::collections::HashMap<u64, LiveStream>>,
     next_stream: std::sync::atomic::AtomicU64,
@@ -112,11 +110,6 @@ impl Drop for Tracked<'_> {
     }
 }
 
-type TlsClient = (
-    Arc<rustls::ClientConfig>,
-    rustls::pki_types::ServerName<'static>,
-);
-
 /// The connection to an endpoint: plain TCP, or TLS originated by us.
 enum Conn {
     Plain(TcpStream),
@@ -146,8 +139,10 @@ struct Admitted {
     endpoints: Vec<SocketAddr>,
     tls: Option<TlsOrigination>,
     proxy: bool,
-    /// An HTTP-family port: requests are forwarded one by one (TLS origination and the
-    /// PROXY header are per connection, so a port with either carries bytes).
+    /// An HTTP-family port: requests are forwarded one by one
+    /// ([`crate::config::Export::served_protocol`]: the PROXY header, and TLS
+    /// origination other than to HTTP/1.1 endpoints, are per connection, so a port with
+    /// either carries bytes).
     http: Option<meshfed_catalog::catalog::AppProtocol>,
     /// The service's outlier detection (per endpoint on an HTTP port), `connectionPool`
     /// (toward HTTP/1.1 endpoints on an HTTP port, the tunnelled connections at once on
@@ -346,7 +341,6 @@ impl Ingress {
             reverse: Default::default(),
             next_h2: AtomicUsize::new(0),
             policies: Default::default(),
-            tls_clients: Default::default(),
             live_streams: Default::default(),
             next_stream: Default::default(),
         }
@@ -938,6 +932,7 @@ impl Admitted {
             labels: self.labels,
             policy: self.policy,
             subsets: self.subsets,
+            tls: self.tls.map(Arc::new),
         }
     }
 }
@@ -1563,25 +1558,7 @@ impl Ingress {
         t: &TlsOrigination,
         tcp: TcpStream,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-        let client = {
-            let cached = self
-                .tls_clients
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(t)
-                .cloned();
-            match cached {
-                Some(c) => c,
-                None => {
-                    let c = crate::origination::client(t)?;
-                    self.tls_clients
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(t.clone(), c.clone());
-                    c
-                }
-            }
-        };
+        let client = self.upstream.tls_clients.get(t)?;
         let connector = tokio_rustls::TlsConnector::from(client.0);
         match tokio::time::timeout(self.connect_timeout, connector.connect(client.1, tcp)).await {
             Ok(Ok(s)) => Ok(s),

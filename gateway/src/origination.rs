@@ -28,10 +28,31 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// A rustls client, and the server name to send and verify.
+pub type Client = (Arc<rustls::ClientConfig>, ServerName<'static>);
+
+/// The clients built so far, by setting: each is built once (it reads PEM files), for
+/// the bytes and the HTTP path alike.
+#[derive(Default)]
+pub struct Clients(std::sync::Mutex<std::collections::BTreeMap<TlsOrigination, Client>>);
+
+impl Clients {
+    /// The client for `t`, built on first use.
+    pub fn get(&self, t: &TlsOrigination) -> Result<Client, String> {
+        if let Some(c) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(t) {
+            return Ok(c.clone());
+        }
+        let c = client(t)?;
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(t.clone(), c.clone());
+        Ok(c)
+    }
+}
+
 /// A rustls client for `t`, and the server name to send and verify.
-pub fn client(
-    t: &TlsOrigination,
-) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), String> {
+pub fn client(t: &TlsOrigination) -> Result<Client, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(Path::new(&t.ca_certificates))? {
         roots

@@ -1800,22 +1800,24 @@ fn apply_destination_rules(
             );
             continue;
         }
-        // TLS is originated per connection, so those ports carry the client's bytes.
-        let http: Vec<String> = svc
+        // On HTTP/1.1 ports the gateway originates TLS on its pooled endpoint
+        // connections; on h2 and gRPC ports per connection, so those carry bytes.
+        let h2: Vec<String> = svc
             .ports
             .iter()
             .filter(|p| {
-                p.protocol == Protocol::Tcp && AppProtocol::from_istio(&p.app_protocol).is_http()
+                let app = AppProtocol::from_istio(&p.app_protocol);
+                p.protocol == Protocol::Tcp && app.is_http() && app != AppProtocol::Http
             })
             .map(|p| p.number.to_string())
             .collect();
-        if !http.is_empty() {
+        if !h2.is_empty() {
             d.warn(
                 "spec.trafficPolicy.tls",
                 format!(
-                    "TLS to {}'s endpoints is originated per connection: its HTTP port(s) {} carry the clients' bytes, and HTTP routes, retries and other per-request policies do not apply to them",
+                    "TLS to {}'s h2/gRPC endpoints is originated per connection: port(s) {} carry the clients' bytes, and HTTP routes, retries and other per-request policies do not apply to them (they do on HTTP ports)",
                     svc.service,
-                    http.join(", ")
+                    h2.join(", ")
                 ),
             );
         }
@@ -2366,26 +2368,31 @@ mod tests {
             fail("      caCertificates: certs/ca.pem\n", ""),
             "spec.trafficPolicy.tls.caCertificates"
         );
-        // On an HTTP port (Istio's egress TLS origination for plain-HTTP clients): the
-        // port carries bytes, which is said, naming the port.
-        let http = parse(
-            &base
-                .replace(
-                    "name: tls\n    protocol: TLS",
-                    "name: http\n    protocol: HTTP",
-                )
-                .replace("number: 443", "number: 80"),
-        )
-        .unwrap();
+        // On an HTTP port (Istio's egress TLS origination for plain-HTTP clients) it is
+        // originated on the gateway's pooled connections, without a warning; on a gRPC
+        // port the port carries bytes, which is said, naming the port.
+        let on = |protocol: &str| {
+            parse(
+                &base
+                    .replace(
+                        "name: tls\n    protocol: TLS",
+                        &format!("name: p\n    protocol: {protocol}"),
+                    )
+                    .replace("number: 443", "number: 80"),
+            )
+            .unwrap()
+        };
+        let http = on("HTTP");
         assert!(http.services[0].tls.is_some());
+        assert!(http.warnings.is_empty(), "{:?}", http.warnings);
+        let grpc = on("GRPC");
         assert!(
-            http.warnings
+            grpc.warnings
                 .iter()
                 .any(|w| w.field == "spec.trafficPolicy.tls"
-                    && w.message
-                        .contains("HTTP port(s) 80 carry the clients' bytes")),
+                    && w.message.contains("port(s) 80 carry the clients' bytes")),
             "{:?}",
-            http.warnings
+            grpc.warnings
         );
         // DISABLE: plain TCP.
         let plain = parse(&base.replace("mode: MUTUAL", "mode: DISABLE")).unwrap();

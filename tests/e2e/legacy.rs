@@ -448,7 +448,14 @@ async fn https_endpoint(dir: &std::path::Path) -> std::net::SocketAddr {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("")
                             .to_owned();
-                        let body = format!("https path={} host={host}\n", req.uri().path());
+                        let xfcc = req
+                            .headers()
+                            .get("x-forwarded-client-cert")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let body =
+                            format!("https path={} host={host} xfcc={xfcc}\n", req.uri().path());
                         Ok::<_, std::convert::Infallible>(hyper::Response::new(
                             http_body_util::Full::new(bytes::Bytes::from(body)),
                         ))
@@ -465,7 +472,10 @@ async fn https_endpoint(dir: &std::path::Path) -> std::net::SocketAddr {
 
 /// Istio's way to reach an HTTPS host from plain-HTTP clients: a ServiceEntry port with
 /// `protocol: HTTP` and a DestinationRule `tls: SIMPLE`. The exporting gateway
-/// originates TLS to the endpoint; an importer's HTTP clients get its answers.
+/// originates TLS on its pooled HTTP/1.1 connections to the endpoint, so the port keeps
+/// per-request handling (the caller's identity in `x-forwarded-client-cert`, which only
+/// the HTTP path sets); an importer's HTTP clients get its answers. A CA that did not
+/// sign the endpoint is a typed 503 `endpoint_connect_failed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_origination_on_an_http_port() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -518,7 +528,61 @@ async fn tls_origination_on_an_http_port() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(body, "https path=/hello host=billing.mainframe.example\n");
+    assert_eq!(
+        body,
+        format!(
+            "https path=/hello host=billing.mainframe.example xfcc=URI={}\n",
+            east.id
+        )
+    );
+    // A CA that did not sign the endpoint's certificate: no connection to it, and a
+    // typed answer, not a reset.
+    let other = scratch.0.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    tls_files(&other, "ledger.mainframe.example");
+    let port2 = free_port([127, 0, 0, 16].into());
+    let file2 = scratch.0.join("wrong-ca.yaml");
+    std::fs::write(
+        &file2,
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ledger, namespace: mainframe}}\nspec:\n  hosts: [ledger.mainframe.example]\n  ports: [{{number: {port2}, name: http, protocol: HTTP, targetPort: {}}}]\n  resolution: STATIC\n  endpoints: [{{address: {}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: ledger-tls, namespace: mainframe}}\nspec:\n  host: ledger.mainframe.example\n  trafficPolicy:\n    tls:\n      mode: SIMPLE\n      sni: billing.mainframe.example\n      caCertificates: other/ca.pem\n",
+            ep.port(),
+            ep.ip()
+        ),
+    )
+    .unwrap();
+    let (code, err) = register(&west.dir, &file2);
+    assert_eq!(code, 0, "{err}");
+    let url = format!("http://127.0.0.16:{port2}/");
+    let started = Instant::now();
+    loop {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-D",
+                "/dev/stderr",
+                "-o",
+                "/dev/null",
+            ])
+            .arg(&url)
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&out.stderr).into_owned();
+        if head.starts_with("HTTP/1.1 503") {
+            assert!(
+                head.contains("meshfed-error: endpoint_connect_failed"),
+                "{head}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no typed refusal for a CA that did not sign the endpoint: {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A real Knot DNS server on `127.0.0.1:port`, authoritative for `corp.example`, until

@@ -14,7 +14,8 @@
 //! requests, or once idle for `idleTimeout` (90 s without), with keepalive probes under
 //! its `tcpKeepalive`, when the service sets them
 //! (HTTP/1.1 for
-//! `http`, h2 for `http2` and `grpc`), with the caller's identity set in
+//! `http`, with the TLS the service's DestinationRule originates, if any; h2 for
+//! `http2` and `grpc`), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
 //! appended to `x-forwarded-for`. When no connection to the endpoint can be made
 //! (within the service's `connectTimeout`, else the gateway's `connect_timeout`), the
@@ -41,7 +42,9 @@ use meshfed_catalog::http_route::{
     ConnectionPool, Outlier, SELECTOR_HEADER, SUBSET_NAME_HEADER, TcpKeepalive, endpoint_selector,
     parse_selector, selected, subset_at_site,
 };
+use meshfed_catalog::legacy::TlsOrigination;
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -61,6 +64,9 @@ pub struct Upstream {
     /// (its `connectTimeout`), by those times; at most [`IDLE_POOLS`] of them.
     h1_idle: std::sync::Mutex<HashMap<H1Pool, Client<Counting, Body>>>,
     connector: Counting,
+    /// TLS origination clients (a service's DestinationRule `tls`), built on first use,
+    /// for the HTTP/1.1 pools that originate TLS and the bytes path alike.
+    pub(crate) tls_clients: crate::origination::Clients,
     /// Per endpoint, its h2 connection and the requests given to it so far.
     h2: std::sync::Mutex<HashMap<SocketAddr, H2Conn>>,
     /// Held only while a new h2 connection is dialed: requests on open connections never
@@ -147,7 +153,12 @@ struct H2Conn {
 
 /// What an HTTP/1.1 pool of its own is kept for: its idle timeout, connect timeout and
 /// keepalive.
-type H1Pool = (Duration, Duration, Option<TcpKeepalive>);
+type H1Pool = (
+    Duration,
+    Duration,
+    Option<TcpKeepalive>,
+    Option<Arc<TlsOrigination>>,
+);
 
 /// How long an idle endpoint connection stays open without an `idleTimeout`.
 pub const IDLE: Duration = Duration::from_secs(90);
@@ -223,19 +234,24 @@ pub fn idle_until(busy: u32, last_used: u64, now: u64, idle: Duration) -> Option
 #[derive(Clone)]
 struct Carried(Arc<AtomicU32>);
 
-/// hyper's connector, whose connections count the requests they carry ([`Carried`]).
+/// hyper's connector, whose connections count the requests they carry ([`Carried`]),
+/// and speak TLS to the endpoint when the service originates it (within the connect
+/// timeout).
 #[derive(Clone)]
-struct Counting(HttpConnector);
+struct Counting(
+    HttpConnector,
+    Option<(crate::origination::Client, Duration)>,
+);
 
 /// A connection [`Counting`] made.
 struct CountedIo {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>>,
     carried: Carried,
 }
 
 impl tower::Service<http::Uri> for Counting {
     type Response = CountedIo;
-    type Error = <HttpConnector as tower::Service<http::Uri>>::Error;
+    type Error = super::BoxError;
     type Future =
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<CountedIo, Self::Error>> + Send>>;
 
@@ -243,14 +259,33 @@ impl tower::Service<http::Uri> for Counting {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.0.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let connecting = self.0.call(uri);
+        let tls = self.1.clone();
         Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            let io = match tls {
+                None => Either::Left(tcp),
+                Some(((client, name), within)) => {
+                    let handshake = tokio_rustls::TlsConnector::from(client).connect(name, tcp);
+                    let tls = match tokio::time::timeout(within, handshake).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => return Err(format!("TLS to the endpoint: {e}").into()),
+                        Err(_) => {
+                            return Err(format!(
+                                "TLS to the endpoint: no handshake within {within:?}"
+                            )
+                            .into());
+                        }
+                    };
+                    Either::Right(tls)
+                }
+            };
             Ok(CountedIo {
-                io: connecting.await?,
+                io: TokioIo::new(io),
                 carried: Carried(Arc::new(AtomicU32::new(0))),
             })
         })
@@ -305,7 +340,11 @@ impl hyper::rt::Write for CountedIo {
 
 impl hyper_util::client::legacy::connect::Connection for CountedIo {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.io.connected().extra(self.carried.clone())
+        let tcp = match self.io.inner() {
+            Either::Left(tcp) => tcp,
+            Either::Right(tls) => tls.get_ref().0,
+        };
+        tcp.connected().extra(self.carried.clone())
     }
 }
 
@@ -367,7 +406,7 @@ impl Upstream {
         let mut c = HttpConnector::new();
         c.set_connect_timeout(Some(connect_timeout));
         c.set_nodelay(true);
-        let connector = Counting(c);
+        let connector = Counting(c, None);
         // The timer makes the pool close idle connections (without one, hyper only
         // checks them when it hands one out).
         let h1 = Client::builder(TokioExecutor::new())
@@ -378,6 +417,7 @@ impl Upstream {
             h1,
             h1_idle: Default::default(),
             connector,
+            tls_clients: Default::default(),
             h2: Default::default(),
             h2_dial: Default::default(),
             connect_timeout,
@@ -488,13 +528,15 @@ impl Upstream {
         &self,
         req: Request<Incoming>,
         endpoints: Hosts<'_>,
-        app: AppProtocol,
+        (app, tls): (AppProtocol, Option<&Arc<TlsOrigination>>),
         open: &Open,
         (subset, to): (&str, &EndpointPolicy),
     ) -> Response<Body> {
         let pool = to.pool.filter(|_| app == AppProtocol::Http);
         let Some(limits) = pool else {
-            return self.forward(req, endpoints, app, open, (subset, to)).await;
+            return self
+                .forward(req, endpoints, (app, tls), open, (subset, to))
+                .await;
         };
         let Some(slot) = self.gate(open, subset, limits).enter().await else {
             self.metrics.http_overflow("ingress");
@@ -507,7 +549,7 @@ impl Upstream {
             return error_response(503, super::egress::OVERFLOW, &msg);
         };
         let (parts, body) = self
-            .forward(req, endpoints, app, open, (subset, to))
+            .forward(req, endpoints, (app, tls), open, (subset, to))
             .await
             .into_parts();
         let body = body
@@ -577,18 +619,25 @@ impl Upstream {
     }
 
     /// The HTTP/1.1 pool whose idle connections close after `idle`, which dials within
-    /// `connect` and sets `keepalive` on its connections (its own pool for each
-    /// distinct setting, at most [`IDLE_POOLS`]; the default one past that).
-    fn h1_for(&self, key: H1Pool) -> Client<Counting, Body> {
+    /// `connect`, sets `keepalive` on its connections and originates `tls` (its own pool
+    /// for each distinct setting, at most [`IDLE_POOLS`]; past that the default one, or
+    /// for TLS a client of its own that pools nothing). Errs when the TLS setting's
+    /// files cannot be read.
+    fn h1_for(&self, key: H1Pool) -> Result<Client<Counting, Body>, String> {
         let mut pools = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = pools.get(&key) {
-            return c.clone();
+            return Ok(c.clone());
         }
-        if pools.len() >= IDLE_POOLS {
-            return self.h1.clone();
+        let full = pools.len() >= IDLE_POOLS;
+        if full && key.3.is_none() {
+            return Ok(self.h1.clone());
         }
-        let (idle, connect, keepalive) = key;
-        let connector = if connect == self.connect_timeout && keepalive.is_none() {
+        let (idle, connect, keepalive, tls) = key.clone();
+        let tls = match tls {
+            Some(t) => Some((self.tls_clients.get(&t)?, connect)),
+            None => None,
+        };
+        let connector = if connect == self.connect_timeout && keepalive.is_none() && tls.is_none() {
             self.connector.clone()
         } else {
             let mut c = HttpConnector::new();
@@ -603,14 +652,16 @@ impl Upstream {
                 c.set_keepalive_interval(k.interval_ms.map(keepalive_secs));
                 c.set_keepalive_retries(k.probes);
             }
-            Counting(c)
+            Counting(c, tls)
         };
         let c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
-        pools.insert(key, c.clone());
-        c
+        if !full {
+            pools.insert(key, c.clone());
+        }
+        Ok(c)
     }
 
     /// The h2 connection to `ep` for one request, dialed when there is none or it ended,
@@ -720,7 +771,7 @@ impl Upstream {
         &self,
         mut req: Request<Body>,
         ep: SocketAddr,
-        app: AppProtocol,
+        (app, tls): (AppProtocol, Option<&Arc<TlsOrigination>>),
         limits: ConnLimits,
     ) -> Result<Response<Body>, UpstreamError> {
         let per_conn = limits.per_conn;
@@ -730,12 +781,17 @@ impl Upstream {
             // The default pool by reference: no client clone per request.
             let idle = limits.idle.unwrap_or(IDLE);
             let connect = limits.connect.unwrap_or(self.connect_timeout);
-            let sent =
-                if idle == IDLE && connect == self.connect_timeout && limits.keepalive.is_none() {
-                    self.h1.request(req)
-                } else {
-                    self.h1_for((idle, connect, limits.keepalive)).request(req)
-                };
+            let sent = if idle == IDLE
+                && connect == self.connect_timeout
+                && limits.keepalive.is_none()
+                && tls.is_none()
+            {
+                self.h1.request(req)
+            } else {
+                self.h1_for((idle, connect, limits.keepalive, tls.cloned()))
+                    .map_err(UpstreamError::Connect)?
+                    .request(req)
+            };
             let resp = sent.await.map_err(|e| {
                 if e.is_connect() {
                     UpstreamError::Connect(format!("{e:?}"))
@@ -784,7 +840,7 @@ impl Upstream {
         &self,
         req: Request<Incoming>,
         Hosts { endpoints, cluster }: Hosts<'_>,
-        app: AppProtocol,
+        (app, tls): (AppProtocol, Option<&Arc<TlsOrigination>>),
         open: &Open,
         (subset, to): (&str, &EndpointPolicy),
     ) -> Response<Body> {
@@ -815,7 +871,7 @@ impl Upstream {
         // The endpoint continues this span.
         super::trace::inject(&span, &mut parts.headers);
         let answer = self
-            .forward_traced(parts, body, ep, app, open, to.conn)
+            .forward_traced(parts, body, ep, (app, tls), open, to.conn)
             .instrument(span.clone())
             .await;
         span.record("http.response.status_code", answer.status().as_u16());
@@ -839,7 +895,7 @@ impl Upstream {
         parts: http::request::Parts,
         body: Incoming,
         ep: SocketAddr,
-        app: AppProtocol,
+        app: (AppProtocol, Option<&Arc<TlsOrigination>>),
         open: &Open,
         limits: ConnLimits,
     ) -> Response<Body> {
@@ -949,6 +1005,8 @@ pub struct Serving {
     /// Subsets with a `trafficPolicy` of their own (a request names its subset in
     /// [`SUBSET_NAME_HEADER`]).
     pub subsets: Vec<NamedPolicy>,
+    /// TLS to the endpoints (the service's DestinationRule `tls`; HTTP/1.1 endpoints).
+    pub tls: Option<Arc<TlsOrigination>>,
 }
 
 /// What the exporting gateway applies toward a service's endpoints, or a subset's.
@@ -1090,7 +1148,7 @@ pub async fn serve<IO>(
                         );
                         let hosts = Hosts::of(policy.0, &to.endpoints, some.as_deref());
                         upstream
-                            .forward_pooled(req, hosts, app, &open, policy)
+                            .forward_pooled(req, hosts, (app, to.tls.as_ref()), &open, policy)
                             .await
                     }
                     Err(answer) => answer,
@@ -1183,6 +1241,7 @@ mod tests {
             labels: vec![],
             policy: own.clone(),
             subsets,
+            tls: None,
         };
         let v2_labels: BTreeMap<String, String> = [("version".into(), "v2".into())].into();
         let v1_labels: BTreeMap<String, String> = [("version".into(), "v1".into())].into();
