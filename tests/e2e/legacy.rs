@@ -583,6 +583,69 @@ async fn tls_origination_on_an_http_port() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // An endpoint that accepts and never answers the handshake: the same typed answer
+    // once the connect timeout is spent, not a request held for ever.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_at = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let port3 = free_port([127, 0, 0, 16].into());
+    let file3 = scratch.0.join("silent.yaml");
+    std::fs::write(
+        &file3,
+        std::fs::read_to_string(&file2)
+            .unwrap()
+            .replace("ledger", "mute")
+            .replace(&port2.to_string(), &port3.to_string())
+            .replace(
+                &format!("targetPort: {}", ep.port()),
+                &format!("targetPort: {}", silent_at.port()),
+            )
+            .replace("other/ca.pem", "certs/ca.pem"),
+    )
+    .unwrap();
+    let (code, err) = register(&west.dir, &file3);
+    assert_eq!(code, 0, "{err}");
+    let url = format!("http://127.0.0.16:{port3}/");
+    let started = Instant::now();
+    loop {
+        let asked = Instant::now();
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "8",
+                "-D",
+                "/dev/stderr",
+                "-o",
+                "/dev/null",
+            ])
+            .arg(&url)
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&out.stderr).into_owned();
+        if head.starts_with("HTTP/1.1 503") {
+            assert!(
+                head.contains("meshfed-error: endpoint_connect_failed"),
+                "{head}"
+            );
+            assert!(
+                asked.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                asked.elapsed()
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no typed refusal for an endpoint that never handshakes: {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A real Knot DNS server on `127.0.0.1:port`, authoritative for `corp.example`, until
