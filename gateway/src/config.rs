@@ -417,17 +417,19 @@ pub struct Export {
 
 impl Export {
     /// What the streams of TCP port `port` carry at this gateway, as the ingress serves
-    /// them and as importers are told: the port's protocol, except that the PROXY
-    /// header is per connection, and so is TLS origination other than to an HTTP/1.1
-    /// endpoint (whose pooled connections the ingress originates it on), so such a
-    /// port carries the client's bytes (`tcp`) whatever it speaks. Pure.
+    /// them and as importers are told: the port's protocol (on an HTTP-family port the
+    /// ingress originates the service's TLS on its pooled endpoint connections), except
+    /// that the PROXY header is per connection, so a port with it carries the client's
+    /// bytes (`tcp`) whatever it speaks, and that on a `tls` port whose TLS the gateway
+    /// originates the clients speak plain bytes, not TLS an importer could route by
+    /// SNI. Pure.
     pub fn served_protocol(&self, port: u16) -> AppProtocol {
         let app = self
             .app_protocols
             .get(&port)
             .copied()
             .unwrap_or(AppProtocol::Tcp);
-        if self.proxy_protocol || (self.tls.is_some() && app != AppProtocol::Http) {
+        if self.proxy_protocol || (self.tls.is_some() && app == AppProtocol::Tls) {
             return AppProtocol::Tcp;
         }
         app
@@ -1096,8 +1098,8 @@ imports:
         GatewayConfig::parse(s, Path::new("/etc/meshfed/west.yaml"))
     }
 
-    /// A port serves what it speaks, unless TLS origination or the PROXY header (per
-    /// connection) make it carry bytes.
+    /// A port serves what it speaks, with TLS origination too, unless the PROXY header
+    /// (per connection) makes it carry bytes.
     #[test]
     fn a_port_with_tls_origination_or_the_proxy_header_carries_bytes() {
         let tls = meshfed_catalog::legacy::TlsOrigination {
@@ -1133,7 +1135,7 @@ imports:
             (None, false, 443, Tls),
             (None, false, 22, Tcp),
             (Some(&tls), false, 80, Http),
-            (Some(&tls), false, 90, Tcp),
+            (Some(&tls), false, 90, Grpc),
             (Some(&tls), false, 443, Tcp),
             (None, true, 80, Tcp),
             (None, true, 90, Tcp),

@@ -140,9 +140,8 @@ struct Admitted {
     tls: Option<TlsOrigination>,
     proxy: bool,
     /// An HTTP-family port: requests are forwarded one by one
-    /// ([`crate::config::Export::served_protocol`]: the PROXY header, and TLS
-    /// origination other than to HTTP/1.1 endpoints, are per connection, so a port with
-    /// either carries bytes).
+    /// ([`crate::config::Export::served_protocol`]: the PROXY header is per connection,
+    /// so a port with it carries bytes).
     http: Option<meshfed_catalog::catalog::AppProtocol>,
     /// The service's outlier detection (per endpoint on an HTTP port), `connectionPool`
     /// (toward HTTP/1.1 endpoints on an HTTP port, the tunnelled connections at once on
@@ -1558,7 +1557,7 @@ impl Ingress {
         t: &TlsOrigination,
         tcp: TcpStream,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-        let client = self.upstream.tls_clients.get(t)?;
+        let client = self.upstream.tls_clients.get(t, false)?;
         let connector = tokio_rustls::TlsConnector::from(client.0);
         match tokio::time::timeout(self.connect_timeout, connector.connect(client.1, tcp)).await {
             Ok(Ok(s)) => Ok(s),

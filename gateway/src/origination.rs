@@ -31,22 +31,28 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 /// A rustls client, and the server name to send and verify.
 pub type Client = (Arc<rustls::ClientConfig>, ServerName<'static>);
 
-/// The clients built so far, by setting: each is built once (it reads PEM files), for
-/// the bytes and the HTTP path alike.
+/// The clients built so far, by setting and by whether they offer h2 (ALPN): each is
+/// built once (it reads PEM files), for the bytes and the HTTP path alike.
 #[derive(Default)]
-pub struct Clients(std::sync::Mutex<std::collections::BTreeMap<TlsOrigination, Client>>);
+pub struct Clients(std::sync::Mutex<std::collections::BTreeMap<(TlsOrigination, bool), Client>>);
 
 impl Clients {
-    /// The client for `t`, built on first use.
-    pub fn get(&self, t: &TlsOrigination) -> Result<Client, String> {
-        if let Some(c) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(t) {
+    /// The client for `t`, built on first use; with `h2`, one that offers only `h2` in
+    /// ALPN (toward an h2 or gRPC endpoint).
+    pub fn get(&self, t: &TlsOrigination, h2: bool) -> Result<Client, String> {
+        let key = (t.clone(), h2);
+        if let Some(c) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(c.clone());
         }
-        let c = client(t)?;
+        let (mut cfg, name) = client(t)?;
+        if h2 {
+            Arc::make_mut(&mut cfg).alpn_protocols = vec![b"h2".to_vec()];
+        }
+        let c = (cfg, name);
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(t.clone(), c.clone());
+            .insert(key, c.clone());
         Ok(c)
     }
 }

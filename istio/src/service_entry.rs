@@ -1800,27 +1800,6 @@ fn apply_destination_rules(
             );
             continue;
         }
-        // On HTTP/1.1 ports the gateway originates TLS on its pooled endpoint
-        // connections; on h2 and gRPC ports per connection, so those carry bytes.
-        let h2: Vec<String> = svc
-            .ports
-            .iter()
-            .filter(|p| {
-                let app = AppProtocol::from_istio(&p.app_protocol);
-                p.protocol == Protocol::Tcp && app.is_http() && app != AppProtocol::Http
-            })
-            .map(|p| p.number.to_string())
-            .collect();
-        if !h2.is_empty() {
-            d.warn(
-                "spec.trafficPolicy.tls",
-                format!(
-                    "TLS to {}'s h2/gRPC endpoints is originated per connection: port(s) {} carry the clients' bytes, and HTTP routes, retries and other per-request policies do not apply to them (they do on HTTP ports)",
-                    svc.service,
-                    h2.join(", ")
-                ),
-            );
-        }
         svc.tls = Some(TlsOrigination {
             mode: t.mode,
             ca_certificates: t.ca,
@@ -2368,9 +2347,8 @@ mod tests {
             fail("      caCertificates: certs/ca.pem\n", ""),
             "spec.trafficPolicy.tls.caCertificates"
         );
-        // On an HTTP port (Istio's egress TLS origination for plain-HTTP clients) it is
-        // originated on the gateway's pooled connections, without a warning; on a gRPC
-        // port the port carries bytes, which is said, naming the port.
+        // On an HTTP or gRPC port (Istio's egress TLS origination for plain-HTTP
+        // clients) it is originated on the gateway's pooled endpoint connections.
         let on = |protocol: &str| {
             parse(
                 &base
@@ -2386,14 +2364,8 @@ mod tests {
         assert!(http.services[0].tls.is_some());
         assert!(http.warnings.is_empty(), "{:?}", http.warnings);
         let grpc = on("GRPC");
-        assert!(
-            grpc.warnings
-                .iter()
-                .any(|w| w.field == "spec.trafficPolicy.tls"
-                    && w.message.contains("port(s) 80 carry the clients' bytes")),
-            "{:?}",
-            grpc.warnings
-        );
+        assert!(grpc.services[0].tls.is_some());
+        assert!(grpc.warnings.is_empty(), "{:?}", grpc.warnings);
         // DISABLE: plain TCP.
         let plain = parse(&base.replace("mode: MUTUAL", "mode: DISABLE")).unwrap();
         assert!(plain.services[0].tls.is_none());

@@ -413,8 +413,9 @@ async fn tls_origination_simple_and_mutual() {
     );
 }
 
-/// An HTTPS (HTTP/1.1 over TLS) server for `dir`'s server certificate, answering
-/// `https path=<path> host=<Host>`. Returns its address.
+/// An HTTPS server (HTTP/1.1, or h2 when ALPN picks it) for `dir`'s server
+/// certificate, answering `https path=<path> host=<Host> xfcc=<x-forwarded-client-cert>`
+/// and, on h2, ` h2`. Returns its address.
 async fn https_endpoint(dir: &std::path::Path) -> std::net::SocketAddr {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -424,12 +425,13 @@ async fn https_endpoint(dir: &std::path::Path) -> std::net::SocketAddr {
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -454,16 +456,27 @@ async fn https_endpoint(dir: &std::path::Path) -> std::net::SocketAddr {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("")
                             .to_owned();
-                        let body =
-                            format!("https path={} host={host} xfcc={xfcc}\n", req.uri().path());
+                        // h2 carries the authority in the URI, HTTP/1.1 in Host.
+                        let host = req.uri().authority().map_or(host, |a| a.to_string());
+                        let h2 = if req.version() == hyper::Version::HTTP_2 {
+                            " h2"
+                        } else {
+                            ""
+                        };
+                        let body = format!(
+                            "https path={} host={host} xfcc={xfcc}{h2}\n",
+                            req.uri().path()
+                        );
                         Ok::<_, std::convert::Infallible>(hyper::Response::new(
                             http_body_util::Full::new(bytes::Bytes::from(body)),
                         ))
                     },
                 );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
             });
         }
     });
@@ -535,6 +548,53 @@ async fn tls_origination_on_an_http_port() {
             east.id
         )
     );
+    // An h2 port (gRPC's transport) to the same host: TLS with ALPN h2 on the
+    // gateway's h2 connection to the endpoint, the request's identity set there too.
+    let port_h2 = free_port([127, 0, 0, 16].into());
+    let file_h2 = scratch.0.join("h2.yaml");
+    std::fs::write(
+        &file_h2,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("billing", "stream")
+            .replace(&format!("number: {port}"), &format!("number: {port_h2}"))
+            .replace("name: http, protocol: HTTP", "name: h2, protocol: HTTP2")
+            .replace(
+                "      caCertificates: certs/ca.pem\n",
+                "      sni: billing.mainframe.example\n      caCertificates: certs/ca.pem\n",
+            ),
+    )
+    .unwrap();
+    let (code, err) = register(&west.dir, &file_h2);
+    assert_eq!(code, 0, "{err}");
+    let url = format!("http://127.0.0.16:{port_h2}/over-h2");
+    let started = Instant::now();
+    let body = loop {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--http2-prior-knowledge"])
+            .arg(&url)
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if body.starts_with("https ") {
+            break body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no answer over h2 through TLS origination: {body} {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            _west_gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        body,
+        format!(
+            "https path=/over-h2 host=127.0.0.16:{port_h2} xfcc=URI={} h2\n",
+            east.id
+        )
+    );
+
     // A CA that did not sign the endpoint's certificate: no connection to it, and a
     // typed answer, not a reset.
     let other = scratch.0.join("other");

@@ -107,9 +107,10 @@ pub fn from_client(p: &mut Parts, client: SocketAddr, import: &str) {
     p.headers.remove(header::HOST);
 }
 
-/// A request at the ingress, toward endpoint `ep`: the URI points at the endpoint, the
-/// original authority stays in `Host` (HTTP/1.1) or `:authority` (h2), and the caller
-/// and client are set.
+/// A request at the ingress, toward endpoint `ep`: the original authority stays in
+/// `Host` with the endpoint in the URI (HTTP/1.1, whose pool is keyed by it), or in
+/// `:authority` (h2, sent on the endpoint's own connection; the endpoint's address
+/// when the request had none), and the caller and client are set.
 pub fn to_endpoint(
     p: &mut Parts,
     ep: SocketAddr,
@@ -136,7 +137,7 @@ pub fn to_endpoint(
         .path_and_query()
         .map(|pq| pq.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
-    if app == AppProtocol::Http {
+    let to = if app == AppProtocol::Http {
         // HTTP/1.1 to the endpoint: the client's authority as Host, the endpoint in the URI
         // for the pool's key.
         if let Some(a) = &authority
@@ -145,11 +146,13 @@ pub fn to_endpoint(
             p.headers.insert(header::HOST, v);
         }
         p.version = http::Version::HTTP_11;
+        ep.to_string()
     } else {
         p.headers.remove(header::HOST);
         p.version = http::Version::HTTP_2;
-    }
-    if let Ok(uri) = format!("http://{ep}{path}").parse() {
+        authority.map_or_else(|| ep.to_string(), |a| a.to_string())
+    };
+    if let Ok(uri) = format!("http://{to}{path}").parse() {
         p.uri = uri;
     }
 }
@@ -382,20 +385,28 @@ mod tests {
         let caller = SpiffeId::new("spiffe://east.example.org/ns/shop/sa/web").unwrap();
         let ep: SocketAddr = "127.0.0.1:9000".parse().unwrap();
         let client: SocketAddr = "10.0.0.9:1".parse().unwrap();
-        for (app, want_host, want_version) in [
+        // HTTP/1.1: the endpoint in the URI, the authority in Host; h2: the authority
+        // stays `:authority` (it was the endpoint's address).
+        for (app, want_uri, want_host, want_version) in [
             (
                 AppProtocol::Http,
+                "http://127.0.0.1:9000/svc.Echo/Say",
                 Some("shop.example"),
                 http::Version::HTTP_11,
             ),
-            (AppProtocol::Grpc, None, http::Version::HTTP_2),
+            (
+                AppProtocol::Grpc,
+                "http://shop.example/svc.Echo/Say",
+                None,
+                http::Version::HTTP_2,
+            ),
         ] {
             let mut p = parts(
                 "http://shop.example/svc.Echo/Say",
                 &[("x-forwarded-client-cert", "URI=spiffe://evil/x")],
             );
             to_endpoint(&mut p, ep, app, &caller, Some(client));
-            assert_eq!(p.uri.to_string(), "http://127.0.0.1:9000/svc.Echo/Say");
+            assert_eq!(p.uri.to_string(), want_uri);
             assert_eq!(
                 p.headers[XFCC],
                 "URI=spiffe://east.example.org/ns/shop/sa/web"

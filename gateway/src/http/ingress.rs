@@ -14,8 +14,8 @@
 //! requests, or once idle for `idleTimeout` (90 s without), with keepalive probes under
 //! its `tcpKeepalive`, when the service sets them
 //! (HTTP/1.1 for
-//! `http`, with the TLS the service's DestinationRule originates, if any; h2 for
-//! `http2` and `grpc`), with the caller's identity set in
+//! `http`, h2 for `http2` and `grpc`; either with the TLS the service's
+//! DestinationRule originates, if any), with the caller's identity set in
 //! `x-forwarded-client-cert` (any the client sent is replaced) and the client's address
 //! appended to `x-forwarded-for`. When no connection to the endpoint can be made
 //! (within the service's `connectTimeout`, else the gateway's `connect_timeout`), the
@@ -68,7 +68,7 @@ pub struct Upstream {
     /// for the HTTP/1.1 pools that originate TLS and the bytes path alike.
     pub(crate) tls_clients: crate::origination::Clients,
     /// Per endpoint, its h2 connection and the requests given to it so far.
-    h2: std::sync::Mutex<HashMap<SocketAddr, H2Conn>>,
+    h2: std::sync::Mutex<HashMap<H2Key, H2Conn>>,
     /// Held only while a new h2 connection is dialed: requests on open connections never
     /// wait for it.
     h2_dial: tokio::sync::Mutex<()>,
@@ -153,6 +153,9 @@ struct H2Conn {
 
 /// What an HTTP/1.1 pool of its own is kept for: its idle timeout, connect timeout and
 /// keepalive.
+/// An h2 connection's endpoint, and the TLS originated on it.
+type H2Key = (SocketAddr, Option<Arc<TlsOrigination>>);
+
 type H1Pool = (
     Duration,
     Duration,
@@ -470,7 +473,7 @@ impl Upstream {
             .collect();
         let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         let before = h2.len();
-        h2.retain(|ep, c| listed.contains(ep) && !c.send.is_closed());
+        h2.retain(|(ep, _), c| listed.contains(ep) && !c.send.is_closed());
         gone + (before - h2.len())
     }
 
@@ -634,7 +637,7 @@ impl Upstream {
         }
         let (idle, connect, keepalive, tls) = key.clone();
         let tls = match tls {
-            Some(t) => Some((self.tls_clients.get(&t)?, connect)),
+            Some(t) => Some((self.tls_clients.get(&t, false)?, connect)),
             None => None,
         };
         let connector = if connect == self.connect_timeout && keepalive.is_none() && tls.is_none() {
@@ -668,12 +671,16 @@ impl Upstream {
     /// and the request's [`Busy`] mark on it. A connection given its `per_conn`th request
     /// (`maxRequestsPerConnection`) is taken out of the pool: it finishes its streams and
     /// closes, and the next request dials. One dialed under an `idle` timeout closes
-    /// once it has carried no request for that long.
+    /// once it has carried no request for that long. With `tls`, the connection speaks
+    /// TLS (ALPN `h2`) as the service's DestinationRule says, set up within the connect
+    /// timeout.
     async fn h2_to(
         &self,
         ep: SocketAddr,
+        tls: Option<&Arc<TlsOrigination>>,
         limits: ConnLimits,
     ) -> Result<(SendRequest<Body>, Busy), String> {
+        let key: H2Key = (ep, tls.cloned());
         let busy = |c: &H2Conn| {
             c.busy.fetch_add(1, Ordering::AcqRel);
             Busy {
@@ -684,11 +691,11 @@ impl Upstream {
         };
         let live = || {
             let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            let c = h2.get(&ep).filter(|c| !c.send.is_closed())?;
+            let c = h2.get(&key).filter(|c| !c.send.is_closed())?;
             let taken = (c.send.clone(), busy(c));
             let n = c.given.fetch_add(1, Ordering::Relaxed) + 1;
             if connection_spent(n, limits.per_conn) {
-                h2.remove(&ep);
+                h2.remove(&key);
             }
             Some(taken)
         };
@@ -710,9 +717,25 @@ impl Upstream {
         {
             debug!(error = %e, %ep, "keepalive on the endpoint connection");
         }
+        let io = match tls {
+            None => Either::Left(tcp),
+            Some(t) => {
+                let (client, name) = self.tls_clients.get(t, true)?;
+                let handshake = tokio_rustls::TlsConnector::from(client).connect(name, tcp);
+                match tokio::time::timeout(within, handshake).await {
+                    Ok(Ok(tls)) => Either::Right(tls),
+                    Ok(Err(e)) => return Err(format!("TLS to the endpoint: {e}")),
+                    Err(_) => {
+                        return Err(format!(
+                            "TLS to the endpoint: no handshake within {within:?}"
+                        ));
+                    }
+                }
+            }
+        };
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .adaptive_window(true)
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| format!("h2 handshake: {e}"))?;
         let c = H2Conn {
@@ -761,7 +784,7 @@ impl Upstream {
             self.h2
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(ep, c);
+                .insert(key, c);
         }
         Ok(taken)
     }
@@ -810,7 +833,7 @@ impl Upstream {
             return Ok(resp.map(|b| b.map_err(super::boxed_err).boxed()));
         }
         let (mut send, busy) = self
-            .h2_to(ep, limits)
+            .h2_to(ep, tls, limits)
             .await
             .map_err(UpstreamError::Connect)?;
         send.ready()
