@@ -1,7 +1,7 @@
 //! Processes for the benchmarks that run real processes on loopback (http-bench,
 //! sni-bench): children killed on drop, commands run or spawned with their output in a
 //! log, free ports, CPU from `/proc`, a federation with joined sites, nginx, haproxy's
-//! PEM files, and the figures' ratios and ranges.
+//! PEM files, endpoint certificates from a bench CA, and the figures' ratios and ranges.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,6 +10,33 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use meshfed_lab::{self as lab, SiteFiles};
+
+/// A bench CA and a certificate for `name` (a DNS name, `*.` allowed) signed by it, as
+/// PEM files in `dir`: (CA, certificate, key).
+pub fn endpoint_certs(
+    dir: &Path,
+    name: &str,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "meshfed bench CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec![name.to_string()])?.signed_by(&key, &issuer)?;
+    let paths = (
+        dir.join("endpoint-ca.pem"),
+        dir.join("endpoint.pem"),
+        dir.join("endpoint.key"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem())?;
+    std::fs::write(&paths.1, cert.pem())?;
+    std::fs::write(&paths.2, key.serialize_pem())?;
+    Ok(paths)
+}
 
 /// Child processes, killed on drop.
 pub struct Procs(pub Vec<Child>);

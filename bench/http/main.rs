@@ -83,8 +83,9 @@ fn curl(url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// nginx with a server block per site: HTTP/1.1 and h2c listeners answering `site`.
-fn nginx(dir: &Path, blocks: &[(&str, u16, u16)]) -> Result<Child> {
+/// nginx with a server block per site: HTTP/1.1 and h2c listeners answering `site`; and
+/// an HTTPS (HTTP/1.1 over TLS 1.3) block at `tls` answering `west-tls`.
+fn nginx(dir: &Path, blocks: &[(&str, u16, u16)], tls: (u16, &Path, &Path)) -> Result<Child> {
     let mut servers = String::new();
     for (site, h1, h2c) in blocks {
         servers.push_str(&format!(
@@ -92,21 +93,32 @@ fn nginx(dir: &Path, blocks: &[(&str, u16, u16)]) -> Result<Child> {
              keepalive_requests 1000000; location / {{ return 200 \"{site}\\n\"; }} }}\n"
         ));
     }
+    let (port, cert, key) = tls;
+    servers.push_str(&format!(
+        "  server {{ listen 127.0.0.1:{port} ssl reuseport backlog=4096; ssl_certificate {}; ssl_certificate_key {}; \
+         ssl_protocols TLSv1.3; keepalive_requests 1000000; location / {{ return 200 \"west-tls\\n\"; }} }}\n",
+        cert.display(),
+        key.display()
+    ));
     procs::nginx(dir, &servers)
 }
 
-/// The haproxy pair: A at `front_h1`/`front_h2` (plain HTTP/1.1 and h2c), a 50/50
-/// backend over mTLS h2 to B's two frontends, each in front of one nginx block. With
-/// `split`, A and each B frontend are processes of their own (one per site, as
-/// meshfed's gateways are), else one process holds them all; `nbthread` `threads` each.
+/// The haproxy pair: A at `front_h1`/`front_h2` (plain HTTP/1.1 and h2c), a backend
+/// shared equally (`roundrobin`) over mTLS to B's frontends, one per entry of `sites`
+/// (name, B's port, its nginx block's port), each in front of its nginx block
+/// (`to_nginx` ends that server line: TLS options toward an HTTPS block). With `split`,
+/// A and each B frontend are processes of their own (one per site, as meshfed's
+/// gateways are), else one process holds them all; `nbthread` `threads` each. `tag`
+/// names the config files.
+#[allow(clippy::too_many_arguments)]
 fn haproxy_pair(
     dir: &Path,
-    a: &SiteFiles,
-    b: &SiteFiles,
+    (a, b): (&SiteFiles, &SiteFiles),
     front: (u16, u16),
-    b_ports: (u16, u16),
-    nginx_h1: (u16, u16),
+    sites: &[(&str, u16, u16)],
+    to_nginx: &str,
     (split, threads): (bool, usize),
+    tag: &str,
 ) -> Result<Vec<Child>> {
     let ((a_pem, a_ca), (b_pem, b_ca)) =
         (procs::haproxy_pems(dir, a)?, procs::haproxy_pems(dir, b)?);
@@ -128,10 +140,12 @@ fn haproxy_pair(
     // connections to B (across h2 the reason phrase is lost, and h2load's HTTP/1.1
     // parser counts `HTTP/1.1 200 ` as a failure), h2 clients over h2.
     let pair = |name: &str, alpn: &str| {
+        let servers: String = sites
+            .iter()
+            .map(|(site, port, _)| server(site, *port, alpn))
+            .collect();
         format!(
-            "backend {name}\n  balance roundrobin\n  retries 2\n  option redispatch 1\n  retry-on conn-failure empty-response 502 503 504\n{}{}",
-            server("west", b_ports.0, alpn),
-            server("north", b_ports.1, alpn)
+            "backend {name}\n  balance roundrobin\n  retries 2\n  option redispatch 1\n  retry-on conn-failure empty-response 502 503 504\n{servers}"
         )
     };
     let head = format!(
@@ -148,23 +162,24 @@ fn haproxy_pair(
     );
     let side_b = |name: &str, bind: u16, nginx: u16| {
         format!(
-            "frontend b_{name}\n{}  default_backend nginx_{name}\nbackend nginx_{name}\n  server n 127.0.0.1:{nginx}\n",
+            "frontend b_{name}\n{}  default_backend nginx_{name}\nbackend nginx_{name}\n  server n 127.0.0.1:{nginx}{to_nginx}\n",
             bind_b(bind)
         )
     };
-    let (west, north) = (
-        side_b("west", b_ports.0, nginx_h1.0),
-        side_b("north", b_ports.1, nginx_h1.1),
-    );
-    let tag = if split { "split" } else { "one" };
+    let bs: Vec<(&str, String)> = sites
+        .iter()
+        .map(|(site, port, nginx)| (*site, side_b(site, *port, *nginx)))
+        .collect();
     let configs: Vec<(String, String)> = if split {
-        vec![
-            (format!("{tag}-a"), format!("{head}{side_a}")),
-            (format!("{tag}-west"), format!("{head}{west}")),
-            (format!("{tag}-north"), format!("{head}{north}")),
-        ]
+        let mut c = vec![(format!("{tag}-a"), format!("{head}{side_a}"))];
+        c.extend(
+            bs.iter()
+                .map(|(site, b)| (format!("{tag}-{site}"), format!("{head}{b}"))),
+        );
+        c
     } else {
-        vec![(tag.to_owned(), format!("{head}{side_a}{west}{north}"))]
+        let all: String = bs.iter().map(|(_, b)| b.as_str()).collect();
+        vec![(tag.to_owned(), format!("{head}{side_a}{all}"))]
     };
     let mut children = Vec::new();
     for (name, cfg) in configs {
@@ -336,15 +351,19 @@ async fn main() -> Result<()> {
 
     // Endpoints.
     let lo = [127, 0, 0, 1];
-    let (west_h1, west_h2c, north_h1, north_h2c) = (
+    let (west_h1, west_h2c, north_h1, north_h2c, west_tls) = (
+        free_port(lo)?,
         free_port(lo)?,
         free_port(lo)?,
         free_port(lo)?,
         free_port(lo)?,
     );
+    const TLS_HOST: &str = "web-tls.bench.example";
+    let (ep_ca, ep_cert, ep_key) = procs::endpoint_certs(&dir, TLS_HOST)?;
     procs.0.push(nginx(
         &dir,
         &[("west", west_h1, west_h2c), ("north", north_h1, north_h2c)],
+        (west_tls, &ep_cert, &ep_key),
     )?);
     wait_for("nginx", || {
         curl(&format!("http://127.0.0.1:{west_h1}/")).is_some()
@@ -360,8 +379,23 @@ async fn main() -> Result<()> {
     )
     .await?;
     let (east, west, north, south) = (&sites[0], &sites[1], &sites[2], &sites[3]);
+    let import_ip = [127, 0, 0, 2];
+    let (web, raw_h1, raw_h2, web_tls) = (
+        free_port(import_ip)?,
+        free_port(import_ip)?,
+        free_port(import_ip)?,
+        free_port(import_ip)?,
+    );
+    // West's routes, and an HTTP service whose endpoint is HTTPS (TLS originated by
+    // west's gateway, Istio's DestinationRule `tls: SIMPLE`).
     let routes = dir.join("routes.yaml");
-    std::fs::write(&routes, ROUTES)?;
+    std::fs::write(
+        &routes,
+        format!(
+            "{ROUTES}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web-tls, namespace: bench}}\nspec:\n  hosts: [{TLS_HOST}]\n  ports: [{{number: {web_tls}, name: http, protocol: HTTP, targetPort: {west_tls}}}]\n  resolution: STATIC\n  endpoints: [{{address: 127.0.0.1}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web-tls, namespace: bench}}\nspec:\n  host: {TLS_HOST}\n  trafficPolicy:\n    tls: {{mode: SIMPLE, caCertificates: {}}}\n",
+            ep_ca.display()
+        ),
+    )?;
     run(Command::new(&meshfed)
         .args(["register", "-f"])
         .arg(&routes)
@@ -370,12 +404,6 @@ async fn main() -> Result<()> {
 
     // Each gateway's process, by site: the proxies whose CPU a path costs.
     let mut gateway_pid = std::collections::BTreeMap::new();
-    let import_ip = [127, 0, 0, 2];
-    let (web, raw_h1, raw_h2) = (
-        free_port(import_ip)?,
-        free_port(import_ip)?,
-        free_port(import_ip)?,
-    );
     let fed_cfg = |s: &SiteFiles, ip: [u8; 4]| ConfigBuilder {
         federation: Some((s.dir.clone(), ip.into())),
         workers: Some(cli.threads),
@@ -434,6 +462,11 @@ async fn main() -> Result<()> {
     for a in [ip(raw_h1), tcp(raw_h1)] {
         wait_for("the L4 import", || curl(&format!("http://{a}/")).is_some()).await?;
     }
+    let l7_tls = format!("http://{}/", ip(web_tls));
+    wait_for("the HTTPS endpoint's import", || {
+        curl(&l7_tls).is_some_and(|b| b == "west-tls\n")
+    })
+    .await?;
 
     // The haproxy pair, with the sites' certificates (east's as the client's): one
     // process per site (the headline peer), and all in one process.
@@ -448,12 +481,12 @@ async fn main() -> Result<()> {
         );
         let pair = haproxy_pair(
             &dir,
-            east,
-            west,
+            (east, west),
             (front_h1, front_h2),
-            (b_west, b_north),
-            (west_h1, north_h1),
+            &[("west", b_west, west_h1), ("north", b_north, north_h1)],
+            "",
             (split, cli.threads),
+            if split { "split" } else { "one" },
         )?;
         haproxy_pids.push(pair.iter().map(Child::id).collect());
         procs.0.extend(pair);
@@ -469,6 +502,26 @@ async fn main() -> Result<()> {
     let [(front_h1, front_h2), (one_h1, one_h2)] = fronts[..] else {
         bail!("two haproxy pairs");
     };
+    // And one to the HTTPS endpoint: A ══mTLS══▶ B-west → nginx over TLS, verified.
+    let (tls_h1, tls_h2, b_tls) = (free_port(lo)?, free_port(lo)?, free_port(lo)?);
+    let pair = haproxy_pair(
+        &dir,
+        (east, west),
+        (tls_h1, tls_h2),
+        &[("west", b_tls, west_tls)],
+        &format!(
+            " ssl verify required ca-file {} sni str({TLS_HOST})",
+            ep_ca.display()
+        ),
+        (true, cli.threads),
+        "tls",
+    )?;
+    haproxy_pids.push(pair.iter().map(Child::id).collect());
+    procs.0.extend(pair);
+    wait_for("haproxy to the HTTPS endpoint", || {
+        curl(&format!("http://127.0.0.1:{tls_h1}/")).is_some_and(|b| b == "west-tls\n")
+    })
+    .await?;
 
     println!(
         "http bench: h2load, {} connections ({} streams each on h2), {} s per run, {} rounds; nginx endpoints; 50/50 split over two sites on meshfed-l7 and haproxy",
@@ -485,15 +538,17 @@ async fn main() -> Result<()> {
         match path {
             "haproxy" => haproxy_pids[0].clone(),
             "haproxy-1proc" => haproxy_pids[1].clone(),
+            "haproxy-tls" => haproxy_pids[2].clone(),
+            "meshfed-l7-tls" => site_pids(&["east", "west"]),
             "meshfed-l4" | "meshfed-l7" => site_pids(&["east", "west", "north"]),
             "meshfed-l4-tcp" | "meshfed-l7-tcp" => site_pids(&["south", "west", "north"]),
             _ => Vec::new(),
         }
     };
     let paths = |proto: Proto| -> Vec<(&'static str, String)> {
-        let (direct, ha, one, raw) = match proto {
-            Proto::H1 => (west_h1, front_h1, one_h1, raw_h1),
-            Proto::H2 => (west_h2c, front_h2, one_h2, raw_h2),
+        let (direct, ha, one, raw, ha_tls) = match proto {
+            Proto::H1 => (west_h1, front_h1, one_h1, raw_h1, tls_h1),
+            Proto::H2 => (west_h2c, front_h2, one_h2, raw_h2, tls_h2),
         };
         vec![
             ("direct", format!("http://127.0.0.1:{direct}/")),
@@ -503,6 +558,8 @@ async fn main() -> Result<()> {
             ("meshfed-l7", l7.clone()),
             ("meshfed-l4-tcp", format!("http://{}/", tcp(raw))),
             ("meshfed-l7-tcp", l7_tcp.clone()),
+            ("haproxy-tls", format!("http://127.0.0.1:{ha_tls}/")),
+            ("meshfed-l7-tls", l7_tls.clone()),
         ]
     };
     if cli.hold {
@@ -556,11 +613,18 @@ async fn main() -> Result<()> {
                     );
                 }
                 rps.entry((proto.name(), name)).or_default().push(l.rps);
-                cap.push(l.rps);
+                cap.push((name.ends_with("-tls"), l.rps));
             }
-            let slowest = cap.iter().copied().fold(f64::MAX, f64::min);
-            let target = slowest * 0.6;
+            // The HTTPS endpoint's two paths at 60 % of the slower of them; the others
+            // at 60 % of the slowest of theirs.
             for (name, url) in paths(proto) {
+                let tls = name.ends_with("-tls");
+                let slowest = cap
+                    .iter()
+                    .filter(|(t, _)| *t == tls)
+                    .map(|(_, r)| *r)
+                    .fold(f64::MAX, f64::min);
+                let target = slowest * 0.6;
                 let log = dir.join(format!("lat-{}-{name}-{round}.log", proto.name()));
                 let l = h2load(
                     &cli,
@@ -641,6 +705,34 @@ async fn main() -> Result<()> {
             ));
             // The headline lines take the worse protocol and the worse transport.
             headline = (headline.0.min(m1), headline.1.max(m2), headline.2.min(m3));
+        }
+    }
+    // The HTTPS endpoint: meshfed-l7-tls against haproxy-tls (not in the headline).
+    for proto in ["h1", "h2"] {
+        let r = |p: &str| rps[&(proto, p)].clone();
+        let rps_ha = ratio(&r("meshfed-l7-tls"), &r("haproxy-tls"));
+        let p99_ha = ratio(
+            &f(&p99[&(proto, "meshfed-l7-tls")]),
+            &f(&p99[&(proto, "haproxy-tls")]),
+        );
+        let cpu_ha = ratio(
+            &cpu[&(proto, "meshfed-l7-tls")],
+            &cpu[&(proto, "haproxy-tls")],
+        );
+        for (what, v, line) in [
+            ("req/s", &rps_ha, "rps_ratio_vs_haproxy"),
+            ("p99", &p99_ha, "p99_ratio_vs_haproxy"),
+            (
+                "proxies' CPU per request",
+                &cpu_ha,
+                "cpu_per_request_ratio_vs_haproxy",
+            ),
+        ] {
+            let (lo, hi, m) = range(v);
+            println!(
+                "  {proto} (HTTPS endpoint) meshfed-l7-tls / haproxy-tls {what}: {lo:.3}–{hi:.3} (mean {m:.3})"
+            );
+            lines.push(format!("http_{proto}_tls_{line}: {m:.3}"));
         }
     }
     println!("logs and configs: {}", dir.display());

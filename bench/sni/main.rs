@@ -35,7 +35,7 @@ mod procs;
 mod topo;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,30 +107,6 @@ spec:
   - {{name: north, labels: {{topology.istio.io/cluster: north}}}}
 "#
     )
-}
-
-/// A bench CA and a certificate for `*.db.example` signed by it: (CA PEM, cert, key).
-fn endpoint_certs(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "sni-bench CA");
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate()?;
-    let cert =
-        CertificateParams::new(vec!["*.db.example".to_string()])?.signed_by(&key, &issuer)?;
-    let paths = (
-        dir.join("endpoint-ca.pem"),
-        dir.join("endpoint.pem"),
-        dir.join("endpoint.key"),
-    );
-    std::fs::write(&paths.0, ca_cert.pem())?;
-    std::fs::write(&paths.1, cert.pem())?;
-    std::fs::write(&paths.2, key.serialize_pem())?;
-    Ok(paths)
 }
 
 /// nginx with a TLS 1.3 server block per site answering its name.
@@ -325,7 +301,7 @@ async fn main() -> Result<()> {
 
     // Endpoints.
     let lo = [127, 0, 0, 1];
-    let (ca, cert, key) = endpoint_certs(&dir)?;
+    let (ca, cert, key) = procs::endpoint_certs(&dir, "*.db.example")?;
     let (west_tls, north_tls) = (free_port(lo)?, free_port(lo)?);
     procs.0.push(nginx(
         &dir,
