@@ -22,7 +22,13 @@
 //!   site as meshfed's gateways are (`nbthread 2` each, as the gateways run a worker
 //!   per core);
 //! - `haproxy-1proc`: the same pair with A and both B frontends in one process (the
-//!   hop between them stays mTLS over loopback), reported beside it.
+//!   hop between them stays mTLS over loopback), reported beside it;
+//! - `meshfed-l7-tls`: h2load → east's egress ══QUIC══▶ west, whose gateway originates
+//!   TLS to an HTTPS nginx block (an HTTP ServiceEntry registered at west with a
+//!   DestinationRule `tls: SIMPLE` and a bench CA), against `haproxy-tls`: A ══mTLS══▶
+//!   B-west → the same block (`ssl verify required`, the same CA and SNI). Their p99 is
+//!   taken at 60 % of the slower of the two, apart from the others, and their lines
+//!   (`http_P_tls_...`) are not in the headline.
 //!
 //! For each protocol and round: requests per second at fixed concurrency (`--clients`,
 //! and `--streams` per connection on h2), with the CPU the path's proxy processes used
