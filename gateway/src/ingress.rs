@@ -1558,15 +1558,7 @@ impl Ingress {
         tcp: TcpStream,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
         let client = self.upstream.tls_clients.get(t, false)?;
-        let connector = tokio_rustls::TlsConnector::from(client.0);
-        match tokio::time::timeout(self.connect_timeout, connector.connect(client.1, tcp)).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(format!("handshake: {e}")),
-            Err(_) => Err(format!(
-                "handshake timed out after {:?}",
-                self.connect_timeout
-            )),
-        }
+        crate::origination::handshake(client, tcp, self.connect_timeout).await
     }
 
     /// Tries each endpoint once, round-robin from a rotating start, each within `within`.

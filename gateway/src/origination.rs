@@ -57,6 +57,20 @@ impl Clients {
     }
 }
 
+/// Speaks TLS over `tcp` as `client` says, the handshake within `within`.
+pub async fn handshake(
+    (config, name): Client,
+    tcp: tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    match tokio::time::timeout(within, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("handshake: {e}")),
+        Err(_) => Err(format!("handshake timed out after {within:?}")),
+    }
+}
+
 /// A rustls client for `t`, and the server name to send and verify.
 pub fn client(t: &TlsOrigination) -> Result<Client, String> {
     let mut roots = rustls::RootCertStore::empty();

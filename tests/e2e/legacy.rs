@@ -237,15 +237,11 @@ async fn tls_echo(dir: &std::path::Path, require_client: bool) -> std::net::Sock
     tls_echo_as(dir, require_client, "tls").await
 }
 
-/// [`tls_echo`] answering `{name}:` and the 4 bytes.
-pub(crate) async fn tls_echo_as(
-    dir: &std::path::Path,
-    require_client: bool,
-    name: &'static str,
-) -> std::net::SocketAddr {
+/// A server config for `dir`'s server certificate; with `require_client`, one that
+/// requires a client certificate from `dir`'s CA.
+fn server_config(dir: &std::path::Path, require_client: bool) -> rustls::ServerConfig {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
         .unwrap()
         .collect::<Result<_, _>>()
@@ -267,27 +263,84 @@ pub(crate) async fn tls_echo_as(
     } else {
         builder.with_no_client_auth()
     };
-    let cfg = builder.with_single_cert(certs, key).unwrap();
+    builder.with_single_cert(certs, key).unwrap()
+}
+
+/// [`tls_echo`] answering `{name}:` and the 4 bytes.
+pub(crate) async fn tls_echo_as(
+    dir: &std::path::Path,
+    require_client: bool,
+    name: &'static str,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls_server(
+        server_config(dir, require_client),
+        move |mut tls| async move {
+            let mut b = [0u8; 4];
+            if tls.read_exact(&mut b).await.is_ok() {
+                let _ = tls.write_all(format!("{name}:").as_bytes()).await;
+                let _ = tls.write_all(&b).await;
+            }
+            let _ = tls.shutdown().await;
+        },
+    )
+    .await
+}
+
+/// A TLS server on a free loopback port with `cfg`: each accepted connection, once its
+/// handshake is done, goes to `serve` on a task of its own. Returns its address.
+async fn tls_server<F, Fut>(cfg: rustls::ServerConfig, serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let mut b = [0u8; 4];
-                if tls.read_exact(&mut b).await.is_ok() {
-                    let _ = tls.write_all(format!("{name}:").as_bytes()).await;
-                    let _ = tls.write_all(&b).await;
+                if let Ok(tls) = acceptor.accept(s).await {
+                    serve(tls).await;
                 }
-                let _ = tls.shutdown().await;
             });
         }
     });
     addr
+}
+
+/// East and west in a federation with their gateways (east's imports on 127.0.0.16),
+/// and a test CA's files for `billing.mainframe.example` in the scratch's `certs/`.
+struct TlsSites {
+    scratch: Scratch,
+    _fed: Fed,
+    east: meshfed_lab::SiteFiles,
+    west: meshfed_lab::SiteFiles,
+    west_gw: Gw,
+    east_gw: Gw,
+    certs: std::path::PathBuf,
+}
+
+fn tls_sites(name: &str) -> TlsSites {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let scratch = Scratch::new(name);
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
+    let west_gw = Gw::start(&west, &fed_config(&west, [127, 0, 0, 15])).unwrap();
+    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 16])).unwrap();
+    let certs = scratch.0.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    tls_files(&certs, "billing.mainframe.example");
+    TlsSites {
+        scratch,
+        _fed: fed,
+        east,
+        west,
+        west_gw,
+        east_gw,
+        certs,
+    }
 }
 
 /// TLS origination toward a legacy endpoint signed by a test CA: SIMPLE to a server, and
@@ -295,16 +348,15 @@ pub(crate) async fn tls_echo_as(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_origination_simple_and_mutual() {
     use crate::federation::who_answers;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let scratch = Scratch::new("tlsorig");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let cfg = fed_config;
-    let _west_gw = Gw::start(&west, &cfg(&west, [127, 0, 0, 15])).unwrap();
-    let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 16])).unwrap();
-    let certs = scratch.0.join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    tls_files(&certs, "billing.mainframe.example");
+    let TlsSites {
+        scratch,
+        _fed,
+        east: _,
+        west,
+        west_gw: _west_gw,
+        east_gw,
+        certs,
+    } = tls_sites("tlsorig");
     let simple = tls_echo(&certs, false).await;
     let mutual = tls_echo(&certs, true).await;
     let port = |ip: [u8; 4]| free_port(ip.into());
@@ -417,70 +469,43 @@ async fn tls_origination_simple_and_mutual() {
 /// certificate, answering `https path=<path> host=<Host> xfcc=<x-forwarded-client-cert>`
 /// and, on h2, ` h2`. Returns its address.
 async fn https_endpoint(dir: &std::path::Path) -> std::net::SocketAddr {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
+    let mut cfg = server_config(dir, false);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else {
-                    return;
+    tls_server(cfg, |tls| async move {
+        let svc =
+            hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let host = req
+                    .headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                let xfcc = req
+                    .headers()
+                    .get("x-forwarded-client-cert")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                // h2 carries the authority in the URI, HTTP/1.1 in Host.
+                let host = req.uri().authority().map_or(host, |a| a.to_string());
+                let h2 = if req.version() == hyper::Version::HTTP_2 {
+                    " h2"
+                } else {
+                    ""
                 };
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let host = req
-                            .headers()
-                            .get(hyper::header::HOST)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        let xfcc = req
-                            .headers()
-                            .get("x-forwarded-client-cert")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        // h2 carries the authority in the URI, HTTP/1.1 in Host.
-                        let host = req.uri().authority().map_or(host, |a| a.to_string());
-                        let h2 = if req.version() == hyper::Version::HTTP_2 {
-                            " h2"
-                        } else {
-                            ""
-                        };
-                        let body = format!(
-                            "https path={} host={host} xfcc={xfcc}{h2}\n",
-                            req.uri().path()
-                        );
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(body)),
-                        ))
-                    },
+                let body = format!(
+                    "https path={} host={host} xfcc={xfcc}{h2}\n",
+                    req.uri().path()
                 );
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .await;
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(body),
+                )))
             });
-        }
-    });
-    addr
+        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+            .await;
+    })
+    .await
 }
 
 /// Istio's way to reach an HTTPS host from plain-HTTP clients: a ServiceEntry port with
@@ -491,56 +516,70 @@ async fn https_endpoint(dir: &std::path::Path) -> std::net::SocketAddr {
 /// sign the endpoint is a typed 503 `endpoint_connect_failed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_origination_on_an_http_port() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let scratch = Scratch::new("tlshttp");
-    let fed = Fed::start(&Fed::init(&scratch), 0);
-    let [east, west] = joined(&scratch, &fed, ["east", "west"]);
-    let _west_gw = Gw::start(&west, &fed_config(&west, [127, 0, 0, 15])).unwrap();
-    let east_gw = Gw::start(&east, &fed_config(&east, [127, 0, 0, 16])).unwrap();
-    let certs = scratch.0.join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    tls_files(&certs, "billing.mainframe.example");
+    let TlsSites {
+        scratch,
+        _fed,
+        east,
+        west,
+        west_gw: _west_gw,
+        east_gw: _east_gw,
+        certs,
+    } = tls_sites("tlshttp");
     let ep = https_endpoint(&certs).await;
-    let port = free_port([127, 0, 0, 16].into());
-    let file = scratch.0.join("https.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: billing, namespace: mainframe}}\nspec:\n  hosts: [billing.mainframe.example]\n  ports: [{{number: {port}, name: http, protocol: HTTP, targetPort: {}}}]\n  resolution: STATIC\n  endpoints: [{{address: {}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: billing-tls, namespace: mainframe}}\nspec:\n  host: billing.mainframe.example\n  trafficPolicy:\n    tls:\n      mode: SIMPLE\n      caCertificates: certs/ca.pem\n",
-            ep.port(),
-            ep.ip()
-        ),
-    )
-    .unwrap();
-    let (code, err) = register(&west.dir, &file);
-    assert_eq!(code, 0, "{err}");
-    let url = format!("http://127.0.0.16:{port}/hello");
-    let started = Instant::now();
-    let body = loop {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "5",
-                "-H",
-                "host: billing.mainframe.example",
-            ])
-            .arg(&url)
-            .output()
-            .unwrap();
-        let body = String::from_utf8_lossy(&out.stdout).into_owned();
-        if body.starts_with("https ") {
-            break body;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no answer through TLS origination: {body} {}\n{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            east_gw.logs(),
-            _west_gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Registers at west `name.mainframe.example` on a free port of east's import address,
+    // `protocol` to `endpoint`, with TLS as `tls` says; its URL at east.
+    let service = |name: &str, protocol: &str, endpoint: std::net::SocketAddr, tls: &str| {
+        let port = free_port([127, 0, 0, 16].into());
+        let file = scratch.0.join(format!("{name}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: mainframe}}\nspec:\n  hosts: [{name}.mainframe.example]\n  ports: [{{number: {port}, name: p, protocol: {protocol}, targetPort: {}}}]\n  resolution: STATIC\n  endpoints: [{{address: {}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}-tls, namespace: mainframe}}\nspec:\n  host: {name}.mainframe.example\n  trafficPolicy:\n    tls:\n      mode: SIMPLE\n{tls}",
+                endpoint.port(),
+                endpoint.ip()
+            ),
+        )
+        .unwrap();
+        let (code, err) = register(&west.dir, &file);
+        assert_eq!(code, 0, "{err}");
+        format!("http://127.0.0.16:{port}")
     };
+    // curl with `args` until its output starts with `want`, within 15 s; the output and
+    // the time the answering request took.
+    let until = |args: Vec<String>, want: &'static str| async move {
+        let started = Instant::now();
+        loop {
+            let asked = Instant::now();
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "8"])
+                .args(&args)
+                .output()
+                .unwrap();
+            let text = [out.stdout, out.stderr].concat();
+            let text = String::from_utf8_lossy(&text).into_owned();
+            if text.starts_with(want) {
+                return (text, asked.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{args:?}: no {want:?} in time: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let ca = "      caCertificates: certs/ca.pem\n";
+
+    // HTTP/1.1 to the endpoint, the client's Host kept.
+    let url = service("billing", "HTTP", ep, ca);
+    let (body, _) = until(
+        vec![
+            "-H".into(),
+            "host: billing.mainframe.example".into(),
+            format!("{url}/hello"),
+        ],
+        "https ",
+    )
+    .await;
     assert_eq!(
         body,
         format!(
@@ -548,49 +587,22 @@ async fn tls_origination_on_an_http_port() {
             east.id
         )
     );
+
     // An h2 port (gRPC's transport) to the same host: TLS with ALPN h2 on the
-    // gateway's h2 connection to the endpoint, the request's identity set there too.
-    let port_h2 = free_port([127, 0, 0, 16].into());
-    let file_h2 = scratch.0.join("h2.yaml");
-    std::fs::write(
-        &file_h2,
-        std::fs::read_to_string(&file)
-            .unwrap()
-            .replace("billing", "stream")
-            .replace(&format!("number: {port}"), &format!("number: {port_h2}"))
-            .replace("name: http, protocol: HTTP", "name: h2, protocol: HTTP2")
-            .replace(
-                "      caCertificates: certs/ca.pem\n",
-                "      sni: billing.mainframe.example\n      caCertificates: certs/ca.pem\n",
-            ),
+    // gateway's h2 connection to the endpoint, the client's authority and the caller's
+    // identity set there too.
+    let sni = "      sni: billing.mainframe.example\n      caCertificates: certs/ca.pem\n";
+    let url = service("stream", "HTTP2", ep, sni);
+    let (body, _) = until(
+        vec!["--http2-prior-knowledge".into(), format!("{url}/over-h2")],
+        "https ",
     )
-    .unwrap();
-    let (code, err) = register(&west.dir, &file_h2);
-    assert_eq!(code, 0, "{err}");
-    let url = format!("http://127.0.0.16:{port_h2}/over-h2");
-    let started = Instant::now();
-    let body = loop {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "5", "--http2-prior-knowledge"])
-            .arg(&url)
-            .output()
-            .unwrap();
-        let body = String::from_utf8_lossy(&out.stdout).into_owned();
-        if body.starts_with("https ") {
-            break body;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no answer over h2 through TLS origination: {body} {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            _west_gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    .await;
+    let authority = url.trim_start_matches("http://");
     assert_eq!(
         body,
         format!(
-            "https path=/over-h2 host=127.0.0.16:{port_h2} xfcc=URI={} h2\n",
+            "https path=/over-h2 host={authority} xfcc=URI={} h2\n",
             east.id
         )
     );
@@ -600,51 +612,29 @@ async fn tls_origination_on_an_http_port() {
     let other = scratch.0.join("other");
     std::fs::create_dir_all(&other).unwrap();
     tls_files(&other, "ledger.mainframe.example");
-    let port2 = free_port([127, 0, 0, 16].into());
-    let file2 = scratch.0.join("wrong-ca.yaml");
-    std::fs::write(
-        &file2,
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ledger, namespace: mainframe}}\nspec:\n  hosts: [ledger.mainframe.example]\n  ports: [{{number: {port2}, name: http, protocol: HTTP, targetPort: {}}}]\n  resolution: STATIC\n  endpoints: [{{address: {}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: ledger-tls, namespace: mainframe}}\nspec:\n  host: ledger.mainframe.example\n  trafficPolicy:\n    tls:\n      mode: SIMPLE\n      sni: billing.mainframe.example\n      caCertificates: other/ca.pem\n",
-            ep.port(),
-            ep.ip()
-        ),
-    )
-    .unwrap();
-    let (code, err) = register(&west.dir, &file2);
-    assert_eq!(code, 0, "{err}");
-    let url = format!("http://127.0.0.16:{port2}/");
-    let started = Instant::now();
-    loop {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "5",
-                "-D",
-                "/dev/stderr",
-                "-o",
-                "/dev/null",
-            ])
-            .arg(&url)
-            .output()
-            .unwrap();
-        let head = String::from_utf8_lossy(&out.stderr).into_owned();
-        if head.starts_with("HTTP/1.1 503") {
-            assert!(
-                head.contains("meshfed-error: endpoint_connect_failed"),
-                "{head}"
-            );
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no typed refusal for a CA that did not sign the endpoint: {head}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let head_only = |url: &str| {
+        vec![
+            "-D".into(),
+            "/dev/stderr".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            format!("{url}/"),
+        ]
+    };
+    let url = service(
+        "ledger",
+        "HTTP",
+        ep,
+        "      sni: billing.mainframe.example\n      caCertificates: other/ca.pem\n",
+    );
+    let (head, _) = until(head_only(&url), "HTTP/1.1 503").await;
+    assert!(
+        head.contains("meshfed-error: endpoint_connect_failed"),
+        "{head}"
+    );
+
     // An endpoint that accepts and never answers the handshake: the same typed answer
-    // once the connect timeout is spent, not a request held for ever.
+    // once the connect timeout is spent (per attempt), not a request held for ever.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_at = silent.local_addr().unwrap();
     tokio::spawn(async move {
@@ -653,59 +643,13 @@ async fn tls_origination_on_an_http_port() {
             held.push(s);
         }
     });
-    let port3 = free_port([127, 0, 0, 16].into());
-    let file3 = scratch.0.join("silent.yaml");
-    std::fs::write(
-        &file3,
-        std::fs::read_to_string(&file2)
-            .unwrap()
-            .replace("ledger", "mute")
-            .replace(&port2.to_string(), &port3.to_string())
-            .replace(
-                &format!("targetPort: {}", ep.port()),
-                &format!("targetPort: {}", silent_at.port()),
-            )
-            .replace("other/ca.pem", "certs/ca.pem"),
-    )
-    .unwrap();
-    let (code, err) = register(&west.dir, &file3);
-    assert_eq!(code, 0, "{err}");
-    let url = format!("http://127.0.0.16:{port3}/");
-    let started = Instant::now();
-    loop {
-        let asked = Instant::now();
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "8",
-                "-D",
-                "/dev/stderr",
-                "-o",
-                "/dev/null",
-            ])
-            .arg(&url)
-            .output()
-            .unwrap();
-        let head = String::from_utf8_lossy(&out.stderr).into_owned();
-        if head.starts_with("HTTP/1.1 503") {
-            assert!(
-                head.contains("meshfed-error: endpoint_connect_failed"),
-                "{head}"
-            );
-            assert!(
-                asked.elapsed() < Duration::from_secs(5),
-                "{:?}",
-                asked.elapsed()
-            );
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "no typed refusal for an endpoint that never handshakes: {head}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let url = service("mute", "HTTP", silent_at, sni);
+    let (head, took) = until(head_only(&url), "HTTP/1.1 503").await;
+    assert!(
+        head.contains("meshfed-error: endpoint_connect_failed"),
+        "{head}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 /// A real Knot DNS server on `127.0.0.1:port`, authoritative for `corp.example`, until

@@ -151,11 +151,11 @@ struct H2Conn {
     last_used: Arc<AtomicU64>,
 }
 
-/// What an HTTP/1.1 pool of its own is kept for: its idle timeout, connect timeout and
-/// keepalive.
 /// An h2 connection's endpoint, and the TLS originated on it.
 type H2Key = (SocketAddr, Option<Arc<TlsOrigination>>);
 
+/// What an HTTP/1.1 pool of its own is kept for: its idle timeout, connect timeout,
+/// keepalive and the TLS it originates.
 type H1Pool = (
     Duration,
     Duration,
@@ -272,20 +272,11 @@ impl tower::Service<http::Uri> for Counting {
             let tcp = connecting.await?.into_inner();
             let io = match tls {
                 None => Either::Left(tcp),
-                Some(((client, name), within)) => {
-                    let handshake = tokio_rustls::TlsConnector::from(client).connect(name, tcp);
-                    let tls = match tokio::time::timeout(within, handshake).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => return Err(format!("TLS to the endpoint: {e}").into()),
-                        Err(_) => {
-                            return Err(format!(
-                                "TLS to the endpoint: no handshake within {within:?}"
-                            )
-                            .into());
-                        }
-                    };
-                    Either::Right(tls)
-                }
+                Some((client, within)) => Either::Right(
+                    crate::origination::handshake(client, tcp, within)
+                        .await
+                        .map_err(|e| format!("TLS to the endpoint: {e}"))?,
+                ),
             };
             Ok(CountedIo {
                 io: TokioIo::new(io),
@@ -719,19 +710,11 @@ impl Upstream {
         }
         let io = match tls {
             None => Either::Left(tcp),
-            Some(t) => {
-                let (client, name) = self.tls_clients.get(t, true)?;
-                let handshake = tokio_rustls::TlsConnector::from(client).connect(name, tcp);
-                match tokio::time::timeout(within, handshake).await {
-                    Ok(Ok(tls)) => Either::Right(tls),
-                    Ok(Err(e)) => return Err(format!("TLS to the endpoint: {e}")),
-                    Err(_) => {
-                        return Err(format!(
-                            "TLS to the endpoint: no handshake within {within:?}"
-                        ));
-                    }
-                }
-            }
+            Some(t) => Either::Right(
+                crate::origination::handshake(self.tls_clients.get(t, true)?, tcp, within)
+                    .await
+                    .map_err(|e| format!("TLS to the endpoint: {e}"))?,
+            ),
         };
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .adaptive_window(true)
