@@ -381,12 +381,10 @@ fn export_to_pb(
         .max()
         .unwrap_or(0);
     let port = |p: &u16, protocol: Protocol| pb::Port {
-        // What the ingress serves the port as: a port with TLS origination or the
-        // PROXY header carries bytes, and an importer must not speak HTTP links to it.
-        app_protocol: match protocol {
-            Protocol::Tcp if !e.served_protocol(*p).is_tcp() => {
-                e.served_protocol(*p).as_str().into()
-            }
+        // What the ingress serves the port as: a port with the PROXY header carries
+        // bytes, and an importer must not speak HTTP links to it.
+        app_protocol: match (protocol, e.served_protocol(*p)) {
+            (Protocol::Tcp, a) if !a.is_tcp() => a.as_str().into(),
             _ => String::new(),
         },
         port: u32::from(*p),

@@ -31,17 +31,26 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 /// A rustls client, and the server name to send and verify.
 pub type Client = (Arc<rustls::ClientConfig>, ServerName<'static>);
 
-/// The clients built so far, by setting and by whether they offer h2 (ALPN): each is
-/// built once (it reads PEM files), for the bytes and the HTTP path alike.
+/// The clients built so far, by setting: without ALPN, and offering only `h2`. Each is
+/// built once (it reads PEM files), for the bytes and the HTTP path alike, and looked up
+/// by reference (the bytes path asks once per connection).
 #[derive(Default)]
-pub struct Clients(std::sync::Mutex<std::collections::BTreeMap<(TlsOrigination, bool), Client>>);
+pub struct Clients(
+    std::sync::Mutex<std::collections::BTreeMap<TlsOrigination, [Option<Client>; 2]>>,
+);
 
 impl Clients {
     /// The client for `t`, built on first use; with `h2`, one that offers only `h2` in
     /// ALPN (toward an h2 or gRPC endpoint).
     pub fn get(&self, t: &TlsOrigination, h2: bool) -> Result<Client, String> {
-        let key = (t.clone(), h2);
-        if let Some(c) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        let i = usize::from(h2);
+        if let Some(Some(c)) = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(t)
+            .map(|cs| &cs[i])
+        {
             return Ok(c.clone());
         }
         let (mut cfg, name) = client(t)?;
@@ -52,7 +61,8 @@ impl Clients {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, c.clone());
+            .entry(t.clone())
+            .or_default()[i] = Some(c.clone());
         Ok(c)
     }
 }

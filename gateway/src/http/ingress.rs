@@ -430,7 +430,9 @@ impl Upstream {
     /// Drops what is kept for clusters no export serves any more (a withdrawn service
     /// or port, a subset its policy no longer has): their endpoints' ejections and
     /// their connection pools' gates; and the h2 connections to endpoints no export
-    /// lists (dropping the last handle closes one once its streams end) or that ended.
+    /// lists with that TLS setting (a DestinationRule's `tls` changed: the connections
+    /// under the old one are not used again), or that ended (dropping the last handle
+    /// closes one once its streams end).
     /// Call after the exports changed; returns how many entries went.
     pub fn retain_exported(
         &self,
@@ -458,13 +460,18 @@ impl Upstream {
             g.retain(keep);
             gone += before - g.len();
         }
-        let listed: std::collections::HashSet<&SocketAddr> = exports
+        let listed: std::collections::HashSet<(&SocketAddr, Option<&TlsOrigination>)> = exports
             .values()
-            .flat_map(|e| e.ports.values().flatten())
+            .flat_map(|e| {
+                e.ports
+                    .values()
+                    .flatten()
+                    .map(move |ep| (ep, e.tls.as_ref()))
+            })
             .collect();
         let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         let before = h2.len();
-        h2.retain(|(ep, _), c| listed.contains(ep) && !c.send.is_closed());
+        h2.retain(|(ep, tls), c| listed.contains(&(ep, tls.as_deref())) && !c.send.is_closed());
         gone + (before - h2.len())
     }
 
