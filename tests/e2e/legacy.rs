@@ -632,6 +632,14 @@ async fn tls_origination_on_an_http_port() {
         head.contains("meshfed-error: endpoint_connect_failed"),
         "{head}"
     );
+    // The operator replaces that CA file with the right one (a rotation, by rename as
+    // a Secret volume does it): the next connections trust it, with no restart and no
+    // new registration.
+    let next = other.join("ca.pem.next");
+    std::fs::copy(certs.join("ca.pem"), &next).unwrap();
+    std::fs::rename(&next, other.join("ca.pem")).unwrap();
+    let (head, _) = until(head_only(&url), "HTTP/1.1 200").await;
+    assert!(!head.contains("meshfed-error"), "{head}");
 
     // An endpoint that accepts and never answers the handshake: the same typed answer
     // once the connect timeout is spent (per attempt), not a request held for ever.

@@ -66,7 +66,7 @@ pub struct Upstream {
     connector: Counting,
     /// TLS origination clients (a service's DestinationRule `tls`), built on first use,
     /// for the HTTP/1.1 pools that originate TLS and the bytes path alike.
-    pub(crate) tls_clients: crate::origination::Clients,
+    pub(crate) tls_clients: Arc<crate::origination::Clients>,
     /// Per endpoint, its h2 connection and the requests given to it so far.
     h2: std::sync::Mutex<HashMap<H2Key, H2Conn>>,
     /// Held only while a new h2 connection is dialed: requests on open connections never
@@ -239,12 +239,19 @@ struct Carried(Arc<AtomicU32>);
 
 /// hyper's connector, whose connections count the requests they carry ([`Carried`]),
 /// and speak TLS to the endpoint when the service originates it (within the connect
-/// timeout).
+/// timeout), with the setting's client as it is when each connection is made (so a
+/// rotated CA or client certificate is used by the pool's next connection).
 #[derive(Clone)]
-struct Counting(
-    HttpConnector,
-    Option<(crate::origination::Client, Duration)>,
-);
+struct Counting(HttpConnector, Option<Originating>);
+
+/// A TLS setting for a pool's connections, and the connect timeout its handshake
+/// counts toward.
+#[derive(Clone)]
+struct Originating {
+    clients: Arc<crate::origination::Clients>,
+    tls: Arc<TlsOrigination>,
+    within: Duration,
+}
 
 /// A connection [`Counting`] made.
 struct CountedIo {
@@ -272,8 +279,8 @@ impl tower::Service<http::Uri> for Counting {
             let tcp = connecting.await?.into_inner();
             let io = match tls {
                 None => Either::Left(tcp),
-                Some((client, within)) => Either::Right(
-                    crate::origination::handshake(client, tcp, within)
+                Some(o) => Either::Right(
+                    crate::origination::handshake(o.clients.get(&o.tls, false)?, tcp, o.within)
                         .await
                         .map_err(|e| format!("TLS to the endpoint: {e}"))?,
                 ),
@@ -635,7 +642,15 @@ impl Upstream {
         }
         let (idle, connect, keepalive, tls) = key.clone();
         let tls = match tls {
-            Some(t) => Some((self.tls_clients.get(&t, false)?, connect)),
+            Some(tls) => {
+                // Refused here when its files cannot be read, not at each connection.
+                self.tls_clients.get(&tls, false)?;
+                Some(Originating {
+                    clients: self.tls_clients.clone(),
+                    tls,
+                    within: connect,
+                })
+            }
             None => None,
         };
         let connector = if connect == self.connect_timeout && keepalive.is_none() && tls.is_none() {
