@@ -61,8 +61,9 @@ pub struct Upstream {
     h1: Client<Counting, Body>,
     /// HTTP/1.1 pools whose idle connections close sooner or later than [`IDLE`] (a
     /// service's `idleTimeout`), or that dial within another time than the gateway's
-    /// (its `connectTimeout`), by those times; at most [`IDLE_POOLS`] of them.
-    h1_idle: std::sync::Mutex<HashMap<H1Pool, Client<Counting, Body>>>,
+    /// (its `connectTimeout`), or that originate TLS, by those settings, each with when
+    /// it was last used (ms since `start`); at most [`H1_POOLS`] of them.
+    h1_idle: std::sync::Mutex<HashMap<H1Pool, (Client<Counting, Body>, u64)>>,
     connector: Counting,
     /// TLS origination clients (a service's DestinationRule `tls`), built on first use,
     /// for the HTTP/1.1 pools that originate TLS and the bytes path alike.
@@ -165,8 +166,9 @@ type H1Pool = (
 
 /// How long an idle endpoint connection stays open without an `idleTimeout`.
 pub const IDLE: Duration = Duration::from_secs(90);
-/// The most distinct `idleTimeout`s with a pool of their own (past it, [`IDLE`]).
-const IDLE_POOLS: usize = 16;
+/// The most HTTP/1.1 pools kept for settings of their own at once. A pool unused for
+/// longer than its idle timeout holds no connection and makes room for another.
+const H1_POOLS: usize = 256;
 
 /// A service's limits on each endpoint connection (a DestinationRule's
 /// `connectionPool.http`).
@@ -628,15 +630,24 @@ impl Upstream {
 
     /// The HTTP/1.1 pool whose idle connections close after `idle`, which dials within
     /// `connect`, sets `keepalive` on its connections and originates `tls` (its own pool
-    /// for each distinct setting, at most [`IDLE_POOLS`]; past that the default one, or
-    /// for TLS a client of its own that pools nothing). Errs when the TLS setting's
-    /// files cannot be read.
+    /// for each distinct setting, at most [`H1_POOLS`] at once; past that the default
+    /// one, or for TLS a client of its own that pools nothing). Errs when the TLS
+    /// setting's files cannot be read.
     fn h1_for(&self, key: H1Pool) -> Result<Client<Counting, Body>, String> {
+        let now = self.now_ms();
         let mut pools = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = pools.get(&key) {
+        if let Some((c, used)) = pools.get_mut(&key) {
+            *used = now;
             return Ok(c.clone());
         }
-        let full = pools.len() >= IDLE_POOLS;
+        if pools.len() >= H1_POOLS {
+            // Those whose connections have all closed idle (requests still in flight
+            // on one keep their connection: it closes once they end).
+            pools.retain(|(idle, ..), (_, used)| {
+                now.saturating_sub(*used) <= u64::try_from(idle.as_millis()).unwrap_or(u64::MAX)
+            });
+        }
+        let full = pools.len() >= H1_POOLS;
         if full && key.3.is_none() {
             return Ok(self.h1.clone());
         }
@@ -675,7 +686,7 @@ impl Upstream {
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         if !full {
-            pools.insert(key, c.clone());
+            pools.insert(key, (c.clone(), now));
         }
         Ok(c)
     }
@@ -1361,6 +1372,44 @@ mod tests {
         let up = Upstream::new(Duration::from_secs(1), Metrics::default());
         let opens = [open("a.demo", 80), open("b.demo", 80), open("a.demo", 81)];
         (up, cfg, eps, opens)
+    }
+
+    /// Pools of their own are bounded, and one whose connections have all closed idle
+    /// makes room for a new setting: a site with many settings over time still pools
+    /// each one in use.
+    #[tokio::test]
+    async fn pools_of_their_own_are_bounded_and_idle_ones_make_room() {
+        let up = Upstream::new(Duration::from_secs(1), Metrics::default());
+        let key = |idle_ms: u64, connect_ms: u64| -> H1Pool {
+            (
+                Duration::from_millis(idle_ms),
+                Duration::from_millis(connect_ms),
+                None,
+                None,
+            )
+        };
+        let pooled = |k: &H1Pool| up.h1_idle.lock().unwrap().contains_key(k);
+        // Full of pools idle after 1 ms.
+        for i in 0..H1_POOLS as u64 {
+            up.h1_for(key(1, 2000 + i)).unwrap();
+        }
+        assert_eq!(up.h1_idle.lock().unwrap().len(), H1_POOLS);
+        std::thread::sleep(Duration::from_millis(20));
+        // A new setting: the idle ones make room, and it has a pool of its own.
+        let long = key(60_000, 1500);
+        up.h1_for(long.clone()).unwrap();
+        assert!(pooled(&long));
+        assert_eq!(up.h1_idle.lock().unwrap().len(), 1);
+        // Full of pools in use: one more setting is served (by the default pool), and
+        // none in use is dropped for it.
+        for i in 0..H1_POOLS as u64 - 1 {
+            up.h1_for(key(60_000, 3000 + i)).unwrap();
+        }
+        let extra = key(60_000, 9999);
+        up.h1_for(extra.clone()).unwrap();
+        assert!(!pooled(&extra));
+        assert!(pooled(&long));
+        assert_eq!(up.h1_idle.lock().unwrap().len(), H1_POOLS);
     }
 
     /// Ejections are kept per service, port and subset: one service's failing endpoint
