@@ -63,7 +63,7 @@ pub struct Upstream {
     /// service's `idleTimeout`), or that dial within another time than the gateway's
     /// (its `connectTimeout`), or that originate TLS, by those settings, each with when
     /// it was last used (ms since `start`); at most [`H1_POOLS`] of them.
-    h1_idle: std::sync::Mutex<HashMap<H1Pool, (Client<Counting, Body>, u64)>>,
+    h1_idle: std::sync::Mutex<HashMap<H1Pool, (H1Client, u64)>>,
     connector: Counting,
     /// TLS origination clients (a service's DestinationRule `tls`), built on first use,
     /// for the HTTP/1.1 pools that originate TLS and the bytes path alike.
@@ -154,6 +154,9 @@ struct H2Conn {
 
 /// An h2 connection's endpoint, and the TLS originated on it.
 type H2Key = (SocketAddr, Option<Arc<TlsOrigination>>);
+
+/// An HTTP/1.1 client and its pool.
+type H1Client = Client<Counting, Body>;
 
 /// What an HTTP/1.1 pool of its own is kept for: its idle timeout, connect timeout,
 /// keepalive and the TLS it originates.
