@@ -12,8 +12,19 @@ use meshfed_catalog::legacy::{TlsMode, TlsOrigination};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+/// Refuses what is not a regular file: a FIFO or a device would block the reader (a
+/// gateway thread, with the clients' lock held) or never end.
+fn regular(path: &Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{}: not a regular file", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 /// The certificates in a PEM file (at least one).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    regular(path)?;
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -26,6 +37,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 /// The private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    regular(path)?;
     PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -285,6 +297,15 @@ mod tests {
         assert!(Arc::ptr_eq(&clients.get(&t, true).unwrap().0, &second_h2.0));
         std::fs::remove_file(&ca).unwrap();
         assert!(Arc::ptr_eq(&clients.get(&t, false).unwrap().0, &second.0));
+        // A FIFO in its place is not read (it would block until a writer came).
+        let made = std::process::Command::new("mkfifo")
+            .arg(&ca)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(Arc::ptr_eq(&clients.get(&t, false).unwrap().0, &second.0));
+        assert!(load_certs(&ca).unwrap_err().contains("not a regular file"));
+        std::fs::remove_file(&ca).unwrap();
 
         // Written whole again: used.
         std::fs::write(&ca, &pem).unwrap();
