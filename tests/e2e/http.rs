@@ -1196,6 +1196,24 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
     );
     ok();
 
+    // A client that connects and sends nothing at all: cut after the header timeout
+    // too, not held for ever.
+    let started = std::time::Instant::now();
+    let mut mute = tokio::net::TcpStream::connect(import).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(20), mute.read(&mut buf))
+        .await
+        .expect("a client that sends nothing is never cut")
+        .unwrap_or(0);
+    assert!(
+        n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(9), "cut after {took:?}");
+    eprintln!("mute client cut after {took:?}");
+    ok();
+
     // Slowloris: headers that never end are cut after the header timeout.
     let started = std::time::Instant::now();
     let mut slow = tokio::net::TcpStream::connect(import).await.unwrap();

@@ -661,6 +661,8 @@ impl HttpEgress {
                 Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
             }
         });
+        // The first byte within the header timeout, as the rest of the headers.
+        let io = super::io::FirstByteWithin::new(io, super::HEADER_READ_TIMEOUT);
         super::serve_connection(io, svc, stop, "client HTTP connection").await;
     }
 

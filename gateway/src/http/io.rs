@@ -117,3 +117,79 @@ impl AsyncWrite for TunnelIo {
         }
     }
 }
+
+/// A client connection whose first byte must come within a time: until it has, a read
+/// that finds the time spent fails (`TimedOut`), which ends the connection. hyper's
+/// header timeout starts only once it knows the protocol, which it learns from the
+/// first bytes, so without this a client that connects and sends nothing held its
+/// connection (and a file descriptor) for ever.
+pub struct FirstByteWithin<IO> {
+    io: IO,
+    /// Until the first byte.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> FirstByteWithin<IO> {
+    pub fn new(io: IO, within: std::time::Duration) -> Self {
+        Self {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FirstByteWithin<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some(deadline) = &mut this.deadline else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => this.deadline = None,
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no byte from the client within the header timeout",
+                )));
+            }
+            _ => {}
+        }
+        read
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstByteWithin<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
