@@ -116,9 +116,37 @@ pub fn openmetrics_to_text(om: &str) -> String {
     out
 }
 
+/// How long a client of the admin port has to send a request's head, and how long an
+/// idle keep-alive connection stays open: a client that sends nothing, or its head a
+/// byte at a time, holds a connection for no longer.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Admin connections served at once; more wait in the listen backlog. Scrapers and
+/// `meshfed diagnose` need a few.
+pub const MAX_CONNECTIONS: usize = 256;
+
 impl Admin {
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+        self.serve_within(listener, stop, HEADER_TIMEOUT, MAX_CONNECTIONS)
+            .await
+    }
+
+    /// [`Admin::serve`] with its header timeout and connection bound given.
+    pub async fn serve_within(
+        self,
+        listener: TcpListener,
+        stop: CancellationToken,
+        header_timeout: std::time::Duration,
+        max_connections: usize,
+    ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
         loop {
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => return,
+            };
             let (tcp, _) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(c) => c,
@@ -133,11 +161,14 @@ impl Admin {
             };
             let this = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_timeout)
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                     .await
                 {
@@ -286,6 +317,72 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> Result<(StatusCode, 
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A client that sends nothing, or stops mid-head, is cut after the header timeout,
+    /// and past the connection bound the next client waits for a slot instead of
+    /// each one holding a descriptor and a task.
+    #[tokio::test]
+    async fn idle_and_slow_clients_are_cut_and_connections_bounded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let admin = Admin {
+            registry: Arc::new(Registry::default()),
+            ready: Arc::new(AtomicBool::new(true)),
+            svid_expiry: None,
+            check: None,
+            pages: vec![],
+            html: vec![],
+            probe: None,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let timeout = Duration::from_millis(300);
+        tokio::spawn(admin.serve_within(listener, stop.clone(), timeout, 2));
+        let cut = |mut c: tokio::net::TcpStream| async move {
+            let mut buf = [0u8; 256];
+            let started = std::time::Instant::now();
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+                .await
+                .expect("never cut")
+                .unwrap_or(0);
+            assert!(
+                n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+                "{:?}",
+                &buf[..n]
+            );
+            started.elapsed()
+        };
+        // Nothing sent.
+        let mute = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(cut(mute).await >= Duration::from_millis(250));
+        // Half a head.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        assert!(cut(slow).await >= Duration::from_millis(250));
+
+        // Both slots held by silent clients: a real request waits for one to be cut,
+        // then is served.
+        let held = [
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), get(addr, "/live"))
+            .await
+            .expect("served once a slot is free")
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(held);
+        stop.cancel();
+    }
 
     #[test]
     fn openmetrics_reads_as_classic_text() {
