@@ -44,6 +44,16 @@ pub struct FloodReport {
 /// A TLS client config that never gets to check a certificate (the flood never reads the
 /// server's flight), offering the gateway's ALPN.
 fn client_config() -> Result<quinn_proto::ClientConfig> {
+    let mut tls = no_verify()?;
+    tls.alpn_protocols = vec![b"meshfed/1".to_vec()];
+    let quic = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| anyhow::anyhow!("QUIC client config: {e}"))?;
+    Ok(quinn_proto::ClientConfig::new(Arc::new(quic)))
+}
+
+/// A TLS 1.3 client with no certificate of its own that checks none of the server's: an
+/// anonymous attacker's.
+pub fn no_verify() -> Result<rustls::ClientConfig> {
     #[derive(Debug)]
     struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
     impl rustls::client::danger::ServerCertVerifier for NoVerify {
@@ -78,15 +88,13 @@ fn client_config() -> Result<quinn_proto::ClientConfig> {
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"meshfed/1".to_vec()];
-    let quic = quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| anyhow::anyhow!("QUIC client config: {e}"))?;
-    Ok(quinn_proto::ClientConfig::new(Arc::new(quic)))
+    Ok(
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth(),
+    )
 }
 
 /// A process's resident set size in bytes (VmRSS from /proc), 0 when unreadable.

@@ -388,7 +388,7 @@ pub async fn serve_with(
     .await?;
     service.leases.start();
     write_file(&dir.join("address"), addr.to_string().as_bytes(), 0o644)?;
-    let incoming = transport::incoming(listener, tls);
+    let incoming = transport::incoming(listener, tls, service.metrics.connections_refused.clone());
     let svc = pb::federation_server::FederationServer::from_arc(service.clone());
     // The drain waits for the embedded store's flusher without a grace: it writes what
     // was acknowledged, and nothing acknowledged may be lost.

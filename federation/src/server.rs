@@ -138,6 +138,9 @@ impl prometheus_client::collector::Collector for SiteCollector {
 #[derive(Clone, Default)]
 pub struct Metrics {
     pub refusals: Family<ReasonLabels, Counter>,
+    /// Connections closed before any call, by reason (`handshake_limit`,
+    /// `anonymous_limit`: [`crate::transport::incoming`]).
+    pub connections_refused: Family<ReasonLabels, Counter>,
     pub joins: Counter,
     pub publishes: Counter,
     pub watchers: Gauge,
@@ -171,6 +174,11 @@ impl Metrics {
             "refusals",
             "Requests refused, by stable reason code",
             self.refusals.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed before any call, by reason (handshake_limit, anonymous_limit)",
+            self.connections_refused.clone(),
         );
         r.register("joins", "Sites joined", self.joins.clone());
         r.register(

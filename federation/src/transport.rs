@@ -27,10 +27,93 @@ pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
 }
 
-/// One accepted TLS connection, carrying its [`PeerInfo`] to tonic.
+/// TLS handshakes in flight at once, and from one address: past either, a new
+/// connection is closed at once (each handshake holds its buffers for up to
+/// [`HANDSHAKE_TIMEOUT`]). Room for every site of a large federation (511 sites,
+/// Cilium's maximum) reconnecting at once after a restart, from one NAT address even.
+pub const MAX_HANDSHAKES: usize = 1024;
+pub const MAX_HANDSHAKES_PER_ADDR: usize = 256;
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections without a client certificate (a joining site: its one Join call) at
+/// once, and from one address; past either, one is closed after its handshake.
+pub const MAX_ANONYMOUS: usize = 128;
+pub const MAX_ANONYMOUS_PER_ADDR: usize = 32;
+/// How long a connection without a client certificate is served: a Join takes
+/// milliseconds, and every other call needs an SVID. Before, such a connection that
+/// sent nothing after its handshake was held for ever (about 40 KiB and a descriptor
+/// each, with no bound on their number).
+pub const ANONYMOUS_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Counts what is held, in total and per address, within bounds. Pure (no I/O); a
+/// [`Ticket`] gives its place back when dropped.
+#[derive(Debug)]
+pub struct Gate {
+    total: usize,
+    per_addr: usize,
+    held: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// A place in a [`Gate`].
+pub struct Ticket {
+    gate: Arc<Gate>,
+    addr: std::net::IpAddr,
+}
+
+impl Gate {
+    pub fn new(total: usize, per_addr: usize) -> Arc<Self> {
+        Arc::new(Gate {
+            total,
+            per_addr,
+            held: Default::default(),
+        })
+    }
+
+    /// A place for `addr`, or why there is none (`"total"`, `"per_address"`).
+    pub fn enter(self: &Arc<Self>, addr: std::net::IpAddr) -> Result<Ticket, &'static str> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.0 >= self.total {
+            return Err("total");
+        }
+        let n = held.1.entry(addr).or_default();
+        if *n >= self.per_addr {
+            return Err("per_address");
+        }
+        *n += 1;
+        held.0 += 1;
+        Ok(Ticket {
+            gate: self.clone(),
+            addr,
+        })
+    }
+
+    /// Places held now.
+    pub fn held(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut held = self.gate.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.0 -= 1;
+        if let std::collections::hash_map::Entry::Occupied(mut e) = held.1.entry(self.addr) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// One accepted TLS connection, carrying its [`PeerInfo`] to tonic. One without a
+/// client certificate holds an anonymous place and is served until its deadline.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    _anonymous: Option<Ticket>,
+    /// Past it, reads fail and the connection ends.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -46,6 +129,14 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(d) = &mut self.deadline
+            && d.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "a connection without a client certificate served its time",
+            )));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -123,13 +214,27 @@ pub fn server_tls(
 }
 
 /// Accepts TCP connections and runs each TLS handshake in its own task, so a slow client
-/// never holds up the others.
+/// never holds up the others; handshakes in flight and connections without a client
+/// certificate are bounded ([`MAX_HANDSHAKES`], [`MAX_ANONYMOUS`], per address too), and
+/// what is closed for it is counted in `refused` by reason.
 pub fn incoming(
     listener: TcpListener,
     cfg: Arc<rustls::ServerConfig>,
+    refused: prometheus_client::metrics::family::Family<
+        crate::server::ReasonLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let handshakes = Gate::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDR);
+    let anonymous = Gate::new(MAX_ANONYMOUS, MAX_ANONYMOUS_PER_ADDR);
+    let refuse = move |reason: &'static str, remote: SocketAddr| {
+        refused
+            .get_or_create(&crate::server::ReasonLabels { reason })
+            .inc();
+        debug!(%remote, reason, "federation connection closed");
+    };
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -143,13 +248,24 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
+            let handshake = match handshakes.enter(remote.ip()) {
+                Ok(t) => t,
+                Err(_) => {
+                    refuse("handshake_limit", remote);
+                    continue;
+                }
+            };
             // gRPC messages are small and latency-bound: no Nagle/delayed-ACK stalls.
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, anonymous, refuse) = (
+                acceptor.clone(),
+                tx.clone(),
+                anonymous.clone(),
+                refuse.clone(),
+            );
             tokio::spawn(async move {
-                let hs =
-                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                        .await;
+                let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(handshake);
                 let Ok(Ok(tls)) = hs else {
                     debug!(%remote, "federation TLS handshake failed");
                     return;
@@ -159,6 +275,17 @@ pub fn incoming(
                     .1
                     .peer_certificates()
                     .and_then(|c| meshfed_identity::verify::peer_id(c).ok());
+                let (ticket, deadline) = if id.is_some() {
+                    (None, None)
+                } else {
+                    match anonymous.enter(remote.ip()) {
+                        Ok(t) => (
+                            Some(t),
+                            Some(Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME))),
+                        ),
+                        Err(_) => return refuse("anonymous_limit", remote),
+                    }
+                };
                 let _ = tx
                     .send(Ok(TlsConn {
                         inner: tls,
@@ -166,10 +293,40 @@ pub fn incoming(
                             id,
                             remote: Some(remote),
                         },
+                        _anonymous: ticket,
+                        deadline,
                     }))
                     .await;
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gate_bounds_places_in_total_and_per_address_and_gives_them_back() {
+        let a: std::net::IpAddr = [10, 0, 0, 1].into();
+        let b: std::net::IpAddr = [10, 0, 0, 2].into();
+        let c: std::net::IpAddr = [10, 0, 0, 3].into();
+        let gate = Gate::new(3, 2);
+        let a1 = gate.enter(a).unwrap();
+        let a2 = gate.enter(a).unwrap();
+        assert_eq!(gate.enter(a).err(), Some("per_address"));
+        let b1 = gate.enter(b).unwrap();
+        assert_eq!(gate.enter(c).err(), Some("total"));
+        assert_eq!(gate.held(), 3);
+        drop(a1);
+        assert_eq!(gate.held(), 2);
+        let c1 = gate.enter(c).unwrap();
+        assert_eq!(gate.enter(a).err(), Some("total"));
+        drop((a2, b1, c1));
+        assert_eq!(gate.held(), 0);
+        assert!(gate.held.lock().unwrap().1.is_empty(), "no address kept");
+        let _a = gate.enter(a).unwrap();
+        let _a = gate.enter(a).unwrap();
+    }
 }

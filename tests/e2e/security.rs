@@ -765,3 +765,95 @@ async fn a_policy_that_now_denies_resets_the_open_streams_it_denies() {
         "a new connection was let through"
     );
 }
+
+/// Before: the federation let any number of clients without a certificate complete TLS
+/// and then hold their connections for ever by sending nothing (about 40 KiB and a
+/// descriptor each: 2000 such took it from 35 to 117 MB, and at its descriptor limit
+/// no site could connect). Now at most 32 per address (128 in all) are served, each for
+/// 30 s (a Join takes milliseconds; every other call needs an SVID); the rest are closed
+/// after their handshake and counted by reason, and a joined site's calls go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_federation_connections_are_bounded_in_number_and_time() {
+    use crate::federation::{Fed, join, joined};
+    use tokio::io::AsyncReadExt;
+    let scratch = Scratch::new("fed-anon");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east] = joined(&scratch, &fed, ["east"]);
+    let tls = std::sync::Arc::new({
+        let mut c = flood::no_verify().unwrap();
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        c
+    });
+    let addr: std::net::SocketAddr = fed.addr.parse().unwrap();
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("federation").unwrap();
+        let c = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .expect("the handshake itself completes");
+        held.push(c);
+    }
+    // Each reads until the federation closes it (its SETTINGS frame first), or 45 s.
+    let closes = held.into_iter().map(|mut c| {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let deadline = Instant::now() + Duration::from_secs(45);
+            loop {
+                match tokio::time::timeout_at(deadline.into(), c.read(&mut buf)).await {
+                    Ok(Ok(0) | Err(_)) => return Some(Instant::now()),
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return None,
+                }
+            }
+        })
+    });
+    let closes: Vec<tokio::task::JoinHandle<Option<Instant>>> = closes.collect();
+    let metric = r#"meshfed_federation_connections_refused_total{reason="anonymous_limit"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fed.metric(metric).await < 8.0 {
+        assert!(Instant::now() < deadline, "{}", fed.metric(metric).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Calls with an SVID go on meanwhile (they hold no anonymous place): the
+    // operator's status lists the joined site.
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--dir", fed.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&east.site));
+    let mut early = 0;
+    let mut timed = Vec::new();
+    for c in closes {
+        let at = c
+            .await
+            .unwrap()
+            .expect("an anonymous connection held past 45 s");
+        let after = at - started;
+        if after < Duration::from_secs(10) {
+            early += 1;
+        } else {
+            timed.push(after);
+        }
+    }
+    assert_eq!(
+        early, 8,
+        "past 32 from one address, closed at once: {timed:?}"
+    );
+    assert_eq!(timed.len(), 32);
+    assert!(
+        timed.iter().all(|t| *t >= Duration::from_secs(29)),
+        "{timed:?}"
+    );
+    assert_eq!(fed.metric(metric).await, 8.0);
+    // The places are back: a site joins from the same address.
+    let west = scratch.site("west", "west.example.org");
+    assert_eq!(join(&west, "west", &fed.token("west", "1h")).0, 0);
+}
