@@ -121,6 +121,20 @@ impl Clients {
         }
     }
 
+    /// Forgets the clients of settings `keep` refuses (no export has them any more);
+    /// returns how many went.
+    pub fn retain(&self, keep: impl Fn(&TlsOrigination) -> bool) -> usize {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        let before = built.len();
+        built.retain(|t, _| keep(t));
+        before - built.len()
+    }
+
+    /// Settings with clients built now.
+    pub fn settings(&self) -> usize {
+        self.built.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// The client for `t`, built on first use and again when its files changed; with
     /// `h2`, one that offers only `h2` in ALPN (toward an h2 or gRPC endpoint).
     pub fn get(&self, t: &TlsOrigination, h2: bool) -> Result<Client, String> {

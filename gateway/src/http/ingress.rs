@@ -444,7 +444,8 @@ impl Upstream {
     /// their connection pools' gates; and the h2 connections to endpoints no export
     /// lists with that TLS setting (a DestinationRule's `tls` changed: the connections
     /// under the old one are not used again), or that ended (dropping the last handle
-    /// closes one once its streams end).
+    /// closes one once its streams end); and the HTTP/1.1 pools and TLS clients of TLS
+    /// settings no export has any more.
     /// Call after the exports changed; returns how many entries went.
     pub fn retain_exported(
         &self,
@@ -484,7 +485,17 @@ impl Upstream {
         let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         let before = h2.len();
         h2.retain(|(ep, tls), c| listed.contains(&(ep, tls.as_deref())) && !c.send.is_closed());
-        gone + (before - h2.len())
+        gone += before - h2.len();
+        drop(h2);
+        // TLS settings no export has any more: their HTTP/1.1 pools and clients.
+        let settings: std::collections::HashSet<&TlsOrigination> =
+            exports.values().filter_map(|e| e.tls.as_ref()).collect();
+        let mut pools = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        let before = pools.len();
+        pools.retain(|(.., tls), _| tls.as_deref().is_none_or(|t| settings.contains(t)));
+        gone += before - pools.len();
+        drop(pools);
+        gone + self.tls_clients.retain(|t| settings.contains(t))
     }
 
     /// Entries kept now: clusters with ejection state, gates, h2 connections.
@@ -1507,6 +1518,62 @@ mod tests {
         // Nothing exported: nothing kept.
         assert_eq!(up.retain_exported(&BTreeMap::new()), 4);
         assert_eq!(up.kept(), (0, 0, 0));
+    }
+
+    /// A TLS setting no export has any more takes its HTTP/1.1 pool and its clients
+    /// with it (a DestinationRule's `tls` changed, a service withdrawn).
+    #[tokio::test]
+    async fn tls_settings_go_with_the_exports_that_had_them() {
+        let dir = std::env::temp_dir().join(format!("meshfed-tlsgo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let td = meshfed_identity::TrustDomain::new("ca.example").unwrap();
+        let ca = meshfed_identity::ca::Ca::generate(&td, Duration::from_secs(3600)).unwrap();
+        let pem = dir.join("ca.pem");
+        std::fs::write(
+            &pem,
+            meshfed_identity::ca::der_to_pem("CERTIFICATE", ca.cert()),
+        )
+        .unwrap();
+        let tls = |sni: &str| {
+            Arc::new(TlsOrigination {
+                mode: meshfed_catalog::legacy::TlsMode::Simple,
+                ca_certificates: pem.display().to_string(),
+                sni: sni.into(),
+                client_certificate: None,
+                private_key: None,
+            })
+        };
+        let (old, new) = (tls("old.example"), tls("new.example"));
+        let up = Upstream::new(Duration::from_secs(1), Metrics::default());
+        for t in [&old, &new] {
+            up.h1_for((IDLE, Duration::from_secs(1), None, Some(t.clone())))
+                .unwrap();
+        }
+        assert_eq!(up.tls_clients.settings(), 2);
+        let service: ServiceName = "ledger.demo".parse().unwrap();
+        let export = crate::config::Export {
+            service: service.clone(),
+            ports: BTreeMap::from([(443, vec!["127.0.0.1:9443".parse().unwrap()])]),
+            udp_ports: BTreeMap::new(),
+            endpoint_labels: BTreeMap::new(),
+            allowed_peers: None,
+            hosts: Vec::new(),
+            tls: Some((*new).clone()),
+            port_names: BTreeMap::new(),
+            app_protocols: BTreeMap::new(),
+            http_policy: None,
+            identities: Vec::new(),
+            proxy_protocol: false,
+        };
+        assert_eq!(up.retain_exported(&BTreeMap::from([(service, export)])), 2);
+        assert_eq!(up.tls_clients.settings(), 1);
+        let pools = up.h1_idle.lock().unwrap();
+        assert_eq!(pools.len(), 1);
+        assert!(pools.keys().all(|k| k.3.as_deref() == Some(&*new)));
+        drop(pools);
+        assert_eq!(up.retain_exported(&BTreeMap::new()), 2);
+        assert_eq!(up.tls_clients.settings(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
