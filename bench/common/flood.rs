@@ -54,6 +54,17 @@ fn client_config() -> Result<quinn_proto::ClientConfig> {
 /// A TLS 1.3 client with no certificate of its own that checks none of the server's: an
 /// anonymous attacker's.
 pub fn no_verify() -> Result<rustls::ClientConfig> {
+    no_verify_as(None)
+}
+
+/// The same, presenting `auth` (a certificate chain and its key) when given: a client
+/// that holds a valid identity and checks nothing.
+pub fn no_verify_as(
+    auth: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<rustls::ClientConfig> {
     #[derive(Debug)]
     struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
     impl rustls::client::danger::ServerCertVerifier for NoVerify {
@@ -88,13 +99,14 @@ pub fn no_verify() -> Result<rustls::ClientConfig> {
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(
-        rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth(),
-    )
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)));
+    Ok(match auth {
+        None => builder.with_no_client_auth(),
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key)?,
+    })
 }
 
 /// A process's resident set size in bytes (VmRSS from /proc), 0 when unreadable.

@@ -139,7 +139,7 @@ impl prometheus_client::collector::Collector for SiteCollector {
 pub struct Metrics {
     pub refusals: Family<ReasonLabels, Counter>,
     /// Connections closed before any call, by reason (`handshake_limit`,
-    /// `anonymous_limit`: [`crate::transport::incoming`]).
+    /// `anonymous_limit`, `identity_connection_limit`: [`crate::transport::incoming`]).
     pub connections_refused: Family<ReasonLabels, Counter>,
     pub joins: Counter,
     pub publishes: Counter,
@@ -177,7 +177,7 @@ impl Metrics {
         );
         r.register(
             "connections_refused",
-            "Connections closed before any call, by reason (handshake_limit, anonymous_limit)",
+            "Connections closed before any call, by reason (handshake_limit, anonymous_limit, identity_connection_limit)",
             self.connections_refused.clone(),
         );
         r.register("joins", "Sites joined", self.joins.clone());

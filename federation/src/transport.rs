@@ -45,45 +45,55 @@ pub const MAX_ANONYMOUS_PER_ADDR: usize = 32;
 /// each, with no bound on their number).
 pub const ANONYMOUS_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Counts what is held, in total and per address, within bounds. Pure (no I/O); a
-/// [`Ticket`] gives its place back when dropped.
+/// Connections one verified identity (a site's gateways, the operator) holds at once;
+/// past it, one more is closed after its handshake. A site's 32 replicas each keep a
+/// few (Watch, Bundles, publishes), so this is far above any real use, and bounds what
+/// one authenticated client can pin, as `LINKS_PER_PEER` does at a gateway.
+pub const MAX_CONNECTIONS_PER_ID: usize = 256;
+
+/// Counts what is held, in total and per key (an address, an identity), within
+/// bounds. Pure (no I/O); a [`Ticket`] gives its place back when dropped.
 #[derive(Debug)]
-pub struct Gate {
+pub struct Gate<K: std::hash::Hash + Eq + Clone = std::net::IpAddr> {
     total: usize,
-    per_addr: usize,
-    held: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+    per_key: usize,
+    held: std::sync::Mutex<(usize, std::collections::HashMap<K, usize>)>,
 }
 
 /// A place in a [`Gate`].
-pub struct Ticket {
-    gate: Arc<Gate>,
-    addr: std::net::IpAddr,
+pub struct Ticket<K: std::hash::Hash + Eq + Clone = std::net::IpAddr> {
+    gate: Arc<Gate<K>>,
+    key: K,
 }
 
-impl Gate {
-    pub fn new(total: usize, per_addr: usize) -> Arc<Self> {
+impl<K: std::hash::Hash + Eq + Clone> Gate<K> {
+    pub fn new(total: usize, per_key: usize) -> Arc<Self> {
         Arc::new(Gate {
             total,
-            per_addr,
+            per_key,
             held: Default::default(),
         })
     }
 
-    /// A place for `addr`, or why there is none (`"total"`, `"per_address"`).
-    pub fn enter(self: &Arc<Self>, addr: std::net::IpAddr) -> Result<Ticket, &'static str> {
+    /// A place for `key`, or why there is none (`"total"`, `"per_key"`).
+    pub fn enter(self: &Arc<Self>, key: &K) -> Result<Ticket<K>, &'static str> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if held.0 >= self.total {
             return Err("total");
         }
-        let n = held.1.entry(addr).or_default();
-        if *n >= self.per_addr {
-            return Err("per_address");
+        // The key is copied only for its first place.
+        match held.1.get_mut(key) {
+            Some(n) if *n >= self.per_key => return Err("per_key"),
+            Some(n) => *n += 1,
+            None if self.per_key == 0 => return Err("per_key"),
+            None => {
+                held.1.insert(key.clone(), 1);
+            }
         }
-        *n += 1;
         held.0 += 1;
         Ok(Ticket {
             gate: self.clone(),
-            addr,
+            key: key.clone(),
         })
     }
 
@@ -93,17 +103,23 @@ impl Gate {
     }
 }
 
-impl Drop for Ticket {
+impl<K: std::hash::Hash + Eq + Clone> Drop for Ticket<K> {
     fn drop(&mut self) {
         let mut held = self.gate.held.lock().unwrap_or_else(|e| e.into_inner());
         held.0 -= 1;
-        if let std::collections::hash_map::Entry::Occupied(mut e) = held.1.entry(self.addr) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
+        if let Some(n) = held.1.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.1.remove(&self.key);
             }
         }
     }
+}
+
+/// What a connection holds in the gates while it lives.
+enum Place {
+    Anonymous(#[allow(dead_code)] Ticket),
+    Identified(#[allow(dead_code)] Ticket<SpiffeId>),
 }
 
 /// One accepted TLS connection, carrying its [`PeerInfo`] to tonic. One without a
@@ -111,7 +127,8 @@ impl Drop for Ticket {
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
-    _anonymous: Option<Ticket>,
+    /// Its place: without a certificate by address, with one by identity.
+    _place: Place,
     /// Past it, reads fail and the connection ends.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -215,8 +232,9 @@ pub fn server_tls(
 
 /// Accepts TCP connections and runs each TLS handshake in its own task, so a slow client
 /// never holds up the others; handshakes in flight and connections without a client
-/// certificate are bounded ([`MAX_HANDSHAKES`], [`MAX_ANONYMOUS`], per address too), and
-/// what is closed for it is counted in `refused` by reason.
+/// certificate are bounded ([`MAX_HANDSHAKES`], [`MAX_ANONYMOUS`], per address too), as
+/// are one identity's connections ([`MAX_CONNECTIONS_PER_ID`]), and what is closed for
+/// it is counted in `refused` by reason.
 pub fn incoming(
     listener: TcpListener,
     cfg: Arc<rustls::ServerConfig>,
@@ -229,6 +247,7 @@ pub fn incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let handshakes = Gate::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_ADDR);
     let anonymous = Gate::new(MAX_ANONYMOUS, MAX_ANONYMOUS_PER_ADDR);
+    let identities = Gate::<SpiffeId>::new(usize::MAX, MAX_CONNECTIONS_PER_ID);
     let refuse = move |reason: &'static str, remote: SocketAddr| {
         refused
             .get_or_create(&crate::server::ReasonLabels { reason })
@@ -248,7 +267,7 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let handshake = match handshakes.enter(remote.ip()) {
+            let handshake = match handshakes.enter(&remote.ip()) {
                 Ok(t) => t,
                 Err(_) => {
                     refuse("handshake_limit", remote);
@@ -257,12 +276,8 @@ pub fn incoming(
             };
             // gRPC messages are small and latency-bound: no Nagle/delayed-ACK stalls.
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx, anonymous, refuse) = (
-                acceptor.clone(),
-                tx.clone(),
-                anonymous.clone(),
-                refuse.clone(),
-            );
+            let (acceptor, tx, refuse) = (acceptor.clone(), tx.clone(), refuse.clone());
+            let (anonymous, identities) = (anonymous.clone(), identities.clone());
             tokio::spawn(async move {
                 let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 drop(handshake);
@@ -275,16 +290,18 @@ pub fn incoming(
                     .1
                     .peer_certificates()
                     .and_then(|c| meshfed_identity::verify::peer_id(c).ok());
-                let (ticket, deadline) = if id.is_some() {
-                    (None, None)
-                } else {
-                    match anonymous.enter(remote.ip()) {
+                let (place, deadline) = match &id {
+                    Some(id) => match identities.enter(id) {
+                        Ok(t) => (Place::Identified(t), None),
+                        Err(_) => return refuse("identity_connection_limit", remote),
+                    },
+                    None => match anonymous.enter(&remote.ip()) {
                         Ok(t) => (
-                            Some(t),
+                            Place::Anonymous(t),
                             Some(Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME))),
                         ),
                         Err(_) => return refuse("anonymous_limit", remote),
-                    }
+                    },
                 };
                 let _ = tx
                     .send(Ok(TlsConn {
@@ -293,7 +310,7 @@ pub fn incoming(
                             id,
                             remote: Some(remote),
                         },
-                        _anonymous: ticket,
+                        _place: place,
                         deadline,
                     }))
                     .await;
@@ -313,20 +330,29 @@ mod tests {
         let b: std::net::IpAddr = [10, 0, 0, 2].into();
         let c: std::net::IpAddr = [10, 0, 0, 3].into();
         let gate = Gate::new(3, 2);
-        let a1 = gate.enter(a).unwrap();
-        let a2 = gate.enter(a).unwrap();
-        assert_eq!(gate.enter(a).err(), Some("per_address"));
-        let b1 = gate.enter(b).unwrap();
-        assert_eq!(gate.enter(c).err(), Some("total"));
+        let a1 = gate.enter(&a).unwrap();
+        let a2 = gate.enter(&a).unwrap();
+        assert_eq!(gate.enter(&a).err(), Some("per_key"));
+        let b1 = gate.enter(&b).unwrap();
+        assert_eq!(gate.enter(&c).err(), Some("total"));
         assert_eq!(gate.held(), 3);
         drop(a1);
         assert_eq!(gate.held(), 2);
-        let c1 = gate.enter(c).unwrap();
-        assert_eq!(gate.enter(a).err(), Some("total"));
+        let c1 = gate.enter(&c).unwrap();
+        assert_eq!(gate.enter(&a).err(), Some("total"));
         drop((a2, b1, c1));
         assert_eq!(gate.held(), 0);
         assert!(gate.held.lock().unwrap().1.is_empty(), "no address kept");
-        let _a = gate.enter(a).unwrap();
-        let _a = gate.enter(a).unwrap();
+        let _a = gate.enter(&a).unwrap();
+        let _a = gate.enter(&a).unwrap();
+        // By identity, with no total: only the per-identity bound.
+        let ids = Gate::<SpiffeId>::new(usize::MAX, 2);
+        let east = SpiffeId::new("spiffe://east.example.org/meshfed/site/east/gateway").unwrap();
+        let west = SpiffeId::new("spiffe://west.example.org/meshfed/site/west/gateway").unwrap();
+        let held: Vec<_> = (0..2).map(|_| ids.enter(&east).unwrap()).collect();
+        assert_eq!(ids.enter(&east).err(), Some("per_key"));
+        let _w = ids.enter(&west).unwrap();
+        drop(held);
+        let _e = ids.enter(&east).unwrap();
     }
 }

@@ -857,3 +857,88 @@ async fn anonymous_federation_connections_are_bounded_in_number_and_time() {
     let west = scratch.site("west", "west.example.org");
     assert_eq!(join(&west, "west", &fed.token("west", "1h")).0, 0);
 }
+
+/// One verified identity holds at most 256 connections to the federation (as at a
+/// gateway, `a_peer_cannot_hold_unbounded_connections`); the next is closed after its
+/// handshake and counted, other identities are untouched, and a slot comes back when a
+/// connection ends. Before, a joined site could open connections without bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_identity_holds_a_bounded_number_of_federation_connections() {
+    use crate::federation::{Fed, joined};
+    use tokio::io::AsyncReadExt;
+    let scratch = Scratch::new("fed-per-id");
+    let fed = Fed::start(&Fed::init(&scratch), 0);
+    let [east] = joined(&scratch, &fed, ["east"]);
+    let tls = {
+        let certs = meshfed_gateway::origination::load_certs(&east.cert).unwrap();
+        let key = meshfed_gateway::origination::load_key(&east.key).unwrap();
+        let mut c = flood::no_verify_as(Some((certs, key))).unwrap();
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        std::sync::Arc::new(c)
+    };
+    let addr: std::net::SocketAddr = fed.addr.parse().unwrap();
+    let dial = || async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("federation").unwrap();
+        tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .expect("a handshake as east")
+    };
+    let mut conns = Vec::new();
+    for _ in 0..264 {
+        conns.push(dial().await);
+    }
+    let metric =
+        r#"meshfed_federation_connections_refused_total{reason="identity_connection_limit"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fed.metric(metric).await < 8.0 {
+        assert!(Instant::now() < deadline, "{}", fed.metric(metric).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Which ones were closed: a read that ends at once (the others get the server's
+    // SETTINGS and then nothing).
+    let reads = conns.into_iter().map(|mut c| {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(1), c.read(&mut buf)).await {
+                    Ok(Ok(0) | Err(_)) => return None,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return Some(c),
+                }
+            }
+        })
+    });
+    let reads: Vec<_> = reads.collect();
+    let mut open = Vec::new();
+    let mut closed = 0;
+    for r in reads {
+        match r.await.unwrap() {
+            Some(c) => open.push(c),
+            None => closed += 1,
+        }
+    }
+    assert_eq!((closed, open.len()), (8, 256));
+    // Another identity (the operator) is not held up.
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--dir", fed.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A slot comes back when a connection ends.
+    open.truncate(250);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fresh = dial().await;
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(2), fresh.read(&mut buf))
+        .await
+        .expect("served: the server's SETTINGS")
+        .unwrap();
+    assert!(n > 0);
+    assert_eq!(fed.metric(metric).await, 8.0);
+}
