@@ -766,6 +766,33 @@ async fn a_policy_that_now_denies_resets_the_open_streams_it_denies() {
     );
 }
 
+/// `meshfed status` as the federation's operator: its output, which must succeed.
+fn operator_status(fed: &crate::federation::Fed) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--dir", fed.dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits up to 10 s for the federation's `metric` to reach `at_least`.
+async fn wait_fed_metric(fed: &crate::federation::Fed, metric: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fed.metric(metric).await < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "{metric}: {}",
+            fed.metric(metric).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Before: the federation let any number of clients without a certificate complete TLS
 /// and then hold their connections for ever by sending nothing (about 40 KiB and a
 /// descriptor each: 2000 such took it from 35 to 117 MB, and at its descriptor limit
@@ -812,23 +839,10 @@ async fn anonymous_federation_connections_are_bounded_in_number_and_time() {
     });
     let closes: Vec<tokio::task::JoinHandle<Option<Instant>>> = closes.collect();
     let metric = r#"meshfed_federation_connections_refused_total{reason="anonymous_limit"}"#;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fed.metric(metric).await < 8.0 {
-        assert!(Instant::now() < deadline, "{}", fed.metric(metric).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_fed_metric(&fed, metric, 8.0).await;
     // Calls with an SVID go on meanwhile (they hold no anonymous place): the
     // operator's status lists the joined site.
-    let out = std::process::Command::new(BIN)
-        .args(["status", "--dir", fed.dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&east.site));
+    assert!(operator_status(&fed).contains(&east.site));
     let mut early = 0;
     let mut timed = Vec::new();
     for c in closes {
@@ -891,11 +905,7 @@ async fn one_identity_holds_a_bounded_number_of_federation_connections() {
     }
     let metric =
         r#"meshfed_federation_connections_refused_total{reason="identity_connection_limit"}"#;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fed.metric(metric).await < 8.0 {
-        assert!(Instant::now() < deadline, "{}", fed.metric(metric).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_fed_metric(&fed, metric, 8.0).await;
     // Which ones were closed: a read that ends at once (the others get the server's
     // SETTINGS and then nothing).
     let reads = conns.into_iter().map(|mut c| {
@@ -921,15 +931,7 @@ async fn one_identity_holds_a_bounded_number_of_federation_connections() {
     }
     assert_eq!((closed, open.len()), (8, 256));
     // Another identity (the operator) is not held up.
-    let out = std::process::Command::new(BIN)
-        .args(["status", "--dir", fed.dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(operator_status(&fed).contains(&east.site));
     // A slot comes back when a connection ends.
     open.truncate(250);
     tokio::time::sleep(Duration::from_millis(300)).await;
