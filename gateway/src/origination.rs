@@ -209,10 +209,22 @@ pub async fn handshake(
     }
 }
 
+/// Warns about a certificate of `file` outside its dates now: the handshake that then
+/// fails says only that the peer refused, or that verification failed.
+fn warn_if_outside_validity(file: &str, what: &str, c: &CertificateDer<'_>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if let Some(why) = meshfed_identity::verify::outside_validity(c, now) {
+        tracing::warn!(file, what, "TLS origination: a certificate {why}");
+    }
+}
+
 /// A rustls client for `t`, and the server name to send and verify.
 pub fn client(t: &TlsOrigination) -> Result<Client, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(Path::new(&t.ca_certificates))? {
+        warn_if_outside_validity(&t.ca_certificates, "caCertificates", &c);
         roots
             .add(c)
             .map_err(|e| format!("{}: {e}", t.ca_certificates))?;
@@ -231,8 +243,10 @@ pub fn client(t: &TlsOrigination) -> Result<Client, String> {
                 .as_deref()
                 .ok_or("MUTUAL needs clientCertificate")?;
             let key = t.private_key.as_deref().ok_or("MUTUAL needs privateKey")?;
+            let chain = load_certs(Path::new(cert))?;
+            warn_if_outside_validity(cert, "clientCertificate", &chain[0]);
             builder
-                .with_client_auth_cert(load_certs(Path::new(cert))?, load_key(Path::new(key))?)
+                .with_client_auth_cert(chain, load_key(Path::new(key))?)
                 .map_err(|e| format!("{cert}: {e}"))?
         }
     };

@@ -282,6 +282,21 @@ fn map_webpki(e: webpki::Error, td: &str, now: UnixTime, der: &[u8], usage: Usag
     }
 }
 
+/// Why a certificate is not valid at `now` (Unix seconds) by its dates: `expired at …`
+/// or `not valid before …`, as X.509 prints them; `None` when it is valid now or cannot
+/// be read (what reads it refuses that). Pure.
+pub fn outside_validity(der: &[u8], now: i64) -> Option<String> {
+    let (_, c) = X509Certificate::from_der(der).ok()?;
+    let v = c.validity();
+    if now > v.not_after.timestamp() {
+        Some(format!("expired at {}", v.not_after))
+    } else if now < v.not_before.timestamp() {
+        Some(format!("not valid before {}", v.not_before))
+    } else {
+        None
+    }
+}
+
 /// The peer's SPIFFE ID from a chain rustls already verified.
 pub fn peer_id(chain: &[CertificateDer<'_>]) -> Result<SpiffeId, VerifyError> {
     check_svid_leaf(chain.first().ok_or(VerifyError::NoCertificate)?)
@@ -659,6 +674,37 @@ mod tests {
         let (der, _) = f.west.sign(p).unwrap();
         let e = verify(&f, &der).unwrap_err();
         assert_eq!(e.code(), "not_yet_valid", "{e}");
+    }
+
+    /// A certificate's dates against a clock: the operator-facing check for files meshfed
+    /// only loads (TLS origination), where nobody else would say why a handshake fails.
+    #[test]
+    fn outside_validity_names_the_date_that_is_passed_or_not_reached() {
+        let f = fixture();
+        let now = ::time::OffsetDateTime::now_utc();
+        let at = |from: i64, to: i64| {
+            let mut p = good_params("spiffe://west.example.org/a");
+            p.not_before = now + ::time::Duration::seconds(from);
+            p.not_after = now + ::time::Duration::seconds(to);
+            f.west.sign(p).unwrap().0
+        };
+        let t = now.unix_timestamp();
+        // (validity relative to now, clock, want a prefix)
+        let cases = [
+            ((-3600, 3600), t, None),
+            ((-7200, -3600), t, Some("expired at ")),
+            ((3600, 7200), t, Some("not valid before ")),
+            ((3600, 7200), t + 5000, None),
+            ((-7200, -3600), t - 5000, None),
+        ];
+        for ((from, to), clock, want) in cases {
+            let got = outside_validity(&at(from, to), clock);
+            match want {
+                None => assert_eq!(got, None, "{from}..{to} at {clock}"),
+                Some(w) => assert!(got.as_deref().is_some_and(|g| g.starts_with(w)), "{got:?}"),
+            }
+        }
+        assert_eq!(outside_validity(b"not a certificate", t), None);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct UnregisterArgs {
 
 pub fn validate(a: ValidateArgs) -> Result<()> {
     let ValidateArgs { file } = a;
-    let r = read_entries(&file)?;
+    let (r, warnings) = read_entries(&file)?;
     for s in &r.services {
         println!("{}", describe_entry(s));
     }
@@ -54,7 +54,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         r.services.len(),
         r.policies.len(),
         r.http_policies.len(),
-        r.warnings.len()
+        warnings
     );
 
     Ok(())
@@ -62,7 +62,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
 
 pub fn register(a: RegisterArgs) -> Result<()> {
     let RegisterArgs { file, dir } = a;
-    let r = read_entries(&file)?;
+    let (r, _) = read_entries(&file)?;
     let names: Vec<String> = r
         .services
         .iter()
@@ -181,8 +181,11 @@ pub fn unregister(a: UnregisterArgs) -> Result<()> {
     Ok(())
 }
 
-/// Parses a ServiceEntry file; warnings go to stderr, errors name the file.
-fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::Registration> {
+/// Parses a ServiceEntry file; warnings go to stderr, errors name the file. Returns the
+/// registration and how many warnings were printed.
+fn read_entries(
+    file: &std::path::Path,
+) -> Result<(meshfed_istio::service_entry::Registration, usize)> {
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let mut r = meshfed_istio::service_entry::parse(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -201,7 +204,14 @@ fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::
         }
     }
     // TLS files: relative to the YAML file, and readable now rather than at the gateway.
+    // Certificates outside their dates are warned about (not refused: a rotation may
+    // replace them before they are used), since the handshake that fails on them later
+    // says little.
     let base = file.parent().unwrap_or(std::path::Path::new("."));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut dates = Vec::new();
     for s in &mut r.services {
         let Some(tls) = &mut s.tls else { continue };
         let fix = |p: &mut String| {
@@ -211,12 +221,29 @@ fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::
         };
         let what = format!("{}: {} TLS origination", file.display(), s.service);
         let ca = fix(&mut tls.ca_certificates);
-        meshfed_gateway::origination::load_certs(&ca)
+        let cas = meshfed_gateway::origination::load_certs(&ca)
             .map_err(|e| anyhow::anyhow!("{what}: caCertificates: {e}"))?;
+        for (i, c) in cas.iter().enumerate() {
+            if let Some(why) = meshfed_identity::verify::outside_validity(c, now) {
+                dates.push(format!(
+                    "{} TLS origination: caCertificates: certificate {} of {}: {why}: endpoints that chain only to it fail verification",
+                    s.service,
+                    i + 1,
+                    ca.display()
+                ));
+            }
+        }
         if let Some(c) = &mut tls.client_certificate {
             let c = fix(c);
-            meshfed_gateway::origination::load_certs(&c)
+            let chain = meshfed_gateway::origination::load_certs(&c)
                 .map_err(|e| anyhow::anyhow!("{what}: clientCertificate: {e}"))?;
+            if let Some(why) = meshfed_identity::verify::outside_validity(&chain[0], now) {
+                dates.push(format!(
+                    "{} TLS origination: clientCertificate {}: {why}: endpoints refuse it",
+                    s.service,
+                    c.display()
+                ));
+            }
         }
         if let Some(k) = &mut tls.private_key {
             let k = fix(k);
@@ -227,7 +254,11 @@ fn read_entries(file: &std::path::Path) -> Result<meshfed_istio::service_entry::
     for w in &r.warnings {
         eprintln!("warning: {}: {w}", file.display());
     }
-    Ok(r)
+    for w in &dates {
+        eprintln!("warning: {}: {w}", file.display());
+    }
+    let warnings = r.warnings.len() + dates.len();
+    Ok((r, warnings))
 }
 
 /// Each destination with its share: `v2 20%`, `web-v2.demo:8080/blue 50%`.

@@ -341,6 +341,60 @@ fn register_refuses_a_host_of_another_service_and_unregister_removes() {
     assert_eq!(meshfed(&["register", "-f", &thief, "--dir", &dir]).0, 0);
 }
 
+/// TLS origination certificates outside their dates (an expired client certificate, a
+/// CA not valid yet) are warned about by file and date when the YAML is validated or
+/// registered, and still accepted: a rotation may replace them before they are used,
+/// and the handshake that would fail later says little about why.
+#[test]
+fn tls_origination_certificates_outside_their_dates_are_warned_about() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, date_time_ymd};
+    let s = Scratch::new("tlsdates");
+    let key = KeyPair::generate().unwrap();
+    let mut expired = CertificateParams::new(vec!["client.example".into()]).unwrap();
+    expired.not_before = date_time_ymd(2020, 1, 1);
+    expired.not_after = date_time_ymd(2021, 1, 1);
+    let expired = expired.self_signed(&key).unwrap();
+    std::fs::write(s.0.join("client.pem"), expired.pem()).unwrap();
+    std::fs::write(s.0.join("client.key"), key.serialize_pem()).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut future = CertificateParams::new(Vec::<String>::new()).unwrap();
+    future.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    future.not_before = date_time_ymd(2090, 1, 1);
+    future.not_after = date_time_ymd(2091, 1, 1);
+    std::fs::write(
+        s.0.join("ca.pem"),
+        future.self_signed(&ca_key).unwrap().pem(),
+    )
+    .unwrap();
+    let f = s.0.join("ledger.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ledger, namespace: mainframe}\n\
+         spec:\n  hosts: [ledger.mainframe.example]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: STATIC\n  endpoints: [{address: 10.0.0.1}]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ledger, namespace: mainframe}\n\
+         spec:\n  host: ledger.mainframe.example\n  trafficPolicy:\n    tls:\n      mode: MUTUAL\n      caCertificates: ca.pem\n      clientCertificate: client.pem\n      privateKey: client.key\n",
+    )
+    .unwrap();
+    let (code, out, err) = meshfed(&["validate", "-f", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert!(
+        lines.iter().any(|l| l.contains("clientCertificate")
+            && l.contains("client.pem")
+            && l.contains("expired at")
+            && l.contains("2021")),
+        "{err}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("caCertificates")
+            && l.contains("ca.pem")
+            && l.contains("not valid before")
+            && l.contains("2090")),
+        "{err}"
+    );
+    assert!(out.contains("2 warning(s)"), "{out}");
+}
+
 /// Before: a 200 KB name came back twice in a 400 KB error, and a YAML bomb was refused
 /// with "budget breached: Nodes { nodes: 250001 }".
 #[test]
