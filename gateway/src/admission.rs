@@ -151,11 +151,21 @@ impl Drop for Slot {
     }
 }
 
+/// TCP streams (each holding an endpoint connection: a descriptor) one peer identity
+/// may hold at the ingress across all its connections: a quarter of the open-file limit,
+/// at least 16. Before, one site's clients could make this gateway spend every
+/// descriptor on their endpoint connections, and every other site's streams then failed
+/// to connect. Pure.
+pub fn tcp_streams_per_peer(nofile: u64) -> usize {
+    usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(16)
+}
+
 /// What authenticated peers hold at the ingress, by verified ID.
 #[derive(Debug)]
 pub struct PeerLinks {
     max: usize,
     flows: FlowLimits,
+    streams_per_peer: usize,
     inner: Mutex<BTreeMap<SpiffeId, PeerEntry>>,
 }
 
@@ -164,6 +174,15 @@ struct PeerEntry {
     links: usize,
     /// Shared by the peer's connections while any of its flows or connections lives.
     flows: Weak<FlowBudget>,
+    /// The same for its TCP streams.
+    streams: Weak<FlowBudget>,
+}
+
+impl PeerEntry {
+    /// Whether anything of the peer's is still counted.
+    fn live(&self) -> bool {
+        self.links > 0 || self.flows.strong_count() > 0 || self.streams.strong_count() > 0
+    }
 }
 
 /// One of a peer's connections; given back when dropped.
@@ -174,13 +193,20 @@ pub struct PeerSlot {
 }
 
 impl PeerLinks {
-    /// At most `max` connections per peer; `flows.per_peer` UDP flows per peer.
-    pub fn new(max: usize, flows: FlowLimits) -> Arc<Self> {
+    /// At most `max` connections per peer; `flows.per_peer` UDP flows and
+    /// `streams_per_peer` TCP streams per peer.
+    pub fn new(max: usize, flows: FlowLimits, streams_per_peer: usize) -> Arc<Self> {
         Arc::new(Self {
             max,
             flows,
+            streams_per_peer,
             inner: Mutex::default(),
         })
+    }
+
+    /// TCP streams one peer may hold.
+    pub fn streams_per_peer(&self) -> usize {
+        self.streams_per_peer
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<SpiffeId, PeerEntry>> {
@@ -207,18 +233,16 @@ impl PeerLinks {
     /// dialed by us).
     pub fn flows(&self, peer: &SpiffeId) -> Arc<FlowBudget> {
         let mut m = self.entries();
-        // Peers whose connections and flows are all gone.
-        m.retain(|_, e| e.links > 0 || e.flows.strong_count() > 0);
-        let e = m.entry(peer.clone()).or_default();
-        if let Some(b) = e.flows.upgrade() {
-            return b;
-        }
-        let b = FlowBudget::new(FlowLimits {
-            per_peer: self.flows.per_peer,
-            total: self.flows.per_peer,
-        });
-        e.flows = Arc::downgrade(&b);
-        b
+        // Peers whose connections, flows and streams are all gone.
+        m.retain(|_, e| e.live());
+        budget(&mut m, peer, |e| &mut e.flows, self.flows.per_peer)
+    }
+
+    /// The TCP stream budget `peer` shares across all its connections. Looked up once
+    /// per stream: no sweep here (a peer's entry goes with its last connection).
+    pub fn streams(&self, peer: &SpiffeId) -> Arc<FlowBudget> {
+        let mut m = self.entries();
+        budget(&mut m, peer, |e| &mut e.streams, self.streams_per_peer)
     }
 
     /// Connections `peer` holds now.
@@ -232,12 +256,35 @@ impl PeerLinks {
     }
 }
 
+/// `peer`'s budget that `which` picks, made with room for `n` when it has none alive.
+fn budget(
+    m: &mut BTreeMap<SpiffeId, PeerEntry>,
+    peer: &SpiffeId,
+    which: fn(&mut PeerEntry) -> &mut Weak<FlowBudget>,
+    n: usize,
+) -> Arc<FlowBudget> {
+    // The ID is copied only for a peer's first entry.
+    if !m.contains_key(peer) {
+        m.insert(peer.clone(), PeerEntry::default());
+    }
+    let w = which(m.get_mut(peer).expect("inserted above"));
+    if let Some(b) = w.upgrade() {
+        return b;
+    }
+    let b = FlowBudget::new(FlowLimits {
+        per_peer: n,
+        total: n,
+    });
+    *w = Arc::downgrade(&b);
+    b
+}
+
 impl Drop for PeerSlot {
     fn drop(&mut self) {
         let mut m = self.links.entries();
         if let Some(e) = m.get_mut(&self.peer) {
             e.links -= 1;
-            if e.links == 0 && e.flows.strong_count() == 0 {
+            if !e.live() {
                 m.remove(&self.peer);
             }
         }
@@ -306,7 +353,7 @@ mod tests {
             per_peer: 2,
             total: 100,
         };
-        let links = PeerLinks::new(3, limits);
+        let links = PeerLinks::new(3, limits, 2);
         let west: SpiffeId = "spiffe://west.example.org/meshfed/site/west/gateway"
             .parse()
             .unwrap();
@@ -349,5 +396,34 @@ mod tests {
         );
         let _ = links.flows(&east);
         assert_eq!(links.peers(), 1, "only east's fresh budget");
+
+        // TCP streams: a budget of their own per peer, across its connections, apart
+        // from its UDP flows.
+        let slot = links.take(&west).unwrap();
+        let (a, b) = (links.streams(&west), links.streams(&west));
+        assert!(Arc::ptr_eq(&a, &b));
+        let _udp = links.flows(&west).take().unwrap();
+        let s1 = a.take().unwrap();
+        let _s2 = b.take().unwrap();
+        assert!(a.take().is_none(), "two streams per peer");
+        assert!(links.streams(&east).take().is_some(), "east's own");
+        drop(s1);
+        assert!(b.take().is_some());
+        // A stream outliving its peer's last connection keeps the entry.
+        drop(slot);
+        assert!(links.peers() >= 1);
+    }
+
+    #[test]
+    fn a_quarter_of_the_descriptors_for_one_peers_tcp_streams() {
+        for (nofile, want) in [
+            (64, 16),
+            (0, 16),
+            (1024, 256),
+            (20_000, 5_000),
+            (1 << 20, 1 << 18),
+        ] {
+            assert_eq!(tcp_streams_per_peer(nofile), want, "nofile {nofile}");
+        }
     }
 }

@@ -313,7 +313,21 @@ pub fn decide<'a>(
     Ok(Route { endpoints })
 }
 
+/// What an accepted TCP stream holds while it lives: a place in its service's
+/// connection pool (when it has one) and in its peer's TCP stream budget.
+struct Held {
+    _pool: Option<tokio::sync::OwnedSemaphorePermit>,
+    _stream: crate::udp::FlowPermit,
+}
+
 impl Ingress {
+    /// At most `n` TCP streams per peer identity ([`crate::admission::tcp_streams_per_peer`]);
+    /// none by default.
+    pub fn with_tcp_streams_per_peer(mut self, n: usize) -> Self {
+        self.peer_links = PeerLinks::new(LINKS_PER_PEER, self.flows.limits(), n);
+        self
+    }
+
     pub fn new(
         exports: BTreeMap<ServiceName, Export>,
         connect_timeout: Duration,
@@ -331,7 +345,7 @@ impl Ingress {
             connect_timeout,
             udp_idle_timeout,
             flows: FlowBudget::new(flows),
-            peer_links: PeerLinks::new(LINKS_PER_PEER, flows),
+            peer_links: PeerLinks::new(LINKS_PER_PEER, flows, usize::MAX),
             metrics,
             next: AtomicUsize::new(0),
             inbound: Default::default(),
@@ -801,7 +815,7 @@ impl Ingress {
             )
             .await;
         }
-        let (conn, ep, _slot) = match self.connect_endpoint(&open, admitted, remote).await {
+        let (conn, ep, _held) = match self.connect_endpoint(&open, &peer, admitted, remote).await {
             Ok(c) => c,
             Err(r) => {
                 self.service_refused(&open, &peer, r.reason);
@@ -1016,9 +1030,10 @@ impl Ingress {
     async fn connect_endpoint(
         &self,
         open: &Open,
+        peer: &SpiffeId,
         admitted: Admitted,
         remote: SocketAddr,
-    ) -> Result<(Conn, SocketAddr, Option<tokio::sync::OwnedSemaphorePermit>), Refused> {
+    ) -> Result<(Conn, SocketAddr, Held), Refused> {
         let Admitted {
             endpoints,
             tls,
@@ -1029,6 +1044,16 @@ impl Ingress {
             labels: _,
             pool_key,
         } = admitted;
+        // The peer's share of the descriptors first: a refused stream costs none.
+        let Some(stream) = self.peer_links.streams(peer).take() else {
+            let msg = format!(
+                "{}:{}: this peer already holds {} TCP streams at this gateway (its share: a quarter of the open-file limit)",
+                open.service,
+                open.port,
+                self.peer_links.streams_per_peer()
+            );
+            return Err(refused(Refusal::FlowLimit, msg));
+        };
         let slot = match policy.pool {
             None => None,
             Some(limits) => match self.upstream.tcp_slot(open, &pool_key, limits) {
@@ -1083,7 +1108,14 @@ impl Ingress {
                 }
             },
         };
-        Ok((conn, ep, slot))
+        Ok((
+            conn,
+            ep,
+            Held {
+                _pool: slot,
+                _stream: stream,
+            },
+        ))
     }
 
     /// Accepts h2 (HBONE) connections on `listener` until the drain starts: mTLS with
@@ -1361,13 +1393,14 @@ impl Ingress {
                 )
                 .await;
             }
-            let (conn, ep, _slot) = match self.connect_endpoint(&open, admitted, remote).await {
-                Ok(c) => c,
-                Err(r) => {
-                    self.service_refused(&open, &peer, r.reason);
-                    return self.refuse_h2(respond, r.reason, r.message);
-                }
-            };
+            let (conn, ep, _held) =
+                match self.connect_endpoint(&open, &peer, admitted, remote).await {
+                    Ok(c) => c,
+                    Err(r) => {
+                        self.service_refused(&open, &peer, r.reason);
+                        return self.refuse_h2(respond, r.reason, r.message);
+                    }
+                };
             let send = match respond.send_response(crate::hbone::headers::accept(&open), false) {
                 Ok(s) => s,
                 Err(e) => {

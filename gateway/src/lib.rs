@@ -702,28 +702,33 @@ pub async fn start_with(
     })?;
 
     let flow_limits = udp::FlowLimits::for_nofile(nofile);
+    let tcp_per_peer = admission::tcp_streams_per_peer(nofile);
     info!(
         nofile,
         udp_flows = flow_limits.total,
         udp_flows_per_peer = flow_limits.per_peer,
+        tcp_streams_per_peer = tcp_per_peer,
         "open-file limit"
     );
-    let ingress = Arc::new(ingress::Ingress::new(
-        cfg.exports.clone(),
-        cfg.connect_timeout,
-        cfg.udp_idle_timeout,
-        flow_limits,
-        metrics.clone(),
-        bundle_store.clone(),
-        ingress::ThisSite {
-            name: cfg.site.clone(),
-            labels: cfg
-                .federation
-                .as_ref()
-                .map(|f| f.labels.clone())
-                .unwrap_or_default(),
-        },
-    ));
+    let ingress = Arc::new(
+        ingress::Ingress::new(
+            cfg.exports.clone(),
+            cfg.connect_timeout,
+            cfg.udp_idle_timeout,
+            flow_limits,
+            metrics.clone(),
+            bundle_store.clone(),
+            ingress::ThisSite {
+                name: cfg.site.clone(),
+                labels: cfg
+                    .federation
+                    .as_ref()
+                    .map(|f| f.labels.clone())
+                    .unwrap_or_default(),
+            },
+        )
+        .with_tcp_streams_per_peer(tcp_per_peer),
+    );
     tokio::spawn(ingress.clone().serve(endpoint.clone(), streams_w.clone()));
     tokio::spawn(ingress.clone().serve_h2(
         h2_listener,

@@ -95,7 +95,8 @@ pub enum Refusal {
     Draining,
     /// The egress could not reach the peer gateway at all (never on the wire).
     PeerUnavailable,
-    /// The ingress has as many UDP flows open as it may (per peer or in all).
+    /// The ingress has as many UDP flows open as it may (per peer or in all), or the
+    /// peer as many TCP streams as its share of the open-file limit.
     FlowLimit,
     /// An AuthorizationPolicy denied the caller; the message names the policy.
     Denied,

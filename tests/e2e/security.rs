@@ -619,6 +619,93 @@ async fn udp_flows_are_bounded_per_peer(transport: &str) {
     );
 }
 
+/// Before: one peer's clients could make a gateway spend every descriptor on endpoint
+/// connections (one per TCP stream, with no bound but 16 384 streams per connection and
+/// 256 connections per peer), and every other site's streams then failed to connect.
+/// Now one peer holds at most a quarter of the open-file limit in TCP streams (32 at
+/// 128 here); the next are refused as `flow_limit`, and another site's TCP goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_peers_tcp_streams_cannot_starve_another_peer_of_descriptors() {
+    use meshfed_lab::ConfigBuilder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scratch = Scratch::new("tcp-fds");
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let north = scratch.site("north", "north.example.org");
+    let echo = echo_server().await;
+    let wc = ConfigBuilder::default()
+        .export("echo.demo", 7000, vec![echo])
+        .peer(&east, None)
+        .peer(&north, None);
+    let west_gw = Gw::start_in(&["prlimit", "--nofile=128:128", "--"], &west, &wc).unwrap();
+    let importer = |me: &meshfed_lab::SiteFiles| {
+        Gw::start(
+            me,
+            &ConfigBuilder::default()
+                .peer(&west, Some(west_gw.quic))
+                .import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into()),
+        )
+        .unwrap()
+    };
+    let (east_gw, north_gw) = (importer(&east), importer(&north));
+    let (at_east, at_north) = (
+        east_gw.import("echo.demo:7000"),
+        north_gw.import("echo.demo:7000"),
+    );
+    echo_once(at_east).await.unwrap();
+    echo_once(at_north).await.unwrap();
+
+    // 120 connections through east, each held open once it echoed.
+    let mut held = Vec::new();
+    let mut failed = 0;
+    for _ in 0..120 {
+        // A refused stream resets the client, at times before its connect returns.
+        let Ok(mut c) = tokio::net::TcpStream::connect(at_east).await else {
+            failed += 1;
+            continue;
+        };
+        let mut b = [0u8; 4];
+        let echoed = async {
+            c.write_all(b"ping").await?;
+            c.read_exact(&mut b).await?;
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), echoed).await {
+            Ok(Ok(())) => held.push(c),
+            _ => failed += 1,
+        }
+    }
+    // Never more than the share; fewer only if an echo timed out on a loaded machine.
+    assert!(
+        (24..=32).contains(&held.len()),
+        "east holds {} streams at west (nofile 128), {failed} failed\n{}",
+        held.len(),
+        west_gw.logs()
+    );
+    let refused = "meshfed_gateway_refusals_total{direction=\"ingress\",reason=\"flow_limit\"}";
+    assert!(west_gw.metric(refused).await >= 80.0, "{}", west_gw.logs());
+    assert!(west_gw.logs().contains("tcp_streams_per_peer=32"));
+    // North's TCP goes on while east holds its whole share.
+    for i in 0..10 {
+        echo_once(at_north).await.unwrap_or_else(|e| {
+            panic!(
+                "north's echo {i} failed while east holds its share: {e}\n{}",
+                west_gw.logs()
+            )
+        });
+    }
+    // East gets streams again as its own end.
+    held.truncate(20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = echo_once(at_east).await {
+        assert!(
+            Instant::now() < deadline,
+            "east never got a stream back: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Before: an authenticated peer could hold any number of connections, and each may pin
 /// buffers (an h2 one up to its 32 MiB window). Now one peer identity holds at most 256
 /// (QUIC, h2 and reverse h2 together); the next is closed with the `refused` code, counted
