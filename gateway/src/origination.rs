@@ -212,10 +212,7 @@ pub async fn handshake(
 /// Warns about a certificate of `file` outside its dates now: the handshake that then
 /// fails says only that the peer refused, or that verification failed.
 fn warn_if_outside_validity(file: &str, what: &str, c: &CertificateDer<'_>) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    if let Some(why) = meshfed_identity::verify::outside_validity(c, now) {
+    if let Some(why) = meshfed_identity::verify::outside_validity(c, crate::renew::unix_now()) {
         tracing::warn!(file, what, "TLS origination: a certificate {why}");
     }
 }
