@@ -21,6 +21,10 @@
 //! of a site shares it) through [`PeerLinks`]: at most [`LINKS_PER_PEER`] connections
 //! (QUIC, h2 and reverse h2 counted together), and one UDP flow budget across all of
 //! them, so a peer cannot multiply its share by opening more connections.
+//!
+//! Descriptor shares of the open-file limit: [`tcp_streams_per_peer`] (one peer's
+//! endpoint connections at the ingress) and [`client_connections`] (the import
+//! listeners' clients at the egress, all together).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -157,6 +161,18 @@ impl Drop for Slot {
 /// descriptor on their endpoint connections, and every other site's streams then failed
 /// to connect. Pure.
 pub fn tcp_streams_per_peer(nofile: u64) -> usize {
+    quarter(nofile)
+}
+
+/// Client connections the import listeners (TCP and HTTP) hold at once, all together:
+/// a quarter of the open-file limit, at least 16. Before, local clients could take every
+/// descriptor, and the gateway's admin endpoint, its other listeners and the files it
+/// reads failed with EMFILE. Pure.
+pub fn client_connections(nofile: u64) -> usize {
+    quarter(nofile)
+}
+
+fn quarter(nofile: u64) -> usize {
     usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(16)
 }
 
@@ -415,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn a_quarter_of_the_descriptors_for_one_peers_tcp_streams() {
+    fn a_quarter_of_the_descriptors_for_one_peers_tcp_streams_and_for_import_clients() {
         for (nofile, want) in [
             (64, 16),
             (0, 16),
@@ -424,6 +440,7 @@ mod tests {
             (1 << 20, 1 << 18),
         ] {
             assert_eq!(tcp_streams_per_peer(nofile), want, "nofile {nofile}");
+            assert_eq!(client_connections(nofile), want, "nofile {nofile}");
         }
     }
 }

@@ -158,14 +158,19 @@ impl Callers {
 
 impl Egress {
     /// Accepts clients until `stop` (this import's, a child of the drain); each client
-    /// runs on `drain`, which waits for it.
+    /// runs on `drain`, which waits for it, and holds a slot of `clients` (shared by
+    /// every import listener) while it lives. A client past them is reset at once
+    /// (`client_connection_limit`): clients cannot take the descriptors the gateway
+    /// needs for everything else.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         stop: CancellationToken,
         drain: DrainWatcher,
+        clients: Arc<tokio::sync::Semaphore>,
     ) {
         let this = self;
+        let mut refusing = false;
         loop {
             let (tcp, client) = tokio::select! {
                 r = listener.accept() => match r {
@@ -179,18 +184,36 @@ impl Egress {
                 },
                 _ = stop.cancelled() => return,
             };
+            let Ok(slot) = clients.clone().try_acquire_owned() else {
+                this.metrics.refused(DIR, "client_connection_limit");
+                if !refusing {
+                    // Once per spell of refusals, not per client.
+                    warn!(service = %this.service, port = this.port, %client,
+                        "client connection refused: the import listeners' clients hold their share of the open-file limit (client_connection_limit)");
+                    refusing = true;
+                }
+                reset_tcp(tcp);
+                continue;
+            };
+            refusing = false;
             let this = this.clone();
             if this.app.load().is_http() {
                 let (http, graceful) = (this.http.clone(), drain.token());
                 drain.spawn(
-                    http.serve_client(this, tcp, client, graceful)
-                        .instrument(info_span!("egress_http", %client)),
+                    async move {
+                        http.serve_client(this, tcp, client, graceful).await;
+                        drop(slot);
+                    }
+                    .instrument(info_span!("egress_http", %client)),
                 );
                 continue;
             }
             drain.spawn(
-                async move { this.serve_client(tcp, client).await }
-                    .instrument(info_span!("egress", %client)),
+                async move {
+                    this.serve_client(tcp, client).await;
+                    drop(slot);
+                }
+                .instrument(info_span!("egress", %client)),
             );
         }
     }
@@ -927,10 +950,13 @@ pub struct Imports {
     /// The most listeners at once: each holds a descriptor, and a catalog larger than
     /// the open-file limit must not leave none for connections.
     max_listeners: usize,
+    /// Client connections the TCP listeners hold at once, all together
+    /// ([`crate::admission::client_connections`]).
+    clients: Arc<tokio::sync::Semaphore>,
 }
 
 /// The listener budget for an open-file limit: half of it (a quarter goes to UDP flows,
-/// the rest to connections). Pure.
+/// a quarter to client connections, [`crate::admission::client_connections`]). Pure.
 pub fn listener_budget(nofile: u64) -> usize {
     usize::try_from(nofile / 2).unwrap_or(usize::MAX)
 }
@@ -960,6 +986,9 @@ impl Imports {
     ) -> Self {
         Self {
             max_listeners: usize::MAX,
+            clients: Arc::new(tokio::sync::Semaphore::new(
+                tokio::sync::Semaphore::MAX_PERMITS,
+            )),
             dispatch: crate::udp::Dispatch::new(&metrics),
             peers,
             local_id,
@@ -976,6 +1005,15 @@ impl Imports {
     /// At most `n` listeners at once (see [`listener_budget`]); unbounded by default.
     pub fn with_max_listeners(mut self, n: usize) -> Self {
         self.max_listeners = n;
+        self
+    }
+
+    /// At most `n` client connections at once across the TCP listeners
+    /// ([`crate::admission::client_connections`]); unbounded by default.
+    pub fn with_max_clients(mut self, n: usize) -> Self {
+        self.clients = Arc::new(tokio::sync::Semaphore::new(
+            n.min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         self
     }
 
@@ -1061,7 +1099,12 @@ impl Imports {
                 let addr = listener.local_addr()?;
                 let eg = Arc::new(eg);
                 self.targets.set(service, port, Some(&eg));
-                tokio::spawn(eg.serve(listener, stop.clone(), self.drain.clone()));
+                tokio::spawn(eg.serve(
+                    listener,
+                    stop.clone(),
+                    self.drain.clone(),
+                    self.clients.clone(),
+                ));
                 addr
             }
             Protocol::Udp => {

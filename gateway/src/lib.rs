@@ -668,7 +668,8 @@ pub async fn start_with(
             streams_w.clone(),
             callers,
         )
-        .with_max_listeners(egress::listener_budget(nofile)),
+        .with_max_listeners(egress::listener_budget(nofile))
+        .with_max_clients(admission::client_connections(nofile)),
     );
     for im in &cfg.imports {
         imports
@@ -708,6 +709,7 @@ pub async fn start_with(
         udp_flows = flow_limits.total,
         udp_flows_per_peer = flow_limits.per_peer,
         tcp_streams_per_peer = tcp_per_peer,
+        client_connections = admission::client_connections(nofile),
         "open-file limit"
     );
     let ingress = Arc::new(

@@ -706,6 +706,93 @@ async fn one_peers_tcp_streams_cannot_starve_another_peer_of_descriptors() {
     }
 }
 
+/// Before: local clients of an import could take every descriptor of the importing
+/// gateway (each client connection is one), after which its admin endpoint, its other
+/// listeners and any file it had to open failed with EMFILE. Now the import listeners'
+/// clients hold at most a quarter of the open-file limit together (at least 16); the
+/// next is reset, counted as `refusals_total{direction="egress",reason=
+/// "client_connection_limit"}`, and a slot comes back when a client leaves.
+#[tokio::test(flavor = "multi_thread")]
+async fn import_clients_cannot_take_every_descriptor() {
+    use meshfed_lab::ConfigBuilder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scratch = Scratch::new("client-fds");
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let echo = echo_server().await;
+    let west_gw = Gw::start(
+        &west,
+        &ConfigBuilder::default()
+            .export("echo.demo", 7000, vec![echo])
+            .peer(&east, None),
+    )
+    .unwrap();
+    let east_gw = Gw::start_in(
+        &["prlimit", "--nofile=128:128", "--"],
+        &east,
+        &ConfigBuilder::default()
+            .peer(&west, Some(west_gw.quic))
+            .import("echo.demo", 7000, "west", ([127, 0, 0, 1], 0).into()),
+    )
+    .unwrap();
+    let at_east = east_gw.import("echo.demo:7000");
+    echo_once(at_east).await.unwrap();
+
+    // 150 clients, each held open once it echoed. A refused one is reset at once; one
+    // left hanging (a gateway out of descriptors no longer accepts) ends the flood.
+    let mut held = Vec::new();
+    let (mut failed, mut hung) = (0, 0);
+    for _ in 0..150 {
+        if hung > 2 {
+            break;
+        }
+        let Ok(mut c) = tokio::net::TcpStream::connect(at_east).await else {
+            failed += 1;
+            continue;
+        };
+        let mut b = [0u8; 4];
+        let echoed = async {
+            c.write_all(b"ping").await?;
+            c.read_exact(&mut b).await?;
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(3), echoed).await {
+            Ok(Ok(())) => held.push(c),
+            Ok(Err(_)) => failed += 1,
+            Err(_) => hung += 1,
+        }
+    }
+    assert!(
+        (24..=32).contains(&held.len()),
+        "east holds {} clients (nofile 128), {failed} failed, {hung} hung\n{}",
+        held.len(),
+        east_gw.logs()
+    );
+    assert!(east_gw.logs().contains("client_connections=32"));
+    // The gateway itself still has descriptors: its admin endpoint answers.
+    let metrics = http_get(east_gw.admin, "/metrics")
+        .await
+        .expect("east's admin endpoint while its clients hold their whole share");
+    let refused =
+        "meshfed_gateway_refusals_total{direction=\"egress\",reason=\"client_connection_limit\"}";
+    let n = metrics
+        .lines()
+        .find(|l| l.starts_with(refused))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(n >= 100.0, "{refused} = {n}");
+    // A client that leaves gives its slot back.
+    held.truncate(20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = echo_once(at_east).await {
+        assert!(
+            Instant::now() < deadline,
+            "no client got through after 12 left: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Before: an authenticated peer could hold any number of connections, and each may pin
 /// buffers (an h2 one up to its 32 MiB window). Now one peer identity holds at most 256
 /// (QUIC, h2 and reverse h2 together); the next is closed with the `refused` code, counted
