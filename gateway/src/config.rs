@@ -62,6 +62,8 @@ struct RawConfig {
     #[serde(default)]
     udp_idle_timeout: Option<String>,
     #[serde(default)]
+    http_idle_timeout: Option<String>,
+    #[serde(default)]
     federation: Option<RawFederation>,
     #[serde(default)]
     dns: Option<RawDns>,
@@ -212,6 +214,8 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// A UDP flow with no datagram either way for this long is closed (Envoy's UDP proxy
 /// uses the same default).
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Envoy's `idle_timeout` for an HTTP connection with no request in flight.
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Most runtime threads `workers` may ask for.
 pub const MAX_WORKERS: usize = 256;
 
@@ -263,6 +267,10 @@ pub struct GatewayConfig {
     /// How long a UDP flow lives without datagrams; default 60 s.
     #[serde(serialize_with = "as_debug")]
     pub udp_idle_timeout: Duration,
+    /// How long a client's connection to an HTTP import may carry no request before it
+    /// is closed gracefully; default 1 h (Envoy's `idle_timeout`).
+    #[serde(serialize_with = "as_debug")]
+    pub http_idle_timeout: Duration,
     pub peers: Vec<Peer>,
     pub exports: BTreeMap<ServiceName, Export>,
     pub imports: Vec<Import>,
@@ -669,6 +677,14 @@ impl RawConfig {
         if udp_idle_timeout.is_zero() {
             return Err(v.err("udp_idle_timeout", "must be positive"));
         }
+        let http_idle_timeout = v.duration(
+            "http_idle_timeout",
+            self.http_idle_timeout.as_deref(),
+            DEFAULT_HTTP_IDLE_TIMEOUT,
+        )?;
+        if http_idle_timeout.is_zero() {
+            return Err(v.err("http_idle_timeout", "must be positive"));
+        }
         if let Some(w) = self.workers
             && !(1..=MAX_WORKERS).contains(&w)
         {
@@ -716,6 +732,7 @@ impl RawConfig {
             connect_timeout,
             reload_interval,
             udp_idle_timeout,
+            http_idle_timeout,
             federation,
             dns,
             peers,
@@ -1260,7 +1277,7 @@ imports:
                 "    listen: 127.0.0.1:18080\n",
                 "    listen: 127.0.0.1:18080\n  - {service: orders.shop, port: 8080, protocol: udp, site: east, listen: 127.0.0.1:18080}\n",
             )
-            + "udp_idle_timeout: 30s\n";
+            + "udp_idle_timeout: 30s\nhttp_idle_timeout: 5m\n";
         let c = GatewayConfig::parse(&y, Path::new("/etc/meshfed/west.yaml")).unwrap();
         let e = &c.exports[&ServiceName::parse("echo.demo").unwrap()];
         assert_eq!(e.ports[&7000].len(), 2, "TCP 7000 stays");
@@ -1271,6 +1288,7 @@ imports:
             vec![Protocol::Tcp, Protocol::Udp]
         );
         assert_eq!(c.udp_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.http_idle_timeout, Duration::from_secs(300));
         assert_eq!(
             GatewayConfig::parse(GOOD, Path::new("x.yaml"))
                 .unwrap()
@@ -1288,6 +1306,10 @@ imports:
         assert!(r.contains("udp port 7000 is listed twice"), "{r}");
         let (f, _) = field_err(&y.replace("udp_idle_timeout: 30s", "udp_idle_timeout: 0s"));
         assert_eq!(f, "udp_idle_timeout");
+        let (f, _) = field_err(&y.replace("http_idle_timeout: 5m", "http_idle_timeout: 0s"));
+        assert_eq!(f, "http_idle_timeout");
+        let (f, _) = field_err(&y.replace("http_idle_timeout: 5m", "http_idle_timeout: soon"));
+        assert_eq!(f, "http_idle_timeout");
     }
 
     #[test]

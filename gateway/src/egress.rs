@@ -87,6 +87,9 @@ pub struct Egress {
     pub service_handles: Mutex<std::collections::HashMap<SiteName, crate::metrics::ServiceHandles>>,
     /// This gateway's TCP imports, for routes whose destination is another service.
     pub targets: Targets,
+    /// How long a client's connection to an HTTP import may carry no request
+    /// (`http_idle_timeout`).
+    pub http_idle: Duration,
 }
 
 /// This gateway's TCP imports by (service, port): a route of one import whose
@@ -953,6 +956,8 @@ pub struct Imports {
     /// Client connections the TCP listeners hold at once, all together
     /// ([`crate::admission::client_connections`]).
     clients: Arc<tokio::sync::Semaphore>,
+    /// `http_idle_timeout`, for the HTTP imports' client connections.
+    http_idle: Duration,
 }
 
 /// The listener budget for an open-file limit: half of it (a quarter goes to UDP flows,
@@ -989,6 +994,7 @@ impl Imports {
             clients: Arc::new(tokio::sync::Semaphore::new(
                 tokio::sync::Semaphore::MAX_PERMITS,
             )),
+            http_idle: crate::config::DEFAULT_HTTP_IDLE_TIMEOUT,
             dispatch: crate::udp::Dispatch::new(&metrics),
             peers,
             local_id,
@@ -1005,6 +1011,13 @@ impl Imports {
     /// At most `n` listeners at once (see [`listener_budget`]); unbounded by default.
     pub fn with_max_listeners(mut self, n: usize) -> Self {
         self.max_listeners = n;
+        self
+    }
+
+    /// A client's connection to an HTTP import closes (gracefully) after `d` with no
+    /// request in flight (`http_idle_timeout`; 1 h by default).
+    pub fn with_http_idle_timeout(mut self, d: Duration) -> Self {
+        self.http_idle = d;
         self
     }
 
@@ -1092,6 +1105,7 @@ impl Imports {
             routes: routes.clone(),
             service_handles: Default::default(),
             targets: self.targets.clone(),
+            http_idle: self.http_idle,
         };
         let addr = match protocol {
             Protocol::Tcp => {
@@ -1240,6 +1254,7 @@ impl Imports {
             routes: Arc::new(ArcSwap::from_pointee(None)),
             service_handles: Default::default(),
             targets: Targets::default(),
+            http_idle: self.http_idle,
         };
         let open = eg.open_request(None);
         let wait = Duration::from_secs(2);

@@ -669,7 +669,8 @@ pub async fn start_with(
             callers,
         )
         .with_max_listeners(egress::listener_budget(nofile))
-        .with_max_clients(admission::client_connections(nofile)),
+        .with_max_clients(admission::client_connections(nofile))
+        .with_http_idle_timeout(cfg.http_idle_timeout),
     );
     for im in &cfg.imports {
         imports

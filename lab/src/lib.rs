@@ -93,6 +93,8 @@ pub struct ConfigBuilder {
     /// UDP imports (service, port, site, listen).
     pub udp_imports: Vec<(String, u16, String, SocketAddr)>,
     pub udp_idle_timeout: Option<Duration>,
+    /// `http_idle_timeout`.
+    pub http_idle_timeout: Option<Duration>,
     /// `source_identity`: the caller the egress listeners vouch for.
     pub source_identity: Option<String>,
     /// `tls.renew`: (signing authority directory, SVID lifetime).
@@ -195,6 +197,9 @@ impl ConfigBuilder {
         }
         if let Some(t) = self.udp_idle_timeout {
             let _ = writeln!(y, "udp_idle_timeout: {}", humantime::format_duration(t));
+        }
+        if let Some(t) = self.http_idle_timeout {
+            let _ = writeln!(y, "http_idle_timeout: {}", humantime::format_duration(t));
         }
         if let Some(id) = &self.source_identity {
             let _ = writeln!(y, "source_identity: {id}");

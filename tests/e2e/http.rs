@@ -1241,6 +1241,82 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
     ok();
 }
 
+/// Before: an h2 client's connection to an HTTP import lived for ever once idle (the
+/// gateway answers its pings), holding a descriptor and a client slot. Now a connection
+/// that carries no request for `http_idle_timeout` gets a GOAWAY and is closed; one
+/// that keeps carrying requests, or has one in flight, is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_h2_client_connection_is_closed_after_the_idle_timeout() {
+    use meshfed_lab::ConfigBuilder;
+    let scratch = Scratch::new("http-idle");
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let (web, _) = http_endpoint("west", 200).await;
+    let west_gw = Gw::start(
+        &west,
+        &ConfigBuilder::default()
+            .export("web.demo", 8080, vec![web])
+            .speaks("web.demo", 8080, "http")
+            .peer(&east, None),
+    )
+    .unwrap();
+    let east_gw = Gw::start(
+        &east,
+        &ConfigBuilder {
+            http_idle_timeout: Some(Duration::from_secs(2)),
+            ..ConfigBuilder::default()
+        }
+        .peer(&west, Some(west_gw.quic))
+        .import("web.demo", 8080, "west", ([127, 0, 0, 1], 0).into())
+        .speaks("web.demo", 8080, "http"),
+    )
+    .unwrap();
+    let import = east_gw.import("web.demo:8080");
+    let h2 = || async move {
+        let tcp = tokio::net::TcpStream::connect(import).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let ended = tokio::spawn(conn);
+        (send, ended)
+    };
+    // A request answered after `delay_ms`.
+    let get = |send: &mut hyper::client::conn::http2::SendRequest<_>, delay_ms: u64| {
+        let req = hyper::Request::get("http://web.demo:8080/")
+            .header("x-delay-ms", delay_ms.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        send.send_request(req)
+    };
+
+    // Idle: closed between 2 s and a few seconds after its last answer.
+    let (mut send, ended) = h2().await;
+    assert_eq!(get(&mut send, 0).await.unwrap().status(), 200);
+    let answered = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("an idle connection is closed")
+        .unwrap()
+        .unwrap();
+    let took = answered.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "closed {took:?} after its last answer"
+    );
+
+    // Busy: a request every 500 ms for 5 s, and one slower than the timeout, on one
+    // connection that stays open throughout.
+    let (mut send, ended) = h2().await;
+    for _ in 0..10 {
+        assert_eq!(get(&mut send, 0).await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(get(&mut send, 3500).await.unwrap().status(), 200);
+    assert!(!ended.is_finished(), "a busy connection was closed");
+    assert!(!send.is_closed());
+}
+
 /// A VirtualService's `exportTo` scopes its routes by the caller's namespace: east's
 /// listener vouches for `ns/demo` callers, and a route that aborts every request with
 /// 418 applies while the VirtualService is exported to `.` (its namespace, demo), and
@@ -1750,7 +1826,21 @@ spec:
     // but selects v1's endpoints (or all of them) is not v2one's at west, and gets the
     // service's pool (no limit) while v2one's one slot is held; v2one's own open
     // overflows.
-    let held = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    // Held once it has been answered (its endpoint connection, and so the slot, is up:
+    // 300 ms without a request was not always enough with the whole suite running).
+    let mut held = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        held.write_all(b"GET / HTTP/1.1\r\nHost: db\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(10), held.read_exact(&mut buf))
+            .await
+            .expect("the held connection is answered")
+            .unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+    }
     let bundle = meshfed_identity::BundleSet::read_bundle_file(&west.bundle, None).unwrap();
     let raw = crate::harness::quic_as(&east, &west, west_gw.quic, bundle)
         .await
@@ -1767,7 +1857,6 @@ spec:
         }
         .encode()
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
     for (selector, want) in [
         (Some("v2"), Err("overflow")),
         (Some("v1"), Ok(())),

@@ -7,6 +7,17 @@ use std::time::Duration;
 
 use http::Method;
 
+/// When a connection with `busy` requests in flight, last used at `last_used` (ms),
+/// closes under `idle`: `None` now, else the time (ms) to look again. Pure.
+pub fn idle_until(busy: u32, last_used: u64, now: u64, idle: Duration) -> Option<u64> {
+    let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    if busy > 0 {
+        return Some(now.saturating_add(idle));
+    }
+    let due = last_used.saturating_add(idle);
+    (due > now).then_some(due)
+}
+
 /// A uniform 32-bit roll from a counter (splitmix64): the weighted pick's input, so
 /// consecutive requests spread exactly by weight over many requests. Pure.
 pub fn roll(n: u64) -> u32 {
@@ -361,6 +372,27 @@ pub fn retry_after_secs(ms: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_closes_once_idle_for_its_timeout() {
+        let idle = Duration::from_millis(1000);
+        // (busy, last used, now) → closed now, or when to look again.
+        for (busy, last, now, want) in [
+            (0, 0, 999, Some(1000)),
+            (0, 0, 1000, None),
+            (0, 500, 1200, Some(1500)),
+            (0, 500, 5000, None),
+            // In flight: never closed, looked at again one timeout later.
+            (1, 0, 5000, Some(6000)),
+            (3, 4900, 5000, Some(6000)),
+        ] {
+            assert_eq!(
+                idle_until(busy, last, now, idle),
+                want,
+                "{busy} busy, last {last}, now {now}"
+            );
+        }
+    }
 
     #[test]
     fn the_first_site_follows_the_load_balancer() {

@@ -651,11 +651,19 @@ impl HttpEgress {
         let caller = Arc::new(Caller { id: caller, labels });
         let this = self.clone();
         let drain = stop.clone();
+        // The connection is idle while no request waits for its answer (a streamed
+        // answer still flowing finishes after the GOAWAY).
+        let activity = super::Activity::new();
+        let idle = (eg.http_idle, activity.clone());
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let (this, eg, caller, drain) =
                 (this.clone(), eg.clone(), caller.clone(), drain.clone());
+            let busy = activity.mark();
             async move {
-                if let Some(switching) = this.h2c(&eg, &mut req, client, &caller, drain) {
+                // Held until the answer is made.
+                let busy = busy;
+                let upgrade = (drain, &busy);
+                if let Some(switching) = this.h2c(&eg, &mut req, client, &caller, upgrade) {
                     return Ok(switching);
                 }
                 Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
@@ -663,7 +671,7 @@ impl HttpEgress {
         });
         // The first byte within the header timeout, as the rest of the headers.
         let io = super::io::FirstByteWithin::new(io, super::HEADER_READ_TIMEOUT);
-        super::serve_connection(io, svc, stop, "client HTTP connection").await;
+        super::serve_connection(io, svc, stop, Some(idle), "client HTTP connection").await;
     }
 
     /// An HTTP/1.1 request asking for h2c ([`super::h2c::wanted`]): answered `101`, and
@@ -676,7 +684,7 @@ impl HttpEgress {
         req: &mut Request<Incoming>,
         client: SocketAddr,
         caller: &Arc<Caller>,
-        stop: CancellationToken,
+        (stop, busy): (CancellationToken, &super::Busy),
     ) -> Option<Response<Body>> {
         if !super::h2c::wanted(req, req.body().is_end_stream()) {
             return None;
@@ -684,6 +692,8 @@ impl HttpEgress {
         let stream_one = super::h2c::headers_frame(req)?;
         let on = hyper::upgrade::on(req);
         let (this, eg, caller) = (self.clone(), eg.clone(), caller.clone());
+        // The upgraded connection's requests count on the same connection's activity.
+        let idle = (eg.http_idle, busy.activity().clone());
         tokio::spawn(async move {
             let Ok(upgraded) = on.await else { return };
             // The client's preface and settings come within the header timeout, as a
@@ -698,13 +708,16 @@ impl HttpEgress {
                 Ok(Err(e)) => return debug!(error = %e, "h2c upgrade failed"),
                 Err(_) => return debug!("h2c upgrade: no preface in time"),
             };
+            let activity = idle.1.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (this, eg, caller) = (this.clone(), eg.clone(), caller.clone());
+                let busy = activity.mark();
                 async move {
+                    let _busy = busy;
                     Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
                 }
             });
-            super::serve_connection(io, svc, stop, "client h2c connection").await;
+            super::serve_connection(io, svc, stop, Some(idle), "client h2c connection").await;
         });
         let mut r = Response::new(super::full(Bytes::new()));
         *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;

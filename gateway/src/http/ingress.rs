@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -146,10 +146,9 @@ struct H2Conn {
     send: SendRequest<Body>,
     /// Requests given to it so far (`maxRequestsPerConnection`).
     given: AtomicU32,
-    /// Requests whose answer is not over yet, and when the last one ended (ms since
-    /// the upstream's start), for `idleTimeout`.
-    busy: Arc<AtomicU32>,
-    last_used: Arc<AtomicU64>,
+    /// Requests whose answer is not over yet, and when the last one ended, for
+    /// `idleTimeout`.
+    activity: super::Activity,
 }
 
 /// An h2 connection's endpoint, and the TLS originated on it.
@@ -209,32 +208,6 @@ fn socket_keepalive(k: &TcpKeepalive) -> socket2::TcpKeepalive {
         out = out.with_retries(n);
     }
     out
-}
-
-/// An h2 request in flight, until its answer's body is over.
-struct Busy {
-    busy: Arc<AtomicU32>,
-    last_used: Arc<AtomicU64>,
-    start: std::time::Instant,
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_used.store(now, Ordering::Release);
-        self.busy.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// When an h2 connection with `busy` requests in flight, last used at `last_used`
-/// (ms), closes under `idle`: `None` now, else the time (ms) to look again. Pure.
-pub fn idle_until(busy: u32, last_used: u64, now: u64, idle: Duration) -> Option<u64> {
-    let idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    if busy > 0 {
-        return Some(now.saturating_add(idle));
-    }
-    let due = last_used.saturating_add(idle);
-    (due > now).then_some(due)
 }
 
 /// The requests a pooled HTTP/1.1 connection has carried: its `extra`, which the pool
@@ -717,20 +690,12 @@ impl Upstream {
         ep: SocketAddr,
         tls: Option<&Arc<TlsOrigination>>,
         limits: ConnLimits,
-    ) -> Result<(SendRequest<Body>, Busy), String> {
+    ) -> Result<(SendRequest<Body>, super::Busy), String> {
         let key: H2Key = (ep, tls.cloned());
-        let busy = |c: &H2Conn| {
-            c.busy.fetch_add(1, Ordering::AcqRel);
-            Busy {
-                busy: c.busy.clone(),
-                last_used: c.last_used.clone(),
-                start: self.start,
-            }
-        };
         let live = || {
             let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
             let c = h2.get(&key).filter(|c| !c.send.is_closed())?;
-            let taken = (c.send.clone(), busy(c));
+            let taken = (c.send.clone(), c.activity.mark());
             let n = c.given.fetch_add(1, Ordering::Relaxed) + 1;
             if connection_spent(n, limits.per_conn) {
                 h2.remove(&key);
@@ -771,11 +736,10 @@ impl Upstream {
         let c = H2Conn {
             send: send.clone(),
             given: AtomicU32::new(1),
-            busy: Arc::default(),
-            last_used: Arc::new(AtomicU64::new(self.now_ms())),
+            activity: super::Activity::new(),
         };
-        let taken = (send, busy(&c));
-        let (busy, last_used, start) = (c.busy.clone(), c.last_used.clone(), self.start);
+        let taken = (send, c.activity.mark());
+        let activity = c.activity.clone();
         let idle = limits.idle;
         tokio::spawn(async move {
             let Some(idle) = idle else {
@@ -784,29 +748,15 @@ impl Upstream {
                 }
                 return;
             };
-            tokio::pin!(conn);
-            let now = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-            loop {
-                let at = idle_until(
-                    busy.load(Ordering::Acquire),
-                    last_used.load(Ordering::Acquire),
-                    now(),
-                    idle,
-                );
-                let Some(at) = at else {
-                    // Dropping the connection closes it; the pool sees it closed.
-                    debug!(%ep, ?idle, "h2 connection to the endpoint idle: closed");
-                    return;
-                };
-                let wait = Duration::from_millis(at.saturating_sub(now()));
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            debug!(error = %e, %ep, "h2 connection to the endpoint ended");
-                        }
-                        return;
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        debug!(error = %e, %ep, "h2 connection to the endpoint ended");
                     }
-                    _ = tokio::time::sleep(wait) => {}
+                }
+                // Dropping the connection closes it; the pool sees it closed.
+                _ = activity.idle_for(idle) => {
+                    debug!(%ep, ?idle, "h2 connection to the endpoint idle: closed");
                 }
             }
         });
@@ -1210,7 +1160,7 @@ pub async fn serve<IO>(
             Ok::<_, std::convert::Infallible>(answer)
         }
     });
-    super::serve_connection(io, svc, stop, "HTTP over the tunnel").await;
+    super::serve_connection(io, svc, stop, None, "HTTP over the tunnel").await;
 }
 
 #[cfg(test)]
@@ -1312,27 +1262,6 @@ mod tests {
         ] {
             let (key, p) = serving.policy_for(name, selector);
             assert_eq!((key, p.pool), want, "{name:?} {selector:?}");
-        }
-    }
-
-    #[test]
-    fn an_h2_connection_closes_once_idle_for_its_timeout() {
-        let idle = Duration::from_millis(1000);
-        // (busy, last used, now) → closed now, or when to look again.
-        for (busy, last, now, want) in [
-            (0, 0, 999, Some(1000)),
-            (0, 0, 1000, None),
-            (0, 500, 1200, Some(1500)),
-            (0, 500, 5000, None),
-            // In flight: never closed, looked at again one timeout later.
-            (1, 0, 5000, Some(6000)),
-            (3, 4900, 5000, Some(6000)),
-        ] {
-            assert_eq!(
-                idle_until(busy, last, now, idle),
-                want,
-                "{busy} busy, last {last}, now {now}"
-            );
         }
     }
 

@@ -24,6 +24,9 @@ pub mod ingress;
 pub mod io;
 pub mod trace;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
@@ -41,6 +44,70 @@ pub const ENDPOINT_RESET: &str = "endpoint_reset";
 /// unauthenticated connection holds its buffer for a bounded time.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Requests in flight on one connection, and when the last one ended: what its idle
+/// timeout looks at. Clones share the counts.
+#[derive(Clone)]
+pub(crate) struct Activity {
+    busy: Arc<AtomicU32>,
+    /// ms since `start`.
+    last_used: Arc<AtomicU64>,
+    start: std::time::Instant,
+}
+
+/// One request in flight on a connection ([`Activity::mark`]), until dropped.
+pub(crate) struct Busy(Activity);
+
+impl Activity {
+    pub(crate) fn new() -> Self {
+        Self {
+            busy: Arc::default(),
+            last_used: Arc::default(),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A request begins; it is in flight until the mark is dropped.
+    pub(crate) fn mark(&self) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in flight for `idle`
+    /// ([`decide::idle_until`]).
+    pub(crate) async fn idle_for(&self, idle: std::time::Duration) {
+        loop {
+            let now = self.now_ms();
+            let Some(at) = decide::idle_until(
+                self.busy.load(Ordering::Acquire),
+                self.last_used.load(Ordering::Acquire),
+                now,
+                idle,
+            ) else {
+                return;
+            };
+            tokio::time::sleep(std::time::Duration::from_millis(at.saturating_sub(now))).await;
+        }
+    }
+}
+
+impl Busy {
+    /// The connection's activity this request counts on.
+    pub(crate) fn activity(&self) -> &Activity {
+        &self.0
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.last_used.store(self.0.now_ms(), Ordering::Release);
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The HTTP server both halves use: HTTP/1.1 and h2 (prior knowledge), with the header
 /// timeout in force (hyper applies none without a timer).
 pub(crate) fn server_builder()
@@ -57,11 +124,14 @@ pub(crate) fn server_builder()
 
 /// Serves one connection with `svc` until it ends, or until `stop` (the drain), which
 /// lets its requests in flight finish. A `101` the service answers hands the connection
-/// over (the egress's h2c upgrade, [`h2c`]).
+/// over (the egress's h2c upgrade, [`h2c`]). With `idle`, a connection whose service
+/// marks no request in flight ([`Activity::mark`]) for that long is shut down the same
+/// graceful way (h2: GOAWAY, streams still open finish).
 pub(crate) async fn serve_connection<IO, S>(
     io: IO,
     svc: S,
     stop: tokio_util::sync::CancellationToken,
+    idle: Option<(std::time::Duration, Activity)>,
     what: &'static str,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -76,17 +146,26 @@ pub(crate) async fn serve_connection<IO, S>(
     let builder = server_builder();
     let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);
+    let idle_for = async {
+        match &idle {
+            Some((d, activity)) => activity.idle_for(*d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "{what} ended");
             }
+            return;
         }
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        _ = stop.cancelled() => {}
+        _ = idle_for => {
+            tracing::debug!(idle = ?idle.as_ref().map(|i| i.0), "{what} idle: closed");
         }
     }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 pub(crate) fn boxed_err<E: Into<BoxError>>(e: E) -> BoxError {
