@@ -4,7 +4,7 @@
 //! - `zone`: the table of answers, pre-encoded whenever the catalog changes (pure);
 //! - `wire`: the allocation-free fast path for plain queries (pure);
 //! - `slow`: everything else, on hickory's parser (pure);
-//! - `server`: UDP workers and hickory-server for TCP (sockets);
+//! - `server`: UDP workers, and TCP with a bound on connections (sockets);
 //! - `follow`: standalone mode, answering from a gateway's catalog cache;
 //!
 //! It depends on the catalog model only: the binary hands it a table (from a gateway's

@@ -1,7 +1,11 @@
 //! The sockets. UDP: one thread per core, each with its own `SO_REUSEPORT` socket on the
 //! same address (refused when another socket holds it), answering the fast path in place
-//! from a reused buffer; the slow path and forwarding are handed to the tokio runtime. TCP: hickory-server's `Server`, with
-//! a handler that answers from the same table.
+//! from a reused buffer; the slow path and forwarding are handed to the tokio runtime.
+//! TCP (RFC 7766: length-prefixed messages, answered in order) from the same table, with
+//! at most [`max_tcp_connections`] connections at once: a client past them is closed at
+//! once and counted (`meshfed_dns_tcp_refused`), and each message must come within 5 s.
+//! hickory-server's `Server` did this before, without a bound: a TCP flood took every
+//! descriptor of the process, and its accept loop then spun on EMFILE.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -9,9 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hickory_proto::op::Message;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
 use meshfed_lifecycle::drain::{self, DrainTrigger, DrainWatcher};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,7 +24,17 @@ use crate::wire::{self, Outcome};
 use crate::zone::Table;
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a TCP client has for each message (its length and its bytes), counted from
+/// its connection or its last answer; and for an answer to be taken.
 const TCP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// TCP connections at once for an open-file limit: an eighth of it, 16 to 256 (BIND's
+/// `tcp-clients` is 150). Pure.
+pub fn max_tcp_connections(nofile: u64) -> usize {
+    usize::try_from(nofile / 8)
+        .unwrap_or(usize::MAX)
+        .clamp(16, 256)
+}
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -50,6 +61,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub forwarded: Counter,
     pub forward_failures: Counter,
+    /// TCP connections closed at once: the server held its most.
+    pub tcp_refused: Counter,
 }
 
 impl Metrics {
@@ -74,6 +87,11 @@ impl Metrics {
             "forward_failures",
             "Forwarded queries with no upstream answer",
             self.forward_failures.clone(),
+        );
+        r.register(
+            "tcp_refused",
+            "TCP connections closed at once because the server held its most",
+            self.tcp_refused.clone(),
         );
     }
 
@@ -195,22 +213,19 @@ pub async fn start(
                 .spawn(move || w.run())?,
         );
     }
-    let handler = TcpHandler {
+    let max_tcp = max_tcp_connections(nofile());
+    let handler = Arc::new(TcpHandler {
         table,
         metrics,
         forward: cfg.forward,
-    };
-    let mut server = hickory_server::Server::new(handler);
-    server.register_listener(tcp, TCP_TIMEOUT, 64 * 1024);
+    });
     let tcp_task = tokio::spawn(async move {
         tokio::select! {
-            r = server.block_until_done() => if let Err(e) = r {
-                warn!(error = %e, "DNS TCP server stopped");
-            },
+            () = serve_tcp(tcp, handler, max_tcp) => {}
             _ = watcher.signaled() => {}
         }
     });
-    info!(udp = %udp_addr, tcp = %tcp_addr, workers, forward = ?cfg.forward, "DNS serving");
+    info!(udp = %udp_addr, tcp = %tcp_addr, workers, max_tcp, forward = ?cfg.forward, "DNS serving");
     Ok(Running {
         udp: udp_addr,
         tcp: tcp_addr,
@@ -366,26 +381,102 @@ async fn forward_udp(q: &[u8], upstream: SocketAddr) -> Option<Vec<u8>> {
     }
 }
 
-/// DNS over TCP through hickory-server, answered from the same table.
+/// The process's open-file limit (soft), as in force now.
+fn nofile() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+/// Accepts TCP clients, at most `max` at once; each connection's task ends with this
+/// one (the drain, or [`Running`] dropped).
+async fn serve_tcp(listener: tokio::net::TcpListener, handler: Arc<TcpHandler>, max: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let mut conns = tokio::task::JoinSet::new();
+    let mut refusing = false;
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "DNS TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            handler.metrics.tcp_refused.inc();
+            if !refusing {
+                warn!(%peer, max, "DNS TCP connection closed at once: the server holds its most (meshfed_dns_tcp_refused counts them)");
+                refusing = true;
+            }
+            drop(tcp);
+            continue;
+        };
+        refusing = false;
+        let handler = handler.clone();
+        conns.spawn(async move {
+            let _slot = slot;
+            if let Err(e) = handler.connection(tcp).await {
+                debug!(%peer, error = %e, "DNS TCP connection ended");
+            }
+        });
+    }
+}
+
+/// DNS over TCP, answered from the same table.
 struct TcpHandler {
     table: Arc<ArcSwap<Table>>,
     metrics: Metrics,
     forward: Option<SocketAddr>,
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for TcpHandler {
-    async fn handle_request<R: ResponseHandler, T: hickory_server::net::runtime::Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let q = request.as_slice();
+impl TcpHandler {
+    /// Messages, each answered before the next is read, until the client closes, sends
+    /// no whole message within [`TCP_TIMEOUT`], or sends what is not a query.
+    async fn connection(&self, mut tcp: tokio::net::TcpStream) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut q = Vec::new();
+        loop {
+            let read = async {
+                let len = tcp.read_u16().await?;
+                q.resize(usize::from(len), 0);
+                tcp.read_exact(&mut q).await
+            };
+            match tokio::time::timeout(TCP_TIMEOUT, read).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(()),
+            }
+            let Some(answer) = self.answer(&q).await else {
+                // Not a query (too short, or a response): nothing to say to it.
+                return Ok(());
+            };
+            let Ok(len) = u16::try_from(answer.len()) else {
+                return Ok(());
+            };
+            let mut out = Vec::with_capacity(2 + answer.len());
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&answer);
+            tokio::time::timeout(TCP_TIMEOUT, tcp.write_all(&out))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        }
+    }
+
+    /// The answer to one message: from the table, the slow path or the upstream
+    /// (SERVFAIL when it does not answer); `None` for what is not a query.
+    async fn answer(&self, q: &[u8]) -> Option<Vec<u8>> {
         let table = self.table.load_full();
         let mut out = vec![0u8; wire::MAX_MESSAGE];
         let (bytes, result) =
             match wire::respond(&table, q, &mut out, false, self.forward.is_some()) {
-                Outcome::Reply(n) => (Some(out[..n].to_vec()), "fast"),
+                Outcome::Reply(n) => {
+                    out.truncate(n);
+                    (Some(out), "fast")
+                }
                 Outcome::Drop => (None, "drop"),
                 Outcome::Slow => match slow::respond(&table, q, self.forward.is_some()) {
                     (Slow::Reply(b), rcode) => (Some(b), rcode.map_or("other", slow::reason)),
@@ -396,7 +487,7 @@ impl RequestHandler for TcpHandler {
                             Some(b) => (Some(b), "forwarded"),
                             None => {
                                 self.metrics.forward_failures.inc();
-                                (None, "forward_failed")
+                                (slow::servfail(q), "forward_failed")
                             }
                         }
                     }
@@ -404,54 +495,27 @@ impl RequestHandler for TcpHandler {
             };
         self.metrics.count("tcp", result);
         debug!(result, "DNS TCP answer");
-        let msg = bytes.and_then(|b| Message::from_vec(&b).ok());
-        let Some(msg) = msg else {
-            // Nothing to say: answer SERVFAIL rather than leave the connection hanging.
-            let resp = MessageResponseBuilder::from_message_request(request)
-                .error_msg(&request.metadata, hickory_proto::op::ResponseCode::ServFail);
-            return match response_handle.send_response(resp).await {
-                Ok(info) => info,
-                Err(_) => servfail_info(request),
-            };
-        };
-        let mut builder = MessageResponseBuilder::from_message_request(request);
-        if let Some(e) = &msg.edns {
-            builder.edns(e);
-        }
-        let resp = builder.build(
-            msg.metadata,
-            msg.answers.iter(),
-            msg.authorities.iter(),
-            std::iter::empty(),
-            msg.additionals.iter(),
-        );
-        match response_handle.send_response(resp).await {
-            Ok(info) => info,
-            Err(e) => {
-                debug!(error = %e, "DNS TCP send");
-                servfail_info(request)
-            }
-        }
+        bytes
     }
-}
-
-fn servfail_info(request: &Request) -> ResponseInfo {
-    use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, ResponseCode};
-    let mut metadata = Metadata::new(
-        request.metadata.id,
-        MessageType::Response,
-        request.metadata.op_code,
-    );
-    metadata.response_code = ResponseCode::ServFail;
-    ResponseInfo::from(Header {
-        metadata,
-        counts: HeaderCounts::default(),
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_eighth_of_the_descriptors_for_tcp_clients() {
+        for (nofile, want) in [
+            (0, 16),
+            (128, 16),
+            (1024, 128),
+            (2048, 256),
+            (20_000, 256),
+            (u64::MAX, 256),
+        ] {
+            assert_eq!(max_tcp_connections(nofile), want, "nofile {nofile}");
+        }
+    }
 
     /// A UDP port another reuse-port group holds (another process of the same user, or
     /// the same process) is refused, not joined: joined, the two servers would each get

@@ -42,6 +42,25 @@ fn error(id: u16, op: OpCode, rcode: ResponseCode, req: Option<&Message>) -> Slo
     m.to_vec().map_or(Slow::Drop, Slow::Reply)
 }
 
+/// SERVFAIL to a query (its question echoed), e.g. when the upstream did not answer;
+/// `None` for what is not a query.
+pub fn servfail(q: &[u8]) -> Option<Vec<u8>> {
+    if q.len() < 12 || q[2] & 0x80 != 0 {
+        return None;
+    }
+    let id = u16::from_be_bytes([q[0], q[1]]);
+    let op = OpCode::from_u8((q[2] >> 3) & 0x0f);
+    match error(
+        id,
+        op,
+        ResponseCode::ServFail,
+        Message::from_vec(q).ok().as_ref(),
+    ) {
+        Slow::Reply(b) => Some(b),
+        _ => None,
+    }
+}
+
 /// Decides what to do with a packet the fast path did not answer.
 pub fn respond(table: &Table, q: &[u8], forwarding: bool) -> (Slow, Option<ResponseCode>) {
     if q.len() < 12 || q[2] & 0x80 != 0 {
