@@ -2,7 +2,8 @@
 //! of many imported services, and the equivalent generated zone), queried by `dnsperf`
 //! with the same query file, in one run. Peak QPS for each (alternating rounds, best
 //! kept), then p99 latency for each at half of meshfed's peak rate, from dnsperf's
-//! per-query latencies. The last lines are `name: value`.
+//! per-query latencies; then peak QPS over TCP (`dnsperf -m tcp`, four connections)
+//! for each, in alternating rounds. The last lines are `name: value`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -140,7 +141,7 @@ fn write_knot(dir: &Path, n: usize, port: u16, workers: usize) -> Result<PathBuf
     }
     std::fs::write(dir.join("clusterset.local.zone"), z)?;
     let conf = format!(
-        "server:\n  listen: 127.0.0.1@{port}\n  rundir: {d}\n  udp-workers: {workers}\n  tcp-workers: 1\n  background-workers: 1\n\
+        "server:\n  listen: 127.0.0.1@{port}\n  rundir: {d}\n  udp-workers: {workers}\n  tcp-workers: {workers}\n  background-workers: 1\n\
          database:\n  storage: {d}\n\
          log:\n  - target: stderr\n    any: warning\n\
          template:\n  - id: default\n    storage: {d}\n    file: \"%s.zone\"\n    semantic-checks: off\n\
@@ -209,9 +210,16 @@ struct Perf {
     latencies: Vec<f64>,
 }
 
-fn dnsperf(addr: SocketAddr, queries: &Path, secs: u32, rate: Option<u64>) -> Result<Perf> {
+fn dnsperf(
+    addr: SocketAddr,
+    queries: &Path,
+    secs: u32,
+    rate: Option<u64>,
+    mode: &str,
+) -> Result<Perf> {
     let mut cmd = Command::new("dnsperf");
     cmd.args(["-s", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-m", mode])
         .arg("-d")
         .arg(queries)
         .args(["-l", &secs.to_string(), "-c", "4", "-q", "500"]);
@@ -305,8 +313,8 @@ fn main() -> Result<()> {
 
     let (mut best_m, mut best_k) = (0.0f64, 0.0f64);
     for round in 0..args.rounds {
-        let m = dnsperf(meshfed_addr, &queries, args.secs, None)?;
-        let k = dnsperf(knot_addr, &queries, args.secs, None)?;
+        let m = dnsperf(meshfed_addr, &queries, args.secs, None, "udp")?;
+        let k = dnsperf(knot_addr, &queries, args.secs, None, "udp")?;
         println!(
             "round {round}: meshfed {:.0} QPS (lost {}), knot {:.0} QPS (lost {})",
             m.qps, m.lost, k.qps, k.lost
@@ -315,13 +323,37 @@ fn main() -> Result<()> {
         best_k = best_k.max(k.qps);
     }
     let half = (best_m / 2.0) as u64;
-    let m = dnsperf(meshfed_addr, &queries, 5, Some(half))?;
-    let k = dnsperf(knot_addr, &queries, 5, Some(half))?;
+    let m = dnsperf(meshfed_addr, &queries, 5, Some(half), "udp")?;
+    let k = dnsperf(knot_addr, &queries, 5, Some(half), "udp")?;
     let (mp99, kp99) = (p99_ms(m.latencies), p99_ms(k.latencies));
     println!("peak: meshfed {best_m:.0} QPS, knot {best_k:.0} QPS");
     println!("p99 at {half} QPS (half of meshfed's peak): meshfed {mp99:.3} ms, knot {kp99:.3} ms");
+    let (mut tcp_m, mut tcp_k) = (0.0f64, 0.0f64);
+    let mut tcp_ratios = Vec::new();
+    for round in 0..args.rounds {
+        let m = dnsperf(meshfed_addr, &queries, args.secs, None, "tcp")?;
+        let k = dnsperf(knot_addr, &queries, args.secs, None, "tcp")?;
+        println!(
+            "tcp round {round}: meshfed {:.0} QPS (lost {}), knot {:.0} QPS (lost {}), ratio {:.2}",
+            m.qps,
+            m.lost,
+            k.qps,
+            k.lost,
+            m.qps / k.qps
+        );
+        tcp_ratios.push(m.qps / k.qps);
+        tcp_m = tcp_m.max(m.qps);
+        tcp_k = tcp_k.max(k.qps);
+    }
+    let (lo, hi) = tcp_ratios
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    println!(
+        "tcp peak: meshfed {tcp_m:.0} QPS, knot {tcp_k:.0} QPS (per-round ratios {lo:.2}-{hi:.2})"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     println!("dns_qps_ratio_vs_knot: {:.2}", best_m / best_k);
     println!("dns_p99_ms: {mp99:.3}");
+    println!("dns_tcp_qps_ratio_vs_knot: {:.2}", tcp_m / tcp_k);
     Ok(())
 }
