@@ -1127,6 +1127,33 @@ async fn grpc_calls_from_a_client_nobody_here_wrote_cross_sites() {
     let _ = server.wait();
 }
 
+/// West exports an HTTP endpoint as web.demo:8080 (`http`), east imports it with `east`
+/// as the rest of its configuration; returns west's gateway and the scratch directory
+/// (kept while the test runs; dropped in that order), and east's gateway.
+async fn web_sites(name: &str, east: meshfed_lab::ConfigBuilder) -> ((Gw, Scratch), Gw) {
+    let scratch = Scratch::new(name);
+    let west = scratch.site("west", "west.example.org");
+    let east_site = scratch.site("east", "east.example.org");
+    let (web, _) = http_endpoint("west", 200).await;
+    let west_gw = Gw::start(
+        &west,
+        &meshfed_lab::ConfigBuilder::default()
+            .export("web.demo", 8080, vec![web])
+            .speaks("web.demo", 8080, "http")
+            .peer(&east_site, None),
+    )
+    .unwrap();
+    let east_gw = Gw::start(
+        &east_site,
+        &east
+            .peer(&west, Some(west_gw.quic))
+            .import("web.demo", 8080, "west", ([127, 0, 0, 1], 0).into())
+            .speaks("web.demo", 8080, "http"),
+    )
+    .unwrap();
+    ((west_gw, scratch), east_gw)
+}
+
 /// An HTTP import attacked: garbage, a 1 MiB header and a client that never finishes
 /// its headers (slowloris). Garbage and the oversized header are answered or cut at
 /// once, the slow client is cut after the 10 s header timeout (hyper applies none
@@ -1134,28 +1161,8 @@ async fn grpc_calls_from_a_client_nobody_here_wrote_cross_sites() {
 /// served throughout.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http_import_cuts_garbage_and_slow_headers() {
-    use meshfed_lab::ConfigBuilder;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let scratch = Scratch::new("http-attack");
-    let west = scratch.site("west", "west.example.org");
-    let east = scratch.site("east", "east.example.org");
-    let (web, _) = http_endpoint("west", 200).await;
-    let west_gw = Gw::start(
-        &west,
-        &ConfigBuilder::default()
-            .export("web.demo", 8080, vec![web])
-            .speaks("web.demo", 8080, "http")
-            .peer(&east, None),
-    )
-    .unwrap();
-    let east_gw = Gw::start(
-        &east,
-        &ConfigBuilder::default()
-            .peer(&west, Some(west_gw.quic))
-            .import("web.demo", 8080, "west", ([127, 0, 0, 1], 0).into())
-            .speaks("web.demo", 8080, "http"),
-    )
-    .unwrap();
+    let (_sites, east_gw) = web_sites("http-attack", meshfed_lab::ConfigBuilder::default()).await;
     let import = east_gw.import("web.demo:8080");
     let url = format!("http://{import}/");
     let ok = || assert_eq!(curl(&[], &url).0, 200, "{}", east_gw.logs());
@@ -1247,30 +1254,11 @@ async fn an_http_import_cuts_garbage_and_slow_headers() {
 /// that keeps carrying requests, or has one in flight, is not.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_h2_client_connection_is_closed_after_the_idle_timeout() {
-    use meshfed_lab::ConfigBuilder;
-    let scratch = Scratch::new("http-idle");
-    let west = scratch.site("west", "west.example.org");
-    let east = scratch.site("east", "east.example.org");
-    let (web, _) = http_endpoint("west", 200).await;
-    let west_gw = Gw::start(
-        &west,
-        &ConfigBuilder::default()
-            .export("web.demo", 8080, vec![web])
-            .speaks("web.demo", 8080, "http")
-            .peer(&east, None),
-    )
-    .unwrap();
-    let east_gw = Gw::start(
-        &east,
-        &ConfigBuilder {
-            http_idle_timeout: Some(Duration::from_secs(2)),
-            ..ConfigBuilder::default()
-        }
-        .peer(&west, Some(west_gw.quic))
-        .import("web.demo", 8080, "west", ([127, 0, 0, 1], 0).into())
-        .speaks("web.demo", 8080, "http"),
-    )
-    .unwrap();
+    let east = meshfed_lab::ConfigBuilder {
+        http_idle_timeout: Some(Duration::from_secs(2)),
+        ..meshfed_lab::ConfigBuilder::default()
+    };
+    let (_sites, east_gw) = web_sites("http-idle", east).await;
     let import = east_gw.import("web.demo:8080");
     let h2 = || async move {
         let tcp = tokio::net::TcpStream::connect(import).await.unwrap();

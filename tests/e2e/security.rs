@@ -627,7 +627,6 @@ async fn udp_flows_are_bounded_per_peer(transport: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_peers_tcp_streams_cannot_starve_another_peer_of_descriptors() {
     use meshfed_lab::ConfigBuilder;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let scratch = Scratch::new("tcp-fds");
     let west = scratch.site("west", "west.example.org");
     let east = scratch.site("east", "east.example.org");
@@ -656,29 +655,11 @@ async fn one_peers_tcp_streams_cannot_starve_another_peer_of_descriptors() {
     echo_once(at_north).await.unwrap();
 
     // 120 connections through east, each held open once it echoed.
-    let mut held = Vec::new();
-    let mut failed = 0;
-    for _ in 0..120 {
-        // A refused stream resets the client, at times before its connect returns.
-        let Ok(mut c) = tokio::net::TcpStream::connect(at_east).await else {
-            failed += 1;
-            continue;
-        };
-        let mut b = [0u8; 4];
-        let echoed = async {
-            c.write_all(b"ping").await?;
-            c.read_exact(&mut b).await?;
-            anyhow::Ok(())
-        };
-        match tokio::time::timeout(Duration::from_secs(5), echoed).await {
-            Ok(Ok(())) => held.push(c),
-            _ => failed += 1,
-        }
-    }
+    let (mut held, failed, hung) = hold_echoes(at_east, 120).await;
     // Never more than the share; fewer only if an echo timed out on a loaded machine.
     assert!(
         (24..=32).contains(&held.len()),
-        "east holds {} streams at west (nofile 128), {failed} failed\n{}",
+        "east holds {} streams at west (nofile 128), {failed} failed, {hung} hung\n{}",
         held.len(),
         west_gw.logs()
     );
@@ -706,6 +687,40 @@ async fn one_peers_tcp_streams_cannot_starve_another_peer_of_descriptors() {
     }
 }
 
+/// `n` clients of the echo import `addr` one after another, each held open once it
+/// echoed: (held, failed, hung). A refused one is reset (at times before its connect
+/// returns) and counts as failed; one with no echo within 5 s counts as hung, and three
+/// of those end the flood (a gateway out of descriptors no longer accepts).
+async fn hold_echoes(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> (Vec<tokio::net::TcpStream>, usize, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut held = Vec::new();
+    let (mut failed, mut hung) = (0, 0);
+    for _ in 0..n {
+        if hung > 2 {
+            break;
+        }
+        let Ok(mut c) = tokio::net::TcpStream::connect(addr).await else {
+            failed += 1;
+            continue;
+        };
+        let mut b = [0u8; 4];
+        let echoed = async {
+            c.write_all(b"ping").await?;
+            c.read_exact(&mut b).await?;
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), echoed).await {
+            Ok(Ok(())) => held.push(c),
+            Ok(Err(_)) => failed += 1,
+            Err(_) => hung += 1,
+        }
+    }
+    (held, failed, hung)
+}
+
 /// Before: local clients of an import could take every descriptor of the importing
 /// gateway (each client connection is one), after which its admin endpoint, its other
 /// listeners and any file it had to open failed with EMFILE. Now the import listeners'
@@ -715,7 +730,6 @@ async fn one_peers_tcp_streams_cannot_starve_another_peer_of_descriptors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn import_clients_cannot_take_every_descriptor() {
     use meshfed_lab::ConfigBuilder;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let scratch = Scratch::new("client-fds");
     let west = scratch.site("west", "west.example.org");
     let east = scratch.site("east", "east.example.org");
@@ -738,30 +752,8 @@ async fn import_clients_cannot_take_every_descriptor() {
     let at_east = east_gw.import("echo.demo:7000");
     echo_once(at_east).await.unwrap();
 
-    // 150 clients, each held open once it echoed. A refused one is reset at once; one
-    // left hanging (a gateway out of descriptors no longer accepts) ends the flood.
-    let mut held = Vec::new();
-    let (mut failed, mut hung) = (0, 0);
-    for _ in 0..150 {
-        if hung > 2 {
-            break;
-        }
-        let Ok(mut c) = tokio::net::TcpStream::connect(at_east).await else {
-            failed += 1;
-            continue;
-        };
-        let mut b = [0u8; 4];
-        let echoed = async {
-            c.write_all(b"ping").await?;
-            c.read_exact(&mut b).await?;
-            anyhow::Ok(())
-        };
-        match tokio::time::timeout(Duration::from_secs(3), echoed).await {
-            Ok(Ok(())) => held.push(c),
-            Ok(Err(_)) => failed += 1,
-            Err(_) => hung += 1,
-        }
-    }
+    // 150 clients, each held open once it echoed.
+    let (mut held, failed, hung) = hold_echoes(at_east, 150).await;
     assert!(
         (24..=32).contains(&held.len()),
         "east holds {} clients (nofile 128), {failed} failed, {hung} hung\n{}",
