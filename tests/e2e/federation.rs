@@ -816,7 +816,11 @@ async fn gateway_scenario(on: On<'_>) {
     east_gw.kill();
     let east_gw = Gw::start(&east, &east_cfg).unwrap();
     wait_answer(import, "west:ping", &east_gw).await;
-    assert!(east_gw.logs().contains("serving from the cached catalog"));
+    assert!(
+        east_gw
+            .wait_log("serving from the cached catalog", Duration::from_secs(10))
+            .await
+    );
     // Its cached catalog is applied: it is ready with no federation.
     east_gw.wait_ready(200, Duration::from_secs(5)).await;
     drop(west_gw);

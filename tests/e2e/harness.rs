@@ -172,6 +172,19 @@ impl Gw {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits up to `limit` for `needle` in the log (a line the gateway writes on its own
+    /// schedule, after it reported ready); whether it came.
+    pub async fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.logs().contains(needle) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
     /// The gateway process's id (for /proc).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())

@@ -304,15 +304,13 @@ async fn foreign_trust_domain_gateway_is_refused_at_handshake() {
     );
     // North logs its failed dial on its own schedule (seen once in CI before the line
     // was written): wait for it rather than read the log once.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !north_gw.logs().contains("the peer refused our certificate") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "north logs why it cannot connect:\n{}",
-            north_gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        north_gw
+            .wait_log("the peer refused our certificate", Duration::from_secs(10))
+            .await,
+        "north logs why it cannot connect:\n{}",
+        north_gw.logs()
+    );
     assert_eq!(
         s.west_gw
             .metric(r#"meshfed_gateway_connections_total{direction="ingress"}"#)
