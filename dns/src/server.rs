@@ -438,6 +438,9 @@ impl TcpHandler {
     async fn connection(&self, mut tcp: tokio::net::TcpStream) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut q = Vec::new();
+        // One answer buffer per connection (length prefix, then the message), reused
+        // for each query: at most 64 KiB per connection, and connections are bounded.
+        let mut out = vec![0u8; 2 + wire::MAX_MESSAGE];
         loop {
             let read = async {
                 let len = tcp.read_u16().await?;
@@ -450,52 +453,54 @@ impl TcpHandler {
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Ok(()),
             }
-            let Some(answer) = self.answer(&q).await else {
+            let Some(n) = self.answer(&q, &mut out).await else {
                 // Not a query (too short, or a response): nothing to say to it.
                 return Ok(());
             };
-            let Ok(len) = u16::try_from(answer.len()) else {
-                return Ok(());
-            };
-            let mut out = Vec::with_capacity(2 + answer.len());
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(&answer);
-            tokio::time::timeout(TCP_TIMEOUT, tcp.write_all(&out))
+            tokio::time::timeout(TCP_TIMEOUT, tcp.write_all(&out[..n]))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         }
     }
 
-    /// The answer to one message: from the table, the slow path or the upstream
-    /// (SERVFAIL when it does not answer); `None` for what is not a query.
-    async fn answer(&self, q: &[u8]) -> Option<Vec<u8>> {
+    /// The answer to one message, from the table, the slow path or the upstream
+    /// (SERVFAIL when it does not answer), written framed into `out` (its length, then
+    /// the message; `out` holds `2 + MAX_MESSAGE`); the framed length, or `None` for
+    /// what is not a query.
+    async fn answer(&self, q: &[u8], out: &mut [u8]) -> Option<usize> {
         let table = self.table.load_full();
-        let mut out = vec![0u8; wire::MAX_MESSAGE];
-        let (bytes, result) =
-            match wire::respond(&table, q, &mut out, false, self.forward.is_some()) {
-                Outcome::Reply(n) => {
-                    out.truncate(n);
-                    (Some(out), "fast")
-                }
+        let (len, result) =
+            match wire::respond(&table, q, &mut out[2..], false, self.forward.is_some()) {
+                Outcome::Reply(n) => (Some(n), "fast"),
                 Outcome::Drop => (None, "drop"),
-                Outcome::Slow => match slow::respond(&table, q, self.forward.is_some()) {
-                    (Slow::Reply(b), rcode) => (Some(b), rcode.map_or("other", slow::reason)),
-                    (Slow::Drop, _) => (None, "drop"),
-                    (Slow::Forward, _) => {
-                        self.metrics.forwarded.inc();
-                        match forward_udp(q, self.forward.expect("forwarding is on")).await {
-                            Some(b) => (Some(b), "forwarded"),
-                            None => {
-                                self.metrics.forward_failures.inc();
-                                (slow::servfail(q), "forward_failed")
+                Outcome::Slow => {
+                    let (bytes, result) = match slow::respond(&table, q, self.forward.is_some()) {
+                        (Slow::Reply(b), rcode) => (Some(b), rcode.map_or("other", slow::reason)),
+                        (Slow::Drop, _) => (None, "drop"),
+                        (Slow::Forward, _) => {
+                            self.metrics.forwarded.inc();
+                            match forward_udp(q, self.forward.expect("forwarding is on")).await {
+                                Some(b) => (Some(b), "forwarded"),
+                                None => {
+                                    self.metrics.forward_failures.inc();
+                                    (slow::servfail(q), "forward_failed")
+                                }
                             }
                         }
-                    }
-                },
+                    };
+                    // Longer than a DNS message can be: nothing sent (as before).
+                    let copied = bytes.and_then(|b| {
+                        out.get_mut(2..2 + b.len())?.copy_from_slice(&b);
+                        Some(b.len())
+                    });
+                    (copied, result)
+                }
             };
         self.metrics.count("tcp", result);
         debug!(result, "DNS TCP answer");
-        bytes
+        let n = len?;
+        out[..2].copy_from_slice(&u16::try_from(n).ok()?.to_be_bytes());
+        Some(2 + n)
     }
 }
 

@@ -45,12 +45,14 @@ pub const ENDPOINT_RESET: &str = "endpoint_reset";
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Requests in flight on one connection, and when the last one ended: what its idle
-/// timeout looks at. Clones share the counts.
+/// timeout looks at. Clones share the counts (one `Arc`: a mark per request clones it).
 #[derive(Clone)]
-pub(crate) struct Activity {
-    busy: Arc<AtomicU32>,
+pub(crate) struct Activity(Arc<Counts>);
+
+struct Counts {
+    busy: AtomicU32,
     /// ms since `start`.
-    last_used: Arc<AtomicU64>,
+    last_used: AtomicU64,
     start: std::time::Instant,
 }
 
@@ -59,20 +61,20 @@ pub(crate) struct Busy(Activity);
 
 impl Activity {
     pub(crate) fn new() -> Self {
-        Self {
-            busy: Arc::default(),
-            last_used: Arc::default(),
+        Self(Arc::new(Counts {
+            busy: AtomicU32::new(0),
+            last_used: AtomicU64::new(0),
             start: std::time::Instant::now(),
-        }
+        }))
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// A request begins; it is in flight until the mark is dropped.
     pub(crate) fn mark(&self) -> Busy {
-        self.busy.fetch_add(1, Ordering::AcqRel);
+        self.0.busy.fetch_add(1, Ordering::AcqRel);
         Busy(self.clone())
     }
 
@@ -82,8 +84,8 @@ impl Activity {
         loop {
             let now = self.now_ms();
             let Some(at) = decide::idle_until(
-                self.busy.load(Ordering::Acquire),
-                self.last_used.load(Ordering::Acquire),
+                self.0.busy.load(Ordering::Acquire),
+                self.0.last_used.load(Ordering::Acquire),
                 now,
                 idle,
             ) else {
@@ -103,8 +105,9 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.last_used.store(self.0.now_ms(), Ordering::Release);
-        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        let counts = &self.0.0;
+        counts.last_used.store(self.0.now_ms(), Ordering::Release);
+        counts.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
