@@ -17,8 +17,9 @@
 #   chromium           a headless browser that renders the federation's topology page
 #   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
 #                      which checks the rendered manifests against the Kubernetes schemas,
-#                      spiffe (py-spiffe, which parses the served SPIFFE bundles), and
-#                      grpcio (a gRPC server and client for the `grpc` port test)
+#                      spiffe (py-spiffe, which parses the served SPIFFE bundles),
+#                      grpcio (a gRPC server and client for the `grpc` port test), and
+#                      h2 (an HTTP/2 client library: the rapid-reset test's attacker)
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
 
@@ -55,3 +56,4 @@ if [ ! -x "$tools/bin/kubernetes-validate" ]; then
 fi
 "$tools/bin/python" -c 'import spiffe' 2>/dev/null || "$tools/bin/pip" install -q spiffe==0.3.2
 "$tools/bin/python" -c 'import grpc' 2>/dev/null || "$tools/bin/pip" install -q grpcio==1.76.0
+"$tools/bin/python" -c 'import h2' 2>/dev/null || "$tools/bin/pip" install -q h2==4.4.1

@@ -4745,3 +4745,67 @@ spec:
     let text = chromium_out(&format!("http://{other}/"), &scratch.join("chromium-other"));
     assert_eq!(text, "done get=blocked put=blocked");
 }
+
+/// Runs tests/data/h2_reset_flood.py (the PyPI `h2` library) against `addr`: `streams`
+/// requests in batches of `batch`, each batch reset `pause_ms` after it was sent, each
+/// asking the endpoint to answer `delay_ms` late. Its JSON report.
+async fn h2_reset_flood(
+    addr: SocketAddr,
+    streams: u32,
+    (batch, pause_ms, delay_ms): (u32, u32, u32),
+) -> serde_json::Value {
+    let out = tokio::process::Command::new("/opt/meshfed-tools/bin/python")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/h2_reset_flood.py"
+        ))
+        .args(["127.0.0.1".to_string(), addr.port().to_string()])
+        .args([streams, batch, pause_ms].map(|n| n.to_string()))
+        .arg(format!("x-delay-ms: {delay_ms}"))
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(report.trim())
+        .unwrap_or_else(|e| panic!("{e}: {report} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// h2 "rapid reset" (CVE-2023-44487) at an HTTP import, from the PyPI `h2` library: a
+/// client sends requests in batches of 20 and resets each batch 20 ms later, once the
+/// gateway has accepted them (h2's own bound catches only resets of streams not yet
+/// accepted). Each reset request had cost a routed request, a link stream and, at
+/// west, its pooled endpoint connection, which a cancelled HTTP/1.1 request cannot be
+/// reused on: before, one client connection sent 5,000 such requests unchecked, and
+/// west opened 4,189-4,576 connections to the endpoint for them. Now the connection is
+/// cut once half of at least 500 requests were reset within 1 s before their answer
+/// (Envoy's rule: after 250 at the earliest), counted as `premature_resets`; a client
+/// that resets only requests already answered is never cut, and others are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2_client_that_resets_its_requests_at_once_is_cut() {
+    let (_sites, east_gw) = web_sites("h2-reset", meshfed_lab::ConfigBuilder::default()).await;
+    let import = east_gw.import("web.demo:8080");
+    let url = format!("http://{import}/");
+    assert_eq!(curl(&[], &url).0, 200, "{}", east_gw.logs());
+    let cut = "meshfed_gateway_refusals_total{direction=\"egress\",reason=\"premature_resets\"}";
+
+    // The endpoint answers 30 ms late, so a reset 20 ms after the request is premature.
+    let attack = h2_reset_flood(import, 5000, (20, 20, 30)).await;
+    eprintln!("attacker: {attack}");
+    assert_eq!(attack["ended"], "closed", "{attack}\n{}", east_gw.logs());
+    let sent = attack["streams"].as_u64().unwrap();
+    assert!((250..=1000).contains(&sent), "{attack}");
+    assert_eq!(east_gw.metric(cut).await, 1.0, "{}", east_gw.logs());
+    assert!(
+        east_gw
+            .logs()
+            .contains("(premature_resets, HTTP/2 rapid reset)")
+    );
+    assert_eq!(curl(&[], &url).0, 200, "{}", east_gw.logs());
+
+    // Resets of requests already answered (each batch waited for): never cut.
+    let calm = h2_reset_flood(import, 600, (50, 300, 0)).await;
+    eprintln!("calm client: {calm}");
+    assert_eq!(calm["ended"], serde_json::Value::Null, "{calm}");
+    assert_eq!(calm["responses"], 600, "{calm}");
+    assert_eq!(east_gw.metric(cut).await, 1.0);
+}

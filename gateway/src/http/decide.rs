@@ -18,6 +18,27 @@ pub fn idle_until(busy: u32, last_used: u64, now: u64, idle: Duration) -> Option
     (due > now).then_some(due)
 }
 
+/// A request the client gives up (an h2 RST_STREAM, or a closed connection) within this
+/// long of its start, before its answer, is reset prematurely (Envoy's
+/// `premature_reset_min_stream_lifetime_seconds`).
+pub const PREMATURE_RESET_WITHIN: Duration = Duration::from_secs(1);
+
+/// The streams a connection's premature resets are weighed against at least (Envoy's
+/// `premature_reset_total_stream_count`).
+pub const PREMATURE_RESET_MIN_STREAMS: u64 = 500;
+
+/// Whether a client connection that has closed `closed` requests, `premature` of them
+/// reset prematurely ([`PREMATURE_RESET_WITHIN`]), is cut: once the premature resets are
+/// half of its requests, counted over at least [`PREMATURE_RESET_MIN_STREAMS`]. So a
+/// connection is cut after 250 premature resets at the earliest, and one whose requests
+/// mostly finish never is. This is Envoy's answer to "rapid reset" (CVE-2023-44487):
+/// each reset stream has cost the gateway a routed request, a stream on a link and, at
+/// the far side, usually its pooled connection to the endpoint, while it cost the client
+/// two small frames. h2 bounds only the resets of streams not yet accepted. Pure.
+pub fn too_many_premature_resets(closed: u64, premature: u64) -> bool {
+    premature.saturating_mul(2) >= closed.max(PREMATURE_RESET_MIN_STREAMS)
+}
+
 /// A uniform 32-bit roll from a counter (splitmix64): the weighted pick's input, so
 /// consecutive requests spread exactly by weight over many requests. Pure.
 pub fn roll(n: u64) -> u32 {
@@ -372,6 +393,30 @@ pub fn retry_after_secs(ms: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn premature_resets_cut_a_connection_once_they_are_half_of_enough_streams() {
+        for (closed, premature, cut) in [
+            (0, 0, false),
+            (10, 10, false),
+            (249, 249, false),
+            (250, 250, true),
+            (499, 249, false),
+            (499, 250, true),
+            (500, 250, true),
+            (500, 249, false),
+            (1000, 499, false),
+            (1000, 500, true),
+            (100_000, 49_999, false),
+            (u64::MAX, u64::MAX, true),
+        ] {
+            assert_eq!(
+                too_many_premature_resets(closed, premature),
+                cut,
+                "{closed} closed, {premature} premature"
+            );
+        }
+    }
 
     #[test]
     fn a_connection_closes_once_idle_for_its_timeout() {

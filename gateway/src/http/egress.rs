@@ -55,7 +55,7 @@ use meshfed_catalog::routing::SiteOrder;
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::decide::{self, Outcome, RetryBudget};
 use super::io::TunnelIo;
@@ -91,6 +91,9 @@ pub struct HttpEgress {
     /// balancer's input; counted only for a service that balances so).
     site_load: Mutex<HashMap<SiteName, u32>>,
     start: Instant,
+    /// When a cut for premature resets was last warned about (s since `start`, plus
+    /// one; 0: never).
+    premature_warned: AtomicU64,
     import: String,
     /// The service port this import stands for (a route's match `port`).
     port: u16,
@@ -512,6 +515,7 @@ impl HttpEgress {
             outliers: Mutex::default(),
             site_load: Mutex::default(),
             start: Instant::now(),
+            premature_warned: AtomicU64::new(0),
             import,
             port,
         }
@@ -655,23 +659,43 @@ impl HttpEgress {
         // answer still flowing finishes after the GOAWAY).
         let activity = super::Activity::new();
         let idle = (eg.http_idle, activity.clone());
+        let each = eg.clone();
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let (this, eg, caller, drain) =
-                (this.clone(), eg.clone(), caller.clone(), drain.clone());
+                (this.clone(), each.clone(), caller.clone(), drain.clone());
             let busy = activity.mark();
             async move {
-                // Held until the answer is made.
-                let busy = busy;
+                // Held until the answer has been sent.
                 let upgrade = (drain, &busy);
                 if let Some(switching) = this.h2c(&eg, &mut req, client, &caller, upgrade) {
-                    return Ok(switching);
+                    return Ok(super::Marked::answer(switching, req.method(), busy));
                 }
-                Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
+                let method = req.method().clone();
+                let answer = this.request(&eg, req, client, &caller).await;
+                Ok::<_, std::convert::Infallible>(super::Marked::answer(answer, &method, busy))
             }
         });
         // The first byte within the header timeout, as the rest of the headers.
         let io = super::io::FirstByteWithin::new(io, super::HEADER_READ_TIMEOUT);
-        super::serve_connection(io, svc, stop, Some(idle), "client HTTP connection").await;
+        let ended =
+            super::serve_connection(io, svc, stop, Some(idle), "client HTTP connection").await;
+        self.ended(&eg, client, ended);
+    }
+
+    /// A client connection that ended: one cut for its premature resets is counted
+    /// (`premature_resets`) and warned about, at most every 10 s (each such cut took
+    /// at least 250 of the client's requests).
+    fn ended(&self, eg: &Egress, client: SocketAddr, ended: super::Ended) {
+        if ended != super::Ended::PrematureResets {
+            return;
+        }
+        eg.metrics.refused("egress", "premature_resets");
+        let now = self.start.elapsed().as_secs().saturating_add(1);
+        let last = self.premature_warned.swap(now, Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= 10 {
+            warn!(import = %self.import, %client,
+                "client connection cut: it reset most of its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
+        }
     }
 
     /// An HTTP/1.1 request asking for h2c ([`super::h2c::wanted`]): answered `101`, and
@@ -709,15 +733,19 @@ impl HttpEgress {
                 Err(_) => return debug!("h2c upgrade: no preface in time"),
             };
             let activity = idle.1.clone();
+            let (this2, eg2) = (this.clone(), eg.clone());
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (this, eg, caller) = (this.clone(), eg.clone(), caller.clone());
                 let busy = activity.mark();
                 async move {
-                    let _busy = busy;
-                    Ok::<_, std::convert::Infallible>(this.request(&eg, req, client, &caller).await)
+                    let method = req.method().clone();
+                    let answer = this.request(&eg, req, client, &caller).await;
+                    Ok::<_, std::convert::Infallible>(super::Marked::answer(answer, &method, busy))
                 }
             });
-            super::serve_connection(io, svc, stop, Some(idle), "client h2c connection").await;
+            let ended =
+                super::serve_connection(io, svc, stop, Some(idle), "client h2c connection").await;
+            this2.ended(&eg2, client, ended);
         });
         let mut r = Response::new(super::full(Bytes::new()));
         *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;

@@ -1160,7 +1160,8 @@ pub async fn serve<IO>(
             Ok::<_, std::convert::Infallible>(answer)
         }
     });
-    super::serve_connection(io, svc, stop, None, "HTTP over the tunnel").await;
+    // No idle timeout: the link lives as long as its egress keeps it.
+    let _ = super::serve_connection(io, svc, stop, None, "HTTP over the tunnel").await;
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 
 /// The body type both halves pass on: streamed from the other side, or buffered.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -45,7 +46,9 @@ pub const ENDPOINT_RESET: &str = "endpoint_reset";
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Requests in flight on one connection, and when the last one ended: what its idle
-/// timeout looks at. Clones share the counts (one `Arc`: a mark per request clones it).
+/// timeout looks at; and how many of its requests the client reset prematurely, which
+/// can cut it ([`decide::too_many_premature_resets`]). Clones share the counts (one
+/// `Arc`: a mark per request clones it).
 #[derive(Clone)]
 pub(crate) struct Activity(Arc<Counts>);
 
@@ -54,10 +57,23 @@ struct Counts {
     /// ms since `start`.
     last_used: AtomicU64,
     start: std::time::Instant,
+    /// Requests ended, and those of them reset prematurely.
+    ended: AtomicU64,
+    premature: AtomicU64,
+    /// Given a permit once the premature resets are too many.
+    abusive: tokio::sync::Notify,
 }
 
-/// One request in flight on a connection ([`Activity::mark`]), until dropped.
-pub(crate) struct Busy(Activity);
+/// One request in flight on a connection ([`Activity::mark`]), until dropped: carried in
+/// its answer's body ([`Marked`]) until that has been sent. Dropped before
+/// [`Busy::answered`] and within [`decide::PREMATURE_RESET_WITHIN`] of its start, it
+/// counts as a premature reset (the client gave up on it).
+pub(crate) struct Busy {
+    activity: Activity,
+    /// ms since the activity's start.
+    started: u64,
+    answered: bool,
+}
 
 impl Activity {
     pub(crate) fn new() -> Self {
@@ -65,6 +81,9 @@ impl Activity {
             busy: AtomicU32::new(0),
             last_used: AtomicU64::new(0),
             start: std::time::Instant::now(),
+            ended: AtomicU64::new(0),
+            premature: AtomicU64::new(0),
+            abusive: tokio::sync::Notify::new(),
         }))
     }
 
@@ -75,7 +94,17 @@ impl Activity {
     /// A request begins; it is in flight until the mark is dropped.
     pub(crate) fn mark(&self) -> Busy {
         self.0.busy.fetch_add(1, Ordering::AcqRel);
-        Busy(self.clone())
+        Busy {
+            activity: self.clone(),
+            started: self.now_ms(),
+            answered: false,
+        }
+    }
+
+    /// Resolves once the client has reset too many of this connection's requests
+    /// prematurely ([`decide::too_many_premature_resets`]).
+    pub(crate) async fn abusive(&self) {
+        self.0.abusive.notified().await
     }
 
     /// Resolves once the connection has had no request in flight for `idle`
@@ -99,15 +128,101 @@ impl Activity {
 impl Busy {
     /// The connection's activity this request counts on.
     pub(crate) fn activity(&self) -> &Activity {
-        &self.0
+        &self.activity
+    }
+
+    /// The request's answer was sent whole: its end is not a reset.
+    pub(crate) fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+/// An answer's body carrying its request's [`Busy`] mark: the request is in flight
+/// until the body has been sent, and a body dropped before its end (the client reset
+/// the stream, or closed the connection) leaves the request unanswered.
+pub(crate) struct Marked {
+    body: Body,
+    busy: Option<Busy>,
+    ended: bool,
+}
+
+impl Marked {
+    /// `answer` to `method`, with its request's mark. An answer that carries no body
+    /// (to a HEAD, a 204 or 304, or with an empty body) is answered already: hyper may
+    /// drop such a body unread.
+    pub(crate) fn answer(
+        answer: http::Response<Body>,
+        method: &http::Method,
+        mut busy: Busy,
+    ) -> http::Response<Marked> {
+        let status = answer.status();
+        if method == http::Method::HEAD
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED
+            || status.is_informational()
+            || answer.body().is_end_stream()
+        {
+            busy.answered();
+        }
+        answer.map(|body| Marked {
+            body,
+            busy: Some(busy),
+            ended: false,
+        })
+    }
+}
+
+impl hyper::body::Body for Marked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = frame {
+            self.ended = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Marked {
+    fn drop(&mut self) {
+        if let Some(mut busy) = self.busy.take()
+            && (self.ended || self.body.is_end_stream())
+        {
+            busy.answered();
+        }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let counts = &self.0.0;
-        counts.last_used.store(self.0.now_ms(), Ordering::Release);
+        let counts = &self.activity.0;
+        let now = self.activity.now_ms();
+        counts.last_used.store(now, Ordering::Release);
         counts.busy.fetch_sub(1, Ordering::AcqRel);
+        let ended = counts
+            .ended
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let within = u64::try_from(decide::PREMATURE_RESET_WITHIN.as_millis()).unwrap_or(0);
+        if !self.answered && now.saturating_sub(self.started) < within {
+            let premature = counts.premature.fetch_add(1, Ordering::Relaxed) + 1;
+            if decide::too_many_premature_resets(ended, premature) {
+                counts.abusive.notify_one();
+            }
+        }
     }
 }
 
@@ -129,22 +244,25 @@ pub(crate) fn server_builder()
 /// lets its requests in flight finish. A `101` the service answers hands the connection
 /// over (the egress's h2c upgrade, [`h2c`]). With `idle`, a connection whose service
 /// marks no request in flight ([`Activity::mark`]) for that long is shut down the same
-/// graceful way (h2: GOAWAY, streams still open finish).
-pub(crate) async fn serve_connection<IO, S>(
+/// graceful way (h2: GOAWAY, streams still open finish), and one whose client reset
+/// too many requests prematurely ([`Activity::abusive`]) is cut at once, as Envoy does.
+pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     svc: S,
     stop: tokio_util::sync::CancellationToken,
     idle: Option<(std::time::Duration, Activity)>,
     what: &'static str,
-) where
+) -> Ended
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
-            Response = http::Response<Body>,
+            Response = http::Response<B>,
             Error = std::convert::Infallible,
         > + Send
         + 'static,
     S::Future: Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error = BoxError> + Send + 'static,
 {
     let builder = server_builder();
     let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
@@ -155,20 +273,43 @@ pub(crate) async fn serve_connection<IO, S>(
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
+    let abusive = async {
+        match &idle {
+            Some((_, activity)) => activity.abusive().await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "{what} ended");
             }
-            return;
+            return Ended::Closed;
         }
-        _ = stop.cancelled() => {}
+        // Dropping the connection closes it: its streams are reset.
+        () = abusive => return Ended::PrematureResets,
+        _ = stop.cancelled() => Ended::Drained,
         _ = idle_for => {
             tracing::debug!(idle = ?idle.as_ref().map(|i| i.0), "{what} idle: closed");
+            Ended::Idle
         }
-    }
+    };
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
+    ended
+}
+
+/// Why [`serve_connection`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// By the client, or an error.
+    Closed,
+    /// The drain: requests in flight finished.
+    Drained,
+    /// The idle timeout.
+    Idle,
+    /// Cut: the client reset too many requests prematurely.
+    PrematureResets,
 }
 
 pub(crate) fn boxed_err<E: Into<BoxError>>(e: E) -> BoxError {
