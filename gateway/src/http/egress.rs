@@ -655,8 +655,9 @@ impl HttpEgress {
         let caller = Arc::new(Caller { id: caller, labels });
         let this = self.clone();
         let drain = stop.clone();
-        // The connection is idle while no request waits for its answer (a streamed
-        // answer still flowing finishes after the GOAWAY).
+        // The connection is idle while no request waits for its answer or is still
+        // being answered (a streamed answer counts until its end); it counts the
+        // requests its client resets prematurely too.
         let activity = super::Activity::new();
         let idle = (eg.http_idle, activity.clone());
         let each = eg.clone();
