@@ -4809,3 +4809,54 @@ async fn an_h2_client_that_resets_its_requests_at_once_is_cut() {
     assert_eq!(calm["responses"], 600, "{calm}");
     assert_eq!(east_gw.metric(cut).await, 1.0);
 }
+
+/// The same attack through an import that carries bytes (east's static config declares
+/// the port `tcp`; west exports it as `http`): west's ingress serves the client's h2
+/// itself on the client's stream, and cuts that stream by the same rule
+/// (`direction="ingress"`). Before, it served all 5,000 requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_resetting_its_requests_through_a_tcp_import_is_cut_by_the_far_side() {
+    let scratch = Scratch::new("h2-reset-l4");
+    let west = scratch.site("west", "west.example.org");
+    let east_site = scratch.site("east", "east.example.org");
+    let (web, _) = http_endpoint("west", 200).await;
+    let west_gw = Gw::start(
+        &west,
+        &meshfed_lab::ConfigBuilder::default()
+            .export("web.demo", 8080, vec![web])
+            .speaks("web.demo", 8080, "http")
+            .peer(&east_site, None),
+    )
+    .unwrap();
+    let east_gw = Gw::start(
+        &east_site,
+        &meshfed_lab::ConfigBuilder::default()
+            .peer(&west, Some(west_gw.quic))
+            .import("web.demo", 8080, "west", ([127, 0, 0, 1], 0).into()),
+    )
+    .unwrap();
+    let import = east_gw.import("web.demo:8080");
+    let url = format!("http://{import}/");
+    assert_eq!(
+        curl(&["--http2-prior-knowledge"], &url).0,
+        200,
+        "{}",
+        west_gw.logs()
+    );
+    let attack = h2_reset_flood(import, 5000, (20, 20, 30)).await;
+    eprintln!("attacker: {attack}");
+    assert_eq!(attack["ended"], "closed", "{attack}\n{}", west_gw.logs());
+    assert!(
+        (250..=1000).contains(&attack["streams"].as_u64().unwrap()),
+        "{attack}"
+    );
+    let cut = "meshfed_gateway_refusals_total{direction=\"ingress\",reason=\"premature_resets\"}";
+    assert_eq!(
+        west_gw.wait_metric(cut, 1.0, Duration::from_secs(5)).await,
+        1.0
+    );
+    assert_eq!(curl(&["--http2-prior-knowledge"], &url).0, 200);
+    let calm = h2_reset_flood(import, 600, (50, 300, 0)).await;
+    assert_eq!(calm["ended"], serde_json::Value::Null, "{calm}");
+    assert_eq!(calm["responses"], 600, "{calm}");
+}

@@ -91,9 +91,8 @@ pub struct HttpEgress {
     /// balancer's input; counted only for a service that balances so).
     site_load: Mutex<HashMap<SiteName, u32>>,
     start: Instant,
-    /// When a cut for premature resets was last warned about (s since `start`, plus
-    /// one; 0: never).
-    premature_warned: AtomicU64,
+    /// Cuts for premature resets are warned about at most every 10 s.
+    premature_warned: super::WarnEvery,
     import: String,
     /// The service port this import stands for (a route's match `port`).
     port: u16,
@@ -515,7 +514,7 @@ impl HttpEgress {
             outliers: Mutex::default(),
             site_load: Mutex::default(),
             start: Instant::now(),
-            premature_warned: AtomicU64::new(0),
+            premature_warned: super::WarnEvery::new(10),
             import,
             port,
         }
@@ -659,7 +658,7 @@ impl HttpEgress {
         // being answered (a streamed answer counts until its end); it counts the
         // requests its client resets prematurely too.
         let activity = super::Activity::new();
-        let idle = (eg.http_idle, activity.clone());
+        let idle = (Some(eg.http_idle), activity.clone());
         let each = eg.clone();
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let (this, eg, caller, drain) =
@@ -669,11 +668,15 @@ impl HttpEgress {
                 // Held until the answer has been sent.
                 let upgrade = (drain, &busy);
                 if let Some(switching) = this.h2c(&eg, &mut req, client, &caller, upgrade) {
-                    return Ok(super::Marked::answer(switching, req.method(), busy));
+                    return Ok(super::Marked::answer(switching, req.method(), Some(busy)));
                 }
                 let method = req.method().clone();
                 let answer = this.request(&eg, req, client, &caller).await;
-                Ok::<_, std::convert::Infallible>(super::Marked::answer(answer, &method, busy))
+                Ok::<_, std::convert::Infallible>(super::Marked::answer(
+                    answer,
+                    &method,
+                    Some(busy),
+                ))
             }
         });
         // The first byte within the header timeout, as the rest of the headers.
@@ -691,9 +694,7 @@ impl HttpEgress {
             return;
         }
         eg.metrics.refused("egress", "premature_resets");
-        let now = self.start.elapsed().as_secs().saturating_add(1);
-        let last = self.premature_warned.swap(now, Ordering::Relaxed);
-        if last == 0 || now.saturating_sub(last) >= 10 {
+        if self.premature_warned.due() {
             warn!(import = %self.import, %client,
                 "client connection cut: it reset most of its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
         }
@@ -718,7 +719,7 @@ impl HttpEgress {
         let on = hyper::upgrade::on(req);
         let (this, eg, caller) = (self.clone(), eg.clone(), caller.clone());
         // The upgraded connection's requests count on the same connection's activity.
-        let idle = (eg.http_idle, busy.activity().clone());
+        let idle = (Some(eg.http_idle), busy.activity().clone());
         tokio::spawn(async move {
             let Ok(upgraded) = on.await else { return };
             // The client's preface and settings come within the header timeout, as a
@@ -741,7 +742,11 @@ impl HttpEgress {
                 async move {
                     let method = req.method().clone();
                     let answer = this.request(&eg, req, client, &caller).await;
-                    Ok::<_, std::convert::Infallible>(super::Marked::answer(answer, &method, busy))
+                    Ok::<_, std::convert::Infallible>(super::Marked::answer(
+                        answer,
+                        &method,
+                        Some(busy),
+                    ))
                 }
             });
             let ended =

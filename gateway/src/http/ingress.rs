@@ -85,6 +85,8 @@ pub struct Upstream {
     /// By service, port and subset (`""`: the service's own pool).
     gates: std::sync::Mutex<Clusters<Arc<Gate>>>,
     start: std::time::Instant,
+    /// Cuts of clients' streams for premature resets, warned about at most every 10 s.
+    premature_warned: super::WarnEvery,
     metrics: Metrics,
 }
 
@@ -404,6 +406,7 @@ impl Upstream {
             outliers: Default::default(),
             gates: Default::default(),
             start: std::time::Instant::now(),
+            premature_warned: super::WarnEvery::new(10),
             metrics,
         })
     }
@@ -1118,7 +1121,11 @@ pub(crate) fn refusal_status(r: Refusal) -> u16 {
 /// (the drain), which lets requests in flight finish. Each request goes where
 /// `admission` says at the time it arrives: an endpoint withdrawn after the stream
 /// opened gets no more requests, a new one gets its share, and a caller a new policy
-/// denies is answered 403.
+/// denies is answered 403. A stream that carries one client's connection as it came
+/// (the egress treated the port as TCP: `open.client` is set) is cut, as at an HTTP
+/// import, once the client resets most of its requests at once
+/// ([`super::decide::too_many_premature_resets`]); an egress's link, which carries
+/// many clients' requests, is not (the egress judges each client connection).
 pub async fn serve<IO>(
     upstream: Arc<Upstream>,
     io: IO,
@@ -1129,10 +1136,16 @@ pub async fn serve<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (open_client, service, source) = (open.client, open.service.clone(), open.source.clone());
     let open = Arc::new(open);
+    let activity = open.client.map(|_| super::Activity::new());
+    let watched = activity.clone();
+    let up = upstream.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (upstream, open, admission) = (upstream.clone(), open.clone(), admission.clone());
+        let busy = activity.as_ref().map(super::Activity::mark);
         async move {
+            let method = req.method().clone();
             let answer = match admission.current() {
                 Err((reason, message)) => {
                     upstream
@@ -1157,11 +1170,26 @@ pub async fn serve<IO>(
                     Err(answer) => answer,
                 },
             };
-            Ok::<_, std::convert::Infallible>(answer)
+            Ok::<_, std::convert::Infallible>(super::Marked::answer(answer, &method, busy))
         }
     });
-    // No idle timeout: the link lives as long as its egress keeps it.
-    let _ = super::serve_connection(io, svc, stop, None, "HTTP over the tunnel").await;
+    // No idle timeout: the stream lives as long as its egress keeps it.
+    let client = open_client;
+    let ended = super::serve_connection(
+        io,
+        svc,
+        stop,
+        watched.map(|a| (None, a)),
+        "HTTP over the tunnel",
+    )
+    .await;
+    if ended == super::Ended::PrematureResets {
+        up.metrics.refused("ingress", "premature_resets");
+        if up.premature_warned.due() {
+            tracing::warn!(service = %service, source = %source, client = ?client,
+                "client stream cut: its client reset most of its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
+        }
+    }
 }
 
 #[cfg(test)]

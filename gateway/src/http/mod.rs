@@ -153,20 +153,21 @@ impl Marked {
     pub(crate) fn answer(
         answer: http::Response<Body>,
         method: &http::Method,
-        mut busy: Busy,
+        mut busy: Option<Busy>,
     ) -> http::Response<Marked> {
         let status = answer.status();
-        if method == http::Method::HEAD
-            || status == http::StatusCode::NO_CONTENT
-            || status == http::StatusCode::NOT_MODIFIED
-            || status.is_informational()
-            || answer.body().is_end_stream()
+        if let Some(busy) = &mut busy
+            && (method == http::Method::HEAD
+                || status == http::StatusCode::NO_CONTENT
+                || status == http::StatusCode::NOT_MODIFIED
+                || status.is_informational()
+                || answer.body().is_end_stream())
         {
             busy.answered();
         }
         answer.map(|body| Marked {
             body,
-            busy: Some(busy),
+            busy,
             ended: false,
         })
     }
@@ -242,15 +243,16 @@ pub(crate) fn server_builder()
 
 /// Serves one connection with `svc` until it ends, or until `stop` (the drain), which
 /// lets its requests in flight finish. A `101` the service answers hands the connection
-/// over (the egress's h2c upgrade, [`h2c`]). With `idle`, a connection whose service
-/// marks no request in flight ([`Activity::mark`]) for that long is shut down the same
+/// over (the egress's h2c upgrade, [`h2c`]). With `idle` (a time, and the activity the
+/// service marks its requests on, [`Activity::mark`]), a connection with no request in
+/// flight for that long is shut down the same
 /// graceful way (h2: GOAWAY, streams still open finish), and one whose client reset
 /// too many requests prematurely ([`Activity::abusive`]) is cut at once, as Envoy does.
 pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     svc: S,
     stop: tokio_util::sync::CancellationToken,
-    idle: Option<(std::time::Duration, Activity)>,
+    idle: Option<(Option<std::time::Duration>, Activity)>,
     what: &'static str,
 ) -> Ended
 where
@@ -269,8 +271,8 @@ where
     tokio::pin!(conn);
     let idle_for = async {
         match &idle {
-            Some((d, activity)) => activity.idle_for(*d).await,
-            None => std::future::pending().await,
+            Some((Some(d), activity)) => activity.idle_for(*d).await,
+            _ => std::future::pending().await,
         }
     };
     let abusive = async {
@@ -297,6 +299,36 @@ where
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
     ended
+}
+
+/// A warning given at most every `secs` seconds (cuts for premature resets: each took
+/// at least 250 of a client's requests, and a client can reconnect).
+pub(crate) struct WarnEvery {
+    start: std::time::Instant,
+    /// When it was last given (s since `start`, plus one; 0: never).
+    last: AtomicU64,
+    secs: u64,
+}
+
+impl WarnEvery {
+    pub(crate) fn new(secs: u64) -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+            secs,
+        }
+    }
+
+    /// Whether the warning is due now (and, if so, it counts as given).
+    pub(crate) fn due(&self) -> bool {
+        let now = self.start.elapsed().as_secs().saturating_add(1);
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= self.secs)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 /// Why [`serve_connection`] returned.
@@ -337,4 +369,68 @@ pub(crate) fn error_response(
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warning_is_due_once_per_period() {
+        let w = WarnEvery::new(10);
+        assert!(w.due());
+        assert!(!w.due());
+        assert!(!w.due());
+        // Ten seconds on.
+        w.last.store(1, Ordering::Relaxed);
+        let w = WarnEvery {
+            start: std::time::Instant::now() - std::time::Duration::from_secs(10),
+            ..w
+        };
+        assert!(w.due());
+        assert!(!w.due());
+    }
+
+    /// A request dropped unanswered within a second counts as a premature reset; one
+    /// answered whole, or whose answer has no body, does not; the 250th premature
+    /// reset of a connection makes it abusive.
+    #[tokio::test]
+    async fn unanswered_requests_count_as_premature_resets() {
+        let a = Activity::new();
+        let get = http::Method::GET;
+        // Answered whole: an empty body, and a body read to its end.
+        drop(Marked::answer(
+            error_response(204, "x", ""),
+            &get,
+            Some(a.mark()),
+        ));
+        let mut whole = Marked::answer(error_response(503, "x", "m"), &get, Some(a.mark()));
+        while whole.body_mut().frame().await.is_some() {}
+        drop(whole);
+        // A HEAD's answer is never read.
+        let head = http::Method::HEAD;
+        drop(Marked::answer(
+            error_response(503, "x", "m"),
+            &head,
+            Some(a.mark()),
+        ));
+        assert_eq!(a.0.premature.load(Ordering::Relaxed), 0);
+        // Dropped unread, and dropped before any answer.
+        drop(Marked::answer(
+            error_response(503, "x", "m"),
+            &get,
+            Some(a.mark()),
+        ));
+        drop(a.mark());
+        assert_eq!(a.0.premature.load(Ordering::Relaxed), 2);
+        assert_eq!(a.0.ended.load(Ordering::Relaxed), 5);
+        for _ in 2..249 {
+            drop(a.mark());
+        }
+        let abusive = a.abusive();
+        tokio::pin!(abusive);
+        assert!(futures::poll!(abusive.as_mut()).is_pending());
+        drop(a.mark());
+        assert!(futures::poll!(abusive.as_mut()).is_ready());
+    }
 }
