@@ -19,7 +19,7 @@ pub fn idle_until(busy: u32, last_used: u64, now: u64, idle: Duration) -> Option
 }
 
 /// A request the client gives up (an h2 RST_STREAM, or a closed connection) within this
-/// long of its start, before its answer, is reset prematurely (Envoy's
+/// long of its start, before its answer was sent whole, is reset prematurely (Envoy's
 /// `premature_reset_min_stream_lifetime_seconds`).
 pub const PREMATURE_RESET_WITHIN: Duration = Duration::from_secs(1);
 
