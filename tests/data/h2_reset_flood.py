@@ -88,6 +88,9 @@ def main():
                 )
             except h2.exceptions.TooManyStreamsError:
                 break
+            except h2.exceptions.ProtocolError:
+                ended = ended or "closed"
+                break
             ids.append(sid)
         sent += len(ids)
         try:
@@ -102,6 +105,10 @@ def main():
                 resets += 1
             except h2.exceptions.StreamClosedError:
                 pass
+            except h2.exceptions.ProtocolError:
+                # The connection is over (a GOAWAY arrived during the pump).
+                ended = ended or "closed"
+                break
         try:
             sock.sendall(conn.data_to_send())
         except OSError:
