@@ -201,13 +201,13 @@ impl Egress {
             refusing = false;
             let this = this.clone();
             if this.app.load().is_http() {
-                let (http, graceful) = (this.http.clone(), drain.token());
+                // Held by the connection and by what it hands over to (an h2c or
+                // WebSocket upgrade): the slot is given back when the last of them ends.
+                let hold = crate::http::ClientHold::new(slot, drain.clone());
+                let http = this.http.clone();
                 drain.spawn(
-                    async move {
-                        http.serve_client(this, tcp, client, graceful).await;
-                        drop(slot);
-                    }
-                    .instrument(info_span!("egress_http", %client)),
+                    http.serve_client(this, tcp, client, hold)
+                        .instrument(info_span!("egress_http", %client)),
                 );
                 continue;
             }

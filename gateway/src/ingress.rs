@@ -936,6 +936,21 @@ impl crate::http::ingress::Admission for StreamAdmission {
         }));
         now
     }
+
+    fn websocket_slot(&self) -> Result<Box<dyn Send>, (Refusal, String)> {
+        match self.ingress.peer_links.streams(&self.peer).take() {
+            Some(s) => Ok(Box::new(s)),
+            None => Err((
+                Refusal::FlowLimit,
+                format!(
+                    "{}:{}: this peer already holds {} TCP streams and WebSockets at this gateway (its share: a quarter of the open-file limit)",
+                    self.open.service,
+                    self.open.port,
+                    self.ingress.peer_links.streams_per_peer()
+                ),
+            )),
+        }
+    }
 }
 
 impl Admitted {

@@ -138,13 +138,14 @@ pub struct SiteReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub direction: &'static str,
-    /// `2xx` … `5xx` (`1xx` and anything odd as `other`).
+    /// `1xx` … `5xx` (a WebSocket's `101` is `1xx`; anything odd is `other`).
     pub class: &'static str,
 }
 
 /// A status's class label. Pure.
 pub fn status_class(status: u16) -> &'static str {
     match status {
+        100..=199 => "1xx",
         200..=299 => "2xx",
         300..=399 => "3xx",
         400..=499 => "4xx",
@@ -1047,6 +1048,21 @@ impl Drop for ActiveStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_fall_in_their_class() {
+        for (status, class) in [
+            (101, "1xx"),
+            (200, "2xx"),
+            (304, "3xx"),
+            (429, "4xx"),
+            (503, "5xx"),
+            (99, "other"),
+            (600, "other"),
+        ] {
+            assert_eq!(status_class(status), class, "{status}");
+        }
+    }
 
     fn labels(i: usize) -> ServiceLabels {
         ServiceLabels {

@@ -1127,6 +1127,133 @@ async fn grpc_calls_from_a_client_nobody_here_wrote_cross_sites() {
     let _ = server.wait();
 }
 
+/// The WebSocket server of `tests/data/ws_peer.py` (`websockets`, from PyPI) for `site`:
+/// the process (killed on drop) and its address.
+pub(crate) struct WsServer(std::process::Child, pub SocketAddr);
+
+impl WsServer {
+    pub(crate) fn start(site: &str) -> Self {
+        use std::io::BufRead;
+        let mut server = std::process::Command::new(WS_PYTHON)
+            .args([WS_PEER, "serve", site])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python with websockets (deploy/setup-dev.sh)");
+        let mut line = String::new();
+        std::io::BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("the WebSocket server's port");
+        Self(server, ([127, 0, 0, 1], port).into())
+    }
+}
+
+impl Drop for WsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const WS_PYTHON: &str = "/opt/meshfed-tools/bin/python";
+const WS_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/ws_peer.py");
+
+/// Runs `ws_peer.py` with `args` and parses the JSON line it prints.
+fn ws_peer(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(WS_PYTHON)
+        .arg(WS_PEER)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ws_peer.py {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Before: a WebSocket handshake through an `http` import lost its `Upgrade` and
+/// `Connection` headers at the egress (hop-by-hop), so the endpoint saw a plain GET and
+/// answered 426: WebSockets, which Istio's HTTP ports carry by default, did not cross
+/// sites at all. Now a real client and server (`websockets`, from PyPI) hold a
+/// WebSocket across two sites on both transports: the handshake is routed as a request
+/// (the endpoint sees the caller in `x-forwarded-client-cert`), the subprotocol and
+/// permessage-deflate are negotiated end to end, text and binary messages up to 1 MiB
+/// come back whole, a handshake the endpoint refuses gets its 403, and a WebSocket
+/// that carries nothing for `http_idle_timeout` is closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn websockets_from_a_client_nobody_here_wrote_cross_sites() {
+    use meshfed_lab::ConfigBuilder;
+    let server = WsServer::start("west");
+    for transport in ["quic", "h2"] {
+        let scratch = Scratch::new(&format!("ws-{transport}"));
+        let west = scratch.site("west", "west.example.org");
+        let east = scratch.site("east", "east.example.org");
+        let west_gw = Gw::start(
+            &west,
+            &ConfigBuilder::default()
+                .export("chat.demo", 8080, vec![server.1])
+                .speaks("chat.demo", 8080, "http")
+                .peer(&east, None),
+        )
+        .unwrap();
+        let east_gw = Gw::start(
+            &east,
+            &ConfigBuilder {
+                transport: Some(format!("default: {transport}")),
+                http_idle_timeout: Some(Duration::from_secs(2)),
+                ..Default::default()
+            }
+            .peer(&west, Some(west_gw.quic))
+            .import("chat.demo", 8080, "west", ([127, 0, 0, 1], 0).into())
+            .speaks("chat.demo", 8080, "http"),
+        )
+        .unwrap();
+        let import = east_gw.import("chat.demo:8080");
+        let got = tokio::task::spawn_blocking(move || {
+            ws_peer(&["call", &format!("ws://{import}/chat"), "8"])
+        })
+        .await
+        .unwrap();
+        let ctx = format!("{transport}: {got}\n{}", east_gw.logs());
+        assert_eq!(got["echoed"], 23, "{ctx}");
+        assert_eq!(got["hello"]["site"], "west", "{ctx}");
+        assert_eq!(got["hello"]["path"], "/chat", "{ctx}");
+        let xfcc = got["hello"]["xfcc"].as_str().unwrap_or_default();
+        assert!(xfcc.contains("spiffe://east.example.org"), "{ctx}");
+        assert_eq!(got["subprotocol"], "chat.v1", "{ctx}");
+        let ext = got["extensions"].as_str().unwrap_or_default();
+        assert!(ext.contains("permessage-deflate"), "{ctx}");
+        // Idle for the 2 s timeout: closed then, not before, not never.
+        let closed = got["closed_after"].as_f64().unwrap_or(f64::NAN);
+        assert!(
+            (1.5..6.0).contains(&closed),
+            "closed after {closed} s: {ctx}"
+        );
+
+        let refused = tokio::task::spawn_blocking(move || {
+            ws_peer(&["refused", &format!("ws://{import}/forbidden")])
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            refused["status"],
+            403,
+            "{transport}: {refused}\n{}",
+            east_gw.logs()
+        );
+        // A plain GET is a plain request: the endpoint's own answer to it.
+        assert_eq!(curl(&[], &format!("http://{import}/chat")).0, 426);
+        let m = r#"meshfed_gateway_http_requests_total{direction="egress",class="1xx"}"#;
+        assert!(east_gw.metric(m).await >= 1.0, "{transport}");
+        let m = r#"meshfed_gateway_http_requests_total{direction="ingress",class="1xx"}"#;
+        assert!(west_gw.metric(m).await >= 1.0, "{transport}");
+    }
+}
+
 /// West exports an HTTP endpoint as web.demo:8080 (`http`), east imports it with `east`
 /// as the rest of its configuration; returns west's gateway and the scratch directory
 /// (kept while the test runs; dropped in that order), and east's gateway.

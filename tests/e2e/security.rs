@@ -655,7 +655,7 @@ async fn one_peers_tcp_streams_cannot_starve_another_peer_of_descriptors() {
     echo_once(at_north).await.unwrap();
 
     // 120 connections through east, each held open once it echoed.
-    let (mut held, failed, hung) = hold_echoes(at_east, 120).await;
+    let (mut held, failed, hung) = hold_clients(at_east, 120, Handshake::Echo).await;
     // Never more than the share; fewer only if an echo timed out on a loaded machine.
     assert!(
         (24..=32).contains(&held.len()),
@@ -687,13 +687,27 @@ async fn one_peers_tcp_streams_cannot_starve_another_peer_of_descriptors() {
     }
 }
 
-/// `n` clients of the echo import `addr` one after another, each held open once it
-/// echoed: (held, failed, hung). A refused one is reset (at times before its connect
-/// returns) and counts as failed; one with no echo within 5 s counts as hung, and three
-/// of those end the flood (a gateway out of descriptors no longer accepts).
-async fn hold_echoes(
+/// What each client of [`hold_clients`] does before it is held open.
+#[derive(Clone, Copy)]
+enum Handshake {
+    /// Sends `ping` and reads its echo (an import of an echo server).
+    Echo,
+    /// Asks an HTTP import for h2c (`Upgrade: h2c`), sends the h2 preface and reads the
+    /// `101`.
+    H2c,
+    /// A WebSocket handshake to an HTTP import of a WebSocket server; reads the `101`.
+    WebSocket,
+}
+
+/// `n` clients of the import `addr` one after another, each held open once its
+/// `handshake` succeeded: (held, failed, hung). A refused one is reset (at times before
+/// its connect returns) and counts as failed; one with no answer within 5 s counts as
+/// hung, and three of those end the flood (a gateway out of descriptors no longer
+/// accepts).
+async fn hold_clients(
     addr: std::net::SocketAddr,
     n: usize,
+    handshake: Handshake,
 ) -> (Vec<tokio::net::TcpStream>, usize, usize) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut held = Vec::new();
@@ -706,13 +720,31 @@ async fn hold_echoes(
             failed += 1;
             continue;
         };
-        let mut b = [0u8; 4];
-        let echoed = async {
-            c.write_all(b"ping").await?;
-            c.read_exact(&mut b).await?;
+        let done = async {
+            match handshake {
+                Handshake::Echo => {
+                    let mut b = [0u8; 4];
+                    c.write_all(b"ping").await?;
+                    c.read_exact(&mut b).await?;
+                }
+                Handshake::H2c | Handshake::WebSocket => {
+                    c.write_all(match handshake {
+                        Handshake::H2c => b"GET / HTTP/1.1\r\nHost: web.demo\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n\
+                          PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0".as_slice(),
+                        _ => b"GET /chat HTTP/1.1\r\nHost: chat.demo\r\nConnection: Upgrade\r\n\
+                          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat.v1\r\n\
+                          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".as_slice(),
+                    })
+                    .await?;
+                    let mut b = [0u8; 12];
+                    c.read_exact(&mut b).await?;
+                    anyhow::ensure!(&b == b"HTTP/1.1 101", "{:?}", String::from_utf8_lossy(&b));
+                }
+            }
             anyhow::Ok(())
         };
-        match tokio::time::timeout(Duration::from_secs(5), echoed).await {
+        match tokio::time::timeout(Duration::from_secs(5), done).await {
             Ok(Ok(())) => held.push(c),
             Ok(Err(_)) => failed += 1,
             Err(_) => hung += 1,
@@ -753,7 +785,7 @@ async fn import_clients_cannot_take_every_descriptor() {
     echo_once(at_east).await.unwrap();
 
     // 150 clients, each held open once it echoed.
-    let (mut held, failed, hung) = hold_echoes(at_east, 150).await;
+    let (mut held, failed, hung) = hold_clients(at_east, 150, Handshake::Echo).await;
     assert!(
         (24..=32).contains(&held.len()),
         "east holds {} clients (nofile 128), {failed} failed, {hung} hung\n{}",
@@ -782,6 +814,81 @@ async fn import_clients_cannot_take_every_descriptor() {
             "no client got through after 12 left: {e}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Before: a client that asked an HTTP import for h2c (`Upgrade: h2c`) gave its client
+/// slot back once the `101` was sent, while its connection lived on as h2: clients that
+/// upgraded were not bounded at all, and could take every descriptor of the gateway
+/// as [`import_clients_cannot_take_every_descriptor`] describes. Now an upgraded
+/// connection, h2c or WebSocket, keeps its slot until it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn upgraded_clients_keep_their_client_slot() {
+    use meshfed_lab::ConfigBuilder;
+    let scratch = Scratch::new("upgrade-fds");
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let (web, _) = crate::http::http_endpoint("west", 200).await;
+    let chat = crate::http::WsServer::start("west");
+    let west_gw = Gw::start(
+        &west,
+        &ConfigBuilder::default()
+            .export("web.demo", 8080, vec![web])
+            .speaks("web.demo", 8080, "http")
+            .export("chat.demo", 8081, vec![chat.1])
+            .speaks("chat.demo", 8081, "http")
+            .peer(&east, None),
+    )
+    .unwrap();
+    let east_gw = Gw::start_in(
+        &["prlimit", "--nofile=128:128", "--"],
+        &east,
+        &ConfigBuilder::default()
+            .peer(&west, Some(west_gw.quic))
+            .import("web.demo", 8080, "west", ([127, 0, 0, 1], 0).into())
+            .speaks("web.demo", 8080, "http")
+            .import("chat.demo", 8081, "west", ([127, 0, 0, 1], 0).into())
+            .speaks("chat.demo", 8081, "http"),
+    )
+    .unwrap();
+    let refused =
+        "meshfed_gateway_refusals_total{direction=\"egress\",reason=\"client_connection_limit\"}";
+    for (i, (import, handshake)) in [
+        ("web.demo:8080", Handshake::H2c),
+        ("chat.demo:8081", Handshake::WebSocket),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let at_east = east_gw.import(import);
+        // Once the clients of the round before have gone and given their slots back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let one = loop {
+            let (held, ..) = hold_clients(at_east, 1, handshake).await;
+            if held.len() == 1 || Instant::now() > deadline {
+                break held;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(one.len(), 1, "{import}\n{}", east_gw.logs());
+        drop(one);
+
+        let (held, failed, hung) = hold_clients(at_east, 150, handshake).await;
+        assert!(
+            (24..=32).contains(&held.len()),
+            "east holds {} upgraded clients of {import} (nofile 128), {failed} failed, {hung} hung\n{}",
+            held.len(),
+            east_gw.logs()
+        );
+        let metrics = http_get(east_gw.admin, "/metrics")
+            .await
+            .expect("east's admin endpoint while upgraded clients hold their whole share");
+        let n = metrics
+            .lines()
+            .find(|l| l.starts_with(refused))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(n >= 100.0 * (i + 1) as f64, "{import}: {refused} = {n}");
     }
 }
 

@@ -54,7 +54,6 @@ use meshfed_catalog::http_route::{
 use meshfed_catalog::routing::SiteOrder;
 use meshfed_identity::SpiffeId;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::decide::{self, Outcome, RetryBudget};
@@ -590,14 +589,15 @@ impl HttpEgress {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Serves one client connection of `eg`'s listener; `stop` (the drain) lets the
-    /// requests in flight finish.
+    /// Serves one client connection of `eg`'s listener, which holds `hold` (its client
+    /// slot, and the drain, which lets the requests in flight finish) until it and what
+    /// it was upgraded to end.
     pub async fn serve_client(
         self: Arc<Self>,
         eg: Arc<Egress>,
         tcp: TcpStream,
         client: SocketAddr,
-        stop: CancellationToken,
+        hold: super::ClientHold,
     ) {
         let _ = tcp.set_nodelay(true);
         let (caller, labels) = match &eg.callers {
@@ -634,10 +634,10 @@ impl HttpEgress {
                     eg.metrics.refused("egress", "caller_unauthenticated");
                     return;
                 };
-                return self.serve_http(eg, tls, client, (caller, None), stop).await;
+                return self.serve_http(eg, tls, client, (caller, None), hold).await;
             }
         };
-        self.serve_http(eg, tcp, client, (caller, labels), stop)
+        self.serve_http(eg, tcp, client, (caller, labels), hold)
             .await
     }
 
@@ -647,13 +647,13 @@ impl HttpEgress {
         io: IO,
         client: SocketAddr,
         (caller, labels): (SpiffeId, Option<CallerLabels>),
-        stop: CancellationToken,
+        hold: super::ClientHold,
     ) where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let caller = Arc::new(Caller { id: caller, labels });
         let this = self.clone();
-        let drain = stop.clone();
+        let stop = hold.stop();
         // The connection is idle while no request waits for its answer or is still
         // being answered (a streamed answer counts until its end); it counts the
         // requests its client resets prematurely too.
@@ -661,17 +661,25 @@ impl HttpEgress {
         let idle = (Some(eg.http_idle), activity.clone());
         let each = eg.clone();
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            let (this, eg, caller, drain) =
-                (this.clone(), each.clone(), caller.clone(), drain.clone());
+            let (this, eg, caller, hold) =
+                (this.clone(), each.clone(), caller.clone(), hold.clone());
             let busy = activity.mark();
             async move {
                 // Held until the answer has been sent.
-                let upgrade = (drain, &busy);
+                let upgrade = (hold.clone(), &busy);
                 if let Some(switching) = this.h2c(&eg, &mut req, client, &caller, upgrade) {
                     return Ok(super::Marked::answer(switching, req.method(), Some(busy)));
                 }
                 let method = req.method().clone();
-                let answer = this.request(&eg, req, client, &caller).await;
+                // A WebSocket handshake: the client's side of the upgrade, taken before
+                // the request goes.
+                let websocket =
+                    headers::websocket_upgrade(req.method(), req.version(), req.headers())
+                        .then(|| hyper::upgrade::on(&mut req));
+                let mut answer = this.request(&eg, req, client, &caller).await;
+                if let Some(client_side) = websocket {
+                    this.websocket(&eg, &mut answer, client_side, &hold);
+                }
                 Ok::<_, std::convert::Infallible>(super::Marked::answer(
                     answer,
                     &method,
@@ -710,7 +718,7 @@ impl HttpEgress {
         req: &mut Request<Incoming>,
         client: SocketAddr,
         caller: &Arc<Caller>,
-        (stop, busy): (CancellationToken, &super::Busy),
+        (hold, busy): (super::ClientHold, &super::Busy),
     ) -> Option<Response<Body>> {
         if !super::h2c::wanted(req, req.body().is_end_stream()) {
             return None;
@@ -720,7 +728,8 @@ impl HttpEgress {
         let (this, eg, caller) = (self.clone(), eg.clone(), caller.clone());
         // The upgraded connection's requests count on the same connection's activity.
         let idle = (Some(eg.http_idle), busy.activity().clone());
-        tokio::spawn(async move {
+        let stop = hold.stop();
+        hold.spawn(async move {
             let Ok(upgraded) = on.await else { return };
             // The client's preface and settings come within the header timeout, as a
             // request's headers must: an idle upgraded connection holds nothing long.
@@ -805,6 +814,7 @@ impl HttpEgress {
     ) -> Response<Body> {
         let caller = &who.id;
         let (mut parts, body) = req.into_parts();
+        let websocket = headers::websocket_upgrade(&parts.method, parts.version, &parts.headers);
         headers::from_client(&mut parts, client, &self.import);
         let mut body = if body.is_end_stream() {
             ReqBody::Full(Bytes::new())
@@ -860,15 +870,20 @@ impl HttpEgress {
                 headers::apply_ops(&mut parts.headers, &h.request);
             }
         }
-        for m in &plan.mirrors {
-            self.mirror(eg, &parts, &body, m, caller);
+        if websocket {
+            // Its bytes are not copied to a mirror: a handshake alone is no traffic.
+            headers::keep_websocket_upgrade(&mut parts.headers);
+        } else {
+            for m in &plan.mirrors {
+                self.mirror(eg, &parts, &body, m, caller);
+            }
         }
         // A destination of another service goes through that service's import.
         let (via, via_eg) = match &plan.target {
             Some(t) => (&*t.http, t),
             None => (&**self, eg),
         };
-        let attempts = via.attempts(via_eg, &parts, &mut body, &plan, caller);
+        let attempts = via.attempts(via_eg, &parts, &mut body, &plan, (caller, websocket));
         let (answer, site) = match plan.timeout {
             Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
                 let msg = format!("no answer within the route's timeout of {t:?}");
@@ -1420,7 +1435,7 @@ impl HttpEgress {
         parts: &http::request::Parts,
         body: &mut ReqBody,
         plan: &Plan,
-        caller: &SpiffeId,
+        (caller, websocket): (&SpiffeId, bool),
     ) -> (Response<Body>, Option<SiteName>) {
         let sites = &plan.sites;
         let mut tried: Vec<&SiteName> = Vec::new();
@@ -1466,9 +1481,19 @@ impl HttpEgress {
             if let Some(v) = &plan.hash {
                 req.headers_mut().insert(affinity::HASH_HEADER, v.clone());
             }
-            *req.version_mut() = http::Version::HTTP_2;
+            let link = if websocket {
+                *req.version_mut() = http::Version::HTTP_11;
+                self.websocket_link(eg, site, i, sites.len(), caller)
+                    .await
+                    .map(Link::H1)
+            } else {
+                *req.version_mut() = http::Version::HTTP_2;
+                self.link(eg, site, i, sites.len(), caller)
+                    .await
+                    .map(Link::H2)
+            };
             let load = plan.count_load.then(|| SiteLoad::new(self, site));
-            let (outcome, answer) = match self.link(eg, site, i, sites.len(), caller).await {
+            let (outcome, answer) = match link {
                 Err((reason, message)) => {
                     // The far side refused the link's open: answered as it answers a
                     // request it refuses on an open link (403 `denied`, ...).
@@ -1484,8 +1509,8 @@ impl HttpEgress {
                         error_response(status, reason.as_str(), &message),
                     )
                 }
-                Ok(mut link) => {
-                    let sent = link.send_request(req);
+                Ok(link) => {
+                    let sent = link.send(req);
                     let r = match plan.per_try {
                         Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
                         None => Ok(sent.await),
@@ -1502,7 +1527,12 @@ impl HttpEgress {
                                 Some(_) => Outcome::NotSent,
                                 None => Outcome::Status(resp.status().as_u16()),
                             };
-                            let (p, b) = resp.into_parts();
+                            let (mut p, b) = resp.into_parts();
+                            if websocket {
+                                // An HTTP/1.1 answer: its hop-by-hop headers stop here
+                                // (a `101` gets its upgrade's own again).
+                                headers::strip_hop_by_hop(&mut p.headers);
+                            }
                             (
                                 outcome,
                                 Response::from_parts(p, b.map_err(super::boxed_err).boxed()),
@@ -1621,22 +1651,7 @@ impl HttpEgress {
         if let Some(l) = slot.live() {
             return Ok(l);
         }
-        let Some(peer) = eg.peers.get(site) else {
-            return Err((
-                Refusal::PeerUnavailable,
-                format!("site {site} is not a peer"),
-            ));
-        };
-        let open = Open {
-            source: caller.clone(),
-            ..eg.open_request(None)
-        };
-        let b = budget(i, n, eg.open_timeout);
-        let stream = eg.open_stream(&peer, &open, b.connection, b.answer).await?;
-        let io = match stream {
-            Stream::Quic(_, send, recv) => TunnelIo::Quic(send, recv),
-            Stream::H2(send, recv) => TunnelIo::h2(send.0, recv.into_inner()),
-        };
+        let io = self.tunnel_stream(eg, site, (i, n), caller).await?;
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(8 << 20)
@@ -1651,6 +1666,123 @@ impl HttpEgress {
         });
         *slot.open.lock().unwrap_or_else(|e| e.into_inner()) = Some(send.clone());
         Ok(send)
+    }
+
+    /// A tunnel stream to `site` for `caller`'s requests, the `i`th of `n` sites tried
+    /// (its share of the open timeout), with the usual open request.
+    async fn tunnel_stream(
+        &self,
+        eg: &Egress,
+        site: &SiteName,
+        (i, n): (usize, usize),
+        caller: &SpiffeId,
+    ) -> Result<TunnelIo, (Refusal, String)> {
+        let Some(peer) = eg.peers.get(site) else {
+            return Err((
+                Refusal::PeerUnavailable,
+                format!("site {site} is not a peer"),
+            ));
+        };
+        let open = Open {
+            source: caller.clone(),
+            ..eg.open_request(None)
+        };
+        let b = budget(i, n, eg.open_timeout);
+        let stream = eg.open_stream(&peer, &open, b.connection, b.answer).await?;
+        Ok(match stream {
+            Stream::Quic(_, send, recv) => TunnelIo::Quic(send, recv),
+            Stream::H2(send, recv) => TunnelIo::h2(send.0, recv.into_inner()),
+        })
+    }
+
+    /// A WebSocket handshake's own link: an HTTP/1.1 connection on a tunnel stream of
+    /// its own, which becomes the WebSocket's bytes after a `101`. A long-lived
+    /// WebSocket never takes one of the shared h2 links' streams (whose number is
+    /// bounded, so WebSockets would hold up the other requests), and the far side
+    /// counts it as it counts a TCP connection.
+    async fn websocket_link(
+        &self,
+        eg: &Egress,
+        site: &SiteName,
+        i: usize,
+        n: usize,
+        caller: &SpiffeId,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, (Refusal, String)> {
+        let io = self.tunnel_stream(eg, site, (i, n), caller).await?;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| {
+                (
+                    Refusal::PeerUnavailable,
+                    format!("HTTP/1.1 over the tunnel: {e}"),
+                )
+            })?;
+        let site_name = site.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, site = %site_name, "WebSocket link over the tunnel ended");
+            }
+        });
+        Ok(send)
+    }
+
+    /// After a WebSocket handshake's answer: a `101` from the far side gives both
+    /// upgraded sides, whose bytes are copied on a task that holds the client's slot
+    /// ([`super::ClientHold`]) until the WebSocket closes, or carries nothing for the
+    /// import's `http_idle_timeout`. Any other answer (a refusal, the endpoint's
+    /// `403`) is the client's as it is.
+    fn websocket(
+        &self,
+        eg: &Egress,
+        answer: &mut Response<Body>,
+        client_side: hyper::upgrade::OnUpgrade,
+        hold: &super::ClientHold,
+    ) {
+        if answer.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let Some(far_side) = answer
+            .extensions_mut()
+            .remove::<hyper::upgrade::OnUpgrade>()
+        else {
+            // A 101 that did not come over a WebSocket link: no bytes to carry.
+            *answer = error_response(
+                502,
+                super::ENDPOINT_RESET,
+                "a 101 answer without an upgraded connection",
+            );
+            return;
+        };
+        headers::keep_websocket_upgrade(answer.headers_mut());
+        let idle = Some(eg.http_idle);
+        let import = self.import.clone();
+        hold.spawn(async move {
+            let (client, far) = match tokio::join!(client_side, far_side) {
+                (Ok(c), Ok(f)) => (c, f),
+                (c, f) => {
+                    let (c, f) = (c.err(), f.err());
+                    return debug!(%import, client = ?c, far = ?f, "WebSocket upgrade failed");
+                }
+            };
+            let ended =
+                super::io::upgraded_bytes(TokioIo::new(client), TokioIo::new(far), idle).await;
+            debug!(%import, ?ended, "WebSocket ended");
+        });
+    }
+}
+
+/// The link an attempt goes over: a shared h2 link, or a WebSocket's own HTTP/1.1 one.
+enum Link {
+    H2(SendRequest<Body>),
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+}
+
+impl Link {
+    async fn send(self, req: Request<Body>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Self::H2(mut s) => s.send_request(req).await,
+            Self::H1(mut s) => s.send_request(req).await,
+        }
     }
 }
 

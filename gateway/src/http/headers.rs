@@ -3,6 +3,9 @@
 //! - Hop-by-hop headers (RFC 9110 §7.6.1: `connection` and the fields it names,
 //!   `keep-alive`, `proxy-connection`, `transfer-encoding`, `upgrade`, and `te` other
 //!   than `trailers`, which gRPC needs) are not forwarded.
+//! - A WebSocket handshake (RFC 6455 §4.1: an HTTP/1.1 `GET` with `Upgrade: websocket`
+//!   and `Connection: Upgrade`) keeps those two from hop to hop, as Envoy's `websocket`
+//!   upgrade does ([`websocket_upgrade`], [`keep_websocket_upgrade`]).
 //! - The egress appends the client's address to `x-forwarded-for`.
 //! - The ingress replaces `x-forwarded-client-cert` with the caller the egress vouched
 //!   for (`URI=<SPIFFE ID>`, Envoy's format), so an endpoint can trust it, and strips
@@ -52,6 +55,31 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether a request asks to become a WebSocket (RFC 6455 §4.1): HTTP/1.1, `GET`, an
+/// `Upgrade` naming `websocket` and a `Connection` naming `upgrade` (both
+/// case-insensitive, among other tokens). Any other upgrade (h2c has its own path) is
+/// a plain request whose hop-by-hop headers stop at the hop.
+pub fn websocket_upgrade(method: &http::Method, version: http::Version, h: &HeaderMap) -> bool {
+    let names = |name: header::HeaderName, token: &str| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    version == http::Version::HTTP_11
+        && method == http::Method::GET
+        && names(header::UPGRADE, "websocket")
+        && names(header::CONNECTION, "upgrade")
+}
+
+/// Sets the upgrade's own headers again, after [`strip_hop_by_hop`], on a WebSocket
+/// handshake going to the next hop (or on its `101` going back).
+pub fn keep_websocket_upgrade(h: &mut HeaderMap) {
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
 /// Removes every `meshfed-*` header.
@@ -314,6 +342,53 @@ mod tests {
         let mut p = parts("/", &[("te", "gzip")]);
         strip_hop_by_hop(&mut p.headers);
         assert!(p.headers.get("te").is_none());
+    }
+
+    #[test]
+    fn a_websocket_handshake_is_an_http_1_1_get_asking_for_websocket() {
+        let websocket_upgrade = |p: &Parts| websocket_upgrade(&p.method, p.version, &p.headers);
+        let ws = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ];
+        let p = parts("/chat", &ws);
+        assert!(websocket_upgrade(&p));
+        // Two Connection fields, the token in the second.
+        let mut two = parts("/chat", &ws[1..]);
+        two.headers
+            .append("connection", "keep-alive".parse().unwrap());
+        two.headers.append("connection", "upgrade".parse().unwrap());
+        assert!(websocket_upgrade(&two));
+        // Each missing piece, another method or version, another protocol.
+        for drop in ["connection", "upgrade"] {
+            let h: Vec<_> = ws.iter().copied().filter(|(k, _)| *k != drop).collect();
+            assert!(!websocket_upgrade(&parts("/chat", &h)), "without {drop}");
+        }
+        let mut post = parts("/chat", &ws);
+        post.method = http::Method::POST;
+        assert!(!websocket_upgrade(&post));
+        for v in [http::Version::HTTP_10, http::Version::HTTP_2] {
+            let mut p = parts("/chat", &ws);
+            p.version = v;
+            assert!(!websocket_upgrade(&p), "{v:?}");
+        }
+        let mut h2c = ws;
+        h2c[1] = ("upgrade", "h2c");
+        assert!(!websocket_upgrade(&parts("/chat", &h2c)));
+        let mut no_token = ws;
+        no_token[0] = ("connection", "keep-alive, upgrades");
+        assert!(!websocket_upgrade(&parts("/chat", &no_token)));
+        // Stripped at the hop, set again for the next one; the handshake's own
+        // headers are end to end.
+        let mut p = parts("/chat", &ws);
+        strip_hop_by_hop(&mut p.headers);
+        assert!(!websocket_upgrade(&p));
+        keep_websocket_upgrade(&mut p.headers);
+        assert!(websocket_upgrade(&p));
+        assert_eq!(p.headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(p.headers.get_all("connection").iter().count(), 1);
     }
 
     #[test]

@@ -873,7 +873,14 @@ impl Upstream {
         );
         super::trace::continue_from(&span, req.headers());
         let (mut parts, body) = req.into_parts();
+        // A WebSocket handshake to an HTTP/1.1 endpoint keeps its upgrade headers (an
+        // h2 endpoint gets a plain GET: h2 has no such upgrade).
+        let websocket = app == AppProtocol::Http
+            && headers::websocket_upgrade(&parts.method, parts.version, &parts.headers);
         headers::to_endpoint(&mut parts, ep, app, &open.source, open.client);
+        if websocket {
+            headers::keep_websocket_upgrade(&mut parts.headers);
+        }
         // The endpoint continues this span.
         super::trace::inject(&span, &mut parts.headers);
         let answer = self
@@ -910,7 +917,10 @@ impl Upstream {
             Ok(resp) => {
                 self.metrics.http_request("ingress", resp.status().as_u16());
                 let (mut parts, body) = resp.into_parts();
-                // Only this gateway speaks for the tunnel.
+                // The endpoint's hop-by-hop headers stop here (its `connection: close`
+                // would close the stream an HTTP/1.1 answer goes back on), and only
+                // this gateway speaks for the tunnel.
+                headers::strip_hop_by_hop(&mut parts.headers);
                 headers::strip_meshfed(&mut parts.headers);
                 Response::from_parts(parts, body)
             }
@@ -1106,6 +1116,9 @@ impl Serving {
 /// itself can change under it. Implementations decide again only when those changed.
 pub trait Admission: Send + Sync + 'static {
     fn current(&self) -> Result<Arc<Serving>, (Refusal, String)>;
+    /// A slot of the peer's share of this gateway's descriptors for a WebSocket, held
+    /// while it lives (as a TCP stream holds one); `Err` when the share is taken.
+    fn websocket_slot(&self) -> Result<Box<dyn Send>, (Refusal, String)>;
 }
 
 /// The status a refusal of a request is answered with (its code in `meshfed-error`).
@@ -1141,12 +1154,27 @@ pub async fn serve<IO>(
     let activity = open.client.map(|_| super::Activity::new());
     let watched = activity.clone();
     let up = upstream.clone();
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (upstream, open, admission) = (upstream.clone(), open.clone(), admission.clone());
         let busy = activity.as_ref().map(super::Activity::mark);
         async move {
             let method = req.method().clone();
-            let answer = match admission.current() {
+            // A WebSocket handshake (on a stream of its own from an egress, or in a
+            // client's bytes): its slot first, and the stream's side of the upgrade.
+            let websocket = match headers::websocket_upgrade(&method, req.version(), req.headers())
+            {
+                false => None,
+                true => match admission.websocket_slot() {
+                    Ok(slot) => Some((slot, hyper::upgrade::on(&mut req))),
+                    Err((reason, message)) => {
+                        let status = refusal_status(reason);
+                        upstream.metrics.http_request("ingress", status);
+                        let answer = error_response(status, reason.as_str(), &message);
+                        return Ok(super::Marked::answer(answer, &method, busy));
+                    }
+                },
+            };
+            let mut answer = match admission.current() {
                 Err((reason, message)) => {
                     upstream
                         .metrics
@@ -1170,6 +1198,9 @@ pub async fn serve<IO>(
                     Err(answer) => answer,
                 },
             };
+            if let Some((slot, stream_side)) = websocket {
+                websocket_bytes(&mut answer, stream_side, slot);
+            }
             Ok::<_, std::convert::Infallible>(super::Marked::answer(answer, &method, busy))
         }
     });
@@ -1190,6 +1221,46 @@ pub async fn serve<IO>(
                 "client stream cut: its client reset most of its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
         }
     }
+}
+
+/// After a WebSocket handshake's answer from the endpoint: a `101` gives the endpoint's
+/// side of the upgrade, whose bytes are copied to and from the stream's on a task that
+/// holds `slot` until either closes (the egress bounds its idle time). Any other
+/// answer goes back as it is.
+fn websocket_bytes(
+    answer: &mut Response<Body>,
+    stream_side: hyper::upgrade::OnUpgrade,
+    slot: Box<dyn Send>,
+) {
+    if answer.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let Some(endpoint_side) = answer
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        // An h2 endpoint's 101 (h2 forbids one) or a pool that did not upgrade.
+        *answer = error_response(
+            502,
+            super::ENDPOINT_RESET,
+            "the endpoint answered 101 without an upgraded connection",
+        );
+        return;
+    };
+    headers::keep_websocket_upgrade(answer.headers_mut());
+    tokio::spawn(async move {
+        let _slot = slot;
+        let (stream, endpoint) = match tokio::join!(stream_side, endpoint_side) {
+            (Ok(s), Ok(e)) => (s, e),
+            (s, e) => {
+                let (s, e) = (s.err(), e.err());
+                return debug!(stream = ?s, endpoint = ?e, "WebSocket upgrade failed");
+            }
+        };
+        let ended =
+            super::io::upgraded_bytes(TokioIo::new(stream), TokioIo::new(endpoint), None).await;
+        debug!(?ended, "WebSocket ended");
+    });
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! An accepted tunnel stream as one byte stream (tokio `AsyncRead` + `AsyncWrite`), so
 //! hyper can speak HTTP over it on either transport: quinn's streams are byte streams
 //! already; an h2 CONNECT stream's DATA frames are read and written through its flow
-//! control, and shutting down the write half sends END_STREAM.
+//! control, and shutting down the write half sends END_STREAM. Also the copy of an
+//! upgraded connection's bytes (a WebSocket), with its idle timeout.
 
 use std::io;
 use std::pin::Pin;
@@ -191,5 +192,97 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstByteWithin<IO> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+/// A byte stream that notes when it last read something (ms since `since`).
+struct Touched<IO> {
+    io: IO,
+    since: std::time::Instant,
+    last: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Touched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Touched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How an upgraded connection's bytes ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BytesEnded {
+    /// Both sides closed, or one failed (the error).
+    Closed(Option<String>),
+    /// Nothing came from either side for the idle timeout.
+    Idle,
+}
+
+/// Copies an upgraded connection's bytes both ways (a WebSocket after its `101`) until
+/// both sides have closed or either fails, or nothing crosses for `idle` when given
+/// (Envoy's stream idle timeout applies to an upgraded stream the same way). Like a TCP
+/// connection's splice, it is not cut by a drain: the drain's grace bounds it.
+pub async fn upgraded_bytes<A, B>(a: A, b: B, idle: Option<std::time::Duration>) -> BytesEnded
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use std::sync::atomic::Ordering;
+    let since = std::time::Instant::now();
+    let last = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (mut a, mut b) = (
+        Touched {
+            io: a,
+            since,
+            last: last.clone(),
+        },
+        Touched {
+            io: b,
+            since,
+            last: last.clone(),
+        },
+    );
+    let watch = async {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let due = last.load(Ordering::Relaxed).saturating_add(idle_ms);
+            let now = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+            if now >= due {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(due - now)).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => BytesEnded::Closed(r.err().map(|e| e.to_string())),
+        () = watch => BytesEnded::Idle,
     }
 }

@@ -6,11 +6,17 @@
 //!   (site, caller), each inside a tunnel stream (QUIC or h2 CONNECT: the same open,
 //!   the same decision at the far side). A request that was not sent, or an idempotent
 //!   one answered 502–504 or lost, is tried again at the next site, within a retry
-//!   budget.
+//!   budget. A WebSocket handshake goes as HTTP/1.1 over a tunnel stream of its own,
+//!   which carries the WebSocket's bytes after the `101`.
 //! - `ingress`: the far side serves HTTP on that stream and forwards each request to an
-//!   endpoint over pooled connections.
+//!   endpoint over pooled connections (a WebSocket's handshake over a connection that
+//!   becomes its bytes).
 //! - `decide` (pure): retry eligibility, the retry budget, outlier ejection; `headers` (pure): what
-//!   changes at each hop; `io`: a tunnel stream as a byte stream for hyper.
+//!   changes at each hop; `io`: a tunnel stream as a byte stream for hyper, and an
+//!   upgraded connection's copy.
+//!
+//! A client connection holds its slot among the import listeners' clients
+//! ([`ClientHold`]) until it, and what it was upgraded to (h2c, a WebSocket), ends.
 //!
 //! Errors a gateway answers itself carry `meshfed-error: <stable code>` (the refusal
 //! codes of the wire protocol, and `endpoint_reset`, `no_site`) and the reason as the
@@ -299,6 +305,46 @@ where
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
     ended
+}
+
+/// What one client connection of an HTTP import holds while it lives: its slot among
+/// the import listeners' clients ([`crate::admission::client_connections`]) and the
+/// drain. What outlives the connection's first server (the h2 server after an h2c
+/// upgrade, a WebSocket's bytes) runs through [`ClientHold::spawn`], and keeps the slot
+/// until it ends too: an upgraded connection is still one client's descriptor.
+#[derive(Clone)]
+pub struct ClientHold {
+    _slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+    drain: meshfed_lifecycle::drain::DrainWatcher,
+}
+
+impl ClientHold {
+    pub fn new(
+        slot: tokio::sync::OwnedSemaphorePermit,
+        drain: meshfed_lifecycle::drain::DrainWatcher,
+    ) -> Self {
+        Self {
+            _slot: Arc::new(slot),
+            drain,
+        }
+    }
+
+    /// The drain's start, for the connection's graceful shutdown.
+    pub(crate) fn stop(&self) -> tokio_util::sync::CancellationToken {
+        self.drain.token()
+    }
+
+    /// Runs `fut` as work the drain waits for, holding the client's slot until it ends.
+    pub(crate) fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let hold = self.clone();
+        self.drain.spawn(async move {
+            fut.await;
+            drop(hold);
+        });
+    }
 }
 
 /// A warning given at most every `secs` seconds (cuts for premature resets: each took
