@@ -18,8 +18,9 @@
 #   python3-venv       for /opt/meshfed-tools, a venv holding kubernetes-validate (PyPI),
 #                      which checks the rendered manifests against the Kubernetes schemas,
 #                      spiffe (py-spiffe, which parses the served SPIFFE bundles),
-#                      grpcio (a gRPC server and client for the `grpc` port test), and
-#                      h2 (an HTTP/2 client library: the rapid-reset test's attacker)
+#                      grpcio (a gRPC server and client for the `grpc` port test),
+#                      h2 (an HTTP/2 client library: the rapid-reset test's attacker), and
+#                      websockets (a WebSocket server and client for the WebSocket tests)
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
 
@@ -57,3 +58,4 @@ fi
 "$tools/bin/python" -c 'import spiffe' 2>/dev/null || "$tools/bin/pip" install -q spiffe==0.3.2
 "$tools/bin/python" -c 'import grpc' 2>/dev/null || "$tools/bin/pip" install -q grpcio==1.76.0
 "$tools/bin/python" -c 'import h2' 2>/dev/null || "$tools/bin/pip" install -q h2==4.4.1
+"$tools/bin/python" -c 'import websockets' 2>/dev/null || "$tools/bin/pip" install -q websockets==15.0.1
