@@ -53,7 +53,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use meshfed_lab::{ConfigBuilder, SiteFiles};
-use procs::{Procs, cpu_secs, free_port, run, spawn, wait_for};
+use procs::{Procs, cpu_secs, free_port, haproxy_pair, run, spawn, wait_for};
 
 #[derive(Parser)]
 struct Cli {
@@ -107,100 +107,6 @@ fn nginx(dir: &Path, blocks: &[(&str, u16, u16)], tls: (u16, &Path, &Path)) -> R
         key.display()
     ));
     procs::nginx(dir, &servers)
-}
-
-/// The haproxy pair: A at `front_h1`/`front_h2` (plain HTTP/1.1 and h2c), a backend
-/// shared equally (`roundrobin`) over mTLS to B's frontends, one per entry of `sites`
-/// (name, B's port, its nginx block's port), each in front of its nginx block
-/// (`to_nginx` ends that server line: TLS options toward an HTTPS block). With `split`,
-/// A and each B frontend are processes of their own (one per site, as meshfed's
-/// gateways are), else one process holds them all; `nbthread` `threads` each. `tag`
-/// names the config files.
-#[allow(clippy::too_many_arguments)]
-fn haproxy_pair(
-    dir: &Path,
-    (a, b): (&SiteFiles, &SiteFiles),
-    front: (u16, u16),
-    sites: &[(&str, u16, u16)],
-    to_nginx: &str,
-    (split, threads): (bool, usize),
-    tag: &str,
-) -> Result<Vec<Child>> {
-    let ((a_pem, a_ca), (b_pem, b_ca)) =
-        (procs::haproxy_pems(dir, a)?, procs::haproxy_pems(dir, b)?);
-    let server = |name: &str, port: u16, alpn: &str| {
-        format!(
-            "  server {name} 127.0.0.1:{port} weight 50 ssl verify required ca-file {} crt {} alpn {alpn}\n",
-            b_ca.display(),
-            a_pem.display()
-        )
-    };
-    let bind_b = |port: u16| {
-        format!(
-            "  bind 127.0.0.1:{port} ssl crt {} ca-file {} verify required alpn h2,http/1.1\n",
-            b_pem.display(),
-            a_ca.display()
-        )
-    };
-    // A pair backend per client protocol: HTTP/1.1 clients over pooled HTTP/1.1
-    // connections to B (across h2 the reason phrase is lost, and h2load's HTTP/1.1
-    // parser counts `HTTP/1.1 200 ` as a failure), h2 clients over h2.
-    let pair = |name: &str, alpn: &str| {
-        let servers: String = sites
-            .iter()
-            .map(|(site, port, _)| server(site, *port, alpn))
-            .collect();
-        format!(
-            "backend {name}\n  balance roundrobin\n  retries 2\n  option redispatch 1\n  retry-on conn-failure empty-response 502 503 504\n{servers}"
-        )
-    };
-    let head = format!(
-        "global\n  maxconn 8000\n  nbthread {threads}\n\
-         defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n"
-    );
-    let side_a = format!(
-        "frontend a_h1\n  bind 127.0.0.1:{}\n  default_backend pair_h1\n\
-         frontend a_h2\n  bind 127.0.0.1:{} proto h2\n  default_backend pair_h2\n{}{}",
-        front.0,
-        front.1,
-        pair("pair_h1", "http/1.1"),
-        pair("pair_h2", "h2"),
-    );
-    let side_b = |name: &str, bind: u16, nginx: u16| {
-        format!(
-            "frontend b_{name}\n{}  default_backend nginx_{name}\nbackend nginx_{name}\n  server n 127.0.0.1:{nginx}{to_nginx}\n",
-            bind_b(bind)
-        )
-    };
-    let bs: Vec<(&str, String)> = sites
-        .iter()
-        .map(|(site, port, nginx)| (*site, side_b(site, *port, *nginx)))
-        .collect();
-    let configs: Vec<(String, String)> = if split {
-        let mut c = vec![(format!("{tag}-a"), format!("{head}{side_a}"))];
-        c.extend(
-            bs.iter()
-                .map(|(site, b)| (format!("{tag}-{site}"), format!("{head}{b}"))),
-        );
-        c
-    } else {
-        let all: String = bs.iter().map(|(_, b)| b.as_str()).collect();
-        vec![(tag.to_owned(), format!("{head}{side_a}{all}"))]
-    };
-    let mut children = Vec::new();
-    for (name, cfg) in configs {
-        let path = dir.join(format!("haproxy-{name}.cfg"));
-        std::fs::write(&path, cfg)?;
-        run(Command::new("haproxy").arg("-c").arg("-f").arg(&path)).context("haproxy -c")?;
-        children.push(
-            spawn(
-                Command::new("haproxy").arg("-f").arg(&path).arg("-db"),
-                &dir.join(format!("haproxy-{name}.log")),
-            )
-            .context("haproxy (apt-get install haproxy)")?,
-        );
-    }
-    Ok(children)
 }
 
 const ROUTES: &str = r#"apiVersion: networking.istio.io/v1
