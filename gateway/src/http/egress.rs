@@ -1738,22 +1738,12 @@ impl HttpEgress {
         client_side: hyper::upgrade::OnUpgrade,
         hold: &super::ClientHold,
     ) {
-        if answer.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            return;
-        }
-        let Some(far_side) = answer
-            .extensions_mut()
-            .remove::<hyper::upgrade::OnUpgrade>()
+        // A 101 that did not come over a WebSocket link has no bytes to carry.
+        let Some(far_side) =
+            super::take_upgrade(answer, "a 101 answer without an upgraded connection")
         else {
-            // A 101 that did not come over a WebSocket link: no bytes to carry.
-            *answer = error_response(
-                502,
-                super::ENDPOINT_RESET,
-                "a 101 answer without an upgraded connection",
-            );
             return;
         };
-        headers::keep_websocket_upgrade(answer.headers_mut());
         let idle = Some(eg.http_idle);
         let import = self.import.clone();
         hold.spawn(async move {

@@ -1232,22 +1232,13 @@ fn websocket_bytes(
     stream_side: hyper::upgrade::OnUpgrade,
     slot: Box<dyn Send>,
 ) {
-    if answer.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-        return;
-    }
-    let Some(endpoint_side) = answer
-        .extensions_mut()
-        .remove::<hyper::upgrade::OnUpgrade>()
-    else {
-        // An h2 endpoint's 101 (h2 forbids one) or a pool that did not upgrade.
-        *answer = error_response(
-            502,
-            super::ENDPOINT_RESET,
-            "the endpoint answered 101 without an upgraded connection",
-        );
+    // An h2 endpoint's 101 (h2 forbids one) or a pool that did not upgrade: a 502.
+    let Some(endpoint_side) = super::take_upgrade(
+        answer,
+        "the endpoint answered 101 without an upgraded connection",
+    ) else {
         return;
     };
-    headers::keep_websocket_upgrade(answer.headers_mut());
     tokio::spawn(async move {
         let _slot = slot;
         let (stream, endpoint) = match tokio::join!(stream_side, endpoint_side) {

@@ -417,6 +417,28 @@ pub(crate) fn error_response(
     r
 }
 
+/// The upgraded connection behind a `101` answer (a WebSocket's), with the answer's
+/// upgrade headers kept for the client; `None` when `answer` is not a `101`. A `101`
+/// that came without one (an h2 peer's, which h2 forbids, or a connection that did not
+/// upgrade) becomes a 502 `endpoint_reset` saying `why`, and `None`.
+pub(crate) fn take_upgrade(
+    answer: &mut http::Response<Body>,
+    why: &str,
+) -> Option<hyper::upgrade::OnUpgrade> {
+    if answer.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        return None;
+    }
+    let Some(upgraded) = answer
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        *answer = error_response(502, ENDPOINT_RESET, why);
+        return None;
+    };
+    headers::keep_websocket_upgrade(answer.headers_mut());
+    Some(upgraded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
