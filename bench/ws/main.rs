@@ -432,6 +432,7 @@ async fn main() -> Result<()> {
             ("handshakes", false),
             ("p99", true),
             ("echo_cpu", true),
+            ("bulk_cpu", true),
             ("handshakes_cpu", true),
         ] {
             let v = ratio(&fig[&(what, l7)], &fig[&(what, "haproxy")]);

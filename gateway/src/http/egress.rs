@@ -676,7 +676,9 @@ impl HttpEgress {
                 let websocket =
                     headers::websocket_upgrade(req.method(), req.version(), req.headers())
                         .then(|| hyper::upgrade::on(&mut req));
-                let mut answer = this.request(&eg, req, client, &caller).await;
+                let mut answer = this
+                    .request(&eg, req, client, &caller, websocket.is_some())
+                    .await;
                 if let Some(client_side) = websocket {
                     this.websocket(&eg, &mut answer, client_side, &hold);
                 }
@@ -750,7 +752,8 @@ impl HttpEgress {
                 let busy = activity.mark();
                 async move {
                     let method = req.method().clone();
-                    let answer = this.request(&eg, req, client, &caller).await;
+                    // h2 requests: no WebSocket handshake (RFC 8441 is not taken).
+                    let answer = this.request(&eg, req, client, &caller, false).await;
                     Ok::<_, std::convert::Infallible>(super::Marked::answer(
                         answer,
                         &method,
@@ -773,13 +776,15 @@ impl HttpEgress {
         Some(r)
     }
 
-    /// One request, with its attempts.
+    /// One request, with its attempts; `websocket`: it is a WebSocket handshake
+    /// ([`headers::websocket_upgrade`]), whose client side the caller has taken.
     async fn request(
         self: &Arc<Self>,
         eg: &Arc<Egress>,
         req: Request<Incoming>,
         client: SocketAddr,
         caller: &Caller,
+        websocket: bool,
     ) -> Response<Body> {
         use tracing::Instrument;
         let span = tracing::trace_span!(
@@ -797,7 +802,7 @@ impl HttpEgress {
         );
         super::trace::continue_from(&span, req.headers());
         let answer = self
-            .request_traced(eg, req, client, caller, &span)
+            .request_traced(eg, req, (client, websocket), caller, &span)
             .instrument(span.clone())
             .await;
         span.record("http.response.status_code", answer.status().as_u16());
@@ -808,13 +813,12 @@ impl HttpEgress {
         self: &Arc<Self>,
         eg: &Arc<Egress>,
         req: Request<Incoming>,
-        client: SocketAddr,
+        (client, websocket): (SocketAddr, bool),
         who: &Caller,
         span: &tracing::Span,
     ) -> Response<Body> {
         let caller = &who.id;
         let (mut parts, body) = req.into_parts();
-        let websocket = headers::websocket_upgrade(&parts.method, parts.version, &parts.headers);
         headers::from_client(&mut parts, client, &self.import);
         let mut body = if body.is_end_stream() {
             ReqBody::Full(Bytes::new())

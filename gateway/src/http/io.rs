@@ -274,14 +274,14 @@ where
         let Some(idle) = idle else {
             return std::future::pending().await;
         };
-        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         loop {
-            let due = last.load(Ordering::Relaxed).saturating_add(idle_ms);
             let now = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
-            if now >= due {
+            // Nothing is ever in flight: the bytes are idle from their last read.
+            let Some(at) = super::decide::idle_until(0, last.load(Ordering::Relaxed), now, idle)
+            else {
                 return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(due - now)).await;
+            };
+            tokio::time::sleep(std::time::Duration::from_millis(at - now)).await;
         }
     };
     tokio::select! {
