@@ -698,7 +698,7 @@ impl HttpEgress {
 
     /// A client connection that ended: one cut for its premature resets is counted
     /// (`premature_resets`) and warned about, at most every 10 s (each such cut took
-    /// at least 250 of the client's requests).
+    /// at least 250 of the client's requests, or 20 by h2's own bound).
     fn ended(&self, eg: &Egress, client: SocketAddr, ended: super::Ended) {
         if ended != super::Ended::PrematureResets {
             return;
@@ -706,7 +706,7 @@ impl HttpEgress {
         eg.metrics.refused("egress", "premature_resets");
         if self.premature_warned.due() {
             warn!(import = %self.import, %client,
-                "client connection cut: it reset most of its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
+                "client connection cut: it reset its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
         }
     }
 

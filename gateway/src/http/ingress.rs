@@ -1218,7 +1218,7 @@ pub async fn serve<IO>(
         up.metrics.refused("ingress", "premature_resets");
         if up.premature_warned.due() {
             tracing::warn!(service = %service, source = %source, client = ?client,
-                "client stream cut: its client reset most of its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
+                "client stream cut: its client reset its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
         }
     }
 }

@@ -289,10 +289,15 @@ where
     };
     let ended = tokio::select! {
         r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "{what} ended");
-            }
-            return Ended::Closed;
+            return match r {
+                Ok(()) => Ended::Closed,
+                // h2's own bound on the same attack: resets of streams not yet accepted.
+                Err(e) if idle.is_some() && cut_by_h2_for_resets(&*e) => Ended::PrematureResets,
+                Err(e) => {
+                    tracing::debug!(error = %e, "{what} ended");
+                    Ended::Closed
+                }
+            };
         }
         // Dropping the connection closes it: its streams are reset.
         () = abusive => return Ended::PrematureResets,
@@ -305,6 +310,19 @@ where
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
     ended
+}
+
+/// Whether a connection's error is h2 cutting it (GOAWAY `ENHANCE_YOUR_CALM`, from
+/// this side) because its client reset more streams than h2 lets wait to be accepted:
+/// "rapid reset" caught before [`decide::too_many_premature_resets`] could be, which
+/// happens when the server is slow to accept (a loaded host). The same reason, so the
+/// same count. Pure.
+fn cut_by_h2_for_resets(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<h2::Error>())
+        .any(|e| {
+            e.is_go_away() && !e.is_remote() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+        })
 }
 
 /// What one client connection of an HTTP import holds while it lives: its slot among
@@ -386,7 +404,8 @@ pub(crate) enum Ended {
     Drained,
     /// The idle timeout.
     Idle,
-    /// Cut: the client reset too many requests prematurely.
+    /// Cut: the client reset too many requests prematurely (by the rule, or by h2's own
+    /// bound, [`cut_by_h2_for_resets`]).
     PrematureResets,
 }
 
@@ -442,6 +461,68 @@ pub(crate) fn take_upgrade(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wrapper as hyper's own error is: the h2 error as its source.
+    #[derive(Debug)]
+    struct Wrapped(h2::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("http2 error")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// A real h2 server that is not accepting streams (a loaded host) and a client that
+    /// opens and cancels more than it lets wait: h2 cuts the connection, and that error
+    /// is told apart from others (a client's own GOAWAY, a reset, a closed socket).
+    #[tokio::test]
+    async fn h2s_own_cut_for_resets_is_told_apart() {
+        let (c, s) = tokio::io::duplex(1 << 16);
+        let server = async {
+            let mut conn = h2::server::Builder::new()
+                .max_pending_accept_reset_streams(2)
+                .handshake::<_, Bytes>(s)
+                .await
+                .unwrap();
+            std::future::poll_fn(|cx| conn.poll_closed(cx)).await
+        };
+        let client = async {
+            let (mut send, conn) = h2::client::handshake(c).await.unwrap();
+            tokio::spawn(conn);
+            for _ in 0..10 {
+                let Ok(ready) = send.clone().ready().await else {
+                    break;
+                };
+                send = ready;
+                let req = http::Request::get("http://web.demo/").body(()).unwrap();
+                let Ok((_, mut stream)) = send.send_request(req, false) else {
+                    break;
+                };
+                stream.send_reset(h2::Reason::CANCEL);
+            }
+            std::future::pending::<()>().await
+        };
+        let cut = tokio::select! {
+            r = server => r.expect_err("h2 cuts the connection"),
+            () = client => unreachable!(),
+        };
+        assert!(cut_by_h2_for_resets(&cut), "{cut:?}");
+        assert!(cut_by_h2_for_resets(&Wrapped(cut)));
+        let others = [
+            h2::Error::from(h2::Reason::ENHANCE_YOUR_CALM),
+            h2::Error::from(h2::Reason::CANCEL),
+        ];
+        for e in others {
+            assert!(!cut_by_h2_for_resets(&Wrapped(e)));
+        }
+        assert!(!cut_by_h2_for_resets(&std::io::Error::other("closed")));
+    }
 
     #[test]
     fn a_warning_is_due_once_per_period() {
