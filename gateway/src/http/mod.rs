@@ -247,6 +247,13 @@ pub(crate) fn server_builder()
     b
 }
 
+/// How many streams an egress's link may reset before they were accepted, waiting
+/// together, before h2 cuts it. h2's default, 20, is for an unknown client; a link
+/// carries many clients' requests (up to 200 at once), and cutting it fails them all.
+/// Each client's rapid resets are cut at its egress ([`decide::too_many_premature_resets`]),
+/// and h2 still bounds a link's locally refused streams.
+pub(crate) const LINK_RESETS_PENDING_ACCEPT: usize = 1024;
+
 /// Serves one connection with `svc` until it ends, or until `stop` (the drain), which
 /// lets its requests in flight finish. A `101` the service answers hands the connection
 /// over (the egress's h2c upgrade, [`h2c`]). With `idle` (a time, and the activity the
@@ -254,6 +261,7 @@ pub(crate) fn server_builder()
 /// flight for that long is shut down the same
 /// graceful way (h2: GOAWAY, streams still open finish), and one whose client reset
 /// too many requests prematurely ([`Activity::abusive`]) is cut at once, as Envoy does.
+/// Without `idle` the connection is an egress's link ([`LINK_RESETS_PENDING_ACCEPT`]).
 pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     svc: S,
@@ -272,7 +280,14 @@ where
     S::Future: Send + 'static,
     B: hyper::body::Body<Data = Bytes, Error = BoxError> + Send + 'static,
 {
-    let builder = server_builder();
+    let mut builder = server_builder();
+    if idle.is_none() {
+        // An egress's link: its resets are its clients' cancels, each client policed at
+        // its egress, and arrive in bursts when this side is slow to accept.
+        builder
+            .http2()
+            .max_pending_accept_reset_streams(LINK_RESETS_PENDING_ACCEPT);
+    }
     let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle_for = async {
@@ -543,6 +558,71 @@ mod tests {
     /// A request dropped unanswered within a second counts as a premature reset; one
     /// answered whole, or whose answer has no body, does not; the 250th premature
     /// reset of a connection makes it abusive.
+    /// `n` requests from an h2 client (the h2 crate), each reset at once, reaching the
+    /// server together, so its streams are reset before they are accepted; then one
+    /// request answered. The status, or `None` when the connection was cut.
+    async fn resets_then_a_request(io: tokio::io::DuplexStream, n: usize) -> Option<u16> {
+        let (send, conn) = h2::client::handshake(io).await.unwrap();
+        let mut send = send.ready().await.unwrap();
+        // Queued, not written: the connection task runs after.
+        for _ in 0..n {
+            let req = http::Request::get("http://web.demo/").body(()).unwrap();
+            let (_, mut stream) = send.send_request(req, true).unwrap();
+            stream.send_reset(h2::Reason::CANCEL);
+        }
+        tokio::spawn(conn);
+        let req = http::Request::get("http://web.demo/").body(()).unwrap();
+        let (answer, _) = send.ready().await.ok()?.send_request(req, true).ok()?;
+        Some(answer.await.ok()?.status().as_u16())
+    }
+
+    fn ok_service() -> impl hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<Body>,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Send
+    + 'static {
+        hyper::service::service_fn(|_| async {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            Ok::<_, std::convert::Infallible>(error_response(200, "x", ""))
+        })
+    }
+
+    /// An egress's link (served without `idle`) carries many clients' requests, whose
+    /// cancels arrive in bursts when the far side is slow to accept: h2's bound of 20
+    /// resets waiting to be accepted would cut the whole link, and every client's
+    /// requests on it. A client connection (with `idle`) is cut by that bound, and the
+    /// cut counts as premature resets.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_burst_of_resets_cuts_a_client_connection_and_not_a_link() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let link = tokio::spawn(serve_connection(
+            s,
+            ok_service(),
+            stop.clone(),
+            None,
+            "link",
+        ));
+        assert_eq!(resets_then_a_request(c, 100).await, Some(200));
+        assert!(!link.is_finished());
+
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let idle = Some((None, Activity::new()));
+        let client = tokio::spawn(serve_connection(
+            s,
+            ok_service(),
+            stop.clone(),
+            idle,
+            "client",
+        ));
+        assert_eq!(resets_then_a_request(c, 100).await, None);
+        assert!(client.await.unwrap() == Ended::PrematureResets);
+        stop.cancel();
+        link.await.unwrap();
+    }
+
     #[tokio::test]
     async fn unanswered_requests_count_as_premature_resets() {
         let a = Activity::new();
