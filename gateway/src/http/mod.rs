@@ -249,10 +249,11 @@ pub(crate) fn server_builder()
 
 /// How many streams an egress's link may reset before they were accepted, waiting
 /// together, before h2 cuts it. h2's default, 20, is for an unknown client; a link
-/// carries many clients' requests (up to 200 at once), and cutting it fails them all.
-/// Each client's rapid resets are cut at its egress ([`decide::too_many_premature_resets`]),
-/// and h2 still bounds a link's locally refused streams.
-pub(crate) const LINK_RESETS_PENDING_ACCEPT: usize = 1024;
+/// carries many clients' requests (up to hyper's 200 at once), and cutting it fails
+/// them all. More than a link's streams in flight, and still a bound on the state an
+/// authenticated peer pins (× [`crate::admission::LINKS_PER_PEER`]). Each client's
+/// rapid resets are cut at its egress ([`decide::too_many_premature_resets`]).
+pub(crate) const LINK_RESETS_PENDING_ACCEPT: usize = 256;
 
 /// Serves one connection with `svc` until it ends, or until `stop` (the drain), which
 /// lets its requests in flight finish. A `101` the service answers hands the connection
