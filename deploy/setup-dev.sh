@@ -19,8 +19,9 @@
 #                      which checks the rendered manifests against the Kubernetes schemas,
 #                      spiffe (py-spiffe, which parses the served SPIFFE bundles),
 #                      grpcio (a gRPC server and client for the `grpc` port test),
-#                      h2 (an HTTP/2 client library: the rapid-reset test's attacker), and
-#                      websockets (a WebSocket server and client for the WebSocket tests)
+#                      h2 (an HTTP/2 client library: the rapid-reset test's attacker, and the RFC 8441 client),
+#                      websockets (a WebSocket server and client for the WebSocket tests),
+#                      wsproto (WebSocket frames for the RFC 8441 client over h2)
 # Idempotent and quiet when everything is there. Needs root to install.
 set -euo pipefail
 
@@ -59,3 +60,4 @@ fi
 "$tools/bin/python" -c 'import grpc' 2>/dev/null || "$tools/bin/pip" install -q grpcio==1.76.0
 "$tools/bin/python" -c 'import h2' 2>/dev/null || "$tools/bin/pip" install -q h2==4.4.1
 "$tools/bin/python" -c 'import websockets' 2>/dev/null || "$tools/bin/pip" install -q websockets==15.0.1
+"$tools/bin/python" -c 'import wsproto' 2>/dev/null || "$tools/bin/pip" install -q wsproto==1.3.2

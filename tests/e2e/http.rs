@@ -1254,6 +1254,70 @@ async fn websockets_from_a_client_nobody_here_wrote_cross_sites() {
     }
 }
 
+/// RFC 8441: an h2 client (PyPI `h2`, with `wsproto` for the frames) opens a WebSocket
+/// with an extended CONNECT on its h2 connection to the import. Before, the egress
+/// never enabled it (h2 clients had to open an HTTP/1.1 connection for each
+/// WebSocket). Now it goes on as the HTTP/1.1 handshake the endpoint (PyPI
+/// `websockets`) expects, the `101` comes back as a `200`, messages cross both ways
+/// beside a plain request on the same connection, the close handshake completes, and
+/// an extended CONNECT for another protocol is answered `501 unsupported_protocol`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2_client_opens_a_websocket_across_sites() {
+    use meshfed_lab::ConfigBuilder;
+    let server = WsServer::start("west");
+    let scratch = Scratch::new("ws-h2");
+    let west = scratch.site("west", "west.example.org");
+    let east = scratch.site("east", "east.example.org");
+    let west_gw = Gw::start(
+        &west,
+        &ConfigBuilder::default()
+            .export("chat.demo", 8080, vec![server.1])
+            .speaks("chat.demo", 8080, "http")
+            .peer(&east, None),
+    )
+    .unwrap();
+    let east_gw = Gw::start(
+        &east,
+        &ConfigBuilder::default()
+            .peer(&west, Some(west_gw.quic))
+            .import("chat.demo", 8080, "west", ([127, 0, 0, 1], 0).into())
+            .speaks("chat.demo", 8080, "http"),
+    )
+    .unwrap();
+    let import = east_gw.import("chat.demo:8080");
+    let out = tokio::process::Command::new(WS_PYTHON)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/ws_h2_peer.py"
+        ))
+        .args([import.ip().to_string(), import.port().to_string()])
+        .arg("/chat")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ctx = format!(
+        "{text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        east_gw.logs()
+    );
+    assert!(out.status.success(), "{ctx}");
+    let got: serde_json::Value = serde_json::from_str(text.trim()).expect(&ctx);
+    assert_eq!(got["connect_protocol"], true, "{ctx}");
+    assert_eq!(got["status"], 200, "{ctx}");
+    assert_eq!(got["subprotocol"], "chat.v1", "{ctx}");
+    assert_eq!(got["hello"]["site"], "west", "{ctx}");
+    assert_eq!(got["hello"]["path"], "/chat", "{ctx}");
+    let xfcc = got["hello"]["xfcc"].as_str().unwrap_or_default();
+    assert!(xfcc.contains("spiffe://east.example.org"), "{ctx}");
+    assert_eq!(got["echoed"], 22, "{ctx}");
+    assert_eq!(got["close_code"], 1000, "{ctx}");
+    // The endpoint's own answer to a plain GET.
+    assert_eq!(got["plain_status"], 426, "{ctx}");
+    assert_eq!(got["other"]["status"], 501, "{ctx}");
+    assert_eq!(got["other"]["error"], "unsupported_protocol", "{ctx}");
+}
+
 /// West exports an HTTP endpoint as web.demo:8080 (`http`), east imports it with `east`
 /// as the rest of its configuration; returns west's gateway and the scratch directory
 /// (kept while the test runs; dropped in that order), and east's gateway.

@@ -671,17 +671,7 @@ impl HttpEgress {
                     return Ok(super::Marked::answer(switching, req.method(), Some(busy)));
                 }
                 let method = req.method().clone();
-                // A WebSocket handshake: the client's side of the upgrade, taken before
-                // the request goes.
-                let websocket =
-                    headers::websocket_upgrade(req.method(), req.version(), req.headers())
-                        .then(|| hyper::upgrade::on(&mut req));
-                let mut answer = this
-                    .request(&eg, req, client, &caller, websocket.is_some())
-                    .await;
-                if let Some(client_side) = websocket {
-                    this.websocket(&eg, &mut answer, client_side, &hold);
-                }
+                let answer = this.answer(&eg, req, client, &caller, &hold).await;
                 Ok::<_, std::convert::Infallible>(super::Marked::answer(
                     answer,
                     &method,
@@ -692,7 +682,8 @@ impl HttpEgress {
         // The first byte within the header timeout, as the rest of the headers.
         let io = super::io::FirstByteWithin::new(io, super::HEADER_READ_TIMEOUT);
         let ended =
-            super::serve_connection(io, svc, stop, Some(idle), "client HTTP connection").await;
+            super::serve_connection(io, svc, stop, (Some(idle), true), "client HTTP connection")
+                .await;
         self.ended(&eg, client, ended);
     }
 
@@ -731,6 +722,7 @@ impl HttpEgress {
         // The upgraded connection's requests count on the same connection's activity.
         let idle = (Some(eg.http_idle), busy.activity().clone());
         let stop = hold.stop();
+        let held = hold.clone();
         hold.spawn(async move {
             let Ok(upgraded) = on.await else { return };
             // The client's preface and settings come within the header timeout, as a
@@ -748,12 +740,12 @@ impl HttpEgress {
             let activity = idle.1.clone();
             let (this2, eg2) = (this.clone(), eg.clone());
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (this, eg, caller) = (this.clone(), eg.clone(), caller.clone());
+                let (this, eg, caller, hold) =
+                    (this.clone(), eg.clone(), caller.clone(), held.clone());
                 let busy = activity.mark();
                 async move {
                     let method = req.method().clone();
-                    // h2 requests: no WebSocket handshake (RFC 8441 is not taken).
-                    let answer = this.request(&eg, req, client, &caller, false).await;
+                    let answer = this.answer(&eg, req, client, &caller, &hold).await;
                     Ok::<_, std::convert::Infallible>(super::Marked::answer(
                         answer,
                         &method,
@@ -762,7 +754,8 @@ impl HttpEgress {
                 }
             });
             let ended =
-                super::serve_connection(io, svc, stop, Some(idle), "client h2c connection").await;
+                super::serve_connection(io, svc, stop, (Some(idle), true), "client h2c connection")
+                    .await;
             this2.ended(&eg2, client, ended);
         });
         let mut r = Response::new(super::full(Bytes::new()));
@@ -774,6 +767,49 @@ impl HttpEgress {
         r.headers_mut()
             .insert(http::header::UPGRADE, http::HeaderValue::from_static("h2c"));
         Some(r)
+    }
+
+    /// A client's request, answered: a WebSocket handshake (HTTP/1.1's, or h2's extended
+    /// CONNECT, RFC 8441, which goes on as HTTP/1.1's: [`headers::websocket_h2_as_h1`])
+    /// has the client's side of its upgrade taken before it goes, and its bytes carried
+    /// after a `101` ([`Self::websocket`]). An extended CONNECT for another protocol is
+    /// answered `501` `unsupported_protocol`.
+    async fn answer(
+        self: &Arc<Self>,
+        eg: &Arc<Egress>,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+        caller: &Arc<Caller>,
+        hold: &super::ClientHold,
+    ) -> Response<Body> {
+        let protocol = req.extensions().get::<hyper::ext::Protocol>();
+        let over_h2 = headers::websocket_over_h2(
+            req.method(),
+            req.version(),
+            protocol.map(hyper::ext::Protocol::as_str),
+        );
+        if protocol.is_some() && !over_h2 {
+            eg.metrics.http_request("egress", 501);
+            let msg = "an extended CONNECT for a protocol other than websocket";
+            return error_response(501, super::UNSUPPORTED_PROTOCOL, msg);
+        }
+        let websocket = (over_h2
+            || headers::websocket_upgrade(req.method(), req.version(), req.headers()))
+        .then(|| hyper::upgrade::on(&mut req));
+        if over_h2 {
+            // The key only shows that the endpoint speaks WebSocket; it is no secret.
+            let nonce = ring::rand::generate(&ring::rand::SystemRandom::new())
+                .map(|n| n.expose())
+                .unwrap_or_default();
+            headers::websocket_h2_as_h1(&mut req, nonce);
+        }
+        let mut answer = self
+            .request(eg, req, client, caller, websocket.is_some())
+            .await;
+        if let Some(client_side) = websocket {
+            self.websocket(eg, &mut answer, client_side, hold, over_h2);
+        }
+        answer
     }
 
     /// One request, with its attempts; `websocket`: it is a WebSocket handshake
@@ -1734,13 +1770,15 @@ impl HttpEgress {
     /// upgraded sides, whose bytes are copied on a task that holds the client's slot
     /// ([`super::ClientHold`]) until the WebSocket closes, or carries nothing for the
     /// import's `http_idle_timeout`. Any other answer (a refusal, the endpoint's
-    /// `403`) is the client's as it is.
+    /// `403`) is the client's as it is. An h2 client (`over_h2`) gets the `101` as a
+    /// `200` ([`headers::websocket_answer_for_h2`]).
     fn websocket(
         &self,
         eg: &Egress,
         answer: &mut Response<Body>,
         client_side: hyper::upgrade::OnUpgrade,
         hold: &super::ClientHold,
+        over_h2: bool,
     ) {
         // A 101 that did not come over a WebSocket link has no bytes to carry.
         let Some(far_side) =
@@ -1748,6 +1786,9 @@ impl HttpEgress {
         else {
             return;
         };
+        if over_h2 {
+            headers::websocket_answer_for_h2(answer);
+        }
         let idle = Some(eg.http_idle);
         let import = self.import.clone();
         hold.spawn(async move {

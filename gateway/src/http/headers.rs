@@ -75,6 +75,51 @@ pub fn websocket_upgrade(method: &http::Method, version: http::Version, h: &Head
         && names(header::CONNECTION, "upgrade")
 }
 
+/// Whether an h2 request opens a WebSocket (RFC 8441 §4, "extended CONNECT"): `CONNECT`
+/// with `:protocol` `websocket`, which the egress accepts from h2 clients
+/// (`SETTINGS_ENABLE_CONNECT_PROTOCOL`). Pure.
+pub fn websocket_over_h2(
+    method: &http::Method,
+    version: http::Version,
+    protocol: Option<&str>,
+) -> bool {
+    version == http::Version::HTTP_2
+        && method == http::Method::CONNECT
+        && protocol.is_some_and(|p| p.eq_ignore_ascii_case("websocket"))
+}
+
+/// An h2 WebSocket request ([`websocket_over_h2`]) as the HTTP/1.1 handshake the rest
+/// of the path carries (RFC 6455 §4.1), as Envoy translates it: a `GET` asking for the
+/// upgrade, with `nonce` (16 random bytes) as its `Sec-WebSocket-Key`, which an h2
+/// request has none of (RFC 8441 §5). Its version, subprotocol and extension offers go
+/// as they came. Pure.
+pub fn websocket_h2_as_h1<B>(req: &mut http::Request<B>, nonce: [u8; 16]) {
+    use base64::Engine as _;
+    *req.method_mut() = http::Method::GET;
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        req.headers_mut().insert(header::SEC_WEBSOCKET_KEY, v);
+    }
+    keep_websocket_upgrade(req.headers_mut());
+}
+
+/// The far side's `101` to [`websocket_h2_as_h1`]'s handshake, for the h2 client: a
+/// `200` (RFC 8441 §5) without the HTTP/1.1 upgrade's own headers (its
+/// `Sec-WebSocket-Accept` answers a key the client never sent) and without a length
+/// (the stream carries the WebSocket's bytes). Pure.
+pub fn websocket_answer_for_h2<B>(answer: &mut http::Response<B>) {
+    *answer.status_mut() = http::StatusCode::OK;
+    let h = answer.headers_mut();
+    for n in [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::CONTENT_LENGTH,
+    ] {
+        h.remove(n);
+    }
+}
+
 /// Sets the upgrade's own headers again, after [`strip_hop_by_hop`], on a WebSocket
 /// handshake going to the next hop (or on its `101` going back).
 pub fn keep_websocket_upgrade(h: &mut HeaderMap) {
@@ -389,6 +434,58 @@ mod tests {
         assert!(websocket_upgrade(&p));
         assert_eq!(p.headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
         assert_eq!(p.headers.get_all("connection").iter().count(), 1);
+    }
+
+    /// RFC 8441: an h2 `CONNECT` with `:protocol websocket` opens a WebSocket, and goes
+    /// on as the HTTP/1.1 handshake an endpoint expects (which `websocket_upgrade`
+    /// recognises once the version is set), whose `101` comes back as a `200`.
+    #[test]
+    fn an_h2_websocket_goes_on_as_an_http_1_1_handshake() {
+        let h2 = http::Version::HTTP_2;
+        let connect = http::Method::CONNECT;
+        assert!(websocket_over_h2(&connect, h2, Some("websocket")));
+        assert!(websocket_over_h2(&connect, h2, Some("WebSocket")));
+        assert!(!websocket_over_h2(&connect, h2, Some("connect-udp")));
+        assert!(!websocket_over_h2(&connect, h2, None));
+        assert!(!websocket_over_h2(
+            &http::Method::GET,
+            h2,
+            Some("websocket")
+        ));
+        let h11 = http::Version::HTTP_11;
+        assert!(!websocket_over_h2(&connect, h11, Some("websocket")));
+
+        let mut req = http::Request::builder()
+            .method(connect)
+            .version(h2)
+            .uri("http://chat.demo/chat")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-protocol", "chat.v1")
+            .header("sec-websocket-extensions", "permessage-deflate")
+            .body(())
+            .unwrap();
+        websocket_h2_as_h1(&mut req, *b"the sample nonce");
+        let (mut p, ()) = req.into_parts();
+        p.version = h11;
+        assert!(websocket_upgrade(&p.method, p.version, &p.headers));
+        // RFC 6455 §1.3's own example nonce.
+        assert_eq!(p.headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(p.headers["sec-websocket-protocol"], "chat.v1");
+        assert_eq!(p.headers["sec-websocket-extensions"], "permessage-deflate");
+
+        let mut answer = http::Response::builder()
+            .status(101)
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            .header("sec-websocket-protocol", "chat.v1")
+            .header("content-length", "0")
+            .body(())
+            .unwrap();
+        websocket_answer_for_h2(&mut answer);
+        assert_eq!(answer.status(), 200);
+        let names: Vec<&str> = answer.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["sec-websocket-protocol"]);
     }
 
     #[test]

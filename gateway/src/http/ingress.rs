@@ -1210,7 +1210,7 @@ pub async fn serve<IO>(
         io,
         svc,
         stop,
-        watched.map(|a| (None, a)),
+        (watched.map(|a| (None, a)), false),
         "HTTP over the tunnel",
     )
     .await;

@@ -19,7 +19,7 @@
 //! ([`ClientHold`]) until it, and what it was upgraded to (h2c, a WebSocket), ends.
 //!
 //! Errors a gateway answers itself carry `meshfed-error: <stable code>` (the refusal
-//! codes of the wire protocol, and `endpoint_reset`, `no_site`) and the reason as the
+//! codes of the wire protocol, and `endpoint_reset`, `unsupported_protocol`) and the reason as the
 //! body; the same code is the metric label.
 
 pub mod decide;
@@ -45,6 +45,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub const ERROR_HEADER: &str = "meshfed-error";
 /// A request the endpoint connection lost after it was sent.
 pub const ENDPOINT_RESET: &str = "endpoint_reset";
+/// An h2 extended CONNECT (RFC 8441) for a protocol other than `websocket`.
+pub const UNSUPPORTED_PROTOCOL: &str = "unsupported_protocol";
 
 /// How long a client has to send a request's headers (HTTP/1.1), and how often an idle h2
 /// connection is pinged; a client that sends its headers a byte at a time is cut, so an
@@ -263,11 +265,13 @@ pub(crate) const LINK_RESETS_PENDING_ACCEPT: usize = 256;
 /// graceful way (h2: GOAWAY, streams still open finish), and one whose client reset
 /// too many requests prematurely ([`Activity::abusive`]) is cut at once, as Envoy does.
 /// Without `idle` the connection is an egress's link ([`LINK_RESETS_PENDING_ACCEPT`]).
+/// With `websockets_over_h2`, h2 clients may open WebSockets (RFC 8441: the server
+/// sends `SETTINGS_ENABLE_CONNECT_PROTOCOL`); the service takes them.
 pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     svc: S,
     stop: tokio_util::sync::CancellationToken,
-    idle: Option<(Option<std::time::Duration>, Activity)>,
+    (idle, websockets_over_h2): (Option<(Option<std::time::Duration>, Activity)>, bool),
     what: &'static str,
 ) -> Ended
 where
@@ -288,6 +292,9 @@ where
         builder
             .http2()
             .max_pending_accept_reset_streams(LINK_RESETS_PENDING_ACCEPT);
+    }
+    if websockets_over_h2 {
+        builder.http2().enable_connect_protocol();
     }
     let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);
@@ -603,7 +610,7 @@ mod tests {
             s,
             ok_service(),
             stop.clone(),
-            None,
+            (None, false),
             "link",
         ));
         assert_eq!(resets_then_a_request(c, 100).await, Some(200));
@@ -615,7 +622,7 @@ mod tests {
             s,
             ok_service(),
             stop.clone(),
-            idle,
+            (idle, false),
             "client",
         ));
         assert_eq!(resets_then_a_request(c, 100).await, None);
