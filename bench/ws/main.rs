@@ -14,21 +14,26 @@
 //! - `haproxy`: client → haproxy A (`mode http`) ══mTLS (the sites' certificates,
 //!   HTTP/1.1)══▶ haproxy B (`verify required`) → endpoint; A and B are processes of
 //!   their own (`nbthread` as the gateways' workers).
+//! - `*-h2ws`: the same three L7 paths with WebSockets over h2 (RFC 8441): each client
+//!   holds one h2 connection (hyper's client) and opens its WebSockets on it with an
+//!   extended CONNECT; haproxy's is its h2 frontend (which enables it), over h2 to B.
 //!
 //! For each round and path, at fixed concurrency (`--clients` WebSockets):
 //! - `echo`: round trips per second of a `--size`-byte binary message, each client
 //!   sending its next message when the echo of the last arrives, with the CPU the
 //!   path's proxy processes used per round trip (from `/proc`);
 //! - `bulk`: the same with 64 KiB messages;
-//! - `handshakes`: WebSockets per second, each a TCP connect, the opening handshake, one
-//!   echo and the closing handshake (across haproxy's pair that is a TLS connection
-//!   A→B per WebSocket; across meshfed a tunnel stream);
+//! - `handshakes`: WebSockets per second, each a TCP connect (over h2: a stream on the
+//!   client's connection), the opening handshake, one echo and the closing handshake
+//!   (across haproxy's pair that is a TLS connection A→B per WebSocket; across meshfed
+//!   a tunnel stream);
 //! - then p50/p99 of the small round trip with the clients paced to 60 % of the slowest
 //!   path's echo capacity in that round.
 //!
 //! Prints every figure with the peer's, then ratios with their range over rounds, per
 //! transport; the last lines are `name: value` (the headline lines take the worse
-//! transport).
+//! transport; the `*-h2ws` paths are compared with `haproxy-h2ws`, in lines of their
+//! own: `ws_h2ws_…`, `ws_tcp_h2ws_…`).
 
 #[allow(dead_code)] // nginx, endpoint_certs: http-bench's
 #[path = "../common/procs.rs"]
@@ -93,14 +98,89 @@ async fn echo(addr: SocketAddr) -> Result<()> {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+/// A WebSocket's bytes: a TCP connection, or an h2 stream (RFC 8441).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+/// How a client opens its WebSockets.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    /// A TCP connection and an HTTP/1.1 upgrade each.
+    H1,
+    /// One h2 connection per client, an extended CONNECT (RFC 8441) each.
+    H2,
+}
+
+/// A client's h2 connection (hyper's client), and whether the server's SETTINGS (which
+/// must enable the extended CONNECT) have been seen: until then, a CONNECT is refused
+/// locally, and tried again.
+struct H2Conn {
+    send: hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    settled: bool,
+}
+
+impl H2Conn {
+    async fn connect(addr: SocketAddr) -> Result<Self> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await?;
+        tokio::spawn(conn);
+        Ok(Self {
+            send,
+            settled: false,
+        })
+    }
+
+    async fn open(&mut self, addr: SocketAddr) -> Result<Ws> {
+        let began = Instant::now();
+        let answer = loop {
+            let mut req = hyper::Request::connect(format!("http://{addr}/echo"))
+                .header("sec-websocket-version", "13")
+                .body(http_body_util::Empty::new())?;
+            req.extensions_mut()
+                .insert(hyper::ext::Protocol::from_static("websocket"));
+            self.send.ready().await?;
+            match self.send.send_request(req).await {
+                Ok(a) => break a,
+                Err(_) if !self.settled && began.elapsed() < Duration::from_secs(2) => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.settled = true;
+        ensure!(answer.status() == 200, "h2 handshake: {}", answer.status());
+        let up = hyper::upgrade::on(answer).await?;
+        let io: Box<dyn Io> = Box::new(hyper_util::rt::TokioIo::new(up));
+        Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(
+            io,
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await)
+    }
+}
 
 async fn open(addr: SocketAddr) -> Result<Ws> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let (ws, answer) = tokio_tungstenite::client_async(format!("ws://{addr}/echo"), tcp).await?;
+    let io: Box<dyn Io> = Box::new(tcp);
+    let (ws, answer) = tokio_tungstenite::client_async(format!("ws://{addr}/echo"), io).await?;
     ensure!(answer.status() == 101, "handshake: {}", answer.status());
     Ok(ws)
+}
+
+/// A client's next WebSocket: over its h2 connection when it has one.
+async fn open_by(addr: SocketAddr, h2: &mut Option<H2Conn>) -> Result<Ws> {
+    match h2 {
+        Some(c) => c.open(addr).await,
+        None => open(addr).await,
+    }
 }
 
 /// Sends `payload` and waits for its echo.
@@ -145,7 +225,7 @@ struct Run {
     lat_us: Vec<u64>,
 }
 
-async fn measure(addr: SocketAddr, clients: u32, secs: u64, load: Load) -> Run {
+async fn measure((addr, client): (SocketAddr, Client), clients: u32, secs: u64, load: Load) -> Run {
     let counting = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
@@ -155,10 +235,14 @@ async fn measure(addr: SocketAddr, clients: u32, secs: u64, load: Load) -> Run {
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let r: Result<()> = async {
+                let mut h2 = match client {
+                    Client::H1 => None,
+                    Client::H2 => Some(H2Conn::connect(addr).await?),
+                };
                 match load {
                     Load::Echo(size, pace) => {
                         let payload = bytes::Bytes::from(vec![7u8; size]);
-                        let mut ws = open(addr).await?;
+                        let mut ws = open_by(addr, &mut h2).await?;
                         let mut tick = pace.map(|r| {
                             let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
                             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -182,7 +266,7 @@ async fn measure(addr: SocketAddr, clients: u32, secs: u64, load: Load) -> Run {
                     Load::Handshakes => {
                         let payload = bytes::Bytes::from_static(b"sixteen bytes...");
                         while !done.load(Ordering::Relaxed) {
-                            let mut ws = open(addr).await?;
+                            let mut ws = open_by(addr, &mut h2).await?;
                             round_trip(&mut ws, &payload).await?;
                             close(ws).await?;
                             if counting.load(Ordering::Relaxed) {
@@ -233,6 +317,10 @@ fn pct(v: &[u64], q: f64) -> u64 {
 /// One echo, for the readiness waits (their check is synchronous: on a thread of its
 /// own, off the bench's runtime).
 fn answers(addr: SocketAddr) -> bool {
+    answers_by(addr, Client::H1)
+}
+
+fn answers_by(addr: SocketAddr, client: Client) -> bool {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -240,7 +328,11 @@ fn answers(addr: SocketAddr) -> bool {
             .ok()?;
         rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(2), async {
-                let mut ws = open(addr).await?;
+                let mut h2 = match client {
+                    Client::H1 => None,
+                    Client::H2 => Some(H2Conn::connect(addr).await?),
+                };
+                let mut ws = open_by(addr, &mut h2).await?;
                 round_trip(&mut ws, &bytes::Bytes::from_static(b"ready?")).await?;
                 close(ws).await
             })
@@ -339,22 +431,51 @@ async fn main() -> Result<()> {
     procs.0.extend(pair);
     let haproxy = at(lo, front_h1);
     wait_for("haproxy", || answers(haproxy)).await?;
+    wait_for("haproxy's h2 frontend", || {
+        answers_by(at(lo, front_h2), Client::H2)
+    })
+    .await?;
+    wait_for("the import over h2", || {
+        answers_by(at(import_ip, l7_port), Client::H2)
+    })
+    .await?;
 
-    let paths: Vec<(&str, SocketAddr, Vec<u32>)> = {
+    let paths: Vec<(&str, (SocketAddr, Client), Vec<u32>)> = {
         let gw = |names: &[&str]| names.iter().map(|n| gateway_pid[n]).collect::<Vec<_>>();
+        let h1 = |a: SocketAddr| (a, Client::H1);
+        let h2 = |a: SocketAddr| (a, Client::H2);
         vec![
-            ("direct", endpoint, Vec::new()),
-            ("haproxy", haproxy, haproxy_pids),
-            ("meshfed-l4", at(import_ip, l4_port), gw(&["east", "west"])),
-            ("meshfed-l7", at(import_ip, l7_port), gw(&["east", "west"])),
+            ("direct", h1(endpoint), Vec::new()),
+            ("haproxy", h1(haproxy), haproxy_pids.clone()),
+            (
+                "meshfed-l4",
+                h1(at(import_ip, l4_port)),
+                gw(&["east", "west"]),
+            ),
+            (
+                "meshfed-l7",
+                h1(at(import_ip, l7_port)),
+                gw(&["east", "west"]),
+            ),
             (
                 "meshfed-l4-tcp",
-                at(tcp_ip, l4_port),
+                h1(at(tcp_ip, l4_port)),
                 gw(&["south", "west"]),
             ),
             (
                 "meshfed-l7-tcp",
-                at(tcp_ip, l7_port),
+                h1(at(tcp_ip, l7_port)),
+                gw(&["south", "west"]),
+            ),
+            ("haproxy-h2ws", h2(at(lo, front_h2)), haproxy_pids),
+            (
+                "meshfed-l7-h2ws",
+                h2(at(import_ip, l7_port)),
+                gw(&["east", "west"]),
+            ),
+            (
+                "meshfed-l7-tcp-h2ws",
+                h2(at(tcp_ip, l7_port)),
                 gw(&["south", "west"]),
             ),
         ]
@@ -420,11 +541,32 @@ async fn main() -> Result<()> {
     use procs::{range, ratio};
     println!("\nratios per round (same run), range and mean:");
     let mut lines = Vec::new();
-    // Headline: the worse transport (lowest throughput ratios, highest latency/CPU).
-    let mut worst: BTreeMap<&str, f64> = BTreeMap::new();
-    for (transport, l7, l4, tag) in [
-        ("quic", "meshfed-l7", "meshfed-l4", ""),
-        ("h2 transport", "meshfed-l7-tcp", "meshfed-l4-tcp", "tcp_"),
+    // Headline: the worse transport (lowest throughput ratios, highest latency/CPU),
+    // for HTTP/1.1 WebSockets and for WebSockets over h2 (each against haproxy's own).
+    let mut worst: BTreeMap<String, f64> = BTreeMap::new();
+    for (transport, l7, l4, peer, (kind, tag)) in [
+        ("quic", "meshfed-l7", "meshfed-l4", "haproxy", ("", "")),
+        (
+            "h2 transport",
+            "meshfed-l7-tcp",
+            "meshfed-l4-tcp",
+            "haproxy",
+            ("", "tcp_"),
+        ),
+        (
+            "quic",
+            "meshfed-l7-h2ws",
+            "meshfed-l4",
+            "haproxy-h2ws",
+            ("h2ws_", "h2ws_"),
+        ),
+        (
+            "h2 transport",
+            "meshfed-l7-tcp-h2ws",
+            "meshfed-l4-tcp",
+            "haproxy-h2ws",
+            ("h2ws_", "tcp_h2ws_"),
+        ),
     ] {
         for (what, lower_is_better) in [
             ("echo", false),
@@ -435,12 +577,12 @@ async fn main() -> Result<()> {
             ("bulk_cpu", true),
             ("handshakes_cpu", true),
         ] {
-            let v = ratio(&fig[&(what, l7)], &fig[&(what, "haproxy")]);
+            let v = ratio(&fig[&(what, l7)], &fig[&(what, peer)]);
             let (lo, hi, m) = range(&v);
-            println!("  {transport} {l7} / haproxy {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
+            println!("  {transport} {l7} / {peer} {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
             lines.push(format!("ws_{tag}{what}_ratio_vs_haproxy: {m:.3}"));
             let w = worst
-                .entry(what)
+                .entry(format!("{kind}{what}"))
                 .or_insert(if lower_is_better { f64::MIN } else { f64::MAX });
             *w = if lower_is_better { w.max(m) } else { w.min(m) };
         }
