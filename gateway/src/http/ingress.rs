@@ -1217,8 +1217,15 @@ pub async fn serve<IO>(
     if ended == super::Ended::PrematureResets {
         up.metrics.refused("ingress", "premature_resets");
         if up.premature_warned.due() {
-            tracing::warn!(service = %service, source = %source, client = ?client,
-                "client stream cut: its client reset its requests right after sending them (premature_resets, HTTP/2 rapid reset)");
+            match client {
+                Some(_) => tracing::warn!(service = %service, source = %source, client = ?client,
+                    "client stream cut: its client reset its requests right after sending them (premature_resets, HTTP/2 rapid reset)"),
+                // The egress judges each of its clients; only a burst of their cancels
+                // larger than the link's bound, waiting on a slow accept, gets here.
+                None => tracing::warn!(service = %service, source = %source,
+                    bound = super::LINK_RESETS_PENDING_ACCEPT,
+                    "HTTP link cut: more of its streams were reset before this gateway accepted them than h2 allows (premature_resets); every request on it failed"),
+            }
         }
     }
 }

@@ -264,7 +264,8 @@ pub(crate) const LINK_RESETS_PENDING_ACCEPT: usize = 256;
 /// flight for that long is shut down the same
 /// graceful way (h2: GOAWAY, streams still open finish), and one whose client reset
 /// too many requests prematurely ([`Activity::abusive`]) is cut at once, as Envoy does.
-/// Without `idle` the connection is an egress's link ([`LINK_RESETS_PENDING_ACCEPT`]).
+/// Without `idle` the connection is an egress's link ([`LINK_RESETS_PENDING_ACCEPT`]),
+/// which ends [`Ended::PrematureResets`] only when it passes that bound.
 /// With `websockets_over_h2`, h2 clients may open WebSockets (RFC 8441: the server
 /// sends `SETTINGS_ENABLE_CONNECT_PROTOCOL`); the service takes them.
 pub(crate) async fn serve_connection<IO, S, B>(
@@ -314,8 +315,9 @@ where
         r = conn.as_mut() => {
             return match r {
                 Ok(()) => Ended::Closed,
-                // h2's own bound on the same attack: resets of streams not yet accepted.
-                Err(e) if idle.is_some() && cut_by_h2_for_resets(&*e) => Ended::PrematureResets,
+                // h2's own bound on the same attack: resets of streams not yet accepted
+                // (a link's is LINK_RESETS_PENDING_ACCEPT).
+                Err(e) if cut_by_h2_for_resets(&*e) => Ended::PrematureResets,
                 Err(e) => {
                     tracing::debug!(error = %e, "{what} ended");
                     Ended::Closed
@@ -628,7 +630,22 @@ mod tests {
         assert_eq!(resets_then_a_request(c, 100).await, None);
         assert!(client.await.unwrap() == Ended::PrematureResets);
         stop.cancel();
-        link.await.unwrap();
+        // Ended by its client's close (or the drain), not cut.
+        assert!(link.await.unwrap() != Ended::PrematureResets);
+
+        // Past its own bound a link is cut too, and says why.
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let link = tokio::spawn(serve_connection(
+            s,
+            ok_service(),
+            stop,
+            (None, false),
+            "link",
+        ));
+        let n = LINK_RESETS_PENDING_ACCEPT + 50;
+        assert_eq!(resets_then_a_request(c, n).await, None);
+        assert!(link.await.unwrap() == Ended::PrematureResets);
     }
 
     #[tokio::test]
