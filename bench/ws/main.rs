@@ -28,13 +28,21 @@
 //!   (across haproxy's pair that is a TLS connection A→B per WebSocket; across meshfed
 //!   a tunnel stream);
 //! - then p50/p99 of the small round trip with the clients paced to 60 % of the slowest
-//!   path's echo capacity in that round.
+//!   path's echo capacity in that round;
+//! - then `idle_kib`: the resident memory the path's proxy processes gain per open, idle
+//!   WebSocket (`--idle` of them, each opened with one echo so both splices run, held
+//!   for a second; VmRSS from `/proc`), a chat or notification service's load. The
+//!   path's proxies are restarted first: an allocator keeps what the earlier figures
+//!   freed (haproxy's pools never give it back), which would hide the cost.
 //!
 //! Prints every figure with the peer's, then ratios with their range over rounds, per
 //! transport; the last lines are `name: value` (the headline lines take the worse
 //! transport; the `*-h2ws` paths are compared with `haproxy-h2ws`, in lines of their
 //! own: `ws_h2ws_…`, `ws_tcp_h2ws_…`).
 
+#[allow(dead_code)] // the flood itself: flood-bench's; here its rss_bytes
+#[path = "../common/flood.rs"]
+mod flood;
 #[allow(dead_code)] // nginx, endpoint_certs: http-bench's
 #[path = "../common/procs.rs"]
 mod procs;
@@ -67,6 +75,9 @@ struct Cli {
     /// Concurrent WebSockets.
     #[arg(long, default_value_t = 32)]
     clients: u32,
+    /// WebSockets held open for the `idle_kib` figure.
+    #[arg(long, default_value_t = 2000)]
+    idle: u32,
     /// Bytes per message of the `echo` figure.
     #[arg(long, default_value_t = 128)]
     size: usize,
@@ -206,6 +217,53 @@ async fn close(mut ws: Ws) -> Result<()> {
     })
     .await
     .context("closing handshake: no close within 2 s")?
+}
+
+/// The resident memory (KiB) the processes `pids` gain per WebSocket while `n` are
+/// open and idle, opened by `clients` tasks (over h2: one connection each), each with
+/// one echo, so every splice runs; then closed.
+async fn idle_kib(
+    (addr, client): (SocketAddr, Client),
+    n: u32,
+    clients: u32,
+    pids: &[u32],
+) -> Result<f64> {
+    let rss = |pids: &[u32]| pids.iter().map(|p| flood::rss_bytes(*p)).sum::<u64>();
+    // Let a freshly started proxy settle first (what its start allocated and freed).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss(pids);
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let share = n / clients + u32::from(i < n % clients);
+        tasks.push(tokio::spawn(async move {
+            let mut h2 = match client {
+                Client::H1 => None,
+                Client::H2 => Some(H2Conn::connect(addr).await?),
+            };
+            let mut held = Vec::new();
+            for _ in 0..share {
+                let mut ws = open_by(addr, &mut h2).await?;
+                round_trip(&mut ws, &bytes::Bytes::from_static(b"hold")).await?;
+                held.push(ws);
+            }
+            Ok::<_, anyhow::Error>((h2, held))
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(t.await??);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss(pids);
+    for (_, wss) in held.iter_mut() {
+        for ws in wss.drain(..) {
+            close(ws).await?;
+        }
+    }
+    drop(held);
+    // Let the proxies release them before the next path.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok((after as f64 - before as f64) / 1024.0 / f64::from(n))
 }
 
 #[derive(Clone, Copy)]
@@ -379,7 +437,7 @@ async fn main() -> Result<()> {
     let import_ip = [127, 0, 0, 2];
     let tcp_ip = [127, 0, 0, 5];
     let (l7_port, l4_port) = (free_port(import_ip)?, free_port(import_ip)?);
-    let mut gateway_pid = BTreeMap::new();
+    let mut proxies = Proxies::default();
     let fed_cfg = |s: &meshfed_lab::SiteFiles, ip: [u8; 4]| ConfigBuilder {
         federation: Some((s.dir.clone(), ip.into())),
         workers: Some(cli.threads),
@@ -397,14 +455,18 @@ async fn main() -> Result<()> {
     }
     for ((name, c), s) in configs.into_iter().zip([west, east, south]) {
         let cfg = c.write(s)?;
-        let child = spawn(
-            Command::new(&meshfed)
-                .args(["gateway", "run", "-c"])
-                .arg(&cfg),
-            &dir.join(format!("{name}.log")),
-        )?;
-        gateway_pid.insert(name, child.id());
-        procs.0.push(child);
+        let start: Start = Box::new({
+            let (meshfed, dir) = (meshfed.clone(), dir.clone());
+            move |n| {
+                Ok(vec![spawn(
+                    Command::new(&meshfed)
+                        .args(["gateway", "run", "-c"])
+                        .arg(&cfg),
+                    &dir.join(format!("{name}-{n}.log")),
+                )?])
+            }
+        });
+        proxies.add(name, start)?;
     }
     let at = |ip: [u8; 4], port: u16| SocketAddr::from((ip, port));
     for a in [
@@ -418,17 +480,21 @@ async fn main() -> Result<()> {
 
     // The haproxy pair, with the sites' certificates (east's as the client's).
     let (front_h1, front_h2, b_west) = (free_port(lo)?, free_port(lo)?, free_port(lo)?);
-    let pair = haproxy_pair(
-        &dir,
-        (east, west),
-        (front_h1, front_h2),
-        &[("west", b_west, endpoint.port())],
-        "",
-        (true, cli.threads),
-        "ws",
-    )?;
-    let haproxy_pids: Vec<u32> = pair.iter().map(Child::id).collect();
-    procs.0.extend(pair);
+    let start: Start = Box::new({
+        let (dir, east, west, threads) = (dir.clone(), east.clone(), west.clone(), cli.threads);
+        move |_| {
+            haproxy_pair(
+                &dir,
+                (&east, &west),
+                (front_h1, front_h2),
+                &[("west", b_west, endpoint.port())],
+                "",
+                (true, threads),
+                "ws",
+            )
+        }
+    });
+    proxies.add("haproxy", start)?;
     let haproxy = at(lo, front_h1);
     wait_for("haproxy", || answers(haproxy)).await?;
     wait_for("haproxy's h2 frontend", || {
@@ -440,44 +506,21 @@ async fn main() -> Result<()> {
     })
     .await?;
 
-    let paths: Vec<(&str, (SocketAddr, Client), Vec<u32>)> = {
-        let gw = |names: &[&str]| names.iter().map(|n| gateway_pid[n]).collect::<Vec<_>>();
+    // Each path with the proxies it crosses (by name in `proxies`).
+    let paths: Vec<(&str, (SocketAddr, Client), &[&str])> = {
         let h1 = |a: SocketAddr| (a, Client::H1);
         let h2 = |a: SocketAddr| (a, Client::H2);
+        let (quic, tcp): (&[&str], &[&str]) = (&["east", "west"], &["south", "west"]);
         vec![
-            ("direct", h1(endpoint), Vec::new()),
-            ("haproxy", h1(haproxy), haproxy_pids.clone()),
-            (
-                "meshfed-l4",
-                h1(at(import_ip, l4_port)),
-                gw(&["east", "west"]),
-            ),
-            (
-                "meshfed-l7",
-                h1(at(import_ip, l7_port)),
-                gw(&["east", "west"]),
-            ),
-            (
-                "meshfed-l4-tcp",
-                h1(at(tcp_ip, l4_port)),
-                gw(&["south", "west"]),
-            ),
-            (
-                "meshfed-l7-tcp",
-                h1(at(tcp_ip, l7_port)),
-                gw(&["south", "west"]),
-            ),
-            ("haproxy-h2ws", h2(at(lo, front_h2)), haproxy_pids),
-            (
-                "meshfed-l7-h2ws",
-                h2(at(import_ip, l7_port)),
-                gw(&["east", "west"]),
-            ),
-            (
-                "meshfed-l7-tcp-h2ws",
-                h2(at(tcp_ip, l7_port)),
-                gw(&["south", "west"]),
-            ),
+            ("direct", h1(endpoint), &[]),
+            ("haproxy", h1(haproxy), &["haproxy"]),
+            ("meshfed-l4", h1(at(import_ip, l4_port)), quic),
+            ("meshfed-l7", h1(at(import_ip, l7_port)), quic),
+            ("meshfed-l4-tcp", h1(at(tcp_ip, l4_port)), tcp),
+            ("meshfed-l7-tcp", h1(at(tcp_ip, l7_port)), tcp),
+            ("haproxy-h2ws", h2(at(lo, front_h2)), &["haproxy"]),
+            ("meshfed-l7-h2ws", h2(at(import_ip, l7_port)), quic),
+            ("meshfed-l7-tcp-h2ws", h2(at(tcp_ip, l7_port)), tcp),
         ]
     };
     println!(
@@ -488,7 +531,8 @@ async fn main() -> Result<()> {
     let mut fig: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
     for round in 0..cli.rounds {
         let mut capacity = f64::MAX;
-        for (name, addr, pids) in &paths {
+        for (name, addr, names) in &paths {
+            let pids = &proxies.pids(names);
             for (what, load) in [
                 ("echo", Load::Echo(cli.size, None)),
                 ("bulk", Load::Echo(64 * 1024, None)),
@@ -535,7 +579,29 @@ async fn main() -> Result<()> {
             fig.entry(("p50", name)).or_default().push(a as f64);
             fig.entry(("p99", name)).or_default().push(b as f64);
         }
+        for (name, addr, names) in &paths {
+            if names.is_empty() {
+                continue;
+            }
+            // Fresh processes (see the header), ready when the path answers again.
+            for n in names.iter() {
+                proxies.restart(n)?;
+            }
+            wait_for(&format!("{name} after its proxies' restart"), || {
+                answers_by(addr.0, addr.1)
+            })
+            .await?;
+            let kib = idle_kib(*addr, cli.idle, cli.clients, &proxies.pids(names))
+                .await
+                .with_context(|| format!("{name} idle (logs: {})", dir.display()))?;
+            println!(
+                "round {round} {name:<14} {} idle WebSockets: {kib:>6.1} KiB each (proxies' RSS)",
+                cli.idle
+            );
+            fig.entry(("idle_kib", name)).or_default().push(kib);
+        }
     }
+    drop(proxies);
     drop(procs);
 
     use procs::{range, ratio};
@@ -576,6 +642,7 @@ async fn main() -> Result<()> {
             ("echo_cpu", true),
             ("bulk_cpu", true),
             ("handshakes_cpu", true),
+            ("idle_kib", true),
         ] {
             let v = ratio(&fig[&(what, l7)], &fig[&(what, peer)]);
             let (lo, hi, m) = range(&v);
@@ -585,6 +652,14 @@ async fn main() -> Result<()> {
                 .entry(format!("{kind}{what}"))
                 .or_insert(if lower_is_better { f64::MIN } else { f64::MAX });
             *w = if lower_is_better { w.max(m) } else { w.min(m) };
+        }
+        if kind.is_empty() {
+            // The L4 path's idle WebSocket (a `tcp` port: the TCP splice) against the
+            // same peer.
+            let v = ratio(&fig[&("idle_kib", l4)], &fig[&("idle_kib", peer)]);
+            let (lo, hi, m) = range(&v);
+            println!("  {transport} {l4} / {peer} idle_kib: {lo:.3}–{hi:.3} (mean {m:.3})");
+            lines.push(format!("ws_{tag}l4_idle_kib_ratio_vs_haproxy: {m:.3}"));
         }
         for what in ["echo", "handshakes"] {
             let v = ratio(&fig[&(what, l7)], &fig[&(what, l4)]);
@@ -601,6 +676,38 @@ async fn main() -> Result<()> {
         println!("ws_{what}_ratio_vs_haproxy_worse_transport: {v:.3}");
     }
     Ok(())
+}
+
+/// Starts a proxy's processes; its argument counts the starts (for log names).
+type Start = Box<dyn Fn(u32) -> Result<Vec<Child>>>;
+
+/// The proxies of the paths by name, each with how to start it again: the idle figure
+/// restarts them. Killed on drop.
+#[derive(Default)]
+struct Proxies(BTreeMap<&'static str, (Start, u32, Procs)>);
+
+impl Proxies {
+    fn add(&mut self, name: &'static str, start: Start) -> Result<()> {
+        let procs = Procs(start(0).with_context(|| format!("starting {name}"))?);
+        self.0.insert(name, (start, 0, procs));
+        Ok(())
+    }
+
+    /// Kills `name`'s processes and starts them again.
+    fn restart(&mut self, name: &str) -> Result<()> {
+        let (start, n, procs) = self.0.get_mut(name).context("no such proxy")?;
+        *procs = Procs(Vec::new());
+        *n += 1;
+        *procs = Procs(start(*n).with_context(|| format!("restarting {name}"))?);
+        Ok(())
+    }
+
+    fn pids(&self, names: &[&str]) -> Vec<u32> {
+        names
+            .iter()
+            .flat_map(|n| self.0[n].2.0.iter().map(Child::id))
+            .collect()
+    }
 }
 
 fn cpu_key(what: &str) -> &'static str {

@@ -17,16 +17,46 @@ use tokio_util::sync::CancellationToken;
 
 use crate::wire::app_code;
 
-/// Least room offered to one TCP read: large enough that the QUIC side packs full GSO
-/// batches.
+/// Least room offered to one TCP read once the flow is fast: large enough that the QUIC
+/// side packs full GSO batches.
 const TCP_READ: usize = 64 * 1024;
 /// Size of the buffer TCP reads are sliced from, once the flow has shown it is fast.
 const TCP_BUF: usize = 1024 * 1024;
-/// The buffer a splice starts with. Most connections carry requests and answers of a
-/// few KiB; a 1 MiB buffer for each (above glibc's mmap threshold: an mmap and munmap
-/// per connection) cost the kernel's memory management enough under a connection churn
-/// to put 20-40 ms stalls into the latency tail (bench/tunnel, 2026-11-29).
-const TCP_BUF_MIN: usize = 64 * 1024;
+/// The buffer a splice starts with, and goes back to when its flow turns quiet: the
+/// buffer a read waits on. Most connections carry requests and answers of a few KiB,
+/// and many (WebSockets, database and message-broker connections) sit idle for hours: a
+/// 64 KiB buffer each was 117-133 KiB per idle WebSocket across the two gateways
+/// (bench/ws's `idle_kib`, 2026-12-04), against haproxy's 54. A 1 MiB buffer for each
+/// had cost the kernel's memory management enough under a connection churn to put
+/// 20-40 ms stalls into the latency tail (bench/tunnel, 2026-11-29).
+pub(crate) const TCP_BUF_MIN: usize = 4 * 1024;
+
+/// How long a read may wait on a buffer larger than [`TCP_BUF_MIN`]: past it the flow
+/// is quiet, and the read goes on with a small one (reads are cancel-safe), so a
+/// connection that had a burst and then idles for hours holds 4 KiB, not 1 MiB.
+pub(crate) const QUIET: Duration = Duration::from_secs(1);
+
+/// The room to offer a splice's next read, after a read of `n` bytes into `offered`
+/// while the size was `size`: doubled up to `max` when the read filled at least half
+/// of it (the flow is fast), halved down to `min` when it brought less than `min` (a
+/// trickle; halved, not reset, so that the short tail of each message of a bulk
+/// exchange costs one regrowth read, not four), else the same. Pure; a wait longer
+/// than [`QUIET`] sends a large buffer back to `min` at once.
+pub(crate) fn next_read_size(
+    n: usize,
+    offered: usize,
+    size: usize,
+    (min, max): (usize, usize),
+) -> usize {
+    if n * 2 >= offered {
+        (size * 2).min(max).max(size)
+    } else if n < min {
+        (size / 2).max(min)
+    } else {
+        size
+    }
+}
+
 /// Most chunks taken from the tunnel for one writev.
 pub const QUIC_BATCH: usize = 32;
 
@@ -218,22 +248,38 @@ where
         let up = async {
             // One buffer, sliced into chunks that the tunnel keeps until they are sent
             // (QUIC: acknowledged); `reserve` reclaims the allocation once they are all
-            // dropped, so a bulk transfer allocates rarely. It starts small and doubles
-            // up to TCP_BUF while reads fill what they are offered (buffers that grow
-            // with the flow).
+            // dropped, so a bulk transfer allocates rarely. It starts small, doubles up
+            // to TCP_BUF while reads fill what they are offered, and shrinks when the
+            // flow trickles ([`next_read_size`]) or goes quiet ([`QUIET`]), so that an
+            // idle connection's read does not hold a large one.
             let mut size = TCP_BUF_MIN;
             let mut buf = BytesMut::with_capacity(size);
             loop {
-                if buf.capacity() < size.min(TCP_READ) {
+                if size == TCP_BUF_MIN {
+                    // Quiet: a fresh small buffer when this one is large (a new
+                    // BytesMut: `reserve` on a split one allocates at least its
+                    // original capacity) or nearly used up.
+                    if buf.capacity() > 2 * TCP_BUF_MIN || buf.capacity() < TCP_BUF_MIN / 2 {
+                        buf = BytesMut::with_capacity(TCP_BUF_MIN);
+                    }
+                } else if buf.capacity() < size.min(TCP_READ) {
                     buf.reserve(size);
                 }
                 let offered = buf.capacity();
-                let r = tr.read_buf(&mut buf).await;
-                // A read that filled half of what it was offered: the flow is fast.
-                if let Ok(n) = r
-                    && n * 2 >= offered
-                {
-                    size = (size * 2).min(TCP_BUF);
+                let r = if size > TCP_BUF_MIN {
+                    match tokio::time::timeout(QUIET, tr.read_buf(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            // Quiet: wait on a small buffer instead (nothing was read).
+                            size = TCP_BUF_MIN;
+                            continue;
+                        }
+                    }
+                } else {
+                    tr.read_buf(&mut buf).await
+                };
+                if let Ok(n) = r {
+                    size = next_read_size(n, offered, size, (TCP_BUF_MIN, TCP_BUF));
                 }
                 match r {
                     Ok(0) => {
@@ -338,4 +384,43 @@ async fn write_all_chunks<W: tokio::io::AsyncWrite + Unpin>(
 pub fn reset_tcp(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_size_grows_while_reads_fill_it_and_halves_while_it_trickles() {
+        const K: usize = 1024;
+        let bounds = (4 * K, 1024 * K);
+        for (n, offered, size, want) in [
+            // The first read filled half its 4 KiB: twice as much next.
+            (2 * K, 4 * K, 4 * K, 8 * K),
+            (4 * K, 4 * K, 4 * K, 8 * K),
+            // A small message: stays small.
+            (100, 4 * K, 4 * K, 4 * K),
+            // Fast up to the bound, never past it.
+            (600 * K, 1024 * K, 1024 * K, 1024 * K),
+            (300 * K, 512 * K, 512 * K, 1024 * K),
+            // Offered more than the size (capacity left over): judged on the offer.
+            (40 * K, 100 * K, 64 * K, 64 * K),
+            // Fast flow, a read of 10 KiB into 1 MiB: keeps its size (a bulk flow's
+            // reads return what the socket holds).
+            (10 * K, 1024 * K, 1024 * K, 1024 * K),
+            // A trickle (less than the minimum): halved, down to the minimum.
+            (4 * K - 1, 1024 * K, 1024 * K, 512 * K),
+            (3, 64 * K, 64 * K, 32 * K),
+            (3, 8 * K, 8 * K, 4 * K),
+            (3, 4 * K, 4 * K, 4 * K),
+            // The end of the stream (0) on a fast flow.
+            (0, 1024 * K, 1024 * K, 512 * K),
+        ] {
+            assert_eq!(
+                next_read_size(n, offered, size, bounds),
+                want,
+                "{n} read into {offered} at size {size}"
+            );
+        }
+    }
 }

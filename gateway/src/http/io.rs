@@ -8,6 +8,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use crate::splice::{QUIET, TCP_BUF_MIN, next_read_size};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -243,8 +244,50 @@ pub enum BytesEnded {
     Idle,
 }
 
-/// The copy buffer of each direction of an upgraded connection's splice.
+/// The largest copy buffer of each direction of an upgraded connection's splice: 64 KiB
+/// (tokio's default 8 KiB halved the throughput of 64 KiB WebSocket messages in
+/// ws-bench).
 const UPGRADED_BUF: usize = 64 * 1024;
+
+/// Copies `r` to `w` until `r` ends, then shuts `w` down: a half-close crosses, and the
+/// other direction goes on. The buffer starts at the TCP splice's small size, grows
+/// with the flow and shrinks when it trickles ([`next_read_size`]) or goes quiet
+/// ([`QUIET`]): most
+/// WebSockets carry small messages and many sit idle for hours, and two 64 KiB buffers
+/// at once, at each gateway, were 221-245 KiB per idle WebSocket across the two
+/// (bench/ws's `idle_kib`, 2026-12-04; haproxy's pair: 54).
+async fn copy_growing<R, W>(r: &mut R, w: &mut W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; TCP_BUF_MIN];
+    loop {
+        let n = if buf.len() > TCP_BUF_MIN {
+            match tokio::time::timeout(QUIET, r.read(&mut buf)).await {
+                Ok(n) => n?,
+                Err(_) => {
+                    // Quiet: wait on a small buffer instead (nothing was read).
+                    buf = vec![0u8; TCP_BUF_MIN];
+                    continue;
+                }
+            }
+        } else {
+            r.read(&mut buf).await?
+        };
+        if n == 0 {
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        let size = next_read_size(n, buf.len(), buf.len(), (TCP_BUF_MIN, UPGRADED_BUF));
+        if size != buf.len() {
+            // A new buffer, not a resized one: a smaller Vec keeps its allocation.
+            buf = vec![0u8; size];
+        }
+    }
+}
 
 /// Copies an upgraded connection's bytes both ways (a WebSocket after its `101`) until
 /// both sides have closed or either fails, or nothing crosses for `idle` when given
@@ -258,17 +301,17 @@ where
     use std::sync::atomic::Ordering;
     let since = std::time::Instant::now();
     let last = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (mut a, mut b) = (
-        Touched {
+    let ((mut ar, mut aw), (mut br, mut bw)) = (
+        tokio::io::split(Touched {
             io: a,
             since,
             last: last.clone(),
-        },
-        Touched {
+        }),
+        tokio::io::split(Touched {
             io: b,
             since,
             last: last.clone(),
-        },
+        }),
     );
     let watch = async {
         let Some(idle) = idle else {
@@ -285,9 +328,66 @@ where
         }
     };
     tokio::select! {
-        // 64 KiB each way, as the TCP splice starts (tokio's default 8 KiB halved the
-        // throughput of 64 KiB WebSocket messages in ws-bench).
-        r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, UPGRADED_BUF, UPGRADED_BUF) => BytesEnded::Closed(r.err().map(|e| e.to_string())),
+        // Both ways until both have ended, or either fails.
+        r = async {
+            tokio::try_join!(copy_growing(&mut ar, &mut bw), copy_growing(&mut br, &mut aw))
+        } => BytesEnded::Closed(r.err().map(|e| e.to_string())),
         () = watch => BytesEnded::Idle,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Bytes cross both ways whole (1 MiB, through buffers that start at 4 KiB), a
+    /// half-close crosses while the other way goes on, and the copy ends when both
+    /// ways have.
+    #[tokio::test]
+    async fn upgraded_bytes_cross_both_ways_with_half_close() {
+        let (mut client, a) = tokio::io::duplex(16 * 1024);
+        let (b, mut endpoint) = tokio::io::duplex(16 * 1024);
+        let copy = tokio::spawn(upgraded_bytes(a, b, None));
+        let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            // Half-close: the endpoint sees the end, and can still answer.
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        endpoint.read_to_end(&mut got).await.unwrap();
+        assert!(got == big, "{} bytes of {}", got.len(), big.len());
+        endpoint.write_all(b"after the half-close").await.unwrap();
+        endpoint.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"after the half-close");
+        assert_eq!(copy.await.unwrap(), BytesEnded::Closed(None));
+    }
+
+    /// Nothing crossing for the idle time ends the copy; bytes crossing put it off.
+    #[tokio::test]
+    async fn upgraded_bytes_end_after_the_idle_time() {
+        let (mut client, a) = tokio::io::duplex(1024);
+        let (b, mut endpoint) = tokio::io::duplex(1024);
+        let idle = std::time::Duration::from_millis(300);
+        let began = std::time::Instant::now();
+        let copy = tokio::spawn(upgraded_bytes(a, b, Some(idle)));
+        for _ in 0..3 {
+            tokio::time::sleep(idle / 2).await;
+            client.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            endpoint.read_exact(&mut got).await.unwrap();
+        }
+        assert_eq!(copy.await.unwrap(), BytesEnded::Idle);
+        // Three half-idle pauses, then a whole idle time.
+        assert!(
+            began.elapsed() >= idle / 2 * 3 + idle,
+            "{:?}",
+            began.elapsed()
+        );
     }
 }
