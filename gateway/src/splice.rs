@@ -25,7 +25,7 @@ const TCP_BUF: usize = 1024 * 1024;
 /// The buffer a splice starts with, and goes back to when its flow turns quiet: the
 /// buffer a read waits on. Most connections carry requests and answers of a few KiB,
 /// and many (WebSockets, database and message-broker connections) sit idle for hours: a
-/// 64 KiB buffer each was 117-133 KiB per idle WebSocket across the two gateways
+/// 64 KiB buffer each was 119-152 KiB per idle WebSocket across the two gateways
 /// (bench/ws's `idle_kib`, 2026-12-04), against haproxy's 54. A 1 MiB buffer for each
 /// had cost the kernel's memory management enough under a connection churn to put
 /// 20-40 ms stalls into the latency tail (bench/tunnel, 2026-11-29).
@@ -35,6 +35,17 @@ pub(crate) const TCP_BUF_MIN: usize = 4 * 1024;
 /// is quiet, and the read goes on with a small one (reads are cancel-safe), so a
 /// connection that had a burst and then idles for hours holds 4 KiB, not 1 MiB.
 pub(crate) const QUIET: Duration = Duration::from_secs(1);
+
+/// Runs `read` on a buffer that is `large` for at most [`QUIET`]: `None` when it did
+/// not finish by then (nothing was read: reads are cancel-safe), so that the caller
+/// waits on a small buffer instead.
+pub(crate) async fn unless_quiet<T>(large: bool, read: impl Future<Output = T>) -> Option<T> {
+    if large {
+        tokio::time::timeout(QUIET, read).await.ok()
+    } else {
+        Some(read.await)
+    }
+}
 
 /// The room to offer a splice's next read, after a read of `n` bytes into `offered`
 /// while the size was `size`: doubled up to `max` when the read filled at least half
@@ -266,17 +277,9 @@ where
                     buf.reserve(size);
                 }
                 let offered = buf.capacity();
-                let r = if size > TCP_BUF_MIN {
-                    match tokio::time::timeout(QUIET, tr.read_buf(&mut buf)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            // Quiet: wait on a small buffer instead (nothing was read).
-                            size = TCP_BUF_MIN;
-                            continue;
-                        }
-                    }
-                } else {
-                    tr.read_buf(&mut buf).await
+                let Some(r) = unless_quiet(size > TCP_BUF_MIN, tr.read_buf(&mut buf)).await else {
+                    size = TCP_BUF_MIN;
+                    continue;
                 };
                 if let Ok(n) = r {
                     size = next_read_size(n, offered, size, (TCP_BUF_MIN, TCP_BUF));

@@ -8,9 +8,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use crate::splice::{QUIET, TCP_BUF_MIN, next_read_size};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::splice::{TCP_BUF_MIN, next_read_size, unless_quiet};
 
 pub enum TunnelIo {
     Quic(quinn::SendStream, quinn::RecvStream),
@@ -252,10 +253,9 @@ const UPGRADED_BUF: usize = 64 * 1024;
 /// Copies `r` to `w` until `r` ends, then shuts `w` down: a half-close crosses, and the
 /// other direction goes on. The buffer starts at the TCP splice's small size, grows
 /// with the flow and shrinks when it trickles ([`next_read_size`]) or goes quiet
-/// ([`QUIET`]): most
-/// WebSockets carry small messages and many sit idle for hours, and two 64 KiB buffers
-/// at once, at each gateway, were 221-245 KiB per idle WebSocket across the two
-/// (bench/ws's `idle_kib`, 2026-12-04; haproxy's pair: 54).
+/// ([`unless_quiet`]): most WebSockets carry small messages and many sit idle for
+/// hours, and two 64 KiB buffers at once, at each gateway, were 217-255 KiB per idle
+/// WebSocket across the two (bench/ws's `idle_kib`, 2026-12-04; haproxy's pair: 54).
 async fn copy_growing<R, W>(r: &mut R, w: &mut W) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -264,18 +264,11 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; TCP_BUF_MIN];
     loop {
-        let n = if buf.len() > TCP_BUF_MIN {
-            match tokio::time::timeout(QUIET, r.read(&mut buf)).await {
-                Ok(n) => n?,
-                Err(_) => {
-                    // Quiet: wait on a small buffer instead (nothing was read).
-                    buf = vec![0u8; TCP_BUF_MIN];
-                    continue;
-                }
-            }
-        } else {
-            r.read(&mut buf).await?
+        let Some(n) = unless_quiet(buf.len() > TCP_BUF_MIN, r.read(&mut buf)).await else {
+            buf = vec![0u8; TCP_BUF_MIN];
+            continue;
         };
+        let n = n?;
         if n == 0 {
             return w.shutdown().await;
         }
