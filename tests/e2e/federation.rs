@@ -552,13 +552,51 @@ pub(crate) async fn wait_answer(addr: std::net::SocketAddr, want: &str, gw: &Gw)
     }
 }
 
-/// A free port on `ip` for an import listener (the service port is the listen port).
+/// A free port on `ip` for a listener a test hands to another process (an import
+/// listener, etcd, openssl), which binds it a moment later.
+///
+/// The port comes from below the kernel's ephemeral range: a port taken by `bind(0)` is
+/// in that range, and so is every outgoing connection's, so in the moment between this
+/// check and the other process's bind any parallel test could take it (etcd failed CI
+/// once with "address already in use" that way). Below the range only another caller
+/// of this function could, and each process starts at its own random place in it.
 pub(crate) fn free_port(ip: std::net::IpAddr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // 10,000 ports under the range, above the well-known and registered busy ones.
+    let (low, span) = (ephemeral_low.saturating_sub(10_000).max(10_000), 10_000);
+    if ephemeral_low < low + span {
+        // A machine whose ephemeral range starts low: nothing is outside it.
+        return std::net::TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            (h.finish() % u64::from(span)) as u32
+        },
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (low + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        let tcp = std::net::TcpListener::bind((ip, port));
+        let udp = std::net::UdpSocket::bind((ip, port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{} on {ip}", low + span)
 }
 
 /// `meshfed status` from the replica in `dir`: the table, and one site's row.

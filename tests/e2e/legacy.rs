@@ -134,11 +134,7 @@ async fn a_flapping_health_check_moves_traffic_between_sites() {
     let east_gw = Gw::start(&east, &cfg(&east, [127, 0, 0, 11])).unwrap();
 
     // Two legacy endpoints on one port number, on two loopback addresses.
-    let legacy_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let legacy_port = crate::federation::free_port([127, 0, 0, 1].into());
     let eps: [std::net::SocketAddr; 2] = [
         ([127, 0, 0, 1], legacy_port).into(),
         ([127, 0, 0, 14], legacy_port).into(),

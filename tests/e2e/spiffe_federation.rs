@@ -88,10 +88,11 @@ struct Served {
 
 impl Served {
     fn start(dir: &Path, cert: &str, key: &str) -> Self {
-        // A free port for openssl to bind (taken from the kernel, then released).
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap();
+        // A free port for openssl to bind.
+        let addr = std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            crate::federation::free_port([127, 0, 0, 1].into()),
+        ));
         let child = Command::new("openssl")
             .args(["s_server", "-WWW", "-quiet", "-accept"])
             .arg(addr.to_string())
