@@ -257,6 +257,25 @@ pub(crate) fn server_builder()
 /// rapid resets are cut at its egress ([`decide::too_many_premature_resets`]).
 pub(crate) const LINK_RESETS_PENDING_ACCEPT: usize = 256;
 
+/// A service whose futures are boxed. hyper moves each h2 request's future into a task
+/// of its own, and a task's future is copied as it is built, spawned and finished; the
+/// gateways' request futures are 5 KiB (egress) and 9 KiB (ingress), and a box is a
+/// pointer (measured: an h2 request's CPU fell by about a tenth).
+struct Boxed<S>(S);
+
+impl<S, R> hyper::service::Service<R> for Boxed<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<S::Future>>;
+
+    fn call(&self, req: R) -> Self::Future {
+        Box::pin(self.0.call(req))
+    }
+}
+
 /// Serves one connection with `svc` until it ends, or until `stop` (the drain), which
 /// lets its requests in flight finish. A `101` the service answers hands the connection
 /// over (the egress's h2c upgrade, [`h2c`]). With `idle` (a time, and the activity the
@@ -297,7 +316,7 @@ where
     if websockets_over_h2 {
         builder.http2().enable_connect_protocol();
     }
-    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), Boxed(svc));
     tokio::pin!(conn);
     let idle_for = async {
         match &idle {
