@@ -466,3 +466,23 @@ async fn a_replica_starts_on_an_etcd_with_a_large_recent_history() {
     let log = std::fs::read_to_string(dir.join("serve-0.log")).unwrap_or_default();
     assert!(!log.contains("etcd watch broke"), "{log}");
 }
+
+/// The harness itself: an etcd whose port another process holds for a moment (as a
+/// parallel test's free-port check does) is started again until it binds, not failed
+/// (a CI run once failed that way). Failed with the retries off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_starts_etcd_again_when_its_port_was_held_for_a_moment() {
+    let mut etcd = Etcd::start().await;
+    etcd.kill();
+    let port: u16 = etcd.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let held = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        drop(held);
+    });
+    etcd.restart().await;
+    let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    c.put("k", "v", None).await.unwrap();
+}

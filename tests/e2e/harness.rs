@@ -479,6 +479,9 @@ pub struct Etcd {
     /// How it was started, for [`Etcd::restart`].
     cmd: Vec<std::ffi::OsString>,
     opts: Option<etcd_client::ConnectOptions>,
+    /// How much of `etcd.log` earlier runs wrote: what [`Etcd::wait_serving`] reads
+    /// is the current run's.
+    log_mark: usize,
     _data: Scratch,
 }
 
@@ -589,6 +592,7 @@ impl Etcd {
             endpoint,
             cmd,
             opts,
+            log_mark: 0,
             _data: data,
         };
         etcd.wait_serving().await;
@@ -614,10 +618,27 @@ impl Etcd {
             })
     }
 
+    /// Waits until etcd serves a read. An etcd that exited because its port was taken
+    /// is started again on the same ports, up to five times: the free ports are
+    /// checked by a moment's bind, and another test process's check may hold one just
+    /// then ([`crate::federation::free_port`]).
     async fn wait_serving(&mut self) {
         let log = self._data.0.join("etcd.log");
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut respawns = 0;
         loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let run = text.get(self.log_mark..).unwrap_or_default();
+                if respawns < 5 && run.contains("address already in use") {
+                    respawns += 1;
+                    eprintln!("etcd: its port was taken; starting it again ({respawns}/5)");
+                    self.log_mark = text.len();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.child = Self::spawn(&self.cmd, &self._data.0);
+                    continue;
+                }
+            }
             let ok = match etcd_client::Client::connect([self.endpoint.as_str()], self.opts.clone())
                 .await
             {
@@ -645,6 +666,8 @@ impl Etcd {
     /// Starts etcd again on the same data and address, and waits until it serves.
     pub async fn restart(&mut self) {
         self.kill();
+        self.log_mark = std::fs::metadata(self._data.0.join("etcd.log"))
+            .map_or(0, |m| usize::try_from(m.len()).unwrap_or(usize::MAX));
         self.child = Self::spawn(&self.cmd, &self._data.0);
         self.wait_serving().await;
     }
