@@ -260,7 +260,9 @@ pub(crate) const LINK_RESETS_PENDING_ACCEPT: usize = 256;
 /// A service whose futures are boxed. hyper moves each h2 request's future into a task
 /// of its own, and a task's future is copied as it is built, spawned and finished; the
 /// gateways' request futures are 5 KiB (egress) and 9 KiB (ingress), and a box is a
-/// pointer (measured: an h2 request's CPU fell by about a tenth).
+/// pointer (measured under h2 load: memmove fell from 9.7 % to 6.8 % of the gateways'
+/// samples; CPU per request moved within the noise). On HTTP/1.1 connections, which
+/// spawn no task per request, it is one allocation per request.
 struct Boxed<S>(S);
 
 impl<S, R> hyper::service::Service<R> for Boxed<S>
