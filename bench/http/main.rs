@@ -23,6 +23,11 @@
 //!   per core);
 //! - `haproxy-1proc`: the same pair with A and both B frontends in one process (the
 //!   hop between them stays mTLS over loopback), reported beside it;
+//! - `hyper-pair`: the floor ([`floor`]): the same pair's shape built on hyper, h2,
+//!   tokio and rustls alone (h2 links over mTLS, pooled HTTP/1.1 to nginx), with none of
+//!   meshfed's code; meshfed-l7 and meshfed-l7-tcp are reported against it (what
+//!   meshfed's own code costs) and it against haproxy (what the libraries cost), not in
+//!   the headline;
 //! - `meshfed-l7-tls`: h2load → east's egress ══QUIC══▶ west, whose gateway originates
 //!   TLS to an HTTPS nginx block (an HTTP ServiceEntry registered at west with a
 //!   DestinationRule `tls: SIMPLE` and a bench CA), against `haproxy-tls`: A ══mTLS══▶
@@ -39,6 +44,7 @@
 //! last lines are `name: value` (the headline lines take the worse protocol and the
 //! worse transport).
 
+mod floor;
 #[path = "../common/procs.rs"]
 mod procs;
 #[allow(dead_code)] // need(): the peers this benchmark installs
@@ -54,6 +60,10 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use meshfed_lab::{ConfigBuilder, SiteFiles};
 use procs::{Procs, cpu_secs, free_port, haproxy_pair, run, spawn, wait_for};
+
+/// The gateway's allocator, so that the `hyper-pair` floor ([`floor`]) runs on it too.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 struct Cli {
@@ -76,6 +86,9 @@ struct Cli {
     /// `nbthread` (default: 2, the cores of the machine this was written on).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Run as one process of the `hyper-pair` floor (the bench starts them).
+    #[arg(long, hide = true)]
+    floor: Option<String>,
 }
 
 /// `curl` of `url`: the body, or `None`.
@@ -237,9 +250,15 @@ fn pct(v: &[u64], q: f64) -> u64 {
     v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(spec) = &cli.floor {
+        return floor::Spec::parse(spec)?.run();
+    }
+    tokio::runtime::Runtime::new()?.block_on(bench(cli))
+}
+
+async fn bench(cli: Cli) -> Result<()> {
     let meshfed = std::env::current_exe()?
         .parent()
         .context("bench binary directory")?
@@ -435,6 +454,51 @@ async fn main() -> Result<()> {
     })
     .await?;
 
+    // The hyper floor: A (east's SVID) ══mTLS h2══▶ B-west, B-north (theirs) → nginx,
+    // one process each, on the libraries meshfed's L7 path uses and nothing else.
+    let (floor_a, floor_west, floor_north) = (free_port(lo)?, free_port(lo)?, free_port(lo)?);
+    let exe = std::env::current_exe()?;
+    let mut floor_pids = Vec::new();
+    let at = |p: u16| SocketAddr::from((lo, p));
+    for (role, listen, ups, s, peers) in [
+        (
+            "a",
+            floor_a,
+            vec![at(floor_west), at(floor_north)],
+            east,
+            vec![west.bundle.as_path(), north.bundle.as_path()],
+        ),
+        (
+            "b",
+            floor_west,
+            vec![at(west_h1)],
+            west,
+            vec![east.bundle.as_path()],
+        ),
+        (
+            "b",
+            floor_north,
+            vec![at(north_h1)],
+            north,
+            vec![east.bundle.as_path()],
+        ),
+    ] {
+        let spec = floor::Spec::json(role, at(listen), &ups, &s.cert, &s.key, &peers, cli.threads);
+        let child = spawn(
+            Command::new(&exe).arg("--floor").arg(spec),
+            &dir.join(format!("floor-{}.log", s.site)),
+        )?;
+        floor_pids.push(child.id());
+        procs.0.push(child);
+    }
+    let floor_url = format!("http://127.0.0.1:{floor_a}/");
+    wait_for("the hyper floor", || {
+        let seen: std::collections::BTreeSet<String> =
+            (0..20).filter_map(|_| curl(&floor_url)).collect();
+        seen.len() == 2
+    })
+    .await?;
+
     println!(
         "http bench: h2load, {} connections ({} streams each on h2), {} s per run, {} rounds; nginx endpoints; 50/50 split over two sites on meshfed-l7 and haproxy",
         cli.clients, cli.streams, cli.secs, cli.rounds
@@ -451,6 +515,7 @@ async fn main() -> Result<()> {
             "haproxy" => haproxy_pids[0].clone(),
             "haproxy-1proc" => haproxy_pids[1].clone(),
             "haproxy-tls" => haproxy_pids[2].clone(),
+            "hyper-pair" => floor_pids.clone(),
             "meshfed-l7-tls" => site_pids(&["east", "west"]),
             "meshfed-l4" | "meshfed-l7" => site_pids(&["east", "west", "north"]),
             "meshfed-l4-tcp" | "meshfed-l7-tcp" => site_pids(&["south", "west", "north"]),
@@ -466,6 +531,7 @@ async fn main() -> Result<()> {
             ("direct", format!("http://127.0.0.1:{direct}/")),
             ("haproxy", format!("http://127.0.0.1:{ha}/")),
             ("haproxy-1proc", format!("http://127.0.0.1:{one}/")),
+            ("hyper-pair", floor_url.clone()),
             ("meshfed-l4", format!("http://{}/", ip(raw))),
             ("meshfed-l7", l7.clone()),
             ("meshfed-l4-tcp", format!("http://{}/", tcp(raw))),
@@ -615,8 +681,55 @@ async fn main() -> Result<()> {
                 "http_{proto}_{tag}cpu_per_request_ratio_vs_haproxy: {:.3}",
                 range(&cpu_ha).2
             ));
+            // Against the hyper floor: what meshfed's own code costs on those libraries.
+            let rps_floor = ratio(&r(l7_path), &r("hyper-pair"));
+            let cpu_floor = ratio(&cpu[&(proto, l7_path)], &cpu[&(proto, "hyper-pair")]);
+            for (what, v, line) in [
+                ("req/s", &rps_floor, "rps_ratio_vs_hyper_pair"),
+                (
+                    "proxies' CPU per request",
+                    &cpu_floor,
+                    "cpu_per_request_ratio_vs_hyper_pair",
+                ),
+            ] {
+                let (lo, hi, m) = range(v);
+                println!(
+                    "  {proto} ({transport}) {l7_path} / hyper-pair {what}: {lo:.3}–{hi:.3} (mean {m:.3})"
+                );
+                lines.push(format!("http_{proto}_{tag}{line}: {m:.3}"));
+            }
             // The headline lines take the worse protocol and the worse transport.
             headline = (headline.0.min(m1), headline.1.max(m2), headline.2.min(m3));
+        }
+    }
+    // The hyper floor against haproxy: what the libraries cost, before meshfed's code.
+    for proto in ["h1", "h2"] {
+        let r = |p: &str| rps[&(proto, p)].clone();
+        for (what, v, line) in [
+            (
+                "req/s",
+                ratio(&r("hyper-pair"), &r("haproxy")),
+                "rps_ratio_vs_haproxy",
+            ),
+            (
+                "p99",
+                ratio(
+                    &f(&p99[&(proto, "hyper-pair")]),
+                    &f(&p99[&(proto, "haproxy")]),
+                ),
+                "p99_ratio_vs_haproxy",
+            ),
+            (
+                "proxies' CPU per request",
+                ratio(&cpu[&(proto, "hyper-pair")], &cpu[&(proto, "haproxy")]),
+                "cpu_per_request_ratio_vs_haproxy",
+            ),
+        ] {
+            let (lo, hi, m) = range(&v);
+            println!(
+                "  {proto} (hyper floor) hyper-pair / haproxy {what}: {lo:.3}–{hi:.3} (mean {m:.3})"
+            );
+            lines.push(format!("http_{proto}_hyper_pair_{line}: {m:.3}"));
         }
     }
     // The HTTPS endpoint: meshfed-l7-tls against haproxy-tls (not in the headline).
