@@ -627,17 +627,18 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut respawns = 0;
         loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let run = text.get(self.log_mark..).unwrap_or_default();
-                if respawns < 5 && run.contains("address already in use") {
-                    respawns += 1;
-                    eprintln!("etcd: its port was taken; starting it again ({respawns}/5)");
-                    self.log_mark = text.len();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    self.child = Self::spawn(&self.cmd, &self._data.0);
-                    continue;
-                }
+            if let Ok(Some(_)) = self.child.try_wait()
+                && respawns < PORT_RETRIES
+                && let Some(mark) = port_was_taken(&log, self.log_mark)
+            {
+                respawns += 1;
+                eprintln!(
+                    "etcd: its port was taken; starting it again ({respawns}/{PORT_RETRIES})"
+                );
+                self.log_mark = mark;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.child = Self::spawn(&self.cmd, &self._data.0);
+                continue;
             }
             let ok = match etcd_client::Client::connect([self.endpoint.as_str()], self.opts.clone())
                 .await
@@ -666,11 +667,28 @@ impl Etcd {
     /// Starts etcd again on the same data and address, and waits until it serves.
     pub async fn restart(&mut self) {
         self.kill();
-        self.log_mark = std::fs::metadata(self._data.0.join("etcd.log"))
-            .map_or(0, |m| usize::try_from(m.len()).unwrap_or(usize::MAX));
+        self.log_mark = log_end(&self._data.0);
         self.child = Self::spawn(&self.cmd, &self._data.0);
         self.wait_serving().await;
     }
+}
+
+/// How many times an etcd that exited because its port was taken is started again.
+const PORT_RETRIES: u32 = 5;
+
+/// When the part of etcd's `log` after `mark` (the current run's) says a port was
+/// taken: the log's end, the next run's mark.
+fn port_was_taken(log: &Path, mark: usize) -> Option<usize> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.get(mark..)?
+        .contains("address already in use")
+        .then_some(text.len())
+}
+
+/// The length of etcd's log in `data`: where the next run's part begins.
+fn log_end(data: &Path) -> usize {
+    std::fs::metadata(data.join("etcd.log"))
+        .map_or(0, |m| usize::try_from(m.len()).unwrap_or(usize::MAX))
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
@@ -726,6 +744,10 @@ pub struct EtcdMember {
     cmd: Vec<std::ffi::OsString>,
     child: Option<Child>,
     data: Scratch,
+    /// Where this run's part of its log begins, and how often this run's start was
+    /// repeated because its port was taken (as [`Etcd`]'s).
+    log_mark: usize,
+    respawns: u32,
 }
 
 impl EtcdCluster {
@@ -755,9 +777,11 @@ impl EtcdCluster {
                 cmd,
                 child,
                 data,
+                log_mark: 0,
+                respawns: 0,
             });
         }
-        let c = Self { members };
+        let mut c = Self { members };
         c.wait_serving().await;
         c
     }
@@ -771,10 +795,28 @@ impl EtcdCluster {
             .join(",")
     }
 
-    /// Waits until a quorum serves a linearizable read through any live member.
-    pub async fn wait_serving(&self) {
+    /// Waits until a quorum serves a linearizable read through any live member. A
+    /// member that exited because its port was taken is started again on the same
+    /// ports, up to [`PORT_RETRIES`] times a run, as [`Etcd`] is.
+    pub async fn wait_serving(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            for m in &mut self.members {
+                let log = m.data.0.join("etcd.log");
+                if let Some(child) = &mut m.child
+                    && let Ok(Some(_)) = child.try_wait()
+                    && m.respawns < PORT_RETRIES
+                    && let Some(mark) = port_was_taken(&log, m.log_mark)
+                {
+                    m.respawns += 1;
+                    eprintln!(
+                        "etcd {}: its port was taken; starting it again ({}/{PORT_RETRIES})",
+                        m.name, m.respawns
+                    );
+                    m.log_mark = mark;
+                    m.child = Some(Etcd::spawn(&m.cmd, &m.data.0));
+                }
+            }
             for m in self.members.iter().filter(|m| m.child.is_some()) {
                 if let Ok(mut c) = etcd_client::Client::connect([m.endpoint.as_str()], None).await
                     && c.get("/", None).await.is_ok()
@@ -827,6 +869,7 @@ impl EtcdCluster {
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         let m = &mut self.members[i];
+        (m.log_mark, m.respawns) = (log_end(&m.data.0), 0);
         m.child = Some(Etcd::spawn(&m.cmd, &m.data.0));
     }
 }
