@@ -47,7 +47,6 @@ pub struct Spec {
 }
 
 impl Spec {
-    #[allow(clippy::too_many_arguments)]
     pub fn json(
         role: &str,
         listen: SocketAddr,
@@ -208,6 +207,23 @@ fn answer(r: Result<Response<Incoming>>) -> Result<Answer, std::convert::Infalli
     })
 }
 
+/// The next connection, with Nagle off; an accept error (out of descriptors) waits a
+/// moment instead of ending the process.
+async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                let _ = tcp.set_nodelay(true);
+                return tcp;
+            }
+            Err(e) => {
+                eprintln!("accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 async fn a(spec: Spec) -> Result<()> {
     let (svid, verifier) = spec.tls()?;
     let cfg = client_config(svid, verifier, &[b"h2"])?;
@@ -221,8 +237,7 @@ async fn a(spec: Spec) -> Result<()> {
     });
     let listener = TcpListener::bind(spec.listen).await?;
     loop {
-        let (tcp, _) = listener.accept().await?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = accept(&listener).await;
         let links = links.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -251,8 +266,7 @@ async fn b(spec: Spec) -> Result<()> {
         .build(c);
     let listener = TcpListener::bind(spec.listen).await?;
     loop {
-        let (tcp, _) = listener.accept().await?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = accept(&listener).await;
         let (acceptor, client) = (acceptor.clone(), client.clone());
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
