@@ -243,6 +243,16 @@ fn h2load(
     })
 }
 
+/// Prints each ratio's range over the rounds after `label`, and adds its mean to `lines`
+/// as `{prefix}{name}: mean`.
+fn report(lines: &mut Vec<String>, label: &str, prefix: &str, ratios: &[(&str, &[f64], &str)]) {
+    for (what, v, name) in ratios {
+        let (lo, hi, m) = procs::range(v);
+        println!("  {label} {what}: {lo:.3}–{hi:.3} (mean {m:.3})");
+        lines.push(format!("{prefix}{name}: {m:.3}"));
+    }
+}
+
 fn pct(v: &[u64], q: f64) -> u64 {
     if v.is_empty() {
         return 0;
@@ -684,20 +694,19 @@ async fn bench(cli: Cli) -> Result<()> {
             // Against the hyper floor: what meshfed's own code costs on those libraries.
             let rps_floor = ratio(&r(l7_path), &r("hyper-pair"));
             let cpu_floor = ratio(&cpu[&(proto, l7_path)], &cpu[&(proto, "hyper-pair")]);
-            for (what, v, line) in [
-                ("req/s", &rps_floor, "rps_ratio_vs_hyper_pair"),
-                (
-                    "proxies' CPU per request",
-                    &cpu_floor,
-                    "cpu_per_request_ratio_vs_hyper_pair",
-                ),
-            ] {
-                let (lo, hi, m) = range(v);
-                println!(
-                    "  {proto} ({transport}) {l7_path} / hyper-pair {what}: {lo:.3}–{hi:.3} (mean {m:.3})"
-                );
-                lines.push(format!("http_{proto}_{tag}{line}: {m:.3}"));
-            }
+            report(
+                &mut lines,
+                &format!("{proto} ({transport}) {l7_path} / hyper-pair"),
+                &format!("http_{proto}_{tag}"),
+                &[
+                    ("req/s", &rps_floor, "rps_ratio_vs_hyper_pair"),
+                    (
+                        "proxies' CPU per request",
+                        &cpu_floor,
+                        "cpu_per_request_ratio_vs_hyper_pair",
+                    ),
+                ],
+            );
             // The headline lines take the worse protocol and the worse transport.
             headline = (headline.0.min(m1), headline.1.max(m2), headline.2.min(m3));
         }
@@ -705,32 +714,29 @@ async fn bench(cli: Cli) -> Result<()> {
     // The hyper floor against haproxy: what the libraries cost, before meshfed's code.
     for proto in ["h1", "h2"] {
         let r = |p: &str| rps[&(proto, p)].clone();
-        for (what, v, line) in [
-            (
-                "req/s",
-                ratio(&r("hyper-pair"), &r("haproxy")),
-                "rps_ratio_vs_haproxy",
-            ),
-            (
-                "p99",
-                ratio(
-                    &f(&p99[&(proto, "hyper-pair")]),
-                    &f(&p99[&(proto, "haproxy")]),
+        let floor = (proto, "hyper-pair");
+        report(
+            &mut lines,
+            &format!("{proto} (hyper floor) hyper-pair / haproxy"),
+            &format!("http_{proto}_hyper_pair_"),
+            &[
+                (
+                    "req/s",
+                    &ratio(&r("hyper-pair"), &r("haproxy")),
+                    "rps_ratio_vs_haproxy",
                 ),
-                "p99_ratio_vs_haproxy",
-            ),
-            (
-                "proxies' CPU per request",
-                ratio(&cpu[&(proto, "hyper-pair")], &cpu[&(proto, "haproxy")]),
-                "cpu_per_request_ratio_vs_haproxy",
-            ),
-        ] {
-            let (lo, hi, m) = range(&v);
-            println!(
-                "  {proto} (hyper floor) hyper-pair / haproxy {what}: {lo:.3}–{hi:.3} (mean {m:.3})"
-            );
-            lines.push(format!("http_{proto}_hyper_pair_{line}: {m:.3}"));
-        }
+                (
+                    "p99",
+                    &ratio(&f(&p99[&floor]), &f(&p99[&(proto, "haproxy")])),
+                    "p99_ratio_vs_haproxy",
+                ),
+                (
+                    "proxies' CPU per request",
+                    &ratio(&cpu[&floor], &cpu[&(proto, "haproxy")]),
+                    "cpu_per_request_ratio_vs_haproxy",
+                ),
+            ],
+        );
     }
     // The HTTPS endpoint: meshfed-l7-tls against haproxy-tls (not in the headline).
     for proto in ["h1", "h2"] {
@@ -744,21 +750,20 @@ async fn bench(cli: Cli) -> Result<()> {
             &cpu[&(proto, "meshfed-l7-tls")],
             &cpu[&(proto, "haproxy-tls")],
         );
-        for (what, v, line) in [
-            ("req/s", &rps_ha, "rps_ratio_vs_haproxy"),
-            ("p99", &p99_ha, "p99_ratio_vs_haproxy"),
-            (
-                "proxies' CPU per request",
-                &cpu_ha,
-                "cpu_per_request_ratio_vs_haproxy",
-            ),
-        ] {
-            let (lo, hi, m) = range(v);
-            println!(
-                "  {proto} (HTTPS endpoint) meshfed-l7-tls / haproxy-tls {what}: {lo:.3}–{hi:.3} (mean {m:.3})"
-            );
-            lines.push(format!("http_{proto}_tls_{line}: {m:.3}"));
-        }
+        report(
+            &mut lines,
+            &format!("{proto} (HTTPS endpoint) meshfed-l7-tls / haproxy-tls"),
+            &format!("http_{proto}_tls_"),
+            &[
+                ("req/s", &rps_ha, "rps_ratio_vs_haproxy"),
+                ("p99", &p99_ha, "p99_ratio_vs_haproxy"),
+                (
+                    "proxies' CPU per request",
+                    &cpu_ha,
+                    "cpu_per_request_ratio_vs_haproxy",
+                ),
+            ],
+        );
     }
     println!("logs and configs: {}", dir.display());
     for l in lines {
