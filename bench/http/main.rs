@@ -102,6 +102,13 @@ fn curl(url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Whether 20 requests to `url` were answered by both sites' nginx blocks (the 50/50
+/// split is in force).
+fn both_sites_answer(url: &str) -> bool {
+    let seen: std::collections::BTreeSet<String> = (0..20).filter_map(|_| curl(url)).collect();
+    seen.len() == 2
+}
+
 /// nginx with a server block per site: HTTP/1.1 and h2c listeners answering `site`; and
 /// an HTTPS (HTTP/1.1 over TLS 1.3) block at `tls` answering `west-tls`.
 fn nginx(dir: &Path, blocks: &[(&str, u16, u16)], tls: (u16, &Path, &Path)) -> Result<Child> {
@@ -393,12 +400,7 @@ async fn bench(cli: Cli) -> Result<()> {
     let l7_tcp = format!("http://{}/", tcp(web));
     // Both sites answer through the split once east and south have the routes.
     for (site, url) in [("east", &l7), ("south", &l7_tcp)] {
-        wait_for(&format!("the split at {site}"), || {
-            let seen: std::collections::BTreeSet<String> =
-                (0..20).filter_map(|_| curl(url)).collect();
-            seen.len() == 2
-        })
-        .await?;
+        wait_for(&format!("the split at {site}"), || both_sites_answer(url)).await?;
     }
     for a in [ip(raw_h1), tcp(raw_h1)] {
         wait_for("the L4 import", || curl(&format!("http://{a}/")).is_some()).await?;
@@ -432,12 +434,7 @@ async fn bench(cli: Cli) -> Result<()> {
         haproxy_pids.push(pair.iter().map(Child::id).collect());
         procs.0.extend(pair);
         let ha1 = format!("http://127.0.0.1:{front_h1}/");
-        wait_for("haproxy", || {
-            let seen: std::collections::BTreeSet<String> =
-                (0..20).filter_map(|_| curl(&ha1)).collect();
-            seen.len() == 2
-        })
-        .await?;
+        wait_for("haproxy", || both_sites_answer(&ha1)).await?;
         fronts.push((front_h1, front_h2));
     }
     let [(front_h1, front_h2), (one_h1, one_h2)] = fronts[..] else {
@@ -502,12 +499,7 @@ async fn bench(cli: Cli) -> Result<()> {
         procs.0.push(child);
     }
     let floor_url = format!("http://127.0.0.1:{floor_a}/");
-    wait_for("the hyper floor", || {
-        let seen: std::collections::BTreeSet<String> =
-            (0..20).filter_map(|_| curl(&floor_url)).collect();
-        seen.len() == 2
-    })
-    .await?;
+    wait_for("the hyper floor", || both_sites_answer(&floor_url)).await?;
 
     println!(
         "http bench: h2load, {} connections ({} streams each on h2), {} s per run, {} rounds; nginx endpoints; 50/50 split over two sites on meshfed-l7 and haproxy",
