@@ -627,17 +627,8 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut respawns = 0;
         loop {
-            if let Ok(Some(_)) = self.child.try_wait()
-                && respawns < PORT_RETRIES
-                && let Some(mark) = port_was_taken(&log, self.log_mark)
-            {
-                respawns += 1;
-                eprintln!(
-                    "etcd: its port was taken; starting it again ({respawns}/{PORT_RETRIES})"
-                );
-                self.log_mark = mark;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                self.child = Self::spawn(&self.cmd, &self._data.0);
+            let run = (&mut self.log_mark, &mut respawns);
+            if respawn_if_port_taken(&mut self.child, &self.cmd, &self._data.0, run, "etcd").await {
                 continue;
             }
             let ok = match etcd_client::Client::connect([self.endpoint.as_str()], self.opts.clone())
@@ -676,13 +667,33 @@ impl Etcd {
 /// How many times an etcd that exited because its port was taken is started again.
 const PORT_RETRIES: u32 = 5;
 
-/// When the part of etcd's `log` after `mark` (the current run's) says a port was
-/// taken: the log's end, the next run's mark.
-fn port_was_taken(log: &Path, mark: usize) -> Option<usize> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.get(mark..)?
-        .contains("address already in use")
-        .then_some(text.len())
+/// When `child` (etcd run as `cmd` on `data`) exited and the current run's part of its
+/// log (after `log_mark`) says its port was taken, and it was started again fewer than
+/// [`PORT_RETRIES`] times (`respawns`): starts it again on the same ports 200 ms later,
+/// moves the mark to the new run's part, and says so.
+async fn respawn_if_port_taken(
+    child: &mut Child,
+    cmd: &[std::ffi::OsString],
+    data: &Path,
+    (log_mark, respawns): (&mut usize, &mut u32),
+    what: &str,
+) -> bool {
+    if !matches!(child.try_wait(), Ok(Some(_))) || *respawns >= PORT_RETRIES {
+        return false;
+    }
+    let text = std::fs::read_to_string(data.join("etcd.log")).unwrap_or_default();
+    if !text
+        .get(*log_mark..)
+        .is_some_and(|run| run.contains("address already in use"))
+    {
+        return false;
+    }
+    *respawns += 1;
+    *log_mark = text.len();
+    eprintln!("{what}: its port was taken; starting it again ({respawns}/{PORT_RETRIES})");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    *child = Etcd::spawn(cmd, data);
+    true
 }
 
 /// The length of etcd's log in `data`: where the next run's part begins.
@@ -802,19 +813,9 @@ impl EtcdCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             for m in &mut self.members {
-                let log = m.data.0.join("etcd.log");
-                if let Some(child) = &mut m.child
-                    && let Ok(Some(_)) = child.try_wait()
-                    && m.respawns < PORT_RETRIES
-                    && let Some(mark) = port_was_taken(&log, m.log_mark)
-                {
-                    m.respawns += 1;
-                    eprintln!(
-                        "etcd {}: its port was taken; starting it again ({}/{PORT_RETRIES})",
-                        m.name, m.respawns
-                    );
-                    m.log_mark = mark;
-                    m.child = Some(Etcd::spawn(&m.cmd, &m.data.0));
+                if let Some(child) = &mut m.child {
+                    let run = (&mut m.log_mark, &mut m.respawns);
+                    respawn_if_port_taken(child, &m.cmd, &m.data.0, run, &m.name).await;
                 }
             }
             for m in self.members.iter().filter(|m| m.child.is_some()) {
