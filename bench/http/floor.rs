@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
-use hyper::{Request, Response};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshfed_identity::{
@@ -174,20 +175,27 @@ impl Links {
             let host = req
                 .headers()
                 .get(hyper::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("web.bench")
-                .to_owned();
-            let path = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
-            *req.uri_mut() = format!("http://{host}{path}").parse()?;
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .unwrap_or_else(|| Authority::from_static("web.bench"));
+            absolute(&mut req, host)?;
         }
         *req.version_mut() = hyper::Version::HTTP_2;
         let mut link = self.link(slot).await?;
         Ok(link.send_request(req).await?)
     }
+}
+
+/// `req`'s URI with scheme `http` and `authority`, its path kept (as the egress's
+/// `headers::from_client` does, from parts, with nothing formatted or parsed again).
+fn absolute(req: &mut Request<Incoming>, authority: Authority) -> Result<()> {
+    let mut u = std::mem::take(req.uri_mut()).into_parts();
+    u.scheme = Some(Scheme::HTTP);
+    u.authority = Some(authority);
+    if u.path_and_query.is_none() {
+        u.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(u)?;
+    Ok(())
 }
 
 fn bad_gateway(e: anyhow::Error) -> Response<http_body_util::Full<bytes::Bytes>> {
@@ -255,10 +263,13 @@ async fn b(spec: Spec) -> Result<()> {
     let (svid, verifier) = spec.tls()?;
     let cfg = server_config(svid, verifier, &[b"h2"])?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let nginx = *spec
-        .upstreams
-        .first()
-        .context("--floor: b needs its nginx")?;
+    // Parsed once: each request's URI is built from parts.
+    let nginx = Authority::try_from(
+        spec.upstreams
+            .first()
+            .context("--floor: b needs its nginx")?
+            .to_string(),
+    )?;
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
@@ -267,21 +278,17 @@ async fn b(spec: Spec) -> Result<()> {
     let listener = TcpListener::bind(spec.listen).await?;
     loop {
         let tcp = accept(&listener).await;
-        let (acceptor, client) = (acceptor.clone(), client.clone());
+        let (acceptor, client, nginx) = (acceptor.clone(), client.clone(), nginx.clone());
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let client = client.clone();
+                let nginx = nginx.clone();
                 async move {
-                    let path = req
-                        .uri()
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str())
-                        .to_owned();
                     let r = async {
-                        *req.uri_mut() = format!("http://{nginx}{path}").parse()?;
+                        absolute(&mut req, nginx)?;
                         *req.version_mut() = hyper::Version::HTTP_11;
                         Ok(client.request(req).await?)
                     }
